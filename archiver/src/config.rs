@@ -1,0 +1,199 @@
+//! Command-line flags of SPEC §4. Every flag also reads `GITBALL_<FLAG>`.
+//!
+//! The flags are split in two: [`Config`] is the whole command line of the
+//! `gitball-archiver` binary, [`ArchiveOptions`] everything but `--listen` and
+//! `--repos`, so that `gitball-proxy --repos DIR` (embedded mode) can take the
+//! same archiver flags by flattening it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, ValueEnum};
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "gitball-archiver",
+    version,
+    about = "Serves `git archive` over HTTP: zip and tarball downloads of the repositories under --repos, \
+             generated once per commit and format into a size-bounded cache and streamed while they are generated."
+)]
+pub struct Config {
+    /// Address to listen on (host:port).
+    #[arg(long, env = "GITBALL_LISTEN", default_value = "127.0.0.1:9001")]
+    pub listen: SocketAddr,
+
+    /// Directory of repositories: DIR/{owner}/{repo}.git (bare) or DIR/{owner}/{repo} (work tree).
+    /// A DIR that is itself a repository is served as local/{dirname}.
+    #[arg(long, env = "GITBALL_REPOS")]
+    pub repos: PathBuf,
+
+    #[command(flatten)]
+    pub options: ArchiveOptions,
+}
+
+/// The archiver's flags other than where it listens and what it serves.
+#[derive(Args, Debug, Clone)]
+pub struct ArchiveOptions {
+    /// Cache directory (created mode 0700). Put it on tmpfs. Default: /dev/shm/gitball-archiver
+    /// when /dev/shm exists, else gitball-archiver under the temp dir.
+    #[arg(long, env = "GITBALL_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// Upper bound of the cache in bytes, complete and in-progress archives together (LRU).
+    /// Accepts 1048576, 512KiB, 64MiB, 2GiB.
+    #[arg(long, env = "GITBALL_CACHE_MAX_BYTES", default_value = "1GiB", value_parser = parse_size)]
+    pub cache_max_bytes: u64,
+
+    /// Concurrent `git archive` children; further generations wait in a queue. Default: CPU count.
+    #[arg(long, env = "GITBALL_MAX_GENERATIONS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_generations: Option<u32>,
+
+    /// Seconds a request may wait in the generation queue before it gets 503 + Retry-After.
+    #[arg(long, env = "GITBALL_QUEUE_TIMEOUT", default_value = "30", value_parser = parse_seconds)]
+    pub queue_timeout: Duration,
+
+    /// Seconds a generation may run; then the child is killed and the partial file removed.
+    #[arg(long, env = "GITBALL_GENERATION_TIMEOUT", default_value = "600", value_parser = parse_seconds)]
+    pub generation_timeout: Duration,
+
+    /// Largest archive generated, in bytes (as written to the cache); a larger one is killed and removed.
+    #[arg(long, env = "GITBALL_MAX_ARCHIVE_BYTES", default_value = "4GiB", value_parser = parse_size)]
+    pub max_archive_bytes: u64,
+
+    /// File holding a bearer token; archive URLs then need `Authorization: Bearer <token>`.
+    #[arg(long, env = "GITBALL_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// gzip level for tar.gz (0-9). Part of the ETag: changing it changes the bytes.
+    #[arg(long, env = "GITBALL_GZIP_LEVEL", default_value_t = 6, value_parser = clap::value_parser!(u32).range(0..=9))]
+    pub gzip_level: u32,
+
+    /// zstd level for tar.zst (1-19). Part of the ETag: changing it changes the bytes.
+    #[arg(long, env = "GITBALL_ZSTD_LEVEL", default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+    pub zstd_level: i32,
+
+    /// Seconds to let running downloads finish after SIGTERM/SIGINT before they are cut and children killed.
+    #[arg(long, env = "GITBALL_SHUTDOWN_GRACE", default_value = "30", value_parser = parse_seconds)]
+    pub shutdown_grace: Duration,
+
+    /// Log line format.
+    #[arg(long, env = "GITBALL_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl ArchiveOptions {
+    /// The cache directory actually used (see `--cache-dir`).
+    pub fn cache_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.cache_dir {
+            return dir.clone();
+        }
+        let shm = std::path::Path::new("/dev/shm");
+        if shm.is_dir() {
+            shm.join("gitball-archiver")
+        } else {
+            std::env::temp_dir().join("gitball-archiver")
+        }
+    }
+
+    pub fn max_generations(&self) -> usize {
+        match self.max_generations {
+            Some(n) => n as usize,
+            None => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        }
+    }
+}
+
+/// Installs the `tracing` subscriber: one line per event, text or JSON.
+pub fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second call (tests, embedded mode) keeps the first subscriber.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+/// Parses a size: a byte count, or a number with KiB, MiB, GiB or TiB.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (examples: 1048576, 512KiB, 64MiB, 2GiB)"))?;
+    let multiplier: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} (use KiB, MiB, GiB or TiB)"
+            ));
+        }
+    };
+    number
+        .checked_mul(multiplier)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+/// Parses seconds, whole or fractional (`30`, `0.5`).
+pub fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let seconds: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(seconds)
+        .map_err(|_| format!("{text:?} is not a valid number of seconds"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert!(parse_size("2GB").is_err());
+        assert!(parse_size("MiB").is_err());
+        assert!(parse_size("-1").is_err());
+    }
+
+    #[test]
+    fn seconds_parse_whole_and_fractional() {
+        assert_eq!(parse_seconds("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_seconds("0.5"), Ok(Duration::from_millis(500)));
+        assert!(parse_seconds("-1").is_err());
+        assert!(parse_seconds("soon").is_err());
+    }
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let config = Config::try_parse_from(["gitball-archiver", "--repos", "/srv/git"]).unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:9001");
+        assert_eq!(config.options.cache_max_bytes, 1 << 30);
+        assert_eq!(config.options.max_archive_bytes, 4 << 30);
+        assert_eq!(config.options.queue_timeout, Duration::from_secs(30));
+        assert_eq!(config.options.generation_timeout, Duration::from_secs(600));
+        assert_eq!(config.options.gzip_level, 6);
+        assert_eq!(config.options.zstd_level, 3);
+        assert_eq!(config.options.log_format, LogFormat::Text);
+    }
+}

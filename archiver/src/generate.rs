@@ -1,0 +1,440 @@
+//! One generation: a `git archive` child whose stdout is compressed
+//! in-process and written to a partial file in the cache.
+//!
+//! Invariants:
+//! - Only a resolved commit id reaches git's command line (plus the prefix
+//!   built from a validated ref, and a validated literal `path` after `--`).
+//!   The child gets a clean environment, `stdin` null, its own process group
+//!   (so a kill reaches anything it started), and its stderr is drained
+//!   concurrently into a bounded buffer that goes to the log, never to a
+//!   client. It is always waited for, whatever happens.
+//! - The archive is complete only when git exited 0 *and* the compressor
+//!   finished writing; EOF on stdout alone proves nothing.
+//! - Compressed bytes do not depend on timing: git's output is cut into
+//!   fixed `INPUT_CHUNK_BYTES` pieces (whatever sizes the pipe delivers) and
+//!   fed to a synchronous encoder with `write_all` only, never `flush`.
+//!   The encoders and their versions are pinned in the workspace; the golden
+//!   tests fail if a dependency update changes a single byte.
+//! - Readers see a length only after those bytes are in the file: the file is
+//!   written with plain `write` syscalls (no user-space buffer after the
+//!   encoder), and the length announced is what reached the file.
+//!
+//! Compression runs on a blocking thread: at level 6 gzip costs ~10 ms per
+//! MiB, which must not stall the runtime's workers that serve downloads.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::process::Command;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::url::Format;
+
+/// git's output is handed to the compressor in pieces of exactly this size
+/// (the last one shorter), which makes the compressed bytes independent of
+/// pipe timing.
+pub const INPUT_CHUNK_BYTES: usize = 128 * 1024;
+/// How much of git's stderr is kept for the log.
+pub const STDERR_KEEP_BYTES: usize = 4 * 1024;
+
+/// How git's tar is compressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Compression {
+    None,
+    Gzip(u32),
+    Zstd(i32),
+}
+
+/// Everything that decides the bytes of an archive.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub git_dir: PathBuf,
+    pub commit: String,
+    pub format: Format,
+    /// `{repo}-{label}/`
+    pub prefix: String,
+    pub subtree: Option<String>,
+    pub compression: Compression,
+}
+
+impl Spec {
+    /// The variant part of the ETag and cache key: everything but the commit
+    /// that changes the bytes. The leading `v1` is the gitball byte series:
+    /// bump it whenever a change (a compressor update) changes output bytes.
+    pub fn variant(&self) -> String {
+        let mut hasher = Sha256::new();
+        hasher.update(b"v1\0");
+        hasher.update(self.format.ext());
+        hasher.update(b"\0");
+        hasher.update(format!("{:?}", self.compression));
+        hasher.update(b"\0");
+        hasher.update(&self.prefix);
+        hasher.update(b"\0");
+        hasher.update(self.subtree.as_deref().unwrap_or(""));
+        let digest = hex::encode(hasher.finalize());
+        format!("{}-{}", self.format.ext(), &digest[..16])
+    }
+}
+
+/// Limits one generation runs under.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub timeout: Duration,
+    pub max_bytes: u64,
+}
+
+/// Why a generation did not produce an archive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// No slot within `--queue-timeout`.
+    Busy,
+    /// git failed, or writing the file failed.
+    Failed,
+    Timeout,
+    TooLarge,
+    /// The server is shutting down.
+    Cancelled,
+}
+
+impl Failure {
+    /// The `outcome` label of `generations_total`.
+    pub fn outcome(self) -> &'static str {
+        match self {
+            Failure::Busy => "busy",
+            Failure::Failed | Failure::Cancelled => "failed",
+            Failure::Timeout => "timeout",
+            Failure::TooLarge => "too_large",
+        }
+    }
+}
+
+/// A finished archive in its partial file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Finished {
+    pub len: u64,
+    pub sha256: [u8; 32],
+}
+
+/// Called with each new total length that reached the file (so readers may
+/// read up to it). Returning `false` stops the generation as too large: the
+/// cache could not make room for it.
+pub type Growth = Arc<dyn Fn(u64) -> bool + Send + Sync>;
+
+/// Runs `git archive` for `spec` into the (already created) file at `path`.
+/// Reports the written length through `growth` as the file grows. On failure
+/// the child is killed and reaped; removing the file is the caller's job.
+pub async fn run(
+    git: &Path,
+    spec: &Spec,
+    path: &Path,
+    limits: Limits,
+    growth: Growth,
+    cancel: &CancellationToken,
+) -> Result<Finished, Failure> {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|error| {
+            tracing::error!(%error, "cannot open partial file");
+            Failure::Failed
+        })?;
+
+    let mut child = command(git, spec).spawn().map_err(|error| {
+        tracing::error!(%error, "cannot spawn git");
+        Failure::Failed
+    })?;
+    let (Some(mut stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        // Both were configured as pipes; a missing one is a bug, but never
+        // leave the child behind.
+        kill_group(&child);
+        let _ = child.wait().await;
+        return Err(Failure::Failed);
+    };
+    let stderr = tokio::spawn(drain_bounded(stderr));
+
+    // The writer thread owns the encoder and the file. Two chunks in flight
+    // bound the memory to ~3 chunks whatever the archive's size.
+    let (chunks, receiver) = mpsc::channel::<Chunk>(2);
+    let writer = {
+        let compression = spec.compression;
+        let max_bytes = limits.max_bytes;
+        tokio::task::spawn_blocking(move || {
+            write_chunks(file, compression, receiver, max_bytes, &*growth)
+        })
+    };
+
+    let deadline = tokio::time::Instant::now() + limits.timeout;
+    let pumped = tokio::select! {
+        pumped = pump(&mut stdout, &chunks) => pumped,
+        () = tokio::time::sleep_until(deadline) => Err(Some(Failure::Timeout)),
+        () = cancel.cancelled() => Err(Some(Failure::Cancelled)),
+    };
+    drop(stdout);
+
+    let status = match pumped {
+        Ok(()) => tokio::select! {
+            status = child.wait() => status.map_err(|_| Some(Failure::Failed)),
+            () = tokio::time::sleep_until(deadline) => Err(Some(Failure::Timeout)),
+            () = cancel.cancelled() => Err(Some(Failure::Cancelled)),
+        },
+        Err(failure) => Err(failure),
+    };
+    let status = match status {
+        Ok(status) => status,
+        Err(failure) => {
+            kill_group(&child);
+            let _ = child.wait().await;
+            drop(chunks);
+            let writer = writer.await.unwrap_or(Err(Failure::Failed));
+            let _ = stderr.await;
+            // A closed channel means the writer stopped first: its reason
+            // (too large, I/O error) is the real one.
+            return Err(failure.unwrap_or(match writer {
+                Err(reason) => reason,
+                Ok(_) => Failure::Failed,
+            }));
+        }
+    };
+    let stderr = stderr.await.unwrap_or_default();
+    if !status.success() {
+        tracing::warn!(commit = %spec.commit, %status, stderr = %stderr.trim_end(), "git archive failed");
+        drop(chunks);
+        let _ = writer.await;
+        return Err(Failure::Failed);
+    }
+    // Only now, with git's exit status known, may the writer finish the
+    // stream (gzip trailer, zstd epilogue).
+    // (If the writer already stopped, the send fails and its result says why.)
+    let _ = chunks.send(Chunk::End).await;
+    drop(chunks);
+    writer.await.unwrap_or(Err(Failure::Failed))
+}
+
+enum Chunk {
+    Data(Bytes),
+    /// git exited 0: finish the stream. Without it the writer aborts.
+    End,
+}
+
+/// Reads git's stdout in fixed-size pieces and hands them to the writer.
+/// `Err(None)`: the writer closed its end (too large, I/O error) and its
+/// result says why.
+async fn pump(
+    stdout: &mut (impl AsyncRead + Unpin),
+    chunks: &mpsc::Sender<Chunk>,
+) -> Result<(), Option<Failure>> {
+    loop {
+        let mut buffer = BytesMut::with_capacity(INPUT_CHUNK_BYTES);
+        while buffer.len() < INPUT_CHUNK_BYTES {
+            let read = stdout
+                .read_buf(&mut buffer)
+                .await
+                .map_err(|_| Some(Failure::Failed))?;
+            if read == 0 {
+                break;
+            }
+        }
+        let at_end = buffer.len() < INPUT_CHUNK_BYTES;
+        if !buffer.is_empty() && chunks.send(Chunk::Data(buffer.freeze())).await.is_err() {
+            return Err(None);
+        }
+        if at_end {
+            return Ok(());
+        }
+    }
+}
+
+/// The blocking half: encoder → counting file writer → watch of the length.
+fn write_chunks(
+    file: std::fs::File,
+    compression: Compression,
+    mut chunks: mpsc::Receiver<Chunk>,
+    max_bytes: u64,
+    growth: &(dyn Fn(u64) -> bool + Send + Sync),
+) -> Result<Finished, Failure> {
+    let sink = Sink {
+        file,
+        len: 0,
+        hasher: Sha256::new(),
+    };
+    let mut encoder = Encoder::new(sink, compression).map_err(io_failure)?;
+    let mut announced = 0;
+    loop {
+        match chunks.blocking_recv() {
+            Some(Chunk::Data(data)) => {
+                encoder.write_all(&data).map_err(io_failure)?;
+                let len = encoder.sink().len;
+                if len > max_bytes {
+                    return Err(Failure::TooLarge);
+                }
+                if len != announced {
+                    if !growth(len) {
+                        return Err(Failure::TooLarge);
+                    }
+                    announced = len;
+                }
+            }
+            Some(Chunk::End) => {
+                let sink = encoder.finish().map_err(io_failure)?;
+                if sink.len > max_bytes || (sink.len != announced && !growth(sink.len)) {
+                    return Err(Failure::TooLarge);
+                }
+                return Ok(Finished {
+                    len: sink.len,
+                    sha256: sink.hasher.finalize().into(),
+                });
+            }
+            None => return Err(Failure::Failed),
+        }
+    }
+}
+
+fn io_failure(error: io::Error) -> Failure {
+    tracing::error!(%error, "writing the archive failed");
+    Failure::Failed
+}
+
+/// The file end of the pipeline: counts and hashes what reaches the file.
+struct Sink {
+    file: std::fs::File,
+    len: u64,
+    hasher: Sha256,
+}
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+enum Encoder {
+    Plain(Sink),
+    Gzip(flate2::write::GzEncoder<Sink>),
+    Zstd(zstd::stream::write::Encoder<'static, Sink>),
+}
+
+impl Encoder {
+    fn new(sink: Sink, compression: Compression) -> io::Result<Encoder> {
+        Ok(match compression {
+            Compression::None => Encoder::Plain(sink),
+            // GzBuilder's defaults: no name, no comment, mtime 0. Nothing in
+            // the header depends on the time of generation.
+            Compression::Gzip(level) => {
+                Encoder::Gzip(flate2::GzBuilder::new().write(sink, flate2::Compression::new(level)))
+            }
+            Compression::Zstd(level) => {
+                Encoder::Zstd(zstd::stream::write::Encoder::new(sink, level)?)
+            }
+        })
+    }
+
+    fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            Encoder::Plain(sink) => sink.write_all(data),
+            Encoder::Gzip(encoder) => encoder.write_all(data),
+            Encoder::Zstd(encoder) => encoder.write_all(data),
+        }
+    }
+
+    fn sink(&self) -> &Sink {
+        match self {
+            Encoder::Plain(sink) => sink,
+            Encoder::Gzip(encoder) => encoder.get_ref(),
+            Encoder::Zstd(encoder) => encoder.get_ref(),
+        }
+    }
+
+    fn finish(self) -> io::Result<Sink> {
+        match self {
+            Encoder::Plain(sink) => Ok(sink),
+            Encoder::Gzip(encoder) => encoder.finish(),
+            Encoder::Zstd(encoder) => encoder.finish(),
+        }
+    }
+}
+
+/// The `git archive` command line: nothing from the user but the validated
+/// prefix and literal path; the commit is a resolved id.
+pub fn command(git: &Path, spec: &Spec) -> Command {
+    let mut command = Command::new(git);
+    command
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("HOME", "/nonexistent")
+        .env("LC_ALL", "C")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_ATTR_NOSYSTEM", "1")
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .arg("--no-replace-objects")
+        .arg("--literal-pathspecs")
+        .arg(format!("--git-dir={}", spec.git_dir.display()))
+        // The repository may belong to another user; it is trusted because
+        // it is under --repos.
+        .arg("-c")
+        .arg(format!("safe.directory={}", spec.git_dir.display()))
+        .arg("archive")
+        .arg(format!("--format={}", spec.format.git_format()))
+        .arg(format!("--prefix={}", spec.prefix))
+        .arg(&spec.commit);
+    if let Some(subtree) = &spec.subtree {
+        command.arg("--").arg(subtree);
+    }
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    command
+}
+
+/// Kills the child's whole process group (it leads its own group).
+fn kill_group(child: &tokio::process::Child) {
+    if let Some(pid) = child.id().and_then(|pid| i32::try_from(pid).ok()) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// Reads stderr to its end, keeping the first `STDERR_KEEP_BYTES`.
+async fn drain_bounded(mut stderr: impl AsyncRead + Unpin) -> String {
+    let mut kept = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        match stderr.read(&mut buffer).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let room = STDERR_KEEP_BYTES.saturating_sub(kept.len());
+                kept.extend_from_slice(&buffer[..n.min(room)]);
+            }
+        }
+    }
+    String::from_utf8_lossy(&kept).into_owned()
+}
+
+/// Finds `git` on the server's own `PATH` once, at start-up.
+pub fn find_git() -> io::Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("git"))
+        .find(|candidate| candidate.is_file())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "git not found on PATH"))
+}

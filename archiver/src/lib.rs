@@ -1,0 +1,117 @@
+//! gitball-archiver: the HTTP interface for `git archive`, one per file server.
+//!
+//! A request is parsed (`url`), its repository found and its ref resolved to
+//! a commit in-process (`repo`), then served from the cache (`cache`): a
+//! complete file is sent with `Content-Length` and ranges; a missing one is
+//! generated once (`generate`: one `git archive` child per key, compressed
+//! in-process) while every request for it tails the growing file (`tail`).
+//! `http` holds the routes, `server` the hardened accept loop both tiers use,
+//! `metrics` the Prometheus series, `config` the flags.
+
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod http;
+pub mod metrics;
+pub mod repo;
+pub mod server;
+pub mod tail;
+pub mod url;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{ArchiveOptions, Config};
+pub use error::Error;
+
+/// How long generations get to stop (children killed, partials removed)
+/// after the downloads were drained.
+const GENERATION_STOP_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Serves the archiver on `listener` until `shutdown` is cancelled, then
+/// drains downloads for `--shutdown-grace`, kills the children that are
+/// still running and removes their partial files.
+pub async fn run(
+    listener: TcpListener,
+    repos: PathBuf,
+    options: ArchiveOptions,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let handle = metrics::install();
+    metrics::describe_archiver(options.cache_max_bytes);
+
+    let repos = repo::Repositories::new(&repos)
+        .with_context(|| format!("cannot open --repos {}", repos.display()))?;
+    let git = generate::find_git().context("gitball-archiver runs `git archive`")?;
+    let token = match &options.token_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --token-file {}", path.display()))?;
+            let token = text.trim();
+            anyhow::ensure!(
+                !token.is_empty(),
+                "--token-file {} is empty",
+                path.display()
+            );
+            Some(token.as_bytes().to_vec())
+        }
+        None => None,
+    };
+    if options.max_archive_bytes > options.cache_max_bytes {
+        tracing::warn!(
+            max_archive_bytes = options.max_archive_bytes,
+            cache_max_bytes = options.cache_max_bytes,
+            "archives larger than --cache-max-bytes cannot be generated; raise it above --max-archive-bytes"
+        );
+    }
+    let cache = cache::Cache::open(cache::Settings {
+        dir: options.cache_dir(),
+        max_bytes: options.cache_max_bytes,
+        max_generations: options.max_generations(),
+        queue_timeout: options.queue_timeout,
+        limits: generate::Limits {
+            timeout: options.generation_timeout,
+            max_bytes: options.max_archive_bytes,
+        },
+        git,
+    })
+    .with_context(|| {
+        format!(
+            "cannot open the cache dir {}",
+            options.cache_dir().display()
+        )
+    })?;
+
+    let app = Arc::new(http::App {
+        repos,
+        cache: cache.clone(),
+        token,
+        gzip_level: options.gzip_level,
+        zstd_level: options.zstd_level,
+        metrics: handle,
+    });
+    tracing::info!(listen = %listener.local_addr()?, "gitball-archiver serving");
+    let drain = server::serve(
+        listener,
+        http::router(app),
+        shutdown,
+        options.shutdown_grace,
+    )
+    .await?;
+    match drain {
+        server::Drain::Complete => tracing::info!("all downloads finished"),
+        server::Drain::Cut(open) => {
+            tracing::warn!(open, "shutdown grace ran out; open downloads were cut")
+        }
+    }
+    if !cache.shutdown(GENERATION_STOP_DEADLINE).await {
+        tracing::warn!("generations did not stop in time");
+    }
+    Ok(())
+}

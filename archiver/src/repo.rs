@@ -1,0 +1,1160 @@
+//! Finding a repository safely and resolving a ref to a commit, in-process.
+//!
+//! Every archive request starts here, so this is the hot path: a ref is
+//! resolved with `gix` (tens of microseconds) instead of spawning
+//! `git rev-parse` (about a millisecond and a half), and the opened
+//! repositories are kept in a small LRU so their configuration is read once.
+//!
+//! Invariants:
+//! - A repository is served only if the canonical paths of the directory
+//!   asked for *and* of the git dir it leads to (after symlinks and `.git`
+//!   files) lie under the canonical `--repos` root. A symlink or gitfile that
+//!   leaves the root is "not found", like anything that is not a repository.
+//! - Repositories are opened isolated: no environment variables, no system,
+//!   global or user configuration, only the repository's own config. What is
+//!   served depends on the repository alone, not on the server's `$HOME`.
+//! - Resolution follows `git rev-parse`: a full hex id first, then the refs in
+//!   git's "dwim" order, then an abbreviated id. The result is peeled to a
+//!   commit; a ref to a tree or blob is "not found" (an archive of a tree
+//!   would carry the current time and change bytes on every run).
+//! - Nothing here caches a ref or an object: each call reads loose refs, the
+//!   (stat-checked) packed-refs and the object database afresh, so a push is
+//!   visible to the next request. `gix` rescans the pack directory when an
+//!   object is missing, which picks up new packs and survives repacks.
+
+use std::{
+    fmt, fs, io,
+    num::NonZeroUsize,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, PoisonError},
+};
+
+use gix::{hash::ObjectId, object::Kind, refs::TargetRef};
+use lru::LruCache;
+
+use crate::{
+    error::Error,
+    url::{RefKind, validate_name},
+};
+
+/// The owner under which a `--repos DIR` that is itself a repository is served.
+pub const LOCAL_OWNER: &str = "local";
+
+/// How many opened repositories are kept. Each holds its parsed config and
+/// the object database's index of packs; a miss costs one open (well under a
+/// millisecond), so the bound only needs to cover the repositories that are
+/// popular at the same time.
+const OPEN_REPOSITORIES: NonZeroUsize = match NonZeroUsize::new(1024) {
+    Some(count) => count,
+    None => unreachable!(),
+};
+
+/// git's `SYMREF_MAXDEPTH`: a symbolic ref chain longer than this is broken.
+const SYMREF_MAX_DEPTH: usize = 5;
+
+/// Length of a full SHA-1 object id in hex.
+const FULL_HEX_LEN: usize = 40;
+
+/// Shortest abbreviated object id accepted (SPEC §2; git itself takes 4).
+const MIN_ABBREV_HEX_LEN: usize = 7;
+
+/// The repositories under `--repos DIR`, with a cache of opened ones.
+pub struct Repositories {
+    /// Canonical `--repos` directory.
+    root: PathBuf,
+    layout: Layout,
+    /// `"{owner}/{name}"` → opened repository.
+    open: Mutex<LruCache<String, Arc<Repository>>>,
+}
+
+/// How the `--repos` directory maps names to repositories.
+#[derive(Debug)]
+enum Layout {
+    /// `DIR/{owner}/{repo}.git` or `DIR/{owner}/{repo}`.
+    Owners,
+    /// `DIR` is itself a repository, served as `local/{name}` and alone.
+    Single { name: String },
+}
+
+impl Repositories {
+    /// `root` is `--repos DIR`. If it is itself a repository (bare, or a work
+    /// tree), it is served as `local/{dirname}` (a trailing `.git` dropped)
+    /// and nothing else is; otherwise repositories are looked up as
+    /// `DIR/{owner}/{repo}.git`, then `DIR/{owner}/{repo}`.
+    pub fn new(root: &Path) -> io::Result<Repositories> {
+        let root = fs::canonicalize(root)?;
+        if !root.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a directory", root.display()),
+            ));
+        }
+        let layout = if is_repository(&root) {
+            let name = single_repository_name(&root)?;
+            tracing::info!(root = %root.display(), "serving a single repository as {LOCAL_OWNER}/{name}");
+            Layout::Single { name }
+        } else {
+            Layout::Owners
+        };
+        Ok(Repositories {
+            root,
+            layout,
+            open: Mutex::new(LruCache::new(OPEN_REPOSITORIES)),
+        })
+    }
+
+    /// The canonical `--repos` directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Finds `owner/name`. Invalid names are `Error::Url`; anything missing,
+    /// not a repository, or leading outside the root is `RepoNotFound`.
+    pub fn open(&self, owner: &str, name: &str) -> Result<Arc<Repository>, Error> {
+        validate_name(owner)?;
+        validate_name(name)?;
+        let key = format!("{owner}/{name}");
+
+        // The lock is held for map operations only; the freshness check (one
+        // stat) and opening happen outside it.
+        let cached = self.cache().get(&key).cloned();
+        if let Some(repository) = cached {
+            if repository.is_current() {
+                return Ok(repository);
+            }
+            self.cache().pop(&key);
+        }
+
+        let repository = Arc::new(self.locate(owner, name)?);
+        // Two requests racing here both open the repository; the later one
+        // stays in the cache, which is harmless.
+        self.cache().put(key, Arc::clone(&repository));
+        Ok(repository)
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, LruCache<String, Arc<Repository>>> {
+        // A panic while holding the lock cannot leave the map inconsistent
+        // (each operation is a single call), so a poisoned lock is still usable.
+        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn locate(&self, owner: &str, name: &str) -> Result<Repository, Error> {
+        match &self.layout {
+            Layout::Single { name: served } => {
+                if owner == LOCAL_OWNER && name == served {
+                    // The operator named this directory: where its git dir
+                    // lives (a linked work tree, a `.git` file) is theirs to choose.
+                    open_candidate(&self.root, None)?.ok_or(Error::RepoNotFound)
+                } else {
+                    Err(Error::RepoNotFound)
+                }
+            }
+            Layout::Owners => {
+                let owner_dir = self.root.join(owner);
+                for candidate in [owner_dir.join(format!("{name}.git")), owner_dir.join(name)] {
+                    if let Some(repository) = open_candidate(&candidate, Some(&self.root))? {
+                        return Ok(repository);
+                    }
+                }
+                Err(Error::RepoNotFound)
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Repositories {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Repositories")
+            .field("root", &self.root)
+            .field("layout", &self.layout)
+            .field("open", &self.cache().len())
+            .finish()
+    }
+}
+
+/// The name a `--repos DIR` that is a repository is served under.
+fn single_repository_name(root: &Path) -> io::Result<String> {
+    let dirname = root
+        .file_name()
+        .and_then(|name| name.to_str())
+        .unwrap_or_default();
+    let name = match dirname.strip_suffix(".git") {
+        Some(stem) if !stem.is_empty() => stem,
+        _ => dirname,
+    };
+    validate_name(name).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} is a repository, but its name {name:?} cannot appear in a URL \
+                 (1 to 100 of A-Z a-z 0-9 _ . -, not starting with '.')",
+                root.display()
+            ),
+        )
+    })?;
+    Ok(name.to_owned())
+}
+
+/// True when `dir` is a git dir (bare) or has one at `dir/.git` (directory or
+/// gitfile). Only the layout is checked, nothing is opened.
+fn is_repository(dir: &Path) -> bool {
+    gix::discover::is_git(&dir.join(gix::discover::DOT_GIT_DIR)).is_ok()
+        || gix::discover::is_git(dir).is_ok()
+}
+
+/// Opens the repository at `path` if there is one. With `confine_to`, the
+/// directory and the git dir it leads to must both be under that directory.
+/// `Ok(None)` means "not here": missing, not a repository, or outside.
+fn open_candidate(path: &Path, confine_to: Option<&Path>) -> Result<Option<Repository>, Error> {
+    let inside = |canonical: &Path| confine_to.is_none_or(|root| canonical.starts_with(root));
+
+    // Unreadable counts as missing: the client learns nothing either way.
+    let Ok(directory) = fs::canonicalize(path) else {
+        return Ok(None);
+    };
+    if !inside(&directory) {
+        tracing::warn!(path = %path.display(), target = %directory.display(), "repository path leads outside --repos; ignored");
+        return Ok(None);
+    }
+    if !directory.is_dir() || !is_repository(&directory) {
+        return Ok(None);
+    }
+
+    let repo = gix::open::Options::isolated()
+        .open(directory.as_path())
+        .map_err(|err| Error::internal(format_args!("opening {}: {err}", directory.display())))?;
+    let git_dir = fs::canonicalize(repo.git_dir()).map_err(|err| {
+        Error::internal(format_args!(
+            "resolving {}: {err}",
+            repo.git_dir().display()
+        ))
+    })?;
+    // A linked work tree keeps refs and objects in its common dir: confine it too.
+    let common_dir = fs::canonicalize(repo.to_thread_local().common_dir()).map_err(|err| {
+        Error::internal(format_args!(
+            "resolving the common dir of {}: {err}",
+            git_dir.display()
+        ))
+    })?;
+    if !inside(&git_dir) || !inside(&common_dir) {
+        tracing::warn!(path = %path.display(), git_dir = %git_dir.display(), "repository's git dir is outside --repos; ignored");
+        return Ok(None);
+    }
+    let identity = FileIdentity::of(&git_dir)
+        .map_err(|err| Error::internal(format_args!("stat {}: {err}", git_dir.display())))?;
+    Ok(Some(Repository {
+        repo,
+        git_dir,
+        identity,
+    }))
+}
+
+/// Which directory a cached repository was opened from: if the path now
+/// names another directory (deleted, replaced, renamed over), reopen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileIdentity {
+    device: u64,
+    inode: u64,
+}
+
+impl FileIdentity {
+    fn of(path: &Path) -> io::Result<FileIdentity> {
+        let metadata = fs::metadata(path)?;
+        Ok(FileIdentity {
+            device: metadata.dev(),
+            inode: metadata.ino(),
+        })
+    }
+}
+
+/// One opened repository. Shared between requests; each call takes its own
+/// thread-local `gix` handle, so calls may run on any thread concurrently.
+#[derive(Debug)]
+pub struct Repository {
+    repo: gix::ThreadSafeRepository,
+    git_dir: PathBuf,
+    identity: FileIdentity,
+}
+
+/// What a ref resolved to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolved {
+    /// Full 40-hex commit id, lower case.
+    pub commit: String,
+    /// Branch or tag (short name) when the ref matched one, else `Commit`.
+    pub kind: RefKind,
+    /// Committer date, Unix seconds (for `Last-Modified`).
+    pub committer_time: i64,
+}
+
+impl Repository {
+    /// Canonical path of the git dir, passed to `git --git-dir`.
+    pub fn git_dir(&self) -> &Path {
+        &self.git_dir
+    }
+
+    /// True while the git dir still exists and is the directory that was opened.
+    fn is_current(&self) -> bool {
+        FileIdentity::of(&self.git_dir).is_ok_and(|identity| identity == self.identity)
+    }
+
+    /// Resolves a user's ref (already validated by `url::validate_ref`) to a
+    /// commit, in `git rev-parse` order, spawning no process.
+    pub fn resolve(&self, reference: &str) -> Result<Resolved, Error> {
+        let repo = self.repo.to_thread_local();
+        let (target, kind) = if let Some(id) = parse_full_hex(reference) {
+            (id, RefKind::Commit)
+        } else if let Some(found) = find_reference(&repo, reference)? {
+            found
+        } else if let Some(id) = find_abbreviated(&repo, reference)? {
+            (id, RefKind::Commit)
+        } else {
+            return Err(Error::RefNotFound);
+        };
+        let (commit, committer_time) = peel_to_commit(&repo, target)?;
+        Ok(Resolved {
+            commit: commit.to_hex().to_string(),
+            kind,
+            committer_time,
+        })
+    }
+
+    /// True when `path` (a literal relative path, validated by
+    /// `url::validate_subtree`) names a tree, file or symlink in `commit`'s
+    /// tree. A submodule is not something `git archive` can include.
+    pub fn has_path(&self, commit: &str, path: &str) -> Result<bool, Error> {
+        let id = ObjectId::from_hex(commit.as_bytes())
+            .map_err(|err| Error::internal(format_args!("commit id {commit:?}: {err}")))?;
+        let repo = self.repo.to_thread_local();
+        let commit = repo
+            .find_commit(id)
+            .map_err(|err| Error::internal(format_args!("commit {id}: {err}")))?;
+        let mut tree = commit
+            .tree()
+            .map_err(|err| Error::internal(format_args!("tree of {id}: {err}")))?;
+        let mut components = path.split('/').peekable();
+        while let Some(component) = components.next() {
+            let Some(entry) = tree.find_entry(component) else {
+                return Ok(false);
+            };
+            let (mode, entry_id) = (entry.mode(), entry.object_id());
+            if components.peek().is_none() {
+                return Ok(mode.is_tree() || mode.is_blob_or_symlink());
+            }
+            if !mode.is_tree() {
+                return Ok(false);
+            }
+            tree = repo
+                .find_tree(entry_id)
+                .map_err(|err| Error::internal(format_args!("tree {entry_id}: {err}")))?;
+        }
+        // Only an empty path gets here, and that is no path at all.
+        Ok(false)
+    }
+}
+
+/// A full hex object id, in either case (as git accepts it).
+fn parse_full_hex(reference: &str) -> Option<ObjectId> {
+    if reference.len() == FULL_HEX_LEN && reference.bytes().all(|b| b.is_ascii_hexdigit()) {
+        ObjectId::from_hex(reference.to_ascii_lowercase().as_bytes()).ok()
+    } else {
+        None
+    }
+}
+
+/// The refs `reference` may mean, in git's `ref_rev_parse_rules` order.
+///
+/// git's first rule is the name itself: a full name (`refs/heads/x`) or a
+/// root ref in the git dir. Of the root refs only `HEAD` is published:
+/// `ORIG_HEAD`, `FETCH_HEAD` and the like are the server's own working state.
+fn ref_candidates(reference: &str) -> impl Iterator<Item = String> + '_ {
+    let as_is =
+        (reference == "HEAD" || reference.starts_with("refs/")).then(|| reference.to_owned());
+    as_is.into_iter().chain([
+        format!("refs/{reference}"),
+        format!("refs/tags/{reference}"),
+        format!("refs/heads/{reference}"),
+        format!("refs/remotes/{reference}"),
+        format!("refs/remotes/{reference}/HEAD"),
+    ])
+}
+
+/// The first existing ref `reference` may mean, followed through symbolic
+/// refs to the object it names, with the kind its full name implies.
+fn find_reference(
+    repo: &gix::Repository,
+    reference: &str,
+) -> Result<Option<(ObjectId, RefKind)>, Error> {
+    for full_name in ref_candidates(reference) {
+        if let Some(id) = follow_ref(repo, &full_name)? {
+            return Ok(Some((id, ref_kind(&full_name))));
+        }
+    }
+    Ok(None)
+}
+
+/// Reads the ref named exactly `full_name` and follows symbolic refs to an
+/// object id. A missing or dangling ref (an unborn `HEAD`) is `None`, so
+/// the next candidate is tried, as git does.
+fn follow_ref(repo: &gix::Repository, full_name: &str) -> Result<Option<ObjectId>, Error> {
+    let mut name = full_name.to_owned();
+    for _ in 0..=SYMREF_MAX_DEPTH {
+        let Some(reference) = find_exact(repo, &name)? else {
+            return Ok(None);
+        };
+        match reference.target() {
+            TargetRef::Object(id) => return Ok(Some(id.to_owned())),
+            TargetRef::Symbolic(target) => match std::str::from_utf8(target.as_bstr()) {
+                Ok(target) => name = target.to_owned(),
+                Err(_) => return Ok(None),
+            },
+        }
+    }
+    Ok(None)
+}
+
+/// Looks up one ref by its full name, loose or packed.
+///
+/// `gix`'s lookup also tries other spellings when the name is missing (its
+/// own dwim); those answers carry another name and are discarded here, so
+/// the order of `ref_candidates` is the only one that applies.
+fn find_exact<'repo>(
+    repo: &'repo gix::Repository,
+    full_name: &str,
+) -> Result<Option<gix::Reference<'repo>>, Error> {
+    // A name gix considers invalid cannot exist as a ref.
+    let Ok(partial) = <&gix::refs::PartialNameRef>::try_from(full_name) else {
+        return Ok(None);
+    };
+    let found = repo
+        .try_find_reference(partial)
+        .map_err(|err| Error::internal(format_args!("reading ref {full_name}: {err}")))?;
+    Ok(found.filter(|reference| reference.name().as_bstr() == full_name))
+}
+
+/// `Branch`/`Tag` by the matched ref's namespace; `HEAD`, remotes and
+/// anything else are labelled by their commit.
+fn ref_kind(full_name: &str) -> RefKind {
+    if let Some(branch) = full_name.strip_prefix("refs/heads/") {
+        RefKind::Branch(branch.to_owned())
+    } else if let Some(tag) = full_name.strip_prefix("refs/tags/") {
+        RefKind::Tag(tag.to_owned())
+    } else {
+        RefKind::Commit
+    }
+}
+
+/// An abbreviated object id of 7 to 39 hex digits naming exactly one object.
+fn find_abbreviated(repo: &gix::Repository, reference: &str) -> Result<Option<ObjectId>, Error> {
+    if !(MIN_ABBREV_HEX_LEN..FULL_HEX_LEN).contains(&reference.len())
+        || !reference.bytes().all(|b| b.is_ascii_hexdigit())
+    {
+        return Ok(None);
+    }
+    let Ok(prefix) = gix::hash::Prefix::from_hex(&reference.to_ascii_lowercase()) else {
+        return Ok(None);
+    };
+    match repo
+        .objects
+        .lookup_prefix(prefix, None)
+        .map_err(|err| Error::internal(format_args!("looking up {reference}: {err}")))?
+    {
+        Some(Ok(id)) => Ok(Some(id)),
+        // Ambiguous: git would refuse too (unless a commit-only hint could
+        // settle it, which is rare at 7+ digits and not worth guessing).
+        Some(Err(())) | None => Ok(None),
+    }
+}
+
+/// Peels annotated tags (nested ones too) down to a commit and reads its
+/// committer time. A tree, a blob or a missing object is "not found".
+fn peel_to_commit(repo: &gix::Repository, mut id: ObjectId) -> Result<(ObjectId, i64), Error> {
+    // No depth bound: object ids are hashes of their content, so a chain of
+    // tags cannot loop.
+    loop {
+        let object = repo
+            .try_find_object(id)
+            .map_err(|err| Error::internal(format_args!("reading object {id}: {err}")))?
+            .ok_or(Error::RefNotFound)?;
+        match object.kind {
+            Kind::Commit => {
+                let committer = object
+                    .try_to_commit_ref_iter()
+                    .ok_or_else(|| Error::internal(format_args!("commit {id} is not a commit")))?
+                    .committer()
+                    .map_err(|err| Error::internal(format_args!("committer of {id}: {err}")))?;
+                return Ok((id, committer.seconds()));
+            }
+            Kind::Tag => {
+                id = object
+                    .try_to_tag_ref_iter()
+                    .ok_or_else(|| Error::internal(format_args!("tag {id} is not a tag")))?
+                    .target_id()
+                    .map_err(|err| Error::internal(format_args!("target of tag {id}: {err}")))?;
+            }
+            Kind::Tree | Kind::Blob => return Err(Error::RefNotFound),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::Command;
+
+    use super::*;
+
+    const C1_TIME: i64 = 1_600_000_000;
+    const C2_TIME: i64 = 1_700_000_000;
+    const C3_TIME: i64 = 1_710_000_000;
+
+    /// Runs `git` in `dir` with a fixed identity and dates, and no
+    /// configuration but the repository's own.
+    fn git_at(dir: &Path, time: i64, args: &[&str]) -> String {
+        let date = format!("{time} +0000");
+        let mut command = Command::new("git");
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("GIT_") {
+                command.env_remove(key);
+            }
+        }
+        let output = command
+            .current_dir(dir)
+            .env("HOME", dir)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env("GIT_AUTHOR_NAME", "A U Thor")
+            .env("GIT_AUTHOR_EMAIL", "author@example.com")
+            .env("GIT_COMMITTER_NAME", "C O Mitter")
+            .env("GIT_COMMITTER_EMAIL", "committer@example.com")
+            .env("GIT_AUTHOR_DATE", &date)
+            .env("GIT_COMMITTER_DATE", &date)
+            .args(["-c", "init.defaultBranch=main"])
+            .args(args)
+            .output()
+            .expect("git runs");
+        assert!(
+            output.status.success(),
+            "git {args:?} in {}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap().trim().to_owned()
+    }
+
+    fn git(dir: &Path, args: &[&str]) -> String {
+        git_at(dir, C2_TIME, args)
+    }
+
+    /// What git itself says `reference` means, as a commit.
+    fn rev_parse(git_dir: &Path, reference: &str) -> Option<String> {
+        let output = Command::new("git")
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .arg("--git-dir")
+            .arg(git_dir)
+            .args(["rev-parse", "--verify", "--quiet"])
+            .arg(format!("{reference}^{{commit}}"))
+            .output()
+            .expect("git runs");
+        output
+            .status
+            .success()
+            .then(|| String::from_utf8(output.stdout).unwrap().trim().to_owned())
+    }
+
+    fn committer_time(git_dir: &Path, commit: &str) -> i64 {
+        let out = git(
+            git_dir,
+            &[
+                "--git-dir",
+                git_dir.to_str().unwrap(),
+                "show",
+                "-s",
+                "--format=%ct",
+                commit,
+            ],
+        );
+        out.parse().unwrap()
+    }
+
+    /// Resolves `reference`, checks the commit against `git rev-parse` and the
+    /// time against `git show`, and returns what was resolved.
+    #[track_caller]
+    fn assert_resolves(repository: &Repository, reference: &str, kind: RefKind) -> Resolved {
+        let resolved = repository
+            .resolve(reference)
+            .unwrap_or_else(|err| panic!("{reference}: {err:?}"));
+        let expected = rev_parse(repository.git_dir(), reference).expect("git resolves it too");
+        assert_eq!(resolved.commit, expected, "{reference}");
+        assert_eq!(resolved.kind, kind, "{reference}");
+        assert_eq!(
+            resolved.committer_time,
+            committer_time(repository.git_dir(), &expected),
+            "{reference}"
+        );
+        resolved
+    }
+
+    #[track_caller]
+    fn assert_not_found(repository: &Repository, reference: &str) {
+        let result = repository.resolve(reference);
+        assert!(
+            matches!(result, Err(Error::RefNotFound)),
+            "{reference}: {result:?}"
+        );
+        assert_eq!(
+            rev_parse(repository.git_dir(), reference),
+            None,
+            "git resolves {reference}"
+        );
+    }
+
+    #[track_caller]
+    fn assert_repo_not_found(repositories: &Repositories, owner: &str, name: &str) {
+        let result = repositories.open(owner, name);
+        assert!(
+            matches!(result, Err(Error::RepoNotFound)),
+            "{owner}/{name}: {result:?}"
+        );
+    }
+
+    /// `repos/acme/widget`, a work tree with this history:
+    ///
+    /// ```text
+    /// c1 (C1_TIME)  README, src/main.rs, src/lib/mod.rs   feature/x, v0.9, same (branch)
+    /// c2 (C2_TIME)  README changed                        main, v1.0 (annotated), nested
+    ///               (tag of v1.0), same (tag), tree-tag, blob-tag
+    /// refs/remotes/origin/main -> c1, refs/remotes/origin/HEAD -> origin/main
+    /// ```
+    ///
+    /// and `outside/secret`, a repository outside the root.
+    struct Fixture {
+        _temp: tempfile::TempDir,
+        base: PathBuf,
+        root: PathBuf,
+        widget: PathBuf,
+        c1: String,
+        c2: String,
+    }
+
+    fn fixture() -> Fixture {
+        let temp = tempfile::tempdir().unwrap();
+        let base = fs::canonicalize(temp.path()).unwrap();
+        let root = base.join("repos");
+        let widget = root.join("acme/widget");
+        fs::create_dir_all(widget.join("src/lib")).unwrap();
+        git(&widget, &["init", "-q"]);
+        fs::write(widget.join("README"), "one\n").unwrap();
+        fs::write(widget.join("src/main.rs"), "fn main() {}\n").unwrap();
+        fs::write(widget.join("src/lib/mod.rs"), "\n").unwrap();
+        git_at(&widget, C1_TIME, &["add", "."]);
+        git_at(&widget, C1_TIME, &["commit", "-q", "-m", "c1"]);
+        let c1 = git(&widget, &["rev-parse", "HEAD"]);
+        fs::write(widget.join("README"), "two\n").unwrap();
+        git(&widget, &["commit", "-q", "-am", "c2"]);
+        let c2 = git(&widget, &["rev-parse", "HEAD"]);
+
+        git(&widget, &["branch", "feature/x", &c1]);
+        git(&widget, &["tag", "v0.9", &c1]);
+        git(&widget, &["tag", "-a", "-m", "release", "v1.0"]);
+        git(
+            &widget,
+            &["tag", "-a", "-m", "a tag of a tag", "nested", "v1.0"],
+        );
+        git(&widget, &["branch", "same", &c1]);
+        git(&widget, &["tag", "same", &c2]);
+        git(&widget, &["tag", "tree-tag", "HEAD^{tree}"]);
+        git(&widget, &["tag", "blob-tag", "HEAD:README"]);
+        git(&widget, &["update-ref", "refs/remotes/origin/main", &c1]);
+        git(
+            &widget,
+            &[
+                "symbolic-ref",
+                "refs/remotes/origin/HEAD",
+                "refs/remotes/origin/main",
+            ],
+        );
+
+        let secret = base.join("outside/secret");
+        fs::create_dir_all(&secret).unwrap();
+        git(&secret, &["init", "-q"]);
+        git(&secret, &["commit", "-q", "--allow-empty", "-m", "secret"]);
+
+        Fixture {
+            _temp: temp,
+            base,
+            root,
+            widget,
+            c1,
+            c2,
+        }
+    }
+
+    impl Fixture {
+        fn repositories(&self) -> Repositories {
+            Repositories::new(&self.root).unwrap()
+        }
+
+        fn widget(&self) -> Arc<Repository> {
+            self.repositories().open("acme", "widget").unwrap()
+        }
+
+        /// A bare clone of widget at `repos/acme/{name}`.
+        fn bare_clone(&self, name: &str) -> PathBuf {
+            let path = self.root.join("acme").join(name);
+            git(
+                &self.base,
+                &[
+                    "clone",
+                    "-q",
+                    "--bare",
+                    self.widget.to_str().unwrap(),
+                    path.to_str().unwrap(),
+                ],
+            );
+            path
+        }
+    }
+
+    #[test]
+    fn branch_resolves_to_its_tip() {
+        let fixture = fixture();
+        let widget = fixture.widget();
+        let resolved = assert_resolves(&widget, "main", RefKind::Branch("main".into()));
+        assert_eq!(resolved.commit, fixture.c2);
+        assert_eq!(resolved.committer_time, C2_TIME);
+    }
+
+    #[test]
+    fn branch_with_slash_keeps_its_full_name() {
+        let fixture = fixture();
+        let widget = fixture.widget();
+        let resolved = assert_resolves(&widget, "feature/x", RefKind::Branch("feature/x".into()));
+        assert_eq!(resolved.commit, fixture.c1);
+        assert_eq!(resolved.committer_time, C1_TIME);
+    }
+
+    #[test]
+    fn lightweight_tag_resolves() {
+        let fixture = fixture();
+        let resolved = assert_resolves(&fixture.widget(), "v0.9", RefKind::Tag("v0.9".into()));
+        assert_eq!(resolved.commit, fixture.c1);
+    }
+
+    #[test]
+    fn annotated_tags_are_peeled_to_the_commit() {
+        let fixture = fixture();
+        let widget = fixture.widget();
+        let resolved = assert_resolves(&widget, "v1.0", RefKind::Tag("v1.0".into()));
+        assert_eq!(resolved.commit, fixture.c2);
+        let resolved = assert_resolves(&widget, "nested", RefKind::Tag("nested".into()));
+        assert_eq!(resolved.commit, fixture.c2);
+    }
+
+    #[test]
+    fn full_ref_names_decide_the_kind() {
+        let fixture = fixture();
+        let widget = fixture.widget();
+        assert_resolves(
+            &widget,
+            "refs/heads/feature/x",
+            RefKind::Branch("feature/x".into()),
+        );
+        assert_resolves(&widget, "refs/tags/v1.0", RefKind::Tag("v1.0".into()));
+        assert_resolves(&widget, "heads/main", RefKind::Branch("main".into()));
+        assert_resolves(&widget, "tags/nested", RefKind::Tag("nested".into()));
+        // The branch and the tag named `same` are reachable by full name.
+        let branch = assert_resolves(&widget, "refs/heads/same", RefKind::Branch("same".into()));
+        assert_eq!(branch.commit, fixture.c1);
+    }
+
+    #[test]
+    fn head_and_remotes_are_labelled_by_commit() {
+        let fixture = fixture();
+        let widget = fixture.widget();
+        let head = assert_resolves(&widget, "HEAD", RefKind::Commit);
+        assert_eq!(head.commit, fixture.c2);
+        let remote = assert_resolves(&widget, "origin/main", RefKind::Commit);
+        assert_eq!(remote.commit, fixture.c1);
+        // `refs/remotes/{r}/HEAD`, through a symbolic ref.
+        let remote_head = assert_resolves(&widget, "origin", RefKind::Commit);
+        assert_eq!(remote_head.commit, fixture.c1);
+    }
+
+    #[test]
+    fn full_commit_id_resolves_in_either_case() {
+        let fixture = fixture();
+        let widget = fixture.widget();
+        let resolved = assert_resolves(&widget, &fixture.c1, RefKind::Commit);
+        assert_eq!(resolved.commit, fixture.c1);
+        let resolved = assert_resolves(&widget, &fixture.c1.to_ascii_uppercase(), RefKind::Commit);
+        assert_eq!(resolved.commit, fixture.c1);
+        // The id of an annotated tag is peeled too.
+        let tag_id = git(&fixture.widget, &["rev-parse", "v1.0"]);
+        assert_ne!(tag_id, fixture.c2);
+        let resolved = assert_resolves(&widget, &tag_id, RefKind::Commit);
+        assert_eq!(resolved.commit, fixture.c2);
+        // Well-formed but absent.
+        assert_not_found(&widget, &"0".repeat(40));
+        assert_not_found(&widget, "0123456789abcdef0123456789abcdef01234567");
+    }
+
+    #[test]
+    fn abbreviated_commit_id_resolves_after_refs() {
+        let fixture = fixture();
+        let widget = fixture.widget();
+        let resolved = assert_resolves(&widget, &fixture.c1[..7], RefKind::Commit);
+        assert_eq!(resolved.commit, fixture.c1);
+        assert_resolves(&widget, &fixture.c2[..12], RefKind::Commit);
+        assert_resolves(
+            &widget,
+            &fixture.c2[..39].to_ascii_uppercase(),
+            RefKind::Commit,
+        );
+        // Shorter than 7 digits is not an id here (nor a ref).
+        assert!(matches!(
+            widget.resolve(&fixture.c1[..6]),
+            Err(Error::RefNotFound)
+        ));
+        // An abbreviated tree id is no commit.
+        let tree = git(&fixture.widget, &["rev-parse", "HEAD^{tree}"]);
+        assert_not_found(&widget, &tree[..10]);
+
+        // A ref that looks like an id wins over the id, as in git.
+        let prefix = &fixture.c2[..8];
+        git(&fixture.widget, &["branch", prefix, &fixture.c1]);
+        let resolved = assert_resolves(&widget, prefix, RefKind::Branch(prefix.into()));
+        assert_eq!(resolved.commit, fixture.c1);
+    }
+
+    #[test]
+    fn tag_wins_over_branch_of_the_same_name() {
+        let fixture = fixture();
+        let resolved = assert_resolves(&fixture.widget(), "same", RefKind::Tag("same".into()));
+        assert_eq!(resolved.commit, fixture.c2);
+    }
+
+    #[test]
+    fn refs_to_trees_and_blobs_are_not_found() {
+        let fixture = fixture();
+        let widget = fixture.widget();
+        assert_not_found(&widget, "tree-tag");
+        assert_not_found(&widget, "blob-tag");
+        let tree = git(&fixture.widget, &["rev-parse", "HEAD^{tree}"]);
+        assert_not_found(&widget, &tree);
+    }
+
+    #[test]
+    fn unknown_refs_are_not_found() {
+        let fixture = fixture();
+        let widget = fixture.widget();
+        for reference in [
+            "nope",
+            "feature",
+            "feature/y",
+            "refs/heads/nope",
+            "heads",
+            "tags",
+            "refs",
+            "origin/nope",
+            "ORIG_HEAD",
+            "deadbeefdeadbeef",
+        ] {
+            assert_not_found(&widget, reference);
+        }
+    }
+
+    #[test]
+    fn unborn_head_is_not_found() {
+        let fixture = fixture();
+        let empty = fixture.root.join("acme/empty");
+        fs::create_dir_all(&empty).unwrap();
+        git(&empty, &["init", "-q"]);
+        let empty = fixture.repositories().open("acme", "empty").unwrap();
+        assert_not_found(&empty, "HEAD");
+        assert_not_found(&empty, "main");
+    }
+
+    #[test]
+    fn refs_and_objects_created_after_open_are_seen() {
+        let fixture = fixture();
+        let widget = fixture.widget();
+        assert_resolves(&widget, "main", RefKind::Branch("main".into()));
+        assert_not_found(&widget, "late");
+
+        fs::write(fixture.widget.join("late.txt"), "late\n").unwrap();
+        git_at(&fixture.widget, C3_TIME, &["add", "late.txt"]);
+        git_at(&fixture.widget, C3_TIME, &["commit", "-q", "-m", "c3"]);
+        git(&fixture.widget, &["branch", "late"]);
+        let late = assert_resolves(&widget, "late", RefKind::Branch("late".into()));
+        assert_eq!(late.committer_time, C3_TIME);
+        let main = assert_resolves(&widget, "main", RefKind::Branch("main".into()));
+        assert_eq!(main.commit, late.commit);
+        assert!(widget.has_path(&late.commit, "late.txt").unwrap());
+
+        git(&fixture.widget, &["branch", "-D", "late"]);
+        assert_not_found(&widget, "late");
+    }
+
+    #[test]
+    fn pushed_packs_and_repacks_are_seen() {
+        let fixture = fixture();
+        fixture.bare_clone("gadget.git");
+        let gadget_dir = fixture.root.join("acme/gadget.git");
+        // Keep what is pushed as a pack instead of loose objects.
+        git(&gadget_dir, &["config", "receive.unpackLimit", "1"]);
+        let gadget = fixture.repositories().open("acme", "gadget").unwrap();
+        assert_resolves(&gadget, "main", RefKind::Branch("main".into()));
+
+        fs::write(fixture.widget.join("pushed.txt"), "pushed\n").unwrap();
+        git_at(&fixture.widget, C3_TIME, &["add", "pushed.txt"]);
+        git_at(&fixture.widget, C3_TIME, &["commit", "-q", "-m", "c3"]);
+        git(
+            &fixture.widget,
+            &[
+                "push",
+                "-q",
+                gadget_dir.to_str().unwrap(),
+                "main:refs/heads/pushed",
+                "v1.0:refs/tags/v1.0-pushed",
+            ],
+        );
+        let pushed = assert_resolves(&gadget, "pushed", RefKind::Branch("pushed".into()));
+        assert_eq!(pushed.committer_time, C3_TIME);
+        assert!(gadget.has_path(&pushed.commit, "pushed.txt").unwrap());
+        assert_resolves(&gadget, &pushed.commit[..9], RefKind::Commit);
+
+        // A full repack replaces every pack the handle may have loaded.
+        git(&gadget_dir, &["repack", "-q", "-a", "-d"]);
+        git(&gadget_dir, &["pack-refs", "--all"]);
+        let repacked = assert_resolves(&gadget, "pushed", RefKind::Branch("pushed".into()));
+        assert_eq!(repacked, pushed);
+        assert_resolves(&gadget, "v1.0-pushed", RefKind::Tag("v1.0-pushed".into()));
+        assert_resolves(&gadget, &fixture.c1[..7], RefKind::Commit);
+    }
+
+    #[test]
+    fn packed_refs_resolve_and_loose_refs_override_them() {
+        let fixture = fixture();
+        let widget = fixture.widget();
+        assert_resolves(&widget, "main", RefKind::Branch("main".into()));
+        git(&fixture.widget, &["pack-refs", "--all"]);
+        assert!(!fixture.widget.join(".git/refs/tags/v1.0").exists());
+        for (reference, kind) in [
+            ("main", RefKind::Branch("main".into())),
+            ("feature/x", RefKind::Branch("feature/x".into())),
+            ("refs/heads/feature/x", RefKind::Branch("feature/x".into())),
+            ("v0.9", RefKind::Tag("v0.9".into())),
+            ("v1.0", RefKind::Tag("v1.0".into())),
+            ("nested", RefKind::Tag("nested".into())),
+            ("same", RefKind::Tag("same".into())),
+            ("origin/main", RefKind::Commit),
+            ("origin", RefKind::Commit),
+            ("HEAD", RefKind::Commit),
+        ] {
+            assert_resolves(&widget, reference, kind);
+        }
+        assert_not_found(&widget, "tree-tag");
+
+        // A loose ref written after packing shadows the packed one.
+        git(
+            &fixture.widget,
+            &["update-ref", "refs/heads/feature/x", &fixture.c2],
+        );
+        let moved = assert_resolves(&widget, "feature/x", RefKind::Branch("feature/x".into()));
+        assert_eq!(moved.commit, fixture.c2);
+        // Packed again (packed-refs rewritten, loose ref gone).
+        git(&fixture.widget, &["pack-refs", "--all"]);
+        let packed = assert_resolves(&widget, "feature/x", RefKind::Branch("feature/x".into()));
+        assert_eq!(packed.commit, fixture.c2);
+        // Deleted from packed-refs.
+        git(&fixture.widget, &["branch", "-D", "feature/x"]);
+        assert_not_found(&widget, "feature/x");
+    }
+
+    #[test]
+    fn bare_and_work_tree_layouts_are_found() {
+        let fixture = fixture();
+        fixture.bare_clone("gadget.git");
+        fixture.bare_clone("plain");
+        let repositories = fixture.repositories();
+
+        let widget = repositories.open("acme", "widget").unwrap();
+        assert_eq!(widget.git_dir(), fixture.widget.join(".git"));
+        let gadget = repositories.open("acme", "gadget").unwrap();
+        assert_eq!(gadget.git_dir(), fixture.root.join("acme/gadget.git"));
+        let plain = repositories.open("acme", "plain").unwrap();
+        assert_eq!(plain.git_dir(), fixture.root.join("acme/plain"));
+        for repository in [&widget, &gadget, &plain] {
+            let resolved = assert_resolves(repository, "v1.0", RefKind::Tag("v1.0".into()));
+            assert_eq!(resolved.commit, fixture.c2);
+        }
+
+        // `{repo}.git` comes before `{repo}`.
+        let both = fixture.root.join("acme/both");
+        fs::create_dir_all(&both).unwrap();
+        git(&both, &["init", "-q"]);
+        fixture.bare_clone("both.git");
+        let both = repositories.open("acme", "both").unwrap();
+        assert_eq!(both.git_dir(), fixture.root.join("acme/both.git"));
+    }
+
+    #[test]
+    fn missing_and_non_repositories_are_not_found() {
+        let fixture = fixture();
+        fs::create_dir_all(fixture.root.join("acme/plain-dir/src")).unwrap();
+        fs::write(fixture.root.join("acme/file.git"), "not a repo").unwrap();
+        fs::write(fixture.root.join("acme/file"), "not a repo").unwrap();
+        let repositories = fixture.repositories();
+        assert_repo_not_found(&repositories, "acme", "missing");
+        assert_repo_not_found(&repositories, "nobody", "widget");
+        assert_repo_not_found(&repositories, "acme", "plain-dir");
+        assert_repo_not_found(&repositories, "acme", "file");
+        // A directory inside a repository is not that repository.
+        assert_repo_not_found(&repositories, "widget", "src");
+        for (owner, name) in [
+            ("..", "x"),
+            ("acme", ".."),
+            (".git", "x"),
+            ("acme", "a/b"),
+            ("", "x"),
+        ] {
+            assert!(
+                matches!(repositories.open(owner, name), Err(Error::Url(_))),
+                "{owner}/{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn symlinks_and_gitfiles_leading_outside_the_root_are_not_found() {
+        let fixture = fixture();
+        let secret = fixture.base.join("outside/secret");
+        std::os::unix::fs::symlink(&secret, fixture.root.join("acme/secret")).unwrap();
+        std::os::unix::fs::symlink(fixture.base.join("outside"), fixture.root.join("evil"))
+            .unwrap();
+        let sneaky = fixture.root.join("acme/sneaky");
+        fs::create_dir_all(&sneaky).unwrap();
+        fs::write(
+            sneaky.join(".git"),
+            format!("gitdir: {}\n", secret.join(".git").display()),
+        )
+        .unwrap();
+        // A symlink that stays inside the root is fine.
+        std::os::unix::fs::symlink(&fixture.widget, fixture.root.join("acme/alias")).unwrap();
+
+        let repositories = fixture.repositories();
+        assert_repo_not_found(&repositories, "acme", "secret");
+        assert_repo_not_found(&repositories, "evil", "secret");
+        assert_repo_not_found(&repositories, "acme", "sneaky");
+        let alias = repositories.open("acme", "alias").unwrap();
+        assert_eq!(alias.git_dir(), fixture.widget.join(".git"));
+    }
+
+    #[test]
+    fn a_repository_as_root_is_served_as_local() {
+        let fixture = fixture();
+        let repositories = Repositories::new(&fixture.widget).unwrap();
+        let widget = repositories.open(LOCAL_OWNER, "widget").unwrap();
+        assert_eq!(widget.git_dir(), fixture.widget.join(".git"));
+        assert_resolves(&widget, "main", RefKind::Branch("main".into()));
+        assert_repo_not_found(&repositories, "acme", "widget");
+        assert_repo_not_found(&repositories, LOCAL_OWNER, "other");
+        assert_repo_not_found(&repositories, "widget", "src");
+
+        let gadget = fixture.bare_clone("gadget.git");
+        let repositories = Repositories::new(&gadget).unwrap();
+        let opened = repositories.open(LOCAL_OWNER, "gadget").unwrap();
+        assert_eq!(opened.git_dir(), gadget);
+        assert_resolves(&opened, "v1.0", RefKind::Tag("v1.0".into()));
+
+        // The directory holding owners is not a repository itself.
+        assert!(matches!(fixture.repositories().layout, Layout::Owners));
+        // A missing root is an error at start-up, not a 404 per request.
+        assert!(Repositories::new(&fixture.base.join("missing")).is_err());
+    }
+
+    #[test]
+    fn opened_repositories_are_cached_until_their_git_dir_changes() {
+        let fixture = fixture();
+        let gadget_dir = fixture.bare_clone("gadget.git");
+        let repositories = fixture.repositories();
+        let first = repositories.open("acme", "gadget").unwrap();
+        let again = repositories.open("acme", "gadget").unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
+
+        let moved = fixture.root.join("acme/moved.git");
+        fs::rename(&gadget_dir, &moved).unwrap();
+        assert_repo_not_found(&repositories, "acme", "gadget");
+
+        // Replaced by a different repository at the same path.
+        let other = fixture.base.join("other");
+        fs::create_dir_all(&other).unwrap();
+        git(&other, &["init", "-q"]);
+        git_at(
+            &other,
+            C3_TIME,
+            &["commit", "-q", "--allow-empty", "-m", "other"],
+        );
+        git(
+            &fixture.base,
+            &[
+                "clone",
+                "-q",
+                "--bare",
+                other.to_str().unwrap(),
+                gadget_dir.to_str().unwrap(),
+            ],
+        );
+        let replaced = repositories.open("acme", "gadget").unwrap();
+        assert!(!Arc::ptr_eq(&first, &replaced));
+        let resolved = assert_resolves(&replaced, "main", RefKind::Branch("main".into()));
+        assert_eq!(resolved.committer_time, C3_TIME);
+        assert_not_found(&replaced, "v1.0");
+    }
+
+    #[test]
+    fn has_path_finds_files_and_directories() {
+        let fixture = fixture();
+        let widget = fixture.widget();
+        let c1 = &fixture.c1;
+        for path in ["README", "src", "src/lib", "src/lib/mod.rs", "src/main.rs"] {
+            assert!(widget.has_path(c1, path).unwrap(), "{path}");
+        }
+        for path in [
+            "missing",
+            "src/li",
+            "src/lib/missing",
+            "README/x",
+            "src/main.rs/x",
+            "late.txt",
+        ] {
+            assert!(!widget.has_path(c1, path).unwrap(), "{path}");
+        }
+    }
+
+    #[test]
+    fn repositories_are_shareable_between_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Repositories>();
+        assert_send_sync::<Repository>();
+        let fixture = fixture();
+        let repositories = Arc::new(fixture.repositories());
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let repositories = Arc::clone(&repositories);
+                std::thread::spawn(move || {
+                    repositories
+                        .open("acme", "widget")
+                        .unwrap()
+                        .resolve("v1.0")
+                        .unwrap()
+                })
+            })
+            .collect();
+        for thread in threads {
+            assert_eq!(thread.join().unwrap().commit, fixture.c2);
+        }
+    }
+}

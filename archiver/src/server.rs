@@ -1,0 +1,130 @@
+//! The HTTP/1 accept loop both tiers run, instead of `axum::serve`.
+//!
+//! `axum::serve` installs no timer, so a client could hold a connection open
+//! forever by sending its request head one byte at a time. This loop serves
+//! the same `Router` through hyper's connection builder with:
+//!
+//! - a header-read timeout (`HEADER_READ_TIMEOUT`): the head must arrive in
+//!   10 s or the connection is closed;
+//! - a bounded read buffer (`MAX_HEAD_BYTES`): a larger head gets `431`;
+//!   a request line over `MAX_REQUEST_LINE_BYTES` gets `414`;
+//! - TCP keepalive, so a peer that vanished is noticed even when idle;
+//! - a bounded graceful shutdown: on `shutdown` it stops accepting, lets
+//!   running requests (downloads) finish for up to `grace`, then drops the
+//!   connections still open, which drops their body streams and with them
+//!   every fd and slot they held.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::Request;
+use axum::response::{IntoResponse, Response};
+use http::StatusCode;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+/// The request head (line and headers) must arrive within this.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest request line (method, target, version) accepted; longer gets 414.
+pub const MAX_REQUEST_LINE_BYTES: usize = 8 * 1024;
+/// Largest request head accepted; larger gets 431.
+pub const MAX_HEAD_BYTES: usize = 32 * 1024;
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// How a shutdown went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drain {
+    /// Every connection finished within the grace period.
+    Complete,
+    /// The grace period ran out; this many connections were cut.
+    Cut(usize),
+}
+
+/// Serves `router` on `listener` until `shutdown` is cancelled, then drains
+/// for at most `grace`.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+    grace: Duration,
+) -> std::io::Result<Drain> {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .keep_alive(true);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut connections = JoinSet::new();
+
+    loop {
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        // Reap finished connection tasks so the set does not grow.
+        while connections.try_join_next().is_some() {}
+        let _ = stream.set_nodelay(true);
+        let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
+        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+            let router = router.clone();
+            async move { Ok::<_, Infallible>(handle(router, request).await) }
+        });
+        let connection = builder.serve_connection(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        connections.spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "connection ended with an error");
+            }
+        });
+    }
+
+    drop(listener);
+    let drain = tokio::select! {
+        () = graceful.shutdown() => Drain::Complete,
+        () = tokio::time::sleep(grace) => {
+            let open = connections.len();
+            connections.abort_all();
+            Drain::Cut(open)
+        }
+    };
+    while connections.join_next().await.is_some() {}
+    Ok(drain)
+}
+
+async fn handle(router: Router, request: hyper::Request<Incoming>) -> Response {
+    // hyper enforces the whole head's size; the request line has its own,
+    // smaller limit.
+    let line =
+        request.method().as_str().len() + request.uri().to_string().len() + " HTTP/1.1".len() + 1;
+    if line > MAX_REQUEST_LINE_BYTES {
+        return (
+            StatusCode::URI_TOO_LONG,
+            [(http::header::CONTENT_TYPE, "application/json")],
+            r#"{"error":"uri_too_long","message":"the request line is longer than 8 KiB"}"#,
+        )
+            .into_response();
+    }
+    let request: Request = request.map(Body::new);
+    match router.oneshot(request).await {
+        Ok(response) => response,
+        Err(infallible) => match infallible {},
+    }
+}

@@ -1,0 +1,438 @@
+//! The archive URL grammar of SPEC §2, in one place for both tiers.
+//!
+//! Two shapes name the same archive:
+//!
+//! ```text
+//! /{owner}/{repo}/archive/{ref}.{ext}[.sha256]   github.com style
+//! /{owner}/{repo}/{ext}/{ref}                    codeload style
+//! ```
+//!
+//! Parsing is strict on purpose: whatever passes here is later looked up in a
+//! repository, so every string that survives is already free of control
+//! bytes, option-like prefixes (`-`), `..` and git's revision syntax
+//! (`~ ^ : @{`). The ref still never reaches a command line: the resolver
+//! turns it into a commit id first (see `repo`).
+
+use std::fmt;
+
+/// Longest accepted ref, in bytes. Git itself allows more, but no real
+/// branch or tag is this long and the bound keeps log lines and labels sane.
+pub const MAX_REF_BYTES: usize = 255;
+
+/// Longest accepted `?path=` subtree, in bytes.
+pub const MAX_SUBTREE_BYTES: usize = 1024;
+
+/// An archive format, as named by a URL extension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Format {
+    Tar,
+    TarGz,
+    TarZst,
+    Zip,
+}
+
+impl Format {
+    /// Every format with its canonical extension, in the order used for
+    /// suffix matching (longer extensions first, so `.tar.gz` never parses
+    /// as `.tar`).
+    pub const ALL: [Format; 4] = [Format::TarGz, Format::TarZst, Format::Zip, Format::Tar];
+
+    /// Parses a URL extension; `tgz` is an alias of `tar.gz`.
+    pub fn from_ext(ext: &str) -> Option<Format> {
+        match ext {
+            "tar" => Some(Format::Tar),
+            "tar.gz" | "tgz" => Some(Format::TarGz),
+            "tar.zst" => Some(Format::TarZst),
+            "zip" => Some(Format::Zip),
+            _ => None,
+        }
+    }
+
+    /// The canonical extension (what file names and canonical URLs use).
+    pub fn ext(self) -> &'static str {
+        match self {
+            Format::Tar => "tar",
+            Format::TarGz => "tar.gz",
+            Format::TarZst => "tar.zst",
+            Format::Zip => "zip",
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Tar => "application/x-tar",
+            Format::TarGz => "application/gzip",
+            Format::TarZst => "application/zstd",
+            Format::Zip => "application/zip",
+        }
+    }
+
+    /// The `--format` git is asked for: compressed tars are made in-process
+    /// from git's plain tar (see `generate` for why).
+    pub fn git_format(self) -> &'static str {
+        match self {
+            Format::Zip => "zip",
+            Format::Tar | Format::TarGz | Format::TarZst => "tar",
+        }
+    }
+
+    /// The label used in metrics.
+    pub fn metric_label(self) -> &'static str {
+        self.ext()
+    }
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.ext())
+    }
+}
+
+/// What a URL asks for, before anything is looked up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArchiveRequest {
+    pub owner: String,
+    pub repo: String,
+    /// The ref exactly as the user wrote it (percent-decoded, validated).
+    pub reference: String,
+    pub format: Format,
+    /// `…/archive/{ref}.{ext}.sha256`: the checksum line instead of the archive.
+    pub checksum: bool,
+}
+
+/// Why a URL or query was rejected. Each maps to `400` (or `404` for a path
+/// that is no archive URL at all).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum UrlError {
+    #[error("no such route")]
+    NotAnArchiveUrl,
+    #[error(
+        "owner and repository names are 1 to 100 characters of A-Z a-z 0-9 _ . - and do not start with '.'"
+    )]
+    BadName,
+    #[error("unknown archive format; use tar.gz, tgz, zip, tar or tar.zst")]
+    BadFormat,
+    #[error("invalid ref: {0}")]
+    BadRef(&'static str),
+    #[error("invalid path: {0}")]
+    BadSubtree(&'static str),
+    #[error("invalid percent-encoding or non-UTF-8 in URL")]
+    BadEncoding,
+}
+
+impl UrlError {
+    /// The JSON `error` code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            UrlError::NotAnArchiveUrl => "not_found",
+            UrlError::BadName => "bad_name",
+            UrlError::BadFormat => "bad_format",
+            UrlError::BadRef(_) => "bad_ref",
+            UrlError::BadSubtree(_) => "bad_path",
+            UrlError::BadEncoding => "bad_url",
+        }
+    }
+}
+
+/// Parses an archive URL path (still percent-encoded, as in the request line).
+pub fn parse_path(path: &str) -> Result<ArchiveRequest, UrlError> {
+    let rest = path.strip_prefix('/').ok_or(UrlError::NotAnArchiveUrl)?;
+    let mut parts = rest.splitn(4, '/');
+    let (Some(owner), Some(repo), Some(kind), Some(tail)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(UrlError::NotAnArchiveUrl);
+    };
+    validate_name(owner)?;
+    validate_name(repo)?;
+    let tail = percent_decode(tail)?;
+
+    let (reference, format, checksum) = if kind == "archive" {
+        let (stem, checksum) = match tail.strip_suffix(".sha256") {
+            Some(stem) => (stem, true),
+            None => (tail.as_str(), false),
+        };
+        let (reference, format) = split_extension(stem).ok_or(UrlError::BadFormat)?;
+        (reference.to_owned(), format, checksum)
+    } else {
+        let format = Format::from_ext(kind).ok_or(UrlError::NotAnArchiveUrl)?;
+        (tail, format, false)
+    };
+    validate_ref(&reference)?;
+    Ok(ArchiveRequest {
+        owner: owner.to_owned(),
+        repo: repo.to_owned(),
+        reference,
+        format,
+        checksum,
+    })
+}
+
+/// Splits `{ref}.{ext}` at the longest known extension.
+fn split_extension(stem: &str) -> Option<(&str, Format)> {
+    for ext in ["tar.gz", "tar.zst", "tgz", "zip", "tar"] {
+        if let Some(reference) = stem.strip_suffix(ext).and_then(|s| s.strip_suffix('.')) {
+            return Format::from_ext(ext).map(|format| (reference, format));
+        }
+    }
+    None
+}
+
+/// `owner` and `repo`: `[A-Za-z0-9_.-]{1,100}`, not starting with `.`.
+pub fn validate_name(name: &str) -> Result<(), UrlError> {
+    let ok = (1..=100).contains(&name.len())
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if ok { Ok(()) } else { Err(UrlError::BadName) }
+}
+
+/// A ref as a user may write it: git's `check-ref-format` rules, narrowed to
+/// characters that are safe unquoted in a file name and a header
+/// (`A-Z a-z 0-9 . _ - / + @ =`).
+pub fn validate_ref(reference: &str) -> Result<(), UrlError> {
+    if reference.is_empty() {
+        return Err(UrlError::BadRef("empty"));
+    }
+    if reference.len() > MAX_REF_BYTES {
+        return Err(UrlError::BadRef("longer than 255 bytes"));
+    }
+    if !reference.bytes().all(|b| {
+        b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/' | b'+' | b'@' | b'=')
+    }) {
+        return Err(UrlError::BadRef(
+            "only A-Z a-z 0-9 . _ - / + @ = are allowed",
+        ));
+    }
+    if reference.starts_with('-') {
+        return Err(UrlError::BadRef("starts with '-'"));
+    }
+    if reference.contains("..") || reference.contains("@{") || reference == "@" {
+        return Err(UrlError::BadRef("contains '..' or '@{'"));
+    }
+    if reference.ends_with('.') || reference.ends_with('/') || reference.starts_with('/') {
+        return Err(UrlError::BadRef("starts or ends with '/' or ends with '.'"));
+    }
+    for component in reference.split('/') {
+        if component.is_empty() || component.starts_with('.') || component.ends_with(".lock") {
+            return Err(UrlError::BadRef(
+                "empty component, component starting with '.' or ending with '.lock'",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Validates and normalises the `?path=` subtree (already percent-decoded):
+/// a literal path inside the tree, without pathspec magic. Returns `None` for
+/// the whole tree (empty or `/`-only input is not accepted: omit the query).
+pub fn validate_subtree(path: &str) -> Result<String, UrlError> {
+    let trimmed = path.trim_end_matches('/');
+    if trimmed.is_empty() {
+        return Err(UrlError::BadSubtree("empty"));
+    }
+    if trimmed.len() > MAX_SUBTREE_BYTES {
+        return Err(UrlError::BadSubtree("longer than 1024 bytes"));
+    }
+    if trimmed.starts_with('/') {
+        return Err(UrlError::BadSubtree("absolute"));
+    }
+    if trimmed.starts_with(':') {
+        return Err(UrlError::BadSubtree("pathspec magic (leading ':')"));
+    }
+    if trimmed.chars().any(|c| c.is_control() || c == '\\') {
+        return Err(UrlError::BadSubtree("control character or backslash"));
+    }
+    for component in trimmed.split('/') {
+        if matches!(component, "" | "." | "..") {
+            return Err(UrlError::BadSubtree("empty, '.' or '..' component"));
+        }
+    }
+    Ok(trimmed.to_owned())
+}
+
+/// Decodes `%XX` escapes; the result must be UTF-8 without control bytes.
+pub fn percent_decode(input: &str) -> Result<String, UrlError> {
+    let bytes = input.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3).ok_or(UrlError::BadEncoding)?;
+            let hex = std::str::from_utf8(hex).map_err(|_| UrlError::BadEncoding)?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| UrlError::BadEncoding)?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    let text = String::from_utf8(out).map_err(|_| UrlError::BadEncoding)?;
+    if text.chars().any(char::is_control) {
+        return Err(UrlError::BadEncoding);
+    }
+    Ok(text)
+}
+
+/// Finds one query parameter and percent-decodes it (`+` is a space, as in
+/// HTML forms). The last occurrence wins.
+pub fn query_param(query: Option<&str>, name: &str) -> Result<Option<String>, UrlError> {
+    let mut found = None;
+    for pair in query.unwrap_or("").split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if key == name {
+            found = Some(percent_decode(&value.replace('+', " "))?);
+        }
+    }
+    Ok(found)
+}
+
+/// What a ref turned out to be; decides the label of SPEC §2.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RefKind {
+    Branch(String),
+    Tag(String),
+    /// A commit id, `HEAD`, or any other ref: labelled by the full commit id.
+    Commit,
+}
+
+/// The `{label}` in `{repo}-{label}`: the tag with one leading `v` dropped
+/// when a digit follows, the branch with `/` replaced by `-`, else the commit.
+pub fn label(kind: &RefKind, commit: &str) -> String {
+    match kind {
+        RefKind::Tag(tag) => match tag.strip_prefix('v') {
+            Some(rest) if rest.starts_with(|c: char| c.is_ascii_digit()) => rest.to_owned(),
+            _ => tag.clone(),
+        },
+        RefKind::Branch(branch) => branch.replace('/', "-"),
+        RefKind::Commit => commit.to_owned(),
+    }
+}
+
+/// The immutable URL of an archive: what `Link: rel="immutable"` points at.
+pub fn immutable_path(owner: &str, repo: &str, commit: &str, format: Format) -> String {
+    format!("/{owner}/{repo}/archive/{commit}.{}", format.ext())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(path: &str) -> Result<ArchiveRequest, UrlError> {
+        parse_path(path)
+    }
+
+    #[test]
+    fn github_style_parses_every_extension() {
+        for (ext, format) in [
+            ("tar.gz", Format::TarGz),
+            ("tgz", Format::TarGz),
+            ("zip", Format::Zip),
+            ("tar", Format::Tar),
+            ("tar.zst", Format::TarZst),
+        ] {
+            let req = parse(&format!("/acme/widget/archive/v1.2.3.{ext}")).unwrap();
+            assert_eq!(req.owner, "acme");
+            assert_eq!(req.repo, "widget");
+            assert_eq!(req.reference, "v1.2.3");
+            assert_eq!(req.format, format);
+            assert!(!req.checksum);
+        }
+    }
+
+    #[test]
+    fn codeload_style_and_refs_with_slashes() {
+        let req = parse("/acme/widget/tar.gz/feature/x").unwrap();
+        assert_eq!(req.reference, "feature/x");
+        assert_eq!(req.format, Format::TarGz);
+        let req = parse("/acme/widget/archive/refs/heads/feature/x.zip").unwrap();
+        assert_eq!(req.reference, "refs/heads/feature/x");
+        assert_eq!(req.format, Format::Zip);
+        let req = parse("/acme/widget/archive/feature%2Fx.tar").unwrap();
+        assert_eq!(req.reference, "feature/x");
+    }
+
+    #[test]
+    fn checksum_suffix_is_recognised() {
+        let req = parse("/acme/widget/archive/main.tar.gz.sha256").unwrap();
+        assert!(req.checksum);
+        assert_eq!(req.format, Format::TarGz);
+        assert_eq!(req.reference, "main");
+    }
+
+    #[test]
+    fn longest_extension_wins() {
+        let req = parse("/a/b/archive/x.tar.tar.gz").unwrap();
+        assert_eq!(req.reference, "x.tar");
+        assert_eq!(req.format, Format::TarGz);
+    }
+
+    #[test]
+    fn hostile_paths_are_rejected() {
+        for path in [
+            "/../etc/archive/main.tar",
+            "/acme/../archive/main.tar",
+            "/.acme/widget/archive/main.tar",
+            "/acme/wid%2Fget/archive/main.tar",
+            "/acme/widget/archive/-main.tar",
+            "/acme/widget/archive/--output=x.tar",
+            "/acme/widget/archive/a..b.tar",
+            "/acme/widget/archive/main~1.tar",
+            "/acme/widget/archive/main^{tree}.tar",
+            "/acme/widget/archive/HEAD:README.tar",
+            "/acme/widget/archive/main@{1}.tar",
+            "/acme/widget/archive/ma%00in.tar",
+            "/acme/widget/archive/ma%0ain.tar",
+            "/acme/widget/archive/main.rar",
+            "/acme/widget/archive/.tar",
+            "/acme/widget/archive/main.lock.tar",
+            "/acme/widget/archive/a//b.tar",
+            "/acme/widget/archive/%zz.tar",
+            "/acme/widget/archive/%ff.tar",
+            "/acme/widget/rar/main",
+        ] {
+            assert!(parse(path).is_err(), "{path} was accepted");
+        }
+        assert_eq!(
+            parse("/acme/widget").unwrap_err(),
+            UrlError::NotAnArchiveUrl
+        );
+        let long = format!("/a/b/archive/{}.tar", "x".repeat(300));
+        assert!(matches!(parse(&long), Err(UrlError::BadRef(_))));
+    }
+
+    #[test]
+    fn subtrees_are_literal_and_inside_the_tree() {
+        assert_eq!(validate_subtree("src/lib/").unwrap(), "src/lib");
+        for bad in [
+            "", "/etc", "../x", "a/../b", "a/./b", ":(glob)*", "a//b", "a\nb", "a\\b",
+        ] {
+            assert!(validate_subtree(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn labels_follow_github_naming() {
+        let commit = "0123456789abcdef0123456789abcdef01234567";
+        assert_eq!(label(&RefKind::Tag("v1.2.3".into()), commit), "1.2.3");
+        assert_eq!(label(&RefKind::Tag("version".into()), commit), "version");
+        assert_eq!(label(&RefKind::Tag("1.0".into()), commit), "1.0");
+        assert_eq!(
+            label(&RefKind::Branch("feature/x".into()), commit),
+            "feature-x"
+        );
+        assert_eq!(label(&RefKind::Commit, commit), commit);
+    }
+
+    #[test]
+    fn query_params_decode() {
+        assert_eq!(
+            query_param(Some("path=src%2Flib&x=1"), "path").unwrap(),
+            Some("src/lib".into())
+        );
+        assert_eq!(query_param(Some("x=1"), "path").unwrap(), None);
+        assert_eq!(query_param(None, "path").unwrap(), None);
+        assert!(query_param(Some("path=%00"), "path").is_err());
+    }
+}
