@@ -34,6 +34,12 @@ pub use error::Error;
 /// after the downloads were drained.
 const GENERATION_STOP_DEADLINE: Duration = Duration::from_secs(5);
 
+/// A client connection whose writes make no progress for this long is
+/// closed. Generous: the archiver's clients are mostly proxies, which pause
+/// reading while their own client is slow and cut idle clients after their
+/// `--client-idle-timeout` (60 s by default).
+pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Serves the archiver on `listener` until `shutdown` is cancelled, then
 /// drains downloads for `--shutdown-grace`, kills the children that are
 /// still running and removes their partial files.
@@ -102,6 +108,7 @@ pub async fn run(
         http::router(app),
         shutdown,
         options.shutdown_grace,
+        WRITE_STALL_TIMEOUT,
     )
     .await?;
     match drain {

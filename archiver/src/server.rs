@@ -9,12 +9,21 @@
 //! - a bounded read buffer (`MAX_HEAD_BYTES`): a larger head gets `431`;
 //!   a request line over `MAX_REQUEST_LINE_BYTES` gets `414`;
 //! - TCP keepalive, so a peer that vanished is noticed even when idle;
+//! - a write-stall timeout: a connection whose writes make no progress for
+//!   `write_stall_timeout` (a client that stopped taking bytes) is closed.
+//!   Nothing inside a body stream can do this, because hyper stops polling
+//!   the body while the socket is full; the socket wrapper ([`StallGuard`])
+//!   sees the stuck write itself;
 //! - a bounded graceful shutdown: on `shutdown` it stops accepting, lets
 //!   running requests (downloads) finish for up to `grace`, then drops the
 //!   connections still open, which drops their body streams and with them
 //!   every fd and slot they held.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -24,6 +33,7 @@ use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -47,12 +57,14 @@ pub enum Drain {
 }
 
 /// Serves `router` on `listener` until `shutdown` is cancelled, then drains
-/// for at most `grace`.
+/// for at most `grace`. A connection whose writes are stuck for
+/// `write_stall_timeout` is closed.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     shutdown: CancellationToken,
     grace: Duration,
+    write_stall_timeout: Duration,
 ) -> std::io::Result<Drain> {
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -87,6 +99,7 @@ pub async fn serve(
             let router = router.clone();
             async move { Ok::<_, Infallible>(handle(router, request).await) }
         });
+        let stream = StallGuard::new(stream, write_stall_timeout);
         let connection = builder.serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         connections.spawn(async move {
@@ -126,5 +139,94 @@ async fn handle(router: Router, request: hyper::Request<Incoming>) -> Response {
     match router.oneshot(request).await {
         Ok(response) => response,
         Err(infallible) => match infallible {},
+    }
+}
+
+/// A socket whose writes fail with `TimedOut` once they have been pending
+/// for longer than the stall timeout.
+pub struct StallGuard<S> {
+    inner: S,
+    timeout: Duration,
+    /// Armed while a write is pending; boxed so the guard stays `Unpin`.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> StallGuard<S> {
+    pub fn new(inner: S, timeout: Duration) -> Self {
+        StallGuard {
+            inner,
+            timeout,
+            stalled: None,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for StallGuard<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> StallGuard<S> {
+    /// Wraps one write-side poll: progress disarms the timer, `Pending` arms
+    /// it (and registers its wake-up), expiry turns into an error.
+    fn guard<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        op: impl FnOnce(Pin<&mut S>, &mut Context<'_>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match op(Pin::new(&mut self.inner), cx) {
+            Poll::Ready(result) => {
+                self.stalled = None;
+                Poll::Ready(result)
+            }
+            Poll::Pending => {
+                let timeout = self.timeout;
+                let timer = self
+                    .stalled
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "client took no bytes",
+                    )));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for StallGuard<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.guard(cx, |inner, cx| inner.poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.guard(cx, |inner, cx| inner.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.guard(cx, |inner, cx| inner.poll_flush(cx))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

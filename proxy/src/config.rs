@@ -1,0 +1,198 @@
+//! Command-line flags of SPEC §5. Every flag also reads `GITBALL_<FLAG>`.
+//!
+//! `gitball-proxy` either routes to archivers on other machines (`--routes
+//! FILE`) or runs one archiver in-process (`--repos DIR`, embedded mode);
+//! exactly one of the two is given. In embedded mode the archiver's own
+//! flags (`--cache-dir`, `--max-generations`, …) apply, which is why they
+//! are flattened in here from `gitball_archiver::config::ArchiveOptions`;
+//! `--log-format` and `--shutdown-grace` from that set govern the proxy too.
+//!
+//! `gitball-proxy sign …` is the one subcommand: it prints a signed token
+//! for a private repository and exits.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgGroup, Args, Parser, Subcommand};
+use gitball_archiver::config::{ArchiveOptions, parse_seconds};
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "gitball-proxy",
+    version,
+    about = "Stateless front for gitball archivers: routes owner/repo to its archivers, \
+             fails over before the first byte, pipes archives with backpressure.",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub config: Config,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Print a signed token for a private repository: append `?token=…` to
+    /// its archive URLs.
+    Sign(SignArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SignArgs {
+    /// File holding the HMAC key (the same file as the proxy's --signing-key-file).
+    #[arg(long, env = "GITBALL_SIGNING_KEY_FILE")]
+    pub key_file: PathBuf,
+
+    /// The repository the token grants, as owner/repo.
+    #[arg(long, env = "GITBALL_SIGN_REPO")]
+    pub repo: String,
+
+    /// How long the token stays valid: seconds, or a number with s, m, h or d (10m, 12h, 7d).
+    #[arg(long, env = "GITBALL_SIGN_TTL", default_value = "10m", value_parser = crate::sign::parse_ttl)]
+    pub ttl: Duration,
+}
+
+/// Everything the proxy service needs.
+#[derive(Args, Debug, Clone)]
+#[command(group(ArgGroup::new("upstreams").required(true).args(["routes", "repos"])))]
+pub struct Config {
+    /// Address to listen on (host:port).
+    #[arg(long, env = "GITBALL_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Routing table (TOML): which archivers serve which owner/repo. Reloaded on SIGHUP;
+    /// a file that does not parse keeps the previous table.
+    #[arg(long, env = "GITBALL_ROUTES")]
+    pub routes: Option<PathBuf>,
+
+    /// Embedded mode: run an archiver in-process over this directory (archiver flags apply)
+    /// and route every repository to it.
+    #[arg(long, env = "GITBALL_REPOS")]
+    pub repos: Option<PathBuf>,
+
+    /// File holding the bearer token sent to archivers (their --token-file).
+    #[arg(long, env = "GITBALL_UPSTREAM_TOKEN_FILE")]
+    pub upstream_token_file: Option<PathBuf>,
+
+    /// File holding the HMAC key that signs private repositories' URLs.
+    #[arg(long, env = "GITBALL_SIGNING_KEY_FILE")]
+    pub signing_key_file: Option<PathBuf>,
+
+    /// Seconds to wait for a TCP connection to an upstream, per attempt.
+    #[arg(long, env = "GITBALL_CONNECT_TIMEOUT", default_value = "2", value_parser = parse_seconds)]
+    pub connect_timeout: Duration,
+
+    /// Seconds to wait for an upstream's response headers, per attempt (connecting included).
+    #[arg(long, env = "GITBALL_HEADER_TIMEOUT", default_value = "60", value_parser = parse_seconds)]
+    pub header_timeout: Duration,
+
+    /// Seconds a client may take no body bytes before its download is cut.
+    #[arg(long, env = "GITBALL_CLIENT_IDLE_TIMEOUT", default_value = "60", value_parser = parse_seconds)]
+    pub client_idle_timeout: Duration,
+
+    /// Seconds a failed upstream is tried last (after every healthy candidate).
+    #[arg(long, env = "GITBALL_EJECT_FOR", default_value = "10", value_parser = parse_seconds)]
+    pub eject_for: Duration,
+
+    /// Archiver flags, used in embedded mode (--repos); --log-format and
+    /// --shutdown-grace apply to the proxy as well.
+    #[command(flatten)]
+    pub archiver: ArchiveOptions,
+}
+
+impl Config {
+    /// Parses a command line that must not be the `sign` subcommand (tests,
+    /// embedding).
+    pub fn try_parse_from<I, T>(args: I) -> Result<Config, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let cli = Cli::try_parse_from(args)?;
+        match cli.command {
+            None => Ok(cli.config),
+            Some(_) => Err(clap::Error::raw(
+                clap::error::ErrorKind::ArgumentConflict,
+                "expected the proxy's flags, not a subcommand",
+            )),
+        }
+    }
+
+    /// Seconds the drain on shutdown may take (the archiver's flag).
+    pub fn shutdown_grace(&self) -> Duration {
+        self.archiver.shutdown_grace
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let config =
+            Config::try_parse_from(["gitball-proxy", "--routes", "/etc/routes.toml"]).unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.connect_timeout, Duration::from_secs(2));
+        assert_eq!(config.header_timeout, Duration::from_secs(60));
+        assert_eq!(config.client_idle_timeout, Duration::from_secs(60));
+        assert_eq!(config.eject_for, Duration::from_secs(10));
+        assert!(config.repos.is_none());
+    }
+
+    #[test]
+    fn exactly_one_of_routes_and_repos() {
+        assert!(Config::try_parse_from(["gitball-proxy"]).is_err());
+        assert!(
+            Config::try_parse_from(["gitball-proxy", "--routes", "r.toml", "--repos", "."])
+                .is_err()
+        );
+        let embedded =
+            Config::try_parse_from(["gitball-proxy", "--repos", ".", "--max-generations", "3"])
+                .unwrap();
+        assert_eq!(embedded.archiver.max_generations, Some(3));
+    }
+
+    #[test]
+    fn sign_subcommand_needs_no_service_flags() {
+        let cli = Cli::try_parse_from([
+            "gitball-proxy",
+            "sign",
+            "--key-file",
+            "k",
+            "--repo",
+            "acme/widget",
+            "--ttl",
+            "10m",
+        ])
+        .unwrap();
+        let Some(Command::Sign(sign)) = cli.command else {
+            panic!("not the sign subcommand");
+        };
+        assert_eq!(sign.ttl, Duration::from_secs(600));
+        assert_eq!(sign.repo, "acme/widget");
+    }
+
+    #[test]
+    fn fractional_seconds_are_accepted() {
+        let config = Config::try_parse_from([
+            "gitball-proxy",
+            "--routes",
+            "r.toml",
+            "--client-idle-timeout",
+            "0.5",
+        ])
+        .unwrap();
+        assert_eq!(config.client_idle_timeout, Duration::from_millis(500));
+    }
+}

@@ -1,0 +1,408 @@
+//! Attempts and failover: getting response headers from one of a route's
+//! candidates.
+//!
+//! Candidates are tried one at a time, in order (replicas in rendezvous
+//! order, then the primary, ejected ones last). The next candidate is tried
+//! when an attempt
+//!
+//! - cannot connect (`connect_error`), or not within `--connect-timeout`
+//!   (`connect_timeout`);
+//! - gets no response headers within `--header-timeout` (`header_timeout`);
+//! - gets a `5xx` (`server_error`): nothing has been sent to the client
+//!   yet, so another archiver can still give the whole answer;
+//! - gets a `404` from a replica (`replica_not_found`): the ref may simply
+//!   not have been replicated yet, so the primary is asked;
+//! - gets a `401` or `403` (`unauthorized`): the archiver refused the
+//!   proxy's own `--upstream-token-file`, a configuration error that is not
+//!   the client's to see (it ends as `502` if no candidate accepts it).
+//!
+//! Any other response (`ok`) is the answer, whatever its status: a `404`
+//! from the primary, a `400`, a `304` or a `206` are final. Once a response
+//! is chosen this module is done; what happens after the first body byte is
+//! `pipe`'s business, and there is no failover from there — the client
+//! already has part of one archiver's bytes.
+//!
+//! When every candidate fails: the last `5xx` response, if any, is passed
+//! through (it carries the archiver's own reason, e.g. `503` +
+//! `Retry-After` when over capacity); otherwise the answer is `503` if every
+//! candidate was already ejected before this request (the whole route is
+//! known to be down), `504` if every attempt timed out waiting for headers,
+//! and `502` otherwise.
+//!
+//! Each attempt is counted in `gitball_proxy_upstream_attempts_total
+//! {upstream, outcome}`, each move to a next candidate in
+//! `gitball_proxy_failovers_total`. Failures eject the upstream
+//! (`upstream::Health`); any answer (including a replica's `404`) ends its
+//! ejection.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
+
+use crate::error::Error;
+use crate::routes::{Candidate, Role};
+use crate::upstream::Health;
+
+/// How long an idle pooled upstream connection is kept: below the
+/// archiver's keep-alive timeout, so the proxy never reuses a connection the
+/// archiver is closing at that moment.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Forwarding settings plus the shared HTTP client (one connection pool
+/// for every upstream).
+#[derive(Debug)]
+pub struct Forwarder {
+    client: reqwest::Client,
+    health: Arc<Health>,
+    header_timeout: Duration,
+    /// `Authorization: Bearer …` for archivers, from `--upstream-token-file`.
+    authorization: Option<HeaderValue>,
+}
+
+/// What is sent upstream: the canonical archive URL's path and query, and
+/// the request headers that are forwarded.
+#[derive(Debug, Clone)]
+pub struct UpstreamRequest {
+    pub method: Method,
+    /// `/{owner}/{repo}/archive/{ref}.{ext}[.sha256][?path=…]`
+    pub path_and_query: String,
+    pub headers: HeaderMap,
+}
+
+/// The chosen upstream response (headers received, body unread).
+#[derive(Debug)]
+pub struct Forwarded {
+    pub response: reqwest::Response,
+    pub upstream: Arc<str>,
+    pub attempts: u32,
+}
+
+/// No usable response: the error for the client, and what was tried.
+#[derive(Debug)]
+pub struct Failed {
+    pub error: Error,
+    pub upstream: Option<Arc<str>>,
+    pub attempts: u32,
+}
+
+/// How one attempt ended; the `outcome` label of
+/// `gitball_proxy_upstream_attempts_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A response that is the answer.
+    Ok,
+    ConnectError,
+    ConnectTimeout,
+    HeaderTimeout,
+    ServerError,
+    ReplicaNotFound,
+    Unauthorized,
+    /// The connection broke before a complete response head arrived, or
+    /// any other transport error.
+    Error,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::ConnectError => "connect_error",
+            Outcome::ConnectTimeout => "connect_timeout",
+            Outcome::HeaderTimeout => "header_timeout",
+            Outcome::ServerError => "server_error",
+            Outcome::ReplicaNotFound => "replica_not_found",
+            Outcome::Unauthorized => "unauthorized",
+            Outcome::Error => "error",
+        }
+    }
+
+    /// Whether the upstream is at fault (and is ejected).
+    pub fn is_failure(self) -> bool {
+        !matches!(self, Outcome::Ok | Outcome::ReplicaNotFound)
+    }
+}
+
+/// Decides what a response's status means for failover.
+pub fn classify(status: StatusCode, role: Role) -> Outcome {
+    if status.is_server_error() {
+        Outcome::ServerError
+    } else if status == StatusCode::NOT_FOUND && role == Role::Replica {
+        Outcome::ReplicaNotFound
+    } else if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        Outcome::Unauthorized
+    } else {
+        Outcome::Ok
+    }
+}
+
+fn classify_error(error: &reqwest::Error) -> Outcome {
+    if error.is_connect() {
+        if error.is_timeout() {
+            Outcome::ConnectTimeout
+        } else {
+            Outcome::ConnectError
+        }
+    } else if error.is_timeout() {
+        Outcome::HeaderTimeout
+    } else {
+        Outcome::Error
+    }
+}
+
+impl Forwarder {
+    pub fn new(
+        health: Arc<Health>,
+        connect_timeout: Duration,
+        header_timeout: Duration,
+        upstream_token: Option<&str>,
+    ) -> anyhow::Result<Forwarder> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(connect_timeout)
+            // No `timeout()`: it would bound the whole body, and a download
+            // may rightly take an hour. Time to headers is bounded per
+            // attempt in `attempt`, body progress by the client's pace.
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .tcp_nodelay(true)
+            // Archivers are addressed directly; an HTTP_PROXY in the
+            // environment must not reroute internal traffic.
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        let authorization = upstream_token
+            .map(|token| {
+                let mut value = HeaderValue::try_from(format!("Bearer {token}"))?;
+                value.set_sensitive(true);
+                Ok::<_, http::header::InvalidHeaderValue>(value)
+            })
+            .transpose()
+            .map_err(|_| anyhow::anyhow!("the upstream token is not a valid header value"))?;
+        Ok(Forwarder {
+            client,
+            health,
+            header_timeout,
+            authorization,
+        })
+    }
+
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    /// Tries `candidates` in order until one gives a usable response.
+    /// `all_ejected` says every candidate was ejected before this request.
+    pub async fn forward(
+        &self,
+        candidates: &[Candidate],
+        all_ejected: bool,
+        request: &UpstreamRequest,
+    ) -> Result<Forwarded, Failed> {
+        let mut attempts = 0;
+        let mut last_server_error: Option<(reqwest::Response, Arc<str>)> = None;
+        let mut timeouts = 0;
+        let mut last_upstream = None;
+        for (index, candidate) in candidates.iter().enumerate() {
+            if index > 0 {
+                crate::metrics::failover();
+            }
+            attempts += 1;
+            last_upstream = Some(candidate.upstream.clone());
+            let (outcome, response) = self.attempt(candidate, request).await;
+            crate::metrics::upstream_attempt(&candidate.upstream, outcome.as_str());
+            if outcome.is_failure() {
+                self.health.failed(&candidate.upstream);
+            } else {
+                self.health.succeeded(&candidate.upstream);
+            }
+            match (outcome, response) {
+                (Outcome::Ok, Some(response)) => {
+                    return Ok(Forwarded {
+                        response,
+                        upstream: candidate.upstream.clone(),
+                        attempts,
+                    });
+                }
+                (Outcome::ServerError, Some(response)) => {
+                    tracing::debug!(
+                        upstream = %candidate.upstream,
+                        status = response.status().as_u16(),
+                        "upstream answered 5xx; trying the next candidate"
+                    );
+                    // Dropping the previous one closes its connection.
+                    last_server_error = Some((response, candidate.upstream.clone()));
+                }
+                (Outcome::HeaderTimeout, _) => timeouts += 1,
+                (Outcome::Unauthorized, _) => {
+                    tracing::error!(
+                        upstream = %candidate.upstream,
+                        "upstream refused the proxy's bearer token; check --upstream-token-file"
+                    );
+                }
+                (outcome, _) => {
+                    tracing::debug!(
+                        upstream = %candidate.upstream,
+                        outcome = outcome.as_str(),
+                        "attempt failed; trying the next candidate"
+                    );
+                }
+            }
+        }
+        if let Some((response, upstream)) = last_server_error {
+            return Ok(Forwarded {
+                response,
+                upstream,
+                attempts,
+            });
+        }
+        let error = if all_ejected {
+            Error::Unavailable {
+                retry_after: self.health.retry_after(candidates),
+            }
+        } else if timeouts > 0 && timeouts == attempts {
+            Error::GatewayTimeout
+        } else {
+            Error::BadGateway
+        };
+        Err(Failed {
+            error,
+            upstream: last_upstream,
+            attempts,
+        })
+    }
+
+    /// One attempt: send the request and wait for the response head, within
+    /// `--header-timeout`.
+    async fn attempt(
+        &self,
+        candidate: &Candidate,
+        request: &UpstreamRequest,
+    ) -> (Outcome, Option<reqwest::Response>) {
+        let url = format!("{}{}", candidate.upstream, request.path_and_query);
+        let mut headers = request.headers.clone();
+        if let Some(authorization) = &self.authorization {
+            headers.insert(http::header::AUTHORIZATION, authorization.clone());
+        }
+        let send = self
+            .client
+            .request(request.method.clone(), url)
+            .headers(headers)
+            .send();
+        match tokio::time::timeout(self.header_timeout, send).await {
+            Err(_elapsed) => (Outcome::HeaderTimeout, None),
+            Ok(Err(error)) => {
+                let outcome = classify_error(&error);
+                tracing::debug!(upstream = %candidate.upstream, %error, "upstream request failed");
+                (outcome, None)
+            }
+            Ok(Ok(response)) => (classify(response.status(), candidate.role), Some(response)),
+        }
+    }
+}
+
+/// Request headers passed on to the archiver (besides `X-Request-Id`,
+/// which the proxy sets, and `Authorization`, which it replaces).
+pub const FORWARDED_REQUEST_HEADERS: [http::HeaderName; 3] = [
+    http::header::RANGE,
+    http::header::IF_NONE_MATCH,
+    http::header::IF_RANGE,
+];
+
+/// Whether an archiver's response header is passed to the client. Anything
+/// else (hop-by-hop headers, `Server`, `Date`, whatever an archiver adds
+/// later) stays behind: the proxy owns the client connection's framing.
+pub fn is_passed_through(name: &http::HeaderName) -> bool {
+    use http::header;
+    // `HeaderName`s are lower case.
+    matches!(
+        *name,
+        header::CONTENT_TYPE
+            | header::CONTENT_LENGTH
+            | header::CONTENT_DISPOSITION
+            | header::CONTENT_RANGE
+            | header::ETAG
+            | header::LAST_MODIFIED
+            | header::ACCEPT_RANGES
+            | header::LINK
+            | header::RETRY_AFTER
+    ) || name.as_str() == "repr-digest"
+        || name.as_str().starts_with("x-gitball-")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderName;
+
+    #[test]
+    fn response_header_allowlist() {
+        for passed in [
+            "content-type",
+            "content-length",
+            "content-disposition",
+            "content-range",
+            "etag",
+            "last-modified",
+            "accept-ranges",
+            "repr-digest",
+            "link",
+            "retry-after",
+            "x-gitball-commit",
+            "x-gitball-cache",
+        ] {
+            assert!(
+                is_passed_through(&HeaderName::from_static(passed)),
+                "{passed}"
+            );
+        }
+        for dropped in [
+            "connection",
+            "keep-alive",
+            "transfer-encoding",
+            "server",
+            "date",
+            "set-cookie",
+            "x-request-id",
+            "x-gitballcommit",
+            "content-encoding",
+            "trailer",
+            "upgrade",
+        ] {
+            assert!(
+                !is_passed_through(&HeaderName::from_static(dropped)),
+                "{dropped}"
+            );
+        }
+        assert!(is_passed_through(
+            &HeaderName::from_bytes(b"X-Gitball-Commit").unwrap()
+        ));
+    }
+
+    #[test]
+    fn replica_404_fails_over_but_primary_404_is_final() {
+        assert_eq!(
+            classify(StatusCode::NOT_FOUND, Role::Replica),
+            Outcome::ReplicaNotFound
+        );
+        assert_eq!(classify(StatusCode::NOT_FOUND, Role::Primary), Outcome::Ok);
+        assert!(!Outcome::ReplicaNotFound.is_failure());
+    }
+
+    #[test]
+    fn server_errors_fail_over_and_client_errors_do_not() {
+        for status in [500, 502, 503, 504] {
+            let status = StatusCode::from_u16(status).unwrap();
+            assert_eq!(classify(status, Role::Primary), Outcome::ServerError);
+            assert_eq!(classify(status, Role::Replica), Outcome::ServerError);
+        }
+        for status in [401, 403] {
+            let status = StatusCode::from_u16(status).unwrap();
+            assert_eq!(classify(status, Role::Primary), Outcome::Unauthorized);
+            assert!(Outcome::Unauthorized.is_failure());
+        }
+        for status in [200, 206, 304, 400, 416] {
+            let status = StatusCode::from_u16(status).unwrap();
+            assert_eq!(classify(status, Role::Replica), Outcome::Ok);
+        }
+        assert!(Outcome::ServerError.is_failure());
+    }
+}

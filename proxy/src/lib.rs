@@ -1,0 +1,267 @@
+//! gitball-proxy: the stateless front of gitball.
+//!
+//! A request's life, module by module: `http` parses it with the URL
+//! grammar shared with the archiver and answers bad input itself; `routes`
+//! picks the route for `owner/repo` (first matching glob) and orders its
+//! candidates (replicas by rendezvous hash, then the primary); `sign` checks
+//! the token of a private route; `upstream` moves recently failed archivers
+//! last; `forward` tries candidates until one gives response headers,
+//! failing over on connect errors, timeouts, `5xx` and a replica's `404`;
+//! `pipe` streams the chosen body to the client at the client's pace.
+//! `metrics` names every series, `error` maps every failure to an HTTP
+//! answer in one place, `config` holds the flags.
+//!
+//! The HTTP server loop is the archiver's (`gitball_archiver::server`):
+//! both tiers get the same header-read timeout, head-size limits and
+//! bounded graceful shutdown.
+//!
+//! ```no_run
+//! # async fn example() -> anyhow::Result<()> {
+//! use gitball_proxy::config::Config;
+//! let config = Config::try_parse_from(["gitball-proxy", "--routes", "/etc/gitball/routes.toml"])?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let shutdown = tokio_util::sync::CancellationToken::new();
+//! gitball_proxy::run(listener, config, shutdown).await
+//! # }
+//! ```
+
+pub mod config;
+pub mod error;
+pub mod forward;
+pub mod http;
+pub mod metrics;
+pub mod pipe;
+pub mod routes;
+pub mod sign;
+pub mod upstream;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+pub use error::Error;
+
+use crate::forward::Forwarder;
+use crate::routes::{RouteTable, Routes};
+use crate::sign::SigningKey;
+use crate::upstream::Health;
+
+/// Serves the proxy on `listener` until `shutdown` is cancelled, then
+/// drains for `--shutdown-grace`. In embedded mode (`--repos`) it also runs
+/// the archiver, stopped by the same token.
+///
+/// The routing table is not reloaded here; a binary that wants SIGHUP
+/// reloads uses [`Proxy`] and calls [`Routes::reload`] on [`Proxy::routes`].
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    Proxy::start(config, shutdown).await?.serve(listener).await
+}
+
+/// A started proxy: routes loaded (or the embedded archiver running),
+/// ready to serve.
+pub struct Proxy {
+    state: Arc<http::AppState>,
+    shutdown: CancellationToken,
+    grace: Duration,
+    embedded: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Proxy {
+    /// Loads the routing table, or starts the embedded archiver on
+    /// `127.0.0.1:0`, and reads the key and token files.
+    pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Proxy> {
+        let handle = gitball_archiver::metrics::install();
+        metrics::register();
+
+        let upstream_token_file = config
+            .upstream_token_file
+            .clone()
+            // In embedded mode an archiver `--token-file` is the proxy's own
+            // to send: no reason to make the operator say it twice.
+            .or_else(|| {
+                config
+                    .repos
+                    .as_ref()
+                    .and(config.archiver.token_file.clone())
+            });
+        let upstream_token = match &upstream_token_file {
+            Some(path) => Some(read_secret(path, "--upstream-token-file")?),
+            None => None,
+        };
+        let signing_key = match &config.signing_key_file {
+            Some(path) => Some(SigningKey::from_file(path).map_err(anyhow::Error::msg)?),
+            None => None,
+        };
+
+        let (routes, embedded) = match (&config.routes, &config.repos) {
+            (Some(path), None) => {
+                let routes = Routes::from_file(path.clone())
+                    .with_context(|| format!("cannot load the routing table {}", path.display()))?;
+                tracing::info!(
+                    path = %path.display(),
+                    routes = routes.current().len(),
+                    "routing table loaded"
+                );
+                (routes, None)
+            }
+            (None, Some(repos)) => {
+                let listener = TcpListener::bind(("127.0.0.1", 0))
+                    .await
+                    .context("cannot bind the embedded archiver's port")?;
+                let address = listener.local_addr()?;
+                let mut archiver = tokio::spawn(gitball_archiver::run(
+                    listener,
+                    repos.clone(),
+                    config.archiver.clone(),
+                    shutdown.clone(),
+                ));
+                let base = format!("http://{address}");
+                // A bad --repos or cache dir fails here, before the proxy
+                // says it is serving.
+                tokio::select! {
+                    ready = wait_healthy(&base) => ready?,
+                    ended = &mut archiver => {
+                        ended.context("the embedded archiver panicked")??;
+                        anyhow::bail!("the embedded archiver stopped at start-up");
+                    }
+                }
+                let table = RouteTable::single(&base)?;
+                tracing::info!(%address, repos = %repos.display(), "embedded archiver ready");
+                (Routes::fixed(table), Some(archiver))
+            }
+            // clap's `upstreams` group makes these impossible from the
+            // command line; a `Config` built by hand could still say it.
+            _ => anyhow::bail!("give exactly one of --routes and --repos"),
+        };
+        if routes.current().has_private() && signing_key.is_none() {
+            anyhow::bail!(
+                "the routing table has private routes but no --signing-key-file is given"
+            );
+        }
+
+        let health = Arc::new(Health::new(config.eject_for));
+        let forwarder = Forwarder::new(
+            health,
+            config.connect_timeout,
+            config.header_timeout,
+            upstream_token.as_deref(),
+        )?;
+        let state = Arc::new(http::AppState {
+            routes: Arc::new(routes),
+            forwarder,
+            signing_key,
+            client_idle_timeout: config.client_idle_timeout,
+            metrics: handle,
+        });
+        Ok(Proxy {
+            state,
+            shutdown,
+            grace: config.shutdown_grace(),
+            embedded,
+        })
+    }
+
+    /// The routing table, for reloading it (SIGHUP).
+    pub fn routes(&self) -> Arc<Routes> {
+        self.state.routes.clone()
+    }
+
+    /// Serves until the shutdown token is cancelled, then drains for the
+    /// grace period and, in embedded mode, waits for the archiver to stop.
+    pub async fn serve(self, listener: TcpListener) -> anyhow::Result<()> {
+        let address = listener.local_addr()?;
+        // An embedded archiver that dies takes the proxy down with it:
+        // serving 502 for everything would hide the cause.
+        let archiver = self.embedded.map(|task| {
+            let shutdown = self.shutdown.clone();
+            tokio::spawn(async move {
+                let result = match task.await {
+                    Ok(result) => result,
+                    Err(join) => Err(anyhow::anyhow!("the embedded archiver panicked: {join}")),
+                };
+                if !shutdown.is_cancelled() {
+                    match &result {
+                        Ok(()) => tracing::error!("the embedded archiver stopped; shutting down"),
+                        Err(error) => {
+                            tracing::error!(error = %format!("{error:#}"), "the embedded archiver failed; shutting down")
+                        }
+                    }
+                    shutdown.cancel();
+                }
+                result
+            })
+        });
+
+        tracing::info!(listen = %address, "gitball-proxy serving");
+        let router = http::router(self.state.clone());
+        // The socket-level stall guard backs the pipe's idle watchdog: the
+        // watchdog releases the upstream, the guard closes the client's
+        // connection, which hyper cannot do while the client reads nothing.
+        let drain = gitball_archiver::server::serve(
+            listener,
+            router,
+            self.shutdown.clone(),
+            self.grace,
+            self.state.client_idle_timeout,
+        )
+        .await?;
+        match drain {
+            gitball_archiver::server::Drain::Complete => {
+                tracing::info!("shutdown: all downloads finished")
+            }
+            gitball_archiver::server::Drain::Cut(open) => {
+                tracing::warn!(open, "shutdown: grace ran out; open downloads were cut")
+            }
+        }
+        if let Some(archiver) = archiver {
+            archiver
+                .await
+                .context("the embedded archiver's watcher panicked")?
+                .context("embedded archiver")?;
+        }
+        Ok(())
+    }
+}
+
+/// How long the embedded archiver may take to answer `/healthz` (it
+/// re-indexes its cache directory first).
+const EMBEDDED_START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Waits until the archiver at `base` answers `/healthz` with `200`.
+async fn wait_healthy(base: &str) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(1))
+        .build()?;
+    let url = format!("{base}/healthz");
+    let deadline = tokio::time::Instant::now() + EMBEDDED_START_TIMEOUT;
+    loop {
+        let answer = client.get(&url).send().await;
+        if answer.is_ok_and(|response| response.status().is_success()) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the embedded archiver did not answer /healthz within {EMBEDDED_START_TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Reads a secret file: its content with surrounding whitespace trimmed,
+/// not empty.
+fn read_secret(path: &std::path::Path, flag: &str) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read {flag} {}", path.display()))?;
+    let secret = text.trim();
+    anyhow::ensure!(!secret.is_empty(), "{flag} {} is empty", path.display());
+    Ok(secret.to_owned())
+}

@@ -1,0 +1,70 @@
+//! `gitball-proxy`: parse flags, set up logging, bind, serve until SIGTERM
+//! or SIGINT; SIGHUP reloads the routing table. `gitball-proxy sign …`
+//! prints a signed token instead.
+
+use anyhow::Context;
+use clap::Parser;
+use gitball_archiver::url::validate_name;
+use gitball_proxy::config::{Cli, Command, SignArgs};
+use gitball_proxy::routes::Routes;
+use gitball_proxy::sign::SigningKey;
+use std::sync::Arc;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(Command::Sign(args)) = cli.command {
+        return sign(&args);
+    }
+    let config = cli.config;
+    gitball_archiver::config::init_tracing(config.archiver.log_format);
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let shutdown = CancellationToken::new();
+    let proxy = gitball_proxy::Proxy::start(config, shutdown.clone()).await?;
+    tokio::spawn(cancel_on_signal(shutdown));
+    tokio::spawn(reload_on_sighup(proxy.routes()));
+    proxy.serve(listener).await
+}
+
+fn sign(args: &SignArgs) -> anyhow::Result<()> {
+    let (owner, repo) = args
+        .repo
+        .split_once('/')
+        .context("--repo must be owner/repo")?;
+    validate_name(owner)
+        .and(validate_name(repo))
+        .context("--repo must be owner/repo")?;
+    let key = SigningKey::from_file(&args.key_file).map_err(anyhow::Error::msg)?;
+    println!("{}", key.sign_for(&args.repo, args.ttl));
+    Ok(())
+}
+
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    shutdown.cancel();
+}
+
+async fn reload_on_sighup(routes: Arc<Routes>) {
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler; routes will not reload");
+        return;
+    };
+    while hangup.recv().await.is_some() {
+        // Outcome already logged and counted by `reload`.
+        let _ = routes.reload();
+    }
+}

@@ -1,0 +1,521 @@
+//! The body: an upstream response piped to the client at the client's pace.
+//!
+//! [`Pipe`] is a `Stream` handed to `axum::body::Body::from_stream`. hyper
+//! polls it only when the client connection can take more bytes (its write
+//! buffer, bounded by the server's `max_buf_size`, has room), and the pipe
+//! polls the upstream body only when it is polled. So at most a few chunks
+//! of one download are in the proxy at any time, whatever the archive's size:
+//! a slow client slows the upstream read, and TCP flow control carries that
+//! back to the archiver, which reads its cache file at the same pace.
+//!
+//! How a download ends, and what each way releases and counts:
+//!
+//! - **complete**: the upstream body ended cleanly; the stream ends and
+//!   hyper finishes the response. With a `Content-Length`, hyper stops
+//!   polling (and drops the pipe) as soon as that many bytes were written,
+//!   so reaching the length counts as complete too; the upstream's own
+//!   framing guarantees those bytes were the whole body.
+//! - **client gone**: hyper drops the body before its end (the client closed,
+//!   or the server's shutdown grace ran out). Dropping the pipe drops the
+//!   upstream response at once, which closes that upstream connection
+//!   rather than returning it to the pool, releasing its fd here and the
+//!   archiver's reader there. `gitball_proxy_client_disconnects_total`.
+//! - **idle**: the client took no bytes for `--client-idle-timeout`. A
+//!   watchdog task drops the upstream response at once, and the next poll
+//!   returns an error so hyper aborts the client connection.
+//!   `gitball_proxy_client_idle_timeouts_total`.
+//! - **upstream abort**: the upstream body failed midway (archiver died,
+//!   connection reset, body shorter than its `Content-Length`). The stream
+//!   returns an error, so hyper aborts the client connection: a truncated
+//!   archive never ends like a complete one. The upstream is ejected.
+//!   `gitball_proxy_upstream_aborts_total`.
+//!
+//! The idle watchdog is a task because a stalled client means hyper does
+//! *not* poll the body — a timer inside the stream would never be looked at.
+//! "Idle" is measured from the moment a chunk was handed to hyper until
+//! hyper asks for the next one; time spent waiting for a slow upstream does
+//! not count against the client.
+//!
+//! While the client stays stalled hyper does not poll the body, so the
+//! client's connection itself is closed by the server loop's write-stall
+//! guard (`gitball_archiver::server::StallGuard`, armed with the same
+//! `--client-idle-timeout`), which sees the stuck socket write directly.
+//!
+//! `gitball_proxy_active_downloads` is held by a guard that lives exactly
+//! as long as the pipe; `gitball_proxy_sent_bytes_total` counts bytes as
+//! they are handed to hyper.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::Stream;
+use futures_util::stream::BoxStream;
+
+use crate::metrics::ActiveDownload;
+use crate::upstream::Health;
+
+/// How a download ended (the `ending` field of the request's log line).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    Complete,
+    ClientGone,
+    IdleTimeout,
+    UpstreamAbort,
+}
+
+impl Ending {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ending::Complete => "complete",
+            Ending::ClientGone => "client_gone",
+            Ending::IdleTimeout => "idle_timeout",
+            Ending::UpstreamAbort => "upstream_abort",
+        }
+    }
+}
+
+/// What the pipe reports when it ends, for the request's log line.
+#[derive(Clone, Copy, Debug)]
+pub struct End {
+    pub ending: Ending,
+    pub bytes: u64,
+}
+
+/// Why the body stream failed; hyper aborts the client connection on it.
+#[derive(Debug, thiserror::Error)]
+pub enum PipeError {
+    #[error("the client took no bytes for {0:?}")]
+    IdleTimeout(Duration),
+    #[error("the upstream body failed: {0}")]
+    Upstream(#[source] reqwest::Error),
+}
+
+type UpstreamBody = BoxStream<'static, reqwest::Result<Bytes>>;
+
+/// `waiting_since_ms` when the pipe is not waiting for the client.
+const NOT_WAITING: u64 = u64::MAX;
+
+/// State shared by the pipe and its idle watchdog.
+struct Shared {
+    /// The upstream body; `None` once it ended or the watchdog dropped it.
+    /// The lock is held only inside `poll_next` and by the watchdog while
+    /// it takes the body: never across an await.
+    upstream: Mutex<Option<UpstreamBody>>,
+    /// Milliseconds since `started` at which the last chunk was handed to
+    /// hyper without hyper asking for the next yet; `NOT_WAITING` otherwise.
+    waiting_since_ms: AtomicU64,
+    /// Set by the watchdog when it cut the download for idleness.
+    idle_timed_out: AtomicBool,
+    started: Instant,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<UpstreamBody>> {
+        // Poisoning would need a panic inside the upstream stream's poll;
+        // the `Option` is still coherent then.
+        self.upstream
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(NOT_WAITING - 1)
+    }
+}
+
+/// The upstream body as a client body stream. See the module docs.
+pub struct Pipe {
+    shared: Arc<Shared>,
+    idle_timeout: Duration,
+    watchdog: tokio::task::JoinHandle<()>,
+    health: Arc<Health>,
+    upstream_name: Arc<str>,
+    bytes: u64,
+    /// The body's length when the upstream sent `Content-Length`.
+    expected_bytes: Option<u64>,
+    ending: Option<Ending>,
+    on_end: Option<Box<dyn FnOnce(End) + Send>>,
+    _active: ActiveDownload,
+}
+
+impl Pipe {
+    /// Starts piping `response`'s body. `on_end` is called exactly once,
+    /// when the download ends by any path. Must be called inside a tokio
+    /// runtime (it spawns the idle watchdog).
+    pub fn new(
+        response: reqwest::Response,
+        upstream_name: Arc<str>,
+        health: Arc<Health>,
+        idle_timeout: Duration,
+        on_end: impl FnOnce(End) + Send + 'static,
+    ) -> Pipe {
+        let expected_bytes = response.content_length();
+        Pipe::from_stream(
+            Box::pin(response.bytes_stream()),
+            expected_bytes,
+            upstream_name,
+            health,
+            idle_timeout,
+            on_end,
+        )
+    }
+
+    fn from_stream(
+        upstream: UpstreamBody,
+        expected_bytes: Option<u64>,
+        upstream_name: Arc<str>,
+        health: Arc<Health>,
+        idle_timeout: Duration,
+        on_end: impl FnOnce(End) + Send + 'static,
+    ) -> Pipe {
+        let shared = Arc::new(Shared {
+            upstream: Mutex::new(Some(upstream)),
+            // The response head is with hyper now: if the client takes
+            // nothing at all, that is idle too.
+            waiting_since_ms: AtomicU64::new(0),
+            idle_timed_out: AtomicBool::new(false),
+            started: Instant::now(),
+        });
+        let watchdog = tokio::spawn(watch_idle(shared.clone(), idle_timeout));
+        Pipe {
+            shared,
+            idle_timeout,
+            watchdog,
+            health,
+            upstream_name,
+            bytes: 0,
+            expected_bytes,
+            ending: None,
+            on_end: Some(Box::new(on_end)),
+            _active: ActiveDownload::start(),
+        }
+    }
+}
+
+/// Drops the upstream body when the client has not asked for a chunk for
+/// `idle_timeout`, then returns. Aborted when the pipe is dropped.
+async fn watch_idle(shared: Arc<Shared>, idle_timeout: Duration) {
+    let idle_ms = u64::try_from(idle_timeout.as_millis()).unwrap_or(u64::MAX / 2);
+    loop {
+        let since = shared.waiting_since_ms.load(Ordering::Acquire);
+        let now = shared.now_ms();
+        let wait_ms = if since == NOT_WAITING {
+            // Waiting for the upstream, not the client: look again later.
+            idle_ms
+        } else if now.saturating_sub(since) >= idle_ms {
+            let mut upstream = shared.lock();
+            // Re-check under the lock: `poll_next` clears the mark while
+            // holding it, so this cannot race with a chunk being taken.
+            if shared.waiting_since_ms.load(Ordering::Acquire) == since {
+                // Drop the upstream response here and now: its connection
+                // closes even though the stalled client connection lingers.
+                let body = upstream.take();
+                shared.idle_timed_out.store(true, Ordering::Release);
+                drop(upstream);
+                drop(body);
+                // Counted now, not when the client comes back (it may never).
+                crate::metrics::client_idle_timeout();
+                tracing::debug!(?idle_timeout, "client idle; upstream released");
+                return;
+            }
+            continue;
+        } else {
+            since + idle_ms - now
+        };
+        tokio::time::sleep(Duration::from_millis(wait_ms.max(1))).await;
+    }
+}
+
+impl Pipe {
+    fn end(&mut self, ending: Ending) {
+        if self.ending.is_some() {
+            return;
+        }
+        self.watchdog.abort();
+        // Once the watchdog cut the download, however the pipe ends next
+        // (an error at the next poll, or a drop when the client finally
+        // leaves) it ended for idleness.
+        let ending = if self.shared.idle_timed_out.load(Ordering::Acquire) {
+            Ending::IdleTimeout
+        } else {
+            ending
+        };
+        self.ending = Some(ending);
+        match ending {
+            Ending::Complete => {}
+            Ending::ClientGone => crate::metrics::client_disconnect(),
+            // Counted by the watchdog when it fired.
+            Ending::IdleTimeout => {}
+            Ending::UpstreamAbort => {
+                crate::metrics::upstream_abort();
+                self.health.failed(&self.upstream_name);
+            }
+        }
+        if let Some(on_end) = self.on_end.take() {
+            on_end(End {
+                ending,
+                bytes: self.bytes,
+            });
+        }
+    }
+}
+
+impl Stream for Pipe {
+    type Item = Result<Bytes, PipeError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.ending.is_some() {
+            return Poll::Ready(None);
+        }
+        let shared = this.shared.clone();
+        let mut upstream = shared.lock();
+        // hyper is asking for more: the client is taking bytes.
+        shared
+            .waiting_since_ms
+            .store(NOT_WAITING, Ordering::Release);
+        let Some(body) = upstream.as_mut() else {
+            drop(upstream);
+            // Only the watchdog takes the body while the pipe is running.
+            this.end(Ending::IdleTimeout);
+            return Poll::Ready(Some(Err(PipeError::IdleTimeout(this.idle_timeout))));
+        };
+        match body.as_mut().poll_next(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(chunk))) => {
+                let length = chunk.len() as u64;
+                this.bytes += length;
+                crate::metrics::sent_bytes(length);
+                if Some(this.bytes) == this.expected_bytes {
+                    // hyper will not ask again; see the module docs.
+                    upstream.take();
+                    drop(upstream);
+                    this.end(Ending::Complete);
+                } else {
+                    shared
+                        .waiting_since_ms
+                        .store(shared.now_ms(), Ordering::Release);
+                }
+                Poll::Ready(Some(Ok(chunk)))
+            }
+            Poll::Ready(Some(Err(error))) => {
+                upstream.take();
+                drop(upstream);
+                tracing::warn!(upstream = %this.upstream_name, %error, "upstream body failed midway");
+                this.end(Ending::UpstreamAbort);
+                Poll::Ready(Some(Err(PipeError::Upstream(error))))
+            }
+            Poll::Ready(None) => {
+                upstream.take();
+                drop(upstream);
+                this.end(Ending::Complete);
+                Poll::Ready(None)
+            }
+        }
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        // The upstream body (if still there) is dropped with `shared` once
+        // the watchdog is gone; abort it first so that happens now.
+        self.watchdog.abort();
+        self.shared.lock().take();
+        self.end(Ending::ClientGone);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+
+    /// An upstream body that records when it is dropped.
+    struct Tracked {
+        chunks: std::vec::IntoIter<reqwest::Result<Bytes>>,
+        dropped: Arc<AtomicBool>,
+        pending_at_end: bool,
+    }
+
+    impl Stream for Tracked {
+        type Item = reqwest::Result<Bytes>;
+        fn poll_next(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            match self.chunks.next() {
+                Some(item) => Poll::Ready(Some(item)),
+                None if self.pending_at_end => Poll::Pending,
+                None => Poll::Ready(None),
+            }
+        }
+    }
+
+    impl Drop for Tracked {
+        fn drop(&mut self) {
+            self.dropped.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn pipe(
+        chunks: Vec<&'static [u8]>,
+        pending_at_end: bool,
+        idle: Duration,
+    ) -> (Pipe, Arc<AtomicBool>, Arc<Mutex<Option<End>>>) {
+        pipe_expecting(chunks, None, pending_at_end, idle)
+    }
+
+    fn pipe_expecting(
+        chunks: Vec<&'static [u8]>,
+        expected: Option<u64>,
+        pending_at_end: bool,
+        idle: Duration,
+    ) -> (Pipe, Arc<AtomicBool>, Arc<Mutex<Option<End>>>) {
+        let dropped = Arc::new(AtomicBool::new(false));
+        let ended = Arc::new(Mutex::new(None));
+        let upstream = Tracked {
+            chunks: chunks
+                .into_iter()
+                .map(|c| Ok(Bytes::from_static(c)))
+                .collect::<Vec<_>>()
+                .into_iter(),
+            dropped: dropped.clone(),
+            pending_at_end,
+        };
+        let record = ended.clone();
+        let pipe = Pipe::from_stream(
+            Box::pin(upstream),
+            expected,
+            Arc::from("http://upstream:1"),
+            Arc::new(Health::new(Duration::from_secs(10))),
+            idle,
+            move |end| *record.lock().unwrap() = Some(end),
+        );
+        (pipe, dropped, ended)
+    }
+
+    #[tokio::test]
+    async fn complete_body_ends_cleanly_and_reports_bytes() {
+        let (mut pipe, dropped, ended) =
+            pipe(vec![b"abc", b"defg"], false, Duration::from_secs(60));
+        assert_eq!(&pipe.next().await.unwrap().unwrap()[..], b"abc");
+        assert_eq!(&pipe.next().await.unwrap().unwrap()[..], b"defg");
+        assert!(pipe.next().await.is_none());
+        assert!(
+            dropped.load(Ordering::SeqCst),
+            "upstream released at the end"
+        );
+        let end = ended.lock().unwrap().unwrap();
+        assert_eq!(end.ending, Ending::Complete);
+        assert_eq!(end.bytes, 7);
+        drop(pipe);
+        // Dropping after the end is not a disconnect.
+        assert_eq!(ended.lock().unwrap().unwrap().ending, Ending::Complete);
+    }
+
+    #[tokio::test]
+    async fn reaching_content_length_is_complete_even_if_dropped_then() {
+        // hyper drops the body once Content-Length bytes are written,
+        // without polling it to its end.
+        let (mut pipe, dropped, ended) = pipe_expecting(
+            vec![b"abc", b"defg"],
+            Some(7),
+            true,
+            Duration::from_secs(60),
+        );
+        assert!(pipe.next().await.is_some());
+        assert!(pipe.next().await.is_some());
+        assert!(dropped.load(Ordering::SeqCst));
+        drop(pipe);
+        let end = ended.lock().unwrap().unwrap();
+        assert_eq!(end.ending, Ending::Complete);
+        assert_eq!(end.bytes, 7);
+    }
+
+    #[tokio::test]
+    async fn client_leaving_drops_the_upstream_at_once() {
+        let (mut pipe, dropped, ended) = pipe(vec![b"abc"], true, Duration::from_secs(60));
+        assert!(pipe.next().await.is_some());
+        assert!(!dropped.load(Ordering::SeqCst));
+        drop(pipe);
+        assert!(dropped.load(Ordering::SeqCst));
+        assert_eq!(ended.lock().unwrap().unwrap().ending, Ending::ClientGone);
+    }
+
+    #[tokio::test]
+    async fn idle_client_loses_the_upstream_and_gets_an_error() {
+        let (mut pipe, dropped, ended) =
+            pipe(vec![b"abc", b"def"], false, Duration::from_millis(100));
+        assert!(pipe.next().await.is_some());
+        // The client takes nothing for longer than the idle timeout.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            dropped.load(Ordering::SeqCst),
+            "upstream dropped by the watchdog"
+        );
+        assert!(matches!(
+            pipe.next().await,
+            Some(Err(PipeError::IdleTimeout(_)))
+        ));
+        assert!(pipe.next().await.is_none());
+        assert_eq!(ended.lock().unwrap().unwrap().ending, Ending::IdleTimeout);
+    }
+
+    #[tokio::test]
+    async fn idle_client_that_then_leaves_counts_as_idle() {
+        let (mut pipe, _dropped, ended) = pipe(vec![b"abc"], true, Duration::from_millis(100));
+        assert!(pipe.next().await.is_some());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(pipe);
+        assert_eq!(ended.lock().unwrap().unwrap().ending, Ending::IdleTimeout);
+    }
+
+    #[tokio::test]
+    async fn waiting_for_a_slow_upstream_is_not_client_idleness() {
+        let (mut pipe, dropped, _ended) = pipe(vec![b"abc"], true, Duration::from_millis(100));
+        assert!(pipe.next().await.is_some());
+        // hyper asks for the next chunk; the upstream has none yet.
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(Pin::new(&mut pipe).poll_next(&mut cx).is_pending());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!dropped.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn upstream_failure_midway_is_an_error_not_an_end() {
+        let dropped = Arc::new(AtomicBool::new(false));
+        let ended = Arc::new(Mutex::new(None));
+        // A real reqwest error: a connection refused on a closed port.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        drop(listener);
+        let error = reqwest::get(format!("http://{address}/"))
+            .await
+            .unwrap_err();
+        let upstream = Tracked {
+            chunks: vec![Ok(Bytes::from_static(b"abc")), Err(error)].into_iter(),
+            dropped: dropped.clone(),
+            pending_at_end: false,
+        };
+        let record = ended.clone();
+        let health = Arc::new(Health::new(Duration::from_secs(10)));
+        let mut pipe = Pipe::from_stream(
+            Box::pin(upstream),
+            None,
+            Arc::from("http://upstream:1"),
+            health.clone(),
+            Duration::from_secs(60),
+            move |end| *record.lock().unwrap() = Some(end),
+        );
+        assert!(pipe.next().await.unwrap().is_ok());
+        assert!(matches!(
+            pipe.next().await,
+            Some(Err(PipeError::Upstream(_)))
+        ));
+        assert!(dropped.load(Ordering::SeqCst));
+        assert_eq!(ended.lock().unwrap().unwrap().ending, Ending::UpstreamAbort);
+        assert!(health.is_ejected("http://upstream:1"));
+    }
+}

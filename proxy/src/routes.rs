@@ -1,0 +1,596 @@
+//! The routing table: which archivers serve `owner/repo`, in which order.
+//!
+//! The table is the TOML file of SPEC §5, a list of `[[route]]`s. The first
+//! route whose glob matches `owner/repo` wins; later routes are not looked at.
+//!
+//! Globs are deliberately small: `*` matches any run of characters, `/`
+//! included (so `acme/*` matches every repository of `acme`, and `*` alone
+//! matches everything); every other character matches itself, case
+//! sensitively. There is no `?`, no character class and no escaping: owner
+//! and repository names cannot contain `*` anyway.
+//!
+//! A route's candidates are its replicas in rendezvous order of
+//! `owner/repo` (highest random weight: each replica scores
+//! `SHA-256(upstream \n owner/repo)` and the highest score goes first),
+//! followed by the primary. Rendezvous hashing puts each repository on one
+//! replica, so its archives are generated and cached there only, and
+//! removing a replica moves only the repositories that were on it. The
+//! primary goes last because it holds the freshest copy but is the one
+//! machine every route's writes also land on; replicas take the read load.
+//!
+//! The table is immutable once parsed. [`Routes`] holds the current one and
+//! swaps it whole on reload (SIGHUP); a file that does not parse leaves the
+//! old table in place, logs why and counts
+//! `gitball_proxy_routes_reloads_total{outcome="error"}`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+/// Why a routing table was rejected. The text goes to the log and to the
+/// start-up error, never to an HTTP client.
+#[derive(Debug, thiserror::Error)]
+pub enum RoutesError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid TOML: {0}")]
+    Toml(#[from] toml::de::Error),
+    #[error("the table has no [[route]]")]
+    Empty,
+    #[error("route {index} (repos = {glob:?}): {reason}")]
+    Route {
+        index: usize,
+        glob: String,
+        reason: String,
+    },
+}
+
+/// The file's shape, before validation.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TableFile {
+    #[serde(default)]
+    route: Vec<RouteFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteFile {
+    repos: String,
+    primary: String,
+    #[serde(default)]
+    replicas: Vec<String>,
+    #[serde(default)]
+    private: bool,
+}
+
+/// Whether a candidate is a route's primary or one of its replicas: a `404`
+/// from a replica may be replication lag, one from the primary is final.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Primary,
+    Replica,
+}
+
+/// One upstream to try, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    /// Base URL, `http://host:port` without a trailing slash; also the
+    /// `upstream` label of the metrics.
+    pub upstream: Arc<str>,
+    pub role: Role,
+}
+
+/// One `[[route]]`, validated.
+#[derive(Clone, Debug)]
+pub struct Route {
+    glob: String,
+    primary: Arc<str>,
+    replicas: Vec<Arc<str>>,
+    /// Requests need a signed `token` (see `sign`).
+    pub private: bool,
+}
+
+impl Route {
+    /// The replicas in rendezvous order of `owner/repo`, then the primary.
+    /// (Ejected upstreams are moved last later, by `upstream::Health`.)
+    pub fn candidates(&self, repository: &str) -> Vec<Candidate> {
+        let mut scored: Vec<(u64, &Arc<str>)> = self
+            .replicas
+            .iter()
+            .map(|upstream| (rendezvous_score(upstream, repository), upstream))
+            .collect();
+        // Highest score first; the upstream name breaks (astronomically
+        // unlikely) ties so the order never depends on the file's order.
+        scored.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
+        scored
+            .into_iter()
+            .map(|(_, upstream)| Candidate {
+                upstream: upstream.clone(),
+                role: Role::Replica,
+            })
+            .chain(std::iter::once(Candidate {
+                upstream: self.primary.clone(),
+                role: Role::Primary,
+            }))
+            .collect()
+    }
+
+    pub fn glob(&self) -> &str {
+        &self.glob
+    }
+}
+
+/// The weight of `upstream` for `repository`: the first 8 bytes of
+/// `SHA-256(upstream "\n" repository)`. SHA-256 rather than std's hasher
+/// because the order must be the same in every proxy process and release.
+pub fn rendezvous_score(upstream: &str, repository: &str) -> u64 {
+    let digest = Sha256::new()
+        .chain_update(upstream.as_bytes())
+        .chain_update(b"\n")
+        .chain_update(repository.as_bytes())
+        .finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first)
+}
+
+/// A parsed routing table.
+#[derive(Clone, Debug)]
+pub struct RouteTable {
+    routes: Vec<Route>,
+}
+
+impl RouteTable {
+    /// Parses and validates the TOML text of a routing table.
+    pub fn parse(text: &str) -> Result<RouteTable, RoutesError> {
+        let file: TableFile = toml::from_str(text)?;
+        if file.route.is_empty() {
+            return Err(RoutesError::Empty);
+        }
+        let routes = file
+            .route
+            .into_iter()
+            .enumerate()
+            .map(|(index, route)| {
+                let invalid = |reason: String| RoutesError::Route {
+                    index: index + 1,
+                    glob: route.repos.clone(),
+                    reason,
+                };
+                if route.repos.is_empty() {
+                    return Err(invalid("`repos` is empty".into()));
+                }
+                let primary = upstream_base(&route.primary).map_err(&invalid)?;
+                let mut replicas: Vec<Arc<str>> = Vec::with_capacity(route.replicas.len());
+                for replica in &route.replicas {
+                    let replica = upstream_base(replica).map_err(&invalid)?;
+                    if replica == primary || replicas.contains(&replica) {
+                        return Err(invalid(format!("{replica} is listed twice")));
+                    }
+                    replicas.push(replica);
+                }
+                Ok(Route {
+                    glob: route.repos,
+                    primary,
+                    replicas,
+                    private: route.private,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(RouteTable { routes })
+    }
+
+    /// Reads and parses a routing table file.
+    pub fn load(path: &Path) -> Result<RouteTable, RoutesError> {
+        let text = std::fs::read_to_string(path).map_err(|source| RoutesError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        RouteTable::parse(&text)
+    }
+
+    /// Embedded mode: every repository goes to one (in-process) archiver.
+    pub fn single(upstream: &str) -> Result<RouteTable, RoutesError> {
+        let primary = upstream_base(upstream).map_err(|reason| RoutesError::Route {
+            index: 1,
+            glob: "*".into(),
+            reason,
+        })?;
+        Ok(RouteTable {
+            routes: vec![Route {
+                glob: "*".into(),
+                primary,
+                replicas: Vec::new(),
+                private: false,
+            }],
+        })
+    }
+
+    /// The first route whose glob matches `owner/repo`.
+    pub fn lookup(&self, repository: &str) -> Option<&Route> {
+        self.routes
+            .iter()
+            .find(|route| glob_matches(&route.glob, repository))
+    }
+
+    /// Every upstream named in the table, each once.
+    pub fn upstreams(&self) -> Vec<Arc<str>> {
+        let mut all: Vec<Arc<str>> = Vec::new();
+        for route in &self.routes {
+            for upstream in std::iter::once(&route.primary).chain(&route.replicas) {
+                if !all.contains(upstream) {
+                    all.push(upstream.clone());
+                }
+            }
+        }
+        all
+    }
+
+    /// Whether any route needs signed tokens.
+    pub fn has_private(&self) -> bool {
+        self.routes.iter().any(|route| route.private)
+    }
+
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+}
+
+/// Checks an upstream base URL (`http://host:port`, no path, query or
+/// credentials) and returns it without a trailing slash.
+fn upstream_base(text: &str) -> Result<Arc<str>, String> {
+    let url = reqwest::Url::parse(text).map_err(|e| format!("upstream {text:?}: {e}"))?;
+    if url.scheme() != "http" {
+        return Err(format!(
+            "upstream {text:?}: only http:// is supported (archivers sit on the internal network)"
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("upstream {text:?}: no host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!(
+            "upstream {text:?}: credentials in the URL are not supported; use --upstream-token-file"
+        ));
+    }
+    if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+        return Err(format!(
+            "upstream {text:?}: must be a base URL like http://host:port, without a path"
+        ));
+    }
+    Ok(url.as_str().trim_end_matches('/').into())
+}
+
+/// Matches `text` against a glob where `*` stands for any run of characters
+/// (including `/` and the empty run) and everything else is literal.
+///
+/// The classic linear-backtracking matcher: on a mismatch, retry from the
+/// most recent `*` with one more character swallowed. O(len(glob) ×
+/// len(text)) in the worst case, which for names of at most 201 bytes is
+/// nothing.
+pub fn glob_matches(glob: &str, text: &str) -> bool {
+    let glob = glob.as_bytes();
+    let text = text.as_bytes();
+    let (mut g, mut t) = (0, 0);
+    // Position of the last `*` seen in the glob and of the text at that time.
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        if g < glob.len() && glob[g] == b'*' {
+            star = Some((g, t));
+            g += 1;
+        } else if g < glob.len() && glob[g] == text[t] {
+            g += 1;
+            t += 1;
+        } else if let Some((star_g, star_t)) = star {
+            g = star_g + 1;
+            t = star_t + 1;
+            star = Some((star_g, star_t + 1));
+        } else {
+            return false;
+        }
+    }
+    glob[g..].iter().all(|&b| b == b'*')
+}
+
+/// The current routing table, swapped whole on reload. Readers clone an
+/// `Arc` under a read lock held for nanoseconds, never across an await.
+#[derive(Debug)]
+pub struct Routes {
+    current: RwLock<Arc<RouteTable>>,
+    /// The file to reload from; `None` in embedded mode.
+    path: Option<PathBuf>,
+}
+
+/// What a reload did.
+#[derive(Debug)]
+pub enum ReloadOutcome {
+    /// The new table is in use.
+    Reloaded { routes: usize },
+    /// There is no file to reload (embedded mode).
+    NoFile,
+}
+
+impl Routes {
+    /// Loads the table from `path`; the file is read again on [`Routes::reload`].
+    pub fn from_file(path: PathBuf) -> Result<Routes, RoutesError> {
+        let table = RouteTable::load(&path)?;
+        crate::metrics::upstreams_known(&table.upstreams());
+        Ok(Routes {
+            current: RwLock::new(Arc::new(table)),
+            path: Some(path),
+        })
+    }
+
+    /// A fixed table that is never reloaded.
+    pub fn fixed(table: RouteTable) -> Routes {
+        crate::metrics::upstreams_known(&table.upstreams());
+        Routes {
+            current: RwLock::new(Arc::new(table)),
+            path: None,
+        }
+    }
+
+    /// The table in use now.
+    pub fn current(&self) -> Arc<RouteTable> {
+        // A poisoned lock only means a panic elsewhere while swapping an
+        // `Arc`; the value inside is still a whole table.
+        self.current
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Reads the file again. On success the new table replaces the old one;
+    /// on failure the old one stays. Either way the outcome is logged and
+    /// counted.
+    pub fn reload(&self) -> Result<ReloadOutcome, RoutesError> {
+        let Some(path) = &self.path else {
+            tracing::info!("no routes file to reload (embedded mode)");
+            return Ok(ReloadOutcome::NoFile);
+        };
+        match RouteTable::load(path) {
+            Ok(table) => {
+                let routes = table.len();
+                crate::metrics::upstreams_known(&table.upstreams());
+                *self
+                    .current
+                    .write()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(table);
+                crate::metrics::routes_reloaded("ok");
+                tracing::info!(path = %path.display(), routes, "routes reloaded");
+                Ok(ReloadOutcome::Reloaded { routes })
+            }
+            Err(error) => {
+                crate::metrics::routes_reloaded("error");
+                tracing::error!(
+                    path = %path.display(),
+                    %error,
+                    "routes reload failed; keeping the previous table"
+                );
+                Err(error)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_star_matches_within_and_across_segments() {
+        assert!(glob_matches("*", "acme/widget"));
+        assert!(glob_matches("acme/*", "acme/widget"));
+        assert!(glob_matches("acme/*", "acme/"));
+        assert!(!glob_matches("acme/*", "acmeco/widget"));
+        assert!(glob_matches("*/widget", "acme/widget"));
+        assert!(glob_matches("acme/wid*", "acme/widget"));
+        assert!(glob_matches("a*e/*t", "acme/widget"));
+        assert!(glob_matches("a*", "acme/widget"));
+        assert!(glob_matches("*e/w*", "acme/widget"));
+        assert!(glob_matches("acme/widget", "acme/widget"));
+        assert!(!glob_matches("acme/widget", "acme/widgets"));
+        assert!(!glob_matches("acme/widget", "Acme/widget"));
+        assert!(!glob_matches("*/gadget", "acme/widget"));
+        assert!(glob_matches("**", ""));
+        assert!(!glob_matches("a*b*c", "aXbY"));
+        assert!(glob_matches("a*b*c", "aXbYc"));
+        assert!(glob_matches("*a*a*a*", "banana/aa"));
+    }
+
+    const TABLE: &str = r#"
+        [[route]]
+        repos = "acme/secret"
+        primary = "http://fs9.internal:9001"
+        private = true
+
+        [[route]]
+        repos = "acme/*"
+        primary = "http://fs1.internal:9001/"
+        replicas = ["http://fs2.internal:9001", "http://fs3.internal:9001"]
+
+        [[route]]
+        repos = "*"
+        primary = "http://fs4.internal:9001"
+    "#;
+
+    #[test]
+    fn first_matching_route_wins() {
+        let table = RouteTable::parse(TABLE).unwrap();
+        let secret = table.lookup("acme/secret").unwrap();
+        assert!(secret.private);
+        assert_eq!(secret.glob(), "acme/secret");
+        let widget = table.lookup("acme/widget").unwrap();
+        assert!(!widget.private);
+        assert_eq!(widget.glob(), "acme/*");
+        assert_eq!(table.lookup("other/thing").unwrap().glob(), "*");
+    }
+
+    #[test]
+    fn no_matching_route_is_none() {
+        let table = RouteTable::parse(
+            r#"
+            [[route]]
+            repos = "acme/*"
+            primary = "http://fs1:9001"
+        "#,
+        )
+        .unwrap();
+        assert!(table.lookup("other/thing").is_none());
+    }
+
+    #[test]
+    fn candidates_are_replicas_then_primary() {
+        let table = RouteTable::parse(TABLE).unwrap();
+        let candidates = table
+            .lookup("acme/widget")
+            .unwrap()
+            .candidates("acme/widget");
+        assert_eq!(candidates.len(), 3);
+        assert!(candidates[..2].iter().all(|c| c.role == Role::Replica));
+        assert_eq!(&*candidates[2].upstream, "http://fs1.internal:9001");
+        assert_eq!(candidates[2].role, Role::Primary);
+        let only = table.lookup("x/y").unwrap().candidates("x/y");
+        assert_eq!(only.len(), 1);
+        assert_eq!(only[0].role, Role::Primary);
+    }
+
+    fn route_with(replicas: &[&str]) -> Route {
+        Route {
+            glob: "*".into(),
+            primary: "http://primary:9001".into(),
+            replicas: replicas.iter().map(|r| Arc::from(*r)).collect(),
+            private: false,
+        }
+    }
+
+    #[test]
+    fn rendezvous_order_is_stable_and_independent_of_file_order() {
+        let forward = route_with(&["http://a:1", "http://b:1", "http://c:1"]);
+        let backward = route_with(&["http://c:1", "http://b:1", "http://a:1"]);
+        for i in 0..100 {
+            let repository = format!("owner{i}/repo{i}");
+            let first = forward.candidates(&repository);
+            assert_eq!(first, forward.candidates(&repository));
+            assert_eq!(first, backward.candidates(&repository));
+        }
+        // Pinned values: the order must not change between releases, or
+        // every proxy upgrade would move every repository's cache.
+        // Computed independently:
+        //   python3 -c 'import hashlib; print(int.from_bytes(
+        //     hashlib.sha256(b"http://a:1\nacme/widget").digest()[:8], "big"))'
+        assert_eq!(
+            rendezvous_score("http://a:1", "acme/widget"),
+            5_228_463_331_818_427_667
+        );
+    }
+
+    #[test]
+    fn rendezvous_spreads_repositories_evenly() {
+        let route = route_with(&["http://a:1", "http://b:1", "http://c:1"]);
+        let mut first = std::collections::HashMap::<Arc<str>, usize>::new();
+        for i in 0..1000 {
+            let repository = format!("owner{}/repo{}", i % 37, i);
+            *first
+                .entry(route.candidates(&repository)[0].upstream.clone())
+                .or_default() += 1;
+        }
+        assert_eq!(first.len(), 3, "{first:?}");
+        for (upstream, count) in &first {
+            // Expected 333 each; ±20 % is more than 6 standard deviations.
+            assert!((267..=400).contains(count), "{upstream}: {count} of 1000");
+        }
+    }
+
+    #[test]
+    fn removing_a_replica_moves_only_its_repositories() {
+        let three = route_with(&["http://a:1", "http://b:1", "http://c:1"]);
+        let two = route_with(&["http://a:1", "http://b:1"]);
+        let mut moved = 0;
+        for i in 0..1000 {
+            let repository = format!("owner/repo{i}");
+            let before = three.candidates(&repository)[0].upstream.clone();
+            let after = two.candidates(&repository)[0].upstream.clone();
+            if &*before == "http://c:1" {
+                moved += 1;
+            } else {
+                assert_eq!(before, after, "{repository} moved needlessly");
+            }
+        }
+        assert!(moved > 250, "c held only {moved} repositories");
+    }
+
+    #[test]
+    fn bad_tables_are_rejected_with_a_reason() {
+        for (text, expect) in [
+            ("", "no [[route]]"),
+            ("[[route]]\nrepos = \"*\"\n", "primary"),
+            (
+                "[[route]]\nrepos = \"*\"\nprimary = \"ftp://x\"\n",
+                "only http://",
+            ),
+            (
+                "[[route]]\nrepos = \"*\"\nprimary = \"http://x:1/api\"\n",
+                "without a path",
+            ),
+            (
+                "[[route]]\nrepos = \"\"\nprimary = \"http://x:1\"\n",
+                "empty",
+            ),
+            (
+                "[[route]]\nrepos = \"*\"\nprimary = \"http://x:1\"\nreplicas = [\"http://x:1\"]\n",
+                "twice",
+            ),
+            (
+                "[[route]]\nrepos = \"*\"\nprimary = \"http://x:1\"\nprivat = true\n",
+                "unknown field",
+            ),
+            ("not toml at all [", "TOML"),
+        ] {
+            let error = RouteTable::parse(text).unwrap_err().to_string();
+            assert!(error.contains(expect), "{text:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn upstreams_are_listed_once() {
+        let table = RouteTable::parse(TABLE).unwrap();
+        let upstreams = table.upstreams();
+        assert_eq!(upstreams.len(), 5);
+        assert!(upstreams.iter().all(|u| !u.ends_with('/')));
+    }
+
+    #[test]
+    fn reload_keeps_the_old_table_on_a_bad_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routes.toml");
+        std::fs::write(&path, TABLE).unwrap();
+        let routes = Routes::from_file(path.clone()).unwrap();
+        assert_eq!(routes.current().len(), 3);
+
+        std::fs::write(&path, "[[route]]\nrepos = \"*\"\n").unwrap();
+        assert!(routes.reload().is_err());
+        assert_eq!(routes.current().len(), 3);
+
+        std::fs::write(
+            &path,
+            "[[route]]\nrepos = \"*\"\nprimary = \"http://x:1\"\n",
+        )
+        .unwrap();
+        assert!(matches!(
+            routes.reload().unwrap(),
+            ReloadOutcome::Reloaded { routes: 1 }
+        ));
+        assert_eq!(routes.current().len(), 1);
+    }
+}

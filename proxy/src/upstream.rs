@@ -1,0 +1,190 @@
+//! Upstream health: passive ejection.
+//!
+//! There is no active health checking. An upstream that just failed a
+//! request (connect error or timeout, no headers in time, a `5xx`, a body
+//! that broke off) is *ejected* for `--eject-for`: it stays a candidate but
+//! is tried after every healthy one, so a dead archiver costs one failed
+//! attempt per `--eject-for`, not one per request. An ejected upstream that
+//! answers again (it is still tried when everything before it fails, and
+//! first once its ejection expires) is healthy at once.
+//!
+//! Ejection only reorders: with every upstream of a route ejected, they are
+//! all still tried, in their rendezvous order, and the client gets `503`
+//! only if all of them fail again.
+//!
+//! `gitball_proxy_upstream_ejected{upstream}` is `1` while an upstream is
+//! ejected and `0` otherwise; expiries are noticed lazily (on the next
+//! request's ordering and on every `/metrics` scrape), so the gauge is never
+//! stale when it is read.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::routes::Candidate;
+
+#[derive(Debug)]
+pub struct Health {
+    eject_for: Duration,
+    /// Ejected upstreams and when their ejection ends.
+    ejected: Mutex<HashMap<Arc<str>, Instant>>,
+}
+
+impl Health {
+    pub fn new(eject_for: Duration) -> Health {
+        Health {
+            eject_for,
+            ejected: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Instant>> {
+        // A panic while holding this lock cannot leave the map half-updated
+        // in a way that matters: worst case one upstream's ejection is lost.
+        self.ejected
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Forgets ejections that have expired, setting their gauges to 0.
+    pub fn sweep(&self) {
+        self.sweep_at(Instant::now());
+    }
+
+    fn sweep_at(&self, now: Instant) {
+        self.lock().retain(|upstream, until| {
+            let keep = *until > now;
+            if !keep {
+                crate::metrics::upstream_ejected(upstream, false);
+                tracing::info!(%upstream, "upstream ejection expired");
+            }
+            keep
+        });
+    }
+
+    /// Moves ejected candidates after the healthy ones, keeping the
+    /// relative order within each group. Returns how many are ejected.
+    pub fn order(&self, candidates: &mut [Candidate]) -> usize {
+        self.order_at(candidates, Instant::now())
+    }
+
+    fn order_at(&self, candidates: &mut [Candidate], now: Instant) -> usize {
+        self.sweep_at(now);
+        let ejected = self.lock();
+        // A stable sort on a bool key is a stable partition.
+        candidates.sort_by_key(|candidate| ejected.contains_key(&candidate.upstream));
+        candidates
+            .iter()
+            .filter(|candidate| ejected.contains_key(&candidate.upstream))
+            .count()
+    }
+
+    pub fn is_ejected(&self, upstream: &str) -> bool {
+        let now = Instant::now();
+        self.lock().get(upstream).is_some_and(|until| *until > now)
+    }
+
+    /// How long until the earliest ejection among `upstreams` ends: what a
+    /// `503`'s `Retry-After` should say.
+    pub fn retry_after(&self, upstreams: &[Candidate]) -> Duration {
+        let now = Instant::now();
+        let ejected = self.lock();
+        upstreams
+            .iter()
+            .filter_map(|candidate| ejected.get(&candidate.upstream))
+            .map(|until| until.saturating_duration_since(now))
+            .min()
+            .unwrap_or(self.eject_for)
+    }
+
+    /// `upstream` failed: eject it (again) for `--eject-for` from now.
+    pub fn failed(&self, upstream: &Arc<str>) {
+        self.failed_at(upstream, Instant::now());
+    }
+
+    fn failed_at(&self, upstream: &Arc<str>, now: Instant) {
+        let newly = self
+            .lock()
+            .insert(upstream.clone(), now + self.eject_for)
+            .is_none();
+        if newly {
+            crate::metrics::upstream_ejected(upstream, true);
+            tracing::warn!(%upstream, eject_for = ?self.eject_for, "upstream ejected");
+        }
+    }
+
+    /// `upstream` answered: it is healthy again.
+    pub fn succeeded(&self, upstream: &Arc<str>) {
+        // The common case (never ejected) takes the lock only to look.
+        if self.lock().remove(upstream).is_some() {
+            crate::metrics::upstream_ejected(upstream, false);
+            tracing::info!(%upstream, "upstream answered again; no longer ejected");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routes::Role;
+
+    fn candidates(names: &[&str]) -> Vec<Candidate> {
+        names
+            .iter()
+            .map(|name| Candidate {
+                upstream: Arc::from(*name),
+                role: Role::Replica,
+            })
+            .collect()
+    }
+
+    fn names(candidates: &[Candidate]) -> Vec<&str> {
+        candidates.iter().map(|c| &*c.upstream).collect()
+    }
+
+    #[test]
+    fn failed_upstream_goes_last_until_its_ejection_ends() {
+        let health = Health::new(Duration::from_secs(10));
+        let start = Instant::now();
+        health.failed_at(&Arc::from("b"), start);
+
+        let mut order = candidates(&["a", "b", "c"]);
+        assert_eq!(health.order_at(&mut order, start), 1);
+        assert_eq!(names(&order), ["a", "c", "b"]);
+
+        let mut order = candidates(&["a", "b", "c"]);
+        let later = start + Duration::from_secs(11);
+        assert_eq!(health.order_at(&mut order, later), 0);
+        assert_eq!(names(&order), ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn all_ejected_keeps_rendezvous_order() {
+        let health = Health::new(Duration::from_secs(10));
+        let now = Instant::now();
+        for name in ["a", "b", "c"] {
+            health.failed_at(&Arc::from(name), now);
+        }
+        let mut order = candidates(&["c", "a", "b"]);
+        assert_eq!(health.order_at(&mut order, now), 3);
+        assert_eq!(names(&order), ["c", "a", "b"]);
+    }
+
+    #[test]
+    fn success_ends_ejection_at_once() {
+        let health = Health::new(Duration::from_secs(10));
+        let upstream: Arc<str> = Arc::from("a");
+        health.failed(&upstream);
+        assert!(health.is_ejected("a"));
+        health.succeeded(&upstream);
+        assert!(!health.is_ejected("a"));
+    }
+
+    #[test]
+    fn retry_after_is_the_earliest_ejection_end() {
+        let health = Health::new(Duration::from_secs(10));
+        health.failed(&Arc::from("a"));
+        let wait = health.retry_after(&candidates(&["a", "b"]));
+        assert!(wait <= Duration::from_secs(10) && wait > Duration::from_secs(8));
+    }
+}
