@@ -12,15 +12,16 @@
 //!   finished writing; EOF on stdout alone proves nothing.
 //! - Compressed bytes do not depend on timing: git's output is cut into
 //!   fixed `INPUT_CHUNK_BYTES` pieces (whatever sizes the pipe delivers) and
-//!   fed to a synchronous encoder with `write_all` only, never `flush`.
+//!   fed to the encoder block by block, never flushed (`compress`).
 //!   The encoders and their versions are pinned in the workspace; the golden
 //!   tests fail if a dependency update changes a single byte.
 //! - Readers see a length only after those bytes are in the file: the file is
 //!   written with plain `write` syscalls (no user-space buffer after the
 //!   encoder), and the length announced is what reached the file.
 //!
-//! Compression runs on a blocking thread: at level 6 gzip costs ~10 ms per
-//! MiB, which must not stall the runtime's workers that serve downloads.
+//! Compression runs off the runtime (a blocking thread, and for gzip its
+//! own compression threads, see `compress`): at level 6 gzip costs ~10 ms
+//! per MiB, which must not stall the workers that serve downloads.
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -35,6 +36,8 @@ use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::compress::Compression;
+use crate::compress::Encoder;
 use crate::url::Format;
 
 /// git's output is handed to the compressor in pieces of exactly this size
@@ -43,14 +46,6 @@ use crate::url::Format;
 pub const INPUT_CHUNK_BYTES: usize = 128 * 1024;
 /// How much of git's stderr is kept for the log.
 pub const STDERR_KEEP_BYTES: usize = 4 * 1024;
-
-/// How git's tar is compressed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Compression {
-    None,
-    Gzip(u32),
-    Zstd(i32),
-}
 
 /// Everything that decides the bytes of an archive.
 #[derive(Clone, Debug)]
@@ -270,7 +265,7 @@ fn write_chunks(
     loop {
         match chunks.blocking_recv() {
             Some(Chunk::Data(data)) => {
-                encoder.write_all(&data).map_err(io_failure)?;
+                encoder.write_block(data).map_err(io_failure)?;
                 let len = encoder.sink().len;
                 if len > max_bytes {
                     return Err(Failure::TooLarge);
@@ -319,52 +314,6 @@ impl Write for Sink {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
-    }
-}
-
-enum Encoder {
-    Plain(Sink),
-    Gzip(flate2::write::GzEncoder<Sink>),
-    Zstd(zstd::stream::write::Encoder<'static, Sink>),
-}
-
-impl Encoder {
-    fn new(sink: Sink, compression: Compression) -> io::Result<Encoder> {
-        Ok(match compression {
-            Compression::None => Encoder::Plain(sink),
-            // GzBuilder's defaults: no name, no comment, mtime 0. Nothing in
-            // the header depends on the time of generation.
-            Compression::Gzip(level) => {
-                Encoder::Gzip(flate2::GzBuilder::new().write(sink, flate2::Compression::new(level)))
-            }
-            Compression::Zstd(level) => {
-                Encoder::Zstd(zstd::stream::write::Encoder::new(sink, level)?)
-            }
-        })
-    }
-
-    fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
-        match self {
-            Encoder::Plain(sink) => sink.write_all(data),
-            Encoder::Gzip(encoder) => encoder.write_all(data),
-            Encoder::Zstd(encoder) => encoder.write_all(data),
-        }
-    }
-
-    fn sink(&self) -> &Sink {
-        match self {
-            Encoder::Plain(sink) => sink,
-            Encoder::Gzip(encoder) => encoder.get_ref(),
-            Encoder::Zstd(encoder) => encoder.get_ref(),
-        }
-    }
-
-    fn finish(self) -> io::Result<Sink> {
-        match self {
-            Encoder::Plain(sink) => Ok(sink),
-            Encoder::Gzip(encoder) => encoder.finish(),
-            Encoder::Zstd(encoder) => encoder.finish(),
-        }
     }
 }
 

@@ -4,11 +4,12 @@
 //! a commit in-process (`repo`), then served from the cache (`cache`): a
 //! complete file is sent with `Content-Length` and ranges; a missing one is
 //! generated once (`generate`: one `git archive` child per key, compressed
-//! in-process) while every request for it tails the growing file (`tail`).
+//! in-process by `compress`) while every request for it tails the growing file (`tail`).
 //! `http` holds the routes, `server` the hardened accept loop both tiers use,
 //! `metrics` the Prometheus series, `config` the flags.
 
 pub mod cache;
+pub mod compress;
 pub mod config;
 pub mod error;
 pub mod generate;

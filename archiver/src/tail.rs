@@ -117,7 +117,7 @@ struct Reader {
     /// Exclusive end for a range; `None` reads to the archive's end.
     end: Option<u64>,
     /// Holds the complete file (held-bytes accounting) or the generation.
-    _source: Source,
+    source: Source,
     progress: Option<watch::Receiver<Progress>>,
     complete_len: Option<u64>,
     download: Download,
@@ -153,7 +153,7 @@ pub fn open(
         file: Arc::new(file),
         position: start,
         end,
-        _source: source,
+        source,
         progress,
         complete_len,
         download,
@@ -189,7 +189,12 @@ impl Reader {
                     match snapshot.state {
                         State::Complete(file) => {
                             self.complete_len = Some(file.len);
-                            file.len
+                            let len = file.len;
+                            // From now on this reader holds the indexed file:
+                            // if it is evicted while we read, its bytes count
+                            // as held until we are done.
+                            self.source = Source::Complete(file);
+                            len
                         }
                         State::Failed(failure) => {
                             return Err(io::Error::other(format!(
