@@ -61,11 +61,13 @@ pub struct Spec {
 
 impl Spec {
     /// The variant part of the ETag and cache key: everything but the commit
-    /// that changes the bytes. The leading `v1` is the gitball byte series:
-    /// bump it whenever a change (a compressor update) changes output bytes.
+    /// that changes the bytes. The leading `v2` is the gitball byte series:
+    /// bump it whenever a change (a compressor update) changes output bytes,
+    /// so no cache anywhere serves old bytes under a new ETag or the reverse.
+    /// (v2: tar.gz compressed pigz-style on all cores.)
     pub fn variant(&self) -> String {
         let mut hasher = Sha256::new();
-        hasher.update(b"v1\0");
+        hasher.update(b"v2\0");
         hasher.update(self.format.ext());
         hasher.update(b"\0");
         hasher.update(format!("{:?}", self.compression));

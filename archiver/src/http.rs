@@ -56,6 +56,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/healthz", get(|| async { (StatusCode::OK, "ok\n") }))
         .route("/metrics", get(render_metrics))
         .fallback(archive)
+        .method_not_allowed_fallback(|| async { method_not_allowed() })
         .with_state(app)
 }
 

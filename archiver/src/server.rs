@@ -6,8 +6,12 @@
 //!
 //! - a header-read timeout (`HEADER_READ_TIMEOUT`): the head must arrive in
 //!   10 s or the connection is closed;
-//! - a bounded read buffer (`MAX_HEAD_BYTES`): a larger head gets `431`;
-//!   a request line over `MAX_REQUEST_LINE_BYTES` gets `414`;
+//! - bounded request heads: a head over `MAX_HEAD_BYTES` gets `431` and a
+//!   request line over `MAX_REQUEST_LINE_BYTES` gets `414`, both as JSON
+//!   errors. hyper checks its buffer bound (`HEAD_BUFFER_BYTES`) only while a
+//!   head is incomplete, so a head that arrives in one read is measured here;
+//!   one beyond the buffer never reaches us and gets hyper's own, empty,
+//!   `431` (likewise its `400` for a request line that does not parse);
 //! - TCP keepalive, so a peer that vanished is noticed even when idle;
 //! - a write-stall timeout: a connection whose writes make no progress for
 //!   `write_stall_timeout` (a client that stopped taking bytes) is closed.
@@ -45,6 +49,9 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_REQUEST_LINE_BYTES: usize = 8 * 1024;
 /// Largest request head accepted; larger gets 431.
 pub const MAX_HEAD_BYTES: usize = 32 * 1024;
+/// hyper's read buffer bound: heads up to this size are parsed (and then
+/// measured against `MAX_HEAD_BYTES`); larger ones are cut off by hyper.
+const HEAD_BUFFER_BYTES: usize = 2 * MAX_HEAD_BYTES;
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
 /// How a shutdown went.
@@ -70,7 +77,7 @@ pub async fn serve(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(MAX_HEAD_BYTES)
+        .max_buf_size(HEAD_BUFFER_BYTES)
         .keep_alive(true);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut connections = JoinSet::new();
@@ -123,23 +130,48 @@ pub async fn serve(
 }
 
 async fn handle(router: Router, request: hyper::Request<Incoming>) -> Response {
-    // hyper enforces the whole head's size; the request line has its own,
-    // smaller limit.
     let line =
-        request.method().as_str().len() + request.uri().to_string().len() + " HTTP/1.1".len() + 1;
+        request.method().as_str().len() + request.uri().to_string().len() + " HTTP/1.1\r\n".len();
     if line > MAX_REQUEST_LINE_BYTES {
-        return (
+        return too_large(
             StatusCode::URI_TOO_LONG,
-            [(http::header::CONTENT_TYPE, "application/json")],
-            r#"{"error":"uri_too_long","message":"the request line is longer than 8 KiB"}"#,
-        )
-            .into_response();
+            "uri_too_long",
+            "the request line is longer than 8 KiB",
+        );
+    }
+    let headers: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + ": \r\n".len())
+        .sum();
+    if line + headers + 2 > MAX_HEAD_BYTES {
+        return too_large(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            "the request head is larger than 32 KiB",
+        );
     }
     let request: Request = request.map(Body::new);
     match router.oneshot(request).await {
         Ok(response) => response,
         Err(infallible) => match infallible {},
     }
+}
+
+fn too_large(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = serde_json::json!({ "error": code, "message": message }).to_string();
+    let mut response = (
+        status,
+        [(http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response();
+    // The rest of an oversized request is not worth reading.
+    response.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
+    response
 }
 
 /// A socket whose writes fail with `TimedOut` once they have been pending
