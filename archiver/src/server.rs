@@ -27,6 +27,8 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -102,11 +104,15 @@ pub async fn serve(
         let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
 
         let router = router.clone();
-        let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+        let stalled = WriteStalled::default();
+        let stream = StallGuard::new(stream, write_stall_timeout, stalled.clone());
+        let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
             let router = router.clone();
+            // Lets a body stream tell, when it is dropped, that its
+            // connection was closed for a client that took no bytes.
+            request.extensions_mut().insert(stalled.clone());
             async move { Ok::<_, Infallible>(handle(router, request).await) }
         });
-        let stream = StallGuard::new(stream, write_stall_timeout);
         let connection = builder.serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         connections.spawn(async move {
@@ -174,6 +180,17 @@ fn too_large(status: StatusCode, code: &str, message: &str) -> Response {
     response
 }
 
+/// Set when a connection's write-stall guard fired. Each request carries
+/// its connection's flag as an extension.
+#[derive(Clone, Debug, Default)]
+pub struct WriteStalled(Arc<AtomicBool>);
+
+impl WriteStalled {
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
 /// A socket whose writes fail with `TimedOut` once they have been pending
 /// for longer than the stall timeout.
 pub struct StallGuard<S> {
@@ -181,14 +198,16 @@ pub struct StallGuard<S> {
     timeout: Duration,
     /// Armed while a write is pending; boxed so the guard stays `Unpin`.
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    fired: WriteStalled,
 }
 
 impl<S> StallGuard<S> {
-    pub fn new(inner: S, timeout: Duration) -> Self {
+    pub fn new(inner: S, timeout: Duration, fired: WriteStalled) -> Self {
         StallGuard {
             inner,
             timeout,
             stalled: None,
+            fired,
         }
     }
 }
@@ -222,6 +241,7 @@ impl<S: AsyncWrite + Unpin> StallGuard<S> {
                     .stalled
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
                 if timer.as_mut().poll(cx).is_ready() {
+                    self.fired.0.store(true, Ordering::Release);
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::TimedOut,
                         "client took no bytes",

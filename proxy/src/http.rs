@@ -28,6 +28,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
+use gitball_archiver::server::WriteStalled;
 use gitball_archiver::url::{self, ArchiveRequest};
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
@@ -317,16 +318,19 @@ fn respond(state: &AppState, request: &Parts, answer: Answer, mut log: RequestLo
         && status != StatusCode::NO_CONTENT
         && upstream_response.content_length() != Some(0);
     if has_body {
-        *response.body_mut() = Body::from_stream(Pipe::new(
-            upstream_response,
-            answer.upstream,
-            state.forwarder.health().clone(),
-            state.client_idle_timeout,
-            move |end| {
-                log.end = Some(end);
-                drop(log);
-            },
-        ));
+        *response.body_mut() = Body::from_stream(
+            Pipe::new(
+                upstream_response,
+                answer.upstream,
+                state.forwarder.health().clone(),
+                state.client_idle_timeout,
+                move |end| {
+                    log.end = Some(end);
+                    drop(log);
+                },
+            )
+            .on_connection(request.extensions.get::<WriteStalled>().cloned()),
+        );
     }
     // Otherwise the upstream response is dropped here; having no body left
     // to read, its connection goes back to the pool.

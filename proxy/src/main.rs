@@ -24,9 +24,14 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let shutdown = CancellationToken::new();
+    // Installed before anything is served: a SIGHUP from then on reloads,
+    // and is never the default action (which would kill the process).
+    let hangup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
+    let term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
     let proxy = gitball_proxy::Proxy::start(config, shutdown.clone()).await?;
-    tokio::spawn(cancel_on_signal(shutdown));
-    tokio::spawn(reload_on_sighup(proxy.routes()));
+    tokio::spawn(cancel_on_signal(term, int, shutdown));
+    tokio::spawn(reload_on_sighup(hangup, proxy.routes()));
     proxy.serve(listener).await
 }
 
@@ -43,14 +48,11 @@ fn sign(args: &SignArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn cancel_on_signal(shutdown: CancellationToken) {
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
+async fn cancel_on_signal(
+    mut term: tokio::signal::unix::Signal,
+    mut int: tokio::signal::unix::Signal,
+    shutdown: CancellationToken,
+) {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
@@ -58,11 +60,7 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
-async fn reload_on_sighup(routes: Arc<Routes>) {
-    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
-        tracing::error!("cannot install the SIGHUP handler; routes will not reload");
-        return;
-    };
+async fn reload_on_sighup(mut hangup: tokio::signal::unix::Signal, routes: Arc<Routes>) {
     while hangup.recv().await.is_some() {
         // Outcome already logged and counted by `reload`.
         let _ = routes.reload();

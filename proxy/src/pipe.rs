@@ -55,6 +55,8 @@ use bytes::Bytes;
 use futures_util::Stream;
 use futures_util::stream::BoxStream;
 
+use gitball_archiver::server::WriteStalled;
+
 use crate::metrics::ActiveDownload;
 use crate::upstream::Health;
 
@@ -139,6 +141,8 @@ pub struct Pipe {
     expected_bytes: Option<u64>,
     ending: Option<Ending>,
     on_end: Option<Box<dyn FnOnce(End) + Send>>,
+    /// The client connection's write-stall flag (see `Drop`).
+    connection_stalled: Option<WriteStalled>,
     _active: ActiveDownload,
 }
 
@@ -191,8 +195,16 @@ impl Pipe {
             expected_bytes,
             ending: None,
             on_end: Some(Box::new(on_end)),
+            connection_stalled: None,
             _active: ActiveDownload::start(),
         }
+    }
+
+    /// Tells the pipe its client connection's write-stall flag, so a cut by
+    /// the server's guard counts as an idle timeout.
+    pub fn on_connection(mut self, stalled: Option<WriteStalled>) -> Pipe {
+        self.connection_stalled = stalled;
+        self
     }
 }
 
@@ -214,11 +226,13 @@ async fn watch_idle(shared: Arc<Shared>, idle_timeout: Duration) {
                 // Drop the upstream response here and now: its connection
                 // closes even though the stalled client connection lingers.
                 let body = upstream.take();
-                shared.idle_timed_out.store(true, Ordering::Release);
+                let counted = shared.idle_timed_out.swap(true, Ordering::AcqRel);
                 drop(upstream);
                 drop(body);
                 // Counted now, not when the client comes back (it may never).
-                crate::metrics::client_idle_timeout();
+                if !counted {
+                    crate::metrics::client_idle_timeout();
+                }
                 tracing::debug!(?idle_timeout, "client idle; upstream released");
                 return;
             }
@@ -325,6 +339,18 @@ impl Drop for Pipe {
         // the watchdog is gone; abort it first so that happens now.
         self.watchdog.abort();
         self.shared.lock().take();
+        // The server's write-stall guard (same timeout) may close a stalled
+        // client's connection before the watchdog fires: then the download
+        // ended for idleness, not because the client left.
+        if self.ending.is_none()
+            && self
+                .connection_stalled
+                .as_ref()
+                .is_some_and(WriteStalled::is_set)
+            && !self.shared.idle_timed_out.swap(true, Ordering::AcqRel)
+        {
+            crate::metrics::client_idle_timeout();
+        }
         self.end(Ending::ClientGone);
     }
 }
