@@ -1,0 +1,198 @@
+//! End-to-end tests of the ops material against the real binaries:
+//!
+//! - the nginx front (`ops/nginx/gitball.conf`, rendered for a test prefix
+//!   by `ops/nginx/render-test-conf.sh`) in front of a real proxy and
+//!   archivers: bytes through nginx equal `git archive`'s;
+//! - every series the Grafana dashboard and the alert rules query exists in
+//!   the live `/metrics` of both services (`ops/check-queries.py`).
+//!
+//! nginx and python3 come from Debian (`.ci/run` installs them). Outside CI a
+//! machine without them skips these tests with a note; in CI (`CI=true`) a
+//! missing tool is a failure.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use gitball_e2e::proxy::{Cluster, SmallRepository, fetch_ok, small_repository};
+use gitball_e2e::{Sandbox, pipe_through, wait_until};
+
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the workspace root")
+        .to_path_buf()
+}
+
+/// True when `tool` runs; false (skip) outside CI, panic in CI.
+fn have(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{tool} is required in CI (.ci/run installs it)"
+        );
+        eprintln!("skipping: {tool} is not installed");
+    }
+    found
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0")
+        .local_addr()
+        .expect("local addr")
+        .port()
+}
+
+/// nginx in the foreground in its own prefix, killed on drop.
+struct Nginx {
+    child: Child,
+    port: u16,
+    prefix: tempfile::TempDir,
+}
+
+impl Nginx {
+    fn start(upstream_port: u16) -> Nginx {
+        let prefix = tempfile::Builder::new()
+            .prefix("gitball-nginx-")
+            .tempdir()
+            .expect("prefix dir");
+        // A port freed a moment ago may be taken again; retry a few times.
+        for _ in 0..5 {
+            let port = free_port();
+            let rendered = Command::new(repo_root().join("ops/nginx/render-test-conf.sh"))
+                .arg(prefix.path())
+                .arg(port.to_string())
+                .arg(upstream_port.to_string())
+                .status()
+                .expect("run render-test-conf.sh");
+            assert!(rendered.success(), "render-test-conf.sh failed");
+            let config = prefix.path().join("conf/nginx.conf");
+            let error_log = prefix.path().join("logs/error.log");
+            let mut child = Command::new("nginx")
+                .arg("-p")
+                .arg(prefix.path())
+                .arg("-c")
+                .arg(&config)
+                .arg("-e")
+                .arg(&error_log)
+                .args(["-g", "daemon off;"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start nginx");
+            let up = wait_until(START_TIMEOUT, || {
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                    || child.try_wait().ok().flatten().is_some()
+            });
+            if up && child.try_wait().ok().flatten().is_none() {
+                return Nginx {
+                    child,
+                    port,
+                    prefix,
+                };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("nginx did not start");
+    }
+
+    fn addr(&self) -> std::net::SocketAddr {
+        ([127, 0, 0, 1], self.port).into()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = &self.prefix;
+    }
+}
+
+#[test]
+fn downloads_through_nginx_proxy_and_archiver_equal_git_archive() {
+    if !have("nginx") {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "widget");
+    let SmallRepository { second: commit, .. } = small_repository(&repo);
+    let cluster = Cluster::start(&sandbox.repos(), &sandbox.repos(), 2, &[]);
+    let nginx = Nginx::start(cluster.proxy.addr.port());
+
+    let tar = repo.archive("tar", "widget-main/", &commit, None);
+    for target in ["/acme/widget/archive/main.tar", "/acme/widget/tar/main"] {
+        let fetched = fetch_ok(nginx.addr(), target);
+        assert_eq!(fetched.body, tar, "{target} through nginx");
+        assert_eq!(fetched.header("x-gitball-commit"), commit);
+        assert!(
+            !fetched.header("x-request-id").is_empty(),
+            "nginx forwards and echoes X-Request-Id"
+        );
+    }
+    let gz = fetch_ok(nginx.addr(), "/acme/widget/archive/main.tar.gz");
+    assert_eq!(pipe_through("gzip", &["-dc"], &gz.body), tar);
+    // Hit: Content-Length and the digest pass through nginx.
+    let hit = fetch_ok(nginx.addr(), "/acme/widget/archive/main.tar.gz");
+    assert_eq!(hit.header("x-gitball-cache"), "hit");
+    assert_eq!(hit.header("content-length"), gz.body.len().to_string());
+    assert_eq!(hit.body, gz.body);
+}
+
+#[test]
+fn every_dashboard_and_alert_series_is_exported() {
+    if !have("python3") {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "widget");
+    small_repository(&repo);
+    let cluster = Cluster::start(&sandbox.repos(), &sandbox.repos(), 2, &[]);
+    // Traffic that makes the labelled families appear: misses, hits, a 404,
+    // every format.
+    for ext in ["tar", "tar.gz", "zip", "tar.zst"] {
+        fetch_ok(
+            cluster.proxy.addr,
+            &format!("/acme/widget/archive/main.{ext}"),
+        );
+        fetch_ok(
+            cluster.proxy.addr,
+            &format!("/acme/widget/archive/main.{ext}"),
+        );
+    }
+    let _ = gitball_e2e::proxy::fetch(cluster.proxy.addr, "/acme/nothing/archive/main.tar");
+
+    let scrapes = tempfile::tempdir().expect("scrape dir");
+    let mut files = Vec::new();
+    for (name, service) in std::iter::once(("proxy", &*cluster.proxy)).chain(
+        cluster
+            .archivers()
+            .into_iter()
+            .enumerate()
+            .map(|(i, a)| (["primary", "replica1", "replica2"][i], &**a)),
+    ) {
+        let path = scrapes.path().join(format!("{name}.txt"));
+        std::fs::write(&path, service.metrics_text()).expect("write scrape");
+        files.push(path);
+    }
+    let output = Command::new("python3")
+        .arg(repo_root().join("ops/check-queries.py"))
+        .args(&files)
+        .output()
+        .expect("run check-queries.py");
+    assert!(
+        output.status.success(),
+        "dashboard or alerts query series the services do not export:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

@@ -1,0 +1,1263 @@
+//! End-to-end tests of `gitball-proxy` (SPEC §2, §3, §5, §6): the real proxy
+//! binary in front of real `gitball-archiver` processes, over repositories
+//! built with the real `git`, on 127.0.0.1.
+//!
+//! Each test starts its own processes (killed on drop) and checks one
+//! behaviour a client or an operator relies on: bytes and headers through the
+//! proxy, rendezvous placement, failover and ejection, the backpressured
+//! pipe (slow, idle and vanishing clients, an archiver dying mid-body),
+//! routing table reloads, signed URLs, hostile input, embedded mode and the
+//! upstream bearer token.
+//!
+//! Build the binaries first: `cargo build -p gitball-archiver -p gitball-proxy`.
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use gitball_e2e::proxy::{
+    Cluster, Fetched, Proxy, Route, big_repository, family_sum, fetch, fetch_ok, fetch_with,
+    kill_hard, scrape, settled_fd_count, small_repository, start_archiver_at, tar_length, token,
+    unix_now, write_atomically, write_routes,
+};
+use gitball_e2e::{
+    Archiver, BodyEnd, RawConnection, Sandbox, base64, binary_path, http_date, open_fd_count,
+    pipe_through, sha256_hex, vm_rss_bytes, wait_until,
+};
+use sha2::{Digest, Sha256};
+
+const KIB: usize = 1024;
+const MIB: usize = 1024 * 1024;
+
+/// Generous bound for a condition that normally holds within milliseconds.
+const SETTLE: Duration = Duration::from_secs(10);
+
+fn gunzip(bytes: &[u8]) -> Vec<u8> {
+    pipe_through("gzip", &["-dc"], bytes)
+}
+
+fn unzstd(bytes: &[u8]) -> Vec<u8> {
+    pipe_through("zstd", &["-dc"], bytes)
+}
+
+/// Asserts two byte strings are equal without printing megabytes.
+fn assert_same_bytes(actual: &[u8], expected: &[u8], what: &str) {
+    if let Some(at) = actual.iter().zip(expected).position(|(a, e)| a != e) {
+        panic!("{what}: bytes differ at offset {at}");
+    }
+    assert_eq!(actual.len(), expected.len(), "{what}: lengths differ");
+}
+
+const ATTEMPTS: &str = "gitball_proxy_upstream_attempts_total";
+const GENERATIONS: &str = "gitball_archiver_generations_total";
+
+/// `upstream_attempts_total` for one upstream, all outcomes.
+fn attempts_of(metrics: &gitball_e2e::Metrics, upstream: &str) -> f64 {
+    metrics.sum(ATTEMPTS, &[("upstream", upstream)])
+}
+
+fn generations(addr: SocketAddr) -> f64 {
+    family_sum(&scrape(addr), GENERATIONS)
+}
+
+// ---------------------------------------------------------------------------
+// Bytes and headers
+
+#[test]
+fn archives_through_the_proxy_equal_git_archive_for_both_url_shapes() {
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "widget");
+    let commits = small_repository(&repo);
+    let cluster = Cluster::start(&sandbox.repos(), &sandbox.repos(), 2, &[]);
+    let addr = cluster.proxy.addr;
+
+    let tag_tar = repo.archive("tar", "widget-1.2.3/", &commits.second, None);
+    for path in [
+        "/acme/widget/archive/v1.2.3.tar",
+        "/acme/widget/tar/v1.2.3",
+        "/acme/widget/archive/refs/tags/v1.2.3.tar",
+    ] {
+        assert_same_bytes(&fetch_ok(addr, path).body, &tag_tar, path);
+    }
+
+    let main_zip = repo.archive("zip", "widget-main/", &commits.second, None);
+    for path in ["/acme/widget/zip/main", "/acme/widget/archive/main.zip"] {
+        assert_same_bytes(&fetch_ok(addr, path).body, &main_zip, path);
+    }
+
+    let feature_tar = repo.archive("tar", "widget-feature-x/", &commits.first, None);
+    for path in [
+        "/acme/widget/tar.gz/feature/x",
+        "/acme/widget/archive/feature/x.tar.gz",
+    ] {
+        assert_same_bytes(&gunzip(&fetch_ok(addr, path).body), &feature_tar, path);
+    }
+
+    let release_tar = repo.archive("tar", "widget-1.0.0/", &commits.first, None);
+    let path = "/acme/widget/archive/v1.0.0.tgz";
+    assert_same_bytes(&gunzip(&fetch_ok(addr, path).body), &release_tar, path);
+
+    // An abbreviated commit id is labelled by the full id.
+    let commit_tar = repo.archive(
+        "tar",
+        &format!("widget-{}/", commits.first),
+        &commits.first,
+        None,
+    );
+    for path in [
+        format!("/acme/widget/archive/{}.tar.zst", &commits.first[..10]),
+        format!("/acme/widget/tar.zst/{}", commits.first),
+    ] {
+        assert_same_bytes(&unzstd(&fetch_ok(addr, &path).body), &commit_tar, &path);
+    }
+
+    // A subtree (`path` query) is forwarded.
+    let subtree = repo.archive("tar", "widget-main/", &commits.second, Some("src"));
+    let path = "/acme/widget/archive/main.tar?path=src";
+    assert_same_bytes(&fetch_ok(addr, path).body, &subtree, path);
+
+    // `.sha256`: the checksum line of the archive's exact bytes.
+    let checksum = fetch_ok(addr, "/acme/widget/archive/v1.2.3.tar.sha256");
+    assert_eq!(
+        checksum.text(),
+        format!("{}  widget-1.2.3.tar\n", sha256_hex(&tag_tar))
+    );
+    let tgz = fetch_ok(addr, "/acme/widget/archive/v1.2.3.tar.gz").body;
+    assert_same_bytes(&gunzip(&tgz), &tag_tar, "v1.2.3.tar.gz");
+    let checksum = fetch_ok(addr, "/acme/widget/archive/v1.2.3.tar.gz.sha256");
+    assert_eq!(
+        checksum.text(),
+        format!("{}  widget-1.2.3.tar.gz\n", sha256_hex(&tgz))
+    );
+}
+
+#[test]
+fn proxy_passes_archive_headers_through_and_forwards_request_ids() {
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "widget");
+    let commits = small_repository(&repo);
+    let cluster = Cluster::start(&sandbox.repos(), &sandbox.repos(), 2, &[]);
+    let addr = cluster.proxy.addr;
+    let path = "/acme/widget/archive/v1.2.3.tar";
+    let expected = repo.archive("tar", "widget-1.2.3/", &commits.second, None);
+
+    let first = fetch_ok(addr, path);
+    assert_same_bytes(&first.body, &expected, path);
+    let etag = first.header("etag").to_owned();
+    assert!(
+        etag.starts_with(&format!("\"{}-", commits.second)) && etag.ends_with('"'),
+        "ETag {etag:?}"
+    );
+    assert_eq!(first.header("content-type"), "application/x-tar");
+    assert_eq!(first.header("x-gitball-commit"), commits.second);
+    assert_eq!(
+        first.header("content-disposition"),
+        "attachment; filename=widget-1.2.3.tar"
+    );
+    assert_eq!(
+        first.header("link"),
+        format!(
+            "</acme/widget/archive/{}.tar>; rel=\"immutable\"",
+            commits.second
+        )
+    );
+    assert_eq!(first.header("last-modified"), http_date(1_700_086_400));
+    assert!(
+        ["miss", "join", "hit"].contains(&first.header("x-gitball-cache")),
+        "X-Gitball-Cache {:?}",
+        first.header("x-gitball-cache")
+    );
+    // Hop-by-hop and server-private headers stay behind.
+    assert_eq!(first.head.header("server"), None);
+
+    // Complete in the cache now: a hit, with length, ranges and digest.
+    let hit = fetch_ok(addr, path);
+    assert_same_bytes(&hit.body, &expected, "hit");
+    assert_eq!(hit.header("x-gitball-cache"), "hit");
+    assert_eq!(hit.header("etag"), etag);
+    assert_eq!(hit.header("content-length"), expected.len().to_string());
+    assert_eq!(hit.header("accept-ranges"), "bytes");
+    assert_eq!(
+        hit.header("repr-digest"),
+        format!("sha-256=:{}:", base64(&Sha256::digest(&expected)))
+    );
+
+    let part = fetch_with(addr, "GET", path, &[("Range", "bytes=100-1123")]);
+    assert_eq!(part.status(), 206);
+    assert_eq!(part.end, BodyEnd::Complete);
+    assert_eq!(
+        part.header("content-range"),
+        format!("bytes 100-1123/{}", expected.len())
+    );
+    assert_same_bytes(&part.body, &expected[100..1124], "range");
+
+    let past_end = format!("bytes={}-", expected.len());
+    let unsatisfiable = fetch_with(addr, "GET", path, &[("Range", &past_end)]);
+    assert_eq!(unsatisfiable.status(), 416);
+
+    let not_modified = fetch_with(addr, "GET", path, &[("If-None-Match", &etag)]);
+    assert_eq!(not_modified.status(), 304);
+    assert!(not_modified.body.is_empty());
+
+    let head = fetch_with(addr, "HEAD", path, &[]);
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.header("content-length"), expected.len().to_string());
+    assert_eq!(head.header("x-gitball-commit"), commits.second);
+
+    // X-Request-Id: generated when absent (a new one each time), echoed
+    // when given, and in both cases forwarded to the archiver.
+    let generated = first.header("x-request-id").to_owned();
+    assert!(
+        (16..=128).contains(&generated.len())
+            && generated
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)),
+        "generated X-Request-Id {generated:?}"
+    );
+    assert_ne!(hit.header("x-request-id"), generated);
+    let chosen = "e2e-proxy-request-7f3a";
+    let echoed = fetch_with(addr, "GET", path, &[("X-Request-Id", chosen)]);
+    assert_eq!(echoed.status(), 200);
+    assert_eq!(echoed.header("x-request-id"), chosen);
+    for id in [chosen, generated.as_str()] {
+        assert!(
+            wait_until(SETTLE, || cluster
+                .archivers()
+                .iter()
+                .any(|archiver| archiver.log().contains(id))),
+            "no archiver logged the request id {id}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Routing
+
+#[test]
+fn rendezvous_keeps_one_repository_on_one_replica() {
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "widget");
+    small_repository(&repo);
+    let cluster = Cluster::start(&sandbox.repos(), &sandbox.repos(), 2, &[]);
+    let addr = cluster.proxy.addr;
+
+    let refs = ["main", "v1.0.0", "feature/x"];
+    let formats = ["tar", "tar.gz", "zip", "tar.zst"];
+    let mut requests = 0;
+    for (i, reference) in refs.iter().enumerate() {
+        for (j, format) in formats.iter().enumerate() {
+            // Both URL shapes name the same archive.
+            let shapes = [
+                format!("/acme/widget/archive/{reference}.{format}"),
+                format!("/acme/widget/{format}/{reference}"),
+            ];
+            for path in [&shapes[(i + j) % 2], &shapes[(i + j + 1) % 2]] {
+                fetch_ok(addr, path);
+                requests += 1;
+            }
+        }
+    }
+    fetch_ok(addr, "/acme/widget/archive/main.tar.sha256");
+    requests += 1;
+    let distinct = (refs.len() * formats.len()) as f64;
+
+    let counts = || -> Vec<f64> {
+        cluster
+            .archivers()
+            .iter()
+            .map(|archiver| generations(archiver.addr))
+            .collect()
+    };
+    let mut seen = Vec::new();
+    let settled = wait_until(SETTLE, || {
+        seen = counts();
+        seen.iter().sum::<f64>() >= distinct
+    });
+    assert!(settled, "generations per archiver: {seen:?}");
+    println!("generations per archiver (primary first): {seen:?}");
+    let owner = seen
+        .iter()
+        .position(|&count| count == distinct)
+        .unwrap_or_else(|| panic!("no one archiver generated all {distinct}: {seen:?}"));
+    assert_ne!(
+        owner, 0,
+        "the primary generated them, not a replica: {seen:?}"
+    );
+    for (index, count) in seen.iter().enumerate() {
+        if index != owner {
+            assert_eq!(*count, 0.0, "archiver {index} generated some: {seen:?}");
+        }
+    }
+    let owner_metrics = scrape(cluster.archivers()[owner].addr);
+    assert_eq!(
+        owner_metrics.value(GENERATIONS, &[("format", "tar"), ("outcome", "ok")])
+            + owner_metrics.value(GENERATIONS, &[("format", "tar.gz"), ("outcome", "ok")])
+            + owner_metrics.value(GENERATIONS, &[("format", "zip"), ("outcome", "ok")])
+            + owner_metrics.value(GENERATIONS, &[("format", "tar.zst"), ("outcome", "ok")]),
+        distinct,
+        "every generation succeeded"
+    );
+
+    let proxy = cluster.proxy.scrape();
+    let owner_url = cluster.archivers()[owner].base_url.clone();
+    assert_eq!(
+        proxy.value(ATTEMPTS, &[("upstream", &owner_url), ("outcome", "ok")]),
+        f64::from(requests)
+    );
+    assert_eq!(family_sum(&proxy, ATTEMPTS), f64::from(requests));
+    assert_eq!(proxy.value("gitball_proxy_failovers_total", &[]), 0.0);
+}
+
+#[test]
+fn killed_replica_fails_over_and_is_used_again_after_eject_for() {
+    const EJECT_FOR_SECONDS: u64 = 3;
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "widget");
+    let commits = small_repository(&repo);
+    let eject_for = EJECT_FOR_SECONDS.to_string();
+    let mut cluster = Cluster::start(
+        &sandbox.repos(),
+        &sandbox.repos(),
+        2,
+        &["--eject-for", &eject_for],
+    );
+    let addr = cluster.proxy.addr;
+
+    // Find the replica that owns acme/widget.
+    fetch_ok(addr, "/acme/widget/archive/main.tar");
+    let owner = cluster
+        .replicas
+        .iter()
+        .position(|replica| generations(replica.addr) > 0.0)
+        .expect("one replica generated acme/widget's archive");
+    let victim_url = cluster.replicas[owner].base_url.clone();
+    let victim_addr = cluster.replicas[owner].addr;
+    let victim_cache = cluster.replicas[owner].cache_dir.clone();
+    kill_hard(&mut cluster.replicas[owner]);
+
+    // Requests still succeed, through the next candidate.
+    let zip = repo.archive("zip", "widget-1.0.0/", &commits.first, None);
+    let got = fetch_ok(addr, "/acme/widget/archive/v1.0.0.zip");
+    assert_same_bytes(&got.body, &zip, "after the kill");
+    let metrics = cluster.proxy.scrape();
+    assert!(
+        metrics.value("gitball_proxy_failovers_total", &[]) >= 1.0,
+        "failovers_total"
+    );
+    assert_eq!(
+        metrics.get(
+            "gitball_proxy_upstream_ejected",
+            &[("upstream", &victim_url)]
+        ),
+        Some(1.0),
+        "the killed replica is ejected"
+    );
+    let failed_attempts = attempts_of(&metrics, &victim_url)
+        - metrics.value(ATTEMPTS, &[("upstream", &victim_url), ("outcome", "ok")]);
+    assert!(failed_attempts >= 1.0, "no failed attempt counted");
+    let tar = repo.archive("tar", "widget-main/", &commits.second, None);
+    assert_same_bytes(
+        &fetch_ok(addr, "/acme/widget/archive/main.tar").body,
+        &tar,
+        "main.tar after the kill",
+    );
+
+    // Back on the same port (and cache dir); once --eject-for has passed it
+    // is the first candidate again.
+    let restarted = start_archiver_at(&sandbox.repos(), &victim_cache, victim_addr, &[]);
+    let mut ejected = None;
+    let expired = wait_until(Duration::from_secs(EJECT_FOR_SECONDS + 10), || {
+        ejected = cluster.proxy.scrape().get(
+            "gitball_proxy_upstream_ejected",
+            &[("upstream", &victim_url)],
+        );
+        ejected == Some(0.0)
+    });
+    assert!(expired, "ejection did not end: gauge {ejected:?}");
+    let before = cluster.proxy.scrape();
+    let tgz = fetch_ok(addr, "/acme/widget/archive/v1.2.3.tar.gz").body;
+    let tag_tar = repo.archive("tar", "widget-1.2.3/", &commits.second, None);
+    assert_same_bytes(&gunzip(&tgz), &tag_tar, "after the restart");
+    let after = cluster.proxy.scrape();
+    assert_eq!(
+        after.value(ATTEMPTS, &[("upstream", &victim_url), ("outcome", "ok")]),
+        before.value(ATTEMPTS, &[("upstream", &victim_url), ("outcome", "ok")]) + 1.0,
+        "the restarted replica answered"
+    );
+    assert!(
+        wait_until(SETTLE, || generations(restarted.addr) == 1.0),
+        "the restarted replica generated the new archive"
+    );
+}
+
+#[test]
+fn replica_404_falls_back_to_primary() {
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    // Only the primary has acme/fresh (the replicas lag behind).
+    let primary_repos = sandbox.path("primary-repos");
+    let fresh = gitball_e2e::RepoBuilder::init(&primary_repos.join("acme/fresh"), &sandbox.home());
+    let commits = small_repository(&fresh);
+    let cluster = Cluster::start(&primary_repos, &sandbox.repos(), 2, &[]);
+    let addr = cluster.proxy.addr;
+
+    let expected = fresh.archive("tar", "fresh-main/", &commits.second, None);
+    assert_same_bytes(
+        &fetch_ok(addr, "/acme/fresh/archive/main.tar").body,
+        &expected,
+        "acme/fresh via the primary",
+    );
+    let metrics = cluster.proxy.scrape();
+    assert_eq!(
+        metrics.sum(ATTEMPTS, &[("outcome", "replica_not_found")]),
+        2.0,
+        "both replicas answered 404 first"
+    );
+    assert_eq!(
+        metrics.value(
+            ATTEMPTS,
+            &[("upstream", &cluster.primary.base_url), ("outcome", "ok")]
+        ),
+        1.0
+    );
+    // A replica's 404 is lag, not failure: nobody is ejected.
+    for replica in &cluster.replicas {
+        assert_eq!(
+            metrics.value(
+                "gitball_proxy_upstream_ejected",
+                &[("upstream", &replica.base_url)]
+            ),
+            0.0
+        );
+    }
+    assert!(wait_until(SETTLE, || generations(cluster.primary.addr) == 1.0));
+
+    // The primary's 404 is final.
+    let missing = fetch(addr, "/acme/fresh/archive/no-such-branch.tar");
+    assert_eq!(missing.status(), 404);
+    assert_eq!(missing.error_code(), "ref_not_found");
+    let unknown = fetch(addr, "/acme/nothing/archive/main.tar");
+    assert_eq!(unknown.status(), 404);
+    assert_eq!(unknown.error_code(), "repo_not_found");
+}
+
+// ---------------------------------------------------------------------------
+// The pipe
+
+#[test]
+fn archiver_killed_mid_body_aborts_the_client_connection() {
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "big");
+    let commit = big_repository(&repo, 64 * MIB);
+    let full_length = tar_length(&repo, "big-main/", &commit);
+    let mut cluster = Cluster::start(&sandbox.repos(), &sandbox.repos(), 0, &[]);
+
+    let mut connection = RawConnection::connect(cluster.proxy.addr).expect("connect");
+    connection
+        .send_request("GET", "/acme/big/archive/main.tar", &[])
+        .expect("send");
+    let head = connection.read_head().expect("response head");
+    assert_eq!(head.status, 200);
+    // A slow client: 2 MiB at about 6 MiB/s.
+    let mut received = 0usize;
+    for _ in 0..32 {
+        received += connection
+            .read_body_bytes(64 * KIB)
+            .expect("body before the kill")
+            .len();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    kill_hard(&mut cluster.primary);
+
+    let end = connection.read_body_to_end(|piece| received += piece.len());
+    println!(
+        "archiver killed mid-body: client got {received} of {full_length} bytes, {end:?}, \
+         Content-Length {:?}",
+        head.header("content-length")
+    );
+    assert!(
+        matches!(end, BodyEnd::Aborted(_)),
+        "a truncated archive ended cleanly after {received} bytes"
+    );
+    assert!((received as u64) < full_length);
+
+    let proxy = &cluster.proxy;
+    assert!(
+        wait_until(SETTLE, || proxy
+            .scrape()
+            .value("gitball_proxy_upstream_aborts_total", &[])
+            >= 1.0),
+        "upstream_aborts_total stayed 0"
+    );
+    assert!(wait_until(SETTLE, || proxy
+        .scrape()
+        .value("gitball_proxy_active_downloads", &[])
+        == 0.0));
+}
+
+/// Reads `path` at about `bytes_per_tick` per `tick` for `ticks` ticks, then
+/// closes; returns the bytes taken.
+fn slow_client(
+    addr: SocketAddr,
+    path: &str,
+    bytes_per_tick: usize,
+    tick: Duration,
+    ticks: u32,
+) -> usize {
+    let mut connection = RawConnection::connect(addr).expect("connect");
+    connection.send_request("GET", path, &[]).expect("send");
+    let head = connection.read_head().expect("response head");
+    assert_eq!(head.status, 200);
+    let started = Instant::now();
+    let mut received = 0;
+    for n in 1..=ticks {
+        received += connection
+            .read_body_bytes(bytes_per_tick)
+            .expect("slow read")
+            .len();
+        // Pacing, not synchronisation: this is the client's read rate.
+        if let Some(wait) = (started + tick * n).checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+    received
+}
+
+#[test]
+fn slow_clients_do_not_grow_proxy_memory_and_aborted_clients_release_fds() {
+    const SLOW_CLIENTS: usize = 40;
+    const ABORTING_CLIENTS: usize = 50;
+    const RSS_GROWTH_LIMIT: u64 = 48 * MIB as u64;
+    // 64 KiB/s: 16 KiB every 250 ms, for 10 s.
+    const TICK: Duration = Duration::from_millis(250);
+    const TICKS: u32 = 40;
+    const BYTES_PER_TICK: usize = 16 * KIB;
+
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "big");
+    let commit = big_repository(&repo, 128 * MIB);
+    let full_length = tar_length(&repo, "big-main/", &commit);
+    let cluster = Cluster::start(&sandbox.repos(), &sandbox.repos(), 0, &[]);
+    let addr = cluster.proxy.addr;
+    let proxy_pid = cluster.proxy.pid;
+    let archiver_pid = cluster.primary.pid;
+    let path = "/acme/big/archive/main.tar";
+
+    // Warm-up: one complete download makes the archive a cache hit.
+    let mut connection = RawConnection::connect(addr).expect("connect");
+    connection.send_request("GET", path, &[]).expect("send");
+    assert_eq!(connection.read_head().expect("head").status, 200);
+    let mut warm = 0u64;
+    let end = connection.read_body_to_end(|piece| warm += piece.len() as u64);
+    assert_eq!(end, BodyEnd::Complete);
+    assert_eq!(warm, full_length);
+    drop(connection);
+    scrape(addr);
+    scrape(cluster.primary.addr);
+
+    let baseline_rss = vm_rss_bytes(proxy_pid);
+    let proxy_fds = settled_fd_count(proxy_pid);
+    let archiver_fds = settled_fd_count(archiver_pid);
+
+    // 40 slow clients.
+    let mut peak_rss = baseline_rss;
+    let mut peak_active = 0.0f64;
+    let received: Vec<usize> = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..SLOW_CLIENTS)
+            .map(|_| scope.spawn(|| slow_client(addr, path, BYTES_PER_TICK, TICK, TICKS)))
+            .collect();
+        let deadline = Instant::now() + TICK * TICKS + Duration::from_secs(30);
+        while clients.iter().any(|client| !client.is_finished()) && Instant::now() < deadline {
+            peak_rss = peak_rss.max(vm_rss_bytes(proxy_pid));
+            peak_active =
+                peak_active.max(scrape(addr).value("gitball_proxy_active_downloads", &[]));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        clients
+            .into_iter()
+            .map(|client| client.join().expect("a slow client failed"))
+            .collect()
+    });
+    let growth = peak_rss.saturating_sub(baseline_rss);
+    println!(
+        "{SLOW_CLIENTS} slow clients on a {full_length}-byte archive: proxy VmRSS {} KiB -> peak {} KiB, \
+         growth {} KiB (limit {} KiB); peak active downloads {peak_active}; bytes per client {}..{}",
+        baseline_rss / 1024,
+        peak_rss / 1024,
+        growth / 1024,
+        RSS_GROWTH_LIMIT / 1024,
+        received.iter().min().unwrap_or(&0),
+        received.iter().max().unwrap_or(&0),
+    );
+    assert_eq!(
+        peak_active, SLOW_CLIENTS as f64,
+        "the slow downloads ran at the same time"
+    );
+    assert!(
+        received
+            .iter()
+            .all(|&n| n >= BYTES_PER_TICK * TICKS as usize),
+        "a slow client got less than it asked for"
+    );
+    assert!(
+        growth < RSS_GROWTH_LIMIT,
+        "proxy RSS grew by {growth} bytes for {SLOW_CLIENTS} slow clients"
+    );
+    let released = wait_until(SETTLE, || {
+        open_fd_count(proxy_pid) <= proxy_fds && open_fd_count(archiver_pid) <= archiver_fds
+    });
+    assert!(
+        released,
+        "after the slow clients left: proxy fds {} (baseline {proxy_fds}), archiver fds {} (baseline {archiver_fds})",
+        open_fd_count(proxy_pid),
+        open_fd_count(archiver_pid)
+    );
+
+    // 50 clients that abort after 1 MiB.
+    let mut peak_fds = (0, 0);
+    std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..ABORTING_CLIENTS)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut connection = RawConnection::connect(addr).expect("connect");
+                    connection.send_request("GET", path, &[]).expect("send");
+                    assert_eq!(connection.read_head().expect("head").status, 200);
+                    let taken = connection.read_body_bytes(MIB).expect("first MiB");
+                    assert_eq!(taken.len(), MIB);
+                    // Dropped here with unread bytes: the client is gone.
+                })
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while clients.iter().any(|client| !client.is_finished()) && Instant::now() < deadline {
+            peak_fds.0 = peak_fds.0.max(open_fd_count(proxy_pid));
+            peak_fds.1 = peak_fds.1.max(open_fd_count(archiver_pid));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for client in clients {
+            client.join().expect("an aborting client failed");
+        }
+    });
+    let left = Instant::now();
+    let released = wait_until(Duration::from_secs(5), || {
+        open_fd_count(proxy_pid) <= proxy_fds && open_fd_count(archiver_pid) <= archiver_fds
+    });
+    println!(
+        "{ABORTING_CLIENTS} aborting clients: proxy fds {proxy_fds} -> peak {} -> {} after {:?}; \
+         archiver fds {archiver_fds} -> peak {} -> {}",
+        peak_fds.0,
+        open_fd_count(proxy_pid),
+        left.elapsed(),
+        peak_fds.1,
+        open_fd_count(archiver_pid)
+    );
+    assert!(released, "fds not back to baseline within 5 s");
+    let idle = wait_until(Duration::from_secs(5), || {
+        scrape(addr).value("gitball_proxy_active_downloads", &[]) == 0.0
+            && scrape(cluster.primary.addr).value("gitball_archiver_active_downloads", &[]) == 0.0
+    });
+    assert!(idle, "active_downloads not back to 0");
+    assert!(
+        scrape(addr).value("gitball_proxy_client_disconnects_total", &[])
+            >= (SLOW_CLIENTS + ABORTING_CLIENTS) as f64
+    );
+}
+
+#[test]
+fn idle_clients_are_disconnected_after_client_idle_timeout() {
+    // Several at once: the pipe's watchdog and the server's write-stall
+    // guard race to cut each one, and every cut must count as an idle
+    // timeout whichever wins; one client alone would test one order only.
+    const IDLE_CLIENTS: usize = 6;
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "big");
+    let commit = big_repository(&repo, 64 * MIB);
+    let full_length = tar_length(&repo, "big-main/", &commit);
+    let cluster = Cluster::start(
+        &sandbox.repos(),
+        &sandbox.repos(),
+        0,
+        &["--client-idle-timeout", "1"],
+    );
+    let proxy = &cluster.proxy;
+    let proxy_fds = settled_fd_count(proxy.pid);
+
+    let mut clients: Vec<(RawConnection, usize)> = (0..IDLE_CLIENTS)
+        .map(|_| {
+            let mut connection = RawConnection::connect(proxy.addr).expect("connect");
+            connection
+                .send_request("GET", "/acme/big/archive/main.tar", &[])
+                .expect("send");
+            assert_eq!(connection.read_head().expect("head").status, 200);
+            let received = connection
+                .read_body_bytes(8 * KIB)
+                .expect("first bytes")
+                .len();
+            (connection, received)
+        })
+        .collect();
+    // The clients stop reading, their sockets open.
+    let stopped = Instant::now();
+
+    // The proxy fills the socket buffers, then gives up on the clients:
+    // their connections and the upstream ones are closed.
+    assert!(
+        wait_until(SETTLE, || open_fd_count(proxy.pid) <= proxy_fds),
+        "proxy fds {} > baseline {proxy_fds}",
+        open_fd_count(proxy.pid)
+    );
+    let released_after = stopped.elapsed();
+    println!(
+        "{IDLE_CLIENTS} idle clients cut and proxy fds back to {proxy_fds} after \
+         {released_after:?} (idle timeout 1 s)"
+    );
+    assert!(released_after < Duration::from_secs(6));
+
+    // What a client finds when it reads again: the buffered bytes, then the
+    // end of a connection that was cut, never a complete body.
+    for (connection, received) in &mut clients {
+        let end = connection.read_body_to_end(|piece| *received += piece.len());
+        assert!(
+            matches!(end, BodyEnd::Aborted(_)),
+            "an idle client's body ended cleanly after {received} bytes"
+        );
+        assert!((*received as u64) < full_length);
+    }
+    assert!(wait_until(SETTLE, || scrape(cluster.primary.addr)
+        .value("gitball_archiver_active_downloads", &[])
+        == 0.0));
+    let metrics = proxy.scrape();
+    assert_eq!(metrics.value("gitball_proxy_active_downloads", &[]), 0.0);
+
+    let idle_timeouts = metrics.value("gitball_proxy_client_idle_timeouts_total", &[]);
+    let disconnects = metrics.value("gitball_proxy_client_disconnects_total", &[]);
+    println!(
+        "cuts counted as idle timeouts: {idle_timeouts}, as client disconnects: {disconnects}"
+    );
+    assert_eq!(
+        idle_timeouts, IDLE_CLIENTS as f64,
+        "{IDLE_CLIENTS} idle clients were cut, but client_idle_timeouts_total is \
+         {idle_timeouts} and client_disconnects_total {disconnects}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Configuration
+
+#[test]
+fn sighup_reloads_a_good_routes_file_and_keeps_the_old_table_on_a_bad_one() {
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "widget");
+    let commits = small_repository(&repo);
+    let empty_repos = sandbox.path("empty-repos");
+    std::fs::create_dir_all(&empty_repos).expect("mkdir");
+    let full = Archiver::start(&sandbox.repos(), &[]);
+    let empty = Archiver::start(&empty_repos, &[]);
+    let routes = sandbox.path("routes.toml");
+    write_routes(&routes, &[Route::new("*", &empty.base_url, &[])]);
+    let proxy = Proxy::with_routes(&routes, &[]);
+    let path = "/acme/widget/archive/main.tar";
+    let expected = repo.archive("tar", "widget-main/", &commits.second, None);
+    let reloads = |outcome: &str| {
+        proxy.scrape().value(
+            "gitball_proxy_routes_reloads_total",
+            &[("outcome", outcome)],
+        )
+    };
+
+    assert_eq!(
+        fetch(proxy.addr, path).status(),
+        404,
+        "routed to the empty archiver"
+    );
+
+    // A good file: acme/* now goes to the archiver that has it.
+    write_routes(
+        &routes,
+        &[
+            Route::new("acme/*", &full.base_url, &[]),
+            Route::new("*", &empty.base_url, &[]),
+        ],
+    );
+    proxy.signal(nix::sys::signal::Signal::SIGHUP);
+    assert!(wait_until(SETTLE, || reloads("ok") == 1.0), "no ok reload");
+    assert_same_bytes(
+        &fetch_ok(proxy.addr, path).body,
+        &expected,
+        "after the reload",
+    );
+    assert_eq!(
+        fetch(proxy.addr, "/other/widget/archive/main.tar").status(),
+        404
+    );
+
+    // A file with a syntax error, then one that parses but is invalid: the
+    // table in use stays.
+    write_atomically(&routes, b"[[route]\nrepos = \"*\"\nprimary = \n");
+    proxy.signal(nix::sys::signal::Signal::SIGHUP);
+    assert!(
+        wait_until(SETTLE, || reloads("error") == 1.0),
+        "no error reload"
+    );
+    assert_same_bytes(
+        &fetch_ok(proxy.addr, path).body,
+        &expected,
+        "after a bad file",
+    );
+    write_routes(&routes, &[Route::new("*", "ftp://127.0.0.1:1", &[])]);
+    proxy.signal(nix::sys::signal::Signal::SIGHUP);
+    assert!(
+        wait_until(SETTLE, || reloads("error") == 2.0),
+        "no second error reload"
+    );
+    assert_same_bytes(
+        &fetch_ok(proxy.addr, path).body,
+        &expected,
+        "after an invalid file",
+    );
+    assert_eq!(reloads("ok"), 1.0);
+    assert!(proxy.log().contains("keeping the previous table"));
+}
+
+#[test]
+fn private_routes_need_a_valid_signed_token() {
+    const KEY: &str = "e2e-signing-key-0123456789abcdef";
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "secret");
+    let commits = small_repository(&repo);
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    let key_file = sandbox.path("signing.key");
+    // Surrounding whitespace is not part of the key.
+    std::fs::write(&key_file, format!("  {KEY}\n")).expect("write the key");
+    let routes = sandbox.path("routes.toml");
+    write_routes(
+        &routes,
+        &[
+            Route::new("acme/secret", &archiver.base_url, &[]).private(),
+            Route::new("*", &archiver.base_url, &[]),
+        ],
+    );
+    let key_arg = key_file.to_str().expect("utf-8 path");
+    let proxy = Proxy::with_routes(&routes, &["--signing-key-file", key_arg]);
+    let addr = proxy.addr;
+    let expected = repo.archive("tar", "secret-main/", &commits.second, None);
+
+    // The real subcommand's token.
+    let output = Command::new(binary_path("gitball-proxy"))
+        .args([
+            "sign",
+            "--key-file",
+            key_arg,
+            "--repo",
+            "acme/secret",
+            "--ttl",
+            "10m",
+        ])
+        .env_clear()
+        .output()
+        .expect("run gitball-proxy sign");
+    assert!(
+        output.status.success(),
+        "sign: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let signed = String::from_utf8(output.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_owned();
+    let (expiry, _) = signed.split_once('.').expect("{expiry}.{sig}");
+    let expiry: u64 = expiry.parse().expect("expiry is a number");
+    assert!(expiry.abs_diff(unix_now() + 600) < 60, "expiry {expiry}");
+    let path = format!("/acme/secret/archive/main.tar?token={signed}");
+    assert_same_bytes(&fetch_ok(addr, &path).body, &expected, "signed");
+    let path = format!("/acme/secret/tar.gz/main?token={signed}");
+    assert_same_bytes(
+        &gunzip(&fetch_ok(addr, &path).body),
+        &expected,
+        "signed, codeload",
+    );
+    // The same formula computed here: the spec's, not an implementation detail.
+    let mine = token(KEY.as_bytes(), "acme/secret", unix_now() + 300);
+    fetch_ok(addr, &format!("/acme/secret/archive/main.tar?token={mine}"));
+
+    // Everything else looks exactly like an unknown repository.
+    let unknown = fetch(addr, "/acme/no-such-repo/archive/main.tar");
+    assert_eq!(unknown.status(), 404);
+    let unknown_json: serde_json::Value = serde_json::from_slice(&unknown.body).expect("JSON");
+    assert_eq!(unknown.error_code(), "repo_not_found");
+
+    let now = unix_now();
+    let valid = token(KEY.as_bytes(), "acme/secret", now + 300);
+    let (valid_expiry, valid_signature) = valid.split_once('.').expect("a dot");
+    let refused: Vec<(&str, String)> = vec![
+        ("expired", token(KEY.as_bytes(), "acme/secret", now - 60)),
+        (
+            "wrong repository",
+            token(KEY.as_bytes(), "acme/other", now + 300),
+        ),
+        ("wrong key", token(b"another-key", "acme/secret", now + 300)),
+        (
+            "later expiry, same signature",
+            format!("{}.{valid_signature}", now + 3600),
+        ),
+        ("padded signature", format!("{valid}=")),
+        ("plus-signed expiry", format!("%2B{valid}")),
+        ("truncated signature", valid[..valid.len() - 4].to_owned()),
+        ("no signature", format!("{valid_expiry}.")),
+        ("no expiry", format!(".{valid_signature}")),
+        ("garbage", "not-a-token".to_owned()),
+        ("bad base64", format!("{valid_expiry}.!!!!")),
+        ("empty", String::new()),
+    ];
+    let mut cases: Vec<(String, String)> = refused
+        .into_iter()
+        .map(|(what, token)| {
+            (
+                what.to_owned(),
+                format!("/acme/secret/archive/main.tar?token={token}"),
+            )
+        })
+        .collect();
+    cases.push(("missing".into(), "/acme/secret/archive/main.tar".into()));
+    cases.push(("missing, codeload".into(), "/acme/secret/zip/main".into()));
+    cases.push((
+        "token for the ref, not the repository".into(),
+        format!(
+            "/acme/secret/archive/main.tar?path=src&token={}",
+            token(KEY.as_bytes(), "acme/secret:main", now + 300)
+        ),
+    ));
+    for (what, path) in &cases {
+        let answer = fetch(addr, path);
+        assert_eq!(answer.status(), 404, "{what}: {path}");
+        let json: serde_json::Value = serde_json::from_slice(&answer.body)
+            .unwrap_or_else(|_| panic!("{what}: body is not JSON: {}", answer.text()));
+        assert_eq!(
+            json, unknown_json,
+            "{what}: the refusal differs from an unknown repository's 404"
+        );
+    }
+    let archiver_metrics = scrape(archiver.addr);
+    assert_eq!(
+        archiver_metrics.sum("gitball_archiver_requests_total", &[]),
+        4.0,
+        "only the signed requests and the unknown repository reached the archiver"
+    );
+}
+
+/// One hostile request and the status it must get.
+struct Hostile {
+    what: &'static str,
+    method: &'static str,
+    target: String,
+    header: Option<(&'static str, String)>,
+    status: u16,
+}
+
+#[test]
+fn hostile_urls_are_refused_by_the_proxy_without_an_upstream_attempt() {
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "widget");
+    let commits = small_repository(&repo);
+    let cluster = Cluster::start(&sandbox.repos(), &sandbox.repos(), 2, &[]);
+    let addr = cluster.proxy.addr;
+    let before = family_sum(&cluster.proxy.scrape(), ATTEMPTS);
+
+    let get = |what: &'static str, target: &str, status: u16| Hostile {
+        what,
+        method: "GET",
+        target: target.to_owned(),
+        header: None,
+        status,
+    };
+    let cases = [
+        get(
+            "encoded traversal in the ref",
+            "/acme/widget/archive/..%2F..%2F..%2Fetc%2Fpasswd.tar",
+            400,
+        ),
+        get("dot-dot repository", "/acme/../archive/main.tar", 400),
+        get(
+            "encoded traversal in the owner",
+            "/..%2F..%2Fetc/widget/archive/main.tar",
+            400,
+        ),
+        get("dot owner", "/.git/widget/archive/main.tar", 400),
+        get(
+            "option as ref",
+            "/acme/widget/archive/--output=%2Ftmp%2Fx.tar",
+            400,
+        ),
+        get(
+            "dash ref, codeload",
+            "/acme/widget/tar.gz/--remote=evil",
+            400,
+        ),
+        get("dash ref", "/acme/widget/archive/-main.zip", 400),
+        get("NUL in the ref", "/acme/widget/archive/main%00.tar", 400),
+        get(
+            "newline in the ref",
+            "/acme/widget/archive/ma%0Ain.tar",
+            400,
+        ),
+        get("space in the ref", "/acme/widget/archive/main%20x.tar", 400),
+        get(
+            "reflog syntax",
+            "/acme/widget/archive/main@%7B-1%7D.tar",
+            400,
+        ),
+        get(
+            "lock component",
+            "/acme/widget/archive/refs%2Fheads%2Fx.lock.tar",
+            400,
+        ),
+        get("invalid UTF-8", "/acme/widget/archive/%E9t%E9.tar", 400),
+        get("unknown format", "/acme/widget/archive/main.rar", 400),
+        get(
+            "pathspec magic",
+            "/acme/widget/archive/main.tar?path=%3A(glob)**",
+            400,
+        ),
+        get(
+            "pathspec magic, last path wins",
+            "/acme/widget/archive/main.tar?path=src&path=%3A%21src",
+            400,
+        ),
+        get(
+            "traversal in path",
+            "/acme/widget/archive/main.tar?path=..%2F..%2Fetc",
+            400,
+        ),
+        get(
+            "absolute path",
+            "/acme/widget/archive/main.tar?path=%2Fetc%2Fpasswd",
+            400,
+        ),
+        get(
+            "control byte in path",
+            "/acme/widget/archive/main.tar?path=src%01",
+            400,
+        ),
+        get(
+            "not an archive URL",
+            "/acme/widget/blob/main/README.md",
+            404,
+        ),
+        get(
+            "request line over 8 KiB",
+            &format!("/acme/widget/archive/{}.tar", "a".repeat(9 * KIB)),
+            414,
+        ),
+        Hostile {
+            header: Some(("X-Filler", "x".repeat(64 * KIB))),
+            ..get("head of 64 KiB", "/acme/widget/archive/main.tar", 431)
+        },
+        Hostile {
+            method: "POST",
+            header: Some(("Content-Length", "0".to_owned())),
+            ..get("POST", "/acme/widget/archive/main.tar", 405)
+        },
+        Hostile {
+            method: "DELETE",
+            ..get("DELETE", "/acme/widget/archive/main.tar", 405)
+        },
+    ];
+    for case in &cases {
+        let headers: Vec<(&str, &str)> = case
+            .header
+            .iter()
+            .map(|(name, value)| (*name, value.as_str()))
+            .collect();
+        let answer = fetch_with(addr, case.method, &case.target, &headers);
+        let what = case.what;
+        assert_eq!(
+            answer.status(),
+            case.status,
+            "{what}: {} {}",
+            case.method,
+            &case.target[..case.target.len().min(80)]
+        );
+        let body = answer.text();
+        assert!(
+            !body.contains("/etc") && !body.contains("passwd"),
+            "{what}: body {body}"
+        );
+        if case.status == 405 {
+            assert_eq!(answer.header("allow"), "GET, HEAD", "{what}");
+        }
+    }
+
+    // Raw bytes a client library would refuse to send.
+    let raw: [(&str, &[u8]); 3] = [
+        ("control byte in the request line", b"GET /acme/widget/archive/ma\x01in.tar HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        ("space in the target", b"GET /acme/widget/archive/ma in.tar HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        ("bare LF header injection", b"GET /acme/widget/archive/main.tar HTTP/1.1\r\nHost: x\r\nX-A: b\rX-Injected: 1\r\nConnection: close\r\n\r\n"),
+    ];
+    for (what, bytes) in raw {
+        let mut connection = RawConnection::connect(addr).expect("connect");
+        connection.send(bytes).expect("send");
+        let head = connection
+            .read_head()
+            .unwrap_or_else(|error| panic!("{what}: no response: {error}"));
+        assert!((400..500).contains(&head.status), "{what}: {}", head.status);
+    }
+
+    let after = family_sum(&cluster.proxy.scrape(), ATTEMPTS);
+    assert_eq!(after, before, "a hostile request reached an upstream");
+    for archiver in cluster.archivers() {
+        assert_eq!(
+            scrape(archiver.addr).sum("gitball_archiver_requests_total", &[]),
+            0.0
+        );
+    }
+
+    // The proxy still serves.
+    let expected = repo.archive("tar", "widget-main/", &commits.second, None);
+    assert_same_bytes(
+        &fetch_ok(addr, "/acme/widget/archive/main.tar").body,
+        &expected,
+        "after the hostile requests",
+    );
+    assert_eq!(family_sum(&cluster.proxy.scrape(), ATTEMPTS), before + 1.0);
+}
+
+/// SPEC §3: a request head over 32 KiB gets `431`, on the proxy too, and is
+/// never forwarded.
+#[test]
+fn request_head_over_32_kib_gets_431() {
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    let cluster = Cluster::start(&sandbox.repos(), &sandbox.repos(), 0, &[]);
+    let addr = cluster.proxy.addr;
+    let before = family_sum(&cluster.proxy.scrape(), ATTEMPTS);
+    let answers: Vec<(usize, u16)> = [33, 40, 47]
+        .into_iter()
+        .map(|filler_kib| {
+            let filler = "x".repeat(filler_kib * KIB);
+            let answer = fetch_with(
+                addr,
+                "GET",
+                "/acme/widget/archive/main.tar",
+                &[("X-Filler", &filler)],
+            );
+            (filler_kib, answer.status())
+        })
+        .collect();
+    let forwarded = family_sum(&cluster.proxy.scrape(), ATTEMPTS) - before;
+    assert!(
+        answers.iter().all(|&(_, status)| status == 431),
+        "(header KiB, status) for heads over 32 KiB: {answers:?}; {forwarded} forwarded upstream"
+    );
+}
+
+#[test]
+fn embedded_mode_serves_a_work_tree_and_both_tiers_metrics() {
+    let sandbox = Sandbox::new();
+    let tool = sandbox.source_repo("mytool");
+    let commits = small_repository(&tool);
+    let proxy = Proxy::embedded(tool.dir(), &sandbox.path("cache"), &[]);
+
+    let got = fetch_ok(proxy.addr, "/local/mytool/archive/HEAD.tar.gz");
+    assert_eq!(got.header("x-gitball-commit"), commits.second);
+    assert_eq!(
+        got.header("content-disposition"),
+        format!("attachment; filename=mytool-{}.tar.gz", commits.second)
+    );
+    let expected = tool.archive("tar", &format!("mytool-{}/", commits.second), "HEAD", None);
+    assert_same_bytes(&gunzip(&got.body), &expected, "embedded HEAD.tar.gz");
+
+    let text = fetch_ok(proxy.addr, "/metrics").text();
+    let metrics = gitball_e2e::Metrics::parse(&text);
+    for family in [
+        "gitball_proxy_requests_total",
+        "gitball_proxy_upstream_attempts_total",
+        "gitball_proxy_active_downloads",
+        "gitball_archiver_requests_total",
+        "gitball_archiver_generations_total",
+        "gitball_archiver_active_downloads",
+        "process_open_fds",
+    ] {
+        assert!(
+            metrics.types.contains_key(family) && !metrics.series_of(family).is_empty(),
+            "{family} missing from the embedded proxy's /metrics"
+        );
+    }
+    assert_eq!(
+        metrics.sum("gitball_archiver_generations_total", &[("outcome", "ok")]),
+        1.0
+    );
+
+    let promtool = Command::new("promtool").arg("--version").output();
+    if promtool.is_ok_and(|output| output.status.success()) {
+        let mut child = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run promtool");
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().expect("stdin is piped");
+            stdin.write_all(text.as_bytes()).expect("write to promtool");
+        }
+        let output = child.wait_with_output().expect("wait for promtool");
+        assert!(
+            output.status.success(),
+            "promtool check metrics: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    } else {
+        eprintln!("promtool not installed: skipping `promtool check metrics`");
+    }
+}
+
+#[test]
+fn upstream_token_is_sent_and_its_absence_never_leaks_a_401() {
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "widget");
+    let commits = small_repository(&repo);
+    let token_file = sandbox.path("upstream.token");
+    std::fs::write(&token_file, "e2e-upstream-token-42\n").expect("write the token");
+    let token_arg = token_file.to_str().expect("utf-8 path");
+    let archiver = Archiver::start(&sandbox.repos(), &["--token-file", token_arg]);
+    let routes = sandbox.path("routes.toml");
+    write_routes(&routes, &[Route::new("*", &archiver.base_url, &[])]);
+    let with_token = Proxy::with_routes(&routes, &["--upstream-token-file", token_arg]);
+    let without_token = Proxy::with_routes(&routes, &[]);
+    let path = "/acme/widget/archive/main.tar";
+
+    assert_eq!(
+        fetch(archiver.addr, path).status(),
+        401,
+        "the archiver wants the token"
+    );
+    let expected = repo.archive("tar", "widget-main/", &commits.second, None);
+    assert_same_bytes(
+        &fetch_ok(with_token.addr, path).body,
+        &expected,
+        "with the token",
+    );
+
+    let refused: Fetched = fetch(without_token.addr, path);
+    assert!(
+        [502, 503].contains(&refused.status()),
+        "without the token: {} {}",
+        refused.status(),
+        refused.text()
+    );
+    assert_eq!(refused.head.header("www-authenticate"), None);
+    assert!(!refused.text().to_lowercase().contains("unauthorized"));
+    assert!(
+        without_token.scrape().value(
+            ATTEMPTS,
+            &[
+                ("upstream", &archiver.base_url),
+                ("outcome", "unauthorized")
+            ]
+        ) >= 1.0
+    );
+    // Proxies are independent: the one with the token is unaffected.
+    fetch_ok(with_token.addr, path);
+}
