@@ -13,6 +13,8 @@
 //! - Compressed bytes do not depend on timing: git's output is cut into
 //!   fixed `INPUT_CHUNK_BYTES` pieces (whatever sizes the pipe delivers) and
 //!   fed to the encoder block by block, never flushed (`compress`).
+//!   Uncompressed formats are git's bytes as they are, passed on as they
+//!   arrive (the first byte leaves with git's first).
 //!   The encoders and their versions are pinned in the workspace; the golden
 //!   tests fail if a dependency update changes a single byte.
 //! - Readers see a length only after those bytes are in the file: the file is
@@ -170,7 +172,7 @@ pub async fn run(
 
     let deadline = tokio::time::Instant::now() + limits.timeout;
     let pumped = tokio::select! {
-        pumped = pump(&mut stdout, &chunks) => pumped,
+        pumped = pump(&mut stdout, &chunks, spec.compression != Compression::None) => pumped,
         () = tokio::time::sleep_until(deadline) => Err(Some(Failure::Timeout)),
         () = cancel.cancelled() => Err(Some(Failure::Cancelled)),
     };
@@ -221,25 +223,33 @@ enum Chunk {
     End,
 }
 
-/// Reads git's stdout in fixed-size pieces and hands them to the writer.
+/// Reads git's stdout and hands it to the writer: in fixed-size pieces when
+/// a compressor follows (`whole_blocks`), as it arrives otherwise.
 /// `Err(None)`: the writer closed its end (too large, I/O error) and its
 /// result says why.
 async fn pump(
     stdout: &mut (impl AsyncRead + Unpin),
     chunks: &mpsc::Sender<Chunk>,
+    whole_blocks: bool,
 ) -> Result<(), Option<Failure>> {
     loop {
         let mut buffer = BytesMut::with_capacity(INPUT_CHUNK_BYTES);
+        let mut at_end = false;
         while buffer.len() < INPUT_CHUNK_BYTES {
             let read = stdout
                 .read_buf(&mut buffer)
                 .await
                 .map_err(|_| Some(Failure::Failed))?;
             if read == 0 {
+                at_end = true;
+                break;
+            }
+            // Uncompressed bytes are git's own whatever the cut: pass them
+            // on as they come, so the first byte leaves with git's first.
+            if !whole_blocks {
                 break;
             }
         }
-        let at_end = buffer.len() < INPUT_CHUNK_BYTES;
         if !buffer.is_empty() && chunks.send(Chunk::Data(buffer.freeze())).await.is_err() {
             return Err(None);
         }
