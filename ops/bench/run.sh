@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# gitball benchmarks: gitball and its peers (git archive, nginx) in one run.
+#
+#   ops/bench/run.sh [--quick] [--repo PATH]... [--runs N] [--no-build]
+#                    [--workdir DIR] [--keep] [--write | --no-write] [--only 1,2,...]
+#
+#   --quick       small inputs, 1 run each, 2 s load runs: a smoke test
+#                 (writes its report into the work directory, not BENCHMARKS.md)
+#   --repo PATH   also measure cold archives of this git repository (a shared
+#                 bare clone is made in the work directory; PATH is not modified)
+#   --runs N      runs per measurement (default 3; the median is reported)
+#   --no-build    use target/release as it is instead of `cargo build --release`
+#   --workdir DIR keep inputs and logs in DIR; inputs generated there earlier
+#                 with the same settings are reused
+#   --keep        keep the temporary work directory (logs, nginx configs)
+#   --write       write BENCHMARKS.md, ops/bench/benchmarks.png and
+#                 ops/bench/results.json (the default without --quick)
+#   --only LIST   run only these scenarios (1-5); never writes the report
+#
+# Needs: git, curl, nginx, wrk, zstd, python3 with matplotlib (Debian:
+# apt-get install nginx wrk zstd curl python3-matplotlib). Everything
+# listens on 127.0.0.1; load runs are bounded in time; processes started
+# here are stopped by pid. A full run takes about 8-15 minutes on 2 cores.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+build=1
+for arg in "$@"; do
+    case $arg in
+        --no-build) build=0 ;;
+        -h | --help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
+    esac
+done
+args=()
+for arg in "$@"; do
+    [ "$arg" = --no-build ] || args+=("$arg")
+done
+
+missing=
+for tool in git curl nginx wrk zstd; do
+    command -v "$tool" >/dev/null || missing="$missing $tool"
+done
+python=
+for candidate in python3 /usr/bin/python3; do
+    if command -v "$candidate" >/dev/null && "$candidate" -c 'import matplotlib' 2>/dev/null; then
+        python=$candidate
+        break
+    fi
+done
+[ -n "$python" ] || missing="$missing python3-matplotlib"
+if [ -n "$missing" ]; then
+    echo "run.sh: missing:$missing (Debian: apt-get install --no-install-recommends nginx wrk zstd curl python3-matplotlib)" >&2
+    exit 1
+fi
+
+if [ "$build" = 1 ]; then
+    echo "building release binaries…"
+    (cd "$root" && cargo build --release -p gitball-archiver -p gitball-proxy)
+fi
+for binary in gitball-archiver gitball-proxy; do
+    [ -x "$root/target/release/$binary" ] || { echo "run.sh: target/release/$binary missing (drop --no-build)" >&2; exit 1; }
+done
+
+# The report records the exact command.
+command="ops/bench/run.sh${*:+ $*}"
+exec "$python" "$here/bench.py" --root "$root" --command "$command" ${args[@]+"${args[@]}"}
