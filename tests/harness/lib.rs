@@ -680,7 +680,7 @@ impl Service {
 
         let mut addr = None;
         let logged = wait_until(START_TIMEOUT, || {
-            addr = listen_address(&service.log());
+            addr = listen_address(&service.log(), &format!("{binary} serving"));
             addr.is_some() || !service.is_running()
         });
         let Some(addr) = addr else {
@@ -812,9 +812,9 @@ impl Drop for Service {
 
 /// Finds the address in a `… serving … listen=ADDR` line (text logs) or a
 /// JSON log line whose message ends in `serving` with a `listen` field.
-pub fn listen_address(log: &str) -> Option<SocketAddr> {
+pub fn listen_address(log: &str, marker: &str) -> Option<SocketAddr> {
     for line in log.lines() {
-        if !line.contains("serving") {
+        if !line.contains(marker) {
             continue;
         }
         if let Ok(serde_json::Value::Object(map)) = serde_json::from_str(line)
@@ -1646,15 +1646,25 @@ mod tests {
     fn listen_addresses_are_found_in_text_and_json_logs() {
         let text = "\u{1b}[2m2026\u{1b}[0m INFO gitball_archiver: gitball-archiver serving \u{1b}[3mlisten\u{1b}[0m\u{1b}[2m=\u{1b}[0m127.0.0.1:4242\n";
         assert_eq!(
-            listen_address(text),
+            listen_address(text, "gitball-archiver serving"),
             Some("127.0.0.1:4242".parse().unwrap())
         );
         let json = "{\"message\":\"gitball-archiver serving\",\"listen\":\"127.0.0.1:5555\"}\n";
         assert_eq!(
-            listen_address(json),
+            listen_address(json, "gitball-archiver serving"),
             Some("127.0.0.1:5555".parse().unwrap())
         );
-        assert_eq!(listen_address("starting\n"), None);
+        assert_eq!(
+            listen_address("starting\n", "gitball-archiver serving"),
+            None
+        );
+        // Embedded mode: the proxy's own line, not its in-process archiver's.
+        let both = "{\"message\":\"gitball-archiver serving\",\"listen\":\"127.0.0.1:1111\"}\n\
+                    {\"message\":\"gitball-proxy serving\",\"listen\":\"127.0.0.1:2222\"}\n";
+        assert_eq!(
+            listen_address(both, "gitball-proxy serving"),
+            Some("127.0.0.1:2222".parse().unwrap())
+        );
     }
 
     #[test]

@@ -27,12 +27,9 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 use crate::{
-    Archiver, BodyEnd, Metrics, RawConnection, RepoBuilder, ResponseHead, START_TIMEOUT, Service,
-    base64, listen_address, open_fd_count, pseudo_random_bytes, wait_until,
+    Archiver, BodyEnd, Metrics, RawConnection, RepoBuilder, ResponseHead, Service, base64,
+    open_fd_count, pseudo_random_bytes, wait_until,
 };
-
-/// The log message the proxy writes once it accepts connections.
-const PROXY_SERVING: &str = "gitball-proxy serving";
 
 /// How long a restart on a just-freed port keeps retrying the bind.
 pub const RESTART_TIMEOUT: Duration = Duration::from_secs(10);
@@ -54,29 +51,10 @@ impl Proxy {
             all.extend(["--log-format".into(), "json".into()]);
         }
         all.extend(args.iter().cloned());
-        let mut service = Service::start("gitball-proxy", &all);
-        // `Service::start` took the first `serving` line, which in embedded
-        // mode is the in-process archiver's: find the proxy's own.
-        let mut addr = None;
-        let logged = wait_until(START_TIMEOUT, || {
-            addr = proxy_listen_address(&service.log());
-            addr.is_some() || !service.is_running()
-        });
-        let Some(addr) = addr else {
-            panic!(
-                "gitball-proxy did not log `{PROXY_SERVING}` ({}); log:\n{}",
-                if logged { "it exited" } else { "timeout" },
-                service.log()
-            );
-        };
-        service.addr = addr;
-        service.base_url = format!("http://{addr}");
-        let healthy = wait_until(START_TIMEOUT, || service.health_status() == Some(200));
-        assert!(
-            healthy,
-            "gitball-proxy did not answer /healthz; log:\n{}",
-            service.log()
-        );
+        // `Service::start` waits for the `gitball-proxy serving` line, so in
+        // embedded mode the in-process archiver's own line is not mistaken
+        // for the proxy's.
+        let service = Service::start("gitball-proxy", &all);
         Proxy { service }
     }
 
@@ -116,13 +94,6 @@ impl DerefMut for Proxy {
     fn deref_mut(&mut self) -> &mut Service {
         &mut self.service
     }
-}
-
-/// The address in the proxy's own `gitball-proxy serving` line.
-fn proxy_listen_address(log: &str) -> Option<SocketAddr> {
-    log.lines()
-        .filter(|line| line.contains(PROXY_SERVING))
-        .find_map(listen_address)
 }
 
 /// Starts `gitball-archiver` on `listen` (a fixed address, e.g. the port of
@@ -510,16 +481,6 @@ mod tests {
             route.toml(),
             "[[route]]\nrepos = \"acme/*\"\nprimary = \"http://a:1\"\n\
              replicas = [\"http://b:2\", \"http://c:3\"]\nprivate = true\n\n"
-        );
-    }
-
-    #[test]
-    fn the_proxy_serving_line_wins_over_the_embedded_archivers() {
-        let log = "{\"message\":\"gitball-archiver serving\",\"listen\":\"127.0.0.1:1111\"}\n\
-                   {\"message\":\"gitball-proxy serving\",\"listen\":\"127.0.0.1:2222\"}\n";
-        assert_eq!(
-            proxy_listen_address(log),
-            Some("127.0.0.1:2222".parse().unwrap())
         );
     }
 }
