@@ -38,7 +38,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::error::Error;
 use crate::routes::{Candidate, Role};
@@ -49,11 +55,57 @@ use crate::upstream::Health;
 /// archiver is closing at that moment.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// The read buffer of each upstream connection, fixed. hyper's default is
+/// adaptive and grows to ~400 KiB on a fast connection; it lives as long as
+/// the download, so with many slow clients it was most of the proxy's
+/// memory. The pipe forwards at the client's pace anyway, so a larger
+/// buffer buys nothing but fewer reads.
+pub const UPSTREAM_READ_BUFFER_BYTES: usize = 64 * 1024;
+
+/// TCP keep-alive probes on upstream connections: idle time before the
+/// first probe, the interval between probes, and how many go unanswered
+/// before the connection is dropped. A download paused by a slow client
+/// still learns of a vanished archiver host.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(15);
+const TCP_KEEPALIVE_RETRIES: u32 = 3;
+
+/// The client for archivers: plain HTTP/1, requests without a body.
+pub type UpstreamClient = Client<HttpConnector, Empty<Bytes>>;
+
+/// An upstream response: headers received, body not yet read.
+pub type UpstreamResponse = http::Response<Incoming>;
+
+/// Builds the client for archivers. No total timeout: it would bound the
+/// whole body, and a download may rightly take an hour. Time to headers is
+/// bounded by the caller, body progress by the client's pace. No proxy from
+/// the environment and no redirects: archivers are addressed directly.
+pub fn upstream_client(connect_timeout: Duration) -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_nodelay(true);
+    connector.set_keepalive(Some(TCP_KEEPALIVE));
+    connector.set_keepalive_interval(Some(TCP_KEEPALIVE));
+    connector.set_keepalive_retries(Some(TCP_KEEPALIVE_RETRIES));
+    Client::builder(TokioExecutor::new())
+        // Without a timer the pool never expires idle connections.
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .http1_read_buf_exact_size(UPSTREAM_READ_BUFFER_BYTES)
+        .build(connector)
+}
+
+/// The body's length when the upstream framed it with `Content-Length`
+/// (zero for `HEAD`, `204` and `304`, which have none).
+pub fn body_length(response: &UpstreamResponse) -> Option<u64> {
+    hyper::body::Body::size_hint(response.body()).exact()
+}
+
 /// Forwarding settings plus the shared HTTP client (one connection pool
 /// for every upstream).
 #[derive(Debug)]
 pub struct Forwarder {
-    client: reqwest::Client,
+    client: UpstreamClient,
     health: Arc<Health>,
     header_timeout: Duration,
     /// `Authorization: Bearer …` for archivers, from `--upstream-token-file`.
@@ -73,7 +125,7 @@ pub struct UpstreamRequest {
 /// The chosen upstream response (headers received, body unread).
 #[derive(Debug)]
 pub struct Forwarded {
-    pub response: reqwest::Response,
+    pub response: UpstreamResponse,
     pub upstream: Arc<str>,
     pub attempts: u32,
 }
@@ -136,18 +188,37 @@ pub fn classify(status: StatusCode, role: Role) -> Outcome {
     }
 }
 
-fn classify_error(error: &reqwest::Error) -> Outcome {
+fn classify_error(error: &hyper_util::client::legacy::Error) -> Outcome {
     if error.is_connect() {
-        if error.is_timeout() {
+        if is_timeout(error) {
             Outcome::ConnectTimeout
         } else {
             Outcome::ConnectError
         }
-    } else if error.is_timeout() {
+    } else if is_timeout(error) {
         Outcome::HeaderTimeout
     } else {
         Outcome::Error
     }
+}
+
+/// Whether a timeout is somewhere in `error`'s chain of causes (the
+/// connector reports its connect timeout as an `io::Error` `TimedOut`).
+fn is_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if error
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+            || error
+                .downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_timeout)
+        {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
 }
 
 impl Forwarder {
@@ -157,18 +228,7 @@ impl Forwarder {
         header_timeout: Duration,
         upstream_token: Option<&str>,
     ) -> anyhow::Result<Forwarder> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(connect_timeout)
-            // No `timeout()`: it would bound the whole body, and a download
-            // may rightly take an hour. Time to headers is bounded per
-            // attempt in `attempt`, body progress by the client's pace.
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .tcp_nodelay(true)
-            // Archivers are addressed directly; an HTTP_PROXY in the
-            // environment must not reroute internal traffic.
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()?;
+        let client = upstream_client(connect_timeout);
         let authorization = upstream_token
             .map(|token| {
                 let mut value = HeaderValue::try_from(format!("Bearer {token}"))?;
@@ -198,7 +258,7 @@ impl Forwarder {
         request: &UpstreamRequest,
     ) -> Result<Forwarded, Failed> {
         let mut attempts = 0;
-        let mut last_server_error: Option<(reqwest::Response, Arc<str>)> = None;
+        let mut last_server_error: Option<(UpstreamResponse, Arc<str>)> = None;
         let mut timeouts = 0;
         let mut last_upstream = None;
         for (index, candidate) in candidates.iter().enumerate() {
@@ -276,17 +336,25 @@ impl Forwarder {
         &self,
         candidate: &Candidate,
         request: &UpstreamRequest,
-    ) -> (Outcome, Option<reqwest::Response>) {
+    ) -> (Outcome, Option<UpstreamResponse>) {
         let url = format!("{}{}", candidate.upstream, request.path_and_query);
-        let mut headers = request.headers.clone();
+        let uri = match http::Uri::try_from(url) {
+            Ok(uri) => uri,
+            Err(error) => {
+                tracing::debug!(upstream = %candidate.upstream, %error, "no valid upstream URL");
+                return (Outcome::Error, None);
+            }
+        };
+        let mut upstream_request = http::Request::new(Empty::new());
+        *upstream_request.method_mut() = request.method.clone();
+        *upstream_request.uri_mut() = uri;
+        *upstream_request.headers_mut() = request.headers.clone();
         if let Some(authorization) = &self.authorization {
-            headers.insert(http::header::AUTHORIZATION, authorization.clone());
+            upstream_request
+                .headers_mut()
+                .insert(http::header::AUTHORIZATION, authorization.clone());
         }
-        let send = self
-            .client
-            .request(request.method.clone(), url)
-            .headers(headers)
-            .send();
+        let send = self.client.request(upstream_request);
         match tokio::time::timeout(self.header_timeout, send).await {
             Err(_elapsed) => (Outcome::HeaderTimeout, None),
             Ok(Err(error)) => {
@@ -375,6 +443,34 @@ mod tests {
         assert!(is_passed_through(
             &HeaderName::from_bytes(b"X-Gitball-Commit").unwrap()
         ));
+    }
+
+    #[tokio::test]
+    async fn refused_connection_is_a_connect_error() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        drop(listener);
+        let mut request = http::Request::new(Empty::new());
+        *request.uri_mut() = format!("http://{address}/").parse().unwrap();
+        let error = upstream_client(Duration::from_secs(5))
+            .request(request)
+            .await
+            .unwrap_err();
+        assert_eq!(classify_error(&error), Outcome::ConnectError);
+    }
+
+    #[test]
+    fn a_timeout_anywhere_in_the_causes_is_a_timeout() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("tcp connect error")]
+        struct Wrapper(#[source] std::io::Error);
+        let timed_out = Wrapper(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "deadline has elapsed",
+        ));
+        assert!(is_timeout(&timed_out));
+        let refused = Wrapper(std::io::ErrorKind::ConnectionRefused.into());
+        assert!(!is_timeout(&refused));
     }
 
     #[test]

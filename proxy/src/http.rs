@@ -35,7 +35,10 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::error::{Error, Fault};
-use crate::forward::{FORWARDED_REQUEST_HEADERS, Forwarder, UpstreamRequest, is_passed_through};
+use crate::forward::{
+    FORWARDED_REQUEST_HEADERS, Forwarder, UpstreamRequest, UpstreamResponse, body_length,
+    is_passed_through,
+};
 use crate::pipe::{End, Ending, Pipe};
 use crate::routes::Routes;
 use crate::sign::SigningKey;
@@ -234,7 +237,7 @@ async fn archive(State(state): State<Arc<AppState>>, request: Request) -> Respon
 
 /// The upstream response chosen for a request.
 struct Answer {
-    response: reqwest::Response,
+    response: UpstreamResponse,
     upstream: Arc<str>,
 }
 
@@ -316,7 +319,7 @@ fn respond(state: &AppState, request: &Parts, answer: Answer, mut log: RequestLo
     let has_body = request.method != Method::HEAD
         && status != StatusCode::NOT_MODIFIED
         && status != StatusCode::NO_CONTENT
-        && upstream_response.content_length() != Some(0);
+        && body_length(&upstream_response) != Some(0);
     if has_body {
         *response.body_mut() = Body::from_stream(
             Pipe::new(

@@ -237,15 +237,17 @@ const EMBEDDED_START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Waits until the archiver at `base` answers `/healthz` with `200`.
 async fn wait_healthy(base: &str) -> anyhow::Result<()> {
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(1))
-        .build()?;
-    let url = format!("{base}/healthz");
+    const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
+    let client = forward::upstream_client(ATTEMPT_TIMEOUT);
+    let uri: ::http::Uri = format!("{base}/healthz")
+        .parse()
+        .with_context(|| format!("embedded archiver address {base}"))?;
     let deadline = tokio::time::Instant::now() + EMBEDDED_START_TIMEOUT;
     loop {
-        let answer = client.get(&url).send().await;
-        if answer.is_ok_and(|response| response.status().is_success()) {
+        let mut request = ::http::Request::new(http_body_util::Empty::new());
+        *request.uri_mut() = uri.clone();
+        let answer = tokio::time::timeout(ATTEMPT_TIMEOUT, client.request(request)).await;
+        if answer.is_ok_and(|answer| answer.is_ok_and(|response| response.status().is_success())) {
             return Ok(());
         }
         anyhow::ensure!(

@@ -52,11 +52,13 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::Stream;
 use futures_util::stream::BoxStream;
+use futures_util::{Stream, StreamExt};
+use http_body_util::BodyExt;
 
 use gitball_archiver::server::WriteStalled;
 
+use crate::forward::{UpstreamResponse, body_length};
 use crate::metrics::ActiveDownload;
 use crate::upstream::Health;
 
@@ -93,10 +95,16 @@ pub enum PipeError {
     #[error("the client took no bytes for {0:?}")]
     IdleTimeout(Duration),
     #[error("the upstream body failed: {0}")]
-    Upstream(#[source] reqwest::Error),
+    Upstream(#[source] UpstreamError),
 }
 
-type UpstreamBody = BoxStream<'static, reqwest::Result<Bytes>>;
+/// Why the upstream body failed (a `hyper::Error` from the client; boxed
+/// so the tests can stand in any error).
+pub type UpstreamError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The upstream body's data frames (trailers, which archivers do not send,
+/// are skipped).
+type UpstreamBody = BoxStream<'static, Result<Bytes, UpstreamError>>;
 
 /// `waiting_since_ms` when the pipe is not waiting for the client.
 const NOT_WAITING: u64 = u64::MAX;
@@ -151,15 +159,19 @@ impl Pipe {
     /// when the download ends by any path. Must be called inside a tokio
     /// runtime (it spawns the idle watchdog).
     pub fn new(
-        response: reqwest::Response,
+        response: UpstreamResponse,
         upstream_name: Arc<str>,
         health: Arc<Health>,
         idle_timeout: Duration,
         on_end: impl FnOnce(End) + Send + 'static,
     ) -> Pipe {
-        let expected_bytes = response.content_length();
+        let expected_bytes = body_length(&response);
+        let body = response
+            .into_body()
+            .into_data_stream()
+            .map(|chunk| chunk.map_err(UpstreamError::from));
         Pipe::from_stream(
-            Box::pin(response.bytes_stream()),
+            Box::pin(body),
             expected_bytes,
             upstream_name,
             health,
@@ -362,13 +374,13 @@ mod tests {
 
     /// An upstream body that records when it is dropped.
     struct Tracked {
-        chunks: std::vec::IntoIter<reqwest::Result<Bytes>>,
+        chunks: std::vec::IntoIter<Result<Bytes, UpstreamError>>,
         dropped: Arc<AtomicBool>,
         pending_at_end: bool,
     }
 
     impl Stream for Tracked {
-        type Item = reqwest::Result<Bytes>;
+        type Item = Result<Bytes, UpstreamError>;
         fn poll_next(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
             match self.chunks.next() {
                 Some(item) => Poll::Ready(Some(item)),
@@ -513,15 +525,10 @@ mod tests {
     async fn upstream_failure_midway_is_an_error_not_an_end() {
         let dropped = Arc::new(AtomicBool::new(false));
         let ended = Arc::new(Mutex::new(None));
-        // A real reqwest error: a connection refused on a closed port.
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let address = listener.local_addr().unwrap();
-        drop(listener);
-        let error = reqwest::get(format!("http://{address}/"))
-            .await
-            .unwrap_err();
+        // Stands in for the `hyper::Error` of a connection reset midway.
+        let error = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
         let upstream = Tracked {
-            chunks: vec![Ok(Bytes::from_static(b"abc")), Err(error)].into_iter(),
+            chunks: vec![Ok(Bytes::from_static(b"abc")), Err(error.into())].into_iter(),
             dropped: dropped.clone(),
             pending_at_end: false,
         };

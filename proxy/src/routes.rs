@@ -249,7 +249,7 @@ impl RouteTable {
 /// Checks an upstream base URL (`http://host:port`, no path, query or
 /// credentials) and returns it without a trailing slash.
 fn upstream_base(text: &str) -> Result<Arc<str>, String> {
-    let url = reqwest::Url::parse(text).map_err(|e| format!("upstream {text:?}: {e}"))?;
+    let url = ::url::Url::parse(text).map_err(|e| format!("upstream {text:?}: {e}"))?;
     if url.scheme() != "http" {
         return Err(format!(
             "upstream {text:?}: only http:// is supported (archivers sit on the internal network)"
