@@ -1814,3 +1814,87 @@ fn sigterm_cuts_slow_downloads_after_the_grace_and_leaves_nothing_behind() {
         "the cut download ended {end:?}"
     );
 }
+
+/// SPEC §3: the request head must arrive within 10 s, else the connection
+/// is closed (a slowloris client cannot hold a connection open).
+#[test]
+fn request_head_that_does_not_arrive_in_ten_seconds_is_cut() {
+    use std::io::Write;
+    let sandbox = Sandbox::new();
+    let _w = widget(&sandbox);
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    let mut stream = std::net::TcpStream::connect(archiver.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let started = Instant::now();
+    // A head that never ends.
+    stream
+        .write_all(b"GET /acme/widget/archive/main.tar HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    let elapsed = started.elapsed();
+    println!("incomplete head cut after {elapsed:?}");
+    assert!(
+        (Duration::from_secs(9)..Duration::from_secs(15)).contains(&elapsed),
+        "the connection was closed after {elapsed:?}, not ~10 s"
+    );
+    assert!(!String::from_utf8_lossy(&rest).contains("200 OK"));
+    assert_eq!(archiver.health_status(), Some(200));
+}
+
+/// SPEC §4: `--max-generations` children at a time; a generation that waits
+/// in the queue longer than `--queue-timeout` gets `503` + `Retry-After`,
+/// and the queue gauge goes back to 0.
+#[test]
+fn full_generation_queue_answers_503_with_retry_after() {
+    let big = big_repo();
+    let archiver = Archiver::start(
+        &big.repos,
+        &[
+            SLOW_ZSTD[0],
+            SLOW_ZSTD[1],
+            "--max-generations",
+            "1",
+            "--queue-timeout",
+            "0.5",
+        ],
+    );
+    // Take the only slot: the slow generation starts, then its client
+    // leaves (the generation goes on without it).
+    {
+        let mut slow = RawConnection::connect(archiver.addr).unwrap();
+        slow.send_request("GET", SLOW_PATH, &[]).unwrap();
+        let head = slow.read_head().unwrap();
+        assert_eq!(head.status, 200);
+    }
+    assert_eq!(
+        archiver
+            .metrics()
+            .get("gitball_archiver_generations_in_flight", &[]),
+        Some(1.0)
+    );
+    let started = Instant::now();
+    let (head, body, _) =
+        RawConnection::request(archiver.addr, "GET", "/acme/big/archive/main.tar", &[]).unwrap();
+    let waited = started.elapsed();
+    assert_eq!(head.status, 503, "{}", String::from_utf8_lossy(&body));
+    assert!(
+        head.header("retry-after")
+            .is_some_and(|v| v.parse::<u64>().is_ok())
+    );
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["error"], "busy");
+    assert!(
+        waited >= Duration::from_millis(450) && waited < Duration::from_secs(10),
+        "503 after {waited:?}, not after the 0.5 s queue timeout"
+    );
+    assert_eq!(
+        archiver
+            .metrics()
+            .get("gitball_archiver_generations_queued", &[]),
+        Some(0.0)
+    );
+    assert_eq!(archiver.health_status(), Some(200));
+}
