@@ -90,12 +90,13 @@ async fn archive(State(app): State<Arc<App>>, request: Request) -> Response {
         cache: "none",
         commit: String::new(),
     };
-    let format = url::parse_path(request.uri().path())
-        .map(|r| r.format.metric_label())
-        .unwrap_or("none");
+    let archive = url::parse_path(request.uri().path());
+    let format = archive
+        .as_ref()
+        .map_or("none", |archive| archive.format.metric_label());
     // The body is not needed (and not `Sync`); the head is.
     let (request, _body) = request.into_parts();
-    let mut response = match serve(&app, &request, &mut log).await {
+    let mut response = match serve(&app, &request, archive, &mut log).await {
         Ok(response) => response,
         Err(error) => {
             let response = error_response(&error);
@@ -112,13 +113,18 @@ async fn archive(State(app): State<Arc<App>>, request: Request) -> Response {
     response
 }
 
-async fn serve(app: &App, request: &Parts, log: &mut RequestLog) -> Result<Response, Error> {
+async fn serve(
+    app: &App,
+    request: &Parts,
+    archive: Result<ArchiveRequest, UrlError>,
+    log: &mut RequestLog,
+) -> Result<Response, Error> {
     let method = &request.method;
     if method != Method::GET && method != Method::HEAD {
         return Ok(method_not_allowed());
     }
     authorize(app, &request.headers)?;
-    let resolution = resolve(app, request)?;
+    let resolution = resolve(app, request, archive?)?;
     log.commit = resolution.resolved.commit.clone();
     let headers = &request.headers;
 
@@ -258,8 +264,7 @@ async fn checksum(
     Ok(response)
 }
 
-fn resolve(app: &App, request: &Parts) -> Result<Resolution, Error> {
-    let archive = url::parse_path(request.uri.path())?;
+fn resolve(app: &App, request: &Parts, archive: ArchiveRequest) -> Result<Resolution, Error> {
     let subtree = url::query_param(request.uri.query(), "path")?
         .map(|path| url::validate_subtree(&path))
         .transpose()?;
