@@ -158,6 +158,18 @@ struct Index {
     bytes: u64,
 }
 
+impl Index {
+    /// A complete file (promoted in the LRU) or a generation under way.
+    fn find(&mut self, key: &str) -> Option<Lookup> {
+        if let Some(file) = self.complete.get(key) {
+            return Some(Lookup::Hit(file.clone()));
+        }
+        self.generating
+            .get(key)
+            .map(|generation| Lookup::Join(generation.clone()))
+    }
+}
+
 impl Cache {
     /// Opens (creating, mode 0700) the cache directory, deletes leftover
     /// partials and re-indexes complete files.
@@ -239,11 +251,8 @@ impl Cache {
     pub fn lookup(self: &Arc<Self>, spec: Spec) -> io::Result<Lookup> {
         let key = Cache::key(&spec);
         let mut index = self.lock();
-        if let Some(file) = index.complete.get(&key) {
-            return Ok(Lookup::Hit(file.clone()));
-        }
-        if let Some(generation) = index.generating.get(&key) {
-            return Ok(Lookup::Join(generation.clone()));
+        if let Some(found) = index.find(&key) {
+            return Ok(found);
         }
         if self.cancel.is_cancelled() {
             return Err(io::Error::other("shutting down"));
@@ -277,15 +286,7 @@ impl Cache {
 
     /// Like [`Cache::lookup`], but never starts a generation (for `HEAD`).
     pub fn peek(&self, spec: &Spec) -> Option<Lookup> {
-        let key = Cache::key(spec);
-        let mut index = self.lock();
-        if let Some(file) = index.complete.get(&key) {
-            return Some(Lookup::Hit(file.clone()));
-        }
-        index
-            .generating
-            .get(&key)
-            .map(|generation| Lookup::Join(generation.clone()))
+        self.lock().find(&Cache::key(spec))
     }
 
     pub fn is_shutting_down(&self) -> bool {
@@ -449,16 +450,6 @@ impl Cache {
         self.index
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Bytes of evicted files still held by readers.
-    pub fn held_bytes(&self) -> u64 {
-        self.held_bytes.load(Ordering::Acquire)
-    }
-
-    /// Complete plus in-progress bytes.
-    pub fn bytes(&self) -> u64 {
-        self.lock().bytes
     }
 
     /// Stops every generation (children killed, partials removed) and waits
