@@ -35,6 +35,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::generate::{self, Failure, Limits, Spec};
 use crate::metrics as m;
@@ -80,6 +81,11 @@ pub struct Progress {
 #[derive(Debug)]
 pub struct Generation {
     pub partial: PathBuf,
+    /// The partial file, opened when it was created: readers share this
+    /// handle (they read with `pread`), so they never race the rename that
+    /// completes the generation, and a growing archive costs one fd however
+    /// many readers tail it.
+    pub file: Arc<std::fs::File>,
     progress: watch::Receiver<Progress>,
 }
 
@@ -129,6 +135,16 @@ impl Lookup {
             Lookup::Miss(_) => "miss",
         }
     }
+}
+
+/// Why no lookup result could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    /// The archiver is stopping: no new generation starts.
+    #[error("the archiver is shutting down")]
+    ShuttingDown,
+    #[error("cannot create the partial file: {0}")]
+    Io(#[from] io::Error),
 }
 
 /// Cache settings, from the flags.
@@ -247,22 +263,24 @@ impl Cache {
         hex::encode(hasher.finalize())
     }
 
-    /// Finds the archive for `spec`, starting its generation if needed.
-    pub fn lookup(self: &Arc<Self>, spec: Spec) -> io::Result<Lookup> {
+    /// Finds the archive for `spec`, starting its generation if needed
+    /// (`request_id`, of the request that starts it, goes in its log span).
+    pub fn lookup(self: &Arc<Self>, spec: Spec, request_id: &str) -> Result<Lookup, LookupError> {
         let key = Cache::key(&spec);
         let mut index = self.lock();
         if let Some(found) = index.find(&key) {
             return Ok(found);
         }
         if self.cancel.is_cancelled() {
-            return Err(io::Error::other("shutting down"));
+            return Err(LookupError::ShuttingDown);
         }
         // Created here, under the lock, so every reader can open it at once.
         let partial = self.settings.dir.join(format!(
             "{key}.{:016x}{PARTIAL_SUFFIX}",
             rand::random::<u64>()
         ));
-        std::fs::OpenOptions::new()
+        let file = std::fs::OpenOptions::new()
+            .read(true)
             .write(true)
             .create_new(true)
             .open(&partial)?;
@@ -272,25 +290,33 @@ impl Cache {
         });
         let generation = Arc::new(Generation {
             partial,
+            file: Arc::new(file),
             progress: receiver,
         });
         index.generating.insert(key.clone(), generation.clone());
         drop(index);
 
+        // Every line the generation logs (git's failure and stderr among
+        // them) carries what it makes and the request that started it.
+        let span = tracing::info_span!(
+            "generation",
+            key = %key,
+            repository = %spec.repository,
+            commit = %spec.commit,
+            format = spec.format.metric_label(),
+            request_id,
+        );
         let cache = self.clone();
         let partial = generation.partial.clone();
-        self.tasks
-            .spawn(async move { cache.generate(key, spec, partial, sender).await });
+        self.tasks.spawn(
+            async move { cache.generate(key, spec, partial, sender).await }.instrument(span),
+        );
         Ok(Lookup::Miss(generation))
     }
 
     /// Like [`Cache::lookup`], but never starts a generation (for `HEAD`).
     pub fn peek(&self, spec: &Spec) -> Option<Lookup> {
         self.lock().find(&Cache::key(spec))
-    }
-
-    pub fn is_shutting_down(&self) -> bool {
-        self.cancel.is_cancelled()
     }
 
     /// The generation task: queue, run, then index or clean up.
@@ -382,7 +408,11 @@ impl Cache {
             index.complete.put(key, file.clone());
             self.publish(&index);
         }
-        tracing::info!(commit = %spec.commit, format, bytes = finished.len, seconds = started.elapsed().as_secs_f64(), "archive generated");
+        tracing::info!(
+            bytes = finished.len,
+            seconds = started.elapsed().as_secs_f64(),
+            "archive generated"
+        );
         progress.send_modify(|p| {
             p.written = finished.len;
             p.state = State::Complete(file);

@@ -17,6 +17,13 @@
 //! Which thread compresses a block cannot change its bytes: each run is a
 //! function of (dictionary, block, level, last) alone, and the blocks are
 //! written in input order.
+//!
+//! The compressors are driven synchronously (flate2's and zstd's `Write`
+//! encoders on blocking threads) rather than through `async-compression`:
+//! the parallel gzip needs to set each run's dictionary and end it with a
+//! sync flush, which only the low-level encoder exposes, and an async
+//! encoder would flush whenever its source returns `Pending`, making the
+//! bytes depend on pipe timing.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};

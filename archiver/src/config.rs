@@ -1,4 +1,5 @@
-//! Command-line flags of SPEC §4. Every flag also reads `GITBALL_<FLAG>`.
+//! The archiver's command-line flags (`docs/archiver.md#flags`). Every flag
+//! also reads `GITBALL_<FLAG>`.
 //!
 //! The flags are split in two: [`Config`] is the whole command line of the
 //! `gitball-archiver` binary, [`ArchiveOptions`] everything but `--listen` and
@@ -9,7 +10,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, ValueEnum};
+use clap::{Args, Parser};
+use gitball_core::log::LogFormat;
+use gitball_core::units::{parse_seconds, parse_size};
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -82,12 +85,6 @@ pub struct ArchiveOptions {
     pub log_format: LogFormat,
 }
 
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
 impl ArchiveOptions {
     /// The cache directory actually used (see `--cache-dir`).
     pub fn cache_dir(&self) -> PathBuf {
@@ -110,85 +107,12 @@ impl ArchiveOptions {
     }
 }
 
-/// Installs the `tracing` subscriber: one line per event, text or JSON.
-pub fn init_tracing(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // Colours only for a person at a terminal, never in log files.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
-    // A second call (tests, embedded mode) keeps the first subscriber.
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-    };
-}
-
-/// Parses a size: a byte count, or a number with KiB, MiB, GiB or TiB.
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let number: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size (examples: 1048576, 512KiB, 64MiB, 2GiB)"))?;
-    let multiplier: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        "TiB" => 1 << 40,
-        other => {
-            return Err(format!(
-                "unknown size unit {other:?} (use KiB, MiB, GiB or TiB)"
-            ));
-        }
-    };
-    number
-        .checked_mul(multiplier)
-        .ok_or_else(|| format!("{text:?} is too large"))
-}
-
-/// Parses seconds, whole or fractional (`30`, `0.5`).
-pub fn parse_seconds(text: &str) -> Result<Duration, String> {
-    let seconds: f64 = text
-        .trim()
-        .parse()
-        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
-    Duration::try_from_secs_f64(seconds)
-        .map_err(|_| format!("{text:?} is not a valid number of seconds"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn sizes_parse_with_binary_units() {
-        assert_eq!(parse_size("1048576"), Ok(1 << 20));
-        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
-        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
-        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
-        assert!(parse_size("2GB").is_err());
-        assert!(parse_size("MiB").is_err());
-        assert!(parse_size("-1").is_err());
-    }
-
-    #[test]
-    fn seconds_parse_whole_and_fractional() {
-        assert_eq!(parse_seconds("30"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_seconds("0.5"), Ok(Duration::from_millis(500)));
-        assert!(parse_seconds("-1").is_err());
-        assert!(parse_seconds("soon").is_err());
-    }
-
-    #[test]
-    fn defaults_match_the_spec() {
+    fn defaults_match_the_docs() {
         let config = Config::try_parse_from(["gitball-archiver", "--repos", "/srv/git"]).unwrap();
         assert_eq!(config.listen.to_string(), "127.0.0.1:9001");
         assert_eq!(config.options.cache_max_bytes, 1 << 30);

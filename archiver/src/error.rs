@@ -1,14 +1,29 @@
 //! The archiver's one error type: what a caller (and so an HTTP client) can
-//! act on. It is mapped to a status and a JSON `error` code in exactly one
-//! place, `http::error_response`. Messages never carry a filesystem path or
-//! git's stderr: those go to the log, not to the client.
+//! act on, and the one place it becomes an HTTP answer
+//! (`docs/http.md#errors`).
+//!
+//! Every variant knows whose fault it is ([`Fault`]): the client's (a 4xx
+//! answered without generating anything) or the archiver's own (a
+//! generation that failed, a full queue, a shutdown, a bug). The fault is a
+//! field of the request's log line. Messages never carry a filesystem path
+//! or git's stderr: those go to the log, not to the client.
 
-use crate::url::UrlError;
+use axum::response::{IntoResponse, Response};
+use gitball_core::log::Fault;
+use gitball_core::protocol::{RETRY_AFTER_SECONDS, code};
+use gitball_core::response::{json_error, method_not_allowed};
+use gitball_core::url::UrlError;
+use http::{HeaderValue, StatusCode, header};
+
+use crate::cache::LookupError;
+use crate::generate::Failure;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
     Url(#[from] UrlError),
+    #[error("only GET and HEAD are allowed")]
+    MethodNotAllowed,
     #[error("repository not found")]
     RepoNotFound,
     #[error("ref not found")]
@@ -37,5 +52,155 @@ pub enum Error {
 impl Error {
     pub fn internal(detail: impl std::fmt::Display) -> Self {
         Error::Internal(detail.to_string())
+    }
+
+    pub fn fault(&self) -> Fault {
+        match self {
+            Error::Url(_)
+            | Error::MethodNotAllowed
+            | Error::RepoNotFound
+            | Error::RefNotFound
+            | Error::SubtreeNotFound
+            | Error::Unauthorized
+            | Error::RangeNotSatisfiable { .. } => Fault::Client,
+            Error::Busy
+            | Error::ShuttingDown
+            | Error::GenerationFailed
+            | Error::GenerationTimeout
+            | Error::TooLarge
+            | Error::Internal(_) => Fault::Internal,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::Url(error) => error.status(),
+            Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Error::RepoNotFound | Error::RefNotFound | Error::SubtreeNotFound => {
+                StatusCode::NOT_FOUND
+            }
+            Error::Unauthorized => StatusCode::UNAUTHORIZED,
+            Error::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
+            Error::Busy | Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Error::GenerationFailed
+            | Error::GenerationTimeout
+            | Error::TooLarge
+            | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The JSON `error` code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::Url(error) => error.code(),
+            Error::MethodNotAllowed => code::METHOD_NOT_ALLOWED,
+            Error::RepoNotFound => code::REPO_NOT_FOUND,
+            Error::RefNotFound => code::REF_NOT_FOUND,
+            Error::SubtreeNotFound => code::PATH_NOT_FOUND,
+            Error::Unauthorized => code::UNAUTHORIZED,
+            Error::RangeNotSatisfiable { .. } => code::RANGE_NOT_SATISFIABLE,
+            Error::Busy => code::BUSY,
+            Error::ShuttingDown => code::SHUTTING_DOWN,
+            Error::GenerationFailed => code::GENERATION_FAILED,
+            Error::GenerationTimeout => code::GENERATION_TIMEOUT,
+            Error::TooLarge => code::ARCHIVE_TOO_LARGE,
+            Error::Internal(_) => code::INTERNAL,
+        }
+    }
+
+    /// What the request log says: the code, or the detail of an internal
+    /// error (which the client never sees).
+    pub fn log_text(&self) -> String {
+        match self {
+            Error::Internal(detail) => detail.clone(),
+            other => other.code().to_owned(),
+        }
+    }
+}
+
+impl From<Failure> for Error {
+    fn from(failure: Failure) -> Error {
+        match failure {
+            Failure::Busy => Error::Busy,
+            Failure::Cancelled => Error::ShuttingDown,
+            Failure::Failed => Error::GenerationFailed,
+            Failure::Timeout => Error::GenerationTimeout,
+            Failure::TooLarge => Error::TooLarge,
+        }
+    }
+}
+
+impl From<LookupError> for Error {
+    fn from(error: LookupError) -> Error {
+        match error {
+            LookupError::ShuttingDown => Error::ShuttingDown,
+            LookupError::Io(error) => Error::internal(error),
+        }
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        if let Error::MethodNotAllowed = self {
+            return method_not_allowed();
+        }
+        let mut response = json_error(self.status(), self.code(), &self.to_string());
+        let headers = response.headers_mut();
+        match &self {
+            Error::Busy | Error::ShuttingDown => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+            }
+            Error::Unauthorized => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            Error::RangeNotSatisfiable { complete_length } => {
+                headers.insert(
+                    header::CONTENT_RANGE,
+                    HeaderValue::from_str(&format!("bytes */{complete_length}"))
+                        .expect("digits are a valid header value"),
+                );
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_says_whose_fault_it_is_and_its_status() {
+        assert_eq!(Error::Url(UrlError::BadRef("x")).fault(), Fault::Client);
+        assert_eq!(
+            Error::Url(UrlError::NotAnArchiveUrl).status(),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(Error::RefNotFound.status(), StatusCode::NOT_FOUND);
+        assert_eq!(Error::Busy.fault(), Fault::Internal);
+        assert_eq!(
+            Error::from(LookupError::ShuttingDown).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(Error::from(Failure::Cancelled).code(), "shutting_down");
+        assert_eq!(Error::internal("disk").log_text(), "disk");
+        assert_eq!(Error::TooLarge.log_text(), "archive_too_large");
+    }
+
+    #[test]
+    fn overload_and_shutdown_carry_retry_after() {
+        for error in [Error::Busy, Error::ShuttingDown] {
+            let response = error.into_response();
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(response.headers()[header::RETRY_AFTER], "5");
+        }
+        let response = Error::RangeNotSatisfiable {
+            complete_length: 10,
+        }
+        .into_response();
+        assert_eq!(response.headers()[header::CONTENT_RANGE], "bytes */10");
+        let response = Error::MethodNotAllowed.into_response();
+        assert_eq!(response.headers()[header::ALLOW], "GET, HEAD");
     }
 }

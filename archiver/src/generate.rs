@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::compress::Compression;
 use crate::compress::Encoder;
-use crate::url::Format;
+use gitball_core::url::Format;
 
 /// git's output is handed to the compressor in pieces of exactly this size
 /// (the last one shorter), which makes the compressed bytes independent of
@@ -53,6 +53,8 @@ pub const STDERR_KEEP_BYTES: usize = 4 * 1024;
 #[derive(Clone, Debug)]
 pub struct Spec {
     pub git_dir: PathBuf,
+    /// `owner/repo`, for logs only: the bytes do not depend on it.
+    pub repository: String,
     pub commit: String,
     pub format: Format,
     /// `{repo}-{label}/`
@@ -204,7 +206,7 @@ pub async fn run(
     };
     let stderr = stderr.await.unwrap_or_default();
     if !status.success() {
-        tracing::warn!(commit = %spec.commit, %status, stderr = %stderr.trim_end(), "git archive failed");
+        tracing::warn!(%status, stderr = %stderr.trim_end(), "git archive failed");
         drop(chunks);
         let _ = writer.await;
         return Err(Failure::Failed);

@@ -1,24 +1,28 @@
 //! gitball-archiver: the HTTP interface for `git archive`, one per file server.
 //!
-//! A request is parsed (`url`), its repository found and its ref resolved to
-//! a commit in-process (`repo`), then served from the cache (`cache`): a
-//! complete file is sent with `Content-Length` and ranges; a missing one is
+//! A request is parsed with the shared URL grammar (`gitball_core::url`),
+//! its repository found and its ref resolved to a commit in-process
+//! (`repo`), then served from the cache (`cache`): a complete file is sent
+//! with `Content-Length` and ranges (`conditional`); a missing one is
 //! generated once (`generate`: one `git archive` child per key, compressed
-//! in-process by `compress`) while every request for it tails the growing file (`tail`).
-//! `http` holds the routes, `server` the hardened accept loop both tiers use,
-//! `metrics` the Prometheus series, `config` the flags.
+//! in-process by `compress`) while every request for it tails the growing
+//! file (`tail`). `http` holds the routes and responses, `error` the one
+//! mapping of errors to statuses, `metrics` the Prometheus series, `config`
+//! the flags. `docs/architecture.md` follows a request through them.
+//!
+//! The crate exports what a binary needs to run an archiver, itself or
+//! embedded in the proxy: [`run`], [`Config`] and [`ArchiveOptions`].
 
-pub mod cache;
-pub mod compress;
-pub mod config;
-pub mod error;
-pub mod generate;
-pub mod http;
-pub mod metrics;
-pub mod repo;
-pub mod server;
-pub mod tail;
-pub mod url;
+mod cache;
+mod compress;
+mod conditional;
+mod config;
+mod error;
+mod generate;
+mod http;
+mod metrics;
+mod repo;
+mod tail;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,7 +33,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{ArchiveOptions, Config};
-pub use error::Error;
+use gitball_core::server;
 
 /// How long generations get to stop (children killed, partials removed)
 /// after the downloads were drained.
@@ -39,7 +43,7 @@ const GENERATION_STOP_DEADLINE: Duration = Duration::from_secs(5);
 /// closed. Generous: the archiver's clients are mostly proxies, which pause
 /// reading while their own client is slow and cut idle clients after their
 /// `--client-idle-timeout` (60 s by default).
-pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(300);
+const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Serves the archiver on `listener` until `shutdown` is cancelled, then
 /// drains downloads for `--shutdown-grace`, kills the children that are
@@ -50,24 +54,14 @@ pub async fn run(
     options: ArchiveOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let handle = metrics::install();
-    metrics::describe_archiver(options.cache_max_bytes);
+    let handle = gitball_core::metrics::install();
+    metrics::describe(options.cache_max_bytes);
 
     let repos = repo::Repositories::new(&repos)
         .with_context(|| format!("cannot open --repos {}", repos.display()))?;
     let git = generate::find_git().context("gitball-archiver runs `git archive`")?;
     let token = match &options.token_file {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read --token-file {}", path.display()))?;
-            let token = text.trim();
-            anyhow::ensure!(
-                !token.is_empty(),
-                "--token-file {} is empty",
-                path.display()
-            );
-            Some(token.as_bytes().to_vec())
-        }
+        Some(path) => Some(gitball_core::secret::read_secret(path, "--token-file")?),
         None => None,
     };
     if options.max_archive_bytes > options.cache_max_bytes {

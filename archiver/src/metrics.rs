@@ -1,18 +1,14 @@
-//! Prometheus metrics (SPEC §6), through the `metrics` facade and
-//! `metrics-exporter-prometheus`, rendered by the `/metrics` route.
+//! The archiver's Prometheus series (`docs/observability.md#metrics`),
+//! recorded through the process-global recorder of `gitball_core::metrics`.
 //!
-//! The recorder is process-global and installed once ([`install`]), so the
-//! proxy's embedded mode (proxy and archiver in one process) exports both
-//! families from one registry. Unlabelled series are registered at start-up
-//! with value 0 ([`describe_archiver`]), so a dashboard sees them before the
-//! first event; labelled ones appear with their first event.
+//! Every series name is written once, here. Unlabelled series are
+//! registered at start-up with value 0 ([`describe`]), so a dashboard sees
+//! them before the first event; labelled ones appear with their first event.
 
-use std::sync::OnceLock;
-
+use gitball_core::log::{Ending, Finished, RequestLog};
 use metrics::{
     Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
 };
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const REQUESTS_TOTAL: &str = "gitball_archiver_requests_total";
 pub const REQUEST_DURATION: &str = "gitball_archiver_request_duration_seconds";
@@ -29,53 +25,11 @@ pub const ACTIVE_DOWNLOADS: &str = "gitball_archiver_active_downloads";
 pub const SENT_BYTES_TOTAL: &str = "gitball_archiver_sent_bytes_total";
 pub const CLIENT_DISCONNECTS_TOTAL: &str = "gitball_archiver_client_disconnects_total";
 
-/// Latency buckets, in seconds, for every `*_duration_seconds` histogram:
-/// from a cache hit's first byte to a ten-minute generation.
-const DURATION_BUCKETS_SECONDS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-    120.0, 300.0, 600.0, 1800.0, 3600.0,
-];
-
-static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-static PROCESS: OnceLock<metrics_process::Collector> = OnceLock::new();
-
-/// Installs the global recorder (once; later calls return the same handle).
-pub fn install() -> PrometheusHandle {
-    HANDLE
-        .get_or_init(|| {
-            let handle = PrometheusBuilder::new()
-                .set_buckets_for_metric(
-                    Matcher::Suffix("duration_seconds".into()),
-                    DURATION_BUCKETS_SECONDS,
-                )
-                // The bucket list is a non-empty constant: this cannot fail.
-                .expect("non-empty bucket list")
-                .install_recorder()
-                // Only fails when another recorder was installed first, which
-                // nothing in gitball does.
-                .expect("no other metrics recorder is installed");
-            let process = metrics_process::Collector::default();
-            process.describe();
-            process.collect();
-            let _ = PROCESS.set(process);
-            handle
-        })
-        .clone()
-}
-
-/// Renders the text exposition, refreshing the process_* series first.
-pub fn render(handle: &PrometheusHandle) -> String {
-    if let Some(process) = PROCESS.get() {
-        process.collect();
-    }
-    handle.render()
-}
-
 /// Describes every archiver family and registers the unlabelled ones at 0.
-pub fn describe_archiver(cache_max_bytes: u64) {
+pub fn describe(cache_max_bytes: u64) {
     describe_counter!(
         REQUESTS_TOTAL,
-        "Archive requests answered, by format, cache result (hit, miss, join, none) and status code."
+        "Archive requests, by format, cache result (hit, miss, join, none) and status code (499: the client left before the answer)."
     );
     describe_histogram!(
         REQUEST_DURATION,
@@ -124,7 +78,7 @@ pub fn describe_archiver(cache_max_bytes: u64) {
     );
     describe_counter!(
         CLIENT_DISCONNECTS_TOTAL,
-        "Downloads that ended because the client went away before the end."
+        "Requests whose client went away before the response body ended (or before it began)."
     );
 
     let _ = histogram!(REQUEST_DURATION);
@@ -138,4 +92,20 @@ pub fn describe_archiver(cache_max_bytes: u64) {
     gauge!(ACTIVE_DOWNLOADS).set(0.0);
     counter!(SENT_BYTES_TOTAL).absolute(0);
     counter!(CLIENT_DISCONNECTS_TOTAL).absolute(0);
+}
+
+/// The request log's hook: counts a finished archive request (also one
+/// whose client left before the answer, as `499`).
+pub fn request_finished(log: &RequestLog, finished: &Finished) {
+    counter!(
+        REQUESTS_TOTAL,
+        "format" => log.format.unwrap_or("none"),
+        "cache" => log.cache.unwrap_or("none"),
+        "code" => finished.status.to_string()
+    )
+    .increment(1);
+    histogram!(REQUEST_DURATION).record(finished.duration.as_secs_f64());
+    if finished.ending == Ending::ClientGone {
+        counter!(CLIENT_DISCONNECTS_TOTAL).increment(1);
+    }
 }

@@ -33,10 +33,9 @@ use std::{
 use gix::{hash::ObjectId, object::Kind, refs::TargetRef};
 use lru::LruCache;
 
-use crate::{
-    error::Error,
-    url::{RefKind, validate_name},
-};
+use gitball_core::url::{RefKind, validate_name};
+
+use crate::error::Error;
 
 /// The owner under which a `--repos DIR` that is itself a repository is served.
 pub const LOCAL_OWNER: &str = "local";
@@ -56,7 +55,8 @@ const SYMREF_MAX_DEPTH: usize = 5;
 /// Length of a full SHA-1 object id in hex.
 const FULL_HEX_LEN: usize = 40;
 
-/// Shortest abbreviated object id accepted (SPEC §2; git itself takes 4).
+/// Shortest abbreviated object id accepted (`docs/urls.md#refs`; git
+/// itself takes 4).
 const MIN_ABBREV_HEX_LEN: usize = 7;
 
 /// The repositories under `--repos DIR`, with a cache of opened ones.
@@ -102,11 +102,6 @@ impl Repositories {
             layout,
             open: Mutex::new(LruCache::new(OPEN_REPOSITORIES)),
         })
-    }
-
-    /// The canonical `--repos` directory.
-    pub fn root(&self) -> &Path {
-        &self.root
     }
 
     /// Finds `owner/name`. Invalid names are `Error::Url`; anything missing,

@@ -1,8 +1,10 @@
 //! Reading an archive file, complete or still growing, as a body stream.
 //!
-//! A reader holds one open file, one read buffer and a `watch` receiver of
-//! the generation's progress; it reads up to the length the writer has
-//! announced and then waits for more. It never reads ahead of the client:
+//! A reader holds an open file (its own for a complete archive, the
+//! generation's shared handle for a growing one), one read buffer and a
+//! `watch` receiver of the generation's progress; it reads up to the length
+//! the writer has announced and then waits for more. It never reads ahead
+//! of the client:
 //! hyper polls the body only when the socket can take more, so a slow client
 //! costs one `READ_CHUNK_BYTES` buffer, not the archive.
 //!
@@ -10,21 +12,22 @@
 //! hyper abort the connection: a truncated archive never ends cleanly.
 //!
 //! Everything a download holds (the fd, the `Arc<CacheFile>` that keeps
-//! held-bytes accounting right, the active-downloads gauge) lives in the
-//! stream's state and is released when hyper drops the body, at whatever
-//! point the client went away.
+//! held-bytes accounting right, the active-downloads gauge, the request's
+//! log record) lives in the stream's state and is released when hyper drops
+//! the body, at whatever point the client went away.
 
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
-use metrics::{counter, gauge, histogram};
+use gitball_core::log::{Ending, Fault, RequestLog};
+use metrics::{counter, gauge};
 use tokio::sync::watch;
 
 use crate::cache::{CacheFile, Generation, Progress, State};
+use crate::conditional::ByteRange;
 use crate::metrics as m;
 
 /// Size of one body read.
@@ -36,53 +39,19 @@ pub enum Source {
     Growing(Arc<Generation>),
 }
 
-/// Accounts one download in the metrics and writes its log line; its `Drop`
-/// ends it, however the body ended.
-pub struct Download {
+/// One download in the metrics, holding its request's log record: its
+/// `Drop` ends both, however the body ended.
+struct Download {
     log: RequestLog,
-    sent: u64,
     finished: bool,
     failed: bool,
 }
 
-/// What the one log line of a request says.
-#[derive(Clone, Debug)]
-pub struct RequestLog {
-    pub started: Instant,
-    pub request_id: String,
-    pub method: String,
-    pub path: String,
-    pub status: u16,
-    pub cache: &'static str,
-    pub commit: String,
-}
-
-impl RequestLog {
-    /// Logs a request whose response has no streamed body.
-    pub fn emit(&self, outcome: &'static str, sent: u64) {
-        let seconds = self.started.elapsed().as_secs_f64();
-        histogram!(m::REQUEST_DURATION).record(seconds);
-        tracing::info!(
-            request_id = %self.request_id,
-            method = %self.method,
-            path = %self.path,
-            status = self.status,
-            cache = self.cache,
-            commit = %self.commit,
-            bytes = sent,
-            seconds,
-            outcome,
-            "request"
-        );
-    }
-}
-
 impl Download {
-    pub fn start(log: RequestLog) -> Download {
+    fn start(log: RequestLog) -> Download {
         gauge!(m::ACTIVE_DOWNLOADS).increment(1.0);
         Download {
             log,
-            sent: 0,
             finished: false,
             failed: false,
         }
@@ -99,19 +68,22 @@ impl Download {
 impl Drop for Download {
     fn drop(&mut self) {
         gauge!(m::ACTIVE_DOWNLOADS).decrement(1.0);
-        let outcome = if self.finished {
-            "complete"
+        self.log.ending = Some(if self.finished {
+            Ending::Complete
         } else if self.failed {
-            "aborted"
+            Ending::Aborted
         } else {
-            counter!(m::CLIENT_DISCONNECTS_TOTAL).increment(1);
-            "client_disconnected"
-        };
-        self.log.emit(outcome, self.sent);
+            Ending::ClientGone
+        });
+        if self.failed {
+            self.log.fault = Some(Fault::Internal);
+        }
+        // The log record is dropped next, and writes the line.
     }
 }
 
-struct Reader {
+/// An open archive file and where the download is in it.
+pub struct Reader {
     file: Arc<std::fs::File>,
     position: u64,
     /// Exclusive end for a range; `None` reads to the archive's end.
@@ -120,67 +92,74 @@ struct Reader {
     source: Source,
     progress: Option<watch::Receiver<Progress>>,
     complete_len: Option<u64>,
-    download: Download,
-}
-
-/// Opens `source` and returns the body stream from `start` to `end`
-/// (exclusive; `None` for the end of the archive).
-pub fn open(
-    source: Source,
-    start: u64,
-    end: Option<u64>,
-    download: Download,
-) -> io::Result<impl Stream<Item = io::Result<Bytes>> + Send + 'static> {
-    let (file, progress, complete_len) = match &source {
-        Source::Complete(file) => (std::fs::File::open(&file.path)?, None, Some(file.len)),
-        Source::Growing(generation) => {
-            let progress = generation.progress();
-            let file = match std::fs::File::open(&generation.partial) {
-                Ok(file) => file,
-                // Renamed meanwhile: the generation completed.
-                Err(error) if error.kind() == io::ErrorKind::NotFound => {
-                    match &progress.borrow().state {
-                        State::Complete(file) => std::fs::File::open(&file.path)?,
-                        _ => return Err(error),
-                    }
-                }
-                Err(error) => return Err(error),
-            };
-            (file, Some(progress), None)
-        }
-    };
-    let reader = Reader {
-        file: Arc::new(file),
-        position: start,
-        end,
-        source,
-        progress,
-        complete_len,
-        download,
-    };
-    Ok(futures_util::stream::unfold(
-        reader,
-        |mut reader| async move {
-            match reader.next().await {
-                Ok(Some(chunk)) => Some((Ok(chunk), reader)),
-                Ok(None) => {
-                    reader.download.finish();
-                    None
-                }
-                Err(error) => {
-                    reader.download.failed = true;
-                    Some((Err(error), reader))
-                }
-            }
-        },
-    ))
 }
 
 impl Reader {
+    /// Opens `source` for reading `range` (the whole archive for `None`).
+    pub fn open(source: Source, range: Option<ByteRange>) -> io::Result<Reader> {
+        let (file, progress, complete_len) = match &source {
+            Source::Complete(file) => (
+                Arc::new(std::fs::File::open(&file.path)?),
+                None,
+                Some(file.len),
+            ),
+            Source::Growing(generation) => {
+                (generation.file.clone(), Some(generation.progress()), None)
+            }
+        };
+        Ok(Reader {
+            file,
+            position: range.map_or(0, |range| range.first),
+            end: range.map(|range| range.last + 1),
+            source,
+            progress,
+            complete_len,
+        })
+    }
+
+    /// The body stream; `log` is written when the stream is dropped.
+    pub fn into_stream(
+        self,
+        log: RequestLog,
+    ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+        let download = Download::start(log);
+        futures_util::stream::unfold((self, download), |(mut reader, mut download)| async move {
+            if download.failed {
+                return None;
+            }
+            match reader.next().await {
+                Ok(Some(chunk)) => {
+                    download.log.bytes += chunk.len() as u64;
+                    counter!(m::SENT_BYTES_TOTAL).increment(chunk.len() as u64);
+                    // With a Content-Length, hyper stops polling after
+                    // the last byte: the end is reached now, not on a
+                    // next poll that never comes.
+                    if reader.at_end() {
+                        download.finish();
+                    }
+                    Some((Ok(chunk), (reader, download)))
+                }
+                Ok(None) => {
+                    download.finish();
+                    None
+                }
+                Err(error) => {
+                    download.failed = true;
+                    download.log.error = Some(error.to_string());
+                    Some((Err(error), (reader, download)))
+                }
+            }
+        })
+    }
+
+    /// Every byte of a complete archive (or range) has been read.
+    fn at_end(&self) -> bool {
+        self.complete_len
+            .map(|len| self.end.map_or(len, |end| end.min(len)))
+            .is_some_and(|end| self.position >= end)
+    }
+
     async fn next(&mut self) -> io::Result<Option<Bytes>> {
-        if self.download.failed {
-            return Ok(None);
-        }
         let available = loop {
             let available = match (self.complete_len, &mut self.progress) {
                 (Some(len), _) => len,
@@ -221,10 +200,7 @@ impl Reader {
             };
             break self.end.map_or(available, |end| end.min(available));
         };
-        let complete = self
-            .complete_len
-            .map(|len| self.end.map_or(len, |end| end.min(len)));
-        if complete.is_some_and(|end| self.position >= end) {
+        if self.at_end() {
             return Ok(None);
         }
         let want = usize::try_from(available - self.position)
@@ -250,13 +226,6 @@ impl Reader {
             return Err(io::Error::other("archive file shorter than announced"));
         }
         self.position += chunk.len() as u64;
-        self.download.sent += chunk.len() as u64;
-        counter!(m::SENT_BYTES_TOTAL).increment(chunk.len() as u64);
-        // With a Content-Length, hyper stops polling after the last byte:
-        // the end is reached now, not on a next poll that never comes.
-        if complete.is_some_and(|end| self.position >= end) {
-            self.download.finish();
-        }
         Ok(Some(chunk))
     }
 }

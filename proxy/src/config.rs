@@ -1,10 +1,11 @@
-//! Command-line flags of SPEC §5. Every flag also reads `GITBALL_<FLAG>`.
+//! The proxy's command-line flags (`docs/proxy.md#flags`). Every flag also
+//! reads `GITBALL_<FLAG>`.
 //!
 //! `gitball-proxy` either routes to archivers on other machines (`--routes
 //! FILE`) or runs one archiver in-process (`--repos DIR`, embedded mode);
 //! exactly one of the two is given. In embedded mode the archiver's own
 //! flags (`--cache-dir`, `--max-generations`, …) apply, which is why they
-//! are flattened in here from `gitball_archiver::config::ArchiveOptions`;
+//! are flattened in here from `gitball_archiver::ArchiveOptions`;
 //! `--log-format` and `--shutdown-grace` from that set govern the proxy too.
 //!
 //! `gitball-proxy sign …` is the one subcommand: it prints a signed token
@@ -15,7 +16,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
-use gitball_archiver::config::{ArchiveOptions, parse_seconds};
+use gitball_archiver::ArchiveOptions;
+use gitball_core::units::parse_seconds;
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -139,7 +141,7 @@ mod tests {
     }
 
     #[test]
-    fn defaults_match_the_spec() {
+    fn defaults_match_the_docs() {
         let config =
             Config::try_parse_from(["gitball-proxy", "--routes", "/etc/routes.toml"]).unwrap();
         assert_eq!(config.listen.to_string(), "127.0.0.1:8080");

@@ -4,39 +4,18 @@
 //! the proxy answers without contacting any upstream), the upstreams' (no
 //! candidate gave a usable answer: 502, 503, 504) or the proxy's own (500).
 //! The fault is a field of the request's log line, so "who broke this
-//! download?" is answered by a log query. Bodies are the JSON of SPEC §3,
-//! `{"error": code, "message": text}`; the message never carries an
-//! upstream's address or error text (those are in the log).
+//! download?" is answered by a log query. Bodies are the shared JSON error
+//! (`docs/http.md#errors`), `{"error": code, "message": text}`; the message
+//! never carries an upstream's address or error text (those are in the log).
 
 use std::time::Duration;
 
-use axum::Json;
 use axum::response::{IntoResponse, Response};
-use gitball_archiver::url::UrlError;
+use gitball_core::log::Fault;
+use gitball_core::protocol::code;
+use gitball_core::response::{json_error, method_not_allowed};
+use gitball_core::url::UrlError;
 use http::{HeaderValue, StatusCode, header};
-
-/// The JSON `error` code of an unknown repository, shared with the archiver
-/// so a private repository without a valid token is indistinguishable from
-/// one that does not exist.
-pub const REPOSITORY_NOT_FOUND_CODE: &str = "repo_not_found";
-
-/// Who caused an error.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Fault {
-    Client,
-    Upstream,
-    Internal,
-}
-
-impl Fault {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Fault::Client => "client",
-            Fault::Upstream => "upstream",
-            Fault::Internal => "internal",
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -47,7 +26,8 @@ pub enum Error {
     #[error("only GET and HEAD are supported")]
     MethodNotAllowed,
     /// No route matches, or a private route was asked for without a valid
-    /// token: both look exactly like an unknown repository.
+    /// token: both look exactly like an unknown repository (the archiver's
+    /// answer for one uses the same code).
     #[error("repository not found")]
     RepositoryNotFound,
     /// Every candidate failed: connect error, `5xx`, broken response.
@@ -69,6 +49,15 @@ impl Error {
         Error::Internal(detail.to_string())
     }
 
+    /// What the request log says: the code, or the detail of an internal
+    /// error (which the client never sees).
+    pub fn log_text(&self) -> String {
+        match self {
+            Error::Internal(detail) => detail.clone(),
+            other => other.code().to_owned(),
+        }
+    }
+
     pub fn fault(&self) -> Fault {
         match self {
             Error::Url(_) | Error::MethodNotAllowed | Error::RepositoryNotFound => Fault::Client,
@@ -81,8 +70,7 @@ impl Error {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            Error::Url(UrlError::NotAnArchiveUrl) => StatusCode::NOT_FOUND,
-            Error::Url(_) => StatusCode::BAD_REQUEST,
+            Error::Url(error) => error.status(),
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Error::RepositoryNotFound => StatusCode::NOT_FOUND,
             Error::BadGateway => StatusCode::BAD_GATEWAY,
@@ -96,35 +84,29 @@ impl Error {
     pub fn code(&self) -> &'static str {
         match self {
             Error::Url(error) => error.code(),
-            Error::MethodNotAllowed => "method_not_allowed",
-            Error::RepositoryNotFound => REPOSITORY_NOT_FOUND_CODE,
-            Error::BadGateway => "bad_gateway",
-            Error::Unavailable { .. } => "unavailable",
-            Error::GatewayTimeout => "gateway_timeout",
-            Error::Internal(_) => "internal",
+            Error::MethodNotAllowed => code::METHOD_NOT_ALLOWED,
+            Error::RepositoryNotFound => code::REPO_NOT_FOUND,
+            Error::BadGateway => code::BAD_GATEWAY,
+            Error::Unavailable { .. } => code::UNAVAILABLE,
+            Error::GatewayTimeout => code::GATEWAY_TIMEOUT,
+            Error::Internal(_) => code::INTERNAL,
         }
     }
 }
 
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({
-            "error": self.code(),
-            "message": self.to_string(),
-        });
-        let mut response = (self.status(), Json(body)).into_response();
-        let headers = response.headers_mut();
-        match &self {
-            Error::MethodNotAllowed => {
-                headers.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-            }
-            Error::Unavailable { retry_after } => {
-                // Whole seconds, at least 1: `Retry-After: 0` invites a
-                // retry storm.
-                let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
-                headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-            }
-            _ => {}
+        if let Error::MethodNotAllowed = self {
+            return method_not_allowed();
+        }
+        let mut response = json_error(self.status(), self.code(), &self.to_string());
+        if let Error::Unavailable { retry_after } = &self {
+            // Whole seconds, at least 1: `Retry-After: 0` invites a retry
+            // storm.
+            let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }

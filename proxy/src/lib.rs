@@ -11,9 +11,11 @@
 //! `metrics` names every series, `error` maps every failure to an HTTP
 //! answer in one place, `config` holds the flags.
 //!
-//! The HTTP server loop is the archiver's (`gitball_archiver::server`):
-//! both tiers get the same header-read timeout, head-size limits and
-//! bounded graceful shutdown.
+//! What both tiers share (the URL grammar, the HTTP server loop with its
+//! header-read timeout, head-size limits and bounded graceful shutdown, the
+//! request log, JSON errors) is `gitball_core`; from the archiver crate the
+//! proxy takes only what embedded mode runs. `docs/architecture.md` follows
+//! a request through the modules.
 //!
 //! ```no_run
 //! # async fn example() -> anyhow::Result<()> {
@@ -39,6 +41,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use gitball_core::secret::read_secret;
+use gitball_core::server;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -78,7 +82,7 @@ impl Proxy {
     /// Loads the routing table, or starts the embedded archiver on
     /// `127.0.0.1:0`, and reads the key and token files.
     pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Proxy> {
-        let handle = gitball_archiver::metrics::install();
+        let handle = gitball_core::metrics::install();
         metrics::register();
 
         let upstream_token_file = config
@@ -93,11 +97,16 @@ impl Proxy {
                     .and(config.archiver.token_file.clone())
             });
         let upstream_token = match &upstream_token_file {
-            Some(path) => Some(read_secret(path, "--upstream-token-file")?),
+            Some(path) => {
+                let token = read_secret(path, "--upstream-token-file")?;
+                Some(String::from_utf8(token).map_err(|_| {
+                    anyhow::anyhow!("--upstream-token-file {} is not UTF-8", path.display())
+                })?)
+            }
             None => None,
         };
         let signing_key = match &config.signing_key_file {
-            Some(path) => Some(SigningKey::from_file(path).map_err(anyhow::Error::msg)?),
+            Some(path) => Some(SigningKey::from_file(path)?),
             None => None,
         };
 
@@ -205,7 +214,7 @@ impl Proxy {
         // The socket-level stall guard backs the pipe's idle watchdog: the
         // watchdog releases the upstream, the guard closes the client's
         // connection, which hyper cannot do while the client reads nothing.
-        let drain = gitball_archiver::server::serve(
+        let drain = server::serve(
             listener,
             router,
             self.shutdown.clone(),
@@ -214,10 +223,10 @@ impl Proxy {
         )
         .await?;
         match drain {
-            gitball_archiver::server::Drain::Complete => {
+            server::Drain::Complete => {
                 tracing::info!("shutdown: all downloads finished")
             }
-            gitball_archiver::server::Drain::Cut(open) => {
+            server::Drain::Cut(open) => {
                 tracing::warn!(open, "shutdown: grace ran out; open downloads were cut")
             }
         }
@@ -256,14 +265,4 @@ async fn wait_healthy(base: &str) -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// Reads a secret file: its content with surrounding whitespace trimmed,
-/// not empty.
-fn read_secret(path: &std::path::Path, flag: &str) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read {flag} {}", path.display()))?;
-    let secret = text.trim();
-    anyhow::ensure!(!secret.is_empty(), "{flag} {} is empty", path.display());
-    Ok(secret.to_owned())
 }

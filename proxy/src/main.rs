@@ -4,13 +4,12 @@
 
 use anyhow::Context;
 use clap::Parser;
-use gitball_archiver::url::validate_name;
+use gitball_core::url::validate_name;
 use gitball_proxy::config::{Cli, Command, SignArgs};
 use gitball_proxy::routes::Routes;
 use gitball_proxy::sign::SigningKey;
 use std::sync::Arc;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -19,18 +18,17 @@ async fn main() -> anyhow::Result<()> {
         return sign(&args);
     }
     let config = cli.config;
-    gitball_archiver::config::init_tracing(config.archiver.log_format);
+    gitball_core::log::init_tracing(config.archiver.log_format);
+    // Installed before anything is served: from then on SIGTERM and SIGINT
+    // mean a graceful drain and SIGHUP a reload, never the default action
+    // (which would kill the process).
+    let shutdown = gitball_core::signals::shutdown_on_signal()
+        .context("cannot install the SIGTERM and SIGINT handlers")?;
+    let hangup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let shutdown = CancellationToken::new();
-    // Installed before anything is served: a SIGHUP from then on reloads,
-    // and is never the default action (which would kill the process).
-    let hangup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
-    let term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
-    let int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
-    let proxy = gitball_proxy::Proxy::start(config, shutdown.clone()).await?;
-    tokio::spawn(cancel_on_signal(term, int, shutdown));
+    let proxy = gitball_proxy::Proxy::start(config, shutdown).await?;
     tokio::spawn(reload_on_sighup(hangup, proxy.routes()));
     proxy.serve(listener).await
 }
@@ -43,21 +41,9 @@ fn sign(args: &SignArgs) -> anyhow::Result<()> {
     validate_name(owner)
         .and(validate_name(repo))
         .context("--repo must be owner/repo")?;
-    let key = SigningKey::from_file(&args.key_file).map_err(anyhow::Error::msg)?;
+    let key = SigningKey::from_file(&args.key_file)?;
     println!("{}", key.sign_for(&args.repo, args.ttl));
     Ok(())
-}
-
-async fn cancel_on_signal(
-    mut term: tokio::signal::unix::Signal,
-    mut int: tokio::signal::unix::Signal,
-    shutdown: CancellationToken,
-) {
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-    }
-    shutdown.cancel();
 }
 
 async fn reload_on_sighup(mut hangup: tokio::signal::unix::Signal, routes: Arc<Routes>) {

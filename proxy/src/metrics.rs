@@ -1,7 +1,7 @@
-//! The proxy's Prometheus series (SPEC §6, proxy column).
+//! The proxy's Prometheus series (`docs/observability.md#metrics`).
 //!
 //! Recording goes through the process-global `metrics` recorder that
-//! `gitball_archiver::metrics::install` sets up (histogram buckets, process
+//! `gitball_core::metrics::install` sets up (histogram buckets, process
 //! series); in embedded mode the in-process archiver's series land in the
 //! same registry, so the proxy's `/metrics` shows both tiers. Every series
 //! name is written once, here, and every family gets its `# HELP` line
@@ -11,8 +11,8 @@
 //! 0 for every upstream of a newly loaded routing table.
 
 use std::sync::Arc;
-use std::time::Duration;
 
+use gitball_core::log::{Ending, Finished, RequestLog};
 use metrics::{
     Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
 };
@@ -87,10 +87,14 @@ pub fn register() {
     gauge!(ACTIVE_DOWNLOADS).set(0.0);
 }
 
-/// A request finished (its body ended, one way or another).
-pub fn request_finished(status: u16, duration: Duration) {
-    counter!(REQUESTS_TOTAL, "code" => status.to_string()).increment(1);
-    histogram!(REQUEST_DURATION_SECONDS).record(duration.as_secs_f64());
+/// The request log's hook: a request finished (its body ended, one way or
+/// another, or its client left before the answer: `499`).
+pub fn request_finished(_: &RequestLog, finished: &Finished) {
+    counter!(REQUESTS_TOTAL, "code" => finished.status.to_string()).increment(1);
+    histogram!(REQUEST_DURATION_SECONDS).record(finished.duration.as_secs_f64());
+    if finished.ending == Ending::ClientGone {
+        counter!(CLIENT_DISCONNECTS_TOTAL).increment(1);
+    }
 }
 
 /// One attempt at an upstream ended with `outcome` (see `forward::Outcome`).
@@ -130,10 +134,6 @@ pub fn routes_reloaded(outcome: &'static str) {
 
 pub fn sent_bytes(bytes: u64) {
     counter!(SENT_BYTES_TOTAL).increment(bytes);
-}
-
-pub fn client_disconnect() {
-    counter!(CLIENT_DISCONNECTS_TOTAL).increment(1);
 }
 
 pub fn client_idle_timeout() {

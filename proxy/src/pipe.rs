@@ -19,12 +19,13 @@
 //!   or the server's shutdown grace ran out). Dropping the pipe drops the
 //!   upstream response at once, which closes that upstream connection
 //!   rather than returning it to the pool, releasing its fd here and the
-//!   archiver's reader there. `gitball_proxy_client_disconnects_total`.
+//!   archiver's reader there. `gitball_proxy_client_disconnects_total`
+//!   (counted with the request's log line).
 //! - **idle**: the client took no bytes for `--client-idle-timeout`. A
 //!   watchdog task drops the upstream response at once, and the next poll
 //!   returns an error so hyper aborts the client connection.
 //!   `gitball_proxy_client_idle_timeouts_total`.
-//! - **upstream abort**: the upstream body failed midway (archiver died,
+//! - **aborted**: the upstream body failed midway (archiver died,
 //!   connection reset, body shorter than its `Content-Length`). The stream
 //!   returns an error, so hyper aborts the client connection: a truncated
 //!   archive never ends like a complete one. The upstream is ejected.
@@ -38,7 +39,7 @@
 //!
 //! While the client stays stalled hyper does not poll the body, so the
 //! client's connection itself is closed by the server loop's write-stall
-//! guard (`gitball_archiver::server::StallGuard`, armed with the same
+//! guard (`gitball_core::server::StallGuard`, armed with the same
 //! `--client-idle-timeout`), which sees the stuck socket write directly.
 //!
 //! `gitball_proxy_active_downloads` is held by a guard that lives exactly
@@ -56,31 +57,12 @@ use futures_util::stream::BoxStream;
 use futures_util::{Stream, StreamExt};
 use http_body_util::BodyExt;
 
-use gitball_archiver::server::WriteStalled;
+use gitball_core::log::Ending;
+use gitball_core::server::WriteStalled;
 
 use crate::forward::{UpstreamResponse, body_length};
 use crate::metrics::ActiveDownload;
 use crate::upstream::Health;
-
-/// How a download ended (the `ending` field of the request's log line).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Ending {
-    Complete,
-    ClientGone,
-    IdleTimeout,
-    UpstreamAbort,
-}
-
-impl Ending {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Ending::Complete => "complete",
-            Ending::ClientGone => "client_gone",
-            Ending::IdleTimeout => "idle_timeout",
-            Ending::UpstreamAbort => "upstream_abort",
-        }
-    }
-}
 
 /// What the pipe reports when it ends, for the request's log line.
 #[derive(Clone, Copy, Debug)]
@@ -272,11 +254,11 @@ impl Pipe {
         };
         self.ending = Some(ending);
         match ending {
-            Ending::Complete => {}
-            Ending::ClientGone => crate::metrics::client_disconnect(),
+            // Counted with the request (`metrics::request_finished`).
+            Ending::Complete | Ending::ClientGone => {}
             // Counted by the watchdog when it fired.
             Ending::IdleTimeout => {}
-            Ending::UpstreamAbort => {
+            Ending::Aborted => {
                 crate::metrics::upstream_abort();
                 self.health.failed(&self.upstream_name);
             }
@@ -332,7 +314,7 @@ impl Stream for Pipe {
                 upstream.take();
                 drop(upstream);
                 tracing::warn!(upstream = %this.upstream_name, %error, "upstream body failed midway");
-                this.end(Ending::UpstreamAbort);
+                this.end(Ending::Aborted);
                 Poll::Ready(Some(Err(PipeError::Upstream(error))))
             }
             Poll::Ready(None) => {
@@ -548,7 +530,7 @@ mod tests {
             Some(Err(PipeError::Upstream(_)))
         ));
         assert!(dropped.load(Ordering::SeqCst));
-        assert_eq!(ended.lock().unwrap().unwrap().ending, Ending::UpstreamAbort);
+        assert_eq!(ended.lock().unwrap().unwrap().ending, Ending::Aborted);
         assert!(health.is_ejected("http://upstream:1"));
     }
 }

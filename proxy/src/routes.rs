@@ -1,7 +1,8 @@
 //! The routing table: which archivers serve `owner/repo`, in which order.
 //!
-//! The table is the TOML file of SPEC §5, a list of `[[route]]`s. The first
-//! route whose glob matches `owner/repo` wins; later routes are not looked at.
+//! The table is a TOML file (`docs/proxy.md#routing-table`), a list of
+//! `[[route]]`s. The first route whose glob matches `owner/repo` wins; later
+//! routes are not looked at.
 //!
 //! Globs are deliberately small: `*` matches any run of characters, `/`
 //! included (so `acme/*` matches every repository of `acme`, and `*` alone

@@ -1,4 +1,4 @@
-//! Signed URLs for private repositories (SPEC §5).
+//! Signed URLs for private repositories (`docs/proxy.md#private-repositories`).
 //!
 //! A token is `{expiry}.{sig}`: `expiry` a Unix time in seconds, `sig` the
 //! unpadded base64url HMAC-SHA256, under the key, of `"{owner}/{repo}:{expiry}"`.
@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use gitball_core::secret::{SecretError, read_secret};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
@@ -61,10 +62,9 @@ impl SigningKey {
         Ok(SigningKey(key.to_vec()))
     }
 
-    pub fn from_file(path: &Path) -> Result<SigningKey, String> {
-        let text = std::fs::read(path)
-            .map_err(|e| format!("cannot read signing key {}: {e}", path.display()))?;
-        SigningKey::new(&text).map_err(|e| format!("{}: {e}", path.display()))
+    /// The key in `path` (`--signing-key-file`), trimmed, not empty.
+    pub fn from_file(path: &Path) -> Result<SigningKey, SecretError> {
+        read_secret(path, "--signing-key-file").map(SigningKey)
     }
 
     fn mac(&self, repository: &str, expiry: u64) -> [u8; 32] {

@@ -35,7 +35,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::Request;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use http::StatusCode;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -44,6 +44,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
+
+use crate::protocol::code;
+use crate::response::json_error;
 
 /// The request head (line and headers) must arrive within this.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -141,7 +144,7 @@ async fn handle(router: Router, request: hyper::Request<Incoming>) -> Response {
     if line > MAX_REQUEST_LINE_BYTES {
         return too_large(
             StatusCode::URI_TOO_LONG,
-            "uri_too_long",
+            code::URI_TOO_LONG,
             "the request line is longer than 8 KiB",
         );
     }
@@ -153,7 +156,7 @@ async fn handle(router: Router, request: hyper::Request<Incoming>) -> Response {
     if line + headers + 2 > MAX_HEAD_BYTES {
         return too_large(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "headers_too_large",
+            code::HEADERS_TOO_LARGE,
             "the request head is larger than 32 KiB",
         );
     }
@@ -165,13 +168,7 @@ async fn handle(router: Router, request: hyper::Request<Incoming>) -> Response {
 }
 
 fn too_large(status: StatusCode, code: &str, message: &str) -> Response {
-    let body = serde_json::json!({ "error": code, "message": message }).to_string();
-    let mut response = (
-        status,
-        [(http::header::CONTENT_TYPE, "application/json")],
-        body,
-    )
-        .into_response();
+    let mut response = json_error(status, code, message);
     // The rest of an oversized request is not worth reading.
     response.headers_mut().insert(
         http::header::CONNECTION,

@@ -1,4 +1,4 @@
-//! The archive URL grammar of SPEC §2, in one place for both tiers.
+//! The archive URL grammar (`docs/urls.md`), in one place for both tiers.
 //!
 //! Two shapes name the same archive:
 //!
@@ -14,6 +14,11 @@
 //! turns it into a commit id first (see `repo`).
 
 use std::fmt;
+
+use http::StatusCode;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+
+use crate::protocol::code;
 
 /// Longest accepted ref, in bytes. Git itself allows more, but no real
 /// branch or tag is this long and the bound keeps log lines and labels sane.
@@ -32,11 +37,6 @@ pub enum Format {
 }
 
 impl Format {
-    /// Every format with its canonical extension, in the order used for
-    /// suffix matching (longer extensions first, so `.tar.gz` never parses
-    /// as `.tar`).
-    pub const ALL: [Format; 4] = [Format::TarGz, Format::TarZst, Format::Zip, Format::Tar];
-
     /// Parses a URL extension; `tgz` is an alias of `tar.gz`.
     pub fn from_ext(ext: &str) -> Option<Format> {
         match ext {
@@ -124,12 +124,20 @@ impl UrlError {
     /// The JSON `error` code.
     pub fn code(&self) -> &'static str {
         match self {
-            UrlError::NotAnArchiveUrl => "not_found",
-            UrlError::BadName => "bad_name",
-            UrlError::BadFormat => "bad_format",
-            UrlError::BadRef(_) => "bad_ref",
-            UrlError::BadSubtree(_) => "bad_path",
-            UrlError::BadEncoding => "bad_url",
+            UrlError::NotAnArchiveUrl => code::NOT_FOUND,
+            UrlError::BadName => code::BAD_NAME,
+            UrlError::BadFormat => code::BAD_FORMAT,
+            UrlError::BadRef(_) => code::BAD_REF,
+            UrlError::BadSubtree(_) => code::BAD_PATH,
+            UrlError::BadEncoding => code::BAD_URL,
+        }
+    }
+
+    /// `404` for a path that is no archive URL at all, else `400`.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            UrlError::NotAnArchiveUrl => StatusCode::NOT_FOUND,
+            _ => StatusCode::BAD_REQUEST,
         }
     }
 }
@@ -225,8 +233,9 @@ pub fn validate_ref(reference: &str) -> Result<(), UrlError> {
 }
 
 /// Validates and normalises the `?path=` subtree (already percent-decoded):
-/// a literal path inside the tree, without pathspec magic. Returns `None` for
-/// the whole tree (empty or `/`-only input is not accepted: omit the query).
+/// a literal path inside the tree, without pathspec magic, with trailing
+/// `/` removed. Empty or `/`-only input is refused: for the whole tree, omit
+/// the query.
 pub fn validate_subtree(path: &str) -> Result<String, UrlError> {
     let trimmed = path.trim_end_matches('/');
     if trimmed.is_empty() {
@@ -253,26 +262,26 @@ pub fn validate_subtree(path: &str) -> Result<String, UrlError> {
 }
 
 /// Decodes `%XX` escapes; the result must be UTF-8 without control bytes.
+/// A `%` not followed by two hex digits is refused (`percent-encoding`
+/// would pass it through as it is).
 pub fn percent_decode(input: &str) -> Result<String, UrlError> {
     let bytes = input.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes.get(i + 1..i + 3).ok_or(UrlError::BadEncoding)?;
-            let hex = std::str::from_utf8(hex).map_err(|_| UrlError::BadEncoding)?;
-            out.push(u8::from_str_radix(hex, 16).map_err(|_| UrlError::BadEncoding)?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
+    let malformed = bytes.iter().enumerate().any(|(i, &b)| {
+        b == b'%'
+            && !bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+    });
+    if malformed {
+        return Err(UrlError::BadEncoding);
     }
-    let text = String::from_utf8(out).map_err(|_| UrlError::BadEncoding)?;
+    let text = percent_decode_str(input)
+        .decode_utf8()
+        .map_err(|_| UrlError::BadEncoding)?;
     if text.chars().any(char::is_control) {
         return Err(UrlError::BadEncoding);
     }
-    Ok(text)
+    Ok(text.into_owned())
 }
 
 /// Finds one query parameter and percent-decodes it (`+` is a space, as in
@@ -288,7 +297,7 @@ pub fn query_param(query: Option<&str>, name: &str) -> Result<Option<String>, Ur
     Ok(found)
 }
 
-/// What a ref turned out to be; decides the label of SPEC §2.
+/// What a ref turned out to be; decides the label (`docs/urls.md#naming`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RefKind {
     Branch(String),
@@ -307,6 +316,38 @@ pub fn label(kind: &RefKind, commit: &str) -> String {
         },
         RefKind::Branch(branch) => branch.replace('/', "-"),
         RefKind::Commit => commit.to_owned(),
+    }
+}
+
+/// What [`ArchiveRequest::canonical_path`] leaves unescaped in a `path`
+/// query: unreserved characters and `/`. `+` is escaped, since
+/// [`query_param`] reads it as a space.
+const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'/');
+
+impl ArchiveRequest {
+    /// The canonical URL of this archive (path and `path` query), whichever
+    /// shape it was asked in: what the proxy asks the archiver for.
+    pub fn canonical_path(&self, subtree: Option<&str>) -> String {
+        let mut path = format!(
+            "/{}/{}/archive/{}.{}",
+            self.owner,
+            self.repo,
+            self.reference,
+            self.format.ext()
+        );
+        if self.checksum {
+            path.push_str(".sha256");
+        }
+        if let Some(subtree) = subtree {
+            path.push_str("?path=");
+            path.extend(utf8_percent_encode(subtree, QUERY_VALUE));
+        }
+        path
     }
 }
 
@@ -434,5 +475,38 @@ mod tests {
         assert_eq!(query_param(Some("x=1"), "path").unwrap(), None);
         assert_eq!(query_param(None, "path").unwrap(), None);
         assert!(query_param(Some("path=%00"), "path").is_err());
+        assert!(query_param(Some("path=%zz"), "path").is_err());
+        assert!(query_param(Some("path=%f"), "path").is_err());
+        assert!(query_param(Some("path=%ff"), "path").is_err());
+        assert_eq!(
+            query_param(Some("path=a+b%2Bc"), "path").unwrap(),
+            Some("a b+c".into())
+        );
+    }
+
+    #[test]
+    fn canonical_path_is_the_github_shape_and_round_trips_the_subtree() {
+        let codeload = parse_path("/acme/widget/tgz/feature/x").unwrap();
+        assert_eq!(
+            codeload.canonical_path(None),
+            "/acme/widget/archive/feature/x.tar.gz"
+        );
+        let checksum = parse_path("/acme/widget/archive/v1.0.zip.sha256").unwrap();
+        assert_eq!(
+            checksum.canonical_path(None),
+            "/acme/widget/archive/v1.0.zip.sha256"
+        );
+        let github = parse_path("/acme/widget/archive/main.tar").unwrap();
+        assert_eq!(
+            github.canonical_path(Some("docs/a b+c&d")),
+            "/acme/widget/archive/main.tar?path=docs/a%20b%2Bc%26d"
+        );
+        // The archiver's query parser gets the subtree back unchanged.
+        let path = github.canonical_path(Some("docs/a b+c&d/é"));
+        let query = path.split_once('?').unwrap().1;
+        assert_eq!(
+            query_param(Some(query), "path").unwrap().as_deref(),
+            Some("docs/a b+c&d/é")
+        );
     }
 }

@@ -1,0 +1,225 @@
+//! Conditional and range requests (`docs/http.md#conditional-and-range-requests`):
+//! pure functions of the request headers and what is known of the archive,
+//! so each rule is unit-tested here without a server.
+//!
+//! - `If-None-Match` (a list of entity tags, or `*`; weak comparison) wins
+//!   over `If-Modified-Since`, as RFC 9110 §13.2.2 orders them.
+//! - `If-Modified-Since` is honoured only for a URL that names a commit id:
+//!   there the bytes never change, so "not modified since" is provable. A
+//!   branch or tag may move to a commit with an *older* committer date
+//!   (a reset, a re-tag), so for those the date proves nothing and only the
+//!   ETag is trusted.
+//! - One `Range: bytes=…` on a complete archive; several ranges, other
+//!   units and malformed values are ignored (the whole archive is sent), as
+//!   RFC 9110 allows. An `If-Range` that is not the current ETag means
+//!   "send it all".
+
+use std::time::SystemTime;
+
+use http::{HeaderMap, header};
+
+/// An inclusive byte range of a complete archive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ByteRange {
+    pub first: u64,
+    pub last: u64,
+}
+
+impl ByteRange {
+    pub fn len(self) -> u64 {
+        self.last - self.first + 1
+    }
+}
+
+/// A `Range` that asks for nothing the archive has (`416`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Unsatisfiable;
+
+/// What the request's validators say about the archive a `200` would send.
+pub struct Validators<'a> {
+    pub etag: &'a str,
+    pub last_modified: SystemTime,
+    /// The URL named a commit id: the bytes behind it can never change.
+    pub immutable_url: bool,
+}
+
+/// Whether to answer `304 Not Modified`.
+pub fn not_modified(headers: &HeaderMap, validators: &Validators<'_>) -> bool {
+    if headers.contains_key(header::IF_NONE_MATCH) {
+        return if_none_match(headers, validators.etag);
+    }
+    if !validators.immutable_url {
+        return false;
+    }
+    headers
+        .get(header::IF_MODIFIED_SINCE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| httpdate::parse_http_date(value).ok())
+        .is_some_and(|since| validators.last_modified <= since)
+}
+
+/// `If-None-Match`: a list of entity tags or `*` (weak comparison).
+fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|value| {
+            value
+                .split(',')
+                .map(str::trim)
+                .any(|tag| tag == "*" || tag.trim_start_matches("W/") == etag)
+        })
+}
+
+/// The range to send of a complete archive of `len` bytes: `Ok(None)` for
+/// the whole archive.
+pub fn requested_range(
+    headers: &HeaderMap,
+    etag: &str,
+    len: u64,
+) -> Result<Option<ByteRange>, Unsatisfiable> {
+    let Some(range) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
+        return Ok(None);
+    };
+    if let Some(if_range) = headers.get(header::IF_RANGE).and_then(|v| v.to_str().ok())
+        && if_range.trim() != etag
+    {
+        return Ok(None);
+    }
+    parse_range(range, len)
+}
+
+/// Parses a single byte range. `Ok(None)`: ignore the header (not bytes,
+/// several ranges, or malformed).
+pub fn parse_range(value: &str, len: u64) -> Result<Option<ByteRange>, Unsatisfiable> {
+    let Some(spec) = value.trim().strip_prefix("bytes=") else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let Some((first, last)) = spec.trim().split_once('-') else {
+        return Ok(None);
+    };
+    let range = |first, last| Ok(Some(ByteRange { first, last }));
+    match (first.trim(), last.trim()) {
+        ("", "") => Ok(None),
+        ("", suffix) => {
+            let Ok(suffix) = suffix.parse::<u64>() else {
+                return Ok(None);
+            };
+            if suffix == 0 || len == 0 {
+                return Err(Unsatisfiable);
+            }
+            range(len.saturating_sub(suffix), len - 1)
+        }
+        (first, last) => {
+            let Ok(first) = first.parse::<u64>() else {
+                return Ok(None);
+            };
+            let last = if last.is_empty() {
+                len.saturating_sub(1)
+            } else {
+                let Ok(last) = last.parse::<u64>() else {
+                    return Ok(None);
+                };
+                if last < first {
+                    return Ok(None);
+                }
+                last.min(len.saturating_sub(1))
+            };
+            if first >= len {
+                return Err(Unsatisfiable);
+            }
+            range(first, last)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+    use std::time::Duration;
+
+    fn range(first: u64, last: u64) -> Result<Option<ByteRange>, Unsatisfiable> {
+        Ok(Some(ByteRange { first, last }))
+    }
+
+    #[test]
+    fn single_ranges_parse() {
+        assert_eq!(parse_range("bytes=0-99", 1000), range(0, 99));
+        assert_eq!(parse_range("bytes=900-", 1000), range(900, 999));
+        assert_eq!(parse_range("bytes=-100", 1000), range(900, 999));
+        assert_eq!(parse_range("bytes=-5000", 1000), range(0, 999));
+        assert_eq!(parse_range("bytes=990-5000", 1000), range(990, 999));
+        assert_eq!(parse_range(" bytes= 5 - 9 ", 1000), range(5, 9));
+        assert_eq!(ByteRange { first: 5, last: 9 }.len(), 5);
+    }
+
+    #[test]
+    fn odd_ranges_are_ignored_or_unsatisfiable() {
+        assert_eq!(parse_range("items=0-1", 1000), Ok(None));
+        assert_eq!(parse_range("bytes=0-1,5-6", 1000), Ok(None));
+        assert_eq!(parse_range("bytes=5-1", 1000), Ok(None));
+        assert_eq!(parse_range("bytes=x-1", 1000), Ok(None));
+        assert_eq!(parse_range("bytes=-", 1000), Ok(None));
+        assert_eq!(parse_range("bytes=1000-", 1000), Err(Unsatisfiable));
+        assert_eq!(parse_range("bytes=-0", 1000), Err(Unsatisfiable));
+        assert_eq!(parse_range("bytes=0-", 0), Err(Unsatisfiable));
+    }
+
+    #[test]
+    fn if_range_with_another_etag_sends_everything() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::RANGE, HeaderValue::from_static("bytes=0-9"));
+        assert_eq!(requested_range(&headers, "\"e\"", 100), range(0, 9));
+        headers.insert(header::IF_RANGE, HeaderValue::from_static("\"e\""));
+        assert_eq!(requested_range(&headers, "\"e\"", 100), range(0, 9));
+        headers.insert(header::IF_RANGE, HeaderValue::from_static("\"old\""));
+        assert_eq!(requested_range(&headers, "\"e\"", 100), Ok(None));
+        assert_eq!(requested_range(&HeaderMap::new(), "\"e\"", 100), Ok(None));
+    }
+
+    fn validators(immutable_url: bool) -> Validators<'static> {
+        Validators {
+            etag: "\"abc-tar\"",
+            last_modified: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            immutable_url,
+        }
+    }
+
+    #[test]
+    fn if_none_match_accepts_lists_star_and_weak_tags() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::IF_NONE_MATCH,
+            HeaderValue::from_static("\"x\", W/\"abc-tar\""),
+        );
+        assert!(not_modified(&headers, &validators(false)));
+        headers.insert(header::IF_NONE_MATCH, HeaderValue::from_static("*"));
+        assert!(not_modified(&headers, &validators(false)));
+        headers.insert(header::IF_NONE_MATCH, HeaderValue::from_static("\"other\""));
+        assert!(!not_modified(&headers, &validators(false)));
+    }
+
+    #[test]
+    fn if_modified_since_counts_only_for_commit_urls_and_without_if_none_match() {
+        let later = HeaderValue::from_static("Wed, 15 Nov 2023 00:00:00 GMT");
+        let earlier = HeaderValue::from_static("Mon, 13 Nov 2023 00:00:00 GMT");
+        let mut headers = HeaderMap::new();
+        headers.insert(header::IF_MODIFIED_SINCE, later.clone());
+        assert!(not_modified(&headers, &validators(true)));
+        // A branch URL may move to an older commit: the date proves nothing.
+        assert!(!not_modified(&headers, &validators(false)));
+        headers.insert(header::IF_MODIFIED_SINCE, earlier);
+        assert!(!not_modified(&headers, &validators(true)));
+        headers.insert(header::IF_MODIFIED_SINCE, HeaderValue::from_static("soon"));
+        assert!(!not_modified(&headers, &validators(true)));
+        // If-None-Match wins, even when it does not match.
+        headers.insert(header::IF_MODIFIED_SINCE, later);
+        headers.insert(header::IF_NONE_MATCH, HeaderValue::from_static("\"other\""));
+        assert!(!not_modified(&headers, &validators(true)));
+    }
+}

@@ -1,0 +1,51 @@
+//! The names both tiers and their clients agree on: headers and the JSON
+//! `error` codes (`docs/http.md#errors`). A code is part of the contract:
+//! clients and dashboards match on it, so each is spelled once, here.
+
+use http::HeaderName;
+
+/// Read from the client (when sane), forwarded to the archiver, echoed.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// The full commit id the ref resolved to.
+pub const X_GITBALL_COMMIT: HeaderName = HeaderName::from_static("x-gitball-commit");
+/// `hit`, `miss` or `join`: how the archiver found the archive.
+pub const X_GITBALL_CACHE: HeaderName = HeaderName::from_static("x-gitball-cache");
+/// `sha-256=:{base64}:` of a complete archive (RFC 9530).
+pub const REPR_DIGEST: HeaderName = HeaderName::from_static("repr-digest");
+
+/// What `Retry-After` says when a tier is over capacity or shutting down.
+pub const RETRY_AFTER_SECONDS: u64 = 5;
+
+/// The JSON `error` codes, by the tier that answers them.
+pub mod code {
+    // Either tier: bad input, answered before anything is looked up.
+    pub const NOT_FOUND: &str = "not_found";
+    pub const BAD_NAME: &str = "bad_name";
+    pub const BAD_FORMAT: &str = "bad_format";
+    pub const BAD_REF: &str = "bad_ref";
+    pub const BAD_PATH: &str = "bad_path";
+    pub const BAD_URL: &str = "bad_url";
+    pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
+    pub const URI_TOO_LONG: &str = "uri_too_long";
+    pub const HEADERS_TOO_LARGE: &str = "headers_too_large";
+    /// An unknown repository, and (on the proxy) a private one without a
+    /// valid token: the two must be indistinguishable.
+    pub const REPO_NOT_FOUND: &str = "repo_not_found";
+    pub const SHUTTING_DOWN: &str = "shutting_down";
+    pub const INTERNAL: &str = "internal";
+
+    // Archiver.
+    pub const REF_NOT_FOUND: &str = "ref_not_found";
+    pub const PATH_NOT_FOUND: &str = "path_not_found";
+    pub const UNAUTHORIZED: &str = "unauthorized";
+    pub const RANGE_NOT_SATISFIABLE: &str = "range_not_satisfiable";
+    pub const BUSY: &str = "busy";
+    pub const GENERATION_FAILED: &str = "generation_failed";
+    pub const GENERATION_TIMEOUT: &str = "generation_timeout";
+    pub const ARCHIVE_TOO_LARGE: &str = "archive_too_large";
+
+    // Proxy.
+    pub const BAD_GATEWAY: &str = "bad_gateway";
+    pub const UNAVAILABLE: &str = "unavailable";
+    pub const GATEWAY_TIMEOUT: &str = "gateway_timeout";
+}

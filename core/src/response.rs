@@ -1,0 +1,79 @@
+//! The answers both tiers give the same way: the JSON error body
+//! (`{"error": code, "message": text}`), `405` with `Allow`, `/healthz` and
+//! `/metrics`. Each tier's `error` module maps its own error type onto
+//! [`json_error`]; nothing else builds an error body.
+
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, Method, StatusCode, header};
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::protocol::code;
+
+/// The one error body: `{"error": code, "message": text}` as JSON.
+pub fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = serde_json::json!({ "error": code, "message": message });
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// Only `GET` and `HEAD` exist on either tier.
+pub fn is_allowed(method: &Method) -> bool {
+    method == Method::GET || method == Method::HEAD
+}
+
+/// `405` with `Allow: GET, HEAD`.
+pub fn method_not_allowed() -> Response {
+    let mut response = json_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        code::METHOD_NOT_ALLOWED,
+        "only GET and HEAD are allowed",
+    );
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+    response
+}
+
+/// `/healthz`: `200` and `{"status":"ok"}` while the process serves.
+pub async fn healthz(method: Method) -> Response {
+    if !is_allowed(&method) {
+        return method_not_allowed();
+    }
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        "{\"status\":\"ok\"}\n",
+    )
+        .into_response()
+}
+
+/// `/metrics`: the Prometheus text exposition.
+pub fn metrics(method: &Method, handle: &PrometheusHandle) -> Response {
+    if !is_allowed(method) {
+        return method_not_allowed();
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::render(handle),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_not_allowed_names_the_allowed_methods() {
+        let response = method_not_allowed();
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(response.headers()[header::ALLOW], "GET, HEAD");
+        assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+    }
+}

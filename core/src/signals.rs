@@ -1,0 +1,24 @@
+//! SIGTERM and SIGINT as a [`CancellationToken`]: the binaries install the
+//! handlers before they serve anything, so from the first request on a
+//! signal means a graceful drain, never the default action (death).
+
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+
+/// Installs the SIGTERM and SIGINT handlers now and returns a token that is
+/// cancelled when either signal arrives. Needs a running tokio runtime.
+pub fn shutdown_on_signal() -> std::io::Result<CancellationToken> {
+    let term = signal(SignalKind::terminate())?;
+    let int = signal(SignalKind::interrupt())?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(term, int, shutdown.clone()));
+    Ok(shutdown)
+}
+
+async fn cancel_on_signal(mut term: Signal, mut int: Signal, shutdown: CancellationToken) {
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    shutdown.cancel();
+}
