@@ -14,7 +14,7 @@ see: the relations between the files an operator copies together.
 - the tmpfs is mode 0700, owned by the service user, and its `size=` is at
   least 1.2 x `GITBALL_CACHE_MAX_BYTES` (headroom for evicted files that
   readers still hold), and `GITBALL_MAX_ARCHIVE_BYTES` fits in the cache;
-- each env file sets only variables its binary reads: the SPEC §4/§5 flag
+- each env file sets only variables its binary reads: the docs/archiver.md and docs/proxy.md flag
   list, or, given `--archiver-help`/`--proxy-help` (the binaries' `--help`
   output), the `[env: GITBALL_…]` names the binaries actually declare.
 
@@ -27,7 +27,7 @@ import pathlib
 import re
 import sys
 
-# Flags of SPEC §4 (archiver) and §5 (proxy), as GITBALL_* variables. The
+# Flags of docs/archiver.md and docs/proxy.md, as GITBALL_* variables. The
 # proxy also accepts the archiver's flags (embedded mode, §5).
 ARCHIVER_VARIABLES = {
     "GITBALL_LISTEN", "GITBALL_REPOS", "GITBALL_CACHE_DIR",

@@ -177,7 +177,7 @@ PY
 }
 
 echo "local example"
-run_check "routes files are valid SPEC §5 TOML" check_routes
+run_check "routes files are valid docs/proxy.md TOML" check_routes
 run_check "bash -n ops/local/run.sh, sh -n ops/nginx/render-test-conf.sh" \
     sh -c 'bash -n ops/local/run.sh && sh -n ops/nginx/render-test-conf.sh && bash -n ops/check.sh'
 

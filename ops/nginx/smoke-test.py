@@ -152,7 +152,7 @@ def check(condition, message):
 def run_checks(front):
     seen = StubUpstream.seen
 
-    # The directives SPEC §7 and the README promise, stated at server level
+    # The directives ops/README.md and the README promise, stated at server level
     # (the behaviour they cause is checked below).
     config = (HERE / "gitball.conf").read_text()
     for directive in ("proxy_buffering off;", "proxy_request_buffering off;",
