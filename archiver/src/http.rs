@@ -419,3 +419,105 @@ fn authorize(app: &App, headers: &HeaderMap) -> Result<(), Error> {
         Err(Error::Unauthorized)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+    use std::process::Command;
+    use std::time::Duration;
+    use tower::ServiceExt;
+
+    use crate::cache::Settings;
+    use crate::generate::Limits;
+
+    fn git(dir: &Path, args: &[&str]) {
+        let status = Command::new("git")
+            .current_dir(dir)
+            .env("HOME", dir)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env("GIT_AUTHOR_NAME", "A")
+            .env("GIT_AUTHOR_EMAIL", "a@example.com")
+            .env("GIT_COMMITTER_NAME", "C")
+            .env("GIT_COMMITTER_EMAIL", "c@example.com")
+            .args(args)
+            .status()
+            .expect("git runs");
+        assert!(status.success(), "git {args:?}");
+    }
+
+    /// An archiver's routes over one repository (`local/widget`), in-process.
+    fn app(dir: &Path) -> (Router, Arc<Cache>) {
+        let widget = dir.join("widget");
+        std::fs::create_dir_all(&widget).unwrap();
+        git(&widget, &["init", "-q", "-b", "main"]);
+        std::fs::write(widget.join("README"), "hello\n").unwrap();
+        git(&widget, &["add", "."]);
+        git(&widget, &["commit", "-q", "-m", "one"]);
+        let cache = Cache::open(Settings {
+            dir: dir.join("cache"),
+            max_bytes: 1 << 20,
+            max_generations: 1,
+            queue_timeout: Duration::from_secs(5),
+            limits: Limits {
+                timeout: Duration::from_secs(30),
+                max_bytes: 1 << 20,
+            },
+            git: crate::generate::find_git().unwrap(),
+        })
+        .unwrap();
+        let app = Arc::new(App {
+            repos: Repositories::new(&widget).unwrap(),
+            cache: cache.clone(),
+            token: None,
+            gzip_level: 6,
+            zstd_level: 3,
+            metrics: gitball_core::metrics::install(),
+        });
+        (router(app), cache)
+    }
+
+    async fn get(router: &Router, path: &str) -> (StatusCode, HeaderMap, serde_json::Value) {
+        let request = http::Request::get(path).body(Body::empty()).unwrap();
+        let response = router.clone().oneshot(request).await.unwrap();
+        let (parts, body) = response.into_parts();
+        let bytes = axum::body::to_bytes(body, 1 << 20).await.unwrap();
+        let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        (parts.status, parts.headers, json)
+    }
+
+    /// Shutdown is one typed state: a checksum asked for after the cache
+    /// stopped gets the same `503` + `Retry-After` as an archive, not a 500.
+    #[tokio::test]
+    async fn checksum_and_archive_during_shutdown_are_503_with_retry_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let (router, cache) = app(dir.path());
+        let (status, _, _) = get(&router, "/local/widget/archive/main.tar.sha256").await;
+        assert_eq!(status, StatusCode::OK);
+
+        assert!(cache.shutdown(Duration::from_secs(5)).await);
+        for path in [
+            "/local/widget/archive/main.zip.sha256",
+            "/local/widget/archive/main.zip",
+        ] {
+            let (status, headers, json) = get(&router, path).await;
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{path}");
+            assert_eq!(json["error"], "shutting_down", "{path}");
+            assert!(headers.contains_key(header::RETRY_AFTER), "{path}");
+        }
+        // What is complete is still served.
+        let (status, _, _) = get(&router, "/local/widget/archive/main.tar.sha256").await;
+        assert_eq!(status, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn healthz_is_json_on_the_archiver() {
+        let dir = tempfile::tempdir().unwrap();
+        let (router, _) = app(dir.path());
+        let (status, headers, json) = get(&router, "/healthz").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers[header::CONTENT_TYPE], "application/json");
+        assert_eq!(json["status"], "ok");
+    }
+}

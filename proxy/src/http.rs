@@ -93,6 +93,7 @@ async fn archive(State(state): State<Arc<AppState>>, request: Request) -> Respon
         request.uri.path(),
         crate::metrics::request_finished,
     );
+    log.attempts = Some(0);
     let response = match handle(&state, &request, &request_id, &mut log).await {
         Ok(answer) => respond(&state, &request, answer, log),
         Err(error) => {

@@ -1,0 +1,197 @@
+//! End-to-end tests of the request log (`docs/observability.md#request-log`):
+//! both tiers write one record per request with the same fields, and a
+//! request whose client leaves before its answer is logged and counted as
+//! `499` — on the archiver too, where a request can wait a long time for a
+//! generation slot.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use gitball_e2e::proxy::{Proxy, big_repository, fetch_with, small_repository};
+use gitball_e2e::{Archiver, RawConnection, Sandbox, wait_until};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Every `request` line of a JSON log.
+fn request_lines(log: &str) -> Vec<Value> {
+    log.lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|line| line["message"] == "request")
+        .collect()
+}
+
+fn line_for(log: &str, request_id: &str) -> Option<Value> {
+    request_lines(log)
+        .into_iter()
+        .find(|line| line["request_id"] == request_id)
+}
+
+/// The fields of a line, less the ones the JSON formatter adds.
+fn field_names(line: &Value) -> BTreeSet<String> {
+    line.as_object()
+        .expect("a JSON object")
+        .keys()
+        .filter(|key| !matches!(key.as_str(), "timestamp" | "level" | "target"))
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn both_tiers_log_the_same_fields_joined_by_request_id() {
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    let cache = sandbox.path("cache");
+    let proxy = Proxy::embedded(&sandbox.repos(), &cache, &[]);
+    fetch_ok_with_id(&proxy, "/acme/widget/archive/main.tar.gz", "join-me-1");
+    let missing = fetch_with(
+        proxy.addr,
+        "GET",
+        "/acme/widget/archive/nope.tar",
+        &[("X-Request-Id", "join-me-2")],
+    );
+    assert_eq!(missing.status(), 404);
+
+    let lines = wait_for_lines(&proxy, &["join-me-1", "join-me-2"], 4);
+    let proxy_line = find(&lines, "proxy", "join-me-1");
+    let archiver_line = find(&lines, "archiver", "join-me-1");
+    assert_eq!(
+        field_names(&proxy_line),
+        field_names(&archiver_line),
+        "the two tiers' records differ: {proxy_line}\n{archiver_line}"
+    );
+    for field in [
+        "tier",
+        "request_id",
+        "method",
+        "path",
+        "status",
+        "bytes",
+        "duration_ms",
+        "ending",
+        "fault",
+        "error",
+        "cache",
+        "commit",
+        "format",
+        "upstream",
+        "attempts",
+    ] {
+        assert!(
+            proxy_line.get(field).is_some(),
+            "no {field} in {proxy_line}"
+        );
+    }
+    assert_eq!(proxy_line["status"], 200);
+    assert_eq!(proxy_line["ending"], "complete");
+    assert_eq!(archiver_line["ending"], "complete");
+    assert_eq!(archiver_line["cache"], "miss");
+    assert_eq!(archiver_line["format"], "tar.gz");
+    assert_eq!(proxy_line["bytes"], archiver_line["bytes"]);
+    assert_eq!(proxy_line["attempts"], "1");
+    assert_eq!(archiver_line["upstream"], "-");
+
+    // An error: both tiers say whose fault it is, with the code.
+    let proxy_error = find(&lines, "proxy", "join-me-2");
+    let archiver_error = find(&lines, "archiver", "join-me-2");
+    assert_eq!(archiver_error["status"], 404);
+    assert_eq!(archiver_error["fault"], "client");
+    assert_eq!(archiver_error["error"], "ref_not_found");
+    assert_eq!(proxy_error["status"], 404);
+    assert_eq!(field_names(&proxy_error), field_names(&proxy_line));
+}
+
+fn fetch_ok_with_id(proxy: &Proxy, target: &str, request_id: &str) {
+    let fetched = fetch_with(proxy.addr, "GET", target, &[("X-Request-Id", request_id)]);
+    assert_eq!(fetched.status(), 200, "{target}: {}", fetched.text());
+}
+
+fn wait_for_lines(proxy: &Proxy, ids: &[&str], count: usize) -> Vec<Value> {
+    let mut lines = Vec::new();
+    let found = wait_until(WAIT, || {
+        lines = request_lines(&proxy.log())
+            .into_iter()
+            .filter(|line| ids.iter().any(|id| line["request_id"] == *id))
+            .collect();
+        lines.len() >= count
+    });
+    assert!(found, "expected {count} request lines:\n{}", proxy.log());
+    lines
+}
+
+fn find(lines: &[Value], tier: &str, request_id: &str) -> Value {
+    lines
+        .iter()
+        .find(|line| line["tier"] == tier && line["request_id"] == request_id)
+        .unwrap_or_else(|| panic!("no {tier} line for {request_id} in {lines:?}"))
+        .clone()
+}
+
+/// A client that gives up while its request waits for a generation slot
+/// is logged (`499`, `client_gone`) and counted in `requests_total`.
+#[test]
+fn archiver_logs_and_counts_a_client_that_leaves_while_queued() {
+    let sandbox = Sandbox::new();
+    big_repository(&sandbox.repo("acme", "big"), 32 << 20);
+    let archiver = Archiver::start(
+        &sandbox.repos(),
+        // zstd at level 19 on 32 MiB of random bytes keeps the only slot
+        // busy for far longer than this test.
+        &[
+            "--zstd-level",
+            "19",
+            "--max-generations",
+            "1",
+            "--queue-timeout",
+            "120",
+        ],
+    );
+    {
+        let mut slow = RawConnection::connect(archiver.addr).unwrap();
+        slow.send_request("GET", "/acme/big/archive/main.tar.zst", &[])
+            .unwrap();
+        assert_eq!(slow.read_head().unwrap().status, 200);
+    }
+    let mut leaver = RawConnection::connect(archiver.addr).unwrap();
+    leaver
+        .send_request(
+            "GET",
+            "/acme/big/archive/main.tar",
+            &[("X-Request-Id", "leaves-while-queued")],
+        )
+        .unwrap();
+    assert!(
+        wait_until(WAIT, || archiver
+            .metrics()
+            .get("gitball_archiver_generations_queued", &[])
+            == Some(1.0)),
+        "the second generation never queued:\n{}",
+        archiver.log()
+    );
+    drop(leaver);
+
+    let mut line = None;
+    assert!(
+        wait_until(WAIT, || {
+            line = line_for(&archiver.log(), "leaves-while-queued");
+            line.is_some()
+        }),
+        "no line for the client that left:\n{}",
+        archiver.log()
+    );
+    let line = line.unwrap();
+    assert_eq!(line["status"], 499, "{line}");
+    assert_eq!(line["ending"], "client_gone", "{line}");
+    assert_eq!(line["tier"], "archiver");
+    assert_eq!(line["format"], "tar");
+    assert_eq!(line["cache"], "miss");
+    let metrics = archiver.metrics();
+    assert_eq!(
+        metrics.value(
+            "gitball_archiver_requests_total",
+            &[("code", "499"), ("format", "tar"), ("cache", "miss")]
+        ),
+        1.0
+    );
+    assert!(metrics.value("gitball_archiver_client_disconnects_total", &[]) >= 1.0);
+}
