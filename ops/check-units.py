@@ -28,13 +28,14 @@ import re
 import sys
 
 # Flags of docs/archiver.md and docs/proxy.md, as GITBALL_* variables. The
-# proxy also accepts the archiver's flags (embedded mode, §5).
+# proxy also accepts the archiver's flags (embedded mode).
 ARCHIVER_VARIABLES = {
     "GITBALL_LISTEN", "GITBALL_REPOS", "GITBALL_CACHE_DIR",
     "GITBALL_CACHE_MAX_BYTES", "GITBALL_MAX_GENERATIONS",
     "GITBALL_QUEUE_TIMEOUT", "GITBALL_GENERATION_TIMEOUT",
     "GITBALL_MAX_ARCHIVE_BYTES", "GITBALL_TOKEN_FILE", "GITBALL_GZIP_LEVEL",
     "GITBALL_ZSTD_LEVEL", "GITBALL_SHUTDOWN_GRACE", "GITBALL_LOG_FORMAT",
+    "GITBALL_GIT", "GITBALL_GENERATION_MEMORY_LIMIT",
 }
 PROXY_VARIABLES = ARCHIVER_VARIABLES | {
     "GITBALL_ROUTES", "GITBALL_UPSTREAM_TOKEN_FILE",

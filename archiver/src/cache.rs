@@ -39,6 +39,7 @@ use tracing::Instrument;
 
 use crate::generate::{self, Failure, Limits, Spec};
 use crate::metrics as m;
+use crate::shadow::Shadows;
 
 const PARTIAL_SUFFIX: &str = ".partial";
 
@@ -160,6 +161,8 @@ pub struct Settings {
 
 pub struct Cache {
     settings: Settings,
+    /// The git dirs generations run in (see `shadow`).
+    shadows: Shadows,
     slots: Arc<Semaphore>,
     index: Mutex<Index>,
     held_bytes: Arc<AtomicU64>,
@@ -236,6 +239,7 @@ impl Cache {
         }
         let restored = index.complete.len();
         let cache = Cache {
+            shadows: Shadows::create()?,
             slots: Arc::new(Semaphore::new(settings.max_generations)),
             settings,
             index: Mutex::new(index),
@@ -358,15 +362,24 @@ impl Cache {
                 fits
             })
         };
-        let result = generate::run(
-            &self.settings.git,
-            &spec,
-            &partial,
-            self.settings.limits,
-            growth,
-            &self.cancel,
-        )
-        .await;
+        let result = match self.shadows.prepare(&spec.git_dir, &spec.common_dir) {
+            Ok(shadow) => {
+                generate::run(
+                    &self.settings.git,
+                    &spec,
+                    &shadow,
+                    &partial,
+                    self.settings.limits,
+                    growth,
+                    &self.cancel,
+                )
+                .await
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot prepare the git dir to run in");
+                Err(Failure::Failed)
+            }
+        };
         gauge!(m::GENERATIONS_IN_FLIGHT).decrement(1.0);
         histogram!(m::GENERATION_DURATION, "format" => format)
             .record(started.elapsed().as_secs_f64());

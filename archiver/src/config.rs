@@ -64,6 +64,15 @@ pub struct ArchiveOptions {
     #[arg(long, env = "GITBALL_MAX_ARCHIVE_BYTES", default_value = "4GiB", value_parser = parse_size)]
     pub max_archive_bytes: u64,
 
+    /// The git binary to run. Default: the first `git` on PATH at start-up.
+    #[arg(long, env = "GITBALL_GIT")]
+    pub git: Option<PathBuf>,
+
+    /// Largest data segment (heap) of one `git archive` child, in bytes (its RLIMIT_DATA);
+    /// a child that needs more fails the generation. 0: no limit.
+    #[arg(long, env = "GITBALL_GENERATION_MEMORY_LIMIT", default_value = "2GiB", value_parser = parse_size)]
+    pub generation_memory_limit: u64,
+
     /// File holding a bearer token; archive URLs then need `Authorization: Bearer <token>`.
     #[arg(long, env = "GITBALL_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
@@ -119,6 +128,7 @@ mod tests {
         assert_eq!(config.options.max_archive_bytes, 4 << 30);
         assert_eq!(config.options.queue_timeout, Duration::from_secs(30));
         assert_eq!(config.options.generation_timeout, Duration::from_secs(600));
+        assert_eq!(config.options.generation_memory_limit, 2 << 30);
         assert_eq!(config.options.gzip_level, 6);
         assert_eq!(config.options.zstd_level, 3);
         assert_eq!(config.options.log_format, LogFormat::Text);

@@ -8,6 +8,16 @@
 //!   (so a kill reaches anything it started), and its stderr is drained
 //!   concurrently into a bounded buffer that goes to the log, never to a
 //!   client. It is always waited for, whatever happens.
+//! - git runs in a shadow git dir (`shadow`): no command that the
+//!   repository's config defines (a `tar.<format>.command`, a filter driver)
+//!   can run, and what git writes must start like the format asked for
+//!   (`FormatCheck`), or the generation fails.
+//! - The child is bounded by rlimits set between fork and exec: data
+//!   segment (`--generation-memory-limit`: `export-subst` padding is
+//!   expanded in memory) and CPU time (`--generation-timeout`), and it is
+//!   killed when the archiver dies (`PR_SET_PDEATHSIG`), so a `SIGKILL`ed
+//!   archiver leaves no git behind. A child killed by a limit fails the
+//!   generation like any other failure.
 //! - The archive is complete only when git exited 0 *and* the compressor
 //!   finished writing; EOF on stdout alone proves nothing.
 //! - Compressed bytes do not depend on timing: git's output is cut into
@@ -52,7 +62,11 @@ pub const STDERR_KEEP_BYTES: usize = 4 * 1024;
 /// Everything that decides the bytes of an archive.
 #[derive(Clone, Debug)]
 pub struct Spec {
+    /// The repository's git dir (canonical): part of the cache key.
     pub git_dir: PathBuf,
+    /// Where its objects and refs live (the git dir but for a linked work
+    /// tree).
+    pub common_dir: PathBuf,
     /// `owner/repo`, for logs only: the bytes do not depend on it.
     pub repository: String,
     pub commit: String,
@@ -89,6 +103,9 @@ impl Spec {
 pub struct Limits {
     pub timeout: Duration,
     pub max_bytes: u64,
+    /// The child's `RLIMIT_DATA` (heap and anonymous mappings), bytes;
+    /// `None` for no limit.
+    pub memory: Option<u64>,
 }
 
 /// Why a generation did not produce an archive.
@@ -128,12 +145,14 @@ pub struct Finished {
 /// cache could not make room for it.
 pub type Growth = Arc<dyn Fn(u64) -> bool + Send + Sync>;
 
-/// Runs `git archive` for `spec` into the (already created) file at `path`.
-/// Reports the written length through `growth` as the file grows. On failure
-/// the child is killed and reaped; removing the file is the caller's job.
+/// Runs `git archive` for `spec`, in the git dir `shadow` (see `shadow`),
+/// into the (already created) file at `path`. Reports the written length
+/// through `growth` as the file grows. On failure the child is killed and
+/// reaped; removing the file is the caller's job.
 pub async fn run(
     git: &Path,
     spec: &Spec,
+    shadow: &Path,
     path: &Path,
     limits: Limits,
     growth: Growth,
@@ -148,7 +167,9 @@ pub async fn run(
             Failure::Failed
         })?;
 
-    let mut child = command(git, spec).spawn().map_err(|error| {
+    let mut command = command(git, spec, shadow);
+    bound_child(&mut command, &limits);
+    let mut child = command.spawn().map_err(|error| {
         tracing::error!(%error, "cannot spawn git");
         Failure::Failed
     })?;
@@ -167,8 +188,9 @@ pub async fn run(
     let writer = {
         let compression = spec.compression;
         let max_bytes = limits.max_bytes;
+        let check = FormatCheck::new(spec.format);
         tokio::task::spawn_blocking(move || {
-            write_chunks(file, compression, receiver, max_bytes, &*growth)
+            write_chunks(file, compression, receiver, max_bytes, check, &*growth)
         })
     };
 
@@ -261,12 +283,14 @@ async fn pump(
     }
 }
 
-/// The blocking half: encoder → counting file writer → watch of the length.
+/// The blocking half: format check → encoder → counting file writer →
+/// watch of the length.
 fn write_chunks(
     file: std::fs::File,
     compression: Compression,
     mut chunks: mpsc::Receiver<Chunk>,
     max_bytes: u64,
+    mut check: FormatCheck,
     growth: &(dyn Fn(u64) -> bool + Send + Sync),
 ) -> Result<Finished, Failure> {
     let sink = Sink {
@@ -279,7 +303,14 @@ fn write_chunks(
     loop {
         match chunks.blocking_recv() {
             Some(Chunk::Data(data)) => {
-                encoder.write_block(data).map_err(io_failure)?;
+                for data in check.pass(data)? {
+                    encoder.write_block(data).map_err(io_failure)?;
+                }
+                // Nothing is announced (so no reader sees a byte) before the
+                // format was recognised.
+                if !check.passed {
+                    continue;
+                }
                 let len = encoder.sink().len;
                 if len > max_bytes {
                     return Err(Failure::TooLarge);
@@ -292,6 +323,7 @@ fn write_chunks(
                 }
             }
             Some(Chunk::End) => {
+                check.finish()?;
                 let sink = encoder.finish().map_err(io_failure)?;
                 if sink.len > max_bytes || (sink.len != announced && !growth(sink.len)) {
                     return Err(Failure::TooLarge);
@@ -303,6 +335,125 @@ fn write_chunks(
             }
             None => return Err(Failure::Failed),
         }
+    }
+}
+
+/// What git's output must start with, checked before any of it is written:
+/// a tar's first header carries `ustar` at offset 257, a zip starts with a
+/// local file header (or, empty, with its end record). Git only writes
+/// something else when something other than its own writer ran.
+///
+/// Chunks are held back whole (never re-cut: the compressed bytes depend on
+/// the cut) until enough bytes arrived to tell.
+struct FormatCheck {
+    format: Format,
+    held: Vec<Bytes>,
+    held_bytes: usize,
+    passed: bool,
+}
+
+/// Bytes needed to recognise a tar header (`ustar` at 257..262).
+const TAR_MAGIC_END: usize = 262;
+
+impl FormatCheck {
+    fn new(format: Format) -> FormatCheck {
+        FormatCheck {
+            format,
+            held: Vec::new(),
+            held_bytes: 0,
+            passed: false,
+        }
+    }
+
+    fn needed(&self) -> usize {
+        match self.format.git_format() {
+            "zip" => 4,
+            _ => TAR_MAGIC_END,
+        }
+    }
+
+    /// The chunks that may be written now.
+    fn pass(&mut self, data: Bytes) -> Result<Vec<Bytes>, Failure> {
+        if self.passed {
+            return Ok(vec![data]);
+        }
+        self.held_bytes += data.len();
+        self.held.push(data);
+        if self.held_bytes < self.needed() {
+            return Ok(Vec::new());
+        }
+        self.verify()?;
+        Ok(std::mem::take(&mut self.held))
+    }
+
+    /// git exited 0: whatever it wrote must have been recognised by now
+    /// (fewer bytes than a header are no archive at all).
+    fn finish(&mut self) -> Result<(), Failure> {
+        if self.passed {
+            return Ok(());
+        }
+        tracing::error!(
+            format = self.format.git_format(),
+            bytes = self.held_bytes,
+            "git's output is too short to be an archive; refused"
+        );
+        Err(Failure::Failed)
+    }
+
+    fn verify(&mut self) -> Result<(), Failure> {
+        let head: Vec<u8> = self
+            .held
+            .iter()
+            .flat_map(|chunk| chunk.iter().copied())
+            .take(self.needed())
+            .collect();
+        let ok = match self.format.git_format() {
+            "zip" => head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06"),
+            _ => head.len() >= TAR_MAGIC_END && &head[257..262] == b"ustar",
+        };
+        if !ok {
+            tracing::error!(
+                format = self.format.git_format(),
+                "git's output is not the format asked for; refused"
+            );
+            return Err(Failure::Failed);
+        }
+        self.passed = true;
+        Ok(())
+    }
+}
+
+/// Sets the child's limits between fork and exec: `RLIMIT_DATA` and
+/// `RLIMIT_CPU`, and `SIGKILL` when the archiver dies.
+///
+/// `PR_SET_PDEATHSIG` fires when the thread that forked exits; the fork
+/// happens on a runtime worker thread, which lives as long as the archiver.
+fn bound_child(command: &mut Command, limits: &Limits) {
+    use nix::sys::resource::{Resource, setrlimit};
+    let parent = std::process::id();
+    let memory = limits.memory;
+    // git is mostly single-threaded: CPU time beyond the wall-clock timeout
+    // is a runaway.
+    let cpu_seconds = limits.timeout.as_secs().saturating_add(1);
+    let hook = move || -> io::Result<()> {
+        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+        // The archiver may have died before the line above: then no signal
+        // will come.
+        if nix::unistd::getppid().as_raw() as u32 != parent {
+            return Err(io::Error::other("the archiver is gone"));
+        }
+        if let Some(bytes) = memory {
+            setrlimit(Resource::RLIMIT_DATA, bytes, bytes)?;
+        }
+        setrlimit(Resource::RLIMIT_CPU, cpu_seconds, cpu_seconds + 1)?;
+        Ok(())
+    };
+    #[allow(unsafe_code)]
+    // SAFETY: the hook runs in the forked child before exec. It only makes
+    // system calls (prctl, getppid, setrlimit) and allocates nothing, so it
+    // is async-signal-safe as `pre_exec` requires.
+    unsafe {
+        command.pre_exec(hook);
     }
 }
 
@@ -332,8 +483,9 @@ impl Write for Sink {
 }
 
 /// The `git archive` command line: nothing from the user but the validated
-/// prefix and literal path; the commit is a resolved id.
-pub fn command(git: &Path, spec: &Spec) -> Command {
+/// prefix and literal path; the commit is a resolved id. git runs in the
+/// `shadow` git dir, so no configuration the repository carries applies.
+pub fn command(git: &Path, spec: &Spec, shadow: &Path) -> Command {
     let mut command = Command::new(git);
     command
         .env_clear()
@@ -346,11 +498,7 @@ pub fn command(git: &Path, spec: &Spec) -> Command {
         .env("GIT_TERMINAL_PROMPT", "0")
         .arg("--no-replace-objects")
         .arg("--literal-pathspecs")
-        .arg(format!("--git-dir={}", spec.git_dir.display()))
-        // The repository may belong to another user; it is trusted because
-        // it is under --repos.
-        .arg("-c")
-        .arg(format!("safe.directory={}", spec.git_dir.display()))
+        .arg(format!("--git-dir={}", shadow.display()))
         .arg("archive")
         .arg(format!("--format={}", spec.format.git_format()))
         .arg(format!("--prefix={}", spec.prefix))

@@ -298,6 +298,7 @@ fn resolve(app: &App, request: &Parts, archive: ArchiveRequest) -> Result<Resolu
     };
     let spec = Spec {
         git_dir: repository.git_dir().to_path_buf(),
+        common_dir: repository.common_dir().to_path_buf(),
         repository: format!("{}/{}", archive.owner, archive.repo),
         commit: resolved.commit.clone(),
         format: archive.format,
@@ -463,6 +464,7 @@ mod tests {
             limits: Limits {
                 timeout: Duration::from_secs(30),
                 max_bytes: 1 << 20,
+                memory: Some(1 << 30),
             },
             git: crate::generate::find_git().unwrap(),
         })

@@ -22,6 +22,7 @@ mod generate;
 mod http;
 mod metrics;
 mod repo;
+mod shadow;
 mod tail;
 
 use std::path::PathBuf;
@@ -59,7 +60,10 @@ pub async fn run(
 
     let repos = repo::Repositories::new(&repos)
         .with_context(|| format!("cannot open --repos {}", repos.display()))?;
-    let git = generate::find_git().context("gitball-archiver runs `git archive`")?;
+    let git = match &options.git {
+        Some(git) => git.clone(),
+        None => generate::find_git().context("gitball-archiver runs `git archive`")?,
+    };
     let token = match &options.token_file {
         Some(path) => Some(gitball_core::secret::read_secret(path, "--token-file")?),
         None => None,
@@ -79,6 +83,8 @@ pub async fn run(
         limits: generate::Limits {
             timeout: options.generation_timeout,
             max_bytes: options.max_archive_bytes,
+            memory: (options.generation_memory_limit > 0)
+                .then_some(options.generation_memory_limit),
         },
         git,
     })

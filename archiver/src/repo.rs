@@ -149,6 +149,23 @@ impl Repositories {
                 let owner_dir = self.root.join(owner);
                 for candidate in [owner_dir.join(format!("{name}.git")), owner_dir.join(name)] {
                     if let Some(repository) = open_candidate(&candidate, Some(&self.root))? {
+                        if !self.is_canonical(&candidate, owner, name) {
+                            tracing::warn!(
+                                repository = %format_args!("{owner}/{name}"),
+                                path = %candidate.display(),
+                                "asked for under a name that is not the repository's own (a `.git` spelling or an alias); refused"
+                            );
+                            return Err(Error::RepoNotFound);
+                        }
+                        if let Err(outside) = alternates_inside(&repository.common_dir, &self.root)
+                        {
+                            tracing::warn!(
+                                repository = %format_args!("{owner}/{name}"),
+                                alternate = %outside.display(),
+                                "repository borrows objects from outside --repos; refused"
+                            );
+                            return Err(Error::RepoNotFound);
+                        }
                         return Ok(repository);
                     }
                 }
@@ -156,6 +173,67 @@ impl Repositories {
             }
         }
     }
+}
+
+impl Repositories {
+    /// Whether `owner/name` is the repository's one name: the directory it
+    /// resolves to (after symlinks) is `DIR/{owner}/{name}.git` or
+    /// `DIR/{owner}/{name}`. Routing, tokens and cache keys all use the name
+    /// from the URL, so a second name for one repository (`widget.git` for
+    /// `widget`, or a symlink alias) would let a request dodge a rule made
+    /// for the first.
+    fn is_canonical(&self, candidate: &Path, owner: &str, name: &str) -> bool {
+        let Ok(directory) = fs::canonicalize(candidate) else {
+            return false;
+        };
+        let Ok(relative) = directory.strip_prefix(&self.root) else {
+            return false;
+        };
+        let mut parts = relative.iter().map(|part| part.to_str());
+        let (Some(Some(found_owner)), Some(Some(leaf)), None) =
+            (parts.next(), parts.next(), parts.next())
+        else {
+            return false;
+        };
+        let found_name = match leaf.strip_suffix(".git") {
+            Some(stem) if !stem.is_empty() => stem,
+            _ => leaf,
+        };
+        found_owner == owner && found_name == name
+    }
+}
+
+/// How deep git follows alternates of alternates (its own limit).
+const MAX_ALTERNATE_DEPTH: usize = 5;
+
+/// Checks that every object directory the repository borrows from (its
+/// `objects/info/alternates`, followed as git follows them) lies under
+/// `root`; `Err` names the first one that does not. A fork network whose
+/// shared pool is inside `--repos` is fine; an alternate elsewhere would
+/// serve objects the operator never put under `--repos`.
+fn alternates_inside(common_dir: &Path, root: &Path) -> Result<(), PathBuf> {
+    let mut pending = vec![(common_dir.join("objects"), 0)];
+    while let Some((objects, depth)) = pending.pop() {
+        let Ok(list) = fs::read_to_string(objects.join("info/alternates")) else {
+            continue;
+        };
+        for line in list.lines().map(str::trim) {
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let alternate = objects.join(line);
+            // A missing alternate is skipped by git too; only one that
+            // exists can serve objects.
+            let Ok(canonical) = fs::canonicalize(&alternate) else {
+                continue;
+            };
+            if !canonical.starts_with(root) || depth >= MAX_ALTERNATE_DEPTH {
+                return Err(alternate);
+            }
+            pending.push((canonical, depth + 1));
+        }
+    }
+    Ok(())
 }
 
 impl fmt::Debug for Repositories {
@@ -241,6 +319,7 @@ fn open_candidate(path: &Path, confine_to: Option<&Path>) -> Result<Option<Repos
     Ok(Some(Repository {
         repo,
         git_dir,
+        common_dir,
         identity,
     }))
 }
@@ -269,6 +348,9 @@ impl FileIdentity {
 pub struct Repository {
     repo: gix::ThreadSafeRepository,
     git_dir: PathBuf,
+    /// Where objects and refs live: the git dir, except for a linked work
+    /// tree.
+    common_dir: PathBuf,
     identity: FileIdentity,
 }
 
@@ -284,9 +366,14 @@ pub struct Resolved {
 }
 
 impl Repository {
-    /// Canonical path of the git dir, passed to `git --git-dir`.
+    /// Canonical path of the git dir (its `HEAD`).
     pub fn git_dir(&self) -> &Path {
         &self.git_dir
+    }
+
+    /// Canonical path of the directory holding objects and refs.
+    pub fn common_dir(&self) -> &Path {
+        &self.common_dir
     }
 
     /// True while the git dir still exists and is the directory that was opened.
@@ -1036,15 +1123,80 @@ mod tests {
             format!("gitdir: {}\n", secret.join(".git").display()),
         )
         .unwrap();
-        // A symlink that stays inside the root is fine.
-        std::os::unix::fs::symlink(&fixture.widget, fixture.root.join("acme/alias")).unwrap();
-
         let repositories = fixture.repositories();
         assert_repo_not_found(&repositories, "acme", "secret");
         assert_repo_not_found(&repositories, "evil", "secret");
         assert_repo_not_found(&repositories, "acme", "sneaky");
-        let alias = repositories.open("acme", "alias").unwrap();
-        assert_eq!(alias.git_dir(), fixture.widget.join(".git"));
+    }
+
+    #[test]
+    fn a_repository_answers_to_one_name_only() {
+        let fixture = fixture();
+        // An alias inside the root would give the repository a second name,
+        // and a second set of routing rules.
+        std::os::unix::fs::symlink(&fixture.widget, fixture.root.join("acme/alias")).unwrap();
+        std::os::unix::fs::symlink(fixture.root.join("acme"), fixture.root.join("corp")).unwrap();
+        let bare = fixture.root.join("acme/gadget.git");
+        git(
+            &fixture.root,
+            &["clone", "-q", "--bare", "acme/widget", "acme/gadget.git"],
+        );
+
+        let repositories = fixture.repositories();
+        repositories.open("acme", "widget").unwrap();
+        assert_eq!(repositories.open("acme", "gadget").unwrap().git_dir(), bare);
+        assert_repo_not_found(&repositories, "acme", "alias");
+        assert_repo_not_found(&repositories, "corp", "widget");
+        assert_repo_not_found(&repositories, "acme", "gadget.git");
+        assert_repo_not_found(&repositories, "acme", "widget.git");
+    }
+
+    #[test]
+    fn alternates_outside_the_root_are_refused_and_inside_followed() {
+        let fixture = fixture();
+        let pool = fixture.root.join("pool/objects.git");
+        git(
+            &fixture.root,
+            &["clone", "-q", "--bare", "acme/widget", "pool/objects.git"],
+        );
+        git(
+            &fixture.root,
+            &["clone", "-q", "--bare", "acme/widget", "acme/fork.git"],
+        );
+        fs::write(
+            fixture.root.join("acme/fork.git/objects/info/alternates"),
+            format!("{}\n", pool.join("objects").display()),
+        )
+        .unwrap();
+        git(
+            &fixture.root,
+            &["clone", "-q", "--bare", "acme/widget", "acme/leaky.git"],
+        );
+        fs::write(
+            fixture.root.join("acme/leaky.git/objects/info/alternates"),
+            "../../../../outside/secret/.git/objects\n",
+        )
+        .unwrap();
+        // Borrowing from a repository that borrows from outside is outside too.
+        git(
+            &fixture.root,
+            &["clone", "-q", "--bare", "acme/widget", "acme/chained.git"],
+        );
+        fs::write(
+            fixture
+                .root
+                .join("acme/chained.git/objects/info/alternates"),
+            format!(
+                "{}\n",
+                fixture.root.join("acme/leaky.git/objects").display()
+            ),
+        )
+        .unwrap();
+
+        let repositories = fixture.repositories();
+        repositories.open("acme", "fork").unwrap();
+        assert_repo_not_found(&repositories, "acme", "leaky");
+        assert_repo_not_found(&repositories, "acme", "chained");
     }
 
     #[test]

@@ -25,6 +25,8 @@ fn help_names_every_flag_and_its_environment_variable() {
         "--zstd-level",
         "--shutdown-grace",
         "--log-format",
+        "--git",
+        "--generation-memory-limit",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}");
         let env = format!(

@@ -1,0 +1,303 @@
+//! End-to-end tests of the archiver's security promises
+//! (`docs/security.md`): what a repository carries (its config, its
+//! attributes, its alternates, its names) cannot make the service run a
+//! command, read outside `--repos`, or dodge a routing rule; what the
+//! `git` child may use is bounded, and it does not outlive the archiver.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use gitball_e2e::proxy::{Proxy, Route, fetch_with, kill_hard, small_repository, write_routes};
+use gitball_e2e::{
+    Archiver, BodyEnd, RawConnection, RepoBuilder, Sandbox, child_processes, process_alive,
+    wait_until,
+};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn status(archiver: &Archiver, target: &str) -> u16 {
+    archiver.get(target).status().as_u16()
+}
+
+/// `acme/secret` (bare, `secret.git` on disk) and `acme/widget`.
+fn two_repositories(sandbox: &Sandbox) {
+    small_repository(&sandbox.repo("acme", "widget"));
+    let source = sandbox.source_repo("src/secret");
+    small_repository(&source);
+    source.git(&[
+        "clone",
+        "-q",
+        "--bare",
+        ".",
+        sandbox.repos().join("acme/secret.git").to_str().unwrap(),
+    ]);
+}
+
+#[test]
+fn a_repository_answers_to_its_one_name_only() {
+    let sandbox = Sandbox::new();
+    two_repositories(&sandbox);
+    std::os::unix::fs::symlink(
+        sandbox.repos().join("acme/secret.git"),
+        sandbox.repos().join("acme/alias"),
+    )
+    .unwrap();
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    assert_eq!(status(&archiver, "/acme/secret/archive/main.tar"), 200);
+    for target in [
+        "/acme/secret.git/archive/main.tar",
+        "/acme/secret.git/tar/main",
+        "/acme/secret.git/archive/main.tar.sha256",
+        "/acme/widget.git/archive/main.zip",
+        "/acme/alias/archive/main.tar",
+    ] {
+        let response = archiver.get(target);
+        assert_eq!(response.status().as_u16(), 404, "{target}");
+        let json: serde_json::Value = serde_json::from_slice(&response.bytes().unwrap()).unwrap();
+        assert_eq!(json["error"], "repo_not_found", "{target}");
+    }
+}
+
+/// The high-severity finding: a private route dodged by the `.git`
+/// spelling when a public `*` route follows it.
+#[test]
+fn a_private_route_cannot_be_dodged_by_another_spelling() {
+    let sandbox = Sandbox::new();
+    two_repositories(&sandbox);
+    std::os::unix::fs::symlink(
+        sandbox.repos().join("acme/secret.git"),
+        sandbox.repos().join("acme/alias"),
+    )
+    .unwrap();
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    let routes = sandbox.path("routes.toml");
+    write_routes(
+        &routes,
+        &[
+            Route::new("acme/secret", &archiver.base_url, &[]).private(),
+            Route::new("*", &archiver.base_url, &[]),
+        ],
+    );
+    let key = sandbox.path("signing.key");
+    std::fs::write(&key, "k3y\n").unwrap();
+    let proxy = Proxy::with_routes(&routes, &["--signing-key-file", key.to_str().unwrap()]);
+    let get = |target: &str| fetch_with(proxy.addr, "GET", target, &[]);
+    assert_eq!(get("/acme/widget/archive/main.tar").status(), 200);
+    assert_eq!(get("/acme/secret/archive/main.tar").status(), 404);
+    for target in [
+        "/acme/secret.git/archive/main.tar",
+        "/acme/secret.git/tar/main",
+        "/acme/secret.git/archive/main.tar.sha256",
+        "/acme/alias/archive/main.tar",
+    ] {
+        let fetched = get(target);
+        assert_eq!(fetched.status(), 404, "{target}: {}", fetched.text());
+        assert_eq!(fetched.error_code(), "repo_not_found", "{target}");
+    }
+}
+
+/// A repository whose config defines a zip "format", a smudge filter, a
+/// process filter and an attributes file: none of them runs, and the
+/// archives are what git makes of the tree alone.
+#[test]
+fn repository_config_cannot_make_generation_run_commands() {
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "widget");
+    repo.write(".gitattributes", "*.txt filter=evil\n");
+    repo.write("notes.txt", "plain text\n");
+    repo.write("README", "hello\n");
+    repo.git(&["add", "-A"]);
+    repo.git_at(1_700_000_000, &["commit", "-q", "-m", "one"]);
+    let commit = repo.rev_parse("HEAD");
+    let clean = sandbox.path("clean.git");
+    repo.git(&["clone", "-q", "--bare", ".", clean.to_str().unwrap()]);
+
+    let marker = |name: &str| sandbox.path(name);
+    let touch = |name: &str| format!("sh -c 'touch {}; cat'", marker(name).display());
+    let attributes = sandbox.path("attributes");
+    std::fs::write(&attributes, "README filter=evil2\n").unwrap();
+    for (key, value) in [
+        ("tar.zip.command", touch("ran-tar-zip-command")),
+        ("tar.tar.command", touch("ran-tar-tar-command")),
+        ("filter.evil.smudge", touch("ran-smudge")),
+        ("filter.evil2.process", touch("ran-process")),
+        ("filter.evil2.smudge", touch("ran-smudge-2")),
+        ("core.attributesFile", attributes.display().to_string()),
+    ] {
+        repo.git(&["config", key, &value]);
+    }
+
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    let clean_repo = RepoBuilder::open(&clean, &sandbox.home());
+    for (ext, format) in [("zip", "zip"), ("tar", "tar")] {
+        let response = archiver.get(&format!("/acme/widget/archive/{commit}.{ext}"));
+        assert_eq!(response.status().as_u16(), 200, "{ext}");
+        let body = response.bytes().unwrap().to_vec();
+        let expected = clean_repo.archive(format, &format!("widget-{commit}/"), &commit, None);
+        assert!(
+            body == expected,
+            "{ext}: not git's archive of the tree alone"
+        );
+    }
+    let response = archiver.get("/acme/widget/archive/main.tar.gz");
+    assert_eq!(response.status().as_u16(), 200);
+    for name in [
+        "ran-tar-zip-command",
+        "ran-tar-tar-command",
+        "ran-smudge",
+        "ran-process",
+        "ran-smudge-2",
+    ] {
+        assert!(
+            !marker(name).exists(),
+            "repository config ran a command: {name}"
+        );
+    }
+}
+
+/// A stub `git` (`--git`) that writes something that is not the format
+/// asked for, and exits 0: the generation fails and nothing is cached.
+#[test]
+fn output_that_is_not_the_format_asked_for_is_refused() {
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    let stub = write_stub(&sandbox, "liar", "printf 'this is not an archive at all'\n");
+    let archiver = Archiver::start(&sandbox.repos(), &["--git", stub.to_str().unwrap()]);
+    for ext in ["zip", "tar", "tar.gz"] {
+        let (head, _, _) = RawConnection::request(
+            archiver.addr,
+            "GET",
+            &format!("/acme/widget/archive/main.{ext}"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(head.status, 500, "{ext}");
+    }
+    assert!(
+        archiver.cache_files().is_empty(),
+        "{:?}",
+        archiver.cache_files()
+    );
+    assert_eq!(
+        archiver.metrics().sum(
+            "gitball_archiver_generations_total",
+            &[("outcome", "failed")]
+        ),
+        3.0
+    );
+}
+
+/// `export-subst` padding is expanded by git in memory: a child that needs
+/// more than `--generation-memory-limit` dies, and the generation fails
+/// like any other.
+#[test]
+fn a_generation_over_its_memory_limit_fails_and_is_not_cached() {
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "widget");
+    repo.write(".gitattributes", "padded.txt export-subst\n");
+    // 4,000 lines that each expand to 16 KiB: 64 MiB in git's memory.
+    repo.write("padded.txt", "$Format:%>(16384)%H$\n".repeat(4000));
+    repo.git(&["add", "-A"]);
+    repo.git_at(1_700_000_000, &["commit", "-q", "-m", "padded"]);
+
+    let unbounded = Archiver::start(&sandbox.repos(), &["--generation-memory-limit", "0"]);
+    let response = unbounded.get("/acme/widget/archive/main.tar");
+    assert_eq!(response.status().as_u16(), 200);
+    assert!(response.bytes().unwrap().len() > 60 << 20);
+    drop(unbounded);
+
+    let bounded = Archiver::start(&sandbox.repos(), &["--generation-memory-limit", "32MiB"]);
+    let (head, _, end) =
+        RawConnection::request(bounded.addr, "GET", "/acme/widget/archive/main.tar", &[]).unwrap();
+    assert!(
+        head.status == 500 || !matches!(end, BodyEnd::Complete),
+        "the bounded generation looked complete: {} {end:?}",
+        head.status
+    );
+    assert!(
+        wait_until(WAIT, || bounded.metrics().sum(
+            "gitball_archiver_generations_total",
+            &[("outcome", "failed")]
+        ) == 1.0),
+        "{}\n{}",
+        bounded.metrics_text(),
+        bounded.log()
+    );
+    assert!(
+        bounded.cache_files().is_empty(),
+        "{:?}",
+        bounded.cache_files()
+    );
+    assert_eq!(bounded.health_status(), Some(200));
+}
+
+/// A `git` child whose archiver is killed with SIGKILL dies with it, even
+/// one that would otherwise never write again.
+#[test]
+fn the_git_child_dies_with_a_killed_archiver() {
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    let stub = write_stub(&sandbox, "sleeper", "exec sleep 300\n");
+    let mut archiver = Archiver::start(&sandbox.repos(), &["--git", stub.to_str().unwrap()]);
+    let mut waiting = RawConnection::connect(archiver.addr).unwrap();
+    waiting
+        .send_request("GET", "/acme/widget/archive/main.tar", &[])
+        .unwrap();
+    let archiver_pid = archiver.pid;
+    let mut child = None;
+    assert!(
+        wait_until(WAIT, || {
+            child = child_processes(archiver_pid)
+                .into_iter()
+                .find(|process| process.command == "sleep");
+            child.is_some()
+        }),
+        "the stub git never started"
+    );
+    let child = child.unwrap().pid;
+    kill_hard(&mut archiver);
+    assert!(
+        wait_until(Duration::from_secs(5), || !process_alive(child)),
+        "git child {child} outlived its archiver"
+    );
+    drop(waiting);
+}
+
+/// A repository that borrows objects from outside `--repos` is not served;
+/// one that borrows from a pool inside is.
+#[test]
+fn alternates_outside_repos_are_not_found() {
+    let sandbox = Sandbox::new();
+    let outside = sandbox.source_repo("outside/secret");
+    small_repository(&outside);
+    outside.git(&[
+        "clone",
+        "-q",
+        "--shared",
+        "--bare",
+        ".",
+        sandbox.repos().join("acme/leaky.git").to_str().unwrap(),
+    ]);
+    small_repository(&sandbox.repo("acme", "widget"));
+    let widget = RepoBuilder::open(&sandbox.repos().join("acme/widget"), &sandbox.home());
+    widget.git(&[
+        "clone",
+        "-q",
+        "--shared",
+        "--bare",
+        ".",
+        sandbox.repos().join("acme/fork.git").to_str().unwrap(),
+    ]);
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    assert_eq!(status(&archiver, "/acme/fork/archive/main.tar"), 200);
+    assert_eq!(status(&archiver, "/acme/leaky/archive/main.tar"), 404);
+}
+
+/// An executable stub standing in for git.
+fn write_stub(sandbox: &Sandbox, name: &str, body: &str) -> PathBuf {
+    let path = sandbox.path(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
