@@ -301,3 +301,74 @@ fn write_stub(sandbox: &Sandbox, name: &str, body: &str) -> PathBuf {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
     path
 }
+
+/// `export-subst` placeholders that read refs (`%D`) make one commit's
+/// archive change when a tag is pushed. Such an archive is keyed and
+/// tagged by the refs too: a replica with another tag serves other bytes
+/// under another ETag, a resumed download across them gets the whole new
+/// archive instead of a splice, and nothing claims to be immutable.
+#[test]
+fn archives_whose_export_subst_reads_refs_change_etag_with_the_refs() {
+    let sandbox = Sandbox::new();
+    let source = sandbox.source_repo("src/widget");
+    source.write(".gitattributes", ".git_archival.txt export-subst\n");
+    source.write(
+        ".git_archival.txt",
+        "node: $Format:%H$\nref-names: $Format:%D$\n",
+    );
+    source.write("README", "hello\n");
+    source.git(&["add", "-A"]);
+    source.git_at(1_700_000_000, &["commit", "-q", "-m", "one"]);
+    let commit = source.rev_parse("HEAD");
+    source.git(&["tag", "v1.0"]);
+    let mut replicas = Vec::new();
+    for name in ["one", "two"] {
+        let git_dir = sandbox.path(&format!("{name}/acme/widget.git"));
+        source.git(&["clone", "-q", "--bare", ".", git_dir.to_str().unwrap()]);
+        replicas.push(RepoBuilder::open(&git_dir, &sandbox.home()));
+    }
+    let one = Archiver::start(&sandbox.path("one"), &[]);
+    let two = Archiver::start(&sandbox.path("two"), &[]);
+    let url = format!("/acme/widget/archive/{commit}.tar");
+    let fetch = |archiver: &Archiver| {
+        let response = archiver.get(&url);
+        assert_eq!(response.status().as_u16(), 200);
+        let etag = gitball_e2e::header(&response, "etag").to_owned();
+        let cache_control = gitball_e2e::header(&response, "cache-control").to_owned();
+        assert!(
+            response.headers().get("link").is_none(),
+            "Link rel=immutable"
+        );
+        (etag, cache_control, response.bytes().unwrap().to_vec())
+    };
+
+    let (etag_before, cache_control, before) = fetch(&one);
+    assert!(!cache_control.contains("immutable"), "{cache_control}");
+    assert!(etag_before.starts_with('"'), "{etag_before}");
+    replicas[1].git(&["tag", "v1.1", &commit]);
+    let (etag_after, _, after) = fetch(&two);
+    assert_ne!(before, after, "the new tag is in %D");
+    assert_ne!(etag_before, etag_after, "new bytes under the old ETag");
+
+    // A download begun on replica one and resumed on replica two.
+    let (head, body, _) = RawConnection::request(
+        two.addr,
+        "GET",
+        &url,
+        &[("Range", "bytes=100-"), ("If-Range", &etag_before)],
+    )
+    .unwrap();
+    assert_eq!(head.status, 200, "a resume spliced two archives");
+    assert_eq!(body, after);
+
+    // Replica one learns the tag: same refs, same bytes, same ETag.
+    replicas[0].git(&["tag", "v1.1", &commit]);
+    let (etag_one, _, again) = fetch(&one);
+    assert_eq!(etag_one, etag_after);
+    assert_eq!(again, after);
+    let checksum = one.get(&format!("{url}.sha256")).text().unwrap();
+    assert!(
+        checksum.starts_with(&gitball_e2e::sha256_hex(&after)),
+        "{checksum}"
+    );
+}

@@ -75,11 +75,14 @@ pub struct Spec {
     pub prefix: String,
     pub subtree: Option<String>,
     pub compression: Compression,
+    /// For a tree that asks for `export-subst`: the digest of the refs
+    /// (`Repository::refs_digest`), whose state the bytes then depend on.
+    pub refs: Option<String>,
 }
 
 impl Spec {
     /// The variant part of the ETag and cache key: everything but the commit
-    /// that changes the bytes. The leading `v2` is the gitball byte series:
+    /// that changes the bytes (the refs too, when `export-subst` reads them). The leading `v2` is the gitball byte series:
     /// bump it whenever a change (a compressor update) changes output bytes,
     /// so no cache anywhere serves old bytes under a new ETag or the reverse.
     /// (v2: tar.gz compressed pigz-style on all cores.)
@@ -93,6 +96,12 @@ impl Spec {
         hasher.update(&self.prefix);
         hasher.update(b"\0");
         hasher.update(self.subtree.as_deref().unwrap_or(""));
+        // Absent for every archive whose bytes depend on the commit alone,
+        // so their variants (and ETags) are what they always were.
+        if let Some(refs) = &self.refs {
+            hasher.update(b"\0refs\0");
+            hasher.update(refs);
+        }
         let digest = hex::encode(hasher.finalize());
         format!("{}-{}", self.format.ext(), &digest[..16])
     }

@@ -77,9 +77,12 @@ impl Resolution {
         SystemTime::UNIX_EPOCH + Duration::from_secs(self.resolved.committer_time.max(0) as u64)
     }
 
-    /// The URL named the commit itself: its bytes can never change.
+    /// The URL named the commit itself and the archive depends on nothing
+    /// else: its bytes can never change.
     fn immutable_url(&self) -> bool {
-        self.resolved.kind == RefKind::Commit && self.request.reference == self.resolved.commit
+        self.resolved.kind == RefKind::Commit
+            && self.request.reference == self.resolved.commit
+            && self.spec.refs.is_none()
     }
 }
 
@@ -291,6 +294,14 @@ fn resolve(app: &App, request: &Parts, archive: ArchiveRequest) -> Result<Resolu
         archive.repo,
         url::label(&resolved.kind, &resolved.commit)
     );
+    // An archive whose `export-subst` output may read the refs is keyed
+    // (and tagged) by their state too: a pushed tag then makes new bytes
+    // under a new ETag, never new bytes under an old one.
+    let refs = if repository.substitutes(&resolved.commit)? {
+        Some(repository.refs_digest()?)
+    } else {
+        None
+    };
     let compression = match archive.format {
         Format::TarGz => Compression::Gzip(app.gzip_level),
         Format::TarZst => Compression::Zstd(app.zstd_level),
@@ -305,6 +316,7 @@ fn resolve(app: &App, request: &Parts, archive: ArchiveRequest) -> Result<Resolu
         prefix: format!("{name}/"),
         subtree,
         compression,
+        refs,
     };
     let etag = format!("\"{}-{}\"", resolved.commit, spec.variant());
     let filename = format!("{name}.{}", archive.format.ext());
@@ -376,16 +388,20 @@ fn common_headers(headers: &mut HeaderMap, resolution: &Resolution) {
         header::CONTENT_DISPOSITION,
         header_value(&format!("attachment; filename={filename}")),
     );
-    let immutable = url::immutable_path(
-        &request.owner,
-        &request.repo,
-        &resolved.commit,
-        request.format,
-    );
-    headers.insert(
-        header::LINK,
-        header_value(&format!("<{immutable}>; rel=\"immutable\"")),
-    );
+    // The commit URL pins these bytes only when nothing but the commit
+    // decides them.
+    if resolution.spec.refs.is_none() {
+        let immutable = url::immutable_path(
+            &request.owner,
+            &request.repo,
+            &resolved.commit,
+            request.format,
+        );
+        headers.insert(
+            header::LINK,
+            header_value(&format!("<{immutable}>; rel=\"immutable\"")),
+        );
+    }
     // A commit URL never changes; a branch or tag URL may move.
     let cache_control = if resolution.immutable_url() {
         "public, max-age=31536000, immutable"

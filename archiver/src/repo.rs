@@ -49,6 +49,13 @@ const OPEN_REPOSITORIES: NonZeroUsize = match NonZeroUsize::new(1024) {
     None => unreachable!(),
 };
 
+/// How many commits' "does its tree use export-subst" answers a repository
+/// keeps.
+const SUBSTITUTION_ANSWERS: NonZeroUsize = match NonZeroUsize::new(4096) {
+    Some(count) => count,
+    None => unreachable!(),
+};
+
 /// git's `SYMREF_MAXDEPTH`: a symbolic ref chain longer than this is broken.
 const SYMREF_MAX_DEPTH: usize = 5;
 
@@ -318,6 +325,7 @@ fn open_candidate(path: &Path, confine_to: Option<&Path>) -> Result<Option<Repos
         .map_err(|err| Error::internal(format_args!("stat {}: {err}", git_dir.display())))?;
     Ok(Some(Repository {
         repo,
+        substitutes: Mutex::new(LruCache::new(SUBSTITUTION_ANSWERS)),
         git_dir,
         common_dir,
         identity,
@@ -347,6 +355,9 @@ impl FileIdentity {
 #[derive(Debug)]
 pub struct Repository {
     repo: gix::ThreadSafeRepository,
+    /// Commit → whether its tree asks for `export-subst` (trees never
+    /// change, so the answer is kept).
+    substitutes: Mutex<LruCache<ObjectId, bool>>,
     git_dir: PathBuf,
     /// Where objects and refs live: the git dir, except for a linked work
     /// tree.
@@ -400,6 +411,100 @@ impl Repository {
             kind,
             committer_time,
         })
+    }
+
+    /// Whether the archive of `commit` depends on more than the commit:
+    /// true when any `.gitattributes` in its tree mentions `export-subst`.
+    /// git then expands `$Format:…$` placeholders, and some of them read
+    /// the refs (`%D`, `%d`, `%(describe)`) or `HEAD:.mailmap` (`%aN`), so
+    /// the bytes change when a tag is pushed. Conservative on purpose: a
+    /// placeholder that reads no ref is treated the same. The walk reads
+    /// every tree object once per commit; the answer is kept.
+    pub fn substitutes(&self, commit: &str) -> Result<bool, Error> {
+        let id = ObjectId::from_hex(commit.as_bytes())
+            .map_err(|err| Error::internal(format_args!("commit id {commit:?}: {err}")))?;
+        let cached = self
+            .substitutes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+            .copied();
+        if let Some(answer) = cached {
+            return Ok(answer);
+        }
+        let repo = self.repo.to_thread_local();
+        let tree = repo
+            .find_commit(id)
+            .and_then(|commit| Ok(commit.tree_id()?.detach()))
+            .map_err(|err| Error::internal(format_args!("tree of {id}: {err}")))?;
+        let mut pending = vec![tree];
+        let mut answer = false;
+        while let Some(tree_id) = pending.pop() {
+            let tree = repo
+                .find_tree(tree_id)
+                .map_err(|err| Error::internal(format_args!("tree {tree_id}: {err}")))?;
+            for entry in tree.iter() {
+                let entry =
+                    entry.map_err(|err| Error::internal(format_args!("tree {tree_id}: {err}")))?;
+                if entry.mode().is_tree() {
+                    pending.push(entry.object_id());
+                } else if entry.filename() == ".gitattributes" && entry.mode().is_blob() {
+                    let blob = repo.find_blob(entry.object_id()).map_err(|err| {
+                        Error::internal(format_args!("blob {}: {err}", entry.object_id()))
+                    })?;
+                    if blob
+                        .data
+                        .windows(12)
+                        .any(|window| window == b"export-subst")
+                    {
+                        answer = true;
+                        break;
+                    }
+                }
+            }
+            if answer {
+                break;
+            }
+        }
+        self.substitutes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .put(id, answer);
+        Ok(answer)
+    }
+
+    /// A digest of every ref and of `HEAD`: what ref-reading `export-subst`
+    /// placeholders see. Two replicas with the same refs give the same
+    /// digest, and so the same bytes.
+    pub fn refs_digest(&self) -> Result<String, Error> {
+        let repo = self.repo.to_thread_local();
+        let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+        let references = repo
+            .references()
+            .map_err(|err| Error::internal(format_args!("listing refs: {err}")))?;
+        let all = references
+            .all()
+            .map_err(|err| Error::internal(format_args!("listing refs: {err}")))?;
+        let mut lines = Vec::new();
+        for reference in all {
+            let reference =
+                reference.map_err(|err| Error::internal(format_args!("reading a ref: {err}")))?;
+            let target = match reference.target() {
+                TargetRef::Object(id) => id.to_hex().to_string(),
+                TargetRef::Symbolic(name) => format!("ref: {}", name.as_bstr()),
+            };
+            lines.push(format!("{} {target}\n", reference.name().as_bstr()));
+        }
+        lines.sort();
+        let head = match repo.head_id() {
+            Ok(id) => id.to_hex().to_string(),
+            Err(_) => "unborn".to_owned(),
+        };
+        lines.push(format!("HEAD {head}\n"));
+        for line in &lines {
+            sha2::Digest::update(&mut hasher, line.as_bytes());
+        }
+        Ok(hex::encode(sha2::Digest::finalize(hasher)))
     }
 
     /// True when `path` (a literal relative path, validated by
