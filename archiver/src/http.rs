@@ -24,7 +24,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use base64::Engine;
 use gitball_core::log::{RequestLog, Tier};
-use gitball_core::protocol::{REPR_DIGEST, REQUEST_ID, X_GITBALL_CACHE, X_GITBALL_COMMIT};
+use gitball_core::protocol::{
+    REPR_DIGEST, REQUEST_ID, X_GITBALL_CACHE, X_GITBALL_COMMIT, X_GITBALL_WANT_LENGTH,
+};
 use gitball_core::request_id::request_id;
 use gitball_core::response::{self, is_allowed};
 use gitball_core::url::{self, ArchiveRequest, Format, RefKind};
@@ -205,9 +207,21 @@ async fn serve(app: &App, request: &Parts, log: &mut RequestLog) -> Result<Answe
 
     // A growing archive: wait for its first bytes (or its end) so a failure
     // that happens at once is still an error status, not an aborted 200.
+    // A client that cannot tell a truncated body from a complete one (HTTP
+    // 1.0 has no chunked encoding: a growing archive would end with a plain
+    // close) waits for the end and gets a `Content-Length`.
     // A client that leaves meanwhile drops this future: its log says 499.
+    let needs_length = request.version < http::Version::HTTP_11
+        || headers.contains_key(X_GITBALL_WANT_LENGTH);
     let source = match lookup {
         Lookup::Hit(file) => Source::Complete(file),
+        Lookup::Join(generation) | Lookup::Miss(generation) if needs_length => {
+            match generation.finished().await {
+                GenerationState::Complete(file) => Source::Complete(file),
+                GenerationState::Failed(failure) => return Err(failure.into()),
+                GenerationState::Running => return Err(Error::GenerationFailed),
+            }
+        }
         Lookup::Join(generation) | Lookup::Miss(generation) => {
             let progress = generation.started().await;
             match progress.state {

@@ -10,6 +10,11 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const X_GITBALL_COMMIT: HeaderName = HeaderName::from_static("x-gitball-commit");
 /// `hit`, `miss` or `join`: how the archiver found the archive.
 pub const X_GITBALL_CACHE: HeaderName = HeaderName::from_static("x-gitball-cache");
+/// Sent by the proxy to the archiver for a client that cannot see a
+/// truncated body (HTTP/1.0: no chunked encoding, so a growing archive
+/// would end with a plain close): answer only once the archive is
+/// complete, with its `Content-Length`.
+pub const X_GITBALL_WANT_LENGTH: HeaderName = HeaderName::from_static("x-gitball-want-length");
 /// `sha-256=:{base64}:` of a complete archive (RFC 9530).
 pub const REPR_DIGEST: HeaderName = HeaderName::from_static("repr-digest");
 

@@ -30,13 +30,13 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use gitball_core::log::{Ending, Fault, RequestLog, Tier};
-use gitball_core::protocol::REQUEST_ID;
+use gitball_core::protocol::{REQUEST_ID, X_GITBALL_WANT_LENGTH};
 use gitball_core::request_id::request_id;
 use gitball_core::response;
 use gitball_core::server::WriteStalled;
 use gitball_core::url;
 use http::request::Parts;
-use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, Version};
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::error::Error;
@@ -143,7 +143,7 @@ async fn handle(
     let upstream_request = UpstreamRequest {
         method: request.method.clone(),
         path_and_query: archive.canonical_path(subtree.as_deref()),
-        headers: forwarded_headers(&request.headers, request_id),
+        headers: forwarded_headers(&request.headers, request_id, request.version),
     };
     let all_ejected = ejected == candidates.len();
     match state
@@ -240,7 +240,7 @@ fn authorize(
 
 /// The request headers the archiver gets: `Range`, `If-None-Match`,
 /// `If-Range` as sent, and the request id.
-pub fn forwarded_headers(client: &HeaderMap, request_id: &str) -> HeaderMap {
+pub fn forwarded_headers(client: &HeaderMap, request_id: &str, version: Version) -> HeaderMap {
     let mut headers = HeaderMap::new();
     for name in &FORWARDED_REQUEST_HEADERS {
         for value in client.get_all(name) {
@@ -249,6 +249,12 @@ pub fn forwarded_headers(client: &HeaderMap, request_id: &str) -> HeaderMap {
     }
     if let Ok(value) = HeaderValue::from_str(request_id) {
         headers.insert(REQUEST_ID, value);
+    }
+    // An HTTP/1.0 client gets a close-delimited body: an upstream failure
+    // midway would look like a clean end. Ask for complete archives only,
+    // which come with a length.
+    if version < Version::HTTP_11 {
+        headers.insert(X_GITBALL_WANT_LENGTH, HeaderValue::from_static("1"));
     }
     headers
 }
@@ -273,7 +279,7 @@ mod tests {
         );
         client.insert(header::COOKIE, HeaderValue::from_static("session=1"));
         client.insert(REQUEST_ID, HeaderValue::from_static("client-id"));
-        let forwarded = forwarded_headers(&client, "chosen-id");
+        let forwarded = forwarded_headers(&client, "chosen-id", Version::HTTP_11);
         assert_eq!(forwarded[header::RANGE], "bytes=0-99");
         assert_eq!(forwarded[header::IF_NONE_MATCH], "\"abc-tar\"");
         assert_eq!(forwarded[header::IF_RANGE], "\"abc-tar\"");
@@ -281,5 +287,7 @@ mod tests {
         assert!(forwarded.get(header::AUTHORIZATION).is_none());
         assert!(forwarded.get(header::COOKIE).is_none());
         assert_eq!(forwarded.len(), 4);
+        let old = forwarded_headers(&client, "chosen-id", Version::HTTP_10);
+        assert_eq!(old[X_GITBALL_WANT_LENGTH], "1");
     }
 }
