@@ -23,6 +23,8 @@ mod http;
 mod metrics;
 mod repo;
 mod tail;
+#[cfg(test)]
+mod test_support;
 
 use std::path::PathBuf;
 use std::sync::Arc;
