@@ -876,6 +876,39 @@ mod tests {
         assert!(matches!(cache.peek(&spec(1)), Some(Lookup::Hit(_))));
     }
 
+    /// Fails against the code as it is: two complete files of one key (an
+    /// archive whose bytes changed, next to an old copy an eviction could
+    /// not unlink) are both counted in `bytes`, but only one is indexed.
+    /// The other's bytes can never be evicted, and the file is never
+    /// deleted: the cache's room shrinks for good.
+    #[tokio::test]
+    async fn bug_a_restart_with_two_files_of_one_key_counts_only_what_it_indexes() {
+        let stub = StubGit::new(b"", 1);
+        let dir = stub.cache_dir();
+        std::fs::create_dir(&dir).unwrap();
+        let key = Cache::key(&spec(1));
+        let now = SystemTime::now();
+        for (data, age) in [(vec![1u8; 100], 120), (vec![2u8; 50], 60)] {
+            let path = dir.join(format!("{key}-{}", hex::encode(sha256(&data))));
+            std::fs::write(&path, &data).unwrap();
+            let file = std::fs::File::options().write(true).open(&path).unwrap();
+            file.set_modified(now - Duration::from_secs(age)).unwrap();
+        }
+
+        let cache = open(&stub, 1 << 20);
+        let indexed = hit(cache.lookup(spec(1), "r"));
+        assert_eq!(
+            bytes(&cache),
+            indexed_bytes(&cache),
+            "bytes counts a file that is not in the index"
+        );
+        assert_eq!(
+            names_in(&dir),
+            [indexed.path.file_name().unwrap().to_str().unwrap()],
+            "an unindexed complete file was left behind"
+        );
+    }
+
     #[tokio::test]
     async fn shutdown_kills_running_and_queued_generations_and_removes_their_partials() {
         let stub = StubGit::printing(b"abc");
