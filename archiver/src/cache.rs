@@ -912,8 +912,8 @@ mod tests {
     #[tokio::test]
     async fn shutdown_kills_running_and_queued_generations_and_removes_their_partials() {
         let stub = StubGit::printing(b"abc");
-        // Children print `abc`, then wait on a feed nobody ever writes.
-        stub.make_feed();
+        // Children print `abc`, then wait on a feed the test never writes.
+        let _feed = stub.feed();
         let mut settings = stub.settings(1 << 20);
         settings.max_generations = 1;
         let cache = Cache::open(settings).unwrap();
@@ -956,7 +956,7 @@ mod tests {
     #[tokio::test]
     async fn a_generation_without_a_slot_in_time_is_busy() {
         let stub = StubGit::printing(b"abc");
-        stub.make_feed();
+        let _feed = stub.feed();
         let mut settings = stub.settings(1 << 20);
         settings.max_generations = 1;
         settings.queue_timeout = Duration::from_millis(20);
@@ -979,7 +979,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_generation_past_its_timeout_fails_and_leaves_nothing_behind() {
         let stub = StubGit::printing(b"abc");
-        stub.make_feed();
+        let _feed = stub.feed();
         let settings = stub.settings(1 << 20);
         let timeout = settings.limits.timeout;
         let cache = Cache::open(settings).unwrap();

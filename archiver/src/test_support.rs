@@ -6,12 +6,20 @@
 //! child runs with a cleared environment, so env vars cannot reach it):
 //!
 //! 1. it appends its pid to `runs` (how many children ran, and which);
-//! 2. it prints the file `out` (the archive's first bytes; may be empty);
-//! 3. if the fifo `feed` exists, it copies it to stdout until every writer
-//!    closed it: the test decides what comes next and when (see [`Feed`]).
-//!    With no writer ever opened, the child blocks in `open` until killed:
-//!    a generation that never ends, without a sleep;
-//! 4. it exits with the status given to [`StubGit::new`].
+//! 2. if the fifo `feed` exists, it opens it, before printing anything
+//!    (the test holds the write end open, see [`StubGit::feed`], so this
+//!    does not block);
+//! 3. it prints the file `out` (the archive's first bytes; may be empty);
+//! 4. if it opened the feed, it copies it to stdout until the test closes
+//!    it: the test decides what comes next, and when. A test that never
+//!    sends nor closes has a generation that runs until killed, without a
+//!    sleep;
+//! 5. it exits with the status given to [`StubGit::new`].
+//!
+//! Because the feed is opened before `out` is printed, once a test has
+//! seen the first bytes it may close the feed at any time and the child
+//! sees EOF (closed before the child opened it, the bytes sent would be
+//! lost and the child would wait for a writer for ever).
 //!
 //! The script is written by a `sh` child rather than by this process: a
 //! file this process holds open for writing could leak, for an instant, into
@@ -43,8 +51,10 @@ impl StubGit {
         let script = format!(
             "#!/bin/sh\n\
              echo $$ >> '{root}/runs'\n\
+             fed=\n\
+             if [ -p '{root}/feed' ]; then exec 3< '{root}/feed' || exit 2; fed=1; fi\n\
              cat '{root}/out' || exit 2\n\
-             if [ -p '{root}/feed' ]; then cat '{root}/feed' || exit 2; fi\n\
+             if [ -n \"$fed\" ]; then cat <&3 || exit 2; fi\n\
              exit {status}\n"
         );
         let written = std::process::Command::new("/bin/sh")
@@ -81,27 +91,16 @@ impl StubGit {
         }
     }
 
-    /// Creates the fifo `feed`: from now on every child blocks on it after
-    /// printing `out`. The fifo is not opened: call [`StubGit::open_feed`]
-    /// to drive the children, or never, to keep them blocked.
-    pub fn make_feed(&self) {
+    /// Creates the fifo `feed` and opens its write end: from now on every
+    /// child copies it after printing `out`, until the returned [`Feed`]
+    /// is dropped. Opened read-write, so the open does not wait for a
+    /// reader (Linux), and bytes sent wait in the pipe for the child.
+    pub fn feed(&self) -> Feed {
         let made = std::process::Command::new("mkfifo")
             .arg(self.feed_path())
             .status()
             .unwrap();
         assert!(made.success());
-    }
-
-    /// Creates the fifo and opens its write end.
-    pub fn feed(&self) -> Feed {
-        self.make_feed();
-        self.open_feed()
-    }
-
-    /// Opens the existing fifo's write end. Read-write, so the open does
-    /// not wait for a reader (Linux): bytes sent before the child opens its
-    /// end wait in the pipe.
-    pub fn open_feed(&self) -> Feed {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -132,8 +131,8 @@ impl StubGit {
 }
 
 impl Drop for StubGit {
-    /// Releases a child still blocked on the feed (a test that failed before
-    /// it shut its cache down): a writer that opens and closes the fifo
+    /// Releases a child blocked opening the feed (one started after the
+    /// test dropped its `Feed`): a writer that opens and closes the fifo
     /// completes the child's `open`, and it reads EOF and exits.
     fn drop(&mut self) {
         let _ = std::fs::OpenOptions::new()
@@ -145,7 +144,9 @@ impl Drop for StubGit {
 
 /// The write end of the stub's fifo. Keep each `send` well under the pipe's
 /// 64 KiB: the test's thread also runs the generation that drains it.
-/// Dropping it (with every child's copy of the bytes read) ends the feed.
+/// Dropping it ends the feed: children that already opened it (every child
+/// whose first bytes were seen) read EOF. With two children running, both
+/// read the one fifo: which gets what is anyone's guess.
 pub struct Feed(std::fs::File);
 
 impl Feed {
