@@ -507,6 +507,52 @@ fn parse_complete_name(name: &str) -> Option<(String, [u8; 32])> {
 }
 
 #[cfg(test)]
+impl Generation {
+    /// A generation outside any cache, driven by the test: it writes the
+    /// file at `partial` and sends the progress.
+    pub(crate) fn driven(partial: PathBuf) -> (Arc<Generation>, watch::Sender<Progress>) {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&partial)
+            .unwrap();
+        let (sender, progress) = watch::channel(Progress {
+            written: 0,
+            state: State::Running,
+        });
+        let generation = Generation {
+            partial,
+            file: Arc::new(file),
+            progress,
+        };
+        (Arc::new(generation), sender)
+    }
+}
+
+#[cfg(test)]
+impl CacheFile {
+    /// A complete file outside any cache (never evicted).
+    pub(crate) fn unindexed(path: PathBuf, len: u64, sha256: [u8; 32]) -> Arc<CacheFile> {
+        Arc::new(CacheFile {
+            path,
+            len,
+            sha256,
+            evicted: AtomicBool::new(false),
+            held_bytes: Arc::new(AtomicU64::new(0)),
+        })
+    }
+}
+
+#[cfg(test)]
+impl Cache {
+    /// Bytes of evicted files that readers still hold.
+    pub(crate) fn held_bytes(&self) -> u64 {
+        self.held_bytes.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::test_support::{StubGit, names_in, spec, within};
@@ -530,7 +576,7 @@ mod tests {
     }
 
     fn held(cache: &Cache) -> u64 {
-        cache.held_bytes.load(Ordering::SeqCst)
+        cache.held_bytes()
     }
 
     /// The sum of the indexed complete files' lengths.
