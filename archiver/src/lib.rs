@@ -24,6 +24,8 @@ mod metrics;
 mod repo;
 mod shadow;
 mod tail;
+#[cfg(test)]
+mod test_support;
 
 use std::path::PathBuf;
 use std::sync::Arc;

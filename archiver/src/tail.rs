@@ -229,3 +229,389 @@ impl Reader {
         Ok(Some(chunk))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::io::Write;
+    use std::path::PathBuf;
+    use std::pin::Pin;
+    use std::sync::Mutex;
+
+    use futures_util::{FutureExt, StreamExt};
+    use gitball_core::log::{Finished, Tier};
+    use http::Method;
+    use sha2::{Digest, Sha256};
+
+    use super::*;
+    use crate::cache::{Cache, Lookup};
+    use crate::generate::Failure;
+    use crate::test_support::{StubGit, spec, within};
+
+    /// What a request's log record said when it was dropped.
+    #[derive(Clone, Debug)]
+    struct Ended {
+        ending: Ending,
+        bytes: u64,
+        fault: Option<Fault>,
+        error: Option<String>,
+    }
+
+    /// Every record dropped so far, by request id: tests run in parallel,
+    /// each with its own ids.
+    static ENDED: Mutex<BTreeMap<String, Ended>> = Mutex::new(BTreeMap::new());
+
+    fn remember(log: &RequestLog, finished: &Finished) {
+        let ended = Ended {
+            ending: finished.ending,
+            bytes: log.bytes,
+            fault: log.fault,
+            error: log.error.clone(),
+        };
+        let previous = ENDED.lock().unwrap().insert(log.request_id.clone(), ended);
+        assert!(previous.is_none(), "request id used twice");
+    }
+
+    fn log(id: &str) -> RequestLog {
+        let mut log = RequestLog::new(
+            Tier::Archiver,
+            id.to_owned(),
+            Method::GET,
+            "/owner/repo/archive/main.tar",
+            remember,
+        );
+        log.status = Some(http::StatusCode::OK);
+        log
+    }
+
+    fn record(id: &str) -> Option<Ended> {
+        ENDED.lock().unwrap().get(id).cloned()
+    }
+
+    type Body = Pin<Box<dyn futures_util::Stream<Item = io::Result<Bytes>> + Send>>;
+
+    fn download(source: Source, range: Option<ByteRange>, id: &str) -> Body {
+        Box::pin(Reader::open(source, range).unwrap().into_stream(log(id)))
+    }
+
+    async fn next_chunk(body: &mut Body) -> Bytes {
+        within(body.next()).await.unwrap().unwrap()
+    }
+
+    /// Nothing is ready without something else happening first.
+    fn is_waiting(body: &mut Body) -> bool {
+        body.next().now_or_never().is_none()
+    }
+
+    /// Reads to the end; the chunks' sizes and their bytes.
+    async fn read_all(body: &mut Body) -> (Vec<usize>, Vec<u8>) {
+        let mut sizes = Vec::new();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = within(body.next()).await {
+            let chunk = chunk.unwrap();
+            sizes.push(chunk.len());
+            bytes.extend_from_slice(&chunk);
+        }
+        (sizes, bytes)
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 13 % 253) as u8).collect()
+    }
+
+    /// A complete file outside any cache.
+    fn complete_file(dir: &tempfile::TempDir, data: &[u8]) -> Arc<CacheFile> {
+        let path = dir.path().join("complete");
+        std::fs::write(&path, data).unwrap();
+        CacheFile::unindexed(path, data.len() as u64, Sha256::digest(data).into())
+    }
+
+    /// A generation the test drives, and a handle to append to its file.
+    fn growing(
+        dir: &tempfile::TempDir,
+    ) -> (
+        Arc<Generation>,
+        tokio::sync::watch::Sender<Progress>,
+        std::fs::File,
+        PathBuf,
+    ) {
+        let path = dir.path().join("growing.partial");
+        let (generation, progress) = Generation::driven(path.clone());
+        let writer = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        (generation, progress, writer, path)
+    }
+
+    #[tokio::test]
+    async fn a_growing_file_is_read_as_announced_exactly_and_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (generation, progress, mut writer, path) = growing(&dir);
+        let mut body = download(Source::Growing(generation), None, "tail-grow");
+        assert!(is_waiting(&mut body), "nothing announced yet");
+
+        // Bytes in the file are read only once announced.
+        writer.write_all(b"hello ").unwrap();
+        assert!(is_waiting(&mut body));
+        progress.send_modify(|p| p.written = 6);
+        assert_eq!(next_chunk(&mut body).await, "hello ");
+        assert!(is_waiting(&mut body));
+
+        // Never past the announced length, whatever is in the file.
+        writer.write_all(b"wide world").unwrap();
+        progress.send_modify(|p| p.written = 11);
+        assert_eq!(next_chunk(&mut body).await, "wide ");
+        assert!(is_waiting(&mut body));
+        progress.send_modify(|p| p.written = 16);
+        assert_eq!(next_chunk(&mut body).await, "world");
+
+        progress.send_modify(|p| {
+            p.state = State::Complete(CacheFile::unindexed(
+                path.clone(),
+                16,
+                Sha256::digest(b"hello wide world").into(),
+            ))
+        });
+        assert!(within(body.next()).await.is_none());
+        // The stream let go of the record at its end.
+        let ended = record("tail-grow").unwrap();
+        assert_eq!(ended.ending, Ending::Complete);
+        assert_eq!(ended.bytes, 16);
+        assert_eq!(ended.fault, None);
+    }
+
+    #[tokio::test]
+    async fn a_generation_that_completes_with_bytes_unread_is_read_to_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let (generation, progress, mut writer, path) = growing(&dir);
+        let data = pattern(READ_CHUNK_BYTES + 1000);
+        writer.write_all(&data[..10]).unwrap();
+        progress.send_modify(|p| p.written = 10);
+        let mut body = download(Source::Growing(generation), None, "tail-finish");
+        assert_eq!(next_chunk(&mut body).await, &data[..10]);
+
+        // The rest arrives and the generation completes before the next poll.
+        writer.write_all(&data[10..]).unwrap();
+        let len = data.len() as u64;
+        progress.send_modify(|p| {
+            p.written = len;
+            p.state = State::Complete(CacheFile::unindexed(path, len, [0; 32]));
+        });
+        let (sizes, rest) = read_all(&mut body).await;
+        assert_eq!(sizes, [READ_CHUNK_BYTES, 990]);
+        assert_eq!(rest, &data[10..]);
+        drop(body);
+        assert_eq!(record("tail-finish").unwrap().ending, Ending::Complete);
+    }
+
+    #[tokio::test]
+    async fn a_complete_file_is_read_in_read_sized_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = pattern(2 * READ_CHUNK_BYTES + 1234);
+        let mut body = download(
+            Source::Complete(complete_file(&dir, &data)),
+            None,
+            "tail-whole",
+        );
+        let (sizes, bytes) = read_all(&mut body).await;
+        assert_eq!(sizes, [READ_CHUNK_BYTES, READ_CHUNK_BYTES, 1234]);
+        assert_eq!(bytes, data);
+        drop(body);
+        let ended = record("tail-whole").unwrap();
+        assert_eq!(ended.ending, Ending::Complete);
+        assert_eq!(ended.bytes, data.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn a_range_of_a_complete_file_is_exactly_that_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = pattern(2 * READ_CHUNK_BYTES + 1234);
+        let file = complete_file(&dir, &data);
+
+        let range = ByteRange {
+            first: 1000,
+            last: READ_CHUNK_BYTES as u64 + 1999,
+        };
+        let mut body = download(Source::Complete(file.clone()), Some(range), "tail-range");
+        assert_eq!(
+            next_chunk(&mut body).await,
+            &data[1000..1000 + READ_CHUNK_BYTES]
+        );
+        assert_eq!(
+            next_chunk(&mut body).await,
+            &data[1000 + READ_CHUNK_BYTES..READ_CHUNK_BYTES + 2000]
+        );
+        // hyper stops polling once Content-Length bytes went out: reaching
+        // the range's end is complete, without a last poll.
+        drop(body);
+        let ended = record("tail-range").unwrap();
+        assert_eq!(ended.ending, Ending::Complete);
+        assert_eq!(ended.bytes, range.len());
+
+        let last = data.len() as u64 - 1;
+        let range = ByteRange { first: last, last };
+        let mut body = download(Source::Complete(file), Some(range), "tail-last-byte");
+        let (sizes, bytes) = read_all(&mut body).await;
+        assert_eq!(sizes, [1]);
+        assert_eq!(bytes, [data[data.len() - 1]]);
+    }
+
+    #[tokio::test]
+    async fn an_empty_archive_ends_at_once_and_completely() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut body = download(
+            Source::Complete(complete_file(&dir, b"")),
+            None,
+            "tail-empty",
+        );
+        assert!(within(body.next()).await.is_none());
+        drop(body);
+        assert_eq!(record("tail-empty").unwrap().ending, Ending::Complete);
+    }
+
+    #[tokio::test]
+    async fn a_failed_generation_is_an_error_never_a_clean_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let (generation, progress, mut writer, _path) = growing(&dir);
+        let mut body = download(Source::Growing(generation), None, "tail-failed");
+        writer.write_all(b"0123456789").unwrap();
+        progress.send_modify(|p| p.written = 10);
+        assert_eq!(next_chunk(&mut body).await, "0123456789");
+
+        progress.send_modify(|p| p.state = State::Failed(Failure::TooLarge));
+        let error = within(body.next()).await.unwrap().unwrap_err();
+        assert!(error.to_string().contains("too_large"), "{error}");
+        assert!(within(body.next()).await.is_none());
+        drop(body);
+        let ended = record("tail-failed").unwrap();
+        assert_eq!(ended.ending, Ending::Aborted);
+        assert_eq!(ended.fault, Some(Fault::Internal));
+        assert_eq!(ended.bytes, 10);
+        assert!(ended.error.unwrap().contains("too_large"));
+    }
+
+    #[tokio::test]
+    async fn a_failure_wins_over_announced_bytes_not_yet_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (generation, progress, mut writer, _path) = growing(&dir);
+        writer.write_all(b"0123456789").unwrap();
+        progress.send_modify(|p| {
+            p.written = 10;
+            p.state = State::Failed(Failure::Failed);
+        });
+        let mut body = download(Source::Growing(generation), None, "tail-failed-first");
+        assert!(within(body.next()).await.unwrap().is_err());
+        drop(body);
+        assert_eq!(record("tail-failed-first").unwrap().ending, Ending::Aborted);
+    }
+
+    #[tokio::test]
+    async fn a_generation_gone_without_a_result_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (generation, progress, mut writer, _path) = growing(&dir);
+        let mut body = download(Source::Growing(generation), None, "tail-vanished");
+        writer.write_all(b"abc").unwrap();
+        progress.send_modify(|p| p.written = 3);
+        assert_eq!(next_chunk(&mut body).await, "abc");
+        drop(progress);
+        assert!(within(body.next()).await.unwrap().is_err());
+        drop(body);
+        assert_eq!(record("tail-vanished").unwrap().ending, Ending::Aborted);
+    }
+
+    #[tokio::test]
+    async fn a_download_dropped_early_is_client_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = pattern(2 * READ_CHUNK_BYTES);
+        let mut body = download(
+            Source::Complete(complete_file(&dir, &data)),
+            None,
+            "tail-left-complete",
+        );
+        assert_eq!(next_chunk(&mut body).await.len(), READ_CHUNK_BYTES);
+        drop(body);
+        let ended = record("tail-left-complete").unwrap();
+        assert_eq!(ended.ending, Ending::ClientGone);
+        assert_eq!(ended.bytes, READ_CHUNK_BYTES as u64);
+        assert_eq!(ended.fault, None);
+
+        // Left while waiting for a generation's next bytes.
+        let (generation, _progress, _writer, _path) = growing(&dir);
+        let mut body = download(Source::Growing(generation), None, "tail-left-growing");
+        assert!(is_waiting(&mut body));
+        drop(body);
+        let ended = record("tail-left-growing").unwrap();
+        assert_eq!(ended.ending, Ending::ClientGone);
+        assert_eq!(ended.bytes, 0);
+    }
+
+    #[tokio::test]
+    async fn a_git_generation_is_tailed_while_it_runs() {
+        let stub = StubGit::printing(b"head ");
+        let mut feed = stub.feed();
+        let cache = Cache::open(stub.settings(1 << 20)).unwrap();
+        let Lookup::Miss(generation) = cache.lookup(spec(1), "tail-git").unwrap() else {
+            panic!("a miss expected")
+        };
+        let mut body = download(Source::Growing(generation), None, "tail-git");
+        assert_eq!(next_chunk(&mut body).await, "head ");
+        feed.send(b"and tail");
+        assert_eq!(next_chunk(&mut body).await, "and tail");
+        drop(feed);
+        assert!(within(body.next()).await.is_none());
+        drop(body);
+        let ended = record("tail-git").unwrap();
+        assert_eq!(ended.ending, Ending::Complete);
+        assert_eq!(ended.bytes, 13);
+    }
+
+    #[tokio::test]
+    async fn a_failing_git_makes_its_tail_fail() {
+        let stub = StubGit::new(b"head ", 1);
+        let mut feed = stub.feed();
+        let cache = Cache::open(stub.settings(1 << 20)).unwrap();
+        let Lookup::Miss(generation) = cache.lookup(spec(1), "tail-git-fails").unwrap() else {
+            panic!("a miss expected")
+        };
+        let mut body = download(Source::Growing(generation), None, "tail-git-fails");
+        assert_eq!(next_chunk(&mut body).await, "head ");
+        feed.send(b"and tail");
+        assert_eq!(next_chunk(&mut body).await, "and tail");
+        // git exits 1.
+        drop(feed);
+        assert!(within(body.next()).await.unwrap().is_err());
+        drop(body);
+        assert_eq!(record("tail-git-fails").unwrap().ending, Ending::Aborted);
+    }
+
+    #[tokio::test]
+    async fn an_evicted_file_being_read_is_read_whole_and_held_until_the_end() {
+        let data = pattern(100);
+        let stub = StubGit::printing(&data);
+        let cache = Cache::open(stub.settings(150)).unwrap();
+        let generate = |n| {
+            let cache = cache.clone();
+            async move {
+                let Lookup::Miss(generation) = cache.lookup(spec(n), "tail-evict").unwrap() else {
+                    panic!("a miss expected")
+                };
+                match within(generation.finished()).await {
+                    State::Complete(file) => file,
+                    other => panic!("{other:?}"),
+                }
+            }
+        };
+        let first = generate(1).await;
+        let mut body = download(Source::Complete(first), None, "tail-evicted");
+
+        // Room for the second only: the first is evicted while open.
+        drop(generate(2).await);
+        assert!(cache.peek(&spec(1)).is_none());
+        assert_eq!(cache.held_bytes(), 100);
+        assert_eq!(next_chunk(&mut body).await, data);
+        assert_eq!(cache.held_bytes(), 100, "held until the download ends");
+        assert!(within(body.next()).await.is_none());
+        assert_eq!(cache.held_bytes(), 0);
+    }
+}

@@ -279,3 +279,147 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for StallGuard<S> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::task::Waker;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
+    use tokio::time::Instant;
+
+    use super::*;
+
+    const STALL: Duration = Duration::from_secs(300);
+
+    /// A guarded end of a duplex with a 4-byte buffer, and the peer end.
+    fn guarded() -> (StallGuard<DuplexStream>, DuplexStream, WriteStalled) {
+        let (ours, peer) = duplex(4);
+        let stalled = WriteStalled::default();
+        (StallGuard::new(ours, STALL, stalled.clone()), peer, stalled)
+    }
+
+    /// One poll, as hyper would make it (the test polls again itself).
+    fn poll_write(guard: &mut StallGuard<DuplexStream>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let mut cx = Context::from_waker(Waker::noop());
+        Pin::new(guard).poll_write(&mut cx, buf)
+    }
+
+    fn poll_read(guard: &mut StallGuard<DuplexStream>) -> Poll<io::Result<Vec<u8>>> {
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut buffer = [0u8; 16];
+        let mut buf = ReadBuf::new(&mut buffer);
+        Pin::new(guard)
+            .poll_read(&mut cx, &mut buf)
+            .map_ok(|()| buf.filled().to_vec())
+    }
+
+    fn timed_out(poll: Poll<io::Result<usize>>) -> bool {
+        matches!(poll, Poll::Ready(Err(error)) if error.kind() == io::ErrorKind::TimedOut)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_pending_past_the_timeout_fails_timed_out_and_sets_the_flag() {
+        let (mut guard, _peer, stalled) = guarded();
+        guard.write_all(b"abcd").await.unwrap();
+        assert!(!stalled.is_set());
+
+        // The peer takes nothing: the write waits, then fails. (An await,
+        // not manual polls: the guard's timer must wake the writer.)
+        let started = Instant::now();
+        let error = guard.write_all(b"efgh").await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), STALL);
+        assert!(stalled.is_set());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_fails_only_once_pending_for_the_whole_timeout() {
+        let (mut guard, _peer, stalled) = guarded();
+        guard.write_all(b"abcd").await.unwrap();
+        assert!(poll_write(&mut guard, b"efgh").is_pending());
+        tokio::time::advance(STALL - Duration::from_millis(1)).await;
+        assert!(poll_write(&mut guard, b"efgh").is_pending());
+        assert!(!stalled.is_set());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(timed_out(poll_write(&mut guard, b"efgh")));
+        assert!(stalled.is_set());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn progress_before_the_timeout_disarms_the_guard() {
+        let (mut guard, mut peer, stalled) = guarded();
+        guard.write_all(b"abcd").await.unwrap();
+        assert!(poll_write(&mut guard, b"efgh").is_pending());
+        tokio::time::advance(STALL * 2 / 3).await;
+        assert!(poll_write(&mut guard, b"efgh").is_pending());
+
+        // The peer takes the bytes: the write goes through.
+        let mut taken = [0u8; 4];
+        peer.read_exact(&mut taken).await.unwrap();
+        assert_eq!(&taken, b"abcd");
+        assert!(matches!(
+            poll_write(&mut guard, b"efgh"),
+            Poll::Ready(Ok(4))
+        ));
+
+        // Stuck again: the timeout counts from now, not from the first
+        // stall (whose deadline passes in between).
+        assert!(poll_write(&mut guard, b"ijkl").is_pending());
+        tokio::time::advance(STALL * 2 / 3).await;
+        assert!(poll_write(&mut guard, b"ijkl").is_pending());
+        assert!(!stalled.is_set());
+        tokio::time::advance(STALL / 3).await;
+        assert!(timed_out(poll_write(&mut guard, b"ijkl")));
+        assert!(stalled.is_set());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reads_pass_through_and_never_time_out() {
+        let (mut guard, mut peer, stalled) = guarded();
+        assert!(poll_read(&mut guard).is_pending());
+        tokio::time::advance(STALL * 10).await;
+        assert!(poll_read(&mut guard).is_pending());
+        assert!(!stalled.is_set());
+
+        peer.write_all(b"GET ").await.unwrap();
+        let mut read = [0u8; 4];
+        guard.read_exact(&mut read).await.unwrap();
+        assert_eq!(&read, b"GET ");
+
+        // Also while a write is stuck.
+        guard.write_all(b"abcd").await.unwrap();
+        assert!(poll_write(&mut guard, b"efgh").is_pending());
+        peer.write_all(b"/ HT").await.unwrap();
+        assert_eq!(
+            poll_read(&mut guard).map(Result::unwrap),
+            Poll::Ready(b"/ HT".to_vec())
+        );
+        assert!(!stalled.is_set());
+
+        // EOF too.
+        drop(peer);
+        assert_eq!(
+            poll_read(&mut guard).map(Result::unwrap),
+            Poll::Ready(Vec::new())
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn errors_and_shutdown_pass_through() {
+        let (mut guard, mut peer, stalled) = guarded();
+        guard.write_all(b"ab").await.unwrap();
+        guard.flush().await.unwrap();
+        guard.shutdown().await.unwrap();
+        let mut all = Vec::new();
+        peer.read_to_end(&mut all).await.unwrap();
+        assert_eq!(all, b"ab");
+
+        assert!(!stalled.is_set());
+
+        let (mut guard, peer, stalled) = guarded();
+        drop(peer);
+        let error = guard.write_all(b"abcd").await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::BrokenPipe);
+        assert!(!stalled.is_set());
+    }
+}
