@@ -372,3 +372,55 @@ fn archives_whose_export_subst_reads_refs_change_etag_with_the_refs() {
         "{checksum}"
     );
 }
+
+/// A stub git that writes the start of a tar, pauses, and fails: a
+/// generation that fails midway.
+fn failing_midway(sandbox: &Sandbox) -> PathBuf {
+    write_stub(
+        sandbox,
+        "fails-midway",
+        "printf '%257s' ''\nprintf 'ustar'\nhead -c 100000 /dev/zero\nsleep 1\nexit 1\n",
+    )
+}
+
+/// An HTTP/1.0 client cannot tell a truncated body from a complete one:
+/// without chunked encoding, a growing archive would end with a plain
+/// close. Such a client waits for the archive and gets it with a length,
+/// or gets an error status; through the proxy too.
+#[test]
+fn http_1_0_clients_never_see_a_truncated_archive_end_cleanly() {
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    let stub = failing_midway(&sandbox);
+    let archiver = Archiver::start(&sandbox.repos(), &["--git", stub.to_str().unwrap()]);
+    let routes = sandbox.path("routes.toml");
+    write_routes(&routes, &[Route::new("*", &archiver.base_url, &[])]);
+    let proxy = Proxy::with_routes(&routes, &[]);
+    for (tier, addr, ext) in [
+        ("archiver", archiver.addr, "tar"),
+        ("proxy", proxy.addr, "zip"),
+    ] {
+        let mut connection = RawConnection::connect(addr).unwrap();
+        connection
+            .send(format!("GET /acme/widget/archive/main.{ext} HTTP/1.0\r\n\r\n").as_bytes())
+            .unwrap();
+        let response = connection.read_to_close();
+        let text = String::from_utf8_lossy(&response);
+        assert!(
+            text.starts_with("HTTP/1.0 500") || text.starts_with("HTTP/1.1 500"),
+            "{tier}: {}",
+            &text[..text.len().min(200)]
+        );
+    }
+
+    // A generation that succeeds comes with its length.
+    let healthy = Archiver::start(&sandbox.repos(), &[]);
+    let mut connection = RawConnection::connect(healthy.addr).unwrap();
+    connection
+        .send(b"GET /acme/widget/archive/main.tar.gz HTTP/1.0\r\n\r\n")
+        .unwrap();
+    let head = connection.read_head().unwrap();
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("x-gitball-cache"), Some("miss"));
+    assert!(head.header("content-length").is_some(), "{:?}", head.headers);
+}
