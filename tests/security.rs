@@ -422,5 +422,60 @@ fn http_1_0_clients_never_see_a_truncated_archive_end_cleanly() {
     let head = connection.read_head().unwrap();
     assert_eq!(head.status, 200);
     assert_eq!(head.header("x-gitball-cache"), Some("miss"));
-    assert!(head.header("content-length").is_some(), "{:?}", head.headers);
+    assert!(
+        head.header("content-length").is_some(),
+        "{:?}",
+        head.headers
+    );
+}
+
+/// A commit force-pushed away is still in the object store, but no ref
+/// reaches it: by default it is as unknown as a missing one, in full and
+/// abbreviated; a ref that reaches it again makes it served at once.
+#[test]
+fn unreachable_commits_are_not_served_by_id() {
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "widget");
+    small_repository(&repo);
+    let published = repo.rev_parse("HEAD");
+    repo.git(&["checkout", "-q", "-b", "doomed"]);
+    repo.write("secret.txt", "force-pushed away\n");
+    repo.git(&["add", "-A"]);
+    repo.git_at(1_700_000_000, &["commit", "-q", "-m", "doomed"]);
+    let doomed = repo.rev_parse("HEAD");
+    repo.git(&["checkout", "-q", "-"]);
+    repo.git(&["branch", "-D", "doomed"]);
+
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    assert_eq!(
+        status(&archiver, &format!("/acme/widget/archive/{published}.tar")),
+        200
+    );
+    for target in [
+        format!("/acme/widget/archive/{doomed}.tar"),
+        format!("/acme/widget/archive/{}.zip", &doomed[..7]),
+        format!("/acme/widget/archive/{doomed}.tar.sha256"),
+    ] {
+        let response = archiver.get(&target);
+        assert_eq!(response.status().as_u16(), 404, "{target}");
+        let json: serde_json::Value = serde_json::from_slice(&response.bytes().unwrap()).unwrap();
+        assert_eq!(json["error"], "ref_not_found", "{target}");
+    }
+    // Pushed again: visible on the very next request.
+    repo.git(&["tag", "resurrected", &doomed]);
+    assert_eq!(
+        status(&archiver, &format!("/acme/widget/archive/{doomed}.tar")),
+        200
+    );
+    repo.git(&["tag", "-d", "resurrected"]);
+    assert_eq!(
+        status(&archiver, &format!("/acme/widget/archive/{doomed}.tar")),
+        404
+    );
+
+    let lenient = Archiver::start(&sandbox.repos(), &["--require-reachable", "false"]);
+    assert_eq!(
+        status(&lenient, &format!("/acme/widget/archive/{doomed}.tar")),
+        200
+    );
 }

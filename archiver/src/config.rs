@@ -64,6 +64,12 @@ pub struct ArchiveOptions {
     #[arg(long, env = "GITBALL_MAX_ARCHIVE_BYTES", default_value = "4GiB", value_parser = parse_size)]
     pub max_archive_bytes: u64,
 
+    /// Serve a commit asked for by its id only when some ref of the repository reaches it
+    /// (true or false). Off, a commit force-pushed away, or one only in an object pool shared
+    /// with a private fork, is served to anyone who knows its id.
+    #[arg(long, env = "GITBALL_REQUIRE_REACHABLE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub require_reachable: bool,
+
     /// The git binary to run. Default: the first `git` on PATH at start-up.
     #[arg(long, env = "GITBALL_GIT")]
     pub git: Option<PathBuf>,
@@ -129,6 +135,7 @@ mod tests {
         assert_eq!(config.options.queue_timeout, Duration::from_secs(30));
         assert_eq!(config.options.generation_timeout, Duration::from_secs(600));
         assert_eq!(config.options.generation_memory_limit, 2 << 30);
+        assert!(config.options.require_reachable);
         assert_eq!(config.options.gzip_level, 6);
         assert_eq!(config.options.zstd_level, 3);
         assert_eq!(config.options.log_format, LogFormat::Text);

@@ -48,6 +48,8 @@ pub struct App {
     pub repos: Repositories,
     pub cache: Arc<Cache>,
     pub token: Option<Vec<u8>>,
+    /// `--require-reachable`.
+    pub require_reachable: bool,
     pub gzip_level: u32,
     pub zstd_level: i32,
     pub metrics: PrometheusHandle,
@@ -211,8 +213,8 @@ async fn serve(app: &App, request: &Parts, log: &mut RequestLog) -> Result<Answe
     // 1.0 has no chunked encoding: a growing archive would end with a plain
     // close) waits for the end and gets a `Content-Length`.
     // A client that leaves meanwhile drops this future: its log says 499.
-    let needs_length = request.version < http::Version::HTTP_11
-        || headers.contains_key(X_GITBALL_WANT_LENGTH);
+    let needs_length =
+        request.version < http::Version::HTTP_11 || headers.contains_key(X_GITBALL_WANT_LENGTH);
     let source = match lookup {
         Lookup::Hit(file) => Source::Complete(file),
         Lookup::Join(generation) | Lookup::Miss(generation) if needs_length => {
@@ -298,6 +300,15 @@ fn resolve(app: &App, request: &Parts, archive: ArchiveRequest) -> Result<Resolu
         .transpose()?;
     let repository = app.repos.open(&archive.owner, &archive.repo)?;
     let resolved = repository.resolve(&archive.reference)?;
+    // A commit asked for by its id must be one this repository publishes:
+    // otherwise it is as unknown as a commit that does not exist.
+    if app.require_reachable
+        && resolved.kind == RefKind::Commit
+        && archive.reference.bytes().all(|b| b.is_ascii_hexdigit())
+        && !repository.reaches(&resolved.commit)?
+    {
+        return Err(Error::RefNotFound);
+    }
     if let Some(subtree) = &subtree
         && !repository.has_path(&resolved.commit, subtree)?
     {
@@ -503,6 +514,7 @@ mod tests {
             repos: Repositories::new(&widget).unwrap(),
             cache: cache.clone(),
             token: None,
+            require_reachable: true,
             gzip_level: 6,
             zstd_level: 3,
             metrics: gitball_core::metrics::install(),

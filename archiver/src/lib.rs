@@ -101,6 +101,7 @@ pub async fn run(
         repos,
         cache: cache.clone(),
         token,
+        require_reachable: options.require_reachable,
         gzip_level: options.gzip_level,
         zstd_level: options.zstd_level,
         metrics: handle,

@@ -23,6 +23,7 @@
 //!   object is missing, which picks up new packs and survives repacks.
 
 use std::{
+    collections::HashSet,
     fmt, fs, io,
     num::NonZeroUsize,
     os::unix::fs::MetadataExt,
@@ -325,11 +326,19 @@ fn open_candidate(path: &Path, confine_to: Option<&Path>) -> Result<Option<Repos
         .map_err(|err| Error::internal(format_args!("stat {}: {err}", git_dir.display())))?;
     Ok(Some(Repository {
         repo,
+        reachable: Mutex::new(None),
         substitutes: Mutex::new(LruCache::new(SUBSTITUTION_ANSWERS)),
         git_dir,
         common_dir,
         identity,
     }))
+}
+
+/// Every commit reachable from the refs whose digest is `refs`.
+#[derive(Debug)]
+struct Reachable {
+    refs: String,
+    commits: HashSet<ObjectId>,
 }
 
 /// Which directory a cached repository was opened from: if the path now
@@ -355,6 +364,9 @@ impl FileIdentity {
 #[derive(Debug)]
 pub struct Repository {
     repo: gix::ThreadSafeRepository,
+    /// The commits some ref reaches, for the refs state whose digest is
+    /// kept beside them (`--require-reachable`).
+    reachable: Mutex<Option<Reachable>>,
     /// Commit → whether its tree asks for `export-subst` (trees never
     /// change, so the answer is kept).
     substitutes: Mutex<LruCache<ObjectId, bool>>,
@@ -470,6 +482,71 @@ impl Repository {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .put(id, answer);
+        Ok(answer)
+    }
+
+    /// Whether some ref (or `HEAD`) reaches `commit`: a commit that was
+    /// force-pushed away, or one that is only in an object pool shared with
+    /// a private fork, is in the object store but in no history this
+    /// repository publishes.
+    ///
+    /// The set of reachable commits is computed once per refs state (one
+    /// walk of the history, using the commit-graph when there is one) and
+    /// kept until a ref changes: about 30 bytes per commit.
+    pub fn reaches(&self, commit: &str) -> Result<bool, Error> {
+        let id = ObjectId::from_hex(commit.as_bytes())
+            .map_err(|err| Error::internal(format_args!("commit id {commit:?}: {err}")))?;
+        let refs = self.refs_digest()?;
+        {
+            let reachable = self
+                .reachable
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(known) = reachable.as_ref()
+                && known.refs == refs
+            {
+                return Ok(known.commits.contains(&id));
+            }
+        }
+        let repo = self.repo.to_thread_local();
+        let mut tips = Vec::new();
+        let references = repo
+            .references()
+            .map_err(|err| Error::internal(format_args!("listing refs: {err}")))?;
+        let all = references
+            .all()
+            .map_err(|err| Error::internal(format_args!("listing refs: {err}")))?;
+        for reference in all {
+            let mut reference =
+                reference.map_err(|err| Error::internal(format_args!("reading a ref: {err}")))?;
+            // Refs to trees or blobs, and dangling ones, reach no commit.
+            if let Ok(target) = reference.peel_to_id()
+                && let Ok((tip, _)) = peel_to_commit(&repo, target.detach())
+            {
+                tips.push(tip);
+            }
+        }
+        if let Ok(head) = repo.head_id()
+            && let Ok((tip, _)) = peel_to_commit(&repo, head.detach())
+        {
+            tips.push(tip);
+        }
+        let walk = repo
+            .rev_walk(tips)
+            .use_commit_graph(true)
+            .all()
+            .map_err(|err| Error::internal(format_args!("walking the history: {err}")))?;
+        let mut commits = HashSet::new();
+        for info in walk {
+            let info =
+                info.map_err(|err| Error::internal(format_args!("walking the history: {err}")))?;
+            commits.insert(info.id);
+        }
+        let answer = commits.contains(&id);
+        *self
+            .reachable
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Reachable { refs, commits });
         Ok(answer)
     }
 

@@ -26,6 +26,7 @@ fn help_names_every_flag_and_its_environment_variable() {
         "--shutdown-grace",
         "--log-format",
         "--git",
+        "--require-reachable",
         "--generation-memory-limit",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}");
