@@ -191,7 +191,10 @@ impl Index {
 
 impl Cache {
     /// Opens (creating, mode 0700) the cache directory, deletes leftover
-    /// partials and re-indexes complete files.
+    /// partials and re-indexes complete files. Of several complete files of
+    /// one key (an archive whose bytes changed, next to an older copy an
+    /// eviction could not unlink), only the newest by mtime is indexed; the
+    /// others are deleted and not counted.
     pub fn open(settings: Settings) -> io::Result<Arc<Cache>> {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -235,7 +238,19 @@ impl Cache {
                 evicted: AtomicBool::new(false),
                 held_bytes: held_bytes.clone(),
             };
-            index.complete.put(key, Arc::new(file));
+            // Oldest first: a file that replaces another of its key is the
+            // newer one. The older leaves the disk and `bytes`: unindexed,
+            // it could never be evicted.
+            if let Some(older) = index.complete.put(key, Arc::new(file)) {
+                if let Err(error) = std::fs::remove_file(&older.path) {
+                    tracing::error!(
+                        %error,
+                        path = %older.path.display(),
+                        "cannot remove an older copy of an archive"
+                    );
+                }
+                index.bytes -= older.len;
+            }
         }
         let restored = index.complete.len();
         let cache = Cache {
@@ -568,7 +583,7 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::{StubGit, names_in, spec, within};
+    use crate::test_support::{HEADER_LEN, StubGit, names_in, printed, within};
 
     #[test]
     fn complete_names_parse_and_others_do_not() {
@@ -625,9 +640,9 @@ mod tests {
         }
     }
 
-    /// Generates `spec(n)` to its end (a miss, not a hit or a join).
-    async fn generate(cache: &Arc<Cache>, n: u32) -> Arc<CacheFile> {
-        let generation = miss(cache.lookup(spec(n), "test"));
+    /// Generates `spec` to its end (a miss, not a hit or a join).
+    async fn generate(cache: &Arc<Cache>, spec: Spec) -> Arc<CacheFile> {
+        let generation = miss(cache.lookup(spec, "test"));
         complete(within(generation.finished()).await)
     }
 
@@ -650,18 +665,18 @@ mod tests {
 
     #[tokio::test]
     async fn a_complete_archive_is_renamed_to_its_key_and_sha256_and_then_hits() {
-        let data = pattern(1000);
-        let stub = StubGit::printing(&data);
+        let stub = StubGit::printing(&pattern(1000));
+        let data = printed(&pattern(1000));
         let cache = open(&stub, 1 << 20);
-        let generation = miss(cache.lookup(spec(1), "r1"));
+        let generation = miss(cache.lookup(stub.spec(1), "r1"));
         assert!(generation.partial.exists());
         let partial_name = generation.partial.file_name().unwrap().to_str().unwrap();
-        assert!(partial_name.starts_with(&Cache::key(&spec(1))));
+        assert!(partial_name.starts_with(&Cache::key(&stub.spec(1))));
         assert!(partial_name.ends_with(PARTIAL_SUFFIX));
 
         let file = complete(within(generation.finished()).await);
-        let key = Cache::key(&spec(1));
-        assert_eq!(file.len, 1000);
+        let key = Cache::key(&stub.spec(1));
+        assert_eq!(file.len, HEADER_LEN + 1000);
         assert_eq!(file.sha256, sha256(&data));
         assert_eq!(
             file.path,
@@ -675,11 +690,11 @@ mod tests {
             [file.path.file_name().unwrap().to_str().unwrap()]
         );
 
-        let again = hit(cache.lookup(spec(1), "r2"));
+        let again = hit(cache.lookup(stub.spec(1), "r2"));
         assert!(Arc::ptr_eq(&again, &file));
-        assert!(matches!(cache.peek(&spec(1)), Some(Lookup::Hit(_))));
+        assert!(matches!(cache.peek(&stub.spec(1)), Some(Lookup::Hit(_))));
         assert_eq!(stub.runs().len(), 1);
-        assert_eq!(bytes(&cache), 1000);
+        assert_eq!(bytes(&cache), HEADER_LEN + 1000);
     }
 
     #[tokio::test]
@@ -688,108 +703,118 @@ mod tests {
         let mut feed = stub.feed();
         let cache = open(&stub, 1 << 20);
 
-        let first = miss(cache.lookup(spec(1), "r1"));
-        let second = match cache.lookup(spec(1), "r2").unwrap() {
+        let first = miss(cache.lookup(stub.spec(1), "r1"));
+        let second = match cache.lookup(stub.spec(1), "r2").unwrap() {
             Lookup::Join(generation) => generation,
             other => panic!("expected a join, got a {}", other.label()),
         };
         assert!(Arc::ptr_eq(&first, &second));
-        assert!(matches!(cache.peek(&spec(1)), Some(Lookup::Join(_))));
-        assert!(cache.peek(&spec(2)).is_none(), "another spec is not joined");
+        assert!(matches!(cache.peek(&stub.spec(1)), Some(Lookup::Join(_))));
+        assert!(
+            cache.peek(&stub.spec(2)).is_none(),
+            "another spec is not joined"
+        );
 
-        written(&first, 6).await;
+        written(&first, HEADER_LEN + 6).await;
         feed.send(b"second");
-        written(&first, 12).await;
+        written(&first, HEADER_LEN + 12).await;
         drop(feed);
 
         let (a, b) = within(async { tokio::join!(first.finished(), second.finished()) }).await;
         let (a, b) = (complete(a), complete(b));
         assert!(Arc::ptr_eq(&a, &b), "both see the same file");
-        assert_eq!(std::fs::read(&a.path).unwrap(), b"first second");
-        assert!(Arc::ptr_eq(&hit(cache.lookup(spec(1), "r4")), &a));
+        assert_eq!(std::fs::read(&a.path).unwrap(), printed(b"first second"));
+        assert!(Arc::ptr_eq(&hit(cache.lookup(stub.spec(1), "r4")), &a));
         assert_eq!(stub.runs().len(), 1, "one child");
     }
 
     #[tokio::test]
     async fn bytes_count_complete_files_and_what_generations_have_written() {
         let stub = StubGit::printing(&[b'a'; 100]);
+        let archive = HEADER_LEN + 100;
         let cache = open(&stub, 1 << 20);
         assert_eq!(bytes(&cache), 0);
-        generate(&cache, 1).await;
-        assert_eq!(bytes(&cache), 100);
+        generate(&cache, stub.spec(1)).await;
+        assert_eq!(bytes(&cache), archive);
 
-        // From now on children wait on the feed after their 100 bytes.
+        // From now on children wait on the feed after their header and
+        // 100 bytes.
         let mut feed = stub.feed();
-        let generation = miss(cache.lookup(spec(2), "r"));
-        written(&generation, 100).await;
-        assert_eq!(bytes(&cache), 200, "in-progress bytes count");
+        let generation = miss(cache.lookup(stub.spec(2), "r"));
+        written(&generation, archive).await;
+        assert_eq!(bytes(&cache), 2 * archive, "in-progress bytes count");
         feed.send(&[b'b'; 50]);
-        written(&generation, 150).await;
-        assert_eq!(bytes(&cache), 250);
+        written(&generation, archive + 50).await;
+        assert_eq!(bytes(&cache), 2 * archive + 50);
         drop(feed);
         let file = complete(within(generation.finished()).await);
-        assert_eq!(file.len, 150);
-        assert_eq!(bytes(&cache), 250);
-        assert_eq!(indexed_bytes(&cache), 250);
+        assert_eq!(file.len, archive + 50);
+        assert_eq!(bytes(&cache), 2 * archive + 50);
+        assert_eq!(indexed_bytes(&cache), 2 * archive + 50);
     }
 
     #[tokio::test]
     async fn eviction_keeps_the_bound_and_evicts_the_least_recently_used_first() {
         let stub = StubGit::printing(&[b'x'; 100]);
-        let cache = open(&stub, 250);
-        let a = generate(&cache, 1).await;
-        let b = generate(&cache, 2).await;
+        // Room for two archives, not three.
+        let archive = HEADER_LEN + 100;
+        let bound = 2 * archive + 50;
+        let cache = open(&stub, bound);
+        let a = generate(&cache, stub.spec(1)).await;
+        let b = generate(&cache, stub.spec(2)).await;
         let (a_path, b_path) = (a.path.clone(), b.path.clone());
         drop((a, b));
-        assert_eq!(bytes(&cache), 200);
+        assert_eq!(bytes(&cache), 2 * archive);
 
         // A hit promotes `a`: `b` is now the least recently used.
-        drop(hit(cache.lookup(spec(1), "r")));
-        let c = generate(&cache, 3).await;
+        drop(hit(cache.lookup(stub.spec(1), "r")));
+        let c = generate(&cache, stub.spec(3)).await;
 
-        assert_eq!(bytes(&cache), 200);
-        assert!(bytes(&cache) <= 250);
-        assert!(cache.peek(&spec(2)).is_none(), "b was evicted");
+        assert_eq!(bytes(&cache), 2 * archive);
+        assert!(bytes(&cache) <= bound);
+        assert!(cache.peek(&stub.spec(2)).is_none(), "b was evicted");
         assert!(!b_path.exists(), "b was unlinked");
         assert!(a_path.exists());
-        assert!(matches!(cache.peek(&spec(1)), Some(Lookup::Hit(_))));
-        assert!(matches!(cache.peek(&spec(3)), Some(Lookup::Hit(_))));
+        assert!(matches!(cache.peek(&stub.spec(1)), Some(Lookup::Hit(_))));
+        assert!(matches!(cache.peek(&stub.spec(3)), Some(Lookup::Hit(_))));
         assert_eq!(held(&cache), 0, "nobody held b");
 
         // Without a hit in between, the oldest goes next: `a` (promoted
         // before `c` was made), then `c`.
         drop(c);
-        generate(&cache, 4).await;
-        assert!(cache.peek(&spec(1)).is_none());
+        generate(&cache, stub.spec(4)).await;
+        assert!(cache.peek(&stub.spec(1)).is_none());
         assert!(!a_path.exists());
-        assert!(matches!(cache.peek(&spec(3)), Some(Lookup::Hit(_))));
-        assert_eq!(bytes(&cache), 200);
-        assert_eq!(indexed_bytes(&cache), 200);
+        assert!(matches!(cache.peek(&stub.spec(3)), Some(Lookup::Hit(_))));
+        assert_eq!(bytes(&cache), 2 * archive);
+        assert_eq!(indexed_bytes(&cache), 2 * archive);
         assert_eq!(names_in(&stub.cache_dir()).len(), 2);
     }
 
     #[tokio::test]
     async fn an_evicted_file_still_held_counts_as_held_until_dropped() {
         let stub = StubGit::printing(&[b'x'; 100]);
-        let cache = open(&stub, 150);
-        let a = generate(&cache, 1).await;
+        // Room for one archive, not two.
+        let archive = HEADER_LEN + 100;
+        let cache = open(&stub, archive + 50);
+        let a = generate(&cache, stub.spec(1)).await;
         // A download that opened `a` before it was evicted.
         let mut opened = std::fs::File::open(&a.path).unwrap();
 
-        generate(&cache, 2).await;
-        assert!(cache.peek(&spec(1)).is_none(), "a was evicted");
+        generate(&cache, stub.spec(2)).await;
+        assert!(cache.peek(&stub.spec(1)).is_none(), "a was evicted");
         assert!(!a.path.exists(), "a was unlinked at once");
-        assert_eq!(bytes(&cache), 100);
-        assert_eq!(held(&cache), 100, "a is still held");
+        assert_eq!(bytes(&cache), archive);
+        assert_eq!(held(&cache), archive, "a is still held");
 
         // The open file still reads whole.
         let mut content = Vec::new();
         std::io::Read::read_to_end(&mut opened, &mut content).unwrap();
-        assert_eq!(content, [b'x'; 100]);
+        assert_eq!(content, printed(&[b'x'; 100]));
 
         let second_holder = a.clone();
         drop(a);
-        assert_eq!(held(&cache), 100, "one holder is left");
+        assert_eq!(held(&cache), archive, "one holder is left");
         drop(second_holder);
         assert_eq!(held(&cache), 0);
     }
@@ -799,10 +824,11 @@ mod tests {
         let stub = StubGit::new(b"", 1);
         let mut feed = stub.feed();
         let cache = open(&stub, 1 << 20);
-        let generation = miss(cache.lookup(spec(1), "r"));
+        let generation = miss(cache.lookup(stub.spec(1), "r"));
         feed.send(&[b'x'; 100]);
-        written(&generation, 100).await;
-        assert_eq!(bytes(&cache), 100);
+        // Announced: its output passed the format check.
+        written(&generation, HEADER_LEN + 100).await;
+        assert_eq!(bytes(&cache), HEADER_LEN + 100);
         assert!(generation.partial.exists());
 
         // git exits 1 after its bytes.
@@ -814,35 +840,60 @@ mod tests {
         assert_eq!(bytes(&cache), 0);
         assert!(!generation.partial.exists());
         assert!(names_in(&stub.cache_dir()).is_empty());
-        assert!(cache.peek(&spec(1)).is_none(), "nothing indexed");
+        assert!(cache.peek(&stub.spec(1)).is_none(), "nothing indexed");
         assert_eq!(stub.runs().len(), 1);
 
         // The next request tries again.
-        miss(cache.lookup(spec(1), "again"));
+        miss(cache.lookup(stub.spec(1), "again"));
         assert!(cache.shutdown(Duration::from_secs(5)).await);
     }
 
     #[tokio::test]
     async fn a_child_failing_at_once_is_failed() {
+        // A tar header first: it fails for its exit status, not for its
+        // format.
         let stub = StubGit::new(b"partial tar", 128);
         let cache = open(&stub, 1 << 20);
-        let generation = miss(cache.lookup(spec(1), "r"));
+        let generation = miss(cache.lookup(stub.spec(1), "r"));
         assert_eq!(
             failure(within(generation.finished()).await),
             Failure::Failed
         );
         assert_eq!(bytes(&cache), 0);
         assert!(names_in(&stub.cache_dir()).is_empty());
-        assert!(cache.peek(&spec(1)).is_none());
+        assert!(cache.peek(&stub.spec(1)).is_none());
+    }
+
+    #[tokio::test]
+    async fn output_that_is_not_the_format_asked_for_is_failed_and_never_shown() {
+        // Long enough to be checked, and too short to be an archive at all;
+        // both from a git that exits 0.
+        for out in [pattern(1000), b"tiny".to_vec()] {
+            let stub = StubGit::without_header(&out, 0);
+            let cache = open(&stub, 1 << 20);
+            let generation = miss(cache.lookup(stub.spec(1), "r"));
+            let started = within(generation.started()).await;
+            assert!(matches!(started.state, State::Failed(Failure::Failed)));
+            assert_eq!(failure(generation.finished().await), Failure::Failed);
+            // `written` only grows and is left as it was when a generation
+            // fails: 0 now means no reader was ever told of a byte.
+            assert_eq!(started.written, 0);
+            assert_eq!(generation.progress().borrow().written, 0);
+            assert_eq!(bytes(&cache), 0);
+            assert!(!generation.partial.exists());
+            assert!(names_in(&stub.cache_dir()).is_empty());
+            assert!(cache.peek(&stub.spec(1)).is_none(), "nothing indexed");
+            assert_eq!(stub.runs().len(), 1, "git did run");
+        }
     }
 
     #[tokio::test]
     async fn an_archive_over_max_archive_bytes_is_too_large_and_leaves_nothing_behind() {
         let stub = StubGit::printing(&[b'x'; 5000]);
         let mut settings = stub.settings(1 << 20);
-        settings.limits.max_bytes = 1000;
+        settings.limits.max_bytes = HEADER_LEN + 1000;
         let cache = Cache::open(settings).unwrap();
-        let generation = miss(cache.lookup(spec(1), "r"));
+        let generation = miss(cache.lookup(stub.spec(1), "r"));
         assert_eq!(
             failure(within(generation.finished()).await),
             Failure::TooLarge
@@ -850,15 +901,15 @@ mod tests {
         assert_eq!(bytes(&cache), 0);
         assert!(!generation.partial.exists());
         assert!(names_in(&stub.cache_dir()).is_empty());
-        assert!(cache.peek(&spec(1)).is_none());
+        assert!(cache.peek(&stub.spec(1)).is_none());
     }
 
     #[tokio::test]
     async fn an_archive_the_cache_cannot_hold_is_too_large_and_leaves_nothing_behind() {
         let stub = StubGit::printing(&[b'x'; 5000]);
         // The archive limit allows it; the cache bound does not.
-        let cache = open(&stub, 1000);
-        let generation = miss(cache.lookup(spec(1), "r"));
+        let cache = open(&stub, HEADER_LEN + 1000);
+        let generation = miss(cache.lookup(stub.spec(1), "r"));
         assert_eq!(
             failure(within(generation.finished()).await),
             Failure::TooLarge
@@ -874,28 +925,31 @@ mod tests {
         let dir = stub.cache_dir();
         std::fs::create_dir(&dir).unwrap();
         let data = pattern(300);
-        let key = Cache::key(&spec(1));
+        let key = Cache::key(&stub.spec(1));
         let complete_name = format!("{key}-{}", hex::encode(sha256(&data)));
         std::fs::write(dir.join(&complete_name), &data).unwrap();
-        let partial = format!("{}.0123456789abcdef{PARTIAL_SUFFIX}", Cache::key(&spec(2)));
+        let partial = format!(
+            "{}.0123456789abcdef{PARTIAL_SUFFIX}",
+            Cache::key(&stub.spec(2))
+        );
         std::fs::write(dir.join(&partial), b"half an archive").unwrap();
         std::fs::write(dir.join("notes.txt"), b"not ours").unwrap();
         // Named like an entry, but a directory.
-        let odd_dir = format!("{}-{}", Cache::key(&spec(3)), "0".repeat(64));
+        let odd_dir = format!("{}-{}", Cache::key(&stub.spec(3)), "0".repeat(64));
         std::fs::create_dir(dir.join(&odd_dir)).unwrap();
         let upper = format!("{}-{}", key.to_uppercase(), "0".repeat(64));
         std::fs::write(dir.join(&upper), b"not ours either").unwrap();
 
         let cache = open(&stub, 1 << 20);
         assert_eq!(bytes(&cache), 300);
-        let file = hit(cache.lookup(spec(1), "r"));
+        let file = hit(cache.lookup(stub.spec(1), "r"));
         assert_eq!(file.len, 300);
         assert_eq!(file.sha256, sha256(&data));
         assert_eq!(file.path, dir.join(&complete_name));
         let mut expected = vec![complete_name, upper, odd_dir, "notes.txt".to_owned()];
         expected.sort();
         assert_eq!(names_in(&dir), expected, "the partial was deleted");
-        assert!(cache.peek(&spec(3)).is_none());
+        assert!(cache.peek(&stub.spec(3)).is_none());
         assert!(stub.runs().is_empty(), "a restart runs no git");
     }
 
@@ -906,46 +960,48 @@ mod tests {
         std::fs::create_dir(&dir).unwrap();
         let now = SystemTime::now();
         let mut paths = Vec::new();
-        // spec(1) is the newest, spec(3) the oldest.
+        // stub.spec(1) is the newest, stub.spec(3) the oldest. Archives as the stub
+        // prints them.
+        let archive = HEADER_LEN + 100;
         for n in 1..=3u32 {
-            let data = [n as u8; 100];
+            let data = printed(&[n as u8; 100]);
             let path = dir.join(format!(
                 "{}-{}",
-                Cache::key(&spec(n)),
+                Cache::key(&stub.spec(n)),
                 hex::encode(sha256(&data))
             ));
-            std::fs::write(&path, data).unwrap();
+            std::fs::write(&path, &data).unwrap();
             let file = std::fs::File::options().write(true).open(&path).unwrap();
             file.set_modified(now - Duration::from_secs(60 * u64::from(n)))
                 .unwrap();
             paths.push(path);
         }
 
-        let cache = open(&stub, 250);
-        assert_eq!(bytes(&cache), 200);
-        assert!(cache.peek(&spec(3)).is_none());
+        // Room for two archives, not three.
+        let cache = open(&stub, 2 * archive + 50);
+        assert_eq!(bytes(&cache), 2 * archive);
+        assert!(cache.peek(&stub.spec(3)).is_none());
         assert!(!paths[2].exists());
         assert!(paths[0].exists() && paths[1].exists());
         assert_eq!(held(&cache), 0);
 
-        // The re-indexed order is the LRU order: spec(2) goes next.
-        generate(&cache, 4).await;
-        assert!(cache.peek(&spec(2)).is_none());
+        // The re-indexed order is the LRU order: stub.spec(2) goes next.
+        generate(&cache, stub.spec(4)).await;
+        assert!(cache.peek(&stub.spec(2)).is_none());
         assert!(!paths[1].exists());
-        assert!(matches!(cache.peek(&spec(1)), Some(Lookup::Hit(_))));
+        assert!(matches!(cache.peek(&stub.spec(1)), Some(Lookup::Hit(_))));
     }
 
-    /// Fails against the code as it is: two complete files of one key (an
-    /// archive whose bytes changed, next to an old copy an eviction could
-    /// not unlink) are both counted in `bytes`, but only one is indexed.
-    /// The other's bytes can never be evicted, and the file is never
-    /// deleted: the cache's room shrinks for good.
+    /// Two complete files of one key (an archive whose bytes changed, next
+    /// to an old copy an eviction could not unlink): the newest is indexed,
+    /// the other deleted and not counted. Counted, its bytes could never be
+    /// evicted and the cache's room would shrink for good.
     #[tokio::test]
-    async fn bug_a_restart_with_two_files_of_one_key_counts_only_what_it_indexes() {
+    async fn a_restart_keeps_only_the_newest_file_of_a_key() {
         let stub = StubGit::new(b"", 1);
         let dir = stub.cache_dir();
         std::fs::create_dir(&dir).unwrap();
-        let key = Cache::key(&spec(1));
+        let key = Cache::key(&stub.spec(1));
         let now = SystemTime::now();
         for (data, age) in [(vec![1u8; 100], 120), (vec![2u8; 50], 60)] {
             let path = dir.join(format!("{key}-{}", hex::encode(sha256(&data))));
@@ -955,7 +1011,10 @@ mod tests {
         }
 
         let cache = open(&stub, 1 << 20);
-        let indexed = hit(cache.lookup(spec(1), "r"));
+        let indexed = hit(cache.lookup(stub.spec(1), "r"));
+        assert_eq!(indexed.sha256, sha256(&[2u8; 50]), "the newest is kept");
+        assert_eq!(indexed.len, 50);
+        assert_eq!(bytes(&cache), 50);
         assert_eq!(
             bytes(&cache),
             indexed_bytes(&cache),
@@ -971,16 +1030,17 @@ mod tests {
     #[tokio::test]
     async fn shutdown_kills_running_and_queued_generations_and_removes_their_partials() {
         let stub = StubGit::printing(b"abc");
-        // Children print `abc`, then wait on a feed the test never writes.
+        // Children print a header and `abc`, then wait on a feed the test
+        // never writes.
         let _feed = stub.feed();
         let mut settings = stub.settings(1 << 20);
         settings.max_generations = 1;
         let cache = Cache::open(settings).unwrap();
 
-        let running = miss(cache.lookup(spec(1), "r1"));
-        written(&running, 3).await;
-        let queued = miss(cache.lookup(spec(2), "r2"));
-        assert_eq!(bytes(&cache), 3);
+        let running = miss(cache.lookup(stub.spec(1), "r1"));
+        written(&running, HEADER_LEN + 3).await;
+        let queued = miss(cache.lookup(stub.spec(2), "r2"));
+        assert_eq!(bytes(&cache), HEADER_LEN + 3);
         let [pid] = stub.runs()[..] else {
             panic!("one child expected")
         };
@@ -1001,13 +1061,13 @@ mod tests {
     async fn a_lookup_after_shutdown_is_refused() {
         let stub = StubGit::printing(b"abc");
         let cache = open(&stub, 1 << 20);
-        generate(&cache, 1).await;
+        generate(&cache, stub.spec(1)).await;
         assert!(within(cache.shutdown(Duration::from_secs(5))).await);
         assert!(matches!(
-            cache.lookup(spec(2), "r"),
+            cache.lookup(stub.spec(2), "r"),
             Err(LookupError::ShuttingDown)
         ));
-        assert!(cache.peek(&spec(2)).is_none());
+        assert!(cache.peek(&stub.spec(2)).is_none());
         assert_eq!(stub.runs().len(), 1);
         assert_eq!(names_in(&stub.cache_dir()).len(), 1, "no partial created");
     }
@@ -1021,13 +1081,17 @@ mod tests {
         settings.queue_timeout = Duration::from_millis(20);
         let cache = Cache::open(settings).unwrap();
 
-        let running = miss(cache.lookup(spec(1), "r1"));
-        written(&running, 3).await;
-        let queued = miss(cache.lookup(spec(2), "r2"));
+        let running = miss(cache.lookup(stub.spec(1), "r1"));
+        written(&running, HEADER_LEN + 3).await;
+        let queued = miss(cache.lookup(stub.spec(2), "r2"));
         assert_eq!(failure(within(queued.finished()).await), Failure::Busy);
         assert!(!queued.partial.exists());
-        assert!(cache.peek(&spec(2)).is_none());
-        assert_eq!(bytes(&cache), 3, "the running generation's bytes only");
+        assert!(cache.peek(&stub.spec(2)).is_none());
+        assert_eq!(
+            bytes(&cache),
+            HEADER_LEN + 3,
+            "the running generation's bytes only"
+        );
         assert_eq!(stub.runs().len(), 1);
         assert!(within(cache.shutdown(Duration::from_secs(5))).await);
     }
@@ -1043,24 +1107,27 @@ mod tests {
         let timeout = settings.limits.timeout;
         let cache = Cache::open(settings).unwrap();
 
-        let generation = miss(cache.lookup(spec(1), "r"));
+        let generation = miss(cache.lookup(stub.spec(1), "r"));
         let mut progress = generation.progress();
-        progress.wait_for(|p| p.written >= 3).await.unwrap();
+        progress
+            .wait_for(|p| p.written >= HEADER_LEN + 3)
+            .await
+            .unwrap();
         assert!(matches!(progress.borrow().state, State::Running));
         tokio::time::advance(timeout + Duration::from_millis(1)).await;
 
         assert_eq!(failure(generation.finished().await), Failure::Timeout);
         assert!(!generation.partial.exists());
         assert_eq!(bytes(&cache), 0);
-        assert!(cache.peek(&spec(1)).is_none());
+        assert!(cache.peek(&stub.spec(1)).is_none());
     }
 
     #[tokio::test]
     async fn peek_never_starts_a_generation() {
         let stub = StubGit::printing(b"abc");
         let cache = open(&stub, 1 << 20);
-        assert!(cache.peek(&spec(1)).is_none());
-        assert!(cache.peek(&spec(1)).is_none());
+        assert!(cache.peek(&stub.spec(1)).is_none());
+        assert!(cache.peek(&stub.spec(1)).is_none());
         assert!(stub.runs().is_empty());
         assert!(names_in(&stub.cache_dir()).is_empty());
     }

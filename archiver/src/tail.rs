@@ -246,7 +246,7 @@ mod tests {
     use super::*;
     use crate::cache::{Cache, Lookup};
     use crate::generate::Failure;
-    use crate::test_support::{StubGit, spec, within};
+    use crate::test_support::{HEADER_LEN, StubGit, printed, within};
 
     /// What a request's log record said when it was dropped.
     #[derive(Clone, Debug)]
@@ -296,6 +296,15 @@ mod tests {
 
     async fn next_chunk(body: &mut Body) -> Bytes {
         within(body.next()).await.unwrap().unwrap()
+    }
+
+    /// Reads chunks until `len` bytes came, however git's output was cut.
+    async fn read_exactly(body: &mut Body, len: u64) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        while (bytes.len() as u64) < len {
+            bytes.extend_from_slice(&next_chunk(body).await);
+        }
+        bytes
     }
 
     /// Nothing is ready without something else happening first.
@@ -551,11 +560,14 @@ mod tests {
         let stub = StubGit::printing(b"head ");
         let mut feed = stub.feed();
         let cache = Cache::open(stub.settings(1 << 20)).unwrap();
-        let Lookup::Miss(generation) = cache.lookup(spec(1), "tail-git").unwrap() else {
+        let Lookup::Miss(generation) = cache.lookup(stub.spec(1), "tail-git").unwrap() else {
             panic!("a miss expected")
         };
         let mut body = download(Source::Growing(generation), None, "tail-git");
-        assert_eq!(next_chunk(&mut body).await, "head ");
+        assert_eq!(
+            read_exactly(&mut body, HEADER_LEN + 5).await,
+            printed(b"head ")
+        );
         feed.send(b"and tail");
         assert_eq!(next_chunk(&mut body).await, "and tail");
         drop(feed);
@@ -563,7 +575,7 @@ mod tests {
         drop(body);
         let ended = record("tail-git").unwrap();
         assert_eq!(ended.ending, Ending::Complete);
-        assert_eq!(ended.bytes, 13);
+        assert_eq!(ended.bytes, HEADER_LEN + 13);
     }
 
     #[tokio::test]
@@ -571,11 +583,14 @@ mod tests {
         let stub = StubGit::new(b"head ", 1);
         let mut feed = stub.feed();
         let cache = Cache::open(stub.settings(1 << 20)).unwrap();
-        let Lookup::Miss(generation) = cache.lookup(spec(1), "tail-git-fails").unwrap() else {
+        let Lookup::Miss(generation) = cache.lookup(stub.spec(1), "tail-git-fails").unwrap() else {
             panic!("a miss expected")
         };
         let mut body = download(Source::Growing(generation), None, "tail-git-fails");
-        assert_eq!(next_chunk(&mut body).await, "head ");
+        assert_eq!(
+            read_exactly(&mut body, HEADER_LEN + 5).await,
+            printed(b"head ")
+        );
         feed.send(b"and tail");
         assert_eq!(next_chunk(&mut body).await, "and tail");
         // git exits 1.
@@ -587,13 +602,16 @@ mod tests {
 
     #[tokio::test]
     async fn an_evicted_file_being_read_is_read_whole_and_held_until_the_end() {
-        let data = pattern(100);
-        let stub = StubGit::printing(&data);
-        let cache = Cache::open(stub.settings(150)).unwrap();
+        let stub = StubGit::printing(&pattern(100));
+        let data = printed(&pattern(100));
+        let archive = data.len() as u64;
+        // Room for one archive, not two.
+        let cache = Cache::open(stub.settings(archive + 50)).unwrap();
         let generate = |n| {
             let cache = cache.clone();
+            let spec = stub.spec(n);
             async move {
-                let Lookup::Miss(generation) = cache.lookup(spec(n), "tail-evict").unwrap() else {
+                let Lookup::Miss(generation) = cache.lookup(spec, "tail-evict").unwrap() else {
                     panic!("a miss expected")
                 };
                 match within(generation.finished()).await {
@@ -607,10 +625,10 @@ mod tests {
 
         // Room for the second only: the first is evicted while open.
         drop(generate(2).await);
-        assert!(cache.peek(&spec(1)).is_none());
-        assert_eq!(cache.held_bytes(), 100);
+        assert!(cache.peek(&stub.spec(1)).is_none());
+        assert_eq!(cache.held_bytes(), archive);
         assert_eq!(next_chunk(&mut body).await, data);
-        assert_eq!(cache.held_bytes(), 100, "held until the download ends");
+        assert_eq!(cache.held_bytes(), archive, "held until the download ends");
         assert!(within(body.next()).await.is_none());
         assert_eq!(cache.held_bytes(), 0);
     }

@@ -9,17 +9,26 @@
 //! 2. if the fifo `feed` exists, it opens it, before printing anything
 //!    (the test holds the write end open, see [`StubGit::feed`], so this
 //!    does not block);
-//! 3. it prints the file `out` (the archive's first bytes; may be empty);
+//! 3. it prints the file `header` (a tar header block, [`TAR_HEADER`],
+//!    unless made with [`StubGit::without_header`]), then the file `out`
+//!    (may be empty): generations refuse output that does not start like
+//!    the format asked for (`generate::FormatCheck`), and the specs ask
+//!    for a tar;
 //! 4. if it opened the feed, it copies it to stdout until the test closes
 //!    it: the test decides what comes next, and when. A test that never
 //!    sends nor closes has a generation that runs until killed, without a
 //!    sleep;
 //! 5. it exits with the status given to [`StubGit::new`].
 //!
-//! Because the feed is opened before `out` is printed, once a test has
+//! Because the feed is opened before anything is printed, once a test has
 //! seen the first bytes it may close the feed at any time and the child
 //! sees EOF (closed before the child opened it, the bytes sent would be
 //! lost and the child would wait for a writer for ever).
+//!
+//! Generations run not in the spec's git dir but in a shadow of it
+//! (`shadow`), made from the git dir's `HEAD`: each stub carries a
+//! minimal git dir ([`StubGit::spec`] points at it), which git, being
+//! the stub, never reads.
 //!
 //! The script is written by a `sh` child rather than by this process: a
 //! file this process holds open for writing could leak, for an instant, into
@@ -37,23 +46,63 @@ use crate::cache::Settings;
 use crate::generate::{Compression, Limits, Spec};
 use gitball_core::url::Format;
 
+/// A tar header block as far as the format check looks: zeros, with the
+/// magic `ustar\0` at offset 257. Every stub but a
+/// [`StubGit::without_header`] one prints it before `out`.
+pub const TAR_HEADER: [u8; 512] = {
+    let mut block = [0u8; 512];
+    let magic = *b"ustar\0";
+    let mut i = 0;
+    while i < magic.len() {
+        block[257 + i] = magic[i];
+        i += 1;
+    }
+    block
+};
+
+/// The length of [`TAR_HEADER`].
+pub const HEADER_LEN: u64 = TAR_HEADER.len() as u64;
+
+/// What a stub made with `out` prints before the feed: [`TAR_HEADER`],
+/// then `out`.
+pub fn printed(out: &[u8]) -> Vec<u8> {
+    [&TAR_HEADER[..], out].concat()
+}
+
 pub struct StubGit {
     dir: TempDir,
 }
 
 impl StubGit {
-    /// A stub that prints `out` (then the feed, if any) and exits `status`.
+    /// A stub that prints [`TAR_HEADER`] and `out` (then the feed, if any)
+    /// and exits `status`.
     pub fn new(out: &[u8], status: i32) -> StubGit {
+        StubGit::with_header(&TAR_HEADER, out, status)
+    }
+
+    /// A stub that prints `out` alone (then the feed, if any), no tar
+    /// header before it, and exits `status`.
+    pub fn without_header(out: &[u8], status: i32) -> StubGit {
+        StubGit::with_header(b"", out, status)
+    }
+
+    fn with_header(header: &[u8], out: &[u8], status: i32) -> StubGit {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().display().to_string();
         assert!(!root.contains('\''), "temp dir with a quote: {root}");
+        std::fs::write(dir.path().join("header"), header).unwrap();
         std::fs::write(dir.path().join("out"), out).unwrap();
+        // The git dir the specs name: what a shadow is made from.
+        let git_dir = dir.path().join("owner/repo.git");
+        std::fs::create_dir_all(git_dir.join("refs")).unwrap();
+        std::fs::create_dir_all(git_dir.join("objects")).unwrap();
+        std::fs::write(git_dir.join("HEAD"), "ref: refs/heads/main\n").unwrap();
         let script = format!(
             "#!/bin/sh\n\
              echo $$ >> '{root}/runs'\n\
              fed=\n\
              if [ -p '{root}/feed' ]; then exec 3< '{root}/feed' || exit 2; fed=1; fi\n\
-             cat '{root}/out' || exit 2\n\
+             cat '{root}/header' '{root}/out' || exit 2\n\
              if [ -n \"$fed\" ]; then cat <&3 || exit 2; fi\n\
              exit {status}\n"
         );
@@ -69,7 +118,7 @@ impl StubGit {
         StubGit { dir }
     }
 
-    /// Prints `out` and exits 0.
+    /// Prints [`TAR_HEADER`] and `out` and exits 0.
     pub fn printing(out: &[u8]) -> StubGit {
         StubGit::new(out, 0)
     }
@@ -82,6 +131,27 @@ impl StubGit {
         self.dir.path().join("cache")
     }
 
+    /// The stub's git dir: `HEAD`, empty `refs/` and `objects/`.
+    pub fn git_dir(&self) -> PathBuf {
+        self.dir.path().join("owner/repo.git")
+    }
+
+    /// An uncompressed tar of commit `n` of the stub's repository: a
+    /// distinct key per `n`.
+    pub fn spec(&self, n: u32) -> Spec {
+        Spec {
+            git_dir: self.git_dir(),
+            common_dir: self.git_dir(),
+            repository: "owner/repo".to_owned(),
+            commit: format!("{n:040x}"),
+            format: Format::Tar,
+            prefix: "repo-main/".to_owned(),
+            subtree: None,
+            compression: Compression::None,
+            refs: None,
+        }
+    }
+
     /// The pids of the children that ran, in order.
     pub fn runs(&self) -> Vec<u32> {
         match std::fs::read_to_string(self.dir.path().join("runs")) {
@@ -92,9 +162,10 @@ impl StubGit {
     }
 
     /// Creates the fifo `feed` and opens its write end: from now on every
-    /// child copies it after printing `out`, until the returned [`Feed`]
-    /// is dropped. Opened read-write, so the open does not wait for a
-    /// reader (Linux), and bytes sent wait in the pipe for the child.
+    /// child copies it after printing the header and `out`, until the
+    /// returned [`Feed`] is dropped. Opened read-write, so the open does
+    /// not wait for a reader (Linux), and bytes sent wait in the pipe for
+    /// the child.
     pub fn feed(&self) -> Feed {
         let made = std::process::Command::new("mkfifo")
             .arg(self.feed_path())
@@ -153,22 +224,6 @@ pub struct Feed(std::fs::File);
 impl Feed {
     pub fn send(&mut self, bytes: &[u8]) {
         self.0.write_all(bytes).unwrap();
-    }
-}
-
-/// An uncompressed tar of commit `n` of one repository: a distinct key per
-/// `n`.
-pub fn spec(n: u32) -> Spec {
-    Spec {
-        git_dir: PathBuf::from("/nonexistent/owner/repo.git"),
-        common_dir: PathBuf::from("/nonexistent/owner/repo.git"),
-        repository: "owner/repo".to_owned(),
-        commit: format!("{n:040x}"),
-        format: Format::Tar,
-        prefix: "repo-main/".to_owned(),
-        subtree: None,
-        compression: Compression::None,
-        refs: None,
     }
 }
 
