@@ -18,7 +18,8 @@
 //!   space pinned (tmpfs frees it at the last close); those bytes are counted
 //!   in `held_bytes` until the last reader's `Arc<CacheFile>` is dropped.
 //! - On start, files named like complete entries are re-indexed (oldest
-//!   first, by mtime) and leftover partials deleted: a restart keeps the
+//!   first, by mtime; of two files of one key only the newest is kept, the
+//!   other deleted) and leftover partials deleted: a restart keeps the
 //!   cache warm.
 
 use std::collections::HashMap;
