@@ -4,12 +4,16 @@
 //! real `git`, on 127.0.0.1.
 //!
 //! - **Cache-Control** reaches a cache in front of the proxy as the archiver
-//!   set it, so a commit URL is cached for a year and a branch for a minute.
+//!   set it, so a commit URL is cached for a year and a branch for a minute,
+//!   and a private route's answer is never stored by a shared cache.
 //!
 //! Build the binaries first: `cargo build -p gitball-archiver -p gitball-proxy`.
 
-use gitball_e2e::Sandbox;
-use gitball_e2e::proxy::{Cluster, fetch_ok, fetch_with, small_repository};
+use gitball_e2e::proxy::{
+    Cluster, Proxy, Route, SmallRepository, fetch_ok, fetch_with, small_repository, token,
+    unix_now, write_routes,
+};
+use gitball_e2e::{Archiver, Sandbox};
 
 const BRANCH_CACHE_CONTROL: &str = "public, max-age=60";
 const COMMIT_CACHE_CONTROL: &str = "public, max-age=31536000, immutable";
@@ -76,5 +80,97 @@ fn proxy_passes_the_archivers_cache_control() {
         let head = fetch_with(cluster.proxy.addr, "HEAD", path, &[]);
         assert_eq!(head.status(), 200, "{what}");
         assert_eq!(head.header("cache-control"), *expected, "{what}: HEAD");
+    }
+}
+
+#[test]
+fn private_route_answers_are_not_stored_by_shared_caches() {
+    let private = PrivateRepository::start(&[]);
+    let signed = private.token(unix_now() + 600);
+    let commit = &private.commits.second;
+    for (what, path, max_age) in [
+        (
+            "branch",
+            "/acme/secret/archive/main.tar".to_owned(),
+            "max-age=60",
+        ),
+        (
+            "commit",
+            format!("/acme/secret/archive/{commit}.tar"),
+            "max-age=31536000, immutable",
+        ),
+    ] {
+        let answer = fetch_ok(private.proxy.addr, &format!("{path}?token={signed}"));
+        // `private`: a CDN keyed on the URL would otherwise keep serving the
+        // archive after the token expired (for a year, on a commit URL).
+        assert_eq!(
+            answer.header("cache-control"),
+            format!("private, {max_age}"),
+            "{what}"
+        );
+        let etag = answer.header("etag").to_owned();
+        let not_modified = fetch_with(
+            private.proxy.addr,
+            "GET",
+            &format!("{path}?token={signed}"),
+            &[("If-None-Match", &etag)],
+        );
+        assert_eq!(not_modified.status(), 304, "{what}");
+        assert_eq!(
+            not_modified.header("cache-control"),
+            format!("private, {max_age}"),
+            "{what}: 304"
+        );
+    }
+    // The public route on the same proxy keeps the archiver's value.
+    let public = fetch_ok(private.proxy.addr, "/acme/widget/archive/main.tar");
+    assert_eq!(public.header("cache-control"), BRANCH_CACHE_CONTROL);
+}
+
+// ---------------------------------------------------------------------------
+// A private repository
+
+const KEY: &str = "e2e-security-signing-key-0123456789";
+
+/// `acme/secret` on a private route and `acme/widget` on a public one,
+/// served by one archiver behind a proxy with a signing key.
+struct PrivateRepository {
+    commits: SmallRepository,
+    proxy: Proxy,
+    _archiver: Archiver,
+    _sandbox: Sandbox,
+}
+
+impl PrivateRepository {
+    fn start(proxy_args: &[&str]) -> PrivateRepository {
+        let sandbox = Sandbox::new();
+        let commits = small_repository(&sandbox.repo("acme", "secret"));
+        small_repository(&sandbox.repo("acme", "widget"));
+        let archiver = Archiver::start(&sandbox.repos(), &[]);
+        let key_file = sandbox.path("signing.key");
+        std::fs::write(&key_file, format!("{KEY}\n")).expect("write the key");
+        let routes = sandbox.path("routes.toml");
+        write_routes(
+            &routes,
+            &[
+                Route::new("acme/secret", &archiver.base_url, &[]).private(),
+                Route::new("*", &archiver.base_url, &[]),
+            ],
+        );
+        let mut args = vec!["--signing-key-file", key_file.to_str().expect("utf-8 path")];
+        args.extend_from_slice(proxy_args);
+        let proxy = Proxy::with_routes(&routes, &args);
+        PrivateRepository {
+            commits,
+            proxy,
+            _archiver: archiver,
+            _sandbox: sandbox,
+        }
+    }
+
+    /// A correctly signed token for `acme/secret` (the spec's formula,
+    /// computed by the harness, not by the proxy).
+    fn token(&self, expiry: u64) -> String {
+        token(KEY.as_bytes(), "acme/secret", expiry)
     }
 }
