@@ -6,12 +6,14 @@
 //! - **Cache-Control** reaches a cache in front of the proxy as the archiver
 //!   set it, so a commit URL is cached for a year and a branch for a minute,
 //!   and a private route's answer is never stored by a shared cache.
+//! - **Signed tokens** have exactly one spelling: a correctly signed token
+//!   whose expiry has a leading zero is refused like any invalid token.
 //!
 //! Build the binaries first: `cargo build -p gitball-archiver -p gitball-proxy`.
 
 use gitball_e2e::proxy::{
-    Cluster, Proxy, Route, SmallRepository, fetch_ok, fetch_with, small_repository, token,
-    unix_now, write_routes,
+    Cluster, Fetched, Proxy, Route, SmallRepository, fetch, fetch_ok, fetch_with, small_repository,
+    token, unix_now, write_routes,
 };
 use gitball_e2e::{Archiver, Sandbox};
 
@@ -131,6 +133,7 @@ fn private_route_answers_are_not_stored_by_shared_caches() {
 // A private repository
 
 const KEY: &str = "e2e-security-signing-key-0123456789";
+const ATTEMPTS: &str = "gitball_proxy_upstream_attempts_total";
 
 /// `acme/secret` on a private route and `acme/widget` on a public one,
 /// served by one archiver behind a proxy with a signing key.
@@ -173,4 +176,56 @@ impl PrivateRepository {
     fn token(&self, expiry: u64) -> String {
         token(KEY.as_bytes(), "acme/secret", expiry)
     }
+
+    fn get(&self, token: &str) -> Fetched {
+        fetch(
+            self.proxy.addr,
+            &format!("/acme/secret/archive/main.tar?token={token}"),
+        )
+    }
+
+    /// Asserts the answer is exactly an unknown repository's `404`, given
+    /// without asking the archiver.
+    fn assert_refused(&self, token: &str, what: &str) {
+        let unknown = fetch(self.proxy.addr, "/acme/no-such-repo/archive/main.tar");
+        assert_eq!(unknown.status(), 404);
+        // Counted before the answer's head is sent: settled by now.
+        let attempts = || self.proxy.scrape().sum(ATTEMPTS, &[]);
+        let before = attempts();
+        let answer = self.get(token);
+        assert_eq!(answer.status(), 404, "{what}: token {token} was accepted");
+        assert_eq!(
+            answer.body, unknown.body,
+            "{what}: the refusal differs from an unknown repository's 404"
+        );
+        assert_eq!(
+            attempts(),
+            before,
+            "{what}: the request reached the archiver"
+        );
+    }
+
+    fn assert_accepted(&self, token: &str, what: &str) {
+        let answer = self.get(token);
+        assert_eq!(
+            answer.status(),
+            200,
+            "{what}: token {token} refused: {}",
+            answer.text()
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Signed tokens
+
+#[test]
+fn token_expiry_with_leading_zeros_is_refused() {
+    let private = PrivateRepository::start(&[]);
+    let valid = private.token(unix_now() + 600);
+    private.assert_accepted(&valid, "the canonical spelling");
+    // The signature covers the number, so these were "correctly signed"
+    // second spellings of the same token.
+    private.assert_refused(&format!("0{valid}"), "one leading zero");
+    private.assert_refused(&format!("000{valid}"), "three leading zeros");
 }

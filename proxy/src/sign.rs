@@ -6,6 +6,13 @@
 //! the key file's content with surrounding whitespace trimmed, so a trailing
 //! newline from `echo` or an editor does not change it.
 //!
+//! A token has exactly one spelling: the expiry is the canonical decimal of
+//! the number (no sign, no leading zero) and the signature is unpadded
+//! base64url with zero trailing bits. The signature covers the number, so a
+//! second spelling such as `0{expiry}.{sig}` would otherwise grant the same
+//! access under a different string, out of reach of anything keyed on the
+//! token's text (a deny-list, a log search).
+//!
 //! Verification compares the signature in constant time (`subtle`), and every
 //! failure is the same [`TokenError`] variant as far as the client can tell:
 //! the HTTP layer answers all of them with the `404` of an unknown
@@ -99,12 +106,8 @@ impl SigningKey {
             return Err(TokenError::Malformed);
         }
         let (expiry, signature) = token.split_once('.').ok_or(TokenError::Malformed)?;
-        // Digits only: `u64::from_str` would also take a leading `+`, which
-        // would make two spellings of one token.
-        if expiry.is_empty() || !expiry.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(TokenError::Malformed);
-        }
-        let expiry: u64 = expiry.parse().map_err(|_| TokenError::Malformed)?;
+        let expiry = parse_expiry(expiry)?;
+        // Rejects padding and non-zero trailing bits: one spelling here too.
         let signature = URL_SAFE_NO_PAD
             .decode(signature)
             .map_err(|_| TokenError::Malformed)?;
@@ -124,6 +127,19 @@ impl SigningKey {
     pub fn verify(&self, repository: &str, token: &str) -> Result<(), TokenError> {
         self.verify_at(repository, token, unix_now())
     }
+}
+
+/// The expiry of a token: the canonical decimal of a `u64` and nothing else.
+/// Digits only, because `u64::from_str` would also take a leading `+`; no
+/// leading zero, because the signature covers the number, not the text.
+fn parse_expiry(text: &str) -> Result<u64, TokenError> {
+    let digits_only = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
+    let leading_zero = text.len() > 1 && text.starts_with('0');
+    if !digits_only || leading_zero {
+        return Err(TokenError::Malformed);
+    }
+    // Still fails above `u64::MAX`.
+    text.parse().map_err(|_| TokenError::Malformed)
 }
 
 fn unix_now() -> u64 {
@@ -275,6 +291,64 @@ mod tests {
         assert_eq!(
             key().verify_at("acme/widget", "", NOW),
             Err(TokenError::Missing)
+        );
+    }
+
+    #[test]
+    fn expiry_has_one_spelling() {
+        assert_eq!(parse_expiry("0"), Ok(0));
+        assert_eq!(parse_expiry("1800000600"), Ok(1_800_000_600));
+        assert_eq!(parse_expiry("18446744073709551615"), Ok(u64::MAX));
+        for bad in [
+            "",
+            "00",
+            "01800000600",
+            "0001800000600",
+            "+1800000600",
+            "-1800000600",
+            " 1800000600",
+            "1800000600 ",
+            "1_800_000_600",
+            "1800000600.0",
+            "0x6b49d218",
+            "18446744073709551616",
+            "１８",
+        ] {
+            assert_eq!(parse_expiry(bad), Err(TokenError::Malformed), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn correctly_signed_expiry_with_leading_zeros_is_refused() {
+        // The signature covers the number, so these carry a valid one.
+        let token = key().sign("acme/widget", NOW + 600);
+        for respelled in [format!("0{token}"), format!("000{token}")] {
+            assert_eq!(
+                key().verify_at("acme/widget", &respelled, NOW),
+                Err(TokenError::Malformed),
+                "{respelled}"
+            );
+        }
+    }
+
+    #[test]
+    fn signature_with_non_zero_trailing_bits_is_refused() {
+        // 32 bytes are 43 base64 characters: 258 bits, the last 2 unused.
+        // Setting one of them keeps the decoded bytes but changes the text.
+        const ALPHABET: &[u8; 64] =
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let token = key().sign("acme/widget", NOW + 600);
+        let last = *token.as_bytes().last().unwrap();
+        let index = ALPHABET.iter().position(|&c| c == last).unwrap();
+        assert_eq!(index & 0b11, 0, "unused bits are zero when signing");
+        let respelled = format!(
+            "{}{}",
+            &token[..token.len() - 1],
+            char::from(ALPHABET[index | 1])
+        );
+        assert_eq!(
+            key().verify_at("acme/widget", &respelled, NOW),
+            Err(TokenError::Malformed)
         );
     }
 
