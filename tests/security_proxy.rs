@@ -6,8 +6,8 @@
 //! - **Cache-Control** reaches a cache in front of the proxy as the archiver
 //!   set it, so a commit URL is cached for a year and a branch for a minute,
 //!   and a private route's answer is never stored by a shared cache.
-//! - **Signed tokens** have exactly one spelling: a correctly signed token
-//!   whose expiry has a leading zero is refused like any invalid token.
+//! - **Signed tokens** have exactly one spelling, and an expiry further ahead
+//!   than `--max-token-ttl` is refused like any invalid token.
 //!
 //! Build the binaries first: `cargo build -p gitball-archiver -p gitball-proxy`.
 
@@ -132,6 +132,7 @@ fn private_route_answers_are_not_stored_by_shared_caches() {
 // ---------------------------------------------------------------------------
 // A private repository
 
+const DAY_SECONDS: u64 = 86_400;
 const KEY: &str = "e2e-security-signing-key-0123456789";
 const ATTEMPTS: &str = "gitball_proxy_upstream_attempts_total";
 
@@ -228,4 +229,21 @@ fn token_expiry_with_leading_zeros_is_refused() {
     // second spellings of the same token.
     private.assert_refused(&format!("0{valid}"), "one leading zero");
     private.assert_refused(&format!("000{valid}"), "three leading zeros");
+}
+
+#[test]
+fn token_expiring_beyond_the_default_max_ttl_is_refused() {
+    let private = PrivateRepository::start(&[]);
+    let now = unix_now();
+    private.assert_accepted(&private.token(now + 6 * DAY_SECONDS), "6 days ahead");
+    private.assert_refused(&private.token(now + 30 * DAY_SECONDS), "30 days ahead");
+    private.assert_refused(&private.token(u64::MAX), "2^64-1");
+}
+
+#[test]
+fn max_token_ttl_flag_admits_longer_tokens() {
+    let private = PrivateRepository::start(&["--max-token-ttl", "60d"]);
+    let now = unix_now();
+    private.assert_accepted(&private.token(now + 30 * DAY_SECONDS), "30 days ahead");
+    private.assert_refused(&private.token(now + 61 * DAY_SECONDS), "61 days ahead");
 }

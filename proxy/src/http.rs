@@ -55,6 +55,8 @@ pub struct AppState {
     pub routes: Arc<Routes>,
     pub forwarder: Forwarder,
     pub signing_key: Option<SigningKey>,
+    /// `--max-token-ttl`: how far ahead a token's expiry may be.
+    pub max_token_ttl: Duration,
     pub client_idle_timeout: Duration,
     pub metrics: PrometheusHandle,
 }
@@ -241,10 +243,11 @@ fn authorize(
         .ok()
         .flatten()
         .unwrap_or_default();
-    key.verify(repository, &token).map_err(|refused| {
-        log.error = Some(refused.to_string());
-        Error::RepositoryNotFound
-    })
+    key.verify(repository, &token, state.max_token_ttl)
+        .map_err(|refused| {
+            log.error = Some(refused.to_string());
+            Error::RepositoryNotFound
+        })
 }
 
 /// `Cache-Control` for a private route's answer: the archiver's directives
