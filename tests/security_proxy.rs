@@ -8,14 +8,24 @@
 //!   and a private route's answer is never stored by a shared cache.
 //! - **Signed tokens** have exactly one spelling, and an expiry further ahead
 //!   than `--max-token-ttl` is refused like any invalid token.
+//! - **Many request headers**: the header count never decides the answer,
+//!   only the head's size does: a head under 32 KiB is served however many
+//!   headers it has, and one over gets the JSON `431`, on both tiers.
 //!
 //! Build the binaries first: `cargo build -p gitball-archiver -p gitball-proxy`.
+
+use std::net::SocketAddr;
 
 use gitball_e2e::proxy::{
     Cluster, Fetched, Proxy, Route, SmallRepository, fetch, fetch_ok, fetch_with, small_repository,
     token, unix_now, write_routes,
 };
 use gitball_e2e::{Archiver, Sandbox};
+
+/// The loop's bound on a request head (`gitball_core::server::MAX_HEAD_BYTES`).
+const MAX_HEAD_BYTES: usize = 32 * 1024;
+/// hyper's read buffer: a head must fit in it to be parsed at all.
+const HEAD_BUFFER_BYTES: usize = 64 * 1024;
 
 const BRANCH_CACHE_CONTROL: &str = "public, max-age=60";
 const COMMIT_CACHE_CONTROL: &str = "public, max-age=31536000, immutable";
@@ -246,4 +256,103 @@ fn max_token_ttl_flag_admits_longer_tokens() {
     let now = unix_now();
     private.assert_accepted(&private.token(now + 30 * DAY_SECONDS), "30 days ahead");
     private.assert_refused(&private.token(now + 61 * DAY_SECONDS), "61 days ahead");
+}
+
+// ---------------------------------------------------------------------------
+// Many request headers
+
+/// `count` headers `X-Header-{i}: {value}` (names distinct, so none merge).
+fn many_headers(count: usize, value: &str) -> Vec<(String, String)> {
+    (0..count)
+        .map(|i| (format!("X-Header-{i:05}"), value.to_owned()))
+        .collect()
+}
+
+/// The request head's size as the loop measures it (request line, `Host`,
+/// `Connection: close` and the headers, each `name: value\r\n`).
+fn head_bytes(path: &str, headers: &[(String, String)]) -> usize {
+    let line = format!("GET {path} HTTP/1.1\r\n").len();
+    let fixed = "Host: 127.0.0.1:65535\r\nConnection: close\r\n\r\n".len();
+    let headers: usize = headers
+        .iter()
+        .map(|(name, value)| name.len() + value.len() + ": \r\n".len())
+        .sum();
+    line + fixed + headers
+}
+
+fn get_with_headers(addr: SocketAddr, path: &str, headers: &[(String, String)]) -> Fetched {
+    let borrowed: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(name, value)| (name.as_str(), value.as_str()))
+        .collect();
+    fetch_with(addr, "GET", path, &borrowed)
+}
+
+/// Both tiers: the archiver directly, and the proxy in front of it.
+fn tiers(cluster: &Cluster) -> [(&'static str, SocketAddr); 2] {
+    [
+        ("archiver", cluster.primary.addr),
+        ("proxy", cluster.proxy.addr),
+    ]
+}
+
+#[test]
+fn a_head_under_32_kib_is_served_however_many_headers_it_has() {
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    let cluster = Cluster::start(&sandbox.repos(), &sandbox.repos(), 0, &[]);
+    let path = "/acme/widget/archive/main.tar";
+    for count in [150, 1_000] {
+        let headers = many_headers(count, "v");
+        assert!(head_bytes(path, &headers) < MAX_HEAD_BYTES);
+        for (tier, addr) in tiers(&cluster) {
+            let answer = get_with_headers(addr, path, &headers);
+            assert_eq!(
+                answer.status(),
+                200,
+                "{tier}, {count} headers: {}",
+                answer.text()
+            );
+        }
+    }
+}
+
+#[test]
+fn a_head_over_32_kib_of_many_headers_gets_the_json_431() {
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    let cluster = Cluster::start(&sandbox.repos(), &sandbox.repos(), 0, &[]);
+    let path = "/acme/widget/archive/main.tar";
+    // 3,000 headers of ~20 bytes, and nearly 64 KiB of the shortest header
+    // lines there are: both over the 32 KiB bound, both inside hyper's buffer.
+    let cases = [
+        ("3,000 headers", many_headers(3_000, "v")),
+        (
+            "12,000 one-letter headers",
+            vec![("a".to_owned(), String::new()); 12_000],
+        ),
+    ];
+    for (what, headers) in &cases {
+        let size = head_bytes(path, headers);
+        assert!(
+            size > MAX_HEAD_BYTES && size < HEAD_BUFFER_BYTES,
+            "{what}: {size} bytes"
+        );
+        for (tier, addr) in tiers(&cluster) {
+            let answer = get_with_headers(addr, path, headers);
+            assert_eq!(answer.status(), 431, "{tier}, {what}");
+            assert_eq!(
+                answer.error_code(),
+                "headers_too_large",
+                "{tier}, {what}: not the JSON 431: {:?}",
+                answer.text()
+            );
+            assert_eq!(
+                answer.header("content-type"),
+                "application/json",
+                "{tier}, {what}"
+            );
+            assert_eq!(answer.header("connection"), "close", "{tier}, {what}");
+        }
+    }
 }
