@@ -11,7 +11,10 @@
 //!   errors. hyper checks its buffer bound (`HEAD_BUFFER_BYTES`) only while a
 //!   head is incomplete, so a head that arrives in one read is measured here;
 //!   one beyond the buffer never reaches us and gets hyper's own, empty,
-//!   `431` (likewise its `400` for a request line that does not parse);
+//!   `431` (likewise its `400` for a request line that does not parse).
+//!   hyper's count of headers (`MAX_HEADER_LINES`) is set so that it never
+//!   binds: size alone decides, so 150 small headers are served and 3,000
+//!   that add up to over 32 KiB get the JSON `431`;
 //! - TCP keepalive, so a peer that vanished is noticed even when idle;
 //! - a write-stall timeout: a connection whose writes make no progress for
 //!   `write_stall_timeout` (a client that stopped taking bytes) is closed.
@@ -57,6 +60,22 @@ pub const MAX_HEAD_BYTES: usize = 32 * 1024;
 /// hyper's read buffer bound: heads up to this size are parsed (and then
 /// measured against `MAX_HEAD_BYTES`); larger ones are cut off by hyper.
 const HEAD_BUFFER_BYTES: usize = 2 * MAX_HEAD_BYTES;
+/// The shortest header line httparse accepts: a one-letter name, the colon
+/// and a bare `\n` (`a:\n`).
+const MIN_HEADER_LINE_BYTES: usize = 3;
+/// hyper's limit on the number of request headers. Its default, 100, answers
+/// the 101st header with a bare `431`, whatever the head's size: a request
+/// with 150 small headers was refused, and one of 3,000 over 32 KiB never
+/// got the JSON error. No head that fits in `HEAD_BUFFER_BYTES` has more
+/// lines than this, so the count never decides; the head's size does.
+///
+/// Memory stays bounded by the head size either way: the headers kept are
+/// at most one per 3 bytes of a buffer of at most 64 KiB (also within the
+/// 24,576 entries `http::HeaderMap` holds). What the number costs is hyper's
+/// scratch space, 64 bytes a slot (about 1.3 MiB), allocated uninitialised
+/// and freed inside one synchronous parse call: at most one per runtime
+/// worker at a time, never one per connection.
+const MAX_HEADER_LINES: usize = HEAD_BUFFER_BYTES / MIN_HEADER_LINE_BYTES;
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
 /// How a shutdown went.
@@ -83,6 +102,7 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(HEAD_BUFFER_BYTES)
+        .max_headers(MAX_HEADER_LINES)
         .keep_alive(true);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut connections = JoinSet::new();
@@ -288,6 +308,7 @@ mod tests {
     use tokio::time::Instant;
 
     use super::*;
+    use axum::routing::get;
 
     const STALL: Duration = Duration::from_secs(300);
 
@@ -421,5 +442,81 @@ mod tests {
         let error = guard.write_all(b"abcd").await.unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::BrokenPipe);
         assert!(!stalled.is_set());
+    }
+
+    /// Bound on every wait in these tests.
+    const TEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+    /// Sends `head` on a fresh connection to a loop serving `GET /` and
+    /// returns the status and body (the loop closes: `Connection: close`).
+    async fn answer(head: Vec<u8>) -> (u16, String) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let router = Router::new().route("/", get(|| async { "served" }));
+        let server = tokio::spawn(serve(
+            listener,
+            router,
+            shutdown.clone(),
+            Duration::ZERO,
+            TEST_TIMEOUT,
+        ));
+        let exchange = async {
+            let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+            stream.write_all(&head).await.unwrap();
+            let mut response = Vec::new();
+            stream.read_to_end(&mut response).await.unwrap();
+            response
+        };
+        let response = tokio::time::timeout(TEST_TIMEOUT, exchange)
+            .await
+            .expect("the loop answered in time");
+        shutdown.cancel();
+        server.await.unwrap().unwrap();
+        let response = String::from_utf8(response).unwrap();
+        let status = response
+            .split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or_else(|| panic!("no status line in {response:?}"));
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_owned())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    /// `GET /` with `lines` header lines `line` each, and `Connection: close`.
+    fn head_with(lines: usize, line: &str) -> Vec<u8> {
+        let mut head = String::from("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+        head.push_str(&line.repeat(lines));
+        head.push_str("\r\n");
+        head.into_bytes()
+    }
+
+    #[tokio::test]
+    async fn many_small_headers_under_32_kib_are_served() {
+        let (status, body) = answer(head_with(150, "X-Small: v\r\n")).await;
+        assert_eq!((status, body.as_str()), (200, "served"));
+        // As many as a head under 32 KiB can hold, as the loop counts them.
+        let (status, _) = answer(head_with(6_000, "a:\r\n")).await;
+        assert_eq!(status, 200);
+    }
+
+    #[tokio::test]
+    async fn header_count_never_decides_within_the_buffer() {
+        // The most header lines hyper's buffer can hold: still measured by
+        // the loop, so the JSON 431, not hyper's empty one.
+        let request_line = "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".len();
+        let lines = (HEAD_BUFFER_BYTES - request_line - 1) / MIN_HEADER_LINE_BYTES;
+        let head = head_with(lines, "a:\n");
+        assert!(head.len() < HEAD_BUFFER_BYTES);
+        let (status, body) = answer(head).await;
+        assert_eq!(status, 431);
+        assert!(body.contains("\"headers_too_large\""), "body {body:?}");
+
+        let (status, body) = answer(head_with(3_000, "X-Header: value\r\n")).await;
+        assert_eq!(status, 431);
+        assert!(body.contains("\"headers_too_large\""), "body {body:?}");
     }
 }

@@ -54,6 +54,7 @@ pub struct SignArgs {
     pub repo: String,
 
     /// How long the token stays valid: seconds, or a number with s, m, h or d (10m, 12h, 7d).
+    /// The proxy refuses a token that expires further ahead than its --max-token-ttl (default 7d).
     #[arg(long, env = "GITBALL_SIGN_TTL", default_value = "10m", value_parser = crate::sign::parse_ttl)]
     pub ttl: Duration,
 }
@@ -83,6 +84,11 @@ pub struct Config {
     /// File holding the HMAC key that signs private repositories' URLs.
     #[arg(long, env = "GITBALL_SIGNING_KEY_FILE")]
     pub signing_key_file: Option<PathBuf>,
+
+    /// Longest a private repository's token may still have to run: one whose expiry is further
+    /// ahead is refused. Seconds, or a number with s, m, h or d (12h, 7d).
+    #[arg(long, env = "GITBALL_MAX_TOKEN_TTL", default_value = "7d", value_parser = crate::sign::parse_ttl)]
+    pub max_token_ttl: Duration,
 
     /// Seconds to wait for a TCP connection to an upstream, per attempt.
     #[arg(long, env = "GITBALL_CONNECT_TIMEOUT", default_value = "2", value_parser = parse_seconds)]
@@ -149,6 +155,7 @@ mod tests {
         assert_eq!(config.header_timeout, Duration::from_secs(60));
         assert_eq!(config.client_idle_timeout, Duration::from_secs(60));
         assert_eq!(config.eject_for, Duration::from_secs(10));
+        assert_eq!(config.max_token_ttl, Duration::from_secs(7 * 86_400));
         assert!(config.repos.is_none());
     }
 
@@ -183,6 +190,26 @@ mod tests {
         };
         assert_eq!(sign.ttl, Duration::from_secs(600));
         assert_eq!(sign.repo, "acme/widget");
+    }
+
+    #[test]
+    fn max_token_ttl_takes_the_sign_ttl_syntax() {
+        let parse = |value: &str| {
+            Config::try_parse_from([
+                "gitball-proxy",
+                "--routes",
+                "r.toml",
+                "--max-token-ttl",
+                value,
+            ])
+            .map(|config| config.max_token_ttl)
+        };
+        assert_eq!(parse("60d").unwrap(), Duration::from_secs(60 * 86_400));
+        assert_eq!(parse("12h").unwrap(), Duration::from_secs(12 * 3600));
+        assert_eq!(parse("900").unwrap(), Duration::from_secs(900));
+        for bad in ["0", "1.5d", "7w", ""] {
+            assert!(parse(bad).is_err(), "{bad:?} was accepted");
+        }
     }
 
     #[test]

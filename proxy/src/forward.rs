@@ -378,6 +378,10 @@ pub const FORWARDED_REQUEST_HEADERS: [http::HeaderName; 3] = [
 /// Whether an archiver's response header is passed to the client. Anything
 /// else (hop-by-hop headers, `Server`, `Date`, whatever an archiver adds
 /// later) stays behind: the proxy owns the client connection's framing.
+///
+/// `Cache-Control` passes because only the archiver knows whether the URL
+/// named a commit (cacheable for a year) or a ref that may move (a minute);
+/// without it a cache in front falls back to heuristic freshness.
 pub fn is_passed_through(name: &http::HeaderName) -> bool {
     use http::header;
     // `HeaderName`s are lower case.
@@ -391,6 +395,7 @@ pub fn is_passed_through(name: &http::HeaderName) -> bool {
             | header::LAST_MODIFIED
             | header::ACCEPT_RANGES
             | header::LINK
+            | header::CACHE_CONTROL
             | header::RETRY_AFTER
     ) || name.as_str() == "repr-digest"
         || name.as_str().starts_with("x-gitball-")
@@ -413,6 +418,7 @@ mod tests {
             "accept-ranges",
             "repr-digest",
             "link",
+            "cache-control",
             "retry-after",
             "x-gitball-commit",
             "x-gitball-cache",

@@ -10,7 +10,9 @@
 //!    repository.
 //! 4. **forward**: candidates in order, with failover (`forward`).
 //! 5. **respond**: the chosen response's status and allowlisted headers,
-//!    and its body through the `pipe`.
+//!    and its body through the `pipe`. On a private route `Cache-Control`
+//!    says `private`: a shared cache keyed on the URL would otherwise keep
+//!    serving the archive after the token expired.
 //! 6. **log**: one structured line per request when it is over, the record
 //!    both tiers share (`gitball_core::log::RequestLog`) — for a download
 //!    that is when the body ends, so the line carries the bytes sent and how
@@ -36,7 +38,7 @@ use gitball_core::response;
 use gitball_core::server::WriteStalled;
 use gitball_core::url;
 use http::request::Parts;
-use http::{HeaderMap, HeaderValue, Method, StatusCode, Version};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header};
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::error::Error;
@@ -53,6 +55,8 @@ pub struct AppState {
     pub routes: Arc<Routes>,
     pub forwarder: Forwarder,
     pub signing_key: Option<SigningKey>,
+    /// `--max-token-ttl`: how far ahead a token's expiry may be.
+    pub max_token_ttl: Duration,
     pub client_idle_timeout: Duration,
     pub metrics: PrometheusHandle,
 }
@@ -108,6 +112,8 @@ async fn archive(State(state): State<Arc<AppState>>, request: Request) -> Respon
 struct Answer {
     response: UpstreamResponse,
     upstream: Arc<str>,
+    /// The route needed a token: no shared cache may store the answer.
+    private: bool,
 }
 
 /// Phases 2 to 4: parse, route, forward.
@@ -129,13 +135,13 @@ async fn handle(
 
     // Route.
     let repository = format!("{}/{}", archive.owner, archive.repo);
-    let mut candidates = {
+    let (mut candidates, private) = {
         let table = state.routes.current();
         let route = table.lookup(&repository).ok_or(Error::RepositoryNotFound)?;
         if route.private {
             authorize(state, &repository, query, log)?;
         }
-        route.candidates(&repository)
+        (route.candidates(&repository), route.private)
     };
     let ejected = state.forwarder.health().order(&mut candidates);
 
@@ -157,6 +163,7 @@ async fn handle(
             Ok(Answer {
                 response: forwarded.response,
                 upstream: forwarded.upstream,
+                private,
             })
         }
         Err(failed) => {
@@ -184,6 +191,10 @@ fn respond(state: &AppState, request: &Parts, answer: Answer, mut log: RequestLo
         if is_passed_through(name) {
             headers.append(name.clone(), value.clone());
         }
+    }
+    if answer.private {
+        let cache_control = private_cache_control(headers.get(header::CACHE_CONTROL));
+        headers.insert(header::CACHE_CONTROL, cache_control);
     }
     let has_body = request.method != Method::HEAD
         && status != StatusCode::NOT_MODIFIED
@@ -232,10 +243,32 @@ fn authorize(
         .ok()
         .flatten()
         .unwrap_or_default();
-    key.verify(repository, &token).map_err(|refused| {
-        log.error = Some(refused.to_string());
-        Error::RepositoryNotFound
-    })
+    key.verify(repository, &token, state.max_token_ttl)
+        .map_err(|refused| {
+            log.error = Some(refused.to_string());
+            Error::RepositoryNotFound
+        })
+}
+
+/// `Cache-Control` for a private route's answer: the archiver's directives
+/// with `public` replaced by `private`, so the client's own cache may keep
+/// the archive as long as the archiver said (it had the token), and no
+/// shared cache stores it. `private` is set even when the archiver sent
+/// nothing, so that a cache's heuristics cannot make the answer shareable.
+/// (The archiver's directives are plain tokens: no quoted commas to split.)
+fn private_cache_control(upstream: Option<&HeaderValue>) -> HeaderValue {
+    let mut directives = vec!["private"];
+    if let Some(text) = upstream.and_then(|value| value.to_str().ok()) {
+        directives.extend(text.split(',').map(str::trim).filter(|directive| {
+            let name = directive.split('=').next().unwrap_or_default().trim();
+            !name.is_empty()
+                && !name.eq_ignore_ascii_case("public")
+                && !name.eq_ignore_ascii_case("private")
+        }));
+    }
+    // Parts of a valid header value, joined with ", ": still valid.
+    HeaderValue::from_str(&directives.join(", "))
+        .unwrap_or_else(|_| HeaderValue::from_static("private"))
 }
 
 /// The request headers the archiver gets: `Range`, `If-None-Match`,
@@ -262,7 +295,38 @@ pub fn forwarded_headers(client: &HeaderMap, request_id: &str, version: Version)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::header;
+
+    fn private_of(upstream: Option<&'static str>) -> String {
+        let upstream = upstream.map(HeaderValue::from_static);
+        private_cache_control(upstream.as_ref())
+            .to_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    #[test]
+    fn private_cache_control_keeps_the_archivers_freshness() {
+        assert_eq!(
+            private_of(Some("public, max-age=31536000, immutable")),
+            "private, max-age=31536000, immutable"
+        );
+        assert_eq!(
+            private_of(Some("public, max-age=60")),
+            "private, max-age=60"
+        );
+        assert_eq!(private_of(Some("max-age=60")), "private, max-age=60");
+    }
+
+    #[test]
+    fn private_cache_control_never_says_public() {
+        assert_eq!(private_of(None), "private");
+        assert_eq!(private_of(Some("")), "private");
+        assert_eq!(private_of(Some("PUBLIC")), "private");
+        assert_eq!(
+            private_of(Some("Public ,max-age=5,, private=\"x\", public")),
+            "private, max-age=5"
+        );
+    }
 
     #[test]
     fn only_listed_request_headers_are_forwarded() {

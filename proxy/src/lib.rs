@@ -167,6 +167,7 @@ impl Proxy {
             routes: Arc::new(routes),
             forwarder,
             signing_key,
+            max_token_ttl: config.max_token_ttl,
             client_idle_timeout: config.client_idle_timeout,
             metrics: handle,
         });

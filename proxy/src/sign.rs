@@ -2,9 +2,24 @@
 //!
 //! A token is `{expiry}.{sig}`: `expiry` a Unix time in seconds, `sig` the
 //! unpadded base64url HMAC-SHA256, under the key, of `"{owner}/{repo}:{expiry}"`.
-//! It grants every archive of that one repository until `expiry`. The key is
+//! It grants every archive of that one repository until `expiry`, provided
+//! `expiry` is at most the proxy's `--max-token-ttl` ahead. The key is
 //! the key file's content with surrounding whitespace trimmed, so a trailing
 //! newline from `echo` or an editor does not change it.
+//!
+//! A token has exactly one spelling: the expiry is the canonical decimal of
+//! the number (no sign, no leading zero) and the signature is unpadded
+//! base64url with zero trailing bits. The signature covers the number, so a
+//! second spelling such as `0{expiry}.{sig}` would otherwise grant the same
+//! access under a different string, out of reach of anything keyed on the
+//! token's text (a deny-list, a log search).
+//!
+//! The maximum lifetime is enforced where tokens are verified, not where
+//! they are signed: `sign` runs elsewhere and cannot know the proxy's
+//! setting, and an expiry up to 2^64-1 would otherwise grant access for
+//! good. A token carries no issue time, so the bound is on what is left of
+//! its life: one signed for longer is refused until its expiry comes within
+//! `--max-token-ttl`.
 //!
 //! Verification compares the signature in constant time (`subtle`), and every
 //! failure is the same [`TokenError`] variant as far as the client can tell:
@@ -36,6 +51,8 @@ pub enum TokenError {
     Malformed,
     #[error("token expired")]
     Expired,
+    #[error("token expires further ahead than --max-token-ttl")]
+    TooFarAhead,
     #[error("bad signature")]
     BadSignature,
 }
@@ -90,8 +107,15 @@ impl SigningKey {
         self.sign(repository, unix_now().saturating_add(ttl.as_secs()))
     }
 
-    /// Checks `token` for `repository` at time `now` (Unix seconds).
-    pub fn verify_at(&self, repository: &str, token: &str, now: u64) -> Result<(), TokenError> {
+    /// Checks `token` for `repository` at time `now` (Unix seconds): it must
+    /// expire after `now` and no more than `max_ttl` after it.
+    pub fn verify_at(
+        &self,
+        repository: &str,
+        token: &str,
+        now: u64,
+        max_ttl: Duration,
+    ) -> Result<(), TokenError> {
         if token.is_empty() {
             return Err(TokenError::Missing);
         }
@@ -99,12 +123,8 @@ impl SigningKey {
             return Err(TokenError::Malformed);
         }
         let (expiry, signature) = token.split_once('.').ok_or(TokenError::Malformed)?;
-        // Digits only: `u64::from_str` would also take a leading `+`, which
-        // would make two spellings of one token.
-        if expiry.is_empty() || !expiry.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(TokenError::Malformed);
-        }
-        let expiry: u64 = expiry.parse().map_err(|_| TokenError::Malformed)?;
+        let expiry = parse_expiry(expiry)?;
+        // Rejects padding and non-zero trailing bits: one spelling here too.
         let signature = URL_SAFE_NO_PAD
             .decode(signature)
             .map_err(|_| TokenError::Malformed)?;
@@ -117,13 +137,34 @@ impl SigningKey {
         if expiry <= now {
             return Err(TokenError::Expired);
         }
+        if expiry - now > max_ttl.as_secs() {
+            return Err(TokenError::TooFarAhead);
+        }
         Ok(())
     }
 
-    /// Checks `token` for `repository` now.
-    pub fn verify(&self, repository: &str, token: &str) -> Result<(), TokenError> {
-        self.verify_at(repository, token, unix_now())
+    /// Checks `token` for `repository` now, with `--max-token-ttl`.
+    pub fn verify(
+        &self,
+        repository: &str,
+        token: &str,
+        max_ttl: Duration,
+    ) -> Result<(), TokenError> {
+        self.verify_at(repository, token, unix_now(), max_ttl)
     }
+}
+
+/// The expiry of a token: the canonical decimal of a `u64` and nothing else.
+/// Digits only, because `u64::from_str` would also take a leading `+`; no
+/// leading zero, because the signature covers the number, not the text.
+fn parse_expiry(text: &str) -> Result<u64, TokenError> {
+    let digits_only = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
+    let leading_zero = text.len() > 1 && text.starts_with('0');
+    if !digits_only || leading_zero {
+        return Err(TokenError::Malformed);
+    }
+    // Still fails above `u64::MAX`.
+    text.parse().map_err(|_| TokenError::Malformed)
 }
 
 fn unix_now() -> u64 {
@@ -165,6 +206,7 @@ mod tests {
     use super::*;
 
     const NOW: u64 = 1_800_000_000;
+    const MAX_TTL: Duration = Duration::from_secs(7 * 86_400);
 
     fn key() -> SigningKey {
         SigningKey::new(b"  correct horse battery staple\n").unwrap()
@@ -173,7 +215,7 @@ mod tests {
     #[test]
     fn valid_token_verifies() {
         let token = key().sign("acme/widget", NOW + 600);
-        assert_eq!(key().verify_at("acme/widget", &token, NOW), Ok(()));
+        assert_eq!(key().verify_at("acme/widget", &token, NOW, MAX_TTL), Ok(()));
         assert!(token.starts_with("1800000600."));
         assert!(!token.contains('='), "base64url must be unpadded: {token}");
     }
@@ -183,7 +225,7 @@ mod tests {
         let token = SigningKey::new(b"correct horse battery staple")
             .unwrap()
             .sign("acme/widget", NOW + 1);
-        assert_eq!(key().verify_at("acme/widget", &token, NOW), Ok(()));
+        assert_eq!(key().verify_at("acme/widget", &token, NOW, MAX_TTL), Ok(()));
         assert!(SigningKey::new(b" \n\t").is_err());
     }
 
@@ -205,12 +247,12 @@ mod tests {
     fn expired_token_is_refused() {
         let token = key().sign("acme/widget", NOW);
         assert_eq!(
-            key().verify_at("acme/widget", &token, NOW),
+            key().verify_at("acme/widget", &token, NOW, MAX_TTL),
             Err(TokenError::Expired)
         );
         let token = key().sign("acme/widget", NOW - 1);
         assert_eq!(
-            key().verify_at("acme/widget", &token, NOW),
+            key().verify_at("acme/widget", &token, NOW, MAX_TTL),
             Err(TokenError::Expired)
         );
     }
@@ -219,7 +261,7 @@ mod tests {
     fn token_for_another_repository_is_refused() {
         let token = key().sign("acme/other", NOW + 600);
         assert_eq!(
-            key().verify_at("acme/widget", &token, NOW),
+            key().verify_at("acme/widget", &token, NOW, MAX_TTL),
             Err(TokenError::BadSignature)
         );
     }
@@ -230,7 +272,7 @@ mod tests {
             .unwrap()
             .sign("acme/widget", NOW + 600);
         assert_eq!(
-            key().verify_at("acme/widget", &token, NOW),
+            key().verify_at("acme/widget", &token, NOW, MAX_TTL),
             Err(TokenError::BadSignature)
         );
     }
@@ -241,7 +283,7 @@ mod tests {
         let (_, signature) = token.split_once('.').unwrap();
         let forged = format!("{}.{signature}", NOW + 6000);
         assert_eq!(
-            key().verify_at("acme/widget", &forged, NOW),
+            key().verify_at("acme/widget", &forged, NOW, MAX_TTL),
             Err(TokenError::BadSignature)
         );
     }
@@ -263,7 +305,7 @@ mod tests {
             format!("99999999999999999999999.{signature}"),
             "x".repeat(500),
         ] {
-            let result = key().verify_at("acme/widget", &bad, NOW);
+            let result = key().verify_at("acme/widget", &bad, NOW, MAX_TTL);
             assert!(
                 matches!(
                     result,
@@ -273,8 +315,103 @@ mod tests {
             );
         }
         assert_eq!(
-            key().verify_at("acme/widget", "", NOW),
+            key().verify_at("acme/widget", "", NOW, MAX_TTL),
             Err(TokenError::Missing)
+        );
+    }
+
+    #[test]
+    fn expiry_has_one_spelling() {
+        assert_eq!(parse_expiry("0"), Ok(0));
+        assert_eq!(parse_expiry("1800000600"), Ok(1_800_000_600));
+        assert_eq!(parse_expiry("18446744073709551615"), Ok(u64::MAX));
+        for bad in [
+            "",
+            "00",
+            "01800000600",
+            "0001800000600",
+            "+1800000600",
+            "-1800000600",
+            " 1800000600",
+            "1800000600 ",
+            "1_800_000_600",
+            "1800000600.0",
+            "0x6b49d218",
+            "18446744073709551616",
+            "１８",
+        ] {
+            assert_eq!(parse_expiry(bad), Err(TokenError::Malformed), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn correctly_signed_expiry_with_leading_zeros_is_refused() {
+        // The signature covers the number, so these carry a valid one.
+        let token = key().sign("acme/widget", NOW + 600);
+        for respelled in [format!("0{token}"), format!("000{token}")] {
+            assert_eq!(
+                key().verify_at("acme/widget", &respelled, NOW, MAX_TTL),
+                Err(TokenError::Malformed),
+                "{respelled}"
+            );
+        }
+    }
+
+    #[test]
+    fn signature_with_non_zero_trailing_bits_is_refused() {
+        // 32 bytes are 43 base64 characters: 258 bits, the last 2 unused.
+        // Setting one of them keeps the decoded bytes but changes the text.
+        const ALPHABET: &[u8; 64] =
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let token = key().sign("acme/widget", NOW + 600);
+        let last = *token.as_bytes().last().unwrap();
+        let index = ALPHABET.iter().position(|&c| c == last).unwrap();
+        assert_eq!(index & 0b11, 0, "unused bits are zero when signing");
+        let respelled = format!(
+            "{}{}",
+            &token[..token.len() - 1],
+            char::from(ALPHABET[index | 1])
+        );
+        assert_eq!(
+            key().verify_at("acme/widget", &respelled, NOW, MAX_TTL),
+            Err(TokenError::Malformed)
+        );
+    }
+
+    #[test]
+    fn expiry_beyond_max_ttl_is_refused() {
+        for expiry in [NOW + MAX_TTL.as_secs() + 1, NOW + 30 * 86_400, u64::MAX] {
+            let token = key().sign("acme/widget", expiry);
+            assert_eq!(
+                key().verify_at("acme/widget", &token, NOW, MAX_TTL),
+                Err(TokenError::TooFarAhead),
+                "{token}"
+            );
+        }
+        // A longer maximum admits it.
+        let token = key().sign("acme/widget", NOW + 30 * 86_400);
+        let sixty_days = Duration::from_secs(60 * 86_400);
+        assert_eq!(
+            key().verify_at("acme/widget", &token, NOW, sixty_days),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn expiry_at_max_ttl_is_accepted() {
+        let token = key().sign("acme/widget", NOW + MAX_TTL.as_secs());
+        assert_eq!(key().verify_at("acme/widget", &token, NOW, MAX_TTL), Ok(()));
+    }
+
+    #[test]
+    fn forged_token_far_ahead_is_a_bad_signature() {
+        // The signature is checked first, whatever the expiry.
+        let token = key().sign("acme/widget", NOW + 600);
+        let (_, signature) = token.split_once('.').unwrap();
+        let forged = format!("{}.{signature}", u64::MAX);
+        assert_eq!(
+            key().verify_at("acme/widget", &forged, NOW, MAX_TTL),
+            Err(TokenError::BadSignature)
         );
     }
 

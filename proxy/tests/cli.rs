@@ -18,6 +18,7 @@ fn help_names_every_flag_and_its_environment_variable() {
         "--repos",
         "--upstream-token-file",
         "--signing-key-file",
+        "--max-token-ttl",
         "--connect-timeout",
         "--header-timeout",
         "--client-idle-timeout",

@@ -1,0 +1,358 @@
+//! End-to-end tests of what the proxy promises for security
+//! (`docs/security.md#what-the-proxy-promises`): the real `gitball-proxy`
+//! in front of a real `gitball-archiver`, over repositories built with the
+//! real `git`, on 127.0.0.1.
+//!
+//! - **Cache-Control** reaches a cache in front of the proxy as the archiver
+//!   set it, so a commit URL is cached for a year and a branch for a minute,
+//!   and a private route's answer is never stored by a shared cache.
+//! - **Signed tokens** have exactly one spelling, and an expiry further ahead
+//!   than `--max-token-ttl` is refused like any invalid token.
+//! - **Many request headers**: the header count never decides the answer,
+//!   only the head's size does: a head under 32 KiB is served however many
+//!   headers it has, and one over gets the JSON `431`, on both tiers.
+//!
+//! Build the binaries first: `cargo build -p gitball-archiver -p gitball-proxy`.
+
+use std::net::SocketAddr;
+
+use gitball_e2e::proxy::{
+    Cluster, Fetched, Proxy, Route, SmallRepository, fetch, fetch_ok, fetch_with, small_repository,
+    token, unix_now, write_routes,
+};
+use gitball_e2e::{Archiver, Sandbox};
+
+/// The loop's bound on a request head (`gitball_core::server::MAX_HEAD_BYTES`).
+const MAX_HEAD_BYTES: usize = 32 * 1024;
+/// hyper's read buffer: a head must fit in it to be parsed at all.
+const HEAD_BUFFER_BYTES: usize = 64 * 1024;
+
+const BRANCH_CACHE_CONTROL: &str = "public, max-age=60";
+const COMMIT_CACHE_CONTROL: &str = "public, max-age=31536000, immutable";
+
+// ---------------------------------------------------------------------------
+// Cache-Control
+
+#[test]
+fn proxy_passes_the_archivers_cache_control() {
+    let sandbox = Sandbox::new();
+    let commits = small_repository(&sandbox.repo("acme", "widget"));
+    let cluster = Cluster::start(&sandbox.repos(), &sandbox.repos(), 0, &[]);
+    let cases = [
+        (
+            "branch",
+            "/acme/widget/archive/main.tar".to_owned(),
+            BRANCH_CACHE_CONTROL,
+        ),
+        (
+            "tag",
+            "/acme/widget/archive/v1.2.3.tar.gz".to_owned(),
+            BRANCH_CACHE_CONTROL,
+        ),
+        (
+            "codeload branch",
+            "/acme/widget/zip/main".to_owned(),
+            BRANCH_CACHE_CONTROL,
+        ),
+        (
+            "commit",
+            format!("/acme/widget/archive/{}.tar", commits.second),
+            COMMIT_CACHE_CONTROL,
+        ),
+        (
+            "commit, codeload",
+            format!("/acme/widget/tar.gz/{}", commits.first),
+            COMMIT_CACHE_CONTROL,
+        ),
+    ];
+    for (what, path, expected) in &cases {
+        let direct = fetch_ok(cluster.primary.addr, path);
+        assert_eq!(
+            direct.header("cache-control"),
+            *expected,
+            "{what}: archiver"
+        );
+        let proxied = fetch_ok(cluster.proxy.addr, path);
+        assert_eq!(
+            proxied.header("cache-control"),
+            direct.header("cache-control"),
+            "{what}: the proxy changed or dropped the archiver's Cache-Control"
+        );
+
+        // A revalidation and a HEAD carry it too: a cache refreshes its
+        // copy's freshness from them.
+        let etag = proxied.header("etag").to_owned();
+        let not_modified = fetch_with(cluster.proxy.addr, "GET", path, &[("If-None-Match", &etag)]);
+        assert_eq!(not_modified.status(), 304, "{what}");
+        assert_eq!(
+            not_modified.header("cache-control"),
+            *expected,
+            "{what}: 304"
+        );
+        let head = fetch_with(cluster.proxy.addr, "HEAD", path, &[]);
+        assert_eq!(head.status(), 200, "{what}");
+        assert_eq!(head.header("cache-control"), *expected, "{what}: HEAD");
+    }
+}
+
+#[test]
+fn private_route_answers_are_not_stored_by_shared_caches() {
+    let private = PrivateRepository::start(&[]);
+    let signed = private.token(unix_now() + 600);
+    let commit = &private.commits.second;
+    for (what, path, max_age) in [
+        (
+            "branch",
+            "/acme/secret/archive/main.tar".to_owned(),
+            "max-age=60",
+        ),
+        (
+            "commit",
+            format!("/acme/secret/archive/{commit}.tar"),
+            "max-age=31536000, immutable",
+        ),
+    ] {
+        let answer = fetch_ok(private.proxy.addr, &format!("{path}?token={signed}"));
+        // `private`: a CDN keyed on the URL would otherwise keep serving the
+        // archive after the token expired (for a year, on a commit URL).
+        assert_eq!(
+            answer.header("cache-control"),
+            format!("private, {max_age}"),
+            "{what}"
+        );
+        let etag = answer.header("etag").to_owned();
+        let not_modified = fetch_with(
+            private.proxy.addr,
+            "GET",
+            &format!("{path}?token={signed}"),
+            &[("If-None-Match", &etag)],
+        );
+        assert_eq!(not_modified.status(), 304, "{what}");
+        assert_eq!(
+            not_modified.header("cache-control"),
+            format!("private, {max_age}"),
+            "{what}: 304"
+        );
+    }
+    // The public route on the same proxy keeps the archiver's value.
+    let public = fetch_ok(private.proxy.addr, "/acme/widget/archive/main.tar");
+    assert_eq!(public.header("cache-control"), BRANCH_CACHE_CONTROL);
+}
+
+// ---------------------------------------------------------------------------
+// A private repository
+
+const DAY_SECONDS: u64 = 86_400;
+const KEY: &str = "e2e-security-signing-key-0123456789";
+const ATTEMPTS: &str = "gitball_proxy_upstream_attempts_total";
+
+/// `acme/secret` on a private route and `acme/widget` on a public one,
+/// served by one archiver behind a proxy with a signing key.
+struct PrivateRepository {
+    commits: SmallRepository,
+    proxy: Proxy,
+    _archiver: Archiver,
+    _sandbox: Sandbox,
+}
+
+impl PrivateRepository {
+    fn start(proxy_args: &[&str]) -> PrivateRepository {
+        let sandbox = Sandbox::new();
+        let commits = small_repository(&sandbox.repo("acme", "secret"));
+        small_repository(&sandbox.repo("acme", "widget"));
+        let archiver = Archiver::start(&sandbox.repos(), &[]);
+        let key_file = sandbox.path("signing.key");
+        std::fs::write(&key_file, format!("{KEY}\n")).expect("write the key");
+        let routes = sandbox.path("routes.toml");
+        write_routes(
+            &routes,
+            &[
+                Route::new("acme/secret", &archiver.base_url, &[]).private(),
+                Route::new("*", &archiver.base_url, &[]),
+            ],
+        );
+        let mut args = vec!["--signing-key-file", key_file.to_str().expect("utf-8 path")];
+        args.extend_from_slice(proxy_args);
+        let proxy = Proxy::with_routes(&routes, &args);
+        PrivateRepository {
+            commits,
+            proxy,
+            _archiver: archiver,
+            _sandbox: sandbox,
+        }
+    }
+
+    /// A correctly signed token for `acme/secret` (the spec's formula,
+    /// computed by the harness, not by the proxy).
+    fn token(&self, expiry: u64) -> String {
+        token(KEY.as_bytes(), "acme/secret", expiry)
+    }
+
+    fn get(&self, token: &str) -> Fetched {
+        fetch(
+            self.proxy.addr,
+            &format!("/acme/secret/archive/main.tar?token={token}"),
+        )
+    }
+
+    /// Asserts the answer is exactly an unknown repository's `404`, given
+    /// without asking the archiver.
+    fn assert_refused(&self, token: &str, what: &str) {
+        let unknown = fetch(self.proxy.addr, "/acme/no-such-repo/archive/main.tar");
+        assert_eq!(unknown.status(), 404);
+        // Counted before the answer's head is sent: settled by now.
+        let attempts = || self.proxy.scrape().sum(ATTEMPTS, &[]);
+        let before = attempts();
+        let answer = self.get(token);
+        assert_eq!(answer.status(), 404, "{what}: token {token} was accepted");
+        assert_eq!(
+            answer.body, unknown.body,
+            "{what}: the refusal differs from an unknown repository's 404"
+        );
+        assert_eq!(
+            attempts(),
+            before,
+            "{what}: the request reached the archiver"
+        );
+    }
+
+    fn assert_accepted(&self, token: &str, what: &str) {
+        let answer = self.get(token);
+        assert_eq!(
+            answer.status(),
+            200,
+            "{what}: token {token} refused: {}",
+            answer.text()
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Signed tokens
+
+#[test]
+fn token_expiry_with_leading_zeros_is_refused() {
+    let private = PrivateRepository::start(&[]);
+    let valid = private.token(unix_now() + 600);
+    private.assert_accepted(&valid, "the canonical spelling");
+    // The signature covers the number, so these were "correctly signed"
+    // second spellings of the same token.
+    private.assert_refused(&format!("0{valid}"), "one leading zero");
+    private.assert_refused(&format!("000{valid}"), "three leading zeros");
+}
+
+#[test]
+fn token_expiring_beyond_the_default_max_ttl_is_refused() {
+    let private = PrivateRepository::start(&[]);
+    let now = unix_now();
+    private.assert_accepted(&private.token(now + 6 * DAY_SECONDS), "6 days ahead");
+    private.assert_refused(&private.token(now + 30 * DAY_SECONDS), "30 days ahead");
+    private.assert_refused(&private.token(u64::MAX), "2^64-1");
+}
+
+#[test]
+fn max_token_ttl_flag_admits_longer_tokens() {
+    let private = PrivateRepository::start(&["--max-token-ttl", "60d"]);
+    let now = unix_now();
+    private.assert_accepted(&private.token(now + 30 * DAY_SECONDS), "30 days ahead");
+    private.assert_refused(&private.token(now + 61 * DAY_SECONDS), "61 days ahead");
+}
+
+// ---------------------------------------------------------------------------
+// Many request headers
+
+/// `count` headers `X-Header-{i}: {value}` (names distinct, so none merge).
+fn many_headers(count: usize, value: &str) -> Vec<(String, String)> {
+    (0..count)
+        .map(|i| (format!("X-Header-{i:05}"), value.to_owned()))
+        .collect()
+}
+
+/// The request head's size as the loop measures it (request line, `Host`,
+/// `Connection: close` and the headers, each `name: value\r\n`).
+fn head_bytes(path: &str, headers: &[(String, String)]) -> usize {
+    let line = format!("GET {path} HTTP/1.1\r\n").len();
+    let fixed = "Host: 127.0.0.1:65535\r\nConnection: close\r\n\r\n".len();
+    let headers: usize = headers
+        .iter()
+        .map(|(name, value)| name.len() + value.len() + ": \r\n".len())
+        .sum();
+    line + fixed + headers
+}
+
+fn get_with_headers(addr: SocketAddr, path: &str, headers: &[(String, String)]) -> Fetched {
+    let borrowed: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(name, value)| (name.as_str(), value.as_str()))
+        .collect();
+    fetch_with(addr, "GET", path, &borrowed)
+}
+
+/// Both tiers: the archiver directly, and the proxy in front of it.
+fn tiers(cluster: &Cluster) -> [(&'static str, SocketAddr); 2] {
+    [
+        ("archiver", cluster.primary.addr),
+        ("proxy", cluster.proxy.addr),
+    ]
+}
+
+#[test]
+fn a_head_under_32_kib_is_served_however_many_headers_it_has() {
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    let cluster = Cluster::start(&sandbox.repos(), &sandbox.repos(), 0, &[]);
+    let path = "/acme/widget/archive/main.tar";
+    for count in [150, 1_000] {
+        let headers = many_headers(count, "v");
+        assert!(head_bytes(path, &headers) < MAX_HEAD_BYTES);
+        for (tier, addr) in tiers(&cluster) {
+            let answer = get_with_headers(addr, path, &headers);
+            assert_eq!(
+                answer.status(),
+                200,
+                "{tier}, {count} headers: {}",
+                answer.text()
+            );
+        }
+    }
+}
+
+#[test]
+fn a_head_over_32_kib_of_many_headers_gets_the_json_431() {
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    let cluster = Cluster::start(&sandbox.repos(), &sandbox.repos(), 0, &[]);
+    let path = "/acme/widget/archive/main.tar";
+    // 3,000 headers of ~20 bytes, and nearly 64 KiB of the shortest header
+    // lines there are: both over the 32 KiB bound, both inside hyper's buffer.
+    let cases = [
+        ("3,000 headers", many_headers(3_000, "v")),
+        (
+            "12,000 one-letter headers",
+            vec![("a".to_owned(), String::new()); 12_000],
+        ),
+    ];
+    for (what, headers) in &cases {
+        let size = head_bytes(path, headers);
+        assert!(
+            size > MAX_HEAD_BYTES && size < HEAD_BUFFER_BYTES,
+            "{what}: {size} bytes"
+        );
+        for (tier, addr) in tiers(&cluster) {
+            let answer = get_with_headers(addr, path, headers);
+            assert_eq!(answer.status(), 431, "{tier}, {what}");
+            assert_eq!(
+                answer.error_code(),
+                "headers_too_large",
+                "{tier}, {what}: not the JSON 431: {:?}",
+                answer.text()
+            );
+            assert_eq!(
+                answer.header("content-type"),
+                "application/json",
+                "{tier}, {what}"
+            );
+            assert_eq!(answer.header("connection"), "close", "{tier}, {what}");
+        }
+    }
+}
