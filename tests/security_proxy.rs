@@ -356,3 +356,48 @@ fn a_head_over_32_kib_of_many_headers_gets_the_json_431() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// Errors and validators
+
+/// An error is never stored by a cache in front: a `404` for a token that
+/// later becomes valid, or a `503`, would outlive its cause.
+#[test]
+fn errors_are_never_stored_by_caches() {
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    let cluster = Cluster::start(&sandbox.repos(), &sandbox.repos(), 0, &[]);
+    for (tier, addr) in tiers(&cluster) {
+        for path in [
+            "/acme/widget/archive/nope.tar",
+            "/acme/nope/archive/main.tar",
+            "/acme/widget/archive/main.rar",
+        ] {
+            let fetched = fetch(addr, path);
+            assert!(fetched.status() >= 400, "{tier} {path}");
+            assert_eq!(fetched.header("cache-control"), "no-store", "{tier} {path}");
+        }
+    }
+}
+
+/// `If-Modified-Since` on a commit URL answers `304` through the proxy as
+/// it does on the archiver.
+#[test]
+fn if_modified_since_reaches_the_archiver_through_the_proxy() {
+    let sandbox = Sandbox::new();
+    let commits = small_repository(&sandbox.repo("acme", "widget"));
+    let cluster = Cluster::start(&sandbox.repos(), &sandbox.repos(), 0, &[]);
+    let path = format!("/acme/widget/archive/{}.tar", commits.second);
+    let last_modified = fetch_ok(cluster.proxy.addr, &path)
+        .header("last-modified")
+        .to_owned();
+    for (tier, addr) in tiers(&cluster) {
+        let fetched = fetch_with(
+            addr,
+            "GET",
+            &path,
+            &[("If-Modified-Since", last_modified.as_str())],
+        );
+        assert_eq!(fetched.status(), 304, "{tier}");
+    }
+}

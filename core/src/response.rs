@@ -9,12 +9,17 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::protocol::code;
 
-/// The one error body: `{"error": code, "message": text}` as JSON.
+/// The one error body: `{"error": code, "message": text}` as JSON, never
+/// stored by a cache (`no-store`): a cached `404` for a token that becomes
+/// valid, or a cached `503`, would outlive its cause.
 pub fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
     let body = serde_json::json!({ "error": code, "message": message });
     (
         status,
-        [(header::CONTENT_TYPE, "application/json")],
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
         body.to_string(),
     )
         .into_response()

@@ -369,10 +369,11 @@ impl Forwarder {
 
 /// Request headers passed on to the archiver (besides `X-Request-Id`,
 /// which the proxy sets, and `Authorization`, which it replaces).
-pub const FORWARDED_REQUEST_HEADERS: [http::HeaderName; 3] = [
+pub const FORWARDED_REQUEST_HEADERS: [http::HeaderName; 4] = [
     http::header::RANGE,
     http::header::IF_NONE_MATCH,
     http::header::IF_RANGE,
+    http::header::IF_MODIFIED_SINCE,
 ];
 
 /// Whether an archiver's response header is passed to the client. Anything
