@@ -255,7 +255,7 @@ fn archives_are_byte_identical_to_git_archive_for_every_ref_kind_and_format() {
                 );
                 assert_eq!(
                     header(&response, "content-disposition"),
-                    format!("attachment; filename=widget-{label}.{ext}"),
+                    format!("attachment; filename=\"widget-{label}.{ext}\""),
                     "{url}"
                 );
                 let body = response.bytes().expect("read the body").to_vec();
@@ -299,7 +299,7 @@ fn archives_are_byte_identical_to_git_archive_for_every_ref_kind_and_format() {
     assert_eq!(response.status().as_u16(), 200);
     assert_eq!(
         header(&response, "content-disposition"),
-        "attachment; filename=widget-main.tar.gz"
+        "attachment; filename=\"widget-main.tar.gz\""
     );
     let tar = tar_of("tgz", &response.bytes().unwrap());
     assert_bytes_eq(

@@ -152,7 +152,7 @@ fn proxy_passes_archive_headers_through_and_forwards_request_ids() {
     assert_eq!(first.header("x-gitball-commit"), commits.second);
     assert_eq!(
         first.header("content-disposition"),
-        "attachment; filename=widget-1.2.3.tar"
+        "attachment; filename=\"widget-1.2.3.tar\""
     );
     assert_eq!(
         first.header("link"),
@@ -1161,7 +1161,7 @@ fn embedded_mode_serves_a_work_tree_and_both_tiers_metrics() {
     assert_eq!(got.header("x-gitball-commit"), commits.second);
     assert_eq!(
         got.header("content-disposition"),
-        format!("attachment; filename=mytool-{}.tar.gz", commits.second)
+        format!("attachment; filename=\"mytool-{}.tar.gz\"", commits.second)
     );
     let expected = tool.archive("tar", &format!("mytool-{}/", commits.second), "HEAD", None);
     assert_same_bytes(&gunzip(&got.body), &expected, "embedded HEAD.tar.gz");

@@ -479,3 +479,25 @@ fn unreachable_commits_are_not_served_by_id() {
         200
     );
 }
+
+/// A tag with `/` gets the branch rule: no nested top folder, no path in
+/// the download name, which is quoted.
+#[test]
+fn slashed_tags_name_a_flat_archive_and_a_quoted_file() {
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "widget");
+    small_repository(&repo);
+    repo.git(&["tag", "release/v1.0"]);
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    let response = archiver.get("/acme/widget/archive/release/v1.0.tar");
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(
+        gitball_e2e::header(&response, "content-disposition"),
+        "attachment; filename=\"widget-release-v1.0.tar\""
+    );
+    let names = gitball_e2e::tar_entry_names(&response.bytes().unwrap());
+    assert!(
+        names.iter().all(|name| name.starts_with("widget-release-v1.0/")),
+        "{names:?}"
+    );
+}

@@ -411,7 +411,10 @@ fn common_headers(headers: &mut HeaderMap, resolution: &Resolution) {
     headers.insert(X_GITBALL_COMMIT, header_value(&resolved.commit));
     headers.insert(
         header::CONTENT_DISPOSITION,
-        header_value(&format!("attachment; filename={filename}")),
+        // Quoted: a file name is `{repo}-{label}.{ext}`, ASCII of
+        // `A-Z a-z 0-9 . _ - + @ =` by the URL grammar, so it never needs
+        // escaping inside the quotes, nor an RFC 8187 `filename*`.
+        header_value(&format!("attachment; filename=\"{filename}\"")),
     );
     // The commit URL pins these bytes only when nothing but the commit
     // decides them.

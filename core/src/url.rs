@@ -307,12 +307,14 @@ pub enum RefKind {
 }
 
 /// The `{label}` in `{repo}-{label}`: the tag with one leading `v` dropped
-/// when a digit follows, the branch with `/` replaced by `-`, else the commit.
+/// when a digit follows, the branch as it is; in both, `/` becomes `-` (a
+/// `/` would nest the archive's top folder and put a path in the download
+/// file name); else the full commit id.
 pub fn label(kind: &RefKind, commit: &str) -> String {
     match kind {
         RefKind::Tag(tag) => match tag.strip_prefix('v') {
-            Some(rest) if rest.starts_with(|c: char| c.is_ascii_digit()) => rest.to_owned(),
-            _ => tag.clone(),
+            Some(rest) if rest.starts_with(|c: char| c.is_ascii_digit()) => rest.replace('/', "-"),
+            _ => tag.replace('/', "-"),
         },
         RefKind::Branch(branch) => branch.replace('/', "-"),
         RefKind::Commit => commit.to_owned(),
@@ -459,6 +461,11 @@ mod tests {
         assert_eq!(label(&RefKind::Tag("v1.2.3".into()), commit), "1.2.3");
         assert_eq!(label(&RefKind::Tag("version".into()), commit), "version");
         assert_eq!(label(&RefKind::Tag("1.0".into()), commit), "1.0");
+        assert_eq!(
+            label(&RefKind::Tag("release/v1.0".into()), commit),
+            "release-v1.0"
+        );
+        assert_eq!(label(&RefKind::Tag("v2/rc1".into()), commit), "2-rc1");
         assert_eq!(
             label(&RefKind::Branch("feature/x".into()), commit),
             "feature-x"
