@@ -497,7 +497,9 @@ fn slashed_tags_name_a_flat_archive_and_a_quoted_file() {
     );
     let names = gitball_e2e::tar_entry_names(&response.bytes().unwrap());
     assert!(
-        names.iter().all(|name| name.starts_with("widget-release-v1.0/")),
+        names
+            .iter()
+            .all(|name| name.starts_with("widget-release-v1.0/")),
         "{names:?}"
     );
 }

@@ -50,12 +50,14 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use futures_util::{Stream, StreamExt};
 use http_body_util::BodyExt;
+// The tokio clock, so the idle watchdog runs on a paused clock in tests.
+use tokio::time::Instant;
 
 use gitball_core::log::Ending;
 use gitball_core::server::WriteStalled;
@@ -463,7 +465,7 @@ mod tests {
         assert_eq!(ended.lock().unwrap().unwrap().ending, Ending::ClientGone);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn idle_client_loses_the_upstream_and_gets_an_error() {
         let (mut pipe, dropped, ended) =
             pipe(vec![b"abc", b"def"], false, Duration::from_millis(100));
@@ -482,7 +484,7 @@ mod tests {
         assert_eq!(ended.lock().unwrap().unwrap().ending, Ending::IdleTimeout);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn idle_client_that_then_leaves_counts_as_idle() {
         let (mut pipe, _dropped, ended) = pipe(vec![b"abc"], true, Duration::from_millis(100));
         assert!(pipe.next().await.is_some());
@@ -491,7 +493,7 @@ mod tests {
         assert_eq!(ended.lock().unwrap().unwrap().ending, Ending::IdleTimeout);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn waiting_for_a_slow_upstream_is_not_client_idleness() {
         let (mut pipe, dropped, _ended) = pipe(vec![b"abc"], true, Duration::from_millis(100));
         assert!(pipe.next().await.is_some());
