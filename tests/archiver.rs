@@ -1,6 +1,6 @@
 //! End-to-end tests of `gitball-archiver`: the real binary as a child
 //! process on 127.0.0.1, real `git` on repositories built here with fixed
-//! dates, real sockets. See `harness/lib.rs` for the machinery.
+//! dates, real sockets. See `harness/` for the machinery.
 //!
 //! Build the binary first: `cargo build -p gitball-archiver` (or run
 //! `cargo test --workspace`). Figures (RSS growth, fd counts, times) are
