@@ -1159,7 +1159,7 @@ fn cache_stays_under_its_bound_while_archives_churn() {
 /// Expected status of a hostile request.
 enum Expect {
     Status(u16),
-    /// Where SPEC leaves the choice (e.g. an unknown codeload segment may be
+    /// Where the docs leave the choice (e.g. an unknown codeload segment may be
     /// "no such route" or "malformed ext").
     OneOf(&'static [u16]),
 }
@@ -1259,7 +1259,7 @@ fn hostile_requests_get_4xx_and_change_nothing() {
         get(format!("{a}/main.tar?path=sub/*"), Status(404)),
         get(format!("{a}/main.tar?path=nope"), Status(404)),
         // Formats. An unknown codeload segment may be "no such route" or
-        // "malformed ext": SPEC leaves it open.
+        // "malformed ext": the docs leave it open.
         get(format!("{a}/main.rar"), Status(400)),
         get(format!("{a}/main.tar.bz2"), Status(400)),
         get(format!("{a}/main.tar.sha256.sha256"), Status(400)),
@@ -1414,7 +1414,7 @@ fn hostile_requests_get_4xx_and_change_nothing() {
     assert_eq!(response.status().as_u16(), 200);
 }
 
-/// A request head over 32 KiB gets 431 (SPEC §3) however its bytes arrive:
+/// A request head over 32 KiB gets 431 (`docs/http.md`) however its bytes arrive:
 /// hyper checks its buffer bound only while a head is incomplete, so a head
 /// that arrives in one write is measured by the server loop itself.
 #[test]
@@ -1445,7 +1445,7 @@ fn oversized_heads_get_431_however_they_arrive() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// SPEC §3: errors are JSON `{"error", "message"}`, also for `/healthz` and
+/// `docs/http.md`: errors are JSON `{"error", "message"}`, also for `/healthz` and
 /// `/metrics` (405) and oversized heads (431).
 #[test]
 fn errors_outside_archive_routes_are_json_too() {
@@ -1570,7 +1570,7 @@ fn token_file_guards_archives_but_not_health_or_metrics() {
 // 11. Metrics
 
 #[test]
-fn metrics_export_every_spec_family_with_help_and_type() {
+fn metrics_export_every_documented_family_with_help_and_type() {
     // (family, TYPE, unlabelled: exists from start-up)
     const FAMILIES: [(&str, &str, bool); 14] = [
         ("gitball_archiver_requests_total", "counter", false),
@@ -1815,7 +1815,7 @@ fn sigterm_cuts_slow_downloads_after_the_grace_and_leaves_nothing_behind() {
     );
 }
 
-/// SPEC §3: the request head must arrive within 10 s, else the connection
+/// `docs/http.md`: the request head must arrive within 10 s, else the connection
 /// is closed (a slowloris client cannot hold a connection open).
 #[test]
 fn request_head_that_does_not_arrive_in_ten_seconds_is_cut() {
@@ -1844,7 +1844,7 @@ fn request_head_that_does_not_arrive_in_ten_seconds_is_cut() {
     assert_eq!(archiver.health_status(), Some(200));
 }
 
-/// SPEC §4: `--max-generations` children at a time; a generation that waits
+/// `docs/archiver.md`: `--max-generations` children at a time; a generation that waits
 /// in the queue longer than `--queue-timeout` gets `503` + `Retry-After`,
 /// and the queue gauge goes back to 0.
 #[test]

@@ -1,6 +1,7 @@
-//! End-to-end tests of `gitball-proxy` (SPEC §2, §3, §5, §6): the real proxy
-//! binary in front of real `gitball-archiver` processes, over repositories
-//! built with the real `git`, on 127.0.0.1.
+//! End-to-end tests of `gitball-proxy` (`docs/urls.md`, `docs/http.md`,
+//! `docs/proxy.md`, `docs/observability.md`): the real proxy binary in front
+//! of real `gitball-archiver` processes, over repositories built with the
+//! real `git`, on 127.0.0.1.
 //!
 //! Each test starts its own processes (killed on drop) and checks one
 //! behaviour a client or an operator relies on: bytes and headers through the
@@ -876,7 +877,8 @@ fn private_routes_need_a_valid_signed_token() {
         &expected,
         "signed, codeload",
     );
-    // The same formula computed here: the spec's, not an implementation detail.
+    // The same formula computed here: the documented one (`docs/proxy.md`),
+    // not an implementation detail.
     let mine = token(KEY.as_bytes(), "acme/secret", unix_now() + 300);
     fetch_ok(addr, &format!("/acme/secret/archive/main.tar?token={mine}"));
 
@@ -1121,7 +1123,7 @@ fn hostile_urls_are_refused_by_the_proxy_without_an_upstream_attempt() {
     assert_eq!(family_sum(&cluster.proxy.scrape(), ATTEMPTS), before + 1.0);
 }
 
-/// SPEC §3: a request head over 32 KiB gets `431`, on the proxy too, and is
+/// `docs/http.md`: a request head over 32 KiB gets `431`, on the proxy too, and is
 /// never forwarded.
 #[test]
 fn request_head_over_32_kib_gets_431() {

@@ -421,7 +421,7 @@ pub fn base64url(bytes: &[u8]) -> String {
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
-/// The token of SPEC §5: `{expiry}.{base64url(HMAC-SHA256(key, "{repository}:{expiry}"))}`.
+/// The token of `docs/proxy.md`: `{expiry}.{base64url(HMAC-SHA256(key, "{repository}:{expiry}"))}`.
 pub fn token(key: &[u8], repository: &str, expiry: u64) -> String {
     let signature = hmac_sha256(key, format!("{repository}:{expiry}").as_bytes());
     format!("{expiry}.{}", base64url(&signature))
