@@ -18,11 +18,14 @@
 //! - [`archives`]: tar and zip listings, decompression through the system's
 //!   tools, streamed comparison with `git archive`.
 //! - [`encoding`]: SHA-256 hex, base64 and HTTP dates, to check headers.
+//! - [`fixtures`]: directories the tests of one binary share (built
+//!   repositories, warm cache dirs); never services.
 //! - [`proxy`]: what `tests/proxy.rs` adds: the proxy, a cluster of
 //!   archivers behind it, signed tokens.
 
 pub mod archives;
 pub mod encoding;
+pub mod fixtures;
 pub mod git;
 pub mod metrics;
 pub mod procfs;
@@ -32,6 +35,7 @@ pub mod service;
 
 pub use archives::*;
 pub use encoding::*;
+pub use fixtures::*;
 pub use git::*;
 pub use metrics::*;
 pub use procfs::*;
