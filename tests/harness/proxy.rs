@@ -225,6 +225,13 @@ impl Cluster {
         let replicas: Vec<Archiver> = (0..replicas)
             .map(|_| Archiver::start(replica_repos, &[]))
             .collect();
+        Cluster::around(primary, replicas, proxy_args)
+    }
+
+    /// Starts a proxy with `proxy_args` over a table routing every
+    /// repository to archivers the caller started (e.g. a primary on a cache
+    /// dir that is warm already).
+    pub fn around(primary: Archiver, replicas: Vec<Archiver>, proxy_args: &[&str]) -> Cluster {
         let routes_dir = tempfile::Builder::new()
             .prefix("gitball-routes-")
             .tempdir()
