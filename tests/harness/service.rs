@@ -258,8 +258,26 @@ impl Service {
     }
 }
 
+/// How many of a service's last log lines a failing test prints.
+const LOG_LINES_ON_FAILURE: usize = 40;
+
 impl Drop for Service {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The test failed: its output (which libtest shows) gets the end
+            // of the service's log, e.g. why it answered 500.
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(LOG_LINES_ON_FAILURE)..];
+            eprintln!(
+                "--- {} (pid {}): last {} lines of {}\n{}",
+                self.name,
+                self.pid,
+                tail.len(),
+                self.log_path.display(),
+                tail.join("\n")
+            );
+        }
         if !self.is_running() {
             return;
         }
