@@ -1,28 +1,36 @@
-//! End-to-end tests of `gitball-proxy` (SPEC §2, §3, §5, §6): the real proxy
-//! binary in front of real `gitball-archiver` processes, over repositories
-//! built with the real `git`, on 127.0.0.1.
+//! End-to-end tests of `gitball-proxy` (`docs/urls.md`, `docs/http.md`,
+//! `docs/proxy.md`, `docs/observability.md`): the real proxy binary in front
+//! of real `gitball-archiver` processes, over repositories built with the
+//! real `git`, on 127.0.0.1.
 //!
 //! Each test starts its own processes (killed on drop) and checks one
 //! behaviour a client or an operator relies on: bytes and headers through the
 //! proxy, rendezvous placement, failover and ejection, the backpressured
 //! pipe (slow, idle and vanishing clients, an archiver dying mid-body),
 //! routing table reloads, signed URLs, hostile input, embedded mode and the
-//! upstream bearer token.
+//! upstream bearer token. What tests share is read-only: the small
+//! repositories (built once per test process), the large ones (built once
+//! per target dir) and a cache dir holding the complete 128 MiB archive,
+//! which a test links into a cache dir of its own (see
+//! `harness/fixtures.rs`).
 //!
 //! Build the binaries first: `cargo build -p gitball-archiver -p gitball-proxy`.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use gitball_e2e::proxy::{
-    Cluster, Fetched, Proxy, Route, big_repository, family_sum, fetch, fetch_ok, fetch_with,
-    kill_hard, scrape, settled_fd_count, small_repository, start_archiver_at, tar_length, token,
-    unix_now, write_atomically, write_routes,
+    Cluster, Fetched, Proxy, Route, SmallRepository, big_repository, family_sum, fetch, fetch_ok,
+    fetch_with, kill_hard, scrape, settled_fd_count, small_repository, start_archiver_at,
+    tar_length, token, unix_now, write_atomically, write_routes,
 };
 use gitball_e2e::{
-    Archiver, BodyEnd, RawConnection, Sandbox, base64, binary_path, http_date, open_fd_count,
-    pipe_through, sha256_hex, vm_rss_bytes, wait_until,
+    Archiver, BodyEnd, RawConnection, RepoBuilder, ResponseHead, Sandbox, base64, binary_path,
+    cached_dir, http_date, link_files, open_fd_count, pipe_through, process_dir, sha256_hex,
+    vm_rss_bytes, wait_until,
 };
 use sha2::{Digest, Sha256};
 
@@ -61,14 +69,144 @@ fn generations(addr: SocketAddr) -> f64 {
 }
 
 // ---------------------------------------------------------------------------
+// Shared fixtures
+
+/// Where this process's shared fixtures live: under the target dir.
+fn target_tmp() -> &'static Path {
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+}
+
+/// `acme/widget` and `acme/secret`, each a [`small_repository`] (the same
+/// commits), in one repos dir built once per test process. Tests serve it
+/// with archivers of their own and never write to it.
+struct SharedRepos {
+    repos: PathBuf,
+    widget: RepoBuilder,
+    secret: RepoBuilder,
+    commits: SmallRepository,
+}
+
+fn shared_repos() -> &'static SharedRepos {
+    static REPOS: OnceLock<SharedRepos> = OnceLock::new();
+    REPOS.get_or_init(|| {
+        let dir = process_dir(target_tmp(), "proxy-repos");
+        let (repos, home) = (dir.join("repos"), dir.join("home"));
+        let widget = RepoBuilder::init(&repos.join("acme/widget"), &home);
+        let commits = small_repository(&widget);
+        let secret = RepoBuilder::init(&repos.join("acme/secret"), &home);
+        let secret_commits = small_repository(&secret);
+        assert_eq!(
+            secret_commits.second, commits.second,
+            "small_repository is not deterministic"
+        );
+        SharedRepos {
+            repos,
+            widget,
+            secret,
+            commits,
+        }
+    })
+}
+
+/// A primary and two replicas over the shared repos, and a proxy in front.
+fn widget_cluster(proxy_args: &[&str]) -> (&'static SharedRepos, Cluster) {
+    let shared = shared_repos();
+    let cluster = Cluster::start(&shared.repos, &shared.repos, 2, proxy_args);
+    (shared, cluster)
+}
+
+/// `acme/big`: one file of incompressible bytes ([`big_repository`]),
+/// built once per target dir.
+struct BigRepo {
+    repos: PathBuf,
+    /// `git archive --format=tar` of `main`'s byte length.
+    full_length: u64,
+}
+
+fn big_repo_of(name: &str, bytes: usize) -> BigRepo {
+    let root = cached_dir(target_tmp(), name, |dir| {
+        let repo = RepoBuilder::init(&dir.join("repos/acme/big"), &dir.join("home"));
+        big_repository(&repo, bytes);
+    });
+    let repos = root.join("repos");
+    let repo = RepoBuilder::open(&repos.join("acme/big"), &root.join("home"));
+    let commit = repo.rev_parse("main");
+    let full_length = tar_length(&repo, "big-main/", &commit);
+    BigRepo { repos, full_length }
+}
+
+/// 64 MiB: for downloads that are cut early.
+fn big_repo_64() -> &'static BigRepo {
+    static BIG: OnceLock<BigRepo> = OnceLock::new();
+    BIG.get_or_init(|| big_repo_of("gitball-e2e-proxy-big-64m-v1", 64 * MIB))
+}
+
+/// 128 MiB: for the slow and aborting clients.
+fn big_repo_128() -> &'static BigRepo {
+    static BIG: OnceLock<BigRepo> = OnceLock::new();
+    BIG.get_or_init(|| big_repo_of("gitball-e2e-proxy-big-128m-v1", 128 * MIB))
+}
+
+const BIG_PATH: &str = "/acme/big/archive/main.tar";
+
+/// A cache dir holding the complete `main.tar` of [`big_repo_128`], made
+/// once per test process: a primary on it serves one complete download
+/// through a proxy, then both are stopped (the archiver keeps complete files
+/// on SIGTERM and re-indexes them when started again).
+fn warm_big_cache() -> &'static Path {
+    static CACHE: OnceLock<PathBuf> = OnceLock::new();
+    CACHE.get_or_init(|| {
+        let big = big_repo_128();
+        let cache = process_dir(target_tmp(), "proxy-warm-cache").join("cache");
+        let primary = Archiver::start_with_cache(&big.repos, &cache, &[]);
+        let cluster = Cluster::around(primary, Vec::new(), &[]);
+        let started = Instant::now();
+        let (_, warm) = download(cluster.proxy.addr, BIG_PATH);
+        assert_eq!(warm, big.full_length, "the warm-up download");
+        assert!(
+            wait_until(SETTLE, || scrape(cluster.primary.addr)
+                .value("gitball_archiver_cache_entries", &[])
+                == 1.0),
+            "the warm-up archive was not indexed"
+        );
+        eprintln!(
+            "warmed the 128 MiB archive in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        cache
+    })
+}
+
+/// A primary over [`big_repo_128`] on a link of [`warm_big_cache`] (in
+/// `sandbox`), and a proxy in front: `main.tar` is a hit from the start.
+fn warm_big_cluster(sandbox: &Sandbox) -> (&'static BigRepo, Cluster) {
+    let big = big_repo_128();
+    let cache = sandbox.path("cache");
+    link_files(warm_big_cache(), &cache);
+    let primary = Archiver::start_with_cache(&big.repos, &cache, &[]);
+    (big, Cluster::around(primary, Vec::new(), &[]))
+}
+
+/// `GET path` on a fresh connection, read to its end, which must be a clean
+/// one; returns the head and the body's length.
+fn download(addr: SocketAddr, path: &str) -> (ResponseHead, u64) {
+    let mut connection = RawConnection::connect(addr).expect("connect");
+    connection.send_request("GET", path, &[]).expect("send");
+    let head = connection.read_head().expect("head");
+    assert_eq!(head.status, 200, "GET {path}");
+    let mut received = 0u64;
+    let end = connection.read_body_to_end(|piece| received += piece.len() as u64);
+    assert_eq!(end, BodyEnd::Complete, "GET {path} after {received} bytes");
+    (head, received)
+}
+
+// ---------------------------------------------------------------------------
 // Bytes and headers
 
 #[test]
 fn archives_through_the_proxy_equal_git_archive_for_both_url_shapes() {
-    let sandbox = Sandbox::new();
-    let repo = sandbox.repo("acme", "widget");
-    let commits = small_repository(&repo);
-    let cluster = Cluster::start(&sandbox.repos(), &sandbox.repos(), 2, &[]);
+    let (shared, cluster) = widget_cluster(&[]);
+    let (repo, commits) = (&shared.widget, &shared.commits);
     let addr = cluster.proxy.addr;
 
     let tag_tar = repo.archive("tar", "widget-1.2.3/", &commits.second, None);
@@ -131,18 +269,31 @@ fn archives_through_the_proxy_equal_git_archive_for_both_url_shapes() {
     );
 }
 
-#[test]
-fn proxy_passes_archive_headers_through_and_forwards_request_ids() {
-    let sandbox = Sandbox::new();
-    let repo = sandbox.repo("acme", "widget");
-    let commits = small_repository(&repo);
-    let cluster = Cluster::start(&sandbox.repos(), &sandbox.repos(), 2, &[]);
-    let addr = cluster.proxy.addr;
-    let path = "/acme/widget/archive/v1.2.3.tar";
-    let expected = repo.archive("tar", "widget-1.2.3/", &commits.second, None);
+// Headers through the proxy. Each test starts its own cluster over the
+// shared repos and asks for `TAG_TAR`.
 
-    let first = fetch_ok(addr, path);
-    assert_same_bytes(&first.body, &expected, path);
+/// The archive the header tests ask for: tag `v1.2.3`, on the second commit.
+const TAG_TAR: &str = "/acme/widget/archive/v1.2.3.tar";
+
+/// `git archive` of [`TAG_TAR`]'s commit with its top folder.
+fn tag_tar(shared: &SharedRepos) -> Vec<u8> {
+    shared
+        .widget
+        .archive("tar", "widget-1.2.3/", &shared.commits.second, None)
+}
+
+/// The first GET of [`TAG_TAR`] through the proxy: git's bytes.
+fn first_fetch(shared: &SharedRepos, addr: SocketAddr) -> Fetched {
+    let first = fetch_ok(addr, TAG_TAR);
+    assert_same_bytes(&first.body, &tag_tar(shared), TAG_TAR);
+    first
+}
+
+#[test]
+fn proxy_passes_validators_and_names_through() {
+    let (shared, cluster) = widget_cluster(&[]);
+    let commits = &shared.commits;
+    let first = first_fetch(shared, cluster.proxy.addr);
     let etag = first.header("etag").to_owned();
     assert!(
         etag.starts_with(&format!("\"{}-", commits.second)) && etag.ends_with('"'),
@@ -169,9 +320,16 @@ fn proxy_passes_archive_headers_through_and_forwards_request_ids() {
     );
     // Hop-by-hop and server-private headers stay behind.
     assert_eq!(first.head.header("server"), None);
+}
 
-    // Complete in the cache now: a hit, with length, ranges and digest.
-    let hit = fetch_ok(addr, path);
+/// Complete in the cache: a hit, with length, ranges and digest.
+#[test]
+fn proxy_passes_a_hit_with_length_ranges_and_digest() {
+    let (shared, cluster) = widget_cluster(&[]);
+    let addr = cluster.proxy.addr;
+    let expected = tag_tar(shared);
+    let etag = first_fetch(shared, addr).header("etag").to_owned();
+    let hit = fetch_ok(addr, TAG_TAR);
     assert_same_bytes(&hit.body, &expected, "hit");
     assert_eq!(hit.header("x-gitball-cache"), "hit");
     assert_eq!(hit.header("etag"), etag);
@@ -181,8 +339,15 @@ fn proxy_passes_archive_headers_through_and_forwards_request_ids() {
         hit.header("repr-digest"),
         format!("sha-256=:{}:", base64(&Sha256::digest(&expected)))
     );
+}
 
-    let part = fetch_with(addr, "GET", path, &[("Range", "bytes=100-1123")]);
+#[test]
+fn range_through_the_proxy_answers_206() {
+    let (shared, cluster) = widget_cluster(&[]);
+    let addr = cluster.proxy.addr;
+    let expected = tag_tar(shared);
+    first_fetch(shared, addr);
+    let part = fetch_with(addr, "GET", TAG_TAR, &[("Range", "bytes=100-1123")]);
     assert_eq!(part.status(), 206);
     assert_eq!(part.end, BodyEnd::Complete);
     assert_eq!(
@@ -190,22 +355,59 @@ fn proxy_passes_archive_headers_through_and_forwards_request_ids() {
         format!("bytes 100-1123/{}", expected.len())
     );
     assert_same_bytes(&part.body, &expected[100..1124], "range");
+}
 
+#[test]
+fn unsatisfiable_range_through_the_proxy_answers_416() {
+    let (shared, cluster) = widget_cluster(&[]);
+    let addr = cluster.proxy.addr;
+    let expected = tag_tar(shared);
+    first_fetch(shared, addr);
     let past_end = format!("bytes={}-", expected.len());
-    let unsatisfiable = fetch_with(addr, "GET", path, &[("Range", &past_end)]);
+    let unsatisfiable = fetch_with(addr, "GET", TAG_TAR, &[("Range", &past_end)]);
     assert_eq!(unsatisfiable.status(), 416);
+}
 
-    let not_modified = fetch_with(addr, "GET", path, &[("If-None-Match", &etag)]);
+#[test]
+fn etag_match_through_the_proxy_answers_304() {
+    let (shared, cluster) = widget_cluster(&[]);
+    let addr = cluster.proxy.addr;
+    let etag = first_fetch(shared, addr).header("etag").to_owned();
+    let not_modified = fetch_with(addr, "GET", TAG_TAR, &[("If-None-Match", &etag)]);
     assert_eq!(not_modified.status(), 304);
     assert!(not_modified.body.is_empty());
+}
 
-    let head = fetch_with(addr, "HEAD", path, &[]);
+#[test]
+fn head_through_the_proxy_has_the_length_and_commit() {
+    let (shared, cluster) = widget_cluster(&[]);
+    let addr = cluster.proxy.addr;
+    let expected = tag_tar(shared);
+    first_fetch(shared, addr);
+    let head = fetch_with(addr, "HEAD", TAG_TAR, &[]);
     assert_eq!(head.status(), 200);
     assert_eq!(head.header("content-length"), expected.len().to_string());
-    assert_eq!(head.header("x-gitball-commit"), commits.second);
+    assert_eq!(head.header("x-gitball-commit"), shared.commits.second);
+}
 
-    // X-Request-Id: generated when absent (a new one each time), echoed
-    // when given, and in both cases forwarded to the archiver.
+/// Asserts an archiver of `cluster` logged the request id `id`.
+fn assert_forwarded(cluster: &Cluster, id: &str) {
+    assert!(
+        wait_until(SETTLE, || cluster
+            .archivers()
+            .iter()
+            .any(|archiver| archiver.log().contains(id))),
+        "no archiver logged the request id {id}"
+    );
+}
+
+/// X-Request-Id: generated when absent (a new one each time) and forwarded
+/// to the archiver.
+#[test]
+fn proxy_generates_a_request_id_per_request_and_forwards_it() {
+    let (shared, cluster) = widget_cluster(&[]);
+    let addr = cluster.proxy.addr;
+    let first = first_fetch(shared, addr);
     let generated = first.header("x-request-id").to_owned();
     assert!(
         (16..=128).contains(&generated.len())
@@ -214,20 +416,22 @@ fn proxy_passes_archive_headers_through_and_forwards_request_ids() {
                 .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)),
         "generated X-Request-Id {generated:?}"
     );
-    assert_ne!(hit.header("x-request-id"), generated);
+    let second = fetch_ok(addr, TAG_TAR);
+    assert_ne!(second.header("x-request-id"), generated);
+    assert_forwarded(&cluster, &generated);
+}
+
+/// X-Request-Id: echoed when given, and forwarded to the archiver.
+#[test]
+fn proxy_echoes_a_given_request_id_and_forwards_it() {
+    let (shared, cluster) = widget_cluster(&[]);
+    let addr = cluster.proxy.addr;
+    first_fetch(shared, addr);
     let chosen = "e2e-proxy-request-7f3a";
-    let echoed = fetch_with(addr, "GET", path, &[("X-Request-Id", chosen)]);
+    let echoed = fetch_with(addr, "GET", TAG_TAR, &[("X-Request-Id", chosen)]);
     assert_eq!(echoed.status(), 200);
     assert_eq!(echoed.header("x-request-id"), chosen);
-    for id in [chosen, generated.as_str()] {
-        assert!(
-            wait_until(SETTLE, || cluster
-                .archivers()
-                .iter()
-                .any(|archiver| archiver.log().contains(id))),
-            "no archiver logged the request id {id}"
-        );
-    }
+    assert_forwarded(&cluster, chosen);
 }
 
 // ---------------------------------------------------------------------------
@@ -235,10 +439,7 @@ fn proxy_passes_archive_headers_through_and_forwards_request_ids() {
 
 #[test]
 fn rendezvous_keeps_one_repository_on_one_replica() {
-    let sandbox = Sandbox::new();
-    let repo = sandbox.repo("acme", "widget");
-    small_repository(&repo);
-    let cluster = Cluster::start(&sandbox.repos(), &sandbox.repos(), 2, &[]);
+    let (_, cluster) = widget_cluster(&[]);
     let addr = cluster.proxy.addr;
 
     let refs = ["main", "v1.0.0", "feature/x"];
@@ -311,13 +512,12 @@ fn rendezvous_keeps_one_repository_on_one_replica() {
 #[test]
 fn killed_replica_fails_over_and_is_used_again_after_eject_for() {
     const EJECT_FOR_SECONDS: u64 = 3;
-    let sandbox = Sandbox::new();
-    let repo = sandbox.repo("acme", "widget");
-    let commits = small_repository(&repo);
+    let shared = shared_repos();
+    let (repo, commits) = (&shared.widget, &shared.commits);
     let eject_for = EJECT_FOR_SECONDS.to_string();
     let mut cluster = Cluster::start(
-        &sandbox.repos(),
-        &sandbox.repos(),
+        &shared.repos,
+        &shared.repos,
         2,
         &["--eject-for", &eject_for],
     );
@@ -364,7 +564,7 @@ fn killed_replica_fails_over_and_is_used_again_after_eject_for() {
 
     // Back on the same port (and cache dir); once --eject-for has passed it
     // is the first candidate again.
-    let restarted = start_archiver_at(&sandbox.repos(), &victim_cache, victim_addr, &[]);
+    let restarted = start_archiver_at(&shared.repos, &victim_cache, victim_addr, &[]);
     let mut ejected = None;
     let expired = wait_until(Duration::from_secs(EJECT_FOR_SECONDS + 10), || {
         ejected = cluster.proxy.scrape().get(
@@ -393,12 +593,11 @@ fn killed_replica_fails_over_and_is_used_again_after_eject_for() {
 #[test]
 fn replica_404_falls_back_to_primary() {
     let sandbox = Sandbox::new();
-    small_repository(&sandbox.repo("acme", "widget"));
     // Only the primary has acme/fresh (the replicas lag behind).
     let primary_repos = sandbox.path("primary-repos");
     let fresh = gitball_e2e::RepoBuilder::init(&primary_repos.join("acme/fresh"), &sandbox.home());
     let commits = small_repository(&fresh);
-    let cluster = Cluster::start(&primary_repos, &sandbox.repos(), 2, &[]);
+    let cluster = Cluster::start(&primary_repos, &shared_repos().repos, 2, &[]);
     let addr = cluster.proxy.addr;
 
     let expected = fresh.archive("tar", "fresh-main/", &commits.second, None);
@@ -446,11 +645,9 @@ fn replica_404_falls_back_to_primary() {
 
 #[test]
 fn archiver_killed_mid_body_aborts_the_client_connection() {
-    let sandbox = Sandbox::new();
-    let repo = sandbox.repo("acme", "big");
-    let commit = big_repository(&repo, 64 * MIB);
-    let full_length = tar_length(&repo, "big-main/", &commit);
-    let mut cluster = Cluster::start(&sandbox.repos(), &sandbox.repos(), 0, &[]);
+    let big = big_repo_64();
+    let full_length = big.full_length;
+    let mut cluster = Cluster::start(&big.repos, &big.repos, 0, &[]);
 
     let mut connection = RawConnection::connect(cluster.proxy.addr).expect("connect");
     connection
@@ -523,10 +720,25 @@ fn slow_client(
     received
 }
 
+/// One complete download through the proxy (a hit, thanks to the warm
+/// cache), and a scrape of each service, so the fd baselines read next
+/// include whatever the first download opens for good (e.g. a pooled
+/// upstream connection).
+fn warm_up(cluster: &Cluster, big: &BigRepo) {
+    let (head, warm) = download(cluster.proxy.addr, BIG_PATH);
+    assert_eq!(
+        head.header("x-gitball-cache"),
+        Some("hit"),
+        "the shared warm cache was not used"
+    );
+    assert_eq!(warm, big.full_length, "the warm-up download");
+    scrape(cluster.proxy.addr);
+    scrape(cluster.primary.addr);
+}
+
 #[test]
-fn slow_clients_do_not_grow_proxy_memory_and_aborted_clients_release_fds() {
+fn slow_clients_do_not_grow_proxy_memory() {
     const SLOW_CLIENTS: usize = 40;
-    const ABORTING_CLIENTS: usize = 50;
     const RSS_GROWTH_LIMIT: u64 = 48 * MIB as u64;
     // 64 KiB/s: 16 KiB every 250 ms, for 10 s.
     const TICK: Duration = Duration::from_millis(250);
@@ -534,37 +746,23 @@ fn slow_clients_do_not_grow_proxy_memory_and_aborted_clients_release_fds() {
     const BYTES_PER_TICK: usize = 16 * KIB;
 
     let sandbox = Sandbox::new();
-    let repo = sandbox.repo("acme", "big");
-    let commit = big_repository(&repo, 128 * MIB);
-    let full_length = tar_length(&repo, "big-main/", &commit);
-    let cluster = Cluster::start(&sandbox.repos(), &sandbox.repos(), 0, &[]);
+    let (big, cluster) = warm_big_cluster(&sandbox);
+    let full_length = big.full_length;
     let addr = cluster.proxy.addr;
     let proxy_pid = cluster.proxy.pid;
     let archiver_pid = cluster.primary.pid;
-    let path = "/acme/big/archive/main.tar";
 
-    // Warm-up: one complete download makes the archive a cache hit.
-    let mut connection = RawConnection::connect(addr).expect("connect");
-    connection.send_request("GET", path, &[]).expect("send");
-    assert_eq!(connection.read_head().expect("head").status, 200);
-    let mut warm = 0u64;
-    let end = connection.read_body_to_end(|piece| warm += piece.len() as u64);
-    assert_eq!(end, BodyEnd::Complete);
-    assert_eq!(warm, full_length);
-    drop(connection);
-    scrape(addr);
-    scrape(cluster.primary.addr);
+    warm_up(&cluster, big);
 
     let baseline_rss = vm_rss_bytes(proxy_pid);
     let proxy_fds = settled_fd_count(proxy_pid);
     let archiver_fds = settled_fd_count(archiver_pid);
 
-    // 40 slow clients.
     let mut peak_rss = baseline_rss;
     let mut peak_active = 0.0f64;
     let received: Vec<usize> = std::thread::scope(|scope| {
         let clients: Vec<_> = (0..SLOW_CLIENTS)
-            .map(|_| scope.spawn(|| slow_client(addr, path, BYTES_PER_TICK, TICK, TICKS)))
+            .map(|_| scope.spawn(|| slow_client(addr, BIG_PATH, BYTES_PER_TICK, TICK, TICKS)))
             .collect();
         let deadline = Instant::now() + TICK * TICKS + Duration::from_secs(30);
         while clients.iter().any(|client| !client.is_finished()) && Instant::now() < deadline {
@@ -612,6 +810,26 @@ fn slow_clients_do_not_grow_proxy_memory_and_aborted_clients_release_fds() {
         open_fd_count(proxy_pid),
         open_fd_count(archiver_pid)
     );
+    assert!(
+        wait_until(SETTLE, || scrape(addr)
+            .value("gitball_proxy_client_disconnects_total", &[])
+            >= SLOW_CLIENTS as f64),
+        "client_disconnects_total did not count the slow clients that left"
+    );
+}
+
+#[test]
+fn aborted_clients_release_proxy_and_archiver_fds() {
+    const ABORTING_CLIENTS: usize = 50;
+
+    let sandbox = Sandbox::new();
+    let (big, cluster) = warm_big_cluster(&sandbox);
+    let addr = cluster.proxy.addr;
+    let proxy_pid = cluster.proxy.pid;
+    let archiver_pid = cluster.primary.pid;
+    warm_up(&cluster, big);
+    let proxy_fds = settled_fd_count(proxy_pid);
+    let archiver_fds = settled_fd_count(archiver_pid);
 
     // 50 clients that abort after 1 MiB.
     let mut peak_fds = (0, 0);
@@ -620,8 +838,14 @@ fn slow_clients_do_not_grow_proxy_memory_and_aborted_clients_release_fds() {
             .map(|_| {
                 scope.spawn(|| {
                     let mut connection = RawConnection::connect(addr).expect("connect");
-                    connection.send_request("GET", path, &[]).expect("send");
-                    assert_eq!(connection.read_head().expect("head").status, 200);
+                    connection.send_request("GET", BIG_PATH, &[]).expect("send");
+                    let head = connection.read_head().expect("head");
+                    assert_eq!(head.status, 200);
+                    assert_eq!(
+                        head.header("x-gitball-cache"),
+                        Some("hit"),
+                        "the shared warm cache was not used"
+                    );
                     let taken = connection.read_body_bytes(MIB).expect("first MiB");
                     assert_eq!(taken.len(), MIB);
                     // Dropped here with unread bytes: the client is gone.
@@ -659,7 +883,8 @@ fn slow_clients_do_not_grow_proxy_memory_and_aborted_clients_release_fds() {
     assert!(idle, "active_downloads not back to 0");
     assert!(
         scrape(addr).value("gitball_proxy_client_disconnects_total", &[])
-            >= (SLOW_CLIENTS + ABORTING_CLIENTS) as f64
+            >= ABORTING_CLIENTS as f64,
+        "client_disconnects_total did not count every aborting client"
     );
 }
 
@@ -669,16 +894,9 @@ fn idle_clients_are_disconnected_after_client_idle_timeout() {
     // guard race to cut each one, and every cut must count as an idle
     // timeout whichever wins; one client alone would test one order only.
     const IDLE_CLIENTS: usize = 6;
-    let sandbox = Sandbox::new();
-    let repo = sandbox.repo("acme", "big");
-    let commit = big_repository(&repo, 64 * MIB);
-    let full_length = tar_length(&repo, "big-main/", &commit);
-    let cluster = Cluster::start(
-        &sandbox.repos(),
-        &sandbox.repos(),
-        0,
-        &["--client-idle-timeout", "1"],
-    );
+    let big = big_repo_64();
+    let full_length = big.full_length;
+    let cluster = Cluster::start(&big.repos, &big.repos, 0, &["--client-idle-timeout", "1"]);
     let proxy = &cluster.proxy;
     let proxy_fds = settled_fd_count(proxy.pid);
 
@@ -746,12 +964,12 @@ fn idle_clients_are_disconnected_after_client_idle_timeout() {
 
 #[test]
 fn sighup_reloads_a_good_routes_file_and_keeps_the_old_table_on_a_bad_one() {
+    let shared = shared_repos();
+    let (repo, commits) = (&shared.widget, &shared.commits);
     let sandbox = Sandbox::new();
-    let repo = sandbox.repo("acme", "widget");
-    let commits = small_repository(&repo);
     let empty_repos = sandbox.path("empty-repos");
     std::fs::create_dir_all(&empty_repos).expect("mkdir");
-    let full = Archiver::start(&sandbox.repos(), &[]);
+    let full = Archiver::start(&shared.repos, &[]);
     let empty = Archiver::start(&empty_repos, &[]);
     let routes = sandbox.path("routes.toml");
     write_routes(&routes, &[Route::new("*", &empty.base_url, &[])]);
@@ -819,40 +1037,73 @@ fn sighup_reloads_a_good_routes_file_and_keeps_the_old_table_on_a_bad_one() {
     assert!(proxy.log().contains("keeping the previous table"));
 }
 
-#[test]
-fn private_routes_need_a_valid_signed_token() {
-    const KEY: &str = "e2e-signing-key-0123456789abcdef";
-    let sandbox = Sandbox::new();
-    let repo = sandbox.repo("acme", "secret");
-    let commits = small_repository(&repo);
-    let archiver = Archiver::start(&sandbox.repos(), &[]);
-    let key_file = sandbox.path("signing.key");
-    // Surrounding whitespace is not part of the key.
-    std::fs::write(&key_file, format!("  {KEY}\n")).expect("write the key");
-    let routes = sandbox.path("routes.toml");
-    write_routes(
-        &routes,
-        &[
-            Route::new("acme/secret", &archiver.base_url, &[]).private(),
-            Route::new("*", &archiver.base_url, &[]),
-        ],
-    );
-    let key_arg = key_file.to_str().expect("utf-8 path");
-    let proxy = Proxy::with_routes(&routes, &["--signing-key-file", key_arg]);
-    let addr = proxy.addr;
-    let expected = repo.archive("tar", "secret-main/", &commits.second, None);
+// Private routes. Each test starts an archiver over the shared repos and a
+// proxy whose table makes `acme/secret` private.
 
-    // The real subcommand's token.
+const SIGNING_KEY: &str = "e2e-signing-key-0123456789abcdef";
+
+/// An archiver, and a proxy with `--signing-key-file` routing `acme/secret`
+/// (private) and everything else to it.
+struct PrivateRoute {
+    shared: &'static SharedRepos,
+    sandbox: Sandbox,
+    archiver: Archiver,
+    proxy: Proxy,
+}
+
+impl PrivateRoute {
+    fn start() -> PrivateRoute {
+        let shared = shared_repos();
+        let sandbox = Sandbox::new();
+        let archiver = Archiver::start(&shared.repos, &[]);
+        let key_file = sandbox.path("signing.key");
+        // Surrounding whitespace is not part of the key.
+        std::fs::write(&key_file, format!("  {SIGNING_KEY}\n")).expect("write the key");
+        let routes = sandbox.path("routes.toml");
+        write_routes(
+            &routes,
+            &[
+                Route::new("acme/secret", &archiver.base_url, &[]).private(),
+                Route::new("*", &archiver.base_url, &[]),
+            ],
+        );
+        let key_arg = key_file.to_str().expect("utf-8 path");
+        let proxy = Proxy::with_routes(&routes, &["--signing-key-file", key_arg]);
+        PrivateRoute {
+            shared,
+            sandbox,
+            archiver,
+            proxy,
+        }
+    }
+
+    fn key_file(&self) -> PathBuf {
+        self.sandbox.path("signing.key")
+    }
+
+    /// `git archive` of `acme/secret`'s `main`.
+    fn expected(&self) -> Vec<u8> {
+        self.shared
+            .secret
+            .archive("tar", "secret-main/", &self.shared.commits.second, None)
+    }
+
+    /// How many requests reached the archiver.
+    fn archiver_requests(&self) -> f64 {
+        scrape(self.archiver.addr).sum("gitball_archiver_requests_total", &[])
+    }
+}
+
+#[test]
+fn token_from_the_sign_subcommand_opens_a_private_route() {
+    let route = PrivateRoute::start();
+    let addr = route.proxy.addr;
+    let expected = route.expected();
     let output = Command::new(binary_path("gitball-proxy"))
-        .args([
-            "sign",
-            "--key-file",
-            key_arg,
-            "--repo",
-            "acme/secret",
-            "--ttl",
-            "10m",
-        ])
+        .arg("sign")
+        .arg("--key-file")
+        .arg(route.key_file())
+        .args(["--repo", "acme/secret", "--ttl", "10m"])
         .env_clear()
         .output()
         .expect("run gitball-proxy sign");
@@ -876,25 +1127,45 @@ fn private_routes_need_a_valid_signed_token() {
         &expected,
         "signed, codeload",
     );
-    // The same formula computed here: the spec's, not an implementation detail.
-    let mine = token(KEY.as_bytes(), "acme/secret", unix_now() + 300);
-    fetch_ok(addr, &format!("/acme/secret/archive/main.tar?token={mine}"));
+    assert_eq!(
+        route.archiver_requests(),
+        2.0,
+        "both signed requests reached the archiver"
+    );
+}
 
-    // Everything else looks exactly like an unknown repository.
+/// The same formula computed here: the documented one (`docs/proxy.md`),
+/// not an implementation detail.
+#[test]
+fn token_of_the_documented_formula_opens_a_private_route() {
+    let route = PrivateRoute::start();
+    let mine = token(SIGNING_KEY.as_bytes(), "acme/secret", unix_now() + 300);
+    let fetched = fetch_ok(
+        route.proxy.addr,
+        &format!("/acme/secret/archive/main.tar?token={mine}"),
+    );
+    assert_same_bytes(&fetched.body, &route.expected(), "signed here");
+    assert_eq!(route.archiver_requests(), 1.0);
+}
+
+/// Every refusal looks exactly like an unknown repository, and none reaches
+/// the archiver.
+#[test]
+fn refused_tokens_look_like_an_unknown_repository() {
+    let route = PrivateRoute::start();
+    let addr = route.proxy.addr;
     let unknown = fetch(addr, "/acme/no-such-repo/archive/main.tar");
     assert_eq!(unknown.status(), 404);
     let unknown_json: serde_json::Value = serde_json::from_slice(&unknown.body).expect("JSON");
     assert_eq!(unknown.error_code(), "repo_not_found");
 
+    let key = SIGNING_KEY.as_bytes();
     let now = unix_now();
-    let valid = token(KEY.as_bytes(), "acme/secret", now + 300);
+    let valid = token(key, "acme/secret", now + 300);
     let (valid_expiry, valid_signature) = valid.split_once('.').expect("a dot");
     let refused: Vec<(&str, String)> = vec![
-        ("expired", token(KEY.as_bytes(), "acme/secret", now - 60)),
-        (
-            "wrong repository",
-            token(KEY.as_bytes(), "acme/other", now + 300),
-        ),
+        ("expired", token(key, "acme/secret", now - 60)),
+        ("wrong repository", token(key, "acme/other", now + 300)),
         ("wrong key", token(b"another-key", "acme/secret", now + 300)),
         (
             "later expiry, same signature",
@@ -924,7 +1195,7 @@ fn private_routes_need_a_valid_signed_token() {
         "token for the ref, not the repository".into(),
         format!(
             "/acme/secret/archive/main.tar?path=src&token={}",
-            token(KEY.as_bytes(), "acme/secret:main", now + 300)
+            token(key, "acme/secret:main", now + 300)
         ),
     ));
     for (what, path) in &cases {
@@ -937,13 +1208,16 @@ fn private_routes_need_a_valid_signed_token() {
             "{what}: the refusal differs from an unknown repository's 404"
         );
     }
-    let archiver_metrics = scrape(archiver.addr);
     assert_eq!(
-        archiver_metrics.sum("gitball_archiver_requests_total", &[]),
-        4.0,
-        "only the signed requests and the unknown repository reached the archiver"
+        route.archiver_requests(),
+        1.0,
+        "only the unknown repository reached the archiver"
     );
 }
+
+// Hostile input. Each test sends one kind of hostile request to a cluster of
+// its own over the shared repos, then checks that no request reached an
+// upstream and that the proxy still serves.
 
 /// One hostile request and the status it must get.
 struct Hostile {
@@ -954,165 +1228,40 @@ struct Hostile {
     status: u16,
 }
 
-#[test]
-fn hostile_urls_are_refused_by_the_proxy_without_an_upstream_attempt() {
-    let sandbox = Sandbox::new();
-    let repo = sandbox.repo("acme", "widget");
-    let commits = small_repository(&repo);
-    let cluster = Cluster::start(&sandbox.repos(), &sandbox.repos(), 2, &[]);
-    let addr = cluster.proxy.addr;
-    let before = family_sum(&cluster.proxy.scrape(), ATTEMPTS);
-
-    let get = |what: &'static str, target: &str, status: u16| Hostile {
+fn hostile_get(what: &'static str, target: &str, status: u16) -> Hostile {
+    Hostile {
         what,
         method: "GET",
         target: target.to_owned(),
         header: None,
         status,
-    };
-    let cases = [
-        get(
-            "encoded traversal in the ref",
-            "/acme/widget/archive/..%2F..%2F..%2Fetc%2Fpasswd.tar",
-            400,
-        ),
-        get("dot-dot repository", "/acme/../archive/main.tar", 400),
-        get(
-            "encoded traversal in the owner",
-            "/..%2F..%2Fetc/widget/archive/main.tar",
-            400,
-        ),
-        get("dot owner", "/.git/widget/archive/main.tar", 400),
-        get(
-            "option as ref",
-            "/acme/widget/archive/--output=%2Ftmp%2Fx.tar",
-            400,
-        ),
-        get(
-            "dash ref, codeload",
-            "/acme/widget/tar.gz/--remote=evil",
-            400,
-        ),
-        get("dash ref", "/acme/widget/archive/-main.zip", 400),
-        get("NUL in the ref", "/acme/widget/archive/main%00.tar", 400),
-        get(
-            "newline in the ref",
-            "/acme/widget/archive/ma%0Ain.tar",
-            400,
-        ),
-        get("space in the ref", "/acme/widget/archive/main%20x.tar", 400),
-        get(
-            "reflog syntax",
-            "/acme/widget/archive/main@%7B-1%7D.tar",
-            400,
-        ),
-        get(
-            "lock component",
-            "/acme/widget/archive/refs%2Fheads%2Fx.lock.tar",
-            400,
-        ),
-        get("invalid UTF-8", "/acme/widget/archive/%E9t%E9.tar", 400),
-        get("unknown format", "/acme/widget/archive/main.rar", 400),
-        get(
-            "pathspec magic",
-            "/acme/widget/archive/main.tar?path=%3A(glob)**",
-            400,
-        ),
-        get(
-            "pathspec magic, last path wins",
-            "/acme/widget/archive/main.tar?path=src&path=%3A%21src",
-            400,
-        ),
-        get(
-            "traversal in path",
-            "/acme/widget/archive/main.tar?path=..%2F..%2Fetc",
-            400,
-        ),
-        get(
-            "absolute path",
-            "/acme/widget/archive/main.tar?path=%2Fetc%2Fpasswd",
-            400,
-        ),
-        get(
-            "control byte in path",
-            "/acme/widget/archive/main.tar?path=src%01",
-            400,
-        ),
-        get(
-            "not an archive URL",
-            "/acme/widget/blob/main/README.md",
-            404,
-        ),
-        get(
-            "request line over 8 KiB",
-            &format!("/acme/widget/archive/{}.tar", "a".repeat(9 * KIB)),
-            414,
-        ),
-        Hostile {
-            header: Some(("X-Filler", "x".repeat(64 * KIB))),
-            ..get("head of 64 KiB", "/acme/widget/archive/main.tar", 431)
-        },
-        Hostile {
-            method: "POST",
-            header: Some(("Content-Length", "0".to_owned())),
-            ..get("POST", "/acme/widget/archive/main.tar", 405)
-        },
-        Hostile {
-            method: "DELETE",
-            ..get("DELETE", "/acme/widget/archive/main.tar", 405)
-        },
-    ];
-    for case in &cases {
-        let headers: Vec<(&str, &str)> = case
-            .header
-            .iter()
-            .map(|(name, value)| (*name, value.as_str()))
-            .collect();
-        let answer = fetch_with(addr, case.method, &case.target, &headers);
-        let what = case.what;
-        assert_eq!(
-            answer.status(),
-            case.status,
-            "{what}: {} {}",
-            case.method,
-            &case.target[..case.target.len().min(80)]
-        );
-        let body = answer.text();
-        assert!(
-            !body.contains("/etc") && !body.contains("passwd"),
-            "{what}: body {body}"
-        );
-        if case.status == 405 {
-            assert_eq!(answer.header("allow"), "GET, HEAD", "{what}");
-        }
     }
+}
 
-    // Raw bytes a client library would refuse to send.
-    let raw: [(&str, &[u8]); 3] = [
-        ("control byte in the request line", b"GET /acme/widget/archive/ma\x01in.tar HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
-        ("space in the target", b"GET /acme/widget/archive/ma in.tar HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
-        ("bare LF header injection", b"GET /acme/widget/archive/main.tar HTTP/1.1\r\nHost: x\r\nX-A: b\rX-Injected: 1\r\nConnection: close\r\n\r\n"),
-    ];
-    for (what, bytes) in raw {
-        let mut connection = RawConnection::connect(addr).expect("connect");
-        connection.send(bytes).expect("send");
-        let head = connection
-            .read_head()
-            .unwrap_or_else(|error| panic!("{what}: no response: {error}"));
-        assert!((400..500).contains(&head.status), "{what}: {}", head.status);
-    }
+/// Starts a cluster (two replicas) over the shared repos, lets `send` send
+/// requests to the proxy, then asserts no upstream was tried, no archiver
+/// saw a request, and a good request still gets git's bytes.
+fn assert_refused_without_upstream_attempt(send: impl FnOnce(SocketAddr)) {
+    let (shared, cluster) = widget_cluster(&[]);
+    let addr = cluster.proxy.addr;
+    let before = family_sum(&cluster.proxy.scrape(), ATTEMPTS);
+
+    send(addr);
 
     let after = family_sum(&cluster.proxy.scrape(), ATTEMPTS);
     assert_eq!(after, before, "a hostile request reached an upstream");
     for archiver in cluster.archivers() {
         assert_eq!(
             scrape(archiver.addr).sum("gitball_archiver_requests_total", &[]),
-            0.0
+            0.0,
+            "an archiver saw a request"
         );
     }
 
     // The proxy still serves.
-    let expected = repo.archive("tar", "widget-main/", &commits.second, None);
+    let expected = shared
+        .widget
+        .archive("tar", "widget-main/", &shared.commits.second, None);
     assert_same_bytes(
         &fetch_ok(addr, "/acme/widget/archive/main.tar").body,
         &expected,
@@ -1121,13 +1270,201 @@ fn hostile_urls_are_refused_by_the_proxy_without_an_upstream_attempt() {
     assert_eq!(family_sum(&cluster.proxy.scrape(), ATTEMPTS), before + 1.0);
 }
 
-/// SPEC §3: a request head over 32 KiB gets `431`, on the proxy too, and is
+/// Each case gets its status, a body that names no path it was fed, and
+/// `Allow: GET, HEAD` with a 405.
+fn assert_hostile_urls_refused(cases: &[Hostile]) {
+    assert_refused_without_upstream_attempt(|addr| {
+        for case in cases {
+            let headers: Vec<(&str, &str)> = case
+                .header
+                .iter()
+                .map(|(name, value)| (*name, value.as_str()))
+                .collect();
+            let answer = fetch_with(addr, case.method, &case.target, &headers);
+            let what = case.what;
+            assert_eq!(
+                answer.status(),
+                case.status,
+                "{what}: {} {}",
+                case.method,
+                &case.target[..case.target.len().min(80)]
+            );
+            let body = answer.text();
+            assert!(
+                !body.contains("/etc") && !body.contains("passwd"),
+                "{what}: body {body}"
+            );
+            if case.status == 405 {
+                assert_eq!(answer.header("allow"), "GET, HEAD", "{what}");
+            }
+        }
+    });
+}
+
+#[test]
+fn traversal_is_refused_by_the_proxy() {
+    assert_hostile_urls_refused(&[
+        hostile_get(
+            "encoded traversal in the ref",
+            "/acme/widget/archive/..%2F..%2F..%2Fetc%2Fpasswd.tar",
+            400,
+        ),
+        hostile_get("dot-dot repository", "/acme/../archive/main.tar", 400),
+        hostile_get(
+            "encoded traversal in the owner",
+            "/..%2F..%2Fetc/widget/archive/main.tar",
+            400,
+        ),
+        hostile_get("dot owner", "/.git/widget/archive/main.tar", 400),
+    ]);
+}
+
+#[test]
+fn option_refs_are_refused_by_the_proxy() {
+    assert_hostile_urls_refused(&[
+        hostile_get(
+            "option as ref",
+            "/acme/widget/archive/--output=%2Ftmp%2Fx.tar",
+            400,
+        ),
+        hostile_get(
+            "dash ref, codeload",
+            "/acme/widget/tar.gz/--remote=evil",
+            400,
+        ),
+        hostile_get("dash ref", "/acme/widget/archive/-main.zip", 400),
+    ]);
+}
+
+#[test]
+fn control_bytes_and_bad_encodings_are_refused_by_the_proxy() {
+    assert_hostile_urls_refused(&[
+        hostile_get("NUL in the ref", "/acme/widget/archive/main%00.tar", 400),
+        hostile_get(
+            "newline in the ref",
+            "/acme/widget/archive/ma%0Ain.tar",
+            400,
+        ),
+        hostile_get("space in the ref", "/acme/widget/archive/main%20x.tar", 400),
+        hostile_get("invalid UTF-8", "/acme/widget/archive/%E9t%E9.tar", 400),
+    ]);
+}
+
+#[test]
+fn revision_syntax_is_refused_by_the_proxy() {
+    assert_hostile_urls_refused(&[
+        hostile_get(
+            "reflog syntax",
+            "/acme/widget/archive/main@%7B-1%7D.tar",
+            400,
+        ),
+        hostile_get(
+            "lock component",
+            "/acme/widget/archive/refs%2Fheads%2Fx.lock.tar",
+            400,
+        ),
+    ]);
+}
+
+#[test]
+fn unknown_formats_and_other_urls_are_refused_by_the_proxy() {
+    assert_hostile_urls_refused(&[
+        hostile_get("unknown format", "/acme/widget/archive/main.rar", 400),
+        hostile_get(
+            "not an archive URL",
+            "/acme/widget/blob/main/README.md",
+            404,
+        ),
+    ]);
+}
+
+#[test]
+fn hostile_subtree_paths_are_refused_by_the_proxy() {
+    assert_hostile_urls_refused(&[
+        hostile_get(
+            "pathspec magic",
+            "/acme/widget/archive/main.tar?path=%3A(glob)**",
+            400,
+        ),
+        hostile_get(
+            "pathspec magic, last path wins",
+            "/acme/widget/archive/main.tar?path=src&path=%3A%21src",
+            400,
+        ),
+        hostile_get(
+            "traversal in path",
+            "/acme/widget/archive/main.tar?path=..%2F..%2Fetc",
+            400,
+        ),
+        hostile_get(
+            "absolute path",
+            "/acme/widget/archive/main.tar?path=%2Fetc%2Fpasswd",
+            400,
+        ),
+        hostile_get(
+            "control byte in path",
+            "/acme/widget/archive/main.tar?path=src%01",
+            400,
+        ),
+    ]);
+}
+
+#[test]
+fn oversized_request_lines_and_heads_are_refused_by_the_proxy() {
+    assert_hostile_urls_refused(&[
+        hostile_get(
+            "request line over 8 KiB",
+            &format!("/acme/widget/archive/{}.tar", "a".repeat(9 * KIB)),
+            414,
+        ),
+        Hostile {
+            header: Some(("X-Filler", "x".repeat(64 * KIB))),
+            ..hostile_get("head of 64 KiB", "/acme/widget/archive/main.tar", 431)
+        },
+    ]);
+}
+
+#[test]
+fn other_methods_get_405_with_allow_from_the_proxy() {
+    assert_hostile_urls_refused(&[
+        Hostile {
+            method: "POST",
+            header: Some(("Content-Length", "0".to_owned())),
+            ..hostile_get("POST", "/acme/widget/archive/main.tar", 405)
+        },
+        Hostile {
+            method: "DELETE",
+            ..hostile_get("DELETE", "/acme/widget/archive/main.tar", 405)
+        },
+    ]);
+}
+
+/// Raw bytes a client library would refuse to send.
+#[test]
+fn malformed_request_bytes_get_4xx_from_the_proxy() {
+    let raw: [(&str, &[u8]); 3] = [
+        ("control byte in the request line", b"GET /acme/widget/archive/ma\x01in.tar HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        ("space in the target", b"GET /acme/widget/archive/ma in.tar HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        ("bare LF header injection", b"GET /acme/widget/archive/main.tar HTTP/1.1\r\nHost: x\r\nX-A: b\rX-Injected: 1\r\nConnection: close\r\n\r\n"),
+    ];
+    assert_refused_without_upstream_attempt(|addr| {
+        for (what, bytes) in raw {
+            let mut connection = RawConnection::connect(addr).expect("connect");
+            connection.send(bytes).expect("send");
+            let head = connection
+                .read_head()
+                .unwrap_or_else(|error| panic!("{what}: no response: {error}"));
+            assert!((400..500).contains(&head.status), "{what}: {}", head.status);
+        }
+    });
+}
+
+/// `docs/http.md`: a request head over 32 KiB gets `431`, on the proxy too, and is
 /// never forwarded.
 #[test]
 fn request_head_over_32_kib_gets_431() {
-    let sandbox = Sandbox::new();
-    small_repository(&sandbox.repo("acme", "widget"));
-    let cluster = Cluster::start(&sandbox.repos(), &sandbox.repos(), 0, &[]);
+    let shared = shared_repos();
+    let cluster = Cluster::start(&shared.repos, &shared.repos, 0, &[]);
     let addr = cluster.proxy.addr;
     let before = family_sum(&cluster.proxy.scrape(), ATTEMPTS);
     let answers: Vec<(usize, u16)> = [33, 40, 47]
@@ -1215,13 +1552,13 @@ fn embedded_mode_serves_a_work_tree_and_both_tiers_metrics() {
 
 #[test]
 fn upstream_token_is_sent_and_its_absence_never_leaks_a_401() {
+    let shared = shared_repos();
+    let (repo, commits) = (&shared.widget, &shared.commits);
     let sandbox = Sandbox::new();
-    let repo = sandbox.repo("acme", "widget");
-    let commits = small_repository(&repo);
     let token_file = sandbox.path("upstream.token");
     std::fs::write(&token_file, "e2e-upstream-token-42\n").expect("write the token");
     let token_arg = token_file.to_str().expect("utf-8 path");
-    let archiver = Archiver::start(&sandbox.repos(), &["--token-file", token_arg]);
+    let archiver = Archiver::start(&shared.repos, &["--token-file", token_arg]);
     let routes = sandbox.path("routes.toml");
     write_routes(&routes, &[Route::new("*", &archiver.base_url, &[])]);
     let with_token = Proxy::with_routes(&routes, &["--upstream-token-file", token_arg]);

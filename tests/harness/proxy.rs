@@ -12,8 +12,9 @@
 //!   what the test means them to.
 //! - [`settled_fd_count`]: an fd baseline read once the count stopped moving.
 //! - [`big_repository`]: a repository holding one large incompressible file.
-//! - [`hmac_sha256`] and [`base64url`]: to forge (or correctly sign) tokens
-//!   without trusting the proxy's own code.
+//! - [`hmac_sha256`] and [`base64url`] (the `hmac`, `sha2` and `base64`
+//!   crates): to forge (or correctly sign) tokens without trusting the
+//!   proxy's own code.
 
 use std::ffi::OsString;
 use std::fs;
@@ -24,11 +25,14 @@ use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 
 use crate::{
-    Archiver, BodyEnd, Metrics, RawConnection, RepoBuilder, ResponseHead, Service, base64,
-    open_fd_count, pseudo_random_bytes, wait_until,
+    Archiver, BodyEnd, Metrics, RawConnection, RepoBuilder, ResponseHead, Service, open_fd_count,
+    pseudo_random_bytes, wait_until,
 };
 
 /// How long a restart on a just-freed port keeps retrying the bind.
@@ -221,6 +225,13 @@ impl Cluster {
         let replicas: Vec<Archiver> = (0..replicas)
             .map(|_| Archiver::start(replica_repos, &[]))
             .collect();
+        Cluster::around(primary, replicas, proxy_args)
+    }
+
+    /// Starts a proxy with `proxy_args` over a table routing every
+    /// repository to archivers the caller started (e.g. a primary on a cache
+    /// dir that is warm already).
+    pub fn around(primary: Archiver, replicas: Vec<Archiver>, proxy_args: &[&str]) -> Cluster {
         let routes_dir = tempfile::Builder::new()
             .prefix("gitball-routes-")
             .tempdir()
@@ -405,36 +416,19 @@ pub fn tar_length(repo: &RepoBuilder, prefix: &str, commit: &str) -> u64 {
 // ---------------------------------------------------------------------------
 // Signed tokens, computed independently of the proxy
 
-/// HMAC-SHA256 (RFC 2104) over `sha2`.
+/// HMAC-SHA256 (RFC 2104), by the `hmac` crate.
 pub fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
-    const BLOCK_BYTES: usize = 64;
-    let mut block_key = [0u8; BLOCK_BYTES];
-    if key.len() > BLOCK_BYTES {
-        block_key[..32].copy_from_slice(&Sha256::digest(key));
-    } else {
-        block_key[..key.len()].copy_from_slice(key);
-    }
-    let pad = |byte: u8| block_key.iter().map(|b| b ^ byte).collect::<Vec<u8>>();
-    let inner = Sha256::new()
-        .chain_update(pad(0x36))
-        .chain_update(message)
-        .finalize();
-    Sha256::new()
-        .chain_update(pad(0x5c))
-        .chain_update(inner)
-        .finalize()
-        .into()
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes a key of any length");
+    mac.update(message);
+    mac.finalize().into_bytes().into()
 }
 
 /// Unpadded base64url.
 pub fn base64url(bytes: &[u8]) -> String {
-    base64(bytes)
-        .trim_end_matches('=')
-        .replace('+', "-")
-        .replace('/', "_")
+    URL_SAFE_NO_PAD.encode(bytes)
 }
 
-/// The token of SPEC §5: `{expiry}.{base64url(HMAC-SHA256(key, "{repository}:{expiry}"))}`.
+/// The token of `docs/proxy.md`: `{expiry}.{base64url(HMAC-SHA256(key, "{repository}:{expiry}"))}`.
 pub fn token(key: &[u8], repository: &str, expiry: u64) -> String {
     let signature = hmac_sha256(key, format!("{repository}:{expiry}").as_bytes());
     format!("{expiry}.{}", base64url(&signature))
@@ -453,6 +447,11 @@ mod tests {
 
     #[test]
     fn hmac_sha256_matches_rfc_4231() {
+        // Test case 1.
+        assert_eq!(
+            hex::encode(hmac_sha256(&[0x0b; 20], b"Hi There")),
+            "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7"
+        );
         // Test case 2.
         assert_eq!(
             hex::encode(hmac_sha256(b"Jefe", b"what do ya want for nothing?")),
@@ -472,6 +471,22 @@ mod tests {
     fn base64url_is_unpadded_and_url_safe() {
         assert_eq!(base64url(&[0xfb, 0xff]), "-_8");
         assert_eq!(base64url(b"f"), "Zg");
+        assert_eq!(base64url(b""), "");
+        assert_eq!(base64url(b"foobar"), "Zm9vYmFy");
+    }
+
+    #[test]
+    fn tokens_match_an_independently_computed_one() {
+        // Python: hmac.new(key, b"acme/secret:1700000000", sha256), then
+        // urlsafe_b64encode without the padding.
+        assert_eq!(
+            token(
+                b"e2e-signing-key-0123456789abcdef",
+                "acme/secret",
+                1_700_000_000
+            ),
+            "1700000000.bZOzT3kX-fTOK4s9ovKrPoDeTq-JktOwwDx9w8Eor_w"
+        );
     }
 
     #[test]

@@ -1,0 +1,382 @@
+//! Repositories built with the real `git`, and the directories tests work in.
+//!
+//! - [`Sandbox`]: a test's private temp dir: `repos/` (what a service
+//!   serves) and `home/` (git's `HOME`), removed on drop.
+//! - [`RepoBuilder`] and [`git_command`]: `git` in a clean environment
+//!   (`HOME` is an empty temp dir, `GIT_CONFIG_NOSYSTEM=1`, fixed names,
+//!   e-mails and dates), so the same test builds the same commits on every
+//!   machine.
+//! - [`pseudo_random_bytes`] and [`pseudo_text`]: deterministic content.
+//! - [`dir_file_names`] and [`tree_snapshot`]: what a directory holds, to
+//!   prove nothing was created or left behind.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use tempfile::TempDir;
+
+// ---------------------------------------------------------------------------
+// Deterministic data
+
+/// Deterministic incompressible bytes: xorshift64* seeded with `seed`.
+pub fn pseudo_random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    while out.len() < len {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Deterministic compressible text (words from a small vocabulary).
+pub fn pseudo_text(seed: u64, len: usize) -> Vec<u8> {
+    const WORDS: [&str; 16] = [
+        "archive", "branch", "commit", "tarball", "gitball", "zstd", "gzip", "tree", "blob", "tag",
+        "cache", "reader", "stream", "bytes", "owner", "widget",
+    ];
+    let noise = pseudo_random_bytes(seed, len);
+    let mut out = Vec::with_capacity(len + 16);
+    let mut i = 0;
+    while out.len() < len {
+        let byte = noise[i % noise.len()];
+        out.extend_from_slice(WORDS[usize::from(byte & 15)].as_bytes());
+        out.push(if byte >> 4 == 0 { b'\n' } else { b' ' });
+        i += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+// ---------------------------------------------------------------------------
+// Git
+
+/// A `git` command in a clean environment: no system or user configuration
+/// (`HOME` is `home`, an empty directory), fixed identity, C locale, UTC.
+pub fn git_command(home: &Path) -> Command {
+    let mut command = Command::new("git");
+    command
+        .env_clear()
+        .env(
+            "PATH",
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
+        )
+        .env("HOME", home)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("LC_ALL", "C")
+        .env("TZ", "UTC")
+        .env("GIT_AUTHOR_NAME", "Gitball Tester")
+        .env("GIT_AUTHOR_EMAIL", "tester@gitball.invalid")
+        .env("GIT_COMMITTER_NAME", "Gitball Tester")
+        .env("GIT_COMMITTER_EMAIL", "tester@gitball.invalid")
+        .args(["-c", "init.defaultBranch=main"])
+        .stdin(Stdio::null());
+    command
+}
+
+/// Runs a git command; panics with its stderr unless it exits 0.
+fn run_git(mut command: Command, what: &str) -> Vec<u8> {
+    let output = command
+        .output()
+        .unwrap_or_else(|error| panic!("cannot run git ({what}): {error}"));
+    assert!(
+        output.status.success(),
+        "git {what} failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output.stdout
+}
+
+/// Builds a repository with the real `git`, deterministically: every commit
+/// and tag gets the date the test passes.
+pub struct RepoBuilder {
+    dir: PathBuf,
+    home: PathBuf,
+}
+
+impl RepoBuilder {
+    /// `git init` a work tree at `dir` (created), with `home` as `HOME`.
+    pub fn init(dir: &Path, home: &Path) -> RepoBuilder {
+        fs::create_dir_all(dir).expect("create the repository dir");
+        fs::create_dir_all(home).expect("create the git home dir");
+        let builder = RepoBuilder {
+            dir: dir.to_path_buf(),
+            home: home.to_path_buf(),
+        };
+        builder.git(&["init", "-q"]);
+        builder
+    }
+
+    /// `git init --bare` at `dir`; fill it with plumbing ([`RepoBuilder::git_with_input`]).
+    pub fn init_bare(dir: &Path, home: &Path) -> RepoBuilder {
+        fs::create_dir_all(dir).expect("create the repository dir");
+        fs::create_dir_all(home).expect("create the git home dir");
+        let builder = RepoBuilder {
+            dir: dir.to_path_buf(),
+            home: home.to_path_buf(),
+        };
+        builder.git(&["init", "-q", "--bare"]);
+        builder
+    }
+
+    /// A builder for an existing repository at `dir`.
+    pub fn open(dir: &Path, home: &Path) -> RepoBuilder {
+        RepoBuilder {
+            dir: dir.to_path_buf(),
+            home: home.to_path_buf(),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn command(&self, time: Option<i64>, args: &[&str]) -> Command {
+        let mut command = git_command(&self.home);
+        command.current_dir(&self.dir).args(args);
+        if let Some(time) = time {
+            let date = format!("{time} +0000");
+            command
+                .env("GIT_AUTHOR_DATE", &date)
+                .env("GIT_COMMITTER_DATE", &date);
+        }
+        command
+    }
+
+    /// Runs git in the repository; returns trimmed stdout.
+    pub fn git(&self, args: &[&str]) -> String {
+        let stdout = run_git(self.command(None, args), &args.join(" "));
+        String::from_utf8_lossy(&stdout).trim().to_owned()
+    }
+
+    /// Runs git with author and committer dates set to `time` (Unix seconds).
+    pub fn git_at(&self, time: i64, args: &[&str]) -> String {
+        let stdout = run_git(self.command(Some(time), args), &args.join(" "));
+        String::from_utf8_lossy(&stdout).trim().to_owned()
+    }
+
+    /// Runs git with `input` on stdin; returns trimmed stdout.
+    pub fn git_with_input(&self, time: Option<i64>, args: &[&str], input: &[u8]) -> String {
+        let mut command = self.command(time, args);
+        command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("spawn git");
+        let mut stdin = child.stdin.take().expect("stdin is piped");
+        let output = std::thread::scope(|scope| {
+            scope.spawn(move || {
+                stdin.write_all(input).expect("write git's stdin");
+            });
+            child.wait_with_output().expect("wait for git")
+        });
+        assert!(
+            output.status.success(),
+            "git {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+
+    /// Writes a file of the work tree (directories created).
+    pub fn write(&self, relative: &str, contents: impl AsRef<[u8]>) {
+        let path = self.dir.join(relative);
+        fs::create_dir_all(path.parent().expect("a file has a parent")).expect("mkdir -p");
+        fs::write(&path, contents).expect("write a work tree file");
+    }
+
+    pub fn write_executable(&self, relative: &str, contents: impl AsRef<[u8]>) {
+        use std::os::unix::fs::PermissionsExt;
+        self.write(relative, contents);
+        fs::set_permissions(self.dir.join(relative), fs::Permissions::from_mode(0o755))
+            .expect("chmod 755");
+    }
+
+    pub fn symlink(&self, relative: &str, target: &str) {
+        let path = self.dir.join(relative);
+        fs::create_dir_all(path.parent().expect("a link has a parent")).expect("mkdir -p");
+        std::os::unix::fs::symlink(target, path).expect("create a symlink");
+    }
+
+    /// `git add -A && git commit` dated `time`; returns the commit id.
+    pub fn commit_all(&self, time: i64, message: &str) -> String {
+        self.git(&["add", "-A"]);
+        self.git_at(time, &["commit", "-q", "-m", message]);
+        self.rev_parse("HEAD")
+    }
+
+    /// A lightweight tag.
+    pub fn tag(&self, name: &str, target: &str) {
+        self.git(&["tag", name, target]);
+    }
+
+    /// An annotated tag, tagged at `time`.
+    pub fn tag_annotated(&self, name: &str, target: &str, time: i64, message: &str) {
+        self.git_at(time, &["tag", "-a", name, "-m", message, target]);
+    }
+
+    /// The full id `rev` names.
+    pub fn rev_parse(&self, rev: &str) -> String {
+        self.git(&["rev-parse", "--verify", "--end-of-options", rev])
+    }
+
+    /// What `git archive --format={format} --prefix={prefix} {commit} [-- path]` prints.
+    pub fn archive(&self, format: &str, prefix: &str, commit: &str, path: Option<&str>) -> Vec<u8> {
+        let format_arg = format!("--format={format}");
+        let prefix_arg = format!("--prefix={prefix}");
+        let mut args = vec!["archive", &format_arg, &prefix_arg, commit];
+        if let Some(path) = path {
+            args.extend(["--", path]);
+        }
+        run_git(self.command(None, &args), "archive")
+    }
+
+    /// Starts `git archive` with its stdout piped, for archives too large to
+    /// hold (compare them with [`assert_same_stream`](crate::assert_same_stream)).
+    pub fn archive_stream(&self, format: &str, prefix: &str, commit: &str) -> Child {
+        self.command(
+            None,
+            &[
+                "archive",
+                &format!("--format={format}"),
+                &format!("--prefix={prefix}"),
+                commit,
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn git archive")
+    }
+
+    /// `git clone --bare` of this repository into `destination`.
+    pub fn clone_bare(&self, destination: &Path) -> RepoBuilder {
+        let mut command = git_command(&self.home);
+        command
+            .arg("clone")
+            .arg("-q")
+            .arg("--bare")
+            .arg(&self.dir)
+            .arg(destination);
+        run_git(command, "clone --bare");
+        RepoBuilder {
+            dir: destination.to_path_buf(),
+            home: self.home.clone(),
+        }
+    }
+}
+
+/// A test's private directory: `repos/` (what the service serves), `home/`
+/// (git's `HOME`), and whatever else the test puts there. Removed on drop.
+pub struct Sandbox {
+    dir: TempDir,
+}
+
+impl Default for Sandbox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Sandbox {
+    pub fn new() -> Sandbox {
+        let dir = tempfile::Builder::new()
+            .prefix("gitball-e2e-")
+            .tempdir()
+            .expect("create a temp dir");
+        fs::create_dir_all(dir.path().join("repos")).expect("mkdir repos");
+        fs::create_dir_all(dir.path().join("home")).expect("mkdir home");
+        Sandbox { dir }
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn path(&self, relative: &str) -> PathBuf {
+        self.dir.path().join(relative)
+    }
+
+    /// `--repos DIR`.
+    pub fn repos(&self) -> PathBuf {
+        self.path("repos")
+    }
+
+    pub fn home(&self) -> PathBuf {
+        self.path("home")
+    }
+
+    /// A work tree repository served as `{owner}/{name}`.
+    pub fn repo(&self, owner: &str, name: &str) -> RepoBuilder {
+        RepoBuilder::init(&self.repos().join(owner).join(name), &self.home())
+    }
+
+    /// A work tree outside `repos/` (e.g. to be cloned bare into it).
+    pub fn source_repo(&self, relative: &str) -> RepoBuilder {
+        RepoBuilder::init(&self.path(relative), &self.home())
+    }
+}
+
+pub fn dir_file_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Every path under `root` (symlinks not followed) with its size and, for
+/// symlinks, target: compare two snapshots to prove nothing was created.
+pub fn tree_snapshot(root: &Path) -> BTreeMap<PathBuf, String> {
+    let mut snapshot = BTreeMap::new();
+    let mut pending = vec![root.to_path_buf()];
+    let mut visited = 0;
+    while let Some(dir) = pending.pop() {
+        visited += 1;
+        assert!(visited < 100_000, "tree_snapshot: too many directories");
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let path = entry.path();
+            let Ok(metadata) = fs::symlink_metadata(&path) else {
+                continue;
+            };
+            let relative = path.strip_prefix(root).unwrap_or(&path).to_path_buf();
+            let description = if metadata.is_symlink() {
+                format!("link -> {:?}", fs::read_link(&path).ok())
+            } else if metadata.is_dir() {
+                pending.push(path);
+                "dir".to_owned()
+            } else {
+                format!("file {}", metadata.len())
+            };
+            snapshot.insert(relative, description);
+        }
+    }
+    snapshot
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pseudo_random_bytes_are_deterministic() {
+        assert_eq!(pseudo_random_bytes(7, 100), pseudo_random_bytes(7, 100));
+        assert_ne!(pseudo_random_bytes(7, 100), pseudo_random_bytes(8, 100));
+        assert_eq!(pseudo_text(1, 1000).len(), 1000);
+    }
+}

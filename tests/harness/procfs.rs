@@ -1,0 +1,84 @@
+//! `/proc` readers: resident memory, open fds, child processes.
+
+use std::fs;
+
+// ---------------------------------------------------------------------------
+// /proc
+
+/// A field of `/proc/PID/status` in kB (`VmRSS`, `VmHWM`); 0 if missing.
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| {
+            let rest = line.strip_prefix(field)?.strip_prefix(':')?;
+            rest.split_whitespace().next()?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+pub fn vm_rss_bytes(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmRSS") * 1024
+}
+
+/// Entries of `/proc/PID/fd`.
+pub fn open_fd_count(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|entries| entries.count())
+        .unwrap_or(0)
+}
+
+/// One line of `/proc/PID/stat`, the parts the tests need.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub parent: u32,
+    pub command: String,
+    /// `R`, `S`, `D`, `Z`, …
+    pub state: char,
+}
+
+pub fn process_info(pid: u32) -> Option<ProcessInfo> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state ppid …`; comm may hold spaces and parentheses.
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let command = stat[open + 1..close].to_owned();
+    let mut rest = stat[close + 1..].split_whitespace();
+    let state = rest.next()?.chars().next()?;
+    let parent = rest.next()?.parse().ok()?;
+    Some(ProcessInfo {
+        pid,
+        parent,
+        command,
+        state,
+    })
+}
+
+/// Every process whose parent is `parent` (scans `/proc/*/stat`).
+pub fn child_processes(parent: u32) -> Vec<ProcessInfo> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(process_info)
+        .filter(|info| info.parent == parent)
+        .collect()
+}
+
+/// Children of `parent` that are zombies or named `git`.
+pub fn zombie_or_git_children(parent: u32) -> Vec<ProcessInfo> {
+    child_processes(parent)
+        .into_iter()
+        .filter(|info| {
+            info.state == 'Z' || info.command == "git" || info.command.starts_with("git-")
+        })
+        .collect()
+}
+
+/// Whether a process with this id exists and is not a zombie.
+pub fn process_alive(pid: u32) -> bool {
+    process_info(pid).is_some_and(|info| info.state != 'Z')
+}

@@ -1,0 +1,405 @@
+//! HTTP as the tests speak it.
+//!
+//! - [`RawConnection`]: HTTP/1.1 over a plain `TcpStream` where a test needs
+//!   control that a client library hides: stalling, aborting after N bytes,
+//!   oversized heads, and telling a clean end of a body ([`BodyEnd`]) from
+//!   an abort.
+//! - [`http_client`] and [`header`]: a blocking `reqwest` client for the
+//!   requests that need no such control.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+/// Socket read/write timeout of [`RawConnection`]: no test read blocks forever.
+pub const SOCKET_TIMEOUT: Duration = Duration::from_secs(60);
+/// Whole-request timeout of [`http_client`].
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// A blocking HTTP client without decompression or a short total timeout.
+pub fn http_client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(HTTP_TIMEOUT)
+        .connect_timeout(Duration::from_secs(5))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("build the HTTP client")
+}
+
+/// A header's value as text ("" when missing).
+pub fn header<'r>(response: &'r reqwest::blocking::Response, name: &str) -> &'r str {
+    response
+        .headers()
+        .get(name)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("")
+}
+
+// ---------------------------------------------------------------------------
+// Raw HTTP/1.1
+
+/// A response head read by [`RawConnection`]. Header names are lower case.
+#[derive(Clone, Debug)]
+pub struct ResponseHead {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+}
+
+impl ResponseHead {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(key, _)| *key == name)
+            .map(|(_, value)| value.as_str())
+    }
+}
+
+/// How a response body ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BodyEnd {
+    /// The framing said it was complete (Content-Length reached, or the
+    /// terminating zero-size chunk).
+    Complete,
+    /// The connection ended (EOF or reset) before the framing's end.
+    Aborted(String),
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Framing {
+    /// No body (HEAD, 1xx, 204, 304).
+    Empty,
+    Length {
+        remaining: u64,
+    },
+    Chunked {
+        remaining: u64,
+        after_data: bool,
+    },
+    UntilEof,
+    Done,
+}
+
+/// One HTTP/1.1 connection over a plain socket.
+pub struct RawConnection {
+    stream: TcpStream,
+    buffer: Vec<u8>,
+    start: usize,
+    framing: Framing,
+    head_request: bool,
+}
+
+/// Longest response head or chunk-size line accepted from the server.
+const MAX_RESPONSE_HEAD_BYTES: usize = 64 * 1024;
+
+impl RawConnection {
+    pub fn connect(addr: SocketAddr) -> io::Result<RawConnection> {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(SOCKET_TIMEOUT))?;
+        stream.set_write_timeout(Some(SOCKET_TIMEOUT))?;
+        stream.set_nodelay(true)?;
+        Ok(RawConnection {
+            stream,
+            buffer: Vec::new(),
+            start: 0,
+            framing: Framing::Done,
+            head_request: false,
+        })
+    }
+
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+
+    /// Sends arbitrary bytes.
+    pub fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
+    /// Sends `{method} {target} HTTP/1.1` with a Host header and `headers`.
+    pub fn send_request(
+        &mut self,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+    ) -> io::Result<()> {
+        let mut request = format!(
+            "{method} {target} HTTP/1.1\r\nHost: {}\r\n",
+            self.stream.peer_addr()?
+        );
+        for (name, value) in headers {
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
+        request.push_str("\r\n");
+        self.head_request = method == "HEAD";
+        self.send(request.as_bytes())
+    }
+
+    /// Connects, sends one request with `Connection: close` added, reads the
+    /// head and the whole body.
+    pub fn request(
+        addr: SocketAddr,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+    ) -> io::Result<(ResponseHead, Vec<u8>, BodyEnd)> {
+        let mut connection = RawConnection::connect(addr)?;
+        let mut all: Vec<(&str, &str)> = headers.to_vec();
+        all.push(("Connection", "close"));
+        connection.send_request(method, target, &all)?;
+        let head = connection.read_head()?;
+        let mut body = Vec::new();
+        let end = connection.read_body_to_end(|chunk| body.extend_from_slice(chunk));
+        Ok((head, body, end))
+    }
+
+    fn buffered(&self) -> &[u8] {
+        &self.buffer[self.start..]
+    }
+
+    /// Reads more bytes into the buffer; `Ok(0)` at EOF.
+    fn fill(&mut self) -> io::Result<usize> {
+        if self.start > 0 && self.start == self.buffer.len() {
+            self.buffer.clear();
+            self.start = 0;
+        }
+        let mut chunk = [0u8; 64 * 1024];
+        let n = self.stream.read(&mut chunk)?;
+        self.buffer.extend_from_slice(&chunk[..n]);
+        Ok(n)
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+    }
+
+    /// Reads up to and including `\r\n`; returns the line without it.
+    fn read_line(&mut self) -> io::Result<String> {
+        loop {
+            if let Some(at) = self.buffered().windows(2).position(|w| w == b"\r\n") {
+                let line = String::from_utf8_lossy(&self.buffered()[..at]).into_owned();
+                self.consume(at + 2);
+                return Ok(line);
+            }
+            if self.buffered().len() > MAX_RESPONSE_HEAD_BYTES {
+                return Err(io::Error::other("line too long"));
+            }
+            if self.fill()? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "EOF in a line",
+                ));
+            }
+        }
+    }
+
+    /// Reads a response head and sets up the body's framing.
+    pub fn read_head(&mut self) -> io::Result<ResponseHead> {
+        let status_line = self.read_line()?;
+        let status = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .ok_or_else(|| io::Error::other(format!("bad status line {status_line:?}")))?;
+        let mut headers = Vec::new();
+        for _ in 0..1000 {
+            let line = self.read_line()?;
+            if line.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
+            }
+        }
+        let head = ResponseHead { status, headers };
+        self.framing = if self.head_request || status == 204 || status == 304 || status < 200 {
+            Framing::Empty
+        } else if head
+            .header("transfer-encoding")
+            .is_some_and(|value| value.to_ascii_lowercase().contains("chunked"))
+        {
+            Framing::Chunked {
+                remaining: 0,
+                after_data: false,
+            }
+        } else if let Some(length) = head.header("content-length") {
+            Framing::Length {
+                remaining: length.parse().map_err(io::Error::other)?,
+            }
+        } else {
+            Framing::UntilEof
+        };
+        Ok(head)
+    }
+
+    /// The next piece of the body, at most `max` bytes. `Ok(None)`: the body
+    /// ended cleanly. `Err`: the connection ended or failed before the end.
+    pub fn read_body_some(&mut self, max: usize) -> io::Result<Option<Vec<u8>>> {
+        loop {
+            match self.framing {
+                Framing::Empty | Framing::Done => {
+                    self.framing = Framing::Done;
+                    return Ok(None);
+                }
+                Framing::Length { remaining: 0 } => {
+                    self.framing = Framing::Done;
+                    return Ok(None);
+                }
+                Framing::Length { remaining } => {
+                    if self.buffered().is_empty() && self.fill()? == 0 {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!("EOF with {remaining} bytes of Content-Length missing"),
+                        ));
+                    }
+                    let n = self
+                        .buffered()
+                        .len()
+                        .min(max)
+                        .min(usize::try_from(remaining).unwrap_or(usize::MAX));
+                    let piece = self.buffered()[..n].to_vec();
+                    self.consume(n);
+                    self.framing = Framing::Length {
+                        remaining: remaining - n as u64,
+                    };
+                    return Ok(Some(piece));
+                }
+                Framing::UntilEof => {
+                    if self.buffered().is_empty() && self.fill()? == 0 {
+                        self.framing = Framing::Done;
+                        return Ok(None);
+                    }
+                    let n = self.buffered().len().min(max);
+                    let piece = self.buffered()[..n].to_vec();
+                    self.consume(n);
+                    return Ok(Some(piece));
+                }
+                Framing::Chunked {
+                    remaining: 0,
+                    after_data,
+                } => {
+                    let eof = |what: &str| {
+                        io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!("connection ended {what} (no terminating chunk)"),
+                        )
+                    };
+                    if after_data {
+                        let line = self.read_line().map_err(|_| eof("after a chunk"))?;
+                        if !line.is_empty() {
+                            return Err(io::Error::other("chunk data not followed by CRLF"));
+                        }
+                    }
+                    let line = self.read_line().map_err(|_| eof("before a chunk size"))?;
+                    let size_text = line.split(';').next().unwrap_or("").trim();
+                    let size = u64::from_str_radix(size_text, 16)
+                        .map_err(|_| io::Error::other(format!("bad chunk size {line:?}")))?;
+                    if size == 0 {
+                        for _ in 0..1000 {
+                            if self
+                                .read_line()
+                                .map_err(|_| eof("in the trailer"))?
+                                .is_empty()
+                            {
+                                break;
+                            }
+                        }
+                        self.framing = Framing::Done;
+                        return Ok(None);
+                    }
+                    self.framing = Framing::Chunked {
+                        remaining: size,
+                        after_data: false,
+                    };
+                }
+                Framing::Chunked { remaining, .. } => {
+                    if self.buffered().is_empty() && self.fill()? == 0 {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "connection ended inside a chunk",
+                        ));
+                    }
+                    let n = self
+                        .buffered()
+                        .len()
+                        .min(max)
+                        .min(usize::try_from(remaining).unwrap_or(usize::MAX));
+                    let piece = self.buffered()[..n].to_vec();
+                    self.consume(n);
+                    self.framing = Framing::Chunked {
+                        remaining: remaining - n as u64,
+                        after_data: true,
+                    };
+                    return Ok(Some(piece));
+                }
+            }
+        }
+    }
+
+    /// Reads up to `n` body bytes (fewer only if the body ends first).
+    pub fn read_body_bytes(&mut self, n: usize) -> io::Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            match self.read_body_some(n - out.len())? {
+                Some(piece) => out.extend_from_slice(&piece),
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads the rest of the body into `sink` and says how it ended.
+    pub fn read_body_to_end(&mut self, mut sink: impl FnMut(&[u8])) -> BodyEnd {
+        // Bounded: every turn consumes at least one byte or ends.
+        loop {
+            match self.read_body_some(1 << 20) {
+                Ok(Some(piece)) => sink(&piece),
+                Ok(None) => return BodyEnd::Complete,
+                Err(error) => return BodyEnd::Aborted(error.to_string()),
+            }
+        }
+    }
+
+    /// Everything the server sends until it closes the connection, framing
+    /// ignored (e.g. to prove nothing follows a HEAD response).
+    pub fn read_to_close(&mut self) -> Vec<u8> {
+        let mut rest = self.buffered().to_vec();
+        self.start = self.buffer.len();
+        let _ = self.stream.read_to_end(&mut rest);
+        rest
+    }
+
+    /// A `Read` over the rest of the body; an abort is an `Err`.
+    pub fn body_reader(&mut self) -> BodyReader<'_> {
+        BodyReader {
+            connection: self,
+            pending: Vec::new(),
+            at: 0,
+        }
+    }
+}
+
+/// See [`RawConnection::body_reader`].
+pub struct BodyReader<'c> {
+    connection: &'c mut RawConnection,
+    pending: Vec<u8>,
+    at: usize,
+}
+
+impl Read for BodyReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.at == self.pending.len() {
+            match self.connection.read_body_some(1 << 20)? {
+                Some(piece) => {
+                    self.pending = piece;
+                    self.at = 0;
+                }
+                None => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.pending.len() - self.at);
+        out[..n].copy_from_slice(&self.pending[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
