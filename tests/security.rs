@@ -503,3 +503,32 @@ fn slashed_tags_name_a_flat_archive_and_a_quoted_file() {
         "{names:?}"
     );
 }
+
+/// An HTTP/1.0 client through the proxy waits for the whole generation,
+/// longer than `--header-timeout`, and gets it with a length; the archiver
+/// that took its time is not ejected for it.
+#[test]
+fn http_1_0_through_the_proxy_waits_for_a_slow_generation_without_ejecting() {
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    let stub = write_stub(
+        &sandbox,
+        "slow",
+        "printf '%257s' ''\nprintf 'ustar'\nsleep 2\nhead -c 1000 /dev/zero\nexit 0\n",
+    );
+    let archiver = Archiver::start(&sandbox.repos(), &["--git", stub.to_str().unwrap()]);
+    let routes = sandbox.path("routes.toml");
+    write_routes(&routes, &[Route::new("*", &archiver.base_url, &[])]);
+    let proxy = Proxy::with_routes(&routes, &["--header-timeout", "0.5"]);
+    let mut connection = RawConnection::connect(proxy.addr).unwrap();
+    connection
+        .send(b"GET /acme/widget/archive/main.tar HTTP/1.0\r\n\r\n")
+        .unwrap();
+    let head = connection.read_head().unwrap();
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("content-length"), Some("1262"));
+    assert_eq!(
+        proxy.scrape().sum("gitball_proxy_upstream_ejected", &[]),
+        0.0
+    );
+}

@@ -449,8 +449,11 @@ fn bound_child(command: &mut Command, limits: &Limits) {
         // The archiver may have died before the line above: then no signal
         // will come.
         if nix::unistd::getppid().as_raw() as u32 != parent {
-            return Err(io::Error::other("the archiver is gone"));
+            // Not `io::Error::other`: nothing may allocate here.
+            return Err(io::Error::from_raw_os_error(nix::libc::ESRCH));
         }
+        // SIGXCPU would dump core: a runaway git leaves nothing on disk.
+        setrlimit(Resource::RLIMIT_CORE, 0, 0)?;
         if let Some(bytes) = memory {
             setrlimit(Resource::RLIMIT_DATA, bytes, bytes)?;
         }

@@ -70,6 +70,8 @@ async fn render_metrics(State(app): State<Arc<App>>, method: Method) -> Response
 /// Everything about an archive that its headers say.
 struct Resolution {
     request: ArchiveRequest,
+    /// The repository, when the commit must be shown reachable first.
+    reachability: Option<Arc<crate::repo::Repository>>,
     resolved: Resolved,
     spec: Spec,
     filename: String,
@@ -173,6 +175,16 @@ async fn serve(app: &App, request: &Parts, log: &mut RequestLog) -> Result<Answe
     let archive = archive?;
     let resolution = resolve(app, request, archive)?;
     log.commit = Some(resolution.resolved.commit.clone());
+    if let Some(repository) = resolution.reachability.clone() {
+        let commit = resolution.resolved.commit.clone();
+        let reached = tokio::task::spawn_blocking(move || repository.reaches(&commit))
+            .await
+            .map_err(Error::internal)??;
+        // Otherwise as unknown as a commit that does not exist.
+        if !reached {
+            return Err(Error::RefNotFound);
+        }
+    }
     let headers = &request.headers;
 
     let validators = Validators {
@@ -300,15 +312,13 @@ fn resolve(app: &App, request: &Parts, archive: ArchiveRequest) -> Result<Resolu
         .transpose()?;
     let repository = app.repos.open(&archive.owner, &archive.repo)?;
     let resolved = repository.resolve(&archive.reference)?;
-    // A commit asked for by its id must be one this repository publishes:
-    // otherwise it is as unknown as a commit that does not exist.
-    if app.require_reachable
+    // A commit asked for by its id must be one this repository publishes
+    // (checked by `serve`, off the runtime: the first check after a push
+    // walks the history).
+    let reachability = (app.require_reachable
         && resolved.kind == RefKind::Commit
-        && archive.reference.bytes().all(|b| b.is_ascii_hexdigit())
-        && !repository.reaches(&resolved.commit)?
-    {
-        return Err(Error::RefNotFound);
-    }
+        && archive.reference.bytes().all(|b| b.is_ascii_hexdigit()))
+    .then(|| repository.clone());
     if let Some(subtree) = &subtree
         && !repository.has_path(&resolved.commit, subtree)?
     {
@@ -347,6 +357,7 @@ fn resolve(app: &App, request: &Parts, archive: ArchiveRequest) -> Result<Resolu
     let filename = format!("{name}.{}", archive.format.ext());
     Ok(Resolution {
         request: archive,
+        reachability,
         resolved,
         spec,
         filename,

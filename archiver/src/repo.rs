@@ -157,7 +157,9 @@ impl Repositories {
                 let owner_dir = self.root.join(owner);
                 for candidate in [owner_dir.join(format!("{name}.git")), owner_dir.join(name)] {
                     if let Some(repository) = open_candidate(&candidate, Some(&self.root))? {
-                        if !self.is_canonical(&candidate, owner, name) {
+                        if !self.is_canonical(&candidate, owner, name)
+                            || !self.is_own_git_dir(&repository, owner, name)
+                        {
                             tracing::warn!(
                                 repository = %format_args!("{owner}/{name}"),
                                 path = %candidate.display(),
@@ -211,6 +213,23 @@ impl Repositories {
     }
 }
 
+impl Repositories {
+    /// Whether the repository's git dir is its own: `DIR/{owner}/{name}.git`,
+    /// `DIR/{owner}/{name}` (bare) or `DIR/{owner}/{name}/.git`, with objects
+    /// and refs in it. A `.git` file or a linked work tree pointing at
+    /// another repository's git dir would otherwise give that repository a
+    /// second name.
+    fn is_own_git_dir(&self, repository: &Repository, owner: &str, name: &str) -> bool {
+        let owner_dir = self.root.join(owner);
+        let own = [
+            owner_dir.join(format!("{name}.git")),
+            owner_dir.join(name),
+            owner_dir.join(name).join(".git"),
+        ];
+        own.contains(&repository.git_dir) && repository.common_dir == repository.git_dir
+    }
+}
+
 /// How deep git follows alternates of alternates (its own limit).
 const MAX_ALTERNATE_DEPTH: usize = 5;
 
@@ -220,25 +239,45 @@ const MAX_ALTERNATE_DEPTH: usize = 5;
 /// shared pool is inside `--repos` is fine; an alternate elsewhere would
 /// serve objects the operator never put under `--repos`.
 fn alternates_inside(common_dir: &Path, root: &Path) -> Result<(), PathBuf> {
+    // What git reads beside the objects: each must itself stay inside (a
+    // symlinked `objects` or `refs` would lead out as surely as an
+    // alternate).
+    for part in ["objects", "refs", "packed-refs"] {
+        let path = common_dir.join(part);
+        match fs::canonicalize(&path) {
+            Ok(canonical) if canonical.starts_with(root) => {}
+            Err(error) if part == "packed-refs" && error.kind() == io::ErrorKind::NotFound => {}
+            _ => return Err(path),
+        }
+    }
     let mut pending = vec![(common_dir.join("objects"), 0)];
     while let Some((objects, depth)) = pending.pop() {
-        let Ok(list) = fs::read_to_string(objects.join("info/alternates")) else {
-            continue;
+        let list = match fs::read(objects.join("info/alternates")) {
+            Ok(list) => list,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
+            Err(_) => return Err(objects.join("info/alternates")),
         };
-        for line in list.lines().map(str::trim) {
-            if line.is_empty() || line.starts_with('#') {
+        // Split as git does: on newlines only, nothing trimmed. A line git
+        // would read differently from us (C-quoted, not UTF-8) or that does
+        // not lead to an existing directory is refused rather than skipped:
+        // an entry we cannot check is an entry we cannot allow.
+        for line in list.split(|&byte| byte == b'\n') {
+            if line.is_empty() || line.starts_with(b"#") {
                 continue;
             }
-            let alternate = objects.join(line);
-            // A missing alternate is skipped by git too; only one that
-            // exists can serve objects.
-            let Ok(canonical) = fs::canonicalize(&alternate) else {
-                continue;
+            let Ok(line) = std::str::from_utf8(line) else {
+                return Err(objects.join("info/alternates"));
             };
-            if !canonical.starts_with(root) || depth >= MAX_ALTERNATE_DEPTH {
+            let alternate = objects.join(line);
+            if line.starts_with('"') || depth >= MAX_ALTERNATE_DEPTH {
                 return Err(alternate);
             }
-            pending.push((canonical, depth + 1));
+            match fs::canonicalize(&alternate) {
+                Ok(canonical) if canonical.starts_with(root) => {
+                    pending.push((canonical, depth + 1));
+                }
+                _ => return Err(alternate),
+            }
         }
     }
     Ok(())
@@ -302,7 +341,10 @@ fn open_candidate(path: &Path, confine_to: Option<&Path>) -> Result<Option<Repos
         return Ok(None);
     }
 
+    // Replace refs off, as for `git --no-replace-objects`: what gix reads
+    // (the tree behind `substitutes`, reachability) must be what git archives.
     let repo = gix::open::Options::isolated()
+        .config_overrides(["core.useReplaceRefs=false"])
         .open(directory.as_path())
         .map_err(|err| Error::internal(format_args!("opening {}: {err}", directory.display())))?;
     let git_dir = fs::canonicalize(repo.git_dir()).map_err(|err| {
@@ -1331,6 +1373,17 @@ mod tests {
         assert_repo_not_found(&repositories, "corp", "widget");
         assert_repo_not_found(&repositories, "acme", "gadget.git");
         assert_repo_not_found(&repositories, "acme", "widget.git");
+
+        // A `.git` file leading to another repository's git dir is an alias
+        // too.
+        let gitfile = fixture.root.join("acme/gitfile");
+        fs::create_dir_all(&gitfile).unwrap();
+        fs::write(
+            gitfile.join(".git"),
+            format!("gitdir: {}\n", fixture.widget.join(".git").display()),
+        )
+        .unwrap();
+        assert_repo_not_found(&fixture.repositories(), "acme", "gitfile");
     }
 
     #[test]
@@ -1375,10 +1428,35 @@ mod tests {
         )
         .unwrap();
 
+        // git reads C-quoted entries too: one we cannot check is refused.
+        git(
+            &fixture.root,
+            &["clone", "-q", "--bare", "acme/widget", "acme/quoted.git"],
+        );
+        fs::write(
+            fixture.root.join("acme/quoted.git/objects/info/alternates"),
+            format!(
+                "\"{}\"\n",
+                fixture.base.join("outside/secret/.git/objects").display()
+            ),
+        )
+        .unwrap();
+        // An objects directory that is itself a symlink out.
+        git(
+            &fixture.root,
+            &["clone", "-q", "--bare", "acme/widget", "acme/linked.git"],
+        );
+        let objects = fixture.root.join("acme/linked.git/objects");
+        fs::remove_dir_all(&objects).unwrap();
+        std::os::unix::fs::symlink(fixture.base.join("outside/secret/.git/objects"), &objects)
+            .unwrap();
+
         let repositories = fixture.repositories();
         repositories.open("acme", "fork").unwrap();
         assert_repo_not_found(&repositories, "acme", "leaky");
         assert_repo_not_found(&repositories, "acme", "chained");
+        assert_repo_not_found(&repositories, "acme", "quoted");
+        assert_repo_not_found(&repositories, "acme", "linked");
     }
 
     #[test]

@@ -269,7 +269,10 @@ impl Forwarder {
             last_upstream = Some(candidate.upstream.clone());
             let (outcome, response) = self.attempt(candidate, request).await;
             crate::metrics::upstream_attempt(&candidate.upstream, outcome.as_str());
-            if outcome.is_failure() {
+            // A complete-only request waits for a whole generation: running
+            // long is no sign of a broken archiver.
+            let slow_but_sane = request.wants_length() && matches!(outcome, Outcome::HeaderTimeout);
+            if outcome.is_failure() && !slow_but_sane {
                 self.health.failed(&candidate.upstream);
             } else {
                 self.health.succeeded(&candidate.upstream);
@@ -355,7 +358,12 @@ impl Forwarder {
                 .insert(http::header::AUTHORIZATION, authorization.clone());
         }
         let send = self.client.request(upstream_request);
-        match tokio::time::timeout(self.header_timeout, send).await {
+        let header_timeout = if request.wants_length() {
+            self.header_timeout.max(COMPLETE_ARCHIVE_TIMEOUT)
+        } else {
+            self.header_timeout
+        };
+        match tokio::time::timeout(header_timeout, send).await {
             Err(_elapsed) => (Outcome::HeaderTimeout, None),
             Ok(Err(error)) => {
                 let outcome = classify_error(&error);
@@ -364,6 +372,20 @@ impl Forwarder {
             }
             Ok(Ok(response)) => (classify(response.status(), candidate.role), Some(response)),
         }
+    }
+}
+
+/// How long a request for a complete archive (an HTTP/1.0 client's, see
+/// `X-Gitball-Want-Length`) may wait for the response head: the archiver
+/// answers only when the generation is done, so this covers its default
+/// queue and generation timeouts (30 s + 600 s).
+pub const COMPLETE_ARCHIVE_TIMEOUT: Duration = Duration::from_secs(630);
+
+impl UpstreamRequest {
+    /// The archiver answers only once the archive is complete.
+    pub fn wants_length(&self) -> bool {
+        self.headers
+            .contains_key(gitball_core::protocol::X_GITBALL_WANT_LENGTH)
     }
 }
 
