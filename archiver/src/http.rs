@@ -177,7 +177,9 @@ async fn serve(app: &App, request: &Parts, log: &mut RequestLog) -> Result<Answe
     log.commit = Some(resolution.resolved.commit.clone());
     if let Some(repository) = resolution.reachability.clone() {
         let commit = resolution.resolved.commit.clone();
-        let reached = tokio::task::spawn_blocking(move || repository.reaches(&commit))
+        // The refs digest, if `resolve` took one for the cache key.
+        let refs = resolution.spec.refs.clone();
+        let reached = tokio::task::spawn_blocking(move || repository.reaches(&commit, refs))
             .await
             .map_err(Error::internal)??;
         // Otherwise as unknown as a commit that does not exist.

@@ -535,10 +535,16 @@ impl Repository {
     /// The set of reachable commits is computed once per refs state (one
     /// walk of the history, using the commit-graph when there is one) and
     /// kept until a ref changes: about 30 bytes per commit.
-    pub fn reaches(&self, commit: &str) -> Result<bool, Error> {
+    ///
+    /// `refs` is the digest of the refs when the caller already took it
+    /// (`refs_digest`); the listing is not repeated then.
+    pub fn reaches(&self, commit: &str, refs: Option<String>) -> Result<bool, Error> {
         let id = ObjectId::from_hex(commit.as_bytes())
             .map_err(|err| Error::internal(format_args!("commit id {commit:?}: {err}")))?;
-        let refs = self.refs_digest()?;
+        let refs = match refs {
+            Some(refs) => refs,
+            None => self.refs_digest()?,
+        };
         {
             let reachable = self
                 .reachable
