@@ -1067,8 +1067,15 @@ fn blackholed(fleet: &mut Fleet, prometheus: &Prometheus, load: &Load) -> Report
         "firing",
         Duration::from_secs(30),
     )?;
-    let ejected_alert =
-        prometheus.alert_state("GitballProxyUpstreamEjected", "upstream", &victim_url);
+    let ejected_alert = prometheus
+        .wait_alert(
+            "GitballProxyUpstreamEjected",
+            "upstream",
+            &victim_url,
+            "firing",
+            Duration::from_secs(15),
+        )
+        .map(|took| format!("firing {:.0} s later", took.as_secs_f64()))?;
 
     // Only this scenario's requests may reach the victim while it is watched.
     load.pause();
@@ -1562,8 +1569,11 @@ fn routes_reload(fleet: &mut Fleet, _prometheus: &Prometheus, load: &Load) -> Re
         })
         .collect();
     ready.wait();
-    let requests =
-        |index: usize| scrape(archiver_addr(index)).sum("gitball_archiver_requests_total", &[]);
+    // The downloads in flight are tar; the requests after each reload are
+    // zip, so each archiver's zip count says where new requests went.
+    let requests = |index: usize| {
+        scrape(archiver_addr(index)).sum("gitball_archiver_requests_total", &[("format", "zip")])
+    };
     load.pause();
     let result = move_and_break(fleet, &moved, old, new, requests);
     load.resume();
@@ -1615,14 +1625,15 @@ fn move_and_break(
 ) -> Result<(Vec<Seen>, Vec<Seen>, Counts), String> {
     fleet.reload_routes(&base_routes(new), "ok")?;
     let (old_before, new_before) = (requests(old), requests(new));
+    let moved_zip = Archive::new(&moved.repo, &moved.tag, "zip");
     let after_move: Vec<Seen> = (0..2)
-        .map(|proxy| download(proxy_addr(proxy), moved, &fleet.expected))
+        .map(|proxy| download(proxy_addr(proxy), &moved_zip, &fleet.expected))
         .collect();
     let (old_after, new_after) = (requests(old), requests(new));
 
     fleet.reload_routes("[[route]]\nrepos = \"mv/*\"\nprimary = ", "error")?;
     let after_broken: Vec<Seen> = (0..2)
-        .map(|proxy| download(proxy_addr(proxy), moved, &fleet.expected))
+        .map(|proxy| download(proxy_addr(proxy), &moved_zip, &fleet.expected))
         .collect();
     let new_after_broken = requests(new);
     Ok((
@@ -1917,6 +1928,24 @@ fn build_sources(sandbox: &Sandbox) -> PathBuf {
     sources
 }
 
+/// Copies every service's log out of the sandbox (removed at the end), for
+/// a failed run to be looked into.
+fn keep_logs(root: &Path) {
+    let kept = std::env::temp_dir().join(format!("gitball-fleet-logs-{}", std::process::id()));
+    let _ = fs::create_dir_all(&kept);
+    for host in dir_file_names(&root.join("hosts")) {
+        let dir = root.join("hosts").join(&host);
+        for sub in [dir.join("home"), dir.clone()] {
+            for name in dir_file_names(&sub) {
+                if name.ends_with(".log") {
+                    let _ = fs::copy(sub.join(&name), kept.join(format!("{host}-{name}")));
+                }
+            }
+        }
+    }
+    eprintln!("service logs kept in {}", kept.display());
+}
+
 fn print_table(rows: &[Row]) {
     println!();
     println!("fleet under faults");
@@ -2177,6 +2206,12 @@ fn fleet_survives_faults() {
     // The services stop with `fleet` (each process on drop), then the
     // mounts and the namespaces.
     drop(fleet);
+    let failed_any = rows
+        .as_ref()
+        .map_or(true, |rows| rows.iter().any(|r| !r.pass));
+    if failed_any {
+        keep_logs(&root);
+    }
     drop(mounts);
     let rows = match rows {
         Ok(rows) => rows,
