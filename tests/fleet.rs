@@ -59,6 +59,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(3);
 const EJECT_FOR: Duration = Duration::from_secs(4);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// What a wait bounded by one of the flags above may take on top of it on
+/// a loaded 2-core machine with debug builds (a cache hit has been seen to
+/// take 4 s there). The assertions check the mechanism (which attempt
+/// outcome was counted) and a lower bound where it matters; upper bounds
+/// get this margin, and the table reports the times measured.
+const LOAD_MARGIN: Duration = Duration::from_secs(15);
 
 /// fs1's cache is a tmpfs this small (scenario 5); its --cache-max-bytes is
 /// larger, as on a misconfigured server.
@@ -172,12 +178,15 @@ impl Archive {
     }
 }
 
+/// Repository, tag and git format.
+type ExpectedKey = (String, String, &'static str);
+
 /// `git archive` output of each archive, computed once from the source
 /// repositories.
 struct Expected {
     sources: PathBuf,
     home: PathBuf,
-    archives: Mutex<HashMap<(String, String, &'static str), Arc<Vec<u8>>>>,
+    archives: Mutex<HashMap<ExpectedKey, Arc<Vec<u8>>>>,
 }
 
 impl Expected {
@@ -418,6 +427,18 @@ fn download_balanced(first: usize, archive: &Archive, expected: &Expected) -> Se
         return download(proxy_addr(1 - first), archive, expected);
     }
     seen
+}
+
+/// Attempts at `upstream` with `outcome`, summed over both proxies.
+fn attempts(upstream: &str, outcome: &str) -> f64 {
+    (0..PROXIES.len())
+        .map(|p| {
+            scrape(proxy_addr(p)).value(
+                "gitball_proxy_upstream_attempts_total",
+                &[("upstream", upstream), ("outcome", outcome)],
+            )
+        })
+        .sum()
 }
 
 fn proxy_addr(index: usize) -> SocketAddr {
@@ -957,6 +978,17 @@ impl Fleet {
         if fs::read_to_string(&self.routes_path).unwrap_or_default() != base_routes(1) {
             let _ = self.reload_routes(&base_routes(1), "ok");
         }
+        // The next scenario starts with every upstream in use: ejections
+        // expire after --eject-for (a scrape notices the expiry).
+        let clear = wait_until(EJECT_FOR + Duration::from_secs(3), || {
+            (0..PROXIES.len())
+                .map(|p| scrape(proxy_addr(p)).sum("gitball_proxy_upstream_ejected", &[]))
+                .sum::<f64>()
+                == 0.0
+        });
+        if !clear {
+            eprintln!("an upstream is still ejected after healing");
+        }
     }
 
     /// Sum of a counter over every archiver (scraped directly).
@@ -1023,7 +1055,7 @@ fn tally(seen: &[Seen]) -> String {
         .join(", ")
 }
 
-/// 1. A file server blackholed (iptables DROP in its namespace).
+/// Scenario 1: A file server blackholed (iptables DROP in its namespace).
 fn blackholed(fleet: &mut Fleet, prometheus: &Prometheus, load: &Load) -> Report {
     let repo = SMALL_REPOS[0];
     let victim = star_candidates(repo)[0];
@@ -1035,6 +1067,8 @@ fn blackholed(fleet: &mut Fleet, prometheus: &Prometheus, load: &Load) -> Report
         "before the fault",
     )?;
 
+    let timeouts_before =
+        attempts(&victim_url, "connect_timeout") + attempts(&victim_url, "header_timeout");
     fleet.network.blackhole(host);
     let mut seen = Vec::new();
     let mut slowest = Duration::ZERO;
@@ -1046,7 +1080,12 @@ fn blackholed(fleet: &mut Fleet, prometheus: &Prometheus, load: &Load) -> Report
     all_ok(&seen, "requests routed to the blackholed server")?;
     // A fresh connection fails over after --connect-timeout; a request that
     // went out on a pooled keep-alive connection waits --header-timeout.
-    let bound = HEADER_TIMEOUT + Duration::from_secs(2);
+    let timeouts =
+        attempts(&victim_url, "connect_timeout") + attempts(&victim_url, "header_timeout");
+    ensure(timeouts > timeouts_before, || {
+        "no connect_timeout or header_timeout attempt counted for the blackholed server".to_owned()
+    })?;
+    let bound = HEADER_TIMEOUT + LOAD_MARGIN;
     ensure(slowest <= bound, || {
         format!("failover took {slowest:?}, more than {bound:?}")
     })?;
@@ -1084,7 +1123,7 @@ fn blackholed(fleet: &mut Fleet, prometheus: &Prometheus, load: &Load) -> Report
     fleet.network.restore(host);
     let lifted = Instant::now();
     let before = scrape(archiver_addr(victim)).sum("gitball_archiver_requests_total", &[]);
-    let back = wait_until(EJECT_FOR + Duration::from_secs(3), || {
+    let back = wait_until(EJECT_FOR + LOAD_MARGIN, || {
         let _ = download(proxy_addr(0), &archive, &fleet.expected);
         scrape(archiver_addr(victim)).sum("gitball_archiver_requests_total", &[]) > before
     });
@@ -1093,7 +1132,7 @@ fn blackholed(fleet: &mut Fleet, prometheus: &Prometheus, load: &Load) -> Report
     ensure(back, || {
         format!(
             "{host} not used again within {:?} of the fault's end",
-            EJECT_FOR + Duration::from_secs(3)
+            EJECT_FOR + LOAD_MARGIN
         )
     })?;
     let resolved = prometheus.wait_alert(
@@ -1118,7 +1157,7 @@ fn blackholed(fleet: &mut Fleet, prometheus: &Prometheus, load: &Load) -> Report
     ))
 }
 
-/// 2. A file server refuses connections (its archiver stopped).
+/// Scenario 2: A file server refuses connections (its archiver stopped).
 fn refused(fleet: &mut Fleet, prometheus: &Prometheus, _load: &Load) -> Report {
     let repo = SMALL_REPOS[1];
     let victim = star_candidates(repo)[0];
@@ -1148,8 +1187,8 @@ fn refused(fleet: &mut Fleet, prometheus: &Prometheus, _load: &Load) -> Report {
         slowest = slowest.max(started.elapsed());
     }
     all_ok(&seen, "requests routed to the stopped server")?;
-    ensure(slowest < CONNECT_TIMEOUT, || {
-        format!("failover took {slowest:?}: not immediate")
+    ensure(slowest < LOAD_MARGIN, || {
+        format!("failover took {slowest:?}")
     })?;
     let refused_after: f64 = (0..2)
         .map(|p| {
@@ -1203,7 +1242,7 @@ fn refused(fleet: &mut Fleet, prometheus: &Prometheus, _load: &Load) -> Report {
     ))
 }
 
-/// 3. A file server hangs (SIGSTOP on its archiver).
+/// Scenario 3: A file server hangs (SIGSTOP on its archiver).
 fn hangs(fleet: &mut Fleet, prometheus: &Prometheus, load: &Load) -> Report {
     let victim = star_candidates(BIG_REPO)[0];
     let big = Archive::new(BIG_REPO, "v1", "tar");
@@ -1222,6 +1261,14 @@ fn hangs(fleet: &mut Fleet, prometheus: &Prometheus, load: &Load) -> Report {
         .read_some(1 << 20)
         .map_err(|seen| format!("the streaming download: {seen:?}"))?;
 
+    let streams = scrape(archiver_addr(victim)).value("gitball_archiver_active_downloads", &[]);
+    ensure(streams >= 1.0, || {
+        format!(
+            "the download is not streaming from {}",
+            FILE_SERVERS[victim].0
+        )
+    })?;
+    let header_timeouts_before = attempts(&archiver_url(victim), "header_timeout");
     fleet.archiver(victim).signal(Signal::SIGSTOP);
     let stopped = Instant::now();
     let started = Instant::now();
@@ -1245,7 +1292,8 @@ fn hangs(fleet: &mut Fleet, prometheus: &Prometheus, load: &Load) -> Report {
     fleet.archiver(victim).signal(Signal::SIGCONT);
     let continued = Instant::now();
     let before = scrape(archiver_addr(victim)).sum("gitball_archiver_requests_total", &[]);
-    let back = wait_until(EJECT_FOR + Duration::from_secs(3), || {
+    let header_timeouts = attempts(&archiver_url(victim), "header_timeout");
+    let back = wait_until(EJECT_FOR + LOAD_MARGIN, || {
         let _ = download(proxy_addr(1), &small, &fleet.expected);
         scrape(archiver_addr(victim)).sum("gitball_archiver_requests_total", &[]) > before
     });
@@ -1260,8 +1308,9 @@ fn hangs(fleet: &mut Fleet, prometheus: &Prometheus, load: &Load) -> Report {
     );
     all_ok(&[new_request], "the request without a head")?;
     ensure(
-        failover >= HEADER_TIMEOUT - Duration::from_millis(500)
-            && failover <= HEADER_TIMEOUT + Duration::from_secs(2),
+        header_timeouts > header_timeouts_before
+            && failover >= HEADER_TIMEOUT - Duration::from_millis(500)
+            && failover <= HEADER_TIMEOUT + LOAD_MARGIN,
         || format!("failover after {failover:?}, not about --header-timeout: {clients}"),
     )?;
     ensure(matches!(streaming_seen, Seen::Aborted(_)), || {
@@ -1273,7 +1322,7 @@ fn hangs(fleet: &mut Fleet, prometheus: &Prometheus, load: &Load) -> Report {
     Ok((clients, alert))
 }
 
-/// 4. An archiver killed mid-generation and restarted on its warm cache.
+/// Scenario 4: An archiver killed mid-generation and restarted on its warm cache.
 fn killed_mid_generation(fleet: &mut Fleet, prometheus: &Prometheus, load: &Load) -> Report {
     // mv/* has one candidate (fs2), so the retry goes to the restarted
     // archiver itself.
@@ -1369,7 +1418,7 @@ fn kill_while_generating(
     ))
 }
 
-/// 5. The cache disk (a small tmpfs) fills during a generation.
+/// Scenario 5: The cache disk (a small tmpfs) fills during a generation.
 fn disk_full(fleet: &mut Fleet, prometheus: &Prometheus, _load: &Load) -> Report {
     let server = 0;
     let addr = archiver_addr(server);
@@ -1446,7 +1495,7 @@ fn disk_full(fleet: &mut Fleet, prometheus: &Prometheus, _load: &Load) -> Report
     ))
 }
 
-/// 6. A proxy stopped (SIGTERM) with downloads in flight.
+/// Scenario 6: A proxy stopped (SIGTERM) with downloads in flight.
 fn proxy_restart(fleet: &mut Fleet, prometheus: &Prometheus, _load: &Load) -> Report {
     let big = Archive::new(BIG_REPO, "v1", "tar");
     all_ok(&[download(proxy_addr(0), &big, &fleet.expected)], "warming")?;
@@ -1491,9 +1540,7 @@ fn proxy_restart(fleet: &mut Fleet, prometheus: &Prometheus, _load: &Load) -> Re
         .into_iter()
         .map(|thread| thread.join().expect("a client thread"))
         .collect();
-    let exit = fleet
-        .proxy(0)
-        .wait_exit(SHUTDOWN_GRACE + Duration::from_secs(5));
+    let exit = fleet.proxy(0).wait_exit(SHUTDOWN_GRACE + LOAD_MARGIN);
     let exited_after = stopping.elapsed();
     let log = fleet.proxy(0).log();
     let down_seen = wait_until(Duration::from_secs(10), || {
@@ -1521,17 +1568,16 @@ fn proxy_restart(fleet: &mut Fleet, prometheus: &Prometheus, _load: &Load) -> Re
     ensure(exit.is_some_and(|status| status.success()), || {
         format!("the proxy's exit: {exit:?}")
     })?;
-    ensure(
-        exited_after <= SHUTDOWN_GRACE + Duration::from_secs(2),
-        || format!("the proxy took {exited_after:?} to exit"),
-    )?;
+    ensure(exited_after <= SHUTDOWN_GRACE + LOAD_MARGIN, || {
+        format!("the proxy took {exited_after:?} to exit")
+    })?;
     ensure(down_seen, || {
         "Prometheus never saw the proxy down".to_owned()
     })?;
     let drained = log
         .lines()
         .rev()
-        .find(|line| line.contains("drain"))
+        .find(|line| line.contains("shutdown:"))
         .map(|line| {
             serde_json::from_str::<serde_json::Value>(line)
                 .ok()
@@ -1543,7 +1589,10 @@ fn proxy_restart(fleet: &mut Fleet, prometheus: &Prometheus, _load: &Load) -> Re
                 })
                 .unwrap_or_else(|| line.to_owned())
         })
-        .unwrap_or_else(|| "no drain line".to_owned());
+        .unwrap_or_else(|| "no shutdown line".to_owned());
+    ensure(drained.contains("all downloads finished"), || {
+        format!("the proxy's drain: {drained}")
+    })?;
     Ok((
         clients,
         format!(
@@ -1553,7 +1602,7 @@ fn proxy_restart(fleet: &mut Fleet, prometheus: &Prometheus, _load: &Load) -> Re
     ))
 }
 
-/// 7. The routing table reloaded under load: a set moved to another
+/// Scenario 7: The routing table reloaded under load: a set moved to another
 /// primary, then a broken file.
 fn routes_reload(fleet: &mut Fleet, _prometheus: &Prometheus, load: &Load) -> Report {
     let moved = Archive::new(MOVED_REPO, "v1", "tar");
@@ -1662,7 +1711,7 @@ fn move_and_break(
     ))
 }
 
-/// 8. A slow, stalling link between the proxies and one file server.
+/// Scenario 8: A slow, stalling link between the proxies and one file server.
 fn slow_link(fleet: &mut Fleet, _prometheus: &Prometheus, _load: &Load) -> Report {
     let netem = fleet.network.netem_available(FILE_SERVERS[1].0);
     let throttle = Throttle {
@@ -1728,7 +1777,7 @@ fn slow_link(fleet: &mut Fleet, _prometheus: &Prometheus, _load: &Load) -> Repor
     ))
 }
 
-/// 9. A release rush: 500 clients over both proxies ask for one new tag's
+/// Scenario 9: A release rush: 500 clients over both proxies ask for one new tag's
 /// archive at once.
 fn release_rush(fleet: &mut Fleet, _prometheus: &Prometheus, load: &Load) -> Report {
     let repo = SMALL_REPOS[2];

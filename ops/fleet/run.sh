@@ -22,14 +22,19 @@ cleanup() {
             kill -KILL "$pid" 2>/dev/null || true
         done
     done
+    # A killed run's tmpfs (…/gitball-e2e-XXXX/hosts/fs1/cache) and sandbox.
     awk '$1 == "gitball-fleet" {print $2}' /proc/mounts | while read -r mountpoint; do
         umount "$mountpoint" 2>/dev/null || umount -l "$mountpoint" || true
+        case $mountpoint in
+            */gitball-e2e-*/hosts/*/cache) rm -rf "${mountpoint%/hosts/*}" ;;
+        esac
     done
     for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^${prefix}-" || true); do
         ip netns del "$ns" || true
     done
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 cleanup
 
 if [ "$(id -u)" -ne 0 ]; then
