@@ -94,7 +94,9 @@ pub struct Config {
     #[arg(long, env = "GITBALL_CONNECT_TIMEOUT", default_value = "2", value_parser = parse_seconds)]
     pub connect_timeout: Duration,
 
-    /// Seconds to wait for an upstream's response headers, per attempt (connecting included).
+    /// Seconds to wait for an upstream's response headers, per attempt (connecting included),
+    /// and for each next piece of its body while the client waits for one (then the download is
+    /// aborted).
     #[arg(long, env = "GITBALL_HEADER_TIMEOUT", default_value = "60", value_parser = parse_seconds)]
     pub header_timeout: Duration,
 

@@ -249,6 +249,11 @@ impl Forwarder {
         &self.health
     }
 
+    /// `--header-timeout`, which also bounds each wait for a body chunk.
+    pub fn header_timeout(&self) -> Duration {
+        self.header_timeout
+    }
+
     /// Tries `candidates` in order until one gives a usable response.
     /// `all_ejected` says every candidate was ejected before this request.
     pub async fn forward(

@@ -207,6 +207,7 @@ fn respond(state: &AppState, request: &Parts, answer: Answer, mut log: RequestLo
                 answer.upstream,
                 state.forwarder.health().clone(),
                 state.client_idle_timeout,
+                state.forwarder.header_timeout(),
                 move |end| {
                     log.ending = Some(end.ending);
                     log.bytes = end.bytes;

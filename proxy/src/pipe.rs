@@ -26,7 +26,10 @@
 //!   returns an error so hyper aborts the client connection.
 //!   `gitball_proxy_client_idle_timeouts_total`.
 //! - **aborted**: the upstream body failed midway (archiver died,
-//!   connection reset, body shorter than its `Content-Length`). The stream
+//!   connection reset, body shorter than its `Content-Length`, or no byte
+//!   from the upstream for `--header-timeout` while the client waits for
+//!   one: a hung archiver, whose kernel still holds the connection open,
+//!   would otherwise hold the download forever). The stream
 //!   returns an error, so hyper aborts the client connection: a truncated
 //!   archive never ends like a complete one. The upstream is ejected.
 //!   `gitball_proxy_upstream_aborts_total`.
@@ -81,6 +84,11 @@ pub enum PipeError {
     #[error("the upstream body failed: {0}")]
     Upstream(#[source] UpstreamError),
 }
+
+/// The upstream sent no body bytes for this long while the client waited.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream sent nothing for {0:?}")]
+pub struct UpstreamSilent(pub Duration);
 
 /// Why the upstream body failed (a `hyper::Error` from the client; boxed
 /// so the tests can stand in any error).
@@ -142,11 +150,14 @@ impl Pipe {
     /// Starts piping `response`'s body. `on_end` is called exactly once,
     /// when the download ends by any path. Must be called inside a tokio
     /// runtime (it spawns the idle watchdog).
+    /// `upstream_silence` bounds each wait for the upstream's next chunk
+    /// (`--header-timeout`).
     pub fn new(
         response: UpstreamResponse,
         upstream_name: Arc<str>,
         health: Arc<Health>,
         idle_timeout: Duration,
+        upstream_silence: Duration,
         on_end: impl FnOnce(End) + Send + 'static,
     ) -> Pipe {
         let expected_bytes = body_length(&response);
@@ -155,7 +166,7 @@ impl Pipe {
             .into_data_stream()
             .map(|chunk| chunk.map_err(UpstreamError::from));
         Pipe::from_stream(
-            Box::pin(body),
+            fail_when_silent(Box::pin(body), upstream_silence),
             expected_bytes,
             upstream_name,
             health,
@@ -202,6 +213,25 @@ impl Pipe {
         self.connection_stalled = stalled;
         self
     }
+}
+
+/// `body`, failing with [`UpstreamSilent`] when a chunk asked for does not
+/// come within `limit`. The clock runs only while the pipe waits for the
+/// upstream, that is while the client is ready for more: a slow client
+/// never makes its upstream look silent.
+fn fail_when_silent(body: UpstreamBody, limit: Duration) -> UpstreamBody {
+    Box::pin(futures_util::stream::unfold(
+        Some(body),
+        move |body| async move {
+            let mut body = body?;
+            match tokio::time::timeout(limit, body.next()).await {
+                Ok(Some(item)) => Some((item, Some(body))),
+                Ok(None) => None,
+                // The body is dropped here: its connection closes now.
+                Err(_) => Some((Err(UpstreamError::from(UpstreamSilent(limit))), None)),
+            }
+        },
+    ))
 }
 
 /// Drops the upstream body when the client has not asked for a chunk for
@@ -503,6 +533,68 @@ mod tests {
         assert!(Pin::new(&mut pipe).poll_next(&mut cx).is_pending());
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!dropped.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn upstream_silent_midway_is_an_abort_not_a_hang() {
+        let dropped = Arc::new(AtomicBool::new(false));
+        let ended = Arc::new(Mutex::new(None));
+        // One chunk, then nothing: a stopped archiver's connection.
+        let upstream = Tracked {
+            chunks: vec![Ok(Bytes::from_static(b"abc"))].into_iter(),
+            dropped: dropped.clone(),
+            pending_at_end: true,
+        };
+        let record = ended.clone();
+        let health = Arc::new(Health::new(Duration::from_secs(10)));
+        let mut pipe = Pipe::from_stream(
+            fail_when_silent(Box::pin(upstream), Duration::from_secs(3)),
+            None,
+            Arc::from("http://upstream:1"),
+            health.clone(),
+            Duration::from_secs(60),
+            move |end| *record.lock().unwrap() = Some(end),
+        );
+        assert!(pipe.next().await.unwrap().is_ok());
+        let started = Instant::now();
+        assert!(matches!(
+            pipe.next().await,
+            Some(Err(PipeError::Upstream(_)))
+        ));
+        assert_eq!(started.elapsed(), Duration::from_secs(3));
+        assert!(dropped.load(Ordering::SeqCst), "upstream released");
+        assert!(pipe.next().await.is_none());
+        assert_eq!(ended.lock().unwrap().unwrap().ending, Ending::Aborted);
+        assert!(health.is_ejected("http://upstream:1"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_client_does_not_make_its_upstream_silent() {
+        let (dropped, ended) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(None)));
+        let upstream = Tracked {
+            chunks: vec![
+                Ok(Bytes::from_static(b"abc")),
+                Ok(Bytes::from_static(b"def")),
+            ]
+            .into_iter(),
+            dropped: dropped.clone(),
+            pending_at_end: false,
+        };
+        let record = ended.clone();
+        let mut pipe = Pipe::from_stream(
+            fail_when_silent(Box::pin(upstream), Duration::from_secs(3)),
+            None,
+            Arc::from("http://upstream:1"),
+            Arc::new(Health::new(Duration::from_secs(10))),
+            Duration::from_secs(60),
+            move |end| *record.lock().unwrap() = Some(end),
+        );
+        assert!(pipe.next().await.unwrap().is_ok());
+        // The client takes 10 s before asking for more: not the upstream's fault.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(&pipe.next().await.unwrap().unwrap()[..], b"def");
+        assert!(pipe.next().await.is_none());
+        assert_eq!(ended.lock().unwrap().unwrap().ending, Ending::Complete);
     }
 
     #[tokio::test]

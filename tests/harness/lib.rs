@@ -20,6 +20,8 @@
 //! - [`encoding`]: SHA-256 hex, base64 and HTTP dates, to check headers.
 //! - [`fixtures`]: directories the tests of one binary share (built
 //!   repositories, warm cache dirs); never services.
+//! - [`netns`]: hosts in network namespaces, processes in them, tmpfs
+//!   mounts and a throttling relay, for the fleet test.
 //! - [`proxy`]: what `tests/proxy.rs` adds: the proxy, a cluster of
 //!   archivers behind it, signed tokens.
 
@@ -28,6 +30,7 @@ pub mod encoding;
 pub mod fixtures;
 pub mod git;
 pub mod metrics;
+pub mod netns;
 pub mod procfs;
 pub mod proxy;
 pub mod raw_http;
