@@ -306,6 +306,8 @@ impl Cache {
         let key = Cache::key(&spec);
         let mut index = self.lock();
         if let Some(found) = index.find(&key) {
+            // A hit may have moved bytes into the protected segment.
+            self.publish(&index);
             return Ok(found);
         }
         if self.cancel.is_cancelled() {
@@ -353,7 +355,10 @@ impl Cache {
 
     /// Like [`Cache::lookup`], but never starts a generation (for `HEAD`).
     pub fn peek(&self, spec: &Spec) -> Option<Lookup> {
-        self.lock().find(&Cache::key(spec))
+        let mut index = self.lock();
+        let found = index.find(&Cache::key(spec));
+        self.publish(&index);
+        found
     }
 
     /// The generation task: queue, run, then index or clean up.
