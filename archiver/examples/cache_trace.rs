@@ -235,11 +235,19 @@ struct Count {
     requests: u64,
 }
 
-/// Replays `trace`; popular hits and requests by phase (and `total`), and
-/// the bytes generated (the work misses cost).
-fn replay(model: &mut dyn Model, trace: &[Request]) -> (BTreeMap<&'static str, Count>, u64) {
+struct Replayed {
+    /// Popular hits and requests by phase (and `total`).
+    counts: BTreeMap<&'static str, Count>,
+    /// Bytes generated: the work misses cost.
+    generated: u64,
+    /// Generations that failed for want of room (too large).
+    failed: u64,
+}
+
+fn replay(model: &mut dyn Model, trace: &[Request]) -> Replayed {
     let mut counts: BTreeMap<&'static str, Count> = BTreeMap::new();
     let mut generated = 0;
+    let mut failed = 0;
     for request in trace {
         let key = match *request {
             Request::Popular { key, .. } | Request::Other(key) => key,
@@ -255,10 +263,14 @@ fn replay(model: &mut dyn Model, trace: &[Request]) -> (BTreeMap<&'static str, C
         if !hit {
             let len = size_of(key);
             generated += len;
-            model.generate(key, len);
+            failed += u64::from(!model.generate(key, len));
         }
     }
-    (counts, generated)
+    Replayed {
+        counts,
+        generated,
+        failed,
+    }
 }
 
 fn main() {
@@ -280,23 +292,31 @@ fn main() {
             }),
         ];
         for mut model in models {
-            let (counts, generated) = replay(model.as_mut(), trace);
-            let ratios: BTreeMap<&str, f64> = counts
+            let replayed = replay(model.as_mut(), trace);
+            let ratios: BTreeMap<&str, f64> = replayed
+                .counts
                 .iter()
                 .map(|(phase, c)| (*phase, c.hits as f64 / c.requests as f64))
                 .collect();
-            rows.push((*trace_name, model.name(), ratios, generated));
+            rows.push((
+                *trace_name,
+                model.name(),
+                ratios,
+                replayed.generated,
+                replayed.failed,
+            ));
         }
     }
     if json {
         let rows: Vec<_> = rows
             .iter()
-            .map(|(trace, policy, ratios, generated)| {
+            .map(|(trace, policy, ratios, generated, failed)| {
                 serde_json::json!({
                     "trace": trace,
                     "policy": policy,
                     "popular_hit_ratio": ratios,
                     "generated_bytes": generated,
+                    "failed_generations": failed,
                 })
             })
             .collect();
@@ -304,17 +324,17 @@ fn main() {
         return;
     }
     println!(
-        "| trace | policy | popular hit ratio: before | during scan | after | all | GiB generated |"
+        "| trace | policy | popular hit ratio: before scan | during scan | after scan | whole trace | GiB generated | generations failed (too large) |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     let cell = |ratios: &BTreeMap<&str, f64>, phase: &str| {
         ratios
             .get(phase)
             .map_or("–".to_owned(), |r| format!("{:.1} %", 100.0 * r))
     };
-    for (trace, policy, ratios, generated) in &rows {
+    for (trace, policy, ratios, generated, failed) in &rows {
         println!(
-            "| {trace} | {policy} | {} | {} | {} | {} | {:.1} |",
+            "| {trace} | {policy} | {} | {} | {} | {} | {:.1} | {failed} |",
             cell(ratios, "before"),
             cell(ratios, "scan"),
             cell(ratios, "after"),

@@ -10,6 +10,7 @@ are kept in the prose of BENCHMARKS.md ("Cache policy under a scan"), not in
 its generated section.
 
     python3 ops/bench/scenario_cache_trace.py        # or: ops/bench/run.sh --only trace
+    python3 ops/bench/scenario_cache_trace.py --dev  # debug build: same figures, no release build
 """
 
 import json
@@ -23,11 +24,12 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 PHASES = ("before", "scan", "after", "total")
 
 
-def replay(root=ROOT):
+def replay(root=ROOT, release=True):
     """The example's rows: trace, policy, popular_hit_ratio by phase,
-    generated_bytes."""
+    generated_bytes, failed_generations."""
+    profile = ["--release"] if release else []
     out = subprocess.run(
-        ["cargo", "run", "--release", "--quiet", "-p", "gitball-archiver", "--example", "cache_trace", "--", "--json"],
+        ["cargo", "run", *profile, "--quiet", "-p", "gitball-archiver", "--example", "cache_trace", "--", "--json"],
         cwd=root, check=True, capture_output=True, text=True,
     ).stdout
     return json.loads(out)
@@ -35,13 +37,13 @@ def replay(root=ROOT):
 
 def table(rows):
     lines = [
-        "| trace | policy | popular hit ratio: before scan | during scan | after scan | whole trace | GiB generated |",
-        "|---|---|---|---|---|---|---|",
+        "| trace | policy | popular hit ratio: before scan | during scan | after scan | whole trace | GiB generated | generations failed (too large) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         ratios = row["popular_hit_ratio"]
         cells = [f"{100 * ratios[p]:.1f} %" if p in ratios else "–" for p in PHASES]
-        lines.append(f"| {row['trace']} | {row['policy']} | {' | '.join(cells)} | {row['generated_bytes'] / 2**30:.1f} |")
+        lines.append(f"| {row['trace']} | {row['policy']} | {' | '.join(cells)} | {row['generated_bytes'] / 2**30:.1f} | {row['failed_generations']} |")
     return "\n".join(lines)
 
 
@@ -63,7 +65,7 @@ def scenario_cache_trace(ctx, results):
 
 
 def main(root=ROOT):
-    print(table(replay(root)))
+    print(table(replay(root, release="--dev" not in sys.argv[1:])))
     return 0
 
 
