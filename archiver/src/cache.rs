@@ -255,9 +255,9 @@ impl Cache {
             };
             // Oldest first: a file that replaces another of its key is the
             // newer one. The older leaves the disk and `bytes`: unindexed,
-            // it could never be evicted.
-            // Restored files enter probation (their popularity is not known
-            // yet), in this order: the oldest goes first.
+            // it could never be evicted. Restored files enter probation in
+            // this order (their popularity is not known yet): the oldest
+            // goes first.
             index.policy.insert(key.clone(), len);
             if let Some(older) = index.complete.insert(key, Arc::new(file)) {
                 if let Err(error) = std::fs::remove_file(&older.path) {

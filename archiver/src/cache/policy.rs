@@ -571,6 +571,35 @@ mod tests {
         assert!(policy.frequency(&1) >= 2);
     }
 
+    /// The keys of a long scan, each counted once, must not pass for
+    /// popular ones: that is what the sketch's conservative update and
+    /// short period are for (see the module docs).
+    #[test]
+    fn keys_of_a_scan_do_not_look_popular() {
+        let mut policy: Policy<u64> = Policy::new(128 << 20);
+        let popular = [1u64, 2, 3];
+        let mut looks_popular = 0;
+        for cold in 0..50_000u64 {
+            let key = 1_000_000 + cold;
+            policy.record(&key);
+            if policy.frequency(&key) >= 2 {
+                looks_popular += 1;
+            }
+            if cold % 100 == 0 {
+                for key in popular {
+                    policy.record(&key);
+                }
+            }
+        }
+        assert!(
+            looks_popular < 1000,
+            "{looks_popular} of 50,000 scan keys look popular"
+        );
+        for key in popular {
+            assert!(policy.frequency(&key) >= 2, "popular {key}");
+        }
+    }
+
     #[test]
     fn the_sketch_is_bounded_and_sized_from_the_bound() {
         let small: Policy<u32> = Policy::new(1 << 20);
