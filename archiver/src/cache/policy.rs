@@ -45,6 +45,15 @@
 //!
 //! Files are not this module's business: it names victims, the cache
 //! unlinks them and accounts the bytes readers still hold.
+//!
+//! Why not a crate (moka's W-TinyLFU, quick_cache): they take an entry's
+//! weight when it is inserted and decide admission then, evicting on their
+//! own schedule (moka's housekeeping runs later, its listener hears of an
+//! eviction after the fact). Here an archive grows for seconds before it
+//! is complete, must not be evicted meanwhile, counts against the bound as
+//! it grows, and the answer "no room" must reach the writer at once so the
+//! generation stops. That needs the room to be made synchronously, victim
+//! by victim, under the cache's lock: about a hundred lines.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 
