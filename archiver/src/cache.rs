@@ -188,13 +188,19 @@ struct Index {
 }
 
 impl Index {
-    /// A complete file (touched in the policy) or a generation under way.
-    /// Counts the request, whatever it finds.
-    fn find(&mut self, key: &str) -> Option<Lookup> {
+    /// A complete file or a generation under way. A `download` is
+    /// counted in the policy whatever it finds, and a hit touched; a peek
+    /// (`HEAD`) changes nothing, so a client that checks before it
+    /// downloads does not count twice.
+    fn find(&mut self, key: &str, download: bool) -> Option<Lookup> {
         let key = key.to_owned();
-        self.policy.record(&key);
+        if download {
+            self.policy.record(&key);
+        }
         if let Some(file) = self.complete.get(&key) {
-            self.policy.touch(&key);
+            if download {
+                self.policy.touch(&key);
+            }
             return Some(Lookup::Hit(file.clone()));
         }
         self.generating
@@ -305,7 +311,7 @@ impl Cache {
     pub fn lookup(self: &Arc<Self>, spec: Spec, request_id: &str) -> Result<Lookup, LookupError> {
         let key = Cache::key(&spec);
         let mut index = self.lock();
-        if let Some(found) = index.find(&key) {
+        if let Some(found) = index.find(&key, true) {
             // A hit may have moved bytes into the protected segment.
             self.publish(&index);
             return Ok(found);
@@ -355,10 +361,7 @@ impl Cache {
 
     /// Like [`Cache::lookup`], but never starts a generation (for `HEAD`).
     pub fn peek(&self, spec: &Spec) -> Option<Lookup> {
-        let mut index = self.lock();
-        let found = index.find(&Cache::key(spec));
-        self.publish(&index);
-        found
+        self.lock().find(&Cache::key(spec), false)
     }
 
     /// The generation task: queue, run, then index or clean up.
@@ -1247,6 +1250,25 @@ mod tests {
         assert!(!generation.partial.exists());
         assert_eq!(bytes(&cache), 0);
         assert!(cache.peek(&stub.spec(1)).is_none());
+    }
+
+    /// `HEAD` is not a download: it neither counts as a request nor
+    /// protects an archive.
+    #[tokio::test]
+    async fn a_peek_neither_counts_nor_protects() {
+        let stub = StubGit::printing(b"abc");
+        let cache = open(&stub, 1 << 20);
+        let key = Cache::key(&stub.spec(1));
+        assert!(cache.peek(&stub.spec(1)).is_none());
+        assert_eq!(cache.lock().policy.frequency(&key), 0);
+        generate(&cache, stub.spec(1)).await;
+        for _ in 0..3 {
+            assert!(matches!(cache.peek(&stub.spec(1)), Some(Lookup::Hit(_))));
+        }
+        assert_eq!(cache.lock().policy.frequency(&key), 1, "the miss only");
+        assert_eq!(segment(&cache, &stub.spec(1)), Some(Segment::Probation));
+        drop(hit(cache.lookup(stub.spec(1), "download")));
+        assert_eq!(segment(&cache, &stub.spec(1)), Some(Segment::Protected));
     }
 
     #[tokio::test]
