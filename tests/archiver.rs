@@ -1885,7 +1885,7 @@ fn token_file_guards_archives_but_not_health_or_metrics() {
 
 /// Every archiver family of `docs/observability.md`: (family, TYPE,
 /// unlabelled: exists from start-up).
-const FAMILIES: [(&str, &str, bool); 14] = [
+const FAMILIES: [(&str, &str, bool); 16] = [
     ("gitball_archiver_requests_total", "counter", false),
     (
         "gitball_archiver_request_duration_seconds",
@@ -1905,6 +1905,12 @@ const FAMILIES: [(&str, &str, bool); 14] = [
     ("gitball_archiver_cache_max_bytes", "gauge", true),
     ("gitball_archiver_cache_entries", "gauge", true),
     ("gitball_archiver_cache_evictions_total", "counter", true),
+    ("gitball_archiver_cache_protected_bytes", "gauge", true),
+    (
+        "gitball_archiver_cache_admission_rejections_total",
+        "counter",
+        true,
+    ),
     ("gitball_archiver_active_downloads", "gauge", true),
     ("gitball_archiver_sent_bytes_total", "counter", true),
     ("gitball_archiver_client_disconnects_total", "counter", true),

@@ -11,9 +11,12 @@
 //!   `{key}.{random}.partial`. A failed, killed or oversized generation's
 //!   partial file is removed and never indexed.
 //! - `bytes` counts complete files plus what generations have written so far,
-//!   and stays under `--cache-max-bytes`: growth evicts least-recently-used
-//!   complete files, and a generation that cannot fit even then fails as
-//!   too large.
+//!   and stays under `--cache-max-bytes`: growth evicts complete files in the
+//!   order `policy` gives (a segmented LRU whose protected segment only a
+//!   more requested key may take from), as bytes are written and never for
+//!   an expected size. A generation that cannot fit then fails as too
+//!   large: with nothing left to evict, or denied the room of archives
+//!   requested more often than its own (a scan does not flush the cache).
 //! - An evicted file is unlinked at once. Readers that still hold it keep its
 //!   space pinned (tmpfs frees it at the last close); those bytes are counted
 //!   in `held_bytes` until the last reader's `Arc<CacheFile>` is dropped.
@@ -30,7 +33,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use lru::LruCache;
 use metrics::{counter, gauge, histogram};
 use sha2::{Digest, Sha256};
 use tokio::sync::{Semaphore, watch};
@@ -41,6 +43,10 @@ use tracing::Instrument;
 use crate::generate::{self, Failure, Limits, Spec};
 use crate::metrics as m;
 use crate::shadow::Shadows;
+
+pub mod policy;
+
+use policy::{Policy, Short};
 
 const PARTIAL_SUFFIX: &str = ".partial";
 
@@ -172,20 +178,33 @@ pub struct Cache {
 }
 
 struct Index {
-    complete: LruCache<String, Arc<CacheFile>>,
+    complete: HashMap<String, Arc<CacheFile>>,
+    /// The order in which complete files go, and how often keys are
+    /// requested. Holds exactly the keys of `complete`.
+    policy: Policy<String>,
     generating: HashMap<String, Arc<Generation>>,
     /// Complete files plus in-progress bytes.
     bytes: u64,
 }
 
 impl Index {
-    /// A complete file (promoted in the LRU) or a generation under way.
-    fn find(&mut self, key: &str) -> Option<Lookup> {
-        if let Some(file) = self.complete.get(key) {
+    /// A complete file or a generation under way. A `download` is
+    /// counted in the policy whatever it finds, and a hit touched; a peek
+    /// (`HEAD`) changes nothing, so a client that checks before it
+    /// downloads does not count twice.
+    fn find(&mut self, key: &str, download: bool) -> Option<Lookup> {
+        let key = key.to_owned();
+        if download {
+            self.policy.record(&key);
+        }
+        if let Some(file) = self.complete.get(&key) {
+            if download {
+                self.policy.touch(&key);
+            }
             return Some(Lookup::Hit(file.clone()));
         }
         self.generating
-            .get(key)
+            .get(&key)
             .map(|generation| Lookup::Join(generation.clone()))
     }
 }
@@ -226,7 +245,8 @@ impl Cache {
         found.sort_by_key(|(modified, ..)| *modified);
 
         let mut index = Index {
-            complete: LruCache::unbounded(),
+            complete: HashMap::new(),
+            policy: Policy::new(settings.max_bytes),
             generating: HashMap::new(),
             bytes: 0,
         };
@@ -241,8 +261,11 @@ impl Cache {
             };
             // Oldest first: a file that replaces another of its key is the
             // newer one. The older leaves the disk and `bytes`: unindexed,
-            // it could never be evicted.
-            if let Some(older) = index.complete.put(key, Arc::new(file)) {
+            // it could never be evicted. Restored files enter probation in
+            // this order (their popularity is not known yet): the oldest
+            // goes first.
+            index.policy.insert(key.clone(), len);
+            if let Some(older) = index.complete.insert(key, Arc::new(file)) {
                 if let Err(error) = std::fs::remove_file(&older.path) {
                     tracing::error!(
                         %error,
@@ -265,7 +288,7 @@ impl Cache {
         };
         {
             let mut index = cache.lock();
-            cache.evict_until(&mut index, cache.settings.max_bytes);
+            cache.evict(&mut index, None);
             cache.publish(&index);
         }
         tracing::info!(entries = restored, dir = %cache.settings.dir.display(), "cache opened");
@@ -288,7 +311,9 @@ impl Cache {
     pub fn lookup(self: &Arc<Self>, spec: Spec, request_id: &str) -> Result<Lookup, LookupError> {
         let key = Cache::key(&spec);
         let mut index = self.lock();
-        if let Some(found) = index.find(&key) {
+        if let Some(found) = index.find(&key, true) {
+            // A hit may have moved bytes into the protected segment.
+            self.publish(&index);
             return Ok(found);
         }
         if self.cancel.is_cancelled() {
@@ -336,7 +361,7 @@ impl Cache {
 
     /// Like [`Cache::lookup`], but never starts a generation (for `HEAD`).
     pub fn peek(&self, spec: &Spec) -> Option<Lookup> {
-        self.lock().find(&Cache::key(spec))
+        self.lock().find(&Cache::key(spec), false)
     }
 
     /// The generation task: queue, run, then index or clean up.
@@ -371,9 +396,10 @@ impl Cache {
             let cache = self.clone();
             let accounted = accounted.clone();
             let progress = progress.clone();
+            let key = key.clone();
             Arc::new(move |len| {
                 let previous = accounted.swap(len, Ordering::AcqRel);
-                let fits = cache.grow(len.saturating_sub(previous));
+                let fits = cache.grow(&key, len.saturating_sub(previous));
                 progress.send_modify(|p| p.written = len);
                 fits
             })
@@ -434,7 +460,8 @@ impl Cache {
             // `written` was accounted while growing; the final length may
             // differ only by what the growth callback already saw.
             index.bytes = index.bytes - written + finished.len;
-            index.complete.put(key, file.clone());
+            index.policy.insert(key.clone(), finished.len);
+            index.complete.insert(key, file.clone());
             self.publish(&index);
         }
         tracing::info!(
@@ -471,20 +498,38 @@ impl Cache {
         progress.send_modify(|p| p.state = State::Failed(failure));
     }
 
-    /// Accounts `delta` more bytes; evicts to make room. False if the bound
-    /// cannot be kept even with no complete file left.
-    fn grow(&self, delta: u64) -> bool {
+    /// Accounts `delta` more bytes written by the generation of `key`;
+    /// evicts to make room, as far as the policy lets that key. False if
+    /// the bound cannot be kept: nothing left to evict, or the rest is
+    /// requested more often than `key`.
+    fn grow(&self, key: &str, delta: u64) -> bool {
         let mut index = self.lock();
         index.bytes += delta;
-        self.evict_until(&mut index, self.settings.max_bytes);
+        let short = self.evict(&mut index, Some(key));
         self.publish(&index);
+        if short == Some(Short::Denied) {
+            counter!(m::CACHE_ADMISSION_REJECTIONS_TOTAL).increment(1);
+            tracing::info!(
+                cache_bytes = index.bytes,
+                "generation denied room: the archives left are requested more often than it"
+            );
+        }
         index.bytes <= self.settings.max_bytes
     }
 
-    fn evict_until(&self, index: &mut Index, bound: u64) {
-        while index.bytes > bound {
-            let Some((_, file)) = index.complete.pop_lru() else {
-                break;
+    /// Evicts until `bytes` is within the bound, for the generation of
+    /// `candidate` (or, without one, whatever the policy gives up first).
+    /// Why the bound is still exceeded, if it is.
+    fn evict(&self, index: &mut Index, candidate: Option<&str>) -> Option<Short> {
+        let excess = index.bytes.checked_sub(self.settings.max_bytes)?;
+        if excess == 0 {
+            return None;
+        }
+        let candidate = candidate.map(str::to_owned);
+        let eviction = index.policy.evict(excess, candidate.as_ref());
+        for (key, _) in eviction.victims {
+            let Some(file) = index.complete.remove(&key) else {
+                continue;
             };
             if let Err(error) = std::fs::remove_file(&file.path) {
                 tracing::error!(%error, "cannot remove an evicted archive");
@@ -496,11 +541,13 @@ impl Cache {
             gauge!(m::CACHE_HELD_BYTES).set(held as f64);
             counter!(m::CACHE_EVICTIONS_TOTAL).increment(1);
         }
+        eviction.short
     }
 
     fn publish(&self, index: &Index) {
         gauge!(m::CACHE_BYTES).set(index.bytes as f64);
         gauge!(m::CACHE_ENTRIES).set(index.complete.len() as f64);
+        gauge!(m::CACHE_PROTECTED_BYTES).set(index.policy.protected_bytes() as f64);
     }
 
     fn lock(&self) -> MutexGuard<'_, Index> {
@@ -584,6 +631,7 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::policy::Segment;
     use crate::test_support::{HEADER_LEN, StubGit, names_in, printed, within};
 
     #[test]
@@ -610,7 +658,11 @@ mod tests {
 
     /// The sum of the indexed complete files' lengths.
     fn indexed_bytes(cache: &Cache) -> u64 {
-        cache.lock().complete.iter().map(|(_, file)| file.len).sum()
+        let index = cache.lock();
+        let indexed = index.complete.values().map(|file| file.len).sum();
+        assert_eq!(index.policy.bytes(), indexed, "the policy holds the index");
+        assert_eq!(index.policy.len(), index.complete.len());
+        indexed
     }
 
     fn miss(lookup: Result<Lookup, LookupError>) -> Arc<Generation> {
@@ -754,8 +806,13 @@ mod tests {
         assert_eq!(indexed_bytes(&cache), 2 * archive + 50);
     }
 
+    /// Where the policy holds `spec`'s archive, without counting a request.
+    fn segment(cache: &Cache, spec: &Spec) -> Option<Segment> {
+        cache.lock().policy.segment(&Cache::key(spec))
+    }
+
     #[tokio::test]
-    async fn eviction_keeps_the_bound_and_evicts_the_least_recently_used_first() {
+    async fn eviction_keeps_the_bound_and_evicts_unproven_archives_first() {
         let stub = StubGit::printing(&[b'x'; 100]);
         // Room for two archives, not three.
         let archive = HEADER_LEN + 100;
@@ -766,30 +823,102 @@ mod tests {
         let (a_path, b_path) = (a.path.clone(), b.path.clone());
         drop((a, b));
         assert_eq!(bytes(&cache), 2 * archive);
+        assert_eq!(segment(&cache, &stub.spec(1)), Some(Segment::Probation));
 
-        // A hit promotes `a`: `b` is now the least recently used.
+        // A hit protects `a`: `b`, never hit, goes first.
         drop(hit(cache.lookup(stub.spec(1), "r")));
+        assert_eq!(segment(&cache, &stub.spec(1)), Some(Segment::Protected));
         let c = generate(&cache, stub.spec(3)).await;
+        let c_path = c.path.clone();
+        drop(c);
 
         assert_eq!(bytes(&cache), 2 * archive);
         assert!(bytes(&cache) <= bound);
-        assert!(cache.peek(&stub.spec(2)).is_none(), "b was evicted");
+        assert_eq!(segment(&cache, &stub.spec(2)), None, "b was evicted");
         assert!(!b_path.exists(), "b was unlinked");
         assert!(a_path.exists());
-        assert!(matches!(cache.peek(&stub.spec(1)), Some(Lookup::Hit(_))));
-        assert!(matches!(cache.peek(&stub.spec(3)), Some(Lookup::Hit(_))));
         assert_eq!(held(&cache), 0, "nobody held b");
 
-        // Without a hit in between, the oldest goes next: `a` (promoted
-        // before `c` was made), then `c`.
-        drop(c);
+        // `a` was made before `c` but is protected: the one-hit `c` goes
+        // next, and again the newest one-hit archive after it.
         generate(&cache, stub.spec(4)).await;
-        assert!(cache.peek(&stub.spec(1)).is_none());
-        assert!(!a_path.exists());
-        assert!(matches!(cache.peek(&stub.spec(3)), Some(Lookup::Hit(_))));
+        assert_eq!(segment(&cache, &stub.spec(3)), None);
+        assert!(!c_path.exists());
+        assert!(a_path.exists());
+        generate(&cache, stub.spec(5)).await;
+        assert_eq!(segment(&cache, &stub.spec(4)), None);
+        assert_eq!(segment(&cache, &stub.spec(1)), Some(Segment::Protected));
         assert_eq!(bytes(&cache), 2 * archive);
         assert_eq!(indexed_bytes(&cache), 2 * archive);
         assert_eq!(names_in(&stub.cache_dir()).len(), 2);
+        assert!(matches!(cache.peek(&stub.spec(1)), Some(Lookup::Hit(_))));
+    }
+
+    /// The issue's case: a small cache holding two popular archives, then
+    /// one archive larger than the whole cache. It fails as too large, as
+    /// it always did, but without having flushed the popular ones first.
+    #[tokio::test]
+    async fn an_oversized_generation_fails_without_evicting_popular_archives() {
+        let stub = StubGit::printing(&[b'p'; 100]);
+        let archive = HEADER_LEN + 100;
+        let cache = open(&stub, 3 * archive);
+        let mut popular = Vec::new();
+        for n in [1, 2] {
+            popular.push(generate(&cache, stub.spec(n)).await.path.clone());
+            for _ in 0..3 {
+                drop(hit(cache.lookup(stub.spec(n), "again")));
+            }
+        }
+
+        // From now on a child writes on after its first bytes: the third
+        // archive grows past the bound.
+        let mut feed = stub.feed();
+        let large = miss(cache.lookup(stub.spec(3), "large"));
+        written(&large, archive).await;
+        assert_eq!(bytes(&cache), 3 * archive, "room enough so far");
+        feed.send(&[b'l'; 2000]);
+        // git ends its output (a real one would go on writing): the writer
+        // stopped at the growth it was denied.
+        drop(feed);
+        assert_eq!(failure(within(large.finished()).await), Failure::TooLarge);
+
+        assert_eq!(bytes(&cache), 2 * archive);
+        for (n, path) in [1, 2].into_iter().zip(&popular) {
+            assert!(path.exists());
+            drop(hit(cache.lookup(stub.spec(n), "after")));
+        }
+        assert_eq!(held(&cache), 0, "nothing was evicted");
+        assert_eq!(names_in(&stub.cache_dir()).len(), 2);
+        assert!(cache.peek(&stub.spec(3)).is_none(), "nothing indexed");
+    }
+
+    /// An archive several requests wait for (joins) is popular before it
+    /// is complete: it enters protected, and one-hit archives go first.
+    #[tokio::test]
+    async fn an_archive_joined_while_generating_enters_protected() {
+        let stub = StubGit::printing(&[b'j'; 100]);
+        let archive = HEADER_LEN + 100;
+        let cache = open(&stub, 2 * archive + 50);
+        generate(&cache, stub.spec(2)).await;
+        assert_eq!(segment(&cache, &stub.spec(2)), Some(Segment::Probation));
+
+        // The test's runtime runs the generation only at the next await:
+        // the second lookup joins for sure.
+        let generation = miss(cache.lookup(stub.spec(1), "first"));
+        assert!(matches!(
+            cache.lookup(stub.spec(1), "second").unwrap(),
+            Lookup::Join(_)
+        ));
+        complete(within(generation.finished()).await);
+        assert_eq!(segment(&cache, &stub.spec(1)), Some(Segment::Protected));
+
+        // Newer one-hit archives take each other's room, not its.
+        generate(&cache, stub.spec(3)).await;
+        assert_eq!(segment(&cache, &stub.spec(2)), None);
+        generate(&cache, stub.spec(4)).await;
+        assert_eq!(segment(&cache, &stub.spec(3)), None);
+        assert_eq!(segment(&cache, &stub.spec(1)), Some(Segment::Protected));
+        assert_eq!(stub.runs().len(), 4, "one child for the joined archive");
     }
 
     #[tokio::test]
@@ -1121,6 +1250,25 @@ mod tests {
         assert!(!generation.partial.exists());
         assert_eq!(bytes(&cache), 0);
         assert!(cache.peek(&stub.spec(1)).is_none());
+    }
+
+    /// `HEAD` is not a download: it neither counts as a request nor
+    /// protects an archive.
+    #[tokio::test]
+    async fn a_peek_neither_counts_nor_protects() {
+        let stub = StubGit::printing(b"abc");
+        let cache = open(&stub, 1 << 20);
+        let key = Cache::key(&stub.spec(1));
+        assert!(cache.peek(&stub.spec(1)).is_none());
+        assert_eq!(cache.lock().policy.frequency(&key), 0);
+        generate(&cache, stub.spec(1)).await;
+        for _ in 0..3 {
+            assert!(matches!(cache.peek(&stub.spec(1)), Some(Lookup::Hit(_))));
+        }
+        assert_eq!(cache.lock().policy.frequency(&key), 1, "the miss only");
+        assert_eq!(segment(&cache, &stub.spec(1)), Some(Segment::Probation));
+        drop(hit(cache.lookup(stub.spec(1), "download")));
+        assert_eq!(segment(&cache, &stub.spec(1)), Some(Segment::Protected));
     }
 
     #[tokio::test]

@@ -35,6 +35,10 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// The cache's replacement policy, for its trace benchmark
+/// (`examples/cache_trace.rs`). Not an API.
+#[doc(hidden)]
+pub use cache::policy as cache_policy;
 pub use config::{ArchiveOptions, Config};
 use gitball_core::server;
 

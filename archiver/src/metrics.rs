@@ -21,6 +21,9 @@ pub const CACHE_HELD_BYTES: &str = "gitball_archiver_cache_held_bytes";
 pub const CACHE_MAX_BYTES: &str = "gitball_archiver_cache_max_bytes";
 pub const CACHE_ENTRIES: &str = "gitball_archiver_cache_entries";
 pub const CACHE_EVICTIONS_TOTAL: &str = "gitball_archiver_cache_evictions_total";
+pub const CACHE_PROTECTED_BYTES: &str = "gitball_archiver_cache_protected_bytes";
+pub const CACHE_ADMISSION_REJECTIONS_TOTAL: &str =
+    "gitball_archiver_cache_admission_rejections_total";
 pub const ACTIVE_DOWNLOADS: &str = "gitball_archiver_active_downloads";
 pub const SENT_BYTES_TOTAL: &str = "gitball_archiver_sent_bytes_total";
 pub const CLIENT_DISCONNECTS_TOTAL: &str = "gitball_archiver_client_disconnects_total";
@@ -70,6 +73,15 @@ pub fn describe(cache_max_bytes: u64) {
         CACHE_EVICTIONS_TOTAL,
         "Complete archives evicted to stay under the bound."
     );
+    describe_gauge!(
+        CACHE_PROTECTED_BYTES,
+        Unit::Bytes,
+        "Bytes of complete archives in the protected segment (hit since they were cached, or requested at least twice)."
+    );
+    describe_counter!(
+        CACHE_ADMISSION_REJECTIONS_TOTAL,
+        "Generations denied room because the archives they would evict are requested more often (they fail as too large)."
+    );
     describe_gauge!(ACTIVE_DOWNLOADS, "Archive bodies being sent now.");
     describe_counter!(
         SENT_BYTES_TOTAL,
@@ -89,6 +101,8 @@ pub fn describe(cache_max_bytes: u64) {
     gauge!(CACHE_MAX_BYTES).set(cache_max_bytes as f64);
     gauge!(CACHE_ENTRIES).set(0.0);
     counter!(CACHE_EVICTIONS_TOTAL).absolute(0);
+    gauge!(CACHE_PROTECTED_BYTES).set(0.0);
+    counter!(CACHE_ADMISSION_REJECTIONS_TOTAL).absolute(0);
     gauge!(ACTIVE_DOWNLOADS).set(0.0);
     counter!(SENT_BYTES_TOTAL).absolute(0);
     counter!(CLIENT_DISCONNECTS_TOTAL).absolute(0);

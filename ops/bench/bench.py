@@ -27,6 +27,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import gen_repo  # noqa: E402
+from scenario_cache_trace import scenario_cache_trace  # noqa: E402
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -1135,12 +1136,15 @@ def main():
                         help="write BENCHMARKS.md and ops/bench/ results (default unless --quick)")
     parser.add_argument("--no-write", dest="write", action="store_false")
     parser.add_argument("--command", default="ops/bench/run.sh")
-    parser.add_argument("--only", help="comma-separated scenarios to run (1-5); the report is not written")
+    parser.add_argument("--only", help="comma-separated scenarios to run (1-5, trace); the report is not written")
     args = parser.parse_args()
     write = (not args.quick) if args.write is None else args.write
     only = set(args.only.split(",")) if args.only else {"1", "2", "3", "4", "5"}
     if args.only:
         write = False
+    if only == {"trace"}:  # a replayed trace: no inputs, no processes
+        scenario_cache_trace(argparse.Namespace(root=args.root), Results())
+        return
 
     ctx = Context(args)
     started = time.time()
