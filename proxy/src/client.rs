@@ -55,7 +55,7 @@ impl TrustedProxies {
 /// An IPv4-mapped IPv6 address is its IPv4 address.
 fn canonical(address: IpAddr) -> IpAddr {
     match address {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(address, |v4| IpAddr::V4(v4)),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(address, IpAddr::V4),
         IpAddr::V4(_) => address,
     }
 }
