@@ -251,7 +251,7 @@ mod tests {
     async fn burst_then_the_rate_with_retry_after_until_the_next_token() {
         let budget = budget("30/min", 3, 10);
         for _ in 0..3 {
-            budget.reserve(client(1)).map_err(|_| ()).unwrap();
+            let _spent = budget.reserve(client(1)).map_err(|_| ()).unwrap();
         }
         let exhausted = budget.reserve(client(1)).err().unwrap();
         // One token every 2 s.
