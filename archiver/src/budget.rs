@@ -178,10 +178,11 @@ impl Budget {
             })
         };
         gauge!(m::BUDGET_CLIENTS).set(clients.len() as f64);
-        match &outcome {
-            Ok(_) => counter!(m::BUDGET_TAKEN_TOTAL).increment(1),
-            Err(_) => counter!(m::BUDGET_REJECTED_TOTAL).increment(1),
+        if outcome.is_ok() {
+            counter!(m::BUDGET_TAKEN_TOTAL).increment(1);
         }
+        // A refusal is counted by the caller, once it knows the request
+        // would have started a generation (`BUDGET_REJECTED_TOTAL`).
         outcome
     }
 

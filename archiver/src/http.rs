@@ -348,6 +348,7 @@ pub(crate) fn lookup_within_budget(
         Err(exhausted) => match app.cache.peek(&resolution.spec) {
             Some(lookup) => Ok(lookup),
             None => {
+                metrics::counter!(crate::metrics::BUDGET_REJECTED_TOTAL).increment(1);
                 tracing::debug!(%client, "crawler budget spent");
                 Err(Error::RateLimited {
                     retry_after_seconds: exhausted.retry_after_seconds(),
