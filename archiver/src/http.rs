@@ -366,11 +366,16 @@ pub(crate) fn lookup_within_budget(
 /// as an address is ignored. Requests without a socket (in-process tests)
 /// count as one unspecified client.
 pub(crate) fn client_of(app: &App, request: &Parts) -> IpAddr {
+    client_identity(app.token.is_some(), request)
+}
+
+/// [`client_of`], given whether `--token-file` vouched for the peer.
+fn client_identity(authenticated: bool, request: &Parts) -> IpAddr {
     let peer = request
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(peer)| client_key(peer.ip()));
-    let trusted = app.token.is_some() || peer.is_none_or(|peer| peer.is_loopback());
+    let trusted = authenticated || peer.is_none_or(|peer| peer.is_loopback());
     let claimed = || {
         request
             .headers
@@ -680,6 +685,36 @@ mod tests {
         // What is complete is still served.
         let (status, _, _) = get(&router, "/local/widget/archive/main.tar.sha256").await;
         assert_eq!(status, StatusCode::OK);
+    }
+
+    fn parts(peer: &str, claimed: Option<&str>) -> Parts {
+        let mut request = http::Request::get("/x").body(()).unwrap();
+        let peer: SocketAddr = peer.parse().unwrap();
+        request.extensions_mut().insert(ConnectInfo(peer));
+        if let Some(claimed) = claimed {
+            request
+                .headers_mut()
+                .insert(X_GITBALL_CLIENT, HeaderValue::from_str(claimed).unwrap());
+        }
+        request.into_parts().0
+    }
+
+    #[test]
+    fn the_client_header_is_believed_from_loopback_or_an_authenticated_peer_only() {
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        let loopback = parts("127.0.0.1:5000", Some("198.51.100.7"));
+        assert_eq!(client_identity(false, &loopback), ip("198.51.100.7"));
+        let outside = parts("192.0.2.9:5000", Some("198.51.100.7"));
+        assert_eq!(client_identity(false, &outside), ip("192.0.2.9"));
+        assert_eq!(client_identity(true, &outside), ip("198.51.100.7"));
+        // Garbage is ignored; the peer stands.
+        let garbage = parts("192.0.2.9:5000", Some("not-an-address"));
+        assert_eq!(client_identity(true, &garbage), ip("192.0.2.9"));
+        // No header: the peer, an IPv6 one by its /64.
+        let v6 = parts("[2001:db8:1:2:3:4:5:6]:5000", None);
+        assert_eq!(client_identity(false, &v6), ip("2001:db8:1:2::"));
+        let mapped = parts("[::ffff:127.0.0.1]:5000", Some("198.51.100.8"));
+        assert_eq!(client_identity(false, &mapped), ip("198.51.100.8"));
     }
 
     #[tokio::test]
