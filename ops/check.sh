@@ -178,8 +178,8 @@ PY
 
 echo "local example"
 run_check "routes files are valid docs/proxy.md TOML" check_routes
-run_check "bash -n ops/local/run.sh, ops/fleet/run.sh, sh -n ops/nginx/render-test-conf.sh" \
-    sh -c 'bash -n ops/local/run.sh && bash -n ops/fleet/run.sh && sh -n ops/nginx/render-test-conf.sh && bash -n ops/check.sh'
+run_check "bash -n ops/local/run.sh, ops/fleet/run.sh, sh -n ops/nginx/render-test-conf.sh ops/hooks/post-receive-prewarm" \
+    sh -c 'bash -n ops/local/run.sh && bash -n ops/fleet/run.sh && sh -n ops/nginx/render-test-conf.sh && sh -n ops/hooks/post-receive-prewarm && bash -n ops/check.sh'
 
 echo
 if [ ${#failures[@]} -gt 0 ]; then

@@ -13,6 +13,9 @@ use std::time::Duration;
 use clap::{Args, Parser};
 use gitball_core::log::LogFormat;
 use gitball_core::units::{parse_seconds, parse_size};
+use gitball_core::url::{Format, parse_formats};
+
+use crate::budget::{Rate, parse_rate};
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -91,6 +94,29 @@ pub struct ArchiveOptions {
     #[arg(long, env = "GITBALL_ZSTD_LEVEL", default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
     pub zstd_level: i32,
 
+    /// Cold generations each client may start, as N/s, N/min or N/h (`docs/archiver.md#crawler-budget`);
+    /// beyond it a request that would start one gets 429 + Retry-After. Hits and joins are never
+    /// limited. The budget is per archiver. 0: no budget.
+    #[arg(long, env = "GITBALL_CLIENT_COLD_RATE", default_value = "60/min", value_parser = parse_rate)]
+    pub client_cold_rate: Rate,
+
+    /// Cold generations a client may start at once before --client-cold-rate applies.
+    #[arg(long, env = "GITBALL_CLIENT_COLD_BURST", default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..))]
+    pub client_cold_burst: u32,
+
+    /// Clients whose budget is remembered (least recently seen forgotten first; about 100 bytes each).
+    #[arg(long, env = "GITBALL_CLIENT_COLD_MAX_CLIENTS", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub client_cold_max_clients: u64,
+
+    /// File holding the bearer token of `POST /{owner}/{repo}/prewarm/{ref}`. Without it prewarm is
+    /// off (the path is 404). In embedded mode the proxy checks it too.
+    #[arg(long, env = "GITBALL_PREWARM_TOKEN_FILE")]
+    pub prewarm_token_file: Option<PathBuf>,
+
+    /// Formats a prewarm generates, comma-separated.
+    #[arg(long, env = "GITBALL_PREWARM_FORMATS", default_value = "tar.gz,zip", value_parser = parse_prewarm_formats)]
+    pub prewarm_formats: PrewarmFormats,
+
     /// Seconds to let running downloads finish after SIGTERM/SIGINT before they are cut and children killed.
     #[arg(long, env = "GITBALL_SHUTDOWN_GRACE", default_value = "30", value_parser = parse_seconds)]
     pub shutdown_grace: Duration,
@@ -98,6 +124,16 @@ pub struct ArchiveOptions {
     /// Log line format.
     #[arg(long, env = "GITBALL_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+}
+
+/// `--prewarm-formats`: one value holding a list (not a repeated flag).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrewarmFormats(pub Vec<Format>);
+
+fn parse_prewarm_formats(text: &str) -> Result<PrewarmFormats, String> {
+    parse_formats(text)
+        .map(PrewarmFormats)
+        .map_err(|error| error.to_string())
 }
 
 impl ArchiveOptions {
@@ -139,5 +175,13 @@ mod tests {
         assert_eq!(config.options.gzip_level, 6);
         assert_eq!(config.options.zstd_level, 3);
         assert_eq!(config.options.log_format, LogFormat::Text);
+        assert_eq!(config.options.client_cold_rate.per_second(), 1.0);
+        assert_eq!(config.options.client_cold_burst, 60);
+        assert_eq!(config.options.client_cold_max_clients, 100_000);
+        assert!(config.options.prewarm_token_file.is_none());
+        assert_eq!(
+            config.options.prewarm_formats,
+            PrewarmFormats(vec![Format::TarGz, Format::Zip])
+        );
     }
 }

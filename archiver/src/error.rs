@@ -24,6 +24,12 @@ pub enum Error {
     Url(#[from] UrlError),
     #[error("only GET and HEAD are allowed")]
     MethodNotAllowed,
+    /// Anything but `POST` on a prewarm URL.
+    #[error("only POST is allowed")]
+    PostOnly,
+    /// The client's budget of cold generations is spent.
+    #[error("too many new archives requested; retry later or download archives that exist")]
+    RateLimited { retry_after_seconds: u64 },
     #[error("repository not found")]
     RepoNotFound,
     #[error("ref not found")]
@@ -58,6 +64,8 @@ impl Error {
         match self {
             Error::Url(_)
             | Error::MethodNotAllowed
+            | Error::PostOnly
+            | Error::RateLimited { .. }
             | Error::RepoNotFound
             | Error::RefNotFound
             | Error::SubtreeNotFound
@@ -75,7 +83,8 @@ impl Error {
     pub fn status(&self) -> StatusCode {
         match self {
             Error::Url(error) => error.status(),
-            Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Error::MethodNotAllowed | Error::PostOnly => StatusCode::METHOD_NOT_ALLOWED,
+            Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::RepoNotFound | Error::RefNotFound | Error::SubtreeNotFound => {
                 StatusCode::NOT_FOUND
             }
@@ -93,7 +102,8 @@ impl Error {
     pub fn code(&self) -> &'static str {
         match self {
             Error::Url(error) => error.code(),
-            Error::MethodNotAllowed => code::METHOD_NOT_ALLOWED,
+            Error::MethodNotAllowed | Error::PostOnly => code::METHOD_NOT_ALLOWED,
+            Error::RateLimited { .. } => code::RATE_LIMITED,
             Error::RepoNotFound => code::REPO_NOT_FOUND,
             Error::RefNotFound => code::REF_NOT_FOUND,
             Error::SubtreeNotFound => code::PATH_NOT_FOUND,
@@ -150,6 +160,14 @@ impl IntoResponse for Error {
             Error::Busy | Error::ShuttingDown => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
             }
+            Error::RateLimited {
+                retry_after_seconds,
+            } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_seconds));
+            }
+            Error::PostOnly => {
+                headers.insert(header::ALLOW, HeaderValue::from_static("POST"));
+            }
             Error::Unauthorized => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
@@ -202,5 +220,21 @@ mod tests {
         assert_eq!(response.headers()[header::CONTENT_RANGE], "bytes */10");
         let response = Error::MethodNotAllowed.into_response();
         assert_eq!(response.headers()[header::ALLOW], "GET, HEAD");
+        let response = Error::PostOnly.into_response();
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(response.headers()[header::ALLOW], "POST");
+    }
+
+    #[test]
+    fn rate_limited_is_429_with_its_retry_after() {
+        let error = Error::RateLimited {
+            retry_after_seconds: 7,
+        };
+        assert_eq!(error.fault(), Fault::Client);
+        assert_eq!(error.code(), "rate_limited");
+        let response = error.into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "7");
+        assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
     }
 }

@@ -8,24 +8,32 @@
 //! `Range`; a growing one is served chunked from the file as it grows, and a
 //! `Range` is ignored.
 //!
+//! A request that may start a generation (a `GET` of an archive or its
+//! checksum that is not in the cache) first takes a token from its client's
+//! crawler budget (`budget`); a hit or a join gives it back. The client is
+//! the socket peer, or the `X-Gitball-Client` a trusted proxy sent
+//! ([`client_of`]). `POST /{owner}/{repo}/prewarm/{ref}` goes to `prewarm`.
+//!
 //! Every request has one [`RequestLog`] from the moment its head is read;
 //! for a download it moves into the body stream, so the line is written
 //! when the body ends, and a client that leaves while the request waits
 //! (for a generation slot, say) is logged and counted as `499`. Errors
 //! become responses in one place, `error`.
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use base64::Engine;
 use gitball_core::log::{RequestLog, Tier};
 use gitball_core::protocol::{
-    REPR_DIGEST, REQUEST_ID, X_GITBALL_CACHE, X_GITBALL_COMMIT, X_GITBALL_WANT_LENGTH,
+    REPR_DIGEST, REQUEST_ID, X_GITBALL_CACHE, X_GITBALL_CLIENT, X_GITBALL_COMMIT,
+    X_GITBALL_WANT_LENGTH,
 };
 use gitball_core::request_id::request_id;
 use gitball_core::response::{self, is_allowed};
@@ -36,6 +44,7 @@ use http::{Method, StatusCode};
 use metrics_exporter_prometheus::PrometheusHandle;
 use subtle::ConstantTimeEq;
 
+use crate::budget::{Budget, client_key};
 use crate::cache::{Cache, CacheFile, Lookup, State as GenerationState};
 use crate::conditional::{self, ByteRange, Validators};
 use crate::error::Error;
@@ -48,6 +57,12 @@ pub struct App {
     pub repos: Repositories,
     pub cache: Arc<Cache>,
     pub token: Option<Vec<u8>>,
+    /// The crawler budget; `None` with `--client-cold-rate 0`.
+    pub budget: Option<Arc<Budget>>,
+    /// `--prewarm-token-file`; `None`: prewarm is off.
+    pub prewarm_token: Option<Vec<u8>>,
+    /// `--prewarm-formats`.
+    pub prewarm_formats: Vec<Format>,
     /// `--require-reachable`.
     pub require_reachable: bool,
     pub gzip_level: u32,
@@ -68,12 +83,12 @@ async fn render_metrics(State(app): State<Arc<App>>, method: Method) -> Response
 }
 
 /// Everything about an archive that its headers say.
-struct Resolution {
-    request: ArchiveRequest,
+pub(crate) struct Resolution {
+    pub request: ArchiveRequest,
     /// The repository, when the commit must be shown reachable first.
     reachability: Option<Arc<crate::repo::Repository>>,
-    resolved: Resolved,
-    spec: Spec,
+    pub resolved: Resolved,
+    pub spec: Spec,
     filename: String,
     etag: String,
 }
@@ -114,7 +129,14 @@ async fn archive(State(app): State<Arc<App>>, request: Request) -> Response {
         crate::metrics::request_finished,
     );
     let request_id = log.request_id.clone();
-    let mut response = match serve(&app, &request, &mut log).await {
+    let answer = if url::is_prewarm_path(request.uri.path()) {
+        crate::prewarm::serve(&app, &request, &mut log)
+            .await
+            .map(Answer::Whole)
+    } else {
+        serve(&app, &request, &mut log).await
+    };
+    let mut response = match answer {
         Ok(answer) => respond(answer, log),
         Err(error) => fail(error, log),
     };
@@ -173,20 +195,12 @@ async fn serve(app: &App, request: &Parts, log: &mut RequestLog) -> Result<Answe
     }
     authorize(app, &request.headers)?;
     let archive = archive?;
-    let resolution = resolve(app, request, archive)?;
+    let subtree = url::query_param(request.uri.query(), "path")?
+        .map(|path| url::validate_subtree(&path))
+        .transpose()?;
+    let resolution = resolve(app, archive, subtree)?;
     log.commit = Some(resolution.resolved.commit.clone());
-    if let Some(repository) = resolution.reachability.clone() {
-        let commit = resolution.resolved.commit.clone();
-        // The refs digest, if `resolve` took one for the cache key.
-        let refs = resolution.spec.refs.clone();
-        let reached = tokio::task::spawn_blocking(move || repository.reaches(&commit, refs))
-            .await
-            .map_err(Error::internal)??;
-        // Otherwise as unknown as a commit that does not exist.
-        if !reached {
-            return Err(Error::RefNotFound);
-        }
-    }
+    check_reachable(&resolution).await?;
     let headers = &request.headers;
 
     let validators = Validators {
@@ -200,7 +214,7 @@ async fn serve(app: &App, request: &Parts, log: &mut RequestLog) -> Result<Answe
         return Ok(Answer::Whole(response));
     }
     if resolution.request.checksum {
-        return checksum(app, &resolution, method, log)
+        return checksum(app, &resolution, method, client_of(app, request), log)
             .await
             .map(Answer::Whole);
     }
@@ -216,7 +230,7 @@ async fn serve(app: &App, request: &Parts, log: &mut RequestLog) -> Result<Answe
             }
         }
     } else {
-        app.cache.lookup(resolution.spec.clone(), &log.request_id)?
+        lookup_within_budget(app, &resolution, client_of(app, request), &log.request_id)?
     };
     let cache_label = lookup.label();
     log.cache = Some(cache_label);
@@ -277,9 +291,10 @@ async fn checksum(
     app: &App,
     resolution: &Resolution,
     method: &Method,
+    client: IpAddr,
     log: &mut RequestLog,
 ) -> Result<Response, Error> {
-    let lookup = app.cache.lookup(resolution.spec.clone(), &log.request_id)?;
+    let lookup = lookup_within_budget(app, resolution, client, &log.request_id)?;
     let cache_label = lookup.label();
     log.cache = Some(cache_label);
     let file = match lookup {
@@ -308,10 +323,102 @@ async fn checksum(
     Ok(response)
 }
 
-fn resolve(app: &App, request: &Parts, archive: ArchiveRequest) -> Result<Resolution, Error> {
-    let subtree = url::query_param(request.uri.query(), "path")?
-        .map(|path| url::validate_subtree(&path))
-        .transpose()?;
+/// The cache lookup of a request that may start a generation, within its
+/// client's budget: a token is taken first and given back if the lookup was
+/// a hit or a join, so only a request that really starts a generation
+/// spends one. A client with no token left is still served what exists or
+/// is under way (a `peek`), and gets `429` only for what would be new.
+pub(crate) fn lookup_within_budget(
+    app: &App,
+    resolution: &Resolution,
+    client: IpAddr,
+    request_id: &str,
+) -> Result<Lookup, Error> {
+    let Some(budget) = &app.budget else {
+        return Ok(app.cache.lookup(resolution.spec.clone(), request_id)?);
+    };
+    match budget.reserve(client) {
+        Ok(reservation) => {
+            let lookup = app.cache.lookup(resolution.spec.clone(), request_id)?;
+            if !matches!(lookup, Lookup::Miss(_)) {
+                reservation.refund();
+            }
+            Ok(lookup)
+        }
+        Err(exhausted) => match app.cache.peek(&resolution.spec) {
+            Some(lookup) => Ok(lookup),
+            None => {
+                metrics::counter!(crate::metrics::BUDGET_REJECTED_TOTAL).increment(1);
+                tracing::debug!(%client, "crawler budget spent");
+                Err(Error::RateLimited {
+                    retry_after_seconds: exhausted.retry_after_seconds(),
+                })
+            }
+        },
+    }
+}
+
+/// Who the request is for, as far as the budget is concerned
+/// (`docs/security.md#client-identity`): the `X-Gitball-Client` a trusted
+/// peer sent, else the socket peer. A peer is trusted when it passed the
+/// `--token-file` check (only proxies hold that token) or is on loopback
+/// (a proxy on the same host, embedded mode). A header that does not parse
+/// as an address is ignored. Requests without a socket (in-process tests)
+/// count as one unspecified client.
+pub(crate) fn client_of(app: &App, request: &Parts) -> IpAddr {
+    client_identity(app.token.is_some(), request)
+}
+
+/// [`client_of`], given whether `--token-file` vouched for the peer.
+fn client_identity(authenticated: bool, request: &Parts) -> IpAddr {
+    let peer = request
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(peer)| client_key(peer.ip()));
+    let trusted = authenticated || peer.is_none_or(|peer| peer.is_loopback());
+    let claimed = || {
+        request
+            .headers
+            .get(X_GITBALL_CLIENT)?
+            .to_str()
+            .ok()?
+            .trim()
+            .parse::<IpAddr>()
+            .ok()
+    };
+    match (trusted.then(claimed).flatten(), peer) {
+        (Some(claimed), _) => claimed,
+        (None, Some(peer)) => peer,
+        (None, None) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+    }
+}
+
+/// A commit asked for by its id must be reachable from a ref, when
+/// `--require-reachable` says so; otherwise it is as unknown as a commit
+/// that does not exist. Checked off the runtime: the first check after a
+/// push walks the history.
+pub(crate) async fn check_reachable(resolution: &Resolution) -> Result<(), Error> {
+    let Some(repository) = resolution.reachability.clone() else {
+        return Ok(());
+    };
+    let commit = resolution.resolved.commit.clone();
+    // The refs digest, if `resolve` took one for the cache key.
+    let refs = resolution.spec.refs.clone();
+    let reached = tokio::task::spawn_blocking(move || repository.reaches(&commit, refs))
+        .await
+        .map_err(Error::internal)??;
+    if reached {
+        Ok(())
+    } else {
+        Err(Error::RefNotFound)
+    }
+}
+
+pub(crate) fn resolve(
+    app: &App,
+    archive: ArchiveRequest,
+    subtree: Option<String>,
+) -> Result<Resolution, Error> {
     let repository = app.repos.open(&archive.owner, &archive.repo)?;
     let resolved = repository.resolve(&archive.reference)?;
     // A commit asked for by its id must be one this repository publishes
@@ -465,17 +572,23 @@ fn authorize(app: &App, headers: &HeaderMap) -> Result<(), Error> {
     let Some(expected) = &app.token else {
         return Ok(());
     };
+    if bearer_is(headers, expected) {
+        Ok(())
+    } else {
+        Err(Error::Unauthorized)
+    }
+}
+
+/// Whether `Authorization: Bearer …` is `expected` (compared in constant
+/// time).
+pub(crate) fn bearer_is(headers: &HeaderMap, expected: &[u8]) -> bool {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "))
         .map(str::trim)
         .unwrap_or("");
-    if bool::from(given.as_bytes().ct_eq(expected)) {
-        Ok(())
-    } else {
-        Err(Error::Unauthorized)
-    }
+    bool::from(given.as_bytes().ct_eq(expected))
 }
 
 #[cfg(test)]
@@ -530,6 +643,9 @@ mod tests {
             repos: Repositories::new(&widget).unwrap(),
             cache: cache.clone(),
             token: None,
+            budget: None,
+            prewarm_token: None,
+            prewarm_formats: vec![Format::TarGz, Format::Zip],
             require_reachable: true,
             gzip_level: 6,
             zstd_level: 3,
@@ -569,6 +685,36 @@ mod tests {
         // What is complete is still served.
         let (status, _, _) = get(&router, "/local/widget/archive/main.tar.sha256").await;
         assert_eq!(status, StatusCode::OK);
+    }
+
+    fn parts(peer: &str, claimed: Option<&str>) -> Parts {
+        let mut request = http::Request::get("/x").body(()).unwrap();
+        let peer: SocketAddr = peer.parse().unwrap();
+        request.extensions_mut().insert(ConnectInfo(peer));
+        if let Some(claimed) = claimed {
+            request
+                .headers_mut()
+                .insert(X_GITBALL_CLIENT, HeaderValue::from_str(claimed).unwrap());
+        }
+        request.into_parts().0
+    }
+
+    #[test]
+    fn the_client_header_is_believed_from_loopback_or_an_authenticated_peer_only() {
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        let loopback = parts("127.0.0.1:5000", Some("198.51.100.7"));
+        assert_eq!(client_identity(false, &loopback), ip("198.51.100.7"));
+        let outside = parts("192.0.2.9:5000", Some("198.51.100.7"));
+        assert_eq!(client_identity(false, &outside), ip("192.0.2.9"));
+        assert_eq!(client_identity(true, &outside), ip("198.51.100.7"));
+        // Garbage is ignored; the peer stands.
+        let garbage = parts("192.0.2.9:5000", Some("not-an-address"));
+        assert_eq!(client_identity(true, &garbage), ip("192.0.2.9"));
+        // No header: the peer, an IPv6 one by its /64.
+        let v6 = parts("[2001:db8:1:2:3:4:5:6]:5000", None);
+        assert_eq!(client_identity(false, &v6), ip("2001:db8:1:2::"));
+        let mapped = parts("[::ffff:127.0.0.1]:5000", Some("198.51.100.8"));
+        assert_eq!(client_identity(false, &mapped), ip("198.51.100.8"));
     }
 
     #[tokio::test]

@@ -13,6 +13,7 @@
 //! The crate exports what a binary needs to run an archiver, itself or
 //! embedded in the proxy: [`run`], [`Config`] and [`ArchiveOptions`].
 
+mod budget;
 mod cache;
 mod compress;
 mod conditional;
@@ -21,6 +22,7 @@ mod error;
 mod generate;
 mod http;
 mod metrics;
+mod prewarm;
 mod repo;
 mod shadow;
 mod tail;
@@ -39,7 +41,8 @@ use tokio_util::sync::CancellationToken;
 /// (`examples/cache_trace.rs`). Not an API.
 #[doc(hidden)]
 pub use cache::policy as cache_policy;
-pub use config::{ArchiveOptions, Config};
+pub use budget::Rate;
+pub use config::{ArchiveOptions, Config, PrewarmFormats};
 use gitball_core::server;
 
 /// How long generations get to stop (children killed, partials removed)
@@ -62,7 +65,9 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let handle = gitball_core::metrics::install();
-    metrics::describe(options.cache_max_bytes);
+    let max_clients = std::num::NonZeroUsize::new(options.client_cold_max_clients as usize)
+        .context("--client-cold-max-clients is at least 1")?;
+    metrics::describe(options.cache_max_bytes, max_clients.get());
 
     let repos = repo::Repositories::new(&repos)
         .with_context(|| format!("cannot open --repos {}", repos.display()))?;
@@ -74,6 +79,27 @@ pub async fn run(
         Some(path) => Some(gitball_core::secret::read_secret(path, "--token-file")?),
         None => None,
     };
+    let prewarm_token = match &options.prewarm_token_file {
+        Some(path) => Some(gitball_core::secret::read_secret(
+            path,
+            "--prewarm-token-file",
+        )?),
+        None => None,
+    };
+    let budget = budget::Budget::new(
+        options.client_cold_rate,
+        options.client_cold_burst,
+        max_clients,
+    );
+    match &budget {
+        Some(_) => tracing::info!(
+            per_second = options.client_cold_rate.per_second(),
+            burst = options.client_cold_burst,
+            max_clients = max_clients.get(),
+            "crawler budget on"
+        ),
+        None => tracing::info!("crawler budget off (--client-cold-rate 0)"),
+    }
     if options.max_archive_bytes > options.cache_max_bytes {
         tracing::warn!(
             max_archive_bytes = options.max_archive_bytes,
@@ -105,6 +131,9 @@ pub async fn run(
         repos,
         cache: cache.clone(),
         token,
+        budget,
+        prewarm_token,
+        prewarm_formats: options.prewarm_formats.0.clone(),
         require_reachable: options.require_reachable,
         gzip_level: options.gzip_level,
         zstd_level: options.zstd_level,

@@ -27,9 +27,15 @@ pub const CACHE_ADMISSION_REJECTIONS_TOTAL: &str =
 pub const ACTIVE_DOWNLOADS: &str = "gitball_archiver_active_downloads";
 pub const SENT_BYTES_TOTAL: &str = "gitball_archiver_sent_bytes_total";
 pub const CLIENT_DISCONNECTS_TOTAL: &str = "gitball_archiver_client_disconnects_total";
+pub const BUDGET_RATE: &str = "gitball_archiver_budget_rate";
+pub const BUDGET_BURST: &str = "gitball_archiver_budget_burst";
+pub const BUDGET_CLIENTS: &str = "gitball_archiver_budget_clients";
+pub const BUDGET_MAX_CLIENTS: &str = "gitball_archiver_budget_max_clients";
+pub const BUDGET_TAKEN_TOTAL: &str = "gitball_archiver_budget_taken_total";
+pub const BUDGET_REJECTED_TOTAL: &str = "gitball_archiver_budget_rejected_total";
 
 /// Describes every archiver family and registers the unlabelled ones at 0.
-pub fn describe(cache_max_bytes: u64) {
+pub fn describe(cache_max_bytes: u64, budget_max_clients: usize) {
     describe_counter!(
         REQUESTS_TOTAL,
         "Archive requests, by format, cache result (hit, miss, join, none) and status code (499: the client left before the answer)."
@@ -93,6 +99,31 @@ pub fn describe(cache_max_bytes: u64) {
         "Requests whose client went away before the response body ended (or before it began)."
     );
 
+    describe_gauge!(
+        BUDGET_RATE,
+        "Cold generations per second each client may start (--client-cold-rate; 0: no budget)."
+    );
+    describe_gauge!(
+        BUDGET_BURST,
+        "Cold generations a client may start at once (--client-cold-burst; 0 when there is no budget)."
+    );
+    describe_gauge!(
+        BUDGET_CLIENTS,
+        "Clients whose crawler budget is tracked now (at most --client-cold-max-clients)."
+    );
+    describe_gauge!(
+        BUDGET_MAX_CLIENTS,
+        "The bound on tracked clients (--client-cold-max-clients)."
+    );
+    describe_counter!(
+        BUDGET_TAKEN_TOTAL,
+        "Tokens taken by requests that could start a generation (one given back for a hit or a join is still counted)."
+    );
+    describe_counter!(
+        BUDGET_REJECTED_TOTAL,
+        "Requests refused with 429 because their client's budget of cold generations was spent."
+    );
+
     let _ = histogram!(REQUEST_DURATION);
     gauge!(GENERATIONS_IN_FLIGHT).set(0.0);
     gauge!(GENERATIONS_QUEUED).set(0.0);
@@ -106,6 +137,10 @@ pub fn describe(cache_max_bytes: u64) {
     gauge!(ACTIVE_DOWNLOADS).set(0.0);
     counter!(SENT_BYTES_TOTAL).absolute(0);
     counter!(CLIENT_DISCONNECTS_TOTAL).absolute(0);
+    gauge!(BUDGET_CLIENTS).set(0.0);
+    gauge!(BUDGET_MAX_CLIENTS).set(budget_max_clients as f64);
+    counter!(BUDGET_TAKEN_TOTAL).absolute(0);
+    counter!(BUDGET_REJECTED_TOTAL).absolute(0);
 }
 
 /// The request log's hook: counts a finished archive request (also one

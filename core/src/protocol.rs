@@ -15,6 +15,13 @@ pub const X_GITBALL_CACHE: HeaderName = HeaderName::from_static("x-gitball-cache
 /// would end with a plain close): answer only once the archive is
 /// complete, with its `Content-Length`.
 pub const X_GITBALL_WANT_LENGTH: HeaderName = HeaderName::from_static("x-gitball-want-length");
+/// Sent by the proxy to the archiver: the address of the client the
+/// request is for, as the proxy saw it (its socket peer, or the
+/// `X-Forwarded-For` entry of a `--trusted-proxies` peer). The archiver keys
+/// its crawler budget on it, and believes it only from a peer it trusts:
+/// one that passed the `--token-file` check, or a loopback peer
+/// (`docs/security.md#client-identity`). Anyone else's is ignored.
+pub const X_GITBALL_CLIENT: HeaderName = HeaderName::from_static("x-gitball-client");
 /// `sha-256=:{base64}:` of a complete archive (RFC 9530).
 pub const REPR_DIGEST: HeaderName = HeaderName::from_static("repr-digest");
 
@@ -48,6 +55,8 @@ pub mod code {
     pub const GENERATION_FAILED: &str = "generation_failed";
     pub const GENERATION_TIMEOUT: &str = "generation_timeout";
     pub const ARCHIVE_TOO_LARGE: &str = "archive_too_large";
+    /// The client's budget of cold generations is spent (`429`).
+    pub const RATE_LIMITED: &str = "rate_limited";
 
     // Proxy.
     pub const BAD_GATEWAY: &str = "bad_gateway";

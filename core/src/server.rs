@@ -110,7 +110,7 @@ pub async fn serve(
     let mut connections = JoinSet::new();
 
     loop {
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
@@ -136,6 +136,11 @@ pub async fn serve(
             // Lets a body stream tell, when it is dropped, that its
             // connection was closed for a client that took no bytes.
             request.extensions_mut().insert(stalled.clone());
+            // Who is asking, for the archiver's crawler budget and the
+            // proxy's client identity.
+            request
+                .extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
             async move { Ok::<_, Infallible>(handle(router, request).await) }
         });
         let connection = builder.serve_connection(TokioIo::new(stream), service);

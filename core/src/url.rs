@@ -176,6 +176,75 @@ pub fn parse_path(path: &str) -> Result<ArchiveRequest, UrlError> {
     })
 }
 
+/// What a prewarm URL names: `/{owner}/{repo}/prewarm/{ref}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrewarmRequest {
+    pub owner: String,
+    pub repo: String,
+    /// The ref exactly as written (percent-decoded, validated).
+    pub reference: String,
+}
+
+impl PrewarmRequest {
+    /// The canonical archive URL of one format of this ref.
+    pub fn archive(&self, format: Format) -> ArchiveRequest {
+        ArchiveRequest {
+            owner: self.owner.clone(),
+            repo: self.repo.clone(),
+            reference: self.reference.clone(),
+            format,
+            checksum: false,
+        }
+    }
+
+    /// The canonical prewarm path, what the proxy asks the archiver.
+    pub fn canonical_path(&self) -> String {
+        format!("/{}/{}/prewarm/{}", self.owner, self.repo, self.reference)
+    }
+}
+
+/// Whether `path` is under a prewarm URL (`/{owner}/{repo}/prewarm/…`),
+/// whatever the rest says: such a path is never an archive URL (`prewarm`
+/// is no format), so the tiers send it to their prewarm handler, which
+/// validates it with [`parse_prewarm_path`].
+pub fn is_prewarm_path(path: &str) -> bool {
+    let mut parts = path.strip_prefix('/').unwrap_or(path).splitn(4, '/');
+    parts.nth(2) == Some("prewarm")
+}
+
+/// Parses a prewarm URL path (still percent-encoded).
+pub fn parse_prewarm_path(path: &str) -> Result<PrewarmRequest, UrlError> {
+    let rest = path.strip_prefix('/').ok_or(UrlError::NotAnArchiveUrl)?;
+    let mut parts = rest.splitn(4, '/');
+    let (Some(owner), Some(repo), Some("prewarm"), Some(tail)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(UrlError::NotAnArchiveUrl);
+    };
+    validate_name(owner)?;
+    validate_name(repo)?;
+    let reference = percent_decode(tail)?;
+    validate_ref(&reference)?;
+    Ok(PrewarmRequest {
+        owner: owner.to_owned(),
+        repo: repo.to_owned(),
+        reference,
+    })
+}
+
+/// Parses a comma-separated list of archive formats (`tar.gz,zip`), as
+/// `--prewarm-formats` and the prewarm `format` query take it.
+pub fn parse_formats(text: &str) -> Result<Vec<Format>, UrlError> {
+    let mut formats = Vec::new();
+    for ext in text.split(',').map(str::trim) {
+        let format = Format::from_ext(ext).ok_or(UrlError::BadFormat)?;
+        if !formats.contains(&format) {
+            formats.push(format);
+        }
+    }
+    Ok(formats)
+}
+
 /// Splits `{ref}.{ext}` at the longest known extension.
 fn split_extension(stem: &str) -> Option<(&str, Format)> {
     for ext in ["tar.gz", "tar.zst", "tgz", "zip", "tar"] {
@@ -360,6 +429,46 @@ pub fn immutable_path(owner: &str, repo: &str, commit: &str, format: Format) -> 
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn prewarm_paths_parse_with_the_archive_rules() {
+        assert!(is_prewarm_path("/acme/widget/prewarm/v1.0"));
+        assert!(is_prewarm_path("/acme/widget/prewarm/../../x"));
+        assert!(!is_prewarm_path("/acme/widget/archive/v1.0.zip"));
+        let parsed = parse_prewarm_path("/acme/widget/prewarm/release%2F1.0").unwrap();
+        assert_eq!(parsed.reference, "release/1.0");
+        assert_eq!(parsed.canonical_path(), "/acme/widget/prewarm/release/1.0");
+        assert_eq!(
+            parsed.archive(Format::Zip).canonical_path(None),
+            "/acme/widget/archive/release/1.0.zip"
+        );
+        assert_eq!(
+            parse_prewarm_path("/acme/widget/prewarm/a..b"),
+            Err(UrlError::BadRef("contains '..' or '@{'"))
+        );
+        assert_eq!(
+            parse_prewarm_path("/.acme/widget/prewarm/v1"),
+            Err(UrlError::BadName)
+        );
+        assert_eq!(
+            parse_prewarm_path("/acme/widget/prewarm/%ff"),
+            Err(UrlError::BadEncoding)
+        );
+        assert_eq!(
+            parse_prewarm_path("/acme/widget/archive/v1"),
+            Err(UrlError::NotAnArchiveUrl)
+        );
+    }
+
+    #[test]
+    fn format_lists_parse() {
+        assert_eq!(
+            parse_formats("tar.gz, zip,tgz").unwrap(),
+            vec![Format::TarGz, Format::Zip]
+        );
+        assert_eq!(parse_formats("rar"), Err(UrlError::BadFormat));
+        assert_eq!(parse_formats(""), Err(UrlError::BadFormat));
+    }
     use super::*;
 
     fn parse(path: &str) -> Result<ArchiveRequest, UrlError> {

@@ -1136,10 +1136,10 @@ def main():
                         help="write BENCHMARKS.md and ops/bench/ results (default unless --quick)")
     parser.add_argument("--no-write", dest="write", action="store_false")
     parser.add_argument("--command", default="ops/bench/run.sh")
-    parser.add_argument("--only", help="comma-separated scenarios to run (1-5, trace); the report is not written")
+    parser.add_argument("--only", help="comma-separated scenarios to run (1-7, trace); the report is not written")
     args = parser.parse_args()
     write = (not args.quick) if args.write is None else args.write
-    only = set(args.only.split(",")) if args.only else {"1", "2", "3", "4", "5"}
+    only = set(args.only.split(",")) if args.only else {"1", "2", "3", "4", "5", "6", "7"}
     if args.only:
         write = False
     if only == {"trace"}:  # a replayed trace: no inputs, no processes
@@ -1192,6 +1192,14 @@ def main():
             with Stack(ctx, "small") as stack:
                 print("scenario 3: small cached archives under load", flush=True)
                 scenario_small(ctx, stack, results)
+        if "6" in only:
+            from scenario_rush import scenario_rush
+            print("scenario 6: release rush, with and without prewarm", flush=True)
+            scenario_rush(ctx, None, results)
+        if "7" in only:
+            from scenario_crawler import scenario_crawler
+            print("scenario 7: a crawler and 20 normal clients", flush=True)
+            scenario_crawler(ctx, None, results)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         ctx.procs.stop_all()

@@ -19,6 +19,8 @@ use clap::{ArgGroup, Args, Parser, Subcommand};
 use gitball_archiver::ArchiveOptions;
 use gitball_core::units::parse_seconds;
 
+use crate::client::TrustedProxies;
+
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "gitball-proxy",
@@ -107,6 +109,11 @@ pub struct Config {
     /// Seconds a failed upstream is tried last (after every healthy candidate).
     #[arg(long, env = "GITBALL_EJECT_FOR", default_value = "10", value_parser = parse_seconds)]
     pub eject_for: Duration,
+
+    /// Peers whose X-Forwarded-For names the client (nginx in front), as CIDR[,CIDR…]. The client
+    /// address keys the archivers' crawler budget. Default: none, the socket peer is the client.
+    #[arg(long, env = "GITBALL_TRUSTED_PROXIES", value_parser = crate::client::parse_trusted_proxies)]
+    pub trusted_proxies: Option<TrustedProxies>,
 
     /// Archiver flags, used in embedded mode (--repos); --log-format and
     /// --shutdown-grace apply to the proxy as well.

@@ -25,6 +25,12 @@ pub enum Error {
     Url(#[from] UrlError),
     #[error("only GET and HEAD are supported")]
     MethodNotAllowed,
+    /// Anything but `POST` on a prewarm URL.
+    #[error("only POST is allowed")]
+    PostOnly,
+    /// A prewarm without the `--prewarm-token-file` token.
+    #[error("missing or invalid bearer token")]
+    Unauthorized,
     /// No route matches, or a private route was asked for without a valid
     /// token: both look exactly like an unknown repository (the archiver's
     /// answer for one uses the same code).
@@ -60,7 +66,11 @@ impl Error {
 
     pub fn fault(&self) -> Fault {
         match self {
-            Error::Url(_) | Error::MethodNotAllowed | Error::RepositoryNotFound => Fault::Client,
+            Error::Url(_)
+            | Error::MethodNotAllowed
+            | Error::PostOnly
+            | Error::Unauthorized
+            | Error::RepositoryNotFound => Fault::Client,
             Error::BadGateway | Error::Unavailable { .. } | Error::GatewayTimeout => {
                 Fault::Upstream
             }
@@ -71,7 +81,8 @@ impl Error {
     pub fn status(&self) -> StatusCode {
         match self {
             Error::Url(error) => error.status(),
-            Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Error::MethodNotAllowed | Error::PostOnly => StatusCode::METHOD_NOT_ALLOWED,
+            Error::Unauthorized => StatusCode::UNAUTHORIZED,
             Error::RepositoryNotFound => StatusCode::NOT_FOUND,
             Error::BadGateway => StatusCode::BAD_GATEWAY,
             Error::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -84,7 +95,8 @@ impl Error {
     pub fn code(&self) -> &'static str {
         match self {
             Error::Url(error) => error.code(),
-            Error::MethodNotAllowed => code::METHOD_NOT_ALLOWED,
+            Error::MethodNotAllowed | Error::PostOnly => code::METHOD_NOT_ALLOWED,
+            Error::Unauthorized => code::UNAUTHORIZED,
             Error::RepositoryNotFound => code::REPO_NOT_FOUND,
             Error::BadGateway => code::BAD_GATEWAY,
             Error::Unavailable { .. } => code::UNAVAILABLE,
@@ -100,6 +112,16 @@ impl IntoResponse for Error {
             return method_not_allowed();
         }
         let mut response = json_error(self.status(), self.code(), &self.to_string());
+        if let Error::PostOnly = self {
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("POST"));
+        }
+        if let Error::Unauthorized = self {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
         if let Error::Unavailable { retry_after } = &self {
             // Whole seconds, at least 1: `Retry-After: 0` invites a retry
             // storm.

@@ -19,20 +19,25 @@
 //!    the download ended; a client that leaves before any answer is logged
 //!    as `499` — plus `requests_total{code}` and the duration histogram.
 //!
+//! Every forwarded request carries `X-Gitball-Client`: the client's address
+//! (`client`), which keys the archiver's crawler budget. A
+//! `/{owner}/{repo}/prewarm/{ref}` path goes to `prewarm` instead.
+//!
 //! The archiver is always asked the canonical URL
 //! `/{owner}/{repo}/archive/{ref}.{ext}[.sha256]`, whichever URL shape the
 //! client used; the `path` query is passed on, the `token` is not.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use gitball_core::log::{Ending, Fault, RequestLog, Tier};
-use gitball_core::protocol::{REQUEST_ID, X_GITBALL_WANT_LENGTH};
+use gitball_core::protocol::{REQUEST_ID, X_GITBALL_CLIENT, X_GITBALL_WANT_LENGTH};
 use gitball_core::request_id::request_id;
 use gitball_core::response;
 use gitball_core::server::WriteStalled;
@@ -41,12 +46,14 @@ use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header};
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use crate::client::{TrustedProxies, client_address};
 use crate::error::Error;
 use crate::forward::{
     FORWARDED_REQUEST_HEADERS, Forwarder, UpstreamRequest, UpstreamResponse, body_length,
     is_passed_through,
 };
 use crate::pipe::Pipe;
+use crate::prewarm::Prewarm;
 use crate::routes::Routes;
 use crate::sign::SigningKey;
 
@@ -58,6 +65,10 @@ pub struct AppState {
     /// `--max-token-ttl`: how far ahead a token's expiry may be.
     pub max_token_ttl: Duration,
     pub client_idle_timeout: Duration,
+    /// `--trusted-proxies`.
+    pub trusted_proxies: TrustedProxies,
+    /// `--prewarm-token-file` and formats; `None`: prewarm is off.
+    pub prewarm: Option<Prewarm>,
     pub metrics: PrometheusHandle,
 }
 
@@ -98,6 +109,19 @@ async fn archive(State(state): State<Arc<AppState>>, request: Request) -> Respon
         crate::metrics::request_finished,
     );
     log.attempts = Some(0);
+    if url::is_prewarm_path(request.uri.path()) {
+        let response = match crate::prewarm::serve(&state, &request, &request_id, &mut log).await {
+            Ok(response) => {
+                log.status = Some(response.status());
+                response
+            }
+            Err(error) => {
+                log.failed(error.status(), error.fault(), error.log_text());
+                error.into_response()
+            }
+        };
+        return with_request_id(response, &request_id);
+    }
     let response = match handle(&state, &request, &request_id, &mut log).await {
         Ok(answer) => respond(&state, &request, answer, log),
         Err(error) => {
@@ -149,7 +173,12 @@ async fn handle(
     let upstream_request = UpstreamRequest {
         method: request.method.clone(),
         path_and_query: archive.canonical_path(subtree.as_deref()),
-        headers: forwarded_headers(&request.headers, request_id, request.version),
+        headers: forwarded_headers(
+            &request.headers,
+            request_id,
+            request.version,
+            client_of(state, request),
+        ),
     };
     let all_ejected = ejected == candidates.len();
     match state
@@ -272,9 +301,26 @@ fn private_cache_control(upstream: Option<&HeaderValue>) -> HeaderValue {
         .unwrap_or_else(|_| HeaderValue::from_static("private"))
 }
 
+/// The client the request is for (`client`); `None` only without a socket
+/// (in-process tests).
+pub fn client_of(state: &AppState, request: &Parts) -> Option<IpAddr> {
+    let ConnectInfo(peer) = request.extensions.get::<ConnectInfo<SocketAddr>>()?;
+    Some(client_address(
+        peer.ip(),
+        &request.headers,
+        &state.trusted_proxies,
+    ))
+}
+
 /// The request headers the archiver gets: `Range`, `If-None-Match`,
-/// `If-Range` as sent, and the request id.
-pub fn forwarded_headers(client: &HeaderMap, request_id: &str, version: Version) -> HeaderMap {
+/// `If-Range` as sent, the request id and the client's address (whatever
+/// `X-Gitball-Client` the client sent is not among them).
+pub fn forwarded_headers(
+    client: &HeaderMap,
+    request_id: &str,
+    version: Version,
+    address: Option<IpAddr>,
+) -> HeaderMap {
     let mut headers = HeaderMap::new();
     for name in &FORWARDED_REQUEST_HEADERS {
         for value in client.get_all(name) {
@@ -283,6 +329,12 @@ pub fn forwarded_headers(client: &HeaderMap, request_id: &str, version: Version)
     }
     if let Ok(value) = HeaderValue::from_str(request_id) {
         headers.insert(REQUEST_ID, value);
+    }
+    if let Some(address) = address {
+        // An address's text is a valid header value.
+        if let Ok(value) = HeaderValue::from_str(&address.to_string()) {
+            headers.insert(X_GITBALL_CLIENT, value);
+        }
     }
     // An HTTP/1.0 client gets a close-delimited body: an upstream failure
     // midway would look like a clean end. Ask for complete archives only,
@@ -344,15 +396,23 @@ mod tests {
         );
         client.insert(header::COOKIE, HeaderValue::from_static("session=1"));
         client.insert(REQUEST_ID, HeaderValue::from_static("client-id"));
-        let forwarded = forwarded_headers(&client, "chosen-id", Version::HTTP_11);
+        client.insert(X_GITBALL_CLIENT, HeaderValue::from_static("6.6.6.6"));
+        let forwarded = forwarded_headers(
+            &client,
+            "chosen-id",
+            Version::HTTP_11,
+            Some("203.0.113.9".parse().unwrap()),
+        );
         assert_eq!(forwarded[header::RANGE], "bytes=0-99");
         assert_eq!(forwarded[header::IF_NONE_MATCH], "\"abc-tar\"");
         assert_eq!(forwarded[header::IF_RANGE], "\"abc-tar\"");
         assert_eq!(forwarded[REQUEST_ID], "chosen-id");
         assert!(forwarded.get(header::AUTHORIZATION).is_none());
         assert!(forwarded.get(header::COOKIE).is_none());
-        assert_eq!(forwarded.len(), 4);
-        let old = forwarded_headers(&client, "chosen-id", Version::HTTP_10);
+        assert_eq!(forwarded[X_GITBALL_CLIENT], "203.0.113.9");
+        assert_eq!(forwarded.len(), 5);
+        let old = forwarded_headers(&client, "chosen-id", Version::HTTP_10, None);
+        assert!(old.get(X_GITBALL_CLIENT).is_none());
         assert_eq!(old[X_GITBALL_WANT_LENGTH], "1");
     }
 }

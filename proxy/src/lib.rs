@@ -8,6 +8,9 @@
 //! last; `forward` tries candidates until one gives response headers,
 //! failing over on connect errors, timeouts, `5xx` and a replica's `404`;
 //! `pipe` streams the chosen body to the client at the client's pace.
+//! `client` says which client a request is for (the archivers' crawler
+//! budget is keyed on it) and `prewarm` starts a ref's generations ahead of
+//! a release rush.
 //! `metrics` names every series, `error` maps every failure to an HTTP
 //! answer in one place, `config` holds the flags.
 //!
@@ -27,12 +30,14 @@
 //! # }
 //! ```
 
+pub mod client;
 pub mod config;
 pub mod error;
 pub mod forward;
 pub mod http;
 pub mod metrics;
 pub mod pipe;
+pub mod prewarm;
 pub mod routes;
 pub mod sign;
 pub mod upstream;
@@ -156,6 +161,21 @@ impl Proxy {
             );
         }
 
+        let prewarm = match &config.archiver.prewarm_token_file {
+            Some(path) => Some(prewarm::Prewarm {
+                token: read_secret(path, "--prewarm-token-file")?,
+                formats: config.archiver.prewarm_formats.0.clone(),
+                // Archivers without a token of their own know the proxy
+                // only by the prewarm token: pass on the one checked.
+                pass_token: upstream_token.is_none(),
+            }),
+            None => None,
+        };
+        let trusted_proxies = config.trusted_proxies.clone().unwrap_or_default();
+        if !trusted_proxies.is_empty() {
+            tracing::info!(?trusted_proxies, "X-Forwarded-For is read from these peers");
+        }
+
         let health = Arc::new(Health::new(config.eject_for));
         let forwarder = Forwarder::new(
             health,
@@ -169,6 +189,8 @@ impl Proxy {
             signing_key,
             max_token_ttl: config.max_token_ttl,
             client_idle_timeout: config.client_idle_timeout,
+            trusted_proxies,
+            prewarm,
             metrics: handle,
         });
         Ok(Proxy {

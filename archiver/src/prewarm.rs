@@ -1,0 +1,102 @@
+//! `POST /{owner}/{repo}/prewarm/{ref}`: start generating a ref's archives
+//! before anyone asks (`docs/http.md#prewarm`).
+//!
+//! When a tag is pushed the hosting application knows before any user
+//! does; a prewarm turns the first thousand downloads of a release from a
+//! queue behind one cold generation into hits. The steps, in order:
+//!
+//! 1. Off (no `--prewarm-token-file`): the path does not exist, `404` as
+//!    for any unknown URL.
+//! 2. Method: only `POST` (`405` with `Allow: POST`).
+//! 3. Token: `Authorization: Bearer` with the prewarm token, or with the
+//!    archiver's `--token-file` token (a proxy forwarding a prewarm it has
+//!    checked sends its upstream token); anything else is `401`.
+//! 4. URL and `?format=` (one format, or a comma-separated list; default
+//!    `--prewarm-formats`), by the shared grammar: `400`/`404` as for
+//!    downloads. Then repository, ref and reachability: `404` as for
+//!    downloads.
+//! 5. One cache lookup per format, exactly as a download's: a generation is
+//!    started where there is none, joined where there is one, and the
+//!    answer is `202` at once with the commit and what each format found
+//!    (`hit`, `join` or `miss`). The generations run in the cache's own
+//!    tasks and take queue slots like any other; a prewarm takes no token
+//!    of the crawler budget (it is authenticated operator work).
+//!
+//! Nothing is looked up before step 4 passes, and nothing is generated for
+//! a request that fails any step.
+
+use axum::response::{IntoResponse, Response};
+use gitball_core::log::RequestLog;
+use gitball_core::url::{self, Format};
+use http::request::Parts;
+use http::{Method, StatusCode, header};
+
+use crate::error::Error;
+use crate::http::{App, bearer_is, check_reachable, resolve};
+
+pub async fn serve(app: &App, request: &Parts, log: &mut RequestLog) -> Result<Response, Error> {
+    let Some(prewarm_token) = &app.prewarm_token else {
+        return Err(url::UrlError::NotAnArchiveUrl.into());
+    };
+    if request.method != Method::POST {
+        return Err(Error::PostOnly);
+    }
+    let upstream_token = app.token.as_deref();
+    if !bearer_is(&request.headers, prewarm_token)
+        && !upstream_token.is_some_and(|token| bearer_is(&request.headers, token))
+    {
+        return Err(Error::Unauthorized);
+    }
+    let prewarm = url::parse_prewarm_path(request.uri.path())?;
+    let formats = match url::query_param(request.uri.query(), "format")? {
+        Some(list) => url::parse_formats(&list)?,
+        None => app.prewarm_formats.clone(),
+    };
+
+    // Every format resolves (and is checked) before any generation starts.
+    let mut resolutions = Vec::with_capacity(formats.len());
+    for format in &formats {
+        let resolution = resolve(app, prewarm.archive(*format), None)?;
+        check_reachable(&resolution).await?;
+        resolutions.push((*format, resolution));
+    }
+    let commit = resolutions
+        .first()
+        .map(|(_, resolution)| resolution.resolved.commit.clone())
+        .unwrap_or_default();
+    log.commit = Some(commit.clone());
+
+    let mut keys = Vec::with_capacity(resolutions.len());
+    for (format, resolution) in resolutions {
+        // The generation (if this starts one) belongs to the cache; the
+        // handle is dropped at once.
+        let lookup = app.cache.lookup(resolution.spec.clone(), &log.request_id)?;
+        keys.push(key_json(&prewarm, format, lookup.label()));
+    }
+    log.cache = Some("prewarm");
+    let body = serde_json::json!({
+        "repository": format!("{}/{}", prewarm.owner, prewarm.repo),
+        "ref": prewarm.reference,
+        "commit": commit,
+        "keys": keys,
+    });
+    Ok((
+        StatusCode::ACCEPTED,
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        format!("{body}\n"),
+    )
+        .into_response())
+}
+
+/// One archive a prewarm names: its format, its canonical URL, and what the
+/// cache found for it.
+fn key_json(prewarm: &url::PrewarmRequest, format: Format, cache: &str) -> serde_json::Value {
+    serde_json::json!({
+        "format": format.ext(),
+        "url": prewarm.archive(format).canonical_path(None),
+        "cache": cache,
+    })
+}

@@ -1,0 +1,151 @@
+//! Who a request is for: the client address the proxy tells the archiver
+//! in `X-Gitball-Client`, which keys the archiver's crawler budget
+//! (`docs/security.md#client-identity`).
+//!
+//! The address is the socket peer's, unless the peer is one of
+//! `--trusted-proxies` (nginx in front): then `X-Forwarded-For` is read from
+//! the right, skipping trusted hops, and the first address that is not one
+//! of them is the client. Everything to the left of it was written by the
+//! client itself and is never believed. With no `--trusted-proxies` (the
+//! default) the header is ignored entirely, so a client cannot choose whose
+//! budget it spends.
+
+use std::net::IpAddr;
+
+use http::HeaderMap;
+use ipnet::IpNet;
+
+const X_FORWARDED_FOR: &str = "x-forwarded-for";
+
+/// `--trusted-proxies`: peers whose `X-Forwarded-For` is believed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TrustedProxies(Vec<IpNet>);
+
+/// Parses `CIDR[,CIDR…]`; a bare address is its own `/32` or `/128`.
+pub fn parse_trusted_proxies(text: &str) -> Result<TrustedProxies, String> {
+    let mut nets = Vec::new();
+    for item in text
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+    {
+        let net = match item.parse::<IpNet>() {
+            Ok(net) => net,
+            Err(_) => item
+                .parse::<IpAddr>()
+                .map(IpNet::from)
+                .map_err(|_| format!("{item:?} is not a CIDR range or an IP address"))?,
+        };
+        nets.push(net.trunc());
+    }
+    Ok(TrustedProxies(nets))
+}
+
+impl TrustedProxies {
+    pub fn contains(&self, address: IpAddr) -> bool {
+        let address = canonical(address);
+        self.0.iter().any(|net| net.contains(&address))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// An IPv4-mapped IPv6 address is its IPv4 address.
+fn canonical(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(address, IpAddr::V4),
+        IpAddr::V4(_) => address,
+    }
+}
+
+/// The client of a request that came from `peer` with `headers`.
+pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &TrustedProxies) -> IpAddr {
+    let peer = canonical(peer);
+    if !trusted.contains(peer) {
+        return peer;
+    }
+    // Every X-Forwarded-For line, in order, as one list.
+    let hops: Vec<&str> = headers
+        .get_all(X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .collect();
+    let mut client = peer;
+    for hop in hops.iter().rev() {
+        // Garbage can only have come from the client's side of the chain:
+        // stop at the last address a trusted hop vouched for.
+        let Ok(address) = hop.parse::<IpAddr>() else {
+            break;
+        };
+        client = canonical(address);
+        if !trusted.contains(client) {
+            break;
+        }
+    }
+    client
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn forwarded(values: &[&'static str]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for value in values {
+            headers.append(X_FORWARDED_FOR, HeaderValue::from_static(value));
+        }
+        headers
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn trusted_proxies_parse_ranges_and_addresses() {
+        let trusted = parse_trusted_proxies("127.0.0.1, 10.0.0.0/8,fd00::/8").unwrap();
+        assert!(trusted.contains(ip("127.0.0.1")));
+        assert!(trusted.contains(ip("::ffff:127.0.0.1")));
+        assert!(!trusted.contains(ip("127.0.0.2")));
+        assert!(trusted.contains(ip("10.200.1.1")));
+        assert!(trusted.contains(ip("fd00::1")));
+        assert!(!trusted.contains(ip("2001:db8::1")));
+        assert!(parse_trusted_proxies("").unwrap().is_empty());
+        assert!(parse_trusted_proxies("10.0.0.0/33").is_err());
+        assert!(parse_trusted_proxies("nginx").is_err());
+    }
+
+    #[test]
+    fn forwarded_for_is_ignored_from_an_untrusted_peer() {
+        let none = TrustedProxies::default();
+        let headers = forwarded(&["203.0.113.9"]);
+        assert_eq!(
+            client_address(ip("198.51.100.1"), &headers, &none),
+            ip("198.51.100.1")
+        );
+    }
+
+    #[test]
+    fn forwarded_for_is_read_from_the_right_past_trusted_hops() {
+        let trusted = parse_trusted_proxies("127.0.0.1,10.0.0.0/8").unwrap();
+        let peer = ip("127.0.0.1");
+        // The client wrote the first entry itself; nginx appended the real one.
+        let headers = forwarded(&["6.6.6.6, 203.0.113.9"]);
+        assert_eq!(client_address(peer, &headers, &trusted), ip("203.0.113.9"));
+        // Two trusted hops, over two header lines.
+        let headers = forwarded(&["6.6.6.6, 203.0.113.9", "10.1.2.3"]);
+        assert_eq!(client_address(peer, &headers, &trusted), ip("203.0.113.9"));
+        // No header: the peer itself.
+        assert_eq!(client_address(peer, &HeaderMap::new(), &trusted), peer);
+        // Garbage stops the walk at the last vouched-for address.
+        let headers = forwarded(&["junk, 10.1.2.3"]);
+        assert_eq!(client_address(peer, &headers, &trusted), ip("10.1.2.3"));
+        let headers = forwarded(&["::ffff:203.0.113.9"]);
+        assert_eq!(client_address(peer, &headers, &trusted), ip("203.0.113.9"));
+    }
+}

@@ -1,0 +1,226 @@
+//! `POST /{owner}/{repo}/prewarm/{ref}` on the proxy: start a ref's
+//! archives on the archivers that will serve them (`docs/http.md#prewarm`).
+//!
+//! The steps mirror the archiver's (`gitball_archiver`'s `prewarm`): off
+//! without `--prewarm-token-file` (`404`), `POST` only (`405`), the bearer
+//! token (`401`), the URL grammar (`400`/`404`), the route (`404` for an
+//! unknown repository). A private route needs no signed URL here: the
+//! prewarm token is the operator's and outranks it.
+//!
+//! Then, for each configured format (`--prewarm-formats`), one
+//! `POST /{owner}/{repo}/prewarm/{ref}?format={ext}` goes through `forward`
+//! to the route's candidates in the order downloads of that archive use
+//! (rendezvous, ejected last, with failover), so the generation runs on the
+//! archiver whose cache the downloads will hit. The proxy sends its
+//! `--upstream-token-file` token; without one, it passes on the prewarm
+//! token it checked (archivers without `--token-file` know only that one).
+//! The requests run concurrently and the answer is `202` with the commit
+//! and each key once every archiver accepted; otherwise the first refusal
+//! is passed on as the archiver gave it (`404` for an unknown ref, `503`
+//! when shutting down), or the proxy's own `502`/`504`.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use futures_util::future::join_all;
+use gitball_core::log::RequestLog;
+use gitball_core::protocol::REQUEST_ID;
+use gitball_core::url::{self, Format};
+use http::request::Parts;
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
+use subtle::ConstantTimeEq;
+
+use crate::error::Error;
+use crate::forward::{Forwarded, UpstreamRequest};
+use crate::http::{AppState, client_of, forwarded_headers};
+
+/// An archiver's prewarm answer is a few hundred bytes of JSON.
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
+/// Time to read that answer once its head arrived.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Prewarm settings, from `--prewarm-token-file` and `--prewarm-formats`.
+pub struct Prewarm {
+    pub token: Vec<u8>,
+    pub formats: Vec<Format>,
+    /// Send the client's (checked) prewarm token upstream: there is no
+    /// `--upstream-token-file`.
+    pub pass_token: bool,
+}
+
+/// One archiver's answer for one format.
+struct KeyAnswer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: bytes::Bytes,
+}
+
+pub async fn serve(
+    state: &AppState,
+    request: &Parts,
+    request_id: &str,
+    log: &mut RequestLog,
+) -> Result<Response, Error> {
+    let Some(prewarm) = &state.prewarm else {
+        return Err(url::UrlError::NotAnArchiveUrl.into());
+    };
+    if request.method != Method::POST {
+        return Err(Error::PostOnly);
+    }
+    let given = request
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or("");
+    if !bool::from(given.as_bytes().ct_eq(&prewarm.token)) {
+        return Err(Error::Unauthorized);
+    }
+    let target = url::parse_prewarm_path(request.uri.path())?;
+    let repository = format!("{}/{}", target.owner, target.repo);
+    let mut candidates = {
+        let table = state.routes.current();
+        let route = table.lookup(&repository).ok_or(Error::RepositoryNotFound)?;
+        route.candidates(&repository)
+    };
+    let ejected = state.forwarder.health().order(&mut candidates);
+    let all_ejected = ejected == candidates.len();
+
+    let mut headers = forwarded_headers(
+        &HeaderMap::new(),
+        request_id,
+        http::Version::HTTP_11,
+        client_of(state, request),
+    );
+    if prewarm.pass_token
+        && let Some(authorization) = request.headers.get(header::AUTHORIZATION)
+    {
+        let mut authorization = authorization.clone();
+        authorization.set_sensitive(true);
+        headers.insert(header::AUTHORIZATION, authorization);
+    }
+    let attempts = prewarm.formats.iter().map(|format| {
+        let upstream_request = UpstreamRequest {
+            method: Method::POST,
+            path_and_query: format!("{}?format={}", target.canonical_path(), format.ext()),
+            headers: headers.clone(),
+        };
+        let candidates = &candidates;
+        async move {
+            let forwarded = state
+                .forwarder
+                .forward(candidates, all_ejected, &upstream_request)
+                .await;
+            match forwarded {
+                Ok(forwarded) => read_answer(forwarded).await,
+                Err(failed) => Err((failed.error, failed.attempts)),
+            }
+        }
+    });
+    let answers = join_all(attempts).await;
+
+    let mut commit = None;
+    let mut keys = Vec::new();
+    let mut attempts = 0;
+    for answer in answers {
+        let (answer, upstream, tries) = match answer {
+            Ok(answered) => answered,
+            Err((error, tries)) => {
+                log.attempts = Some(attempts + tries);
+                return Err(error);
+            }
+        };
+        attempts += tries;
+        log.upstream = Some(upstream);
+        if answer.status != StatusCode::ACCEPTED {
+            log.attempts = Some(attempts);
+            return Ok(passed_on(answer));
+        }
+        let json: serde_json::Value = serde_json::from_slice(&answer.body)
+            .map_err(|error| Error::internal(format!("archiver's prewarm answer: {error}")))?;
+        if commit.is_none() {
+            commit = json.get("commit").cloned();
+        }
+        if let Some(found) = json.get("keys").and_then(|keys| keys.as_array()) {
+            keys.extend(found.iter().cloned());
+        }
+    }
+    log.attempts = Some(attempts);
+    log.commit = commit
+        .as_ref()
+        .and_then(|commit| commit.as_str())
+        .map(str::to_owned);
+    let body = serde_json::json!({
+        "repository": repository,
+        "ref": target.reference,
+        "commit": commit,
+        "keys": keys,
+    });
+    Ok((
+        StatusCode::ACCEPTED,
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        format!("{body}\n"),
+    )
+        .into_response())
+}
+
+/// Reads an archiver's (small) answer whole.
+async fn read_answer(
+    forwarded: Forwarded,
+) -> Result<(KeyAnswer, std::sync::Arc<str>, u32), (Error, u32)> {
+    let Forwarded {
+        response,
+        upstream,
+        attempts,
+    } = forwarded;
+    let (parts, body) = response.into_parts();
+    let collected = tokio::time::timeout(
+        ANSWER_TIMEOUT,
+        Limited::new(body, MAX_ANSWER_BYTES).collect(),
+    )
+    .await;
+    match collected {
+        Ok(Ok(collected)) => Ok((
+            KeyAnswer {
+                status: parts.status,
+                headers: parts.headers,
+                body: collected.to_bytes(),
+            },
+            upstream,
+            attempts,
+        )),
+        Ok(Err(error)) => {
+            tracing::warn!(%upstream, %error, "cannot read an archiver's prewarm answer");
+            Err((Error::BadGateway, attempts))
+        }
+        Err(_elapsed) => Err((Error::GatewayTimeout, attempts)),
+    }
+}
+
+/// An archiver's refusal, as it gave it (a JSON error with its status).
+fn passed_on(answer: KeyAnswer) -> Response {
+    let mut response = Response::new(Body::from(answer.body));
+    *response.status_mut() = answer.status;
+    for name in [
+        header::CONTENT_TYPE,
+        header::CACHE_CONTROL,
+        header::RETRY_AFTER,
+        header::ALLOW,
+    ] {
+        if let Some(value) = answer.headers.get(&name) {
+            response.headers_mut().insert(name, value.clone());
+        }
+    }
+    response.headers_mut().remove(REQUEST_ID);
+    response
+        .headers_mut()
+        .entry(header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
+    response
+}

@@ -1,0 +1,412 @@
+//! End-to-end tests of the crawler budget (`docs/archiver.md#crawler-budget`,
+//! `docs/security.md#client-identity`): the real archiver and proxy, real
+//! git, real sockets.
+//!
+//! Cold keys are cheap to make here: one commit with many small
+//! directories, and `?path=dNN` names a distinct archive for each. A test
+//! that needs a generation still running when another request arrives uses
+//! one large incompressible file at gzip level 9 (seconds of work).
+//! Identities other than 127.0.0.1 come from `X-Gitball-Client`, which the
+//! archiver believes from a loopback peer, or from `X-Forwarded-For`
+//! through a proxy with `--trusted-proxies`; a peer that is not loopback is
+//! a client socket bound to this machine's own non-loopback address.
+//!
+//! Build the binaries first: `cargo build -p gitball-archiver -p gitball-proxy`.
+
+use std::net::{IpAddr, UdpSocket};
+use std::time::Duration;
+
+use gitball_e2e::proxy::{Proxy, Route, big_repository, write_routes};
+use gitball_e2e::{Archiver, RawConnection, Sandbox, wait_until};
+
+const CLIENTS: &str = "gitball_archiver_budget_clients";
+const REJECTED: &str = "gitball_archiver_budget_rejected_total";
+const GENERATIONS: &str = "gitball_archiver_generations_total";
+const SETTLE: Duration = Duration::from_secs(10);
+
+/// `acme/widget` with 40 directories `d00`…`d39`: 40 distinct cold archives
+/// of one commit (`/acme/widget/archive/main.tar?path=dNN`).
+fn widget(sandbox: &Sandbox) {
+    let repo = sandbox.repo("acme", "widget");
+    for index in 0..40 {
+        repo.write(&format!("d{index:02}/file.txt"), format!("file {index}\n"));
+    }
+    repo.commit_all(1_700_000_000, "many directories");
+}
+
+fn cold(index: usize) -> String {
+    format!("/acme/widget/archive/main.tar?path=d{index:02}")
+}
+
+/// One answer: status, `X-Gitball-Cache`, `Retry-After`, JSON error code.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    cache: String,
+    retry_after: Option<u64>,
+    code: String,
+}
+
+fn answer(response: reqwest::blocking::Response) -> Answer {
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned)
+    };
+    let status = response.status().as_u16();
+    let cache = header("x-gitball-cache").unwrap_or_default();
+    let retry_after = header("retry-after").map(|value| value.parse().expect("whole seconds"));
+    let content_type = header("content-type").unwrap_or_default();
+    let body = response.bytes().expect("read the body");
+    let code = if status >= 400 {
+        assert_eq!(content_type, "application/json", "an error is JSON");
+        let json: serde_json::Value = serde_json::from_slice(&body).expect("a JSON error body");
+        json["error"].as_str().unwrap_or_default().to_owned()
+    } else {
+        String::new()
+    };
+    Answer {
+        status,
+        cache,
+        retry_after,
+        code,
+    }
+}
+
+/// `GET base + path` with `headers`, through `client`.
+fn get_with(
+    client: &reqwest::blocking::Client,
+    base: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Answer {
+    let mut request = client.get(format!("{base}{path}"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    answer(
+        request
+            .send()
+            .unwrap_or_else(|error| panic!("GET {path}: {error}")),
+    )
+}
+
+fn get(service: &gitball_e2e::Service, path: &str, headers: &[(&str, &str)]) -> Answer {
+    get_with(service.client(), &service.base_url, path, headers)
+}
+
+fn assert_rate_limited(answer: &Answer, what: &str) {
+    assert_eq!(answer.status, 429, "{what}: {answer:?}");
+    assert_eq!(answer.code, "rate_limited", "{what}");
+    let retry_after = answer.retry_after.expect("429 carries Retry-After");
+    assert!((1..=3600).contains(&retry_after), "{what}: {retry_after}");
+}
+
+/// This machine's address on its default route: a peer that is not
+/// loopback, though the packets never leave the host.
+fn non_loopback_address() -> IpAddr {
+    let socket = UdpSocket::bind("0.0.0.0:0").expect("bind a UDP socket");
+    // No packet is sent: connect only chooses the route and source address.
+    socket
+        .connect("203.0.113.1:9")
+        .expect("this test needs a default route (a non-loopback address)");
+    let address = socket.local_addr().expect("local address").ip();
+    assert!(!address.is_loopback(), "no non-loopback address: {address}");
+    address
+}
+
+/// A client whose connections come from `address`.
+fn client_from(address: IpAddr) -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .local_address(address)
+        .no_proxy()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("build a client")
+}
+
+#[test]
+fn beyond_the_burst_a_cold_request_is_429_with_retry_after_and_starts_nothing() {
+    let sandbox = Sandbox::new();
+    widget(&sandbox);
+    let archiver = Archiver::start(
+        &sandbox.repos(),
+        &["--client-cold-rate", "1/h", "--client-cold-burst", "3"],
+    );
+    for index in 0..3 {
+        let answer = get(&archiver, &cold(index), &[]);
+        assert_eq!((answer.status, answer.cache.as_str()), (200, "miss"));
+    }
+    let refused = get(&archiver, &cold(3), &[]);
+    assert_rate_limited(&refused, "the fourth cold archive");
+    // One token an hour: the next one is most of an hour away.
+    assert!(refused.retry_after.unwrap() > 3000, "{refused:?}");
+    // A checksum would generate too: refused the same way.
+    assert_rate_limited(
+        &get(&archiver, "/acme/widget/archive/main.zip.sha256", &[]),
+        "a cold checksum",
+    );
+
+    let metrics = archiver.metrics();
+    assert_eq!(metrics.value(REJECTED, &[]), 2.0);
+    assert_eq!(metrics.value("gitball_archiver_budget_burst", &[]), 3.0);
+    assert_eq!(metrics.sum(GENERATIONS, &[]), 3.0, "the refused start none");
+    assert_eq!(
+        metrics.value(
+            "gitball_archiver_requests_total",
+            &[("format", "tar"), ("cache", "none"), ("code", "429")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        archiver.cache_files().len(),
+        3,
+        "{:?}",
+        archiver.cache_files()
+    );
+}
+
+#[test]
+fn hits_and_joins_are_never_limited() {
+    let sandbox = Sandbox::new();
+    widget(&sandbox);
+    big_repository(&sandbox.repo("acme", "big"), 16 << 20);
+    let archiver = Archiver::start(
+        &sandbox.repos(),
+        &[
+            "--client-cold-rate",
+            "1/h",
+            "--client-cold-burst",
+            "1",
+            "--gzip-level",
+            "9",
+        ],
+    );
+    let spent = [("X-Gitball-Client", "198.51.100.1")];
+    assert_eq!(get(&archiver, &cold(0), &spent).status, 200);
+    assert_rate_limited(&get(&archiver, &cold(1), &spent), "budget spent");
+    // Hits, again and again.
+    for _ in 0..10 {
+        let hit = get(&archiver, &cold(0), &spent);
+        assert_eq!((hit.status, hit.cache.as_str()), (200, "hit"));
+    }
+    // A generation another client started: joined, though this client has
+    // no token left.
+    let big = "/acme/big/archive/main.tar.gz";
+    let mut starter = RawConnection::connect(archiver.addr).expect("connect");
+    starter
+        .send_request("GET", big, &[("X-Gitball-Client", "198.51.100.2")])
+        .expect("send");
+    let head = starter.read_head().expect("the head of the cold archive");
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("x-gitball-cache"), Some("miss"));
+    let mut joiner = RawConnection::connect(archiver.addr).expect("connect");
+    joiner.send_request("GET", big, &spent).expect("send");
+    let joined = joiner.read_head().expect("the head of the joined archive");
+    assert_eq!(joined.status, 200);
+    assert_eq!(joined.header("x-gitball-cache"), Some("join"));
+    assert_eq!(archiver.metrics().value(REJECTED, &[]), 1.0);
+}
+
+#[test]
+fn rate_zero_turns_the_budget_off() {
+    let sandbox = Sandbox::new();
+    widget(&sandbox);
+    let archiver = Archiver::start(
+        &sandbox.repos(),
+        &["--client-cold-rate", "0", "--client-cold-burst", "1"],
+    );
+    for index in 0..12 {
+        let answer = get(&archiver, &cold(index), &[]);
+        assert_eq!((answer.status, answer.cache.as_str()), (200, "miss"));
+    }
+    let metrics = archiver.metrics();
+    assert_eq!(metrics.value(REJECTED, &[]), 0.0);
+    assert_eq!(metrics.value("gitball_archiver_budget_rate", &[]), 0.0);
+    assert_eq!(metrics.value(CLIENTS, &[]), 0.0);
+}
+
+#[test]
+fn identity_header_is_believed_only_from_loopback_or_an_authenticated_peer() {
+    let sandbox = Sandbox::new();
+    widget(&sandbox);
+    let outside = non_loopback_address();
+    let budget = ["--client-cold-rate", "1/h", "--client-cold-burst", "1"];
+    let archiver = Archiver::start(&sandbox.repos(), &budget);
+
+    // Loopback peer (a proxy on this host): each named client has its own.
+    for (index, client) in ["198.51.100.1", "198.51.100.2"].iter().enumerate() {
+        let answer = get(&archiver, &cold(index), &[("X-Gitball-Client", client)]);
+        assert_eq!(answer.status, 200, "{client}");
+    }
+    assert_rate_limited(
+        &get(&archiver, &cold(2), &[("X-Gitball-Client", "198.51.100.1")]),
+        "198.51.100.1 spent its token",
+    );
+
+    // A direct client that is not loopback forges the header: ignored, it
+    // spends its own socket address's budget whatever it claims.
+    let direct = client_from(outside);
+    let base = &archiver.base_url;
+    let first = get_with(
+        &direct,
+        base,
+        &cold(3),
+        &[("X-Gitball-Client", "198.51.100.3")],
+    );
+    assert_eq!(first.status, 200, "{first:?}");
+    let forged = get_with(
+        &direct,
+        base,
+        &cold(4),
+        &[("X-Gitball-Client", "198.51.100.4")],
+    );
+    assert_rate_limited(&forged, "a forged identity");
+    // …and loopback clients are not charged for it.
+    let loopback = get(&archiver, &cold(5), &[]);
+    assert_eq!(loopback.status, 200, "{loopback:?}");
+
+    // With --token-file, a peer that holds the token is the proxy: believed
+    // from any address.
+    let token_file = sandbox.path("upstream-token");
+    std::fs::write(&token_file, "s3cret-upstream\n").unwrap();
+    let mut args = budget.to_vec();
+    args.extend(["--token-file", token_file.to_str().unwrap()]);
+    let guarded = Archiver::start(&sandbox.repos(), &args);
+    let bearer = ("Authorization", "Bearer s3cret-upstream");
+    for (index, client) in ["198.51.100.5", "198.51.100.6"].iter().enumerate() {
+        let answer = get_with(
+            &direct,
+            &guarded.base_url,
+            &cold(index),
+            &[bearer, ("X-Gitball-Client", client)],
+        );
+        assert_eq!(answer.status, 200, "{client}: {answer:?}");
+    }
+    let again = get_with(
+        &direct,
+        &guarded.base_url,
+        &cold(2),
+        &[bearer, ("X-Gitball-Client", "198.51.100.5")],
+    );
+    assert_rate_limited(&again, "198.51.100.5 through the authenticated peer");
+}
+
+#[test]
+fn forwarded_for_is_honoured_only_from_trusted_proxies() {
+    let sandbox = Sandbox::new();
+    widget(&sandbox);
+    let archiver = Archiver::start(
+        &sandbox.repos(),
+        &["--client-cold-rate", "1/h", "--client-cold-burst", "1"],
+    );
+    let routes = sandbox.path("routes.toml");
+    write_routes(&routes, &[Route::new("*", &archiver.base_url, &[])]);
+
+    // Default: no trusted proxies. Neither X-Forwarded-For nor a forged
+    // X-Gitball-Client is believed: every request is 127.0.0.1's.
+    let plain = Proxy::with_routes(&routes, &[]);
+    let first = get(
+        &plain,
+        &cold(0),
+        &[
+            ("X-Forwarded-For", "198.51.100.1"),
+            ("X-Gitball-Client", "198.51.100.9"),
+        ],
+    );
+    assert_eq!(first.status, 200, "{first:?}");
+    let second = get(
+        &plain,
+        &cold(1),
+        &[
+            ("X-Forwarded-For", "198.51.100.2"),
+            ("X-Gitball-Client", "198.51.100.10"),
+        ],
+    );
+    assert_rate_limited(&second, "127.0.0.1 again, whatever it claims");
+
+    // nginx in front on 127.0.0.1: its X-Forwarded-For names the client
+    // (the entry it appended, the rightmost untrusted one).
+    let behind_nginx = Proxy::with_routes(&routes, &["--trusted-proxies", "127.0.0.1/32"]);
+    for (index, chain) in ["198.51.100.1", "6.6.6.6, 198.51.100.2"].iter().enumerate() {
+        let answer = get(
+            &behind_nginx,
+            &cold(2 + index),
+            &[("X-Forwarded-For", chain)],
+        );
+        assert_eq!(answer.status, 200, "{chain}: {answer:?}");
+    }
+    assert_rate_limited(
+        &get(
+            &behind_nginx,
+            &cold(4),
+            &[("X-Forwarded-For", "198.51.100.2, 198.51.100.1")],
+        ),
+        "198.51.100.1 again",
+    );
+    assert_rate_limited(
+        &get(&behind_nginx, &cold(5), &[]),
+        "no header: the peer, 127.0.0.1, spent",
+    );
+}
+
+#[test]
+fn tracked_clients_stay_within_their_bound() {
+    let sandbox = Sandbox::new();
+    widget(&sandbox);
+    let archiver = Archiver::start(
+        &sandbox.repos(),
+        &["--client-cold-max-clients", "8", "--client-cold-burst", "2"],
+    );
+    assert_eq!(get(&archiver, &cold(0), &[]).status, 200);
+    for index in 0..60 {
+        let client = format!("198.51.{}.{}", 100 + index / 20, index % 20 + 1);
+        // A hit and a cold archive (40 distinct ones) each.
+        let hit = get(&archiver, &cold(0), &[("X-Gitball-Client", &client)]);
+        assert_eq!(hit.status, 200, "{client}");
+        let miss = get(
+            &archiver,
+            &cold(index % 40),
+            &[("X-Gitball-Client", &client)],
+        );
+        assert_eq!(miss.status, 200, "{client}");
+        let tracked = archiver.metrics().value(CLIENTS, &[]);
+        assert!(tracked <= 8.0, "{tracked} tracked after {index}");
+    }
+    let metrics = archiver.metrics();
+    assert_eq!(metrics.value(CLIENTS, &[]), 8.0);
+    assert_eq!(
+        metrics.value("gitball_archiver_budget_max_clients", &[]),
+        8.0
+    );
+}
+
+#[test]
+fn embedded_mode_budgets_each_client() {
+    let sandbox = Sandbox::new();
+    widget(&sandbox);
+    let proxy = Proxy::embedded(
+        &sandbox.repos(),
+        &sandbox.path("cache"),
+        &[
+            "--client-cold-rate",
+            "1/h",
+            "--client-cold-burst",
+            "1",
+            "--trusted-proxies",
+            "127.0.0.0/8",
+        ],
+    );
+    let one = [("X-Forwarded-For", "198.51.100.1")];
+    assert_eq!(get(&proxy, &cold(0), &one).status, 200);
+    assert_rate_limited(&get(&proxy, &cold(1), &one), "embedded, same client");
+    let other = get(&proxy, &cold(1), &[("X-Forwarded-For", "198.51.100.2")]);
+    assert_eq!((other.status, other.cache.as_str()), (200, "miss"));
+    let hit = get(&proxy, &cold(0), &one);
+    assert_eq!((hit.status, hit.cache.as_str()), (200, "hit"));
+    let metrics = proxy.scrape();
+    assert_eq!(metrics.value(REJECTED, &[]), 1.0);
+    assert!(wait_until(SETTLE, || proxy.scrape().sum(GENERATIONS, &[]) == 2.0));
+}

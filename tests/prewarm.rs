@@ -1,0 +1,429 @@
+//! End-to-end tests of prewarm (`docs/http.md#prewarm`): `POST
+//! /{owner}/{repo}/prewarm/{ref}` on the real archiver, through the real
+//! proxy to the replica rendezvous picks, and in embedded mode; what it
+//! refuses and that a refusal generates nothing; and that its generations
+//! go through the generation queue but not through the crawler budget.
+//!
+//! Build the binaries first: `cargo build -p gitball-archiver -p gitball-proxy`.
+
+use std::time::Duration;
+
+use gitball_e2e::proxy::{Cluster, Fetched, Proxy, big_repository, fetch_with, small_repository};
+use gitball_e2e::{Archiver, Sandbox, wait_until};
+
+const GENERATIONS: &str = "gitball_archiver_generations_total";
+const SETTLE: Duration = Duration::from_secs(30);
+const PREWARM_TOKEN: &str = "prewarm-s3cret";
+
+fn write_token(sandbox: &Sandbox, name: &str, token: &str) -> String {
+    let path = sandbox.path(name);
+    std::fs::write(&path, format!("{token}\n")).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+fn post(addr: std::net::SocketAddr, target: &str, token: Option<&str>) -> Fetched {
+    let authorization = token.map(bearer);
+    let mut headers = vec![("Content-Length", "0")];
+    if let Some(authorization) = &authorization {
+        headers.push(("Authorization", authorization.as_str()));
+    }
+    fetch_with(addr, "POST", target, &headers)
+}
+
+fn json(fetched: &Fetched) -> serde_json::Value {
+    assert_eq!(fetched.header("content-type"), "application/json");
+    serde_json::from_slice(&fetched.body).expect("a JSON body")
+}
+
+/// Checks a `202` prewarm answer: the commit, and one key per format.
+fn assert_accepted(fetched: &Fetched, commit: &str, formats: &[&str]) {
+    assert_eq!(fetched.status(), 202, "{}", fetched.text());
+    let body = json(fetched);
+    assert_eq!(body["commit"], commit, "{body}");
+    let keys = body["keys"].as_array().expect("keys");
+    let found: Vec<&str> = keys
+        .iter()
+        .map(|key| key["format"].as_str().unwrap())
+        .collect();
+    assert_eq!(found, formats, "{body}");
+    for key in keys {
+        let url = key["url"].as_str().unwrap();
+        assert!(url.starts_with("/acme/widget/archive/v1.2.3."), "{url}");
+        assert!(
+            ["miss", "join", "hit"].contains(&key["cache"].as_str().unwrap()),
+            "{key}"
+        );
+    }
+}
+
+fn generations_ok(metrics: &gitball_e2e::Metrics) -> f64 {
+    metrics.sum(GENERATIONS, &[("outcome", "ok")])
+}
+
+#[test]
+fn prewarm_answers_202_and_the_download_is_then_a_hit_or_a_join() {
+    let sandbox = Sandbox::new();
+    let repo = small_repository(&sandbox.repo("acme", "widget"));
+    let token = write_token(&sandbox, "prewarm-token", PREWARM_TOKEN);
+    let archiver = Archiver::start(&sandbox.repos(), &["--prewarm-token-file", &token]);
+
+    let accepted = post(
+        archiver.addr,
+        "/acme/widget/prewarm/v1.2.3",
+        Some(PREWARM_TOKEN),
+    );
+    assert_accepted(&accepted, &repo.second, &["tar.gz", "zip"]);
+    for format in ["tar.gz", "zip"] {
+        let download = fetch_with(
+            archiver.addr,
+            "GET",
+            &format!("/acme/widget/archive/v1.2.3.{format}"),
+            &[],
+        );
+        assert_eq!(download.status(), 200);
+        assert!(
+            ["hit", "join"].contains(&download.header("x-gitball-cache")),
+            "{format}: {}",
+            download.header("x-gitball-cache")
+        );
+    }
+    // `?format=` picks formats; prewarming what exists is a hit.
+    let again = post(
+        archiver.addr,
+        "/acme/widget/prewarm/v1.2.3?format=zip,tar",
+        Some(PREWARM_TOKEN),
+    );
+    assert_accepted(&again, &repo.second, &["zip", "tar"]);
+    assert!(wait_until(SETTLE, || generations_ok(&archiver.metrics()) == 3.0));
+    let metrics = archiver.metrics();
+    assert_eq!(
+        metrics.value(
+            "gitball_archiver_requests_total",
+            &[("format", "none"), ("cache", "prewarm"), ("code", "202")]
+        ),
+        2.0
+    );
+}
+
+#[test]
+fn prewarm_through_the_proxy_runs_on_the_replica_downloads_use() {
+    let sandbox = Sandbox::new();
+    let repo = small_repository(&sandbox.repo("acme", "widget"));
+    let upstream = write_token(&sandbox, "upstream-token", "upstream-s3cret");
+    // The archivers' own prewarm token differs from the proxy's: the proxy
+    // authenticates to them with its upstream token.
+    let archiver_prewarm = write_token(&sandbox, "archiver-prewarm", "archiver-only");
+    let proxy_prewarm = write_token(&sandbox, "proxy-prewarm", PREWARM_TOKEN);
+    let archiver_args = [
+        "--token-file",
+        upstream.as_str(),
+        "--prewarm-token-file",
+        archiver_prewarm.as_str(),
+    ];
+    let primary = Archiver::start(&sandbox.repos(), &archiver_args);
+    let replicas = (0..3)
+        .map(|_| Archiver::start(&sandbox.repos(), &archiver_args))
+        .collect();
+    let cluster = Cluster::around(
+        primary,
+        replicas,
+        &[
+            "--upstream-token-file",
+            &upstream,
+            "--prewarm-token-file",
+            &proxy_prewarm,
+        ],
+    );
+    let proxy = cluster.proxy.addr;
+
+    let accepted = post(proxy, "/acme/widget/prewarm/v1.2.3", Some(PREWARM_TOKEN));
+    assert_accepted(&accepted, &repo.second, &["tar.gz", "zip"]);
+    let counts = || -> Vec<f64> {
+        cluster
+            .archivers()
+            .iter()
+            .map(|archiver| generations_ok(&archiver.metrics()))
+            .collect()
+    };
+    let mut seen = Vec::new();
+    assert!(
+        wait_until(SETTLE, || {
+            seen = counts();
+            seen.iter().sum::<f64>() == 2.0
+        }),
+        "{seen:?}"
+    );
+    let owner = seen.iter().position(|&count| count == 2.0);
+    assert!(
+        owner.is_some_and(|owner| owner != 0),
+        "one replica generated both: {seen:?}"
+    );
+    // Downloads through the proxy land on that replica's cache.
+    for format in ["tar.gz", "zip"] {
+        let download = fetch_with(
+            proxy,
+            "GET",
+            &format!("/acme/widget/archive/v1.2.3.{format}"),
+            &[],
+        );
+        assert_eq!(download.status(), 200);
+        assert_eq!(download.header("x-gitball-cache"), "hit", "{format}");
+    }
+    assert_eq!(counts(), seen, "no further generation anywhere");
+    // The archivers' own prewarm token is not the proxy's.
+    let refused = post(proxy, "/acme/widget/prewarm/v1.2.3", Some("archiver-only"));
+    assert_eq!(refused.status(), 401);
+}
+
+#[test]
+fn prewarm_is_404_without_its_token_file() {
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    let proxy = Proxy::embedded(&sandbox.repos(), &sandbox.path("cache"), &[]);
+    for addr in [archiver.addr, proxy.addr] {
+        for method in ["POST", "GET"] {
+            let fetched = fetch_with(
+                addr,
+                method,
+                "/acme/widget/prewarm/v1.2.3",
+                &[("Content-Length", "0"), ("Authorization", "Bearer x")],
+            );
+            assert_eq!(fetched.status(), 404, "{method}");
+            assert_eq!(fetched.error_code(), "not_found");
+        }
+    }
+    assert_eq!(archiver.metrics().sum(GENERATIONS, &[]), 0.0);
+    assert!(archiver.cache_files().is_empty());
+}
+
+#[test]
+fn bad_prewarm_requests_get_json_4xx_and_start_no_generation() {
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    let token = write_token(&sandbox, "prewarm-token", PREWARM_TOKEN);
+    let archiver = Archiver::start(&sandbox.repos(), &["--prewarm-token-file", &token]);
+    let cluster = Cluster::around(
+        Archiver::start(&sandbox.repos(), &["--prewarm-token-file", &token]),
+        Vec::new(),
+        &["--prewarm-token-file", &token],
+    );
+    let good = Some(PREWARM_TOKEN);
+    // (method, target, token, status, code)
+    let cases: &[(&str, &str, Option<&str>, u16, &str)] = &[
+        (
+            "GET",
+            "/acme/widget/prewarm/v1.2.3",
+            good,
+            405,
+            "method_not_allowed",
+        ),
+        (
+            "PUT",
+            "/acme/widget/prewarm/v1.2.3",
+            good,
+            405,
+            "method_not_allowed",
+        ),
+        (
+            "POST",
+            "/acme/widget/prewarm/v1.2.3",
+            None,
+            401,
+            "unauthorized",
+        ),
+        (
+            "POST",
+            "/acme/widget/prewarm/v1.2.3",
+            Some("wrong"),
+            401,
+            "unauthorized",
+        ),
+        (
+            "POST",
+            "/acme/widget/prewarm/v1.2.3",
+            Some(""),
+            401,
+            "unauthorized",
+        ),
+        (
+            "POST",
+            "/acme/nothing/prewarm/v1.2.3",
+            good,
+            404,
+            "repo_not_found",
+        ),
+        (
+            "POST",
+            "/acme/widget/prewarm/v9.9.9",
+            good,
+            404,
+            "ref_not_found",
+        ),
+        (
+            "POST",
+            "/acme/widget/prewarm/..%2F..%2Fetc%2Fpasswd",
+            good,
+            400,
+            "bad_ref",
+        ),
+        ("POST", "/acme/widget/prewarm/-x", good, 400, "bad_ref"),
+        ("POST", "/acme/widget/prewarm/%ff", good, 400, "bad_url"),
+        (
+            "POST",
+            "/.acme/widget/prewarm/v1.2.3",
+            good,
+            400,
+            "bad_name",
+        ),
+        (
+            "POST",
+            "/acme/..%2Fwidget/prewarm/v1.2.3",
+            good,
+            400,
+            "bad_name",
+        ),
+        (
+            "POST",
+            "/acme/widget/prewarm/v1.2.3?format=rar",
+            good,
+            400,
+            "bad_format",
+        ),
+    ];
+    // The proxy always asks for one known format; `?format=` is the
+    // archiver's (the proxy's own come from --prewarm-formats).
+    for (index, addr) in [archiver.addr, cluster.proxy.addr].into_iter().enumerate() {
+        for (method, target, token, status, code) in cases {
+            if index == 1 && target.contains("format=") {
+                continue;
+            }
+            let authorization = token.map(bearer);
+            let mut headers = vec![("Content-Length", "0")];
+            if let Some(authorization) = &authorization {
+                headers.push(("Authorization", authorization.as_str()));
+            }
+            let fetched = fetch_with(addr, method, target, &headers);
+            let tier = if index == 0 { "archiver" } else { "proxy" };
+            assert_eq!(
+                fetched.status(),
+                *status,
+                "{tier} {method} {target}: {}",
+                fetched.text()
+            );
+            assert_eq!(fetched.error_code(), *code, "{tier} {method} {target}");
+            if *status == 405 {
+                assert_eq!(fetched.header("allow"), "POST", "{tier} {method} {target}");
+            }
+        }
+    }
+    for server in [&archiver, &cluster.primary] {
+        let metrics = server.metrics();
+        assert_eq!(metrics.sum(GENERATIONS, &[]), 0.0);
+        assert_eq!(
+            metrics.value("gitball_archiver_generations_in_flight", &[]),
+            0.0
+        );
+        assert!(
+            server.cache_files().is_empty(),
+            "{:?}",
+            server.cache_files()
+        );
+    }
+}
+
+#[test]
+fn prewarm_takes_queue_slots_but_no_budget() {
+    let sandbox = Sandbox::new();
+    let commit = big_repository(&sandbox.repo("acme", "widget"), 4 << 20);
+    let token = write_token(&sandbox, "prewarm-token", PREWARM_TOKEN);
+    let archiver = Archiver::start(
+        &sandbox.repos(),
+        &[
+            "--prewarm-token-file",
+            &token,
+            "--prewarm-formats",
+            "tar.gz,zip,tar.zst",
+            "--max-generations",
+            "1",
+            "--queue-timeout",
+            "0.001",
+            "--client-cold-rate",
+            "1/h",
+            "--client-cold-burst",
+            "1",
+        ],
+    );
+    let accepted = post(
+        archiver.addr,
+        "/acme/widget/prewarm/main",
+        Some(PREWARM_TOKEN),
+    );
+    assert_eq!(accepted.status(), 202, "{}", accepted.text());
+    assert_eq!(json(&accepted)["commit"], commit);
+    // One slot: the first generation holds it for seconds, the other two
+    // wait a millisecond in the queue and give up.
+    let mut seen = (0.0, 0.0);
+    let settled = wait_until(SETTLE, || {
+        let metrics = archiver.metrics();
+        seen = (
+            generations_ok(&metrics),
+            metrics.value("gitball_archiver_generations_in_flight", &[]),
+        );
+        seen.0 >= 1.0 && seen.1 == 0.0
+    });
+    assert!(settled, "(ok, in flight): {seen:?}");
+    assert_eq!(seen.0, 1.0, "two of three were refused by the queue");
+    assert_eq!(
+        archiver.cache_files().len(),
+        1,
+        "{:?}",
+        archiver.cache_files()
+    );
+
+    // The prewarm took none of 127.0.0.1's one token: its first cold
+    // archive is served, its second refused.
+    let first = fetch_with(archiver.addr, "GET", "/acme/widget/archive/main.tar", &[]);
+    assert_eq!(first.status(), 200, "{}", first.text());
+    let second = fetch_with(
+        archiver.addr,
+        "GET",
+        "/acme/widget/archive/main.tar?path=README.md",
+        &[],
+    );
+    assert_eq!(second.status(), 429, "{}", second.text());
+    assert_eq!(second.error_code(), "rate_limited");
+}
+
+#[test]
+fn embedded_prewarm_is_checked_by_the_proxy_and_run_by_its_archiver() {
+    let sandbox = Sandbox::new();
+    let repo = small_repository(&sandbox.repo("acme", "widget"));
+    let token = write_token(&sandbox, "prewarm-token", PREWARM_TOKEN);
+    let proxy = Proxy::embedded(
+        &sandbox.repos(),
+        &sandbox.path("cache"),
+        &["--prewarm-token-file", &token],
+    );
+    assert_eq!(
+        post(proxy.addr, "/acme/widget/prewarm/v1.2.3", Some("wrong")).status(),
+        401
+    );
+    let accepted = post(
+        proxy.addr,
+        "/acme/widget/prewarm/v1.2.3",
+        Some(PREWARM_TOKEN),
+    );
+    assert_accepted(&accepted, &repo.second, &["tar.gz", "zip"]);
+    let download = fetch_with(proxy.addr, "GET", "/acme/widget/archive/v1.2.3.zip", &[]);
+    assert_eq!(download.status(), 200);
+    assert!(
+        ["hit", "join"].contains(&download.header("x-gitball-cache")),
+        "{}",
+        download.header("x-gitball-cache")
+    );
+}
