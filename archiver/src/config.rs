@@ -95,6 +95,12 @@ pub struct ArchiveOptions {
     #[arg(long, env = "GITBALL_SHUTDOWN_GRACE", default_value = "30", value_parser = parse_seconds)]
     pub shutdown_grace: Duration,
 
+    /// Connections held at once; past it a new connection gets 503 + Retry-After and is closed.
+    /// Default: from the fd limit (raised to the hard limit at start), (RLIMIT_NOFILE - 256) / 2,
+    /// or / 4 for an embedded proxy (client, upstream and archiver sockets plus a cache file).
+    #[arg(long, env = "GITBALL_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: Option<u64>,
+
     /// Log line format.
     #[arg(long, env = "GITBALL_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -111,6 +117,18 @@ impl ArchiveOptions {
             shm.join("gitball-archiver")
         } else {
             std::env::temp_dir().join("gitball-archiver")
+        }
+    }
+
+    /// The connection cap (see `--max-connections`) for a process whose
+    /// connections cost `fds_per_connection` each.
+    pub fn max_connections(&self, fds_per_connection: u64) -> usize {
+        match self.max_connections {
+            Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
+            None => gitball_core::limits::default_max_connections(
+                gitball_core::limits::nofile().soft,
+                fds_per_connection,
+            ),
         }
     }
 
@@ -139,5 +157,6 @@ mod tests {
         assert_eq!(config.options.gzip_level, 6);
         assert_eq!(config.options.zstd_level, 3);
         assert_eq!(config.options.log_format, LogFormat::Text);
+        assert_eq!(config.options.max_connections, None);
     }
 }

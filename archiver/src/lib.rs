@@ -36,7 +36,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{ArchiveOptions, Config};
-use gitball_core::server;
+use gitball_core::{limits, server};
 
 /// How long generations get to stop (children killed, partials removed)
 /// after the downloads were drained.
@@ -106,13 +106,23 @@ pub async fn run(
         zstd_level: options.zstd_level,
         metrics: handle,
     });
-    tracing::info!(listen = %listener.local_addr()?, "gitball-archiver serving");
+    let max_connections = options.max_connections(limits::FDS_PER_CONNECTION_ARCHIVER);
+    limits::warn_if_too_low(
+        limits::nofile(),
+        max_connections,
+        limits::FDS_PER_CONNECTION_ARCHIVER,
+    );
+    tracing::info!(listen = %listener.local_addr()?, max_connections, "gitball-archiver serving");
     let drain = server::serve(
         listener,
         http::router(app),
         shutdown,
         options.shutdown_grace,
         WRITE_STALL_TIMEOUT,
+        server::Connections {
+            max: max_connections,
+            metrics_prefix: "gitball_archiver",
+        },
     )
     .await?;
     match drain {

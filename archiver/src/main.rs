@@ -9,6 +9,8 @@ use gitball_archiver::Config;
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     gitball_core::log::init_tracing(config.options.log_format);
+    // A login shell's soft limit (1024) would cap downloads at about 500.
+    gitball_core::limits::raise_nofile();
     // Handlers first: from the moment anything is served, SIGTERM means a
     // graceful drain, never the default action.
     let shutdown = gitball_core::signals::shutdown_on_signal()

@@ -19,6 +19,8 @@ async fn main() -> anyhow::Result<()> {
     }
     let config = cli.config;
     gitball_core::log::init_tracing(config.archiver.log_format);
+    // A login shell's soft limit (1024) would cap downloads at about 500.
+    gitball_core::limits::raise_nofile();
     // Installed before anything is served: from then on SIGTERM and SIGINT
     // mean a graceful drain and SIGHUP a reload, never the default action
     // (which would kill the process).
