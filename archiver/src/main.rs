@@ -15,8 +15,7 @@ async fn main() -> anyhow::Result<()> {
     // graceful drain, never the default action.
     let shutdown = gitball_core::signals::shutdown_on_signal()
         .context("cannot install the SIGTERM and SIGINT handlers")?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
+    let listener = gitball_core::server::bind(config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     gitball_archiver::run(listener, config.repos, config.options, shutdown).await
 }

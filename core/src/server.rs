@@ -109,6 +109,26 @@ const MAX_REJECTIONS_IN_FLIGHT: usize = 64;
 /// the `503` before the client reads it.
 const REJECT_DRAIN_BYTES: usize = 16 * 1024;
 
+/// The listen backlog asked for (the kernel caps it at
+/// `net.core.somaxconn`, 4096 on current Linux). tokio's `bind` asks for
+/// 1024: a burst of 1,500 connections (a release rush) then overflowed it
+/// on a loaded machine, and each dropped SYN cost its client a 1 s
+/// retransmit before the loop could even see it.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds a listener for [`serve`] with [`LISTEN_BACKLOG`] (and
+/// `SO_REUSEADDR`, as `tokio::net::TcpListener::bind` sets it).
+pub fn bind(address: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// How many connections one `serve` holds at once, and the prefix of its
 /// connection series (`gitball_archiver`, `gitball_proxy`):
 /// `{prefix}_connections_open`, `{prefix}_connections_max`,
