@@ -27,6 +27,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import gen_repo  # noqa: E402
+import scenario_stalled  # noqa: E402
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -1135,10 +1136,10 @@ def main():
                         help="write BENCHMARKS.md and ops/bench/ results (default unless --quick)")
     parser.add_argument("--no-write", dest="write", action="store_false")
     parser.add_argument("--command", default="ops/bench/run.sh")
-    parser.add_argument("--only", help="comma-separated scenarios to run (1-5); the report is not written")
+    parser.add_argument("--only", help="comma-separated scenarios to run (1-6); the report is not written")
     args = parser.parse_args()
     write = (not args.quick) if args.write is None else args.write
-    only = set(args.only.split(",")) if args.only else {"1", "2", "3", "4", "5"}
+    only = set(args.only.split(",")) if args.only else {"1", "2", "3", "4", "5", "6"}
     if args.only:
         write = False
 
@@ -1188,6 +1189,9 @@ def main():
             with Stack(ctx, "small") as stack:
                 print("scenario 3: small cached archives under load", flush=True)
                 scenario_small(ctx, stack, results)
+        if "6" in only:
+            print("scenario 6: 5,000 stalled downloads at a login shell's fd limit", flush=True)
+            scenario_stalled.run(ctx, results, sys.modules[__name__])
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         ctx.procs.stop_all()

@@ -15,7 +15,7 @@
 #   --keep        keep the temporary work directory (logs, nginx configs)
 #   --write       write BENCHMARKS.md, ops/bench/benchmarks.png and
 #                 ops/bench/results.json (the default without --quick)
-#   --only LIST   run only these scenarios (1-5); never writes the report
+#   --only LIST   run only these scenarios (1-6); never writes the report
 #
 # Needs: git, curl, nginx, wrk, zstd, python3 with matplotlib (Debian:
 # apt-get install nginx wrk zstd curl python3-matplotlib). Everything
