@@ -261,6 +261,14 @@ fn assert_cap_refuses_then_admits(service: &Service, max: usize, prefix: &str) {
         started.elapsed()
     );
 
+    assert!(
+        wait_until(SETTLE, || service
+            .log()
+            .contains("refusing connections with 503")),
+        "the refusal was not logged:\n{}",
+        service.log()
+    );
+
     drop(held);
     let mut metrics = None;
     assert!(
@@ -294,6 +302,17 @@ fn past_max_connections_a_new_connection_gets_503_with_retry_after() {
     assert_cap_refuses_then_admits(&archiver, 4, "gitball_archiver");
     let (proxy, _routes) = proxy_to(&archiver.base_url, &["--max-connections", "3"], None);
     assert_cap_refuses_then_admits(&proxy, 3, "gitball_proxy");
+
+    // Embedded: the proxy's listener has the cap; the in-process archiver
+    // gets headroom above it, so it never refuses the proxy's own requests.
+    let cache = Sandbox::new();
+    let embedded = Proxy::embedded(repos(), &cache.path("cache"), &["--max-connections", "3"]);
+    assert_cap_refuses_then_admits(&embedded, 3, "gitball_proxy");
+    assert_eq!(
+        scrape(embedded.addr).value("gitball_archiver_connections_max", &[]),
+        19.0
+    );
+    fetch_ok(embedded.addr, ARCHIVE_PATH);
 }
 
 /// A limit far too low: the service runs out of fds with a few dozen

@@ -96,8 +96,8 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// The pending connection stays in the backlog meanwhile; freed fds let
 /// it in on a later try.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
-/// At most one `accept failed` log line per this interval; the next line
-/// says how many failures were not logged.
+/// At most one `accept failed` (or `refusing connections`) log line per
+/// this interval; the next line says how many were not logged.
 pub const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// How long a refused connection may take to receive its `503` and close.
 const REJECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -170,7 +170,8 @@ pub async fn serve(
         .keep_alive(true);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let limit = ConnectionLimit::new(&connections);
-    let mut accept_errors = AcceptErrors::new(ACCEPT_ERROR_LOG_INTERVAL);
+    let mut accept_errors = LogEvery::new(ACCEPT_ERROR_LOG_INTERVAL);
+    let mut refusals = LogEvery::new(ACCEPT_ERROR_LOG_INTERVAL);
     let mut connections = JoinSet::new();
 
     loop {
@@ -200,6 +201,13 @@ pub async fn serve(
         while connections.try_join_next().is_some() {}
         let Some(slot) = limit.try_acquire() else {
             limit.reject(stream);
+            if let Some(suppressed) = refusals.note(Instant::now()) {
+                tracing::warn!(
+                    max_connections = limit.max,
+                    suppressed,
+                    "refusing connections with 503: --max-connections reached (suppressed: refusals not logged since the last line)"
+                );
+            }
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -243,6 +251,7 @@ pub async fn serve(
 /// The connection cap: a semaphore with one permit per connection, the
 /// series that count connections, and the fixed refusal.
 struct ConnectionLimit {
+    max: usize,
     slots: Arc<Semaphore>,
     open: metrics::Gauge,
     rejected: metrics::Counter,
@@ -293,6 +302,7 @@ impl ConnectionLimit {
         let accept_errors = metrics::counter!(errors_name);
         accept_errors.absolute(0);
         ConnectionLimit {
+            max: connections.max,
             slots: Arc::new(Semaphore::new(connections.max.min(Semaphore::MAX_PERMITS))),
             open,
             rejected,
@@ -368,16 +378,17 @@ fn overloaded_response() -> Vec<u8> {
     .into_bytes()
 }
 
-/// Rate limit for the `accept failed` log line.
-struct AcceptErrors {
+/// Rate limit for a log line that could otherwise repeat many times a
+/// second (`accept failed`, refusals at the cap).
+struct LogEvery {
     interval: Duration,
     last_logged: Option<Instant>,
     suppressed: u64,
 }
 
-impl AcceptErrors {
-    fn new(interval: Duration) -> AcceptErrors {
-        AcceptErrors {
+impl LogEvery {
+    fn new(interval: Duration) -> LogEvery {
+        LogEvery {
             interval,
             last_logged: None,
             suppressed: 0,
@@ -769,7 +780,7 @@ mod tests {
     #[test]
     fn accept_errors_are_logged_once_per_interval_with_the_count_not_logged() {
         let interval = Duration::from_secs(10);
-        let mut errors = AcceptErrors::new(interval);
+        let mut errors = LogEvery::new(interval);
         let start = std::time::Instant::now();
         assert_eq!(errors.note(start), Some(0));
         // 20 a second, as the back-off allows: none logged for 10 s.

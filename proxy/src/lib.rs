@@ -139,9 +139,11 @@ impl Proxy {
                 let address = listener.local_addr()?;
                 // The in-process archiver's connections all come from this
                 // proxy, at most one per client download (idle pooled ones
-                // included): the same cap never refuses one of them.
+                // included) plus the start-up health check's: the cap with
+                // a little headroom never refuses one of them.
                 let mut options = config.archiver.clone();
-                options.max_connections = Some(max_connections as u64);
+                options.max_connections =
+                    Some((max_connections + EMBEDDED_CONNECTIONS_HEADROOM) as u64);
                 let mut archiver = tokio::spawn(gitball_archiver::run(
                     listener,
                     repos.clone(),
@@ -261,6 +263,10 @@ impl Proxy {
         Ok(())
     }
 }
+
+/// Connections the embedded archiver accepts beyond the proxy's cap: the
+/// start-up health check's client keeps its connection pooled for a while.
+const EMBEDDED_CONNECTIONS_HEADROOM: usize = 16;
 
 /// How long the embedded archiver may take to answer `/healthz` (it
 /// re-indexes its cache directory first).
