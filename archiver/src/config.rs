@@ -121,6 +121,12 @@ pub struct ArchiveOptions {
     #[arg(long, env = "GITBALL_SHUTDOWN_GRACE", default_value = "30", value_parser = parse_seconds)]
     pub shutdown_grace: Duration,
 
+    /// Connections held at once; past it a new connection gets 503 + Retry-After and is closed.
+    /// Default: from the fd limit (raised to the hard limit at start), (RLIMIT_NOFILE - 256) / 2,
+    /// or / 4 for an embedded proxy (client, upstream and archiver sockets plus a cache file).
+    #[arg(long, env = "GITBALL_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: Option<u64>,
+
     /// Log line format.
     #[arg(long, env = "GITBALL_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -147,6 +153,18 @@ impl ArchiveOptions {
             shm.join("gitball-archiver")
         } else {
             std::env::temp_dir().join("gitball-archiver")
+        }
+    }
+
+    /// The connection cap (see `--max-connections`) for a process whose
+    /// connections cost `fds_per_connection` each.
+    pub fn max_connections(&self, fds_per_connection: u64) -> usize {
+        match self.max_connections {
+            Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
+            None => gitball_core::limits::default_max_connections(
+                gitball_core::limits::nofile().soft,
+                fds_per_connection,
+            ),
         }
     }
 
@@ -183,5 +201,6 @@ mod tests {
             config.options.prewarm_formats,
             PrewarmFormats(vec![Format::TarGz, Format::Zip])
         );
+        assert_eq!(config.options.max_connections, None);
     }
 }

@@ -43,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 pub use cache::policy as cache_policy;
 pub use budget::Rate;
 pub use config::{ArchiveOptions, Config, PrewarmFormats};
-use gitball_core::server;
+use gitball_core::{limits, server};
 
 /// How long generations get to stop (children killed, partials removed)
 /// after the downloads were drained.
@@ -139,13 +139,23 @@ pub async fn run(
         zstd_level: options.zstd_level,
         metrics: handle,
     });
-    tracing::info!(listen = %listener.local_addr()?, "gitball-archiver serving");
+    let max_connections = options.max_connections(limits::FDS_PER_CONNECTION_ARCHIVER);
+    limits::warn_if_too_low(
+        limits::nofile(),
+        max_connections,
+        limits::FDS_PER_CONNECTION_ARCHIVER,
+    );
+    tracing::info!(listen = %listener.local_addr()?, max_connections, "gitball-archiver serving");
     let drain = server::serve(
         listener,
         http::router(app),
         shutdown,
         options.shutdown_grace,
         WRITE_STALL_TIMEOUT,
+        server::Connections {
+            max: max_connections,
+            metrics_prefix: "gitball_archiver",
+        },
     )
     .await?;
     match drain {

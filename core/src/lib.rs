@@ -7,6 +7,8 @@
 //!   (`docs/urls.md`);
 //! - [`server`]: the hardened HTTP/1 accept loop (head timeout and size
 //!   limits, TCP keepalive, write-stall guard, bounded graceful drain);
+//! - [`limits`]: the fd limit (raised to the hard one at start) and the
+//!   connection cap derived from it;
 //! - [`protocol`]: header names and JSON error codes (`docs/http.md`);
 //! - [`response`]: the JSON error body, `405`, `/healthz` and `/metrics`;
 //! - [`request_id`]: the `X-Request-Id` rule;
@@ -17,6 +19,7 @@
 //! - [`units`]: size and seconds parsing for flags;
 //! - [`secret`]: reading a token or key file.
 
+pub mod limits;
 pub mod log;
 pub mod metrics;
 pub mod protocol;

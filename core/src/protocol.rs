@@ -44,6 +44,10 @@ pub mod code {
     /// valid token: the two must be indistinguishable.
     pub const REPO_NOT_FOUND: &str = "repo_not_found";
     pub const SHUTTING_DOWN: &str = "shutting_down";
+    /// `503` + `Retry-After`: the process holds `--max-connections`
+    /// connections already, or (proxy) it has no fd left to reach an
+    /// upstream.
+    pub const OVERLOADED: &str = "overloaded";
     pub const INTERNAL: &str = "internal";
 
     // Archiver.

@@ -21,6 +21,17 @@
 //!   Nothing inside a body stream can do this, because hyper stops polling
 //!   the body while the socket is full; the socket wrapper ([`StallGuard`])
 //!   sees the stuck write itself;
+//! - a connection cap (`Connections::max`, `--max-connections`): past it, a
+//!   new connection is accepted, sent a fixed `503` with `Retry-After` and
+//!   a JSON `overloaded` error, and closed, instead of waiting unanswered
+//!   in the kernel's backlog. The refusal never blocks the loop: it is
+//!   written by a task bounded in time (`REJECT_TIMEOUT`) and in number
+//!   (`MAX_REJECTIONS_IN_FLIGHT`; beyond that, one non-blocking write and
+//!   close);
+//! - accept errors (EMFILE, ENFILE, ENOBUFS, ENOMEM: resources run out)
+//!   back the loop off for `ACCEPT_BACKOFF` per failure, never a spin and
+//!   never an exit, and are logged at most once per
+//!   `ACCEPT_ERROR_LOG_INTERVAL` with the count of those not logged;
 //! - a bounded graceful shutdown: on `shutdown` it stops accepting, lets
 //!   running requests (downloads) finish for up to `grace`, then drops the
 //!   connections still open, which drops their body streams and with them
@@ -33,7 +44,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
@@ -42,13 +53,15 @@ use axum::response::Response;
 use http::StatusCode;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::AsyncWriteExt;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-use crate::protocol::code;
+use crate::protocol::{RETRY_AFTER_SECONDS, code};
 use crate::response::json_error;
 
 /// The request head (line and headers) must arrive within this.
@@ -79,6 +92,53 @@ const MIN_HEADER_LINE_BYTES: usize = 3;
 /// way to answer many-header heads in JSON is for the speed work to find.
 const MAX_HEADER_LINES: usize = HEAD_BUFFER_BYTES / MIN_HEADER_LINE_BYTES;
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+/// How long the loop waits after a failed `accept` before the next one.
+/// The pending connection stays in the backlog meanwhile; freed fds let
+/// it in on a later try.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// At most one `accept failed` (or `refusing connections`) log line per
+/// this interval; the next line says how many were not logged.
+pub const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a refused connection may take to receive its `503` and close.
+const REJECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Refusals being written at once; beyond this a refused connection gets
+/// one non-blocking write of the `503` and is closed at once.
+const MAX_REJECTIONS_IN_FLIGHT: usize = 64;
+/// Bytes of the refused client's request read (and discarded) before the
+/// close, so that the close does not turn into a reset that could destroy
+/// the `503` before the client reads it.
+const REJECT_DRAIN_BYTES: usize = 16 * 1024;
+
+/// The listen backlog asked for (the kernel caps it at
+/// `net.core.somaxconn`, 4096 on current Linux). tokio's `bind` asks for
+/// 1024: a burst of 1,500 connections (a release rush) then overflowed it
+/// on a loaded machine, and each dropped SYN cost its client a 1 s
+/// retransmit before the loop could even see it.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds a listener for [`serve`] with [`LISTEN_BACKLOG`] (and
+/// `SO_REUSEADDR`, as `tokio::net::TcpListener::bind` sets it).
+pub fn bind(address: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// How many connections one `serve` holds at once, and the prefix of its
+/// connection series (`gitball_archiver`, `gitball_proxy`):
+/// `{prefix}_connections_open`, `{prefix}_connections_max`,
+/// `{prefix}_connections_rejected_total{reason}`,
+/// `{prefix}_accept_errors_total`.
+#[derive(Clone, Debug)]
+pub struct Connections {
+    pub max: usize,
+    pub metrics_prefix: &'static str,
+}
 
 /// How a shutdown went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,13 +151,15 @@ pub enum Drain {
 
 /// Serves `router` on `listener` until `shutdown` is cancelled, then drains
 /// for at most `grace`. A connection whose writes are stuck for
-/// `write_stall_timeout` is closed.
+/// `write_stall_timeout` is closed; past `connections.max` open
+/// connections a new one is refused with `503`.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     shutdown: CancellationToken,
     grace: Duration,
     write_stall_timeout: Duration,
+    connections: Connections,
 ) -> std::io::Result<Drain> {
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -107,6 +169,9 @@ pub async fn serve(
         .max_headers(MAX_HEADER_LINES)
         .keep_alive(true);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let limit = ConnectionLimit::new(&connections);
+    let mut accept_errors = LogEvery::new(ACCEPT_ERROR_LOG_INTERVAL);
+    let mut refusals = LogEvery::new(ACCEPT_ERROR_LOG_INTERVAL);
     let mut connections = JoinSet::new();
 
     loop {
@@ -114,16 +179,37 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+                    // EMFILE and friends: back off instead of spinning, and
+                    // say so once per interval, not 20 times a second.
+                    limit.accept_errors.increment(1);
+                    if let Some(suppressed) = accept_errors.note(Instant::now()) {
+                        tracing::warn!(
+                            %error,
+                            suppressed,
+                            "accept failed; backing off (suppressed: failures not logged since the last line)"
+                        );
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
+                        () = shutdown.cancelled() => break,
+                    }
                 }
             },
             () = shutdown.cancelled() => break,
         };
         // Reap finished connection tasks so the set does not grow.
         while connections.try_join_next().is_some() {}
+        let Some(slot) = limit.try_acquire() else {
+            limit.reject(stream);
+            if let Some(suppressed) = refusals.note(Instant::now()) {
+                tracing::warn!(
+                    max_connections = limit.max,
+                    suppressed,
+                    "refusing connections with 503: --max-connections reached (suppressed: refusals not logged since the last line)"
+                );
+            }
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
         let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
@@ -146,6 +232,8 @@ pub async fn serve(
         let connection = builder.serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         connections.spawn(async move {
+            // Released when the connection ends, however it ends.
+            let _slot = slot;
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "connection ended with an error");
             }
@@ -163,6 +251,169 @@ pub async fn serve(
     };
     while connections.join_next().await.is_some() {}
     Ok(drain)
+}
+
+/// The connection cap: a semaphore with one permit per connection, the
+/// series that count connections, and the fixed refusal.
+struct ConnectionLimit {
+    max: usize,
+    slots: Arc<Semaphore>,
+    open: metrics::Gauge,
+    rejected: metrics::Counter,
+    accept_errors: metrics::Counter,
+    /// Refusals whose task is still writing.
+    rejecting: Arc<Semaphore>,
+    /// The whole `503` response, built once.
+    refusal: Arc<[u8]>,
+}
+
+/// One open connection's place under the cap; dropping it frees the place.
+struct ConnectionSlot {
+    _permit: OwnedSemaphorePermit,
+    open: metrics::Gauge,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.open.decrement(1.0);
+    }
+}
+
+impl ConnectionLimit {
+    fn new(connections: &Connections) -> ConnectionLimit {
+        let prefix = connections.metrics_prefix;
+        let open_name = format!("{prefix}_connections_open");
+        let max_name = format!("{prefix}_connections_max");
+        let rejected_name = format!("{prefix}_connections_rejected_total");
+        let errors_name = format!("{prefix}_accept_errors_total");
+        metrics::describe_gauge!(open_name.clone(), "Client connections open now.");
+        metrics::describe_gauge!(
+            max_name.clone(),
+            "--max-connections: connections held at once before new ones get 503."
+        );
+        metrics::describe_counter!(
+            rejected_name.clone(),
+            "Connections refused with 503 at accept, by reason (max_connections)."
+        );
+        metrics::describe_counter!(
+            errors_name.clone(),
+            "Failed accepts (EMFILE, ENFILE, ENOBUFS, ENOMEM), each followed by a short back-off."
+        );
+        metrics::gauge!(max_name).set(connections.max as f64);
+        let open = metrics::gauge!(open_name);
+        open.set(0.0);
+        let rejected = metrics::counter!(rejected_name, "reason" => "max_connections");
+        rejected.absolute(0);
+        let accept_errors = metrics::counter!(errors_name);
+        accept_errors.absolute(0);
+        ConnectionLimit {
+            max: connections.max,
+            slots: Arc::new(Semaphore::new(connections.max.min(Semaphore::MAX_PERMITS))),
+            open,
+            rejected,
+            accept_errors,
+            rejecting: Arc::new(Semaphore::new(MAX_REJECTIONS_IN_FLIGHT)),
+            refusal: overloaded_response().into(),
+        }
+    }
+
+    fn try_acquire(&self) -> Option<ConnectionSlot> {
+        let permit = self.slots.clone().try_acquire_owned().ok()?;
+        self.open.increment(1.0);
+        Some(ConnectionSlot {
+            _permit: permit,
+            open: self.open.clone(),
+        })
+    }
+
+    /// Sends the `503` and closes, without ever making the loop wait.
+    fn reject(&self, stream: TcpStream) {
+        self.rejected.increment(1);
+        let refusal = self.refusal.clone();
+        match self.rejecting.clone().try_acquire_owned() {
+            Ok(permit) => {
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let _ = tokio::time::timeout(REJECT_TIMEOUT, refuse(stream, &refusal)).await;
+                });
+            }
+            Err(_) => {
+                // Too many refusals under way: one non-blocking write (a
+                // fresh socket's buffer takes these few hundred bytes) and
+                // close.
+                let _ = socket2::SockRef::from(&stream).send(&refusal);
+            }
+        }
+    }
+}
+
+/// Writes the refusal, ends our side, and reads what the client sent until
+/// it closes too (a bounded amount), so the close is a FIN, not a reset.
+async fn refuse(mut stream: TcpStream, refusal: &[u8]) {
+    if stream.write_all(refusal).await.is_err() || stream.shutdown().await.is_err() {
+        return;
+    }
+    let mut drained = 0;
+    let mut buffer = [0u8; 4096];
+    while drained < REJECT_DRAIN_BYTES {
+        match tokio::io::AsyncReadExt::read(&mut stream, &mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(read) => drained += read,
+        }
+    }
+}
+
+/// The `503` a refused connection gets: the shared JSON error body, with
+/// `Retry-After` and `Connection: close`.
+fn overloaded_response() -> Vec<u8> {
+    let body = serde_json::json!({
+        "error": code::OVERLOADED,
+        "message": "the server holds as many connections as it may; retry later",
+    })
+    .to_string();
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\n\
+         content-type: application/json\r\n\
+         cache-control: no-store\r\n\
+         retry-after: {RETRY_AFTER_SECONDS}\r\n\
+         connection: close\r\n\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Rate limit for a log line that could otherwise repeat many times a
+/// second (`accept failed`, refusals at the cap).
+struct LogEvery {
+    interval: Duration,
+    last_logged: Option<Instant>,
+    suppressed: u64,
+}
+
+impl LogEvery {
+    fn new(interval: Duration) -> LogEvery {
+        LogEvery {
+            interval,
+            last_logged: None,
+            suppressed: 0,
+        }
+    }
+
+    /// Notes one failure at `now`. Returns `Some(failures not logged since
+    /// the last line)` when this one is to be logged.
+    fn note(&mut self, now: Instant) -> Option<u64> {
+        let due = self
+            .last_logged
+            .is_none_or(|last| now.saturating_duration_since(last) >= self.interval);
+        if due {
+            self.last_logged = Some(now);
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            None
+        }
+    }
 }
 
 async fn handle(router: Router, request: hyper::Request<Incoming>) -> Response {
@@ -467,6 +718,10 @@ mod tests {
             shutdown.clone(),
             Duration::ZERO,
             TEST_TIMEOUT,
+            Connections {
+                max: 16,
+                metrics_prefix: "test",
+            },
         ));
         let exchange = async {
             let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
@@ -525,5 +780,91 @@ mod tests {
         let (status, body) = answer(head_with(3_000, "X-Header: value\r\n")).await;
         assert_eq!(status, 431);
         assert!(body.contains("\"headers_too_large\""), "body {body:?}");
+    }
+
+    #[test]
+    fn accept_errors_are_logged_once_per_interval_with_the_count_not_logged() {
+        let interval = Duration::from_secs(10);
+        let mut errors = LogEvery::new(interval);
+        let start = std::time::Instant::now();
+        assert_eq!(errors.note(start), Some(0));
+        // 20 a second, as the back-off allows: none logged for 10 s.
+        for tick in 1..200 {
+            assert_eq!(errors.note(start + ACCEPT_BACKOFF * tick), None);
+        }
+        assert_eq!(errors.note(start + interval), Some(199));
+        assert_eq!(errors.note(start + interval), None);
+        assert_eq!(errors.note(start + interval * 3), Some(1));
+    }
+
+    #[test]
+    fn the_refusal_is_a_complete_json_503_with_retry_after() {
+        let refusal = String::from_utf8(overloaded_response()).unwrap();
+        let (head, body) = refusal.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 503 "));
+        assert!(head.contains(&format!("retry-after: {RETRY_AFTER_SECONDS}\r\n")));
+        assert!(head.contains("connection: close"));
+        assert!(head.contains(&format!("content-length: {}", body.len())));
+        let body: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(body["error"], code::OVERLOADED);
+    }
+
+    #[tokio::test]
+    async fn past_the_cap_a_connection_gets_503_and_a_freed_slot_serves_again() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let router = Router::new().route("/", get(|| async { "served" }));
+        let server = tokio::spawn(serve(
+            listener,
+            router,
+            shutdown.clone(),
+            Duration::ZERO,
+            TEST_TIMEOUT,
+            Connections {
+                max: 1,
+                metrics_prefix: "test_cap",
+            },
+        ));
+        let exchange = async {
+            // The one slot: a kept-alive connection, served once.
+            let mut held = tokio::net::TcpStream::connect(address).await.unwrap();
+            held.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut first = [0u8; 12];
+            held.read_exact(&mut first).await.unwrap();
+            assert_eq!(&first, b"HTTP/1.1 200");
+
+            let mut refused = tokio::net::TcpStream::connect(address).await.unwrap();
+            refused
+                .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut answer = Vec::new();
+            refused.read_to_end(&mut answer).await.unwrap();
+            assert_eq!(answer, overloaded_response());
+
+            // Closing the held connection frees its slot.
+            drop(held);
+            loop {
+                let mut next = tokio::net::TcpStream::connect(address).await.unwrap();
+                next.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    .await
+                    .unwrap();
+                let mut answer = Vec::new();
+                next.read_to_end(&mut answer).await.unwrap();
+                if answer.starts_with(b"HTTP/1.1 200") {
+                    break;
+                }
+                // The server may not have seen the close yet.
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(TEST_TIMEOUT, exchange)
+            .await
+            .expect("answered in time");
+        shutdown.cancel();
+        server.await.unwrap().unwrap();
     }
 }

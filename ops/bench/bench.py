@@ -28,6 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import gen_repo  # noqa: E402
 from scenario_cache_trace import scenario_cache_trace  # noqa: E402
+import scenario_stalled  # noqa: E402
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -1136,10 +1137,10 @@ def main():
                         help="write BENCHMARKS.md and ops/bench/ results (default unless --quick)")
     parser.add_argument("--no-write", dest="write", action="store_false")
     parser.add_argument("--command", default="ops/bench/run.sh")
-    parser.add_argument("--only", help="comma-separated scenarios to run (1-7, trace); the report is not written")
+    parser.add_argument("--only", help="comma-separated scenarios to run (1-8, trace); the report is not written")
     args = parser.parse_args()
     write = (not args.quick) if args.write is None else args.write
-    only = set(args.only.split(",")) if args.only else {"1", "2", "3", "4", "5", "6", "7"}
+    only = set(args.only.split(",")) if args.only else {"1", "2", "3", "4", "5", "6", "7", "8"}
     if args.only:
         write = False
     if only == {"trace"}:  # a replayed trace: no inputs, no processes
@@ -1200,6 +1201,9 @@ def main():
             from scenario_crawler import scenario_crawler
             print("scenario 7: a crawler and 20 normal clients", flush=True)
             scenario_crawler(ctx, None, results)
+        if "8" in only:
+            print("scenario 8: 5,000 stalled downloads at a login shell's fd limit", flush=True)
+            scenario_stalled.run(ctx, results, sys.modules[__name__])
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         ctx.procs.stop_all()

@@ -15,7 +15,7 @@
 #   --keep        keep the temporary work directory (logs, nginx configs)
 #   --write       write BENCHMARKS.md, ops/bench/benchmarks.png and
 #                 ops/bench/results.json (the default without --quick)
-#   --only LIST   run only these scenarios (1-7, trace); never writes the report.
+#   --only LIST   run only these scenarios (1-8, trace); never writes the report.
 #                 `trace` replays the cache-policy trace (no processes; also
 #                 `python3 ops/bench/scenario_cache_trace.py`)
 #

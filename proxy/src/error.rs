@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use axum::response::{IntoResponse, Response};
 use gitball_core::log::Fault;
-use gitball_core::protocol::code;
+use gitball_core::protocol::{RETRY_AFTER_SECONDS, code};
 use gitball_core::response::{json_error, method_not_allowed};
 use gitball_core::url::UrlError;
 use http::{HeaderValue, StatusCode, header};
@@ -42,6 +42,10 @@ pub enum Error {
     /// Every candidate was already ejected and failed again.
     #[error("every archiver for this repository is unavailable; retry later")]
     Unavailable { retry_after: Duration },
+    /// The proxy had no fd (or buffer) left to connect to an upstream:
+    /// `503` + `Retry-After`, its own shortage, not the upstream's.
+    #[error("the proxy is overloaded; retry later")]
+    Overloaded,
     /// Every candidate that was tried gave no response headers in time.
     #[error("no upstream archiver answered in time")]
     GatewayTimeout,
@@ -74,7 +78,7 @@ impl Error {
             Error::BadGateway | Error::Unavailable { .. } | Error::GatewayTimeout => {
                 Fault::Upstream
             }
-            Error::Internal(_) => Fault::Internal,
+            Error::Internal(_) | Error::Overloaded => Fault::Internal,
         }
     }
 
@@ -85,7 +89,7 @@ impl Error {
             Error::Unauthorized => StatusCode::UNAUTHORIZED,
             Error::RepositoryNotFound => StatusCode::NOT_FOUND,
             Error::BadGateway => StatusCode::BAD_GATEWAY,
-            Error::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Unavailable { .. } | Error::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Error::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -101,6 +105,7 @@ impl Error {
             Error::BadGateway => code::BAD_GATEWAY,
             Error::Unavailable { .. } => code::UNAVAILABLE,
             Error::GatewayTimeout => code::GATEWAY_TIMEOUT,
+            Error::Overloaded => code::OVERLOADED,
             Error::Internal(_) => code::INTERNAL,
         }
     }
@@ -122,7 +127,12 @@ impl IntoResponse for Error {
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        if let Error::Unavailable { retry_after } = &self {
+        let retry_after = match &self {
+            Error::Unavailable { retry_after } => Some(*retry_after),
+            Error::Overloaded => Some(Duration::from_secs(RETRY_AFTER_SECONDS)),
+            _ => None,
+        };
+        if let Some(retry_after) = retry_after {
             // Whole seconds, at least 1: `Retry-After: 0` invites a retry
             // storm.
             let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
@@ -163,6 +173,9 @@ mod tests {
         .into_response();
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(response.headers()[header::RETRY_AFTER], "3");
+        let response = Error::Overloaded.into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "5");
         let response = Error::MethodNotAllowed.into_response();
         assert_eq!(response.headers()[header::ALLOW], "GET, HEAD");
     }

@@ -16,6 +16,12 @@
 //!   proxy's own `--upstream-token-file`, a configuration error that is not
 //!   the client's to see (it ends as `502` if no candidate accepts it).
 //!
+//! An attempt that fails for a reason of the proxy's own (`overloaded`: no
+//! fd or buffer left to open the upstream connection, EMFILE, ENFILE,
+//! ENOBUFS, ENOMEM) ends the request at once with `503` + `Retry-After`:
+//! the next candidate would fail the same way, and the upstream is not at
+//! fault, so it is not ejected (nor marked healthy).
+//!
 //! Any other response (`ok`) is the answer, whatever its status: a `404`
 //! from the primary, a `400`, a `304` or a `206` are final. Once a response
 //! is chosen this module is done; what happens after the first body byte is
@@ -150,6 +156,8 @@ pub enum Outcome {
     ServerError,
     ReplicaNotFound,
     Unauthorized,
+    /// The proxy itself had no fd (or buffer) left to connect.
+    Overloaded,
     /// The connection broke before a complete response head arrived, or
     /// any other transport error.
     Error,
@@ -165,13 +173,17 @@ impl Outcome {
             Outcome::ServerError => "server_error",
             Outcome::ReplicaNotFound => "replica_not_found",
             Outcome::Unauthorized => "unauthorized",
+            Outcome::Overloaded => "overloaded",
             Outcome::Error => "error",
         }
     }
 
     /// Whether the upstream is at fault (and is ejected).
     pub fn is_failure(self) -> bool {
-        !matches!(self, Outcome::Ok | Outcome::ReplicaNotFound)
+        !matches!(
+            self,
+            Outcome::Ok | Outcome::ReplicaNotFound | Outcome::Overloaded
+        )
     }
 }
 
@@ -189,7 +201,9 @@ pub fn classify(status: StatusCode, role: Role) -> Outcome {
 }
 
 fn classify_error(error: &hyper_util::client::legacy::Error) -> Outcome {
-    if error.is_connect() {
+    if out_of_local_resources(error) {
+        Outcome::Overloaded
+    } else if error.is_connect() {
         if is_timeout(error) {
             Outcome::ConnectTimeout
         } else {
@@ -200,6 +214,25 @@ fn classify_error(error: &hyper_util::client::legacy::Error) -> Outcome {
     } else {
         Outcome::Error
     }
+}
+
+/// Whether `error`'s chain of causes holds an `io::Error` that says this
+/// process or host ran out of fds or buffers (on `socket()` or `connect()`).
+fn out_of_local_resources(error: &(dyn std::error::Error + 'static)) -> bool {
+    use nix::errno::Errno;
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if let Some(code) = error
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+            && [Errno::EMFILE, Errno::ENFILE, Errno::ENOBUFS, Errno::ENOMEM]
+                .contains(&Errno::from_raw(code))
+        {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
 }
 
 /// Whether a timeout is somewhere in `error`'s chain of causes (the
@@ -277,6 +310,19 @@ impl Forwarder {
             // A complete-only request waits for a whole generation: running
             // long is no sign of a broken archiver.
             let slow_but_sane = request.wants_length() && matches!(outcome, Outcome::HeaderTimeout);
+            if outcome == Outcome::Overloaded {
+                // Our own shortage says nothing about the upstream, and
+                // the next candidate needs an fd just the same.
+                tracing::warn!(
+                    upstream = %candidate.upstream,
+                    "no fd left to connect to the upstream; answering 503"
+                );
+                return Err(Failed {
+                    error: Error::Overloaded,
+                    upstream: Some(candidate.upstream.clone()),
+                    attempts,
+                });
+            }
             if outcome.is_failure() && !slow_but_sane {
                 self.health.failed(&candidate.upstream);
             } else {
@@ -491,6 +537,25 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(classify_error(&error), Outcome::ConnectError);
+    }
+
+    #[test]
+    fn fd_exhaustion_anywhere_in_the_causes_is_the_proxys_own_and_ejects_nothing() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("tcp open error")]
+        struct Wrapper(#[source] std::io::Error);
+        for errno in [
+            nix::errno::Errno::EMFILE,
+            nix::errno::Errno::ENFILE,
+            nix::errno::Errno::ENOBUFS,
+            nix::errno::Errno::ENOMEM,
+        ] {
+            let error = Wrapper(std::io::Error::from_raw_os_error(errno as i32));
+            assert!(out_of_local_resources(&error), "{errno}");
+        }
+        let refused = Wrapper(std::io::ErrorKind::ConnectionRefused.into());
+        assert!(!out_of_local_resources(&refused));
+        assert!(!Outcome::Overloaded.is_failure());
     }
 
     #[test]

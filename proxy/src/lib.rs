@@ -47,7 +47,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use gitball_core::secret::read_secret;
-use gitball_core::server;
+use gitball_core::{limits, server};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -80,6 +80,8 @@ pub struct Proxy {
     state: Arc<http::AppState>,
     shutdown: CancellationToken,
     grace: Duration,
+    /// `--max-connections`, or its default for this mode.
+    max_connections: usize,
     embedded: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
@@ -115,6 +117,15 @@ impl Proxy {
             None => None,
         };
 
+        // Embedded, one client download holds four fds in this process.
+        let fds_per_connection = if config.repos.is_some() {
+            limits::FDS_PER_CONNECTION_EMBEDDED
+        } else {
+            limits::FDS_PER_CONNECTION_PROXY
+        };
+        let max_connections = config.archiver.max_connections(fds_per_connection);
+        limits::warn_if_too_low(limits::nofile(), max_connections, fds_per_connection);
+
         let (routes, embedded) = match (&config.routes, &config.repos) {
             (Some(path), None) => {
                 let routes = Routes::from_file(path.clone())
@@ -131,10 +142,17 @@ impl Proxy {
                     .await
                     .context("cannot bind the embedded archiver's port")?;
                 let address = listener.local_addr()?;
+                // The in-process archiver's connections all come from this
+                // proxy, at most one per client download (idle pooled ones
+                // included) plus the start-up health check's: the cap with
+                // a little headroom never refuses one of them.
+                let mut options = config.archiver.clone();
+                options.max_connections =
+                    Some((max_connections + EMBEDDED_CONNECTIONS_HEADROOM) as u64);
                 let mut archiver = tokio::spawn(gitball_archiver::run(
                     listener,
                     repos.clone(),
-                    config.archiver.clone(),
+                    options,
                     shutdown.clone(),
                 ));
                 let base = format!("http://{address}");
@@ -197,6 +215,7 @@ impl Proxy {
             state,
             shutdown,
             grace: config.shutdown_grace(),
+            max_connections,
             embedded,
         })
     }
@@ -232,7 +251,7 @@ impl Proxy {
             })
         });
 
-        tracing::info!(listen = %address, "gitball-proxy serving");
+        tracing::info!(listen = %address, max_connections = self.max_connections, "gitball-proxy serving");
         let router = http::router(self.state.clone());
         // The socket-level stall guard backs the pipe's idle watchdog: the
         // watchdog releases the upstream, the guard closes the client's
@@ -243,6 +262,10 @@ impl Proxy {
             self.shutdown.clone(),
             self.grace,
             self.state.client_idle_timeout,
+            server::Connections {
+                max: self.max_connections,
+                metrics_prefix: "gitball_proxy",
+            },
         )
         .await?;
         match drain {
@@ -262,6 +285,10 @@ impl Proxy {
         Ok(())
     }
 }
+
+/// Connections the embedded archiver accepts beyond the proxy's cap: the
+/// start-up health check's client keeps its connection pooled for a while.
+const EMBEDDED_CONNECTIONS_HEADROOM: usize = 16;
 
 /// How long the embedded archiver may take to answer `/healthz` (it
 /// re-indexes its cache directory first).

@@ -19,14 +19,15 @@ async fn main() -> anyhow::Result<()> {
     }
     let config = cli.config;
     gitball_core::log::init_tracing(config.archiver.log_format);
+    // A login shell's soft limit (1024) would cap downloads at about 500.
+    gitball_core::limits::raise_nofile();
     // Installed before anything is served: from then on SIGTERM and SIGINT
     // mean a graceful drain and SIGHUP a reload, never the default action
     // (which would kill the process).
     let shutdown = gitball_core::signals::shutdown_on_signal()
         .context("cannot install the SIGTERM and SIGINT handlers")?;
     let hangup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
+    let listener = gitball_core::server::bind(config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let proxy = gitball_proxy::Proxy::start(config, shutdown).await?;
     tokio::spawn(reload_on_sighup(hangup, proxy.routes()));

@@ -50,6 +50,11 @@ impl Proxy {
     /// Starts the proxy with `args` plus `--listen 127.0.0.1:0` and JSON
     /// logs; waits for its own serving line and `/healthz`.
     pub fn start(args: &[OsString]) -> Proxy {
+        Proxy::start_with_nofile(args, None)
+    }
+
+    /// [`Proxy::start`] with `RLIMIT_NOFILE` `(soft, hard)` when given.
+    pub fn start_with_nofile(args: &[OsString], nofile: Option<(u64, u64)>) -> Proxy {
         let mut all: Vec<OsString> = vec!["--listen".into(), "127.0.0.1:0".into()];
         if !args.iter().any(|arg| arg == "--log-format") {
             all.extend(["--log-format".into(), "json".into()]);
@@ -58,7 +63,7 @@ impl Proxy {
         // `Service::start` waits for the `gitball-proxy serving` line, so in
         // embedded mode the in-process archiver's own line is not mistaken
         // for the proxy's.
-        let service = Service::start("gitball-proxy", &all);
+        let service = Service::start_with_nofile("gitball-proxy", &all, nofile);
         Proxy { service }
     }
 

@@ -104,6 +104,17 @@ impl Service {
     /// it listen on `127.0.0.1:0`. Waits for its `serving listen=ADDR` log
     /// line and for `/healthz` to answer 200.
     pub fn start(binary: &str, args: &[OsString]) -> Service {
+        Service::start_with_nofile(binary, args, None)
+    }
+
+    /// [`Service::start`], with `RLIMIT_NOFILE` set to `(soft, hard)` in the
+    /// child (by `prlimit`, which then execs the binary: same pid), as a
+    /// login shell gives it (soft 1024) or tighter.
+    pub fn start_with_nofile(
+        binary: &str,
+        args: &[OsString],
+        nofile: Option<(u64, u64)>,
+    ) -> Service {
         let path = binary_path(binary);
         let scratch = tempfile::Builder::new()
             .prefix(&format!("{binary}-"))
@@ -113,7 +124,18 @@ impl Service {
         let workdir = scratch.path().join("cwd");
         fs::create_dir_all(&workdir).expect("mkdir cwd");
         let log = fs::File::create(&log_path).expect("create the log file");
-        let child = Command::new(&path)
+        let mut command = match nofile {
+            Some((soft, hard)) => {
+                let mut command = Command::new("prlimit");
+                command
+                    .arg(format!("--nofile={soft}:{hard}"))
+                    .arg("--")
+                    .arg(&path);
+                command
+            }
+            None => Command::new(&path),
+        };
+        let child = command
             .args(args)
             .env_clear()
             .env(
@@ -358,9 +380,30 @@ impl Archiver {
         archiver
     }
 
+    /// [`Archiver::start`] with `RLIMIT_NOFILE` `(soft, hard)`.
+    pub fn start_with_nofile(repos: &Path, extra_args: &[&str], nofile: (u64, u64)) -> Archiver {
+        let cache = tempfile::Builder::new()
+            .prefix("gitball-cache-")
+            .tempdir()
+            .expect("create a cache dir");
+        let cache_dir = cache.path().join("cache");
+        let mut archiver = Archiver::start_inner(repos, &cache_dir, extra_args, Some(nofile));
+        archiver._cache = Some(cache);
+        archiver
+    }
+
     /// Starts the archiver over `repos` with `cache_dir` (kept by the caller,
     /// e.g. to restart on the same cache).
     pub fn start_with_cache(repos: &Path, cache_dir: &Path, extra_args: &[&str]) -> Archiver {
+        Archiver::start_inner(repos, cache_dir, extra_args, None)
+    }
+
+    fn start_inner(
+        repos: &Path,
+        cache_dir: &Path,
+        extra_args: &[&str],
+        nofile: Option<(u64, u64)>,
+    ) -> Archiver {
         let mut args: Vec<OsString> = vec![
             "--repos".into(),
             repos.into(),
@@ -374,7 +417,7 @@ impl Archiver {
         }
         args.extend(extra_args.iter().map(OsString::from));
         Archiver {
-            service: Service::start("gitball-archiver", &args),
+            service: Service::start_with_nofile("gitball-archiver", &args, nofile),
             cache_dir: cache_dir.to_path_buf(),
             _cache: None,
         }

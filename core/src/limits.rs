@@ -1,0 +1,138 @@
+//! The file-descriptor limit, and the connection cap derived from it.
+//!
+//! Every connection costs file descriptors: the client's socket, plus a
+//! cache file (archiver) or an upstream socket (proxy). A login shell gives
+//! a process a soft `RLIMIT_NOFILE` of 1024 while the hard limit is far
+//! higher; left there, a tier runs out of fds at about 500 downloads and
+//! the rest wait unanswered in the listen backlog. So, as Go's runtime and
+//! most servers do, both binaries raise the soft limit to the hard one at
+//! start ([`raise_nofile`]) and log what they got.
+//!
+//! `--max-connections` then caps the connections a process holds, so that
+//! it refuses early and cheaply (`503` + `Retry-After`, see
+//! `server::serve`) instead of running out of fds mid-request. Its default
+//! ([`default_max_connections`]) is what the fd limit allows once
+//! [`RESERVED_FDS`] are set aside, divided by the fds one connection costs
+//! ([`FDS_PER_CONNECTION_ARCHIVER`], [`FDS_PER_CONNECTION_PROXY`],
+//! [`FDS_PER_CONNECTION_EMBEDDED`]).
+
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
+
+/// Fds kept out of the connection budget: listeners, the runtime's epoll
+/// and wake-up fds, log and cache dir handles, `git archive` children's
+/// pipes (a few per generation), pooled idle upstream connections, the
+/// files `/metrics` reads in `/proc`.
+pub const RESERVED_FDS: u64 = 256;
+/// An archiver download holds its socket and its cache file.
+pub const FDS_PER_CONNECTION_ARCHIVER: u64 = 2;
+/// A proxied download holds the client's socket and the upstream's.
+pub const FDS_PER_CONNECTION_PROXY: u64 = 2;
+/// Embedded mode, per client download: the client's socket, the proxy's
+/// socket to the in-process archiver, the archiver's end of it and the
+/// cache file.
+pub const FDS_PER_CONNECTION_EMBEDDED: u64 = 4;
+/// The default cap never goes below this, however low the fd limit: a
+/// process that can hold a few connections still serves a few.
+pub const MIN_DEFAULT_MAX_CONNECTIONS: usize = 16;
+
+/// The soft and hard `RLIMIT_NOFILE` in force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NofileLimit {
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// The `RLIMIT_NOFILE` in force (unlimited if it cannot be read, which
+/// on Linux does not happen).
+pub fn nofile() -> NofileLimit {
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) => NofileLimit { soft, hard },
+        Err(_) => NofileLimit {
+            soft: u64::MAX,
+            hard: u64::MAX,
+        },
+    }
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit and returns the
+/// limits in force afterwards (logged). When raising fails, the limits as
+/// they were are returned and the failure is logged. Both binaries call
+/// this first thing in `main`; the libraries only read the limit
+/// ([`nofile`]).
+pub fn raise_nofile() -> NofileLimit {
+    let NofileLimit { soft, hard } = nofile();
+    let limit = if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => NofileLimit { soft: hard, hard },
+            Err(error) => {
+                tracing::warn!(%error, soft, hard, "cannot raise the soft RLIMIT_NOFILE to the hard limit");
+                NofileLimit { soft, hard }
+            }
+        }
+    } else {
+        NofileLimit { soft, hard }
+    };
+    tracing::info!(
+        nofile = limit.soft,
+        was = soft,
+        hard = limit.hard,
+        "file descriptor limit"
+    );
+    limit
+}
+
+/// The default `--max-connections`: the fds left after [`RESERVED_FDS`],
+/// divided by what one connection costs; at least
+/// [`MIN_DEFAULT_MAX_CONNECTIONS`].
+pub fn default_max_connections(nofile: u64, fds_per_connection: u64) -> usize {
+    let budget = nofile.saturating_sub(RESERVED_FDS) / fds_per_connection.max(1);
+    usize::try_from(budget)
+        .unwrap_or(usize::MAX)
+        .max(MIN_DEFAULT_MAX_CONNECTIONS)
+}
+
+/// Warns when `max_connections` connections, at `fds_per_connection` each,
+/// plus [`RESERVED_FDS`], do not fit under the fd limit: the process would
+/// run out of fds (failed accepts, failed cache opens or upstream
+/// connects) before the cap refuses anyone.
+pub fn warn_if_too_low(limit: NofileLimit, max_connections: usize, fds_per_connection: u64) {
+    let needed = (max_connections as u64)
+        .saturating_mul(fds_per_connection)
+        .saturating_add(RESERVED_FDS);
+    if needed > limit.soft {
+        tracing::warn!(
+            nofile = limit.soft,
+            hard = limit.hard,
+            max_connections,
+            needed,
+            "the file descriptor limit is too low for --max-connections; raise the hard RLIMIT_NOFILE \
+             (LimitNOFILE= in systemd, ulimit -Hn) or lower --max-connections"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_cap_leaves_the_reserve_and_pays_per_connection() {
+        assert_eq!(default_max_connections(20_000, 2), 9_872);
+        assert_eq!(default_max_connections(20_000, 4), 4_936);
+        assert_eq!(default_max_connections(1_024, 2), 384);
+        // Never below the floor, even under the reserve.
+        assert_eq!(default_max_connections(64, 2), MIN_DEFAULT_MAX_CONNECTIONS);
+    }
+
+    #[test]
+    fn the_limit_in_force_is_read_back() {
+        // Raising is idempotent; in a test it only ever raises the soft
+        // limit of this test process to its own hard limit.
+        let limit = raise_nofile();
+        assert_eq!(limit.soft, limit.hard);
+        assert_eq!(
+            getrlimit(Resource::RLIMIT_NOFILE).unwrap(),
+            (limit.soft, limit.hard)
+        );
+    }
+}

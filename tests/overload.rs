@@ -1,0 +1,461 @@
+//! Overload: file descriptors and connections (`docs/archiver.md#connections`,
+//! `docs/proxy.md#connections`).
+//!
+//! The services are started the way a login shell starts them: soft
+//! `RLIMIT_NOFILE` 1024, hard limit higher (the test process's own), no
+//! flags; or with a tiny limit, to run them out of fds on purpose. This
+//! test process raises its own soft limit first: it holds thousands of
+//! sockets itself.
+
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use gitball_e2e::proxy::{
+    Proxy, Route, big_repository, fetch, fetch_ok, scrape, settled_fd_count, write_routes,
+};
+use gitball_e2e::{
+    Archiver, RawConnection, RepoBuilder, Sandbox, Service, process_dir, wait_until,
+};
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
+
+/// Stalled downloads held at once: the minimum for CI (5,000 in
+/// the benchmark, `ops/bench/scenario_stalled.py`).
+const STALLED_DOWNLOADS: usize = 1_500;
+/// Body bytes each stalled client reads before it stops reading.
+const FED_BYTES: usize = 32 * 1024;
+/// The clients' receive buffer: room for the head and [`FED_BYTES`] (so
+/// feeding a client never waits on a window update), small enough that a
+/// stalled client does not park megabytes of the archive in the kernel.
+const CLIENT_RECEIVE_BUFFER_BYTES: usize = 64 * 1024;
+/// Threads reading the clients' heads and first bytes.
+const READER_THREADS: usize = 8;
+/// A login shell's soft `RLIMIT_NOFILE`.
+const LOGIN_SHELL_SOFT_NOFILE: u64 = 1_024;
+/// The archive: a few MiB of incompressible bytes, served as `tar`. More
+/// than the socket buffers between a client and the archiver take in, so
+/// most downloads stall in both tiers; not much more, as what the buffers
+/// do take is copied through both tiers for every download (CPU that a
+/// debug build on a loaded machine pays for dearly).
+const ARCHIVE_BYTES: usize = 2 << 20;
+const ARCHIVE_PATH: &str = "/acme/big/archive/main.tar";
+/// Every wait on a service in these tests.
+const SETTLE: Duration = Duration::from_secs(30);
+/// How long one stalled client may wait for its head and first 32 KiB.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Raises this process's soft fd limit to its hard limit (once) and returns
+/// the hard limit, which the services are started with.
+fn raise_own_nofile() -> u64 {
+    static HARD: OnceLock<u64> = OnceLock::new();
+    *HARD.get_or_init(|| {
+        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+        if soft < hard {
+            setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("raise RLIMIT_NOFILE");
+        }
+        hard
+    })
+}
+
+/// `acme/big` with one 4 MiB file, built once per test process.
+fn repos() -> &'static Path {
+    static REPOS: OnceLock<PathBuf> = OnceLock::new();
+    REPOS.get_or_init(|| {
+        let dir = process_dir(&std::env::temp_dir(), "overload-repos");
+        let repo = RepoBuilder::init(&dir.join("repos/acme/big"), &dir.join("home"));
+        big_repository(&repo, ARCHIVE_BYTES);
+        dir.join("repos")
+    })
+}
+
+/// A proxy over a table routing every repository to `upstream`.
+fn proxy_to(upstream: &str, extra_args: &[&str], nofile: Option<(u64, u64)>) -> (Proxy, Sandbox) {
+    let sandbox = Sandbox::new();
+    let routes = sandbox.path("routes.toml");
+    write_routes(&routes, &[Route::new("*", upstream, &[])]);
+    let mut args: Vec<OsString> = vec!["--routes".into(), routes.into()];
+    args.extend(extra_args.iter().map(OsString::from));
+    (Proxy::start_with_nofile(&args, nofile), sandbox)
+}
+
+/// A client that sent `GET target` and will read at most what it is told.
+struct StalledClient {
+    stream: TcpStream,
+}
+
+impl StalledClient {
+    fn connect(addr: SocketAddr, target: &str) -> std::io::Result<StalledClient> {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        // Before connect, so the window is small from the first segment.
+        socket.set_recv_buffer_size(CLIENT_RECEIVE_BUFFER_BYTES)?;
+        socket.connect_timeout(&addr.into(), CLIENT_TIMEOUT)?;
+        let mut stream: TcpStream = socket.into();
+        stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+        stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+        stream.write_all(format!("GET {target} HTTP/1.1\r\nHost: gitball\r\n\r\n").as_bytes())?;
+        Ok(StalledClient { stream })
+    }
+
+    /// Reads the response head and then `body_bytes` of the body; returns
+    /// the status.
+    fn read_head_and(&mut self, body_bytes: usize) -> std::io::Result<u16> {
+        let mut received = Vec::with_capacity(body_bytes + 1024);
+        let mut buffer = [0u8; 16 * 1024];
+        loop {
+            let head_end = received
+                .windows(4)
+                .position(|window| window == b"\r\n\r\n")
+                .map(|at| at + 4);
+            if let Some(head_end) = head_end
+                && received.len() - head_end >= body_bytes
+            {
+                let status = std::str::from_utf8(&received[9..12])
+                    .ok()
+                    .and_then(|code| code.parse().ok())
+                    .unwrap_or(0);
+                return Ok(status);
+            }
+            let read = self.stream.read(&mut buffer)?;
+            if read == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            received.extend_from_slice(&buffer[..read]);
+        }
+    }
+}
+
+/// The fds a service holds beyond `baseline`, once they stop falling.
+fn wait_for_fds(service: &Service, baseline: usize) -> bool {
+    // A little slack: a pooled idle connection, a `/proc` file being read.
+    const SLACK: usize = 4;
+    wait_until(SETTLE, || service.open_fds() <= baseline + SLACK)
+}
+
+#[test]
+fn at_a_login_shell_limit_1500_stalled_downloads_are_all_answered_fed_and_released() {
+    let hard = raise_own_nofile();
+    assert!(
+        hard >= 8_000,
+        "the hard RLIMIT_NOFILE ({hard}) is too low for this test"
+    );
+    let login_shell = Some((LOGIN_SHELL_SOFT_NOFILE, hard));
+    let archiver = Archiver::start_with_nofile(repos(), &[], (LOGIN_SHELL_SOFT_NOFILE, hard));
+    let (proxy, _routes) = proxy_to(&archiver.base_url, &[], login_shell);
+    assert!(
+        archiver.log().contains(&format!("\"nofile\":{hard}")),
+        "the archiver did not log its raised fd limit:\n{}",
+        archiver.log()
+    );
+
+    // One complete download caches the archive.
+    let warm = fetch_ok(proxy.addr, ARCHIVE_PATH);
+    assert!(warm.body.len() > ARCHIVE_BYTES);
+    assert!(wait_until(SETTLE, || {
+        scrape(archiver.addr).value("gitball_archiver_cache_entries", &[]) == 1.0
+    }));
+    let proxy_baseline = settled_fd_count(proxy.pid);
+    let archiver_baseline = settled_fd_count(archiver.pid);
+    let (proxy_rss, archiver_rss) = (proxy.rss_bytes(), archiver.rss_bytes());
+
+    let started = Instant::now();
+    let mut clients: Vec<StalledClient> = (0..STALLED_DOWNLOADS)
+        .map(|index| {
+            StalledClient::connect(proxy.addr, ARCHIVE_PATH)
+                .unwrap_or_else(|error| panic!("client {index}: connect and send: {error}"))
+        })
+        .collect();
+    let connected_in = started.elapsed();
+    // The servers serve them all at once; a few threads read them in turn.
+    let per_thread = STALLED_DOWNLOADS.div_ceil(READER_THREADS);
+    std::thread::scope(|scope| {
+        for (chunk, clients) in clients.chunks_mut(per_thread).enumerate() {
+            scope.spawn(move || {
+                for (offset, client) in clients.iter_mut().enumerate() {
+                    let index = chunk * per_thread + offset;
+                    let status = client.read_head_and(FED_BYTES).unwrap_or_else(|error| {
+                        panic!(
+                            "client {index} of {STALLED_DOWNLOADS} got no head and {FED_BYTES} bytes: {error}"
+                        )
+                    });
+                    assert_eq!(status, 200, "client {index}");
+                }
+            });
+        }
+    });
+    let answered_in = started.elapsed();
+
+    // All held at once: none finished, none refused.
+    let metrics = scrape(proxy.addr);
+    assert!(
+        metrics.value("gitball_proxy_connections_open", &[]) > STALLED_DOWNLOADS as f64,
+        "{:?}",
+        metrics.series_of("gitball_proxy_connections_open")
+    );
+    assert_eq!(
+        metrics.value(
+            "gitball_proxy_connections_rejected_total",
+            &[("reason", "max_connections")]
+        ),
+        0.0
+    );
+    let per_download = |now: u64, before: u64| {
+        now.saturating_sub(before) as f64 / STALLED_DOWNLOADS as f64 / (1 << 20) as f64
+    };
+    eprintln!(
+        "{STALLED_DOWNLOADS} stalled downloads connected in {:.1} s, answered and fed in {:.1} s; RSS per download: proxy {:.3} MiB, archiver {:.3} MiB; fds: proxy {} (baseline {proxy_baseline}), archiver {} (baseline {archiver_baseline})",
+        connected_in.as_secs_f64(),
+        answered_in.as_secs_f64(),
+        per_download(proxy.rss_bytes(), proxy_rss),
+        per_download(archiver.rss_bytes(), archiver_rss),
+        proxy.open_fds(),
+        archiver.open_fds(),
+    );
+
+    drop(clients);
+    let released = Instant::now();
+    assert!(
+        wait_for_fds(&proxy, proxy_baseline),
+        "the proxy holds {} fds after the clients left (baseline {proxy_baseline})",
+        proxy.open_fds()
+    );
+    assert!(
+        wait_for_fds(&archiver, archiver_baseline),
+        "the archiver holds {} fds after the clients left (baseline {archiver_baseline})",
+        archiver.open_fds()
+    );
+    eprintln!(
+        "fds back to baseline {:.1} s after the clients left",
+        released.elapsed().as_secs_f64()
+    );
+}
+
+/// Holds `max` connections of `service` (each served once and kept
+/// alive), then checks that one more gets the fast `503`, and that closing
+/// a held one lets the next in.
+fn assert_cap_refuses_then_admits(service: &Service, max: usize, prefix: &str) {
+    let held: Vec<RawConnection> = (0..max)
+        .map(|_| {
+            let mut connection = RawConnection::connect(service.addr).expect("connect");
+            connection
+                .send_request("GET", "/healthz", &[])
+                .expect("send");
+            let head = connection.read_head().expect("a held connection is served");
+            assert_eq!(head.status, 200);
+            connection.read_body_bytes(16).expect("body");
+            connection
+        })
+        .collect();
+
+    let started = Instant::now();
+    let refused = fetch(service.addr, "/healthz");
+    assert_eq!(refused.status(), 503, "{}", refused.text());
+    assert_eq!(refused.header("retry-after"), "5");
+    assert_eq!(refused.header("content-type"), "application/json");
+    assert_eq!(refused.error_code(), "overloaded");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the refusal took {:?}",
+        started.elapsed()
+    );
+
+    assert!(
+        wait_until(SETTLE, || service
+            .log()
+            .contains("refusing connections with 503")),
+        "the refusal was not logged:\n{}",
+        service.log()
+    );
+
+    drop(held);
+    let mut metrics = None;
+    assert!(
+        wait_until(SETTLE, || {
+            let fetched = fetch(service.addr, "/metrics");
+            let served = fetched.status() == 200;
+            if served {
+                metrics = Some(gitball_e2e::Metrics::parse(&fetched.text()));
+            }
+            served
+        }),
+        "a freed slot was not given to a new connection"
+    );
+    let metrics = metrics.expect("scraped");
+    assert_eq!(
+        metrics.value(&format!("{prefix}_connections_max"), &[]),
+        max as f64
+    );
+    assert!(
+        metrics.value(
+            &format!("{prefix}_connections_rejected_total"),
+            &[("reason", "max_connections")]
+        ) >= 1.0
+    );
+}
+
+#[test]
+fn past_max_connections_a_new_connection_gets_503_with_retry_after() {
+    raise_own_nofile();
+    let archiver = Archiver::start(repos(), &["--max-connections", "4"]);
+    assert_cap_refuses_then_admits(&archiver, 4, "gitball_archiver");
+    let (proxy, _routes) = proxy_to(&archiver.base_url, &["--max-connections", "3"], None);
+    assert_cap_refuses_then_admits(&proxy, 3, "gitball_proxy");
+
+    // Embedded: the proxy's listener has the cap; the in-process archiver
+    // gets headroom above it, so it never refuses the proxy's own requests.
+    let cache = Sandbox::new();
+    let embedded = Proxy::embedded(repos(), &cache.path("cache"), &["--max-connections", "3"]);
+    assert_cap_refuses_then_admits(&embedded, 3, "gitball_proxy");
+    assert_eq!(
+        scrape(embedded.addr).value("gitball_archiver_connections_max", &[]),
+        19.0
+    );
+    fetch_ok(embedded.addr, ARCHIVE_PATH);
+}
+
+/// A limit far too low: the service runs out of fds with a few dozen
+/// connections (the cap, set high, does not stop it first).
+const TINY_NOFILE: u64 = 64;
+
+/// The fds of `pid` numbered below `TINY_NOFILE`: the limit bounds fd
+/// numbers, and an fd inherited with a higher number (a test runner's pipe)
+/// takes no place under it.
+fn fds_under_the_limit(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|entry| entry.file_name().to_str()?.parse::<u64>().ok())
+                .filter(|fd| *fd < TINY_NOFILE)
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Opens connections to `service` (sending nothing) until it holds every fd
+/// its limit allows, plus `extra` that wait in its backlog. The first
+/// returned is accepted for sure (accept order is arrival order).
+fn exhaust_fds(service: &Service, extra: usize) -> Vec<TcpStream> {
+    // Not while the harness's health check is still being closed.
+    settled_fd_count(service.pid);
+    let free = (TINY_NOFILE as usize).saturating_sub(fds_under_the_limit(service.pid));
+    let connections: Vec<TcpStream> = (0..free + extra)
+        .map(|_| TcpStream::connect(service.addr).expect("connect"))
+        .collect();
+    assert!(
+        wait_until(SETTLE, || fds_under_the_limit(service.pid) as u64
+            >= TINY_NOFILE),
+        "the service holds {} fds under its limit {TINY_NOFILE}",
+        fds_under_the_limit(service.pid)
+    );
+    connections
+}
+
+#[test]
+fn accept_survives_fd_exhaustion_logs_it_once_per_interval_and_serves_again() {
+    raise_own_nofile();
+    let mut archiver = Archiver::start_with_nofile(
+        repos(),
+        &["--max-connections", "1000"],
+        (TINY_NOFILE, TINY_NOFILE),
+    );
+    assert!(
+        archiver.log().contains("too low for --max-connections"),
+        "no warning about the fd limit:\n{}",
+        archiver.log()
+    );
+    let mut held = exhaust_fds(&archiver, 3);
+    let accept_failed = |log: &str| log.matches("accept failed").count();
+    assert!(
+        wait_until(SETTLE, || accept_failed(&archiver.log()) >= 1),
+        "no accept failure was logged"
+    );
+    // Out of fds for a while (20 accept attempts a second): the failure is
+    // logged once, not once per attempt. The duration is the point here,
+    // not a stand-in for synchronisation.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(accept_failed(&archiver.log()), 1, "{}", archiver.log());
+    assert!(archiver.is_running());
+
+    // A connection waiting in the backlog asks; freeing fds lets it in.
+    let mut waiting = held.pop().expect("a waiting connection");
+    waiting
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("send");
+    waiting
+        .set_read_timeout(Some(SETTLE))
+        .expect("read timeout");
+    drop(held);
+    let mut answer = Vec::new();
+    waiting.read_to_end(&mut answer).expect("an answer");
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    let metrics = scrape(archiver.addr);
+    assert!(metrics.value("gitball_archiver_accept_errors_total", &[]) >= 2.0);
+    assert!(archiver.is_running());
+}
+
+#[test]
+fn proxy_without_an_fd_for_the_upstream_answers_503_and_ejects_nothing() {
+    raise_own_nofile();
+    let archiver = Archiver::start(repos(), &[]);
+    let upstream = archiver.base_url.clone();
+    let (proxy, _routes) = proxy_to(
+        &upstream,
+        &["--max-connections", "1000"],
+        Some((TINY_NOFILE, TINY_NOFILE)),
+    );
+
+    let mut held = exhaust_fds(&proxy, 2);
+    // The first connection was accepted; its request needs an upstream
+    // connection, and the proxy has no fd left to open one.
+    let mut victim = held.remove(0);
+    victim
+        .write_all(
+            format!("GET {ARCHIVE_PATH} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .expect("send");
+    victim.set_read_timeout(Some(SETTLE)).expect("read timeout");
+    let mut answer = Vec::new();
+    victim.read_to_end(&mut answer).expect("an answer");
+    let answer = String::from_utf8_lossy(&answer[..answer.len().min(1024)]);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("retry-after: 5\r\n"),
+        "{answer}"
+    );
+    assert!(answer.contains("\"overloaded\""), "{answer}");
+    drop(held);
+
+    let mut metrics = None;
+    assert!(wait_until(SETTLE, || {
+        let fetched = fetch(proxy.addr, "/metrics");
+        let served = fetched.status() == 200;
+        if served {
+            metrics = Some(gitball_e2e::Metrics::parse(&fetched.text()));
+        }
+        served
+    }));
+    let metrics = metrics.expect("scraped");
+    assert_eq!(
+        metrics.value(
+            "gitball_proxy_upstream_attempts_total",
+            &[("upstream", &upstream), ("outcome", "overloaded")]
+        ),
+        1.0,
+        "{:?}",
+        metrics.series_of("gitball_proxy_upstream_attempts_total")
+    );
+    assert_eq!(
+        metrics.value("gitball_proxy_upstream_ejected", &[("upstream", &upstream)]),
+        0.0
+    );
+    // With fds again, the same upstream serves at once.
+    fetch_ok(proxy.addr, ARCHIVE_PATH);
+}
