@@ -818,6 +818,21 @@ fn slow_clients_do_not_grow_proxy_memory() {
     );
 }
 
+/// Both connections of a download stay on the thread that accepted it
+/// (docs/proxy.md, "The pipe"): the proxy runs one serving thread, with its
+/// own runtime and upstream pool, per CPU.
+#[test]
+fn proxy_serves_on_one_thread_per_cpu() {
+    let (_shared, cluster) = widget_cluster(&[]);
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", cluster.proxy.pid)).expect("task dir");
+    let serving = tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with("gitball-proxy-"))
+        .count();
+    assert_eq!(serving, cpus, "serving threads of the proxy");
+}
+
 #[test]
 fn aborted_clients_release_proxy_and_archiver_fds() {
     const ABORTING_CLIENTS: usize = 50;

@@ -37,11 +37,11 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub use budget::Rate;
 /// The cache's replacement policy, for its trace benchmark
 /// (`examples/cache_trace.rs`). Not an API.
 #[doc(hidden)]
 pub use cache::policy as cache_policy;
-pub use budget::Rate;
 pub use config::{ArchiveOptions, Config, PrewarmFormats};
 use gitball_core::{limits, server};
 
@@ -152,10 +152,7 @@ pub async fn run(
         shutdown,
         options.shutdown_grace,
         WRITE_STALL_TIMEOUT,
-        server::Connections {
-            max: max_connections,
-            metrics_prefix: "gitball_archiver",
-        },
+        server::Connections::new(max_connections, "gitball_archiver"),
     )
     .await?;
     match drain {

@@ -129,15 +129,29 @@ pub fn bind(address: std::net::SocketAddr) -> io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-/// How many connections one `serve` holds at once, and the prefix of its
-/// connection series (`gitball_archiver`, `gitball_proxy`):
-/// `{prefix}_connections_open`, `{prefix}_connections_max`,
+/// The connection cap of a process: how many connections it holds at once,
+/// and the prefix of its connection series (`gitball_archiver`,
+/// `gitball_proxy`): `{prefix}_connections_open`, `{prefix}_connections_max`,
 /// `{prefix}_connections_rejected_total{reason}`,
-/// `{prefix}_accept_errors_total`.
-#[derive(Clone, Debug)]
+/// `{prefix}_accept_errors_total`. Clones share one cap, so several `serve`
+/// loops (the proxy's serving threads) hold `max` connections between them.
+#[derive(Clone)]
 pub struct Connections {
-    pub max: usize,
-    pub metrics_prefix: &'static str,
+    limit: Arc<ConnectionLimit>,
+}
+
+impl Connections {
+    /// A cap of `max` connections; registers its series.
+    pub fn new(max: usize, metrics_prefix: &'static str) -> Connections {
+        Connections {
+            limit: Arc::new(ConnectionLimit::new(max, metrics_prefix)),
+        }
+    }
+
+    /// The cap.
+    pub fn max(&self) -> usize {
+        self.limit.max
+    }
 }
 
 /// How a shutdown went.
@@ -169,7 +183,7 @@ pub async fn serve(
         .max_headers(MAX_HEADER_LINES)
         .keep_alive(true);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let limit = ConnectionLimit::new(&connections);
+    let limit = connections.limit;
     let mut accept_errors = LogEvery::new(ACCEPT_ERROR_LOG_INTERVAL);
     let mut refusals = LogEvery::new(ACCEPT_ERROR_LOG_INTERVAL);
     let mut connections = JoinSet::new();
@@ -280,8 +294,7 @@ impl Drop for ConnectionSlot {
 }
 
 impl ConnectionLimit {
-    fn new(connections: &Connections) -> ConnectionLimit {
-        let prefix = connections.metrics_prefix;
+    fn new(max: usize, prefix: &'static str) -> ConnectionLimit {
         let open_name = format!("{prefix}_connections_open");
         let max_name = format!("{prefix}_connections_max");
         let rejected_name = format!("{prefix}_connections_rejected_total");
@@ -299,7 +312,7 @@ impl ConnectionLimit {
             errors_name.clone(),
             "Failed accepts (EMFILE, ENFILE, ENOBUFS, ENOMEM), each followed by a short back-off."
         );
-        metrics::gauge!(max_name).set(connections.max as f64);
+        metrics::gauge!(max_name).set(max as f64);
         let open = metrics::gauge!(open_name);
         open.set(0.0);
         let rejected = metrics::counter!(rejected_name, "reason" => "max_connections");
@@ -307,8 +320,8 @@ impl ConnectionLimit {
         let accept_errors = metrics::counter!(errors_name);
         accept_errors.absolute(0);
         ConnectionLimit {
-            max: connections.max,
-            slots: Arc::new(Semaphore::new(connections.max.min(Semaphore::MAX_PERMITS))),
+            max,
+            slots: Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS))),
             open,
             rejected,
             accept_errors,
@@ -718,10 +731,7 @@ mod tests {
             shutdown.clone(),
             Duration::ZERO,
             TEST_TIMEOUT,
-            Connections {
-                max: 16,
-                metrics_prefix: "test",
-            },
+            Connections::new(16, "test"),
         ));
         let exchange = async {
             let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
@@ -821,10 +831,7 @@ mod tests {
             shutdown.clone(),
             Duration::ZERO,
             TEST_TIMEOUT,
-            Connections {
-                max: 1,
-                metrics_prefix: "test_cap",
-            },
+            Connections::new(1, "test_cap"),
         ));
         let exchange = async {
             // The one slot: a kept-alive connection, served once.

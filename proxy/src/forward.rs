@@ -61,11 +61,13 @@ use crate::upstream::Health;
 /// archiver is closing at that moment.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// The read buffer of each upstream connection, fixed. hyper's default is
-/// adaptive and grows to ~400 KiB on a fast connection; it lives as long as
-/// the download, so with many slow clients it was most of the proxy's
-/// memory. The pipe forwards at the client's pace anyway, so a larger
-/// buffer buys nothing but fewer reads.
+/// The read buffer of each upstream connection, fixed, and so the size of
+/// a body chunk. hyper's default is adaptive and grows to ~400 KiB on a
+/// fast connection; it lives as long as the download, so with many slow
+/// clients it was most of the proxy's memory. A stalled download holds two
+/// chunks (see `pipe`), about 0.17 MiB per download with this size; 32 KiB
+/// cut that to 0.10 MiB but cost a 1 GiB stream about half its speed
+/// (twice the reads and wake-ups per byte), so 64 KiB it is.
 pub const UPSTREAM_READ_BUFFER_BYTES: usize = 64 * 1024;
 
 /// TCP keep-alive probes on upstream connections: idle time before the
@@ -107,11 +109,12 @@ pub fn body_length(response: &UpstreamResponse) -> Option<u64> {
     hyper::body::Body::size_hint(response.body()).exact()
 }
 
-/// Forwarding settings plus the shared HTTP client (one connection pool
-/// for every upstream).
-#[derive(Debug)]
+/// Forwarding settings plus the HTTP client (one connection pool for every
+/// upstream). A clone shares the pool; [`Forwarder::with_own_pool`] does not.
+#[derive(Debug, Clone)]
 pub struct Forwarder {
     client: UpstreamClient,
+    connect_timeout: Duration,
     health: Arc<Health>,
     header_timeout: Duration,
     /// `Authorization: Bearer …` for archivers, from `--upstream-token-file`.
@@ -272,6 +275,7 @@ impl Forwarder {
             .map_err(|_| anyhow::anyhow!("the upstream token is not a valid header value"))?;
         Ok(Forwarder {
             client,
+            connect_timeout,
             health,
             header_timeout,
             authorization,
@@ -285,6 +289,18 @@ impl Forwarder {
     /// `--header-timeout`, which also bounds each wait for a body chunk.
     pub fn header_timeout(&self) -> Duration {
         self.header_timeout
+    }
+
+    /// The same settings and health, with a connection pool of its own.
+    /// Each serving thread has one (see `crate::Proxy::serve`): a pooled
+    /// connection's task runs on the runtime that opened it, so a pool
+    /// shared between threads would put a download's two connections on
+    /// different threads again.
+    pub fn with_own_pool(&self) -> Forwarder {
+        Forwarder {
+            client: upstream_client(self.connect_timeout),
+            ..self.clone()
+        }
     }
 
     /// Tries `candidates` in order until one gives a usable response.

@@ -57,7 +57,9 @@ use crate::prewarm::Prewarm;
 use crate::routes::Routes;
 use crate::sign::SigningKey;
 
-/// Everything a request needs, shared by all of them.
+/// Everything a request needs, shared by all of them. A clone shares
+/// everything, the upstream connection pool included.
+#[derive(Clone)]
 pub struct AppState {
     pub routes: Arc<Routes>,
     pub forwarder: Forwarder,

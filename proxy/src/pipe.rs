@@ -1,11 +1,15 @@
 //! The body: an upstream response piped to the client at the client's pace.
 //!
-//! [`Pipe`] is a `Stream` handed to `axum::body::Body::from_stream`. hyper
-//! polls it only when the client connection can take more bytes (its write
-//! buffer, bounded by the server's `max_buf_size`, has room), and the pipe
-//! polls the upstream body only when it is polled. So at most a few chunks
-//! of one download are in the proxy at any time, whatever the archive's size:
-//! a slow client slows the upstream read, and TCP flow control carries that
+//! [`Pipe`] is a `Stream` handed to `axum::body::Body::from_stream`. It
+//! hands hyper one chunk at a time: the next chunk is taken from the
+//! upstream only once hyper has written the last one to the client's socket
+//! in full (hyper drops a body chunk then, and the chunk's drop wakes the
+//! pipe). hyper alone would queue chunks until its write buffer bound (the
+//! server's `max_buf_size`, 64 KiB) is passed, which a stalled client then
+//! pins. So a download holds at most two chunks in the proxy, whatever the
+//! archive's size: the one hyper is writing and the one the upstream
+//! connection read ahead (64 KiB each, `forward::UPSTREAM_READ_BUFFER_BYTES`).
+//! A slow client slows the upstream read, and TCP flow control carries that
 //! back to the archiver, which reads its cache file at the same pace.
 //!
 //! How a download ends, and what each way releases and counts:
@@ -37,8 +41,10 @@
 //! The idle watchdog is a task because a stalled client means hyper does
 //! *not* poll the body — a timer inside the stream would never be looked at.
 //! "Idle" is measured from the moment a chunk was handed to hyper until
-//! hyper asks for the next one; time spent waiting for a slow upstream does
-//! not count against the client.
+//! hyper has written it and asks for the next one; time spent waiting for a
+//! slow upstream does not count against the client. The watchdog starts
+//! with the first chunk that is not the last, so a small archive sent in
+//! one chunk costs no task and no timer.
 //!
 //! While the client stays stalled hyper does not poll the body, so the
 //! client's connection itself is closed by the server loop's write-stall
@@ -57,6 +63,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
+use futures_util::task::AtomicWaker;
 use futures_util::{Stream, StreamExt};
 use http_body_util::BodyExt;
 // The tokio clock, so the idle watchdog runs on a paused clock in tests.
@@ -129,11 +136,43 @@ impl Shared {
     }
 }
 
+/// Whether the last chunk handed to hyper is still waiting to be written to
+/// the client's socket, and who to wake when it has been.
+#[derive(Default)]
+struct InFlight {
+    busy: AtomicBool,
+    waker: AtomicWaker,
+}
+
+/// A chunk as handed to hyper. hyper drops it once its last byte went to
+/// the socket (it queues body chunks as they are, without copying them);
+/// that drop frees the chunk's memory and lets the pipe read the next one.
+struct Handed {
+    chunk: Bytes,
+    in_flight: Arc<InFlight>,
+}
+
+impl AsRef<[u8]> for Handed {
+    fn as_ref(&self) -> &[u8] {
+        &self.chunk
+    }
+}
+
+impl Drop for Handed {
+    fn drop(&mut self) {
+        self.in_flight.busy.store(false, Ordering::Release);
+        self.in_flight.waker.wake();
+    }
+}
+
 /// The upstream body as a client body stream. See the module docs.
 pub struct Pipe {
     shared: Arc<Shared>,
+    in_flight: Arc<InFlight>,
     idle_timeout: Duration,
-    watchdog: tokio::task::JoinHandle<()>,
+    /// Started with the first chunk that is not the last: a small archive
+    /// sent in one chunk never needs one.
+    watchdog: Option<tokio::task::JoinHandle<()>>,
     health: Arc<Health>,
     upstream_name: Arc<str>,
     bytes: u64,
@@ -148,7 +187,7 @@ pub struct Pipe {
 
 impl Pipe {
     /// Starts piping `response`'s body. `on_end` is called exactly once,
-    /// when the download ends by any path. Must be called inside a tokio
+    /// when the download ends by any path. Must be polled inside a tokio
     /// runtime (it spawns the idle watchdog).
     /// `upstream_silence` bounds each wait for the upstream's next chunk
     /// (`--header-timeout`).
@@ -185,17 +224,17 @@ impl Pipe {
     ) -> Pipe {
         let shared = Arc::new(Shared {
             upstream: Mutex::new(Some(upstream)),
-            // The response head is with hyper now: if the client takes
-            // nothing at all, that is idle too.
-            waiting_since_ms: AtomicU64::new(0),
+            // Set when the first chunk is handed over, which starts the
+            // watchdog.
+            waiting_since_ms: AtomicU64::new(NOT_WAITING),
             idle_timed_out: AtomicBool::new(false),
             started: Instant::now(),
         });
-        let watchdog = tokio::spawn(watch_idle(shared.clone(), idle_timeout));
         Pipe {
             shared,
+            in_flight: Arc::default(),
             idle_timeout,
-            watchdog,
+            watchdog: None,
             health,
             upstream_name,
             bytes: 0,
@@ -275,7 +314,9 @@ impl Pipe {
         if self.ending.is_some() {
             return;
         }
-        self.watchdog.abort();
+        if let Some(watchdog) = &self.watchdog {
+            watchdog.abort();
+        }
         // Once the watchdog cut the download, however the pipe ends next
         // (an error at the next poll, or a drop when the client finally
         // leaves) it ended for idleness.
@@ -312,6 +353,15 @@ impl Stream for Pipe {
         if this.ending.is_some() {
             return Poll::Ready(None);
         }
+        if this.in_flight.busy.load(Ordering::Acquire) {
+            // hyper has room in its write buffer but the client has not
+            // taken the last chunk yet: wait for it (`Handed::drop`), with
+            // the idle clock running.
+            this.in_flight.waker.register(cx.waker());
+            if this.in_flight.busy.load(Ordering::Acquire) {
+                return Poll::Pending;
+            }
+        }
         let shared = this.shared.clone();
         let mut upstream = shared.lock();
         // hyper is asking for more: the client is taking bytes.
@@ -328,6 +378,11 @@ impl Stream for Pipe {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Some(Ok(chunk))) => {
                 let length = chunk.len() as u64;
+                this.in_flight.busy.store(true, Ordering::Release);
+                let chunk = Bytes::from_owner(Handed {
+                    chunk,
+                    in_flight: this.in_flight.clone(),
+                });
                 this.bytes += length;
                 crate::metrics::sent_bytes(length);
                 if Some(this.bytes) == this.expected_bytes {
@@ -339,6 +394,12 @@ impl Stream for Pipe {
                     shared
                         .waiting_since_ms
                         .store(shared.now_ms(), Ordering::Release);
+                    if this.watchdog.is_none() {
+                        this.watchdog = Some(tokio::spawn(watch_idle(
+                            this.shared.clone(),
+                            this.idle_timeout,
+                        )));
+                    }
                 }
                 Poll::Ready(Some(Ok(chunk)))
             }
@@ -363,7 +424,9 @@ impl Drop for Pipe {
     fn drop(&mut self) {
         // The upstream body (if still there) is dropped with `shared` once
         // the watchdog is gone; abort it first so that happens now.
-        self.watchdog.abort();
+        if let Some(watchdog) = &self.watchdog {
+            watchdog.abort();
+        }
         self.shared.lock().take();
         // The server's write-stall guard (same timeout) may close a stalled
         // client's connection before the watchdog fires: then the download
@@ -483,6 +546,44 @@ mod tests {
         let end = ended.lock().unwrap().unwrap();
         assert_eq!(end.ending, Ending::Complete);
         assert_eq!(end.bytes, 7);
+    }
+
+    #[tokio::test]
+    async fn the_next_chunk_waits_until_the_last_one_was_written() {
+        let (mut pipe, _dropped, _ended) =
+            pipe(vec![b"abc", b"def"], false, Duration::from_secs(60));
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let Poll::Ready(Some(Ok(first))) = Pin::new(&mut pipe).poll_next(&mut cx) else {
+            panic!("the first chunk is ready");
+        };
+        // hyper still holds the first chunk (the client has not taken it):
+        // the pipe reads nothing more from the upstream.
+        assert!(Pin::new(&mut pipe).poll_next(&mut cx).is_pending());
+        assert!(Pin::new(&mut pipe).poll_next(&mut cx).is_pending());
+        // Written out and dropped: the next chunk comes.
+        drop(first);
+        let Poll::Ready(Some(Ok(second))) = Pin::new(&mut pipe).poll_next(&mut cx) else {
+            panic!("the second chunk is ready once the first is gone");
+        };
+        assert_eq!(&second[..], b"def");
+    }
+
+    #[tokio::test]
+    async fn a_written_chunk_wakes_the_pipe() {
+        let (mut pipe, _dropped, _ended) =
+            pipe(vec![b"abc", b"def"], false, Duration::from_secs(60));
+        let first = pipe.next().await.unwrap().unwrap();
+        let writer = tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            drop(first);
+        });
+        // Resolves only if dropping the first chunk wakes the pipe.
+        let second = tokio::time::timeout(Duration::from_secs(10), pipe.next())
+            .await
+            .expect("woken when the first chunk was dropped");
+        assert_eq!(&second.unwrap().unwrap()[..], b"def");
+        writer.await.unwrap();
     }
 
     #[tokio::test]

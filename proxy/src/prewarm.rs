@@ -42,6 +42,7 @@ const MAX_ANSWER_BYTES: usize = 64 * 1024;
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Prewarm settings, from `--prewarm-token-file` and `--prewarm-formats`.
+#[derive(Clone)]
 pub struct Prewarm {
     pub token: Vec<u8>,
     pub formats: Vec<Format>,
