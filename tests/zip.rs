@@ -127,6 +127,8 @@ fn zip_entries_match_git_archive_on_this_projects_history() {
         .arg(format!("--prefix={prefix}"))
         .arg(&commit)
         .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        // git writes DOS times in the local time zone; gitball in UTC.
+        .env("TZ", "UTC")
         .output()
         .expect("git archive");
     assert!(git_zip.status.success());
