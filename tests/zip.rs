@@ -107,12 +107,13 @@ fn zip_entries_match_git_archive_on_this_projects_history() {
         .status()
         .expect("clone");
     assert!(status.success(), "clone {}", common_dir.display());
-    // HEAD of this checkout may be on another branch than the clone's.
+    // HEAD of this checkout may be on another branch than the clone's: a
+    // ref of its own makes it reachable (`--require-reachable`).
     let fetched = Command::new("git")
         .arg(format!("--git-dir={}", destination.display()))
         .args(["fetch", "-q"])
         .arg(&common_dir)
-        .arg(&commit)
+        .arg(format!("{commit}:refs/heads/tested"))
         .status()
         .expect("fetch");
     assert!(fetched.success());
