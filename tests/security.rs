@@ -135,10 +135,15 @@ fn repository_config_cannot_make_generation_run_commands() {
         assert_eq!(response.status().as_u16(), 200, "{ext}");
         let body = response.bytes().unwrap().to_vec();
         let expected = clean_repo.archive(format, &format!("widget-{commit}/"), &commit, None);
-        assert!(
-            body == expected,
-            "{ext}: not git's archive of the tree alone"
-        );
+        if ext == "zip" {
+            // gitball writes its own zip from git's tar: git's entries.
+            gitball_e2e::assert_same_zip_entries(&body, &expected, "zip of the tree alone");
+        } else {
+            assert!(
+                body == expected,
+                "{ext}: not git's archive of the tree alone"
+            );
+        }
     }
     let response = archiver.get("/acme/widget/archive/main.tar.gz");
     assert_eq!(response.status().as_u16(), 200);

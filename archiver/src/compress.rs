@@ -18,6 +18,10 @@
 //! function of (dictionary, block, level, last) alone, and the blocks are
 //! written in input order.
 //!
+//! zstd runs in its multi-threaded mode, whose bytes do not depend on the
+//! number of workers (`zstd_encoder`), and flushes once, after the first
+//! block (`ZstdStream`).
+//!
 //! The compressors are driven synchronously (flate2's and zstd's `Write`
 //! encoders on blocking threads) rather than through `async-compression`:
 //! the parallel gzip needs to set each run's dictionary and end it with a
@@ -32,47 +36,92 @@ use std::thread::JoinHandle;
 
 use bytes::Bytes;
 
-/// How git's tar is compressed.
+/// How git's tar is compressed (or, for `Zip`, rewritten as a zip whose
+/// entries are deflated at that level, see `zip`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Compression {
     None,
     Gzip(u32),
     Zstd(i32),
+    Zip(u32),
 }
 
+impl Compression {
+    /// Whether the encoder's bytes depend on where its input is cut, so it
+    /// must be fed fixed-size blocks. The zip writer's do not (it parses the
+    /// tar), nor do git's own.
+    pub fn needs_whole_blocks(self) -> bool {
+        matches!(self, Compression::Gzip(_) | Compression::Zstd(_))
+    }
+}
+
+/// The zip's deflate level: git's default (zlib's default, 6).
+pub const ZIP_LEVEL: u32 = 6;
 /// deflate's window: how much of the previous block primes the next one.
 const DICTIONARY_BYTES: usize = 32 * 1024;
 /// Upper bound of gzip compression threads per generation.
 const MAX_GZIP_THREADS: usize = 4;
+/// Upper bound of zstd worker threads per generation.
+const MAX_ZSTD_THREADS: u32 = 4;
+/// zstd's multi-threaded job size and overlap (a fraction of the window:
+/// 5 is 1/16), pinned rather than left to the library's defaults, which may
+/// change between releases and would change the bytes. Small jobs also
+/// bound how long a write can block on a busy worker (one job's time),
+/// which is how long a cancelled generation can take to stop.
+const ZSTD_JOB_BYTES: u32 = 1024 * 1024;
+const ZSTD_OVERLAP_LOG: u32 = 5;
 
 /// A streaming encoder in front of a writer.
-pub enum Encoder<W: Write> {
+pub enum Encoder<W: Write + Send + 'static> {
     Plain(W),
     Gzip(ParallelGzip<W>),
-    Zstd(zstd::stream::write::Encoder<'static, W>),
+    Zstd(ZstdStream<W>),
+    Zip(Box<crate::zip::ZipWriter<W>>),
 }
 
-impl<W: Write> Encoder<W> {
+impl<W: Write + Send + 'static> Encoder<W> {
     pub fn new(sink: W, compression: Compression) -> io::Result<Encoder<W>> {
         Ok(match compression {
             Compression::None => Encoder::Plain(sink),
             Compression::Gzip(level) => {
                 Encoder::Gzip(ParallelGzip::new(sink, level, gzip_threads())?)
             }
-            // Single-threaded zstd: its output then depends on the input
-            // alone (and it keeps up with git's tar speed).
             Compression::Zstd(level) => {
-                Encoder::Zstd(zstd::stream::write::Encoder::new(sink, level)?)
+                Encoder::Zstd(ZstdStream::new(sink, level, zstd_threads())?)
             }
+            Compression::Zip(level) => Encoder::Zip(Box::new(crate::zip::ZipWriter::new(
+                sink,
+                level,
+                crate::zip::zip_threads(),
+            )?)),
         })
     }
 
-    /// Feeds one block of input (never flushes: see the module docs).
+    /// Feeds one block of input (never flushes on timing: see the module
+    /// docs; zstd flushes once, at a fixed input position).
     pub fn write_block(&mut self, block: Bytes) -> io::Result<()> {
         match self {
             Encoder::Plain(sink) => sink.write_all(&block),
             Encoder::Gzip(encoder) => encoder.write_block(block),
-            Encoder::Zstd(encoder) => encoder.write_all(&block),
+            Encoder::Zstd(stream) => stream.write_block(&block),
+            Encoder::Zip(writer) => writer.write_block(block),
+        }
+    }
+
+    /// Whether finished work waits to be written: then `write_pending`
+    /// should run before the caller blocks for more input.
+    pub fn has_pending(&self) -> bool {
+        match self {
+            Encoder::Zip(writer) => writer.has_pending(),
+            _ => false,
+        }
+    }
+
+    /// Waits for the oldest pending work and writes what is finished.
+    pub fn write_pending(&mut self) -> io::Result<()> {
+        match self {
+            Encoder::Zip(writer) => writer.wait_oldest(),
+            _ => Ok(()),
         }
     }
 
@@ -80,7 +129,8 @@ impl<W: Write> Encoder<W> {
         match self {
             Encoder::Plain(sink) => sink,
             Encoder::Gzip(encoder) => &encoder.sink,
-            Encoder::Zstd(encoder) => encoder.get_ref(),
+            Encoder::Zstd(stream) => stream.sink(),
+            Encoder::Zip(writer) => writer.sink(),
         }
     }
 
@@ -89,9 +139,107 @@ impl<W: Write> Encoder<W> {
         match self {
             Encoder::Plain(sink) => Ok(sink),
             Encoder::Gzip(encoder) => encoder.finish(),
-            Encoder::Zstd(encoder) => encoder.finish(),
+            Encoder::Zstd(stream) => stream.finish(),
+            Encoder::Zip(writer) => (*writer).finish(),
         }
     }
+}
+
+/// Multi-threaded zstd with one flush, after the first input block.
+///
+/// In multi-threaded mode zstd emits nothing until a whole job (1 MiB of
+/// input) is compressed, which would hold the first byte back by tens of
+/// milliseconds (seconds at level 19). A flush after the first block cuts
+/// the first job there and writes it out at once. The block is always the
+/// first `INPUT_CHUNK_BYTES` of git's output (or all of it), so the cut is
+/// at a fixed input position and the bytes still depend on the input alone
+/// (the unit tests check 1, 2 and 4 workers through this path).
+///
+/// An abandoned stream (a failed, timed-out or cancelled generation) is
+/// dropped on a thread of its own: zstd's context first compresses what its
+/// workers hold (up to a few jobs, seconds at level 19), which must hold up
+/// neither the generation's failure nor a shutdown.
+pub struct ZstdStream<W: Write + Send + 'static> {
+    encoder: Option<zstd::stream::write::Encoder<'static, W>>,
+    flushed_first: bool,
+}
+
+impl<W: Write + Send + 'static> ZstdStream<W> {
+    fn new(sink: W, level: i32, workers: u32) -> io::Result<ZstdStream<W>> {
+        Ok(ZstdStream {
+            encoder: Some(zstd_encoder(sink, level, workers)?),
+            flushed_first: false,
+        })
+    }
+
+    fn encoder(&mut self) -> io::Result<&mut zstd::stream::write::Encoder<'static, W>> {
+        self.encoder
+            .as_mut()
+            .ok_or_else(|| io::Error::other("zstd stream already finished"))
+    }
+
+    fn write_block(&mut self, block: &[u8]) -> io::Result<()> {
+        let first = !self.flushed_first;
+        self.flushed_first = true;
+        let encoder = self.encoder()?;
+        encoder.write_all(block)?;
+        if first {
+            encoder.flush()?;
+        }
+        Ok(())
+    }
+
+    fn sink(&self) -> &W {
+        // Only `finish` takes the encoder, and it consumes the stream.
+        self.encoder
+            .as_ref()
+            .map(|encoder| encoder.get_ref())
+            .expect("the encoder lives until finish")
+    }
+
+    fn finish(mut self) -> io::Result<W> {
+        self.encoder()?;
+        let encoder = self.encoder.take().expect("checked above");
+        encoder.finish()
+    }
+}
+
+impl<W: Write + Send + 'static> Drop for ZstdStream<W> {
+    fn drop(&mut self) {
+        if let Some(encoder) = self.encoder.take() {
+            let _ = std::thread::Builder::new()
+                .name("gitball-zstd-drop".into())
+                .spawn(move || drop(encoder));
+        }
+    }
+}
+
+fn zstd_threads() -> u32 {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get() as u32)
+        .clamp(1, MAX_ZSTD_THREADS)
+}
+
+/// zstd in multi-threaded mode with `workers` (at least 1) worker threads.
+///
+/// zstd's streaming multi-threaded compression makes the same bytes whatever
+/// the number of workers (which differ from single-threaded mode's: `zstd(1)`
+/// on `--single-thread`: "Final compressed result is also slightly different
+/// from -T1"; facebook/zstd#2327: the supported property is that the output
+/// of *streaming* multi-threaded compression does not depend on `nbWorkers`,
+/// not the one-shot `ZSTD_e_end` first call, which this encoder never makes
+/// with input). The unit tests check it for 1, 2 and 4 workers.
+fn zstd_encoder<W: Write>(
+    sink: W,
+    level: i32,
+    workers: u32,
+) -> io::Result<zstd::stream::write::Encoder<'static, W>> {
+    use zstd::stream::raw::CParameter;
+    let mut encoder = zstd::stream::write::Encoder::new(sink, level)?;
+    encoder.multithread(workers.max(1))?;
+    encoder.set_parameter(CParameter::JobSize(ZSTD_JOB_BYTES))?;
+    encoder.set_parameter(CParameter::OverlapSizeLog(ZSTD_OVERLAP_LOG))?;
+    Ok(encoder)
 }
 
 fn gzip_threads() -> usize {
@@ -255,18 +403,30 @@ fn compress_blocks(
 }
 
 fn compress_block(deflate: &mut flate2::Compress, job: &Job) -> io::Result<Vec<u8>> {
+    deflate_run(deflate, job.dictionary.as_deref(), &job.block, job.last)
+}
+
+/// One deflate run over `input` on a fresh (or reset) raw-or-zlib state:
+/// primed with `dictionary`, closed with a sync flush, or finished when
+/// `last`. Shared by the parallel gzip and the zip writer (`zip`).
+pub(crate) fn deflate_run(
+    deflate: &mut flate2::Compress,
+    dictionary: Option<&[u8]>,
+    input: &[u8],
+    last: bool,
+) -> io::Result<Vec<u8>> {
     use flate2::{FlushCompress, Status};
-    if let Some(dictionary) = &job.dictionary {
+    if let Some(dictionary) = dictionary {
         deflate
             .set_dictionary(dictionary)
             .map_err(io::Error::other)?;
     }
-    let flush = if job.last {
+    let flush = if last {
         FlushCompress::Finish
     } else {
         FlushCompress::Sync
     };
-    let mut output = Vec::with_capacity(job.block.len() + job.block.len() / 8 + 1024);
+    let mut output = Vec::with_capacity(input.len() + input.len() / 8 + 1024);
     let start = deflate.total_in();
     loop {
         let consumed = (deflate.total_in() - start) as usize;
@@ -274,7 +434,7 @@ fn compress_block(deflate: &mut flate2::Compress, job: &Job) -> io::Result<Vec<u
             output.reserve(64 * 1024);
         }
         let status = deflate
-            .compress_vec(&job.block[consumed..], &mut output, flush)
+            .compress_vec(&input[consumed..], &mut output, flush)
             .map_err(io::Error::other)?;
         let consumed = (deflate.total_in() - start) as usize;
         let room_left = output.capacity() > output.len();
@@ -282,9 +442,7 @@ fn compress_block(deflate: &mut flate2::Compress, job: &Job) -> io::Result<Vec<u
             Status::StreamEnd => return Ok(output),
             // A sync flush is complete when all input is in and the output
             // was not cut short by a full buffer.
-            Status::Ok | Status::BufError
-                if !job.last && consumed == job.block.len() && room_left =>
-            {
+            Status::Ok | Status::BufError if !last && consumed == input.len() && room_left => {
                 return Ok(output);
             }
             Status::Ok | Status::BufError => {}
@@ -366,5 +524,36 @@ mod tests {
             parallel as f64 <= single as f64 * 1.02,
             "parallel {parallel} vs single {single}"
         );
+    }
+
+    #[test]
+    fn zstd_bytes_do_not_depend_on_the_worker_count() {
+        // Several jobs' worth, so the workers really split the frame.
+        let data = sample(3 * ZSTD_JOB_BYTES as usize + 12_345);
+        let compress = |workers| {
+            let mut stream = ZstdStream::new(Vec::new(), 3, workers).unwrap();
+            for block in data.chunks(128 * 1024) {
+                stream.write_block(block).unwrap();
+            }
+            stream.finish().unwrap()
+        };
+        let one = compress(1);
+        assert!(compress(2) == one, "2 workers");
+        assert!(compress(4) == one, "4 workers");
+        assert_eq!(zstd::decode_all(&one[..]).unwrap(), data);
+    }
+
+    #[test]
+    fn zstd_writes_the_first_block_out_at_once() {
+        let mut stream = ZstdStream::new(Vec::new(), 3, 2).unwrap();
+        stream.write_block(&sample(128 * 1024)).unwrap();
+        let written = stream.sink().len();
+        assert!(written > 0, "nothing written after the first block");
+        // Later blocks wait for their job, as multi-threaded zstd does.
+        stream.write_block(&sample(128 * 1024)).unwrap();
+        let mut out = stream.finish().unwrap();
+        assert!(out.len() > written);
+        out.truncate(written);
+        assert_eq!(&out[..4], &[0x28, 0xb5, 0x2f, 0xfd], "a zstd frame");
     }
 }

@@ -46,6 +46,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::compress::Compression;
@@ -82,13 +83,12 @@ pub struct Spec {
 
 impl Spec {
     /// The variant part of the ETag and cache key: everything but the commit
-    /// that changes the bytes (the refs too, when `export-subst` reads them). The leading `v2` is the gitball byte series:
-    /// bump it whenever a change (a compressor update) changes output bytes,
-    /// so no cache anywhere serves old bytes under a new ETag or the reverse.
-    /// (v2: tar.gz compressed pigz-style on all cores.)
+    /// that changes the bytes (the refs too, when `export-subst` reads them).
+    /// It starts with the format's gitball byte series (`byte_series`).
     pub fn variant(&self) -> String {
         let mut hasher = Sha256::new();
-        hasher.update(b"v2\0");
+        hasher.update(byte_series(self.format));
+        hasher.update(b"\0");
         hasher.update(self.format.ext());
         hasher.update(b"\0");
         hasher.update(format!("{:?}", self.compression));
@@ -104,6 +104,23 @@ impl Spec {
         }
         let digest = hex::encode(hasher.finalize());
         format!("{}-{}", self.format.ext(), &digest[..16])
+    }
+}
+
+/// The gitball byte series of a format: bumped whenever a change (a
+/// compressor update, a new writer) changes its output bytes, so no cache
+/// anywhere serves old bytes under a new ETag or the reverse. Part of the
+/// variant, so of the ETag and the cache key: a file of an older series left
+/// in the cache directory is under another key and never served.
+///
+/// - `v2` (tar, tar.gz): tar.gz compressed pigz-style on all cores.
+/// - `v3` (zip, tar.zst): the zip written by the archiver from git's tar,
+///   its entries deflated on all cores (`zip`); tar.zst compressed by zstd's
+///   multi-threaded mode (`compress::zstd_encoder`).
+pub fn byte_series(format: Format) -> &'static str {
+    match format {
+        Format::Tar | Format::TarGz => "v2",
+        Format::Zip | Format::TarZst => "v3",
     }
 }
 
@@ -205,7 +222,7 @@ pub async fn run(
 
     let deadline = tokio::time::Instant::now() + limits.timeout;
     let pumped = tokio::select! {
-        pumped = pump(&mut stdout, &chunks, spec.compression != Compression::None) => pumped,
+        pumped = pump(&mut stdout, &chunks, spec.compression.needs_whole_blocks()) => pumped,
         () = tokio::time::sleep_until(deadline) => Err(Some(Failure::Timeout)),
         () = cancel.cancelled() => Err(Some(Failure::Cancelled)),
     };
@@ -310,7 +327,21 @@ fn write_chunks(
     let mut encoder = Encoder::new(sink, compression).map_err(io_failure)?;
     let mut announced = 0;
     loop {
-        match chunks.blocking_recv() {
+        let chunk = match chunks.try_recv() {
+            Ok(chunk) => Some(chunk),
+            // git's pipe is idle: finished compression work goes out now
+            // rather than with git's next bytes (the zip writer).
+            Err(TryRecvError::Empty) if encoder.has_pending() => {
+                encoder.write_pending().map_err(io_failure)?;
+                if check.passed {
+                    announced = announce(encoder.sink().len, announced, max_bytes, growth)?;
+                }
+                continue;
+            }
+            Err(TryRecvError::Empty) => chunks.blocking_recv(),
+            Err(TryRecvError::Disconnected) => None,
+        };
+        match chunk {
             Some(Chunk::Data(data)) => {
                 for data in check.pass(data)? {
                     encoder.write_block(data).map_err(io_failure)?;
@@ -320,16 +351,7 @@ fn write_chunks(
                 if !check.passed {
                     continue;
                 }
-                let len = encoder.sink().len;
-                if len > max_bytes {
-                    return Err(Failure::TooLarge);
-                }
-                if len != announced {
-                    if !growth(len) {
-                        return Err(Failure::TooLarge);
-                    }
-                    announced = len;
-                }
+                announced = announce(encoder.sink().len, announced, max_bytes, growth)?;
             }
             Some(Chunk::End) => {
                 check.finish()?;
@@ -347,10 +369,26 @@ fn write_chunks(
     }
 }
 
+/// Tells readers the file grew to `len`; returns the new announced length.
+fn announce(
+    len: u64,
+    announced: u64,
+    max_bytes: u64,
+    growth: &(dyn Fn(u64) -> bool + Send + Sync),
+) -> Result<u64, Failure> {
+    if len > max_bytes {
+        return Err(Failure::TooLarge);
+    }
+    if len != announced && !growth(len) {
+        return Err(Failure::TooLarge);
+    }
+    Ok(len)
+}
+
 /// What git's output must start with, checked before any of it is written:
-/// a tar's first header carries `ustar` at offset 257, a zip starts with a
-/// local file header (or, empty, with its end record). Git only writes
-/// something else when something other than its own writer ran.
+/// git is always asked for its tar (the zip is written from it), whose first
+/// header carries `ustar` at offset 257. Git only writes something else when
+/// something other than its own writer ran.
 ///
 /// Chunks are held back whole (never re-cut: the compressed bytes depend on
 /// the cut) until enough bytes arrived to tell.
@@ -374,13 +412,6 @@ impl FormatCheck {
         }
     }
 
-    fn needed(&self) -> usize {
-        match self.format.git_format() {
-            "zip" => 4,
-            _ => TAR_MAGIC_END,
-        }
-    }
-
     /// The chunks that may be written now.
     fn pass(&mut self, data: Bytes) -> Result<Vec<Bytes>, Failure> {
         if self.passed {
@@ -388,7 +419,7 @@ impl FormatCheck {
         }
         self.held_bytes += data.len();
         self.held.push(data);
-        if self.held_bytes < self.needed() {
+        if self.held_bytes < TAR_MAGIC_END {
             return Ok(Vec::new());
         }
         self.verify()?;
@@ -414,12 +445,9 @@ impl FormatCheck {
             .held
             .iter()
             .flat_map(|chunk| chunk.iter().copied())
-            .take(self.needed())
+            .take(TAR_MAGIC_END)
             .collect();
-        let ok = match self.format.git_format() {
-            "zip" => head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06"),
-            _ => head.len() >= TAR_MAGIC_END && &head[257..262] == b"ustar",
-        };
+        let ok = head.len() >= TAR_MAGIC_END && &head[257..262] == b"ustar";
         if !ok {
             tracing::error!(
                 format = self.format.git_format(),

@@ -449,7 +449,8 @@ pub(crate) fn resolve(
     let compression = match archive.format {
         Format::TarGz => Compression::Gzip(app.gzip_level),
         Format::TarZst => Compression::Zstd(app.zstd_level),
-        Format::Tar | Format::Zip => Compression::None,
+        Format::Zip => Compression::Zip(crate::compress::ZIP_LEVEL),
+        Format::Tar => Compression::None,
     };
     let spec = Spec {
         git_dir: repository.git_dir().to_path_buf(),

@@ -28,6 +28,7 @@ mod shadow;
 mod tail;
 #[cfg(test)]
 mod test_support;
+mod zip;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -67,13 +67,11 @@ impl Format {
         }
     }
 
-    /// The `--format` git is asked for: compressed tars are made in-process
-    /// from git's plain tar (see `generate` for why).
+    /// The `--format` git is asked for: always its plain tar; compressed
+    /// tars and the zip are made from it in-process (see the archiver's
+    /// `generate` and `zip` for why).
     pub fn git_format(self) -> &'static str {
-        match self {
-            Format::Zip => "zip",
-            Format::Tar | Format::TarGz | Format::TarZst => "tar",
-        }
+        "tar"
     }
 
     /// The label used in metrics.

@@ -169,3 +169,99 @@ fn read_full(reader: &mut impl Read, buffer: &mut [u8]) -> io::Result<usize> {
     }
     Ok(filled)
 }
+
+/// Python's `zipfile` view of every entry of a zip, as one line each, and
+/// the comment first: name, the UTF-8 flag, DOS time, "version made by",
+/// version needed, internal and external attributes, the central extra
+/// fields, CRC, size and a digest of the data it reads back (which checks
+/// the CRC). Not compared: the compression method and sizes (gitball
+/// deflates with another zlib, on several cores), offsets, the data
+/// descriptor flag.
+pub fn zip_entries(zip: &[u8]) -> Vec<String> {
+    const SCRIPT: &str = r#"
+import hashlib, sys, zipfile
+z = zipfile.ZipFile(sys.argv[1])
+print("comment", z.comment.decode())
+for i in z.infolist():
+    data = z.read(i)
+    print(repr(i.filename), i.flag_bits & 0x800, i.date_time, i.create_system,
+          i.create_version, i.extract_version, i.internal_attr, oct(i.external_attr),
+          i.extra.hex(), i.CRC, i.file_size, hashlib.sha256(data).hexdigest())
+"#;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("archive.zip");
+    std::fs::write(&path, zip).expect("write the zip");
+    let output = Command::new("python3")
+        .arg("-c")
+        .arg(SCRIPT)
+        .arg(&path)
+        .output()
+        .expect("run python3");
+    assert!(
+        output.status.success(),
+        "python zipfile: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout)
+        .expect("utf-8 listing")
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Asserts that `actual` holds the same entries as `expected` (git's own
+/// zip), entry by entry, in the same order (see `zip_entries`).
+pub fn assert_same_zip_entries(actual: &[u8], expected: &[u8], what: &str) {
+    let (actual, expected) = (zip_entries(actual), zip_entries(expected));
+    for (index, (a, e)) in actual.iter().zip(&expected).enumerate() {
+        assert_eq!(a, e, "{what}: entry {index} differs from git's");
+    }
+    assert_eq!(actual.len(), expected.len(), "{what}: entry count");
+}
+
+/// Asserts that independent readers accept the zip and read every entry:
+/// `unzip -t`, `bsdtar` (libarchive) extracting to stdout, and Java's
+/// `ZipInputStream` (streaming from the local headers, as a browser-side
+/// or servlet reader would) reading `entries` entries.
+pub fn assert_zip_readers_accept(zip: &[u8], entries: usize, what: &str) {
+    const JAVA: &str = r#"
+import java.io.*;
+import java.util.zip.*;
+public class ReadZip {
+    public static void main(String[] args) throws Exception {
+        int count = 0;
+        try (ZipInputStream in = new ZipInputStream(new BufferedInputStream(new FileInputStream(args[0])))) {
+            byte[] buffer = new byte[65536];
+            for (ZipEntry entry; (entry = in.getNextEntry()) != null; ) {
+                while (in.read(buffer) >= 0) { }
+                count++;
+            }
+        }
+        System.out.println(count);
+    }
+}
+"#;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("archive.zip");
+    std::fs::write(&path, zip).expect("write the zip");
+    let run = |command: &mut Command| {
+        let output = command.output().expect("run a zip reader");
+        assert!(
+            output.status.success(),
+            "{what}: {command:?}: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        output.stdout
+    };
+    run(Command::new("unzip").arg("-tq").arg(&path));
+    run(Command::new("bsdtar").arg("-xOf").arg(&path));
+    let source = dir.path().join("ReadZip.java");
+    std::fs::write(&source, JAVA).expect("write the java reader");
+    let counted = run(Command::new("java").arg(&source).arg(&path));
+    assert_eq!(
+        String::from_utf8_lossy(&counted).trim(),
+        entries.to_string(),
+        "{what}: entries read by ZipInputStream"
+    );
+}

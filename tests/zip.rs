@@ -1,0 +1,203 @@
+//! The zip the archiver writes from git's tar: entry by entry the same as
+//! `git archive --format=zip` (on a synthetic repository with every kind of
+//! entry, and on a real one: this project's own history), read by
+//! independent readers, and a new byte series that a restart over an older
+//! series' cache file does not serve.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use gitball_e2e::{
+    Archiver, Sandbox, assert_same_zip_entries, assert_zip_readers_accept, header,
+    pseudo_random_bytes, pseudo_text, sha256_hex, zip_entry_names,
+};
+use sha2::{Digest, Sha256};
+
+/// 2024-01-02T03:04:05Z.
+const T1: i64 = 1_704_164_645;
+
+fn get_zip(archiver: &Archiver, path: &str) -> (Vec<u8>, String) {
+    let response = archiver.get(path);
+    assert_eq!(response.status().as_u16(), 200, "GET {path}");
+    let cache = header(&response, "x-gitball-cache").to_owned();
+    (response.bytes().expect("body").to_vec(), cache)
+}
+
+#[test]
+fn zip_entries_match_git_archive_for_every_kind_of_entry() {
+    let sandbox = Sandbox::new();
+    let source = sandbox.source_repo("src/kinds");
+    source.write("README.md", "# kinds\n");
+    source.write("naïve/日本語 ファイル.txt", "non-ASCII name\n");
+    let long = format!("deep/{}/{}.txt", "a".repeat(120), "b".repeat(140));
+    source.write(&long, "a name longer than tar's 100 bytes\n");
+    source.symlink("links/far", &format!("../{long}"));
+    source.symlink("links/near", "../README.md");
+    source.write_executable("bin/run.sh", "#!/bin/sh\nexec true\n");
+    source.write("empty", "");
+    source.write("bin/data.bin", pseudo_random_bytes(7, 3000));
+    // Larger than one block of the zip writer: streamed, compressible and
+    // not (git stores what deflate does not shrink; the entry is the same).
+    source.write("big/words.txt", pseudo_text(8, 2_500_000));
+    source.write("big/noise.bin", pseudo_random_bytes(9, 1_500_000));
+    source.write(
+        ".gitattributes",
+        "secret/ export-ignore\nversion.txt export-subst\n",
+    );
+    source.write("secret/key.txt", "not in the archive\n");
+    source.write("version.txt", "commit $Format:%H$ at $Format:%ct$\n");
+    let first = source.commit_all(T1, "kinds");
+    // A submodule (gitlink): git writes it as an empty directory.
+    source.git(&[
+        "update-index",
+        "--add",
+        "--cacheinfo",
+        &format!("160000,{first},vendor/lib"),
+    ]);
+    source.git_at(T1 + 60, &["commit", "-q", "-m", "submodule"]);
+    let repo = source.clone_bare(&sandbox.repos().join("acme/kinds.git"));
+    let commit = repo.rev_parse("main");
+
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    let (body, cache) = get_zip(&archiver, "/acme/kinds/archive/main.zip");
+    assert_eq!(cache, "miss");
+    let git_zip = repo.archive("zip", "kinds-main/", &commit, None);
+    assert_same_zip_entries(&body, &git_zip, "kinds main.zip");
+    let names = zip_entry_names(&body);
+    assert!(
+        names.contains(&"kinds-main/vendor/lib/".to_owned()),
+        "{names:?}"
+    );
+    assert!(
+        !names.iter().any(|name| name.contains("secret")),
+        "{names:?}"
+    );
+    assert_zip_readers_accept(&body, names.len(), "kinds main.zip");
+}
+
+#[test]
+fn zip_entries_match_git_archive_on_this_projects_history() {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let git = |args: &[&str]| {
+        let output = Command::new("git")
+            .arg("-C")
+            .arg(manifest)
+            .args(args)
+            .output()
+            .expect("run git");
+        assert!(output.status.success(), "git {args:?}");
+        String::from_utf8(output.stdout)
+            .expect("utf-8")
+            .trim()
+            .to_owned()
+    };
+    let common_dir = PathBuf::from(git(&[
+        "rev-parse",
+        "--path-format=absolute",
+        "--git-common-dir",
+    ]));
+    let commit = git(&["rev-parse", "HEAD"]);
+    let sandbox = Sandbox::new();
+    let destination = sandbox.repos().join("acme/gitball.git");
+    let status = Command::new("git")
+        .args(["clone", "-q", "--bare", "--no-tags", "--single-branch"])
+        .arg(&common_dir)
+        .arg(&destination)
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .status()
+        .expect("clone");
+    assert!(status.success(), "clone {}", common_dir.display());
+    // HEAD of this checkout may be on another branch than the clone's: a
+    // ref of its own makes it reachable (`--require-reachable`).
+    let fetched = Command::new("git")
+        .arg(format!("--git-dir={}", destination.display()))
+        .args(["fetch", "-q"])
+        .arg(&common_dir)
+        .arg(format!("{commit}:refs/heads/tested"))
+        .status()
+        .expect("fetch");
+    assert!(fetched.success());
+
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    let (body, _) = get_zip(&archiver, &format!("/acme/gitball/archive/{commit}.zip"));
+    let names = zip_entry_names(&body);
+    let prefix = names.first().expect("entries").clone();
+    let git_zip = Command::new("git")
+        .arg(format!("--git-dir={}", destination.display()))
+        .args(["archive", "--format=zip"])
+        .arg(format!("--prefix={prefix}"))
+        .arg(&commit)
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        // git writes DOS times in the local time zone; gitball in UTC.
+        .env("TZ", "UTC")
+        .output()
+        .expect("git archive");
+    assert!(git_zip.status.success());
+    assert_same_zip_entries(&body, &git_zip.stdout, "this project's zip");
+    assert_zip_readers_accept(&body, names.len(), "this project's zip");
+}
+
+/// The cache key an archiver names its file by (`Cache::key` over
+/// `Spec::variant`), for a zip of `commit` with `prefix`, in byte `series`
+/// with compression `compression` (`{:?}` of the archiver's enum).
+fn zip_key(git_dir: &Path, commit: &str, series: &str, compression: &str, prefix: &str) -> String {
+    let mut variant = Sha256::new();
+    variant.update(format!("{series}\0zip\0{compression}\0{prefix}\0"));
+    let variant = format!("zip-{}", &hex::encode(variant.finalize())[..16]);
+    let mut key = Sha256::new();
+    key.update(git_dir.as_os_str().as_encoded_bytes());
+    key.update(b"\0");
+    key.update(commit);
+    key.update(b"\0");
+    key.update(variant);
+    hex::encode(key.finalize())
+}
+
+#[test]
+fn a_restart_does_not_serve_a_zip_of_the_older_byte_series() {
+    let sandbox = Sandbox::new();
+    let source = sandbox.source_repo("src/plain");
+    source.write("README.md", "# plain\n");
+    source.write("src/lib.rs", pseudo_text(3, 40_000));
+    source.commit_all(T1, "plain");
+    let repo = source.clone_bare(&sandbox.repos().join("acme/plain.git"));
+    let commit = repo.rev_parse("main");
+    let git_dir = std::fs::canonicalize(repo.dir()).expect("canonical git dir");
+    let cache = tempfile::tempdir().expect("cache dir");
+    let cache_dir = cache.path().join("cache");
+    let path = "/acme/plain/archive/main.zip";
+
+    let archiver = Archiver::start_with_cache(&sandbox.repos(), &cache_dir, &[]);
+    let (current, miss) = get_zip(&archiver, path);
+    assert_eq!(miss, "miss");
+    drop(archiver);
+    // The key formula reproduces the archiver's: its file is named by it.
+    let current_file = format!(
+        "{}-{}",
+        zip_key(&git_dir, &commit, "v3", "Zip(6)", "plain-main/"),
+        sha256_hex(&current)
+    );
+    let current_path = cache_dir.join(&current_file);
+    assert!(
+        current_path.is_file(),
+        "{current_file} in {:?}",
+        std::fs::read_dir(&cache_dir).map(|d| d.count())
+    );
+
+    // What an archiver of series v2 left behind: git's own zip, under the
+    // key of v2 (where the zip was git's bytes, `Compression::None`).
+    std::fs::remove_file(&current_path).expect("remove the current file");
+    let old = repo.archive("zip", "plain-main/", &commit, None);
+    assert_ne!(old, current);
+    let old_file = format!(
+        "{}-{}",
+        zip_key(&git_dir, &commit, "v2", "None", "plain-main/"),
+        sha256_hex(&old)
+    );
+    std::fs::write(cache_dir.join(&old_file), &old).expect("write the old file");
+
+    let archiver = Archiver::start_with_cache(&sandbox.repos(), &cache_dir, &[]);
+    let (body, cache_state) = get_zip(&archiver, path);
+    assert_eq!(cache_state, "miss", "the old series' file was served");
+    assert!(body == current, "not the current series' bytes");
+}
