@@ -179,9 +179,12 @@ async fn serve(app: &App, request: &Parts, log: &mut RequestLog) -> Result<Answe
         let commit = resolution.resolved.commit.clone();
         // The refs digest, if `resolve` took one for the cache key.
         let refs = resolution.spec.refs.clone();
-        let reached = tokio::task::spawn_blocking(move || repository.reaches(&commit, refs))
-            .await
-            .map_err(Error::internal)??;
+        let reached = match repository.reaches_known(&commit, refs.as_deref()) {
+            Some(reached) => reached,
+            None => tokio::task::spawn_blocking(move || repository.reaches(&commit, refs))
+                .await
+                .map_err(Error::internal)??,
+        };
         // Otherwise as unknown as a commit that does not exist.
         if !reached {
             return Err(Error::RefNotFound);
