@@ -323,15 +323,9 @@ fn a_head_over_32_kib_of_many_headers_gets_the_json_431() {
     small_repository(&sandbox.repo("acme", "widget"));
     let cluster = Cluster::start(&sandbox.repos(), &sandbox.repos(), 0, &[]);
     let path = "/acme/widget/archive/main.tar";
-    // 3,000 headers of ~20 bytes, and nearly 64 KiB of the shortest header
-    // lines there are: both over the 32 KiB bound, both inside hyper's buffer.
-    let cases = [
-        ("3,000 headers", many_headers(3_000, "v")),
-        (
-            "12,000 one-letter headers",
-            vec![("a".to_owned(), String::new()); 12_000],
-        ),
-    ];
+    // 1,800 headers of ~20 bytes: over the 32 KiB bound, under the count
+    // cap (2,000 header lines).
+    let cases = [("1,800 headers", many_headers(1_800, "v"))];
     for (what, headers) in &cases {
         let size = head_bytes(path, headers);
         assert!(
@@ -354,6 +348,12 @@ fn a_head_over_32_kib_of_many_headers_gets_the_json_431() {
             );
             assert_eq!(answer.header("connection"), "close", "{tier}, {what}");
         }
+    }
+    // More header lines than the cap, however small: hyper's own 431.
+    let headers = vec![("a".to_owned(), String::new()); 12_000];
+    for (tier, addr) in tiers(&cluster) {
+        let answer = get_with_headers(addr, path, &headers);
+        assert_eq!(answer.status(), 431, "{tier}, 12,000 headers");
     }
 }
 

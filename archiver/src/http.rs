@@ -404,9 +404,14 @@ pub(crate) async fn check_reachable(resolution: &Resolution) -> Result<(), Error
     let commit = resolution.resolved.commit.clone();
     // The refs digest, if `resolve` took one for the cache key.
     let refs = resolution.spec.refs.clone();
-    let reached = tokio::task::spawn_blocking(move || repository.reaches(&commit, refs))
-        .await
-        .map_err(Error::internal)??;
+    // A known answer needs no blocking thread; the first check after a
+    // push walks history off the runtime.
+    let reached = match repository.reaches_known(&commit, refs.as_deref()) {
+        Some(reached) => reached,
+        None => tokio::task::spawn_blocking(move || repository.reaches(&commit, refs))
+            .await
+            .map_err(Error::internal)??,
+    };
     if reached {
         Ok(())
     } else {

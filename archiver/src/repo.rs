@@ -17,10 +17,18 @@
 //!   git's "dwim" order, then an abbreviated id. The result is peeled to a
 //!   commit; a ref to a tree or blob is "not found" (an archive of a tree
 //!   would carry the current time and change bytes on every run).
-//! - Nothing here caches a ref or an object: each call reads loose refs, the
-//!   (stat-checked) packed-refs and the object database afresh, so a push is
-//!   visible to the next request. `gix` rescans the pack directory when an
-//!   object is missing, which picks up new packs and survives repacks.
+//! - A push is visible to the very next request. What a ref resolved to is
+//!   remembered together with a stat stamp (`stamp`) of every file the
+//!   answer depends on: the loose ref files of the names tried before and at
+//!   the match, the symbolic refs followed, and `packed-refs`. A remembered
+//!   answer is used only while every one of those stamps is unchanged (one
+//!   `statx` each), and an answer is remembered only when none of its files
+//!   changed within `stamp::RACY_WINDOW`, so a coarse timestamp can never
+//!   hide a change. The digest of all refs (export-subst, reachability) is
+//!   kept the same way, stamped by every directory and loose file under
+//!   `refs/` and `packed-refs`, and the reachable set is keyed by that
+//!   digest. Objects are read afresh: `gix` rescans the pack directory when
+//!   an object is missing, which picks up new packs and survives repacks.
 
 use std::{
     collections::HashSet,
@@ -37,6 +45,10 @@ use lru::LruCache;
 use gitball_core::url::{RefKind, validate_name};
 
 use crate::error::Error;
+
+mod stamp;
+
+use stamp::{RACY_WINDOW, Stamp, Stamps};
 
 /// The owner under which a `--repos DIR` that is itself a repository is served.
 pub const LOCAL_OWNER: &str = "local";
@@ -57,6 +69,17 @@ const SUBSTITUTION_ANSWERS: NonZeroUsize = match NonZeroUsize::new(4096) {
     None => unreachable!(),
 };
 
+/// How many resolved refs a repository remembers (`Repository::resolve`).
+const REMEMBERED_REFS: NonZeroUsize = match NonZeroUsize::new(256) {
+    Some(count) => count,
+    None => unreachable!(),
+};
+
+/// Most files (directories and loose refs under `refs/`) whose stamps
+/// vouch for a remembered refs digest; a repository with more loose refs
+/// lists them again on each call, as before.
+const MAX_STAMPED_REF_FILES: usize = 512;
+
 /// git's `SYMREF_MAXDEPTH`: a symbolic ref chain longer than this is broken.
 const SYMREF_MAX_DEPTH: usize = 5;
 
@@ -74,6 +97,8 @@ pub struct Repositories {
     layout: Layout,
     /// `"{owner}/{name}"` → opened repository.
     open: Mutex<LruCache<String, Arc<Repository>>>,
+    /// `stamp::RACY_WINDOW`, for the repositories opened.
+    racy_window: std::time::Duration,
 }
 
 /// How the `--repos` directory maps names to repositories.
@@ -109,7 +134,16 @@ impl Repositories {
             root,
             layout,
             open: Mutex::new(LruCache::new(OPEN_REPOSITORIES)),
+            racy_window: RACY_WINDOW,
         })
+    }
+
+    /// Remembers ref answers however recently their files changed, so
+    /// tests exercise the remembered path right after each change.
+    #[cfg(test)]
+    fn trusting_recent_changes(mut self) -> Repositories {
+        self.racy_window = std::time::Duration::ZERO;
+        self
     }
 
     /// Finds `owner/name`. Invalid names are `Error::Url`; anything missing,
@@ -129,7 +163,9 @@ impl Repositories {
             self.cache().pop(&key);
         }
 
-        let repository = Arc::new(self.locate(owner, name)?);
+        let mut repository = self.locate(owner, name)?;
+        repository.racy_window = self.racy_window;
+        let repository = Arc::new(repository);
         // Two requests racing here both open the repository; the later one
         // stays in the cache, which is harmless.
         self.cache().put(key, Arc::clone(&repository));
@@ -370,6 +406,9 @@ fn open_candidate(path: &Path, confine_to: Option<&Path>) -> Result<Option<Repos
         repo,
         reachable: Mutex::new(None),
         substitutes: Mutex::new(LruCache::new(SUBSTITUTION_ANSWERS)),
+        refs: Mutex::new(LruCache::new(REMEMBERED_REFS)),
+        digest: Mutex::new(None),
+        racy_window: RACY_WINDOW,
         git_dir,
         common_dir,
         identity,
@@ -381,6 +420,20 @@ fn open_candidate(path: &Path, confine_to: Option<&Path>) -> Result<Option<Repos
 struct Reachable {
     refs: String,
     commits: HashSet<ObjectId>,
+}
+
+/// A resolved ref and the stamps of the files its answer came from.
+#[derive(Clone, Debug)]
+struct RememberedRef {
+    stamps: Stamps,
+    resolved: Resolved,
+}
+
+/// The refs digest and the stamps of everything under `refs/`.
+#[derive(Clone, Debug)]
+struct RememberedDigest {
+    stamps: Stamps,
+    digest: String,
 }
 
 /// Which directory a cached repository was opened from: if the path now
@@ -412,6 +465,13 @@ pub struct Repository {
     /// Commit → whether its tree asks for `export-subst` (trees never
     /// change, so the answer is kept).
     substitutes: Mutex<LruCache<ObjectId, bool>>,
+    /// User's ref (as in the URL) → what it resolved to, while the files
+    /// the answer came from are unchanged.
+    refs: Mutex<LruCache<String, RememberedRef>>,
+    /// The refs digest, while nothing under `refs/` changed.
+    digest: Mutex<Option<RememberedDigest>>,
+    /// `stamp::RACY_WINDOW`; shorter in tests.
+    racy_window: std::time::Duration,
     git_dir: PathBuf,
     /// Where objects and refs live: the git dir, except for a linked work
     /// tree.
@@ -448,23 +508,94 @@ impl Repository {
 
     /// Resolves a user's ref (already validated by `url::validate_ref`) to a
     /// commit, in `git rev-parse` order, spawning no process.
+    ///
+    /// A ref name's answer is remembered while the files it came from keep
+    /// their stamps (see the module docs): a hit costs one `statx` per file.
     pub fn resolve(&self, reference: &str) -> Result<Resolved, Error> {
+        if parse_full_hex(reference).is_none() {
+            let remembered = self.remembered_refs().get(reference).cloned();
+            if let Some(remembered) = remembered {
+                if remembered.stamps.unchanged() {
+                    return Ok(remembered.resolved);
+                }
+                self.remembered_refs().pop(reference);
+            }
+        }
         let repo = self.repo.to_thread_local();
+        let mut stamps = None;
         let (target, kind) = if let Some(id) = parse_full_hex(reference) {
             (id, RefKind::Commit)
-        } else if let Some(found) = find_reference(&repo, reference)? {
-            found
-        } else if let Some(id) = find_abbreviated(&repo, reference)? {
-            (id, RefKind::Commit)
         } else {
-            return Err(Error::RefNotFound);
+            // Stamped before reading: a change after this point leaves a
+            // stamp that differs, or one too recent to be trusted.
+            let candidates: Vec<String> = ref_candidates(reference).collect();
+            let before = candidates
+                .iter()
+                .map(|name| self.stamp_refs(name))
+                .collect::<Result<Vec<_>, _>>()?;
+            let packed = Stamps::take([self.common_dir.join("packed-refs")]).map_err(stat_error)?;
+            match find_reference(&repo, &candidates)? {
+                Some(found) => {
+                    // The candidates up to the match decide the answer;
+                    // those after it do not.
+                    let mut answer = packed;
+                    for stamps in before.into_iter().take(found.tried) {
+                        answer.extend(stamps);
+                    }
+                    // Symbolic refs' targets, stamped after reading: with
+                    // their directory, whose stamp changes when one is
+                    // created or deleted.
+                    for target in &found.followed {
+                        answer.extend(self.stamp_refs(target)?);
+                        for path in self.ref_files(target) {
+                            if let Some(parent) = path.parent() {
+                                answer.add(parent.to_path_buf()).map_err(stat_error)?;
+                            }
+                        }
+                    }
+                    stamps = Some(answer);
+                    (found.id, found.kind)
+                }
+                None => match find_abbreviated(&repo, reference)? {
+                    Some(id) => (id, RefKind::Commit),
+                    None => return Err(Error::RefNotFound),
+                },
+            }
         };
         let (commit, committer_time) = peel_to_commit(&repo, target)?;
-        Ok(Resolved {
+        let resolved = Resolved {
             commit: commit.to_hex().to_string(),
             kind,
             committer_time,
-        })
+        };
+        if let Some(stamps) = stamps
+            && stamps.settled(self.racy_window)
+        {
+            self.remembered_refs().put(
+                reference.to_owned(),
+                RememberedRef {
+                    stamps,
+                    resolved: resolved.clone(),
+                },
+            );
+        }
+        Ok(resolved)
+    }
+
+    fn remembered_refs(&self) -> std::sync::MutexGuard<'_, LruCache<String, RememberedRef>> {
+        self.refs.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The files git may read for the refs `names`: the loose ref in the
+    /// common dir, and in the git dir too for a linked work tree (its
+    /// `HEAD` and per-worktree refs live there).
+    fn ref_files<'a>(&'a self, name: &'a str) -> impl Iterator<Item = PathBuf> + 'a {
+        let own = self.linked().then(|| self.git_dir.join(name));
+        std::iter::once(self.common_dir.join(name)).chain(own)
+    }
+
+    fn stamp_refs(&self, name: &str) -> Result<Stamps, Error> {
+        Stamps::take(self.ref_files(name)).map_err(stat_error)
     }
 
     /// Whether the archive of `commit` depends on more than the commit:
@@ -601,7 +732,94 @@ impl Repository {
     /// A digest of every ref and of `HEAD`: what ref-reading `export-subst`
     /// placeholders see. Two replicas with the same refs give the same
     /// digest, and so the same bytes.
+    ///
+    /// Remembered while every directory and loose ref under `refs/`,
+    /// `packed-refs` and `HEAD` keep their stamps: git changes a ref by
+    /// renaming a lock file into its directory, which changes the
+    /// directory's stamp as well as the ref's.
     pub fn refs_digest(&self) -> Result<String, Error> {
+        if let Some(digest) = self.known_refs_digest() {
+            return Ok(digest);
+        }
+        // Stamped before listing, as for `resolve`.
+        let stamps = self.stamp_all_refs()?;
+        let digest = self.list_refs_digest()?;
+        if let Some(stamps) = stamps
+            && stamps.settled(self.racy_window)
+        {
+            *self.digest.lock().unwrap_or_else(PoisonError::into_inner) = Some(RememberedDigest {
+                stamps,
+                digest: digest.clone(),
+            });
+        }
+        Ok(digest)
+    }
+
+    /// The refs digest if it is remembered and nothing changed since.
+    fn known_refs_digest(&self) -> Option<String> {
+        let known = self
+            .digest
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()?;
+        known.stamps.unchanged().then_some(known.digest)
+    }
+
+    /// Whether some ref reaches `commit`, if that is known without reading
+    /// the history or listing the refs: for the hot path, which then needs
+    /// no blocking thread.
+    pub fn reaches_known(&self, commit: &str, refs: Option<&str>) -> Option<bool> {
+        let id = ObjectId::from_hex(commit.as_bytes()).ok()?;
+        let refs = match refs {
+            Some(refs) => refs.to_owned(),
+            None => self.known_refs_digest()?,
+        };
+        let reachable = self
+            .reachable
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let known = reachable.as_ref()?;
+        (known.refs == refs).then(|| known.commits.contains(&id))
+    }
+
+    /// Stamps of everything the refs digest reads; `None` when there are
+    /// more than `MAX_STAMPED_REF_FILES` (the digest is then not kept).
+    fn stamp_all_refs(&self) -> Result<Option<Stamps>, Error> {
+        let mut stamps = Stamps::default();
+        stamps
+            .add(self.common_dir.join("packed-refs"))
+            .map_err(stat_error)?;
+        let mut pending = vec![self.common_dir.join("refs")];
+        stamps.add(self.git_dir.join("HEAD")).map_err(stat_error)?;
+        if self.linked() {
+            pending.push(self.git_dir.join("refs"));
+        }
+        while let Some(directory) = pending.pop() {
+            if stamps.len() > MAX_STAMPED_REF_FILES {
+                return Ok(None);
+            }
+            if stamps.add(directory.clone()).map_err(stat_error)? == Stamp::Absent {
+                continue;
+            }
+            let entries = fs::read_dir(&directory).map_err(stat_error)?;
+            for entry in entries {
+                let entry = entry.map_err(stat_error)?;
+                if entry.file_type().map_err(stat_error)?.is_dir() {
+                    pending.push(entry.path());
+                } else {
+                    stamps.add(entry.path()).map_err(stat_error)?;
+                }
+            }
+        }
+        Ok((stamps.len() <= MAX_STAMPED_REF_FILES).then_some(stamps))
+    }
+
+    /// A linked work tree: some refs live in its own git dir.
+    fn linked(&self) -> bool {
+        self.git_dir != self.common_dir
+    }
+
+    fn list_refs_digest(&self) -> Result<String, Error> {
         let repo = self.repo.to_thread_local();
         let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
         let references = repo
@@ -666,6 +884,10 @@ impl Repository {
     }
 }
 
+fn stat_error(error: io::Error) -> Error {
+    Error::internal(format_args!("reading ref files' state: {error}"))
+}
+
 /// A full hex object id, in either case (as git accepts it).
 fn parse_full_hex(reference: &str) -> Option<ObjectId> {
     if reference.len() == FULL_HEX_LEN && reference.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -692,24 +914,46 @@ fn ref_candidates(reference: &str) -> impl Iterator<Item = String> + '_ {
     ])
 }
 
-/// The first existing ref `reference` may mean, followed through symbolic
-/// refs to the object it names, with the kind its full name implies.
+/// The ref a user's name matched, and what reading it involved.
+struct FoundRef {
+    id: ObjectId,
+    kind: RefKind,
+    /// How many of the candidates were read, the match included.
+    tried: usize,
+    /// The symbolic refs' targets followed on the way, in any candidate.
+    followed: Vec<String>,
+}
+
+/// The first existing ref of `candidates` (from `ref_candidates`),
+/// followed through symbolic refs to the object it names, with the kind its
+/// full name implies.
 fn find_reference(
     repo: &gix::Repository,
-    reference: &str,
-) -> Result<Option<(ObjectId, RefKind)>, Error> {
-    for full_name in ref_candidates(reference) {
-        if let Some(id) = follow_ref(repo, &full_name)? {
-            return Ok(Some((id, ref_kind(&full_name))));
+    candidates: &[String],
+) -> Result<Option<FoundRef>, Error> {
+    let mut followed = Vec::new();
+    for (index, full_name) in candidates.iter().enumerate() {
+        if let Some(id) = follow_ref(repo, full_name, &mut followed)? {
+            return Ok(Some(FoundRef {
+                id,
+                kind: ref_kind(full_name),
+                tried: index + 1,
+                followed,
+            }));
         }
     }
     Ok(None)
 }
 
 /// Reads the ref named exactly `full_name` and follows symbolic refs to an
-/// object id. A missing or dangling ref (an unborn `HEAD`) is `None`, so
-/// the next candidate is tried, as git does.
-fn follow_ref(repo: &gix::Repository, full_name: &str) -> Result<Option<ObjectId>, Error> {
+/// object id, noting each target in `followed`. A missing or dangling ref
+/// (an unborn `HEAD`) is `None`, so the next candidate is tried, as git
+/// does.
+fn follow_ref(
+    repo: &gix::Repository,
+    full_name: &str,
+    followed: &mut Vec<String>,
+) -> Result<Option<ObjectId>, Error> {
     let mut name = full_name.to_owned();
     for _ in 0..=SYMREF_MAX_DEPTH {
         let Some(reference) = find_exact(repo, &name)? else {
@@ -718,7 +962,10 @@ fn follow_ref(repo: &gix::Repository, full_name: &str) -> Result<Option<ObjectId
         match reference.target() {
             TargetRef::Object(id) => return Ok(Some(id.to_owned())),
             TargetRef::Symbolic(target) => match std::str::from_utf8(target.as_bstr()) {
-                Ok(target) => name = target.to_owned(),
+                Ok(target) => {
+                    name = target.to_owned();
+                    followed.push(name.clone());
+                }
                 Err(_) => return Ok(None),
             },
         }
@@ -1005,7 +1252,9 @@ mod tests {
 
     impl Fixture {
         fn repositories(&self) -> Repositories {
-            Repositories::new(&self.root).unwrap()
+            Repositories::new(&self.root)
+                .unwrap()
+                .trusting_recent_changes()
         }
 
         fn widget(&self) -> Arc<Repository> {
@@ -1207,6 +1456,118 @@ mod tests {
 
         git(&fixture.widget, &["branch", "-D", "late"]);
         assert_not_found(&widget, "late");
+    }
+
+    #[test]
+    fn remembered_refs_follow_every_change() {
+        let fixture = fixture();
+        let widget = fixture.widget();
+        let dir = &fixture.widget;
+        let main = assert_resolves(&widget, "main", RefKind::Branch("main".into()));
+        assert_eq!(main.commit, fixture.c2);
+        assert_eq!(widget.remembered_refs().len(), 1, "remembered");
+        let head = widget.resolve("HEAD").unwrap();
+        assert_eq!(head.commit, fixture.c2);
+
+        // Moved (a lock file renamed over the ref): also through `HEAD`.
+        git(dir, &["update-ref", "refs/heads/main", &fixture.c1]);
+        assert_eq!(widget.resolve("main").unwrap().commit, fixture.c1);
+        assert_eq!(widget.resolve("HEAD").unwrap().commit, fixture.c1);
+        // Rewritten in place with the same size, as no git does.
+        fs::write(
+            dir.join(".git/refs/heads/main"),
+            format!("{}\n", fixture.c2),
+        )
+        .unwrap();
+        assert_eq!(widget.resolve("main").unwrap().commit, fixture.c2);
+        assert_eq!(widget.resolve("HEAD").unwrap().commit, fixture.c2);
+
+        // A tag of the same name comes first in git's order.
+        git(dir, &["tag", "main", &fixture.c1]);
+        let tag = widget.resolve("main").unwrap();
+        assert_eq!(
+            (tag.kind, tag.commit),
+            (RefKind::Tag("main".into()), fixture.c1.clone())
+        );
+        git(dir, &["tag", "-d", "main"]);
+        assert_eq!(
+            widget.resolve("main").unwrap().kind,
+            RefKind::Branch("main".into())
+        );
+
+        // Packed, then moved in packed-refs alone, then deleted there.
+        git(dir, &["pack-refs", "--all"]);
+        assert_eq!(widget.resolve("main").unwrap().commit, fixture.c2);
+        assert_eq!(widget.resolve("HEAD").unwrap().commit, fixture.c2);
+        let packed = fs::read_to_string(dir.join(".git/packed-refs")).unwrap();
+        let moved = packed.replace(
+            &format!("{} refs/heads/main", fixture.c2),
+            &format!("{} refs/heads/main", fixture.c1),
+        );
+        assert_ne!(packed, moved);
+        fs::write(dir.join(".git/packed-refs.new"), moved).unwrap();
+        fs::rename(
+            dir.join(".git/packed-refs.new"),
+            dir.join(".git/packed-refs"),
+        )
+        .unwrap();
+        assert_eq!(widget.resolve("main").unwrap().commit, fixture.c1);
+        assert_eq!(widget.resolve("HEAD").unwrap().commit, fixture.c1);
+        git(dir, &["symbolic-ref", "HEAD", "refs/heads/feature/x"]);
+        git(dir, &["branch", "-D", "main"]);
+        assert_not_found(&widget, "main");
+        assert_eq!(widget.resolve("HEAD").unwrap().commit, fixture.c1);
+    }
+
+    #[test]
+    fn recently_changed_refs_are_read_again_not_remembered() {
+        let fixture = fixture();
+        let widget = Repositories::new(&fixture.root)
+            .unwrap()
+            .open("acme", "widget")
+            .unwrap();
+        assert_resolves(&widget, "main", RefKind::Branch("main".into()));
+        assert_eq!(widget.remembered_refs().len(), 0);
+        widget.refs_digest().unwrap();
+        assert!(widget.digest.lock().unwrap().is_none());
+    }
+
+    #[test]
+    fn the_refs_digest_and_reachability_follow_every_change() {
+        let fixture = fixture();
+        let widget = fixture.widget();
+        let dir = &fixture.widget;
+        let first = widget.refs_digest().unwrap();
+        assert_eq!(widget.known_refs_digest().as_deref(), Some(first.as_str()));
+        assert!(widget.reaches(&fixture.c2, None).unwrap());
+        assert_eq!(widget.reaches_known(&fixture.c2, None), Some(true));
+
+        // A new branch, in a new directory.
+        git(dir, &["branch", "topic/deep/new", &fixture.c1]);
+        assert_eq!(widget.reaches_known(&fixture.c2, None), None);
+        let second = widget.refs_digest().unwrap();
+        assert_ne!(first, second);
+        // Moved in place with the same size.
+        fs::write(
+            dir.join(".git/refs/heads/topic/deep/new"),
+            format!("{}\n", fixture.c2),
+        )
+        .unwrap();
+        let third = widget.refs_digest().unwrap();
+        assert_ne!(second, third);
+        // Packing changes no ref.
+        git(dir, &["pack-refs", "--all"]);
+        assert_eq!(widget.refs_digest().unwrap(), third);
+
+        // A commit made unreachable by a force push.
+        fs::write(dir.join("gone.txt"), "gone\n").unwrap();
+        git_at(dir, C3_TIME, &["add", "gone.txt"]);
+        git_at(dir, C3_TIME, &["commit", "-q", "-m", "c3"]);
+        let c3 = git(dir, &["rev-parse", "HEAD"]);
+        assert!(widget.reaches(&c3, None).unwrap());
+        git(dir, &["update-ref", "refs/heads/main", &fixture.c2]);
+        assert_eq!(widget.reaches_known(&c3, None), None);
+        assert!(!widget.reaches(&c3, None).unwrap());
     }
 
     #[test]

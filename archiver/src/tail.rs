@@ -1,12 +1,21 @@
 //! Reading an archive file, complete or still growing, as a body stream.
 //!
 //! A reader holds an open file (its own for a complete archive, the
-//! generation's shared handle for a growing one), one read buffer and a
-//! `watch` receiver of the generation's progress; it reads up to the length
-//! the writer has announced and then waits for more. It never reads ahead
-//! of the client:
-//! hyper polls the body only when the socket can take more, so a slow client
-//! costs one `READ_CHUNK_BYTES` buffer, not the archive.
+//! generation's shared handle for a growing one) and a `watch` receiver of
+//! the generation's progress; it reads up to the length the writer has
+//! announced and then waits for more. It never reads ahead of the client:
+//! hyper polls the body only when the socket can take more.
+//!
+//! Reads go through [`SharedBlocks`]: the file is read in blocks aligned to
+//! `READ_CHUNK_BYTES`, and a block that was just read is handed, as the
+//! same reference-counted `Bytes`, to every download that wants the same
+//! bytes. Thirty clients tailing one generation read each block from the
+//! file once between them; stalled downloads of one archive share the
+//! blocks hyper holds for them; and a small archive that is asked for
+//! again is served from memory, without opening the file. Bytes are shared
+//! only where they can never change: below the length the writer
+//! announced (it only appends), and in complete files, whose names carry
+//! the SHA-256 of their content.
 //!
 //! A generation that fails makes the stream return an error, which makes
 //! hyper abort the connection: a truncated archive never ends cleanly.
@@ -18,20 +27,118 @@
 
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 use gitball_core::log::{Ending, Fault, RequestLog};
+use lru::LruCache;
 use metrics::{counter, gauge};
-use tokio::sync::watch;
+use tokio::sync::{OnceCell, watch};
 
 use crate::cache::{CacheFile, Generation, Progress, State};
 use crate::conditional::ByteRange;
 use crate::metrics as m;
 
-/// Size of one body read.
-pub const READ_CHUNK_BYTES: usize = 256 * 1024;
+/// Size of one body read, and the alignment of shared blocks. A stalled
+/// download holds at most one block besides hyper's write buffer.
+pub const READ_CHUNK_BYTES: usize = 128 * 1024;
+
+/// Most bytes of recently read blocks kept for other downloads (what hyper
+/// still holds is shared on top of this, and freed with the last holder).
+const SHARED_BLOCKS_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Which bytes a block is: the file (a complete archive's content-addressed
+/// path, or a generation's unique partial path) and the byte range.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct BlockKey {
+    path: PathBuf,
+    start: u64,
+    end: u64,
+}
+
+type Block = Arc<OnceCell<Bytes>>;
+
+/// Recently read blocks of archive files, by what they are: one per
+/// process, in front of the page cache. A block is read once however many
+/// downloads ask for it at the same time (the first reads, the others wait
+/// for its bytes).
+struct SharedBlocks {
+    index: Mutex<BlockIndex>,
+}
+
+struct BlockIndex {
+    blocks: LruCache<BlockKey, Block>,
+    bytes: u64,
+}
+
+static SHARED_BLOCKS: LazyLock<SharedBlocks> = LazyLock::new(|| SharedBlocks {
+    index: Mutex::new(BlockIndex {
+        blocks: LruCache::unbounded(),
+        bytes: 0,
+    }),
+});
+
+impl SharedBlocks {
+    fn index(&self) -> std::sync::MutexGuard<'_, BlockIndex> {
+        // Each operation under the lock is a single map call.
+        self.index.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The block's bytes if they were read already.
+    fn cached(&self, key: &BlockKey) -> Option<Bytes> {
+        self.index().blocks.get(key)?.get().cloned()
+    }
+
+    /// The block's bytes, read from `file` by the first download that asks.
+    async fn read(&self, key: BlockKey, file: &Arc<std::fs::File>) -> io::Result<Bytes> {
+        let block = {
+            let mut index = self.index();
+            match index.blocks.get(&key) {
+                Some(block) => block.clone(),
+                None => {
+                    let block = Block::default();
+                    index.bytes += key.end - key.start;
+                    index.blocks.put(key.clone(), block.clone());
+                    while index.bytes > SHARED_BLOCKS_BYTES {
+                        let Some((old, _)) = index.blocks.pop_lru() else {
+                            break;
+                        };
+                        index.bytes -= old.end - old.start;
+                    }
+                    block
+                }
+            }
+        };
+        let bytes = block
+            .get_or_try_init(|| {
+                let file = file.clone();
+                let (start, end) = (key.start, key.end);
+                async move {
+                    tokio::task::spawn_blocking(move || read_exactly_at(&file, start, end))
+                        .await
+                        .map_err(io::Error::other)?
+                }
+            })
+            .await?;
+        Ok(bytes.clone())
+    }
+}
+
+/// Bytes `start..end` of `file`; an error if the file is shorter.
+fn read_exactly_at(file: &std::fs::File, start: u64, end: u64) -> io::Result<Bytes> {
+    let want = usize::try_from(end - start).map_err(io::Error::other)?;
+    let mut buffer = BytesMut::zeroed(want);
+    let mut filled = 0;
+    while filled < want {
+        match file.read_at(&mut buffer[filled..], start + filled as u64)? {
+            0 => return Err(io::Error::other("archive file shorter than announced")),
+            n => filled += n,
+        }
+    }
+    Ok(buffer.freeze())
+}
 
 /// What a download reads from.
 pub enum Source {
@@ -84,7 +191,12 @@ impl Drop for Download {
 
 /// An open archive file and where the download is in it.
 pub struct Reader {
-    file: Arc<std::fs::File>,
+    /// `None` when every byte asked for was in memory at the start.
+    file: Option<Arc<std::fs::File>>,
+    /// Names the bytes for `SharedBlocks`.
+    path: PathBuf,
+    /// The whole download, found in memory at the start.
+    preloaded: Option<Bytes>,
     position: u64,
     /// Exclusive end for a range; `None` reads to the archive's end.
     end: Option<u64>,
@@ -97,19 +209,38 @@ pub struct Reader {
 impl Reader {
     /// Opens `source` for reading `range` (the whole archive for `None`).
     pub fn open(source: Source, range: Option<ByteRange>) -> io::Result<Reader> {
-        let (file, progress, complete_len) = match &source {
-            Source::Complete(file) => (
-                Arc::new(std::fs::File::open(&file.path)?),
-                None,
-                Some(file.len),
-            ),
-            Source::Growing(generation) => {
-                (generation.file.clone(), Some(generation.progress()), None)
+        let position = range.map_or(0, |range| range.first);
+        let mut preloaded = None;
+        let (file, path, progress, complete_len) = match &source {
+            Source::Complete(complete) => {
+                let end = range.map_or(complete.len, |range| range.last + 1);
+                // A small archive asked for again: no file to open.
+                let key = BlockKey {
+                    path: complete.path.clone(),
+                    start: position,
+                    end,
+                };
+                preloaded = (end > position && block_end(position, end) == end)
+                    .then(|| SHARED_BLOCKS.cached(&key))
+                    .flatten();
+                let file = match preloaded {
+                    Some(_) => None,
+                    None => Some(Arc::new(std::fs::File::open(&complete.path)?)),
+                };
+                (file, complete.path.clone(), None, Some(complete.len))
             }
+            Source::Growing(generation) => (
+                Some(generation.file.clone()),
+                generation.partial.clone(),
+                Some(generation.progress()),
+                None,
+            ),
         };
         Ok(Reader {
             file,
-            position: range.map_or(0, |range| range.first),
+            path,
+            preloaded,
+            position,
             end: range.map(|range| range.last + 1),
             source,
             progress,
@@ -169,6 +300,9 @@ impl Reader {
                         State::Complete(file) => {
                             self.complete_len = Some(file.len);
                             let len = file.len;
+                            // The same bytes under their final name, which
+                            // later downloads of the archive use.
+                            self.path = file.path.clone();
                             // From now on this reader holds the indexed file:
                             // if it is evicted while we read, its bytes count
                             // as held until we are done.
@@ -203,31 +337,32 @@ impl Reader {
         if self.at_end() {
             return Ok(None);
         }
-        let want = usize::try_from(available - self.position)
-            .unwrap_or(usize::MAX)
-            .min(READ_CHUNK_BYTES);
-        let file = self.file.clone();
-        let position = self.position;
-        let chunk = tokio::task::spawn_blocking(move || -> io::Result<Bytes> {
-            let mut buffer = BytesMut::zeroed(want);
-            let mut filled = 0;
-            while filled < want {
-                match file.read_at(&mut buffer[filled..], position + filled as u64)? {
-                    0 => break,
-                    n => filled += n,
-                }
+        let chunk = match self.preloaded.take() {
+            Some(chunk) => chunk,
+            None => {
+                let file = self
+                    .file
+                    .as_ref()
+                    .ok_or_else(|| io::Error::other("archive file not open"))?;
+                let key = BlockKey {
+                    path: self.path.clone(),
+                    start: self.position,
+                    end: block_end(self.position, available),
+                };
+                SHARED_BLOCKS.read(key, file).await?
             }
-            buffer.truncate(filled);
-            Ok(buffer.freeze())
-        })
-        .await
-        .map_err(io::Error::other)??;
-        if chunk.is_empty() {
-            return Err(io::Error::other("archive file shorter than announced"));
-        }
+        };
         self.position += chunk.len() as u64;
         Ok(Some(chunk))
     }
+}
+
+/// Where a read from `position` ends: at the next multiple of
+/// `READ_CHUNK_BYTES`, or at `available` if that comes first. Downloads at
+/// the same place thus ask for the same blocks.
+fn block_end(position: u64, available: u64) -> u64 {
+    let chunk = READ_CHUNK_BYTES as u64;
+    ((position / chunk + 1) * chunk).min(available)
 }
 
 #[cfg(test)]
@@ -408,7 +543,8 @@ mod tests {
             p.state = State::Complete(CacheFile::unindexed(path, len, [0; 32]));
         });
         let (sizes, rest) = read_all(&mut body).await;
-        assert_eq!(sizes, [READ_CHUNK_BYTES, 990]);
+        // Reads end at block boundaries, so downloads share blocks.
+        assert_eq!(sizes, [READ_CHUNK_BYTES - 10, 1000]);
         assert_eq!(rest, &data[10..]);
         drop(body);
         assert_eq!(record("tail-finish").unwrap().ending, Ending::Complete);
@@ -443,13 +579,11 @@ mod tests {
             last: READ_CHUNK_BYTES as u64 + 1999,
         };
         let mut body = download(Source::Complete(file.clone()), Some(range), "tail-range");
+        // Up to the block boundary, then to the range's end.
+        assert_eq!(next_chunk(&mut body).await, &data[1000..READ_CHUNK_BYTES]);
         assert_eq!(
             next_chunk(&mut body).await,
-            &data[1000..1000 + READ_CHUNK_BYTES]
-        );
-        assert_eq!(
-            next_chunk(&mut body).await,
-            &data[1000 + READ_CHUNK_BYTES..READ_CHUNK_BYTES + 2000]
+            &data[READ_CHUNK_BYTES..READ_CHUNK_BYTES + 2000]
         );
         // hyper stops polling once Content-Length bytes went out: reaching
         // the range's end is complete, without a last poll.
@@ -464,6 +598,37 @@ mod tests {
         let (sizes, bytes) = read_all(&mut body).await;
         assert_eq!(sizes, [1]);
         assert_eq!(bytes, [data[data.len() - 1]]);
+    }
+
+    #[tokio::test]
+    async fn downloads_of_the_same_bytes_share_one_read_and_small_ones_need_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = pattern(READ_CHUNK_BYTES + 100);
+        let file = complete_file(&dir, &data);
+        let mut first = download(Source::Complete(file.clone()), None, "tail-share-1");
+        let mut second = download(Source::Complete(file.clone()), None, "tail-share-2");
+        let (a, b) = (next_chunk(&mut first).await, next_chunk(&mut second).await);
+        assert_eq!(a, &data[..READ_CHUNK_BYTES]);
+        // The very same memory, not a copy.
+        assert_eq!(a.as_ptr(), b.as_ptr());
+
+        // A small archive read once is served again from memory: its file
+        // may even be gone.
+        let other = tempfile::tempdir().unwrap();
+        let small = complete_file(&other, b"small archive");
+        let (_, bytes) = read_all(&mut download(
+            Source::Complete(small.clone()),
+            None,
+            "tail-small-1",
+        ))
+        .await;
+        assert_eq!(bytes, b"small archive");
+        std::fs::remove_file(&small.path).unwrap();
+        let reader = Reader::open(Source::Complete(small), None).unwrap();
+        assert!(reader.file.is_none());
+        let mut body: Body = Box::pin(reader.into_stream(log("tail-small-2")));
+        let (_, bytes) = read_all(&mut body).await;
+        assert_eq!(bytes, b"small archive");
     }
 
     #[tokio::test]

@@ -1,0 +1,173 @@
+//! Cheap proof that ref files did not change since they were read: a stat
+//! stamp (device, inode, size, modification and change times, to the
+//! nanosecond) per file, or "absent".
+//!
+//! git updates a ref by writing `{name}.lock` and renaming it over the ref,
+//! and rewrites `packed-refs` the same way, so every update gives the file a
+//! new inode, new times, and touches its directory. A stamp that is still
+//! equal therefore means the same content, with one exception that
+//! `is_settled` rules out: timestamps come from a coarse clock (a jiffy, a
+//! second on some filesystems), so two writes within one tick can leave the
+//! same times, size and (reused) inode. A file that changed within
+//! `RACY_WINDOW` of being stamped is not trusted: whatever was read from it
+//! is read again next time instead of being remembered (git's own "racy
+//! git" rule for its index).
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How long after its last change a file's stamp is trusted.
+pub const RACY_WINDOW: Duration = Duration::from_secs(2);
+
+/// One file's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stamp {
+    Absent,
+    Present {
+        device: u64,
+        inode: u64,
+        size: u64,
+        /// Seconds and nanoseconds.
+        modified: (i64, i64),
+        changed: (i64, i64),
+    },
+}
+
+impl Stamp {
+    /// Stats `path` (following symlinks, as git reads refs). A path whose
+    /// parent is missing or not a directory is absent too.
+    pub fn of(path: &std::path::Path) -> io::Result<Stamp> {
+        match fs::metadata(path) {
+            Ok(metadata) => Ok(Stamp::Present {
+                device: metadata.dev(),
+                inode: metadata.ino(),
+                size: metadata.size(),
+                modified: (metadata.mtime(), metadata.mtime_nsec()),
+                changed: (metadata.ctime(), metadata.ctime_nsec()),
+            }),
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                ) =>
+            {
+                Ok(Stamp::Absent)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Whether the file last changed at least `window` before `now`, so a
+    /// later change cannot leave the same stamp.
+    fn is_settled(&self, now: SystemTime, window: Duration) -> bool {
+        let Stamp::Present {
+            modified, changed, ..
+        } = *self
+        else {
+            return true;
+        };
+        let Some(limit) = now.checked_sub(window) else {
+            return false;
+        };
+        let Ok(limit) = limit.duration_since(UNIX_EPOCH) else {
+            return false;
+        };
+        let before = |(seconds, nanos): (i64, i64)| {
+            let Ok(seconds) = u64::try_from(seconds) else {
+                return true;
+            };
+            Duration::new(seconds, u32::try_from(nanos).unwrap_or(0)) < limit
+        };
+        before(modified) && before(changed)
+    }
+}
+
+/// Files and their stamps, taken together.
+#[derive(Clone, Debug, Default)]
+pub struct Stamps(Vec<(PathBuf, Stamp)>);
+
+impl Stamps {
+    /// Stamps every path in `paths`.
+    pub fn take(paths: impl IntoIterator<Item = PathBuf>) -> io::Result<Stamps> {
+        let mut stamps = Stamps::default();
+        for path in paths {
+            stamps.add(path)?;
+        }
+        Ok(stamps)
+    }
+
+    /// Stamps one more path; returns its stamp.
+    pub fn add(&mut self, path: PathBuf) -> io::Result<Stamp> {
+        let stamp = Stamp::of(&path)?;
+        self.0.push((path, stamp));
+        Ok(stamp)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn extend(&mut self, other: Stamps) {
+        self.0.extend(other.0);
+    }
+
+    /// Every file still has the stamp it had (one `statx` per file). An
+    /// error reading a stamp counts as a change.
+    pub fn unchanged(&self) -> bool {
+        self.0
+            .iter()
+            .all(|(path, stamp)| Stamp::of(path).is_ok_and(|now| now == *stamp))
+    }
+
+    /// No file changed within `window` before now: the stamps may be trusted.
+    pub fn settled(&self, window: Duration) -> bool {
+        let now = SystemTime::now();
+        self.0
+            .iter()
+            .all(|(_, stamp)| stamp.is_settled(now, window))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rewrite_of_the_same_size_changes_the_stamp() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("refs/heads/main");
+        assert_eq!(Stamp::of(&path).unwrap(), Stamp::Absent);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, "a").unwrap();
+        let stamps = Stamps::take([path.clone()]).unwrap();
+        assert!(stamps.unchanged());
+        // As git does: a lock file renamed over the ref.
+        let lock = dir.path().join("refs/heads/main.lock");
+        fs::write(&lock, "b").unwrap();
+        fs::rename(&lock, &path).unwrap();
+        assert!(!stamps.unchanged());
+        fs::remove_file(&path).unwrap();
+        assert!(!stamps.unchanged());
+        // Below a file: absent as well.
+        let under = Stamps::take([dir.path().join("refs/heads/main/x")]).unwrap();
+        assert!(under.unchanged());
+    }
+
+    #[test]
+    fn a_file_changed_within_the_window_is_not_settled() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("packed-refs");
+        fs::write(&path, "x").unwrap();
+        let stamps = Stamps::take([path, dir.path().join("missing")]).unwrap();
+        assert!(!stamps.settled(RACY_WINDOW));
+        assert!(stamps.settled(Duration::ZERO));
+        assert!(
+            Stamps::take([dir.path().join("missing")])
+                .unwrap()
+                .settled(RACY_WINDOW)
+        );
+    }
+}

@@ -1,0 +1,185 @@
+//! Cache hits and push visibility: the archiver remembers what a ref
+//! resolved to, and a push must still show on the very next request.
+//!
+//! The archiver remembers an answer only for ref files that have not
+//! changed for its racy window (2 s); a ref pushed in a tight loop is read
+//! afresh each time, and one that had settled is answered from memory
+//! until a stat of its files shows a change. Both are driven here against
+//! the real binary with real git.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use gitball_e2e::{Archiver, RepoBuilder, Sandbox, wait_until};
+
+/// 2024-01-02T03:04:05Z.
+const T1: i64 = 1_704_164_645;
+
+/// How long the archiver waits before trusting a ref file's stamp
+/// (`RACY_WINDOW` in `archiver/src/repo/stamp.rs`), plus a margin.
+const SETTLED_AFTER: Duration = Duration::from_millis(2_500);
+
+const ITERATIONS: usize = 50;
+
+fn commit_of_download(archiver: &Archiver, path: &str) -> String {
+    let response = archiver.get(path);
+    assert_eq!(response.status(), 200, "{path}");
+    let commit = response
+        .headers()
+        .get("x-gitball-commit")
+        .expect("X-Gitball-Commit")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    // The body is read whole: a download, not just a head.
+    assert!(!response.bytes().unwrap().is_empty());
+    commit
+}
+
+/// Every ref file, `packed-refs` and the `refs/` directories are older
+/// than the archiver's racy window.
+fn refs_settled(git_dir: &Path) -> bool {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let mut pending = vec![git_dir.join("refs"), git_dir.join("packed-refs")];
+    let mut newest = 0.0_f64;
+    while let Some(path) = pending.pop() {
+        let Ok(metadata) = std::fs::metadata(&path) else {
+            continue;
+        };
+        let changed = metadata.ctime() as f64 + metadata.ctime_nsec() as f64 / 1e9;
+        let modified = metadata.mtime() as f64 + metadata.mtime_nsec() as f64 / 1e9;
+        newest = newest.max(changed).max(modified);
+        if metadata.is_dir() {
+            pending.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    now - newest > SETTLED_AFTER.as_secs_f64()
+}
+
+fn small_repository(repo: &RepoBuilder) -> String {
+    repo.write("README", "hello\n");
+    repo.commit_all(T1, "one")
+}
+
+/// A commit on `parent` that no ref points at yet.
+fn new_commit(repo: &RepoBuilder, parent: &str, n: usize) -> String {
+    let tree = repo.rev_parse(&format!("{parent}^{{tree}}"));
+    repo.git_at(
+        T1 + n as i64,
+        &["commit-tree", &tree, "-p", parent, "-m", &format!("c{n}")],
+    )
+}
+
+#[test]
+fn each_push_in_a_tight_loop_shows_on_the_next_download() {
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "widget");
+    let mut head = small_repository(&repo);
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    for n in 0..ITERATIONS {
+        assert_eq!(
+            commit_of_download(&archiver, "/acme/widget/archive/HEAD.tar.gz"),
+            head
+        );
+        head = new_commit(&repo, &head, n + 1);
+        // As a push does: a lock file renamed over the ref.
+        repo.git(&["update-ref", "refs/heads/master", &head]);
+        repo.git(&["update-ref", "refs/heads/main", &head]);
+        assert_eq!(
+            commit_of_download(&archiver, "/acme/widget/archive/main.tar.gz"),
+            head,
+            "iteration {n}"
+        );
+    }
+}
+
+#[test]
+fn remembered_refs_show_every_kind_of_change_on_the_next_download() {
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "widget");
+    let first = small_repository(&repo);
+    let git_dir = repo.dir().join(".git");
+    // Half the branches packed, half loose.
+    let half = ITERATIONS / 2;
+    for n in 0..half {
+        repo.git(&["branch", &format!("packed-{n}"), &first]);
+    }
+    repo.git(&["branch", "packed-last", &first]);
+    repo.git(&["pack-refs", "--all"]);
+    for n in 0..half {
+        repo.git(&["branch", &format!("loose-{n}"), &first]);
+    }
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    assert!(
+        wait_until(Duration::from_secs(30), || refs_settled(&git_dir)),
+        "the ref files never got older than the racy window"
+    );
+    // Now each answer is remembered by the archiver.
+    let names: Vec<String> = (0..half)
+        .flat_map(|n| [format!("packed-{n}"), format!("loose-{n}")])
+        .collect();
+    for name in names.iter().chain([&"packed-last".to_owned()]) {
+        let path = format!("/acme/widget/archive/{name}.tar");
+        assert_eq!(commit_of_download(&archiver, &path), first, "{name}");
+    }
+    assert!(
+        refs_settled(&git_dir),
+        "something touched the refs meanwhile"
+    );
+
+    for (n, name) in names.iter().enumerate() {
+        let path = format!("/acme/widget/archive/{name}.tar");
+        let moved = new_commit(&repo, &first, n + 1);
+        // Even `n` are packed branches, odd ones loose.
+        match n % 6 {
+            // A push: a loose ref that now shadows the packed one, or a
+            // lock file renamed over the loose ref.
+            0 | 1 => {
+                repo.git(&["update-ref", &format!("refs/heads/{name}"), &moved]);
+            }
+            // A tag of the same name, which git's order puts first.
+            2 | 5 => {
+                repo.git(&["tag", name, &moved]);
+            }
+            // The same byte count rewritten in place, as no git does: only
+            // the stamp's times tell (not size, not inode).
+            3 => {
+                std::fs::write(git_dir.join("refs/heads").join(name), format!("{moved}\n")).unwrap()
+            }
+            // Deleted, with the packed ref still there.
+            _ => {
+                repo.git(&["update-ref", &format!("refs/heads/{name}"), &moved]);
+                assert_eq!(commit_of_download(&archiver, &path), moved, "{name}");
+                let loose = git_dir.join("refs/heads").join(name);
+                std::fs::remove_file(loose).unwrap();
+                assert_eq!(commit_of_download(&archiver, &path), first, "{name}");
+                continue;
+            }
+        }
+        assert_eq!(commit_of_download(&archiver, &path), moved, "{name}");
+    }
+
+    // `packed-refs` rewritten in place, same size, for a branch that was
+    // remembered all along.
+    let packed = std::fs::read_to_string(git_dir.join("packed-refs")).unwrap();
+    let moved = new_commit(&repo, &first, 1_000);
+    let rewritten = packed.replace(
+        &format!("{first} refs/heads/packed-last\n"),
+        &format!("{moved} refs/heads/packed-last\n"),
+    );
+    assert_ne!(packed, rewritten);
+    std::fs::write(git_dir.join("packed-refs"), rewritten).unwrap();
+    assert_eq!(
+        commit_of_download(&archiver, "/acme/widget/archive/packed-last.tar"),
+        moved
+    );
+
+    // Deleted: gone at once.
+    repo.git(&["branch", "-D", "loose-1"]);
+    let response = archiver.get("/acme/widget/archive/loose-1.tar");
+    assert_eq!(response.status(), 404);
+}
