@@ -31,7 +31,7 @@ use gitball_e2e::netns::{self, Network, NsProcess, Relay, Throttle, TmpfsMount};
 use gitball_e2e::proxy::{big_repository, small_repository, token, unix_now};
 use gitball_e2e::{
     BodyEnd, Metrics, RawConnection, RepoBuilder, ResponseHead, Sandbox, binary_path,
-    dir_file_names, sha256_hex, tree_snapshot, wait_until,
+    dir_file_names, sha256_hex, tree_snapshot, try_zip_entries, wait_until,
 };
 use nix::sys::signal::Signal;
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
@@ -187,6 +187,10 @@ struct Expected {
     sources: PathBuf,
     home: PathBuf,
     archives: Mutex<HashMap<ExpectedKey, Arc<Vec<u8>>>>,
+    /// The first zip served of each archive, once its entries were checked
+    /// against git's zip: every later one, from whichever file server, must
+    /// be the same bytes (the zip is written by the archiver, not by git).
+    zips: Mutex<HashMap<ExpectedKey, Arc<Vec<u8>>>>,
 }
 
 impl Expected {
@@ -225,7 +229,8 @@ impl Expected {
     /// and tar.zst, by the system's gzip and zstd).
     fn matches(&self, archive: &Archive, body: &[u8]) -> Result<(), String> {
         let plain = match archive.format {
-            "tar" | "zip" => body.to_vec(),
+            "zip" => return self.matches_zip(archive, body),
+            "tar" => body.to_vec(),
             "tar.gz" => decompress("gzip", body)?,
             "tar.zst" => decompress("zstd", body)?,
             other => return Err(format!("unknown format {other}")),
@@ -243,6 +248,55 @@ impl Expected {
                 "{archive:?}: {} bytes, expected {}, first difference at {at}",
                 plain.len(),
                 expected.len()
+            ))
+        }
+    }
+}
+
+impl Expected {
+    /// Whether `body` is the zip of `archive`: entry by entry the same as
+    /// git's zip the first time, byte for byte the same as that first one
+    /// afterwards.
+    fn matches_zip(&self, archive: &Archive, body: &[u8]) -> Result<(), String> {
+        let key = (archive.repo.clone(), archive.tag.clone(), "zip");
+        let verified = self.zips.lock().expect("lock").get(&key).cloned();
+        if let Some(verified) = verified {
+            return if *verified == body {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{archive:?}: {} bytes, not the {} bytes served before",
+                    body.len(),
+                    verified.len()
+                ))
+            };
+        }
+        let git = self.bytes(archive);
+        let (served, wanted) = (try_zip_entries(body)?, try_zip_entries(&git)?);
+        if served != wanted {
+            let at = served
+                .iter()
+                .zip(&wanted)
+                .position(|(a, b)| a != b)
+                .unwrap_or(served.len().min(wanted.len()));
+            return Err(format!(
+                "{archive:?}: zip entry {at} differs from git's ({} entries, git {})",
+                served.len(),
+                wanted.len()
+            ));
+        }
+        let first = self
+            .zips
+            .lock()
+            .expect("lock")
+            .entry(key)
+            .or_insert_with(|| Arc::new(body.to_vec()))
+            .clone();
+        if *first == body {
+            Ok(())
+        } else {
+            Err(format!(
+                "{archive:?}: two zips with git's entries but different bytes"
             ))
         }
     }
@@ -2162,6 +2216,7 @@ fn fleet_survives_faults() {
         sources,
         home: sandbox.home(),
         archives: Mutex::new(HashMap::new()),
+        zips: Mutex::new(HashMap::new()),
     });
     let client_ns = network.ns(CLIENT);
     let monitor_ns = network.ns(MONITOR);

@@ -178,6 +178,12 @@ fn read_full(reader: &mut impl Read, buffer: &mut [u8]) -> io::Result<usize> {
 /// deflates with another zlib, on several cores), offsets, the data
 /// descriptor flag.
 pub fn zip_entries(zip: &[u8]) -> Vec<String> {
+    try_zip_entries(zip).unwrap_or_else(|error| panic!("{error}"))
+}
+
+/// `zip_entries`, with an unreadable zip as an error rather than a panic
+/// (for checks made on background threads).
+pub fn try_zip_entries(zip: &[u8]) -> Result<Vec<String>, String> {
     const SCRIPT: &str = r#"
 import hashlib, sys, zipfile
 z = zipfile.ZipFile(sys.argv[1])
@@ -188,25 +194,23 @@ for i in z.infolist():
           i.create_version, i.extract_version, i.internal_attr, oct(i.external_attr),
           i.extra.hex(), i.CRC, i.file_size, hashlib.sha256(data).hexdigest())
 "#;
-    let dir = tempfile::tempdir().expect("temp dir");
+    let dir = tempfile::tempdir().map_err(|error| format!("temp dir: {error}"))?;
     let path = dir.path().join("archive.zip");
-    std::fs::write(&path, zip).expect("write the zip");
+    std::fs::write(&path, zip).map_err(|error| format!("write the zip: {error}"))?;
     let output = Command::new("python3")
         .arg("-c")
         .arg(SCRIPT)
         .arg(&path)
         .output()
-        .expect("run python3");
-    assert!(
-        output.status.success(),
-        "python zipfile: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout)
-        .expect("utf-8 listing")
-        .lines()
-        .map(str::to_owned)
-        .collect()
+        .map_err(|error| format!("run python3: {error}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "python zipfile: {}",
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    let listing = String::from_utf8(output.stdout).map_err(|_| "listing is not UTF-8")?;
+    Ok(listing.lines().map(str::to_owned).collect())
 }
 
 /// Asserts that `actual` holds the same entries as `expected` (git's own
