@@ -115,11 +115,13 @@ impl SharedBlocks {
             .get_or_try_init(|| {
                 let file = file.clone();
                 let (start, end) = (key.start, key.end);
-                async move {
-                    tokio::task::spawn_blocking(move || read_exactly_at(&file, start, end))
-                        .await
-                        .map_err(io::Error::other)?
-                }
+                // On the runtime, not the blocking pool: the cache is on
+                // tmpfs, where a 128 KiB `pread` is a memory copy of a few
+                // microseconds, and the hand-off to the pool and back (four
+                // futex calls and an idle runtime waking) cost more than the
+                // read and serialised a large download's reads with its
+                // writes. nginx reads files the same way in its event loop.
+                async move { read_exactly_at(&file, start, end) }
             })
             .await?;
         Ok(bytes.clone())
