@@ -87,6 +87,12 @@ pub type UpstreamResponse = http::Response<Incoming>;
 /// whole body, and a download may rightly take an hour. Time to headers is
 /// bounded by the caller, body progress by the client's pace. No proxy from
 /// the environment and no redirects: archivers are addressed directly.
+/// `SO_RCVBUF` of upstream connections. Without it the kernel autotunes each
+/// one up to `tcp_rmem`'s maximum (6 MiB), and a stalled download parks
+/// megabytes in socket buffers between archiver and proxy: 5,000 of them
+/// exhausted the kernel's `tcp_mem`, and new connections failed.
+const UPSTREAM_RECV_BUFFER_BYTES: usize = 256 * 1024;
+
 pub fn upstream_client(connect_timeout: Duration) -> UpstreamClient {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(connect_timeout));
@@ -94,6 +100,7 @@ pub fn upstream_client(connect_timeout: Duration) -> UpstreamClient {
     connector.set_keepalive(Some(TCP_KEEPALIVE));
     connector.set_keepalive_interval(Some(TCP_KEEPALIVE));
     connector.set_keepalive_retries(Some(TCP_KEEPALIVE_RETRIES));
+    connector.set_recv_buffer_size(Some(UPSTREAM_RECV_BUFFER_BYTES));
     Client::builder(TokioExecutor::new())
         // Without a timer the pool never expires idle connections.
         .pool_timer(TokioTimer::new())
