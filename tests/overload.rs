@@ -236,16 +236,29 @@ fn at_a_login_shell_limit_1500_stalled_downloads_are_all_answered_fed_and_releas
 /// alive), then checks that one more gets the fast `503`, and that closing
 /// a held one lets the next in.
 fn assert_cap_refuses_then_admits(service: &Service, max: usize, prefix: &str) {
+    // The harness's start-up health probe may still hold a slot until the
+    // server has seen it close: a held connection refused meanwhile is
+    // retried until it is served (bounded).
     let held: Vec<RawConnection> = (0..max)
         .map(|_| {
-            let mut connection = RawConnection::connect(service.addr).expect("connect");
-            connection
-                .send_request("GET", "/healthz", &[])
-                .expect("send");
-            let head = connection.read_head().expect("a held connection is served");
-            assert_eq!(head.status, 200);
-            connection.read_body_bytes(16).expect("body");
-            connection
+            let mut served = None;
+            assert!(
+                wait_until(Duration::from_secs(10), || {
+                    let mut connection = RawConnection::connect(service.addr).expect("connect");
+                    connection
+                        .send_request("GET", "/healthz", &[])
+                        .expect("send");
+                    let head = connection.read_head().expect("an answer");
+                    if head.status != 200 {
+                        return false;
+                    }
+                    connection.read_body_bytes(16).expect("body");
+                    served = Some(connection);
+                    true
+                }),
+                "a connection within the cap was not served"
+            );
+            served.expect("served")
         })
         .collect();
 
