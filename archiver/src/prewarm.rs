@@ -25,11 +25,11 @@
 //! Nothing is looked up before step 4 passes, and nothing is generated for
 //! a request that fails any step.
 
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use gitball_core::log::RequestLog;
 use gitball_core::url::{self, Format};
+use http::Method;
 use http::request::Parts;
-use http::{Method, StatusCode, header};
 
 use crate::error::Error;
 use crate::http::{App, bearer_is, check_reachable, resolve};
@@ -80,15 +80,7 @@ pub async fn serve(app: &App, request: &Parts, log: &mut RequestLog) -> Result<R
         "commit": commit,
         "keys": keys,
     });
-    Ok((
-        StatusCode::ACCEPTED,
-        [
-            (header::CONTENT_TYPE, "application/json"),
-            (header::CACHE_CONTROL, "no-store"),
-        ],
-        format!("{body}\n"),
-    )
-        .into_response())
+    Ok(gitball_core::response::json_accepted(&body))
 }
 
 /// One archive a prewarm names: its format, its canonical URL, and what the

@@ -25,6 +25,20 @@ pub fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
         .into_response()
 }
 
+/// A prewarm's answer on either tier: `202` with its JSON body (a line),
+/// never stored by a cache.
+pub fn json_accepted(body: &serde_json::Value) -> Response {
+    (
+        StatusCode::ACCEPTED,
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        format!("{body}\n"),
+    )
+        .into_response()
+}
+
 /// Only `GET` and `HEAD` exist on either tier.
 pub fn is_allowed(method: &Method) -> bool {
     method == Method::GET || method == Method::HEAD

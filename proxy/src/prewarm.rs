@@ -22,7 +22,7 @@
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use futures_util::future::join_all;
 use gitball_core::log::RequestLog;
 use gitball_core::protocol::REQUEST_ID;
@@ -160,15 +160,7 @@ pub async fn serve(
         "commit": commit,
         "keys": keys,
     });
-    Ok((
-        StatusCode::ACCEPTED,
-        [
-            (header::CONTENT_TYPE, "application/json"),
-            (header::CACHE_CONTROL, "no-store"),
-        ],
-        format!("{body}\n"),
-    )
-        .into_response())
+    Ok(gitball_core::response::json_accepted(&body))
 }
 
 /// Reads an archiver's (small) answer whole.
