@@ -100,8 +100,13 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// pins in the kernel: without it, each connection's send buffer autotuned
 /// up to `tcp_wmem`'s maximum (4 MiB), and 5,000 stalled downloads
 /// exhausted the machine-wide `tcp_mem` ("TCP: out of memory" in dmesg,
-/// connections reset). See docs/architecture.md, "Memory per download".
-pub const SEND_QUEUE_LOW_WATER_BYTES: u32 = 128 * 1024;
+/// connections reset). 64 KiB: with 128 KiB (and the proxy's upstream
+/// receive buffers at 256 KiB) the 5,000 stalled downloads of bench
+/// scenario 8 held 2.2 GiB of kernel memory, at this machine's limit; with
+/// 64 KiB (both), 1.4 GiB. A 1 GiB stream on loopback was as fast and took
+/// no more CPU.
+/// See docs/architecture.md, "Memory per slow download".
+pub const SEND_QUEUE_LOW_WATER_BYTES: u32 = 64 * 1024;
 /// How long the loop waits after a failed `accept` before the next one.
 /// The pending connection stays in the backlog meanwhile; freed fds let
 /// it in on a later try.
