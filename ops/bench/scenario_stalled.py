@@ -18,12 +18,22 @@ The peer is nginx as the reverse proxy in front of the same archiver
 worker_connections and worker_rlimit_nofile raised so that 5,000 clients
 fit: the same clients, the same measurements.
 
-Kernel memory is the limit to watch: each stalled download parks what the
-socket buffers between archiver and proxy (or nginx) take, 0.5-4 MiB with
-Linux's autotuning, and 5,000 of them can exhaust `net.ipv4.tcp_mem` (2.2 GiB
-on the 23 GiB smoke-test machine): the kernel then resets connections
-("TCP: out of memory" in dmesg), which shows as unanswered clients on both
-sides.
+- the kernel's TCP memory held per download (`/proc/net/sockstat`, just
+  after the last client was fed, over the answered count), and its mean per
+  socket along the path (`ss -tm`: the client's receive queue, the front's
+  send queue toward it, the front's receive queue from the archiver, the
+  archiver's send queue).
+
+Kernel memory is the limit to watch: `net.ipv4.tcp_mem` is one pool for the
+whole machine (2.2 GiB on the 23 GiB smoke-test machine), and once it is
+exhausted the kernel resets connections ("TCP: out of memory" in dmesg),
+which shows as unanswered clients. gitball bounds its side of each download
+(docs/architecture.md, "Memory per slow download"); with Linux's autotuning
+alone each stalled download parked 0.5-4 MiB. The clients stand for remote
+ones: their 16 KiB receive buffer is what a client's buffer costs on a slow
+link, and on loopback it is charged to the same pool (about 28 KiB each).
+nginx is measured with exactly the same clients. The pool is shared with
+anything else running on the machine, so run this scenario on a quiet one.
 
 One run (5,000 connections per side is the measurement; repeating it
 triples the scenario's time for little).
@@ -344,6 +354,12 @@ def run(ctx, results, b):
     results.add(SCENARIO, f"{what}: gitball-archiver RSS growth per download", "MiB/dl",
                 one(gitball["rss_per_download"][archiver.pid]), "same archiver behind nginx",
                 one(peer["rss_per_download"][archiver.pid]), ("abs<", 0.1 * b.MiB), "lower")
+    page_kib = os.sysconf("SC_PAGE_SIZE") / 1024
+    results.add(SCENARIO, f"{what}: kernel TCP memory held per download (/proc/net/sockstat, all sockets on the path)",
+                "KiB/dl", one(round(gitball["tcp_pages_per_download"] * page_kib)), "nginx reverse proxy → same archiver",
+                one(round(peer["tcp_pages_per_download"] * page_kib)), None, "lower",
+                "per socket, mean KiB: gitball " + ", ".join(f"{k} {v / 1024:.0f}" for k, (_, v) in gitball["sockets"].items())
+                + "; nginx " + ", ".join(f"{k} {v / 1024:.0f}" for k, (_, v) in peer["sockets"].items()))
     results.add(SCENARIO, f"small cached tar.gz through the same proxy meanwhile, fresh connections: p99 of {SMALL_PROBES}", "ms",
                 one(gitball["p99"]), "through nginx meanwhile", one(peer["p99"]), ("abs<", 0.050), "lower",
                 f"failed probes: gitball {gitball['probes_failed']}, nginx {peer['probes_failed']}")
