@@ -15,6 +15,11 @@
 //!   A head with more than `MAX_HEADER_LINES` header lines also gets
 //!   hyper's empty `431`, whatever its size;
 //! - TCP keepalive, so a peer that vanished is noticed even when idle;
+//! - a bound on the bytes a connection queues in the kernel unsent
+//!   (`TCP_NOTSENT_LOWAT`, [`SEND_QUEUE_LOW_WATER_BYTES`]): a client that
+//!   stops reading parks at most about that much in this side's send buffer,
+//!   not the megabytes the kernel's send-buffer autotuning would allow,
+//!   while the bytes in flight to a fast client are not capped;
 //! - a write-stall timeout: a connection whose writes make no progress for
 //!   `write_stall_timeout` (a client that stopped taking bytes) is closed.
 //!   Nothing inside a body stream can do this, because hyper stops polling
@@ -85,6 +90,23 @@ const HEAD_BUFFER_BYTES: usize = 2 * MAX_HEAD_BYTES;
 /// `ops/bench`-like `wrk` load: 275–460 µs against 40 µs per hit).
 const MAX_HEADER_LINES: usize = 2000;
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+/// `TCP_NOTSENT_LOWAT` of every accepted connection: the socket counts as
+/// writable only while fewer bytes than this wait unsent in its send
+/// buffer, so a write adds at most this plus one segment (64 KiB on
+/// loopback) to the unsent queue. Bytes already sent and not yet
+/// acknowledged are not counted: send-buffer autotuning still grows the
+/// window of a fast client on a long path, which a fixed `SO_SNDBUF` would
+/// cap at `SO_SNDBUF / RTT`. What it bounds is the memory a stalled client
+/// pins in the kernel: without it, each connection's send buffer autotuned
+/// up to `tcp_wmem`'s maximum (4 MiB), and 5,000 stalled downloads
+/// exhausted the machine-wide `tcp_mem` ("TCP: out of memory" in dmesg,
+/// connections reset). 64 KiB: with 128 KiB (and the proxy's upstream
+/// receive buffers at 256 KiB) the 5,000 stalled downloads of bench
+/// scenario 8 held 2.2 GiB of kernel memory, at this machine's limit; with
+/// 64 KiB (both), 1.4 GiB. A 1 GiB stream on loopback was as fast and took
+/// no more CPU.
+/// See docs/architecture.md, "Memory per slow download".
+pub const SEND_QUEUE_LOW_WATER_BYTES: u32 = 64 * 1024;
 /// How long the loop waits after a failed `accept` before the next one.
 /// The pending connection stays in the backlog meanwhile; freed fds let
 /// it in on a later try.
@@ -217,9 +239,7 @@ pub async fn serve(
             }
             continue;
         };
-        let _ = stream.set_nodelay(true);
-        let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
-        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+        configure_accepted(&stream);
 
         let router = router.clone();
         let stalled = WriteStalled::default();
@@ -258,6 +278,16 @@ pub async fn serve(
     };
     while connections.join_next().await.is_some() {}
     Ok(drain)
+}
+
+/// Socket options of an accepted connection. Failures are ignored: each is
+/// an improvement, and none can fail on a TCP socket of a supported kernel.
+fn configure_accepted(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let socket = socket2::SockRef::from(stream);
+    let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
+    let _ = socket.set_tcp_keepalive(&keepalive);
+    let _ = socket.set_tcp_notsent_lowat(SEND_QUEUE_LOW_WATER_BYTES);
 }
 
 /// The connection cap: a semaphore with one permit per connection, the
@@ -861,6 +891,98 @@ mod tests {
         tokio::time::timeout(TEST_TIMEOUT, exchange)
             .await
             .expect("answered in time");
+        shutdown.cancel();
+        server.await.unwrap().unwrap();
+    }
+
+    /// An endless body in 16 KiB chunks that counts the bytes hyper took.
+    struct Endless(Arc<std::sync::atomic::AtomicUsize>);
+
+    const ENDLESS_CHUNK: usize = 16 * 1024;
+
+    impl axum::body::HttpBody for Endless {
+        type Data = axum::body::Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Infallible>>> {
+            self.0.fetch_add(ENDLESS_CHUNK, Ordering::Relaxed);
+            let chunk = axum::body::Bytes::from_static(&[b'x'; ENDLESS_CHUNK]);
+            Poll::Ready(Some(Ok(hyper::body::Frame::data(chunk))))
+        }
+    }
+
+    /// A client that reads nothing pins only a bounded number of bytes on
+    /// the server side: what its own receive buffer took, hyper's write
+    /// buffer, and at most `SEND_QUEUE_LOW_WATER_BYTES` plus one segment
+    /// unsent in the kernel. Without `TCP_NOTSENT_LOWAT`, the send buffer's
+    /// autotuning let the kernel queue megabytes.
+    #[tokio::test]
+    async fn a_stalled_client_pins_a_bounded_send_queue() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let body_taken = taken.clone();
+        let router = Router::new().route(
+            "/",
+            get(move || {
+                let taken = body_taken.clone();
+                async move { Body::new(Endless(taken)) }
+            }),
+        );
+        let server = tokio::spawn(serve(
+            listener,
+            router,
+            shutdown.clone(),
+            Duration::ZERO,
+            TEST_TIMEOUT,
+            Connections::new(4, "test_lowat"),
+        ));
+        // A remote client's receive buffer, small as on a slow link.
+        const CLIENT_RECEIVE_BUFFER: u32 = 16 * 1024;
+        let client = tokio::net::TcpSocket::new_v4().unwrap();
+        client.set_recv_buffer_size(CLIENT_RECEIVE_BUFFER).unwrap();
+        let mut client = client.connect(address).await.unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        // The server writes until the socket takes no more; wait (bounded)
+        // until the count of bytes hyper took stops moving.
+        let settled = async {
+            let mut last = usize::MAX;
+            let mut unchanged = 0;
+            while unchanged < 5 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let now = taken.load(Ordering::Relaxed);
+                unchanged = if now == last && now > 0 {
+                    unchanged + 1
+                } else {
+                    0
+                };
+                last = now;
+            }
+            last
+        };
+        let held = tokio::time::timeout(TEST_TIMEOUT, settled)
+            .await
+            .expect("the server stopped writing in time");
+        // The client's receive buffer (the kernel doubles the size asked
+        // for), hyper's write buffer bound, the unsent queue and one
+        // segment of 64 KiB (loopback), and one chunk of slack.
+        let bound = 2 * CLIENT_RECEIVE_BUFFER as usize
+            + HEAD_BUFFER_BYTES
+            + SEND_QUEUE_LOW_WATER_BYTES as usize
+            + 64 * 1024
+            + ENDLESS_CHUNK;
+        assert!(
+            held <= bound,
+            "{held} bytes left the body for a client that reads nothing (bound {bound})"
+        );
+        drop(client);
         shutdown.cancel();
         server.await.unwrap().unwrap();
     }

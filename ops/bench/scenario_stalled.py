@@ -18,21 +18,33 @@ The peer is nginx as the reverse proxy in front of the same archiver
 worker_connections and worker_rlimit_nofile raised so that 5,000 clients
 fit: the same clients, the same measurements.
 
-Kernel memory is the limit to watch: each stalled download parks what the
-socket buffers between archiver and proxy (or nginx) take, 0.5-4 MiB with
-Linux's autotuning, and 5,000 of them can exhaust `net.ipv4.tcp_mem` (2.2 GiB
-on the 23 GiB smoke-test machine): the kernel then resets connections
-("TCP: out of memory" in dmesg), which shows as unanswered clients on both
-sides.
+- the kernel's TCP memory held per download (`/proc/net/sockstat`, just
+  after the last client was fed, over the answered count), and its mean per
+  socket along the path (`ss -tm`: the client's receive queue, the front's
+  send queue toward it, the front's receive queue from the archiver, the
+  archiver's send queue).
+
+Kernel memory is the limit to watch: `net.ipv4.tcp_mem` is one pool for the
+whole machine (2.2 GiB on the 23 GiB smoke-test machine), and once it is
+exhausted the kernel resets connections ("TCP: out of memory" in dmesg),
+which shows as unanswered clients. gitball bounds its side of each download
+(docs/architecture.md, "Memory per slow download"); with Linux's autotuning
+alone each stalled download parked 0.5-4 MiB. The clients stand for remote
+ones: their 16 KiB receive buffer is what a client's buffer costs on a slow
+link, and on loopback it is charged to the same pool (about 28 KiB each).
+nginx is measured with exactly the same clients. The pool is shared with
+anything else running on the machine, so run this scenario on a quiet one.
 
 One run (5,000 connections per side is the measurement; repeating it
 triples the scenario's time for little).
 """
 
 import os
+import re
 import resource
 import socket
-import statistics
+import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -158,6 +170,48 @@ def probe_latencies(b, port, n):
     return samples or [float("inf")], failed
 
 
+def tcp_mem_pages():
+    """The kernel's TCP memory in use, in pages (`/proc/net/sockstat`, `TCP:
+    ... mem N`): the figure `net.ipv4.tcp_mem` bounds. Global, not per
+    network namespace, so other work on the machine shows in it too."""
+    with open("/proc/net/sockstat") as f:
+        for line in f:
+            if line.startswith("TCP:"):
+                fields = line.split()
+                return int(fields[fields.index("mem") + 1])
+    return 0
+
+
+SKMEM = re.compile(r"skmem:\(r(\d+),rb\d+,t(\d+),tb\d+,f(\d+),w(\d+)")
+
+
+def socket_memory(front_port, archiver_port):
+    """Mean kernel bytes per socket (`ss -tmn`: rmem_alloc + wmem_queued +
+    forward-allocated) of the four sockets a download crosses: the client's,
+    the front's toward the client, the front's from the archiver, the
+    archiver's. Returns {name: (sockets, mean bytes)}."""
+    out = subprocess.run(["ss", "-tmnH", "state", "established"], capture_output=True, text=True).stdout
+    groups = {"client rcv": [], "front to client": [], "front from archiver": [], "archiver to front": []}
+    # Each socket is one line of addresses and one indented skmem line.
+    for line in out.replace("\n\t", " ").splitlines():
+        fields = line.split()
+        match = SKMEM.search(line)
+        if match is None or len(fields) < 4:
+            continue
+        local, peer = fields[2].rsplit(":", 1)[1], fields[3].rsplit(":", 1)[1]
+        r, _t, f, w = (int(x) for x in match.groups())
+        held = r + w + f
+        if peer == str(front_port):
+            groups["client rcv"].append(held)
+        elif local == str(front_port):
+            groups["front to client"].append(held)
+        elif peer == str(archiver_port):
+            groups["front from archiver"].append(held)
+        elif local == str(archiver_port):
+            groups["archiver to front"].append(held)
+    return {k: (len(v), sum(v) / max(len(v), 1)) for k, v in groups.items()}
+
+
 def percentile(samples, p):
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
@@ -176,19 +230,35 @@ def wait_fds(b, pids, baseline, timeout):
         time.sleep(0.2)
 
 
-def measure(b, label, port, rss_pids, fd_pids):
+def measure(b, label, port, archiver_port, rss_pids, fd_pids):
     """One side: warm, baseline, 5,000 stalled clients, probes, release."""
     b.curl(f"http://127.0.0.1:{port}{HUGE_PATH}")
     b.http_get_small(port, SMALL_PATH)
     b.settle(rss_pids)
     rss0 = {p: b.rss_bytes(p) for p in rss_pids}
     fd0 = {p: b.fd_count(p) for p in fd_pids}
+    pages0 = tcp_mem_pages()
+    peak = [pages0]
+    sampling = threading.Event()
+
+    def sample():
+        while not sampling.wait(1.0):
+            peak[0] = max(peak[0], tcp_mem_pages())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     t0 = time.monotonic()
     clients = open_clients(port, HUGE_PATH, STALLED)
     deadline = time.monotonic() + ANSWER_DEADLINE_S
     with ThreadPoolExecutor(READER_THREADS) as pool:
         outcomes = list(pool.map(lambda sock: feed(sock, deadline), clients))
     answered_s = time.monotonic() - t0
+    # At once: past --client-idle-timeout (60 s) the front closes stalled
+    # connections, and what they held is released.
+    pages1 = tcp_mem_pages()
+    sockets = socket_memory(port, archiver_port)
+    sampling.set()
+    sampler.join()
     counts = {o: outcomes.count(o) for o in set(outcomes)}
     b.settle(rss_pids)
     rss1 = {p: b.rss_bytes(p) for p in rss_pids}
@@ -210,11 +280,20 @@ def measure(b, label, port, rss_pids, fd_pids):
         "probes_failed": probes_failed,
         "released_s": released_s,
         "fds_over_after": over,
+        "tcp_pages_per_download": (pages1 - pages0) / max(answered, 1),
+        "tcp_pages_held": pages1 - pages0,
+        "tcp_pages_peak": peak[0] - pages0,
+        "tcp_pages_before": pages0,
+        "sockets": sockets,
     }
     print(f"    {label}: answered {answered}/{STALLED} {counts} in {answered_s:.1f} s;"
           f" RSS/download " + ", ".join(f"{p} {v / 1024:.0f} KiB" for p, v in out["rss_per_download"].items()) +
           f"; small hits p50 {out['p50'] * 1000:.1f} ms p99 {out['p99'] * 1000:.1f} ms, {probes_failed} failed;"
           f" fds back to baseline: {'%.1f s' % released_s if released_s is not None else 'NO'} {over}", flush=True)
+    print(f"    {label}: kernel TCP memory before {pages0} pages, held {pages1 - pages0} pages"
+          f" ({(pages1 - pages0) * 4096 / 2**20:.0f} MiB; peak {peak[0] - pages0}),"
+          f" {out['tcp_pages_per_download']:.1f} pages per answered download; per socket (count, mean KiB): " +
+          ", ".join(f"{k} {n} {v / 1024:.0f}" for k, (n, v) in sockets.items()), flush=True)
     return out
 
 
@@ -251,10 +330,10 @@ def run(ctx, results, b):
         b.wait_healthy(archiver_port)
         b.wait_healthy(proxy_port)
         b.wait_listening(nginx_port)
-        gitball = measure(b, "gitball-proxy → archiver", proxy_port, [proxy.pid, archiver.pid], [proxy.pid, archiver.pid])
+        gitball = measure(b, "gitball-proxy → archiver", proxy_port, archiver_port, [proxy.pid, archiver.pid], [proxy.pid, archiver.pid])
         workers = b.children(nginx.pid)
         npids = [nginx.pid, *workers]
-        peer = measure(b, "nginx → archiver", nginx_port, [*npids, archiver.pid], [*npids, archiver.pid])
+        peer = measure(b, "nginx → archiver", nginx_port, archiver_port, [*npids, archiver.pid], [*npids, archiver.pid])
     finally:
         for proc in (nginx, proxy, archiver):
             ctx.procs.stop(proc, sig=b.signal.SIGQUIT if proc is nginx else b.signal.SIGTERM)
@@ -275,6 +354,12 @@ def run(ctx, results, b):
     results.add(SCENARIO, f"{what}: gitball-archiver RSS growth per download", "MiB/dl",
                 one(gitball["rss_per_download"][archiver.pid]), "same archiver behind nginx",
                 one(peer["rss_per_download"][archiver.pid]), ("abs<", 0.1 * b.MiB), "lower")
+    page_kib = os.sysconf("SC_PAGE_SIZE") / 1024
+    results.add(SCENARIO, f"{what}: kernel TCP memory held per download (/proc/net/sockstat, all sockets on the path)",
+                "KiB/dl", one(round(gitball["tcp_pages_per_download"] * page_kib)), "nginx reverse proxy → same archiver",
+                one(round(peer["tcp_pages_per_download"] * page_kib)), None, "lower",
+                "per socket, mean KiB: gitball " + ", ".join(f"{k} {v / 1024:.0f}" for k, (_, v) in gitball["sockets"].items())
+                + "; nginx " + ", ".join(f"{k} {v / 1024:.0f}" for k, (_, v) in peer["sockets"].items()))
     results.add(SCENARIO, f"small cached tar.gz through the same proxy meanwhile, fresh connections: p99 of {SMALL_PROBES}", "ms",
                 one(gitball["p99"]), "through nginx meanwhile", one(peer["p99"]), ("abs<", 0.050), "lower",
                 f"failed probes: gitball {gitball['probes_failed']}, nginx {peer['probes_failed']}")

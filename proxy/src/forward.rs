@@ -83,16 +83,24 @@ pub type UpstreamClient = Client<HttpConnector, Empty<Bytes>>;
 /// An upstream response: headers received, body not yet read.
 pub type UpstreamResponse = http::Response<Incoming>;
 
+/// `SO_RCVBUF` of upstream connections (the kernel doubles it for its
+/// bookkeeping, so about 128 KiB of window). Without it the kernel
+/// autotunes each one up to `tcp_rmem`'s maximum (6 MiB or more), and a
+/// stalled download parks megabytes in socket buffers between archiver and
+/// proxy: 5,000 of them exhausted the kernel's `tcp_mem`, and new
+/// connections failed. With 128 KiB, 5,000 stalled downloads (bench
+/// scenario 8) held 1.8 GiB of kernel memory on loopback, 168 KiB each on
+/// this socket; with 64 KiB, 1.4 GiB and 109 KiB, and a 1 GiB stream on
+/// loopback ran as fast. The cost is on a long path between
+/// proxy and archiver: one download's rate is at most the window per round
+/// trip, about 250 MB/s at 0.5 ms. See docs/architecture.md, "Memory per
+/// slow download".
+const UPSTREAM_RECV_BUFFER_BYTES: usize = 64 * 1024;
+
 /// Builds the client for archivers. No total timeout: it would bound the
 /// whole body, and a download may rightly take an hour. Time to headers is
 /// bounded by the caller, body progress by the client's pace. No proxy from
 /// the environment and no redirects: archivers are addressed directly.
-/// `SO_RCVBUF` of upstream connections. Without it the kernel autotunes each
-/// one up to `tcp_rmem`'s maximum (6 MiB), and a stalled download parks
-/// megabytes in socket buffers between archiver and proxy: 5,000 of them
-/// exhausted the kernel's `tcp_mem`, and new connections failed.
-const UPSTREAM_RECV_BUFFER_BYTES: usize = 256 * 1024;
-
 pub fn upstream_client(connect_timeout: Duration) -> UpstreamClient {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(connect_timeout));
