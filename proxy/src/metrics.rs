@@ -251,3 +251,34 @@ fn active_downloads(change: f64) {
         gauge!(ACTIVE_DOWNLOADS).increment(change);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_handles_count_into_the_series_the_macros_name() {
+        let handle = gitball_core::metrics::install();
+        register();
+        let upstream = "http://kept-handles.test:1";
+        upstream_attempt(upstream, "ok");
+        upstream_attempt(upstream, "ok");
+        upstream_attempt(upstream, "connect_error");
+        // Another serving thread keeps handles of its own: same series.
+        std::thread::spawn(move || upstream_attempt(upstream, "ok"))
+            .join()
+            .unwrap();
+        let text = handle.render();
+        for line in [
+            format!("{UPSTREAM_ATTEMPTS_TOTAL}{{upstream=\"{upstream}\",outcome=\"ok\"}} 3"),
+            format!(
+                "{UPSTREAM_ATTEMPTS_TOTAL}{{upstream=\"{upstream}\",outcome=\"connect_error\"}} 1"
+            ),
+        ] {
+            assert!(
+                text.lines().any(|got| got == line),
+                "{line} not in:\n{text}"
+            );
+        }
+    }
+}
