@@ -1449,6 +1449,30 @@ mod tests {
         assert_eq!(dos_time(951_782_400), (0, 29 + 2 * 32 + 20 * 512));
     }
 
+    /// git's first piece of tar (10 KiB blocks, here the prefix directory
+    /// and the start of a file) is enough for the zip's first bytes: the
+    /// directory's local header goes out as soon as `write_block` returns,
+    /// without waiting for any deflate job (the workers are never asked).
+    #[test]
+    fn the_first_entry_goes_out_with_gits_first_piece() {
+        let tar = sample_tar(10);
+        // pax global header, its data, "p/", and half of "p/a.txt".
+        let first_piece = 5 * TAR_BLOCK;
+        let mut writer = ZipWriter::new(Vec::new(), 6, 1).unwrap();
+        writer
+            .write_block(Bytes::copy_from_slice(&tar[..first_piece]))
+            .unwrap();
+        let out = writer.sink().clone();
+        assert_eq!(&out[..4], LOCAL_HEADER_SIGNATURE.to_le_bytes());
+        assert_eq!(&out[30..32], b"p/");
+        assert_eq!(out.len(), 30 + 2 + EXTRA_MTIME_BYTES as usize);
+        // The rest follows, and the whole is the same zip as in one piece.
+        writer
+            .write_block(Bytes::copy_from_slice(&tar[first_piece..]))
+            .unwrap();
+        assert!(writer.finish().unwrap() == zip(&tar, tar.len(), 1, Zip64At::FORMAT));
+    }
+
     #[test]
     fn a_truncated_tar_fails() {
         let tar = sample_tar(10);
