@@ -175,6 +175,10 @@ pub struct Cache {
     held_bytes: Arc<AtomicU64>,
     cancel: CancellationToken,
     tasks: TaskTracker,
+    /// Where generation tasks run: the runtime that opened the cache, not
+    /// the serving thread of the request that started one (a generation
+    /// is shared work, and outlives the serving threads at shutdown).
+    runtime: tokio::runtime::Handle,
 }
 
 struct Index {
@@ -214,8 +218,10 @@ impl Cache {
     /// partials and re-indexes complete files. Of several complete files of
     /// one key (an archive whose bytes changed, next to an older copy an
     /// eviction could not unlink), only the newest by mtime is indexed; the
-    /// others are deleted and not counted.
+    /// others are deleted and not counted. Called within the tokio runtime
+    /// that is to run the generations.
     pub fn open(settings: Settings) -> io::Result<Arc<Cache>> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -285,6 +291,7 @@ impl Cache {
             held_bytes,
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            runtime,
         };
         {
             let mut index = cache.lock();
@@ -353,8 +360,9 @@ impl Cache {
         );
         let cache = self.clone();
         let partial = generation.partial.clone();
-        self.tasks.spawn(
+        self.tasks.spawn_on(
             async move { cache.generate(key, spec, partial, sender).await }.instrument(span),
+            &self.runtime,
         );
         Ok(Lookup::Miss(generation))
     }

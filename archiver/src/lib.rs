@@ -146,14 +146,21 @@ pub async fn run(
         max_connections,
         limits::FDS_PER_CONNECTION_ARCHIVER,
     );
-    tracing::info!(listen = %listener.local_addr()?, max_connections, "gitball-archiver serving");
-    let drain = server::serve(
+    let workers = server::serving_threads();
+    tracing::info!(listen = %listener.local_addr()?, workers, max_connections, "gitball-archiver serving");
+    // Requests are served on one single-threaded runtime per CPU: a cache
+    // hit then never crosses threads. Generations run on this runtime
+    // (`Cache::open` keeps its handle), so they outlive the serving threads
+    // and are stopped by `cache.shutdown` below.
+    let drain = server::serve_on_threads(
         listener,
-        http::router(app),
-        shutdown,
+        |_| http::router(app.clone()),
+        &shutdown,
         options.shutdown_grace,
         WRITE_STALL_TIMEOUT,
+        workers,
         server::Connections::new(max_connections, "gitball_archiver"),
+        "gitball-archiver",
     )
     .await?;
     match drain {

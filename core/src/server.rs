@@ -199,8 +199,6 @@ pub async fn serve(
         .keep_alive(true);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let limit = connections.limit;
-    let mut accept_errors = LogEvery::new(ACCEPT_ERROR_LOG_INTERVAL);
-    let mut refusals = LogEvery::new(ACCEPT_ERROR_LOG_INTERVAL);
     let mut connections = JoinSet::new();
 
     loop {
@@ -211,7 +209,7 @@ pub async fn serve(
                     // EMFILE and friends: back off instead of spinning, and
                     // say so once per interval, not 20 times a second.
                     limit.accept_errors.increment(1);
-                    if let Some(suppressed) = accept_errors.note(Instant::now()) {
+                    if let Some(suppressed) = limit.accept_errors_log.note(Instant::now()) {
                         tracing::warn!(
                             %error,
                             suppressed,
@@ -230,7 +228,7 @@ pub async fn serve(
         while connections.try_join_next().is_some() {}
         let Some(slot) = limit.try_acquire() else {
             limit.reject(stream);
-            if let Some(suppressed) = refusals.note(Instant::now()) {
+            if let Some(suppressed) = limit.refusals_log.note(Instant::now()) {
                 tracing::warn!(
                     max_connections = limit.max,
                     suppressed,
@@ -290,6 +288,91 @@ fn configure_accepted(stream: &TcpStream) {
     let _ = socket.set_tcp_notsent_lowat(SEND_QUEUE_LOW_WATER_BYTES);
 }
 
+/// How many threads [`serve_on_threads`] runs: one per CPU, as nginx has
+/// one worker per CPU.
+pub fn serving_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// [`serve`] on `workers` threads, each running its own single-threaded
+/// runtime and accept loop on the shared listening socket, with the router
+/// `router_for(index)` built for it; returns how the drain went, summed
+/// over the threads. Threads are named `{name}-{index}`.
+///
+/// Why not one multi-threaded runtime: on a work-stealing runtime the
+/// tasks of one connection (and the wake-ups between them) move between
+/// threads, so a request or a body chunk crosses CPUs. Here everything a
+/// connection starts runs on the thread that accepted it, as in an nginx
+/// worker. A thread busy with its connections accepts less, an idle one
+/// more. Tasks that must outlive a connection or the serving threads
+/// (shared work) belong on another runtime, spawned through its handle.
+#[allow(clippy::too_many_arguments)] // `serve`'s, and the threads
+pub async fn serve_on_threads(
+    listener: TcpListener,
+    mut router_for: impl FnMut(usize) -> Router,
+    shutdown: &CancellationToken,
+    grace: Duration,
+    write_stall_timeout: Duration,
+    workers: usize,
+    connections: Connections,
+    name: &str,
+) -> io::Result<Drain> {
+    let listener = listener.into_std()?;
+    let mut finished = Vec::with_capacity(workers);
+    for index in 0..workers {
+        let listener = listener.try_clone()?;
+        let router = router_for(index);
+        let shutdown = shutdown.clone();
+        let connections = connections.clone();
+        let (done, finished_rx) = tokio::sync::oneshot::channel();
+        finished.push(finished_rx);
+        let worker = move || {
+            let served = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .and_then(|runtime| {
+                    runtime.block_on(async {
+                        let listener = TcpListener::from_std(listener)?;
+                        serve(
+                            listener,
+                            router,
+                            shutdown.clone(),
+                            grace,
+                            write_stall_timeout,
+                            connections,
+                        )
+                        .await
+                    })
+                });
+            if served.is_err() {
+                // One thread down takes the process down, rather than
+                // leave it serving at a fraction of its capacity unnoticed.
+                shutdown.cancel();
+            }
+            let _ = done.send(served);
+        };
+        std::thread::Builder::new()
+            .name(format!("{name}-{index}"))
+            .spawn(worker)?;
+    }
+    drop(listener);
+    let mut open = None;
+    for finished in finished {
+        let served = finished
+            .await
+            .unwrap_or_else(|_| Err(io::Error::other("a serving thread panicked")));
+        match served {
+            Ok(Drain::Complete) => {}
+            Ok(Drain::Cut(cut)) => *open.get_or_insert(0) += cut,
+            Err(error) => {
+                shutdown.cancel();
+                return Err(error);
+            }
+        }
+    }
+    Ok(open.map_or(Drain::Complete, Drain::Cut))
+}
+
 /// The connection cap: a semaphore with one permit per connection, the
 /// series that count connections, and the fixed refusal.
 struct ConnectionLimit {
@@ -302,6 +385,10 @@ struct ConnectionLimit {
     rejecting: Arc<Semaphore>,
     /// The whole `503` response, built once.
     refusal: Arc<[u8]>,
+    /// Shared by every loop under this cap (the serving threads), so each
+    /// message is logged once per interval for the process.
+    accept_errors_log: SharedLogEvery,
+    refusals_log: SharedLogEvery,
 }
 
 /// One open connection's place under the cap; dropping it frees the place.
@@ -350,6 +437,8 @@ impl ConnectionLimit {
             accept_errors,
             rejecting: Arc::new(Semaphore::new(MAX_REJECTIONS_IN_FLIGHT)),
             refusal: overloaded_response().into(),
+            accept_errors_log: SharedLogEvery::new(ACCEPT_ERROR_LOG_INTERVAL),
+            refusals_log: SharedLogEvery::new(ACCEPT_ERROR_LOG_INTERVAL),
         }
     }
 
@@ -417,6 +506,22 @@ fn overloaded_response() -> Vec<u8> {
         body.len()
     )
     .into_bytes()
+}
+
+/// A [`LogEvery`] the serving threads share.
+struct SharedLogEvery(std::sync::Mutex<LogEvery>);
+
+impl SharedLogEvery {
+    fn new(interval: Duration) -> SharedLogEvery {
+        SharedLogEvery(std::sync::Mutex::new(LogEvery::new(interval)))
+    }
+
+    fn note(&self, now: Instant) -> Option<u64> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .note(now)
+    }
 }
 
 /// Rate limit for a log line that could otherwise repeat many times a

@@ -251,7 +251,7 @@ impl Proxy {
             })
         });
 
-        let workers = serving_threads();
+        let workers = server::serving_threads();
         tracing::info!(listen = %address, workers, max_connections = self.max_connections, "gitball-proxy serving");
         let connections = server::Connections::new(self.max_connections, "gitball_proxy");
         let drain = serve_on_threads(
@@ -286,26 +286,17 @@ impl Proxy {
 /// start-up health check's client keeps its connection pooled for a while.
 const EMBEDDED_CONNECTIONS_HEADROOM: usize = 16;
 
-/// How many threads serve clients: one per CPU, as nginx has one worker per
-/// CPU.
-fn serving_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, usize::from)
-}
-
-/// Serves `listener` on `workers` threads, each running its own
-/// single-threaded runtime, accept loop and upstream connection pool, until
-/// `shutdown`; returns how the drain went, summed over the threads.
+/// Serves `listener` on `workers` threads ([`server::serve_on_threads`]),
+/// each with its own upstream connection pool, until `shutdown`.
 ///
-/// Why not one multi-threaded runtime: a download has two connections, the
-/// client's and the upstream's, each driven by its own task. On a
-/// work-stealing runtime those tasks (and the wake-ups between them, one
-/// per chunk) land on different threads, so every chunk crosses CPUs; a
-/// 1 GiB stream ran at 0.72× nginx's. Here everything a connection starts
-/// (its upstream connection, the pipe's idle watchdog) runs on the thread
-/// that accepted it, as in an nginx worker. The threads share one listening
-/// socket: a thread busy with its downloads accepts less, an idle one more.
-/// What they share besides (routes, upstream health, metrics) is behind
-/// locks or atomics and touched a few times per request, not per chunk.
+/// A download has two connections, the client's and the upstream's, each
+/// driven by its own task. On a work-stealing runtime those tasks (and the
+/// wake-ups between them, one per chunk) landed on different threads, so
+/// every chunk crossed CPUs; a 1 GiB stream ran at 0.72× nginx's. Here
+/// everything a connection starts (its upstream connection, the pipe's idle
+/// watchdog) runs on the thread that accepted it. What the threads share
+/// besides (routes, upstream health, metrics) is behind locks or atomics
+/// and touched a few times per request, not per chunk.
 async fn serve_on_threads(
     listener: TcpListener,
     state: &Arc<http::AppState>,
@@ -314,79 +305,26 @@ async fn serve_on_threads(
     workers: usize,
     connections: server::Connections,
 ) -> anyhow::Result<server::Drain> {
-    let listener = listener.into_std()?;
-    let mut finished = Vec::with_capacity(workers);
-    for index in 0..workers {
-        let listener = listener
-            .try_clone()
-            .context("cannot share the listening socket")?;
+    let router_for = |_| {
         let mut worker_state = http::AppState::clone(state);
         worker_state.forwarder = state.forwarder.with_own_pool();
-        let router = http::router(Arc::new(worker_state));
-        let shutdown = shutdown.clone();
-        let idle_timeout = state.client_idle_timeout;
-        let connections = connections.clone();
-        let (done, finished_rx) = tokio::sync::oneshot::channel();
-        finished.push(finished_rx);
-        let worker = move || {
-            let served = (|| {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .context("cannot start a serving thread's runtime")?;
-                runtime.block_on(async {
-                    let listener = TcpListener::from_std(listener)?;
-                    // The socket-level stall guard backs the pipe's idle
-                    // watchdog: the watchdog releases the upstream, the
-                    // guard closes the client's connection, which hyper
-                    // cannot do while the client reads nothing.
-                    server::serve(
-                        listener,
-                        router,
-                        shutdown.clone(),
-                        grace,
-                        idle_timeout,
-                        connections,
-                    )
-                    .await
-                    .context("serving")
-                })
-            })();
-            if served.is_err() {
-                // One thread down takes the proxy down, rather than leave
-                // it serving at a fraction of its capacity unnoticed.
-                shutdown.cancel();
-            }
-            let _ = done.send(served);
-        };
-        std::thread::Builder::new()
-            .name(format!("gitball-proxy-{index}"))
-            .spawn(worker)
-            .context("cannot start a serving thread")?;
-    }
-    drop(listener);
-    let mut drain = server::Drain::Complete;
-    for finished in finished {
-        let served = finished
-            .await
-            .map_err(|_| anyhow::anyhow!("a serving thread panicked"))
-            .and_then(|served| served);
-        match served {
-            Ok(server::Drain::Complete) => {}
-            Ok(server::Drain::Cut(open)) => {
-                let before = match drain {
-                    server::Drain::Complete => 0,
-                    server::Drain::Cut(before) => before,
-                };
-                drain = server::Drain::Cut(before + open);
-            }
-            Err(error) => {
-                shutdown.cancel();
-                return Err(error);
-            }
-        }
-    }
-    Ok(drain)
+        http::router(Arc::new(worker_state))
+    };
+    // The socket-level stall guard backs the pipe's idle watchdog: the
+    // watchdog releases the upstream, the guard closes the client's
+    // connection, which hyper cannot do while the client reads nothing.
+    server::serve_on_threads(
+        listener,
+        router_for,
+        shutdown,
+        grace,
+        state.client_idle_timeout,
+        workers,
+        connections,
+        "gitball-proxy",
+    )
+    .await
+    .context("serving")
 }
 
 /// How long the embedded archiver may take to answer `/healthz` (it
