@@ -103,8 +103,7 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// connections reset). 64 KiB: with 128 KiB (and the proxy's upstream
 /// receive buffers at 256 KiB) the 5,000 stalled downloads of bench
 /// scenario 8 held 2.2 GiB of kernel memory, at this machine's limit; with
-/// 64 KiB (both), 1.4 GiB. A 1 GiB stream on loopback was as fast and took
-/// no more CPU.
+/// 64 KiB (both), 1.4 GiB.
 /// See docs/architecture.md, "Memory per slow download".
 pub const SEND_QUEUE_LOW_WATER_BYTES: u32 = 64 * 1024;
 /// How long the loop waits after a failed `accept` before the next one.
