@@ -44,40 +44,80 @@ static REGISTERED: AtomicBool = AtomicBool::new(false);
 /// records into the same atomic as the macro would, so the series read the
 /// same. Labelled handles are per label value (status codes, upstreams ×
 /// outcomes: bounded by the routing table).
+#[derive(Default)]
 struct Handles {
     requests: HashMap<u16, Counter>,
-    duration: Histogram,
-    disconnects: Counter,
     attempts: HashMap<&'static str, HashMap<Box<str>, Counter>>,
-    sent_bytes: Counter,
-    active_downloads: Gauge,
+    duration: Option<Histogram>,
+    disconnects: Option<Counter>,
+    sent_bytes: Option<Counter>,
+    active_downloads: Option<Gauge>,
 }
 
 thread_local! {
     static HANDLES: RefCell<Option<Handles>> = const { RefCell::new(None) };
 }
 
-/// Runs `record` with this thread's handles, or returns `None` before
-/// [`register`] (a handle taken then would be a no-op forever).
-fn with_handles<R>(record: impl FnOnce(&mut Handles) -> R) -> Option<R> {
+/// Runs `keep` with this thread's handles, or returns `None` before
+/// [`register`] (a handle taken then would be a no-op forever). The
+/// accessors below fall back to a handle of the moment then.
+fn with_handles<R>(keep: impl FnOnce(&mut Handles) -> R) -> Option<R> {
     if !REGISTERED.load(Ordering::Relaxed) {
         return None;
     }
     HANDLES
         .try_with(|handles| {
             let mut handles = handles.try_borrow_mut().ok()?;
-            let handles = handles.get_or_insert_with(|| Handles {
-                requests: HashMap::new(),
-                duration: histogram!(REQUEST_DURATION_SECONDS),
-                disconnects: counter!(CLIENT_DISCONNECTS_TOTAL),
-                attempts: HashMap::new(),
-                sent_bytes: counter!(SENT_BYTES_TOTAL),
-                active_downloads: gauge!(ACTIVE_DOWNLOADS),
-            });
-            Some(record(handles))
+            Some(keep(handles.get_or_insert_with(Handles::default)))
         })
         .ok()
         .flatten()
+}
+
+fn requests(status: u16) -> Counter {
+    let make = || counter!(REQUESTS_TOTAL, "code" => status.to_string());
+    with_handles(|kept| kept.requests.entry(status).or_insert_with(make).clone())
+        .unwrap_or_else(make)
+}
+
+fn attempts(upstream: &str, outcome: &'static str) -> Counter {
+    let make = || {
+        counter!(
+            UPSTREAM_ATTEMPTS_TOTAL,
+            "upstream" => upstream.to_owned(),
+            "outcome" => outcome
+        )
+    };
+    with_handles(|kept| {
+        let by_upstream = kept.attempts.entry(outcome).or_default();
+        if let Some(attempts) = by_upstream.get(upstream) {
+            return attempts.clone();
+        }
+        let attempts = make();
+        by_upstream.insert(upstream.into(), attempts.clone());
+        attempts
+    })
+    .unwrap_or_else(make)
+}
+
+fn duration() -> Histogram {
+    let make = || histogram!(REQUEST_DURATION_SECONDS);
+    with_handles(|kept| kept.duration.get_or_insert_with(make).clone()).unwrap_or_else(make)
+}
+
+fn disconnects() -> Counter {
+    let make = || counter!(CLIENT_DISCONNECTS_TOTAL);
+    with_handles(|kept| kept.disconnects.get_or_insert_with(make).clone()).unwrap_or_else(make)
+}
+
+fn sent_bytes_counter() -> Counter {
+    let make = || counter!(SENT_BYTES_TOTAL);
+    with_handles(|kept| kept.sent_bytes.get_or_insert_with(make).clone()).unwrap_or_else(make)
+}
+
+fn active_downloads() -> Gauge {
+    let make = || gauge!(ACTIVE_DOWNLOADS);
+    with_handles(|kept| kept.active_downloads.get_or_insert_with(make).clone()).unwrap_or_else(make)
 }
 
 /// Describes every family and creates the unlabelled series at 0. Call once
@@ -142,51 +182,16 @@ pub fn register() {
 /// The request log's hook: a request finished (its body ended, one way or
 /// another, or its client left before the answer: `499`).
 pub fn request_finished(_: &RequestLog, finished: &Finished) {
-    let client_gone = finished.ending == Ending::ClientGone;
-    let recorded = with_handles(|handles| {
-        handles
-            .requests
-            .entry(finished.status)
-            .or_insert_with(|| counter!(REQUESTS_TOTAL, "code" => finished.status.to_string()))
-            .increment(1);
-        handles.duration.record(finished.duration.as_secs_f64());
-        if client_gone {
-            handles.disconnects.increment(1);
-        }
-    });
-    if recorded.is_none() {
-        counter!(REQUESTS_TOTAL, "code" => finished.status.to_string()).increment(1);
-        histogram!(REQUEST_DURATION_SECONDS).record(finished.duration.as_secs_f64());
-        if client_gone {
-            counter!(CLIENT_DISCONNECTS_TOTAL).increment(1);
-        }
+    requests(finished.status).increment(1);
+    duration().record(finished.duration.as_secs_f64());
+    if finished.ending == Ending::ClientGone {
+        disconnects().increment(1);
     }
 }
 
 /// One attempt at an upstream ended with `outcome` (see `forward::Outcome`).
 pub fn upstream_attempt(upstream: &str, outcome: &'static str) {
-    let recorded = with_handles(|handles| {
-        let by_upstream = handles.attempts.entry(outcome).or_default();
-        match by_upstream.get(upstream) {
-            Some(attempts) => attempts.increment(1),
-            None => {
-                let attempts = attempts_counter(upstream, outcome);
-                attempts.increment(1);
-                by_upstream.insert(upstream.into(), attempts);
-            }
-        }
-    });
-    if recorded.is_none() {
-        attempts_counter(upstream, outcome).increment(1);
-    }
-}
-
-fn attempts_counter(upstream: &str, outcome: &'static str) -> Counter {
-    counter!(
-        UPSTREAM_ATTEMPTS_TOTAL,
-        "upstream" => upstream.to_owned(),
-        "outcome" => outcome
-    )
+    attempts(upstream, outcome).increment(1);
 }
 
 pub fn failover() {
@@ -215,9 +220,7 @@ pub fn routes_reloaded(outcome: &'static str) {
 }
 
 pub fn sent_bytes(bytes: u64) {
-    if with_handles(|handles| handles.sent_bytes.increment(bytes)).is_none() {
-        counter!(SENT_BYTES_TOTAL).increment(bytes);
-    }
+    sent_bytes_counter().increment(bytes);
 }
 
 pub fn client_idle_timeout() {
@@ -235,20 +238,14 @@ pub struct ActiveDownload(());
 
 impl ActiveDownload {
     pub fn start() -> ActiveDownload {
-        active_downloads(1.0);
+        active_downloads().increment(1.0);
         ActiveDownload(())
     }
 }
 
 impl Drop for ActiveDownload {
     fn drop(&mut self) {
-        active_downloads(-1.0);
-    }
-}
-
-fn active_downloads(change: f64) {
-    if with_handles(|handles| handles.active_downloads.increment(change)).is_none() {
-        gauge!(ACTIVE_DOWNLOADS).increment(change);
+        active_downloads().decrement(1.0);
     }
 }
 
