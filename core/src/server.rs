@@ -845,21 +845,45 @@ mod tests {
     /// Bound on every wait in these tests.
     const TEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+    /// [`serve`] with `router` on an ephemeral port of 127.0.0.1.
+    struct TestLoop {
+        address: std::net::SocketAddr,
+        shutdown: CancellationToken,
+        server: tokio::task::JoinHandle<io::Result<Drain>>,
+    }
+
+    impl TestLoop {
+        async fn start(router: Router, connections: Connections) -> TestLoop {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = listener.local_addr().unwrap();
+            let shutdown = CancellationToken::new();
+            let server = tokio::spawn(serve(
+                listener,
+                router,
+                shutdown.clone(),
+                Duration::ZERO,
+                TEST_TIMEOUT,
+                connections,
+            ));
+            TestLoop {
+                address,
+                shutdown,
+                server,
+            }
+        }
+
+        async fn stop(self) {
+            self.shutdown.cancel();
+            self.server.await.unwrap().unwrap();
+        }
+    }
+
     /// Sends `head` on a fresh connection to a loop serving `GET /` and
     /// returns the status and body (the loop closes: `Connection: close`).
     async fn answer(head: Vec<u8>) -> (u16, String) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
         let router = Router::new().route("/", get(|| async { "served" }));
-        let server = tokio::spawn(serve(
-            listener,
-            router,
-            shutdown.clone(),
-            Duration::ZERO,
-            TEST_TIMEOUT,
-            Connections::new(16, "test"),
-        ));
+        let server = TestLoop::start(router, Connections::new(16, "test")).await;
+        let address = server.address;
         let exchange = async {
             let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
             stream.write_all(&head).await.unwrap();
@@ -870,8 +894,7 @@ mod tests {
         let response = tokio::time::timeout(TEST_TIMEOUT, exchange)
             .await
             .expect("the loop answered in time");
-        shutdown.cancel();
-        server.await.unwrap().unwrap();
+        server.stop().await;
         let response = String::from_utf8(response).unwrap();
         let status = response
             .split(' ')
@@ -945,18 +968,9 @@ mod tests {
 
     #[tokio::test]
     async fn past_the_cap_a_connection_gets_503_and_a_freed_slot_serves_again() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
         let router = Router::new().route("/", get(|| async { "served" }));
-        let server = tokio::spawn(serve(
-            listener,
-            router,
-            shutdown.clone(),
-            Duration::ZERO,
-            TEST_TIMEOUT,
-            Connections::new(1, "test_cap"),
-        ));
+        let server = TestLoop::start(router, Connections::new(1, "test_cap")).await;
+        let address = server.address;
         let exchange = async {
             // The one slot: a kept-alive connection, served once.
             let mut held = tokio::net::TcpStream::connect(address).await.unwrap();
@@ -995,8 +1009,7 @@ mod tests {
         tokio::time::timeout(TEST_TIMEOUT, exchange)
             .await
             .expect("answered in time");
-        shutdown.cancel();
-        server.await.unwrap().unwrap();
+        server.stop().await;
     }
 
     /// An endless body in 16 KiB chunks that counts the bytes hyper took.
@@ -1025,9 +1038,6 @@ mod tests {
     /// autotuning let the kernel queue megabytes.
     #[tokio::test]
     async fn a_stalled_client_pins_a_bounded_send_queue() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
         let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let body_taken = taken.clone();
         let router = Router::new().route(
@@ -1037,19 +1047,12 @@ mod tests {
                 async move { Body::new(Endless(taken)) }
             }),
         );
-        let server = tokio::spawn(serve(
-            listener,
-            router,
-            shutdown.clone(),
-            Duration::ZERO,
-            TEST_TIMEOUT,
-            Connections::new(4, "test_lowat"),
-        ));
+        let server = TestLoop::start(router, Connections::new(4, "test_lowat")).await;
         // A remote client's receive buffer, small as on a slow link.
         const CLIENT_RECEIVE_BUFFER: u32 = 16 * 1024;
         let client = tokio::net::TcpSocket::new_v4().unwrap();
         client.set_recv_buffer_size(CLIENT_RECEIVE_BUFFER).unwrap();
-        let mut client = client.connect(address).await.unwrap();
+        let mut client = client.connect(server.address).await.unwrap();
         client
             .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
@@ -1087,7 +1090,6 @@ mod tests {
             "{held} bytes left the body for a client that reads nothing (bound {bound})"
         );
         drop(client);
-        shutdown.cancel();
-        server.await.unwrap().unwrap();
+        server.stop().await;
     }
 }
