@@ -544,6 +544,35 @@ fn scrape(addr: SocketAddr) -> Metrics {
     }
 }
 
+/// Starts `binary args` in `ns` and waits until `/healthz` at `addr` says
+/// 200. Bounded: a restart on a just-freed port retries until a deadline.
+fn start_healthy(
+    ns: &str,
+    binary: &str,
+    args: &[OsString],
+    home: &Path,
+    log: &Path,
+    addr: SocketAddr,
+) -> NsProcess {
+    let program = binary_path(binary);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut process = NsProcess::spawn(ns, binary, &program, args, home, log);
+        let up = wait_until(Duration::from_secs(20), || {
+            health(addr) == Some(200) || !process.is_running()
+        });
+        if up && process.is_running() {
+            return process;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{binary} in {ns} did not start; log:\n{}",
+            process.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn health(addr: SocketAddr) -> Option<u16> {
     RawConnection::request(addr, "GET", "/healthz", &[])
         .ok()
@@ -882,28 +911,15 @@ impl Fleet {
         args.extend(server.extra.iter().map(OsString::from));
         let log = server.home.join("archiver.log");
         let ns = self.network.ns(server.host);
-        let binary = binary_path("gitball-archiver");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        // Bounded: a restart on a just-freed port retries until the deadline.
-        loop {
-            let mut process =
-                NsProcess::spawn(&ns, "gitball-archiver", &binary, &args, &server.home, &log);
-            let addr = archiver_addr(index);
-            let up = wait_until(Duration::from_secs(20), || {
-                health(addr) == Some(200) || !process.is_running()
-            });
-            if up && process.is_running() {
-                self.servers[index].process = Some(process);
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "archiver {} did not start; log:\n{}",
-                server.host,
-                process.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let process = start_healthy(
+            &ns,
+            "gitball-archiver",
+            &args,
+            &server.home,
+            &log,
+            archiver_addr(index),
+        );
+        self.servers[index].process = Some(process);
     }
 
     fn start_proxy(&mut self, index: usize) {
@@ -932,27 +948,15 @@ impl Fleet {
         ];
         let log = proxy.home.join("proxy.log");
         let ns = self.network.ns(proxy.host);
-        let binary = binary_path("gitball-proxy");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let mut process =
-                NsProcess::spawn(&ns, "gitball-proxy", &binary, &args, &proxy.home, &log);
-            let addr = proxy_addr(index);
-            let up = wait_until(Duration::from_secs(20), || {
-                health(addr) == Some(200) || !process.is_running()
-            });
-            if up && process.is_running() {
-                self.proxies[index].process = Some(process);
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "proxy {} did not start; log:\n{}",
-                proxy.host,
-                process.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let process = start_healthy(
+            &ns,
+            "gitball-proxy",
+            &args,
+            &proxy.home,
+            &log,
+            proxy_addr(index),
+        );
+        self.proxies[index].process = Some(process);
     }
 
     fn archiver(&mut self, index: usize) -> &mut NsProcess {
