@@ -46,7 +46,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -239,13 +239,13 @@ pub async fn serve(
         configure_accepted(&stream);
 
         let router = router.clone();
-        let stalled = WriteStalled::default();
-        let stream = StallGuard::new(stream, write_stall_timeout, stalled.clone());
+        let writes = ClientWrites::default();
+        let stream = StallGuard::new(stream, write_stall_timeout, writes.clone());
         let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
             let router = router.clone();
             // Lets a body stream tell, when it is dropped, that its
             // connection was closed for a client that took no bytes.
-            request.extensions_mut().insert(stalled.clone());
+            request.extensions_mut().insert(writes.clone());
             // Who is asking, for the archiver's crawler budget and the
             // proxy's client identity.
             request
@@ -595,14 +595,61 @@ fn too_large(status: StatusCode, code: &str, message: &str) -> Response {
     response
 }
 
-/// Set when a connection's write-stall guard fired. Each request carries
-/// its connection's flag as an extension.
-#[derive(Clone, Debug, Default)]
-pub struct WriteStalled(Arc<AtomicBool>);
+/// What the server loop knows of a connection's socket writes. Each request
+/// carries its connection's as an extension, so a body stream can tell
+/// whether its client is taking bytes (hyper does not poll a body while the
+/// socket is full, so the stream cannot see that itself).
+#[derive(Clone, Debug)]
+pub struct ClientWrites(Arc<WriteState>);
 
-impl WriteStalled {
-    pub fn is_set(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+#[derive(Debug)]
+struct WriteState {
+    /// Set when the write-stall guard fired.
+    timed_out: AtomicBool,
+    /// When the connection was accepted; `stuck_since_ms` counts from here.
+    base: tokio::time::Instant,
+    /// Milliseconds after `base` since which a write has been pending with
+    /// no progress, or `NOT_STUCK`.
+    stuck_since_ms: AtomicU64,
+}
+
+const NOT_STUCK: u64 = u64::MAX;
+
+impl Default for ClientWrites {
+    fn default() -> Self {
+        ClientWrites(Arc::new(WriteState {
+            timed_out: AtomicBool::new(false),
+            base: tokio::time::Instant::now(),
+            stuck_since_ms: AtomicU64::new(NOT_STUCK),
+        }))
+    }
+}
+
+impl ClientWrites {
+    /// Whether the write-stall guard closed the connection.
+    pub fn timed_out(&self) -> bool {
+        self.0.timed_out.load(Ordering::Acquire)
+    }
+
+    /// How long the connection's pending write has been waiting for the
+    /// client to take bytes; `None` while writes go through.
+    pub fn stuck_for(&self) -> Option<Duration> {
+        let since = self.0.stuck_since_ms.load(Ordering::Acquire);
+        (since != NOT_STUCK).then(|| {
+            self.0
+                .base
+                .elapsed()
+                .saturating_sub(Duration::from_millis(since))
+        })
+    }
+
+    fn stuck(&self) {
+        let since = u64::try_from(self.0.base.elapsed().as_millis()).unwrap_or(NOT_STUCK - 1);
+        self.0.stuck_since_ms.store(since, Ordering::Release);
+    }
+
+    fn moving(&self) {
+        self.0.stuck_since_ms.store(NOT_STUCK, Ordering::Release);
     }
 }
 
@@ -613,16 +660,16 @@ pub struct StallGuard<S> {
     timeout: Duration,
     /// Armed while a write is pending; boxed so the guard stays `Unpin`.
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
-    fired: WriteStalled,
+    writes: ClientWrites,
 }
 
 impl<S> StallGuard<S> {
-    pub fn new(inner: S, timeout: Duration, fired: WriteStalled) -> Self {
+    pub fn new(inner: S, timeout: Duration, writes: ClientWrites) -> Self {
         StallGuard {
             inner,
             timeout,
             stalled: None,
-            fired,
+            writes,
         }
     }
 }
@@ -647,16 +694,21 @@ impl<S: AsyncWrite + Unpin> StallGuard<S> {
     ) -> Poll<io::Result<T>> {
         match op(Pin::new(&mut self.inner), cx) {
             Poll::Ready(result) => {
-                self.stalled = None;
+                if self.stalled.take().is_some() {
+                    self.writes.moving();
+                }
                 Poll::Ready(result)
             }
             Poll::Pending => {
+                if self.stalled.is_none() {
+                    self.writes.stuck();
+                }
                 let timeout = self.timeout;
                 let timer = self
                     .stalled
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
                 if timer.as_mut().poll(cx).is_ready() {
-                    self.fired.0.store(true, Ordering::Release);
+                    self.writes.0.timed_out.store(true, Ordering::Release);
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::TimedOut,
                         "client took no bytes",
@@ -711,9 +763,9 @@ mod tests {
     const STALL: Duration = Duration::from_secs(300);
 
     /// A guarded end of a duplex with a 4-byte buffer, and the peer end.
-    fn guarded() -> (StallGuard<DuplexStream>, DuplexStream, WriteStalled) {
+    fn guarded() -> (StallGuard<DuplexStream>, DuplexStream, ClientWrites) {
         let (ours, peer) = duplex(4);
-        let stalled = WriteStalled::default();
+        let stalled = ClientWrites::default();
         (StallGuard::new(ours, STALL, stalled.clone()), peer, stalled)
     }
 
@@ -740,7 +792,7 @@ mod tests {
     async fn a_write_pending_past_the_timeout_fails_timed_out_and_sets_the_flag() {
         let (mut guard, _peer, stalled) = guarded();
         guard.write_all(b"abcd").await.unwrap();
-        assert!(!stalled.is_set());
+        assert!(!stalled.timed_out());
 
         // The peer takes nothing: the write waits, then fails. (An await,
         // not manual polls: the guard's timer must wake the writer.)
@@ -748,7 +800,7 @@ mod tests {
         let error = guard.write_all(b"efgh").await.unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::TimedOut);
         assert_eq!(started.elapsed(), STALL);
-        assert!(stalled.is_set());
+        assert!(stalled.timed_out());
     }
 
     #[tokio::test(start_paused = true)]
@@ -758,19 +810,22 @@ mod tests {
         assert!(poll_write(&mut guard, b"efgh").is_pending());
         tokio::time::advance(STALL - Duration::from_millis(1)).await;
         assert!(poll_write(&mut guard, b"efgh").is_pending());
-        assert!(!stalled.is_set());
+        assert!(!stalled.timed_out());
         tokio::time::advance(Duration::from_millis(1)).await;
         assert!(timed_out(poll_write(&mut guard, b"efgh")));
-        assert!(stalled.is_set());
+        assert!(stalled.timed_out());
     }
 
     #[tokio::test(start_paused = true)]
     async fn progress_before_the_timeout_disarms_the_guard() {
         let (mut guard, mut peer, stalled) = guarded();
         guard.write_all(b"abcd").await.unwrap();
+        assert_eq!(stalled.stuck_for(), None);
         assert!(poll_write(&mut guard, b"efgh").is_pending());
         tokio::time::advance(STALL * 2 / 3).await;
         assert!(poll_write(&mut guard, b"efgh").is_pending());
+        // What a body stream reads to tell a stalled client.
+        assert_eq!(stalled.stuck_for(), Some(STALL * 2 / 3));
 
         // The peer takes the bytes: the write goes through.
         let mut taken = [0u8; 4];
@@ -780,16 +835,17 @@ mod tests {
             poll_write(&mut guard, b"efgh"),
             Poll::Ready(Ok(4))
         ));
+        assert_eq!(stalled.stuck_for(), None);
 
         // Stuck again: the timeout counts from now, not from the first
         // stall (whose deadline passes in between).
         assert!(poll_write(&mut guard, b"ijkl").is_pending());
         tokio::time::advance(STALL * 2 / 3).await;
         assert!(poll_write(&mut guard, b"ijkl").is_pending());
-        assert!(!stalled.is_set());
+        assert!(!stalled.timed_out());
         tokio::time::advance(STALL / 3).await;
         assert!(timed_out(poll_write(&mut guard, b"ijkl")));
-        assert!(stalled.is_set());
+        assert!(stalled.timed_out());
     }
 
     #[tokio::test(start_paused = true)]
@@ -798,7 +854,7 @@ mod tests {
         assert!(poll_read(&mut guard).is_pending());
         tokio::time::advance(STALL * 10).await;
         assert!(poll_read(&mut guard).is_pending());
-        assert!(!stalled.is_set());
+        assert!(!stalled.timed_out());
 
         peer.write_all(b"GET ").await.unwrap();
         let mut read = [0u8; 4];
@@ -813,7 +869,7 @@ mod tests {
             poll_read(&mut guard).map(Result::unwrap),
             Poll::Ready(b"/ HT".to_vec())
         );
-        assert!(!stalled.is_set());
+        assert!(!stalled.timed_out());
 
         // EOF too.
         drop(peer);
@@ -833,13 +889,13 @@ mod tests {
         peer.read_to_end(&mut all).await.unwrap();
         assert_eq!(all, b"ab");
 
-        assert!(!stalled.is_set());
+        assert!(!stalled.timed_out());
 
         let (mut guard, peer, stalled) = guarded();
         drop(peer);
         let error = guard.write_all(b"abcd").await.unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::BrokenPipe);
-        assert!(!stalled.is_set());
+        assert!(!stalled.timed_out());
     }
 
     /// Bound on every wait in these tests.
