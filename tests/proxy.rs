@@ -976,6 +976,184 @@ fn idle_clients_are_disconnected_after_client_idle_timeout() {
 }
 
 // ---------------------------------------------------------------------------
+// Parking: a stalled download releases its upstream
+
+/// How long a test client stays stalled before its download parks.
+const PARK_AFTER: &str = "0.3";
+
+/// Opens a download of `path` through `proxy`, takes its head and 1 MiB,
+/// then stops reading until the proxy has parked it (its upstream released:
+/// the archiver serves no download). Returns the connection, the head and
+/// a hasher over the bytes taken.
+fn stall_until_parked(
+    proxy: &Proxy,
+    archiver: SocketAddr,
+    path: &str,
+) -> (RawConnection, ResponseHead, Sha256, u64) {
+    let mut connection = RawConnection::connect(proxy.addr).expect("connect");
+    connection.send_request("GET", path, &[]).expect("send");
+    let head = connection.read_head().expect("head");
+    assert_eq!(head.status, 200);
+    let first = connection.read_body_bytes(MIB).expect("first MiB");
+    let mut hasher = Sha256::new();
+    hasher.update(&first);
+    // The client reads nothing now; the proxy fills the socket buffers and
+    // then has nothing to do but wait.
+    assert!(
+        wait_until(SETTLE, || proxy
+            .scrape()
+            .value("gitball_proxy_parked_downloads", &[])
+            == 1.0),
+        "the stalled download was not parked"
+    );
+    assert!(
+        wait_until(SETTLE, || scrape(archiver)
+            .value("gitball_archiver_active_downloads", &[])
+            == 0.0),
+        "the archiver still serves the parked download"
+    );
+    (connection, head, hasher, first.len() as u64)
+}
+
+/// `git archive --format=tar` of `big`'s `main`: SHA-256 and length.
+fn big_tar_digest(big: &BigRepo) -> (String, u64) {
+    let home = big
+        .repos
+        .parent()
+        .expect("repos dir has a parent")
+        .join("home");
+    let repo = RepoBuilder::open(&big.repos.join("acme/big"), &home);
+    let commit = repo.rev_parse("main");
+    let mut child = repo.archive_stream("tar", "big-main/", &commit);
+    let mut stdout = child.stdout.take().expect("stdout is piped");
+    let mut hasher = Sha256::new();
+    let length = std::io::copy(&mut stdout, &mut hasher).expect("read git archive");
+    assert!(child.wait().expect("wait for git").success(), "git archive");
+    (format!("{:x}", hasher.finalize()), length)
+}
+
+#[test]
+fn a_stalled_download_parks_and_resumes_with_the_same_bytes() {
+    let sandbox = Sandbox::new();
+    let big = big_repo_128();
+    let cache = sandbox.path("cache");
+    link_files(warm_big_cache(), &cache);
+    let primary = Archiver::start_with_cache(&big.repos, &cache, &[]);
+    let cluster = Cluster::around(primary, Vec::new(), &["--park-after", PARK_AFTER]);
+    warm_up(&cluster, big);
+
+    let (mut connection, head, mut hasher, mut received) =
+        stall_until_parked(&cluster.proxy, cluster.primary.addr, BIG_PATH);
+    assert_eq!(head.header("x-gitball-cache"), Some("hit"));
+    let digest = head
+        .header("repr-digest")
+        .expect("a hit has a digest")
+        .to_owned();
+
+    // The client reads again: the rest comes by a range request.
+    let end = connection.read_body_to_end(|piece| {
+        hasher.update(piece);
+        received += piece.len() as u64;
+    });
+    assert_eq!(end, BodyEnd::Complete, "after {received} bytes");
+    assert_eq!(received, big.full_length);
+    assert_eq!(
+        digest,
+        format!("sha-256=:{}:", base64(&hasher.finalize())),
+        "the resumed download's bytes differ from the archive's"
+    );
+    let metrics = cluster.proxy.scrape();
+    assert!(metrics.value("gitball_proxy_resumes_total", &[("outcome", "resumed")]) >= 1.0);
+    assert_eq!(
+        metrics.value("gitball_proxy_resumes_total", &[("outcome", "failed")]),
+        0.0
+    );
+    assert_eq!(metrics.value("gitball_proxy_parked_downloads", &[]), 0.0);
+    assert_eq!(
+        metrics.value("gitball_proxy_upstream_aborts_total", &[]),
+        0.0
+    );
+    // The log line is the download's one, complete, with every byte.
+    let log = cluster.proxy.log();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("\"ending\":\"complete\"")
+                && line.contains(&format!("\"bytes\":{}", big.full_length))),
+        "no complete log line with {} bytes:\n{log}",
+        big.full_length
+    );
+}
+
+#[test]
+fn a_parked_download_resumes_from_a_new_generation_after_a_restart_on_an_empty_cache() {
+    let sandbox = Sandbox::new();
+    let big = big_repo_64();
+    let (expected_digest, expected_length) = big_tar_digest(big);
+    // A cold cache: the download starts while its archive is generated
+    // (chunked, no length).
+    let mut cluster = Cluster::start(&big.repos, &big.repos, 0, &["--park-after", PARK_AFTER]);
+    let (mut connection, head, mut hasher, mut received) = stall_until_parked(
+        &cluster.proxy,
+        cluster.primary.addr,
+        "/acme/big/archive/main.tar",
+    );
+    assert_eq!(head.header("x-gitball-cache"), Some("miss"));
+
+    // The archiver goes, and comes back on the same address without its
+    // cache: the rest can only come from a new generation.
+    let addr = cluster.primary.addr;
+    kill_hard(&mut cluster.primary);
+    let _restarted = start_archiver_at(&big.repos, &sandbox.path("empty-cache"), addr, &[]);
+
+    let end = connection.read_body_to_end(|piece| {
+        hasher.update(piece);
+        received += piece.len() as u64;
+    });
+    assert_eq!(end, BodyEnd::Complete, "after {received} bytes");
+    assert_eq!(received, expected_length);
+    assert_eq!(format!("{:x}", hasher.finalize()), expected_digest);
+    let metrics = cluster.proxy.scrape();
+    assert!(metrics.value("gitball_proxy_resumes_total", &[("outcome", "resumed")]) >= 1.0);
+    assert_eq!(
+        metrics.value("gitball_proxy_resumes_total", &[("outcome", "failed")]),
+        0.0
+    );
+}
+
+#[test]
+fn a_parked_download_that_cannot_resume_is_aborted_not_ended() {
+    let sandbox = Sandbox::new();
+    let big = big_repo_128();
+    let cache = sandbox.path("cache");
+    link_files(warm_big_cache(), &cache);
+    let primary = Archiver::start_with_cache(&big.repos, &cache, &[]);
+    let mut cluster = Cluster::around(primary, Vec::new(), &["--park-after", PARK_AFTER]);
+    warm_up(&cluster, big);
+
+    let (mut connection, _head, _hasher, mut received) =
+        stall_until_parked(&cluster.proxy, cluster.primary.addr, BIG_PATH);
+    // No archiver left to give the rest.
+    kill_hard(&mut cluster.primary);
+    let end = connection.read_body_to_end(|piece| received += piece.len() as u64);
+    assert!(
+        matches!(end, BodyEnd::Aborted(_)),
+        "a download that could not resume ended cleanly after {received} bytes"
+    );
+    assert!(received < big.full_length);
+    let metrics = cluster.proxy.scrape();
+    assert_eq!(
+        metrics.value("gitball_proxy_resumes_total", &[("outcome", "failed")]),
+        1.0
+    );
+    assert_eq!(metrics.value("gitball_proxy_parked_downloads", &[]), 0.0);
+    assert!(wait_until(SETTLE, || cluster
+        .proxy
+        .scrape()
+        .value("gitball_proxy_active_downloads", &[])
+        == 0.0));
+}
+
+// ---------------------------------------------------------------------------
 // Configuration
 
 #[test]

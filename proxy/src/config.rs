@@ -106,6 +106,11 @@ pub struct Config {
     #[arg(long, env = "GITBALL_CLIENT_IDLE_TIMEOUT", default_value = "60", value_parser = parse_seconds)]
     pub client_idle_timeout: Duration,
 
+    /// Seconds a client may take no body bytes before its download releases its upstream
+    /// connection, to resume with a `Range` request when the client reads again (0: never).
+    #[arg(long, env = "GITBALL_PARK_AFTER", default_value = "10", value_parser = parse_seconds)]
+    pub park_after: Duration,
+
     /// Seconds a failed upstream is tried last (after every healthy candidate).
     #[arg(long, env = "GITBALL_EJECT_FOR", default_value = "10", value_parser = parse_seconds)]
     pub eject_for: Duration,

@@ -40,7 +40,7 @@ use gitball_core::log::{Ending, Fault, RequestLog, Tier};
 use gitball_core::protocol::{REQUEST_ID, X_GITBALL_CLIENT, X_GITBALL_WANT_LENGTH};
 use gitball_core::request_id::request_id;
 use gitball_core::response;
-use gitball_core::server::WriteStalled;
+use gitball_core::server::ClientWrites;
 use gitball_core::url;
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header};
@@ -52,8 +52,9 @@ use crate::forward::{
     FORWARDED_REQUEST_HEADERS, Forwarder, UpstreamRequest, UpstreamResponse, body_length,
     is_passed_through,
 };
-use crate::pipe::Pipe;
+use crate::pipe::{Pipe, Timers};
 use crate::prewarm::Prewarm;
+use crate::resume::Resume;
 use crate::routes::Routes;
 use crate::sign::SigningKey;
 
@@ -67,6 +68,8 @@ pub struct AppState {
     /// `--max-token-ttl`: how far ahead a token's expiry may be.
     pub max_token_ttl: Duration,
     pub client_idle_timeout: Duration,
+    /// `--park-after` (zero: never).
+    pub park_after: Duration,
     /// `--trusted-proxies`.
     pub trusted_proxies: TrustedProxies,
     /// `--prewarm-token-file` and formats; `None`: prewarm is off.
@@ -140,6 +143,8 @@ struct Answer {
     upstream: Arc<str>,
     /// The route needed a token: no shared cache may store the answer.
     private: bool,
+    /// How the download gets its upstream back after parking.
+    resume: Option<Resume>,
 }
 
 /// Phases 2 to 4: parse, route, forward.
@@ -191,10 +196,22 @@ async fn handle(
         Ok(forwarded) => {
             log.upstream = Some(forwarded.upstream.clone());
             log.attempts = Some(forwarded.attempts);
+            let resume = if state.park_after.is_zero() {
+                None
+            } else {
+                Resume::for_response(
+                    &forwarded.response,
+                    &forwarded.upstream,
+                    &state.forwarder,
+                    &candidates,
+                    &upstream_request,
+                )
+            };
             Ok(Answer {
                 response: forwarded.response,
                 upstream: forwarded.upstream,
                 private,
+                resume,
             })
         }
         Err(failed) => {
@@ -240,8 +257,12 @@ fn respond(state: &AppState, request: &Parts, answer: Answer, mut log: RequestLo
                 upstream_response,
                 answer.upstream,
                 state.forwarder.health().clone(),
-                state.client_idle_timeout,
-                state.forwarder.header_timeout(),
+                Timers {
+                    idle_timeout: state.client_idle_timeout,
+                    upstream_silence: state.forwarder.header_timeout(),
+                    park_after: state.park_after,
+                },
+                answer.resume,
                 move |end| {
                     log.ending = Some(end.ending);
                     log.bytes = end.bytes;
@@ -251,7 +272,7 @@ fn respond(state: &AppState, request: &Parts, answer: Answer, mut log: RequestLo
                     drop(log);
                 },
             )
-            .on_connection(request.extensions.get::<WriteStalled>().cloned()),
+            .on_connection(request.extensions.get::<ClientWrites>().cloned()),
         );
     }
     // Otherwise the upstream response is dropped here; having no body left

@@ -38,6 +38,7 @@ pub mod http;
 pub mod metrics;
 pub mod pipe;
 pub mod prewarm;
+pub mod resume;
 pub mod routes;
 pub mod sign;
 pub mod upstream;
@@ -207,6 +208,7 @@ impl Proxy {
             signing_key,
             max_token_ttl: config.max_token_ttl,
             client_idle_timeout: config.client_idle_timeout,
+            park_after: config.park_after,
             trusted_proxies,
             prewarm,
             metrics: handle,

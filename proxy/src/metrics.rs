@@ -32,6 +32,8 @@ const CLIENT_DISCONNECTS_TOTAL: &str = "gitball_proxy_client_disconnects_total";
 const CLIENT_IDLE_TIMEOUTS_TOTAL: &str = "gitball_proxy_client_idle_timeouts_total";
 const UPSTREAM_ABORTS_TOTAL: &str = "gitball_proxy_upstream_aborts_total";
 const ROUTES_RELOADS_TOTAL: &str = "gitball_proxy_routes_reloads_total";
+const PARKED_DOWNLOADS: &str = "gitball_proxy_parked_downloads";
+const RESUMES_TOTAL: &str = "gitball_proxy_resumes_total";
 
 /// Set by [`register`]: the recorder is installed, so handles taken from
 /// now on record into it and may be kept.
@@ -162,6 +164,14 @@ pub fn register() {
         UPSTREAM_ABORTS_TOTAL,
         "Downloads aborted because the upstream failed mid-body."
     );
+    describe_gauge!(
+        PARKED_DOWNLOADS,
+        "Downloads whose client took no bytes for --park-after: their upstream is released until the client reads again."
+    );
+    describe_counter!(
+        RESUMES_TOTAL,
+        "Parked downloads that asked an upstream for the rest, by outcome (resumed, failed: the download was aborted)."
+    );
     describe_counter!(
         ROUTES_RELOADS_TOTAL,
         "Routing table reloads (SIGHUP), by outcome (ok, error)."
@@ -176,6 +186,10 @@ pub fn register() {
     counter!(CLIENT_IDLE_TIMEOUTS_TOTAL).absolute(0);
     counter!(UPSTREAM_ABORTS_TOTAL).absolute(0);
     gauge!(ACTIVE_DOWNLOADS).set(0.0);
+    gauge!(PARKED_DOWNLOADS).set(0.0);
+    for outcome in ["resumed", "failed"] {
+        counter!(RESUMES_TOTAL, "outcome" => outcome).absolute(0);
+    }
     REGISTERED.store(true, Ordering::Relaxed);
 }
 
@@ -229,6 +243,16 @@ pub fn client_idle_timeout() {
 
 pub fn upstream_abort() {
     counter!(UPSTREAM_ABORTS_TOTAL).increment(1);
+}
+
+/// A download was parked (`1`) or is no longer (`-1`).
+pub fn parked_downloads(delta: f64) {
+    gauge!(PARKED_DOWNLOADS).increment(delta);
+}
+
+/// A parked download's resume ended with `outcome` (`resumed`, `failed`).
+pub fn resume(outcome: &'static str) {
+    counter!(RESUMES_TOTAL, "outcome" => outcome).increment(1);
 }
 
 /// Holds one unit of `gitball_proxy_active_downloads` for as long as it

@@ -12,6 +12,15 @@
 //! A slow client slows the upstream read, and TCP flow control carries that
 //! back to the archiver, which reads its cache file at the same pace.
 //!
+//! **Parked**: a client that takes no byte for `--park-after` (the chunk
+//! handed to hyper still unwritten, and the connection's write stuck that
+//! long, `ClientWrites::stuck_for`) loses its upstream: the watchdog drops
+//! the upstream body, which closes that connection and frees the chunk read
+//! ahead, the socket buffers on the way and the archiver's reader. When
+//! hyper asks for more, the pipe gets the rest by range (`resume`) and
+//! carries on; a resume that fails aborts the client connection.
+//! `gitball_proxy_parked_downloads`, `gitball_proxy_resumes_total`.
+//!
 //! How a download ends, and what each way releases and counts:
 //!
 //! - **complete**: the upstream body ended cleanly; the stream ends and
@@ -62,6 +71,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 use futures_util::task::AtomicWaker;
 use futures_util::{Stream, StreamExt};
@@ -70,10 +80,11 @@ use http_body_util::BodyExt;
 use tokio::time::Instant;
 
 use gitball_core::log::Ending;
-use gitball_core::server::WriteStalled;
+use gitball_core::server::ClientWrites;
 
 use crate::forward::{UpstreamResponse, body_length};
 use crate::metrics::ActiveDownload;
+use crate::resume::{Resume, ResumeError, Resumed};
 use crate::upstream::Health;
 
 /// What the pipe reports when it ends, for the request's log line.
@@ -90,6 +101,8 @@ pub enum PipeError {
     IdleTimeout(Duration),
     #[error("the upstream body failed: {0}")]
     Upstream(#[source] UpstreamError),
+    #[error("the parked download could not be resumed: {0}")]
+    Resume(#[source] ResumeError),
 }
 
 /// The upstream sent no body bytes for this long while the client waited.
@@ -103,7 +116,18 @@ pub type UpstreamError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The upstream body's data frames (trailers, which archivers do not send,
 /// are skipped).
-type UpstreamBody = BoxStream<'static, Result<Bytes, UpstreamError>>;
+pub type UpstreamBody = BoxStream<'static, Result<Bytes, UpstreamError>>;
+
+/// The pipe's timers, from the proxy's flags.
+#[derive(Clone, Copy, Debug)]
+pub struct Timers {
+    /// `--client-idle-timeout`.
+    pub idle_timeout: Duration,
+    /// `--header-timeout`: bounds each wait for the upstream's next chunk.
+    pub upstream_silence: Duration,
+    /// `--park-after`; zero: never park.
+    pub park_after: Duration,
+}
 
 /// `waiting_since_ms` when the pipe is not waiting for the client.
 const NOT_WAITING: u64 = u64::MAX;
@@ -119,6 +143,9 @@ struct Shared {
     waiting_since_ms: AtomicU64,
     /// Set by the watchdog when it cut the download for idleness.
     idle_timed_out: AtomicBool,
+    /// Set by the watchdog when it released the upstream of a download
+    /// whose client takes nothing; cleared when the download resumed.
+    parked: AtomicBool,
     started: Instant,
 }
 
@@ -133,6 +160,13 @@ impl Shared {
 
     fn now_ms(&self) -> u64 {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(NOT_WAITING - 1)
+    }
+
+    /// Marks the download as no longer parked (resumed, or over).
+    fn unpark(&self) {
+        if self.parked.swap(false, Ordering::AcqRel) {
+            crate::metrics::parked_downloads(-1.0);
+        }
     }
 }
 
@@ -169,7 +203,7 @@ impl Drop for Handed {
 pub struct Pipe {
     shared: Arc<Shared>,
     in_flight: Arc<InFlight>,
-    idle_timeout: Duration,
+    timers: Timers,
     /// Started with the first chunk that is not the last: a small archive
     /// sent in one chunk never needs one.
     watchdog: Option<tokio::task::JoinHandle<()>>,
@@ -180,23 +214,26 @@ pub struct Pipe {
     expected_bytes: Option<u64>,
     ending: Option<Ending>,
     on_end: Option<Box<dyn FnOnce(End) + Send>>,
-    /// The client connection's write-stall flag (see `Drop`).
-    connection_stalled: Option<WriteStalled>,
+    /// How to get the upstream back after parking; `None`: never parked.
+    resume: Option<Arc<Resume>>,
+    /// A resume under way (the client asked for more while parked).
+    resuming: Option<BoxFuture<'static, Result<Resumed, ResumeError>>>,
+    /// The client connection's writes (see `Drop` and `watch`).
+    writes: Option<ClientWrites>,
     _active: ActiveDownload,
 }
 
 impl Pipe {
     /// Starts piping `response`'s body. `on_end` is called exactly once,
     /// when the download ends by any path. Must be polled inside a tokio
-    /// runtime (it spawns the idle watchdog).
-    /// `upstream_silence` bounds each wait for the upstream's next chunk
-    /// (`--header-timeout`).
+    /// runtime (it spawns the idle watchdog). Without `resume` the download
+    /// keeps its upstream while the client is stalled.
     pub fn new(
         response: UpstreamResponse,
         upstream_name: Arc<str>,
         health: Arc<Health>,
-        idle_timeout: Duration,
-        upstream_silence: Duration,
+        timers: Timers,
+        resume: Option<Resume>,
         on_end: impl FnOnce(End) + Send + 'static,
     ) -> Pipe {
         let expected_bytes = body_length(&response);
@@ -204,14 +241,16 @@ impl Pipe {
             .into_body()
             .into_data_stream()
             .map(|chunk| chunk.map_err(UpstreamError::from));
-        Pipe::from_stream(
-            fail_when_silent(Box::pin(body), upstream_silence),
+        let mut pipe = Pipe::from_stream(
+            fail_when_silent(Box::pin(body), timers.upstream_silence),
             expected_bytes,
             upstream_name,
             health,
-            idle_timeout,
+            timers,
             on_end,
-        )
+        );
+        pipe.resume = resume.map(Arc::new);
+        pipe
     }
 
     fn from_stream(
@@ -219,7 +258,7 @@ impl Pipe {
         expected_bytes: Option<u64>,
         upstream_name: Arc<str>,
         health: Arc<Health>,
-        idle_timeout: Duration,
+        timers: Timers,
         on_end: impl FnOnce(End) + Send + 'static,
     ) -> Pipe {
         let shared = Arc::new(Shared {
@@ -228,12 +267,13 @@ impl Pipe {
             // watchdog.
             waiting_since_ms: AtomicU64::new(NOT_WAITING),
             idle_timed_out: AtomicBool::new(false),
+            parked: AtomicBool::new(false),
             started: Instant::now(),
         });
         Pipe {
             shared,
             in_flight: Arc::default(),
-            idle_timeout,
+            timers,
             watchdog: None,
             health,
             upstream_name,
@@ -241,15 +281,18 @@ impl Pipe {
             expected_bytes,
             ending: None,
             on_end: Some(Box::new(on_end)),
-            connection_stalled: None,
+            resume: None,
+            resuming: None,
+            writes: None,
             _active: ActiveDownload::start(),
         }
     }
 
-    /// Tells the pipe its client connection's write-stall flag, so a cut by
-    /// the server's guard counts as an idle timeout.
-    pub fn on_connection(mut self, stalled: Option<WriteStalled>) -> Pipe {
-        self.connection_stalled = stalled;
+    /// Tells the pipe its client connection's writes: whether the server's
+    /// write-stall guard cut the connection (then the download ended for
+    /// idleness), and how long a write has been stuck (which parks it).
+    pub fn on_connection(mut self, writes: Option<ClientWrites>) -> Pipe {
+        self.writes = writes;
         self
     }
 }
@@ -273,14 +316,27 @@ fn fail_when_silent(body: UpstreamBody, limit: Duration) -> UpstreamBody {
     ))
 }
 
-/// Drops the upstream body when the client has not asked for a chunk for
-/// `idle_timeout`, then returns. Aborted when the pipe is dropped.
-async fn watch_idle(shared: Arc<Shared>, idle_timeout: Duration) {
-    let idle_ms = u64::try_from(idle_timeout.as_millis()).unwrap_or(u64::MAX / 2);
+/// When to park a download: its client has not asked for the next chunk,
+/// and its connection's write has taken no byte, for `after`.
+struct Park {
+    after: Duration,
+    /// `None` without a server connection (in-process tests): the wait for
+    /// the next ask alone counts.
+    writes: Option<ClientWrites>,
+}
+
+/// Watches a download while the client holds its last chunk: parks it
+/// (releases the upstream, `park`) once the client has taken nothing for
+/// `park.after`, and cuts it (drops the upstream, then returns) once the
+/// client has not asked for a chunk for `idle_timeout`. Aborted when the
+/// pipe is dropped.
+async fn watch(shared: Arc<Shared>, idle_timeout: Duration, park: Option<Park>) {
+    let as_ms = |duration: Duration| u64::try_from(duration.as_millis()).unwrap_or(u64::MAX / 2);
+    let idle_ms = as_ms(idle_timeout);
     loop {
         let since = shared.waiting_since_ms.load(Ordering::Acquire);
         let now = shared.now_ms();
-        let wait_ms = if since == NOT_WAITING {
+        let mut wait_ms = if since == NOT_WAITING {
             // Waiting for the upstream, not the client: look again later.
             idle_ms
         } else if now.saturating_sub(since) >= idle_ms {
@@ -305,18 +361,67 @@ async fn watch_idle(shared: Arc<Shared>, idle_timeout: Duration) {
         } else {
             since + idle_ms - now
         };
+        if let Some(park) = &park
+            && !shared.parked.load(Ordering::Acquire)
+        {
+            let after_ms = as_ms(park.after);
+            if since == NOT_WAITING {
+                // The client is taking bytes: look again in `after`.
+                wait_ms = wait_ms.min(after_ms);
+                tokio::time::sleep(Duration::from_millis(wait_ms.max(1))).await;
+                continue;
+            }
+            let waited_ms = now.saturating_sub(since);
+            // How long the client's socket has taken nothing: a slow client
+            // that still takes bytes keeps its upstream.
+            let stuck_ms = match &park.writes {
+                Some(writes) => writes.stuck_for().map(as_ms),
+                None => Some(waited_ms),
+            };
+            match stuck_ms {
+                Some(stuck_ms) if waited_ms >= after_ms && stuck_ms >= after_ms => {
+                    let mut upstream = shared.lock();
+                    if shared.waiting_since_ms.load(Ordering::Acquire) == since
+                        && upstream.is_some()
+                    {
+                        let body = upstream.take();
+                        shared.parked.store(true, Ordering::Release);
+                        drop(upstream);
+                        // Closes the upstream connection: the chunk it read
+                        // ahead, its socket buffers and the archiver's
+                        // reader go now.
+                        drop(body);
+                        crate::metrics::parked_downloads(1.0);
+                        tracing::debug!(after = ?park.after, "client stalled; download parked");
+                    }
+                    continue;
+                }
+                Some(stuck_ms) => {
+                    let until = after_ms - waited_ms.min(stuck_ms).min(after_ms);
+                    wait_ms = wait_ms.min(until);
+                }
+                None => wait_ms = wait_ms.min(after_ms),
+            }
+        }
         tokio::time::sleep(Duration::from_millis(wait_ms.max(1))).await;
     }
 }
 
 impl Pipe {
     fn end(&mut self, ending: Ending) {
+        self.end_with(ending, true);
+    }
+
+    /// Ends the download; an abort ejects the upstream when `eject` (a
+    /// failed resume does not: `forward` judged each attempt already).
+    fn end_with(&mut self, ending: Ending, eject: bool) {
         if self.ending.is_some() {
             return;
         }
         if let Some(watchdog) = &self.watchdog {
             watchdog.abort();
         }
+        self.shared.unpark();
         // Once the watchdog cut the download, however the pipe ends next
         // (an error at the next poll, or a drop when the client finally
         // leaves) it ended for idleness.
@@ -333,7 +438,9 @@ impl Pipe {
             Ending::IdleTimeout => {}
             Ending::Aborted => {
                 crate::metrics::upstream_abort();
-                self.health.failed(&self.upstream_name);
+                if eject {
+                    self.health.failed(&self.upstream_name);
+                }
             }
         }
         if let Some(on_end) = self.on_end.take() {
@@ -342,6 +449,37 @@ impl Pipe {
                 bytes: self.bytes,
             });
         }
+    }
+
+    /// The client asks for more while the download is parked: get the
+    /// rest from an upstream (`resume`), then carry on.
+    fn poll_resume(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ResumeError>> {
+        let Some(resume) = self.resume.clone() else {
+            // Parked only when resumable.
+            return Poll::Ready(Err(ResumeError::NoAnswer("not resumable".into())));
+        };
+        let sent = self.bytes;
+        let resuming = self
+            .resuming
+            .get_or_insert_with(|| Box::pin(async move { resume.resume(sent).await }));
+        let resumed = match resuming.as_mut().poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(resumed) => resumed,
+        };
+        self.resuming = None;
+        let resumed = match resumed {
+            Ok(resumed) => resumed,
+            Err(error) => {
+                crate::metrics::resume("failed");
+                return Poll::Ready(Err(error));
+            }
+        };
+        crate::metrics::resume("resumed");
+        tracing::debug!(upstream = %resumed.upstream, sent, "parked download resumed");
+        self.upstream_name = resumed.upstream;
+        *self.shared.lock() = Some(fail_when_silent(resumed.body, self.timers.upstream_silence));
+        self.shared.unpark();
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -368,11 +506,31 @@ impl Stream for Pipe {
         shared
             .waiting_since_ms
             .store(NOT_WAITING, Ordering::Release);
+        if upstream.is_none() {
+            drop(upstream);
+            // Only the watchdog takes the body while the pipe is running:
+            // to cut an idle client, or to park a stalled one.
+            if shared.idle_timed_out.load(Ordering::Acquire)
+                || !shared.parked.load(Ordering::Acquire)
+            {
+                this.end(Ending::IdleTimeout);
+                return Poll::Ready(Some(Err(PipeError::IdleTimeout(this.timers.idle_timeout))));
+            }
+            match this.poll_resume(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(error)) => {
+                    tracing::warn!(%error, "parked download not resumed; aborting it");
+                    this.end_with(Ending::Aborted, false);
+                    return Poll::Ready(Some(Err(PipeError::Resume(error))));
+                }
+            }
+            upstream = shared.lock();
+        }
         let Some(body) = upstream.as_mut() else {
             drop(upstream);
-            // Only the watchdog takes the body while the pipe is running.
             this.end(Ending::IdleTimeout);
-            return Poll::Ready(Some(Err(PipeError::IdleTimeout(this.idle_timeout))));
+            return Poll::Ready(Some(Err(PipeError::IdleTimeout(this.timers.idle_timeout))));
         };
         match body.as_mut().poll_next(cx) {
             Poll::Pending => Poll::Pending,
@@ -395,9 +553,15 @@ impl Stream for Pipe {
                         .waiting_since_ms
                         .store(shared.now_ms(), Ordering::Release);
                     if this.watchdog.is_none() {
-                        this.watchdog = Some(tokio::spawn(watch_idle(
+                        let park = (this.resume.is_some() && !this.timers.park_after.is_zero())
+                            .then(|| Park {
+                                after: this.timers.park_after,
+                                writes: this.writes.clone(),
+                            });
+                        this.watchdog = Some(tokio::spawn(watch(
                             this.shared.clone(),
-                            this.idle_timeout,
+                            this.timers.idle_timeout,
+                            park,
                         )));
                     }
                 }
@@ -432,10 +596,7 @@ impl Drop for Pipe {
         // client's connection before the watchdog fires: then the download
         // ended for idleness, not because the client left.
         if self.ending.is_none()
-            && self
-                .connection_stalled
-                .as_ref()
-                .is_some_and(WriteStalled::is_set)
+            && self.writes.as_ref().is_some_and(ClientWrites::timed_out)
             && !self.shared.idle_timed_out.swap(true, Ordering::AcqRel)
         {
             crate::metrics::client_idle_timeout();
@@ -448,6 +609,15 @@ impl Drop for Pipe {
 mod tests {
     use super::*;
     use futures_util::StreamExt;
+
+    /// Timers with `idle` as the idle timeout; no parking.
+    fn timers(idle: Duration) -> Timers {
+        Timers {
+            idle_timeout: idle,
+            upstream_silence: Duration::from_secs(60),
+            park_after: Duration::ZERO,
+        }
+    }
 
     /// An upstream body that records when it is dropped.
     struct Tracked {
@@ -504,7 +674,7 @@ mod tests {
             expected,
             Arc::from("http://upstream:1"),
             Arc::new(Health::new(Duration::from_secs(10))),
-            idle,
+            timers(idle),
             move |end| *record.lock().unwrap() = Some(end),
         );
         (pipe, dropped, ended)
@@ -653,7 +823,7 @@ mod tests {
             None,
             Arc::from("http://upstream:1"),
             health.clone(),
-            Duration::from_secs(60),
+            timers(Duration::from_secs(60)),
             move |end| *record.lock().unwrap() = Some(end),
         );
         assert!(pipe.next().await.unwrap().is_ok());
@@ -687,7 +857,7 @@ mod tests {
             None,
             Arc::from("http://upstream:1"),
             Arc::new(Health::new(Duration::from_secs(10))),
-            Duration::from_secs(60),
+            timers(Duration::from_secs(60)),
             move |end| *record.lock().unwrap() = Some(end),
         );
         assert!(pipe.next().await.unwrap().is_ok());
@@ -716,7 +886,7 @@ mod tests {
             None,
             Arc::from("http://upstream:1"),
             health.clone(),
-            Duration::from_secs(60),
+            timers(Duration::from_secs(60)),
             move |end| *record.lock().unwrap() = Some(end),
         );
         assert!(pipe.next().await.unwrap().is_ok());

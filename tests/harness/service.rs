@@ -144,6 +144,10 @@ impl Service {
             )
             .env("HOME", &workdir)
             .env("NO_COLOR", "1")
+            .env(
+                "RUST_LOG",
+                std::env::var("GITBALL_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env("RUST_BACKTRACE", "1")
             .current_dir(&workdir)
             .stdin(Stdio::null())

@@ -1,0 +1,303 @@
+//! Resuming a parked download: the rest of an archive from any archiver of
+//! the route, by `Range`, under the same ETag.
+//!
+//! A download whose client has taken no bytes for `--park-after` releases
+//! its upstream response (`pipe`): the upstream connection, the chunk its
+//! connection read ahead, the archiver's reader and the socket buffers on
+//! the way all go. When the client takes bytes again the pipe asks for the
+//! rest here. Archive bytes are fixed by the ETag (the byte series, the
+//! commit and the options), so any replica's copy, or a new generation of
+//! an archive evicted in the meantime, continues the same bytes:
+//!
+//! - the request is the original one (same canonical URL, request id,
+//!   client address) with `Range: bytes={next}-{last}` and `If-Range:
+//!   {etag}`, sent to the upstream that served the download first, then
+//!   to the route's other candidates (`forward`, with its failover);
+//! - a `206` must carry the same ETag and a `Content-Range` that starts at
+//!   the next byte (and ends where the download ends, when that is known);
+//!   its body continues the download;
+//! - a `200` under the same ETag (an archive still or again being
+//!   generated, where ranges are ignored) continues the download after its
+//!   first `{next}` bytes are skipped;
+//! - anything else (another ETag, another status, no candidate answering)
+//!   aborts the client connection: a download never continues with other
+//!   bytes, and never ends cleanly short of its end.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{HeaderValue, Method, StatusCode, header};
+use http_body_util::BodyExt;
+
+use crate::forward::{
+    Forwarder, UPSTREAM_READ_BUFFER_BYTES, UpstreamRequest, UpstreamResponse, body_length,
+};
+use crate::pipe::{UpstreamBody, UpstreamError};
+use crate::routes::Candidate;
+
+/// What a download needs to get its upstream back.
+#[derive(Debug)]
+pub struct Resume {
+    forwarder: Forwarder,
+    candidates: Vec<Candidate>,
+    /// The original request, without the client's own validators.
+    request: UpstreamRequest,
+    etag: HeaderValue,
+    /// Offset in the archive of the response body's first byte.
+    first: u64,
+    /// Offset of its last byte, when the response said (a length, or a
+    /// `Content-Range`); `None` while the archive was still growing.
+    last: Option<u64>,
+}
+
+/// The rest of a download, from its next byte.
+pub struct Resumed {
+    pub body: UpstreamBody,
+    pub upstream: Arc<str>,
+}
+
+/// Why a download could not be resumed.
+#[derive(Debug, thiserror::Error)]
+pub enum ResumeError {
+    #[error("no upstream answered the resume: {0}")]
+    NoAnswer(String),
+    #[error("the resume got {0} from {1}, not the rest of the same archive")]
+    Mismatch(StatusCode, Arc<str>),
+}
+
+impl Resume {
+    /// How to resume `response`, the answer from `upstream` to `request`;
+    /// `None` if it cannot be resumed (not a `GET`, not a `200` or `206`, no
+    /// strong ETag).
+    pub fn for_response(
+        response: &UpstreamResponse,
+        upstream: &Arc<str>,
+        forwarder: &Forwarder,
+        candidates: &[Candidate],
+        request: &UpstreamRequest,
+    ) -> Option<Resume> {
+        if request.method != Method::GET {
+            return None;
+        }
+        // A body that fits in one chunk is handed over whole at once: it
+        // never waits for an upstream it could release.
+        if body_length(response).is_some_and(|len| len <= UPSTREAM_READ_BUFFER_BYTES as u64) {
+            return None;
+        }
+        let etag = response.headers().get(header::ETAG)?;
+        if !etag.as_bytes().starts_with(b"\"") {
+            return None;
+        }
+        let (first, last) = match response.status() {
+            StatusCode::OK => (0, body_length(response).and_then(|len| len.checked_sub(1))),
+            StatusCode::PARTIAL_CONTENT => {
+                let (first, last, _) = content_range(response)?;
+                (first, Some(last))
+            }
+            _ => return None,
+        };
+        // The one that served the download first has the archive: ask it
+        // first.
+        let mut ordered = Vec::with_capacity(candidates.len());
+        ordered.extend(
+            candidates
+                .iter()
+                .filter(|c| c.upstream == *upstream)
+                .cloned(),
+        );
+        ordered.extend(
+            candidates
+                .iter()
+                .filter(|c| c.upstream != *upstream)
+                .cloned(),
+        );
+        let mut request = request.clone();
+        for name in [
+            header::RANGE,
+            header::IF_RANGE,
+            header::IF_NONE_MATCH,
+            header::IF_MODIFIED_SINCE,
+        ] {
+            request.headers.remove(name);
+        }
+        Some(Resume {
+            forwarder: forwarder.clone(),
+            candidates: ordered,
+            request,
+            etag: etag.clone(),
+            first,
+            last,
+        })
+    }
+
+    /// Asks for the download's bytes from `sent` (bytes already handed to
+    /// the client) on.
+    pub async fn resume(&self, sent: u64) -> Result<Resumed, ResumeError> {
+        let next = self.first + sent;
+        let mut request = self.request.clone();
+        let range = match self.last {
+            Some(last) => format!("bytes={next}-{last}"),
+            None => format!("bytes={next}-"),
+        };
+        // Digits and punctuation: a valid header value.
+        if let Ok(range) = HeaderValue::try_from(range) {
+            request.headers.insert(header::RANGE, range);
+        }
+        request.headers.insert(header::IF_RANGE, self.etag.clone());
+        let mut candidates = self.candidates.clone();
+        // Ejected ones last, as for any request (a stable partition).
+        self.forwarder.health().order(&mut candidates);
+        let forwarded = self
+            .forwarder
+            .forward(&candidates, false, &request)
+            .await
+            .map_err(|failed| ResumeError::NoAnswer(failed.error.to_string()))?;
+        let response = forwarded.response;
+        let upstream = forwarded.upstream;
+        let status = response.status();
+        if response.headers().get(header::ETAG) != Some(&self.etag) {
+            return Err(ResumeError::Mismatch(status, upstream));
+        }
+        let skip = match status {
+            StatusCode::PARTIAL_CONTENT => match content_range(&response) {
+                Some((first, last, _))
+                    if first == next && self.last.is_none_or(|ours| ours == last) =>
+                {
+                    0
+                }
+                _ => return Err(ResumeError::Mismatch(status, upstream)),
+            },
+            // The whole archive again: its first `next` bytes were sent.
+            StatusCode::OK => next,
+            _ => return Err(ResumeError::Mismatch(status, upstream)),
+        };
+        let limit = self.last.map(|last| last + 1 - next);
+        let body = response
+            .into_body()
+            .into_data_stream()
+            .map(|chunk| chunk.map_err(UpstreamError::from));
+        Ok(Resumed {
+            body: skip_and_limit(Box::pin(body), skip, limit),
+            upstream,
+        })
+    }
+}
+
+/// `bytes {first}-{last}/{length}` of a `206`.
+fn content_range(response: &UpstreamResponse) -> Option<(u64, u64, u64)> {
+    let value = response
+        .headers()
+        .get(header::CONTENT_RANGE)?
+        .to_str()
+        .ok()?;
+    let (range, length) = value.strip_prefix("bytes ")?.split_once('/')?;
+    let (first, last) = range.split_once('-')?;
+    let (first, last, length) = (
+        first.parse().ok()?,
+        last.parse().ok()?,
+        length.parse().ok()?,
+    );
+    (first <= last && last < length).then_some((first, last, length))
+}
+
+/// `body` without its first `skip` bytes, and ending after `limit` more
+/// (when given). A body that ends before `skip` is an error: the download
+/// cannot continue from it.
+fn skip_and_limit(body: UpstreamBody, skip: u64, limit: Option<u64>) -> UpstreamBody {
+    if skip == 0 && limit.is_none() {
+        return body;
+    }
+    Box::pin(futures_util::stream::unfold(
+        (body, skip, limit),
+        |(mut body, mut skip, mut limit)| async move {
+            loop {
+                if limit == Some(0) {
+                    return None;
+                }
+                let mut chunk: Bytes = match body.next().await {
+                    Some(Ok(chunk)) => chunk,
+                    Some(Err(error)) => return Some((Err(error), (body, 0, Some(0)))),
+                    None if skip > 0 => {
+                        let error = UpstreamError::from(
+                            "the resumed body ended before the download's next byte",
+                        );
+                        return Some((Err(error), (body, 0, Some(0))));
+                    }
+                    None => return None,
+                };
+                let skipped = skip.min(chunk.len() as u64);
+                skip -= skipped;
+                // `skipped` is at most the chunk's length.
+                let _ = chunk.split_to(skipped as usize);
+                if chunk.is_empty() {
+                    continue;
+                }
+                if let Some(left) = limit.as_mut() {
+                    if (chunk.len() as u64) > *left {
+                        chunk.truncate(*left as usize);
+                    }
+                    *left -= chunk.len() as u64;
+                }
+                return Some((Ok(chunk), (body, skip, limit)));
+            }
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(chunks: &[&'static [u8]]) -> UpstreamBody {
+        let chunks: Vec<Result<Bytes, UpstreamError>> =
+            chunks.iter().map(|c| Ok(Bytes::from_static(c))).collect();
+        Box::pin(futures_util::stream::iter(chunks))
+    }
+
+    async fn collect(body: UpstreamBody) -> Result<Vec<u8>, String> {
+        let mut out = Vec::new();
+        let mut body = body;
+        while let Some(chunk) = body.next().await {
+            out.extend_from_slice(&chunk.map_err(|e| e.to_string())?);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn skipping_and_limiting_cut_across_chunks() {
+        let whole: &[&[u8]] = &[b"abc", b"defg", b"hij"];
+        assert_eq!(
+            collect(skip_and_limit(body(whole), 0, None)).await.unwrap(),
+            b"abcdefghij"
+        );
+        assert_eq!(
+            collect(skip_and_limit(body(whole), 4, None)).await.unwrap(),
+            b"efghij"
+        );
+        assert_eq!(
+            collect(skip_and_limit(body(whole), 3, Some(5)))
+                .await
+                .unwrap(),
+            b"defgh"
+        );
+        assert_eq!(
+            collect(skip_and_limit(body(whole), 0, Some(2)))
+                .await
+                .unwrap(),
+            b"ab"
+        );
+        assert_eq!(
+            collect(skip_and_limit(body(whole), 10, None))
+                .await
+                .unwrap(),
+            b""
+        );
+        // Shorter than what was already sent: not a clean end.
+        assert!(
+            collect(skip_and_limit(body(whole), 11, None))
+                .await
+                .is_err()
+        );
+    }
+}
