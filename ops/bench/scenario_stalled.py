@@ -230,8 +230,11 @@ def wait_fds(b, pids, baseline, timeout):
         time.sleep(0.2)
 
 
-def measure(b, label, port, archiver_port, rss_pids, fd_pids):
-    """One side: warm, baseline, 5,000 stalled clients, probes, release."""
+def measure(b, label, port, archiver_port, rss_pids, fd_pids, parks=False):
+    """One side: warm, baseline, 5,000 stalled clients, probes, release.
+    With `parks` (gitball-proxy), memory is read once the proxy has parked
+    every stalled download (released its upstream, after --park-after),
+    and also before, as it is during the stall's first seconds."""
     b.curl(f"http://127.0.0.1:{port}{HUGE_PATH}")
     b.http_get_small(port, SMALL_PATH)
     b.settle(rss_pids)
@@ -263,6 +266,16 @@ def measure(b, label, port, archiver_port, rss_pids, fd_pids):
     b.settle(rss_pids)
     rss1 = {p: b.rss_bytes(p) for p in rss_pids}
     fd1 = {p: b.fd_count(p) for p in fd_pids}
+    before_parking = {"pages": pages1 - pages0, "sockets": sockets,
+                      "rss": {p: rss1[p] - rss0[p] for p in rss_pids}}
+    parked_s = None
+    if parks:
+        parked_s = b.wait_parked(port, counts.get("ok", 0))
+        b.settle(rss_pids)
+        pages1 = tcp_mem_pages()
+        sockets = socket_memory(port, archiver_port)
+        rss1 = {p: b.rss_bytes(p) for p in rss_pids}
+        fd1 = {p: b.fd_count(p) for p in fd_pids}
     latencies, probes_failed = probe_latencies(b, port, SMALL_PROBES)
     for sock in clients:
         if sock is not None:
@@ -285,6 +298,8 @@ def measure(b, label, port, archiver_port, rss_pids, fd_pids):
         "tcp_pages_peak": peak[0] - pages0,
         "tcp_pages_before": pages0,
         "sockets": sockets,
+        "before_parking": before_parking,
+        "parked_s": parked_s,
     }
     print(f"    {label}: answered {answered}/{STALLED} {counts} in {answered_s:.1f} s;"
           f" RSS/download " + ", ".join(f"{p} {v / 1024:.0f} KiB" for p, v in out["rss_per_download"].items()) +
@@ -294,6 +309,11 @@ def measure(b, label, port, archiver_port, rss_pids, fd_pids):
           f" ({(pages1 - pages0) * 4096 / 2**20:.0f} MiB; peak {peak[0] - pages0}),"
           f" {out['tcp_pages_per_download']:.1f} pages per answered download; per socket (count, mean KiB): " +
           ", ".join(f"{k} {n} {v / 1024:.0f}" for k, (n, v) in sockets.items()), flush=True)
+    if parks:
+        n = max(answered, 1)
+        print(f"    {label}: parked after {parked_s if parked_s is None else round(parked_s, 1)} s; before parking:"
+              f" kernel {before_parking['pages'] * 4 / n:.0f} KiB/download, RSS/download " +
+              ", ".join(f"{p} {v / n / 1024:.0f} KiB" for p, v in before_parking["rss"].items()), flush=True)
     return out
 
 
@@ -330,7 +350,8 @@ def run(ctx, results, b):
         b.wait_healthy(archiver_port)
         b.wait_healthy(proxy_port)
         b.wait_listening(nginx_port)
-        gitball = measure(b, "gitball-proxy → archiver", proxy_port, archiver_port, [proxy.pid, archiver.pid], [proxy.pid, archiver.pid])
+        gitball = measure(b, "gitball-proxy → archiver", proxy_port, archiver_port, [proxy.pid, archiver.pid], [proxy.pid, archiver.pid],
+                          parks=True)
         workers = b.children(nginx.pid)
         npids = [nginx.pid, *workers]
         peer = measure(b, "nginx → archiver", nginx_port, archiver_port, [*npids, archiver.pid], [*npids, archiver.pid])
@@ -355,6 +376,13 @@ def run(ctx, results, b):
                 one(gitball["rss_per_download"][archiver.pid]), "same archiver behind nginx",
                 one(peer["rss_per_download"][archiver.pid]), ("abs<", 0.1 * b.MiB), "lower")
     page_kib = os.sysconf("SC_PAGE_SIZE") / 1024
+    early = gitball["before_parking"]
+    n = max(gitball["answered"], 1)
+    results.add(SCENARIO, f"{what}: gitball-proxy RSS growth per download before parking", "MiB/dl",
+                one(early["rss"][proxy.pid] / n), "nginx reverse proxy (master + workers)", one(nginx_rss), None, "lower",
+                f"informational: the first --park-after (10 s) of a stall, upstream still held; kernel TCP memory then"
+                f" {early['pages'] * page_kib / n:.0f} KiB per download; all parked after "
+                + (f"{gitball['parked_s']:.1f} s" if gitball["parked_s"] is not None else "(not all parked)"))
     results.add(SCENARIO, f"{what}: kernel TCP memory held per download (/proc/net/sockstat, all sockets on the path)",
                 "KiB/dl", one(round(gitball["tcp_pages_per_download"] * page_kib)), "nginx reverse proxy → same archiver",
                 one(round(peer["tcp_pages_per_download"] * page_kib)), None, "lower",
