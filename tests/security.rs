@@ -163,6 +163,9 @@ fn repository_config_cannot_make_generation_run_commands() {
 
 /// A stub `git` (`--git`) that writes something that is not the format
 /// asked for, and exits 0: the generation fails and nothing is cached.
+/// A tar or tar.gz fails before its first byte (`500`); a zip's first
+/// bytes, the prefix directory, were sent before git ran, so its response
+/// is aborted after them, never ended cleanly.
 #[test]
 fn output_that_is_not_the_format_asked_for_is_refused() {
     let sandbox = Sandbox::new();
@@ -170,14 +173,20 @@ fn output_that_is_not_the_format_asked_for_is_refused() {
     let stub = write_stub(&sandbox, "liar", "printf 'this is not an archive at all'\n");
     let archiver = Archiver::start(&sandbox.repos(), &["--git", stub.to_str().unwrap()]);
     for ext in ["zip", "tar", "tar.gz"] {
-        let (head, _, _) = RawConnection::request(
+        let (head, body, end) = RawConnection::request(
             archiver.addr,
             "GET",
             &format!("/acme/widget/archive/main.{ext}"),
             &[],
         )
         .unwrap();
-        assert_eq!(head.status, 500, "{ext}");
+        if ext == "zip" {
+            assert_eq!(head.status, 200, "{ext}");
+            assert!(matches!(end, BodyEnd::Aborted(_)), "{ext}: {end:?}");
+            assert_zip_prefix_only(&body, "widget-main/");
+        } else {
+            assert_eq!(head.status, 500, "{ext}");
+        }
     }
     assert!(
         archiver.cache_files().is_empty(),
@@ -191,6 +200,58 @@ fn output_that_is_not_the_format_asked_for_is_refused() {
         ),
         3.0
     );
+}
+
+/// The local header of the prefix directory written before git ran, and
+/// not a byte of git's output after it.
+fn assert_zip_prefix_only(body: &[u8], prefix: &str) {
+    assert_eq!(body.len(), 30 + prefix.len() + 9, "{body:?}");
+    assert_eq!(&body[..4], b"PK\x03\x04");
+    assert_eq!(&body[30..30 + prefix.len()], prefix.as_bytes());
+}
+
+/// A zip's first bytes leave before git runs, so a git that then fails
+/// at once (or cannot start) no longer gets a `500`: the client sees the
+/// prefix directory's header and an aborted connection, directly and
+/// through the proxy (which cannot fail over once it passed the head on),
+/// and nothing is cached.
+#[test]
+fn a_zip_whose_git_fails_at_once_is_aborted_after_its_first_bytes_and_not_cached() {
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    let stub = write_stub(
+        &sandbox,
+        "fails-at-once",
+        "echo 'fatal: no' >&2\nexit 128\n",
+    );
+    let archiver = Archiver::start(&sandbox.repos(), &["--git", stub.to_str().unwrap()]);
+    let routes = sandbox.path("routes.toml");
+    write_routes(&routes, &[Route::new("*", &archiver.base_url, &[])]);
+    let proxy = Proxy::with_routes(&routes, &[]);
+    for (tier, addr) in [("archiver", archiver.addr), ("proxy", proxy.addr)] {
+        let (head, body, end) =
+            RawConnection::request(addr, "GET", "/acme/widget/archive/main.zip", &[]).unwrap();
+        assert_eq!(head.status, 200, "{tier}");
+        assert!(matches!(end, BodyEnd::Aborted(_)), "{tier}: {end:?}");
+        assert_zip_prefix_only(&body, "widget-main/");
+    }
+    assert!(
+        wait_until(WAIT, || archiver.metrics().sum(
+            "gitball_archiver_generations_total",
+            &[("outcome", "failed")]
+        ) == 2.0),
+        "{}",
+        archiver.metrics_text()
+    );
+    assert!(
+        archiver.cache_files().is_empty(),
+        "{:?}",
+        archiver.cache_files()
+    );
+    // A tar still fails before its first byte.
+    let (head, _, _) =
+        RawConnection::request(archiver.addr, "GET", "/acme/widget/archive/main.tar", &[]).unwrap();
+    assert_eq!(head.status, 500);
 }
 
 /// `export-subst` padding is expanded by git in memory: a child that needs
