@@ -163,6 +163,9 @@ fn repository_config_cannot_make_generation_run_commands() {
 
 /// A stub `git` (`--git`) that writes something that is not the format
 /// asked for, and exits 0: the generation fails and nothing is cached.
+/// A tar or tar.gz fails before its first byte (`500`); a zip's first
+/// bytes, the prefix directory, were sent before git ran, so its response
+/// is aborted after them, never ended cleanly.
 #[test]
 fn output_that_is_not_the_format_asked_for_is_refused() {
     let sandbox = Sandbox::new();
@@ -170,14 +173,27 @@ fn output_that_is_not_the_format_asked_for_is_refused() {
     let stub = write_stub(&sandbox, "liar", "printf 'this is not an archive at all'\n");
     let archiver = Archiver::start(&sandbox.repos(), &["--git", stub.to_str().unwrap()]);
     for ext in ["zip", "tar", "tar.gz"] {
-        let (head, _, _) = RawConnection::request(
+        let (head, body, end) = RawConnection::request(
             archiver.addr,
             "GET",
             &format!("/acme/widget/archive/main.{ext}"),
             &[],
         )
         .unwrap();
-        assert_eq!(head.status, 500, "{ext}");
+        if ext == "zip" {
+            // git fails fast: the request may also see the failure before
+            // it answered, and get the `500`.
+            assert!(
+                head.status == 500 || (head.status == 200 && matches!(end, BodyEnd::Aborted(_))),
+                "{ext}: {} {end:?}",
+                head.status
+            );
+            if head.status == 200 {
+                assert_zip_prefix_only(&body, "widget-main/");
+            }
+        } else {
+            assert_eq!(head.status, 500, "{ext}");
+        }
     }
     assert!(
         archiver.cache_files().is_empty(),
@@ -191,6 +207,95 @@ fn output_that_is_not_the_format_asked_for_is_refused() {
         ),
         3.0
     );
+}
+
+/// The local header of the prefix directory written before git ran (or
+/// the start of it, if the abort came first), and not a byte of git's
+/// output after it.
+fn assert_zip_prefix_only(body: &[u8], prefix: &str) {
+    let mut header = b"PK\x03\x04".to_vec();
+    header.resize(30, 0);
+    header.extend_from_slice(prefix.as_bytes());
+    assert!(body.len() <= header.len() + 9, "{body:?}");
+    for (at, (got, expected)) in body.iter().zip(&header).enumerate() {
+        // The fixed fields (version, flags, times, sizes) are not checked.
+        if !(4..30).contains(&at) {
+            assert_eq!(got, expected, "byte {at} of {body:?}");
+        }
+    }
+}
+
+/// A zip's first bytes leave before git runs, so a git that then fails
+/// at once no longer gets a `500`: the client has the prefix directory's
+/// header and then an aborted connection, directly and through the proxy
+/// (which cannot fail over once it passed the head on), and nothing is
+/// cached. The stub git waits for a line on a fifo before it fails, so the
+/// test decides that it fails after the client saw the first bytes.
+#[test]
+fn a_zip_whose_git_fails_after_its_first_bytes_is_aborted_and_not_cached() {
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    let release = sandbox.path("release");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&release)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let stub = write_stub(
+        &sandbox,
+        "fails-when-told",
+        &format!(
+            "read line < '{}'\necho 'fatal: told to fail' >&2\nexit 128\n",
+            release.display()
+        ),
+    );
+    // Read-write: opening does not wait for the stub, and a line written
+    // waits in the pipe until a stub reads it (one line per run).
+    let mut fifo = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&release)
+        .unwrap();
+    let archiver = Archiver::start(&sandbox.repos(), &["--git", stub.to_str().unwrap()]);
+    let routes = sandbox.path("routes.toml");
+    write_routes(&routes, &[Route::new("*", &archiver.base_url, &[])]);
+    let proxy = Proxy::with_routes(&routes, &[]);
+    let ahead = 30 + "widget-main/".len() + 9;
+    for (tier, addr) in [("archiver", archiver.addr), ("proxy", proxy.addr)] {
+        let mut connection = RawConnection::connect(addr).unwrap();
+        connection
+            .send_request("GET", "/acme/widget/archive/main.zip", &[])
+            .unwrap();
+        let head = connection.read_head().unwrap();
+        assert_eq!(head.status, 200, "{tier}");
+        let first = connection.read_body_bytes(ahead).unwrap();
+        assert_eq!(first.len(), ahead, "{tier}");
+        assert_zip_prefix_only(&first, "widget-main/");
+        // Now git fails.
+        std::io::Write::write_all(&mut fifo, b"fail\n").unwrap();
+        let mut rest = Vec::new();
+        let end = connection.read_body_to_end(|piece| rest.extend_from_slice(piece));
+        assert!(matches!(end, BodyEnd::Aborted(_)), "{tier}: {end:?}");
+        assert!(rest.is_empty(), "{tier}: {rest:?}");
+    }
+    assert!(
+        wait_until(WAIT, || archiver.metrics().sum(
+            "gitball_archiver_generations_total",
+            &[("outcome", "failed")]
+        ) == 2.0),
+        "{}",
+        archiver.metrics_text()
+    );
+    assert!(
+        archiver.cache_files().is_empty(),
+        "{:?}",
+        archiver.cache_files()
+    );
+    // A tar still fails before its first byte: a clean `500`.
+    std::io::Write::write_all(&mut fifo, b"fail\n").unwrap();
+    let (head, _, _) =
+        RawConnection::request(archiver.addr, "GET", "/acme/widget/archive/main.tar", &[]).unwrap();
+    assert_eq!(head.status, 500);
 }
 
 /// `export-subst` padding is expanded by git in memory: a child that needs

@@ -640,7 +640,9 @@ impl Cache {
 mod tests {
     use super::*;
     use crate::cache::policy::Segment;
+    use crate::generate::Compression;
     use crate::test_support::{HEADER_LEN, StubGit, names_in, printed, within};
+    use gitball_core::url::Format;
 
     #[test]
     fn complete_names_parse_and_others_do_not() {
@@ -1000,6 +1002,60 @@ mod tests {
         assert_eq!(bytes(&cache), 0);
         assert!(names_in(&stub.cache_dir()).is_empty());
         assert!(cache.peek(&stub.spec(1)).is_none());
+    }
+
+    /// A zip's first bytes (the prefix directory, written before git runs)
+    /// reach readers before git writes anything; a git that then fails, or
+    /// cannot even start, fails the generation after those bytes (readers
+    /// abort), and nothing of it is cached.
+    #[tokio::test]
+    async fn a_zip_whose_git_fails_after_the_bytes_written_ahead_is_never_cached() {
+        // The prefix directory's local header: 30 bytes, the name, the
+        // 9-byte mtime field.
+        let ahead = 30 + "repo-main/".len() as u64 + 9;
+        let zip_spec = |stub: &StubGit| Spec {
+            format: Format::Zip,
+            compression: Compression::Zip(6),
+            ..stub.spec(1)
+        };
+        // git writes nothing at all and exits 1: whatever readers were told
+        // of was written ahead.
+        let stub = StubGit::without_header(b"", 1);
+        let cache = open(&stub, 1 << 20);
+        let generation = miss(cache.lookup(zip_spec(&stub), "r"));
+        let started = within(generation.started()).await;
+        assert_eq!(started.written, ahead, "announced before git wrote");
+        let mut head = vec![0; ahead as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&*generation.file, &mut head, 0).unwrap();
+        assert_eq!(&head[..4], b"PK\x03\x04");
+        assert_eq!(&head[30..40], b"repo-main/");
+        assert_eq!(
+            failure(within(generation.finished()).await),
+            Failure::Failed
+        );
+        assert_eq!(generation.progress().borrow().written, ahead);
+        assert_eq!(bytes(&cache), 0);
+        assert!(!generation.partial.exists());
+        assert!(names_in(&stub.cache_dir()).is_empty());
+        assert!(cache.peek(&zip_spec(&stub)).is_none(), "nothing indexed");
+        assert_eq!(stub.runs().len(), 1, "git did run");
+
+        // A git that cannot be started at all: the same.
+        let stub = StubGit::printing(b"");
+        let mut settings = stub.settings(1 << 20);
+        settings.git = stub.cache_dir().join("no-such-git");
+        let cache = Cache::open(settings).unwrap();
+        let generation = miss(cache.lookup(zip_spec(&stub), "r"));
+        assert_eq!(
+            failure(within(generation.finished()).await),
+            Failure::Failed
+        );
+        assert_eq!(generation.progress().borrow().written, ahead);
+        assert_eq!(bytes(&cache), 0);
+        assert!(!generation.partial.exists());
+        assert!(names_in(&stub.cache_dir()).is_empty());
+        assert!(cache.peek(&zip_spec(&stub)).is_none(), "nothing indexed");
+        assert!(stub.runs().is_empty());
     }
 
     #[tokio::test]

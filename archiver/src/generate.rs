@@ -25,6 +25,11 @@
 //!   fed to the encoder block by block, never flushed (`compress`).
 //!   Uncompressed formats are git's bytes as they are, passed on as they
 //!   arrive (the first byte leaves with git's first).
+//! - A zip's first local header (the prefix directory, git's first entry)
+//!   is written and announced before git is spawned (`writes_ahead`): the
+//!   zip writer then requires git's first entry to be exactly it. From
+//!   that moment a failure, even of the spawn, aborts readers; it is never
+//!   cached, like any failure.
 //!   The encoders and their versions are pinned in the workspace; the golden
 //!   tests fail if a dependency update changes a single byte.
 //! - Readers see a length only after those bytes are in the file: the file is
@@ -76,6 +81,10 @@ pub struct Spec {
     pub prefix: String,
     pub subtree: Option<String>,
     pub compression: Compression,
+    /// The commit's committer time, Unix seconds: git's mtime for every
+    /// entry. Decided by the commit, so not part of the variant; the zip's
+    /// first entry is written from it before git starts.
+    pub commit_time: i64,
     /// For a tree that asks for `export-subst`: the digest of the refs
     /// (`Repository::refs_digest`), whose state the bytes then depend on.
     pub refs: Option<String>,
@@ -193,6 +202,29 @@ pub async fn run(
             Failure::Failed
         })?;
 
+    let sink = Sink {
+        file,
+        len: 0,
+        hasher: Sha256::new(),
+    };
+    // What the output starts with whatever git writes (the zip's prefix
+    // directory) reaches readers now, not after git's start-up: starting
+    // git (fork of this multi-threaded process, exec, git's own set-up)
+    // takes longer than `git archive --format=zip` takes to its first
+    // byte. From here on the response has begun, so a git that fails even
+    // at once aborts it (never a clean end), and nothing is cached.
+    // Other encoders are made by the writer thread, while git starts.
+    let (start, announced) = if writes_ahead(spec) {
+        let mut encoder = Encoder::new(sink, spec.compression).map_err(io_failure)?;
+        encoder
+            .write_ahead(&spec.prefix, spec.commit_time)
+            .map_err(io_failure)?;
+        let announced = announce(encoder.sink().len, 0, limits.max_bytes, &*growth)?;
+        (Start::Encoder(encoder), announced)
+    } else {
+        (Start::Sink(sink, spec.compression), 0)
+    };
+
     let mut command = command(git, spec, shadow);
     bound_child(&mut command, &limits);
     let mut child = command.spawn().map_err(|error| {
@@ -212,11 +244,10 @@ pub async fn run(
     // bound the memory to ~3 chunks whatever the archive's size.
     let (chunks, receiver) = mpsc::channel::<Chunk>(2);
     let writer = {
-        let compression = spec.compression;
         let max_bytes = limits.max_bytes;
         let check = FormatCheck::new(spec.format);
         tokio::task::spawn_blocking(move || {
-            write_chunks(file, compression, receiver, max_bytes, check, &*growth)
+            write_chunks(start, announced, receiver, max_bytes, check, &*growth)
         })
     };
 
@@ -309,23 +340,37 @@ async fn pump(
     }
 }
 
+/// Whether the spec's archive starts with bytes written before git runs:
+/// the zip, when git's tar will carry the commit time as it is (the ustar
+/// mtime field holds up to `0o77777777777`; git clamps a later time).
+fn writes_ahead(spec: &Spec) -> bool {
+    matches!(spec.compression, Compression::Zip(_))
+        && (0..=0o777_7777_7777).contains(&spec.commit_time)
+}
+
+/// What the writer thread starts from.
+enum Start {
+    /// The file, and the encoder to make for it.
+    Sink(Sink, Compression),
+    /// An encoder that already wrote (`Encoder::write_ahead`).
+    Encoder(Encoder<Sink>),
+}
+
 /// The blocking half: format check → encoder → counting file writer →
-/// watch of the length.
+/// watch of the length. `announced`: what readers were told before git
+/// ran (`Encoder::write_ahead`).
 fn write_chunks(
-    file: std::fs::File,
-    compression: Compression,
+    start: Start,
+    mut announced: u64,
     mut chunks: mpsc::Receiver<Chunk>,
     max_bytes: u64,
     mut check: FormatCheck,
     growth: &(dyn Fn(u64) -> bool + Send + Sync),
 ) -> Result<Finished, Failure> {
-    let sink = Sink {
-        file,
-        len: 0,
-        hasher: Sha256::new(),
+    let mut encoder = match start {
+        Start::Sink(sink, compression) => Encoder::new(sink, compression).map_err(io_failure)?,
+        Start::Encoder(encoder) => encoder,
     };
-    let mut encoder = Encoder::new(sink, compression).map_err(io_failure)?;
-    let mut announced = 0;
     loop {
         let chunk = match chunks.try_recv() {
             Ok(chunk) => Some(chunk),
@@ -346,8 +391,8 @@ fn write_chunks(
                 for data in check.pass(data)? {
                     encoder.write_block(data).map_err(io_failure)?;
                 }
-                // Nothing is announced (so no reader sees a byte) before the
-                // format was recognised.
+                // Nothing of git's is announced (so no reader sees a byte of
+                // it) before the format was recognised.
                 if !check.passed {
                     continue;
                 }

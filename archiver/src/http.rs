@@ -467,6 +467,7 @@ pub(crate) fn resolve(
         subtree,
         compression,
         refs,
+        commit_time: resolved.committer_time,
     };
     let etag = format!("\"{}-{}\"", resolved.commit, spec.variant());
     let filename = format!("{name}.{}", archive.format.ext());

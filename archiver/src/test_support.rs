@@ -149,6 +149,7 @@ impl StubGit {
             subtree: None,
             compression: Compression::None,
             refs: None,
+            commit_time: 1_234_567_890,
         }
     }
 

@@ -29,10 +29,15 @@
 //!   CRC and compressed size in a data descriptor after its data). What grows
 //!   with the archive is the central directory (about 60 bytes plus the name
 //!   per entry), as in git.
-//! - **The first byte is not held back.** An entry is handed to the workers
-//!   at once when nothing is waiting before it, and whatever is finished at
-//!   the front is written after every piece of git's output (`generate`
-//!   also waits for the oldest job whenever git's pipe is idle).
+//! - **The first byte is not held back.** git's first entry is always the
+//!   prefix directory (`{repo}-{label}/`, the commit time as mtime), whose
+//!   local header depends on nothing git computes: `write_ahead_directory`
+//!   writes it before git runs, and git's own first entry must then be
+//!   exactly that one (name, kind, mtime) or the writer fails (the bytes
+//!   already sent would not be git's entry). After it, an entry is handed
+//!   to the workers at once when nothing is waiting before it, and whatever
+//!   is finished at the front is written after every piece of git's output
+//!   (`generate` also waits for the oldest job whenever git's pipe is idle).
 //! - **zip64** records appear exactly where a field does not fit: entries,
 //!   offsets and sizes of 4 GiB and more, more than 65 534 entries.
 //!
@@ -278,6 +283,9 @@ pub struct ZipWriter<W: Write> {
     central: Vec<u8>,
     entries: u64,
     max_creator_version: u16,
+    /// The directory written ahead (name, mtime), until git's first entry
+    /// confirmed it.
+    ahead: Option<(Vec<u8>, i64)>,
 }
 
 impl<W: Write> ZipWriter<W> {
@@ -314,7 +322,36 @@ impl<W: Write> ZipWriter<W> {
             central: Vec::new(),
             entries: 0,
             max_creator_version: 0,
+            ahead: None,
         })
+    }
+
+    /// Writes the local header of git's first entry, the directory `name`
+    /// (the prefix, with its `/`) with the commit time `mtime`, before any
+    /// of git's output: only a fresh writer may. git's first entry must
+    /// then be that directory, or `write_block` fails.
+    pub fn write_ahead_directory(&mut self, name: &[u8], mtime: i64) -> io::Result<()> {
+        if self.offset != 0 || !self.queue.is_empty() || !self.header.is_empty() {
+            return Err(invalid("an entry can be written ahead only first"));
+        }
+        if name.len() > 0xffff {
+            return Err(invalid("path too long for a zip entry"));
+        }
+        let meta = Meta {
+            name: name.to_vec(),
+            kind: Kind::Directory,
+            mtime,
+        };
+        let output = stored(Input {
+            data: Bytes::new(),
+            deflate: false,
+            directory: true,
+        });
+        let mut out = Vec::new();
+        self.write_whole(&mut out, meta, output)?;
+        self.sink.write_all(&out)?;
+        self.ahead = Some((name.to_vec(), mtime));
+        Ok(())
     }
 
     pub fn sink(&self) -> &W {
@@ -346,6 +383,9 @@ impl<W: Write> ZipWriter<W> {
     pub fn finish(mut self) -> io::Result<W> {
         if !matches!(self.state, TarState::End) {
             return Err(invalid("git's tar ended early"));
+        }
+        if self.ahead.is_some() {
+            return Err(invalid("git's tar has no entry"));
         }
         self.dispatch_batch()?;
         while !self.queue.is_empty() {
@@ -490,6 +530,16 @@ impl<W: Write> ZipWriter<W> {
             _ => return Err(invalid("unexpected entry type in git's tar")),
         };
         let meta = Meta { name, kind, mtime };
+        if let Some((name, mtime)) = self.ahead.take() {
+            // Written already, byte for byte, if git's entry is that one.
+            if meta.name != name || kind != Kind::Directory || meta.mtime != mtime || size != 0 {
+                return Err(invalid(
+                    "git's first entry is not the directory written ahead",
+                ));
+            }
+            self.state = TarState::Header;
+            return Ok(());
+        }
         match kind {
             Kind::Directory => self.add_stored(meta, Bytes::new())?,
             Kind::Symlink => {
@@ -1449,28 +1499,67 @@ mod tests {
         assert_eq!(dos_time(951_782_400), (0, 29 + 2 * 32 + 20 * 512));
     }
 
-    /// git's first piece of tar (10 KiB blocks, here the prefix directory
-    /// and the start of a file) is enough for the zip's first bytes: the
-    /// directory's local header goes out as soon as `write_block` returns,
-    /// without waiting for any deflate job (the workers are never asked).
+    /// The zip's first bytes, the prefix directory's local header, go out
+    /// before git's tar arrives at all (`generate` writes them before git
+    /// starts); git's tar, its prefix directory included, then makes the
+    /// same zip byte for byte as without the early write, in any cut.
     #[test]
-    fn the_first_entry_goes_out_with_gits_first_piece() {
+    fn the_first_entry_goes_out_before_gits_first_piece() {
         let tar = sample_tar(10);
-        // pax global header, its data, "p/", and half of "p/a.txt".
-        let first_piece = 5 * TAR_BLOCK;
         let mut writer = ZipWriter::new(Vec::new(), 6, 1).unwrap();
-        writer
-            .write_block(Bytes::copy_from_slice(&tar[..first_piece]))
-            .unwrap();
+        writer.write_ahead_directory(b"p/", MTIME).unwrap();
         let out = writer.sink().clone();
         assert_eq!(&out[..4], LOCAL_HEADER_SIGNATURE.to_le_bytes());
         assert_eq!(&out[30..32], b"p/");
         assert_eq!(out.len(), 30 + 2 + EXTRA_MTIME_BYTES as usize);
-        // The rest follows, and the whole is the same zip as in one piece.
+        // git's first piece (pax global header, its data, "p/", and half of
+        // "p/a.txt") adds nothing before a.txt is compressed: "p/" is out.
+        let first_piece = 5 * TAR_BLOCK;
+        let expected = zip(&tar, tar.len(), 1, Zip64At::FORMAT);
+        for piece in [1, 7, TAR_BLOCK, first_piece, tar.len()] {
+            let mut writer = ZipWriter::new(Vec::new(), 6, 2).unwrap();
+            writer.write_ahead_directory(b"p/", MTIME).unwrap();
+            for chunk in tar.chunks(piece) {
+                writer.write_block(Bytes::copy_from_slice(chunk)).unwrap();
+            }
+            assert!(writer.finish().unwrap() == expected, "pieces of {piece}");
+        }
+    }
+
+    /// The bytes written ahead are a promise about git's first entry: a tar
+    /// whose first entry is another one (name, time, kind) fails the
+    /// writer, never a zip with two different first entries.
+    #[test]
+    fn a_first_entry_other_than_the_one_written_ahead_fails() {
+        let tar = sample_tar(10);
+        for (name, mtime) in [(&b"q/"[..], MTIME), (b"p", MTIME), (b"p/", MTIME + 1)] {
+            let mut writer = ZipWriter::new(Vec::new(), 6, 1).unwrap();
+            writer.write_ahead_directory(name, mtime).unwrap();
+            assert!(
+                writer.write_block(Bytes::copy_from_slice(&tar)).is_err(),
+                "{name:?} {mtime}"
+            );
+        }
+        // A file first, not a directory.
+        let mut file_first = Vec::new();
+        tar_entry(&mut file_first, "p/", b'0', 0o664, b"data", "");
+        file_first.extend_from_slice(&[0; 2 * TAR_BLOCK]);
+        let mut writer = ZipWriter::new(Vec::new(), 6, 1).unwrap();
+        writer.write_ahead_directory(b"p/", MTIME).unwrap();
+        assert!(writer.write_block(Bytes::from(file_first)).is_err());
+        // No entry at all.
+        let mut writer = ZipWriter::new(Vec::new(), 6, 1).unwrap();
+        writer.write_ahead_directory(b"p/", MTIME).unwrap();
         writer
-            .write_block(Bytes::copy_from_slice(&tar[first_piece..]))
+            .write_block(Bytes::from(vec![0u8; 2 * TAR_BLOCK]))
             .unwrap();
-        assert!(writer.finish().unwrap() == zip(&tar, tar.len(), 1, Zip64At::FORMAT));
+        assert!(writer.finish().is_err());
+        // Only a fresh writer writes ahead.
+        let mut writer = ZipWriter::new(Vec::new(), 6, 1).unwrap();
+        writer
+            .write_block(Bytes::copy_from_slice(&tar[..5 * TAR_BLOCK]))
+            .unwrap();
+        assert!(writer.write_ahead_directory(b"p/", MTIME).is_err());
     }
 
     #[test]
