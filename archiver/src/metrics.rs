@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use gitball_core::log::{Ending, Finished, RequestLog};
 use metrics::{
-    Counter, Gauge, Histogram, Unit, counter, describe_counter, describe_gauge,
-    describe_histogram, gauge, histogram,
+    Counter, Gauge, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram,
+    gauge, histogram,
 };
 
 pub const REQUESTS_TOTAL: &str = "gitball_archiver_requests_total";
@@ -183,8 +183,7 @@ fn with_handles<R>(keep: impl FnOnce(&mut Handles) -> R) -> Option<R> {
 /// `gitball_archiver_active_downloads`.
 pub fn active_downloads() -> Gauge {
     let make = || gauge!(ACTIVE_DOWNLOADS);
-    with_handles(|kept| kept.active_downloads.get_or_insert_with(make).clone())
-        .unwrap_or_else(make)
+    with_handles(|kept| kept.active_downloads.get_or_insert_with(make).clone()).unwrap_or_else(make)
 }
 
 /// `gitball_archiver_sent_bytes_total`.
