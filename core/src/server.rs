@@ -1115,6 +1115,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_request_body_of_many_lines_is_answered_and_its_connection_closed() {
+        // The lines held back may be the rest of a body, not a head: the
+        // connection is not switched but ends after its answer, whatever
+        // the client sends next.
+        let body = "line\n".repeat(200);
+        let head = format!(
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}{}",
+            body.len(),
+            kept_alive(3)
+        );
+        let router = Router::new().route("/", get(|| async { "served" }));
+        let server = TestLoop::start(router, Connections::new(16, "test")).await;
+        let address = server.address;
+        let exchange = async {
+            let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+            stream.write_all(head.as_bytes()).await.unwrap();
+            let mut response = Vec::new();
+            stream.read_to_end(&mut response).await.unwrap();
+            String::from_utf8(response).unwrap()
+        };
+        let response = tokio::time::timeout(TEST_TIMEOUT, exchange)
+            .await
+            .expect("the loop answered and closed in time");
+        server.stop().await;
+        assert!(response.starts_with("HTTP/1.1 405 "), "{response}");
+        assert_eq!(response.matches("HTTP/1.1 ").count(), 1, "{response}");
+    }
+
+    #[tokio::test]
     async fn heads_over_32_kib_or_over_the_header_cap_get_431() {
         // Under the cap but over 32 KiB: measured by the loop, JSON.
         let (status, body) = answer(head_with(1_990, "X-Header: value\r\n")).await;
