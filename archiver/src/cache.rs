@@ -310,7 +310,7 @@ impl Cache {
         hasher.update(&spec.commit);
         hasher.update(b"\0");
         hasher.update(spec.variant());
-        hex::encode(hasher.finalize())
+        crate::generate::hex_string(&hasher.finalize())
     }
 
     /// Finds the archive for `spec`, starting its generation if needed

@@ -34,7 +34,6 @@ use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 use gitball_core::log::{Ending, Fault, RequestLog};
 use lru::LruCache;
-use metrics::{counter, gauge};
 use tokio::sync::{OnceCell, watch};
 
 use crate::cache::{CacheFile, Generation, Progress, State};
@@ -225,7 +224,7 @@ struct Download {
 
 impl Download {
     fn start(log: RequestLog) -> Download {
-        gauge!(m::ACTIVE_DOWNLOADS).increment(1.0);
+        m::active_downloads().increment(1.0);
         Download {
             log,
             finished: false,
@@ -243,7 +242,7 @@ impl Download {
 
 impl Drop for Download {
     fn drop(&mut self) {
-        gauge!(m::ACTIVE_DOWNLOADS).decrement(1.0);
+        m::active_downloads().decrement(1.0);
         self.log.ending = Some(if self.finished {
             Ending::Complete
         } else if self.failed {
@@ -330,7 +329,7 @@ impl Reader {
             match reader.next().await {
                 Ok(Some(chunk)) => {
                     download.log.bytes += chunk.len() as u64;
-                    counter!(m::SENT_BYTES_TOTAL).increment(chunk.len() as u64);
+                    m::sent_bytes().increment(chunk.len() as u64);
                     // With a Content-Length, hyper stops polling after
                     // the last byte: the end is reached now, not on a
                     // next poll that never comes.

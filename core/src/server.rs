@@ -13,7 +13,9 @@
 //!   one beyond the buffer never reaches us and gets hyper's own, empty,
 //!   `431` (likewise its `400` for a request line that does not parse).
 //!   A head with more than `MAX_HEADER_LINES` header lines also gets
-//!   hyper's empty `431`, whatever its size;
+//!   hyper's empty `431`, whatever its size. A connection is parsed with
+//!   hyper's smaller default cap, which costs no scratch space, until it
+//!   sends a long run of lines ([`head_lines`]);
 //! - TCP keepalive, so a peer that vanished is noticed even when idle;
 //! - a bound on the bytes a connection queues in the kernel unsent
 //!   (`TCP_NOTSENT_LOWAT`, [`SEND_QUEUE_LOW_WATER_BYTES`]): a client that
@@ -65,8 +67,11 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+mod head_lines;
+
 use crate::protocol::{RETRY_AFTER_SECONDS, code};
 use crate::response::json_error;
+use head_lines::{HeadLines, NeedsFullParse};
 
 /// The request head (line and headers) must arrive within this.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -87,7 +92,9 @@ const HEAD_BUFFER_BYTES: usize = 2 * MAX_HEAD_BYTES;
 /// line of the buffer (21,845, 1.3 MiB) it was allocated, faulted in and
 /// trimmed again on every request: a small cache hit then cost several
 /// times the archiver CPU it costs with hyper's default (measured with
-/// `ops/bench`-like `wrk` load: 275–460 µs against 40 µs per hit).
+/// `ops/bench`-like `wrk` load: 275–460 µs against 40 µs per hit). Even
+/// this many cost 12–13 % of a small hit, so only a connection that sends
+/// a long run of lines is parsed with it (`head_lines`).
 const MAX_HEADER_LINES: usize = 2000;
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// `TCP_NOTSENT_LOWAT` of every accepted connection: the socket counts as
@@ -189,14 +196,17 @@ pub async fn serve(
     write_stall_timeout: Duration,
     connections: Connections,
 ) -> std::io::Result<Drain> {
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
+    // Every connection starts with hyper's default header cap (no scratch
+    // space to fill per parse) and switches to the full cap only when its
+    // input holds a long run of lines (`head_lines`).
+    let mut lean = hyper::server::conn::http1::Builder::new();
+    lean.timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(HEAD_BUFFER_BYTES)
-        .max_headers(MAX_HEADER_LINES)
         .keep_alive(true);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut full = lean.clone();
+    full.max_headers(MAX_HEADER_LINES);
+    let builders = Arc::new(Builders { lean, full });
     let limit = connections.limit;
     let mut connections = JoinSet::new();
 
@@ -241,20 +251,37 @@ pub async fn serve(
         let router = router.clone();
         let writes = ClientWrites::default();
         let stream = StallGuard::new(stream, write_stall_timeout, writes.clone());
-        let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-            let router = router.clone();
-            // Lets a body stream tell, when it is dropped, that its
-            // connection was closed for a client that took no bytes.
-            request.extensions_mut().insert(writes.clone());
-            // Who is asking, for the archiver's crawler budget and the
-            // proxy's client identity.
-            request
-                .extensions_mut()
-                .insert(axum::extract::ConnectInfo(peer));
-            async move { Ok::<_, Infallible>(handle(router, request).await) }
-        });
-        let connection = builder.serve_connection(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection);
+        let needs_full_parse = NeedsFullParse::default();
+        let stream = HeadLines::new(stream, needs_full_parse.clone());
+        let had_body = Arc::new(AtomicBool::new(false));
+        let service = {
+            let had_body = had_body.clone();
+            hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+                let router = router.clone();
+                if !hyper::body::Body::is_end_stream(request.body()) {
+                    had_body.store(true, Ordering::Relaxed);
+                }
+                // Lets a body stream tell, when it is dropped, that its
+                // connection was closed for a client that took no bytes.
+                request.extensions_mut().insert(writes.clone());
+                // Who is asking, for the archiver's crawler budget and the
+                // proxy's client identity.
+                request
+                    .extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                // Boxed: ending a connection without shutting its socket
+                // (to switch header caps) needs an `Unpin` future.
+                Box::pin(async move { Ok::<_, Infallible>(handle(router, request).await) })
+            })
+        };
+        let connection = serve_connection(
+            builders.clone(),
+            stream,
+            service,
+            needs_full_parse,
+            had_body,
+            shutdown.clone(),
+        );
         connections.spawn(async move {
             // Released when the connection ends, however it ends.
             let _slot = slot;
@@ -266,7 +293,7 @@ pub async fn serve(
 
     drop(listener);
     let drain = tokio::select! {
-        () = graceful.shutdown() => Drain::Complete,
+        () = async { while connections.join_next().await.is_some() {} } => Drain::Complete,
         () = tokio::time::sleep(grace) => {
             let open = connections.len();
             connections.abort_all();
@@ -275,6 +302,76 @@ pub async fn serve(
     };
     while connections.join_next().await.is_some() {}
     Ok(drain)
+}
+
+/// The two hyper configurations a connection may be served with.
+struct Builders {
+    /// hyper's default header cap, with no scratch space to fill.
+    lean: hyper::server::conn::http1::Builder,
+    /// [`MAX_HEADER_LINES`].
+    full: hyper::server::conn::http1::Builder,
+}
+
+/// Serves one connection: with the lean header cap until its input holds a
+/// run of lines the lean parse might refuse, then with the full cap on the
+/// same socket (`head_lines`). On `shutdown` the connection finishes the
+/// request in flight and closes, as hyper's graceful shutdown does.
+async fn serve_connection<S>(
+    builders: Arc<Builders>,
+    stream: HeadLines<StallGuard<TcpStream>>,
+    service: S,
+    needs_full_parse: NeedsFullParse,
+    had_body: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+) -> hyper::Result<()>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = Body> + Unpin,
+    S::Future: Unpin,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut lean = builders
+        .lean
+        .serve_connection(TokioIo::new(stream), service);
+    let ended = {
+        let mut cancelled = std::pin::pin!(shutdown.cancelled());
+        let mut ending = false;
+        std::future::poll_fn(|cx| {
+            if !ending && cancelled.as_mut().poll(cx).is_ready() {
+                ending = true;
+                Pin::new(&mut lean).graceful_shutdown();
+            }
+            lean.poll_without_shutdown(cx)
+        })
+        .await
+    };
+    // The watch ends hyper's input where it held bytes back; hyper calls a
+    // partial head at the end of its input an incomplete message.
+    let switch = needs_full_parse.is_set()
+        && ended
+            .as_ref()
+            .map_or_else(hyper::Error::is_incomplete_message, |()| true)
+        // A connection that sent a request body is not switched: the bytes
+        // held back may be the rest of a body, not a head. It ends here,
+        // its client has had every answer due.
+        && !had_body.load(Ordering::Relaxed)
+        && !shutdown.is_cancelled();
+    let parts = lean.into_parts();
+    let mut stream = parts.io.into_inner();
+    if !switch {
+        ended?;
+        let _ = stream.shutdown().await;
+        return Ok(());
+    }
+    stream.replay(&parts.read_buf);
+    let full = builders
+        .full
+        .serve_connection(TokioIo::new(stream), parts.service);
+    let mut full = std::pin::pin!(full);
+    tokio::select! {
+        result = full.as_mut() => return result,
+        () = shutdown.cancelled() => full.as_mut().graceful_shutdown(),
+    }
+    full.await
 }
 
 /// Socket options of an accepted connection. Failures are ignored: each is
@@ -979,6 +1076,127 @@ mod tests {
         // As many as the cap allows (`Host` and `Connection` are two).
         let (status, _) = answer(head_with(MAX_HEADER_LINES - 2, "a:\r\n")).await;
         assert_eq!(status, 200);
+    }
+
+    /// `GET /` with `lines` header lines `a:` and `Host`, kept alive.
+    fn kept_alive(lines: usize) -> String {
+        format!(
+            "GET / HTTP/1.1\r\nHost: x\r\n{}\r\n",
+            "a:\r\n".repeat(lines)
+        )
+    }
+
+    /// Sends each of `writes` on one connection, waiting for one answer per
+    /// request before the next write, and returns everything the loop sent
+    /// until it closed.
+    async fn converse(writes: &[(String, usize)]) -> String {
+        let router = Router::new().route("/", get(|| async { "served" }));
+        let server = TestLoop::start(router, Connections::new(16, "test")).await;
+        let address = server.address;
+        let exchange = async {
+            let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+            let mut response = Vec::new();
+            let mut answers = 0;
+            for (write, requests) in writes {
+                stream.write_all(write.as_bytes()).await.unwrap();
+                answers += requests;
+                // Each answer ends with its body, `served`.
+                while response.windows(6).filter(|w| w == b"served").count() < answers {
+                    let mut chunk = [0u8; 4096];
+                    let read = stream.read(&mut chunk).await.unwrap();
+                    assert!(
+                        read > 0,
+                        "closed early: {:?}",
+                        String::from_utf8_lossy(&response)
+                    );
+                    response.extend_from_slice(&chunk[..read]);
+                }
+            }
+            stream.read_to_end(&mut response).await.unwrap();
+            response
+        };
+        let response = tokio::time::timeout(TEST_TIMEOUT, exchange)
+            .await
+            .expect("the loop answered in time");
+        server.stop().await;
+        String::from_utf8(response).unwrap()
+    }
+
+    #[tokio::test]
+    async fn long_heads_are_served_on_a_kept_alive_connection_before_and_after_short_ones() {
+        // Short heads parse with hyper's default cap; a head longer than
+        // that default (100) switches the connection to the full cap
+        // without losing a byte, here in the middle of a conversation, in
+        // a write of several requests (pipelined), and right at the
+        // switch's threshold.
+        let last = "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_owned();
+        let pipelined = format!("{}{}{}", kept_alive(3), kept_alive(1_500), kept_alive(3));
+        let writes = [
+            (kept_alive(3), 1),
+            (kept_alive(head_lines::WATCHED_LINES - 2), 1),
+            (kept_alive(head_lines::WATCHED_LINES - 1), 1),
+            (kept_alive(150), 1),
+            (kept_alive(3), 1),
+            (pipelined, 3),
+            (kept_alive(MAX_HEADER_LINES - 1), 1),
+            (last, 1),
+        ];
+        let response = converse(&writes).await;
+        assert_eq!(
+            response.matches("HTTP/1.1 200 OK").count(),
+            10,
+            "{response}"
+        );
+        assert_eq!(response.matches("HTTP/1.1 ").count(), 10, "{response}");
+        // Only the last answer closes: the switch ends no conversation.
+        assert_eq!(
+            response.matches("connection: close").count(),
+            1,
+            "{response}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_long_head_first_on_a_connection_is_served_and_the_connection_kept() {
+        let writes = [
+            (kept_alive(1_000), 1),
+            (kept_alive(3), 1),
+            (
+                "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_owned(),
+                1,
+            ),
+        ];
+        let response = converse(&writes).await;
+        assert_eq!(response.matches("HTTP/1.1 200 OK").count(), 3, "{response}");
+    }
+
+    #[tokio::test]
+    async fn a_request_body_of_many_lines_is_answered_and_its_connection_closed() {
+        // The lines held back may be the rest of a body, not a head: the
+        // connection is not switched but ends after its answer, whatever
+        // the client sends next.
+        let body = "line\n".repeat(200);
+        let head = format!(
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}{}",
+            body.len(),
+            kept_alive(3)
+        );
+        let router = Router::new().route("/", get(|| async { "served" }));
+        let server = TestLoop::start(router, Connections::new(16, "test")).await;
+        let address = server.address;
+        let exchange = async {
+            let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+            stream.write_all(head.as_bytes()).await.unwrap();
+            let mut response = Vec::new();
+            stream.read_to_end(&mut response).await.unwrap();
+            String::from_utf8(response).unwrap()
+        };
+        let response = tokio::time::timeout(TEST_TIMEOUT, exchange)
+            .await
+            .expect("the loop answered and closed in time");
+        server.stop().await;
+        assert!(response.starts_with("HTTP/1.1 405 "), "{response}");
+        assert_eq!(response.matches("HTTP/1.1 ").count(), 1, "{response}");
     }
 
     #[tokio::test]

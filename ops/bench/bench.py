@@ -904,8 +904,10 @@ class Context:
         if args.runs:
             self.s.runs = args.runs
         self.root = args.root
-        self.archiver_bin = os.path.join(self.root, "target/release/gitball-archiver")
-        self.proxy_bin = os.path.join(self.root, "target/release/gitball-proxy")
+        # Cargo's target directory: $CARGO_TARGET_DIR when set, as cargo has it.
+        target = os.environ.get("CARGO_TARGET_DIR") or os.path.join(self.root, "target")
+        self.archiver_bin = os.path.join(target, "release/gitball-archiver")
+        self.proxy_bin = os.path.join(target, "release/gitball-proxy")
         self.work = args.workdir or tempfile.mkdtemp(prefix="gitball-bench-")
         os.makedirs(self.work, exist_ok=True)
         self.shm = tempfile.mkdtemp(prefix="gitball-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)

@@ -10,6 +10,7 @@
 #                 bare clone is made in the work directory; PATH is not modified)
 #   --runs N      runs per measurement (default 3; the median is reported)
 #   --no-build    use target/release as it is instead of `cargo build --release`
+#                 (the target directory is $CARGO_TARGET_DIR when set, as for cargo)
 #   --workdir DIR keep inputs and logs in DIR; inputs generated there earlier
 #                 with the same settings are reused
 #   --keep        keep the temporary work directory (logs, nginx configs)
@@ -60,8 +61,9 @@ if [ "$build" = 1 ]; then
     echo "building release binaries…"
     (cd "$root" && cargo build --release -p gitball-archiver -p gitball-proxy)
 fi
+target=${CARGO_TARGET_DIR:-$root/target}
 for binary in gitball-archiver gitball-proxy; do
-    [ -x "$root/target/release/$binary" ] || { echo "run.sh: target/release/$binary missing (drop --no-build)" >&2; exit 1; }
+    [ -x "$target/release/$binary" ] || { echo "run.sh: $target/release/$binary missing (drop --no-build)" >&2; exit 1; }
 done
 
 # The report records the exact command.
