@@ -698,6 +698,7 @@ mod tests {
             subtree: None,
             compression: Compression::Gzip(6),
             refs: None,
+            commit_time: 1_700_000_000,
         };
         assert_eq!(spec.variant(), variant_as_first_written(&spec));
         spec.format = Format::Zip;
