@@ -178,13 +178,14 @@ fn warm_big_cache() -> &'static Path {
 }
 
 /// A primary over [`big_repo_128`] on a link of [`warm_big_cache`] (in
-/// `sandbox`), and a proxy in front: `main.tar` is a hit from the start.
-fn warm_big_cluster(sandbox: &Sandbox) -> (&'static BigRepo, Cluster) {
+/// `sandbox`), and a proxy with `proxy_args` in front: `main.tar` is a hit
+/// from the start.
+fn warm_big_cluster(sandbox: &Sandbox, proxy_args: &[&str]) -> (&'static BigRepo, Cluster) {
     let big = big_repo_128();
     let cache = sandbox.path("cache");
     link_files(warm_big_cache(), &cache);
     let primary = Archiver::start_with_cache(&big.repos, &cache, &[]);
-    (big, Cluster::around(primary, Vec::new(), &[]))
+    (big, Cluster::around(primary, Vec::new(), proxy_args))
 }
 
 /// `GET path` on a fresh connection, read to its end, which must be a clean
@@ -747,7 +748,7 @@ fn slow_clients_do_not_grow_proxy_memory() {
     const BYTES_PER_TICK: usize = 16 * KIB;
 
     let sandbox = Sandbox::new();
-    let (big, cluster) = warm_big_cluster(&sandbox);
+    let (big, cluster) = warm_big_cluster(&sandbox, &[]);
     let full_length = big.full_length;
     let addr = cluster.proxy.addr;
     let proxy_pid = cluster.proxy.pid;
@@ -839,7 +840,7 @@ fn aborted_clients_release_proxy_and_archiver_fds() {
     const ABORTING_CLIENTS: usize = 50;
 
     let sandbox = Sandbox::new();
-    let (big, cluster) = warm_big_cluster(&sandbox);
+    let (big, cluster) = warm_big_cluster(&sandbox, &[]);
     let addr = cluster.proxy.addr;
     let proxy_pid = cluster.proxy.pid;
     let archiver_pid = cluster.primary.pid;
@@ -1035,11 +1036,7 @@ fn big_tar_digest(big: &BigRepo) -> (String, u64) {
 #[test]
 fn a_stalled_download_parks_and_resumes_with_the_same_bytes() {
     let sandbox = Sandbox::new();
-    let big = big_repo_128();
-    let cache = sandbox.path("cache");
-    link_files(warm_big_cache(), &cache);
-    let primary = Archiver::start_with_cache(&big.repos, &cache, &[]);
-    let cluster = Cluster::around(primary, Vec::new(), &["--park-after", PARK_AFTER]);
+    let (big, cluster) = warm_big_cluster(&sandbox, &["--park-after", PARK_AFTER]);
     warm_up(&cluster, big);
 
     let (mut connection, head, mut hasher, mut received) =
@@ -1123,11 +1120,7 @@ fn a_parked_download_resumes_from_a_new_generation_after_a_restart_on_an_empty_c
 #[test]
 fn a_parked_download_that_cannot_resume_is_aborted_not_ended() {
     let sandbox = Sandbox::new();
-    let big = big_repo_128();
-    let cache = sandbox.path("cache");
-    link_files(warm_big_cache(), &cache);
-    let primary = Archiver::start_with_cache(&big.repos, &cache, &[]);
-    let mut cluster = Cluster::around(primary, Vec::new(), &["--park-after", PARK_AFTER]);
+    let (big, mut cluster) = warm_big_cluster(&sandbox, &["--park-after", PARK_AFTER]);
     warm_up(&cluster, big);
 
     let (mut connection, _head, _hasher, mut received) =

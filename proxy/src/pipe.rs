@@ -365,16 +365,12 @@ async fn watch(shared: Arc<Shared>, idle_timeout: Duration, park: Option<Park>) 
             && !shared.parked.load(Ordering::Acquire)
         {
             let after_ms = as_ms(park.after);
-            if since == NOT_WAITING {
-                // The client is taking bytes: look again in `after`.
-                wait_ms = wait_ms.min(after_ms);
-                tokio::time::sleep(Duration::from_millis(wait_ms.max(1))).await;
-                continue;
-            }
             let waited_ms = now.saturating_sub(since);
             // How long the client's socket has taken nothing: a slow client
-            // that still takes bytes keeps its upstream.
+            // that still takes bytes keeps its upstream. While the client
+            // is taking bytes (`NOT_WAITING`), look again in `after`.
             let stuck_ms = match &park.writes {
+                _ if since == NOT_WAITING => None,
                 Some(writes) => writes.stuck_for().map(as_ms),
                 None => Some(waited_ms),
             };
