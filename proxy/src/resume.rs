@@ -36,6 +36,23 @@ use crate::forward::{
 use crate::pipe::{UpstreamBody, UpstreamError};
 use crate::routes::Candidate;
 
+/// `value` in an allocation of its own (see `Resume::for_response`).
+fn owned_value(value: &HeaderValue) -> HeaderValue {
+    let mut owned = HeaderValue::from_maybe_shared(Bytes::copy_from_slice(value.as_bytes()))
+        .unwrap_or_else(|_| value.clone());
+    owned.set_sensitive(value.is_sensitive());
+    owned
+}
+
+/// `headers`, each value in an allocation of its own.
+fn owned(headers: &http::HeaderMap) -> http::HeaderMap {
+    let mut copy = http::HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        copy.append(name.clone(), owned_value(value));
+    }
+    copy
+}
+
 /// What a download needs to get its upstream back.
 #[derive(Debug)]
 pub struct Resume {
@@ -112,7 +129,14 @@ impl Resume {
                 .filter(|c| c.upstream != *upstream)
                 .cloned(),
         );
-        let mut request = request.clone();
+        // Owned copies: parsed header values are slices of the connection's
+        // read buffer, and would keep it (64 KiB for the upstream's) for as
+        // long as the download lasts, parked or not.
+        let mut request = UpstreamRequest {
+            method: request.method.clone(),
+            path_and_query: request.path_and_query.clone(),
+            headers: owned(&request.headers),
+        };
         for name in [
             header::RANGE,
             header::IF_RANGE,
@@ -125,7 +149,7 @@ impl Resume {
             forwarder: forwarder.clone(),
             candidates: ordered,
             request,
-            etag: etag.clone(),
+            etag: owned_value(etag),
             first,
             last,
         })
@@ -262,6 +286,30 @@ mod tests {
             out.extend_from_slice(&chunk.map_err(|e| e.to_string())?);
         }
         Ok(out)
+    }
+
+    /// hyper parses header values as slices of the connection's read
+    /// buffer; what a download keeps of them must not keep that buffer.
+    #[test]
+    fn kept_header_values_do_not_share_the_read_buffer() {
+        let buffer = Bytes::from(b"ETag: \"v3-abc\"\r\nX-Request-Id: r1\r\n".repeat(100));
+        let within =
+            |value: &HeaderValue| buffer.as_ptr_range().contains(&value.as_bytes().as_ptr());
+        let etag = HeaderValue::from_maybe_shared(buffer.slice(6..14)).unwrap();
+        let id = HeaderValue::from_maybe_shared(buffer.slice(30..32)).unwrap();
+        assert!(within(&etag) && within(&etag.clone()), "the test's premise");
+
+        let kept = owned_value(&etag);
+        assert_eq!(kept, etag);
+        assert!(!within(&kept));
+
+        let mut headers = http::HeaderMap::new();
+        headers.insert(header::ETAG, etag);
+        headers.append("x-request-id", id.clone());
+        headers.append("x-request-id", id);
+        let kept = owned(&headers);
+        assert_eq!(kept, headers);
+        assert!(kept.values().all(|value| !within(value)));
     }
 
     #[tokio::test]
