@@ -13,7 +13,9 @@ every request is a distinct, never-cached archive of the same files.
 Then scenario 1's measurement runs on it (`scenario_cold` in bench.py, its
 own stack with a fresh cache): tar.gz, zip and tar.zst, archiver direct and
 through the proxy, total time and first byte, each against `git archive`
-(`| zstd -3`) in the same run, with the same goals.
+(`| zstd -3`) in the same run, with the same goals. The total-time rows
+note the time of `git archive --format=tar` alone in the same run: the
+floor under every format.
 
 Last, once: gitball's zip of v2.47.0 is compared entry by entry with `git
 archive --format=zip` of the same tag and prefix, on the fields
@@ -141,6 +143,15 @@ def run(ctx, results, b, source):
     with b.Stack(ctx, "realrepo") as stack:
         first = len(results.rows)
         b.scenario_cold(ctx, stack, results, OWNER, NAME, keys, ("tar.gz", "zip", "tar.zst"), TITLE)
+        # The floor under every format (issue 11): git's tar alone, same
+        # tag and prefix length, measured in the same run.
+        env = b.clean_env(ctx.home)
+        tar = [b.timed_command([["git", "-C", repo_dir, "archive", "--format=tar", f"--prefix={NAME}-{key}/", key]], env)
+               for key in keys[1:1 + ctx.s.runs]]
+        floor = b.summary([r["total"] for r in tar])
+        print(f"    git archive --format=tar alone: {b.fmt_value(floor, 's')} ({tar[0]['bytes'] / b.MiB:.1f} MiB)", flush=True)
         for row in results.rows[first:]:
             row["scenario"] = SCENARIO
+            if row["unit"] == "s":
+                row["note"] += f"; git archive --format=tar alone (the floor): {b.fmt_value(floor, 's')}"
         check_zip(ctx, stack, results, b, repo_dir)
