@@ -29,6 +29,7 @@ sys.path.insert(0, HERE)
 import gen_repo  # noqa: E402
 from scenario_cache_trace import scenario_cache_trace  # noqa: E402
 import scenario_stalled  # noqa: E402
+import scenario_realrepo  # noqa: E402
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -953,7 +954,9 @@ def prepare_inputs(ctx):
         name = name.lstrip(".") or "repo"
         path = ctx.repo_path("user", name)
         if not os.path.exists(path):
-            subprocess.run(["git", "clone", "-q", "--bare", "--shared", os.path.abspath(given), path], check=True, env=env)
+            # Hard-linked or copied objects, not --shared: the archiver
+            # refuses alternates outside --repos.
+            subprocess.run(["git", "clone", "-q", "--bare", os.path.abspath(given), path], check=True, env=env)
         head, tree = gen_repo.add_key_commits(path, 3 * 2 * s.runs + 1, tag_prefix="gitball-bench-", env=env)
         files = subprocess.run(["git", "-C", path, "ls-tree", "-r", "--name-only", tree], check=True, capture_output=True, env=env).stdout.count(b"\n")
         ctx.inputs[f"user/{name}"] = {"source": os.path.abspath(given), "commit": head, "tree": tree, "files": files}
@@ -1118,6 +1121,7 @@ def write_report(ctx, results, meta, md_path, chart_path, chart_rel):
     def size(n):
         return f"{n / MiB:,.1f} MiB" if n >= MiB else f"{n / 1024:,.1f} KiB"
     inputs = "\n".join(
+        f"  - {name}: {info['text']}" if "text" in info else
         f"  - `{name}`: " + (f"{info['files']:,} files, {size(info['bytes'])}, tree `{info['tree']}`"
                            if "bytes" in info else f"{info['files']:,} files from `{info['source']}`, tree `{info['tree']}`")
         for name, info in ctx.inputs.items()
@@ -1168,6 +1172,8 @@ def main():
     parser.add_argument("--root", required=True)
     parser.add_argument("--quick", action="store_true", help="small inputs, 1 run each: a smoke test")
     parser.add_argument("--repo", action="append", help="also measure cold archives of this repository (repeatable)")
+    parser.add_argument("--real-repo", help="a clone of git/git: also measure cold archives of it at v2.47.0"
+                        " (scenario 9; default $GITBALL_BENCH_REAL_REPO; not modified)")
     parser.add_argument("--runs", type=int, help="runs per measurement (default 3, quick 1)")
     parser.add_argument("--workdir", help="work directory (kept; generated inputs are reused when they match)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary work directory")
@@ -1175,10 +1181,10 @@ def main():
                         help="write BENCHMARKS.md and ops/bench/ results (default unless --quick)")
     parser.add_argument("--no-write", dest="write", action="store_false")
     parser.add_argument("--command", default="ops/bench/run.sh")
-    parser.add_argument("--only", help="comma-separated scenarios to run (1-8, trace); the report is not written")
+    parser.add_argument("--only", help="comma-separated scenarios to run (1-9, trace); the report is not written")
     args = parser.parse_args()
     write = (not args.quick) if args.write is None else args.write
-    only = set(args.only.split(",")) if args.only else {"1", "2", "3", "4", "5", "6", "7", "8"}
+    only = set(args.only.split(",")) if args.only else {"1", "2", "3", "4", "5", "6", "7", "8", "9"}
     if args.only:
         write = False
     if only == {"trace"}:  # a replayed trace: no inputs, no processes
@@ -1186,6 +1192,7 @@ def main():
         return
 
     ctx = Context(args)
+    real_repo = scenario_realrepo.source_arg(args, clean_env(ctx.home)) if "9" in only else None
     started = time.time()
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -1201,7 +1208,7 @@ def main():
     signal.signal(signal.SIGTERM, on_signal)
     try:
         print("preparing inputs…", flush=True)
-        keys_needed, user_repos = prepare_inputs(ctx)
+        keys_needed, user_repos = prepare_inputs(ctx) if only - {"9"} else (0, [])
         keys = [f"b{i:02d}" for i in range(keys_needed)]
         if "1" in only or "4" in only:
             with Stack(ctx, "cold") as stack:
@@ -1242,6 +1249,12 @@ def main():
         if "8" in only:
             print("scenario 8: 5,000 stalled downloads at a login shell's fd limit", flush=True)
             scenario_stalled.run(ctx, results, sys.modules[__name__])
+        if "9" in only:
+            if real_repo:
+                print(f"scenario 9: cold archives of git/git at {scenario_realrepo.TAG}", flush=True)
+                scenario_realrepo.run(ctx, results, sys.modules[__name__], real_repo)
+            else:
+                scenario_realrepo.not_given(ctx)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         ctx.procs.stop_all()

@@ -201,11 +201,11 @@ def write_repository(repo, files, tags=0, tag_prefix="b", extra_tags=(), compres
     return commit, tree, count, total
 
 
-def add_key_commits(repo, tags, tag_prefix="b", env=None):
-    """For a real repository: `tags` commits with HEAD's tree and HEAD as
-    parent, as lightweight tags b00, b01, …: distinct archives, same files."""
-    head = _git(repo, "rev-parse", "HEAD^{commit}", env=env)
-    tree = _git(repo, "rev-parse", "HEAD^{tree}", env=env)
+def add_key_commits(repo, tags, tag_prefix="b", env=None, base="HEAD"):
+    """For a real repository: `tags` commits with `base`'s tree and `base`
+    as parent, as lightweight tags b00, b01, …: distinct archives, same files."""
+    head = _git(repo, "rev-parse", f"{base}^{{commit}}", env=env)
+    tree = _git(repo, "rev-parse", f"{base}^{{tree}}", env=env)
     commit_env = dict(env or os.environ)
     commit_env.update(
         GIT_AUTHOR_NAME="Gitball Bench",

@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # gitball benchmarks: gitball and its peers (git archive, nginx) in one run.
 #
-#   ops/bench/run.sh [--quick] [--repo PATH]... [--runs N] [--no-build]
-#                    [--workdir DIR] [--keep] [--write | --no-write] [--only 1,2,...]
+#   ops/bench/run.sh [--quick] [--repo PATH]... [--real-repo PATH] [--runs N]
+#                    [--no-build] [--workdir DIR] [--keep] [--write | --no-write]
+#                    [--only 1,2,...]
 #
 #   --quick       small inputs, 1 run each, 2 s load runs: a smoke test
 #                 (writes its report into the work directory, not BENCHMARKS.md)
-#   --repo PATH   also measure cold archives of this git repository (a shared
+#   --repo PATH   also measure cold archives of this git repository (a local
 #                 bare clone is made in the work directory; PATH is not modified)
+#   --real-repo PATH  a clone of git/git (default: $GITBALL_BENCH_REAL_REPO):
+#                 scenario 9 measures cold archives of it at the tag v2.47.0
+#                 against git archive, and checks its zip entry by entry
+#                 against git's. A bare clone with hard-linked objects is
+#                 made in the work directory; PATH is not modified, the
+#                 network is not used. Without it, scenario 9 is skipped.
 #   --runs N      runs per measurement (default 3; the median is reported)
 #   --no-build    use target/release as it is instead of `cargo build --release`
 #                 (the target directory is $CARGO_TARGET_DIR when set, as for cargo)
@@ -16,7 +23,7 @@
 #   --keep        keep the temporary work directory (logs, nginx configs)
 #   --write       write BENCHMARKS.md, ops/bench/benchmarks.png and
 #                 ops/bench/results.json (the default without --quick)
-#   --only LIST   run only these scenarios (1-8, trace); never writes the report.
+#   --only LIST   run only these scenarios (1-9, trace); never writes the report.
 #                 `trace` replays the cache-policy trace (no processes; also
 #                 `python3 ops/bench/scenario_cache_trace.py`)
 #
