@@ -11,6 +11,9 @@
 //! connection read ahead (64 KiB each, `forward::UPSTREAM_READ_BUFFER_BYTES`).
 //! A slow client slows the upstream read, and TCP flow control carries that
 //! back to the archiver, which reads its cache file at the same pace.
+//! A client that takes its first 4 MiB fast widens the upstream
+//! connection's receive buffer for the rest of the download
+//! (`crate::window`); the kernel memory of a slow one stays bounded.
 //!
 //! **Parked**: a client that takes no byte for `--park-after` (the chunk
 //! handed to hyper still unwritten, and the connection's write stuck that
