@@ -50,11 +50,15 @@ use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tower::ServiceExt;
+use tower::util::MapResponse;
 
 use crate::error::Error;
 use crate::routes::{Candidate, Role};
 use crate::upstream::Health;
+use crate::window::{SMALL_RECV_BUFFER_BYTES, WindowedIo};
 
 /// How long an idle pooled upstream connection is kept: below the
 /// archiver's keep-alive timeout, so the proxy never reuses a connection the
@@ -78,25 +82,14 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(15);
 const TCP_KEEPALIVE_RETRIES: u32 = 3;
 
 /// The client for archivers: plain HTTP/1, requests without a body.
-pub type UpstreamClient = Client<HttpConnector, Empty<Bytes>>;
+pub type UpstreamClient = Client<UpstreamConnector, Empty<Bytes>>;
+
+/// Connects to archivers; each connection's window is then the download's
+/// (`window`).
+pub type UpstreamConnector = MapResponse<HttpConnector, fn(TokioIo<TcpStream>) -> WindowedIo>;
 
 /// An upstream response: headers received, body not yet read.
 pub type UpstreamResponse = http::Response<Incoming>;
-
-/// `SO_RCVBUF` of upstream connections (the kernel doubles it for its
-/// bookkeeping, so about 128 KiB of window). Without it the kernel
-/// autotunes each one up to `tcp_rmem`'s maximum (6 MiB or more), and a
-/// stalled download parks megabytes in socket buffers between archiver and
-/// proxy: 5,000 of them exhausted the kernel's `tcp_mem`, and new
-/// connections failed. With 128 KiB, 5,000 stalled downloads (bench
-/// scenario 8) held 1.8 GiB of kernel memory on loopback, 168 KiB each on
-/// this socket; with 64 KiB, 1.4 GiB and 109 KiB. The cost: one download's
-/// rate is at most the window per round trip, about 250 MB/s at 0.5 ms
-/// between proxy and archiver, and even on loopback a 1 GiB stream runs
-/// about 15 % slower than with 256 KiB (2.1 against 2.4 GiB/s; 256 KiB
-/// held 425 KiB of kernel memory per stalled download instead of 277).
-/// See docs/architecture.md, "Memory per slow download".
-const UPSTREAM_RECV_BUFFER_BYTES: usize = 64 * 1024;
 
 /// Builds the client for archivers. No total timeout: it would bound the
 /// whole body, and a download may rightly take an hour. Time to headers is
@@ -109,7 +102,9 @@ pub fn upstream_client(connect_timeout: Duration) -> UpstreamClient {
     connector.set_keepalive(Some(TCP_KEEPALIVE));
     connector.set_keepalive_interval(Some(TCP_KEEPALIVE));
     connector.set_keepalive_retries(Some(TCP_KEEPALIVE_RETRIES));
-    connector.set_recv_buffer_size(Some(UPSTREAM_RECV_BUFFER_BYTES));
+    connector.set_recv_buffer_size(Some(SMALL_RECV_BUFFER_BYTES));
+    let connector: UpstreamConnector =
+        connector.map_response(WindowedIo::new as fn(TokioIo<TcpStream>) -> WindowedIo);
     Client::builder(TokioExecutor::new())
         // Without a timer the pool never expires idle connections.
         .pool_timer(TokioTimer::new())

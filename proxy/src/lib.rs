@@ -42,6 +42,7 @@ pub mod resume;
 pub mod routes;
 pub mod sign;
 pub mod upstream;
+pub mod window;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -11,6 +11,9 @@
 //! connection read ahead (64 KiB each, `forward::UPSTREAM_READ_BUFFER_BYTES`).
 //! A slow client slows the upstream read, and TCP flow control carries that
 //! back to the archiver, which reads its cache file at the same pace.
+//! A client that takes its first 4 MiB fast widens the upstream
+//! connection's receive buffer for the rest of the download
+//! (`crate::window`); the kernel memory of a slow one stays bounded.
 //!
 //! **Parked**: a client that takes no byte for `--park-after` (the chunk
 //! handed to hyper still unwritten, and the connection's write stuck that
@@ -86,6 +89,7 @@ use crate::forward::{UpstreamResponse, body_length};
 use crate::metrics::ActiveDownload;
 use crate::resume::{Resume, ResumeError, Resumed};
 use crate::upstream::Health;
+use crate::window::{DownloadWindow, UpstreamWindow, WIDEN_AFTER_BYTES, WIDEN_WITHIN};
 
 /// What the pipe reports when it ends, for the request's log line.
 #[derive(Clone, Copy, Debug)]
@@ -220,6 +224,9 @@ pub struct Pipe {
     resuming: Option<BoxFuture<'static, Result<Resumed, ResumeError>>>,
     /// The client connection's writes (see `Drop` and `watch`).
     writes: Option<ClientWrites>,
+    /// The upstream connection's window, until the download was judged
+    /// (`crate::window`); and when the first chunk was handed over.
+    window: Option<(DownloadWindow, Option<Instant>)>,
     _active: ActiveDownload,
 }
 
@@ -237,6 +244,10 @@ impl Pipe {
         on_end: impl FnOnce(End) + Send + 'static,
     ) -> Pipe {
         let expected_bytes = body_length(&response);
+        let window = response
+            .extensions()
+            .get::<UpstreamWindow>()
+            .map(UpstreamWindow::for_download);
         let body = response
             .into_body()
             .into_data_stream()
@@ -250,6 +261,7 @@ impl Pipe {
             on_end,
         );
         pipe.resume = resume.map(Arc::new);
+        pipe.window = window.map(|window| (window, None));
         pipe
     }
 
@@ -284,6 +296,7 @@ impl Pipe {
             resume: None,
             resuming: None,
             writes: None,
+            window: None,
             _active: ActiveDownload::start(),
         }
     }
@@ -479,6 +492,25 @@ impl Pipe {
     }
 }
 
+impl Pipe {
+    /// Widens the upstream connection's window once the client has taken
+    /// [`WIDEN_AFTER_BYTES`] within [`WIDEN_WITHIN`] of the first chunk;
+    /// judged once per download. Called with a chunk that is not the last.
+    fn judge_window(&mut self) {
+        let Some((window, first)) = &mut self.window else {
+            return;
+        };
+        let first = *first.get_or_insert_with(Instant::now);
+        if self.bytes < WIDEN_AFTER_BYTES {
+            return;
+        }
+        if first.elapsed() <= WIDEN_WITHIN {
+            window.widen();
+        }
+        self.window = None;
+    }
+}
+
 impl Stream for Pipe {
     type Item = Result<Bytes, PipeError>;
 
@@ -548,6 +580,7 @@ impl Stream for Pipe {
                     shared
                         .waiting_since_ms
                         .store(shared.now_ms(), Ordering::Release);
+                    this.judge_window();
                     if this.watchdog.is_none() {
                         let park = (this.resume.is_some() && !this.timers.park_after.is_zero())
                             .then(|| Park {
@@ -893,5 +926,39 @@ mod tests {
         assert!(dropped.load(Ordering::SeqCst));
         assert_eq!(ended.lock().unwrap().unwrap().ending, Ending::Aborted);
         assert!(health.is_ejected("http://upstream:1"));
+    }
+
+    use crate::window::{SMALL_RECV_BUFFER_BYTES, WIDE_RECV_BUFFER_BYTES};
+
+    static MIB: [u8; 1 << 20] = [0; 1 << 20];
+
+    /// Pipes six 1 MiB chunks, the client taking each after `pace`;
+    /// returns the upstream connection's window afterwards.
+    async fn window_after(pace: Duration) -> usize {
+        let (mut pipe, _dropped, _ended) = pipe(vec![&MIB[..]; 6], false, Duration::from_secs(60));
+        let window = UpstreamWindow::default();
+        pipe.window = Some((window.for_download(), None));
+        while let Some(chunk) = pipe.next().await {
+            tokio::time::sleep(pace).await;
+            drop(chunk);
+        }
+        window.wanted()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_keeps_up_widens_the_upstream_window() {
+        assert_eq!(
+            window_after(Duration::from_millis(1)).await,
+            WIDE_RECV_BUFFER_BYTES
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_client_keeps_the_small_window() {
+        // 4 MiB in 60 ms: slower than the bar.
+        assert_eq!(
+            window_after(Duration::from_millis(20)).await,
+            SMALL_RECV_BUFFER_BYTES
+        );
     }
 }
