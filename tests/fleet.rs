@@ -1327,7 +1327,9 @@ fn hangs(fleet: &mut Fleet, prometheus: &Prometheus, load: &Load) -> Report {
         )
     })?;
     let header_timeouts_before = attempts(&archiver_url(victim), "header_timeout");
-    fleet.archiver(victim).signal(Signal::SIGSTOP);
+    ensure(fleet.archiver(victim).suspend(), || {
+        format!("{} did not stop on SIGSTOP", FILE_SERVERS[victim].0)
+    })?;
     let stopped = Instant::now();
     let started = Instant::now();
     let new_request = download(proxy_addr(1), &small, &fleet.expected);

@@ -308,6 +308,27 @@ impl NsProcess {
         let _ = nix::sys::signal::kill(pid, signal);
     }
 
+    /// Sends SIGSTOP and waits (up to 5 s) until every thread of the
+    /// process is stopped: `kill` returns before the threads stop, and a
+    /// thread that is running meanwhile may still answer a request.
+    /// Returns whether they all stopped.
+    pub fn suspend(&self) -> bool {
+        self.signal(Signal::SIGSTOP);
+        let tasks = PathBuf::from(format!("/proc/{}/task", self.pid));
+        crate::service::wait_until(Duration::from_secs(5), || {
+            let Ok(entries) = fs::read_dir(&tasks) else {
+                return false;
+            };
+            entries.flatten().all(|task| {
+                // `pid (comm) STATE …`; comm may hold spaces and parentheses.
+                fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+                    stat.rsplit_once(')')
+                        .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+                })
+            })
+        })
+    }
+
     /// True until the process has exited (and then it is reaped).
     pub fn is_running(&mut self) -> bool {
         if self.exit.is_some() {
