@@ -38,8 +38,8 @@ use crate::routes::Candidate;
 
 /// `value` in an allocation of its own (see `Resume::for_response`).
 fn owned_value(value: &HeaderValue) -> HeaderValue {
-    let mut owned = HeaderValue::from_maybe_shared(Bytes::copy_from_slice(value.as_bytes()))
-        .unwrap_or_else(|_| value.clone());
+    // `from_bytes` copies; the value was valid already.
+    let mut owned = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
     owned.set_sensitive(value.is_sensitive());
     owned
 }

@@ -319,12 +319,13 @@ impl NsProcess {
             let Ok(entries) = fs::read_dir(&tasks) else {
                 return false;
             };
+            // A thread's stat is also at /proc/TID/stat.
             entries.flatten().all(|task| {
-                // `pid (comm) STATE …`; comm may hold spaces and parentheses.
-                fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
-                    stat.rsplit_once(')')
-                        .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
-                })
+                task.file_name()
+                    .to_str()
+                    .and_then(|tid| tid.parse().ok())
+                    .and_then(crate::procfs::process_info)
+                    .is_some_and(|thread| thread.state == 'T')
             })
         })
     }
