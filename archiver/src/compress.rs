@@ -32,6 +32,7 @@
 use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use bytes::Bytes;
@@ -123,6 +124,7 @@ impl<W: Write + Send + 'static> Encoder<W> {
     /// should run before the caller blocks for more input.
     pub fn has_pending(&self) -> bool {
         match self {
+            Encoder::Gzip(encoder) => !encoder.in_flight.is_empty(),
             Encoder::Zip(writer) => writer.has_pending(),
             _ => false,
         }
@@ -131,6 +133,10 @@ impl<W: Write + Send + 'static> Encoder<W> {
     /// Waits for the oldest pending work and writes what is finished.
     pub fn write_pending(&mut self) -> io::Result<()> {
         match self {
+            Encoder::Gzip(encoder) => {
+                encoder.write_oldest()?;
+                encoder.write_finished(false)
+            }
             Encoder::Zip(writer) => writer.wait_oldest(),
             _ => Ok(()),
         }
@@ -259,27 +265,27 @@ fn gzip_threads() -> usize {
         .clamp(1, MAX_GZIP_THREADS)
 }
 
-/// One block for a compression thread.
+/// Most blocks queued for the compression threads or waiting to be
+/// written: git may run this far (4 MiB) ahead of the oldest unwritten
+/// block, so neither git nor a thread waits on the other's scheduling.
+const MAX_QUEUED_BLOCKS: usize = 32;
+
+/// One block for a compression thread, and where its result goes.
 struct Job {
     dictionary: Option<Bytes>,
     block: Bytes,
     last: bool,
+    reply: mpsc::SyncSender<io::Result<Vec<u8>>>,
 }
 
-struct Worker {
-    jobs: mpsc::Sender<Job>,
-    results: mpsc::Receiver<io::Result<Vec<u8>>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-/// pigz-style gzip: blocks compressed on `threads` threads, written in order.
-/// At most one block per thread is in flight, so memory stays a few blocks.
+/// pigz-style gzip: blocks compressed on `threads` threads taking jobs from
+/// one queue, written in input order. At most `MAX_QUEUED_BLOCKS` are
+/// queued or unwritten, so memory stays a few MiB whatever the input.
 pub struct ParallelGzip<W: Write> {
     sink: W,
-    workers: Workers,
-    /// Blocks handed out and not yet written, oldest first (worker index).
-    in_flight: VecDeque<usize>,
-    dispatched: usize,
+    pool: Pool<Job>,
+    /// Results of the blocks handed out and not yet written, oldest first.
+    in_flight: VecDeque<mpsc::Receiver<io::Result<Vec<u8>>>>,
     /// The newest block is held back until the next arrives or the stream
     /// ends: only then is it known whether it is the last.
     held: Option<Bytes>,
@@ -293,25 +299,26 @@ impl<W: Write> ParallelGzip<W> {
     pub fn new(mut sink: W, level: u32, threads: usize) -> io::Result<ParallelGzip<W>> {
         // RFC 1952 header: no name, no comment, mtime 0, XFL 0, OS "unknown".
         sink.write_all(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff])?;
-        let workers = (0..threads.max(1))
-            .map(|_| {
-                let (jobs, job_receiver) = mpsc::channel::<Job>();
-                let (result_sender, results) = mpsc::channel();
-                let thread = std::thread::Builder::new()
-                    .name("gitball-gzip".into())
-                    .spawn(move || compress_blocks(level, job_receiver, result_sender))?;
-                Ok(Worker {
-                    jobs,
-                    results,
-                    thread: Some(thread),
-                })
-            })
-            .collect::<io::Result<Vec<_>>>()?;
+        let pool = Pool::new("gitball-gzip", threads, || {
+            move |job: Job| {
+                // A fresh deflate state per block: a reset one is not
+                // guaranteed to emit the same bytes as a new one (stale
+                // window contents), and the bytes must not depend on which
+                // thread got which block before.
+                let mut deflate = flate2::Compress::new(flate2::Compression::new(level), false);
+                let result = deflate_run(
+                    &mut deflate,
+                    job.dictionary.as_deref(),
+                    &job.block,
+                    job.last,
+                );
+                let _ = job.reply.send(result);
+            }
+        })?;
         Ok(ParallelGzip {
             sink,
-            workers: Workers(workers),
+            pool,
             in_flight: VecDeque::new(),
-            dispatched: 0,
             held: None,
             previous: None,
             crc: crc32fast::Hasher::new(),
@@ -328,15 +335,15 @@ impl<W: Write> ParallelGzip<W> {
         if let Some(ready) = self.held.replace(block) {
             self.dispatch(ready, false)?;
         }
-        Ok(())
+        // Finished blocks go out now, not when the window is full: readers
+        // of the growing file see them as soon as they are compressed.
+        self.write_finished(false)
     }
 
     pub fn finish(mut self) -> io::Result<W> {
         let last = self.held.take().unwrap_or_default();
         self.dispatch(last, true)?;
-        while !self.in_flight.is_empty() {
-            self.collect_oldest()?;
-        }
+        self.write_finished(true)?;
         let crc = self.crc.clone().finalize();
         // ISIZE is the input length modulo 2^32, as RFC 1952 says.
         let input_len = (self.input_len & 0xffff_ffff) as u32;
@@ -346,75 +353,119 @@ impl<W: Write> ParallelGzip<W> {
     }
 
     fn dispatch(&mut self, block: Bytes, last: bool) -> io::Result<()> {
-        if self.in_flight.len() == self.workers.0.len() {
-            self.collect_oldest()?;
+        while self.in_flight.len() >= MAX_QUEUED_BLOCKS {
+            self.write_oldest()?;
         }
         let dictionary = self
             .previous
             .as_ref()
             .map(|previous| previous.slice(previous.len().saturating_sub(DICTIONARY_BYTES)..));
-        let worker = self.dispatched % self.workers.0.len();
-        self.workers.0[worker]
-            .jobs
-            .send(Job {
-                dictionary,
-                block: block.clone(),
-                last,
-            })
-            .map_err(|_| io::Error::other("gzip thread gone"))?;
-        self.in_flight.push_back(worker);
-        self.dispatched += 1;
+        let (reply, result) = mpsc::sync_channel(1);
+        self.pool.send(Job {
+            dictionary,
+            block: block.clone(),
+            last,
+            reply,
+        })?;
+        self.in_flight.push_back(result);
         self.previous = Some(block);
         Ok(())
     }
 
-    fn collect_oldest(&mut self) -> io::Result<()> {
-        let Some(worker) = self.in_flight.pop_front() else {
+    /// Writes the finished blocks at the front; with `all`, waits for every
+    /// block in flight.
+    fn write_finished(&mut self, all: bool) -> io::Result<()> {
+        while let Some(result) = self.in_flight.front() {
+            let compressed = if all {
+                result.recv().map_err(|_| gone())?
+            } else {
+                match result.try_recv() {
+                    Ok(compressed) => compressed,
+                    Err(mpsc::TryRecvError::Empty) => return Ok(()),
+                    Err(mpsc::TryRecvError::Disconnected) => return Err(gone()),
+                }
+            };
+            self.in_flight.pop_front();
+            self.sink.write_all(&compressed?)?;
+        }
+        Ok(())
+    }
+
+    fn write_oldest(&mut self) -> io::Result<()> {
+        let Some(result) = self.in_flight.pop_front() else {
             return Ok(());
         };
-        let compressed = self.workers.0[worker]
-            .results
-            .recv()
-            .map_err(|_| io::Error::other("gzip thread gone"))??;
+        let compressed = result.recv().map_err(|_| gone())??;
         self.sink.write_all(&compressed)
     }
 }
 
-/// The compression threads of one stream; dropping them ends the threads
-/// (their job channels close) and joins them.
-struct Workers(Vec<Worker>);
+fn gone() -> io::Error {
+    io::Error::other("compression thread gone")
+}
 
-impl Drop for Workers {
+/// A fixed set of threads taking jobs from one queue (so a long job does not
+/// hold up short ones behind it, and no thread idles while a job waits);
+/// each job answers on its own channel. Dropping the pool closes the queue
+/// and joins the threads once their current job is done.
+pub(crate) struct Pool<J: Send + 'static> {
+    jobs: Option<mpsc::Sender<J>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl<J: Send + 'static> Pool<J> {
+    /// `threads` (at least 1) threads named `name`; each makes its worker
+    /// with `make_worker` (which may keep state across jobs) and runs it on
+    /// the jobs it takes.
+    pub(crate) fn new<F>(
+        name: &str,
+        threads: usize,
+        make_worker: impl Fn() -> F,
+    ) -> io::Result<Pool<J>>
+    where
+        F: FnMut(J) + Send + 'static,
+    {
+        let (jobs, receiver) = mpsc::channel::<J>();
+        let receiver = Arc::new(Mutex::new(receiver));
+        let threads = (0..threads.max(1))
+            .map(|_| {
+                let receiver = Arc::clone(&receiver);
+                let mut work = make_worker();
+                std::thread::Builder::new()
+                    .name(name.into())
+                    .spawn(move || {
+                        loop {
+                            let job = receiver
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .recv();
+                            let Ok(job) = job else { return };
+                            work(job);
+                        }
+                    })
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(Pool {
+            jobs: Some(jobs),
+            threads,
+        })
+    }
+
+    pub(crate) fn send(&self, job: J) -> io::Result<()> {
+        self.jobs
+            .as_ref()
+            .and_then(|jobs| jobs.send(job).ok())
+            .ok_or_else(gone)
+    }
+}
+
+impl<J: Send + 'static> Drop for Pool<J> {
     fn drop(&mut self) {
-        for worker in self.0.drain(..) {
-            drop(worker.jobs);
-            if let Some(thread) = worker.thread {
-                let _ = thread.join();
-            }
+        self.jobs = None;
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
         }
     }
-}
-
-/// A compression thread: one block at a time.
-fn compress_blocks(
-    level: u32,
-    jobs: mpsc::Receiver<Job>,
-    results: mpsc::Sender<io::Result<Vec<u8>>>,
-) {
-    while let Ok(job) = jobs.recv() {
-        // A fresh deflate state per block: a reset one is not guaranteed to
-        // emit the same bytes as a new one (stale window contents), and the
-        // bytes must not depend on which thread got which block before.
-        let mut deflate = flate2::Compress::new(flate2::Compression::new(level), false);
-        let result = compress_block(&mut deflate, &job);
-        if results.send(result).is_err() {
-            return;
-        }
-    }
-}
-
-fn compress_block(deflate: &mut flate2::Compress, job: &Job) -> io::Result<Vec<u8>> {
-    deflate_run(deflate, job.dictionary.as_deref(), &job.block, job.last)
 }
 
 /// One deflate run over `input` on a fresh (or reset) raw-or-zlib state:

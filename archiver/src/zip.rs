@@ -50,12 +50,10 @@
 use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::JoinHandle;
 
 use bytes::{Buf, Bytes, BytesMut};
 
-use crate::compress::deflate_run;
+use crate::compress::{Pool, deflate_run};
 
 /// Entries up to this size are compressed whole, as one job, and written
 /// with their sizes and CRC in the local header.
@@ -259,7 +257,7 @@ struct StreamOut {
 
 pub struct ZipWriter<W: Write> {
     sink: W,
-    pool: Pool,
+    pool: Pool<Job>,
     zip64: Zip64At,
     // The tar side.
     state: TarState,
@@ -301,7 +299,10 @@ impl<W: Write> ZipWriter<W> {
     ) -> io::Result<ZipWriter<W>> {
         Ok(ZipWriter {
             sink,
-            pool: Pool::new(level, threads)?,
+            pool: Pool::new("gitball-zip", threads, || {
+                let mut deflate = flate2::Compress::new(flate2::Compression::new(level), false);
+                move |job| work(&mut deflate, job)
+            })?,
             zip64,
             state: TarState::Header,
             header: Vec::with_capacity(TAR_BLOCK),
@@ -1036,76 +1037,24 @@ struct Central {
 
 // ---- the compression threads
 
-/// A fixed set of threads taking jobs from one queue (so a long job does not
-/// hold up short ones behind it); each job answers on its own channel.
-struct Pool {
-    jobs: Option<mpsc::Sender<Job>>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl Pool {
-    fn new(level: u32, threads: usize) -> io::Result<Pool> {
-        let (jobs, receiver) = mpsc::channel::<Job>();
-        let receiver = Arc::new(Mutex::new(receiver));
-        let threads = (0..threads.max(1))
-            .map(|_| {
-                let receiver = Arc::clone(&receiver);
-                std::thread::Builder::new()
-                    .name("gitball-zip".into())
-                    .spawn(move || work(level, &receiver))
-            })
-            .collect::<io::Result<Vec<_>>>()?;
-        Ok(Pool {
-            jobs: Some(jobs),
-            threads,
-        })
-    }
-
-    fn send(&self, job: Job) -> io::Result<()> {
-        self.jobs
-            .as_ref()
-            .and_then(|jobs| jobs.send(job).ok())
-            .ok_or_else(|| io::Error::other("zip compression thread gone"))
-    }
-}
-
-impl Drop for Pool {
-    fn drop(&mut self) {
-        // Closing the queue ends the threads once their current job is done.
-        self.jobs = None;
-        for thread in self.threads.drain(..) {
-            let _ = thread.join();
+/// One job on a compression thread's own deflate state.
+fn work(deflate: &mut flate2::Compress, job: Job) {
+    match job {
+        Job::Batch { entries, reply } => {
+            let outputs = entries
+                .into_iter()
+                .map(|input| compress_entry(deflate, input))
+                .collect();
+            let _ = reply.send(outputs);
         }
-    }
-}
-
-fn work(level: u32, jobs: &Mutex<mpsc::Receiver<Job>>) {
-    let mut deflate = flate2::Compress::new(flate2::Compression::new(level), false);
-    loop {
-        let job = jobs.lock().unwrap_or_else(PoisonError::into_inner).recv();
-        let Ok(job) = job else { return };
-        match job {
-            Job::Batch { entries, reply } => {
-                let outputs = entries
-                    .into_iter()
-                    .map(|input| compress_entry(&mut deflate, input))
-                    .collect();
-                let _ = reply.send(outputs);
-            }
-            Job::Block {
-                dictionary,
-                block,
-                last,
-                reply,
-            } => {
-                deflate.reset();
-                let _ = reply.send(deflate_run(
-                    &mut deflate,
-                    dictionary.as_deref(),
-                    &block,
-                    last,
-                ));
-            }
+        Job::Block {
+            dictionary,
+            block,
+            last,
+            reply,
+        } => {
+            deflate.reset();
+            let _ = reply.send(deflate_run(deflate, dictionary.as_deref(), &block, last));
         }
     }
 }
