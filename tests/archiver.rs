@@ -856,6 +856,82 @@ fn concurrent_request_joins_a_running_generation() {
     assert_eq!(metrics.value("gitball_archiver_active_downloads", &[]), 2.0);
 }
 
+/// A cold tar.gz's first bytes, the gzip header, leave with git's first
+/// bytes (once they show a tar), not once git has written a whole 128 KiB
+/// compression block. The stub git writes the first KiB of the real
+/// archive and then waits on a fifo: the client already has its `200` and
+/// the header, and once git goes on, the rest of the same bytes.
+#[test]
+fn a_cold_tar_gz_starts_with_gits_first_bytes() {
+    use std::os::unix::fs::PermissionsExt;
+    let sandbox = Sandbox::new();
+    let w = widget(&sandbox);
+    let release = sandbox.path("release");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&release)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let git = std::process::Command::new("sh")
+        .args(["-c", "command -v git"])
+        .output()
+        .unwrap();
+    let git = String::from_utf8(git.stdout).unwrap();
+    let output = sandbox.path("git-output");
+    let stub = sandbox.path("git-in-two-steps");
+    std::fs::write(
+        &stub,
+        format!(
+            "#!/bin/sh\n'{git}' \"$@\" > '{out}' || exit $?\n\
+             /usr/bin/head -c 1024 '{out}'\n\
+             read line < '{release}'\n\
+             /usr/bin/tail -c +1025 '{out}'\n",
+            git = git.trim(),
+            out = output.display(),
+            release = release.display(),
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Read-write: opening does not wait for the stub.
+    let mut fifo = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&release)
+        .unwrap();
+    let archiver = Archiver::start(&sandbox.repos(), &["--git", stub.to_str().unwrap()]);
+
+    let mut connection = RawConnection::connect(archiver.addr).unwrap();
+    connection
+        .send_request("GET", "/acme/widget/archive/v1.2.3.tar.gz", &[])
+        .unwrap();
+    let head = connection.read_head().unwrap();
+    assert_eq!(head.status, 200);
+    let first = connection.read_body_bytes(10).unwrap();
+    assert_eq!(
+        first,
+        [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff],
+        "the gzip header"
+    );
+    std::io::Write::write_all(&mut fifo, b"go\n").unwrap();
+    let mut body = first;
+    let end = connection.read_body_to_end(|piece| body.extend_from_slice(piece));
+    assert!(matches!(end, BodyEnd::Complete), "{end:?}");
+    assert_eq!(
+        pipe_through("gzip", &["-dc"], &body),
+        w.repo.archive("tar", "widget-1.2.3/", &w.c1, None)
+    );
+    // The cached archive is the same bytes.
+    let (_, hit, _) = RawConnection::request(
+        archiver.addr,
+        "GET",
+        "/acme/widget/archive/v1.2.3.tar.gz",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(sha256_hex(&hit), sha256_hex(&body));
+}
+
 // ---------------------------------------------------------------------------
 // 4. Single flight
 

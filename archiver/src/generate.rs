@@ -324,6 +324,12 @@ pub async fn run(
 }
 
 enum Chunk {
+    /// A copy of the first `TAR_MAGIC_END` bytes of git's output, sent as
+    /// soon as they arrived (before the first whole block): once they pass
+    /// the format check, what the encoder wrote before any input (the gzip
+    /// header) reaches readers with git's first bytes, not with its first
+    /// 128 KiB. The same bytes come again, in place, as `Data`.
+    Head(Bytes),
     Data(Bytes),
     /// git exited 0: finish the stream. Without it the writer aborts.
     End,
@@ -338,6 +344,8 @@ async fn pump(
     chunks: &mpsc::Sender<Chunk>,
     whole_blocks: bool,
 ) -> Result<(), Option<Failure>> {
+    // Uncompressed output goes on as it comes: no head start to give.
+    let mut head_sent = !whole_blocks;
     loop {
         let mut buffer = BytesMut::with_capacity(INPUT_CHUNK_BYTES);
         let mut at_end = false;
@@ -349,6 +357,13 @@ async fn pump(
             if read == 0 {
                 at_end = true;
                 break;
+            }
+            if !head_sent && buffer.len() >= TAR_MAGIC_END {
+                head_sent = true;
+                let head = Bytes::copy_from_slice(&buffer[..TAR_MAGIC_END]);
+                if chunks.send(Chunk::Head(head)).await.is_err() {
+                    return Err(None);
+                }
             }
             // Uncompressed bytes are git's own whatever the cut: pass them
             // on as they come, so the first byte leaves with git's first.
@@ -412,6 +427,10 @@ fn write_chunks(
             Err(TryRecvError::Disconnected) => None,
         };
         match chunk {
+            Some(Chunk::Head(head)) => {
+                check.check_head(&head)?;
+                announced = announce(encoder.sink().len, announced, max_bytes, growth)?;
+            }
             Some(Chunk::Data(data)) => {
                 for data in check.pass(data)? {
                     encoder.write_block(data).map_err(io_failure)?;
@@ -510,6 +529,15 @@ impl FormatCheck {
         Err(Failure::Failed)
     }
 
+    /// Checks git's first bytes ahead of the chunks that carry them (which
+    /// then pass at once).
+    fn check_head(&mut self, head: &[u8]) -> Result<(), Failure> {
+        if !self.passed {
+            self.verify_head(head)?;
+        }
+        Ok(())
+    }
+
     fn verify(&mut self) -> Result<(), Failure> {
         let head: Vec<u8> = self
             .held
@@ -517,6 +545,10 @@ impl FormatCheck {
             .flat_map(|chunk| chunk.iter().copied())
             .take(TAR_MAGIC_END)
             .collect();
+        self.verify_head(&head)
+    }
+
+    fn verify_head(&mut self, head: &[u8]) -> Result<(), Failure> {
         let ok = head.len() >= TAR_MAGIC_END && &head[257..262] == b"ustar";
         if !ok {
             tracing::error!(
