@@ -44,6 +44,11 @@ use crate::metrics as m;
 /// download holds at most one block besides hyper's write buffer.
 pub const READ_CHUNK_BYTES: usize = 128 * 1024;
 
+/// Longest a download of a growing file holds announced bytes back while
+/// it waits for the rest of their block (`worth_reading`): a generation
+/// that writes slowly still reaches its readers piece by piece.
+const PIECE_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Most bytes of recently read blocks kept for other downloads (what hyper
 /// still holds is shared on top of this, and freed with the last holder).
 const SHARED_BLOCKS_BYTES: u64 = 16 * 1024 * 1024;
@@ -272,6 +277,8 @@ pub struct Reader {
     source: Source,
     progress: Option<watch::Receiver<Progress>>,
     complete_len: Option<u64>,
+    /// Since when bytes past `position` wait for the rest of their block.
+    piece_since: Option<tokio::time::Instant>,
 }
 
 impl Reader {
@@ -313,6 +320,7 @@ impl Reader {
             source,
             progress,
             complete_len,
+            piece_since: None,
         })
     }
 
@@ -353,9 +361,13 @@ impl Reader {
 
     /// Every byte of a complete archive (or range) has been read.
     fn at_end(&self) -> bool {
-        self.complete_len
-            .map(|len| self.end.map_or(len, |end| end.min(len)))
-            .is_some_and(|end| self.position >= end)
+        match (self.complete_len, self.end) {
+            (Some(len), end) => self.position >= end.map_or(len, |end| end.min(len)),
+            // A range of a growing file (not served today: ranges need a
+            // complete archive) ends at its end.
+            (None, Some(end)) => self.position >= end,
+            (None, None) => false,
+        }
     }
 
     async fn next(&mut self) -> io::Result<Option<Bytes>> {
@@ -383,7 +395,27 @@ impl Reader {
                                 failure.outcome()
                             )));
                         }
-                        State::Running if snapshot.written > self.position => snapshot.written,
+                        State::Running
+                            if worth_reading(self.position, self.end, snapshot.written) =>
+                        {
+                            snapshot.written
+                        }
+                        // A piece of a block: wait for the rest, but hold
+                        // bytes back no longer than `PIECE_WAIT`.
+                        State::Running if snapshot.written > self.position => {
+                            let since = *self
+                                .piece_since
+                                .get_or_insert_with(tokio::time::Instant::now);
+                            match tokio::time::timeout_at(since + PIECE_WAIT, progress.changed())
+                                .await
+                            {
+                                Ok(Ok(())) => continue,
+                                // Waited long enough, or the generation task
+                                // is gone (the next turn says so): what is
+                                // there goes now.
+                                Ok(Err(_)) | Err(_) => snapshot.written,
+                            }
+                        }
                         State::Running => {
                             if progress.changed().await.is_err() {
                                 // The generation task is gone; its last state
@@ -421,8 +453,22 @@ impl Reader {
             }
         };
         self.position += chunk.len() as u64;
+        self.piece_since = None;
         Ok(Some(chunk))
     }
+}
+
+/// Whether a growing file has enough past a reader's `position` to
+/// read now: its first bytes at once (a cold download starts with the
+/// generation's first bytes), then whole shared blocks, the rest of the
+/// block the reader is in (or of its range), or a piece of it after
+/// `PIECE_WAIT`. A generation announces every few KiB of output; a reader
+/// that took each piece woke, wrote and made its client read once per
+/// piece, thirty times over with thirty clients on one generation. The end
+/// comes with `Complete`.
+fn worth_reading(position: u64, end: Option<u64>, written: u64) -> bool {
+    let wanted = block_end(position, end.unwrap_or(u64::MAX));
+    written > position && (position == 0 || written >= wanted)
 }
 
 /// Where a read from `position` ends: at the next multiple of
@@ -563,34 +609,99 @@ mod tests {
         let mut body = download(Source::Growing(generation), None, "tail-grow");
         assert!(is_waiting(&mut body), "nothing announced yet");
 
-        // Bytes in the file are read only once announced.
+        // Bytes in the file are read only once announced; the first ones at
+        // once.
         writer.write_all(b"hello ").unwrap();
         assert!(is_waiting(&mut body));
         progress.send_modify(|p| p.written = 6);
         assert_eq!(next_chunk(&mut body).await, "hello ");
         assert!(is_waiting(&mut body));
 
-        // Never past the announced length, whatever is in the file.
-        writer.write_all(b"wide world").unwrap();
-        progress.send_modify(|p| p.written = 11);
-        assert_eq!(next_chunk(&mut body).await, "wide ");
+        // Then whole blocks: the rest of the first one, never past the
+        // announced length, whatever is in the file.
+        let data = pattern(2 * READ_CHUNK_BYTES);
+        writer.write_all(&data).unwrap();
+        progress.send_modify(|p| p.written = 6 + 1000);
+        assert!(
+            is_waiting(&mut body),
+            "a piece of a block waits for the rest"
+        );
+        let block = READ_CHUNK_BYTES as u64;
+        progress.send_modify(|p| p.written = block + 10);
+        assert_eq!(next_chunk(&mut body).await, &data[..READ_CHUNK_BYTES - 6]);
         assert!(is_waiting(&mut body));
-        progress.send_modify(|p| p.written = 16);
-        assert_eq!(next_chunk(&mut body).await, "world");
 
+        // The end comes with the generation's, whatever is left.
+        let len = 6 + data.len() as u64;
+        let mut whole = b"hello ".to_vec();
+        whole.extend_from_slice(&data);
         progress.send_modify(|p| {
+            p.written = len;
             p.state = State::Complete(CacheFile::unindexed(
                 path.clone(),
-                16,
-                Sha256::digest(b"hello wide world").into(),
+                len,
+                Sha256::digest(&whole).into(),
             ))
         });
-        assert!(within(body.next()).await.is_none());
+        let (sizes, rest) = read_all(&mut body).await;
+        assert_eq!(sizes, [READ_CHUNK_BYTES, 6]);
+        assert_eq!(rest, &data[READ_CHUNK_BYTES - 6..]);
         // The stream let go of the record at its end.
         let ended = record("tail-grow").unwrap();
         assert_eq!(ended.ending, Ending::Complete);
-        assert_eq!(ended.bytes, 16);
+        assert_eq!(ended.bytes, len);
         assert_eq!(ended.fault, None);
+    }
+
+    /// A generation announces every few KiB of output; thirty downloads of
+    /// one generation taking each piece meant thirty wake-ups, writes and
+    /// client reads per piece. After its first bytes, a download of a
+    /// growing file reads whole shared blocks (or the rest of its range),
+    /// holding a piece back for at most `PIECE_WAIT`.
+    #[tokio::test(start_paused = true)]
+    async fn a_growing_file_is_read_in_whole_blocks_after_its_first_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (generation, progress, mut writer, _path) = growing(&dir);
+        let data = pattern(3 * READ_CHUNK_BYTES);
+        writer.write_all(&data).unwrap();
+        let mut body = download(Source::Growing(generation.clone()), None, "tail-blocks");
+        let mut ranged = download(
+            Source::Growing(generation),
+            Some(ByteRange {
+                first: 100,
+                last: 2_099,
+            }),
+            "tail-blocks-range",
+        );
+        let mut sizes = Vec::new();
+        let mut ranged_sizes = Vec::new();
+        let mut ranged_done = false;
+        for written in (1..=3 * READ_CHUNK_BYTES as u64).step_by(8 * 1024) {
+            progress.send_modify(|p| p.written = written);
+            while let Some(Some(chunk)) = body.next().now_or_never() {
+                sizes.push(chunk.unwrap().len());
+            }
+            while !ranged_done {
+                match ranged.next().now_or_never() {
+                    Some(Some(chunk)) => ranged_sizes.push(chunk.unwrap().len()),
+                    Some(None) => ranged_done = true,
+                    None => break,
+                }
+            }
+        }
+        assert_eq!(sizes, [1, READ_CHUNK_BYTES - 1, READ_CHUNK_BYTES]);
+        // The range's first read is not a download's first byte; it waits
+        // for its whole range (within one block).
+        assert_eq!(ranged_sizes, [2_000]);
+        assert!(ranged_done);
+
+        // A piece of the third block waits; after `PIECE_WAIT` it is read.
+        let written = 3 * READ_CHUNK_BYTES as u64 - 1;
+        progress.send_modify(|p| p.written = written);
+        assert!(is_waiting(&mut body));
+        let started = tokio::time::Instant::now();
+        assert_eq!(next_chunk(&mut body).await.len(), READ_CHUNK_BYTES - 1);
+        assert_eq!(started.elapsed(), PIECE_WAIT);
     }
 
     #[tokio::test]
