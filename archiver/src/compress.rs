@@ -31,6 +31,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -407,10 +408,13 @@ fn gone() -> io::Error {
 /// A fixed set of threads taking jobs from one queue (so a long job does not
 /// hold up short ones behind it, and no thread idles while a job waits);
 /// each job answers on its own channel. Dropping the pool closes the queue
-/// and joins the threads once their current job is done.
+/// and joins the threads once their current job is done: jobs still queued
+/// are dropped, not run (an abandoned stream may have 32 blocks queued,
+/// whose compression would hold up the generation's failure).
 pub(crate) struct Pool<J: Send + 'static> {
     jobs: Option<mpsc::Sender<J>>,
     threads: Vec<JoinHandle<()>>,
+    closed: Arc<AtomicBool>,
 }
 
 impl<J: Send + 'static> Pool<J> {
@@ -427,9 +431,11 @@ impl<J: Send + 'static> Pool<J> {
     {
         let (jobs, receiver) = mpsc::channel::<J>();
         let receiver = Arc::new(Mutex::new(receiver));
+        let closed = Arc::new(AtomicBool::new(false));
         let threads = (0..threads.max(1))
             .map(|_| {
                 let receiver = Arc::clone(&receiver);
+                let closed = Arc::clone(&closed);
                 let mut work = make_worker();
                 std::thread::Builder::new()
                     .name(name.into())
@@ -440,6 +446,9 @@ impl<J: Send + 'static> Pool<J> {
                                 .unwrap_or_else(PoisonError::into_inner)
                                 .recv();
                             let Ok(job) = job else { return };
+                            if closed.load(Ordering::Acquire) {
+                                return;
+                            }
                             work(job);
                         }
                     })
@@ -448,6 +457,7 @@ impl<J: Send + 'static> Pool<J> {
         Ok(Pool {
             jobs: Some(jobs),
             threads,
+            closed,
         })
     }
 
@@ -461,6 +471,7 @@ impl<J: Send + 'static> Pool<J> {
 
 impl<J: Send + 'static> Drop for Pool<J> {
     fn drop(&mut self) {
+        self.closed.store(true, Ordering::Release);
         self.jobs = None;
         for thread in self.threads.drain(..) {
             let _ = thread.join();
@@ -549,6 +560,53 @@ mod tests {
             .read_to_end(&mut out)
             .unwrap();
         out
+    }
+
+    /// An abandoned stream drops its pool with blocks still queued: the
+    /// threads finish the job they are in and run none of the others.
+    #[test]
+    fn a_dropped_pool_runs_no_queued_job() {
+        enum TestJob {
+            Wait(mpsc::Sender<()>, mpsc::Receiver<()>),
+            Count,
+        }
+        let ran = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let pool = {
+            let ran = Arc::clone(&ran);
+            Pool::new("test-pool", 1, move || {
+                let ran = Arc::clone(&ran);
+                move |job| match job {
+                    TestJob::Wait(started, release) => {
+                        let _ = started.send(());
+                        let _ = release.recv();
+                    }
+                    TestJob::Count => {
+                        ran.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            })
+            .unwrap()
+        };
+        let (started, started_rx) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel();
+        pool.send(TestJob::Wait(started, release_rx)).unwrap();
+        for _ in 0..10 {
+            pool.send(TestJob::Count).unwrap();
+        }
+        started_rx.recv().unwrap();
+        let closed = Arc::clone(&pool.closed);
+        let dropper = std::thread::spawn(move || drop(pool));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !closed.load(Ordering::Acquire) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the pool was not dropped"
+            );
+            std::thread::yield_now();
+        }
+        release.send(()).unwrap();
+        dropper.join().unwrap();
+        assert_eq!(ran.load(Ordering::SeqCst), 0);
     }
 
     #[test]
