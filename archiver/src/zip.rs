@@ -53,7 +53,7 @@ use std::sync::mpsc;
 
 use bytes::{Buf, Bytes, BytesMut};
 
-use crate::compress::{Pool, deflate_run};
+use crate::compress::{Pool, Wait, deflate_run, receive};
 
 /// Entries up to this size are compressed whole, as one job, and written
 /// with their sizes and CRC in the local header.
@@ -364,9 +364,10 @@ impl<W: Write> ZipWriter<W> {
         !self.queue.is_empty()
     }
 
-    /// Waits for the oldest pending job and writes everything finished.
+    /// Waits a moment for the oldest pending job and writes everything
+    /// finished (git's pipe is idle: see `compress::Wait::Briefly`).
     pub fn wait_oldest(&mut self) -> io::Result<()> {
-        self.write_ready(true)
+        self.write_ready(Wait::Briefly)
     }
 
     /// Feeds a piece of git's tar, cut anywhere.
@@ -377,7 +378,7 @@ impl<W: Write> ZipWriter<W> {
         // A piece of git's output ends here: whatever is collected goes to
         // the workers now rather than waiting for a full batch.
         self.dispatch_batch()?;
-        self.write_ready(false)
+        self.write_ready(Wait::No)
     }
 
     /// Writes the rest, the central directory and the end records.
@@ -390,7 +391,7 @@ impl<W: Write> ZipWriter<W> {
         }
         self.dispatch_batch()?;
         while !self.queue.is_empty() {
-            self.write_ready(true)?;
+            self.write_ready(Wait::Done)?;
         }
         let central_offset = self.offset;
         let central_size = self.central.len() as u64;
@@ -751,14 +752,14 @@ impl<W: Write> ZipWriter<W> {
             && (self.queued_jobs >= MAX_QUEUED_JOBS
                 || self.queued_input_bytes + input_bytes > MAX_QUEUED_INPUT_BYTES)
         {
-            self.write_ready(true)?;
+            self.write_ready(Wait::Done)?;
         }
         Ok(())
     }
 
-    /// Writes what is finished at the front of the queue; with `wait`, waits
-    /// for the front first.
-    fn write_ready(&mut self, mut wait: bool) -> io::Result<()> {
+    /// Writes what is finished at the front of the queue, waiting for the
+    /// front first as `wait` says.
+    fn write_ready(&mut self, mut wait: Wait) -> io::Result<()> {
         let mut out = Vec::new();
         while let Some(front) = self.queue.pop_front() {
             match front {
@@ -810,7 +811,7 @@ impl<W: Write> ZipWriter<W> {
                 }
                 Pending::StreamEnd { crc, text } => self.write_stream_end(&mut out, crc, text)?,
             }
-            wait = false;
+            wait = Wait::No;
             if out.len() >= STREAM_BLOCK_BYTES {
                 self.sink.write_all(&out)?;
                 out.clear();
@@ -820,19 +821,6 @@ impl<W: Write> ZipWriter<W> {
             self.sink.write_all(&out)?;
         }
         Ok(())
-    }
-}
-
-/// A job's result: `None` when not ready and not waited for.
-fn receive<T>(reply: &mpsc::Receiver<io::Result<T>>, wait: bool) -> io::Result<Option<T>> {
-    let gone = || io::Error::other("zip compression thread gone");
-    if wait {
-        return reply.recv().map_err(|_| gone())?.map(Some);
-    }
-    match reply.try_recv() {
-        Ok(result) => result.map(Some),
-        Err(mpsc::TryRecvError::Empty) => Ok(None),
-        Err(mpsc::TryRecvError::Disconnected) => Err(gone()),
     }
 }
 
