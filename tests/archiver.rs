@@ -863,26 +863,19 @@ fn concurrent_request_joins_a_running_generation() {
 /// the header, and once git goes on, the rest of the same bytes.
 #[test]
 fn a_cold_tar_gz_starts_with_gits_first_bytes() {
-    use std::os::unix::fs::PermissionsExt;
     let sandbox = Sandbox::new();
     let w = widget(&sandbox);
-    let release = sandbox.path("release");
-    let made = std::process::Command::new("mkfifo")
-        .arg(&release)
-        .status()
-        .unwrap();
-    assert!(made.success());
+    let (release, mut fifo) = sandbox.fifo("release");
     let git = std::process::Command::new("sh")
         .args(["-c", "command -v git"])
         .output()
         .unwrap();
     let git = String::from_utf8(git.stdout).unwrap();
     let output = sandbox.path("git-output");
-    let stub = sandbox.path("git-in-two-steps");
-    std::fs::write(
-        &stub,
-        format!(
-            "#!/bin/sh\n'{git}' \"$@\" > '{out}' || exit $?\n\
+    let stub = sandbox.write_stub(
+        "git-in-two-steps",
+        &format!(
+            "'{git}' \"$@\" > '{out}' || exit $?\n\
              /usr/bin/head -c 1024 '{out}'\n\
              read line < '{release}'\n\
              /usr/bin/tail -c +1025 '{out}'\n",
@@ -890,15 +883,7 @@ fn a_cold_tar_gz_starts_with_gits_first_bytes() {
             out = output.display(),
             release = release.display(),
         ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).unwrap();
-    // Read-write: opening does not wait for the stub.
-    let mut fifo = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&release)
-        .unwrap();
+    );
     let archiver = Archiver::start(&sandbox.repos(), &["--git", stub.to_str().unwrap()]);
 
     let mut connection = RawConnection::connect(archiver.addr).unwrap();

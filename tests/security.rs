@@ -4,7 +4,6 @@
 //! command, read outside `--repos`, or dodge a routing rule; what the
 //! `git` child may use is bounded, and it does not outlive the archiver.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -170,7 +169,7 @@ fn repository_config_cannot_make_generation_run_commands() {
 fn output_that_is_not_the_format_asked_for_is_refused() {
     let sandbox = Sandbox::new();
     small_repository(&sandbox.repo("acme", "widget"));
-    let stub = write_stub(&sandbox, "liar", "printf 'this is not an archive at all'\n");
+    let stub = sandbox.write_stub("liar", "printf 'this is not an archive at all'\n");
     let archiver = Archiver::start(&sandbox.repos(), &["--git", stub.to_str().unwrap()]);
     for ext in ["zip", "tar", "tar.gz"] {
         let (head, body, end) = RawConnection::request(
@@ -235,27 +234,14 @@ fn assert_zip_prefix_only(body: &[u8], prefix: &str) {
 fn a_zip_whose_git_fails_after_its_first_bytes_is_aborted_and_not_cached() {
     let sandbox = Sandbox::new();
     small_repository(&sandbox.repo("acme", "widget"));
-    let release = sandbox.path("release");
-    let made = std::process::Command::new("mkfifo")
-        .arg(&release)
-        .status()
-        .unwrap();
-    assert!(made.success());
-    let stub = write_stub(
-        &sandbox,
+    let (release, mut fifo) = sandbox.fifo("release");
+    let stub = sandbox.write_stub(
         "fails-when-told",
         &format!(
             "read line < '{}'\necho 'fatal: told to fail' >&2\nexit 128\n",
             release.display()
         ),
     );
-    // Read-write: opening does not wait for the stub, and a line written
-    // waits in the pipe until a stub reads it (one line per run).
-    let mut fifo = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&release)
-        .unwrap();
     let archiver = Archiver::start(&sandbox.repos(), &["--git", stub.to_str().unwrap()]);
     let routes = sandbox.path("routes.toml");
     write_routes(&routes, &[Route::new("*", &archiver.base_url, &[])]);
@@ -348,7 +334,7 @@ fn a_generation_over_its_memory_limit_fails_and_is_not_cached() {
 fn the_git_child_dies_with_a_killed_archiver() {
     let sandbox = Sandbox::new();
     small_repository(&sandbox.repo("acme", "widget"));
-    let stub = write_stub(&sandbox, "sleeper", "exec sleep 300\n");
+    let stub = sandbox.write_stub("sleeper", "exec sleep 300\n");
     let mut archiver = Archiver::start(&sandbox.repos(), &["--git", stub.to_str().unwrap()]);
     let mut waiting = RawConnection::connect(archiver.addr).unwrap();
     waiting
@@ -402,14 +388,6 @@ fn alternates_outside_repos_are_not_found() {
     let archiver = Archiver::start(&sandbox.repos(), &[]);
     assert_eq!(status(&archiver, "/acme/fork/archive/main.tar"), 200);
     assert_eq!(status(&archiver, "/acme/leaky/archive/main.tar"), 404);
-}
-
-/// An executable stub standing in for git.
-fn write_stub(sandbox: &Sandbox, name: &str, body: &str) -> PathBuf {
-    let path = sandbox.path(name);
-    std::fs::write(&path, format!("#!/bin/sh\n{body}")).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path
 }
 
 /// `export-subst` placeholders that read refs (`%D`) make one commit's
@@ -486,8 +464,7 @@ fn archives_whose_export_subst_reads_refs_change_etag_with_the_refs() {
 /// A stub git that writes the start of a tar, pauses, and fails: a
 /// generation that fails midway.
 fn failing_midway(sandbox: &Sandbox) -> PathBuf {
-    write_stub(
-        sandbox,
+    sandbox.write_stub(
         "fails-midway",
         "printf '%257s' ''\nprintf 'ustar'\nhead -c 100000 /dev/zero\nsleep 1\nexit 1\n",
     )
@@ -621,8 +598,7 @@ fn slashed_tags_name_a_flat_archive_and_a_quoted_file() {
 fn http_1_0_through_the_proxy_waits_for_a_slow_generation_without_ejecting() {
     let sandbox = Sandbox::new();
     small_repository(&sandbox.repo("acme", "widget"));
-    let stub = write_stub(
-        &sandbox,
+    let stub = sandbox.write_stub(
         "slow",
         "printf '%257s' ''\nprintf 'ustar'\nsleep 2\nhead -c 1000 /dev/zero\nexit 0\n",
     );

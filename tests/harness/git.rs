@@ -322,6 +322,34 @@ impl Sandbox {
     pub fn source_repo(&self, relative: &str) -> RepoBuilder {
         RepoBuilder::init(&self.path(relative), &self.home())
     }
+
+    /// An executable `sh` script `name` running `body` (a stub `--git`).
+    pub fn write_stub(&self, name: &str, body: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.path(name);
+        fs::write(&path, format!("#!/bin/sh\n{body}")).expect("write the stub");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod the stub");
+        path
+    }
+
+    /// A fifo `name` and its write end, opened read-write so that opening
+    /// does not wait for a reader: a line written waits in the pipe until a
+    /// stub reads it (`read line < fifo`), which is how a test tells a stub
+    /// when to go on.
+    pub fn fifo(&self, name: &str) -> (PathBuf, fs::File) {
+        let path = self.path(name);
+        let made = Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .expect("run mkfifo");
+        assert!(made.success(), "mkfifo {}", path.display());
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .expect("open the fifo");
+        (path, file)
+    }
 }
 
 pub fn dir_file_names(dir: &Path) -> Vec<String> {
