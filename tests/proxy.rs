@@ -1281,36 +1281,38 @@ impl PrivateRoute {
     }
 }
 
-/// The proxy's allocator gives freed memory back (docs/architecture.md,
+/// Both tiers' allocator gives freed memory back (docs/architecture.md,
 /// "Memory per slow download"): jemalloc, built with a background thread
 /// and a one-second decay. jemalloc prints its options at exit when asked
 /// (`stats_print`, through its prefixed `_RJEM_MALLOC_CONF`); glibc's
 /// malloc, or jemalloc without the baked configuration, would not print
 /// these lines.
 #[test]
-fn the_proxy_allocates_with_jemalloc_that_returns_freed_pages() {
-    let output = Command::new(binary_path("gitball-proxy"))
-        .arg("--version")
-        .env_clear()
-        .env("_RJEM_MALLOC_CONF", "stats_print:true")
-        .output()
-        .expect("run gitball-proxy --version");
-    assert!(output.status.success(), "gitball-proxy --version failed");
-    let printed = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    for option in [
-        "opt.background_thread: true",
-        "opt.dirty_decay_ms: 1000",
-        "opt.muzzy_decay_ms: 0",
-    ] {
-        assert!(
-            printed.contains(option),
-            "{option:?} not in jemalloc's statistics:\n{}",
-            printed.lines().take(40).collect::<Vec<_>>().join("\n")
+fn both_tiers_allocate_with_jemalloc_that_returns_freed_pages() {
+    for binary in ["gitball-proxy", "gitball-archiver"] {
+        let output = Command::new(binary_path(binary))
+            .arg("--version")
+            .env_clear()
+            .env("_RJEM_MALLOC_CONF", "stats_print:true")
+            .output()
+            .unwrap_or_else(|error| panic!("run {binary} --version: {error}"));
+        assert!(output.status.success(), "{binary} --version failed");
+        let printed = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
         );
+        for option in [
+            "opt.background_thread: true",
+            "opt.dirty_decay_ms: 1000",
+            "opt.muzzy_decay_ms: 0",
+        ] {
+            assert!(
+                printed.contains(option),
+                "{binary}: {option:?} not in jemalloc's statistics:\n{}",
+                printed.lines().take(40).collect::<Vec<_>>().join("\n")
+            );
+        }
     }
 }
 

@@ -5,6 +5,14 @@ use anyhow::Context;
 use clap::Parser;
 use gitball_archiver::Config;
 
+/// jemalloc, as in the proxy and with the same configuration
+/// (`.cargo/config.toml`: freed pages go back to the kernel within about a
+/// second). On a small cache hit glibc's `malloc` and `free` were 11 % of
+/// the archiver's CPU; with jemalloc a hit takes about 9 % less
+/// (BENCHMARKS.md, "jemalloc in the archiver").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
