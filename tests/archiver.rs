@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use gitball_e2e::{
     Archiver, BodyEnd, Metrics, RawConnection, RepoBuilder, Sandbox, assert_same_stream, base64,
     cached_dir, child_processes, header, http_client, http_date, pipe_through, process_alive,
-    process_dir, pseudo_random_bytes, pseudo_text, sha256_hex, tar_entry_names, tree_snapshot,
-    wait_until, zip_entry_names,
+    process_dir, process_nice, pseudo_random_bytes, pseudo_text, sha256_hex, tar_entry_names,
+    thread_nice_values, tree_snapshot, wait_until, zip_entry_names,
 };
 use gitball_e2e::{assert_same_zip_entries, assert_zip_readers_accept};
 use sha2::{Digest, Sha256};
@@ -915,6 +915,85 @@ fn a_cold_tar_gz_starts_with_gits_first_bytes() {
     )
     .unwrap();
     assert_eq!(sha256_hex(&hit), sha256_hex(&body));
+}
+
+/// Compression yields the CPU to git and to the threads serving requests
+/// (docs/archiver.md, "Compression yields to git and to requests"): while a
+/// cold tar.zst and then a cold zip are made, every thread that compresses
+/// (the writer, zstd's workers started from it, the zip's deflate threads)
+/// runs 10 nice levels below the archiver's main thread, and git (here a
+/// stub that stops after 256 KiB, so that zstd has its first block) does
+/// not.
+#[test]
+fn compressing_threads_run_below_git_and_the_request_threads() {
+    const LOWER: i32 = 10;
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "big");
+    repo.write("data.bin", pseudo_random_bytes(11, 512 * 1024));
+    let commit = repo.commit_all(T1, "big");
+    let (release, mut fifo) = sandbox.fifo("release");
+    let git = std::process::Command::new("sh")
+        .args(["-c", "command -v git"])
+        .output()
+        .unwrap();
+    let git = String::from_utf8(git.stdout).unwrap();
+    let output = sandbox.path("git-output");
+    let stub = sandbox.write_stub(
+        "git-that-waits",
+        &format!(
+            "'{git}' \"$@\" > '{out}' || exit $?\n\
+             /usr/bin/head -c 262144 '{out}'\n\
+             read line < '{release}'\n\
+             /usr/bin/tail -c +262145 '{out}'\n",
+            git = git.trim(),
+            out = output.display(),
+            release = release.display(),
+        ),
+    );
+    let archiver = Archiver::start(&sandbox.repos(), &["--git", stub.to_str().unwrap()]);
+    let base = process_nice(archiver.pid).expect("the archiver's nice value");
+
+    for (format, compressing) in [("tar.zst", "gitball-writer"), ("zip", "gitball-zip")] {
+        let mut connection = RawConnection::connect(archiver.addr).unwrap();
+        connection
+            .send_request("GET", &format!("/acme/big/archive/{commit}.{format}"), &[])
+            .unwrap();
+        assert_eq!(connection.read_head().unwrap().status, 200, "{format}");
+        // zstd's first bytes leave once its workers compressed the first block.
+        connection.read_body_bytes(4).unwrap();
+        let lowered = |name: &str| {
+            let threads = thread_nice_values(archiver.pid);
+            let named: Vec<_> = threads.iter().filter(|t| t.name == name).collect();
+            !named.is_empty() && named.iter().all(|t| t.nice == base + LOWER)
+        };
+        let settled = wait_until(Duration::from_secs(10), || {
+            lowered("gitball-writer") && lowered(compressing)
+        });
+        let threads = thread_nice_values(archiver.pid);
+        assert!(settled, "{format}: threads of the archiver: {threads:?}");
+        let writers = threads
+            .iter()
+            .filter(|t| t.name == "gitball-writer")
+            .count();
+        if format == "tar.zst" {
+            assert!(writers >= 2, "the writer and zstd's workers: {threads:?}");
+        }
+        // The threads that serve requests, and git, keep the archiver's priority.
+        for thread in &threads {
+            if thread.name.starts_with("tokio") || thread.tid == archiver.pid {
+                assert_eq!(thread.nice, base, "{format}: {thread:?}");
+            }
+        }
+        let children = child_processes(archiver.pid);
+        assert!(!children.is_empty(), "{format}: git is running");
+        for child in &children {
+            assert_eq!(process_nice(child.pid), Some(base), "{format}: {child:?}");
+        }
+        std::io::Write::write_all(&mut fifo, b"go\n").unwrap();
+        let mut body = Vec::new();
+        let end = connection.read_body_to_end(|piece| body.extend_from_slice(piece));
+        assert!(matches!(end, BodyEnd::Complete), "{format}: {end:?}");
+    }
 }
 
 // ---------------------------------------------------------------------------

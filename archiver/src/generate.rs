@@ -52,6 +52,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::compress::Compression;
@@ -271,9 +272,16 @@ pub async fn run(
     let writer = {
         let max_bytes = limits.max_bytes;
         let check = FormatCheck::new(spec.format);
-        tokio::task::spawn_blocking(move || {
-            write_chunks(start, announced, receiver, max_bytes, check, &*growth)
-        })
+        writer_thread(move || write_chunks(start, announced, receiver, max_bytes, check, &*growth))
+    };
+    let writer = match writer {
+        Ok(writer) => writer,
+        Err(error) => {
+            tracing::error!(%error, "cannot start the writer thread");
+            kill_group(&child);
+            let _ = child.wait().await;
+            return Err(Failure::Failed);
+        }
     };
 
     let deadline = tokio::time::Instant::now() + limits.timeout;
@@ -386,6 +394,25 @@ async fn pump(
 fn writes_ahead(spec: &Spec) -> bool {
     matches!(spec.compression, Compression::Zip(_))
         && (0..=0o777_7777_7777).contains(&spec.commit_time)
+}
+
+/// Runs `write` on a thread of its own at the compressors' lower priority
+/// (`compress::lower_this_thread`): the encoder it makes, and zstd's
+/// workers that start from it, compress there. Not on tokio's blocking
+/// pool, whose threads are reused for other work and would keep the lower
+/// priority. The receiver gets the result, or an error if the thread
+/// panicked.
+fn writer_thread(
+    write: impl FnOnce() -> Result<Finished, Failure> + Send + 'static,
+) -> io::Result<oneshot::Receiver<Result<Finished, Failure>>> {
+    let (result, receiver) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("gitball-writer".into())
+        .spawn(move || {
+            crate::compress::lower_this_thread();
+            let _ = result.send(write());
+        })?;
+    Ok(receiver)
 }
 
 /// What the writer thread starts from.

@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -740,6 +741,49 @@ def scenario_small(ctx, stack, results):
                 "the proxy and its archiver against nginx serving the file itself")
     results.add("3. small archives under load", f"{what}, archiver direct", "req/s", summary(samples["direct"]),
                 "nginx sendfile from tmpfs", summary(samples["static"]), ("ratio>=", 0.5), "higher")
+    hits_while_compressing(ctx, stack, results, urls["direct"], size)
+
+
+def wrk_p99(out):
+    """wrk --latency's 99th percentile, in seconds."""
+    value, unit = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()
+    return float(value) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[unit]
+
+
+def hits_while_compressing(ctx, stack, results, url, size):
+    """Small cached hits from the archiver while one cold tar.gz of
+    bench/large compresses on every core (its compression threads run at a
+    lower priority, docs/archiver.md), against the same load on an idle
+    archiver. A distinct tag per run keeps each generation cold."""
+    seconds = 2 if ctx.s.quick else 4
+    command = ["wrk", "-t1", "-c8", f"-d{seconds}s", "--latency", "--timeout", "5s", url]
+    samples = {"busy": [], "idle": []}
+    p99 = {"busy": [], "idle": []}
+    cold_times = []
+    for run in range(ctx.s.runs):
+        out = subprocess.run(command, check=True, capture_output=True, text=True, timeout=seconds + 30).stdout
+        samples["idle"].append(parse_wrk(out)[0])
+        p99["idle"].append(wrk_p99(out))
+        cold = {}
+        generation = threading.Thread(
+            target=lambda: cold.update(timed_get(stack.archiver_port, f"/bench/large/archive/b{run:02d}.tar.gz")))
+        generation.start()
+        time.sleep(0.5)
+        out = subprocess.run(command, check=True, capture_output=True, text=True, timeout=seconds + 30).stdout
+        generation.join(timeout=600)
+        if cold.get("cache") != "miss":
+            raise RuntimeError(f"expected a cold generation, got {cold}")
+        samples["busy"].append(parse_wrk(out)[0])
+        p99["busy"].append(wrk_p99(out))
+        cold_times.append(cold["total"])
+        print(f"    run {run}: idle {samples['idle'][-1]:,.0f} req/s p99 {p99['idle'][-1] * 1000:.1f} ms; "
+              f"during a cold tar.gz ({cold['total']:.1f} s) {samples['busy'][-1]:,.0f} req/s "
+              f"p99 {p99['busy'][-1] * 1000:.1f} ms", flush=True)
+    what = f"{size / 1024:.1f} KiB cached tar.gz, archiver direct, wrk -t1 -c8 -d{seconds}s"
+    note = (f"p99 {statistics.median(p99['busy']) * 1000:.1f} ms against {statistics.median(p99['idle']) * 1000:.1f} ms idle; "
+            f"the cold tar.gz took {statistics.median(cold_times):.1f} s")
+    results.add("3. small archives under load", f"{what}, while a cold tar.gz of bench/large compresses", "req/s",
+                summary(samples["busy"]), "same load, archiver idle", summary(samples["idle"]), None, "higher", note)
 
 
 def scenario_concurrent(ctx, stack, results, key_iter):

@@ -82,3 +82,42 @@ pub fn zombie_or_git_children(parent: u32) -> Vec<ProcessInfo> {
 pub fn process_alive(pid: u32) -> bool {
     process_info(pid).is_some_and(|info| info.state != 'Z')
 }
+
+/// One thread of a process: its name and nice value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ThreadNice {
+    pub tid: u32,
+    pub name: String,
+    pub nice: i32,
+}
+
+/// The threads of `pid` (`/proc/{pid}/task/*/stat`) with their nice values.
+pub fn thread_nice_values(pid: u32) -> Vec<ThreadNice> {
+    let Ok(entries) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let tid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = fs::read_to_string(entry.path().join("stat")).ok()?;
+            let open = stat.find('(')?;
+            let close = stat.rfind(')')?;
+            // After `(comm)`: state is field 3, nice field 19.
+            let nice = stat[close + 1..].split_whitespace().nth(16)?.parse().ok()?;
+            Some(ThreadNice {
+                tid,
+                name: stat[open + 1..close].to_owned(),
+                nice,
+            })
+        })
+        .collect()
+}
+
+/// The nice value of process `pid` (its main thread).
+pub fn process_nice(pid: u32) -> Option<i32> {
+    thread_nice_values(pid)
+        .into_iter()
+        .find(|thread| thread.tid == pid)
+        .map(|thread| thread.nice)
+}
