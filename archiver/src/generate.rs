@@ -52,7 +52,6 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
-use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::compress::Compression;
@@ -398,21 +397,23 @@ fn writes_ahead(spec: &Spec) -> bool {
 
 /// Runs `write` on a thread of its own at the compressors' lower priority
 /// (`compress::lower_this_thread`): the encoder it makes, and zstd's
-/// workers that start from it, compress there. Not on tokio's blocking
-/// pool, whose threads are reused for other work and would keep the lower
-/// priority. The receiver gets the result, or an error if the thread
-/// panicked.
+/// workers that start from it, compress there. Not on one of tokio's
+/// blocking threads, which are reused for other work and would keep the
+/// lower priority; but a blocking task waits for it, so the runtime still
+/// counts the writing as blocking work in flight (a paused test clock does
+/// not jump ahead of it). A panic on the thread is a failed generation.
 fn writer_thread(
     write: impl FnOnce() -> Result<Finished, Failure> + Send + 'static,
-) -> io::Result<oneshot::Receiver<Result<Finished, Failure>>> {
-    let (result, receiver) = oneshot::channel();
-    std::thread::Builder::new()
+) -> io::Result<tokio::task::JoinHandle<Result<Finished, Failure>>> {
+    let thread = std::thread::Builder::new()
         .name("gitball-writer".into())
         .spawn(move || {
             crate::compress::lower_this_thread();
-            let _ = result.send(write());
+            write()
         })?;
-    Ok(receiver)
+    Ok(tokio::task::spawn_blocking(move || {
+        thread.join().unwrap_or(Err(Failure::Failed))
+    }))
 }
 
 /// What the writer thread starts from.
