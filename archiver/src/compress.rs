@@ -44,25 +44,29 @@ use bytes::Bytes;
 
 /// Added to the nice value of every thread that compresses a cold archive:
 /// the generation's writer thread (and zstd's workers, which inherit it
-/// from the thread that starts them) and the gzip and zip threads. On a
-/// busy core the scheduler then gives git, whose tar is the one part of a
-/// generation that cannot be spread over cores, and the threads serving
-/// requests (cache hits, readers of a growing file) about ten times the
-/// share of a compressing thread; on an idle one nothing changes. The
-/// total work is the same, so a CPU-bound generation takes as long.
+/// from the thread that starts them) and the gzip and zip threads. On busy
+/// cores the scheduler then gives git and the threads serving requests
+/// (cache hits, readers of a growing file) about ten times the share of a
+/// compressing thread; on idle ones nothing changes. A generation alone
+/// does the same work in the same time; beside busy hits it takes longer
+/// by the CPU the hits took (docs/archiver.md, "Compression yields to git
+/// and to requests").
 pub const COMPRESSION_NICE: i32 = 10;
 
 /// Raises the calling thread's nice value by `COMPRESSION_NICE` (on Linux a
 /// thread's own, inherited by the threads it starts). Raising it needs no
-/// privilege; a failure (a seccomp filter, say) is logged and the thread
-/// compresses at its old priority.
+/// privilege; a failure (a seccomp filter, say) is logged once and the
+/// thread compresses at its old priority.
 pub(crate) fn lower_this_thread() {
+    static WARNED: std::sync::Once = std::sync::Once::new();
     let thread = Some(rustix::thread::gettid());
     let lowered = rustix::process::getpriority_process(thread).and_then(|nice| {
         rustix::process::setpriority_process(thread, (nice + COMPRESSION_NICE).min(19))
     });
     if let Err(error) = lowered {
-        tracing::warn!(%error, "cannot lower a compression thread's priority");
+        WARNED.call_once(|| {
+            tracing::warn!(%error, "cannot lower the compression threads' priority");
+        });
     }
 }
 
