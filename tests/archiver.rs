@@ -865,25 +865,7 @@ fn concurrent_request_joins_a_running_generation() {
 fn a_cold_tar_gz_starts_with_gits_first_bytes() {
     let sandbox = Sandbox::new();
     let w = widget(&sandbox);
-    let (release, mut fifo) = sandbox.fifo("release");
-    let git = std::process::Command::new("sh")
-        .args(["-c", "command -v git"])
-        .output()
-        .unwrap();
-    let git = String::from_utf8(git.stdout).unwrap();
-    let output = sandbox.path("git-output");
-    let stub = sandbox.write_stub(
-        "git-in-two-steps",
-        &format!(
-            "'{git}' \"$@\" > '{out}' || exit $?\n\
-             /usr/bin/head -c 1024 '{out}'\n\
-             read line < '{release}'\n\
-             /usr/bin/tail -c +1025 '{out}'\n",
-            git = git.trim(),
-            out = output.display(),
-            release = release.display(),
-        ),
-    );
+    let (stub, mut fifo) = sandbox.git_that_pauses("git-in-two-steps", 1024);
     let archiver = Archiver::start(&sandbox.repos(), &["--git", stub.to_str().unwrap()]);
 
     let mut connection = RawConnection::connect(archiver.addr).unwrap();
@@ -931,25 +913,7 @@ fn compressing_threads_run_below_git_and_the_request_threads() {
     let repo = sandbox.repo("acme", "big");
     repo.write("data.bin", pseudo_random_bytes(11, 512 * 1024));
     let commit = repo.commit_all(T1, "big");
-    let (release, mut fifo) = sandbox.fifo("release");
-    let git = std::process::Command::new("sh")
-        .args(["-c", "command -v git"])
-        .output()
-        .unwrap();
-    let git = String::from_utf8(git.stdout).unwrap();
-    let output = sandbox.path("git-output");
-    let stub = sandbox.write_stub(
-        "git-that-waits",
-        &format!(
-            "'{git}' \"$@\" > '{out}' || exit $?\n\
-             /usr/bin/head -c 262144 '{out}'\n\
-             read line < '{release}'\n\
-             /usr/bin/tail -c +262145 '{out}'\n",
-            git = git.trim(),
-            out = output.display(),
-            release = release.display(),
-        ),
-    );
+    let (stub, mut fifo) = sandbox.git_that_pauses("git-that-waits", 262_144);
     let archiver = Archiver::start(&sandbox.repos(), &["--git", stub.to_str().unwrap()]);
     let base = process_nice(archiver.pid).expect("the archiver's nice value");
 

@@ -350,6 +350,35 @@ impl Sandbox {
             .expect("open the fifo");
         (path, file)
     }
+
+    /// A stub `--git` named `name` that runs the real git (the first `git`
+    /// on `PATH`) into a file, writes its first `first_bytes` bytes, then
+    /// waits for a line on a fifo before it writes the rest; and the
+    /// fifo's write end (see [`Sandbox::fifo`]). Each run of the stub takes
+    /// one line.
+    pub fn git_that_pauses(&self, name: &str, first_bytes: u64) -> (PathBuf, fs::File) {
+        let (release, fifo) = self.fifo(&format!("{name}-release"));
+        let git = Command::new("sh")
+            .args(["-c", "command -v git"])
+            .output()
+            .expect("look up git");
+        let git = String::from_utf8(git.stdout).expect("git's path is UTF-8");
+        let output = self.path(&format!("{name}-output"));
+        let stub = self.write_stub(
+            name,
+            &format!(
+                "'{git}' \"$@\" > '{out}' || exit $?\n\
+                 /usr/bin/head -c {first_bytes} '{out}'\n\
+                 read line < '{release}'\n\
+                 /usr/bin/tail -c +{rest} '{out}'\n",
+                git = git.trim(),
+                out = output.display(),
+                release = release.display(),
+                rest = first_bytes + 1,
+            ),
+        );
+        (stub, fifo)
+    }
 }
 
 pub fn dir_file_names(dir: &Path) -> Vec<String> {
