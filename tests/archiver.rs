@@ -856,16 +856,16 @@ fn concurrent_request_joins_a_running_generation() {
     assert_eq!(metrics.value("gitball_archiver_active_downloads", &[]), 2.0);
 }
 
-/// A cold tar.gz's first bytes, the gzip header, leave with git's first
-/// bytes (once they show a tar), not once git has written a whole 128 KiB
-/// compression block. The stub git writes the first KiB of the real
-/// archive and then waits on a fifo: the client already has its `200` and
-/// the header, and once git goes on, the rest of the same bytes.
+/// A cold tar.gz's first bytes, the gzip header, leave before git writes
+/// anything, not with git's first bytes nor once git has written a whole
+/// 128 KiB compression block. The stub git writes nothing of the real
+/// archive until told on a fifo: the client already has its `200` and the
+/// header, and once git goes on, the rest of the same bytes.
 #[test]
-fn a_cold_tar_gz_starts_with_gits_first_bytes() {
+fn a_cold_tar_gz_starts_before_git_writes() {
     let sandbox = Sandbox::new();
     let w = widget(&sandbox);
-    let (stub, mut fifo) = sandbox.git_that_pauses("git-in-two-steps", 1024);
+    let (stub, mut fifo) = sandbox.git_that_pauses("git-that-waits", 0);
     let archiver = Archiver::start(&sandbox.repos(), &["--git", stub.to_str().unwrap()]);
 
     let mut connection = RawConnection::connect(archiver.addr).unwrap();

@@ -162,9 +162,9 @@ fn repository_config_cannot_make_generation_run_commands() {
 
 /// A stub `git` (`--git`) that writes something that is not the format
 /// asked for, and exits 0: the generation fails and nothing is cached.
-/// A tar or tar.gz fails before its first byte (`500`); a zip's first
-/// bytes, the prefix directory, were sent before git ran, so its response
-/// is aborted after them, never ended cleanly.
+/// A tar fails before its first byte (`500`); a zip's first bytes, the
+/// prefix directory, and a tar.gz's, the gzip header, were sent before git
+/// ran, so their responses are aborted after them, never ended cleanly.
 #[test]
 fn output_that_is_not_the_format_asked_for_is_refused() {
     let sandbox = Sandbox::new();
@@ -179,7 +179,9 @@ fn output_that_is_not_the_format_asked_for_is_refused() {
             &[],
         )
         .unwrap();
-        if ext == "zip" {
+        if ext == "tar" {
+            assert_eq!(head.status, 500, "{ext}");
+        } else {
             // git fails fast: the request may also see the failure before
             // it answered, and get the `500`.
             assert!(
@@ -188,10 +190,8 @@ fn output_that_is_not_the_format_asked_for_is_refused() {
                 head.status
             );
             if head.status == 200 {
-                assert_zip_prefix_only(&body, "widget-main/");
+                assert_written_ahead_only(ext, &body, "widget-main/");
             }
-        } else {
-            assert_eq!(head.status, 500, "{ext}");
         }
     }
     assert!(
@@ -208,10 +208,14 @@ fn output_that_is_not_the_format_asked_for_is_refused() {
     );
 }
 
-/// The local header of the prefix directory written before git ran (or
-/// the start of it, if the abort came first), and not a byte of git's
-/// output after it.
-fn assert_zip_prefix_only(body: &[u8], prefix: &str) {
+/// What was written before git ran (or the start of it, if the abort came
+/// first), and not a byte of git's output after it: a zip's local header
+/// of the prefix directory, a tar.gz's gzip header.
+fn assert_written_ahead_only(ext: &str, body: &[u8], prefix: &str) {
+    if ext == "tar.gz" {
+        assert!(GZIP_HEADER.starts_with(body), "{body:?}");
+        return;
+    }
     let mut header = b"PK\x03\x04".to_vec();
     header.resize(30, 0);
     header.extend_from_slice(prefix.as_bytes());
@@ -224,14 +228,18 @@ fn assert_zip_prefix_only(body: &[u8], prefix: &str) {
     }
 }
 
-/// A zip's first bytes leave before git runs, so a git that then fails
-/// at once no longer gets a `500`: the client has the prefix directory's
-/// header and then an aborted connection, directly and through the proxy
-/// (which cannot fail over once it passed the head on), and nothing is
-/// cached. The stub git waits for a line on a fifo before it fails, so the
-/// test decides that it fails after the client saw the first bytes.
+/// A tar.gz's first bytes: RFC 1952, no name, mtime 0, OS "unknown".
+const GZIP_HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
+
+/// A zip's and a tar.gz's first bytes leave before git runs, so a git that
+/// then fails at once no longer gets a `500`: the client has the prefix
+/// directory's header, or the gzip header, and then an aborted connection,
+/// directly and through the proxy (which cannot fail over once it passed
+/// the head on), and nothing is cached. The stub git waits for a line on a
+/// fifo before it fails, so the test decides that it fails after the
+/// client saw the first bytes.
 #[test]
-fn a_zip_whose_git_fails_after_its_first_bytes_is_aborted_and_not_cached() {
+fn an_archive_whose_git_fails_after_its_first_bytes_is_aborted_and_not_cached() {
     let sandbox = Sandbox::new();
     small_repository(&sandbox.repo("acme", "widget"));
     let (release, mut fifo) = sandbox.fifo("release");
@@ -246,29 +254,36 @@ fn a_zip_whose_git_fails_after_its_first_bytes_is_aborted_and_not_cached() {
     let routes = sandbox.path("routes.toml");
     write_routes(&routes, &[Route::new("*", &archiver.base_url, &[])]);
     let proxy = Proxy::with_routes(&routes, &[]);
-    let ahead = 30 + "widget-main/".len() + 9;
-    for (tier, addr) in [("archiver", archiver.addr), ("proxy", proxy.addr)] {
-        let mut connection = RawConnection::connect(addr).unwrap();
-        connection
-            .send_request("GET", "/acme/widget/archive/main.zip", &[])
-            .unwrap();
-        let head = connection.read_head().unwrap();
-        assert_eq!(head.status, 200, "{tier}");
-        let first = connection.read_body_bytes(ahead).unwrap();
-        assert_eq!(first.len(), ahead, "{tier}");
-        assert_zip_prefix_only(&first, "widget-main/");
-        // Now git fails.
-        std::io::Write::write_all(&mut fifo, b"fail\n").unwrap();
-        let mut rest = Vec::new();
-        let end = connection.read_body_to_end(|piece| rest.extend_from_slice(piece));
-        assert!(matches!(end, BodyEnd::Aborted(_)), "{tier}: {end:?}");
-        assert!(rest.is_empty(), "{tier}: {rest:?}");
+    // The zip's prefix directory's local header: 30 bytes, the name, the
+    // 9-byte mtime field.
+    let formats = [
+        ("zip", 30 + "widget-main/".len() + 9),
+        ("tar.gz", GZIP_HEADER.len()),
+    ];
+    for (ext, ahead) in formats {
+        for (tier, addr) in [("archiver", archiver.addr), ("proxy", proxy.addr)] {
+            let mut connection = RawConnection::connect(addr).unwrap();
+            connection
+                .send_request("GET", &format!("/acme/widget/archive/main.{ext}"), &[])
+                .unwrap();
+            let head = connection.read_head().unwrap();
+            assert_eq!(head.status, 200, "{ext} {tier}");
+            let first = connection.read_body_bytes(ahead).unwrap();
+            assert_eq!(first.len(), ahead, "{ext} {tier}");
+            assert_written_ahead_only(ext, &first, "widget-main/");
+            // Now git fails.
+            std::io::Write::write_all(&mut fifo, b"fail\n").unwrap();
+            let mut rest = Vec::new();
+            let end = connection.read_body_to_end(|piece| rest.extend_from_slice(piece));
+            assert!(matches!(end, BodyEnd::Aborted(_)), "{ext} {tier}: {end:?}");
+            assert!(rest.is_empty(), "{ext} {tier}: {rest:?}");
+        }
     }
     assert!(
         wait_until(WAIT, || archiver.metrics().sum(
             "gitball_archiver_generations_total",
             &[("outcome", "failed")]
-        ) == 2.0),
+        ) == 4.0),
         "{}",
         archiver.metrics_text()
     );

@@ -1004,58 +1004,77 @@ mod tests {
         assert!(cache.peek(&stub.spec(1)).is_none());
     }
 
-    /// A zip's first bytes (the prefix directory, written before git runs)
-    /// reach readers before git writes anything; a git that then fails, or
-    /// cannot even start, fails the generation after those bytes (readers
-    /// abort), and nothing of it is cached.
+    /// A zip's and a tar.gz's first bytes (the prefix directory, the gzip
+    /// header: written before git runs) reach readers before git writes
+    /// anything; a git that then fails, or cannot even start, fails the
+    /// generation after those bytes (readers abort), and nothing of it is
+    /// cached.
     #[tokio::test]
-    async fn a_zip_whose_git_fails_after_the_bytes_written_ahead_is_never_cached() {
+    async fn an_archive_whose_git_fails_after_the_bytes_written_ahead_is_never_cached() {
         // The prefix directory's local header: 30 bytes, the name, the
-        // 9-byte mtime field.
-        let ahead = 30 + "repo-main/".len() as u64 + 9;
-        let zip_spec = |stub: &StubGit| Spec {
-            format: Format::Zip,
-            compression: Compression::Zip(6),
-            ..stub.spec(1)
-        };
-        // git writes nothing at all and exits 1: whatever readers were told
-        // of was written ahead.
-        let stub = StubGit::without_header(b"", 1);
-        let cache = open(&stub, 1 << 20);
-        let generation = miss(cache.lookup(zip_spec(&stub), "r"));
-        let started = within(generation.started()).await;
-        assert_eq!(started.written, ahead, "announced before git wrote");
-        let mut head = vec![0; ahead as usize];
-        std::os::unix::fs::FileExt::read_exact_at(&*generation.file, &mut head, 0).unwrap();
-        assert_eq!(&head[..4], b"PK\x03\x04");
-        assert_eq!(&head[30..40], b"repo-main/");
-        assert_eq!(
-            failure(within(generation.finished()).await),
-            Failure::Failed
-        );
-        assert_eq!(generation.progress().borrow().written, ahead);
-        assert_eq!(bytes(&cache), 0);
-        assert!(!generation.partial.exists());
-        assert!(names_in(&stub.cache_dir()).is_empty());
-        assert!(cache.peek(&zip_spec(&stub)).is_none(), "nothing indexed");
-        assert_eq!(stub.runs().len(), 1, "git did run");
+        // 9-byte mtime field; the gzip header.
+        let zip_ahead = 30 + "repo-main/".len();
+        let mut zip_head = b"PK\x03\x04".to_vec();
+        zip_head.resize(30, 0);
+        zip_head.extend_from_slice(b"repo-main/");
+        let gzip_head = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
+        let formats = [
+            (Format::Zip, Compression::Zip(6), zip_ahead + 9, zip_head),
+            (Format::TarGz, Compression::Gzip(6), 10, gzip_head),
+        ];
+        for (format, compression, ahead, expected) in formats {
+            let ahead = ahead as u64;
+            let spec = |stub: &StubGit| Spec {
+                format,
+                compression,
+                ..stub.spec(1)
+            };
+            // git writes nothing at all and exits 1: whatever readers were
+            // told of was written ahead.
+            let stub = StubGit::without_header(b"", 1);
+            let cache = open(&stub, 1 << 20);
+            let generation = miss(cache.lookup(spec(&stub), "r"));
+            let started = within(generation.started()).await;
+            assert_eq!(
+                started.written, ahead,
+                "{format:?}: announced before git wrote"
+            );
+            let mut head = vec![0; ahead as usize];
+            std::os::unix::fs::FileExt::read_exact_at(&*generation.file, &mut head, 0).unwrap();
+            for (at, (got, want)) in head.iter().zip(&expected).enumerate() {
+                // The zip header's fixed fields are not checked.
+                if format != Format::Zip || !(4..30).contains(&at) {
+                    assert_eq!(got, want, "{format:?}: byte {at} of {head:?}");
+                }
+            }
+            assert_eq!(
+                failure(within(generation.finished()).await),
+                Failure::Failed
+            );
+            assert_eq!(generation.progress().borrow().written, ahead);
+            assert_eq!(bytes(&cache), 0);
+            assert!(!generation.partial.exists());
+            assert!(names_in(&stub.cache_dir()).is_empty());
+            assert!(cache.peek(&spec(&stub)).is_none(), "nothing indexed");
+            assert_eq!(stub.runs().len(), 1, "git did run");
 
-        // A git that cannot be started at all: the same.
-        let stub = StubGit::printing(b"");
-        let mut settings = stub.settings(1 << 20);
-        settings.git = stub.cache_dir().join("no-such-git");
-        let cache = Cache::open(settings).unwrap();
-        let generation = miss(cache.lookup(zip_spec(&stub), "r"));
-        assert_eq!(
-            failure(within(generation.finished()).await),
-            Failure::Failed
-        );
-        assert_eq!(generation.progress().borrow().written, ahead);
-        assert_eq!(bytes(&cache), 0);
-        assert!(!generation.partial.exists());
-        assert!(names_in(&stub.cache_dir()).is_empty());
-        assert!(cache.peek(&zip_spec(&stub)).is_none(), "nothing indexed");
-        assert!(stub.runs().is_empty());
+            // A git that cannot be started at all: the same.
+            let stub = StubGit::printing(b"");
+            let mut settings = stub.settings(1 << 20);
+            settings.git = stub.cache_dir().join("no-such-git");
+            let cache = Cache::open(settings).unwrap();
+            let generation = miss(cache.lookup(spec(&stub), "r"));
+            assert_eq!(
+                failure(within(generation.finished()).await),
+                Failure::Failed
+            );
+            assert_eq!(generation.progress().borrow().written, ahead);
+            assert_eq!(bytes(&cache), 0);
+            assert!(!generation.partial.exists());
+            assert!(names_in(&stub.cache_dir()).is_empty());
+            assert!(cache.peek(&spec(&stub)).is_none(), "nothing indexed");
+            assert!(stub.runs().is_empty());
+        }
     }
 
     #[tokio::test]

@@ -144,8 +144,8 @@ impl<W: Write + Send + 'static> Encoder<W> {
 
     /// Writes, before git runs, what the output starts with whatever git
     /// then writes: for the zip, the local header of the prefix directory,
-    /// git's first entry (`ZipWriter::write_ahead_directory`); nothing for
-    /// the other formats.
+    /// git's first entry (`ZipWriter::write_ahead_directory`). Nothing for
+    /// the other formats (`new` already wrote the gzip header).
     pub fn write_ahead(&mut self, prefix: &str, commit_time: i64) -> io::Result<()> {
         match self {
             Encoder::Zip(writer) => writer.write_ahead_directory(prefix.as_bytes(), commit_time),

@@ -25,11 +25,12 @@
 //!   fed to the encoder block by block, never flushed (`compress`).
 //!   Uncompressed formats are git's bytes as they are, passed on as they
 //!   arrive (the first byte leaves with git's first).
-//! - A zip's first local header (the prefix directory, git's first entry)
-//!   is written and announced before git is spawned (`writes_ahead`): the
-//!   zip writer then requires git's first entry to be exactly it. From
-//!   that moment a failure, even of the spawn, aborts readers; it is never
-//!   cached, like any failure.
+//! - What an archive starts with whatever git writes is written and
+//!   announced before git is spawned (`writes_ahead`): a tar.gz's gzip
+//!   header, and a zip's first local header (the prefix directory, git's
+//!   first entry; the zip writer then requires git's first entry to be
+//!   exactly it). From that moment a failure, even of the spawn, aborts
+//!   readers; it is never cached, like any failure.
 //!   The encoders and their versions are pinned in the workspace; the golden
 //!   tests fail if a dependency update changes a single byte.
 //! - Readers see a length only after those bytes are in the file: the file is
@@ -232,10 +233,10 @@ pub async fn run(
         len: 0,
         hasher: Sha256::new(),
     };
-    // What the output starts with whatever git writes (the zip's prefix
-    // directory) reaches readers now, not after git's start-up: starting
-    // git (fork of this multi-threaded process, exec, git's own set-up)
-    // takes longer than `git archive --format=zip` takes to its first
+    // What the output starts with whatever git writes (the gzip header,
+    // the zip's prefix directory) reaches readers now, not after git's
+    // start-up: starting git (fork of this multi-threaded process, exec,
+    // git's own set-up) takes longer than `git archive` takes to its first
     // byte. From here on the response has begun, so a git that fails even
     // at once aborts it (never a clean end), and nothing is cached.
     // Other encoders are made by the writer thread, while git starts.
@@ -331,12 +332,6 @@ pub async fn run(
 }
 
 enum Chunk {
-    /// A copy of the first `TAR_MAGIC_END` bytes of git's output, sent as
-    /// soon as they arrived (before the first whole block): once they pass
-    /// the format check, what the encoder wrote before any input (the gzip
-    /// header) reaches readers with git's first bytes, not with its first
-    /// 128 KiB. The same bytes come again, in place, as `Data`.
-    Head(Bytes),
     Data(Bytes),
     /// git exited 0: finish the stream. Without it the writer aborts.
     End,
@@ -351,8 +346,6 @@ async fn pump(
     chunks: &mpsc::Sender<Chunk>,
     whole_blocks: bool,
 ) -> Result<(), Option<Failure>> {
-    // Uncompressed output goes on as it comes: no head start to give.
-    let mut head_sent = !whole_blocks;
     loop {
         let mut buffer = BytesMut::with_capacity(INPUT_CHUNK_BYTES);
         let mut at_end = false;
@@ -364,13 +357,6 @@ async fn pump(
             if read == 0 {
                 at_end = true;
                 break;
-            }
-            if !head_sent && buffer.len() >= TAR_MAGIC_END {
-                head_sent = true;
-                let head = Bytes::copy_from_slice(&buffer[..TAR_MAGIC_END]);
-                if chunks.send(Chunk::Head(head)).await.is_err() {
-                    return Err(None);
-                }
             }
             // Uncompressed bytes are git's own whatever the cut: pass them
             // on as they come, so the first byte leaves with git's first.
@@ -388,11 +374,15 @@ async fn pump(
 }
 
 /// Whether the spec's archive starts with bytes written before git runs:
-/// the zip, when git's tar will carry the commit time as it is (the ustar
-/// mtime field holds up to `0o77777777777`; git clamps a later time).
+/// the tar.gz (the gzip header, which depends on nothing); the zip, when
+/// git's tar will carry the commit time as it is (the ustar mtime field
+/// holds up to `0o77777777777`; git clamps a later time).
 fn writes_ahead(spec: &Spec) -> bool {
-    matches!(spec.compression, Compression::Zip(_))
-        && (0..=0o777_7777_7777).contains(&spec.commit_time)
+    match spec.compression {
+        Compression::Gzip(_) => true,
+        Compression::Zip(_) => (0..=0o777_7777_7777).contains(&spec.commit_time),
+        Compression::None | Compression::Zstd(_) => false,
+    }
 }
 
 /// Runs `write` on a thread of its own at the compressors' lower priority
@@ -455,10 +445,6 @@ fn write_chunks(
             Err(TryRecvError::Disconnected) => None,
         };
         match chunk {
-            Some(Chunk::Head(head)) => {
-                check.check_head(&head)?;
-                announced = announce(encoder.sink().len, announced, max_bytes, growth)?;
-            }
             Some(Chunk::Data(data)) => {
                 for data in check.pass(data)? {
                     encoder.write_block(data).map_err(io_failure)?;
@@ -557,15 +543,6 @@ impl FormatCheck {
         Err(Failure::Failed)
     }
 
-    /// Checks git's first bytes ahead of the chunks that carry them (which
-    /// then pass at once).
-    fn check_head(&mut self, head: &[u8]) -> Result<(), Failure> {
-        if !self.passed {
-            self.verify_head(head)?;
-        }
-        Ok(())
-    }
-
     fn verify(&mut self) -> Result<(), Failure> {
         let head: Vec<u8> = self
             .held
@@ -573,10 +550,6 @@ impl FormatCheck {
             .flat_map(|chunk| chunk.iter().copied())
             .take(TAR_MAGIC_END)
             .collect();
-        self.verify_head(&head)
-    }
-
-    fn verify_head(&mut self, head: &[u8]) -> Result<(), Failure> {
         let ok = head.len() >= TAR_MAGIC_END && &head[257..262] == b"ustar";
         if !ok {
             tracing::error!(
