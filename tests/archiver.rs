@@ -901,11 +901,11 @@ fn a_cold_tar_gz_starts_before_git_writes() {
 
 /// Compression yields the CPU to git and to the threads serving requests
 /// (docs/archiver.md, "Compression yields to git and to requests"): while a
-/// cold tar.zst and then a cold zip are made, every thread that compresses
-/// (the writer, zstd's workers started from it, the zip's deflate threads)
-/// runs 10 nice levels below the archiver's main thread, and git (here a
-/// stub that stops after 256 KiB, so that zstd has its first block) does
-/// not.
+/// cold tar.zst, tar.gz and zip are made, every thread that compresses (the
+/// writer, zstd's workers started from it, the gzip and zip deflate
+/// threads) runs 10 nice levels below the archiver's main thread, not
+/// more, and git (here a stub that stops after 256 KiB, so that zstd has
+/// its first block) does not.
 #[test]
 fn compressing_threads_run_below_git_and_the_request_threads() {
     const LOWER: i32 = 10;
@@ -917,7 +917,12 @@ fn compressing_threads_run_below_git_and_the_request_threads() {
     let archiver = Archiver::start(&sandbox.repos(), &["--git", stub.to_str().unwrap()]);
     let base = process_nice(archiver.pid).expect("the archiver's nice value");
 
-    for (format, compressing) in [("tar.zst", "gitball-writer"), ("zip", "gitball-zip")] {
+    let formats = [
+        ("tar.zst", "gitball-writer"),
+        ("tar.gz", "gitball-gzip"),
+        ("zip", "gitball-zip"),
+    ];
+    for (format, compressing) in formats {
         let mut connection = RawConnection::connect(archiver.addr).unwrap();
         connection
             .send_request("GET", &format!("/acme/big/archive/{commit}.{format}"), &[])

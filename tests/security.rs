@@ -162,16 +162,17 @@ fn repository_config_cannot_make_generation_run_commands() {
 
 /// A stub `git` (`--git`) that writes something that is not the format
 /// asked for, and exits 0: the generation fails and nothing is cached.
-/// A tar fails before its first byte (`500`); a zip's first bytes, the
-/// prefix directory, and a tar.gz's, the gzip header, were sent before git
-/// ran, so their responses are aborted after them, never ended cleanly.
+/// A tar or tar.zst fails before its first byte (`500`); a zip's first
+/// bytes, the prefix directory, and a tar.gz's, the gzip header, were sent
+/// before git ran, so their responses are aborted after them, never ended
+/// cleanly.
 #[test]
 fn output_that_is_not_the_format_asked_for_is_refused() {
     let sandbox = Sandbox::new();
     small_repository(&sandbox.repo("acme", "widget"));
     let stub = sandbox.write_stub("liar", "printf 'this is not an archive at all'\n");
     let archiver = Archiver::start(&sandbox.repos(), &["--git", stub.to_str().unwrap()]);
-    for ext in ["zip", "tar", "tar.gz"] {
+    for ext in ["zip", "tar", "tar.gz", "tar.zst"] {
         let (head, body, end) = RawConnection::request(
             archiver.addr,
             "GET",
@@ -179,7 +180,7 @@ fn output_that_is_not_the_format_asked_for_is_refused() {
             &[],
         )
         .unwrap();
-        if ext == "tar" {
+        if ext == "tar" || ext == "tar.zst" {
             assert_eq!(head.status, 500, "{ext}");
         } else {
             // git fails fast: the request may also see the failure before
@@ -204,7 +205,7 @@ fn output_that_is_not_the_format_asked_for_is_refused() {
             "gitball_archiver_generations_total",
             &[("outcome", "failed")]
         ),
-        3.0
+        4.0
     );
 }
 
@@ -292,11 +293,18 @@ fn an_archive_whose_git_fails_after_its_first_bytes_is_aborted_and_not_cached() 
         "{:?}",
         archiver.cache_files()
     );
-    // A tar still fails before its first byte: a clean `500`.
-    std::io::Write::write_all(&mut fifo, b"fail\n").unwrap();
-    let (head, _, _) =
-        RawConnection::request(archiver.addr, "GET", "/acme/widget/archive/main.tar", &[]).unwrap();
-    assert_eq!(head.status, 500);
+    // A tar and a tar.zst still fail before their first byte: a clean `500`.
+    for ext in ["tar", "tar.zst"] {
+        std::io::Write::write_all(&mut fifo, b"fail\n").unwrap();
+        let (head, _, _) = RawConnection::request(
+            archiver.addr,
+            "GET",
+            &format!("/acme/widget/archive/main.{ext}"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(head.status, 500, "{ext}");
+    }
 }
 
 /// `export-subst` padding is expanded by git in memory: a child that needs

@@ -104,7 +104,8 @@ impl Generation {
 
     /// Waits until the first bytes are in the file or the generation ended,
     /// so a request can still answer with an error status instead of a
-    /// `200` whose body is then aborted.
+    /// `200` whose body is then aborted. (A zip's and a tar.gz's first
+    /// bytes are written before git starts, so those return at once.)
     pub async fn started(&self) -> Progress {
         let mut progress = self.progress();
         let result = progress

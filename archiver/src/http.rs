@@ -237,6 +237,8 @@ async fn serve(app: &App, request: &Parts, log: &mut RequestLog) -> Result<Answe
 
     // A growing archive: wait for its first bytes (or its end) so a failure
     // that happens at once is still an error status, not an aborted 200.
+    // (A zip's and a tar.gz's first bytes are written before git starts:
+    // those answer at once, and a git that then fails aborts the 200.)
     // A client that cannot tell a truncated body from a complete one (HTTP
     // 1.0 has no chunked encoding: a growing archive would end with a plain
     // close) waits for the end and gets a `Content-Length`.
