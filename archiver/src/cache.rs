@@ -1048,15 +1048,7 @@ mod tests {
                     assert_eq!(got, want, "{format:?}: byte {at} of {head:?}");
                 }
             }
-            assert_eq!(
-                failure(within(generation.finished()).await),
-                Failure::Failed
-            );
-            assert_eq!(generation.progress().borrow().written, ahead);
-            assert_eq!(bytes(&cache), 0);
-            assert!(!generation.partial.exists());
-            assert!(names_in(&stub.cache_dir()).is_empty());
-            assert!(cache.peek(&spec(&stub)).is_none(), "nothing indexed");
+            failed_leaving_nothing(&cache, &generation, &stub, &spec(&stub), ahead).await;
             assert_eq!(stub.runs().len(), 1, "git did run");
 
             // A git that cannot be started at all: the same.
@@ -1065,16 +1057,29 @@ mod tests {
             settings.git = stub.cache_dir().join("no-such-git");
             let cache = Cache::open(settings).unwrap();
             let generation = miss(cache.lookup(spec(&stub), "r"));
+            failed_leaving_nothing(&cache, &generation, &stub, &spec(&stub), ahead).await;
+            assert!(stub.runs().is_empty());
+        }
+
+        /// The generation failed with its bytes written ahead still the
+        /// last announced, and left nothing: no bytes counted, no partial
+        /// file, nothing indexed.
+        async fn failed_leaving_nothing(
+            cache: &Cache,
+            generation: &Generation,
+            stub: &StubGit,
+            spec: &Spec,
+            ahead: u64,
+        ) {
             assert_eq!(
                 failure(within(generation.finished()).await),
                 Failure::Failed
             );
             assert_eq!(generation.progress().borrow().written, ahead);
-            assert_eq!(bytes(&cache), 0);
+            assert_eq!(bytes(cache), 0);
             assert!(!generation.partial.exists());
             assert!(names_in(&stub.cache_dir()).is_empty());
-            assert!(cache.peek(&spec(&stub)).is_none(), "nothing indexed");
-            assert!(stub.runs().is_empty());
+            assert!(cache.peek(spec).is_none(), "nothing indexed");
         }
     }
 

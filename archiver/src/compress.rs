@@ -53,14 +53,17 @@ use bytes::Bytes;
 /// and to requests").
 pub const COMPRESSION_NICE: i32 = 10;
 
-/// Raises the calling thread's nice value by `COMPRESSION_NICE` (on Linux a
-/// thread's own, inherited by the threads it starts). Raising it needs no
-/// privilege; a failure (a seccomp filter, say) is logged once and the
-/// thread compresses at its old priority.
+/// Sets the calling thread's nice value (on Linux a thread's own, inherited
+/// by the threads it starts) to `COMPRESSION_NICE` above the archiver's
+/// main thread: the same whichever thread, lowered or not, started it.
+/// Raising it needs no privilege; a failure (a seccomp filter, say) is
+/// logged once and the thread compresses at its old priority.
 pub(crate) fn lower_this_thread() {
     static WARNED: std::sync::Once = std::sync::Once::new();
-    let thread = Some(rustix::thread::gettid());
-    let lowered = rustix::process::getpriority_process(thread).and_then(|nice| {
+    // The main thread's id is the process id.
+    let main = Some(rustix::process::getpid());
+    let lowered = rustix::process::getpriority_process(main).and_then(|nice| {
+        let thread = Some(rustix::thread::gettid());
         rustix::process::setpriority_process(thread, (nice + COMPRESSION_NICE).min(19))
     });
     if let Err(error) = lowered {

@@ -40,19 +40,24 @@ pub struct ProcessInfo {
 
 pub fn process_info(pid: u32) -> Option<ProcessInfo> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // `pid (comm) state ppid …`; comm may hold spaces and parentheses.
-    let open = stat.find('(')?;
-    let close = stat.rfind(')')?;
-    let command = stat[open + 1..close].to_owned();
-    let mut rest = stat[close + 1..].split_whitespace();
+    let (command, mut rest) = split_stat(&stat)?;
     let state = rest.next()?.chars().next()?;
     let parent = rest.next()?.parse().ok()?;
     Some(ProcessInfo {
         pid,
         parent,
-        command,
+        command: command.to_owned(),
         state,
     })
+}
+
+/// A `stat` line of `/proc` (`pid (comm) state ppid …`) as its `comm` and
+/// the fields after it, from `state` (field 3) on. `comm` may hold spaces
+/// and parentheses.
+fn split_stat(stat: &str) -> Option<(&str, std::str::SplitWhitespace<'_>)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    Some((&stat[open + 1..close], stat[close + 1..].split_whitespace()))
 }
 
 /// Every process whose parent is `parent` (scans `/proc/*/stat`).
@@ -101,13 +106,12 @@ pub fn thread_nice_values(pid: u32) -> Vec<ThreadNice> {
         .filter_map(|entry| {
             let tid: u32 = entry.file_name().to_str()?.parse().ok()?;
             let stat = fs::read_to_string(entry.path().join("stat")).ok()?;
-            let open = stat.find('(')?;
-            let close = stat.rfind(')')?;
-            // After `(comm)`: state is field 3, nice field 19.
-            let nice = stat[close + 1..].split_whitespace().nth(16)?.parse().ok()?;
+            let (name, mut rest) = split_stat(&stat)?;
+            // From state, field 3, to nice, field 19.
+            let nice = rest.nth(16)?.parse().ok()?;
             Some(ThreadNice {
                 tid,
-                name: stat[open + 1..close].to_owned(),
+                name: name.to_owned(),
                 nice,
             })
         })
