@@ -816,6 +816,150 @@ fn head_on_a_hit_has_the_get_headers_and_no_body() {
     );
 }
 
+/// The archiver's request-log line for `request_id`.
+fn log_line_of(archiver: &Archiver, request_id: &str) -> Option<serde_json::Value> {
+    archiver
+        .log()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|line| line["message"] == "request" && line["request_id"] == request_id)
+}
+
+/// A hit larger than one read block is sent with `sendfile`, around
+/// hyper (`core/src/server/takeover.rs`). The connection must go on as if
+/// hyper had sent it: kept alive, with requests sent ahead (pipelined)
+/// answered in order, ranges exact, `Connection: close` honoured, and the
+/// request log and metrics as for any download.
+#[test]
+fn large_hits_keep_their_connection_pipelining_ranges_and_log() {
+    let big = big_repo();
+    let archiver = Archiver::start(&big.repos, &[]);
+    // One 4 MiB file: a medium archive, many blocks long.
+    let path = "/acme/big/archive/main.tar?path=part-03.bin";
+    let expected = big
+        .repo
+        .archive("tar", BIG_PREFIX, &big.commit, Some("part-03.bin"));
+    let len = expected.len();
+    let warm = archiver.get(path);
+    assert_eq!(header(&warm, "x-gitball-cache"), "miss");
+    assert_bytes_eq(&warm.bytes().unwrap(), &expected, "the warm-up download");
+    let sent_before = archiver
+        .metrics()
+        .value("gitball_archiver_sent_bytes_total", &[]);
+
+    let mut connection = RawConnection::connect(archiver.addr).unwrap();
+    let whole = |connection: &mut RawConnection, what: &str| {
+        let head = connection.read_head().unwrap();
+        assert_eq!(head.status, 200, "{what}");
+        assert_eq!(head.header("x-gitball-cache"), Some("hit"), "{what}");
+        assert_eq!(
+            head.header("content-length"),
+            Some(len.to_string().as_str())
+        );
+        let mut body = Vec::with_capacity(len);
+        let end = connection.read_body_to_end(|piece| body.extend_from_slice(piece));
+        assert_eq!(end, BodyEnd::Complete, "{what}");
+        assert_bytes_eq(&body, &expected, what);
+    };
+    // Two hits one after the other on one connection.
+    for id in ["sendfile-1", "sendfile-2"] {
+        connection
+            .send_request("GET", path, &[("X-Request-Id", id)])
+            .unwrap();
+        whole(&mut connection, id);
+    }
+    // A range from the middle of a block to the middle of a later one.
+    let (first, last) = (100_000, 3_000_000);
+    connection
+        .send_request(
+            "GET",
+            path,
+            &[
+                ("Range", &format!("bytes={first}-{last}")),
+                ("X-Request-Id", "sendfile-range"),
+            ],
+        )
+        .unwrap();
+    let head = connection.read_head().unwrap();
+    assert_eq!(head.status, 206);
+    let range = connection.read_body_bytes(last - first + 2).unwrap();
+    assert_bytes_eq(&range, &expected[first..=last], "the range");
+    // Three requests in one write: two hits and a small answer after them,
+    // answered in order.
+    let host = archiver.addr.to_string();
+    let request = |target: &str, id: &str| {
+        format!("GET {target} HTTP/1.1\r\nHost: {host}\r\nX-Request-Id: {id}\r\n\r\n")
+    };
+    let pipelined = [
+        request(path, "sendfile-pipelined-1"),
+        request(path, "sendfile-pipelined-2"),
+        request("/healthz", "sendfile-pipelined-3"),
+    ]
+    .concat();
+    connection.send(pipelined.as_bytes()).unwrap();
+    whole(&mut connection, "the first pipelined hit");
+    whole(&mut connection, "the second pipelined hit");
+    let head = connection.read_head().unwrap();
+    assert_eq!(
+        head.status, 200,
+        "the health check after the pipelined hits"
+    );
+    let mut health = Vec::new();
+    let end = connection.read_body_to_end(|piece| health.extend_from_slice(piece));
+    assert_eq!(end, BodyEnd::Complete);
+    assert!(
+        health.starts_with(b"{"),
+        "{}",
+        String::from_utf8_lossy(&health)
+    );
+    // `Connection: close`: the whole archive, then the server closes.
+    connection
+        .send_request(
+            "GET",
+            path,
+            &[("Connection", "close"), ("X-Request-Id", "sendfile-last")],
+        )
+        .unwrap();
+    whole(&mut connection, "the last hit");
+    assert!(
+        connection.read_to_close().is_empty(),
+        "bytes after the last hit"
+    );
+
+    let ids = [
+        ("sendfile-1", len),
+        ("sendfile-2", len),
+        ("sendfile-range", last - first + 1),
+        ("sendfile-pipelined-1", len),
+        ("sendfile-pipelined-2", len),
+        ("sendfile-last", len),
+    ];
+    let logged = wait_until(Duration::from_secs(5), || {
+        ids.iter()
+            .all(|(id, _)| log_line_of(&archiver, id).is_some())
+    });
+    assert!(logged, "not every download logged:\n{}", archiver.log());
+    for (id, bytes) in ids {
+        let line = log_line_of(&archiver, id).unwrap();
+        assert_eq!(
+            (line["bytes"].as_u64(), line["ending"].as_str()),
+            (Some(bytes as u64), Some("complete")),
+            "{line}"
+        );
+    }
+    let sent = archiver
+        .metrics()
+        .value("gitball_archiver_sent_bytes_total", &[])
+        - sent_before;
+    assert_eq!(sent as usize, 5 * len + (last - first + 1));
+    assert!(
+        wait_until(Duration::from_secs(5), || active_downloads(&archiver)
+            == 0.0),
+        "active_downloads stayed at {}",
+        active_downloads(&archiver)
+    );
+}
+
 #[test]
 fn concurrent_request_joins_a_running_generation() {
     let big = big_repo();

@@ -37,6 +37,7 @@ use gitball_core::protocol::{
 };
 use gitball_core::request_id::request_id;
 use gitball_core::response::{self, is_allowed};
+use gitball_core::server::takeover::Takeover;
 use gitball_core::url::{self, ArchiveRequest, Format, RefKind};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
@@ -137,7 +138,7 @@ async fn archive(State(app): State<Arc<App>>, request: Request) -> Response {
         serve(&app, &request, &mut log).await
     };
     let mut response = match answer {
-        Ok(answer) => respond(answer, log),
+        Ok(answer) => respond(answer, log, request.extensions.get::<Takeover>()),
         Err(error) => fail(error, log),
     };
     // Either checked by the request-id rule or hex: a valid header value.
@@ -154,7 +155,7 @@ fn fail(error: Error, mut log: RequestLog) -> Response {
 }
 
 /// Attaches the body; from here on the log belongs to the response.
-fn respond(answer: Answer, mut log: RequestLog) -> Response {
+fn respond(answer: Answer, mut log: RequestLog, takeover: Option<&Takeover>) -> Response {
     match answer {
         Answer::Whole(response) => {
             log.status = Some(response.status());
@@ -178,7 +179,7 @@ fn respond(answer: Answer, mut log: RequestLog) -> Response {
                 Err(error) => return fail(Error::internal(error), log),
             };
             log.status = Some(response.status());
-            *response.body_mut() = Body::from_stream(reader.into_stream(log));
+            *response.body_mut() = reader.into_body(log, takeover);
             response
         }
     }

@@ -25,14 +25,17 @@
 //! log record) lives in the stream's state and is released when hyper drops
 //! the body, at whatever point the client went away.
 
+use std::future::Future;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 use gitball_core::log::{Ending, Fault, RequestLog};
+use gitball_core::server::takeover::{BodySocket, FileBody, Takeover};
 use lru::LruCache;
 use tokio::sync::{OnceCell, watch};
 
@@ -48,6 +51,11 @@ pub const READ_CHUNK_BYTES: usize = 128 * 1024;
 /// it waits for the rest of their block (`worth_reading`): a generation
 /// that writes slowly still reaches its readers piece by piece.
 const PIECE_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Most bytes handed to one `sendfile` call. The socket takes what fits
+/// in its send buffer and the call returns; this only bounds the work of a
+/// call when the client keeps up.
+const SENDFILE_CALL_BYTES: usize = 1024 * 1024;
 
 /// Most bytes of recently read blocks kept for other downloads (what hyper
 /// still holds is shared on top of this, and freed with the last holder).
@@ -324,6 +332,35 @@ impl Reader {
         })
     }
 
+    /// The response body: sent with `sendfile` around hyper when the
+    /// connection allows it (`takeover`) and the bytes are in a complete
+    /// file, more than one block and not already in memory; otherwise the
+    /// body stream ([`Reader::into_stream`]). A small archive stays a
+    /// stream, so that its one block is read into memory once and shared
+    /// by the next downloads. `log` is written when the body is dropped.
+    pub fn into_body(self, log: RequestLog, takeover: Option<&Takeover>) -> axum::body::Body {
+        match (takeover, self.sendable()) {
+            (Some(takeover), Some(end)) if end - self.position > READ_CHUNK_BYTES as u64 => {
+                let length = end - self.position;
+                let body = FileSend {
+                    reader: self,
+                    end,
+                    download: Download::start(log),
+                };
+                takeover.body(Box::new(body), Some(length))
+            }
+            _ => axum::body::Body::from_stream(self.into_stream(log)),
+        }
+    }
+
+    /// Where the bytes asked for end, if they are all in an open complete
+    /// file.
+    fn sendable(&self) -> Option<u64> {
+        let len = self.complete_len?;
+        (self.file.is_some() && self.preloaded.is_none())
+            .then(|| self.end.map_or(len, |end| end.min(len)))
+    }
+
     /// The body stream; `log` is written when the stream is dropped.
     pub fn into_stream(
         self,
@@ -455,6 +492,52 @@ impl Reader {
         self.position += chunk.len() as u64;
         self.piece_since = None;
         Ok(Some(chunk))
+    }
+}
+
+/// A complete archive file (or a range of it) sent with `sendfile`.
+struct FileSend {
+    reader: Reader,
+    end: u64,
+    download: Download,
+}
+
+impl FileBody for FileSend {
+    fn send<'a>(
+        self: Box<Self>,
+        socket: &'a mut BodySocket,
+    ) -> Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'a>> {
+        Box::pin(async move {
+            let FileSend {
+                reader,
+                end,
+                mut download,
+            } = *self;
+            let file = reader
+                .file
+                .as_ref()
+                .ok_or_else(|| io::Error::other("archive file not open"))?;
+            let mut position = reader.position;
+            while position < end {
+                let count = usize::try_from(end - position)
+                    .unwrap_or(usize::MAX)
+                    .min(SENDFILE_CALL_BYTES);
+                // A socket error is the client's (gone, or stalled past the
+                // timeout): the download's record says so when dropped.
+                let sent = socket.send_file(file, position, count).await?;
+                if sent == 0 {
+                    let error = io::Error::other("archive file shorter than announced");
+                    download.failed = true;
+                    download.log.error = Some(error.to_string());
+                    return Err(error);
+                }
+                position += sent as u64;
+                download.log.bytes += sent as u64;
+                m::sent_bytes().increment(sent as u64);
+            }
+            download.finish();
+            Ok(())
+        })
     }
 }
 

@@ -38,6 +38,10 @@
 //!   back the loop off for `ACCEPT_BACKOFF` per failure, never a spin and
 //!   never an exit, and are logged at most once per
 //!   `ACCEPT_ERROR_LOG_INTERVAL` with the count of those not logged;
+//! - bodies written around hyper ([`takeover`]): a handler may answer an
+//!   HTTP/1.1 request with a body that writes itself to the socket (a file
+//!   with `sendfile`); the loop takes the connection from hyper for that
+//!   body and hands the rest of it to a new hyper connection;
 //! - a bounded graceful shutdown: on `shutdown` it stops accepting, lets
 //!   running requests (downloads) finish for up to `grace`, then drops the
 //!   connections still open, which drops their body streams and with them
@@ -68,10 +72,12 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 mod head_lines;
+pub mod takeover;
 
 use crate::protocol::{RETRY_AFTER_SECONDS, code};
 use crate::response::json_error;
 use head_lines::{HeadLines, NeedsFullParse};
+use takeover::Takeover;
 
 /// The request head (line and headers) must arrive within this.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -254,12 +260,21 @@ pub async fn serve(
         let needs_full_parse = NeedsFullParse::default();
         let stream = HeadLines::new(stream, needs_full_parse.clone());
         let had_body = Arc::new(AtomicBool::new(false));
+        let takeover = Takeover::default();
         let service = {
             let had_body = had_body.clone();
+            let writes = writes.clone();
+            let takeover = takeover.clone();
             hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
                 let router = router.clone();
                 if !hyper::body::Body::is_end_stream(request.body()) {
                     had_body.store(true, Ordering::Relaxed);
+                } else if request.version() == http::Version::HTTP_11 {
+                    // Its answer may be a body written around hyper: the
+                    // loop then reads nothing of this request after its
+                    // head, and keeps the connection only as HTTP/1.1 does.
+                    takeover.set_close_after(asks_to_close(request.headers()));
+                    request.extensions_mut().insert(takeover.clone());
                 }
                 // Lets a body stream tell, when it is dropped, that its
                 // connection was closed for a client that took no bytes.
@@ -280,6 +295,8 @@ pub async fn serve(
             service,
             needs_full_parse,
             had_body,
+            takeover,
+            writes,
             shutdown.clone(),
         );
         connections.spawn(async move {
@@ -314,14 +331,19 @@ struct Builders {
 
 /// Serves one connection: with the lean header cap until its input holds a
 /// run of lines the lean parse might refuse, then with the full cap on the
-/// same socket (`head_lines`). On `shutdown` the connection finishes the
-/// request in flight and closes, as hyper's graceful shutdown does.
+/// same socket (`head_lines`). A response body that writes itself
+/// ([`takeover`]) is sent around hyper, and a new hyper connection serves
+/// what follows. On `shutdown` the connection finishes the request in
+/// flight and closes, as hyper's graceful shutdown does.
+#[allow(clippy::too_many_arguments)] // the connection's shared state
 async fn serve_connection<S>(
     builders: Arc<Builders>,
-    stream: HeadLines<StallGuard<TcpStream>>,
-    service: S,
+    mut stream: HeadLines<StallGuard<TcpStream>>,
+    mut service: S,
     needs_full_parse: NeedsFullParse,
     had_body: Arc<AtomicBool>,
+    takeover: Takeover,
+    writes: ClientWrites,
     shutdown: CancellationToken,
 ) -> hyper::Result<()>
 where
@@ -329,49 +351,90 @@ where
     S::Future: Unpin,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut lean = builders
-        .lean
-        .serve_connection(TokioIo::new(stream), service);
-    let ended = {
-        let mut cancelled = std::pin::pin!(shutdown.cancelled());
-        let mut ending = false;
-        std::future::poll_fn(|cx| {
-            if !ending && cancelled.as_mut().poll(cx).is_ready() {
-                ending = true;
-                Pin::new(&mut lean).graceful_shutdown();
+    let mut full_parse = false;
+    loop {
+        let builder = if full_parse {
+            &builders.full
+        } else {
+            &builders.lean
+        };
+        let mut connection = builder.serve_connection(TokioIo::new(stream), service);
+        let ended = {
+            let mut cancelled = std::pin::pin!(shutdown.cancelled());
+            let mut ending = false;
+            std::future::poll_fn(|cx| {
+                if !ending && cancelled.as_mut().poll(cx).is_ready() {
+                    ending = true;
+                    Pin::new(&mut connection).graceful_shutdown();
+                }
+                let polled = connection.poll_without_shutdown(cx);
+                if polled.is_pending() && writes.flushed() {
+                    // hyper has written the head and polled the body.
+                    if let Some(body) = takeover.take() {
+                        return Poll::Ready(Ended::TakenOver(body));
+                    }
+                }
+                polled.map(Ended::Hyper)
+            })
+            .await
+        };
+        let parts = connection.into_parts();
+        stream = parts.io.into_inner();
+        service = parts.service;
+        let ended = match ended {
+            Ended::TakenOver(body) => {
+                if body.send(stream.socket_mut()).await.is_err() {
+                    // Dropped unshut, as hyper drops a connection whose
+                    // body failed: the client sees the body cut short.
+                    return Ok(());
+                }
+                if takeover.close_after() || shutdown.is_cancelled() {
+                    let _ = stream.shutdown().await;
+                    return Ok(());
+                }
+                stream.unread(&parts.read_buf);
+                continue;
             }
-            lean.poll_without_shutdown(cx)
-        })
-        .await
-    };
-    // The watch ends hyper's input where it held bytes back; hyper calls a
-    // partial head at the end of its input an incomplete message.
-    let switch = needs_full_parse.is_set()
-        && ended
-            .as_ref()
-            .map_or_else(hyper::Error::is_incomplete_message, |()| true)
-        // A connection that sent a request body is not switched: the bytes
-        // held back may be the rest of a body, not a head. It ends here,
-        // its client has had every answer due.
-        && !had_body.load(Ordering::Relaxed)
-        && !shutdown.is_cancelled();
-    let parts = lean.into_parts();
-    let mut stream = parts.io.into_inner();
-    if !switch {
-        ended?;
-        let _ = stream.shutdown().await;
-        return Ok(());
+            Ended::Hyper(ended) => ended,
+        };
+        // The watch ends hyper's input where it held bytes back; hyper calls
+        // a partial head at the end of its input an incomplete message.
+        let switch = !full_parse
+            && needs_full_parse.is_set()
+            && ended
+                .as_ref()
+                .map_or_else(hyper::Error::is_incomplete_message, |()| true)
+            // A connection that sent a request body is not switched: the
+            // bytes held back may be the rest of a body, not a head. It ends
+            // here, its client has had every answer due.
+            && !had_body.load(Ordering::Relaxed)
+            && !shutdown.is_cancelled();
+        if !switch {
+            ended?;
+            let _ = stream.shutdown().await;
+            return Ok(());
+        }
+        stream.replay(&parts.read_buf);
+        full_parse = true;
     }
-    stream.replay(&parts.read_buf);
-    let full = builders
-        .full
-        .serve_connection(TokioIo::new(stream), parts.service);
-    let mut full = std::pin::pin!(full);
-    tokio::select! {
-        result = full.as_mut() => return result,
-        () = shutdown.cancelled() => full.as_mut().graceful_shutdown(),
-    }
-    full.await
+}
+
+/// Why a hyper connection stopped being polled.
+enum Ended {
+    /// It ended.
+    Hyper(hyper::Result<()>),
+    /// Its response head is written and the body writes itself.
+    TakenOver(Box<dyn takeover::FileBody>),
+}
+
+/// Whether a request's `Connection` header holds the `close` option.
+fn asks_to_close(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|option| option.trim().eq_ignore_ascii_case("close"))
 }
 
 /// Socket options of an accepted connection. Failures are ignored: each is
@@ -708,6 +771,9 @@ struct WriteState {
     /// Milliseconds after `base` since which a write has been pending with
     /// no progress, or `NOT_STUCK`.
     stuck_since_ms: AtomicU64,
+    /// Whether the last write-side call was a completed flush: hyper has
+    /// handed every byte it buffered to the socket (`takeover`).
+    flushed: AtomicBool,
 }
 
 const NOT_STUCK: u64 = u64::MAX;
@@ -718,6 +784,7 @@ impl Default for ClientWrites {
             timed_out: AtomicBool::new(false),
             base: tokio::time::Instant::now(),
             stuck_since_ms: AtomicU64::new(NOT_STUCK),
+            flushed: AtomicBool::new(true),
         }))
     }
 }
@@ -747,6 +814,12 @@ impl ClientWrites {
 
     fn moving(&self) {
         self.0.stuck_since_ms.store(NOT_STUCK, Ordering::Release);
+    }
+
+    /// Whether hyper's buffered bytes have all gone to the socket: its
+    /// last write-side call was a flush that completed.
+    fn flushed(&self) -> bool {
+        self.0.flushed.load(Ordering::Relaxed)
     }
 }
 
@@ -823,6 +896,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for StallGuard<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.writes.0.flushed.store(false, Ordering::Relaxed);
         self.guard(cx, |inner, cx| inner.poll_write(cx, buf))
     }
 
@@ -831,6 +905,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for StallGuard<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        self.writes.0.flushed.store(false, Ordering::Relaxed);
         self.guard(cx, |inner, cx| inner.poll_write_vectored(cx, bufs))
     }
 
@@ -839,7 +914,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for StallGuard<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.guard(cx, |inner, cx| inner.poll_flush(cx))
+        let flushed = self.guard(cx, |inner, cx| inner.poll_flush(cx));
+        if matches!(flushed, Poll::Ready(Ok(()))) {
+            self.writes.0.flushed.store(true, Ordering::Relaxed);
+        }
+        flushed
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

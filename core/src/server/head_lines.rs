@@ -118,6 +118,9 @@ pub struct HeadLines<S> {
     /// Bytes read from the socket and not yet handed to hyper: `held[handed..]`.
     held: Vec<u8>,
     handed: usize,
+    /// Bytes an ended hyper connection read and did not parse, handed out
+    /// first (they were watched when they were first read).
+    unparsed: Vec<u8>,
     needs_full_parse: NeedsFullParse,
 }
 
@@ -128,6 +131,7 @@ impl<S> HeadLines<S> {
             run: Some(LineRun::new()),
             held: Vec::new(),
             handed: 0,
+            unparsed: Vec::new(),
             needs_full_parse,
         }
     }
@@ -136,8 +140,20 @@ impl<S> HeadLines<S> {
     /// ended hyper connection read but did not parse), then the bytes held
     /// back, then the socket's.
     pub fn replay(&mut self, unparsed: &[u8]) {
-        self.held.splice(0..0, unparsed.iter().copied());
+        self.unread(unparsed);
         self.run = None;
+    }
+
+    /// Hands `unparsed` (the bytes an ended hyper connection read but did
+    /// not parse) to the next reads, before anything else, and goes on
+    /// watching as before.
+    pub fn unread(&mut self, unparsed: &[u8]) {
+        self.unparsed.splice(0..0, unparsed.iter().copied());
+    }
+
+    /// The socket, for a body written around hyper (`takeover`).
+    pub fn socket_mut(&mut self) -> &mut S {
+        &mut self.inner
     }
 }
 
@@ -148,6 +164,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for HeadLines<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if !this.unparsed.is_empty() {
+            let count = this.unparsed.len().min(buf.remaining());
+            buf.put_slice(&this.unparsed[..count]);
+            this.unparsed.drain(..count);
+            return Poll::Ready(Ok(()));
+        }
         let Some(run) = &mut this.run else {
             let pending = &this.held[this.handed..];
             if pending.is_empty() {

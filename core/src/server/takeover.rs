@@ -1,0 +1,528 @@
+//! Bodies written around hyper: a file sent with `sendfile(2)`.
+//!
+//! hyper writes a body from memory: every byte of a file served through it
+//! is first copied into user space (`pread`) and then into the socket
+//! (`writev`). For a large cached archive on tmpfs those two copies are
+//! nearly all the CPU a download costs. `sendfile` hands the file's pages
+//! to the socket in the kernel, without the copy into user space.
+//!
+//! hyper has no way to send a file, so the accept loop takes the
+//! connection back for the body:
+//!
+//! 1. A handler that may (the request carries a [`Takeover`]: HTTP/1.1
+//!    and no request body) answers with [`Takeover::body`]: the response
+//!    head is hyper's as always, and the body, when hyper first polls it,
+//!    puts the [`FileBody`] where the loop finds it and stays pending.
+//! 2. Once hyper has written every byte it buffered (the head, after any
+//!    earlier response on the connection), the loop takes the socket and
+//!    the bytes hyper read but did not parse (a pipelined next request)
+//!    from hyper (`into_parts`), and lets the body write itself
+//!    ([`FileBody::send`]) under the same write-stall timeout as hyper's
+//!    writes ([`super::StallGuard`]).
+//! 3. The body sent, the loop serves the rest of the connection with a
+//!    new hyper connection that reads the unparsed bytes first; when the
+//!    request asked to close, or the server is shutting down, it closes
+//!    instead. A body that fails closes the connection at once, without
+//!    a shutdown, as hyper does for a body stream's error: the client sees
+//!    fewer bytes than the `Content-Length` announced.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, ready};
+
+use axum::body::{Body, Bytes, HttpBody};
+use hyper::body::{Frame, SizeHint};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+use super::StallGuard;
+
+/// The socket a [`FileBody`] writes to.
+pub type BodySocket = StallGuard<TcpStream>;
+
+/// A response body that writes itself to the connection's socket.
+pub trait FileBody: Send + 'static {
+    /// Writes the whole body. An error closes the connection at once.
+    fn send<'a>(
+        self: Box<Self>,
+        socket: &'a mut BodySocket,
+    ) -> Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'a>>;
+}
+
+/// Carried by a request whose response body may be a [`FileBody`]: one per
+/// connection, cloned into each such request.
+#[derive(Clone, Default)]
+pub struct Takeover(Arc<Offered>);
+
+#[derive(Default)]
+struct Offered {
+    body: Mutex<Option<Box<dyn FileBody>>>,
+    /// The request asked to close after its response.
+    close_after: AtomicBool,
+}
+
+impl Takeover {
+    /// The response body that hands `body` to the accept loop; `length`
+    /// is the body's exact length, if known (hyper then sends the
+    /// `Content-Length` the response's headers carry).
+    pub fn body(&self, body: Box<dyn FileBody>, length: Option<u64>) -> Body {
+        Body::new(Offer {
+            takeover: self.clone(),
+            body: Some(body),
+            length,
+        })
+    }
+
+    pub(super) fn set_close_after(&self, close: bool) {
+        self.0.close_after.store(close, Ordering::Relaxed);
+    }
+
+    pub(super) fn close_after(&self) -> bool {
+        self.0.close_after.load(Ordering::Relaxed)
+    }
+
+    /// The body hyper has polled, if one waits.
+    pub(super) fn take(&self) -> Option<Box<dyn FileBody>> {
+        self.0
+            .body
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+
+    fn offer(&self, body: Box<dyn FileBody>) {
+        *self.0.body.lock().unwrap_or_else(PoisonError::into_inner) = Some(body);
+    }
+}
+
+/// The body hyper polls: hands its [`FileBody`] over at the first poll and
+/// never yields a frame (the connection is taken from hyper before it
+/// could want one).
+struct Offer {
+    takeover: Takeover,
+    body: Option<Box<dyn FileBody>>,
+    length: Option<u64>,
+}
+
+impl HttpBody for Offer {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if let Some(body) = self.body.take() {
+            self.takeover.offer(body);
+        }
+        // No wake-up is registered: the accept loop looks for the offered
+        // body after every poll of the connection.
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        false
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.length
+            .map_or_else(SizeHint::default, SizeHint::with_exact)
+    }
+}
+
+impl StallGuard<TcpStream> {
+    /// Sends up to `count` bytes of `file` from `offset` with `sendfile`;
+    /// returns how many were sent, 0 only at the file's end. Fails with
+    /// `TimedOut` when the client takes no bytes for the stall timeout.
+    pub async fn send_file(
+        &mut self,
+        file: &std::fs::File,
+        offset: u64,
+        count: usize,
+    ) -> io::Result<usize> {
+        let mut offset = i64::try_from(offset).map_err(io::Error::other)?;
+        std::future::poll_fn(|cx| {
+            self.guard(cx, |stream, cx| {
+                let stream = &*stream.get_mut();
+                loop {
+                    ready!(stream.poll_write_ready(cx))?;
+                    let sent = stream.try_io(Interest::WRITABLE, || {
+                        nix::sys::sendfile::sendfile64(stream, file, Some(&mut offset), count)
+                            .map_err(io::Error::from)
+                    });
+                    match sent {
+                        Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                        sent => return Poll::Ready(sent),
+                    }
+                }
+            })
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use axum::Router;
+    use axum::extract::Request;
+    use axum::response::Response;
+    use axum::routing::get;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::server::{Connections, serve};
+
+    /// Bound on every wait in these tests.
+    const TEST_TIMEOUT: Duration = Duration::from_secs(30);
+    /// More than a loopback socket takes in one call.
+    const FILE_BYTES: usize = 3 * 1024 * 1024 + 17;
+
+    /// How the last body sent ended.
+    type Outcome = Arc<Mutex<Option<io::Result<u64>>>>;
+
+    /// Sends `file` whole, or fails after `fail_after` bytes.
+    struct Whole {
+        file: std::fs::File,
+        len: u64,
+        fail_after: Option<u64>,
+        outcome: Outcome,
+    }
+
+    impl FileBody for Whole {
+        fn send<'a>(
+            self: Box<Self>,
+            socket: &'a mut BodySocket,
+        ) -> Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'a>> {
+            Box::pin(async move {
+                let end = self.fail_after.unwrap_or(self.len);
+                let mut at = 0;
+                let sent = async {
+                    while at < end {
+                        match socket
+                            .send_file(&self.file, at, (end - at) as usize)
+                            .await?
+                        {
+                            0 => return Err(io::Error::other("file ended early")),
+                            sent => at += sent as u64,
+                        }
+                    }
+                    match self.fail_after {
+                        Some(_) => Err(io::Error::other("the body failed")),
+                        None => Ok(at),
+                    }
+                }
+                .await;
+                let result = sent
+                    .as_ref()
+                    .map(|_| ())
+                    .map_err(|error| io::Error::new(error.kind(), error.to_string()));
+                *self.outcome.lock().unwrap() = Some(sent);
+                result
+            })
+        }
+    }
+
+    struct Served {
+        address: std::net::SocketAddr,
+        shutdown: CancellationToken,
+        server: tokio::task::JoinHandle<io::Result<crate::server::Drain>>,
+        data: Vec<u8>,
+        outcome: Outcome,
+        _dir: tempfile::TempDir,
+    }
+
+    /// A loop serving `/file` (written around hyper where the request
+    /// allows it, `x-path: takeover`, else as a plain body, `x-path:
+    /// stream`) and `/`.
+    async fn start(fail_after: Option<u64>, stall: Duration) -> Served {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..FILE_BYTES).map(|i| (i * 7 % 251) as u8).collect();
+        let path = dir.path().join("file");
+        std::fs::write(&path, &data).unwrap();
+        let path = Arc::new(path);
+        let outcome = Outcome::default();
+        let file = {
+            let outcome = outcome.clone();
+            move |request: Request| async move {
+                file_response(
+                    &path,
+                    request.extensions().get::<Takeover>(),
+                    fail_after,
+                    outcome,
+                )
+            }
+        };
+        let router = Router::new()
+            .route("/file", get(file))
+            .route("/", get(|| async { "served" }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve(
+            listener,
+            router,
+            shutdown.clone(),
+            Duration::ZERO,
+            stall,
+            Connections::new(16, "test_takeover"),
+        ));
+        Served {
+            address,
+            shutdown,
+            server,
+            data,
+            outcome,
+            _dir: dir,
+        }
+    }
+
+    fn file_response(
+        path: &PathBuf,
+        takeover: Option<&Takeover>,
+        fail_after: Option<u64>,
+        outcome: Outcome,
+    ) -> Response {
+        let len = FILE_BYTES as u64;
+        let response = Response::builder().header(http::header::CONTENT_LENGTH, len);
+        match takeover {
+            Some(takeover) => {
+                let whole = Whole {
+                    file: std::fs::File::open(path).unwrap(),
+                    len,
+                    fail_after,
+                    outcome,
+                };
+                response
+                    .header("x-path", "takeover")
+                    .body(takeover.body(Box::new(whole), Some(len)))
+            }
+            None => response
+                .header("x-path", "stream")
+                .body(Body::from(std::fs::read(path).unwrap())),
+        }
+        .unwrap()
+    }
+
+    /// One response read off a connection: its head and body.
+    struct Answer {
+        head: String,
+        body: Vec<u8>,
+    }
+
+    /// Reads responses from a socket, keeping what follows one for the next.
+    struct Client {
+        stream: tokio::net::TcpStream,
+        buffer: Vec<u8>,
+    }
+
+    impl Client {
+        async fn connect(address: std::net::SocketAddr) -> Client {
+            Client {
+                stream: tokio::net::TcpStream::connect(address).await.unwrap(),
+                buffer: Vec::new(),
+            }
+        }
+
+        async fn send(&mut self, bytes: &str) {
+            self.stream.write_all(bytes.as_bytes()).await.unwrap();
+        }
+
+        /// Reads more; false at the end of the input (or a reset).
+        async fn fill(&mut self) -> bool {
+            let mut chunk = vec![0u8; 256 * 1024];
+            match self.stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => false,
+                Ok(read) => {
+                    self.buffer.extend_from_slice(&chunk[..read]);
+                    true
+                }
+            }
+        }
+
+        /// The next response, its body cut short if the connection ends.
+        async fn answer(&mut self) -> Answer {
+            let end = loop {
+                if let Some(at) = self.buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break at + 4;
+                }
+                assert!(self.fill().await, "the connection ended in a head");
+            };
+            let head = String::from_utf8(self.buffer.drain(..end).collect()).unwrap();
+            let length: usize = head
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length: "))
+                .map_or(0, |length| length.trim().parse().unwrap());
+            while self.buffer.len() < length && self.fill().await {}
+            let body = self.buffer.drain(..length.min(self.buffer.len())).collect();
+            Answer { head, body }
+        }
+
+        /// Whether the server closed the connection with nothing more.
+        async fn closed(&mut self) -> bool {
+            !self.fill().await && self.buffer.is_empty()
+        }
+    }
+
+    fn request(target: &str) -> String {
+        format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n")
+    }
+
+    impl Served {
+        fn assert_whole(&self, answer: &Answer, path: &str) {
+            assert!(answer.head.starts_with("HTTP/1.1 200 "), "{}", answer.head);
+            assert!(
+                answer.head.contains(&format!("x-path: {path}\r\n")),
+                "{}",
+                answer.head
+            );
+            assert!(
+                answer.body == self.data,
+                "{} of {} bytes, or other bytes",
+                answer.body.len(),
+                self.data.len()
+            );
+        }
+
+        async fn stop(self) {
+            self.shutdown.cancel();
+            self.server.await.unwrap().unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_file_body_keeps_its_connection_for_what_follows_and_sent_ahead() {
+        let served = start(None, TEST_TIMEOUT).await;
+        let exchange = async {
+            let mut client = Client::connect(served.address).await;
+            client.send(&request("/file")).await;
+            served.assert_whole(&client.answer().await, "takeover");
+            assert_eq!(
+                *served
+                    .outcome
+                    .lock()
+                    .unwrap()
+                    .as_ref()
+                    .unwrap()
+                    .as_ref()
+                    .unwrap(),
+                FILE_BYTES as u64
+            );
+            // Sent ahead in one write: a file body, a small answer, and a
+            // file body after it (hyper's bytes then precede the head and
+            // the file), then a small one after the file again.
+            client
+                .send(
+                    &[
+                        request("/file"),
+                        request("/"),
+                        request("/file"),
+                        request("/"),
+                    ]
+                    .concat(),
+                )
+                .await;
+            served.assert_whole(&client.answer().await, "takeover");
+            assert_eq!(client.answer().await.body, b"served");
+            served.assert_whole(&client.answer().await, "takeover");
+            assert_eq!(client.answer().await.body, b"served");
+            // Asked to close: the file, then the end.
+            client
+                .send("GET /file HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await;
+            served.assert_whole(&client.answer().await, "takeover");
+            assert!(client.closed().await, "the connection stayed open");
+        };
+        tokio::time::timeout(TEST_TIMEOUT, exchange)
+            .await
+            .expect("answered in time");
+        served.stop().await;
+    }
+
+    #[tokio::test]
+    async fn http_1_0_gets_no_takeover() {
+        let served = start(None, TEST_TIMEOUT).await;
+        let exchange = async {
+            let mut client = Client::connect(served.address).await;
+            client.send("GET /file HTTP/1.0\r\n\r\n").await;
+            let answer = client.answer().await;
+            assert!(
+                answer.head.contains("x-path: stream\r\n"),
+                "{}",
+                answer.head
+            );
+            assert!(answer.body == served.data);
+        };
+        tokio::time::timeout(TEST_TIMEOUT, exchange)
+            .await
+            .expect("answered in time");
+        served.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_file_body_that_fails_cuts_the_connection_short() {
+        let fail_after = 1024 * 1024;
+        let served = start(Some(fail_after), TEST_TIMEOUT).await;
+        let exchange = async {
+            let mut client = Client::connect(served.address).await;
+            client
+                .send(&[request("/file"), request("/")].concat())
+                .await;
+            let answer = client.answer().await;
+            assert!(
+                answer
+                    .head
+                    .contains(&format!("content-length: {FILE_BYTES}\r\n"))
+            );
+            assert_eq!(
+                answer.body.len() as u64,
+                fail_after,
+                "what came before the failure"
+            );
+            assert!(client.closed().await, "the next request was answered");
+        };
+        tokio::time::timeout(TEST_TIMEOUT, exchange)
+            .await
+            .expect("answered in time");
+        served.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_client_that_takes_no_bytes_is_cut_after_the_stall_timeout() {
+        let stall = Duration::from_millis(300);
+        let served = start(None, stall).await;
+        let exchange = async {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.set_recv_buffer_size(16 * 1024).unwrap();
+            let stream = socket.connect(served.address).await.unwrap();
+            let mut client = Client {
+                stream,
+                buffer: Vec::new(),
+            };
+            client.send(&request("/file")).await;
+            // Reads nothing until the server gave up on it.
+            loop {
+                if let Some(outcome) = served.outcome.lock().unwrap().as_ref() {
+                    let error = outcome
+                        .as_ref()
+                        .expect_err("a stalled client got everything");
+                    assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let answer = client.answer().await;
+            assert!(answer.body.len() < FILE_BYTES, "the body was cut");
+        };
+        tokio::time::timeout(TEST_TIMEOUT, exchange)
+            .await
+            .expect("cut in time");
+        served.stop().await;
+    }
+}
