@@ -825,13 +825,14 @@ fn log_line_of(archiver: &Archiver, request_id: &str) -> Option<serde_json::Valu
         .find(|line| line["message"] == "request" && line["request_id"] == request_id)
 }
 
-/// A hit larger than one read block is sent with `sendfile`, around
-/// hyper (`core/src/server/takeover.rs`). The connection must go on as if
-/// hyper had sent it: kept alive, with requests sent ahead (pipelined)
-/// answered in order, ranges exact, `Connection: close` honoured, and the
-/// request log and metrics as for any download.
+/// A growing archive, and a hit larger than one read block, are sent with
+/// `sendfile`, around hyper (`core/src/server/takeover.rs`). The
+/// connection must go on as if hyper had sent them: kept alive, with
+/// requests sent ahead (pipelined) answered in order, chunks and ranges
+/// exact, `Connection: close` honoured, and the request log and metrics as
+/// for any download.
 #[test]
-fn large_hits_keep_their_connection_pipelining_ranges_and_log() {
+fn downloads_sent_around_hyper_keep_their_connection_pipelining_ranges_and_log() {
     let big = big_repo();
     let archiver = Archiver::start(&big.repos, &[]);
     // One 4 MiB file: a medium archive, many blocks long.
@@ -840,14 +841,24 @@ fn large_hits_keep_their_connection_pipelining_ranges_and_log() {
         .repo
         .archive("tar", BIG_PREFIX, &big.commit, Some("part-03.bin"));
     let len = expected.len();
-    let warm = archiver.get(path);
-    assert_eq!(header(&warm, "x-gitball-cache"), "miss");
-    assert_bytes_eq(&warm.bytes().unwrap(), &expected, "the warm-up download");
     let sent_before = archiver
         .metrics()
         .value("gitball_archiver_sent_bytes_total", &[]);
 
+    // The cold download, chunked as the archive grows, on the connection
+    // the rest then uses.
     let mut connection = RawConnection::connect(archiver.addr).unwrap();
+    connection
+        .send_request("GET", path, &[("X-Request-Id", "sendfile-cold")])
+        .unwrap();
+    let head = connection.read_head().unwrap();
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("x-gitball-cache"), Some("miss"));
+    assert_eq!(head.header("transfer-encoding"), Some("chunked"));
+    let mut cold = Vec::with_capacity(len);
+    let end = connection.read_body_to_end(|piece| cold.extend_from_slice(piece));
+    assert_eq!(end, BodyEnd::Complete, "the cold download");
+    assert_bytes_eq(&cold, &expected, "the cold download");
     let whole = |connection: &mut RawConnection, what: &str| {
         let head = connection.read_head().unwrap();
         assert_eq!(head.status, 200, "{what}");
@@ -927,6 +938,7 @@ fn large_hits_keep_their_connection_pipelining_ranges_and_log() {
     );
 
     let ids = [
+        ("sendfile-cold", len),
         ("sendfile-1", len),
         ("sendfile-2", len),
         ("sendfile-range", last - first + 1),
@@ -951,7 +963,7 @@ fn large_hits_keep_their_connection_pipelining_ranges_and_log() {
         .metrics()
         .value("gitball_archiver_sent_bytes_total", &[])
         - sent_before;
-    assert_eq!(sent as usize, 5 * len + (last - first + 1));
+    assert_eq!(sent as usize, 6 * len + (last - first + 1));
     assert!(
         wait_until(Duration::from_secs(5), || active_downloads(&archiver)
             == 0.0),

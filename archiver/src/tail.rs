@@ -1,4 +1,9 @@
-//! Reading an archive file, complete or still growing, as a body stream.
+//! Reading an archive file, complete or still growing, as a body.
+//!
+//! Where the connection allows it, the body is sent with `sendfile` around
+//! hyper ([`FileSend`], `gitball_core::server::takeover`): a growing
+//! archive in chunks as its bytes are announced, a complete one longer than
+//! a block whole. Everything else is a body stream read as below.
 //!
 //! A reader holds an open file (its own for a complete archive, the
 //! generation's shared handle for a growing one) and a `watch` receiver of
@@ -22,8 +27,9 @@
 //!
 //! Everything a download holds (the fd, the `Arc<CacheFile>` that keeps
 //! held-bytes accounting right, the active-downloads gauge, the request's
-//! log record) lives in the stream's state and is released when hyper drops
-//! the body, at whatever point the client went away.
+//! log record) lives in the stream's (or the `FileSend`'s) state and is
+//! released when the body is dropped, at whatever point the client went
+//! away.
 
 use std::future::Future;
 use std::io;
@@ -333,32 +339,34 @@ impl Reader {
     }
 
     /// The response body: sent with `sendfile` around hyper when the
-    /// connection allows it (`takeover`) and the bytes are in a complete
-    /// file, more than one block and not already in memory; otherwise the
-    /// body stream ([`Reader::into_stream`]). A small archive stays a
-    /// stream, so that its one block is read into memory once and shared
-    /// by the next downloads. `log` is written when the body is dropped.
+    /// connection allows it (`takeover`), for a growing archive and for
+    /// more than one block of a complete file that is not already in
+    /// memory; otherwise the body stream ([`Reader::into_stream`]). A small
+    /// complete archive stays a stream, so that its one block is read into
+    /// memory once and shared by the next downloads. `log` is written when
+    /// the body is dropped.
     pub fn into_body(self, log: RequestLog, takeover: Option<&Takeover>) -> axum::body::Body {
-        match (takeover, self.sendable()) {
-            (Some(takeover), Some(end)) if end - self.position > READ_CHUNK_BYTES as u64 => {
-                let length = end - self.position;
-                let body = FileSend {
-                    reader: self,
-                    end,
-                    download: Download::start(log),
-                };
-                takeover.body(Box::new(body), Some(length))
+        let length = match self.complete_len {
+            // Chunked: the length is not known yet.
+            None => None,
+            Some(len) => {
+                let end = self.end.map_or(len, |end| end.min(len));
+                let in_file = self.file.is_some() && self.preloaded.is_none();
+                match end.saturating_sub(self.position) {
+                    length if in_file && length > READ_CHUNK_BYTES as u64 => Some(length),
+                    _ => return axum::body::Body::from_stream(self.into_stream(log)),
+                }
             }
-            _ => axum::body::Body::from_stream(self.into_stream(log)),
-        }
-    }
-
-    /// Where the bytes asked for end, if they are all in an open complete
-    /// file.
-    fn sendable(&self) -> Option<u64> {
-        let len = self.complete_len?;
-        (self.file.is_some() && self.preloaded.is_none())
-            .then(|| self.end.map_or(len, |end| end.min(len)))
+        };
+        let Some(takeover) = takeover else {
+            return axum::body::Body::from_stream(self.into_stream(log));
+        };
+        let body = FileSend {
+            reader: self,
+            chunked: length.is_none(),
+            download: Download::start(log),
+        };
+        takeover.body(Box::new(body), length)
     }
 
     /// The body stream; `log` is written when the stream is dropped.
@@ -407,7 +415,11 @@ impl Reader {
         }
     }
 
-    async fn next(&mut self) -> io::Result<Option<Bytes>> {
+    /// Waits until there are bytes worth taking past `position` (see
+    /// [`worth_reading`]) and returns where they end (within the range asked
+    /// for), or `None` once every byte has been read. A failed generation is
+    /// an error.
+    async fn available(&mut self) -> io::Result<Option<u64>> {
         let available = loop {
             let available = match (self.complete_len, &mut self.progress) {
                 (Some(len), _) => len,
@@ -471,9 +483,13 @@ impl Reader {
             };
             break self.end.map_or(available, |end| end.min(available));
         };
-        if self.at_end() {
+        Ok((!self.at_end()).then_some(available))
+    }
+
+    async fn next(&mut self) -> io::Result<Option<Bytes>> {
+        let Some(available) = self.available().await? else {
             return Ok(None);
-        }
+        };
         let chunk = match self.preloaded.take() {
             Some(chunk) => chunk,
             None => {
@@ -495,10 +511,13 @@ impl Reader {
     }
 }
 
-/// A complete archive file (or a range of it) sent with `sendfile`.
+/// An archive file sent with `sendfile`: a complete one (or a range of it)
+/// with its `Content-Length`, or a growing one in chunks as its bytes are
+/// announced (the chunk's size line is sent ahead of its data, and the
+/// terminating chunk only once the generation completed).
 struct FileSend {
     reader: Reader,
-    end: u64,
+    chunked: bool,
     download: Download,
 }
 
@@ -509,31 +528,59 @@ impl FileBody for FileSend {
     ) -> Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'a>> {
         Box::pin(async move {
             let FileSend {
-                reader,
-                end,
+                mut reader,
+                chunked,
                 mut download,
             } = *self;
-            let file = reader
-                .file
-                .as_ref()
-                .ok_or_else(|| io::Error::other("archive file not open"))?;
-            let mut position = reader.position;
-            while position < end {
-                let count = usize::try_from(end - position)
-                    .unwrap_or(usize::MAX)
-                    .min(SENDFILE_CALL_BYTES);
-                // A socket error is the client's (gone, or stalled past the
-                // timeout): the download's record says so when dropped.
-                let sent = socket.send_file(file, position, count).await?;
-                if sent == 0 {
-                    let error = io::Error::other("archive file shorter than announced");
-                    download.failed = true;
-                    download.log.error = Some(error.to_string());
-                    return Err(error);
+            let mut chunks = 0;
+            loop {
+                let available = match reader.available().await {
+                    Ok(Some(available)) => available,
+                    Ok(None) => break,
+                    Err(error) => {
+                        download.failed = true;
+                        download.log.error = Some(error.to_string());
+                        return Err(error);
+                    }
+                };
+                let file = reader
+                    .file
+                    .clone()
+                    .ok_or_else(|| io::Error::other("archive file not open"))?;
+                if chunked {
+                    // The previous chunk's end and this one's size line.
+                    let separator = if chunks == 0 { "" } else { "\r\n" };
+                    let line = format!("{separator}{:x}\r\n", available - reader.position);
+                    socket.send_bytes(line.as_bytes(), true).await?;
+                    chunks += 1;
                 }
-                position += sent as u64;
-                download.log.bytes += sent as u64;
-                m::sent_bytes().increment(sent as u64);
+                while reader.position < available {
+                    let count = usize::try_from(available - reader.position)
+                        .unwrap_or(usize::MAX)
+                        .min(SENDFILE_CALL_BYTES);
+                    // A socket error is the client's (gone, or stalled past
+                    // the timeout): the download's record says so when
+                    // dropped.
+                    let sent = socket.send_file(&file, reader.position, count).await?;
+                    if sent == 0 {
+                        let error = io::Error::other("archive file shorter than announced");
+                        download.failed = true;
+                        download.log.error = Some(error.to_string());
+                        return Err(error);
+                    }
+                    reader.position += sent as u64;
+                    download.log.bytes += sent as u64;
+                    m::sent_bytes().increment(sent as u64);
+                }
+                reader.piece_since = None;
+            }
+            if chunked {
+                let last = if chunks == 0 {
+                    "0\r\n\r\n"
+                } else {
+                    "\r\n0\r\n\r\n"
+                };
+                socket.send_bytes(last.as_bytes(), false).await?;
             }
             download.finish();
             Ok(())

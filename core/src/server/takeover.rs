@@ -35,6 +35,8 @@ use std::task::{Context, Poll, ready};
 
 use axum::body::{Body, Bytes, HttpBody};
 use hyper::body::{Frame, SizeHint};
+use nix::sys::socket::MsgFlags;
+use std::os::fd::AsRawFd;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
@@ -144,18 +146,55 @@ impl StallGuard<TcpStream> {
         count: usize,
     ) -> io::Result<usize> {
         let mut offset = i64::try_from(offset).map_err(io::Error::other)?;
+        self.write_with(|stream| {
+            nix::sys::sendfile::sendfile64(stream, file, Some(&mut offset), count)
+                .map_err(io::Error::from)
+        })
+        .await
+    }
+
+    /// Sends all of `bytes`, under the stall timeout like any write. With
+    /// `more`, the kernel holds them back to go out with what is sent next
+    /// (`MSG_MORE`): a chunk's size line leaves in one packet with its data.
+    pub async fn send_bytes(&mut self, mut bytes: &[u8], more: bool) -> io::Result<()> {
+        let flags = if more {
+            MsgFlags::from_bits_retain(nix::libc::MSG_MORE)
+        } else {
+            MsgFlags::empty()
+        };
+        while !bytes.is_empty() {
+            let sent = self
+                .write_with(|stream| {
+                    nix::sys::socket::send(
+                        stream.as_raw_fd(),
+                        bytes,
+                        flags | MsgFlags::MSG_NOSIGNAL,
+                    )
+                    .map_err(io::Error::from)
+                })
+                .await?;
+            if sent == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            bytes = &bytes[sent..];
+        }
+        Ok(())
+    }
+
+    /// Runs the non-blocking write `write` once the socket takes bytes,
+    /// under the stall guard.
+    async fn write_with(
+        &mut self,
+        mut write: impl FnMut(&TcpStream) -> io::Result<usize>,
+    ) -> io::Result<usize> {
         std::future::poll_fn(|cx| {
             self.guard(cx, |stream, cx| {
                 let stream = &*stream.get_mut();
                 loop {
                     ready!(stream.poll_write_ready(cx))?;
-                    let sent = stream.try_io(Interest::WRITABLE, || {
-                        nix::sys::sendfile::sendfile64(stream, file, Some(&mut offset), count)
-                            .map_err(io::Error::from)
-                    });
-                    match sent {
+                    match stream.try_io(Interest::WRITABLE, || write(stream)) {
                         Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
-                        sent => return Poll::Ready(sent),
+                        written => return Poll::Ready(written),
                     }
                 }
             })
