@@ -1384,6 +1384,58 @@ fn aborted_downloads_release_fds_and_download_slots() {
     );
 }
 
+/// A client that leaves while its download waits for the generation's
+/// next bytes is noticed at once, not at the next write: its download and
+/// its connection's fd are released while git still runs.
+#[test]
+fn a_client_leaving_a_waiting_download_is_released_while_git_runs() {
+    const FD_TOLERANCE: usize = 2;
+    let sandbox = Sandbox::new();
+    widget(&sandbox);
+    let (stub, mut fifo) = sandbox.git_that_pauses("git-that-waits", 0);
+    let archiver = Archiver::start(&sandbox.repos(), &["--git", stub.to_str().unwrap()]);
+    let baseline_fds = archiver.open_fds();
+
+    let (mut connection, head) = open_download(&archiver, "/acme/widget/archive/v1.2.3.tar.gz");
+    assert_eq!(head.status, 200);
+    assert_eq!(connection.read_body_bytes(10).unwrap().len(), 10);
+    assert_eq!(active_downloads(&archiver), 1.0);
+    let with_download = archiver.open_fds();
+    drop(connection);
+    assert!(
+        wait_until(Duration::from_secs(5), || active_downloads(&archiver)
+            == 0.0),
+        "the download was still counted 5 s after its client left"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || archiver.open_fds()
+            < with_download),
+        "the connection's fd was still open 5 s after its client left ({with_download} fds)"
+    );
+    assert_eq!(
+        archiver
+            .metrics()
+            .sum("gitball_archiver_generations_total", &[]),
+        0.0,
+        "git was still paused meanwhile"
+    );
+    // The generation is not the client's: it finishes and is cached.
+    std::io::Write::write_all(&mut fifo, b"go\n").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || archiver
+            .metrics()
+            .sum("gitball_archiver_generations_total", &[])
+            == 1.0),
+        "the generation did not finish"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || archiver.open_fds()
+            <= baseline_fds + FD_TOLERANCE),
+        "fds {} did not return to the baseline {baseline_fds}",
+        archiver.open_fds()
+    );
+}
+
 // ---------------------------------------------------------------------------
 // 6. Killed generations
 

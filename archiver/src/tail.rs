@@ -534,7 +534,19 @@ impl FileBody for FileSend {
             } = *self;
             let mut chunks = 0;
             loop {
-                let available = match reader.available().await {
+                let waited = tokio::select! {
+                    biased;
+                    waited = reader.available() => waited,
+                    // Noticed now, not at the next write, which may be long
+                    // in coming while git works.
+                    () = socket.closed() => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::ConnectionAborted,
+                            "the client closed the connection",
+                        ));
+                    }
+                };
+                let available = match waited {
                     Ok(Some(available)) => available,
                     Ok(None) => break,
                     Err(error) => {

@@ -181,6 +181,37 @@ impl StallGuard<TcpStream> {
         Ok(())
     }
 
+    /// Resolves once the client has closed or reset the connection, as far
+    /// as that can be told without reading: a body that waits for bytes to
+    /// send watches this, as hyper watches a connection whose response
+    /// waits (a client's end of input ends its connection; hyper's
+    /// `half_close` is off). Never resolves while input the client sent
+    /// ahead (a pipelined request) waits unread: then the next write tells.
+    pub async fn closed(&self) {
+        loop {
+            match self.inner.ready(Interest::READABLE).await {
+                Ok(ready) if ready.is_read_closed() || ready.is_error() => return,
+                Err(_) => return,
+                Ok(_) => {}
+            }
+            let mut byte = [0u8; 1];
+            let peeked = self.inner.try_io(Interest::READABLE, || {
+                nix::sys::socket::recv(
+                    self.inner.as_raw_fd(),
+                    &mut byte,
+                    MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+                )
+                .map_err(io::Error::from)
+            });
+            match peeked {
+                // Stale readiness, now cleared: wait again.
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                Ok(0) | Err(_) => return,
+                Ok(_) => return std::future::pending().await,
+            }
+        }
+    }
+
     /// Runs the non-blocking write `write` once the socket takes bytes,
     /// under the stall guard.
     async fn write_with(
