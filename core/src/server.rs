@@ -395,7 +395,13 @@ where
                 stream.unread(&parts.read_buf);
                 continue;
             }
-            Ended::Hyper(ended) => ended,
+            Ended::Hyper(ended) => {
+                // A body hyper polled but never got to hand over (the
+                // connection ended first) must not be taken for the next
+                // request's.
+                drop(takeover.take());
+                ended
+            }
         };
         // The watch ends hyper's input where it held bytes back; hyper calls
         // a partial head at the end of its input an incomplete message.
