@@ -555,10 +555,17 @@ impl FileBody for FileSend {
                         return Err(error);
                     }
                 };
-                let file = reader
-                    .file
-                    .clone()
-                    .ok_or_else(|| io::Error::other("archive file not open"))?;
+                let file = match &reader.file {
+                    // `available` promises bytes; a zero-size chunk would
+                    // end the body as if complete.
+                    Some(file) if available > reader.position => file.clone(),
+                    _ => {
+                        let error = io::Error::other("no open file or no bytes to send");
+                        download.failed = true;
+                        download.log.error = Some(error.to_string());
+                        return Err(error);
+                    }
+                };
                 if chunked {
                     // The previous chunk's end and this one's size line.
                     let separator = if chunks == 0 { "" } else { "\r\n" };

@@ -260,7 +260,7 @@ pub async fn serve(
         let needs_full_parse = NeedsFullParse::default();
         let stream = HeadLines::new(stream, needs_full_parse.clone());
         let had_body = Arc::new(AtomicBool::new(false));
-        let takeover = Takeover::default();
+        let takeover = Takeover::new(writes.clone());
         let service = {
             let had_body = had_body.clone();
             let writes = writes.clone();
@@ -383,9 +383,10 @@ where
         service = parts.service;
         let ended = match ended {
             Ended::TakenOver(body) => {
-                if body.send(stream.socket_mut()).await.is_err() {
+                if let Err(error) = body.send(stream.socket_mut()).await {
                     // Dropped unshut, as hyper drops a connection whose
                     // body failed: the client sees the body cut short.
+                    tracing::debug!(%error, "connection ended in a body sent around hyper");
                     return Ok(());
                 }
                 if takeover.close_after() || shutdown.is_cancelled() {

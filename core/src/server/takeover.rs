@@ -40,7 +40,7 @@ use std::os::fd::AsRawFd;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::StallGuard;
+use super::{ClientWrites, StallGuard};
 
 /// The socket a [`FileBody`] writes to.
 pub type BodySocket = StallGuard<TcpStream>;
@@ -56,17 +56,27 @@ pub trait FileBody: Send + 'static {
 
 /// Carried by a request whose response body may be a [`FileBody`]: one per
 /// connection, cloned into each such request.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Takeover(Arc<Offered>);
 
-#[derive(Default)]
 struct Offered {
     body: Mutex<Option<Box<dyn FileBody>>>,
     /// The request asked to close after its response.
     close_after: AtomicBool,
+    /// The connection's writes: the offer clears `flushed`, so only a flush
+    /// of hyper's after it (the head's) lets the loop take the connection.
+    writes: ClientWrites,
 }
 
 impl Takeover {
+    pub(super) fn new(writes: ClientWrites) -> Takeover {
+        Takeover(Arc::new(Offered {
+            body: Mutex::new(None),
+            close_after: AtomicBool::new(false),
+            writes,
+        }))
+    }
+
     /// The response body that hands `body` to the accept loop; `length`
     /// is the body's exact length, if known (hyper then sends the
     /// `Content-Length` the response's headers carry).
@@ -96,6 +106,7 @@ impl Takeover {
     }
 
     fn offer(&self, body: Box<dyn FileBody>) {
+        self.0.writes.0.flushed.store(false, Ordering::Relaxed);
         *self.0.body.lock().unwrap_or_else(PoisonError::into_inner) = Some(body);
     }
 }
@@ -186,13 +197,13 @@ impl StallGuard<TcpStream> {
     /// send watches this, as hyper watches a connection whose response
     /// waits (a client's end of input ends its connection; hyper's
     /// `half_close` is off). Never resolves while input the client sent
-    /// ahead (a pipelined request) waits unread: then the next write tells.
+    /// after its request (a pipelined request) waits unread, even if the
+    /// client closed after it: hyper too answers what came before the end
+    /// of input. Then the next write tells.
     pub async fn closed(&self) {
         loop {
-            match self.inner.ready(Interest::READABLE).await {
-                Ok(ready) if ready.is_read_closed() || ready.is_error() => return,
-                Err(_) => return,
-                Ok(_) => {}
+            if self.inner.ready(Interest::READABLE).await.is_err() {
+                return;
             }
             let mut byte = [0u8; 1];
             let peeked = self.inner.try_io(Interest::READABLE, || {
@@ -206,6 +217,7 @@ impl StallGuard<TcpStream> {
             match peeked {
                 // Stale readiness, now cleared: wait again.
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                // The end of input, or a reset.
                 Ok(0) | Err(_) => return,
                 Ok(_) => return std::future::pending().await,
             }
