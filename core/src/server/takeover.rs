@@ -324,6 +324,10 @@ mod tests {
     /// allows it, `x-path: takeover`, else as a plain body, `x-path:
     /// stream`) and `/`.
     async fn start(fail_after: Option<u64>, stall: Duration) -> Served {
+        start_with_grace(fail_after, stall, Duration::ZERO).await
+    }
+
+    async fn start_with_grace(fail_after: Option<u64>, stall: Duration, grace: Duration) -> Served {
         let dir = tempfile::tempdir().unwrap();
         let data: Vec<u8> = (0..FILE_BYTES).map(|i| (i * 7 % 251) as u8).collect();
         let path = dir.path().join("file");
@@ -351,7 +355,7 @@ mod tests {
             listener,
             router,
             shutdown.clone(),
-            Duration::ZERO,
+            grace,
             stall,
             Connections::new(16, "test_takeover"),
         ));
@@ -606,5 +610,41 @@ mod tests {
             .await
             .expect("cut in time");
         served.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_file_body_under_way_at_shutdown_is_finished_and_its_connection_closed() {
+        let served = start_with_grace(None, TEST_TIMEOUT, TEST_TIMEOUT).await;
+        // A small receive window: the body cannot be sent whole before the
+        // client has read more than its first bytes.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(16 * 1024).unwrap();
+        let stream = socket.connect(served.address).await.unwrap();
+        let mut client = Client {
+            stream,
+            buffer: Vec::new(),
+        };
+        let exchange = async {
+            client
+                .send(&[request("/file"), request("/")].concat())
+                .await;
+            // The body is under way: its first bytes are here.
+            while client.buffer.len() < 64 * 1024 {
+                assert!(client.fill().await, "the connection ended early");
+            }
+            served.shutdown.cancel();
+            served.assert_whole(&client.answer().await, "takeover");
+            // Closed after it: the request sent ahead is not answered.
+            assert!(client.closed().await, "the connection stayed open");
+        };
+        tokio::time::timeout(TEST_TIMEOUT, exchange)
+            .await
+            .expect("finished in time");
+        let drain = tokio::time::timeout(TEST_TIMEOUT, served.server)
+            .await
+            .expect("the loop ended in time")
+            .unwrap()
+            .unwrap();
+        assert_eq!(drain, crate::server::Drain::Complete);
     }
 }
