@@ -24,7 +24,8 @@
 //!    request asked to close, or the server is shutting down, it closes
 //!    instead. A body that fails closes the connection at once, without
 //!    a shutdown, as hyper does for a body stream's error: the client sees
-//!    fewer bytes than the `Content-Length` announced.
+//!    fewer bytes than the `Content-Length` announced, or a chunked body
+//!    without its terminating chunk.
 
 use std::future::Future;
 use std::io;
