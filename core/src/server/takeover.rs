@@ -648,4 +648,41 @@ mod tests {
             .unwrap();
         assert_eq!(drain, crate::server::Drain::Complete);
     }
+
+    /// A connected pair: the server's end as a body sees it, and the client.
+    async fn pair() -> (BodySocket, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let guard = StallGuard::new(server, TEST_TIMEOUT, ClientWrites::default());
+        (guard, client)
+    }
+
+    #[tokio::test]
+    async fn closed_tells_a_client_that_left_and_waits_behind_input_sent_ahead() {
+        // Still there: pending.
+        let (server, client) = pair().await;
+        let waited = tokio::time::timeout(Duration::from_millis(200), server.closed()).await;
+        assert!(waited.is_err(), "closed() resolved for a connected client");
+        // Gone (its end of input, then a reset): resolves.
+        drop(client);
+        tokio::time::timeout(TEST_TIMEOUT, server.closed())
+            .await
+            .expect("closed() noticed the client leave");
+
+        // Input sent ahead, then the client's end: pending, so that what
+        // it sent is answered first, as hyper would.
+        let (server, mut client) = pair().await;
+        client.write_all(request("/").as_bytes()).await.unwrap();
+        client.shutdown().await.unwrap();
+        let waited = tokio::time::timeout(Duration::from_millis(200), server.closed()).await;
+        assert!(waited.is_err(), "closed() resolved with a request unread");
+        // Nothing was consumed.
+        let mut server = server;
+        let mut read = Vec::new();
+        server.inner.read_to_end(&mut read).await.unwrap();
+        assert_eq!(read, request("/").as_bytes());
+    }
 }
