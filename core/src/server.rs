@@ -1084,15 +1084,26 @@ mod tests {
     /// Bound on every wait in these tests.
     const TEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-    /// [`serve`] with `router` on an ephemeral port of 127.0.0.1.
-    struct TestLoop {
-        address: std::net::SocketAddr,
-        shutdown: CancellationToken,
-        server: tokio::task::JoinHandle<io::Result<Drain>>,
+    /// [`serve`] with `router` on an ephemeral port of 127.0.0.1 (also
+    /// for `takeover`'s tests).
+    pub(in crate::server) struct TestLoop {
+        pub(in crate::server) address: std::net::SocketAddr,
+        pub(in crate::server) shutdown: CancellationToken,
+        pub(in crate::server) server: tokio::task::JoinHandle<io::Result<Drain>>,
     }
 
     impl TestLoop {
         async fn start(router: Router, connections: Connections) -> TestLoop {
+            TestLoop::start_with(router, connections, Duration::ZERO, TEST_TIMEOUT).await
+        }
+
+        /// With a shutdown `grace` and a write-stall timeout `stall`.
+        pub(in crate::server) async fn start_with(
+            router: Router,
+            connections: Connections,
+            grace: Duration,
+            stall: Duration,
+        ) -> TestLoop {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let address = listener.local_addr().unwrap();
             let shutdown = CancellationToken::new();
@@ -1100,8 +1111,8 @@ mod tests {
                 listener,
                 router,
                 shutdown.clone(),
-                Duration::ZERO,
-                TEST_TIMEOUT,
+                grace,
+                stall,
                 connections,
             ));
             TestLoop {

@@ -260,7 +260,8 @@ mod tests {
     use tokio_util::sync::CancellationToken;
 
     use super::*;
-    use crate::server::{Connections, serve};
+    use crate::server::Connections;
+    use crate::server::tests::TestLoop;
 
     /// Bound on every wait in these tests.
     const TEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -349,17 +350,11 @@ mod tests {
         let router = Router::new()
             .route("/file", get(file))
             .route("/", get(|| async { "served" }));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
-        let server = tokio::spawn(serve(
-            listener,
-            router,
-            shutdown.clone(),
-            grace,
-            stall,
-            Connections::new(16, "test_takeover"),
-        ));
+        let TestLoop {
+            address,
+            shutdown,
+            server,
+        } = TestLoop::start_with(router, Connections::new(16, "test_takeover"), grace, stall).await;
         Served {
             address,
             shutdown,
@@ -397,6 +392,13 @@ mod tests {
         .unwrap()
     }
 
+    /// `future`, which must finish within [`TEST_TIMEOUT`].
+    async fn within<T>(future: impl Future<Output = T>) -> T {
+        tokio::time::timeout(TEST_TIMEOUT, future)
+            .await
+            .expect("finished in time")
+    }
+
     /// One response read off a connection: its head and body.
     struct Answer {
         head: String,
@@ -413,6 +415,17 @@ mod tests {
         async fn connect(address: std::net::SocketAddr) -> Client {
             Client {
                 stream: tokio::net::TcpStream::connect(address).await.unwrap(),
+                buffer: Vec::new(),
+            }
+        }
+
+        /// A client with a small receive window, as on a slow link: the
+        /// server cannot send a body whole before it reads.
+        async fn with_small_window(address: std::net::SocketAddr) -> Client {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.set_recv_buffer_size(16 * 1024).unwrap();
+            Client {
+                stream: socket.connect(address).await.unwrap(),
                 buffer: Vec::new(),
             }
         }
@@ -526,9 +539,7 @@ mod tests {
             served.assert_whole(&client.answer().await, "takeover");
             assert!(client.closed().await, "the connection stayed open");
         };
-        tokio::time::timeout(TEST_TIMEOUT, exchange)
-            .await
-            .expect("answered in time");
+        within(exchange).await;
         served.stop().await;
     }
 
@@ -546,9 +557,7 @@ mod tests {
             );
             assert!(answer.body == served.data);
         };
-        tokio::time::timeout(TEST_TIMEOUT, exchange)
-            .await
-            .expect("answered in time");
+        within(exchange).await;
         served.stop().await;
     }
 
@@ -574,9 +583,7 @@ mod tests {
             );
             assert!(client.closed().await, "the next request was answered");
         };
-        tokio::time::timeout(TEST_TIMEOUT, exchange)
-            .await
-            .expect("answered in time");
+        within(exchange).await;
         served.stop().await;
     }
 
@@ -585,13 +592,7 @@ mod tests {
         let stall = Duration::from_millis(300);
         let served = start(None, stall).await;
         let exchange = async {
-            let socket = tokio::net::TcpSocket::new_v4().unwrap();
-            socket.set_recv_buffer_size(16 * 1024).unwrap();
-            let stream = socket.connect(served.address).await.unwrap();
-            let mut client = Client {
-                stream,
-                buffer: Vec::new(),
-            };
+            let mut client = Client::with_small_window(served.address).await;
             client.send(&request("/file")).await;
             // Reads nothing until the server gave up on it.
             loop {
@@ -607,24 +608,15 @@ mod tests {
             let answer = client.answer().await;
             assert!(answer.body.len() < FILE_BYTES, "the body was cut");
         };
-        tokio::time::timeout(TEST_TIMEOUT, exchange)
-            .await
-            .expect("cut in time");
+        within(exchange).await;
         served.stop().await;
     }
 
     #[tokio::test]
     async fn a_file_body_under_way_at_shutdown_is_finished_and_its_connection_closed() {
         let served = start_with_grace(None, TEST_TIMEOUT, TEST_TIMEOUT).await;
-        // A small receive window: the body cannot be sent whole before the
-        // client has read more than its first bytes.
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(16 * 1024).unwrap();
-        let stream = socket.connect(served.address).await.unwrap();
-        let mut client = Client {
-            stream,
-            buffer: Vec::new(),
-        };
+        // The body cannot be sent whole before the client read its start.
+        let mut client = Client::with_small_window(served.address).await;
         let exchange = async {
             client
                 .send(&[request("/file"), request("/")].concat())
@@ -638,14 +630,8 @@ mod tests {
             // Closed after it: the request sent ahead is not answered.
             assert!(client.closed().await, "the connection stayed open");
         };
-        tokio::time::timeout(TEST_TIMEOUT, exchange)
-            .await
-            .expect("finished in time");
-        let drain = tokio::time::timeout(TEST_TIMEOUT, served.server)
-            .await
-            .expect("the loop ended in time")
-            .unwrap()
-            .unwrap();
+        within(exchange).await;
+        let drain = within(served.server).await.unwrap().unwrap();
         assert_eq!(drain, crate::server::Drain::Complete);
     }
 
@@ -668,9 +654,7 @@ mod tests {
         assert!(waited.is_err(), "closed() resolved for a connected client");
         // Gone (its end of input, then a reset): resolves.
         drop(client);
-        tokio::time::timeout(TEST_TIMEOUT, server.closed())
-            .await
-            .expect("closed() noticed the client leave");
+        within(server.closed()).await;
 
         // Input sent ahead, then the client's end: pending, so that what
         // it sent is answered first, as hyper would.
