@@ -257,6 +257,14 @@ impl Download {
     fn finish(&mut self) {
         self.finished = true;
     }
+
+    /// The download failed with `error` (not the client's doing): its record
+    /// says so when dropped. Returns the error.
+    fn fail(&mut self, error: io::Error) -> io::Error {
+        self.failed = true;
+        self.log.error = Some(error.to_string());
+        error
+    }
 }
 
 impl Drop for Download {
@@ -396,8 +404,7 @@ impl Reader {
                     None
                 }
                 Err(error) => {
-                    download.failed = true;
-                    download.log.error = Some(error.to_string());
+                    let error = download.fail(error);
                     Some((Err(error), (reader, download)))
                 }
             }
@@ -549,11 +556,7 @@ impl FileBody for FileSend {
                 let available = match waited {
                     Ok(Some(available)) => available,
                     Ok(None) => break,
-                    Err(error) => {
-                        download.failed = true;
-                        download.log.error = Some(error.to_string());
-                        return Err(error);
-                    }
+                    Err(error) => return Err(download.fail(error)),
                 };
                 let file = match &reader.file {
                     // `available` promises bytes; a zero-size chunk would
@@ -561,9 +564,7 @@ impl FileBody for FileSend {
                     Some(file) if available > reader.position => file.clone(),
                     _ => {
                         let error = io::Error::other("no open file or no bytes to send");
-                        download.failed = true;
-                        download.log.error = Some(error.to_string());
-                        return Err(error);
+                        return Err(download.fail(error));
                     }
                 };
                 if chunked {
@@ -583,9 +584,7 @@ impl FileBody for FileSend {
                     let sent = socket.send_file(&file, reader.position, count).await?;
                     if sent == 0 {
                         let error = io::Error::other("archive file shorter than announced");
-                        download.failed = true;
-                        download.log.error = Some(error.to_string());
-                        return Err(error);
+                        return Err(download.fail(error));
                     }
                     reader.position += sent as u64;
                     download.log.bytes += sent as u64;

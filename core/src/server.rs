@@ -296,7 +296,6 @@ pub async fn serve(
             needs_full_parse,
             had_body,
             takeover,
-            writes,
             shutdown.clone(),
         );
         connections.spawn(async move {
@@ -335,7 +334,6 @@ struct Builders {
 /// ([`takeover`]) is sent around hyper, and a new hyper connection serves
 /// what follows. On `shutdown` the connection finishes the request in
 /// flight and closes, as hyper's graceful shutdown does.
-#[allow(clippy::too_many_arguments)] // the connection's shared state
 async fn serve_connection<S>(
     builders: Arc<Builders>,
     mut stream: HeadLines<StallGuard<TcpStream>>,
@@ -343,7 +341,6 @@ async fn serve_connection<S>(
     needs_full_parse: NeedsFullParse,
     had_body: Arc<AtomicBool>,
     takeover: Takeover,
-    writes: ClientWrites,
     shutdown: CancellationToken,
 ) -> hyper::Result<()>
 where
@@ -368,11 +365,10 @@ where
                     Pin::new(&mut connection).graceful_shutdown();
                 }
                 let polled = connection.poll_without_shutdown(cx);
-                if polled.is_pending() && writes.flushed() {
-                    // hyper has written the head and polled the body.
-                    if let Some(body) = takeover.take() {
-                        return Poll::Ready(Ended::TakenOver(body));
-                    }
+                if polled.is_pending()
+                    && let Some(body) = takeover.take_when_flushed()
+                {
+                    return Poll::Ready(Ended::TakenOver(body));
                 }
                 polled.map(Ended::Hyper)
             })

@@ -97,6 +97,15 @@ impl Takeover {
         self.0.close_after.load(Ordering::Relaxed)
     }
 
+    /// The body hyper has polled, once hyper has written every byte it
+    /// buffered before it (the head): the connection is the body's then.
+    pub(super) fn take_when_flushed(&self) -> Option<Box<dyn FileBody>> {
+        if !self.0.writes.flushed() {
+            return None;
+        }
+        self.take()
+    }
+
     /// The body hyper has polled, if one waits.
     pub(super) fn take(&self) -> Option<Box<dyn FileBody>> {
         self.0
