@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 
 use gitball_e2e::{
     Archiver, BodyEnd, Metrics, RawConnection, RepoBuilder, Sandbox, assert_same_stream, base64,
-    cached_dir, child_processes, header, http_client, http_date, pipe_through, process_alive,
-    process_dir, process_nice, pseudo_random_bytes, pseudo_text, sha256_hex, tar_entry_names,
-    thread_nice_values, tree_snapshot, wait_until, zip_entry_names,
+    cached_dir, child_processes, header, holds_connection_to, http_client, http_date, pipe_through,
+    process_alive, process_dir, process_nice, pseudo_random_bytes, pseudo_text, sha256_hex,
+    tar_entry_names, thread_nice_values, tree_snapshot, wait_until, zip_entry_names,
 };
 use gitball_e2e::{assert_same_zip_entries, assert_zip_readers_accept};
 use sha2::{Digest, Sha256};
@@ -1400,7 +1400,11 @@ fn a_client_leaving_a_waiting_download_is_released_while_git_runs() {
     assert_eq!(head.status, 200);
     assert_eq!(connection.read_body_bytes(10).unwrap().len(), 10);
     assert_eq!(active_downloads(&archiver), 1.0);
-    let with_download = archiver.open_fds();
+    let client = match connection.stream().local_addr().unwrap() {
+        std::net::SocketAddr::V4(client) => client,
+        other => panic!("an IPv4 client, not {other}"),
+    };
+    assert!(holds_connection_to(archiver.pid, client));
     drop(connection);
     assert!(
         wait_until(Duration::from_secs(5), || active_downloads(&archiver)
@@ -1408,9 +1412,11 @@ fn a_client_leaving_a_waiting_download_is_released_while_git_runs() {
         "the download was still counted 5 s after its client left"
     );
     assert!(
-        wait_until(Duration::from_secs(5), || archiver.open_fds()
-            < with_download),
-        "the connection's fd was still open 5 s after its client left ({with_download} fds)"
+        wait_until(Duration::from_secs(5), || !holds_connection_to(
+            archiver.pid,
+            client
+        )),
+        "the connection's fd was still open 5 s after its client left"
     );
     assert_eq!(
         archiver

@@ -28,6 +28,39 @@ pub fn open_fd_count(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
+/// Whether process `pid` holds an open socket connected to `peer` (an IPv4
+/// TCP peer on this host): `/proc/PID/net/tcp`'s entries whose remote end is
+/// `peer`, looked up among the socket inodes of `/proc/PID/fd`. A socket the
+/// process closed has left its fds, whatever state TCP keeps it in.
+pub fn holds_connection_to(pid: u32, peer: std::net::SocketAddrV4) -> bool {
+    let wanted = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(peer.ip().octets()),
+        peer.port()
+    );
+    let table = fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap_or_default();
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.get(2) != Some(&wanted.as_str()) {
+                return None;
+            }
+            Some(format!("socket:[{}]", fields.get(9)?))
+        })
+        .collect();
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| fs::read_link(entry.ok()?.path()).ok())
+        .any(|target| {
+            inodes
+                .iter()
+                .any(|inode| target.as_os_str() == inode.as_str())
+        })
+}
+
 /// One line of `/proc/PID/stat`, the parts the tests need.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProcessInfo {
