@@ -40,8 +40,9 @@
 //!   `ACCEPT_ERROR_LOG_INTERVAL` with the count of those not logged;
 //! - bodies written around hyper ([`takeover`]): a handler may answer an
 //!   HTTP/1.1 request with a body that writes itself to the socket (a file
-//!   with `sendfile`); the loop takes the connection from hyper for that
-//!   body and hands the rest of it to a new hyper connection;
+//!   with `sendfile`, or the rest of a proxied download with `splice`); the
+//!   loop takes the connection from hyper for that body and hands the rest
+//!   of it to a new hyper connection;
 //! - a bounded graceful shutdown: on `shutdown` it stops accepting, lets
 //!   running requests (downloads) finish for up to `grace`, then drops the
 //!   connections still open, which drops their body streams and with them

@@ -1,4 +1,5 @@
-//! Bodies written around hyper: a file sent with `sendfile(2)`.
+//! Bodies written around hyper: a file sent with `sendfile(2)`, or the rest
+//! of a proxied download moved from socket to socket with `splice(2)`.
 //!
 //! hyper writes a body from memory: every byte of a file served through it
 //! is first copied into user space (`pread`) and then into the socket
@@ -19,6 +20,11 @@
 //!    from hyper (`into_parts`), and lets the body write itself
 //!    ([`FileBody::send`]) under the same write-stall timeout as hyper's
 //!    writes ([`super::StallGuard`]).
+//!
+//!    A body stream hyper is already writing can hand the rest of itself
+//!    over the same way, mid-body ([`Takeover::hand_over`]): the bytes
+//!    hyper was given are written first, and the [`FileBody`] writes what
+//!    follows them, in hyper's framing (raw under a `Content-Length`).
 //! 3. The body sent, the loop serves the rest of the connection with a
 //!    new hyper connection that reads the unparsed bytes first; when the
 //!    request asked to close, or the server is shutting down, it closes
@@ -36,8 +42,9 @@ use std::task::{Context, Poll, ready};
 
 use axum::body::{Body, Bytes, HttpBody};
 use hyper::body::{Frame, SizeHint};
+use nix::fcntl::SpliceFFlags;
 use nix::sys::socket::MsgFlags;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
@@ -115,6 +122,16 @@ impl Takeover {
             .take()
     }
 
+    /// Hands the rest of a body already under way to the accept loop: a
+    /// body stream that has yielded some frames calls this and returns
+    /// `Pending` from then on. The loop takes the connection once hyper
+    /// has written every byte it was given (the frames so far), so `body`
+    /// writes the bytes that follow them, in the framing hyper chose: raw
+    /// for a response with a `Content-Length`.
+    pub fn hand_over(&self, body: Box<dyn FileBody>) {
+        self.offer(body);
+    }
+
     fn offer(&self, body: Box<dyn FileBody>) {
         self.0.writes.0.flushed.store(false, Ordering::Relaxed);
         *self.0.body.lock().unwrap_or_else(PoisonError::into_inner) = Some(body);
@@ -170,6 +187,36 @@ impl StallGuard<TcpStream> {
         self.write_with(|stream| {
             nix::sys::sendfile::sendfile64(stream, file, Some(&mut offset), count)
                 .map_err(io::Error::from)
+        })
+        .await
+    }
+
+    /// Moves up to `count` bytes from the pipe `pipe` to the socket with
+    /// `splice`, without copying them through user space; returns how many
+    /// moved, 0 only when the pipe is empty and its write end closed.
+    /// Fails with `TimedOut` when the client takes no bytes for the stall
+    /// timeout.
+    pub async fn splice_from(&mut self, pipe: &OwnedFd, count: usize) -> io::Result<usize> {
+        self.write_with(|stream| {
+            nix::fcntl::splice(
+                pipe,
+                None,
+                stream,
+                None,
+                count,
+                SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK,
+            )
+            .map_err(io::Error::from)
+        })
+        .await
+    }
+
+    /// Waits until the socket takes bytes again, under the stall timeout
+    /// like any write (a wait that ran out before is continued, not
+    /// restarted).
+    pub async fn writable(&mut self) -> io::Result<()> {
+        std::future::poll_fn(|cx| {
+            self.guard(cx, |stream, cx| stream.get_mut().poll_write_ready(cx))
         })
         .await
     }
