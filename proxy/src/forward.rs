@@ -81,6 +81,17 @@ pub const UPSTREAM_READ_BUFFER_BYTES: usize = 64 * 1024;
 const TCP_KEEPALIVE: Duration = Duration::from_secs(15);
 const TCP_KEEPALIVE_RETRIES: u32 = 3;
 
+/// Sets the upstream connections' TCP keep-alive on `stream`.
+pub fn keep_alive(stream: &TcpStream) {
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(TCP_KEEPALIVE)
+        .with_interval(TCP_KEEPALIVE)
+        .with_retries(TCP_KEEPALIVE_RETRIES);
+    if let Err(error) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
+        tracing::debug!(%error, "upstream TCP keep-alive not set");
+    }
+}
+
 /// The client for archivers: plain HTTP/1, requests without a body.
 pub type UpstreamClient = Client<UpstreamConnector, Empty<Bytes>>;
 
@@ -295,6 +306,16 @@ impl Forwarder {
 
     pub fn health(&self) -> &Arc<Health> {
         &self.health
+    }
+
+    /// `--connect-timeout`.
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
+    /// The `Authorization` header sent to archivers, if any.
+    pub fn authorization(&self) -> Option<&HeaderValue> {
+        self.authorization.as_ref()
     }
 
     /// `--header-timeout`, which also bounds each wait for a body chunk.

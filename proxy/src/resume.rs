@@ -109,7 +109,7 @@ impl Resume {
         let (first, last) = match response.status() {
             StatusCode::OK => (0, body_length(response).and_then(|len| len.checked_sub(1))),
             StatusCode::PARTIAL_CONTENT => {
-                let (first, last, _) = content_range(response)?;
+                let (first, last, _) = content_range(response.headers())?;
                 (first, Some(last))
             }
             _ => return None,
@@ -158,6 +158,33 @@ impl Resume {
     /// Asks for the download's bytes from `sent` (bytes already handed to
     /// the client) on.
     pub async fn resume(&self, sent: u64) -> Result<Resumed, ResumeError> {
+        let (request, next) = self.range_request(sent);
+        let candidates = self.candidates();
+        let forwarded = self
+            .forwarder
+            .forward(&candidates, false, &request)
+            .await
+            .map_err(|failed| ResumeError::NoAnswer(failed.error.to_string()))?;
+        let response = forwarded.response;
+        let upstream = forwarded.upstream;
+        let status = response.status();
+        let skip = self
+            .skip(status, response.headers(), next)
+            .ok_or_else(|| ResumeError::Mismatch(status, upstream.clone()))?;
+        let limit = self.limit(next);
+        let body = response
+            .into_body()
+            .into_data_stream()
+            .map(|chunk| chunk.map_err(UpstreamError::from));
+        Ok(Resumed {
+            body: skip_and_limit(Box::pin(body), skip, limit),
+            upstream,
+        })
+    }
+
+    /// The request for the download's bytes from `sent` on, and the offset
+    /// in the archive of the next byte.
+    pub fn range_request(&self, sent: u64) -> (UpstreamRequest, u64) {
         let next = self.first + sent;
         let mut request = self.request.clone();
         let range = match self.last {
@@ -169,52 +196,79 @@ impl Resume {
             request.headers.insert(header::RANGE, range);
         }
         request.headers.insert(header::IF_RANGE, self.etag.clone());
+        (request, next)
+    }
+
+    /// The candidates to ask, the one that served the download first, and
+    /// ejected ones last (a stable partition), as for any request.
+    pub fn candidates(&self) -> Vec<Candidate> {
         let mut candidates = self.candidates.clone();
-        // Ejected ones last, as for any request (a stable partition).
         self.forwarder.health().order(&mut candidates);
-        let forwarded = self
-            .forwarder
-            .forward(&candidates, false, &request)
-            .await
-            .map_err(|failed| ResumeError::NoAnswer(failed.error.to_string()))?;
-        let response = forwarded.response;
-        let upstream = forwarded.upstream;
-        let status = response.status();
-        if response.headers().get(header::ETAG) != Some(&self.etag) {
-            return Err(ResumeError::Mismatch(status, upstream));
+        candidates
+    }
+
+    /// A resume for the archive `etag` from byte `first` (to `last`) of
+    /// `request`, asking `candidates` in order.
+    #[cfg(test)]
+    pub(crate) fn for_test(
+        forwarder: Forwarder,
+        candidates: Vec<Candidate>,
+        request: UpstreamRequest,
+        etag: HeaderValue,
+        first: u64,
+        last: Option<u64>,
+    ) -> Resume {
+        Resume {
+            forwarder,
+            candidates,
+            request,
+            etag,
+            first,
+            last,
         }
-        let skip = match status {
-            StatusCode::PARTIAL_CONTENT => match content_range(&response) {
+    }
+
+    /// The candidate that served the download first.
+    pub fn served_by(&self) -> Option<&Candidate> {
+        self.candidates.first()
+    }
+
+    pub fn forwarder(&self) -> &Forwarder {
+        &self.forwarder
+    }
+
+    /// How many bytes of the answer (`status`, `headers`) to a
+    /// [`Resume::range_request`] for `next` come before the download's next
+    /// byte; `None` if the answer is not the rest of the same archive.
+    pub fn skip(&self, status: StatusCode, headers: &http::HeaderMap, next: u64) -> Option<u64> {
+        if headers.get(header::ETAG) != Some(&self.etag) {
+            return None;
+        }
+        match status {
+            StatusCode::PARTIAL_CONTENT => match content_range(headers) {
                 Some((first, last, _))
                     if first == next && self.last.is_none_or(|ours| ours == last) =>
                 {
-                    0
+                    Some(0)
                 }
-                _ => return Err(ResumeError::Mismatch(status, upstream)),
+                _ => None,
             },
             // The whole archive again: its first `next` bytes were sent.
-            StatusCode::OK => next,
-            _ => return Err(ResumeError::Mismatch(status, upstream)),
-        };
-        let limit = self.last.map(|last| last + 1 - next);
-        let body = response
-            .into_body()
-            .into_data_stream()
-            .map(|chunk| chunk.map_err(UpstreamError::from));
-        Ok(Resumed {
-            body: skip_and_limit(Box::pin(body), skip, limit),
-            upstream,
-        })
+            StatusCode::OK => Some(next),
+            _ => None,
+        }
+    }
+
+    /// How many bytes are left from `next` on, when the download's end is
+    /// known.
+    pub fn limit(&self, next: u64) -> Option<u64> {
+        self.last.map(|last| last + 1 - next)
     }
 }
 
 /// `bytes {first}-{last}/{length}` of a `206`.
-fn content_range(response: &UpstreamResponse) -> Option<(u64, u64, u64)> {
-    let value = response
-        .headers()
-        .get(header::CONTENT_RANGE)?
-        .to_str()
-        .ok()?;
+fn content_range(headers: &http::HeaderMap) -> Option<(u64, u64, u64)> {
+    let value = headers.get(header::CONTENT_RANGE)?.to_str().ok()?;
     let (range, length) = value.strip_prefix("bytes ")?.split_once('/')?;
     let (first, last) = range.split_once('-')?;
     let (first, last, length) = (
