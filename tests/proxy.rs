@@ -1147,6 +1147,321 @@ fn a_parked_download_that_cannot_resume_is_aborted_not_ended() {
 }
 
 // ---------------------------------------------------------------------------
+// Spliced downloads: a fast client's rest moved socket to socket
+
+/// `gitball_proxy_splices_total{outcome="spliced"}`.
+fn spliced(proxy: &Proxy) -> f64 {
+    proxy
+        .scrape()
+        .value("gitball_proxy_splices_total", &[("outcome", "spliced")])
+}
+
+/// Opens a download of [`BIG_PATH`] through `proxy` and takes its first
+/// 8 MiB as fast as it can, so the proxy judges it fast and splices the
+/// rest (docs/proxy.md, "Spliced downloads"). The judgement is a rate
+/// (4 MiB within 40 ms): a client slowed by a loaded machine is piped
+/// instead, and tries again, at most 5 times. Returns the connection, the
+/// head and a hasher over the bytes taken.
+fn spliced_download(proxy: &Proxy) -> (RawConnection, ResponseHead, Sha256, u64) {
+    const ATTEMPTS: usize = 5;
+    for attempt in 1..=ATTEMPTS {
+        let before = spliced(proxy);
+        let mut connection = RawConnection::connect(proxy.addr).expect("connect");
+        connection.send_request("GET", BIG_PATH, &[]).expect("send");
+        let head = connection.read_head().expect("head");
+        assert_eq!(head.status, 200);
+        let first = connection.read_body_bytes(8 * MIB).expect("first 8 MiB");
+        assert_eq!(first.len(), 8 * MIB);
+        // The pipe stops at 4 MiB until the splice is set up or declined,
+        // so with 8 MiB taken it was one or the other.
+        if spliced(proxy) > before {
+            let mut hasher = Sha256::new();
+            hasher.update(&first);
+            return (connection, head, hasher, first.len() as u64);
+        }
+        println!("attempt {attempt}: the client was not judged fast; again");
+    }
+    panic!("no download was spliced in {ATTEMPTS} attempts");
+}
+
+/// The proxy's log lines for `BIG_PATH` that ended `ending`.
+fn big_log_lines(proxy: &Proxy, ending: &str) -> Vec<String> {
+    proxy
+        .log()
+        .lines()
+        .filter(|line| {
+            line.contains(&format!("\"path\":\"{BIG_PATH}\""))
+                && line.contains(&format!("\"ending\":\"{ending}\""))
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn a_fast_download_is_spliced_with_the_archives_bytes_and_keeps_its_connection() {
+    let sandbox = Sandbox::new();
+    let (big, cluster) = warm_big_cluster(&sandbox, &[]);
+    warm_up(&cluster, big);
+    let proxy = &cluster.proxy;
+
+    let (mut connection, head, mut hasher, mut received) = spliced_download(proxy);
+    let digest = head
+        .header("repr-digest")
+        .expect("a hit has a digest")
+        .to_owned();
+    let end = connection.read_body_to_end(|piece| {
+        hasher.update(piece);
+        received += piece.len() as u64;
+    });
+    assert_eq!(end, BodyEnd::Complete, "after {received} bytes");
+    assert_eq!(received, big.full_length);
+    assert_eq!(
+        digest,
+        format!("sha-256=:{}:", base64(&hasher.finalize())),
+        "the spliced download's bytes differ from the archive's"
+    );
+
+    // The connection goes on: a range, read as fast (spliced too, or not:
+    // the same bytes either way), compared with the archiver's own answer.
+    let range = [("Range", "bytes=1000-99999999")];
+    let direct = {
+        let mut direct = RawConnection::connect(cluster.primary.addr).expect("connect");
+        direct.send_request("GET", BIG_PATH, &range).expect("send");
+        assert_eq!(direct.read_head().expect("head").status, 206);
+        let mut hasher = Sha256::new();
+        assert_eq!(
+            direct.read_body_to_end(|piece| hasher.update(piece)),
+            BodyEnd::Complete
+        );
+        hasher.finalize()
+    };
+    connection
+        .send_request("GET", BIG_PATH, &range)
+        .expect("send");
+    assert_eq!(connection.read_head().expect("head").status, 206);
+    let mut hasher = Sha256::new();
+    assert_eq!(
+        connection.read_body_to_end(|piece| hasher.update(piece)),
+        BodyEnd::Complete
+    );
+    assert_eq!(hasher.finalize(), direct, "the range's bytes");
+
+    // Two requests in one write: the second waits in the proxy's read
+    // buffer while the first is spliced, and is answered after it.
+    let host = format!("Host: {}\r\n", proxy.addr);
+    let pipelined =
+        format!("GET {BIG_PATH} HTTP/1.1\r\n{host}\r\nGET /healthz HTTP/1.1\r\n{host}\r\n");
+    connection.send(pipelined.as_bytes()).expect("send");
+    assert_eq!(connection.read_head().expect("head").status, 200);
+    let mut hasher = Sha256::new();
+    let mut length = 0u64;
+    let end = connection.read_body_to_end(|piece| {
+        hasher.update(piece);
+        length += piece.len() as u64;
+    });
+    assert_eq!(end, BodyEnd::Complete);
+    assert_eq!(length, big.full_length);
+    assert_eq!(digest, format!("sha-256=:{}:", base64(&hasher.finalize())));
+    assert_eq!(
+        connection.read_head().expect("the pipelined head").status,
+        200
+    );
+
+    let metrics = proxy.scrape();
+    assert_eq!(
+        metrics.value("gitball_proxy_splices_total", &[("outcome", "declined")]),
+        0.0
+    );
+    assert_eq!(metrics.value("gitball_proxy_active_downloads", &[]), 0.0);
+    assert_eq!(
+        metrics.value("gitball_proxy_upstream_aborts_total", &[]),
+        0.0
+    );
+    // Each download's one log line counts all its bytes.
+    let complete = big_log_lines(proxy, "complete");
+    let full = format!("\"bytes\":{}", big.full_length);
+    assert!(
+        complete.iter().filter(|line| line.contains(&full)).count() >= 3,
+        "not every whole download logged {full}:\n{}",
+        complete.join("\n")
+    );
+    assert!(
+        complete
+            .iter()
+            .any(|line| line.contains("\"bytes\":99999000")),
+        "the range's log line:\n{}",
+        complete.join("\n")
+    );
+}
+
+#[test]
+fn a_spliced_download_whose_archiver_dies_is_aborted_not_ended() {
+    let sandbox = Sandbox::new();
+    let (big, mut cluster) = warm_big_cluster(&sandbox, &[]);
+    warm_up(&cluster, big);
+    let (mut connection, _head, _hasher, mut received) = spliced_download(&cluster.proxy);
+    kill_hard(&mut cluster.primary);
+
+    let end = connection.read_body_to_end(|piece| received += piece.len() as u64);
+    assert!(
+        matches!(end, BodyEnd::Aborted(_)),
+        "a truncated spliced archive ended cleanly after {received} bytes"
+    );
+    assert!(received < big.full_length);
+    let proxy = &cluster.proxy;
+    assert!(
+        wait_until(SETTLE, || proxy
+            .scrape()
+            .value("gitball_proxy_active_downloads", &[])
+            == 0.0),
+        "the aborted download is still counted"
+    );
+    assert_eq!(
+        proxy
+            .scrape()
+            .value("gitball_proxy_upstream_aborts_total", &[]),
+        1.0
+    );
+    assert_eq!(big_log_lines(proxy, "aborted").len(), 1, "{}", proxy.log());
+}
+
+#[test]
+fn a_client_leaving_a_spliced_download_releases_both_connections() {
+    let sandbox = Sandbox::new();
+    let (big, cluster) = warm_big_cluster(&sandbox, &[]);
+    warm_up(&cluster, big);
+    let proxy = &cluster.proxy;
+    let proxy_fds = settled_fd_count(proxy.pid);
+    let archiver_fds = settled_fd_count(cluster.primary.pid);
+
+    let (connection, _head, _hasher, _received) = spliced_download(proxy);
+    // A spliced download holds its client socket, an upstream socket and a
+    // pipe's two ends.
+    assert!(open_fd_count(proxy.pid) >= proxy_fds + 3);
+    drop(connection);
+
+    assert!(
+        wait_until(SETTLE, || open_fd_count(proxy.pid) <= proxy_fds
+            && open_fd_count(cluster.primary.pid) <= archiver_fds),
+        "after the client left: proxy fds {} (baseline {proxy_fds}), archiver fds {} (baseline {archiver_fds})",
+        open_fd_count(proxy.pid),
+        open_fd_count(cluster.primary.pid)
+    );
+    assert!(wait_until(SETTLE, || scrape(cluster.primary.addr)
+        .value("gitball_archiver_active_downloads", &[])
+        == 0.0));
+    let metrics = proxy.scrape();
+    assert_eq!(metrics.value("gitball_proxy_active_downloads", &[]), 0.0);
+    assert_eq!(
+        metrics.value("gitball_proxy_client_disconnects_total", &[]),
+        1.0
+    );
+    assert_eq!(
+        big_log_lines(proxy, "client_gone").len(),
+        1,
+        "{}",
+        proxy.log()
+    );
+}
+
+#[test]
+fn a_stalled_spliced_download_parks_and_resumes_with_the_same_bytes() {
+    let sandbox = Sandbox::new();
+    let (big, cluster) = warm_big_cluster(&sandbox, &["--park-after", PARK_AFTER]);
+    warm_up(&cluster, big);
+    let proxy = &cluster.proxy;
+
+    let (mut connection, head, mut hasher, mut received) = spliced_download(proxy);
+    let digest = head
+        .header("repr-digest")
+        .expect("a hit has a digest")
+        .to_owned();
+    // The client reads nothing now: the spliced body lets go of its
+    // upstream connection and its pipe.
+    assert!(
+        wait_until(SETTLE, || proxy
+            .scrape()
+            .value("gitball_proxy_parked_downloads", &[])
+            == 1.0),
+        "the stalled spliced download was not parked"
+    );
+    assert!(
+        wait_until(SETTLE, || scrape(cluster.primary.addr)
+            .value("gitball_archiver_active_downloads", &[])
+            == 0.0),
+        "the archiver still serves the parked download"
+    );
+
+    let end = connection.read_body_to_end(|piece| {
+        hasher.update(piece);
+        received += piece.len() as u64;
+    });
+    assert_eq!(end, BodyEnd::Complete, "after {received} bytes");
+    assert_eq!(received, big.full_length);
+    assert_eq!(
+        digest,
+        format!("sha-256=:{}:", base64(&hasher.finalize())),
+        "the resumed spliced download's bytes differ from the archive's"
+    );
+    let metrics = proxy.scrape();
+    assert!(metrics.value("gitball_proxy_resumes_total", &[("outcome", "resumed")]) >= 1.0);
+    assert_eq!(
+        metrics.value("gitball_proxy_resumes_total", &[("outcome", "failed")]),
+        0.0
+    );
+    assert_eq!(metrics.value("gitball_proxy_parked_downloads", &[]), 0.0);
+    let full = format!("\"bytes\":{}", big.full_length);
+    assert_eq!(
+        big_log_lines(proxy, "complete")
+            .iter()
+            .filter(|line| line.contains(&full))
+            .count(),
+        2,
+        "the warm-up's and the parked download's log lines:\n{}",
+        proxy.log()
+    );
+}
+
+#[test]
+fn a_stalled_spliced_download_is_cut_after_the_client_idle_timeout() {
+    let sandbox = Sandbox::new();
+    // Parking (10 s by default) comes after the idle timeout here.
+    let (big, cluster) = warm_big_cluster(&sandbox, &["--client-idle-timeout", "1"]);
+    warm_up(&cluster, big);
+    let proxy = &cluster.proxy;
+    let proxy_fds = settled_fd_count(proxy.pid);
+
+    let (mut connection, _head, _hasher, mut received) = spliced_download(proxy);
+    let stopped = Instant::now();
+    assert!(
+        wait_until(SETTLE, || open_fd_count(proxy.pid) <= proxy_fds),
+        "proxy fds {} > baseline {proxy_fds}",
+        open_fd_count(proxy.pid)
+    );
+    println!(
+        "stalled spliced download cut after {:?} (idle timeout 1 s)",
+        stopped.elapsed()
+    );
+    let end = connection.read_body_to_end(|piece| received += piece.len() as u64);
+    assert!(
+        matches!(end, BodyEnd::Aborted(_)),
+        "an idle client's spliced body ended cleanly after {received} bytes"
+    );
+    let metrics = proxy.scrape();
+    assert_eq!(
+        metrics.value("gitball_proxy_client_idle_timeouts_total", &[]),
+        1.0
+    );
+    assert_eq!(metrics.value("gitball_proxy_active_downloads", &[]), 0.0);
+    assert_eq!(
+        big_log_lines(proxy, "idle_timeout").len(),
+        1,
+        "{}",
+        proxy.log()
+    );
+}
+
+// ---------------------------------------------------------------------------
 // Configuration
 
 #[test]

@@ -41,6 +41,7 @@ use gitball_core::protocol::{REQUEST_ID, X_GITBALL_CLIENT, X_GITBALL_WANT_LENGTH
 use gitball_core::request_id::request_id;
 use gitball_core::response;
 use gitball_core::server::ClientWrites;
+use gitball_core::server::takeover::Takeover;
 use gitball_core::url;
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header};
@@ -196,17 +197,15 @@ async fn handle(
         Ok(forwarded) => {
             log.upstream = Some(forwarded.upstream.clone());
             log.attempts = Some(forwarded.attempts);
-            let resume = if state.park_after.is_zero() {
-                None
-            } else {
-                Resume::for_response(
-                    &forwarded.response,
-                    &forwarded.upstream,
-                    &state.forwarder,
-                    &candidates,
-                    &upstream_request,
-                )
-            };
+            // For parking, and for a splice (which asks for the rest by
+            // range just the same).
+            let resume = Resume::for_response(
+                &forwarded.response,
+                &forwarded.upstream,
+                &state.forwarder,
+                &candidates,
+                &upstream_request,
+            );
             Ok(Answer {
                 response: forwarded.response,
                 upstream: forwarded.upstream,
@@ -272,7 +271,10 @@ fn respond(state: &AppState, request: &Parts, answer: Answer, mut log: RequestLo
                     drop(log);
                 },
             )
-            .on_connection(request.extensions.get::<ClientWrites>().cloned()),
+            .on_connection(
+                request.extensions.get::<ClientWrites>().cloned(),
+                request.extensions.get::<Takeover>().cloned(),
+            ),
         );
     }
     // Otherwise the upstream response is dropped here; having no body left

@@ -41,6 +41,7 @@ pub mod prewarm;
 pub mod resume;
 pub mod routes;
 pub mod sign;
+pub mod splice;
 pub mod upstream;
 pub mod window;
 

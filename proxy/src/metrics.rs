@@ -34,6 +34,7 @@ const UPSTREAM_ABORTS_TOTAL: &str = "gitball_proxy_upstream_aborts_total";
 const ROUTES_RELOADS_TOTAL: &str = "gitball_proxy_routes_reloads_total";
 const PARKED_DOWNLOADS: &str = "gitball_proxy_parked_downloads";
 const RESUMES_TOTAL: &str = "gitball_proxy_resumes_total";
+const SPLICES_TOTAL: &str = "gitball_proxy_splices_total";
 
 /// Set by [`register`]: the recorder is installed, so handles taken from
 /// now on record into it and may be kept.
@@ -173,6 +174,10 @@ pub fn register() {
         "Parked downloads that asked an upstream for the rest, by outcome (resumed, failed: the download was aborted)."
     );
     describe_counter!(
+        SPLICES_TOTAL,
+        "Fast downloads whose rest was to be spliced from socket to socket, by outcome (spliced, declined: piped on)."
+    );
+    describe_counter!(
         ROUTES_RELOADS_TOTAL,
         "Routing table reloads (SIGHUP), by outcome (ok, error)."
     );
@@ -189,6 +194,9 @@ pub fn register() {
     gauge!(PARKED_DOWNLOADS).set(0.0);
     for outcome in ["resumed", "failed"] {
         counter!(RESUMES_TOTAL, "outcome" => outcome).absolute(0);
+    }
+    for outcome in ["spliced", "declined"] {
+        counter!(SPLICES_TOTAL, "outcome" => outcome).absolute(0);
     }
     REGISTERED.store(true, Ordering::Relaxed);
 }
@@ -253,6 +261,11 @@ pub fn parked_downloads(delta: f64) {
 /// A parked download's resume ended with `outcome` (`resumed`, `failed`).
 pub fn resume(outcome: &'static str) {
     counter!(RESUMES_TOTAL, "outcome" => outcome).increment(1);
+}
+
+/// A fast download's splice ended with `outcome` (`spliced`, `declined`).
+pub fn splice(outcome: &'static str) {
+    counter!(SPLICES_TOTAL, "outcome" => outcome).increment(1);
 }
 
 /// Holds one unit of `gitball_proxy_active_downloads` for as long as it

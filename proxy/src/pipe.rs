@@ -70,7 +70,7 @@
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -84,10 +84,12 @@ use tokio::time::Instant;
 
 use gitball_core::log::Ending;
 use gitball_core::server::ClientWrites;
+use gitball_core::server::takeover::Takeover;
 
 use crate::forward::{UpstreamResponse, body_length};
 use crate::metrics::ActiveDownload;
 use crate::resume::{Resume, ResumeError, Resumed};
+use crate::splice::{Handoff, OpenError, Prepared, SLOTS, SpliceBody};
 use crate::upstream::Health;
 use crate::window::{DownloadWindow, UpstreamWindow, WIDEN_AFTER_BYTES, WIDEN_WITHIN};
 
@@ -227,7 +229,27 @@ pub struct Pipe {
     /// The upstream connection's window, until the download was judged
     /// (`crate::window`); and when the first chunk was handed over.
     window: Option<(DownloadWindow, Option<Instant>)>,
-    _active: ActiveDownload,
+    /// Whether the rest of the download may be spliced (`crate::splice`).
+    splice: Splicing,
+    /// Moves to the spliced body when the download is handed over.
+    active: Option<ActiveDownload>,
+}
+
+/// Where a download stands with `crate::splice`.
+enum Splicing {
+    /// Not for this download, or declined.
+    No,
+    /// Spliced if its client proves fast.
+    Possible(Takeover),
+    /// Asking the upstream for the rest; the window is widened instead if
+    /// that fails.
+    Preparing {
+        takeover: Takeover,
+        prepared: BoxFuture<'static, Result<Prepared, OpenError>>,
+        window: DownloadWindow,
+    },
+    /// The spliced body has the download: this pipe is done with it.
+    HandedOver,
 }
 
 impl Pipe {
@@ -297,15 +319,27 @@ impl Pipe {
             resuming: None,
             writes: None,
             window: None,
-            _active: ActiveDownload::start(),
+            splice: Splicing::No,
+            active: Some(ActiveDownload::start()),
         }
     }
 
     /// Tells the pipe its client connection's writes: whether the server's
     /// write-stall guard cut the connection (then the download ended for
-    /// idleness), and how long a write has been stuck (which parks it).
-    pub fn on_connection(mut self, writes: Option<ClientWrites>) -> Pipe {
+    /// idleness), and how long a write has been stuck (which parks it);
+    /// and whether the connection can be taken from hyper for a splice.
+    pub fn on_connection(
+        mut self,
+        writes: Option<ClientWrites>,
+        takeover: Option<Takeover>,
+    ) -> Pipe {
         self.writes = writes;
+        if let Some(takeover) = takeover
+            && self.expected_bytes.is_some()
+            && self.resume.is_some()
+        {
+            self.splice = Splicing::Possible(takeover);
+        }
         self
     }
 }
@@ -424,7 +458,7 @@ impl Pipe {
     /// Ends the download; an abort ejects the upstream when `eject` (a
     /// failed resume does not: `forward` judged each attempt already).
     fn end_with(&mut self, ending: Ending, eject: bool) {
-        if self.ending.is_some() {
+        if self.ending.is_some() || matches!(self.splice, Splicing::HandedOver) {
             return;
         }
         if let Some(watchdog) = &self.watchdog {
@@ -505,9 +539,88 @@ impl Pipe {
             return;
         }
         if first.elapsed() <= WIDEN_WITHIN {
-            window.widen();
+            let splice = std::mem::replace(&mut self.splice, Splicing::No);
+            match (splice, &self.resume, SLOTS.take()) {
+                (Splicing::Possible(takeover), Some(resume), Some(slot)) => {
+                    let resume = resume.clone();
+                    let sent = self.bytes;
+                    self.splice = Splicing::Preparing {
+                        takeover,
+                        prepared: Box::pin(async move {
+                            crate::splice::prepare(&resume, sent, slot).await
+                        }),
+                        window: window.clone(),
+                    };
+                }
+                (Splicing::Possible(_), _, None) => {
+                    crate::metrics::splice("declined");
+                    window.widen();
+                }
+                _ => {
+                    window.widen();
+                }
+            }
         }
         self.window = None;
+    }
+
+    /// Polls the splice being prepared: `Ready(true)` once the download
+    /// was handed over, `Ready(false)` if it carries on here.
+    fn poll_splice(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        let Splicing::Preparing { prepared, .. } = &mut self.splice else {
+            return Poll::Ready(matches!(self.splice, Splicing::HandedOver));
+        };
+        let prepared = ready!(prepared.as_mut().poll(cx));
+        let Splicing::Preparing {
+            takeover, window, ..
+        } = std::mem::replace(&mut self.splice, Splicing::No)
+        else {
+            return Poll::Ready(false);
+        };
+        let (spliced, resume, length, on_end, active) = match (
+            prepared,
+            self.resume.clone(),
+            self.expected_bytes,
+            self.on_end.take(),
+            self.active.take(),
+        ) {
+            (Ok(spliced), Some(resume), Some(length), Some(on_end), Some(active)) => {
+                (spliced, resume, length, on_end, active)
+            }
+            (prepared, _, _, on_end, active) => {
+                // Only a failed preparation gets here: the rest was set
+                // when the splice became possible.
+                self.on_end = on_end;
+                self.active = active;
+                if let Err(error) = prepared {
+                    tracing::debug!(%error, "download not spliced; piped on");
+                }
+                crate::metrics::splice("declined");
+                window.widen();
+                return Poll::Ready(false);
+            }
+        };
+        if let Some(watchdog) = &self.watchdog {
+            watchdog.abort();
+        }
+        // Closes the pooled upstream connection mid-body: the spliced
+        // body has a connection of its own.
+        self.shared.lock().take();
+        self.splice = Splicing::HandedOver;
+        crate::metrics::splice("spliced");
+        takeover.hand_over(Box::new(SpliceBody::new(
+            spliced,
+            Handoff {
+                resume,
+                sent: self.bytes,
+                length,
+                timers: self.timers,
+                health: self.health.clone(),
+                on_end,
+                active,
+            },
+        )));
+        Poll::Ready(true)
     }
 }
 
@@ -525,6 +638,17 @@ impl Stream for Pipe {
             // the idle clock running.
             this.in_flight.waker.register(cx.waker());
             if this.in_flight.busy.load(Ordering::Acquire) {
+                return Poll::Pending;
+            }
+        }
+        if !matches!(this.splice, Splicing::No | Splicing::Possible(_)) {
+            this.shared
+                .waiting_since_ms
+                .store(NOT_WAITING, Ordering::Release);
+            if ready!(this.poll_splice(cx)) {
+                // The accept loop takes the connection from hyper once it
+                // has written what it was given; hyper never polls this
+                // body again.
                 return Poll::Pending;
             }
         }
@@ -625,6 +749,7 @@ impl Drop for Pipe {
         // client's connection before the watchdog fires: then the download
         // ended for idleness, not because the client left.
         if self.ending.is_none()
+            && !matches!(self.splice, Splicing::HandedOver)
             && self.writes.as_ref().is_some_and(ClientWrites::timed_out)
             && !self.shared.idle_timed_out.swap(true, Ordering::AcqRel)
         {

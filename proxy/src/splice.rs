@@ -1,0 +1,830 @@
+//! Spliced downloads: the rest of a fast client's download moved from
+//! socket to socket inside the kernel.
+//!
+//! Through [`crate::pipe`] every body byte is copied twice by the proxy:
+//! out of the upstream socket into a chunk, and from the chunk into the
+//! client's socket. For one fast download that is the proxy's whole cost
+//! (a thread at one core moved about 1.5 GiB/s). `splice(2)` moves the
+//! bytes through a pipe instead, from the upstream socket's buffers to
+//! the client socket's, without a copy through user space (about a
+//! quarter of the CPU per byte: `BENCHMARKS.md`).
+//!
+//! hyper writes bodies from memory, and neither of hyper's connections
+//! gives up its socket mid-response, so a spliced download is switched
+//! over once it has proved fast:
+//!
+//! 1. The pipe judges the download as it judges its upstream window
+//!    (`crate::window`): a client that took its first 4 MiB within 40 ms.
+//!    Only a `GET` answered `200` or `206` with a `Content-Length` and a
+//!    strong ETag (what a [`Resume`] needs), on an HTTP/1.1 connection that
+//!    can be taken from hyper, qualifies.
+//! 2. It asks the archiver that is serving the download for the rest on a
+//!    connection of its own ([`prepare`]): the original request with
+//!    `Range: bytes={next}-{last}` and `If-Range: {ETag}`, as a parked
+//!    download's resume does, `Connection: close`. The answer must be a
+//!    `206` with the same ETag and the exact range. Anything else, or no
+//!    answer within `--connect-timeout` / `--header-timeout`, declines the
+//!    splice and the download carries on through the pipe as before:
+//!    nothing is lost by trying.
+//! 3. The pipe drops its upstream response (that pooled connection is
+//!    closed) and hands the client connection's rest to a [`SpliceBody`]
+//!    (`Takeover::hand_over`). The accept loop takes the socket once hyper
+//!    has written the chunks it was given, so the spliced bytes follow them
+//!    exactly; hyper's `Content-Length` framing stays. The connection goes
+//!    back to hyper afterwards (keep-alive, pipelined requests).
+//!
+//! The spliced body ends as the pipe would, and reports the same way (the
+//! request's one log line counts every byte, `--park-after`,
+//! `--client-idle-timeout`, the counters):
+//!
+//! - **complete**: every byte of the `Content-Length` was sent.
+//! - **client gone**: a write to the client failed.
+//! - **idle**: the client took no byte for `--client-idle-timeout` (the
+//!   write-stall guard's `TimedOut`).
+//! - **parked**: the client took no byte for `--park-after`: the upstream
+//!   connection and the pipe are closed, so the download holds only its
+//!   client socket; bytes still in the pipe are dropped and asked for again.
+//!   When the client takes bytes again the rest is asked for from the
+//!   route's candidates (the one that served first, ejected ones last),
+//!   where a `200` under the same ETag is skipped up to the next byte; no
+//!   candidate answering aborts the download.
+//! - **aborted**: the upstream closed, failed or sent nothing for
+//!   `--header-timeout` while the pipe was empty; the client connection is
+//!   closed short of its `Content-Length` and the upstream is ejected.
+//!
+//! What a spliced download holds: its client socket, its upstream socket
+//! (`SO_RCVBUF` 256 KiB, as a widened pooled connection), and a pipe of
+//! [`PIPE_BYTES`] — four fds, and the pipe's pages while bytes are in
+//! flight; parked, one fd. The two fds more than a piped download are
+//! taken from the 256 that `--max-connections`' default leaves aside: at
+//! most [`MAX_SPLICED`] downloads are spliced at once in a process (more
+//! than a 10 Gbit/s link carries at the rate that qualifies), and the next
+//! fast ones are piped.
+
+use std::future::Future;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::Poll;
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::{TcpSocket, TcpStream};
+
+use gitball_core::log::Ending;
+use gitball_core::server::takeover::{BodySocket, FileBody};
+
+use crate::forward::UpstreamRequest;
+use crate::metrics::ActiveDownload;
+use crate::pipe::{End, Timers};
+use crate::resume::Resume;
+use crate::routes::Candidate;
+use crate::upstream::Health;
+use crate::window::WIDE_RECV_BUFFER_BYTES;
+
+/// The pipe between the two sockets. A 64 KiB pipe (the kernel's default)
+/// moved a 1 GiB download at about 250 ms of CPU per GiB, 256 KiB at about
+/// 145 ms, 1 MiB no faster (`ops/bench/splice_relay.py`).
+pub const PIPE_BYTES: usize = 256 * 1024;
+
+/// Downloads spliced at once, at most (see the module docs).
+pub const MAX_SPLICED: usize = 64;
+
+/// Places for spliced downloads, `max` at once.
+pub struct Slots {
+    held: AtomicUsize,
+    max: usize,
+}
+
+impl Slots {
+    pub const fn new(max: usize) -> Slots {
+        Slots {
+            held: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    pub fn take(&'static self) -> Option<Slot> {
+        self.held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                (held < self.max).then_some(held + 1)
+            })
+            .ok()
+            .map(|_| Slot(self))
+    }
+}
+
+/// The process's [`MAX_SPLICED`] places.
+pub static SLOTS: Slots = Slots::new(MAX_SPLICED);
+
+/// A place among [`Slots`], held from the splice's preparation to the
+/// spliced download's end.
+pub struct Slot(&'static Slots);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.held.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The most an upstream's response head may take.
+const MAX_HEAD_BYTES: usize = 16 * 1024;
+
+/// An upstream connection whose response head was read: its socket is at
+/// the first body byte.
+pub struct Upstream {
+    stream: TcpStream,
+    name: Arc<str>,
+    /// Body bytes before the download's next byte (a `200`).
+    skip: u64,
+}
+
+/// Why an upstream connection for the rest could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{0} is not a plain http://host:port upstream")]
+    NotHttp(Arc<str>),
+    #[error("connecting to {0}: {1}")]
+    Connect(Arc<str>, io::Error),
+    #[error("no connection to {0} within {1:?}")]
+    ConnectTimeout(Arc<str>, Duration),
+    #[error("no response head from {0} within {1:?}")]
+    HeadTimeout(Arc<str>, Duration),
+    #[error("reading the response head from {0}: {1}")]
+    Head(Arc<str>, io::Error),
+    #[error("{1} from {0} is not the rest of the same archive")]
+    Mismatch(Arc<str>, StatusCode),
+    #[error("no pipe: {0}")]
+    Pipe(io::Error),
+    #[error("the download cannot be asked for by range")]
+    NotResumable,
+}
+
+/// A pipe of (at most) [`PIPE_BYTES`].
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    capacity: usize,
+    /// Bytes in it.
+    holds: usize,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Pipe> {
+        let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+        // Above `/proc/sys/fs/pipe-max-size`, or over the user's pipe
+        // quota, the pipe keeps its default size, which is only slower.
+        let capacity = nix::fcntl::fcntl(&write, FcntlArg::F_SETPIPE_SZ(PIPE_BYTES as i32))
+            .or_else(|_| nix::fcntl::fcntl(&write, FcntlArg::F_GETPIPE_SZ))?;
+        Ok(Pipe {
+            read,
+            write,
+            capacity: usize::try_from(capacity).unwrap_or(4096).max(4096),
+            holds: 0,
+        })
+    }
+}
+
+/// An upstream connection at the download's next byte, and its pipe.
+pub struct Spliced {
+    upstream: Upstream,
+    pipe: Pipe,
+}
+
+/// A prepared splice, and its place among the [`MAX_SPLICED`].
+pub struct Prepared {
+    spliced: Spliced,
+    slot: Slot,
+}
+
+/// Asks the archiver that served the download for its bytes from `sent`
+/// on, for a splice (see the module docs): only a `206` for exactly the
+/// rest will do.
+pub async fn prepare(resume: &Resume, sent: u64, slot: Slot) -> Result<Prepared, OpenError> {
+    let candidate = resume.served_by().ok_or(OpenError::NotResumable)?;
+    let upstream = open(resume, candidate, sent).await?;
+    if upstream.skip != 0 {
+        return Err(OpenError::Mismatch(upstream.name, StatusCode::OK));
+    }
+    let pipe = Pipe::new().map_err(OpenError::Pipe)?;
+    Ok(Prepared {
+        spliced: Spliced { upstream, pipe },
+        slot,
+    })
+}
+
+/// Asks `candidate` for the download's bytes from `sent` on.
+async fn open(resume: &Resume, candidate: &Candidate, sent: u64) -> Result<Upstream, OpenError> {
+    let name = candidate.upstream.clone();
+    let uri = http::Uri::try_from(&*name).map_err(|_| OpenError::NotHttp(name.clone()))?;
+    let (Some("http"), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+        return Err(OpenError::NotHttp(name));
+    };
+    let address = format!(
+        "{}:{}",
+        authority.host(),
+        authority.port_u16().unwrap_or(80)
+    );
+    let forwarder = resume.forwarder();
+    let (request, next) = resume.range_request(sent);
+    let connect_timeout = forwarder.connect_timeout();
+    let mut stream = tokio::time::timeout(connect_timeout, connect(&address))
+        .await
+        .map_err(|_| OpenError::ConnectTimeout(name.clone(), connect_timeout))?
+        .map_err(|error| OpenError::Connect(name.clone(), error))?;
+    let head = request_head(&request, authority.as_str(), forwarder.authorization());
+    let header_timeout = forwarder.header_timeout();
+    let (status, headers) = tokio::time::timeout(header_timeout, async {
+        stream.write_all(&head).await?;
+        read_head(&mut stream).await
+    })
+    .await
+    .map_err(|_| OpenError::HeadTimeout(name.clone(), header_timeout))?
+    .map_err(|error| OpenError::Head(name.clone(), error))?;
+    let skip = resume
+        .skip(status, &headers, next)
+        .ok_or_else(|| OpenError::Mismatch(name.clone(), status))?;
+    Ok(Upstream { stream, name, skip })
+}
+
+/// A connection to `address` (`host:port`), with the upstream
+/// connections' socket options and a receive buffer for a fast download.
+async fn connect(address: &str) -> io::Result<TcpStream> {
+    let mut last_error = None;
+    for address in tokio::net::lookup_host(address).await? {
+        let socket = if address.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        // Before the handshake, so the window scale fits it.
+        socket.set_recv_buffer_size(WIDE_RECV_BUFFER_BYTES as u32)?;
+        socket.set_nodelay(true)?;
+        match socket.connect(address).await {
+            Ok(stream) => {
+                crate::forward::keep_alive(&stream);
+                return Ok(stream);
+            }
+            Err(error) => last_error = Some(error),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| io::Error::other("the host name resolved to no address")))
+}
+
+/// The request's head as written on the wire: `request` (whose header
+/// values are valid `HeaderValue`s, so hold no line break), the upstream's
+/// `Host`, the proxy's `Authorization`, and `Connection: close`.
+fn request_head(
+    request: &UpstreamRequest,
+    authority: &str,
+    authorization: Option<&HeaderValue>,
+) -> Vec<u8> {
+    let mut head = Vec::with_capacity(512);
+    let mut line = |name: &[u8], value: &[u8]| {
+        head.extend_from_slice(name);
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value);
+        head.extend_from_slice(b"\r\n");
+    };
+    line(b"Host", authority.as_bytes());
+    for (name, value) in &request.headers {
+        line(name.as_str().as_bytes(), value.as_bytes());
+    }
+    if let Some(authorization) = authorization {
+        line(b"Authorization", authorization.as_bytes());
+    }
+    line(b"Connection", b"close");
+    let mut request_line =
+        format!("{} {} HTTP/1.1\r\n", request.method, request.path_and_query).into_bytes();
+    request_line.extend_from_slice(&head);
+    request_line.extend_from_slice(b"\r\n");
+    request_line
+}
+
+/// Reads a response head and nothing after it: the bytes are peeked first,
+/// and only the head's are taken, so the socket is left at the body.
+async fn read_head(stream: &mut TcpStream) -> io::Result<(StatusCode, HeaderMap)> {
+    let mut buffer = vec![0u8; MAX_HEAD_BYTES];
+    // Bytes at the start of `buffer` already taken from the socket: all
+    // of them head.
+    let mut taken = 0;
+    loop {
+        let peeked = stream.peek(&mut buffer[taken..]).await?;
+        if peeked == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let seen = taken + peeked;
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut response = httparse::Response::new(&mut headers);
+        match response.parse(&buffer[..seen]) {
+            Ok(httparse::Status::Complete(length)) => {
+                let status = response
+                    .code
+                    .and_then(|code| StatusCode::from_u16(code).ok())
+                    .ok_or_else(|| io::Error::other("no status"))?;
+                let mut map = HeaderMap::with_capacity(response.headers.len());
+                for header in response.headers.iter() {
+                    if let (Ok(name), Ok(value)) = (
+                        HeaderName::from_bytes(header.name.as_bytes()),
+                        HeaderValue::from_bytes(header.value),
+                    ) {
+                        map.append(name, value);
+                    }
+                }
+                stream.read_exact(&mut buffer[taken..length]).await?;
+                return Ok((status, map));
+            }
+            Ok(httparse::Status::Partial) if seen < MAX_HEAD_BYTES => {
+                // All head: take them, so the next peek waits for more.
+                stream.read_exact(&mut buffer[taken..seen]).await?;
+                taken = seen;
+            }
+            Ok(httparse::Status::Partial) => {
+                return Err(io::Error::other("the response head is too large"));
+            }
+            Err(error) => return Err(io::Error::new(io::ErrorKind::InvalidData, error)),
+        }
+    }
+}
+
+impl Upstream {
+    /// Reads and drops the body bytes before the download's next byte.
+    async fn skip(&mut self, silence: Duration) -> io::Result<()> {
+        let mut buffer = vec![0u8; 64 * 1024];
+        while self.skip > 0 {
+            let want = buffer
+                .len()
+                .min(usize::try_from(self.skip).unwrap_or(usize::MAX));
+            let read = tokio::time::timeout(silence, self.stream.read(&mut buffer[..want]))
+                .await
+                .map_err(|_| silent(silence))??;
+            if read == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the upstream body ended before the download's next byte",
+                ));
+            }
+            self.skip -= read as u64;
+        }
+        Ok(())
+    }
+
+    /// Moves up to `count` body bytes into the empty `pipe`, waiting at
+    /// most `silence` for the first.
+    async fn fill(&mut self, pipe: &mut Pipe, count: usize, silence: Duration) -> io::Result<()> {
+        let count = count.min(pipe.capacity);
+        loop {
+            tokio::time::timeout(silence, self.stream.readable())
+                .await
+                .map_err(|_| silent(silence))??;
+            // The pipe is empty, so `EAGAIN` can only be the socket's.
+            let moved = self.stream.try_io(Interest::READABLE, || {
+                nix::fcntl::splice(
+                    &self.stream,
+                    None,
+                    &pipe.write,
+                    None,
+                    count,
+                    SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK,
+                )
+                .map_err(io::Error::from)
+            });
+            match moved {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the upstream body ended before its length",
+                    ));
+                }
+                Ok(moved) => {
+                    pipe.holds = moved;
+                    return Ok(());
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(error) => return Err(error),
+            }
+        }
+    }
+}
+
+fn silent(limit: Duration) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("the upstream sent nothing for {limit:?}"),
+    )
+}
+
+/// The rest of a download, spliced; see the module docs.
+pub struct SpliceBody {
+    spliced: Option<Spliced>,
+    _slot: Slot,
+    resume: Arc<Resume>,
+    /// The body's length (the client response's `Content-Length`).
+    length: u64,
+    timers: Timers,
+    health: Arc<Health>,
+    finish: Finish,
+}
+
+/// How the download ends: reported exactly once, `ClientGone` if the
+/// body is dropped before it ended (its connection was closed under it).
+struct Finish {
+    /// Body bytes the client's socket has taken, before the splice too.
+    sent: u64,
+    parked: bool,
+    on_end: Option<Box<dyn FnOnce(End) + Send>>,
+    _active: ActiveDownload,
+}
+
+impl Finish {
+    fn end(&mut self, ending: Ending) {
+        self.unpark();
+        if let Some(on_end) = self.on_end.take() {
+            on_end(End {
+                ending,
+                bytes: self.sent,
+            });
+        }
+    }
+
+    fn park(&mut self) {
+        if !self.parked {
+            self.parked = true;
+            crate::metrics::parked_downloads(1.0);
+        }
+    }
+
+    fn unpark(&mut self) {
+        if self.parked {
+            self.parked = false;
+            crate::metrics::parked_downloads(-1.0);
+        }
+    }
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        self.end(Ending::ClientGone);
+    }
+}
+
+/// How a spliced download failed.
+enum Failure {
+    /// Writing to the client (`TimedOut`: the write-stall guard).
+    Client(io::Error),
+    /// The upstream; it is ejected when `eject`.
+    Upstream { error: io::Error, eject: bool },
+}
+
+/// What one wait to move bytes to the client gave.
+enum Drained {
+    Moved(usize),
+    /// The client took nothing for `--park-after`.
+    Park,
+}
+
+/// What the pipe hands over with a download.
+pub struct Handoff {
+    pub resume: Arc<Resume>,
+    /// Body bytes the client has been given so far.
+    pub sent: u64,
+    /// The body's length.
+    pub length: u64,
+    pub timers: Timers,
+    pub health: Arc<Health>,
+    /// Called once, when the download ends.
+    pub on_end: Box<dyn FnOnce(End) + Send>,
+    pub active: ActiveDownload,
+}
+
+impl SpliceBody {
+    /// The rest of a download, from `spliced`.
+    pub fn new(prepared: Prepared, handoff: Handoff) -> SpliceBody {
+        SpliceBody {
+            spliced: Some(prepared.spliced),
+            _slot: prepared.slot,
+            resume: handoff.resume,
+            length: handoff.length,
+            timers: handoff.timers,
+            health: handoff.health,
+            finish: Finish {
+                sent: handoff.sent,
+                parked: false,
+                on_end: Some(handoff.on_end),
+                _active: handoff.active,
+            },
+        }
+    }
+
+    async fn run(&mut self, socket: &mut BodySocket) -> Result<(), Failure> {
+        let silence = self.timers.upstream_silence;
+        while self.finish.sent < self.length {
+            if self.spliced.is_none() {
+                let resumed = self.unpark(socket).await?;
+                self.spliced = Some(resumed);
+            }
+            let Some(spliced) = &mut self.spliced else {
+                continue;
+            };
+            if spliced.pipe.holds == 0 {
+                let left = usize::try_from(self.length - self.finish.sent).unwrap_or(usize::MAX);
+                spliced
+                    .upstream
+                    .fill(&mut spliced.pipe, left, silence)
+                    .await
+                    .map_err(|error| Failure::Upstream { error, eject: true })?;
+            }
+            match drain(socket, &spliced.pipe, self.timers.park_after).await {
+                Ok(Drained::Moved(0)) => {
+                    return Err(Failure::Client(io::ErrorKind::WriteZero.into()));
+                }
+                Ok(Drained::Moved(moved)) => {
+                    spliced.pipe.holds -= moved;
+                    self.finish.sent += moved as u64;
+                    crate::metrics::sent_bytes(moved as u64);
+                }
+                Ok(Drained::Park) => {
+                    // Closes the upstream connection (the archiver's
+                    // reader goes with it) and the pipe with what it held.
+                    self.spliced = None;
+                    self.finish.park();
+                    tracing::debug!(after = ?self.timers.park_after, "client stalled; spliced download parked");
+                }
+                Err(error) => return Err(Failure::Client(error)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until the parked client takes bytes again, then asks for the
+    /// rest as a parked download's resume does.
+    async fn unpark(&mut self, socket: &mut BodySocket) -> Result<Spliced, Failure> {
+        socket.writable().await.map_err(Failure::Client)?;
+        self.finish.unpark();
+        let sent = self.finish.sent;
+        let mut failed = None;
+        for candidate in self.resume.candidates() {
+            match open(&self.resume, &candidate, sent).await {
+                Ok(mut upstream) => {
+                    let skipped = upstream.skip(self.timers.upstream_silence).await;
+                    let pipe = Pipe::new();
+                    match (skipped, pipe) {
+                        (Ok(()), Ok(pipe)) => {
+                            crate::metrics::resume("resumed");
+                            tracing::debug!(upstream = %upstream.name, sent, "spliced download resumed");
+                            return Ok(Spliced { upstream, pipe });
+                        }
+                        (Err(error), _) | (_, Err(error)) => failed = Some(error),
+                    }
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "spliced download not resumed here; trying the next candidate");
+                    failed = Some(io::Error::other(error.to_string()));
+                }
+            }
+        }
+        crate::metrics::resume("failed");
+        let error = failed.unwrap_or_else(|| io::Error::other("no candidate"));
+        Err(Failure::Upstream {
+            error: io::Error::other(format!("the parked download could not be resumed: {error}")),
+            eject: false,
+        })
+    }
+}
+
+/// Moves what `pipe` holds to the client's socket, or gives up waiting for
+/// it to take bytes after `park_after` (never when zero).
+async fn drain(socket: &mut BodySocket, pipe: &Pipe, park_after: Duration) -> io::Result<Drained> {
+    let mut moving = std::pin::pin!(socket.splice_from(&pipe.read, pipe.holds));
+    let mut park: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(moved) = moving.as_mut().poll(cx) {
+            return Poll::Ready(moved.map(Drained::Moved));
+        }
+        if !park_after.is_zero() {
+            // Armed by the first wait: a client that took bytes just now
+            // starts a new one.
+            let timer = park.get_or_insert_with(|| Box::pin(tokio::time::sleep(park_after)));
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(Drained::Park));
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+impl FileBody for SpliceBody {
+    fn send<'a>(
+        self: Box<Self>,
+        socket: &'a mut BodySocket,
+    ) -> Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'a>> {
+        Box::pin(async move {
+            let mut body = *self;
+            match body.run(socket).await {
+                Ok(()) => {
+                    body.finish.end(Ending::Complete);
+                    Ok(())
+                }
+                Err(Failure::Client(error)) => {
+                    if error.kind() == io::ErrorKind::TimedOut {
+                        crate::metrics::client_idle_timeout();
+                        body.finish.end(Ending::IdleTimeout);
+                    } else {
+                        body.finish.end(Ending::ClientGone);
+                    }
+                    Err(error)
+                }
+                Err(Failure::Upstream { error, eject }) => {
+                    let upstream = body
+                        .spliced
+                        .as_ref()
+                        .map(|spliced| spliced.upstream.name.clone());
+                    tracing::warn!(upstream = upstream.as_deref().unwrap_or("-"), %error, "spliced download's upstream failed midway");
+                    crate::metrics::upstream_abort();
+                    if eject && let Some(upstream) = &upstream {
+                        body.health.failed(upstream);
+                    }
+                    body.finish.end(Ending::Aborted);
+                    Err(error)
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::forward::Forwarder;
+    use crate::routes::Role;
+    use tokio::net::TcpListener;
+
+    const ETAG: &str = "\"v3-abc\"";
+    /// Bound on every wait in these tests.
+    const TEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+    /// An archive of 1,000 bytes at `upstream`, 100 of them sent.
+    fn resume_at(upstream: &str, header_timeout: Duration) -> Resume {
+        let health = Arc::new(Health::new(Duration::from_secs(10)));
+        let forwarder = Forwarder::new(
+            health,
+            Duration::from_secs(5),
+            header_timeout,
+            Some("token"),
+        )
+        .unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert("x-request-id", HeaderValue::from_static("r-1"));
+        Resume::for_test(
+            forwarder,
+            vec![Candidate {
+                upstream: upstream.into(),
+                role: Role::Primary,
+            }],
+            UpstreamRequest {
+                method: http::Method::GET,
+                path_and_query: "/acme/widget/archive/main.tar".into(),
+                headers,
+            },
+            HeaderValue::from_static(ETAG),
+            0,
+            Some(999),
+        )
+    }
+
+    /// A one-connection upstream that reads a request head and answers
+    /// `pieces` in separate writes; returns the request it read.
+    async fn upstream(pieces: Vec<Vec<u8>>) -> (String, tokio::task::JoinHandle<String>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = format!("http://{}", listener.local_addr().unwrap());
+        let served = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            let mut byte = [0u8; 1];
+            while !request.ends_with(b"\r\n\r\n") {
+                stream.read_exact(&mut byte).await.unwrap();
+                request.push(byte[0]);
+            }
+            for piece in pieces {
+                stream.write_all(&piece).await.unwrap();
+                stream.flush().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // Held open until the test is done reading.
+            let _ = stream.read(&mut byte).await;
+            String::from_utf8(request).unwrap()
+        });
+        (address, served)
+    }
+
+    fn head(status: &str, etag: &str, range: &str) -> Vec<u8> {
+        format!(
+            "HTTP/1.1 {status}\r\nETag: {etag}\r\nContent-Range: {range}\r\nContent-Length: 900\r\n\r\n"
+        )
+        .into_bytes()
+    }
+
+    #[tokio::test]
+    async fn the_rest_is_asked_for_by_range_and_the_socket_is_left_at_the_body() {
+        let mut answer = head("206 Partial Content", ETAG, "bytes 100-999/1000");
+        // The head arrives in pieces, the first body bytes with its end.
+        let tail = answer.split_off(20);
+        let mut tail_and_body = tail;
+        tail_and_body.extend_from_slice(b"BODY");
+        let (address, served) = upstream(vec![answer, tail_and_body, b"MORE".to_vec()]).await;
+        let resume = resume_at(&address, TEST_TIMEOUT);
+        let mut spliced =
+            tokio::time::timeout(TEST_TIMEOUT, prepare(&resume, 100, SLOTS.take().unwrap()))
+                .await
+                .unwrap()
+                .expect("a 206 for the rest is spliced");
+        let mut body = [0u8; 8];
+        tokio::time::timeout(
+            TEST_TIMEOUT,
+            spliced.spliced.upstream.stream.read_exact(&mut body),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(&body, b"BODYMORE", "the head, and only the head, was taken");
+        drop(spliced);
+        let request = served.await.unwrap();
+        let host = address.strip_prefix("http://").unwrap();
+        assert_eq!(
+            request,
+            format!(
+                "GET /acme/widget/archive/main.tar HTTP/1.1\r\nHost: {host}\r\n\
+                 x-request-id: r-1\r\nrange: bytes=100-999\r\nif-range: {ETAG}\r\n\
+                 Authorization: Bearer token\r\nConnection: close\r\n\r\n"
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn anything_but_the_exact_rest_of_the_same_archive_is_declined() {
+        for (answer, what) in [
+            (head("200 OK", ETAG, "-"), "the whole archive again"),
+            (
+                head("206 Partial Content", "\"v3-other\"", "bytes 100-999/1000"),
+                "another ETag",
+            ),
+            (
+                head("206 Partial Content", ETAG, "bytes 101-999/1000"),
+                "another start",
+            ),
+            (
+                head("206 Partial Content", ETAG, "bytes 100-998/1000"),
+                "another end",
+            ),
+            (head("503 Service Unavailable", ETAG, "-"), "an error"),
+            (
+                b"HTTP/1.1 206 Partial Content\r\nETag: \"v3-abc\"\r\n".to_vec(),
+                "a head cut short",
+            ),
+            (b"garbage\r\n\r\n".to_vec(), "no HTTP"),
+        ] {
+            let (address, served) = upstream(vec![answer]).await;
+            let resume = resume_at(&address, Duration::from_secs(2));
+            let prepared =
+                tokio::time::timeout(TEST_TIMEOUT, prepare(&resume, 100, SLOTS.take().unwrap()))
+                    .await
+                    .unwrap();
+            assert!(prepared.is_err(), "{what} was spliced");
+            served.abort();
+        }
+    }
+
+    #[test]
+    fn at_most_max_downloads_are_spliced_at_once() {
+        static TWO: Slots = Slots::new(2);
+        let first = TWO.take().expect("a first place");
+        let second = TWO.take().expect("a second place");
+        assert!(TWO.take().is_none(), "a third place out of two");
+        drop(first);
+        let third = TWO.take().expect("a place given back is taken again");
+        drop((second, third));
+        assert_eq!(TWO.held.load(Ordering::Acquire), 0);
+    }
+
+    #[tokio::test]
+    async fn a_silent_upstream_is_declined_within_the_header_timeout() {
+        let (address, served) = upstream(Vec::new()).await;
+        let resume = resume_at(&address, Duration::from_millis(200));
+        let prepared =
+            tokio::time::timeout(TEST_TIMEOUT, prepare(&resume, 100, SLOTS.take().unwrap()))
+                .await
+                .unwrap();
+        assert!(matches!(prepared, Err(OpenError::HeadTimeout(..))));
+        served.abort();
+        let resume = resume_at("https://127.0.0.1:1", TEST_TIMEOUT);
+        assert!(matches!(
+            prepare(&resume, 100, SLOTS.take().unwrap()).await,
+            Err(OpenError::NotHttp(_))
+        ));
+    }
+}
