@@ -323,6 +323,8 @@ mod tests {
     const TEST_TIMEOUT: Duration = Duration::from_secs(30);
     /// More than a loopback socket takes in one call.
     const FILE_BYTES: usize = 3 * 1024 * 1024 + 17;
+    /// Where `/handed` hands its body over: more than a small window takes.
+    const HANDED_AFTER: usize = 1024 * 1024 + 5;
 
     /// How the last body sent ended.
     type Outcome = Arc<Mutex<Option<io::Result<u64>>>>;
@@ -330,6 +332,8 @@ mod tests {
     /// Sends `file` whole, or fails after `fail_after` bytes.
     struct Whole {
         file: std::fs::File,
+        /// Where in the file the body starts.
+        from: u64,
         len: u64,
         fail_after: Option<u64>,
         outcome: Outcome,
@@ -342,7 +346,7 @@ mod tests {
         ) -> Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'a>> {
             Box::pin(async move {
                 let end = self.fail_after.unwrap_or(self.len);
-                let mut at = 0;
+                let mut at = self.from;
                 let sent = async {
                     while at < end {
                         match socket
@@ -393,6 +397,7 @@ mod tests {
         let path = Arc::new(path);
         let outcome = Outcome::default();
         let file = {
+            let path = path.clone();
             let outcome = outcome.clone();
             move |request: Request| async move {
                 file_response(
@@ -403,8 +408,19 @@ mod tests {
                 )
             }
         };
+        let handed = {
+            let outcome = outcome.clone();
+            move |request: Request| async move {
+                handed_response(
+                    &path,
+                    request.extensions().get::<Takeover>().cloned(),
+                    outcome,
+                )
+            }
+        };
         let router = Router::new()
             .route("/file", get(file))
+            .route("/handed", get(handed))
             .route("/", get(|| async { "served" }));
         let TestLoop {
             address,
@@ -433,6 +449,7 @@ mod tests {
             Some(takeover) => {
                 let whole = Whole {
                     file: std::fs::File::open(path).unwrap(),
+                    from: 0,
                     len,
                     fail_after,
                     outcome,
@@ -446,6 +463,44 @@ mod tests {
                 .body(Body::from(std::fs::read(path).unwrap())),
         }
         .unwrap()
+    }
+
+    /// The file as a body stream whose first [`HANDED_AFTER`] bytes hyper
+    /// writes, in frames of 16 KiB, and whose rest is handed over
+    /// (`Takeover::hand_over`).
+    fn handed_response(path: &PathBuf, takeover: Option<Takeover>, outcome: Outcome) -> Response {
+        let len = FILE_BYTES as u64;
+        let data = std::fs::read(path).unwrap();
+        let rest = Whole {
+            file: std::fs::File::open(path).unwrap(),
+            from: HANDED_AFTER as u64,
+            len,
+            fail_after: None,
+            outcome,
+        };
+        // Small frames: hyper queues several before it writes, so some are
+        // still in its buffer when the rest is handed over.
+        let mut frames: Vec<Bytes> = data[..HANDED_AFTER]
+            .chunks(16 * 1024)
+            .map(Bytes::copy_from_slice)
+            .collect();
+        frames.reverse();
+        let mut rest = Some(Box::new(rest) as Box<dyn FileBody>);
+        let takeover = takeover.expect("an HTTP/1.1 request");
+        let stream = futures_util::stream::poll_fn(move |_cx| match frames.pop() {
+            Some(frame) => Poll::Ready(Some(Ok::<_, io::Error>(frame))),
+            None => {
+                if let Some(rest) = rest.take() {
+                    takeover.hand_over(rest);
+                }
+                Poll::Pending
+            }
+        });
+        Response::builder()
+            .header(http::header::CONTENT_LENGTH, len)
+            .header("x-path", "handed")
+            .body(Body::from_stream(stream))
+            .unwrap()
     }
 
     /// `future`, which must finish within [`TEST_TIMEOUT`].
@@ -594,6 +649,27 @@ mod tests {
                 .await;
             served.assert_whole(&client.answer().await, "takeover");
             assert!(client.closed().await, "the connection stayed open");
+        };
+        within(exchange).await;
+        served.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_body_under_way_hands_its_rest_over_after_what_hyper_was_given() {
+        let served = start(None, TEST_TIMEOUT).await;
+        let exchange = async {
+            // A small window: hyper still holds some of its frames when
+            // the rest is handed over, and must write them first.
+            let mut client = Client::with_small_window(served.address).await;
+            client
+                .send(&[request("/handed"), request("/")].concat())
+                .await;
+            served.assert_whole(&client.answer().await, "handed");
+            assert_eq!(client.answer().await.body, b"served");
+            client.send(&request("/handed")).await;
+            served.assert_whole(&client.answer().await, "handed");
+            let sent = served.outcome.lock().unwrap().take().unwrap().unwrap();
+            assert_eq!(sent, FILE_BYTES as u64);
         };
         within(exchange).await;
         served.stop().await;
