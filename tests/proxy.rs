@@ -1422,6 +1422,80 @@ fn a_stalled_spliced_download_parks_and_resumes_with_the_same_bytes() {
     );
 }
 
+/// A download judged fast whose client stalls before the chunk that got
+/// it judged is written is parked by the pipe before its splice begins;
+/// when the client reads again it is spliced, and no longer counted as
+/// parked. Where the client must stop for that depends on the socket
+/// buffers between them (a window some 30 KiB wide below 4 MiB), so the
+/// test looks for it: a client with a small receive buffer stops at a
+/// point, and is either spliced before it was parked (too late a stop),
+/// parked and never judged (too early), or parked and then spliced; the
+/// next stop is chosen between the nearest known too early and too late
+/// (at most 24 tries).
+#[test]
+fn a_download_parked_before_its_splice_began_is_spliced_and_unparked() {
+    const TRIES: usize = 24;
+    const STEP: usize = 4 * KIB;
+    let sandbox = Sandbox::new();
+    let (big, cluster) = warm_big_cluster(&sandbox, &["--park-after", PARK_AFTER]);
+    warm_up(&cluster, big);
+    let proxy = &cluster.proxy;
+    let parked = || proxy.scrape().value("gitball_proxy_parked_downloads", &[]);
+    let (mut too_late, mut too_early) = (4 * MIB + STEP, None::<usize>);
+    for attempt in 0..TRIES {
+        let stop_at = match too_early {
+            None => too_late - (attempt + 1) * 64 * KIB,
+            Some(early) if too_late - early > STEP => (early + too_late) / 2 / STEP * STEP,
+            // Noise put them side by side: look around again.
+            Some(early) => {
+                too_late += 32 * KIB;
+                too_early = Some(early - 32 * KIB);
+                early
+            }
+        };
+        let before = spliced(proxy);
+        let mut connection = RawConnection::connect(proxy.addr).expect("connect");
+        socket2::SockRef::from(connection.stream())
+            .set_recv_buffer_size(64 * KIB)
+            .expect("SO_RCVBUF");
+        connection.send_request("GET", BIG_PATH, &[]).expect("send");
+        assert_eq!(connection.read_head().expect("head").status, 200);
+        let first = connection.read_body_bytes(stop_at).expect("first bytes");
+        assert_eq!(first.len(), stop_at);
+        assert!(
+            wait_until(SETTLE, || parked() == 1.0),
+            "the stalled download was not parked"
+        );
+        let spliced_before_parked = spliced(proxy) > before;
+        // Reading again lets the pipe go on: spliced now if it was judged.
+        connection.read_body_bytes(MIB).expect("more bytes");
+        let spliced_after = spliced(proxy) > before;
+        println!(
+            "stop at {stop_at}: spliced before it was parked {spliced_before_parked}, after {spliced_after}"
+        );
+        match (spliced_before_parked, spliced_after) {
+            (false, true) => {
+                assert!(
+                    wait_until(SETTLE, || parked() == 0.0),
+                    "a download spliced after it was parked is still counted as parked"
+                );
+                let mut received = (stop_at + MIB) as u64;
+                let end = connection.read_body_to_end(|piece| received += piece.len() as u64);
+                assert_eq!(end, BodyEnd::Complete, "after {received} bytes");
+                assert_eq!(received, big.full_length);
+                return;
+            }
+            (true, _) => too_late = stop_at,
+            (false, false) => too_early = Some(stop_at),
+        }
+        drop(connection);
+        assert!(wait_until(SETTLE, || parked() == 0.0
+            && proxy.scrape().value("gitball_proxy_active_downloads", &[])
+                == 0.0));
+    }
+    panic!("no client stopped between the judgement and its splice in {TRIES} tries");
+}
+
 #[test]
 fn a_stalled_spliced_download_is_cut_after_the_client_idle_timeout() {
     let sandbox = Sandbox::new();

@@ -135,6 +135,10 @@ pub struct Timers {
     pub park_after: Duration,
 }
 
+/// A fast download is spliced only if at least this much of it is left:
+/// an upstream connection and a pipe are not worth less.
+const MIN_SPLICED_BYTES: u64 = 1 << 20;
+
 /// `waiting_since_ms` when the pipe is not waiting for the client.
 const NOT_WAITING: u64 = u64::MAX;
 
@@ -540,21 +544,25 @@ impl Pipe {
         }
         if first.elapsed() <= WIDEN_WITHIN {
             let splice = std::mem::replace(&mut self.splice, Splicing::No);
-            match (splice, &self.resume, SLOTS.take()) {
-                (Splicing::Possible(takeover), Some(resume), Some(slot)) => {
-                    let resume = resume.clone();
-                    let sent = self.bytes;
-                    self.splice = Splicing::Preparing {
-                        takeover,
-                        prepared: Box::pin(async move {
-                            crate::splice::prepare(&resume, sent, slot).await
-                        }),
-                        window: window.clone(),
-                    };
-                }
-                (Splicing::Possible(_), _, None) => {
-                    crate::metrics::splice("declined");
-                    window.widen();
+            let left = self
+                .expected_bytes
+                .map_or(0, |length| length.saturating_sub(self.bytes));
+            match (splice, &self.resume) {
+                (Splicing::Possible(takeover), Some(resume)) if left >= MIN_SPLICED_BYTES => {
+                    if let Some(slot) = SLOTS.take() {
+                        let resume = resume.clone();
+                        let sent = self.bytes;
+                        self.splice = Splicing::Preparing {
+                            takeover,
+                            prepared: Box::pin(async move {
+                                crate::splice::prepare(&resume, sent, slot).await
+                            }),
+                            window: window.clone(),
+                        };
+                    } else {
+                        crate::metrics::splice("declined");
+                        window.widen();
+                    }
                 }
                 _ => {
                     window.widen();
@@ -600,12 +608,26 @@ impl Pipe {
                 return Poll::Ready(false);
             }
         };
+        let mut upstream = self.shared.lock();
+        if self.shared.idle_timed_out.load(Ordering::Acquire) {
+            // The watchdog cut the download meanwhile: it ends here, for
+            // idleness, as the pipe's next step says.
+            drop(upstream);
+            self.on_end = Some(on_end);
+            self.active = Some(active);
+            return Poll::Ready(false);
+        }
+        // Parked while the client held the chunk before the preparation
+        // began: the spliced body has an upstream of its own.
+        self.shared.unpark();
+        // Closes the pooled upstream connection mid-body: the spliced
+        // body has a connection of its own.
+        let pooled = upstream.take();
+        drop(upstream);
+        drop(pooled);
         if let Some(watchdog) = &self.watchdog {
             watchdog.abort();
         }
-        // Closes the pooled upstream connection mid-body: the spliced
-        // body has a connection of its own.
-        self.shared.lock().take();
         self.splice = Splicing::HandedOver;
         crate::metrics::splice("spliced");
         takeover.hand_over(Box::new(SpliceBody::new(
@@ -618,6 +640,7 @@ impl Pipe {
                 health: self.health.clone(),
                 on_end,
                 active,
+                writes: self.writes.clone(),
             },
         )));
         Poll::Ready(true)
@@ -642,9 +665,14 @@ impl Stream for Pipe {
             }
         }
         if !matches!(this.splice, Splicing::No | Splicing::Possible(_)) {
-            this.shared
-                .waiting_since_ms
-                .store(NOT_WAITING, Ordering::Release);
+            {
+                // Under the lock, as below: the watchdog re-checks the mark
+                // under it before it parks or cuts the download.
+                let _upstream = this.shared.lock();
+                this.shared
+                    .waiting_since_ms
+                    .store(NOT_WAITING, Ordering::Release);
+            }
             if ready!(this.poll_splice(cx)) {
                 // The accept loop takes the connection from hyper once it
                 // has written what it was given; hyper never polls this

@@ -76,9 +76,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpSocket, TcpStream};
 
 use gitball_core::log::Ending;
+use gitball_core::protocol::X_GITBALL_WANT_LENGTH;
+use gitball_core::server::ClientWrites;
 use gitball_core::server::takeover::{BodySocket, FileBody};
 
-use crate::forward::UpstreamRequest;
+use crate::forward::{COMPLETE_ARCHIVE_TIMEOUT, UpstreamRequest};
 use crate::metrics::ActiveDownload;
 use crate::pipe::{End, Timers};
 use crate::resume::Resume;
@@ -130,6 +132,10 @@ impl Drop for Slot {
         self.0.held.fetch_sub(1, Ordering::AcqRel);
     }
 }
+
+/// The most a splice's preparation may take (or `--header-timeout`, if
+/// less): a cached archive's range answers within milliseconds.
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The most an upstream's response head may take.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -206,7 +212,12 @@ pub struct Prepared {
 /// rest will do.
 pub async fn prepare(resume: &Resume, sent: u64, slot: Slot) -> Result<Prepared, OpenError> {
     let candidate = resume.served_by().ok_or(OpenError::NotResumable)?;
-    let upstream = open(resume, candidate, sent).await?;
+    // The pooled connection goes unread meanwhile, and the archiver cuts a
+    // connection whose writes are stuck for its --client-idle-timeout.
+    let budget = PREPARE_TIMEOUT.min(resume.forwarder().header_timeout());
+    let upstream = tokio::time::timeout(budget, open(resume, candidate, sent, budget))
+        .await
+        .map_err(|_| OpenError::HeadTimeout(candidate.upstream.clone(), budget))??;
     if upstream.skip != 0 {
         return Err(OpenError::Mismatch(upstream.name, StatusCode::OK));
     }
@@ -217,8 +228,14 @@ pub async fn prepare(resume: &Resume, sent: u64, slot: Slot) -> Result<Prepared,
     })
 }
 
-/// Asks `candidate` for the download's bytes from `sent` on.
-async fn open(resume: &Resume, candidate: &Candidate, sent: u64) -> Result<Upstream, OpenError> {
+/// Asks `candidate` for the download's bytes from `sent` on, waiting at
+/// most `head_timeout` for the answer's head.
+async fn open(
+    resume: &Resume,
+    candidate: &Candidate,
+    sent: u64,
+    head_timeout: Duration,
+) -> Result<Upstream, OpenError> {
     let name = candidate.upstream.clone();
     let uri = http::Uri::try_from(&*name).map_err(|_| OpenError::NotHttp(name.clone()))?;
     let (Some("http"), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
@@ -237,17 +254,28 @@ async fn open(resume: &Resume, candidate: &Candidate, sent: u64) -> Result<Upstr
         .map_err(|_| OpenError::ConnectTimeout(name.clone(), connect_timeout))?
         .map_err(|error| OpenError::Connect(name.clone(), error))?;
     let head = request_head(&request, authority.as_str(), forwarder.authorization());
-    let header_timeout = forwarder.header_timeout();
-    let (status, headers) = tokio::time::timeout(header_timeout, async {
+    let (status, headers) = tokio::time::timeout(head_timeout, async {
         stream.write_all(&head).await?;
         read_head(&mut stream).await
     })
     .await
-    .map_err(|_| OpenError::HeadTimeout(name.clone(), header_timeout))?
+    .map_err(|_| OpenError::HeadTimeout(name.clone(), head_timeout))?
     .map_err(|error| OpenError::Head(name.clone(), error))?;
     let skip = resume
         .skip(status, &headers, next)
         .ok_or_else(|| OpenError::Mismatch(name.clone(), status))?;
+    // The body is spliced raw: it must be exactly the bytes announced, in
+    // `Content-Length` framing (a chunked one would carry its size lines).
+    let length = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+    let expected = resume.limit(next).map(|left| left + skip);
+    if headers.contains_key(http::header::TRANSFER_ENCODING)
+        || length.is_none()
+        || length != expected
+    {
+        return Err(OpenError::Mismatch(name, status));
+    }
     Ok(Upstream { stream, name, skip })
 }
 
@@ -277,7 +305,10 @@ async fn connect(address: &str) -> io::Result<TcpStream> {
 
 /// The request's head as written on the wire: `request` (whose header
 /// values are valid `HeaderValue`s, so hold no line break), the upstream's
-/// `Host`, the proxy's `Authorization`, and `Connection: close`.
+/// `Host`, the proxy's `Authorization`, `X-Gitball-Want-Length` (an
+/// archive being generated again answers once complete, with a length:
+/// a chunked body cannot be spliced into a `Content-Length` one) and
+/// `Connection: close`.
 fn request_head(
     request: &UpstreamRequest,
     authority: &str,
@@ -296,6 +327,9 @@ fn request_head(
     }
     if let Some(authorization) = authorization {
         line(b"Authorization", authorization.as_bytes());
+    }
+    if !request.wants_length() {
+        line(X_GITBALL_WANT_LENGTH.as_str().as_bytes(), b"1");
     }
     line(b"Connection", b"close");
     let mut request_line =
@@ -354,6 +388,9 @@ async fn read_head(stream: &mut TcpStream) -> io::Result<(StatusCode, HeaderMap)
 impl Upstream {
     /// Reads and drops the body bytes before the download's next byte.
     async fn skip(&mut self, silence: Duration) -> io::Result<()> {
+        if self.skip == 0 {
+            return Ok(());
+        }
         let mut buffer = vec![0u8; 64 * 1024];
         while self.skip > 0 {
             let want = buffer
@@ -438,6 +475,7 @@ struct Finish {
     parked: bool,
     on_end: Option<Box<dyn FnOnce(End) + Send>>,
     _active: ActiveDownload,
+    writes: Option<ClientWrites>,
 }
 
 impl Finish {
@@ -468,6 +506,12 @@ impl Finish {
 
 impl Drop for Finish {
     fn drop(&mut self) {
+        // The write-stall guard may cut the connection before the body
+        // was taken from hyper: the download then ended for idleness.
+        if self.on_end.is_some() && self.writes.as_ref().is_some_and(ClientWrites::timed_out) {
+            crate::metrics::client_idle_timeout();
+            self.end(Ending::IdleTimeout);
+        }
         self.end(Ending::ClientGone);
     }
 }
@@ -499,6 +543,9 @@ pub struct Handoff {
     /// Called once, when the download ends.
     pub on_end: Box<dyn FnOnce(End) + Send>,
     pub active: ActiveDownload,
+    /// The client connection's writes: whether the write-stall guard cut
+    /// it before the spliced body began.
+    pub writes: Option<ClientWrites>,
 }
 
 impl SpliceBody {
@@ -516,6 +563,7 @@ impl SpliceBody {
                 parked: false,
                 on_end: Some(handoff.on_end),
                 _active: handoff.active,
+                writes: handoff.writes,
             },
         }
     }
@@ -568,17 +616,32 @@ impl SpliceBody {
         let sent = self.finish.sent;
         let mut failed = None;
         for candidate in self.resume.candidates() {
-            match open(&self.resume, &candidate, sent).await {
+            // Waits for an archive generated again (`request_head`), as a
+            // complete-only request does; a client that leaves meanwhile
+            // ends the wait.
+            let opened = tokio::select! {
+                opened = open(&self.resume, &candidate, sent, COMPLETE_ARCHIVE_TIMEOUT) => opened,
+                () = socket.closed() => {
+                    return Err(Failure::Client(io::ErrorKind::ConnectionReset.into()));
+                }
+            };
+            match opened {
                 Ok(mut upstream) => {
-                    let skipped = upstream.skip(self.timers.upstream_silence).await;
-                    let pipe = Pipe::new();
-                    match (skipped, pipe) {
-                        (Ok(()), Ok(pipe)) => {
+                    let pipe = match Pipe::new() {
+                        Ok(pipe) => pipe,
+                        // Out of fds: the next candidate would fare no better.
+                        Err(error) => {
+                            failed = Some(error);
+                            break;
+                        }
+                    };
+                    match upstream.skip(self.timers.upstream_silence).await {
+                        Ok(()) => {
                             crate::metrics::resume("resumed");
                             tracing::debug!(upstream = %upstream.name, sent, "spliced download resumed");
                             return Ok(Spliced { upstream, pipe });
                         }
-                        (Err(error), _) | (_, Err(error)) => failed = Some(error),
+                        Err(error) => failed = Some(error),
                     }
                 }
                 Err(error) => {
@@ -760,7 +823,8 @@ mod tests {
             format!(
                 "GET /acme/widget/archive/main.tar HTTP/1.1\r\nHost: {host}\r\n\
                  x-request-id: r-1\r\nrange: bytes=100-999\r\nif-range: {ETAG}\r\n\
-                 Authorization: Bearer token\r\nConnection: close\r\n\r\n"
+                 Authorization: Bearer token\r\nx-gitball-want-length: 1\r\n\
+                 Connection: close\r\n\r\n"
             )
         );
     }
@@ -787,6 +851,18 @@ mod tests {
                 "a head cut short",
             ),
             (b"garbage\r\n\r\n".to_vec(), "no HTTP"),
+            (
+                b"HTTP/1.1 206 Partial Content\r\nETag: \"v3-abc\"\r\n\
+                  Content-Range: bytes 100-999/1000\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    .to_vec(),
+                "a chunked body",
+            ),
+            (
+                b"HTTP/1.1 206 Partial Content\r\nETag: \"v3-abc\"\r\n\
+                  Content-Range: bytes 100-999/1000\r\nContent-Length: 899\r\n\r\n"
+                    .to_vec(),
+                "a body of another length",
+            ),
         ] {
             let (address, served) = upstream(vec![answer]).await;
             let resume = resume_at(&address, Duration::from_secs(2));
