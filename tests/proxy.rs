@@ -1033,32 +1033,43 @@ fn big_tar_digest(big: &BigRepo) -> (String, u64) {
     (format!("{:x}", hasher.finalize()), length)
 }
 
+/// Reads the rest of a download of `big`'s archive whose first `received`
+/// bytes went into `hasher`: it must end cleanly, whole, with the bytes
+/// `digest` (its `Repr-Digest`) names.
+fn read_rest_and_check(
+    connection: &mut RawConnection,
+    mut hasher: Sha256,
+    mut received: u64,
+    digest: &str,
+    big: &BigRepo,
+    what: &str,
+) {
+    let end = connection.read_body_to_end(|piece| {
+        hasher.update(piece);
+        received += piece.len() as u64;
+    });
+    assert_eq!(end, BodyEnd::Complete, "{what}: after {received} bytes");
+    assert_eq!(received, big.full_length, "{what}");
+    assert_eq!(
+        digest,
+        format!("sha-256=:{}:", base64(&hasher.finalize())),
+        "{what}: the bytes differ from the archive's"
+    );
+}
+
 #[test]
 fn a_stalled_download_parks_and_resumes_with_the_same_bytes() {
     let sandbox = Sandbox::new();
     let (big, cluster) = warm_big_cluster(&sandbox, &["--park-after", PARK_AFTER]);
     warm_up(&cluster, big);
 
-    let (mut connection, head, mut hasher, mut received) =
+    let (mut connection, head, hasher, received) =
         stall_until_parked(&cluster.proxy, cluster.primary.addr, BIG_PATH);
     assert_eq!(head.header("x-gitball-cache"), Some("hit"));
-    let digest = head
-        .header("repr-digest")
-        .expect("a hit has a digest")
-        .to_owned();
+    let digest = head.header("repr-digest").expect("a hit has a digest");
 
     // The client reads again: the rest comes by a range request.
-    let end = connection.read_body_to_end(|piece| {
-        hasher.update(piece);
-        received += piece.len() as u64;
-    });
-    assert_eq!(end, BodyEnd::Complete, "after {received} bytes");
-    assert_eq!(received, big.full_length);
-    assert_eq!(
-        digest,
-        format!("sha-256=:{}:", base64(&hasher.finalize())),
-        "the resumed download's bytes differ from the archive's"
-    );
+    read_rest_and_check(&mut connection, hasher, received, digest, big, "resumed");
     let metrics = cluster.proxy.scrape();
     assert!(metrics.value("gitball_proxy_resumes_total", &[("outcome", "resumed")]) >= 1.0);
     assert_eq!(
@@ -1204,22 +1215,12 @@ fn a_fast_download_is_spliced_with_the_archives_bytes_and_keeps_its_connection()
     warm_up(&cluster, big);
     let proxy = &cluster.proxy;
 
-    let (mut connection, head, mut hasher, mut received) = spliced_download(proxy);
+    let (mut connection, head, hasher, received) = spliced_download(proxy);
     let digest = head
         .header("repr-digest")
         .expect("a hit has a digest")
         .to_owned();
-    let end = connection.read_body_to_end(|piece| {
-        hasher.update(piece);
-        received += piece.len() as u64;
-    });
-    assert_eq!(end, BodyEnd::Complete, "after {received} bytes");
-    assert_eq!(received, big.full_length);
-    assert_eq!(
-        digest,
-        format!("sha-256=:{}:", base64(&hasher.finalize())),
-        "the spliced download's bytes differ from the archive's"
-    );
+    read_rest_and_check(&mut connection, hasher, received, &digest, big, "spliced");
 
     // The connection goes on: a range, read as fast (spliced too, or not:
     // the same bytes either way), compared with the archiver's own answer.
@@ -1371,11 +1372,8 @@ fn a_stalled_spliced_download_parks_and_resumes_with_the_same_bytes() {
     warm_up(&cluster, big);
     let proxy = &cluster.proxy;
 
-    let (mut connection, head, mut hasher, mut received) = spliced_download(proxy);
-    let digest = head
-        .header("repr-digest")
-        .expect("a hit has a digest")
-        .to_owned();
+    let (mut connection, head, hasher, received) = spliced_download(proxy);
+    let digest = head.header("repr-digest").expect("a hit has a digest");
     // The client reads nothing now: the spliced body lets go of its
     // upstream connection and its pipe.
     assert!(
@@ -1392,16 +1390,13 @@ fn a_stalled_spliced_download_parks_and_resumes_with_the_same_bytes() {
         "the archiver still serves the parked download"
     );
 
-    let end = connection.read_body_to_end(|piece| {
-        hasher.update(piece);
-        received += piece.len() as u64;
-    });
-    assert_eq!(end, BodyEnd::Complete, "after {received} bytes");
-    assert_eq!(received, big.full_length);
-    assert_eq!(
+    read_rest_and_check(
+        &mut connection,
+        hasher,
+        received,
         digest,
-        format!("sha-256=:{}:", base64(&hasher.finalize())),
-        "the resumed spliced download's bytes differ from the archive's"
+        big,
+        "resumed spliced",
     );
     let metrics = proxy.scrape();
     assert!(metrics.value("gitball_proxy_resumes_total", &[("outcome", "resumed")]) >= 1.0);
