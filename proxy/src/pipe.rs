@@ -585,24 +585,10 @@ impl Pipe {
         else {
             return Poll::Ready(false);
         };
-        let (spliced, resume, length, on_end, active) = match (
-            prepared,
-            self.resume.clone(),
-            self.expected_bytes,
-            self.on_end.take(),
-            self.active.take(),
-        ) {
-            (Ok(spliced), Some(resume), Some(length), Some(on_end), Some(active)) => {
-                (spliced, resume, length, on_end, active)
-            }
-            (prepared, _, _, on_end, active) => {
-                // Only a failed preparation gets here: the rest was set
-                // when the splice became possible.
-                self.on_end = on_end;
-                self.active = active;
-                if let Err(error) = prepared {
-                    tracing::debug!(%error, "download not spliced; piped on");
-                }
+        let spliced = match prepared {
+            Ok(spliced) => spliced,
+            Err(error) => {
+                tracing::debug!(%error, "download not spliced; piped on");
                 crate::metrics::splice("declined");
                 window.widen();
                 return Poll::Ready(false);
@@ -612,11 +598,17 @@ impl Pipe {
         if self.shared.idle_timed_out.load(Ordering::Acquire) {
             // The watchdog cut the download meanwhile: it ends here, for
             // idleness, as the pipe's next step says.
-            drop(upstream);
-            self.on_end = Some(on_end);
-            self.active = Some(active);
             return Poll::Ready(false);
         }
+        // A download is prepared only with a length and a resume, and its
+        // end and its gauge are taken only here or when it ends (after
+        // which it is never polled).
+        let (Some(resume), Some(length)) = (self.resume.clone(), self.expected_bytes) else {
+            return Poll::Ready(false);
+        };
+        let (Some(on_end), Some(active)) = (self.on_end.take(), self.active.take()) else {
+            return Poll::Ready(false);
+        };
         // Parked while the client held the chunk before the preparation
         // began: the spliced body has an upstream of its own.
         self.shared.unpark();

@@ -171,7 +171,7 @@ pub enum OpenError {
 }
 
 /// A pipe of (at most) [`PIPE_BYTES`].
-struct Pipe {
+struct KernelPipe {
     read: OwnedFd,
     write: OwnedFd,
     capacity: usize,
@@ -179,14 +179,14 @@ struct Pipe {
     holds: usize,
 }
 
-impl Pipe {
-    fn new() -> io::Result<Pipe> {
+impl KernelPipe {
+    fn new() -> io::Result<KernelPipe> {
         let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
         // Above `/proc/sys/fs/pipe-max-size`, or over the user's pipe
         // quota, the pipe keeps its default size, which is only slower.
         let capacity = nix::fcntl::fcntl(&write, FcntlArg::F_SETPIPE_SZ(PIPE_BYTES as i32))
             .or_else(|_| nix::fcntl::fcntl(&write, FcntlArg::F_GETPIPE_SZ))?;
-        Ok(Pipe {
+        Ok(KernelPipe {
             read,
             write,
             capacity: usize::try_from(capacity).unwrap_or(4096).max(4096),
@@ -198,7 +198,7 @@ impl Pipe {
 /// An upstream connection at the download's next byte, and its pipe.
 pub struct Spliced {
     upstream: Upstream,
-    pipe: Pipe,
+    pipe: KernelPipe,
 }
 
 /// A prepared splice, and its place among the [`MAX_SPLICED`].
@@ -221,7 +221,7 @@ pub async fn prepare(resume: &Resume, sent: u64, slot: Slot) -> Result<Prepared,
     if upstream.skip != 0 {
         return Err(OpenError::Mismatch(upstream.name, StatusCode::OK));
     }
-    let pipe = Pipe::new().map_err(OpenError::Pipe)?;
+    let pipe = KernelPipe::new().map_err(OpenError::Pipe)?;
     Ok(Prepared {
         spliced: Spliced { upstream, pipe },
         slot,
@@ -412,12 +412,15 @@ impl Upstream {
 
     /// Moves up to `count` body bytes into the empty `pipe`, waiting at
     /// most `silence` for the first.
-    async fn fill(&mut self, pipe: &mut Pipe, count: usize, silence: Duration) -> io::Result<()> {
+    async fn fill(
+        &mut self,
+        pipe: &mut KernelPipe,
+        count: usize,
+        silence: Duration,
+    ) -> io::Result<()> {
         let count = count.min(pipe.capacity);
         loop {
-            tokio::time::timeout(silence, self.stream.readable())
-                .await
-                .map_err(|_| silent(silence))??;
+            // Tried first: bytes that are there already need no timer.
             // The pipe is empty, so `EAGAIN` can only be the socket's.
             let moved = self.stream.try_io(Interest::READABLE, || {
                 nix::fcntl::splice(
@@ -441,7 +444,11 @@ impl Upstream {
                     pipe.holds = moved;
                     return Ok(());
                 }
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    tokio::time::timeout(silence, self.stream.readable())
+                        .await
+                        .map_err(|_| silent(silence))??;
+                }
                 Err(error) => return Err(error),
             }
         }
@@ -627,7 +634,7 @@ impl SpliceBody {
             };
             match opened {
                 Ok(mut upstream) => {
-                    let pipe = match Pipe::new() {
+                    let pipe = match KernelPipe::new() {
                         Ok(pipe) => pipe,
                         // Out of fds: the next candidate would fare no better.
                         Err(error) => {
@@ -661,7 +668,11 @@ impl SpliceBody {
 
 /// Moves what `pipe` holds to the client's socket, or gives up waiting for
 /// it to take bytes after `park_after` (never when zero).
-async fn drain(socket: &mut BodySocket, pipe: &Pipe, park_after: Duration) -> io::Result<Drained> {
+async fn drain(
+    socket: &mut BodySocket,
+    pipe: &KernelPipe,
+    park_after: Duration,
+) -> io::Result<Drained> {
     let mut moving = std::pin::pin!(socket.splice_from(&pipe.read, pipe.holds));
     let mut park: Option<Pin<Box<tokio::time::Sleep>>> = None;
     std::future::poll_fn(|cx| {

@@ -129,10 +129,6 @@ impl Takeover {
     /// writes the bytes that follow them, in the framing hyper chose: raw
     /// for a response with a `Content-Length`.
     pub fn hand_over(&self, body: Box<dyn FileBody>) {
-        self.offer(body);
-    }
-
-    fn offer(&self, body: Box<dyn FileBody>) {
         self.0.writes.0.flushed.store(false, Ordering::Relaxed);
         *self.0.body.lock().unwrap_or_else(PoisonError::into_inner) = Some(body);
     }
@@ -156,7 +152,7 @@ impl HttpBody for Offer {
         _cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         if let Some(body) = self.body.take() {
-            self.takeover.offer(body);
+            self.takeover.hand_over(body);
         }
         // No wake-up is registered: the accept loop looks for the offered
         // body after every poll of the connection.
