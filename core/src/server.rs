@@ -721,8 +721,7 @@ impl LogEvery {
 }
 
 async fn handle(router: Router, request: hyper::Request<Incoming>) -> Response {
-    let line =
-        request.method().as_str().len() + request.uri().to_string().len() + " HTTP/1.1\r\n".len();
+    let line = request.method().as_str().len() + target_len(request.uri()) + " HTTP/1.1\r\n".len();
     if line > MAX_REQUEST_LINE_BYTES {
         return too_large(
             StatusCode::URI_TOO_LONG,
@@ -747,6 +746,17 @@ async fn handle(router: Router, request: hyper::Request<Incoming>) -> Response {
         Ok(response) => response,
         Err(infallible) => match infallible {},
     }
+}
+
+/// The length of `uri` as written (its `Display`), without writing it.
+fn target_len(uri: &http::Uri) -> usize {
+    uri.scheme_str()
+        .map_or(0, |scheme| scheme.len() + "://".len())
+        + uri
+            .authority()
+            .map_or(0, |authority| authority.as_str().len())
+        + uri.path().len()
+        + uri.query().map_or(0, |query| "?".len() + query.len())
 }
 
 fn too_large(status: StatusCode, code: &str, message: &str) -> Response {
@@ -941,6 +951,23 @@ mod tests {
     use axum::routing::get;
 
     const STALL: Duration = Duration::from_secs(300);
+
+    #[test]
+    fn a_request_targets_length_is_that_of_its_text() {
+        for target in [
+            "/",
+            "/acme/widget/archive/v1.0.tar.gz",
+            "/a/b/archive/v1.zip?path=docs&x=%20",
+            "/?",
+            "http://example.com/a?b",
+            "http://example.com:8080",
+            "example.com:443",
+            "*",
+        ] {
+            let uri: http::Uri = target.parse().unwrap();
+            assert_eq!(target_len(&uri), uri.to_string().len(), "{target}");
+        }
+    }
 
     /// A guarded end of a duplex with a 4-byte buffer, and the peer end.
     fn guarded() -> (StallGuard<DuplexStream>, DuplexStream, ClientWrites) {
