@@ -21,6 +21,7 @@ use gitball_e2e::{Archiver, RawConnection, Sandbox, wait_until};
 
 const CLIENTS: &str = "gitball_archiver_budget_clients";
 const REJECTED: &str = "gitball_archiver_budget_rejected_total";
+const TAKEN: &str = "gitball_archiver_budget_taken_total";
 const GENERATIONS: &str = "gitball_archiver_generations_total";
 const SETTLE: Duration = Duration::from_secs(10);
 
@@ -192,6 +193,15 @@ fn hits_and_joins_are_never_limited() {
         let hit = get(&archiver, &cold(0), &spent);
         assert_eq!((hit.status, hit.cache.as_str()), (200, "hit"));
     }
+    // A client with a token to spend spends none on hits: the budget is not
+    // even asked.
+    let taken = archiver.metrics().value(TAKEN, &[]);
+    let fresh = [("X-Gitball-Client", "198.51.100.3")];
+    for _ in 0..5 {
+        let hit = get(&archiver, &cold(0), &fresh);
+        assert_eq!((hit.status, hit.cache.as_str()), (200, "hit"));
+    }
+    assert_eq!(archiver.metrics().value(TAKEN, &[]), taken);
     // A generation another client started: joined, though this client has
     // no token left.
     let big = "/acme/big/archive/main.tar.gz";

@@ -319,9 +319,7 @@ impl Cache {
     pub fn lookup(self: &Arc<Self>, spec: Spec, request_id: &str) -> Result<Lookup, LookupError> {
         let key = Cache::key(&spec);
         let mut index = self.lock();
-        if let Some(found) = index.find(&key, true) {
-            // A hit may have moved bytes into the protected segment.
-            self.publish(&index);
+        if let Some(found) = self.find_counted(&mut index, &key) {
             return Ok(found);
         }
         if self.cancel.is_cancelled() {
@@ -371,6 +369,33 @@ impl Cache {
     /// Like [`Cache::lookup`], but never starts a generation (for `HEAD`).
     pub fn peek(&self, spec: &Spec) -> Option<Lookup> {
         self.lock().find(&Cache::key(spec), false)
+    }
+
+    /// The archive for `spec` if it is cached or being generated, counted
+    /// as a download (as [`Cache::lookup`] counts it); `None`, counting
+    /// nothing, if a lookup would start a generation. A hit needs no
+    /// crawler budget: it is answered without asking the budget at all.
+    pub fn existing(&self, spec: &Spec) -> Option<Lookup> {
+        let key = Cache::key(spec);
+        let mut index = self.lock();
+        if !index.complete.contains_key(&key) && !index.generating.contains_key(&key) {
+            return None;
+        }
+        self.find_counted(&mut index, &key)
+    }
+
+    /// `index.find` for a download. A hit may move bytes into the protected
+    /// segment; nothing else of what the gauges show changes, and a key hit
+    /// over and over (the steady state) changes nothing: the gauge is set
+    /// only when the figure moved.
+    fn find_counted(&self, index: &mut Index, key: &str) -> Option<Lookup> {
+        let protected = index.policy.protected_bytes();
+        let found = index.find(key, true)?;
+        let now = index.policy.protected_bytes();
+        if now != protected {
+            gauge!(m::CACHE_PROTECTED_BYTES).set(now as f64);
+        }
+        Some(found)
     }
 
     /// The generation task: queue, run, then index or clean up.

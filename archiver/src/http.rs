@@ -340,6 +340,10 @@ pub(crate) fn lookup_within_budget(
     let Some(budget) = &app.budget else {
         return Ok(app.cache.lookup(resolution.spec.clone(), request_id)?);
     };
+    // A hit or a join starts nothing: no budget is reserved (and refunded).
+    if let Some(lookup) = app.cache.existing(&resolution.spec) {
+        return Ok(lookup);
+    }
     match budget.reserve(client) {
         Ok(reservation) => {
             let lookup = app.cache.lookup(resolution.spec.clone(), request_id)?;
