@@ -338,6 +338,18 @@ def cpu_seconds(pid):
     return sum(int(x) for x in fields[11:15]) / ticks
 
 
+def cpu_split(pids):
+    """(user, kernel) CPU seconds of the processes pids, all threads."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    user = kernel = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        user += int(fields[11])
+        kernel += int(fields[12])
+    return user / ticks, kernel / ticks
+
+
 def children_cpu_seconds():
     """CPU of this script's reaped children (the curl clients)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -576,6 +588,8 @@ def fmt_number(value, unit):
         return f"{value / MiB:.3f} MiB"
     if unit == "fds/dl":
         return f"{value:.2f}"
+    if unit == "µs":
+        return f"{value * 1e6:.1f} µs"
     return f"{value:g}"
 
 
@@ -722,15 +736,26 @@ def scenario_small(ctx, stack, results):
         "static": f"http://127.0.0.1:{stack.static_port}{static_path}",
     }
     samples = {k: [] for k in urls}
+    # CPU per hit (user, kernel) of the front and of the archiver behind it,
+    # from /proc over each load run: what caps the chain on shared cores.
+    fronts = {"proxy": lambda: [stack.proxy.pid], "rp": lambda: stack.nginx_workers()}
+    cpu = {(name, part, kind): [] for name in fronts for part in ("front", "archiver") for kind in ("user", "kernel")}
     for url in urls.values():
         subprocess.run(["wrk", "-t1", "-c8", "-d1s", url], check=True, capture_output=True, timeout=30)
     for run in range(s.runs):
         for name, url in urls.items():
+            pids = {"front": fronts[name](), "archiver": [stack.archiver.pid]} if name in fronts else {}
+            before = {part: cpu_split(p) for part, p in pids.items()}
             out = subprocess.run(
                 ["wrk", f"-t{s.wrk_threads}", f"-c{s.wrk_connections}", f"-d{s.wrk_seconds}s", "--timeout", "5s", url],
                 check=True, capture_output=True, text=True, timeout=s.wrk_seconds + 30,
             ).stdout
             rps, errors = parse_wrk(out)
+            requests = int(re.search(r"(\d+) requests in", out).group(1))
+            for part, p in pids.items():
+                after = cpu_split(p)
+                cpu[(name, part, "user")].append((after[0] - before[part][0]) / requests)
+                cpu[(name, part, "kernel")].append((after[1] - before[part][1]) / requests)
             samples[name].append(rps)
             print(f"    run {run} {name}: {rps:,.0f} req/s {errors}", flush=True)
     what = f"{size / 1024:.1f} KiB cached tar.gz, wrk -t{s.wrk_threads} -c{s.wrk_connections} -d{s.wrk_seconds}s"
@@ -741,6 +766,11 @@ def scenario_small(ctx, stack, results):
                 "the proxy and its archiver against nginx serving the file itself")
     results.add("3. small archives under load", f"{what}, archiver direct", "req/s", summary(samples["direct"]),
                 "nginx sendfile from tmpfs", summary(samples["static"]), ("ratio>=", 0.5), "higher")
+    for part, label in (("front", "the front (gitball-proxy; nginx's workers)"), ("archiver", "the archiver behind it")):
+        for kind in ("user", "kernel"):
+            results.add("3. small archives under load", f"{what}: {kind} CPU per hit in {label}", "µs",
+                        summary(cpu[("proxy", part, kind)]), "behind nginx reverse proxy" if part == "archiver" else "nginx reverse proxy",
+                        summary(cpu[("rp", part, kind)]), None, "lower", "informational: /proc utime or stime over each load run ÷ requests")
     hits_while_compressing(ctx, stack, results, urls["direct"], size)
 
 
@@ -1033,11 +1063,21 @@ def machine_info(ctx):
     commit = run("git", "-C", ctx.root, "rev-parse", "--short", "HEAD")
     dirty = run("git", "-C", ctx.root, "status", "--porcelain", "--untracked-files=no", "--", "archiver", "proxy", "Cargo.toml", "Cargo.lock")
     nginx_v = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip().replace("nginx version: nginx/", "")
+    # Every stream here is paced (or not) by the host's congestion control:
+    # BBR without the fq qdisc paces each socket with its own timers, which
+    # on loopback costs more than the copy itself (BENCHMARKS.md).
+    try:
+        with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
+            congestion = f.read().strip()
+    except OSError:
+        congestion = "?"
+    qdisc = (run("tc", "qdisc", "show", "dev", "lo").split("\n")[0].split(" ")[1:2] or ["?"])[0]
     return {
         "nproc": os.cpu_count(),
         "cpu": cpu,
         "ram": f"{mem / GiB:.1f} GiB",
         "kernel": platform.release(),
+        "tcp": f"TCP congestion control {congestion}, {qdisc or '?'} qdisc on lo",
         "git": run("git", "--version").replace("git version ", ""),
         "nginx": nginx_v,
         "rustc": run("rustc", "--version"),
@@ -1182,7 +1222,7 @@ def write_report(ctx, results, meta, md_path, chart_path, chart_rel):
 
 - **Date:** {meta['date']} ({meta['duration_s'] / 60:.1f} min{', **quick mode: smoke test, not figures**' if s.quick else ''})
 - **Command:** `{meta['command']}`
-- **Machine:** {m['nproc']} CPUs ({m['cpu']}), {m['ram']} RAM, Linux {m['kernel']}; loopback only
+- **Machine:** {m['nproc']} CPUs ({m['cpu']}), {m['ram']} RAM, Linux {m['kernel']}; loopback only ({m.get('tcp', 'TCP congestion control not recorded')})
 - **Load before the run:** load average {meta['load_before']}{'; other builds running: ' + ', '.join(sorted(set(meta['foreign_before']))) if meta['foreign_before'] else '; no cargo/rustc running'}; after: {meta['load_after']}
 - **Versions:** gitball {m['gitball']}, git {m['git']}, nginx {m['nginx']}, {m['rustc']}, {m['curl']}, {m['wrk']}, zstd {m['zstd']}
 - **Runs:** median of {s.runs} (min–max in brackets); ratio = gitball ÷ peer (medians)
