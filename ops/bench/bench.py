@@ -330,24 +330,23 @@ def rss_bytes(pid):
     return 0
 
 
-def cpu_seconds(pid):
-    """utime + stime of pid and of its reaped children (git), seconds."""
+def cpu_times(pid):
+    """(utime, stime, cutime, cstime) of pid, all threads, in seconds."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
-    return sum(int(x) for x in fields[11:15]) / ticks
+    return tuple(int(x) / ticks for x in fields[11:15])
+
+
+def cpu_seconds(pid):
+    """utime + stime of pid and of its reaped children (git), seconds."""
+    return sum(cpu_times(pid))
 
 
 def cpu_split(pids):
     """(user, kernel) CPU seconds of the processes pids, all threads."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    user = kernel = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        user += int(fields[11])
-        kernel += int(fields[12])
-    return user / ticks, kernel / ticks
+    times = [cpu_times(pid) for pid in pids]
+    return sum(t[0] for t in times), sum(t[1] for t in times)
 
 
 def children_cpu_seconds():
