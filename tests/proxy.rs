@@ -1420,34 +1420,41 @@ fn a_stalled_spliced_download_parks_and_resumes_with_the_same_bytes() {
 /// A download judged fast whose client stalls before the chunk that got
 /// it judged is written is parked by the pipe before its splice begins;
 /// when the client reads again it is spliced, and no longer counted as
-/// parked. Where the client must stop for that depends on the socket
-/// buffers between them (a window some 30 KiB wide below 4 MiB), so the
-/// test looks for it: a client with a small receive buffer stops at a
-/// point, and is either spliced before it was parked (too late a stop),
-/// parked and never judged (too early), or parked and then spliced; the
-/// next stop is chosen between the nearest known too early and too late
-/// (at most 24 tries).
+/// parked. For that, the chunk hyper is stuck writing when the client
+/// stops must be the one that took the download past 4 MiB: the bytes
+/// written to the client's socket must end less than a chunk (64 KiB at
+/// most) below 4 MiB. Those are the bytes the client read plus the bytes
+/// the kernel holds between the two (its receive queue and the proxy's
+/// send queue: 100 to 230 KiB, as autotuning goes), which each try
+/// measures in `/proc/net/tcp`. Each next client stops where the median
+/// of those measurements puts the written end at one of several points
+/// below 4 MiB; any try is spliced before it was parked (stopped too
+/// late), parked and never judged (too early), or parked and then
+/// spliced, which is what the test checks (at most 24 tries).
 #[test]
 fn a_download_parked_before_its_splice_began_is_spliced_and_unparked() {
     const TRIES: usize = 24;
-    const STEP: usize = 4 * KIB;
+    /// Where the written bytes should end, below the 4 MiB judgement.
+    const AIMS_BELOW: [usize; 6] = [16 * KIB, 32 * KIB, 8 * KIB, 48 * KIB, 24 * KIB, 40 * KIB];
+    const JUDGED_AT: usize = 4 * MIB;
     let sandbox = Sandbox::new();
     let (big, cluster) = warm_big_cluster(&sandbox, &["--park-after", PARK_AFTER]);
     warm_up(&cluster, big);
     let proxy = &cluster.proxy;
     let parked = || proxy.scrape().value("gitball_proxy_parked_downloads", &[]);
-    let (mut too_late, mut too_early) = (4 * MIB + STEP, None::<usize>);
+    let v4 = |addr: SocketAddr| match addr {
+        SocketAddr::V4(addr) => addr,
+        SocketAddr::V6(_) => panic!("the tests listen on IPv4"),
+    };
+    let mut between: Vec<usize> = Vec::new();
     for attempt in 0..TRIES {
-        let stop_at = match too_early {
-            None => too_late - (attempt + 1) * 64 * KIB,
-            Some(early) if too_late - early > STEP => (early + too_late) / 2 / STEP * STEP,
-            // Noise put them side by side: look around again.
-            Some(early) => {
-                too_late += 32 * KIB;
-                too_early = Some(early - 32 * KIB);
-                early
-            }
+        let kernel_holds = if between.is_empty() {
+            160 * KIB
+        } else {
+            between.sort_unstable();
+            between[between.len() / 2]
         };
+        let stop_at = JUDGED_AT - AIMS_BELOW[attempt % AIMS_BELOW.len()] - kernel_holds;
         let before = spliced(proxy);
         let mut connection = RawConnection::connect(proxy.addr).expect("connect");
         socket2::SockRef::from(connection.stream())
@@ -1462,26 +1469,28 @@ fn a_download_parked_before_its_splice_began_is_spliced_and_unparked() {
             "the stalled download was not parked"
         );
         let spliced_before_parked = spliced(proxy) > before;
+        let held = gitball_e2e::procfs::bytes_between(
+            v4(connection.stream().local_addr().expect("local address")),
+            v4(proxy.addr),
+        );
+        between.push(usize::try_from(held).expect("bytes held"));
         // Reading again lets the pipe go on: spliced now if it was judged.
         connection.read_body_bytes(MIB).expect("more bytes");
         let spliced_after = spliced(proxy) > before;
         println!(
-            "stop at {stop_at}: spliced before it was parked {spliced_before_parked}, after {spliced_after}"
+            "stop at {stop_at}, written {}: spliced before it was parked {spliced_before_parked}, after {spliced_after}",
+            stop_at as u64 + held
         );
-        match (spliced_before_parked, spliced_after) {
-            (false, true) => {
-                assert!(
-                    wait_until(SETTLE, || parked() == 0.0),
-                    "a download spliced after it was parked is still counted as parked"
-                );
-                let mut received = (stop_at + MIB) as u64;
-                let end = connection.read_body_to_end(|piece| received += piece.len() as u64);
-                assert_eq!(end, BodyEnd::Complete, "after {received} bytes");
-                assert_eq!(received, big.full_length);
-                return;
-            }
-            (true, _) => too_late = stop_at,
-            (false, false) => too_early = Some(stop_at),
+        if (spliced_before_parked, spliced_after) == (false, true) {
+            assert!(
+                wait_until(SETTLE, || parked() == 0.0),
+                "a download spliced after it was parked is still counted as parked"
+            );
+            let mut received = (stop_at + MIB) as u64;
+            let end = connection.read_body_to_end(|piece| received += piece.len() as u64);
+            assert_eq!(end, BodyEnd::Complete, "after {received} bytes");
+            assert_eq!(received, big.full_length);
+            return;
         }
         drop(connection);
         assert!(wait_until(SETTLE, || parked() == 0.0

@@ -61,6 +61,35 @@ pub fn holds_connection_to(pid: u32, peer: std::net::SocketAddrV4) -> bool {
         })
 }
 
+/// The bytes of one IPv4 TCP connection on this host that are in the
+/// kernel, between the two applications: what `local`'s socket has
+/// received and not yet read (`rx_queue` of its `/proc/net/tcp` entry)
+/// plus what its peer's socket holds unsent or unacknowledged (the
+/// peer's `tx_queue`). For a connection whose reader stopped and whose
+/// writer is blocked, that is every byte written and not read.
+pub fn bytes_between(local: std::net::SocketAddrV4, peer: std::net::SocketAddrV4) -> u64 {
+    let hex = |addr: std::net::SocketAddrV4| {
+        format!(
+            "{:08X}:{:04X}",
+            u32::from_le_bytes(addr.ip().octets()),
+            addr.port()
+        )
+    };
+    let (local, peer) = (hex(local), hex(peer));
+    let table = fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let queue = |from: &str, to: &str, received: bool| {
+        table.lines().skip(1).find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.get(1) != Some(&from) || fields.get(2) != Some(&to) {
+                return None;
+            }
+            let (tx, rx) = fields.get(4)?.split_once(':')?;
+            u64::from_str_radix(if received { rx } else { tx }, 16).ok()
+        })
+    };
+    queue(&local, &peer, true).unwrap_or(0) + queue(&peer, &local, false).unwrap_or(0)
+}
+
 /// One line of `/proc/PID/stat`, the parts the tests need.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProcessInfo {

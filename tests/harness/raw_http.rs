@@ -159,12 +159,21 @@ impl RawConnection {
 
     /// Reads more bytes into the buffer; `Ok(0)` at EOF.
     fn fill(&mut self) -> io::Result<usize> {
+        self.fill_up_to(usize::MAX)
+    }
+
+    /// Reads at most `limit` bytes from the socket into the buffer: a
+    /// body read never takes more from the kernel than it was asked for,
+    /// so a client that stops after `n` bytes leaves the rest in the
+    /// socket buffers, where the server's flow control sees it.
+    fn fill_up_to(&mut self, limit: usize) -> io::Result<usize> {
         if self.start > 0 && self.start == self.buffer.len() {
             self.buffer.clear();
             self.start = 0;
         }
         let mut chunk = [0u8; 64 * 1024];
-        let n = self.stream.read(&mut chunk)?;
+        let limit = limit.clamp(1, chunk.len());
+        let n = self.stream.read(&mut chunk[..limit])?;
         self.buffer.extend_from_slice(&chunk[..n]);
         Ok(n)
     }
@@ -246,7 +255,8 @@ impl RawConnection {
                     return Ok(None);
                 }
                 Framing::Length { remaining } => {
-                    if self.buffered().is_empty() && self.fill()? == 0 {
+                    let wanted = max.min(usize::try_from(remaining).unwrap_or(usize::MAX));
+                    if self.buffered().is_empty() && self.fill_up_to(wanted)? == 0 {
                         return Err(io::Error::new(
                             io::ErrorKind::UnexpectedEof,
                             format!("EOF with {remaining} bytes of Content-Length missing"),
@@ -265,7 +275,7 @@ impl RawConnection {
                     return Ok(Some(piece));
                 }
                 Framing::UntilEof => {
-                    if self.buffered().is_empty() && self.fill()? == 0 {
+                    if self.buffered().is_empty() && self.fill_up_to(max)? == 0 {
                         self.framing = Framing::Done;
                         return Ok(None);
                     }
