@@ -130,6 +130,11 @@ pub struct ArchiveOptions {
     /// Log line format.
     #[arg(long, env = "GITBALL_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+
+    /// TCP congestion control of the listener and of every connection it accepts (e.g. cubic,
+    /// bbr; one of net.ipv4.tcp_available_congestion_control). Default: the host's.
+    #[arg(long, env = "GITBALL_TCP_CONGESTION", value_parser = gitball_core::server::parse_congestion)]
+    pub tcp_congestion: Option<String>,
 }
 
 /// `--prewarm-formats`: one value holding a list (not a repeated flag).

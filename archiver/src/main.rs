@@ -23,7 +23,8 @@ async fn main() -> anyhow::Result<()> {
     // graceful drain, never the default action.
     let shutdown = gitball_core::signals::shutdown_on_signal()
         .context("cannot install the SIGTERM and SIGINT handlers")?;
-    let listener = gitball_core::server::bind(config.listen)
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let listener =
+        gitball_core::server::bind(config.listen, config.options.tcp_congestion.as_deref())
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
     gitball_archiver::run(listener, config.repos, config.options, shutdown).await
 }

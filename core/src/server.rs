@@ -146,15 +146,52 @@ pub const LISTEN_BACKLOG: u32 = 4096;
 
 /// Binds a listener for [`serve`] with [`LISTEN_BACKLOG`] (and
 /// `SO_REUSEADDR`, as `tokio::net::TcpListener::bind` sets it).
-pub fn bind(address: std::net::SocketAddr) -> io::Result<TcpListener> {
+///
+/// `congestion` (`--tcp-congestion`) is the TCP congestion control of the
+/// listener, which every connection it accepts inherits (`TCP_CONGESTION`;
+/// Linux); `None` leaves the host's default
+/// (`net.ipv4.tcp_congestion_control`). See docs/archiver.md, "TCP
+/// congestion control".
+pub fn bind(address: std::net::SocketAddr, congestion: Option<&str>) -> io::Result<TcpListener> {
     let socket = if address.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
         tokio::net::TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    if let Some(name) = congestion {
+        socket2::SockRef::from(&socket)
+            .set_tcp_congestion(name.as_bytes())
+            .map_err(|error| {
+                io::Error::new(
+                    error.kind(),
+                    format!(
+                        "TCP congestion control {name:?}: {error} \
+                         (net.ipv4.tcp_available_congestion_control lists what this kernel has)"
+                    ),
+                )
+            })?;
+    }
     socket.bind(address)?;
     socket.listen(LISTEN_BACKLOG)
+}
+
+/// `--tcp-congestion`: a kernel congestion control's name, as
+/// `net.ipv4.tcp_available_congestion_control` lists them (at most 15
+/// characters). Whether this kernel has it is known only at `bind`.
+pub fn parse_congestion(name: &str) -> Result<String, String> {
+    let valid = !name.is_empty()
+        && name.len() < 16
+        && name
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-');
+    if valid {
+        Ok(name.to_owned())
+    } else {
+        Err(format!(
+            "{name:?} is not a congestion control name (e.g. cubic, bbr, reno)"
+        ))
+    }
 }
 
 /// The connection cap of a process: how many connections it holds at once,
@@ -951,6 +988,16 @@ mod tests {
     use axum::routing::get;
 
     const STALL: Duration = Duration::from_secs(300);
+
+    #[test]
+    fn a_congestion_control_name_is_a_kernel_name_or_refused() {
+        for name in ["cubic", "bbr", "reno", "dctcp", "bbr2", "h-tcp", "my_cc"] {
+            assert_eq!(parse_congestion(name).as_deref(), Ok(name));
+        }
+        for name in ["", "cubic; reboot", "../bbr", "a b", "sixteen-chars-xx"] {
+            assert!(parse_congestion(name).is_err(), "{name:?} accepted");
+        }
+    }
 
     #[test]
     fn a_request_targets_length_is_that_of_its_text() {

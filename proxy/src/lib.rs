@@ -141,9 +141,11 @@ impl Proxy {
                 (routes, None)
             }
             (None, Some(repos)) => {
-                let listener = TcpListener::bind(("127.0.0.1", 0))
-                    .await
-                    .context("cannot bind the embedded archiver's port")?;
+                let listener = gitball_core::server::bind(
+                    (std::net::Ipv4Addr::LOCALHOST, 0).into(),
+                    config.archiver.tcp_congestion.as_deref(),
+                )
+                .context("cannot bind the embedded archiver's port")?;
                 let address = listener.local_addr()?;
                 // The in-process archiver's connections all come from this
                 // proxy, at most one per client download (idle pooled ones

@@ -36,8 +36,9 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = gitball_core::signals::shutdown_on_signal()
         .context("cannot install the SIGTERM and SIGINT handlers")?;
     let hangup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
-    let listener = gitball_core::server::bind(config.listen)
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let listener =
+        gitball_core::server::bind(config.listen, config.archiver.tcp_congestion.as_deref())
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
     let proxy = gitball_proxy::Proxy::start(config, shutdown).await?;
     tokio::spawn(reload_on_sighup(hangup, proxy.routes()));
     proxy.serve(listener).await
