@@ -62,10 +62,14 @@ class Settings:
 class Processes:
     """Every process this run starts, stopped by pid (never by name)."""
 
-    def __init__(self):
+    def __init__(self, gitball_env=None):
         self.running = []
+        # Set for every gitball process ("archiver", "proxy"): --tcp-congestion.
+        self.gitball_env = gitball_env or {}
 
     def start(self, name, argv, log_path, env=None):
+        if name in ("archiver", "proxy") and self.gitball_env:
+            env = {**(os.environ if env is None else env), **self.gitball_env}
         log = open(log_path, "ab")
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         log.close()
@@ -991,7 +995,8 @@ class Context:
         self.home = os.path.join(self.work, "home")
         os.makedirs(self.home, exist_ok=True)
         self.repos = os.path.join(self.work, "repos")
-        self.procs = Processes()
+        self.tcp_congestion = args.tcp_congestion
+        self.procs = Processes({"GITBALL_TCP_CONGESTION": args.tcp_congestion} if args.tcp_congestion else None)
         self.inputs = {}
 
     def repo_path(self, owner, repo):
@@ -1076,7 +1081,8 @@ def machine_info(ctx):
         "cpu": cpu,
         "ram": f"{mem / GiB:.1f} GiB",
         "kernel": platform.release(),
-        "tcp": f"TCP congestion control {congestion}, {qdisc or '?'} qdisc on lo",
+        "tcp": f"TCP congestion control {congestion}, {qdisc or '?'} qdisc on lo"
+               + (f"; gitball started with --tcp-congestion {ctx.tcp_congestion}" if ctx.tcp_congestion else ""),
         "git": run("git", "--version").replace("git version ", ""),
         "nginx": nginx_v,
         "rustc": run("rustc", "--version"),
@@ -1267,6 +1273,8 @@ def main():
                         help="write BENCHMARKS.md and ops/bench/ results (default unless --quick)")
     parser.add_argument("--no-write", dest="write", action="store_false")
     parser.add_argument("--command", default="ops/bench/run.sh")
+    parser.add_argument("--tcp-congestion", metavar="NAME",
+                        help="start both gitball tiers with --tcp-congestion NAME (the peers keep the host's)")
     parser.add_argument("--only", help="comma-separated scenarios to run (1-9, trace); the report is not written")
     args = parser.parse_args()
     write = (not args.quick) if args.write is None else args.write

@@ -3,7 +3,7 @@
 #
 #   ops/bench/run.sh [--quick] [--repo PATH]... [--real-repo PATH] [--runs N]
 #                    [--no-build] [--workdir DIR] [--keep] [--write | --no-write]
-#                    [--only 1,2,...]
+#                    [--only 1,2,...] [--tcp-congestion NAME]
 #
 #   --quick       small inputs, 1 run each, 2 s load runs: a smoke test
 #                 (writes its report into the work directory, not BENCHMARKS.md)
@@ -26,6 +26,9 @@
 #   --only LIST   run only these scenarios (1-9, trace); never writes the report.
 #                 `trace` replays the cache-policy trace (no processes; also
 #                 `python3 ops/bench/scenario_cache_trace.py`)
+#   --tcp-congestion NAME  start both gitball tiers with --tcp-congestion NAME
+#                 (docs/archiver.md, "TCP congestion control"); nginx and git
+#                 keep the host's. The report's Machine line says so.
 #
 # Needs: git, curl, nginx, wrk, zstd, python3 with matplotlib (Debian:
 # apt-get install nginx wrk zstd curl python3-matplotlib). Everything
