@@ -1454,7 +1454,9 @@ fn a_download_parked_before_its_splice_began_is_spliced_and_unparked() {
             between.sort_unstable();
             between[between.len() / 2]
         };
-        let stop_at = JUDGED_AT - AIMS_BELOW[attempt % AIMS_BELOW.len()] - kernel_holds;
+        let stop_at = (JUDGED_AT - AIMS_BELOW[attempt % AIMS_BELOW.len()])
+            .checked_sub(kernel_holds)
+            .unwrap_or_else(|| panic!("{kernel_holds} bytes held between client and proxy"));
         let before = spliced(proxy);
         let mut connection = RawConnection::connect(proxy.addr).expect("connect");
         socket2::SockRef::from(connection.stream())
@@ -1472,7 +1474,8 @@ fn a_download_parked_before_its_splice_began_is_spliced_and_unparked() {
         let held = gitball_e2e::procfs::bytes_between(
             v4(connection.stream().local_addr().expect("local address")),
             v4(proxy.addr),
-        );
+        )
+        .expect("the connection in /proc/net/tcp");
         between.push(usize::try_from(held).expect("bytes held"));
         // Reading again lets the pipe go on: spliced now if it was judged.
         connection.read_body_bytes(MIB).expect("more bytes");

@@ -1,4 +1,4 @@
-//! `--tcp-congestion` (docs/operations.md, "TCP congestion control"): each
+//! `--tcp-congestion` (docs/archiver.md, "TCP congestion control"): each
 //! tier's listener, and the in-process archiver's in embedded mode, use the
 //! congestion control asked for, which every connection they accept
 //! inherits; a name the kernel does not have stops the start with an error
@@ -159,9 +159,20 @@ fn a_congestion_control_the_kernel_lacks_stops_the_start_with_an_error() {
         );
         // Not a name at all: refused before anything starts.
         let output = Command::new(binary_path(binary))
+            .args(["--listen", "127.0.0.1:0", "--repos"])
+            .arg(sandbox.repos())
             .args(["--tcp-congestion", "cubic; reboot"])
             .output()
             .expect("run the binary");
-        assert_eq!(output.status.code(), Some(2), "{binary}: a usage error");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{binary}: a usage error: {stderr}"
+        );
+        assert!(
+            stderr.contains("is not a congestion control name"),
+            "{binary}: {stderr}"
+        );
     }
 }

@@ -163,12 +163,17 @@ pub fn bind(address: std::net::SocketAddr, congestion: Option<&str>) -> io::Resu
         socket2::SockRef::from(&socket)
             .set_tcp_congestion(name.as_bytes())
             .map_err(|error| {
+                let hint = match error.raw_os_error() {
+                    // Available, but only a privileged process may pick it.
+                    Some(code) if code == nix::errno::Errno::EPERM as i32 => {
+                        "not in net.ipv4.tcp_allowed_congestion_control: add it there, \
+                         or give the service CAP_NET_ADMIN"
+                    }
+                    _ => "net.ipv4.tcp_available_congestion_control lists what this kernel has",
+                };
                 io::Error::new(
                     error.kind(),
-                    format!(
-                        "TCP congestion control {name:?}: {error} \
-                         (net.ipv4.tcp_available_congestion_control lists what this kernel has)"
-                    ),
+                    format!("TCP congestion control {name:?}: {error} ({hint})"),
                 )
             })?;
     }

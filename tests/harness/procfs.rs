@@ -35,7 +35,7 @@ pub fn open_fd_count(pid: u32) -> usize {
 pub fn holds_connection_to(pid: u32, peer: std::net::SocketAddrV4) -> bool {
     let wanted = format!(
         "{:08X}:{:04X}",
-        u32::from_le_bytes(peer.ip().octets()),
+        u32::from_ne_bytes(peer.ip().octets()),
         peer.port()
     );
     let table = fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap_or_default();
@@ -66,12 +66,14 @@ pub fn holds_connection_to(pid: u32, peer: std::net::SocketAddrV4) -> bool {
 /// received and not yet read (`rx_queue` of its `/proc/net/tcp` entry)
 /// plus what its peer's socket holds unsent or unacknowledged (the
 /// peer's `tx_queue`). For a connection whose reader stopped and whose
-/// writer is blocked, that is every byte written and not read.
-pub fn bytes_between(local: std::net::SocketAddrV4, peer: std::net::SocketAddrV4) -> u64 {
+/// writer is blocked, that is every byte written and not read. `None`
+/// unless both ends are found established.
+pub fn bytes_between(local: std::net::SocketAddrV4, peer: std::net::SocketAddrV4) -> Option<u64> {
+    // The kernel prints the address as the u32 in host byte order.
     let hex = |addr: std::net::SocketAddrV4| {
         format!(
             "{:08X}:{:04X}",
-            u32::from_le_bytes(addr.ip().octets()),
+            u32::from_ne_bytes(addr.ip().octets()),
             addr.port()
         )
     };
@@ -80,14 +82,18 @@ pub fn bytes_between(local: std::net::SocketAddrV4, peer: std::net::SocketAddrV4
     let queue = |from: &str, to: &str, received: bool| {
         table.lines().skip(1).find_map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            if fields.get(1) != Some(&from) || fields.get(2) != Some(&to) {
+            // `01`: ESTABLISHED.
+            if fields.get(1) != Some(&from)
+                || fields.get(2) != Some(&to)
+                || fields.get(3) != Some(&"01")
+            {
                 return None;
             }
             let (tx, rx) = fields.get(4)?.split_once(':')?;
             u64::from_str_radix(if received { rx } else { tx }, 16).ok()
         })
     };
-    queue(&local, &peer, true).unwrap_or(0) + queue(&peer, &local, false).unwrap_or(0)
+    Some(queue(&local, &peer, true)? + queue(&peer, &local, false)?)
 }
 
 /// One line of `/proc/PID/stat`, the parts the tests need.

@@ -162,10 +162,11 @@ impl RawConnection {
         self.fill_up_to(usize::MAX)
     }
 
-    /// Reads at most `limit` bytes from the socket into the buffer: a
-    /// body read never takes more from the kernel than it was asked for,
-    /// so a client that stops after `n` bytes leaves the rest in the
-    /// socket buffers, where the server's flow control sees it.
+    /// Reads at most `limit` bytes from the socket into the buffer: a read
+    /// of a `Content-Length` (or until-EOF) body never takes more from the
+    /// kernel than it was asked for, so a client that stops after `n`
+    /// bytes leaves the rest in the socket buffers, where the server's
+    /// flow control sees it. (Heads and chunked bodies read ahead.)
     fn fill_up_to(&mut self, limit: usize) -> io::Result<usize> {
         if self.start > 0 && self.start == self.buffer.len() {
             self.buffer.clear();
