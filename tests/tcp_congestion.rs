@@ -86,17 +86,14 @@ fn both_tiers_accept_connections_with_the_congestion_control_asked_for() {
     }
 }
 
-#[test]
-fn the_embedded_archiver_accepts_with_the_congestion_control_asked_for() {
-    let algorithm = &not_the_default();
+/// The embedded proxy's two listeners after one download: what the
+/// in-process archiver's connections use (its port from the proxy's
+/// `embedded archiver ready` line) and what the proxy's own use.
+fn embedded_congestion(extra_args: &[&str]) -> (Vec<String>, Vec<String>) {
     let sandbox = Sandbox::new();
     let tool = sandbox.source_repo("mytool");
     small_repository(&tool);
-    let proxy = Proxy::embedded(
-        tool.dir(),
-        &sandbox.path("cache"),
-        &["--tcp-congestion", algorithm],
-    );
+    let proxy = Proxy::embedded(tool.dir(), &sandbox.path("cache"), extra_args);
     // The proxy's pooled connection to the in-process archiver stays open.
     fetch_ok(proxy.addr, "/local/mytool/archive/HEAD.tar.gz");
     let log = proxy.log();
@@ -114,16 +111,40 @@ fn the_embedded_archiver_accepts_with_the_congestion_control_asked_for() {
                 .ok()
         })
         .unwrap_or_else(|| panic!("no address in {ready}"));
-    let found = accepted_congestion(port);
-    assert!(
-        !found.is_empty() && found.iter().all(|name| name == algorithm),
-        "the embedded archiver's connections use {found:?}, not {algorithm}"
-    );
+    let inside = accepted_congestion(port);
     let _connection = open_connection(proxy.addr);
-    assert_eq!(
-        accepted_congestion(proxy.addr.port()),
-        std::slice::from_ref(algorithm)
+    (inside, accepted_congestion(proxy.addr.port()))
+}
+
+/// Without the flag the in-process archiver's loopback connections use
+/// reno (nothing to pace for there: docs/proxy.md, "Embedded mode"), and
+/// the proxy's listener the host's default.
+#[test]
+fn the_embedded_archiver_uses_reno_on_its_loopback_connections_by_default() {
+    let (inside, outside) = embedded_congestion(&[]);
+    assert!(
+        !inside.is_empty() && inside.iter().all(|name| name == "reno"),
+        "the embedded archiver's connections use {inside:?}"
     );
+    assert_eq!(outside, [host_default()], "the proxy's own listener");
+}
+
+/// With the flag, both listeners use it. The name asked for is the host's
+/// default unless that is reno, so that it differs from the embedded
+/// default.
+#[test]
+fn the_embedded_archiver_accepts_with_the_congestion_control_asked_for() {
+    let algorithm = if host_default() == "reno" {
+        not_the_default()
+    } else {
+        host_default()
+    };
+    let (inside, outside) = embedded_congestion(&["--tcp-congestion", &algorithm]);
+    assert!(
+        !inside.is_empty() && inside.iter().all(|name| *name == algorithm),
+        "the embedded archiver's connections use {inside:?}, not {algorithm}"
+    );
+    assert_eq!(outside, [algorithm], "the proxy's own listener");
 }
 
 #[test]

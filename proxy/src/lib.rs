@@ -143,7 +143,13 @@ impl Proxy {
             (None, Some(repos)) => {
                 let listener = gitball_core::server::bind(
                     (std::net::Ipv4Addr::LOCALHOST, 0).into(),
-                    config.archiver.tcp_congestion.as_deref(),
+                    Some(
+                        config
+                            .archiver
+                            .tcp_congestion
+                            .as_deref()
+                            .unwrap_or(EMBEDDED_CONGESTION),
+                    ),
                 )
                 .context("cannot bind the embedded archiver's port")?;
                 let address = listener.local_addr()?;
@@ -291,6 +297,16 @@ impl Proxy {
 /// Connections the embedded archiver accepts beyond the proxy's cap: the
 /// start-up health check's client keeps its connection pooled for a while.
 const EMBEDDED_CONNECTIONS_HEADROOM: usize = 16;
+
+/// The congestion control of the in-process archiver's connections when
+/// `--tcp-congestion` does not name one. They never leave loopback, where
+/// there is nothing to pace for: on a host whose default is BBR (which
+/// paces every connection with timers of its own where there is no `fq`,
+/// and loopback has none) those timers made a 1 GiB hit through an
+/// embedded proxy take 780–860 ms of CPU at 1.4–1.55 GiB/s; with reno
+/// here, 500–550 ms at 2.1–2.2 GiB/s (docs/proxy.md, "Embedded mode").
+/// Reno is built into every kernel and any process may choose it.
+const EMBEDDED_CONGESTION: &str = "reno";
 
 /// Serves `listener` on `workers` threads ([`server::serve_on_threads`]),
 /// each with its own upstream connection pool, until `shutdown`.
