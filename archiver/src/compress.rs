@@ -102,10 +102,20 @@ const MAX_GZIP_THREADS: usize = 4;
 const MAX_ZSTD_THREADS: u32 = 4;
 /// zstd's multi-threaded job size and overlap (a fraction of the window:
 /// 5 is 1/16), pinned rather than left to the library's defaults, which may
-/// change between releases and would change the bytes. Small jobs also
-/// bound how long a write can block on a busy worker (one job's time),
-/// which is how long a cancelled generation can take to stop.
-const ZSTD_JOB_BYTES: u32 = 1024 * 1024;
+/// change between releases and would change the bytes.
+///
+/// Each job starts afresh but for the overlap, so small jobs cost ratio
+/// and CPU: a cold tar.zst of the bench's `bench/large` (358 MiB of tar)
+/// took 2.27–2.50 s and made 71.7 MB with 1 MiB jobs (byte series v3),
+/// 2.10–2.12 s and 68.9 MB with 2 MiB, 1.99–2.03 s and 67.3 MB with 4 MiB,
+/// 1.99–2.01 s and 66.5 MB with 8 MiB, against 1.74–1.82 s and 66.5 MB
+/// for `git archive | zstd -3` (BENCHMARKS.md). Larger jobs also hold more
+/// memory (the archiver's peak RSS over one generation on 2 workers: +12
+/// MiB with 1 MiB jobs, +25 MiB with 4 MiB) and bound how long a write can
+/// block on a busy worker (one job's time: about 15 ms at level 3, a few
+/// seconds at level 19), which is how long a cancelled generation can
+/// take to stop. 4 MiB.
+const ZSTD_JOB_BYTES: u32 = 4 * 1024 * 1024;
 const ZSTD_OVERLAP_LOG: u32 = 5;
 
 /// A streaming encoder in front of a writer.
@@ -198,9 +208,9 @@ impl<W: Write + Send + 'static> Encoder<W> {
 
 /// Multi-threaded zstd with one flush, after the first input block.
 ///
-/// In multi-threaded mode zstd emits nothing until a whole job (1 MiB of
-/// input) is compressed, which would hold the first byte back by tens of
-/// milliseconds (seconds at level 19). A flush after the first block cuts
+/// In multi-threaded mode zstd emits nothing until a whole job
+/// ([`ZSTD_JOB_BYTES`] of input) is compressed, which would hold the first
+/// byte back by tens of milliseconds (seconds at level 19). A flush after the first block cuts
 /// the first job there and writes it out at once. The block is always the
 /// first `INPUT_CHUNK_BYTES` of git's output (or all of it), so the cut is
 /// at a fixed input position and the bytes still depend on the input alone
@@ -744,6 +754,27 @@ mod tests {
         assert!(compress(2) == one, "2 workers");
         assert!(compress(4) == one, "4 workers");
         assert_eq!(zstd::decode_all(&one[..]).unwrap(), data);
+    }
+
+    /// The tar.zst byte series (`generate::byte_series`, v4) over an input
+    /// of several jobs, which the golden repository's archive is too small
+    /// to span: a change of the job size, the overlap, the first flush or
+    /// the zstd version changes this hash, and must bump the series.
+    #[test]
+    fn zstd_bytes_of_several_jobs_are_those_of_the_series() {
+        use sha2::{Digest, Sha256};
+        let data = sample(9 * 1024 * 1024 + 12_345);
+        let mut stream = ZstdStream::new(Vec::new(), 3, 2).unwrap();
+        for block in data.chunks(128 * 1024) {
+            stream.write_block(block).unwrap();
+        }
+        let out = stream.finish().unwrap();
+        assert_eq!(
+            hex::encode(Sha256::digest(&out)),
+            "b6bb2698506d7d77acfcdd275c12c9246558272a91be485669bc977c5e7a8dea",
+            "{} bytes",
+            out.len()
+        );
     }
 
     #[test]

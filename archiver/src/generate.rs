@@ -151,11 +151,14 @@ pub fn hex_string(bytes: &[u8]) -> String {
 /// - `v2` (tar, tar.gz): tar.gz compressed pigz-style on all cores.
 /// - `v3` (zip, tar.zst): the zip written by the archiver from git's tar,
 ///   its entries deflated on all cores (`zip`); tar.zst compressed by zstd's
-///   multi-threaded mode (`compress::zstd_encoder`).
+///   multi-threaded mode (`compress::zstd_encoder`) in 1 MiB jobs.
+/// - `v4` (tar.zst): the same in 4 MiB jobs (`compress::ZSTD_JOB_BYTES`),
+///   smaller and faster to make.
 pub fn byte_series(format: Format) -> &'static str {
     match format {
         Format::Tar | Format::TarGz => "v2",
-        Format::Zip | Format::TarZst => "v3",
+        Format::Zip => "v3",
+        Format::TarZst => "v4",
     }
 }
 
