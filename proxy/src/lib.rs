@@ -141,16 +141,20 @@ impl Proxy {
                 (routes, None)
             }
             (None, Some(repos)) => {
-                let listener = gitball_core::server::bind(
-                    (std::net::Ipv4Addr::LOCALHOST, 0).into(),
-                    Some(
-                        config
-                            .archiver
-                            .tcp_congestion
-                            .as_deref()
-                            .unwrap_or(EMBEDDED_CONGESTION),
-                    ),
-                )
+                let loopback = (std::net::Ipv4Addr::LOCALHOST, 0).into();
+                let listener = match config.archiver.tcp_congestion.as_deref() {
+                    Some(asked) => gitball_core::server::bind(loopback, Some(asked)),
+                    // Only a default: a kernel or sandbox that refuses it
+                    // leaves the host's, as before it was chosen.
+                    None => gitball_core::server::bind(loopback, Some(EMBEDDED_CONGESTION))
+                        .or_else(|error| {
+                            tracing::warn!(
+                                %error,
+                                "the embedded archiver keeps the host's congestion control"
+                            );
+                            gitball_core::server::bind(loopback, None)
+                        }),
+                }
                 .context("cannot bind the embedded archiver's port")?;
                 let address = listener.local_addr()?;
                 // The in-process archiver's connections all come from this
