@@ -8,10 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use gitball_e2e::{
-    Archiver, Sandbox, assert_same_zip_entries, assert_zip_readers_accept, header,
+    Archiver, Sandbox, assert_same_zip_entries, assert_zip_readers_accept, cache_key, header,
     pseudo_random_bytes, pseudo_text, sha256_hex, zip_entry_names,
 };
-use sha2::{Digest, Sha256};
 
 /// 2024-01-02T03:04:05Z.
 const T1: i64 = 1_704_164_645;
@@ -137,22 +136,6 @@ fn zip_entries_match_git_archive_on_this_projects_history() {
     assert_zip_readers_accept(&body, names.len(), "this project's zip");
 }
 
-/// The cache key an archiver names its file by (`Cache::key` over
-/// `Spec::variant`), for a zip of `commit` with `prefix`, in byte `series`
-/// with compression `compression` (`{:?}` of the archiver's enum).
-fn zip_key(git_dir: &Path, commit: &str, series: &str, compression: &str, prefix: &str) -> String {
-    let mut variant = Sha256::new();
-    variant.update(format!("{series}\0zip\0{compression}\0{prefix}\0"));
-    let variant = format!("zip-{}", &hex::encode(variant.finalize())[..16]);
-    let mut key = Sha256::new();
-    key.update(git_dir.as_os_str().as_encoded_bytes());
-    key.update(b"\0");
-    key.update(commit);
-    key.update(b"\0");
-    key.update(variant);
-    hex::encode(key.finalize())
-}
-
 #[test]
 fn a_restart_does_not_serve_a_zip_of_the_older_byte_series() {
     let sandbox = Sandbox::new();
@@ -174,7 +157,7 @@ fn a_restart_does_not_serve_a_zip_of_the_older_byte_series() {
     // The key formula reproduces the archiver's: its file is named by it.
     let current_file = format!(
         "{}-{}",
-        zip_key(&git_dir, &commit, "v3", "Zip(6)", "plain-main/"),
+        cache_key(&git_dir, &commit, "v3", "zip", "Zip(6)", "plain-main/"),
         sha256_hex(&current)
     );
     let current_path = cache_dir.join(&current_file);
@@ -191,7 +174,7 @@ fn a_restart_does_not_serve_a_zip_of_the_older_byte_series() {
     assert_ne!(old, current);
     let old_file = format!(
         "{}-{}",
-        zip_key(&git_dir, &commit, "v2", "None", "plain-main/"),
+        cache_key(&git_dir, &commit, "v2", "zip", "None", "plain-main/"),
         sha256_hex(&old)
     );
     std::fs::write(cache_dir.join(&old_file), &old).expect("write the old file");
