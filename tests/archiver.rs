@@ -24,7 +24,7 @@ use gitball_e2e::{
     process_alive, process_dir, process_nice, pseudo_random_bytes, pseudo_text, sha256_hex,
     tar_entry_names, thread_nice_values, tree_snapshot, wait_until, zip_entry_names,
 };
-use gitball_e2e::{assert_same_zip_entries, assert_zip_readers_accept, cache_key};
+use gitball_e2e::{SeriesRepo, assert_same_zip_entries, assert_zip_readers_accept};
 use sha2::{Digest, Sha256};
 
 /// 2024-01-02T03:04:05Z, the first commit of every fixture.
@@ -447,46 +447,22 @@ fn golden_repo(sandbox: &Sandbox) -> RepoBuilder {
 #[test]
 fn a_restart_does_not_serve_a_tar_zst_of_the_older_byte_series() {
     let sandbox = Sandbox::new();
-    let source = sandbox.source_repo("src/plain");
-    source.write("README.md", "# plain\n");
-    source.write("src/lib.rs", pseudo_text(3, 40_000));
-    source.commit_all(T1, "plain");
-    let repo = source.clone_bare(&sandbox.repos().join("acme/plain.git"));
-    let commit = repo.rev_parse("main");
-    let git_dir = std::fs::canonicalize(repo.dir()).expect("canonical git dir");
-    let cache = tempfile::tempdir().expect("cache dir");
-    let cache_dir = cache.path().join("cache");
+    let plain = SeriesRepo::new(&sandbox);
     let path = "/acme/plain/archive/main.tar.zst";
-    let get = |archiver: &Archiver| {
-        let response = archiver.get(path);
-        assert_eq!(response.status().as_u16(), 200, "GET {path}");
-        let cache = header(&response, "x-gitball-cache").to_owned();
-        (response.bytes().expect("body").to_vec(), cache)
-    };
 
-    let archiver = Archiver::start_with_cache(&sandbox.repos(), &cache_dir, &[]);
-    let (current, miss) = get(&archiver);
+    let archiver = Archiver::start_with_cache(&sandbox.repos(), &plain.cache_dir, &[]);
+    let (current, miss) = archiver.get_body_and_cache(path);
     assert_eq!(miss, "miss");
     drop(archiver);
-    let file = |series: &str| {
-        let key = cache_key(
-            &git_dir,
-            &commit,
-            series,
-            "tar.zst",
-            "Zstd(3)",
-            "plain-main/",
-        );
-        cache_dir.join(format!("{key}-{}", sha256_hex(&current)))
-    };
     // The key formula reproduces the archiver's: its file is named by it.
-    let current_path = file("v4");
+    let current_path = plain.cached_file("v4", "tar.zst", "Zstd(3)", &current);
     assert!(current_path.is_file(), "{current_path:?}");
 
     // What an archiver of series v3 left behind, under v3's key.
-    std::fs::rename(&current_path, file("v3")).expect("rename to v3's key");
-    let archiver = Archiver::start_with_cache(&sandbox.repos(), &cache_dir, &[]);
-    let (body, cache_state) = get(&archiver);
+    let old_path = plain.cached_file("v3", "tar.zst", "Zstd(3)", &current);
+    std::fs::rename(&current_path, old_path).expect("rename to v3's key");
+    let archiver = Archiver::start_with_cache(&sandbox.repos(), &plain.cache_dir, &[]);
+    let (body, cache_state) = archiver.get_body_and_cache(path);
     assert_eq!(cache_state, "miss", "the old series' file was served");
     assert!(body == current, "not the current series' bytes");
 }

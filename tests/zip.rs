@@ -8,19 +8,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use gitball_e2e::{
-    Archiver, Sandbox, assert_same_zip_entries, assert_zip_readers_accept, cache_key, header,
-    pseudo_random_bytes, pseudo_text, sha256_hex, zip_entry_names,
+    Archiver, Sandbox, SeriesRepo, assert_same_zip_entries, assert_zip_readers_accept,
+    pseudo_random_bytes, pseudo_text, zip_entry_names,
 };
 
 /// 2024-01-02T03:04:05Z.
 const T1: i64 = 1_704_164_645;
-
-fn get_zip(archiver: &Archiver, path: &str) -> (Vec<u8>, String) {
-    let response = archiver.get(path);
-    assert_eq!(response.status().as_u16(), 200, "GET {path}");
-    let cache = header(&response, "x-gitball-cache").to_owned();
-    (response.bytes().expect("body").to_vec(), cache)
-}
 
 #[test]
 fn zip_entries_match_git_archive_for_every_kind_of_entry() {
@@ -58,7 +51,7 @@ fn zip_entries_match_git_archive_for_every_kind_of_entry() {
     let commit = repo.rev_parse("main");
 
     let archiver = Archiver::start(&sandbox.repos(), &[]);
-    let (body, cache) = get_zip(&archiver, "/acme/kinds/archive/main.zip");
+    let (body, cache) = archiver.get_body_and_cache("/acme/kinds/archive/main.zip");
     assert_eq!(cache, "miss");
     let git_zip = repo.archive("zip", "kinds-main/", &commit, None);
     assert_same_zip_entries(&body, &git_zip, "kinds main.zip");
@@ -118,7 +111,7 @@ fn zip_entries_match_git_archive_on_this_projects_history() {
     assert!(fetched.success());
 
     let archiver = Archiver::start(&sandbox.repos(), &[]);
-    let (body, _) = get_zip(&archiver, &format!("/acme/gitball/archive/{commit}.zip"));
+    let (body, _) = archiver.get_body_and_cache(&format!("/acme/gitball/archive/{commit}.zip"));
     let names = zip_entry_names(&body);
     let prefix = names.first().expect("entries").clone();
     let git_zip = Command::new("git")
@@ -139,48 +132,32 @@ fn zip_entries_match_git_archive_on_this_projects_history() {
 #[test]
 fn a_restart_does_not_serve_a_zip_of_the_older_byte_series() {
     let sandbox = Sandbox::new();
-    let source = sandbox.source_repo("src/plain");
-    source.write("README.md", "# plain\n");
-    source.write("src/lib.rs", pseudo_text(3, 40_000));
-    source.commit_all(T1, "plain");
-    let repo = source.clone_bare(&sandbox.repos().join("acme/plain.git"));
-    let commit = repo.rev_parse("main");
-    let git_dir = std::fs::canonicalize(repo.dir()).expect("canonical git dir");
-    let cache = tempfile::tempdir().expect("cache dir");
-    let cache_dir = cache.path().join("cache");
+    let plain = SeriesRepo::new(&sandbox);
     let path = "/acme/plain/archive/main.zip";
 
-    let archiver = Archiver::start_with_cache(&sandbox.repos(), &cache_dir, &[]);
-    let (current, miss) = get_zip(&archiver, path);
+    let archiver = Archiver::start_with_cache(&sandbox.repos(), &plain.cache_dir, &[]);
+    let (current, miss) = archiver.get_body_and_cache(path);
     assert_eq!(miss, "miss");
     drop(archiver);
     // The key formula reproduces the archiver's: its file is named by it.
-    let current_file = format!(
-        "{}-{}",
-        cache_key(&git_dir, &commit, "v3", "zip", "Zip(6)", "plain-main/"),
-        sha256_hex(&current)
-    );
-    let current_path = cache_dir.join(&current_file);
+    let current_path = plain.cached_file("v3", "zip", "Zip(6)", &current);
     assert!(
         current_path.is_file(),
-        "{current_file} in {:?}",
-        std::fs::read_dir(&cache_dir).map(|d| d.count())
+        "{current_path:?} in {:?}",
+        std::fs::read_dir(&plain.cache_dir).map(|d| d.count())
     );
 
     // What an archiver of series v2 left behind: git's own zip, under the
     // key of v2 (where the zip was git's bytes, `Compression::None`).
     std::fs::remove_file(&current_path).expect("remove the current file");
-    let old = repo.archive("zip", "plain-main/", &commit, None);
+    let old = plain
+        .repo
+        .archive("zip", "plain-main/", &plain.commit, None);
     assert_ne!(old, current);
-    let old_file = format!(
-        "{}-{}",
-        cache_key(&git_dir, &commit, "v2", "zip", "None", "plain-main/"),
-        sha256_hex(&old)
-    );
-    std::fs::write(cache_dir.join(&old_file), &old).expect("write the old file");
+    std::fs::write(plain.cached_file("v2", "zip", "None", &old), &old).expect("write the old file");
 
-    let archiver = Archiver::start_with_cache(&sandbox.repos(), &cache_dir, &[]);
-    let (body, cache_state) = get_zip(&archiver, path);
+    let archiver = Archiver::start_with_cache(&sandbox.repos(), &plain.cache_dir, &[]);
+    let (body, cache_state) = archiver.get_body_and_cache(path);
     assert_eq!(cache_state, "miss", "the old series' file was served");
     assert!(body == current, "not the current series' bytes");
 }

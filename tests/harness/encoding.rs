@@ -13,30 +13,6 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// The cache key an archiver names its file by (`Cache::key` over
-/// `Spec::variant`): an archive of `commit` in `git_dir` as `ext`
-/// (`zip`, `tar.zst`, …) with `prefix`, in byte `series`, with
-/// compression `compression` (`{:?}` of the archiver's enum).
-pub fn cache_key(
-    git_dir: &std::path::Path,
-    commit: &str,
-    series: &str,
-    ext: &str,
-    compression: &str,
-    prefix: &str,
-) -> String {
-    let mut variant = Sha256::new();
-    variant.update(format!("{series}\0{ext}\0{compression}\0{prefix}\0"));
-    let variant = format!("{ext}-{}", &hex::encode(variant.finalize())[..16]);
-    let mut key = Sha256::new();
-    key.update(git_dir.as_os_str().as_encoded_bytes());
-    key.update(b"\0");
-    key.update(commit);
-    key.update(b"\0");
-    key.update(variant);
-    hex::encode(key.finalize())
-}
-
 /// Standard base64 with padding (what `Repr-Digest` uses).
 pub fn base64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)

@@ -426,6 +426,58 @@ pub fn tree_snapshot(root: &Path) -> BTreeMap<PathBuf, String> {
     snapshot
 }
 
+/// What a byte-series restart test starts from: `acme/plain`, one commit,
+/// under `sandbox`'s repos, and a cache directory kept across archiver
+/// restarts, where [`SeriesRepo::cached_file`] names an archive's file as
+/// the archiver does (`Cache::key` over `Spec::variant`, then the SHA-256
+/// of the bytes).
+pub struct SeriesRepo {
+    pub repo: RepoBuilder,
+    pub commit: String,
+    pub cache_dir: PathBuf,
+    git_dir: PathBuf,
+    _cache: TempDir,
+}
+
+impl SeriesRepo {
+    pub fn new(sandbox: &Sandbox) -> SeriesRepo {
+        let source = sandbox.source_repo("src/plain");
+        source.write("README.md", "# plain\n");
+        source.write("src/lib.rs", pseudo_text(3, 40_000));
+        source.commit_all(1_704_164_645, "plain");
+        let repo = source.clone_bare(&sandbox.repos().join("acme/plain.git"));
+        let commit = repo.rev_parse("main");
+        let git_dir = fs::canonicalize(repo.dir()).expect("canonical git dir");
+        let cache = tempfile::tempdir().expect("cache dir");
+        SeriesRepo {
+            repo,
+            commit,
+            cache_dir: cache.path().join("cache"),
+            git_dir,
+            _cache: cache,
+        }
+    }
+
+    /// The file of `bytes`, an archive of `main` as `ext` (`zip`,
+    /// `tar.zst`, …) with the default prefix, in byte `series`, with
+    /// `compression` (`{:?}` of the archiver's enum).
+    pub fn cached_file(&self, series: &str, ext: &str, compression: &str, bytes: &[u8]) -> PathBuf {
+        use sha2::{Digest, Sha256};
+        let mut variant = Sha256::new();
+        variant.update(format!("{series}\0{ext}\0{compression}\0plain-main/\0"));
+        let variant = format!("{ext}-{}", &hex::encode(variant.finalize())[..16]);
+        let mut key = Sha256::new();
+        key.update(self.git_dir.as_os_str().as_encoded_bytes());
+        key.update(b"\0");
+        key.update(&self.commit);
+        key.update(b"\0");
+        key.update(variant);
+        let key = hex::encode(key.finalize());
+        self.cache_dir
+            .join(format!("{key}-{}", hex::encode(Sha256::digest(bytes))))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -210,6 +210,15 @@ impl Service {
             .unwrap_or_else(|error| panic!("GET {path_and_query}: {error}"))
     }
 
+    /// `GET path_and_query`, which must answer `200`: its body and its
+    /// `X-Gitball-Cache`.
+    pub fn get_body_and_cache(&self, path_and_query: &str) -> (Vec<u8>, String) {
+        let response = self.get(path_and_query);
+        assert_eq!(response.status().as_u16(), 200, "GET {path_and_query}");
+        let cache = crate::header(&response, "x-gitball-cache").to_owned();
+        (response.bytes().expect("body").to_vec(), cache)
+    }
+
     /// `GET /healthz` on a fresh connection that is closed afterwards (so
     /// health checks leave no idle connection behind).
     pub fn health_status(&self) -> Option<u16> {
