@@ -995,7 +995,6 @@ class Context:
         self.home = os.path.join(self.work, "home")
         os.makedirs(self.home, exist_ok=True)
         self.repos = os.path.join(self.work, "repos")
-        self.tcp_congestion = args.tcp_congestion
         self.procs = Processes({"GITBALL_TCP_CONGESTION": args.tcp_congestion} if args.tcp_congestion else None)
         self.inputs = {}
 
@@ -1082,7 +1081,7 @@ def machine_info(ctx):
         "ram": f"{mem / GiB:.1f} GiB",
         "kernel": platform.release(),
         "tcp": f"TCP congestion control {congestion}, {qdisc or '?'} qdisc on lo"
-               + (f"; gitball started with --tcp-congestion {ctx.tcp_congestion}" if ctx.tcp_congestion else ""),
+               + (f"; gitball started with --tcp-congestion {ctx.args.tcp_congestion}" if ctx.args.tcp_congestion else ""),
         "git": run("git", "--version").replace("git version ", ""),
         "nginx": nginx_v,
         "rustc": run("rustc", "--version"),
