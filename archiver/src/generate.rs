@@ -65,6 +65,16 @@ use gitball_core::url::Format;
 pub const INPUT_CHUNK_BYTES: usize = 128 * 1024;
 /// How much of git's stderr is kept for the log.
 pub const STDERR_KEEP_BYTES: usize = 4 * 1024;
+/// The capacity of git's stdout pipe (the kernel's default is 64 KiB):
+/// git writes its tar into the pipe without waiting while the writer is
+/// busy for that long (a zstd write waits for a free worker). git's tar is
+/// the one part of a generation that cannot be spread over cores, so each
+/// wait of git's lengthens the generation: on 2 cores a cold tar.zst of the
+/// benchmark's `bench/large` took 1.79-1.81 s instead of 1.99-2.08 with
+/// the same CPU time (BENCHMARKS.md). At most this much kernel memory per
+/// generation, and only while the writer lags; `fs.pipe-max-size` is 1 MiB
+/// by default.
+pub const GIT_PIPE_BYTES: usize = 1024 * 1024;
 
 /// Everything that decides the bytes of an archive.
 #[derive(Clone, Debug)]
@@ -268,6 +278,7 @@ pub async fn run(
         return Err(Failure::Failed);
     };
     let stderr = tokio::spawn(drain_bounded(stderr));
+    widen_pipe(&stdout);
 
     // The writer thread owns the encoder and the file. Two chunks in flight
     // bound the memory to ~3 chunks whatever the archive's size.
@@ -373,6 +384,16 @@ async fn pump(
         if at_end {
             return Ok(());
         }
+    }
+}
+
+/// Gives git's stdout pipe `GIT_PIPE_BYTES`. Refused (a lower
+/// `fs.pipe-max-size`, the user's pipe pages used up), the pipe keeps its
+/// size: the generation is the same, only slower.
+fn widen_pipe(stdout: &impl std::os::fd::AsFd) {
+    let size = i32::try_from(GIT_PIPE_BYTES).unwrap_or(i32::MAX);
+    if let Err(error) = nix::fcntl::fcntl(stdout, nix::fcntl::FcntlArg::F_SETPIPE_SZ(size)) {
+        tracing::debug!(%error, "git's stdout pipe keeps the kernel's default size");
     }
 }
 
@@ -699,6 +720,21 @@ pub fn find_git() -> io::Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn git_writes_into_a_pipe_of_a_mebibyte() {
+        let mut child = Command::new("cat")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let size = || nix::fcntl::fcntl(&stdout, nix::fcntl::FcntlArg::F_GETPIPE_SZ).unwrap();
+        assert!(usize::try_from(size()).unwrap() < GIT_PIPE_BYTES);
+        widen_pipe(&stdout);
+        assert_eq!(usize::try_from(size()).unwrap(), GIT_PIPE_BYTES);
+    }
 
     /// The variant as it was first written (`hex::encode` of the whole
     /// digest, `format!` of the compression): ETags and cache keys must not
