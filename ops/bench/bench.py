@@ -479,6 +479,7 @@ class Stack:
         self.static_port = free_port()
         self.rp_port = free_port()
         self.rp_default_port = free_port()
+        self.floor_port = free_port()
 
     def __enter__(self):
         ctx = self.ctx
@@ -494,6 +495,9 @@ class Stack:
         self.proxy = ctx.procs.start("proxy", [
             ctx.proxy_bin, "--listen", f"127.0.0.1:{self.proxy_port}", "--routes", routes,
         ], os.path.join(self.dir, "proxy.log"), env)
+        self.floor = ctx.procs.start("hyper-floor", [
+            ctx.hyper_floor_bin, f"127.0.0.1:{self.floor_port}", f"http://127.0.0.1:{self.archiver_port}",
+        ], os.path.join(self.dir, "hyper-floor.log"), env)
         prefix = os.path.join(self.dir, "nginx")
         os.makedirs(prefix)
         conf = os.path.join(prefix, "nginx.conf")
@@ -508,12 +512,12 @@ class Stack:
                                      os.path.join(prefix, "stderr.log"))
         wait_healthy(self.archiver_port)
         wait_healthy(self.proxy_port)
-        for port in (self.static_port, self.rp_port, self.rp_default_port):
+        for port in (self.static_port, self.rp_port, self.rp_default_port, self.floor_port):
             wait_listening(port)
         return self
 
     def __exit__(self, *exc):
-        for proc in (self.nginx, self.proxy, self.archiver):
+        for proc in (self.nginx, self.floor, self.proxy, self.archiver):
             self.ctx.procs.stop(proc, sig=signal.SIGQUIT if proc is self.nginx else signal.SIGTERM)
         shutil.rmtree(self.cache, ignore_errors=True)
         shutil.rmtree(self.docroot, ignore_errors=True)
@@ -737,11 +741,13 @@ def scenario_small(ctx, stack, results):
         "rp": f"http://127.0.0.1:{stack.rp_port}{path}",
         "direct": f"http://127.0.0.1:{stack.archiver_port}{path}",
         "static": f"http://127.0.0.1:{stack.static_port}{static_path}",
+        "floor": f"http://127.0.0.1:{stack.floor_port}{path}",
     }
     samples = {k: [] for k in urls}
     # CPU per hit (user, kernel) of the front and of the archiver behind it,
     # from /proc over each load run: what caps the chain on shared cores.
-    fronts = {"proxy": lambda: [stack.proxy.pid], "rp": lambda: stack.nginx_workers()}
+    fronts = {"proxy": lambda: [stack.proxy.pid], "rp": lambda: stack.nginx_workers(),
+              "floor": lambda: [stack.floor.pid]}
     cpu = {(name, part, kind): [] for name in fronts for part in ("front", "archiver") for kind in ("user", "kernel")}
     for url in urls.values():
         subprocess.run(["wrk", "-t1", "-c8", "-d1s", url], check=True, capture_output=True, timeout=30)
@@ -769,11 +775,19 @@ def scenario_small(ctx, stack, results):
                 "the proxy and its archiver against nginx serving the file itself")
     results.add("3. small archives under load", f"{what}, archiver direct", "req/s", summary(samples["direct"]),
                 "nginx sendfile from tmpfs", summary(samples["static"]), ("ratio>=", 0.5), "higher")
+    floor_note = ("informational: hyper's server and pooled client and nothing else (no routing, limits, "
+                  "timeouts or log line; proxy/examples/hyper_floor.rs), the floor of a hyper-based front")
+    results.add("3. small archives under load", f"{what}, through a bare hyper proxy", "req/s", summary(samples["floor"]),
+                "nginx reverse proxy → same archiver", summary(samples["rp"]), None, "higher", floor_note)
     for part, label in (("front", "the front (gitball-proxy; nginx's workers)"), ("archiver", "the archiver behind it")):
         for kind in ("user", "kernel"):
             results.add("3. small archives under load", f"{what}: {kind} CPU per hit in {label}", "µs",
                         summary(cpu[("proxy", part, kind)]), "behind nginx reverse proxy" if part == "archiver" else "nginx reverse proxy",
                         summary(cpu[("rp", part, kind)]), None, "lower", "informational: /proc utime or stime over each load run ÷ requests")
+    for kind in ("user", "kernel"):
+        results.add("3. small archives under load", f"{what}: {kind} CPU per hit in a bare hyper proxy", "µs",
+                    summary(cpu[("floor", "front", kind)]), "nginx reverse proxy", summary(cpu[("rp", "front", kind)]),
+                    None, "lower", floor_note)
     hits_while_compressing(ctx, stack, results, urls["direct"], size)
 
 
@@ -989,6 +1003,8 @@ class Context:
         target = os.environ.get("CARGO_TARGET_DIR") or os.path.join(self.root, "target")
         self.archiver_bin = os.path.join(target, "release/gitball-archiver")
         self.proxy_bin = os.path.join(target, "release/gitball-proxy")
+        # A peer: hyper's server and pooled client alone (proxy/examples/hyper_floor.rs).
+        self.hyper_floor_bin = os.path.join(target, "release/examples/hyper_floor")
         self.work = args.workdir or tempfile.mkdtemp(prefix="gitball-bench-")
         os.makedirs(self.work, exist_ok=True)
         self.shm = tempfile.mkdtemp(prefix="gitball-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
@@ -1116,7 +1132,9 @@ def render_chart(results, path, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    speed_rows = [r for r in results.rows if r["unit"] in ("s", "GiB/s", "req/s") and relative(r) is not None]
+    # The bare hyper proxy is a peer of its own, not gitball: left out of the chart.
+    speed_rows = [r for r in results.rows if r["unit"] in ("s", "GiB/s", "req/s") and relative(r) is not None
+                  and "bare hyper proxy" not in r["what"]]
     ttfb_rows = [r for r in results.rows if r["unit"] == "ms"]
     mem_rows = [r for r in results.rows if r["unit"] == "MiB/dl"]
     fig, axes = plt.subplots(1, 3, figsize=(17, 7.5), gridspec_kw={"width_ratios": [3.2, 1.6, 1.2]})

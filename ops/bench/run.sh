@@ -69,10 +69,10 @@ fi
 
 if [ "$build" = 1 ]; then
     echo "building release binaries…"
-    (cd "$root" && cargo build --release -p gitball-archiver -p gitball-proxy)
+    (cd "$root" && cargo build --release -p gitball-archiver -p gitball-proxy --bins --example hyper_floor)
 fi
 target=${CARGO_TARGET_DIR:-$root/target}
-for binary in gitball-archiver gitball-proxy; do
+for binary in gitball-archiver gitball-proxy examples/hyper_floor; do
     [ -x "$target/release/$binary" ] || { echo "run.sh: $target/release/$binary missing (drop --no-build)" >&2; exit 1; }
 done
 
