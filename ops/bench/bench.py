@@ -645,6 +645,7 @@ def scenario_cold(ctx, stack, results, owner, repo, keys, formats, title, time_g
         "zip": ("git archive --format=zip", lambda prefix, key: [["git", "-C", repo_dir, "archive", "--format=zip", f"--prefix={prefix}/", key]]),
         "tar.zst": ("git archive --format=tar | zstd -3", lambda prefix, key: [["git", "-C", repo_dir, "archive", "--format=tar", f"--prefix={prefix}/", key], ["zstd", "-3", "-q", "-c"]]),
     }
+    first_row = len(results.rows)
     for fmt in formats:
         peer_name, peer_cmd = peers[fmt]
         samples = {"git": [], "direct": [], "proxy": []}
@@ -681,6 +682,16 @@ def scenario_cold(ctx, stack, results, owner, repo, keys, formats, title, time_g
             results.add(f"1. cold {title}", f"cold {fmt} of {title}, {via}: first byte", "ms",
                         summary([r["first"] for r in samples[side]]), peer_name + " (first byte)", git_first, ttfb_goal, "lower",
                         f"the peer's output reaches 128 KiB after {block * 1000:.1f} ms")
+    # The floor under every format (issue 11): git's tar alone, same commits
+    # and prefix, measured in the same run. It is one core's work that no
+    # format can spread over cores.
+    tar = [timed_command([["git", "-C", repo_dir, "archive", "--format=tar", f"--prefix={repo}-{key}/", key]], env)
+           for key in keys[1:1 + ctx.s.runs]]
+    floor = summary([r["total"] for r in tar])
+    print(f"    git archive --format=tar alone: {fmt_value(floor, 's')} ({tar[0]['bytes'] / MiB:.1f} MiB)", flush=True)
+    for row in results.rows[first_row:]:
+        if row["unit"] == "s":
+            row["note"] += f"; git archive --format=tar alone (the floor): {fmt_value(floor, 's')}"
     return key_iter
 
 

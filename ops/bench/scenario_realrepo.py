@@ -142,16 +142,8 @@ def run(ctx, results, b, source):
     repo_dir = prepare(ctx, source, b, keys)
     with b.Stack(ctx, "realrepo") as stack:
         first = len(results.rows)
+        # Its rows carry git's tar alone, the floor under every format.
         b.scenario_cold(ctx, stack, results, OWNER, NAME, keys, ("tar.gz", "zip", "tar.zst"), TITLE)
-        # The floor under every format (issue 11): git's tar alone, same
-        # tag and prefix length, measured in the same run.
-        env = b.clean_env(ctx.home)
-        tar = [b.timed_command([["git", "-C", repo_dir, "archive", "--format=tar", f"--prefix={NAME}-{key}/", key]], env)
-               for key in keys[1:1 + ctx.s.runs]]
-        floor = b.summary([r["total"] for r in tar])
-        print(f"    git archive --format=tar alone: {b.fmt_value(floor, 's')} ({tar[0]['bytes'] / b.MiB:.1f} MiB)", flush=True)
         for row in results.rows[first:]:
             row["scenario"] = SCENARIO
-            if row["unit"] == "s":
-                row["note"] += f"; git archive --format=tar alone (the floor): {b.fmt_value(floor, 's')}"
         check_zip(ctx, stack, results, b, repo_dir)
