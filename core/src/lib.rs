@@ -17,7 +17,8 @@
 //! - [`metrics`]: the process-global Prometheus recorder;
 //! - [`signals`]: SIGTERM/SIGINT as a cancellation token;
 //! - [`units`]: size and seconds parsing for flags;
-//! - [`secret`]: reading a token or key file.
+//! - [`secret`]: reading a token or key file;
+//! - [`slots`]: a fixed number of places, taken without a lock.
 
 pub mod limits;
 pub mod log;
@@ -28,5 +29,6 @@ pub mod response;
 pub mod secret;
 pub mod server;
 pub mod signals;
+pub mod slots;
 pub mod units;
 pub mod url;

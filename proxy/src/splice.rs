@@ -66,7 +66,6 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -79,6 +78,7 @@ use gitball_core::log::Ending;
 use gitball_core::protocol::X_GITBALL_WANT_LENGTH;
 use gitball_core::server::ClientWrites;
 use gitball_core::server::takeover::{BodySocket, FileBody};
+use gitball_core::slots::{Slot, Slots};
 
 use crate::forward::{COMPLETE_ARCHIVE_TIMEOUT, UpstreamRequest};
 use crate::metrics::ActiveDownload;
@@ -96,42 +96,8 @@ pub const PIPE_BYTES: usize = 256 * 1024;
 /// Downloads spliced at once, at most (see the module docs).
 pub const MAX_SPLICED: usize = 64;
 
-/// Places for spliced downloads, `max` at once.
-pub struct Slots {
-    held: AtomicUsize,
-    max: usize,
-}
-
-impl Slots {
-    pub const fn new(max: usize) -> Slots {
-        Slots {
-            held: AtomicUsize::new(0),
-            max,
-        }
-    }
-
-    pub fn take(&'static self) -> Option<Slot> {
-        self.held
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
-                (held < self.max).then_some(held + 1)
-            })
-            .ok()
-            .map(|_| Slot(self))
-    }
-}
-
 /// The process's [`MAX_SPLICED`] places.
 pub static SLOTS: Slots = Slots::new(MAX_SPLICED);
-
-/// A place among [`Slots`], held from the splice's preparation to the
-/// spliced download's end.
-pub struct Slot(&'static Slots);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.held.fetch_sub(1, Ordering::AcqRel);
-    }
-}
 
 /// The most a splice's preparation may take (or `--header-timeout`, if
 /// less): a cached archive's range answers within milliseconds.
@@ -884,18 +850,6 @@ mod tests {
             assert!(prepared.is_err(), "{what} was spliced");
             served.abort();
         }
-    }
-
-    #[test]
-    fn at_most_max_downloads_are_spliced_at_once() {
-        static TWO: Slots = Slots::new(2);
-        let first = TWO.take().expect("a first place");
-        let second = TWO.take().expect("a second place");
-        assert!(TWO.take().is_none(), "a third place out of two");
-        drop(first);
-        let third = TWO.take().expect("a place given back is taken again");
-        drop((second, third));
-        assert_eq!(TWO.held.load(Ordering::Acquire), 0);
     }
 
     #[tokio::test]
