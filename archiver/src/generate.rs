@@ -57,6 +57,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::compress::Compression;
 use crate::compress::Encoder;
+use gitball_core::slots::{Slot, Slots};
 use gitball_core::url::Format;
 
 /// git's output is handed to the compressor in pieces of exactly this size
@@ -65,16 +66,25 @@ use gitball_core::url::Format;
 pub const INPUT_CHUNK_BYTES: usize = 128 * 1024;
 /// How much of git's stderr is kept for the log.
 pub const STDERR_KEEP_BYTES: usize = 4 * 1024;
-/// The capacity of git's stdout pipe (the kernel's default is 64 KiB):
-/// git writes its tar into the pipe without waiting while the writer is
-/// busy for that long (a zstd write waits for a free worker). git's tar is
-/// the one part of a generation that cannot be spread over cores, so each
-/// wait of git's lengthens the generation: on 2 cores a cold tar.zst of the
-/// benchmark's `bench/large` took 1.79-1.81 s instead of 1.99-2.08 with
-/// the same CPU time (BENCHMARKS.md). At most this much kernel memory per
-/// generation, and only while the writer lags; `fs.pipe-max-size` is 1 MiB
-/// by default.
-pub const GIT_PIPE_BYTES: usize = 1024 * 1024;
+/// The capacity of git's stdout pipe for a tar.zst (the kernel's default
+/// is 64 KiB): git writes its tar into the pipe without waiting while the
+/// writer waits for a free zstd worker. git's tar is the one part of a
+/// generation that cannot be spread over cores, so each wait of git's
+/// lengthens the generation: on 2 cores a cold tar.zst of the benchmark's
+/// `bench/large` took 1.79-1.81 s instead of 1.99-2.08 with the same CPU
+/// time (BENCHMARKS.md). tar.gz and zip queue up to 4 and 8 MiB of git's
+/// output themselves, and their git did not wait.
+pub const GIT_PIPE_BYTES: i32 = 1024 * 1024;
+
+/// git pipes of [`GIT_PIPE_BYTES`] at once, at most. The kernel charges a
+/// pipe's whole capacity to its user's `fs.pipe-user-pages-soft` (64 MiB by
+/// default) for as long as it is open, and past that budget gives every
+/// new pipe of the user one page: 16 MiB here, as the proxy's spliced
+/// downloads take at most, leaves half of the default to everything else
+/// (both tiers run as one user in embedded mode). A generation beyond them
+/// keeps the default pipe.
+pub const MAX_WIDE_GIT_PIPES: usize = 16;
+static WIDE_GIT_PIPES: Slots = Slots::new(MAX_WIDE_GIT_PIPES);
 
 /// Everything that decides the bytes of an archive.
 #[derive(Clone, Debug)]
@@ -278,7 +288,10 @@ pub async fn run(
         return Err(Failure::Failed);
     };
     let stderr = tokio::spawn(drain_bounded(stderr));
-    widen_pipe(&stdout);
+    // Held until git is waited for and its pipe is closed.
+    let _wide_pipe = matches!(spec.compression, Compression::Zstd(_))
+        .then(|| widen_pipe(&stdout, &WIDE_GIT_PIPES))
+        .flatten();
 
     // The writer thread owns the encoder and the file. Two chunks in flight
     // bound the memory to ~3 chunks whatever the archive's size.
@@ -387,13 +400,21 @@ async fn pump(
     }
 }
 
-/// Gives git's stdout pipe `GIT_PIPE_BYTES`. Refused (a lower
-/// `fs.pipe-max-size`, the user's pipe pages used up), the pipe keeps its
-/// size: the generation is the same, only slower.
-fn widen_pipe(stdout: &impl std::os::fd::AsFd) {
-    let size = i32::try_from(GIT_PIPE_BYTES).unwrap_or(i32::MAX);
-    if let Err(error) = nix::fcntl::fcntl(stdout, nix::fcntl::FcntlArg::F_SETPIPE_SZ(size)) {
-        tracing::debug!(%error, "git's stdout pipe keeps the kernel's default size");
+/// Gives git's stdout pipe [`GIT_PIPE_BYTES`] if one of `places` is free;
+/// the place is held as long as the pipe is wide. Refused (a lower
+/// `fs.pipe-max-size`, the user's pipe budget used up), the pipe keeps its
+/// size: the generation is the same, only slower; logged once.
+fn widen_pipe(pipe: &impl std::os::fd::AsFd, places: &'static Slots) -> Option<Slot> {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    let place = places.take()?;
+    match nix::fcntl::fcntl(pipe, nix::fcntl::FcntlArg::F_SETPIPE_SZ(GIT_PIPE_BYTES)) {
+        Ok(_) => Some(place),
+        Err(error) => {
+            WARNED.call_once(|| {
+                tracing::warn!(%error, "git's stdout pipe keeps the kernel's default size; tar.zst generations run slower");
+            });
+            None
+        }
     }
 }
 
@@ -721,19 +742,35 @@ pub fn find_git() -> io::Result<PathBuf> {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn git_writes_into_a_pipe_of_a_mebibyte() {
-        let mut child = Command::new("cat")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let size = || nix::fcntl::fcntl(&stdout, nix::fcntl::FcntlArg::F_GETPIPE_SZ).unwrap();
-        assert!(usize::try_from(size()).unwrap() < GIT_PIPE_BYTES);
-        widen_pipe(&stdout);
-        assert_eq!(usize::try_from(size()).unwrap(), GIT_PIPE_BYTES);
+    #[test]
+    fn git_writes_a_tar_zst_into_a_pipe_of_a_mebibyte_while_places_last() {
+        static TWO: Slots = Slots::new(2);
+        let size = |pipe: &std::os::fd::OwnedFd| {
+            nix::fcntl::fcntl(pipe, nix::fcntl::FcntlArg::F_GETPIPE_SZ).unwrap()
+        };
+        // What the kernel allows this user (root: any size).
+        let allowed = rustix::process::geteuid().is_root()
+            || std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
+                .ok()
+                .and_then(|max| max.trim().parse::<i32>().ok())
+                .is_some_and(|max| max >= GIT_PIPE_BYTES);
+        let pipes: Vec<_> = (0..3).map(|_| nix::unistd::pipe().unwrap().0).collect();
+        let before = size(&pipes[0]);
+        let first = widen_pipe(&pipes[0], &TWO);
+        if !allowed {
+            assert!(size(&pipes[0]) >= before);
+            return;
+        }
+        assert!(first.is_some());
+        assert_eq!(size(&pipes[0]), GIT_PIPE_BYTES);
+        let second = widen_pipe(&pipes[1], &TWO).expect("a second place");
+        assert!(
+            widen_pipe(&pipes[2], &TWO).is_none(),
+            "a third place out of two"
+        );
+        assert_eq!(size(&pipes[2]), before, "the third pipe kept its size");
+        drop((first, second));
+        assert_eq!(TWO.held(), 0);
     }
 
     /// The variant as it was first written (`hex::encode` of the whole
