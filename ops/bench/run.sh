@@ -69,7 +69,11 @@ fi
 
 if [ "$build" = 1 ]; then
     echo "building release binaries…"
-    (cd "$root" && cargo build --release -p gitball-archiver -p gitball-proxy --bins --example hyper_floor)
+    # Two builds: an example brings its package's dev-dependencies (tokio's
+    # test-util among them), and features settle once per build, so one
+    # build would give the measured binaries those too.
+    (cd "$root" && cargo build --release -p gitball-archiver -p gitball-proxy)
+    (cd "$root" && cargo build --release -p gitball-proxy --example hyper_floor)
 fi
 target=${CARGO_TARGET_DIR:-$root/target}
 for binary in gitball-archiver gitball-proxy examples/hyper_floor; do

@@ -7,9 +7,11 @@
 //! single-threaded runtime per CPU accepting on a shared listener (as
 //! `gitball-proxy` serves), hyper's HTTP/1 server, hyper-util's pooled
 //! client (one pool per thread) and jemalloc. Every request is sent on to
-//! `UPSTREAM` with its path and query, and the upstream's response, head
-//! and body, is passed through as it is. No routing, failover, timeouts,
-//! headers filtered or log line: not something to deploy.
+//! `UPSTREAM` as its method, path and query alone (no request header, no
+//! body), and the upstream's response, head and body, is passed through as
+//! it is. No routing, failover, timeouts or log line: not something to
+//! deploy. A serving thread that ends ends the process, so it never serves
+//! on fewer threads than it says.
 //!
 //! ```sh
 //! cargo run --release -p gitball-proxy --example hyper_floor -- 127.0.0.1:8080 http://127.0.0.1:3000
@@ -37,18 +39,19 @@ fn main() -> anyhow::Result<()> {
     let listener = std::net::TcpListener::bind(listen)?;
     listener.set_nonblocking(true)?;
     let threads = std::thread::available_parallelism().map_or(1, usize::from);
-    let mut serving = Vec::with_capacity(threads);
+    // The threads serve forever: the first one to end ends the process.
+    let (ended, first_ended) = std::sync::mpsc::channel();
     for _ in 0..threads {
         let listener = listener.try_clone()?;
         let upstream = upstream.clone();
-        serving.push(std::thread::spawn(move || serve(listener, upstream)));
+        let ended = ended.clone();
+        std::thread::spawn(move || {
+            let served = std::panic::catch_unwind(|| serve(listener, upstream))
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("a serving thread panicked")));
+            let _ = ended.send(served);
+        });
     }
-    for thread in serving {
-        thread
-            .join()
-            .map_err(|_| anyhow::anyhow!("a serving thread panicked"))??;
-    }
-    Ok(())
+    first_ended.recv()?
 }
 
 fn serve(listener: std::net::TcpListener, upstream: hyper::Uri) -> anyhow::Result<()> {
@@ -61,8 +64,16 @@ fn serve(listener: std::net::TcpListener, upstream: hyper::Uri) -> anyhow::Resul
         connector.set_nodelay(true);
         let client: Upstream = Client::builder(TokioExecutor::new()).build(connector);
         loop {
-            let (stream, _) = listener.accept().await?;
-            stream.set_nodelay(true)?;
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of fds, say: the benchmark's report would show it.
+                    eprintln!("hyper_floor: accept: {error}");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
             let (client, upstream) = (client.clone(), upstream.clone());
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |request| {
