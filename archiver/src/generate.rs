@@ -79,7 +79,7 @@ pub const GIT_PIPE_BYTES: i32 = 1024 * 1024;
 /// git pipes of [`GIT_PIPE_BYTES`] at once, at most. The kernel charges a
 /// pipe's whole capacity to its user's `fs.pipe-user-pages-soft` (64 MiB by
 /// default) for as long as it is open, and past that budget gives every
-/// new pipe of the user one page: 16 MiB here, as the proxy's spliced
+/// new pipe of the user two pages (8 KiB): 16 MiB here, as the proxy's spliced
 /// downloads take at most, leaves half of the default to everything else
 /// (both tiers run as one user in embedded mode). A generation beyond them
 /// keeps the default pipe.
