@@ -450,21 +450,12 @@ fn a_restart_does_not_serve_a_tar_zst_of_the_older_byte_series() {
     let plain = SeriesRepo::new(&sandbox);
     let path = "/acme/plain/archive/main.tar.zst";
 
-    let archiver = Archiver::start_with_cache(&sandbox.repos(), &plain.cache_dir, &[]);
-    let (current, miss) = archiver.get_body_and_cache(path);
-    assert_eq!(miss, "miss");
-    drop(archiver);
-    // The key formula reproduces the archiver's: its file is named by it.
-    let current_path = plain.cached_file("v4", "tar.zst", "Zstd(3)", &current);
-    assert!(current_path.is_file(), "{current_path:?}");
+    let (current, current_path) = plain.generate(&sandbox, path, "v4", "tar.zst", "Zstd(3)");
 
     // What an archiver of series v3 left behind, under v3's key.
     let old_path = plain.cached_file("v3", "tar.zst", "Zstd(3)", &current);
     std::fs::rename(&current_path, old_path).expect("rename to v3's key");
-    let archiver = Archiver::start_with_cache(&sandbox.repos(), &plain.cache_dir, &[]);
-    let (body, cache_state) = archiver.get_body_and_cache(path);
-    assert_eq!(cache_state, "miss", "the old series' file was served");
-    assert!(body == current, "not the current series' bytes");
+    plain.assert_restart_generates(&sandbox, path, &current);
 }
 
 #[test]

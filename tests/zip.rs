@@ -135,17 +135,7 @@ fn a_restart_does_not_serve_a_zip_of_the_older_byte_series() {
     let plain = SeriesRepo::new(&sandbox);
     let path = "/acme/plain/archive/main.zip";
 
-    let archiver = Archiver::start_with_cache(&sandbox.repos(), &plain.cache_dir, &[]);
-    let (current, miss) = archiver.get_body_and_cache(path);
-    assert_eq!(miss, "miss");
-    drop(archiver);
-    // The key formula reproduces the archiver's: its file is named by it.
-    let current_path = plain.cached_file("v3", "zip", "Zip(6)", &current);
-    assert!(
-        current_path.is_file(),
-        "{current_path:?} in {:?}",
-        std::fs::read_dir(&plain.cache_dir).map(|d| d.count())
-    );
+    let (current, current_path) = plain.generate(&sandbox, path, "v3", "zip", "Zip(6)");
 
     // What an archiver of series v2 left behind: git's own zip, under the
     // key of v2 (where the zip was git's bytes, `Compression::None`).
@@ -155,9 +145,5 @@ fn a_restart_does_not_serve_a_zip_of_the_older_byte_series() {
         .archive("zip", "plain-main/", &plain.commit, None);
     assert_ne!(old, current);
     std::fs::write(plain.cached_file("v2", "zip", "None", &old), &old).expect("write the old file");
-
-    let archiver = Archiver::start_with_cache(&sandbox.repos(), &plain.cache_dir, &[]);
-    let (body, cache_state) = archiver.get_body_and_cache(path);
-    assert_eq!(cache_state, "miss", "the old series' file was served");
-    assert!(body == current, "not the current series' bytes");
+    plain.assert_restart_generates(&sandbox, path, &current);
 }

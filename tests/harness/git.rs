@@ -18,6 +18,8 @@ use std::process::{Child, Command, Stdio};
 
 use tempfile::TempDir;
 
+use crate::service::Archiver;
+
 // ---------------------------------------------------------------------------
 // Deterministic data
 
@@ -475,6 +477,40 @@ impl SeriesRepo {
         let key = hex::encode(key.finalize());
         self.cache_dir
             .join(format!("{key}-{}", hex::encode(Sha256::digest(bytes))))
+    }
+
+    /// A cold generation of `path` by an archiver over this cache, stopped
+    /// after it: the body, and its file, named the way byte `series` names
+    /// it ([`SeriesRepo::cached_file`]).
+    pub fn generate(
+        &self,
+        sandbox: &Sandbox,
+        path: &str,
+        series: &str,
+        ext: &str,
+        compression: &str,
+    ) -> (Vec<u8>, PathBuf) {
+        let archiver = Archiver::start_with_cache(&sandbox.repos(), &self.cache_dir, &[]);
+        let (body, cache_state) = archiver.get_body_and_cache(path);
+        assert_eq!(cache_state, "miss");
+        drop(archiver);
+        // The key formula reproduces the archiver's: its file is named by it.
+        let file = self.cached_file(series, ext, compression, &body);
+        assert!(
+            file.is_file(),
+            "{file:?} in {:?}",
+            fs::read_dir(&self.cache_dir).map(|d| d.count())
+        );
+        (body, file)
+    }
+
+    /// An archiver started again over this cache generates `path` anew,
+    /// `current`'s bytes, whatever an older series left in the cache.
+    pub fn assert_restart_generates(&self, sandbox: &Sandbox, path: &str, current: &[u8]) {
+        let archiver = Archiver::start_with_cache(&sandbox.repos(), &self.cache_dir, &[]);
+        let (body, cache_state) = archiver.get_body_and_cache(path);
+        assert_eq!(cache_state, "miss", "the old series' file was served");
+        assert!(body == current, "not the current series' bytes");
     }
 }
 
