@@ -20,6 +20,10 @@
 //! - An evicted file is unlinked at once. Readers that still hold it keep its
 //!   space pinned (tmpfs frees it at the last close); those bytes are counted
 //!   in `held_bytes` until the last reader's `Arc<CacheFile>` is dropped.
+//!   So are a failed generation's: its partial is unlinked at once, and
+//!   what it had written counts as held until the last reader's
+//!   `Arc<Generation>` is dropped. Readers learn of the failure at once
+//!   (`Generation::failed`), also while they wait for a slow client.
 //! - On start, files named like complete entries are re-indexed (oldest
 //!   first, by mtime; of two files of one key only the newest is kept, the
 //!   other deleted) and leftover partials deleted: a restart keeps the
@@ -95,11 +99,43 @@ pub struct Generation {
     /// many readers tail it.
     pub file: Arc<std::fs::File>,
     progress: watch::Receiver<Progress>,
+    /// Cancelled when the generation fails, right after the progress says
+    /// so: a download that waits on its client's socket, and not on the
+    /// progress, stops at once rather than at its next look.
+    failed: CancellationToken,
+    /// Set when the generation failed while readers held its unlinked
+    /// partial file: the bytes counted as held, given back on drop.
+    held: std::sync::OnceLock<(u64, Arc<AtomicU64>)>,
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        // The last reader of a failed generation is gone: tmpfs frees its
+        // partial file now.
+        if let Some((bytes, held_bytes)) = self.held.get() {
+            let held = held_bytes.fetch_sub(*bytes, Ordering::AcqRel) - bytes;
+            gauge!(m::CACHE_HELD_BYTES).set(held as f64);
+        }
+    }
 }
 
 impl Generation {
     pub fn progress(&self) -> watch::Receiver<Progress> {
         self.progress.clone()
+    }
+
+    /// Cancelled when the generation has failed.
+    pub fn failed(&self) -> &CancellationToken {
+        &self.failed
+    }
+
+    /// Counts `bytes` of the unlinked partial file as held until the last
+    /// holder of this generation lets go.
+    fn hold(&self, bytes: u64, held_bytes: &Arc<AtomicU64>) {
+        if bytes > 0 && self.held.set((bytes, held_bytes.clone())).is_ok() {
+            let held = held_bytes.fetch_add(bytes, Ordering::AcqRel) + bytes;
+            gauge!(m::CACHE_HELD_BYTES).set(held as f64);
+        }
     }
 
     /// Waits until the first bytes are in the file or the generation ended,
@@ -343,6 +379,8 @@ impl Cache {
             partial,
             file: Arc::new(file),
             progress: receiver,
+            failed: CancellationToken::new(),
+            held: std::sync::OnceLock::new(),
         });
         index.generating.insert(key.clone(), generation.clone());
         drop(index);
@@ -520,16 +558,27 @@ impl Cache {
         if let Err(error) = std::fs::remove_file(partial) {
             tracing::error!(%error, "cannot remove a failed partial file");
         }
-        {
+        let generation = {
             let mut index = self.lock();
-            index.generating.remove(key);
+            let generation = index.generating.remove(key);
             index.bytes -= written;
             self.publish(&index);
+            generation
+        };
+        if let Some(generation) = &generation {
+            // Readers (besides this one) still have the unlinked file open:
+            // its bytes move from the cache's to the held ones.
+            if Arc::strong_count(generation) > 1 {
+                generation.hold(written, &self.held_bytes);
+            }
         }
         if failure != Failure::Busy {
             tracing::warn!(outcome = failure.outcome(), "generation failed");
         }
         progress.send_modify(|p| p.state = State::Failed(failure));
+        if let Some(generation) = &generation {
+            generation.failed.cancel();
+        }
     }
 
     /// Accounts `delta` more bytes written by the generation of `key`;
@@ -635,6 +684,8 @@ impl Generation {
             partial,
             file: Arc::new(file),
             progress,
+            failed: CancellationToken::new(),
+            held: std::sync::OnceLock::new(),
         };
         (Arc::new(generation), sender)
     }
@@ -656,7 +707,7 @@ impl CacheFile {
 
 #[cfg(test)]
 impl Cache {
-    /// Bytes of evicted files that readers still hold.
+    /// Bytes of evicted files and failed partials that readers still hold.
     pub(crate) fn held_bytes(&self) -> u64 {
         self.held_bytes.load(Ordering::SeqCst)
     }
@@ -917,6 +968,8 @@ mod tests {
         // stopped at the growth it was denied.
         drop(feed);
         assert_eq!(failure(within(large.finished()).await), Failure::TooLarge);
+        // Its unlinked partial was held while we held the generation.
+        drop(large);
 
         assert_eq!(bytes(&cache), 2 * archive);
         for (n, path) in [1, 2].into_iter().zip(&popular) {
@@ -982,6 +1035,58 @@ mod tests {
         drop(a);
         assert_eq!(held(&cache), archive, "one holder is left");
         drop(second_holder);
+        assert_eq!(held(&cache), 0);
+    }
+
+    #[tokio::test]
+    async fn a_failed_generation_still_held_counts_as_held_until_dropped() {
+        let stub = StubGit::new(b"", 1);
+        let mut feed = stub.feed();
+        let cache = open(&stub, 1 << 20);
+        // A download tailing the generation holds it (and its file).
+        let generation = miss(cache.lookup(stub.spec(1), "r"));
+        let second_holder = generation.clone();
+        feed.send(&[b'x'; 100]);
+        written(&generation, HEADER_LEN + 100).await;
+        assert!(!generation.failed().is_cancelled());
+
+        // git exits 1: the partial is unlinked, and what it wrote moves
+        // from the cache's bytes to the held ones while it is open.
+        drop(feed);
+        assert_eq!(
+            failure(within(generation.finished()).await),
+            Failure::Failed
+        );
+        // Readers are told right after the progress says it.
+        within(generation.failed().cancelled()).await;
+        assert!(!generation.partial.exists());
+        assert_eq!(bytes(&cache), 0);
+        assert_eq!(held(&cache), HEADER_LEN + 100);
+
+        drop(generation);
+        assert_eq!(held(&cache), HEADER_LEN + 100, "one holder is left");
+        drop(second_holder);
+        assert_eq!(held(&cache), 0);
+    }
+
+    #[tokio::test]
+    async fn a_generation_failed_without_readers_holds_nothing() {
+        let stub = StubGit::new(b"", 1);
+        let mut feed = stub.feed();
+        let cache = open(&stub, 1 << 20);
+        let generation = miss(cache.lookup(stub.spec(1), "r"));
+        let mut progress = generation.progress();
+        let failed = generation.failed().clone();
+        feed.send(&[b'x'; 100]);
+        written(&generation, HEADER_LEN + 100).await;
+        drop(generation);
+        drop(feed);
+        within(failed.cancelled()).await;
+        assert!(matches!(
+            progress.borrow_and_update().state,
+            State::Failed(_)
+        ));
+        assert_eq!(bytes(&cache), 0);
         assert_eq!(held(&cache), 0);
     }
 

@@ -72,7 +72,7 @@ pub fn describe(cache_max_bytes: u64, budget_max_clients: usize) {
     describe_gauge!(
         CACHE_HELD_BYTES,
         Unit::Bytes,
-        "Bytes of evicted files still held open by readers (tmpfs space not yet freed)."
+        "Bytes of evicted files and failed generations' partial files still held open by readers (tmpfs space not yet freed)."
     );
     describe_gauge!(
         CACHE_MAX_BYTES,

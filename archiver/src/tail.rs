@@ -47,6 +47,7 @@ use tokio::sync::{OnceCell, watch};
 
 use crate::cache::{CacheFile, Generation, Progress, State};
 use crate::conditional::ByteRange;
+use crate::generate::Failure;
 use crate::metrics as m;
 
 /// Size of one body read, and the alignment of shared blocks. A stalled
@@ -445,12 +446,7 @@ impl Reader {
                             self.source = Source::Complete(file);
                             len
                         }
-                        State::Failed(failure) => {
-                            return Err(io::Error::other(format!(
-                                "generation failed: {}",
-                                failure.outcome()
-                            )));
-                        }
+                        State::Failed(failure) => return Err(generation_failed(&failure)),
                         State::Running
                             if worth_reading(self.position, self.end, snapshot.written) =>
                         {
@@ -491,6 +487,27 @@ impl Reader {
             break self.end.map_or(available, |end| end.min(available));
         };
         Ok((!self.at_end()).then_some(available))
+    }
+
+    /// Resolves when the generation this reader tails has failed; never
+    /// for a complete archive. Owned: it borrows nothing of the reader.
+    fn generation_failed(&self) -> impl Future<Output = io::Error> + Send + 'static {
+        let tailed = match &self.source {
+            Source::Growing(generation) => {
+                Some((generation.failed().clone(), generation.progress()))
+            }
+            Source::Complete(_) => None,
+        };
+        async move {
+            let Some((failed, progress)) = tailed else {
+                return std::future::pending().await;
+            };
+            failed.cancelled_owned().await;
+            match &progress.borrow().state {
+                State::Failed(failure) => generation_failed(failure),
+                _ => io::Error::other("generation failed"),
+            }
+        }
     }
 
     async fn next(&mut self) -> io::Result<Option<Bytes>> {
@@ -580,8 +597,15 @@ impl FileBody for FileSend {
                         .min(SENDFILE_CALL_BYTES);
                     // A socket error is the client's (gone, or stalled past
                     // the timeout): the download's record says so when
-                    // dropped.
-                    let sent = socket.send_file(&file, reader.position, count).await?;
+                    // dropped. A generation that fails meanwhile ends the
+                    // body at once, also while the client is slow to take
+                    // bytes: what it announced before is not sent on, and
+                    // its unlinked file is let go.
+                    let sent = tokio::select! {
+                        biased;
+                        error = reader.generation_failed() => return Err(download.fail(error)),
+                        sent = socket.send_file(&file, reader.position, count) => sent?,
+                    };
                     if sent == 0 {
                         let error = io::Error::other("archive file shorter than announced");
                         return Err(download.fail(error));
@@ -604,6 +628,11 @@ impl FileBody for FileSend {
             Ok(())
         })
     }
+}
+
+/// The error a download of a failed generation ends with.
+fn generation_failed(failure: &Failure) -> io::Error {
+    io::Error::other(format!("generation failed: {}", failure.outcome()))
 }
 
 /// Whether a growing file has enough past a reader's `position` to
@@ -1161,5 +1190,67 @@ mod tests {
             pool.give_back(vec![0; READ_CHUNK_BYTES]);
         }
         assert_eq!(pool.free.lock().unwrap().len(), POOLED_BLOCKS);
+    }
+
+    /// The deleted partial file of a failed generation, if this process
+    /// still has it open.
+    fn deleted_partial_open(path: &std::path::Path) -> bool {
+        let deleted = format!("{} (deleted)", path.display());
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+            .any(|target| target.as_os_str() == deleted.as_str())
+    }
+
+    #[tokio::test]
+    async fn a_sendfile_download_ends_at_once_when_its_generation_fails_while_the_client_is_slow() {
+        const LEN: usize = 16 * 1024 * 1024;
+        let dir = tempfile::tempdir().unwrap();
+        let (generation, progress, mut writer, path) = growing(&dir);
+        let data = pattern(LEN);
+        writer.write_all(&data).unwrap();
+        progress.send_modify(|p| p.written = LEN as u64);
+
+        // A client that takes nothing: the body fills the socket buffers and
+        // waits on the socket, far from the end of what was announced.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpSocket::new_v4().unwrap();
+        client.set_recv_buffer_size(64 * 1024).unwrap();
+        let client = client
+            .connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let mut socket = gitball_core::server::StallGuard::new(
+            server,
+            // Far beyond the test's bound: not what ends the body.
+            std::time::Duration::from_secs(600),
+            gitball_core::server::ClientWrites::default(),
+        );
+        let body = Box::new(FileSend {
+            reader: Reader::open(Source::Growing(generation.clone()), None).unwrap(),
+            chunked: true,
+            download: Download::start(log("tail-sendfile-failed")),
+        });
+        let mut sending = tokio::spawn(async move { body.send(&mut socket).await });
+        let waiting = tokio::time::timeout(std::time::Duration::from_millis(200), &mut sending);
+        assert!(waiting.await.is_err(), "the body waits for the client");
+
+        // The generation fails as `Cache::fail` does it.
+        std::fs::remove_file(&path).unwrap();
+        progress.send_modify(|p| p.state = State::Failed(Failure::TooLarge));
+        generation.failed().cancel();
+        drop((generation, writer));
+
+        // The body ends with the failure, without a byte more taken by the
+        // client, and lets the unlinked file go.
+        let error = within(sending).await.unwrap().unwrap_err();
+        assert!(error.to_string().contains("too_large"), "{error}");
+        assert_eq!(
+            record("tail-sendfile-failed").unwrap().ending,
+            Ending::Aborted
+        );
+        assert!(!deleted_partial_open(&path));
+        drop(client);
     }
 }
