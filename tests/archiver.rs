@@ -20,9 +20,10 @@ use std::time::{Duration, Instant};
 
 use gitball_e2e::{
     Archiver, BodyEnd, Metrics, RawConnection, RepoBuilder, Sandbox, assert_same_stream, base64,
-    cached_dir, child_processes, header, holds_connection_to, http_client, http_date, pipe_through,
-    process_alive, process_dir, process_nice, pseudo_random_bytes, pseudo_text, sha256_hex,
-    tar_entry_names, thread_nice_values, tree_snapshot, wait_until, zip_entry_names,
+    cached_dir, child_processes, deleted_files_open, header, holds_connection_to, http_client,
+    http_date, pipe_through, process_alive, process_dir, process_nice, pseudo_random_bytes,
+    pseudo_text, sha256_hex, tar_entry_names, thread_nice_values, tree_snapshot, wait_until,
+    zip_entry_names,
 };
 use gitball_e2e::{SeriesRepo, assert_same_zip_entries, assert_zip_readers_accept};
 use sha2::{Digest, Sha256};
@@ -1594,6 +1595,60 @@ fn generation_over_max_archive_bytes_is_killed_aborted_and_not_cached() {
     expect_aborted_download(&archiver, SLOW_PATH, "miss");
     assert_generation_discarded(&archiver, SLOW_PATH, "tar.zst", "too_large", 2.0);
     assert_eq!(archiver.health_status(), Some(200));
+}
+
+/// A generation that fails while a download waits on its client, which
+/// takes nothing, ends that download at once: the bytes announced before
+/// the failure are not sent on, and the unlinked partial file is let go,
+/// not held until the client reads on or is cut for idleness
+/// (docs/archiver.md, "Archive files are sent with `sendfile`").
+#[test]
+fn a_generation_failing_while_its_client_takes_nothing_ends_the_download_at_once() {
+    let big = big_repo();
+    // The tar.gz (of random bytes: as large as the tar) grows past the
+    // bound within seconds, far ahead of what the socket buffers of a
+    // client that reads nothing take, and slowly enough that the body is
+    // waiting on the socket by then. (Such a client
+    // is cut for its stalled writes only after 300 s.)
+    let archiver = Archiver::start(&big.repos, &["--max-archive-bytes", "32MiB"]);
+    let (mut connection, head) = open_download(&archiver, "/acme/big/archive/main.tar.gz");
+    assert_eq!(head.status, 200);
+    assert_generation_discarded(
+        &archiver,
+        "/acme/big/archive/main.tar.gz",
+        "tar.gz",
+        "too_large",
+        1.0,
+    );
+
+    let ended = wait_until(Duration::from_secs(10), || {
+        active_downloads(&archiver) == 0.0
+            && deleted_files_open(archiver.pid, &archiver.cache_dir).is_empty()
+    });
+    assert!(
+        ended,
+        "the failed generation's download still runs ({} active) or holds {:?}",
+        active_downloads(&archiver),
+        deleted_files_open(archiver.pid, &archiver.cache_dir)
+    );
+    assert_eq!(
+        archiver
+            .metrics()
+            .value("gitball_archiver_cache_held_bytes", &[]),
+        0.0
+    );
+
+    // What the socket buffers held arrives, then the abort.
+    let mut received = 0;
+    let end = connection.read_body_to_end(|piece| received += piece.len());
+    assert!(
+        matches!(end, BodyEnd::Aborted(_)),
+        "{end:?} after {received} bytes"
+    );
+    assert!(
+        (received as u64) < 16 * MIB,
+        "{received} bytes sent after a failure at 32 MiB to a client that read nothing"
+    );
 }
 
 // ---------------------------------------------------------------------------

@@ -28,6 +28,21 @@ pub fn open_fd_count(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
+/// The files under `dir` that process `pid` holds open after they were
+/// unlinked (`/proc/PID/fd` links that end in ` (deleted)`).
+pub fn deleted_files_open(pid: u32, dir: &std::path::Path) -> Vec<String> {
+    let Ok(entries) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| fs::read_link(entry.ok()?.path()).ok())
+        .map(|target| target.to_string_lossy().into_owned())
+        .filter(|target| {
+            target.starts_with(&*dir.to_string_lossy()) && target.ends_with(" (deleted)")
+        })
+        .collect()
+}
+
 /// Whether process `pid` holds an open socket connected to `peer` (an IPv4
 /// TCP peer on this host): `/proc/PID/net/tcp`'s entries whose remote end is
 /// `peer`, looked up among the socket inodes of `/proc/PID/fd`. A socket the
