@@ -484,6 +484,59 @@ fn archives_whose_export_subst_reads_refs_change_etag_with_the_refs() {
     );
 }
 
+/// What `export-subst` writes besides refs must not depend on anything the
+/// ETag does not cover: abbreviated ids are written whole (git's length
+/// grows with the object count, and a shared prefix lengthens it) and
+/// relative dates are relative to the commit, not to the clock. Objects
+/// pushed without a ref change (here 20,000 unreachable blobs: git's
+/// abbreviation would grow from 7 to 8 digits) leave the bytes and the
+/// ETag as they were.
+#[test]
+fn export_subst_bytes_do_not_follow_the_object_count_or_the_clock() {
+    let sandbox = Sandbox::new();
+    let source = sandbox.source_repo("src/widget");
+    source.write(".gitattributes", "version.txt export-subst\n");
+    source.write(
+        "version.txt",
+        "h=$Format:%h$ t=$Format:%t$ describe=$Format:%(describe)$ cr=$Format:%cr$\n",
+    );
+    source.git(&["add", "-A"]);
+    source.git_at(1_700_000_000, &["commit", "-q", "-m", "one"]);
+    source.git_at(1_700_000_000, &["tag", "-a", "v1.0", "-m", "v1.0"]);
+    let commit = source.rev_parse("HEAD");
+    let tree = source.rev_parse("HEAD^{tree}");
+    let git_dir = sandbox.repos().join("acme/widget.git");
+    source.git(&["clone", "-q", "--bare", ".", git_dir.to_str().unwrap()]);
+    let url = format!("/acme/widget/archive/{commit}.tar");
+    let fetch = || {
+        // A fresh cache each time: the bytes are made again.
+        let archiver = Archiver::start(&sandbox.repos(), &[]);
+        let response = archiver.get(&url);
+        assert_eq!(response.status().as_u16(), 200);
+        let etag = gitball_e2e::header(&response, "etag").to_owned();
+        (etag, response.bytes().unwrap().to_vec())
+    };
+
+    let (etag, before) = fetch();
+    let text = String::from_utf8_lossy(&before);
+    let expected = format!("h={commit} t={tree} describe=v1.0 cr=0 seconds ago\n");
+    assert!(text.contains(&expected), "version.txt is not {expected:?}");
+
+    let mut blobs = Vec::new();
+    for n in 0..20_000 {
+        let data = format!("unreachable {n}\n");
+        blobs.extend_from_slice(format!("blob\ndata {}\n{data}\n", data.len()).as_bytes());
+    }
+    RepoBuilder::open(&git_dir, &sandbox.home()).git_with_input(
+        None,
+        &["fast-import", "--quiet"],
+        &blobs,
+    );
+    let (etag_after, after) = fetch();
+    assert_eq!(etag_after, etag, "the refs did not change");
+    assert!(before == after, "new bytes under the same ETag");
+}
+
 /// A stub git that writes the start of a tar, pauses, and fails: a
 /// generation that fails midway.
 fn failing_midway(sandbox: &Sandbox) -> PathBuf {

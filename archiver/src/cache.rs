@@ -499,6 +499,12 @@ impl Cache {
             .record(started.elapsed().as_secs_f64());
 
         let written = accounted.load(Ordering::Acquire);
+        let result = match (result, &spec.refs) {
+            (Ok(finished), Some(refs)) => {
+                refs_unchanged(&spec.git_dir, refs).await.map(|()| finished)
+            }
+            (result, _) => result,
+        };
         let finished = match result {
             Ok(finished) => finished,
             Err(failure) => {
@@ -663,6 +669,31 @@ fn parse_complete_name(name: &str) -> Option<(String, [u8; 32])> {
     let mut digest = [0u8; 32];
     hex::decode_to_slice(sha256, &mut digest).ok()?;
     Some((key.to_owned(), digest))
+}
+
+/// For an archive keyed by the refs (`Spec::refs`): whether they are still
+/// `refs` now that git has run. git reads them when it runs, which may be
+/// long after the request was resolved (a queue, a long generation): bytes
+/// made from other refs than the key's would be new bytes under an old
+/// ETag, so they are not kept.
+async fn refs_unchanged(git_dir: &Path, refs: &str) -> Result<(), Failure> {
+    let git_dir = git_dir.to_path_buf();
+    let now = tokio::task::spawn_blocking(move || crate::repo::refs_digest_at(&git_dir)).await;
+    match now {
+        Ok(Ok(now)) if now == refs => Ok(()),
+        Ok(Ok(_)) => {
+            tracing::warn!("the refs changed while git ran; the archive is not kept");
+            Err(Failure::Failed)
+        }
+        Ok(Err(error)) => {
+            tracing::error!(%error, "cannot read the refs again after git ran");
+            Err(Failure::Failed)
+        }
+        Err(error) => {
+            tracing::error!(%error, "reading the refs after git ran panicked");
+            Err(Failure::Failed)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1088,6 +1119,29 @@ mod tests {
         ));
         assert_eq!(bytes(&cache), 0);
         assert_eq!(held(&cache), 0);
+    }
+
+    #[tokio::test]
+    async fn an_archive_keyed_by_refs_that_changed_while_git_ran_is_not_kept() {
+        let stub = StubGit::printing(&[b'x'; 100]);
+        let cache = open(&stub, 1 << 20);
+        let now = crate::repo::refs_digest_at(&stub.git_dir()).unwrap();
+        let mut spec = stub.spec(1);
+        spec.refs = Some(now);
+        generate(&cache, spec).await;
+
+        // Resolved under refs that are no longer those git read.
+        let mut spec = stub.spec(2);
+        spec.refs = Some("0".repeat(64));
+        let generation = miss(cache.lookup(spec.clone(), "r"));
+        assert_eq!(
+            failure(within(generation.finished()).await),
+            Failure::Failed
+        );
+        drop(generation);
+        assert!(cache.peek(&spec).is_none(), "nothing indexed");
+        assert_eq!(bytes(&cache), HEADER_LEN + 100, "the first one only");
+        assert_eq!(names_in(&stub.cache_dir()).len(), 1);
     }
 
     #[tokio::test]

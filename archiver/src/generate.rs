@@ -135,6 +135,8 @@ impl Spec {
         if let Some(refs) = &self.refs {
             hasher.update(b"\0refs\0");
             hasher.update(refs);
+            hasher.update(b"\0");
+            hasher.update(SUBSTITUTION_SERIES);
         }
         // The first 16 hex digits of the digest.
         let digest = hasher.finalize();
@@ -181,6 +183,14 @@ pub fn byte_series(format: Format) -> &'static str {
         Format::TarZst => "v4",
     }
 }
+
+/// The byte series of what `export-subst` writes, part of the variant of
+/// every archive whose tree asks for it (on top of its format's series).
+/// Series 2 (December 2026): abbreviated ids are written whole and relative
+/// dates are relative to the commit (`shadow::CONFIG`, [`command`]); in
+/// series 1 both depended on things the refs digest does not cover (the
+/// object count, other objects' prefixes, the clock).
+pub const SUBSTITUTION_SERIES: &str = "s2";
 
 /// Limits one generation runs under.
 #[derive(Clone, Copy, Debug)]
@@ -684,6 +694,11 @@ pub fn command(git: &Path, spec: &Spec, shadow: &Path) -> Command {
         .env("GIT_CONFIG_GLOBAL", "/dev/null")
         .env("GIT_ATTR_NOSYSTEM", "1")
         .env("GIT_TERMINAL_PROMPT", "0")
+        // "Now" for `export-subst`'s relative dates (`%cr`, `%ar`): the
+        // commit's time, so they read the same whenever the archive is made
+        // ("0 seconds ago" for `%cr`) instead of following the clock. git
+        // reads this variable wherever it asks for the current time.
+        .env("GIT_TEST_DATE_NOW", spec.commit_time.to_string())
         .arg("--no-replace-objects")
         .arg("--literal-pathspecs")
         .arg(format!("--git-dir={}", shadow.display()))
@@ -790,6 +805,8 @@ mod tests {
         if let Some(refs) = &spec.refs {
             hasher.update(b"\0refs\0");
             hasher.update(refs);
+            // Added with substitution series 2; series 1 had nothing here.
+            hasher.update(b"\0s2");
         }
         let digest = hex::encode(hasher.finalize());
         format!("{}-{}", spec.format.ext(), &digest[..16])
@@ -816,5 +833,29 @@ mod tests {
         spec.refs = Some("ab".repeat(32));
         assert_eq!(spec.variant(), variant_as_first_written(&spec));
         assert_eq!(hex_string(&[0x00, 0x9f, 0xff]), "009fff");
+    }
+
+    #[test]
+    fn archives_that_substitute_left_substitution_series_1() {
+        let spec = Spec {
+            git_dir: "/repos/acme/widget.git".into(),
+            common_dir: "/repos/acme/widget.git".into(),
+            repository: "acme/widget".to_owned(),
+            commit: "d09ef0477bd07b7eae1deee68c5f502d5e75a88b".to_owned(),
+            format: Format::Tar,
+            prefix: "widget-1.0/".to_owned(),
+            subtree: None,
+            compression: Compression::None,
+            refs: Some("ab".repeat(32)),
+            commit_time: 1_700_000_000,
+        };
+        // Series 1's variant of this spec, as served before: its files are
+        // never served as series 2.
+        let mut series_1 = Sha256::new();
+        series_1.update(b"v2\0tar\0None\0widget-1.0/\0\0refs\0");
+        series_1.update("ab".repeat(32));
+        let series_1 = format!("tar-{}", &hex::encode(series_1.finalize())[..16]);
+        assert_ne!(spec.variant(), series_1);
+        assert_eq!(SUBSTITUTION_SERIES, "s2");
     }
 }

@@ -374,6 +374,49 @@ fn is_repository(dir: &Path) -> bool {
         || gix::discover::is_git(dir).is_ok()
 }
 
+/// The digest of `repo`'s refs and `HEAD` (see [`Repository::refs_digest`]).
+fn refs_digest_of(repo: &gix::Repository) -> Result<String, Error> {
+    let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+    let references = repo
+        .references()
+        .map_err(|err| Error::internal(format_args!("listing refs: {err}")))?;
+    let all = references
+        .all()
+        .map_err(|err| Error::internal(format_args!("listing refs: {err}")))?;
+    let mut lines = Vec::new();
+    for reference in all {
+        let reference =
+            reference.map_err(|err| Error::internal(format_args!("reading a ref: {err}")))?;
+        let target = match reference.target() {
+            TargetRef::Object(id) => id.to_hex().to_string(),
+            TargetRef::Symbolic(name) => format!("ref: {}", name.as_bstr()),
+        };
+        lines.push(format!("{} {target}\n", reference.name().as_bstr()));
+    }
+    lines.sort();
+    let head = match repo.head_id() {
+        Ok(id) => id.to_hex().to_string(),
+        Err(_) => "unborn".to_owned(),
+    };
+    lines.push(format!("HEAD {head}\n"));
+    for line in &lines {
+        sha2::Digest::update(&mut hasher, line.as_bytes());
+    }
+    Ok(hex::encode(sha2::Digest::finalize(hasher)))
+}
+
+/// The refs digest of the repository at `git_dir` (canonical, checked when
+/// it was first opened) as it is now, read afresh: a generation whose
+/// archive depends on the refs checks after git ran that they are still
+/// those of its key.
+pub fn refs_digest_at(git_dir: &Path) -> Result<String, Error> {
+    let repo = gix::open::Options::isolated()
+        .config_overrides(["core.useReplaceRefs=false"])
+        .open(git_dir)
+        .map_err(|err| Error::internal(format_args!("opening {}: {err}", git_dir.display())))?;
+    refs_digest_of(&repo.to_thread_local())
+}
+
 /// Opens the repository at `path` if there is one. With `confine_to`, the
 /// directory and the git dir it leads to must both be under that directory.
 /// `Ok(None)` means "not here": missing, not a repository, or outside.
@@ -808,34 +851,7 @@ impl Repository {
     }
 
     fn list_refs_digest(&self) -> Result<String, Error> {
-        let repo = self.repo.to_thread_local();
-        let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
-        let references = repo
-            .references()
-            .map_err(|err| Error::internal(format_args!("listing refs: {err}")))?;
-        let all = references
-            .all()
-            .map_err(|err| Error::internal(format_args!("listing refs: {err}")))?;
-        let mut lines = Vec::new();
-        for reference in all {
-            let reference =
-                reference.map_err(|err| Error::internal(format_args!("reading a ref: {err}")))?;
-            let target = match reference.target() {
-                TargetRef::Object(id) => id.to_hex().to_string(),
-                TargetRef::Symbolic(name) => format!("ref: {}", name.as_bstr()),
-            };
-            lines.push(format!("{} {target}\n", reference.name().as_bstr()));
-        }
-        lines.sort();
-        let head = match repo.head_id() {
-            Ok(id) => id.to_hex().to_string(),
-            Err(_) => "unborn".to_owned(),
-        };
-        lines.push(format!("HEAD {head}\n"));
-        for line in &lines {
-            sha2::Digest::update(&mut hasher, line.as_bytes());
-        }
-        Ok(hex::encode(sha2::Digest::finalize(hasher)))
+        refs_digest_of(&self.repo.to_thread_local())
     }
 
     /// True when `path` (a literal relative path, validated by

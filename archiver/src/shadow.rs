@@ -16,7 +16,9 @@
 //!   object is there (the repository's own alternates were checked to stay
 //!   under `--repos` when it was opened, see `repo`);
 //! - `refs` and `packed-refs`: symlinks to the repository's, so ref-dependent
-//!   `export-subst` placeholders (`%D`, `%(describe)`) expand as before;
+//!   `export-subst` placeholders (`%D`, `%(describe)`) expand as before (git
+//!   reads them when it runs: `cache` checks afterwards that they are still
+//!   those of the archive's key);
 //! - `HEAD`: a copy of the repository's (git refuses a symlinked `HEAD`
 //!   that leads out of the git dir), refreshed before each generation.
 //!
@@ -35,8 +37,15 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-/// The shadow's whole configuration.
-const CONFIG: &str = "[core]\n\trepositoryformatversion = 0\n\tbare = true\n";
+/// The shadow's whole configuration. `abbrev = no`: `export-subst`'s
+/// abbreviated ids (`%h`, `%p`, `%t`, `%(describe)`) are written whole.
+/// git's default length grows with the repository's object count, and any
+/// length is lengthened where another object shares the prefix, so a push
+/// of unrelated (even unreachable) objects, or a replica with more of
+/// them, changed the bytes under the same refs and ETag; a prefix can also
+/// be forged. Only the whole id is decided by the commit alone
+/// (docs/urls.md, "Archives that read refs").
+const CONFIG: &str = "[core]\n\trepositoryformatversion = 0\n\tbare = true\n\tabbrev = no\n";
 
 /// Where one cache keeps its shadow git dirs: a private (mode 0700)
 /// temporary directory, removed when dropped.
