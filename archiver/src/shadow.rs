@@ -37,15 +37,16 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-/// The shadow's whole configuration. `abbrev = no`: `export-subst`'s
-/// abbreviated ids (`%h`, `%p`, `%t`, `%(describe)`) are written whole.
+/// The shadow's whole configuration. `abbrev = 40`: `export-subst`'s
+/// abbreviated ids (`%h`, `%p`, `%t`, `%(describe)`) are written with 40
+/// hex digits, a SHA-1 id whole (`no` says the same only since git 2.31).
 /// git's default length grows with the repository's object count, and any
 /// length is lengthened where another object shares the prefix, so a push
 /// of unrelated (even unreachable) objects, or a replica with more of
 /// them, changed the bytes under the same refs and ETag; a prefix can also
 /// be forged. Only the whole id is decided by the commit alone
 /// (docs/urls.md, "Archives that read refs").
-const CONFIG: &str = "[core]\n\trepositoryformatversion = 0\n\tbare = true\n\tabbrev = no\n";
+const CONFIG: &str = "[core]\n\trepositoryformatversion = 0\n\tbare = true\n\tabbrev = 40\n";
 
 /// Where one cache keeps its shadow git dirs: a private (mode 0700)
 /// temporary directory, removed when dropped.
