@@ -476,12 +476,12 @@ impl Cache {
                 fits
             })
         };
-        let result = match self.shadows.prepare(&spec.git_dir, &spec.common_dir) {
+        let result = match self.clone().shadow_for(&spec).await {
             Ok(shadow) => {
                 generate::run(
                     &self.settings.git,
                     &spec,
-                    &shadow,
+                    shadow.path(),
                     &partial,
                     self.settings.limits,
                     growth,
@@ -489,22 +489,13 @@ impl Cache {
                 )
                 .await
             }
-            Err(error) => {
-                tracing::error!(%error, "cannot prepare the git dir to run in");
-                Err(Failure::Failed)
-            }
+            Err(failure) => Err(failure),
         };
         gauge!(m::GENERATIONS_IN_FLIGHT).decrement(1.0);
         histogram!(m::GENERATION_DURATION, "format" => format)
             .record(started.elapsed().as_secs_f64());
 
         let written = accounted.load(Ordering::Acquire);
-        let result = match (result, &spec.refs) {
-            (Ok(finished), Some(refs)) => {
-                refs_unchanged(&spec.git_dir, refs).await.map(|()| finished)
-            }
-            (result, _) => result,
-        };
         let finished = match result {
             Ok(finished) => finished,
             Err(failure) => {
@@ -585,6 +576,44 @@ impl Cache {
         if let Some(generation) = &generation {
             generation.failed.cancel();
         }
+    }
+
+    /// The git dir git runs in for `spec`: the repository's shared shadow,
+    /// or for an archive keyed by the refs (`Spec::refs`) a shadow of the
+    /// generation's own holding those refs as they are now, which must
+    /// still be the key's (they may have changed while the request queued).
+    async fn shadow_for(self: Arc<Self>, spec: &Spec) -> Result<ShadowDir, Failure> {
+        let Some(refs) = spec.refs.clone() else {
+            return self
+                .shadows
+                .prepare(&spec.git_dir, &spec.common_dir)
+                .map(ShadowDir::Shared)
+                .map_err(|error| {
+                    tracing::error!(%error, "cannot prepare the git dir to run in");
+                    Failure::Failed
+                });
+        };
+        let (git_dir, common_dir) = (spec.git_dir.clone(), spec.common_dir.clone());
+        let snapshot = tokio::task::spawn_blocking(move || {
+            let now = crate::repo::RefsSnapshot::at(&git_dir).map_err(|error| {
+                tracing::error!(%error, "cannot list the refs to run git with");
+                Failure::Failed
+            })?;
+            if now.digest() != refs {
+                tracing::info!("the refs changed since the request was resolved");
+                return Err(Failure::RefsChanged);
+            }
+            self.shadows.snapshot(&common_dir, &now).map_err(|error| {
+                tracing::error!(%error, "cannot write the refs to run git with");
+                Failure::Failed
+            })
+        })
+        .await
+        .map_err(|error| {
+            tracing::error!(%error, "listing the refs panicked");
+            Failure::Failed
+        })??;
+        Ok(ShadowDir::Snapshot(snapshot))
     }
 
     /// Accounts `delta` more bytes written by the generation of `key`;
@@ -671,27 +700,17 @@ fn parse_complete_name(name: &str) -> Option<(String, [u8; 32])> {
     Some((key.to_owned(), digest))
 }
 
-/// For an archive keyed by the refs (`Spec::refs`): whether they are still
-/// `refs` now that git has run. git reads them when it runs, which may be
-/// long after the request was resolved (a queue, a long generation): bytes
-/// made from other refs than the key's would be new bytes under an old
-/// ETag, so they are not kept.
-async fn refs_unchanged(git_dir: &Path, refs: &str) -> Result<(), Failure> {
-    let git_dir = git_dir.to_path_buf();
-    let now = tokio::task::spawn_blocking(move || crate::repo::refs_digest_at(&git_dir)).await;
-    match now {
-        Ok(Ok(now)) if now == refs => Ok(()),
-        Ok(Ok(_)) => {
-            tracing::warn!("the refs changed while git ran; the archive is not kept");
-            Err(Failure::Failed)
-        }
-        Ok(Err(error)) => {
-            tracing::error!(%error, "cannot read the refs again after git ran");
-            Err(Failure::Failed)
-        }
-        Err(error) => {
-            tracing::error!(%error, "reading the refs after git ran panicked");
-            Err(Failure::Failed)
+/// Where one generation's git runs (`Cache::shadow_for`).
+enum ShadowDir {
+    Shared(PathBuf),
+    Snapshot(crate::shadow::Snapshot),
+}
+
+impl ShadowDir {
+    fn path(&self) -> &Path {
+        match self {
+            ShadowDir::Shared(path) => path,
+            ShadowDir::Snapshot(snapshot) => snapshot.path(),
         }
     }
 }
@@ -1122,23 +1141,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_archive_keyed_by_refs_that_changed_while_git_ran_is_not_kept() {
+    async fn an_archive_keyed_by_refs_that_changed_before_it_started_is_not_made() {
         let stub = StubGit::printing(&[b'x'; 100]);
         let cache = open(&stub, 1 << 20);
-        let now = crate::repo::refs_digest_at(&stub.git_dir()).unwrap();
+        let now = crate::repo::RefsSnapshot::at(&stub.git_dir()).unwrap();
         let mut spec = stub.spec(1);
-        spec.refs = Some(now);
+        spec.refs = Some(now.digest());
         generate(&cache, spec).await;
+        assert_eq!(stub.runs().len(), 1);
 
-        // Resolved under refs that are no longer those git read.
+        // Resolved under refs that are no longer the repository's: git does
+        // not run, nothing is kept, and the request may be asked again.
         let mut spec = stub.spec(2);
         spec.refs = Some("0".repeat(64));
         let generation = miss(cache.lookup(spec.clone(), "r"));
         assert_eq!(
             failure(within(generation.finished()).await),
-            Failure::Failed
+            Failure::RefsChanged
         );
         drop(generation);
+        assert_eq!(stub.runs().len(), 1, "git did not run");
         assert!(cache.peek(&spec).is_none(), "nothing indexed");
         assert_eq!(bytes(&cache), HEADER_LEN + 100, "the first one only");
         assert_eq!(names_in(&stub.cache_dir()).len(), 1);

@@ -44,6 +44,10 @@ pub enum Error {
     Busy,
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// The refs an `export-subst` archive is keyed by changed before its
+    /// generation started: asked again, it is keyed by the new ones.
+    #[error("the repository's refs changed while the archive waited to be generated; retry")]
+    RefsChanged,
     #[error("the archive could not be generated")]
     GenerationFailed,
     #[error("the archive took too long to generate")]
@@ -73,6 +77,7 @@ impl Error {
             | Error::RangeNotSatisfiable { .. } => Fault::Client,
             Error::Busy
             | Error::ShuttingDown
+            | Error::RefsChanged
             | Error::GenerationFailed
             | Error::GenerationTimeout
             | Error::TooLarge
@@ -90,7 +95,9 @@ impl Error {
             }
             Error::Unauthorized => StatusCode::UNAUTHORIZED,
             Error::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
-            Error::Busy | Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Busy | Error::ShuttingDown | Error::RefsChanged => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Error::GenerationFailed
             | Error::GenerationTimeout
             | Error::TooLarge
@@ -111,6 +118,7 @@ impl Error {
             Error::RangeNotSatisfiable { .. } => code::RANGE_NOT_SATISFIABLE,
             Error::Busy => code::BUSY,
             Error::ShuttingDown => code::SHUTTING_DOWN,
+            Error::RefsChanged => code::REFS_CHANGED,
             Error::GenerationFailed => code::GENERATION_FAILED,
             Error::GenerationTimeout => code::GENERATION_TIMEOUT,
             Error::TooLarge => code::ARCHIVE_TOO_LARGE,
@@ -136,6 +144,7 @@ impl From<Failure> for Error {
             Failure::Failed => Error::GenerationFailed,
             Failure::Timeout => Error::GenerationTimeout,
             Failure::TooLarge => Error::TooLarge,
+            Failure::RefsChanged => Error::RefsChanged,
         }
     }
 }
@@ -159,6 +168,10 @@ impl IntoResponse for Error {
         match &self {
             Error::Busy | Error::ShuttingDown => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+            }
+            // Nothing to wait for: asked again now, it is keyed anew.
+            Error::RefsChanged => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(0));
             }
             Error::RateLimited {
                 retry_after_seconds,
@@ -213,6 +226,11 @@ mod tests {
             assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
             assert_eq!(response.headers()[header::RETRY_AFTER], "5");
         }
+        // Asked again at once, the archive is keyed by the new refs.
+        let response = Error::from(Failure::RefsChanged).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "0");
+        assert_eq!(Error::RefsChanged.code(), "refs_changed");
         let response = Error::RangeNotSatisfiable {
             complete_length: 10,
         }

@@ -213,6 +213,9 @@ pub enum Failure {
     TooLarge,
     /// The server is shutting down.
     Cancelled,
+    /// The refs an archive is keyed by (`Spec::refs`) changed between the
+    /// request and the generation's start.
+    RefsChanged,
 }
 
 impl Failure {
@@ -223,6 +226,7 @@ impl Failure {
             Failure::Failed | Failure::Cancelled => "failed",
             Failure::Timeout => "timeout",
             Failure::TooLarge => "too_large",
+            Failure::RefsChanged => "refs_changed",
         }
     }
 }
@@ -694,11 +698,17 @@ pub fn command(git: &Path, spec: &Spec, shadow: &Path) -> Command {
         .env("GIT_CONFIG_GLOBAL", "/dev/null")
         .env("GIT_ATTR_NOSYSTEM", "1")
         .env("GIT_TERMINAL_PROMPT", "0")
-        // "Now" for `export-subst`'s relative dates (`%cr`, `%ar`): the
-        // commit's time, so they read the same whenever the archive is made
-        // ("0 seconds ago" for `%cr`) instead of following the clock. git
-        // reads this variable wherever it asks for the current time.
+        // "Now" for `export-subst`'s relative and human dates (`%cr`, `%ar`,
+        // `%ch`, `%ah`): the commit's time, so they read the same whenever
+        // the archive is made ("0 seconds ago" for `%cr`) instead of
+        // following the clock. git's date code reads this variable (meant
+        // for git's own tests) where it asks for the time to compare a date
+        // with; `tests/security.rs` fails if a git stops reading it. Nothing
+        // else of `git archive`'s reads the clock.
         .env("GIT_TEST_DATE_NOW", spec.commit_time.to_string())
+        // And the zone those compare in: the host's would make replicas in
+        // other zones write other bytes.
+        .env("TZ", "UTC")
         .arg("--no-replace-objects")
         .arg("--literal-pathspecs")
         .arg(format!("--git-dir={}", shadow.display()))

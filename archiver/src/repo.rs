@@ -374,47 +374,71 @@ fn is_repository(dir: &Path) -> bool {
         || gix::discover::is_git(dir).is_ok()
 }
 
-/// The digest of `repo`'s refs and `HEAD` (see [`Repository::refs_digest`]).
-fn refs_digest_of(repo: &gix::Repository) -> Result<String, Error> {
-    let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
-    let references = repo
-        .references()
-        .map_err(|err| Error::internal(format_args!("listing refs: {err}")))?;
-    let all = references
-        .all()
-        .map_err(|err| Error::internal(format_args!("listing refs: {err}")))?;
-    let mut lines = Vec::new();
-    for reference in all {
-        let reference =
-            reference.map_err(|err| Error::internal(format_args!("reading a ref: {err}")))?;
-        let target = match reference.target() {
-            TargetRef::Object(id) => id.to_hex().to_string(),
-            TargetRef::Symbolic(name) => format!("ref: {}", name.as_bstr()),
-        };
-        lines.push(format!("{} {target}\n", reference.name().as_bstr()));
-    }
-    lines.sort();
-    let head = match repo.head_id() {
-        Ok(id) => id.to_hex().to_string(),
-        Err(_) => "unborn".to_owned(),
-    };
-    lines.push(format!("HEAD {head}\n"));
-    for line in &lines {
-        sha2::Digest::update(&mut hasher, line.as_bytes());
-    }
-    Ok(hex::encode(sha2::Digest::finalize(hasher)))
+/// A repository's refs and `HEAD` as listed once: what the bytes of an
+/// archive whose `export-subst` reads refs depend on. Its [`digest`] keys
+/// such an archive, and git makes it from exactly these refs
+/// (`shadow::Shadows::snapshot`), not from the live ones.
+///
+/// [`digest`]: RefsSnapshot::digest
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefsSnapshot {
+    /// Every ref but `HEAD`, sorted by name: its name and its target, an
+    /// object id in hex or `ref: {name}` for a symbolic ref.
+    pub refs: Vec<(String, String)>,
+    /// `HEAD`: `ref: {name}` (also when that branch is unborn), or the id
+    /// of a detached `HEAD`.
+    pub head: String,
 }
 
-/// The refs digest of the repository at `git_dir` (canonical, checked when
-/// it was first opened) as it is now, read afresh: a generation whose
-/// archive depends on the refs checks after git ran that they are still
-/// those of its key.
-pub fn refs_digest_at(git_dir: &Path) -> Result<String, Error> {
-    let repo = gix::open::Options::isolated()
-        .config_overrides(["core.useReplaceRefs=false"])
-        .open(git_dir)
-        .map_err(|err| Error::internal(format_args!("opening {}: {err}", git_dir.display())))?;
-    refs_digest_of(&repo.to_thread_local())
+impl RefsSnapshot {
+    /// Lists `repo`'s refs and `HEAD`.
+    fn of(repo: &gix::Repository) -> Result<RefsSnapshot, Error> {
+        let references = repo
+            .references()
+            .map_err(|err| Error::internal(format_args!("listing refs: {err}")))?;
+        let all = references
+            .all()
+            .map_err(|err| Error::internal(format_args!("listing refs: {err}")))?;
+        let mut refs = Vec::new();
+        for reference in all {
+            let reference =
+                reference.map_err(|err| Error::internal(format_args!("reading a ref: {err}")))?;
+            let target = match reference.target() {
+                TargetRef::Object(id) => id.to_hex().to_string(),
+                TargetRef::Symbolic(name) => format!("ref: {}", name.as_bstr()),
+            };
+            refs.push((reference.name().as_bstr().to_string(), target));
+        }
+        refs.sort();
+        let head = match repo.head_name() {
+            Ok(Some(name)) => format!("ref: {}", name.as_bstr()),
+            _ => match repo.head_id() {
+                Ok(id) => id.to_hex().to_string(),
+                Err(err) => return Err(Error::internal(format_args!("reading HEAD: {err}"))),
+            },
+        };
+        Ok(RefsSnapshot { refs, head })
+    }
+
+    /// Reads the refs of the repository at `git_dir` (canonical, checked
+    /// when it was first opened) afresh.
+    pub fn at(git_dir: &Path) -> Result<RefsSnapshot, Error> {
+        let repo = gix::open::Options::isolated()
+            .config_overrides(["core.useReplaceRefs=false"])
+            .open(git_dir)
+            .map_err(|err| Error::internal(format_args!("opening {}: {err}", git_dir.display())))?;
+        RefsSnapshot::of(&repo.to_thread_local())
+    }
+
+    /// The digest of every ref and `HEAD`.
+    pub fn digest(&self) -> String {
+        let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+        for (name, target) in &self.refs {
+            sha2::Digest::update(&mut hasher, format!("{name} {target}\n").as_bytes());
+        }
+        sha2::Digest::update(&mut hasher, format!("HEAD {}\n", self.head).as_bytes());
+        hex::encode(sha2::Digest::finalize(hasher))
+    }
 }
 
 /// Opens the repository at `path` if there is one. With `confine_to`, the
@@ -851,7 +875,7 @@ impl Repository {
     }
 
     fn list_refs_digest(&self) -> Result<String, Error> {
-        refs_digest_of(&self.repo.to_thread_local())
+        Ok(RefsSnapshot::of(&self.repo.to_thread_local())?.digest())
     }
 
     /// True when `path` (a literal relative path, validated by
@@ -1656,6 +1680,29 @@ mod tests {
         assert_eq!(widget.remembered_refs().len(), 0);
         widget.refs_digest().unwrap();
         assert!(widget.digest.lock().unwrap().is_none());
+    }
+
+    #[test]
+    fn a_snapshot_of_the_refs_read_afresh_has_the_repositorys_refs_digest() {
+        let fixture = fixture();
+        let widget = fixture.widget();
+        let dir = &fixture.widget;
+        let snapshot = RefsSnapshot::at(widget.git_dir()).unwrap();
+        assert_eq!(snapshot.digest(), widget.refs_digest().unwrap());
+        assert_eq!(snapshot.head, "ref: refs/heads/main");
+        assert!(
+            snapshot
+                .refs
+                .iter()
+                .any(|(name, _)| name == "refs/heads/main")
+        );
+
+        // A detached HEAD at the commit main names is another state.
+        git(dir, &["checkout", "-q", "--detach", "main"]);
+        let detached = RefsSnapshot::at(widget.git_dir()).unwrap();
+        assert_eq!(detached.head, fixture.c2);
+        assert_ne!(detached.digest(), snapshot.digest());
+        assert_eq!(detached.digest(), widget.refs_digest().unwrap());
     }
 
     #[test]

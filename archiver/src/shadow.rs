@@ -37,6 +37,8 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use crate::repo::RefsSnapshot;
+
 /// The shadow's whole configuration. `abbrev = 40`: `export-subst`'s
 /// abbreviated ids (`%h`, `%p`, `%t`, `%(describe)`) are written with 40
 /// hex digits, a SHA-1 id whole (`no` says the same only since git 2.31).
@@ -97,6 +99,77 @@ impl Shadows {
     }
 }
 
+/// A shadow git dir of one generation's own, whose refs are a snapshot
+/// ([`Shadows::snapshot`]); removed when dropped.
+#[derive(Debug)]
+pub struct Snapshot {
+    dir: tempfile::TempDir,
+}
+
+impl Snapshot {
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Shadows {
+    /// A shadow git dir for one generation of an archive whose bytes depend
+    /// on the refs: the repository's objects (as [`Shadows::prepare`]), and
+    /// `refs` written out as they were listed (direct refs in `packed-refs`,
+    /// symbolic ones as loose files, `HEAD`) instead of links to the live
+    /// ones. git then reads the refs the archive is keyed by, however long
+    /// the generation queued or ran, and whatever is pushed meanwhile.
+    pub fn snapshot(&self, common_dir: &Path, refs: &RefsSnapshot) -> io::Result<Snapshot> {
+        let dir = tempfile::Builder::new()
+            .prefix("snapshot-")
+            .tempdir_in(self.root.path())?;
+        let shadow = dir.path();
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(shadow.join("objects/info"))?;
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(shadow.join("refs"))?;
+        fs::write(
+            shadow.join("objects/info/alternates"),
+            format!("{}\n", common_dir.join("objects").display()),
+        )?;
+        let mut packed = String::new();
+        for (name, target) in &refs.refs {
+            // Anything else is no ref git could read from a git dir.
+            if !is_plain_ref_name(name) {
+                continue;
+            }
+            if target.starts_with("ref: ") {
+                let path = shadow.join(name);
+                if let Some(parent) = path.parent() {
+                    fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(parent)?;
+                }
+                fs::write(path, format!("{target}\n"))?;
+            } else {
+                packed.push_str(&format!("{target} {name}\n"));
+            }
+        }
+        fs::write(shadow.join("packed-refs"), packed)?;
+        fs::write(shadow.join("HEAD"), format!("{}\n", refs.head))?;
+        fs::write(shadow.join("config"), CONFIG)?;
+        Ok(Snapshot { dir })
+    }
+}
+
+/// A ref name that stays inside `refs/` as a path: no empty, `.` or `..`
+/// component (git's own rules allow none of these either).
+fn is_plain_ref_name(name: &str) -> bool {
+    name.strip_prefix("refs/").is_some_and(|rest| {
+        rest.split('/')
+            .all(|part| !part.is_empty() && part != "." && part != "..")
+    })
+}
+
 /// Writes `path` through a temporary name and a rename, so a concurrent
 /// generation never reads half a file.
 fn write_atomically(path: &Path, contents: &[u8]) -> io::Result<()> {
@@ -141,5 +214,75 @@ mod tests {
         let root = shadows.root.path().to_owned();
         drop(shadows);
         assert!(!root.exists(), "shadows outlived their owner");
+    }
+
+    /// git in a snapshot shadow reads the refs as they were listed, not as
+    /// the repository has them afterwards.
+    #[test]
+    fn git_in_a_snapshot_reads_the_refs_as_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let work = dir.path().join("work");
+        let git = |args: &[&str]| {
+            let output = std::process::Command::new("git")
+                .env("GIT_CONFIG_NOSYSTEM", "1")
+                .env("GIT_CONFIG_GLOBAL", "/dev/null")
+                .env("GIT_AUTHOR_NAME", "a")
+                .env("GIT_AUTHOR_EMAIL", "a@example.com")
+                .env("GIT_COMMITTER_NAME", "a")
+                .env("GIT_COMMITTER_EMAIL", "a@example.com")
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(output.status.success(), "git {args:?}: {output:?}");
+            String::from_utf8(output.stdout).unwrap().trim().to_owned()
+        };
+        let w = work.to_str().unwrap();
+        git(&["init", "-q", "-b", "main", w]);
+        std::fs::write(work.join("f"), "one\n").unwrap();
+        git(&["-C", w, "add", "f"]);
+        git(&["-C", w, "commit", "-q", "-m", "one"]);
+        git(&["-C", w, "tag", "-a", "v1", "-m", "v1"]);
+        git(&[
+            "-C",
+            w,
+            "symbolic-ref",
+            "refs/remotes/origin/HEAD",
+            "refs/heads/main",
+        ]);
+        git(&["-C", w, "pack-refs", "--all"]);
+        git(&["-C", w, "branch", "loose"]);
+        let git_dir = work.join(".git");
+        let refs = RefsSnapshot::at(&git_dir).unwrap();
+        let shadows = Shadows::create().unwrap();
+        let snapshot = shadows.snapshot(&git_dir, &refs).unwrap();
+        let listed = |git_dir: &Path| {
+            let g = format!("--git-dir={}", git_dir.display());
+            (
+                git(&[
+                    &g,
+                    "for-each-ref",
+                    "--format=%(refname) %(objectname) %(symref)",
+                ]),
+                git(&[&g, "symbolic-ref", "HEAD"]),
+                git(&[&g, "describe", "--tags", "main"]),
+            )
+        };
+        let before = listed(&git_dir);
+        assert_eq!(listed(snapshot.path()), before);
+
+        // Pushed after the listing: the snapshot does not see it.
+        std::fs::write(work.join("f"), "two\n").unwrap();
+        git(&["-C", w, "commit", "-q", "-am", "two"]);
+        git(&["-C", w, "tag", "-a", "v2", "-m", "v2"]);
+        assert_ne!(listed(&git_dir), before);
+        assert_eq!(listed(snapshot.path()), before);
+        assert_eq!(
+            std::fs::read_to_string(snapshot.path().join("config")).unwrap(),
+            CONFIG
+        );
+
+        let path = snapshot.path().to_owned();
+        drop(snapshot);
+        assert!(!path.exists(), "the snapshot outlived its generation");
     }
 }

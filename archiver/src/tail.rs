@@ -557,6 +557,8 @@ impl FileBody for FileSend {
                 mut download,
             } = *self;
             let mut chunks = 0;
+            // Made once: every wait on the socket below races it.
+            let mut generation_failed = std::pin::pin!(reader.generation_failed());
             loop {
                 let waited = tokio::select! {
                     biased;
@@ -588,7 +590,11 @@ impl FileBody for FileSend {
                     // The previous chunk's end and this one's size line.
                     let separator = if chunks == 0 { "" } else { "\r\n" };
                     let line = format!("{separator}{:x}\r\n", available - reader.position);
-                    socket.send_bytes(line.as_bytes(), true).await?;
+                    tokio::select! {
+                        biased;
+                        error = &mut generation_failed => return Err(download.fail(error)),
+                        sent = socket.send_bytes(line.as_bytes(), true) => sent?,
+                    }
                     chunks += 1;
                 }
                 while reader.position < available {
@@ -603,7 +609,7 @@ impl FileBody for FileSend {
                     // its unlinked file is let go.
                     let sent = tokio::select! {
                         biased;
-                        error = reader.generation_failed() => return Err(download.fail(error)),
+                        error = &mut generation_failed => return Err(download.fail(error)),
                         sent = socket.send_file(&file, reader.position, count) => sent?,
                     };
                     if sent == 0 {

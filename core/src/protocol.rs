@@ -56,6 +56,9 @@ pub mod code {
     pub const UNAUTHORIZED: &str = "unauthorized";
     pub const RANGE_NOT_SATISFIABLE: &str = "range_not_satisfiable";
     pub const BUSY: &str = "busy";
+    /// The refs an `export-subst` archive is keyed by changed before its
+    /// generation started (`503`, `Retry-After: 0`).
+    pub const REFS_CHANGED: &str = "refs_changed";
     pub const GENERATION_FAILED: &str = "generation_failed";
     pub const GENERATION_TIMEOUT: &str = "generation_timeout";
     pub const ARCHIVE_TOO_LARGE: &str = "archive_too_large";
