@@ -537,6 +537,76 @@ fn export_subst_bytes_do_not_follow_the_object_count_or_the_clock() {
     assert!(before == after, "new bytes under the same ETag");
 }
 
+/// A tag pushed while an `export-subst` archive's request waits for a
+/// generation slot: git would have read refs other than the key's. The
+/// generation does not run on them; the request is resolved again and is
+/// answered under the new refs, with their ETag and their `%D`.
+#[test]
+fn refs_pushed_while_a_request_queues_make_it_resolve_again() {
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "plain"));
+    let source = sandbox.source_repo("src/widget");
+    source.write(".gitattributes", "version.txt export-subst\n");
+    source.write("version.txt", "refs=$Format:%D$\n");
+    source.git(&["add", "-A"]);
+    source.git_at(1_700_000_000, &["commit", "-q", "-m", "one"]);
+    let commit = source.rev_parse("HEAD");
+    let git_dir = sandbox.repos().join("acme/widget.git");
+    source.git(&["clone", "-q", "--bare", ".", git_dir.to_str().unwrap()]);
+    let widget = RepoBuilder::open(&git_dir, &sandbox.home());
+    // Each generation's git output waits for a line on the fifo.
+    let (stub, mut fifo) = sandbox.git_that_pauses("git-that-waits", 0);
+    let archiver = Archiver::start(
+        &sandbox.repos(),
+        &["--git", stub.to_str().unwrap(), "--max-generations", "1"],
+    );
+    let queued = || {
+        archiver
+            .metrics()
+            .value("gitball_archiver_generations_queued", &[])
+    };
+
+    // One generation holds the only slot; the export-subst one queues.
+    let addr = archiver.addr;
+    let holder = std::thread::spawn(move || {
+        RawConnection::request(addr, "GET", "/acme/plain/archive/main.tar", &[]).unwrap()
+    });
+    assert!(wait_until(Duration::from_secs(10), || archiver
+        .metrics()
+        .value("gitball_archiver_generations_in_flight", &[])
+        == 1.0));
+    let url = format!("/acme/widget/archive/{commit}.tar");
+    let waiter =
+        std::thread::spawn(move || RawConnection::request(addr, "GET", &url, &[]).unwrap());
+    assert!(wait_until(Duration::from_secs(10), || queued() == 1.0));
+    widget.git(&["tag", "v2.0", &commit]);
+
+    // The holder goes on; the queued request finds other refs, resolves
+    // again and generates under them (its git waits for a line too).
+    std::io::Write::write_all(&mut fifo, b"go\ngo\n").unwrap();
+    assert_eq!(holder.join().unwrap().0.status, 200);
+    let (head, body, _) = waiter.join().unwrap();
+    assert_eq!(head.status, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(
+        String::from_utf8_lossy(&body).contains("tag: v2.0"),
+        "the archive was made from the refs before the push"
+    );
+    let now = archiver.get(&format!("/acme/widget/archive/{commit}.tar"));
+    assert_eq!(
+        head.header("etag"),
+        Some(gitball_e2e::header(&now, "etag")),
+        "the answer is keyed by the new refs"
+    );
+    let metrics = archiver.metrics();
+    assert_eq!(
+        metrics.value(
+            "gitball_archiver_generations_total",
+            &[("format", "tar"), ("outcome", "refs_changed")]
+        ),
+        1.0
+    );
+}
+
 /// A stub git that writes the start of a tar, pauses, and fails: a
 /// generation that fails midway.
 fn failing_midway(sandbox: &Sandbox) -> PathBuf {

@@ -766,6 +766,7 @@ pub fn find_git() -> io::Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ffi::OsStr;
 
     #[test]
     fn git_writes_a_tar_zst_into_a_pipe_of_a_mebibyte_while_places_last() {
@@ -843,6 +844,32 @@ mod tests {
         spec.refs = Some("ab".repeat(32));
         assert_eq!(spec.variant(), variant_as_first_written(&spec));
         assert_eq!(hex_string(&[0x00, 0x9f, 0xff]), "009fff");
+    }
+
+    /// What `export-subst` writes of dates is decided by the commit: git
+    /// compares them with the commit's time, in UTC, whatever the host's
+    /// clock and zone (`tests/security.rs` checks the bytes).
+    #[test]
+    fn git_runs_in_utc_at_the_commits_time() {
+        let spec = Spec {
+            git_dir: "/repos/acme/widget.git".into(),
+            common_dir: "/repos/acme/widget.git".into(),
+            repository: "acme/widget".to_owned(),
+            commit: "d09ef0477bd07b7eae1deee68c5f502d5e75a88b".to_owned(),
+            format: Format::Tar,
+            prefix: "widget-1.0/".to_owned(),
+            subtree: None,
+            compression: Compression::None,
+            refs: None,
+            commit_time: 1_700_000_000,
+        };
+        let command = command(Path::new("git"), &spec, Path::new("/shadow"));
+        let envs: Vec<_> = command.as_std().get_envs().collect();
+        assert!(envs.contains(&(OsStr::new("TZ"), Some(OsStr::new("UTC")))));
+        assert!(envs.contains(&(
+            OsStr::new("GIT_TEST_DATE_NOW"),
+            Some(OsStr::new("1700000000"))
+        )));
     }
 
     #[test]

@@ -199,6 +199,31 @@ async fn serve(app: &App, request: &Parts, log: &mut RequestLog) -> Result<Answe
     let subtree = url::query_param(request.uri.query(), "path")?
         .map(|path| url::validate_subtree(&path))
         .transpose()?;
+    // An archive keyed by the refs whose refs changed before its generation
+    // started is resolved again, under the new refs: the client sees
+    // `refs_changed` only if they keep changing.
+    let mut attempts = 1;
+    loop {
+        match serve_archive(app, request, archive.clone(), subtree.clone(), log).await {
+            Err(Error::RefsChanged) if attempts < REFS_CHANGED_ATTEMPTS => attempts += 1,
+            answer => return answer,
+        }
+    }
+}
+
+/// How many times a request is resolved when the refs its archive is keyed
+/// by keep changing before the generation starts.
+const REFS_CHANGED_ATTEMPTS: u32 = 3;
+
+/// [`serve`] from the resolution on.
+async fn serve_archive(
+    app: &App,
+    request: &Parts,
+    archive: url::ArchiveRequest,
+    subtree: Option<String>,
+    log: &mut RequestLog,
+) -> Result<Answer, Error> {
+    let method = &request.method;
     let resolution = resolve(app, archive, subtree)?;
     log.commit = Some(resolution.resolved.commit.clone());
     check_reachable(&resolution).await?;

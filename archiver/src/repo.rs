@@ -874,8 +874,12 @@ impl Repository {
         self.git_dir != self.common_dir
     }
 
+    /// Read afresh, as a generation reads them (`RefsSnapshot::at`): gix's
+    /// long-lived handle reloads `packed-refs` only when its mtime is newer,
+    /// and a rewrite within one clock tick would leave the two disagreeing
+    /// for good (every such archive then failing as `refs_changed`).
     fn list_refs_digest(&self) -> Result<String, Error> {
-        Ok(RefsSnapshot::of(&self.repo.to_thread_local())?.digest())
+        Ok(RefsSnapshot::at(&self.git_dir)?.digest())
     }
 
     /// True when `path` (a literal relative path, validated by

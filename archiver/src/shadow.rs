@@ -15,10 +15,12 @@
 //! - `objects/info/alternates`: the repository's object directory, so every
 //!   object is there (the repository's own alternates were checked to stay
 //!   under `--repos` when it was opened, see `repo`);
-//! - `refs` and `packed-refs`: symlinks to the repository's, so ref-dependent
-//!   `export-subst` placeholders (`%D`, `%(describe)`) expand as before (git
-//!   reads them when it runs: `cache` checks afterwards that they are still
-//!   those of the archive's key);
+//! - `refs` and `packed-refs`: symlinks to the repository's; or, for an
+//!   archive whose `export-subst` placeholders read refs (`%D`,
+//!   `%(describe)`; its key holds their digest), a shadow of the
+//!   generation's own with a snapshot of them as they were listed for the
+//!   key ([`Shadows::snapshot`]), so git reads those and not what was
+//!   pushed since;
 //! - `HEAD`: a copy of the repository's (git refuses a symlinked `HEAD`
 //!   that leads out of the git dir), refreshed before each generation.
 //!
