@@ -846,12 +846,9 @@ mod tests {
         assert_eq!(hex_string(&[0x00, 0x9f, 0xff]), "009fff");
     }
 
-    /// What `export-subst` writes of dates is decided by the commit: git
-    /// compares them with the commit's time, in UTC, whatever the host's
-    /// clock and zone (`tests/security.rs` checks the bytes).
-    #[test]
-    fn git_runs_in_utc_at_the_commits_time() {
-        let spec = Spec {
+    /// An uncompressed tar of a commit of `acme/widget`.
+    fn widget_tar(refs: Option<String>) -> Spec {
+        Spec {
             git_dir: "/repos/acme/widget.git".into(),
             common_dir: "/repos/acme/widget.git".into(),
             repository: "acme/widget".to_owned(),
@@ -860,9 +857,17 @@ mod tests {
             prefix: "widget-1.0/".to_owned(),
             subtree: None,
             compression: Compression::None,
-            refs: None,
+            refs,
             commit_time: 1_700_000_000,
-        };
+        }
+    }
+
+    /// What `export-subst` writes of dates is decided by the commit: git
+    /// compares them with the commit's time, in UTC, whatever the host's
+    /// clock and zone (`tests/security.rs` checks the bytes).
+    #[test]
+    fn git_runs_in_utc_at_the_commits_time() {
+        let spec = widget_tar(None);
         let command = command(Path::new("git"), &spec, Path::new("/shadow"));
         let envs: Vec<_> = command.as_std().get_envs().collect();
         assert!(envs.contains(&(OsStr::new("TZ"), Some(OsStr::new("UTC")))));
@@ -874,18 +879,7 @@ mod tests {
 
     #[test]
     fn archives_that_substitute_left_substitution_series_1() {
-        let spec = Spec {
-            git_dir: "/repos/acme/widget.git".into(),
-            common_dir: "/repos/acme/widget.git".into(),
-            repository: "acme/widget".to_owned(),
-            commit: "d09ef0477bd07b7eae1deee68c5f502d5e75a88b".to_owned(),
-            format: Format::Tar,
-            prefix: "widget-1.0/".to_owned(),
-            subtree: None,
-            compression: Compression::None,
-            refs: Some("ab".repeat(32)),
-            commit_time: 1_700_000_000,
-        };
+        let spec = widget_tar(Some("ab".repeat(32)));
         // Series 1's variant of this spec, as served before: its files are
         // never served as series 2.
         let mut series_1 = Sha256::new();
