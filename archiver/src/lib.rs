@@ -147,7 +147,7 @@ pub async fn run(
         limits::FDS_PER_CONNECTION_ARCHIVER,
     );
     let workers = server::serving_threads();
-    tracing::info!(listen = %listener.local_addr()?, workers, max_connections, "gitball-archiver serving");
+    let listen = listener.local_addr()?;
     // Requests are served on one single-threaded runtime per CPU: a cache
     // hit then never crosses threads. Generations run on this runtime
     // (`Cache::open` keeps its handle), so they outlive the serving threads
@@ -161,6 +161,7 @@ pub async fn run(
         workers,
         server::Connections::new(max_connections, "gitball_archiver"),
         "gitball-archiver",
+        || tracing::info!(%listen, workers, max_connections, "gitball-archiver serving"),
     )
     .await?;
     match drain {

@@ -502,7 +502,9 @@ pub fn serving_threads() -> usize {
 /// [`serve`] on `workers` threads, each running its own single-threaded
 /// runtime and accept loop on the shared listening socket, with the router
 /// `router_for(index)` built for it; returns how the drain went, summed
-/// over the threads. Threads are named `{name}-{index}`.
+/// over the threads. Threads are named `{name}-{index}`. `serving` is
+/// called once every thread's runtime exists (the caller's "serving" log
+/// line: what is there then is what serves).
 ///
 /// Why not one multi-threaded runtime: on a work-stealing runtime the
 /// tasks of one connection (and the wake-ups between them) move between
@@ -521,6 +523,7 @@ pub async fn serve_on_threads(
     workers: usize,
     connections: Connections,
     name: &str,
+    serving: impl FnOnce(),
 ) -> io::Result<Drain> {
     let listener = listener.into_std()?;
     let mut finished = Vec::with_capacity(workers);
@@ -531,24 +534,25 @@ pub async fn serve_on_threads(
         let connections = connections.clone();
         let (done, finished_rx) = tokio::sync::oneshot::channel();
         finished.push(finished_rx);
+        // Built here, so that every thread's runtime (and its fds) exists
+        // when `serving` says so, and a runtime that cannot be built fails
+        // the start instead of one thread later.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         let worker = move || {
-            let served = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .and_then(|runtime| {
-                    runtime.block_on(async {
-                        let listener = TcpListener::from_std(listener)?;
-                        serve(
-                            listener,
-                            router,
-                            shutdown.clone(),
-                            grace,
-                            write_stall_timeout,
-                            connections,
-                        )
-                        .await
-                    })
-                });
+            let served = runtime.block_on(async {
+                let listener = TcpListener::from_std(listener)?;
+                serve(
+                    listener,
+                    router,
+                    shutdown.clone(),
+                    grace,
+                    write_stall_timeout,
+                    connections,
+                )
+                .await
+            });
             if served.is_err() {
                 // One thread down takes the process down, rather than
                 // leave it serving at a fraction of its capacity unnoticed.
@@ -561,6 +565,7 @@ pub async fn serve_on_threads(
             .spawn(worker)?;
     }
     drop(listener);
+    serving();
     let mut open = None;
     for finished in finished {
         let served = finished

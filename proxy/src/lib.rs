@@ -268,8 +268,8 @@ impl Proxy {
         });
 
         let workers = server::serving_threads();
-        tracing::info!(listen = %address, workers, max_connections = self.max_connections, "gitball-proxy serving");
-        let connections = server::Connections::new(self.max_connections, "gitball_proxy");
+        let max_connections = self.max_connections;
+        let connections = server::Connections::new(max_connections, "gitball_proxy");
         let drain = serve_on_threads(
             listener,
             &self.state,
@@ -277,6 +277,7 @@ impl Proxy {
             self.grace,
             workers,
             connections,
+            || tracing::info!(listen = %address, workers, max_connections, "gitball-proxy serving"),
         )
         .await;
         match &drain {
@@ -330,6 +331,7 @@ async fn serve_on_threads(
     grace: Duration,
     workers: usize,
     connections: server::Connections,
+    serving: impl FnOnce(),
 ) -> anyhow::Result<server::Drain> {
     let router_for = |_| {
         let mut worker_state = http::AppState::clone(state);
@@ -348,6 +350,7 @@ async fn serve_on_threads(
         workers,
         connections,
         "gitball-proxy",
+        serving,
     )
     .await
     .context("serving")
