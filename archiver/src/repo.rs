@@ -393,22 +393,14 @@ pub struct RefsSnapshot {
 impl RefsSnapshot {
     /// Lists `repo`'s refs and `HEAD`.
     fn of(repo: &gix::Repository) -> Result<RefsSnapshot, Error> {
-        let references = repo
-            .references()
-            .map_err(|err| Error::internal(format_args!("listing refs: {err}")))?;
-        let all = references
-            .all()
-            .map_err(|err| Error::internal(format_args!("listing refs: {err}")))?;
         let mut refs = Vec::new();
-        for reference in all {
-            let reference =
-                reference.map_err(|err| Error::internal(format_args!("reading a ref: {err}")))?;
+        for_each_ref(repo, |reference| {
             let target = match reference.target() {
                 TargetRef::Object(id) => id.to_hex().to_string(),
                 TargetRef::Symbolic(name) => format!("ref: {}", name.as_bstr()),
             };
             refs.push((reference.name().as_bstr().to_string(), target));
-        }
+        })?;
         refs.sort();
         let head = match repo.head_name() {
             Ok(Some(name)) => format!("ref: {}", name.as_bstr()),
@@ -439,6 +431,23 @@ impl RefsSnapshot {
         sha2::Digest::update(&mut hasher, format!("HEAD {}\n", self.head).as_bytes());
         hex::encode(sha2::Digest::finalize(hasher))
     }
+}
+
+/// Calls `each` with every ref of `repo` (not `HEAD`).
+fn for_each_ref(
+    repo: &gix::Repository,
+    mut each: impl FnMut(gix::Reference<'_>),
+) -> Result<(), Error> {
+    let references = repo
+        .references()
+        .map_err(|err| Error::internal(format_args!("listing refs: {err}")))?;
+    let all = references
+        .all()
+        .map_err(|err| Error::internal(format_args!("listing refs: {err}")))?;
+    for reference in all {
+        each(reference.map_err(|err| Error::internal(format_args!("reading a ref: {err}")))?);
+    }
+    Ok(())
 }
 
 /// Opens the repository at `path` if there is one. With `confine_to`, the
@@ -744,22 +753,14 @@ impl Repository {
         }
         let repo = self.repo.to_thread_local();
         let mut tips = Vec::new();
-        let references = repo
-            .references()
-            .map_err(|err| Error::internal(format_args!("listing refs: {err}")))?;
-        let all = references
-            .all()
-            .map_err(|err| Error::internal(format_args!("listing refs: {err}")))?;
-        for reference in all {
-            let mut reference =
-                reference.map_err(|err| Error::internal(format_args!("reading a ref: {err}")))?;
+        for_each_ref(&repo, |mut reference| {
             // Refs to trees or blobs, and dangling ones, reach no commit.
             if let Ok(target) = reference.peel_to_id()
                 && let Ok((tip, _)) = peel_to_commit(&repo, target.detach())
             {
                 tips.push(tip);
             }
-        }
+        })?;
         if let Ok(head) = repo.head_id()
             && let Ok((tip, _)) = peel_to_commit(&repo, head.detach())
         {
