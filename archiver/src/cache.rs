@@ -569,7 +569,8 @@ impl Cache {
                 generation.hold(written, &self.held_bytes);
             }
         }
-        if failure != Failure::Busy {
+        // Neither is a fault: a full queue, or a push while the request waited.
+        if !matches!(failure, Failure::Busy | Failure::RefsChanged) {
             tracing::warn!(outcome = failure.outcome(), "generation failed");
         }
         progress.send_modify(|p| p.state = State::Failed(failure));
