@@ -383,6 +383,56 @@ fn the_git_child_dies_with_a_killed_archiver() {
     drop(waiting);
 }
 
+/// A repository whose objects come to lead outside `--repos` after it was
+/// opened (here its fan-out directories linked to another repository's,
+/// and its branch moved to that repository's commit) is not generated:
+/// the layout is checked again before each generation.
+#[test]
+fn objects_linked_outside_after_the_open_are_not_served() {
+    let sandbox = Sandbox::new();
+    let secret = sandbox.source_repo("outside/secret");
+    secret.write("secret.txt", "TOP SECRET payroll\n");
+    secret.git(&["add", "-A"]);
+    secret.git_at(1_700_000_000, &["commit", "-q", "-m", "secret"]);
+    let secret_commit = secret.rev_parse("HEAD");
+    small_repository(&sandbox.repo("acme", "widget"));
+    let git_dir = sandbox.repos().join("acme/widget/.git");
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    assert_eq!(status(&archiver, "/acme/widget/archive/main.tar"), 200);
+
+    let secret_objects = sandbox.path("outside/secret/.git/objects");
+    for fanout in std::fs::read_dir(&secret_objects).unwrap() {
+        let fanout = fanout.unwrap();
+        let name = fanout.file_name();
+        if name.len() == 2 && !git_dir.join("objects").join(&name).exists() {
+            std::os::unix::fs::symlink(fanout.path(), git_dir.join("objects").join(&name)).unwrap();
+        }
+    }
+    std::fs::write(
+        git_dir.join("refs/heads/leak"),
+        format!("{secret_commit}\n"),
+    )
+    .unwrap();
+    let response = archiver.get("/acme/widget/archive/leak.tar");
+    let code = response.status().as_u16();
+    let body = response.bytes().unwrap();
+    assert_ne!(code, 200, "another repository's commit was served");
+    assert!(
+        !String::from_utf8_lossy(&body).contains("TOP SECRET"),
+        "another repository's file was served"
+    );
+    assert!(
+        archiver
+            .log()
+            .contains("repository now leads outside --repos"),
+        "the refusal is logged"
+    );
+
+    // Opened afresh, the repository is not found at all.
+    let fresh = Archiver::start(&sandbox.repos(), &[]);
+    assert_eq!(status(&fresh, "/acme/widget/archive/main.tar"), 404);
+}
+
 /// A repository that borrows objects from outside `--repos` is not served;
 /// one that borrows from a pool inside is.
 #[test]

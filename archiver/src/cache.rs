@@ -584,6 +584,27 @@ impl Cache {
     /// generation's own holding those refs as they are now, which must
     /// still be the key's (they may have changed while the request queued).
     async fn shadow_for(self: Arc<Self>, spec: &Spec) -> Result<ShadowDir, Failure> {
+        // The layout was checked when the repository was opened, and it
+        // stays open while it changes: what git will read must still stay
+        // inside `--repos`.
+        if let Some(root) = spec.confined_to.clone() {
+            let (git_dir, common_dir) = (spec.git_dir.clone(), spec.common_dir.clone());
+            let checked = tokio::task::spawn_blocking(move || {
+                crate::repo::layout_inside(&git_dir, &common_dir, &root)
+            })
+            .await;
+            match checked {
+                Ok(Ok(())) => {}
+                Ok(Err(outside)) => {
+                    tracing::warn!(path = %outside.display(), "repository now leads outside --repos (an alternate or a symlink); not generated");
+                    return Err(Failure::Failed);
+                }
+                Err(error) => {
+                    tracing::error!(%error, "checking the repository's layout panicked");
+                    return Err(Failure::Failed);
+                }
+            }
+        }
         let Some(refs) = spec.refs.clone() else {
             return self
                 .shadows
@@ -1165,6 +1186,34 @@ mod tests {
         assert!(cache.peek(&spec).is_none(), "nothing indexed");
         assert_eq!(bytes(&cache), HEADER_LEN + 100, "the first one only");
         assert_eq!(names_in(&stub.cache_dir()).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_repository_that_came_to_lead_outside_is_not_generated() {
+        let stub = StubGit::printing(&[b'x'; 100]);
+        let cache = open(&stub, 1 << 20);
+        let git_dir = std::fs::canonicalize(stub.git_dir()).unwrap();
+        let root = git_dir.parent().unwrap().parent().unwrap().to_path_buf();
+        let confined = |n| Spec {
+            git_dir: git_dir.clone(),
+            common_dir: git_dir.clone(),
+            confined_to: Some(root.clone()),
+            ..stub.spec(n)
+        };
+        generate(&cache, confined(1)).await;
+        assert_eq!(stub.runs().len(), 1);
+
+        // A fan-out directory linked to another repository's, after the
+        // repository was opened: git does not run on it.
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), git_dir.join("objects/5d")).unwrap();
+        let generation = miss(cache.lookup(confined(2), "r"));
+        assert_eq!(
+            failure(within(generation.finished()).await),
+            Failure::Failed
+        );
+        assert_eq!(stub.runs().len(), 1, "git did not run");
+        assert!(cache.peek(&confined(2)).is_none());
     }
 
     #[tokio::test]

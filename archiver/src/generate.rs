@@ -109,6 +109,10 @@ pub struct Spec {
     /// For a tree that asks for `export-subst`: the digest of the refs
     /// (`Repository::refs_digest`), whose state the bytes then depend on.
     pub refs: Option<String>,
+    /// `--repos`, which the repository's layout must still stay under when
+    /// the generation starts (`repo::layout_inside`); `None` for a
+    /// repository the operator named alone. Not part of the bytes.
+    pub confined_to: Option<PathBuf>,
 }
 
 impl Spec {
@@ -836,6 +840,7 @@ mod tests {
             compression: Compression::Gzip(6),
             refs: None,
             commit_time: 1_700_000_000,
+            confined_to: None,
         };
         assert_eq!(spec.variant(), variant_as_first_written(&spec));
         spec.format = Format::Zip;
@@ -859,6 +864,7 @@ mod tests {
             compression: Compression::None,
             refs,
             commit_time: 1_700_000_000,
+            confined_to: None,
         }
     }
 

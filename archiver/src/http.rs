@@ -500,6 +500,7 @@ pub(crate) fn resolve(
         compression,
         refs,
         commit_time: resolved.committer_time,
+        confined_to: repository.confined_to().map(std::path::Path::to_path_buf),
     };
     let etag = format!("\"{}-{}\"", resolved.commit, spec.variant());
     let filename = format!("{name}.{}", archive.format.ext());

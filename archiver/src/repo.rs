@@ -218,12 +218,13 @@ impl Repositories {
                             );
                             return Err(Error::RepoNotFound);
                         }
-                        if let Err(outside) = alternates_inside(&repository.common_dir, &self.root)
+                        if let Err(outside) =
+                            layout_inside(&repository.git_dir, &repository.common_dir, &self.root)
                         {
                             tracing::warn!(
                                 repository = %format_args!("{owner}/{name}"),
-                                alternate = %outside.display(),
-                                "repository borrows objects from outside --repos; refused"
+                                path = %outside.display(),
+                                "repository leads outside --repos (an alternate or a symlink); refused"
                             );
                             return Err(Error::RepoNotFound);
                         }
@@ -284,12 +285,54 @@ impl Repositories {
 /// How deep git follows alternates of alternates (its own limit).
 const MAX_ALTERNATE_DEPTH: usize = 5;
 
+/// Checks what git and gix reach of a repository besides what its files
+/// say: its alternates ([`alternates_inside`]), and no symlink in `HEAD` or
+/// anywhere under an object directory (the repository's and each
+/// alternate's), where a fan-out directory, a pack or a commit-graph
+/// linked to another repository's would serve that repository's objects as
+/// this one's. git never writes a symlink there; only a hand on the file
+/// system does. Run when a repository is opened and again before each
+/// generation (the layout may change while it stays open).
+pub fn layout_inside(git_dir: &Path, common_dir: &Path, root: &Path) -> Result<(), PathBuf> {
+    let head = git_dir.join("HEAD");
+    if fs::symlink_metadata(&head).is_ok_and(|meta| meta.file_type().is_symlink()) {
+        return Err(head);
+    }
+    for objects in alternates_inside(common_dir, root)? {
+        without_symlinks(&objects, OBJECTS_DEPTH)?;
+    }
+    Ok(())
+}
+
+/// How deep [`without_symlinks`] looks under an object directory: its
+/// fan-out directories' objects, `pack/*`, `info/commit-graphs/*`.
+const OBJECTS_DEPTH: usize = 3;
+
+/// `Err` names the first symlink under `dir`, `depth` levels down at most,
+/// or a directory that cannot be listed.
+fn without_symlinks(dir: &Path, depth: usize) -> Result<(), PathBuf> {
+    let entries = fs::read_dir(dir).map_err(|_| dir.to_path_buf())?;
+    for entry in entries {
+        let entry = entry.map_err(|_| dir.to_path_buf())?;
+        // `DirEntry::file_type` does not follow a symlink.
+        let kind = entry.file_type().map_err(|_| entry.path())?;
+        if kind.is_symlink() {
+            return Err(entry.path());
+        }
+        if kind.is_dir() && depth > 1 {
+            without_symlinks(&entry.path(), depth - 1)?;
+        }
+    }
+    Ok(())
+}
+
 /// Checks that every object directory the repository borrows from (its
 /// `objects/info/alternates`, followed as git follows them) lies under
 /// `root`; `Err` names the first one that does not. A fork network whose
 /// shared pool is inside `--repos` is fine; an alternate elsewhere would
 /// serve objects the operator never put under `--repos`.
-fn alternates_inside(common_dir: &Path, root: &Path) -> Result<(), PathBuf> {
+/// Returns the object directories, its own first.
+fn alternates_inside(common_dir: &Path, root: &Path) -> Result<Vec<PathBuf>, PathBuf> {
     // What git reads beside the objects: each must itself stay inside (a
     // symlinked `objects` or `refs` would lead out as surely as an
     // alternate).
@@ -301,8 +344,10 @@ fn alternates_inside(common_dir: &Path, root: &Path) -> Result<(), PathBuf> {
             _ => return Err(path),
         }
     }
+    let mut visited = Vec::new();
     let mut pending = vec![(common_dir.join("objects"), 0)];
     while let Some((objects, depth)) = pending.pop() {
+        visited.push(objects.clone());
         let list = match fs::read(objects.join("info/alternates")) {
             Ok(list) => list,
             Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
@@ -331,7 +376,7 @@ fn alternates_inside(common_dir: &Path, root: &Path) -> Result<(), PathBuf> {
             }
         }
     }
-    Ok(())
+    Ok(visited)
 }
 
 impl fmt::Debug for Repositories {
@@ -503,6 +548,7 @@ fn open_candidate(path: &Path, confine_to: Option<&Path>) -> Result<Option<Repos
         git_dir,
         common_dir,
         identity,
+        confined_to: confine_to.map(Path::to_path_buf),
     }))
 }
 
@@ -568,6 +614,9 @@ pub struct Repository {
     /// tree.
     common_dir: PathBuf,
     identity: FileIdentity,
+    /// `--repos`, which everything the repository leads to must stay under
+    /// (`layout_inside`); `None` for a repository the operator named alone.
+    confined_to: Option<PathBuf>,
 }
 
 /// What a ref resolved to.
@@ -590,6 +639,11 @@ impl Repository {
     /// Canonical path of the directory holding objects and refs.
     pub fn common_dir(&self) -> &Path {
         &self.common_dir
+    }
+
+    /// `--repos`, for a repository confined to it (see [`layout_inside`]).
+    pub fn confined_to(&self) -> Option<&Path> {
+        self.confined_to.as_deref()
     }
 
     /// True while the git dir still exists and is the directory that was opened.
@@ -1929,6 +1983,79 @@ mod tests {
         )
         .unwrap();
         assert_repo_not_found(&fixture.repositories(), "acme", "gitfile");
+    }
+
+    /// A symlink anywhere under `objects/` (a fan-out directory, a loose
+    /// object, `pack`, a commit-graph) or a symlinked `HEAD` would serve
+    /// another repository's objects as this one's: refused at open, and by
+    /// `layout_inside` when the symlink appears after the open.
+    #[test]
+    fn symlinks_under_objects_or_at_head_are_refused() {
+        let fixture = fixture();
+        let outside = fixture.base.join("outside");
+        git(
+            &fixture.base,
+            &[
+                "clone",
+                "-q",
+                "--bare",
+                "repos/acme/widget",
+                "outside/secret.git",
+            ],
+        );
+        let secret_objects = outside.join("secret.git/objects");
+        /// Plants a symlink in the repository whose objects are the first
+        /// path, to the second's.
+        type Plant = fn(&Path, &Path);
+        let cases: [(&str, Plant); 5] = [
+            ("fanout", |objects, secret| {
+                std::os::unix::fs::symlink(secret.join("info"), objects.join("5d")).unwrap()
+            }),
+            ("loose", |objects, secret| {
+                fs::create_dir_all(objects.join("ab")).unwrap();
+                std::os::unix::fs::symlink(secret.join("info/packs"), objects.join("ab/cdef"))
+                    .unwrap()
+            }),
+            ("pack", |objects, secret| {
+                fs::remove_dir_all(objects.join("pack")).unwrap();
+                std::os::unix::fs::symlink(secret.join("pack"), objects.join("pack")).unwrap()
+            }),
+            ("graph", |objects, secret| {
+                fs::create_dir_all(objects.join("info/commit-graphs")).unwrap();
+                std::os::unix::fs::symlink(
+                    secret.join("info"),
+                    objects.join("info/commit-graphs/graph-x.graph"),
+                )
+                .unwrap()
+            }),
+            ("head", |objects, secret| {
+                let git_dir = objects.parent().unwrap();
+                fs::remove_file(git_dir.join("HEAD")).unwrap();
+                std::os::unix::fs::symlink(secret.join("../HEAD"), git_dir.join("HEAD")).unwrap()
+            }),
+        ];
+        for (name, plant) in cases {
+            let relative = format!("acme/{name}.git");
+            git(
+                &fixture.root,
+                &["clone", "-q", "--bare", "acme/widget", &relative],
+            );
+            let git_dir = fixture.root.join(&relative);
+            assert!(
+                layout_inside(&git_dir, &git_dir, &fixture.root).is_ok(),
+                "{name}"
+            );
+            let repositories = fixture.repositories();
+            repositories.open("acme", name).unwrap();
+            plant(&git_dir.join("objects"), &secret_objects);
+            // Opened before: the check before each generation refuses it.
+            assert!(
+                layout_inside(&git_dir, &git_dir, &fixture.root).is_err(),
+                "{name}"
+            );
+            // Opened now: refused at once.
+            assert_repo_not_found(&fixture.repositories(), "acme", name);
+        }
     }
 
     #[test]

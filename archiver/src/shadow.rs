@@ -63,6 +63,7 @@ impl Shadows {
     pub fn create() -> io::Result<Shadows> {
         let root = tempfile::Builder::new()
             .prefix("gitball-archiver-")
+            .permissions(private())
             .tempdir()?;
         Ok(Shadows { root })
     }
@@ -124,6 +125,7 @@ impl Shadows {
     pub fn snapshot(&self, common_dir: &Path, refs: &RefsSnapshot) -> io::Result<Snapshot> {
         let dir = tempfile::Builder::new()
             .prefix("snapshot-")
+            .permissions(private())
             .tempdir_in(self.root.path())?;
         let shadow = dir.path();
         fs::DirBuilder::new()
@@ -161,6 +163,13 @@ impl Shadows {
         fs::write(shadow.join("config"), CONFIG)?;
         Ok(Snapshot { dir })
     }
+}
+
+/// Mode 0700: a shadow holds copies of a repository's `HEAD` and refs,
+/// which other users of the host must not read (`tempfile` leaves the mode
+/// to the umask).
+fn private() -> fs::Permissions {
+    std::os::unix::fs::PermissionsExt::from_mode(0o700)
 }
 
 /// A ref name that stays inside `refs/` as a path: no empty, `.` or `..`
@@ -214,6 +223,11 @@ mod tests {
             "ref: refs/heads/trunk\n"
         );
         let root = shadows.root.path().to_owned();
+        let mode = |path: &Path| {
+            std::os::unix::fs::PermissionsExt::mode(&fs::metadata(path).unwrap().permissions())
+                & 0o777
+        };
+        assert_eq!(mode(&root), 0o700, "the shadows are private");
         drop(shadows);
         assert!(!root.exists(), "shadows outlived their owner");
     }
@@ -284,6 +298,11 @@ mod tests {
         );
 
         let path = snapshot.path().to_owned();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&fs::metadata(&path).unwrap().permissions())
+                & 0o777,
+            0o700
+        );
         drop(snapshot);
         assert!(!path.exists(), "the snapshot outlived its generation");
     }

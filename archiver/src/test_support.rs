@@ -150,6 +150,7 @@ impl StubGit {
             compression: Compression::None,
             refs: None,
             commit_time: 1_234_567_890,
+            confined_to: None,
         }
     }
 
