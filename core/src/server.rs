@@ -422,7 +422,13 @@ where
         service = parts.service;
         let ended = match ended {
             Ended::TakenOver(body) => {
-                if let Err(error) = body.send(stream.socket_mut()).await {
+                // What hyper read past the request, or the head watch still
+                // holds, is a request to answer after this body.
+                let input_waits = !parts.read_buf.is_empty() || stream.holds_input();
+                stream.socket_mut().input_waits = input_waits;
+                let sent = body.send(stream.socket_mut()).await;
+                stream.socket_mut().input_waits = false;
+                if let Err(error) = sent {
                     // Dropped unshut, as hyper drops a connection whose
                     // body failed: the client sees the body cut short.
                     tracing::debug!(%error, "connection ended in a body sent around hyper");
@@ -892,6 +898,11 @@ pub struct StallGuard<S> {
     /// Armed while a write is pending; boxed so the guard stays `Unpin`.
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
     writes: ClientWrites,
+    /// Input the client sent after the request whose body is being sent
+    /// around hyper waits unread in the loop's buffers (a pipelined
+    /// request): the end of input after it does not end the connection
+    /// (`takeover::BodySocket::closed`).
+    pub(crate) input_waits: bool,
 }
 
 impl<S> StallGuard<S> {
@@ -901,6 +912,7 @@ impl<S> StallGuard<S> {
             timeout,
             stalled: None,
             writes,
+            input_waits: false,
         }
     }
 }

@@ -151,6 +151,11 @@ impl<S> HeadLines<S> {
         self.unparsed.splice(0..0, unparsed.iter().copied());
     }
 
+    /// Whether bytes the client sent wait here, not yet handed to hyper.
+    pub fn holds_input(&self) -> bool {
+        !self.unparsed.is_empty() || self.handed < self.held.len()
+    }
+
     /// The socket, for a body written around hyper (`takeover`).
     pub fn socket_mut(&mut self) -> &mut S {
         &mut self.inner

@@ -252,8 +252,13 @@ impl StallGuard<TcpStream> {
     /// `half_close` is off). Never resolves while input the client sent
     /// after its request (a pipelined request) waits unread, even if the
     /// client closed after it: hyper too answers what came before the end
-    /// of input. Then the next write tells.
+    /// of input. Then the next write tells. (The pipelined request may also
+    /// have been read already into the loop's buffers, off the socket:
+    /// `input_waits`.)
     pub async fn closed(&self) {
+        if self.input_waits {
+            return std::future::pending().await;
+        }
         loop {
             if self.inner.ready(Interest::READABLE).await.is_err() {
                 return;
