@@ -90,6 +90,15 @@ pub fn requested_range(
     parse_range(range, len)
 }
 
+/// A position in a range: ASCII digits only (RFC 9110 `1*DIGIT`), not what
+/// `str::parse` also takes (a leading `+`).
+fn digits(text: &str) -> Option<u64> {
+    text.bytes()
+        .all(|byte| byte.is_ascii_digit())
+        .then(|| text.parse().ok())
+        .flatten()
+}
+
 /// Parses a single byte range. `Ok(None)`: ignore the header (not bytes,
 /// several ranges, or malformed).
 pub fn parse_range(value: &str, len: u64) -> Result<Option<ByteRange>, Unsatisfiable> {
@@ -106,7 +115,7 @@ pub fn parse_range(value: &str, len: u64) -> Result<Option<ByteRange>, Unsatisfi
     match (first.trim(), last.trim()) {
         ("", "") => Ok(None),
         ("", suffix) => {
-            let Ok(suffix) = suffix.parse::<u64>() else {
+            let Some(suffix) = digits(suffix) else {
                 return Ok(None);
             };
             if suffix == 0 || len == 0 {
@@ -115,13 +124,13 @@ pub fn parse_range(value: &str, len: u64) -> Result<Option<ByteRange>, Unsatisfi
             range(len.saturating_sub(suffix), len - 1)
         }
         (first, last) => {
-            let Ok(first) = first.parse::<u64>() else {
+            let Some(first) = digits(first) else {
                 return Ok(None);
             };
             let last = if last.is_empty() {
                 len.saturating_sub(1)
             } else {
-                let Ok(last) = last.parse::<u64>() else {
+                let Some(last) = digits(last) else {
                     return Ok(None);
                 };
                 if last < first {
@@ -164,6 +173,10 @@ mod tests {
         assert_eq!(parse_range("bytes=0-1,5-6", 1000), Ok(None));
         assert_eq!(parse_range("bytes=5-1", 1000), Ok(None));
         assert_eq!(parse_range("bytes=x-1", 1000), Ok(None));
+        // Digits only, as RFC 9110 says (`str::parse` takes a sign too).
+        assert_eq!(parse_range("bytes=+5-+10", 1000), Ok(None));
+        assert_eq!(parse_range("bytes=-+5", 1000), Ok(None));
+        assert_eq!(parse_range("bytes=5-+10", 1000), Ok(None));
         assert_eq!(parse_range("bytes=-", 1000), Ok(None));
         assert_eq!(parse_range("bytes=1000-", 1000), Err(Unsatisfiable));
         assert_eq!(parse_range("bytes=-0", 1000), Err(Unsatisfiable));
