@@ -53,6 +53,15 @@ fn widget(sandbox: &Sandbox) -> Widget {
     widget_in(&sandbox.repos(), &sandbox.home())
 }
 
+/// [`widget`] served by an archiver whose git writes nothing until a line
+/// is written to the returned fifo (one line per generation).
+fn widget_with_git_that_waits(sandbox: &Sandbox) -> (Widget, std::fs::File, Archiver) {
+    let w = widget(sandbox);
+    let (stub, fifo) = sandbox.git_that_pauses("git-that-waits", 0);
+    let archiver = Archiver::start(&sandbox.repos(), &["--git", stub.to_str().unwrap()]);
+    (w, fifo, archiver)
+}
+
 /// [`Widget`] as `{repos}/acme/widget`, with `home` as git's `HOME`.
 fn widget_in(repos: &Path, home: &Path) -> Widget {
     let repo = RepoBuilder::init(&repos.join("acme/widget"), home);
@@ -1039,9 +1048,7 @@ fn concurrent_request_joins_a_running_generation() {
 #[test]
 fn a_cold_tar_gz_starts_before_git_writes() {
     let sandbox = Sandbox::new();
-    let w = widget(&sandbox);
-    let (stub, mut fifo) = sandbox.git_that_pauses("git-that-waits", 0);
-    let archiver = Archiver::start(&sandbox.repos(), &["--git", stub.to_str().unwrap()]);
+    let (w, mut fifo, archiver) = widget_with_git_that_waits(&sandbox);
 
     let mut connection = RawConnection::connect(archiver.addr).unwrap();
     connection
@@ -1411,9 +1418,7 @@ fn aborted_downloads_release_fds_and_download_slots() {
 #[test]
 fn a_pipelined_request_then_a_half_close_gets_the_whole_download() {
     let sandbox = Sandbox::new();
-    let w = widget(&sandbox);
-    let (stub, mut fifo) = sandbox.git_that_pauses("git-that-waits", 0);
-    let archiver = Archiver::start(&sandbox.repos(), &["--git", stub.to_str().unwrap()]);
+    let (w, mut fifo, archiver) = widget_with_git_that_waits(&sandbox);
 
     let mut connection = RawConnection::connect(archiver.addr).unwrap();
     connection
@@ -1459,9 +1464,7 @@ fn a_pipelined_request_then_a_half_close_gets_the_whole_download() {
 fn a_client_leaving_a_waiting_download_is_released_while_git_runs() {
     const FD_TOLERANCE: usize = 2;
     let sandbox = Sandbox::new();
-    widget(&sandbox);
-    let (stub, mut fifo) = sandbox.git_that_pauses("git-that-waits", 0);
-    let archiver = Archiver::start(&sandbox.repos(), &["--git", stub.to_str().unwrap()]);
+    let (_, mut fifo, archiver) = widget_with_git_that_waits(&sandbox);
     let baseline_fds = archiver.open_fds();
 
     let (mut connection, head) = open_download(&archiver, "/acme/widget/archive/v1.2.3.tar.gz");
