@@ -584,28 +584,27 @@ impl Cache {
     /// generation's own holding those refs as they are now, which must
     /// still be the key's (they may have changed while the request queued).
     async fn shadow_for(self: Arc<Self>, spec: &Spec) -> Result<ShadowDir, Failure> {
+        let spec = spec.clone();
+        tokio::task::spawn_blocking(move || self.shadow_for_blocking(&spec))
+            .await
+            .unwrap_or_else(|error| {
+                tracing::error!(%error, "preparing the git dir to run in panicked");
+                Err(Failure::Failed)
+            })
+    }
+
+    /// [`Cache::shadow_for`]'s file system work, on a blocking thread.
+    fn shadow_for_blocking(&self, spec: &Spec) -> Result<ShadowDir, Failure> {
         // The layout was checked when the repository was opened, and it
         // stays open while it changes: what git will read must still stay
         // inside `--repos`.
-        if let Some(root) = spec.confined_to.clone() {
-            let (git_dir, common_dir) = (spec.git_dir.clone(), spec.common_dir.clone());
-            let checked = tokio::task::spawn_blocking(move || {
-                crate::repo::layout_inside(&git_dir, &common_dir, &root)
-            })
-            .await;
-            match checked {
-                Ok(Ok(())) => {}
-                Ok(Err(outside)) => {
-                    tracing::warn!(path = %outside.display(), "repository now leads outside --repos (an alternate or a symlink); not generated");
-                    return Err(Failure::Failed);
-                }
-                Err(error) => {
-                    tracing::error!(%error, "checking the repository's layout panicked");
-                    return Err(Failure::Failed);
-                }
-            }
+        if let Some(root) = &spec.confined_to
+            && let Err(outside) = crate::repo::layout_inside(&spec.git_dir, &spec.common_dir, root)
+        {
+            tracing::warn!(path = %outside.display(), "repository now leads outside --repos (an alternate or a symlink); not generated");
+            return Err(Failure::Failed);
         }
-        let Some(refs) = spec.refs.clone() else {
+        let Some(refs) = &spec.refs else {
             return self
                 .shadows
                 .prepare(&spec.git_dir, &spec.common_dir)
@@ -615,27 +614,21 @@ impl Cache {
                     Failure::Failed
                 });
         };
-        let (git_dir, common_dir) = (spec.git_dir.clone(), spec.common_dir.clone());
-        let snapshot = tokio::task::spawn_blocking(move || {
-            let now = crate::repo::RefsSnapshot::at(&git_dir).map_err(|error| {
-                tracing::error!(%error, "cannot list the refs to run git with");
-                Failure::Failed
-            })?;
-            if now.digest() != refs {
-                tracing::info!("the refs changed since the request was resolved");
-                return Err(Failure::RefsChanged);
-            }
-            self.shadows.snapshot(&common_dir, &now).map_err(|error| {
+        let now = crate::repo::RefsSnapshot::at(&spec.git_dir).map_err(|error| {
+            tracing::error!(%error, "cannot list the refs to run git with");
+            Failure::Failed
+        })?;
+        if now.digest() != *refs {
+            tracing::info!("the refs changed since the request was resolved");
+            return Err(Failure::RefsChanged);
+        }
+        self.shadows
+            .snapshot(&spec.common_dir, &now)
+            .map(ShadowDir::Snapshot)
+            .map_err(|error| {
                 tracing::error!(%error, "cannot write the refs to run git with");
                 Failure::Failed
             })
-        })
-        .await
-        .map_err(|error| {
-            tracing::error!(%error, "listing the refs panicked");
-            Failure::Failed
-        })??;
-        Ok(ShadowDir::Snapshot(snapshot))
     }
 
     /// Accounts `delta` more bytes written by the generation of `key`;

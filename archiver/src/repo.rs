@@ -460,9 +460,7 @@ impl RefsSnapshot {
     /// Reads the refs of the repository at `git_dir` (canonical, checked
     /// when it was first opened) afresh.
     pub fn at(git_dir: &Path) -> Result<RefsSnapshot, Error> {
-        let repo = gix::open::Options::isolated()
-            .config_overrides(["core.useReplaceRefs=false"])
-            .open(git_dir)
+        let repo = open_isolated(git_dir)
             .map_err(|err| Error::internal(format_args!("opening {}: {err}", git_dir.display())))?;
         RefsSnapshot::of(&repo.to_thread_local())
     }
@@ -495,6 +493,16 @@ fn for_each_ref(
     Ok(())
 }
 
+/// Opens `path` with gix as the archiver reads every repository: isolated
+/// from system and user config, and replace refs off, as for `git
+/// --no-replace-objects`: what gix reads (the tree behind `substitutes`,
+/// reachability, the refs) must be what git archives.
+fn open_isolated(path: &Path) -> gix::Result<gix::ThreadSafeRepository> {
+    gix::open::Options::isolated()
+        .config_overrides(["core.useReplaceRefs=false"])
+        .open(path)
+}
+
 /// Opens the repository at `path` if there is one. With `confine_to`, the
 /// directory and the git dir it leads to must both be under that directory.
 /// `Ok(None)` means "not here": missing, not a repository, or outside.
@@ -513,11 +521,7 @@ fn open_candidate(path: &Path, confine_to: Option<&Path>) -> Result<Option<Repos
         return Ok(None);
     }
 
-    // Replace refs off, as for `git --no-replace-objects`: what gix reads
-    // (the tree behind `substitutes`, reachability) must be what git archives.
-    let repo = gix::open::Options::isolated()
-        .config_overrides(["core.useReplaceRefs=false"])
-        .open(directory.as_path())
+    let repo = open_isolated(&directory)
         .map_err(|err| Error::internal(format_args!("opening {}: {err}", directory.display())))?;
     let git_dir = fs::canonicalize(repo.git_dir()).map_err(|err| {
         Error::internal(format_args!(

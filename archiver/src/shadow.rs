@@ -81,7 +81,7 @@ impl Shadows {
                 .create(shadow.join("objects/info"))?;
             write_atomically(
                 &shadow.join("objects/info/alternates"),
-                format!("{}\n", common_dir.join("objects").display()).as_bytes(),
+                alternates(common_dir).as_bytes(),
             )?;
             for name in ["refs", "packed-refs"] {
                 match std::os::unix::fs::symlink(common_dir.join(name), shadow.join(name)) {
@@ -137,7 +137,7 @@ impl Shadows {
             .create(shadow.join("refs"))?;
         fs::write(
             shadow.join("objects/info/alternates"),
-            format!("{}\n", common_dir.join("objects").display()),
+            alternates(common_dir),
         )?;
         let mut packed = String::new();
         for (name, target) in &refs.refs {
@@ -163,6 +163,11 @@ impl Shadows {
         fs::write(shadow.join("config"), CONFIG)?;
         Ok(Snapshot { dir })
     }
+}
+
+/// A shadow's `objects/info/alternates`: the repository's object directory.
+fn alternates(common_dir: &Path) -> String {
+    format!("{}\n", common_dir.join("objects").display())
 }
 
 /// Mode 0700: a shadow holds copies of a repository's `HEAD` and refs,
