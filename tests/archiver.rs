@@ -1790,6 +1790,148 @@ fn restart_keeps_the_cache_warm_and_deletes_partials() {
     );
 }
 
+/// A cached file whose bytes were damaged while the archiver was stopped
+/// (cut short, as a crash can leave a file on a disk-backed cache dir, or
+/// altered in place) is not served after the restart, under its old
+/// checksum: it is deleted at the start and the archive generated anew.
+#[test]
+fn a_restart_deletes_cached_files_whose_bytes_were_damaged() {
+    let sandbox = Sandbox::new();
+    widget(&sandbox);
+    let cache_dir = sandbox.path("cache");
+    let paths = [
+        "/acme/widget/archive/main.tar.gz",
+        "/acme/widget/archive/v1.2.3.zip",
+    ];
+    let mut first = Archiver::start_with_cache(&sandbox.repos(), &cache_dir, &[]);
+    let bodies: Vec<Vec<u8>> = paths
+        .iter()
+        .map(|path| first.get(path).bytes().unwrap().to_vec())
+        .collect();
+    let files = first.cache_files();
+    assert_eq!(files.len(), 2, "{files:?}");
+    let (status, _) = first.terminate(Duration::from_secs(10));
+    assert!(status.is_some_and(|status| status.success()));
+    drop(first);
+
+    // One cut short, one altered in place (its length unchanged).
+    let cut = cache_dir.join(&files[0]);
+    let length = std::fs::metadata(&cut).unwrap().len();
+    std::fs::File::options()
+        .write(true)
+        .open(&cut)
+        .unwrap()
+        .set_len(length / 2)
+        .unwrap();
+    let altered = cache_dir.join(&files[1]);
+    let mut bytes = std::fs::read(&altered).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&altered, &bytes).unwrap();
+
+    let second = Archiver::start_with_cache(&sandbox.repos(), &cache_dir, &[]);
+    assert_eq!(
+        second.cache_files(),
+        Vec::<String>::new(),
+        "damaged files survived the start"
+    );
+    assert_eq!(
+        second
+            .metrics()
+            .value("gitball_archiver_cache_entries", &[]),
+        0.0
+    );
+    for (path, body) in paths.iter().zip(&bodies) {
+        let response = second.get(path);
+        assert_eq!(response.status(), 200, "{path}");
+        assert_eq!(header(&response, "x-gitball-cache"), "miss", "{path}");
+        assert_bytes_eq(
+            &response.bytes().unwrap(),
+            body,
+            &format!("{path} after the restart"),
+        );
+        let checksum = second.get(&format!("{path}.sha256")).text().unwrap();
+        assert!(
+            checksum.starts_with(&sha256_hex(body)),
+            "{path}: checksum {checksum}"
+        );
+    }
+}
+
+/// A cached file deleted behind the archiver's back is generated anew on
+/// the next request, not answered `500` until a restart, and its bytes are
+/// no longer counted.
+#[test]
+fn a_cached_file_deleted_behind_the_archivers_back_is_generated_anew() {
+    let sandbox = Sandbox::new();
+    widget(&sandbox);
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    let path = "/acme/widget/archive/v1.2.3.tar";
+    let body = archiver.get(path).bytes().unwrap().to_vec();
+    let files = archiver.cache_files();
+    assert_eq!(files.len(), 1, "{files:?}");
+    std::fs::remove_file(archiver.cache_dir.join(&files[0])).unwrap();
+
+    for expected_cache in ["miss", "hit"] {
+        let response = archiver.get(path);
+        assert_eq!(response.status(), 200, "after the file was deleted");
+        assert_eq!(header(&response, "x-gitball-cache"), expected_cache);
+        assert_bytes_eq(&response.bytes().unwrap(), &body, path);
+    }
+    let metrics = archiver.metrics();
+    assert_eq!(metrics.value("gitball_archiver_cache_entries", &[]), 1.0);
+    assert_eq!(
+        metrics.value("gitball_archiver_cache_bytes", &[]),
+        body.len() as f64
+    );
+    assert_eq!(archiver.cache_files(), files);
+}
+
+/// One archiver per cache dir: a second one given the same dir refuses to
+/// start (it would delete the first one's partials and evict its files
+/// from under it), and the first one serves on.
+#[test]
+fn a_second_archiver_on_a_cache_dir_in_use_refuses_to_start() {
+    let sandbox = Sandbox::new();
+    widget(&sandbox);
+    let first = Archiver::start(&sandbox.repos(), &[]);
+    let mut second = std::process::Command::new(gitball_e2e::binary_path("gitball-archiver"))
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--repos")
+        .arg(sandbox.repos())
+        .arg("--cache-dir")
+        .arg(&first.cache_dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run a second archiver");
+    let mut status = None;
+    wait_until(Duration::from_secs(20), || {
+        status = second.try_wait().expect("wait for the second archiver");
+        status.is_some()
+    });
+    let Some(status) = status else {
+        let _ = second.kill();
+        let _ = second.wait();
+        panic!("a second archiver on the same cache dir started and runs");
+    };
+    assert!(!status.success(), "a second archiver started");
+    let mut stderr = String::new();
+    second
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(
+        stderr.contains("in use by another archiver"),
+        "the refusal does not say why: {stderr}"
+    );
+    assert_eq!(first.get("/acme/widget/archive/v1.2.3.tar").status(), 200);
+}
+
 // ---------------------------------------------------------------------------
 // 8. Cache bound
 

@@ -24,14 +24,16 @@
 //!   what it had written counts as held until the last reader's
 //!   `Arc<Generation>` is dropped. Readers learn of the failure at once
 //!   (`Generation::failed`), also while they wait for a slow client.
-//! - On start, files named like complete entries are re-indexed (oldest
-//!   first, by mtime; of two files of one key only the newest is kept, the
-//!   other deleted) and leftover partials deleted: a restart keeps the
-//!   cache warm.
+//! - On start, files named like complete entries whose bytes hash to the
+//!   SHA-256 in their name are re-indexed (oldest first, by mtime; of two
+//!   files of one key only the newest is kept, the other deleted), damaged
+//!   ones and leftover partials deleted: a restart keeps the cache warm.
+//! - The directory is the cache's alone while it is open (`flock`); a file
+//!   found gone anyway is forgotten (`Cache::forget`).
 
 use std::collections::HashMap;
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -204,6 +206,9 @@ pub struct Settings {
 }
 
 pub struct Cache {
+    /// The cache directory's lock, held while the cache is open: one
+    /// archiver per directory.
+    _lock: nix::fcntl::Flock<std::fs::File>,
     settings: Settings,
     /// The git dirs generations run in (see `shadow`).
     shadows: Shadows,
@@ -251,20 +256,16 @@ impl Index {
 }
 
 impl Cache {
-    /// Opens (creating, mode 0700) the cache directory, deletes leftover
-    /// partials and re-indexes complete files. Of several complete files of
-    /// one key (an archive whose bytes changed, next to an older copy an
-    /// eviction could not unlink), only the newest by mtime is indexed; the
-    /// others are deleted and not counted. Called within the tokio runtime
-    /// that is to run the generations.
+    /// Opens (creating, mode 0700) the cache directory, takes its lock,
+    /// deletes leftover partials and re-indexes complete files whose bytes
+    /// are still what their name says. Of several complete files of one key
+    /// (an archive whose bytes changed, next to an older copy an eviction
+    /// could not unlink), only the newest by mtime is indexed; the others
+    /// are deleted and not counted. Called within the tokio runtime that is
+    /// to run the generations.
     pub fn open(settings: Settings) -> io::Result<Arc<Cache>> {
         let runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&settings.dir)?;
-        std::fs::set_permissions(&settings.dir, std::fs::Permissions::from_mode(0o700))?;
-        let held_bytes = Arc::new(AtomicU64::new(0));
+        let lock = own_dir(&settings.dir)?;
 
         let mut found = Vec::new();
         for entry in std::fs::read_dir(&settings.dir)? {
@@ -272,7 +273,9 @@ impl Cache {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
             if name.ends_with(PARTIAL_SUFFIX) {
-                std::fs::remove_file(entry.path())?;
+                if entry.file_type()?.is_file() {
+                    std::fs::remove_file(entry.path())?;
+                }
                 continue;
             }
             let Some((key, sha256)) = parse_complete_name(name) else {
@@ -282,18 +285,34 @@ impl Cache {
             if !metadata.is_file() {
                 continue;
             }
-            let modified = metadata.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-            found.push((modified, key, sha256, metadata.len(), entry.path()));
+            found.push(Restored {
+                modified: metadata.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                key,
+                sha256,
+                len: metadata.len(),
+                path: entry.path(),
+            });
         }
-        found.sort_by_key(|(modified, ..)| *modified);
+        let checking = Instant::now();
+        let checked_bytes: u64 = found.iter().map(|restored| restored.len).sum();
+        let mut found = intact(found);
+        found.sort_by_key(|restored| restored.modified);
 
+        let held_bytes = Arc::new(AtomicU64::new(0));
         let mut index = Index {
             complete: HashMap::new(),
             policy: Policy::new(settings.max_bytes),
             generating: HashMap::new(),
             bytes: 0,
         };
-        for (_, key, sha256, len, path) in found {
+        for Restored {
+            key,
+            sha256,
+            len,
+            path,
+            ..
+        } in found
+        {
             index.bytes += len;
             let file = CacheFile {
                 path,
@@ -321,6 +340,7 @@ impl Cache {
         }
         let restored = index.complete.len();
         let cache = Cache {
+            _lock: lock,
             shadows: Shadows::create()?,
             slots: Arc::new(Semaphore::new(settings.max_generations)),
             settings,
@@ -335,7 +355,13 @@ impl Cache {
             cache.evict(&mut index, None);
             cache.publish(&index);
         }
-        tracing::info!(entries = restored, dir = %cache.settings.dir.display(), "cache opened");
+        tracing::info!(
+            entries = restored,
+            checked_bytes,
+            check_seconds = checking.elapsed().as_secs_f64(),
+            dir = %cache.settings.dir.display(),
+            "cache opened"
+        );
         Ok(Arc::new(cache))
     }
 
@@ -677,6 +703,37 @@ impl Cache {
         eviction.short
     }
 
+    /// Drops `file` from the index when its file was found gone (deleted
+    /// behind the archiver's back): a stale entry would fail every hit.
+    /// Whether it was still indexed.
+    pub fn forget(&self, file: &Arc<CacheFile>) -> bool {
+        let Some((key, _)) = file
+            .path
+            .file_name()
+            .and_then(|name| name.to_str())
+            .and_then(parse_complete_name)
+        else {
+            return false;
+        };
+        let mut index = self.lock();
+        if !index
+            .complete
+            .get(&key)
+            .is_some_and(|indexed| Arc::ptr_eq(indexed, file))
+        {
+            return false;
+        }
+        index.complete.remove(&key);
+        index.policy.remove(&key);
+        index.bytes -= file.len;
+        self.publish(&index);
+        tracing::warn!(
+            path = %file.path.display(),
+            "a cached archive's file is gone; forgotten, it will be generated anew"
+        );
+        true
+    }
+
     fn publish(&self, index: &Index) {
         gauge!(m::CACHE_BYTES).set(index.bytes as f64);
         gauge!(m::CACHE_ENTRIES).set(index.complete.len() as f64);
@@ -699,6 +756,117 @@ impl Cache {
         tokio::time::timeout(deadline, self.tasks.wait())
             .await
             .is_ok()
+    }
+}
+
+/// The name of the lock file in the cache directory.
+const LOCK_NAME: &str = ".lock";
+
+/// Makes `dir` the archiver's own: created mode 0700 if missing, else made
+/// 0700, unless it is a shared directory (sticky or writable by others,
+/// like `/tmp` or `/dev/shm`), whose mode is not ours to change and whose
+/// other files are not ours to delete: refused. Then locked (`flock` on
+/// `.lock` in it), so that a second archiver given the same directory
+/// refuses to start rather than delete the first one's partials and evict
+/// its files from under it.
+fn own_dir(dir: &Path) -> io::Result<nix::fcntl::Flock<std::fs::File>> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode();
+    if mode & 0o1002 != 0 {
+        return Err(io::Error::other(format!(
+            "{} is a shared directory (mode {:o}); give the archiver a directory of its own",
+            dir.display(),
+            mode & 0o7777
+        )));
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(dir.join(LOCK_NAME))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+        |(_, errno)| match errno {
+            nix::errno::Errno::EWOULDBLOCK => io::Error::other(format!(
+                "{} is in use by another archiver; give each archiver a cache dir of its own",
+                dir.display()
+            )),
+            errno => io::Error::from(errno),
+        },
+    )
+}
+
+/// A complete file found at start.
+struct Restored {
+    modified: SystemTime,
+    key: String,
+    sha256: [u8; 32],
+    len: u64,
+    path: PathBuf,
+}
+
+/// The files of `found` whose bytes hash to the SHA-256 in their name,
+/// read on every core; the others are deleted. A file renamed complete can
+/// still come back short or empty after a crash (nothing is synced to a
+/// disk-backed cache dir) or altered while the archiver was stopped, and
+/// its name would otherwise be served as the archive's checksum.
+fn intact(found: Vec<Restored>) -> Vec<Restored> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZero::get)
+        .min(found.len());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let sound: Vec<AtomicBool> = found.iter().map(|_| AtomicBool::new(false)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                loop {
+                    let at = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(restored) = found.get(at) else { break };
+                    let digest = content_sha256(&restored.path);
+                    let matches = digest
+                        .as_ref()
+                        .is_ok_and(|digest| *digest == restored.sha256);
+                    sound[at].store(matches, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    found
+        .into_iter()
+        .zip(sound)
+        .filter_map(|(restored, sound)| {
+            if sound.into_inner() {
+                return Some(restored);
+            }
+            tracing::warn!(
+                path = %restored.path.display(),
+                "a cached archive's bytes are not what its name says; deleted"
+            );
+            if let Err(error) = std::fs::remove_file(&restored.path) {
+                tracing::error!(%error, path = %restored.path.display(), "cannot remove a damaged archive");
+            }
+            None
+        })
+        .collect()
+}
+
+/// The SHA-256 of the file at `path`.
+fn content_sha256(path: &Path) -> io::Result<[u8; 32]> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0; 1 << 20];
+    loop {
+        match file.read(&mut buffer) {
+            Ok(0) => return Ok(hasher.finalize().into()),
+            Ok(read) => hasher.update(&buffer[..read]),
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
     }
 }
 
@@ -1402,6 +1570,12 @@ mod tests {
         );
         std::fs::write(dir.join(&partial), b"half an archive").unwrap();
         std::fs::write(dir.join("notes.txt"), b"not ours").unwrap();
+        // Named like a partial, but not a file.
+        let partial_dir = format!(
+            "{}.fedcba9876543210{PARTIAL_SUFFIX}",
+            Cache::key(&stub.spec(4))
+        );
+        std::fs::create_dir(dir.join(&partial_dir)).unwrap();
         // Named like an entry, but a directory.
         let odd_dir = format!("{}-{}", Cache::key(&stub.spec(3)), "0".repeat(64));
         std::fs::create_dir(dir.join(&odd_dir)).unwrap();
@@ -1414,7 +1588,13 @@ mod tests {
         assert_eq!(file.len, 300);
         assert_eq!(file.sha256, sha256(&data));
         assert_eq!(file.path, dir.join(&complete_name));
-        let mut expected = vec![complete_name, upper, odd_dir, "notes.txt".to_owned()];
+        let mut expected = vec![
+            complete_name,
+            upper,
+            odd_dir,
+            partial_dir,
+            "notes.txt".to_owned(),
+        ];
         expected.sort();
         assert_eq!(names_in(&dir), expected, "the partial was deleted");
         assert!(cache.peek(&stub.spec(3)).is_none());
@@ -1458,6 +1638,118 @@ mod tests {
         assert!(cache.peek(&stub.spec(2)).is_none());
         assert!(!paths[1].exists());
         assert!(matches!(cache.peek(&stub.spec(1)), Some(Lookup::Hit(_))));
+    }
+
+    /// A file deleted behind the archiver's back is forgotten when found
+    /// gone: its key is generated anew, its bytes no longer counted.
+    #[tokio::test]
+    async fn a_file_found_gone_is_forgotten_and_generated_anew() {
+        let stub = StubGit::printing(&[b'g'; 100]);
+        let cache = open(&stub, 1 << 20);
+        let file = generate(&cache, stub.spec(1)).await;
+        std::fs::remove_file(&file.path).unwrap();
+        assert!(cache.forget(&file));
+        assert!(!cache.forget(&file), "forgotten twice");
+        assert_eq!(bytes(&cache), 0);
+        assert!(cache.peek(&stub.spec(1)).is_none());
+        let again = generate(&cache, stub.spec(1)).await;
+        assert!(again.path.is_file());
+        assert_eq!(bytes(&cache), again.len);
+        // An entry that replaced the forgotten one is not forgotten with it.
+        assert!(!cache.forget(&file));
+        assert!(matches!(cache.peek(&stub.spec(1)), Some(Lookup::Hit(_))));
+    }
+
+    /// A file named complete whose bytes are not what its name says (cut
+    /// short by a crash before its data reached a disk, emptied, altered
+    /// while the archiver was stopped) is deleted at start, never indexed:
+    /// served, its name would be given as the checksum of other bytes.
+    #[tokio::test]
+    async fn a_restart_deletes_files_whose_bytes_are_not_what_their_name_says() {
+        let stub = StubGit::new(b"", 1);
+        let dir = stub.cache_dir();
+        std::fs::create_dir(&dir).unwrap();
+        let data = pattern(3 << 20);
+        let sound = |n: u32| {
+            let path = dir.join(format!(
+                "{}-{}",
+                Cache::key(&stub.spec(n)),
+                hex::encode(sha256(&data))
+            ));
+            std::fs::write(&path, &data).unwrap();
+            path
+        };
+        let intact = sound(1);
+        let truncated = sound(2);
+        std::fs::File::options()
+            .write(true)
+            .open(&truncated)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let emptied = sound(3);
+        std::fs::File::options()
+            .write(true)
+            .open(&emptied)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        let altered = sound(4);
+        let mut bytes_of_altered = data.clone();
+        bytes_of_altered[2 << 20] ^= 1;
+        std::fs::write(&altered, &bytes_of_altered).unwrap();
+
+        let cache = open(&stub, 64 << 20);
+        assert_eq!(hit(cache.lookup(stub.spec(1), "r")).path, intact);
+        for n in 2..=4 {
+            assert!(cache.peek(&stub.spec(n)).is_none(), "spec {n} was indexed");
+        }
+        assert_eq!(bytes(&cache), data.len() as u64);
+        assert_eq!(
+            names_in(&dir),
+            [intact.file_name().unwrap().to_str().unwrap()],
+            "a damaged file was left behind"
+        );
+    }
+
+    /// One archiver per cache dir: a second one would delete the first
+    /// one's partials and evict its files from under it.
+    #[tokio::test]
+    async fn a_cache_dir_in_use_is_refused_until_its_cache_is_closed() {
+        let stub = StubGit::new(b"", 1);
+        let first = open(&stub, 1 << 20);
+        let refused = Cache::open(stub.settings(1 << 20))
+            .err()
+            .expect("a second cache opened");
+        assert!(
+            refused.to_string().contains("in use by another archiver"),
+            "{refused}"
+        );
+        drop(first);
+        drop(Cache::open(stub.settings(1 << 20)).expect("the dir is free again"));
+    }
+
+    /// A shared directory (`/tmp`, `/dev/shm`) is not the archiver's to
+    /// lock down or clean: refused, its mode and files as they were.
+    #[tokio::test]
+    async fn a_shared_directory_is_refused_and_left_as_it_was() {
+        let stub = StubGit::new(b"", 1);
+        let dir = stub.cache_dir();
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let partial = format!(
+            "{}.0123456789abcdef{PARTIAL_SUFFIX}",
+            Cache::key(&stub.spec(1))
+        );
+        std::fs::write(dir.join(&partial), b"someone's").unwrap();
+        let refused = Cache::open(stub.settings(1 << 20)).err().expect("opened");
+        assert!(
+            refused.to_string().contains("shared directory"),
+            "{refused}"
+        );
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o1777);
+        assert_eq!(names_in(&dir), [partial]);
     }
 
     /// Two complete files of one key (an archive whose bytes changed, next

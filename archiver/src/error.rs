@@ -54,6 +54,11 @@ pub enum Error {
     GenerationTimeout,
     #[error("the archive is larger than this server generates")]
     TooLarge,
+    /// A cached archive's file was gone when opened (deleted behind the
+    /// archiver's back): forgotten by the cache, and the request is
+    /// resolved again, which generates it anew.
+    #[error("internal error")]
+    FileGone,
     /// Anything else; the detail is logged, the client sees a generic text.
     #[error("internal error")]
     Internal(String),
@@ -81,6 +86,7 @@ impl Error {
             | Error::GenerationFailed
             | Error::GenerationTimeout
             | Error::TooLarge
+            | Error::FileGone
             | Error::Internal(_) => Fault::Internal,
         }
     }
@@ -101,6 +107,7 @@ impl Error {
             Error::GenerationFailed
             | Error::GenerationTimeout
             | Error::TooLarge
+            | Error::FileGone
             | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -122,7 +129,7 @@ impl Error {
             Error::GenerationFailed => code::GENERATION_FAILED,
             Error::GenerationTimeout => code::GENERATION_TIMEOUT,
             Error::TooLarge => code::ARCHIVE_TOO_LARGE,
-            Error::Internal(_) => code::INTERNAL,
+            Error::FileGone | Error::Internal(_) => code::INTERNAL,
         }
     }
 
@@ -131,6 +138,7 @@ impl Error {
     pub fn log_text(&self) -> String {
         match self {
             Error::Internal(detail) => detail.clone(),
+            Error::FileGone => "the cached archive's file is gone".to_owned(),
             other => other.code().to_owned(),
         }
     }

@@ -114,8 +114,7 @@ enum Answer {
     Whole(Response),
     Stream {
         response: Response,
-        source: Source,
-        range: Option<ByteRange>,
+        reader: tail::Reader,
     },
 }
 
@@ -171,13 +170,8 @@ fn respond(answer: Answer, mut log: RequestLog, takeover: Option<&Takeover>) -> 
         }
         Answer::Stream {
             mut response,
-            source,
-            range,
+            reader,
         } => {
-            let reader = match tail::Reader::open(source, range) {
-                Ok(reader) => reader,
-                Err(error) => return fail(Error::internal(error), log),
-            };
             log.status = Some(response.status());
             *response.body_mut() = reader.into_body(log, takeover);
             response
@@ -201,19 +195,23 @@ async fn serve(app: &App, request: &Parts, log: &mut RequestLog) -> Result<Answe
         .transpose()?;
     // An archive keyed by the refs whose refs changed before its generation
     // started is resolved again, under the new refs: the client sees
-    // `refs_changed` only if they keep changing.
+    // `refs_changed` only if they keep changing. So is one whose cached file
+    // was deleted behind the archiver's back: the cache forgot it, so it is
+    // generated anew.
     let mut attempts = 1;
     loop {
         match serve_archive(app, request, archive.clone(), subtree.clone(), log).await {
-            Err(Error::RefsChanged) if attempts < REFS_CHANGED_ATTEMPTS => attempts += 1,
+            Err(Error::RefsChanged | Error::FileGone) if attempts < RESOLVE_ATTEMPTS => {
+                attempts += 1;
+            }
             answer => return answer,
         }
     }
 }
 
 /// How many times a request is resolved when the refs its archive is keyed
-/// by keep changing before the generation starts.
-const REFS_CHANGED_ATTEMPTS: u32 = 3;
+/// by keep changing before the generation starts (or its file vanishes).
+const RESOLVE_ATTEMPTS: u32 = 3;
 
 /// [`serve`] from the resolution on.
 async fn serve_archive(
@@ -306,11 +304,17 @@ async fn serve_archive(
     if method == Method::HEAD {
         return Ok(Answer::Whole(response));
     }
-    Ok(Answer::Stream {
-        response,
-        source,
-        range,
-    })
+    // A complete file is opened by its path: one evicted since the lookup,
+    // or deleted behind the archiver's back, is not there.
+    let reader = match (tail::Reader::open(source, range), complete) {
+        (Ok(reader), _) => reader,
+        (Err(error), Some(file)) if error.kind() == std::io::ErrorKind::NotFound => {
+            app.cache.forget(&file);
+            return Err(Error::FileGone);
+        }
+        (Err(error), _) => return Err(Error::internal(error)),
+    };
+    Ok(Answer::Stream { response, reader })
 }
 
 /// `…/archive/{ref}.{ext}.sha256`: `"{hex}  {filename}\n"`, generating the
