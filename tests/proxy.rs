@@ -1128,6 +1128,79 @@ fn a_parked_download_resumes_from_a_new_generation_after_a_restart_on_an_empty_c
     );
 }
 
+/// A parked download resumed from an archiver that generates the archive
+/// again slowly but steadily: the bytes before the download's next one take
+/// longer than `--header-timeout` to come again, but none is that long in
+/// coming. The silence bound is per chunk, skipped ones included, so the
+/// download continues (it was aborted when the bound covered the skip).
+#[test]
+fn a_parked_download_resumes_from_a_generation_slower_than_the_silence_bound() {
+    let sandbox = Sandbox::new();
+    let big = big_repo_64();
+    let (expected_digest, expected_length) = big_tar_digest(big);
+    let mut cluster = Cluster::start(
+        &big.repos,
+        &big.repos,
+        0,
+        &["--park-after", PARK_AFTER, "--header-timeout", "1"],
+    );
+    let (mut connection, _head, mut hasher, mut received) = stall_until_parked(
+        &cluster.proxy,
+        cluster.primary.addr,
+        "/acme/big/archive/main.tar",
+    );
+    // 8 pieces of 64 KiB 300 ms apart: the client's first MiB alone takes
+    // 2.4 s to come again, each piece well within the 1 s bound.
+    let git = sandbox.git_that_trickles("trickling-git", 8, 300);
+    let addr = cluster.primary.addr;
+    kill_hard(&mut cluster.primary);
+    let _restarted = start_archiver_at(
+        &big.repos,
+        &sandbox.path("empty-cache"),
+        addr,
+        &["--git", git.to_str().unwrap()],
+    );
+
+    let end = connection.read_body_to_end(|piece| {
+        hasher.update(piece);
+        received += piece.len() as u64;
+    });
+    assert_eq!(end, BodyEnd::Complete, "after {received} bytes");
+    assert_eq!(received, expected_length);
+    assert_eq!(format!("{:x}", hasher.finalize()), expected_digest);
+    assert_eq!(
+        cluster
+            .proxy
+            .scrape()
+            .value("gitball_proxy_resumes_total", &[("outcome", "resumed")]),
+        1.0
+    );
+}
+
+/// A `.sha256` waits for the whole generation, as a complete-only request
+/// does: a generation longer than `--header-timeout` is answered, and its
+/// archiver is not ejected for taking that long.
+#[test]
+fn a_checksum_of_a_generation_slower_than_the_header_timeout_is_answered() {
+    let sandbox = Sandbox::new();
+    let big = big_repo_64();
+    let (expected_digest, _) = big_tar_digest(big);
+    // 12 pieces 250 ms apart: 3 s before the rest.
+    let git = sandbox.git_that_trickles("trickling-git", 12, 250);
+    let primary = Archiver::start(&big.repos, &["--git", git.to_str().unwrap()]);
+    let cluster = Cluster::around(primary, Vec::new(), &["--header-timeout", "1"]);
+    let answer = fetch(cluster.proxy.addr, "/acme/big/archive/main.tar.sha256");
+    assert_eq!(answer.status(), 200, "{}", answer.text());
+    assert!(
+        answer.text().starts_with(&expected_digest),
+        "{}",
+        answer.text()
+    );
+    let metrics = cluster.proxy.scrape();
+    assert_eq!(metrics.sum(ATTEMPTS, &[("outcome", "header_timeout")]), 0.0);
+    assert_eq!(family_sum(&metrics, "gitball_proxy_upstream_ejected"), 0.0);
+}
+
 #[test]
 fn a_parked_download_that_cannot_resume_is_aborted_not_ended() {
     let sandbox = Sandbox::new();
@@ -1155,6 +1228,103 @@ fn a_parked_download_that_cannot_resume_is_aborted_not_ended() {
         .scrape()
         .value("gitball_proxy_active_downloads", &[])
         == 0.0));
+}
+
+// ---------------------------------------------------------------------------
+// Upstreams that frame bodies as no archiver does
+
+/// An upstream on 127.0.0.1 that answers each of `connections` connections
+/// with `answer`, whatever was asked, then closes it. Its thread ends after
+/// the last connection, or when none comes within [`SETTLE`].
+fn scripted_upstream(answer: &'static [u8], connections: usize) -> SocketAddr {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let addr = listener.local_addr().expect("address");
+    std::thread::spawn(move || {
+        for _ in 0..connections {
+            let mut accepted = None;
+            if !wait_until(SETTLE, || {
+                accepted = listener.accept().ok();
+                accepted.is_some()
+            }) {
+                return;
+            }
+            let (mut stream, _) = accepted.expect("accepted");
+            stream.set_nonblocking(false).expect("blocking");
+            stream.set_read_timeout(Some(SETTLE)).expect("read timeout");
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                match stream.read(&mut byte) {
+                    Ok(1) => head.push(byte[0]),
+                    _ => break,
+                }
+            }
+            let _ = stream.write_all(answer);
+        }
+    });
+    addr
+}
+
+/// A proxy whose one route goes to `upstream`.
+fn proxy_before(upstream: SocketAddr, sandbox: &Sandbox) -> Proxy {
+    let routes = sandbox.path("routes.toml");
+    write_routes(
+        &routes,
+        &[Route::new("*", &format!("http://{upstream}"), &[])],
+    );
+    Proxy::with_routes(&routes, &[])
+}
+
+/// A body ended by the upstream closing its connection, or a growing one
+/// for a client that needs a length (HTTP/1.0: the proxy asks with
+/// `X-Gitball-Want-Length`), could be a cut: never passed on as an answer.
+#[test]
+fn an_upstream_body_whose_end_cannot_be_told_from_a_cut_is_a_bad_gateway() {
+    let sandbox = Sandbox::new();
+    let close_delimited = scripted_upstream(
+        b"HTTP/1.1 200 OK\r\nETag: \"c0ffee-tar\"\r\nConnection: close\r\n\r\nan archive's first bytes, then a close",
+        1,
+    );
+    let proxy = proxy_before(close_delimited, &sandbox);
+    let answer = fetch(proxy.addr, "/acme/widget/archive/main.tar");
+    assert_eq!(answer.status(), 502, "{}", answer.text());
+    assert_eq!(proxy.scrape().sum(ATTEMPTS, &[("outcome", "error")]), 1.0);
+
+    let chunked = scripted_upstream(
+        b"HTTP/1.1 200 OK\r\nETag: \"c0ffee-tar\"\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nbytes\r\n0\r\n\r\n",
+        1,
+    );
+    let proxy = proxy_before(chunked, &sandbox);
+    let mut connection = RawConnection::connect(proxy.addr).expect("connect");
+    connection
+        .send(b"GET /acme/widget/archive/main.tar HTTP/1.0\r\n\r\n")
+        .expect("send");
+    let head = connection.read_head().expect("head");
+    assert_eq!(
+        head.status, 502,
+        "an HTTP/1.0 client got a body without a length"
+    );
+}
+
+/// A `Content-Length` beside chunked framing does not frame the body (RFC
+/// 9112, section 6.3): the client gets the body as the upstream framed it,
+/// never cut (or overrun) at the stray length.
+#[test]
+fn a_content_length_beside_chunked_framing_is_not_passed_on() {
+    let sandbox = Sandbox::new();
+    let upstream = scripted_upstream(
+        b"HTTP/1.1 200 OK\r\nETag: \"c0ffee-tar\"\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n\
+          8\r\nall the \r\n6\r\nbytes.\r\n0\r\n\r\n",
+        1,
+    );
+    let proxy = proxy_before(upstream, &sandbox);
+    let answer = fetch(proxy.addr, "/acme/widget/archive/main.tar");
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.header("content-length"), "");
+    assert_eq!(answer.end, BodyEnd::Complete);
+    assert_eq!(answer.text(), "all the bytes.");
 }
 
 // ---------------------------------------------------------------------------

@@ -22,6 +22,10 @@
 //! the next candidate would fail the same way, and the upstream is not at
 //! fault, so it is not ejected (nor marked healthy).
 //!
+//! A response whose body's end could not be told from a cut (neither
+//! `Content-Length` nor chunked, or no length for a complete-only request)
+//! is an `error`: passed on, a cut would look like the end.
+//!
 //! Any other response (`ok`) is the answer, whatever its status: a `404`
 //! from the primary, a `400`, a `304` or a `206` are final. Once a response
 //! is chosen this module is done; what happens after the first body byte is
@@ -357,7 +361,8 @@ impl Forwarder {
             crate::metrics::upstream_attempt(&candidate.upstream, outcome.as_str());
             // A complete-only request waits for a whole generation: running
             // long is no sign of a broken archiver.
-            let slow_but_sane = request.wants_length() && matches!(outcome, Outcome::HeaderTimeout);
+            let slow_but_sane =
+                request.answered_when_complete() && matches!(outcome, Outcome::HeaderTimeout);
             if outcome == Outcome::Overloaded {
                 // Our own shortage says nothing about the upstream, and
                 // the next candidate needs an fd just the same.
@@ -457,7 +462,7 @@ impl Forwarder {
                 .insert(http::header::AUTHORIZATION, authorization.clone());
         }
         let send = self.client.request(upstream_request);
-        let header_timeout = if request.wants_length() {
+        let header_timeout = if request.answered_when_complete() {
             self.header_timeout.max(COMPLETE_ARCHIVE_TIMEOUT)
         } else {
             self.header_timeout
@@ -469,8 +474,51 @@ impl Forwarder {
                 tracing::debug!(upstream = %candidate.upstream, %error, "upstream request failed");
                 (outcome, None)
             }
-            Ok(Ok(response)) => (classify(response.status(), candidate.role), Some(response)),
+            Ok(Ok(response)) => match classify(response.status(), candidate.role) {
+                Outcome::Ok if !framed(&response, request) => {
+                    tracing::warn!(
+                        upstream = %candidate.upstream,
+                        status = response.status().as_u16(),
+                        "upstream body without a length or chunked framing; its end could not be told from a cut"
+                    );
+                    (Outcome::Error, None)
+                }
+                outcome => (outcome, Some(response)),
+            },
         }
+    }
+}
+
+/// Whether `response`'s body, if it has one, is framed so that its end
+/// can be told from a cut (`Content-Length` or chunked); and has a length
+/// when the request asked for a complete archive. An archiver always frames
+/// its bodies; one closing the connection to end one (or answering a
+/// complete-only request with a growing archive) cannot be passed on:
+/// through the proxy, a cut would look like the end.
+fn framed(response: &UpstreamResponse, request: &UpstreamRequest) -> bool {
+    if request.method == Method::HEAD
+        || response.status() == StatusCode::NO_CONTENT
+        || response.status() == StatusCode::NOT_MODIFIED
+    {
+        return true;
+    }
+    let headers = response.headers();
+    let length = headers.contains_key(http::header::CONTENT_LENGTH);
+    let chunked = headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|codings| {
+            codings
+                .rsplit(',')
+                .next()
+                .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"))
+        });
+    if request.wants_length() {
+        length && !chunked
+    } else {
+        length || chunked
     }
 }
 
@@ -481,10 +529,22 @@ impl Forwarder {
 pub const COMPLETE_ARCHIVE_TIMEOUT: Duration = Duration::from_secs(630);
 
 impl UpstreamRequest {
-    /// The archiver answers only once the archive is complete.
+    /// The proxy asked for the archive with its length: the archiver
+    /// answers once it is complete.
     pub fn wants_length(&self) -> bool {
         self.headers
             .contains_key(gitball_core::protocol::X_GITBALL_WANT_LENGTH)
+    }
+
+    /// The archiver answers only once the archive is complete: a request
+    /// with [`UpstreamRequest::wants_length`], or for an archive's
+    /// `.sha256`, which needs the whole archive.
+    pub fn answered_when_complete(&self) -> bool {
+        let path = self
+            .path_and_query
+            .split_once('?')
+            .map_or(self.path_and_query.as_str(), |(path, _)| path);
+        self.wants_length() || path.ends_with(".sha256")
     }
 }
 

@@ -237,8 +237,14 @@ fn respond(state: &AppState, request: &Parts, answer: Answer, mut log: RequestLo
     // Sized once: appending the archiver's dozen headers to an empty map
     // regrew it on the way (`HeaderMap::try_grow` in a profile of hits).
     headers.reserve(upstream_response.headers().len() + 1);
+    // A `Content-Length` beside `Transfer-Encoding` does not frame the
+    // body (RFC 9112, section 6.3): not passed on, or the client would
+    // frame by it.
+    let by_coding = upstream_response
+        .headers()
+        .contains_key(header::TRANSFER_ENCODING);
     for (name, value) in upstream_response.headers() {
-        if is_passed_through(name) {
+        if is_passed_through(name) && !(by_coding && name == header::CONTENT_LENGTH) {
             headers.append(name.clone(), value.clone());
         }
     }

@@ -352,7 +352,7 @@ impl Pipe {
 /// come within `limit`. The clock runs only while the pipe waits for the
 /// upstream, that is while the client is ready for more: a slow client
 /// never makes its upstream look silent.
-fn fail_when_silent(body: UpstreamBody, limit: Duration) -> UpstreamBody {
+pub(crate) fn fail_when_silent(body: UpstreamBody, limit: Duration) -> UpstreamBody {
     Box::pin(futures_util::stream::unfold(
         Some(body),
         move |body| async move {
@@ -524,7 +524,9 @@ impl Pipe {
         crate::metrics::resume("resumed");
         tracing::debug!(upstream = %resumed.upstream, sent, "parked download resumed");
         self.upstream_name = resumed.upstream;
-        *self.shared.lock() = Some(fail_when_silent(resumed.body, self.timers.upstream_silence));
+        // Silence is bounded per upstream chunk inside the resumed body,
+        // the skipped ones included (`Resume::resume`).
+        *self.shared.lock() = Some(resumed.body);
         self.shared.unpark();
         Poll::Ready(Ok(()))
     }
@@ -750,6 +752,19 @@ impl Stream for Pipe {
             Poll::Ready(None) => {
                 upstream.take();
                 drop(upstream);
+                if let Some(expected) = this.expected_bytes
+                    && this.bytes != expected
+                {
+                    // An upstream that framed a resumed body shorter than
+                    // its announced range: never a clean end short.
+                    let error = UpstreamError::from(format!(
+                        "the upstream body ended after {} of {expected} bytes",
+                        this.bytes
+                    ));
+                    tracing::warn!(upstream = %this.upstream_name, %error, "upstream body failed midway");
+                    this.end(Ending::Aborted);
+                    return Poll::Ready(Some(Err(PipeError::Upstream(error))));
+                }
                 this.end(Ending::Complete);
                 Poll::Ready(None)
             }
@@ -1071,6 +1086,28 @@ mod tests {
         assert!(dropped.load(Ordering::SeqCst));
         assert_eq!(ended.lock().unwrap().unwrap().ending, Ending::Aborted);
         assert!(health.is_ejected("http://upstream:1"));
+    }
+
+    /// An upstream body that ends cleanly short of the length the download
+    /// announced (a resumed body an upstream framed shorter than its range)
+    /// is an abort, never a clean end short.
+    #[tokio::test]
+    async fn an_upstream_body_ending_short_of_the_length_is_an_abort() {
+        let (mut pipe, dropped, ended) = pipe_expecting(
+            vec![b"abc", b"def"],
+            Some(10),
+            false,
+            Duration::from_secs(60),
+        );
+        assert!(pipe.next().await.unwrap().is_ok());
+        assert!(pipe.next().await.unwrap().is_ok());
+        assert!(matches!(
+            pipe.next().await,
+            Some(Err(PipeError::Upstream(_)))
+        ));
+        assert!(dropped.load(Ordering::SeqCst));
+        let end = ended.lock().unwrap().unwrap();
+        assert_eq!((end.ending, end.bytes), (Ending::Aborted, 6));
     }
 
     use crate::window::{SMALL_RECV_BUFFER_BYTES, WIDE_RECV_BUFFER_BYTES};

@@ -14,11 +14,15 @@
 //!   {etag}`, sent to the upstream that served the download first, then
 //!   to the route's other candidates (`forward`, with its failover);
 //! - a `206` must carry the same ETag and a `Content-Range` that starts at
-//!   the next byte (and ends where the download ends, when that is known);
-//!   its body continues the download;
+//!   the next byte, ends where the download ends (the archive's end, for a
+//!   download begun while the archive grew) and gives the archive's length
+//!   when the download knew it, and a `Content-Length` (if any) that is the
+//!   range's; its body continues the download, and must bring the whole
+//!   range;
 //! - a `200` under the same ETag (an archive still or again being
 //!   generated, where ranges are ignored) continues the download after its
-//!   first `{next}` bytes are skipped;
+//!   first `{next}` bytes are skipped, each chunk, skipped or not, within
+//!   the silence bound (`--header-timeout`), not the whole skip;
 //! - anything else (another ETag, another status, no candidate answering)
 //!   aborts the client connection: a download never continues with other
 //!   bytes, and never ends cleanly short of its end.
@@ -66,6 +70,8 @@ pub struct Resume {
     /// Offset of its last byte, when the response said (a length, or a
     /// `Content-Range`); `None` while the archive was still growing.
     last: Option<u64>,
+    /// The whole archive's length, when the response said.
+    length: Option<u64>,
 }
 
 /// The rest of a download, from its next byte.
@@ -106,11 +112,14 @@ impl Resume {
         if !etag.as_bytes().starts_with(b"\"") {
             return None;
         }
-        let (first, last) = match response.status() {
-            StatusCode::OK => (0, body_length(response).and_then(|len| len.checked_sub(1))),
+        let (first, last, length) = match response.status() {
+            StatusCode::OK => {
+                let length = body_length(response);
+                (0, length.and_then(|len| len.checked_sub(1)), length)
+            }
             StatusCode::PARTIAL_CONTENT => {
-                let (first, last, _) = content_range(response.headers())?;
-                (first, Some(last))
+                let (first, last, length) = content_range(response.headers())?;
+                (first, Some(last), Some(length))
             }
             _ => return None,
         };
@@ -152,6 +161,7 @@ impl Resume {
             etag: owned_value(etag),
             first,
             last,
+            length,
         })
     }
 
@@ -171,13 +181,25 @@ impl Resume {
         let skip = self
             .skip(status, response.headers(), next)
             .ok_or_else(|| ResumeError::Mismatch(status, upstream.clone()))?;
-        let limit = self.limit(next);
+        // How many bytes the download has left: known from the start, or
+        // from this answer (a `206`'s range, a complete archive's length).
+        let limit = self.limit(next).or_else(|| match status {
+            StatusCode::PARTIAL_CONTENT => {
+                content_range(response.headers()).map(|(first, last, _)| last + 1 - first)
+            }
+            _ => body_length(&response).and_then(|length| length.checked_sub(next)),
+        });
         let body = response
             .into_body()
             .into_data_stream()
             .map(|chunk| chunk.map_err(UpstreamError::from));
+        // Silence is bounded per chunk the upstream sends, skipped ones
+        // included: an archive generated again up to the download's next
+        // byte may take longer than one silence to get there.
+        let silence = self.forwarder.header_timeout();
+        let body = crate::pipe::fail_when_silent(Box::pin(body), silence);
         Ok(Resumed {
-            body: skip_and_limit(Box::pin(body), skip, limit),
+            body: skip_and_limit(body, skip, limit),
             upstream,
         })
     }
@@ -225,6 +247,7 @@ impl Resume {
             etag,
             first,
             last,
+            length: last.filter(|_| first == 0).map(|last| last + 1),
         }
     }
 
@@ -240,21 +263,37 @@ impl Resume {
     /// How many bytes of the answer (`status`, `headers`) to a
     /// [`Resume::range_request`] for `next` come before the download's next
     /// byte; `None` if the answer is not the rest of the same archive.
+    ///
+    /// A `206` must start at `next`, end where the download ends (its last
+    /// byte when known, else the archive's), be of the archive's length
+    /// when that is known, and carry as many bytes as its range says; a
+    /// `200` must be of the archive's length when that is known. An
+    /// upstream answering otherwise would have the download end short, or
+    /// continue with other bytes.
     pub fn skip(&self, status: StatusCode, headers: &http::HeaderMap, next: u64) -> Option<u64> {
         if headers.get(header::ETAG) != Some(&self.etag) {
             return None;
         }
+        let content_length = headers
+            .get(header::CONTENT_LENGTH)
+            .map(|value| value.to_str().ok()?.parse::<u64>().ok());
+        let same_length = |length: u64| self.length.is_none_or(|ours| ours == length);
         match status {
-            StatusCode::PARTIAL_CONTENT => match content_range(headers) {
-                Some((first, last, _))
-                    if first == next && self.last.is_none_or(|ours| ours == last) =>
-                {
-                    Some(0)
-                }
-                _ => None,
-            },
+            StatusCode::PARTIAL_CONTENT => {
+                let (first, last, length) = content_range(headers)?;
+                let to_the_end = match self.last {
+                    Some(ours) => last == ours,
+                    None => last + 1 == length,
+                };
+                let framed = content_length.is_none_or(|sent| sent == Some(last + 1 - first));
+                (first == next && to_the_end && same_length(length) && framed).then_some(0)
+            }
             // The whole archive again: its first `next` bytes were sent.
-            StatusCode::OK => Some(next),
+            StatusCode::OK => match content_length {
+                None => Some(next),
+                Some(Some(length)) if same_length(length) && length >= next => Some(next),
+                Some(_) => None,
+            },
             _ => None,
         }
     }
@@ -280,8 +319,8 @@ fn content_range(headers: &http::HeaderMap) -> Option<(u64, u64, u64)> {
 }
 
 /// `body` without its first `skip` bytes, and ending after `limit` more
-/// (when given). A body that ends before `skip` is an error: the download
-/// cannot continue from it.
+/// (when given). A body that ends before `skip`, or before `limit` more, is
+/// an error: the download cannot continue from it, and must not end short.
 fn skip_and_limit(body: UpstreamBody, skip: u64, limit: Option<u64>) -> UpstreamBody {
     if skip == 0 && limit.is_none() {
         return body;
@@ -300,6 +339,11 @@ fn skip_and_limit(body: UpstreamBody, skip: u64, limit: Option<u64>) -> Upstream
                         let error = UpstreamError::from(
                             "the resumed body ended before the download's next byte",
                         );
+                        return Some((Err(error), (body, 0, Some(0))));
+                    }
+                    None if limit.is_some_and(|left| left > 0) => {
+                        let error =
+                            UpstreamError::from("the resumed body ended before the download's end");
                         return Some((Err(error), (body, 0, Some(0))));
                     }
                     None => return None,
@@ -401,5 +445,93 @@ mod tests {
                 .await
                 .is_err()
         );
+        // Shorter than the download's end: not a clean end either.
+        assert!(
+            collect(skip_and_limit(body(whole), 2, Some(9)))
+                .await
+                .is_err()
+        );
+    }
+
+    const ETAG: &str = "\"c0ffee-tar\"";
+
+    fn resume_of(first: u64, last: Option<u64>) -> Resume {
+        let forwarder = Forwarder::new(
+            Arc::new(crate::upstream::Health::new(
+                std::time::Duration::from_secs(1),
+            )),
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(1),
+            None,
+        )
+        .unwrap();
+        Resume::for_test(
+            forwarder,
+            Vec::new(),
+            UpstreamRequest {
+                method: Method::GET,
+                path_and_query: "/acme/widget/archive/main.tar".into(),
+                headers: http::HeaderMap::new(),
+            },
+            HeaderValue::from_static(ETAG),
+            first,
+            last,
+        )
+    }
+
+    fn answer(pairs: &[(header::HeaderName, &'static str)]) -> http::HeaderMap {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(header::ETAG, HeaderValue::from_static(ETAG));
+        for (name, value) in pairs {
+            headers.insert(name.clone(), HeaderValue::from_static(value));
+        }
+        headers
+    }
+
+    /// What a resume may continue a download with: the rest of the same
+    /// archive, to its end, framed as its range says; an upstream that
+    /// answers otherwise would have the download end short.
+    #[test]
+    fn a_resume_continues_only_with_the_rest_of_the_same_archive() {
+        let partial = StatusCode::PARTIAL_CONTENT;
+        let range = header::CONTENT_RANGE;
+        let length = header::CONTENT_LENGTH;
+        // A download that began while the archive grew: its end unknown.
+        let growing = resume_of(0, None);
+        let to_the_end = answer(&[(range.clone(), "bytes 100-999/1000")]);
+        assert_eq!(growing.skip(partial, &to_the_end, 100), Some(0));
+        let framed = answer(&[
+            (range.clone(), "bytes 100-999/1000"),
+            (length.clone(), "900"),
+        ]);
+        assert_eq!(growing.skip(partial, &framed, 100), Some(0));
+        let short_of_the_end = answer(&[(range.clone(), "bytes 100-899/1000")]);
+        assert_eq!(growing.skip(partial, &short_of_the_end, 100), None);
+        let shorter_body = answer(&[
+            (range.clone(), "bytes 100-999/1000"),
+            (length.clone(), "800"),
+        ]);
+        assert_eq!(growing.skip(partial, &shorter_body, 100), None);
+        let elsewhere = answer(&[(range.clone(), "bytes 101-999/1000")]);
+        assert_eq!(growing.skip(partial, &elsewhere, 100), None);
+        // The whole archive again, still growing or complete.
+        assert_eq!(growing.skip(StatusCode::OK, &answer(&[]), 100), Some(100));
+        let complete = answer(&[(length.clone(), "1000")]);
+        assert_eq!(growing.skip(StatusCode::OK, &complete, 100), Some(100));
+        let too_short = answer(&[(length.clone(), "50")]);
+        assert_eq!(growing.skip(StatusCode::OK, &too_short, 100), None);
+
+        // A download of a complete archive: its length known.
+        let known = resume_of(0, Some(999));
+        assert_eq!(known.skip(partial, &to_the_end, 100), Some(0));
+        let another_length = answer(&[(range.clone(), "bytes 100-999/2000")]);
+        assert_eq!(known.skip(partial, &another_length, 100), None);
+        assert_eq!(known.skip(StatusCode::OK, &complete, 100), Some(100));
+        let longer = answer(&[(length.clone(), "1200")]);
+        assert_eq!(known.skip(StatusCode::OK, &longer, 100), None);
+        // Another archive.
+        let mut other = to_the_end.clone();
+        other.insert(header::ETAG, HeaderValue::from_static("\"other-tar\""));
+        assert_eq!(known.skip(partial, &other, 100), None);
     }
 }

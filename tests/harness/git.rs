@@ -354,17 +354,37 @@ impl Sandbox {
     }
 
     /// A stub `--git` named `name` that runs the real git (the first `git`
+    /// on `PATH`) into a file, then writes its first `pieces` pieces of
+    /// 64 KiB one every `gap_ms` milliseconds, and the rest at once: an
+    /// archive whose first bytes come slowly but steadily.
+    pub fn git_that_trickles(&self, name: &str, pieces: u32, gap_ms: u32) -> PathBuf {
+        let output = self.path(&format!("{name}-output"));
+        self.write_stub(
+            name,
+            &format!(
+                "'{git}' \"$@\" > '{out}' || exit $?\n\
+                 i=0\n\
+                 while [ $i -lt {pieces} ]; do\n\
+                 /usr/bin/dd if='{out}' bs=65536 skip=$i count=1 status=none\n\
+                 /usr/bin/sleep {gap}\n\
+                 i=$((i + 1))\n\
+                 done\n\
+                 /usr/bin/tail -c +{rest} '{out}'\n",
+                git = real_git().display(),
+                out = output.display(),
+                gap = f64::from(gap_ms) / 1000.0,
+                rest = u64::from(pieces) * 65536 + 1,
+            ),
+        )
+    }
+
+    /// A stub `--git` named `name` that runs the real git (the first `git`
     /// on `PATH`) into a file, writes its first `first_bytes` bytes, then
     /// waits for a line on a fifo before it writes the rest; and the
     /// fifo's write end (see [`Sandbox::fifo`]). Each run of the stub takes
     /// one line.
     pub fn git_that_pauses(&self, name: &str, first_bytes: u64) -> (PathBuf, fs::File) {
         let (release, fifo) = self.fifo(&format!("{name}-release"));
-        let git = Command::new("sh")
-            .args(["-c", "command -v git"])
-            .output()
-            .expect("look up git");
-        let git = String::from_utf8(git.stdout).expect("git's path is UTF-8");
         let output = self.path(&format!("{name}-output"));
         let stub = self.write_stub(
             name,
@@ -373,7 +393,7 @@ impl Sandbox {
                  /usr/bin/head -c {first_bytes} '{out}'\n\
                  read line < '{release}'\n\
                  /usr/bin/tail -c +{rest} '{out}'\n",
-                git = git.trim(),
+                git = real_git().display(),
                 out = output.display(),
                 release = release.display(),
                 rest = first_bytes + 1,
@@ -381,6 +401,19 @@ impl Sandbox {
         );
         (stub, fifo)
     }
+}
+
+/// The first `git` on `PATH`, which stubs run.
+fn real_git() -> PathBuf {
+    let git = Command::new("sh")
+        .args(["-c", "command -v git"])
+        .output()
+        .expect("look up git");
+    PathBuf::from(
+        String::from_utf8(git.stdout)
+            .expect("git's path is UTF-8")
+            .trim(),
+    )
 }
 
 pub fn dir_file_names(dir: &Path) -> Vec<String> {
