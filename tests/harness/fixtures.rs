@@ -97,7 +97,9 @@ pub fn link_files(from: &Path, to: &Path) {
     fs::create_dir_all(to).expect("create the target dir");
     for entry in fs::read_dir(from).expect("read the source dir").flatten() {
         let source = entry.path();
-        if !source.is_file() {
+        // A cache dir's lock is its archiver's own: linked, two archivers
+        // would share it.
+        if !source.is_file() || entry.file_name() == ".lock" {
             continue;
         }
         let target = to.join(entry.file_name());
