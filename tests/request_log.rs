@@ -195,3 +195,48 @@ fn archiver_logs_and_counts_a_client_that_leaves_while_queued() {
     );
     assert!(metrics.value("gitball_archiver_client_disconnects_total", &[]) >= 1.0);
 }
+
+/// A download the server cuts when its `--shutdown-grace` runs out is
+/// logged `shutdown`, on both tiers, not as a client that left.
+#[test]
+fn downloads_cut_when_the_shutdown_grace_runs_out_are_logged_shutdown() {
+    let sandbox = Sandbox::new();
+    big_repository(&sandbox.repo("acme", "big"), 32 << 20);
+    let mut archiver = Archiver::start(&sandbox.repos(), &["--shutdown-grace", "1"]);
+    let mut proxy = Proxy::embedded(
+        &sandbox.repos(),
+        &sandbox.path("embedded-cache"),
+        &["--shutdown-grace", "1"],
+    );
+    // Each client takes the head and a little, then nothing.
+    let mut stalled = Vec::new();
+    for (addr, id) in [
+        (archiver.addr, "cut-on-archiver"),
+        (proxy.addr, "cut-on-proxy"),
+    ] {
+        let mut client = RawConnection::connect(addr).unwrap();
+        client
+            .send_request("GET", "/acme/big/archive/main.tar", &[("X-Request-Id", id)])
+            .unwrap();
+        assert_eq!(client.read_head().unwrap().status, 200);
+        client.read_body_bytes(64 << 10).unwrap();
+        stalled.push(client);
+    }
+    let (status, _) = archiver.terminate(Duration::from_secs(20));
+    assert!(status.is_some(), "the archiver did not exit");
+    let (status, _) = proxy.terminate(Duration::from_secs(20));
+    assert!(status.is_some(), "the proxy did not exit");
+    for (log, tier, id) in [
+        (archiver.log(), "archiver", "cut-on-archiver"),
+        (proxy.log(), "proxy", "cut-on-proxy"),
+        (proxy.log(), "archiver", "cut-on-proxy"),
+    ] {
+        let line = request_lines(&log)
+            .into_iter()
+            .find(|line| line["tier"] == tier && line["request_id"] == id)
+            .unwrap_or_else(|| panic!("no {tier} line for {id}:\n{log}"));
+        assert_eq!(line["status"], 200, "{line}");
+        assert_eq!(line["ending"], "shutdown", "{line}");
+    }
+    drop(stalled);
+}

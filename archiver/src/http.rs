@@ -37,6 +37,7 @@ use gitball_core::protocol::{
 };
 use gitball_core::request_id::request_id;
 use gitball_core::response::{self, is_allowed};
+use gitball_core::server::ClientWrites;
 use gitball_core::server::takeover::Takeover;
 use gitball_core::url::{self, ArchiveRequest, Format, RefKind};
 use http::header::{self, HeaderMap, HeaderValue};
@@ -128,6 +129,7 @@ async fn archive(State(app): State<Arc<App>>, request: Request) -> Response {
         request.uri.path(),
         crate::metrics::request_finished,
     );
+    log.on_connection(request.extensions.get::<ClientWrites>());
     let request_id = log.request_id.clone();
     let answer = if url::is_prewarm_path(request.uri.path()) {
         crate::prewarm::serve(&app, &request, &mut log)

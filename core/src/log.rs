@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 use http::{Method, StatusCode};
 use tracing::Level;
 
+use crate::server::ClientWrites;
+
 /// The status logged and counted for a request whose client left before
 /// it was answered (nginx's "client closed request").
 pub const CLIENT_CLOSED_REQUEST: u16 = 499;
@@ -141,6 +143,8 @@ pub enum Ending {
     /// The source failed mid-body (a generation, an upstream) and the
     /// connection was aborted so the truncation shows.
     Aborted,
+    /// The server cut the connection when its shutdown grace ran out.
+    Shutdown,
 }
 
 impl Ending {
@@ -150,6 +154,7 @@ impl Ending {
             Ending::ClientGone => "client_gone",
             Ending::IdleTimeout => "idle_timeout",
             Ending::Aborted => "aborted",
+            Ending::Shutdown => "shutdown",
         }
     }
 }
@@ -196,6 +201,8 @@ pub struct RequestLog {
     pub upstream: Option<Arc<str>>,
     /// Proxy: upstream attempts made.
     pub attempts: Option<u32>,
+    /// The connection's writes: whether the server cut it at shutdown.
+    writes: Option<ClientWrites>,
 }
 
 /// Longest path kept in a line; a longer one is cut (it is a bad request
@@ -227,7 +234,15 @@ impl RequestLog {
             format: None,
             upstream: None,
             attempts: None,
+            writes: None,
         }
+    }
+
+    /// The request came on a server connection with these writes: a
+    /// request it left unfinished when the server's shutdown grace ran out
+    /// ends `shutdown`, not `client_gone`.
+    pub fn on_connection(&mut self, writes: Option<&ClientWrites>) {
+        self.writes = writes.cloned();
     }
 
     /// The request failed with `code` (or an internal detail), answered
@@ -244,11 +259,21 @@ impl RequestLog {
             status: self
                 .status
                 .map_or(CLIENT_CLOSED_REQUEST, |status| status.as_u16()),
-            ending: self.ending.unwrap_or(if self.status.is_some() {
+            ending: match self.ending.unwrap_or(if self.status.is_some() {
                 Ending::Complete
             } else {
                 Ending::ClientGone
-            }),
+            }) {
+                Ending::ClientGone
+                    if self
+                        .writes
+                        .as_ref()
+                        .is_some_and(ClientWrites::cut_at_shutdown) =>
+                {
+                    Ending::Shutdown
+                }
+                ending => ending,
+            },
             duration: self.started.elapsed(),
         }
     }

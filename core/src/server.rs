@@ -258,6 +258,7 @@ pub async fn serve(
     let builders = Arc::new(Builders { lean, full });
     let limit = connections.limit;
     let mut connections = JoinSet::new();
+    let cut = Arc::new(AtomicBool::new(false));
 
     loop {
         let (stream, peer) = tokio::select! {
@@ -298,7 +299,7 @@ pub async fn serve(
         configure_accepted(&stream);
 
         let router = router.clone();
-        let writes = ClientWrites::default();
+        let writes = ClientWrites::of_server(&cut);
         let stream = StallGuard::new(stream, write_stall_timeout, writes.clone());
         let needs_full_parse = NeedsFullParse::default();
         let stream = HeadLines::new(stream, needs_full_parse.clone());
@@ -355,6 +356,8 @@ pub async fn serve(
         () = async { while connections.join_next().await.is_some() {} } => Drain::Complete,
         () = tokio::time::sleep(grace) => {
             let open = connections.len();
+            // Before the cut: requests dropped with it log `shutdown`.
+            cut.store(true, Ordering::Release);
             connections.abort_all();
             Drain::Cut(open)
         }
@@ -841,22 +844,37 @@ struct WriteState {
     /// Whether the last write-side call was a completed flush: hyper has
     /// handed every byte it buffered to the socket (`takeover`).
     flushed: AtomicBool,
+    /// Set, for every connection of a server at once, when its shutdown
+    /// grace ran out and it cut the connections left.
+    cut: Arc<AtomicBool>,
 }
 
 const NOT_STUCK: u64 = u64::MAX;
 
 impl Default for ClientWrites {
     fn default() -> Self {
+        ClientWrites::of_server(&Arc::default())
+    }
+}
+
+impl ClientWrites {
+    /// A connection of the server whose shutdown sets `cut`.
+    fn of_server(cut: &Arc<AtomicBool>) -> Self {
         ClientWrites(Arc::new(WriteState {
             timed_out: AtomicBool::new(false),
             base: tokio::time::Instant::now(),
             stuck_since_ms: AtomicU64::new(NOT_STUCK),
             flushed: AtomicBool::new(true),
+            cut: cut.clone(),
         }))
     }
-}
 
-impl ClientWrites {
+    /// Whether the server cut the connection when its shutdown grace ran
+    /// out.
+    pub fn cut_at_shutdown(&self) -> bool {
+        self.0.cut.load(Ordering::Acquire)
+    }
+
     /// Whether the write-stall guard closed the connection.
     pub fn timed_out(&self) -> bool {
         self.0.timed_out.load(Ordering::Acquire)

@@ -114,6 +114,7 @@ async fn archive(State(state): State<Arc<AppState>>, request: Request) -> Respon
         request.uri.path(),
         crate::metrics::request_finished,
     );
+    log.on_connection(request.extensions.get::<ClientWrites>());
     log.attempts = Some(0);
     if url::is_prewarm_path(request.uri.path()) {
         let response = match crate::prewarm::serve(&state, &request, &request_id, &mut log).await {

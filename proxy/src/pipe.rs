@@ -480,7 +480,7 @@ impl Pipe {
         self.ending = Some(ending);
         match ending {
             // Counted with the request (`metrics::request_finished`).
-            Ending::Complete | Ending::ClientGone => {}
+            Ending::Complete | Ending::ClientGone | Ending::Shutdown => {}
             // Counted by the watchdog when it fired.
             Ending::IdleTimeout => {}
             Ending::Aborted => {
