@@ -33,7 +33,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -294,9 +294,8 @@ impl Cache {
             });
         }
         let checking = Instant::now();
-        let checked_bytes: u64 = found.iter().map(|restored| restored.len).sum();
-        let mut found = intact(found);
-        found.sort_by_key(|restored| restored.modified);
+        let found = restorable(found, settings.max_bytes);
+        let restored_bytes: u64 = found.iter().map(|restored| restored.len).sum();
 
         let held_bytes = Arc::new(AtomicU64::new(0));
         let mut index = Index {
@@ -357,7 +356,7 @@ impl Cache {
         }
         tracing::info!(
             entries = restored,
-            checked_bytes,
+            restored_bytes,
             check_seconds = checking.elapsed().as_secs_f64(),
             dir = %cache.settings.dir.display(),
             "cache opened"
@@ -726,6 +725,11 @@ impl Cache {
         index.complete.remove(&key);
         index.policy.remove(&key);
         index.bytes -= file.len;
+        // Readers that still hold it keep its space pinned, as an evicted
+        // file's: counted as held until the last one drops it.
+        file.evicted.store(true, Ordering::Release);
+        let held = self.held_bytes.fetch_add(file.len, Ordering::AcqRel) + file.len;
+        gauge!(m::CACHE_HELD_BYTES).set(held as f64);
         self.publish(&index);
         tracing::warn!(
             path = %file.path.display(),
@@ -759,37 +763,30 @@ impl Cache {
     }
 }
 
-/// The name of the lock file in the cache directory.
-const LOCK_NAME: &str = ".lock";
-
-/// Makes `dir` the archiver's own: created mode 0700 if missing, else made
-/// 0700, unless it is a shared directory (sticky or writable by others,
-/// like `/tmp` or `/dev/shm`), whose mode is not ours to change and whose
-/// other files are not ours to delete: refused. Then locked (`flock` on
-/// `.lock` in it), so that a second archiver given the same directory
-/// refuses to start rather than delete the first one's partials and evict
-/// its files from under it.
+/// Makes `dir` the archiver's own: created mode 0700 if missing, else set
+/// to 0700 (a volume given to it, such as a 0777 Kubernetes `emptyDir`),
+/// unless it is a sticky directory (`/tmp`, `/dev/shm`), shared by design:
+/// its mode is not the archiver's to change, nor its other files to
+/// delete, so it is refused. Then locked (`flock` on the directory), so
+/// that a second archiver given the same directory refuses to start rather
+/// than delete the first one's partials and evict its files from under it.
 fn own_dir(dir: &Path) -> io::Result<nix::fcntl::Flock<std::fs::File>> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)?;
     let mode = std::fs::metadata(dir)?.permissions().mode();
-    if mode & 0o1002 != 0 {
+    if mode & 0o1000 != 0 {
         return Err(io::Error::other(format!(
-            "{} is a shared directory (mode {:o}); give the archiver a directory of its own",
+            "{} is a shared directory (sticky, mode {:o}); give the archiver a directory of its own",
             dir.display(),
             mode & 0o7777
         )));
     }
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(dir.join(LOCK_NAME))?;
-    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+    // A directory opens read-only like a file, and takes a `flock`.
+    let handle = std::fs::File::open(dir)?;
+    nix::fcntl::Flock::lock(handle, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
         |(_, errno)| match errno {
             nix::errno::Errno::EWOULDBLOCK => io::Error::other(format!(
                 "{} is in use by another archiver; give each archiver a cache dir of its own",
@@ -809,49 +806,90 @@ struct Restored {
     path: PathBuf,
 }
 
-/// The files of `found` whose bytes hash to the SHA-256 in their name,
-/// read on every core; the others are deleted. A file renamed complete can
-/// still come back short or empty after a crash (nothing is synced to a
-/// disk-backed cache dir) or altered while the archiver was stopped, and
-/// its name would otherwise be served as the archive's checksum.
-fn intact(found: Vec<Restored>) -> Vec<Restored> {
+/// Of `found`, the files to index, oldest first: of each key the newest
+/// file, the newest files first up to `max_bytes` in all (the rest would be
+/// evicted at once, and are deleted unread), and of those the ones whose
+/// bytes hash to the SHA-256 in their name, read on every core. The others
+/// are deleted: a file renamed complete can still come back short or empty
+/// after a crash (nothing is synced to a disk-backed cache dir) or altered
+/// while the archiver was stopped, and its name would otherwise be served
+/// as the archive's checksum. A file that cannot be read is left alone and
+/// not indexed.
+fn restorable(mut found: Vec<Restored>, max_bytes: u64) -> Vec<Restored> {
+    found.sort_by_key(|restored| std::cmp::Reverse(restored.modified));
+    let mut keys = std::collections::HashSet::new();
+    let mut room = max_bytes;
+    let (candidates, dropped): (Vec<Restored>, Vec<Restored>) =
+        found.into_iter().partition(|restored| {
+            let fits = keys.insert(restored.key.clone()) && restored.len <= room;
+            if fits {
+                room -= restored.len;
+            }
+            fits
+        });
+    for restored in dropped {
+        remove(
+            &restored.path,
+            "an archive over the cache's bound, or an older copy",
+        );
+    }
+
     let threads = std::thread::available_parallelism()
         .map_or(1, std::num::NonZero::get)
-        .min(found.len());
+        .min(candidates.len());
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let sound: Vec<AtomicBool> = found.iter().map(|_| AtomicBool::new(false)).collect();
+    let checks: Vec<Mutex<Option<io::Result<bool>>>> =
+        candidates.iter().map(|_| Mutex::new(None)).collect();
     std::thread::scope(|scope| {
         for _ in 0..threads {
             scope.spawn(|| {
                 loop {
                     let at = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(restored) = found.get(at) else { break };
-                    let digest = content_sha256(&restored.path);
-                    let matches = digest
-                        .as_ref()
-                        .is_ok_and(|digest| *digest == restored.sha256);
-                    sound[at].store(matches, Ordering::Relaxed);
+                    let Some(restored) = candidates.get(at) else {
+                        break;
+                    };
+                    let matches =
+                        content_sha256(&restored.path).map(|digest| digest == restored.sha256);
+                    *checks[at].lock().unwrap_or_else(|p| p.into_inner()) = Some(matches);
                 }
             });
         }
     });
-    found
+    let mut kept: Vec<Restored> = candidates
         .into_iter()
-        .zip(sound)
-        .filter_map(|(restored, sound)| {
-            if sound.into_inner() {
-                return Some(restored);
+        .zip(checks)
+        .filter_map(|(restored, check)| {
+            match check.into_inner().unwrap_or_else(|p| p.into_inner()) {
+                Some(Ok(true)) => Some(restored),
+                Some(Ok(false)) => {
+                    tracing::warn!(
+                        path = %restored.path.display(),
+                        "a cached archive's bytes are not what its name says; deleted"
+                    );
+                    remove(&restored.path, "a damaged archive");
+                    None
+                }
+                Some(Err(error)) => {
+                    tracing::error!(
+                        %error,
+                        path = %restored.path.display(),
+                        "cannot read a cached archive to check it; not indexed"
+                    );
+                    None
+                }
+                None => None,
             }
-            tracing::warn!(
-                path = %restored.path.display(),
-                "a cached archive's bytes are not what its name says; deleted"
-            );
-            if let Err(error) = std::fs::remove_file(&restored.path) {
-                tracing::error!(%error, path = %restored.path.display(), "cannot remove a damaged archive");
-            }
-            None
         })
-        .collect()
+        .collect();
+    kept.reverse();
+    kept
+}
+
+/// Deletes `path`, `what` for the log if it cannot be.
+fn remove(path: &Path, what: &str) {
+    if let Err(error) = std::fs::remove_file(path) {
+        tracing::error!(%error, path = %path.display(), "cannot remove {what}");
+    }
 }
 
 /// The SHA-256 of the file at `path`.
@@ -1651,6 +1689,8 @@ mod tests {
         assert!(cache.forget(&file));
         assert!(!cache.forget(&file), "forgotten twice");
         assert_eq!(bytes(&cache), 0);
+        // A reader still holds it: its space counts as held until dropped.
+        assert_eq!(held(&cache), file.len);
         assert!(cache.peek(&stub.spec(1)).is_none());
         let again = generate(&cache, stub.spec(1)).await;
         assert!(again.path.is_file());
@@ -1658,6 +1698,8 @@ mod tests {
         // An entry that replaced the forgotten one is not forgotten with it.
         assert!(!cache.forget(&file));
         assert!(matches!(cache.peek(&stub.spec(1)), Some(Lookup::Hit(_))));
+        drop(file);
+        assert_eq!(held(&cache), 0);
     }
 
     /// A file named complete whose bytes are not what its name says (cut
@@ -1729,8 +1771,10 @@ mod tests {
         drop(Cache::open(stub.settings(1 << 20)).expect("the dir is free again"));
     }
 
-    /// A shared directory (`/tmp`, `/dev/shm`) is not the archiver's to
-    /// lock down or clean: refused, its mode and files as they were.
+    /// A shared directory (sticky, as `/tmp` and `/dev/shm` are) is not the
+    /// archiver's to lock down or clean: refused, its mode and files as they
+    /// were. A volume given to it, writable by all (a Kubernetes
+    /// `emptyDir`), is made its own.
     #[tokio::test]
     async fn a_shared_directory_is_refused_and_left_as_it_was() {
         let stub = StubGit::new(b"", 1);
@@ -1750,6 +1794,11 @@ mod tests {
         let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
         assert_eq!(mode & 0o7777, 0o1777);
         assert_eq!(names_in(&dir), [partial]);
+
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        drop(Cache::open(stub.settings(1 << 20)).expect("a volume of its own"));
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o700);
     }
 
     /// Two complete files of one key (an archive whose bytes changed, next

@@ -108,7 +108,9 @@ pub async fn run(
             "archives larger than --cache-max-bytes cannot be generated; raise it above --max-archive-bytes"
         );
     }
-    let cache = cache::Cache::open(cache::Settings {
+    // Opening reads every restored archive once (to check it): in the
+    // blocking pool, not on a runtime thread the embedding proxy serves on.
+    let settings = cache::Settings {
         dir: options.cache_dir(),
         max_bytes: options.cache_max_bytes,
         max_generations: options.max_generations(),
@@ -120,13 +122,16 @@ pub async fn run(
                 .then_some(options.generation_memory_limit),
         },
         git,
-    })
-    .with_context(|| {
-        format!(
-            "cannot open the cache dir {}",
-            options.cache_dir().display()
-        )
-    })?;
+    };
+    let cache = tokio::task::spawn_blocking(move || cache::Cache::open(settings))
+        .await
+        .context("opening the cache dir panicked")?
+        .with_context(|| {
+            format!(
+                "cannot open the cache dir {}",
+                options.cache_dir().display()
+            )
+        })?;
 
     let app = Arc::new(http::App {
         repos,

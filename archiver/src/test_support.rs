@@ -241,8 +241,6 @@ pub fn names_in(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
         .map(|entry| entry.unwrap().file_name().into_string().unwrap())
-        // A cache dir's lock is there as long as the dir is.
-        .filter(|name| name != ".lock")
         .collect();
     names.sort();
     names

@@ -376,7 +376,10 @@ impl Forwarder {
                     attempts,
                 });
             }
-            if outcome.is_failure() && !slow_but_sane {
+            if slow_but_sane {
+                // Neither a failure nor a sign of health: an ejected
+                // archiver that never answers stays ejected.
+            } else if outcome.is_failure() {
                 self.health.failed(&candidate.upstream);
             } else {
                 self.health.succeeded(&candidate.upstream);
@@ -645,6 +648,60 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(classify_error(&error), Outcome::ConnectError);
+    }
+
+    /// A request answered only once the archive is complete (a `.sha256`)
+    /// that times out says nothing of the archiver: an ejected archiver that
+    /// accepts connections and never answers stays ejected.
+    #[tokio::test(start_paused = true)]
+    async fn a_checksum_timing_out_neither_ejects_nor_clears_an_ejection() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream: Arc<str> = format!("http://{}", listener.local_addr().unwrap()).into();
+        // Accepts, reads nothing, answers nothing.
+        let held = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        let health = Arc::new(Health::new(Duration::from_secs(3600)));
+        let forwarder = Forwarder::new(
+            health.clone(),
+            Duration::from_secs(5),
+            Duration::from_secs(1),
+            None,
+        )
+        .unwrap();
+        let candidates = [Candidate {
+            upstream: upstream.clone(),
+            role: crate::routes::Role::Primary,
+        }];
+        let request = |path: &str| UpstreamRequest {
+            method: Method::GET,
+            path_and_query: path.into(),
+            headers: HeaderMap::new(),
+        };
+        let download = request("/acme/widget/archive/main.tar.gz");
+        assert!(!download.answered_when_complete());
+        assert!(
+            forwarder
+                .forward(&candidates, false, &download)
+                .await
+                .is_err()
+        );
+        assert!(health.is_ejected(&upstream), "a silent archiver is ejected");
+        let checksum = request("/acme/widget/archive/main.tar.gz.sha256?path=docs");
+        assert!(checksum.answered_when_complete());
+        let started = tokio::time::Instant::now();
+        assert!(
+            forwarder
+                .forward(&candidates, true, &checksum)
+                .await
+                .is_err()
+        );
+        assert_eq!(started.elapsed(), COMPLETE_ARCHIVE_TIMEOUT);
+        assert!(health.is_ejected(&upstream), "the ejection was cleared");
+        held.abort();
     }
 
     #[test]

@@ -97,9 +97,7 @@ pub fn link_files(from: &Path, to: &Path) {
     fs::create_dir_all(to).expect("create the target dir");
     for entry in fs::read_dir(from).expect("read the source dir").flatten() {
         let source = entry.path();
-        // A cache dir's lock is its archiver's own: linked, two archivers
-        // would share it.
-        if !source.is_file() || entry.file_name() == ".lock" {
+        if !source.is_file() {
             continue;
         }
         let target = to.join(entry.file_name());

@@ -438,10 +438,7 @@ impl Archiver {
 
     /// Names of the files in the cache dir.
     pub fn cache_files(&self) -> Vec<String> {
-        let mut names = dir_file_names(&self.cache_dir);
-        // The cache dir's lock is there as long as the dir is.
-        names.retain(|name| name != ".lock");
-        names
+        dir_file_names(&self.cache_dir)
     }
 
     /// Sum of the sizes of the files in the cache dir.
