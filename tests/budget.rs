@@ -13,6 +13,7 @@
 //!
 //! Build the binaries first: `cargo build -p gitball-archiver -p gitball-proxy`.
 
+use std::io::Write;
 use std::net::{IpAddr, UdpSocket};
 use std::time::Duration;
 
@@ -419,4 +420,88 @@ fn embedded_mode_budgets_each_client() {
     let metrics = proxy.scrape();
     assert_eq!(metrics.value(REJECTED, &[]), 1.0);
     assert!(wait_until(SETTLE, || proxy.scrape().sum(GENERATIONS, &[]) == 2.0));
+}
+
+/// `docs/archiver.md#queue-and-503`: the generation slots go to the waiting
+/// clients in turn. One slot, and a git that writes nothing until a line is
+/// written to its fifo, so each line ends exactly one generation: the one
+/// holding the slot. A crawler runs one generation and queues three more;
+/// then one client asks for a new archive, and another joins the crawler's
+/// last queued one. First come first served, the crawler's whole queue
+/// would run first.
+#[test]
+fn a_crawlers_queued_burst_does_not_stand_before_other_clients() {
+    let sandbox = Sandbox::new();
+    widget(&sandbox);
+    let (git, mut release) = sandbox.git_that_pauses("git-that-waits", 0);
+    let archiver = Archiver::start(
+        &sandbox.repos(),
+        &["--max-generations", "1", "--git", git.to_str().unwrap()],
+    );
+    let waiting = |generations: f64, clients: f64| {
+        let metrics = archiver.metrics();
+        metrics.value("gitball_archiver_generations_in_flight", &[]) == 1.0
+            && metrics.value("gitball_archiver_generations_queued", &[]) == generations
+            && metrics.value("gitball_archiver_generations_queued_clients", &[]) == clients
+    };
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        let ask = |who: &'static str, client: &'static str, index: usize| {
+            let done = done.clone();
+            let archiver = &archiver;
+            scope.spawn(move || {
+                let answer = get(archiver, &cold(index), &[("X-Gitball-Client", client)]);
+                done.send((who, answer.status)).expect("the test waits");
+            });
+        };
+        let crawler = "198.51.100.1";
+        ask("crawler 0", crawler, 0);
+        assert!(wait_until(SETTLE, || waiting(0.0, 0.0)), "crawler 0 runs");
+        for (n, who) in ["crawler 1", "crawler 2", "crawler 3"]
+            .into_iter()
+            .enumerate()
+        {
+            ask(who, crawler, n + 1);
+            let queued = (n + 1) as f64;
+            assert!(wait_until(SETTLE, || waiting(queued, 1.0)), "{who} queued");
+        }
+        ask("new archive", "198.51.100.2", 10);
+        assert!(
+            wait_until(SETTLE, || waiting(4.0, 2.0)),
+            "a second client waits"
+        );
+        ask("joins crawler 3", "198.51.100.3", 3);
+        assert!(
+            wait_until(SETTLE, || waiting(4.0, 3.0)),
+            "a third client waits"
+        );
+
+        let expected: [&[&str]; 5] = [
+            &["crawler 0"],
+            // The clients with nothing running go first, in their turn.
+            &["new archive"],
+            &["crawler 1"],
+            &["crawler 3", "joins crawler 3"],
+            &["crawler 2"],
+        ];
+        for group in expected {
+            release.write_all(b"go\n").expect("release one generation");
+            let mut ended: Vec<&str> = (0..group.len())
+                .map(|_| {
+                    let (who, status) = finished
+                        .recv_timeout(SETTLE)
+                        .unwrap_or_else(|_| panic!("{group:?} did not end"));
+                    assert_eq!(status, 200, "{who}");
+                    who
+                })
+                .collect();
+            ended.sort_unstable();
+            assert_eq!(ended, group, "the generation that ran next");
+        }
+    });
+    assert!(wait_until(SETTLE, || {
+        let metrics = archiver.metrics();
+        metrics.value("gitball_archiver_generations_queued_clients", &[]) == 0.0
+            && metrics.sum(GENERATIONS, &[("outcome", "ok")]) == 5.0
+    }));
 }

@@ -33,6 +33,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -41,13 +42,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use metrics::{counter, gauge, histogram};
 use sha2::{Digest, Sha256};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::generate::{self, Failure, Limits, Spec};
 use crate::metrics as m;
+use crate::queue;
 use crate::shadow::Shadows;
 
 pub mod policy;
@@ -108,6 +110,9 @@ pub struct Generation {
     /// Set when the generation failed while readers held its unlinked
     /// partial file: the bytes counted as held, given back on drop.
     held: std::sync::OnceLock<(u64, Arc<AtomicU64>)>,
+    /// Its place in the generation queue ([`crate::queue`]), which a
+    /// request that joins it while it waits takes a turn for.
+    queued: u64,
 }
 
 impl Drop for Generation {
@@ -212,7 +217,8 @@ pub struct Cache {
     settings: Settings,
     /// The git dirs generations run in (see `shadow`).
     shadows: Shadows,
-    slots: Arc<Semaphore>,
+    /// The generation slots, taken in turn by the clients waiting.
+    slots: Arc<queue::Slots>,
     index: Mutex<Index>,
     held_bytes: Arc<AtomicU64>,
     cancel: CancellationToken,
@@ -341,7 +347,7 @@ impl Cache {
         let cache = Cache {
             _lock: lock,
             shadows: Shadows::create()?,
-            slots: Arc::new(Semaphore::new(settings.max_generations)),
+            slots: queue::Slots::new(settings.max_generations),
             settings,
             index: Mutex::new(index),
             held_bytes,
@@ -375,12 +381,20 @@ impl Cache {
         crate::generate::hex_string(&hasher.finalize())
     }
 
-    /// Finds the archive for `spec`, starting its generation if needed
-    /// (`request_id`, of the request that starts it, goes in its log span).
-    pub fn lookup(self: &Arc<Self>, spec: Spec, request_id: &str) -> Result<Lookup, LookupError> {
+    /// Finds the archive for `spec`, starting its generation if needed, in
+    /// `client`'s queue (`request_id`, of the request that starts it, goes
+    /// in its log span). A join of a generation still queued puts it in
+    /// `client`'s queue too.
+    pub fn lookup(
+        self: &Arc<Self>,
+        spec: Spec,
+        client: IpAddr,
+        request_id: &str,
+    ) -> Result<Lookup, LookupError> {
         let key = Cache::key(&spec);
         let mut index = self.lock();
         if let Some(found) = self.find_counted(&mut index, &key) {
+            self.wanted_by(&found, client);
             return Ok(found);
         }
         if self.cancel.is_cancelled() {
@@ -400,12 +414,14 @@ impl Cache {
             written: 0,
             state: State::Running,
         });
+        let queued = self.slots.queue(client);
         let generation = Arc::new(Generation {
             partial,
             file: Arc::new(file),
             progress: receiver,
             failed: CancellationToken::new(),
             held: std::sync::OnceLock::new(),
+            queued: queued.id(),
         });
         index.generating.insert(key.clone(), generation.clone());
         drop(index);
@@ -423,7 +439,8 @@ impl Cache {
         let cache = self.clone();
         let partial = generation.partial.clone();
         self.tasks.spawn_on(
-            async move { cache.generate(key, spec, partial, sender).await }.instrument(span),
+            async move { cache.generate(key, spec, partial, queued, sender).await }
+                .instrument(span),
             &self.runtime,
         );
         Ok(Lookup::Miss(generation))
@@ -435,16 +452,29 @@ impl Cache {
     }
 
     /// The archive for `spec` if it is cached or being generated, counted
-    /// as a download (as [`Cache::lookup`] counts it); `None`, counting
-    /// nothing, if a lookup would start a generation. A hit needs no
-    /// crawler budget: it is answered without asking the budget at all.
-    pub fn existing(&self, spec: &Spec) -> Option<Lookup> {
+    /// as a download (as [`Cache::lookup`] counts it, a join queued for
+    /// `client` as there); `None`, counting nothing, if a lookup would
+    /// start a generation. A hit needs no crawler budget: it is answered
+    /// without asking the budget at all.
+    pub fn existing(&self, spec: &Spec, client: IpAddr) -> Option<Lookup> {
         let key = Cache::key(spec);
         let mut index = self.lock();
         if !index.complete.contains_key(&key) && !index.generating.contains_key(&key) {
             return None;
         }
-        self.find_counted(&mut index, &key)
+        let found = self.find_counted(&mut index, &key)?;
+        self.wanted_by(&found, client);
+        Some(found)
+    }
+
+    /// `client` waits for `lookup` too: a generation still queued takes a
+    /// turn in `client`'s queue as well, so a client that joins another's
+    /// waits for its own turn, not for the starter's (a crawler's long
+    /// queue).
+    pub fn wanted_by(&self, lookup: &Lookup, client: IpAddr) {
+        if let Lookup::Join(generation) = lookup {
+            self.slots.also_for(generation.queued, client);
+        }
     }
 
     /// `index.find` for a download. A hit may move bytes into the protected
@@ -467,14 +497,18 @@ impl Cache {
         key: String,
         spec: Spec,
         partial: PathBuf,
+        mut queued: queue::Queued,
         progress: watch::Sender<Progress>,
     ) {
         let format = spec.format.metric_label();
         gauge!(m::GENERATIONS_QUEUED).increment(1.0);
         let permit = tokio::select! {
-            permit = tokio::time::timeout(self.settings.queue_timeout, self.slots.clone().acquire_owned()) => permit.ok().and_then(Result::ok),
+            permit = tokio::time::timeout(self.settings.queue_timeout, queued.slot()) => permit.ok(),
             () = self.cancel.cancelled() => None,
         };
+        // Out of every queue; a slot granted meanwhile but not taken goes
+        // to the next waiter.
+        drop(queued);
         gauge!(m::GENERATIONS_QUEUED).decrement(1.0);
         let Some(_permit) = permit else {
             let failure = if self.cancel.is_cancelled() {
@@ -957,6 +991,7 @@ impl Generation {
             progress,
             failed: CancellationToken::new(),
             held: std::sync::OnceLock::new(),
+            queued: u64::MAX,
         };
         (Arc::new(generation), sender)
     }
@@ -989,7 +1024,7 @@ mod tests {
     use super::*;
     use crate::cache::policy::Segment;
     use crate::generate::Compression;
-    use crate::test_support::{HEADER_LEN, StubGit, names_in, printed, within};
+    use crate::test_support::{CLIENT, HEADER_LEN, StubGit, names_in, printed, within};
     use gitball_core::url::Format;
 
     #[test]
@@ -1053,7 +1088,7 @@ mod tests {
 
     /// Generates `spec` to its end (a miss, not a hit or a join).
     async fn generate(cache: &Arc<Cache>, spec: Spec) -> Arc<CacheFile> {
-        let generation = miss(cache.lookup(spec, "test"));
+        let generation = miss(cache.lookup(spec, CLIENT, "test"));
         complete(within(generation.finished()).await)
     }
 
@@ -1079,7 +1114,7 @@ mod tests {
         let stub = StubGit::printing(&pattern(1000));
         let data = printed(&pattern(1000));
         let cache = open(&stub, 1 << 20);
-        let generation = miss(cache.lookup(stub.spec(1), "r1"));
+        let generation = miss(cache.lookup(stub.spec(1), CLIENT, "r1"));
         assert!(generation.partial.exists());
         let partial_name = generation.partial.file_name().unwrap().to_str().unwrap();
         assert!(partial_name.starts_with(&Cache::key(&stub.spec(1))));
@@ -1101,7 +1136,7 @@ mod tests {
             [file.path.file_name().unwrap().to_str().unwrap()]
         );
 
-        let again = hit(cache.lookup(stub.spec(1), "r2"));
+        let again = hit(cache.lookup(stub.spec(1), CLIENT, "r2"));
         assert!(Arc::ptr_eq(&again, &file));
         assert!(matches!(cache.peek(&stub.spec(1)), Some(Lookup::Hit(_))));
         assert_eq!(stub.runs().len(), 1);
@@ -1114,8 +1149,8 @@ mod tests {
         let mut feed = stub.feed();
         let cache = open(&stub, 1 << 20);
 
-        let first = miss(cache.lookup(stub.spec(1), "r1"));
-        let second = match cache.lookup(stub.spec(1), "r2").unwrap() {
+        let first = miss(cache.lookup(stub.spec(1), CLIENT, "r1"));
+        let second = match cache.lookup(stub.spec(1), CLIENT, "r2").unwrap() {
             Lookup::Join(generation) => generation,
             other => panic!("expected a join, got a {}", other.label()),
         };
@@ -1135,7 +1170,10 @@ mod tests {
         let (a, b) = (complete(a), complete(b));
         assert!(Arc::ptr_eq(&a, &b), "both see the same file");
         assert_eq!(std::fs::read(&a.path).unwrap(), printed(b"first second"));
-        assert!(Arc::ptr_eq(&hit(cache.lookup(stub.spec(1), "r4")), &a));
+        assert!(Arc::ptr_eq(
+            &hit(cache.lookup(stub.spec(1), CLIENT, "r4")),
+            &a
+        ));
         assert_eq!(stub.runs().len(), 1, "one child");
     }
 
@@ -1151,7 +1189,7 @@ mod tests {
         // From now on children wait on the feed after their header and
         // 100 bytes.
         let mut feed = stub.feed();
-        let generation = miss(cache.lookup(stub.spec(2), "r"));
+        let generation = miss(cache.lookup(stub.spec(2), CLIENT, "r"));
         written(&generation, archive).await;
         assert_eq!(bytes(&cache), 2 * archive, "in-progress bytes count");
         feed.send(&[b'b'; 50]);
@@ -1184,7 +1222,7 @@ mod tests {
         assert_eq!(segment(&cache, &stub.spec(1)), Some(Segment::Probation));
 
         // A hit protects `a`: `b`, never hit, goes first.
-        drop(hit(cache.lookup(stub.spec(1), "r")));
+        drop(hit(cache.lookup(stub.spec(1), CLIENT, "r")));
         assert_eq!(segment(&cache, &stub.spec(1)), Some(Segment::Protected));
         let c = generate(&cache, stub.spec(3)).await;
         let c_path = c.path.clone();
@@ -1224,14 +1262,14 @@ mod tests {
         for n in [1, 2] {
             popular.push(generate(&cache, stub.spec(n)).await.path.clone());
             for _ in 0..3 {
-                drop(hit(cache.lookup(stub.spec(n), "again")));
+                drop(hit(cache.lookup(stub.spec(n), CLIENT, "again")));
             }
         }
 
         // From now on a child writes on after its first bytes: the third
         // archive grows past the bound.
         let mut feed = stub.feed();
-        let large = miss(cache.lookup(stub.spec(3), "large"));
+        let large = miss(cache.lookup(stub.spec(3), CLIENT, "large"));
         written(&large, archive).await;
         assert_eq!(bytes(&cache), 3 * archive, "room enough so far");
         feed.send(&[b'l'; 2000]);
@@ -1245,7 +1283,7 @@ mod tests {
         assert_eq!(bytes(&cache), 2 * archive);
         for (n, path) in [1, 2].into_iter().zip(&popular) {
             assert!(path.exists());
-            drop(hit(cache.lookup(stub.spec(n), "after")));
+            drop(hit(cache.lookup(stub.spec(n), CLIENT, "after")));
         }
         assert_eq!(held(&cache), 0, "nothing was evicted");
         assert_eq!(names_in(&stub.cache_dir()).len(), 2);
@@ -1264,9 +1302,9 @@ mod tests {
 
         // The test's runtime runs the generation only at the next await:
         // the second lookup joins for sure.
-        let generation = miss(cache.lookup(stub.spec(1), "first"));
+        let generation = miss(cache.lookup(stub.spec(1), CLIENT, "first"));
         assert!(matches!(
-            cache.lookup(stub.spec(1), "second").unwrap(),
+            cache.lookup(stub.spec(1), CLIENT, "second").unwrap(),
             Lookup::Join(_)
         ));
         complete(within(generation.finished()).await);
@@ -1315,7 +1353,7 @@ mod tests {
         let mut feed = stub.feed();
         let cache = open(&stub, 1 << 20);
         // A download tailing the generation holds it (and its file).
-        let generation = miss(cache.lookup(stub.spec(1), "r"));
+        let generation = miss(cache.lookup(stub.spec(1), CLIENT, "r"));
         let second_holder = generation.clone();
         feed.send(&[b'x'; 100]);
         written(&generation, HEADER_LEN + 100).await;
@@ -1345,7 +1383,7 @@ mod tests {
         let stub = StubGit::new(b"", 1);
         let mut feed = stub.feed();
         let cache = open(&stub, 1 << 20);
-        let generation = miss(cache.lookup(stub.spec(1), "r"));
+        let generation = miss(cache.lookup(stub.spec(1), CLIENT, "r"));
         let mut progress = generation.progress();
         let failed = generation.failed().clone();
         feed.send(&[b'x'; 100]);
@@ -1375,7 +1413,7 @@ mod tests {
         // not run, nothing is kept, and the request may be asked again.
         let mut spec = stub.spec(2);
         spec.refs = Some("0".repeat(64));
-        let generation = miss(cache.lookup(spec.clone(), "r"));
+        let generation = miss(cache.lookup(spec.clone(), CLIENT, "r"));
         assert_eq!(
             failure(within(generation.finished()).await),
             Failure::RefsChanged
@@ -1406,7 +1444,7 @@ mod tests {
         // repository was opened: git does not run on it.
         let elsewhere = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink(elsewhere.path(), git_dir.join("objects/5d")).unwrap();
-        let generation = miss(cache.lookup(confined(2), "r"));
+        let generation = miss(cache.lookup(confined(2), CLIENT, "r"));
         assert_eq!(
             failure(within(generation.finished()).await),
             Failure::Failed
@@ -1420,7 +1458,7 @@ mod tests {
         let stub = StubGit::new(b"", 1);
         let mut feed = stub.feed();
         let cache = open(&stub, 1 << 20);
-        let generation = miss(cache.lookup(stub.spec(1), "r"));
+        let generation = miss(cache.lookup(stub.spec(1), CLIENT, "r"));
         feed.send(&[b'x'; 100]);
         // Announced: its output passed the format check.
         written(&generation, HEADER_LEN + 100).await;
@@ -1440,7 +1478,7 @@ mod tests {
         assert_eq!(stub.runs().len(), 1);
 
         // The next request tries again.
-        miss(cache.lookup(stub.spec(1), "again"));
+        miss(cache.lookup(stub.spec(1), CLIENT, "again"));
         assert!(cache.shutdown(Duration::from_secs(5)).await);
     }
 
@@ -1450,7 +1488,7 @@ mod tests {
         // format.
         let stub = StubGit::new(b"partial tar", 128);
         let cache = open(&stub, 1 << 20);
-        let generation = miss(cache.lookup(stub.spec(1), "r"));
+        let generation = miss(cache.lookup(stub.spec(1), CLIENT, "r"));
         assert_eq!(
             failure(within(generation.finished()).await),
             Failure::Failed
@@ -1489,7 +1527,7 @@ mod tests {
             // told of was written ahead.
             let stub = StubGit::without_header(b"", 1);
             let cache = open(&stub, 1 << 20);
-            let generation = miss(cache.lookup(spec(&stub), "r"));
+            let generation = miss(cache.lookup(spec(&stub), CLIENT, "r"));
             let started = within(generation.started()).await;
             assert_eq!(
                 started.written, ahead,
@@ -1511,7 +1549,7 @@ mod tests {
             let mut settings = stub.settings(1 << 20);
             settings.git = stub.cache_dir().join("no-such-git");
             let cache = Cache::open(settings).unwrap();
-            let generation = miss(cache.lookup(spec(&stub), "r"));
+            let generation = miss(cache.lookup(spec(&stub), CLIENT, "r"));
             failed_leaving_nothing(&cache, &generation, &stub, &spec(&stub), ahead).await;
             assert!(stub.runs().is_empty());
         }
@@ -1545,7 +1583,7 @@ mod tests {
         for out in [pattern(1000), b"tiny".to_vec()] {
             let stub = StubGit::without_header(&out, 0);
             let cache = open(&stub, 1 << 20);
-            let generation = miss(cache.lookup(stub.spec(1), "r"));
+            let generation = miss(cache.lookup(stub.spec(1), CLIENT, "r"));
             let started = within(generation.started()).await;
             assert!(matches!(started.state, State::Failed(Failure::Failed)));
             assert_eq!(failure(generation.finished().await), Failure::Failed);
@@ -1567,7 +1605,7 @@ mod tests {
         let mut settings = stub.settings(1 << 20);
         settings.limits.max_bytes = HEADER_LEN + 1000;
         let cache = Cache::open(settings).unwrap();
-        let generation = miss(cache.lookup(stub.spec(1), "r"));
+        let generation = miss(cache.lookup(stub.spec(1), CLIENT, "r"));
         assert_eq!(
             failure(within(generation.finished()).await),
             Failure::TooLarge
@@ -1583,7 +1621,7 @@ mod tests {
         let stub = StubGit::printing(&[b'x'; 5000]);
         // The archive limit allows it; the cache bound does not.
         let cache = open(&stub, HEADER_LEN + 1000);
-        let generation = miss(cache.lookup(stub.spec(1), "r"));
+        let generation = miss(cache.lookup(stub.spec(1), CLIENT, "r"));
         assert_eq!(
             failure(within(generation.finished()).await),
             Failure::TooLarge
@@ -1622,7 +1660,7 @@ mod tests {
 
         let cache = open(&stub, 1 << 20);
         assert_eq!(bytes(&cache), 300);
-        let file = hit(cache.lookup(stub.spec(1), "r"));
+        let file = hit(cache.lookup(stub.spec(1), CLIENT, "r"));
         assert_eq!(file.len, 300);
         assert_eq!(file.sha256, sha256(&data));
         assert_eq!(file.path, dir.join(&complete_name));
@@ -1742,7 +1780,7 @@ mod tests {
         std::fs::write(&altered, &bytes_of_altered).unwrap();
 
         let cache = open(&stub, 64 << 20);
-        assert_eq!(hit(cache.lookup(stub.spec(1), "r")).path, intact);
+        assert_eq!(hit(cache.lookup(stub.spec(1), CLIENT, "r")).path, intact);
         for n in 2..=4 {
             assert!(cache.peek(&stub.spec(n)).is_none(), "spec {n} was indexed");
         }
@@ -1820,7 +1858,7 @@ mod tests {
         }
 
         let cache = open(&stub, 1 << 20);
-        let indexed = hit(cache.lookup(stub.spec(1), "r"));
+        let indexed = hit(cache.lookup(stub.spec(1), CLIENT, "r"));
         assert_eq!(indexed.sha256, sha256(&[2u8; 50]), "the newest is kept");
         assert_eq!(indexed.len, 50);
         assert_eq!(bytes(&cache), 50);
@@ -1846,9 +1884,9 @@ mod tests {
         settings.max_generations = 1;
         let cache = Cache::open(settings).unwrap();
 
-        let running = miss(cache.lookup(stub.spec(1), "r1"));
+        let running = miss(cache.lookup(stub.spec(1), CLIENT, "r1"));
         written(&running, HEADER_LEN + 3).await;
-        let queued = miss(cache.lookup(stub.spec(2), "r2"));
+        let queued = miss(cache.lookup(stub.spec(2), CLIENT, "r2"));
         assert_eq!(bytes(&cache), HEADER_LEN + 3);
         let [pid] = stub.runs()[..] else {
             panic!("one child expected")
@@ -1873,7 +1911,7 @@ mod tests {
         generate(&cache, stub.spec(1)).await;
         assert!(within(cache.shutdown(Duration::from_secs(5))).await);
         assert!(matches!(
-            cache.lookup(stub.spec(2), "r"),
+            cache.lookup(stub.spec(2), CLIENT, "r"),
             Err(LookupError::ShuttingDown)
         ));
         assert!(cache.peek(&stub.spec(2)).is_none());
@@ -1890,9 +1928,9 @@ mod tests {
         settings.queue_timeout = Duration::from_millis(20);
         let cache = Cache::open(settings).unwrap();
 
-        let running = miss(cache.lookup(stub.spec(1), "r1"));
+        let running = miss(cache.lookup(stub.spec(1), CLIENT, "r1"));
         written(&running, HEADER_LEN + 3).await;
-        let queued = miss(cache.lookup(stub.spec(2), "r2"));
+        let queued = miss(cache.lookup(stub.spec(2), CLIENT, "r2"));
         assert_eq!(failure(within(queued.finished()).await), Failure::Busy);
         assert!(!queued.partial.exists());
         assert!(cache.peek(&stub.spec(2)).is_none());
@@ -1916,7 +1954,7 @@ mod tests {
         let timeout = settings.limits.timeout;
         let cache = Cache::open(settings).unwrap();
 
-        let generation = miss(cache.lookup(stub.spec(1), "r"));
+        let generation = miss(cache.lookup(stub.spec(1), CLIENT, "r"));
         let mut progress = generation.progress();
         progress
             .wait_for(|p| p.written >= HEADER_LEN + 3)
@@ -1946,7 +1984,7 @@ mod tests {
         }
         assert_eq!(cache.lock().policy.frequency(&key), 1, "the miss only");
         assert_eq!(segment(&cache, &stub.spec(1)), Some(Segment::Probation));
-        drop(hit(cache.lookup(stub.spec(1), "download")));
+        drop(hit(cache.lookup(stub.spec(1), CLIENT, "download")));
         assert_eq!(segment(&cache, &stub.spec(1)), Some(Segment::Protected));
     }
 

@@ -369,22 +369,29 @@ pub(crate) fn lookup_within_budget(
     request_id: &str,
 ) -> Result<Lookup, Error> {
     let Some(budget) = &app.budget else {
-        return Ok(app.cache.lookup(resolution.spec.clone(), request_id)?);
+        return Ok(app
+            .cache
+            .lookup(resolution.spec.clone(), client, request_id)?);
     };
     // A hit or a join starts nothing: no budget is reserved (and refunded).
-    if let Some(lookup) = app.cache.existing(&resolution.spec) {
+    if let Some(lookup) = app.cache.existing(&resolution.spec, client) {
         return Ok(lookup);
     }
     match budget.reserve(client) {
         Ok(reservation) => {
-            let lookup = app.cache.lookup(resolution.spec.clone(), request_id)?;
+            let lookup = app
+                .cache
+                .lookup(resolution.spec.clone(), client, request_id)?;
             if !matches!(lookup, Lookup::Miss(_)) {
                 reservation.refund();
             }
             Ok(lookup)
         }
         Err(exhausted) => match app.cache.peek(&resolution.spec) {
-            Some(lookup) => Ok(lookup),
+            Some(lookup) => {
+                app.cache.wanted_by(&lookup, client);
+                Ok(lookup)
+            }
             None => {
                 metrics::counter!(crate::metrics::BUDGET_REJECTED_TOTAL).increment(1);
                 tracing::debug!(%client, "crawler budget spent");

@@ -23,6 +23,7 @@ mod generate;
 mod http;
 mod metrics;
 mod prewarm;
+mod queue;
 mod repo;
 mod shadow;
 mod tail;

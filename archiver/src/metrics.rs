@@ -21,6 +21,7 @@ pub const GENERATIONS_TOTAL: &str = "gitball_archiver_generations_total";
 pub const GENERATION_DURATION: &str = "gitball_archiver_generation_duration_seconds";
 pub const GENERATIONS_IN_FLIGHT: &str = "gitball_archiver_generations_in_flight";
 pub const GENERATIONS_QUEUED: &str = "gitball_archiver_generations_queued";
+pub const GENERATIONS_QUEUED_CLIENTS: &str = "gitball_archiver_generations_queued_clients";
 pub const CACHE_BYTES: &str = "gitball_archiver_cache_bytes";
 pub const CACHE_HELD_BYTES: &str = "gitball_archiver_cache_held_bytes";
 pub const CACHE_MAX_BYTES: &str = "gitball_archiver_cache_max_bytes";
@@ -63,6 +64,10 @@ pub fn describe(cache_max_bytes: u64, budget_max_clients: usize) {
     describe_gauge!(
         GENERATIONS_QUEUED,
         "Generations waiting for a slot (--max-generations)."
+    );
+    describe_gauge!(
+        GENERATIONS_QUEUED_CLIENTS,
+        "Clients with a generation waiting for a slot; slots go to them in turn."
     );
     describe_gauge!(
         CACHE_BYTES,
@@ -132,6 +137,7 @@ pub fn describe(cache_max_bytes: u64, budget_max_clients: usize) {
     let _ = histogram!(REQUEST_DURATION);
     gauge!(GENERATIONS_IN_FLIGHT).set(0.0);
     gauge!(GENERATIONS_QUEUED).set(0.0);
+    gauge!(GENERATIONS_QUEUED_CLIENTS).set(0.0);
     gauge!(CACHE_BYTES).set(0.0);
     gauge!(CACHE_HELD_BYTES).set(0.0);
     gauge!(CACHE_MAX_BYTES).set(cache_max_bytes as f64);

@@ -32,7 +32,7 @@ use http::Method;
 use http::request::Parts;
 
 use crate::error::Error;
-use crate::http::{App, bearer_is, check_reachable, resolve};
+use crate::http::{App, bearer_is, check_reachable, client_of, resolve};
 
 pub async fn serve(app: &App, request: &Parts, log: &mut RequestLog) -> Result<Response, Error> {
     let Some(prewarm_token) = &app.prewarm_token else {
@@ -66,11 +66,16 @@ pub async fn serve(app: &App, request: &Parts, log: &mut RequestLog) -> Result<R
         .unwrap_or_default();
     log.commit = Some(commit.clone());
 
+    // The prewarm's generations queue as its sender's (the hook's host):
+    // one turn among the clients waiting, not a place before them all.
+    let client = client_of(app, request);
     let mut keys = Vec::with_capacity(resolutions.len());
     for (format, resolution) in resolutions {
         // The generation (if this starts one) belongs to the cache; the
         // handle is dropped at once.
-        let lookup = app.cache.lookup(resolution.spec.clone(), &log.request_id)?;
+        let lookup = app
+            .cache
+            .lookup(resolution.spec.clone(), client, &log.request_id)?;
         keys.push(key_json(&prewarm, format, lookup.label()));
     }
     log.cache = Some("prewarm");

@@ -678,7 +678,7 @@ mod tests {
     use super::*;
     use crate::cache::{Cache, Lookup};
     use crate::generate::Failure;
-    use crate::test_support::{HEADER_LEN, StubGit, printed, within};
+    use crate::test_support::{CLIENT, HEADER_LEN, StubGit, printed, within};
 
     /// What a request's log record said when it was dropped.
     #[derive(Clone, Debug)]
@@ -1087,7 +1087,8 @@ mod tests {
         let stub = StubGit::printing(b"head ");
         let mut feed = stub.feed();
         let cache = Cache::open(stub.settings(1 << 20)).unwrap();
-        let Lookup::Miss(generation) = cache.lookup(stub.spec(1), "tail-git").unwrap() else {
+        let Lookup::Miss(generation) = cache.lookup(stub.spec(1), CLIENT, "tail-git").unwrap()
+        else {
             panic!("a miss expected")
         };
         let mut body = download(Source::Growing(generation), None, "tail-git");
@@ -1110,7 +1111,10 @@ mod tests {
         let stub = StubGit::new(b"head ", 1);
         let mut feed = stub.feed();
         let cache = Cache::open(stub.settings(1 << 20)).unwrap();
-        let Lookup::Miss(generation) = cache.lookup(stub.spec(1), "tail-git-fails").unwrap() else {
+        let Lookup::Miss(generation) = cache
+            .lookup(stub.spec(1), CLIENT, "tail-git-fails")
+            .unwrap()
+        else {
             panic!("a miss expected")
         };
         let mut body = download(Source::Growing(generation), None, "tail-git-fails");
@@ -1138,7 +1142,8 @@ mod tests {
             let cache = cache.clone();
             let spec = stub.spec(n);
             async move {
-                let Lookup::Miss(generation) = cache.lookup(spec, "tail-evict").unwrap() else {
+                let Lookup::Miss(generation) = cache.lookup(spec, CLIENT, "tail-evict").unwrap()
+                else {
                     panic!("a miss expected")
                 };
                 match within(generation.finished()).await {

@@ -37,6 +37,7 @@
 
 use std::future::Future;
 use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -45,6 +46,9 @@ use tempfile::TempDir;
 use crate::cache::Settings;
 use crate::generate::{Compression, Limits, Spec};
 use gitball_core::url::Format;
+
+/// The client a unit test's lookups are made for.
+pub const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 /// A tar header block as far as the format check looks: zeros, with the
 /// magic `ustar\0` at offset 257. Every stub but a

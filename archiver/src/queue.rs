@@ -1,0 +1,430 @@
+//! The generation queue: `--max-generations` slots, handed out in turn among
+//! the clients waiting for one (`docs/archiver.md#queue-and-503`).
+//!
+//! A first-come queue lets one client's burst of cold requests (a crawler
+//! spending its whole [budget](crate::budget) at once) stand in front of
+//! every other client's generation for as long as the burst takes to run.
+//! Here each client (the budget's identity: an address, an IPv6 `/64`) has
+//! a queue of its own, and a freed slot goes to the waiting client with the
+//! fewest generations running, the one whose generation just ended still
+//! counting it; among equals, to the one whose turn is next (round robin).
+//! Within a client, generations run in the order they were asked for. A
+//! client with nothing running therefore gets one of the next slots freed,
+//! after at most one generation of each other waiting client with nothing
+//! running, however many each has queued.
+//!
+//! Invariants:
+//! - At most `slots` [`Permit`]s exist; a slot is free only while nobody
+//!   waits (a released slot goes straight to the next waiter).
+//! - A generation several clients wait for (one started it, others joined)
+//!   stands in the queue of each ([`Slots::also_for`]) and runs at the
+//!   earliest of their turns; its other places are then removed.
+//! - A waiter that goes away (its queue timeout, shutdown) leaves no place
+//!   behind: [`Queued`]'s drop removes it from every queue, and a permit
+//!   granted to it that it never took is given back.
+//! - Memory is one entry per waiting generation and per client with one.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use metrics::gauge;
+use tokio::sync::oneshot;
+
+use crate::metrics as m;
+
+/// The generation slots and the clients waiting for them.
+pub struct Slots {
+    state: Mutex<State>,
+}
+
+struct State {
+    free: usize,
+    next_id: u64,
+    /// Each waiting generation: where its slot goes, and the clients in
+    /// whose queues it stands.
+    waiting: HashMap<u64, Waiting>,
+    /// Each client's waiting generations, oldest first.
+    queues: HashMap<IpAddr, VecDeque<u64>>,
+    /// The clients with a waiting generation, in the order of their next
+    /// turn.
+    turns: VecDeque<IpAddr>,
+    /// Generations running, by the client whose turn gave them their slot
+    /// (only clients with one).
+    running: HashMap<IpAddr, usize>,
+}
+
+struct Waiting {
+    grant: oneshot::Sender<Permit>,
+    clients: Vec<IpAddr>,
+}
+
+/// A generation's place in the queue, until it has its slot.
+pub struct Queued {
+    slots: Arc<Slots>,
+    id: u64,
+    granted: oneshot::Receiver<Permit>,
+}
+
+/// A generation slot, given back (to the next client in turn) when dropped.
+pub struct Permit {
+    slots: Option<Arc<Slots>>,
+    client: IpAddr,
+}
+
+impl Slots {
+    pub fn new(slots: usize) -> Arc<Slots> {
+        Arc::new(Slots {
+            state: Mutex::new(State {
+                free: slots,
+                next_id: 0,
+                waiting: HashMap::new(),
+                queues: HashMap::new(),
+                turns: VecDeque::new(),
+                running: HashMap::new(),
+            }),
+        })
+    }
+
+    /// A place for one generation in `client`'s queue, or its slot at once
+    /// when one is free.
+    pub fn queue(self: &Arc<Self>, client: IpAddr) -> Queued {
+        let (grant, granted) = oneshot::channel();
+        let mut state = self.lock();
+        let id = state.next_id;
+        state.next_id += 1;
+        if state.free > 0 {
+            debug_assert!(state.waiting.is_empty(), "a free slot while some wait");
+            state.free -= 1;
+            *state.running.entry(client).or_default() += 1;
+            let _ = grant.send(self.permit(client));
+        } else {
+            state.waiting.insert(
+                id,
+                Waiting {
+                    grant,
+                    clients: Vec::new(),
+                },
+            );
+            state.stand_in(id, client);
+            state.publish();
+        }
+        Queued {
+            slots: self.clone(),
+            id,
+            granted,
+        }
+    }
+
+    /// Puts the waiting generation `id` in `client`'s queue too, if it is
+    /// still waiting and not there yet: a client that joins a generation
+    /// waits on its own turn, not on the starter's.
+    pub fn also_for(&self, id: u64, client: IpAddr) {
+        let mut state = self.lock();
+        if state.stand_in(id, client) {
+            state.publish();
+        }
+    }
+
+    /// Clients with a generation waiting.
+    #[cfg(test)]
+    fn clients_waiting(&self) -> usize {
+        self.lock().turns.len()
+    }
+
+    fn permit(self: &Arc<Self>, client: IpAddr) -> Permit {
+        Permit {
+            slots: Some(self.clone()),
+            client,
+        }
+    }
+
+    /// The slot of a generation `finished` had running, given back: to the
+    /// next client in turn, or free.
+    fn release(self: &Arc<Self>, finished: IpAddr) {
+        let mut state = self.lock();
+        loop {
+            let Some(client) = state.next_turn() else {
+                state.stop_running(finished);
+                state.free += 1;
+                state.publish();
+                return;
+            };
+            let queue = state
+                .queues
+                .get_mut(&client)
+                .expect("a client in turn has a queue");
+            let id = queue.pop_front().expect("a queue is never left empty");
+            if queue.is_empty() {
+                state.queues.remove(&client);
+            } else {
+                state.turns.push_back(client);
+            }
+            let Some(waiting) = state.leave(id) else {
+                continue;
+            };
+            *state.running.entry(client).or_default() += 1;
+            match waiting.grant.send(self.permit(client)) {
+                Ok(()) => {
+                    state.stop_running(finished);
+                    state.publish();
+                    return;
+                }
+                // Its receiver is gone: not given back through drop (that
+                // would release under this lock); the next waiter gets it.
+                Err(mut permit) => {
+                    permit.slots = None;
+                    state.stop_running(client);
+                }
+            }
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every change is a few statements that leave the state whole.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl State {
+    /// Takes the client whose turn it is out of the turns: the first of
+    /// those with the fewest generations running.
+    fn next_turn(&mut self) -> Option<IpAddr> {
+        let (position, _) = self
+            .turns
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, client)| self.running.get(client).copied().unwrap_or(0))?;
+        self.turns.remove(position)
+    }
+
+    fn stop_running(&mut self, client: IpAddr) {
+        if let Some(running) = self.running.get_mut(&client) {
+            *running -= 1;
+            if *running == 0 {
+                self.running.remove(&client);
+            }
+        }
+    }
+
+    /// Puts the waiting generation `id` in `client`'s queue; whether it
+    /// was not there yet.
+    fn stand_in(&mut self, id: u64, client: IpAddr) -> bool {
+        let Some(waiting) = self.waiting.get_mut(&id) else {
+            return false;
+        };
+        if waiting.clients.contains(&client) {
+            return false;
+        }
+        waiting.clients.push(client);
+        let queue = self.queues.entry(client).or_default();
+        if queue.is_empty() {
+            self.turns.push_back(client);
+        }
+        queue.push_back(id);
+        true
+    }
+
+    /// The gauge of clients waiting, after a change.
+    fn publish(&self) {
+        gauge!(m::GENERATIONS_QUEUED_CLIENTS).set(self.turns.len() as f64);
+    }
+
+    /// Takes `id` out of the waiting and out of every queue it stands in.
+    fn leave(&mut self, id: u64) -> Option<Waiting> {
+        let waiting = self.waiting.remove(&id)?;
+        for client in &waiting.clients {
+            let Some(queue) = self.queues.get_mut(client) else {
+                continue;
+            };
+            queue.retain(|queued| *queued != id);
+            if queue.is_empty() {
+                self.queues.remove(client);
+                self.turns.retain(|turn| turn != client);
+            }
+        }
+        Some(waiting)
+    }
+}
+
+impl Queued {
+    /// What [`Slots::also_for`] takes.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Waits for the slot.
+    pub async fn slot(&mut self) -> Permit {
+        // The sender is dropped unsent only by this place's own drop.
+        (&mut self.granted)
+            .await
+            .expect("a waiting place is granted a slot before it is removed")
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        // Out of the queues first, under the lock; a permit granted but not
+        // taken goes back when `granted` drops, after the lock is let go.
+        let gone = {
+            let mut state = self.slots.lock();
+            let gone = state.leave(self.id);
+            state.publish();
+            gone
+        };
+        drop(gone);
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(slots) = self.slots.take() {
+            slots.release(self.client);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn client(n: u8) -> IpAddr {
+        IpAddr::from([198, 51, 100, n])
+    }
+
+    /// Waits (on tokio's paused clock) until `queued` has its slot.
+    async fn granted(queued: &mut Queued) -> Permit {
+        tokio::time::timeout(Duration::from_secs(1), queued.slot())
+            .await
+            .expect("the slot was granted")
+    }
+
+    async fn not_granted(queued: &mut Queued) {
+        assert!(
+            tokio::time::timeout(Duration::from_millis(10), queued.slot())
+                .await
+                .is_err(),
+            "granted out of turn"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_freed_slot_goes_to_the_next_client_in_turn_not_to_the_oldest_waiter() {
+        let slots = Slots::new(1);
+        let mut running = slots.queue(client(1));
+        let permit = granted(&mut running).await;
+        // A crawler's burst, then another client's one request.
+        let mut burst: Vec<Queued> = (0..3).map(|_| slots.queue(client(1))).collect();
+        let mut other = slots.queue(client(2));
+        assert_eq!(slots.clients_waiting(), 2);
+
+        drop(permit);
+        let permit = granted(&mut other).await;
+        not_granted(&mut burst[0]).await;
+        drop(permit);
+        // Then the crawler's, in the order it asked.
+        for queued in &mut burst {
+            let permit = granted(queued).await;
+            drop(permit);
+        }
+        assert_eq!(slots.clients_waiting(), 0);
+        assert_eq!(slots.lock().free, 1);
+        assert!(slots.lock().running.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_with_fewer_generations_running_goes_first() {
+        let slots = Slots::new(2);
+        // A crawler runs a generation in each slot, and has one more queued.
+        let mut both = [slots.queue(client(1)), slots.queue(client(1))];
+        let first = granted(&mut both[0]).await;
+        let second = granted(&mut both[1]).await;
+        let mut third = slots.queue(client(1));
+        let mut other = slots.queue(client(2));
+        drop(first);
+        let other_permit = granted(&mut other).await;
+        not_granted(&mut third).await;
+        drop(second);
+        drop(granted(&mut third).await);
+        drop(other_permit);
+        assert_eq!(slots.lock().free, 2);
+        assert!(slots.lock().running.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn clients_take_turns_one_generation_each() {
+        let slots = Slots::new(1);
+        let held = granted(&mut slots.queue(client(9))).await;
+        let [mut a0, mut a1] = [slots.queue(client(1)), slots.queue(client(1))];
+        let [mut b0, mut b1] = [slots.queue(client(2)), slots.queue(client(2))];
+        drop(held);
+        for queued in [&mut a0, &mut b0, &mut a1, &mut b1] {
+            drop(granted(queued).await);
+        }
+        assert_eq!(slots.lock().free, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_generation_joined_by_another_client_runs_on_the_joiners_turn() {
+        let slots = Slots::new(1);
+        let held = granted(&mut slots.queue(client(9))).await;
+        let mut burst: Vec<Queued> = (0..3).map(|_| slots.queue(client(1))).collect();
+        // Client 2 joins the crawler's last generation.
+        slots.also_for(burst[2].id(), client(2));
+        slots.also_for(burst[2].id(), client(2));
+        drop(held);
+        // Client 1's turn first (its oldest), then client 2's: the joined one.
+        drop(granted(&mut burst[0]).await);
+        let joined = granted(&mut burst[2]).await;
+        not_granted(&mut burst[1]).await;
+        drop(joined);
+        drop(granted(&mut burst[1]).await);
+        assert_eq!(slots.clients_waiting(), 0);
+        // A generation that runs is in no queue: joining it changes nothing.
+        let mut running = slots.queue(client(1));
+        let permit = granted(&mut running).await;
+        slots.also_for(running.id(), client(3));
+        assert_eq!(slots.clients_waiting(), 0);
+        drop(permit);
+        assert_eq!(slots.lock().free, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_that_leaves_leaves_no_place_and_no_slot_behind() {
+        let slots = Slots::new(1);
+        let held = granted(&mut slots.queue(client(9))).await;
+        let gone = slots.queue(client(1));
+        let mut next = slots.queue(client(2));
+        drop(gone);
+        assert_eq!(slots.clients_waiting(), 1);
+        drop(held);
+        drop(granted(&mut next).await);
+
+        // Granted, then dropped before it took the permit: the slot is back.
+        let held = granted(&mut slots.queue(client(9))).await;
+        let granted_not_taken = slots.queue(client(1));
+        drop(held);
+        assert_eq!(slots.lock().free, 0, "granted to the waiter");
+        drop(granted_not_taken);
+        assert_eq!(slots.lock().free, 1);
+        assert!(slots.lock().waiting.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_most_the_slots_run_at_once() {
+        let slots = Slots::new(2);
+        let mut queued: Vec<Queued> = (0..6).map(|n| slots.queue(client(n % 3))).collect();
+        let first = granted(&mut queued[0]).await;
+        let second = granted(&mut queued[1]).await;
+        for waiting in &mut queued[2..] {
+            not_granted(waiting).await;
+        }
+        drop((first, second));
+        assert_eq!(slots.lock().free, 0);
+        assert_eq!(slots.lock().waiting.len(), 2);
+    }
+}
