@@ -24,7 +24,7 @@
 //!   granted to it that it never took is given back.
 //! - Memory is one entry per waiting generation and per client with one.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -56,7 +56,7 @@ struct State {
 
 struct Waiting {
     grant: oneshot::Sender<Permit>,
-    clients: Vec<IpAddr>,
+    clients: HashSet<IpAddr>,
 }
 
 /// A generation's place in the queue, until it has its slot.
@@ -103,7 +103,7 @@ impl Slots {
                 id,
                 Waiting {
                     grant,
-                    clients: Vec::new(),
+                    clients: HashSet::new(),
                 },
             );
             state.stand_in(id, client);
@@ -215,10 +215,9 @@ impl State {
         let Some(waiting) = self.waiting.get_mut(&id) else {
             return false;
         };
-        if waiting.clients.contains(&client) {
+        if !waiting.clients.insert(client) {
             return false;
         }
-        waiting.clients.push(client);
         let queue = self.queues.entry(client).or_default();
         if queue.is_empty() {
             self.turns.push_back(client);
@@ -232,9 +231,11 @@ impl State {
         gauge!(m::GENERATIONS_QUEUED_CLIENTS).set(self.turns.len() as f64);
     }
 
-    /// Takes `id` out of the waiting and out of every queue it stands in.
+    /// Takes `id` out of the waiting and out of every queue it stands in
+    /// (one pass over the turns, however many clients joined it).
     fn leave(&mut self, id: u64) -> Option<Waiting> {
         let waiting = self.waiting.remove(&id)?;
+        let mut emptied = HashSet::new();
         for client in &waiting.clients {
             let Some(queue) = self.queues.get_mut(client) else {
                 continue;
@@ -242,8 +243,11 @@ impl State {
             queue.retain(|queued| *queued != id);
             if queue.is_empty() {
                 self.queues.remove(client);
-                self.turns.retain(|turn| turn != client);
+                emptied.insert(*client);
             }
+        }
+        if !emptied.is_empty() {
+            self.turns.retain(|turn| !emptied.contains(turn));
         }
         Some(waiting)
     }
