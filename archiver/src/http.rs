@@ -37,6 +37,7 @@ use gitball_core::protocol::{
 };
 use gitball_core::request_id::request_id;
 use gitball_core::response::{self, is_allowed};
+use gitball_core::secret::bearer_is;
 use gitball_core::server::ClientWrites;
 use gitball_core::server::takeover::Takeover;
 use gitball_core::url::{self, ArchiveRequest, Format, RefKind};
@@ -44,7 +45,6 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
 use http::{Method, StatusCode};
 use metrics_exporter_prometheus::PrometheusHandle;
-use subtle::ConstantTimeEq;
 
 use crate::budget::{Budget, client_key};
 use crate::cache::{Cache, CacheFile, Lookup, State as GenerationState};
@@ -630,18 +630,6 @@ fn authorize(app: &App, headers: &HeaderMap) -> Result<(), Error> {
     } else {
         Err(Error::Unauthorized)
     }
-}
-
-/// Whether `Authorization: Bearer …` is `expected` (compared in constant
-/// time).
-pub(crate) fn bearer_is(headers: &HeaderMap, expected: &[u8]) -> bool {
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .map(str::trim)
-        .unwrap_or("");
-    bool::from(given.as_bytes().ct_eq(expected))
 }
 
 #[cfg(test)]

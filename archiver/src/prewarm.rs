@@ -32,7 +32,9 @@ use http::Method;
 use http::request::Parts;
 
 use crate::error::Error;
-use crate::http::{App, bearer_is, check_reachable, client_of, resolve};
+use gitball_core::secret::bearer_is;
+
+use crate::http::{App, check_reachable, client_of, resolve};
 
 pub async fn serve(app: &App, request: &Parts, log: &mut RequestLog) -> Result<Response, Error> {
     let Some(prewarm_token) = &app.prewarm_token else {

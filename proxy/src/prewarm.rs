@@ -26,11 +26,11 @@ use axum::response::Response;
 use futures_util::future::join_all;
 use gitball_core::log::RequestLog;
 use gitball_core::protocol::REQUEST_ID;
+use gitball_core::secret::bearer_is;
 use gitball_core::url::{self, Format};
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
-use subtle::ConstantTimeEq;
 
 use crate::error::Error;
 use crate::forward::{Forwarded, UpstreamRequest};
@@ -70,14 +70,7 @@ pub async fn serve(
     if request.method != Method::POST {
         return Err(Error::PostOnly);
     }
-    let given = request
-        .headers
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .map(str::trim)
-        .unwrap_or("");
-    if !bool::from(given.as_bytes().ct_eq(&prewarm.token)) {
+    if !bearer_is(&request.headers, &prewarm.token) {
         return Err(Error::Unauthorized);
     }
     let target = url::parse_prewarm_path(request.uri.path())?;
