@@ -13,9 +13,16 @@
 //! after at most one generation of each other waiting client with nothing
 //! running, however many each has queued.
 //!
+//! And no client runs more than `slots - 1` generations at once (when there
+//! are two slots or more), even with a slot free: a running generation
+//! cannot be taken back, so a crawler that took every slot with long
+//! generations would make every other client wait for the first of them to
+//! end, past `--queue-timeout`. One slot is always another client's.
+//!
 //! Invariants:
-//! - At most `slots` [`Permit`]s exist; a slot is free only while nobody
-//!   waits (a released slot goes straight to the next waiter).
+//! - At most `slots` [`Permit`]s exist; a slot is free only while every
+//!   waiting client runs its most (a released slot goes straight to the
+//!   next waiter that may run one more).
 //! - A generation several clients wait for (one started it, others joined)
 //!   stands in the queue of each ([`Slots::also_for`]) and runs at the
 //!   earliest of their turns; its other places are then removed.
@@ -40,6 +47,8 @@ pub struct Slots {
 
 struct State {
     free: usize,
+    /// The most generations one client runs at once.
+    most: usize,
     next_id: u64,
     /// Each waiting generation: where its slot goes, and the clients in
     /// whose queues it stands.
@@ -77,6 +86,7 @@ impl Slots {
         Arc::new(Slots {
             state: Mutex::new(State {
                 free: slots,
+                most: slots.saturating_sub(1).max(1),
                 next_id: 0,
                 waiting: HashMap::new(),
                 queues: HashMap::new(),
@@ -93,8 +103,7 @@ impl Slots {
         let mut state = self.lock();
         let id = state.next_id;
         state.next_id += 1;
-        if state.free > 0 {
-            debug_assert!(state.waiting.is_empty(), "a free slot while some wait");
+        if state.free > 0 && state.running(client) < state.most {
             state.free -= 1;
             *state.running.entry(client).or_default() += 1;
             let _ = grant.send(self.permit(client));
@@ -144,7 +153,7 @@ impl Slots {
     fn release(self: &Arc<Self>, finished: IpAddr) {
         let mut state = self.lock();
         loop {
-            let Some(client) = state.next_turn() else {
+            let Some(client) = state.next_turn(finished) else {
                 state.stop_running(finished);
                 state.free += 1;
                 state.publish();
@@ -189,15 +198,23 @@ impl Slots {
 }
 
 impl State {
-    /// Takes the client whose turn it is out of the turns: the first of
-    /// those with the fewest generations running.
-    fn next_turn(&mut self) -> Option<IpAddr> {
+    /// Takes the client whose turn it is out of the turns: of those that
+    /// may run one more generation once `finished`'s ends, the first with
+    /// the fewest running.
+    fn next_turn(&mut self, finished: IpAddr) -> Option<IpAddr> {
         let (position, _) = self
             .turns
             .iter()
             .enumerate()
-            .min_by_key(|(_, client)| self.running.get(client).copied().unwrap_or(0))?;
+            .filter(|(_, client)| {
+                self.running(**client) - usize::from(**client == finished) < self.most
+            })
+            .min_by_key(|(_, client)| self.running(**client))?;
         self.turns.remove(position)
+    }
+
+    fn running(&self, client: IpAddr) -> usize {
+        self.running.get(&client).copied().unwrap_or(0)
     }
 
     fn stop_running(&mut self, client: IpAddr) {
@@ -342,21 +359,53 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_client_with_fewer_generations_running_goes_first() {
-        let slots = Slots::new(2);
-        // A crawler runs a generation in each slot, and has one more queued.
-        let mut both = [slots.queue(client(1)), slots.queue(client(1))];
-        let first = granted(&mut both[0]).await;
-        let second = granted(&mut both[1]).await;
+        let slots = Slots::new(3);
+        // Two clients run one generation each; client 1 runs a second.
+        let mut ones = [slots.queue(client(1)), slots.queue(client(1))];
+        let one = granted(&mut ones[0]).await;
+        let mut two = slots.queue(client(2));
+        let two_running = granted(&mut two).await;
+        let one_more = granted(&mut ones[1]).await;
+        // Both queue one more; client 1 first.
         let mut third = slots.queue(client(1));
         let mut other = slots.queue(client(2));
-        drop(first);
+        drop(one);
+        // Client 1 would still run one: client 2 runs none more than it.
         let other_permit = granted(&mut other).await;
         not_granted(&mut third).await;
-        drop(second);
+        drop(two_running);
         drop(granted(&mut third).await);
-        drop(other_permit);
-        assert_eq!(slots.lock().free, 2);
+        drop((other_permit, one_more));
+        assert_eq!(slots.lock().free, 3);
         assert!(slots.lock().running.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_client_never_holds_every_slot() {
+        let slots = Slots::new(3);
+        let mut crawler: Vec<Queued> = (0..4).map(|_| slots.queue(client(1))).collect();
+        let first = granted(&mut crawler[0]).await;
+        let second = granted(&mut crawler[1]).await;
+        // A slot is free, but not for the crawler.
+        not_granted(&mut crawler[2]).await;
+        assert_eq!(slots.lock().free, 1);
+        let mut other = slots.queue(client(2));
+        let other_permit = granted(&mut other).await;
+        // The crawler's next runs when one of its own ends.
+        drop(other_permit);
+        not_granted(&mut crawler[2]).await;
+        drop(first);
+        let third = granted(&mut crawler[2]).await;
+        not_granted(&mut crawler[3]).await;
+        drop((second, third));
+        drop(granted(&mut crawler[3]).await);
+        assert_eq!(slots.lock().free, 3);
+        assert!(slots.lock().running.is_empty());
+        assert_eq!(slots.clients_waiting(), 0);
+
+        // One slot: the one client runs one, as before.
+        let single = Slots::new(1);
+        drop(granted(&mut single.queue(client(1))).await);
     }
 
     #[tokio::test(start_paused = true)]
