@@ -505,3 +505,181 @@ fn a_crawlers_queued_burst_does_not_stand_before_other_clients() {
             && metrics.sum(GENERATIONS, &[("outcome", "ok")]) == 5.0
     }));
 }
+
+/// `docs/archiver.md#queue-and-503`: with two slots or more, one client
+/// never runs in all of them; a slot stays for another client's cold
+/// request, which would otherwise wait for the end of a generation already
+/// running (past `--queue-timeout` when those are long).
+#[test]
+fn one_client_never_takes_every_generation_slot() {
+    let sandbox = Sandbox::new();
+    widget(&sandbox);
+    let (git, mut release) = sandbox.git_that_pauses("git-that-waits", 0);
+    let archiver = Archiver::start(
+        &sandbox.repos(),
+        &["--max-generations", "2", "--git", git.to_str().unwrap()],
+    );
+    let gauges = || {
+        let metrics = archiver.metrics();
+        (
+            metrics.value("gitball_archiver_generations_in_flight", &[]),
+            metrics.value("gitball_archiver_generations_queued", &[]),
+        )
+    };
+    std::thread::scope(|scope| {
+        let ask = |client: &'static str, index: usize| {
+            let archiver = &archiver;
+            scope.spawn(move || {
+                let answer = get(archiver, &cold(index), &[("X-Gitball-Client", client)]);
+                assert_eq!(answer.status, 200, "{client} {index}");
+            })
+        };
+        let crawler = [ask("198.51.100.1", 0), ask("198.51.100.1", 1)];
+        // One runs; the other waits, a slot free.
+        let crawler_waits = wait_until(SETTLE, || gauges() == (1.0, 1.0));
+        let crawler_gauges = gauges();
+        let other = ask("198.51.100.2", 2);
+        let other_runs = wait_until(SETTLE, || gauges() == (2.0, 1.0));
+        // The generations end before any assertion, or the requests would
+        // hold the test.
+        release
+            .write_all(b"go\ngo\ngo\n")
+            .expect("release the generations");
+        for asked in crawler.into_iter().chain([other]) {
+            asked.join().expect("answered 200");
+        }
+        assert!(
+            crawler_waits,
+            "(running, queued) {crawler_gauges:?}: the crawler took both slots"
+        );
+        assert!(other_runs, "the other client's generation waits");
+    });
+    assert!(wait_until(SETTLE, || gauges() == (0.0, 0.0)));
+}
+
+/// `docs/internal-api.md#client-identity`: a prewarm admitted by the prewarm
+/// token alone is not a proxy's request, so its `X-Gitball-Client` is not
+/// believed: its generations queue as its socket peer, not as the client it
+/// names (whose own requests would then wait behind them).
+#[test]
+fn a_prewarm_queues_as_its_sender_whatever_client_it_names() {
+    let sandbox = Sandbox::new();
+    widget(&sandbox);
+    let (git, mut release) = sandbox.git_that_pauses("git-that-waits", 0);
+    let upstream = sandbox.path("upstream-token");
+    std::fs::write(&upstream, "s3cret-upstream\n").unwrap();
+    let prewarm = sandbox.path("prewarm-token");
+    std::fs::write(&prewarm, "s3cret-prewarm\n").unwrap();
+    let archiver = Archiver::start(
+        &sandbox.repos(),
+        &[
+            "--max-generations",
+            "1",
+            "--git",
+            git.to_str().unwrap(),
+            "--token-file",
+            upstream.to_str().unwrap(),
+            "--prewarm-token-file",
+            prewarm.to_str().unwrap(),
+        ],
+    );
+    let direct = client_from(non_loopback_address());
+    let named = ("X-Gitball-Client", "198.51.100.1");
+    let accepted = direct
+        .post(format!(
+            "{}/acme/widget/prewarm/main?format=tar,zip",
+            archiver.base_url
+        ))
+        .header("Authorization", "Bearer s3cret-prewarm")
+        .header(named.0, named.1)
+        .send()
+        .expect("prewarm");
+    assert_eq!(accepted.status(), 202);
+    let metrics = || archiver.metrics();
+    let queued = |metrics: gitball_e2e::Metrics| {
+        (
+            metrics.value("gitball_archiver_generations_queued", &[]),
+            metrics.value("gitball_archiver_generations_queued_clients", &[]),
+        )
+    };
+    std::thread::scope(|scope| {
+        // The client it named, through a proxy (the upstream token).
+        let download = scope.spawn(|| {
+            get_with(
+                &direct,
+                &archiver.base_url,
+                &cold(0),
+                &[("Authorization", "Bearer s3cret-upstream"), named],
+            )
+        });
+        let both_queued = wait_until(SETTLE, || queued(metrics()).0 == 2.0);
+        let seen = queued(metrics());
+        release
+            .write_all(b"go\ngo\ngo\n")
+            .expect("release the generations");
+        assert_eq!(download.join().expect("answered").status, 200);
+        assert!(both_queued, "{seen:?}");
+        assert_eq!(seen.1, 2.0, "the prewarm queued as the client it named");
+    });
+}
+
+/// `docs/archiver.md#queue-and-503`: a `HEAD` of a queued generation waits
+/// for it like a `GET` that joins it, on its own client's turn too.
+#[test]
+fn a_head_of_a_queued_generation_waits_on_its_own_turn() {
+    let sandbox = Sandbox::new();
+    widget(&sandbox);
+    let (git, mut release) = sandbox.git_that_pauses("git-that-waits", 0);
+    let archiver = Archiver::start(
+        &sandbox.repos(),
+        &["--max-generations", "1", "--git", git.to_str().unwrap()],
+    );
+    let clients_waiting = || {
+        archiver
+            .metrics()
+            .value("gitball_archiver_generations_queued_clients", &[])
+    };
+    std::thread::scope(|scope| {
+        // One runs, then one queues: in that order.
+        let in_flight = || {
+            archiver
+                .metrics()
+                .value("gitball_archiver_generations_in_flight", &[])
+        };
+        let ask = |index: usize| {
+            let archiver = &archiver;
+            scope.spawn(move || {
+                get(
+                    archiver,
+                    &cold(index),
+                    &[("X-Gitball-Client", "198.51.100.1")],
+                )
+            })
+        };
+        let first = ask(0);
+        let first_runs = wait_until(SETTLE, || in_flight() == 1.0);
+        let crawler = [first, ask(1)];
+        let crawler_waits = wait_until(SETTLE, || clients_waiting() == 1.0);
+        let head = scope.spawn(|| {
+            archiver
+                .client()
+                .head(format!("{}{}", archiver.base_url, cold(1)))
+                .header("X-Gitball-Client", "198.51.100.2")
+                .send()
+                .expect("HEAD")
+                .status()
+        });
+        let head_waits = wait_until(SETTLE, || clients_waiting() == 2.0);
+        release
+            .write_all(b"go\ngo\n")
+            .expect("release the generations");
+        for asked in crawler {
+            assert_eq!(asked.join().expect("answered").status, 200);
+        }
+        assert_eq!(head.join().expect("answered"), 200);
+        assert!(
+            first_runs && crawler_waits && head_waits,
+            "{first_runs} {crawler_waits} {head_waits}"
+        );
+    });
+}

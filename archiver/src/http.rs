@@ -247,7 +247,12 @@ async fn serve_archive(
 
     let lookup = if method == Method::HEAD {
         match app.cache.peek(&resolution.spec) {
-            Some(lookup) => lookup,
+            // It waits for the generation's start like a GET that joins it:
+            // on its own client's turn too.
+            Some(lookup) => {
+                app.cache.wanted_by(&lookup, client_of(app, request));
+                lookup
+            }
             // HEAD never starts a generation.
             None => {
                 log.cache = Some("miss");
@@ -414,8 +419,10 @@ pub(crate) fn client_of(app: &App, request: &Parts) -> IpAddr {
     client_identity(app.token.is_some(), request)
 }
 
-/// [`client_of`], given whether `--token-file` vouched for the peer.
-fn client_identity(authenticated: bool, request: &Parts) -> IpAddr {
+/// [`client_of`], given whether `--token-file` vouched for the peer: it
+/// did for every request with the flag set, as archive URLs need the
+/// token, but not for a prewarm, which the prewarm token admits too.
+pub(crate) fn client_identity(authenticated: bool, request: &Parts) -> IpAddr {
     let peer = request
         .extensions
         .get::<ConnectInfo<SocketAddr>>()

@@ -34,7 +34,7 @@ use http::request::Parts;
 use crate::error::Error;
 use gitball_core::secret::bearer_is;
 
-use crate::http::{App, check_reachable, client_of, resolve};
+use crate::http::{App, check_reachable, client_identity, resolve};
 
 pub async fn serve(app: &App, request: &Parts, log: &mut RequestLog) -> Result<Response, Error> {
     let Some(prewarm_token) = &app.prewarm_token else {
@@ -44,9 +44,8 @@ pub async fn serve(app: &App, request: &Parts, log: &mut RequestLog) -> Result<R
         return Err(Error::PostOnly);
     }
     let upstream_token = app.token.as_deref();
-    if !bearer_is(&request.headers, prewarm_token)
-        && !upstream_token.is_some_and(|token| bearer_is(&request.headers, token))
-    {
+    let from_a_proxy = upstream_token.is_some_and(|token| bearer_is(&request.headers, token));
+    if !from_a_proxy && !bearer_is(&request.headers, prewarm_token) {
         return Err(Error::Unauthorized);
     }
     let prewarm = url::parse_prewarm_path(request.uri.path())?;
@@ -69,8 +68,11 @@ pub async fn serve(app: &App, request: &Parts, log: &mut RequestLog) -> Result<R
     log.commit = Some(commit.clone());
 
     // The prewarm's generations queue as its sender's (the hook's host):
-    // one turn among the clients waiting, not a place before them all.
-    let client = client_of(app, request);
+    // one turn among the clients waiting, not a place before them all. Its
+    // X-Gitball-Client is believed from a proxy (the upstream token) or
+    // loopback only: the prewarm token alone does not let a hook queue its
+    // generations as other clients (review: attack).
+    let client = client_identity(from_a_proxy, request);
     let mut keys = Vec::with_capacity(resolutions.len());
     for (format, resolution) in resolutions {
         // The generation (if this starts one) belongs to the cache; the
