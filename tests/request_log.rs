@@ -51,8 +51,15 @@ fn both_tiers_log_the_same_fields_joined_by_request_id() {
         &[("X-Request-Id", "join-me-2")],
     );
     assert_eq!(missing.status(), 404);
+    let bad = fetch_with(
+        proxy.addr,
+        "GET",
+        "/acme/widget/archive/main.rar",
+        &[("X-Request-Id", "join-me-3")],
+    );
+    assert_eq!(bad.status(), 400);
 
-    let lines = wait_for_lines(&proxy, &["join-me-1", "join-me-2"], 4);
+    let lines = wait_for_lines(&proxy, &["join-me-1", "join-me-2", "join-me-3"], 5);
     let proxy_line = find(&lines, "proxy", "join-me-1");
     let archiver_line = find(&lines, "archiver", "join-me-1");
     assert_eq!(
@@ -99,6 +106,17 @@ fn both_tiers_log_the_same_fields_joined_by_request_id() {
     assert_eq!(archiver_error["error"], "ref_not_found");
     assert_eq!(proxy_error["status"], 404);
     assert_eq!(field_names(&proxy_error), field_names(&proxy_line));
+    // A 4xx passed on is the client's fault on the proxy too (review:
+    // attack; it said `-`), and a JSON body a tier wrote is counted in
+    // `bytes` like an archive's (it said 0).
+    assert_eq!(proxy_error["fault"], "client", "{proxy_error}");
+    let length = missing.body.len() as u64;
+    assert_eq!(archiver_error["bytes"], length, "{archiver_error}");
+    assert_eq!(proxy_error["bytes"], length, "{proxy_error}");
+    let refused = find(&lines, "proxy", "join-me-3");
+    assert_eq!(refused["status"], 400);
+    assert_eq!(refused["fault"], "client");
+    assert_eq!(refused["bytes"], bad.body.len() as u64, "{refused}");
 }
 
 fn fetch_ok_with_id(proxy: &Proxy, target: &str, request_id: &str) {

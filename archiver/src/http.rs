@@ -152,22 +152,16 @@ async fn archive(State(app): State<Arc<App>>, request: Request) -> Response {
 /// The error's response; the log line is written as it returns.
 fn fail(error: Error, mut log: RequestLog) -> Response {
     log.failed(error.status(), error.fault(), error.log_text());
-    error.into_response()
+    let response = error.into_response();
+    log.answered(&response);
+    response
 }
 
 /// Attaches the body; from here on the log belongs to the response.
 fn respond(answer: Answer, mut log: RequestLog, takeover: Option<&Takeover>) -> Response {
     match answer {
         Answer::Whole(response) => {
-            log.status = Some(response.status());
-            if let Some(length) = response
-                .headers()
-                .get(header::CONTENT_LENGTH)
-                .and_then(|value| value.to_str().ok()?.parse().ok())
-                .filter(|_| log.method != Method::HEAD)
-            {
-                log.bytes = length;
-            }
+            log.answered(&response);
             response
         }
         Answer::Stream {

@@ -247,6 +247,27 @@ impl RequestLog {
 
     /// The request failed with `code` (or an internal detail), answered
     /// with `status`.
+    /// A whole answer (built by the tier, not streamed): its status, and
+    /// its body's length as the bytes sent (none for `HEAD`).
+    pub fn answered(&mut self, response: &axum::response::Response) {
+        use axum::body::HttpBody as _;
+        self.status = Some(response.status());
+        if self.method != Method::HEAD {
+            let length = response.body().size_hint().exact().or_else(|| {
+                response
+                    .headers()
+                    .get(http::header::CONTENT_LENGTH)?
+                    .to_str()
+                    .ok()?
+                    .parse()
+                    .ok()
+            });
+            if let Some(length) = length {
+                self.bytes = length;
+            }
+        }
+    }
+
     pub fn failed(&mut self, status: StatusCode, fault: Fault, error: String) {
         self.status = Some(status);
         self.fault = Some(fault);
@@ -323,9 +344,64 @@ impl Drop for RequestLog {
                     line.write(lines);
                 }
             }
-            _ => line.emit(),
+            Some(lines) => line.emit(lines.format),
+            // No subscriber set up by `init` (tests): its default format.
+            None => line.emit(LogFormat::Text),
         }
     }
+}
+
+/// ` name=value` in the text format.
+fn text_field(out: &mut String, name: &str, value: &str) {
+    out.push(' ');
+    out.push_str(name);
+    out.push('=');
+    let _ = write_text_value(out, value);
+}
+
+/// A string field as a line of `format` shows it: escaped by
+/// [`write_text_value`] in the text format, as it is for JSON (whose
+/// encoder escapes it).
+struct Shown<'a> {
+    text: bool,
+    value: &'a str,
+}
+
+impl std::fmt::Display for Shown<'_> {
+    fn fmt(&self, out: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.text {
+            write_text_value(out, self.value)
+        } else {
+            out.write_str(self.value)
+        }
+    }
+}
+
+/// A value of the text format: as it is when plain (printable ASCII but
+/// space, `"`, `=` and `\\`, or empty), else quoted, with `"` and `\\`
+/// escaped and every character that is not printable ASCII written as an
+/// escape (`\\n`, `\\u{2028}`). A client's path, method or error detail
+/// therefore cannot start a line of its own, or pass for another field.
+fn write_text_value(out: &mut impl std::fmt::Write, value: &str) -> std::fmt::Result {
+    let plain = value
+        .bytes()
+        .all(|byte| byte.is_ascii_graphic() && !matches!(byte, b'"' | b'=' | b'\\'));
+    if plain {
+        return out.write_str(value);
+    }
+    out.write_char('"')?;
+    for c in value.chars() {
+        match c {
+            '"' | '\\' => {
+                out.write_char('\\')?;
+                out.write_char(c)?;
+            }
+            ' ' => out.write_char(' ')?,
+            c if c.is_ascii_graphic() => out.write_char(c)?,
+            c => write!(out, "{}", c.escape_default())?,
+        }
+    }
+    out.write_char('"')
 }
 
 /// The fields of one request line.
@@ -377,7 +453,8 @@ impl RequestLine<'_> {
         });
     }
 
-    /// `tracing_subscriber`'s text format (`fmt()` without colours).
+    /// `tracing_subscriber`'s text format (`fmt()` without colours), each
+    /// string value through [`write_text_value`].
     fn format_text(&self, now: std::time::SystemTime, out: &mut String) {
         write_timestamp(now, out);
         let level = match self.level {
@@ -385,28 +462,35 @@ impl RequestLine<'_> {
             Level::WARN => " WARN",
             _ => " INFO",
         };
-        let _ = writeln!(
+        let _ = write!(out, " {level} {}: request", module_path!());
+        let strings = [
+            ("tier", self.tier),
+            ("request_id", self.request_id),
+            ("method", self.method),
+            ("path", self.path),
+        ];
+        for (name, value) in strings {
+            text_field(out, name, value);
+        }
+        let _ = write!(
             out,
-            " {level} {}: request tier={} request_id={} method={} path={} status={} bytes={} \
-             duration_ms={:?} ending={} fault={} error={} cache={} commit={} format={} \
-             upstream={} attempts={}",
-            module_path!(),
-            self.tier,
-            self.request_id,
-            self.method,
-            self.path,
-            self.status,
-            self.bytes,
-            self.duration_ms,
-            self.ending,
-            self.fault,
-            self.error,
-            self.cache,
-            self.commit,
-            self.format,
-            self.upstream,
-            self.attempts,
+            " status={} bytes={} duration_ms={:?}",
+            self.status, self.bytes, self.duration_ms
         );
+        let strings = [
+            ("ending", self.ending),
+            ("fault", self.fault),
+            ("error", self.error),
+            ("cache", self.cache),
+            ("commit", self.commit),
+            ("format", self.format),
+            ("upstream", self.upstream),
+            ("attempts", self.attempts),
+        ];
+        for (name, value) in strings {
+            text_field(out, name, value);
+        }
+        out.push('\n');
     }
 
     /// `tracing_subscriber`'s JSON format with `flatten_event(true)`.
@@ -452,25 +536,27 @@ impl RequestLine<'_> {
     }
 
     /// The line through `tracing`: when the fast path does not apply.
-    fn emit(&self) {
+    fn emit(&self, format: LogFormat) {
+        let text = matches!(format, LogFormat::Text);
+        let shown = |value| Shown { text, value };
         macro_rules! line {
             ($level:ident) => {
                 tracing::$level!(
-                    tier = %self.tier,
-                    request_id = %self.request_id,
-                    method = %self.method,
-                    path = %self.path,
+                    tier = %shown(self.tier),
+                    request_id = %shown(self.request_id),
+                    method = %shown(self.method),
+                    path = %shown(self.path),
                     status = self.status,
                     bytes = self.bytes,
                     duration_ms = self.duration_ms,
-                    ending = %self.ending,
-                    fault = %self.fault,
-                    error = %self.error,
-                    cache = %self.cache,
-                    commit = %self.commit,
-                    format = %self.format,
-                    upstream = %self.upstream,
-                    attempts = %self.attempts,
+                    ending = %shown(self.ending),
+                    fault = %shown(self.fault),
+                    error = %shown(self.error),
+                    cache = %shown(self.cache),
+                    commit = %shown(self.commit),
+                    format = %shown(self.format),
+                    upstream = %shown(self.upstream),
+                    attempts = %shown(self.attempts),
                     "request"
                 )
             };
@@ -598,10 +684,12 @@ mod tests {
             .with_writer(writer)
             .with_ansi(false);
         match format {
-            LogFormat::Text => tracing::subscriber::with_default(builder.finish(), || line.emit()),
+            LogFormat::Text => {
+                tracing::subscriber::with_default(builder.finish(), || line.emit(format))
+            }
             LogFormat::Json => tracing::subscriber::with_default(
                 builder.json().flatten_event(true).finish(),
-                || line.emit(),
+                || line.emit(format),
             ),
         }
         String::from_utf8(capture.0.lock().unwrap().clone()).unwrap()
@@ -668,6 +756,51 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_client_string_cannot_start_a_text_line_or_pass_for_a_field() {
+        let mut line = RequestLine {
+            level: Level::WARN,
+            tier: "proxy",
+            request_id: "r1",
+            method: "GET",
+            path: "/a/b/archive/v1\u{2028}2026-12-05T00:00:00Z INFO x\nstatus=200 \"q\"\\.tar",
+            status: 400,
+            bytes: 0,
+            duration_ms: 0.5,
+            ending: "complete",
+            fault: "client",
+            error: "token expired",
+            cache: "-",
+            commit: "-",
+            format: "-",
+            upstream: "-",
+            attempts: "0",
+        };
+        let written = direct(&line, LogFormat::Text);
+        assert_eq!(written.lines().count(), 1, "{written}");
+        assert!(
+            written.contains(
+                r#" path="/a/b/archive/v1\u{2028}2026-12-05T00:00:00Z INFO x\nstatus=200 \"q\"\\.tar" status=400 "#
+            ),
+            "{written}"
+        );
+        assert!(written.contains(r#" error="token expired" "#), "{written}");
+        // Plain values stay as they were; an empty one stays empty.
+        line.error = "";
+        line.path = "/a/b/archive/v1.tar";
+        let written = direct(&line, LogFormat::Text);
+        assert!(
+            written.contains(" path=/a/b/archive/v1.tar status=400 "),
+            "{written}"
+        );
+        assert!(written.contains(" error= cache=- "), "{written}");
+        // JSON escapes by its own rules: the value is the string itself.
+        line.path = "/a b";
+        let json: serde_json::Value =
+            serde_json::from_str(&direct(&line, LogFormat::Json)).unwrap();
+        assert_eq!(json["path"], "/a b");
     }
 
     #[test]

@@ -118,22 +118,22 @@ async fn archive(State(state): State<Arc<AppState>>, request: Request) -> Respon
     log.attempts = Some(0);
     if url::is_prewarm_path(request.uri.path()) {
         let response = match crate::prewarm::serve(&state, &request, &request_id, &mut log).await {
-            Ok(response) => {
-                log.status = Some(response.status());
-                response
-            }
+            Ok(response) => response,
             Err(error) => {
                 log.failed(error.status(), error.fault(), error.log_text());
                 error.into_response()
             }
         };
+        log.answered(&response);
         return with_request_id(response, &request_id);
     }
     let response = match handle(&state, &request, &request_id, &mut log).await {
         Ok(answer) => respond(&state, &request, answer, log),
         Err(error) => {
             log.failed(error.status(), error.fault(), error.log_text());
-            error.into_response()
+            let response = error.into_response();
+            log.answered(&response);
+            response
         }
     };
     with_request_id(response, &request_id)
@@ -231,6 +231,9 @@ fn respond(state: &AppState, request: &Parts, answer: Answer, mut log: RequestLo
     if status.is_server_error() {
         // Passed through after every candidate failed.
         log.fault = Some(Fault::Upstream);
+    } else if status.is_client_error() {
+        // The archiver's 4xx (`ref_not_found`, `path_not_found`, …).
+        log.fault = Some(Fault::Client);
     }
     let mut response = Response::new(Body::empty());
     *response.status_mut() = status;
