@@ -410,18 +410,20 @@ pub(crate) fn lookup_within_budget(
 /// as an address is ignored. Requests without a socket (in-process tests)
 /// count as one unspecified client.
 pub(crate) fn client_of(app: &App, request: &Parts) -> IpAddr {
-    client_identity(app.token.is_some(), request)
+    client_identity(app.token.as_ref().map(|_| true), request)
 }
 
-/// [`client_of`], given whether `--token-file` vouched for the peer: it
-/// did for every request with the flag set, as archive URLs need the
-/// token, but not for a prewarm, which the prewarm token admits too.
-pub(crate) fn client_identity(authenticated: bool, request: &Parts) -> IpAddr {
+/// [`client_of`], given `vouched`: `None` without `--token-file` (a
+/// loopback peer is then believed), else whether the request carried that
+/// token. Every archive request with the flag set did (archive URLs need
+/// it); a prewarm need not, as the prewarm token admits it too, and then
+/// nothing vouches for it, from loopback either.
+pub(crate) fn client_identity(vouched: Option<bool>, request: &Parts) -> IpAddr {
     let peer = request
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(peer)| client_key(peer.ip()));
-    let trusted = authenticated || peer.is_none_or(|peer| peer.is_loopback());
+    let trusted = vouched.unwrap_or_else(|| peer.is_none_or(|peer| peer.is_loopback()));
     let claimed = || {
         request
             .headers
@@ -745,27 +747,31 @@ mod tests {
     fn the_client_header_is_believed_from_loopback_or_an_authenticated_peer_only() {
         let ip = |text: &str| text.parse::<IpAddr>().unwrap();
         let loopback = parts("127.0.0.1:5000", Some("198.51.100.7"));
-        assert_eq!(client_identity(false, &loopback), ip("198.51.100.7"));
+        assert_eq!(client_identity(None, &loopback), ip("198.51.100.7"));
         let outside = parts("192.0.2.9:5000", Some("198.51.100.7"));
-        assert_eq!(client_identity(false, &outside), ip("192.0.2.9"));
-        assert_eq!(client_identity(true, &outside), ip("198.51.100.7"));
+        assert_eq!(client_identity(None, &outside), ip("192.0.2.9"));
+        assert_eq!(client_identity(Some(true), &outside), ip("198.51.100.7"));
         // Garbage is ignored; the peer stands.
         let garbage = parts("192.0.2.9:5000", Some("not-an-address"));
-        assert_eq!(client_identity(true, &garbage), ip("192.0.2.9"));
+        assert_eq!(client_identity(Some(true), &garbage), ip("192.0.2.9"));
         // No header: the peer, an IPv6 one by its /64.
         let v6 = parts("[2001:db8:1:2:3:4:5:6]:5000", None);
-        assert_eq!(client_identity(false, &v6), ip("2001:db8:1:2::"));
+        assert_eq!(client_identity(None, &v6), ip("2001:db8:1:2::"));
         let mapped = parts("[::ffff:127.0.0.1]:5000", Some("198.51.100.8"));
-        assert_eq!(client_identity(false, &mapped), ip("198.51.100.8"));
+        assert_eq!(client_identity(None, &mapped), ip("198.51.100.8"));
         // A claimed IPv6 client is its /64 too (review: attack; the queue
         // took each address of one /64 for a client of its own), and a
         // claimed IPv4-mapped one its IPv4 address.
         for claimed in ["2001:db8:1:2::1", "2001:db8:1:2:ffff::8"] {
             let v6 = parts("127.0.0.1:5000", Some(claimed));
-            assert_eq!(client_identity(false, &v6), ip("2001:db8:1:2::"));
+            assert_eq!(client_identity(None, &v6), ip("2001:db8:1:2::"));
         }
         let mapped = parts("127.0.0.1:5000", Some("::ffff:198.51.100.9"));
-        assert_eq!(client_identity(false, &mapped), ip("198.51.100.9"));
+        assert_eq!(client_identity(None, &mapped), ip("198.51.100.9"));
+        // With --token-file, a request without the token is not believed,
+        // from loopback either (a prewarm admitted by the prewarm token).
+        assert_eq!(client_identity(Some(false), &loopback), ip("127.0.0.1"));
+        assert_eq!(client_identity(Some(false), &outside), ip("192.0.2.9"));
     }
 
     #[tokio::test]

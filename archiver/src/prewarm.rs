@@ -69,10 +69,10 @@ pub async fn serve(app: &App, request: &Parts, log: &mut RequestLog) -> Result<R
 
     // The prewarm's generations queue as its sender's (the hook's host):
     // one turn among the clients waiting, not a place before them all. Its
-    // X-Gitball-Client is believed from a proxy (the upstream token) or
-    // loopback only: the prewarm token alone does not let a hook queue its
-    // generations as other clients (review: attack).
-    let client = client_identity(from_a_proxy, request);
+    // X-Gitball-Client is believed from a proxy (the upstream token), or
+    // from loopback without --token-file: the prewarm token alone does not
+    // let a hook queue its generations as other clients (review: attack).
+    let client = client_identity(app.token.as_ref().map(|_| from_a_proxy), request);
     let mut keys = Vec::with_capacity(resolutions.len());
     for (format, resolution) in resolutions {
         // The generation (if this starts one) belongs to the cache; the

@@ -25,9 +25,12 @@
 //!   next waiter that may run one more).
 //! - A generation several clients wait for (one started it, others joined)
 //!   stands in the queue of each ([`Slots::also_for`]) and runs at the
-//!   earliest of their turns; its other places are then removed.
-//! - A waiter that goes away (its queue timeout, shutdown) leaves no place
-//!   behind: [`Queued`]'s drop removes it from every queue, and a permit
+//!   earliest of their turns, counted as the running generation of the
+//!   client whose turn it was; its other places are then removed. A place
+//!   a join made lasts as long as the generation waits, whether or not the
+//!   joining request stays.
+//! - A generation that stops waiting (its queue timeout, shutdown) leaves
+//!   no place behind: [`Queued`]'s drop removes it from every queue, and a permit
 //!   granted to it that it never took is given back.
 //! - Memory is one entry per waiting generation and per client with one.
 
@@ -127,12 +130,25 @@ impl Slots {
 
     /// Puts the waiting generation `id` in `client`'s queue too, if it is
     /// still waiting and not there yet: a client that joins a generation
-    /// waits on its own turn, not on the starter's.
-    pub fn also_for(&self, id: u64, client: IpAddr) {
+    /// waits on its own turn, not on the starter's. With a slot free that
+    /// `client` may take, that turn is now: the generation gets the slot
+    /// at once (it waited only because its starter runs its most).
+    pub fn also_for(self: &Arc<Self>, id: u64, client: IpAddr) {
         let mut state = self.lock();
-        if state.stand_in(id, client) {
-            state.publish();
+        if !state.stand_in(id, client) {
+            return;
         }
+        if state.free > 0 && state.running(client) < state.most {
+            let waiting = state.leave(id).expect("it stands in a queue");
+            state.free -= 1;
+            *state.running.entry(client).or_default() += 1;
+            if let Err(mut permit) = waiting.grant.send(self.permit(client)) {
+                permit.slots = None;
+                state.stop_running(client);
+                state.free += 1;
+            }
+        }
+        state.publish();
     }
 
     /// Clients with a generation waiting.
@@ -444,6 +460,23 @@ mod tests {
         assert_eq!(slots.clients_waiting(), 0);
         drop(permit);
         assert_eq!(slots.lock().free, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_join_takes_a_free_slot_its_starter_may_not() {
+        let slots = Slots::new(2);
+        let mut first = slots.queue(client(1));
+        let running = granted(&mut first).await;
+        // The starter runs its most: its second waits, a slot free.
+        let mut second = slots.queue(client(1));
+        not_granted(&mut second).await;
+        slots.also_for(second.id(), client(2));
+        let joined = granted(&mut second).await;
+        assert_eq!(slots.clients_waiting(), 0);
+        assert_eq!(slots.lock().running.get(&client(2)), Some(&1));
+        drop((running, joined));
+        assert_eq!(slots.lock().free, 2);
+        assert!(slots.lock().running.is_empty());
     }
 
     #[tokio::test(start_paused = true)]

@@ -69,6 +69,9 @@ pub fn init_tracing(format: LogFormat) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+    if installed.is_ok() {
+        let _ = LOG_FORMAT.set(format);
+    }
     if let (Ok(()), Ok(file), false) = (installed, file, ansi) {
         let _ = REQUEST_LINES.set(RequestLines { format, file });
     }
@@ -87,6 +90,11 @@ struct RequestLines {
 }
 
 static REQUEST_LINES: OnceLock<RequestLines> = OnceLock::new();
+
+/// The installed subscriber's format, also when its lines go through
+/// `tracing` (colours at a terminal, no fd to spare): a line emitted
+/// through it escapes its values as that format wants them.
+static LOG_FORMAT: OnceLock<LogFormat> = OnceLock::new();
 
 thread_local! {
     /// The line being written, reused: one allocation per serving thread.
@@ -245,8 +253,6 @@ impl RequestLog {
         self.writes = writes.cloned();
     }
 
-    /// The request failed with `code` (or an internal detail), answered
-    /// with `status`.
     /// A whole answer (built by the tier, not streamed): its status, and
     /// its body's length as the bytes sent (none for `HEAD`).
     pub fn answered(&mut self, response: &axum::response::Response) {
@@ -268,6 +274,8 @@ impl RequestLog {
         }
     }
 
+    /// The request failed with `code` (or an internal detail), answered
+    /// with `status`.
     pub fn failed(&mut self, status: StatusCode, fault: Fault, error: String) {
         self.status = Some(status);
         self.fault = Some(fault);
@@ -345,8 +353,9 @@ impl Drop for RequestLog {
                 }
             }
             Some(lines) => line.emit(lines.format),
-            // No subscriber set up by `init` (tests): its default format.
-            None => line.emit(LogFormat::Text),
+            // No subscriber set up by `init_tracing` (tests): the default
+            // format, text.
+            None => line.emit(LOG_FORMAT.get().copied().unwrap_or(LogFormat::Text)),
         }
     }
 }
