@@ -422,6 +422,21 @@ fn embedded_mode_budgets_each_client() {
     assert!(wait_until(SETTLE, || proxy.scrape().sum(GENERATIONS, &[]) == 2.0));
 }
 
+/// `acme/widget` (see [`widget`]) served by an archiver with `slots`
+/// generation slots, `args` and a git that writes nothing until a line is
+/// written to the fifo returned beside it (see [`Releases`]).
+fn archiver_with_paused_git(
+    sandbox: &Sandbox,
+    slots: &str,
+    args: &[&str],
+) -> (Archiver, std::fs::File) {
+    widget(sandbox);
+    let (git, release) = sandbox.git_that_pauses("git-that-waits", 0);
+    let mut all = vec!["--max-generations", slots, "--git", git.to_str().unwrap()];
+    all.extend_from_slice(args);
+    (Archiver::start(&sandbox.repos(), &all), release)
+}
+
 /// The fifo lines a git stub from `git_that_pauses` waits for, one per
 /// generation: those not given by [`Releases::one`] are written on drop, so
 /// a test that fails while generations wait does not hold its requests
@@ -456,12 +471,7 @@ impl Drop for Releases<'_> {
 #[test]
 fn a_crawlers_queued_burst_does_not_stand_before_other_clients() {
     let sandbox = Sandbox::new();
-    widget(&sandbox);
-    let (git, mut release) = sandbox.git_that_pauses("git-that-waits", 0);
-    let archiver = Archiver::start(
-        &sandbox.repos(),
-        &["--max-generations", "1", "--git", git.to_str().unwrap()],
-    );
+    let (archiver, mut release) = archiver_with_paused_git(&sandbox, "1", &[]);
     let waiting = |generations: f64, clients: f64| {
         let metrics = archiver.metrics();
         metrics.value("gitball_archiver_generations_in_flight", &[]) == 1.0
@@ -541,12 +551,7 @@ fn a_crawlers_queued_burst_does_not_stand_before_other_clients() {
 #[test]
 fn one_client_never_takes_every_generation_slot() {
     let sandbox = Sandbox::new();
-    widget(&sandbox);
-    let (git, mut release) = sandbox.git_that_pauses("git-that-waits", 0);
-    let archiver = Archiver::start(
-        &sandbox.repos(),
-        &["--max-generations", "2", "--git", git.to_str().unwrap()],
-    );
+    let (archiver, mut release) = archiver_with_paused_git(&sandbox, "2", &[]);
     let gauges = || {
         let metrics = archiver.metrics();
         (
@@ -592,19 +597,14 @@ fn one_client_never_takes_every_generation_slot() {
 #[test]
 fn a_prewarm_queues_as_its_sender_whatever_client_it_names() {
     let sandbox = Sandbox::new();
-    widget(&sandbox);
-    let (git, mut release) = sandbox.git_that_pauses("git-that-waits", 0);
     let upstream = sandbox.path("upstream-token");
     std::fs::write(&upstream, "s3cret-upstream\n").unwrap();
     let prewarm = sandbox.path("prewarm-token");
     std::fs::write(&prewarm, "s3cret-prewarm\n").unwrap();
-    let archiver = Archiver::start(
-        &sandbox.repos(),
+    let (archiver, mut release) = archiver_with_paused_git(
+        &sandbox,
+        "1",
         &[
-            "--max-generations",
-            "1",
-            "--git",
-            git.to_str().unwrap(),
             "--token-file",
             upstream.to_str().unwrap(),
             "--prewarm-token-file",
@@ -656,12 +656,7 @@ fn a_prewarm_queues_as_its_sender_whatever_client_it_names() {
 #[test]
 fn a_head_of_a_queued_generation_waits_on_its_own_turn() {
     let sandbox = Sandbox::new();
-    widget(&sandbox);
-    let (git, mut release) = sandbox.git_that_pauses("git-that-waits", 0);
-    let archiver = Archiver::start(
-        &sandbox.repos(),
-        &["--max-generations", "1", "--git", git.to_str().unwrap()],
-    );
+    let (archiver, mut release) = archiver_with_paused_git(&sandbox, "1", &[]);
     let clients_waiting = || {
         archiver
             .metrics()

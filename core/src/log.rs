@@ -413,6 +413,9 @@ fn write_text_value(out: &mut impl std::fmt::Write, value: &str) -> std::fmt::Re
     out.write_char('"')
 }
 
+/// A string field of a request line: its name and value.
+type Field<'a> = (&'static str, &'a str);
+
 /// The fields of one request line.
 #[derive(Debug, Clone)]
 struct RequestLine<'a> {
@@ -462,6 +465,29 @@ impl RequestLine<'_> {
         });
     }
 
+    /// The string fields in line order: those before `status`, `bytes`
+    /// and `duration_ms`, and those after.
+    fn strings(&self) -> ([Field<'_>; 4], [Field<'_>; 8]) {
+        (
+            [
+                ("tier", self.tier),
+                ("request_id", self.request_id),
+                ("method", self.method),
+                ("path", self.path),
+            ],
+            [
+                ("ending", self.ending),
+                ("fault", self.fault),
+                ("error", self.error),
+                ("cache", self.cache),
+                ("commit", self.commit),
+                ("format", self.format),
+                ("upstream", self.upstream),
+                ("attempts", self.attempts),
+            ],
+        )
+    }
+
     /// `tracing_subscriber`'s text format (`fmt()` without colours), each
     /// string value through [`write_text_value`].
     fn format_text(&self, now: std::time::SystemTime, out: &mut String) {
@@ -472,13 +498,8 @@ impl RequestLine<'_> {
             _ => " INFO",
         };
         let _ = write!(out, " {level} {}: request", module_path!());
-        let strings = [
-            ("tier", self.tier),
-            ("request_id", self.request_id),
-            ("method", self.method),
-            ("path", self.path),
-        ];
-        for (name, value) in strings {
+        let (before, after) = self.strings();
+        for (name, value) in before {
             text_field(out, name, value);
         }
         let _ = write!(
@@ -486,17 +507,7 @@ impl RequestLine<'_> {
             " status={} bytes={} duration_ms={:?}",
             self.status, self.bytes, self.duration_ms
         );
-        let strings = [
-            ("ending", self.ending),
-            ("fault", self.fault),
-            ("error", self.error),
-            ("cache", self.cache),
-            ("commit", self.commit),
-            ("format", self.format),
-            ("upstream", self.upstream),
-            ("attempts", self.attempts),
-        ];
-        for (name, value) in strings {
+        for (name, value) in after {
             text_field(out, name, value);
         }
         out.push('\n');
@@ -512,13 +523,8 @@ impl RequestLine<'_> {
             _ => "INFO",
         };
         let _ = write!(out, "\",\"level\":\"{level}\",\"message\":\"request\"");
-        let strings = [
-            ("tier", self.tier),
-            ("request_id", self.request_id),
-            ("method", self.method),
-            ("path", self.path),
-        ];
-        for (name, value) in strings {
+        let (before, after) = self.strings();
+        for (name, value) in before {
             json_field(out, name, value);
         }
         let _ = write!(
@@ -527,20 +533,10 @@ impl RequestLine<'_> {
             self.status, self.bytes
         );
         out.push_str(&serde_json::Value::from(self.duration_ms).to_string());
-        let strings = [
-            ("ending", self.ending),
-            ("fault", self.fault),
-            ("error", self.error),
-            ("cache", self.cache),
-            ("commit", self.commit),
-            ("format", self.format),
-            ("upstream", self.upstream),
-            ("attempts", self.attempts),
-            ("target", module_path!()),
-        ];
-        for (name, value) in strings {
+        for (name, value) in after {
             json_field(out, name, value);
         }
+        json_field(out, "target", module_path!());
         out.push_str("}\n");
     }
 
