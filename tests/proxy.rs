@@ -16,6 +16,7 @@
 //!
 //! Build the binaries first: `cargo build -p gitball-archiver -p gitball-proxy`.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -640,6 +641,76 @@ fn replica_404_falls_back_to_primary() {
     let unknown = fetch(addr, "/acme/nothing/archive/main.tar");
     assert_eq!(unknown.status(), 404);
     assert_eq!(unknown.error_code(), "repo_not_found");
+}
+
+/// `docs/proxy.md#failover`: a `503` with `Retry-After` (here the
+/// replica's `503 busy`, its only generation slot held) moves on to the
+/// next candidate but does not eject the archiver, which is up: its other
+/// clients' requests, hits above all, keep going to it.
+#[test]
+fn a_busy_archiver_is_failed_over_but_not_ejected() {
+    let sandbox = Sandbox::new();
+    let commits = small_repository(&sandbox.repo("acme", "widget"));
+    let (git, mut release) = sandbox.git_that_pauses("git-that-waits", 0);
+    let busy = Archiver::start(
+        &sandbox.repos(),
+        &[
+            "--max-generations",
+            "1",
+            "--queue-timeout",
+            "0.001",
+            "--git",
+            git.to_str().unwrap(),
+        ],
+    );
+    let primary = Archiver::start(&sandbox.repos(), &[]);
+    let cluster = Cluster::around(primary, vec![busy], &[]);
+    let busy = &cluster.replicas[0];
+    std::thread::scope(|scope| {
+        // The replica's one slot: a generation its git holds.
+        let holder = scope.spawn(|| fetch(busy.addr, "/acme/widget/archive/main.tar"));
+        let held = wait_until(SETTLE, || {
+            busy.metrics()
+                .value("gitball_archiver_generations_in_flight", &[])
+                == 1.0
+        });
+        let through = (held).then(|| {
+            fetch(
+                cluster.proxy.addr,
+                &format!("/acme/widget/archive/{}.tar", commits.first),
+            )
+        });
+        release.write_all(b"go\n").expect("release the generation");
+        assert_eq!(holder.join().expect("answered").status(), 200);
+        assert!(held, "the replica's slot was not taken");
+        assert_eq!(through.expect("asked").status(), 200);
+    });
+    let metrics = cluster.proxy.scrape();
+    let replica = &[("upstream", busy.base_url.as_str()), ("outcome", "busy")];
+    assert_eq!(
+        metrics.value(ATTEMPTS, replica),
+        1.0,
+        "the replica said busy"
+    );
+    assert_eq!(
+        metrics.value(
+            ATTEMPTS,
+            &[
+                ("upstream", cluster.primary.base_url.as_str()),
+                ("outcome", "ok")
+            ]
+        ),
+        1.0,
+        "the primary answered"
+    );
+    assert_eq!(
+        metrics.value(
+            "gitball_proxy_upstream_ejected",
+            &[("upstream", &busy.base_url)]
+        ),
+        0.0,
+        "a busy archiver is not ejected"
+    );
 }
 
 // ---------------------------------------------------------------------------

@@ -9,7 +9,12 @@
 //!   (`connect_timeout`);
 //! - gets no response headers within `--header-timeout` (`header_timeout`);
 //! - gets a `5xx` (`server_error`): nothing has been sent to the client
-//!   yet, so another archiver can still give the whole answer;
+//!   yet, so another archiver can still give the whole answer; a `503`
+//!   with `Retry-After` (`busy`: the archiver is up, but this request met
+//!   its full queue, its connection cap or refs that kept changing) moves on
+//!   the same way but does not eject it: a crawler whose own generations
+//!   time out in the archiver's queue would otherwise move everyone's
+//!   traffic, hits included, to archivers that must generate them anew;
 //! - gets a `404` from a replica (`replica_not_found`): the ref may simply
 //!   not have been replicated yet, so the primary is asked;
 //! - gets a `401` or `403` (`unauthorized`): the archiver refused the
@@ -183,6 +188,8 @@ pub enum Outcome {
     ConnectTimeout,
     HeaderTimeout,
     ServerError,
+    /// A `503` with `Retry-After`: up, but over capacity for this request.
+    Busy,
     ReplicaNotFound,
     Unauthorized,
     /// The proxy itself had no fd (or buffer) left to connect.
@@ -200,6 +207,7 @@ impl Outcome {
             Outcome::ConnectTimeout => "connect_timeout",
             Outcome::HeaderTimeout => "header_timeout",
             Outcome::ServerError => "server_error",
+            Outcome::Busy => "busy",
             Outcome::ReplicaNotFound => "replica_not_found",
             Outcome::Unauthorized => "unauthorized",
             Outcome::Overloaded => "overloaded",
@@ -211,14 +219,18 @@ impl Outcome {
     pub fn is_failure(self) -> bool {
         !matches!(
             self,
-            Outcome::Ok | Outcome::ReplicaNotFound | Outcome::Overloaded
+            Outcome::Ok | Outcome::Busy | Outcome::ReplicaNotFound | Outcome::Overloaded
         )
     }
 }
 
-/// Decides what a response's status means for failover.
-pub fn classify(status: StatusCode, role: Role) -> Outcome {
-    if status.is_server_error() {
+/// Decides what a response's status (and, for a `503`, its `Retry-After`)
+/// means for failover.
+pub fn classify(status: StatusCode, headers: &HeaderMap, role: Role) -> Outcome {
+    if status == StatusCode::SERVICE_UNAVAILABLE && headers.contains_key(http::header::RETRY_AFTER)
+    {
+        Outcome::Busy
+    } else if status.is_server_error() {
         Outcome::ServerError
     } else if status == StatusCode::NOT_FOUND && role == Role::Replica {
         Outcome::ReplicaNotFound
@@ -376,9 +388,10 @@ impl Forwarder {
                     attempts,
                 });
             }
-            if slow_but_sane {
+            if slow_but_sane || outcome == Outcome::Busy {
                 // Neither a failure nor a sign of health: an ejected
-                // archiver that never answers stays ejected.
+                // archiver that never answers, or answers only that it is
+                // busy, stays ejected.
             } else if outcome.is_failure() {
                 self.health.failed(&candidate.upstream);
             } else {
@@ -392,7 +405,7 @@ impl Forwarder {
                         attempts,
                     });
                 }
-                (Outcome::ServerError, Some(response)) => {
+                (Outcome::ServerError | Outcome::Busy, Some(response)) => {
                     tracing::debug!(
                         upstream = %candidate.upstream,
                         status = response.status().as_u16(),
@@ -477,17 +490,19 @@ impl Forwarder {
                 tracing::debug!(upstream = %candidate.upstream, %error, "upstream request failed");
                 (outcome, None)
             }
-            Ok(Ok(response)) => match classify(response.status(), candidate.role) {
-                Outcome::Ok if !framed(&response, request) => {
-                    tracing::warn!(
-                        upstream = %candidate.upstream,
-                        status = response.status().as_u16(),
-                        "upstream body without a length or chunked framing; its end could not be told from a cut"
-                    );
-                    (Outcome::Error, None)
+            Ok(Ok(response)) => {
+                match classify(response.status(), response.headers(), candidate.role) {
+                    Outcome::Ok if !framed(&response, request) => {
+                        tracing::warn!(
+                            upstream = %candidate.upstream,
+                            status = response.status().as_u16(),
+                            "upstream body without a length or chunked framing; its end could not be told from a cut"
+                        );
+                        (Outcome::Error, None)
+                    }
+                    outcome => (outcome, Some(response)),
                 }
-                outcome => (outcome, Some(response)),
-            },
+            }
         }
     }
 }
@@ -739,30 +754,48 @@ mod tests {
 
     #[test]
     fn replica_404_fails_over_but_primary_404_is_final() {
+        let none = HeaderMap::new();
         assert_eq!(
-            classify(StatusCode::NOT_FOUND, Role::Replica),
+            classify(StatusCode::NOT_FOUND, &none, Role::Replica),
             Outcome::ReplicaNotFound
         );
-        assert_eq!(classify(StatusCode::NOT_FOUND, Role::Primary), Outcome::Ok);
+        assert_eq!(
+            classify(StatusCode::NOT_FOUND, &none, Role::Primary),
+            Outcome::Ok
+        );
         assert!(!Outcome::ReplicaNotFound.is_failure());
     }
 
     #[test]
     fn server_errors_fail_over_and_client_errors_do_not() {
+        let none = HeaderMap::new();
         for status in [500, 502, 503, 504] {
             let status = StatusCode::from_u16(status).unwrap();
-            assert_eq!(classify(status, Role::Primary), Outcome::ServerError);
-            assert_eq!(classify(status, Role::Replica), Outcome::ServerError);
+            assert_eq!(classify(status, &none, Role::Primary), Outcome::ServerError);
+            assert_eq!(classify(status, &none, Role::Replica), Outcome::ServerError);
         }
         for status in [401, 403] {
             let status = StatusCode::from_u16(status).unwrap();
-            assert_eq!(classify(status, Role::Primary), Outcome::Unauthorized);
+            assert_eq!(
+                classify(status, &none, Role::Primary),
+                Outcome::Unauthorized
+            );
             assert!(Outcome::Unauthorized.is_failure());
         }
         for status in [200, 206, 304, 400, 416] {
             let status = StatusCode::from_u16(status).unwrap();
-            assert_eq!(classify(status, Role::Replica), Outcome::Ok);
+            assert_eq!(classify(status, &none, Role::Replica), Outcome::Ok);
         }
         assert!(Outcome::ServerError.is_failure());
+        // A 503 with Retry-After: busy, failed over but not ejected.
+        let mut retry = HeaderMap::new();
+        retry.insert(http::header::RETRY_AFTER, HeaderValue::from_static("5"));
+        let busy = classify(StatusCode::SERVICE_UNAVAILABLE, &retry, Role::Primary);
+        assert_eq!(busy, Outcome::Busy);
+        assert!(!busy.is_failure());
+        assert_eq!(
+            classify(StatusCode::INTERNAL_SERVER_ERROR, &retry, Role::Primary),
+            Outcome::ServerError
+        );
     }
 }
