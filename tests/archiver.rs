@@ -603,6 +603,12 @@ fn head_on_a_cold_archive_answers_without_generating() {
     assert_eq!(head.status().as_u16(), 200);
     assert_eq!(header(&head, "x-gitball-cache"), "miss");
     assert_strong_etag(header(&head, "etag"), &w.c1);
+    // No length, as GET's (review: attack; it said Content-Length: 0).
+    assert!(
+        head.headers().get("content-length").is_none(),
+        "{:?}",
+        head.headers()
+    );
     assert_eq!(generations(&archiver), 0.0, "HEAD started a generation");
 }
 
@@ -619,12 +625,36 @@ fn etag_match_answers_304_before_generating() {
         .unwrap();
     assert_eq!(not_modified.status().as_u16(), 304);
     assert_eq!(header(&not_modified, "etag"), etag);
+    // A 304's Content-Length must be the 200's (RFC 9110, 8.6): none here,
+    // to a GET as to a HEAD (review: attack; a HEAD's said 0).
+    for request in [
+        archiver.client().get(archiver.url(TAG_GZ)),
+        archiver.client().head(archiver.url(TAG_GZ)),
+    ] {
+        let answer = request.header("If-None-Match", &etag).send().unwrap();
+        assert_eq!(answer.status().as_u16(), 304);
+        assert!(
+            answer.headers().get("content-length").is_none(),
+            "{:?}",
+            answer.headers()
+        );
+    }
     assert!(not_modified.bytes().unwrap().is_empty());
     assert_eq!(
         generations(&archiver),
         0.0,
         "HEAD or a 304 started a generation"
     );
+    // A checksum has no validators: the archive's do not make it a 304
+    // (review: attack; it was one, with the archive's file name).
+    let checksum = archiver
+        .client()
+        .get(archiver.url(&format!("{TAG_GZ}.sha256")))
+        .header("If-None-Match", "*")
+        .send()
+        .unwrap();
+    assert_eq!(checksum.status().as_u16(), 200);
+    assert!(checksum.text().unwrap().ends_with(".tar.gz\n"));
 }
 
 #[test]

@@ -643,6 +643,32 @@ fn replica_404_falls_back_to_primary() {
     assert_eq!(unknown.error_code(), "repo_not_found");
 }
 
+/// `docs/http.md#head`: a `HEAD` has the headers a `GET` would get, through
+/// the proxy too: no length for an archive not yet complete, and a `304`
+/// has none (RFC 9110, 8.6; review: attack, both said `Content-Length: 0`).
+#[test]
+fn a_head_or_304_without_a_length_gets_none_through_the_proxy() {
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    let proxy = Proxy::embedded(&sandbox.repos(), &sandbox.path("cache"), &[]);
+    let target = "/acme/widget/archive/v1.2.3.tar.gz";
+    let cold = fetch_with(proxy.addr, "HEAD", target, &[]);
+    assert_eq!(cold.status(), 200);
+    assert_eq!(cold.head.header("x-gitball-cache"), Some("miss"));
+    assert_eq!(cold.head.header("content-length"), None, "{:?}", cold.head);
+    let etag = cold.head.header("etag").expect("an ETag").to_owned();
+    for method in ["GET", "HEAD"] {
+        let not_modified = fetch_with(proxy.addr, method, target, &[("If-None-Match", &etag)]);
+        assert_eq!(not_modified.status(), 304, "{method}");
+        assert_eq!(
+            not_modified.head.header("content-length"),
+            None,
+            "{method}: {:?}",
+            not_modified.head
+        );
+    }
+}
+
 /// `docs/proxy.md#failover`: a `503` with `Retry-After` (here the
 /// replica's `503 busy`, its only generation slot held) moves on to the
 /// next candidate but does not eject the archiver, which is up: its other

@@ -82,8 +82,10 @@ pub fn requested_range(
     let Some(range) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
         return Ok(None);
     };
-    if let Some(if_range) = headers.get(header::IF_RANGE).and_then(|v| v.to_str().ok())
-        && if_range.trim() != etag
+    // Compared as bytes: a value that is not visible ASCII is no match (as
+    // text it was no header at all, and the range was honoured).
+    if let Some(if_range) = headers.get(header::IF_RANGE)
+        && if_range.as_bytes().trim_ascii() != etag.as_bytes()
     {
         return Ok(None);
     }
@@ -191,6 +193,12 @@ mod tests {
         headers.insert(header::IF_RANGE, HeaderValue::from_static("\"e\""));
         assert_eq!(requested_range(&headers, "\"e\"", 100), range(0, 9));
         headers.insert(header::IF_RANGE, HeaderValue::from_static("\"old\""));
+        assert_eq!(requested_range(&headers, "\"e\"", 100), Ok(None));
+        // Not text: no match, not no header (review: attack).
+        headers.insert(
+            header::IF_RANGE,
+            HeaderValue::from_bytes(b"\"\xff\"").unwrap(),
+        );
         assert_eq!(requested_range(&headers, "\"e\"", 100), Ok(None));
         assert_eq!(requested_range(&HeaderMap::new(), "\"e\"", 100), Ok(None));
     }

@@ -223,20 +223,23 @@ async fn serve_archive(
     check_reachable(&resolution).await?;
     let headers = &request.headers;
 
+    // A checksum has no validators of its own: the archive's would answer
+    // a 304 carrying the archive's headers (review: attack).
+    if resolution.request.checksum {
+        return checksum(app, &resolution, method, client_of(app, request), log)
+            .await
+            .map(Answer::Whole);
+    }
     let validators = Validators {
         etag: &resolution.etag,
         last_modified: resolution.last_modified(),
         immutable_url: resolution.immutable_url(),
     };
     if conditional::not_modified(headers, &validators) {
-        let mut response = StatusCode::NOT_MODIFIED.into_response();
+        let mut response = Response::new(response::no_length());
+        *response.status_mut() = StatusCode::NOT_MODIFIED;
         common_headers(response.headers_mut(), &resolution);
         return Ok(Answer::Whole(response));
-    }
-    if resolution.request.checksum {
-        return checksum(app, &resolution, method, client_of(app, request), log)
-            .await
-            .map(Answer::Whole);
     }
 
     let lookup = if method == Method::HEAD {
@@ -537,7 +540,9 @@ fn archive_response(
     range: Option<ByteRange>,
     cache: &'static str,
 ) -> Response {
-    let mut response = Response::new(Body::empty());
+    // A GET replaces the body; a HEAD keeps it: a length only with a
+    // complete file's headers, as GET's.
+    let mut response = Response::new(response::no_length());
     if range.is_some() {
         *response.status_mut() = StatusCode::PARTIAL_CONTENT;
     }

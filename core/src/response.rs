@@ -39,6 +39,17 @@ pub fn json_accepted(body: &serde_json::Value) -> Response {
         .into_response()
 }
 
+/// A body with nothing in it and no length said, for a `HEAD` or a `304`
+/// whose `GET` would have no length either (an archive being generated):
+/// for `Body::empty()` hyper writes `Content-Length: 0`, which on a `HEAD`
+/// says the archive is empty and on a `304` contradicts the `200` (RFC
+/// 9110, 8.6).
+pub fn no_length() -> axum::body::Body {
+    axum::body::Body::from_stream(futures_util::stream::empty::<
+        Result<bytes::Bytes, std::convert::Infallible>,
+    >())
+}
+
 /// Only `GET` and `HEAD` exist on either tier.
 pub fn is_allowed(method: &Method) -> bool {
     method == Method::GET || method == Method::HEAD

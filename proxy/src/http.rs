@@ -235,7 +235,9 @@ fn respond(state: &AppState, request: &Parts, answer: Answer, mut log: RequestLo
         // The archiver's 4xx (`ref_not_found`, `path_not_found`, …).
         log.fault = Some(Fault::Client);
     }
-    let mut response = Response::new(Body::empty());
+    // Replaced when there is a body; kept, with no length of its own, for
+    // a HEAD, a 304 or a 204, whose length is the archiver's or none.
+    let mut response = Response::new(gitball_core::response::no_length());
     *response.status_mut() = status;
     let headers = response.headers_mut();
     // Sized once: appending the archiver's dozen headers to an empty map
