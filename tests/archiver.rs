@@ -1893,28 +1893,57 @@ fn a_restart_deletes_cached_files_whose_bytes_were_damaged() {
 /// no longer counted.
 #[test]
 fn a_cached_file_deleted_behind_the_archivers_back_is_generated_anew() {
-    let sandbox = Sandbox::new();
-    widget(&sandbox);
-    let archiver = Archiver::start(&sandbox.repos(), &[]);
-    let path = "/acme/widget/archive/v1.2.3.tar";
-    let body = archiver.get(path).bytes().unwrap().to_vec();
-    let files = archiver.cache_files();
-    assert_eq!(files.len(), 1, "{files:?}");
-    std::fs::remove_file(archiver.cache_dir.join(&files[0])).unwrap();
+    // Deleted, cut short (review: attack; every hit was then aborted until a
+    // restart), or replaced by other bytes of the same length (served
+    // cleanly as the indexed archive).
+    type Damage = (&'static str, fn(&Path));
+    let damages: [Damage; 3] = [
+        ("deleted", |file| std::fs::remove_file(file).unwrap()),
+        ("cut short", |file| {
+            let len = std::fs::metadata(file).unwrap().len();
+            std::fs::File::options()
+                .write(true)
+                .open(file)
+                .unwrap()
+                .set_len(len / 2)
+                .unwrap();
+        }),
+        ("replaced", |file| {
+            let len = std::fs::metadata(file).unwrap().len() as usize;
+            let other = file.with_extension("other");
+            std::fs::write(&other, pseudo_random_bytes(7, len)).unwrap();
+            std::fs::rename(&other, file).unwrap();
+        }),
+    ];
+    for (damage, apply) in damages {
+        let sandbox = Sandbox::new();
+        widget(&sandbox);
+        let archiver = Archiver::start(&sandbox.repos(), &[]);
+        let path = "/acme/widget/archive/v1.2.3.tar";
+        let body = archiver.get(path).bytes().unwrap().to_vec();
+        let files = archiver.cache_files();
+        assert_eq!(files.len(), 1, "{files:?}");
+        apply(&archiver.cache_dir.join(&files[0]));
 
-    for expected_cache in ["miss", "hit"] {
-        let response = archiver.get(path);
-        assert_eq!(response.status(), 200, "after the file was deleted");
-        assert_eq!(header(&response, "x-gitball-cache"), expected_cache);
-        assert_bytes_eq(&response.bytes().unwrap(), &body, path);
+        for expected_cache in ["miss", "hit"] {
+            let response = archiver.get(path);
+            assert_eq!(response.status(), 200, "after the file was {damage}");
+            assert_eq!(
+                header(&response, "x-gitball-cache"),
+                expected_cache,
+                "{damage}"
+            );
+            assert_bytes_eq(&response.bytes().unwrap(), &body, damage);
+        }
+        let metrics = archiver.metrics();
+        assert_eq!(metrics.value("gitball_archiver_cache_entries", &[]), 1.0);
+        assert_eq!(
+            metrics.value("gitball_archiver_cache_bytes", &[]),
+            body.len() as f64,
+            "{damage}"
+        );
+        assert_eq!(archiver.cache_files(), files, "{damage}");
     }
-    let metrics = archiver.metrics();
-    assert_eq!(metrics.value("gitball_archiver_cache_entries", &[]), 1.0);
-    assert_eq!(
-        metrics.value("gitball_archiver_cache_bytes", &[]),
-        body.len() as f64
-    );
-    assert_eq!(archiver.cache_files(), files);
 }
 
 /// One archiver per cache dir: a second one given the same dir refuses to

@@ -34,7 +34,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::IpAddr;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -64,6 +64,10 @@ pub struct CacheFile {
     pub path: PathBuf,
     pub len: u64,
     pub sha256: [u8; 32],
+    /// The file's inode when it was indexed (0: not known): a file found
+    /// with another inode or length was replaced or cut behind the
+    /// archiver's back, and is not served as this one.
+    pub inode: u64,
     evicted: AtomicBool,
     held_bytes: Arc<AtomicU64>,
 }
@@ -296,6 +300,7 @@ impl Cache {
                 key,
                 sha256,
                 len: metadata.len(),
+                inode: metadata.ino(),
                 path: entry.path(),
             });
         }
@@ -314,6 +319,7 @@ impl Cache {
             key,
             sha256,
             len,
+            inode,
             path,
             ..
         } in found
@@ -323,6 +329,7 @@ impl Cache {
                 path,
                 len,
                 sha256,
+                inode,
                 evicted: AtomicBool::new(false),
                 held_bytes: held_bytes.clone(),
             };
@@ -575,10 +582,12 @@ impl Cache {
             return;
         }
         counter!(m::GENERATIONS_TOTAL, "format" => format, "outcome" => "ok").increment(1);
+        let inode = std::fs::metadata(&path).map_or(0, |metadata| metadata.ino());
         let file = Arc::new(CacheFile {
             path,
             len: finished.len,
             sha256: finished.sha256,
+            inode,
             evicted: AtomicBool::new(false),
             held_bytes: self.held_bytes.clone(),
         });
@@ -837,6 +846,7 @@ struct Restored {
     key: String,
     sha256: [u8; 32],
     len: u64,
+    inode: u64,
     path: PathBuf,
 }
 
@@ -1005,6 +1015,7 @@ impl CacheFile {
             path,
             len,
             sha256,
+            inode: 0,
             evicted: AtomicBool::new(false),
             held_bytes: Arc::new(AtomicU64::new(0)),
         })

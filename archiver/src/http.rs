@@ -309,10 +309,17 @@ async fn serve_archive(
         return Ok(Answer::Whole(response));
     }
     // A complete file is opened by its path: one evicted since the lookup,
-    // or deleted behind the archiver's back, is not there.
+    // or deleted behind the archiver's back, is not there; one cut or
+    // replaced behind its back is not the file indexed (another length or
+    // inode). Either is forgotten, and the request resolved again.
     let reader = match (tail::Reader::open(source, range), complete) {
         (Ok(reader), _) => reader,
-        (Err(error), Some(file)) if error.kind() == std::io::ErrorKind::NotFound => {
+        (Err(error), Some(file))
+            if matches!(
+                error.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidData
+            ) =>
+        {
             app.cache.forget(&file);
             return Err(Error::FileGone);
         }

@@ -33,7 +33,7 @@
 
 use std::future::Future;
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
@@ -323,7 +323,19 @@ impl Reader {
                     .flatten();
                 let file = match preloaded {
                     Some(_) => None,
-                    None => Some(Arc::new(std::fs::File::open(&complete.path)?)),
+                    None => {
+                        let file = std::fs::File::open(&complete.path)?;
+                        let found = file.metadata()?;
+                        if found.len() != complete.len
+                            || (complete.inode != 0 && found.ino() != complete.inode)
+                        {
+                            return Err(io::Error::new(
+                                io::ErrorKind::InvalidData,
+                                "the cached archive's file was cut or replaced",
+                            ));
+                        }
+                        Some(Arc::new(file))
+                    }
                 };
                 (file, complete.path.clone(), None, Some(complete.len))
             }
