@@ -1585,8 +1585,10 @@ fn assert_generation_discarded(
     count: f64,
 ) {
     let labels = [("format", format), ("outcome", outcome)];
+    // Bounded, not tight: on 2 cores shared with the rest of the suite, a
+    // generation that must first write 32 MiB of tar.gz took over 10 s once.
     assert!(
-        metric_after(archiver, Duration::from_secs(10), |m| {
+        metric_after(archiver, Duration::from_secs(60), |m| {
             m.value("gitball_archiver_generations_total", &labels) == count
         }),
         "generations_total{{{format},{outcome}}} != {count}: {:?}",
