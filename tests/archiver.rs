@@ -1948,6 +1948,20 @@ fn a_cached_file_deleted_behind_the_archivers_back_is_generated_anew() {
     }
 }
 
+/// `docs/archiver.md#held-bytes`: a cache dir on a filesystem smaller than
+/// `--cache-max-bytes` is said at start (generations would fail with ENOSPC
+/// while the cache evicts nothing: review, attack); one that fits is not.
+#[test]
+fn a_cache_filesystem_smaller_than_the_bound_is_warned_of_at_start() {
+    let sandbox = Sandbox::new();
+    widget(&sandbox);
+    const WARNING: &str = "the cache directory's filesystem is smaller than --cache-max-bytes";
+    let too_large = Archiver::start(&sandbox.repos(), &["--cache-max-bytes", "1048576TiB"]);
+    assert!(too_large.log().contains(WARNING), "{}", too_large.log());
+    let fits = Archiver::start(&sandbox.repos(), &["--cache-max-bytes", "1MiB"]);
+    assert!(!fits.log().contains(WARNING), "{}", fits.log());
+}
+
 /// One archiver per cache dir: a second one given the same dir refuses to
 /// start (it would delete the first one's partials and evict its files
 /// from under it), and the first one serves on.

@@ -374,6 +374,7 @@ impl Cache {
             dir = %cache.settings.dir.display(),
             "cache opened"
         );
+        warn_if_the_filesystem_is_smaller(&cache.settings);
         Ok(Arc::new(cache))
     }
 
@@ -823,6 +824,28 @@ impl Cache {
 /// delete, so it is refused. Then locked (`flock` on the directory), so
 /// that a second archiver given the same directory refuses to start rather
 /// than delete the first one's partials and evict its files from under it.
+/// The bound is the cache's, not the filesystem's: on a filesystem smaller
+/// than `--cache-max-bytes` generations fail with ENOSPC (aborting their
+/// downloads) while the cache, under its bound, evicts nothing. Said once,
+/// at start (review: attack).
+fn warn_if_the_filesystem_is_smaller(settings: &Settings) {
+    let Ok(filesystem) = nix::sys::statvfs::statvfs(&settings.dir) else {
+        return;
+    };
+    let size = filesystem
+        .blocks()
+        .saturating_mul(filesystem.fragment_size());
+    if size < settings.max_bytes {
+        tracing::warn!(
+            filesystem_bytes = size,
+            cache_max_bytes = settings.max_bytes,
+            dir = %settings.dir.display(),
+            "the cache directory's filesystem is smaller than --cache-max-bytes: \
+             generations will fail with ENOSPC before the cache evicts; size it above the bound"
+        );
+    }
+}
+
 fn own_dir(dir: &Path) -> io::Result<nix::fcntl::Flock<std::fs::File>> {
     std::fs::DirBuilder::new()
         .recursive(true)
