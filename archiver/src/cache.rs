@@ -735,19 +735,16 @@ impl Cache {
             };
             index.bytes -= file.len;
             match std::fs::remove_file(&file.path) {
-                // Counted as held until the last holder drops it (maybe
-                // now).
-                Ok(()) => file.evicted.store(true, Ordering::Release),
-                Err(error) if error.kind() == io::ErrorKind::NotFound => {
-                    file.evicted.store(true, Ordering::Release);
-                }
                 // Still on disk: held for good (until a restart), never
                 // invisible (review: attack; its bytes left every gauge).
-                Err(error) => tracing::error!(
+                Err(error) if error.kind() != io::ErrorKind::NotFound => tracing::error!(
                     %error,
                     path = %file.path.display(),
                     "cannot remove an evicted archive; its bytes stay counted as held"
                 ),
+                // Counted as held until the last holder drops it (maybe
+                // now).
+                _ => file.evicted.store(true, Ordering::Release),
             }
             let held = self.held_bytes.fetch_add(file.len, Ordering::AcqRel) + file.len;
             gauge!(m::CACHE_HELD_BYTES).set(held as f64);

@@ -108,8 +108,8 @@ impl Slots {
         state.next_id += 1;
         if state.free > 0 && state.running(client) < state.most {
             state.free -= 1;
-            *state.running.entry(client).or_default() += 1;
-            let _ = grant.send(self.permit(client));
+            // Its receiver is right here: the send cannot fail.
+            self.grant(&mut state, grant, client);
         } else {
             state.waiting.insert(
                 id,
@@ -141,10 +141,7 @@ impl Slots {
         if state.free > 0 && state.running(client) < state.most {
             let waiting = state.leave(id).expect("it stands in a queue");
             state.free -= 1;
-            *state.running.entry(client).or_default() += 1;
-            if let Err(mut permit) = waiting.grant.send(self.permit(client)) {
-                permit.slots = None;
-                state.stop_running(client);
+            if !self.grant(&mut state, waiting.grant, client) {
                 state.free += 1;
             }
         }
@@ -157,10 +154,28 @@ impl Slots {
         self.lock().turns.len()
     }
 
-    fn permit(self: &Arc<Self>, client: IpAddr) -> Permit {
-        Permit {
+    /// Sends a slot to `grant`, counted as `client`'s running generation;
+    /// whether it was taken. A receiver gone takes nothing: the permit is
+    /// not given back through its drop (that would release under this
+    /// lock), and the caller keeps the slot.
+    fn grant(
+        self: &Arc<Self>,
+        state: &mut State,
+        grant: oneshot::Sender<Permit>,
+        client: IpAddr,
+    ) -> bool {
+        *state.running.entry(client).or_default() += 1;
+        let permit = Permit {
             slots: Some(self.clone()),
             client,
+        };
+        match grant.send(permit) {
+            Ok(()) => true,
+            Err(mut permit) => {
+                permit.slots = None;
+                state.stop_running(client);
+                false
+            }
         }
     }
 
@@ -188,19 +203,11 @@ impl Slots {
             let Some(waiting) = state.leave(id) else {
                 continue;
             };
-            *state.running.entry(client).or_default() += 1;
-            match waiting.grant.send(self.permit(client)) {
-                Ok(()) => {
-                    state.stop_running(finished);
-                    state.publish();
-                    return;
-                }
-                // Its receiver is gone: not given back through drop (that
-                // would release under this lock); the next waiter gets it.
-                Err(mut permit) => {
-                    permit.slots = None;
-                    state.stop_running(client);
-                }
+            // A receiver gone: the next waiter gets the slot.
+            if self.grant(&mut state, waiting.grant, client) {
+                state.stop_running(finished);
+                state.publish();
+                return;
             }
         }
     }

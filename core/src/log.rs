@@ -73,27 +73,28 @@ pub fn init_tracing(format: LogFormat) {
         let _ = LOG_FORMAT.set(format);
     }
     if let (Ok(()), Ok(file), false) = (installed, file, ansi) {
-        let _ = REQUEST_LINES.set(RequestLines { format, file });
+        let _ = REQUEST_LINES.set(RequestLines { file });
     }
 }
 
 /// Where request lines go without `tracing`'s formatting: the subscriber's
-/// own file and format. `tracing_subscriber`'s formatting of the request
+/// own file (in its format, [`LOG_FORMAT`]). `tracing_subscriber`'s formatting of the request
 /// line's fifteen fields (a visitor and a `fmt::Write` call per field, a
 /// timestamp through its own calendar code) took 10–12 % of the archiver's
 /// CPU on a small cache hit; [`RequestLine`] writes the same bytes directly.
 /// Set by [`init_tracing`] unless the output is a terminal (colours are left
 /// to `tracing_subscriber`).
 struct RequestLines {
-    format: LogFormat,
     file: Arc<std::fs::File>,
 }
 
 static REQUEST_LINES: OnceLock<RequestLines> = OnceLock::new();
 
-/// The installed subscriber's format, also when its lines go through
-/// `tracing` (colours at a terminal, no fd to spare): a line emitted
-/// through it escapes its values as that format wants them.
+/// The installed subscriber's format, for lines written directly and for
+/// those that go through `tracing` (colours at a terminal, no fd to spare,
+/// inside a span): a line emitted through it escapes its values as that
+/// format wants them. Unset (tests without `init_tracing`): text, the
+/// subscriber's default.
 static LOG_FORMAT: OnceLock<LogFormat> = OnceLock::new();
 
 thread_local! {
@@ -344,18 +345,16 @@ impl Drop for RequestLog {
             upstream: self.upstream.as_deref().unwrap_or("-"),
             attempts: &attempts,
         };
+        let format = LOG_FORMAT.get().copied().unwrap_or(LogFormat::Text);
         match REQUEST_LINES.get() {
             // Inside a span `tracing_subscriber` would add the span's
             // context: leave such a line to it.
             Some(lines) if tracing::Span::current().is_none() => {
                 if line.enabled() {
-                    line.write(lines);
+                    line.write(lines, format);
                 }
             }
-            Some(lines) => line.emit(lines.format),
-            // No subscriber set up by `init_tracing` (tests): the default
-            // format, text.
-            None => line.emit(LOG_FORMAT.get().copied().unwrap_or(LogFormat::Text)),
+            _ => line.emit(format),
         }
     }
 }
@@ -449,11 +448,11 @@ impl RequestLine<'_> {
     }
 
     /// Writes the line as the subscriber would, in one `write(2)`.
-    fn write(&self, lines: &RequestLines) {
+    fn write(&self, lines: &RequestLines, format: LogFormat) {
         let now = std::time::SystemTime::now();
         LINE_BUFFER.with_borrow_mut(|buffer| {
             buffer.clear();
-            match lines.format {
+            match format {
                 LogFormat::Text => self.format_text(now, buffer),
                 LogFormat::Json => self.format_json(now, buffer),
             }
