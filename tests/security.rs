@@ -433,6 +433,55 @@ fn objects_linked_outside_after_the_open_are_not_served() {
     assert_eq!(status(&fresh, "/acme/widget/archive/main.tar"), 404);
 }
 
+/// A loose ref that is a symlink is not read through: whatever it leads to
+/// (a file naming one of the repository's commits, a file that is no ref,
+/// nothing), the answer is the same `404`, so it tells nothing about files
+/// outside `--repos`. Before, they were a `200`, a `500` and a `404`.
+#[test]
+fn a_symlinked_loose_ref_tells_nothing_of_what_it_leads_to() {
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    let git_dir = sandbox.repos().join("acme/widget/.git");
+    let commit = std::fs::read_to_string(git_dir.join("refs/heads/main")).unwrap();
+    let outside = sandbox.path("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("names-a-commit"), &commit).unwrap();
+    std::fs::write(outside.join("passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    for (name, target) in [
+        ("commit", "names-a-commit"),
+        ("passwd", "passwd"),
+        ("missing", "missing"),
+    ] {
+        std::os::unix::fs::symlink(outside.join(target), git_dir.join("refs/heads").join(name))
+            .unwrap();
+    }
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    let answers: Vec<(u16, String)> = ["commit", "passwd", "missing"]
+        .iter()
+        .map(|name| {
+            let response = archiver.get(&format!("/acme/widget/archive/{name}.tar"));
+            let status = response.status().as_u16();
+            let body = response.bytes().unwrap();
+            (
+                status,
+                String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(answers[0].0, 404, "{answers:?}");
+    assert!(
+        answers.iter().all(|answer| *answer == answers[0]),
+        "{answers:?}"
+    );
+    assert!(
+        archiver
+            .log()
+            .contains("a loose ref leads outside the repository")
+    );
+    // Refs whose lookup meets no symlink are served.
+    assert_eq!(status(&archiver, "/acme/widget/archive/main.tar"), 200);
+}
+
 /// A repository that borrows objects from outside `--repos` is not served;
 /// one that borrows from a pool inside is.
 #[test]

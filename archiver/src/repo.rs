@@ -10,6 +10,9 @@
 //!   asked for *and* of the git dir it leads to (after symlinks and `.git`
 //!   files) lie under the canonical `--repos` root. A symlink or gitfile that
 //!   leaves the root is "not found", like anything that is not a repository.
+//!   A loose ref is never read through a symlink (the file or a directory on
+//!   the way to it): a lookup or listing that meets one is "not found" too,
+//!   whatever it leads to.
 //! - Repositories are opened isolated: no environment variables, no system,
 //!   global or user configuration, only the repository's own config. What is
 //!   served depends on the repository alone, not on the server's `$HOME`.
@@ -304,6 +307,54 @@ pub fn layout_inside(git_dir: &Path, common_dir: &Path, root: &Path) -> Result<(
     Ok(())
 }
 
+/// `Err` names the first symlink on the way from `base` to the loose ref
+/// `name` (for `refs/heads/x`: `refs`, `refs/heads`, `refs/heads/x`). The
+/// walk ends where a component is missing or is a file: nothing below it
+/// can be read.
+fn ref_path_without_symlinks(base: &Path, name: &str) -> Result<(), PathBuf> {
+    let mut path = base.to_path_buf();
+    for component in name.split('/') {
+        // Not a ref name git or gix would read; gix refuses it.
+        if matches!(component, "" | "." | "..") {
+            break;
+        }
+        path.push(component);
+        match fs::symlink_metadata(&path) {
+            Ok(meta) if meta.file_type().is_symlink() => return Err(path),
+            Ok(meta) if meta.is_dir() => {}
+            _ => break,
+        }
+    }
+    Ok(())
+}
+
+/// `Err` names the first symlink under the refs directory `refs`, at any
+/// depth, or a directory that cannot be listed. No `refs` (a linked work
+/// tree's git dir may have none) has none.
+fn refs_without_symlinks(refs: PathBuf) -> Result<(), PathBuf> {
+    let mut pending = vec![refs];
+    let mut top = true;
+    while let Some(dir) = pending.pop() {
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(error) if top && error.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(_) => return Err(dir),
+        };
+        top = false;
+        for entry in entries {
+            let entry = entry.map_err(|_| dir.clone())?;
+            let kind = entry.file_type().map_err(|_| entry.path())?;
+            if kind.is_symlink() {
+                return Err(entry.path());
+            }
+            if kind.is_dir() {
+                pending.push(entry.path());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// How deep [`without_symlinks`] looks under an object directory: its
 /// fan-out directories' objects, `pack/*`, `info/commit-graphs/*`.
 const OBJECTS_DEPTH: usize = 3;
@@ -459,10 +510,26 @@ impl RefsSnapshot {
 
     /// Reads the refs of the repository at `git_dir` (canonical, checked
     /// when it was first opened) afresh.
+    /// A symlink anywhere under `refs/` (which gix would list, reading
+    /// through it) makes the repository's refs unlisted: `RepoNotFound`.
     pub fn at(git_dir: &Path) -> Result<RefsSnapshot, Error> {
         let repo = open_isolated(git_dir)
-            .map_err(|err| Error::internal(format_args!("opening {}: {err}", git_dir.display())))?;
-        RefsSnapshot::of(&repo.to_thread_local())
+            .map_err(|err| Error::internal(format_args!("opening {}: {err}", git_dir.display())))?
+            .to_thread_local();
+        let mut dirs = vec![repo.common_dir().join("refs")];
+        if repo.git_dir() != repo.common_dir() {
+            dirs.push(repo.git_dir().join("refs"));
+        }
+        for refs in dirs {
+            if let Err(symlink) = refs_without_symlinks(refs) {
+                tracing::warn!(
+                    path = %symlink.display(),
+                    "a loose ref leads outside the repository (a symlink); its refs are not listed"
+                );
+                return Err(Error::RepoNotFound);
+            }
+        }
+        RefsSnapshot::of(&repo)
     }
 
     /// The digest of every ref and `HEAD`.
@@ -683,7 +750,8 @@ impl Repository {
                 .map(|name| self.stamp_refs(name))
                 .collect::<Result<Vec<_>, _>>()?;
             let packed = Stamps::take([self.common_dir.join("packed-refs")]).map_err(stat_error)?;
-            match find_reference(&repo, &candidates)? {
+            let inside = |name: &str| self.loose_ref_inside(name);
+            match find_reference(&repo, &candidates, &inside)? {
                 Some(found) => {
                     // The candidates up to the match decide the answer;
                     // those after it do not.
@@ -741,6 +809,26 @@ impl Repository {
     fn ref_files<'a>(&'a self, name: &'a str) -> impl Iterator<Item = PathBuf> + 'a {
         let own = self.linked().then(|| self.git_dir.join(name));
         std::iter::once(self.common_dir.join(name)).chain(own)
+    }
+
+    /// Refuses the ref `name` when its loose file, or a directory on the
+    /// way to it, is a symlink: git and gix would read through it to a file
+    /// anywhere on the host, and answer by what they found there (a ref, a
+    /// broken ref, nothing). Refused as `RepoNotFound` whatever it leads
+    /// to, as the refs listing refuses it ([`RefsSnapshot::at`]), the
+    /// answer says nothing about that file.
+    fn loose_ref_inside(&self, name: &str) -> Result<(), Error> {
+        let own = self.linked().then_some(&self.git_dir);
+        for base in std::iter::once(&self.common_dir).chain(own) {
+            if let Err(symlink) = ref_path_without_symlinks(base, name) {
+                tracing::warn!(
+                    path = %symlink.display(),
+                    "a loose ref leads outside the repository (a symlink); refused"
+                );
+                return Err(Error::RepoNotFound);
+            }
+        }
+        Ok(())
     }
 
     fn stamp_refs(&self, name: &str) -> Result<Stamps, Error> {
@@ -1021,10 +1109,11 @@ struct FoundRef {
 fn find_reference(
     repo: &gix::Repository,
     candidates: &[String],
+    inside: &dyn Fn(&str) -> Result<(), Error>,
 ) -> Result<Option<FoundRef>, Error> {
     let mut followed = Vec::new();
     for (index, full_name) in candidates.iter().enumerate() {
-        if let Some(id) = follow_ref(repo, full_name, &mut followed)? {
+        if let Some(id) = follow_ref(repo, full_name, inside, &mut followed)? {
             return Ok(Some(FoundRef {
                 id,
                 kind: ref_kind(full_name),
@@ -1039,14 +1128,16 @@ fn find_reference(
 /// Reads the ref named exactly `full_name` and follows symbolic refs to an
 /// object id, noting each target in `followed`. A missing or dangling ref
 /// (an unborn `HEAD`) is `None`, so the next candidate is tried, as git
-/// does.
+/// does. `inside` checks each name before its file is read.
 fn follow_ref(
     repo: &gix::Repository,
     full_name: &str,
+    inside: &dyn Fn(&str) -> Result<(), Error>,
     followed: &mut Vec<String>,
 ) -> Result<Option<ObjectId>, Error> {
     let mut name = full_name.to_owned();
     for _ in 0..=SYMREF_MAX_DEPTH {
+        inside(&name)?;
         let Some(reference) = find_exact(repo, &name)? else {
             return Ok(None);
         };
@@ -2060,6 +2151,60 @@ mod tests {
             // Opened now: refused at once.
             assert_repo_not_found(&fixture.repositories(), "acme", name);
         }
+    }
+
+    #[test]
+    fn a_loose_ref_read_through_a_symlink_is_refused_whatever_it_leads_to() {
+        let fixture = fixture();
+        let outside = fixture.base.join("outside");
+        fs::create_dir_all(outside.join("tags")).unwrap();
+        // What a symlink may lead to: a file naming one of the repository's
+        // commits, a file that is no ref, nothing, a directory of refs.
+        fs::write(outside.join("names-c1"), format!("{}\n", fixture.c1)).unwrap();
+        fs::write(outside.join("passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+        fs::write(outside.join("tags/v9"), format!("{}\n", fixture.c1)).unwrap();
+        let repository = fixture.widget();
+        // Remembered before `main` becomes a symlink to the same id.
+        assert_resolves(&repository, "main", RefKind::Branch("main".into()));
+        let refs = repository.git_dir().join("refs");
+        fs::write(outside.join("names-c2"), format!("{}\n", fixture.c2)).unwrap();
+        fs::remove_file(refs.join("heads/main")).unwrap();
+        use std::os::unix::fs::symlink;
+        symlink(outside.join("names-c2"), refs.join("heads/main")).unwrap();
+        symlink(outside.join("names-c1"), refs.join("heads/evil")).unwrap();
+        symlink(outside.join("passwd"), refs.join("heads/passwd")).unwrap();
+        symlink(outside.join("missing"), refs.join("heads/missing")).unwrap();
+        symlink(&outside, refs.join("outside")).unwrap();
+        fs::write(refs.join("heads/alias"), "ref: refs/heads/evil\n").unwrap();
+        // git reads through each of them; the archiver answers the same
+        // whatever it would have found.
+        assert!(rev_parse(repository.git_dir(), "evil").is_some());
+        for reference in [
+            "main",
+            "evil",
+            "passwd",
+            "missing",
+            "outside/tags/v9",
+            "alias",
+        ] {
+            let result = repository.resolve(reference);
+            assert!(
+                matches!(result, Err(Error::RepoNotFound)),
+                "{reference}: {result:?}"
+            );
+        }
+        // Refs no lookup of which meets a symlink still resolve.
+        assert_resolves(&repository, "v1.0", RefKind::Tag("v1.0".into()));
+        assert_resolves(
+            &repository,
+            "feature/x",
+            RefKind::Branch("feature/x".into()),
+        );
+        // The list of all refs (full commit ids, `export-subst`) meets them all.
+        let result = repository.refs_digest();
+        assert!(matches!(result, Err(Error::RepoNotFound)), "{result:?}");
+        let result = RefsSnapshot::at(repository.git_dir());
+        assert!(matches!(result, Err(Error::RepoNotFound)), "{result:?}");
     }
 
     #[test]
