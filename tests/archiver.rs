@@ -1949,8 +1949,9 @@ fn a_cached_file_deleted_behind_the_archivers_back_is_generated_anew() {
 }
 
 /// `docs/archiver.md#held-bytes`: a cache dir on a filesystem smaller than
-/// `--cache-max-bytes` is said at start (generations would fail with ENOSPC
-/// while the cache evicts nothing: review, attack); one that fits is not.
+/// `--cache-max-bytes` is said at start (the cache then keeps less than
+/// its bound, and generations fail when readers pin what it evicts:
+/// review, attack); one that fits is not.
 #[test]
 fn a_cache_filesystem_smaller_than_the_bound_is_warned_of_at_start() {
     let sandbox = Sandbox::new();
@@ -1960,6 +1961,57 @@ fn a_cache_filesystem_smaller_than_the_bound_is_warned_of_at_start() {
     assert!(too_large.log().contains(WARNING), "{}", too_large.log());
     let fits = Archiver::start(&sandbox.repos(), &["--cache-max-bytes", "1MiB"]);
     assert!(!fits.log().contains(WARNING), "{}", fits.log());
+}
+
+/// A cache file system fuller than the cache knows (smaller than
+/// `--cache-max-bytes`, or filled by something else) is made room on as
+/// the bound is: a generation that finds it full evicts archives and goes
+/// on. Before, the generation failed with ENOSPC and its download was
+/// aborted, while the cache, under its bound, evicted nothing: every
+/// archive that did not fit in what was left failed for good.
+#[test]
+fn a_full_cache_filesystem_is_made_room_on_by_evicting() {
+    if !nix::unistd::geteuid().is_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "this test mounts a tmpfs and must run in CI"
+        );
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            b"SKIPPED a_full_cache_filesystem_is_made_room_on_by_evicting: not root\n",
+        );
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "blobs");
+    let mut commits = Vec::new();
+    for round in 0..5u64 {
+        repo.write("blob.bin", pseudo_random_bytes(round, 700 * 1024));
+        commits.push(repo.commit_all(1_700_000_000 + round as i64, "a blob"));
+    }
+    // Room for two of the archives, not three.
+    let cache = sandbox.path("cache");
+    let _mount = gitball_e2e::netns::TmpfsMount::mount(&cache, "2m");
+    let archiver =
+        Archiver::start_with_cache(&sandbox.repos(), &cache, &["--cache-max-bytes", "64MiB"]);
+    for commit in &commits {
+        let response = archiver.get(&format!("/acme/blobs/archive/{commit}.tar"));
+        assert_eq!(response.status().as_u16(), 200, "{commit}");
+        let body = response
+            .bytes()
+            .unwrap_or_else(|error| panic!("the download of {commit} was cut: {error}"));
+        let expected = repo.archive("tar", &format!("blobs-{commit}/"), commit, None);
+        assert!(body[..] == expected[..], "{commit}: not git's bytes");
+    }
+    let evictions = archiver
+        .metrics()
+        .value("gitball_archiver_cache_evictions_total", &[]);
+    assert!(evictions >= 3.0, "{evictions} evictions");
+    assert!(
+        archiver.log().contains("the cache's file system is full"),
+        "{}",
+        archiver.log()
+    );
 }
 
 /// One archiver per cache dir: a second one given the same dir refuses to

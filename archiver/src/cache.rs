@@ -531,7 +531,7 @@ impl Cache {
         gauge!(m::GENERATIONS_IN_FLIGHT).increment(1.0);
         let started = Instant::now();
         let accounted = Arc::new(AtomicU64::new(0));
-        let growth: generate::Growth = {
+        let grown: Arc<dyn Fn(u64) -> bool + Send + Sync> = {
             let cache = self.clone();
             let accounted = accounted.clone();
             let progress = progress.clone();
@@ -543,6 +543,14 @@ impl Cache {
                 fits
             })
         };
+        let space = generate::Space {
+            grown,
+            full: {
+                let cache = self.clone();
+                let key = key.clone();
+                Arc::new(move |needed| cache.make_room(&key, needed))
+            },
+        };
         let result = match self.clone().shadow_for(&spec).await {
             Ok(shadow) => {
                 generate::run(
@@ -551,7 +559,7 @@ impl Cache {
                     shadow.path(),
                     &partial,
                     self.settings.limits,
-                    growth,
+                    space,
                     &self.cancel,
                 )
                 .await
@@ -719,6 +727,28 @@ impl Cache {
         index.bytes <= self.settings.max_bytes
     }
 
+    /// The cache's file system is full while the generation of `key`
+    /// writes, though the cache is within its bound (a file system smaller
+    /// than `--cache-max-bytes`, or filled by something else): evicts
+    /// archives to free at least `needed` bytes, as the policy lets that
+    /// key. Whether any was evicted. Evicted files still being read free
+    /// nothing until their readers are done; the write then fails again and
+    /// more are evicted, until none is left.
+    fn make_room(&self, key: &str, needed: u64) -> bool {
+        let mut index = self.lock();
+        let before = index.complete.len();
+        let short = self.evict_bytes(&mut index, needed.max(1), Some(key));
+        self.publish(&index);
+        let evicted = before - index.complete.len();
+        tracing::warn!(
+            evicted,
+            cache_bytes = index.bytes,
+            denied = short == Some(Short::Denied),
+            "the cache's file system is full below --cache-max-bytes; evicting to make room"
+        );
+        evicted > 0
+    }
+
     /// Evicts until `bytes` is within the bound, for the generation of
     /// `candidate` (or, without one, whatever the policy gives up first).
     /// Why the bound is still exceeded, if it is.
@@ -727,6 +757,17 @@ impl Cache {
         if excess == 0 {
             return None;
         }
+        self.evict_bytes(index, excess, candidate)
+    }
+
+    /// Evicts archives of `excess` bytes at least, as the policy lets
+    /// `candidate`; why fewer went, if they did.
+    fn evict_bytes(
+        &self,
+        index: &mut Index,
+        excess: u64,
+        candidate: Option<&str>,
+    ) -> Option<Short> {
         let candidate = candidate.map(str::to_owned);
         let eviction = index.policy.evict(excess, candidate.as_ref());
         for (key, _) in eviction.victims {
@@ -822,9 +863,9 @@ impl Cache {
 /// that a second archiver given the same directory refuses to start rather
 /// than delete the first one's partials and evict its files from under it.
 /// The bound is the cache's, not the filesystem's: on a filesystem smaller
-/// than `--cache-max-bytes` generations fail with ENOSPC (aborting their
-/// downloads) while the cache, under its bound, evicts nothing. Said once,
-/// at start (review: attack).
+/// than `--cache-max-bytes` generations evict on ENOSPC ([`Cache::make_room`])
+/// and fail, aborting their downloads, when what is left is pinned by
+/// readers. Said once, at start (review: attack).
 fn warn_if_the_filesystem_is_smaller(settings: &Settings) {
     let Ok(filesystem) = nix::sys::statvfs::statvfs(&settings.dir) else {
         return;
@@ -838,7 +879,7 @@ fn warn_if_the_filesystem_is_smaller(settings: &Settings) {
             cache_max_bytes = settings.max_bytes,
             dir = %settings.dir.display(),
             "the cache directory's filesystem is smaller than --cache-max-bytes: \
-             generations will fail with ENOSPC before the cache evicts; size it above the bound"
+             generations will evict on ENOSPC and may fail; size it above the bound"
         );
     }
 }

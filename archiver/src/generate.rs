@@ -242,14 +242,22 @@ pub struct Finished {
     pub sha256: [u8; 32],
 }
 
-/// Called with each new total length that reached the file (so readers may
-/// read up to it). Returning `false` stops the generation as too large: the
-/// cache could not make room for it.
-pub type Growth = Arc<dyn Fn(u64) -> bool + Send + Sync>;
+/// How a generation tells the cache about the room its file takes.
+pub struct Space {
+    /// Called with each new total length that reached the file (so readers
+    /// may read up to it). Returning `false` stops the generation as too
+    /// large: the cache could not make room for it within its bound.
+    pub grown: Arc<dyn Fn(u64) -> bool + Send + Sync>,
+    /// Called when a write finds the cache's file system full (`ENOSPC`,
+    /// `EDQUOT`) with the bytes it needs: the cache evicts archives to make
+    /// room and says whether it evicted any. The write is then tried again;
+    /// once nothing is left to evict, it fails.
+    pub full: Arc<dyn Fn(u64) -> bool + Send + Sync>,
+}
 
 /// Runs `git archive` for `spec`, in the git dir `shadow` (see `shadow`),
 /// into the (already created) file at `path`. Reports the written length
-/// through `growth` as the file grows. On failure the child is killed and
+/// through `space` as the file grows. On failure the child is killed and
 /// reaped; removing the file is the caller's job.
 pub async fn run(
     git: &Path,
@@ -257,9 +265,13 @@ pub async fn run(
     shadow: &Path,
     path: &Path,
     limits: Limits,
-    growth: Growth,
+    space: Space,
     cancel: &CancellationToken,
 ) -> Result<Finished, Failure> {
+    let Space {
+        grown: growth,
+        full,
+    } = space;
     let file = std::fs::OpenOptions::new()
         .write(true)
         .truncate(true)
@@ -273,6 +285,7 @@ pub async fn run(
         file,
         len: 0,
         hasher: Sha256::new(),
+        full,
     };
     // What the output starts with whatever git writes (the gzip header,
     // the zip's prefix directory) reaches readers now, not after git's
@@ -673,11 +686,22 @@ struct Sink {
     file: std::fs::File,
     len: u64,
     hasher: Sha256,
+    full: Arc<dyn Fn(u64) -> bool + Send + Sync>,
 }
 
 impl Write for Sink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.file.write(buf)?;
+        // Each retry follows an eviction of at least one archive: bounded.
+        let n = loop {
+            match self.file.write(buf) {
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+                    ) && (self.full)(buf.len() as u64) => {}
+                written => break written?,
+            }
+        };
         self.hasher.update(&buf[..n]);
         self.len += n as u64;
         Ok(n)
