@@ -1186,17 +1186,10 @@ fn tree_substitutes(
             let entry = entry.map_err(|err| Error::internal(format_args!("tree {id}: {err}")))?;
             if entry.mode().is_tree() {
                 subtrees.push(entry.object_id());
-            } else if entry.filename() == ".gitattributes" && entry.mode().is_blob() {
-                let blob = repo.find_blob(entry.object_id()).map_err(|err| {
-                    Error::internal(format_args!("blob {}: {err}", entry.object_id()))
-                })?;
-                if blob
-                    .data
-                    .windows(12)
-                    .any(|window| window == b"export-subst")
-                {
-                    return Ok(None);
-                }
+            } else if is_attributes_path(entry.filename())
+                && mentions_export_subst(repo, &entry.object_id())?
+            {
+                return Ok(None);
             }
         }
         Ok(Some(Frame { id, subtrees }))
@@ -1231,6 +1224,32 @@ fn tree_substitutes(
         }
     }
     Ok((false, trees_read))
+}
+
+/// Whether git reads a tree entry named `name` as a `.gitattributes` file.
+/// git takes attributes from the index it builds of the tree, by path,
+/// whatever the entry's mode: a symlink's target text or a gitlink's
+/// object when it is a blob count too, and a name holding a slash
+/// (`sub/.gitattributes`, which only a hand-made tree has) is the
+/// attributes file of that path's directory.
+fn is_attributes_path(name: &gix::bstr::BStr) -> bool {
+    name == ".gitattributes" || name.ends_with(b"/.gitattributes")
+}
+
+/// Whether the object `id` is a blob that mentions `export-subst`: what git
+/// reads of an attributes entry. Anything else (a gitlink's commit, which
+/// is usually not in the repository) gives git no attributes.
+fn mentions_export_subst(repo: &gix::Repository, id: &gix::oid) -> Result<bool, Error> {
+    let object = repo
+        .try_find_object(id)
+        .map_err(|err| Error::internal(format_args!("object {id}: {err}")))?;
+    Ok(object.is_some_and(|object| {
+        object.kind == Kind::Blob
+            && object
+                .data
+                .windows(12)
+                .any(|window| window == b"export-subst")
+    }))
 }
 
 /// Looks up one ref by its full name, loose or packed.
@@ -1580,6 +1599,106 @@ mod tests {
         assert!(tree_substitutes(&repo, third, &fresh).unwrap().0);
         // A tree with export-subst below is never recorded as clean.
         assert!(tree_substitutes(&repo, third, &memo).unwrap().0);
+    }
+
+    /// git reads attributes from the tree by path, whatever the entry's
+    /// mode: a symlink or a gitlink named `.gitattributes` whose object is a
+    /// blob, and a hand-made entry named `sub/.gitattributes`, all make git
+    /// substitute. Each was missed before (only a regular file named
+    /// exactly `.gitattributes` was read), so such an archive was keyed
+    /// without the refs and served as immutable while its bytes changed
+    /// with every tag (review: attack).
+    #[test]
+    fn export_subst_is_found_in_every_entry_git_reads_attributes_from() {
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path();
+        git(dir, &["init", "-q", "--bare"]);
+        let hash = |kind: &str, data: &[u8]| -> String {
+            let mut child = std::process::Command::new("git")
+                .args(["hash-object", "--literally", "-w", "--stdin", "-t", kind])
+                .current_dir(dir)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            std::io::Write::write_all(child.stdin.as_mut().unwrap(), data).unwrap();
+            let output = child.wait_with_output().unwrap();
+            assert!(output.status.success());
+            String::from_utf8(output.stdout).unwrap().trim().to_owned()
+        };
+        let tree = |entries: &[(&str, &str, &str)]| -> String {
+            let mut raw = Vec::new();
+            for (mode, name, id) in entries {
+                raw.extend_from_slice(format!("{mode} {name}\0").as_bytes());
+                raw.extend_from_slice(&hex::decode(id).unwrap());
+            }
+            hash("tree", &raw)
+        };
+        let placeholder = hash("blob", b"$Format:%H$\n");
+        let attributes = hash("blob", b"f export-subst\n");
+        let sub_attributes = hash("blob", b"* export-subst\n");
+        let sub = tree(&[("100644", "f", &placeholder)]);
+        let cases = [
+            (
+                "a symlink",
+                tree(&[
+                    ("120000", ".gitattributes", &attributes),
+                    ("100644", "f", &placeholder),
+                ]),
+            ),
+            (
+                "a gitlink",
+                tree(&[
+                    ("160000", ".gitattributes", &attributes),
+                    ("100644", "f", &placeholder),
+                ]),
+            ),
+            (
+                "a name with a slash",
+                tree(&[
+                    ("40000", "sub", &sub),
+                    ("100644", "sub/.gitattributes", &sub_attributes),
+                ]),
+            ),
+            (
+                "a regular file",
+                tree(&[
+                    ("100644", ".gitattributes", &attributes),
+                    ("100644", "f", &placeholder),
+                ]),
+            ),
+        ];
+        let repo = gix::open(dir).unwrap();
+        for (what, root) in cases {
+            // git substitutes: its archive holds no placeholder left as is.
+            let commit = git(dir, &["commit-tree", "-m", what, &root]);
+            let archive = std::process::Command::new("git")
+                .args(["archive", "--format=tar", &commit])
+                .current_dir(dir)
+                .output()
+                .unwrap();
+            assert!(archive.status.success(), "{what}");
+            assert!(
+                !archive
+                    .stdout
+                    .windows(8)
+                    .any(|window| window == b"$Format:"),
+                "{what}: git does not substitute"
+            );
+            let memo = Mutex::new(LruCache::new(CLEAN_TREE_IDS));
+            let root = ObjectId::from_hex(root.as_bytes()).unwrap();
+            assert!(tree_substitutes(&repo, root, &memo).unwrap().0, "{what}");
+        }
+        // A gitlink to a commit the repository does not have is no
+        // attributes file, and not an error.
+        let missing = "1".repeat(40);
+        let root = tree(&[
+            ("160000", ".gitattributes", &missing),
+            ("100644", "f", &placeholder),
+        ]);
+        let memo = Mutex::new(LruCache::new(CLEAN_TREE_IDS));
+        let root = ObjectId::from_hex(root.as_bytes()).unwrap();
+        assert_eq!(tree_substitutes(&repo, root, &memo).unwrap(), (false, 1));
     }
 
     #[test]

@@ -15,14 +15,16 @@
 //! - `objects/info/alternates`: the repository's object directory, so every
 //!   object is there (the repository's own alternates were checked to stay
 //!   under `--repos` when it was opened, see `repo`);
-//! - `refs` and `packed-refs`: symlinks to the repository's; or, for an
-//!   archive whose `export-subst` placeholders read refs (`%D`,
-//!   `%(describe)`; its key holds their digest), a shadow of the
-//!   generation's own with a snapshot of them as they were listed for the
-//!   key ([`Shadows::snapshot`]), so git reads those and not what was
-//!   pushed since;
-//! - `HEAD`: a copy of the repository's (git refuses a symlinked `HEAD`
-//!   that leads out of the git dir), refreshed before each generation.
+//! - `refs`: none, and an unborn `HEAD`. git is given a commit id, and an
+//!   archive without `export-subst` reads no ref. One whose placeholders
+//!   may read refs (`%D`, `%(describe)`, `%aN` through `HEAD:.mailmap`; its
+//!   key holds their digest) runs in a shadow of the generation's own with
+//!   a snapshot of them as they were listed for the key
+//!   ([`Shadows::snapshot`]), so git reads those and not what was pushed
+//!   since. The repository's own refs are never linked in: git would read
+//!   through whatever a symlink under them leads to, and an archive whose
+//!   `export-subst` the archiver failed to see would change its bytes with
+//!   the refs under a key without them (review: attack).
 //!
 //! What still applies is what the tree itself says (`export-ignore`,
 //! `export-subst`, `eol` in `.gitattributes`): content, not commands. A
@@ -52,6 +54,10 @@ use crate::repo::RefsSnapshot;
 /// (docs/urls.md, "Archives that read refs").
 const CONFIG: &str = "[core]\n\trepositoryformatversion = 0\n\tbare = true\n\tabbrev = 40\n";
 
+/// The shared shadow's `HEAD`: git needs one, and nothing it archives
+/// reads it there.
+const UNBORN_HEAD: &str = "ref: refs/heads/main\n";
+
 /// Where one cache keeps its shadow git dirs: a private (mode 0700)
 /// temporary directory, removed when dropped.
 #[derive(Debug)]
@@ -69,34 +75,25 @@ impl Shadows {
     }
 
     /// The shadow git dir for the repository whose git dir is `git_dir`
-    /// and whose objects and refs are in `common_dir`, made if needed and
-    /// with a fresh `HEAD`.
+    /// and whose objects are in `common_dir`, made if needed: the
+    /// repository's objects, no refs.
     pub fn prepare(&self, git_dir: &Path, common_dir: &Path) -> io::Result<PathBuf> {
         let digest = hex::encode(Sha256::digest(git_dir.as_os_str().as_encoded_bytes()));
         let shadow = self.root.path().join(&digest[..32]);
         if !shadow.join("config").is_file() {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(shadow.join("objects/info"))?;
+            for dir in ["objects/info", "refs"] {
+                fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(shadow.join(dir))?;
+            }
             write_atomically(
                 &shadow.join("objects/info/alternates"),
                 alternates(common_dir).as_bytes(),
             )?;
-            for name in ["refs", "packed-refs"] {
-                match std::os::unix::fs::symlink(common_dir.join(name), shadow.join(name)) {
-                    Err(error) if error.kind() != io::ErrorKind::AlreadyExists => {
-                        return Err(error);
-                    }
-                    _ => {}
-                }
-            }
+            write_atomically(&shadow.join("HEAD"), UNBORN_HEAD.as_bytes())?;
             // Last: its presence says the shadow is complete.
             write_atomically(&shadow.join("config"), CONFIG.as_bytes())?;
-        }
-        let head = fs::read(git_dir.join("HEAD"))?;
-        if fs::read(shadow.join("HEAD")).ok().as_deref() != Some(head.as_slice()) {
-            write_atomically(&shadow.join("HEAD"), &head)?;
         }
         Ok(shadow)
     }
@@ -198,12 +195,27 @@ fn write_atomically(path: &Path, contents: &[u8]) -> io::Result<()> {
 mod tests {
     use super::*;
 
+    /// The shared shadow borrows the repository's objects and nothing else:
+    /// not its config, not its refs (before, `refs` and `packed-refs` were
+    /// links to the repository's, which git read through symlinks under
+    /// them for an archive whose `export-subst` went unseen: review,
+    /// attack), not its `HEAD`.
     #[test]
-    fn a_shadow_borrows_objects_and_refs_and_copies_head() {
+    fn a_shadow_borrows_objects_and_nothing_else() {
         let dir = tempfile::tempdir().unwrap();
         let git_dir = dir.path().join("repo.git");
         fs::create_dir_all(git_dir.join("refs/heads")).unwrap();
-        fs::write(git_dir.join("HEAD"), "ref: refs/heads/main\n").unwrap();
+        fs::write(
+            git_dir.join("refs/heads/trunk"),
+            format!("{}\n", "1".repeat(40)),
+        )
+        .unwrap();
+        fs::write(
+            git_dir.join("packed-refs"),
+            format!("{} refs/tags/v1\n", "2".repeat(40)),
+        )
+        .unwrap();
+        fs::write(git_dir.join("HEAD"), "ref: refs/heads/trunk\n").unwrap();
         fs::write(git_dir.join("config"), "[tar \"zip\"]\n\tcommand = evil\n").unwrap();
         let shadows = Shadows::create().unwrap();
         let shadow = shadows.prepare(&git_dir, &git_dir).unwrap();
@@ -212,21 +224,16 @@ mod tests {
             fs::read_to_string(shadow.join("objects/info/alternates")).unwrap(),
             format!("{}\n", git_dir.join("objects").display())
         );
-        assert_eq!(
-            fs::read_link(shadow.join("refs")).unwrap(),
-            git_dir.join("refs")
-        );
+        let refs = fs::symlink_metadata(shadow.join("refs")).unwrap();
+        assert!(refs.is_dir(), "refs is the shadow's own");
+        assert_eq!(fs::read_dir(shadow.join("refs")).unwrap().count(), 0);
+        assert!(!shadow.join("packed-refs").exists());
         assert_eq!(
             fs::read_to_string(shadow.join("HEAD")).unwrap(),
-            "ref: refs/heads/main\n"
+            UNBORN_HEAD
         );
-        // HEAD follows the repository's; the rest is made once.
-        fs::write(git_dir.join("HEAD"), "ref: refs/heads/trunk\n").unwrap();
+        // Made once.
         assert_eq!(shadows.prepare(&git_dir, &git_dir).unwrap(), shadow);
-        assert_eq!(
-            fs::read_to_string(shadow.join("HEAD")).unwrap(),
-            "ref: refs/heads/trunk\n"
-        );
         let root = shadows.root.path().to_owned();
         let mode = |path: &Path| {
             std::os::unix::fs::PermissionsExt::mode(&fs::metadata(path).unwrap().permissions())
