@@ -67,6 +67,25 @@ fn zip_entries_match_git_archive_for_every_kind_of_entry() {
     assert_zip_readers_accept(&body, names.len(), "kinds main.zip");
 }
 
+/// A commit time past the ustar mtime field (after year 2242; git clamps
+/// the field and writes the real time in its global pax header): git's zip
+/// carries the real time, and so does ours. Before, every entry had the
+/// clamped time (review: attack).
+#[test]
+fn zip_entries_carry_a_commit_time_past_the_tar_field_as_git_does() {
+    let sandbox = Sandbox::new();
+    let source = sandbox.source_repo("src/future");
+    source.write("README.md", "# from the future\n");
+    source.write("src/lib.rs", "\n");
+    source.commit_all(9_000_000_000, "far ahead");
+    let repo = source.clone_bare(&sandbox.repos().join("acme/future.git"));
+    let commit = repo.rev_parse("main");
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    let (body, _) = archiver.get_body_and_cache("/acme/future/archive/main.zip");
+    let git_zip = repo.archive("zip", "future-main/", &commit, None);
+    assert_same_zip_entries(&body, &git_zip, "future main.zip");
+}
+
 #[test]
 fn zip_entries_match_git_archive_on_this_projects_history() {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));

@@ -142,6 +142,11 @@ impl Spec {
             hasher.update(b"\0");
             hasher.update(SUBSTITUTION_SERIES);
         }
+        // Absent for every archive whose commit time fits the ustar field.
+        if self.format == Format::Zip && !fits_ustar_mtime(self.commit_time) {
+            hasher.update(b"\0time\0");
+            hasher.update(FAR_TIME_ZIP_SERIES);
+        }
         // The first 16 hex digits of the digest.
         let digest = hasher.finalize();
         format!("{}-{}", self.format.ext(), hex_string(&digest[..8]))
@@ -195,6 +200,20 @@ pub fn byte_series(format: Format) -> &'static str {
 /// series 1 both depended on things the refs digest does not cover (the
 /// object count, other objects' prefixes, the clock).
 pub const SUBSTITUTION_SERIES: &str = "s2";
+
+/// The byte series of a zip whose commit time does not fit the ustar
+/// mtime field (after year 2242; only a forged date does), part of its
+/// variant on top of the zip's series. Series `t2` (December 2026): its
+/// entries carry the commit time, as git's zip does; in the series before,
+/// the clamped time of git's tar headers (review: attack).
+pub const FAR_TIME_ZIP_SERIES: &str = "t2";
+
+/// Whether git's tar carries `time` in its ustar mtime field as it is
+/// (`0o77777777777` at most; git clamps a later time and writes the real
+/// one in its global pax header).
+fn fits_ustar_mtime(time: i64) -> bool {
+    (0..=0o777_7777_7777).contains(&time)
+}
 
 /// Limits one generation runs under.
 #[derive(Clone, Copy, Debug)]
@@ -456,7 +475,7 @@ fn widen_pipe(pipe: &impl std::os::fd::AsFd, places: &'static Slots) -> Option<S
 fn writes_ahead(spec: &Spec) -> bool {
     match spec.compression {
         Compression::Gzip(_) => true,
-        Compression::Zip(_) => (0..=0o777_7777_7777).contains(&spec.commit_time),
+        Compression::Zip(_) => fits_ustar_mtime(spec.commit_time),
         Compression::None | Compression::Zstd(_) => false,
     }
 }
@@ -872,6 +891,19 @@ mod tests {
         spec.subtree = Some("src/lib".to_owned());
         spec.refs = Some("ab".repeat(32));
         assert_eq!(spec.variant(), variant_as_first_written(&spec));
+        // Any time the ustar field holds: the same variant.
+        let fits = spec.variant();
+        spec.commit_time = 0o777_7777_7777;
+        assert_eq!(spec.variant(), fits);
+        // A zip of a later commit time is of its own series (its entries
+        // carry the real time now); another format's is not.
+        spec.commit_time = 9_000_000_000;
+        assert_ne!(spec.variant(), fits);
+        spec.format = Format::Tar;
+        spec.compression = Compression::None;
+        let tar = spec.variant();
+        spec.commit_time = 1_700_000_000;
+        assert_eq!(spec.variant(), tar);
         assert_eq!(hex_string(&[0x00, 0x9f, 0xff]), "009fff");
     }
 

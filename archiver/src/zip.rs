@@ -266,6 +266,10 @@ pub struct ZipWriter<W: Write> {
     pax_path: Option<Vec<u8>>,
     pax_linkpath: Option<Vec<u8>>,
     pax_size: Option<u64>,
+    /// git's global `mtime` record: the commit time, written only when it
+    /// does not fit the ustar field (after year 2242), which then holds the
+    /// largest time it can.
+    pax_mtime: Option<i64>,
     body: Body,
     comment: Vec<u8>,
     // Work between the two sides.
@@ -311,6 +315,7 @@ impl<W: Write> ZipWriter<W> {
             pax_linkpath: None,
             pax_size: None,
             body: Body::None,
+            pax_mtime: None,
             comment: Vec::new(),
             batch_metas: Vec::new(),
             batch_inputs: Vec::new(),
@@ -522,7 +527,13 @@ impl<W: Write> ZipWriter<W> {
             return Err(invalid("path too long for a zip entry"));
         }
         let mode = octal(&header[100..108])?;
-        let mtime = octal(&header[136..148])? as i64;
+        // git's entries all carry the commit time: the real one when the
+        // field holds a clamped one (review: attack; git's zip has the real
+        // time, truncated to 32 bits in the extended timestamp).
+        let mtime = match self.pax_mtime {
+            Some(mtime) => mtime,
+            None => octal(&header[136..148])? as i64,
+        };
         let kind = match typeflag {
             b'5' => Kind::Directory,
             b'2' => Kind::Symlink,
@@ -599,6 +610,13 @@ impl<W: Write> ZipWriter<W> {
             let (key, value) = (&record[..equals], &record[equals + 1..]);
             match (global, key) {
                 (true, b"comment") => self.comment = value.to_vec(),
+                (true, b"mtime") => {
+                    let mtime = std::str::from_utf8(value)
+                        .ok()
+                        .and_then(|mtime| mtime.parse().ok())
+                        .ok_or_else(|| invalid("bad pax mtime"))?;
+                    self.pax_mtime = Some(mtime);
+                }
                 (false, b"path") => self.pax_path = Some(value.to_vec()),
                 (false, b"linkpath") => self.pax_linkpath = Some(value.to_vec()),
                 (false, b"size") => {

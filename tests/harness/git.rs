@@ -144,7 +144,7 @@ impl RepoBuilder {
         let mut command = git_command(&self.home);
         command.current_dir(&self.dir).args(args);
         if let Some(time) = time {
-            let date = format!("{time} +0000");
+            let date = format!("@{time} +0000");
             command
                 .env("GIT_AUTHOR_DATE", &date)
                 .env("GIT_COMMITTER_DATE", &date);
