@@ -739,6 +739,65 @@ fn a_busy_archiver_is_failed_over_but_not_ejected() {
     );
 }
 
+/// An archiver's `500` says this archive failed there (here: it is larger
+/// than the replica's `--max-archive-bytes`), not that the archiver is
+/// down: the next candidate is tried, and the archiver is not ejected. So
+/// is a download the archiver aborts midway for the same reason (a tar.gz,
+/// whose head leaves before git runs). Before, either ejected it, moving
+/// every client's traffic, hits included, off it for `--eject-for`: one
+/// request for a huge or broken commit did that on every proxy.
+#[test]
+fn an_archive_failing_at_its_archiver_is_failed_over_and_ejects_nothing() {
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    let small = Archiver::start(&sandbox.repos(), &["--max-archive-bytes", "4KiB"]);
+    let primary = Archiver::start(&sandbox.repos(), &[]);
+    let cluster = Cluster::around(primary, vec![small], &[]);
+    let replica = &cluster.replicas[0];
+
+    // Refused before its head: the primary answers.
+    let fetched = fetch(cluster.proxy.addr, "/acme/widget/archive/main.tar");
+    assert_eq!(fetched.status(), 200);
+    assert!(
+        matches!(fetched.end, BodyEnd::Complete),
+        "{:?}",
+        fetched.end
+    );
+    // Cut after its head: the client's download is aborted, never a clean end.
+    let fetched = fetch(cluster.proxy.addr, "/acme/widget/archive/main.tar.gz");
+    assert_eq!(fetched.status(), 200);
+    assert!(
+        matches!(fetched.end, BodyEnd::Aborted(_)),
+        "{:?}",
+        fetched.end
+    );
+
+    let metrics = cluster.proxy.scrape();
+    assert_eq!(
+        metrics.value(
+            ATTEMPTS,
+            &[
+                ("upstream", replica.base_url.as_str()),
+                ("outcome", "archive_failed")
+            ]
+        ),
+        1.0,
+        "the replica's 500"
+    );
+    assert_eq!(
+        metrics.value("gitball_proxy_upstream_aborts_total", &[]),
+        1.0
+    );
+    assert_eq!(
+        metrics.value(
+            "gitball_proxy_upstream_ejected",
+            &[("upstream", &replica.base_url)]
+        ),
+        0.0,
+        "an archiver whose archive failed was ejected"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // The pipe
 

@@ -15,6 +15,12 @@
 //!   the same way but does not eject it: a crawler whose own generations
 //!   time out in the archiver's queue would otherwise move everyone's
 //!   traffic, hits included, to archivers that must generate them anew;
+//!   nor does a `500` (`archive_failed`): the archiver answered, and this
+//!   archive failed there (git refused its tree, it grew past
+//!   `--max-archive-bytes`), which one request for a broken or huge commit
+//!   must not turn into everyone's traffic moved off it. A `502`, `504` or
+//!   a `503` without `Retry-After` (an intermediary's: the archiver behind
+//!   it is down) ejects;
 //! - gets a `404` from a replica (`replica_not_found`): the ref may simply
 //!   not have been replicated yet, so the primary is asked;
 //! - gets a `401` or `403` (`unauthorized`): the archiver refused the
@@ -190,6 +196,9 @@ pub enum Outcome {
     ServerError,
     /// A `503` with `Retry-After`: up, but over capacity for this request.
     Busy,
+    /// A `500`: the archiver is up and answered, and this archive failed
+    /// there (git refused the tree, it is too large, it took too long).
+    ArchiveFailed,
     ReplicaNotFound,
     Unauthorized,
     /// The proxy itself had no fd (or buffer) left to connect.
@@ -208,6 +217,7 @@ impl Outcome {
             Outcome::HeaderTimeout => "header_timeout",
             Outcome::ServerError => "server_error",
             Outcome::Busy => "busy",
+            Outcome::ArchiveFailed => "archive_failed",
             Outcome::ReplicaNotFound => "replica_not_found",
             Outcome::Unauthorized => "unauthorized",
             Outcome::Overloaded => "overloaded",
@@ -219,7 +229,11 @@ impl Outcome {
     pub fn is_failure(self) -> bool {
         !matches!(
             self,
-            Outcome::Ok | Outcome::Busy | Outcome::ReplicaNotFound | Outcome::Overloaded
+            Outcome::Ok
+                | Outcome::Busy
+                | Outcome::ArchiveFailed
+                | Outcome::ReplicaNotFound
+                | Outcome::Overloaded
         )
     }
 }
@@ -230,6 +244,8 @@ pub fn classify(status: StatusCode, headers: &HeaderMap, role: Role) -> Outcome 
     if status == StatusCode::SERVICE_UNAVAILABLE && headers.contains_key(http::header::RETRY_AFTER)
     {
         Outcome::Busy
+    } else if status == StatusCode::INTERNAL_SERVER_ERROR {
+        Outcome::ArchiveFailed
     } else if status.is_server_error() {
         Outcome::ServerError
     } else if status == StatusCode::NOT_FOUND && role == Role::Replica {
@@ -388,10 +404,10 @@ impl Forwarder {
                     attempts,
                 });
             }
-            if slow_but_sane || outcome == Outcome::Busy {
+            if slow_but_sane || matches!(outcome, Outcome::Busy | Outcome::ArchiveFailed) {
                 // Neither a failure nor a sign of health: an ejected
                 // archiver that never answers, or answers only that it is
-                // busy, stays ejected.
+                // busy or that archives fail there, stays ejected.
             } else if outcome.is_failure() {
                 self.health.failed(&candidate.upstream);
             } else {
@@ -405,7 +421,7 @@ impl Forwarder {
                         attempts,
                     });
                 }
-                (Outcome::ServerError | Outcome::Busy, Some(response)) => {
+                (Outcome::ServerError | Outcome::Busy | Outcome::ArchiveFailed, Some(response)) => {
                     tracing::debug!(
                         upstream = %candidate.upstream,
                         status = response.status().as_u16(),
@@ -769,11 +785,21 @@ mod tests {
     #[test]
     fn server_errors_fail_over_and_client_errors_do_not() {
         let none = HeaderMap::new();
-        for status in [500, 502, 503, 504] {
+        // An intermediary's (the archiver behind it is down): ejects.
+        for status in [502, 503, 504] {
             let status = StatusCode::from_u16(status).unwrap();
             assert_eq!(classify(status, &none, Role::Primary), Outcome::ServerError);
             assert_eq!(classify(status, &none, Role::Replica), Outcome::ServerError);
         }
+        // The archiver's own answer that this archive failed: failed over,
+        // never ejecting.
+        for role in [Role::Primary, Role::Replica] {
+            assert_eq!(
+                classify(StatusCode::INTERNAL_SERVER_ERROR, &none, role),
+                Outcome::ArchiveFailed
+            );
+        }
+        assert!(!Outcome::ArchiveFailed.is_failure());
         for status in [401, 403] {
             let status = StatusCode::from_u16(status).unwrap();
             assert_eq!(
@@ -794,7 +820,7 @@ mod tests {
         assert_eq!(busy, Outcome::Busy);
         assert!(!busy.is_failure());
         assert_eq!(
-            classify(StatusCode::INTERNAL_SERVER_ERROR, &retry, Role::Primary),
+            classify(StatusCode::BAD_GATEWAY, &retry, Role::Primary),
             Outcome::ServerError
         );
     }

@@ -47,7 +47,12 @@
 //!   one: a hung archiver, whose kernel still holds the connection open,
 //!   would otherwise hold the download forever). The stream
 //!   returns an error, so hyper aborts the client connection: a truncated
-//!   archive never ends like a complete one. The upstream is ejected.
+//!   archive never ends like a complete one. A silent upstream is
+//!   ejected (it hangs); one that ended the body itself is not: an
+//!   archiver aborts a download whose generation failed (git refused the
+//!   tree, the archive grew past `--max-archive-bytes`), which says nothing
+//!   of its health, and ejecting it would move everyone's traffic, hits
+//!   included, off it. An archiver that died shows at the next connection.
 //!   `gitball_proxy_upstream_aborts_total`.
 //!
 //! The idle watchdog is a task because a stalled client means hyper does
@@ -746,7 +751,12 @@ impl Stream for Pipe {
                 upstream.take();
                 drop(upstream);
                 tracing::warn!(upstream = %this.upstream_name, %error, "upstream body failed midway");
-                this.end(Ending::Aborted);
+                // A silent archiver is hung: ejected. One that ended the
+                // body itself (a generation that failed, too large, or the
+                // archiver gone, which the next connection will show) is
+                // not: see the module docs.
+                let silent = error.downcast_ref::<UpstreamSilent>().is_some();
+                this.end_with(Ending::Aborted, silent);
                 Poll::Ready(Some(Err(PipeError::Upstream(error))))
             }
             Poll::Ready(None) => {
@@ -762,7 +772,7 @@ impl Stream for Pipe {
                         this.bytes
                     ));
                     tracing::warn!(upstream = %this.upstream_name, %error, "upstream body failed midway");
-                    this.end(Ending::Aborted);
+                    this.end_with(Ending::Aborted, false);
                     return Poll::Ready(Some(Err(PipeError::Upstream(error))));
                 }
                 this.end(Ending::Complete);
@@ -1085,7 +1095,9 @@ mod tests {
         ));
         assert!(dropped.load(Ordering::SeqCst));
         assert_eq!(ended.lock().unwrap().unwrap().ending, Ending::Aborted);
-        assert!(health.is_ejected("http://upstream:1"));
+        // The upstream ended the body itself (an archiver aborts a failed
+        // generation's download): not ejected; only a silent one is.
+        assert!(!health.is_ejected("http://upstream:1"));
     }
 
     /// An upstream body that ends cleanly short of the length the download

@@ -557,7 +557,11 @@ impl SpliceBody {
                     .upstream
                     .fill(&mut spliced.pipe, left, silence)
                     .await
-                    .map_err(|error| Failure::Upstream { error, eject: true })?;
+                    .map_err(|error| Failure::Upstream {
+                        // Only a silent upstream, as for the pipe.
+                        eject: error.kind() == io::ErrorKind::TimedOut,
+                        error,
+                    })?;
             }
             match drain(socket, &spliced.pipe, self.timers.park_after).await {
                 Ok(Drained::Moved(0)) => {
