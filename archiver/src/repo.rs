@@ -590,6 +590,19 @@ fn open_candidate(path: &Path, confine_to: Option<&Path>) -> Result<Option<Repos
 
     let repo = open_isolated(&directory)
         .map_err(|err| Error::internal(format_args!("opening {}: {err}", directory.display())))?;
+    // gix reads refs from files only: in a reftable repository every ref
+    // would be "not found" (review: attack). Said as what it is instead.
+    if let Some(storage) = repo
+        .to_thread_local()
+        .config_snapshot()
+        .string("extensions.refStorage")
+        && !storage.eq_ignore_ascii_case(b"files")
+    {
+        return Err(Error::internal(format_args!(
+            "{}: refs in {storage} storage are not supported",
+            directory.display()
+        )));
+    }
     let git_dir = fs::canonicalize(repo.git_dir()).map_err(|err| {
         Error::internal(format_args!(
             "resolving {}: {err}",
@@ -1699,6 +1712,36 @@ mod tests {
         let memo = Mutex::new(LruCache::new(CLEAN_TREE_IDS));
         let root = ObjectId::from_hex(root.as_bytes()).unwrap();
         assert_eq!(tree_substitutes(&repo, root, &memo).unwrap(), (false, 1));
+    }
+
+    /// A reftable repository is refused as unsupported (a `500` with the
+    /// reason logged), not answered "ref not found" for refs it has.
+    #[test]
+    fn a_reftable_repository_is_unsupported_not_empty() {
+        let fixture = fixture();
+        let reftable = fixture.root.join("acme/reftable.git");
+        git(
+            &fixture.root,
+            &[
+                "clone",
+                "-q",
+                "--bare",
+                "--ref-format=reftable",
+                "acme/widget",
+                reftable.to_str().unwrap(),
+            ],
+        );
+        assert!(rev_parse(&reftable, "main").is_some(), "git reads its refs");
+        let result = fixture.repositories().open("acme", "reftable");
+        match result {
+            Err(Error::Internal(detail)) => {
+                assert!(
+                    detail.contains("reftable storage are not supported"),
+                    "{detail}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
