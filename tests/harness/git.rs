@@ -362,14 +362,18 @@ impl Sandbox {
         self.write_stub(
             name,
             &format!(
-                "'{git}' \"$@\" > '{out}' || exit $?\n\
+                "out='{out}'-$$\n\
+                 '{git}' \"$@\" > \"$out\" || exit $?\n\
                  i=0\n\
                  while [ $i -lt {pieces} ]; do\n\
-                 /usr/bin/dd if='{out}' bs=65536 skip=$i count=1 status=none\n\
+                 /usr/bin/dd if=\"$out\" bs=65536 skip=$i count=1 status=none\n\
                  /usr/bin/sleep {gap}\n\
                  i=$((i + 1))\n\
                  done\n\
-                 /usr/bin/tail -c +{rest} '{out}'\n",
+                 /usr/bin/tail -c +{rest} \"$out\"\n\
+                 status=$?\n\
+                 rm -f \"$out\"\n\
+                 exit $status\n",
                 git = real_git().display(),
                 out = output.display(),
                 gap = f64::from(gap_ms) / 1000.0,
@@ -379,7 +383,9 @@ impl Sandbox {
     }
 
     /// A stub `--git` named `name` that runs the real git (the first `git`
-    /// on `PATH`) into a file, writes its first `first_bytes` bytes, then
+    /// on `PATH`) into a file of its own (runs at once must not share one:
+    /// two generations' output mixed was a `500`, a flake in CI), writes
+    /// its first `first_bytes` bytes, then
     /// waits for a line on a fifo before it writes the rest; and the
     /// fifo's write end (see [`Sandbox::fifo`]). Each run of the stub takes
     /// one line.
@@ -389,10 +395,14 @@ impl Sandbox {
         let stub = self.write_stub(
             name,
             &format!(
-                "'{git}' \"$@\" > '{out}' || exit $?\n\
-                 /usr/bin/head -c {first_bytes} '{out}'\n\
+                "out='{out}'-$$\n\
+                 '{git}' \"$@\" > \"$out\" || exit $?\n\
+                 /usr/bin/head -c {first_bytes} \"$out\"\n\
                  read line < '{release}'\n\
-                 /usr/bin/tail -c +{rest} '{out}'\n",
+                 /usr/bin/tail -c +{rest} \"$out\"\n\
+                 status=$?\n\
+                 rm -f \"$out\"\n\
+                 exit $status\n",
                 git = real_git().display(),
                 out = output.display(),
                 release = release.display(),
