@@ -1249,14 +1249,17 @@ fn is_attributes_path(name: &gix::bstr::BStr) -> bool {
     name == ".gitattributes" || name.ends_with(b"/.gitattributes")
 }
 
-/// Whether the object `id` is a blob that mentions `export-subst`: what git
-/// reads of an attributes entry. Anything else (a gitlink's commit, which
-/// is usually not in the repository) gives git no attributes.
+/// Whether the object `id` may give git `export-subst` for an attributes
+/// entry: a blob that mentions it, or an object the repository does not
+/// have, which a push could add as such a blob later (the answer is kept
+/// per tree, and git would read it then: review). An object of another
+/// kind (a gitlink's commit) gives git no attributes, and its kind never
+/// changes.
 fn mentions_export_subst(repo: &gix::Repository, id: &gix::oid) -> Result<bool, Error> {
     let object = repo
         .try_find_object(id)
         .map_err(|err| Error::internal(format_args!("object {id}: {err}")))?;
-    Ok(object.is_some_and(|object| {
+    Ok(object.is_none_or(|object| {
         object.kind == Kind::Blob
             && object
                 .data
@@ -1702,14 +1705,23 @@ mod tests {
             let root = ObjectId::from_hex(root.as_bytes()).unwrap();
             assert!(tree_substitutes(&repo, root, &memo).unwrap().0, "{what}");
         }
-        // A gitlink to a commit the repository does not have is no
-        // attributes file, and not an error.
+        // An object the repository does not have (a gitlink's commit, as
+        // submodules have) may be pushed later as a blob git would read:
+        // taken to substitute, never remembered as clean, not an error.
         let missing = "1".repeat(40);
         let root = tree(&[
             ("160000", ".gitattributes", &missing),
             ("100644", "f", &placeholder),
         ]);
         let memo = Mutex::new(LruCache::new(CLEAN_TREE_IDS));
+        let root = ObjectId::from_hex(root.as_bytes()).unwrap();
+        assert_eq!(tree_substitutes(&repo, root, &memo).unwrap(), (true, 1));
+        // A commit there is no attributes file, and never becomes one.
+        let commit = git(dir, &["commit-tree", "-m", "a commit", &sub]);
+        let root = tree(&[
+            ("160000", ".gitattributes", &commit),
+            ("100644", "f", &placeholder),
+        ]);
         let root = ObjectId::from_hex(root.as_bytes()).unwrap();
         assert_eq!(tree_substitutes(&repo, root, &memo).unwrap(), (false, 1));
     }
