@@ -745,7 +745,8 @@ fn a_busy_archiver_is_failed_over_but_not_ejected() {
 /// is a download the archiver aborts midway for the same reason (a tar.gz,
 /// whose head leaves before git runs). Before, either ejected it, moving
 /// every client's traffic, hits included, off it for `--eject-for`: one
-/// request for a huge or broken commit did that on every proxy.
+/// request for a huge or broken commit did that on every proxy. Five in a
+/// row do eject it (an archiver where every generation fails).
 #[test]
 fn an_archive_failing_at_its_archiver_is_failed_over_and_ejects_nothing() {
     let sandbox = Sandbox::new();
@@ -795,6 +796,28 @@ fn an_archive_failing_at_its_archiver_is_failed_over_and_ejects_nothing() {
         ),
         0.0,
         "an archiver whose archive failed was ejected"
+    );
+
+    // But an archiver where every archive fails (here: every tar.gz, which
+    // cannot be failed over) is ejected after five in a row with no
+    // download ending whole between them; then the primary serves.
+    for _ in 0..3 {
+        let fetched = fetch(cluster.proxy.addr, "/acme/widget/archive/main.tar.gz");
+        assert!(
+            matches!(fetched.end, BodyEnd::Aborted(_)),
+            "{:?}",
+            fetched.end
+        );
+    }
+    assert!(wait_until(SETTLE, || cluster.proxy.scrape().value(
+        "gitball_proxy_upstream_ejected",
+        &[("upstream", &replica.base_url)]
+    ) == 1.0));
+    let fetched = fetch(cluster.proxy.addr, "/acme/widget/archive/main.tar.gz");
+    assert!(
+        matches!(fetched.end, BodyEnd::Complete),
+        "{:?}",
+        fetched.end
     );
 }
 

@@ -404,10 +404,13 @@ impl Forwarder {
                     attempts,
                 });
             }
-            if slow_but_sane || matches!(outcome, Outcome::Busy | Outcome::ArchiveFailed) {
+            if slow_but_sane || outcome == Outcome::Busy {
                 // Neither a failure nor a sign of health: an ejected
                 // archiver that never answers, or answers only that it is
-                // busy or that archives fail there, stays ejected.
+                // busy, stays ejected.
+            } else if outcome == Outcome::ArchiveFailed {
+                // Nor is one archive's failure, unless every one fails.
+                self.health.archive_failed(&candidate.upstream);
             } else if outcome.is_failure() {
                 self.health.failed(&candidate.upstream);
             } else {

@@ -484,8 +484,9 @@ impl Pipe {
         };
         self.ending = Some(ending);
         match ending {
+            Ending::Complete => self.health.answered_whole(&self.upstream_name),
             // Counted with the request (`metrics::request_finished`).
-            Ending::Complete | Ending::ClientGone | Ending::Shutdown => {}
+            Ending::ClientGone | Ending::Shutdown => {}
             // Counted by the watchdog when it fired.
             Ending::IdleTimeout => {}
             Ending::Aborted => {
@@ -756,6 +757,9 @@ impl Stream for Pipe {
                 // archiver gone, which the next connection will show) is
                 // not: see the module docs.
                 let silent = error.downcast_ref::<UpstreamSilent>().is_some();
+                if !silent {
+                    this.health.archive_failed(&this.upstream_name);
+                }
                 this.end_with(Ending::Aborted, silent);
                 Poll::Ready(Some(Err(PipeError::Upstream(error))))
             }
@@ -772,6 +776,7 @@ impl Stream for Pipe {
                         this.bytes
                     ));
                     tracing::warn!(upstream = %this.upstream_name, %error, "upstream body failed midway");
+                    this.health.archive_failed(&this.upstream_name);
                     this.end_with(Ending::Aborted, false);
                     return Poll::Ready(Some(Err(PipeError::Upstream(error))));
                 }

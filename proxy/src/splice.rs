@@ -690,8 +690,12 @@ impl FileBody for SpliceBody {
                         .map(|spliced| spliced.upstream.name.clone());
                     tracing::warn!(upstream = upstream.as_deref().unwrap_or("-"), %error, "spliced download's upstream failed midway");
                     crate::metrics::upstream_abort();
-                    if eject && let Some(upstream) = &upstream {
-                        body.health.failed(upstream);
+                    if let Some(upstream) = &upstream {
+                        if eject {
+                            body.health.failed(upstream);
+                        } else {
+                            body.health.archive_failed(upstream);
+                        }
                     }
                     body.finish.end(Ending::Aborted);
                     Err(error)

@@ -12,6 +12,15 @@
 //! all still tried, in their rendezvous order, and the client gets `503`
 //! only if all of them fail again.
 //!
+//! An archive that failed at its archiver (a `500`, or a body the archiver
+//! cut itself) is no failure of the archiver: one request for a broken or
+//! huge commit must not move everyone's traffic. But an archiver that is up
+//! and fails every generation (git cannot be spawned, its disk is full of
+//! what readers pin) would then never be ejected, and every cold request
+//! sent there would fail. So `ARCHIVE_FAILURES_TO_EJECT` of them in a row,
+//! with no download from it ending whole in between, eject it as one
+//! failure does (review).
+//!
 //! `gitball_proxy_upstream_ejected{upstream}` is `1` while an upstream is
 //! ejected and `0` otherwise; expiries are noticed lazily (on the next
 //! request's ordering and on every `/metrics` scrape), so the gauge is never
@@ -23,11 +32,17 @@ use std::time::{Duration, Instant};
 
 use crate::routes::Candidate;
 
+/// Archives failed at one archiver in a row, with no download from it
+/// ending whole in between, that eject it.
+pub const ARCHIVE_FAILURES_TO_EJECT: u32 = 5;
+
 #[derive(Debug)]
 pub struct Health {
     eject_for: Duration,
     /// Ejected upstreams and when their ejection ends.
     ejected: Mutex<HashMap<Arc<str>, Instant>>,
+    /// Archives failed in a row at each upstream since its last answer.
+    archive_failures: Mutex<HashMap<Arc<str>, u32>>,
 }
 
 impl Health {
@@ -35,6 +50,33 @@ impl Health {
         Health {
             eject_for,
             ejected: Mutex::new(HashMap::new()),
+            archive_failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, u32>> {
+        self.archive_failures
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// An archive failed at `upstream` (a `500`, or a body it cut itself):
+    /// no failure of the upstream, unless it is the
+    /// `ARCHIVE_FAILURES_TO_EJECT`th in a row.
+    pub fn archive_failed(&self, upstream: &Arc<str>) {
+        let in_a_row = {
+            let mut failures = self.failures();
+            let count = failures.entry(upstream.clone()).or_insert(0);
+            *count += 1;
+            let in_a_row = *count;
+            if in_a_row >= ARCHIVE_FAILURES_TO_EJECT {
+                failures.remove(upstream);
+            }
+            in_a_row
+        };
+        if in_a_row >= ARCHIVE_FAILURES_TO_EJECT {
+            tracing::warn!(%upstream, in_a_row, "every archive failed at this upstream lately");
+            self.failed(upstream);
         }
     }
 
@@ -113,6 +155,18 @@ impl Health {
         }
     }
 
+    /// A download from `upstream` ended whole: archives do not all fail
+    /// there. (A response head is not enough: a cold zip's or tar.gz's
+    /// head leaves before git runs, so one whose git cannot run answers
+    /// every time.)
+    pub fn answered_whole(&self, upstream: &Arc<str>) {
+        // The common case (no archive failed) takes the lock only to look.
+        let mut failures = self.failures();
+        if !failures.is_empty() {
+            failures.remove(upstream);
+        }
+    }
+
     /// `upstream` answered: it is healthy again.
     pub fn succeeded(&self, upstream: &Arc<str>) {
         // The common case (never ejected) takes the lock only to look.
@@ -178,6 +232,34 @@ mod tests {
         assert!(health.is_ejected("a"));
         health.succeeded(&upstream);
         assert!(!health.is_ejected("a"));
+    }
+
+    #[test]
+    fn archives_failing_in_a_row_eject_and_an_answer_between_resets() {
+        let health = Health::new(Duration::from_secs(10));
+        let upstream: Arc<str> = Arc::from("a");
+        for _ in 1..ARCHIVE_FAILURES_TO_EJECT {
+            health.archive_failed(&upstream);
+        }
+        assert!(!health.is_ejected("a"), "one short of the count");
+        // A head is not enough; a whole download is.
+        health.succeeded(&upstream);
+        health.archive_failed(&upstream);
+        assert!(health.is_ejected("a"), "a head reset the count");
+        health.succeeded(&upstream);
+        for _ in 1..ARCHIVE_FAILURES_TO_EJECT {
+            health.archive_failed(&upstream);
+        }
+        health.answered_whole(&upstream);
+        for _ in 1..ARCHIVE_FAILURES_TO_EJECT {
+            health.archive_failed(&upstream);
+        }
+        assert!(
+            !health.is_ejected("a"),
+            "the answer between reset the count"
+        );
+        health.archive_failed(&upstream);
+        assert!(health.is_ejected("a"));
     }
 
     #[test]
