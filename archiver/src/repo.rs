@@ -328,24 +328,43 @@ fn ref_path_without_symlinks(base: &Path, name: &str) -> Result<(), PathBuf> {
     Ok(())
 }
 
-/// `Err` names the first symlink under the refs directory `refs`, at any
-/// depth, or a directory that cannot be listed. No `refs` (a linked work
-/// tree's git dir may have none) has none.
-fn refs_without_symlinks(refs: PathBuf) -> Result<(), PathBuf> {
-    let mut pending = vec![refs];
-    let mut top = true;
+/// Why the refs of a git dir are not listed.
+#[derive(Debug)]
+enum RefsRefused {
+    /// `packed-refs`, `refs` or an entry under it is a symlink.
+    Symlink(PathBuf),
+    /// A directory under `refs` could not be read.
+    Unreadable(PathBuf, io::Error),
+}
+
+/// Checks the ref files of the git dir `dir` that a listing reads:
+/// `packed-refs`, `refs` and everything under it, at any depth, must not be
+/// symlinks. Missing ones are fine: a linked work tree's git dir may have
+/// no `refs`, and git removes a directory emptied by a deleted or packed
+/// ref while we walk.
+fn refs_without_symlinks(dir: &Path) -> Result<(), RefsRefused> {
+    for top in ["packed-refs", "refs"] {
+        let path = dir.join(top);
+        if fs::symlink_metadata(&path).is_ok_and(|meta| meta.file_type().is_symlink()) {
+            return Err(RefsRefused::Symlink(path));
+        }
+    }
+    let mut pending = vec![dir.join("refs")];
     while let Some(dir) = pending.pop() {
         let entries = match fs::read_dir(&dir) {
             Ok(entries) => entries,
-            Err(error) if top && error.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(_) => return Err(dir),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
+            Err(error) => return Err(RefsRefused::Unreadable(dir, error)),
         };
-        top = false;
         for entry in entries {
-            let entry = entry.map_err(|_| dir.clone())?;
-            let kind = entry.file_type().map_err(|_| entry.path())?;
+            let entry = entry.map_err(|error| RefsRefused::Unreadable(dir.clone(), error))?;
+            let kind = match entry.file_type() {
+                Ok(kind) => kind,
+                Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
+                Err(error) => return Err(RefsRefused::Unreadable(entry.path(), error)),
+            };
             if kind.is_symlink() {
-                return Err(entry.path());
+                return Err(RefsRefused::Symlink(entry.path()));
             }
             if kind.is_dir() {
                 pending.push(entry.path());
@@ -516,17 +535,26 @@ impl RefsSnapshot {
         let repo = open_isolated(git_dir)
             .map_err(|err| Error::internal(format_args!("opening {}: {err}", git_dir.display())))?
             .to_thread_local();
-        let mut dirs = vec![repo.common_dir().join("refs")];
+        let mut dirs = vec![repo.common_dir()];
         if repo.git_dir() != repo.common_dir() {
-            dirs.push(repo.git_dir().join("refs"));
+            dirs.push(repo.git_dir());
         }
-        for refs in dirs {
-            if let Err(symlink) = refs_without_symlinks(refs) {
-                tracing::warn!(
-                    path = %symlink.display(),
-                    "a loose ref leads outside the repository (a symlink); its refs are not listed"
-                );
-                return Err(Error::RepoNotFound);
+        for dir in dirs {
+            match refs_without_symlinks(dir) {
+                Ok(()) => {}
+                Err(RefsRefused::Symlink(symlink)) => {
+                    tracing::warn!(
+                        path = %symlink.display(),
+                        "a ref file leads outside the repository (a symlink); its refs are not listed"
+                    );
+                    return Err(Error::RepoNotFound);
+                }
+                Err(RefsRefused::Unreadable(path, error)) => {
+                    return Err(Error::internal(format_args!(
+                        "listing refs: {}: {error}",
+                        path.display()
+                    )));
+                }
             }
         }
         RefsSnapshot::of(&repo)
@@ -763,6 +791,7 @@ impl Repository {
                 .map(|name| self.stamp_refs(name))
                 .collect::<Result<Vec<_>, _>>()?;
             let packed = Stamps::take([self.common_dir.join("packed-refs")]).map_err(stat_error)?;
+            self.packed_refs_inside()?;
             let inside = |name: &str| self.loose_ref_inside(name);
             match find_reference(&repo, &candidates, &inside)? {
                 Some(found) => {
@@ -840,6 +869,21 @@ impl Repository {
                 );
                 return Err(Error::RepoNotFound);
             }
+        }
+        Ok(())
+    }
+
+    /// Refuses `packed-refs` when it is a symlink (swapped in after the
+    /// open checked it), as [`Repository::loose_ref_inside`] does a loose
+    /// ref.
+    fn packed_refs_inside(&self) -> Result<(), Error> {
+        let packed = self.common_dir.join("packed-refs");
+        if fs::symlink_metadata(&packed).is_ok_and(|meta| meta.file_type().is_symlink()) {
+            tracing::warn!(
+                path = %packed.display(),
+                "packed-refs leads outside the repository (a symlink); refused"
+            );
+            return Err(Error::RepoNotFound);
         }
         Ok(())
     }
@@ -1724,6 +1768,28 @@ mod tests {
         ]);
         let root = ObjectId::from_hex(root.as_bytes()).unwrap();
         assert_eq!(tree_substitutes(&repo, root, &memo).unwrap(), (false, 1));
+    }
+
+    /// `packed-refs` swapped for a symlink after the open is not read
+    /// through either, by a lookup or by the listing (review).
+    #[test]
+    fn packed_refs_read_through_a_symlink_are_refused() {
+        let fixture = fixture();
+        let repository = fixture.widget();
+        assert_resolves(&repository, "v0.9", RefKind::Tag("v0.9".into()));
+        git(&fixture.widget, &["pack-refs", "--all"]);
+        let packed = repository.common_dir().join("packed-refs");
+        let outside = fixture.base.join("packed-refs");
+        fs::rename(&packed, &outside).unwrap();
+        std::os::unix::fs::symlink(&outside, &packed).unwrap();
+        assert!(
+            rev_parse(repository.git_dir(), "v0.9").is_some(),
+            "git reads through it"
+        );
+        let result = repository.resolve("v0.9");
+        assert!(matches!(result, Err(Error::RepoNotFound)), "{result:?}");
+        let result = RefsSnapshot::at(repository.git_dir());
+        assert!(matches!(result, Err(Error::RepoNotFound)), "{result:?}");
     }
 
     /// A reftable repository is refused as unsupported (a `500` with the
