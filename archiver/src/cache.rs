@@ -548,7 +548,12 @@ impl Cache {
             full: {
                 let cache = self.clone();
                 let key = key.clone();
-                Arc::new(move |needed| cache.make_room(&key, needed))
+                // Said once per generation, and when it gives up.
+                let warned = AtomicBool::new(false);
+                Arc::new(move |needed| {
+                    let first = !warned.swap(true, Ordering::Relaxed);
+                    cache.make_room(&key, needed, first)
+                })
             },
         };
         let result = match self.clone().shadow_for(&spec).await {
@@ -731,21 +736,22 @@ impl Cache {
     /// writes, though the cache is within its bound (a file system smaller
     /// than `--cache-max-bytes`, or filled by something else): evicts
     /// archives to free at least `needed` bytes, as the policy lets that
-    /// key. Whether any was evicted. Evicted files still being read free
-    /// nothing until their readers are done; the write then fails again and
-    /// more are evicted, until none is left.
-    fn make_room(&self, key: &str, needed: u64) -> bool {
+    /// key, skipping files readers hold (evicted, they would free nothing
+    /// until their readers are done). Whether any was evicted.
+    fn make_room(&self, key: &str, needed: u64, warn: bool) -> bool {
         let mut index = self.lock();
         let before = index.complete.len();
-        let short = self.evict_bytes(&mut index, needed.max(1), Some(key));
+        let short = self.evict_bytes(&mut index, needed.max(1), Some(key), true);
         self.publish(&index);
         let evicted = before - index.complete.len();
-        tracing::warn!(
-            evicted,
-            cache_bytes = index.bytes,
-            denied = short == Some(Short::Denied),
-            "the cache's file system is full below --cache-max-bytes; evicting to make room"
-        );
+        if warn || evicted == 0 {
+            tracing::warn!(
+                evicted,
+                cache_bytes = index.bytes,
+                denied = short == Some(Short::Denied),
+                "the cache's file system is full below --cache-max-bytes; evicting to make room"
+            );
+        }
         evicted > 0
     }
 
@@ -757,7 +763,7 @@ impl Cache {
         if excess == 0 {
             return None;
         }
-        self.evict_bytes(index, excess, candidate)
+        self.evict_bytes(index, excess, candidate, false)
     }
 
     /// Evicts archives of `excess` bytes at least, as the policy lets
@@ -767,9 +773,20 @@ impl Cache {
         index: &mut Index,
         excess: u64,
         candidate: Option<&str>,
+        only_unread: bool,
     ) -> Option<Short> {
         let candidate = candidate.map(str::to_owned);
-        let eviction = index.policy.evict(excess, candidate.as_ref());
+        let Index {
+            complete, policy, ..
+        } = index;
+        // A file a reader holds frees nothing when evicted: for room on
+        // the disk (not within the bound) those stay.
+        let eviction = policy.evict_where(excess, candidate.as_ref(), |key| {
+            !only_unread
+                || complete
+                    .get(key)
+                    .is_none_or(|file| Arc::strong_count(file) == 1)
+        });
         for (key, _) in eviction.victims {
             let Some(file) = index.complete.remove(&key) else {
                 continue;
@@ -1427,6 +1444,32 @@ mod tests {
         assert_eq!(held(&cache), archive, "one holder is left");
         drop(second_holder);
         assert_eq!(held(&cache), 0);
+    }
+
+    /// Room made on a full file system skips files readers hold (evicted,
+    /// they would free nothing), in the policy's order otherwise, and says
+    /// when nothing is left to evict (review).
+    #[tokio::test]
+    async fn room_on_a_full_disk_is_made_of_files_no_reader_holds() {
+        let stub = StubGit::printing(&[b'x'; 100]);
+        let cache = open(&stub, 1 << 20);
+        let a = generate(&cache, stub.spec(1)).await;
+        let b = generate(&cache, stub.spec(2)).await;
+        let key = Cache::key(&stub.spec(3));
+        // `a`, the least recently used, is read: `b` goes.
+        drop(b);
+        assert!(cache.make_room(&key, 1, false));
+        assert!(
+            cache.peek(&stub.spec(1)).is_some(),
+            "a held file was evicted"
+        );
+        assert!(cache.peek(&stub.spec(2)).is_none());
+        // Only a held file is left: nothing is evicted.
+        assert!(!cache.make_room(&key, 1, false));
+        assert!(cache.peek(&stub.spec(1)).is_some());
+        drop(a);
+        assert!(cache.make_room(&key, 1, false));
+        assert!(cache.peek(&stub.spec(1)).is_none());
     }
 
     #[tokio::test]

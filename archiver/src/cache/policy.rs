@@ -179,25 +179,46 @@ impl<K: Hash + Eq + Clone> Policy<K> {
     /// `candidate` (the key of the generation that needs the room),
     /// protected archives go only while the candidate is the more
     /// requested; without one (trimming to the bound at start), any go.
-    pub fn evict(&mut self, mut excess: u64, candidate: Option<&K>) -> Eviction<K> {
+    pub fn evict(&mut self, excess: u64, candidate: Option<&K>) -> Eviction<K> {
+        self.evict_where(excess, candidate, |_| true)
+    }
+
+    /// [`Policy::evict`], giving up only archives `eligible` says may go,
+    /// in the same order; the others keep their places.
+    pub fn evict_where(
+        &mut self,
+        mut excess: u64,
+        candidate: Option<&K>,
+        eligible: impl Fn(&K) -> bool,
+    ) -> Eviction<K> {
         let mut victims = Vec::new();
         let candidate_frequency = candidate.map(|key| self.frequency(key));
+        // Least recently used first.
+        let first = |segment: &LruCache<K, u64>| {
+            segment
+                .iter()
+                .rev()
+                .map(|(key, _)| key)
+                .find(|key| eligible(key))
+                .cloned()
+        };
         while excess > 0 {
-            let (key, bytes) = if let Some(victim) = self.probation.pop_lru() {
-                self.probation_bytes -= victim.1;
-                victim
-            } else if let Some((key, _)) = self.protected.peek_lru() {
+            let (key, bytes) = if let Some(key) = first(&self.probation) {
+                let bytes = self.probation.pop(&key).expect("found");
+                self.probation_bytes -= bytes;
+                (key, bytes)
+            } else if let Some(key) = first(&self.protected) {
                 if let Some(frequency) = candidate_frequency
-                    && frequency <= self.frequency(key)
+                    && frequency <= self.frequency(&key)
                 {
                     return Eviction {
                         victims,
                         short: Some(Short::Denied),
                     };
                 }
-                let victim = self.protected.pop_lru().expect("peeked");
-                self.protected_bytes -= victim.1;
-                victim
+                let bytes = self.protected.pop(&key).expect("found");
+                self.protected_bytes -= bytes;
+                (key, bytes)
             } else {
                 return Eviction {
                     victims,
@@ -384,6 +405,26 @@ mod tests {
         let (done, evicted) = generate(policy, max, &mut 0, key, len, len);
         assert!(done, "{key} was denied");
         evicted
+    }
+
+    #[test]
+    fn evict_where_skips_the_ineligible_and_keeps_the_order() {
+        let mut policy = Policy::new(1000);
+        for key in ["a", "b", "c"] {
+            policy.insert(key.to_owned(), 10);
+        }
+        let eviction = policy.evict_where(15, None, |key| key != "a");
+        let victims: Vec<&str> = eviction
+            .victims
+            .iter()
+            .map(|(key, _)| key.as_str())
+            .collect();
+        assert_eq!(victims, ["b", "c"]);
+        assert!(eviction.short.is_none());
+        assert_eq!(policy.segment(&"a".to_owned()), Some(Segment::Probation));
+        let eviction = policy.evict_where(5, None, |key| key != "a");
+        assert!(eviction.victims.is_empty());
+        assert_eq!(eviction.short, Some(Short::Empty));
     }
 
     #[test]
