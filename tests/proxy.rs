@@ -1673,6 +1673,19 @@ fn a_spliced_download_whose_archiver_dies_is_aborted_not_ended() {
         1.0
     );
     assert_eq!(big_log_lines(proxy, "aborted").len(), 1, "{}", proxy.log());
+    // An archiver that cut the body itself is not ejected for it (it may
+    // be an archive that failed there); a dead one shows at the next
+    // connection, which ejects it.
+    let ejected = || {
+        proxy.scrape().value(
+            "gitball_proxy_upstream_ejected",
+            &[("upstream", &cluster.primary.base_url)],
+        )
+    };
+    assert_eq!(ejected(), 0.0, "the abort alone ejected the archiver");
+    let fetched = fetch(proxy.addr, "/acme/big/archive/main.tar");
+    assert_eq!(fetched.status(), 502);
+    assert_eq!(ejected(), 1.0, "a refused connection did not eject it");
 }
 
 #[test]
