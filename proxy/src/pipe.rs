@@ -121,6 +121,31 @@ pub enum PipeError {
 #[error("the upstream sent nothing for {0:?}")]
 pub struct UpstreamSilent(pub Duration);
 
+/// Whether a body's failure says the upstream is gone rather than that it
+/// ended the body itself: it sent nothing for the silence bound, or the
+/// kernel gave up on its host (`ETIMEDOUT` after retransmissions, no route).
+/// Such an upstream is ejected; one that closed or reset the connection is
+/// not (an archiver cuts a failed generation's download that way).
+pub(crate) fn upstream_gone(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if error.downcast_ref::<UpstreamSilent>().is_some()
+            || error.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::HostUnreachable
+                        | std::io::ErrorKind::NetworkUnreachable
+                )
+            })
+        {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
+}
+
 /// Why the upstream body failed (a `hyper::Error` from the client; boxed
 /// so the tests can stand in any error).
 pub type UpstreamError = Box<dyn std::error::Error + Send + Sync>;
@@ -756,11 +781,11 @@ impl Stream for Pipe {
                 // body itself (a generation that failed, too large, or the
                 // archiver gone, which the next connection will show) is
                 // not: see the module docs.
-                let silent = error.downcast_ref::<UpstreamSilent>().is_some();
-                if !silent {
+                let gone = upstream_gone(&*error);
+                if !gone {
                     this.health.archive_failed(&this.upstream_name);
                 }
-                this.end_with(Ending::Aborted, silent);
+                this.end_with(Ending::Aborted, gone);
                 Poll::Ready(Some(Err(PipeError::Upstream(error))))
             }
             Poll::Ready(None) => {
@@ -1103,6 +1128,39 @@ mod tests {
         // The upstream ended the body itself (an archiver aborts a failed
         // generation's download): not ejected; only a silent one is.
         assert!(!health.is_ejected("http://upstream:1"));
+    }
+
+    /// A body that failed because the kernel gave up on the upstream's host
+    /// (`ETIMEDOUT` after retransmissions) ejects it; a reset does not.
+    #[tokio::test]
+    async fn an_upstream_host_the_kernel_gave_up_on_is_ejected() {
+        for (kind, ejected) in [
+            (std::io::ErrorKind::TimedOut, true),
+            (std::io::ErrorKind::HostUnreachable, true),
+            (std::io::ErrorKind::ConnectionReset, false),
+        ] {
+            let upstream = Tracked {
+                chunks: vec![
+                    Ok(Bytes::from_static(b"abc")),
+                    Err(std::io::Error::from(kind).into()),
+                ]
+                .into_iter(),
+                dropped: Arc::new(AtomicBool::new(false)),
+                pending_at_end: false,
+            };
+            let health = Arc::new(Health::new(Duration::from_secs(10)));
+            let mut pipe = Pipe::from_stream(
+                Box::pin(upstream),
+                None,
+                Arc::from("http://upstream:1"),
+                health.clone(),
+                timers(Duration::from_secs(60)),
+                |_| {},
+            );
+            assert!(pipe.next().await.unwrap().is_ok());
+            assert!(pipe.next().await.unwrap().is_err());
+            assert_eq!(health.is_ejected("http://upstream:1"), ejected, "{kind:?}");
+        }
     }
 
     /// An upstream body that ends cleanly short of the length the download

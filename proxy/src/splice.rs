@@ -558,8 +558,8 @@ impl SpliceBody {
                     .fill(&mut spliced.pipe, left, silence)
                     .await
                     .map_err(|error| Failure::Upstream {
-                        // Only a silent upstream, as for the pipe.
-                        eject: error.kind() == io::ErrorKind::TimedOut,
+                        // Only a gone upstream, as for the pipe.
+                        eject: crate::pipe::upstream_gone(&error),
                         error,
                     })?;
             }
