@@ -1688,6 +1688,55 @@ fn a_spliced_download_whose_archiver_dies_is_aborted_not_ended() {
     assert_eq!(ejected(), 1.0, "a refused connection did not eject it");
 }
 
+/// The row of archive failures that ejects an archiver (five, see
+/// `an_archive_failing_at_its_archiver_is_failed_over_and_ejects_nothing`)
+/// is broken only by an archive that ended whole: not by an error's body
+/// (a `404` here), and also by a spliced download (review: attack; a `404`
+/// or the `500` itself broke the row, so an archiver whose every
+/// generation failed was never ejected, and a spliced hit did not, so one
+/// with mostly large hits was ejected by any five failures).
+#[test]
+fn only_an_archive_ended_whole_breaks_a_row_of_archive_failures() {
+    let sandbox = Sandbox::new();
+    let big = big_repo_128();
+    let cache = sandbox.path("cache");
+    link_files(warm_big_cache(), &cache);
+    // Every new archive fails (past 1 MiB); the cached big tar is a hit.
+    let primary = Archiver::start_with_cache(&big.repos, &cache, &["--max-archive-bytes", "1MiB"]);
+    let cluster = Cluster::around(primary, Vec::new(), &[]);
+    let proxy = &cluster.proxy;
+    let ejected = || {
+        proxy.scrape().value(
+            "gitball_proxy_upstream_ejected",
+            &[("upstream", &cluster.primary.base_url)],
+        )
+    };
+    let failing_zip = || {
+        let fetched = fetch(proxy.addr, "/acme/big/archive/main.zip");
+        assert!(
+            matches!(fetched.end, BodyEnd::Aborted(_)),
+            "{:?}",
+            fetched.end
+        );
+    };
+    for _ in 0..5 {
+        assert_eq!(
+            fetch(proxy.addr, "/acme/big/archive/no-such-ref.zip").status(),
+            404
+        );
+        failing_zip();
+    }
+    assert_eq!(ejected(), 1.0, "404s between them broke the row");
+
+    for _ in 0..5 {
+        let (mut connection, _, _, _) = spliced_download(proxy);
+        let end = connection.read_body_to_end(|_| {});
+        assert_eq!(end, BodyEnd::Complete);
+        failing_zip();
+    }
+    assert_eq!(ejected(), 0.0, "whole spliced hits did not break the row");
+}
+
 #[test]
 fn a_client_leaving_a_spliced_download_releases_both_connections() {
     let sandbox = Sandbox::new();

@@ -267,6 +267,10 @@ pub struct Pipe {
     splice: Splicing,
     /// Moves to the spliced body when the download is handed over.
     active: Option<ActiveDownload>,
+    /// A `2xx` answer: its body ending whole says archives do not all
+    /// fail at the upstream (`Health::answered_whole`); an error's body,
+    /// a `404`'s or the `500` itself, says nothing of that (review: attack).
+    archive: bool,
 }
 
 /// Where a download stands with `crate::splice`.
@@ -300,6 +304,7 @@ impl Pipe {
         on_end: impl FnOnce(End) + Send + 'static,
     ) -> Pipe {
         let expected_bytes = body_length(&response);
+        let archive = response.status().is_success();
         let window = response
             .extensions()
             .get::<UpstreamWindow>()
@@ -318,6 +323,7 @@ impl Pipe {
         );
         pipe.resume = resume.map(Arc::new);
         pipe.window = window.map(|window| (window, None));
+        pipe.archive = archive;
         pipe
     }
 
@@ -353,6 +359,7 @@ impl Pipe {
             resuming: None,
             writes: None,
             window: None,
+            archive: true,
             splice: Splicing::No,
             active: Some(ActiveDownload::start()),
         }
@@ -509,7 +516,8 @@ impl Pipe {
         };
         self.ending = Some(ending);
         match ending {
-            Ending::Complete => self.health.answered_whole(&self.upstream_name),
+            Ending::Complete if self.archive => self.health.answered_whole(&self.upstream_name),
+            Ending::Complete => {}
             // Counted with the request (`metrics::request_finished`).
             Ending::ClientGone | Ending::Shutdown => {}
             // Counted by the watchdog when it fired.

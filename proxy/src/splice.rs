@@ -671,6 +671,11 @@ impl FileBody for SpliceBody {
             let mut body = *self;
             match body.run(socket).await {
                 Ok(()) => {
+                    // A whole archive from its last upstream (review:
+                    // attack; only the pipe's said so before).
+                    if let Some(spliced) = &body.spliced {
+                        body.health.answered_whole(&spliced.upstream.name);
+                    }
                     body.finish.end(Ending::Complete);
                     Ok(())
                 }
