@@ -635,22 +635,10 @@ impl<W: Write> ZipWriter<W> {
             let (key, value) = (&record[..equals], &record[equals + 1..]);
             match (global, key) {
                 (true, b"comment") => self.comment = value.to_vec(),
-                (true, b"mtime") => {
-                    let mtime = std::str::from_utf8(value)
-                        .ok()
-                        .and_then(|mtime| mtime.parse().ok())
-                        .ok_or_else(|| invalid("bad pax mtime"))?;
-                    self.pax_mtime = Some(mtime);
-                }
+                (true, b"mtime") => self.pax_mtime = Some(pax_number(value, "bad pax mtime")?),
                 (false, b"path") => self.pax_path = Some(value.to_vec()),
                 (false, b"linkpath") => self.pax_linkpath = Some(value.to_vec()),
-                (false, b"size") => {
-                    let size = std::str::from_utf8(value)
-                        .ok()
-                        .and_then(|size| size.parse().ok())
-                        .ok_or_else(|| invalid("bad pax size"))?;
-                    self.pax_size = Some(size);
-                }
+                (false, b"size") => self.pax_size = Some(pax_number(value, "bad pax size")?),
                 _ => {}
             }
         }
@@ -1146,6 +1134,14 @@ fn stored(input: Input) -> Output {
 /// git's `buffer_is_binary`, negated.
 fn is_text(data: &[u8]) -> bool {
     !data[..data.len().min(BINARY_SNIFF_BYTES)].contains(&0)
+}
+
+/// A pax record's decimal value.
+fn pax_number<T: std::str::FromStr>(value: &[u8], error: &'static str) -> io::Result<T> {
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|number| number.parse().ok())
+        .ok_or_else(|| invalid(error))
 }
 
 fn invalid(message: &'static str) -> io::Error {

@@ -1139,13 +1139,13 @@ mod tests {
     }
 
     /// A body that failed because the kernel gave up on the upstream's host
-    /// (`ETIMEDOUT` after retransmissions) ejects it; a reset does not.
+    /// (`ETIMEDOUT` after retransmissions, no route) ejects it; a reset does
+    /// not (`upstream_failure_midway_is_an_error_not_an_end`).
     #[tokio::test]
     async fn an_upstream_host_the_kernel_gave_up_on_is_ejected() {
-        for (kind, ejected) in [
-            (std::io::ErrorKind::TimedOut, true),
-            (std::io::ErrorKind::HostUnreachable, true),
-            (std::io::ErrorKind::ConnectionReset, false),
+        for kind in [
+            std::io::ErrorKind::TimedOut,
+            std::io::ErrorKind::HostUnreachable,
         ] {
             let upstream = Tracked {
                 chunks: vec![
@@ -1167,7 +1167,7 @@ mod tests {
             );
             assert!(pipe.next().await.unwrap().is_ok());
             assert!(pipe.next().await.unwrap().is_err());
-            assert_eq!(health.is_ejected("http://upstream:1"), ejected, "{kind:?}");
+            assert!(health.is_ejected("http://upstream:1"), "{kind:?}");
         }
     }
 
