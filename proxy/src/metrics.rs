@@ -163,7 +163,7 @@ pub fn register() {
     );
     describe_counter!(
         UPSTREAM_ABORTS_TOTAL,
-        "Downloads aborted because the upstream failed mid-body."
+        "Downloads aborted because the upstream failed mid-body, by the upstream the download was from."
     );
     describe_gauge!(
         PARKED_DOWNLOADS,
@@ -189,7 +189,6 @@ pub fn register() {
     counter!(SENT_BYTES_TOTAL).absolute(0);
     counter!(CLIENT_DISCONNECTS_TOTAL).absolute(0);
     counter!(CLIENT_IDLE_TIMEOUTS_TOTAL).absolute(0);
-    counter!(UPSTREAM_ABORTS_TOTAL).absolute(0);
     gauge!(ACTIVE_DOWNLOADS).set(0.0);
     gauge!(PARKED_DOWNLOADS).set(0.0);
     for outcome in ["resumed", "failed"] {
@@ -234,6 +233,7 @@ pub fn upstreams_known(upstreams: &[Arc<str>]) {
     for upstream in upstreams {
         // `increment(0.0)` creates the series at 0 without overwriting a 1.
         gauge!(UPSTREAM_EJECTED, "upstream" => upstream.to_string()).increment(0.0);
+        counter!(UPSTREAM_ABORTS_TOTAL, "upstream" => upstream.to_string()).increment(0);
     }
 }
 
@@ -249,8 +249,8 @@ pub fn client_idle_timeout() {
     counter!(CLIENT_IDLE_TIMEOUTS_TOTAL).increment(1);
 }
 
-pub fn upstream_abort() {
-    counter!(UPSTREAM_ABORTS_TOTAL).increment(1);
+pub fn upstream_abort(upstream: &str) {
+    counter!(UPSTREAM_ABORTS_TOTAL, "upstream" => upstream.to_owned()).increment(1);
 }
 
 /// A download was parked (`1`) or is no longer (`-1`).

@@ -523,7 +523,7 @@ impl Pipe {
             // Counted by the watchdog when it fired.
             Ending::IdleTimeout => {}
             Ending::Aborted => {
-                crate::metrics::upstream_abort();
+                crate::metrics::upstream_abort(&self.upstream_name);
                 if eject {
                     self.health.failed(&self.upstream_name);
                 }

@@ -223,6 +223,11 @@ impl Resume {
 
     /// The candidates to ask, the one that served the download first, and
     /// ejected ones last (a stable partition), as for any request.
+    /// The upstream the download began from.
+    pub fn first_upstream(&self) -> Option<&Arc<str>> {
+        self.candidates.first().map(|candidate| &candidate.upstream)
+    }
+
     pub fn candidates(&self) -> Vec<Candidate> {
         let mut candidates = self.candidates.clone();
         self.forwarder.health().order(&mut candidates);

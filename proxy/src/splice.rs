@@ -694,7 +694,12 @@ impl FileBody for SpliceBody {
                         .as_ref()
                         .map(|spliced| spliced.upstream.name.clone());
                     tracing::warn!(upstream = upstream.as_deref().unwrap_or("-"), %error, "spliced download's upstream failed midway");
-                    crate::metrics::upstream_abort();
+                    // A resume that found no upstream counts against the
+                    // one the download began from.
+                    let label = upstream
+                        .clone()
+                        .or_else(|| body.resume.first_upstream().cloned());
+                    crate::metrics::upstream_abort(label.as_deref().unwrap_or("-"));
                     if let Some(upstream) = &upstream {
                         if eject {
                             body.health.failed(upstream);
