@@ -95,7 +95,7 @@ use crate::forward::{UpstreamResponse, body_length};
 use crate::metrics::ActiveDownload;
 use crate::resume::{Resume, ResumeError, Resumed};
 use crate::splice::{Handoff, OpenError, Prepared, SLOTS, SpliceBody};
-use crate::upstream::Health;
+use crate::upstream::{Cut, Health};
 use crate::window::{DownloadWindow, UpstreamWindow, WIDEN_AFTER_BYTES, WIDEN_WITHIN};
 
 /// What the pipe reports when it ends, for the request's log line.
@@ -121,12 +121,12 @@ pub enum PipeError {
 #[error("the upstream sent nothing for {0:?}")]
 pub struct UpstreamSilent(pub Duration);
 
-/// Whether a body's failure says the upstream is gone rather than that it
-/// ended the body itself: it sent nothing for the silence bound, or the
-/// kernel gave up on its host (`ETIMEDOUT` after retransmissions, no route).
-/// Such an upstream is ejected; one that closed or reset the connection is
-/// not (an archiver cuts a failed generation's download that way).
-pub(crate) fn upstream_gone(error: &(dyn std::error::Error + 'static)) -> bool {
+/// What a body's failure says of its upstream: gone (`Cut::Gone`) when it
+/// sent nothing for the silence bound or the kernel gave up on its host
+/// (`ETIMEDOUT` after retransmissions, no route); otherwise it closed or
+/// reset the connection itself (`Cut::ByUpstream`), as an archiver cuts a
+/// failed generation's download.
+pub(crate) fn cut_by(error: &(dyn std::error::Error + 'static)) -> Cut {
     let mut cause = Some(error);
     while let Some(error) = cause {
         if error.downcast_ref::<UpstreamSilent>().is_some()
@@ -139,11 +139,11 @@ pub(crate) fn upstream_gone(error: &(dyn std::error::Error + 'static)) -> bool {
                 )
             })
         {
-            return true;
+            return Cut::Gone;
         }
         cause = error.source();
     }
-    false
+    Cut::ByUpstream
 }
 
 /// Why the upstream body failed (a `hyper::Error` from the client; boxed
@@ -492,13 +492,14 @@ async fn watch(shared: Arc<Shared>, idle_timeout: Duration, park: Option<Park>) 
 }
 
 impl Pipe {
+    /// Ends the download other than by an abort.
     fn end(&mut self, ending: Ending) {
-        self.end_with(ending, true);
+        self.end_with(ending, Cut::NotUpstreams);
     }
 
-    /// Ends the download; an abort ejects the upstream when `eject` (a
-    /// failed resume does not: `forward` judged each attempt already).
-    fn end_with(&mut self, ending: Ending, eject: bool) {
+    /// Ends the download; an abort is held against the upstream as `cut`
+    /// says (`Health::cut`), once, if the download really ends so.
+    fn end_with(&mut self, ending: Ending, cut: Cut) {
         if self.ending.is_some() || matches!(self.splice, Splicing::HandedOver) {
             return;
         }
@@ -524,9 +525,7 @@ impl Pipe {
             Ending::IdleTimeout => {}
             Ending::Aborted => {
                 crate::metrics::upstream_abort(&self.upstream_name);
-                if eject {
-                    self.health.failed(&self.upstream_name);
-                }
+                self.health.cut(&self.upstream_name, cut);
             }
         }
         if let Some(on_end) = self.on_end.take() {
@@ -734,7 +733,7 @@ impl Stream for Pipe {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(error)) => {
                     tracing::warn!(%error, "parked download not resumed; aborting it");
-                    this.end_with(Ending::Aborted, false);
+                    this.end_with(Ending::Aborted, Cut::NotUpstreams);
                     return Poll::Ready(Some(Err(PipeError::Resume(error))));
                 }
             }
@@ -789,11 +788,7 @@ impl Stream for Pipe {
                 // body itself (a generation that failed, too large, or the
                 // archiver gone, which the next connection will show) is
                 // not: see the module docs.
-                let gone = upstream_gone(&*error);
-                if !gone {
-                    this.health.archive_failed(&this.upstream_name);
-                }
-                this.end_with(Ending::Aborted, gone);
+                this.end_with(Ending::Aborted, cut_by(&*error));
                 Poll::Ready(Some(Err(PipeError::Upstream(error))))
             }
             Poll::Ready(None) => {
@@ -809,8 +804,7 @@ impl Stream for Pipe {
                         this.bytes
                     ));
                     tracing::warn!(upstream = %this.upstream_name, %error, "upstream body failed midway");
-                    this.health.archive_failed(&this.upstream_name);
-                    this.end_with(Ending::Aborted, false);
+                    this.end_with(Ending::Aborted, Cut::ByUpstream);
                     return Poll::Ready(Some(Err(PipeError::Upstream(error))));
                 }
                 this.end(Ending::Complete);
@@ -1105,20 +1099,27 @@ mod tests {
         assert_eq!(ended.lock().unwrap().unwrap().ending, Ending::Complete);
     }
 
-    #[tokio::test]
-    async fn upstream_failure_midway_is_an_error_not_an_end() {
+    /// How a test pipe ended, once it has.
+    type Ended = Arc<Mutex<Option<End>>>;
+
+    /// A pipe whose upstream sends `abc`, then fails with an `io::Error` of
+    /// `kind` (standing in for the `hyper::Error` hyper wraps it in); with
+    /// its health, whether the upstream was dropped, and how it ended.
+    fn failing_midway(kind: std::io::ErrorKind) -> (Pipe, Arc<Health>, Arc<AtomicBool>, Ended) {
         let dropped = Arc::new(AtomicBool::new(false));
         let ended = Arc::new(Mutex::new(None));
-        // Stands in for the `hyper::Error` of a connection reset midway.
-        let error = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
         let upstream = Tracked {
-            chunks: vec![Ok(Bytes::from_static(b"abc")), Err(error.into())].into_iter(),
+            chunks: vec![
+                Ok(Bytes::from_static(b"abc")),
+                Err(std::io::Error::from(kind).into()),
+            ]
+            .into_iter(),
             dropped: dropped.clone(),
             pending_at_end: false,
         };
         let record = ended.clone();
         let health = Arc::new(Health::new(Duration::from_secs(10)));
-        let mut pipe = Pipe::from_stream(
+        let pipe = Pipe::from_stream(
             Box::pin(upstream),
             None,
             Arc::from("http://upstream:1"),
@@ -1126,6 +1127,13 @@ mod tests {
             timers(Duration::from_secs(60)),
             move |end| *record.lock().unwrap() = Some(end),
         );
+        (pipe, health, dropped, ended)
+    }
+
+    #[tokio::test]
+    async fn upstream_failure_midway_is_an_error_not_an_end() {
+        let (mut pipe, health, dropped, ended) =
+            failing_midway(std::io::ErrorKind::ConnectionReset);
         assert!(pipe.next().await.unwrap().is_ok());
         assert!(matches!(
             pipe.next().await,
@@ -1147,24 +1155,7 @@ mod tests {
             std::io::ErrorKind::TimedOut,
             std::io::ErrorKind::HostUnreachable,
         ] {
-            let upstream = Tracked {
-                chunks: vec![
-                    Ok(Bytes::from_static(b"abc")),
-                    Err(std::io::Error::from(kind).into()),
-                ]
-                .into_iter(),
-                dropped: Arc::new(AtomicBool::new(false)),
-                pending_at_end: false,
-            };
-            let health = Arc::new(Health::new(Duration::from_secs(10)));
-            let mut pipe = Pipe::from_stream(
-                Box::pin(upstream),
-                None,
-                Arc::from("http://upstream:1"),
-                health.clone(),
-                timers(Duration::from_secs(60)),
-                |_| {},
-            );
+            let (mut pipe, health, _, _) = failing_midway(kind);
             assert!(pipe.next().await.unwrap().is_ok());
             assert!(pipe.next().await.unwrap().is_err());
             assert!(health.is_ejected("http://upstream:1"), "{kind:?}");

@@ -85,7 +85,7 @@ use crate::metrics::ActiveDownload;
 use crate::pipe::{End, Timers};
 use crate::resume::Resume;
 use crate::routes::Candidate;
-use crate::upstream::Health;
+use crate::upstream::{Cut, Health};
 use crate::window::WIDE_RECV_BUFFER_BYTES;
 
 /// The pipe between the two sockets. A 64 KiB pipe (the kernel's default)
@@ -493,8 +493,8 @@ impl Drop for Finish {
 enum Failure {
     /// Writing to the client (`TimedOut`: the write-stall guard).
     Client(io::Error),
-    /// The upstream; it is ejected when `eject`.
-    Upstream { error: io::Error, eject: bool },
+    /// The upstream, held against it as `cut` says.
+    Upstream { error: io::Error, cut: Cut },
 }
 
 /// What one wait to move bytes to the client gave.
@@ -558,8 +558,7 @@ impl SpliceBody {
                     .fill(&mut spliced.pipe, left, silence)
                     .await
                     .map_err(|error| Failure::Upstream {
-                        // Only a gone upstream, as for the pipe.
-                        eject: crate::pipe::upstream_gone(&error),
+                        cut: crate::pipe::cut_by(&error),
                         error,
                     })?;
             }
@@ -631,7 +630,7 @@ impl SpliceBody {
         let error = failed.unwrap_or_else(|| io::Error::other("no candidate"));
         Err(Failure::Upstream {
             error: io::Error::other(format!("the parked download could not be resumed: {error}")),
-            eject: false,
+            cut: Cut::NotUpstreams,
         })
     }
 }
@@ -688,7 +687,7 @@ impl FileBody for SpliceBody {
                     }
                     Err(error)
                 }
-                Err(Failure::Upstream { error, eject }) => {
+                Err(Failure::Upstream { error, cut }) => {
                     let upstream = body
                         .spliced
                         .as_ref()
@@ -701,11 +700,7 @@ impl FileBody for SpliceBody {
                         .or_else(|| body.resume.first_upstream().cloned());
                     crate::metrics::upstream_abort(label.as_deref().unwrap_or("-"));
                     if let Some(upstream) = &upstream {
-                        if eject {
-                            body.health.failed(upstream);
-                        } else {
-                            body.health.archive_failed(upstream);
-                        }
+                        body.health.cut(upstream, cut);
                     }
                     body.finish.end(Ending::Aborted);
                     Err(error)

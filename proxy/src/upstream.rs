@@ -32,6 +32,20 @@ use std::time::{Duration, Instant};
 
 use crate::routes::Candidate;
 
+/// What a download cut midway says of its upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cut {
+    /// It is gone: silent for the silence bound, or its host unreachable.
+    /// Ejected, as one failed attempt is.
+    Gone,
+    /// It ended the body itself: an archive failed there
+    /// ([`Health::archive_failed`]).
+    ByUpstream,
+    /// Not its doing: a parked download no candidate could resume (each
+    /// attempt was judged on its own).
+    NotUpstreams,
+}
+
 /// Archives failed at one archiver in a row, with no download from it
 /// ending whole in between, that eject it.
 pub const ARCHIVE_FAILURES_TO_EJECT: u32 = 5;
@@ -152,6 +166,15 @@ impl Health {
         if newly {
             crate::metrics::upstream_ejected(upstream, true);
             tracing::warn!(%upstream, eject_for = ?self.eject_for, "upstream ejected");
+        }
+    }
+
+    /// A download from `upstream` was cut midway, for the reason `cut`.
+    pub fn cut(&self, upstream: &Arc<str>, cut: Cut) {
+        match cut {
+            Cut::Gone => self.failed(upstream),
+            Cut::ByUpstream => self.archive_failed(upstream),
+            Cut::NotUpstreams => {}
         }
     }
 
