@@ -531,7 +531,7 @@ impl Cache {
         gauge!(m::GENERATIONS_IN_FLIGHT).increment(1.0);
         let started = Instant::now();
         let accounted = Arc::new(AtomicU64::new(0));
-        let grown: Arc<dyn Fn(u64) -> bool + Send + Sync> = {
+        let grown: generate::RoomFor = {
             let cache = self.clone();
             let accounted = accounted.clone();
             let progress = progress.clone();

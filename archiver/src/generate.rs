@@ -261,17 +261,20 @@ pub struct Finished {
     pub sha256: [u8; 32],
 }
 
+/// Told a length in bytes; says whether the cache could make room.
+pub type RoomFor = Arc<dyn Fn(u64) -> bool + Send + Sync>;
+
 /// How a generation tells the cache about the room its file takes.
 pub struct Space {
     /// Called with each new total length that reached the file (so readers
     /// may read up to it). Returning `false` stops the generation as too
     /// large: the cache could not make room for it within its bound.
-    pub grown: Arc<dyn Fn(u64) -> bool + Send + Sync>,
+    pub grown: RoomFor,
     /// Called when a write finds the cache's file system full (`ENOSPC`,
     /// `EDQUOT`) with the bytes it needs: the cache evicts archives to make
     /// room and says whether it evicted any. The write is then tried again;
     /// once nothing is left to evict, it fails.
-    pub full: Arc<dyn Fn(u64) -> bool + Send + Sync>,
+    pub full: RoomFor,
 }
 
 /// Runs `git archive` for `spec`, in the git dir `shadow` (see `shadow`),
@@ -705,7 +708,7 @@ struct Sink {
     file: std::fs::File,
     len: u64,
     hasher: Sha256,
-    full: Arc<dyn Fn(u64) -> bool + Send + Sync>,
+    full: RoomFor,
 }
 
 impl Write for Sink {

@@ -344,10 +344,7 @@ enum RefsRefused {
 /// ref while we walk.
 fn refs_without_symlinks(dir: &Path) -> Result<(), RefsRefused> {
     for top in ["packed-refs", "refs"] {
-        let path = dir.join(top);
-        if fs::symlink_metadata(&path).is_ok_and(|meta| meta.file_type().is_symlink()) {
-            return Err(RefsRefused::Symlink(path));
-        }
+        ref_path_without_symlinks(dir, top).map_err(RefsRefused::Symlink)?;
     }
     let mut pending = vec![dir.join("refs")];
     while let Some(dir) = pending.pop() {
@@ -618,12 +615,10 @@ fn open_candidate(path: &Path, confine_to: Option<&Path>) -> Result<Option<Repos
 
     let repo = open_isolated(&directory)
         .map_err(|err| Error::internal(format_args!("opening {}: {err}", directory.display())))?;
+    let local = repo.to_thread_local();
     // gix reads refs from files only: in a reftable repository every ref
     // would be "not found" (review: attack). Said as what it is instead.
-    if let Some(storage) = repo
-        .to_thread_local()
-        .config_snapshot()
-        .string("extensions.refStorage")
+    if let Some(storage) = local.config_snapshot().string("extensions.refStorage")
         && !storage.eq_ignore_ascii_case(b"files")
     {
         return Err(Error::internal(format_args!(
@@ -638,7 +633,7 @@ fn open_candidate(path: &Path, confine_to: Option<&Path>) -> Result<Option<Repos
         ))
     })?;
     // A linked work tree keeps refs and objects in its common dir: confine it too.
-    let common_dir = fs::canonicalize(repo.to_thread_local().common_dir()).map_err(|err| {
+    let common_dir = fs::canonicalize(local.common_dir()).map_err(|err| {
         Error::internal(format_args!(
             "resolving the common dir of {}: {err}",
             git_dir.display()
@@ -791,7 +786,7 @@ impl Repository {
                 .map(|name| self.stamp_refs(name))
                 .collect::<Result<Vec<_>, _>>()?;
             let packed = Stamps::take([self.common_dir.join("packed-refs")]).map_err(stat_error)?;
-            self.packed_refs_inside()?;
+            self.loose_ref_inside("packed-refs")?;
             let inside = |name: &str| self.loose_ref_inside(name);
             match find_reference(&repo, &candidates, &inside)? {
                 Some(found) => {
@@ -854,7 +849,8 @@ impl Repository {
     }
 
     /// Refuses the ref `name` when its loose file, or a directory on the
-    /// way to it, is a symlink: git and gix would read through it to a file
+    /// way to it, is a symlink (also for `packed-refs`, which may have been
+    /// swapped in after the open checked it): git and gix would read through it to a file
     /// anywhere on the host, and answer by what they found there (a ref, a
     /// broken ref, nothing). Refused as `RepoNotFound` whatever it leads
     /// to, as the refs listing refuses it ([`RefsSnapshot::at`]), the
@@ -869,21 +865,6 @@ impl Repository {
                 );
                 return Err(Error::RepoNotFound);
             }
-        }
-        Ok(())
-    }
-
-    /// Refuses `packed-refs` when it is a symlink (swapped in after the
-    /// open checked it), as [`Repository::loose_ref_inside`] does a loose
-    /// ref.
-    fn packed_refs_inside(&self) -> Result<(), Error> {
-        let packed = self.common_dir.join("packed-refs");
-        if fs::symlink_metadata(&packed).is_ok_and(|meta| meta.file_type().is_symlink()) {
-            tracing::warn!(
-                path = %packed.display(),
-                "packed-refs leads outside the repository (a symlink); refused"
-            );
-            return Err(Error::RepoNotFound);
         }
         Ok(())
     }
