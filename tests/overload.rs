@@ -232,19 +232,18 @@ fn at_a_login_shell_limit_1500_stalled_downloads_are_all_answered_fed_and_releas
     );
 }
 
-/// Holds `max` connections of `service` (each served once and kept
-/// alive), then checks that one more gets the fast `503`, and that closing
-/// a held one lets the next in.
-fn assert_cap_refuses_then_admits(service: &Service, max: usize, prefix: &str) {
+/// Holds `max` connections to `addr`, each served one `/healthz` and kept
+/// alive.
+fn hold_connections(addr: SocketAddr, max: usize) -> Vec<RawConnection> {
     // The harness's start-up health probe may still hold a slot until the
     // server has seen it close: a held connection refused meanwhile is
     // retried until it is served (bounded).
-    let held: Vec<RawConnection> = (0..max)
+    (0..max)
         .map(|_| {
             let mut served = None;
             assert!(
                 wait_until(Duration::from_secs(10), || {
-                    let mut connection = RawConnection::connect(service.addr).expect("connect");
+                    let mut connection = RawConnection::connect(addr).expect("connect");
                     connection
                         .send_request("GET", "/healthz", &[])
                         .expect("send");
@@ -260,8 +259,14 @@ fn assert_cap_refuses_then_admits(service: &Service, max: usize, prefix: &str) {
             );
             served.expect("served")
         })
-        .collect();
+        .collect()
+}
 
+/// Holds `max` connections of `service` (each served once and kept
+/// alive), then checks that one more gets the fast `503`, and that closing
+/// a held one lets the next in.
+fn assert_cap_refuses_then_admits(service: &Service, max: usize, prefix: &str) {
+    let held = hold_connections(service.addr, max);
     let started = Instant::now();
     let refused = fetch(service.addr, "/healthz");
     assert_eq!(refused.status(), 503, "{}", refused.text());
@@ -335,6 +340,82 @@ const TINY_NOFILE: u64 = 64;
 /// The fds of `pid` numbered below `TINY_NOFILE`: the limit bounds fd
 /// numbers, and an fd inherited with a higher number (a test runner's pipe)
 /// takes no place under it.
+/// `--admin-listen` (docs/http.md, "Health and metrics"): with every
+/// connection of the service's listener held (a client holding them all,
+/// or downloads filling them), its `/healthz` is refused, and the admin
+/// listener still answers probes and scrapes; it serves nothing else. Its
+/// own cap refuses connections past it, so it cannot be used to take the
+/// fds the downloads' budget counts on, and the service's listener keeps
+/// serving meanwhile. In embedded mode the proxy's admin listener shows
+/// both tiers' series.
+#[test]
+fn an_admin_listener_answers_probes_and_scrapes_while_the_service_is_full() {
+    raise_own_nofile();
+    let admin = ["--admin-listen", "127.0.0.1:0"];
+    let archiver = Archiver::start(repos(), &[&["--max-connections", "4"][..], &admin].concat());
+    let (proxy, _routes) = proxy_to(
+        &archiver.base_url,
+        &[&["--max-connections", "3"][..], &admin].concat(),
+        None,
+    );
+    let cache = Sandbox::new();
+    let embedded = Proxy::embedded(
+        repos(),
+        &cache.path("cache"),
+        &[&["--max-connections", "3"][..], &admin].concat(),
+    );
+    for (service, max, prefix) in [
+        (&*archiver, 4, "gitball_archiver"),
+        (&*proxy, 3, "gitball_proxy"),
+        (&*embedded, 3, "gitball_proxy"),
+    ] {
+        let admin = gitball_e2e::listen_address(&service.log(), "admin listener serving")
+            .unwrap_or_else(|| panic!("no admin listener address logged:\n{}", service.log()));
+        assert_ne!(admin, service.addr);
+
+        let held = hold_connections(service.addr, max);
+        assert_eq!(fetch(service.addr, "/healthz").status(), 503);
+        let probe = fetch(admin, "/healthz");
+        assert_eq!(probe.status(), 200);
+        assert_eq!(probe.text(), "{\"status\":\"ok\"}\n");
+        let metrics = scrape(admin);
+        assert_eq!(
+            metrics.value(&format!("{prefix}_connections_open"), &[]),
+            max as f64,
+            "the admin listener's connections are not the service's"
+        );
+        assert!(
+            metrics.value(
+                &format!("{prefix}_connections_rejected_total"),
+                &[("reason", "max_connections")]
+            ) >= 1.0
+        );
+        if service.addr == embedded.addr {
+            assert_eq!(metrics.value("gitball_archiver_connections_max", &[]), 19.0);
+        }
+        let archive = fetch(admin, ARCHIVE_PATH);
+        assert_eq!(archive.status(), 404, "{}", archive.text());
+        assert_eq!(archive.error_code(), "not_found");
+        drop(held);
+
+        // The admin listener's own cap: past it a connection gets the
+        // `503`, and the service's listener serves on.
+        let held_admin = hold_connections(admin, 32);
+        let refused = fetch(admin, "/healthz");
+        assert_eq!(refused.status(), 503, "{}", refused.text());
+        assert!(
+            wait_until(SETTLE, || fetch(service.addr, "/healthz").status() == 200),
+            "the service's listener stopped serving while the admin listener was full"
+        );
+        fetch_ok(service.addr, ARCHIVE_PATH);
+        drop(held_admin);
+        assert!(
+            wait_until(SETTLE, || fetch(admin, "/healthz").status() == 200),
+            "the admin listener did not admit a connection again"
+        );
+    }
+}
+
 fn fds_under_the_limit(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|entries| {

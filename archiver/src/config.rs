@@ -29,6 +29,12 @@ pub struct Config {
     #[arg(long, env = "GITBALL_LISTEN", default_value = "127.0.0.1:9001")]
     pub listen: SocketAddr,
 
+    /// Address of the admin listener (host:port): `/healthz` and `/metrics` under a connection
+    /// cap of their own, so probes and scrapes get in while downloads fill --max-connections.
+    /// Both stay on --listen too. Default: no admin listener
+    #[arg(long, env = "GITBALL_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+
     /// Directory of repositories: DIR/{owner}/{repo}.git (bare) or DIR/{owner}/{repo} (work tree).
     /// A DIR that is itself a repository is served as local/{dirname}.
     #[arg(long, env = "GITBALL_REPOS")]

@@ -80,6 +80,16 @@ pub fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
+/// The admin listener's routes (`--admin-listen`): `/healthz` and
+/// `/metrics`, nothing else.
+pub fn admin_router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/healthz", any(response::healthz))
+        .route("/metrics", any(render_metrics))
+        .fallback(response::admin_not_found)
+        .with_state(app)
+}
+
 async fn render_metrics(State(app): State<Arc<App>>, method: Method) -> Response {
     response::metrics(&method, &app.metrics)
 }

@@ -57,11 +57,13 @@ const GENERATION_STOP_DEADLINE: Duration = Duration::from_secs(5);
 /// `--client-idle-timeout` (60 s by default).
 const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// Serves the archiver on `listener` until `shutdown` is cancelled, then
-/// drains downloads for `--shutdown-grace`, kills the children that are
-/// still running and removes their partial files.
+/// Serves the archiver on `listener` (and `/healthz` and `/metrics` on
+/// `admin`, the `--admin-listen` one, when given) until `shutdown` is
+/// cancelled, then drains downloads for `--shutdown-grace`, kills the
+/// children that are still running and removes their partial files.
 pub async fn run(
     listener: TcpListener,
+    admin: Option<TcpListener>,
     repos: PathBuf,
     options: ArchiveOptions,
     shutdown: CancellationToken,
@@ -158,6 +160,7 @@ pub async fn run(
     // hit then never crosses threads. Generations run on this runtime
     // (`Cache::open` keeps its handle), so they outlive the serving threads
     // and are stopped by `cache.shutdown` below.
+    let admin = server::spawn_admin(admin, http::admin_router(app.clone()), &shutdown);
     let drain = server::serve_on_threads(
         listener,
         |_| http::router(app.clone()),
@@ -175,6 +178,11 @@ pub async fn run(
         server::Drain::Cut(open) => {
             tracing::warn!(open, "shutdown grace ran out; open downloads were cut")
         }
+    }
+    if let Some(admin) = admin {
+        // It stopped accepting with the service's listener; its last
+        // connections get a second.
+        let _ = admin.await;
     }
     if !cache.shutdown(GENERATION_STOP_DEADLINE).await {
         tracing::warn!("generations did not stop in time");

@@ -26,5 +26,6 @@ async fn main() -> anyhow::Result<()> {
     let listener =
         gitball_core::server::bind(config.listen, config.options.tcp_congestion.as_deref())
             .with_context(|| format!("cannot listen on {}", config.listen))?;
-    gitball_archiver::run(listener, config.repos, config.options, shutdown).await
+    let admin = gitball_core::server::bind_admin(config.admin_listen)?;
+    gitball_archiver::run(listener, admin, config.repos, config.options, shutdown).await
 }

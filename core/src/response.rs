@@ -95,6 +95,16 @@ pub fn metrics(method: &Method, handle: &PrometheusHandle) -> Response {
         .into_response()
 }
 
+/// What the admin listener (`--admin-listen`) answers for any path but
+/// `/healthz` and `/metrics`: `404 not_found`.
+pub async fn admin_not_found() -> Response {
+    json_error(
+        StatusCode::NOT_FOUND,
+        code::NOT_FOUND,
+        "the admin listener serves /healthz and /metrics only",
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

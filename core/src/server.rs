@@ -181,6 +181,40 @@ pub fn bind(address: std::net::SocketAddr, congestion: Option<&str>) -> io::Resu
     socket.listen(LISTEN_BACKLOG)
 }
 
+/// Binds the admin listener (`--admin-listen`) when one is asked for: as
+/// [`bind`], with the host's congestion control (it carries probes and
+/// scrapes, not downloads).
+pub fn bind_admin(address: Option<std::net::SocketAddr>) -> io::Result<Option<TcpListener>> {
+    address
+        .map(|address| {
+            bind(address, None).map_err(|error| {
+                io::Error::new(error.kind(), format!("admin listener {address}: {error}"))
+            })
+        })
+        .transpose()
+}
+
+/// Runs [`serve_admin`] on `listener`, if there is one, as a task of the
+/// caller's runtime, and logs its address (`admin listener serving`). A
+/// failure of its loop stops the process as a serving thread's does.
+pub fn spawn_admin(
+    listener: Option<TcpListener>,
+    router: Router,
+    shutdown: &CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let listener = listener?;
+    if let Ok(listen) = listener.local_addr() {
+        tracing::info!(%listen, max_connections = ADMIN_MAX_CONNECTIONS, "admin listener serving");
+    }
+    let shutdown = shutdown.clone();
+    Some(tokio::spawn(async move {
+        if let Err(error) = serve_admin(listener, router, shutdown.clone()).await {
+            tracing::error!(%error, "the admin listener failed; shutting down");
+            shutdown.cancel();
+        }
+    }))
+}
+
 /// `--tcp-congestion`: a kernel congestion control's name, as
 /// `net.ipv4.tcp_available_congestion_control` lists them (at most 15
 /// characters). Whether this kernel has it is known only at `bind`.
@@ -214,7 +248,16 @@ impl Connections {
     /// A cap of `max` connections; registers its series.
     pub fn new(max: usize, metrics_prefix: &'static str) -> Connections {
         Connections {
-            limit: Arc::new(ConnectionLimit::new(max, metrics_prefix)),
+            limit: Arc::new(ConnectionLimit::new(max, Some(metrics_prefix))),
+        }
+    }
+
+    /// The admin listener's own cap, [`ADMIN_MAX_CONNECTIONS`]. It has no
+    /// series: the connection series count the service's clients, and the
+    /// admin listener's few (probes, scrapes) would only blur them.
+    pub fn admin() -> Connections {
+        Connections {
+            limit: Arc::new(ConnectionLimit::new(ADMIN_MAX_CONNECTIONS, None)),
         }
     }
 
@@ -288,11 +331,18 @@ pub async fn serve(
         let Some(slot) = limit.try_acquire() else {
             limit.reject(stream);
             if let Some(suppressed) = limit.refusals_log.note(Instant::now()) {
-                tracing::warn!(
-                    max_connections = limit.max,
-                    suppressed,
-                    "refusing connections with 503: --max-connections reached (suppressed: refusals not logged since the last line)"
-                );
+                match limit.series {
+                    Some(_) => tracing::warn!(
+                        max_connections = limit.max,
+                        suppressed,
+                        "refusing connections with 503: --max-connections reached (suppressed: refusals not logged since the last line)"
+                    ),
+                    None => tracing::warn!(
+                        max_connections = limit.max,
+                        suppressed,
+                        "admin listener refusing connections with 503: its cap reached (suppressed: refusals not logged since the last line)"
+                    ),
+                }
             }
             continue;
         };
@@ -502,6 +552,42 @@ fn configure_accepted(stream: &TcpStream) {
     let _ = socket.set_tcp_notsent_lowat(SEND_QUEUE_LOW_WATER_BYTES);
 }
 
+/// Connections the admin listener (`--admin-listen`) holds at once: its
+/// clients are a few probes and scrapers, and past this a new one gets the
+/// fast `503` rather than an fd the downloads' budget counted on (the fd
+/// headroom of `limits` covers it).
+pub const ADMIN_MAX_CONNECTIONS: usize = 32;
+
+/// How long the admin listener's open connections get to finish at
+/// shutdown: a probe or a scrape takes milliseconds.
+const ADMIN_GRACE: Duration = Duration::from_secs(1);
+
+/// A scrape whose reader stops reading is closed after this long.
+const ADMIN_WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `router` (`/healthz` and `/metrics`) on the admin listener until
+/// `shutdown`, as [`serve`] does, under a cap of its own
+/// ([`Connections::admin`]): however many downloads fill `--max-connections`,
+/// probes and scrapes still get in. Run on the caller's runtime, not on the
+/// serving threads, so that threads busy with downloads do not delay them.
+/// It stops accepting on the same `shutdown` as the service's listener, so
+/// a probe sees a draining process as the service's clients do.
+pub async fn serve_admin(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> io::Result<Drain> {
+    serve(
+        listener,
+        router,
+        shutdown,
+        ADMIN_GRACE,
+        ADMIN_WRITE_STALL_TIMEOUT,
+        Connections::admin(),
+    )
+    .await
+}
+
 /// How many threads [`serve_on_threads`] runs: one per CPU, as nginx has
 /// one worker per CPU.
 pub fn serving_threads() -> usize {
@@ -596,6 +682,8 @@ pub async fn serve_on_threads(
 /// series that count connections, and the fixed refusal.
 struct ConnectionLimit {
     max: usize,
+    /// The prefix of its series; `None` for the admin listener's.
+    series: Option<&'static str>,
     slots: Arc<Semaphore>,
     open: metrics::Gauge,
     rejected: metrics::Counter,
@@ -623,7 +711,35 @@ impl Drop for ConnectionSlot {
 }
 
 impl ConnectionLimit {
-    fn new(max: usize, prefix: &'static str) -> ConnectionLimit {
+    fn new(max: usize, series: Option<&'static str>) -> ConnectionLimit {
+        let (open, rejected, accept_errors) = match series {
+            Some(prefix) => Self::register(max, prefix),
+            None => (
+                metrics::Gauge::noop(),
+                metrics::Counter::noop(),
+                metrics::Counter::noop(),
+            ),
+        };
+        ConnectionLimit {
+            max,
+            series,
+            slots: Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS))),
+            open,
+            rejected,
+            accept_errors,
+            rejecting: Arc::new(Semaphore::new(MAX_REJECTIONS_IN_FLIGHT)),
+            refusal: overloaded_response().into(),
+            accept_errors_log: SharedLogEvery::new(ACCEPT_ERROR_LOG_INTERVAL),
+            refusals_log: SharedLogEvery::new(ACCEPT_ERROR_LOG_INTERVAL),
+        }
+    }
+
+    /// Registers the series of a cap of `max` under `prefix`: the open
+    /// connections, the refusals, the failed accepts.
+    fn register(
+        max: usize,
+        prefix: &'static str,
+    ) -> (metrics::Gauge, metrics::Counter, metrics::Counter) {
         let open_name = format!("{prefix}_connections_open");
         let max_name = format!("{prefix}_connections_max");
         let rejected_name = format!("{prefix}_connections_rejected_total");
@@ -648,17 +764,7 @@ impl ConnectionLimit {
         rejected.absolute(0);
         let accept_errors = metrics::counter!(errors_name);
         accept_errors.absolute(0);
-        ConnectionLimit {
-            max,
-            slots: Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS))),
-            open,
-            rejected,
-            accept_errors,
-            rejecting: Arc::new(Semaphore::new(MAX_REJECTIONS_IN_FLIGHT)),
-            refusal: overloaded_response().into(),
-            accept_errors_log: SharedLogEvery::new(ACCEPT_ERROR_LOG_INTERVAL),
-            refusals_log: SharedLogEvery::new(ACCEPT_ERROR_LOG_INTERVAL),
-        }
+        (open, rejected, accept_errors)
     }
 
     fn try_acquire(&self) -> Option<ConnectionSlot> {

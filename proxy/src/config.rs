@@ -69,6 +69,12 @@ pub struct Config {
     #[arg(long, env = "GITBALL_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
+    /// Address of the admin listener (host:port): `/healthz` and `/metrics` under a connection
+    /// cap of their own, so probes and scrapes get in while downloads fill --max-connections.
+    /// Both stay on --listen too. Default: no admin listener
+    #[arg(long, env = "GITBALL_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+
     /// Routing table (TOML): which archivers serve which owner/repo. Reloaded on SIGHUP;
     /// a file that does not parse keeps the previous table.
     #[arg(long, env = "GITBALL_ROUTES")]

@@ -86,6 +86,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// The admin listener's routes (`--admin-listen`): `/healthz` and
+/// `/metrics`, nothing else.
+pub fn admin_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", any(response::healthz))
+        .route("/metrics", any(metrics))
+        .fallback(response::admin_not_found)
+        .with_state(state)
+}
+
 fn with_request_id(mut response: Response, request_id: &str) -> Response {
     // Either checked by the request-id rule or hex: a valid header value.
     if let Ok(value) = HeaderValue::from_str(request_id) {

@@ -74,7 +74,11 @@ pub async fn run(
     config: Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    Proxy::start(config, shutdown).await?.serve(listener).await
+    let admin = server::bind_admin(config.admin_listen)?;
+    Proxy::start(config, shutdown)
+        .await?
+        .serve(listener, admin)
+        .await
 }
 
 /// A started proxy: routes loaded (or the embedded archiver running),
@@ -166,6 +170,8 @@ impl Proxy {
                     Some((max_connections + EMBEDDED_CONNECTIONS_HEADROOM) as u64);
                 let mut archiver = tokio::spawn(gitball_archiver::run(
                     listener,
+                    // The proxy's own admin listener shows both tiers.
+                    None,
                     repos.clone(),
                     options,
                     shutdown.clone(),
@@ -241,9 +247,15 @@ impl Proxy {
         self.state.routes.clone()
     }
 
-    /// Serves until the shutdown token is cancelled, then drains for the
-    /// grace period and, in embedded mode, waits for the archiver to stop.
-    pub async fn serve(self, listener: TcpListener) -> anyhow::Result<()> {
+    /// Serves on `listener` (and `/healthz` and `/metrics` on `admin`, the
+    /// `--admin-listen` one, when given) until the shutdown token is
+    /// cancelled, then drains for the grace period and, in embedded mode,
+    /// waits for the archiver to stop.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        admin: Option<TcpListener>,
+    ) -> anyhow::Result<()> {
         let address = listener.local_addr()?;
         // An embedded archiver that dies takes the proxy down with it:
         // serving 502 for everything would hide the cause.
@@ -267,6 +279,11 @@ impl Proxy {
             })
         });
 
+        let admin = server::spawn_admin(
+            admin,
+            http::admin_router(self.state.clone()),
+            &self.shutdown,
+        );
         let workers = server::serving_threads();
         let max_connections = self.max_connections;
         let connections = server::Connections::new(max_connections, "gitball_proxy");
@@ -288,6 +305,11 @@ impl Proxy {
                 tracing::warn!(open, "shutdown: grace ran out; open downloads were cut")
             }
             Err(_) => {}
+        }
+        if let Some(admin) = admin {
+            // It stopped accepting with the proxy's listener; its last
+            // connections get a second.
+            let _ = admin.await;
         }
         if let Some(archiver) = archiver {
             archiver

@@ -39,9 +39,10 @@ async fn main() -> anyhow::Result<()> {
     let listener =
         gitball_core::server::bind(config.listen, config.archiver.tcp_congestion.as_deref())
             .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let admin = gitball_core::server::bind_admin(config.admin_listen)?;
     let proxy = gitball_proxy::Proxy::start(config, shutdown).await?;
     tokio::spawn(reload_on_sighup(hangup, proxy.routes()));
-    proxy.serve(listener).await
+    proxy.serve(listener, admin).await
 }
 
 fn sign(args: &SignArgs) -> anyhow::Result<()> {
