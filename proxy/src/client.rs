@@ -66,19 +66,23 @@ pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &TrustedProxie
     if !trusted.contains(peer) {
         return peer;
     }
-    // Every X-Forwarded-For line, in order, as one list.
-    let hops: Vec<&str> = headers
+    // Every X-Forwarded-For line, in order, as one list. Split as bytes: a
+    // line is one value to nginx, which appends the client's address to
+    // whatever the client wrote on it, so a byte that is not UTF-8 must
+    // spoil only the entry it is in, not the address appended after it.
+    let hops: Vec<&[u8]> = headers
         .get_all(X_FORWARDED_FOR)
         .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .map(str::trim)
+        .flat_map(|value| value.as_bytes().split(|byte| *byte == b','))
         .collect();
     let mut client = peer;
     for hop in hops.iter().rev() {
         // Garbage can only have come from the client's side of the chain:
         // stop at the last address a trusted hop vouched for.
-        let Ok(address) = hop.parse::<IpAddr>() else {
+        let Some(address) = std::str::from_utf8(hop)
+            .ok()
+            .and_then(|hop| hop.trim().parse::<IpAddr>().ok())
+        else {
             break;
         };
         client = canonical(address);
@@ -146,6 +150,30 @@ mod tests {
         let headers = forwarded(&["junk, 10.1.2.3"]);
         assert_eq!(client_address(peer, &headers, &trusted), ip("10.1.2.3"));
         let headers = forwarded(&["::ffff:203.0.113.9"]);
+        assert_eq!(client_address(peer, &headers, &trusted), ip("203.0.113.9"));
+    }
+
+    /// A client behind nginx wrote a byte that is not UTF-8 into its own
+    /// `X-Forwarded-For`; nginx appended its address on the same line. That
+    /// address is still the client, not nginx's own (which would put every
+    /// such client in the trusted proxy's budget).
+    #[test]
+    fn a_client_written_entry_that_is_not_utf8_spoils_only_itself() {
+        let trusted = parse_trusted_proxies("127.0.0.1").unwrap();
+        let peer = ip("127.0.0.1");
+        let mut headers = HeaderMap::new();
+        headers.append(
+            X_FORWARDED_FOR,
+            HeaderValue::from_bytes(b"1\xff, 203.0.113.9").unwrap(),
+        );
+        assert_eq!(client_address(peer, &headers, &trusted), ip("203.0.113.9"));
+        // A line of its own that is not UTF-8, then nginx's.
+        let mut headers = HeaderMap::new();
+        headers.append(
+            X_FORWARDED_FOR,
+            HeaderValue::from_bytes(b"\xfe\xff").unwrap(),
+        );
+        headers.append(X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.9"));
         assert_eq!(client_address(peer, &headers, &trusted), ip("203.0.113.9"));
     }
 }
