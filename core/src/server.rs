@@ -444,13 +444,10 @@ where
     S::Future: Unpin,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut full_parse = false;
+    // After the switch: the full cap, with what was left of the head timer.
+    let mut full: Option<hyper::server::conn::http1::Builder> = None;
     loop {
-        let builder = if full_parse {
-            &builders.full
-        } else {
-            &builders.lean
-        };
+        let builder = full.as_ref().unwrap_or(&builders.lean);
         let mut connection = builder.serve_connection(TokioIo::new(stream), service);
         let ended = {
             let mut cancelled = std::pin::pin!(shutdown.cancelled());
@@ -492,6 +489,7 @@ where
                     return Ok(());
                 }
                 stream.unread(&parts.read_buf);
+                stream.restart_head_wait();
                 continue;
             }
             Ended::Hyper(ended) => {
@@ -504,7 +502,7 @@ where
         };
         // The watch ends hyper's input where it held bytes back; hyper calls
         // a partial head at the end of its input an incomplete message.
-        let switch = !full_parse
+        let switch = full.is_none()
             && needs_full_parse.is_set()
             && ended
                 .as_ref()
@@ -519,8 +517,23 @@ where
             let _ = stream.shutdown().await;
             return Ok(());
         }
+        // The head held back has been due since the last response ended
+        // (or the connection began): a new hyper connection would give it
+        // a fresh 10 s, twice the bound for a client trickling a long head.
+        // It gets what is left, as do later heads on this connection (a
+        // stricter bound, for the rare connection that once sent a long
+        // head).
+        let Some(left) = HEADER_READ_TIMEOUT
+            .checked_sub(stream.head_wait_started().elapsed())
+            .filter(|left| !left.is_zero())
+        else {
+            let _ = stream.shutdown().await;
+            return Ok(());
+        };
+        let mut switched = builders.full.clone();
+        switched.header_read_timeout(left);
+        full = Some(switched);
         stream.replay(&parts.read_buf);
-        full_parse = true;
     }
 }
 
@@ -1482,6 +1495,47 @@ mod tests {
         ];
         let response = converse(&writes).await;
         assert_eq!(response.matches("HTTP/1.1 200 OK").count(), 3, "{response}");
+    }
+
+    #[tokio::test]
+    async fn a_long_head_trickled_in_is_cut_within_the_head_timeout_of_its_start() {
+        // 70 header lines over about 8 s (the switch to the full cap comes
+        // after the 64th), then one every 250 ms: the head is cut
+        // unanswered at 10 s from the connection's start, as a short head
+        // would be, not 10 s after the switch.
+        let router = Router::new().route("/", get(|| async { "served" }));
+        let server = TestLoop::start(router, Connections::new(16, "test_trickle")).await;
+        let started = Instant::now();
+        let stream = tokio::net::TcpStream::connect(server.address)
+            .await
+            .unwrap();
+        let (mut reader, mut writer) = stream.into_split();
+        let closed = tokio::spawn(async move {
+            let mut answer = Vec::new();
+            let _ = reader.read_to_end(&mut answer).await;
+            (started.elapsed(), answer)
+        });
+        writer
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        for line in 0..200 {
+            let pause = if line < 70 { 115 } else { 250 };
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+            if closed.is_finished() || writer.write_all(b"a: b\r\n").await.is_err() {
+                break;
+            }
+        }
+        let (after, answer) = tokio::time::timeout(TEST_TIMEOUT, closed)
+            .await
+            .expect("the connection was closed")
+            .unwrap();
+        server.stop().await;
+        assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+        assert!(
+            after < HEADER_READ_TIMEOUT + Duration::from_secs(2),
+            "the head was cut {after:?} after the connection began"
+        );
     }
 
     #[tokio::test]

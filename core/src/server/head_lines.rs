@@ -39,6 +39,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
+use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -122,6 +123,11 @@ pub struct HeadLines<S> {
     /// first (they were watched when they were first read).
     unparsed: Vec<u8>,
     needs_full_parse: NeedsFullParse,
+    /// While watching: when the connection was accepted or last wrote (a
+    /// response's end), which is when hyper's head timer for the next
+    /// head started. The switch gives the head held back what is left of
+    /// that timer, not a fresh one ([`HeadLines::head_wait_started`]).
+    head_wait_started: Instant,
 }
 
 impl<S> HeadLines<S> {
@@ -133,6 +139,26 @@ impl<S> HeadLines<S> {
             handed: 0,
             unparsed: Vec::new(),
             needs_full_parse,
+            head_wait_started: Instant::now(),
+        }
+    }
+
+    /// When the head being read became due: the connection's start, its
+    /// last write, or the last [`HeadLines::restart_head_wait`].
+    pub fn head_wait_started(&self) -> Instant {
+        self.head_wait_started
+    }
+
+    /// A new hyper connection takes over the socket (after a body sent
+    /// around hyper): its head timer starts now.
+    pub fn restart_head_wait(&mut self) {
+        self.head_wait_started = Instant::now();
+    }
+
+    /// Notes a write while watching: a response (or part of one) went out.
+    fn wrote(&mut self, written: &io::Result<usize>) {
+        if self.run.is_some() && matches!(written, Ok(count) if *count > 0) {
+            self.head_wait_started = Instant::now();
         }
     }
 
@@ -213,7 +239,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for HeadLines<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let written = ready!(Pin::new(&mut self.inner).poll_write(cx, buf));
+        self.wrote(&written);
+        Poll::Ready(written)
     }
 
     fn poll_write_vectored(
@@ -221,7 +249,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for HeadLines<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let written = ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, bufs));
+        self.wrote(&written);
+        Poll::Ready(written)
     }
 
     fn is_write_vectored(&self) -> bool {
