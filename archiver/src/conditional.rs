@@ -79,26 +79,41 @@ pub fn requested_range(
     etag: &str,
     len: u64,
 ) -> Result<Option<ByteRange>, Unsatisfiable> {
-    let Some(range) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
+    // Neither field is a list (RFC 9110, 14.2 and 13.1.5): a repeated one
+    // is invalid, and the range is ignored as a malformed one is.
+    let Some(range) = single(headers, header::RANGE).and_then(|v| v.to_str().ok()) else {
         return Ok(None);
     };
     // Compared as bytes: a value that is not visible ASCII is no match (as
     // text it was no header at all, and the range was honoured).
-    if let Some(if_range) = headers.get(header::IF_RANGE)
-        && if_range.as_bytes().trim_ascii() != etag.as_bytes()
-    {
-        return Ok(None);
+    match (
+        single(headers, header::IF_RANGE),
+        headers.contains_key(header::IF_RANGE),
+    ) {
+        (Some(if_range), _) if if_range.as_bytes().trim_ascii() == etag.as_bytes() => {}
+        (None, false) => {}
+        _ => return Ok(None),
     }
     parse_range(range, len)
 }
 
+/// The one line of `name`, or `None` when it is absent or repeated.
+fn single(headers: &HeaderMap, name: header::HeaderName) -> Option<&http::HeaderValue> {
+    let mut values = headers.get_all(name).iter();
+    let value = values.next()?;
+    values.next().is_none().then_some(value)
+}
+
 /// A position in a range: ASCII digits only (RFC 9110 `1*DIGIT`), not what
-/// `str::parse` also takes (a leading `+`).
+/// `str::parse` also takes (a leading `+`). A number past `u64` is
+/// `u64::MAX`, which is past every archive's end: a `last` that large is
+/// clamped to the end and a `first` unsatisfiable, as for any other
+/// position past the end.
 fn digits(text: &str) -> Option<u64> {
-    text.bytes()
-        .all(|byte| byte.is_ascii_digit())
-        .then(|| text.parse().ok())
-        .flatten()
+    if text.is_empty() || !text.bytes().all(|byte| byte.is_ascii_digit()) {
+        return None;
+    }
+    Some(text.parse().unwrap_or(u64::MAX))
 }
 
 /// Parses a single byte range. `Ok(None)`: ignore the header (not bytes,
@@ -183,6 +198,38 @@ mod tests {
         assert_eq!(parse_range("bytes=1000-", 1000), Err(Unsatisfiable));
         assert_eq!(parse_range("bytes=-0", 1000), Err(Unsatisfiable));
         assert_eq!(parse_range("bytes=0-", 0), Err(Unsatisfiable));
+    }
+
+    #[test]
+    fn positions_past_u64_are_past_the_end() {
+        // Attack: these were ignored (a 200 of the whole archive).
+        let huge = "99999999999999999999999";
+        assert_eq!(parse_range(&format!("bytes=0-{huge}"), 1000), range(0, 999));
+        assert_eq!(
+            parse_range(&format!("bytes={huge}-"), 1000),
+            Err(Unsatisfiable)
+        );
+        assert_eq!(
+            parse_range(&format!("bytes={huge}-{huge}"), 1000),
+            Err(Unsatisfiable)
+        );
+        assert_eq!(parse_range(&format!("bytes=-{huge}"), 1000), range(0, 999));
+    }
+
+    #[test]
+    fn a_repeated_range_or_if_range_line_ignores_the_range() {
+        let mut headers = HeaderMap::new();
+        headers.append(header::RANGE, HeaderValue::from_static("bytes=0-9"));
+        headers.append(header::RANGE, HeaderValue::from_static("bytes=20-29"));
+        assert_eq!(requested_range(&headers, "\"e\"", 100), Ok(None));
+        let mut headers = HeaderMap::new();
+        headers.append(header::RANGE, HeaderValue::from_static("bytes=0-9"));
+        headers.append(header::IF_RANGE, HeaderValue::from_static("\"e\""));
+        headers.append(header::IF_RANGE, HeaderValue::from_static("\"nope\""));
+        assert_eq!(requested_range(&headers, "\"e\"", 100), Ok(None));
+        headers.remove(header::IF_RANGE);
+        headers.append(header::IF_RANGE, HeaderValue::from_static("\"e\""));
+        assert_eq!(requested_range(&headers, "\"e\"", 100), range(0, 9));
     }
 
     #[test]
