@@ -531,14 +531,24 @@ impl Cache {
         gauge!(m::GENERATIONS_IN_FLIGHT).increment(1.0);
         let started = Instant::now();
         let accounted = Arc::new(AtomicU64::new(0));
+        // Set when the bound refused a growth: the generation's bytes left
+        // `bytes` then, not when it has been torn down (`Cache::grow`).
+        let refused = Arc::new(AtomicBool::new(false));
         let grown: generate::RoomFor = {
             let cache = self.clone();
             let accounted = accounted.clone();
+            let refused = refused.clone();
             let progress = progress.clone();
             let key = key.clone();
             Arc::new(move |len| {
+                if refused.load(Ordering::Acquire) {
+                    return false;
+                }
                 let previous = accounted.swap(len, Ordering::AcqRel);
-                let fits = cache.grow(&key, len.saturating_sub(previous));
+                let fits = cache.grow(&key, len.saturating_sub(previous), len);
+                if !fits {
+                    refused.store(true, Ordering::Release);
+                }
                 progress.send_modify(|p| p.written = len);
                 fits
             })
@@ -581,7 +591,11 @@ impl Cache {
             Err(failure) => {
                 counter!(m::GENERATIONS_TOTAL, "format" => format, "outcome" => failure.outcome())
                     .increment(1);
-                self.fail(&key, &partial, written, failure, &progress);
+                if refused.load(Ordering::Acquire) {
+                    self.fail_refused(&key, &partial, written, failure, &progress);
+                } else {
+                    self.fail(&key, &partial, written, failure, &progress);
+                }
                 return;
             }
         };
@@ -634,13 +648,40 @@ impl Cache {
         failure: Failure,
         progress: &watch::Sender<Progress>,
     ) {
+        self.fail_counting(key, partial, written, written, failure, progress);
+    }
+
+    /// [`Cache::fail`] for a generation the bound refused: its `written`
+    /// bytes already left `bytes` at the refusal.
+    fn fail_refused(
+        &self,
+        key: &str,
+        partial: &Path,
+        written: u64,
+        failure: Failure,
+        progress: &watch::Sender<Progress>,
+    ) {
+        self.fail_counting(key, partial, written, 0, failure, progress);
+    }
+
+    /// Ends a failed generation that wrote `written` bytes, of which
+    /// `counted` are still in `bytes`.
+    fn fail_counting(
+        &self,
+        key: &str,
+        partial: &Path,
+        written: u64,
+        counted: u64,
+        failure: Failure,
+        progress: &watch::Sender<Progress>,
+    ) {
         if let Err(error) = std::fs::remove_file(partial) {
             tracing::error!(%error, "cannot remove a failed partial file");
         }
         let generation = {
             let mut index = self.lock();
             let generation = index.generating.remove(key);
-            index.bytes -= written;
+            index.bytes -= counted;
             self.publish(&index);
             generation
         };
@@ -713,14 +754,23 @@ impl Cache {
             })
     }
 
-    /// Accounts `delta` more bytes written by the generation of `key`;
-    /// evicts to make room, as far as the policy lets that key. False if
-    /// the bound cannot be kept: nothing left to evict, or the rest is
-    /// requested more often than `key`.
-    fn grow(&self, key: &str, delta: u64) -> bool {
+    /// Accounts `delta` more bytes written by the generation of `key`,
+    /// `total` in all; evicts to make room, as far as the policy lets that
+    /// key. False if the bound cannot be kept: nothing left to evict, or
+    /// the rest is requested more often than `key`. The refused generation
+    /// then fails, and its `total` bytes leave `bytes` here, under the same
+    /// lock: generations running together whose sum passes the bound lose
+    /// one of them, not every one that writes before the first was torn
+    /// down (its child killed and reaped, tens of milliseconds; attack).
+    /// Its file is on disk until then, counted nowhere.
+    fn grow(&self, key: &str, delta: u64, total: u64) -> bool {
         let mut index = self.lock();
         index.bytes += delta;
         let short = self.evict(&mut index, Some(key));
+        let fits = index.bytes <= self.settings.max_bytes;
+        if !fits {
+            index.bytes -= total;
+        }
         self.publish(&index);
         if short == Some(Short::Denied) {
             counter!(m::CACHE_ADMISSION_REJECTIONS_TOTAL).increment(1);
@@ -729,7 +779,7 @@ impl Cache {
                 "generation denied room: the archives left are requested more often than it"
             );
         }
-        index.bytes <= self.settings.max_bytes
+        fits
     }
 
     /// The cache's file system is full while the generation of `key`
@@ -1741,6 +1791,38 @@ mod tests {
             assert!(names_in(&stub.cache_dir()).is_empty());
             assert!(cache.peek(&stub.spec(1)).is_none(), "nothing indexed");
             assert_eq!(stub.runs().len(), 1, "git did run");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn generations_whose_sum_passes_the_bound_lose_one_not_all() {
+        // Two 512 KiB archives at once under a bound of 1.5 times one: one alone
+        // fits, both do not. The one whose write passes the bound fails
+        // and gives its bytes back at once, so the other completes; they
+        // both failed when the first held its bytes until it was torn
+        // down (attack: a burst of large cold archives all aborted). Ten
+        // rounds, each on a fresh cache, as the two interleave by chance.
+        let out = vec![b'z'; 512 << 10];
+        for round in 0..10 {
+            let stub = StubGit::printing(&out);
+            let archive = HEADER_LEN + out.len() as u64;
+            let cache = open(&stub, archive * 3 / 2);
+            let first = miss(cache.lookup(stub.spec(1), CLIENT, "first"));
+            let second = miss(cache.lookup(stub.spec(2), CLIENT, "second"));
+            let (first, second) = (
+                within(first.finished()).await,
+                within(second.finished()).await,
+            );
+            let completed = [&first, &second]
+                .iter()
+                .filter(|state| matches!(state, State::Complete(_)))
+                .count();
+            assert!(
+                completed >= 1,
+                "round {round}: both failed ({first:?}, {second:?})"
+            );
+            assert!(bytes(&cache) <= archive * 3 / 2);
+            assert_eq!(bytes(&cache), indexed_bytes(&cache));
         }
     }
 
