@@ -50,7 +50,7 @@ use tracing::Instrument;
 use crate::generate::{self, Failure, Limits, Spec};
 use crate::metrics as m;
 use crate::queue;
-use crate::shadow::Shadows;
+use crate::shadow::{SHADOWS_PREFIX, Shadows};
 
 pub mod policy;
 
@@ -288,11 +288,24 @@ impl Cache {
                 }
                 continue;
             }
+            if name.starts_with(SHADOWS_PREFIX) {
+                // Shadow git dirs of an archiver that was killed (the lock
+                // says none runs on this dir now).
+                if entry.file_type()?.is_dir() {
+                    std::fs::remove_dir_all(entry.path())?;
+                }
+                continue;
+            }
             let Some((key, sha256)) = parse_complete_name(name) else {
                 continue;
             };
+            // Not followed if a symlink.
             let metadata = entry.metadata()?;
             if !metadata.is_file() {
+                // Named as an archive, but a directory, a link or a fifo:
+                // it would make that archive's rename fail on every
+                // generation, for good (attack). The name is the cache's.
+                remove_not_a_file(&entry.path(), metadata.is_dir());
                 continue;
             }
             found.push(Restored {
@@ -353,7 +366,7 @@ impl Cache {
         let restored = index.complete.len();
         let cache = Cache {
             _lock: lock,
-            shadows: Shadows::create()?,
+            shadows: Shadows::create_in(&settings.dir)?,
             slots: queue::Slots::new(settings.max_generations),
             settings,
             index: Mutex::new(index),
@@ -1091,6 +1104,26 @@ fn content_sha256(path: &Path) -> io::Result<[u8; 32]> {
 }
 
 /// `{key}-{sha256}`, both 64 lower-case hex digits.
+/// Removes what is at `path`, named as an archive but not a file, saying so.
+fn remove_not_a_file(path: &Path, is_dir: bool) {
+    let removed = if is_dir {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    };
+    match removed {
+        Ok(()) => tracing::warn!(
+            path = %path.display(),
+            "removed from the cache dir: named as an archive, but not a file"
+        ),
+        Err(error) => tracing::error!(
+            %error,
+            path = %path.display(),
+            "cannot remove what is named as an archive but is not a file; that archive cannot be cached"
+        ),
+    }
+}
+
 fn parse_complete_name(name: &str) -> Option<(String, [u8; 32])> {
     let (key, sha256) = name.split_once('-')?;
     let is_hex64 =
@@ -1879,9 +1912,18 @@ mod tests {
             Cache::key(&stub.spec(4))
         );
         std::fs::create_dir(dir.join(&partial_dir)).unwrap();
-        // Named like an entry, but a directory.
+        // Named like an entry, but a directory (with something in it), and
+        // a symlink: removed, as they would fail that archive's rename for
+        // good; what the link leads to stays.
         let odd_dir = format!("{}-{}", Cache::key(&stub.spec(3)), "0".repeat(64));
         std::fs::create_dir(dir.join(&odd_dir)).unwrap();
+        std::fs::write(dir.join(&odd_dir).join("inside"), b"x").unwrap();
+        let target = stub.cache_dir().with_file_name("target");
+        std::fs::write(&target, b"not the cache's").unwrap();
+        let link = format!("{}-{}", Cache::key(&stub.spec(5)), "1".repeat(64));
+        std::os::unix::fs::symlink(&target, dir.join(&link)).unwrap();
+        // The shadow git dirs of an archiver killed on this dir.
+        std::fs::create_dir_all(dir.join("shadows-old/repo.git")).unwrap();
         let upper = format!("{}-{}", key.to_uppercase(), "0".repeat(64));
         std::fs::write(dir.join(&upper), b"not ours either").unwrap();
 
@@ -1891,15 +1933,15 @@ mod tests {
         assert_eq!(file.len, 300);
         assert_eq!(file.sha256, sha256(&data));
         assert_eq!(file.path, dir.join(&complete_name));
-        let mut expected = vec![
-            complete_name,
-            upper,
-            odd_dir,
-            partial_dir,
-            "notes.txt".to_owned(),
-        ];
+        let mut expected = vec![complete_name, upper, partial_dir, "notes.txt".to_owned()];
         expected.sort();
-        assert_eq!(names_in(&dir), expected, "the partial was deleted");
+        assert_eq!(
+            names_in(&dir),
+            expected,
+            "the partial, the directory and the link named as archives were deleted"
+        );
+        assert!(target.exists());
+        assert!(!dir.join("shadows-old").exists());
         assert!(cache.peek(&stub.spec(3)).is_none());
         assert!(stub.runs().is_empty(), "a restart runs no git");
     }

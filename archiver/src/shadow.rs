@@ -65,12 +65,19 @@ pub struct Shadows {
     root: tempfile::TempDir,
 }
 
+/// How the name of a [`Shadows`] root begins.
+pub const SHADOWS_PREFIX: &str = "shadows-";
+
 impl Shadows {
-    pub fn create() -> io::Result<Shadows> {
+    /// A root in `parent`: the cache dir, whose lock makes it this
+    /// archiver's alone, so that one a killed archiver left behind (never
+    /// dropped) is found and removed at the next start
+    /// (`Cache::open`), not left in a temp dir for good.
+    pub fn create_in(parent: &Path) -> io::Result<Shadows> {
         let root = tempfile::Builder::new()
-            .prefix("gitball-archiver-")
+            .prefix(SHADOWS_PREFIX)
             .permissions(private())
-            .tempdir()?;
+            .tempdir_in(parent)?;
         Ok(Shadows { root })
     }
 
@@ -217,7 +224,7 @@ mod tests {
         .unwrap();
         fs::write(git_dir.join("HEAD"), "ref: refs/heads/trunk\n").unwrap();
         fs::write(git_dir.join("config"), "[tar \"zip\"]\n\tcommand = evil\n").unwrap();
-        let shadows = Shadows::create().unwrap();
+        let shadows = Shadows::create_in(&std::env::temp_dir()).unwrap();
         let shadow = shadows.prepare(&git_dir, &git_dir).unwrap();
         assert_eq!(fs::read_to_string(shadow.join("config")).unwrap(), CONFIG);
         assert_eq!(
@@ -281,7 +288,7 @@ mod tests {
         git(&["-C", w, "branch", "loose"]);
         let git_dir = work.join(".git");
         let refs = RefsSnapshot::at(&git_dir).unwrap();
-        let shadows = Shadows::create().unwrap();
+        let shadows = Shadows::create_in(&std::env::temp_dir()).unwrap();
         let snapshot = shadows.snapshot(&git_dir, &refs).unwrap();
         let listed = |git_dir: &Path| {
             let g = format!("--git-dir={}", git_dir.display());

@@ -245,6 +245,8 @@ pub fn names_in(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
         .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        // The cache's own shadow git dirs.
+        .filter(|name| !name.starts_with(crate::shadow::SHADOWS_PREFIX))
         .collect();
     names.sort();
     names

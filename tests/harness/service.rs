@@ -438,7 +438,10 @@ impl Archiver {
 
     /// Names of the files in the cache dir.
     pub fn cache_files(&self) -> Vec<String> {
-        dir_file_names(&self.cache_dir)
+        let mut names = dir_file_names(&self.cache_dir);
+        // The archiver's own shadow git dirs (docs/archiver.md, "Cache").
+        names.retain(|name| !name.starts_with("shadows-"));
+        names
     }
 
     /// Sum of the sizes of the files in the cache dir.
