@@ -2236,6 +2236,22 @@ fn refused_tokens_look_like_an_unknown_repository() {
             token(key, "acme/secret:main", now + 300)
         ),
     ));
+    // The head too, line by line (attack: hyper put the refusal's length
+    // after the request id, the forwarded 404's before it), for GET and
+    // HEAD; only the values that differ per request may differ.
+    let shape = |head: &ResponseHead| -> Vec<(String, String)> {
+        head.headers
+            .iter()
+            .map(|(name, value)| {
+                let value = match name.as_str() {
+                    "date" | "x-request-id" => "…".to_owned(),
+                    _ => value.clone(),
+                };
+                (name.clone(), value)
+            })
+            .collect()
+    };
+    let unknown_head = fetch_with(addr, "HEAD", "/acme/no-such-repo/archive/main.tar", &[]);
     for (what, path) in &cases {
         let answer = fetch(addr, path);
         assert_eq!(answer.status(), 404, "{what}: {path}");
@@ -2245,11 +2261,14 @@ fn refused_tokens_look_like_an_unknown_repository() {
             json, unknown_json,
             "{what}: the refusal differs from an unknown repository's 404"
         );
+        assert_eq!(shape(&answer.head), shape(&unknown.head), "{what}: GET head");
+        let head = fetch_with(addr, "HEAD", path, &[]);
+        assert_eq!(shape(&head.head), shape(&unknown_head.head), "{what}: HEAD");
     }
     assert_eq!(
         route.archiver_requests(),
-        1.0,
-        "only the unknown repository reached the archiver"
+        2.0,
+        "only the unknown repository reached the archiver (GET and HEAD)"
     );
 }
 

@@ -12,15 +12,22 @@ use crate::protocol::code;
 /// The one error body: `{"error": code, "message": text}` as JSON, never
 /// stored by a cache (`no-store`): a cached `404` for a token that becomes
 /// valid, or a cached `503`, would outlive its cause.
+///
+/// `Content-Length` is a header of its own, next to the others, rather than
+/// left to hyper, which writes it after every header the tiers add later:
+/// the proxy's own `404` for a private repository's refused token would
+/// then differ, in the order of its lines, from the archiver's `404` for a
+/// repository that does not exist, which the proxy passes on (attack).
 pub fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
-    let body = serde_json::json!({ "error": code, "message": message });
+    let body = serde_json::json!({ "error": code, "message": message }).to_string();
     (
         status,
         [
-            (header::CONTENT_TYPE, "application/json"),
-            (header::CACHE_CONTROL, "no-store"),
+            (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+            (header::CONTENT_LENGTH, HeaderValue::from(body.len())),
         ],
-        body.to_string(),
+        body,
     )
         .into_response()
 }
