@@ -1257,15 +1257,43 @@ fn a_stalled_download_parks_and_resumes_with_the_same_bytes() {
     let (big, cluster) = warm_big_cluster(&sandbox, &["--park-after", PARK_AFTER]);
     warm_up(&cluster, big);
 
-    let (mut connection, head, hasher, received) =
+    let (mut connection, head, mut hasher, mut received) =
         stall_until_parked(&cluster.proxy, cluster.primary.addr, BIG_PATH);
     assert_eq!(head.header("x-gitball-cache"), Some("hit"));
     let digest = head.header("repr-digest").expect("a hit has a digest");
 
+    // The client reads again until the download resumed (the socket
+    // buffers held some bytes), then stalls again: parked again after
+    // --park-after, not only once the idle timeout (60 s) comes (attack:
+    // the watchdog slept through the resume).
+    let resumed = |proxy: &Proxy| {
+        proxy
+            .scrape()
+            .value("gitball_proxy_resumes_total", &[("outcome", "resumed")])
+            >= 1.0
+    };
+    while !resumed(&cluster.proxy) {
+        assert!(
+            received < big.full_length / 2,
+            "not resumed after {received} bytes"
+        );
+        let piece = connection.read_body_bytes(256 * 1024).expect("more bytes");
+        hasher.update(&piece);
+        received += piece.len() as u64;
+    }
+    assert!(
+        wait_until(SETTLE, || cluster
+            .proxy
+            .scrape()
+            .value("gitball_proxy_parked_downloads", &[])
+            == 1.0),
+        "the resumed download, stalled again, was not parked again"
+    );
+
     // The client reads again: the rest comes by a range request.
     read_rest_and_check(&mut connection, hasher, received, digest, big, "resumed");
     let metrics = cluster.proxy.scrape();
-    assert!(metrics.value("gitball_proxy_resumes_total", &[("outcome", "resumed")]) >= 1.0);
+    assert!(metrics.value("gitball_proxy_resumes_total", &[("outcome", "resumed")]) >= 2.0);
     assert_eq!(
         metrics.value("gitball_proxy_resumes_total", &[("outcome", "failed")]),
         0.0
@@ -2261,7 +2289,11 @@ fn refused_tokens_look_like_an_unknown_repository() {
             json, unknown_json,
             "{what}: the refusal differs from an unknown repository's 404"
         );
-        assert_eq!(shape(&answer.head), shape(&unknown.head), "{what}: GET head");
+        assert_eq!(
+            shape(&answer.head),
+            shape(&unknown.head),
+            "{what}: GET head"
+        );
         let head = fetch_with(addr, "HEAD", path, &[]);
         assert_eq!(shape(&head.head), shape(&unknown_head.head), "{what}: HEAD");
     }

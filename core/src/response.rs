@@ -23,7 +23,10 @@ pub fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
     (
         status,
         [
-            (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
             (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
             (header::CONTENT_LENGTH, HeaderValue::from(body.len())),
         ],

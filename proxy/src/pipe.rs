@@ -186,6 +186,9 @@ struct Shared {
     /// Set by the watchdog when it released the upstream of a download
     /// whose client takes nothing; cleared when the download resumed.
     parked: AtomicBool,
+    /// Wakes the watchdog when a parked download resumed: it does not look
+    /// for a stall while parked, and the next may come at once.
+    resumed: tokio::sync::Notify,
     started: Instant,
 }
 
@@ -206,6 +209,8 @@ impl Shared {
     fn unpark(&self) {
         if self.parked.swap(false, Ordering::AcqRel) {
             crate::metrics::parked_downloads(-1.0);
+            // A permit if the watchdog is not waiting yet: not lost.
+            self.resumed.notify_one();
         }
     }
 }
@@ -342,6 +347,7 @@ impl Pipe {
             waiting_since_ms: AtomicU64::new(NOT_WAITING),
             idle_timed_out: AtomicBool::new(false),
             parked: AtomicBool::new(false),
+            resumed: tokio::sync::Notify::new(),
             started: Instant::now(),
         });
         Pipe {
@@ -487,7 +493,18 @@ async fn watch(shared: Arc<Shared>, idle_timeout: Duration, park: Option<Park>) 
                 None => wait_ms = wait_ms.min(after_ms),
             }
         }
-        tokio::time::sleep(Duration::from_millis(wait_ms.max(1))).await;
+        let sleep = tokio::time::sleep(Duration::from_millis(wait_ms.max(1)));
+        if park.is_some() && shared.parked.load(Ordering::Acquire) {
+            // Parked, the wait above is the idle timeout's alone: a resumed
+            // download that stalls again is parked after `--park-after`,
+            // not when that wait ends (attack: up to a minute later).
+            tokio::select! {
+                () = sleep => {}
+                () = shared.resumed.notified() => {}
+            }
+        } else {
+            sleep.await;
+        }
     }
 }
 
