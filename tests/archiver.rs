@@ -1948,6 +1948,72 @@ fn a_cached_file_deleted_behind_the_archivers_back_is_generated_anew() {
     }
 }
 
+/// `docs/archiver.md`, "Cache dir": a cache dir removed while the
+/// archiver runs, or removed and made again (no longer the directory it
+/// locked), fails `/healthz` (on `--listen` and on the admin listener)
+/// until a restart, which locks what the path names now (attack: every
+/// request was a `500` and `/healthz` said ok).
+#[test]
+fn a_cache_dir_removed_while_running_fails_healthz_until_a_restart() {
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "widget");
+    repo.write("README", "hello\n");
+    repo.commit_all(T1, "one");
+    let cache_dir = sandbox.path("cache");
+    let archiver = Archiver::start_with_cache(
+        &sandbox.repos(),
+        &cache_dir,
+        &["--admin-listen", "127.0.0.1:0"],
+    );
+    let admin = gitball_e2e::listen_address(&archiver.log(), "admin listener serving")
+        .expect("the admin listener's address");
+    assert_eq!(archiver.get("/healthz").status().as_u16(), 200);
+    assert_eq!(
+        archiver
+            .get("/acme/widget/archive/main.tar")
+            .status()
+            .as_u16(),
+        200
+    );
+
+    std::fs::remove_dir_all(&archiver.cache_dir).expect("remove the cache dir");
+    for (what, made_again) in [("removed", false), ("made again", true)] {
+        if made_again {
+            std::fs::create_dir(&archiver.cache_dir).expect("make it again");
+        }
+        for addr in [archiver.addr, admin] {
+            let (head, body, _) =
+                RawConnection::request(addr, "GET", "/healthz", &[]).expect("/healthz");
+            assert_eq!(
+                head.status,
+                503,
+                "{what}: {}",
+                String::from_utf8_lossy(&body)
+            );
+            let json: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+            assert_eq!(json["error"], "unavailable", "{what}");
+        }
+    }
+    assert!(
+        archiver
+            .log()
+            .contains("the cache dir was removed or replaced while the archiver ran"),
+        "{}",
+        archiver.log()
+    );
+
+    drop(archiver);
+    let archiver = Archiver::start_with_cache(&sandbox.repos(), &cache_dir, &[]);
+    assert_eq!(archiver.get("/healthz").status().as_u16(), 200);
+    assert_eq!(
+        archiver
+            .get("/acme/widget/archive/main.tar")
+            .status()
+            .as_u16(),
+        200
+    );
+}
+
 /// `docs/archiver.md#held-bytes`: a cache dir on a filesystem smaller than
 /// `--cache-max-bytes` is said at start (the cache then keeps less than
 /// its bound, and generations fail when readers pin what it evicts:

@@ -266,6 +266,21 @@ impl Index {
 }
 
 impl Cache {
+    /// Whether `--cache-dir` still names the directory this cache locked
+    /// at start. Removed, or removed and made again, or a symlink moved to
+    /// another directory while the archiver ran, it does not: generations
+    /// fail or write into a directory no lock guards, and only a restart
+    /// (which locks what the path names now) mends that. `/healthz` says
+    /// so.
+    pub fn dir_intact(&self) -> bool {
+        let Ok(locked) = self._lock.metadata() else {
+            return false;
+        };
+        std::fs::metadata(&self.settings.dir).is_ok_and(|named| {
+            named.dev() == locked.dev() && named.ino() == locked.ino() && locked.nlink() > 0
+        })
+    }
+
     /// Opens (creating, mode 0700) the cache directory, takes its lock,
     /// deletes leftover partials and re-indexes complete files whose bytes
     /// are still what their name says. Of several complete files of one key

@@ -74,7 +74,7 @@ pub struct App {
 
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
-        .route("/healthz", any(response::healthz))
+        .route("/healthz", any(healthz))
         .route("/metrics", any(render_metrics))
         .fallback(archive)
         .with_state(app)
@@ -84,10 +84,31 @@ pub fn router(app: Arc<App>) -> Router {
 /// `/metrics`, nothing else.
 pub fn admin_router(app: Arc<App>) -> Router {
     Router::new()
-        .route("/healthz", any(response::healthz))
+        .route("/healthz", any(healthz))
         .route("/metrics", any(render_metrics))
         .fallback(response::admin_not_found)
         .with_state(app)
+}
+
+/// `/healthz`: `200` while the archiver serves, `503 unavailable` once its
+/// cache dir is not the one it locked (`Cache::dir_intact`), which only a
+/// restart mends: an orchestrator's probe restarts it, a balancer's takes
+/// it out.
+async fn healthz(State(app): State<Arc<App>>, method: Method) -> Response {
+    if response::is_allowed(&method) && !app.cache.dir_intact() {
+        static LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !LOGGED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::error!(
+                "the cache dir was removed or replaced while the archiver ran; /healthz fails until it is restarted"
+            );
+        }
+        return response::json_error(
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            gitball_core::protocol::code::UNAVAILABLE,
+            "the cache dir was removed or replaced while the archiver ran: restart it",
+        );
+    }
+    response::healthz(method).await
 }
 
 async fn render_metrics(State(app): State<Arc<App>>, method: Method) -> Response {
