@@ -1948,7 +1948,7 @@ fn a_cached_file_deleted_behind_the_archivers_back_is_generated_anew() {
     }
 }
 
-/// `docs/archiver.md`, "Cache dir": a cache dir removed while the
+/// `docs/archiver.md`, "Warm restart": a cache dir removed while the
 /// archiver runs, or removed and made again (no longer the directory it
 /// locked), fails `/healthz` (on `--listen` and on the admin listener)
 /// until a restart, which locks what the path names now (attack: every

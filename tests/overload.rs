@@ -337,9 +337,6 @@ fn past_max_connections_a_new_connection_gets_503_with_retry_after() {
 /// connections (the cap, set high, does not stop it first).
 const TINY_NOFILE: u64 = 64;
 
-/// The fds of `pid` numbered below `TINY_NOFILE`: the limit bounds fd
-/// numbers, and an fd inherited with a higher number (a test runner's pipe)
-/// takes no place under it.
 /// `--admin-listen` (docs/http.md, "Health and metrics"): with every
 /// connection of the service's listener held (a client holding them all,
 /// or downloads filling them), its `/healthz` is refused, and the admin
@@ -416,6 +413,9 @@ fn an_admin_listener_answers_probes_and_scrapes_while_the_service_is_full() {
     }
 }
 
+/// The fds of `pid` numbered below `TINY_NOFILE`: the limit bounds fd
+/// numbers, and an fd inherited with a higher number (a test runner's pipe)
+/// takes no place under it.
 fn fds_under_the_limit(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|entries| {

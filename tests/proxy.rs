@@ -1281,12 +1281,16 @@ fn a_stalled_download_parks_and_resumes_with_the_same_bytes() {
         hasher.update(&piece);
         received += piece.len() as u64;
     }
+    // Unparked right after the resume is counted, and parked again no
+    // sooner than --park-after after the socket buffers filled: the gauge
+    // reads 0 in between, and a 1 then is the second park.
+    let parked = |proxy: &Proxy| proxy.scrape().value("gitball_proxy_parked_downloads", &[]);
     assert!(
-        wait_until(SETTLE, || cluster
-            .proxy
-            .scrape()
-            .value("gitball_proxy_parked_downloads", &[])
-            == 1.0),
+        wait_until(SETTLE, || parked(&cluster.proxy) == 0.0),
+        "the resumed download was not unparked"
+    );
+    assert!(
+        wait_until(SETTLE, || parked(&cluster.proxy) == 1.0),
         "the resumed download, stalled again, was not parked again"
     );
 

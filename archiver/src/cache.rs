@@ -17,12 +17,15 @@
 //!   an expected size. A generation that cannot fit then fails as too
 //!   large: with nothing left to evict, or denied the room of archives
 //!   requested more often than its own (a scan does not flush the cache).
+//!   Its bytes move from `bytes` to `held_bytes` at that moment, so the
+//!   generations running beside it can go on.
 //! - An evicted file is unlinked at once. Readers that still hold it keep its
 //!   space pinned (tmpfs frees it at the last close); those bytes are counted
 //!   in `held_bytes` until the last reader's `Arc<CacheFile>` is dropped.
-//!   So are a failed generation's: its partial is unlinked at once, and
-//!   what it had written counts as held until the last reader's
-//!   `Arc<Generation>` is dropped. Readers learn of the failure at once
+//!   So are a failed generation's: its partial is unlinked as soon as the
+//!   generation is torn down (a refused one counts as held from the
+//!   refusal), and what it had written counts as held until the last
+//!   reader's `Arc<Generation>` is dropped. Readers learn of the failure at once
 //!   (`Generation::failed`), also while they wait for a slow client.
 //! - On start, files named like complete entries whose bytes hash to the
 //!   SHA-256 in their name are re-indexed (oldest first, by mtime; of two
@@ -217,7 +220,9 @@ pub struct Settings {
 pub struct Cache {
     /// The cache directory's lock, held while the cache is open: one
     /// archiver per directory.
-    _lock: nix::fcntl::Flock<std::fs::File>,
+    dir_lock: nix::fcntl::Flock<std::fs::File>,
+    /// `Cache::dir_intact` found the directory gone and said so.
+    dir_lost_said: AtomicBool,
     settings: Settings,
     /// The git dirs generations run in (see `shadow`).
     shadows: Shadows,
@@ -271,14 +276,20 @@ impl Cache {
     /// another directory while the archiver ran, it does not: generations
     /// fail or write into a directory no lock guards, and only a restart
     /// (which locks what the path names now) mends that. `/healthz` says
-    /// so.
+    /// so; the first time it is found, the log says so too.
     pub fn dir_intact(&self) -> bool {
-        let Ok(locked) = self._lock.metadata() else {
-            return false;
-        };
-        std::fs::metadata(&self.settings.dir).is_ok_and(|named| {
-            named.dev() == locked.dev() && named.ino() == locked.ino() && locked.nlink() > 0
-        })
+        let intact = self.dir_lock.metadata().is_ok_and(|locked| {
+            std::fs::metadata(&self.settings.dir).is_ok_and(|named| {
+                named.dev() == locked.dev() && named.ino() == locked.ino() && locked.nlink() > 0
+            })
+        });
+        if !intact && !self.dir_lost_said.swap(true, Ordering::Relaxed) {
+            tracing::error!(
+                dir = %self.settings.dir.display(),
+                "the cache dir was removed or replaced while the archiver ran; /healthz fails until it is restarted"
+            );
+        }
+        intact
     }
 
     /// Opens (creating, mode 0700) the cache directory, takes its lock,
@@ -305,9 +316,16 @@ impl Cache {
             }
             if name.starts_with(SHADOWS_PREFIX) {
                 // Shadow git dirs of an archiver that was killed (the lock
-                // says none runs on this dir now).
-                if entry.file_type()?.is_dir() {
-                    std::fs::remove_dir_all(entry.path())?;
+                // says none runs on this dir now). One that cannot be
+                // removed costs tmpfs space, not the start.
+                if entry.file_type()?.is_dir()
+                    && let Err(error) = std::fs::remove_dir_all(entry.path())
+                {
+                    tracing::error!(
+                        %error,
+                        path = %entry.path().display(),
+                        "cannot remove the shadow git dirs a killed archiver left"
+                    );
                 }
                 continue;
             }
@@ -317,9 +335,10 @@ impl Cache {
             // Not followed if a symlink.
             let metadata = entry.metadata()?;
             if !metadata.is_file() {
-                // Named as an archive, but a directory, a link or a fifo:
-                // it would make that archive's rename fail on every
-                // generation, for good (attack). The name is the cache's.
+                // Named as an archive, but a directory (which would make
+                // that archive's rename fail on every generation, for
+                // good: attack), a link or a fifo (neither of which is an
+                // archive the cache made). The name is the cache's.
                 remove_not_a_file(&entry.path(), metadata.is_dir());
                 continue;
             }
@@ -380,7 +399,8 @@ impl Cache {
         }
         let restored = index.complete.len();
         let cache = Cache {
-            _lock: lock,
+            dir_lock: lock,
+            dir_lost_said: AtomicBool::new(false),
             shadows: Shadows::create_in(&settings.dir)?,
             slots: queue::Slots::new(settings.max_generations),
             settings,
@@ -619,11 +639,13 @@ impl Cache {
             Err(failure) => {
                 counter!(m::GENERATIONS_TOTAL, "format" => format, "outcome" => failure.outcome())
                     .increment(1);
-                if refused.load(Ordering::Acquire) {
-                    self.fail_refused(&key, &partial, written, failure, &progress);
+                // A refused generation's bytes left `bytes` at the refusal.
+                let counted = if refused.load(Ordering::Acquire) {
+                    0
                 } else {
-                    self.fail(&key, &partial, written, failure, &progress);
-                }
+                    written
+                };
+                self.fail_counting(&key, &partial, written, counted, failure, &progress);
                 return;
             }
         };
@@ -677,19 +699,6 @@ impl Cache {
         progress: &watch::Sender<Progress>,
     ) {
         self.fail_counting(key, partial, written, written, failure, progress);
-    }
-
-    /// [`Cache::fail`] for a generation the bound refused: its `written`
-    /// bytes already left `bytes` at the refusal.
-    fn fail_refused(
-        &self,
-        key: &str,
-        partial: &Path,
-        written: u64,
-        failure: Failure,
-        progress: &watch::Sender<Progress>,
-    ) {
-        self.fail_counting(key, partial, written, 0, failure, progress);
     }
 
     /// Ends a failed generation that wrote `written` bytes, of which
@@ -790,7 +799,8 @@ impl Cache {
     /// lock: generations running together whose sum passes the bound lose
     /// one of them, not every one that writes before the first was torn
     /// down (its child killed and reaped, tens of milliseconds; attack).
-    /// Its file is on disk until then, counted nowhere.
+    /// Its file is on disk until then (and while readers hold it): those
+    /// bytes count as held from now on.
     fn grow(&self, key: &str, delta: u64, total: u64) -> bool {
         let mut index = self.lock();
         index.bytes += delta;
@@ -798,6 +808,9 @@ impl Cache {
         let fits = index.bytes <= self.settings.max_bytes;
         if !fits {
             index.bytes -= total;
+            if let Some(generation) = index.generating.get(key) {
+                generation.hold(total, &self.held_bytes);
+            }
         }
         self.publish(&index);
         if short == Some(Short::Denied) {
@@ -1118,7 +1131,6 @@ fn content_sha256(path: &Path) -> io::Result<[u8; 32]> {
     }
 }
 
-/// `{key}-{sha256}`, both 64 lower-case hex digits.
 /// Removes what is at `path`, named as an archive but not a file, saying so.
 fn remove_not_a_file(path: &Path, is_dir: bool) {
     let removed = if is_dir {
@@ -1139,6 +1151,7 @@ fn remove_not_a_file(path: &Path, is_dir: bool) {
     }
 }
 
+/// `{key}-{sha256}`, both 64 lower-case hex digits.
 fn parse_complete_name(name: &str) -> Option<(String, [u8; 32])> {
     let (key, sha256) = name.split_once('-')?;
     let is_hex64 =
@@ -1855,12 +1868,20 @@ mod tests {
             let stub = StubGit::printing(&out);
             let archive = HEADER_LEN + out.len() as u64;
             let cache = open(&stub, archive * 3 / 2);
-            let first = miss(cache.lookup(stub.spec(1), CLIENT, "first"));
-            let second = miss(cache.lookup(stub.spec(2), CLIENT, "second"));
+            let first_generation = miss(cache.lookup(stub.spec(1), CLIENT, "first"));
+            let second_generation = miss(cache.lookup(stub.spec(2), CLIENT, "second"));
             let (first, second) = (
-                within(first.finished()).await,
-                within(second.finished()).await,
+                within(first_generation.finished()).await,
+                within(second_generation.finished()).await,
             );
+            // A refused one's bytes are held while its readers (here) are
+            // (and a complete one evicted for the other, while its file is).
+            let failed_bytes: u64 = [(&first, &first_generation), (&second, &second_generation)]
+                .iter()
+                .filter(|(state, _)| matches!(state, State::Failed(_)))
+                .map(|(_, generation)| generation.progress().borrow().written)
+                .sum();
+            assert!(held(&cache) >= failed_bytes, "round {round}");
             let completed = [&first, &second]
                 .iter()
                 .filter(|state| matches!(state, State::Complete(_)))
@@ -1871,6 +1892,15 @@ mod tests {
             );
             assert!(bytes(&cache) <= archive * 3 / 2);
             assert_eq!(bytes(&cache), indexed_bytes(&cache));
+            drop((first, second, first_generation, second_generation));
+            // The generation task lets go of its handle just after telling
+            // the readers: the last drop may be its own.
+            within(async {
+                while held(&cache) != 0 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+            .await;
         }
     }
 

@@ -116,6 +116,13 @@ fn digits(text: &str) -> Option<u64> {
     Some(text.parse().unwrap_or(u64::MAX))
 }
 
+/// Whether the decimal `a` is below `b` (both ASCII digits, however long:
+/// two positions past `u64` both read as `u64::MAX`).
+fn is_below(a: &str, b: &str) -> bool {
+    let (a, b) = (a.trim_start_matches('0'), b.trim_start_matches('0'));
+    (a.len(), a) < (b.len(), b)
+}
+
 /// Parses a single byte range. `Ok(None)`: ignore the header (not bytes,
 /// several ranges, or malformed).
 pub fn parse_range(value: &str, len: u64) -> Result<Option<ByteRange>, Unsatisfiable> {
@@ -140,19 +147,20 @@ pub fn parse_range(value: &str, len: u64) -> Result<Option<ByteRange>, Unsatisfi
             }
             range(len.saturating_sub(suffix), len - 1)
         }
-        (first, last) => {
-            let Some(first) = digits(first) else {
+        (first_text, last) => {
+            let Some(first) = digits(first_text) else {
                 return Ok(None);
             };
             let last = if last.is_empty() {
                 len.saturating_sub(1)
             } else {
-                let Some(last) = digits(last) else {
+                let Some(last_position) = digits(last) else {
                     return Ok(None);
                 };
-                if last < first {
+                if last_position < first || (last_position == first && is_below(last, first_text)) {
                     return Ok(None);
                 }
+                let last = last_position;
                 last.min(len.saturating_sub(1))
             };
             if first >= len {
@@ -214,6 +222,12 @@ mod tests {
             Err(Unsatisfiable)
         );
         assert_eq!(parse_range(&format!("bytes=-{huge}"), 1000), range(0, 999));
+        // `last < first`, both past u64: ignored, as any such range.
+        let smaller = "99999999999999999999998";
+        assert_eq!(
+            parse_range(&format!("bytes={huge}-{smaller}"), 1000),
+            Ok(None)
+        );
     }
 
     #[test]

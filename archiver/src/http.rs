@@ -33,7 +33,7 @@ use base64::Engine;
 use gitball_core::log::{RequestLog, Tier};
 use gitball_core::protocol::{
     REPR_DIGEST, REQUEST_ID, X_GITBALL_CACHE, X_GITBALL_CLIENT, X_GITBALL_COMMIT,
-    X_GITBALL_WANT_LENGTH,
+    X_GITBALL_WANT_LENGTH, code,
 };
 use gitball_core::request_id::request_id;
 use gitball_core::response::{self, is_allowed};
@@ -96,15 +96,9 @@ pub fn admin_router(app: Arc<App>) -> Router {
 /// it out.
 async fn healthz(State(app): State<Arc<App>>, method: Method) -> Response {
     if response::is_allowed(&method) && !app.cache.dir_intact() {
-        static LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-        if !LOGGED.swap(true, std::sync::atomic::Ordering::Relaxed) {
-            tracing::error!(
-                "the cache dir was removed or replaced while the archiver ran; /healthz fails until it is restarted"
-            );
-        }
         return response::json_error(
-            http::StatusCode::SERVICE_UNAVAILABLE,
-            gitball_core::protocol::code::UNAVAILABLE,
+            StatusCode::SERVICE_UNAVAILABLE,
+            code::UNAVAILABLE,
             "the cache dir was removed or replaced while the archiver ran: restart it",
         );
     }

@@ -30,9 +30,11 @@
 //! `export-subst`, `eol` in `.gitattributes`): content, not commands. A
 //! `filter=` attribute without a driver configured does nothing.
 //!
-//! Shadows live in a private directory under the temp dir (not in the
-//! cache dir, which holds archives only), one per repository, and are
-//! removed when the cache is dropped.
+//! Shadows live in a private directory in the cache dir (`shadows-*`),
+//! one per repository, and are removed when the cache is dropped, or at
+//! the next start after a kill (the cache dir's lock says no other archiver
+//! uses them). They are small (a config, `HEAD`, the alternates; a ref
+//! snapshot's `packed-refs`) and not counted in `--cache-max-bytes`.
 
 use std::fs;
 use std::io;

@@ -21,7 +21,9 @@ use nix::sys::resource::{Resource, getrlimit, setrlimit};
 /// Fds kept out of the connection budget: listeners, the runtime's epoll
 /// and wake-up fds, log and cache dir handles, `git archive` children's
 /// pipes (a few per generation), pooled idle upstream connections, the
-/// files `/metrics` reads in `/proc`.
+/// files `/metrics` reads in `/proc`, refusals being written (64), and the
+/// admin listener's connections and refusals (`server::ADMIN_MAX_CONNECTIONS`
+/// and 4).
 pub const RESERVED_FDS: u64 = 256;
 /// An archiver download holds its socket and its cache file.
 pub const FDS_PER_CONNECTION_ARCHIVER: u64 = 2;

@@ -248,7 +248,11 @@ impl Connections {
     /// A cap of `max` connections; registers its series.
     pub fn new(max: usize, metrics_prefix: &'static str) -> Connections {
         Connections {
-            limit: Arc::new(ConnectionLimit::new(max, Some(metrics_prefix))),
+            limit: Arc::new(ConnectionLimit::new(
+                max,
+                Some(metrics_prefix),
+                MAX_REJECTIONS_IN_FLIGHT,
+            )),
         }
     }
 
@@ -257,7 +261,11 @@ impl Connections {
     /// admin listener's few (probes, scrapes) would only blur them.
     pub fn admin() -> Connections {
         Connections {
-            limit: Arc::new(ConnectionLimit::new(ADMIN_MAX_CONNECTIONS, None)),
+            limit: Arc::new(ConnectionLimit::new(
+                ADMIN_MAX_CONNECTIONS,
+                None,
+                ADMIN_REJECTIONS_IN_FLIGHT,
+            )),
         }
     }
 
@@ -571,6 +579,10 @@ fn configure_accepted(stream: &TcpStream) {
 /// headroom of `limits` covers it).
 pub const ADMIN_MAX_CONNECTIONS: usize = 32;
 
+/// Refusals of the admin listener being written at once (its fds are
+/// counted in `limits::RESERVED_FDS`).
+const ADMIN_REJECTIONS_IN_FLIGHT: usize = 4;
+
 /// How long the admin listener's open connections get to finish at
 /// shutdown: a probe or a scrape takes milliseconds.
 const ADMIN_GRACE: Duration = Duration::from_secs(1);
@@ -633,6 +645,60 @@ pub async fn serve_on_threads(
     name: &str,
     serving: impl FnOnce(),
 ) -> io::Result<Drain> {
+    let started = start_threads(
+        listener,
+        &mut router_for,
+        shutdown,
+        grace,
+        write_stall_timeout,
+        workers,
+        connections,
+        name,
+    );
+    let finished = match started {
+        Ok(finished) => finished,
+        Err(error) => {
+            // The threads already started stop too: a process serving on
+            // some of them, with its admin listener saying it is healthy,
+            // would hide the failure instead of exiting with it.
+            shutdown.cancel();
+            return Err(error);
+        }
+    };
+    serving();
+    let mut open = None;
+    for finished in finished {
+        let served = finished
+            .await
+            .unwrap_or_else(|_| Err(io::Error::other("a serving thread panicked")));
+        match served {
+            Ok(Drain::Complete) => {}
+            Ok(Drain::Cut(cut)) => *open.get_or_insert(0) += cut,
+            Err(error) => {
+                shutdown.cancel();
+                return Err(error);
+            }
+        }
+    }
+    Ok(open.map_or(Drain::Complete, Drain::Cut))
+}
+
+/// The receivers of how each serving thread's `serve` ended.
+type Finished = Vec<tokio::sync::oneshot::Receiver<io::Result<Drain>>>;
+
+/// Starts [`serve_on_threads`]' threads, each with its runtime built
+/// before it starts.
+#[allow(clippy::too_many_arguments)] // `serve_on_threads`' own
+fn start_threads(
+    listener: TcpListener,
+    router_for: &mut impl FnMut(usize) -> Router,
+    shutdown: &CancellationToken,
+    grace: Duration,
+    write_stall_timeout: Duration,
+    workers: usize,
+    connections: Connections,
+    name: &str,
+) -> io::Result<Finished> {
     let listener = listener.into_std()?;
     let mut finished = Vec::with_capacity(workers);
     for index in 0..workers {
@@ -673,22 +739,7 @@ pub async fn serve_on_threads(
             .spawn(worker)?;
     }
     drop(listener);
-    serving();
-    let mut open = None;
-    for finished in finished {
-        let served = finished
-            .await
-            .unwrap_or_else(|_| Err(io::Error::other("a serving thread panicked")));
-        match served {
-            Ok(Drain::Complete) => {}
-            Ok(Drain::Cut(cut)) => *open.get_or_insert(0) += cut,
-            Err(error) => {
-                shutdown.cancel();
-                return Err(error);
-            }
-        }
-    }
-    Ok(open.map_or(Drain::Complete, Drain::Cut))
+    Ok(finished)
 }
 
 /// The connection cap: a semaphore with one permit per connection, the
@@ -724,7 +775,11 @@ impl Drop for ConnectionSlot {
 }
 
 impl ConnectionLimit {
-    fn new(max: usize, series: Option<&'static str>) -> ConnectionLimit {
+    fn new(
+        max: usize,
+        series: Option<&'static str>,
+        rejections_in_flight: usize,
+    ) -> ConnectionLimit {
         let (open, rejected, accept_errors) = match series {
             Some(prefix) => Self::register(max, prefix),
             None => (
@@ -740,7 +795,7 @@ impl ConnectionLimit {
             open,
             rejected,
             accept_errors,
-            rejecting: Arc::new(Semaphore::new(MAX_REJECTIONS_IN_FLIGHT)),
+            rejecting: Arc::new(Semaphore::new(rejections_in_flight)),
             refusal: overloaded_response().into(),
             accept_errors_log: SharedLogEvery::new(ACCEPT_ERROR_LOG_INTERVAL),
             refusals_log: SharedLogEvery::new(ACCEPT_ERROR_LOG_INTERVAL),

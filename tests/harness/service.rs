@@ -439,7 +439,8 @@ impl Archiver {
     /// Names of the files in the cache dir.
     pub fn cache_files(&self) -> Vec<String> {
         let mut names = dir_file_names(&self.cache_dir);
-        // The archiver's own shadow git dirs (docs/archiver.md, "Cache").
+        // The archiver's own shadow git dirs (docs/archiver.md, "No command
+        // from the repository").
         names.retain(|name| !name.starts_with("shadows-"));
         names
     }

@@ -123,11 +123,14 @@ pub struct HeadLines<S> {
     /// first (they were watched when they were first read).
     unparsed: Vec<u8>,
     needs_full_parse: NeedsFullParse,
-    /// While watching: when the connection was accepted or last wrote (a
-    /// response's end), which is when hyper's head timer for the next
-    /// head started. The switch gives the head held back what is left of
-    /// that timer, not a fresh one ([`HeadLines::head_wait_started`]).
+    /// While watching: when hyper began to wait for the head it is reading
+    /// (the connection's start, or its first read after a write: a
+    /// response's end), which is when its head timer started. The switch
+    /// gives the head held back what is left of that timer, not a fresh one
+    /// ([`HeadLines::head_wait_started`]).
     head_wait_started: Instant,
+    /// A write came since the last read: the next read starts the wait.
+    wrote: bool,
 }
 
 impl<S> HeadLines<S> {
@@ -140,6 +143,7 @@ impl<S> HeadLines<S> {
             unparsed: Vec::new(),
             needs_full_parse,
             head_wait_started: Instant::now(),
+            wrote: false,
         }
     }
 
@@ -156,9 +160,11 @@ impl<S> HeadLines<S> {
     }
 
     /// Notes a write while watching: a response (or part of one) went out.
-    fn wrote(&mut self, written: &io::Result<usize>) {
+    /// The clock is read at the next read, once per response rather than
+    /// once per write.
+    fn note_write(&mut self, written: &io::Result<usize>) {
         if self.run.is_some() && matches!(written, Ok(count) if *count > 0) {
-            self.head_wait_started = Instant::now();
+            self.wrote = true;
         }
     }
 
@@ -215,6 +221,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for HeadLines<S> {
             this.handed += count;
             return Poll::Ready(Ok(()));
         };
+        if std::mem::take(&mut this.wrote) {
+            this.head_wait_started = Instant::now();
+        }
         if !this.held.is_empty() {
             // The end of this hyper connection: it finishes the response in
             // flight, if any, and ends (with an "incomplete message" error
@@ -240,7 +249,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for HeadLines<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let written = ready!(Pin::new(&mut self.inner).poll_write(cx, buf));
-        self.wrote(&written);
+        self.note_write(&written);
         Poll::Ready(written)
     }
 
@@ -250,7 +259,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for HeadLines<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let written = ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, bufs));
-        self.wrote(&written);
+        self.note_write(&written);
         Poll::Ready(written)
     }
 
