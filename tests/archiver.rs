@@ -1919,9 +1919,16 @@ fn a_cached_file_deleted_behind_the_archivers_back_is_generated_anew() {
     ];
     for (damage, apply) in damages {
         let sandbox = Sandbox::new();
-        widget(&sandbox);
+        // Larger than one shared block (128 KiB): an archive within one is
+        // served again from memory, without opening its file, when the
+        // first download read it under its final name (a loaded machine,
+        // where the generation ended first), and its damage is then
+        // noticed only once that block leaves memory.
+        let repo = sandbox.repo("acme", "large");
+        repo.write("data.bin", pseudo_random_bytes(11, 300 * 1024));
+        repo.commit_all(T1, "large");
         let archiver = Archiver::start(&sandbox.repos(), &[]);
-        let path = "/acme/widget/archive/v1.2.3.tar";
+        let path = "/acme/large/archive/main.tar";
         let body = archiver.get(path).bytes().unwrap().to_vec();
         let files = archiver.cache_files();
         assert_eq!(files.len(), 1, "{files:?}");
@@ -2918,7 +2925,10 @@ fn sigterm_cuts_slow_downloads_after_the_grace_and_leaves_nothing_behind() {
         child_processes(pid)
     );
 
-    let (status, took) = archiver.terminate(GRACE + Duration::from_secs(5));
+    // The grace, then at most the archiver's 5 s for generations to stop
+    // (a level-19 zstd job in flight on a loaded machine takes seconds),
+    // and a margin for the exit itself.
+    let (status, took) = archiver.terminate(GRACE + Duration::from_secs(7));
     let status = status.unwrap_or_else(|| {
         panic!(
             "still running {took:?} after SIGTERM; log:\n{}",
