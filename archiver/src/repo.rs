@@ -93,10 +93,19 @@ const REMEMBERED_REFS: NonZeroUsize = match NonZeroUsize::new(256) {
     None => unreachable!(),
 };
 
-/// Most files (directories and loose refs under `refs/`) whose stamps
-/// vouch for a remembered refs digest; a repository with more loose refs
-/// lists them again on each call, as before.
+/// Most loose refs whose own stamps vouch for a remembered refs digest,
+/// beside their directories'. Past this, the directories' stamps alone do:
+/// git changes a loose ref by renaming a lock file into its directory (and
+/// deletes one by unlinking it), which changes the directory's stamp; only
+/// a ref file overwritten in place, which git never does, goes unseen
+/// (attack: with 100,000 loose refs every request listed them all again,
+/// 1.5 s of CPU each).
 const MAX_STAMPED_REF_FILES: usize = 512;
+
+/// Most directories under `refs/` whose stamps vouch for a remembered refs
+/// digest; a repository with more lists its refs again on each call (one
+/// listing at a time: `Repository::listing`).
+const MAX_STAMPED_REF_DIRS: usize = 4096;
 
 /// git's `SYMREF_MAXDEPTH`: a symbolic ref chain longer than this is broken.
 const SYMREF_MAX_DEPTH: usize = 5;
@@ -651,6 +660,8 @@ fn open_candidate(path: &Path, confine_to: Option<&Path>) -> Result<Option<Repos
         substitutes: Mutex::new(LruCache::new(SUBSTITUTION_ANSWERS)),
         refs: Mutex::new(LruCache::new(REMEMBERED_REFS)),
         digest: Mutex::new(None),
+        listing: Mutex::new(()),
+        walking: Mutex::new(()),
         racy_window: RACY_WINDOW,
         git_dir,
         common_dir,
@@ -714,6 +725,14 @@ pub struct Repository {
     refs: Mutex<LruCache<String, RememberedRef>>,
     /// The refs digest, while nothing under `refs/` changed.
     digest: Mutex<Option<RememberedDigest>>,
+    /// Held while the refs are listed for the digest: requests that find
+    /// it unknown at once wait for one listing (which a large repository
+    /// pays for in CPU and memory) and then find it known, rather than
+    /// each listing them again.
+    listing: Mutex<()>,
+    /// Held while the history is walked for the reachable commits, for the
+    /// same reason.
+    walking: Mutex<()>,
     /// `stamp::RACY_WINDOW`; shorter in tests.
     racy_window: std::time::Duration,
     git_dir: PathBuf,
@@ -924,16 +943,26 @@ impl Repository {
             Some(refs) => refs,
             None => self.refs_digest()?,
         };
-        {
+        let known = || {
             let reachable = self
                 .reachable
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            if let Some(known) = reachable.as_ref()
-                && known.refs == refs
-            {
-                return Ok(known.commits.contains(&id));
-            }
+            reachable
+                .as_ref()
+                .filter(|known| known.refs == refs)
+                .map(|known| known.commits.contains(&id))
+        };
+        if let Some(answer) = known() {
+            return Ok(answer);
+        }
+        // One walk at a time: requests that arrive meanwhile (a crawler's
+        // commit ids, after a push) take its answer instead of each walking
+        // the history and holding its set of commits (attack: 64 at once
+        // took 1.7 GB).
+        let _walking = self.walking.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(answer) = known() {
+            return Ok(answer);
         }
         let repo = self.repo.to_thread_local();
         let mut tips = Vec::new();
@@ -981,6 +1010,11 @@ impl Repository {
         if let Some(digest) = self.known_refs_digest() {
             return Ok(digest);
         }
+        let _listing = self.listing.lock().unwrap_or_else(PoisonError::into_inner);
+        // Listed meanwhile by the request this one waited for.
+        if let Some(digest) = self.known_refs_digest() {
+            return Ok(digest);
+        }
         // Stamped before listing, as for `resolve`.
         let stamps = self.stamp_all_refs()?;
         let digest = self.list_refs_digest()?;
@@ -995,8 +1029,9 @@ impl Repository {
         Ok(digest)
     }
 
-    /// The refs digest if it is remembered and nothing changed since.
-    fn known_refs_digest(&self) -> Option<String> {
+    /// The refs digest if it is remembered and nothing changed since: no
+    /// listing, a few `statx`.
+    pub fn known_refs_digest(&self) -> Option<String> {
         let known = self
             .digest
             .lock()
@@ -1022,8 +1057,11 @@ impl Repository {
         (known.refs == refs).then(|| known.commits.contains(&id))
     }
 
-    /// Stamps of everything the refs digest reads; `None` when there are
-    /// more than `MAX_STAMPED_REF_FILES` (the digest is then not kept).
+    /// Stamps of what vouches for the refs digest: `packed-refs`, `HEAD`,
+    /// every directory under `refs/` and, up to `MAX_STAMPED_REF_FILES` of
+    /// them, the loose refs (past that, their directories alone). `None`
+    /// past `MAX_STAMPED_REF_DIRS` directories (the digest is then not
+    /// kept).
     fn stamp_all_refs(&self) -> Result<Option<Stamps>, Error> {
         let mut stamps = Stamps::default();
         stamps
@@ -1034,24 +1072,30 @@ impl Repository {
         if self.linked() {
             pending.push(self.git_dir.join("refs"));
         }
+        let mut directories = 0;
+        let mut files = Vec::new();
         while let Some(directory) = pending.pop() {
-            if stamps.len() > MAX_STAMPED_REF_FILES {
+            if directories == MAX_STAMPED_REF_DIRS {
                 return Ok(None);
             }
             if stamps.add(directory.clone()).map_err(stat_error)? == Stamp::Absent {
                 continue;
             }
+            directories += 1;
             let entries = fs::read_dir(&directory).map_err(stat_error)?;
             for entry in entries {
                 let entry = entry.map_err(stat_error)?;
                 if entry.file_type().map_err(stat_error)?.is_dir() {
                     pending.push(entry.path());
-                } else {
-                    stamps.add(entry.path()).map_err(stat_error)?;
+                } else if files.len() <= MAX_STAMPED_REF_FILES {
+                    files.push(entry.path());
                 }
             }
         }
-        Ok((stamps.len() <= MAX_STAMPED_REF_FILES).then_some(stamps))
+        if files.len() <= MAX_STAMPED_REF_FILES {
+            stamps.extend(Stamps::take(files).map_err(stat_error)?);
+        }
+        Ok(Some(stamps))
     }
 
     /// A linked work tree: some refs live in its own git dir.
@@ -2116,6 +2160,44 @@ mod tests {
         git(dir, &["update-ref", "refs/heads/main", &fixture.c2]);
         assert_eq!(widget.reaches_known(&c3, None), None);
         assert!(!widget.reaches(&c3, None).unwrap());
+    }
+
+    /// Past `MAX_STAMPED_REF_FILES` loose refs the digest is still kept,
+    /// vouched for by the directories (attack: it was listed again on each
+    /// request, 1.5 s with 100,000 refs), and every change git makes is
+    /// still seen on the next call.
+    #[test]
+    fn with_more_loose_refs_than_are_stamped_the_digest_is_kept_and_follows_git() {
+        let fixture = fixture();
+        let widget = fixture.widget();
+        let dir = &fixture.widget;
+        for n in 0..MAX_STAMPED_REF_FILES + 88 {
+            fs::write(
+                dir.join(format!(".git/refs/tags/t{n:04}")),
+                format!("{}\n", fixture.c1),
+            )
+            .unwrap();
+        }
+        let first = widget.refs_digest().unwrap();
+        assert_eq!(
+            widget.known_refs_digest().as_deref(),
+            Some(first.as_str()),
+            "kept past the stamped files"
+        );
+        assert!(widget.reaches(&fixture.c2, None).unwrap());
+        assert_eq!(widget.reaches_known(&fixture.c2, None), Some(true));
+
+        // An existing loose ref moved by git, a new one, a deleted one.
+        for change in [
+            vec!["update-ref", "refs/tags/t0007", &fixture.c2],
+            vec!["tag", "fresh", &fixture.c1],
+            vec!["update-ref", "-d", "refs/tags/t0300"],
+        ] {
+            let before = widget.refs_digest().unwrap();
+            git(dir, &change);
+            assert_eq!(widget.known_refs_digest(), None, "{change:?}");
+            assert_ne!(widget.refs_digest().unwrap(), before, "{change:?}");
+        }
     }
 
     #[test]

@@ -106,10 +106,6 @@ impl Stamps {
         Ok(stamp)
     }
 
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
     pub fn extend(&mut self, other: Stamps) {
         self.0.extend(other.0);
     }
