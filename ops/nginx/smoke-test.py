@@ -60,6 +60,16 @@ class StubUpstream(http.server.BaseHTTPRequestHandler):
         StubUpstream.seen.append((self.command, self.path, headers, self.client_address[1],
                                   self.request_version))
 
+    def do_POST(self):
+        # A prewarm: the proxy would check the token and answer 202.
+        self.record()
+        body = b'{"status":"accepted"}\n'
+        self.send_response(202)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def do_HEAD(self):
         self.record()
         self.send_response(200)
@@ -183,12 +193,40 @@ def run_checks(front):
     front.request("GET", "/acme/widget/zip/main", {"X-Request-Id": 'x" forged=1'})
     check(re.fullmatch(r"[0-9a-f]{32}", seen[-1][2].get("x-request-id", "")) is not None,
           "an unsafe X-Request-Id is replaced")
+    front.request("GET", "/acme/widget/zip/main", {"X-Request-Id": "trace:abc"})
+    check(re.fullmatch(r"[0-9a-f]{32}", seen[-1][2].get("x-request-id", "")) is not None,
+          "an X-Request-Id gitball would not keep (a colon) is replaced, so both logs agree")
 
     response, _ = front.request("HEAD", "/acme/widget/archive/main.zip")
     check(response.status == 200 and seen[-1][0] == "HEAD", "HEAD is proxied as HEAD")
 
     response, _ = front.request("GET", "/acme/widget/zip/main", {"X-Big": "b" * 12 * 1024})
     check(response.status == 200, "a 12 KiB header passes to gitball (it enforces 431 itself)")
+    response, _ = front.request("GET", "/acme/widget/zip/main", {"X-Big": "b" * 30 * 1024})
+    check(response.status == 200 and seen[-1][2].get("x-big", "").startswith("b"),
+          "a 30 KiB header passes to gitball too (its limit is 32 KiB of head)")
+
+    # An HTTP/1.0 client: nginx speaks HTTP/1.1 to the proxy, and says the
+    # client wants the archive with its length; an HTTP/1.1 client does not.
+    client = socket.create_connection(("127.0.0.1", front.port))
+    client.sendall(b"GET /acme/widget/archive/old.tar HTTP/1.0\r\nHost: x\r\n\r\n")
+    while client.recv(65536):
+        pass
+    client.close()
+    check(seen[-1][1] == "/acme/widget/archive/old.tar"
+          and seen[-1][2].get("x-gitball-want-length") == "1",
+          "an HTTP/1.0 client's request asks the proxy for the archive with its length")
+    front.request("GET", "/acme/widget/archive/new.tar")
+    check("x-gitball-want-length" not in seen[-1][2],
+          "an HTTP/1.1 client's request does not")
+
+    # The operator's prewarm hook goes through the front.
+    response, _ = front.request("POST", "/acme/widget/prewarm/v1.0",
+                                {"Authorization": "Bearer t", "Content-Length": "0"})
+    check(response.status == 202 and seen[-1][0] == "POST"
+          and seen[-1][1] == "/acme/widget/prewarm/v1.0"
+          and seen[-1][2].get("authorization") == "Bearer t",
+          "a prewarm POST is proxied with its bearer token")
 
     # Streaming: the first chunk arrives while the upstream is still pausing.
     connection = http.client.HTTPConnection("127.0.0.1", front.port, timeout=10)

@@ -405,8 +405,13 @@ pub fn forwarded_headers(
     }
     // An HTTP/1.0 client gets a close-delimited body: an upstream failure
     // midway would look like a clean end. Ask for complete archives only,
-    // which come with a length.
-    if version < Version::HTTP_11 {
+    // which come with a length. A front that speaks HTTP/1.1 to the proxy
+    // for its HTTP/1.0 clients (nginx) says so with the same header; from
+    // anyone else it costs only the asker the wait.
+    let asked = client
+        .get(X_GITBALL_WANT_LENGTH)
+        .is_some_and(|value| value.as_bytes() == b"1");
+    if version < Version::HTTP_11 || asked {
         headers.insert(X_GITBALL_WANT_LENGTH, HeaderValue::from_static("1"));
     }
     headers
@@ -478,6 +483,13 @@ mod tests {
         assert!(forwarded.get(header::COOKIE).is_none());
         assert_eq!(forwarded[X_GITBALL_CLIENT], "203.0.113.9");
         assert_eq!(forwarded.len(), 5);
+        let mut front = client.clone();
+        front.insert(X_GITBALL_WANT_LENGTH, HeaderValue::from_static("1"));
+        let behind_nginx = forwarded_headers(&front, "chosen-id", Version::HTTP_11, None);
+        assert_eq!(
+            behind_nginx[X_GITBALL_WANT_LENGTH], "1",
+            "asked by the front"
+        );
         let old = forwarded_headers(&client, "chosen-id", Version::HTTP_10, None);
         assert!(old.get(X_GITBALL_CLIENT).is_none());
         assert_eq!(old[X_GITBALL_WANT_LENGTH], "1");
