@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser};
 use gitball_core::log::LogFormat;
-use gitball_core::units::{parse_seconds, parse_size};
+use gitball_core::units::{parse_positive_seconds, parse_seconds, parse_size};
 use gitball_core::url::{Format, parse_formats};
 
 use crate::budget::{Rate, parse_rate};
@@ -66,7 +66,7 @@ pub struct ArchiveOptions {
     pub queue_timeout: Duration,
 
     /// Seconds a generation may run; then the child is killed and the partial file removed.
-    #[arg(long, env = "GITBALL_GENERATION_TIMEOUT", default_value = "600", value_parser = parse_seconds)]
+    #[arg(long, env = "GITBALL_GENERATION_TIMEOUT", default_value = "600", value_parser = parse_positive_seconds)]
     pub generation_timeout: Duration,
 
     /// Largest archive generated, in bytes (as written to the cache); a larger one is killed and removed.

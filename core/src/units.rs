@@ -31,14 +31,36 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{text:?} is too large"))
 }
 
-/// Parses seconds, whole or fractional (`30`, `0.5`).
+/// Longest duration a flag takes: ten years. Anything longer means "never"
+/// in practice, and added to the clock it could overflow it (attack:
+/// `--generation-timeout 1e19` was taken, and every generation panicked).
+pub const MAX_SECONDS: u64 = 10 * 366 * 24 * 3600;
+
+/// Parses seconds, whole or fractional (`30`, `0.5`), up to
+/// [`MAX_SECONDS`].
 pub fn parse_seconds(text: &str) -> Result<Duration, String> {
     let seconds: f64 = text
         .trim()
         .parse()
         .map_err(|_| format!("{text:?} is not a number of seconds"))?;
-    Duration::try_from_secs_f64(seconds)
-        .map_err(|_| format!("{text:?} is not a valid number of seconds"))
+    let duration = Duration::try_from_secs_f64(seconds)
+        .map_err(|_| format!("{text:?} is not a valid number of seconds"))?;
+    if duration > Duration::from_secs(MAX_SECONDS) {
+        return Err(format!(
+            "{text:?} is more than ten years ({MAX_SECONDS} seconds)"
+        ));
+    }
+    Ok(duration)
+}
+
+/// [`parse_seconds`], more than zero: for a timeout that zero would turn
+/// into "fail at once" (every connection, every download).
+pub fn parse_positive_seconds(text: &str) -> Result<Duration, String> {
+    let duration = parse_seconds(text)?;
+    if duration.is_zero() {
+        return Err(format!("{text:?}: must be more than 0 seconds"));
+    }
+    Ok(duration)
 }
 
 #[cfg(test)]
@@ -62,5 +84,16 @@ mod tests {
         assert_eq!(parse_seconds("0.5"), Ok(Duration::from_millis(500)));
         assert!(parse_seconds("-1").is_err());
         assert!(parse_seconds("soon").is_err());
+        // Added to the clock, these overflowed it (attack).
+        assert!(parse_seconds("1e19").is_err());
+        assert!(parse_seconds(&(MAX_SECONDS + 1).to_string()).is_err());
+        assert!(parse_seconds(&MAX_SECONDS.to_string()).is_ok());
+        assert_eq!(parse_seconds("0"), Ok(Duration::ZERO));
+        assert!(parse_positive_seconds("0").is_err());
+        assert!(parse_positive_seconds("0.0").is_err());
+        assert_eq!(
+            parse_positive_seconds("0.5"),
+            Ok(Duration::from_millis(500))
+        );
     }
 }

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
 use gitball_archiver::ArchiveOptions;
-use gitball_core::units::parse_seconds;
+use gitball_core::units::{parse_positive_seconds, parse_seconds};
 
 use crate::client::TrustedProxies;
 
@@ -99,17 +99,17 @@ pub struct Config {
     pub max_token_ttl: Duration,
 
     /// Seconds to wait for a TCP connection to an upstream, per attempt.
-    #[arg(long, env = "GITBALL_CONNECT_TIMEOUT", default_value = "2", value_parser = parse_seconds)]
+    #[arg(long, env = "GITBALL_CONNECT_TIMEOUT", default_value = "2", value_parser = parse_positive_seconds)]
     pub connect_timeout: Duration,
 
     /// Seconds to wait for an upstream's response headers, per attempt (connecting included),
     /// and for each next piece of its body while the client waits for one (then the download is
     /// aborted).
-    #[arg(long, env = "GITBALL_HEADER_TIMEOUT", default_value = "60", value_parser = parse_seconds)]
+    #[arg(long, env = "GITBALL_HEADER_TIMEOUT", default_value = "60", value_parser = parse_positive_seconds)]
     pub header_timeout: Duration,
 
     /// Seconds a client may take no body bytes before its download is cut.
-    #[arg(long, env = "GITBALL_CLIENT_IDLE_TIMEOUT", default_value = "60", value_parser = parse_seconds)]
+    #[arg(long, env = "GITBALL_CLIENT_IDLE_TIMEOUT", default_value = "60", value_parser = parse_positive_seconds)]
     pub client_idle_timeout: Duration,
 
     /// Seconds a client may take no body bytes before its download releases its upstream
