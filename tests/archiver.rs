@@ -2895,6 +2895,29 @@ fn metrics_pass_promtool_check() {
 // ---------------------------------------------------------------------------
 // 12. Graceful shutdown
 
+/// `docs/archiver.md`, "Shutdown drain": SIGHUP (a terminal's hangup, or
+/// the proxy's reload sent to every gitball process) is logged and
+/// ignored; it killed the archiver, cutting every download (attack).
+#[test]
+fn sighup_is_ignored_and_downloads_go_on() {
+    let big = big_repo();
+    let archiver = Archiver::start(&big.repos, &[SLOW_ZSTD[0], SLOW_ZSTD[1]]);
+    let (mut slow, head) = open_download(&archiver, SLOW_PATH);
+    assert_eq!(head.status, 200);
+    slow.read_body_bytes(4096).expect("the first bytes");
+    archiver.signal(nix::sys::signal::Signal::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(10), || archiver
+            .log()
+            .contains("SIGHUP ignored")),
+        "{}",
+        archiver.log()
+    );
+    assert_eq!(archiver.get("/healthz").status().as_u16(), 200);
+    slow.read_body_bytes(4096)
+        .expect("the download goes on after SIGHUP");
+}
+
 #[test]
 fn sigterm_cuts_slow_downloads_after_the_grace_and_leaves_nothing_behind() {
     const GRACE: Duration = Duration::from_secs(1);

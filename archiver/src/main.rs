@@ -23,6 +23,8 @@ async fn main() -> anyhow::Result<()> {
     // graceful drain, never the default action.
     let shutdown = gitball_core::signals::shutdown_on_signal()
         .context("cannot install the SIGTERM and SIGINT handlers")?;
+    gitball_core::signals::ignore_hangup("the archiver has nothing to reload")
+        .context("cannot install the SIGHUP handler")?;
     let listener =
         gitball_core::server::bind(config.listen, config.options.tcp_congestion.as_deref())
             .with_context(|| format!("cannot listen on {}", config.listen))?;

@@ -15,6 +15,21 @@ pub fn shutdown_on_signal() -> std::io::Result<CancellationToken> {
     Ok(shutdown)
 }
 
+/// Installs a SIGHUP handler that only says the signal was ignored: for
+/// the archiver, which has nothing to reload. SIGHUP's default action is
+/// death, and a hangup, or a reload sent to every gitball process (the
+/// proxy's reload is SIGHUP), would otherwise cut every download at once
+/// with no drain (attack).
+pub fn ignore_hangup(what: &'static str) -> std::io::Result<()> {
+    let mut hangup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            tracing::info!("SIGHUP ignored: {what}");
+        }
+    });
+    Ok(())
+}
+
 async fn cancel_on_signal(mut term: Signal, mut int: Signal, shutdown: CancellationToken) {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
