@@ -2580,6 +2580,40 @@ fn request_head_over_32_kib_gets_431() {
     );
 }
 
+/// `docs/proxy.md`, "Embedded mode": both ends are one process, so two
+/// tokens that differ are refused at start (attack: every download was a
+/// 502, then every upstream ejected).
+#[test]
+fn embedded_mode_refuses_two_different_tokens_at_start() {
+    let sandbox = Sandbox::new();
+    let (archiver_token, upstream_token) = (sandbox.path("a.token"), sandbox.path("u.token"));
+    std::fs::write(&archiver_token, "one-token-for-the-archiver\n").unwrap();
+    std::fs::write(&upstream_token, "another-token-sent-to-it\n").unwrap();
+    let mut child = Command::new(binary_path("gitball-proxy"))
+        .args(["--listen", "127.0.0.1:0", "--repos"])
+        .arg(sandbox.repos())
+        .arg("--cache-dir")
+        .arg(sandbox.path("cache"))
+        .arg("--token-file")
+        .arg(&archiver_token)
+        .arg("--upstream-token-file")
+        .arg(&upstream_token)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the proxy");
+    let exited = wait_until(Duration::from_secs(10), || {
+        child.try_wait().expect("wait").is_some()
+    });
+    if !exited {
+        child.kill().expect("kill");
+    }
+    let output = child.wait_with_output().expect("its stderr");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(exited && !output.status.success(), "started: {stderr}");
+    assert!(stderr.contains("hold different tokens"), "{stderr}");
+}
+
 #[test]
 fn embedded_mode_serves_a_work_tree_and_both_tiers_metrics() {
     let sandbox = Sandbox::new();

@@ -119,6 +119,18 @@ impl Proxy {
             }
             None => None,
         };
+        // Embedded, both ends are this process's: two tokens that differ
+        // would refuse every download (502, then every upstream ejected).
+        if config.repos.is_some()
+            && let (Some(sent), Some(archiver_file)) =
+                (&upstream_token, &config.archiver.token_file)
+            && read_secret(archiver_file, "--token-file")? != sent.as_bytes()
+        {
+            anyhow::bail!(
+                "--upstream-token-file and --token-file hold different tokens; in embedded mode \
+                 give --token-file alone (the proxy sends it to its own archiver)"
+            );
+        }
         let signing_key = match &config.signing_key_file {
             Some(path) => Some(SigningKey::from_file(path)?),
             None => None,
