@@ -2589,28 +2589,22 @@ fn embedded_mode_refuses_two_different_tokens_at_start() {
     let (archiver_token, upstream_token) = (sandbox.path("a.token"), sandbox.path("u.token"));
     std::fs::write(&archiver_token, "one-token-for-the-archiver\n").unwrap();
     std::fs::write(&upstream_token, "another-token-sent-to-it\n").unwrap();
-    let mut child = Command::new(binary_path("gitball-proxy"))
-        .args(["--listen", "127.0.0.1:0", "--repos"])
-        .arg(sandbox.repos())
-        .arg("--cache-dir")
-        .arg(sandbox.path("cache"))
-        .arg("--token-file")
-        .arg(&archiver_token)
-        .arg("--upstream-token-file")
-        .arg(&upstream_token)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run the proxy");
-    let exited = wait_until(Duration::from_secs(10), || {
-        child.try_wait().expect("wait").is_some()
-    });
-    if !exited {
-        child.kill().expect("kill");
-    }
-    let output = child.wait_with_output().expect("its stderr");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(exited && !output.status.success(), "started: {stderr}");
+    let (repos, cache) = (sandbox.repos(), sandbox.path("cache"));
+    let stderr = gitball_e2e::start_refused(
+        "gitball-proxy",
+        &[
+            "--listen".as_ref(),
+            "127.0.0.1:0".as_ref(),
+            "--repos".as_ref(),
+            repos.as_os_str(),
+            "--cache-dir".as_ref(),
+            cache.as_os_str(),
+            "--token-file".as_ref(),
+            archiver_token.as_os_str(),
+            "--upstream-token-file".as_ref(),
+            upstream_token.as_os_str(),
+        ],
+    );
     assert!(stderr.contains("hold different tokens"), "{stderr}");
 }
 

@@ -4,11 +4,10 @@
 //! inherits; a name the kernel does not have stops the start with an error
 //! that says so. Read from the outside, with `ss -ti`.
 
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
 use gitball_e2e::proxy::{Cluster, Proxy, fetch_ok, small_repository};
-use gitball_e2e::{Archiver, RawConnection, Sandbox, binary_path, wait_until};
+use gitball_e2e::{Archiver, RawConnection, Sandbox, binary_path, start_refused};
 
 /// The host's default (`net.ipv4.tcp_congestion_control`).
 fn host_default() -> String {
@@ -151,27 +150,19 @@ fn the_embedded_archiver_accepts_with_the_congestion_control_asked_for() {
 fn a_congestion_control_the_kernel_lacks_stops_the_start_with_an_error() {
     for binary in ["gitball-archiver", "gitball-proxy"] {
         let sandbox = Sandbox::new();
-        let mut child = Command::new(binary_path(binary))
-            .args(["--listen", "127.0.0.1:0", "--repos"])
-            .arg(sandbox.repos())
-            .args(["--cache-dir"])
-            .arg(sandbox.path("cache"))
-            .args(["--tcp-congestion", "gitball-none"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run the binary");
-        let exited = wait_until(Duration::from_secs(10), || {
-            child.try_wait().expect("wait").is_some()
-        });
-        if !exited {
-            child.kill().expect("kill");
-        }
-        let output = child.wait_with_output().expect("its stderr");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(
-            exited && !output.status.success(),
-            "{binary} started: {stderr}"
+        let (repos, cache) = (sandbox.repos(), sandbox.path("cache"));
+        let stderr = start_refused(
+            binary,
+            &[
+                "--listen".as_ref(),
+                "127.0.0.1:0".as_ref(),
+                "--repos".as_ref(),
+                repos.as_os_str(),
+                "--cache-dir".as_ref(),
+                cache.as_os_str(),
+                "--tcp-congestion".as_ref(),
+                "gitball-none".as_ref(),
+            ],
         );
         assert!(
             stderr.contains("\"gitball-none\"")

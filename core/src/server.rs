@@ -645,16 +645,51 @@ pub async fn serve_on_threads(
     name: &str,
     serving: impl FnOnce(),
 ) -> io::Result<Drain> {
-    let started = start_threads(
-        listener,
-        &mut router_for,
-        shutdown,
-        grace,
-        write_stall_timeout,
-        workers,
-        connections,
-        name,
-    );
+    // Started in one fallible step: a failure midway stops the threads
+    // already started (below).
+    let started = (|| -> io::Result<Finished> {
+        let listener = listener.into_std()?;
+        let mut finished = Vec::with_capacity(workers);
+        for index in 0..workers {
+            let listener = listener.try_clone()?;
+            let router = router_for(index);
+            let shutdown = shutdown.clone();
+            let connections = connections.clone();
+            let (done, finished_rx) = tokio::sync::oneshot::channel();
+            finished.push(finished_rx);
+            // Built here, so that every thread's runtime (and its fds) exists
+            // when `serving` says so, and a runtime that cannot be built fails
+            // the start instead of one thread later.
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let worker = move || {
+                let served = runtime.block_on(async {
+                    let listener = TcpListener::from_std(listener)?;
+                    serve(
+                        listener,
+                        router,
+                        shutdown.clone(),
+                        grace,
+                        write_stall_timeout,
+                        connections,
+                    )
+                    .await
+                });
+                if served.is_err() {
+                    // One thread down takes the process down, rather than
+                    // leave it serving at a fraction of its capacity unnoticed.
+                    shutdown.cancel();
+                }
+                let _ = done.send(served);
+            };
+            std::thread::Builder::new()
+                .name(format!("{name}-{index}"))
+                .spawn(worker)?;
+        }
+        drop(listener);
+        Ok(finished)
+    })();
     let finished = match started {
         Ok(finished) => finished,
         Err(error) => {
@@ -685,62 +720,6 @@ pub async fn serve_on_threads(
 
 /// The receivers of how each serving thread's `serve` ended.
 type Finished = Vec<tokio::sync::oneshot::Receiver<io::Result<Drain>>>;
-
-/// Starts [`serve_on_threads`]' threads, each with its runtime built
-/// before it starts.
-#[allow(clippy::too_many_arguments)] // `serve_on_threads`' own
-fn start_threads(
-    listener: TcpListener,
-    router_for: &mut impl FnMut(usize) -> Router,
-    shutdown: &CancellationToken,
-    grace: Duration,
-    write_stall_timeout: Duration,
-    workers: usize,
-    connections: Connections,
-    name: &str,
-) -> io::Result<Finished> {
-    let listener = listener.into_std()?;
-    let mut finished = Vec::with_capacity(workers);
-    for index in 0..workers {
-        let listener = listener.try_clone()?;
-        let router = router_for(index);
-        let shutdown = shutdown.clone();
-        let connections = connections.clone();
-        let (done, finished_rx) = tokio::sync::oneshot::channel();
-        finished.push(finished_rx);
-        // Built here, so that every thread's runtime (and its fds) exists
-        // when `serving` says so, and a runtime that cannot be built fails
-        // the start instead of one thread later.
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let worker = move || {
-            let served = runtime.block_on(async {
-                let listener = TcpListener::from_std(listener)?;
-                serve(
-                    listener,
-                    router,
-                    shutdown.clone(),
-                    grace,
-                    write_stall_timeout,
-                    connections,
-                )
-                .await
-            });
-            if served.is_err() {
-                // One thread down takes the process down, rather than
-                // leave it serving at a fraction of its capacity unnoticed.
-                shutdown.cancel();
-            }
-            let _ = done.send(served);
-        };
-        std::thread::Builder::new()
-            .name(format!("{name}-{index}"))
-            .spawn(worker)?;
-    }
-    drop(listener);
-    Ok(finished)
-}
 
 /// The connection cap: a semaphore with one permit per connection, the
 /// series that count connections, and the fixed refusal.

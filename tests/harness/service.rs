@@ -328,6 +328,30 @@ impl Drop for Service {
     }
 }
 
+/// Runs `binary` with `args` and expects it to refuse to start: it must
+/// exit, unsuccessfully, within 10 s (killed otherwise). Returns its stderr.
+pub fn start_refused(binary: &str, args: &[&std::ffi::OsStr]) -> String {
+    let mut child = Command::new(binary_path(binary))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run the binary");
+    let exited = wait_until(Duration::from_secs(10), || {
+        child.try_wait().expect("wait").is_some()
+    });
+    if !exited {
+        child.kill().expect("kill");
+    }
+    let output = child.wait_with_output().expect("its stderr");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        exited && !output.status.success(),
+        "{binary} started: {stderr}"
+    );
+    stderr
+}
+
 /// Finds the address in a `… serving … listen=ADDR` line (text logs) or a
 /// JSON log line whose message ends in `serving` with a `listen` field.
 pub fn listen_address(log: &str, marker: &str) -> Option<SocketAddr> {
