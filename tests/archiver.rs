@@ -1983,7 +1983,12 @@ fn a_cache_dir_removed_while_running_fails_healthz_until_a_restart() {
         200
     );
 
-    std::fs::remove_dir_all(&archiver.cache_dir).expect("remove the cache dir");
+    // Moved away in one step, then removed: the archiver may still be
+    // writing in it (a `remove_dir_all` racing it can fail), and what
+    // matters to it is that the path no longer names the directory.
+    let gone = sandbox.path("cache-gone");
+    std::fs::rename(&archiver.cache_dir, &gone).expect("move the cache dir away");
+    let _ = std::fs::remove_dir_all(&gone);
     for (what, made_again) in [("removed", false), ("made again", true)] {
         if made_again {
             std::fs::create_dir(&archiver.cache_dir).expect("make it again");
