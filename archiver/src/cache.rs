@@ -1166,14 +1166,14 @@ fn parse_complete_name(name: &str) -> Option<(String, [u8; 32])> {
 
 /// Where one generation's git runs (`Cache::shadow_for`).
 enum ShadowDir {
-    Shared(PathBuf),
+    Shared(Arc<crate::shadow::Shared>),
     Snapshot(crate::shadow::Snapshot),
 }
 
 impl ShadowDir {
     fn path(&self) -> &Path {
         match self {
-            ShadowDir::Shared(path) => path,
+            ShadowDir::Shared(shared) => shared.path(),
             ShadowDir::Snapshot(snapshot) => snapshot.path(),
         }
     }

@@ -31,17 +31,20 @@
 //! `filter=` attribute without a driver configured does nothing.
 //!
 //! Shadows live in a private directory in the cache dir (`shadows-*`),
-//! one per repository, and are removed when the cache is dropped, or at
+//! one per repository for the most recently served ones
+//! (`SHARED_SHADOWS`), and are removed when the cache is dropped, or at
 //! the next start after a kill (the cache dir's lock says no other archiver
 //! uses them). They are small (a config, `HEAD`, the alternates; a ref
 //! snapshot's `packed-refs`) and not counted in `--cache-max-bytes`.
 
 use std::fs;
 use std::io;
+use std::num::NonZeroUsize;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use sha2::{Digest, Sha256};
+use lru::LruCache;
 
 use crate::repo::RefsSnapshot;
 
@@ -60,11 +63,37 @@ const CONFIG: &str = "[core]\n\trepositoryformatversion = 0\n\tbare = true\n\tab
 /// reads it there.
 const UNBORN_HEAD: &str = "ref: refs/heads/main\n";
 
+/// Most repositories whose shared shadow is kept for the next generation
+/// (as many as the archiver keeps open); the least recently used one goes
+/// when another is made. A file server's thousands of repositories each
+/// left one behind, 12 KiB and 5 inodes of the cache's tmpfs, until exit
+/// (attack).
+const SHARED_SHADOWS: NonZeroUsize = match NonZeroUsize::new(1024) {
+    Some(count) => count,
+    None => unreachable!(),
+};
+
 /// Where one cache keeps its shadow git dirs: a private (mode 0700)
 /// temporary directory, removed when dropped.
 #[derive(Debug)]
 pub struct Shadows {
     root: tempfile::TempDir,
+    /// The shared shadows kept, by the repository's git dir.
+    shared: Mutex<LruCache<PathBuf, Arc<Shared>>>,
+}
+
+/// A repository's shared shadow git dir ([`Shadows::prepare`]): removed
+/// when the last holder lets go, the set of kept shadows or a generation
+/// still running git in it.
+#[derive(Debug)]
+pub struct Shared {
+    dir: tempfile::TempDir,
+}
+
+impl Shared {
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
 }
 
 /// How the name of a [`Shadows`] root begins.
@@ -76,34 +105,52 @@ impl Shadows {
     /// dropped) is found and removed at the next start
     /// (`Cache::open`), not left in a temp dir for good.
     pub fn create_in(parent: &Path) -> io::Result<Shadows> {
+        Shadows::keeping(parent, SHARED_SHADOWS)
+    }
+
+    /// [`Shadows::create_in`], keeping at most `shared` shared shadows.
+    fn keeping(parent: &Path, shared: NonZeroUsize) -> io::Result<Shadows> {
         let root = tempfile::Builder::new()
             .prefix(SHADOWS_PREFIX)
             .permissions(private())
             .tempdir_in(parent)?;
-        Ok(Shadows { root })
+        Ok(Shadows {
+            root,
+            shared: Mutex::new(LruCache::new(shared)),
+        })
     }
 
     /// The shadow git dir for the repository whose git dir is `git_dir`
     /// and whose objects are in `common_dir`, made if needed: the
     /// repository's objects, no refs.
-    pub fn prepare(&self, git_dir: &Path, common_dir: &Path) -> io::Result<PathBuf> {
-        let digest = hex::encode(Sha256::digest(git_dir.as_os_str().as_encoded_bytes()));
-        let shadow = self.root.path().join(&digest[..32]);
-        if !shadow.join("config").is_file() {
-            for dir in ["objects/info", "refs"] {
-                fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(shadow.join(dir))?;
-            }
-            write_atomically(
-                &shadow.join("objects/info/alternates"),
-                alternates(common_dir).as_bytes(),
-            )?;
-            write_atomically(&shadow.join("HEAD"), UNBORN_HEAD.as_bytes())?;
-            // Last: its presence says the shadow is complete.
-            write_atomically(&shadow.join("config"), CONFIG.as_bytes())?;
+    pub fn prepare(&self, git_dir: &Path, common_dir: &Path) -> io::Result<Arc<Shared>> {
+        let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(shadow) = shared.get(git_dir) {
+            return Ok(shadow.clone());
         }
+        // A name of its own: one that was let go may still be in use by a
+        // generation, under its own name, until that ends.
+        let dir = tempfile::Builder::new()
+            .prefix("repo-")
+            .permissions(private())
+            .tempdir_in(self.root.path())?;
+        let shadow = dir.path();
+        for dir in ["objects/info", "refs"] {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(shadow.join(dir))?;
+        }
+        fs::write(
+            shadow.join("objects/info/alternates"),
+            alternates(common_dir),
+        )?;
+        fs::write(shadow.join("HEAD"), UNBORN_HEAD)?;
+        fs::write(shadow.join("config"), CONFIG)?;
+        let shadow = Arc::new(Shared { dir });
+        // The least recently used one goes now, or with the last
+        // generation running in it.
+        shared.put(git_dir.to_path_buf(), shadow.clone());
         Ok(shadow)
     }
 }
@@ -192,14 +239,6 @@ fn is_plain_ref_name(name: &str) -> bool {
     })
 }
 
-/// Writes `path` through a temporary name and a rename, so a concurrent
-/// generation never reads half a file.
-fn write_atomically(path: &Path, contents: &[u8]) -> io::Result<()> {
-    let temporary = path.with_extension(format!("tmp-{:016x}", rand::random::<u64>()));
-    fs::write(&temporary, contents)?;
-    fs::rename(&temporary, path)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,7 +266,8 @@ mod tests {
         fs::write(git_dir.join("HEAD"), "ref: refs/heads/trunk\n").unwrap();
         fs::write(git_dir.join("config"), "[tar \"zip\"]\n\tcommand = evil\n").unwrap();
         let shadows = Shadows::create_in(&std::env::temp_dir()).unwrap();
-        let shadow = shadows.prepare(&git_dir, &git_dir).unwrap();
+        let shared = shadows.prepare(&git_dir, &git_dir).unwrap();
+        let shadow = shared.path();
         assert_eq!(fs::read_to_string(shadow.join("config")).unwrap(), CONFIG);
         assert_eq!(
             fs::read_to_string(shadow.join("objects/info/alternates")).unwrap(),
@@ -242,15 +282,56 @@ mod tests {
             UNBORN_HEAD
         );
         // Made once.
-        assert_eq!(shadows.prepare(&git_dir, &git_dir).unwrap(), shadow);
+        assert_eq!(shadows.prepare(&git_dir, &git_dir).unwrap().path(), shadow);
         let root = shadows.root.path().to_owned();
         let mode = |path: &Path| {
             std::os::unix::fs::PermissionsExt::mode(&fs::metadata(path).unwrap().permissions())
                 & 0o777
         };
         assert_eq!(mode(&root), 0o700, "the shadows are private");
+        drop(shared);
         drop(shadows);
         assert!(!root.exists(), "shadows outlived their owner");
+    }
+
+    /// At most so many shared shadows are kept: the least recently used
+    /// goes when another is made, at once, or once the generation running
+    /// git in it lets go (attack: one per repository ever served, until
+    /// exit).
+    #[test]
+    fn shared_shadows_are_bounded_and_outlive_no_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = |name: &str| {
+            let git_dir = dir.path().join(name);
+            fs::create_dir_all(git_dir.join("objects")).unwrap();
+            git_dir
+        };
+        let (a, b, c) = (repo("a.git"), repo("b.git"), repo("c.git"));
+        let shadows = Shadows::keeping(dir.path(), NonZeroUsize::new(2).unwrap()).unwrap();
+        let kept = || fs::read_dir(shadows.root.path()).unwrap().count();
+
+        let first_a = shadows.prepare(&a, &a).unwrap().path().to_owned();
+        shadows.prepare(&b, &b).unwrap();
+        shadows.prepare(&c, &c).unwrap();
+        assert_eq!(kept(), 2);
+        assert!(!first_a.exists(), "the least recently used went");
+
+        // In use by a generation when it is let go: it stays until then.
+        let running = shadows.prepare(&b, &b).unwrap();
+        shadows.prepare(&a, &a).unwrap();
+        shadows.prepare(&c, &c).unwrap();
+        assert!(running.path().exists());
+        assert_eq!(kept(), 3);
+        let second_b = shadows.prepare(&b, &b).unwrap();
+        assert_ne!(second_b.path(), running.path(), "a new one of its own");
+        let gone = running.path().to_owned();
+        drop(running);
+        assert!(!gone.exists());
+        assert_eq!(kept(), 2);
+        assert_eq!(
+            fs::read_to_string(second_b.path().join("objects/info/alternates")).unwrap(),
+            format!("{}\n", b.join("objects").display())
+        );
     }
 
     /// git in a snapshot shadow reads the refs as they were listed, not as
