@@ -69,9 +69,10 @@ pub struct ArchiveOptions {
     #[arg(long, env = "GITBALL_GENERATION_TIMEOUT", default_value = "600", value_parser = parse_positive_seconds)]
     pub generation_timeout: Duration,
 
-    /// Largest archive generated, in bytes (as written to the cache); a larger one is killed and removed.
-    #[arg(long, env = "GITBALL_MAX_ARCHIVE_BYTES", default_value = "4GiB", value_parser = parse_size)]
-    pub max_archive_bytes: u64,
+    /// Largest archive generated, in bytes (as written to the cache); a larger one is killed and
+    /// removed. Default: 4GiB, or --cache-max-bytes if that is smaller
+    #[arg(long, env = "GITBALL_MAX_ARCHIVE_BYTES", value_parser = parse_size)]
+    pub max_archive_bytes: Option<u64>,
 
     /// Serve a commit asked for by its id only when some ref of the repository reaches it
     /// (true or false). Off, a commit force-pushed away, or one only in an object pool shared
@@ -153,7 +154,16 @@ fn parse_prewarm_formats(text: &str) -> Result<PrewarmFormats, String> {
         .map_err(|error| error.to_string())
 }
 
+/// `--max-archive-bytes` when the cache can hold it.
+const DEFAULT_MAX_ARCHIVE_BYTES: u64 = 4 << 30;
+
 impl ArchiveOptions {
+    /// `--max-archive-bytes`, or its default: 4 GiB, or `--cache-max-bytes`
+    /// if that is smaller.
+    pub fn max_archive_bytes(&self) -> u64 {
+        self.max_archive_bytes
+            .unwrap_or(DEFAULT_MAX_ARCHIVE_BYTES.min(self.cache_max_bytes))
+    }
     /// The cache directory actually used (see `--cache-dir`).
     pub fn cache_dir(&self) -> PathBuf {
         if let Some(dir) = &self.cache_dir {
@@ -196,7 +206,18 @@ mod tests {
         let config = Config::try_parse_from(["gitball-archiver", "--repos", "/srv/git"]).unwrap();
         assert_eq!(config.listen.to_string(), "127.0.0.1:9001");
         assert_eq!(config.options.cache_max_bytes, 1 << 30);
-        assert_eq!(config.options.max_archive_bytes, 4 << 30);
+        // The cache's bound when that is smaller: an archive past it could
+        // never be kept, and every default start warned of it (attack).
+        assert_eq!(config.options.max_archive_bytes(), 1 << 30);
+        let larger_cache = Config::try_parse_from([
+            "gitball-archiver",
+            "--repos",
+            "/srv/git",
+            "--cache-max-bytes",
+            "8GiB",
+        ])
+        .unwrap();
+        assert_eq!(larger_cache.options.max_archive_bytes(), 4 << 30);
         assert_eq!(config.options.queue_timeout, Duration::from_secs(30));
         assert_eq!(config.options.generation_timeout, Duration::from_secs(600));
         assert_eq!(config.options.generation_memory_limit, 2 << 30);

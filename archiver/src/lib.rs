@@ -104,9 +104,9 @@ pub async fn run(
         ),
         None => tracing::info!("crawler budget off (--client-cold-rate 0)"),
     }
-    if options.max_archive_bytes > options.cache_max_bytes {
+    if options.max_archive_bytes() > options.cache_max_bytes {
         tracing::warn!(
-            max_archive_bytes = options.max_archive_bytes,
+            max_archive_bytes = options.max_archive_bytes(),
             cache_max_bytes = options.cache_max_bytes,
             "archives larger than --cache-max-bytes cannot be generated; raise it above --max-archive-bytes"
         );
@@ -120,7 +120,7 @@ pub async fn run(
         queue_timeout: options.queue_timeout,
         limits: generate::Limits {
             timeout: options.generation_timeout,
-            max_bytes: options.max_archive_bytes,
+            max_bytes: options.max_archive_bytes(),
             memory: (options.generation_memory_limit > 0)
                 .then_some(options.generation_memory_limit),
         },
