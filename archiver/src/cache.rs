@@ -578,24 +578,20 @@ impl Cache {
 
         gauge!(m::GENERATIONS_IN_FLIGHT).increment(1.0);
         let started = Instant::now();
+        // The generation's bytes in `bytes`.
         let accounted = Arc::new(AtomicU64::new(0));
-        // Set when the bound refused a growth: the generation's bytes left
-        // `bytes` then, not when it has been torn down (`Cache::grow`).
-        let refused = Arc::new(AtomicBool::new(false));
         let grown: generate::RoomFor = {
             let cache = self.clone();
             let accounted = accounted.clone();
-            let refused = refused.clone();
             let progress = progress.clone();
             let key = key.clone();
             Arc::new(move |len| {
-                if refused.load(Ordering::Acquire) {
-                    return false;
-                }
                 let previous = accounted.swap(len, Ordering::AcqRel);
                 let fits = cache.grow(&key, len.saturating_sub(previous), len);
                 if !fits {
-                    refused.store(true, Ordering::Release);
+                    // Refused, its bytes left `bytes` in `grow`, not when it
+                    // has been torn down.
+                    accounted.store(0, Ordering::Release);
                 }
                 progress.send_modify(|p| p.written = len);
                 fits
@@ -639,13 +635,7 @@ impl Cache {
             Err(failure) => {
                 counter!(m::GENERATIONS_TOTAL, "format" => format, "outcome" => failure.outcome())
                     .increment(1);
-                // A refused generation's bytes left `bytes` at the refusal.
-                let counted = if refused.load(Ordering::Acquire) {
-                    0
-                } else {
-                    written
-                };
-                self.fail_counting(&key, &partial, written, counted, failure, &progress);
+                self.fail(&key, &partial, written, failure, &progress);
                 return;
             }
         };
@@ -690,25 +680,14 @@ impl Cache {
         });
     }
 
+    /// Ends a failed generation whose `written` bytes are still counted in
+    /// `bytes` (none for one the bound refused: `Cache::grow` moved them to
+    /// the held ones then).
     fn fail(
         &self,
         key: &str,
         partial: &Path,
         written: u64,
-        failure: Failure,
-        progress: &watch::Sender<Progress>,
-    ) {
-        self.fail_counting(key, partial, written, written, failure, progress);
-    }
-
-    /// Ends a failed generation that wrote `written` bytes, of which
-    /// `counted` are still in `bytes`.
-    fn fail_counting(
-        &self,
-        key: &str,
-        partial: &Path,
-        written: u64,
-        counted: u64,
         failure: Failure,
         progress: &watch::Sender<Progress>,
     ) {
@@ -718,7 +697,7 @@ impl Cache {
         let generation = {
             let mut index = self.lock();
             let generation = index.generating.remove(key);
-            index.bytes -= counted;
+            index.bytes -= written;
             self.publish(&index);
             generation
         };

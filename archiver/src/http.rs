@@ -73,21 +73,22 @@ pub struct App {
 }
 
 pub fn router(app: Arc<App>) -> Router {
-    Router::new()
-        .route("/healthz", any(healthz))
-        .route("/metrics", any(render_metrics))
-        .fallback(archive)
-        .with_state(app)
+    health_and_metrics().fallback(archive).with_state(app)
 }
 
 /// The admin listener's routes (`--admin-listen`): `/healthz` and
 /// `/metrics`, nothing else.
 pub fn admin_router(app: Arc<App>) -> Router {
+    health_and_metrics()
+        .fallback(response::admin_not_found)
+        .with_state(app)
+}
+
+/// `/healthz` and `/metrics`, as both listeners serve them.
+fn health_and_metrics() -> Router<Arc<App>> {
     Router::new()
         .route("/healthz", any(healthz))
         .route("/metrics", any(render_metrics))
-        .fallback(response::admin_not_found)
-        .with_state(app)
 }
 
 /// `/healthz`: `200` while the archiver serves, `503 unavailable` once its

@@ -79,21 +79,22 @@ pub struct AppState {
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/healthz", any(response::healthz))
-        .route("/metrics", any(metrics))
-        .fallback(archive)
-        .with_state(state)
+    health_and_metrics().fallback(archive).with_state(state)
 }
 
 /// The admin listener's routes (`--admin-listen`): `/healthz` and
 /// `/metrics`, nothing else.
 pub fn admin_router(state: Arc<AppState>) -> Router {
+    health_and_metrics()
+        .fallback(response::admin_not_found)
+        .with_state(state)
+}
+
+/// `/healthz` and `/metrics`, as both listeners serve them.
+fn health_and_metrics() -> Router<Arc<AppState>> {
     Router::new()
         .route("/healthz", any(response::healthz))
         .route("/metrics", any(metrics))
-        .fallback(response::admin_not_found)
-        .with_state(state)
 }
 
 fn with_request_id(mut response: Response, request_id: &str) -> Response {
