@@ -1974,14 +1974,12 @@ fn a_cache_dir_removed_while_running_fails_healthz_until_a_restart() {
     );
     let admin = gitball_e2e::listen_address(&archiver.log(), "admin listener serving")
         .expect("the admin listener's address");
-    assert_eq!(archiver.get("/healthz").status().as_u16(), 200);
-    assert_eq!(
-        archiver
-            .get("/acme/widget/archive/main.tar")
-            .status()
-            .as_u16(),
-        200
-    );
+    let assert_serves = |archiver: &Archiver| {
+        assert_eq!(archiver.get("/healthz").status().as_u16(), 200);
+        let archive = archiver.get("/acme/widget/archive/main.tar");
+        assert_eq!(archive.status().as_u16(), 200);
+    };
+    assert_serves(&archiver);
 
     // Moved away in one step, then removed: the archiver may still be
     // writing in it (a `remove_dir_all` racing it can fail), and what
@@ -2015,15 +2013,11 @@ fn a_cache_dir_removed_while_running_fails_healthz_until_a_restart() {
     );
 
     drop(archiver);
-    let archiver = Archiver::start_with_cache(&sandbox.repos(), &cache_dir, &[]);
-    assert_eq!(archiver.get("/healthz").status().as_u16(), 200);
-    assert_eq!(
-        archiver
-            .get("/acme/widget/archive/main.tar")
-            .status()
-            .as_u16(),
-        200
-    );
+    assert_serves(&Archiver::start_with_cache(
+        &sandbox.repos(),
+        &cache_dir,
+        &[],
+    ));
 }
 
 /// `docs/archiver.md#held-bytes`: a cache dir on a filesystem smaller than

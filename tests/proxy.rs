@@ -2589,16 +2589,11 @@ fn embedded_mode_refuses_two_different_tokens_at_start() {
     let (archiver_token, upstream_token) = (sandbox.path("a.token"), sandbox.path("u.token"));
     std::fs::write(&archiver_token, "one-token-for-the-archiver\n").unwrap();
     std::fs::write(&upstream_token, "another-token-sent-to-it\n").unwrap();
-    let (repos, cache) = (sandbox.repos(), sandbox.path("cache"));
     let stderr = gitball_e2e::start_refused(
         "gitball-proxy",
+        &sandbox.repos(),
+        &sandbox.path("cache"),
         &[
-            "--listen".as_ref(),
-            "127.0.0.1:0".as_ref(),
-            "--repos".as_ref(),
-            repos.as_os_str(),
-            "--cache-dir".as_ref(),
-            cache.as_os_str(),
             "--token-file".as_ref(),
             archiver_token.as_os_str(),
             "--upstream-token-file".as_ref(),

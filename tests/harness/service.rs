@@ -328,10 +328,20 @@ impl Drop for Service {
     }
 }
 
-/// Runs `binary` with `args` and expects it to refuse to start: it must
-/// exit, unsuccessfully, within 10 s (killed otherwise). Returns its stderr.
-pub fn start_refused(binary: &str, args: &[&std::ffi::OsStr]) -> String {
+/// Runs `binary` on `127.0.0.1:0` over `repos` with the cache dir `cache`
+/// and `args`, and expects it to refuse to start: it must exit,
+/// unsuccessfully, within 10 s (killed otherwise). Returns its stderr.
+pub fn start_refused(
+    binary: &str,
+    repos: &Path,
+    cache: &Path,
+    args: &[&std::ffi::OsStr],
+) -> String {
     let mut child = Command::new(binary_path(binary))
+        .args(["--listen", "127.0.0.1:0", "--repos"])
+        .arg(repos)
+        .arg("--cache-dir")
+        .arg(cache)
         .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
