@@ -726,6 +726,56 @@ fn other_formats_and_refs_get_other_validators() {
     );
 }
 
+/// A commit dated past what an HTTP date can say (year 9999) is served
+/// with the last HTTP date as its `Last-Modified`; the header had panicked
+/// the handler and cut every request for that commit (attack: bytes).
+#[test]
+fn a_commit_dated_past_year_9999_is_last_modified_at_the_last_http_date() {
+    let sandbox = Sandbox::new();
+    let repo = RepoBuilder::init_bare(&sandbox.repos().join("acme/far.git"), &sandbox.home());
+    let blob = repo.git_with_input(None, &["hash-object", "-w", "--stdin"], b"x\n");
+    let tree = repo.git_with_input(
+        None,
+        &["mktree"],
+        format!("100644 blob {blob}\tf\n").as_bytes(),
+    );
+    let commit = repo.git_with_input(
+        None,
+        &[
+            "hash-object",
+            "-t",
+            "commit",
+            "-w",
+            "--literally",
+            "--stdin",
+        ],
+        format!(
+            "tree {tree}\nauthor T <t@e> 1700000000 +0000\n\
+             committer T <t@e> 253402300800 +0000\n\nfar\n"
+        )
+        .as_bytes(),
+    );
+    repo.git(&["update-ref", "refs/heads/main", &commit]);
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    for ext in ["tar", "tar.gz", "zip"] {
+        let path = format!("/acme/far/archive/main.{ext}");
+        for method in [reqwest::Method::HEAD, reqwest::Method::GET] {
+            let response = archiver
+                .client()
+                .request(method.clone(), archiver.url(&path))
+                .send()
+                .unwrap();
+            assert_eq!(response.status().as_u16(), 200, "{method} {path}");
+            assert_eq!(
+                header(&response, "last-modified"),
+                "Fri, 31 Dec 9999 23:59:59 GMT",
+                "{method} {path}"
+            );
+            response.bytes().expect("the whole body");
+        }
+    }
+}
+
 /// A commit URL names itself as the immutable one (its top folder, and so
 /// its ETag, differ from the branch URL's).
 #[test]

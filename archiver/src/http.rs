@@ -110,6 +110,9 @@ async fn render_metrics(State(app): State<Arc<App>>, method: Method) -> Response
     response::metrics(&method, &app.metrics)
 }
 
+/// 9999-12-31T23:59:59Z, the last time an HTTP date can say.
+const LAST_HTTP_DATE: i64 = 253_402_300_799;
+
 /// Everything about an archive that its headers say.
 pub(crate) struct Resolution {
     pub request: ArchiveRequest,
@@ -122,8 +125,12 @@ pub(crate) struct Resolution {
 }
 
 impl Resolution {
+    /// The commit time, within what an HTTP date can say (years 1970 to
+    /// 9999: a forged commit can carry any time, and a later one panicked
+    /// the date's formatting).
     fn last_modified(&self) -> SystemTime {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(self.resolved.committer_time.max(0) as u64)
+        let seconds = self.resolved.committer_time.clamp(0, LAST_HTTP_DATE);
+        SystemTime::UNIX_EPOCH + Duration::from_secs(seconds as u64)
     }
 
     /// The URL named the commit itself and the archive depends on nothing
