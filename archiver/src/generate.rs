@@ -188,7 +188,8 @@ pub fn hex_string(bytes: &[u8]) -> String {
 /// - `v5` (zip): every entry and block deflated on a fresh state; under v3
 ///   a thread's reused state could change the bytes of an entry over 1 MiB
 ///   with which thread got which block (attack), so a v3 file may hold
-///   bytes no other run makes, and none is served as v5.
+///   bytes no other run makes, and none is served as v5. A name holding
+///   U+FFFE or U+FFFF no longer gets the UTF-8 flag (git refuses them).
 pub fn byte_series(format: Format) -> &'static str {
     match format {
         Format::Tar | Format::TarGz => "v2",

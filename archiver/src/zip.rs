@@ -142,8 +142,13 @@ struct Meta {
 }
 
 impl Meta {
+    /// The UTF-8 flag for a name that is not ASCII and that git's
+    /// `is_utf8` takes: valid UTF-8 without U+FFFE or U+FFFF, which git
+    /// refuses.
     fn flags(&self) -> u16 {
-        if !self.name.is_ascii() && std::str::from_utf8(&self.name).is_ok() {
+        let utf8 = std::str::from_utf8(&self.name)
+            .is_ok_and(|name| !name.contains(['\u{fffe}', '\u{ffff}']));
+        if !self.name.is_ascii() && utf8 {
             FLAG_UTF8
         } else {
             0
@@ -1569,6 +1574,32 @@ mod tests {
             .unwrap();
         let zip = writer.finish().unwrap();
         assert!(python_listing(&zip).contains(&format!("big {size} ")));
+    }
+
+    /// The UTF-8 flag is set as git's `is_utf8` decides: valid UTF-8 that
+    /// is not ASCII, where git also refuses U+FFFE and U+FFFF (attack:
+    /// such a name got the flag where git's zip has none).
+    #[test]
+    fn the_utf8_flag_follows_gits_rule() {
+        let flags = |name: &[u8]| {
+            Meta {
+                name: name.to_vec(),
+                kind: Kind::File { executable: false },
+                mtime: 0,
+            }
+            .flags()
+        };
+        assert_eq!(flags(b"plain.txt"), 0);
+        assert_eq!(flags("é.txt".as_bytes()), FLAG_UTF8);
+        assert_eq!(
+            flags("\u{fffd}\u{fffc}\u{10ffff}\u{1fffe}".as_bytes()),
+            FLAG_UTF8
+        );
+        assert_eq!(flags("a\u{ffff}.txt".as_bytes()), 0);
+        assert_eq!(flags("a\u{fffe}".as_bytes()), 0);
+        assert_eq!(flags(b"\xff.txt"), 0);
+        assert_eq!(flags(b"\xed\xa0\x80"), 0, "a surrogate");
+        assert_eq!(flags(b"\xc0\xaf"), 0, "overlong");
     }
 
     #[test]
