@@ -1531,6 +1531,79 @@ fn an_upstream_body_whose_end_cannot_be_told_from_a_cut_is_a_bad_gateway() {
     );
 }
 
+/// Framing the proxy cannot pass on as the archiver would have framed it
+/// is a bad gateway (attack: misbehaving upstreams). A transfer coding
+/// other than `chunked` alone makes a body close-delimited (RFC 9112,
+/// section 6.3) whatever its `Content-Length`, and had been passed on with
+/// a clean end after a cut; a coded body would reach the client still
+/// coded; a `Content-Length` list got the client an empty reply; and a
+/// status past 599 is no HTTP status.
+#[test]
+fn an_upstream_framing_other_than_one_length_or_chunked_alone_is_a_bad_gateway() {
+    let sandbox = Sandbox::new();
+    let cases: [(&str, &'static [u8]); 6] = [
+        (
+            "identity beside a length, cut",
+            b"HTTP/1.1 200 OK\r\nETag: \"c0ffee-tar\"\r\nTransfer-Encoding: identity\r\n\
+              Content-Length: 200\r\n\r\nonly the first bytes",
+        ),
+        (
+            "gzip beside a length",
+            b"HTTP/1.1 200 OK\r\nETag: \"c0ffee-tar\"\r\nTransfer-Encoding: gzip\r\n\
+              Content-Length: 5\r\n\r\nbytes",
+        ),
+        (
+            "gzip, then chunked",
+            b"HTTP/1.1 200 OK\r\nETag: \"c0ffee-tar\"\r\nTransfer-Encoding: gzip, chunked\r\n\r\n\
+              5\r\nbytes\r\n0\r\n\r\n",
+        ),
+        (
+            "chunked, then identity on a second line",
+            b"HTTP/1.1 200 OK\r\nETag: \"c0ffee-tar\"\r\nTransfer-Encoding: chunked\r\n\
+              Transfer-Encoding: identity\r\n\r\n5\r\nbytes\r\n0\r\n\r\n",
+        ),
+        (
+            "a list of lengths",
+            b"HTTP/1.1 200 OK\r\nETag: \"c0ffee-tar\"\r\nContent-Length: 5, 5\r\n\r\nbytes",
+        ),
+        (
+            "status 600",
+            b"HTTP/1.1 600 Odd\r\nContent-Length: 5\r\n\r\nbytes",
+        ),
+    ];
+    for (case, answer) in cases {
+        let proxy = proxy_before(scripted_upstream(answer, 1), &sandbox);
+        let answer = fetch(proxy.addr, "/acme/widget/archive/main.tar");
+        assert_eq!(answer.status(), 502, "{case}: {}", answer.text());
+        assert_eq!(answer.end, BodyEnd::Complete, "{case}");
+        assert_eq!(
+            proxy.scrape().sum(ATTEMPTS, &[("outcome", "error")]),
+            1.0,
+            "{case}"
+        );
+    }
+}
+
+/// Headers the upstream names in `Connection` are hop-by-hop (RFC 9110,
+/// section 7.6.1): never passed on, even one the proxy would pass
+/// otherwise (attack: misbehaving upstreams).
+#[test]
+fn headers_an_upstream_names_in_connection_are_not_passed_on() {
+    let sandbox = Sandbox::new();
+    let upstream = scripted_upstream(
+        b"HTTP/1.1 200 OK\r\nETag: \"c0ffee-tar\"\r\nConnection: X-Gitball-Cache, close\r\n\
+          X-Gitball-Cache: hit\r\nX-Gitball-Commit: 0123\r\nContent-Length: 5\r\n\r\nbytes",
+        1,
+    );
+    let proxy = proxy_before(upstream, &sandbox);
+    let answer = fetch(proxy.addr, "/acme/widget/archive/main.tar");
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.text(), "bytes");
+    assert_eq!(answer.header("x-gitball-cache"), "");
+    assert_eq!(answer.header("x-gitball-commit"), "0123");
+    assert_eq!(answer.header("etag"), "\"c0ffee-tar\"");
+}
+
 /// A `Content-Length` beside chunked framing does not frame the body (RFC
 /// 9112, section 6.3): the client gets the body as the upstream framed it,
 /// never cut (or overrun) at the stray length.

@@ -241,7 +241,11 @@ impl Outcome {
 /// Decides what a response's status (and, for a `503`, its `Retry-After`)
 /// means for failover.
 pub fn classify(status: StatusCode, headers: &HeaderMap, role: Role) -> Outcome {
-    if status == StatusCode::SERVICE_UNAVAILABLE && headers.contains_key(http::header::RETRY_AFTER)
+    if status.as_u16() > 599 {
+        // hyper takes any three digits; no archiver answers past 599.
+        Outcome::Error
+    } else if status == StatusCode::SERVICE_UNAVAILABLE
+        && headers.contains_key(http::header::RETRY_AFTER)
     {
         Outcome::Busy
     } else if status == StatusCode::INTERNAL_SERVER_ERROR {
@@ -510,28 +514,39 @@ impl Forwarder {
                 (outcome, None)
             }
             Ok(Ok(response)) => {
-                match classify(response.status(), response.headers(), candidate.role) {
-                    Outcome::Ok if !framed(&response, request) => {
-                        tracing::warn!(
-                            upstream = %candidate.upstream,
-                            status = response.status().as_u16(),
-                            "upstream body without a length or chunked framing; its end could not be told from a cut"
-                        );
-                        (Outcome::Error, None)
-                    }
-                    outcome => (outcome, Some(response)),
+                let outcome = classify(response.status(), response.headers(), candidate.role);
+                if framed(&response, request) {
+                    return (outcome, Some(response));
+                }
+                tracing::warn!(
+                    upstream = %candidate.upstream,
+                    status = response.status().as_u16(),
+                    "upstream body not framed by one length or chunked alone; its end could not be told from a cut"
+                );
+                match outcome {
+                    Outcome::Ok => (Outcome::Error, None),
+                    // An error the proxy answers itself if every candidate
+                    // fails: its body is not passed on either.
+                    outcome => (outcome, None),
                 }
             }
         }
     }
 }
 
-/// Whether `response`'s body, if it has one, is framed so that its end
-/// can be told from a cut (`Content-Length` or chunked); and has a length
-/// when the request asked for a complete archive. An archiver always frames
-/// its bodies; one closing the connection to end one (or answering a
-/// complete-only request with a growing archive) cannot be passed on:
-/// through the proxy, a cut would look like the end.
+/// Whether `response`'s body, if it has one, is framed as an archiver
+/// frames it, so that its end can be told from a cut: by one
+/// `Content-Length` of digits alone, or by `Transfer-Encoding: chunked`
+/// alone; and by a length when the request asked for a complete archive.
+/// Anything else cannot be passed on (attack: misbehaving upstreams):
+/// - a body ended by closing the connection, or one whose transfer coding
+///   is not `chunked` last (RFC 9112, section 6.3: close-delimited,
+///   whatever its `Content-Length`): through the proxy a cut would look
+///   like the end;
+/// - any other coding before `chunked`: the client would get the coded
+///   bytes as the archive;
+/// - a `Content-Length` list (`5, 5`), which hyper's client takes and its
+///   server refuses to send.
 fn framed(response: &UpstreamResponse, request: &UpstreamRequest) -> bool {
     if request.method == Method::HEAD
         || response.status() == StatusCode::NO_CONTENT
@@ -540,23 +555,28 @@ fn framed(response: &UpstreamResponse, request: &UpstreamRequest) -> bool {
         return true;
     }
     let headers = response.headers();
-    let length = headers.contains_key(http::header::CONTENT_LENGTH);
-    let chunked = headers
+    let mut lengths = headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let length = lengths
+        .next()
+        .is_some_and(|first| is_digits(first.as_bytes()) && lengths.all(|other| other == first));
+    let mut codings = headers
         .get_all(http::header::TRANSFER_ENCODING)
         .iter()
-        .next_back()
-        .and_then(|value| value.to_str().ok())
-        .is_some_and(|codings| {
-            codings
-                .rsplit(',')
-                .next()
-                .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"))
-        });
-    if request.wants_length() {
-        length && !chunked
-    } else {
-        length || chunked
+        .flat_map(|value| value.as_bytes().split(|&byte| byte == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|coding| !coding.is_empty());
+    match codings.next() {
+        None => length,
+        Some(coding) => {
+            coding.eq_ignore_ascii_case(b"chunked")
+                && codings.next().is_none()
+                && !request.wants_length()
+        }
     }
+}
+
+fn is_digits(value: &[u8]) -> bool {
+    !value.is_empty() && value.iter().all(u8::is_ascii_digit)
 }
 
 /// How long a request for a complete archive (an HTTP/1.0 client's, see

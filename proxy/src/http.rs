@@ -97,6 +97,18 @@ fn health_and_metrics() -> Router<Arc<AppState>> {
         .route("/metrics", any(metrics))
 }
 
+/// Whether a `Connection` header's value names the header `name`.
+fn names(connection: &HeaderValue, name: &header::HeaderName) -> bool {
+    connection
+        .as_bytes()
+        .split(|&byte| byte == b',')
+        .any(|token| {
+            token
+                .trim_ascii()
+                .eq_ignore_ascii_case(name.as_str().as_bytes())
+        })
+}
+
 fn with_request_id(mut response: Response, request_id: &str) -> Response {
     // Either checked by the request-id rule or hex: a valid header value.
     if let Ok(value) = HeaderValue::from_str(request_id) {
@@ -260,8 +272,14 @@ fn respond(state: &AppState, request: &Parts, answer: Answer, mut log: RequestLo
     let by_coding = upstream_response
         .headers()
         .contains_key(header::TRANSFER_ENCODING);
+    // Headers named in `Connection` are hop-by-hop (RFC 9110, section
+    // 7.6.1); an archiver names none.
+    let connection = upstream_response.headers().get_all(header::CONNECTION);
     for (name, value) in upstream_response.headers() {
-        if is_passed_through(name) && !(by_coding && name == header::CONTENT_LENGTH) {
+        if is_passed_through(name)
+            && !(by_coding && name == header::CONTENT_LENGTH)
+            && !connection.iter().any(|connection| names(connection, name))
+        {
             headers.append(name.clone(), value.clone());
         }
     }
