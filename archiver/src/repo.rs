@@ -297,6 +297,94 @@ impl Repositories {
 /// How deep git follows alternates of alternates (its own limit).
 const MAX_ALTERNATE_DEPTH: usize = 5;
 
+/// The most bytes a loose ref file may hold: a ref is 41 bytes, a symbolic
+/// one a line. git and gix read such a file whole.
+const MAX_REF_FILE_BYTES: u64 = 64 * 1024;
+
+/// The most bytes of `packed-refs`: 1,000,000 refs take about 60 MB.
+const MAX_PACKED_REFS_BYTES: u64 = 512 * 1024 * 1024;
+
+/// The files of a git dir that git or gix read whole when they open it or
+/// resolve a ref, and the most bytes each may hold. Every one must be a
+/// regular file within its bound (attack: a 1 GiB `HEAD` or `config`
+/// crashed the archiver out of memory, a FIFO hung a serving thread for
+/// good, `config` linked to `/dev/zero` grew it until the kernel killed
+/// it).
+const GIT_FILES: [(&str, u64); 7] = [
+    ("HEAD", MAX_REF_FILE_BYTES),
+    ("config", 4 * 1024 * 1024),
+    ("commondir", MAX_REF_FILE_BYTES),
+    ("gitdir", MAX_REF_FILE_BYTES),
+    ("packed-refs", MAX_PACKED_REFS_BYTES),
+    ("objects/info/alternates", MAX_REF_FILE_BYTES),
+    ("shallow", MAX_PACKED_REFS_BYTES),
+];
+
+/// `Err(path)` when `path` exists and is not a regular file of at most
+/// `max_bytes` (a symlink, a directory, a FIFO, a device or a socket, or
+/// too large). Missing is fine.
+fn regular_file_within(path: &Path, max_bytes: u64) -> Result<(), PathBuf> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_file() && meta.len() <= max_bytes => Ok(()),
+        Ok(_) => Err(path.to_path_buf()),
+        Err(error)
+            if matches!(
+                error.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+            ) =>
+        {
+            Ok(())
+        }
+        Err(_) => Err(path.to_path_buf()),
+    }
+}
+
+/// Checks the files git and gix read whole on opening the repository at
+/// `directory` ([`GIT_FILES`]), before anything opens it: in the directory
+/// (bare) and in its `.git`, in the git dir a `.git` file names, and in the
+/// common dir a `commondir` names. `Err` names the first that is not a
+/// regular file within its bound.
+fn git_files_sane(directory: &Path) -> Result<(), PathBuf> {
+    let dot_git = directory.join(".git");
+    let mut git_dirs = vec![directory.to_path_buf()];
+    match fs::symlink_metadata(&dot_git) {
+        Ok(meta) if meta.is_dir() => git_dirs.push(dot_git),
+        Ok(_) => {
+            regular_file_within(&dot_git, MAX_REF_FILE_BYTES)?;
+            if let Some(target) = named_dir(&dot_git, directory, b"gitdir:") {
+                git_dirs.push(target);
+            }
+        }
+        Err(_) => {}
+    }
+    let mut checked = Vec::new();
+    while let Some(git_dir) = git_dirs.pop() {
+        if checked.contains(&git_dir) {
+            continue;
+        }
+        for (name, max_bytes) in GIT_FILES {
+            regular_file_within(&git_dir.join(name), max_bytes)?;
+        }
+        if checked.len() < 4
+            && let Some(common) = named_dir(&git_dir.join("commondir"), &git_dir, b"")
+        {
+            git_dirs.push(common);
+        }
+        checked.push(git_dir);
+    }
+    Ok(())
+}
+
+/// The directory a small file (already checked) names, after `prefix`,
+/// relative to `base` unless absolute.
+fn named_dir(file: &Path, base: &Path, prefix: &[u8]) -> Option<PathBuf> {
+    let text = fs::read(file).ok()?;
+    let line = text.split(|&byte| byte == b'\n').next()?.trim_ascii();
+    let named = line.strip_prefix(prefix)?.trim_ascii();
+    let named = std::str::from_utf8(named).ok()?;
+    (!named.is_empty()).then(|| base.join(named))
+}
+
 /// Checks what git and gix reach of a repository besides what its files
 /// say: its alternates ([`alternates_inside`]), and no symlink in `HEAD` or
 /// anywhere under an object directory (the repository's and each
@@ -320,7 +408,16 @@ pub fn layout_inside(git_dir: &Path, common_dir: &Path, root: &Path) -> Result<(
 /// `name` (for `refs/heads/x`: `refs`, `refs/heads`, `refs/heads/x`). The
 /// walk ends where a component is missing or is a file: nothing below it
 /// can be read.
+///
+/// The file itself must be a regular file within its bound
+/// (`MAX_REF_FILE_BYTES`, `packed-refs` `MAX_PACKED_REFS_BYTES`): gix reads
+/// it whole, and a FIFO would hang the read for good (attack).
 fn ref_path_without_symlinks(base: &Path, name: &str) -> Result<(), PathBuf> {
+    let max_bytes = if name == "packed-refs" {
+        MAX_PACKED_REFS_BYTES
+    } else {
+        MAX_REF_FILE_BYTES
+    };
     let mut path = base.to_path_buf();
     for component in name.split('/') {
         // Not a ref name git or gix would read; gix refuses it.
@@ -329,9 +426,10 @@ fn ref_path_without_symlinks(base: &Path, name: &str) -> Result<(), PathBuf> {
         }
         path.push(component);
         match fs::symlink_metadata(&path) {
-            Ok(meta) if meta.file_type().is_symlink() => return Err(path),
             Ok(meta) if meta.is_dir() => {}
-            _ => break,
+            Ok(meta) if meta.is_file() && meta.len() <= max_bytes => break,
+            Ok(_) => return Err(path),
+            Err(_) => break,
         }
     }
     Ok(())
@@ -369,11 +467,21 @@ fn refs_without_symlinks(dir: &Path) -> Result<(), RefsRefused> {
                 Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
                 Err(error) => return Err(RefsRefused::Unreadable(entry.path(), error)),
             };
-            if kind.is_symlink() {
-                return Err(RefsRefused::Symlink(entry.path()));
-            }
             if kind.is_dir() {
                 pending.push(entry.path());
+                continue;
+            }
+            // A symlink, a FIFO, a device or a socket, or a file too large
+            // for a ref: gix would read through it, hang on it, or read it
+            // whole (attack).
+            let regular = kind.is_file()
+                && match entry.metadata() {
+                    Ok(meta) => meta.len() <= MAX_REF_FILE_BYTES,
+                    Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
+                    Err(error) => return Err(RefsRefused::Unreadable(entry.path(), error)),
+                };
+            if !regular {
+                return Err(RefsRefused::Symlink(entry.path()));
             }
         }
     }
@@ -392,7 +500,9 @@ fn without_symlinks(dir: &Path, depth: usize) -> Result<(), PathBuf> {
         let entry = entry.map_err(|_| dir.to_path_buf())?;
         // `DirEntry::file_type` does not follow a symlink.
         let kind = entry.file_type().map_err(|_| entry.path())?;
-        if kind.is_symlink() {
+        // Nor a FIFO, a device or a socket: a read of one (a pack's index,
+        // the commit-graph) would hang or never end (attack).
+        if !kind.is_file() && !kind.is_dir() {
             return Err(entry.path());
         }
         if kind.is_dir() && depth > 1 {
@@ -420,10 +530,17 @@ fn alternates_inside(common_dir: &Path, root: &Path) -> Result<Vec<PathBuf>, Pat
             _ => return Err(path),
         }
     }
-    let mut visited = Vec::new();
+    let mut visited: Vec<PathBuf> = Vec::new();
     let mut pending = vec![(common_dir.join("objects"), 0)];
     while let Some((objects, depth)) = pending.pop() {
+        // Each directory once, as git drops a repeated alternate: lists
+        // naming the next one many times, chained, had made the check
+        // exponential (attack: 16 names in 5 levels, 34 s a request).
+        if visited.contains(&objects) {
+            continue;
+        }
         visited.push(objects.clone());
+        regular_file_within(&objects.join("info/alternates"), MAX_REF_FILE_BYTES)?;
         let list = match fs::read(objects.join("info/alternates")) {
             Ok(list) => list,
             Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
@@ -618,7 +735,18 @@ fn open_candidate(path: &Path, confine_to: Option<&Path>) -> Result<Option<Repos
         tracing::warn!(path = %path.display(), target = %directory.display(), "repository path leads outside --repos; ignored");
         return Ok(None);
     }
-    if !directory.is_dir() || !is_repository(&directory) {
+    if !directory.is_dir() {
+        return Ok(None);
+    }
+    if let Err(file) = git_files_sane(&directory) {
+        tracing::warn!(
+            path = %path.display(),
+            file = %file.display(),
+            "a file git reads whole is not a regular file, or is too large; repository refused"
+        );
+        return Err(Error::RepoNotFound);
+    }
+    if !is_repository(&directory) {
         return Ok(None);
     }
 
@@ -880,7 +1008,7 @@ impl Repository {
             if let Err(symlink) = ref_path_without_symlinks(base, name) {
                 tracing::warn!(
                     path = %symlink.display(),
-                    "a loose ref leads outside the repository (a symlink); refused"
+                    "a loose ref is a symlink (which leads outside the repository), not a regular file, or too large; refused"
                 );
                 return Err(Error::RepoNotFound);
             }
@@ -1815,6 +1943,119 @@ mod tests {
         assert!(matches!(result, Err(Error::RepoNotFound)), "{result:?}");
         let result = RefsSnapshot::at(repository.git_dir());
         assert!(matches!(result, Err(Error::RepoNotFound)), "{result:?}");
+    }
+
+    /// `f` on a thread of its own, failing the test if it has not returned
+    /// within 20 s (what it checks would hang for good).
+    fn within_bound<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(f());
+        });
+        result
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("{what}: still reading after 20 s"))
+    }
+
+    fn mkfifo(path: &Path) {
+        let _ = fs::remove_file(path);
+        nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    }
+
+    /// A file git or gix reads whole that is a FIFO, a symlink to a device,
+    /// or larger than any such file is (sparse here) gets the repository
+    /// refused, without reading it (attack: each hung a serving thread for
+    /// good, or crashed the archiver out of memory).
+    #[test]
+    fn files_read_whole_that_are_special_or_huge_refuse_the_repository() {
+        let fixture = fixture();
+        let repositories = fixture.repositories();
+        type Damage = fn(&Path);
+        let cases: [(&str, &str, Damage); 8] = [
+            ("fifo-head", "HEAD", mkfifo),
+            ("fifo-config", "config", mkfifo),
+            ("fifo-packed", "packed-refs", mkfifo),
+            ("fifo-alternates", "objects/info/alternates", mkfifo),
+            ("fifo-graph", "objects/info/commit-graph", mkfifo),
+            ("huge-head", "HEAD", |path| {
+                fs::File::create(path).unwrap().set_len(1 << 30).unwrap();
+            }),
+            ("huge-config", "config", |path| {
+                fs::OpenOptions::new()
+                    .append(true)
+                    .open(path)
+                    .unwrap()
+                    .set_len(1 << 30)
+                    .unwrap();
+            }),
+            ("zero-config", "config", |path| {
+                fs::remove_file(path).unwrap();
+                std::os::unix::fs::symlink("/dev/zero", path).unwrap();
+            }),
+        ];
+        for (name, file, damage) in cases {
+            let git_dir = fixture.bare_clone(&format!("{name}.git"));
+            damage(&git_dir.join(file));
+            let root = fixture.root.clone();
+            let result = within_bound(name, move || {
+                Repositories::new(&root)
+                    .unwrap()
+                    .open("acme", name)
+                    .map(|_| ())
+            });
+            assert!(
+                matches!(result, Err(Error::RepoNotFound)),
+                "{name}: {result:?}"
+            );
+        }
+
+        // Loose refs, on a repository already open.
+        let git_dir = fixture.bare_clone("refs.git");
+        let repository = repositories.open("acme", "refs").unwrap();
+        mkfifo(&git_dir.join("refs/heads/fifo"));
+        fs::File::create(git_dir.join("refs/heads/huge"))
+            .unwrap()
+            .set_len(1 << 30)
+            .unwrap();
+        for reference in ["fifo", "huge"] {
+            let repository = Arc::clone(&repository);
+            let result = within_bound(reference, move || repository.resolve(reference));
+            assert!(
+                matches!(result, Err(Error::RepoNotFound)),
+                "{reference}: {result:?}"
+            );
+        }
+        let result = within_bound("listing", move || RefsSnapshot::at(&git_dir));
+        assert!(matches!(result, Err(Error::RepoNotFound)), "{result:?}");
+    }
+
+    /// Alternates lists that name the next directory many times, chained,
+    /// are checked once per directory, as git reads them: 16 names in 5
+    /// levels had cost 34 s a check (attack).
+    #[test]
+    fn repeated_alternates_are_checked_once_each() {
+        let fixture = fixture();
+        let git_dir = fixture.bare_clone("chain.git");
+        let mut previous = git_dir.join("objects");
+        for level in 0..5 {
+            let next = git_dir.join(format!("pool{level}/objects"));
+            fs::create_dir_all(next.join("info")).unwrap();
+            let line = format!("{}\n", next.display());
+            fs::create_dir_all(previous.join("info")).unwrap();
+            fs::write(previous.join("info/alternates"), line.repeat(16)).unwrap();
+            previous = next;
+        }
+        let repositories = fixture.repositories();
+        let started = std::time::Instant::now();
+        let result = within_bound("alternates", move || {
+            repositories.open("acme", "chain").map(|_| ())
+        });
+        assert!(result.is_ok(), "{result:?}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     /// A reftable repository is refused as unsupported (a `500` with the
