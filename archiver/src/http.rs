@@ -537,7 +537,21 @@ pub(crate) async fn resolve(
     // An archive whose `export-subst` output may read the refs is keyed
     // (and tagged) by their state too: a pushed tag then makes new bytes
     // under a new ETag, never new bytes under an old one.
-    let refs = if repository.substitutes(&resolved.commit)? {
+    // A commit not seen before has its changed trees and their attributes
+    // read: off the serving thread, as for the refs below.
+    let substitutes = match repository.known_substitutes(&resolved.commit) {
+        Some(answer) => answer,
+        None => {
+            let repository = repository.clone();
+            let commit = resolved.commit.clone();
+            tokio::task::spawn_blocking(move || repository.substitutes(&commit))
+                .await
+                .map_err(|error| {
+                    Error::internal(format_args!("reading the attributes panicked: {error}"))
+                })??
+        }
+    };
+    let refs = if substitutes {
         Some(match repository.known_refs_digest() {
             Some(digest) => digest,
             // Listing every ref (after a push; or on each request while

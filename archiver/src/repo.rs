@@ -34,7 +34,7 @@
 //!   an object is missing, which picks up new packs and survives repacks.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     fmt, fs, io,
     num::NonZeroUsize,
     os::unix::fs::MetadataExt,
@@ -293,6 +293,23 @@ impl Repositories {
         own.contains(&repository.git_dir) && repository.common_dir == repository.git_dir
     }
 }
+
+/// git ignores an attributes file of this size or more
+/// (`ATTR_MAX_FILE_SIZE`).
+const GIT_MAX_ATTRIBUTES_BYTES: u64 = 100 * 1024 * 1024;
+
+/// The largest attributes blob read to see whether it mentions
+/// `export-subst`; a larger one is taken as mentioning it.
+const MAX_ATTRIBUTES_BLOB_BYTES: u64 = 1024 * 1024;
+
+/// The attributes bytes one walk of a tree reads at most; past them, the
+/// tree is taken as mentioning `export-subst`.
+const ATTRIBUTES_BYTES_PER_WALK: u64 = 64 * 1024 * 1024;
+
+/// The largest commit or tag object read to resolve a ref (git has no
+/// bound; a commit message of hundreds of MB, pushed, was read whole on
+/// every request for it: attack).
+const MAX_PEELED_OBJECT_BYTES: u64 = 16 * 1024 * 1024;
 
 /// How deep git follows alternates of alternates (its own limit).
 const MAX_ALTERNATE_DEPTH: usize = 5;
@@ -1020,6 +1037,17 @@ impl Repository {
         Stamps::take(self.ref_files(name)).map_err(stat_error)
     }
 
+    /// [`Repository::substitutes`]'s answer for `commit` when it is kept:
+    /// a lookup, without reading any object.
+    pub fn known_substitutes(&self, commit: &str) -> Option<bool> {
+        let id = ObjectId::from_hex(commit.as_bytes()).ok()?;
+        self.substitutes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+            .copied()
+    }
+
     /// Whether the archive of `commit` depends on more than the commit:
     /// true when any `.gitattributes` in its tree mentions `export-subst`.
     /// git then expands `$Format:…$` placeholders, and some of them read
@@ -1031,13 +1059,7 @@ impl Repository {
     pub fn substitutes(&self, commit: &str) -> Result<bool, Error> {
         let id = ObjectId::from_hex(commit.as_bytes())
             .map_err(|err| Error::internal(format_args!("commit id {commit:?}: {err}")))?;
-        let cached = self
-            .substitutes
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&id)
-            .copied();
-        if let Some(answer) = cached {
+        if let Some(answer) = self.known_substitutes(commit) {
             return Ok(answer);
         }
         let repo = self.repo.to_thread_local();
@@ -1386,8 +1408,11 @@ fn tree_substitutes(
             .get(id)
             .is_some()
     };
+    // Attributes blobs already judged, and the bytes read to judge them.
+    let mut judged: HashMap<ObjectId, bool> = HashMap::new();
+    let mut budget = ATTRIBUTES_BYTES_PER_WALK;
     // `None`: the tree has a `.gitattributes` that mentions `export-subst`.
-    let read = |id: ObjectId| -> Result<Option<Frame>, Error> {
+    let mut read = |id: ObjectId| -> Result<Option<Frame>, Error> {
         let tree = repo
             .find_tree(id)
             .map_err(|err| Error::internal(format_args!("tree {id}: {err}")))?;
@@ -1396,10 +1421,19 @@ fn tree_substitutes(
             let entry = entry.map_err(|err| Error::internal(format_args!("tree {id}: {err}")))?;
             if entry.mode().is_tree() {
                 subtrees.push(entry.object_id());
-            } else if is_attributes_path(entry.filename())
-                && mentions_export_subst(repo, &entry.object_id())?
-            {
-                return Ok(None);
+            } else if is_attributes_path(entry.filename()) {
+                let blob = entry.object_id();
+                let mentions = match judged.get(&blob) {
+                    Some(&mentions) => mentions,
+                    None => {
+                        let mentions = mentions_export_subst(repo, &blob, &mut budget)?;
+                        judged.insert(blob, mentions);
+                        mentions
+                    }
+                };
+                if mentions {
+                    return Ok(None);
+                }
             }
         }
         Ok(Some(Frame { id, subtrees }))
@@ -1452,7 +1486,32 @@ fn is_attributes_path(name: &gix::bstr::BStr) -> bool {
 /// per tree, and git would read it then: review). An object of another
 /// kind (a gitlink's commit) gives git no attributes, and its kind never
 /// changes.
-fn mentions_export_subst(repo: &gix::Repository, id: &gix::oid) -> Result<bool, Error> {
+///
+/// Its size is looked up first, and `budget` (the bytes a walk may still
+/// read) pays for what is read: a blob git ignores for its size (100 MiB
+/// or more, `ATTR_MAX_FILE_SIZE`) gives nothing; one larger than
+/// `MAX_ATTRIBUTES_BLOB_BYTES`, or past the budget, is taken as mentioning
+/// it unread, which only keys the archive by the refs too (attack: 1,500
+/// trees sharing one 8 MB attributes blob, read whole for each on a
+/// serving thread, took 23 s and held every other request).
+fn mentions_export_subst(
+    repo: &gix::Repository,
+    id: &gix::oid,
+    budget: &mut u64,
+) -> Result<bool, Error> {
+    let header = repo
+        .try_find_header(id)
+        .map_err(|err| Error::internal(format_args!("object {id}: {err}")))?;
+    let Some(header) = header else {
+        return Ok(true);
+    };
+    if header.kind() != Kind::Blob || header.size() >= GIT_MAX_ATTRIBUTES_BYTES {
+        return Ok(false);
+    }
+    if header.size() > MAX_ATTRIBUTES_BLOB_BYTES || header.size() > *budget {
+        return Ok(true);
+    }
+    *budget -= header.size();
     let object = repo
         .try_find_object(id)
         .map_err(|err| Error::internal(format_args!("object {id}: {err}")))?;
@@ -1524,6 +1583,21 @@ fn peel_to_commit(repo: &gix::Repository, mut id: ObjectId) -> Result<(ObjectId,
     // No depth bound: object ids are hashes of their content, so a chain of
     // tags cannot loop.
     loop {
+        let header = repo
+            .try_find_header(id)
+            .map_err(|err| Error::internal(format_args!("reading object {id}: {err}")))?
+            .ok_or(Error::RefNotFound)?;
+        if matches!(header.kind(), Kind::Tree | Kind::Blob) {
+            return Err(Error::RefNotFound);
+        }
+        if header.size() > MAX_PEELED_OBJECT_BYTES {
+            tracing::warn!(
+                object = %id,
+                bytes = header.size(),
+                "a commit or tag object larger than the archiver reads; refused"
+            );
+            return Err(Error::TooLarge);
+        }
         let object = repo
             .try_find_object(id)
             .map_err(|err| Error::internal(format_args!("reading object {id}: {err}")))?
@@ -1943,6 +2017,90 @@ mod tests {
         assert!(matches!(result, Err(Error::RepoNotFound)), "{result:?}");
         let result = RefsSnapshot::at(repository.git_dir());
         assert!(matches!(result, Err(Error::RepoNotFound)), "{result:?}");
+    }
+
+    /// Attributes blobs are judged once per walk and by their size first,
+    /// within a budget of bytes read per walk (attack: 1,500 trees sharing
+    /// one 8 MB attributes blob were read whole, one by one, for 23 s).
+    #[test]
+    fn attributes_blobs_are_judged_once_each_by_size_first_within_a_budget() {
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path();
+        git(dir, &["init", "-q"]);
+        let tree_of = |files: &dyn Fn(&Path)| {
+            let _ = fs::remove_dir_all(dir.join("t"));
+            files(&dir.join("t"));
+            git(dir, &["add", "-A"]);
+            git(dir, &["commit", "-q", "--allow-empty", "-m", "x"]);
+            let repo = gix::open(dir).unwrap();
+            let id = repo.head_id().unwrap().detach();
+            let tree = repo.find_commit(id).unwrap().tree_id().unwrap().detach();
+            let memo = Mutex::new(LruCache::new(CLEAN_TREE_IDS));
+            tree_substitutes(&repo, tree, &memo).unwrap().0
+        };
+        // A megabyte of attributes without `export-subst`.
+        let attributes = |seed: usize| {
+            let mut text = format!("# {seed}\n");
+            text.push_str(&"*.bin binary\n".repeat((MAX_ATTRIBUTES_BLOB_BYTES as usize - 64) / 13));
+            text
+        };
+        let write = |path: PathBuf, text: &str| {
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, text).unwrap();
+        };
+
+        // 100 trees sharing one: read once, clean (100 MiB read otherwise,
+        // past the budget).
+        assert!(!tree_of(&|t: &Path| {
+            for i in 0..100 {
+                write(t.join(format!("d{i}/.gitattributes")), &attributes(0));
+                write(t.join(format!("d{i}/f{i}")), "x\n");
+            }
+        }));
+        // 100 different ones: past the budget, taken as mentioning it.
+        assert!(tree_of(&|t: &Path| {
+            for i in 0..100 {
+                write(t.join(format!("d{i}/.gitattributes")), &attributes(i));
+            }
+        }));
+        // One over the bound of a blob read: taken as mentioning it.
+        assert!(tree_of(&|t: &Path| {
+            write(t.join(".gitattributes"), &attributes(0).repeat(2));
+        }));
+    }
+
+    /// A commit object larger than the archiver reads is refused as too
+    /// large, unread (attack: a pushed 300 MB commit message was read
+    /// whole on every request for it).
+    #[test]
+    fn a_commit_object_past_the_bound_is_refused_unread() {
+        let fixture = fixture();
+        let git_dir = fixture.bare_clone("huge-commit.git");
+        let tree = git(&git_dir, &["rev-parse", "main^{tree}"]);
+        let mut object = format!(
+            "tree {}\nauthor T <t@e> 1700000000 +0000\ncommitter T <t@e> 1700000000 +0000\n\n",
+            tree.trim()
+        )
+        .into_bytes();
+        object.resize(object.len() + MAX_PEELED_OBJECT_BYTES as usize + 1, b'm');
+        let message = fixture.base.join("huge-commit");
+        fs::write(&message, &object).unwrap();
+        let commit = git(
+            &git_dir,
+            &[
+                "hash-object",
+                "-t",
+                "commit",
+                "-w",
+                "--literally",
+                message.to_str().unwrap(),
+            ],
+        );
+        git(&git_dir, &["update-ref", "refs/heads/huge", commit.trim()]);
+        let repository = fixture.repositories().open("acme", "huge-commit").unwrap();
+        let result = repository.resolve("huge");
+        assert!(matches!(result, Err(Error::TooLarge)), "{result:?}");
+        assert_resolves(&repository, "main", RefKind::Branch("main".into()));
     }
 
     /// `f` on a thread of its own, failing the test if it has not returned
