@@ -204,7 +204,10 @@ pub fn byte_series(format: Format) -> &'static str {
 /// dates are relative to the commit (`shadow::CONFIG`, [`command`]); in
 /// series 1 both depended on things the refs digest does not cover (the
 /// object count, other objects' prefixes, the clock).
-pub const SUBSTITUTION_SERIES: &str = "s2";
+/// Series 3 (December 2026): signature placeholders (`%G?`, `%GS`, …)
+/// verify nothing (no signature program can run, `shadow::CONFIG`): `%G?`
+/// is `N` on every host, where series 2 said what the host's keys said.
+pub const SUBSTITUTION_SERIES: &str = "s3";
 
 /// The byte series of a zip whose commit time does not fit the ustar
 /// mtime field (after year 2242; only a forged date does), part of its
@@ -872,7 +875,8 @@ mod tests {
             hasher.update(b"\0refs\0");
             hasher.update(refs);
             // Added with substitution series 2; series 1 had nothing here.
-            hasher.update(b"\0s2");
+            hasher.update(b"\0");
+            hasher.update(SUBSTITUTION_SERIES);
         }
         let digest = hex::encode(hasher.finalize());
         format!("{}-{}", spec.format.ext(), &digest[..16])
@@ -957,6 +961,13 @@ mod tests {
         series_1.update("ab".repeat(32));
         let series_1 = format!("tar-{}", &hex::encode(series_1.finalize())[..16]);
         assert_ne!(spec.variant(), series_1);
-        assert_eq!(SUBSTITUTION_SERIES, "s2");
+        // Nor series 2's (signatures verified by the host's programs).
+        let mut series_2 = Sha256::new();
+        series_2.update(b"v2\0tar\0None\0widget-1.0/\0\0refs\0");
+        series_2.update("ab".repeat(32));
+        series_2.update(b"\0s2");
+        let series_2 = format!("tar-{}", &hex::encode(series_2.finalize())[..16]);
+        assert_ne!(spec.variant(), series_2);
+        assert_eq!(SUBSTITUTION_SERIES, "s3");
     }
 }

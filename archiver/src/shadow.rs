@@ -57,7 +57,17 @@ use crate::repo::RefsSnapshot;
 /// them, changed the bytes under the same refs and ETag; a prefix can also
 /// be forged. Only the whole id is decided by the commit alone
 /// (docs/urls.md, "Archives that read refs").
-const CONFIG: &str = "[core]\n\trepositoryformatversion = 0\n\tbare = true\n\tabbrev = 40\n";
+///
+/// The signature programs (`gpg`, `gpgsm`, `ssh-keygen`, which signature
+/// placeholders such as `%G?` make git run on the commit's signature) are
+/// a path that cannot exist: nothing runs, and every host writes the same
+/// bytes (attack: 2,000 placeholders in one commit ran `gpg` 2,000 times,
+/// its parser fed pushed bytes).
+const CONFIG: &str = "[core]\n\trepositoryformatversion = 0\n\tbare = true\n\tabbrev = 40\n\
+    [gpg]\n\tprogram = /dev/null/gitball-runs-no-gpg\n\
+    [gpg \"openpgp\"]\n\tprogram = /dev/null/gitball-runs-no-gpg\n\
+    [gpg \"x509\"]\n\tprogram = /dev/null/gitball-runs-no-gpgsm\n\
+    [gpg \"ssh\"]\n\tprogram = /dev/null/gitball-runs-no-ssh-keygen\n";
 
 /// The shared shadow's `HEAD`: git needs one, and nothing it archives
 /// reads it there.
