@@ -514,6 +514,46 @@ fn objects_linked_outside_after_the_open_are_not_served() {
     assert_eq!(status(&fresh, "/acme/widget/archive/main.tar"), 404);
 }
 
+/// An alternate that comes to lead outside `--repos` while the repository
+/// stays open is refused at the next request: gix reads the alternates
+/// file again at its next missing object, and an open repository answered
+/// by what another repository holds (attack: a `HEAD` gave an outside
+/// commit's ETag and date, and `?path=` probed its files).
+#[test]
+fn an_alternate_made_to_lead_outside_after_the_open_is_refused() {
+    let sandbox = Sandbox::new();
+    let secret = sandbox.source_repo("outside/secret");
+    secret.write("secret.txt", "TOP SECRET payroll\n");
+    secret.git(&["add", "-A"]);
+    secret.git_at(1_700_000_000, &["commit", "-q", "-m", "secret"]);
+    let secret_commit = secret.rev_parse("HEAD");
+    small_repository(&sandbox.repo("acme", "widget"));
+    let git_dir = sandbox.repos().join("acme/widget/.git");
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    assert_eq!(status(&archiver, "/acme/widget/archive/main.tar"), 200);
+
+    let secret_objects = sandbox.path("outside/secret/.git/objects");
+    std::fs::write(
+        git_dir.join("objects/info/alternates"),
+        format!("{}\n", secret_objects.display()),
+    )
+    .unwrap();
+    std::fs::write(
+        git_dir.join("refs/heads/leak"),
+        format!("{secret_commit}\n"),
+    )
+    .unwrap();
+    for path in [
+        "/acme/widget/archive/leak.tar",
+        "/acme/widget/archive/leak.tar?path=secret.txt",
+    ] {
+        let response = archiver.client().head(archiver.url(path)).send().unwrap();
+        assert_eq!(response.status().as_u16(), 404, "{path}");
+    }
+    assert_eq!(status(&archiver, "/acme/widget/archive/main.tar"), 404);
+    assert!(archiver.log().contains("repository leads outside --repos"));
+}
+
 /// A loose ref that is a symlink is not read through: whatever it leads to
 /// (a file naming one of the repository's commits, a file that is no ref,
 /// nothing), the answer is the same `404`, so it tells nothing about files

@@ -230,17 +230,26 @@ impl Repositories {
                             );
                             return Err(Error::RepoNotFound);
                         }
-                        if let Err(outside) =
+                        let checked =
                             layout_inside(&repository.git_dir, &repository.common_dir, &self.root)
-                        {
-                            tracing::warn!(
-                                repository = %format_args!("{owner}/{name}"),
-                                path = %outside.display(),
-                                "repository leads outside --repos (an alternate or a symlink); refused"
-                            );
-                            return Err(Error::RepoNotFound);
+                                .and_then(|objects| {
+                                    alternates_stamps(&repository, &objects, &self.root)
+                                });
+                        match checked {
+                            Ok(stamps) => {
+                                let mut repository = repository;
+                                repository.alternates = stamps;
+                                return Ok(repository);
+                            }
+                            Err(outside) => {
+                                tracing::warn!(
+                                    repository = %format_args!("{owner}/{name}"),
+                                    path = %outside.display(),
+                                    "repository leads outside --repos (an alternate or a symlink); refused"
+                                );
+                                return Err(Error::RepoNotFound);
+                            }
                         }
-                        return Ok(repository);
                     }
                 }
                 Err(Error::RepoNotFound)
@@ -410,15 +419,39 @@ fn named_dir(file: &Path, base: &Path, prefix: &[u8]) -> Option<PathBuf> {
 /// this one's. git never writes a symlink there; only a hand on the file
 /// system does. Run when a repository is opened and again before each
 /// generation (the layout may change while it stays open).
-pub fn layout_inside(git_dir: &Path, common_dir: &Path, root: &Path) -> Result<(), PathBuf> {
+/// Returns the object directories, its own first.
+pub fn layout_inside(
+    git_dir: &Path,
+    common_dir: &Path,
+    root: &Path,
+) -> Result<Vec<PathBuf>, PathBuf> {
     let head = git_dir.join("HEAD");
     if fs::symlink_metadata(&head).is_ok_and(|meta| meta.file_type().is_symlink()) {
         return Err(head);
     }
-    for objects in alternates_inside(common_dir, root)? {
-        without_symlinks(&objects, OBJECTS_DEPTH)?;
+    let objects = alternates_inside(common_dir, root)?;
+    for objects in &objects {
+        without_symlinks(objects, OBJECTS_DEPTH)?;
     }
-    Ok(())
+    Ok(objects)
+}
+
+/// The stamps of the alternates files of `objects` (each object directory
+/// a repository reads), taken after checking them and checked again after
+/// the stamps: gix reads these files again whenever an object is missing,
+/// so a repository open while one changes must be checked anew
+/// (`Repository::is_current`). `Err` names what leads outside.
+fn alternates_stamps(
+    repository: &Repository,
+    objects: &[PathBuf],
+    root: &Path,
+) -> Result<Stamps, PathBuf> {
+    let files = objects.iter().map(|dir| dir.join("info/alternates"));
+    let stamps = Stamps::take(files).map_err(|_| objects[0].join("info/alternates"))?;
+    // A change between the check and the stamps: seen by this check, or
+    // by the stamps at the next request.
+    layout_inside(&repository.git_dir, &repository.common_dir, root)?;
+    Ok(stamps)
 }
 
 /// `Err` names the first symlink on the way from `base` to the loose ref
@@ -811,6 +844,7 @@ fn open_candidate(path: &Path, confine_to: Option<&Path>) -> Result<Option<Repos
         git_dir,
         common_dir,
         identity,
+        alternates: Stamps::default(),
         confined_to: confine_to.map(Path::to_path_buf),
     }))
 }
@@ -885,6 +919,9 @@ pub struct Repository {
     /// tree.
     common_dir: PathBuf,
     identity: FileIdentity,
+    /// The alternates files of every object directory, as checked at the
+    /// open (none for a repository the operator named alone).
+    alternates: Stamps,
     /// `--repos`, which everything the repository leads to must stay under
     /// (`layout_inside`); `None` for a repository the operator named alone.
     confined_to: Option<PathBuf>,
@@ -918,8 +955,14 @@ impl Repository {
     }
 
     /// True while the git dir still exists and is the directory that was opened.
+    /// Whether the path still names the directory opened, and its
+    /// alternates files are as they were checked (one `statx` each: gix
+    /// would read a changed one at its next missing object, so an
+    /// alternate made to lead outside after the open was served from;
+    /// attack).
     fn is_current(&self) -> bool {
         FileIdentity::of(&self.git_dir).is_ok_and(|identity| identity == self.identity)
+            && self.alternates.unchanged()
     }
 
     /// Resolves a user's ref (already validated by `url::validate_ref`) to a
