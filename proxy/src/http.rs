@@ -273,12 +273,15 @@ fn respond(state: &AppState, request: &Parts, answer: Answer, mut log: RequestLo
         .headers()
         .contains_key(header::TRANSFER_ENCODING);
     // Headers named in `Connection` are hop-by-hop (RFC 9110, section
-    // 7.6.1); an archiver names none.
+    // 7.6.1); an archiver names none. Not the length, which the proxy's
+    // own framing goes by (`forward::framed`): dropped, the client would
+    // get a chunked answer that a splice then wrote raw bytes into (review).
     let connection = upstream_response.headers().get_all(header::CONNECTION);
     for (name, value) in upstream_response.headers() {
         if is_passed_through(name)
             && !(by_coding && name == header::CONTENT_LENGTH)
-            && !connection.iter().any(|connection| names(connection, name))
+            && (name == header::CONTENT_LENGTH
+                || !connection.iter().any(|connection| names(connection, name)))
         {
             headers.append(name.clone(), value.clone());
         }
