@@ -338,7 +338,7 @@ const MAX_PACKED_REFS_BYTES: u64 = 512 * 1024 * 1024;
 /// it).
 const GIT_FILES: [(&str, u64); 7] = [
     ("HEAD", MAX_REF_FILE_BYTES),
-    ("config", 4 * 1024 * 1024),
+    ("config", 32 * 1024 * 1024),
     ("commondir", MAX_REF_FILE_BYTES),
     ("gitdir", MAX_REF_FILE_BYTES),
     ("packed-refs", MAX_PACKED_REFS_BYTES),
@@ -372,8 +372,11 @@ fn regular_file_within(path: &Path, max_bytes: u64) -> Result<(), PathBuf> {
 /// regular file within its bound.
 fn git_files_sane(directory: &Path) -> Result<(), PathBuf> {
     let dot_git = directory.join(".git");
-    let mut git_dirs = vec![directory.to_path_buf()];
-    match fs::symlink_metadata(&dot_git) {
+    // A work tree's own files (a `config/` directory, a large `HEAD`) are
+    // content, not the git dir's: with a `.git`, only it is checked
+    // (review). A `.git` symlink to a directory is followed, as git does.
+    let mut git_dirs = Vec::new();
+    match fs::metadata(&dot_git) {
         Ok(meta) if meta.is_dir() => git_dirs.push(dot_git),
         Ok(_) => {
             regular_file_within(&dot_git, MAX_REF_FILE_BYTES)?;
@@ -381,7 +384,7 @@ fn git_files_sane(directory: &Path) -> Result<(), PathBuf> {
                 git_dirs.push(target);
             }
         }
-        Err(_) => {}
+        Err(_) => git_dirs.push(directory.to_path_buf()),
     }
     let mut checked = Vec::new();
     while let Some(git_dir) = git_dirs.pop() {
@@ -2228,6 +2231,17 @@ mod tests {
         }
         let result = within_bound("listing", move || RefsSnapshot::at(&git_dir));
         assert!(matches!(result, Err(Error::RepoNotFound)), "{result:?}");
+
+        // A work tree's own files named like a git dir's are content: a
+        // `config/` directory, a large `HEAD` (review: every work tree
+        // with a `config/` was refused).
+        fs::create_dir_all(fixture.widget.join("config")).unwrap();
+        fs::write(fixture.widget.join("config/app.yml"), "a: 1\n").unwrap();
+        fs::write(fixture.widget.join("HEAD"), "x".repeat(70_000)).unwrap();
+        let repositories = Repositories::new(&fixture.root).unwrap();
+        assert!(repositories.open("acme", "widget").is_ok());
+        let single = Repositories::new(&fixture.widget).unwrap();
+        assert!(single.open(LOCAL_OWNER, "widget").is_ok());
     }
 
     /// Alternates lists that name the next directory many times, chained,
