@@ -186,7 +186,11 @@ fn signature_placeholders_run_no_program() {
     let git = sandbox.path("git-with-stubs");
     executable(
         &git,
-        format!("#!/bin/sh\nPATH={}:$PATH exec git \"$@\"\n", bin.display()),
+        format!(
+            "#!/bin/sh\necho \"$PATH\" > {}\nPATH={}:/usr/local/bin:/usr/bin:/bin exec git \"$@\"\n",
+            sandbox.path("path-given").display(),
+            bin.display()
+        ),
     );
 
     let repo = RepoBuilder::init_bare(&sandbox.repos().join("acme/signed.git"), &sandbox.home());
@@ -238,6 +242,12 @@ fn signature_placeholders_run_no_program() {
         !marker.exists(),
         "a signature program ran: {}",
         std::fs::read_to_string(&marker).unwrap_or_default()
+    );
+    // And without the stubs' help, git's PATH finds no program at all (a
+    // git before 2.41 reads no `gpg.program` in `git archive`).
+    assert_eq!(
+        std::fs::read_to_string(sandbox.path("path-given")).unwrap(),
+        "/dev/null\n"
     );
 }
 

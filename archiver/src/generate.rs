@@ -749,7 +749,12 @@ pub fn command(git: &Path, spec: &Spec, shadow: &Path) -> Command {
     let mut command = Command::new(git);
     command
         .env_clear()
-        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        // No program can be found: git runs its own commands from its exec
+        // path, which it puts first itself, and anything else it would run
+        // by name (a signature placeholder's `gpg`, `gpgsm`, `ssh-keygen`
+        // on git before 2.41, which does not read `gpg.program` in
+        // `git archive`: `shadow::CONFIG`) is not found (review).
+        .env("PATH", "/dev/null")
         .env("HOME", "/nonexistent")
         .env("LC_ALL", "C")
         .env("GIT_CONFIG_NOSYSTEM", "1")

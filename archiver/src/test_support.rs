@@ -103,6 +103,7 @@ impl StubGit {
         std::fs::write(git_dir.join("HEAD"), "ref: refs/heads/main\n").unwrap();
         let script = format!(
             "#!/bin/sh\n\
+             PATH=/usr/local/bin:/usr/bin:/bin\n\
              echo $$ >> '{root}/runs'\n\
              fed=\n\
              if [ -p '{root}/feed' ]; then exec 3< '{root}/feed' || exit 2; fed=1; fi\n\

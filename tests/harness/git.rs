@@ -325,11 +325,16 @@ impl Sandbox {
         RepoBuilder::init(&self.path(relative), &self.home())
     }
 
-    /// An executable `sh` script `name` running `body` (a stub `--git`).
+    /// An executable `sh` script `name` running `body` (a stub `--git`),
+    /// with a `PATH` of its own: the archiver gives git none.
     pub fn write_stub(&self, name: &str, body: &str) -> PathBuf {
         use std::os::unix::fs::PermissionsExt;
         let path = self.path(name);
-        fs::write(&path, format!("#!/bin/sh\n{body}")).expect("write the stub");
+        fs::write(
+            &path,
+            format!("#!/bin/sh\nPATH=/usr/local/bin:/usr/bin:/bin\n{body}"),
+        )
+        .expect("write the stub");
         fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod the stub");
         path
     }
