@@ -936,9 +936,27 @@ impl Cache {
     pub async fn shutdown(&self, deadline: Duration) -> bool {
         self.cancel.cancel();
         self.tasks.close();
-        tokio::time::timeout(deadline, self.tasks.wait())
+        let stopped = tokio::time::timeout(deadline, self.tasks.wait())
             .await
-            .is_ok()
+            .is_ok();
+        if !stopped {
+            // A compressor job still in flight (seconds at a high zstd
+            // level on a loaded host) must not leave its partial file for
+            // the next start to find: unlinked now, what it still writes
+            // goes nowhere (a test saw one left after 5 s).
+            let index = self.lock();
+            for generation in index.generating.values() {
+                match std::fs::remove_file(&generation.partial) {
+                    Err(error) if error.kind() != io::ErrorKind::NotFound => tracing::error!(
+                        %error,
+                        path = %generation.partial.display(),
+                        "cannot remove the partial file of a generation still stopping"
+                    ),
+                    _ => {}
+                }
+            }
+        }
+        stopped
     }
 }
 
