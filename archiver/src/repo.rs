@@ -194,8 +194,12 @@ impl Repositories {
         repository.racy_window = self.racy_window;
         let repository = Arc::new(repository);
         // Two requests racing here both open the repository; the later one
-        // stays in the cache, which is harmless.
-        self.cache().put(key, Arc::clone(&repository));
+        // stays in the cache, which is harmless. One whose alternates files
+        // changed too recently for their stamps to tell a rewrite of the
+        // same size is opened again by the next request (review).
+        if repository.alternates.settled(self.racy_window) {
+            self.cache().put(key, Arc::clone(&repository));
+        }
         Ok(repository)
     }
 
@@ -312,7 +316,7 @@ const GIT_MAX_ATTRIBUTES_BYTES: u64 = 100 * 1024 * 1024;
 const MAX_ATTRIBUTES_BLOB_BYTES: u64 = 1024 * 1024;
 
 /// The attributes bytes one walk of a tree reads at most; past them, the
-/// tree is taken as mentioning `export-subst`.
+/// request is answered busy and the next one goes on.
 const ATTRIBUTES_BYTES_PER_WALK: u64 = 64 * 1024 * 1024;
 
 /// The largest commit or tag object read to resolve a ref (git has no
@@ -453,7 +457,9 @@ fn alternates_stamps(
     let stamps = Stamps::take(files).map_err(|_| objects[0].join("info/alternates"))?;
     // A change between the check and the stamps: seen by this check, or
     // by the stamps at the next request.
-    layout_inside(&repository.git_dir, &repository.common_dir, root)?;
+    if alternates_inside(&repository.common_dir, root)? != objects {
+        return Err(objects[0].join("info/alternates"));
+    }
     Ok(stamps)
 }
 
@@ -491,8 +497,9 @@ fn ref_path_without_symlinks(base: &Path, name: &str) -> Result<(), PathBuf> {
 /// Why the refs of a git dir are not listed.
 #[derive(Debug)]
 enum RefsRefused {
-    /// `packed-refs`, `refs` or an entry under it is a symlink.
-    Symlink(PathBuf),
+    /// `packed-refs`, `refs` or an entry under it is a symlink, a FIFO, a
+    /// device or a socket, or a file too large for a ref.
+    NotAFile(PathBuf),
     /// A directory under `refs` could not be read.
     Unreadable(PathBuf, io::Error),
 }
@@ -504,7 +511,7 @@ enum RefsRefused {
 /// ref while we walk.
 fn refs_without_symlinks(dir: &Path) -> Result<(), RefsRefused> {
     for top in ["packed-refs", "refs"] {
-        ref_path_without_symlinks(dir, top).map_err(RefsRefused::Symlink)?;
+        ref_path_without_symlinks(dir, top).map_err(RefsRefused::NotAFile)?;
     }
     let mut pending = vec![dir.join("refs")];
     while let Some(dir) = pending.pop() {
@@ -534,7 +541,7 @@ fn refs_without_symlinks(dir: &Path) -> Result<(), RefsRefused> {
                     Err(error) => return Err(RefsRefused::Unreadable(entry.path(), error)),
                 };
             if !regular {
-                return Err(RefsRefused::Symlink(entry.path()));
+                return Err(RefsRefused::NotAFile(entry.path()));
             }
         }
     }
@@ -718,10 +725,10 @@ impl RefsSnapshot {
         for dir in dirs {
             match refs_without_symlinks(dir) {
                 Ok(()) => {}
-                Err(RefsRefused::Symlink(symlink)) => {
+                Err(RefsRefused::NotAFile(path)) => {
                     tracing::warn!(
-                        path = %symlink.display(),
-                        "a ref file leads outside the repository (a symlink); its refs are not listed"
+                        path = %path.display(),
+                        "a ref file is a symlink (which leads outside the repository), not a regular file, or too large; its refs are not listed"
                     );
                     return Err(Error::RepoNotFound);
                 }
@@ -843,6 +850,7 @@ fn open_candidate(path: &Path, confine_to: Option<&Path>) -> Result<Option<Repos
         digest: Mutex::new(None),
         listing: Mutex::new(()),
         walking: Mutex::new(()),
+        judging: Mutex::new(()),
         racy_window: RACY_WINDOW,
         git_dir,
         common_dir,
@@ -915,6 +923,9 @@ pub struct Repository {
     /// Held while the history is walked for the reachable commits, for the
     /// same reason.
     walking: Mutex<()>,
+    /// Held while a commit's trees are read for `export-subst`, for the
+    /// same reason.
+    judging: Mutex<()>,
     /// `stamp::RACY_WINDOW`; shorter in tests.
     racy_window: std::time::Duration,
     git_dir: PathBuf,
@@ -1105,6 +1116,12 @@ impl Repository {
     pub fn substitutes(&self, commit: &str) -> Result<bool, Error> {
         let id = ObjectId::from_hex(commit.as_bytes())
             .map_err(|err| Error::internal(format_args!("commit id {commit:?}: {err}")))?;
+        if let Some(answer) = self.known_substitutes(commit) {
+            return Ok(answer);
+        }
+        // One walk at a time per repository: requests for a new commit
+        // that arrive together wait for it and find its answer (review).
+        let _judging = self.judging.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(answer) = self.known_substitutes(commit) {
             return Ok(answer);
         }
@@ -1536,10 +1553,14 @@ fn is_attributes_path(name: &gix::bstr::BStr) -> bool {
 /// Its size is looked up first, and `budget` (the bytes a walk may still
 /// read) pays for what is read: a blob git ignores for its size (100 MiB
 /// or more, `ATTR_MAX_FILE_SIZE`) gives nothing; one larger than
-/// `MAX_ATTRIBUTES_BLOB_BYTES`, or past the budget, is taken as mentioning
-/// it unread, which only keys the archive by the refs too (attack: 1,500
-/// trees sharing one 8 MB attributes blob, read whole for each on a
-/// serving thread, took 23 s and held every other request).
+/// `MAX_ATTRIBUTES_BLOB_BYTES` is taken as mentioning it unread, which
+/// only keys the archive by the refs too (attack: 1,500 trees sharing one
+/// 8 MB attributes blob, read whole for each on a serving thread, took
+/// 23 s and held every other request). Past the budget the walk stops
+/// with `Busy`, its answer not kept: what it found clean is
+/// (`CLEAN_TREES`), so the next request goes on from there, and the
+/// answer depends on the tree alone, never on what a replica had cached
+/// (review: a budget that answered "mentions" gave one commit two ETags).
 fn mentions_export_subst(
     repo: &gix::Repository,
     id: &gix::oid,
@@ -1554,8 +1575,14 @@ fn mentions_export_subst(
     if header.kind() != Kind::Blob || header.size() >= GIT_MAX_ATTRIBUTES_BYTES {
         return Ok(false);
     }
-    if header.size() > MAX_ATTRIBUTES_BLOB_BYTES || header.size() > *budget {
+    if header.size() > MAX_ATTRIBUTES_BLOB_BYTES {
         return Ok(true);
+    }
+    if header.size() > *budget {
+        tracing::info!(
+            "a tree's attributes files passed what one request reads; answering busy, the next goes on"
+        );
+        return Err(Error::Busy);
     }
     *budget -= header.size();
     let object = repo
@@ -2067,7 +2094,8 @@ mod tests {
 
     /// Attributes blobs are judged once per walk and by their size first,
     /// within a budget of bytes read per walk (attack: 1,500 trees sharing
-    /// one 8 MB attributes blob were read whole, one by one, for 23 s).
+    /// one 8 MB attributes blob were read whole, one by one, for 23 s); the
+    /// answer is the tree's alone.
     #[test]
     fn attributes_blobs_are_judged_once_each_by_size_first_within_a_budget() {
         let temp = tempfile::tempdir().unwrap();
@@ -2103,12 +2131,22 @@ mod tests {
                 write(t.join(format!("d{i}/f{i}")), "x\n");
             }
         }));
-        // 100 different ones: past the budget, taken as mentioning it.
-        assert!(tree_of(&|t: &Path| {
-            for i in 0..100 {
-                write(t.join(format!("d{i}/.gitattributes")), &attributes(i));
-            }
-        }));
+        // 100 different ones: past the budget of one walk, which stops
+        // busy; the next goes on from the trees found clean, to the answer
+        // the tree alone decides.
+        let _ = fs::remove_dir_all(dir.join("t"));
+        for i in 0..100 {
+            write(dir.join(format!("t/d{i}/.gitattributes")), &attributes(i));
+        }
+        git(dir, &["add", "-A"]);
+        git(dir, &["commit", "-q", "-m", "many"]);
+        let repo = gix::open(dir).unwrap();
+        let id = repo.head_id().unwrap().detach();
+        let tree = repo.find_commit(id).unwrap().tree_id().unwrap().detach();
+        let memo = Mutex::new(LruCache::new(CLEAN_TREE_IDS));
+        let first = tree_substitutes(&repo, tree, &memo);
+        assert!(matches!(first, Err(Error::Busy)), "{first:?}");
+        assert!(!tree_substitutes(&repo, tree, &memo).unwrap().0);
         // One over the bound of a blob read: taken as mentioning it.
         assert!(tree_of(&|t: &Path| {
             write(t.join(".gitattributes"), &attributes(0).repeat(2));
