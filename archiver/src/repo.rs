@@ -319,10 +319,15 @@ const MAX_ATTRIBUTES_BLOB_BYTES: u64 = 1024 * 1024;
 /// request is answered busy and the next one goes on.
 const ATTRIBUTES_BYTES_PER_WALK: u64 = 64 * 1024 * 1024;
 
-/// The largest commit or tag object read to resolve a ref (git has no
-/// bound; a commit message of hundreds of MB, pushed, was read whole on
-/// every request for it: attack).
+/// The most bytes of commit and tag objects read to resolve a ref, the
+/// whole chain of tags included (git has no bound; a commit message of
+/// hundreds of MB, pushed, was read whole on every request for it:
+/// attack).
 const MAX_PEELED_OBJECT_BYTES: u64 = 16 * 1024 * 1024;
+
+/// The most object directories a repository may read from, its own and
+/// its alternates'.
+const MAX_OBJECT_DIRS: usize = 64;
 
 /// How deep git follows alternates of alternates (its own limit).
 const MAX_ALTERNATE_DEPTH: usize = 5;
@@ -331,8 +336,9 @@ const MAX_ALTERNATE_DEPTH: usize = 5;
 /// one a line. git and gix read such a file whole.
 const MAX_REF_FILE_BYTES: u64 = 64 * 1024;
 
-/// The most bytes of `packed-refs`: 1,000,000 refs take about 60 MB.
-const MAX_PACKED_REFS_BYTES: u64 = 512 * 1024 * 1024;
+/// The most bytes of `packed-refs`: a million refs (`MAX_LISTED_REFS`)
+/// take 60 to 120 MB.
+const MAX_PACKED_REFS_BYTES: u64 = 256 * 1024 * 1024;
 
 /// The files of a git dir that git or gix read whole when they open it or
 /// resolve a ref, and the most bytes each may hold. Every one must be a
@@ -340,9 +346,10 @@ const MAX_PACKED_REFS_BYTES: u64 = 512 * 1024 * 1024;
 /// crashed the archiver out of memory, a FIFO hung a serving thread for
 /// good, `config` linked to `/dev/zero` grew it until the kernel killed
 /// it).
-const GIT_FILES: [(&str, u64); 7] = [
+const GIT_FILES: [(&str, u64); 8] = [
     ("HEAD", MAX_REF_FILE_BYTES),
     ("config", 32 * 1024 * 1024),
+    ("config.worktree", 32 * 1024 * 1024),
     ("commondir", MAX_REF_FILE_BYTES),
     ("gitdir", MAX_REF_FILE_BYTES),
     ("packed-refs", MAX_PACKED_REFS_BYTES),
@@ -591,13 +598,20 @@ fn alternates_inside(common_dir: &Path, root: &Path) -> Result<Vec<PathBuf>, Pat
         }
     }
     let mut visited: Vec<PathBuf> = Vec::new();
+    let mut seen: HashSet<PathBuf> = HashSet::new();
     let mut pending = vec![(common_dir.join("objects"), 0)];
     while let Some((objects, depth)) = pending.pop() {
         // Each directory once, as git drops a repeated alternate: lists
         // naming the next one many times, chained, had made the check
-        // exponential (attack: 16 names in 5 levels, 34 s a request).
-        if visited.contains(&objects) {
+        // exponential (attack: 16 names in 5 levels, 34 s a request), and
+        // a list kept in a `Vec` quadratic (500 directories in 4 levels,
+        // minutes). A repository borrows from a few; past
+        // `MAX_OBJECT_DIRS`, gix's own reading of them would be slow too.
+        if !seen.insert(objects.clone()) {
             continue;
+        }
+        if seen.len() > MAX_OBJECT_DIRS {
+            return Err(objects);
         }
         visited.push(objects.clone());
         regular_file_within(&objects.join("info/alternates"), MAX_REF_FILE_BYTES)?;
@@ -765,11 +779,21 @@ fn for_each_ref(
     let all = references
         .all()
         .map_err(|err| Error::internal(format_args!("listing refs: {err}")))?;
-    for reference in all {
+    for (count, reference) in all.enumerate() {
+        if count == MAX_LISTED_REFS {
+            return Err(Error::internal(format_args!(
+                "more than {MAX_LISTED_REFS} refs: not listed"
+            )));
+        }
         each(reference.map_err(|err| Error::internal(format_args!("reading a ref: {err}")))?);
     }
     Ok(())
 }
+
+/// The most refs a listing takes (for the refs digest, and the tips of the
+/// reachability walk): 8 million refs in a `packed-refs` within its bound
+/// had aborted the archiver out of memory (attack).
+const MAX_LISTED_REFS: usize = 1_000_000;
 
 /// Opens `path` with gix as the archiver reads every repository: isolated
 /// from system and user config, and replace refs off, as for `git
@@ -1078,7 +1102,25 @@ impl Repository {
     /// answer says nothing about that file.
     fn loose_ref_inside(&self, name: &str) -> Result<(), Error> {
         let own = self.linked().then_some(&self.git_dir);
-        for base in std::iter::once(&self.common_dir).chain(own) {
+        // gix's lookup of a name also opens these spellings of it, whatever
+        // it is asked (attack: a FIFO at `tags/refs/main` hung the serving
+        // thread, a symlink there was read through); `packed-refs` is read
+        // alone.
+        let spellings = if name == "packed-refs" {
+            vec![name.to_owned()]
+        } else {
+            vec![
+                name.to_owned(),
+                format!("tags/{name}"),
+                format!("heads/{name}"),
+                format!("remotes/{name}"),
+                format!("remotes/{name}/HEAD"),
+            ]
+        };
+        for (base, name) in std::iter::once(&self.common_dir)
+            .chain(own)
+            .flat_map(|base| spellings.iter().map(move |name| (base, name)))
+        {
             if let Err(symlink) = ref_path_without_symlinks(base, name) {
                 tracing::warn!(
                     path = %symlink.display(),
@@ -1432,6 +1474,13 @@ fn follow_ref(
 ) -> Result<Option<ObjectId>, Error> {
     let mut name = full_name.to_owned();
     for _ in 0..=SYMREF_MAX_DEPTH {
+        // gix reads these from another git dir than the name says, where
+        // the checks of `inside` do not look (attack: a symbolic ref to
+        // `main-worktree/refs/heads/x` was read through a symlink there).
+        // A served repository has no other work tree to name: not found.
+        if name.starts_with("main-worktree/") || name.starts_with("worktrees/") {
+            return Ok(None);
+        }
         inside(&name)?;
         let Some(reference) = find_exact(repo, &name)? else {
             return Ok(None);
@@ -1459,10 +1508,13 @@ fn tree_substitutes(
     root: ObjectId,
     clean: &Mutex<LruCache<ObjectId, ()>>,
 ) -> Result<(bool, usize), Error> {
-    /// A tree being walked: its id and the subtrees not yet visited.
+    /// A tree being walked: its id and the subtrees not yet visited;
+    /// `cacheable` when none of them waits elsewhere in the walk (only a
+    /// tree whose every subtree this walk saw clean is kept as clean).
     struct Frame {
         id: ObjectId,
         subtrees: Vec<ObjectId>,
+        cacheable: bool,
     }
     let is_clean = |id: &ObjectId| {
         clean
@@ -1474,16 +1526,33 @@ fn tree_substitutes(
     // Attributes blobs already judged, and the bytes read to judge them.
     let mut judged: HashMap<ObjectId, bool> = HashMap::new();
     let mut budget = ATTRIBUTES_BYTES_PER_WALK;
+    // Every tree this walk has put on its stack, and those it found clean:
+    // each is read once, and what waits to be read is at most the distinct
+    // trees a push holds (attack: 1,000 nested trees of 100,000 entries
+    // naming one empty tree, a 300 KB push, held 2 GB of ids and aborted
+    // the archiver).
+    let seen: std::cell::RefCell<HashSet<ObjectId>> = Default::default();
+    let done: std::cell::RefCell<HashSet<ObjectId>> = Default::default();
     // `None`: the tree has a `.gitattributes` that mentions `export-subst`.
     let mut read = |id: ObjectId| -> Result<Option<Frame>, Error> {
         let tree = repo
             .find_tree(id)
             .map_err(|err| Error::internal(format_args!("tree {id}: {err}")))?;
         let mut subtrees = Vec::new();
+        let mut cacheable = true;
         for entry in tree.iter() {
             let entry = entry.map_err(|err| Error::internal(format_args!("tree {id}: {err}")))?;
             if entry.mode().is_tree() {
-                subtrees.push(entry.object_id());
+                let subtree = entry.object_id();
+                if is_clean(&subtree) || done.borrow().contains(&subtree) {
+                    continue;
+                }
+                if seen.borrow_mut().insert(subtree) {
+                    subtrees.push(subtree);
+                } else {
+                    // Waiting in another tree's list: read there.
+                    cacheable = false;
+                }
             } else if is_attributes_path(entry.filename()) {
                 let blob = entry.object_id();
                 let mentions = match judged.get(&blob) {
@@ -1499,7 +1568,11 @@ fn tree_substitutes(
                 }
             }
         }
-        Ok(Some(Frame { id, subtrees }))
+        Ok(Some(Frame {
+            id,
+            subtrees,
+            cacheable,
+        }))
     };
     if is_clean(&root) {
         return Ok((false, 0));
@@ -1521,12 +1594,17 @@ fn tree_substitutes(
             }
             None => {
                 // Every subtree of this one is clean, and so is it.
-                let id = frame.id;
+                // Unless a subtree of it waits elsewhere: then it stays
+                // only seen, and a tree naming it is not kept clean either.
+                let (id, cacheable) = (frame.id, frame.cacheable);
                 stack.pop();
-                clean
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .put(id, ());
+                if cacheable {
+                    done.borrow_mut().insert(id);
+                    clean
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .put(id, ());
+                }
             }
         }
     }
@@ -1655,6 +1733,9 @@ fn find_abbreviated(repo: &gix::Repository, reference: &str) -> Result<Option<Ob
 fn peel_to_commit(repo: &gix::Repository, mut id: ObjectId) -> Result<(ObjectId, i64), Error> {
     // No depth bound: object ids are hashes of their content, so a chain of
     // tags cannot loop.
+    // The bound is on the whole chain: 1,200 chained tags of 16 MB each
+    // had cost seconds of a serving thread per request (attack).
+    let mut read_bytes = 0u64;
     loop {
         let header = repo
             .try_find_header(id)
@@ -1663,7 +1744,8 @@ fn peel_to_commit(repo: &gix::Repository, mut id: ObjectId) -> Result<(ObjectId,
         if matches!(header.kind(), Kind::Tree | Kind::Blob) {
             return Err(Error::RefNotFound);
         }
-        if header.size() > MAX_PEELED_OBJECT_BYTES {
+        read_bytes = read_bytes.saturating_add(header.size());
+        if read_bytes > MAX_PEELED_OBJECT_BYTES {
             tracing::warn!(
                 object = %id,
                 bytes = header.size(),
@@ -2153,6 +2235,77 @@ mod tests {
         }));
     }
 
+    /// A tree met twice in one walk is read once (attack: 1,000 nested
+    /// trees of 100,000 entries naming one empty tree held 2 GB of ids),
+    /// and a tree one of whose subtrees waited elsewhere in the walk is
+    /// not kept as clean: that subtree may mention `export-subst`, found
+    /// after it.
+    #[test]
+    fn a_tree_met_twice_is_read_once_and_kept_clean_only_when_proven() {
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path();
+        git(dir, &["init", "-q", "--bare"]);
+        let input = |args: &[&str], stdin: &str| {
+            let mut child = std::process::Command::new("git")
+                .arg("-C")
+                .arg(dir)
+                .args(args)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(stdin.as_bytes())
+                .unwrap();
+            let output = child.wait_with_output().unwrap();
+            assert!(output.status.success());
+            ObjectId::from_hex(String::from_utf8(output.stdout).unwrap().trim().as_bytes()).unwrap()
+        };
+        let blob = |text: &str| input(&["hash-object", "-w", "--stdin"], text);
+        let tree = |entries: &[(&str, &str, ObjectId)]| {
+            let listing: String = entries
+                .iter()
+                .map(|(mode, name, id)| {
+                    let kind = if *mode == "040000" { "tree" } else { "blob" };
+                    format!("{mode} {kind} {id}\t{name}\n")
+                })
+                .collect();
+            input(&["mktree"], &listing)
+        };
+        let repo = gix::open(dir).unwrap();
+        let memo = Mutex::new(LruCache::new(CLEAN_TREE_IDS));
+
+        // 50 nested levels, each with 2,000 entries naming one empty tree.
+        let empty = tree(&[]);
+        let mut level = tree(&[("100644", "f", blob("x\n"))]);
+        for _ in 0..50 {
+            let mut entries: Vec<(String, ObjectId)> =
+                (0..2000).map(|i| (format!("e{i:04}"), empty)).collect();
+            entries.push(("next".into(), level));
+            let entries: Vec<(&str, &str, ObjectId)> = entries
+                .iter()
+                .map(|(name, id)| ("040000", name.as_str(), *id))
+                .collect();
+            level = tree(&entries);
+        }
+        assert_eq!(tree_substitutes(&repo, level, &memo).unwrap(), (false, 52));
+
+        // `a` is a subtree that mentions export-subst deep down; `b` names
+        // it too, and is read first (the stack takes the last entry first).
+        let deep = tree(&[("100644", ".gitattributes", blob("* export-subst\n"))]);
+        let shared = tree(&[("040000", "deep", deep)]);
+        let b = tree(&[("040000", "s", shared)]);
+        let root = tree(&[("040000", "a", shared), ("040000", "b", b)]);
+        assert!(tree_substitutes(&repo, root, &memo).unwrap().0);
+        // `b` was not kept clean: alone, it still says so.
+        let alone = tree(&[("040000", "b", b)]);
+        assert!(tree_substitutes(&repo, alone, &memo).unwrap().0);
+    }
+
     /// A commit object larger than the archiver reads is refused as too
     /// large, unread (attack: a pushed 300 MB commit message was read
     /// whole on every request for it).
@@ -2185,6 +2338,35 @@ mod tests {
         let result = repository.resolve("huge");
         assert!(matches!(result, Err(Error::TooLarge)), "{result:?}");
         assert_resolves(&repository, "main", RefKind::Branch("main".into()));
+
+        // The bound is on the whole chain of tags (attack: 1,200 tags of
+        // 16 MB each, seconds a request).
+        let mut target = git(&git_dir, &["rev-parse", "main"]).trim().to_owned();
+        for link in 0..3 {
+            let mut tag = format!(
+                "object {target}\ntype {}\ntag t{link}\ntagger T <t@e> 1700000000 +0000\n\n",
+                if link == 0 { "commit" } else { "tag" }
+            )
+            .into_bytes();
+            tag.resize(tag.len() + MAX_PEELED_OBJECT_BYTES as usize / 3, b'm');
+            fs::write(&message, &tag).unwrap();
+            target = git(
+                &git_dir,
+                &[
+                    "hash-object",
+                    "-t",
+                    "tag",
+                    "-w",
+                    "--literally",
+                    message.to_str().unwrap(),
+                ],
+            )
+            .trim()
+            .to_owned();
+        }
+        git(&git_dir, &["update-ref", "refs/tags/chain", &target]);
+        let result = repository.resolve("chain");
+        assert!(matches!(result, Err(Error::TooLarge)), "{result:?}");
     }
 
     /// `f` on a thread of its own, failing the test if it has not returned
@@ -2213,9 +2395,10 @@ mod tests {
         let fixture = fixture();
         let repositories = fixture.repositories();
         type Damage = fn(&Path);
-        let cases: [(&str, &str, Damage); 8] = [
+        let cases: [(&str, &str, Damage); 9] = [
             ("fifo-head", "HEAD", mkfifo),
             ("fifo-config", "config", mkfifo),
+            ("fifo-worktree-config", "config.worktree", mkfifo),
             ("fifo-packed", "packed-refs", mkfifo),
             ("fifo-alternates", "objects/info/alternates", mkfifo),
             ("fifo-graph", "objects/info/commit-graph", mkfifo),
@@ -2267,6 +2450,22 @@ mod tests {
                 "{reference}: {result:?}"
             );
         }
+        // Another spelling gix's lookup opens for `refs/odd` (attack).
+        fs::create_dir_all(git_dir.join("tags/refs")).unwrap();
+        mkfifo(&git_dir.join("tags/refs/odd"));
+        let odd = Arc::clone(&repository);
+        let result = within_bound("tags/refs/odd", move || odd.resolve("odd"));
+        assert!(matches!(result, Err(Error::RepoNotFound)), "{result:?}");
+        // A symbolic ref into another work tree's refs is not followed
+        // (gix reads it from the common dir, where no check looked).
+        fs::write(
+            git_dir.join("refs/heads/elsewhere"),
+            "ref: main-worktree/refs/heads/main\n",
+        )
+        .unwrap();
+        let elsewhere = Arc::clone(&repository);
+        let result = within_bound("main-worktree", move || elsewhere.resolve("elsewhere"));
+        assert!(matches!(result, Err(Error::RefNotFound)), "{result:?}");
         let result = within_bound("listing", move || RefsSnapshot::at(&git_dir));
         assert!(matches!(result, Err(Error::RepoNotFound)), "{result:?}");
 
@@ -2309,6 +2508,19 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+
+        // More object directories than a repository borrows from: refused
+        // (gix reads its alternates in quadratic time; attack).
+        let git_dir = fixture.bare_clone("wide.git");
+        let mut list = String::new();
+        for pool in 0..MAX_OBJECT_DIRS {
+            let objects = git_dir.join(format!("pool{pool}/objects"));
+            fs::create_dir_all(&objects).unwrap();
+            list.push_str(&format!("{}\n", objects.display()));
+        }
+        fs::write(git_dir.join("objects/info/alternates"), list).unwrap();
+        let result = fixture.repositories().open("acme", "wide");
+        assert!(matches!(result, Err(Error::RepoNotFound)), "{result:?}");
     }
 
     /// A reftable repository is refused as unsupported (a `500` with the
