@@ -405,12 +405,52 @@ fn git_files_sane(directory: &Path) -> Result<(), PathBuf> {
         for (name, max_bytes) in GIT_FILES {
             regular_file_within(&git_dir.join(name), max_bytes)?;
         }
+        alternates_bounded(&git_dir)?;
         if checked.len() < 4
             && let Some(common) = named_dir(&git_dir.join("commondir"), &git_dir, b"")
         {
             git_dirs.push(common);
         }
         checked.push(git_dir);
+    }
+    Ok(())
+}
+
+/// Bounds what gix reads of the alternates of `git_dir`'s object directory
+/// when it opens the repository, before it does: at most `MAX_OBJECT_DIRS`
+/// directories, each alternates file a regular file within its bound. gix
+/// resolves them in quadratic time (attack: 500 directories in 4 levels,
+/// each listing the next level's, held a serving thread for minutes). Where
+/// they lead is checked after the open ([`alternates_inside`]).
+fn alternates_bounded(git_dir: &Path) -> Result<(), PathBuf> {
+    let mut seen: HashSet<PathBuf> = HashSet::new();
+    let mut pending = vec![(git_dir.join("objects"), 0)];
+    while let Some((objects, depth)) = pending.pop() {
+        if !seen.insert(objects.clone()) {
+            continue;
+        }
+        if seen.len() > MAX_OBJECT_DIRS {
+            return Err(objects);
+        }
+        let file = objects.join("info/alternates");
+        regular_file_within(&file, MAX_REF_FILE_BYTES)?;
+        let Ok(list) = fs::read(&file) else {
+            continue;
+        };
+        if depth >= MAX_ALTERNATE_DEPTH {
+            continue;
+        }
+        for line in list.split(|&byte| byte == b'\n') {
+            if line.is_empty() || line.starts_with(b"#") {
+                continue;
+            }
+            let Ok(line) = std::str::from_utf8(line) else {
+                continue;
+            };
+            if let Ok(canonical) = fs::canonicalize(objects.join(line)) {
+                pending.push((canonical, depth + 1));
+            }
+        }
     }
     Ok(())
 }
