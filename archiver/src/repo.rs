@@ -34,7 +34,7 @@
 //!   an object is missing, which picks up new packs and survives repacks.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     fmt, fs, io,
     num::NonZeroUsize,
     os::unix::fs::MetadataExt,
@@ -86,6 +86,23 @@ const CLEAN_TREE_IDS: NonZeroUsize = match NonZeroUsize::new(64 * 1024) {
 /// almost all of its trees with the one before.
 static CLEAN_TREES: std::sync::LazyLock<Mutex<LruCache<ObjectId, ()>>> =
     std::sync::LazyLock::new(|| Mutex::new(LruCache::new(CLEAN_TREE_IDS)));
+
+/// Attributes blobs already judged, and whether they mention
+/// `export-subst`: a blob's answer is its content's, so it is kept for the
+/// process (bounded). A walk stopped by its budget (`Busy`) leaves what it
+/// judged here, so the next request goes on past it.
+static JUDGED_BLOBS: std::sync::LazyLock<Mutex<LruCache<ObjectId, bool>>> =
+    std::sync::LazyLock::new(|| Mutex::new(LruCache::new(JUDGED_BLOB_IDS)));
+
+/// How many blob answers `JUDGED_BLOBS` keeps: more than one walk can judge
+/// (`ATTRIBUTES_BYTES_PER_WALK` / `MIN_BLOB_CHARGE`), 40 bytes each.
+const JUDGED_BLOB_IDS: NonZeroUsize = match NonZeroUsize::new(64 * 1024) {
+    Some(count) => count,
+    None => unreachable!(),
+};
+
+/// What each blob read costs the walk's budget at least.
+const MIN_BLOB_CHARGE: u64 = 4 * 1024;
 
 /// How many resolved refs a repository remembers (`Repository::resolve`).
 const REMEMBERED_REFS: NonZeroUsize = match NonZeroUsize::new(256) {
@@ -1563,9 +1580,12 @@ fn tree_substitutes(
             .get(id)
             .is_some()
     };
-    // Attributes blobs already judged, and the bytes read to judge them.
-    let mut judged: HashMap<ObjectId, bool> = HashMap::new();
+    // The bytes of attributes blobs this walk may still read.
     let mut budget = ATTRIBUTES_BYTES_PER_WALK;
+    // Trees read and found clean but not kept as clean while the walk ran
+    // (a subtree of theirs waited elsewhere): all proven clean when the
+    // whole walk finds nothing.
+    let mut unproven: Vec<ObjectId> = Vec::new();
     // Every tree this walk has put on its stack, and those it found clean:
     // each is read once, and what waits to be read is at most the distinct
     // trees a push holds (attack: 1,000 nested trees of 100,000 entries
@@ -1584,7 +1604,16 @@ fn tree_substitutes(
             let entry = entry.map_err(|err| Error::internal(format_args!("tree {id}: {err}")))?;
             if entry.mode().is_tree() {
                 let subtree = entry.object_id();
-                if is_clean(&subtree) || done.borrow().contains(&subtree) {
+                if done.borrow().contains(&subtree) {
+                    continue;
+                }
+                if seen.borrow().contains(&subtree) {
+                    // Waiting in another tree's list (or read and not
+                    // proven yet): read there.
+                    cacheable = false;
+                    continue;
+                }
+                if is_clean(&subtree) {
                     continue;
                 }
                 if seen.borrow_mut().insert(subtree) {
@@ -1595,11 +1624,19 @@ fn tree_substitutes(
                 }
             } else if is_attributes_path(entry.filename()) {
                 let blob = entry.object_id();
-                let mentions = match judged.get(&blob) {
-                    Some(&mentions) => mentions,
+                let known = JUDGED_BLOBS
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get(&blob)
+                    .copied();
+                let mentions = match known {
+                    Some(mentions) => mentions,
                     None => {
                         let mentions = mentions_export_subst(repo, &blob, &mut budget)?;
-                        judged.insert(blob, mentions);
+                        JUDGED_BLOBS
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .put(blob, mentions);
                         mentions
                     }
                 };
@@ -1644,9 +1681,21 @@ fn tree_substitutes(
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
                         .put(id, ());
+                } else {
+                    // Nor is the tree that names it (review: a parent of an
+                    // unproven tree had been kept clean).
+                    if let Some(parent) = stack.last_mut() {
+                        parent.cacheable = false;
+                    }
+                    unproven.push(id);
                 }
             }
         }
+    }
+    // Nothing mentions it anywhere: every tree read is clean.
+    let mut clean = clean.lock().unwrap_or_else(PoisonError::into_inner);
+    for id in unproven {
+        clean.put(id, ());
     }
     Ok((false, trees_read))
 }
@@ -1696,13 +1745,14 @@ fn mentions_export_subst(
     if header.size() > MAX_ATTRIBUTES_BLOB_BYTES {
         return Ok(true);
     }
-    if header.size() > *budget {
+    let charge = header.size().max(MIN_BLOB_CHARGE);
+    if charge > *budget {
         tracing::info!(
             "a tree's attributes files passed what one request reads; answering busy, the next goes on"
         );
         return Err(Error::Busy);
     }
-    *budget -= header.size();
+    *budget -= charge;
     let object = repo
         .try_find_object(id)
         .map_err(|err| Error::internal(format_args!("object {id}: {err}")))?;
@@ -2269,6 +2319,7 @@ mod tests {
         let first = tree_substitutes(&repo, tree, &memo);
         assert!(matches!(first, Err(Error::Busy)), "{first:?}");
         assert!(!tree_substitutes(&repo, tree, &memo).unwrap().0);
+
         // One over the bound of a blob read: taken as mentioning it.
         assert!(tree_of(&|t: &Path| {
             write(t.join(".gitattributes"), &attributes(0).repeat(2));
@@ -2344,6 +2395,52 @@ mod tests {
         // `b` was not kept clean: alone, it still says so.
         let alone = tree(&[("040000", "b", b)]);
         assert!(tree_substitutes(&repo, alone, &memo).unwrap().0);
+
+        // Nor the tree above it (review): `c` names `b`, which waited on
+        // `shared`, listed by the root first.
+        let c = tree(&[("040000", "b", b)]);
+        let root = tree(&[("040000", "a", shared), ("040000", "c", c)]);
+        let memo = Mutex::new(LruCache::new(CLEAN_TREE_IDS));
+        assert!(tree_substitutes(&repo, root, &memo).unwrap().0);
+        let without_a = tree(&[("040000", "x", c)]);
+        assert!(tree_substitutes(&repo, without_a, &memo).unwrap().0);
+
+        // A walk that finds nothing keeps every tree it read as clean,
+        // those that waited on others too.
+        let plain = tree(&[("100644", "f", blob("plain\n"))]);
+        let waits = tree(&[("040000", "s", plain)]);
+        let root = tree(&[("040000", "a", plain), ("040000", "b", waits)]);
+        let memo = Mutex::new(LruCache::new(CLEAN_TREE_IDS));
+        assert_eq!(tree_substitutes(&repo, root, &memo).unwrap(), (false, 3));
+        assert_eq!(tree_substitutes(&repo, waits, &memo).unwrap(), (false, 0));
+
+        // Past the budget where no tree can be kept clean before the end
+        // (each names a subtree the root lists first): the blobs judged are
+        // kept, so the next walk goes on (review: busy for good before).
+        let megabyte = |seed: usize| {
+            let mut text = format!("# {seed}\n");
+            text.push_str(&"*.bin binary\n".repeat((MAX_ATTRIBUTES_BLOB_BYTES as usize - 64) / 13));
+            text
+        };
+        let mut entries = vec![("040000".to_owned(), "a".to_owned(), plain)];
+        for i in 0..100 {
+            let attributes = blob(&megabyte(5000 + i));
+            let t = tree(&[
+                ("100644", ".gitattributes", attributes),
+                ("040000", "s", plain),
+            ]);
+            entries.push(("040000".to_owned(), format!("t{i:03}"), t));
+        }
+        let entries: Vec<(&str, &str, ObjectId)> = entries
+            .iter()
+            .map(|(mode, name, id)| (mode.as_str(), name.as_str(), *id))
+            .collect();
+        let root = tree(&entries);
+        let memo = Mutex::new(LruCache::new(CLEAN_TREE_IDS));
+        let first = tree_substitutes(&repo, root, &memo).map(|(answer, _)| answer);
+        assert!(matches!(first, Err(Error::Busy)), "{first:?}");
+        let second = tree_substitutes(&repo, root, &memo).map(|(answer, _)| answer);
+        assert!(matches!(second, Ok(false)), "{second:?}");
     }
 
     /// A commit object larger than the archiver reads is refused as too
