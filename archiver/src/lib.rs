@@ -76,7 +76,7 @@ pub async fn run(
     let repos = repo::Repositories::new(&repos)
         .with_context(|| format!("cannot open --repos {}", repos.display()))?;
     let git = match &options.git {
-        Some(git) => git.clone(),
+        Some(git) => generate::find_program(git).context("--git")?,
         None => generate::find_git().context("gitball-archiver runs `git archive`")?,
     };
     let token = match &options.token_file {

@@ -405,7 +405,7 @@ fn git_files_sane(directory: &Path) -> Result<(), PathBuf> {
     // (review). A `.git` symlink to a directory is followed, as git does.
     let mut git_dirs = Vec::new();
     match fs::metadata(&dot_git) {
-        Ok(meta) if meta.is_dir() => git_dirs.push(dot_git),
+        Ok(meta) if meta.is_dir() => git_dirs.push(dot_git.clone()),
         Ok(_) => {
             regular_file_within(&dot_git, MAX_REF_FILE_BYTES)?;
             if let Some(target) = named_dir(&dot_git, directory, b"gitdir:") {
@@ -429,6 +429,15 @@ fn git_files_sane(directory: &Path) -> Result<(), PathBuf> {
             git_dirs.push(common);
         }
         checked.push(git_dir);
+    }
+    // A `.git` that is no git dir (a stale `.git` file): gix then opens
+    // the directory itself as one, so its files are what it reads (review).
+    let directory = directory.to_path_buf();
+    if !checked.contains(&directory) && gix::discover::is_git(&dot_git).is_err() {
+        for (name, max_bytes) in GIT_FILES {
+            regular_file_within(&directory.join(name), max_bytes)?;
+        }
+        alternates_bounded(&directory)?;
     }
     Ok(())
 }
@@ -454,18 +463,30 @@ fn alternates_bounded(git_dir: &Path) -> Result<(), PathBuf> {
         let Ok(list) = fs::read(&file) else {
             continue;
         };
-        if depth >= MAX_ALTERNATE_DEPTH {
-            continue;
+        // gix follows any depth, unquotes quoted entries, takes bytes that
+        // are not UTF-8, and reads a relative entry of an alternate's list
+        // from the repository's own object directory (review): every way
+        // it could read an entry is counted, a quoted one refused, and a
+        // list of more entries than the bound refused whole.
+        let own = git_dir.join("objects");
+        let entries: Vec<&[u8]> = list
+            .split(|&byte| byte == b'\n')
+            .filter(|line| !line.is_empty() && !line.starts_with(b"#"))
+            .collect();
+        if entries.len() > MAX_OBJECT_DIRS || entries.iter().any(|line| line.starts_with(b"\"")) {
+            return Err(file);
         }
-        for line in list.split(|&byte| byte == b'\n') {
-            if line.is_empty() || line.starts_with(b"#") {
-                continue;
+        for line in entries {
+            let line =
+                Path::new(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(line));
+            let mut readings = vec![objects.join(line)];
+            if depth > 0 && line.is_relative() {
+                readings.push(own.join(line));
             }
-            let Ok(line) = std::str::from_utf8(line) else {
-                continue;
-            };
-            if let Ok(canonical) = fs::canonicalize(objects.join(line)) {
-                pending.push((canonical, depth + 1));
+            for reading in readings {
+                if let Ok(canonical) = fs::canonicalize(reading) {
+                    pending.push((canonical, depth + 1));
+                }
             }
         }
     }
@@ -697,6 +718,19 @@ fn alternates_inside(common_dir: &Path, root: &Path) -> Result<Vec<PathBuf>, Pat
                     pending.push((canonical, depth + 1));
                 }
                 _ => return Err(alternate),
+            }
+            // gix reads a relative entry of an alternate's list from the
+            // repository's own object directory, not the list's (review):
+            // where that leads must be inside too.
+            if depth > 0 && Path::new(line).is_relative() {
+                let as_gix_reads = common_dir.join("objects").join(line);
+                match fs::canonicalize(&as_gix_reads) {
+                    Ok(canonical) if canonical.starts_with(root) => {
+                        pending.push((canonical, depth + 1));
+                    }
+                    Ok(_) => return Err(as_gix_reads),
+                    Err(_) => {}
+                }
             }
         }
     }
@@ -1165,6 +1199,18 @@ impl Repository {
         // alone.
         let spellings = if name == "packed-refs" {
             vec![name.to_owned()]
+        } else if name == "HEAD" {
+            // A pseudo ref missing from the git dir is looked up under
+            // `refs/` (review).
+            [
+                "HEAD",
+                "refs/HEAD",
+                "refs/tags/HEAD",
+                "refs/heads/HEAD",
+                "refs/remotes/HEAD",
+            ]
+            .map(str::to_owned)
+            .to_vec()
         } else {
             vec![
                 name.to_owned(),
@@ -1535,7 +1581,12 @@ fn follow_ref(
         // the checks of `inside` do not look (attack: a symbolic ref to
         // `main-worktree/refs/heads/x` was read through a symlink there).
         // A served repository has no other work tree to name: not found.
-        if name.starts_with("main-worktree/") || name.starts_with("worktrees/") {
+        // Nor anything but `HEAD` or a name under `refs/` (a symbolic
+        // ref's target may be any name gix accepts, and for `foo/bar` gix
+        // opens `refs/foo/bar` and more, never `foo/bar`, so no answer
+        // could have the asked name: review), nor a name that is not ASCII
+        // (gix may open another spelling of it, precomposed).
+        if !(name == "HEAD" || name.starts_with("refs/")) || !name.is_ascii() {
             return Ok(None);
         }
         inside(&name)?;
@@ -2603,7 +2654,29 @@ mod tests {
         let elsewhere = Arc::clone(&repository);
         let result = within_bound("main-worktree", move || elsewhere.resolve("elsewhere"));
         assert!(matches!(result, Err(Error::RefNotFound)), "{result:?}");
+        // Nor one to a name outside `refs/`, which gix looks up under
+        // `refs/`, where no check looked (review).
+        fs::create_dir_all(git_dir.join("refs/foo")).unwrap();
+        mkfifo(&git_dir.join("refs/foo/bar"));
+        fs::write(git_dir.join("refs/heads/bare-name"), "ref: foo/bar\n").unwrap();
+        let bare_name = Arc::clone(&repository);
+        let result = within_bound("foo/bar", move || bare_name.resolve("bare-name"));
+        assert!(matches!(result, Err(Error::RefNotFound)), "{result:?}");
         let result = within_bound("listing", move || RefsSnapshot::at(&git_dir));
+        assert!(matches!(result, Err(Error::RepoNotFound)), "{result:?}");
+
+        // A `.git` that is no git dir: gix opens the directory itself, so
+        // its files are checked (review).
+        let stale = fixture.bare_clone("stale.git");
+        fs::write(stale.join(".git"), "gitdir: /nonexistent\n").unwrap();
+        mkfifo(&stale.join("HEAD"));
+        let root = fixture.root.clone();
+        let result = within_bound("stale .git", move || {
+            Repositories::new(&root)
+                .unwrap()
+                .open("acme", "stale")
+                .map(|_| ())
+        });
         assert!(matches!(result, Err(Error::RepoNotFound)), "{result:?}");
 
         // A work tree's own files named like a git dir's are content: a
@@ -2645,6 +2718,28 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+
+        // A relative entry in an alternate's list is read by gix from the
+        // repository's own object directory: where it leads from there must
+        // be inside too (review).
+        let git_dir = fixture.bare_clone("gixrel.git");
+        let pool = fixture.root.join("acme/a/b/c/pool/objects");
+        fs::create_dir_all(pool.join("info")).unwrap();
+        fs::create_dir_all(fixture.root.join("acme/a/outside/objects")).unwrap();
+        fs::create_dir_all(fixture.base.join("outside/objects")).unwrap();
+        assert!(!fixture.base.join("outside").starts_with(&fixture.root));
+        fs::write(
+            git_dir.join("objects/info/alternates"),
+            format!("{}\n", pool.display()),
+        )
+        .unwrap();
+        fs::write(
+            pool.join("info/alternates"),
+            "../../../../outside/objects\n",
+        )
+        .unwrap();
+        let result = fixture.repositories().open("acme", "gixrel");
+        assert!(matches!(result, Err(Error::RepoNotFound)), "{result:?}");
 
         // More object directories than a repository borrows from: refused
         // (gix reads its alternates in quadratic time; attack).
