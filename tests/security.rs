@@ -474,13 +474,10 @@ fn the_git_child_dies_with_a_killed_archiver() {
     drop(waiting);
 }
 
-/// A repository whose objects come to lead outside `--repos` after it was
-/// opened (here its fan-out directories linked to another repository's,
-/// and its branch moved to that repository's commit) is not generated:
-/// the layout is checked again before each generation.
-#[test]
-fn objects_linked_outside_after_the_open_are_not_served() {
-    let sandbox = Sandbox::new();
+/// `acme/widget` served (and so open), and a repository outside `--repos`
+/// holding a secret: the archiver, the widget's git dir, the secret's
+/// commit and its object directory.
+fn widget_open_beside_a_secret(sandbox: &Sandbox) -> (Archiver, PathBuf, String, PathBuf) {
     let secret = sandbox.source_repo("outside/secret");
     secret.write("secret.txt", "TOP SECRET payroll\n");
     secret.git(&["add", "-A"]);
@@ -490,8 +487,18 @@ fn objects_linked_outside_after_the_open_are_not_served() {
     let git_dir = sandbox.repos().join("acme/widget/.git");
     let archiver = Archiver::start(&sandbox.repos(), &[]);
     assert_eq!(status(&archiver, "/acme/widget/archive/main.tar"), 200);
-
     let secret_objects = sandbox.path("outside/secret/.git/objects");
+    (archiver, git_dir, secret_commit, secret_objects)
+}
+
+/// A repository whose objects come to lead outside `--repos` after it was
+/// opened (here its fan-out directories linked to another repository's,
+/// and its branch moved to that repository's commit) is not generated:
+/// the layout is checked again before each generation.
+#[test]
+fn objects_linked_outside_after_the_open_are_not_served() {
+    let sandbox = Sandbox::new();
+    let (archiver, git_dir, secret_commit, secret_objects) = widget_open_beside_a_secret(&sandbox);
     for fanout in std::fs::read_dir(&secret_objects).unwrap() {
         let fanout = fanout.unwrap();
         let name = fanout.file_name();
@@ -532,17 +539,7 @@ fn objects_linked_outside_after_the_open_are_not_served() {
 #[test]
 fn an_alternate_made_to_lead_outside_after_the_open_is_refused() {
     let sandbox = Sandbox::new();
-    let secret = sandbox.source_repo("outside/secret");
-    secret.write("secret.txt", "TOP SECRET payroll\n");
-    secret.git(&["add", "-A"]);
-    secret.git_at(1_700_000_000, &["commit", "-q", "-m", "secret"]);
-    let secret_commit = secret.rev_parse("HEAD");
-    small_repository(&sandbox.repo("acme", "widget"));
-    let git_dir = sandbox.repos().join("acme/widget/.git");
-    let archiver = Archiver::start(&sandbox.repos(), &[]);
-    assert_eq!(status(&archiver, "/acme/widget/archive/main.tar"), 200);
-
-    let secret_objects = sandbox.path("outside/secret/.git/objects");
+    let (archiver, git_dir, secret_commit, secret_objects) = widget_open_beside_a_secret(&sandbox);
     std::fs::write(
         git_dir.join("objects/info/alternates"),
         format!("{}\n", secret_objects.display()),
