@@ -499,15 +499,29 @@ pub(crate) async fn check_reachable(resolution: &Resolution) -> Result<(), Error
     // push walks history off the runtime.
     let reached = match repository.reaches_known(&commit, refs.as_deref()) {
         Some(reached) => reached,
-        None => tokio::task::spawn_blocking(move || repository.reaches(&commit, refs))
-            .await
-            .map_err(Error::internal)??,
+        None => {
+            off_thread("walking the history", move || {
+                repository.reaches(&commit, refs)
+            })
+            .await?
+        }
     };
     if reached {
         Ok(())
     } else {
         Err(Error::RefNotFound)
     }
+}
+
+/// `work` on a blocking thread: repository reads whose cost a push
+/// decides, kept off the serving threads. `what` names it if it panics.
+async fn off_thread<T: Send + 'static>(
+    what: &str,
+    work: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|error| Error::internal(format_args!("{what} panicked: {error}")))?
 }
 
 pub(crate) async fn resolve(
@@ -530,11 +544,10 @@ pub(crate) async fn resolve(
         let repository = repository.clone();
         let commit = resolved.commit.clone();
         let subtree = subtree.clone();
-        let found = tokio::task::spawn_blocking(move || repository.has_path(&commit, &subtree))
-            .await
-            .map_err(|error| {
-                Error::internal(format_args!("finding the path panicked: {error}"))
-            })??;
+        let found = off_thread("finding the path", move || {
+            repository.has_path(&commit, &subtree)
+        })
+        .await?;
         if !found {
             return Err(Error::SubtreeNotFound);
         }
@@ -544,9 +557,6 @@ pub(crate) async fn resolve(
         archive.repo,
         url::label(&resolved.kind, &resolved.commit)
     );
-    // An archive whose `export-subst` output may read the refs is keyed
-    // (and tagged) by their state too: a pushed tag then makes new bytes
-    // under a new ETag, never new bytes under an old one.
     // A commit not seen before has its changed trees and their attributes
     // read: off the serving thread, as for the refs below.
     let substitutes = match repository.known_substitutes(&resolved.commit) {
@@ -554,13 +564,15 @@ pub(crate) async fn resolve(
         None => {
             let repository = repository.clone();
             let commit = resolved.commit.clone();
-            tokio::task::spawn_blocking(move || repository.substitutes(&commit))
-                .await
-                .map_err(|error| {
-                    Error::internal(format_args!("reading the attributes panicked: {error}"))
-                })??
+            off_thread("reading the attributes", move || {
+                repository.substitutes(&commit)
+            })
+            .await?
         }
     };
+    // An archive whose `export-subst` output may read the refs is keyed
+    // (and tagged) by their state too: a pushed tag then makes new bytes
+    // under a new ETag, never new bytes under an old one.
     let refs = if substitutes {
         Some(match repository.known_refs_digest() {
             Some(digest) => digest,
@@ -570,11 +582,7 @@ pub(crate) async fn resolve(
             // 100,000 refs).
             None => {
                 let repository = repository.clone();
-                tokio::task::spawn_blocking(move || repository.refs_digest())
-                    .await
-                    .map_err(|error| {
-                        Error::internal(format_args!("listing the refs panicked: {error}"))
-                    })??
+                off_thread("listing the refs", move || repository.refs_digest()).await?
             }
         })
     } else {

@@ -450,8 +450,9 @@ fn git_files_sane(directory: &Path) -> Result<(), PathBuf> {
 /// they lead is checked after the open ([`alternates_inside`]).
 fn alternates_bounded(git_dir: &Path) -> Result<(), PathBuf> {
     let mut seen: HashSet<PathBuf> = HashSet::new();
-    let mut pending = vec![(git_dir.join("objects"), 0)];
-    while let Some((objects, depth)) = pending.pop() {
+    let own = git_dir.join("objects");
+    let mut pending = vec![own.clone()];
+    while let Some(objects) = pending.pop() {
         if !seen.insert(objects.clone()) {
             continue;
         }
@@ -468,7 +469,6 @@ fn alternates_bounded(git_dir: &Path) -> Result<(), PathBuf> {
         // from the repository's own object directory (review): every way
         // it could read an entry is counted, a quoted one refused, and a
         // list of more entries than the bound refused whole.
-        let own = git_dir.join("objects");
         let entries: Vec<&[u8]> = list
             .split(|&byte| byte == b'\n')
             .filter(|line| !line.is_empty() && !line.starts_with(b"#"))
@@ -480,14 +480,14 @@ fn alternates_bounded(git_dir: &Path) -> Result<(), PathBuf> {
             let line =
                 Path::new(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(line));
             let mut readings = vec![objects.join(line)];
-            if depth > 0 && line.is_relative() {
+            if objects != own && line.is_relative() {
                 readings.push(own.join(line));
             }
-            for reading in readings {
-                if let Ok(canonical) = fs::canonicalize(reading) {
-                    pending.push((canonical, depth + 1));
-                }
-            }
+            pending.extend(
+                readings
+                    .into_iter()
+                    .filter_map(|reading| fs::canonicalize(reading).ok()),
+            );
         }
     }
     Ok(())
