@@ -1,0 +1,1705 @@
+use std::process::Command;
+
+use super::confine::*;
+use super::refs::*;
+use super::subst::*;
+use super::*;
+
+const C1_TIME: i64 = 1_600_000_000;
+const C2_TIME: i64 = 1_700_000_000;
+const C3_TIME: i64 = 1_710_000_000;
+
+/// Runs `git` in `dir` with a fixed identity and dates, and no
+/// configuration but the repository's own.
+fn git_at(dir: &Path, time: i64, args: &[&str]) -> String {
+    let date = format!("{time} +0000");
+    let mut command = Command::new("git");
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("GIT_") {
+            command.env_remove(key);
+        }
+    }
+    let output = command
+        .current_dir(dir)
+        .env("HOME", dir)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_AUTHOR_NAME", "A U Thor")
+        .env("GIT_AUTHOR_EMAIL", "author@example.com")
+        .env("GIT_COMMITTER_NAME", "C O Mitter")
+        .env("GIT_COMMITTER_EMAIL", "committer@example.com")
+        .env("GIT_AUTHOR_DATE", &date)
+        .env("GIT_COMMITTER_DATE", &date)
+        .args(["-c", "init.defaultBranch=main"])
+        .args(args)
+        .output()
+        .expect("git runs");
+    assert!(
+        output.status.success(),
+        "git {args:?} in {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    git_at(dir, C2_TIME, args)
+}
+
+/// What git itself says `reference` means, as a commit.
+fn rev_parse(git_dir: &Path, reference: &str) -> Option<String> {
+    let output = Command::new("git")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .arg("--git-dir")
+        .arg(git_dir)
+        .args(["rev-parse", "--verify", "--quiet"])
+        .arg(format!("{reference}^{{commit}}"))
+        .output()
+        .expect("git runs");
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8(output.stdout).unwrap().trim().to_owned())
+}
+
+fn committer_time(git_dir: &Path, commit: &str) -> i64 {
+    let out = git(
+        git_dir,
+        &[
+            "--git-dir",
+            git_dir.to_str().unwrap(),
+            "show",
+            "-s",
+            "--format=%ct",
+            commit,
+        ],
+    );
+    out.parse().unwrap()
+}
+
+/// Resolves `reference`, checks the commit against `git rev-parse` and the
+/// time against `git show`, and returns what was resolved.
+#[track_caller]
+fn assert_resolves(repository: &Repository, reference: &str, kind: RefKind) -> Resolved {
+    let resolved = repository
+        .resolve(reference)
+        .unwrap_or_else(|err| panic!("{reference}: {err:?}"));
+    let expected = rev_parse(repository.git_dir(), reference).expect("git resolves it too");
+    assert_eq!(resolved.commit, expected, "{reference}");
+    assert_eq!(resolved.kind, kind, "{reference}");
+    assert_eq!(
+        resolved.committer_time,
+        committer_time(repository.git_dir(), &expected),
+        "{reference}"
+    );
+    resolved
+}
+
+#[track_caller]
+fn assert_not_found(repository: &Repository, reference: &str) {
+    let result = repository.resolve(reference);
+    assert!(
+        matches!(result, Err(Error::RefNotFound)),
+        "{reference}: {result:?}"
+    );
+    assert_eq!(
+        rev_parse(repository.git_dir(), reference),
+        None,
+        "git resolves {reference}"
+    );
+}
+
+#[track_caller]
+fn assert_repo_not_found(repositories: &Repositories, owner: &str, name: &str) {
+    let result = repositories.open(owner, name);
+    assert!(
+        matches!(result, Err(Error::RepoNotFound)),
+        "{owner}/{name}: {result:?}"
+    );
+}
+
+/// `repos/acme/widget`, a work tree with this history:
+///
+/// ```text
+/// c1 (C1_TIME)  README, src/main.rs, src/lib/mod.rs   feature/x, v0.9, same (branch)
+/// c2 (C2_TIME)  README changed                        main, v1.0 (annotated), nested
+///               (tag of v1.0), same (tag), tree-tag, blob-tag
+/// refs/remotes/origin/main -> c1, refs/remotes/origin/HEAD -> origin/main
+/// ```
+///
+/// and `outside/secret`, a repository outside the root.
+struct Fixture {
+    _temp: tempfile::TempDir,
+    base: PathBuf,
+    root: PathBuf,
+    widget: PathBuf,
+    c1: String,
+    c2: String,
+}
+
+fn fixture() -> Fixture {
+    let temp = tempfile::tempdir().unwrap();
+    let base = fs::canonicalize(temp.path()).unwrap();
+    let root = base.join("repos");
+    let widget = root.join("acme/widget");
+    fs::create_dir_all(widget.join("src/lib")).unwrap();
+    git(&widget, &["init", "-q"]);
+    fs::write(widget.join("README"), "one\n").unwrap();
+    fs::write(widget.join("src/main.rs"), "fn main() {}\n").unwrap();
+    fs::write(widget.join("src/lib/mod.rs"), "\n").unwrap();
+    git_at(&widget, C1_TIME, &["add", "."]);
+    git_at(&widget, C1_TIME, &["commit", "-q", "-m", "c1"]);
+    let c1 = git(&widget, &["rev-parse", "HEAD"]);
+    fs::write(widget.join("README"), "two\n").unwrap();
+    git(&widget, &["commit", "-q", "-am", "c2"]);
+    let c2 = git(&widget, &["rev-parse", "HEAD"]);
+
+    git(&widget, &["branch", "feature/x", &c1]);
+    git(&widget, &["tag", "v0.9", &c1]);
+    git(&widget, &["tag", "-a", "-m", "release", "v1.0"]);
+    git(
+        &widget,
+        &["tag", "-a", "-m", "a tag of a tag", "nested", "v1.0"],
+    );
+    git(&widget, &["branch", "same", &c1]);
+    git(&widget, &["tag", "same", &c2]);
+    git(&widget, &["tag", "tree-tag", "HEAD^{tree}"]);
+    git(&widget, &["tag", "blob-tag", "HEAD:README"]);
+    git(&widget, &["update-ref", "refs/remotes/origin/main", &c1]);
+    git(
+        &widget,
+        &[
+            "symbolic-ref",
+            "refs/remotes/origin/HEAD",
+            "refs/remotes/origin/main",
+        ],
+    );
+
+    let secret = base.join("outside/secret");
+    fs::create_dir_all(&secret).unwrap();
+    git(&secret, &["init", "-q"]);
+    git(&secret, &["commit", "-q", "--allow-empty", "-m", "secret"]);
+
+    Fixture {
+        _temp: temp,
+        base,
+        root,
+        widget,
+        c1,
+        c2,
+    }
+}
+
+impl Fixture {
+    fn repositories(&self) -> Repositories {
+        Repositories::new(&self.root)
+            .unwrap()
+            .trusting_recent_changes()
+    }
+
+    fn widget(&self) -> Arc<Repository> {
+        self.repositories().open("acme", "widget").unwrap()
+    }
+
+    /// A bare clone of widget at `repos/acme/{name}`.
+    fn bare_clone(&self, name: &str) -> PathBuf {
+        let path = self.root.join("acme").join(name);
+        git(
+            &self.base,
+            &[
+                "clone",
+                "-q",
+                "--bare",
+                self.widget.to_str().unwrap(),
+                path.to_str().unwrap(),
+            ],
+        );
+        path
+    }
+}
+
+/// The export-subst walk reads only the trees a commit changed: the
+/// first request for each new commit no longer reads every tree before
+/// git starts (it held back the first byte of every cold archive).
+#[test]
+fn export_subst_walk_skips_trees_known_clean() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path();
+    git(dir, &["init", "-q"]);
+    for path in ["a/x/y/f", "a/g", "b/z/h", "top"] {
+        let path = dir.join(path);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, format!("{}\n", path.display())).unwrap();
+    }
+    let commit = |message: &str| {
+        git(dir, &["add", "-A"]);
+        git(dir, &["commit", "-q", "-m", message]);
+        let repo = gix::open(dir).unwrap();
+        let id = repo.head_id().unwrap().detach();
+        let tree = repo.find_commit(id).unwrap().tree_id().unwrap().detach();
+        (repo, tree)
+    };
+    let memo = Mutex::new(LruCache::new(CLEAN_TREE_IDS));
+
+    // Every tree: the root, a, a/x, a/x/y, b, b/z.
+    let (repo, first) = commit("one");
+    assert_eq!(tree_substitutes(&repo, first, &memo).unwrap(), (false, 6));
+    assert_eq!(tree_substitutes(&repo, first, &memo).unwrap(), (false, 0));
+
+    // A file changed in a/x/y: the root, a, a/x, a/x/y; b is known clean.
+    fs::write(dir.join("a/x/y/f"), "changed\n").unwrap();
+    let (repo, second) = commit("two");
+    assert_eq!(tree_substitutes(&repo, second, &memo).unwrap(), (false, 4));
+
+    // export-subst deep in b is found, through the new trees only.
+    fs::write(dir.join("b/z/.gitattributes"), "h export-subst\n").unwrap();
+    let (repo, third) = commit("three");
+    assert_eq!(tree_substitutes(&repo, third, &memo).unwrap(), (true, 3));
+    // ...and with nothing known, the same answer.
+    let fresh = Mutex::new(LruCache::new(CLEAN_TREE_IDS));
+    assert!(tree_substitutes(&repo, third, &fresh).unwrap().0);
+    // A tree with export-subst below is never recorded as clean.
+    assert!(tree_substitutes(&repo, third, &memo).unwrap().0);
+}
+
+/// git reads attributes from the tree by path, whatever the entry's
+/// mode: a symlink or a gitlink named `.gitattributes` whose object is a
+/// blob, and a hand-made entry named `sub/.gitattributes`, all make git
+/// substitute. Each was missed before (only a regular file named
+/// exactly `.gitattributes` was read), so such an archive was keyed
+/// without the refs and served as immutable while its bytes changed
+/// with every tag (review: attack).
+#[test]
+fn export_subst_is_found_in_every_entry_git_reads_attributes_from() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path();
+    git(dir, &["init", "-q", "--bare"]);
+    let hash = |kind: &str, data: &[u8]| -> String {
+        let mut child = std::process::Command::new("git")
+            .args(["hash-object", "--literally", "-w", "--stdin", "-t", kind])
+            .current_dir(dir)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(child.stdin.as_mut().unwrap(), data).unwrap();
+        let output = child.wait_with_output().unwrap();
+        assert!(output.status.success());
+        String::from_utf8(output.stdout).unwrap().trim().to_owned()
+    };
+    let tree = |entries: &[(&str, &str, &str)]| -> String {
+        let mut raw = Vec::new();
+        for (mode, name, id) in entries {
+            raw.extend_from_slice(format!("{mode} {name}\0").as_bytes());
+            raw.extend_from_slice(&hex::decode(id).unwrap());
+        }
+        hash("tree", &raw)
+    };
+    let placeholder = hash("blob", b"$Format:%H$\n");
+    let attributes = hash("blob", b"f export-subst\n");
+    let sub_attributes = hash("blob", b"* export-subst\n");
+    let sub = tree(&[("100644", "f", &placeholder)]);
+    let cases = [
+        (
+            "a symlink",
+            tree(&[
+                ("120000", ".gitattributes", &attributes),
+                ("100644", "f", &placeholder),
+            ]),
+        ),
+        (
+            "a gitlink",
+            tree(&[
+                ("160000", ".gitattributes", &attributes),
+                ("100644", "f", &placeholder),
+            ]),
+        ),
+        (
+            "a name with a slash",
+            tree(&[
+                ("40000", "sub", &sub),
+                ("100644", "sub/.gitattributes", &sub_attributes),
+            ]),
+        ),
+        (
+            "a regular file",
+            tree(&[
+                ("100644", ".gitattributes", &attributes),
+                ("100644", "f", &placeholder),
+            ]),
+        ),
+    ];
+    let repo = gix::open(dir).unwrap();
+    for (what, root) in cases {
+        // git substitutes: its archive holds no placeholder left as is.
+        let commit = git(dir, &["commit-tree", "-m", what, &root]);
+        let archive = std::process::Command::new("git")
+            .args(["archive", "--format=tar", &commit])
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(archive.status.success(), "{what}");
+        assert!(
+            !archive
+                .stdout
+                .windows(8)
+                .any(|window| window == b"$Format:"),
+            "{what}: git does not substitute"
+        );
+        let memo = Mutex::new(LruCache::new(CLEAN_TREE_IDS));
+        let root = ObjectId::from_hex(root.as_bytes()).unwrap();
+        assert!(tree_substitutes(&repo, root, &memo).unwrap().0, "{what}");
+    }
+    // An object the repository does not have (a gitlink's commit, as
+    // submodules have) may be pushed later as a blob git would read:
+    // taken to substitute, never remembered as clean, not an error.
+    let missing = "1".repeat(40);
+    let root = tree(&[
+        ("160000", ".gitattributes", &missing),
+        ("100644", "f", &placeholder),
+    ]);
+    let memo = Mutex::new(LruCache::new(CLEAN_TREE_IDS));
+    let root = ObjectId::from_hex(root.as_bytes()).unwrap();
+    assert_eq!(tree_substitutes(&repo, root, &memo).unwrap(), (true, 1));
+    // A commit there is no attributes file, and never becomes one.
+    let commit = git(dir, &["commit-tree", "-m", "a commit", &sub]);
+    let root = tree(&[
+        ("160000", ".gitattributes", &commit),
+        ("100644", "f", &placeholder),
+    ]);
+    let root = ObjectId::from_hex(root.as_bytes()).unwrap();
+    assert_eq!(tree_substitutes(&repo, root, &memo).unwrap(), (false, 1));
+}
+
+/// `packed-refs` swapped for a symlink after the open is not read
+/// through either, by a lookup or by the listing (review).
+#[test]
+fn packed_refs_read_through_a_symlink_are_refused() {
+    let fixture = fixture();
+    let repository = fixture.widget();
+    assert_resolves(&repository, "v0.9", RefKind::Tag("v0.9".into()));
+    git(&fixture.widget, &["pack-refs", "--all"]);
+    let packed = repository.common_dir().join("packed-refs");
+    let outside = fixture.base.join("packed-refs");
+    fs::rename(&packed, &outside).unwrap();
+    std::os::unix::fs::symlink(&outside, &packed).unwrap();
+    assert!(
+        rev_parse(repository.git_dir(), "v0.9").is_some(),
+        "git reads through it"
+    );
+    let result = repository.resolve("v0.9");
+    assert!(matches!(result, Err(Error::RepoNotFound)), "{result:?}");
+    let result = RefsSnapshot::at(repository.git_dir());
+    assert!(matches!(result, Err(Error::RepoNotFound)), "{result:?}");
+}
+
+/// Attributes blobs are judged once per walk and by their size first,
+/// within a budget of bytes read per walk (attack: 1,500 trees sharing
+/// one 8 MB attributes blob were read whole, one by one, for 23 s); the
+/// answer is the tree's alone.
+#[test]
+fn attributes_blobs_are_judged_once_each_by_size_first_within_a_budget() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path();
+    git(dir, &["init", "-q"]);
+    let tree_of = |files: &dyn Fn(&Path)| {
+        let _ = fs::remove_dir_all(dir.join("t"));
+        files(&dir.join("t"));
+        git(dir, &["add", "-A"]);
+        git(dir, &["commit", "-q", "--allow-empty", "-m", "x"]);
+        let repo = gix::open(dir).unwrap();
+        let id = repo.head_id().unwrap().detach();
+        let tree = repo.find_commit(id).unwrap().tree_id().unwrap().detach();
+        let memo = Mutex::new(LruCache::new(CLEAN_TREE_IDS));
+        tree_substitutes(&repo, tree, &memo).unwrap().0
+    };
+    // A megabyte of attributes without `export-subst`.
+    let attributes = |seed: usize| {
+        let mut text = format!("# {seed}\n");
+        text.push_str(&"*.bin binary\n".repeat((MAX_ATTRIBUTES_BLOB_BYTES as usize - 64) / 13));
+        text
+    };
+    let write = |path: PathBuf, text: &str| {
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, text).unwrap();
+    };
+
+    // 100 trees sharing one: read once, clean (100 MiB read otherwise,
+    // past the budget).
+    assert!(!tree_of(&|t: &Path| {
+        for i in 0..100 {
+            write(t.join(format!("d{i}/.gitattributes")), &attributes(0));
+            write(t.join(format!("d{i}/f{i}")), "x\n");
+        }
+    }));
+    // 100 different ones: past the budget of one walk, which stops
+    // busy; the next goes on from the trees found clean, to the answer
+    // the tree alone decides.
+    let _ = fs::remove_dir_all(dir.join("t"));
+    for i in 0..100 {
+        write(dir.join(format!("t/d{i}/.gitattributes")), &attributes(i));
+    }
+    git(dir, &["add", "-A"]);
+    git(dir, &["commit", "-q", "-m", "many"]);
+    let repo = gix::open(dir).unwrap();
+    let id = repo.head_id().unwrap().detach();
+    let tree = repo.find_commit(id).unwrap().tree_id().unwrap().detach();
+    let memo = Mutex::new(LruCache::new(CLEAN_TREE_IDS));
+    let first = tree_substitutes(&repo, tree, &memo);
+    assert!(matches!(first, Err(Error::Busy)), "{first:?}");
+    assert!(!tree_substitutes(&repo, tree, &memo).unwrap().0);
+
+    // One over the bound of a blob read: taken as mentioning it.
+    assert!(tree_of(&|t: &Path| {
+        write(t.join(".gitattributes"), &attributes(0).repeat(2));
+    }));
+}
+
+/// A tree met twice in one walk is read once (attack: 1,000 nested
+/// trees of 100,000 entries naming one empty tree held 2 GB of ids),
+/// and a tree one of whose subtrees waited elsewhere in the walk is
+/// not kept as clean: that subtree may mention `export-subst`, found
+/// after it.
+#[test]
+fn a_tree_met_twice_is_read_once_and_kept_clean_only_when_proven() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path();
+    git(dir, &["init", "-q", "--bare"]);
+    let input = |args: &[&str], stdin: &str| {
+        let mut child = std::process::Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let output = child.wait_with_output().unwrap();
+        assert!(output.status.success());
+        ObjectId::from_hex(String::from_utf8(output.stdout).unwrap().trim().as_bytes()).unwrap()
+    };
+    let blob = |text: &str| input(&["hash-object", "-w", "--stdin"], text);
+    let tree = |entries: &[(&str, &str, ObjectId)]| {
+        let listing: String = entries
+            .iter()
+            .map(|(mode, name, id)| {
+                let kind = if *mode == "040000" { "tree" } else { "blob" };
+                format!("{mode} {kind} {id}\t{name}\n")
+            })
+            .collect();
+        input(&["mktree"], &listing)
+    };
+    let repo = gix::open(dir).unwrap();
+    let memo = Mutex::new(LruCache::new(CLEAN_TREE_IDS));
+
+    // 50 nested levels, each with 2,000 entries naming one empty tree.
+    let empty = tree(&[]);
+    let mut level = tree(&[("100644", "f", blob("x\n"))]);
+    for _ in 0..50 {
+        let mut entries: Vec<(String, ObjectId)> =
+            (0..2000).map(|i| (format!("e{i:04}"), empty)).collect();
+        entries.push(("next".into(), level));
+        let entries: Vec<(&str, &str, ObjectId)> = entries
+            .iter()
+            .map(|(name, id)| ("040000", name.as_str(), *id))
+            .collect();
+        level = tree(&entries);
+    }
+    assert_eq!(tree_substitutes(&repo, level, &memo).unwrap(), (false, 52));
+
+    // `a` is a subtree that mentions export-subst deep down; `b` names
+    // it too, and is read first (the stack takes the last entry first).
+    let deep = tree(&[("100644", ".gitattributes", blob("* export-subst\n"))]);
+    let shared = tree(&[("040000", "deep", deep)]);
+    let b = tree(&[("040000", "s", shared)]);
+    let root = tree(&[("040000", "a", shared), ("040000", "b", b)]);
+    assert!(tree_substitutes(&repo, root, &memo).unwrap().0);
+    // `b` was not kept clean: alone, it still says so.
+    let alone = tree(&[("040000", "b", b)]);
+    assert!(tree_substitutes(&repo, alone, &memo).unwrap().0);
+
+    // Nor the tree above it (review): `c` names `b`, which waited on
+    // `shared`, listed by the root first.
+    let c = tree(&[("040000", "b", b)]);
+    let root = tree(&[("040000", "a", shared), ("040000", "c", c)]);
+    let memo = Mutex::new(LruCache::new(CLEAN_TREE_IDS));
+    assert!(tree_substitutes(&repo, root, &memo).unwrap().0);
+    let without_a = tree(&[("040000", "x", c)]);
+    assert!(tree_substitutes(&repo, without_a, &memo).unwrap().0);
+
+    // A walk that finds nothing keeps every tree it read as clean,
+    // those that waited on others too.
+    let plain = tree(&[("100644", "f", blob("plain\n"))]);
+    let waits = tree(&[("040000", "s", plain)]);
+    let root = tree(&[("040000", "a", plain), ("040000", "b", waits)]);
+    let memo = Mutex::new(LruCache::new(CLEAN_TREE_IDS));
+    assert_eq!(tree_substitutes(&repo, root, &memo).unwrap(), (false, 3));
+    assert_eq!(tree_substitutes(&repo, waits, &memo).unwrap(), (false, 0));
+
+    // Past the budget where no tree can be kept clean before the end
+    // (each names a subtree the root lists first): the blobs judged are
+    // kept, so the next walk goes on (review: busy for good before).
+    let megabyte = |seed: usize| {
+        let mut text = format!("# {seed}\n");
+        text.push_str(&"*.bin binary\n".repeat((MAX_ATTRIBUTES_BLOB_BYTES as usize - 64) / 13));
+        text
+    };
+    let mut entries = vec![("040000".to_owned(), "a".to_owned(), plain)];
+    for i in 0..100 {
+        let attributes = blob(&megabyte(5000 + i));
+        let t = tree(&[
+            ("100644", ".gitattributes", attributes),
+            ("040000", "s", plain),
+        ]);
+        entries.push(("040000".to_owned(), format!("t{i:03}"), t));
+    }
+    let entries: Vec<(&str, &str, ObjectId)> = entries
+        .iter()
+        .map(|(mode, name, id)| (mode.as_str(), name.as_str(), *id))
+        .collect();
+    let root = tree(&entries);
+    let memo = Mutex::new(LruCache::new(CLEAN_TREE_IDS));
+    let first = tree_substitutes(&repo, root, &memo).map(|(answer, _)| answer);
+    assert!(matches!(first, Err(Error::Busy)), "{first:?}");
+    let second = tree_substitutes(&repo, root, &memo).map(|(answer, _)| answer);
+    assert!(matches!(second, Ok(false)), "{second:?}");
+}
+
+/// A commit object larger than the archiver reads is refused as too
+/// large, unread (attack: a pushed 300 MB commit message was read
+/// whole on every request for it).
+#[test]
+fn a_commit_object_past_the_bound_is_refused_unread() {
+    let fixture = fixture();
+    let git_dir = fixture.bare_clone("huge-commit.git");
+    let tree = git(&git_dir, &["rev-parse", "main^{tree}"]);
+    let mut object = format!(
+        "tree {}\nauthor T <t@e> 1700000000 +0000\ncommitter T <t@e> 1700000000 +0000\n\n",
+        tree.trim()
+    )
+    .into_bytes();
+    object.resize(object.len() + MAX_PEELED_OBJECT_BYTES as usize + 1, b'm');
+    let message = fixture.base.join("huge-commit");
+    fs::write(&message, &object).unwrap();
+    let commit = git(
+        &git_dir,
+        &[
+            "hash-object",
+            "-t",
+            "commit",
+            "-w",
+            "--literally",
+            message.to_str().unwrap(),
+        ],
+    );
+    git(&git_dir, &["update-ref", "refs/heads/huge", commit.trim()]);
+    let repository = fixture.repositories().open("acme", "huge-commit").unwrap();
+    let result = repository.resolve("huge");
+    assert!(matches!(result, Err(Error::TooLarge)), "{result:?}");
+    assert_resolves(&repository, "main", RefKind::Branch("main".into()));
+
+    // The bound is on the whole chain of tags (attack: 1,200 tags of
+    // 16 MB each, seconds a request).
+    let mut target = git(&git_dir, &["rev-parse", "main"]).trim().to_owned();
+    for link in 0..3 {
+        let mut tag = format!(
+            "object {target}\ntype {}\ntag t{link}\ntagger T <t@e> 1700000000 +0000\n\n",
+            if link == 0 { "commit" } else { "tag" }
+        )
+        .into_bytes();
+        tag.resize(tag.len() + MAX_PEELED_OBJECT_BYTES as usize / 3, b'm');
+        fs::write(&message, &tag).unwrap();
+        target = git(
+            &git_dir,
+            &[
+                "hash-object",
+                "-t",
+                "tag",
+                "-w",
+                "--literally",
+                message.to_str().unwrap(),
+            ],
+        )
+        .trim()
+        .to_owned();
+    }
+    git(&git_dir, &["update-ref", "refs/tags/chain", &target]);
+    let result = repository.resolve("chain");
+    assert!(matches!(result, Err(Error::TooLarge)), "{result:?}");
+}
+
+/// `f` on a thread of its own, failing the test if it has not returned
+/// within 20 s (what it checks would hang for good).
+fn within_bound<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (done, result) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(f());
+    });
+    result
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("{what}: still reading after 20 s"))
+}
+
+fn mkfifo(path: &Path) {
+    let _ = fs::remove_file(path);
+    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+}
+
+/// A file git or gix reads whole that is a FIFO, a symlink to a device,
+/// or larger than any such file is (sparse here) gets the repository
+/// refused, without reading it (attack: each hung a serving thread for
+/// good, or crashed the archiver out of memory).
+#[test]
+fn files_read_whole_that_are_special_or_huge_refuse_the_repository() {
+    let fixture = fixture();
+    let repositories = fixture.repositories();
+    type Damage = fn(&Path);
+    let cases: [(&str, &str, Damage); 9] = [
+        ("fifo-head", "HEAD", mkfifo),
+        ("fifo-config", "config", mkfifo),
+        ("fifo-worktree-config", "config.worktree", mkfifo),
+        ("fifo-packed", "packed-refs", mkfifo),
+        ("fifo-alternates", "objects/info/alternates", mkfifo),
+        ("fifo-graph", "objects/info/commit-graph", mkfifo),
+        ("huge-head", "HEAD", |path| {
+            fs::File::create(path).unwrap().set_len(1 << 30).unwrap();
+        }),
+        ("huge-config", "config", |path| {
+            fs::OpenOptions::new()
+                .append(true)
+                .open(path)
+                .unwrap()
+                .set_len(1 << 30)
+                .unwrap();
+        }),
+        ("zero-config", "config", |path| {
+            fs::remove_file(path).unwrap();
+            std::os::unix::fs::symlink("/dev/zero", path).unwrap();
+        }),
+    ];
+    for (name, file, damage) in cases {
+        let git_dir = fixture.bare_clone(&format!("{name}.git"));
+        damage(&git_dir.join(file));
+        let root = fixture.root.clone();
+        let result = within_bound(name, move || {
+            Repositories::new(&root)
+                .unwrap()
+                .open("acme", name)
+                .map(|_| ())
+        });
+        assert!(
+            matches!(result, Err(Error::RepoNotFound)),
+            "{name}: {result:?}"
+        );
+    }
+
+    // Loose refs, on a repository already open.
+    let git_dir = fixture.bare_clone("refs.git");
+    let repository = repositories.open("acme", "refs").unwrap();
+    mkfifo(&git_dir.join("refs/heads/fifo"));
+    fs::File::create(git_dir.join("refs/heads/huge"))
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    for reference in ["fifo", "huge"] {
+        let repository = Arc::clone(&repository);
+        let result = within_bound(reference, move || repository.resolve(reference));
+        assert!(
+            matches!(result, Err(Error::RepoNotFound)),
+            "{reference}: {result:?}"
+        );
+    }
+    // Another spelling gix's lookup opens for `refs/odd` (attack).
+    fs::create_dir_all(git_dir.join("tags/refs")).unwrap();
+    mkfifo(&git_dir.join("tags/refs/odd"));
+    let odd = Arc::clone(&repository);
+    let result = within_bound("tags/refs/odd", move || odd.resolve("odd"));
+    assert!(matches!(result, Err(Error::RepoNotFound)), "{result:?}");
+    // A symbolic ref into another work tree's refs is not followed
+    // (gix reads it from the common dir, where no check looked).
+    fs::write(
+        git_dir.join("refs/heads/elsewhere"),
+        "ref: main-worktree/refs/heads/main\n",
+    )
+    .unwrap();
+    let elsewhere = Arc::clone(&repository);
+    let result = within_bound("main-worktree", move || elsewhere.resolve("elsewhere"));
+    assert!(matches!(result, Err(Error::RefNotFound)), "{result:?}");
+    // Nor one to a name outside `refs/`, which gix looks up under
+    // `refs/`, where no check looked (review).
+    fs::create_dir_all(git_dir.join("refs/foo")).unwrap();
+    mkfifo(&git_dir.join("refs/foo/bar"));
+    fs::write(git_dir.join("refs/heads/bare-name"), "ref: foo/bar\n").unwrap();
+    let bare_name = Arc::clone(&repository);
+    let result = within_bound("foo/bar", move || bare_name.resolve("bare-name"));
+    assert!(matches!(result, Err(Error::RefNotFound)), "{result:?}");
+    let result = within_bound("listing", move || RefsSnapshot::at(&git_dir));
+    assert!(matches!(result, Err(Error::RepoNotFound)), "{result:?}");
+
+    // A `.git` that is no git dir: gix opens the directory itself, so
+    // its files are checked (review).
+    let stale = fixture.bare_clone("stale.git");
+    fs::write(stale.join(".git"), "gitdir: /nonexistent\n").unwrap();
+    mkfifo(&stale.join("HEAD"));
+    let root = fixture.root.clone();
+    let result = within_bound("stale .git", move || {
+        Repositories::new(&root)
+            .unwrap()
+            .open("acme", "stale")
+            .map(|_| ())
+    });
+    assert!(matches!(result, Err(Error::RepoNotFound)), "{result:?}");
+
+    // A work tree's own files named like a git dir's are content: a
+    // `config/` directory, a large `HEAD` (review: every work tree
+    // with a `config/` was refused).
+    fs::create_dir_all(fixture.widget.join("config")).unwrap();
+    fs::write(fixture.widget.join("config/app.yml"), "a: 1\n").unwrap();
+    fs::write(fixture.widget.join("HEAD"), "x".repeat(70_000)).unwrap();
+    let repositories = Repositories::new(&fixture.root).unwrap();
+    assert!(repositories.open("acme", "widget").is_ok());
+    let single = Repositories::new(&fixture.widget).unwrap();
+    assert!(single.open(LOCAL_OWNER, "widget").is_ok());
+}
+
+/// Alternates lists that name the next directory many times, chained,
+/// are checked once per directory, as git reads them: 16 names in 5
+/// levels had cost 34 s a check (attack).
+#[test]
+fn repeated_alternates_are_checked_once_each() {
+    let fixture = fixture();
+    let git_dir = fixture.bare_clone("chain.git");
+    let mut previous = git_dir.join("objects");
+    for level in 0..5 {
+        let next = git_dir.join(format!("pool{level}/objects"));
+        fs::create_dir_all(next.join("info")).unwrap();
+        let line = format!("{}\n", next.display());
+        fs::create_dir_all(previous.join("info")).unwrap();
+        fs::write(previous.join("info/alternates"), line.repeat(16)).unwrap();
+        previous = next;
+    }
+    let repositories = fixture.repositories();
+    let started = std::time::Instant::now();
+    let result = within_bound("alternates", move || {
+        repositories.open("acme", "chain").map(|_| ())
+    });
+    assert!(result.is_ok(), "{result:?}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A relative entry in an alternate's list is read by gix from the
+    // repository's own object directory: where it leads from there must
+    // be inside too (review).
+    let git_dir = fixture.bare_clone("gixrel.git");
+    let pool = fixture.root.join("acme/a/b/c/pool/objects");
+    fs::create_dir_all(pool.join("info")).unwrap();
+    fs::create_dir_all(fixture.root.join("acme/a/outside/objects")).unwrap();
+    fs::create_dir_all(fixture.base.join("outside/objects")).unwrap();
+    assert!(!fixture.base.join("outside").starts_with(&fixture.root));
+    fs::write(
+        git_dir.join("objects/info/alternates"),
+        format!("{}\n", pool.display()),
+    )
+    .unwrap();
+    fs::write(
+        pool.join("info/alternates"),
+        "../../../../outside/objects\n",
+    )
+    .unwrap();
+    let result = fixture.repositories().open("acme", "gixrel");
+    assert!(matches!(result, Err(Error::RepoNotFound)), "{result:?}");
+
+    // More object directories than a repository borrows from: refused
+    // (gix reads its alternates in quadratic time; attack).
+    let git_dir = fixture.bare_clone("wide.git");
+    let mut list = String::new();
+    for pool in 0..MAX_OBJECT_DIRS {
+        let objects = git_dir.join(format!("pool{pool}/objects"));
+        fs::create_dir_all(&objects).unwrap();
+        list.push_str(&format!("{}\n", objects.display()));
+    }
+    fs::write(git_dir.join("objects/info/alternates"), list).unwrap();
+    let result = fixture.repositories().open("acme", "wide");
+    assert!(matches!(result, Err(Error::RepoNotFound)), "{result:?}");
+}
+
+/// A reftable repository is refused as unsupported (a `500` with the
+/// reason logged), not answered "ref not found" for refs it has.
+#[test]
+fn a_reftable_repository_is_unsupported_not_empty() {
+    let fixture = fixture();
+    let reftable = fixture.root.join("acme/reftable.git");
+    git(
+        &fixture.root,
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            "--ref-format=reftable",
+            "acme/widget",
+            reftable.to_str().unwrap(),
+        ],
+    );
+    assert!(rev_parse(&reftable, "main").is_some(), "git reads its refs");
+    let result = fixture.repositories().open("acme", "reftable");
+    match result {
+        Err(Error::Internal(detail)) => {
+            assert!(
+                detail.contains("reftable storage are not supported"),
+                "{detail}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn branch_resolves_to_its_tip() {
+    let fixture = fixture();
+    let widget = fixture.widget();
+    let resolved = assert_resolves(&widget, "main", RefKind::Branch("main".into()));
+    assert_eq!(resolved.commit, fixture.c2);
+    assert_eq!(resolved.committer_time, C2_TIME);
+}
+
+#[test]
+fn branch_with_slash_keeps_its_full_name() {
+    let fixture = fixture();
+    let widget = fixture.widget();
+    let resolved = assert_resolves(&widget, "feature/x", RefKind::Branch("feature/x".into()));
+    assert_eq!(resolved.commit, fixture.c1);
+    assert_eq!(resolved.committer_time, C1_TIME);
+}
+
+#[test]
+fn lightweight_tag_resolves() {
+    let fixture = fixture();
+    let resolved = assert_resolves(&fixture.widget(), "v0.9", RefKind::Tag("v0.9".into()));
+    assert_eq!(resolved.commit, fixture.c1);
+}
+
+#[test]
+fn annotated_tags_are_peeled_to_the_commit() {
+    let fixture = fixture();
+    let widget = fixture.widget();
+    let resolved = assert_resolves(&widget, "v1.0", RefKind::Tag("v1.0".into()));
+    assert_eq!(resolved.commit, fixture.c2);
+    let resolved = assert_resolves(&widget, "nested", RefKind::Tag("nested".into()));
+    assert_eq!(resolved.commit, fixture.c2);
+}
+
+#[test]
+fn full_ref_names_decide_the_kind() {
+    let fixture = fixture();
+    let widget = fixture.widget();
+    assert_resolves(
+        &widget,
+        "refs/heads/feature/x",
+        RefKind::Branch("feature/x".into()),
+    );
+    assert_resolves(&widget, "refs/tags/v1.0", RefKind::Tag("v1.0".into()));
+    assert_resolves(&widget, "heads/main", RefKind::Branch("main".into()));
+    assert_resolves(&widget, "tags/nested", RefKind::Tag("nested".into()));
+    // The branch and the tag named `same` are reachable by full name.
+    let branch = assert_resolves(&widget, "refs/heads/same", RefKind::Branch("same".into()));
+    assert_eq!(branch.commit, fixture.c1);
+}
+
+#[test]
+fn head_and_remotes_are_labelled_by_commit() {
+    let fixture = fixture();
+    let widget = fixture.widget();
+    let head = assert_resolves(&widget, "HEAD", RefKind::Commit);
+    assert_eq!(head.commit, fixture.c2);
+    let remote = assert_resolves(&widget, "origin/main", RefKind::Commit);
+    assert_eq!(remote.commit, fixture.c1);
+    // `refs/remotes/{r}/HEAD`, through a symbolic ref.
+    let remote_head = assert_resolves(&widget, "origin", RefKind::Commit);
+    assert_eq!(remote_head.commit, fixture.c1);
+}
+
+#[test]
+fn full_commit_id_resolves_in_either_case() {
+    let fixture = fixture();
+    let widget = fixture.widget();
+    let resolved = assert_resolves(&widget, &fixture.c1, RefKind::Commit);
+    assert_eq!(resolved.commit, fixture.c1);
+    let resolved = assert_resolves(&widget, &fixture.c1.to_ascii_uppercase(), RefKind::Commit);
+    assert_eq!(resolved.commit, fixture.c1);
+    // The id of an annotated tag is peeled too.
+    let tag_id = git(&fixture.widget, &["rev-parse", "v1.0"]);
+    assert_ne!(tag_id, fixture.c2);
+    let resolved = assert_resolves(&widget, &tag_id, RefKind::Commit);
+    assert_eq!(resolved.commit, fixture.c2);
+    // Well-formed but absent.
+    assert_not_found(&widget, &"0".repeat(40));
+    assert_not_found(&widget, "0123456789abcdef0123456789abcdef01234567");
+}
+
+#[test]
+fn abbreviated_commit_id_resolves_after_refs() {
+    let fixture = fixture();
+    let widget = fixture.widget();
+    let resolved = assert_resolves(&widget, &fixture.c1[..7], RefKind::Commit);
+    assert_eq!(resolved.commit, fixture.c1);
+    assert_resolves(&widget, &fixture.c2[..12], RefKind::Commit);
+    assert_resolves(
+        &widget,
+        &fixture.c2[..39].to_ascii_uppercase(),
+        RefKind::Commit,
+    );
+    // Shorter than 7 digits is not an id here (nor a ref).
+    assert!(matches!(
+        widget.resolve(&fixture.c1[..6]),
+        Err(Error::RefNotFound)
+    ));
+    // An abbreviated tree id is no commit.
+    let tree = git(&fixture.widget, &["rev-parse", "HEAD^{tree}"]);
+    assert_not_found(&widget, &tree[..10]);
+
+    // A ref that looks like an id wins over the id, as in git.
+    let prefix = &fixture.c2[..8];
+    git(&fixture.widget, &["branch", prefix, &fixture.c1]);
+    let resolved = assert_resolves(&widget, prefix, RefKind::Branch(prefix.into()));
+    assert_eq!(resolved.commit, fixture.c1);
+}
+
+#[test]
+fn tag_wins_over_branch_of_the_same_name() {
+    let fixture = fixture();
+    let resolved = assert_resolves(&fixture.widget(), "same", RefKind::Tag("same".into()));
+    assert_eq!(resolved.commit, fixture.c2);
+}
+
+#[test]
+fn refs_to_trees_and_blobs_are_not_found() {
+    let fixture = fixture();
+    let widget = fixture.widget();
+    assert_not_found(&widget, "tree-tag");
+    assert_not_found(&widget, "blob-tag");
+    let tree = git(&fixture.widget, &["rev-parse", "HEAD^{tree}"]);
+    assert_not_found(&widget, &tree);
+}
+
+#[test]
+fn unknown_refs_are_not_found() {
+    let fixture = fixture();
+    let widget = fixture.widget();
+    for reference in [
+        "nope",
+        "feature",
+        "feature/y",
+        "refs/heads/nope",
+        "heads",
+        "tags",
+        "refs",
+        "origin/nope",
+        "ORIG_HEAD",
+        "deadbeefdeadbeef",
+    ] {
+        assert_not_found(&widget, reference);
+    }
+}
+
+#[test]
+fn unborn_head_is_not_found() {
+    let fixture = fixture();
+    let empty = fixture.root.join("acme/empty");
+    fs::create_dir_all(&empty).unwrap();
+    git(&empty, &["init", "-q"]);
+    let empty = fixture.repositories().open("acme", "empty").unwrap();
+    assert_not_found(&empty, "HEAD");
+    assert_not_found(&empty, "main");
+}
+
+#[test]
+fn refs_and_objects_created_after_open_are_seen() {
+    let fixture = fixture();
+    let widget = fixture.widget();
+    assert_resolves(&widget, "main", RefKind::Branch("main".into()));
+    assert_not_found(&widget, "late");
+
+    fs::write(fixture.widget.join("late.txt"), "late\n").unwrap();
+    git_at(&fixture.widget, C3_TIME, &["add", "late.txt"]);
+    git_at(&fixture.widget, C3_TIME, &["commit", "-q", "-m", "c3"]);
+    git(&fixture.widget, &["branch", "late"]);
+    let late = assert_resolves(&widget, "late", RefKind::Branch("late".into()));
+    assert_eq!(late.committer_time, C3_TIME);
+    let main = assert_resolves(&widget, "main", RefKind::Branch("main".into()));
+    assert_eq!(main.commit, late.commit);
+    assert!(widget.has_path(&late.commit, "late.txt").unwrap());
+
+    git(&fixture.widget, &["branch", "-D", "late"]);
+    assert_not_found(&widget, "late");
+}
+
+#[test]
+fn remembered_refs_follow_every_change() {
+    let fixture = fixture();
+    let widget = fixture.widget();
+    let dir = &fixture.widget;
+    let main = assert_resolves(&widget, "main", RefKind::Branch("main".into()));
+    assert_eq!(main.commit, fixture.c2);
+    assert_eq!(widget.remembered_refs().len(), 1, "remembered");
+    let head = widget.resolve("HEAD").unwrap();
+    assert_eq!(head.commit, fixture.c2);
+
+    // Moved (a lock file renamed over the ref): also through `HEAD`.
+    git(dir, &["update-ref", "refs/heads/main", &fixture.c1]);
+    assert_eq!(widget.resolve("main").unwrap().commit, fixture.c1);
+    assert_eq!(widget.resolve("HEAD").unwrap().commit, fixture.c1);
+    // Rewritten in place with the same size, as no git does.
+    fs::write(
+        dir.join(".git/refs/heads/main"),
+        format!("{}\n", fixture.c2),
+    )
+    .unwrap();
+    assert_eq!(widget.resolve("main").unwrap().commit, fixture.c2);
+    assert_eq!(widget.resolve("HEAD").unwrap().commit, fixture.c2);
+
+    // A tag of the same name comes first in git's order.
+    git(dir, &["tag", "main", &fixture.c1]);
+    let tag = widget.resolve("main").unwrap();
+    assert_eq!(
+        (tag.kind, tag.commit),
+        (RefKind::Tag("main".into()), fixture.c1.clone())
+    );
+    git(dir, &["tag", "-d", "main"]);
+    assert_eq!(
+        widget.resolve("main").unwrap().kind,
+        RefKind::Branch("main".into())
+    );
+
+    // Packed, then moved in packed-refs alone, then deleted there.
+    git(dir, &["pack-refs", "--all"]);
+    assert_eq!(widget.resolve("main").unwrap().commit, fixture.c2);
+    assert_eq!(widget.resolve("HEAD").unwrap().commit, fixture.c2);
+    let packed = fs::read_to_string(dir.join(".git/packed-refs")).unwrap();
+    let moved = packed.replace(
+        &format!("{} refs/heads/main", fixture.c2),
+        &format!("{} refs/heads/main", fixture.c1),
+    );
+    assert_ne!(packed, moved);
+    fs::write(dir.join(".git/packed-refs.new"), moved).unwrap();
+    fs::rename(
+        dir.join(".git/packed-refs.new"),
+        dir.join(".git/packed-refs"),
+    )
+    .unwrap();
+    assert_eq!(widget.resolve("main").unwrap().commit, fixture.c1);
+    assert_eq!(widget.resolve("HEAD").unwrap().commit, fixture.c1);
+    git(dir, &["symbolic-ref", "HEAD", "refs/heads/feature/x"]);
+    git(dir, &["branch", "-D", "main"]);
+    assert_not_found(&widget, "main");
+    assert_eq!(widget.resolve("HEAD").unwrap().commit, fixture.c1);
+}
+
+#[test]
+fn recently_changed_refs_are_read_again_not_remembered() {
+    let fixture = fixture();
+    let widget = Repositories::new(&fixture.root)
+        .unwrap()
+        .open("acme", "widget")
+        .unwrap();
+    assert_resolves(&widget, "main", RefKind::Branch("main".into()));
+    assert_eq!(widget.remembered_refs().len(), 0);
+    widget.refs_digest().unwrap();
+    assert!(widget.digest.lock().unwrap().is_none());
+}
+
+#[test]
+fn a_snapshot_of_the_refs_read_afresh_has_the_repositorys_refs_digest() {
+    let fixture = fixture();
+    let widget = fixture.widget();
+    let dir = &fixture.widget;
+    let snapshot = RefsSnapshot::at(widget.git_dir()).unwrap();
+    assert_eq!(snapshot.digest(), widget.refs_digest().unwrap());
+    assert_eq!(snapshot.head, "ref: refs/heads/main");
+    assert!(
+        snapshot
+            .refs
+            .iter()
+            .any(|(name, _)| name == "refs/heads/main")
+    );
+
+    // A detached HEAD at the commit main names is another state.
+    git(dir, &["checkout", "-q", "--detach", "main"]);
+    let detached = RefsSnapshot::at(widget.git_dir()).unwrap();
+    assert_eq!(detached.head, fixture.c2);
+    assert_ne!(detached.digest(), snapshot.digest());
+    assert_eq!(detached.digest(), widget.refs_digest().unwrap());
+}
+
+#[test]
+fn the_refs_digest_and_reachability_follow_every_change() {
+    let fixture = fixture();
+    let widget = fixture.widget();
+    let dir = &fixture.widget;
+    let first = widget.refs_digest().unwrap();
+    assert_eq!(widget.known_refs_digest().as_deref(), Some(first.as_str()));
+    assert!(widget.reaches(&fixture.c2, None).unwrap());
+    assert_eq!(widget.reaches_known(&fixture.c2, None), Some(true));
+
+    // A new branch, in a new directory.
+    git(dir, &["branch", "topic/deep/new", &fixture.c1]);
+    assert_eq!(widget.reaches_known(&fixture.c2, None), None);
+    let second = widget.refs_digest().unwrap();
+    assert_ne!(first, second);
+    // Moved in place with the same size.
+    fs::write(
+        dir.join(".git/refs/heads/topic/deep/new"),
+        format!("{}\n", fixture.c2),
+    )
+    .unwrap();
+    let third = widget.refs_digest().unwrap();
+    assert_ne!(second, third);
+    // Packing changes no ref.
+    git(dir, &["pack-refs", "--all"]);
+    assert_eq!(widget.refs_digest().unwrap(), third);
+
+    // A commit made unreachable by a force push.
+    fs::write(dir.join("gone.txt"), "gone\n").unwrap();
+    git_at(dir, C3_TIME, &["add", "gone.txt"]);
+    git_at(dir, C3_TIME, &["commit", "-q", "-m", "c3"]);
+    let c3 = git(dir, &["rev-parse", "HEAD"]);
+    assert!(widget.reaches(&c3, None).unwrap());
+    git(dir, &["update-ref", "refs/heads/main", &fixture.c2]);
+    assert_eq!(widget.reaches_known(&c3, None), None);
+    assert!(!widget.reaches(&c3, None).unwrap());
+}
+
+/// Past `MAX_STAMPED_REF_FILES` loose refs the digest is still kept,
+/// vouched for by the directories (attack: it was listed again on each
+/// request, 1.5 s with 100,000 refs), and every change git makes is
+/// still seen on the next call.
+#[test]
+fn with_more_loose_refs_than_are_stamped_the_digest_is_kept_and_follows_git() {
+    let fixture = fixture();
+    let widget = fixture.widget();
+    let dir = &fixture.widget;
+    for n in 0..MAX_STAMPED_REF_FILES + 88 {
+        fs::write(
+            dir.join(format!(".git/refs/tags/t{n:04}")),
+            format!("{}\n", fixture.c1),
+        )
+        .unwrap();
+    }
+    let first = widget.refs_digest().unwrap();
+    assert_eq!(
+        widget.known_refs_digest().as_deref(),
+        Some(first.as_str()),
+        "kept past the stamped files"
+    );
+    assert!(widget.reaches(&fixture.c2, None).unwrap());
+    assert_eq!(widget.reaches_known(&fixture.c2, None), Some(true));
+
+    // An existing loose ref moved by git, a new one, a deleted one.
+    for change in [
+        vec!["update-ref", "refs/tags/t0007", &fixture.c2],
+        vec!["tag", "fresh", &fixture.c1],
+        vec!["update-ref", "-d", "refs/tags/t0300"],
+    ] {
+        let before = widget.refs_digest().unwrap();
+        git(dir, &change);
+        assert_eq!(widget.known_refs_digest(), None, "{change:?}");
+        assert_ne!(widget.refs_digest().unwrap(), before, "{change:?}");
+    }
+}
+
+#[test]
+fn pushed_packs_and_repacks_are_seen() {
+    let fixture = fixture();
+    fixture.bare_clone("gadget.git");
+    let gadget_dir = fixture.root.join("acme/gadget.git");
+    // Keep what is pushed as a pack instead of loose objects.
+    git(&gadget_dir, &["config", "receive.unpackLimit", "1"]);
+    let gadget = fixture.repositories().open("acme", "gadget").unwrap();
+    assert_resolves(&gadget, "main", RefKind::Branch("main".into()));
+
+    fs::write(fixture.widget.join("pushed.txt"), "pushed\n").unwrap();
+    git_at(&fixture.widget, C3_TIME, &["add", "pushed.txt"]);
+    git_at(&fixture.widget, C3_TIME, &["commit", "-q", "-m", "c3"]);
+    git(
+        &fixture.widget,
+        &[
+            "push",
+            "-q",
+            gadget_dir.to_str().unwrap(),
+            "main:refs/heads/pushed",
+            "v1.0:refs/tags/v1.0-pushed",
+        ],
+    );
+    let pushed = assert_resolves(&gadget, "pushed", RefKind::Branch("pushed".into()));
+    assert_eq!(pushed.committer_time, C3_TIME);
+    assert!(gadget.has_path(&pushed.commit, "pushed.txt").unwrap());
+    assert_resolves(&gadget, &pushed.commit[..9], RefKind::Commit);
+
+    // A full repack replaces every pack the handle may have loaded.
+    git(&gadget_dir, &["repack", "-q", "-a", "-d"]);
+    git(&gadget_dir, &["pack-refs", "--all"]);
+    let repacked = assert_resolves(&gadget, "pushed", RefKind::Branch("pushed".into()));
+    assert_eq!(repacked, pushed);
+    assert_resolves(&gadget, "v1.0-pushed", RefKind::Tag("v1.0-pushed".into()));
+    assert_resolves(&gadget, &fixture.c1[..7], RefKind::Commit);
+}
+
+#[test]
+fn packed_refs_resolve_and_loose_refs_override_them() {
+    let fixture = fixture();
+    let widget = fixture.widget();
+    assert_resolves(&widget, "main", RefKind::Branch("main".into()));
+    git(&fixture.widget, &["pack-refs", "--all"]);
+    assert!(!fixture.widget.join(".git/refs/tags/v1.0").exists());
+    for (reference, kind) in [
+        ("main", RefKind::Branch("main".into())),
+        ("feature/x", RefKind::Branch("feature/x".into())),
+        ("refs/heads/feature/x", RefKind::Branch("feature/x".into())),
+        ("v0.9", RefKind::Tag("v0.9".into())),
+        ("v1.0", RefKind::Tag("v1.0".into())),
+        ("nested", RefKind::Tag("nested".into())),
+        ("same", RefKind::Tag("same".into())),
+        ("origin/main", RefKind::Commit),
+        ("origin", RefKind::Commit),
+        ("HEAD", RefKind::Commit),
+    ] {
+        assert_resolves(&widget, reference, kind);
+    }
+    assert_not_found(&widget, "tree-tag");
+
+    // A loose ref written after packing shadows the packed one.
+    git(
+        &fixture.widget,
+        &["update-ref", "refs/heads/feature/x", &fixture.c2],
+    );
+    let moved = assert_resolves(&widget, "feature/x", RefKind::Branch("feature/x".into()));
+    assert_eq!(moved.commit, fixture.c2);
+    // Packed again (packed-refs rewritten, loose ref gone).
+    git(&fixture.widget, &["pack-refs", "--all"]);
+    let packed = assert_resolves(&widget, "feature/x", RefKind::Branch("feature/x".into()));
+    assert_eq!(packed.commit, fixture.c2);
+    // Deleted from packed-refs.
+    git(&fixture.widget, &["branch", "-D", "feature/x"]);
+    assert_not_found(&widget, "feature/x");
+}
+
+#[test]
+fn bare_and_work_tree_layouts_are_found() {
+    let fixture = fixture();
+    fixture.bare_clone("gadget.git");
+    fixture.bare_clone("plain");
+    let repositories = fixture.repositories();
+
+    let widget = repositories.open("acme", "widget").unwrap();
+    assert_eq!(widget.git_dir(), fixture.widget.join(".git"));
+    let gadget = repositories.open("acme", "gadget").unwrap();
+    assert_eq!(gadget.git_dir(), fixture.root.join("acme/gadget.git"));
+    let plain = repositories.open("acme", "plain").unwrap();
+    assert_eq!(plain.git_dir(), fixture.root.join("acme/plain"));
+    for repository in [&widget, &gadget, &plain] {
+        let resolved = assert_resolves(repository, "v1.0", RefKind::Tag("v1.0".into()));
+        assert_eq!(resolved.commit, fixture.c2);
+    }
+
+    // `{repo}.git` comes before `{repo}`.
+    let both = fixture.root.join("acme/both");
+    fs::create_dir_all(&both).unwrap();
+    git(&both, &["init", "-q"]);
+    fixture.bare_clone("both.git");
+    let both = repositories.open("acme", "both").unwrap();
+    assert_eq!(both.git_dir(), fixture.root.join("acme/both.git"));
+}
+
+#[test]
+fn missing_and_non_repositories_are_not_found() {
+    let fixture = fixture();
+    fs::create_dir_all(fixture.root.join("acme/plain-dir/src")).unwrap();
+    fs::write(fixture.root.join("acme/file.git"), "not a repo").unwrap();
+    fs::write(fixture.root.join("acme/file"), "not a repo").unwrap();
+    let repositories = fixture.repositories();
+    assert_repo_not_found(&repositories, "acme", "missing");
+    assert_repo_not_found(&repositories, "nobody", "widget");
+    assert_repo_not_found(&repositories, "acme", "plain-dir");
+    assert_repo_not_found(&repositories, "acme", "file");
+    // A directory inside a repository is not that repository.
+    assert_repo_not_found(&repositories, "widget", "src");
+    for (owner, name) in [
+        ("..", "x"),
+        ("acme", ".."),
+        (".git", "x"),
+        ("acme", "a/b"),
+        ("", "x"),
+    ] {
+        assert!(
+            matches!(repositories.open(owner, name), Err(Error::Url(_))),
+            "{owner}/{name}"
+        );
+    }
+}
+
+#[test]
+fn symlinks_and_gitfiles_leading_outside_the_root_are_not_found() {
+    let fixture = fixture();
+    let secret = fixture.base.join("outside/secret");
+    std::os::unix::fs::symlink(&secret, fixture.root.join("acme/secret")).unwrap();
+    std::os::unix::fs::symlink(fixture.base.join("outside"), fixture.root.join("evil")).unwrap();
+    let sneaky = fixture.root.join("acme/sneaky");
+    fs::create_dir_all(&sneaky).unwrap();
+    fs::write(
+        sneaky.join(".git"),
+        format!("gitdir: {}\n", secret.join(".git").display()),
+    )
+    .unwrap();
+    let repositories = fixture.repositories();
+    assert_repo_not_found(&repositories, "acme", "secret");
+    assert_repo_not_found(&repositories, "evil", "secret");
+    assert_repo_not_found(&repositories, "acme", "sneaky");
+}
+
+#[test]
+fn a_repository_answers_to_one_name_only() {
+    let fixture = fixture();
+    // An alias inside the root would give the repository a second name,
+    // and a second set of routing rules.
+    std::os::unix::fs::symlink(&fixture.widget, fixture.root.join("acme/alias")).unwrap();
+    std::os::unix::fs::symlink(fixture.root.join("acme"), fixture.root.join("corp")).unwrap();
+    let bare = fixture.root.join("acme/gadget.git");
+    git(
+        &fixture.root,
+        &["clone", "-q", "--bare", "acme/widget", "acme/gadget.git"],
+    );
+
+    let repositories = fixture.repositories();
+    repositories.open("acme", "widget").unwrap();
+    assert_eq!(repositories.open("acme", "gadget").unwrap().git_dir(), bare);
+    assert_repo_not_found(&repositories, "acme", "alias");
+    assert_repo_not_found(&repositories, "corp", "widget");
+    assert_repo_not_found(&repositories, "acme", "gadget.git");
+    assert_repo_not_found(&repositories, "acme", "widget.git");
+
+    // A `.git` file leading to another repository's git dir is an alias
+    // too.
+    let gitfile = fixture.root.join("acme/gitfile");
+    fs::create_dir_all(&gitfile).unwrap();
+    fs::write(
+        gitfile.join(".git"),
+        format!("gitdir: {}\n", fixture.widget.join(".git").display()),
+    )
+    .unwrap();
+    assert_repo_not_found(&fixture.repositories(), "acme", "gitfile");
+}
+
+/// A symlink anywhere under `objects/` (a fan-out directory, a loose
+/// object, `pack`, a commit-graph) or a symlinked `HEAD` would serve
+/// another repository's objects as this one's: refused at open, and by
+/// `layout_inside` when the symlink appears after the open.
+#[test]
+fn symlinks_under_objects_or_at_head_are_refused() {
+    let fixture = fixture();
+    let outside = fixture.base.join("outside");
+    git(
+        &fixture.base,
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            "repos/acme/widget",
+            "outside/secret.git",
+        ],
+    );
+    let secret_objects = outside.join("secret.git/objects");
+    /// Plants a symlink in the repository whose objects are the first
+    /// path, to the second's.
+    type Plant = fn(&Path, &Path);
+    let cases: [(&str, Plant); 5] = [
+        ("fanout", |objects, secret| {
+            std::os::unix::fs::symlink(secret.join("info"), objects.join("5d")).unwrap()
+        }),
+        ("loose", |objects, secret| {
+            fs::create_dir_all(objects.join("ab")).unwrap();
+            std::os::unix::fs::symlink(secret.join("info/packs"), objects.join("ab/cdef")).unwrap()
+        }),
+        ("pack", |objects, secret| {
+            fs::remove_dir_all(objects.join("pack")).unwrap();
+            std::os::unix::fs::symlink(secret.join("pack"), objects.join("pack")).unwrap()
+        }),
+        ("graph", |objects, secret| {
+            fs::create_dir_all(objects.join("info/commit-graphs")).unwrap();
+            std::os::unix::fs::symlink(
+                secret.join("info"),
+                objects.join("info/commit-graphs/graph-x.graph"),
+            )
+            .unwrap()
+        }),
+        ("head", |objects, secret| {
+            let git_dir = objects.parent().unwrap();
+            fs::remove_file(git_dir.join("HEAD")).unwrap();
+            std::os::unix::fs::symlink(secret.join("../HEAD"), git_dir.join("HEAD")).unwrap()
+        }),
+    ];
+    for (name, plant) in cases {
+        let relative = format!("acme/{name}.git");
+        git(
+            &fixture.root,
+            &["clone", "-q", "--bare", "acme/widget", &relative],
+        );
+        let git_dir = fixture.root.join(&relative);
+        assert!(
+            layout_inside(&git_dir, &git_dir, &fixture.root).is_ok(),
+            "{name}"
+        );
+        let repositories = fixture.repositories();
+        repositories.open("acme", name).unwrap();
+        plant(&git_dir.join("objects"), &secret_objects);
+        // Opened before: the check before each generation refuses it.
+        assert!(
+            layout_inside(&git_dir, &git_dir, &fixture.root).is_err(),
+            "{name}"
+        );
+        // Opened now: refused at once.
+        assert_repo_not_found(&fixture.repositories(), "acme", name);
+    }
+}
+
+#[test]
+fn a_loose_ref_read_through_a_symlink_is_refused_whatever_it_leads_to() {
+    let fixture = fixture();
+    let outside = fixture.base.join("outside");
+    fs::create_dir_all(outside.join("tags")).unwrap();
+    // What a symlink may lead to: a file naming one of the repository's
+    // commits, a file that is no ref, nothing, a directory of refs.
+    fs::write(outside.join("names-c1"), format!("{}\n", fixture.c1)).unwrap();
+    fs::write(outside.join("passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    fs::write(outside.join("tags/v9"), format!("{}\n", fixture.c1)).unwrap();
+    let repository = fixture.widget();
+    // Remembered before `main` becomes a symlink to the same id.
+    assert_resolves(&repository, "main", RefKind::Branch("main".into()));
+    let refs = repository.git_dir().join("refs");
+    fs::write(outside.join("names-c2"), format!("{}\n", fixture.c2)).unwrap();
+    fs::remove_file(refs.join("heads/main")).unwrap();
+    use std::os::unix::fs::symlink;
+    symlink(outside.join("names-c2"), refs.join("heads/main")).unwrap();
+    symlink(outside.join("names-c1"), refs.join("heads/evil")).unwrap();
+    symlink(outside.join("passwd"), refs.join("heads/passwd")).unwrap();
+    symlink(outside.join("missing"), refs.join("heads/missing")).unwrap();
+    symlink(&outside, refs.join("outside")).unwrap();
+    fs::write(refs.join("heads/alias"), "ref: refs/heads/evil\n").unwrap();
+    // git reads through each of them; the archiver answers the same
+    // whatever it would have found.
+    assert!(rev_parse(repository.git_dir(), "evil").is_some());
+    for reference in [
+        "main",
+        "evil",
+        "passwd",
+        "missing",
+        "outside/tags/v9",
+        "alias",
+    ] {
+        let result = repository.resolve(reference);
+        assert!(
+            matches!(result, Err(Error::RepoNotFound)),
+            "{reference}: {result:?}"
+        );
+    }
+    // Refs no lookup of which meets a symlink still resolve.
+    assert_resolves(&repository, "v1.0", RefKind::Tag("v1.0".into()));
+    assert_resolves(
+        &repository,
+        "feature/x",
+        RefKind::Branch("feature/x".into()),
+    );
+    // The list of all refs (full commit ids, `export-subst`) meets them all.
+    let result = repository.refs_digest();
+    assert!(matches!(result, Err(Error::RepoNotFound)), "{result:?}");
+    let result = RefsSnapshot::at(repository.git_dir());
+    assert!(matches!(result, Err(Error::RepoNotFound)), "{result:?}");
+}
+
+#[test]
+fn alternates_outside_the_root_are_refused_and_inside_followed() {
+    let fixture = fixture();
+    let pool = fixture.root.join("pool/objects.git");
+    git(
+        &fixture.root,
+        &["clone", "-q", "--bare", "acme/widget", "pool/objects.git"],
+    );
+    git(
+        &fixture.root,
+        &["clone", "-q", "--bare", "acme/widget", "acme/fork.git"],
+    );
+    fs::write(
+        fixture.root.join("acme/fork.git/objects/info/alternates"),
+        format!("{}\n", pool.join("objects").display()),
+    )
+    .unwrap();
+    git(
+        &fixture.root,
+        &["clone", "-q", "--bare", "acme/widget", "acme/leaky.git"],
+    );
+    fs::write(
+        fixture.root.join("acme/leaky.git/objects/info/alternates"),
+        "../../../../outside/secret/.git/objects\n",
+    )
+    .unwrap();
+    // Borrowing from a repository that borrows from outside is outside too.
+    git(
+        &fixture.root,
+        &["clone", "-q", "--bare", "acme/widget", "acme/chained.git"],
+    );
+    fs::write(
+        fixture
+            .root
+            .join("acme/chained.git/objects/info/alternates"),
+        format!(
+            "{}\n",
+            fixture.root.join("acme/leaky.git/objects").display()
+        ),
+    )
+    .unwrap();
+
+    // git reads C-quoted entries too: one we cannot check is refused.
+    git(
+        &fixture.root,
+        &["clone", "-q", "--bare", "acme/widget", "acme/quoted.git"],
+    );
+    fs::write(
+        fixture.root.join("acme/quoted.git/objects/info/alternates"),
+        format!(
+            "\"{}\"\n",
+            fixture.base.join("outside/secret/.git/objects").display()
+        ),
+    )
+    .unwrap();
+    // An objects directory that is itself a symlink out.
+    git(
+        &fixture.root,
+        &["clone", "-q", "--bare", "acme/widget", "acme/linked.git"],
+    );
+    let objects = fixture.root.join("acme/linked.git/objects");
+    fs::remove_dir_all(&objects).unwrap();
+    std::os::unix::fs::symlink(fixture.base.join("outside/secret/.git/objects"), &objects).unwrap();
+
+    let repositories = fixture.repositories();
+    repositories.open("acme", "fork").unwrap();
+    assert_repo_not_found(&repositories, "acme", "leaky");
+    assert_repo_not_found(&repositories, "acme", "chained");
+    assert_repo_not_found(&repositories, "acme", "quoted");
+    assert_repo_not_found(&repositories, "acme", "linked");
+}
+
+#[test]
+fn a_repository_as_root_is_served_as_local() {
+    let fixture = fixture();
+    let repositories = Repositories::new(&fixture.widget).unwrap();
+    let widget = repositories.open(LOCAL_OWNER, "widget").unwrap();
+    assert_eq!(widget.git_dir(), fixture.widget.join(".git"));
+    assert_resolves(&widget, "main", RefKind::Branch("main".into()));
+    assert_repo_not_found(&repositories, "acme", "widget");
+    assert_repo_not_found(&repositories, LOCAL_OWNER, "other");
+    assert_repo_not_found(&repositories, "widget", "src");
+
+    let gadget = fixture.bare_clone("gadget.git");
+    let repositories = Repositories::new(&gadget).unwrap();
+    let opened = repositories.open(LOCAL_OWNER, "gadget").unwrap();
+    assert_eq!(opened.git_dir(), gadget);
+    assert_resolves(&opened, "v1.0", RefKind::Tag("v1.0".into()));
+
+    // The directory holding owners is not a repository itself.
+    assert!(matches!(fixture.repositories().layout, Layout::Owners));
+    // A missing root is an error at start-up, not a 404 per request.
+    assert!(Repositories::new(&fixture.base.join("missing")).is_err());
+}
+
+#[test]
+fn opened_repositories_are_cached_until_their_git_dir_changes() {
+    let fixture = fixture();
+    let gadget_dir = fixture.bare_clone("gadget.git");
+    let repositories = fixture.repositories();
+    let first = repositories.open("acme", "gadget").unwrap();
+    let again = repositories.open("acme", "gadget").unwrap();
+    assert!(Arc::ptr_eq(&first, &again));
+
+    let moved = fixture.root.join("acme/moved.git");
+    fs::rename(&gadget_dir, &moved).unwrap();
+    assert_repo_not_found(&repositories, "acme", "gadget");
+
+    // Replaced by a different repository at the same path.
+    let other = fixture.base.join("other");
+    fs::create_dir_all(&other).unwrap();
+    git(&other, &["init", "-q"]);
+    git_at(
+        &other,
+        C3_TIME,
+        &["commit", "-q", "--allow-empty", "-m", "other"],
+    );
+    git(
+        &fixture.base,
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            other.to_str().unwrap(),
+            gadget_dir.to_str().unwrap(),
+        ],
+    );
+    let replaced = repositories.open("acme", "gadget").unwrap();
+    assert!(!Arc::ptr_eq(&first, &replaced));
+    let resolved = assert_resolves(&replaced, "main", RefKind::Branch("main".into()));
+    assert_eq!(resolved.committer_time, C3_TIME);
+    assert_not_found(&replaced, "v1.0");
+}
+
+#[test]
+fn has_path_finds_files_and_directories() {
+    let fixture = fixture();
+    let widget = fixture.widget();
+    let c1 = &fixture.c1;
+    for path in ["README", "src", "src/lib", "src/lib/mod.rs", "src/main.rs"] {
+        assert!(widget.has_path(c1, path).unwrap(), "{path}");
+    }
+    for path in [
+        "missing",
+        "src/li",
+        "src/lib/missing",
+        "README/x",
+        "src/main.rs/x",
+        "late.txt",
+    ] {
+        assert!(!widget.has_path(c1, path).unwrap(), "{path}");
+    }
+}
+
+#[test]
+fn repositories_are_shareable_between_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Repositories>();
+    assert_send_sync::<Repository>();
+    let fixture = fixture();
+    let repositories = Arc::new(fixture.repositories());
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let repositories = Arc::clone(&repositories);
+            std::thread::spawn(move || {
+                repositories
+                    .open("acme", "widget")
+                    .unwrap()
+                    .resolve("v1.0")
+                    .unwrap()
+            })
+        })
+        .collect();
+    for thread in threads {
+        assert_eq!(thread.join().unwrap().commit, fixture.c2);
+    }
+}
