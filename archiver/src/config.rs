@@ -52,7 +52,7 @@ pub struct ArchiveOptions {
     #[arg(long, env = "GITBALL_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
 
-    /// Upper bound of the cache in bytes, complete and in-progress archives together (LRU).
+    /// Upper bound of the cache in bytes, complete and in-progress archives together (a scan-resistant segmented LRU by bytes).
     /// Accepts 1048576, 512KiB, 64MiB, 2GiB.
     #[arg(long, env = "GITBALL_CACHE_MAX_BYTES", default_value = "1GiB", value_parser = parse_size)]
     pub cache_max_bytes: u64,
