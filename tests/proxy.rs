@@ -1460,12 +1460,23 @@ fn a_parked_download_that_cannot_resume_is_aborted_not_ended() {
 /// with `answer`, whatever was asked, then closes it. Its thread ends after
 /// the last connection, or when none comes within [`SETTLE`].
 fn scripted_upstream(answer: &'static [u8], connections: usize) -> SocketAddr {
+    sequenced_upstream(vec![answer; connections]).0
+}
+
+/// An upstream on 127.0.0.1 that answers its n-th connection with
+/// `answers[n]`, whatever was asked, then closes it, and sends each request
+/// head it read. Its thread ends after the last answer, or when no
+/// connection comes within [`SETTLE`].
+fn sequenced_upstream(
+    answers: Vec<&'static [u8]>,
+) -> (SocketAddr, std::sync::mpsc::Receiver<Vec<u8>>) {
     use std::io::{Read, Write};
+    let (heads, received) = std::sync::mpsc::channel();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     listener.set_nonblocking(true).expect("nonblocking");
     let addr = listener.local_addr().expect("address");
     std::thread::spawn(move || {
-        for _ in 0..connections {
+        for answer in answers {
             let mut accepted = None;
             if !wait_until(SETTLE, || {
                 accepted = listener.accept().ok();
@@ -1485,9 +1496,11 @@ fn scripted_upstream(answer: &'static [u8], connections: usize) -> SocketAddr {
                 }
             }
             let _ = stream.write_all(answer);
+            // The test may not want the heads.
+            let _ = heads.send(head);
         }
     });
-    addr
+    (addr, received)
 }
 
 /// A proxy whose one route goes to `upstream`.
@@ -1498,6 +1511,119 @@ fn proxy_before(upstream: SocketAddr, sandbox: &Sandbox) -> Proxy {
         &[Route::new("*", &format!("http://{upstream}"), &[])],
     );
     Proxy::with_routes(&routes, &[])
+}
+
+/// `docs/proxy.md#when-every-candidate-fails`: the first rule that applies
+/// decides the answer. A `5xx` an attempt got is passed through, the last
+/// one (the archiver's reason, `Retry-After` with it); candidates that all
+/// timed out are a `504`; candidates all ejected before the request are a
+/// `503 unavailable` whose `Retry-After` is the time to the first
+/// ejection's end.
+#[test]
+fn when_every_candidate_fails_the_answer_follows_the_documented_rules() {
+    let sandbox = Sandbox::new();
+    let path = "/acme/widget/archive/main.tar";
+    let table = |primary: &str, replica: &str| {
+        let routes = sandbox.path("routes.toml");
+        write_routes(&routes, &[Route::new("*", primary, &[replica])]);
+        routes
+    };
+
+    // Rule 1: both busy. The replica is tried first, the primary last, and
+    // the primary's answer is the client's; a busy archiver is not ejected.
+    let primary = scripted_upstream(
+        b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\n\
+          Content-Type: application/json\r\nContent-Length: 19\r\n\r\n{\"error\":\"primary\"}",
+        1,
+    );
+    let replica = scripted_upstream(
+        b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 7\r\n\
+          Content-Type: application/json\r\nContent-Length: 19\r\n\r\n{\"error\":\"replica\"}",
+        1,
+    );
+    let proxy = Proxy::with_routes(
+        &table(&format!("http://{primary}"), &format!("http://{replica}")),
+        &[],
+    );
+    let answer = fetch(proxy.addr, path);
+    assert_eq!(answer.status(), 503, "{}", answer.text());
+    assert_eq!(answer.header("retry-after"), "5");
+    assert_eq!(
+        answer.error_code(),
+        "primary",
+        "the last 5xx is passed through"
+    );
+    let metrics = proxy.scrape();
+    assert_eq!(metrics.sum(ATTEMPTS, &[("outcome", "busy")]), 2.0);
+    assert_eq!(metrics.sum("gitball_proxy_upstream_ejected", &[]), 0.0);
+    drop(proxy);
+
+    // Rule 3: two upstreams that accept (the kernel completes the
+    // handshake into the backlog) and never answer.
+    let silent = [0, 1].map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"));
+    let [primary, replica] = silent
+        .each_ref()
+        .map(|listener| format!("http://{}", listener.local_addr().expect("address")));
+    let proxy = Proxy::with_routes(
+        &table(&primary, &replica),
+        &["--header-timeout", "1", "--eject-for", "60"],
+    );
+    let started = Instant::now();
+    let answer = fetch(proxy.addr, path);
+    assert_eq!(answer.status(), 504, "{}", answer.text());
+    assert_eq!(answer.error_code(), "gateway_timeout");
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "one --header-timeout per candidate"
+    );
+    let metrics = proxy.scrape();
+    assert_eq!(metrics.sum(ATTEMPTS, &[("outcome", "header_timeout")]), 2.0);
+    assert_eq!(metrics.sum("gitball_proxy_upstream_ejected", &[]), 2.0);
+
+    // Rule 2: both were ejected before this request. Each is still tried
+    // (an ejected candidate goes last, it is not skipped), and the answer
+    // says when the first ejection ends.
+    let answer = fetch(proxy.addr, path);
+    assert_eq!(answer.status(), 503, "{}", answer.text());
+    assert_eq!(answer.error_code(), "unavailable");
+    let retry_after: u64 = answer.header("retry-after").parse().expect("whole seconds");
+    assert!(
+        (50..=60).contains(&retry_after),
+        "the first of two 60 s ejections began seconds ago: {retry_after}"
+    );
+    assert_eq!(
+        proxy
+            .scrape()
+            .sum(ATTEMPTS, &[("outcome", "header_timeout")]),
+        4.0
+    );
+}
+
+/// `docs/proxy.md#ejection`: any answer ends an ejection at once, except a
+/// busy `503` and a `500`, which say the archiver is up but not that this
+/// request went well there.
+#[test]
+fn a_busy_answer_or_a_failed_archive_does_not_end_an_ejection() {
+    let sandbox = Sandbox::new();
+    let (upstream, _) = sequenced_upstream(vec![
+        b"HTTP/1.1 502 Bad Gateway\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nConnection: close\r\n\
+          Content-Length: 0\r\n\r\n",
+        b"HTTP/1.1 500 Internal Server Error\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 404 Not Found\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+    ]);
+    let proxy = proxy_before(upstream, &sandbox);
+    let ejected = || {
+        proxy.scrape().get(
+            "gitball_proxy_upstream_ejected",
+            &[("upstream", &format!("http://{upstream}"))],
+        )
+    };
+    let path = "/acme/widget/archive/main.tar";
+    for (status, still_ejected) in [(502, 1.0), (503, 1.0), (500, 1.0), (404, 0.0)] {
+        assert_eq!(fetch(proxy.addr, path).status(), status);
+        assert_eq!(ejected(), Some(still_ejected), "after the {status}");
+    }
 }
 
 /// A body ended by the upstream closing its connection, or a growing one
@@ -2297,6 +2423,132 @@ fn token_from_the_sign_subcommand_opens_a_private_route() {
     );
 }
 
+/// Private routes fail closed without a key (`docs/proxy.md`): a proxy
+/// does not start on a table with a private route and no
+/// `--signing-key-file`, and one started without a key whose reload adds a
+/// private route answers that repository `404 repo_not_found`, with a token
+/// or without, asking no archiver.
+#[test]
+fn private_routes_without_a_signing_key_fail_closed() {
+    use std::io::Read as _;
+    let shared = shared_repos();
+    let sandbox = Sandbox::new();
+    let archiver = Archiver::start(&shared.repos, &[]);
+    let routes = sandbox.path("routes.toml");
+    let private_table = [
+        Route::new("acme/secret", &archiver.base_url, &[]).private(),
+        Route::new("*", &archiver.base_url, &[]),
+    ];
+    write_routes(&routes, &private_table);
+    let mut refused = Command::new(binary_path("gitball-proxy"))
+        .args(["--listen", "127.0.0.1:0", "--routes"])
+        .arg(&routes)
+        .env_clear()
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run gitball-proxy");
+    let mut status = None;
+    wait_until(SETTLE, || {
+        status = refused.try_wait().expect("wait for the proxy");
+        status.is_some()
+    });
+    let Some(status) = status else {
+        let _ = refused.kill();
+        let _ = refused.wait();
+        panic!("a proxy with a private route and no --signing-key-file started");
+    };
+    assert!(!status.success());
+    let mut stderr = String::new();
+    refused
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("read stderr");
+    assert!(stderr.contains("--signing-key-file"), "{stderr}");
+
+    write_routes(&routes, &[Route::new("*", &archiver.base_url, &[])]);
+    let proxy = Proxy::with_routes(&routes, &[]);
+    let secret = "/acme/secret/archive/main.tar";
+    assert_eq!(
+        fetch(proxy.addr, secret).status(),
+        200,
+        "public before the reload"
+    );
+    write_routes(&routes, &private_table);
+    proxy.signal(nix::sys::signal::Signal::SIGHUP);
+    assert!(
+        wait_until(SETTLE, || proxy
+            .scrape()
+            .value("gitball_proxy_routes_reloads_total", &[("outcome", "ok")])
+            == 1.0),
+        "the reload was not taken"
+    );
+    let asked = || scrape(archiver.addr).sum("gitball_archiver_requests_total", &[]);
+    let before = asked();
+    let signed = token(SIGNING_KEY.as_bytes(), "acme/secret", unix_now() + 600);
+    for target in [secret.to_owned(), format!("{secret}?token={signed}")] {
+        let answer = fetch(proxy.addr, &target);
+        assert_eq!(answer.status(), 404, "{target}: {}", answer.text());
+        assert_eq!(answer.error_code(), "repo_not_found", "{target}");
+    }
+    assert_eq!(asked(), before, "no archiver was asked");
+    assert_eq!(
+        fetch(proxy.addr, "/acme/widget/archive/main.tar").status(),
+        200
+    );
+}
+
+/// A token is never forwarded to an archiver nor logged
+/// (`docs/proxy.md#private-repositories`): the archiver is asked the
+/// canonical path with the other query parameters, and the request log
+/// records the path without the query.
+#[test]
+fn a_token_is_neither_forwarded_nor_logged() {
+    let sandbox = Sandbox::new();
+    let answer: &'static [u8] =
+        b"HTTP/1.1 200 OK\r\nETag: \"c0ffee-tar\"\r\nContent-Length: 5\r\n\r\nbytes";
+    let (upstream, heads) = sequenced_upstream(vec![answer; 2]);
+    let key_file = sandbox.path("signing.key");
+    std::fs::write(&key_file, SIGNING_KEY).expect("write the key");
+    let routes = sandbox.path("routes.toml");
+    write_routes(
+        &routes,
+        &[Route::new("acme/secret", &format!("http://{upstream}"), &[]).private()],
+    );
+    let proxy = Proxy::with_routes(
+        &routes,
+        &["--signing-key-file", key_file.to_str().expect("utf-8 path")],
+    );
+    let signed = token(SIGNING_KEY.as_bytes(), "acme/secret", unix_now() + 600);
+    let (_, signature) = signed.split_once('.').expect("{expiry}.{sig}");
+    for (target, asked) in [
+        (
+            format!("/acme/secret/archive/main.tar?token={signed}"),
+            "GET /acme/secret/archive/main.tar HTTP/1.1\r\n",
+        ),
+        (
+            format!("/acme/secret/tar/main?path=src&token={signed}"),
+            "GET /acme/secret/archive/main.tar?path=src HTTP/1.1\r\n",
+        ),
+    ] {
+        let answer = fetch(proxy.addr, &target);
+        assert_eq!(answer.status(), 200, "{target}: {}", answer.text());
+        let head = heads.recv_timeout(SETTLE).expect("the upstream was asked");
+        let head = String::from_utf8(head).expect("a text head");
+        assert!(head.starts_with(asked), "{target}: asked\n{head}");
+        assert!(!head.contains("token"), "{target}: forwarded\n{head}");
+    }
+    assert!(
+        wait_until(SETTLE, || proxy.log().matches("\"path\":").count() >= 2),
+        "no request lines: {}",
+        proxy.log()
+    );
+    assert!(!proxy.log().contains(signature), "logged: {}", proxy.log());
+}
+
 /// The same formula computed here: the documented one (`docs/proxy.md`),
 /// not an implementation detail.
 #[test]
@@ -2696,6 +2948,64 @@ fn embedded_mode_refuses_two_different_tokens_at_start() {
     assert!(stderr.contains("hold different tokens"), "{stderr}");
 }
 
+/// Every family `docs/observability.md` documents for the proxy is
+/// exported with `# HELP` and its `# TYPE` once its event happened: here a
+/// download and a reload. A parked download's resume and a splice are the
+/// two events not made here; their families must have the documented type
+/// when present.
+#[test]
+fn metrics_after_a_download_export_every_documented_family_with_help_and_type() {
+    let shared = shared_repos();
+    let sandbox = Sandbox::new();
+    let archiver = Archiver::start(&shared.repos, &[]);
+    let routes = sandbox.path("routes.toml");
+    write_routes(&routes, &[Route::new("*", &archiver.base_url, &[])]);
+    let proxy = Proxy::with_routes(&routes, &[]);
+    fetch_ok(proxy.addr, "/acme/widget/archive/main.tar");
+    proxy.signal(nix::sys::signal::Signal::SIGHUP);
+    assert!(wait_until(SETTLE, || {
+        let metrics = proxy.scrape();
+        metrics.value("gitball_proxy_routes_reloads_total", &[("outcome", "ok")]) == 1.0
+            && metrics.value("gitball_proxy_active_downloads", &[]) == 0.0
+    }));
+    let metrics = proxy.scrape();
+    let families = gitball_e2e::documented_families("### Proxy metrics");
+    assert!(
+        families.len() >= 18,
+        "the table did not parse: {families:?}"
+    );
+    let only_after_their_event = ["gitball_proxy_resumes_total", "gitball_proxy_splices_total"];
+    let mut missing = Vec::new();
+    for family in &families {
+        let name = family.name.as_str();
+        let sample = if family.kind == "histogram" {
+            format!("{name}_count")
+        } else {
+            name.to_owned()
+        };
+        if metrics.series_of(&sample).is_empty() {
+            if !only_after_their_event.contains(&name) {
+                missing.push(format!("{name}: no series"));
+            }
+            continue;
+        }
+        if !metrics.help.contains_key(name) {
+            missing.push(format!("{name}: no # HELP"));
+        }
+        if metrics.types.get(name) != Some(&family.kind) {
+            missing.push(format!(
+                "{name}: # TYPE {:?}, documented {}",
+                metrics.types.get(name),
+                family.kind
+            ));
+        }
+    }
+    assert!(missing.is_empty(), "{}", missing.join("\n"));
+    for process in ["process_open_fds", "process_resident_memory_bytes"] {
+        assert!(!metrics.series_of(process).is_empty(), "{process}");
+    }
+}
+
 #[test]
 fn embedded_mode_serves_a_work_tree_and_both_tiers_metrics() {
     let sandbox = Sandbox::new();
@@ -2755,6 +3065,11 @@ fn embedded_mode_serves_a_work_tree_and_both_tiers_metrics() {
             String::from_utf8_lossy(&output.stderr)
         );
     } else {
+        // `.ci/run` installs it: in CI the check must run.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "promtool is required in CI (.ci/run installs it)"
+        );
         eprintln!("promtool not installed: skipping `promtool check metrics`");
     }
 }
