@@ -25,7 +25,10 @@ use gitball_e2e::{
     pseudo_text, sha256_hex, tar_entry_names, thread_nice_values, tree_snapshot, wait_until,
     zip_entry_names,
 };
-use gitball_e2e::{SeriesRepo, assert_same_zip_entries, assert_zip_readers_accept};
+use gitball_e2e::{
+    DocumentedFamily, SeriesRepo, assert_same_zip_entries, assert_zip_readers_accept,
+    documented_families,
+};
 use sha2::{Digest, Sha256};
 
 /// 2024-01-02T03:04:05Z, the first commit of every fixture.
@@ -659,6 +662,36 @@ fn etag_match_answers_304_before_generating() {
     assert!(checksum.text().unwrap().ends_with(".tar.gz\n"));
 }
 
+/// `HEAD` of a `.sha256` waits for the archive like its `GET`
+/// (`docs/http.md#checksum-responses`): a cold one starts the generation
+/// and answers the `GET`'s headers, the line's length included, without
+/// the line.
+#[test]
+fn head_of_a_cold_checksum_generates_and_answers_the_gets_headers() {
+    let (_, archiver) = widget_archiver(&[]);
+    let path = format!("{TAG_GZ}.sha256");
+    let head = archiver.client().head(archiver.url(&path)).send().unwrap();
+    assert_eq!(head.status().as_u16(), 200);
+    assert_eq!(header(&head, "x-gitball-cache"), "miss");
+    assert!(
+        metric_after(&archiver, Duration::from_secs(5), |m| {
+            m.sum("gitball_archiver_generations_total", &[("outcome", "ok")]) == 1.0
+        }),
+        "the HEAD generated the archive"
+    );
+    let length = header(&head, "content-length").to_owned();
+    let content_type = header(&head, "content-type").to_owned();
+    assert!(head.bytes().unwrap().is_empty());
+    let get = archiver.get(&path);
+    assert_eq!(header(&get, "x-gitball-cache"), "hit");
+    assert_eq!(header(&get, "content-type"), content_type);
+    assert_eq!(header(&get, "content-length"), length);
+    let line = get.text().unwrap();
+    assert_eq!(line.len().to_string(), length);
+    let body = archiver.get(TAG_GZ).bytes().unwrap();
+    assert!(line.starts_with(&sha256_hex(&body)), "{line}");
+}
+
 #[test]
 fn first_get_is_a_miss_with_validators_and_the_given_request_id() {
     let (w, archiver) = widget_archiver(&[]);
@@ -795,6 +828,46 @@ fn commit_url_names_itself_as_the_immutable_one() {
     assert!(header(&by_commit, "etag").starts_with(&format!("\"{}-", w.c2)));
 }
 
+/// Only a URL naming the full lower-case commit id is immutable
+/// (`docs/http.md`, `Cache-Control` and `If-Modified-Since`): an
+/// abbreviated id can later be shadowed by a branch or tag of the same
+/// name, and an upper-case one is another spelling a cache keys apart. A
+/// CDN holding such a URL's answer for a year would serve the wrong bytes.
+#[test]
+fn only_the_full_lower_case_commit_url_is_immutable() {
+    let (w, archiver) = widget_archiver(&[]);
+    // A day after the commit: "not modified since" holds for its bytes.
+    let later = http_date(T2 + 86_400);
+    let ask = |reference: &str| {
+        let head = |conditional: bool| {
+            let mut request = archiver
+                .client()
+                .head(archiver.url(&format!("/acme/widget/archive/{reference}.tar")));
+            if conditional {
+                request = request.header("If-Modified-Since", &later);
+            }
+            request.send().unwrap()
+        };
+        let plain = head(false);
+        assert_eq!(plain.status().as_u16(), 200, "{reference}");
+        assert_eq!(header(&plain, "x-gitball-commit"), w.c2, "{reference}");
+        let cache_control = header(&plain, "cache-control").to_owned();
+        (cache_control, head(true).status().as_u16())
+    };
+    assert_eq!(
+        ask(&w.c2),
+        ("public, max-age=31536000, immutable".to_owned(), 304),
+        "the full commit id"
+    );
+    for reference in [w.c2[..10].to_owned(), w.c2.to_ascii_uppercase()] {
+        assert_eq!(
+            ask(&reference),
+            ("public, max-age=60".to_owned(), 200),
+            "{reference}: If-Modified-Since ignored, cached for a minute"
+        );
+    }
+}
+
 /// Conditional requests on a complete archive: the tag itself, weak form,
 /// lists, `*`; another tag gets the archive.
 #[test]
@@ -830,6 +903,8 @@ fn range_on_complete_archive_answers_206() {
     let (_, archiver) = widget_archiver(&[]);
     let (body, _) = complete_archive(&archiver, TAG_GZ);
     let len = body.len();
+    // `Repr-Digest` on a 206 is the whole archive's, not the range's.
+    let whole_digest = format!("sha-256=:{}:", base64(&Sha256::digest(&body)));
     for (range, start, end) in [
         ("bytes=100-1099", 100, 1099),
         ("bytes=-500", len - 500, len - 1),
@@ -852,6 +927,11 @@ fn range_on_complete_archive_answers_206() {
         assert_eq!(
             header(&response, "content-length"),
             (end - start + 1).to_string()
+        );
+        assert_eq!(
+            header(&response, "repr-digest"),
+            whole_digest,
+            "Range: {range}"
         );
         assert_bytes_eq(&response.bytes().unwrap(), &body[start..=end], range);
     }
@@ -2737,36 +2817,6 @@ fn token_file_guards_archives_but_not_health_or_metrics() {
 
 /// Every archiver family of `docs/observability.md`: (family, TYPE,
 /// unlabelled: exists from start-up).
-const FAMILIES: [(&str, &str, bool); 16] = [
-    ("gitball_archiver_requests_total", "counter", false),
-    (
-        "gitball_archiver_request_duration_seconds",
-        "histogram",
-        true,
-    ),
-    ("gitball_archiver_generations_total", "counter", false),
-    (
-        "gitball_archiver_generation_duration_seconds",
-        "histogram",
-        false,
-    ),
-    ("gitball_archiver_generations_in_flight", "gauge", true),
-    ("gitball_archiver_generations_queued", "gauge", true),
-    ("gitball_archiver_cache_bytes", "gauge", true),
-    ("gitball_archiver_cache_held_bytes", "gauge", true),
-    ("gitball_archiver_cache_max_bytes", "gauge", true),
-    ("gitball_archiver_cache_entries", "gauge", true),
-    ("gitball_archiver_cache_evictions_total", "counter", true),
-    ("gitball_archiver_cache_protected_bytes", "gauge", true),
-    (
-        "gitball_archiver_cache_admission_rejections_total",
-        "counter",
-        true,
-    ),
-    ("gitball_archiver_active_downloads", "gauge", true),
-    ("gitball_archiver_sent_bytes_total", "counter", true),
-    ("gitball_archiver_client_disconnects_total", "counter", true),
-];
 const PROCESS_FAMILIES: [&str; 4] = [
     "process_open_fds",
     "process_resident_memory_bytes",
@@ -2774,12 +2824,28 @@ const PROCESS_FAMILIES: [&str; 4] = [
     "process_start_time_seconds",
 ];
 
-/// Asserts every family of [`FAMILIES`] (only the unlabelled ones if
+/// The archiver's families as `docs/observability.md` documents them.
+fn families() -> Vec<DocumentedFamily> {
+    let families = documented_families("### Archiver metrics");
+    assert!(
+        families.len() >= 25,
+        "the table of archiver metrics did not parse: {families:?}"
+    );
+    families
+}
+
+/// Asserts every documented family (only the unlabelled ones if
 /// `only_unlabelled`) has `# HELP`, the right `# TYPE` and a series, and
 /// every process family a series and a type.
 fn assert_families(metrics: &Metrics, only_unlabelled: bool, when: &str) {
     let mut missing = Vec::new();
-    for (family, kind, unlabelled) in FAMILIES {
+    for DocumentedFamily {
+        name: family,
+        kind,
+        unlabelled,
+    } in families()
+    {
+        let family = family.as_str();
         if only_unlabelled && !unlabelled {
             continue;
         }
@@ -2787,7 +2853,7 @@ fn assert_families(metrics: &Metrics, only_unlabelled: bool, when: &str) {
             missing.push(format!("{family}: no # HELP"));
         }
         match metrics.types.get(family) {
-            Some(t) if t == kind => {}
+            Some(t) if *t == kind => {}
             other => missing.push(format!("{family}: # TYPE {other:?}, expected {kind}")),
         }
         let sample = if kind == "histogram" {
@@ -2855,10 +2921,10 @@ fn metrics_at_start_up_export_the_unlabelled_families() {
         startup.get("gitball_archiver_active_downloads", &[]),
         Some(0.0)
     );
-    let labelled_at_startup: Vec<&str> = FAMILIES
-        .iter()
-        .filter(|(family, _, unlabelled)| !unlabelled && startup.help.contains_key(*family))
-        .map(|(family, _, _)| *family)
+    let labelled_at_startup: Vec<String> = families()
+        .into_iter()
+        .filter(|family| !family.unlabelled && startup.help.contains_key(&family.name))
+        .map(|family| family.name)
         .collect();
     eprintln!("labelled families described at start-up: {labelled_at_startup:?}");
     assert!(startup.value("process_open_fds", &[]) > 0.0);
@@ -2939,7 +3005,14 @@ fn metrics_pass_promtool_check() {
                 String::from_utf8_lossy(&output.stderr)
             );
         }
-        _ => eprintln!("note: promtool is not installed; skipped `promtool check metrics`"),
+        _ => {
+            // `.ci/run` installs it: in CI the check must run.
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "promtool is required in CI (.ci/run installs it)"
+            );
+            eprintln!("note: promtool is not installed; skipped `promtool check metrics`");
+        }
     }
 }
 
@@ -3066,6 +3139,54 @@ fn connection_whose_request_head_does_not_arrive_in_ten_seconds_is_cut() {
     );
     assert!(!String::from_utf8_lossy(&rest).contains("200 OK"));
     assert_eq!(archiver.health_status(), Some(200));
+}
+
+/// `docs/http.md`: on a kept-alive connection the 10 s for the next head
+/// start when the previous response ends, whether hyper wrote it (a JSON
+/// `404`) or the loop sent a cached file around hyper (`sendfile`, then
+/// the connection handed back): an idle client cannot hold a connection,
+/// and with it a place under `--max-connections`.
+#[test]
+fn an_idle_kept_alive_connection_is_closed_ten_seconds_after_its_response() {
+    let big = big_repo();
+    let archiver = Archiver::start(&big.repos, &[]);
+    let cached = "/acme/big/archive/main.tar";
+    let (head, _, end) = RawConnection::request(archiver.addr, "GET", cached, &[]).unwrap();
+    assert_eq!((head.status, end), (200, BodyEnd::Complete), "cold");
+    let addr = archiver.addr;
+    let idle = [
+        ("a JSON 404", "/acme/nothing/archive/main.tar", 404),
+        ("a cached file sent around hyper", cached, 200),
+    ]
+    .map(|(what, target, status)| {
+        std::thread::spawn(move || {
+            let mut connection = RawConnection::connect(addr).unwrap();
+            connection
+                .stream()
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
+            connection.send_request("GET", target, &[]).unwrap();
+            let head = connection.read_head().unwrap();
+            assert_eq!(head.status, status, "{what}");
+            if status == 200 {
+                assert_eq!(head.header("x-gitball-cache"), Some("hit"), "{what}");
+            }
+            let end = connection.read_body_to_end(|_| {});
+            assert_eq!(end, BodyEnd::Complete, "{what}");
+            let ended = Instant::now();
+            let rest = connection.read_to_close();
+            (what, ended.elapsed(), rest)
+        })
+    });
+    for thread in idle {
+        let (what, elapsed, rest) = thread.join().unwrap();
+        println!("{what}: idle connection closed after {elapsed:?}");
+        assert!(
+            (Duration::from_secs(9)..Duration::from_secs(15)).contains(&elapsed),
+            "{what}: closed {elapsed:?} after the response, not ~10 s"
+        );
+        assert!(rest.is_empty(), "{what}: sent {} more bytes", rest.len());
+    }
 }
 
 /// `docs/archiver.md`: `--max-generations` children at a time; a generation that waits

@@ -99,6 +99,29 @@ fn get(service: &gitball_e2e::Service, path: &str, headers: &[(&str, &str)]) -> 
     get_with(service.client(), &service.base_url, path, headers)
 }
 
+/// `HEAD path`, answered as [`Answer`] (an error's JSON body is not sent).
+fn head(service: &gitball_e2e::Service, path: &str) -> Answer {
+    let response = service
+        .client()
+        .head(service.url(path))
+        .send()
+        .unwrap_or_else(|error| panic!("HEAD {path}: {error}"));
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned)
+    };
+    Answer {
+        status: response.status().as_u16(),
+        cache: header("x-gitball-cache").unwrap_or_default(),
+        retry_after: header("retry-after").map(|value| value.parse().expect("whole seconds")),
+        // No body to read an error code from.
+        code: String::new(),
+    }
+}
+
 fn assert_rate_limited(answer: &Answer, what: &str) {
     assert_eq!(answer.status, 429, "{what}: {answer:?}");
     assert_eq!(answer.code, "rate_limited", "{what}");
@@ -145,15 +168,36 @@ fn beyond_the_burst_a_cold_request_is_429_with_retry_after_and_starts_nothing() 
     assert_rate_limited(&refused, "the fourth cold archive");
     // One token an hour: the next one is most of an hour away.
     assert!(refused.retry_after.unwrap() > 3000, "{refused:?}");
-    // A checksum would generate too: refused the same way.
+    // A checksum would generate too: refused the same way, for a `HEAD`
+    // as well (which generates like a `GET` there).
     assert_rate_limited(
         &get(&archiver, "/acme/widget/archive/main.zip.sha256", &[]),
         "a cold checksum",
     );
+    let refused_head = head(&archiver, "/acme/widget/archive/main.zip.sha256");
+    assert_eq!(refused_head.status, 429, "a HEAD of a cold checksum");
+    assert!(
+        refused_head
+            .retry_after
+            .is_some_and(|seconds| seconds > 3000),
+        "{refused_head:?}"
+    );
+    // A `HEAD` of an archive never generates, so it is never limited.
+    let peek = head(&archiver, &cold(3));
+    assert_eq!(
+        (peek.status, peek.cache.as_str()),
+        (200, "miss"),
+        "{peek:?}"
+    );
 
     let metrics = archiver.metrics();
-    assert_eq!(metrics.value(REJECTED, &[]), 2.0);
-    assert_eq!(metrics.value("gitball_archiver_budget_burst", &[]), 3.0);
+    assert_eq!(metrics.value(REJECTED, &[]), 3.0);
+    assert_eq!(metrics.get("gitball_archiver_budget_burst", &[]), Some(3.0));
+    let rate = metrics.get("gitball_archiver_budget_rate", &[]);
+    assert!(
+        rate.is_some_and(|rate| (rate - 1.0 / 3600.0).abs() < 1e-9),
+        "one an hour, in generations per second: {rate:?}"
+    );
     assert_eq!(metrics.sum(GENERATIONS, &[]), 3.0, "the refused start none");
     assert_eq!(
         metrics.value(
@@ -235,7 +279,9 @@ fn rate_zero_turns_the_budget_off() {
     }
     let metrics = archiver.metrics();
     assert_eq!(metrics.value(REJECTED, &[]), 0.0);
-    assert_eq!(metrics.value("gitball_archiver_budget_rate", &[]), 0.0);
+    // Exported, and zero: no budget (`value` would read a missing series as 0).
+    assert_eq!(metrics.get("gitball_archiver_budget_rate", &[]), Some(0.0));
+    assert_eq!(metrics.get("gitball_archiver_budget_burst", &[]), Some(0.0));
     assert_eq!(metrics.value(CLIENTS, &[]), 0.0);
 }
 

@@ -397,14 +397,31 @@ fn an_admin_listener_answers_probes_and_scrapes_while_the_service_is_full() {
 
         // The admin listener's own cap: past it a connection gets the
         // `503`, and the service's listener serves on.
+        let rejected = || {
+            scrape(service.addr).value(
+                &format!("{prefix}_connections_rejected_total"),
+                &[("reason", "max_connections")],
+            )
+        };
+        let rejected_before = rejected();
         let held_admin = hold_connections(admin, 32);
         let refused = fetch(admin, "/healthz");
         assert_eq!(refused.status(), 503, "{}", refused.text());
+        assert_eq!(refused.error_code(), "overloaded");
+        assert!(
+            refused.header("retry-after").parse::<u64>().is_ok(),
+            "the admin listener's 503 carries Retry-After"
+        );
         assert!(
             wait_until(SETTLE, || fetch(service.addr, "/healthz").status() == 200),
             "the service's listener stopped serving while the admin listener was full"
         );
         fetch_ok(service.addr, ARCHIVE_PATH);
+        assert_eq!(
+            rejected(),
+            rejected_before,
+            "the admin listener's refusal counted as the service's"
+        );
         drop(held_admin);
         assert!(
             wait_until(SETTLE, || fetch(admin, "/healthz").status() == 200),

@@ -560,6 +560,14 @@ mod tests {
         ] {
             assert!(validate_subtree(bad).is_err(), "{bad:?} was accepted");
         }
+        // At most 1,024 bytes (`docs/urls.md#subtree-query`), counted after
+        // the trailing `/` are removed.
+        let longest = format!("{}/{}", "a".repeat(511), "b".repeat(512));
+        assert_eq!(validate_subtree(&format!("{longest}/")).unwrap(), longest);
+        assert!(matches!(
+            validate_subtree(&format!("{longest}c")),
+            Err(UrlError::BadSubtree(_))
+        ));
     }
 
     #[test]

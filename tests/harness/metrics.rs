@@ -156,6 +156,41 @@ fn normalise_series(series: &str) -> String {
     format!("{name}{{{}}}", labels.join(","))
 }
 
+/// A metric family as `docs/observability.md` documents it.
+#[derive(Clone, Debug)]
+pub struct DocumentedFamily {
+    pub name: String,
+    /// `counter`, `gauge` or `histogram`.
+    pub kind: String,
+    /// The family has no labels.
+    pub unlabelled: bool,
+}
+
+/// The families of the table under `heading` (`"### Archiver metrics"`,
+/// `"### Proxy metrics"`) in `docs/observability.md`, so that a test of
+/// what is exported checks what the contract says, not a copy of it.
+pub fn documented_families(heading: &str) -> Vec<DocumentedFamily> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/observability.md");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|error| panic!("read {}: {error}", path.display()));
+    let (_, section) = text
+        .split_once(&format!("{heading}\n"))
+        .unwrap_or_else(|| panic!("no {heading:?} in {}", path.display()));
+    let section = section.split("\n### ").next().unwrap_or_default();
+    section
+        .lines()
+        .filter(|line| line.starts_with("| `"))
+        .map(|line| {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            DocumentedFamily {
+                name: cells[1].trim_matches('`').to_owned(),
+                kind: cells[2].to_owned(),
+                unlabelled: cells[3].is_empty(),
+            }
+        })
+        .collect()
+}
+
 fn series_key(name: &str, labels: &[(&str, &str)]) -> String {
     if labels.is_empty() {
         return name.to_owned();
