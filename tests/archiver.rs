@@ -473,6 +473,83 @@ fn a_restart_does_not_serve_a_tar_zst_of_the_older_byte_series() {
     plain.assert_restart_generates(&sandbox, path, &current);
 }
 
+/// A git whose tar writer writes other bytes than the reference git's
+/// (`archiver/src/canary.rs`, `docs/urls.md#byte-stability`): its archives
+/// get ETags of their own, so no cache and no resume across replicas mixes
+/// its bytes with the reference git's under one ETag. The stub here is
+/// such a git: it ends every tar with one more zero block.
+#[test]
+fn a_git_writing_other_tar_bytes_gets_etags_of_its_own() {
+    use std::os::unix::fs::PermissionsExt;
+    let sandbox = Sandbox::new();
+    let repos = &shared_widget().repos;
+    let stub = sandbox.path("git-with-another-tar-writer");
+    let git = String::from_utf8(
+        std::process::Command::new("sh")
+            .args(["-c", "command -v git"])
+            .output()
+            .expect("look up git")
+            .stdout,
+    )
+    .expect("git's path is UTF-8");
+    std::fs::write(
+        &stub,
+        format!(
+            "#!/bin/sh\n\
+             case \" $* \" in\n\
+             *' archive '*) '{git}' \"$@\" || exit $?; exec /usr/bin/head -c 512 /dev/zero ;;\n\
+             esac\n\
+             exec '{git}' \"$@\"\n",
+            git = git.trim()
+        ),
+    )
+    .expect("write the stub");
+    std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let reference = Archiver::start(repos, &[]);
+    let other = Archiver::start(repos, &["--git", stub.to_str().unwrap()]);
+    assert!(
+        !reference.log().contains("other tar bytes"),
+        "{}",
+        reference.log()
+    );
+    assert!(
+        other
+            .log()
+            .contains("other tar bytes than the reference git"),
+        "no warning:\n{}",
+        other.log()
+    );
+    for (archiver, reference) in [(&reference, 1.0), (&other, 0.0)] {
+        assert_eq!(
+            archiver
+                .metrics()
+                .get("gitball_archiver_reference_tar_writer", &[]),
+            Some(reference)
+        );
+    }
+    for path in [
+        "/acme/widget/archive/main.tar",
+        "/acme/widget/archive/main.tar.gz",
+        "/acme/widget/archive/main.zip",
+    ] {
+        let (ours, theirs) = (reference.get(path), other.get(path));
+        assert_eq!(
+            header(&ours, "x-gitball-commit"),
+            header(&theirs, "x-gitball-commit"),
+            "{path}"
+        );
+        assert_ne!(
+            header(&ours, "etag"),
+            header(&theirs, "etag"),
+            "{path}: one ETag for two gits' bytes"
+        );
+        let (ours, theirs) = (ours.bytes().unwrap(), theirs.bytes().unwrap());
+        if path.ends_with(".tar") {
+            assert_eq!(theirs.len(), ours.len() + 512, "{path}");
+        }
+    }
+}
+
 #[test]
 fn golden_hashes_pin_the_bytes_of_every_format() {
     let sandbox = Sandbox::new();
@@ -2828,7 +2905,7 @@ const PROCESS_FAMILIES: [&str; 4] = [
 fn families() -> Vec<DocumentedFamily> {
     let families = documented_families("### Archiver metrics");
     assert!(
-        families.len() >= 25,
+        families.len() >= 26,
         "the table of archiver metrics did not parse: {families:?}"
     );
     families

@@ -113,6 +113,9 @@ pub struct Spec {
     /// the generation starts (`repo::layout_inside`); `None` for a
     /// repository the operator named alone. Not part of the bytes.
     pub confined_to: Option<PathBuf>,
+    /// The fingerprint of git's tar writer when it writes other bytes than
+    /// the reference git (`canary::tar_writer`); `None` for the reference.
+    pub tar_writer: Option<String>,
 }
 
 impl Spec {
@@ -146,6 +149,11 @@ impl Spec {
         if self.format == Format::Zip && !fits_ustar_mtime(self.commit_time) {
             hasher.update(b"\0time\0");
             hasher.update(FAR_TIME_ZIP_SERIES);
+        }
+        // Absent for the reference git's tar writer (`canary`).
+        if let Some(writer) = &self.tar_writer {
+            hasher.update(b"\0git-tar\0");
+            hasher.update(writer);
         }
         // The first 16 hex digits of the digest.
         let digest = hasher.finalize();
@@ -934,6 +942,7 @@ mod tests {
             refs: None,
             commit_time: 1_700_000_000,
             confined_to: None,
+            tar_writer: None,
         };
         assert_eq!(spec.variant(), variant_as_first_written(&spec));
         spec.format = Format::Zip;
@@ -954,6 +963,10 @@ mod tests {
         let tar = spec.variant();
         spec.commit_time = 1_700_000_000;
         assert_eq!(spec.variant(), tar);
+        // A git whose tar writer is not the reference one: its own
+        // variant, for every format.
+        spec.tar_writer = Some("0123456789abcdef".to_owned());
+        assert_ne!(spec.variant(), tar);
         assert_eq!(hex_string(&[0x00, 0x9f, 0xff]), "009fff");
     }
 
@@ -971,6 +984,7 @@ mod tests {
             refs,
             commit_time: 1_700_000_000,
             confined_to: None,
+            tar_writer: None,
         }
     }
 

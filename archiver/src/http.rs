@@ -57,6 +57,9 @@ use crate::tail::{self, Source};
 /// Shared state of the routes.
 pub struct App {
     pub repos: Repositories,
+    /// The fingerprint of git's tar writer when it is not the reference
+    /// one (`canary`), part of every archive's variant.
+    pub tar_writer: Option<String>,
     pub cache: Arc<Cache>,
     pub token: Option<Vec<u8>>,
     /// The crawler budget; `None` with `--client-cold-rate 0`.
@@ -606,6 +609,7 @@ pub(crate) async fn resolve(
         refs,
         commit_time: resolved.committer_time,
         confined_to: repository.confined_to().map(std::path::Path::to_path_buf),
+        tar_writer: app.tar_writer.clone(),
     };
     let etag = format!("\"{}-{}\"", resolved.commit, spec.variant());
     let filename = format!("{name}.{}", archive.format.ext());
@@ -776,6 +780,7 @@ mod tests {
         .unwrap();
         let app = Arc::new(App {
             repos: Repositories::new(&widget).unwrap(),
+            tar_writer: None,
             cache: cache.clone(),
             token: None,
             budget: None,

@@ -15,6 +15,7 @@
 
 mod budget;
 mod cache;
+mod canary;
 mod compress;
 mod conditional;
 mod config;
@@ -124,7 +125,7 @@ pub async fn run(
             memory: (options.generation_memory_limit > 0)
                 .then_some(options.generation_memory_limit),
         },
-        git,
+        git: git.clone(),
     };
     let cache = tokio::task::spawn_blocking(move || cache::Cache::open(settings))
         .await
@@ -136,8 +137,13 @@ pub async fn run(
             )
         })?;
 
+    // After the cache dir is this archiver's: the canary is made in it.
+    let tar_writer = canary::tar_writer(&git, &options.cache_dir()).await?;
+    metrics::reference_tar_writer(tar_writer.is_none());
+
     let app = Arc::new(http::App {
         repos,
+        tar_writer,
         cache: cache.clone(),
         token,
         budget,

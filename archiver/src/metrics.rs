@@ -39,6 +39,7 @@ pub const BUDGET_CLIENTS: &str = "gitball_archiver_budget_clients";
 pub const BUDGET_MAX_CLIENTS: &str = "gitball_archiver_budget_max_clients";
 pub const BUDGET_TAKEN_TOTAL: &str = "gitball_archiver_budget_taken_total";
 pub const BUDGET_REJECTED_TOTAL: &str = "gitball_archiver_budget_rejected_total";
+pub const REFERENCE_TAR_WRITER: &str = "gitball_archiver_reference_tar_writer";
 
 /// Describes every archiver family and registers the unlabelled ones at 0.
 pub fn describe(cache_max_bytes: u64, budget_max_clients: usize) {
@@ -61,6 +62,10 @@ pub fn describe(cache_max_bytes: u64, budget_max_clients: usize) {
         "Time from a generation's start (after the queue) to its end."
     );
     describe_gauge!(GENERATIONS_IN_FLIGHT, "git archive children running now.");
+    describe_gauge!(
+        REFERENCE_TAR_WRITER,
+        "1 when git writes the reference tar for the start-up canary; 0 when this archiver's archives have ETags of their own."
+    );
     describe_gauge!(
         GENERATIONS_QUEUED,
         "Generations waiting for a slot (--max-generations)."
@@ -187,6 +192,11 @@ fn with_handles<R>(keep: impl FnOnce(&mut Handles) -> R) -> Option<R> {
 }
 
 /// `gitball_archiver_active_downloads`.
+/// Whether git writes the reference tar (`canary`).
+pub fn reference_tar_writer(reference: bool) {
+    gauge!(REFERENCE_TAR_WRITER).set(if reference { 1.0 } else { 0.0 });
+}
+
 pub fn active_downloads() -> Gauge {
     let make = || gauge!(ACTIVE_DOWNLOADS);
     with_handles(|kept| kept.active_downloads.get_or_insert_with(make).clone()).unwrap_or_else(make)

@@ -63,7 +63,7 @@ use crate::repo::RefsSnapshot;
 /// a path that cannot exist: nothing runs, and every host writes the same
 /// bytes (attack: 2,000 placeholders in one commit ran `gpg` 2,000 times,
 /// its parser fed pushed bytes).
-const CONFIG: &str = "[core]\n\trepositoryformatversion = 0\n\tbare = true\n\tabbrev = 40\n\
+pub(crate) const CONFIG: &str = "[core]\n\trepositoryformatversion = 0\n\tbare = true\n\tabbrev = 40\n\
     [gpg]\n\tprogram = /dev/null/gitball-runs-no-gpg\n\
     [gpg \"openpgp\"]\n\tprogram = /dev/null/gitball-runs-no-gpg\n\
     [gpg \"x509\"]\n\tprogram = /dev/null/gitball-runs-no-gpgsm\n\

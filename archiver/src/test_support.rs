@@ -156,6 +156,7 @@ impl StubGit {
             refs: None,
             commit_time: 1_234_567_890,
             confined_to: None,
+            tar_writer: None,
         }
     }
 

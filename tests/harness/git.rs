@@ -325,14 +325,25 @@ impl Sandbox {
         RepoBuilder::init(&self.path(relative), &self.home())
     }
 
-    /// An executable `sh` script `name` running `body` (a stub `--git`),
-    /// with a `PATH` of its own: the archiver gives git none.
+    /// An executable `sh` script `name` running `body` (a stub `--git`)
+    /// for a `git archive` of a request, with a `PATH` of its own: the
+    /// archiver gives git none. Anything else the archiver runs git for
+    /// goes to the real git: the start-up canary (its plumbing, and its
+    /// archive under the prefix `gitball-canary/`, `archiver/src/canary.rs`).
     pub fn write_stub(&self, name: &str, body: &str) -> PathBuf {
         use std::os::unix::fs::PermissionsExt;
         let path = self.path(name);
         fs::write(
             &path,
-            format!("#!/bin/sh\nPATH=/usr/local/bin:/usr/bin:/bin\n{body}"),
+            format!(
+                "#!/bin/sh\nPATH=/usr/local/bin:/usr/bin:/bin\n\
+                 case \" $* \" in\n\
+                 *' --prefix=gitball-canary/ '*) exec '{git}' \"$@\" ;;\n\
+                 *' archive '*) ;;\n\
+                 *) exec '{git}' \"$@\" ;;\n\
+                 esac\n{body}",
+                git = real_git().display()
+            ),
         )
         .expect("write the stub");
         fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod the stub");
