@@ -403,6 +403,11 @@ fn an_admin_listener_answers_probes_and_scrapes_while_the_service_is_full() {
                 &[("reason", "max_connections")],
             )
         };
+        // The held connections close as the service sees them go.
+        assert!(
+            wait_until(SETTLE, || fetch(service.addr, "/healthz").status() == 200),
+            "the service's listener did not admit a connection again"
+        );
         let rejected_before = rejected();
         let held_admin = hold_connections(admin, 32);
         let refused = fetch(admin, "/healthz");
