@@ -8,7 +8,9 @@
 
 use std::time::Duration;
 
-use gitball_e2e::proxy::{Cluster, Fetched, Proxy, big_repository, fetch_with, small_repository};
+use gitball_e2e::proxy::{
+    Cluster, Fetched, Proxy, Route, big_repository, fetch_with, small_repository, write_routes,
+};
 use gitball_e2e::{Archiver, Sandbox, wait_until};
 
 const GENERATIONS: &str = "gitball_archiver_generations_total";
@@ -107,6 +109,35 @@ fn prewarm_answers_202_and_the_download_is_then_a_hit_or_a_join() {
         ),
         2.0
     );
+}
+
+/// A private route needs no signed URL for a prewarm (`docs/http.md#prewarm`):
+/// the prewarm token is the operator's. Its downloads still need one.
+#[test]
+fn a_private_route_is_prewarmed_with_the_prewarm_token_alone() {
+    let sandbox = Sandbox::new();
+    let repo = small_repository(&sandbox.repo("acme", "widget"));
+    let prewarm = write_token(&sandbox, "prewarm", PREWARM_TOKEN);
+    let key = write_token(&sandbox, "signing-key", "e2e-signing-key-0123456789abcdef");
+    let archiver = Archiver::start(&sandbox.repos(), &["--prewarm-token-file", &prewarm]);
+    let routes = sandbox.path("routes.toml");
+    write_routes(
+        &routes,
+        &[Route::new("acme/widget", &archiver.base_url, &[]).private()],
+    );
+    let proxy = Proxy::with_routes(
+        &routes,
+        &["--signing-key-file", &key, "--prewarm-token-file", &prewarm],
+    );
+    let accepted = post(
+        proxy.addr,
+        "/acme/widget/prewarm/v1.2.3",
+        Some(PREWARM_TOKEN),
+    );
+    assert_accepted(&accepted, &repo.second, &["tar.gz", "zip"]);
+    assert!(wait_until(SETTLE, || generations_ok(&archiver.metrics()) == 2.0));
+    let download = fetch_with(proxy.addr, "GET", "/acme/widget/archive/v1.2.3.zip", &[]);
+    assert_eq!(download.status(), 404, "a download without a token");
 }
 
 #[test]
