@@ -476,14 +476,15 @@ fn a_restart_does_not_serve_a_tar_zst_of_the_older_byte_series() {
 /// A git whose tar writer writes other bytes than the reference git's
 /// (`archiver/src/canary.rs`, `docs/urls.md#byte-stability`): its archives
 /// get ETags of their own, so no cache and no resume across replicas mixes
-/// its bytes with the reference git's under one ETag. The stub here is
-/// such a git: it ends every tar with one more zero block.
+/// its bytes with the reference git's under one ETag, whether it is there
+/// at the start or replaces the reference git under a running archiver (a
+/// package upgrade renames a new binary over the old). The other git here
+/// is a stub that ends every tar with one more zero block.
 #[test]
 fn a_git_writing_other_tar_bytes_gets_etags_of_its_own() {
     use std::os::unix::fs::PermissionsExt;
     let sandbox = Sandbox::new();
     let repos = &shared_widget().repos;
-    let stub = sandbox.path("git-with-another-tar-writer");
     let git = String::from_utf8(
         std::process::Command::new("sh")
             .args(["-c", "command -v git"])
@@ -492,62 +493,104 @@ fn a_git_writing_other_tar_bytes_gets_etags_of_its_own() {
             .stdout,
     )
     .expect("git's path is UTF-8");
-    std::fs::write(
-        &stub,
-        format!(
-            "#!/bin/sh\n\
-             case \" $* \" in\n\
-             *' archive '*) '{git}' \"$@\" || exit $?; exec /usr/bin/head -c 512 /dev/zero ;;\n\
-             esac\n\
-             exec '{git}' \"$@\"\n",
-            git = git.trim()
-        ),
-    )
-    .expect("write the stub");
-    std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    // `--git` of the upgraded archiver: the reference git, then the other.
+    let upgraded_git = sandbox.path("git");
+    let install = |path: &Path, after_archive: &str| {
+        let new = sandbox.path("git.new");
+        std::fs::write(
+            &new,
+            format!(
+                "#!/bin/sh\n\
+                 case \" $* \" in\n\
+                 *' archive '*) '{git}' \"$@\" || exit $?; {after_archive} ;;\n\
+                 esac\n\
+                 exec '{git}' \"$@\"\n",
+                git = git.trim()
+            ),
+        )
+        .expect("write the stub");
+        std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::rename(&new, path).expect("rename the stub into place");
+    };
+    let other_git = sandbox.path("git-with-another-tar-writer");
+    install(&other_git, "exec /usr/bin/head -c 512 /dev/zero");
+    install(&upgraded_git, "exit 0");
     let reference = Archiver::start(repos, &[]);
-    let other = Archiver::start(repos, &["--git", stub.to_str().unwrap()]);
+    let other = Archiver::start(repos, &["--git", other_git.to_str().unwrap()]);
+    let upgraded = Archiver::start(repos, &["--git", upgraded_git.to_str().unwrap()]);
+    let writer = |archiver: &Archiver| {
+        archiver
+            .metrics()
+            .series_of("gitball_archiver_tar_writer_info")
+            .into_iter()
+            .filter(|(_, value)| *value == 1.0)
+            .map(|(series, _)| series.to_owned())
+            .collect::<Vec<_>>()
+    };
+    let reference_writer =
+        vec!["gitball_archiver_tar_writer_info{fingerprint=\"reference/reference\"}".to_owned()];
+    assert_eq!(writer(&reference), reference_writer);
+    assert_eq!(writer(&upgraded), reference_writer);
+    assert_eq!(writer(&other).len(), 1);
+    assert_ne!(writer(&other), reference_writer);
     assert!(
-        !reference.log().contains("other tar bytes"),
+        !reference.log().contains("other bytes"),
         "{}",
         reference.log()
     );
     assert!(
         other
             .log()
-            .contains("other tar bytes than the reference git"),
+            .contains("writes other bytes than the reference git"),
         "no warning:\n{}",
         other.log()
     );
-    for (archiver, reference) in [(&reference, 1.0), (&other, 0.0)] {
-        assert_eq!(
-            archiver
-                .metrics()
-                .get("gitball_archiver_reference_tar_writer", &[]),
-            Some(reference)
-        );
-    }
+
+    let tar = "/acme/widget/archive/main.tar";
+    let etag = |archiver: &Archiver, path: &str| {
+        let response = archiver.get(path);
+        assert_eq!(response.status().as_u16(), 200, "{path}");
+        let etag = header(&response, "etag").to_owned();
+        (etag, response.bytes().unwrap().len())
+    };
+    let (reference_tar, reference_len) = etag(&reference, tar);
+    assert_eq!(etag(&upgraded, tar), (reference_tar.clone(), reference_len));
     for path in [
-        "/acme/widget/archive/main.tar",
+        tar,
         "/acme/widget/archive/main.tar.gz",
         "/acme/widget/archive/main.zip",
     ] {
-        let (ours, theirs) = (reference.get(path), other.get(path));
-        assert_eq!(
-            header(&ours, "x-gitball-commit"),
-            header(&theirs, "x-gitball-commit"),
-            "{path}"
-        );
-        assert_ne!(
-            header(&ours, "etag"),
-            header(&theirs, "etag"),
-            "{path}: one ETag for two gits' bytes"
-        );
-        let (ours, theirs) = (ours.bytes().unwrap(), theirs.bytes().unwrap());
-        if path.ends_with(".tar") {
-            assert_eq!(theirs.len(), ours.len() + 512, "{path}");
+        let (ours, theirs) = (etag(&reference, path), etag(&other, path));
+        assert_ne!(ours.0, theirs.0, "{path}: one ETag for two gits' bytes");
+        if path == tar {
+            assert_eq!(theirs.1, ours.1 + 512, "{path}");
         }
     }
+
+    // The reference git replaced under a running archiver: the next
+    // generation sees it, and archives made by it get the other ETags.
+    install(&upgraded_git, "exec /usr/bin/head -c 512 /dev/zero");
+    let gz = "/acme/widget/archive/main.tar.gz";
+    assert_eq!(
+        etag(&upgraded, gz),
+        etag(&other, gz),
+        "a cold tar.gz after the upgrade"
+    );
+    assert!(
+        upgraded
+            .log()
+            .contains("git was replaced by one that writes other canary bytes"),
+        "{}",
+        upgraded.log()
+    );
+    assert_eq!(writer(&upgraded), writer(&other));
+    // The tar cached before is under the reference's key: not served as
+    // the new git's.
+    assert_eq!(
+        etag(&upgraded, tar),
+        etag(&other, tar),
+        "the tar after the upgrade"
+    );
 }
 
 #[test]
@@ -2768,6 +2811,36 @@ fn oversized_heads_get_431_however_they_arrive() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The HTTP/2 preface (`PRI * HTTP/2.0`: a client speaking HTTP/2 with
+/// prior knowledge) gets no answer and a closed connection
+/// (`docs/http.md`): nothing of it is taken as a request, and the archiver
+/// serves on.
+#[test]
+fn the_http2_preface_gets_no_answer_and_a_closed_connection() {
+    let (_, archiver) = widget_archiver(&[]);
+    let mut connection = RawConnection::connect(archiver.addr).unwrap();
+    connection
+        .stream()
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    connection
+        .send(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .unwrap();
+    let started = Instant::now();
+    let answer = connection.read_to_close();
+    assert!(
+        answer.is_empty(),
+        "answered {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the connection was not closed at once: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(archiver.health_status(), Some(200));
 }
 
 /// `docs/http.md`: errors are JSON `{"error", "message"}`, also for `/healthz` and

@@ -215,6 +215,9 @@ pub struct Settings {
     pub queue_timeout: Duration,
     pub limits: Limits,
     pub git: PathBuf,
+    /// The tar writer of `git`, checked before each generation (`canary`);
+    /// `None` in unit tests of the cache alone.
+    pub tar_writer: Option<Arc<crate::canary::TarWriter>>,
 }
 
 pub struct Cache {
@@ -502,6 +505,15 @@ impl Cache {
         Ok(Lookup::Miss(generation))
     }
 
+    /// The fingerprint of git's tar writer a request's `Spec` carries:
+    /// `None` for the reference one (`canary`).
+    pub fn tar_writer(&self, export_subst: bool) -> Option<String> {
+        self.settings
+            .tar_writer
+            .as_ref()
+            .and_then(|writer| writer.current(export_subst))
+    }
+
     /// Like [`Cache::lookup`], but never starts a generation (for `HEAD`).
     pub fn peek(&self, spec: &Spec) -> Option<Lookup> {
         self.lock().find(&Cache::key(spec), false)
@@ -723,6 +735,21 @@ impl Cache {
     /// generation's own holding those refs as they are now, which must
     /// still be the key's (they may have changed while the request queued).
     async fn shadow_for(self: Arc<Self>, spec: &Spec) -> Result<ShadowDir, Failure> {
+        // git may have been replaced since the request was resolved: its
+        // bytes go only under a variant of its own tar writer.
+        if let Some(writer) = &self.settings.tar_writer {
+            match writer.check().await {
+                Ok(now) if now.variant_part(spec.refs.is_some()) == spec.tar_writer => {}
+                Ok(_) => {
+                    tracing::info!("git's tar writer changed since the request was resolved");
+                    return Err(Failure::RefsChanged);
+                }
+                Err(error) => {
+                    tracing::error!(error = %format!("{error:#}"), "git cannot archive the canary tree; not generated");
+                    return Err(Failure::Failed);
+                }
+            }
+        }
         let spec = spec.clone();
         tokio::task::spawn_blocking(move || self.shadow_for_blocking(&spec))
             .await

@@ -8,20 +8,33 @@
 //! archives under one ETag, and the proxy would resume a download begun on
 //! one replica with the other's bytes after a rolling upgrade. So at
 //! start-up the archiver has its git archive a fixed canary tree, made with
-//! git's plumbing in a directory of its own, exactly as a generation runs
-//! git ([`generate::command`]), and compares the tar's SHA-256 with
+//! `git fast-import` in a directory of its own, exactly as a generation
+//! runs git ([`generate::command`]), and compares the tar's SHA-256 with
 //! [`REFERENCE`], the one the reference git writes. The same bytes: every
 //! ETag is what it always was. Other bytes: the fingerprint becomes part of
 //! every archive's variant (`Spec::variant`), so archives of this git get
 //! ETags and cache keys of their own, and a warning says so.
 //!
-//! The canary holds what a tar writer encodes: a file, an executable, an
-//! empty file, a symlink, a path and a symlink target too long for the
-//! ustar fields (pax headers), a name that is not ASCII, a nested
-//! directory, a submodule, and the commit id in the global header.
+//! git can be replaced under a running archiver (a package upgrade renames
+//! a new binary over it), so before each generation [`TarWriter::check`]
+//! compares a stat stamp of the binary with the one the fingerprint was
+//! taken of, and takes the fingerprint anew when it changed. A generation
+//! whose request was resolved under another fingerprint does not run: it
+//! fails as `refs_changed`, which the request resolves again under the
+//! current one (`http`).
+//!
+//! The canary holds what a tar writer and git's conversions encode: a
+//! file, an executable, an empty file, a symlink, a path and a symlink
+//! target too long for the ustar fields (pax headers), a name that is not
+//! ASCII, a nested directory, a submodule, the commit id in the global
+//! header, and `.gitattributes` asking for `export-subst`,
+//! `export-ignore`, `eol=crlf` and `ident`; it is archived whole and as a
+//! subtree.
 
-use std::path::Path;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -32,10 +45,26 @@ use tokio::process::Command;
 use crate::generate::{self, Compression, Spec};
 use gitball_core::url::Format;
 
-/// The SHA-256 of the canary's tar as git 2.47.3 writes it, with which the
-/// golden hashes (`tests/archiver.rs`) were recorded (git 2.39.5 writes
-/// the same).
-pub const REFERENCE: &str = "8a3c97413c0d0b40c3334fba9086b508dbf17e64b6de5f95162cd368324054d9";
+/// The SHA-256s of the canary's tars as git 2.47.3 writes them, with which
+/// the golden hashes (`tests/archiver.rs`) were recorded. (git 2.39.5
+/// writes the same `tar`, and another `subst`: its `%aI`/`%cI` say
+/// `+00:00` where 2.47.3 says `Z`.)
+///
+/// Frozen for good: archives made under it carry ETags that caches keep for
+/// a year. A git whose canary differs writes other bytes, and must get
+/// other ETags; writing its hashes here would give it the old ones. Only a
+/// new canary tree (a change of this file) may change these values, and
+/// then only to what git 2.47.3 writes for it.
+pub const REFERENCE: Reference = Reference {
+    tar: "c12fdee74e797638adec69f3ee0df151c895c915ae47381dd491e780a01f6397",
+    subst: "5867551d1a784faf25c466f7bcdc9d82bbdbdde3bbd9008c10c412e11f1d2f70",
+};
+
+/// [`REFERENCE`]'s type: [`Fingerprint`]'s parts as constants.
+pub struct Reference {
+    pub tar: &'static str,
+    pub subst: &'static str,
+}
 
 /// The prefix of the canary's entries. Stub gits in the tests pass a
 /// command line that holds it through to the real git.
@@ -44,14 +73,29 @@ pub const PREFIX: &str = "gitball-canary/";
 /// The canary commit's author and committer time.
 const TIME: i64 = 1_700_000_000;
 
-/// The whole canary, made and archived, takes at most this long.
-const TIMEOUT: Duration = Duration::from_secs(30);
+/// The whole canary, made and archived, takes at most this long (about
+/// 20 ms; embedded mode's start has 60 s in all).
+const TIMEOUT: Duration = Duration::from_secs(10);
 
-/// `git fast-import` input of the canary: one commit of the tree above.
+/// The inline file `path` of `mode` holding `content`, for `fast-import`.
+fn inline(mode: &str, path: &str, content: &str) -> String {
+    format!(
+        "M {mode} inline {path}\ndata {}\n{content}\n",
+        content.len()
+    )
+}
+
+/// `git fast-import` input of the canary: `main`, the tree above without
+/// `export-subst`, and `subst`, which adds a file that asks for it.
 fn fast_import_stream() -> String {
     let long_dir = "d".repeat(90);
     let long_target = "t".repeat(120);
-    let files: [(&str, &str, &str); 7] = [
+    let conversions = "ignored.txt export-ignore\ncrlf.txt text eol=crlf\nident.txt ident\n";
+    let files: [(&str, &str, &str); 12] = [
+        ("100644", ".gitattributes", conversions),
+        ("100644", "ignored.txt", "not archived\n"),
+        ("100644", "crlf.txt", "one\ntwo\n"),
+        ("100644", "ident.txt", "$Id$\n"),
         ("100644", "README", "gitball canary\n"),
         ("100755", "bin/run.sh", "#!/bin/sh\nexit 0\n"),
         ("100644", "empty", ""),
@@ -59,29 +103,46 @@ fn fast_import_stream() -> String {
         ("120000", "long-link", &long_target),
         ("100644", "naïve/fichier.txt", "non-ASCII name\n"),
         ("100644", "a/b/c/nested.txt", "nested\n"),
+        ("100644", "a/b/crlf.txt", "three\nfour\n"),
     ];
-    let mut stream = format!(
-        "commit refs/heads/main\n\
-         author Canary <canary@example.invalid> {TIME} +0000\n\
-         committer Canary <canary@example.invalid> {TIME} +0000\n\
-         data 7\ncanary\n"
-    );
+    let commit = |branch: &str| {
+        format!(
+            "commit refs/heads/{branch}\n\
+             author Canary <canary@example.invalid> {TIME} +0000\n\
+             committer Canary <canary@example.invalid> {TIME} +0000\n\
+             data 7\ncanary\n"
+        )
+    };
+    let mut stream = commit("main");
     for (mode, path, content) in files {
-        stream.push_str(&format!(
-            "M {mode} inline {path}\ndata {}\n{content}\n",
-            content.len()
-        ));
+        stream.push_str(&inline(mode, path, content));
     }
-    stream.push_str(&format!(
-        "M 100644 inline {long_dir}/{long_dir}/long-path.txt\ndata 5\nlong\n\n"
+    stream.push_str(&inline(
+        "100644",
+        &format!("{long_dir}/{long_dir}/long-path.txt"),
+        "long\n",
     ));
     // A submodule: git writes it as an empty directory.
     stream.push_str("M 160000 0123456789abcdef0123456789abcdef01234567 submodule\n\n");
+    stream.push_str(&commit("subst"));
+    stream.push_str("from refs/heads/main\n");
+    stream.push_str(&inline(
+        "100644",
+        ".gitattributes",
+        &format!("{conversions}subst.txt export-subst\n"),
+    ));
+    stream.push_str(&inline(
+        "100644",
+        "subst.txt",
+        "$Format:%H %h %T %P %an <%ae> %ad %aI %cI %cr %cD %s%n%b$\n",
+    ));
+    stream.push('\n');
     stream
 }
 
 /// A git command in `git_dir` with the environment `generate::command`
-/// gives git: no configuration but the directory's own, no program found.
+/// gives git: no configuration but the directory's own, no program found,
+/// a process group of its own.
 fn plumbing(git: &Path, git_dir: &Path) -> Command {
     let mut command = Command::new(git);
     command
@@ -95,8 +156,21 @@ fn plumbing(git: &Path, git_dir: &Path) -> Command {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
         .kill_on_drop(true);
     command
+}
+
+/// Kills a child's process group when dropped armed: a canary cut by its
+/// timeout leaves nothing running (a `--git` wrapper's children included).
+struct KillGroup(Option<nix::unistd::Pid>);
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
 }
 
 /// Runs `command` (with `input` on its stdin, if any) and returns its
@@ -106,16 +180,24 @@ async fn run(mut command: Command, input: Option<&[u8]>, what: &str) -> anyhow::
         command.stdin(Stdio::piped());
     }
     let mut child = command.spawn().with_context(|| format!("{what}: spawn"))?;
+    let mut group = KillGroup(
+        child
+            .id()
+            .and_then(|pid| i32::try_from(pid).ok())
+            .map(nix::unistd::Pid::from_raw),
+    );
+    // A child that exits early closes its stdin: what it said on stderr
+    // is the reason, not the broken pipe.
+    let mut written = Ok(());
     if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
-        stdin
-            .write_all(input)
-            .await
-            .with_context(|| format!("{what}: write"))?;
+        written = stdin.write_all(input).await;
     }
     let output = child
         .wait_with_output()
         .await
         .with_context(|| format!("{what}: wait"))?;
+    // Waited for: its pid may be reused from now on.
+    group.0 = None;
     if !output.status.success() {
         anyhow::bail!(
             "{what}: {}: {}",
@@ -123,12 +205,13 @@ async fn run(mut command: Command, input: Option<&[u8]>, what: &str) -> anyhow::
             String::from_utf8_lossy(&output.stderr).trim()
         );
     }
+    written.with_context(|| format!("{what}: write"))?;
     Ok(output.stdout)
 }
 
-/// The SHA-256 (hex) of the canary's tar as `git` writes it, made in a new
-/// directory in `parent` that is removed afterwards.
-pub async fn fingerprint(git: &Path, parent: &Path) -> anyhow::Result<String> {
+/// The SHA-256s (hex) of the canary's tars as `git` writes them, made in
+/// a new directory in `parent` that is removed afterwards.
+pub async fn fingerprint(git: &Path, parent: &Path) -> anyhow::Result<Fingerprint> {
     // Named as the shadows are: one a killed archiver left is removed at
     // the next start (`Cache::open`).
     let dir = tempfile::Builder::new()
@@ -137,9 +220,13 @@ pub async fn fingerprint(git: &Path, parent: &Path) -> anyhow::Result<String> {
         .context("a directory for the canary")?;
     let git_dir = dir.path().join("canary.git");
     tokio::time::timeout(TIMEOUT, async {
-        let mut init = plumbing(git, &git_dir);
-        init.args(["init", "--quiet", "--bare", "--template="]);
-        run(init, None, "git init").await?;
+        // Made as the shadows are, not by `git init`, whose defaults (the
+        // object format, the ref storage) vary with git's build.
+        for sub in ["objects/info", "objects/pack", "refs/heads", "refs/tags"] {
+            std::fs::create_dir_all(git_dir.join(sub)).context("the canary's git dir")?;
+        }
+        std::fs::write(git_dir.join("HEAD"), "ref: refs/heads/main\n")
+            .context("the canary's HEAD")?;
         std::fs::write(git_dir.join("config"), crate::shadow::CONFIG)
             .context("the canary's config")?;
         let mut import = plumbing(git, &git_dir);
@@ -150,47 +237,217 @@ pub async fn fingerprint(git: &Path, parent: &Path) -> anyhow::Result<String> {
             "git fast-import",
         )
         .await?;
-        let mut rev_parse = plumbing(git, &git_dir);
-        rev_parse.args(["rev-parse", "--verify", "refs/heads/main^{commit}"]);
-        let commit = run(rev_parse, None, "git rev-parse").await?;
-        let spec = Spec {
-            git_dir: git_dir.clone(),
-            common_dir: git_dir.clone(),
-            repository: "gitball/canary".to_owned(),
-            commit: String::from_utf8_lossy(&commit).trim().to_owned(),
-            format: Format::Tar,
-            prefix: PREFIX.to_owned(),
-            subtree: None,
-            compression: Compression::None,
-            commit_time: TIME,
-            refs: None,
-            confined_to: None,
-            tar_writer: None,
-        };
-        let tar = run(generate::command(git, &spec, &git_dir), None, "git archive").await?;
-        Ok(hex::encode(Sha256::digest(&tar)))
+        let mut hashes = Vec::new();
+        for (branch, subtrees) in [
+            ("main", &[None, Some("a")][..]),
+            ("subst", &[Some("subst.txt")][..]),
+        ] {
+            let mut rev_parse = plumbing(git, &git_dir);
+            rev_parse.args([
+                "rev-parse",
+                "--verify",
+                &format!("refs/heads/{branch}^{{commit}}"),
+            ]);
+            let commit = run(rev_parse, None, "git rev-parse").await?;
+            let mut hasher = Sha256::new();
+            for subtree in subtrees {
+                let spec = Spec {
+                    git_dir: git_dir.clone(),
+                    common_dir: git_dir.clone(),
+                    repository: "gitball/canary".to_owned(),
+                    commit: String::from_utf8_lossy(&commit).trim().to_owned(),
+                    format: Format::Tar,
+                    prefix: PREFIX.to_owned(),
+                    subtree: subtree.map(str::to_owned),
+                    compression: Compression::None,
+                    commit_time: TIME,
+                    refs: None,
+                    confined_to: None,
+                    tar_writer: None,
+                };
+                let command = generate::command(git, &spec, &git_dir);
+                hasher.update(run(command, None, "git archive").await?);
+            }
+            hashes.push(hex::encode(hasher.finalize()));
+        }
+        let subst = hashes.pop().unwrap_or_default();
+        let tar = hashes.pop().unwrap_or_default();
+        Ok(Fingerprint { tar, subst })
     })
     .await
     .with_context(|| format!("the canary took more than {TIMEOUT:?}"))?
 }
 
-/// What [`Spec::variant`] is given for archives of `git`: `None` when it
-/// writes the reference tar, else its fingerprint (16 hex digits), with a
-/// warning.
-pub async fn tar_writer(git: &Path, parent: &Path) -> anyhow::Result<Option<String>> {
-    let fingerprint = fingerprint(git, parent)
-        .await
-        .with_context(|| format!("{} cannot archive a canary tree", git.display()))?;
-    if fingerprint == REFERENCE {
-        tracing::debug!(git = %git.display(), "git writes the reference tar");
-        return Ok(None);
+/// What the canary's tars hash to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fingerprint {
+    /// The tree without `export-subst`, whole and as a subtree: git's tar
+    /// writer and the conversions every archive may meet.
+    pub tar: String,
+    /// The file that asks for `export-subst`: git's placeholders, which
+    /// only archives whose tree asks for them carry.
+    pub subst: String,
+}
+
+impl Fingerprint {
+    /// What the variant is given (`Spec::tar_writer`): nothing for the
+    /// reference's, else the first 16 hex digits of each part that is not
+    /// the reference's, the placeholders' only for an archive whose tree
+    /// asks for `export-subst`.
+    pub fn variant_part(&self, export_subst: bool) -> Option<String> {
+        let tar = (self.tar != REFERENCE.tar).then(|| format!("tar {}", &self.tar[..16]));
+        let subst = (export_subst && self.subst != REFERENCE.subst)
+            .then(|| format!("subst {}", &self.subst[..16]));
+        match (tar, subst) {
+            (None, None) => None,
+            (Some(part), None) | (None, Some(part)) => Some(part),
+            (Some(tar), Some(subst)) => Some(format!("{tar} {subst}")),
+        }
     }
-    tracing::warn!(
-        git = %git.display(),
-        %fingerprint,
-        "this git writes other tar bytes than the reference git (2.47.3) for the canary tree: its archives get ETags and cache keys of their own (docs/urls.md#byte-stability)"
-    );
-    Ok(Some(fingerprint[..16].to_owned()))
+
+    /// The label of `gitball_archiver_tar_writer_info`.
+    fn label(&self) -> String {
+        let part = |hash: &str, reference: &str| {
+            if hash == reference {
+                "reference".to_owned()
+            } else {
+                hash[..16].to_owned()
+            }
+        };
+        format!(
+            "{}/{}",
+            part(&self.tar, REFERENCE.tar),
+            part(&self.subst, REFERENCE.subst)
+        )
+    }
+}
+
+/// Which file a path named when it was stamped: a binary renamed over it
+/// (a package upgrade) or written anew has another stamp.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    /// `None` when `path` cannot be read: a generation then fails as git
+    /// cannot be run, and the next check stamps it again.
+    fn of(path: &Path) -> Option<Stamp> {
+        let meta = std::fs::metadata(path).ok()?;
+        Some(Stamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        })
+    }
+}
+
+/// What a fingerprint was taken of, and what it says.
+#[derive(Clone, Debug)]
+struct Taken {
+    stamp: Option<Stamp>,
+    fingerprint: Fingerprint,
+}
+
+/// The tar writer of the git an archiver runs (`--git`), kept current.
+#[derive(Debug)]
+pub struct TarWriter {
+    git: PathBuf,
+    /// Where canaries are made: the cache dir.
+    parent: PathBuf,
+    taken: Mutex<Option<Taken>>,
+    /// One canary at a time; the others wait for its answer.
+    checking: tokio::sync::Mutex<()>,
+}
+
+impl TarWriter {
+    /// Nothing is run until [`TarWriter::check`].
+    pub fn new(git: PathBuf, parent: PathBuf) -> TarWriter {
+        TarWriter {
+            git,
+            parent,
+            taken: Mutex::new(None),
+            checking: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn taken(&self) -> Option<Taken> {
+        self.taken
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// What [`Spec::variant`] is given for an archive (whose tree asks for
+    /// `export-subst` or not): from the last fingerprint taken.
+    pub fn current(&self, export_subst: bool) -> Option<String> {
+        self.taken()
+            .and_then(|taken| taken.fingerprint.variant_part(export_subst))
+    }
+
+    /// The fingerprint of the git binary there now: the last one taken
+    /// while the binary's stamp is the same (one `stat`), else taken anew
+    /// by a canary. An error when git cannot archive the canary.
+    pub async fn check(&self) -> anyhow::Result<Fingerprint> {
+        let now = Stamp::of(&self.git);
+        if let Some(taken) = self.taken()
+            && taken.stamp.is_some()
+            && taken.stamp == now
+        {
+            return Ok(taken.fingerprint);
+        }
+        let _one = self.checking.lock().await;
+        // Stamped before the canary: a change while it runs is seen by the
+        // next check.
+        let now = Stamp::of(&self.git);
+        let before = self.taken();
+        if let Some(taken) = &before
+            && taken.stamp.is_some()
+            && taken.stamp == now
+        {
+            return Ok(taken.fingerprint.clone());
+        }
+        let fingerprint = fingerprint(&self.git, &self.parent)
+            .await
+            .with_context(|| format!("{} cannot archive a canary tree", self.git.display()))?;
+        let label = fingerprint.label();
+        match &before {
+            None if fingerprint.variant_part(true).is_none() => {
+                tracing::debug!(git = %self.git.display(), "git writes the reference tar");
+            }
+            None => tracing::warn!(
+                git = %self.git.display(),
+                writer = %label,
+                "this git writes other bytes than the reference git (2.47.3) for the canary tree (tar/export-subst): those archives get ETags and cache keys of their own (docs/urls.md#byte-stability)"
+            ),
+            Some(before) if before.fingerprint == fingerprint => tracing::info!(
+                git = %self.git.display(),
+                writer = %label,
+                "git was replaced; it writes the same canary bytes"
+            ),
+            Some(before) => tracing::warn!(
+                git = %self.git.display(),
+                before = %before.fingerprint.label(),
+                after = %label,
+                "git was replaced by one that writes other canary bytes: those archives get ETags and cache keys of their own from now on"
+            ),
+        }
+        if let Some(before) = &before {
+            crate::metrics::tar_writer(&before.fingerprint.label(), false);
+        }
+        crate::metrics::tar_writer(&label, true);
+        *self.taken.lock().unwrap_or_else(PoisonError::into_inner) = Some(Taken {
+            stamp: now,
+            fingerprint: fingerprint.clone(),
+        });
+        Ok(fingerprint)
+    }
 }
 
 #[cfg(test)]
@@ -200,14 +457,80 @@ mod tests {
     /// The git on this host (CI's) is the reference: its archives keep the
     /// ETags they always had. A host whose git fails this writes other
     /// bytes; `golden_hashes_pin_the_bytes_of_every_format` fails there too.
+    /// Never "fixed" by writing another hash into `REFERENCE` (see there).
     #[tokio::test]
     async fn this_hosts_git_writes_the_reference_tar() {
         let parent = tempfile::tempdir().unwrap();
         let git = generate::find_git().unwrap();
         let fingerprint = fingerprint(&git, parent.path()).await.unwrap();
-        assert_eq!(fingerprint, REFERENCE, "{}", git.display());
-        assert_eq!(tar_writer(&git, parent.path()).await.unwrap(), None);
+        assert_eq!(
+            (fingerprint.tar.as_str(), fingerprint.subst.as_str()),
+            (REFERENCE.tar, REFERENCE.subst),
+            "{} writes other canary bytes than the reference git; REFERENCE is frozen",
+            git.display()
+        );
+        let writer = TarWriter::new(git, parent.path().to_path_buf());
+        assert_eq!(writer.check().await.unwrap(), fingerprint);
+        assert_eq!(writer.current(true), None);
         // Nothing is left behind.
         assert_eq!(std::fs::read_dir(parent.path()).unwrap().count(), 0);
+    }
+
+    /// A git replaced under a running archiver is fingerprinted anew at
+    /// the next check; an unchanged one is not run again.
+    #[tokio::test]
+    async fn a_replaced_git_is_fingerprinted_anew() {
+        let parent = tempfile::tempdir().unwrap();
+        let real = generate::find_git().unwrap();
+        let git = parent.path().join("git");
+        let runs = parent.path().join("runs");
+        let wrapper = |extra: &str| {
+            let script = format!(
+                "#!/bin/sh\necho run >> '{runs}'\ncase \" $* \" in\n\
+                 *' archive '*) '{real}' \"$@\" || exit $?; {extra} ;;\n\
+                 *) exec '{real}' \"$@\" ;;\nesac\n",
+                runs = runs.display(),
+                real = real.display()
+            );
+            // Renamed over the old one, as a package upgrade does.
+            let new = parent.path().join("git.new");
+            std::fs::write(&new, script).unwrap();
+            std::fs::set_permissions(&new, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .unwrap();
+            std::fs::rename(&new, &git).unwrap();
+        };
+        let runs_so_far = || {
+            std::fs::read_to_string(&runs)
+                .map(|text| text.lines().count())
+                .unwrap_or(0)
+        };
+        wrapper("true");
+        let writer = TarWriter::new(git.clone(), parent.path().to_path_buf());
+        writer.check().await.unwrap();
+        assert_eq!(writer.current(true), None, "the reference");
+        let canary_runs = runs_so_far();
+        writer.check().await.unwrap();
+        assert_eq!(
+            runs_so_far(),
+            canary_runs,
+            "an unchanged git is not run again"
+        );
+        wrapper("/usr/bin/head -c 512 /dev/zero");
+        writer.check().await.unwrap();
+        let other = writer.current(false);
+        assert!(
+            other
+                .as_ref()
+                .is_some_and(|other| other.starts_with("tar ")),
+            "{other:?}"
+        );
+        assert!(
+            writer
+                .current(true)
+                .is_some_and(|both| both.contains(" subst "))
+        );
+        wrapper("true");
+        writer.check().await.unwrap();
+        assert_eq!(writer.current(true), None, "back to the reference");
     }
 }

@@ -252,8 +252,9 @@ pub enum Failure {
     TooLarge,
     /// The server is shutting down.
     Cancelled,
-    /// The refs an archive is keyed by (`Spec::refs`) changed between the
-    /// request and the generation's start.
+    /// The refs an archive is keyed by (`Spec::refs`), or git's tar writer
+    /// (`Spec::tar_writer`, `canary`), changed between the request and the
+    /// generation's start.
     RefsChanged,
 }
 
@@ -965,8 +966,19 @@ mod tests {
         assert_eq!(spec.variant(), tar);
         // A git whose tar writer is not the reference one: its own
         // variant, for every format.
-        spec.tar_writer = Some("0123456789abcdef".to_owned());
-        assert_ne!(spec.variant(), tar);
+        for (format, compression) in [
+            (Format::Tar, Compression::None),
+            (Format::TarGz, Compression::Gzip(6)),
+            (Format::TarZst, Compression::Zstd(3)),
+            (Format::Zip, Compression::Zip(6)),
+        ] {
+            spec.format = format;
+            spec.compression = compression;
+            spec.tar_writer = None;
+            let reference = spec.variant();
+            spec.tar_writer = Some("0123456789abcdef".to_owned());
+            assert_ne!(spec.variant(), reference, "{format:?}");
+        }
         assert_eq!(hex_string(&[0x00, 0x9f, 0xff]), "009fff");
     }
 

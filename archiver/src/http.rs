@@ -57,9 +57,6 @@ use crate::tail::{self, Source};
 /// Shared state of the routes.
 pub struct App {
     pub repos: Repositories,
-    /// The fingerprint of git's tar writer when it is not the reference
-    /// one (`canary`), part of every archive's variant.
-    pub tar_writer: Option<String>,
     pub cache: Arc<Cache>,
     pub token: Option<Vec<u8>>,
     /// The crawler budget; `None` with `--client-cold-rate 0`.
@@ -597,6 +594,7 @@ pub(crate) async fn resolve(
         Format::Zip => Compression::Zip(crate::compress::ZIP_LEVEL),
         Format::Tar => Compression::None,
     };
+    let tar_writer = app.cache.tar_writer(refs.is_some());
     let spec = Spec {
         git_dir: repository.git_dir().to_path_buf(),
         common_dir: repository.common_dir().to_path_buf(),
@@ -609,7 +607,7 @@ pub(crate) async fn resolve(
         refs,
         commit_time: resolved.committer_time,
         confined_to: repository.confined_to().map(std::path::Path::to_path_buf),
-        tar_writer: app.tar_writer.clone(),
+        tar_writer,
     };
     let etag = format!("\"{}-{}\"", resolved.commit, spec.variant());
     let filename = format!("{name}.{}", archive.format.ext());
@@ -776,11 +774,11 @@ mod tests {
                 memory: Some(1 << 30),
             },
             git: crate::generate::find_git().unwrap(),
+            tar_writer: None,
         })
         .unwrap();
         let app = Arc::new(App {
             repos: Repositories::new(&widget).unwrap(),
-            tar_writer: None,
             cache: cache.clone(),
             token: None,
             budget: None,

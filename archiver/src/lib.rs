@@ -112,6 +112,7 @@ pub async fn run(
             "archives larger than --cache-max-bytes cannot be generated; raise it above --max-archive-bytes"
         );
     }
+    let tar_writer = Arc::new(canary::TarWriter::new(git.clone(), options.cache_dir()));
     // Opening reads every restored archive once (to check it): in the
     // blocking pool, not on a runtime thread the embedding proxy serves on.
     let settings = cache::Settings {
@@ -126,6 +127,7 @@ pub async fn run(
                 .then_some(options.generation_memory_limit),
         },
         git: git.clone(),
+        tar_writer: Some(tar_writer.clone()),
     };
     let cache = tokio::task::spawn_blocking(move || cache::Cache::open(settings))
         .await
@@ -138,12 +140,10 @@ pub async fn run(
         })?;
 
     // After the cache dir is this archiver's: the canary is made in it.
-    let tar_writer = canary::tar_writer(&git, &options.cache_dir()).await?;
-    metrics::reference_tar_writer(tar_writer.is_none());
+    tar_writer.check().await?;
 
     let app = Arc::new(http::App {
         repos,
-        tar_writer,
         cache: cache.clone(),
         token,
         budget,

@@ -39,7 +39,7 @@ pub const BUDGET_CLIENTS: &str = "gitball_archiver_budget_clients";
 pub const BUDGET_MAX_CLIENTS: &str = "gitball_archiver_budget_max_clients";
 pub const BUDGET_TAKEN_TOTAL: &str = "gitball_archiver_budget_taken_total";
 pub const BUDGET_REJECTED_TOTAL: &str = "gitball_archiver_budget_rejected_total";
-pub const REFERENCE_TAR_WRITER: &str = "gitball_archiver_reference_tar_writer";
+pub const TAR_WRITER_INFO: &str = "gitball_archiver_tar_writer_info";
 
 /// Describes every archiver family and registers the unlabelled ones at 0.
 pub fn describe(cache_max_bytes: u64, budget_max_clients: usize) {
@@ -63,8 +63,8 @@ pub fn describe(cache_max_bytes: u64, budget_max_clients: usize) {
     );
     describe_gauge!(GENERATIONS_IN_FLIGHT, "git archive children running now.");
     describe_gauge!(
-        REFERENCE_TAR_WRITER,
-        "1 when git writes the reference tar for the start-up canary; 0 when this archiver's archives have ETags of their own."
+        TAR_WRITER_INFO,
+        "1 for the tar writer of the git generations run now: fingerprint=\"reference\", or the fingerprint that is part of this archiver's ETags; 0 for one replaced since."
     );
     describe_gauge!(
         GENERATIONS_QUEUED,
@@ -191,12 +191,16 @@ fn with_handles<R>(keep: impl FnOnce(&mut Handles) -> R) -> Option<R> {
         .flatten()
 }
 
-/// `gitball_archiver_active_downloads`.
-/// Whether git writes the reference tar (`canary`).
-pub fn reference_tar_writer(reference: bool) {
-    gauge!(REFERENCE_TAR_WRITER).set(if reference { 1.0 } else { 0.0 });
+/// The tar writer `fingerprint` is the one generations run now (`canary`).
+pub fn tar_writer(fingerprint: &str, current: bool) {
+    gauge!(TAR_WRITER_INFO, "fingerprint" => fingerprint.to_owned()).set(if current {
+        1.0
+    } else {
+        0.0
+    });
 }
 
+/// `gitball_archiver_active_downloads`.
 pub fn active_downloads() -> Gauge {
     let make = || gauge!(ACTIVE_DOWNLOADS);
     with_handles(|kept| kept.active_downloads.get_or_insert_with(make).clone()).unwrap_or_else(make)

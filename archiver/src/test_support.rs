@@ -206,6 +206,7 @@ impl StubGit {
                 memory: None,
             },
             git: self.git(),
+            tar_writer: None,
         }
     }
 }
