@@ -50,6 +50,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::canary::TarWriter;
 use crate::generate::{self, Failure, Limits, Spec};
 use crate::metrics as m;
 use crate::queue;
@@ -217,7 +218,7 @@ pub struct Settings {
     pub git: PathBuf,
     /// The tar writer of `git`, checked before each generation (`canary`);
     /// `None` in unit tests of the cache alone.
-    pub tar_writer: Option<Arc<crate::canary::TarWriter>>,
+    pub tar_writer: Option<Arc<TarWriter>>,
 }
 
 pub struct Cache {
@@ -507,11 +508,11 @@ impl Cache {
 
     /// The fingerprint of git's tar writer a request's `Spec` carries:
     /// `None` for the reference one (`canary`).
-    pub fn tar_writer(&self, export_subst: bool) -> Option<String> {
-        self.settings
-            .tar_writer
-            .as_ref()
-            .and_then(|writer| writer.current(export_subst))
+    pub async fn tar_writer(&self, export_subst: bool) -> Option<String> {
+        match &self.settings.tar_writer {
+            Some(writer) => writer.fresh(export_subst).await,
+            None => None,
+        }
     }
 
     /// Like [`Cache::lookup`], but never starts a generation (for `HEAD`).
@@ -622,20 +623,29 @@ impl Cache {
                 })
             },
         };
-        let result = match self.clone().shadow_for(&spec).await {
-            Ok(shadow) => {
-                generate::run(
-                    &self.settings.git,
-                    &spec,
-                    shadow.path(),
-                    &partial,
-                    self.settings.limits,
-                    space,
-                    &self.cancel,
-                )
-                .await
-            }
+        let result = match self.checked_git(&spec).await {
             Err(failure) => Err(failure),
+            Ok(checked) => match self.clone().shadow_for(&spec).await {
+                Ok(shadow) => {
+                    let unchanged = || {
+                        checked
+                            .as_ref()
+                            .is_none_or(|(writer, checked)| writer.unchanged(checked))
+                    };
+                    generate::run(
+                        &self.settings.git,
+                        &spec,
+                        shadow.path(),
+                        &partial,
+                        self.settings.limits,
+                        space,
+                        &self.cancel,
+                        &unchanged,
+                    )
+                    .await
+                }
+                Err(failure) => Err(failure),
+            },
         };
         gauge!(m::GENERATIONS_IN_FLIGHT).decrement(1.0);
         histogram!(m::GENERATION_DURATION, "format" => format)
@@ -730,26 +740,43 @@ impl Cache {
         }
     }
 
+    /// The canary fingerprint of the git there now, checked against the one
+    /// `spec` was resolved under (git may have been replaced since: its
+    /// bytes go only under a variant of their own), and the check to
+    /// confirm once git has started; `None` without a `TarWriter`.
+    async fn checked_git(
+        &self,
+        spec: &Spec,
+    ) -> Result<Option<(Arc<TarWriter>, crate::canary::Checked)>, Failure> {
+        let Some(writer) = &self.settings.tar_writer else {
+            return Ok(None);
+        };
+        let checked = tokio::select! {
+            checked = writer.check() => checked,
+            () = self.cancel.cancelled() => return Err(Failure::Cancelled),
+        };
+        match checked {
+            Ok(checked)
+                if checked.fingerprint.variant_part(spec.refs.is_some()) == spec.tar_writer =>
+            {
+                Ok(Some((writer.clone(), checked)))
+            }
+            Ok(_) => {
+                tracing::info!("git's canary fingerprint changed since the request was resolved");
+                Err(Failure::RefsChanged)
+            }
+            Err(error) => {
+                tracing::error!(error = %format!("{error:#}"), "git cannot archive the canary tree; not generated");
+                Err(Failure::Failed)
+            }
+        }
+    }
+
     /// The git dir git runs in for `spec`: the repository's shared shadow,
     /// or for an archive keyed by the refs (`Spec::refs`) a shadow of the
     /// generation's own holding those refs as they are now, which must
     /// still be the key's (they may have changed while the request queued).
     async fn shadow_for(self: Arc<Self>, spec: &Spec) -> Result<ShadowDir, Failure> {
-        // git may have been replaced since the request was resolved: its
-        // bytes go only under a variant of its own tar writer.
-        if let Some(writer) = &self.settings.tar_writer {
-            match writer.check().await {
-                Ok(now) if now.variant_part(spec.refs.is_some()) == spec.tar_writer => {}
-                Ok(_) => {
-                    tracing::info!("git's tar writer changed since the request was resolved");
-                    return Err(Failure::RefsChanged);
-                }
-                Err(error) => {
-                    tracing::error!(error = %format!("{error:#}"), "git cannot archive the canary tree; not generated");
-                    return Err(Failure::Failed);
-                }
-            }
-        }
         let spec = spec.clone();
         tokio::task::spawn_blocking(move || self.shadow_for_blocking(&spec))
             .await

@@ -34,8 +34,9 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use sha2::{Digest, Sha256};
@@ -57,7 +58,7 @@ use gitball_core::url::Format;
 /// then only to what git 2.47.3 writes for it.
 pub const REFERENCE: Reference = Reference {
     tar: "c12fdee74e797638adec69f3ee0df151c895c915ae47381dd491e780a01f6397",
-    subst: "5867551d1a784faf25c466f7bcdc9d82bbdbdde3bbd9008c10c412e11f1d2f70",
+    subst: "de1b42ff9ddc859bf7fc68063fff91bea2f68fae07505c3eb37afb0269d77bbf",
 };
 
 /// [`REFERENCE`]'s type: [`Fingerprint`]'s parts as constants.
@@ -74,8 +75,16 @@ pub const PREFIX: &str = "gitball-canary/";
 const TIME: i64 = 1_700_000_000;
 
 /// The whole canary, made and archived, takes at most this long (about
-/// 20 ms; embedded mode's start has 60 s in all).
+/// 30 ms; embedded mode's start has 60 s in all).
 const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A git that could not archive the canary is not run again for it sooner
+/// than this (unless it is replaced again): meanwhile every generation
+/// fails at once instead of each running a canary.
+const RETRY_FAILED: Duration = Duration::from_secs(30);
+
+/// Requests look at the binary at most this often (`TarWriter::fresh`).
+const REQUEST_STAT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The inline file `path` of `mode` holding `content`, for `fast-import`.
 fn inline(mode: &str, path: &str, content: &str) -> String {
@@ -124,6 +133,8 @@ fn fast_import_stream() -> String {
     ));
     // A submodule: git writes it as an empty directory.
     stream.push_str("M 160000 0123456789abcdef0123456789abcdef01234567 submodule\n\n");
+    // A tag for `%(describe)`.
+    stream.push_str("reset refs/tags/v1\nfrom refs/heads/main\n\n");
     stream.push_str(&commit("subst"));
     stream.push_str("from refs/heads/main\n");
     stream.push_str(&inline(
@@ -134,7 +145,8 @@ fn fast_import_stream() -> String {
     stream.push_str(&inline(
         "100644",
         "subst.txt",
-        "$Format:%H %h %T %P %an <%ae> %ad %aI %cI %cr %cD %s%n%b$\n",
+        "$Format:%H %h %T %P %an <%ae> %aN %ad %aI %cI %cr %cD %ah %ch %d %D \
+         %(describe) %(describe:tags) %s%n%b%(trailers)$\n",
     ));
     stream.push('\n');
     stream
@@ -348,11 +360,24 @@ impl Stamp {
     }
 }
 
-/// What a fingerprint was taken of, and what it says.
+/// A fingerprint, and the stamp of the binary it was taken of: what
+/// [`TarWriter::check`] answers, and what [`TarWriter::unchanged`] confirms
+/// once a generation's git has started.
+#[derive(Clone, Debug)]
+pub struct Checked {
+    pub fingerprint: Fingerprint,
+    stamp: Option<Stamp>,
+}
+
+/// The last canary's answer, for the binary of `stamp`.
 #[derive(Clone, Debug)]
 struct Taken {
     stamp: Option<Stamp>,
-    fingerprint: Fingerprint,
+    /// The error's text when git could not archive the canary.
+    result: Result<Fingerprint, String>,
+    at: Instant,
+    /// The last fingerprint taken, kept through a failure after it.
+    last_good: Option<Fingerprint>,
 }
 
 /// The tar writer of the git an archiver runs (`--git`), kept current.
@@ -364,6 +389,9 @@ pub struct TarWriter {
     taken: Mutex<Option<Taken>>,
     /// One canary at a time; the others wait for its answer.
     checking: tokio::sync::Mutex<()>,
+    /// Milliseconds after `epoch` when a request last looked at the binary.
+    looked: AtomicU64,
+    epoch: Instant,
 }
 
 impl TarWriter {
@@ -374,6 +402,8 @@ impl TarWriter {
             parent,
             taken: Mutex::new(None),
             checking: tokio::sync::Mutex::new(()),
+            looked: AtomicU64::new(0),
+            epoch: Instant::now(),
         }
     }
 
@@ -388,36 +418,105 @@ impl TarWriter {
     /// `export-subst` or not): from the last fingerprint taken.
     pub fn current(&self, export_subst: bool) -> Option<String> {
         self.taken()
-            .and_then(|taken| taken.fingerprint.variant_part(export_subst))
+            .and_then(|taken| taken.last_good)
+            .and_then(|fingerprint| fingerprint.variant_part(export_subst))
+    }
+
+    /// [`TarWriter::current`], after a look at the binary if no request
+    /// looked within [`REQUEST_STAT_INTERVAL`] (one `stat` a second at
+    /// most), and a canary if it was replaced: a request resolved after an
+    /// upgrade gets the new git's ETag, not one no generation will make.
+    pub async fn fresh(&self, export_subst: bool) -> Option<String> {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let looked = self.looked.load(Ordering::Relaxed);
+        let interval = REQUEST_STAT_INTERVAL.as_millis() as u64;
+        if now.saturating_sub(looked) >= interval
+            && self
+                .looked
+                .compare_exchange(looked, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+            && self
+                .taken()
+                .is_some_and(|taken| taken.stamp != Stamp::of(&self.git))
+        {
+            // A failure is the generation's to report.
+            let _ = self.check().await;
+        }
+        self.current(export_subst)
+    }
+
+    /// Whether the binary is still the one `checked` was taken of.
+    pub fn unchanged(&self, checked: &Checked) -> bool {
+        checked.stamp.is_some() && Stamp::of(&self.git) == checked.stamp
+    }
+
+    /// The answer `taken` holds for the binary of `stamp`, if it may be
+    /// used: a fingerprint, or a failure less than [`RETRY_FAILED`] old.
+    fn usable(taken: &Taken, stamp: Option<Stamp>) -> Option<anyhow::Result<Checked>> {
+        if stamp.is_none() || taken.stamp != stamp {
+            return None;
+        }
+        match &taken.result {
+            Ok(fingerprint) => Some(Ok(Checked {
+                fingerprint: fingerprint.clone(),
+                stamp,
+            })),
+            Err(error) if taken.at.elapsed() < RETRY_FAILED => Some(Err(anyhow::anyhow!(
+                "{error} (the last canary's answer, retried {RETRY_FAILED:?} after it)"
+            ))),
+            Err(_) => None,
+        }
     }
 
     /// The fingerprint of the git binary there now: the last one taken
     /// while the binary's stamp is the same (one `stat`), else taken anew
     /// by a canary. An error when git cannot archive the canary.
-    pub async fn check(&self) -> anyhow::Result<Fingerprint> {
-        let now = Stamp::of(&self.git);
-        if let Some(taken) = self.taken()
-            && taken.stamp.is_some()
-            && taken.stamp == now
+    pub async fn check(&self) -> anyhow::Result<Checked> {
+        if let Some(answer) = self
+            .taken()
+            .and_then(|taken| TarWriter::usable(&taken, Stamp::of(&self.git)))
         {
-            return Ok(taken.fingerprint);
+            return answer;
         }
         let _one = self.checking.lock().await;
-        // Stamped before the canary: a change while it runs is seen by the
-        // next check.
-        let now = Stamp::of(&self.git);
+        // The canary that held the lock may have answered for this binary.
         let before = self.taken();
-        if let Some(taken) = &before
-            && taken.stamp.is_some()
-            && taken.stamp == now
+        if let Some(answer) = before
+            .as_ref()
+            .and_then(|taken| TarWriter::usable(taken, Stamp::of(&self.git)))
         {
-            return Ok(taken.fingerprint.clone());
+            return answer;
         }
-        let fingerprint = fingerprint(&self.git, &self.parent)
-            .await
-            .with_context(|| format!("{} cannot archive a canary tree", self.git.display()))?;
+        let last_good = before.as_ref().and_then(|taken| taken.last_good.clone());
+        // Stamped before and after: a canary that may have run two
+        // binaries is not taken for either.
+        let mut result = Err(anyhow::anyhow!("{} kept changing", self.git.display()));
+        let mut stamp = None;
+        for _ in 0..3 {
+            let before_canary = Stamp::of(&self.git);
+            let answer = fingerprint(&self.git, &self.parent).await;
+            if Stamp::of(&self.git) == before_canary {
+                stamp = before_canary;
+                result = answer;
+                break;
+            }
+        }
+        let result =
+            result.with_context(|| format!("{} cannot archive a canary tree", self.git.display()));
+        let fingerprint = match result {
+            Ok(fingerprint) => fingerprint,
+            Err(error) => {
+                *self.taken.lock().unwrap_or_else(PoisonError::into_inner) = Some(Taken {
+                    stamp,
+                    result: Err(format!("{error:#}")),
+                    at: Instant::now(),
+                    last_good,
+                });
+                return Err(error);
+            }
+        };
         let label = fingerprint.label();
-        match &before {
+        match &last_good {
             None if fingerprint.variant_part(true).is_none() => {
                 tracing::debug!(git = %self.git.display(), "git writes the reference tar");
             }
@@ -426,27 +525,29 @@ impl TarWriter {
                 writer = %label,
                 "this git writes other bytes than the reference git (2.47.3) for the canary tree (tar/export-subst): those archives get ETags and cache keys of their own (docs/urls.md#byte-stability)"
             ),
-            Some(before) if before.fingerprint == fingerprint => tracing::info!(
+            Some(before) if *before == fingerprint => tracing::info!(
                 git = %self.git.display(),
                 writer = %label,
                 "git was replaced; it writes the same canary bytes"
             ),
             Some(before) => tracing::warn!(
                 git = %self.git.display(),
-                before = %before.fingerprint.label(),
+                before = %before.label(),
                 after = %label,
                 "git was replaced by one that writes other canary bytes: those archives get ETags and cache keys of their own from now on"
             ),
         }
-        if let Some(before) = &before {
-            crate::metrics::tar_writer(&before.fingerprint.label(), false);
+        if let Some(before) = &last_good {
+            crate::metrics::tar_writer(&before.label(), false);
         }
         crate::metrics::tar_writer(&label, true);
         *self.taken.lock().unwrap_or_else(PoisonError::into_inner) = Some(Taken {
-            stamp: now,
-            fingerprint: fingerprint.clone(),
+            stamp,
+            result: Ok(fingerprint.clone()),
+            at: Instant::now(),
+            last_good: Some(fingerprint.clone()),
         });
-        Ok(fingerprint)
+        Ok(Checked { fingerprint, stamp })
     }
 }
 
@@ -470,7 +571,7 @@ mod tests {
             git.display()
         );
         let writer = TarWriter::new(git, parent.path().to_path_buf());
-        assert_eq!(writer.check().await.unwrap(), fingerprint);
+        assert_eq!(writer.check().await.unwrap().fingerprint, fingerprint);
         assert_eq!(writer.current(true), None);
         // Nothing is left behind.
         assert_eq!(std::fs::read_dir(parent.path()).unwrap().count(), 0);
@@ -530,7 +631,26 @@ mod tests {
                 .is_some_and(|both| both.contains(" subst "))
         );
         wrapper("true");
-        writer.check().await.unwrap();
+        let checked = writer.check().await.unwrap();
         assert_eq!(writer.current(true), None, "back to the reference");
+        assert!(writer.unchanged(&checked));
+
+        // A git that cannot archive the canary: every check fails, and
+        // the canary is not run again for it within `RETRY_FAILED`.
+        wrapper("exit 1");
+        assert!(!writer.unchanged(&checked), "a replaced binary is seen");
+        let runs_before = runs_so_far();
+        let error = writer.check().await.unwrap_err();
+        assert!(format!("{error:#}").contains("canary"), "{error:#}");
+        let failed_runs = runs_so_far();
+        assert!(failed_runs > runs_before);
+        assert!(writer.check().await.is_err());
+        assert_eq!(
+            runs_so_far(),
+            failed_runs,
+            "a failed canary is not run again at once"
+        );
+        // What requests are given stays the last fingerprint taken.
+        assert_eq!(writer.current(true), None);
     }
 }

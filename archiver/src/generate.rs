@@ -113,8 +113,9 @@ pub struct Spec {
     /// the generation starts (`repo::layout_inside`); `None` for a
     /// repository the operator named alone. Not part of the bytes.
     pub confined_to: Option<PathBuf>,
-    /// The fingerprint of git's tar writer when it writes other bytes than
-    /// the reference git (`canary::tar_writer`); `None` for the reference.
+    /// What of git's canary fingerprint differs from the reference git's
+    /// and reaches this archive (`canary::TarWriter::current`); `None`: its
+    /// bytes are the reference git's.
     pub tar_writer: Option<String>,
 }
 
@@ -297,7 +298,11 @@ pub struct Space {
 /// Runs `git archive` for `spec`, in the git dir `shadow` (see `shadow`),
 /// into the (already created) file at `path`. Reports the written length
 /// through `space` as the file grows. On failure the child is killed and
-/// reaped; removing the file is the caller's job.
+/// reaped; removing the file is the caller's job. `git_unchanged` is asked
+/// once git has started (exec done): false means the binary was replaced
+/// since the request's fingerprint was checked (`canary`), and the
+/// generation fails as `RefsChanged` before git writes a byte.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     git: &Path,
     spec: &Spec,
@@ -306,6 +311,7 @@ pub async fn run(
     limits: Limits,
     space: Space,
     cancel: &CancellationToken,
+    git_unchanged: &(dyn Fn() -> bool + Send + Sync),
 ) -> Result<Finished, Failure> {
     let Space {
         grown: growth,
@@ -350,6 +356,15 @@ pub async fn run(
         tracing::error!(%error, "cannot spawn git");
         Failure::Failed
     })?;
+    // `spawn` returns once exec succeeded: the binary running is the one
+    // at the path then. Replaced since the check, it may write other bytes
+    // than the key's fingerprint says.
+    if !git_unchanged() {
+        tracing::info!("git was replaced as the generation started");
+        kill_group(&child);
+        let _ = child.wait().await;
+        return Err(Failure::RefsChanged);
+    }
     let (Some(mut stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
         // Both were configured as pipes; a missing one is a bug, but never
         // leave the child behind.
@@ -1013,6 +1028,48 @@ mod tests {
             OsStr::new("GIT_TEST_DATE_NOW"),
             Some(OsStr::new("1700000000"))
         )));
+    }
+
+    /// A git replaced between the fingerprint's check and its start
+    /// (`canary`): the generation fails as `RefsChanged`, with nothing of
+    /// git's written.
+    #[tokio::test]
+    async fn a_git_replaced_before_it_started_writes_nothing() {
+        let stub = crate::test_support::StubGit::printing(&[b'x'; 4096]);
+        let spec = stub.spec(1);
+        let partial = stub.cache_dir().join("partial");
+        std::fs::create_dir_all(stub.cache_dir()).unwrap();
+        std::fs::write(&partial, b"").unwrap();
+        let grown = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let space = Space {
+            grown: {
+                let grown = grown.clone();
+                Arc::new(move |len| {
+                    grown.store(len, std::sync::atomic::Ordering::Relaxed);
+                    true
+                })
+            },
+            full: Arc::new(|_| false),
+        };
+        let limits = Limits {
+            timeout: Duration::from_secs(30),
+            max_bytes: 1 << 20,
+            memory: None,
+        };
+        let result = run(
+            &stub.git(),
+            &spec,
+            &stub.git_dir(),
+            &partial,
+            limits,
+            space,
+            &CancellationToken::new(),
+            &|| false,
+        )
+        .await;
+        assert_eq!(result, Err(Failure::RefsChanged));
+        assert_eq!(grown.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert_eq!(std::fs::metadata(&partial).unwrap().len(), 0);
     }
 
     #[test]

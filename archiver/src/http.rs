@@ -594,7 +594,7 @@ pub(crate) async fn resolve(
         Format::Zip => Compression::Zip(crate::compress::ZIP_LEVEL),
         Format::Tar => Compression::None,
     };
-    let tar_writer = app.cache.tar_writer(refs.is_some());
+    let tar_writer = app.cache.tar_writer(refs.is_some()).await;
     let spec = Spec {
         git_dir: repository.git_dir().to_path_buf(),
         common_dir: repository.common_dir().to_path_buf(),

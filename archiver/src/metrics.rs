@@ -64,7 +64,7 @@ pub fn describe(cache_max_bytes: u64, budget_max_clients: usize) {
     describe_gauge!(GENERATIONS_IN_FLIGHT, "git archive children running now.");
     describe_gauge!(
         TAR_WRITER_INFO,
-        "1 for the tar writer of the git generations run now: fingerprint=\"reference\", or the fingerprint that is part of this archiver's ETags; 0 for one replaced since."
+        "1 for the canary fingerprint (tar/export-subst) of the git generations run now, reference/reference for git 2.47.3's bytes; 0 for one replaced since."
     );
     describe_gauge!(
         GENERATIONS_QUEUED,
