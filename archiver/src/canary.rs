@@ -1,5 +1,6 @@
-//! Which tar the configured git writes: a fingerprint of its tar writer,
-//! taken once at start-up.
+//! Which bytes the configured git writes: a fingerprint of its tar writer
+//! and of its `export-subst` placeholders, taken at start-up and again
+//! whenever the binary is replaced.
 //!
 //! `tar` is git's own bytes, and every other format is made from them
 //! (`docs/urls.md#byte-stability`), so a git release that changes its tar
@@ -18,10 +19,12 @@
 //! git can be replaced under a running archiver (a package upgrade renames
 //! a new binary over it), so before each generation [`TarWriter::check`]
 //! compares a stat stamp of the binary with the one the fingerprint was
-//! taken of, and takes the fingerprint anew when it changed. A generation
-//! whose request was resolved under another fingerprint does not run: it
-//! fails as `refs_changed`, which the request resolves again under the
-//! current one (`http`).
+//! taken of, and takes the fingerprint anew when it changed; once git has
+//! started, [`TarWriter::unchanged`] confirms the binary it ran is that
+//! one; and requests look at most once a second ([`TarWriter::fresh`]). A
+//! generation whose request was resolved under another fingerprint does
+//! not run: it fails as `refs_changed`, which the request resolves again
+//! under the current one (`http`).
 //!
 //! The canary holds what a tar writer and git's conversions encode: a
 //! file, an executable, an empty file, a symlink, a path and a symlink
