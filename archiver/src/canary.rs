@@ -34,7 +34,6 @@
 //! `export-ignore`, `eol=crlf` and `ident`; it is archived whole and as a
 //! subtree.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,6 +46,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
 use crate::generate::{self, Compression, Spec};
+use crate::repo::stamp::Stamp;
 use gitball_core::url::Format;
 
 /// The SHA-256s of the canary's tars as git 2.47.3 writes them, with which
@@ -156,17 +156,11 @@ fn fast_import_stream() -> String {
 }
 
 /// A git command in `git_dir` with the environment `generate::command`
-/// gives git: no configuration but the directory's own, no program found,
-/// a process group of its own.
+/// gives git (`generate::clean_env`), in a process group of its own.
 fn plumbing(git: &Path, git_dir: &Path) -> Command {
     let mut command = Command::new(git);
+    generate::clean_env(&mut command);
     command
-        .env_clear()
-        .env("PATH", "/dev/null")
-        .env("HOME", "/nonexistent")
-        .env("LC_ALL", "C")
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
         .arg(format!("--git-dir={}", git_dir.display()))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -337,29 +331,14 @@ impl Fingerprint {
     }
 }
 
-/// Which file a path named when it was stamped: a binary renamed over it
-/// (a package upgrade) or written anew has another stamp.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Stamp {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-}
-
-impl Stamp {
-    /// `None` when `path` cannot be read: a generation then fails as git
-    /// cannot be run, and the next check stamps it again.
-    fn of(path: &Path) -> Option<Stamp> {
-        let meta = std::fs::metadata(path).ok()?;
-        Some(Stamp {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            size: meta.size(),
-            mtime: (meta.mtime(), meta.mtime_nsec()),
-            ctime: (meta.ctime(), meta.ctime_nsec()),
-        })
+/// The binary's stamp (`repo`'s, one `stat`): a binary renamed over it (a
+/// package upgrade) or written anew has another. `None` when it is missing
+/// or cannot be read: a generation then fails as git cannot be run, and
+/// the next check stamps it again.
+fn stamp_of(git: &Path) -> Option<Stamp> {
+    match Stamp::of(git) {
+        Ok(Stamp::Absent) | Err(_) => None,
+        Ok(stamp) => Some(stamp),
     }
 }
 
@@ -440,7 +419,7 @@ impl TarWriter {
                 .is_ok()
             && self
                 .taken()
-                .is_some_and(|taken| taken.stamp != Stamp::of(&self.git))
+                .is_some_and(|taken| taken.stamp != stamp_of(&self.git))
         {
             // A failure is the generation's to report.
             let _ = self.check().await;
@@ -450,7 +429,7 @@ impl TarWriter {
 
     /// Whether the binary is still the one `checked` was taken of.
     pub fn unchanged(&self, checked: &Checked) -> bool {
-        checked.stamp.is_some() && Stamp::of(&self.git) == checked.stamp
+        checked.stamp.is_some() && stamp_of(&self.git) == checked.stamp
     }
 
     /// The answer `taken` holds for the binary of `stamp`, if it may be
@@ -477,7 +456,7 @@ impl TarWriter {
     pub async fn check(&self) -> anyhow::Result<Checked> {
         if let Some(answer) = self
             .taken()
-            .and_then(|taken| TarWriter::usable(&taken, Stamp::of(&self.git)))
+            .and_then(|taken| TarWriter::usable(&taken, stamp_of(&self.git)))
         {
             return answer;
         }
@@ -486,7 +465,7 @@ impl TarWriter {
         let before = self.taken();
         if let Some(answer) = before
             .as_ref()
-            .and_then(|taken| TarWriter::usable(taken, Stamp::of(&self.git)))
+            .and_then(|taken| TarWriter::usable(taken, stamp_of(&self.git)))
         {
             return answer;
         }
@@ -496,9 +475,9 @@ impl TarWriter {
         let mut result = Err(anyhow::anyhow!("{} kept changing", self.git.display()));
         let mut stamp = None;
         for _ in 0..3 {
-            let before_canary = Stamp::of(&self.git);
+            let before_canary = stamp_of(&self.git);
             let answer = fingerprint(&self.git, &self.parent).await;
-            if Stamp::of(&self.git) == before_canary {
+            if stamp_of(&self.git) == before_canary {
                 stamp = before_canary;
                 result = answer;
                 break;

@@ -771,20 +771,8 @@ impl Write for Sink {
 /// `shadow` git dir, so no configuration the repository carries applies.
 pub fn command(git: &Path, spec: &Spec, shadow: &Path) -> Command {
     let mut command = Command::new(git);
+    clean_env(&mut command);
     command
-        .env_clear()
-        // No program can be found: git runs its own commands from its exec
-        // path, which it puts first itself, and anything else it would run
-        // by name (a signature placeholder's `gpg`, `gpgsm`, `ssh-keygen`
-        // on git before 2.41, which does not read `gpg.program` in
-        // `git archive`: `shadow::CONFIG`) is not found (review).
-        .env("PATH", "/dev/null")
-        .env("HOME", "/nonexistent")
-        .env("LC_ALL", "C")
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("GIT_ATTR_NOSYSTEM", "1")
-        .env("GIT_TERMINAL_PROMPT", "0")
         // "Now" for `export-subst`'s relative and human dates (`%cr`, `%ar`,
         // `%ch`, `%ah`): the commit's time, so they read the same whenever
         // the archive is made ("0 seconds ago" for `%cr`) instead of
@@ -813,6 +801,25 @@ pub fn command(git: &Path, spec: &Spec, shadow: &Path) -> Command {
         .process_group(0)
         .kill_on_drop(true);
     command
+}
+
+/// The environment every git the archiver runs starts with: nothing of the
+/// server's, no configuration but the git dir's own.
+pub fn clean_env(command: &mut Command) {
+    command
+        .env_clear()
+        // No program can be found: git runs its own commands from its exec
+        // path, which it puts first itself, and anything else it would run
+        // by name (a signature placeholder's `gpg`, `gpgsm`, `ssh-keygen`
+        // on git before 2.41, which does not read `gpg.program` in
+        // `git archive`: `shadow::CONFIG`) is not found (review).
+        .env("PATH", "/dev/null")
+        .env("HOME", "/nonexistent")
+        .env("LC_ALL", "C")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_ATTR_NOSYSTEM", "1")
+        .env("GIT_TERMINAL_PROMPT", "0");
 }
 
 /// Kills the child's whole process group (it leads its own group).

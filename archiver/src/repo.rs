@@ -51,7 +51,7 @@ use crate::error::Error;
 
 mod confine;
 mod refs;
-mod stamp;
+pub(crate) mod stamp;
 mod subst;
 #[cfg(test)]
 mod tests;
