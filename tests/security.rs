@@ -442,14 +442,27 @@ fn a_generation_over_its_memory_limit_fails_and_is_not_cached() {
     assert_eq!(bounded.health_status(), Some(200));
 }
 
-/// A `git` child whose archiver is killed with SIGKILL dies with it, even
-/// one that would otherwise never write again.
+/// A `git` child is bounded (`docs/archiver.md#bounded-child`): its CPU
+/// time by `--generation-timeout` (plus a second), its data by
+/// `--generation-memory-limit`, no core dump; and it dies with its
+/// archiver killed with SIGKILL, even one that would otherwise never write
+/// again.
 #[test]
-fn the_git_child_dies_with_a_killed_archiver() {
+fn the_git_child_is_bounded_and_dies_with_a_killed_archiver() {
     let sandbox = Sandbox::new();
     small_repository(&sandbox.repo("acme", "widget"));
     let stub = sandbox.write_stub("sleeper", "exec sleep 300\n");
-    let mut archiver = Archiver::start(&sandbox.repos(), &["--git", stub.to_str().unwrap()]);
+    let mut archiver = Archiver::start(
+        &sandbox.repos(),
+        &[
+            "--git",
+            stub.to_str().unwrap(),
+            "--generation-timeout",
+            "77",
+            "--generation-memory-limit",
+            "96MiB",
+        ],
+    );
     let mut waiting = RawConnection::connect(archiver.addr).unwrap();
     waiting
         .send_request("GET", "/acme/widget/archive/main.tar", &[])
@@ -466,6 +479,21 @@ fn the_git_child_dies_with_a_killed_archiver() {
         "the stub git never started"
     );
     let child = child.unwrap().pid;
+    let limits = std::fs::read_to_string(format!("/proc/{child}/limits")).expect("the limits");
+    let limit = |name: &str| {
+        limits
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .map(|rest| rest.split_whitespace().take(2).collect::<Vec<_>>())
+            .unwrap_or_else(|| panic!("no {name:?} in\n{limits}"))
+    };
+    assert_eq!(limit("Max cpu time"), ["78", "79"], "{limits}");
+    assert_eq!(
+        limit("Max data size"),
+        ["100663296", "100663296"],
+        "{limits}"
+    );
+    assert_eq!(limit("Max core file size"), ["0", "0"], "{limits}");
     kill_hard(&mut archiver);
     assert!(
         wait_until(Duration::from_secs(5), || !process_alive(child)),
