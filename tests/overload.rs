@@ -435,6 +435,54 @@ fn an_admin_listener_answers_probes_and_scrapes_while_the_service_is_full() {
     }
 }
 
+/// The admin listener stops accepting when the service's listener does, at
+/// `SIGTERM` (`docs/http.md#the-admin-listener`): a probe sees a draining
+/// process as the service's clients do, while a request in flight keeps it
+/// draining.
+#[test]
+fn the_admin_listener_stops_accepting_with_the_service_at_sigterm() {
+    let sandbox = Sandbox::new();
+    let (git, _release) = sandbox.git_that_pauses("git-that-waits", 0);
+    let mut archiver = Archiver::start(
+        repos(),
+        &[
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--git",
+            git.to_str().unwrap(),
+            "--shutdown-grace",
+            "60",
+        ],
+    );
+    let admin = gitball_e2e::listen_address(&archiver.log(), "admin listener serving")
+        .expect("the admin listener's address");
+    assert_eq!(fetch(admin, "/healthz").status(), 200);
+    // A generation whose git waits: its request stays in flight.
+    let mut waiting = RawConnection::connect(archiver.addr).unwrap();
+    waiting.send_request("GET", ARCHIVE_PATH, &[]).unwrap();
+    let pid = archiver.pid;
+    assert!(
+        wait_until(SETTLE, || !gitball_e2e::child_processes(pid).is_empty()),
+        "the generation did not start"
+    );
+    archiver.signal(nix::sys::signal::Signal::SIGTERM);
+    let refused = |addr| TcpStream::connect(addr).is_err();
+    assert!(
+        wait_until(SETTLE, || refused(admin) && refused(archiver.addr)),
+        "a listener still accepts after SIGTERM: admin {}, service {}",
+        !refused(admin),
+        !refused(archiver.addr)
+    );
+    assert!(
+        gitball_e2e::process_alive(pid),
+        "the archiver did not drain"
+    );
+    // The client leaves: the drain is over.
+    drop(waiting);
+    let (status, took) = archiver.terminate(SETTLE);
+    assert!(status.is_some(), "still running {took:?} after SIGTERM");
+}
+
 /// The fds of `pid` numbered below `TINY_NOFILE`: the limit bounds fd
 /// numbers, and an fd inherited with a higher number (a test runner's pipe)
 /// takes no place under it.
