@@ -155,18 +155,11 @@ fn fast_import_stream() -> String {
     stream
 }
 
-/// A git command in `git_dir` with the environment `generate::command`
-/// gives git (`generate::clean_env`), in a process group of its own.
+/// A git command in `git_dir`, set up as a generation's
+/// (`generate::git_command`).
 fn plumbing(git: &Path, git_dir: &Path) -> Command {
-    let mut command = Command::new(git);
-    generate::clean_env(&mut command);
-    command
-        .arg(format!("--git-dir={}", git_dir.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
+    let mut command = generate::git_command(git);
+    command.arg(format!("--git-dir={}", git_dir.display()));
     command
 }
 

@@ -770,8 +770,7 @@ impl Write for Sink {
 /// prefix and literal path; the commit is a resolved id. git runs in the
 /// `shadow` git dir, so no configuration the repository carries applies.
 pub fn command(git: &Path, spec: &Spec, shadow: &Path) -> Command {
-    let mut command = Command::new(git);
-    clean_env(&mut command);
+    let mut command = git_command(git);
     command
         // "Now" for `export-subst`'s relative and human dates (`%cr`, `%ar`,
         // `%ch`, `%ah`): the commit's time, so they read the same whenever
@@ -795,18 +794,20 @@ pub fn command(git: &Path, spec: &Spec, shadow: &Path) -> Command {
         command.arg("--").arg(subtree);
     }
     command
+}
+
+/// A `git` command as the archiver runs every git: an environment with
+/// nothing of the server's and no configuration but the git dir's own,
+/// stdin from `/dev/null`, stdout and stderr piped, in a process group of
+/// its own (a kill reaches anything it starts), killed if dropped.
+pub fn git_command(git: &Path) -> Command {
+    let mut command = Command::new(git);
+    command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
-        .kill_on_drop(true);
-    command
-}
-
-/// The environment every git the archiver runs starts with: nothing of the
-/// server's, no configuration but the git dir's own.
-pub fn clean_env(command: &mut Command) {
-    command
+        .kill_on_drop(true)
         .env_clear()
         // No program can be found: git runs its own commands from its exec
         // path, which it puts first itself, and anything else it would run
@@ -820,6 +821,7 @@ pub fn clean_env(command: &mut Command) {
         .env("GIT_CONFIG_GLOBAL", "/dev/null")
         .env("GIT_ATTR_NOSYSTEM", "1")
         .env("GIT_TERMINAL_PROMPT", "0");
+    command
 }
 
 /// Kills the child's whole process group (it leads its own group).
