@@ -311,6 +311,19 @@ fn assert_cap_refuses_then_admits(service: &Service, max: usize, prefix: &str) {
             &[("reason", "max_connections")]
         ) >= 1.0
     );
+    // One slot free is not all of them: wait until the service has seen
+    // every held connection close (the scrape's own is the one open), as
+    // the callers go on with connections of their own.
+    assert!(
+        wait_until(SETTLE, || {
+            let fetched = fetch(service.addr, "/metrics");
+            fetched.status() == 200
+                && gitball_e2e::Metrics::parse(&fetched.text())
+                    .value(&format!("{prefix}_connections_open"), &[])
+                    <= 1.0
+        }),
+        "the service did not see its held connections close"
+    );
 }
 
 #[test]
@@ -398,16 +411,20 @@ fn an_admin_listener_answers_probes_and_scrapes_while_the_service_is_full() {
         // The admin listener's own cap: past it a connection gets the
         // `503`, and the service's listener serves on.
         let rejected = || {
-            scrape(service.addr).value(
+            scrape(admin).value(
                 &format!("{prefix}_connections_rejected_total"),
                 &[("reason", "max_connections")],
             )
         };
-        // The held connections close as the service sees them go.
-        assert!(
-            wait_until(SETTLE, || fetch(service.addr, "/healthz").status() == 200),
-            "the service's listener did not admit a connection again"
-        );
+        // The held connections close as the service sees them go: wait
+        // for all of them, not for one slot, as every later step opens
+        // connections of its own on the service's listener.
+        let idle = || {
+            wait_until(SETTLE, || {
+                scrape(admin).value(&format!("{prefix}_connections_open"), &[]) == 0.0
+            })
+        };
+        assert!(idle(), "the service did not see its held connections close");
         let rejected_before = rejected();
         let held_admin = hold_connections(admin, 32);
         let refused = fetch(admin, "/healthz");
@@ -422,15 +439,16 @@ fn an_admin_listener_answers_probes_and_scrapes_while_the_service_is_full() {
             "the service's listener stopped serving while the admin listener was full"
         );
         fetch_ok(service.addr, ARCHIVE_PATH);
-        assert_eq!(
-            rejected(),
-            rejected_before,
-            "the admin listener's refusal counted as the service's"
-        );
         drop(held_admin);
         assert!(
             wait_until(SETTLE, || fetch(admin, "/healthz").status() == 200),
             "the admin listener did not admit a connection again"
+        );
+        assert!(idle(), "the service's connections did not close");
+        assert_eq!(
+            rejected(),
+            rejected_before,
+            "the admin listener's refusal counted as the service's"
         );
     }
 }
