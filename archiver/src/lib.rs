@@ -174,7 +174,8 @@ pub async fn run(
         options.shutdown_grace,
         WRITE_STALL_TIMEOUT,
         workers,
-        server::Connections::new(max_connections, "gitball_archiver"),
+        server::Connections::new(max_connections, "gitball_archiver")
+            .with_cut(options.shutdown_cut.clone()),
         "gitball-archiver",
         || tracing::info!(%listen, workers, max_connections, "gitball-archiver serving"),
     )

@@ -242,6 +242,26 @@ pub fn parse_congestion(name: &str) -> Result<String, String> {
 #[derive(Clone)]
 pub struct Connections {
     limit: Arc<ConnectionLimit>,
+    cut: ShutdownCut,
+}
+
+/// Set when a server's shutdown grace runs out, before it cuts the
+/// connections left: a request whose client is gone after that logs
+/// `shutdown`, not `client_gone`. Clones share it. A process's serving
+/// threads share one (through [`Connections`]); in embedded mode the proxy
+/// gives its own to the in-process archiver, whose downloads the proxy's
+/// cut ends (its client, the proxy, is gone), so they log `shutdown` too.
+#[derive(Clone, Default, Debug)]
+pub struct ShutdownCut(Arc<AtomicBool>);
+
+impl ShutdownCut {
+    fn set(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    fn is_set(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
 }
 
 impl Connections {
@@ -253,7 +273,19 @@ impl Connections {
                 Some(metrics_prefix),
                 MAX_REJECTIONS_IN_FLIGHT,
             )),
+            cut: ShutdownCut::default(),
         }
+    }
+
+    /// The same cap, whose shutdown cut is `cut` (shared with another
+    /// server's, see [`ShutdownCut`]).
+    pub fn with_cut(self, cut: ShutdownCut) -> Connections {
+        Connections { cut, ..self }
+    }
+
+    /// The shutdown cut of these connections.
+    pub fn cut(&self) -> &ShutdownCut {
+        &self.cut
     }
 
     /// The admin listener's own cap, [`ADMIN_MAX_CONNECTIONS`]. It has no
@@ -266,6 +298,7 @@ impl Connections {
                 None,
                 ADMIN_REJECTIONS_IN_FLIGHT,
             )),
+            cut: ShutdownCut::default(),
         }
     }
 
@@ -307,9 +340,8 @@ pub async fn serve(
     let mut full = lean.clone();
     full.max_headers(MAX_HEADER_LINES);
     let builders = Arc::new(Builders { lean, full });
-    let limit = connections.limit;
+    let Connections { limit, cut } = connections;
     let mut connections = JoinSet::new();
-    let cut = Arc::new(AtomicBool::new(false));
 
     loop {
         let (stream, peer) = tokio::select! {
@@ -415,7 +447,7 @@ pub async fn serve(
         () = tokio::time::sleep(grace) => {
             let open = connections.len();
             // Before the cut: requests dropped with it log `shutdown`.
-            cut.store(true, Ordering::Release);
+            cut.set();
             connections.abort_all();
             Drain::Cut(open)
         }
@@ -999,20 +1031,20 @@ struct WriteState {
     flushed: AtomicBool,
     /// Set, for every connection of a server at once, when its shutdown
     /// grace ran out and it cut the connections left.
-    cut: Arc<AtomicBool>,
+    cut: ShutdownCut,
 }
 
 const NOT_STUCK: u64 = u64::MAX;
 
 impl Default for ClientWrites {
     fn default() -> Self {
-        ClientWrites::of_server(&Arc::default())
+        ClientWrites::of_server(&ShutdownCut::default())
     }
 }
 
 impl ClientWrites {
     /// A connection of the server whose shutdown sets `cut`.
-    fn of_server(cut: &Arc<AtomicBool>) -> Self {
+    fn of_server(cut: &ShutdownCut) -> Self {
         ClientWrites(Arc::new(WriteState {
             timed_out: AtomicBool::new(false),
             base: tokio::time::Instant::now(),
@@ -1025,7 +1057,7 @@ impl ClientWrites {
     /// Whether the server cut the connection when its shutdown grace ran
     /// out.
     pub fn cut_at_shutdown(&self) -> bool {
-        self.0.cut.load(Ordering::Acquire)
+        self.0.cut.is_set()
     }
 
     /// Whether the write-stall guard closed the connection.

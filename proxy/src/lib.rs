@@ -87,6 +87,8 @@ pub struct Proxy {
     state: Arc<http::AppState>,
     shutdown: CancellationToken,
     grace: Duration,
+    /// Shared with the embedded archiver (`server::ShutdownCut`).
+    cut: server::ShutdownCut,
     /// `--max-connections`, or its default for this mode.
     max_connections: usize,
     embedded: Option<JoinHandle<anyhow::Result<()>>>,
@@ -145,6 +147,7 @@ impl Proxy {
         let max_connections = config.archiver.max_connections(fds_per_connection);
         limits::warn_if_too_low(limits::nofile(), max_connections, fds_per_connection);
 
+        let cut = server::ShutdownCut::default();
         let (routes, embedded) = match (&config.routes, &config.repos) {
             (Some(path), None) => {
                 let routes = Routes::from_file(path.clone())
@@ -180,6 +183,14 @@ impl Proxy {
                 let mut options = config.archiver.clone();
                 options.max_connections =
                     Some((max_connections + EMBEDDED_CONNECTIONS_HEADROOM) as u64);
+                // At shutdown the proxy cuts first, then the archiver has
+                // nothing left to cut (its only client is this proxy, and
+                // it drains as soon as the proxy's connections are gone).
+                // Cut first, the archiver would end the proxy's downloads
+                // as upstream failures; after the proxy's cut, the shared
+                // flag makes its downloads log `shutdown`.
+                options.shutdown_grace = config.shutdown_grace() + EMBEDDED_GRACE_MARGIN;
+                options.shutdown_cut = cut.clone();
                 let mut archiver = tokio::spawn(gitball_archiver::run(
                     listener,
                     // The proxy's own admin listener shows both tiers.
@@ -249,6 +260,7 @@ impl Proxy {
             state,
             shutdown,
             grace: config.shutdown_grace(),
+            cut,
             max_connections,
             embedded,
         })
@@ -298,7 +310,8 @@ impl Proxy {
         );
         let workers = server::serving_threads();
         let max_connections = self.max_connections;
-        let connections = server::Connections::new(max_connections, "gitball_proxy");
+        let connections =
+            server::Connections::new(max_connections, "gitball_proxy").with_cut(self.cut);
         let drain = serve_on_threads(
             listener,
             &self.state,
@@ -332,6 +345,12 @@ impl Proxy {
         drain.map(drop)
     }
 }
+
+/// How much longer than the proxy's `--shutdown-grace` the embedded
+/// archiver's is: enough that the proxy's cut comes first however the two
+/// serving threads' timers are scheduled. It does not delay the exit: once
+/// the proxy's connections are gone, the archiver has none left to wait for.
+const EMBEDDED_GRACE_MARGIN: Duration = Duration::from_secs(2);
 
 /// Connections the embedded archiver accepts beyond the proxy's cap: the
 /// start-up health check's client keeps its connection pooled for a while.
