@@ -370,30 +370,33 @@ impl Sandbox {
     }
 
     /// A stub `--git` named `name` that runs the real git (the first `git`
-    /// on `PATH`) into a file, then writes its first `pieces` pieces of
-    /// 64 KiB one every `gap_ms` milliseconds, and the rest at once: an
-    /// archive whose first bytes come slowly but steadily.
+    /// on `PATH`) and passes its first `pieces` pieces of 64 KiB on one
+    /// every `gap_ms` milliseconds, and the rest as it comes: an archive
+    /// whose first bytes come slowly but steadily. Streamed, so the first
+    /// piece leaves once git wrote it (writing the whole archive into a
+    /// file first took longer than a test's `--header-timeout` on a loaded
+    /// machine); the stub exits with git's status.
     pub fn git_that_trickles(&self, name: &str, pieces: u32, gap_ms: u32) -> PathBuf {
-        let output = self.path(&format!("{name}-output"));
+        let status = self.path(&format!("{name}-status"));
         self.write_stub(
             name,
             &format!(
-                "out='{out}'-$$\n\
-                 '{git}' \"$@\" > \"$out\" || exit $?\n\
+                "status='{status}'-$$\n\
+                 {{ '{git}' \"$@\"; echo $? > \"$status\"; }} | {{\n\
                  i=0\n\
                  while [ $i -lt {pieces} ]; do\n\
-                 /usr/bin/dd if=\"$out\" bs=65536 skip=$i count=1 status=none\n\
+                 /usr/bin/dd bs=65536 count=1 iflag=fullblock status=none\n\
                  /usr/bin/sleep {gap}\n\
                  i=$((i + 1))\n\
                  done\n\
-                 /usr/bin/tail -c +{rest} \"$out\"\n\
-                 status=$?\n\
-                 rm -f \"$out\"\n\
-                 exit $status\n",
+                 /usr/bin/cat\n\
+                 }}\n\
+                 read code < \"$status\"\n\
+                 rm -f \"$status\"\n\
+                 exit $code\n",
                 git = real_git().display(),
-                out = output.display(),
+                status = status.display(),
                 gap = f64::from(gap_ms) / 1000.0,
-                rest = u64::from(pieces) * 65536 + 1,
             ),
         )
     }
