@@ -3212,6 +3212,100 @@ fn sighup_is_ignored_and_downloads_go_on() {
         .expect("the download goes on after SIGHUP");
 }
 
+/// A thread of another process stopped by `ptrace` (the calling thread is
+/// its tracer): it runs nothing until it is let go, and a process that
+/// exits meanwhile still ends it.
+struct StoppedThread(nix::unistd::Pid);
+
+impl StoppedThread {
+    fn stop(tid: u32) -> StoppedThread {
+        use nix::sys::ptrace;
+        use nix::sys::wait::{WaitPidFlag, waitpid};
+        let tid = nix::unistd::Pid::from_raw(i32::try_from(tid).expect("tid fits i32"));
+        ptrace::seize(tid, ptrace::Options::empty()).expect("ptrace the thread");
+        ptrace::interrupt(tid).expect("stop the thread");
+        waitpid(tid, Some(WaitPidFlag::__WALL)).expect("the thread stopped");
+        StoppedThread(tid)
+    }
+
+    /// Reaps the thread if its process ended it (a traced thread waits for
+    /// its tracer, and its process's exit is not seen until then).
+    fn reap_if_ended(&self) {
+        use nix::sys::wait::{WaitPidFlag, waitpid};
+        let _ = waitpid(self.0, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG));
+    }
+}
+
+impl Drop for StoppedThread {
+    fn drop(&mut self) {
+        // Let go (it runs on), if it is still there.
+        let _ = nix::sys::ptrace::detach(self.0, None);
+        self.reap_if_ended();
+    }
+}
+
+/// The exit after SIGTERM is bounded: the grace, then at most 5 s for the
+/// generations to stop, then the process leaves, even with a compressor
+/// thread that never ends its job (docs/archiver.md, "Shutdown drain"), on
+/// an archiver and on an embedded proxy. Here the generation's writer
+/// thread is stopped by the test; a runtime dropped the `#[tokio::main]`
+/// way waited for it for ever.
+#[test]
+fn the_exit_after_sigterm_does_not_wait_for_a_compressor_that_never_stops() {
+    const GRACE: Duration = Duration::from_secs(1);
+    let sandbox = Sandbox::new();
+    widget(&sandbox);
+    // Writes nothing, so the writer thread waits for git's first bytes.
+    let (stub, _never_released) = sandbox.git_that_pauses("git-that-waits", 0);
+    let flags = ["--git", stub.to_str().unwrap(), "--shutdown-grace", "1"];
+    let mut archiver = Archiver::start(&sandbox.repos(), &flags);
+    let mut embedded = gitball_e2e::proxy::Proxy::embedded(
+        &sandbox.repos(),
+        &sandbox.path("embedded-cache"),
+        &flags,
+    );
+    for service in [&mut *archiver, &mut *embedded] {
+        // A tar.gz's head goes out with the gzip header, before git writes.
+        let mut download = RawConnection::connect(service.addr).expect("connect");
+        download
+            .send_request("GET", "/acme/widget/archive/main.tar.gz", &[])
+            .expect("send");
+        assert_eq!(download.read_head().expect("head").status, 200);
+        let pid = service.pid;
+        let writer = || {
+            thread_nice_values(pid)
+                .into_iter()
+                .find(|thread| thread.name == "gitball-writer")
+        };
+        assert!(
+            wait_until(Duration::from_secs(10), || writer().is_some()),
+            "no writer thread"
+        );
+        let stopped = StoppedThread::stop(writer().expect("the writer thread").tid);
+
+        let signalled = Instant::now();
+        service.signal(nix::sys::signal::Signal::SIGTERM);
+        // The grace, the 5 s for generations to stop, and a margin.
+        let exited = wait_until(GRACE + Duration::from_secs(10), || {
+            stopped.reap_if_ended();
+            !service.is_running()
+        });
+        let took = signalled.elapsed();
+        drop(stopped);
+        assert!(
+            exited,
+            "still running {took:?} after SIGTERM; log:\n{}",
+            service.log()
+        );
+        assert!(
+            service.log().contains("generations did not stop in time"),
+            "{}",
+            service.log()
+        );
+        eprintln!("exited {:.2} s after SIGTERM", took.as_secs_f64());
+    }
+}
+
 #[test]
 fn sigterm_cuts_slow_downloads_after_the_grace_and_leaves_nothing_behind() {
     const GRACE: Duration = Duration::from_secs(1);

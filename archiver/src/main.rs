@@ -13,8 +13,13 @@ use gitball_archiver::Config;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Not `#[tokio::main]`: the exit does not wait for a compressor thread
+    // still stopping (`run_main`).
+    gitball_core::signals::run_main(serve())?
+}
+
+async fn serve() -> anyhow::Result<()> {
     let config = Config::parse();
     gitball_core::log::init_tracing(config.options.log_format);
     // A login shell's soft limit (1024) would cap downloads at about 500.

@@ -5,6 +5,22 @@
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
+/// Runs a binary's `main` on tokio's multi-threaded runtime and, once it
+/// returned, leaves the runtime without waiting for blocking work still
+/// running. `#[tokio::main]` drops its runtime instead, which waits for
+/// every blocking task to end: a compressor thread still on its job after
+/// the archiver gave its generations up ("generations did not stop in
+/// time") held the exit for as long as that took, unbounded, with the
+/// drain long over and the partial files removed.
+pub fn run_main<T>(main: impl Future<Output = T>) -> std::io::Result<T> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let returned = runtime.block_on(main);
+    runtime.shutdown_background();
+    Ok(returned)
+}
+
 /// Installs the SIGTERM and SIGINT handlers now and returns a token that is
 /// cancelled when either signal arrives. Needs a running tokio runtime.
 pub fn shutdown_on_signal() -> std::io::Result<CancellationToken> {

@@ -20,8 +20,13 @@ use tokio::signal::unix::{SignalKind, signal};
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Not `#[tokio::main]`: the exit does not wait for an embedded
+    // archiver's compressor thread still stopping (`run_main`).
+    gitball_core::signals::run_main(serve())?
+}
+
+async fn serve() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if let Some(Command::Sign(args)) = cli.command {
         return sign(&args);
