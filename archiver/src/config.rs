@@ -138,12 +138,6 @@ pub struct ArchiveOptions {
     #[arg(long, env = "GITBALL_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 
-    /// Not a flag: the shutdown cut the archiver's connections share. An
-    /// embedded proxy gives its own, so that the in-process archiver's
-    /// downloads its cut ends log `shutdown` (`server::ShutdownCut`).
-    #[arg(skip)]
-    pub shutdown_cut: gitball_core::server::ShutdownCut,
-
     /// TCP congestion control of the listener and of every connection it accepts (e.g. cubic,
     /// bbr; one of net.ipv4.tcp_available_congestion_control). Default: the host's.
     #[arg(long, env = "GITBALL_TCP_CONGESTION", value_parser = gitball_core::server::parse_congestion)]

@@ -61,13 +61,16 @@ const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(300);
 /// Serves the archiver on `listener` (and `/healthz` and `/metrics` on
 /// `admin`, the `--admin-listen` one, when given) until `shutdown` is
 /// cancelled, then drains downloads for `--shutdown-grace`, kills the
-/// children that are still running and removes their partial files.
+/// children that are still running and removes their partial files. `cut`
+/// is set when the drain cuts what is left: a fresh one, or in embedded
+/// mode the proxy's (`server::ShutdownCut`).
 pub async fn run(
     listener: TcpListener,
     admin: Option<TcpListener>,
     repos: PathBuf,
     options: ArchiveOptions,
     shutdown: CancellationToken,
+    cut: server::ShutdownCut,
 ) -> anyhow::Result<()> {
     let handle = gitball_core::metrics::install();
     let max_clients = std::num::NonZeroUsize::new(options.client_cold_max_clients as usize)
@@ -174,13 +177,17 @@ pub async fn run(
         options.shutdown_grace,
         WRITE_STALL_TIMEOUT,
         workers,
-        server::Connections::new(max_connections, "gitball_archiver")
-            .with_cut(options.shutdown_cut.clone()),
+        server::Connections::new(max_connections, "gitball_archiver").with_cut(cut.clone()),
         "gitball-archiver",
         || tracing::info!(%listen, workers, max_connections, "gitball-archiver serving"),
     )
     .await?;
     match drain {
+        // Embedded, the proxy cut first: the downloads it cut ended here
+        // as their client went, before this grace ran out.
+        server::Drain::Complete if cut.is_set() => {
+            tracing::warn!("downloads were cut by the embedding proxy's shutdown")
+        }
         server::Drain::Complete => tracing::info!("all downloads finished"),
         server::Drain::Cut(open) => {
             tracing::warn!(open, "shutdown grace ran out; open downloads were cut")

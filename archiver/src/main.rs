@@ -34,5 +34,6 @@ async fn serve() -> anyhow::Result<()> {
         gitball_core::server::bind(config.listen, config.options.tcp_congestion.as_deref())
             .with_context(|| format!("cannot listen on {}", config.listen))?;
     let admin = gitball_core::server::bind_admin(config.admin_listen)?;
-    gitball_archiver::run(listener, admin, config.repos, config.options, shutdown).await
+    let cut = gitball_core::server::ShutdownCut::default();
+    gitball_archiver::run(listener, admin, config.repos, config.options, shutdown, cut).await
 }

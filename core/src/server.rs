@@ -259,7 +259,8 @@ impl ShutdownCut {
         self.0.store(true, Ordering::Release);
     }
 
-    fn is_set(&self) -> bool {
+    /// Whether the drain cut the connections left.
+    pub fn is_set(&self) -> bool {
         self.0.load(Ordering::Acquire)
     }
 }

@@ -12,13 +12,18 @@ use tokio_util::sync::CancellationToken;
 /// the archiver gave its generations up ("generations did not stop in
 /// time") held the exit for as long as that took, unbounded, with the
 /// drain long over and the partial files removed.
+/// A panic in `main` leaves the same way, then goes on unwinding.
 pub fn run_main<T>(main: impl Future<Output = T>) -> std::io::Result<T> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let returned = runtime.block_on(main);
+    let returned =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runtime.block_on(main)));
     runtime.shutdown_background();
-    Ok(returned)
+    match returned {
+        Ok(returned) => Ok(returned),
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
 }
 
 /// Installs the SIGTERM and SIGINT handlers now and returns a token that is

@@ -189,8 +189,9 @@ impl Proxy {
                 // Cut first, the archiver would end the proxy's downloads
                 // as upstream failures; after the proxy's cut, the shared
                 // flag makes its downloads log `shutdown`.
-                options.shutdown_grace = config.shutdown_grace() + EMBEDDED_GRACE_MARGIN;
-                options.shutdown_cut = cut.clone();
+                options.shutdown_grace = config
+                    .shutdown_grace()
+                    .saturating_add(EMBEDDED_GRACE_MARGIN);
                 let mut archiver = tokio::spawn(gitball_archiver::run(
                     listener,
                     // The proxy's own admin listener shows both tiers.
@@ -198,6 +199,7 @@ impl Proxy {
                     repos.clone(),
                     options,
                     shutdown.clone(),
+                    cut.clone(),
                 ));
                 let base = format!("http://{address}");
                 // A bad --repos or cache dir fails here, before the proxy
