@@ -1927,6 +1927,23 @@ fn generation_over_its_timeout_is_killed_aborted_and_not_cached() {
     expect_aborted_download(&archiver, PATH, "miss");
     assert_generation_discarded(&archiver, PATH, "tar.gz", "timeout", 2.0);
     assert_eq!(archiver.health_status(), Some(200));
+
+    // Cut mid-stream: git writing (64 KiB every 100 ms for 3 s, then the
+    // rest of 96 MiB) and the compressors busy with it.
+    let big = big_repo();
+    let git = sandbox.git_that_trickles("trickling-git", 30, 100);
+    let archiver = Archiver::start(
+        &big.repos,
+        &[
+            "--git",
+            git.to_str().unwrap(),
+            "--generation-timeout",
+            "1.5",
+        ],
+    );
+    let big_path = "/acme/big/archive/main.tar.gz";
+    expect_aborted_download(&archiver, big_path, "miss");
+    assert_generation_discarded(&archiver, big_path, "tar.gz", "timeout", 1.0);
 }
 
 #[test]
@@ -3223,9 +3240,12 @@ impl StoppedThread {
         use nix::sys::wait::{WaitPidFlag, waitpid};
         let tid = nix::unistd::Pid::from_raw(i32::try_from(tid).expect("tid fits i32"));
         ptrace::seize(tid, ptrace::Options::empty()).expect("ptrace the thread");
+        // Made now: a failure below lets the thread go (its process's exit
+        // would otherwise wait for this thread, its tracer, for ever).
+        let stopped = StoppedThread(tid);
         ptrace::interrupt(tid).expect("stop the thread");
         waitpid(tid, Some(WaitPidFlag::__WALL)).expect("the thread stopped");
-        StoppedThread(tid)
+        stopped
     }
 
     /// Reaps the thread if its process ended it (a traced thread waits for
@@ -3264,7 +3284,7 @@ fn the_exit_after_sigterm_does_not_wait_for_a_compressor_that_never_stops() {
         &sandbox.path("embedded-cache"),
         &flags,
     );
-    for service in [&mut *archiver, &mut *embedded] {
+    for (service, embedded_now) in [(&mut *archiver, false), (&mut *embedded, true)] {
         // A tar.gz's head goes out with the gzip header, before git writes.
         let mut download = RawConnection::connect(service.addr).expect("connect");
         download
@@ -3302,6 +3322,14 @@ fn the_exit_after_sigterm_does_not_wait_for_a_compressor_that_never_stops() {
             "{}",
             service.log()
         );
+        // Embedded, the proxy cut the download, not the archiver's longer
+        // grace.
+        let cut_by = if embedded_now {
+            "downloads were cut by the embedding proxy's shutdown"
+        } else {
+            "shutdown grace ran out; open downloads were cut"
+        };
+        assert!(service.log().contains(cut_by), "{}", service.log());
         eprintln!("exited {:.2} s after SIGTERM", took.as_secs_f64());
     }
 }
