@@ -6,8 +6,13 @@ see: the relations between the files an operator copies together.
 
 - both services run as the same user with the required hardening,
   `LimitNOFILE=65536`, `Restart=on-failure`, `KillSignal=SIGTERM`;
-- `TimeoutStopSec=` exceeds the service's `GITBALL_SHUTDOWN_GRACE`, so
-  systemd never SIGKILLs a drain in progress;
+- `TimeoutStopSec=` exceeds the longest exit after SIGTERM the service
+  can take, so systemd never SIGKILLs a drain in progress: the
+  `GITBALL_SHUTDOWN_GRACE`, plus for a service that generates (the
+  archiver, or a proxy with `GITBALL_REPOS`: embedded mode) the 5 s its
+  generations get to stop, and in embedded mode the archiver's grace
+  margin of 2 s (docs/archiver.md, "Shutdown drain"; docs/proxy.md,
+  "Signals");
 - the archiver's only writable path is the cache: `ReadWritePaths=`,
   `GITBALL_CACHE_DIR` and the mount's `Where=` are the same directory, and
   the proxy has no writable path at all;
@@ -59,6 +64,11 @@ REQUIRED_SERVICE_SETTINGS = {
 
 # The minimum tmpfs size as a multiple of GITBALL_CACHE_MAX_BYTES.
 MIN_TMPFS_HEADROOM_FACTOR = 1.2
+# After the grace: how long generations get to stop (GENERATION_STOP_DEADLINE
+# in archiver/src/lib.rs), and how much longer an embedded archiver's grace is
+# than its proxy's (EMBEDDED_GRACE_MARGIN in proxy/src/lib.rs).
+GENERATION_STOP_SECONDS = 5
+EMBEDDED_GRACE_MARGIN_SECONDS = 2
 
 SIZE_UNITS = {
     "": 1, "b": 1,
@@ -154,9 +164,18 @@ def check_service(name, unit, env, allowed, problems):
     stop = last(unit, "Service", "TimeoutStopSec")
     if grace is None or stop is None:
         problems.append(f"{name}: set both GITBALL_SHUTDOWN_GRACE and TimeoutStopSec=")
-    elif parse_seconds(stop) <= float(grace):
-        problems.append(f"{name}: TimeoutStopSec={stop} must exceed "
-                        f"GITBALL_SHUTDOWN_GRACE={grace}: systemd would kill the drain")
+    else:
+        archiver = name == "gitball-archiver.service"
+        embedded = not archiver and bool(env.get("GITBALL_REPOS"))
+        longest = float(grace)
+        if archiver or embedded:
+            longest += GENERATION_STOP_SECONDS
+        if embedded:
+            longest += EMBEDDED_GRACE_MARGIN_SECONDS
+        if parse_seconds(stop) <= longest:
+            problems.append(
+                f"{name}: TimeoutStopSec={stop} must exceed {longest:g} s, the longest exit "
+                f"after SIGTERM with GITBALL_SHUTDOWN_GRACE={grace}: systemd would kill the drain")
 
     for variable in sorted(set(env) - allowed):
         problems.append(f"{name}: env file sets {variable}, which the binary does not read")

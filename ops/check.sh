@@ -103,6 +103,23 @@ done
 run_check "units, tmpfs mount and env files agree${help_args:+ (env checked against --help)}" \
     python3 ops/check-units.py "${help_args[@]}"
 
+# The checker must also fail when it should: a stop timeout above the grace
+# but within the 5 s the archiver's generations get to stop after it.
+units_catch_short_stop() {
+    local output
+    cp -r ops/systemd "$tmp/short-stop"
+    sed -i 's/^TimeoutStopSec=.*/TimeoutStopSec=33s/' "$tmp/short-stop/gitball-archiver.service"
+    if output=$(python3 ops/check-units.py "$tmp/short-stop" 2>&1); then
+        echo "check-units passed TimeoutStopSec=33s with a 30 s grace"
+        return 1
+    fi
+    printf '%s\n' "$output" | grep -q 'gitball-archiver.service: TimeoutStopSec=33s must exceed 35 s' || {
+        printf '%s\n' "$output"
+        return 1
+    }
+}
+run_check "check-units.py fails on a stop timeout within the generations' stop" units_catch_short_stop
+
 # ---------------------------------------------------------------- nginx
 
 nginx_test() {
