@@ -26,6 +26,21 @@ run_check() {  # NAME COMMAND…
     fi
 }
 
+# For the checks that a checker fails when it should: COMMAND must fail, and
+# its output must contain TEXT.
+fails_naming() {  # TEXT COMMAND…
+    local text=$1 output
+    shift
+    if output=$("$@" 2>&1); then
+        echo "passed, where it should have failed naming: $text"
+        return 1
+    fi
+    printf '%s\n' "$output" | grep -qF -- "$text" || {
+        printf '%s\n' "$output"
+        return 1
+    }
+}
+
 missing=()
 for tool in systemd-analyze systemd-sysusers nginx promtool python3; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
@@ -106,17 +121,10 @@ run_check "units, tmpfs mount and env files agree${help_args:+ (env checked agai
 # The checker must also fail when it should: a stop timeout above the grace
 # but within the 5 s the archiver's generations get to stop after it.
 units_catch_short_stop() {
-    local output
     cp -r ops/systemd "$tmp/short-stop"
     sed -i 's/^TimeoutStopSec=.*/TimeoutStopSec=33s/' "$tmp/short-stop/gitball-archiver.service"
-    if output=$(python3 ops/check-units.py "$tmp/short-stop" 2>&1); then
-        echo "check-units passed TimeoutStopSec=33s with a 30 s grace"
-        return 1
-    fi
-    printf '%s\n' "$output" | grep -q 'gitball-archiver.service: TimeoutStopSec=33s must exceed 35 s' || {
-        printf '%s\n' "$output"
-        return 1
-    }
+    fails_naming 'gitball-archiver.service: TimeoutStopSec=33s must exceed 35 s' \
+        python3 ops/check-units.py "$tmp/short-stop"
 }
 run_check "check-units.py fails on a stop timeout within the generations' stop" units_catch_short_stop
 
@@ -145,16 +153,9 @@ run_check "promtool check metrics < testdata/sample-metrics.txt" \
 # The checker must also fail when it should: drop the proxy's families from
 # the sample and expect it to name them.
 queries_catch_missing() {
-    local output
     sed '/^# gitball-proxy/,$d' ops/testdata/sample-metrics.txt > "$tmp/archiver-only.txt"
-    if output=$(python3 ops/check-queries.py "$tmp/archiver-only.txt" 2>&1); then
-        echo "check-queries passed a scrape without gitball_proxy_* families"
-        return 1
-    fi
-    printf '%s\n' "$output" | grep -q 'gitball_proxy_requests_total: not in any scrape' || {
-        printf '%s\n' "$output"
-        return 1
-    }
+    fails_naming 'gitball_proxy_requests_total: not in any scrape' \
+        python3 ops/check-queries.py "$tmp/archiver-only.txt"
 }
 
 echo "dashboard and alert queries"
