@@ -284,11 +284,6 @@ impl Connections {
         Connections { cut, ..self }
     }
 
-    /// The shutdown cut of these connections.
-    pub fn cut(&self) -> &ShutdownCut {
-        &self.cut
-    }
-
     /// The admin listener's own cap, [`ADMIN_MAX_CONNECTIONS`]. It has no
     /// series: the connection series count the service's clients, and the
     /// admin listener's few (probes, scrapes) would only blur them.

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 /// the archiver gave its generations up ("generations did not stop in
 /// time") held the exit for as long as that took, unbounded, with the
 /// drain long over and the partial files removed.
+///
 /// A panic in `main` leaves the same way, then goes on unwinding.
 pub fn run_main<T>(main: impl Future<Output = T>) -> std::io::Result<T> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
