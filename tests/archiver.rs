@@ -1894,12 +1894,13 @@ fn assert_generation_discarded(
 const SLOW_ZSTD: [&str; 2] = ["--zstd-level", "19"];
 const SLOW_PATH: &str = "/acme/big/archive/main.tar.zst";
 
-/// A git that writes nothing until it is released (never, here): the
-/// tar.gz's header, written before git runs, is the first byte, so the
+/// First a git that writes nothing until it is released (never, here):
+/// the tar.gz's header, written before git runs, is the first byte, so the
 /// head has gone out when the timeout cuts the generation, however loaded
 /// the machine. (zstd at level 19 as the slow generation was not: at its
 /// lower priority on two cores busy with the rest of the suite, its first
 /// block once took longer than the timeout, and the answer was a `500`.)
+/// Then a git that trickles, cut mid-stream.
 #[test]
 fn generation_over_its_timeout_is_killed_aborted_and_not_cached() {
     const PATH: &str = "/acme/widget/archive/main.tar.gz";
