@@ -5,9 +5,10 @@
 //! generation slot.
 
 use std::collections::BTreeSet;
+use std::io::Write as _;
 use std::time::Duration;
 
-use gitball_e2e::proxy::{Proxy, big_repository, fetch_with, small_repository};
+use gitball_e2e::proxy::{Cluster, Proxy, big_repository, fetch_with, small_repository};
 use gitball_e2e::{Archiver, RawConnection, Sandbox, wait_until};
 use serde_json::Value;
 
@@ -257,4 +258,82 @@ fn downloads_cut_when_the_shutdown_grace_runs_out_are_logged_shutdown() {
         assert_eq!(line["ending"], "shutdown", "{line}");
     }
     drop(stalled);
+}
+
+/// A client that leaves while the proxy's attempt is in flight (the
+/// archiver's git writes nothing, so no head comes): the proxy's line names
+/// the attempt, which the archiver's own line for the same request id shows
+/// was made, and the attempt is counted with the outcome `client_gone`
+/// (docs/observability.md; review: attack: the line said `attempts` 0 and
+/// `upstream` `-`, and the attempt was counted nowhere).
+#[test]
+fn a_client_leaving_mid_attempt_is_logged_and_counted_with_the_attempt() {
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    let (git, mut release) = sandbox.git_that_pauses("git-that-waits", 0);
+    let archiver = Archiver::start(&sandbox.repos(), &["--git", git.to_str().unwrap()]);
+    let cluster = Cluster::around(archiver, Vec::new(), &[]);
+    let upstream = cluster.primary.base_url.clone();
+
+    let mut client = std::net::TcpStream::connect(cluster.proxy.addr).unwrap();
+    client
+        .write_all(
+            b"GET /acme/widget/archive/main.tar HTTP/1.1\r\nHost: x\r\n\
+              X-Request-Id: leaves-mid-attempt\r\n\r\n",
+        )
+        .unwrap();
+    assert!(
+        wait_until(WAIT, || cluster
+            .primary
+            .metrics()
+            .value("gitball_archiver_generations_in_flight", &[])
+            == 1.0),
+        "the archiver never started the generation:\n{}",
+        cluster.primary.log()
+    );
+    // Half-closed, as a client that sent its request and left does.
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+
+    let mut line = None;
+    assert!(
+        wait_until(WAIT, || {
+            line = request_lines(&cluster.proxy.log())
+                .into_iter()
+                .find(|line| line["request_id"] == "leaves-mid-attempt");
+            line.is_some()
+        }),
+        "no proxy line:\n{}",
+        cluster.proxy.log()
+    );
+    let line = line.unwrap();
+    assert_eq!(line["status"], 499, "{line}");
+    assert_eq!(line["ending"], "client_gone", "{line}");
+    assert_eq!(line["upstream"], upstream.as_str(), "{line}");
+    assert_eq!(line["attempts"], "1", "{line}");
+    let attempts = |outcome: &str| {
+        cluster.proxy.scrape().value(
+            "gitball_proxy_upstream_attempts_total",
+            &[("upstream", upstream.as_str()), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(attempts("client_gone"), 1.0);
+    // The archiver's line for the same request: the attempt was made.
+    release.write_all(b"go\n").unwrap();
+    assert!(
+        wait_until(WAIT, || line_for(
+            &cluster.primary.log(),
+            "leaves-mid-attempt"
+        )
+        .is_some()),
+        "no archiver line:\n{}",
+        cluster.primary.log()
+    );
+    // Not ejected: the client's leaving says nothing of the archiver.
+    assert_eq!(
+        cluster.proxy.scrape().value(
+            "gitball_proxy_upstream_ejected",
+            &[("upstream", upstream.as_str())]
+        ),
+        0.0
+    );
 }

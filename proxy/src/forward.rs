@@ -208,6 +208,16 @@ pub enum Outcome {
     Error,
 }
 
+/// An attempt in flight: dropped before it ends (its request's future was
+/// dropped: the client left), it is counted as `client_gone`.
+struct UnfinishedAttempt<'a>(&'a Arc<str>);
+
+impl Drop for UnfinishedAttempt<'_> {
+    fn drop(&mut self) {
+        crate::metrics::upstream_attempt(self.0, "client_gone");
+    }
+}
+
 impl Outcome {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -379,6 +389,22 @@ impl Forwarder {
         all_ejected: bool,
         request: &UpstreamRequest,
     ) -> Result<Forwarded, Failed> {
+        self.forward_telling(candidates, all_ejected, request, |_, _| {})
+            .await
+    }
+
+    /// [`Forwarder::forward`], telling `attempting` each attempt's upstream
+    /// and number as it begins: a request whose client leaves meanwhile
+    /// (its future dropped mid-attempt) is then logged with the attempt
+    /// the archiver may already be serving, and the attempt is counted
+    /// with the outcome `client_gone`.
+    pub async fn forward_telling(
+        &self,
+        candidates: &[Candidate],
+        all_ejected: bool,
+        request: &UpstreamRequest,
+        mut attempting: impl FnMut(&Arc<str>, u32),
+    ) -> Result<Forwarded, Failed> {
         let mut attempts = 0;
         let mut last_server_error: Option<(UpstreamResponse, Arc<str>)> = None;
         let mut timeouts = 0;
@@ -389,7 +415,10 @@ impl Forwarder {
             }
             attempts += 1;
             last_upstream = Some(candidate.upstream.clone());
+            attempting(&candidate.upstream, attempts);
+            let unfinished = UnfinishedAttempt(&candidate.upstream);
             let (outcome, response) = self.attempt(candidate, request).await;
+            std::mem::forget(unfinished);
             crate::metrics::upstream_attempt(&candidate.upstream, outcome.as_str());
             // A complete-only request waits for a whole generation: running
             // long is no sign of a broken archiver.

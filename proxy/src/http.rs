@@ -213,11 +213,19 @@ async fn handle(
         ),
     };
     let all_ejected = ejected == candidates.len();
-    match state
+    let forwarded = state
         .forwarder
-        .forward(&candidates, all_ejected, &upstream_request)
-        .await
-    {
+        .forward_telling(
+            &candidates,
+            all_ejected,
+            &upstream_request,
+            |upstream, attempts| {
+                log.upstream = Some(upstream.clone());
+                log.attempts = Some(attempts);
+            },
+        )
+        .await;
+    match forwarded {
         Ok(forwarded) => {
             log.upstream = Some(forwarded.upstream.clone());
             log.attempts = Some(forwarded.attempts);
