@@ -209,7 +209,8 @@ pub enum Outcome {
 }
 
 /// An attempt in flight: dropped before it ends (its request's future was
-/// dropped: the client left), it is counted as `client_gone`.
+/// dropped: the client left, or was cut while a parked download resumed),
+/// it is counted as `client_gone`.
 struct UnfinishedAttempt<'a>(&'a Arc<str>);
 
 impl Drop for UnfinishedAttempt<'_> {
