@@ -392,9 +392,15 @@ impl TarWriter {
     /// What [`Spec::variant`] is given for an archive (whose tree asks for
     /// `export-subst` or not): from the last fingerprint taken.
     pub fn current(&self, export_subst: bool) -> Option<String> {
-        self.taken()
-            .and_then(|taken| taken.last_good)
-            .and_then(|fingerprint| fingerprint.variant_part(export_subst))
+        // Read in place, not through a copy of `Taken`: every request,
+        // a small hit too, asks.
+        self.taken
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()?
+            .last_good
+            .as_ref()?
+            .variant_part(export_subst)
     }
 
     /// [`TarWriter::current`], after a look at the binary if no request
