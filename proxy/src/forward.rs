@@ -208,17 +208,6 @@ pub enum Outcome {
     Error,
 }
 
-/// An attempt in flight: dropped before it ends (its request's future was
-/// dropped: the client left, or was cut while a parked download resumed),
-/// it is counted as `client_gone`.
-struct UnfinishedAttempt<'a>(&'a Arc<str>);
-
-impl Drop for UnfinishedAttempt<'_> {
-    fn drop(&mut self) {
-        crate::metrics::upstream_attempt(self.0, "client_gone");
-    }
-}
-
 impl Outcome {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -246,6 +235,17 @@ impl Outcome {
                 | Outcome::ReplicaNotFound
                 | Outcome::Overloaded
         )
+    }
+}
+
+/// An attempt in flight: dropped before it ends (its request's future was
+/// dropped: the client left, or was cut while a parked download resumed),
+/// it is counted as `client_gone`.
+struct UnfinishedAttempt<'a>(&'a Arc<str>);
+
+impl Drop for UnfinishedAttempt<'_> {
+    fn drop(&mut self) {
+        crate::metrics::upstream_attempt(self.0, "client_gone");
     }
 }
 
