@@ -298,10 +298,12 @@ pub struct Space {
 /// Runs `git archive` for `spec`, in the git dir `shadow` (see `shadow`),
 /// into the (already created) file at `path`. Reports the written length
 /// through `space` as the file grows. On failure the child is killed and
-/// reaped; removing the file is the caller's job. `git_unchanged` is asked
-/// once git has started (exec done): false means the binary was replaced
-/// since the request's fingerprint was checked (`canary`), and the
-/// generation fails as `RefsChanged` before git writes a byte.
+/// reaped; removing the file is the caller's job. `git_unchanged` says
+/// whether the binary is still the one the request's fingerprint was
+/// checked of (`canary`). It is asked before anything reaches readers and
+/// again once git has started (exec done); false fails the generation as
+/// `RefsChanged` before git writes a byte, and the first time, before a
+/// byte written ahead reaches readers, so the request is resolved again.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     git: &Path,
@@ -332,6 +334,16 @@ pub async fn run(
         hasher: Sha256::new(),
         full,
     };
+    // Replaced since the check (preparing the git dir can take long: a
+    // snapshot of many refs), the generation must fail now, while no byte
+    // of its answer has been given: after the bytes written ahead, its
+    // readers hold a `200` under the old ETag, and only an abort is left
+    // (attack: 52 of 60 tar.gz downloads cut so, git swapped as they
+    // began).
+    if !git_unchanged() {
+        tracing::info!("git was replaced before the generation started");
+        return Err(Failure::RefsChanged);
+    }
     // What the output starts with whatever git writes (the gzip header,
     // the zip's prefix directory) reaches readers now, not after git's
     // start-up: starting git (fork of this multi-threaded process, exec,
@@ -1040,12 +1052,31 @@ mod tests {
     }
 
     /// A git replaced between the fingerprint's check and its start
-    /// (`canary`): the generation fails as `RefsChanged`, with nothing of
-    /// git's written.
+    /// (`canary`): the generation fails as `RefsChanged`, with nothing
+    /// written, not even the bytes a tar.gz and a zip write ahead of git,
+    /// which would have given the request a `200` under the old ETag.
     #[tokio::test]
     async fn a_git_replaced_before_it_started_writes_nothing() {
+        for compression in [
+            Compression::None,
+            Compression::Gzip(6),
+            Compression::Zip(6),
+            Compression::Zstd(3),
+        ] {
+            a_git_replaced_before_it_started_writes_nothing_in(compression).await;
+        }
+    }
+
+    async fn a_git_replaced_before_it_started_writes_nothing_in(compression: Compression) {
         let stub = crate::test_support::StubGit::printing(&[b'x'; 4096]);
-        let spec = stub.spec(1);
+        let mut spec = stub.spec(1);
+        spec.compression = compression;
+        spec.format = match compression {
+            Compression::None => Format::Tar,
+            Compression::Gzip(_) => Format::TarGz,
+            Compression::Zip(_) => Format::Zip,
+            Compression::Zstd(_) => Format::TarZst,
+        };
         let partial = stub.cache_dir().join("partial");
         std::fs::create_dir_all(stub.cache_dir()).unwrap();
         std::fs::write(&partial, b"").unwrap();
@@ -1076,9 +1107,18 @@ mod tests {
             &|| false,
         )
         .await;
-        assert_eq!(result, Err(Failure::RefsChanged));
-        assert_eq!(grown.load(std::sync::atomic::Ordering::Relaxed), 0);
-        assert_eq!(std::fs::metadata(&partial).unwrap().len(), 0);
+        assert_eq!(result, Err(Failure::RefsChanged), "{compression:?}");
+        assert_eq!(
+            grown.load(std::sync::atomic::Ordering::Relaxed),
+            0,
+            "{compression:?}: announced"
+        );
+        assert_eq!(
+            std::fs::metadata(&partial).unwrap().len(),
+            0,
+            "{compression:?}: written"
+        );
+        assert!(stub.runs().is_empty(), "{compression:?}: git ran");
     }
 
     #[test]
