@@ -210,6 +210,94 @@ fn prewarm_through_the_proxy_runs_on_the_replica_downloads_use() {
     assert_eq!(refused.status(), 401);
 }
 
+/// A client that leaves while a prewarm's attempts are in flight is logged
+/// with them, as an archive request is (`docs/observability.md`: the
+/// `upstream` and `attempts` fields count an attempt still in flight), and
+/// each is counted `client_gone`. Before, the line said `upstream` `-` and
+/// `attempts` `0` while the archivers may have been serving them.
+#[test]
+fn a_client_leaving_mid_prewarm_is_logged_with_its_attempts() {
+    use std::io::{Read, Write};
+    let sandbox = Sandbox::new();
+    let prewarm = write_token(&sandbox, "prewarm", PREWARM_TOKEN);
+    // An upstream that accepts and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let upstream = format!("http://{}", silent.local_addr().unwrap());
+    let routes = sandbox.path("routes.toml");
+    write_routes(&routes, &[Route::new("*", &upstream, &[])]);
+    let proxy = Proxy::with_routes(
+        &routes,
+        &["--prewarm-token-file", &prewarm, "--header-timeout", "60"],
+    );
+
+    let mut client = std::net::TcpStream::connect(proxy.addr).unwrap();
+    client
+        .write_all(
+            format!(
+                "POST /acme/widget/prewarm/main HTTP/1.1\r\nHost: x\r\n\
+                 Content-Length: 0\r\nX-Request-Id: leaves-mid-prewarm\r\n\
+                 Authorization: {}\r\n\r\n",
+                bearer(PREWARM_TOKEN)
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    // One attempt per format (tar.gz and zip), each with its request sent.
+    silent.set_nonblocking(true).unwrap();
+    let mut held = Vec::new();
+    assert!(
+        wait_until(SETTLE, || {
+            while let Ok((connection, _)) = silent.accept() {
+                connection
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                held.push(connection);
+            }
+            held.len() == 2
+        }),
+        "{} attempts reached the upstream",
+        held.len()
+    );
+    for connection in &mut held {
+        let mut head = Vec::new();
+        let mut byte = [0; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(connection.read(&mut byte).unwrap(), 1, "the request's head");
+            head.push(byte[0]);
+        }
+    }
+    // Half-closed, as a client that sent its request and left does.
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+
+    let mut line = None;
+    assert!(
+        wait_until(SETTLE, || {
+            line = proxy
+                .log()
+                .lines()
+                .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+                .find(|line| {
+                    line["message"] == "request" && line["request_id"] == "leaves-mid-prewarm"
+                });
+            line.is_some()
+        }),
+        "no proxy line:\n{}",
+        proxy.log()
+    );
+    let line = line.unwrap();
+    assert_eq!(line["status"], 499, "{line}");
+    assert_eq!(line["ending"], "client_gone", "{line}");
+    assert_eq!(line["upstream"], upstream.as_str(), "{line}");
+    assert_eq!(line["attempts"], "2", "{line}");
+    assert_eq!(
+        proxy.scrape().value(
+            "gitball_proxy_upstream_attempts_total",
+            &[("upstream", upstream.as_str()), ("outcome", "client_gone")],
+        ),
+        2.0
+    );
+}
+
 #[test]
 fn prewarm_is_404_without_its_token_file() {
     let sandbox = Sandbox::new();

@@ -19,6 +19,7 @@
 //! is passed on as the archiver gave it (`404` for an unknown ref, `503`
 //! when shutting down), or the proxy's own `502`/`504`.
 
+use std::sync::PoisonError;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -96,6 +97,12 @@ pub async fn serve(
         authorization.set_sensitive(true);
         headers.insert(header::AUTHORIZATION, authorization);
     }
+    // Each attempt goes into the log as it begins (the formats' attempts
+    // run at once), so a client that leaves mid-attempt is logged with the
+    // attempts the archivers may be serving, as an archive request is
+    // (`Forwarder::forward_telling`). A mutex, not a `RefCell`: the
+    // handler's future must be `Send`.
+    let told = std::sync::Mutex::new(&mut *log);
     let attempts = prewarm.formats.iter().map(|format| {
         let upstream_request = UpstreamRequest {
             method: Method::POST,
@@ -103,34 +110,31 @@ pub async fn serve(
             headers: headers.clone(),
         };
         let candidates = &candidates;
+        let told = &told;
         async move {
             let forwarded = state
                 .forwarder
-                .forward(candidates, all_ejected, &upstream_request)
+                .forward_telling(candidates, all_ejected, &upstream_request, |upstream, _| {
+                    let mut log = told.lock().unwrap_or_else(PoisonError::into_inner);
+                    log.upstream = Some(upstream.clone());
+                    log.attempts = Some(log.attempts.unwrap_or(0) + 1);
+                })
                 .await;
             match forwarded {
                 Ok(forwarded) => read_answer(forwarded).await,
-                Err(failed) => Err((failed.error, failed.attempts)),
+                Err(failed) => Err(failed.error),
             }
         }
     });
     let answers = join_all(attempts).await;
 
+    // Every format's attempts are in `log.attempts` by now.
     let mut commit = None;
     let mut keys = Vec::new();
-    let mut attempts = 0;
     for answer in answers {
-        let (answer, upstream, tries) = match answer {
-            Ok(answered) => answered,
-            Err((error, tries)) => {
-                log.attempts = Some(attempts + tries);
-                return Err(error);
-            }
-        };
-        attempts += tries;
+        let (answer, upstream) = answer?;
         log.upstream = Some(upstream);
         if answer.status != StatusCode::ACCEPTED {
-            log.attempts = Some(attempts);
             return Ok(passed_on(answer));
         }
         let json: serde_json::Value = serde_json::from_slice(&answer.body)
@@ -142,7 +146,6 @@ pub async fn serve(
             keys.extend(found.iter().cloned());
         }
     }
-    log.attempts = Some(attempts);
     log.commit = commit
         .as_ref()
         .and_then(|commit| commit.as_str())
@@ -157,13 +160,9 @@ pub async fn serve(
 }
 
 /// Reads an archiver's (small) answer whole.
-async fn read_answer(
-    forwarded: Forwarded,
-) -> Result<(KeyAnswer, std::sync::Arc<str>, u32), (Error, u32)> {
+async fn read_answer(forwarded: Forwarded) -> Result<(KeyAnswer, std::sync::Arc<str>), Error> {
     let Forwarded {
-        response,
-        upstream,
-        attempts,
+        response, upstream, ..
     } = forwarded;
     let (parts, body) = response.into_parts();
     let collected = tokio::time::timeout(
@@ -179,13 +178,12 @@ async fn read_answer(
                 body: collected.to_bytes(),
             },
             upstream,
-            attempts,
         )),
         Ok(Err(error)) => {
             tracing::warn!(%upstream, %error, "cannot read an archiver's prewarm answer");
-            Err((Error::BadGateway, attempts))
+            Err(Error::BadGateway)
         }
-        Err(_elapsed) => Err((Error::GatewayTimeout, attempts)),
+        Err(_elapsed) => Err(Error::GatewayTimeout),
     }
 }
 
