@@ -3335,6 +3335,101 @@ fn the_exit_after_sigterm_does_not_wait_for_a_compressor_that_never_stops() {
     }
 }
 
+/// A signal while the start-up canary runs ends the start within the
+/// bound of a shutdown (the grace and 5 s), on an archiver and on an
+/// embedded proxy, as a clean exit that served nothing
+/// (docs/archiver.md, "Shutdown drain"). The canary may take its 10 s, and
+/// three tries while the binary keeps changing; the exit waited for it.
+#[test]
+fn a_sigterm_while_the_canary_runs_ends_the_start_at_once() {
+    use std::os::unix::fs::PermissionsExt;
+    let sandbox = Sandbox::new();
+    widget(&sandbox);
+    let git = String::from_utf8(
+        std::process::Command::new("sh")
+            .args(["-c", "command -v git"])
+            .output()
+            .expect("look up git")
+            .stdout,
+    )
+    .expect("git's path is UTF-8");
+    let marker = sandbox.path("canary-started");
+    // Its canary's `fast-import` says it started, then takes 60 s.
+    let stub = sandbox.path("git-with-a-slow-canary");
+    std::fs::write(
+        &stub,
+        format!(
+            "#!/bin/sh\n\
+             case \" $* \" in\n\
+             *' fast-import '*) echo $$ > '{marker}'; exec /bin/sleep 60 ;;\n\
+             esac\n\
+             exec '{git}' \"$@\"\n",
+            marker = marker.display(),
+            git = git.trim()
+        ),
+    )
+    .expect("write the stub");
+    std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    for (binary, cache) in [
+        ("gitball-archiver", "cache-a"),
+        ("gitball-proxy", "cache-p"),
+    ] {
+        let _ = std::fs::remove_file(&marker);
+        let log = sandbox.path(&format!("{binary}.log"));
+        let mut child = std::process::Command::new(gitball_e2e::binary_path(binary))
+            .args(["--listen", "127.0.0.1:0", "--repos"])
+            .arg(sandbox.repos())
+            .arg("--cache-dir")
+            .arg(sandbox.path(cache))
+            .args(["--shutdown-grace", "1", "--git"])
+            .arg(&stub)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("the log file"))
+            .spawn()
+            .expect("run the binary");
+        let started = wait_until(Duration::from_secs(10), || marker.exists());
+        let canary: Option<i32> = std::fs::read_to_string(&marker)
+            .ok()
+            .and_then(|pid| pid.trim().parse().ok());
+        if !started || canary.is_none() {
+            let _ = child.kill();
+            panic!("{binary}: the canary never started");
+        }
+        let signalled = Instant::now();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("SIGTERM");
+        // The grace and the 5 s for generations to stop; it needs neither.
+        let exited = wait_until(Duration::from_secs(6), || {
+            child.try_wait().expect("wait").is_some()
+        });
+        let took = signalled.elapsed();
+        if !exited {
+            let _ = child.kill();
+        }
+        let status = child.wait().expect("wait");
+        let log = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(
+            exited,
+            "{binary}: still running {took:?} after SIGTERM:\n{log}"
+        );
+        assert!(status.success(), "{binary}: {status}:\n{log}");
+        assert!(
+            log.contains("shut down while starting; nothing was served"),
+            "{binary}:\n{log}"
+        );
+        assert!(!log.contains("serving"), "{binary}:\n{log}");
+        // The canary's git went with it.
+        let canary = canary.expect("checked above") as u32;
+        assert!(
+            wait_until(Duration::from_secs(5), || !process_alive(canary)),
+            "{binary}: the canary's git {canary} outlived it"
+        );
+    }
+}
+
 #[test]
 fn sigterm_cuts_slow_downloads_after_the_grace_and_leaves_nothing_behind() {
     const GRACE: Duration = Duration::from_secs(1);

@@ -143,7 +143,17 @@ pub async fn run(
         })?;
 
     // After the cache dir is this archiver's: the canary is made in it.
-    tar_writer.check().await?;
+    // A signal meanwhile ends the start: a canary may take its 10 s, three
+    // times over while the binary keeps changing, and the exit is bounded
+    // by the grace (attack: SIGTERM at start-up held the exit 9 s with a 1 s
+    // grace).
+    tokio::select! {
+        checked = tar_writer.check() => checked?,
+        () = shutdown.cancelled() => {
+            tracing::info!("shut down while starting; nothing was served");
+            return Ok(());
+        }
+    };
 
     let app = Arc::new(http::App {
         repos,

@@ -75,10 +75,10 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let admin = server::bind_admin(config.admin_listen)?;
-    Proxy::start(config, shutdown)
-        .await?
-        .serve(listener, admin)
-        .await
+    match Proxy::start(config, shutdown).await? {
+        Some(proxy) => proxy.serve(listener, admin).await,
+        None => Ok(()),
+    }
 }
 
 /// A started proxy: routes loaded (or the embedded archiver running),
@@ -96,8 +96,13 @@ pub struct Proxy {
 
 impl Proxy {
     /// Loads the routing table, or starts the embedded archiver on
-    /// `127.0.0.1:0`, and reads the key and token files.
-    pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Proxy> {
+    /// `127.0.0.1:0`, and reads the key and token files. `None` when
+    /// `shutdown` came while the embedded archiver started: there is
+    /// nothing to serve, and nothing failed.
+    pub async fn start(
+        config: Config,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Option<Proxy>> {
         let handle = gitball_core::metrics::install();
         metrics::register();
 
@@ -208,6 +213,11 @@ impl Proxy {
                     ready = wait_healthy(&base) => ready?,
                     ended = &mut archiver => {
                         ended.context("the embedded archiver panicked")??;
+                        if shutdown.is_cancelled() {
+                            // A signal while it started: not a failure.
+                            tracing::info!("shut down while starting; nothing was served");
+                            return Ok(None);
+                        }
                         anyhow::bail!("the embedded archiver stopped at start-up");
                     }
                 }
@@ -258,14 +268,14 @@ impl Proxy {
             prewarm,
             metrics: handle,
         });
-        Ok(Proxy {
+        Ok(Some(Proxy {
             state,
             shutdown,
             grace: config.shutdown_grace(),
             cut,
             max_connections,
             embedded,
-        })
+        }))
     }
 
     /// The routing table, for reloading it (SIGHUP).

@@ -45,7 +45,9 @@ async fn serve() -> anyhow::Result<()> {
         gitball_core::server::bind(config.listen, config.archiver.tcp_congestion.as_deref())
             .with_context(|| format!("cannot listen on {}", config.listen))?;
     let admin = gitball_core::server::bind_admin(config.admin_listen)?;
-    let proxy = gitball_proxy::Proxy::start(config, shutdown).await?;
+    let Some(proxy) = gitball_proxy::Proxy::start(config, shutdown).await? else {
+        return Ok(());
+    };
     tokio::spawn(reload_on_sighup(hangup, proxy.routes()));
     proxy.serve(listener, admin).await
 }
