@@ -65,8 +65,8 @@ REQUIRED_SERVICE_SETTINGS = {
 # The minimum tmpfs size as a multiple of GITBALL_CACHE_MAX_BYTES.
 MIN_TMPFS_HEADROOM_FACTOR = 1.2
 # After the grace: how long generations get to stop (GENERATION_STOP_DEADLINE
-# in archiver/src/lib.rs), and how much longer an embedded archiver's grace is
-# than its proxy's (EMBEDDED_GRACE_MARGIN in proxy/src/lib.rs).
+# in archiver/src/lib.rs), and an embedded archiver's grace, which starts when
+# its proxy's drain ends (EMBEDDED_GRACE_MARGIN in proxy/src/lib.rs).
 GENERATION_STOP_SECONDS = 5
 EMBEDDED_GRACE_MARGIN_SECONDS = 2
 

@@ -3323,8 +3323,8 @@ fn the_exit_after_sigterm_does_not_wait_for_a_compressor_that_never_stops() {
             "{}",
             service.log()
         );
-        // Embedded, the proxy cut the download, not the archiver's longer
-        // grace.
+        // Embedded, the proxy cut the download; the archiver drains only
+        // after the proxy did.
         let cut_by = if embedded_now {
             "downloads were cut by the embedding proxy's shutdown"
         } else {

@@ -1321,6 +1321,67 @@ fn a_stalled_download_parks_and_resumes_with_the_same_bytes() {
     );
 }
 
+/// Embedded, the in-process archiver serves on through the proxy's
+/// shutdown grace: a parked download whose client reads again after
+/// SIGTERM resumes on a new connection to it and ends complete, and the
+/// drain then completes (docs/proxy.md, "Signals"). The archiver used to
+/// stop accepting at SIGTERM with the proxy: the resume was an upstream
+/// failure, the archiver ejected and the download aborted (attack).
+#[test]
+fn embedded_a_parked_download_resumes_during_the_shutdown_grace() {
+    let sandbox = Sandbox::new();
+    let big = big_repo_128();
+    let cache = sandbox.path("cache");
+    link_files(warm_big_cache(), &cache);
+    let mut proxy = Proxy::embedded(
+        &big.repos,
+        &cache,
+        &["--park-after", PARK_AFTER, "--shutdown-grace", "60"],
+    );
+    let mut connection = RawConnection::connect(proxy.addr).expect("connect");
+    connection.send_request("GET", BIG_PATH, &[]).expect("send");
+    let head = connection.read_head().expect("head");
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("x-gitball-cache"), Some("hit"));
+    let digest = head
+        .header("repr-digest")
+        .expect("a hit has a digest")
+        .to_owned();
+    let first = connection.read_body_bytes(MIB).expect("first MiB");
+    let mut hasher = Sha256::new();
+    hasher.update(&first);
+    assert!(
+        wait_until(SETTLE, || proxy
+            .scrape()
+            .value("gitball_proxy_parked_downloads", &[])
+            == 1.0),
+        "the stalled download was not parked"
+    );
+
+    proxy.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        wait_until(SETTLE, || proxy.log().contains("SIGTERM: shutting down")),
+        "{}",
+        proxy.log()
+    );
+    read_rest_and_check(
+        &mut connection,
+        hasher,
+        first.len() as u64,
+        &digest,
+        big,
+        "resumed after SIGTERM",
+    );
+    drop(connection);
+    assert!(
+        wait_until(SETTLE, || !proxy.is_running()),
+        "the proxy did not exit once its download was done"
+    );
+    let log = proxy.log();
+    assert!(log.contains("shutdown: all downloads finished"), "{log}");
+    assert!(!log.contains("ejected"), "{log}");
+}
+
 #[test]
 fn a_parked_download_resumes_from_a_new_generation_after_a_restart_on_an_empty_cache() {
     let sandbox = Sandbox::new();

@@ -91,7 +91,14 @@ pub struct Proxy {
     cut: server::ShutdownCut,
     /// `--max-connections`, or its default for this mode.
     max_connections: usize,
-    embedded: Option<JoinHandle<anyhow::Result<()>>>,
+    embedded: Option<Embedded>,
+}
+
+/// The in-process archiver of embedded mode, and its own shutdown token:
+/// cancelled once the proxy has drained.
+struct Embedded {
+    task: JoinHandle<anyhow::Result<()>>,
+    shutdown: CancellationToken,
 }
 
 impl Proxy {
@@ -188,22 +195,22 @@ impl Proxy {
                 let mut options = config.archiver.clone();
                 options.max_connections =
                     Some((max_connections + EMBEDDED_CONNECTIONS_HEADROOM) as u64);
-                // At shutdown the proxy cuts first, then the archiver has
-                // nothing left to cut (its only client is this proxy, and
-                // it drains as soon as the proxy's connections are gone).
-                // Cut first, the archiver would end the proxy's downloads
-                // as upstream failures; after the proxy's cut, the shared
-                // flag makes its downloads log `shutdown`.
-                options.shutdown_grace = config
-                    .shutdown_grace()
-                    .saturating_add(EMBEDDED_GRACE_MARGIN);
+                // At shutdown the archiver serves on through the proxy's
+                // drain: a parked download resumes on a new connection to
+                // it, and a request not yet forwarded still gets there.
+                // Only once the proxy's connections are all gone (finished,
+                // or cut by the proxy, which the shared flag makes its
+                // downloads log as `shutdown`) does it drain, with nothing
+                // left to wait for but its idle connections.
+                options.shutdown_grace = EMBEDDED_GRACE_MARGIN;
+                let archiver_shutdown = CancellationToken::new();
                 let mut archiver = tokio::spawn(gitball_archiver::run(
                     listener,
                     // The proxy's own admin listener shows both tiers.
                     None,
                     repos.clone(),
                     options,
-                    shutdown.clone(),
+                    archiver_shutdown.clone(),
                     cut.clone(),
                 ));
                 let base = format!("http://{address}");
@@ -213,17 +220,25 @@ impl Proxy {
                     ready = wait_healthy(&base) => ready?,
                     ended = &mut archiver => {
                         ended.context("the embedded archiver panicked")??;
-                        if shutdown.is_cancelled() {
-                            // A signal while it started: not a failure.
-                            tracing::info!("shut down while starting; nothing was served");
-                            return Ok(None);
-                        }
                         anyhow::bail!("the embedded archiver stopped at start-up");
+                    }
+                    () = shutdown.cancelled() => {
+                        // A signal while it started: not a failure.
+                        archiver_shutdown.cancel();
+                        archiver.await.context("the embedded archiver panicked")??;
+                        tracing::info!("shut down while starting; nothing was served");
+                        return Ok(None);
                     }
                 }
                 let table = RouteTable::single(&base)?;
                 tracing::info!(%address, repos = %repos.display(), "embedded archiver ready");
-                (Routes::fixed(table), Some(archiver))
+                (
+                    Routes::fixed(table),
+                    Some(Embedded {
+                        task: archiver,
+                        shutdown: archiver_shutdown,
+                    }),
+                )
             }
             // clap's `upstreams` group makes these impossible from the
             // command line; a `Config` built by hand could still say it.
@@ -295,9 +310,9 @@ impl Proxy {
         let address = listener.local_addr()?;
         // An embedded archiver that dies takes the proxy down with it:
         // serving 502 for everything would hide the cause.
-        let archiver = self.embedded.map(|task| {
+        let archiver = self.embedded.map(|Embedded { task, shutdown: stop }| {
             let shutdown = self.shutdown.clone();
-            tokio::spawn(async move {
+            let watcher = tokio::spawn(async move {
                 let result = match task.await {
                     Ok(result) => result,
                     Err(join) => Err(anyhow::anyhow!("the embedded archiver panicked: {join}")),
@@ -312,7 +327,8 @@ impl Proxy {
                     shutdown.cancel();
                 }
                 result
-            })
+            });
+            (watcher, stop)
         });
 
         let admin = server::spawn_admin(
@@ -348,7 +364,9 @@ impl Proxy {
             // connections get a second.
             let _ = admin.await;
         }
-        if let Some(archiver) = archiver {
+        if let Some((archiver, stop)) = archiver {
+            // The proxy has drained: nothing of its needs the archiver now.
+            stop.cancel();
             archiver
                 .await
                 .context("the embedded archiver's watcher panicked")?
@@ -358,10 +376,11 @@ impl Proxy {
     }
 }
 
-/// How much longer than the proxy's `--shutdown-grace` the embedded
-/// archiver's is: enough that the proxy's cut comes first however the two
-/// serving threads' timers are scheduled. It does not delay the exit: once
-/// the proxy's connections are gone, the archiver has none left to wait for.
+/// The embedded archiver's `--shutdown-grace`, which starts once the
+/// proxy has drained: its only client is the proxy, whose connections are
+/// gone by then, so what it waits for is at most its own idle connections
+/// closing. The exit comes at most this, plus the 5 s for generations to
+/// stop, after the proxy's grace.
 const EMBEDDED_GRACE_MARGIN: Duration = Duration::from_secs(2);
 
 /// Connections the embedded archiver accepts beyond the proxy's cap: the
