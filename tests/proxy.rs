@@ -1310,14 +1310,31 @@ fn a_stalled_download_parks_and_resumes_with_the_same_bytes() {
     );
     assert_eq!(metrics.value("gitball_proxy_parked_downloads", &[]), 0.0);
     assert_eq!(metrics.sum("gitball_proxy_upstream_aborts_total", &[]), 0.0);
-    // The log line is the download's one, complete, with every byte.
+    // The log line is the download's one (after the warm-up's), complete,
+    // with every byte, and its attempts count the resumes'
+    // (`docs/observability.md`).
+    let resumes = metrics.value("gitball_proxy_resumes_total", &[("outcome", "resumed")]);
     let log = cluster.proxy.log();
-    assert!(
-        log.lines()
-            .any(|line| line.contains("\"ending\":\"complete\"")
-                && line.contains(&format!("\"bytes\":{}", big.full_length))),
-        "no complete log line with {} bytes:\n{log}",
-        big.full_length
+    let line = log
+        .lines()
+        .rev()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|line| {
+            line["message"] == "request"
+                && line["ending"] == "complete"
+                && line["bytes"] == big.full_length
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no complete log line with {} bytes:\n{log}",
+                big.full_length
+            )
+        });
+    assert_eq!(line["attempts"], (1 + resumes as u32).to_string(), "{line}");
+    assert_eq!(
+        line["upstream"],
+        cluster.primary.base_url.as_str(),
+        "{line}"
     );
 }
 

@@ -317,6 +317,10 @@ fn respond(state: &AppState, request: &Parts, answer: Answer, mut log: RequestLo
                 move |end| {
                     log.ending = Some(end.ending);
                     log.bytes = end.bytes;
+                    if let Some(upstream) = end.resumes.upstream {
+                        log.upstream = Some(upstream);
+                        log.attempts = Some(log.attempts.unwrap_or(0) + end.resumes.attempts);
+                    }
                     if end.ending == Ending::Aborted {
                         log.fault = Some(Fault::Upstream);
                     }

@@ -99,10 +99,12 @@ use crate::upstream::{Cut, Health};
 use crate::window::{DownloadWindow, UpstreamWindow, WIDEN_AFTER_BYTES, WIDEN_WITHIN};
 
 /// What the pipe reports when it ends, for the request's log line.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct End {
     pub ending: Ending,
     pub bytes: u64,
+    /// The attempts of the download's resumes after it was parked.
+    pub resumes: crate::resume::Tried,
 }
 
 /// Why the body stream failed; hyper aborts the client connection on it.
@@ -549,6 +551,11 @@ impl Pipe {
             on_end(End {
                 ending,
                 bytes: self.bytes,
+                resumes: self
+                    .resume
+                    .as_ref()
+                    .map(|resume| resume.tried())
+                    .unwrap_or_default(),
             });
         }
     }
@@ -939,12 +946,15 @@ mod tests {
             dropped.load(Ordering::SeqCst),
             "upstream released at the end"
         );
-        let end = ended.lock().unwrap().unwrap();
+        let end = ended.lock().unwrap().clone().unwrap();
         assert_eq!(end.ending, Ending::Complete);
         assert_eq!(end.bytes, 7);
         drop(pipe);
         // Dropping after the end is not a disconnect.
-        assert_eq!(ended.lock().unwrap().unwrap().ending, Ending::Complete);
+        assert_eq!(
+            ended.lock().unwrap().clone().unwrap().ending,
+            Ending::Complete
+        );
     }
 
     #[tokio::test]
@@ -961,7 +971,7 @@ mod tests {
         assert!(pipe.next().await.is_some());
         assert!(dropped.load(Ordering::SeqCst));
         drop(pipe);
-        let end = ended.lock().unwrap().unwrap();
+        let end = ended.lock().unwrap().clone().unwrap();
         assert_eq!(end.ending, Ending::Complete);
         assert_eq!(end.bytes, 7);
     }
@@ -1011,7 +1021,10 @@ mod tests {
         assert!(!dropped.load(Ordering::SeqCst));
         drop(pipe);
         assert!(dropped.load(Ordering::SeqCst));
-        assert_eq!(ended.lock().unwrap().unwrap().ending, Ending::ClientGone);
+        assert_eq!(
+            ended.lock().unwrap().clone().unwrap().ending,
+            Ending::ClientGone
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -1030,7 +1043,10 @@ mod tests {
             Some(Err(PipeError::IdleTimeout(_)))
         ));
         assert!(pipe.next().await.is_none());
-        assert_eq!(ended.lock().unwrap().unwrap().ending, Ending::IdleTimeout);
+        assert_eq!(
+            ended.lock().unwrap().clone().unwrap().ending,
+            Ending::IdleTimeout
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -1039,7 +1055,10 @@ mod tests {
         assert!(pipe.next().await.is_some());
         tokio::time::sleep(Duration::from_millis(300)).await;
         drop(pipe);
-        assert_eq!(ended.lock().unwrap().unwrap().ending, Ending::IdleTimeout);
+        assert_eq!(
+            ended.lock().unwrap().clone().unwrap().ending,
+            Ending::IdleTimeout
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -1083,7 +1102,10 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::from_secs(3));
         assert!(dropped.load(Ordering::SeqCst), "upstream released");
         assert!(pipe.next().await.is_none());
-        assert_eq!(ended.lock().unwrap().unwrap().ending, Ending::Aborted);
+        assert_eq!(
+            ended.lock().unwrap().clone().unwrap().ending,
+            Ending::Aborted
+        );
         assert!(health.is_ejected("http://upstream:1"));
     }
 
@@ -1113,7 +1135,10 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert_eq!(&pipe.next().await.unwrap().unwrap()[..], b"def");
         assert!(pipe.next().await.is_none());
-        assert_eq!(ended.lock().unwrap().unwrap().ending, Ending::Complete);
+        assert_eq!(
+            ended.lock().unwrap().clone().unwrap().ending,
+            Ending::Complete
+        );
     }
 
     /// How a test pipe ended, once it has.
@@ -1157,7 +1182,10 @@ mod tests {
             Some(Err(PipeError::Upstream(_)))
         ));
         assert!(dropped.load(Ordering::SeqCst));
-        assert_eq!(ended.lock().unwrap().unwrap().ending, Ending::Aborted);
+        assert_eq!(
+            ended.lock().unwrap().clone().unwrap().ending,
+            Ending::Aborted
+        );
         // The upstream ended the body itself (an archiver aborts a failed
         // generation's download): not ejected; only a silent one is.
         assert!(!health.is_ejected("http://upstream:1"));
@@ -1197,7 +1225,7 @@ mod tests {
             Some(Err(PipeError::Upstream(_)))
         ));
         assert!(dropped.load(Ordering::SeqCst));
-        let end = ended.lock().unwrap().unwrap();
+        let end = ended.lock().unwrap().clone().unwrap();
         assert_eq!((end.ending, end.bytes), (Ending::Aborted, 6));
     }
 

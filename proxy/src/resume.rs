@@ -27,7 +27,7 @@
 //!   aborts the client connection: a download never continues with other
 //!   bytes, and never ends cleanly short of its end.
 
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -72,6 +72,18 @@ pub struct Resume {
     last: Option<u64>,
     /// The whole archive's length, when the response said.
     length: Option<u64>,
+    /// The resumes' attempts so far, for the request's log line.
+    tried: std::sync::Mutex<Tried>,
+}
+
+/// A download's resume attempts: how many began, and the upstream of the
+/// last. The request's log line adds them to the first answer's attempts
+/// (`docs/observability.md`: `upstream`, `attempts`), one still in flight
+/// when the client left included.
+#[derive(Clone, Debug, Default)]
+pub struct Tried {
+    pub upstream: Option<Arc<str>>,
+    pub attempts: u32,
 }
 
 /// The rest of a download, from its next byte.
@@ -155,6 +167,7 @@ impl Resume {
             request.headers.remove(name);
         }
         Some(Resume {
+            tried: std::sync::Mutex::default(),
             forwarder: forwarder.clone(),
             candidates: ordered,
             request,
@@ -172,7 +185,9 @@ impl Resume {
         let candidates = self.candidates();
         let forwarded = self
             .forwarder
-            .forward(&candidates, false, &request)
+            .forward_telling(&candidates, false, &request, |upstream, _| {
+                self.attempting(upstream);
+            })
             .await
             .map_err(|failed| ResumeError::NoAnswer(failed.error.to_string()))?;
         let response = forwarded.response;
@@ -202,6 +217,21 @@ impl Resume {
             body: skip_and_limit(body, skip, limit),
             upstream,
         })
+    }
+
+    /// Notes a resume attempt on `upstream` as it begins.
+    pub fn attempting(&self, upstream: &Arc<str>) {
+        let mut tried = self.tried.lock().unwrap_or_else(PoisonError::into_inner);
+        tried.upstream = Some(upstream.clone());
+        tried.attempts += 1;
+    }
+
+    /// The resume attempts begun so far.
+    pub fn tried(&self) -> Tried {
+        self.tried
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// The request for the download's bytes from `sent` on, and the offset
@@ -253,6 +283,7 @@ impl Resume {
             first,
             last,
             length: last.filter(|_| first == 0).map(|last| last + 1),
+            tried: std::sync::Mutex::default(),
         }
     }
 

@@ -446,6 +446,8 @@ struct Finish {
     /// Body bytes the client's socket has taken, before the splice too.
     sent: u64,
     parked: bool,
+    /// The download's resumes, for its end.
+    resume: Arc<Resume>,
     on_end: Option<Box<dyn FnOnce(End) + Send>>,
     _active: ActiveDownload,
     writes: Option<ClientWrites>,
@@ -458,6 +460,7 @@ impl Finish {
             on_end(End {
                 ending,
                 bytes: self.sent,
+                resumes: self.resume.tried(),
             });
         }
     }
@@ -527,13 +530,14 @@ impl SpliceBody {
         SpliceBody {
             spliced: Some(prepared.spliced),
             _slot: prepared.slot,
-            resume: handoff.resume,
+            resume: handoff.resume.clone(),
             length: handoff.length,
             timers: handoff.timers,
             health: handoff.health,
             finish: Finish {
                 sent: handoff.sent,
                 parked: false,
+                resume: handoff.resume,
                 on_end: Some(handoff.on_end),
                 _active: handoff.active,
                 writes: handoff.writes,
@@ -592,6 +596,7 @@ impl SpliceBody {
         let sent = self.finish.sent;
         let mut failed = None;
         for candidate in self.resume.candidates() {
+            self.resume.attempting(&candidate.upstream);
             // Waits for an archive generated again (`request_head`), as a
             // complete-only request does; a client that leaves meanwhile
             // ends the wait.
