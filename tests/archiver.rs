@@ -485,14 +485,7 @@ fn a_git_writing_other_tar_bytes_gets_etags_of_its_own() {
     use std::os::unix::fs::PermissionsExt;
     let sandbox = Sandbox::new();
     let repos = &shared_widget().repos;
-    let git = String::from_utf8(
-        std::process::Command::new("sh")
-            .args(["-c", "command -v git"])
-            .output()
-            .expect("look up git")
-            .stdout,
-    )
-    .expect("git's path is UTF-8");
+    let git = gitball_e2e::git::real_git();
     // `--git` of the upgraded archiver: the reference git, then the other.
     let upgraded_git = sandbox.path("git");
     let install = |path: &Path, after_archive: &str| {
@@ -505,7 +498,7 @@ fn a_git_writing_other_tar_bytes_gets_etags_of_its_own() {
                  *' archive '*) '{git}' \"$@\" || exit $?; {after_archive} ;;\n\
                  esac\n\
                  exec '{git}' \"$@\"\n",
-                git = git.trim()
+                git = git.display()
             ),
         )
         .expect("write the stub");
@@ -3345,14 +3338,7 @@ fn a_sigterm_while_the_canary_runs_ends_the_start_at_once() {
     use std::os::unix::fs::PermissionsExt;
     let sandbox = Sandbox::new();
     widget(&sandbox);
-    let git = String::from_utf8(
-        std::process::Command::new("sh")
-            .args(["-c", "command -v git"])
-            .output()
-            .expect("look up git")
-            .stdout,
-    )
-    .expect("git's path is UTF-8");
+    let git = gitball_e2e::git::real_git();
     let marker = sandbox.path("canary-started");
     // Its canary's `fast-import` says it started, then takes 60 s.
     let stub = sandbox.path("git-with-a-slow-canary");
@@ -3365,7 +3351,7 @@ fn a_sigterm_while_the_canary_runs_ends_the_start_at_once() {
              esac\n\
              exec '{git}' \"$@\"\n",
             marker = marker.display(),
-            git = git.trim()
+            git = git.display()
         ),
     )
     .expect("write the stub");

@@ -1188,6 +1188,22 @@ fn stall_until_parked(
     archiver: SocketAddr,
     path: &str,
 ) -> (RawConnection, ResponseHead, Sha256, u64) {
+    let stalled = stall_until_the_proxy_parks(proxy, path);
+    assert!(
+        wait_until(SETTLE, || scrape(archiver)
+            .value("gitball_archiver_active_downloads", &[])
+            == 0.0),
+        "the archiver still serves the parked download"
+    );
+    stalled
+}
+
+/// [`stall_until_parked`], judged by the proxy alone (an embedded proxy's
+/// archiver has no address of its own to scrape).
+fn stall_until_the_proxy_parks(
+    proxy: &Proxy,
+    path: &str,
+) -> (RawConnection, ResponseHead, Sha256, u64) {
     let mut connection = RawConnection::connect(proxy.addr).expect("connect");
     connection.send_request("GET", path, &[]).expect("send");
     let head = connection.read_head().expect("head");
@@ -1203,12 +1219,6 @@ fn stall_until_parked(
             .value("gitball_proxy_parked_downloads", &[])
             == 1.0),
         "the stalled download was not parked"
-    );
-    assert!(
-        wait_until(SETTLE, || scrape(archiver)
-            .value("gitball_archiver_active_downloads", &[])
-            == 0.0),
-        "the archiver still serves the parked download"
     );
     (connection, head, hasher, first.len() as u64)
 }
@@ -1355,25 +1365,9 @@ fn embedded_a_parked_download_resumes_during_the_shutdown_grace() {
         &cache,
         &["--park-after", PARK_AFTER, "--shutdown-grace", "60"],
     );
-    let mut connection = RawConnection::connect(proxy.addr).expect("connect");
-    connection.send_request("GET", BIG_PATH, &[]).expect("send");
-    let head = connection.read_head().expect("head");
-    assert_eq!(head.status, 200);
+    let (mut connection, head, hasher, received) = stall_until_the_proxy_parks(&proxy, BIG_PATH);
     assert_eq!(head.header("x-gitball-cache"), Some("hit"));
-    let digest = head
-        .header("repr-digest")
-        .expect("a hit has a digest")
-        .to_owned();
-    let first = connection.read_body_bytes(MIB).expect("first MiB");
-    let mut hasher = Sha256::new();
-    hasher.update(&first);
-    assert!(
-        wait_until(SETTLE, || proxy
-            .scrape()
-            .value("gitball_proxy_parked_downloads", &[])
-            == 1.0),
-        "the stalled download was not parked"
-    );
+    let digest = head.header("repr-digest").expect("a hit has a digest");
 
     proxy.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(
@@ -1384,8 +1378,8 @@ fn embedded_a_parked_download_resumes_during_the_shutdown_grace() {
     read_rest_and_check(
         &mut connection,
         hasher,
-        first.len() as u64,
-        &digest,
+        received,
+        digest,
         big,
         "resumed after SIGTERM",
     );

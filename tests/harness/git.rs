@@ -433,7 +433,7 @@ impl Sandbox {
 }
 
 /// The first `git` on `PATH`, which stubs run.
-fn real_git() -> PathBuf {
+pub fn real_git() -> PathBuf {
     let git = Command::new("sh")
         .args(["-c", "command -v git"])
         .output()
