@@ -3361,59 +3361,109 @@ fn a_sigterm_while_the_canary_runs_ends_the_start_at_once() {
         ("gitball-proxy", "cache-p"),
     ] {
         let _ = std::fs::remove_file(&marker);
-        let log = sandbox.path(&format!("{binary}.log"));
-        let mut child = std::process::Command::new(gitball_e2e::binary_path(binary))
-            .args(["--listen", "127.0.0.1:0", "--repos"])
-            .arg(sandbox.repos())
-            .arg("--cache-dir")
-            .arg(sandbox.path(cache))
-            .args(["--shutdown-grace", "1", "--git"])
-            .arg(&stub)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("the log file"))
-            .spawn()
-            .expect("run the binary");
-        let started = wait_until(Duration::from_secs(10), || marker.exists());
-        let canary: Option<i32> = std::fs::read_to_string(&marker)
-            .ok()
-            .and_then(|pid| pid.trim().parse().ok());
-        if !started || canary.is_none() {
-            let _ = child.kill();
-            panic!("{binary}: the canary never started");
-        }
-        let signalled = Instant::now();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .expect("SIGTERM");
-        // The grace and the 5 s for generations to stop; it needs neither.
-        let exited = wait_until(Duration::from_secs(6), || {
-            child.try_wait().expect("wait").is_some()
+        let cache = sandbox.path(cache);
+        let args = ["--git".as_ref(), stub.as_os_str()];
+        let canary = sigterm_while_starting(&sandbox, binary, &cache, &args, |_| {
+            std::fs::read_to_string(&marker)
+                .ok()
+                .and_then(|pid| pid.trim().parse::<u32>().ok())
         });
-        let took = signalled.elapsed();
-        if !exited {
-            let _ = child.kill();
-        }
-        let status = child.wait().expect("wait");
-        let log = std::fs::read_to_string(&log).unwrap_or_default();
-        assert!(
-            exited,
-            "{binary}: still running {took:?} after SIGTERM:\n{log}"
-        );
-        assert!(status.success(), "{binary}: {status}:\n{log}");
-        assert!(
-            log.contains("shut down while starting; nothing was served"),
-            "{binary}:\n{log}"
-        );
-        assert!(!log.contains("serving"), "{binary}:\n{log}");
         // The canary's git went with it.
-        let canary = canary.expect("checked above") as u32;
         assert!(
             wait_until(Duration::from_secs(5), || !process_alive(canary)),
             "{binary}: the canary's git {canary} outlived it"
         );
     }
+}
+
+/// The same while the cache dir is opened: a warm restart hashes every
+/// archive it keeps again, which for a large cache takes seconds (here a
+/// sparse 16 GiB file named as an archive, never read to its end).
+#[test]
+fn a_sigterm_while_the_cache_dir_is_checked_ends_the_start_at_once() {
+    let sandbox = Sandbox::new();
+    widget(&sandbox);
+    for (binary, cache) in [
+        ("gitball-archiver", "cache-a"),
+        ("gitball-proxy", "cache-p"),
+    ] {
+        let cache = sandbox.path(cache);
+        std::fs::create_dir_all(&cache).expect("the cache dir");
+        std::fs::set_permissions(&cache, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .expect("chmod the cache dir");
+        let archive = cache.join(format!("{}-{}", "a".repeat(64), "b".repeat(64)));
+        std::fs::File::create(&archive)
+            .and_then(|file| file.set_len(16 << 30))
+            .expect("a sparse archive");
+        let args = ["--cache-max-bytes".as_ref(), "32GiB".as_ref()];
+        // Its run logs the crawler budget just before it opens the cache.
+        sigterm_while_starting(&sandbox, binary, &cache, &args, |log| {
+            log.contains("crawler budget").then_some(())
+        });
+    }
+}
+
+/// Starts `binary` over the sandbox's repositories with the cache dir
+/// `cache` and `args`, sends SIGTERM once `started` (given the log so far)
+/// says it is where the test wants it, and checks that it then ends the
+/// start at once: a clean exit that served nothing. Returns what `started`
+/// found.
+fn sigterm_while_starting<T>(
+    sandbox: &Sandbox,
+    binary: &str,
+    cache: &Path,
+    args: &[&std::ffi::OsStr],
+    mut started: impl FnMut(&str) -> Option<T>,
+) -> T {
+    let log = sandbox.path(&format!("{binary}.log"));
+    let mut child = std::process::Command::new(gitball_e2e::binary_path(binary))
+        .args(["--listen", "127.0.0.1:0", "--repos"])
+        .arg(sandbox.repos())
+        .arg("--cache-dir")
+        .arg(cache)
+        .args(["--shutdown-grace", "1"])
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("the log file"))
+        .spawn()
+        .expect("run the binary");
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let mut found = None;
+    if !wait_until(Duration::from_secs(10), || {
+        found = started(&read_log());
+        found.is_some()
+    }) {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{binary} never got where the test waits:\n{}", read_log());
+    }
+    let signalled = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    // The grace and the 5 s for generations to stop; it needs neither.
+    let exited = wait_until(Duration::from_secs(6), || {
+        child.try_wait().expect("wait").is_some()
+    });
+    let took = signalled.elapsed();
+    if !exited {
+        let _ = child.kill();
+    }
+    let status = child.wait().expect("wait");
+    let log = read_log();
+    assert!(
+        exited,
+        "{binary}: still running {took:?} after SIGTERM:\n{log}"
+    );
+    assert!(status.success(), "{binary}: {status}:\n{log}");
+    assert!(
+        log.contains("shut down while starting; nothing was served"),
+        "{binary}:\n{log}"
+    );
+    assert!(!log.contains("serving"), "{binary}:\n{log}");
+    found.expect("checked above")
 }
 
 #[test]

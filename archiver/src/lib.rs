@@ -132,8 +132,20 @@ pub async fn run(
         git: git.clone(),
         tar_writer: Some(tar_writer.clone()),
     };
-    let cache = tokio::task::spawn_blocking(move || cache::Cache::open(settings))
-        .await
+    // A signal while the cache dir is opened (every archive a warm restart
+    // keeps is hashed again) or while the canary runs ends the start: the
+    // exit is bounded by the grace (attack: SIGTERM at start-up held the
+    // exit 9 s with a 1 s grace). An opening left behind goes on, on a
+    // blocking thread the exit does not wait for (`run_main`).
+    let opening = tokio::task::spawn_blocking(move || cache::Cache::open(settings));
+    let opened = tokio::select! {
+        opened = opening => opened,
+        () = shutdown.cancelled() => {
+            tracing::info!("shut down while starting; nothing was served");
+            return Ok(());
+        }
+    };
+    let cache = opened
         .context("opening the cache dir panicked")?
         .with_context(|| {
             format!(
@@ -142,11 +154,9 @@ pub async fn run(
             )
         })?;
 
-    // After the cache dir is this archiver's: the canary is made in it.
-    // A signal meanwhile ends the start: a canary may take its 10 s, three
-    // times over while the binary keeps changing, and the exit is bounded
-    // by the grace (attack: SIGTERM at start-up held the exit 9 s with a 1 s
-    // grace).
+    // After the cache dir is this archiver's: the canary is made in it. A
+    // canary may take its 10 s, three times over while the binary keeps
+    // changing.
     tokio::select! {
         checked = tar_writer.check() => checked?,
         () = shutdown.cancelled() => {
