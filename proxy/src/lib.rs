@@ -94,11 +94,11 @@ pub struct Proxy {
     embedded: Option<Embedded>,
 }
 
-/// The in-process archiver of embedded mode, and its own shutdown token:
-/// cancelled once the proxy has drained.
+/// The in-process archiver of embedded mode, and its own shutdown: once
+/// the proxy has drained, or when the `Proxy` is dropped unserved.
 struct Embedded {
     task: JoinHandle<anyhow::Result<()>>,
-    shutdown: CancellationToken,
+    stop: tokio_util::sync::DropGuard,
 }
 
 impl Proxy {
@@ -204,6 +204,9 @@ impl Proxy {
                 // left to wait for but its idle connections.
                 options.shutdown_grace = EMBEDDED_GRACE_MARGIN;
                 let archiver_shutdown = CancellationToken::new();
+                // Stops the archiver if this start fails after here, or the
+                // `Proxy` is dropped unserved.
+                let stop = archiver_shutdown.clone().drop_guard();
                 let mut archiver = tokio::spawn(gitball_archiver::run(
                     listener,
                     // The proxy's own admin listener shows both tiers.
@@ -236,7 +239,7 @@ impl Proxy {
                     Routes::fixed(table),
                     Some(Embedded {
                         task: archiver,
-                        shutdown: archiver_shutdown,
+                        stop,
                     }),
                 )
             }
@@ -310,7 +313,8 @@ impl Proxy {
         let address = listener.local_addr()?;
         // An embedded archiver that dies takes the proxy down with it:
         // serving 502 for everything would hide the cause.
-        let archiver = self.embedded.map(|Embedded { task, shutdown: stop }| {
+        let archiver = self.embedded.map(|Embedded { task, stop }| {
+            let stop = stop.disarm();
             let shutdown = self.shutdown.clone();
             let watcher = tokio::spawn(async move {
                 let result = match task.await {
@@ -359,14 +363,18 @@ impl Proxy {
             }
             Err(_) => {}
         }
+        // The proxy has drained: nothing of its needs the archiver now. It
+        // drains while the admin listener's last connections get their
+        // second, not after.
+        if let Some((_, stop)) = &archiver {
+            stop.cancel();
+        }
         if let Some(admin) = admin {
             // It stopped accepting with the proxy's listener; its last
             // connections get a second.
             let _ = admin.await;
         }
-        if let Some((archiver, stop)) = archiver {
-            // The proxy has drained: nothing of its needs the archiver now.
-            stop.cancel();
+        if let Some((archiver, _)) = archiver {
             archiver
                 .await
                 .context("the embedded archiver's watcher panicked")?
