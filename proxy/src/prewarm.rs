@@ -128,12 +128,12 @@ pub async fn serve(
     });
     let answers = join_all(attempts).await;
 
-    // Every format's attempts are in `log.attempts` by now.
+    // Every format's attempts, and the last upstream tried, are in the log
+    // by now.
     let mut commit = None;
     let mut keys = Vec::new();
     for answer in answers {
-        let (answer, upstream) = answer?;
-        log.upstream = Some(upstream);
+        let answer = answer?;
         if answer.status != StatusCode::ACCEPTED {
             return Ok(passed_on(answer));
         }
@@ -160,7 +160,7 @@ pub async fn serve(
 }
 
 /// Reads an archiver's (small) answer whole.
-async fn read_answer(forwarded: Forwarded) -> Result<(KeyAnswer, std::sync::Arc<str>), Error> {
+async fn read_answer(forwarded: Forwarded) -> Result<KeyAnswer, Error> {
     let Forwarded {
         response, upstream, ..
     } = forwarded;
@@ -171,14 +171,11 @@ async fn read_answer(forwarded: Forwarded) -> Result<(KeyAnswer, std::sync::Arc<
     )
     .await;
     match collected {
-        Ok(Ok(collected)) => Ok((
-            KeyAnswer {
-                status: parts.status,
-                headers: parts.headers,
-                body: collected.to_bytes(),
-            },
-            upstream,
-        )),
+        Ok(Ok(collected)) => Ok(KeyAnswer {
+            status: parts.status,
+            headers: parts.headers,
+            body: collected.to_bytes(),
+        }),
         Ok(Err(error)) => {
             tracing::warn!(%upstream, %error, "cannot read an archiver's prewarm answer");
             Err(Error::BadGateway)
