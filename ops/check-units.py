@@ -10,8 +10,8 @@ see: the relations between the files an operator copies together.
   can take, so systemd never SIGKILLs a drain in progress: the
   `GITBALL_SHUTDOWN_GRACE`, plus for a service that generates (the
   archiver, or a proxy with `GITBALL_REPOS`: embedded mode) the 5 s its
-  generations get to stop, and in embedded mode the archiver's grace
-  margin of 2 s (docs/archiver.md, "Shutdown drain"; docs/proxy.md,
+  generations get to stop, and in embedded mode the in-process archiver's
+  grace of 2 s, which starts when the proxy's drain ends (docs/archiver.md, "Shutdown drain"; docs/proxy.md,
   "Signals");
 - the archiver's only writable path is the cache: `ReadWritePaths=`,
   `GITBALL_CACHE_DIR` and the mount's `Where=` are the same directory, and
