@@ -474,3 +474,49 @@ async fn wait_healthy(base: &str) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `Proxy` dropped without being served stops its embedded archiver:
+    /// for an embedder of `Proxy::start`, it ran on for good on a token of
+    /// its own (review).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_embedded_archiver_stops_with_a_proxy_dropped_unserved() {
+        let dir = tempfile::tempdir().unwrap();
+        let (repos, cache) = (dir.path().join("repos"), dir.path().join("cache"));
+        std::fs::create_dir(&repos).unwrap();
+        let config = Config::try_parse_from([
+            "gitball-proxy".as_ref(),
+            "--repos".as_ref(),
+            repos.as_os_str(),
+            "--cache-dir".as_ref(),
+            cache.as_os_str(),
+        ])
+        .unwrap();
+        let proxy = Proxy::start(config, CancellationToken::new())
+            .await
+            .unwrap()
+            .expect("started");
+        let upstream = proxy
+            .routes()
+            .current()
+            .lookup("a/b")
+            .unwrap()
+            .candidates("a/b")[0]
+            .upstream
+            .clone();
+        let address = upstream.trim_start_matches("http://").to_owned();
+        assert!(tokio::net::TcpStream::connect(&address).await.is_ok());
+        drop(proxy);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(&address).await.is_ok() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the embedded archiver still accepts at {address}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
