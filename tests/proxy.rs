@@ -1324,28 +1324,82 @@ fn a_stalled_download_parks_and_resumes_with_the_same_bytes() {
     // with every byte, and its attempts count the resumes'
     // (`docs/observability.md`).
     let resumes = metrics.value("gitball_proxy_resumes_total", &[("outcome", "resumed")]);
-    let log = cluster.proxy.log();
-    let line = log
-        .lines()
-        .rev()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .find(|line| {
-            line["message"] == "request"
-                && line["ending"] == "complete"
-                && line["bytes"] == big.full_length
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "no complete log line with {} bytes:\n{log}",
-                big.full_length
-            )
-        });
+    // The warm-up's line, then this download's.
+    let line = nth_complete_line(&cluster.proxy, big.full_length, 2);
     assert_eq!(line["attempts"], (1 + resumes as u32).to_string(), "{line}");
     assert_eq!(
         line["upstream"],
         cluster.primary.base_url.as_str(),
         "{line}"
     );
+}
+
+/// The `n`th request line of `proxy` for a complete download of `bytes`,
+/// once it is written (a line comes when the body ends, which may be after
+/// the client has its last byte).
+fn nth_complete_line(proxy: &Proxy, bytes: u64, n: usize) -> serde_json::Value {
+    let mut lines = Vec::new();
+    assert!(
+        wait_until(SETTLE, || {
+            lines = proxy
+                .log()
+                .lines()
+                .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+                .filter(|line| {
+                    line["message"] == "request"
+                        && line["ending"] == "complete"
+                        && line["bytes"] == bytes
+                })
+                .collect();
+            lines.len() >= n
+        }),
+        "fewer than {n} complete log lines of {bytes} bytes:\n{}",
+        proxy.log()
+    );
+    lines.swap_remove(n - 1)
+}
+
+/// A parked download that resumes on another archiver (the one it came
+/// from is gone) is logged with that archiver as its `upstream`, and with
+/// every attempt: the first answer's and both of the resume's
+/// (`docs/observability.md`).
+#[test]
+fn a_download_resumed_elsewhere_is_logged_with_the_upstream_that_resumed_it() {
+    let big = big_repo_64();
+    let (expected_digest, expected_length) = big_tar_digest(big);
+    let mut cluster = Cluster::start(&big.repos, &big.repos, 1, &["--park-after", PARK_AFTER]);
+    let path = "/acme/big/archive/main.tar";
+    let (mut connection, _head, mut hasher, mut received) =
+        stall_until_the_proxy_parks(&cluster.proxy, path);
+    // Parked, the download's upstream was released: the archiver that
+    // served it has logged it.
+    let served = |archiver: &Archiver| {
+        archiver
+            .log()
+            .lines()
+            .any(|line| line.contains("\"message\":\"request\"") && line.contains(path))
+    };
+    assert!(
+        wait_until(SETTLE, || cluster.archivers().into_iter().any(served)),
+        "no archiver logged the parked download"
+    );
+    let (gone, other) = if served(&cluster.primary) {
+        (&mut cluster.primary, cluster.replicas[0].base_url.clone())
+    } else {
+        (&mut cluster.replicas[0], cluster.primary.base_url.clone())
+    };
+    kill_hard(gone);
+
+    let end = connection.read_body_to_end(|piece| {
+        hasher.update(piece);
+        received += piece.len() as u64;
+    });
+    assert_eq!(end, BodyEnd::Complete, "after {received} bytes");
+    assert_eq!(received, expected_length);
+    assert_eq!(format!("{:x}", hasher.finalize()), expected_digest);
+    let line = nth_complete_line(&cluster.proxy, expected_length, 1);
+    assert_eq!(line["upstream"], other.as_str(), "{line}");
+    assert_eq!(line["attempts"], "3", "{line}");
 }
 
 /// Embedded, the in-process archiver serves on through the proxy's
