@@ -11,8 +11,8 @@ see: the relations between the files an operator copies together.
   `GITBALL_SHUTDOWN_GRACE`, plus for a service that generates (the
   archiver, or a proxy with `GITBALL_REPOS`: embedded mode) the 5 s its
   generations get to stop, and in embedded mode the in-process archiver's
-  grace of 2 s, which starts when the proxy's drain ends (docs/archiver.md, "Shutdown drain"; docs/proxy.md,
-  "Signals");
+  grace of 2 s, which starts when the proxy's drain ends
+  (docs/archiver.md, "Shutdown drain"; docs/proxy.md, "Signals");
 - the archiver's only writable path is the cache: `ReadWritePaths=`,
   `GITBALL_CACHE_DIR` and the mount's `Where=` are the same directory, and
   the proxy has no writable path at all;
