@@ -272,13 +272,7 @@ fn a_client_leaving_mid_prewarm_is_logged_with_its_attempts() {
     let mut line = None;
     assert!(
         wait_until(SETTLE, || {
-            line = proxy
-                .log()
-                .lines()
-                .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-                .find(|line| {
-                    line["message"] == "request" && line["request_id"] == "leaves-mid-prewarm"
-                });
+            line = gitball_e2e::line_for(&proxy.log(), "leaves-mid-prewarm");
             line.is_some()
         }),
         "no proxy line:\n{}",

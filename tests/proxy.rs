@@ -1240,6 +1240,25 @@ fn big_tar_digest(big: &BigRepo) -> (String, u64) {
     (format!("{:x}", hasher.finalize()), length)
 }
 
+/// Reads the rest of a download whose first `received` bytes went into
+/// `hasher`: it must end cleanly, with `length` bytes of SHA-256 `digest`
+/// (hex, as [`big_tar_digest`] gives them).
+fn read_rest_as_gits(
+    connection: &mut RawConnection,
+    mut hasher: Sha256,
+    mut received: u64,
+    digest: &str,
+    length: u64,
+) {
+    let end = connection.read_body_to_end(|piece| {
+        hasher.update(piece);
+        received += piece.len() as u64;
+    });
+    assert_eq!(end, BodyEnd::Complete, "after {received} bytes");
+    assert_eq!(received, length);
+    assert_eq!(format!("{:x}", hasher.finalize()), digest);
+}
+
 /// Reads the rest of a download of `big`'s archive whose first `received`
 /// bytes went into `hasher`: it must end cleanly, whole, with the bytes
 /// `digest` (its `Repr-Digest`) names.
@@ -1341,16 +1360,8 @@ fn nth_complete_line(proxy: &Proxy, bytes: u64, n: usize) -> serde_json::Value {
     let mut lines = Vec::new();
     assert!(
         wait_until(SETTLE, || {
-            lines = proxy
-                .log()
-                .lines()
-                .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-                .filter(|line| {
-                    line["message"] == "request"
-                        && line["ending"] == "complete"
-                        && line["bytes"] == bytes
-                })
-                .collect();
+            lines = gitball_e2e::request_lines(&proxy.log());
+            lines.retain(|line| line["ending"] == "complete" && line["bytes"] == bytes);
             lines.len() >= n
         }),
         "fewer than {n} complete log lines of {bytes} bytes:\n{}",
@@ -1369,7 +1380,7 @@ fn a_download_resumed_elsewhere_is_logged_with_the_upstream_that_resumed_it() {
     let (expected_digest, expected_length) = big_tar_digest(big);
     let mut cluster = Cluster::start(&big.repos, &big.repos, 1, &["--park-after", PARK_AFTER]);
     let path = "/acme/big/archive/main.tar";
-    let (mut connection, _head, mut hasher, mut received) =
+    let (mut connection, _head, hasher, received) =
         stall_until_the_proxy_parks(&cluster.proxy, path);
     // Parked, the download's upstream was released: the archiver that
     // served it has logged it.
@@ -1390,13 +1401,13 @@ fn a_download_resumed_elsewhere_is_logged_with_the_upstream_that_resumed_it() {
     };
     kill_hard(gone);
 
-    let end = connection.read_body_to_end(|piece| {
-        hasher.update(piece);
-        received += piece.len() as u64;
-    });
-    assert_eq!(end, BodyEnd::Complete, "after {received} bytes");
-    assert_eq!(received, expected_length);
-    assert_eq!(format!("{:x}", hasher.finalize()), expected_digest);
+    read_rest_as_gits(
+        &mut connection,
+        hasher,
+        received,
+        &expected_digest,
+        expected_length,
+    );
     let line = nth_complete_line(&cluster.proxy, expected_length, 1);
     assert_eq!(line["upstream"], other.as_str(), "{line}");
     assert_eq!(line["attempts"], "3", "{line}");
@@ -1455,7 +1466,7 @@ fn a_parked_download_resumes_from_a_new_generation_after_a_restart_on_an_empty_c
     // A cold cache: the download starts while its archive is generated
     // (chunked, no length).
     let mut cluster = Cluster::start(&big.repos, &big.repos, 0, &["--park-after", PARK_AFTER]);
-    let (mut connection, head, mut hasher, mut received) = stall_until_parked(
+    let (mut connection, head, hasher, received) = stall_until_parked(
         &cluster.proxy,
         cluster.primary.addr,
         "/acme/big/archive/main.tar",
@@ -1468,13 +1479,13 @@ fn a_parked_download_resumes_from_a_new_generation_after_a_restart_on_an_empty_c
     kill_hard(&mut cluster.primary);
     let _restarted = start_archiver_at(&big.repos, &sandbox.path("empty-cache"), addr, &[]);
 
-    let end = connection.read_body_to_end(|piece| {
-        hasher.update(piece);
-        received += piece.len() as u64;
-    });
-    assert_eq!(end, BodyEnd::Complete, "after {received} bytes");
-    assert_eq!(received, expected_length);
-    assert_eq!(format!("{:x}", hasher.finalize()), expected_digest);
+    read_rest_as_gits(
+        &mut connection,
+        hasher,
+        received,
+        &expected_digest,
+        expected_length,
+    );
     let metrics = cluster.proxy.scrape();
     assert!(metrics.value("gitball_proxy_resumes_total", &[("outcome", "resumed")]) >= 1.0);
     assert_eq!(
@@ -1499,7 +1510,7 @@ fn a_parked_download_resumes_from_a_generation_slower_than_the_silence_bound() {
         0,
         &["--park-after", PARK_AFTER, "--header-timeout", "1"],
     );
-    let (mut connection, _head, mut hasher, mut received) = stall_until_parked(
+    let (mut connection, _head, hasher, received) = stall_until_parked(
         &cluster.proxy,
         cluster.primary.addr,
         "/acme/big/archive/main.tar",
@@ -1516,13 +1527,13 @@ fn a_parked_download_resumes_from_a_generation_slower_than_the_silence_bound() {
         &["--git", git.to_str().unwrap()],
     );
 
-    let end = connection.read_body_to_end(|piece| {
-        hasher.update(piece);
-        received += piece.len() as u64;
-    });
-    assert_eq!(end, BodyEnd::Complete, "after {received} bytes");
-    assert_eq!(received, expected_length);
-    assert_eq!(format!("{:x}", hasher.finalize()), expected_digest);
+    read_rest_as_gits(
+        &mut connection,
+        hasher,
+        received,
+        &expected_digest,
+        expected_length,
+    );
     assert_eq!(
         cluster
             .proxy

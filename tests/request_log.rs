@@ -9,24 +9,10 @@ use std::io::Write as _;
 use std::time::Duration;
 
 use gitball_e2e::proxy::{Cluster, Proxy, big_repository, fetch_with, small_repository};
-use gitball_e2e::{Archiver, RawConnection, Sandbox, wait_until};
+use gitball_e2e::{Archiver, RawConnection, Sandbox, line_for, request_lines, wait_until};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// Every `request` line of a JSON log.
-fn request_lines(log: &str) -> Vec<Value> {
-    log.lines()
-        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .filter(|line| line["message"] == "request")
-        .collect()
-}
-
-fn line_for(log: &str, request_id: &str) -> Option<Value> {
-    request_lines(log)
-        .into_iter()
-        .find(|line| line["request_id"] == request_id)
-}
 
 /// The fields of a line, less the ones the JSON formatter adds.
 fn field_names(line: &Value) -> BTreeSet<String> {

@@ -507,6 +507,21 @@ impl DerefMut for Archiver {
     }
 }
 
+/// Every `request` line of a JSON log.
+pub fn request_lines(log: &str) -> Vec<serde_json::Value> {
+    log.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["message"] == "request")
+        .collect()
+}
+
+/// The `request` line of a JSON log with `request_id`.
+pub fn line_for(log: &str, request_id: &str) -> Option<serde_json::Value> {
+    request_lines(log)
+        .into_iter()
+        .find(|line| line["request_id"] == request_id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
