@@ -2212,6 +2212,13 @@ fn a_stalled_spliced_download_parks_and_resumes_with_the_same_bytes() {
             == 0.0),
         "the archiver still serves the parked download"
     );
+    let ok = || {
+        proxy.scrape().value(
+            ATTEMPTS,
+            &[("upstream", &cluster.primary.base_url), ("outcome", "ok")],
+        )
+    };
+    let ok_while_parked = ok();
 
     read_rest_and_check(
         &mut connection,
@@ -2222,7 +2229,11 @@ fn a_stalled_spliced_download_parks_and_resumes_with_the_same_bytes() {
         "resumed spliced",
     );
     let metrics = proxy.scrape();
-    assert!(metrics.value("gitball_proxy_resumes_total", &[("outcome", "resumed")]) >= 1.0);
+    // Each resume's range request, made around the pooled client, is an
+    // attempt like any other.
+    let resumed = metrics.value("gitball_proxy_resumes_total", &[("outcome", "resumed")]);
+    assert!(resumed >= 1.0);
+    assert_eq!(ok(), ok_while_parked + resumed, "the resumes' attempts");
     assert_eq!(
         metrics.value("gitball_proxy_resumes_total", &[("outcome", "failed")]),
         0.0
@@ -2239,6 +2250,16 @@ fn a_stalled_spliced_download_parks_and_resumes_with_the_same_bytes() {
     assert!(
         wait_until(SETTLE, || whole_lines() == 2),
         "the warm-up's and the parked download's log lines:\n{}",
+        proxy.log()
+    );
+    // Its attempts: the first answer, the splice's range request and each
+    // resume's (one, unless a loaded machine parked it again).
+    let attempts = format!("\"attempts\":\"{}\"", 2.0 + resumed);
+    assert!(
+        big_log_lines(proxy, "complete")
+            .iter()
+            .any(|line| line.contains(&full) && line.contains(&attempts)),
+        "no line of the parked download with {attempts}:\n{}",
         proxy.log()
     );
     assert_eq!(

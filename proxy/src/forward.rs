@@ -241,7 +241,7 @@ impl Outcome {
 /// An attempt in flight: dropped before it ends (its request's future was
 /// dropped: the client left, or was cut while a parked download resumed),
 /// it is counted as `client_gone`.
-struct UnfinishedAttempt<'a>(&'a Arc<str>);
+pub(crate) struct UnfinishedAttempt<'a>(pub(crate) &'a Arc<str>);
 
 impl Drop for UnfinishedAttempt<'_> {
     fn drop(&mut self) {
@@ -290,7 +290,7 @@ fn classify_error(error: &hyper_util::client::legacy::Error) -> Outcome {
 
 /// Whether `error`'s chain of causes holds an `io::Error` that says this
 /// process or host ran out of fds or buffers (on `socket()` or `connect()`).
-fn out_of_local_resources(error: &(dyn std::error::Error + 'static)) -> bool {
+pub(crate) fn out_of_local_resources(error: &(dyn std::error::Error + 'static)) -> bool {
     use nix::errno::Errno;
     let mut cause = Some(error);
     while let Some(error) = cause {

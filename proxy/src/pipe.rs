@@ -103,7 +103,8 @@ use crate::window::{DownloadWindow, UpstreamWindow, WIDEN_AFTER_BYTES, WIDEN_WIT
 pub struct End {
     pub ending: Ending,
     pub bytes: u64,
-    /// The attempts of the download's resumes after it was parked.
+    /// The attempts of the download's range requests: its resumes after it
+    /// was parked, and a splice's.
     pub resumes: crate::resume::Tried,
 }
 

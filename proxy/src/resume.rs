@@ -72,11 +72,13 @@ pub struct Resume {
     last: Option<u64>,
     /// The whole archive's length, when the response said.
     length: Option<u64>,
-    /// The resumes' attempts so far, for the request's log line.
+    /// The range requests' attempts so far (resumes, a splice's), for the
+    /// request's log line.
     tried: std::sync::Mutex<Tried>,
 }
 
-/// A download's resume attempts: how many began, and the upstream of the
+/// A download's range requests after its first answer (its resumes, and
+/// the one that prepares a splice): how many began, and the upstream of the
 /// last. The request's log line adds them to the first answer's attempts
 /// (`docs/observability.md`: `upstream`, `attempts`), one still in flight
 /// when the client left included.

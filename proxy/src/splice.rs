@@ -80,7 +80,10 @@ use gitball_core::server::ClientWrites;
 use gitball_core::server::takeover::{BodySocket, FileBody};
 use gitball_core::slots::{Slot, Slots};
 
-use crate::forward::{COMPLETE_ARCHIVE_TIMEOUT, UpstreamRequest};
+use crate::forward::{
+    COMPLETE_ARCHIVE_TIMEOUT, Outcome, UnfinishedAttempt, UpstreamRequest, classify,
+    out_of_local_resources,
+};
 use crate::metrics::ActiveDownload;
 use crate::pipe::{End, Timers};
 use crate::resume::Resume;
@@ -128,12 +131,48 @@ pub enum OpenError {
     HeadTimeout(Arc<str>, Duration),
     #[error("reading the response head from {0}: {1}")]
     Head(Arc<str>, io::Error),
+    /// With what the status says of the upstream, as for any attempt.
     #[error("{1} from {0} is not the rest of the same archive")]
-    Mismatch(Arc<str>, StatusCode),
+    Mismatch(Arc<str>, StatusCode, Outcome),
     #[error("no pipe: {0}")]
     Pipe(io::Error),
     #[error("the download cannot be asked for by range")]
     NotResumable,
+}
+
+impl OpenError {
+    /// How the range request ended, for `upstream_attempts_total` (as an
+    /// attempt through the pooled client would be labelled).
+    fn outcome(&self) -> Outcome {
+        match self {
+            OpenError::Connect(_, error) if out_of_local_resources(error) => Outcome::Overloaded,
+            OpenError::Connect(..) => Outcome::ConnectError,
+            OpenError::ConnectTimeout(..) => Outcome::ConnectTimeout,
+            OpenError::HeadTimeout(..) => Outcome::HeaderTimeout,
+            OpenError::Mismatch(_, _, outcome) => *outcome,
+            OpenError::NotHttp(_)
+            | OpenError::Head(..)
+            | OpenError::Pipe(_)
+            | OpenError::NotResumable => Outcome::Error,
+        }
+    }
+}
+
+/// One range request to `upstream` (`open`), counted in
+/// `gitball_proxy_upstream_attempts_total` like the pooled client's
+/// attempts: by how it ended, or `client_gone` when it is dropped first.
+async fn attempt(
+    upstream: &Arc<str>,
+    open: impl Future<Output = Result<Upstream, OpenError>>,
+) -> Result<Upstream, OpenError> {
+    let unfinished = UnfinishedAttempt(upstream);
+    let opened = open.await;
+    std::mem::forget(unfinished);
+    let outcome = opened
+        .as_ref()
+        .map_or_else(OpenError::outcome, |_| Outcome::Ok);
+    crate::metrics::upstream_attempt(upstream, outcome.as_str());
+    opened
 }
 
 /// A pipe of (at most) [`PIPE_BYTES`].
@@ -181,11 +220,20 @@ pub async fn prepare(resume: &Resume, sent: u64, slot: Slot) -> Result<Prepared,
     // The pooled connection goes unread meanwhile, and the archiver cuts a
     // connection whose writes are stuck for its --client-idle-timeout.
     let budget = PREPARE_TIMEOUT.min(resume.forwarder().header_timeout());
-    let upstream = tokio::time::timeout(budget, open(resume, candidate, sent, budget))
-        .await
-        .map_err(|_| OpenError::HeadTimeout(candidate.upstream.clone(), budget))??;
+    resume.attempting(&candidate.upstream);
+    let upstream = attempt(&candidate.upstream, async {
+        tokio::time::timeout(budget, open(resume, candidate, sent, budget))
+            .await
+            .map_err(|_| OpenError::HeadTimeout(candidate.upstream.clone(), budget))?
+    })
+    .await?;
     if upstream.skip != 0 {
-        return Err(OpenError::Mismatch(upstream.name, StatusCode::OK));
+        // A `200`: a sound answer, not one to splice.
+        return Err(OpenError::Mismatch(
+            upstream.name,
+            StatusCode::OK,
+            Outcome::Ok,
+        ));
     }
     let pipe = KernelPipe::new().map_err(OpenError::Pipe)?;
     Ok(Prepared {
@@ -227,9 +275,10 @@ async fn open(
     .await
     .map_err(|_| OpenError::HeadTimeout(name.clone(), head_timeout))?
     .map_err(|error| OpenError::Head(name.clone(), error))?;
+    let outcome = classify(status, &headers, candidate.role);
     let skip = resume
         .skip(status, &headers, next)
-        .ok_or_else(|| OpenError::Mismatch(name.clone(), status))?;
+        .ok_or_else(|| OpenError::Mismatch(name.clone(), status, outcome))?;
     // The body is spliced raw: it must be exactly the bytes announced, in
     // `Content-Length` framing (a chunked one would carry its size lines).
     let length = headers
@@ -240,7 +289,7 @@ async fn open(
         || length.is_none()
         || length != expected
     {
-        return Err(OpenError::Mismatch(name, status));
+        return Err(OpenError::Mismatch(name, status, outcome));
     }
     Ok(Upstream { stream, name, skip })
 }
@@ -601,7 +650,10 @@ impl SpliceBody {
             // complete-only request does; a client that leaves meanwhile
             // ends the wait.
             let opened = tokio::select! {
-                opened = open(&self.resume, &candidate, sent, COMPLETE_ARCHIVE_TIMEOUT) => opened,
+                opened = attempt(
+                    &candidate.upstream,
+                    open(&self.resume, &candidate, sent, COMPLETE_ARCHIVE_TIMEOUT),
+                ) => opened,
                 () = socket.closed() => {
                     return Err(Failure::Client(io::ErrorKind::ConnectionReset.into()));
                 }
@@ -726,8 +778,31 @@ mod tests {
     /// Bound on every wait in these tests.
     const TEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+    /// `gitball_proxy_upstream_attempts_total` of `upstream`, by outcome.
+    fn attempts(upstream: &str) -> Vec<(String, f64)> {
+        let handle = gitball_core::metrics::install();
+        let prefix =
+            format!("gitball_proxy_upstream_attempts_total{{upstream=\"{upstream}\",outcome=\"");
+        handle
+            .render()
+            .lines()
+            .filter_map(|line| {
+                let (outcome, value) = line.strip_prefix(&prefix)?.split_once("\"} ")?;
+                Some((outcome.to_owned(), value.parse().ok()?))
+            })
+            .filter(|(_, value)| *value > 0.0)
+            .collect()
+    }
+
+    /// One attempt of `upstream`, ended `outcome`.
+    fn once(outcome: &str) -> Vec<(String, f64)> {
+        vec![(outcome.to_owned(), 1.0)]
+    }
+
     /// An archive of 1,000 bytes at `upstream`, 100 of them sent.
+    /// The recorder is installed first: attempts made before it are lost.
     fn resume_at(upstream: &str, header_timeout: Duration) -> Resume {
+        gitball_core::metrics::install();
         let health = Arc::new(Health::new(Duration::from_secs(10)));
         let forwarder = Forwarder::new(
             health,
@@ -811,6 +886,7 @@ mod tests {
         .unwrap();
         assert_eq!(&body, b"BODYMORE", "the head, and only the head, was taken");
         drop(spliced);
+        assert_eq!(attempts(&address), once("ok"));
         let request = served.await.unwrap();
         let host = address.strip_prefix("http://").unwrap();
         assert_eq!(
@@ -826,37 +902,47 @@ mod tests {
 
     #[tokio::test]
     async fn anything_but_the_exact_rest_of_the_same_archive_is_declined() {
-        for (answer, what) in [
-            (head("200 OK", ETAG, "-"), "the whole archive again"),
+        for (answer, what, outcome) in [
+            (head("200 OK", ETAG, "-"), "the whole archive again", "ok"),
             (
                 head("206 Partial Content", "\"v3-other\"", "bytes 100-999/1000"),
                 "another ETag",
+                "ok",
             ),
             (
                 head("206 Partial Content", ETAG, "bytes 101-999/1000"),
                 "another start",
+                "ok",
             ),
             (
                 head("206 Partial Content", ETAG, "bytes 100-998/1000"),
                 "another end",
+                "ok",
             ),
-            (head("503 Service Unavailable", ETAG, "-"), "an error"),
+            (
+                head("503 Service Unavailable", ETAG, "-"),
+                "an error",
+                "server_error",
+            ),
             (
                 b"HTTP/1.1 206 Partial Content\r\nETag: \"v3-abc\"\r\n".to_vec(),
                 "a head cut short",
+                "header_timeout",
             ),
-            (b"garbage\r\n\r\n".to_vec(), "no HTTP"),
+            (b"garbage\r\n\r\n".to_vec(), "no HTTP", "error"),
             (
                 b"HTTP/1.1 206 Partial Content\r\nETag: \"v3-abc\"\r\n\
                   Content-Range: bytes 100-999/1000\r\nTransfer-Encoding: chunked\r\n\r\n"
                     .to_vec(),
                 "a chunked body",
+                "ok",
             ),
             (
                 b"HTTP/1.1 206 Partial Content\r\nETag: \"v3-abc\"\r\n\
                   Content-Range: bytes 100-999/1000\r\nContent-Length: 899\r\n\r\n"
                     .to_vec(),
                 "a body of another length",
+                "ok",
             ),
         ] {
             let (address, served) = upstream(vec![answer]).await;
@@ -866,6 +952,9 @@ mod tests {
                     .await
                     .unwrap();
             assert!(prepared.is_err(), "{what} was spliced");
+            // Counted as the pooled client counts an attempt: a sound
+            // answer that is not the rest is still `ok`.
+            assert_eq!(attempts(&address), once(outcome), "{what}");
             served.abort();
         }
     }
@@ -879,11 +968,26 @@ mod tests {
                 .await
                 .unwrap();
         assert!(matches!(prepared, Err(OpenError::HeadTimeout(..))));
+        assert_eq!(attempts(&address), once("header_timeout"));
         served.abort();
         let resume = resume_at("https://127.0.0.1:1", TEST_TIMEOUT);
         assert!(matches!(
             prepare(&resume, 100, SLOTS.take().unwrap()).await,
             Err(OpenError::NotHttp(_))
         ));
+        assert_eq!(attempts("https://127.0.0.1:1"), once("error"));
+
+        // A download that ends while its upstream is silent (its client
+        // left): the attempt in flight is `client_gone`.
+        let (address, served) = upstream(Vec::new()).await;
+        let resume = resume_at(&address, TEST_TIMEOUT);
+        let cut = tokio::time::timeout(
+            Duration::from_millis(200),
+            prepare(&resume, 100, SLOTS.take().unwrap()),
+        )
+        .await;
+        assert!(cut.is_err(), "the silent upstream answered");
+        assert_eq!(attempts(&address), once("client_gone"));
+        served.abort();
     }
 }
