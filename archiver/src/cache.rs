@@ -25,8 +25,11 @@
 //!   So are a failed generation's: its partial is unlinked as soon as the
 //!   generation is torn down (a refused one counts as held from the
 //!   refusal), and what it had written counts as held until the last
-//!   reader's `Arc<Generation>` is dropped. Readers learn of the failure at once
-//!   (`Generation::failed`), also while they wait for a slow client.
+//!   reader's `Arc<Generation>` is dropped, or the writer's: its sink keeps
+//!   one beside the file's write handle (`generate::Space::writing`), which
+//!   an abandoned zstd stream holds on a thread of its own for seconds.
+//!   Readers learn of the failure at once (`Generation::failed`), also
+//!   while they wait for a slow client.
 //! - On start, files named like complete entries whose bytes hash to the
 //!   SHA-256 in their name are re-indexed (oldest first, by mtime; of two
 //!   files of one key only the newest is kept, the other deleted), damaged
@@ -612,6 +615,12 @@ impl Cache {
         };
         let space = generate::Space {
             grown,
+            // This generation: while its file is open for writing, the
+            // failed generation's bytes stay held (`fail`, `Generation::drop`).
+            writing: self.lock().generating.get(&key).map_or_else(
+                || Arc::new(()) as Arc<_>,
+                |generation| generation.clone() as Arc<_>,
+            ),
             full: {
                 let cache = self.clone();
                 let key = key.clone();
@@ -724,8 +733,9 @@ impl Cache {
             generation
         };
         if let Some(generation) = &generation {
-            // Readers (besides this one) still have the unlinked file open:
-            // its bytes move from the cache's to the held ones.
+            // Readers (besides this one) still have the unlinked file open,
+            // or the writer does (`generate::Space::writing`): its bytes
+            // move from the cache's to the held ones.
             if Arc::strong_count(generation) > 1 {
                 generation.hold(written, &self.held_bytes);
             }

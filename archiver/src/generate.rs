@@ -293,6 +293,12 @@ pub struct Space {
     /// room and says whether it evicted any. The write is then tried again;
     /// once nothing is left to evict, it fails.
     pub full: RoomFor,
+    /// Kept with the file's write handle and let go just after it: the
+    /// cache counts a failed generation's bytes as held for as long as
+    /// this lives. The handle can outlive the generation's failure: an
+    /// abandoned zstd stream is dropped on a thread of its own, file and
+    /// all, once zstd's workers are done (seconds at level 19).
+    pub writing: Arc<dyn std::any::Any + Send + Sync>,
 }
 
 /// Runs `git archive` for `spec`, in the git dir `shadow` (see `shadow`),
@@ -318,6 +324,7 @@ pub async fn run(
     let Space {
         grown: growth,
         full,
+        writing,
     } = space;
     let file = std::fs::OpenOptions::new()
         .write(true)
@@ -333,6 +340,7 @@ pub async fn run(
         len: 0,
         hasher: Sha256::new(),
         full,
+        _writing: writing,
     };
     // Replaced since the check (preparing the git dir can take long: a
     // snapshot of many refs), the generation must fail now, while no byte
@@ -753,6 +761,8 @@ struct Sink {
     len: u64,
     hasher: Sha256,
     full: RoomFor,
+    /// After `file`, so dropped after it is closed ([`Space::writing`]).
+    _writing: Arc<dyn std::any::Any + Send + Sync>,
 }
 
 impl Write for Sink {
@@ -1090,6 +1100,7 @@ mod tests {
                 })
             },
             full: Arc::new(|_| false),
+            writing: Arc::new(()),
         };
         let limits = Limits {
             timeout: Duration::from_secs(30),
