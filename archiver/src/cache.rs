@@ -596,10 +596,10 @@ impl Cache {
         let started = Instant::now();
         // The generation's bytes in `bytes`.
         let accounted = Arc::new(AtomicU64::new(0));
-        let grown: generate::RoomFor = {
+        // Counted as they reach the file, told to readers after.
+        let used: generate::RoomFor = {
             let cache = self.clone();
             let accounted = accounted.clone();
-            let progress = progress.clone();
             let key = key.clone();
             Arc::new(move |len| {
                 let previous = accounted.swap(len, Ordering::AcqRel);
@@ -609,11 +609,18 @@ impl Cache {
                     // has been torn down.
                     accounted.store(0, Ordering::Release);
                 }
-                progress.send_modify(|p| p.written = len);
                 fits
             })
         };
+        let grown: generate::RoomFor = {
+            let progress = progress.clone();
+            Arc::new(move |len| {
+                progress.send_modify(|p| p.written = len);
+                true
+            })
+        };
         let space = generate::Space {
+            used,
             grown,
             // This generation: while its file is open for writing, the
             // failed generation's bytes stay held (`fail`, `Generation::drop`).
@@ -722,23 +729,24 @@ impl Cache {
         failure: Failure,
         progress: &watch::Sender<Progress>,
     ) {
-        if let Err(error) = std::fs::remove_file(partial) {
-            tracing::error!(%error, "cannot remove a failed partial file");
-        }
         let generation = {
             let mut index = self.lock();
             let generation = index.generating.remove(key);
             index.bytes -= written;
+            // Readers (besides this one) still have the file open, or the
+            // writer does (`generate::Space::writing`): its bytes move from
+            // the cache's to the held ones, before either gauge is set and
+            // before the unlink, so they are never counted in neither.
+            if let Some(generation) = &generation
+                && Arc::strong_count(generation) > 1
+            {
+                generation.hold(written, &self.held_bytes);
+            }
             self.publish(&index);
             generation
         };
-        if let Some(generation) = &generation {
-            // Readers (besides this one) still have the unlinked file open,
-            // or the writer does (`generate::Space::writing`): its bytes
-            // move from the cache's to the held ones.
-            if Arc::strong_count(generation) > 1 {
-                generation.hold(written, &self.held_bytes);
-            }
+        if let Err(error) = std::fs::remove_file(partial) {
+            tracing::error!(%error, "cannot remove a failed partial file");
         }
         // Neither is a fault: a full queue, or a push while the request waited.
         if !matches!(failure, Failure::Busy | Failure::RefsChanged) {

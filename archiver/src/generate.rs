@@ -284,9 +284,15 @@ pub type RoomFor = Arc<dyn Fn(u64) -> bool + Send + Sync>;
 
 /// How a generation tells the cache about the room its file takes.
 pub struct Space {
-    /// Called with each new total length that reached the file (so readers
-    /// may read up to it). Returning `false` stops the generation as too
-    /// large: the cache could not make room for it within its bound.
+    /// Called with the file's length after each write to it, before readers
+    /// are told of the bytes (`grown`): the cache counts them and makes
+    /// room for them within its bound as they reach the file, not when a
+    /// compressor returns (a zstd write at level 19 can put megabytes in
+    /// the file over a second or more). Returning `false` stops the
+    /// generation as too large: the cache could not make room for it.
+    pub used: RoomFor,
+    /// Called with each new total length readers may read up to. Returning
+    /// `false` stops the generation as too large.
     pub grown: RoomFor,
     /// Called when a write finds the cache's file system full (`ENOSPC`,
     /// `EDQUOT`) with the bytes it needs: the cache evicts archives to make
@@ -322,6 +328,7 @@ pub async fn run(
     git_unchanged: &(dyn Fn() -> bool + Send + Sync),
 ) -> Result<Finished, Failure> {
     let Space {
+        used,
         grown: growth,
         full,
         writing,
@@ -339,6 +346,8 @@ pub async fn run(
         file,
         len: 0,
         hasher: Sha256::new(),
+        used,
+        max_bytes: limits.max_bytes,
         full,
         _writing: writing,
     };
@@ -360,10 +369,10 @@ pub async fn run(
     // at once aborts it (never a clean end), and nothing is cached.
     // Other encoders are made by the writer thread, while git starts.
     let (start, announced) = if writes_ahead(spec) {
-        let mut encoder = Encoder::new(sink, spec.compression).map_err(io_failure)?;
+        let mut encoder = Encoder::new(sink, spec.compression).map_err(write_failure)?;
         encoder
             .write_ahead(&spec.prefix, spec.commit_time)
-            .map_err(io_failure)?;
+            .map_err(write_failure)?;
         let announced = announce(encoder.sink().len, 0, limits.max_bytes, &*growth)?;
         (Start::Encoder(encoder), announced)
     } else {
@@ -576,7 +585,7 @@ fn write_chunks(
     growth: &(dyn Fn(u64) -> bool + Send + Sync),
 ) -> Result<Finished, Failure> {
     let mut encoder = match start {
-        Start::Sink(sink, compression) => Encoder::new(sink, compression).map_err(io_failure)?,
+        Start::Sink(sink, compression) => Encoder::new(sink, compression).map_err(write_failure)?,
         Start::Encoder(encoder) => encoder,
     };
     loop {
@@ -585,7 +594,7 @@ fn write_chunks(
             // git's pipe is idle: finished compression work goes out now
             // rather than with git's next bytes (the zip writer).
             Err(TryRecvError::Empty) if encoder.has_pending() => {
-                encoder.write_pending().map_err(io_failure)?;
+                encoder.write_pending().map_err(write_failure)?;
                 if check.passed {
                     announced = announce(encoder.sink().len, announced, max_bytes, growth)?;
                 }
@@ -597,7 +606,7 @@ fn write_chunks(
         match chunk {
             Some(Chunk::Data(data)) => {
                 for data in check.pass(data)? {
-                    encoder.write_block(data).map_err(io_failure)?;
+                    encoder.write_block(data).map_err(write_failure)?;
                 }
                 // Nothing of git's is announced (so no reader sees a byte of
                 // it) before the format was recognised.
@@ -608,7 +617,7 @@ fn write_chunks(
             }
             Some(Chunk::End) => {
                 check.finish()?;
-                let sink = encoder.finish().map_err(io_failure)?;
+                let sink = encoder.finish().map_err(write_failure)?;
                 if sink.len > max_bytes || (sink.len != announced && !growth(sink.len)) {
                     return Err(Failure::TooLarge);
                 }
@@ -755,11 +764,32 @@ fn io_failure(error: io::Error) -> Failure {
     Failure::Failed
 }
 
+/// Why a [`Sink`] write failed when the file may not grow: past
+/// `--max-archive-bytes`, or no room in the cache.
+#[derive(Debug, thiserror::Error)]
+#[error("the archive is too large")]
+struct NoRoom;
+
+/// A failed write through the encoder: too large when the sink said so
+/// (the encoders pass its error on as it is), else an I/O failure.
+fn write_failure(error: io::Error) -> Failure {
+    if error.get_ref().is_some_and(|inner| inner.is::<NoRoom>()) {
+        Failure::TooLarge
+    } else {
+        io_failure(error)
+    }
+}
+
 /// The file end of the pipeline: counts and hashes what reaches the file.
 struct Sink {
     file: std::fs::File,
     len: u64,
     hasher: Sha256,
+    /// Told `len` after each write ([`Space::used`]).
+    used: RoomFor,
+    /// `--max-archive-bytes`: a write that passes it fails, so the file
+    /// ends at most one write past it.
+    max_bytes: u64,
     full: RoomFor,
     /// After `file`, so dropped after it is closed ([`Space::writing`]).
     _writing: Arc<dyn std::any::Any + Send + Sync>,
@@ -780,6 +810,9 @@ impl Write for Sink {
         };
         self.hasher.update(&buf[..n]);
         self.len += n as u64;
+        if self.len > self.max_bytes || !(self.used)(self.len) {
+            return Err(io::Error::other(NoRoom));
+        }
         Ok(n)
     }
 
@@ -1099,6 +1132,7 @@ mod tests {
                     true
                 })
             },
+            used: Arc::new(|_| true),
             full: Arc::new(|_| false),
             writing: Arc::new(()),
         };

@@ -43,6 +43,29 @@ pub fn deleted_files_open(pid: u32, dir: &std::path::Path) -> Vec<String> {
         .collect()
 }
 
+/// The partial files (`*.partial`) under `dir` that process `pid` holds
+/// open, linked or unlinked: their sizes by inode (a file open twice,
+/// the writer's handle and the readers', is one entry).
+pub fn partial_files_open(pid: u32, dir: &std::path::Path) -> std::collections::HashMap<u64, u64> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return std::collections::HashMap::new();
+    };
+    entries
+        .filter_map(|entry| {
+            let link = entry.ok()?.path();
+            let target = fs::read_link(&link).ok()?;
+            let target = target.to_string_lossy();
+            if !target.starts_with(&*dir.to_string_lossy()) || !target.contains(".partial") {
+                return None;
+            }
+            // Through the link: the file itself, unlinked or not.
+            let metadata = fs::metadata(&link).ok()?;
+            Some((metadata.ino(), metadata.len()))
+        })
+        .collect()
+}
+
 /// Whether process `pid` holds an open socket connected to `peer` (an IPv4
 /// TCP peer on this host): `/proc/PID/net/tcp`'s entries whose remote end is
 /// `peer`, looked up among the socket inodes of `/proc/PID/fd`. A socket the
