@@ -810,7 +810,10 @@ impl Write for Sink {
         };
         self.hasher.update(&buf[..n]);
         self.len += n as u64;
-        if self.len > self.max_bytes || !(self.used)(self.len) {
+        // Counted first, whatever follows: what a failure holds is all of
+        // the file.
+        let room = (self.used)(self.len);
+        if !room || self.len > self.max_bytes {
             return Err(io::Error::other(NoRoom));
         }
         Ok(n)
