@@ -269,16 +269,7 @@ fn a_client_leaving_mid_prewarm_is_logged_with_its_attempts() {
     // Half-closed, as a client that sent its request and left does.
     client.shutdown(std::net::Shutdown::Write).unwrap();
 
-    let mut line = None;
-    assert!(
-        wait_until(SETTLE, || {
-            line = gitball_e2e::line_for(&proxy.log(), "leaves-mid-prewarm");
-            line.is_some()
-        }),
-        "no proxy line:\n{}",
-        proxy.log()
-    );
-    let line = line.unwrap();
+    let line = gitball_e2e::wait_for_line(SETTLE, || proxy.log(), "leaves-mid-prewarm");
     assert_eq!(line["status"], 499, "{line}");
     assert_eq!(line["ending"], "client_gone", "{line}");
     assert_eq!(line["upstream"], upstream.as_str(), "{line}");

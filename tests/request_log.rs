@@ -9,7 +9,9 @@ use std::io::Write as _;
 use std::time::Duration;
 
 use gitball_e2e::proxy::{Cluster, Proxy, big_repository, fetch_with, small_repository};
-use gitball_e2e::{Archiver, RawConnection, Sandbox, line_for, request_lines, wait_until};
+use gitball_e2e::{
+    Archiver, RawConnection, Sandbox, line_for, request_lines, wait_for_line, wait_until,
+};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -175,16 +177,7 @@ fn archiver_logs_and_counts_a_client_that_leaves_while_queued() {
     );
     drop(leaver);
 
-    let mut line = None;
-    assert!(
-        wait_until(WAIT, || {
-            line = line_for(&archiver.log(), "leaves-while-queued");
-            line.is_some()
-        }),
-        "no line for the client that left:\n{}",
-        archiver.log()
-    );
-    let line = line.unwrap();
+    let line = wait_for_line(WAIT, || archiver.log(), "leaves-while-queued");
     assert_eq!(line["status"], 499, "{line}");
     assert_eq!(line["ending"], "client_gone", "{line}");
     assert_eq!(line["tier"], "archiver");

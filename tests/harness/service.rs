@@ -522,6 +522,24 @@ pub fn line_for(log: &str, request_id: &str) -> Option<serde_json::Value> {
         .find(|line| line["request_id"] == request_id)
 }
 
+/// The `request` line with `request_id` in the JSON log `log()` reads,
+/// waited for up to `timeout` (a line is written when its request ends,
+/// which can be after the client saw the end). Panics with the log if it
+/// never comes.
+pub fn wait_for_line(
+    timeout: Duration,
+    log: impl Fn() -> String,
+    request_id: &str,
+) -> serde_json::Value {
+    let mut line = None;
+    let found = wait_until(timeout, || {
+        line = line_for(&log(), request_id);
+        line.is_some()
+    });
+    assert!(found, "no line for request {request_id}:\n{}", log());
+    line.expect("found")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
