@@ -500,9 +500,9 @@ impl Cache {
             request_id,
         );
         let cache = self.clone();
-        let partial = generation.partial.clone();
+        let writing = generation.clone();
         self.tasks.spawn_on(
-            async move { cache.generate(key, spec, partial, queued, sender).await }
+            async move { cache.generate(key, spec, writing, queued, sender).await }
                 .instrument(span),
             &self.runtime,
         );
@@ -564,14 +564,17 @@ impl Cache {
     }
 
     /// The generation task: queue, run, then index or clean up.
+    /// `writing` goes with the file's write handle
+    /// ([`generate::Space::writing`]) and is held nowhere else.
     async fn generate(
         self: Arc<Self>,
         key: String,
         spec: Spec,
-        partial: PathBuf,
+        writing: Arc<Generation>,
         mut queued: queue::Queued,
         progress: watch::Sender<Progress>,
     ) {
+        let partial = writing.partial.clone();
         let format = spec.format.metric_label();
         gauge!(m::GENERATIONS_QUEUED).increment(1.0);
         let permit = tokio::select! {
@@ -612,22 +615,16 @@ impl Cache {
                 fits
             })
         };
-        let grown: generate::RoomFor = {
+        let grown: generate::Grown = {
             let progress = progress.clone();
-            Arc::new(move |len| {
-                progress.send_modify(|p| p.written = len);
-                true
-            })
+            Arc::new(move |len| progress.send_modify(|p| p.written = len))
         };
         let space = generate::Space {
             used,
             grown,
-            // This generation: while its file is open for writing, the
-            // failed generation's bytes stay held (`fail`, `Generation::drop`).
-            writing: self.lock().generating.get(&key).map_or_else(
-                || Arc::new(()) as Arc<_>,
-                |generation| generation.clone() as Arc<_>,
-            ),
+            // While its file is open for writing, the failed generation's
+            // bytes stay held (`fail`, `Generation::drop`).
+            writing,
             full: {
                 let cache = self.clone();
                 let key = key.clone();

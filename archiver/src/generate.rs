@@ -282,6 +282,9 @@ pub struct Finished {
 /// Told a length in bytes; says whether the cache could make room.
 pub type RoomFor = Arc<dyn Fn(u64) -> bool + Send + Sync>;
 
+/// Told a length in bytes readers may now read up to.
+pub type Grown = Arc<dyn Fn(u64) + Send + Sync>;
+
 /// How a generation tells the cache about the room its file takes.
 pub struct Space {
     /// Called with the file's length after each write to it, before readers
@@ -291,9 +294,8 @@ pub struct Space {
     /// the file over a second or more). Returning `false` stops the
     /// generation as too large: the cache could not make room for it.
     pub used: RoomFor,
-    /// Called with each new total length readers may read up to. Returning
-    /// `false` stops the generation as too large.
-    pub grown: RoomFor,
+    /// Called with each new total length readers may read up to.
+    pub grown: Grown,
     /// Called when a write finds the cache's file system full (`ENOSPC`,
     /// `EDQUOT`) with the bytes it needs: the cache evicts archives to make
     /// room and says whether it evicted any. The write is then tried again;
@@ -582,7 +584,7 @@ fn write_chunks(
     mut chunks: mpsc::Receiver<Chunk>,
     max_bytes: u64,
     mut check: FormatCheck,
-    growth: &(dyn Fn(u64) -> bool + Send + Sync),
+    growth: &(dyn Fn(u64) + Send + Sync),
 ) -> Result<Finished, Failure> {
     let mut encoder = match start {
         Start::Sink(sink, compression) => Encoder::new(sink, compression).map_err(write_failure)?,
@@ -618,9 +620,8 @@ fn write_chunks(
             Some(Chunk::End) => {
                 check.finish()?;
                 let sink = encoder.finish().map_err(write_failure)?;
-                if sink.len > max_bytes || (sink.len != announced && !growth(sink.len)) {
-                    return Err(Failure::TooLarge);
-                }
+                // The sink counted (and bounded) every byte as written.
+                announce(sink.len, announced, max_bytes, growth)?;
                 return Ok(Finished {
                     len: sink.len,
                     sha256: sink.hasher.finalize().into(),
@@ -636,13 +637,13 @@ fn announce(
     len: u64,
     announced: u64,
     max_bytes: u64,
-    growth: &(dyn Fn(u64) -> bool + Send + Sync),
+    growth: &(dyn Fn(u64) + Send + Sync),
 ) -> Result<u64, Failure> {
     if len > max_bytes {
         return Err(Failure::TooLarge);
     }
-    if len != announced && !growth(len) {
-        return Err(Failure::TooLarge);
+    if len != announced {
+        growth(len);
     }
     Ok(len)
 }
@@ -1132,7 +1133,6 @@ mod tests {
                 let grown = grown.clone();
                 Arc::new(move |len| {
                     grown.store(len, std::sync::atomic::Ordering::Relaxed);
-                    true
                 })
             },
             used: Arc::new(|_| true),
