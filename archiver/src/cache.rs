@@ -76,16 +76,53 @@ pub struct CacheFile {
     /// archiver's back, and is not served as this one.
     pub inode: u64,
     evicted: AtomicBool,
-    held_bytes: Arc<AtomicU64>,
+    held_bytes: HeldBytes,
 }
 
 impl Drop for CacheFile {
     fn drop(&mut self) {
         // The last holder of an evicted file is gone: tmpfs frees it now.
+        // (A `CacheFile` has no fd of its own: a reader closes its file
+        // before it lets go of this, `tail::Reader`'s field order.)
         if self.evicted.load(Ordering::Acquire) {
-            let held = self.held_bytes.fetch_sub(self.len, Ordering::AcqRel) - self.len;
-            gauge!(m::CACHE_HELD_BYTES).set(held as f64);
+            self.held_bytes.release(self.len);
         }
+    }
+}
+
+/// The bytes of files unlinked but still open (`cache_held_bytes`). The
+/// count and the gauge move together by the same amounts, never by setting
+/// the gauge to a count read before: an update preempted between the two
+/// (a zstd stream's drop thread runs at a lower priority) would otherwise
+/// put a stale total back after a later one, for as long as nothing else
+/// changed (review).
+#[derive(Clone, Debug, Default)]
+struct HeldBytes(Arc<AtomicU64>);
+
+impl HeldBytes {
+    fn hold(&self, bytes: u64) {
+        self.0.fetch_add(bytes, Ordering::AcqRel);
+        gauge!(m::CACHE_HELD_BYTES).increment(bytes as f64);
+    }
+
+    fn release(&self, bytes: u64) {
+        self.0.fetch_sub(bytes, Ordering::AcqRel);
+        gauge!(m::CACHE_HELD_BYTES).decrement(bytes as f64);
+    }
+}
+
+/// Bytes of a failed generation's file, counted as held until the last
+/// holder of the generation lets go: a field after the generation's
+/// `file`, so they are given back only once that fd is closed.
+#[derive(Debug)]
+struct HeldPartial {
+    bytes: u64,
+    held_bytes: HeldBytes,
+}
+
+impl Drop for HeldPartial {
+    fn drop(&mut self) {
+        self.held_bytes.release(self.bytes);
     }
 }
 
@@ -118,23 +155,13 @@ pub struct Generation {
     /// so: a download that waits on its client's socket, and not on the
     /// progress, stops at once rather than at its next look.
     failed: CancellationToken,
-    /// Set when the generation failed while readers held its unlinked
-    /// partial file: the bytes counted as held, given back on drop.
-    held: std::sync::OnceLock<(u64, Arc<AtomicU64>)>,
+    /// Set when the generation failed: the bytes of its unlinked partial
+    /// file, counted as held until it is dropped, which is after `file`
+    /// is (fields drop in order: keep it below `file`).
+    held: std::sync::OnceLock<HeldPartial>,
     /// Its place in the generation queue ([`crate::queue`]), which a
     /// request that joins it while it waits takes a turn for.
     queued: u64,
-}
-
-impl Drop for Generation {
-    fn drop(&mut self) {
-        // The last reader of a failed generation is gone: tmpfs frees its
-        // partial file now.
-        if let Some((bytes, held_bytes)) = self.held.get() {
-            let held = held_bytes.fetch_sub(*bytes, Ordering::AcqRel) - bytes;
-            gauge!(m::CACHE_HELD_BYTES).set(held as f64);
-        }
-    }
 }
 
 impl Generation {
@@ -149,10 +176,15 @@ impl Generation {
 
     /// Counts `bytes` of the unlinked partial file as held until the last
     /// holder of this generation lets go.
-    fn hold(&self, bytes: u64, held_bytes: &Arc<AtomicU64>) {
-        if bytes > 0 && self.held.set((bytes, held_bytes.clone())).is_ok() {
-            let held = held_bytes.fetch_add(bytes, Ordering::AcqRel) + bytes;
-            gauge!(m::CACHE_HELD_BYTES).set(held as f64);
+    fn hold(&self, bytes: u64, held_bytes: &HeldBytes) {
+        if bytes > 0 {
+            self.held.get_or_init(|| {
+                held_bytes.hold(bytes);
+                HeldPartial {
+                    bytes,
+                    held_bytes: held_bytes.clone(),
+                }
+            });
         }
     }
 
@@ -236,7 +268,7 @@ pub struct Cache {
     /// The generation slots, taken in turn by the clients waiting.
     slots: Arc<queue::Slots>,
     index: Mutex<Index>,
-    held_bytes: Arc<AtomicU64>,
+    held_bytes: HeldBytes,
     cancel: CancellationToken,
     tasks: TaskTracker,
     /// Where generation tasks run: the runtime that opened the cache, not
@@ -362,7 +394,7 @@ impl Cache {
         let found = restorable(found, settings.max_bytes);
         let restored_bytes: u64 = found.iter().map(|restored| restored.len).sum();
 
-        let held_bytes = Arc::new(AtomicU64::new(0));
+        let held_bytes = HeldBytes::default();
         let mut index = Index {
             complete: HashMap::new(),
             policy: Policy::new(settings.max_bytes),
@@ -697,8 +729,8 @@ impl Cache {
         {
             let mut index = self.lock();
             index.generating.remove(&key);
-            // `written` was accounted while growing; the final length may
-            // differ only by what the growth callback already saw.
+            // `written` was accounted write by write, as the file grew:
+            // the final length is the same, but is taken as the truth.
             index.bytes = index.bytes - written + finished.len;
             index.policy.insert(key.clone(), finished.len);
             index.complete.insert(key, file.clone());
@@ -730,13 +762,14 @@ impl Cache {
             let mut index = self.lock();
             let generation = index.generating.remove(key);
             index.bytes -= written;
-            // Readers (besides this one) still have the file open, or the
-            // writer does (`generate::Space::writing`): its bytes move from
-            // the cache's to the held ones, before either gauge is set and
-            // before the unlink, so they are never counted in neither.
-            if let Some(generation) = &generation
-                && Arc::strong_count(generation) > 1
-            {
+            // Its bytes move from the cache's to the held ones, before
+            // either gauge is set and before the unlink, so they are never
+            // counted in neither. Held until the last holder lets go: this
+            // function's own (the generation has the file open until it is
+            // dropped at the end here), a reader's, or the writer's
+            // (`generate::Space::writing`; review: with no reader left the
+            // file was in neither gauge until the end here).
+            if let Some(generation) = &generation {
                 generation.hold(written, &self.held_bytes);
             }
             self.publish(&index);
@@ -943,8 +976,7 @@ impl Cache {
                 // now).
                 _ => file.evicted.store(true, Ordering::Release),
             }
-            let held = self.held_bytes.fetch_add(file.len, Ordering::AcqRel) + file.len;
-            gauge!(m::CACHE_HELD_BYTES).set(held as f64);
+            self.held_bytes.hold(file.len);
             counter!(m::CACHE_EVICTIONS_TOTAL).increment(1);
         }
         eviction.short
@@ -976,8 +1008,7 @@ impl Cache {
         // Readers that still hold it keep its space pinned, as an evicted
         // file's: counted as held until the last one drops it.
         file.evicted.store(true, Ordering::Release);
-        let held = self.held_bytes.fetch_add(file.len, Ordering::AcqRel) + file.len;
-        gauge!(m::CACHE_HELD_BYTES).set(held as f64);
+        self.held_bytes.hold(file.len);
         self.publish(&index);
         tracing::warn!(
             path = %file.path.display(),
@@ -1282,7 +1313,7 @@ impl CacheFile {
             sha256,
             inode: 0,
             evicted: AtomicBool::new(false),
-            held_bytes: Arc::new(AtomicU64::new(0)),
+            held_bytes: HeldBytes::default(),
         })
     }
 }
@@ -1291,7 +1322,7 @@ impl CacheFile {
 impl Cache {
     /// Bytes of evicted files and failed partials that readers still hold.
     pub(crate) fn held_bytes(&self) -> u64 {
-        self.held_bytes.load(Ordering::SeqCst)
+        self.held_bytes.0.load(Ordering::SeqCst)
     }
 }
 
@@ -1700,11 +1731,142 @@ mod tests {
         assert_eq!(held(&cache), 0);
     }
 
+    /// `cache_held_bytes` as a test sees it: each value it took, with how
+    /// many partial files under `dir` (if any) this process had open then;
+    /// and
+    /// optionally a gate each update passes, where it waits as a thread
+    /// preempted inside the update would. Other series go nowhere.
+    #[derive(Clone, Default)]
+    struct HeldGauge {
+        values: Arc<Mutex<Vec<(f64, usize)>>>,
+        dir: Option<PathBuf>,
+        gate: Option<Arc<std::sync::Barrier>>,
+    }
+
+    impl HeldGauge {
+        fn update(&self, change: impl FnOnce(f64) -> f64) {
+            if let Some(gate) = &self.gate {
+                // Arrived; then let on.
+                gate.wait();
+                gate.wait();
+            }
+            let open = self.dir.as_ref().map_or(0, |dir| {
+                std::fs::read_dir("/proc/self/fd")
+                    .unwrap()
+                    .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+                    .filter(|target| {
+                        target.starts_with(dir) && target.to_string_lossy().contains(PARTIAL_SUFFIX)
+                    })
+                    .count()
+            });
+            let mut values = self.values.lock().unwrap();
+            let value = change(values.last().map_or(0.0, |last| last.0));
+            values.push((value, open));
+        }
+
+        fn values(&self) -> Vec<(f64, usize)> {
+            self.values.lock().unwrap().clone()
+        }
+    }
+
+    impl metrics::GaugeFn for HeldGauge {
+        fn increment(&self, by: f64) {
+            self.update(|value| value + by);
+        }
+        fn decrement(&self, by: f64) {
+            self.update(|value| value - by);
+        }
+        fn set(&self, to: f64) {
+            self.update(|_| to);
+        }
+    }
+
+    impl metrics::Recorder for HeldGauge {
+        fn describe_counter(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn describe_gauge(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn describe_histogram(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn register_counter(
+            &self,
+            _: &metrics::Key,
+            _: &metrics::Metadata<'_>,
+        ) -> metrics::Counter {
+            metrics::Counter::noop()
+        }
+        fn register_gauge(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+            if key.name() == m::CACHE_HELD_BYTES {
+                metrics::Gauge::from_arc(Arc::new(self.clone()))
+            } else {
+                metrics::Gauge::noop()
+            }
+        }
+        fn register_histogram(
+            &self,
+            _: &metrics::Key,
+            _: &metrics::Metadata<'_>,
+        ) -> metrics::Histogram {
+            metrics::Histogram::noop()
+        }
+    }
+
+    /// An update of the held bytes preempted between the count and the
+    /// gauge (a zstd stream's drop thread runs niced) while another one
+    /// runs: the gauge still ends at the count. When each set the gauge to
+    /// the count it had read, the late one put back a stale 0 over the
+    /// bytes of an evicted file a download still held (review).
+    #[test]
+    fn held_bytes_updated_out_of_order_still_add_up() {
+        let gauge = HeldGauge::default();
+        let held = HeldBytes::default();
+        metrics::with_local_recorder(&gauge, || held.hold(1000));
+        let gate = Arc::new(std::sync::Barrier::new(2));
+        let late = {
+            let gauge = HeldGauge {
+                gate: Some(gate.clone()),
+                ..gauge.clone()
+            };
+            let held = held.clone();
+            std::thread::spawn(move || {
+                metrics::with_local_recorder(&gauge, || held.release(1000));
+            })
+        };
+        // The release counted, and is stopped on its way to the gauge.
+        gate.wait();
+        metrics::with_local_recorder(&gauge, || held.hold(5000));
+        gate.wait();
+        late.join().unwrap();
+        assert_eq!(held.0.load(Ordering::SeqCst), 5000);
+        assert_eq!(gauge.values().last().unwrap().0, 5000.0);
+    }
+
     #[tokio::test]
     async fn a_generation_failed_without_readers_holds_nothing() {
         let stub = StubGit::new(b"", 1);
         let mut feed = stub.feed();
         let cache = open(&stub, 1 << 20);
+        // The generation runs on this thread (`tokio::test`'s runtime).
+        let gauge = HeldGauge {
+            dir: Some(stub.cache_dir().canonicalize().unwrap()),
+            ..HeldGauge::default()
+        };
+        let _local = metrics::set_default_local_recorder(&gauge);
         let generation = miss(cache.lookup(stub.spec(1), CLIENT, "r"));
         let mut progress = generation.progress();
         let failed = generation.failed().clone();
@@ -1719,6 +1881,11 @@ mod tests {
         ));
         assert_eq!(bytes(&cache), 0);
         assert_eq!(held(&cache), 0);
+        // Until the archiver closed the unlinked file, its bytes counted
+        // as held, and not a moment less (review: with no reader left they
+        // were in neither gauge; and the last holder gave them back before
+        // it closed the file).
+        assert_eq!(gauge.values(), [((HEADER_LEN + 100) as f64, 1), (0.0, 0)]);
     }
 
     #[tokio::test]

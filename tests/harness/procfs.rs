@@ -44,10 +44,16 @@ pub fn deleted_files_open(pid: u32, dir: &std::path::Path) -> Vec<String> {
 }
 
 /// The partial files (`*.partial`) under `dir` that process `pid` holds
-/// open, linked or unlinked: their sizes by inode (a file open twice,
-/// the writer's handle and the readers', is one entry).
-pub fn partial_files_open(pid: u32, dir: &std::path::Path) -> std::collections::HashMap<u64, u64> {
+/// open, linked or unlinked: their sizes and whether they were unlinked,
+/// by inode (a file open twice, the writer's handle and the readers', is
+/// one entry).
+pub fn partial_files_open(
+    pid: u32,
+    dir: &std::path::Path,
+) -> std::collections::HashMap<u64, (u64, bool)> {
     use std::os::unix::fs::MetadataExt;
+    // As the kernel spells the links' targets.
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
     let Ok(entries) = fs::read_dir(format!("/proc/{pid}/fd")) else {
         return std::collections::HashMap::new();
     };
@@ -61,7 +67,10 @@ pub fn partial_files_open(pid: u32, dir: &std::path::Path) -> std::collections::
             }
             // Through the link: the file itself, unlinked or not.
             let metadata = fs::metadata(&link).ok()?;
-            Some((metadata.ino(), metadata.len()))
+            Some((
+                metadata.ino(),
+                (metadata.len(), target.ends_with(" (deleted)")),
+            ))
         })
         .collect()
 }
