@@ -6,7 +6,8 @@
 //! exactly one of the two is given. In embedded mode the archiver's own
 //! flags (`--cache-dir`, `--max-generations`, …) apply, which is why they
 //! are flattened in here from `gitball_archiver::ArchiveOptions`;
-//! `--log-format` and `--shutdown-grace` from that set govern the proxy too.
+//! `--log-format`, `--shutdown-grace`, `--max-connections` and
+//! `--tcp-congestion` from that set govern the proxy too.
 //!
 //! `gitball-proxy sign …` is the one subcommand: it prints a signed token
 //! for a private repository and exits.
@@ -126,8 +127,9 @@ pub struct Config {
     #[arg(long, env = "GITBALL_TRUSTED_PROXIES", value_parser = crate::client::parse_trusted_proxies)]
     pub trusted_proxies: Option<TrustedProxies>,
 
-    /// Archiver flags, used in embedded mode (--repos); --log-format and
-    /// --shutdown-grace apply to the proxy as well.
+    /// Archiver flags, used in embedded mode (--repos); --log-format,
+    /// --shutdown-grace, --max-connections and --tcp-congestion apply to
+    /// the proxy as well.
     #[command(flatten)]
     pub archiver: ArchiveOptions,
 }

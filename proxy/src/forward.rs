@@ -20,7 +20,7 @@
 //!   `--max-archive-bytes`), which one request for a broken or huge commit
 //!   must not turn into everyone's traffic moved off it. A `502`, `504` or
 //!   a `503` without `Retry-After` (an intermediary's: the archiver behind
-//!   it is down) ejects;
+//!   it is down) ejects, as does any other `5xx` (no archiver answers one);
 //! - gets a `404` from a replica (`replica_not_found`): the ref may simply
 //!   not have been replicated yet, so the primary is asked;
 //! - gets a `401` or `403` (`unauthorized`): the archiver refused the
@@ -840,8 +840,9 @@ mod tests {
     #[test]
     fn server_errors_fail_over_and_client_errors_do_not() {
         let none = HeaderMap::new();
-        // An intermediary's (the archiver behind it is down): ejects.
-        for status in [502, 503, 504] {
+        // An intermediary's (the archiver behind it is down), or one no
+        // archiver answers: ejects.
+        for status in [501, 502, 503, 504, 505, 507, 599] {
             let status = StatusCode::from_u16(status).unwrap();
             assert_eq!(classify(status, &none, Role::Primary), Outcome::ServerError);
             assert_eq!(classify(status, &none, Role::Replica), Outcome::ServerError);
