@@ -482,6 +482,46 @@ fn a_restart_does_not_serve_a_tar_zst_of_the_older_byte_series() {
     plain.assert_restart_generates(&sandbox, path, &current);
 }
 
+/// `--gzip-level` and `--zstd-level` change the bytes, so they are part of
+/// the variant (docs/archiver.md, "Flags"): an archiver restarted over the
+/// same cache with another level generates anew, under another ETag, the
+/// same tar; what the cache holds of the other level is never served as
+/// this one's, and is served again under the level it was made at.
+#[test]
+fn the_compression_level_is_part_of_the_etag_and_the_cache_key() {
+    let sandbox = Sandbox::new();
+    golden_repo(&sandbox);
+    let cache = sandbox.path("level-cache");
+    for (ext, flag) in [("tar.gz", "--gzip-level"), ("tar.zst", "--zstd-level")] {
+        let path = format!("/acme/golden/archive/v1.0.0.{ext}");
+        let fetch = |args: &[&str]| {
+            let archiver = Archiver::start_with_cache(&sandbox.repos(), &cache, args);
+            let response = archiver.get(&path);
+            assert_eq!(response.status().as_u16(), 200, "{path} {args:?}");
+            let etag = header(&response, "etag").to_owned();
+            let cache_state = header(&response, "x-gitball-cache").to_owned();
+            (etag, cache_state, response.bytes().unwrap().to_vec())
+        };
+        let (etag, state, body) = fetch(&[]);
+        assert_eq!(state, "miss", "{ext}");
+        let (other_etag, other_state, other_body) = fetch(&[flag, "1"]);
+        assert_eq!(
+            other_state, "miss",
+            "{ext}: the default level's file was served at level 1"
+        );
+        assert_ne!(other_etag, etag, "{ext}");
+        assert!(other_body != body, "{ext}: level 1 wrote the same bytes");
+        assert_bytes_eq(
+            &tar_of(ext, &other_body),
+            &tar_of(ext, &body),
+            &format!("{ext}: the tar at level 1"),
+        );
+        let (again_etag, again_state, again_body) = fetch(&[]);
+        assert_eq!((again_etag, again_state), (etag, "hit".to_owned()), "{ext}");
+        assert!(again_body == body, "{ext}: the default level's bytes");
+    }
+}
+
 /// A git whose tar writer writes other bytes than the reference git's
 /// (`archiver/src/canary.rs`, `docs/urls.md#byte-stability`): its archives
 /// get ETags of their own, so no cache and no resume across replicas mixes
