@@ -1353,6 +1353,49 @@ fn a_stalled_download_parks_and_resumes_with_the_same_bytes() {
     );
 }
 
+/// `--park-after 0` never parks (docs/proxy.md, "Flags"): a client that
+/// stalls keeps its upstream download (as with nginx) until it reads on or
+/// is cut for idleness, and then gets the rest from it.
+#[test]
+fn park_after_zero_never_parks() {
+    let sandbox = Sandbox::new();
+    let (big, cluster) = warm_big_cluster(&sandbox, &["--park-after", "0"]);
+    warm_up(&cluster, big);
+    let mut connection = RawConnection::connect(cluster.proxy.addr).expect("connect");
+    connection.send_request("GET", BIG_PATH, &[]).expect("send");
+    let head = connection.read_head().expect("head");
+    assert_eq!(head.status, 200);
+    let digest = head.header("repr-digest").expect("a hit has a digest");
+    let first = connection.read_body_bytes(MIB).expect("first MiB");
+    let mut hasher = Sha256::new();
+    hasher.update(&first);
+    // Stalled for far longer than a park takes (`PARK_AFTER` parks within
+    // a scrape or two): never parked, the archiver still serving it.
+    assert!(
+        !wait_until(Duration::from_secs(2), || cluster
+            .proxy
+            .scrape()
+            .value("gitball_proxy_parked_downloads", &[])
+            > 0.0),
+        "parked with --park-after 0"
+    );
+    assert_eq!(
+        scrape(cluster.primary.addr).value("gitball_archiver_active_downloads", &[]),
+        1.0,
+        "the upstream download was let go"
+    );
+    read_rest_and_check(
+        &mut connection,
+        hasher,
+        first.len() as u64,
+        digest,
+        big,
+        "never parked",
+    );
+    let metrics = cluster.proxy.scrape();
+    assert_eq!(metrics.sum("gitball_proxy_resumes_total", &[]), 0.0);
+}
+
 /// The `n`th request line of `proxy` for a complete download of `bytes`,
 /// once it is written (a line comes when the body ends, which may be after
 /// the client has its last byte).
