@@ -108,6 +108,60 @@ fn both_tiers_log_the_same_fields_joined_by_request_id() {
     assert_eq!(refused["bytes"], bad.body.len() as u64, "{refused}");
 }
 
+/// A line's level follows its fault and ending (docs/observability.md,
+/// "Request log"): `error` for an internal fault, `warn` for an upstream
+/// one (or an ending other than `complete`), `info` otherwise, a client's
+/// 4xx included.
+#[test]
+fn the_level_is_the_faults() {
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    let cache = sandbox.path("cache");
+    // The whole tree's archives are over the bound, the `docs` subtree's
+    // tar.gz (of one 10 KiB tar record, most of it zeros) is not. The tar
+    // passes it with git's first write, before the answer began (`500`);
+    // the zip with its second entry, after the first went out (`200`,
+    // aborted).
+    let proxy = Proxy::embedded(&sandbox.repos(), &cache, &["--max-archive-bytes", "2KiB"]);
+    let cases = [
+        ("/acme/widget/archive/main.tar.gz?path=docs", 200, "level-1"),
+        ("/acme/widget/archive/nope.tar", 404, "level-2"),
+        ("/acme/widget/archive/main.tar", 500, "level-3"),
+        ("/acme/widget/archive/main.zip", 200, "level-4"),
+    ];
+    for (target, status, id) in cases {
+        let fetched = fetch_with(proxy.addr, "GET", target, &[("X-Request-Id", id)]);
+        assert_eq!(fetched.status(), status, "{target}: {}", fetched.text());
+    }
+    let lines = wait_for_lines(&proxy, &["level-1", "level-2", "level-3", "level-4"], 8);
+    let level = |tier: &str, id: &str| {
+        let line = find(&lines, tier, id);
+        (
+            line["level"].as_str().unwrap_or_default().to_owned(),
+            line["fault"].as_str().unwrap_or_default().to_owned(),
+        )
+    };
+    let expected = [
+        ("archiver", "level-1", "INFO", "-"),
+        ("proxy", "level-1", "INFO", "-"),
+        ("archiver", "level-2", "INFO", "client"),
+        ("proxy", "level-2", "INFO", "client"),
+        ("archiver", "level-3", "ERROR", "internal"),
+        ("proxy", "level-3", "WARN", "upstream"),
+        ("archiver", "level-4", "ERROR", "internal"),
+        ("proxy", "level-4", "WARN", "upstream"),
+    ];
+    assert_eq!(find(&lines, "proxy", "level-4")["ending"], "aborted");
+    for (tier, id, want_level, want_fault) in expected {
+        assert_eq!(
+            level(tier, id),
+            (want_level.to_owned(), want_fault.to_owned()),
+            "{tier} {id}: {}",
+            find(&lines, tier, id)
+        );
+    }
+}
+
 fn fetch_ok_with_id(proxy: &Proxy, target: &str, request_id: &str) {
     let fetched = fetch_with(proxy.addr, "GET", target, &[("X-Request-Id", request_id)]);
     assert_eq!(fetched.status(), 200, "{target}: {}", fetched.text());

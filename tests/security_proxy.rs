@@ -376,22 +376,117 @@ fn a_head_over_32_kib_of_many_headers_gets_the_json_431() {
 // ---------------------------------------------------------------------------
 // Errors and validators
 
-/// An error is never stored by a cache in front: a `404` for a token that
-/// later becomes valid, or a `503`, would outlive its cause.
+/// Every refusal is JSON with its stable `error` code (docs/http.md,
+/// "Status codes"), the extra header its status carries, and
+/// `Cache-Control: no-store`: an error is never stored by a cache in front
+/// (a `404` for a token that later becomes valid, or a `503`, would outlive
+/// its cause). Both tiers, one request per row of the table they share;
+/// the archiver's own codes pass through the proxy unchanged.
 #[test]
-fn errors_are_never_stored_by_caches() {
+fn every_error_is_json_with_its_stable_code_and_never_stored() {
     let sandbox = Sandbox::new();
     small_repository(&sandbox.repo("acme", "widget"));
     let cluster = Cluster::start(&sandbox.repos(), &sandbox.repos(), 0, &[]);
+    const A: &str = "/acme/widget/archive";
+    let tar = format!("{A}/main.tar");
+    let long_target = format!("{tar}?x={}", "a".repeat(9 * 1024));
+    let many_headers: Vec<(String, String)> = (0..1_800)
+        .map(|n| (format!("x-h{n}"), "v".repeat(12)))
+        .collect();
+    let many_headers: Vec<(&str, &str)> = many_headers
+        .iter()
+        .map(|(name, value)| (name.as_str(), value.as_str()))
+        .collect();
+    // A complete archive, for the range past its end.
+    assert_eq!(fetch(cluster.primary.addr, &tar).status(), 200);
+    let rows = [
+        ErrorRow::get(&format!("{A}/ma%ffin.tar"), 400, "bad_url"),
+        ErrorRow::get("/acme/.widget/archive/main.tar", 400, "bad_name"),
+        ErrorRow::get(&format!("{A}/main.rar"), 400, "bad_format"),
+        ErrorRow::get(&format!("{A}/main..x.tar"), 400, "bad_ref"),
+        ErrorRow::get(&format!("{tar}?path=../x"), 400, "bad_path"),
+        ErrorRow::get("/acme/widget/tarballs", 404, "not_found"),
+        ErrorRow::get("/acme/nope/archive/main.tar", 404, "repo_not_found"),
+        ErrorRow::get(&format!("{A}/nope.tar"), 404, "ref_not_found"),
+        ErrorRow::get(&format!("{tar}?path=nope"), 404, "path_not_found"),
+        ErrorRow {
+            method: "DELETE",
+            ..ErrorRow::get(&tar, 405, "method_not_allowed")
+        }
+        .carrying("allow", "GET, HEAD"),
+        ErrorRow::get(&long_target, 414, "uri_too_long").carrying("connection", "close"),
+        ErrorRow {
+            headers: vec![("Range", "bytes=99999999-")],
+            ..ErrorRow::get(&tar, 416, "range_not_satisfiable")
+        }
+        .carrying("content-range", "bytes */"),
+        ErrorRow {
+            headers: many_headers,
+            ..ErrorRow::get(&tar, 431, "headers_too_large")
+        }
+        .carrying("connection", "close"),
+    ];
     for (tier, addr) in tiers(&cluster) {
-        for path in [
-            "/acme/widget/archive/nope.tar",
-            "/acme/nope/archive/main.tar",
-            "/acme/widget/archive/main.rar",
-        ] {
-            let fetched = fetch(addr, path);
-            assert!(fetched.status() >= 400, "{tier} {path}");
-            assert_eq!(fetched.header("cache-control"), "no-store", "{tier} {path}");
+        for row in &rows {
+            row.check(tier, addr);
+        }
+    }
+    // The proxy's own: no candidate answers.
+    drop(cluster.primary);
+    ErrorRow::get(&tar, 502, "bad_gateway").check("proxy", cluster.proxy.addr);
+}
+
+/// A request and the error it must get.
+struct ErrorRow<'a> {
+    method: &'static str,
+    target: String,
+    headers: Vec<(&'a str, &'a str)>,
+    status: u16,
+    code: &'static str,
+    /// A header the status carries, and how its value starts.
+    carries: Option<(&'static str, &'static str)>,
+}
+
+impl<'a> ErrorRow<'a> {
+    fn get(target: &str, status: u16, code: &'static str) -> ErrorRow<'a> {
+        ErrorRow {
+            method: "GET",
+            target: target.to_owned(),
+            headers: Vec::new(),
+            status,
+            code,
+            carries: None,
+        }
+    }
+
+    fn carrying(self, name: &'static str, starting: &'static str) -> ErrorRow<'a> {
+        ErrorRow {
+            carries: Some((name, starting)),
+            ..self
+        }
+    }
+
+    fn check(&self, tier: &str, addr: SocketAddr) {
+        let what = format!(
+            "{tier}: {} {}",
+            self.method,
+            self.target.chars().take(60).collect::<String>()
+        );
+        let fetched = fetch_with(addr, self.method, &self.target, &self.headers);
+        assert_eq!(
+            (fetched.status(), fetched.error_code().as_str()),
+            (self.status, self.code),
+            "{what}: {}",
+            fetched.text()
+        );
+        assert_eq!(fetched.header("content-type"), "application/json", "{what}");
+        assert_eq!(fetched.header("cache-control"), "no-store", "{what}");
+        if let Some((name, starting)) = self.carries {
+            assert!(
+                fetched.header(name).starts_with(starting),
+                "{what}: {name}: {:?}",
+                fetched.header(name)
+            );
         }
     }
 }
