@@ -2311,6 +2311,110 @@ fn a_stalled_spliced_download_parks_and_resumes_with_the_same_bytes() {
     );
 }
 
+/// A spliced download whose archiver went silent lets go of what it holds
+/// as soon as its client leaves, as a piped one does: nothing is written to
+/// the client then, so only its end of input tells (docs/proxy.md,
+/// "Spliced downloads"). Attack: the client's socket, the upstream
+/// connection and the pipe were held until the archiver sent again, or
+/// until `--header-timeout` ended the download as the archiver's failure
+/// and ejected it.
+#[test]
+fn a_spliced_download_whose_archiver_went_silent_ends_when_its_client_leaves() {
+    let sandbox = Sandbox::new();
+    // Parking would let go of the upstream too: not before the client left.
+    let (big, cluster) = warm_big_cluster(&sandbox, &["--park-after", "600"]);
+    warm_up(&cluster, big);
+    let proxy = &cluster.proxy;
+    let ((mut connection, ..), left) = spliced_download_counting(proxy);
+
+    /// Lets the archiver go on however the test ends.
+    struct Resumes<'a>(&'a Archiver);
+    impl Drop for Resumes<'_> {
+        fn drop(&mut self) {
+            self.0.signal(nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+    assert!(cluster.primary.suspend(), "the archiver did not stop");
+    let _resumes = Resumes(&cluster.primary);
+    // The client takes what the archiver sent before it stopped: the pipe
+    // is then empty, and the proxy waits on the silent upstream.
+    connection
+        .stream()
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("read timeout");
+    let deadline = Instant::now() + SETTLE;
+    let drained = loop {
+        match connection.read_body_some(MIB) {
+            Ok(Some(_)) if Instant::now() < deadline => {}
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                break true;
+            }
+            _ => break false,
+        }
+    };
+    assert!(drained, "the client could not take what was in flight");
+    drop(connection);
+
+    // Ended as the client's leaving, with the archiver still stopped.
+    let gone = || big_log_lines(proxy, "client_gone").len();
+    assert!(
+        wait_until(SETTLE, || gone() == left as usize + 1),
+        "the download did not end when its client left:\n{}",
+        proxy.log()
+    );
+    let metrics = proxy.scrape();
+    assert_eq!(metrics.value("gitball_proxy_active_downloads", &[]), 0.0);
+    assert_eq!(metrics.sum("gitball_proxy_upstream_aborts_total", &[]), 0.0);
+    assert_eq!(
+        metrics.value(
+            "gitball_proxy_upstream_ejected",
+            &[("upstream", &cluster.primary.base_url)]
+        ),
+        0.0
+    );
+}
+
+/// A parked spliced download whose client leaves ends there: the closed
+/// socket turns writable, which is no reason to ask an archiver for the
+/// rest (attack: a range connection was opened for nothing, counted as an
+/// attempt the client left).
+#[test]
+fn a_parked_spliced_download_whose_client_leaves_asks_no_archiver() {
+    let sandbox = Sandbox::new();
+    let (big, cluster) = warm_big_cluster(&sandbox, &["--park-after", PARK_AFTER]);
+    warm_up(&cluster, big);
+    let proxy = &cluster.proxy;
+    let ((connection, ..), _) = spliced_download_counting(proxy);
+    assert!(
+        wait_until(SETTLE, || proxy
+            .scrape()
+            .value("gitball_proxy_parked_downloads", &[])
+            == 1.0),
+        "the stalled spliced download was not parked"
+    );
+    let attempts = || attempts_of(&proxy.scrape(), &cluster.primary.base_url);
+    let before = attempts();
+    // Unread bytes in its socket: the close is a reset.
+    drop(connection);
+    assert!(
+        wait_until(SETTLE, || proxy
+            .scrape()
+            .value("gitball_proxy_active_downloads", &[])
+            == 0.0),
+        "the download did not end"
+    );
+    assert_eq!(attempts(), before, "an archiver was asked for the rest");
+    assert_eq!(
+        proxy.scrape().value("gitball_proxy_parked_downloads", &[]),
+        0.0
+    );
+}
+
 /// A download judged fast whose client stalls before the chunk that got
 /// it judged is written is parked by the pipe before its splice begins;
 /// when the client reads again it is spliced, and no longer counted as

@@ -606,14 +606,24 @@ impl SpliceBody {
             };
             if spliced.pipe.holds == 0 {
                 let left = usize::try_from(self.length - self.finish.sent).unwrap_or(usize::MAX);
-                spliced
-                    .upstream
-                    .fill(&mut spliced.pipe, left, silence)
-                    .await
-                    .map_err(|error| Failure::Upstream {
-                        cut: crate::pipe::cut_by(&error),
-                        error,
-                    })?;
+                // Nothing is written to the client while the upstream is
+                // silent, so only its end of input tells that it left
+                // (attack: a stopped archiver kept the client's socket, the
+                // upstream connection and the pipe until it sent again, or
+                // until the silence bound blamed and ejected it for a
+                // download whose client was gone).
+                tokio::select! {
+                    biased;
+                    filled = spliced.upstream.fill(&mut spliced.pipe, left, silence) => {
+                        filled.map_err(|error| Failure::Upstream {
+                            cut: crate::pipe::cut_by(&error),
+                            error,
+                        })?;
+                    }
+                    () = socket.closed() => {
+                        return Err(Failure::Client(io::ErrorKind::ConnectionReset.into()));
+                    }
+                }
             }
             match drain(socket, &spliced.pipe, self.timers.park_after).await {
                 Ok(Drained::Moved(0)) => {
@@ -641,6 +651,13 @@ impl SpliceBody {
     /// rest as a parked download's resume does.
     async fn unpark(&mut self, socket: &mut BodySocket) -> Result<Spliced, Failure> {
         socket.writable().await.map_err(Failure::Client)?;
+        // A socket the client closed is writable too (the reset or end of
+        // input that made it so is known by now): that is no reason to ask
+        // an upstream for the rest (attack: a range connection opened for
+        // nothing).
+        if futures_util::FutureExt::now_or_never(socket.closed()).is_some() {
+            return Err(Failure::Client(io::ErrorKind::ConnectionReset.into()));
+        }
         self.finish.unpark();
         let sent = self.finish.sent;
         let mut failed = None;

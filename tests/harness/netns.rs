@@ -314,19 +314,8 @@ impl NsProcess {
     /// Returns whether they all stopped.
     pub fn suspend(&self) -> bool {
         self.signal(Signal::SIGSTOP);
-        let tasks = PathBuf::from(format!("/proc/{}/task", self.pid));
         crate::service::wait_until(Duration::from_secs(5), || {
-            let Ok(entries) = fs::read_dir(&tasks) else {
-                return false;
-            };
-            // A thread's stat is also at /proc/TID/stat.
-            entries.flatten().all(|task| {
-                task.file_name()
-                    .to_str()
-                    .and_then(|tid| tid.parse().ok())
-                    .and_then(crate::procfs::process_info)
-                    .is_some_and(|thread| thread.state == 'T')
-            })
+            crate::procfs::threads_stopped(self.pid)
         })
     }
 

@@ -166,6 +166,23 @@ pub fn process_info(pid: u32) -> Option<ProcessInfo> {
     })
 }
 
+/// Whether every thread of process `pid` is stopped (`T`): `kill(SIGSTOP)`
+/// returns before they are, and a thread still running may answer a
+/// request meanwhile.
+pub fn threads_stopped(pid: u32) -> bool {
+    let Ok(entries) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    // A thread's stat is also at /proc/TID/stat.
+    entries.flatten().all(|task| {
+        task.file_name()
+            .to_str()
+            .and_then(|tid| tid.parse().ok())
+            .and_then(process_info)
+            .is_some_and(|thread| thread.state == 'T')
+    })
+}
+
 /// A `stat` line of `/proc` (`pid (comm) state ppid …`) as its `comm` and
 /// the fields after it, from `state` (field 3) on. `comm` may hold spaces
 /// and parentheses.

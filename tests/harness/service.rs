@@ -263,6 +263,15 @@ impl Service {
         let _ = nix::sys::signal::kill(pid, signal);
     }
 
+    /// Sends SIGSTOP and waits (up to 5 s) until every thread is stopped.
+    /// Returns whether they all stopped.
+    pub fn suspend(&self) -> bool {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+        wait_until(Duration::from_secs(5), || {
+            crate::procfs::threads_stopped(self.pid)
+        })
+    }
+
     /// Sends SIGTERM and waits up to `timeout` for the exit. Returns the exit
     /// status (None: still running) and how long the exit took.
     pub fn terminate(&mut self, timeout: Duration) -> (Option<ExitStatus>, Duration) {
