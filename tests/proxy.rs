@@ -2334,8 +2334,8 @@ fn a_spliced_download_whose_archiver_went_silent_ends_when_its_client_leaves() {
             self.0.signal(nix::sys::signal::Signal::SIGCONT);
         }
     }
-    assert!(cluster.primary.suspend(), "the archiver did not stop");
     let _resumes = Resumes(&cluster.primary);
+    assert!(cluster.primary.suspend(), "the archiver did not stop");
     // The client takes what the archiver sent before it stopped: the pipe
     // is then empty, and the proxy waits on the silent upstream.
     connection
@@ -2413,6 +2413,14 @@ fn a_parked_spliced_download_whose_client_leaves_asks_no_archiver() {
         proxy.scrape().value("gitball_proxy_parked_downloads", &[]),
         0.0
     );
+    // Its line counts the first answer and the splice's range request, no
+    // resume: one begun is counted there even when the client's leaving
+    // cut it short before any connection (review: the metric alone missed
+    // that race).
+    let lines = big_log_lines(proxy, "client_gone");
+    let line: serde_json::Value =
+        serde_json::from_str(lines.last().expect("the download's line")).expect("JSON");
+    assert_eq!(line["attempts"], "2", "{line}");
 }
 
 /// A download judged fast whose client stalls before the chunk that got

@@ -655,7 +655,7 @@ impl Cache {
             used,
             grown,
             // While its file is open for writing, the failed generation's
-            // bytes stay held (`fail`, `Generation::drop`).
+            // bytes stay held (`fail`, `HeldPartial`).
             writing,
             full: {
                 let cache = self.clone();
@@ -1733,9 +1733,8 @@ mod tests {
 
     /// `cache_held_bytes` as a test sees it: each value it took, with how
     /// many partial files under `dir` (if any) this process had open then;
-    /// and
-    /// optionally a gate each update passes, where it waits as a thread
-    /// preempted inside the update would. Other series go nowhere.
+    /// and optionally a gate each update passes, where it waits as a
+    /// thread preempted inside the update would. Other series go nowhere.
     #[derive(Clone, Default)]
     struct HeldGauge {
         values: Arc<Mutex<Vec<(f64, usize)>>>,
@@ -1857,7 +1856,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_generation_failed_without_readers_holds_nothing() {
+    async fn a_generation_failed_without_readers_holds_its_bytes_until_its_file_closes() {
         let stub = StubGit::new(b"", 1);
         let mut feed = stub.feed();
         let cache = open(&stub, 1 << 20);

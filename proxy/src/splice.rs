@@ -38,7 +38,9 @@
 //! `--client-idle-timeout`, the counters):
 //!
 //! - **complete**: every byte of the `Content-Length` was sent.
-//! - **client gone**: a write to the client failed.
+//! - **client gone**: a write to the client failed, or, while nothing is
+//!   written (the upstream silent, the download parked), the client's end
+//!   of input or reset was seen (`BodySocket::closed`).
 //! - **idle**: the client took no byte for `--client-idle-timeout` (the
 //!   write-stall guard's `TimedOut`).
 //! - **parked**: the client took no byte for `--park-after`: the upstream
