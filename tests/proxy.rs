@@ -1978,6 +1978,15 @@ fn spliced_download(proxy: &Proxy) -> (RawConnection, ResponseHead, Sha256, u64)
 /// [`spliced_download`], and how many downloads it left (a client not
 /// judged fast): each is a disconnect and a `client_gone` line.
 fn spliced_download_counting(proxy: &Proxy) -> ((RawConnection, ResponseHead, Sha256, u64), u32) {
+    spliced_download_sending(proxy, b"")
+}
+
+/// [`spliced_download_counting`], with `after` sent right after the
+/// request.
+fn spliced_download_sending(
+    proxy: &Proxy,
+    after: &[u8],
+) -> ((RawConnection, ResponseHead, Sha256, u64), u32) {
     const ATTEMPTS: u32 = 30;
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut attempt = 0;
@@ -1986,6 +1995,9 @@ fn spliced_download_counting(proxy: &Proxy) -> ((RawConnection, ResponseHead, Sh
         let before = spliced(proxy);
         let mut connection = RawConnection::connect(proxy.addr).expect("connect");
         connection.send_request("GET", BIG_PATH, &[]).expect("send");
+        connection
+            .send(after)
+            .expect("send what follows the request");
         let head = connection.read_head().expect("head");
         assert_eq!(head.status, 200);
         let first = connection.read_body_bytes(8 * MIB).expect("first 8 MiB");
@@ -2314,10 +2326,13 @@ fn a_stalled_spliced_download_parks_and_resumes_with_the_same_bytes() {
 /// A spliced download whose archiver went silent lets go of what it holds
 /// as soon as its client leaves, as a piped one does: nothing is written to
 /// the client then, so only its end of input tells (docs/proxy.md,
-/// "Spliced downloads"). Attack: the client's socket, the upstream
-/// connection and the pipe were held until the archiver sent again, or
-/// until `--header-timeout` ended the download as the archiver's failure
-/// and ejected it.
+/// "Spliced downloads"), or its reset when a pipelined request waits to be
+/// answered after the download, and empty lines after the request are no
+/// such request. Attacks: the client's socket, the upstream connection and
+/// the pipe were held until the archiver sent again, or until
+/// `--header-timeout` ended the download as the archiver's failure and
+/// ejected it; then the same with an empty line or a pipelined request
+/// sent after the request.
 #[test]
 fn a_spliced_download_whose_archiver_went_silent_ends_when_its_client_leaves() {
     let sandbox = Sandbox::new();
@@ -2325,7 +2340,6 @@ fn a_spliced_download_whose_archiver_went_silent_ends_when_its_client_leaves() {
     let (big, cluster) = warm_big_cluster(&sandbox, &["--park-after", "600"]);
     warm_up(&cluster, big);
     let proxy = &cluster.proxy;
-    let ((mut connection, ..), left) = spliced_download_counting(proxy);
 
     /// Lets the archiver go on however the test ends.
     struct Resumes<'a>(&'a Archiver);
@@ -2334,49 +2348,88 @@ fn a_spliced_download_whose_archiver_went_silent_ends_when_its_client_leaves() {
             self.0.signal(nix::sys::signal::Signal::SIGCONT);
         }
     }
-    let _resumes = Resumes(&cluster.primary);
-    assert!(cluster.primary.suspend(), "the archiver did not stop");
-    // The client takes what the archiver sent before it stopped: the pipe
-    // is then empty, and the proxy waits on the silent upstream.
-    connection
-        .stream()
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .expect("read timeout");
-    let deadline = Instant::now() + SETTLE;
-    let drained = loop {
-        match connection.read_body_some(MIB) {
-            Ok(Some(_)) if Instant::now() < deadline => {}
-            Err(error)
-                if matches!(
-                    error.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                break true;
-            }
-            _ => break false,
-        }
-    };
-    assert!(drained, "the client could not take what was in flight");
-    drop(connection);
-
-    // Ended as the client's leaving, with the archiver still stopped.
-    let gone = || big_log_lines(proxy, "client_gone").len();
-    assert!(
-        wait_until(SETTLE, || gone() == left as usize + 1),
-        "the download did not end when its client left:\n{}",
-        proxy.log()
-    );
-    let metrics = proxy.scrape();
-    assert_eq!(metrics.value("gitball_proxy_active_downloads", &[]), 0.0);
-    assert_eq!(metrics.sum("gitball_proxy_upstream_aborts_total", &[]), 0.0);
-    assert_eq!(
-        metrics.value(
-            "gitball_proxy_upstream_ejected",
-            &[("upstream", &cluster.primary.base_url)]
+    let pipelined = format!("GET {BIG_PATH} HTTP/1.1\r\nHost: x\r\n\r\n");
+    let cases: [(&str, &[u8], bool); 3] = [
+        ("its end of input", b"", false),
+        ("an empty line, then its end of input", b"\r\n", false),
+        (
+            "a pipelined request, then a reset",
+            pipelined.as_bytes(),
+            true,
         ),
-        0.0
-    );
+    ];
+    for (what, after, reset) in cases {
+        let gone = || big_log_lines(proxy, "client_gone").len();
+        let before = gone();
+        let ((mut connection, ..), left) = spliced_download_sending(proxy, after);
+        let resumes = Resumes(&cluster.primary);
+        assert!(cluster.primary.suspend(), "the archiver did not stop");
+        // The client takes what the archiver sent before it stopped: the
+        // pipe is then empty, and the proxy waits on the silent upstream.
+        connection
+            .stream()
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .expect("read timeout");
+        let deadline = Instant::now() + SETTLE;
+        let drained = loop {
+            match connection.read_body_some(MIB) {
+                Ok(Some(_)) if Instant::now() < deadline => {}
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break true;
+                }
+                _ => break false,
+            }
+        };
+        assert!(
+            drained,
+            "{what}: the client could not take what was in flight"
+        );
+        if reset {
+            let linger = nix::libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            nix::sys::socket::setsockopt(
+                connection.stream(),
+                nix::sys::socket::sockopt::Linger,
+                &linger,
+            )
+            .expect("SO_LINGER");
+        }
+        drop(connection);
+
+        // Ended as the client's leaving, with the archiver still stopped.
+        assert!(
+            wait_until(SETTLE, || gone() == before + left as usize + 1),
+            "{what}: the download did not end when its client left:\n{}",
+            proxy.log()
+        );
+        let metrics = proxy.scrape();
+        assert_eq!(
+            metrics.value("gitball_proxy_active_downloads", &[]),
+            0.0,
+            "{what}"
+        );
+        assert_eq!(
+            metrics.sum("gitball_proxy_upstream_aborts_total", &[]),
+            0.0,
+            "{what}"
+        );
+        assert_eq!(
+            metrics.value(
+                "gitball_proxy_upstream_ejected",
+                &[("upstream", &cluster.primary.base_url)]
+            ),
+            0.0,
+            "{what}"
+        );
+        drop(resumes);
+    }
 }
 
 /// A parked spliced download whose client leaves ends there: the closed

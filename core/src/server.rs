@@ -509,8 +509,14 @@ where
         let ended = match ended {
             Ended::TakenOver(body) => {
                 // What hyper read past the request, or the head watch still
-                // holds, is a request to answer after this body.
-                let input_waits = !parts.read_buf.is_empty() || stream.holds_input();
+                // holds, is a request to answer after this body; empty
+                // lines are not (hyper skips them before a request line),
+                // and must not hide the client's leaving (attack).
+                let input_waits = parts
+                    .read_buf
+                    .iter()
+                    .any(|&byte| !matches!(byte, b'\r' | b'\n'))
+                    || stream.holds_input();
                 stream.socket_mut().input_waits = input_waits;
                 let sent = body.send(stream.socket_mut()).await;
                 stream.socket_mut().input_waits = false;

@@ -249,35 +249,51 @@ impl StallGuard<TcpStream> {
     /// as that can be told without reading: a body that waits for bytes to
     /// send watches this, as hyper watches a connection whose response
     /// waits (a client's end of input ends its connection; hyper's
-    /// `half_close` is off). Never resolves while input the client sent
-    /// after its request (a pipelined request) waits unread, even if the
-    /// client closed after it: hyper too answers what came before the end
-    /// of input. Then the next write tells. (The pipelined request may also
-    /// have been read already into the loop's buffers, off the socket:
-    /// `input_waits`.)
+    /// `half_close` is off). While input the client sent after its request
+    /// (a pipelined request) waits unread, only a reset ends it: hyper too
+    /// answers what came before the end of input, but after a reset nothing
+    /// can be answered (attack: a pipelined request and a reset kept a
+    /// spliced download's upstream until it sent again). (The pipelined
+    /// request may also have been read already into the loop's buffers,
+    /// off the socket: `input_waits`.)
     pub async fn closed(&self) {
-        if self.input_waits {
-            return std::future::pending().await;
+        if !self.input_waits && self.end_of_input().await {
+            return;
         }
-        loop {
-            if self.inner.ready(Interest::READABLE).await.is_err() {
-                return;
-            }
-            let mut byte = [0u8; 1];
-            let peeked = self.inner.try_io(Interest::READABLE, || {
+        // The socket's error, which only a reset (or a failed write, which
+        // reports it itself) sets.
+        let _ = self.inner.ready(Interest::ERROR).await;
+    }
+
+    /// Waits for the client's end of input or reset (`true`), or for input
+    /// it sent ahead (`false`). Empty lines are not input: hyper skips them
+    /// before a request line, so they are taken off the socket here.
+    async fn end_of_input(&self) -> bool {
+        let recv = |bytes: &mut [u8], flags: MsgFlags| {
+            self.inner.try_io(Interest::READABLE, || {
                 nix::sys::socket::recv(
                     self.inner.as_raw_fd(),
-                    &mut byte,
-                    MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+                    bytes,
+                    flags | MsgFlags::MSG_DONTWAIT,
                 )
                 .map_err(io::Error::from)
-            });
-            match peeked {
+            })
+        };
+        loop {
+            if self.inner.ready(Interest::READABLE).await.is_err() {
+                return true;
+            }
+            let mut bytes = [0u8; 64];
+            match recv(&mut bytes, MsgFlags::MSG_PEEK) {
                 // Stale readiness, now cleared: wait again.
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
                 // The end of input, or a reset.
-                Ok(0) | Err(_) => return,
-                Ok(_) => return std::future::pending().await,
+                Ok(0) | Err(_) => return true,
+                Ok(peeked) if bytes[..peeked].iter().all(|&b| matches!(b, b'\r' | b'\n')) => {
+                    // Taken as peeked (only this reads the socket now).
+                    let _ = recv(&mut bytes[..peeked], MsgFlags::empty());
+                }
+                Ok(_) => return false,
             }
         }
     }
@@ -801,5 +817,26 @@ mod tests {
         let mut read = Vec::new();
         server.inner.read_to_end(&mut read).await.unwrap();
         assert_eq!(read, request("/").as_bytes());
+
+        // Empty lines are not input: the client's end after them resolves.
+        let (server, mut client) = pair().await;
+        client.write_all(b"\r\n\r\n").await.unwrap();
+        let waited = tokio::time::timeout(Duration::from_millis(200), server.closed()).await;
+        assert!(waited.is_err(), "closed() resolved for a connected client");
+        client.shutdown().await.unwrap();
+        within(server.closed()).await;
+
+        // Input sent ahead, on the socket or already read off it, then a
+        // reset: nothing can be answered, so it resolves.
+        for read_ahead in [false, true] {
+            let (mut server, mut client) = pair().await;
+            client.write_all(request("/").as_bytes()).await.unwrap();
+            server.input_waits = read_ahead;
+            let waited = tokio::time::timeout(Duration::from_millis(200), server.closed()).await;
+            assert!(waited.is_err(), "closed() resolved with a request unread");
+            client.set_zero_linger().unwrap();
+            drop(client);
+            within(server.closed()).await;
+        }
     }
 }
