@@ -139,7 +139,8 @@ pub struct ArchiveOptions {
     pub log_format: LogFormat,
 
     /// TCP congestion control of the listener and of every connection it accepts (e.g. cubic,
-    /// bbr; one of net.ipv4.tcp_available_congestion_control). Default: the host's.
+    /// bbr; one of net.ipv4.tcp_available_congestion_control). Default: the host's (an
+    /// embedded archiver's listener: reno).
     #[arg(long, env = "GITBALL_TCP_CONGESTION", value_parser = gitball_core::server::parse_congestion)]
     pub tcp_congestion: Option<String>,
 }
