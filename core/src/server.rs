@@ -518,6 +518,7 @@ where
                     .any(|&byte| !matches!(byte, b'\r' | b'\n'))
                     || stream.holds_input();
                 stream.socket_mut().input_waits = input_waits;
+                stream.socket_mut().empty_line_bytes = 0.into();
                 let sent = body.send(stream.socket_mut()).await;
                 stream.socket_mut().input_waits = false;
                 if let Err(error) = sent {
@@ -1108,6 +1109,10 @@ pub struct StallGuard<S> {
     /// request): the end of input after it does not end the connection
     /// (`takeover::BodySocket::closed`).
     pub(crate) input_waits: bool,
+    /// Bytes of empty lines `takeover::BodySocket::closed` took off the
+    /// socket during the body sent around hyper: at most
+    /// `takeover::MAX_EMPTY_LINE_BYTES`.
+    pub(crate) empty_line_bytes: std::sync::atomic::AtomicUsize,
 }
 
 impl<S> StallGuard<S> {
@@ -1118,6 +1123,7 @@ impl<S> StallGuard<S> {
             stalled: None,
             writes,
             input_waits: false,
+            empty_line_bytes: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 }

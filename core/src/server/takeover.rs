@@ -50,6 +50,11 @@ use tokio::net::TcpStream;
 
 use super::{ClientWrites, StallGuard};
 
+/// The most bytes of empty lines [`BodySocket::closed`] takes off the
+/// socket during one body: what hyper's read buffer would take before a
+/// request line, and far more than any client sends by mistake.
+pub(crate) const MAX_EMPTY_LINE_BYTES: usize = 8 * 1024;
+
 /// The socket a [`FileBody`] writes to.
 pub type BodySocket = StallGuard<TcpStream>;
 
@@ -267,7 +272,9 @@ impl StallGuard<TcpStream> {
 
     /// Waits for the client's end of input or reset (`true`), or for input
     /// it sent ahead (`false`). Empty lines are not input: hyper skips them
-    /// before a request line, so they are taken off the socket here.
+    /// before a request line, so they are taken off the socket here, up to
+    /// [`MAX_EMPTY_LINE_BYTES`] per body; more is input, left to hyper
+    /// (attack: taking an endless stream of them kept a core busy).
     async fn end_of_input(&self) -> bool {
         let recv = |bytes: &mut [u8], flags: MsgFlags| {
             self.inner.try_io(Interest::READABLE, || {
@@ -283,13 +290,17 @@ impl StallGuard<TcpStream> {
             if self.inner.ready(Interest::READABLE).await.is_err() {
                 return true;
             }
-            let mut bytes = [0u8; 64];
+            let mut bytes = [0u8; 1024];
             match recv(&mut bytes, MsgFlags::MSG_PEEK) {
                 // Stale readiness, now cleared: wait again.
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
                 // The end of input, or a reset.
                 Ok(0) | Err(_) => return true,
-                Ok(peeked) if bytes[..peeked].iter().all(|&b| matches!(b, b'\r' | b'\n')) => {
+                Ok(peeked)
+                    if bytes[..peeked].iter().all(|&b| matches!(b, b'\r' | b'\n'))
+                        && self.empty_line_bytes.fetch_add(peeked, Ordering::Relaxed) + peeked
+                            <= MAX_EMPTY_LINE_BYTES =>
+                {
                     // Taken as peeked (only this reads the socket now).
                     let _ = recv(&mut bytes[..peeked], MsgFlags::empty());
                 }
@@ -825,6 +836,27 @@ mod tests {
         assert!(waited.is_err(), "closed() resolved for a connected client");
         client.shutdown().await.unwrap();
         within(server.closed()).await;
+
+        // Beyond `MAX_EMPTY_LINE_BYTES`, empty lines are input like any:
+        // not taken off the socket (attack: an endless stream of them kept
+        // a core busy), and the end of input after them leaves it pending.
+        let (server, mut client) = pair().await;
+        let flood = vec![b'\n'; 2 * MAX_EMPTY_LINE_BYTES];
+        client.write_all(&flood).await.unwrap();
+        client.shutdown().await.unwrap();
+        let waited = tokio::time::timeout(Duration::from_millis(200), server.closed()).await;
+        assert!(
+            waited.is_err(),
+            "closed() resolved behind a flood of empty lines"
+        );
+        let mut server = server;
+        let mut left = Vec::new();
+        server.inner.read_to_end(&mut left).await.unwrap();
+        assert!(
+            left.len() >= MAX_EMPTY_LINE_BYTES,
+            "{} bytes of empty lines taken",
+            flood.len() - left.len()
+        );
 
         // Input sent ahead, on the socket or already read off it, then a
         // reset: nothing can be answered, so it resolves.
