@@ -241,12 +241,29 @@ impl Outcome {
 /// An attempt in flight: dropped before it ends (its request's future was
 /// dropped: the client left, or was cut while a parked download resumed),
 /// it is counted as `client_gone`.
-pub(crate) struct UnfinishedAttempt<'a>(pub(crate) &'a Arc<str>);
+struct UnfinishedAttempt<'a>(&'a Arc<str>);
 
 impl Drop for UnfinishedAttempt<'_> {
     fn drop(&mut self) {
         crate::metrics::upstream_attempt(self.0, "client_gone");
     }
+}
+
+/// Runs one attempt on `upstream` and counts it in
+/// `gitball_proxy_upstream_attempts_total`: by the outcome `outcome` reads
+/// from its result, or `client_gone` when it is dropped before it ends.
+/// The pooled client's attempts and a spliced download's range requests
+/// alike.
+pub(crate) async fn counted<T>(
+    upstream: &Arc<str>,
+    attempt: impl Future<Output = T>,
+    outcome: impl FnOnce(&T) -> Outcome,
+) -> T {
+    let unfinished = UnfinishedAttempt(upstream);
+    let ended = attempt.await;
+    std::mem::forget(unfinished);
+    crate::metrics::upstream_attempt(upstream, outcome(&ended).as_str());
+    ended
 }
 
 /// Decides what a response's status (and, for a `503`, its `Retry-After`)
@@ -417,10 +434,12 @@ impl Forwarder {
             attempts += 1;
             last_upstream = Some(candidate.upstream.clone());
             attempting(&candidate.upstream, attempts);
-            let unfinished = UnfinishedAttempt(&candidate.upstream);
-            let (outcome, response) = self.attempt(candidate, request).await;
-            std::mem::forget(unfinished);
-            crate::metrics::upstream_attempt(&candidate.upstream, outcome.as_str());
+            let (outcome, response) = counted(
+                &candidate.upstream,
+                self.attempt(candidate, request),
+                |(outcome, _)| *outcome,
+            )
+            .await;
             // A complete-only request waits for a whole generation: running
             // long is no sign of a broken archiver.
             let slow_but_sane =

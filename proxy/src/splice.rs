@@ -83,8 +83,7 @@ use gitball_core::server::takeover::{BodySocket, FileBody};
 use gitball_core::slots::{Slot, Slots};
 
 use crate::forward::{
-    COMPLETE_ARCHIVE_TIMEOUT, Outcome, UnfinishedAttempt, UpstreamRequest, classify,
-    out_of_local_resources,
+    COMPLETE_ARCHIVE_TIMEOUT, Outcome, UpstreamRequest, classify, counted, out_of_local_resources,
 };
 use crate::metrics::ActiveDownload;
 use crate::pipe::{End, Timers};
@@ -167,14 +166,12 @@ async fn attempt(
     upstream: &Arc<str>,
     open: impl Future<Output = Result<Upstream, OpenError>>,
 ) -> Result<Upstream, OpenError> {
-    let unfinished = UnfinishedAttempt(upstream);
-    let opened = open.await;
-    std::mem::forget(unfinished);
-    let outcome = opened
-        .as_ref()
-        .map_or_else(OpenError::outcome, |_| Outcome::Ok);
-    crate::metrics::upstream_attempt(upstream, outcome.as_str());
-    opened
+    counted(upstream, open, |opened| {
+        opened
+            .as_ref()
+            .map_or_else(OpenError::outcome, |_| Outcome::Ok)
+    })
+    .await
 }
 
 /// A pipe of (at most) [`PIPE_BYTES`].
