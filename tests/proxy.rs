@@ -1639,6 +1639,101 @@ fn a_parked_download_that_cannot_resume_is_aborted_not_ended() {
         == 0.0));
 }
 
+/// A chunked download (its archive still generated) parked with every byte
+/// of the archive handed to the client's connection, but the body's end not
+/// yet read from the archiver: the archive completes meanwhile, and when the
+/// client reads on, the resume finds nothing left and the download ends
+/// complete (`docs/proxy.md#parking`). Review: the resume asked for the
+/// range from the next byte, past the end of the now complete archive, got
+/// `416`, and aborted a download that had every byte.
+#[test]
+fn a_chunked_download_parked_with_every_byte_sent_ends_complete() {
+    // The archive: 160 KiB of tar. Its first 100 KiB fit on the way to a
+    // client with a 4 KiB window (about 130 KiB: the proxy's 64 KiB of
+    // unsent bytes, its last write past that, the window); the last 60 KiB,
+    // written by git at once, come in one chunk, which does not.
+    const FIRST: usize = 100 * KIB;
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "tail");
+    repo.write("blob.bin", gitball_e2e::pseudo_random_bytes(7, 150 * KIB));
+    let commit = repo.commit_all(1_700_000_000, "blob");
+    let tar = repo.archive("tar", "tail-main/", &commit, None);
+    assert_eq!(tar.len(), 160 * KIB, "the test's premise");
+    // git writes the first bytes, then the rest in one write, each when
+    // told, and exits when told: the archiver streams them chunked, and
+    // the end of the body comes only after that.
+    let (release, mut go) = sandbox.fifo("release");
+    let output = sandbox.path("output");
+    let git = sandbox.write_stub(
+        "pausing-git",
+        &format!(
+            "'{git}' \"$@\" > '{out}' || exit $?\n\
+             /usr/bin/head -c {FIRST} '{out}'\n\
+             read line < '{release}'\n\
+             /usr/bin/tail -c +{rest} '{out}' | /usr/bin/dd bs=1M iflag=fullblock status=none\n\
+             read line < '{release}'\n",
+            git = gitball_e2e::real_git().display(),
+            out = output.display(),
+            release = release.display(),
+            rest = FIRST + 1,
+        ),
+    );
+    let archiver = Archiver::start(&sandbox.repos(), &["--git", git.to_str().unwrap()]);
+    let cluster = Cluster::around(archiver, Vec::new(), &["--park-after", PARK_AFTER]);
+    let sent = || {
+        cluster
+            .proxy
+            .scrape()
+            .value("gitball_proxy_sent_bytes_total", &[])
+    };
+    let before = sent();
+
+    let mut connection = RawConnection::connect(cluster.proxy.addr).expect("connect");
+    socket2::SockRef::from(connection.stream())
+        .set_recv_buffer_size(4 * KIB)
+        .expect("SO_RCVBUF");
+    connection
+        .send_request("GET", "/acme/tail/archive/main.tar", &[])
+        .expect("send");
+    let head = connection.read_head().expect("head");
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("transfer-encoding"), Some("chunked"));
+    // The client reads nothing now.
+    assert!(
+        wait_until(SETTLE, || sent() - before == FIRST as f64),
+        "the first bytes were not handed to the client's connection"
+    );
+    writeln!(go, "the rest").expect("release git");
+    assert!(
+        wait_until(SETTLE, || cluster
+            .proxy
+            .scrape()
+            .value("gitball_proxy_parked_downloads", &[])
+            == 1.0),
+        "the stalled download was not parked"
+    );
+    assert_eq!(
+        sent() - before,
+        tar.len() as f64,
+        "parked before every byte was handed over: the test's premise"
+    );
+    // git exits: the archive is complete (its checksum waits for that).
+    writeln!(go, "exit").expect("release git");
+    let checksum = fetch(cluster.primary.addr, "/acme/tail/archive/main.tar.sha256");
+    assert_eq!(checksum.status(), 200, "{}", checksum.text());
+
+    let mut body = Vec::new();
+    let end = connection.read_body_to_end(|piece| body.extend_from_slice(piece));
+    assert_eq!(end, BodyEnd::Complete, "after {} bytes", body.len());
+    assert_same_bytes(&body, &tar, "the download");
+    let metrics = cluster.proxy.scrape();
+    assert_eq!(
+        metrics.value("gitball_proxy_resumes_total", &[("outcome", "resumed")]),
+        1.0
+    );
+    assert_eq!(metrics.sum("gitball_proxy_upstream_aborts_total", &[]), 0.0);
+}
+
 // ---------------------------------------------------------------------------
 // Upstreams that frame bodies as no archiver does
 

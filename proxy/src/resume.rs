@@ -201,8 +201,9 @@ impl Resume {
         // How many bytes the download has left: known from the start, or
         // from this answer (a `206`'s range, a complete archive's length).
         let limit = self.limit(next).or_else(|| match status {
+            // What follows the skipped bytes: `skip` checked the range.
             StatusCode::PARTIAL_CONTENT => {
-                content_range(response.headers()).map(|(first, last, _)| last + 1 - first)
+                content_range(response.headers()).map(|(_, last, _)| last + 1 - next)
             }
             _ => body_length(&response).and_then(|length| length.checked_sub(next)),
         });
@@ -241,9 +242,10 @@ impl Resume {
     pub fn range_request(&self, sent: u64) -> (UpstreamRequest, u64) {
         let next = self.first + sent;
         let mut request = self.request.clone();
+        let from = self.asked_from(next);
         let range = match self.last {
-            Some(last) => format!("bytes={next}-{last}"),
-            None => format!("bytes={next}-"),
+            Some(last) => format!("bytes={from}-{last}"),
+            None => format!("bytes={from}-"),
         };
         // Digits and punctuation: a valid header value.
         if let Ok(range) = HeaderValue::try_from(range) {
@@ -251,6 +253,21 @@ impl Resume {
         }
         request.headers.insert(header::IF_RANGE, self.etag.clone());
         (request, next)
+    }
+
+    /// The first byte a range request for `next` asks for. When the
+    /// download's end is unknown (a chunked download of a growing
+    /// archive), one byte early: the archive may have ended at `next` (the
+    /// download was parked with its last bytes sent, its end not yet read),
+    /// and a range from past the end is answered `416`, which cannot tell
+    /// a complete archive from a shorter one. From the byte before, a
+    /// complete archive answers that one byte, which is skipped, and the
+    /// download ends cleanly.
+    fn asked_from(&self, next: u64) -> u64 {
+        match self.last {
+            Some(_) => next,
+            None => next.saturating_sub(1),
+        }
     }
 
     /// The candidates to ask, the one that served the download first, and
@@ -324,7 +341,8 @@ impl Resume {
                     None => last + 1 == length,
                 };
                 let framed = content_length.is_none_or(|sent| sent == Some(last + 1 - first));
-                (first == next && to_the_end && same_length(length) && framed).then_some(0)
+                (first == self.asked_from(next) && to_the_end && same_length(length) && framed)
+                    .then(|| next - first)
             }
             // The whole archive again: its first `next` bytes were sent.
             StatusCode::OK => match content_length {
@@ -534,24 +552,32 @@ mod tests {
         let partial = StatusCode::PARTIAL_CONTENT;
         let range = header::CONTENT_RANGE;
         let length = header::CONTENT_LENGTH;
-        // A download that began while the archive grew: its end unknown.
+        // A download that began while the archive grew: its end unknown,
+        // so the range asked for starts a byte early (which is skipped).
         let growing = resume_of(0, None);
-        let to_the_end = answer(&[(range.clone(), "bytes 100-999/1000")]);
-        assert_eq!(growing.skip(partial, &to_the_end, 100), Some(0));
+        let asked = answer(&[(range.clone(), "bytes 99-999/1000")]);
+        assert_eq!(growing.skip(partial, &asked, 100), Some(1));
         let framed = answer(&[
-            (range.clone(), "bytes 100-999/1000"),
-            (length.clone(), "900"),
+            (range.clone(), "bytes 99-999/1000"),
+            (length.clone(), "901"),
         ]);
-        assert_eq!(growing.skip(partial, &framed, 100), Some(0));
-        let short_of_the_end = answer(&[(range.clone(), "bytes 100-899/1000")]);
+        assert_eq!(growing.skip(partial, &framed, 100), Some(1));
+        let short_of_the_end = answer(&[(range.clone(), "bytes 99-899/1000")]);
         assert_eq!(growing.skip(partial, &short_of_the_end, 100), None);
         let shorter_body = answer(&[
-            (range.clone(), "bytes 100-999/1000"),
+            (range.clone(), "bytes 99-999/1000"),
             (length.clone(), "800"),
         ]);
         assert_eq!(growing.skip(partial, &shorter_body, 100), None);
+        let to_the_end = answer(&[(range.clone(), "bytes 100-999/1000")]);
+        assert_eq!(growing.skip(partial, &to_the_end, 100), None, "not asked");
         let elsewhere = answer(&[(range.clone(), "bytes 101-999/1000")]);
         assert_eq!(growing.skip(partial, &elsewhere, 100), None);
+        // Parked with every byte sent but the end unread (review): the
+        // archive, complete since, gives the byte before, and nothing is
+        // left.
+        let ended = answer(&[(range.clone(), "bytes 999-999/1000"), (length.clone(), "1")]);
+        assert_eq!(growing.skip(partial, &ended, 1000), Some(1));
         // The whole archive again, still growing or complete.
         assert_eq!(growing.skip(StatusCode::OK, &answer(&[]), 100), Some(100));
         let complete = answer(&[(length.clone(), "1000")]);
@@ -571,5 +597,29 @@ mod tests {
         let mut other = to_the_end.clone();
         other.insert(header::ETAG, HeaderValue::from_static("\"other-tar\""));
         assert_eq!(known.skip(partial, &other, 100), None);
+    }
+
+    /// The range a resume asks for: from the next byte to the download's
+    /// end when that is known; a byte early when it is not (an archive that
+    /// ended at the next byte must not answer `416`).
+    #[test]
+    fn a_resume_of_a_download_whose_end_is_unknown_asks_from_the_byte_before() {
+        let asked = |resume: Resume, sent| {
+            let (request, next) = resume.range_request(sent);
+            let range = request.headers[header::RANGE].to_str().unwrap().to_owned();
+            assert_eq!(request.headers[header::IF_RANGE], ETAG);
+            (range, next)
+        };
+        assert_eq!(asked(resume_of(0, None), 100), ("bytes=99-".into(), 100));
+        assert_eq!(asked(resume_of(0, None), 0), ("bytes=0-".into(), 0));
+        assert_eq!(asked(resume_of(50, None), 10), ("bytes=59-".into(), 60));
+        assert_eq!(
+            asked(resume_of(0, Some(999)), 100),
+            ("bytes=100-999".into(), 100)
+        );
+        assert_eq!(
+            asked(resume_of(50, Some(99)), 10),
+            ("bytes=60-99".into(), 60)
+        );
     }
 }
