@@ -1734,6 +1734,60 @@ fn a_chunked_download_parked_with_every_byte_sent_ends_complete() {
     assert_eq!(metrics.sum("gitball_proxy_upstream_aborts_total", &[]), 0.0);
 }
 
+/// A client is judged by the writes its socket takes
+/// (`docs/http.md#limits-on-client-input`, `docs/proxy.md#parking`): the
+/// socket takes a write once the client took about the last one's bytes,
+/// up to 64 KiB. A client that takes 64 KiB well within `--park-after` is
+/// never parked; one that reads on, but slower than 64 KiB per
+/// `--park-after`, is parked and resumed in turn, and gets every byte.
+#[test]
+fn a_slow_client_is_judged_by_the_writes_its_socket_takes() {
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "paced");
+    repo.write("blob.bin", gitball_e2e::pseudo_random_bytes(11, 200 * KIB));
+    let commit = repo.commit_all(1_700_000_000, "blob");
+    let tar = repo.archive("tar", "paced-main/", &commit, None);
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    let cluster = Cluster::around(archiver, Vec::new(), &["--park-after", "1"]);
+    let path = "/acme/paced/archive/main.tar";
+    // A hit, with its length: piped (too short to splice).
+    assert_eq!(fetch(cluster.proxy.addr, path).status(), 200);
+    let resumes = || {
+        cluster
+            .proxy
+            .scrape()
+            .value("gitball_proxy_resumes_total", &[("outcome", "resumed")])
+    };
+
+    // 64 KiB every 100 ms; then at most 4 KiB every 100 ms (a 4 KiB
+    // window), 64 KiB in 1.6 s or more.
+    for (piece, window, parked) in [(64 * KIB, None, false), (4 * KIB, Some(4 * KIB), true)] {
+        let before = resumes();
+        let mut connection = RawConnection::connect(cluster.proxy.addr).expect("connect");
+        if let Some(window) = window {
+            socket2::SockRef::from(connection.stream())
+                .set_recv_buffer_size(window)
+                .expect("SO_RCVBUF");
+        }
+        connection.send_request("GET", path, &[]).expect("send");
+        assert_eq!(connection.read_head().expect("head").status, 200);
+        let mut body = Vec::new();
+        while body.len() < tar.len() {
+            let got = connection.read_body_bytes(piece).expect("read");
+            assert!(!got.is_empty(), "ended after {} bytes", body.len());
+            body.extend_from_slice(&got);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_same_bytes(&body, &tar, "the paced download");
+        let resumed = resumes() - before;
+        if parked {
+            assert!(resumed >= 1.0, "a client taking 40 KiB/s was not parked");
+        } else {
+            assert_eq!(resumed, 0.0, "a client taking 640 KiB/s was parked");
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Upstreams that frame bodies as no archiver does
 
