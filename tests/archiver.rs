@@ -2499,6 +2499,88 @@ fn a_full_cache_filesystem_is_made_room_on_by_evicting() {
     );
 }
 
+/// A full cache file system makes room for the git dirs a generation
+/// writes beside the archives (a repository's first shadow, a snapshot of
+/// refs) and for git's canary at start, as it does for archives
+/// (`docs/archiver.md#held-bytes`). Attack: a generation that needed a new
+/// git dir failed with `500` and evicted nothing, and a restart on a full
+/// file system failed its canary and exited, until someone deleted files.
+#[test]
+fn a_full_cache_filesystem_makes_room_for_git_dirs_and_the_canary() {
+    if !nix::unistd::geteuid().is_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "this test mounts a tmpfs and must run in CI"
+        );
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            b"SKIPPED a_full_cache_filesystem_makes_room_for_git_dirs_and_the_canary: not root\n",
+        );
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let blobs = sandbox.repo("acme", "blobs");
+    let mut commits = Vec::new();
+    for round in 0..2u64 {
+        blobs.write("blob.bin", pseudo_random_bytes(round, 700 * 1024));
+        commits.push(blobs.commit_all(1_700_000_000 + round as i64, "a blob"));
+    }
+    let w = widget(&sandbox);
+    let filesystem = sandbox.path("fs");
+    let _mount = gitball_e2e::netns::TmpfsMount::mount(&filesystem, "4m");
+    let cache = filesystem.join("cache");
+    // Something else takes every free byte of the file system.
+    let fill = || {
+        let mut filler = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(filesystem.join("filler"))
+            .expect("open the filler");
+        let block = vec![0u8; 4096];
+        for _ in 0..1024 {
+            if std::io::Write::write_all(&mut filler, &block).is_err() {
+                return;
+            }
+        }
+        panic!("4 MiB written and the 4 MiB file system is not full");
+    };
+
+    let archiver =
+        Archiver::start_with_cache(&sandbox.repos(), &cache, &["--cache-max-bytes", "64MiB"]);
+    for commit in &commits {
+        let path = format!("/acme/blobs/archive/{commit}.tar");
+        assert_eq!(archiver.get(&path).status().as_u16(), 200, "{commit}");
+    }
+    fill();
+    // A repository not generated from yet: its shadow is written first.
+    let response = archiver.get("/acme/widget/archive/main.tar");
+    assert_eq!(response.status().as_u16(), 200, "{}", archiver.log());
+    let expected = w.repo.archive("tar", "widget-main/", &w.c2, None);
+    assert!(
+        response.bytes().unwrap()[..] == expected[..],
+        "not git's bytes"
+    );
+    let evictions = archiver
+        .metrics()
+        .value("gitball_archiver_cache_evictions_total", &[]);
+    assert!(evictions >= 1.0, "{evictions} evictions");
+    drop(archiver);
+
+    // Full again, and the archiver restarts over the archives left.
+    fill();
+    let restarted =
+        Archiver::start_with_cache(&sandbox.repos(), &cache, &["--cache-max-bytes", "64MiB"]);
+    assert!(
+        restarted
+            .log()
+            .contains("the cache's file system has no room for git's canary"),
+        "{}",
+        restarted.log()
+    );
+    let path = format!("/acme/blobs/archive/{}.tar", commits[0]);
+    assert_eq!(restarted.get(&path).status().as_u16(), 200);
+}
+
 /// One archiver per cache dir: a second one given the same dir refuses to
 /// start (it would delete the first one's partials and evict its files
 /// from under it), and the first one serves on.

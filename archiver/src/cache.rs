@@ -64,6 +64,13 @@ pub mod policy;
 use policy::{Policy, Short};
 
 const PARTIAL_SUFFIX: &str = ".partial";
+/// What a full file system is asked to free for a git dir of a
+/// generation's (`Cache::with_room`): a shadow is a few files, a snapshot
+/// of refs a `packed-refs` line per ref.
+const GIT_DIR_ROOM_BYTES: u64 = 64 * 1024;
+/// Free space kept for git's canary repository (`canary::fingerprint`):
+/// its loose objects and git dir took between 64 and 256 KiB on tmpfs.
+const CANARY_ROOM_BYTES: u64 = 1024 * 1024;
 
 /// A complete archive file.
 #[derive(Debug)]
@@ -670,7 +677,7 @@ impl Cache {
         };
         let result = match self.checked_git(&spec).await {
             Err(failure) => Err(failure),
-            Ok(checked) => match self.clone().shadow_for(&spec).await {
+            Ok(checked) => match self.clone().shadow_for(&key, &spec).await {
                 Ok(shadow) => {
                     let unchanged = || {
                         checked
@@ -824,9 +831,9 @@ impl Cache {
     /// or for an archive keyed by the refs (`Spec::refs`) a shadow of the
     /// generation's own holding those refs as they are now, which must
     /// still be the key's (they may have changed while the request queued).
-    async fn shadow_for(self: Arc<Self>, spec: &Spec) -> Result<ShadowDir, Failure> {
-        let spec = spec.clone();
-        tokio::task::spawn_blocking(move || self.shadow_for_blocking(&spec))
+    async fn shadow_for(self: Arc<Self>, key: &str, spec: &Spec) -> Result<ShadowDir, Failure> {
+        let (key, spec) = (key.to_owned(), spec.clone());
+        tokio::task::spawn_blocking(move || self.shadow_for_blocking(&key, &spec))
             .await
             .unwrap_or_else(|error| {
                 tracing::error!(%error, "preparing the git dir to run in panicked");
@@ -835,7 +842,7 @@ impl Cache {
     }
 
     /// [`Cache::shadow_for`]'s file system work, on a blocking thread.
-    fn shadow_for_blocking(&self, spec: &Spec) -> Result<ShadowDir, Failure> {
+    fn shadow_for_blocking(&self, key: &str, spec: &Spec) -> Result<ShadowDir, Failure> {
         // The layout was checked when the repository was opened, and it
         // stays open while it changes: what git will read must still stay
         // inside `--repos`.
@@ -847,8 +854,9 @@ impl Cache {
         }
         let Some(refs) = &spec.refs else {
             return self
-                .shadows
-                .prepare(&spec.git_dir, &spec.common_dir)
+                .with_room(key, || {
+                    self.shadows.prepare(&spec.git_dir, &spec.common_dir)
+                })
                 .map(ShadowDir::Shared)
                 .map_err(|error| {
                     tracing::error!(%error, "cannot prepare the git dir to run in");
@@ -863,13 +871,62 @@ impl Cache {
             tracing::info!("the refs changed since the request was resolved");
             return Err(Failure::RefsChanged);
         }
-        self.shadows
-            .snapshot(&spec.common_dir, &now)
+        self.with_room(key, || self.shadows.snapshot(&spec.common_dir, &now))
             .map(ShadowDir::Snapshot)
             .map_err(|error| {
                 tracing::error!(%error, "cannot write the refs to run git with");
                 Failure::Failed
             })
+    }
+
+    /// `make`, which writes a git dir of a few KiB into the cache dir (a
+    /// shadow, a snapshot of refs), made again after each eviction a full
+    /// file system asks for, as a generation's own writes are
+    /// ([`Cache::make_room`]): those git dirs live beside the archives,
+    /// and a file system full of archives failed every generation that
+    /// needed a new one, evicting nothing (attack). Bounded: each retry
+    /// follows an eviction. A `make` that fails leaves nothing behind.
+    fn with_room<T>(&self, key: &str, mut make: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+        let mut first = true;
+        loop {
+            match make() {
+                Err(error)
+                    if generate::is_full(&error)
+                        && self.make_room(key, GIT_DIR_ROOM_BYTES, std::mem::take(&mut first)) => {}
+                made => return made,
+            }
+        }
+    }
+
+    /// Evicts archives no download reads, the policy's first, until the
+    /// cache dir's file system has [`CANARY_ROOM_BYTES`] free: the canary
+    /// repository is made there (`canary::TarWriter::check`), at start and
+    /// whenever git's binary changed, and a file system full of archives
+    /// kept the archiver from starting at all (attack). Nothing happens
+    /// when the room is there (one `statvfs`).
+    pub fn make_room_for_the_canary(&self) {
+        let free = || {
+            nix::sys::statvfs::statvfs(&self.settings.dir)
+                .map(|fs| fs.blocks_available().saturating_mul(fs.fragment_size()))
+                .ok()
+        };
+        while let Some(free) = free()
+            && free < CANARY_ROOM_BYTES
+        {
+            let mut index = self.lock();
+            let before = index.complete.len();
+            self.evict_bytes(&mut index, CANARY_ROOM_BYTES - free, None, true);
+            self.publish(&index);
+            let evicted = before - index.complete.len();
+            tracing::warn!(
+                evicted,
+                free_bytes = free,
+                "the cache's file system has no room for git's canary; evicting to make room"
+            );
+            if evicted == 0 {
+                return;
+            }
+        }
     }
 
     /// Accounts `delta` more bytes written by the generation of `key`,

@@ -367,6 +367,17 @@ pub struct TarWriter {
     /// Milliseconds after `epoch` when a request last looked at the binary.
     looked: AtomicU64,
     epoch: Instant,
+    /// Run before each canary ([`TarWriter::before_each_canary`]).
+    before_canary: std::sync::OnceLock<BeforeCanary>,
+}
+
+/// Makes room for a canary in the cache dir (`Cache::make_room_for_the_canary`).
+struct BeforeCanary(Box<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for BeforeCanary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BeforeCanary")
+    }
 }
 
 impl TarWriter {
@@ -379,7 +390,15 @@ impl TarWriter {
             checking: tokio::sync::Mutex::new(()),
             looked: AtomicU64::new(0),
             epoch: Instant::now(),
+            before_canary: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Has `room` run before each canary from now on: the cache, once
+    /// open, makes room for it in its dir. Set once; later calls are
+    /// ignored.
+    pub fn before_each_canary(&self, room: impl Fn() + Send + Sync + 'static) {
+        let _ = self.before_canary.set(BeforeCanary(Box::new(room)));
     }
 
     fn taken(&self) -> Option<Taken> {
@@ -473,6 +492,9 @@ impl TarWriter {
         // binaries is not taken for either.
         let mut result = Err(anyhow::anyhow!("{} kept changing", self.git.display()));
         let mut stamp = None;
+        if let Some(BeforeCanary(room)) = self.before_canary.get() {
+            room();
+        }
         for _ in 0..3 {
             let before_canary = stamp_of(&self.git);
             let answer = fingerprint(&self.git, &self.parent).await;

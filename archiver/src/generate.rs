@@ -781,6 +781,14 @@ fn write_failure(error: io::Error) -> Failure {
     }
 }
 
+/// Whether `error` says the file system is full (`ENOSPC`, `EDQUOT`).
+pub fn is_full(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
+}
+
 /// The file end of the pipeline: counts and hashes what reaches the file.
 struct Sink {
     file: std::fs::File,
@@ -801,11 +809,7 @@ impl Write for Sink {
         // Each retry follows an eviction of at least one archive: bounded.
         let n = loop {
             match self.file.write(buf) {
-                Err(error)
-                    if matches!(
-                        error.kind(),
-                        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
-                    ) && (self.full)(buf.len() as u64) => {}
+                Err(error) if is_full(&error) && (self.full)(buf.len() as u64) => {}
                 written => break written?,
             }
         };

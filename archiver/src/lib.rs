@@ -154,6 +154,16 @@ pub async fn run(
             )
         })?;
 
+    // The canary is made in the cache dir: a full one makes room for it as
+    // for a generation (attack: the start failed on a full tmpfs).
+    {
+        let cache = Arc::downgrade(&cache);
+        tar_writer.before_each_canary(move || {
+            if let Some(cache) = cache.upgrade() {
+                cache.make_room_for_the_canary();
+            }
+        });
+    }
     // After the cache dir is this archiver's: the canary is made in it. A
     // canary may take its 10 s, three times over while the binary keeps
     // changing.
