@@ -2499,6 +2499,74 @@ fn a_full_cache_filesystem_is_made_room_on_by_evicting() {
     );
 }
 
+/// A full cache file system whose archives the policy keeps (requested
+/// more often than the new one) denies the generation room as the bound
+/// does (`docs/observability.md`): counted in
+/// `gitball_archiver_cache_admission_rejections_total` and as a
+/// `too_large` generation, its download aborted. Attack: it was counted a
+/// `failed` generation and no rejection.
+#[test]
+fn a_full_cache_filesystem_denies_room_as_the_bound_does() {
+    if !nix::unistd::geteuid().is_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "this test mounts a tmpfs and must run in CI"
+        );
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            b"SKIPPED a_full_cache_filesystem_denies_room_as_the_bound_does: not root\n",
+        );
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "blobs");
+    let mut commits = Vec::new();
+    for round in 0..3u64 {
+        repo.write("blob.bin", pseudo_random_bytes(round, 700 * 1024));
+        commits.push(repo.commit_all(1_700_000_000 + round as i64, "a blob"));
+    }
+    // Room for two of the archives, not three.
+    let cache = sandbox.path("cache");
+    let _mount = gitball_e2e::netns::TmpfsMount::mount(&cache, "2m");
+    let archiver =
+        Archiver::start_with_cache(&sandbox.repos(), &cache, &["--cache-max-bytes", "64MiB"]);
+    // The first two, requested three times each.
+    for commit in &commits[..2] {
+        for _ in 0..3 {
+            let path = format!("/acme/blobs/archive/{commit}.tar");
+            let response = archiver.get(&path);
+            assert_eq!(response.status().as_u16(), 200, "{commit}");
+            response.bytes().expect("a whole archive");
+        }
+    }
+    let path = format!("/acme/blobs/archive/{}.tar", commits[2]);
+    let response = archiver.get(&path);
+    assert_eq!(response.status().as_u16(), 200);
+    assert!(response.bytes().is_err(), "a denied download ended cleanly");
+    let metrics = archiver.metrics();
+    assert_eq!(
+        metrics.value("gitball_archiver_cache_admission_rejections_total", &[]),
+        1.0
+    );
+    assert_eq!(
+        metrics.value(
+            "gitball_archiver_generations_total",
+            &[("format", "tar"), ("outcome", "too_large")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metrics.sum(
+            "gitball_archiver_generations_total",
+            &[("outcome", "failed")]
+        ),
+        0.0
+    );
+    // The archives kept are still served.
+    let kept = format!("/acme/blobs/archive/{}.tar", commits[0]);
+    assert_eq!(archiver.get(&kept).status().as_u16(), 200);
+}
+
 /// A full cache file system makes room for the git dirs a generation
 /// writes beside the archives (a repository's first shadow, a snapshot of
 /// refs) and for git's canary at start, as it does for archives

@@ -892,7 +892,8 @@ impl Cache {
             match make() {
                 Err(error)
                     if generate::is_full(&error)
-                        && self.make_room(key, GIT_DIR_ROOM_BYTES, std::mem::take(&mut first)) => {}
+                        && self.make_room(key, GIT_DIR_ROOM_BYTES, std::mem::take(&mut first))
+                            == generate::Room::Made => {}
                 made => return made,
             }
         }
@@ -967,21 +968,31 @@ impl Cache {
     /// archives to free at least `needed` bytes, as the policy lets that
     /// key, skipping files readers hold (evicted, they would free nothing
     /// until their readers are done). Whether any was evicted.
-    fn make_room(&self, key: &str, needed: u64, warn: bool) -> bool {
+    fn make_room(&self, key: &str, needed: u64, warn: bool) -> generate::Room {
         let mut index = self.lock();
         let before = index.complete.len();
         let short = self.evict_bytes(&mut index, needed.max(1), Some(key), true);
         self.publish(&index);
         let evicted = before - index.complete.len();
+        let denied = short == Some(Short::Denied);
         if warn || evicted == 0 {
             tracing::warn!(
                 evicted,
                 cache_bytes = index.bytes,
-                denied = short == Some(Short::Denied),
+                denied,
                 "the cache's file system is full below --cache-max-bytes; evicting to make room"
             );
         }
-        evicted > 0
+        match (evicted, denied) {
+            (1.., _) => generate::Room::Made,
+            // As a denial within the bound is (`Cache::grow`; attack: it
+            // was counted a failed generation, not a rejection).
+            (0, true) => {
+                counter!(m::CACHE_ADMISSION_REJECTIONS_TOTAL).increment(1);
+                generate::Room::Denied
+            }
+            (0, false) => generate::Room::None,
+        }
     }
 
     /// Evicts until `bytes` is within the bound, for the generation of
@@ -1723,18 +1734,37 @@ mod tests {
         let key = Cache::key(&stub.spec(3));
         // `a`, the least recently used, is read: `b` goes.
         drop(b);
-        assert!(cache.make_room(&key, 1, false));
+        assert_eq!(cache.make_room(&key, 1, false), generate::Room::Made);
         assert!(
             cache.peek(&stub.spec(1)).is_some(),
             "a held file was evicted"
         );
         assert!(cache.peek(&stub.spec(2)).is_none());
         // Only a held file is left: nothing is evicted.
-        assert!(!cache.make_room(&key, 1, false));
+        assert_eq!(cache.make_room(&key, 1, false), generate::Room::None);
         assert!(cache.peek(&stub.spec(1)).is_some());
         drop(a);
-        assert!(cache.make_room(&key, 1, false));
+        assert_eq!(cache.make_room(&key, 1, false), generate::Room::Made);
         assert!(cache.peek(&stub.spec(1)).is_none());
+    }
+
+    /// Room on a full disk that the policy denies a generation (the
+    /// archives left are requested more often) is a denial as within the
+    /// bound: the generation fails as too large (`Room::Denied`, which the
+    /// file's writer turns into `Failure::TooLarge`), not as an I/O
+    /// failure (attack).
+    #[tokio::test]
+    async fn room_on_a_full_disk_the_policy_denies_is_a_denial() {
+        let stub = StubGit::printing(&[b'x'; 100]);
+        let cache = open(&stub, 1 << 20);
+        drop(generate(&cache, stub.spec(1)).await);
+        // Requested again: protected, and more often than a new archive.
+        for _ in 0..3 {
+            drop(hit(cache.lookup(stub.spec(1), CLIENT, "r")));
+        }
+        let key = Cache::key(&stub.spec(3));
+        assert_eq!(cache.make_room(&key, 1, false), generate::Room::Denied);
+        assert!(cache.peek(&stub.spec(1)).is_some());
     }
 
     #[tokio::test]

@@ -282,6 +282,22 @@ pub struct Finished {
 /// Told a length in bytes; says whether the cache could make room.
 pub type RoomFor = Arc<dyn Fn(u64) -> bool + Send + Sync>;
 
+/// What the cache did for a write that found its file system full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Room {
+    /// It evicted archives: the write is tried again.
+    Made,
+    /// The policy denied the generation room: the archives left are
+    /// requested more often than it. The generation fails as too large,
+    /// as when the bound denies it.
+    Denied,
+    /// Nothing is left that it may evict: the write fails.
+    None,
+}
+
+/// Told the bytes a write that found the file system full needs.
+pub type FullFor = Arc<dyn Fn(u64) -> Room + Send + Sync>;
+
 /// Told a length in bytes readers may now read up to.
 pub type Grown = Arc<dyn Fn(u64) + Send + Sync>;
 
@@ -298,9 +314,10 @@ pub struct Space {
     pub grown: Grown,
     /// Called when a write finds the cache's file system full (`ENOSPC`,
     /// `EDQUOT`) with the bytes it needs: the cache evicts archives to make
-    /// room and says whether it evicted any. The write is then tried again;
-    /// once nothing is left to evict, it fails.
-    pub full: RoomFor,
+    /// room and says what it did ([`Room`]). The write is then tried again;
+    /// once nothing is left to evict, it fails, and a denial fails the
+    /// generation as too large.
+    pub full: FullFor,
     /// Kept with the file's write handle and let go just after it: the
     /// cache counts a failed generation's bytes as held for as long as
     /// this lives. The handle can outlive the generation's failure: an
@@ -799,7 +816,7 @@ struct Sink {
     /// `--max-archive-bytes`: a write that passes it fails, so the file
     /// ends at most one write past it.
     max_bytes: u64,
-    full: RoomFor,
+    full: FullFor,
     /// After `file`, so dropped after it is closed ([`Space::writing`]).
     _writing: Arc<dyn std::any::Any + Send + Sync>,
 }
@@ -809,7 +826,11 @@ impl Write for Sink {
         // Each retry follows an eviction of at least one archive: bounded.
         let n = loop {
             match self.file.write(buf) {
-                Err(error) if is_full(&error) && (self.full)(buf.len() as u64) => {}
+                Err(error) if is_full(&error) => match (self.full)(buf.len() as u64) {
+                    Room::Made => {}
+                    Room::Denied => return Err(io::Error::other(NoRoom)),
+                    Room::None => return Err(error),
+                },
                 written => break written?,
             }
         };
@@ -1140,7 +1161,7 @@ mod tests {
                 })
             },
             used: Arc::new(|_| true),
-            full: Arc::new(|_| false),
+            full: Arc::new(|_| Room::None),
             writing: Arc::new(()),
         };
         let limits = Limits {
