@@ -2260,6 +2260,66 @@ fn a_fast_download_is_spliced_with_the_archives_bytes_and_keeps_its_connection()
     );
 }
 
+/// A spliced download on the archiver's side
+/// (`docs/observability.md#joining-the-tiers`): the request it began with,
+/// closed by the proxy to splice the rest (`client_gone`, counted as a
+/// disconnect there), and a `206` for the rest, both with its request id;
+/// the proxy counts the splice and no disconnect.
+#[test]
+fn a_large_hit_is_spliced_and_logged_on_both_tiers() {
+    let sandbox = Sandbox::new();
+    let (big, cluster) = warm_big_cluster(&sandbox, &[]);
+    warm_up(&cluster, big);
+    let ((mut connection, head, hasher, received), not_judged_fast) =
+        spliced_download_counting(&cluster.proxy);
+    let digest = head.header("repr-digest").expect("a digest").to_owned();
+    let id = head
+        .header("x-request-id")
+        .expect("a request id")
+        .to_owned();
+    read_rest_and_check(&mut connection, hasher, received, &digest, big, "spliced");
+    drop(connection);
+
+    let ours = |log: &str| -> Vec<serde_json::Value> {
+        gitball_e2e::request_lines(log)
+            .into_iter()
+            .filter(|line| line["request_id"] == id.as_str())
+            .collect()
+    };
+    // Each line is written once its body is over, which the client may see
+    // first.
+    let mut archiver_lines = Vec::new();
+    wait_until(SETTLE, || {
+        archiver_lines = ours(&cluster.primary.log());
+        archiver_lines.len() >= 2
+    });
+    assert_eq!(archiver_lines.len(), 2, "{archiver_lines:#?}");
+    archiver_lines.sort_by_key(|line| line["status"].as_u64());
+    assert_eq!(archiver_lines[0]["status"], 200, "{archiver_lines:#?}");
+    assert_eq!(archiver_lines[0]["ending"], "client_gone");
+    assert_eq!(archiver_lines[1]["status"], 206, "{archiver_lines:#?}");
+    assert_eq!(archiver_lines[1]["ending"], "complete");
+    let mut proxy_lines = Vec::new();
+    wait_until(SETTLE, || {
+        proxy_lines = ours(&cluster.proxy.log());
+        !proxy_lines.is_empty()
+    });
+    assert_eq!(proxy_lines.len(), 1, "{proxy_lines:#?}");
+    assert_eq!(proxy_lines[0]["ending"], "complete");
+    assert_eq!(proxy_lines[0]["bytes"], big.full_length);
+
+    let archiver = scrape(cluster.primary.addr);
+    assert!(
+        archiver.value("gitball_archiver_client_disconnects_total", &[])
+            >= 1.0 + f64::from(not_judged_fast)
+    );
+    let proxy = cluster.proxy.scrape();
+    assert_eq!(
+        proxy.value("gitball_proxy_client_disconnects_total", &[]),
+        f64::from(not_judged_fast)
+    );
+}
+
 #[test]
 fn a_spliced_download_whose_archiver_dies_is_aborted_not_ended() {
     let sandbox = Sandbox::new();
