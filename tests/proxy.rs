@@ -2710,6 +2710,11 @@ fn a_download_parked_before_its_splice_began_is_spliced_and_unparked() {
     warm_up(&cluster, big);
     let proxy = &cluster.proxy;
     let parked = || proxy.scrape().value("gitball_proxy_parked_downloads", &[]);
+    let resumes = || {
+        proxy
+            .scrape()
+            .value("gitball_proxy_resumes_total", &[("outcome", "resumed")])
+    };
     let v4 = |addr: SocketAddr| match addr {
         SocketAddr::V4(addr) => addr,
         SocketAddr::V6(_) => panic!("the tests listen on IPv4"),
@@ -2726,6 +2731,7 @@ fn a_download_parked_before_its_splice_began_is_spliced_and_unparked() {
             .checked_sub(kernel_holds)
             .unwrap_or_else(|| panic!("{kernel_holds} bytes held between client and proxy"));
         let before = spliced(proxy);
+        let resumes_before = resumes();
         let mut connection = RawConnection::connect(proxy.addr).expect("connect");
         socket2::SockRef::from(connection.stream())
             .set_recv_buffer_size(64 * KIB)
@@ -2757,6 +2763,8 @@ fn a_download_parked_before_its_splice_began_is_spliced_and_unparked() {
                 wait_until(SETTLE, || parked() == 0.0),
                 "a download spliced after it was parked is still counted as parked"
             );
+            // Its splice's range request is its resume.
+            assert_eq!(resumes() - resumes_before, 1.0);
             let mut received = (stop_at + MIB) as u64;
             let end = connection.read_body_to_end(|piece| received += piece.len() as u64);
             assert_eq!(end, BodyEnd::Complete, "after {received} bytes");

@@ -209,12 +209,15 @@ impl Shared {
     }
 
     /// Marks the download as no longer parked (resumed, or over).
-    fn unpark(&self) {
-        if self.parked.swap(false, Ordering::AcqRel) {
+    /// Whether the download was parked.
+    fn unpark(&self) -> bool {
+        let parked = self.parked.swap(false, Ordering::AcqRel);
+        if parked {
             crate::metrics::parked_downloads(-1.0);
             // A permit if the watchdog is not waiting yet: not lost.
             self.resumed.notify_one();
         }
+        parked
     }
 }
 
@@ -526,7 +529,7 @@ impl Pipe {
         if let Some(watchdog) = &self.watchdog {
             watchdog.abort();
         }
-        self.shared.unpark();
+        let _ = self.shared.unpark();
         // Once the watchdog cut the download, however the pipe ends next
         // (an error at the next poll, or a drop when the client finally
         // leaves) it ended for idleness.
@@ -590,7 +593,7 @@ impl Pipe {
         // Silence is bounded per upstream chunk inside the resumed body,
         // the skipped ones included (`Resume::resume`).
         *self.shared.lock() = Some(resumed.body);
-        self.shared.unpark();
+        let _ = self.shared.unpark();
         Poll::Ready(Ok(()))
     }
 }
@@ -675,8 +678,11 @@ impl Pipe {
             return Poll::Ready(false);
         };
         // Parked while the client held the chunk before the preparation
-        // began: the spliced body has an upstream of its own.
-        self.shared.unpark();
+        // began: the spliced body has an upstream of its own, whose range
+        // request is this download's resume (review: it was not counted).
+        if self.shared.unpark() {
+            crate::metrics::resume("resumed");
+        }
         // Closes the pooled upstream connection mid-body: the spliced
         // body has a connection of its own.
         let pooled = upstream.take();
