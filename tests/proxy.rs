@@ -2320,6 +2320,73 @@ fn a_large_hit_is_spliced_and_logged_on_both_tiers() {
     );
 }
 
+/// A parked spliced download whose resume finds the proxy out of fds
+/// asks no other candidate (`docs/proxy.md#failover`, `overloaded`: the
+/// next would fare no better) and is aborted, never ended. Review: its
+/// resume went on to the next candidate.
+#[test]
+fn a_parked_spliced_download_out_of_fds_asks_no_other_candidate() {
+    let sandbox = Sandbox::new();
+    let big = big_repo_128();
+    let [primary, replica] = ["cache-a", "cache-b"].map(|name| {
+        let cache = sandbox.path(name);
+        link_files(warm_big_cache(), &cache);
+        Archiver::start_with_cache(&big.repos, &cache, &[])
+    });
+    let cluster = Cluster::around(primary, vec![replica], &["--park-after", PARK_AFTER]);
+    let proxy = &cluster.proxy;
+    let (mut connection, _head, _hasher, mut received) = spliced_download(proxy);
+    assert!(
+        wait_until(SETTLE, || proxy
+            .scrape()
+            .value("gitball_proxy_parked_downloads", &[])
+            == 1.0),
+        "the stalled spliced download was not parked"
+    );
+    let overloaded = || proxy.scrape().sum(ATTEMPTS, &[("outcome", "overloaded")]);
+    assert_eq!(overloaded(), 0.0);
+
+    // No fd left for the proxy: the fds it has now are all it may have.
+    let limit = |soft: &str| {
+        let set = Command::new("prlimit")
+            .arg(format!("--pid={}", proxy.pid))
+            .arg(format!("--nofile={soft}:"))
+            .status()
+            .expect("run prlimit");
+        assert!(set.success(), "prlimit --nofile={soft}:");
+    };
+    let soft = std::fs::read_to_string(format!("/proc/{}/limits", proxy.pid))
+        .expect("the proxy's limits")
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .and_then(|line| line.split_whitespace().nth(3).map(str::to_owned))
+        .expect("the proxy's fd limit");
+    // A new fd takes the lowest free number, which must not be below the
+    // limit: the limit is that number, once the parked download's
+    // upstream fds are closed.
+    settled_fd_count(proxy.pid);
+    let open: std::collections::BTreeSet<u64> =
+        std::fs::read_dir(format!("/proc/{}/fd", proxy.pid))
+            .expect("the proxy's fds")
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+    let lowest_free = (0..).find(|fd| !open.contains(fd)).expect("a free fd");
+    limit(&lowest_free.to_string());
+    let end = connection.read_body_to_end(|piece| received += piece.len() as u64);
+    limit(&soft);
+    assert!(
+        matches!(end, BodyEnd::Aborted(_)),
+        "a download that could not resume ended cleanly after {received} bytes"
+    );
+    assert_eq!(overloaded(), 1.0, "the next candidate was asked");
+    assert_eq!(
+        proxy
+            .scrape()
+            .value("gitball_proxy_resumes_total", &[("outcome", "failed")]),
+        1.0
+    );
+}
+
 #[test]
 fn a_spliced_download_whose_archiver_dies_is_aborted_not_ended() {
     let sandbox = Sandbox::new();

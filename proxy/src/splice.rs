@@ -694,8 +694,17 @@ impl SpliceBody {
                     }
                 }
                 Err(error) => {
-                    tracing::debug!(%error, "spliced download not resumed here; trying the next candidate");
+                    // The proxy's own shortage (no fd for the connection):
+                    // the next candidate would fare no better, and is not
+                    // asked, as for any request (review).
+                    let overloaded = error.outcome() == Outcome::Overloaded;
+                    if !overloaded {
+                        tracing::debug!(%error, "spliced download not resumed here; trying the next candidate");
+                    }
                     failed = Some(io::Error::other(error.to_string()));
+                    if overloaded {
+                        break;
+                    }
                 }
             }
         }
