@@ -854,14 +854,10 @@ impl Cache {
         }
         let Some(refs) = &spec.refs else {
             return self
-                .with_room(key, || {
+                .with_room(key, "cannot prepare the git dir to run in", || {
                     self.shadows.prepare(&spec.git_dir, &spec.common_dir)
                 })
-                .map(ShadowDir::Shared)
-                .map_err(|error| {
-                    tracing::error!(%error, "cannot prepare the git dir to run in");
-                    Failure::Failed
-                });
+                .map(ShadowDir::Shared);
         };
         let now = crate::repo::RefsSnapshot::at(&spec.git_dir).map_err(|error| {
             tracing::error!(%error, "cannot list the refs to run git with");
@@ -871,12 +867,10 @@ impl Cache {
             tracing::info!("the refs changed since the request was resolved");
             return Err(Failure::RefsChanged);
         }
-        self.with_room(key, || self.shadows.snapshot(&spec.common_dir, &now))
-            .map(ShadowDir::Snapshot)
-            .map_err(|error| {
-                tracing::error!(%error, "cannot write the refs to run git with");
-                Failure::Failed
-            })
+        self.with_room(key, "cannot write the refs to run git with", || {
+            self.shadows.snapshot(&spec.common_dir, &now)
+        })
+        .map(ShadowDir::Snapshot)
     }
 
     /// `make`, which writes a git dir of a few KiB into the cache dir (a
@@ -885,16 +879,30 @@ impl Cache {
     /// ([`Cache::make_room`]): those git dirs live beside the archives,
     /// and a file system full of archives failed every generation that
     /// needed a new one, evicting nothing (attack). Bounded: each retry
-    /// follows an eviction. A `make` that fails leaves nothing behind.
-    fn with_room<T>(&self, key: &str, mut make: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    /// follows an eviction. A `make` that fails leaves nothing behind; a
+    /// failure is logged as `failed` says. Room the policy denies fails
+    /// the generation as too large, as for its archive's bytes.
+    fn with_room<T>(
+        &self,
+        key: &str,
+        failed: &str,
+        mut make: impl FnMut() -> io::Result<T>,
+    ) -> Result<T, Failure> {
         let mut first = true;
         loop {
-            match make() {
-                Err(error)
-                    if generate::is_full(&error)
-                        && self.make_room(key, GIT_DIR_ROOM_BYTES, std::mem::take(&mut first))
-                            == generate::Room::Made => {}
-                made => return made,
+            let error = match make() {
+                Ok(made) => return Ok(made),
+                Err(error) => error,
+            };
+            let room = generate::is_full(&error)
+                .then(|| self.make_room(key, GIT_DIR_ROOM_BYTES, std::mem::take(&mut first)));
+            match room {
+                Some(generate::Room::Made) => {}
+                Some(generate::Room::Denied) => return Err(Failure::TooLarge),
+                Some(generate::Room::None) | None => {
+                    tracing::error!(%error, "{failed}");
+                    return Err(Failure::Failed);
+                }
             }
         }
     }
