@@ -1756,6 +1756,47 @@ mod tests {
         assert!(cache.peek(&stub.spec(1)).is_none());
     }
 
+    /// A git dir written into a full cache dir (`Cache::with_room`) is
+    /// made again after each eviction, fails once nothing is left to evict,
+    /// and fails as too large when the policy denies it room; other errors
+    /// fail it at once, evicting nothing.
+    #[tokio::test]
+    async fn a_git_dir_on_a_full_disk_is_made_room_for() {
+        let stub = StubGit::printing(&[b'x'; 100]);
+        let cache = open(&stub, 1 << 20);
+        let full = || io::Error::from(io::ErrorKind::StorageFull);
+        let key = Cache::key(&stub.spec(3));
+        // An archive to evict: made after the eviction.
+        drop(generate(&cache, stub.spec(1)).await);
+        let mut tries = 0;
+        let made = cache.with_room(&key, "test", || {
+            tries += 1;
+            if tries == 1 { Err(full()) } else { Ok(tries) }
+        });
+        assert_eq!(made, Ok(2));
+        assert!(cache.peek(&stub.spec(1)).is_none(), "evicted");
+        // Nothing left: fails, after one more try.
+        let mut tries = 0;
+        let made: Result<(), Failure> = cache.with_room(&key, "test", || {
+            tries += 1;
+            Err(full())
+        });
+        assert_eq!((made, tries), (Err(Failure::Failed), 1));
+        // Another error: fails, evicting nothing.
+        drop(generate(&cache, stub.spec(2)).await);
+        let made: Result<(), Failure> =
+            cache.with_room(&key, "test", || Err(io::Error::other("not full")));
+        assert_eq!(made, Err(Failure::Failed));
+        assert!(cache.peek(&stub.spec(2)).is_some());
+        // Requested more often than the new archive: denied.
+        for _ in 0..3 {
+            drop(hit(cache.lookup(stub.spec(2), CLIENT, "r")));
+        }
+        let made: Result<(), Failure> = cache.with_room(&key, "test", || Err(full()));
+        assert_eq!(made, Err(Failure::TooLarge));
+        assert!(cache.peek(&stub.spec(2)).is_some());
+    }
+
     /// Room on a full disk that the policy denies a generation (the
     /// archives left are requested more often) is a denial as within the
     /// bound: the generation fails as too large (`Room::Denied`, which the

@@ -37,7 +37,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -372,7 +372,7 @@ pub struct TarWriter {
 }
 
 /// Makes room for a canary in the cache dir (`Cache::make_room_for_the_canary`).
-struct BeforeCanary(Box<dyn Fn() + Send + Sync>);
+struct BeforeCanary(Arc<dyn Fn() + Send + Sync>);
 
 impl std::fmt::Debug for BeforeCanary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -398,7 +398,7 @@ impl TarWriter {
     /// open, makes room for it in its dir. Set once; later calls are
     /// ignored.
     pub fn before_each_canary(&self, room: impl Fn() + Send + Sync + 'static) {
-        let _ = self.before_canary.set(BeforeCanary(Box::new(room)));
+        let _ = self.before_canary.set(BeforeCanary(Arc::new(room)));
     }
 
     fn taken(&self) -> Option<Taken> {
@@ -492,8 +492,10 @@ impl TarWriter {
         // binaries is not taken for either.
         let mut result = Err(anyhow::anyhow!("{} kept changing", self.git.display()));
         let mut stamp = None;
+        // A `statvfs` and perhaps unlinks, off the serving threads.
         if let Some(BeforeCanary(room)) = self.before_canary.get() {
-            room();
+            let room = room.clone();
+            let _ = tokio::task::spawn_blocking(move || room()).await;
         }
         for _ in 0..3 {
             let before_canary = stamp_of(&self.git);

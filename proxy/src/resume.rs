@@ -10,11 +10,13 @@
 //! an archive evicted in the meantime, continues the same bytes:
 //!
 //! - the request is the original one (same canonical URL, request id,
-//!   client address) with `Range: bytes={next}-{last}` and `If-Range:
-//!   {etag}`, sent to the upstream that served the download first, then
-//!   to the route's other candidates (`forward`, with its failover);
+//!   client address) with `Range: bytes={next}-{last}` (or, for a
+//!   download whose end is unknown, `bytes={next-1}-`: `asked_from`) and
+//!   `If-Range: {etag}`, sent to the upstream that served the download
+//!   first, then to the route's other candidates (`forward`, with its
+//!   failover);
 //! - a `206` must carry the same ETag and a `Content-Range` that starts at
-//!   the next byte, ends where the download ends (the archive's end, for a
+//!   the byte asked for, ends where the download ends (the archive's end, for a
 //!   download begun while the archive grew) and gives the archive's length
 //!   when the download knew it, and a `Content-Length` (if any) that is the
 //!   range's; its body continues the download, and must bring the whole
@@ -319,7 +321,8 @@ impl Resume {
     /// [`Resume::range_request`] for `next` come before the download's next
     /// byte; `None` if the answer is not the rest of the same archive.
     ///
-    /// A `206` must start at `next`, end where the download ends (its last
+    /// A `206` must start at the byte asked for (`asked_from`: `next`, or
+    /// the byte before, which is skipped), end where the download ends (its last
     /// byte when known, else the archive's), be of the archive's length
     /// when that is known, and carry as many bytes as its range says; a
     /// `200` must be of the archive's length when that is known. An
