@@ -1537,6 +1537,54 @@ fn a_parked_download_resumes_from_a_new_generation_after_a_restart_on_an_empty_c
     );
 }
 
+/// A parked download resumed from a new generation that then fails: the
+/// resume counts as `resumed` (an upstream gave the rest's head), the
+/// failure as an upstream abort, and the download is aborted, never ended
+/// (`docs/proxy.md#parking`; attack: the docs said a resume that did not
+/// bring the download to its end counted as `failed`).
+#[test]
+fn a_resumed_download_whose_new_generation_fails_is_an_upstream_abort() {
+    let sandbox = Sandbox::new();
+    let (big, mut cluster) = warm_big_cluster(&sandbox, &["--park-after", PARK_AFTER]);
+    warm_up(&cluster, big);
+    let (mut connection, _head, _hasher, mut received) =
+        stall_until_parked(&cluster.proxy, cluster.primary.addr, BIG_PATH);
+    // Back on the same address without its cache, with a git that writes
+    // the first 512 KiB of the archive and fails.
+    let git = sandbox.write_stub(
+        "failing-git",
+        &format!(
+            "'{git}' \"$@\" | /usr/bin/head -c 524288\nexit 1\n",
+            git = gitball_e2e::real_git().display()
+        ),
+    );
+    let addr = cluster.primary.addr;
+    kill_hard(&mut cluster.primary);
+    let _restarted = start_archiver_at(
+        &big.repos,
+        &sandbox.path("empty-cache"),
+        addr,
+        &["--git", git.to_str().unwrap()],
+    );
+
+    let end = connection.read_body_to_end(|piece| received += piece.len() as u64);
+    assert!(
+        matches!(end, BodyEnd::Aborted(_)),
+        "a download whose resume failed ended cleanly after {received} bytes"
+    );
+    assert!(received < big.full_length);
+    let metrics = cluster.proxy.scrape();
+    assert_eq!(
+        metrics.value("gitball_proxy_resumes_total", &[("outcome", "resumed")]),
+        1.0
+    );
+    assert_eq!(
+        metrics.value("gitball_proxy_resumes_total", &[("outcome", "failed")]),
+        0.0
+    );
+    assert!(metrics.sum("gitball_proxy_upstream_aborts_total", &[]) >= 1.0);
+}
+
 /// A parked download resumed from an archiver that generates the archive
 /// again slowly but steadily: the bytes before the download's next one take
 /// longer than `--header-timeout` to come again, but none is that long in
