@@ -2448,6 +2448,32 @@ fn a_cache_filesystem_smaller_than_the_bound_is_warned_of_at_start() {
     assert!(!fits.log().contains(WARNING), "{}", fits.log());
 }
 
+/// Whether this test can mount a tmpfs (it runs as root). In CI it must;
+/// elsewhere a test that cannot says it was skipped.
+fn can_mount_a_tmpfs(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "this test mounts a tmpfs and must run in CI"
+    );
+    eprintln!("SKIPPED {test}: not root");
+    false
+}
+
+/// `acme/blobs` with `n` commits, each of a new 700 KiB random blob.
+fn blobs(sandbox: &Sandbox, n: u64) -> (RepoBuilder, Vec<String>) {
+    let repo = sandbox.repo("acme", "blobs");
+    let commits = (0..n)
+        .map(|round| {
+            repo.write("blob.bin", pseudo_random_bytes(round, 700 * 1024));
+            repo.commit_all(1_700_000_000 + round as i64, "a blob")
+        })
+        .collect();
+    (repo, commits)
+}
+
 /// A cache file system fuller than the cache knows (smaller than
 /// `--cache-max-bytes`, or filled by something else) is made room on as
 /// the bound is: a generation that finds it full evicts archives and goes
@@ -2456,24 +2482,11 @@ fn a_cache_filesystem_smaller_than_the_bound_is_warned_of_at_start() {
 /// archive that did not fit in what was left failed for good.
 #[test]
 fn a_full_cache_filesystem_is_made_room_on_by_evicting() {
-    if !nix::unistd::geteuid().is_root() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "this test mounts a tmpfs and must run in CI"
-        );
-        let _ = std::io::Write::write_all(
-            &mut std::io::stderr(),
-            b"SKIPPED a_full_cache_filesystem_is_made_room_on_by_evicting: not root\n",
-        );
+    if !can_mount_a_tmpfs("a_full_cache_filesystem_is_made_room_on_by_evicting") {
         return;
     }
     let sandbox = Sandbox::new();
-    let repo = sandbox.repo("acme", "blobs");
-    let mut commits = Vec::new();
-    for round in 0..5u64 {
-        repo.write("blob.bin", pseudo_random_bytes(round, 700 * 1024));
-        commits.push(repo.commit_all(1_700_000_000 + round as i64, "a blob"));
-    }
+    let (repo, commits) = blobs(&sandbox, 5);
     // Room for two of the archives, not three.
     let cache = sandbox.path("cache");
     let _mount = gitball_e2e::netns::TmpfsMount::mount(&cache, "2m");
@@ -2507,24 +2520,11 @@ fn a_full_cache_filesystem_is_made_room_on_by_evicting() {
 /// `failed` generation and no rejection.
 #[test]
 fn a_full_cache_filesystem_denies_room_as_the_bound_does() {
-    if !nix::unistd::geteuid().is_root() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "this test mounts a tmpfs and must run in CI"
-        );
-        let _ = std::io::Write::write_all(
-            &mut std::io::stderr(),
-            b"SKIPPED a_full_cache_filesystem_denies_room_as_the_bound_does: not root\n",
-        );
+    if !can_mount_a_tmpfs("a_full_cache_filesystem_denies_room_as_the_bound_does") {
         return;
     }
     let sandbox = Sandbox::new();
-    let repo = sandbox.repo("acme", "blobs");
-    let mut commits = Vec::new();
-    for round in 0..3u64 {
-        repo.write("blob.bin", pseudo_random_bytes(round, 700 * 1024));
-        commits.push(repo.commit_all(1_700_000_000 + round as i64, "a blob"));
-    }
+    let (_, commits) = blobs(&sandbox, 3);
     // Room for two of the archives, not three.
     let cache = sandbox.path("cache");
     let _mount = gitball_e2e::netns::TmpfsMount::mount(&cache, "2m");
@@ -2579,24 +2579,11 @@ fn a_full_cache_filesystem_denies_room_as_the_bound_does() {
 /// file system failed its canary and exited, until someone deleted files.
 #[test]
 fn a_full_cache_filesystem_makes_room_for_git_dirs_and_the_canary() {
-    if !nix::unistd::geteuid().is_root() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "this test mounts a tmpfs and must run in CI"
-        );
-        let _ = std::io::Write::write_all(
-            &mut std::io::stderr(),
-            b"SKIPPED a_full_cache_filesystem_makes_room_for_git_dirs_and_the_canary: not root\n",
-        );
+    if !can_mount_a_tmpfs("a_full_cache_filesystem_makes_room_for_git_dirs_and_the_canary") {
         return;
     }
     let sandbox = Sandbox::new();
-    let blobs = sandbox.repo("acme", "blobs");
-    let mut commits = Vec::new();
-    for round in 0..2u64 {
-        blobs.write("blob.bin", pseudo_random_bytes(round, 700 * 1024));
-        commits.push(blobs.commit_all(1_700_000_000 + round as i64, "a blob"));
-    }
+    let (_, commits) = blobs(&sandbox, 2);
     let w = widget(&sandbox);
     let filesystem = sandbox.path("fs");
     let _mount = gitball_e2e::netns::TmpfsMount::mount(&filesystem, "4m");

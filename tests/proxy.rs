@@ -1240,6 +1240,17 @@ fn big_tar_digest(big: &BigRepo) -> (String, u64) {
     (format!("{:x}", hasher.finalize()), length)
 }
 
+/// Reads the rest of a download of `big`'s archive whose first `received`
+/// bytes were taken: it must be aborted short, never ended.
+fn read_on_until_aborted(connection: &mut RawConnection, mut received: u64, big: &BigRepo) {
+    let end = connection.read_body_to_end(|piece| received += piece.len() as u64);
+    assert!(
+        matches!(end, BodyEnd::Aborted(_)),
+        "a download that could not go on ended cleanly after {received} bytes"
+    );
+    assert!(received < big.full_length);
+}
+
 /// Reads the rest of a download whose first `received` bytes went into
 /// `hasher`: it must end cleanly, with `length` bytes of SHA-256 `digest`
 /// (hex, as [`big_tar_digest`] gives them).
@@ -1547,7 +1558,7 @@ fn a_resumed_download_whose_new_generation_fails_is_an_upstream_abort() {
     let sandbox = Sandbox::new();
     let (big, mut cluster) = warm_big_cluster(&sandbox, &["--park-after", PARK_AFTER]);
     warm_up(&cluster, big);
-    let (mut connection, _head, _hasher, mut received) =
+    let (mut connection, _head, _hasher, received) =
         stall_until_parked(&cluster.proxy, cluster.primary.addr, BIG_PATH);
     // Back on the same address without its cache, with a git that writes
     // the first 512 KiB of the archive and fails.
@@ -1567,12 +1578,7 @@ fn a_resumed_download_whose_new_generation_fails_is_an_upstream_abort() {
         &["--git", git.to_str().unwrap()],
     );
 
-    let end = connection.read_body_to_end(|piece| received += piece.len() as u64);
-    assert!(
-        matches!(end, BodyEnd::Aborted(_)),
-        "a download whose resume failed ended cleanly after {received} bytes"
-    );
-    assert!(received < big.full_length);
+    read_on_until_aborted(&mut connection, received, big);
     let metrics = cluster.proxy.scrape();
     assert_eq!(
         metrics.value("gitball_proxy_resumes_total", &[("outcome", "resumed")]),
@@ -1664,16 +1670,11 @@ fn a_parked_download_that_cannot_resume_is_aborted_not_ended() {
     let (big, mut cluster) = warm_big_cluster(&sandbox, &["--park-after", PARK_AFTER]);
     warm_up(&cluster, big);
 
-    let (mut connection, _head, _hasher, mut received) =
+    let (mut connection, _head, _hasher, received) =
         stall_until_parked(&cluster.proxy, cluster.primary.addr, BIG_PATH);
     // No archiver left to give the rest.
     kill_hard(&mut cluster.primary);
-    let end = connection.read_body_to_end(|piece| received += piece.len() as u64);
-    assert!(
-        matches!(end, BodyEnd::Aborted(_)),
-        "a download that could not resume ended cleanly after {received} bytes"
-    );
-    assert!(received < big.full_length);
+    read_on_until_aborted(&mut connection, received, big);
     let metrics = cluster.proxy.scrape();
     assert_eq!(
         metrics.value("gitball_proxy_resumes_total", &[("outcome", "failed")]),
