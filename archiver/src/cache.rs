@@ -975,7 +975,8 @@ impl Cache {
     /// than `--cache-max-bytes`, or filled by something else): evicts
     /// archives to free at least `needed` bytes, as the policy lets that
     /// key, skipping files readers hold (evicted, they would free nothing
-    /// until their readers are done). Whether any was evicted.
+    /// until their readers are done). What it did: evicted some, was
+    /// denied by the policy (counted as a rejection), or found none left.
     fn make_room(&self, key: &str, needed: u64, warn: bool) -> generate::Room {
         let mut index = self.lock();
         let before = index.complete.len();
