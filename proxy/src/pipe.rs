@@ -529,7 +529,7 @@ impl Pipe {
         if let Some(watchdog) = &self.watchdog {
             watchdog.abort();
         }
-        let _ = self.shared.unpark();
+        self.shared.unpark();
         // Once the watchdog cut the download, however the pipe ends next
         // (an error at the next poll, or a drop when the client finally
         // leaves) it ended for idleness.
@@ -593,7 +593,7 @@ impl Pipe {
         // Silence is bounded per upstream chunk inside the resumed body,
         // the skipped ones included (`Resume::resume`).
         *self.shared.lock() = Some(resumed.body);
-        let _ = self.shared.unpark();
+        self.shared.unpark();
         Poll::Ready(Ok(()))
     }
 }
