@@ -753,6 +753,72 @@ fn export_subst_reading_refs_changes_etag_with_the_refs(layout: &str) {
     );
 }
 
+/// A replace ref (`refs/replace/{id}`, pushed like any other ref) does not
+/// make git archive another commit's tree under this commit's id and ETag:
+/// git runs with `--no-replace-objects`, which matters where git sees the
+/// refs at all, in the snapshot of them that an archive whose
+/// `export-subst` reads refs is made in (docs/archiver.md, "Only commit ids
+/// reach git"). The archive of the commit is its own tree, as `git
+/// --no-replace-objects archive` writes it, and the same by branch and by id.
+#[test]
+fn a_replace_ref_does_not_change_what_a_commit_archives() {
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "widget");
+    repo.write(".gitattributes", ".git_archival.txt export-subst\n");
+    repo.write(
+        ".git_archival.txt",
+        "node: $Format:%H$\nref-names: $Format:%D$\n",
+    );
+    repo.write("README", "published\n");
+    let published = repo.commit_all(1_700_000_000, "published");
+    repo.write("README", "swapped in by a replace ref\n");
+    let other = repo.commit_all(1_700_000_100, "other");
+    repo.git(&["reset", "-q", "--hard", &published]);
+    repo.git(&["replace", &published, &other]);
+    let expected = {
+        let output = gitball_e2e::git_command(&sandbox.home())
+            .current_dir(repo.dir())
+            .args([
+                "--no-replace-objects",
+                "archive",
+                "--format=tar",
+                "--prefix=widget-main/",
+                &published,
+            ])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        output.stdout
+    };
+    let readme = |tar: &[u8]| gitball_e2e::pipe_through("tar", &["-xO", "widget-main/README"], tar);
+    assert_eq!(readme(&expected), b"published\n");
+
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    let response = archiver.get("/acme/widget/archive/main.tar");
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(
+        gitball_e2e::header(&response, "x-gitball-commit"),
+        published
+    );
+    let body = response.bytes().unwrap().to_vec();
+    assert_eq!(
+        String::from_utf8_lossy(&readme(&body)),
+        "published\n",
+        "the replace ref's tree was archived"
+    );
+    assert!(body == expected, "not what git --no-replace-objects writes");
+
+    let by_id = archiver.get(&format!("/acme/widget/archive/{published}.tar"));
+    assert_eq!(by_id.status().as_u16(), 200);
+    let prefix = format!("widget-{published}/README");
+    let by_id = by_id.bytes().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&gitball_e2e::pipe_through("tar", &["-xO", &prefix], &by_id)),
+        "published\n",
+        "the replace ref's tree was archived"
+    );
+}
+
 /// What `export-subst` writes besides refs must not depend on anything the
 /// ETag does not cover: abbreviated ids are written whole (git's length
 /// grows with the object count, and a shared prefix lengthens it) and
