@@ -3001,6 +3001,52 @@ fn subtree_paths_are_literal_and_missing_ones_answer_404() {
     ]);
 }
 
+/// A `?path=` that names an entry whose name holds glob characters gets
+/// that entry alone: git is run with `--literal-pathspecs`
+/// (docs/archiver.md, "Only commit ids reach git"), so `data*` does not
+/// bring in `data-old` beside it. Without it the archive holds whatever
+/// the name matches as a glob, under the ETag of the subtree asked for.
+#[test]
+fn a_subtree_whose_name_holds_glob_characters_is_archived_alone() {
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "widget");
+    repo.write("data*/kept.txt", "kept\n");
+    repo.write("data-old/leaked.txt", "not asked for\n");
+    repo.write("README", "hello\n");
+    let commit = repo.commit_all(1_700_000_000, "names that are globs");
+    let output = gitball_e2e::git_command(&sandbox.home())
+        .current_dir(repo.dir())
+        .args([
+            "--literal-pathspecs",
+            "archive",
+            "--format=tar",
+            "--prefix=widget-main/",
+            &commit,
+            "--",
+            "data*",
+        ])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    let response = archiver.get("/acme/widget/archive/main.tar?path=data*");
+    assert_eq!(response.status().as_u16(), 200);
+    let body = response.bytes().unwrap();
+    let names = gitball_e2e::tar_entry_names(&body);
+    assert!(
+        names.iter().all(|name| !name.contains("data-old")),
+        "an entry the path only matches as a glob: {names:?}"
+    );
+    assert!(
+        names.contains(&"widget-main/data*/kept.txt".to_owned()),
+        "{names:?}"
+    );
+    assert!(
+        body == output.stdout,
+        "not what git archives for the literal path"
+    );
+}
+
 /// An unknown codeload segment may be "no such route" or "malformed ext":
 /// the docs leave it open.
 #[test]
