@@ -2036,6 +2036,58 @@ fn a_busy_answer_or_a_failed_archive_does_not_end_an_ejection() {
     }
 }
 
+/// `docs/proxy.md#ejection`: a replica's `404` is an answer, and ends its
+/// ejection at once like any other (it is no failure, and the replica is
+/// up), though the request goes on to the next candidate. Here the ejected
+/// replica is reached after the primary answered busy.
+#[test]
+fn a_replicas_404_ends_its_ejection() {
+    let sandbox = Sandbox::new();
+    let (primary, _) = sequenced_upstream(vec![
+        b"HTTP/1.1 404 Not Found\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nConnection: close\r\n\
+          Content-Length: 0\r\n\r\n",
+    ]);
+    let (replica, _) = sequenced_upstream(vec![
+        b"HTTP/1.1 502 Bad Gateway\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 404 Not Found\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+    ]);
+    let routes = sandbox.path("routes.toml");
+    let replica_url = format!("http://{replica}");
+    write_routes(
+        &routes,
+        &[Route::new(
+            "*",
+            &format!("http://{primary}"),
+            &[&replica_url],
+        )],
+    );
+    let proxy = Proxy::with_routes(&routes, &["--eject-for", "60"]);
+    let ejected = || {
+        proxy.scrape().get(
+            "gitball_proxy_upstream_ejected",
+            &[("upstream", &replica_url)],
+        )
+    };
+    let path = "/acme/widget/archive/main.tar";
+    // The replica goes first and fails; the primary answers.
+    assert_eq!(fetch(proxy.addr, path).status(), 404);
+    assert_eq!(ejected(), Some(1.0), "after the replica's 502");
+    // Ejected, the replica goes after the primary, which is busy.
+    assert_eq!(fetch(proxy.addr, path).status(), 503);
+    let metrics = proxy.scrape();
+    assert_eq!(
+        metrics.sum(ATTEMPTS, &[("outcome", "replica_not_found")]),
+        1.0,
+        "the ejected replica was asked"
+    );
+    assert_eq!(
+        ejected(),
+        Some(0.0),
+        "a replica's 404 did not end its ejection"
+    );
+}
+
 /// A body ended by the upstream closing its connection, or a growing one
 /// for a client that needs a length (HTTP/1.0: the proxy asks with
 /// `X-Gitball-Want-Length`), could be a cut: never passed on as an answer.
