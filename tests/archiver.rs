@@ -784,6 +784,18 @@ fn head_on_a_cold_archive_answers_without_generating() {
         "{:?}",
         head.headers()
     );
+    // `generations_total` counts a generation once it ended: one the HEAD
+    // started would still be running, or cached, and the next HEAD would
+    // say so (mutation review: the count alone let a generating HEAD pass).
+    assert_eq!(
+        archiver
+            .metrics()
+            .value("gitball_archiver_generations_in_flight", &[]),
+        0.0,
+        "HEAD started a generation"
+    );
+    let again = archiver.client().head(archiver.url(TAG_GZ)).send().unwrap();
+    assert_eq!(header(&again, "x-gitball-cache"), "miss");
     assert_eq!(generations(&archiver), 0.0, "HEAD started a generation");
 }
 
