@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::io::Write as _;
 use std::time::Duration;
 
-use gitball_e2e::proxy::{Cluster, Proxy, big_repository, fetch_with, small_repository};
+use gitball_e2e::proxy::{Cluster, Proxy, big_repository, fetch, fetch_with, small_repository};
 use gitball_e2e::{
     Archiver, RawConnection, Sandbox, line_for, request_lines, wait_for_line, wait_until,
 };
@@ -369,4 +369,79 @@ fn a_client_leaving_mid_attempt_is_logged_and_counted_with_the_attempt() {
         ),
         0.0
     );
+}
+
+/// Every request a tier logs is in its `request_duration_seconds`, with the
+/// duration its line gives (docs/observability.md, "Request log": one value
+/// decides both), and that duration runs to the end of the body: a client
+/// that holds its download for a second is timed with that second on both
+/// tiers, not up to its head (mutation review: a histogram recording 0
+/// passed every test).
+#[test]
+fn each_tier_times_every_logged_request_to_the_end_of_its_body() {
+    const HOLD: Duration = Duration::from_secs(1);
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    // Far more than the kernel buffers between the tiers and the client
+    // hold (a few hundred KiB each way, under TCP_NOTSENT_LOWAT): the last
+    // bytes leave each tier only after the client read again.
+    big_repository(&sandbox.repo("acme", "big"), 16 << 20);
+    let cluster = Cluster::around(Archiver::start(&sandbox.repos(), &[]), vec![], &[]);
+    let proxy = &cluster.proxy;
+    for (path, status) in [
+        ("/acme/widget/archive/main.tar.gz", 200),
+        ("/acme/widget/archive/main.tar.gz", 200),
+        ("/acme/widget/archive/nope.tar", 404),
+        ("/acme/widget/archive/main.rar", 400),
+    ] {
+        assert_eq!(fetch(proxy.addr, path).status(), status, "{path}");
+    }
+    let mut held = RawConnection::connect(proxy.addr).unwrap();
+    held.send_request(
+        "GET",
+        "/acme/big/archive/main.tar",
+        &[("X-Request-Id", "held-for-a-second")],
+    )
+    .unwrap();
+    assert_eq!(held.read_head().unwrap().status, 200);
+    // The client's own pause, which the durations must cover.
+    std::thread::sleep(HOLD);
+    assert!(matches!(
+        held.read_body_to_end(|_| {}),
+        gitball_e2e::BodyEnd::Complete
+    ));
+
+    // Each line is written as its request is timed, so the logs are read
+    // once both tiers wrote the held download's, and the metrics after.
+    wait_for_line(WAIT, || proxy.log(), "held-for-a-second");
+    wait_for_line(WAIT, || cluster.primary.log(), "held-for-a-second");
+    let logs = [proxy.log(), cluster.primary.log()];
+    let scrapes = [proxy.scrape(), cluster.primary.metrics()];
+    for ((tier, histogram), (log, metrics)) in [
+        ("proxy", "gitball_proxy_request_duration_seconds"),
+        ("archiver", "gitball_archiver_request_duration_seconds"),
+    ]
+    .into_iter()
+    .zip(logs.iter().zip(&scrapes))
+    {
+        let held_line = line_for(log, "held-for-a-second").unwrap();
+        let held_ms = held_line["duration_ms"].as_f64().unwrap();
+        assert!(held_ms >= HOLD.as_secs_f64() * 1e3, "{tier}: {held_line}");
+        let lines = request_lines(log);
+        let logged: f64 = lines
+            .iter()
+            .map(|line| line["duration_ms"].as_f64().unwrap() / 1e3)
+            .sum();
+        assert_eq!(
+            metrics.value(&format!("{histogram}_count"), &[]),
+            lines.len() as f64,
+            "{tier}: requests logged and timed"
+        );
+        // Lines give microseconds, rounded.
+        let timed = metrics.value(&format!("{histogram}_sum"), &[]);
+        assert!(
+            (timed - logged).abs() <= 1e-6 * lines.len() as f64 + 1e-9,
+            "{tier}: {timed} s timed, {logged} s logged"
+        );
+    }
 }
