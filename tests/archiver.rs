@@ -2114,12 +2114,18 @@ fn a_generations_bytes_count_while_they_take_space() {
 #[test]
 fn a_generation_failing_while_its_client_takes_nothing_ends_the_download_at_once() {
     let big = big_repo();
-    // The tar.gz (of random bytes: as large as the tar) grows past the
-    // bound within seconds, far ahead of what the socket buffers of a
-    // client that reads nothing take, and slowly enough that the body is
-    // waiting on the socket by then. (Such a client
-    // is cut for its stalled writes only after 300 s.)
-    let archiver = Archiver::start(&big.repos, &["--max-archive-bytes", "32MiB"]);
+    // The tar.gz (of random bytes, stored: as large as the tar) grows past
+    // the bound within seconds, far ahead of what the socket buffers of a
+    // client that reads nothing take, which are full long before: the
+    // body is waiting on the socket by then. (Such a client is cut for its
+    // stalled writes only after 300 s.) Stored (level 0), not deflated at
+    // the default level: the compressing threads run niced, and deflating
+    // 32 MiB in a debug build beside a busy suite had not reached the
+    // bound after 60 s.
+    let archiver = Archiver::start(
+        &big.repos,
+        &["--max-archive-bytes", "32MiB", "--gzip-level", "0"],
+    );
     let (mut connection, head) = open_download(&archiver, "/acme/big/archive/main.tar.gz");
     assert_eq!(head.status, 200);
     assert_generation_discarded(
