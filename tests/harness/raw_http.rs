@@ -174,7 +174,17 @@ impl RawConnection {
         }
         let mut chunk = [0u8; 64 * 1024];
         let limit = limit.clamp(1, chunk.len());
-        let n = self.stream.read(&mut chunk[..limit])?;
+        // Interrupted is no error of the connection: `Read` says to read
+        // again. A blocking socket read with a timeout (`SOCKET_TIMEOUT`)
+        // ends so when the test process is stopped and continued, even
+        // without a signal handler (signal(7)); it failed a download in a
+        // test as a cut connection.
+        let n = loop {
+            match self.stream.read(&mut chunk[..limit]) {
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                read => break read?,
+            }
+        };
         self.buffer.extend_from_slice(&chunk[..n]);
         Ok(n)
     }
@@ -289,19 +299,25 @@ impl RawConnection {
                     remaining: 0,
                     after_data,
                 } => {
-                    let eof = |what: &str| {
+                    // With the error that ended the line, which is not always
+                    // an end of input.
+                    let eof = |what: &str, error: io::Error| {
                         io::Error::new(
                             io::ErrorKind::UnexpectedEof,
-                            format!("connection ended {what} (no terminating chunk)"),
+                            format!("connection ended {what} (no terminating chunk): {error}"),
                         )
                     };
                     if after_data {
-                        let line = self.read_line().map_err(|_| eof("after a chunk"))?;
+                        let line = self
+                            .read_line()
+                            .map_err(|error| eof("after a chunk", error))?;
                         if !line.is_empty() {
                             return Err(io::Error::other("chunk data not followed by CRLF"));
                         }
                     }
-                    let line = self.read_line().map_err(|_| eof("before a chunk size"))?;
+                    let line = self
+                        .read_line()
+                        .map_err(|error| eof("before a chunk size", error))?;
                     let size_text = line.split(';').next().unwrap_or("").trim();
                     let size = u64::from_str_radix(size_text, 16)
                         .map_err(|_| io::Error::other(format!("bad chunk size {line:?}")))?;
@@ -309,7 +325,7 @@ impl RawConnection {
                         for _ in 0..1000 {
                             if self
                                 .read_line()
-                                .map_err(|_| eof("in the trailer"))?
+                                .map_err(|error| eof("in the trailer", error))?
                                 .is_empty()
                             {
                                 break;
