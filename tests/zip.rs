@@ -67,6 +67,35 @@ fn zip_entries_match_git_archive_for_every_kind_of_entry() {
     assert_zip_readers_accept(&body, names.len(), "kinds main.zip");
 }
 
+/// The "text" bit of an entry (its internal attributes) is git's: text
+/// when the first 8,000 bytes hold no NUL (`docs/urls.md`, Formats). A NUL
+/// at byte 7,999 makes an entry binary, one at byte 8,000 does not, in a
+/// small entry and in one streamed in blocks. (Mutation review: sniffing
+/// only the first 800 bytes passed every test, the entry comparison's
+/// files having their first NUL early or not at all.)
+#[test]
+fn an_entrys_text_bit_looks_for_a_nul_in_its_first_8000_bytes_as_gits_does() {
+    let with_nul_at = |position: usize, len: usize| {
+        let mut bytes = pseudo_text(11, len);
+        bytes[position] = 0;
+        bytes
+    };
+    let sandbox = Sandbox::new();
+    let source = sandbox.source_repo("src/sniff");
+    source.write("nul-at-7999.bin", with_nul_at(7_999, 20_000));
+    source.write("nul-at-8000.txt", with_nul_at(8_000, 20_000));
+    source.write("big/nul-at-7999.bin", with_nul_at(7_999, 1_500_000));
+    source.write("big/nul-at-8000.txt", with_nul_at(8_000, 1_500_000));
+    source.commit_all(T1, "NULs at the edge of git's sniff");
+    let repo = source.clone_bare(&sandbox.repos().join("acme/sniff.git"));
+    let commit = repo.rev_parse("main");
+
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    let (body, _) = archiver.get_body_and_cache("/acme/sniff/archive/main.zip");
+    let git_zip = repo.archive("zip", "sniff-main/", &commit, None);
+    assert_same_zip_entries(&body, &git_zip, "sniff main.zip");
+}
+
 /// A commit time past the ustar mtime field (after year 2242; git clamps
 /// the field and writes the real time in its global pax header): git's zip
 /// carries the real time, and so does ours. Before, every entry had the
