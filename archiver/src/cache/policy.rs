@@ -676,4 +676,31 @@ mod tests {
         assert_eq!(policy.evict(1, None).short, Some(Short::Empty));
         assert_eq!(policy.bytes(), 0);
     }
+
+    /// A hit on a protected archive makes it protected's most recently
+    /// used (`docs/archiver.md`, "Cache policy": past 80 % "its least
+    /// recently used archives go back to probation"): the one demoted is
+    /// the one hit longest ago, not the one protected first. (Mutation
+    /// review: a hit that left a protected archive's place as it was passed
+    /// every test.)
+    #[test]
+    fn a_hit_keeps_a_protected_archive_from_being_demoted_first() {
+        let max = 10 * KIB;
+        let mut policy = Policy::new(max);
+        for key in [1, 2] {
+            policy.record(&key);
+            fill(&mut policy, max, key, 4 * KIB);
+            assert!(request(&mut policy, key));
+        }
+        // 1 was protected first, and hit since 2 was.
+        assert!(request(&mut policy, 1));
+        assert_eq!(policy.protected_bytes(), 8 * KIB);
+        // A third protected archive passes 80 % of the bound.
+        policy.record(&3);
+        fill(&mut policy, max, 3, KIB);
+        assert!(request(&mut policy, 3));
+        assert_eq!(policy.segment(&2), Some(Segment::Probation), "demoted");
+        assert_eq!(policy.segment(&1), Some(Segment::Protected));
+        assert_eq!(policy.segment(&3), Some(Segment::Protected));
+    }
 }
