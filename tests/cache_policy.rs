@@ -191,3 +191,39 @@ fn a_pass_over_cold_archives_evicts_only_cold_archives() {
     assert_eq!(download(&site.archiver, &site.cold[7]), "hit");
     assert_eq!(download(&site.archiver, &site.cold[0]), "miss");
 }
+
+/// A `HEAD` of a cached archive neither counts nor protects it
+/// (`docs/archiver.md#cache-policy`): checking before downloading does not
+/// make an archive requested once look popular. However often it is
+/// checked, it stays in probation, and its next `GET` is the hit that
+/// protects it. (Mutation review: a `HEAD` of a hit looked up as a download
+/// passed every test.)
+#[test]
+fn a_head_of_a_cached_archive_neither_counts_nor_protects_it() {
+    let site = site(&[]);
+    let path = &site.popular[0];
+    let head = || {
+        let response = site
+            .archiver
+            .client()
+            .head(site.archiver.url(path))
+            .send()
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200, "HEAD {path}");
+        header(&response, "x-gitball-cache").to_owned()
+    };
+    let protected = || metric(&site, "gitball_archiver_cache_protected_bytes");
+
+    assert_eq!(download(&site.archiver, path), "miss");
+    // Indexed once its generation ended, which the download may outrun.
+    assert!(
+        wait_until(Duration::from_secs(10), || head() == "hit"),
+        "{path} was not cached"
+    );
+    for _ in 0..3 {
+        assert_eq!(head(), "hit");
+    }
+    assert_eq!(protected(), 0.0, "HEADs of {path} protected it");
+    assert_eq!(download(&site.archiver, path), "hit");
+    assert!(protected() > 0.0, "a GET's hit did not protect {path}");
+}
