@@ -304,4 +304,15 @@ mod tests {
         headers.insert(header::IF_NONE_MATCH, HeaderValue::from_static("\"other\""));
         assert!(!not_modified(&headers, &validators(true)));
     }
+
+    /// An empty archive satisfies no range, a suffix range included
+    /// (`docs/http.md`, "Range requests"). (Mutation review: without the
+    /// check for an empty archive, a suffix range passed every test, its
+    /// last byte computed as `0 - 1`.)
+    #[test]
+    fn an_empty_archive_satisfies_no_range() {
+        for range in ["bytes=0-", "bytes=0-0", "bytes=-1", "bytes=-500"] {
+            assert_eq!(parse_range(range, 0), Err(Unsatisfiable), "{range}");
+        }
+    }
 }
