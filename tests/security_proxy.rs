@@ -373,6 +373,33 @@ fn a_head_over_32_kib_of_many_headers_gets_the_json_431() {
     }
 }
 
+/// `docs/http.md` ("Limits on client input"): a request line over 8 KiB
+/// gets `414`, so one of exactly 8 KiB is served, on both tiers, and a byte
+/// more is refused. (Mutation review: the bound lowered to 4 KiB passed
+/// every test, which sent only lines far over it.)
+#[test]
+fn a_request_line_of_8_kib_is_served_and_a_byte_more_is_414() {
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    let cluster = Cluster::start(&sandbox.repos(), &sandbox.repos(), 0, &[]);
+    // The line is `GET {target} HTTP/1.1\r\n`: 14 bytes besides the target.
+    let line_of = |bytes: usize| {
+        let base = "/acme/widget/archive/main.tar?x=";
+        format!("{base}{}", "a".repeat(bytes - 14 - base.len()))
+    };
+    for (tier, addr) in tiers(&cluster) {
+        let at_bound = fetch_with(addr, "GET", &line_of(8 * 1024), &[]);
+        assert_eq!(
+            at_bound.status(),
+            200,
+            "{tier}, a line of 8 KiB: {}",
+            at_bound.text()
+        );
+        let over = fetch_with(addr, "GET", &line_of(8 * 1024 + 1), &[]);
+        assert_eq!(over.status(), 414, "{tier}, a line of 8 KiB and a byte");
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Errors and validators
 
