@@ -15,12 +15,13 @@
 //! Build the binaries first: `cargo build -p gitball-archiver -p gitball-proxy`.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use gitball_e2e::proxy::{
     Cluster, Fetched, Proxy, Route, SmallRepository, fetch, fetch_ok, fetch_with, small_repository,
     token, unix_now, write_routes,
 };
-use gitball_e2e::{Archiver, Sandbox};
+use gitball_e2e::{Archiver, Sandbox, keepalive_timer, wait_until};
 
 /// The loop's bound on a request head (`gitball_core::server::MAX_HEAD_BYTES`).
 const MAX_HEAD_BYTES: usize = 32 * 1024;
@@ -397,6 +398,45 @@ fn a_request_line_of_8_kib_is_served_and_a_byte_more_is_414() {
         );
         let over = fetch_with(addr, "GET", &line_of(8 * 1024 + 1), &[]);
         assert_eq!(over.status(), 414, "{tier}, a line of 8 KiB and a byte");
+    }
+}
+
+/// `docs/http.md` ("Limits on client input", dead peers): TCP keepalive
+/// watches every accepted connection, probing after 60 s idle, on both
+/// tiers, so a client that vanished from an idle connection is noticed.
+/// Read from the kernel's connection table: the server's end of a fresh,
+/// idle connection has its keepalive timer armed, due within 60 s (not
+/// the kernel's default two hours). (Mutation review: accepted sockets
+/// without keepalive passed every test.)
+#[test]
+fn accepted_connections_are_watched_by_a_60_s_keepalive_on_both_tiers() {
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    let cluster = Cluster::start(&sandbox.repos(), &sandbox.repos(), 0, &[]);
+    for (tier, addr) in tiers(&cluster) {
+        let SocketAddr::V4(server) = addr else {
+            panic!("{tier} listens on {addr}, not IPv4");
+        };
+        // Idle, well within the 10 s a head has to arrive.
+        let client = std::net::TcpStream::connect(server).unwrap();
+        let SocketAddr::V4(local) = client.local_addr().unwrap() else {
+            panic!("an IPv4 connection with a local address that is not");
+        };
+        let mut due = None;
+        let armed = wait_until(Duration::from_secs(5), || {
+            due = keepalive_timer(server, local);
+            due.is_some()
+        });
+        assert!(
+            armed,
+            "{tier}: no keepalive timer on the accepted connection"
+        );
+        let due = due.unwrap_or_default();
+        assert!(
+            (Duration::from_secs(50)..=Duration::from_secs(60)).contains(&due),
+            "{tier}: the first keepalive probe is due in {due:?}, not 60 s"
+        );
+        drop(client);
     }
 }
 

@@ -143,6 +143,38 @@ pub fn bytes_between(local: std::net::SocketAddrV4, peer: std::net::SocketAddrV4
     Some(queue(&local, &peer, true)? + queue(&peer, &local, false)?)
 }
 
+/// The keepalive timer of the IPv4 TCP connection from `local` to `peer`
+/// on this host: the time left until its next probe, if the kernel has
+/// that timer armed on `local`'s socket (`02` in the `tr` field of its
+/// `/proc/net/tcp` entry, `tm->when` in clock ticks, 100 a second); `None`
+/// if no keepalive (or another timer, a retransmission) is pending.
+pub fn keepalive_timer(
+    local: std::net::SocketAddrV4,
+    peer: std::net::SocketAddrV4,
+) -> Option<std::time::Duration> {
+    let hex = |addr: std::net::SocketAddrV4| {
+        format!(
+            "{:08X}:{:04X}",
+            u32::from_ne_bytes(addr.ip().octets()),
+            addr.port()
+        )
+    };
+    let (local, peer) = (hex(local), hex(peer));
+    let table = fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.get(1) != Some(&local.as_str()) || fields.get(2) != Some(&peer.as_str()) {
+            return None;
+        }
+        let (timer, when) = fields.get(5)?.split_once(':')?;
+        if timer != "02" {
+            return None;
+        }
+        let ticks = u64::from_str_radix(when, 16).ok()?;
+        Some(std::time::Duration::from_millis(ticks * 10))
+    })
+}
+
 /// One line of `/proc/PID/stat`, the parts the tests need.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProcessInfo {
