@@ -153,6 +153,21 @@ mod tests {
         assert_eq!(client_address(peer, &headers, &trusted), ip("203.0.113.9"));
     }
 
+    /// An entry that does not parse stops the walk at the last trusted
+    /// address (`docs/proxy.md`, "Client address"): what is left of it was
+    /// written by the client, so an address there is not believed either.
+    /// (Mutation review: skipping the garbage and walking on passed every
+    /// test, whose garbage had nothing left of it.)
+    #[test]
+    fn garbage_stops_the_walk_before_what_is_left_of_it() {
+        let trusted = parse_trusted_proxies("127.0.0.1,10.0.0.0/8").unwrap();
+        let peer = ip("127.0.0.1");
+        let headers = forwarded(&["198.51.100.7, junk, 10.1.2.3"]);
+        assert_eq!(client_address(peer, &headers, &trusted), ip("10.1.2.3"));
+        let headers = forwarded(&["198.51.100.7", "", "10.1.2.3"]);
+        assert_eq!(client_address(peer, &headers, &trusted), ip("10.1.2.3"));
+    }
+
     /// A client behind nginx wrote a byte that is not UTF-8 into its own
     /// `X-Forwarded-For`; nginx appended its address on the same line. That
     /// address is still the client, not nginx's own (which would put every
