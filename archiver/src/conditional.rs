@@ -315,4 +315,19 @@ mod tests {
             assert_eq!(parse_range(range, 0), Err(Unsatisfiable), "{range}");
         }
     }
+
+    /// `If-Range` must equal the ETag exactly (`docs/http.md`, "Range
+    /// requests"; RFC 9110's strong comparison): the weak form of the very
+    /// tag that `If-None-Match` accepts is no match, and the range is
+    /// ignored. (Mutation review: a weak `If-Range` taken as a match passed
+    /// every test.)
+    #[test]
+    fn a_weak_if_range_is_no_match() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::RANGE, HeaderValue::from_static("bytes=0-9"));
+        headers.insert(header::IF_RANGE, HeaderValue::from_static("W/\"e\""));
+        assert_eq!(requested_range(&headers, "\"e\"", 100), Ok(None));
+        headers.insert(header::IF_RANGE, HeaderValue::from_static("\"e\""));
+        assert_eq!(requested_range(&headers, "\"e\"", 100), range(0, 9));
+    }
 }
