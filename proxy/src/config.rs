@@ -177,6 +177,9 @@ mod tests {
         assert_eq!(config.header_timeout, Duration::from_secs(60));
         assert_eq!(config.client_idle_timeout, Duration::from_secs(60));
         assert_eq!(config.eject_for, Duration::from_secs(10));
+        assert_eq!(config.park_after, Duration::from_secs(10));
+        // The archiver flags it takes govern it too.
+        assert_eq!(config.shutdown_grace(), Duration::from_secs(30));
         assert_eq!(config.max_token_ttl, Duration::from_secs(7 * 86_400));
         assert!(config.repos.is_none());
     }
