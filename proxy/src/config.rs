@@ -217,6 +217,26 @@ mod tests {
         assert_eq!(sign.repo, "acme/widget");
     }
 
+    /// `sign --ttl` defaults to `10m` (`docs/proxy.md`, "The sign
+    /// subcommand"). (Mutation review: another default passed every test,
+    /// which all give `--ttl`.)
+    #[test]
+    fn sign_ttl_defaults_to_ten_minutes() {
+        let cli = Cli::try_parse_from([
+            "gitball-proxy",
+            "sign",
+            "--key-file",
+            "k",
+            "--repo",
+            "acme/widget",
+        ])
+        .unwrap();
+        let Some(Command::Sign(sign)) = cli.command else {
+            panic!("not the sign subcommand");
+        };
+        assert_eq!(sign.ttl, Duration::from_secs(600));
+    }
+
     #[test]
     fn max_token_ttl_takes_the_sign_ttl_syntax() {
         let parse = |value: &str| {
