@@ -222,6 +222,7 @@ mod tests {
         assert_eq!(config.options.queue_timeout, Duration::from_secs(30));
         assert_eq!(config.options.generation_timeout, Duration::from_secs(600));
         assert_eq!(config.options.generation_memory_limit, 2 << 30);
+        assert_eq!(config.options.shutdown_grace, Duration::from_secs(30));
         assert!(config.options.require_reachable);
         assert_eq!(config.options.gzip_level, 6);
         assert_eq!(config.options.zstd_level, 3);
