@@ -2360,6 +2360,39 @@ mod tests {
         assert!(stub.runs().is_empty(), "a restart runs no git");
     }
 
+    /// Restored archives enter probation: their popularity is learned
+    /// again, and the first hit of each protects it (`docs/archiver.md`,
+    /// "Warm restart"). (Mutation review: restored archives entering
+    /// protected passed every test.)
+    #[tokio::test]
+    async fn restored_archives_enter_probation_until_their_first_hit() {
+        let stub = StubGit::printing(&[b'p'; 100]);
+        let dir = stub.cache_dir();
+        std::fs::create_dir(&dir).unwrap();
+        for n in 1..=2u32 {
+            let data = printed(&[n as u8; 100]);
+            let name = format!(
+                "{}-{}",
+                Cache::key(&stub.spec(n)),
+                hex::encode(sha256(&data))
+            );
+            std::fs::write(dir.join(name), &data).unwrap();
+        }
+
+        let cache = open(&stub, 1 << 20);
+        for n in 1..=2u32 {
+            assert_eq!(
+                segment(&cache, &stub.spec(n)),
+                Some(Segment::Probation),
+                "{n}"
+            );
+        }
+        assert_eq!(cache.lock().policy.protected_bytes(), 0);
+        hit(cache.lookup(stub.spec(1), CLIENT, "r"));
+        assert_eq!(segment(&cache, &stub.spec(1)), Some(Segment::Protected));
+        assert_eq!(segment(&cache, &stub.spec(2)), Some(Segment::Probation));
+    }
+
     #[tokio::test]
     async fn a_restart_over_the_bound_evicts_the_oldest_files_first() {
         let stub = StubGit::printing(&[b'n'; 100]);
