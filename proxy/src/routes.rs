@@ -459,6 +459,10 @@ mod tests {
             .candidates("acme/widget");
         assert_eq!(candidates.len(), 3);
         assert!(candidates[..2].iter().all(|c| c.role == Role::Replica));
+        // Highest score first (mutation review: lowest first passed every
+        // test but the fleet's, which needs root).
+        let score = |c: &Candidate| rendezvous_score(&c.upstream, "acme/widget");
+        assert!(score(&candidates[0]) > score(&candidates[1]));
         assert_eq!(&*candidates[2].upstream, "http://fs1.internal:9001");
         assert_eq!(candidates[2].role, Role::Primary);
         let only = table.lookup("x/y").unwrap().candidates("x/y");
