@@ -197,23 +197,19 @@ mod tests {
         assert_eq!(embedded.archiver.max_generations, Some(3));
     }
 
-    #[test]
-    fn sign_subcommand_needs_no_service_flags() {
-        let cli = Cli::try_parse_from([
-            "gitball-proxy",
-            "sign",
-            "--key-file",
-            "k",
-            "--repo",
-            "acme/widget",
-            "--ttl",
-            "10m",
-        ])
-        .unwrap();
+    /// The `sign` subcommand parsed from `sign {args}`.
+    fn sign_with(args: &[&str]) -> SignArgs {
+        let cli = Cli::try_parse_from(["gitball-proxy", "sign"].iter().chain(args)).unwrap();
         let Some(Command::Sign(sign)) = cli.command else {
             panic!("not the sign subcommand");
         };
-        assert_eq!(sign.ttl, Duration::from_secs(600));
+        sign
+    }
+
+    #[test]
+    fn sign_subcommand_needs_no_service_flags() {
+        let sign = sign_with(&["--key-file", "k", "--repo", "acme/widget", "--ttl", "5m"]);
+        assert_eq!(sign.ttl, Duration::from_secs(300));
         assert_eq!(sign.repo, "acme/widget");
     }
 
@@ -222,18 +218,7 @@ mod tests {
     /// which all give `--ttl`.)
     #[test]
     fn sign_ttl_defaults_to_ten_minutes() {
-        let cli = Cli::try_parse_from([
-            "gitball-proxy",
-            "sign",
-            "--key-file",
-            "k",
-            "--repo",
-            "acme/widget",
-        ])
-        .unwrap();
-        let Some(Command::Sign(sign)) = cli.command else {
-            panic!("not the sign subcommand");
-        };
+        let sign = sign_with(&["--key-file", "k", "--repo", "acme/widget"]);
         assert_eq!(sign.ttl, Duration::from_secs(600));
     }
 

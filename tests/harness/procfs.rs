@@ -108,14 +108,9 @@ pub fn holds_connection_to(pid: u32, peer: std::net::SocketAddrV4) -> bool {
         })
 }
 
-/// The bytes of one IPv4 TCP connection on this host that are in the
-/// kernel, between the two applications: what `local`'s socket has
-/// received and not yet read (`rx_queue` of its `/proc/net/tcp` entry)
-/// plus what its peer's socket holds unsent or unacknowledged (the
-/// peer's `tx_queue`). For a connection whose reader stopped and whose
-/// writer is blocked, that is every byte written and not read. `None`
-/// unless both ends are found established.
-pub fn bytes_between(local: std::net::SocketAddrV4, peer: std::net::SocketAddrV4) -> Option<u64> {
+/// The fields of `/proc/net/tcp`'s entry for the established IPv4 TCP
+/// connection from `local` to `peer` on this host, if there is one.
+fn tcp_entry(local: std::net::SocketAddrV4, peer: std::net::SocketAddrV4) -> Option<Vec<String>> {
     // The kernel prints the address as the u32 in host byte order.
     let hex = |addr: std::net::SocketAddrV4| {
         format!(
@@ -126,21 +121,30 @@ pub fn bytes_between(local: std::net::SocketAddrV4, peer: std::net::SocketAddrV4
     };
     let (local, peer) = (hex(local), hex(peer));
     let table = fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-    let queue = |from: &str, to: &str, received: bool| {
-        table.lines().skip(1).find_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            // `01`: ESTABLISHED.
-            if fields.get(1) != Some(&from)
-                || fields.get(2) != Some(&to)
-                || fields.get(3) != Some(&"01")
-            {
-                return None;
-            }
-            let (tx, rx) = fields.get(4)?.split_once(':')?;
-            u64::from_str_radix(if received { rx } else { tx }, 16).ok()
-        })
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+        // `01`: ESTABLISHED.
+        (fields.get(1) == Some(&local)
+            && fields.get(2) == Some(&peer)
+            && fields.get(3).map(String::as_str) == Some("01"))
+        .then_some(fields)
+    })
+}
+
+/// The bytes of one IPv4 TCP connection on this host that are in the
+/// kernel, between the two applications: what `local`'s socket has
+/// received and not yet read (`rx_queue` of its `/proc/net/tcp` entry)
+/// plus what its peer's socket holds unsent or unacknowledged (the
+/// peer's `tx_queue`). For a connection whose reader stopped and whose
+/// writer is blocked, that is every byte written and not read. `None`
+/// unless both ends are found established.
+pub fn bytes_between(local: std::net::SocketAddrV4, peer: std::net::SocketAddrV4) -> Option<u64> {
+    let queue = |from, to, received: bool| {
+        let fields = tcp_entry(from, to)?;
+        let (tx, rx) = fields.get(4)?.split_once(':')?;
+        u64::from_str_radix(if received { rx } else { tx }, 16).ok()
     };
-    Some(queue(&local, &peer, true)? + queue(&peer, &local, false)?)
+    Some(queue(local, peer, true)? + queue(peer, local, false)?)
 }
 
 /// The keepalive timer of the IPv4 TCP connection from `local` to `peer`
@@ -152,27 +156,13 @@ pub fn keepalive_timer(
     local: std::net::SocketAddrV4,
     peer: std::net::SocketAddrV4,
 ) -> Option<std::time::Duration> {
-    let hex = |addr: std::net::SocketAddrV4| {
-        format!(
-            "{:08X}:{:04X}",
-            u32::from_ne_bytes(addr.ip().octets()),
-            addr.port()
-        )
-    };
-    let (local, peer) = (hex(local), hex(peer));
-    let table = fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-    table.lines().skip(1).find_map(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.get(1) != Some(&local.as_str()) || fields.get(2) != Some(&peer.as_str()) {
-            return None;
-        }
-        let (timer, when) = fields.get(5)?.split_once(':')?;
-        if timer != "02" {
-            return None;
-        }
-        let ticks = u64::from_str_radix(when, 16).ok()?;
-        Some(std::time::Duration::from_millis(ticks * 10))
-    })
+    let fields = tcp_entry(local, peer)?;
+    let (timer, when) = fields.get(5)?.split_once(':')?;
+    if timer != "02" {
+        return None;
+    }
+    let ticks = u64::from_str_radix(when, 16).ok()?;
+    Some(std::time::Duration::from_millis(ticks * 10))
 }
 
 /// One line of `/proc/PID/stat`, the parts the tests need.
