@@ -2015,6 +2015,45 @@ fn when_every_candidate_fails_the_answer_follows_the_documented_rules() {
     );
 }
 
+/// `docs/proxy.md#when-every-candidate-fails`, rule 3: `504
+/// gateway_timeout` only when *every* attempt was a `header_timeout`. A
+/// candidate that timed out beside one that refused the connection is rule
+/// 4, `502 bad_gateway`: not every archiver was slow, one was down.
+#[test]
+fn a_header_timeout_beside_a_refused_connection_is_a_502_not_a_504() {
+    let sandbox = Sandbox::new();
+    // Accepts (the kernel completes the handshake into the backlog) and
+    // never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    // Nothing listens there once the listener is closed: refused.
+    let refused = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("address");
+    let routes = sandbox.path("routes.toml");
+    write_routes(
+        &routes,
+        &[Route::new(
+            "*",
+            &format!("http://{}", silent.local_addr().expect("address")),
+            &[&format!("http://{refused}")],
+        )],
+    );
+    let proxy = Proxy::with_routes(&routes, &["--header-timeout", "1", "--eject-for", "60"]);
+    let answer = fetch(proxy.addr, "/acme/widget/archive/main.tar");
+    let metrics = proxy.scrape();
+    assert_eq!(
+        (
+            metrics.sum(ATTEMPTS, &[("outcome", "header_timeout")]),
+            metrics.sum(ATTEMPTS, &[("outcome", "connect_error")]),
+        ),
+        (1.0, 1.0),
+        "one attempt of each"
+    );
+    assert_eq!(answer.status(), 502, "{}", answer.text());
+    assert_eq!(answer.error_code(), "bad_gateway");
+}
+
 /// `docs/proxy.md#ejection`: any answer ends an ejection at once, except a
 /// busy `503` and a `500`, which say the archiver is up but not that this
 /// request went well there.
