@@ -662,6 +662,53 @@ mod tests {
         assert_eq!(log.error.as_deref(), Some("ref_not_found"));
     }
 
+    /// `docs/observability.md#request-log`: the level is `error` for an
+    /// `internal` fault, `warn` for an `upstream` one or for any request
+    /// that did not end `complete`, a fault or not (a client that left, an
+    /// idle client cut, a cut at shutdown), and `info` otherwise.
+    #[test]
+    fn the_level_follows_the_fault_and_the_ending() {
+        let level = |status: Option<StatusCode>, ending: Option<Ending>, fault: Option<Fault>| {
+            let capture = Capture::default();
+            let writer = {
+                let capture = capture.clone();
+                move || capture.clone()
+            };
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(writer)
+                .with_ansi(false)
+                .finish();
+            tracing::subscriber::with_default(subscriber, || {
+                let mut log =
+                    RequestLog::new(Tier::Proxy, "id".into(), Method::GET, "/", |_, _| {});
+                log.status = status;
+                log.ending = ending;
+                log.fault = fault;
+            });
+            let line = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+            // `{timestamp} {level} {target}: request …`
+            line.split_whitespace()
+                .nth(1)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let ok = Some(StatusCode::OK);
+        assert_eq!(level(ok, None, None), "INFO");
+        assert_eq!(level(ok, None, Some(Fault::Client)), "INFO");
+        assert_eq!(level(ok, None, Some(Fault::Upstream)), "WARN");
+        assert_eq!(level(ok, None, Some(Fault::Internal)), "ERROR");
+        // Not `complete`, and nobody's fault.
+        assert_eq!(level(None, None, None), "WARN", "a 499");
+        for ending in [
+            Ending::ClientGone,
+            Ending::IdleTimeout,
+            Ending::Shutdown,
+            Ending::Aborted,
+        ] {
+            assert_eq!(level(ok, Some(ending), None), "WARN", "{ending:?}");
+        }
+    }
+
     /// A writer for `tracing_subscriber` that keeps what it is given.
     #[derive(Clone, Default)]
     struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
