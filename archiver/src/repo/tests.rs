@@ -1180,6 +1180,25 @@ fn the_refs_digest_and_reachability_follow_every_change() {
     assert!(!widget.reaches(&c3, None).unwrap());
 }
 
+/// `docs/archiver.md#published-commits-only`: a commit is published when
+/// some ref *or `HEAD`* reaches it. A commit made on a detached `HEAD`,
+/// which no branch or tag holds, is served by its id; once `HEAD` moves
+/// off it, it is not.
+#[test]
+fn a_commit_only_head_reaches_is_reachable() {
+    let fixture = fixture();
+    let widget = fixture.widget();
+    let dir = &fixture.widget;
+    git(dir, &["checkout", "-q", "--detach", "main"]);
+    fs::write(dir.join("detached.txt"), "on HEAD alone\n").unwrap();
+    git_at(dir, C3_TIME, &["add", "detached.txt"]);
+    git_at(dir, C3_TIME, &["commit", "-q", "-m", "detached"]);
+    let detached = git(dir, &["rev-parse", "HEAD"]);
+    assert!(widget.reaches(&detached, None).unwrap());
+    git(dir, &["checkout", "-q", "main"]);
+    assert!(!widget.reaches(&detached, None).unwrap());
+}
+
 /// Past `MAX_STAMPED_REF_FILES` loose refs the digest is still kept,
 /// vouched for by the directories (attack: it was listed again on each
 /// request, 1.5 s with 100,000 refs), and every change git makes is
