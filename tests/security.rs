@@ -502,6 +502,89 @@ fn the_git_child_is_bounded_and_dies_with_a_killed_archiver() {
     drop(waiting);
 }
 
+/// `docs/archiver.md#clean-child-environment`: the `git` child starts with
+/// an empty environment plus the documented variables, none of the
+/// archiver's own (here `RUST_LOG`, `NO_COLOR`, the server's `PATH` and
+/// `HOME`), with `stdin` from `/dev/null`, leading its own process group
+/// (so a kill reaches anything it started).
+#[test]
+fn the_git_child_starts_with_only_the_documented_environment() {
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "widget");
+    small_repository(&repo);
+    let commit_time = repo.git(&["log", "-1", "--format=%ct", "main"]);
+    // A builtin wait: the child stays the shell git was exec'd as, whose
+    // `/proc/{pid}/environ` is what it was started with.
+    // Its stdin is noted first: the `read` redirects it while it waits.
+    let (release, mut fifo) = sandbox.fifo("env-git-release");
+    let stdin = sandbox.path("env-git-stdin");
+    let stub = sandbox.write_stub(
+        "env-git",
+        &format!(
+            "/usr/bin/readlink /proc/$$/fd/0 > '{stdin}'\nread line < '{release}'\n",
+            stdin = stdin.display(),
+            release = release.display()
+        ),
+    );
+    let archiver = Archiver::start(&sandbox.repos(), &["--git", stub.to_str().unwrap()]);
+    let mut waiting = RawConnection::connect(archiver.addr).unwrap();
+    waiting
+        .send_request("GET", "/acme/widget/archive/main.tar", &[])
+        .unwrap();
+    let mut child = None;
+    assert!(
+        wait_until(WAIT, || {
+            child = child_processes(archiver.pid)
+                .into_iter()
+                .find(|process| process.command == "env-git");
+            child.is_some()
+        }),
+        "the stub git never started"
+    );
+    let child = child.unwrap().pid;
+    let environ = std::fs::read(format!("/proc/{child}/environ")).expect("the environment");
+    let mut environment: Vec<String> = environ
+        .split(|&byte| byte == 0)
+        .filter(|variable| !variable.is_empty())
+        .map(|variable| String::from_utf8_lossy(variable).into_owned())
+        .collect();
+    environment.sort();
+    let mut expected = [
+        "GIT_ATTR_NOSYSTEM=1".to_owned(),
+        "GIT_CONFIG_GLOBAL=/dev/null".to_owned(),
+        "GIT_CONFIG_NOSYSTEM=1".to_owned(),
+        "GIT_TERMINAL_PROMPT=0".to_owned(),
+        format!("GIT_TEST_DATE_NOW={}", commit_time.trim()),
+        "HOME=/nonexistent".to_owned(),
+        "LC_ALL=C".to_owned(),
+        "PATH=/dev/null".to_owned(),
+        "TZ=UTC".to_owned(),
+    ];
+    expected.sort();
+    assert_eq!(environment, expected);
+    let mut noted = String::new();
+    assert!(
+        wait_until(WAIT, || {
+            noted = std::fs::read_to_string(&stdin).unwrap_or_default();
+            noted.ends_with('\n')
+        }),
+        "the stub never noted its stdin"
+    );
+    assert_eq!(noted, "/dev/null\n", "its stdin");
+    let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).expect("its stat");
+    // `pid (comm) state ppid pgrp …`; the comm may hold spaces.
+    let after_comm = &stat[stat.rfind(')').expect("the comm's end") + 1..];
+    let group: u32 = after_comm
+        .split_whitespace()
+        .nth(2)
+        .and_then(|pgrp| pgrp.parse().ok())
+        .expect("its process group");
+    assert_eq!(group, child, "the git child leads its own process group");
+    use std::io::Write as _;
+    fifo.write_all(b"go\n").expect("release the stub");
+    drop(waiting);
+}
+
 /// `acme/widget` served (and so open), and a repository outside `--repos`
 /// holding a secret: the archiver, the widget's git dir, the secret's
 /// commit and its object directory.
