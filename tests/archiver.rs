@@ -4021,6 +4021,22 @@ fn full_generation_queue_answers_503_with_retry_after() {
         waited >= Duration::from_millis(450) && waited < Duration::from_secs(10),
         "503 after {waited:?}, not after the 0.5 s queue timeout"
     );
+    // A generation that never got a slot is not a finished one
+    // (`docs/observability.md`): only `requests_total` shows it. The slow
+    // one still runs, so nothing has finished.
+    let metrics = archiver.metrics();
+    assert_eq!(
+        (
+            metrics.sum("gitball_archiver_generations_total", &[]),
+            metrics.get("gitball_archiver_generations_in_flight", &[]),
+        ),
+        (0.0, Some(1.0)),
+        "the busy generation was counted as finished"
+    );
+    assert_eq!(
+        metrics.sum("gitball_archiver_requests_total", &[("code", "503")]),
+        1.0
+    );
     assert_eq!(
         archiver
             .metrics()
