@@ -326,6 +326,43 @@ fn assert_cap_refuses_then_admits(service: &Service, max: usize, prefix: &str) {
     );
 }
 
+/// `docs/archiver.md#connections-and-file-descriptors`: refusals at
+/// `--max-connections` are logged at most once per 10 s, so a connection
+/// storm cannot flood the log: five refusals in a row, one line.
+#[test]
+fn refusals_at_the_cap_are_logged_once_per_interval() {
+    raise_own_nofile();
+    const LINE: &str = "refusing connections with 503";
+    let archiver = Archiver::start(repos(), &["--max-connections", "2"]);
+    let held = hold_connections(archiver.addr, 2);
+    for _ in 0..5 {
+        assert_eq!(fetch(archiver.addr, "/healthz").status(), 503);
+    }
+    drop(held);
+    // The accept loop logs each refusal before it accepts the next
+    // connection: once a scrape is served, every refusal was seen.
+    let mut refused = 0.0;
+    assert!(
+        wait_until(SETTLE, || {
+            let fetched = fetch(archiver.addr, "/metrics");
+            if fetched.status() == 200 {
+                refused = gitball_e2e::Metrics::parse(&fetched.text()).value(
+                    "gitball_archiver_connections_rejected_total",
+                    &[("reason", "max_connections")],
+                );
+            }
+            refused >= 5.0
+        }),
+        "refusals counted: {refused}"
+    );
+    let log = archiver.log();
+    assert_eq!(
+        log.lines().filter(|line| line.contains(LINE)).count(),
+        1,
+        "{log}"
+    );
+}
+
 #[test]
 fn past_max_connections_a_new_connection_gets_503_with_retry_after() {
     raise_own_nofile();
