@@ -1240,6 +1240,17 @@ fn big_tar_digest(big: &BigRepo) -> (String, u64) {
     (format!("{:x}", hasher.finalize()), length)
 }
 
+/// A warm cluster parking after `PARK_AFTER`, and a download of `BIG_PATH`
+/// through it stalled until parked (the archiver's side released): what
+/// the client has read so far.
+fn parked_on_a_warm_cluster(sandbox: &Sandbox) -> (&'static BigRepo, Cluster, RawConnection, u64) {
+    let (big, cluster) = warm_big_cluster(sandbox, &["--park-after", PARK_AFTER]);
+    warm_up(&cluster, big);
+    let (connection, _head, _hasher, received) =
+        stall_until_parked(&cluster.proxy, cluster.primary.addr, BIG_PATH);
+    (big, cluster, connection, received)
+}
+
 /// Reads the rest of a download of `big`'s archive whose first `received`
 /// bytes were taken: it must be aborted short, never ended.
 fn read_on_until_aborted(connection: &mut RawConnection, mut received: u64, big: &BigRepo) {
@@ -1556,10 +1567,7 @@ fn a_parked_download_resumes_from_a_new_generation_after_a_restart_on_an_empty_c
 #[test]
 fn a_resumed_download_whose_new_generation_fails_is_an_upstream_abort() {
     let sandbox = Sandbox::new();
-    let (big, mut cluster) = warm_big_cluster(&sandbox, &["--park-after", PARK_AFTER]);
-    warm_up(&cluster, big);
-    let (mut connection, _head, _hasher, received) =
-        stall_until_parked(&cluster.proxy, cluster.primary.addr, BIG_PATH);
+    let (big, mut cluster, mut connection, received) = parked_on_a_warm_cluster(&sandbox);
     // Back on the same address without its cache, with a git that writes
     // the first 512 KiB of the archive and fails.
     let git = sandbox.write_stub(
@@ -1673,11 +1681,7 @@ fn a_checksum_of_a_generation_slower_than_the_header_timeout_is_answered() {
 #[test]
 fn a_parked_download_that_cannot_resume_is_aborted_not_ended() {
     let sandbox = Sandbox::new();
-    let (big, mut cluster) = warm_big_cluster(&sandbox, &["--park-after", PARK_AFTER]);
-    warm_up(&cluster, big);
-
-    let (mut connection, _head, _hasher, received) =
-        stall_until_parked(&cluster.proxy, cluster.primary.addr, BIG_PATH);
+    let (big, mut cluster, mut connection, received) = parked_on_a_warm_cluster(&sandbox);
     // No archiver left to give the rest.
     kill_hard(&mut cluster.primary);
     read_on_until_aborted(&mut connection, received, big);

@@ -442,6 +442,22 @@ fn a_generation_over_its_memory_limit_fails_and_is_not_cached() {
     assert_eq!(bounded.health_status(), Some(200));
 }
 
+/// The pid of `parent`'s child running `command` (a stub git), once it has
+/// started.
+fn started_child(parent: u32, command: &str) -> u32 {
+    let mut child = None;
+    assert!(
+        wait_until(WAIT, || {
+            child = child_processes(parent)
+                .into_iter()
+                .find(|process| process.command == command);
+            child.is_some()
+        }),
+        "the stub git never started"
+    );
+    child.expect("found").pid
+}
+
 /// A `git` child is bounded (`docs/archiver.md#bounded-child`): its CPU
 /// time by `--generation-timeout` (plus a second), its data by
 /// `--generation-memory-limit`, no core dump; and it dies with its
@@ -468,17 +484,7 @@ fn the_git_child_is_bounded_and_dies_with_a_killed_archiver() {
         .send_request("GET", "/acme/widget/archive/main.tar", &[])
         .unwrap();
     let archiver_pid = archiver.pid;
-    let mut child = None;
-    assert!(
-        wait_until(WAIT, || {
-            child = child_processes(archiver_pid)
-                .into_iter()
-                .find(|process| process.command == "sleep");
-            child.is_some()
-        }),
-        "the stub git never started"
-    );
-    let child = child.unwrap().pid;
+    let child = started_child(archiver_pid, "sleep");
     let limits = std::fs::read_to_string(format!("/proc/{child}/limits")).expect("the limits");
     let limit = |name: &str| {
         limits
@@ -531,17 +537,7 @@ fn the_git_child_starts_with_only_the_documented_environment() {
     waiting
         .send_request("GET", "/acme/widget/archive/main.tar", &[])
         .unwrap();
-    let mut child = None;
-    assert!(
-        wait_until(WAIT, || {
-            child = child_processes(archiver.pid)
-                .into_iter()
-                .find(|process| process.command == "env-git");
-            child.is_some()
-        }),
-        "the stub git never started"
-    );
-    let child = child.unwrap().pid;
+    let child = started_child(archiver.pid, "env-git");
     let environ = std::fs::read(format!("/proc/{child}/environ")).expect("the environment");
     let mut environment: Vec<String> = environ
         .split(|&byte| byte == 0)

@@ -669,23 +669,13 @@ mod tests {
     #[test]
     fn the_level_follows_the_fault_and_the_ending() {
         let level = |status: Option<StatusCode>, ending: Option<Ending>, fault: Option<Fault>| {
-            let capture = Capture::default();
-            let writer = {
-                let capture = capture.clone();
-                move || capture.clone()
-            };
-            let subscriber = tracing_subscriber::fmt()
-                .with_writer(writer)
-                .with_ansi(false)
-                .finish();
-            tracing::subscriber::with_default(subscriber, || {
+            let line = captured(LogFormat::Text, || {
                 let mut log =
                     RequestLog::new(Tier::Proxy, "id".into(), Method::GET, "/", |_, _| {});
                 log.status = status;
                 log.ending = ending;
                 log.fault = fault;
             });
-            let line = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
             // `{timestamp} {level} {target}: request …`
             line.split_whitespace()
                 .nth(1)
@@ -726,6 +716,12 @@ mod tests {
     /// What `tracing_subscriber`, set up as `init_tracing` sets it up,
     /// writes for `line`.
     fn through_tracing(line: &RequestLine, format: LogFormat) -> String {
+        captured(format, || line.emit(format))
+    }
+
+    /// What `tracing_subscriber`, set up as `init_tracing` sets it up for
+    /// `format`, writes while `run` runs.
+    fn captured(format: LogFormat, run: impl FnOnce()) -> String {
         let capture = Capture::default();
         let writer = {
             let capture = capture.clone();
@@ -735,13 +731,10 @@ mod tests {
             .with_writer(writer)
             .with_ansi(false);
         match format {
-            LogFormat::Text => {
-                tracing::subscriber::with_default(builder.finish(), || line.emit(format))
+            LogFormat::Text => tracing::subscriber::with_default(builder.finish(), run),
+            LogFormat::Json => {
+                tracing::subscriber::with_default(builder.json().flatten_event(true).finish(), run)
             }
-            LogFormat::Json => tracing::subscriber::with_default(
-                builder.json().flatten_event(true).finish(),
-                || line.emit(format),
-            ),
         }
         String::from_utf8(capture.0.lock().unwrap().clone()).unwrap()
     }
