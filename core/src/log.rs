@@ -874,4 +874,77 @@ mod tests {
         );
         assert_eq!(log.path.len(), MAX_LOGGED_PATH_CHARS);
     }
+
+    /// `docs/observability.md`'s request-log table names every field a
+    /// line has and no other, and its
+    /// `ending` and `fault` rows every value those fields take. (Docs
+    /// review: nothing held the table to the code.)
+    #[test]
+    fn the_request_log_table_is_every_field_of_a_line() {
+        let docs = include_str!("../../docs/observability.md");
+        let section = &docs[docs.find("\n## Request log\n").expect("the section")..];
+        let rows: Vec<(&str, &str)> = section
+            .lines()
+            .skip_while(|line| !line.starts_with("| field |"))
+            .skip(2)
+            .take_while(|line| line.starts_with("| `"))
+            .filter_map(|line| {
+                let (field, value) = line.trim_start_matches("| `").split_once("` | ")?;
+                Some((field, value))
+            })
+            .collect();
+        let line = captured(LogFormat::Json, || {
+            let mut log = RequestLog::new(Tier::Proxy, "id".into(), Method::GET, "/", |_, _| {});
+            log.status = Some(StatusCode::OK);
+        });
+        let object: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(line.trim()).expect("a JSON line");
+        let written: Vec<&str> = object
+            .keys()
+            .map(String::as_str)
+            .filter(|key| !matches!(*key, "timestamp" | "level" | "target" | "message"))
+            .collect();
+        let documented: Vec<&str> = rows.iter().map(|(field, _)| *field).collect();
+        let mut sorted_written = written.clone();
+        let mut sorted_documented = documented.clone();
+        sorted_written.sort_unstable();
+        sorted_documented.sort_unstable();
+        assert_eq!(
+            sorted_written, sorted_documented,
+            "fields written vs documented"
+        );
+        assert_eq!(object["message"], "request", "the message");
+        let row = |field: &str| rows.iter().find(|(name, _)| *name == field).unwrap().1;
+        for ending in [
+            Ending::Complete,
+            Ending::ClientGone,
+            Ending::IdleTimeout,
+            Ending::Aborted,
+            Ending::Shutdown,
+        ] {
+            let value = format!("`{}`", ending.as_str());
+            assert!(
+                row("ending").contains(&value),
+                "ending {value} is not documented"
+            );
+        }
+        for fault in [Fault::Client, Fault::Upstream, Fault::Internal] {
+            let value = format!("`{}`", fault.as_str());
+            assert!(
+                row("fault").contains(&value),
+                "fault {value} is not documented"
+            );
+        }
+        for tier in [Tier::Archiver, Tier::Proxy] {
+            let value = format!("`{}`", tier.as_str());
+            assert!(
+                row("tier").contains(&value),
+                "tier {value} is not documented"
+            );
+        }
+        assert!(
+            row("path").contains(&format!("cut at {MAX_LOGGED_PATH_CHARS} characters")),
+            "the path's bound"
+        );
+    }
 }
