@@ -7,8 +7,10 @@
 //! name is written once, here, and every family gets its `# HELP` line
 //! from [`register`]. Unlabelled series are created at start-up (counters at
 //! 0) so dashboards and alerts see them before the first event; labelled ones
-//! appear with their first event, except `upstream_ejected`, which is set to
-//! 0 for every upstream of a newly loaded routing table.
+//! appear with their first event, except `upstream_ejected` and
+//! `upstream_aborts_total`, set to 0 for every upstream of a newly loaded
+//! routing table, and `resumes_total` and `splices_total`, made at 0 for
+//! each outcome (`docs/observability.md#series-at-start-up`).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
