@@ -45,7 +45,7 @@ pub const TAR_WRITER_INFO: &str = "gitball_archiver_tar_writer_info";
 pub fn describe(cache_max_bytes: u64, budget_max_clients: usize) {
     describe_counter!(
         REQUESTS_TOTAL,
-        "Archive requests, by format, cache result (hit, miss, join, none) and status code (499: the client left before the answer)."
+        "Archive requests, by format, cache result (hit, miss, join, prewarm, none) and status code (499: the client left before the answer)."
     );
     describe_histogram!(
         REQUEST_DURATION,
@@ -54,7 +54,7 @@ pub fn describe(cache_max_bytes: u64, budget_max_clients: usize) {
     );
     describe_counter!(
         GENERATIONS_TOTAL,
-        "git archive generations finished, by format and outcome (ok, failed, timeout, too_large)."
+        "git archive generations finished, by format and outcome (ok, failed, timeout, too_large, refs_changed)."
     );
     describe_histogram!(
         GENERATION_DURATION,
@@ -82,7 +82,7 @@ pub fn describe(cache_max_bytes: u64, budget_max_clients: usize) {
     describe_gauge!(
         CACHE_HELD_BYTES,
         Unit::Bytes,
-        "Bytes of evicted files and failed generations' partial files still held open by readers (tmpfs space not yet freed)."
+        "Bytes of evicted files and failed generations' partial files still held open by readers or by the archiver's writer (tmpfs space not yet freed)."
     );
     describe_gauge!(
         CACHE_MAX_BYTES,
