@@ -70,3 +70,57 @@ pub mod code {
     pub const UNAVAILABLE: &str = "unavailable";
     pub const GATEWAY_TIMEOUT: &str = "gateway_timeout";
 }
+
+/// The rows of `docs/http.md`'s status codes table: (status, `error` code,
+/// tier), for the tiers' tests of their own errors.
+#[doc(hidden)]
+pub fn documented_statuses(http_md: &str) -> Vec<(u16, String, String)> {
+    let section = http_md
+        .split("\n## Status codes\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .unwrap_or_default();
+    section
+        .lines()
+        .filter_map(|line| {
+            let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
+            let status = cells.first()?.parse().ok()?;
+            let code = cells.get(1)?.trim_matches('`').to_owned();
+            Some((status, code, cells.get(2)?.to_string()))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `error` code of [`code`] has its row in `docs/http.md`'s status
+    /// codes table, and every row's code is one of them. (Docs review:
+    /// nothing held the table to the codes.)
+    #[test]
+    fn every_error_code_is_in_the_status_codes_table() {
+        let rows = documented_statuses(include_str!("../../docs/http.md"));
+        let source = include_str!("protocol.rs");
+        let module = &source[source.find("pub mod code {").expect("the code module")..];
+        let module = &module[..module.find("\n}\n").expect("its end")];
+        let codes: Vec<&str> = module
+            .lines()
+            .filter_map(|line| line.trim().strip_prefix("pub const "))
+            .filter_map(|line| line.split('"').nth(1))
+            .collect();
+        assert!(codes.contains(&code::GATEWAY_TIMEOUT), "{codes:?}");
+        for code in &codes {
+            assert!(
+                rows.iter().any(|(_, documented, _)| documented == code),
+                "{code} is not in docs/http.md's status codes"
+            );
+        }
+        for (status, documented, _) in &rows {
+            assert!(
+                codes.contains(&documented.as_str()),
+                "docs/http.md gives {status} {documented}, which is no code"
+            );
+        }
+    }
+}

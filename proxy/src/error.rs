@@ -148,6 +148,64 @@ impl IntoResponse for Error {
 mod tests {
     use super::*;
 
+    /// One of every error the proxy answers itself (the `match` fails to
+    /// compile when a variant is added, so it cannot be left out).
+    fn every_error() -> Vec<Error> {
+        let all = vec![
+            Error::Url(UrlError::NotAnArchiveUrl),
+            Error::Url(UrlError::BadName),
+            Error::Url(UrlError::BadFormat),
+            Error::Url(UrlError::BadRef("x")),
+            Error::Url(UrlError::BadSubtree("x")),
+            Error::Url(UrlError::BadEncoding),
+            Error::MethodNotAllowed,
+            Error::PostOnly,
+            Error::Unauthorized,
+            Error::RepositoryNotFound,
+            Error::BadGateway,
+            Error::Unavailable {
+                retry_after: Duration::from_secs(1),
+            },
+            Error::Overloaded,
+            Error::GatewayTimeout,
+            Error::internal("x"),
+        ];
+        for error in &all {
+            match error {
+                Error::Url(_)
+                | Error::MethodNotAllowed
+                | Error::PostOnly
+                | Error::Unauthorized
+                | Error::RepositoryNotFound
+                | Error::BadGateway
+                | Error::Unavailable { .. }
+                | Error::Overloaded
+                | Error::GatewayTimeout
+                | Error::Internal(_) => {}
+            }
+        }
+        all
+    }
+
+    /// Every error the proxy answers itself has its status and code in
+    /// `docs/http.md`'s status codes table, on a row for the proxy. (Docs
+    /// review: nothing held the table to the errors.)
+    #[test]
+    fn every_error_is_in_the_status_codes_table() {
+        let rows = gitball_core::protocol::documented_statuses(include_str!("../../docs/http.md"));
+        for error in every_error() {
+            let (status, code) = (error.status().as_u16(), error.code());
+            assert!(
+                rows.iter().any(|(documented, documented_code, tier)| {
+                    *documented == status
+                        && documented_code == code
+                        && matches!(tier.as_str(), "proxy" | "both" | "either")
+                }),
+                "{error:?}: {status} {code} has no proxy row in docs/http.md"
+            );
+        }
+    }
+
     #[test]
     fn every_error_says_whose_fault_it_is() {
         assert_eq!(Error::Url(UrlError::BadFormat).fault(), Fault::Client);
