@@ -560,6 +560,30 @@ impl TarWriter {
 mod tests {
     use super::*;
 
+    /// `docs/archiver.md` gives the canary's timeout and retry as these
+    /// constants.
+    /// (Docs review: a figure changed on one side only had nothing to
+    /// fail.)
+    #[test]
+    fn the_figures_docs_give_for_the_canary_are_these_constants() {
+        let docs: String = include_str!("../../docs/archiver.md")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        for figure in [
+            format!("within {} s; about 30 ms", TIMEOUT.as_secs()),
+            format!(
+                "the canary is tried again {} s after",
+                RETRY_FAILED.as_secs()
+            ),
+        ] {
+            assert!(
+                docs.contains(&figure),
+                "docs/archiver.md does not say {figure:?}"
+            );
+        }
+    }
+
     /// The git on this host (CI's) is the reference: its archives keep the
     /// ETags they always had. A host whose git fails this writes other
     /// bytes; `golden_hashes_pin_the_bytes_of_every_format` fails there too.

@@ -600,6 +600,34 @@ mod tests {
     use super::*;
     use std::io::Read;
 
+    /// `docs/archiver.md` gives the tar.gz queue, the writer's wait and the
+    /// compressing threads' nice value as these constants.
+    /// (Docs review: a figure changed on one side only had nothing to
+    /// fail.)
+    #[test]
+    fn the_figures_docs_give_for_compression_are_these_constants() {
+        let docs: String = include_str!("../../docs/archiver.md")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        for figure in [
+            format!(
+                "at most {MAX_QUEUED_BLOCKS} blocks ({} MiB of git's output)",
+                (MAX_QUEUED_BLOCKS * crate::generate::INPUT_CHUNK_BYTES) >> 20
+            ),
+            format!(
+                "waits for the oldest job at most {} ms",
+                PENDING_WAIT.as_millis()
+            ),
+            format!("runs {COMPRESSION_NICE} nice levels below"),
+        ] {
+            assert!(
+                docs.contains(&figure),
+                "docs/archiver.md does not say {figure:?}"
+            );
+        }
+    }
+
     /// Source-like text: words from a small vocabulary in a seeded order.
     fn sample(len: usize) -> Vec<u8> {
         const WORDS: [&str; 16] = [

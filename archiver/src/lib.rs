@@ -233,3 +233,41 @@ pub async fn run(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `docs/archiver.md` and `docs/http.md` give the write-stall timeout
+    /// and the generations' stop after the grace as these constants. (Docs
+    /// review: a figure changed on one side only had nothing to fail.)
+    #[test]
+    fn the_figures_docs_give_for_stalls_and_the_stop_are_these_constants() {
+        let squash = |text: &str| text.split_whitespace().collect::<Vec<_>>().join(" ");
+        let archiver = squash(include_str!("../../docs/archiver.md"));
+        let http = squash(include_str!("../../docs/http.md"));
+        let stall = WRITE_STALL_TIMEOUT.as_secs();
+        for (docs, name, figure) in [
+            (
+                &archiver,
+                "docs/archiver.md",
+                format!("a client that takes no bytes for {stall} s is cut"),
+            ),
+            (
+                &archiver,
+                "docs/archiver.md",
+                format!(
+                    "This last step is waited for at most {} s",
+                    GENERATION_STOP_DEADLINE.as_secs()
+                ),
+            ),
+            (
+                &http,
+                "docs/http.md",
+                format!("That happens after {stall} s on the archiver"),
+            ),
+        ] {
+            assert!(docs.contains(&figure), "{name} does not say {figure:?}");
+        }
+    }
+}

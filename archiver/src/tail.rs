@@ -682,6 +682,37 @@ mod tests {
     use std::pin::Pin;
     use std::sync::Mutex;
 
+    /// `docs/archiver.md`'s tailing readers give these block, shared-block and
+    /// pool sizes.
+    /// (Docs review: a figure changed on one side only had nothing to
+    /// fail.)
+    #[test]
+    fn the_figures_docs_give_for_readers_are_these_constants() {
+        let docs: String = include_str!("../../docs/archiver.md")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        for figure in [
+            format!(
+                "A body stream reads at most {} KiB at a time",
+                READ_CHUNK_BYTES >> 10
+            ),
+            format!(
+                "{} MiB of recent blocks are kept per process",
+                SHARED_BLOCKS_BYTES >> 20
+            ),
+            format!(
+                "at most {POOLED_BLOCKS} free buffers ({} MiB)",
+                (POOLED_BLOCKS * READ_CHUNK_BYTES) >> 20
+            ),
+        ] {
+            assert!(
+                docs.contains(&figure),
+                "docs/archiver.md does not say {figure:?}"
+            );
+        }
+    }
+
     use futures_util::{FutureExt, StreamExt};
     use gitball_core::log::{Finished, Tier};
     use http::Method;

@@ -117,6 +117,40 @@ pub fn warn_if_too_low(limit: NofileLimit, max_connections: usize, fds_per_conne
 mod tests {
     use super::*;
 
+    /// `docs/archiver.md` and `docs/proxy.md` give the default connection
+    /// cap as these constants. (Docs review: a figure changed on one side
+    /// only had nothing to fail.)
+    #[test]
+    fn the_figures_docs_give_for_the_default_cap_are_these_constants() {
+        let squash = |text: &str| text.split_whitespace().collect::<Vec<_>>().join(" ");
+        for (name, docs, per_connection) in [
+            (
+                "archiver.md",
+                squash(include_str!("../../docs/archiver.md")),
+                FDS_PER_CONNECTION_ARCHIVER,
+            ),
+            (
+                "proxy.md",
+                squash(include_str!("../../docs/proxy.md")),
+                FDS_PER_CONNECTION_PROXY,
+            ),
+        ] {
+            let figure = format!(
+                "`(RLIMIT_NOFILE − {RESERVED_FDS}) / {per_connection}`, at least {MIN_DEFAULT_MAX_CONNECTIONS}"
+            );
+            assert!(
+                docs.contains(&figure),
+                "docs/{name} does not say {figure:?}"
+            );
+        }
+        let proxy = squash(include_str!("../../docs/proxy.md"));
+        let figure = format!("`(RLIMIT_NOFILE − {RESERVED_FDS}) / {FDS_PER_CONNECTION_EMBEDDED}`");
+        assert!(
+            proxy.contains(&figure),
+            "docs/proxy.md does not say {figure:?}"
+        );
+    }
+
     #[test]
     fn default_cap_leaves_the_reserve_and_pays_per_connection() {
         assert_eq!(default_max_connections(20_000, 2), 9_872);

@@ -1220,6 +1220,122 @@ mod tests {
     use super::*;
     use axum::routing::get;
 
+    /// `docs/http.md` and `docs/archiver.md` give the accept loop's limits
+    /// as these constants. (Docs review: a figure changed on one side only
+    /// had nothing to fail.)
+    #[test]
+    fn the_figures_docs_give_for_the_accept_loop_are_these_constants() {
+        let squash = |text: &str| text.split_whitespace().collect::<Vec<_>>().join(" ");
+        let http = squash(include_str!("../../docs/http.md"));
+        let archiver = squash(include_str!("../../docs/archiver.md"));
+        let kib = |bytes: usize| format!("{} KiB", bytes >> 10);
+        let head = HEADER_READ_TIMEOUT.as_secs();
+        for (docs, name, figure) in [
+            (
+                &http,
+                "http.md",
+                format!("must arrive complete within {head} s"),
+            ),
+            (
+                &http,
+                "http.md",
+                format!(
+                    "over {} gets `414 uri_too_long`",
+                    kib(MAX_REQUEST_LINE_BYTES)
+                ),
+            ),
+            (
+                &http,
+                "http.md",
+                format!(
+                    "a head over {} gets `431 headers_too_large`",
+                    kib(MAX_HEAD_BYTES)
+                ),
+            ),
+            (
+                &http,
+                "http.md",
+                format!(
+                    "A head larger than hyper's {} buffer",
+                    kib(HEAD_BUFFER_BYTES)
+                ),
+            ),
+            (
+                &http,
+                "http.md",
+                format!("A head of more than {} lines", head_lines::WATCHED_LINES),
+            ),
+            (
+                &http,
+                "http.md",
+                format!(
+                    "up to {},{:03} header lines",
+                    MAX_HEADER_LINES / 1000,
+                    MAX_HEADER_LINES % 1000
+                ),
+            ),
+            (
+                &http,
+                "http.md",
+                format!("TCP keepalive ({} s)", TCP_KEEPALIVE.as_secs()),
+            ),
+            (
+                &http,
+                "http.md",
+                format!(
+                    "less than {} waits unsent",
+                    kib(SEND_QUEUE_LOW_WATER_BYTES as usize)
+                ),
+            ),
+            (
+                &http,
+                "http.md",
+                format!("under a cap of its own, {ADMIN_MAX_CONNECTIONS} connections"),
+            ),
+            (
+                &archiver,
+                "archiver.md",
+                format!(
+                    "the loop waits {} ms before the next try",
+                    ACCEPT_BACKOFF.as_millis()
+                ),
+            ),
+            (
+                &archiver,
+                "archiver.md",
+                format!(
+                    "logged at most once per {} s",
+                    ACCEPT_ERROR_LOG_INTERVAL.as_secs()
+                ),
+            ),
+            (
+                &archiver,
+                "archiver.md",
+                format!(
+                    "it is written within {} s, by at most {MAX_REJECTIONS_IN_FLIGHT} tasks at once",
+                    REJECT_TIMEOUT.as_secs()
+                ),
+            ),
+            (
+                &archiver,
+                "archiver.md",
+                format!("The listen backlog asked for is {LISTEN_BACKLOG}"),
+            ),
+            (
+                &archiver,
+                "archiver.md",
+                format!(
+                    "({ADMIN_MAX_CONNECTIONS} connections, and at most {ADMIN_REJECTIONS_IN_FLIGHT} refusals being written"
+                ),
+            ),
+        ] {
+            assert!(
+                docs.contains(&figure),
+                "docs/{name} does not say {figure:?}"
+            );
+        }
+    }
+
     const STALL: Duration = Duration::from_secs(300);
 
     #[test]

@@ -93,8 +93,8 @@ pub const UPSTREAM_READ_BUFFER_BYTES: usize = 64 * 1024;
 /// first probe, the interval between probes, and how many go unanswered
 /// before the connection is dropped. A download paused by a slow client
 /// still learns of a vanished archiver host.
-const TCP_KEEPALIVE: Duration = Duration::from_secs(15);
-const TCP_KEEPALIVE_RETRIES: u32 = 3;
+pub(crate) const TCP_KEEPALIVE: Duration = Duration::from_secs(15);
+pub(crate) const TCP_KEEPALIVE_RETRIES: u32 = 3;
 
 /// Sets the upstream connections' TCP keep-alive on `stream`.
 pub fn keep_alive(stream: &TcpStream) {

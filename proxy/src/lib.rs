@@ -479,6 +479,168 @@ async fn wait_healthy(base: &str) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
+    /// `docs/proxy.md`, `docs/internal-api.md` and `docs/architecture.md`
+    /// give the proxy's splices, windows, timeouts, pool, keepalive, token
+    /// bound and embedded mode as these constants. (Docs review: a figure
+    /// changed on one side only had nothing to fail.)
+    #[test]
+    fn the_figures_docs_give_for_the_proxy_are_these_constants() {
+        let squash = |text: &str| text.split_whitespace().collect::<Vec<_>>().join(" ");
+        let proxy = squash(include_str!("../../docs/proxy.md"));
+        let api = squash(include_str!("../../docs/internal-api.md"));
+        let architecture = squash(include_str!("../../docs/architecture.md"));
+        let kib = |bytes: usize| format!("{} KiB", bytes >> 10);
+        let widen = format!(
+            "took its first {} MiB within {} ms",
+            window::WIDEN_AFTER_BYTES >> 20,
+            window::WIDEN_WITHIN.as_millis()
+        );
+        let complete = forward::COMPLETE_ARCHIVE_TIMEOUT.as_secs();
+        let keepalive = forward::TCP_KEEPALIVE.as_secs();
+        let ordinals = [
+            "zeroth", "first", "second", "third", "fourth", "fifth", "sixth",
+        ];
+        for (docs, name, figure) in [
+            (
+                &proxy,
+                "proxy.md",
+                format!(
+                    "At most {} downloads are spliced at once",
+                    splice::MAX_SPLICED
+                ),
+            ),
+            (
+                &proxy,
+                "proxy.md",
+                format!("through a pipe of {}", kib(splice::PIPE_BYTES)),
+            ),
+            (
+                &proxy,
+                "proxy.md",
+                format!(
+                    "within {} s (or `--header-timeout`, if less",
+                    splice::PREPARE_TIMEOUT.as_secs()
+                ),
+            ),
+            (
+                &proxy,
+                "proxy.md",
+                format!(
+                    "At least {} MiB must be left",
+                    pipe::MIN_SPLICED_BYTES >> 20
+                ),
+            ),
+            (&proxy, "proxy.md", widen.clone()),
+            (&architecture, "architecture.md", widen),
+            (
+                &architecture,
+                "architecture.md",
+                format!(
+                    "every upstream connection opens with {}",
+                    kib(window::SMALL_RECV_BUFFER_BYTES)
+                ),
+            ),
+            (
+                &architecture,
+                "architecture.md",
+                format!(
+                    "raises its connection's `SO_RCVBUF` to {}",
+                    kib(window::WIDE_RECV_BUFFER_BYTES)
+                ),
+            ),
+            (
+                &proxy,
+                "proxy.md",
+                format!("waits up to {complete} s for its head"),
+            ),
+            (
+                &api,
+                "internal-api.md",
+                format!("may wait for the head up to {complete} s"),
+            ),
+            (
+                &api,
+                "internal-api.md",
+                format!(
+                    "idle connections are kept for {} s",
+                    forward::POOL_IDLE_TIMEOUT.as_secs()
+                ),
+            ),
+            (
+                &api,
+                "internal-api.md",
+                format!(
+                    "TCP keepalive ({keepalive} s idle, {keepalive} s interval, {} probes)",
+                    forward::TCP_KEEPALIVE_RETRIES
+                ),
+            ),
+            (
+                &api,
+                "internal-api.md",
+                format!(
+                    "reads into a fixed {} buffer",
+                    kib(forward::UPSTREAM_READ_BUFFER_BYTES)
+                ),
+            ),
+            (
+                &proxy,
+                "proxy.md",
+                format!(
+                    "one chunk (up to {})",
+                    kib(forward::UPSTREAM_READ_BUFFER_BYTES)
+                ),
+            ),
+            (
+                &api,
+                "internal-api.md",
+                format!(
+                    "read by the proxy up to {} within {} s",
+                    kib(prewarm::MAX_ANSWER_BYTES),
+                    prewarm::ANSWER_TIMEOUT.as_secs()
+                ),
+            ),
+            (
+                &proxy,
+                "proxy.md",
+                format!("over {} bytes, no `.`", sign::MAX_TOKEN_BYTES),
+            ),
+            (
+                &proxy,
+                "proxy.md",
+                format!(
+                    "ejected by the {} archive failed there in a row",
+                    ordinals[upstream::ARCHIVE_FAILURES_TO_EJECT as usize]
+                ),
+            ),
+            (
+                &proxy,
+                "proxy.md",
+                format!(
+                    "waits up to {} s for its `/healthz`",
+                    EMBEDDED_START_TIMEOUT.as_secs()
+                ),
+            ),
+            (
+                &proxy,
+                "proxy.md",
+                format!(
+                    "with a grace of {} s that it",
+                    EMBEDDED_GRACE_MARGIN.as_secs()
+                ),
+            ),
+            (
+                &proxy,
+                "proxy.md",
+                format!("the same cap plus {EMBEDDED_CONNECTIONS_HEADROOM}"),
+            ),
+        ] {
+            assert!(
+                docs.contains(&figure),
+                "docs/{name} does not say {figure:?}"
+            );
+        }
+    }
+
     /// A `Proxy` dropped without being served stops its embedded archiver:
     /// for an embedder of `Proxy::start`, it ran on for good on a token of
     /// its own (review).

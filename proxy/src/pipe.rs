@@ -170,7 +170,7 @@ pub struct Timers {
 
 /// A fast download is spliced only if at least this much of it is left:
 /// an upstream connection and a pipe are not worth less.
-const MIN_SPLICED_BYTES: u64 = 1 << 20;
+pub(crate) const MIN_SPLICED_BYTES: u64 = 1 << 20;
 
 /// `waiting_since_ms` when the pipe is not waiting for the client.
 const NOT_WAITING: u64 = u64::MAX;

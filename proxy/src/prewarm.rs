@@ -38,9 +38,9 @@ use crate::forward::{Forwarded, UpstreamRequest};
 use crate::http::{AppState, client_of, forwarded_headers};
 
 /// An archiver's prewarm answer is a few hundred bytes of JSON.
-const MAX_ANSWER_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_ANSWER_BYTES: usize = 64 * 1024;
 /// Time to read that answer once its head arrived.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Prewarm settings, from `--prewarm-token-file` and `--prewarm-formats`.
 #[derive(Clone)]

@@ -40,7 +40,7 @@ type HmacSha256 = Hmac<Sha256>;
 
 /// Longest token accepted: 20 digits, a dot and 43 base64 characters, with
 /// room to spare. Anything longer is rejected before any work is done.
-const MAX_TOKEN_BYTES: usize = 128;
+pub(crate) const MAX_TOKEN_BYTES: usize = 128;
 
 /// Why a token was refused (for the log; the client sees a plain `404`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]

@@ -105,7 +105,7 @@ pub static SLOTS: Slots = Slots::new(MAX_SPLICED);
 
 /// The most a splice's preparation may take (or `--header-timeout`, if
 /// less): a cached archive's range answers within milliseconds.
-const PREPARE_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const PREPARE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The most an upstream's response head may take.
 const MAX_HEAD_BYTES: usize = 16 * 1024;

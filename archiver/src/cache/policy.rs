@@ -361,6 +361,46 @@ impl Sketch {
 mod tests {
     use super::*;
 
+    /// `docs/archiver.md`'s cache policy gives the protected share and the
+    /// sketch's size as these constants. (Docs review: a figure changed on
+    /// one side only had nothing to fail.)
+    #[test]
+    fn the_figures_docs_give_for_the_policy_are_these_constants() {
+        let docs: String = include_str!("../../../docs/archiver.md")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        let thousands = |n: usize| {
+            let digits = n.to_string();
+            let mut out = String::new();
+            for (at, digit) in digits.chars().enumerate() {
+                if at > 0 && (digits.len() - at).is_multiple_of(3) {
+                    out.push(',');
+                }
+                out.push(digit);
+            }
+            out
+        };
+        for figure in [
+            format!("Protected holds at most {PROTECTED_PERCENT} %"),
+            format!(
+                "one counter per {} KiB of `--cache-max-bytes`",
+                SKETCH_BYTES_PER_COUNTER >> 10
+            ),
+            format!(
+                "({} to {} counters, {SKETCH_DEPTH} rows of one byte, at most {} MiB)",
+                thousands(SKETCH_WIDTH_MIN),
+                thousands(SKETCH_WIDTH_MAX),
+                (SKETCH_WIDTH_MAX * SKETCH_DEPTH) >> 20
+            ),
+        ] {
+            assert!(
+                docs.contains(&figure),
+                "docs/archiver.md does not say {figure:?}"
+            );
+        }
+    }
+
     const KIB: u64 = 1024;
 
     /// A request as the cache makes it: counted, and a hit if held.

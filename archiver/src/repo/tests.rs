@@ -1722,3 +1722,62 @@ fn repositories_are_shareable_between_threads() {
         assert_eq!(thread.join().unwrap().commit, fixture.c2);
     }
 }
+
+/// `docs/archiver.md` gives the repositories kept, the bounds on stamping
+/// refs, the racy window and the bounds on what a push decides (attributes,
+/// commit objects, alternates) as these constants. (Docs review: a figure
+/// changed on one side only had nothing to fail.)
+#[test]
+fn the_figures_docs_give_for_repositories_are_these_constants() {
+    let docs: String = include_str!("../../../docs/archiver.md")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let thousands = |n: usize| {
+        let digits = n.to_string();
+        let mut out = String::new();
+        for (at, digit) in digits.chars().enumerate() {
+            if at > 0 && (digits.len() - at).is_multiple_of(3) {
+                out.push(',');
+            }
+            out.push(digit);
+        }
+        out
+    };
+    let levels = ["zero", "one", "two", "three", "four", "five", "six"];
+    for figure in [
+        format!(
+            "Up to {} opened repositories are kept",
+            thousands(OPEN_REPOSITORIES.get())
+        ),
+        format!("Past {MAX_STAMPED_REF_FILES} loose refs only the directories are stamped"),
+        format!(
+            "Past {} directories under `refs/`",
+            thousands(MAX_STAMPED_REF_DIRS)
+        ),
+        format!("changed within the last {} s", stamp::RACY_WINDOW.as_secs()),
+        format!("bounded ({}k ids", CLEAN_TREE_IDS.get() >> 10),
+        format!(
+            "one over {} MiB is taken as mentioning",
+            MAX_ATTRIBUTES_BLOB_BYTES >> 20
+        ),
+        format!(
+            "one of {} MiB or more gives nothing",
+            GIT_MAX_ATTRIBUTES_BYTES >> 20
+        ),
+        format!(
+            "One request reads at most {} MiB of attributes",
+            ATTRIBUTES_BYTES_PER_WALK >> 20
+        ),
+        format!(
+            "more than {} MiB of commit and tag objects",
+            MAX_PEELED_OBJECT_BYTES >> 20
+        ),
+        format!("up to {} levels", levels[MAX_ALTERNATE_DEPTH]),
+    ] {
+        assert!(
+            docs.contains(&figure),
+            "docs/archiver.md does not say {figure:?}"
+        );
+    }
+}
