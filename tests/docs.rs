@@ -195,6 +195,10 @@ fn check_scrape(
     label_values: &[Vec<&str>],
 ) {
     for (family, labels) in exported(metrics) {
+        // "Every family has `# HELP` and `# TYPE` lines."
+        if !metrics.help.contains_key(&family) || !metrics.types.contains_key(&family) {
+            problems.push(format!("{what}: {family} lacks its # HELP or # TYPE line"));
+        }
         if family.starts_with("process_") {
             if !process.contains(&family) {
                 problems.push(format!("{what}: {family} is not in Process metrics"));
