@@ -964,6 +964,42 @@ mod tests {
     use super::*;
     use std::ffi::OsStr;
 
+    /// Every `outcome` a finished generation is counted with is in
+    /// `docs/observability.md`'s label values for `generations_total`; a
+    /// busy one is never counted there. (Docs review.)
+    #[test]
+    fn every_generation_outcome_is_documented() {
+        let docs = include_str!("../../docs/observability.md");
+        let row = docs
+            .lines()
+            .find(|line| line.starts_with("| `outcome` on `generations_total` |"))
+            .expect("the generations_total outcome row");
+        let finished = [
+            Failure::Failed,
+            Failure::Timeout,
+            Failure::TooLarge,
+            Failure::Cancelled,
+            Failure::RefsChanged,
+        ];
+        for outcome in std::iter::once("ok").chain(finished.map(Failure::outcome)) {
+            assert!(
+                row.contains(&format!("`{outcome}`")),
+                "generations_total{{outcome=\"{outcome}\"}} is not documented"
+            );
+        }
+        for failure in finished {
+            // Exhaustive: a new variant must be added above.
+            match failure {
+                Failure::Busy
+                | Failure::Failed
+                | Failure::Timeout
+                | Failure::TooLarge
+                | Failure::Cancelled
+                | Failure::RefsChanged => {}
+            }
+        }
+    }
+
     /// `docs/archiver.md` gives the wide git pipes and the stderr kept as
     /// these constants.
     /// (Docs review: a figure changed on one side only had nothing to

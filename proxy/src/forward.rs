@@ -696,6 +696,62 @@ mod tests {
     use super::*;
     use http::HeaderName;
 
+    /// Every `outcome` an attempt is counted with (and `client_gone`) is in
+    /// `docs/observability.md`'s label values for `upstream_attempts_total`
+    /// and has its row in `docs/proxy.md`'s failover table. (Docs review.)
+    #[test]
+    fn every_attempt_outcome_is_documented() {
+        let observability = include_str!("../../docs/observability.md");
+        let row = observability
+            .lines()
+            .find(|line| line.starts_with("| `outcome` on `upstream_attempts_total` |"))
+            .expect("the upstream_attempts_total outcome row");
+        let proxy = include_str!("../../docs/proxy.md");
+        let outcomes = [
+            Outcome::Ok,
+            Outcome::ConnectError,
+            Outcome::ConnectTimeout,
+            Outcome::HeaderTimeout,
+            Outcome::ServerError,
+            Outcome::Busy,
+            Outcome::ArchiveFailed,
+            Outcome::ReplicaNotFound,
+            Outcome::Unauthorized,
+            Outcome::Overloaded,
+            Outcome::Error,
+        ];
+        for outcome in outcomes {
+            // Exhaustive: a new variant must be added above.
+            match outcome {
+                Outcome::Ok
+                | Outcome::ConnectError
+                | Outcome::ConnectTimeout
+                | Outcome::HeaderTimeout
+                | Outcome::ServerError
+                | Outcome::Busy
+                | Outcome::ArchiveFailed
+                | Outcome::ReplicaNotFound
+                | Outcome::Unauthorized
+                | Outcome::Overloaded
+                | Outcome::Error => {}
+            }
+        }
+        for outcome in outcomes
+            .map(Outcome::as_str)
+            .into_iter()
+            .chain(["client_gone"])
+        {
+            assert!(
+                row.contains(&format!("`{outcome}`")),
+                "upstream_attempts_total{{outcome=\"{outcome}\"}} is not in docs/observability.md"
+            );
+            assert!(
+                proxy.contains(&format!("\n| `{outcome}` |")),
+                "{outcome} has no row in docs/proxy.md's failover table"
+            );
+        }
+    }
+
     #[test]
     fn response_header_allowlist() {
         for passed in [
