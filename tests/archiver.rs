@@ -4045,3 +4045,77 @@ fn full_generation_queue_answers_503_with_retry_after() {
     );
     assert_eq!(archiver.health_status(), Some(200));
 }
+
+/// Start-up fails with a message naming the flag, as docs/archiver.md's
+/// flags section says: `--repos` that is no directory, a `--token-file`
+/// that cannot be read or is empty, a `--cache-dir` that cannot be made,
+/// and no `git` on `PATH` without `--git`. (Docs review: the cache dir's
+/// and git's messages named no flag, so an operator of the env files
+/// could not tell which setting was wrong.)
+#[test]
+fn start_up_failures_name_the_flag() {
+    let sandbox = Sandbox::new();
+    sandbox.repo("acme", "widget");
+    let repos = sandbox.repos();
+    let cache = sandbox.path("cache");
+    let not_a_dir = sandbox.path("a-file");
+    std::fs::write(&not_a_dir, "not a directory\n").expect("write a file");
+    let empty = sandbox.path("empty.token");
+    std::fs::write(&empty, "\n").expect("write an empty token");
+    let refused = |repos: &Path, cache: &Path, args: &[&std::ffi::OsStr]| {
+        gitball_e2e::start_refused("gitball-archiver", repos, cache, args)
+    };
+    let cases = [
+        ("--repos", refused(&sandbox.path("missing"), &cache, &[])),
+        (
+            "--token-file",
+            refused(
+                &repos,
+                &cache,
+                &["--token-file".as_ref(), empty.as_os_str()],
+            ),
+        ),
+        (
+            "--token-file",
+            refused(
+                &repos,
+                &cache,
+                &[
+                    "--token-file".as_ref(),
+                    sandbox.path("missing.token").as_os_str(),
+                ],
+            ),
+        ),
+        (
+            "--cache-dir",
+            refused(&repos, &not_a_dir.join("cache"), &[]),
+        ),
+    ];
+    for (flag, stderr) in cases {
+        assert!(stderr.contains(flag), "no {flag} in: {stderr}");
+    }
+    // No git on PATH, and no --git.
+    let mut child = std::process::Command::new(gitball_e2e::binary_path("gitball-archiver"))
+        .args(["--listen", "127.0.0.1:0", "--repos"])
+        .arg(&repos)
+        .arg("--cache-dir")
+        .arg(&cache)
+        .env("PATH", sandbox.path("no-programs-here"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the archiver");
+    let exited = wait_until(Duration::from_secs(10), || {
+        child.try_wait().expect("wait").is_some()
+    });
+    if !exited {
+        child.kill().expect("kill");
+    }
+    let output = child.wait_with_output().expect("its stderr");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        exited && !output.status.success(),
+        "started without git: {stderr}"
+    );
+    assert!(stderr.contains("--git"), "no --git in: {stderr}");
+}

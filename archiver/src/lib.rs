@@ -81,7 +81,8 @@ pub async fn run(
         .with_context(|| format!("cannot open --repos {}", repos.display()))?;
     let git = match &options.git {
         Some(git) => generate::find_program(git).context("--git")?,
-        None => generate::find_git().context("gitball-archiver runs `git archive`")?,
+        None => generate::find_git()
+            .context("no --git given, and gitball-archiver runs `git archive`")?,
     };
     let token = match &options.token_file {
         Some(path) => Some(gitball_core::secret::read_secret(path, "--token-file")?),
@@ -147,12 +148,7 @@ pub async fn run(
     };
     let cache = opened
         .context("opening the cache dir panicked")?
-        .with_context(|| {
-            format!(
-                "cannot open the cache dir {}",
-                options.cache_dir().display()
-            )
-        })?;
+        .with_context(|| format!("cannot open --cache-dir {}", options.cache_dir().display()))?;
 
     // The canary is made in the cache dir: a full one makes room for it as
     // for a generation (attack: the start failed on a full tmpfs).
