@@ -87,7 +87,9 @@ fn both_tiers_log_the_same_fields_joined_by_request_id() {
     assert_eq!(proxy_line["attempts"], "1");
     assert_eq!(archiver_line["upstream"], "-");
 
-    // An error: both tiers say whose fault it is, with the code.
+    // An error: both tiers say whose fault it is; the archiver, which
+    // answered it, gives the code, and the proxy, which passed it on, none
+    // (docs/observability.md, the `error` field).
     let proxy_error = find(&lines, "proxy", "join-me-2");
     let archiver_error = find(&lines, "archiver", "join-me-2");
     assert_eq!(archiver_error["status"], 404);
@@ -99,6 +101,7 @@ fn both_tiers_log_the_same_fields_joined_by_request_id() {
     // attack; it said `-`), and a JSON body a tier wrote is counted in
     // `bytes` like an archive's (it said 0).
     assert_eq!(proxy_error["fault"], "client", "{proxy_error}");
+    assert_eq!(proxy_error["error"], "", "{proxy_error}");
     let length = missing.body.len() as u64;
     assert_eq!(archiver_error["bytes"], length, "{archiver_error}");
     assert_eq!(proxy_error["bytes"], length, "{proxy_error}");
