@@ -575,8 +575,10 @@ fn links_and_cited_tests_and_files_resolve_within_the_repository() {
             // A test or function cited by name (`module::tests::name` or
             // `name`): snake case with at least three underscores, not a
             // metric family.
-            let last = word.rsplit("::").next().unwrap_or(word);
-            let is_name = word
+            // `overload.rs::name` cites a test by its file too.
+            let cited = word.split_once(".rs::").map_or(word, |(_, name)| name);
+            let last = cited.rsplit("::").next().unwrap_or(cited);
+            let is_name = cited
                 .chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == ':')
                 && last.matches('_').count() >= 3
