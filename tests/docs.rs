@@ -499,7 +499,7 @@ fn link_targets(markdown: &str) -> Vec<String> {
         .collect()
 }
 
-/// Every function name in the workspace's Rust sources.
+/// Every function and constant name in the workspace's Rust sources.
 fn function_names() -> BTreeSet<String> {
     let root = repo_root();
     let mut names = BTreeSet::new();
@@ -514,12 +514,14 @@ fn function_names() -> BTreeSet<String> {
                 stack.push(path);
             } else if path.extension().is_some_and(|ext| ext == "rs") {
                 let text = std::fs::read_to_string(&path).expect("read a source file");
-                for (at, _) in text.match_indices("fn ") {
-                    let name: String = text[at + 3..]
-                        .chars()
-                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                        .collect();
-                    names.insert(name);
+                for keyword in ["fn ", "const "] {
+                    for (at, _) in text.match_indices(keyword) {
+                        let name: String = text[at + keyword.len()..]
+                            .chars()
+                            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                            .collect();
+                        names.insert(name);
+                    }
                 }
             }
         }
@@ -588,6 +590,15 @@ fn links_and_cited_tests_and_files_resolve_within_the_repository() {
                 && !last.ends_with("_total");
             if is_name && !functions.contains(last) && !is_kernel_symbol(last) {
                 problems.push(format!("{name}: cites `{word}`, which no function is"));
+            }
+            // A constant cited by its module (`generate::MAX_WIDE_GIT_PIPES`).
+            let is_constant = word.contains("::")
+                && last.len() > 1
+                && last
+                    .chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+            if is_constant && !functions.contains(last) {
+                problems.push(format!("{name}: cites `{word}`, which no constant is"));
             }
             // A source file of the repository, by its path.
             let is_path = word.contains('/')
