@@ -696,6 +696,72 @@ mod tests {
     use super::*;
     use http::HeaderName;
 
+    /// `docs/internal-api.md`'s tables are the allowlists: every header of
+    /// "Response headers" passes and those it says stay behind do not, and
+    /// the request headers it says come from the client are
+    /// `FORWARDED_REQUEST_HEADERS`. (Docs review: nothing held the tables
+    /// to the code.)
+    #[test]
+    fn the_internal_api_tables_are_the_allowlists() {
+        let docs = include_str!("../../docs/internal-api.md");
+        let section = |heading: &str| {
+            let start = docs.find(heading).expect("the section");
+            let rest = &docs[start + heading.len()..];
+            &rest[..rest.find("\n## ").unwrap_or(rest.len())]
+        };
+        let backticked = |text: &str| -> Vec<String> {
+            text.split('`')
+                .skip(1)
+                .step_by(2)
+                .map(str::to_owned)
+                .collect()
+        };
+        let responses = section("\n## Response headers\n");
+        let table: String = responses
+            .lines()
+            .skip_while(|line| !line.starts_with("| passed to the client |"))
+            .skip(2)
+            .take_while(|line| line.starts_with('|'))
+            .collect();
+        let passed = backticked(&table);
+        assert!(passed.len() >= 10, "{passed:?}");
+        for name in &passed {
+            let name = name.replace('*', "anything").to_ascii_lowercase();
+            assert!(
+                is_passed_through(&HeaderName::from_bytes(name.as_bytes()).unwrap()),
+                "{name} is documented as passed to the client"
+            );
+        }
+        let behind = responses[responses.find("Everything else stays behind").unwrap()..]
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        // The first two sentences: what stays behind, before the framing
+        // rules that follow.
+        let behind = &behind[..behind.find("(set by the proxy itself)").unwrap()];
+        for name in backticked(behind) {
+            let name = name.to_ascii_lowercase();
+            if let Ok(header) = HeaderName::from_bytes(name.as_bytes()) {
+                assert!(
+                    !is_passed_through(&header),
+                    "{name} is documented as kept behind"
+                );
+            }
+        }
+        let requests = section("\n## Forwarded request headers\n");
+        let from_client: Vec<String> = requests
+            .lines()
+            .filter(|line| line.contains("| the client's, every value as sent |"))
+            .flat_map(|line| backticked(line).into_iter().take(1))
+            .map(|name| name.to_ascii_lowercase())
+            .collect();
+        let forwarded: Vec<String> = FORWARDED_REQUEST_HEADERS
+            .iter()
+            .map(|name| name.as_str().to_owned())
+            .collect();
+        assert_eq!(from_client, forwarded, "the client's headers forwarded");
+    }
+
     /// Every `outcome` an attempt is counted with (and `client_gone`) is in
     /// `docs/observability.md`'s label values for `upstream_attempts_total`
     /// and has its row in `docs/proxy.md`'s failover table. (Docs review.)
