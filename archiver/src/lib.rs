@@ -242,8 +242,20 @@ mod tests {
         let squash = |text: &str| text.split_whitespace().collect::<Vec<_>>().join(" ");
         let archiver = squash(include_str!("../../docs/archiver.md"));
         let http = squash(include_str!("../../docs/http.md"));
+        let readme = squash(include_str!("../../README.md"));
+        let architecture = squash(include_str!("../../docs/architecture.md"));
         let stall = WRITE_STALL_TIMEOUT.as_secs();
         for (docs, name, figure) in [
+            (
+                &readme,
+                "README.md",
+                format!("no progress for {stall} s is closed"),
+            ),
+            (
+                &architecture,
+                "docs/architecture.md",
+                format!("with a {stall} s write-stall guard"),
+            ),
             (
                 &archiver,
                 "docs/archiver.md",

@@ -688,6 +688,15 @@ mod tests {
     /// fail.)
     #[test]
     fn the_figures_docs_give_for_readers_are_these_constants() {
+        let readme = include_str!("../../README.md")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        let figure = format!("at most one {} KiB block", READ_CHUNK_BYTES >> 10);
+        assert!(
+            readme.contains(&figure),
+            "README.md does not say {figure:?}"
+        );
         let docs: String = include_str!("../../docs/archiver.md")
             .split_whitespace()
             .collect::<Vec<_>>()

@@ -1229,8 +1229,32 @@ mod tests {
         let http = squash(include_str!("../../docs/http.md"));
         let archiver = squash(include_str!("../../docs/archiver.md"));
         let kib = |bytes: usize| format!("{} KiB", bytes >> 10);
+        let security = squash(include_str!("../../docs/security.md"));
+        let readme = squash(include_str!("../../README.md"));
+        let architecture = squash(include_str!("../../docs/architecture.md"));
         let head = HEADER_READ_TIMEOUT.as_secs();
+        let (line, whole) = (kib(MAX_REQUEST_LINE_BYTES), kib(MAX_HEAD_BYTES));
         for (docs, name, figure) in [
+            (
+                &security,
+                "security.md",
+                format!("bounded in time ({head} s) and size ({line} line, {whole} head)"),
+            ),
+            (
+                &readme,
+                "../README.md",
+                format!("oversized request line ({line}) or head ({whole})"),
+            ),
+            (
+                &readme,
+                "../README.md",
+                format!("a request head must arrive within {head} s"),
+            ),
+            (
+                &architecture,
+                "architecture.md",
+                format!("the {head} s head timeout"),
+            ),
             (
                 &http,
                 "http.md",
