@@ -347,4 +347,68 @@ mod tests {
         );
         assert_eq!(config.options.max_connections, None);
     }
+
+    /// Values a row's meaning says a flag takes or refuses: (value,
+    /// accepted) for "at least 1", "more than 0", "N to M" and "`0`: …".
+    pub(crate) fn documented_bounds(meaning: &str) -> Vec<(String, bool)> {
+        let mut cases = Vec::new();
+        if meaning.contains("at least 1") {
+            cases.extend([("0".to_owned(), false), ("1".to_owned(), true)]);
+        }
+        if meaning.contains("more than 0") {
+            cases.extend([("0".to_owned(), false), ("0.5".to_owned(), true)]);
+        }
+        if meaning.contains("`0`:") || meaning.contains("`0` turns") {
+            cases.push(("0".to_owned(), true));
+        }
+        let words: Vec<&str> = meaning.split_whitespace().collect();
+        for window in words.windows(3) {
+            let [low, "to", high] = window else { continue };
+            let high = high.trim_end_matches(['.', ',']);
+            if let (Ok(low), Ok(high)) = (low.parse::<i64>(), high.parse::<i64>()) {
+                cases.extend([
+                    ((low - 1).to_string(), false),
+                    (low.to_string(), true),
+                    (high.to_string(), true),
+                    ((high + 1).to_string(), false),
+                ]);
+            }
+        }
+        cases
+    }
+
+    /// What docs/archiver.md's flags table says a flag accepts or refuses
+    /// ("at least 1", "more than 0", "0 to 9", "`0`: no limit") is what the
+    /// command line does. (Docs review: nothing held these to clap.)
+    #[test]
+    fn every_documented_bound_of_a_flag_holds() {
+        let mut problems = Vec::new();
+        let mut checked = 0;
+        for (name, cells) in documented_flags(include_str!("../../docs/archiver.md")) {
+            for (value, accepted) in documented_bounds(&cells[3].to_lowercase()) {
+                checked += 1;
+                let flag = format!("--{name}");
+                let parsed = Config::try_parse_from([
+                    "gitball-archiver",
+                    "--repos",
+                    "/srv/git",
+                    flag.as_str(),
+                    value.as_str(),
+                ]);
+                if parsed.is_ok() != accepted {
+                    problems.push(format!(
+                        "{flag} {value}: {} where docs/archiver.md says {}",
+                        if parsed.is_ok() {
+                            "accepted"
+                        } else {
+                            "refused"
+                        },
+                        if accepted { "accepted" } else { "refused" }
+                    ));
+                }
+            }
+        }
+        assert!(checked >= 16, "only {checked} bounds found");
+        assert!(problems.is_empty(), "{problems:#?}");
+    }
 }

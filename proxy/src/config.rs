@@ -420,4 +420,52 @@ mod tests {
         .unwrap();
         assert_eq!(config.client_idle_timeout, Duration::from_millis(500));
     }
+
+    /// What docs/proxy.md's flags tables say a flag accepts or refuses
+    /// ("more than 0", "`0`: never", "Must be positive") is what the
+    /// command line does. (Docs review: nothing held these to clap.)
+    #[test]
+    fn every_documented_bound_of_a_flag_holds() {
+        let proxy_md = include_str!("../../docs/proxy.md");
+        let mut problems = Vec::new();
+        let mut checked = 0;
+        let mut check = |args: &[&str], flag: &str, value: &str, accepted: bool| {
+            checked += 1;
+            let mut line: Vec<&str> = args.to_vec();
+            line.extend([flag, value]);
+            if Cli::try_parse_from(&line).is_ok() != accepted {
+                problems.push(format!(
+                    "{flag} {value}: docs/proxy.md says {}",
+                    if accepted { "accepted" } else { "refused" }
+                ));
+            }
+        };
+        for (name, cells) in documented_flags(section(proxy_md, "## Flags")) {
+            let flag = format!("--{name}");
+            let meaning = cells[3].to_lowercase();
+            if meaning.contains("more than 0") {
+                check(&["gitball-proxy", "--routes", "r.toml"], &flag, "0", false);
+                check(&["gitball-proxy", "--routes", "r.toml"], &flag, "0.5", true);
+            }
+            if meaning.contains("`0`:") {
+                check(&["gitball-proxy", "--routes", "r.toml"], &flag, "0", true);
+            }
+        }
+        let sign = [
+            "gitball-proxy",
+            "sign",
+            "--key-file",
+            "k",
+            "--repo",
+            "acme/widget",
+        ];
+        for (name, cells) in documented_flags(section(proxy_md, "## The sign subcommand")) {
+            if cells[3].contains("Must be positive") {
+                check(&sign, &format!("--{name}"), "0", false);
+                check(&sign, &format!("--{name}"), "1", true);
+            }
+        }
+        assert!(checked >= 9, "only {checked} bounds found");
+        assert!(problems.is_empty(), "{problems:#?}");
+    }
 }
