@@ -530,8 +530,9 @@ fn function_names() -> BTreeSet<String> {
 }
 
 /// Links between the documents lead to files in the repository and to
-/// headings that exist; the tests and source files they cite exist; and
-/// they send no reader outside the repository. (Docs review: a renamed
+/// headings that exist; the tests and source files they cite exist; they
+/// send no reader outside the repository; and docs/README.md links every
+/// document of docs/. (Docs review: a renamed
 /// heading or test left its citations dangling with nothing to notice.)
 #[test]
 fn links_and_cited_tests_and_files_resolve_within_the_repository() {
@@ -628,6 +629,17 @@ fn links_and_cited_tests_and_files_resolve_within_the_repository() {
                     "{name}: refers to {outside}, outside the repository"
                 ));
             }
+        }
+    }
+    // The index names every document of the contract.
+    let index = read("docs/README.md");
+    for entry in std::fs::read_dir(root.join("docs"))
+        .expect("docs/")
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".md") && name != "README.md" && !index.contains(&format!("]({name})")) {
+            problems.push(format!("docs/README.md does not link {name}"));
         }
     }
     assert!(problems.is_empty(), "{problems:#?}");
