@@ -84,6 +84,24 @@ const SUBSTITUTION_ANSWERS: NonZeroUsize = match NonZeroUsize::new(4096) {
     None => unreachable!(),
 };
 
+/// How many objects' peeled commits a repository keeps
+/// (`Repository::resolve_known`): about 100 bytes each.
+const PEELED_OBJECTS: NonZeroUsize = match NonZeroUsize::new(1024) {
+    Some(count) => count,
+    None => unreachable!(),
+};
+
+/// The most one read of an object may allocate, however the object is
+/// stored (gix's `gitoxide.objects.allocLimit`): room for a commit within
+/// `MAX_PEELED_OBJECT_BYTES` (16 MiB) rebuilt from a delta, which takes
+/// its base, its result and the delta at once. A small commit stored as a
+/// delta of a 1 GB object (a few KiB in a pushed pack) had each request
+/// for it inflate the base: 4 GB of memory, 20 s of a serving thread
+/// (attack). Set here, so a repository's own config cannot raise it, and
+/// the same whoever owns the repository (gix sets 16 MiB by default only
+/// for a repository another user owns).
+const MAX_OBJECT_READ_BYTES: u64 = 64 * 1024 * 1024;
+
 /// How many resolved refs a repository remembers (`Repository::resolve`).
 const REMEMBERED_REFS: NonZeroUsize = match NonZeroUsize::new(256) {
     Some(count) => count,
@@ -340,7 +358,10 @@ fn is_repository(dir: &Path) -> bool {
 /// reachability, the refs) must be what git archives.
 fn open_isolated(path: &Path) -> gix::Result<gix::ThreadSafeRepository> {
     gix::open::Options::isolated()
-        .config_overrides(["core.useReplaceRefs=false"])
+        .config_overrides([
+            "core.useReplaceRefs=false".to_owned(),
+            format!("gitoxide.objects.allocLimit={MAX_OBJECT_READ_BYTES}"),
+        ])
         .open(path)
 }
 
@@ -409,6 +430,8 @@ fn open_candidate(path: &Path, confine_to: Option<&Path>) -> Result<Option<Repos
         repo,
         reachable: Mutex::new(None),
         substitutes: Mutex::new(LruCache::new(SUBSTITUTION_ANSWERS)),
+        peeled: Mutex::new(LruCache::new(PEELED_OBJECTS)),
+        peeling: Mutex::new(()),
         refs: Mutex::new(LruCache::new(REMEMBERED_REFS)),
         digest: Mutex::new(None),
         listing: Mutex::new(()),
@@ -473,6 +496,13 @@ pub struct Repository {
     /// Commit → whether its tree asks for `export-subst` (trees never
     /// change, so the answer is kept).
     substitutes: Mutex<LruCache<ObjectId, bool>>,
+    /// Object id → the commit it peels to and the commit's committer time
+    /// (an id names its content: the answer never changes).
+    peeled: Mutex<LruCache<ObjectId, (ObjectId, i64)>>,
+    /// Held while an object not yet peeled is read, so that requests for
+    /// it that arrive together read it once (its cost is a push's to
+    /// decide: a delta chain through large objects).
+    peeling: Mutex<()>,
     /// User's ref (as in the URL) → what it resolved to, while the files
     /// the answer came from are unchanged.
     refs: Mutex<LruCache<String, RememberedRef>>,
@@ -502,6 +532,24 @@ pub struct Repository {
     /// `--repos`, which everything the repository leads to must stay under
     /// (`layout_inside`); `None` for a repository the operator named alone.
     confined_to: Option<PathBuf>,
+}
+
+/// What [`Repository::find`] found: the answer, or an object to peel.
+#[derive(Debug)]
+pub enum RefLookup {
+    Known(Resolved),
+    Found(Found),
+}
+
+/// An object a ref names, not yet read ([`Repository::peel_found`]).
+#[derive(Debug)]
+pub struct Found {
+    /// The user's ref, as in the URL.
+    reference: String,
+    target: ObjectId,
+    kind: RefKind,
+    /// The files the answer came from, for a name.
+    stamps: Option<Stamps>,
 }
 
 /// What a ref resolved to.
@@ -542,17 +590,60 @@ impl Repository {
             && self.alternates.unchanged()
     }
 
+    fn known_peeled(&self, id: &ObjectId) -> Option<(ObjectId, i64)> {
+        self.peeled
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .copied()
+    }
+
+    /// [`peel_to_commit`], read once per object: requests for an object
+    /// being read wait for that read and take its answer.
+    fn peel(&self, repo: &gix::Repository, id: ObjectId) -> Result<(ObjectId, i64), Error> {
+        if let Some(peeled) = self.known_peeled(&id) {
+            return Ok(peeled);
+        }
+        let _peeling = self.peeling.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(peeled) = self.known_peeled(&id) {
+            return Ok(peeled);
+        }
+        let peeled = peel_to_commit(repo, id)?;
+        self.peeled
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .put(id, peeled);
+        Ok(peeled)
+    }
+
     /// Resolves a user's ref (already validated by `url::validate_ref`) to a
     /// commit, in `git rev-parse` order, spawning no process.
     ///
     /// A ref name's answer is remembered while the files it came from keep
     /// their stamps (see the module docs): a hit costs one `statx` per file.
+    /// The server calls its two halves apart ([`Repository::find`] on a
+    /// serving thread, [`Repository::peel_found`] off it); the tests call it
+    /// whole.
+    #[cfg(test)]
     pub fn resolve(&self, reference: &str) -> Result<Resolved, Error> {
+        match self.find(reference)? {
+            RefLookup::Known(resolved) => Ok(resolved),
+            RefLookup::Found(found) => self.peel_found(found),
+        }
+    }
+
+    /// [`Repository::resolve`]'s first half, which reads refs but no
+    /// object: the object the ref names, or the whole answer when the name
+    /// is remembered or that object was peeled before. A [`Found`] object
+    /// is then peeled by [`Repository::peel_found`], off the serving
+    /// threads: it may be a delta at the end of a chain through large
+    /// objects, whose cost a push decides (attack).
+    pub fn find(&self, reference: &str) -> Result<RefLookup, Error> {
         if parse_full_hex(reference).is_none() {
             let remembered = self.remembered_refs().get(reference).cloned();
             if let Some(remembered) = remembered {
                 if remembered.stamps.unchanged() {
-                    return Ok(remembered.resolved);
+                    return Ok(RefLookup::Known(remembered.resolved));
                 }
                 self.remembered_refs().pop(reference);
             }
@@ -600,24 +691,46 @@ impl Repository {
                 },
             }
         };
-        let (commit, committer_time) = peel_to_commit(&repo, target)?;
+        let found = Found {
+            reference: reference.to_owned(),
+            target,
+            kind,
+            stamps,
+        };
+        Ok(match self.known_peeled(&target) {
+            Some(peeled) => RefLookup::Known(self.resolved(found, peeled)),
+            None => RefLookup::Found(found),
+        })
+    }
+
+    /// [`Repository::resolve`]'s second half: reads the object
+    /// [`Repository::find`] found (once per object) and peels it to a
+    /// commit.
+    pub fn peel_found(&self, found: Found) -> Result<Resolved, Error> {
+        let peeled = self.peel(&self.repo.to_thread_local(), found.target)?;
+        Ok(self.resolved(found, peeled))
+    }
+
+    /// The answer for `found`, which peels to `peeled`; remembered by name
+    /// when its files are settled.
+    fn resolved(&self, found: Found, (commit, committer_time): (ObjectId, i64)) -> Resolved {
         let resolved = Resolved {
             commit: commit.to_hex().to_string(),
-            kind,
+            kind: found.kind,
             committer_time,
         };
-        if let Some(stamps) = stamps
+        if let Some(stamps) = found.stamps
             && stamps.settled(self.racy_window)
         {
             self.remembered_refs().put(
-                reference.to_owned(),
+                found.reference,
                 RememberedRef {
                     stamps,
                     resolved: resolved.clone(),
                 },
             );
         }
-        Ok(resolved)
+        resolved
     }
 
     fn remembered_refs(&self) -> std::sync::MutexGuard<'_, LruCache<String, RememberedRef>> {

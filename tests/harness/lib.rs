@@ -18,6 +18,8 @@
 //! - [`archives`]: tar and zip listings, decompression through the system's
 //!   tools, streamed comparison with `git archive`.
 //! - [`encoding`]: SHA-256 hex, base64 and HTTP dates, to check headers.
+//! - [`packs`]: packs written by hand, as a push may send them (delta
+//!   chains git's own packing never makes).
 //! - [`fixtures`]: directories the tests of one binary share (built
 //!   repositories, warm cache dirs); never services.
 //! - [`netns`]: hosts in network namespaces, processes in them, tmpfs
@@ -31,6 +33,7 @@ pub mod fixtures;
 pub mod git;
 pub mod metrics;
 pub mod netns;
+pub mod packs;
 pub mod procfs;
 pub mod proxy;
 pub mod raw_http;
@@ -41,6 +44,7 @@ pub use encoding::*;
 pub use fixtures::*;
 pub use git::*;
 pub use metrics::*;
+pub use packs::*;
 pub use procfs::*;
 pub use raw_http::*;
 pub use service::*;

@@ -272,6 +272,50 @@ pub fn thread_nice_values(pid: u32) -> Vec<ThreadNice> {
         .collect()
 }
 
+/// CPU time (user and system, in clock ticks of 10 ms) that the threads of
+/// `pid` named `name` (as `/proc` shows it: 15 bytes at most) have used,
+/// its main thread left out.
+pub fn thread_cpu_ticks(pid: u32, name: &str) -> u64 {
+    let Ok(entries) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let tid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = fs::read_to_string(entry.path().join("stat")).ok()?;
+            let (comm, mut rest) = split_stat(&stat)?;
+            if tid == pid || comm != name {
+                return None;
+            }
+            // utime and stime, fields 14 and 15 (state is field 3).
+            let user: u64 = rest.nth(11)?.parse().ok()?;
+            let system: u64 = rest.next()?.parse().ok()?;
+            Some(user + system)
+        })
+        .sum()
+}
+
+/// CPU time (user and system, in clock ticks of 10 ms) that process `pid`
+/// has used, all its threads together.
+pub fn process_cpu_ticks(pid: u32) -> u64 {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    let Some((_, mut rest)) = split_stat(&stat) else {
+        return 0;
+    };
+    let user: u64 = rest
+        .nth(11)
+        .and_then(|field| field.parse().ok())
+        .unwrap_or(0);
+    let system: u64 = rest
+        .next()
+        .and_then(|field| field.parse().ok())
+        .unwrap_or(0);
+    user + system
+}
+
 /// The nice value of process `pid` (its main thread).
 pub fn process_nice(pid: u32) -> Option<i32> {
     thread_nice_values(pid)
