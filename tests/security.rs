@@ -160,6 +160,27 @@ fn repository_config_cannot_make_generation_run_commands() {
     }
 }
 
+/// A repository's config that includes other files (`include.path`,
+/// `includeIf`) has them ignored: gix opens the repository with includes
+/// off, so no file outside `--repos` is read through its config (one that
+/// is a FIFO would hang the read, `/dev/zero` would fill memory). Here the
+/// file included, outside `--repos`, says the refs are in reftable storage,
+/// which the archiver refuses with a `500`: read, it would be heard.
+#[test]
+fn repository_config_includes_are_not_read() {
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "widget");
+    small_repository(&repo);
+    let outside = sandbox.path("outside.config");
+    std::fs::write(&outside, "[extensions]\n\trefStorage = reftable\n").unwrap();
+    let outside = outside.to_str().unwrap();
+    repo.git(&["config", "include.path", outside]);
+    repo.git(&["config", "includeIf.gitdir:/.path", outside]);
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    assert_eq!(status(&archiver, "/acme/widget/archive/main.tar"), 200);
+    assert!(!archiver.log().contains("reftable"));
+}
+
 /// Signature placeholders make git verify the commit's signature with the
 /// program its config names for the signature's kind: the shadow's config
 /// names one that cannot exist, so nothing runs (attack: `$Format:%G?$` in
