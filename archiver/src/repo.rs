@@ -886,9 +886,19 @@ impl Repository {
         let repo = self.repo.to_thread_local();
         let mut tips = Vec::new();
         for_each_ref(&repo, |mut reference| {
+            // A ref's object is peeled as `resolve` peels it, each object
+            // once: gix's own peeling reads the object whole, every tip on
+            // every walk (attack: 30 tags on a commit read through a chain
+            // of deltas took 30 reads of it after each push).
+            let target = match reference.target() {
+                gix::refs::TargetRef::Object(id) => Some(id.to_owned()),
+                gix::refs::TargetRef::Symbolic(_) => {
+                    reference.peel_to_id().ok().map(gix::Id::detach)
+                }
+            };
             // Refs to trees or blobs, and dangling ones, reach no commit.
-            if let Ok(target) = reference.peel_to_id()
-                && let Ok((tip, _)) = peel_to_commit(&repo, target.detach())
+            if let Some(target) = target
+                && let Ok((tip, _)) = self.peel(&repo, target)
             {
                 tips.push(tip);
             }
