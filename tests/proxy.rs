@@ -3101,6 +3101,113 @@ fn a_stalled_spliced_download_is_cut_after_the_client_idle_timeout() {
     );
 }
 
+/// An upstream on 127.0.0.1 that answers every request on every connection
+/// (each served by a thread of its own, so the splice's range request is
+/// answered while the first download is under way) with `answer` whole,
+/// whatever was asked (a `Range` included), then closes the connection.
+/// Its thread ends when no connection comes within [`SETTLE`].
+fn concurrent_upstream(answer: &'static [u8]) -> SocketAddr {
+    use std::io::Read;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let addr = listener.local_addr().expect("address");
+    std::thread::spawn(move || {
+        loop {
+            let mut accepted = None;
+            if !wait_until(SETTLE, || {
+                accepted = listener.accept().ok();
+                accepted.is_some()
+            }) {
+                return;
+            }
+            let (mut stream, _) = accepted.expect("accepted");
+            std::thread::spawn(move || {
+                stream.set_nonblocking(false).expect("blocking");
+                stream.set_read_timeout(Some(SETTLE)).expect("read timeout");
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match stream.read(&mut byte) {
+                        Ok(1) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                let _ = stream.write_all(answer);
+            });
+        }
+    });
+    addr
+}
+
+/// `docs/proxy.md#spliced-downloads`: a splice whose range request the
+/// archiver does not answer as required (here, the whole archive again: a
+/// `200`, as when it is being generated anew) is declined, counted in
+/// `gitball_proxy_splices_total{outcome="declined"}`, and the download
+/// carries on through the pipe, whole and with the archive's bytes.
+#[test]
+fn a_splice_whose_range_is_not_answered_as_required_is_declined_and_piped_whole() {
+    const LENGTH: usize = 24 * MIB;
+    let body: Vec<u8> = (0..LENGTH)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_be_bytes()[0])
+        .collect();
+    let expected = Sha256::digest(&body);
+    let mut answer = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/x-tar\r\nETag: \"d0d0-tar\"\r\nContent-Length: {LENGTH}\r\n\r\n"
+    )
+    .into_bytes();
+    answer.extend_from_slice(&body);
+    let answer: &'static [u8] = Box::leak(answer.into_boxed_slice());
+    let sandbox = Sandbox::new();
+    let proxy = proxy_before(concurrent_upstream(answer), &sandbox);
+    let count = |outcome: &str| {
+        proxy
+            .scrape()
+            .value("gitball_proxy_splices_total", &[("outcome", outcome)])
+    };
+
+    // The judgement is a rate (4 MiB within 40 ms): a client slowed by a
+    // loaded machine is not judged at all, and tries again.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        assert!(
+            attempt <= 30 && Instant::now() < deadline,
+            "no download was judged fast in {attempt} attempts"
+        );
+        let before = count("declined");
+        let mut connection = RawConnection::connect(proxy.addr).expect("connect");
+        connection
+            .send_request("GET", "/acme/widget/archive/main.tar", &[])
+            .expect("send");
+        let head = connection.read_head().expect("head");
+        assert_eq!(head.status, 200);
+        let first = connection.read_body_bytes(8 * MIB).expect("first 8 MiB");
+        // The pipe stops at 4 MiB until the splice is set up or declined,
+        // so with 8 MiB taken it was one or the other.
+        if count("declined") == before {
+            println!("attempt {attempt}: the client was not judged fast; again");
+            continue;
+        }
+        let mut hasher = Sha256::new();
+        hasher.update(&first);
+        let mut received = first.len();
+        let end = connection.read_body_to_end(|piece| {
+            hasher.update(piece);
+            received += piece.len();
+        });
+        assert_eq!(end, BodyEnd::Complete, "after {received} bytes");
+        assert_eq!(received, LENGTH);
+        assert_eq!(hasher.finalize(), expected, "the piped bytes");
+        break;
+    }
+    assert_eq!(count("declined"), 1.0);
+    assert_eq!(count("spliced"), 0.0);
+    let metrics = proxy.scrape();
+    assert_eq!(metrics.value("gitball_proxy_active_downloads", &[]), 0.0);
+    assert_eq!(metrics.sum("gitball_proxy_upstream_aborts_total", &[]), 0.0);
+}
+
 // ---------------------------------------------------------------------------
 // Configuration
 
