@@ -21,7 +21,7 @@ use gitball_e2e::proxy::{
     Cluster, Fetched, Proxy, Route, SmallRepository, fetch, fetch_ok, fetch_with, small_repository,
     token, unix_now, write_routes,
 };
-use gitball_e2e::{Archiver, Sandbox, keepalive_timer, wait_until};
+use gitball_e2e::{Archiver, Sandbox, keepalive_timer, keepalive_timers_to, wait_until};
 
 /// The loop's bound on a request head (`gitball_core::server::MAX_HEAD_BYTES`).
 const MAX_HEAD_BYTES: usize = 32 * 1024;
@@ -438,6 +438,42 @@ fn accepted_connections_are_watched_by_a_60_s_keepalive_on_both_tiers() {
         );
         drop(client);
     }
+}
+
+/// `docs/internal-api.md#connections`: the proxy's upstream connections
+/// carry TCP keepalive (15 s idle, 15 s interval, 3 probes), so a download
+/// paused by a slow client, or an idle pooled connection, still notices a
+/// vanished archiver host. Read from the kernel's connection table: the
+/// proxy's end of its pooled connection to the archiver, idle after a
+/// download, has its keepalive timer armed, due within 15 s (not the
+/// kernel's default two hours). (Mutation review: an upstream connector
+/// without keepalive passed every test.)
+#[test]
+fn upstream_connections_are_watched_by_a_15_s_keepalive() {
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    let cluster = Cluster::start(&sandbox.repos(), &sandbox.repos(), 0, &[]);
+    fetch_ok(cluster.proxy.addr, "/acme/widget/archive/main.tar");
+    let SocketAddr::V4(archiver) = cluster.primary.addr else {
+        panic!("the archiver listens on {}, not IPv4", cluster.primary.addr);
+    };
+    // The pooled connection stays open for 20 s: only this test's proxy
+    // connects to this archiver.
+    let mut timers = Vec::new();
+    let armed = wait_until(Duration::from_secs(5), || {
+        timers = keepalive_timers_to(archiver);
+        !timers.is_empty()
+    });
+    assert!(
+        armed,
+        "no keepalive timer on the proxy's connection to the archiver"
+    );
+    assert!(
+        timers
+            .iter()
+            .all(|due| (Duration::from_secs(5)..=Duration::from_secs(15)).contains(due)),
+        "the first keepalive probe is due in {timers:?}, not 15 s"
+    );
 }
 
 // ---------------------------------------------------------------------------

@@ -165,6 +165,33 @@ pub fn keepalive_timer(
     Some(std::time::Duration::from_millis(ticks * 10))
 }
 
+/// The keepalive timers of this host's established IPv4 TCP connections
+/// to `peer` (from any local address): for each whose socket has that
+/// timer armed, the time left until its next probe (as
+/// [`keepalive_timer`]).
+pub fn keepalive_timers_to(peer: std::net::SocketAddrV4) -> Vec<std::time::Duration> {
+    let peer = format!(
+        "{:08X}:{:04X}",
+        u32::from_ne_bytes(peer.ip().octets()),
+        peer.port()
+    );
+    let table = fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // `01`: ESTABLISHED.
+            if fields.get(2) != Some(&peer.as_str()) || fields.get(3) != Some(&"01") {
+                return None;
+            }
+            let (timer, when) = fields.get(5)?.split_once(':')?;
+            let ticks = u64::from_str_radix(when, 16).ok()?;
+            (timer == "02").then(|| std::time::Duration::from_millis(ticks * 10))
+        })
+        .collect()
+}
+
 /// One line of `/proc/PID/stat`, the parts the tests need.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProcessInfo {
