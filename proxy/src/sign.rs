@@ -320,6 +320,27 @@ mod tests {
         );
     }
 
+    /// docs/proxy.md: a token over 128 bytes is malformed, refused before
+    /// any work (no MAC is computed); one of 128 bytes is judged by its
+    /// signature. (Mutation review: no length bound passed every test,
+    /// which took either refusal for an overlong token.)
+    #[test]
+    fn a_token_over_128_bytes_is_malformed_before_its_signature_is_checked() {
+        // Zero bits of base64url: each decodes, to a signature that is wrong.
+        // (118 and 119 characters: lengths base64 without padding allows.)
+        let at_bound = format!("180000060.{}", "A".repeat(128 - 10));
+        let over = format!("180000060.{}", "A".repeat(129 - 10));
+        assert_eq!((at_bound.len(), over.len()), (128, 129));
+        assert_eq!(
+            key().verify_at("acme/widget", &at_bound, NOW, MAX_TTL),
+            Err(TokenError::BadSignature)
+        );
+        assert_eq!(
+            key().verify_at("acme/widget", &over, NOW, MAX_TTL),
+            Err(TokenError::Malformed)
+        );
+    }
+
     #[test]
     fn expiry_has_one_spelling() {
         assert_eq!(parse_expiry("0"), Ok(0));
