@@ -3943,6 +3943,89 @@ fn embedded_mode_refuses_two_different_tokens_at_start() {
     assert!(stderr.contains("hold different tokens"), "{stderr}");
 }
 
+/// `docs/observability.md#process-metrics`: both tiers export every
+/// `process_*` series that section names, refreshed on every scrape (so
+/// `process_open_fds` follows the fds the service holds now), and
+/// `process_virtual_memory_max_bytes` is `0` without an address-space
+/// limit. (Mutation review: rendering `/metrics` without refreshing the
+/// process series, which then kept their start-up values, passed every
+/// test; so would a collector exporting only some of them.)
+#[test]
+fn both_tiers_export_the_documented_process_series_refreshed_on_every_scrape() {
+    const IDLE_CONNECTIONS: usize = 32;
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/observability.md");
+    let text = std::fs::read_to_string(&path).expect("read docs/observability.md");
+    let (_, section) = text
+        .split_once("### Process metrics\n")
+        .expect("a Process metrics section");
+    let section = section.split("\n### ").next().unwrap_or_default();
+    let mut documented: Vec<&str> = section
+        .split('`')
+        .filter(|word| {
+            word.starts_with("process_")
+                && word.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+        })
+        .collect();
+    documented.sort_unstable();
+    documented.dedup();
+    assert!(
+        documented.len() >= 8,
+        "the process series did not parse: {documented:?}"
+    );
+    let shared = shared_repos();
+    let archiver = Archiver::start(&shared.repos, &[]);
+    let sandbox = Sandbox::new();
+    let routes = sandbox.path("routes.toml");
+    write_routes(&routes, &[Route::new("*", &archiver.base_url, &[])]);
+    let proxy = Proxy::with_routes(&routes, &[]);
+    // No address-space limit in this test's processes (inherited).
+    let limits = std::fs::read_to_string("/proc/self/limits").expect("limits");
+    let unlimited = limits
+        .lines()
+        .any(|line| line.starts_with("Max address space") && line.contains("unlimited"));
+
+    for (tier, addr, pid) in [
+        ("archiver", archiver.addr, archiver.pid),
+        ("proxy", proxy.addr, proxy.pid),
+    ] {
+        let before = scrape(addr);
+        for family in &documented {
+            assert!(
+                !before.series_of(family).is_empty(),
+                "{tier}: no {family} series"
+            );
+        }
+        if unlimited {
+            assert_eq!(
+                before.value("process_virtual_memory_max_bytes", &[]),
+                0.0,
+                "{tier}: no address-space limit"
+            );
+        }
+        let open_before = before.value("process_open_fds", &[]);
+        // Settled: the scrape's own connection may still be closing.
+        let fds_before = settled_fd_count(pid);
+        // Idle connections, well within the 10 s a head has to arrive:
+        // each holds one accepted socket in the service.
+        let idle: Vec<std::net::TcpStream> = (0..IDLE_CONNECTIONS)
+            .map(|_| std::net::TcpStream::connect(addr).expect("connect"))
+            .collect();
+        assert!(
+            wait_until(SETTLE, || open_fd_count(pid)
+                >= fds_before + IDLE_CONNECTIONS),
+            "{tier}: the idle connections were not accepted ({} fds, {fds_before} before)",
+            open_fd_count(pid)
+        );
+        let open_after = scrape(addr).value("process_open_fds", &[]);
+        assert!(
+            open_after >= open_before + IDLE_CONNECTIONS as f64 - 2.0,
+            "{tier}: process_open_fds {open_before} before {IDLE_CONNECTIONS} more \
+             connections, {open_after} after"
+        );
+        drop(idle);
+    }
+}
+
 /// Every family `docs/observability.md` documents for the proxy is
 /// exported with `# HELP` and its `# TYPE` once its event happened: here a
 /// download and a reload. A parked download's resume and a splice are not
