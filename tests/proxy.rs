@@ -4026,6 +4026,92 @@ fn both_tiers_export_the_documented_process_series_refreshed_on_every_scrape() {
     }
 }
 
+/// `docs/observability.md`: `gitball_proxy_upstream_ejected` is `1` while
+/// an upstream is ejected, and it and `gitball_proxy_upstream_aborts_total`
+/// are made at 0 for every upstream of each routing table loaded. So a
+/// reload (SIGHUP) makes the series of an upstream it adds, and leaves an
+/// ejected upstream's gauge at `1`. (Mutation review: setting the gauge
+/// to 0 on every load, and making no series on a reload, each passed every
+/// test; each fails this one.)
+#[test]
+fn a_reload_makes_the_new_upstreams_series_and_keeps_an_ejection_at_one() {
+    let shared = shared_repos();
+    let sandbox = Sandbox::new();
+    let live = Archiver::start(&shared.repos, &[]);
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        format!("http://{}", listener.local_addr().expect("address"))
+    };
+    let added = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        format!("http://{}", listener.local_addr().expect("address"))
+    };
+    let routes = sandbox.path("routes.toml");
+    write_routes(&routes, &[Route::new("*", &live.base_url, &[&dead])]);
+    // Longer than the test: the ejection cannot end on its own meanwhile.
+    let proxy = Proxy::with_routes(&routes, &["--eject-for", "600"]);
+    // The replica is tried first, refuses the connection, and is ejected.
+    fetch_ok(proxy.addr, "/acme/widget/archive/main.tar");
+    let ejected = |metrics: &gitball_e2e::Metrics, upstream: &str| {
+        metrics.get("gitball_proxy_upstream_ejected", &[("upstream", upstream)])
+    };
+    assert_eq!(
+        ejected(&proxy.scrape(), &dead),
+        Some(1.0),
+        "before the reload"
+    );
+    assert_eq!(ejected(&proxy.scrape(), &added), None, "before the reload");
+
+    write_routes(
+        &routes,
+        &[
+            Route::new("acme/*", &live.base_url, &[&dead]),
+            Route::new("*", &added, &[]),
+        ],
+    );
+    proxy.signal(nix::sys::signal::Signal::SIGHUP);
+    assert!(
+        wait_until(SETTLE, || proxy
+            .scrape()
+            .value("gitball_proxy_routes_reloads_total", &[("outcome", "ok")])
+            == 1.0),
+        "no ok reload"
+    );
+    let metrics = proxy.scrape();
+    assert_eq!(
+        ejected(&metrics, &dead),
+        Some(1.0),
+        "the ejected upstream after the reload"
+    );
+    assert_eq!(ejected(&metrics, &live.base_url), Some(0.0));
+    assert_eq!(ejected(&metrics, &added), Some(0.0), "the added upstream");
+    for upstream in [&dead, &live.base_url, &added] {
+        assert!(
+            metrics
+                .get(
+                    "gitball_proxy_upstream_aborts_total",
+                    &[("upstream", upstream)]
+                )
+                .is_some(),
+            "no upstream_aborts_total series for {upstream}"
+        );
+    }
+    // Still tried last: the primary answers at once.
+    let attempts_before = metrics.value(
+        ATTEMPTS,
+        &[("upstream", &dead), ("outcome", "connect_error")],
+    );
+    fetch_ok(proxy.addr, "/acme/widget/archive/main.tar");
+    assert_eq!(
+        proxy.scrape().value(
+            ATTEMPTS,
+            &[("upstream", &dead), ("outcome", "connect_error")]
+        ),
+        attempts_before,
+        "the ejected replica was tried first after the reload"
+    );
+}
+
 /// Every family `docs/observability.md` documents for the proxy is
 /// exported with `# HELP` and its `# TYPE` once its event happened: here a
 /// download and a reload. A parked download's resume and a splice are not
