@@ -531,3 +531,102 @@ fn embedded_prewarm_is_checked_by_the_proxy_and_run_by_its_archiver() {
         download.header("x-gitball-cache")
     );
 }
+
+/// An upstream on 127.0.0.1 that answers each of its connections, in
+/// order, with the next of `answers` (whatever was asked), then keeps the
+/// connection open until its peer closes it (at most 30 s), as a hung
+/// archiver's kernel would. Each answer should say `Connection: close`, or
+/// the proxy sends its next request on the connection held.
+fn holding_upstream(answers: Vec<Vec<u8>>) -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("address");
+    std::thread::spawn(move || {
+        for answer in answers {
+            let Ok((mut stream, _)) = listener.accept() else {
+                return;
+            };
+            std::thread::spawn(move || {
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(30)))
+                    .expect("read timeout");
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match stream.read(&mut byte) {
+                        Ok(1) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                let _ = stream.write_all(&answer);
+                // Until the proxy lets go.
+                let mut rest = [0u8; 1024];
+                while matches!(stream.read(&mut rest), Ok(read) if read > 0) {}
+            });
+        }
+    });
+    addr
+}
+
+/// `docs/internal-api.md#prewarm`: the proxy reads an archiver's prewarm
+/// answer up to 64 KiB, within 10 s. A larger one is not taken for an
+/// accepted prewarm (`502`), and one that does not arrive whole within
+/// 10 s is a `504`, not a prewarm request held for as long as the archiver
+/// hangs. (Mutation review: raising either bound passed every test.)
+#[test]
+fn the_proxy_reads_an_archivers_prewarm_answer_up_to_64_kib_within_10_s() {
+    let sandbox = Sandbox::new();
+    let token_file = write_token(&sandbox, "prewarm.token", PREWARM_TOKEN);
+    let accepted = |padding: usize| {
+        let body = format!(
+            "{{\"commit\":\"{}\",\"keys\":[],\"padding\":\"{}\"}}",
+            "c".repeat(40),
+            "x".repeat(padding)
+        );
+        let mut answer = format!(
+            "HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\nConnection: close\r\n\
+             Content-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        answer.extend_from_slice(body.as_bytes());
+        answer
+    };
+    let within = accepted(60 * 1024);
+    let over = accepted(64 * 1024);
+    // The head and a part of the body, and then nothing.
+    let mut stuck = accepted(16);
+    stuck.truncate(stuck.len() - 10);
+    let upstream = holding_upstream(vec![within, over, stuck]);
+    let routes = sandbox.path("routes.toml");
+    write_routes(
+        &routes,
+        &[Route::new("*", &format!("http://{upstream}"), &[])],
+    );
+    let proxy = Proxy::with_routes(
+        &routes,
+        &[
+            "--prewarm-token-file",
+            &token_file,
+            "--prewarm-formats",
+            "tar",
+        ],
+    );
+    let target = "/acme/widget/prewarm/v1.2.3";
+
+    let fetched = post(proxy.addr, target, Some(PREWARM_TOKEN));
+    assert_eq!(fetched.status(), 202, "60 KiB: {}", fetched.text());
+    assert_eq!(json(&fetched)["commit"], "c".repeat(40));
+
+    let fetched = post(proxy.addr, target, Some(PREWARM_TOKEN));
+    assert_eq!(fetched.status(), 502, "over 64 KiB: {}", fetched.text());
+
+    let started = std::time::Instant::now();
+    let fetched = post(proxy.addr, target, Some(PREWARM_TOKEN));
+    let took = started.elapsed();
+    assert_eq!(fetched.status(), 504, "a stuck answer: {}", fetched.text());
+    assert!(
+        (Duration::from_secs(9)..Duration::from_secs(25)).contains(&took),
+        "a stuck answer was given up after {took:?}, not 10 s"
+    );
+}
