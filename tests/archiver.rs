@@ -3585,6 +3585,75 @@ fn sighup_is_ignored_and_downloads_go_on() {
         .expect("the download goes on after SIGHUP");
 }
 
+/// `docs/archiver.md`, "Shutdown drain": at SIGTERM open connections are
+/// no longer kept alive, and running downloads go on within the grace. A
+/// kept-alive idle connection is closed at once (not at the 10 s head
+/// timeout, nor at the grace's end); a download under way ends complete,
+/// and its connection is closed after it; the drain is then over, and the
+/// archiver exits long before its 30 s grace. (Mutation review: keeping
+/// connections alive through the shutdown, which left an idle client's
+/// connection open until its head timeout and held the exit that long,
+/// passed every test; fails this one.)
+#[test]
+fn at_sigterm_downloads_finish_and_no_connection_is_kept_alive() {
+    let big = big_repo();
+    let mut archiver = Archiver::start(&big.repos, &["--shutdown-grace", "30"]);
+    let path = "/acme/big/archive/main.tar";
+    let full_length = {
+        let (mut warm, head) = open_download(&archiver, path);
+        assert_eq!(head.status, 200);
+        let mut length = 0u64;
+        let end = warm.read_body_to_end(|piece| length += piece.len() as u64);
+        assert_eq!(end, BodyEnd::Complete, "the warm-up download");
+        length
+    };
+    // An idle connection, kept alive after its answer.
+    let mut idle = RawConnection::connect(archiver.addr).expect("connect");
+    idle.send_request("GET", "/healthz", &[]).expect("send");
+    assert_eq!(idle.read_head().expect("head").status, 200);
+    assert_eq!(idle.read_body_to_end(|_| {}), BodyEnd::Complete);
+    // A download under way.
+    let (mut download, head) = open_download(&archiver, path);
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("x-gitball-cache"), Some("hit"));
+    let first = download
+        .read_body_bytes(1 << 20)
+        .expect("the download's first MiB");
+
+    let signalled = Instant::now();
+    archiver.signal(nix::sys::signal::Signal::SIGTERM);
+    let after_idle = idle.read_to_close();
+    let idle_closed = signalled.elapsed();
+    assert!(
+        after_idle.is_empty(),
+        "the idle connection got {} bytes",
+        after_idle.len()
+    );
+    assert!(
+        idle_closed < Duration::from_secs(5),
+        "the idle connection was closed {idle_closed:?} after SIGTERM, not at once"
+    );
+    let mut received = first.len() as u64;
+    let end = download.read_body_to_end(|piece| received += piece.len() as u64);
+    assert_eq!(end, BodyEnd::Complete, "the download after SIGTERM");
+    assert_eq!(received, full_length);
+    assert!(
+        download.read_to_close().is_empty(),
+        "bytes after the download's end"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || !archiver.is_running()),
+        "still running {:?} after SIGTERM; log:\n{}",
+        signalled.elapsed(),
+        archiver.log()
+    );
+    let exited = signalled.elapsed();
+    assert!(
+        exited < Duration::from_secs(8),
+        "exited {exited:?} after SIGTERM: the drain waited"
+    );
+}
+
 /// A thread of another process stopped by `ptrace` (the calling thread is
 /// its tracer): it runs nothing until it is let go, and a process that
 /// exits meanwhile still ends it.
