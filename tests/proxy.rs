@@ -381,6 +381,52 @@ fn etag_match_through_the_proxy_answers_304() {
     assert!(not_modified.body.is_empty());
 }
 
+/// `docs/internal-api.md#forwarded-request-headers`: `Range`,
+/// `If-None-Match` and `If-Range` reach the archiver with every value as
+/// sent, so a request in several header lines gets through the proxy what
+/// the archiver answers it (`docs/http.md#conditional-and-range-requests`):
+/// several `Range` lines are ignored, a tag in a second `If-None-Match`
+/// line matches, several `If-Range` lines never match. (Mutation review:
+/// forwarding only each header's first line passed every test; fails this
+/// one.)
+#[test]
+fn validators_and_ranges_in_several_lines_reach_the_archiver_whole() {
+    let (shared, cluster) = widget_cluster(&[]);
+    let addr = cluster.proxy.addr;
+    let expected = tag_tar(shared);
+    let etag = first_fetch(shared, addr).header("etag").to_owned();
+
+    let ranges = fetch_with(
+        addr,
+        "GET",
+        TAG_TAR,
+        &[("Range", "bytes=0-9"), ("Range", "bytes=20-29")],
+    );
+    assert_eq!(ranges.status(), 200, "two Range lines");
+    assert_same_bytes(&ranges.body, &expected, "two Range lines");
+
+    let second_matches = fetch_with(
+        addr,
+        "GET",
+        TAG_TAR,
+        &[("If-None-Match", "\"other\""), ("If-None-Match", &etag)],
+    );
+    assert_eq!(second_matches.status(), 304, "the ETag in a second line");
+
+    let two_if_ranges = fetch_with(
+        addr,
+        "GET",
+        TAG_TAR,
+        &[
+            ("Range", "bytes=0-9"),
+            ("If-Range", &etag),
+            ("If-Range", &etag),
+        ],
+    );
+    assert_eq!(two_if_ranges.status(), 200, "two If-Range lines");
+    assert_same_bytes(&two_if_ranges.body, &expected, "two If-Range lines");
+}
+
 #[test]
 fn head_through_the_proxy_has_the_length_and_commit() {
     let (shared, cluster) = widget_cluster(&[]);
