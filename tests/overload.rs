@@ -699,3 +699,49 @@ fn proxy_without_an_fd_for_the_upstream_answers_503_and_ejects_nothing() {
     // With fds again, the same upstream serves at once.
     fetch_ok(proxy.addr, ARCHIVE_PATH);
 }
+
+/// `docs/proxy.md#connections-and-file-descriptors` and
+/// `docs/archiver.md#connections-and-file-descriptors`: without
+/// `--max-connections` the cap is what the fd limit (raised to the hard
+/// one at start) leaves after 256 reserved fds, divided by what one
+/// download holds: two fds on the archiver and the proxy, four embedded,
+/// where the in-process archiver gets the same cap plus 16; never below 16.
+/// (Mutation review: an embedded proxy counting two fds per download
+/// passed every test, which all set the cap; fails this one.)
+#[test]
+fn the_default_connection_cap_follows_the_fd_limit() {
+    raise_own_nofile();
+    const HARD: u64 = 4_096;
+    let nofile = (LOGIN_SHELL_SOFT_NOFILE, HARD);
+    let cap = |addr: SocketAddr, tier: &str| {
+        scrape(addr).value(&format!("gitball_{tier}_connections_max"), &[])
+    };
+    let archiver = Archiver::start_with_nofile(repos(), &[], nofile);
+    assert_eq!(cap(archiver.addr, "archiver"), ((HARD - 256) / 2) as f64);
+    let (proxy, _routes) = proxy_to(&archiver.base_url, &[], Some(nofile));
+    assert_eq!(cap(proxy.addr, "proxy"), ((HARD - 256) / 2) as f64);
+
+    let cache = Sandbox::new();
+    let args: Vec<OsString> = vec![
+        "--repos".into(),
+        repos().into(),
+        "--cache-dir".into(),
+        cache.path("cache").into(),
+    ];
+    let embedded = Proxy::start_with_nofile(&args, Some(nofile));
+    let embedded_cap = (HARD - 256) / 4;
+    assert_eq!(cap(embedded.addr, "proxy"), embedded_cap as f64, "embedded");
+    assert_eq!(
+        cap(embedded.addr, "archiver"),
+        (embedded_cap + 16) as f64,
+        "the in-process archiver"
+    );
+    drop(embedded);
+
+    // The floor: a limit below the reserve still serves 16 connections.
+    let tiny = (64, 64);
+    let archiver = Archiver::start_with_nofile(repos(), &[], tiny);
+    assert_eq!(cap(archiver.addr, "archiver"), 16.0, "the floor");
+    let (proxy, _routes) = proxy_to(&archiver.base_url, &[], Some(tiny));
+    assert_eq!(cap(proxy.addr, "proxy"), 16.0, "the floor");
+}
