@@ -706,8 +706,10 @@ fn proxy_without_an_fd_for_the_upstream_answers_503_and_ejects_nothing() {
 /// one at start) leaves after 256 reserved fds, divided by what one
 /// download holds: two fds on the archiver and the proxy, four embedded,
 /// where the in-process archiver gets the same cap plus 16; never below 16.
-/// (Mutation review: an embedded proxy counting two fds per download
-/// passed every test, which all set the cap; fails this one.)
+/// The proxy warns at start when its cap needs more fds than the limit
+/// gives. (Mutation review: an embedded proxy counting two fds per
+/// download, and a proxy that never warned, passed every test, which all
+/// set the cap or looked at the archiver's warning; each fails this one.)
 #[test]
 fn the_default_connection_cap_follows_the_fd_limit() {
     raise_own_nofile();
@@ -720,6 +722,9 @@ fn the_default_connection_cap_follows_the_fd_limit() {
     assert_eq!(cap(archiver.addr, "archiver"), ((HARD - 256) / 2) as f64);
     let (proxy, _routes) = proxy_to(&archiver.base_url, &[], Some(nofile));
     assert_eq!(cap(proxy.addr, "proxy"), ((HARD - 256) / 2) as f64);
+    // The default cap fits the limit: no warning.
+    const WARNING: &str = "too low for --max-connections";
+    assert!(!proxy.log().contains(WARNING), "{}", proxy.log());
 
     let cache = Sandbox::new();
     let args: Vec<OsString> = vec![
@@ -744,4 +749,11 @@ fn the_default_connection_cap_follows_the_fd_limit() {
     assert_eq!(cap(archiver.addr, "archiver"), 16.0, "the floor");
     let (proxy, _routes) = proxy_to(&archiver.base_url, &[], Some(tiny));
     assert_eq!(cap(proxy.addr, "proxy"), 16.0, "the floor");
+    // 16 downloads of two fds and the reserve need more than 64: the
+    // proxy warns at start, as the archiver does.
+    assert!(
+        proxy.log().contains(WARNING),
+        "no warning about the fd limit:\n{}",
+        proxy.log()
+    );
 }
