@@ -863,16 +863,19 @@ mod tests {
         assert_eq!(civil_from_days(2_932_896), (9999, 12, 31));
     }
 
+    /// docs/observability.md: the path is cut at 512 characters (not
+    /// bytes). (Mutation review: this test compared with the constant
+    /// itself, so any bound passed it.)
     #[test]
     fn long_paths_are_cut() {
-        let log = RequestLog::new(
-            Tier::Proxy,
-            "id".into(),
-            Method::GET,
-            &"x".repeat(5000),
-            |_, _| {},
-        );
-        assert_eq!(log.path.len(), MAX_LOGGED_PATH_CHARS);
+        let logged = |path: &str| {
+            RequestLog::new(Tier::Proxy, "id".into(), Method::GET, path, |_, _| {})
+                .path
+                .clone()
+        };
+        assert_eq!(logged(&"x".repeat(5000)), "x".repeat(512));
+        assert_eq!(logged(&"x".repeat(512)), "x".repeat(512), "512 kept whole");
+        assert_eq!(logged(&"é".repeat(600)), "é".repeat(512), "characters");
     }
 
     /// `docs/observability.md`'s request-log table names every field a
