@@ -690,14 +690,18 @@ mod tests {
         }
     }
 
+    /// docs/archiver.md, "Cache policy": one counter per 64 KiB of the
+    /// bound per row, 1,024 to 262,144 counters, 4 rows of one byte, at
+    /// most 1 MiB. (Mutation review: this test compared with the bounds'
+    /// own constants, so other bounds passed it.)
     #[test]
     fn the_sketch_is_bounded_and_sized_from_the_bound() {
-        let small: Policy<u32> = Policy::new(1 << 20);
-        assert_eq!(small.sketch.counters.len(), SKETCH_WIDTH_MIN * SKETCH_DEPTH);
-        let gib: Policy<u32> = Policy::new(1 << 30);
-        assert_eq!(gib.sketch.counters.len(), 16384 * SKETCH_DEPTH);
-        let huge: Policy<u32> = Policy::new(u64::MAX);
-        assert_eq!(huge.sketch.counters.len(), SKETCH_WIDTH_MAX * SKETCH_DEPTH);
+        let counters = |max_bytes: u64| Policy::<u32>::new(max_bytes).sketch.counters.len();
+        assert_eq!(counters(1 << 20), 1_024 * 4);
+        assert_eq!(counters(1 << 30), 16_384 * 4);
+        assert_eq!(counters(16 << 30), 262_144 * 4);
+        assert_eq!(counters(u64::MAX), 262_144 * 4);
+        assert_eq!(counters(u64::MAX), 1 << 20, "at most 1 MiB");
     }
 
     #[test]
