@@ -1185,6 +1185,19 @@ mod tests {
         )));
     }
 
+    /// docs/archiver.md (clean child environment) and observability.md
+    /// (generation log): git's stderr is drained to its end, so git never
+    /// blocks on it, and its first 4 KiB go to the log. (Mutation review:
+    /// keeping another amount passed every test.)
+    #[tokio::test]
+    async fn the_first_4_kib_of_gits_stderr_are_kept_and_the_rest_drained() {
+        let stderr: Vec<u8> = (0..20_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        let mut reader = std::io::Cursor::new(stderr.clone());
+        let kept = drain_bounded(&mut reader).await;
+        assert_eq!(kept.as_bytes(), &stderr[..4096]);
+        assert_eq!(reader.position(), 20_000, "not drained to its end");
+    }
+
     /// A git replaced between the fingerprint's check and its start
     /// (`canary`): the generation fails as `RefsChanged`, with nothing
     /// written, not even the bytes a tar.gz and a zip write ahead of git,
