@@ -803,6 +803,23 @@ mod tests {
     /// Bound on every wait in these tests.
     const TEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+    /// docs/proxy.md ("Spliced downloads"): the rest moves through a pipe
+    /// of 256 KiB (where the host's `pipe-max-size` allows it; it does by
+    /// default). (Mutation review: another pipe size passed every test.)
+    #[test]
+    fn a_splice_moves_bytes_through_a_pipe_of_256_kib() {
+        let allowed: usize = std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(0);
+        let pipe = KernelPipe::new().expect("a pipe");
+        if allowed >= 256 * 1024 {
+            assert_eq!(pipe.capacity, 256 * 1024);
+        } else {
+            eprintln!("pipe-max-size is {allowed}: the pipe keeps its default size");
+        }
+    }
+
     /// `gitball_proxy_upstream_attempts_total` of `upstream`, by outcome.
     fn attempts(upstream: &str) -> Vec<(String, f64)> {
         let handle = gitball_core::metrics::install();
