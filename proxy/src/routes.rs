@@ -561,6 +561,40 @@ mod tests {
                 "unknown field",
             ),
             ("not toml at all [", "TOML"),
+            // docs/proxy.md, "Routing table" (mutation review: each of
+            // these passed the table above).
+            (
+                "[[route]]\nrepos = \"*\"\nprimary = \"http://x:1\"\n\
+                 replicas = [\"http://y:1\", \"http://y:1/\"]\n",
+                "twice",
+            ),
+            (
+                "[[route]]\nrepos = \"*\"\nprimary = \"http://user@x:1\"\n",
+                "credentials",
+            ),
+            (
+                "[[route]]\nrepos = \"*\"\nprimary = \"http://user:pw@x:1\"\n",
+                "credentials",
+            ),
+            (
+                "[[route]]\nrepos = \"*\"\nprimary = \"http://x:1/?q=1\"\n",
+                "without a path",
+            ),
+            (
+                "[[route]]\nrepos = \"*\"\nprimary = \"http://x:1/#f\"\n",
+                "without a path",
+            ),
+            (
+                "[[route]]\nrepos = \"*\"\nprimary = \"https://x:1\"\n",
+                "only http://",
+            ),
+            // The invalid route is named by its place in the file (from 1)
+            // and its glob.
+            (
+                "[[route]]\nrepos = \"a/*\"\nprimary = \"http://x:1\"\n\
+                 [[route]]\nrepos = \"b/*\"\nprimary = \"http://x:1/api\"\n",
+                "route 2 (repos = \"b/*\")",
+            ),
         ] {
             let error = RouteTable::parse(text).unwrap_err().to_string();
             assert!(error.contains(expect), "{text:?}: {error}");
