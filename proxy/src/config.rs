@@ -408,6 +408,28 @@ mod tests {
         }
     }
 
+    /// docs/proxy.md, "Flags": `--connect-timeout`, `--header-timeout` and
+    /// `--client-idle-timeout` must be more than 0; `--park-after 0` means
+    /// never. (Mutation review: accepting 0 for any of the three passed
+    /// every test.)
+    #[test]
+    fn timeouts_must_be_more_than_zero_but_park_after_may_be_zero() {
+        let parse = |flag: &str, value: &str| {
+            Config::try_parse_from(["gitball-proxy", "--routes", "r.toml", flag, value])
+        };
+        for flag in [
+            "--connect-timeout",
+            "--header-timeout",
+            "--client-idle-timeout",
+        ] {
+            assert!(parse(flag, "0").is_err(), "{flag} 0 was accepted");
+            assert!(parse(flag, "0.0").is_err(), "{flag} 0.0 was accepted");
+            assert!(parse(flag, "0.5").is_ok(), "{flag} 0.5 was refused");
+        }
+        let never = parse("--park-after", "0").expect("--park-after 0");
+        assert_eq!(never.park_after, Duration::ZERO);
+    }
+
     #[test]
     fn fractional_seconds_are_accepted() {
         let config = Config::try_parse_from([
