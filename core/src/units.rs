@@ -76,6 +76,14 @@ mod tests {
         assert!(parse_size("2GB").is_err());
         assert!(parse_size("MiB").is_err());
         assert!(parse_size("-1").is_err());
+        // docs/archiver.md, "Sizes and seconds" (mutation review: these
+        // were not pinned): `B` and `TiB`, binary and case-sensitive, whole.
+        assert_eq!(parse_size("4096B"), Ok(4096));
+        assert_eq!(parse_size("3TiB"), Ok(3 << 40));
+        assert!(parse_size("1.5GiB").is_err());
+        for unit in ["kib", "mib", "gib", "tib", "KB", "MB", "TB", "K", "G"] {
+            assert!(parse_size(&format!("2{unit}")).is_err(), "2{unit}");
+        }
     }
 
     #[test]
@@ -88,6 +96,9 @@ mod tests {
         assert!(parse_seconds("1e19").is_err());
         assert!(parse_seconds(&(MAX_SECONDS + 1).to_string()).is_err());
         assert!(parse_seconds(&MAX_SECONDS.to_string()).is_ok());
+        // At most ten years, whatever the constant says.
+        assert!(parse_seconds(&(10 * 365 * 86_400).to_string()).is_ok());
+        assert!(parse_seconds(&(11 * 365 * 86_400).to_string()).is_err());
         assert_eq!(parse_seconds("0"), Ok(Duration::ZERO));
         assert!(parse_positive_seconds("0").is_err());
         assert!(parse_positive_seconds("0.0").is_err());
