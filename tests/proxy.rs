@@ -439,6 +439,40 @@ fn head_through_the_proxy_has_the_length_and_commit() {
     assert_eq!(head.header("x-gitball-commit"), shared.commits.second);
 }
 
+/// `docs/internal-api.md#requests`: the proxy sends `GET` or `HEAD`,
+/// matching the client's method; so a `HEAD` through the proxy never starts
+/// a generation (`docs/http.md#head`): it reaches the archiver as a
+/// `HEAD`, is a `miss` that generates nothing, and the `GET` after it is
+/// the miss that generates. (Mutation review: forwarding every request as
+/// a `GET`, which started a generation for each `HEAD` of a cold archive,
+/// passed every test; fails this one.)
+#[test]
+fn a_head_through_the_proxy_reaches_the_archiver_as_a_head() {
+    let shared = shared_repos();
+    let sandbox = Sandbox::new();
+    let archiver = Archiver::start(&shared.repos, &[]);
+    let routes = sandbox.path("routes.toml");
+    write_routes(&routes, &[Route::new("*", &archiver.base_url, &[])]);
+    let proxy = Proxy::with_routes(&routes, &[]);
+    let id = "a-head-through-the-proxy";
+
+    let head = fetch_with(proxy.addr, "HEAD", TAG_TAR, &[("X-Request-Id", id)]);
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.header("x-gitball-cache"), "miss");
+    let line = gitball_e2e::wait_for_line(SETTLE, || archiver.log(), id);
+    assert_eq!(line["method"], "HEAD", "{line}");
+
+    let get = fetch_ok(proxy.addr, TAG_TAR);
+    assert_eq!(
+        get.header("x-gitball-cache"),
+        "miss",
+        "the HEAD started the generation"
+    );
+    assert_same_bytes(&get.body, &tag_tar(shared), "the GET after the HEAD");
+    // Counted as it ends, which may come just after its last byte.
+    assert!(wait_until(SETTLE, || generations(archiver.addr) == 1.0));
+}
+
 /// Asserts an archiver of `cluster` logged the request id `id`.
 fn assert_forwarded(cluster: &Cluster, id: &str) {
     assert!(
