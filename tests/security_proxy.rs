@@ -258,6 +258,30 @@ fn a_token_is_taken_as_written_in_the_url_and_once() {
     private.assert_refused(&format!("{valid}&token={valid}"), "the token twice");
 }
 
+/// `docs/http.md#status-codes`: the proxy checks method, URL, `?path=`
+/// syntax, route, token, then the upstream, and the first failure decides
+/// the answer. A `?path=` that breaks the subtree rules is a `400
+/// bad_path` before any route or token is looked at: on a repository no
+/// route knows, and on a private route without a token, alike (so the
+/// answer says nothing of the repository). (Mutation review: checking
+/// `?path=` after the route and the token, which answered both `404`,
+/// passed every test; fails this one.)
+#[test]
+fn a_bad_subtree_is_refused_before_the_route_and_the_token() {
+    let private = PrivateRepository::start(&[]);
+    for target in [
+        "/acme/secret/archive/main.tar?path=../x",
+        "/nobody/nothing/archive/main.tar?path=../x",
+        "/acme/widget/archive/main.tar?path=../x",
+    ] {
+        let answer = fetch(private.proxy.addr, target);
+        assert_eq!(answer.status(), 400, "{target}: {}", answer.text());
+        let json: serde_json::Value = serde_json::from_slice(&answer.body).expect("JSON");
+        assert_eq!(json["error"], "bad_path", "{target}");
+    }
+    assert_eq!(private.proxy.scrape().sum(ATTEMPTS, &[]), 0.0);
+}
+
 #[test]
 fn token_expiring_beyond_the_default_max_ttl_is_refused() {
     let private = PrivateRepository::start(&[]);
