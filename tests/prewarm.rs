@@ -630,3 +630,46 @@ fn the_proxy_reads_an_archivers_prewarm_answer_up_to_64_kib_within_10_s() {
         "a stuck answer was given up after {took:?}, not 10 s"
     );
 }
+
+/// `docs/http.md#prewarm`: an archiver's refusal of a prewarm is passed on
+/// through the proxy as the archiver gave it (here the last candidate's
+/// `503`, every candidate having failed), its `Retry-After` included
+/// (`docs/http.md#errors`: every `503` for a prewarm URL carries one).
+/// (Mutation review: dropping `Retry-After` from a passed-on prewarm
+/// answer passed every test; fails this one.)
+#[test]
+fn an_archivers_503_to_a_prewarm_is_passed_on_with_its_retry_after() {
+    let sandbox = Sandbox::new();
+    let token_file = write_token(&sandbox, "prewarm.token", PREWARM_TOKEN);
+    let body = "{\"error\":\"shutting_down\",\"message\":\"the server is stopping\"}";
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n\
+         Cache-Control: no-store\r\nRetry-After: 7\r\nConnection: close\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes();
+    let upstream = holding_upstream(vec![answer]);
+    let routes = sandbox.path("routes.toml");
+    write_routes(
+        &routes,
+        &[Route::new("*", &format!("http://{upstream}"), &[])],
+    );
+    let proxy = Proxy::with_routes(
+        &routes,
+        &[
+            "--prewarm-token-file",
+            &token_file,
+            "--prewarm-formats",
+            "tar",
+        ],
+    );
+    let fetched = post(
+        proxy.addr,
+        "/acme/widget/prewarm/v1.2.3",
+        Some(PREWARM_TOKEN),
+    );
+    assert_eq!(fetched.status(), 503, "{}", fetched.text());
+    assert_eq!(fetched.header("retry-after"), "7");
+    assert_eq!(json(&fetched)["error"], "shutting_down");
+}
