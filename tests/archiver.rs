@@ -844,6 +844,41 @@ fn etag_match_answers_304_before_generating() {
     assert!(checksum.text().unwrap().ends_with(".tar.gz\n"));
 }
 
+/// `docs/http.md#checksum-responses`: a checksum's headers are
+/// `Content-Type: text/plain; charset=utf-8`, `Content-Length`,
+/// `X-Gitball-Commit`, `X-Gitball-Cache` and `X-Request-Id`, and it has no
+/// validators of its own (no `ETag`, no `Last-Modified`). (Mutation
+/// review: another `Content-Type` passed every test; fails this one.)
+#[test]
+fn a_checksum_answers_with_its_documented_headers() {
+    let (w, archiver) = widget_archiver(&[]);
+    let path = format!("{TAG_GZ}.sha256");
+    let (head, body, end) = RawConnection::request(
+        archiver.addr,
+        "GET",
+        &path,
+        &[("X-Request-Id", "a-checksum")],
+    )
+    .unwrap();
+    assert_eq!(head.status, 200);
+    assert_eq!(end, BodyEnd::Complete);
+    assert_eq!(
+        head.header("content-type"),
+        Some("text/plain; charset=utf-8")
+    );
+    assert_eq!(
+        head.header("content-length"),
+        Some(body.len().to_string().as_str())
+    );
+    assert_eq!(head.header("x-gitball-commit"), Some(w.c1.as_str()));
+    assert_eq!(head.header("x-gitball-cache"), Some("miss"));
+    assert_eq!(head.header("x-request-id"), Some("a-checksum"));
+    assert_eq!(head.header("etag"), None);
+    assert_eq!(head.header("last-modified"), None);
+    let line = String::from_utf8(body).expect("UTF-8");
+    assert!(line.ends_with("  widget-1.2.3.tar.gz\n"), "{line:?}");
+}
+
 /// `HEAD` of a `.sha256` waits for the archive like its `GET`
 /// (`docs/http.md#checksum-responses`): a cold one starts the generation
 /// and answers the `GET`'s headers, the line's length included, without
