@@ -75,10 +75,15 @@ use crate::routes::{Candidate, Role};
 use crate::upstream::Health;
 use crate::window::{SMALL_RECV_BUFFER_BYTES, WindowedIo};
 
-/// How long an idle pooled upstream connection is kept: below the
-/// archiver's keep-alive timeout, so the proxy never reuses a connection the
-/// archiver is closing at that moment.
-pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long an idle pooled upstream connection is kept, and reused: half
+/// the archiver's keep-alive timeout (it closes a connection that sent no
+/// new head within `HEADER_READ_TIMEOUT`, 10 s, of its last response), so
+/// the proxy never sends a request on a connection the archiver is closing
+/// at that moment. Such a request fails after it was written (it cannot be
+/// retried as unsent), an `error` attempt against a healthy archiver. It
+/// was 20 s, on the belief that the archiver kept connections longer
+/// (mutation review).
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The read buffer of each upstream connection, fixed, and so the size of
 /// a body chunk. hyper's default is adaptive and grows to ~400 KiB on a
@@ -695,6 +700,18 @@ pub fn is_passed_through(name: &http::HeaderName) -> bool {
 mod tests {
     use super::*;
     use http::HeaderName;
+
+    /// A pooled connection is never reused when the archiver may be
+    /// closing it: its pool lets go of it well before the archiver's
+    /// keep-alive ends (`docs/internal-api.md`, "Connections").
+    #[test]
+    fn pooled_connections_are_let_go_well_before_the_archiver_closes_them() {
+        let archiver_closes = gitball_core::server::HEADER_READ_TIMEOUT;
+        assert!(
+            POOL_IDLE_TIMEOUT * 2 <= archiver_closes,
+            "kept {POOL_IDLE_TIMEOUT:?}, the archiver closes at {archiver_closes:?}"
+        );
+    }
 
     /// `docs/internal-api.md`'s tables are the allowlists: every header of
     /// "Response headers" passes and those it says stay behind do not, and
