@@ -2329,6 +2329,63 @@ fn an_upstream_framing_other_than_one_length_or_chunked_alone_is_a_bad_gateway()
     assert_eq!(answer.status(), 502, "HEAD with a list of lengths");
 }
 
+/// A `101 Switching Protocols` is no answer to an archive request (the
+/// proxy never asks to upgrade, and an archiver never answers so): a failed
+/// attempt, outcome `error`, like a status past 599, never passed on
+/// (attack: misbehaving upstreams). It had been relayed as the final
+/// answer, which a `HEAD` (no length needed) or a `GET` with a length got:
+/// the client's connection switched to nothing and closed, a request
+/// pipelined behind it never answered, and the proxy logged a complete
+/// `101` from a healthy upstream.
+#[test]
+fn an_upstream_switching_protocols_is_a_bad_gateway() {
+    let sandbox = Sandbox::new();
+    let cases: [(&str, &str, &'static [u8]); 2] = [
+        (
+            "HEAD",
+            "a 101 without a length",
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n",
+        ),
+        (
+            "GET",
+            "a 101 with a length",
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\
+              Content-Length: 5\r\n\r\nbytes",
+        ),
+    ];
+    for (method, case, answer) in cases {
+        let proxy = proxy_before(scripted_upstream(answer, 1), &sandbox);
+        let mut connection = RawConnection::connect(proxy.addr).expect("connect");
+        connection
+            .send_request(method, "/acme/widget/archive/main.tar", &[])
+            .expect("send");
+        // Pipelined behind it: answered only if the connection was not
+        // handed over to another protocol.
+        connection
+            .send(b"GET /healthz HTTP/1.1\r\nHost: proxy\r\n\r\n")
+            .expect("send");
+        let head = connection.read_head().expect("head");
+        assert_eq!(head.status, 502, "{method}, {case}: {head:?}");
+        assert_eq!(
+            connection.read_body_to_end(|_| {}),
+            BodyEnd::Complete,
+            "{method}, {case}"
+        );
+        let next = connection
+            .read_head()
+            .expect("the pipelined request's head");
+        assert_eq!(
+            next.status, 200,
+            "{method}, {case}: the connection serves on"
+        );
+        assert_eq!(
+            proxy.scrape().sum(ATTEMPTS, &[("outcome", "error")]),
+            1.0,
+            "{method}, {case}"
+        );
+    }
+}
+
 /// Headers the upstream names in `Connection` are hop-by-hop (RFC 9110,
 /// section 7.6.1): never passed on, even one the proxy would pass
 /// otherwise (attack: misbehaving upstreams).

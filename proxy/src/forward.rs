@@ -274,8 +274,12 @@ pub(crate) async fn counted<T>(
 /// Decides what a response's status (and, for a `503`, its `Retry-After`)
 /// means for failover.
 pub fn classify(status: StatusCode, headers: &HeaderMap, role: Role) -> Outcome {
-    if status.as_u16() > 599 {
-        // hyper takes any three digits; no archiver answers past 599.
+    if status.as_u16() > 599 || status.is_informational() {
+        // hyper takes any three digits; no archiver answers past 599. Of
+        // the 1xx, hyper's client skips all but a `101`, which it returns as
+        // the answer: the proxy asks for no upgrade and no archiver
+        // switches protocols, and passed on, it would hand the client's
+        // connection over to nothing.
         Outcome::Error
     } else if status == StatusCode::SERVICE_UNAVAILABLE
         && headers.contains_key(http::header::RETRY_AFTER)
@@ -1024,6 +1028,12 @@ mod tests {
                 Outcome::Unauthorized
             );
             assert!(Outcome::Unauthorized.is_failure());
+        }
+        // No HTTP status, or no answer to a request that asked for no
+        // upgrade: a failed attempt, never passed on.
+        for status in [101, 600] {
+            let status = StatusCode::from_u16(status).unwrap();
+            assert_eq!(classify(status, &none, Role::Primary), Outcome::Error);
         }
         for status in [200, 206, 304, 400, 416] {
             let status = StatusCode::from_u16(status).unwrap();
