@@ -2329,6 +2329,113 @@ fn an_upstream_framing_other_than_one_length_or_chunked_alone_is_a_bad_gateway()
     assert_eq!(answer.status(), 502, "HEAD with a list of lengths");
 }
 
+/// `docs/internal-api.md#response-headers`: an upstream's headers reach the
+/// client only through the allowlist, on a download's `200` and on a `5xx`
+/// passed through when every candidate failed. A hostile or misconfigured
+/// archiver (or an intermediary in front of it) cannot set a cookie, a
+/// redirect, credentials prompts, HSTS or CORS on the service's origin, nor
+/// a `Date`, `Server` or `X-Request-Id` beside the proxy's own (attack:
+/// misbehaving upstreams; the unit test held `is_passed_through` alone,
+/// and dropping its use in the proxy's answer failed no end-to-end test).
+#[test]
+fn only_allowlisted_upstream_headers_reach_the_client() {
+    let sandbox = Sandbox::new();
+    let stray: &[&str] = &[
+        "set-cookie",
+        "www-authenticate",
+        "proxy-authenticate",
+        "location",
+        "refresh",
+        "server",
+        "strict-transport-security",
+        "access-control-allow-origin",
+        "content-security-policy",
+        "alt-svc",
+        "vary",
+        "content-encoding",
+        "keep-alive",
+        "x-powered-by",
+    ];
+    let answers: [(u16, &'static [u8]); 2] = [
+        (
+            200,
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/x-tar\r\nContent-Length: 5\r\n\
+              Content-Disposition: attachment; filename=\"widget-main.tar\"\r\n\
+              ETag: \"c0ffee-tar\"\r\nLast-Modified: Mon, 01 Jan 2001 00:00:00 GMT\r\n\
+              Accept-Ranges: bytes\r\nRepr-Digest: sha-256=:AAAA:\r\nLink: </x>; rel=\"describedby\"\r\n\
+              Cache-Control: public, max-age=60\r\nX-Gitball-Commit: 0123\r\n\
+              Date: Mon, 01 Jan 2001 00:00:00 GMT\r\nX-Request-Id: the-upstreams-id\r\n\
+              Set-Cookie: session=stolen; Path=/\r\nWWW-Authenticate: Basic realm=\"x\"\r\n\
+              Proxy-Authenticate: Basic realm=\"x\"\r\nLocation: http://evil.example/\r\n\
+              Refresh: 0; url=http://evil.example/\r\nServer: evil/1.0\r\n\
+              Strict-Transport-Security: max-age=0\r\nAccess-Control-Allow-Origin: *\r\n\
+              Content-Security-Policy: default-src *\r\nAlt-Svc: h2=\"evil.example:443\"\r\n\
+              Vary: Cookie\r\nContent-Encoding: identity\r\nKeep-Alive: timeout=600\r\n\
+              X-Powered-By: evil\r\n\r\nbytes",
+        ),
+        (
+            503,
+            b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nContent-Type: application/json\r\n\
+              Content-Length: 16\r\nCache-Control: no-store\r\nX-Gitball-Commit: 0123\r\n\
+              Date: Mon, 01 Jan 2001 00:00:00 GMT\r\nX-Request-Id: the-upstreams-id\r\n\
+              Set-Cookie: session=stolen; Path=/\r\nWWW-Authenticate: Basic realm=\"x\"\r\n\
+              Proxy-Authenticate: Basic realm=\"x\"\r\nLocation: http://evil.example/\r\n\
+              Refresh: 0; url=http://evil.example/\r\nServer: evil/1.0\r\n\
+              Strict-Transport-Security: max-age=0\r\nAccess-Control-Allow-Origin: *\r\n\
+              Content-Security-Policy: default-src *\r\nAlt-Svc: h2=\"evil.example:443\"\r\n\
+              Vary: Cookie\r\nContent-Encoding: identity\r\nKeep-Alive: timeout=600\r\n\
+              X-Powered-By: evil\r\n\r\n{\"error\":\"busy\"}",
+        ),
+    ];
+    for (status, answer) in answers {
+        let proxy = proxy_before(scripted_upstream(answer, 1), &sandbox);
+        let fetched = fetch(proxy.addr, "/acme/widget/archive/main.tar");
+        assert_eq!(fetched.status(), status, "{}", fetched.text());
+        assert_eq!(fetched.end, BodyEnd::Complete);
+        for name in stray {
+            assert_eq!(fetched.header(name), "", "{status}: {name} passed on");
+        }
+        for name in ["date", "x-request-id"] {
+            let values: Vec<&str> = fetched
+                .head
+                .headers
+                .iter()
+                .filter(|(key, _)| key == name)
+                .map(|(_, value)| value.as_str())
+                .collect();
+            assert_eq!(values.len(), 1, "{status}: {name}: {values:?}");
+            assert!(
+                !values[0].contains("2001") && values[0] != "the-upstreams-id",
+                "{status}: the upstream's {name} passed on: {values:?}"
+            );
+        }
+        // The allowlist itself passes.
+        assert_eq!(fetched.header("x-gitball-commit"), "0123", "{status}");
+        if status == 200 {
+            assert_eq!(fetched.text(), "bytes");
+            for (name, value) in [
+                ("content-type", "application/x-tar"),
+                ("content-length", "5"),
+                (
+                    "content-disposition",
+                    "attachment; filename=\"widget-main.tar\"",
+                ),
+                ("etag", "\"c0ffee-tar\""),
+                ("last-modified", "Mon, 01 Jan 2001 00:00:00 GMT"),
+                ("accept-ranges", "bytes"),
+                ("repr-digest", "sha-256=:AAAA:"),
+                ("link", "</x>; rel=\"describedby\""),
+                ("cache-control", "public, max-age=60"),
+            ] {
+                assert_eq!(fetched.header(name), value, "{name}");
+            }
+        } else {
+            assert_eq!(fetched.header("retry-after"), "5");
+            assert_eq!(fetched.error_code(), "busy", "the last 5xx's own body");
+        }
+    }
+}
+
 /// A `101 Switching Protocols` is no answer to an archive request (the
 /// proxy never asks to upgrade, and an archiver never answers so): a failed
 /// attempt, outcome `error`, like a status past 599, never passed on
