@@ -2436,6 +2436,91 @@ fn only_allowlisted_upstream_headers_reach_the_client() {
     }
 }
 
+/// `docs/proxy.md#the-pipe`, upstream abort: an upstream that sends a
+/// head and some of the body, then nothing while keeping its connection
+/// open (a hung archiver, whose kernel still acknowledges), aborts the
+/// client's download after `--header-timeout` of silence, never a hang
+/// nor a clean end, and is ejected and counted as an upstream abort
+/// (attack: misbehaving upstreams; only a unit test of the silence
+/// wrapper held this, not its use on a proxied body: without it, the
+/// download hung for as long as the upstream did).
+#[test]
+fn an_upstream_silent_midway_aborts_the_download_after_the_header_timeout() {
+    use std::io::{Read, Write};
+    let sandbox = Sandbox::new();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let upstream = listener.local_addr().expect("address");
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let hung = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("accept");
+        stream.set_read_timeout(Some(SETTLE)).expect("read timeout");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match stream.read(&mut byte) {
+                Ok(1) => head.push(byte[0]),
+                _ => break,
+            }
+        }
+        let mut answer =
+            b"HTTP/1.1 200 OK\r\nETag: \"c0ffee-tar\"\r\nContent-Length: 1000000\r\n\r\n".to_vec();
+        answer.extend_from_slice(&[b'x'; 1000]);
+        stream.write_all(&answer).expect("write");
+        // Silent, the connection open, until the test is over.
+        let _ = released.recv_timeout(Duration::from_secs(60));
+    });
+    let routes = sandbox.path("routes.toml");
+    write_routes(
+        &routes,
+        &[Route::new("*", &format!("http://{upstream}"), &[])],
+    );
+    let proxy = Proxy::with_routes(&routes, &["--header-timeout", "1", "--eject-for", "60"]);
+    let mut connection = RawConnection::connect(proxy.addr).expect("connect");
+    connection
+        .stream()
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("read timeout");
+    connection
+        .send_request("GET", "/acme/widget/archive/main.tar", &[])
+        .expect("send");
+    let head = connection.read_head().expect("head");
+    assert_eq!(head.status, 200);
+    let started = Instant::now();
+    let mut received = 0;
+    let end = connection.read_body_to_end(|piece| received += piece.len());
+    let waited = started.elapsed();
+    assert!(
+        matches!(&end, BodyEnd::Aborted(_)),
+        "{end:?} after {waited:?}"
+    );
+    assert_eq!(
+        received, 1000,
+        "the bytes the upstream sent, then the abort"
+    );
+    assert!(
+        waited < Duration::from_secs(10),
+        "aborted after one --header-timeout of silence, not {waited:?}"
+    );
+    let upstream_url = format!("http://{upstream}");
+    assert!(
+        wait_until(SETTLE, || proxy.scrape().get(
+            "gitball_proxy_upstream_aborts_total",
+            &[("upstream", &upstream_url)]
+        ) == Some(1.0)),
+        "counted as an upstream abort"
+    );
+    assert_eq!(
+        proxy.scrape().get(
+            "gitball_proxy_upstream_ejected",
+            &[("upstream", &upstream_url)]
+        ),
+        Some(1.0),
+        "a silent upstream is ejected"
+    );
+    let _ = release.send(());
+    hung.join().expect("the hung upstream's thread");
+}
+
 /// A `101 Switching Protocols` is no answer to an archive request (the
 /// proxy never asks to upgrade, and an archiver never answers so): a failed
 /// attempt, outcome `error`, like a status past 599, never passed on
