@@ -312,4 +312,32 @@ mod tests {
         // One pushed out long ago comes back with a full bucket.
         assert!(budget.reserve(client(0)).is_ok());
     }
+
+    /// The clients forgotten first are the least recently *seen*, not the
+    /// first tracked (docs/archiver.md, crawler budget: "LRU"): a crawler
+    /// that keeps asking stays remembered with its empty bucket while new
+    /// clients arrive, and a refused request counts as being seen.
+    /// (Mutation review: forgetting in insertion order passed every test.)
+    #[tokio::test(start_paused = true)]
+    async fn the_least_recently_seen_client_is_forgotten_first() {
+        let budget = budget("1/h", 1, 4);
+        for last in 0..4 {
+            let _spent = budget.reserve(client(last)).expect("a full bucket");
+        }
+        // Client 0, the first tracked, is seen again (refused: empty).
+        assert!(budget.reserve(client(0)).is_err());
+        // Two new clients push out the two least recently seen: 1 and 2.
+        for last in 4..6 {
+            let _spent = budget.reserve(client(last)).expect("a new client");
+        }
+        assert_eq!(budget.tracked(), 4);
+        assert!(
+            budget.reserve(client(0)).is_err(),
+            "client 0 was seen recently: still remembered, still empty"
+        );
+        assert!(
+            budget.reserve(client(1)).is_ok(),
+            "client 1 was least recently seen: forgotten, back full"
+        );
+    }
 }
