@@ -1510,6 +1510,35 @@ mod tests {
         assert!(find(ZIP64_END_SIGNATURE) && find(ZIP64_LOCATOR_SIGNATURE));
     }
 
+    /// At the format's own thresholds, zip64 end records appear exactly
+    /// from 65,535 entries on (docs/urls.md, byte stability: "65 535
+    /// entries or more"), where the 16-bit counts hold 0xffff, and not
+    /// one entry before. (Mutation review: zip64 only past 65,535 entries
+    /// passed every test, which lower the thresholds.)
+    #[test]
+    fn zip64_end_records_start_at_65535_entries() {
+        let end_of = |entries: usize| {
+            let mut tar = Vec::new();
+            tar_entry(&mut tar, "p/", b'5', 0o775, b"", "");
+            for index in 1..entries {
+                tar_entry(&mut tar, &format!("p/{index:05}"), b'0', 0o664, b"", "");
+            }
+            tar.extend_from_slice(&[0; 2 * TAR_BLOCK]);
+            tar.resize(tar.len().next_multiple_of(10240), 0);
+            let zip = zip(&tar, 1 << 20, 2, Zip64At::FORMAT);
+            let has_zip64 = zip
+                .windows(4)
+                .any(|window| window == ZIP64_END_SIGNATURE.to_le_bytes());
+            // The end record (no comment: no global header): its counts.
+            let end = &zip[zip.len() - 22..];
+            assert_eq!(end[..4], END_SIGNATURE.to_le_bytes());
+            let count = u16::from_le_bytes([end[10], end[11]]);
+            (has_zip64, count)
+        };
+        assert_eq!(end_of(65_534), (false, 65_534), "one entry below");
+        assert_eq!(end_of(65_535), (true, 0xffff), "65,535 entries");
+    }
+
     /// Text of made-up words from a vocabulary of 5,000, as a real file's
     /// text is: the input on which a reused deflate state made other bytes.
     fn vocabulary_text(seed: u64, len: usize) -> Vec<u8> {
