@@ -2290,6 +2290,31 @@ mod tests {
         assert!(cache.peek(&stub.spec(1)).is_none());
     }
 
+    /// `--max-archive-bytes` is the largest archive (docs/archiver.md,
+    /// flags): one of exactly that many bytes is made and cached, one byte
+    /// more is too large. (Mutation review: refusing an archive of exactly
+    /// the limit passed every test, whose archives are far past it.)
+    #[tokio::test]
+    async fn an_archive_of_exactly_max_archive_bytes_is_made() {
+        let stub = StubGit::printing(&[b'x'; 1000]);
+        let archive = HEADER_LEN + 1000;
+        for (max_bytes, fits) in [(archive, true), (archive - 1, false)] {
+            let mut settings = stub.settings(1 << 20);
+            settings.dir = stub.cache_dir().with_extension(max_bytes.to_string());
+            settings.limits.max_bytes = max_bytes;
+            let cache = Cache::open(settings).unwrap();
+            let generation = miss(cache.lookup(stub.spec(1), CLIENT, "r"));
+            let state = within(generation.finished()).await;
+            if fits {
+                assert_eq!(complete(state).len, archive);
+                assert!(matches!(cache.peek(&stub.spec(1)), Some(Lookup::Hit(_))));
+            } else {
+                assert_eq!(failure(state), Failure::TooLarge);
+                assert!(cache.peek(&stub.spec(1)).is_none());
+            }
+        }
+    }
+
     #[tokio::test]
     async fn an_archive_the_cache_cannot_hold_is_too_large_and_leaves_nothing_behind() {
         let stub = StubGit::printing(&[b'x'; 5000]);
