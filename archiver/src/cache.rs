@@ -1634,6 +1634,29 @@ mod tests {
         assert!(matches!(cache.peek(&stub.spec(1)), Some(Lookup::Hit(_))));
     }
 
+    /// A cache filled to exactly `--cache-max-bytes` evicts nothing: a
+    /// generation evicts only once the cache is over the bound
+    /// (docs/archiver.md, cache policy). (Mutation review: evicting at
+    /// exactly the bound passed every test, whose bounds leave slack.)
+    #[tokio::test]
+    async fn a_cache_filled_to_exactly_its_bound_evicts_nothing() {
+        let stub = StubGit::printing(&[b'e'; 100]);
+        let archive = HEADER_LEN + 100;
+        let cache = open(&stub, 2 * archive);
+        drop(generate(&cache, stub.spec(1)).await);
+        drop(generate(&cache, stub.spec(2)).await);
+        assert_eq!(bytes(&cache), 2 * archive);
+        assert_eq!(indexed_bytes(&cache), 2 * archive);
+        for n in 1..=2 {
+            assert!(
+                matches!(cache.peek(&stub.spec(n)), Some(Lookup::Hit(_))),
+                "archive {n} was evicted at exactly the bound"
+            );
+        }
+        assert_eq!(names_in(&stub.cache_dir()).len(), 2);
+        assert_eq!(held(&cache), 0);
+    }
+
     /// The case: a small cache holding two popular archives, then
     /// one archive larger than the whole cache. It fails as too large, as
     /// it always did, but without having flushed the popular ones first.
