@@ -2480,6 +2480,39 @@ mod tests {
         assert!(matches!(cache.peek(&stub.spec(1)), Some(Lookup::Hit(_))));
     }
 
+    /// Files that fill the bound exactly are all restored (docs/archiver.md,
+    /// warm restart: "newest first up to `--cache-max-bytes`"), and none
+    /// is evicted at the open. (Mutation review: restoring only while
+    /// below the bound passed every test, whose bounds leave slack.)
+    #[tokio::test]
+    async fn a_restart_restores_files_that_fill_the_bound_exactly() {
+        let stub = StubGit::printing(&[b'r'; 100]);
+        let dir = stub.cache_dir();
+        std::fs::create_dir(&dir).unwrap();
+        let mut paths = Vec::new();
+        for n in 1..=2u32 {
+            let data = printed(&[n as u8; 100]);
+            let path = dir.join(format!(
+                "{}-{}",
+                Cache::key(&stub.spec(n)),
+                hex::encode(sha256(&data))
+            ));
+            std::fs::write(&path, &data).unwrap();
+            paths.push(path);
+        }
+        let archive = HEADER_LEN + 100;
+        let cache = open(&stub, 2 * archive);
+        assert_eq!(bytes(&cache), 2 * archive);
+        for (n, path) in (1..=2u32).zip(&paths) {
+            assert!(path.exists(), "{n}");
+            assert!(
+                matches!(cache.peek(&stub.spec(n)), Some(Lookup::Hit(_))),
+                "{n}"
+            );
+        }
+        assert_eq!(held(&cache), 0);
+    }
+
     /// A file deleted behind the archiver's back is forgotten when found
     /// gone: its key is generated anew, its bytes no longer counted.
     #[tokio::test]
