@@ -152,6 +152,69 @@ mod tests {
         assert!(under.unchanged());
     }
 
+    /// An in-place rewrite of the same size whose modification time is
+    /// set back (`touch -r`, a tool preserving times) still changes the
+    /// stamp: its change time moved (docs/archiver.md, "A push is visible
+    /// to the very next request": stamps hold modification *and* change
+    /// times). (Mutation review: a stamp without the change time passed
+    /// every test.)
+    #[test]
+    fn a_rewrite_in_place_with_its_old_mtime_changes_the_stamp() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("packed-refs");
+        fs::write(&path, "a").unwrap();
+        let old = SystemTime::now() - Duration::from_secs(3600);
+        fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        let stamps = Stamps::take([path.clone()]).unwrap();
+        assert!(stamps.unchanged());
+        // The ctime clock may not have ticked since the stamp was taken.
+        let taken = fs::metadata(&path).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let file = fs::File::options().write(true).open(&path).unwrap();
+            std::io::Write::write_all(&mut &file, b"b").unwrap();
+            file.set_modified(old).unwrap();
+            let now = fs::metadata(&path).unwrap();
+            if (now.ctime(), now.ctime_nsec()) != (taken.ctime(), taken.ctime_nsec()) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "ctime never moved");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let now = fs::metadata(&path).unwrap();
+        assert_eq!(
+            (now.ino(), now.size(), now.mtime(), now.mtime_nsec()),
+            (taken.ino(), taken.size(), taken.mtime(), taken.mtime_nsec()),
+            "only the change time tells"
+        );
+        assert!(!stamps.unchanged());
+    }
+
+    /// A file whose modification time is old but which changed just now
+    /// (its change time) is not settled: a tool that preserves times must
+    /// not make a fresh write look old (docs/archiver.md: an answer whose
+    /// files changed within the last 2 s is not remembered). (Mutation
+    /// review: judging by the modification time alone passed every test.)
+    #[test]
+    fn a_file_with_an_old_mtime_changed_just_now_is_not_settled() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("packed-refs");
+        fs::write(&path, "x").unwrap();
+        fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(SystemTime::now() - Duration::from_secs(3600))
+            .unwrap();
+        let stamps = Stamps::take([path]).unwrap();
+        assert!(!stamps.settled(RACY_WINDOW));
+    }
+
     #[test]
     fn a_file_changed_within_the_window_is_not_settled() {
         let dir = tempfile::tempdir().unwrap();
