@@ -1180,6 +1180,34 @@ fn the_refs_digest_and_reachability_follow_every_change() {
     assert!(!widget.reaches(&c3, None).unwrap());
 }
 
+/// The refs digest is stamped by `packed-refs` too (docs/archiver.md, "A
+/// push is visible to the very next request"): a `packed-refs` rewritten
+/// alone, renamed over the old one as git writes it, with no loose ref or
+/// directory under `refs/` touched, gives the new digest at once. (Mutation review: a digest stamped without `packed-refs`
+/// passed every test.)
+#[test]
+fn the_refs_digest_follows_a_rewrite_of_packed_refs_alone() {
+    let fixture = fixture();
+    let widget = fixture.widget();
+    let dir = &fixture.widget;
+    git(dir, &["pack-refs", "--all"]);
+    let first = widget.refs_digest().unwrap();
+    assert_eq!(widget.known_refs_digest().as_deref(), Some(first.as_str()));
+
+    // Every ref that held c2 moved to c1, in packed-refs alone.
+    let packed = fs::read_to_string(dir.join(".git/packed-refs")).unwrap();
+    let moved = packed.replace(&fixture.c2, &fixture.c1);
+    assert_ne!(packed, moved);
+    fs::write(dir.join(".git/packed-refs.new"), moved).unwrap();
+    fs::rename(
+        dir.join(".git/packed-refs.new"),
+        dir.join(".git/packed-refs"),
+    )
+    .unwrap();
+    assert_eq!(widget.known_refs_digest(), None);
+    assert_ne!(widget.refs_digest().unwrap(), first);
+}
+
 /// `docs/archiver.md#published-commits-only`: a commit is published when
 /// some ref *or `HEAD`* reaches it. A commit made on a detached `HEAD`,
 /// which no branch or tag holds, is served by its id; once `HEAD` moves
