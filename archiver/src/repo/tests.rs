@@ -1265,6 +1265,40 @@ fn with_more_loose_refs_than_are_stamped_the_digest_is_kept_and_follows_git() {
     }
 }
 
+/// Past `MAX_STAMPED_REF_DIRS` directories under `refs/` the digest is
+/// not kept (docs/archiver.md: "Past 4,096 directories under `refs/` the
+/// digest is not kept"); up to that many, it is. (Mutation review: keeping
+/// the digest whatever the number of directories passed every test.)
+#[test]
+fn past_the_stamped_directories_the_digest_is_not_kept() {
+    fn directories(dir: &Path) -> usize {
+        1 + fs::read_dir(dir)
+            .unwrap()
+            .map(|entry| entry.unwrap())
+            .filter(|entry| entry.file_type().unwrap().is_dir())
+            .map(|entry| directories(&entry.path()))
+            .sum::<usize>()
+    }
+    let fixture = fixture();
+    let widget = fixture.widget();
+    let refs = fixture.widget.join(".git/refs");
+    let extra = refs.join("many");
+    fs::create_dir(&extra).unwrap();
+    for made in directories(&refs)..MAX_STAMPED_REF_DIRS {
+        fs::create_dir(extra.join(format!("d{made:04}"))).unwrap();
+    }
+    assert_eq!(directories(&refs), MAX_STAMPED_REF_DIRS);
+    let digest = widget.refs_digest().unwrap();
+    assert_eq!(
+        widget.known_refs_digest().as_deref(),
+        Some(digest.as_str()),
+        "kept at exactly the bound"
+    );
+    fs::create_dir(extra.join("one-more")).unwrap();
+    assert_eq!(widget.refs_digest().unwrap(), digest, "no ref changed");
+    assert_eq!(widget.known_refs_digest(), None, "not kept past the bound");
+}
+
 #[test]
 fn pushed_packs_and_repacks_are_seen() {
     let fixture = fixture();
