@@ -1702,6 +1702,31 @@ fn a_repository_as_root_is_served_as_local() {
     assert!(Repositories::new(&fixture.base.join("missing")).is_err());
 }
 
+/// A single repository served as `local/{dirname}` must have a name the
+/// URL grammar accepts, or start-up fails (docs/archiver.md, repository
+/// layout: "The name must pass the name rule, or start-up fails"); the
+/// trailing `.git` is dropped before the rule is applied. (Mutation
+/// review: serving a single repository whatever its name passed every
+/// test: it started, and no URL could reach it.)
+#[test]
+fn a_single_repository_whose_name_fails_the_rule_is_refused_at_start() {
+    let fixture = fixture();
+    for bad in ["my tool.git", ".hidden.git", "caf\u{e9}"] {
+        let path = fixture.bare_clone(bad);
+        let error = Repositories::new(&path)
+            .err()
+            .unwrap_or_else(|| panic!("{bad:?} was served"));
+        assert_eq!(error.kind(), io::ErrorKind::InvalidInput, "{bad:?}");
+        assert!(
+            error.to_string().contains("cannot appear in a URL"),
+            "{error}"
+        );
+    }
+    let path = fixture.bare_clone("fine-1.0_x.git");
+    let repositories = Repositories::new(&path).unwrap();
+    repositories.open(LOCAL_OWNER, "fine-1.0_x").unwrap();
+}
+
 #[test]
 fn opened_repositories_are_cached_until_their_git_dir_changes() {
     let fixture = fixture();
