@@ -584,6 +584,48 @@ mod tests {
         }
     }
 
+    /// A git whose placeholders differ from the reference's but whose tar
+    /// does not changes the variant of archives whose tree asks for
+    /// `export-subst` only (docs/urls.md, byte stability: "those whose tree
+    /// asks for `export-subst` when its placeholders differ, every archive
+    /// when its tar does"): every other archive keeps its ETag and cache
+    /// key. (Mutation review: giving every archive the placeholders' part
+    /// passed every test, whose other git differed in both.)
+    #[test]
+    fn placeholders_that_differ_reach_only_archives_that_ask_for_them() {
+        let other = "0123456789abcdef".repeat(4);
+        let reference = Fingerprint {
+            tar: REFERENCE.tar.to_owned(),
+            subst: REFERENCE.subst.to_owned(),
+        };
+        assert_eq!(reference.variant_part(false), None);
+        assert_eq!(reference.variant_part(true), None);
+        let subst_only = Fingerprint {
+            tar: REFERENCE.tar.to_owned(),
+            subst: other.clone(),
+        };
+        assert_eq!(subst_only.variant_part(false), None);
+        assert_eq!(
+            subst_only.variant_part(true).as_deref(),
+            Some("subst 0123456789abcdef")
+        );
+        let tar_only = Fingerprint {
+            tar: other.clone(),
+            subst: REFERENCE.subst.to_owned(),
+        };
+        assert_eq!(
+            tar_only.variant_part(false).as_deref(),
+            Some("tar 0123456789abcdef")
+        );
+        assert_eq!(tar_only.variant_part(true), tar_only.variant_part(false));
+        let both = Fingerprint {
+            tar: other.clone(),
+            subst: other,
+        };
+        assert_eq!(both.variant_part(false), tar_only.variant_part(false));
+        assert_ne!(both.variant_part(true), both.variant_part(false));
+    }
+
     /// The git on this host (CI's) is the reference: its archives keep the
     /// ETags they always had. A host whose git fails this writes other
     /// bytes; `golden_hashes_pin_the_bytes_of_every_format` fails there too.
