@@ -4150,6 +4150,106 @@ fn full_generation_queue_answers_503_with_retry_after() {
     assert_eq!(archiver.health_status(), Some(200));
 }
 
+/// A generation's time is counted from its slot, not from its request:
+/// `--generation-timeout` is "counted after the queue" (docs/archiver.md,
+/// flags) and `generation_duration_seconds` runs from the "generation
+/// start (after the queue) to its end" (docs/observability.md). With one
+/// slot, a generation queued behind one that runs until the timeout kills
+/// it has waited a whole timeout; it still gets its own, completes, and its
+/// duration leaves the wait out. (Mutation review: a timeout or a duration
+/// counted from the request passed every test; each fails this one.)
+#[test]
+fn a_generations_timeout_and_duration_count_from_its_slot_not_its_queue() {
+    let sandbox = Sandbox::new();
+    widget(&sandbox);
+    let (stub, mut release) = sandbox.git_that_pauses("git-that-waits", 0);
+    let archiver = Archiver::start(
+        &sandbox.repos(),
+        &[
+            "--git",
+            stub.to_str().unwrap(),
+            "--max-generations",
+            "1",
+            "--generation-timeout",
+            "6",
+        ],
+    );
+    let addr = archiver.addr;
+    let get = move |path: &'static str| {
+        std::thread::spawn(move || RawConnection::request(addr, "GET", path, &[]).unwrap())
+    };
+    // Sent together: one takes the slot, its git paused until the timeout
+    // kills it; the other waits in the queue all that time.
+    let requests = [
+        get("/acme/widget/archive/v1.2.3.tar"),
+        get("/acme/widget/archive/v2.0.0.tar"),
+    ];
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let metrics = archiver.metrics();
+            metrics.value("gitball_archiver_generations_in_flight", &[]) == 1.0
+                && metrics.value("gitball_archiver_generations_queued", &[]) == 1.0
+        }),
+        "one generation never started, or the other never queued"
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let metrics = archiver.metrics();
+            metrics.sum(
+                "gitball_archiver_generations_total",
+                &[("outcome", "timeout")],
+            ) == 1.0
+                && metrics.value("gitball_archiver_generations_in_flight", &[]) == 1.0
+        }),
+        "the first did not time out, or the queued one did not start: {:?}",
+        archiver
+            .metrics()
+            .series_of("gitball_archiver_generations_total")
+    );
+    // The queued one now runs, its git taking a second (not a bound on
+    // anything: well within the timeout it has of its own, well past what
+    // is left of one counted from its request).
+    std::thread::sleep(Duration::from_secs(1));
+    std::io::Write::write_all(&mut release, b"go\n").unwrap();
+    let mut answers: Vec<_> = requests
+        .map(|request| request.join().unwrap())
+        .into_iter()
+        .map(|(head, _, end)| (head.status, matches!(end, BodyEnd::Complete)))
+        .collect();
+    answers.sort();
+    assert_eq!(
+        answers[0],
+        (200, true),
+        "the queued generation got no time of its own: {answers:?}"
+    );
+    assert_ne!(answers[1].0, 200, "{answers:?}");
+
+    let metrics = archiver.metrics();
+    assert_eq!(
+        metrics.sum(
+            "gitball_archiver_generations_total",
+            &[("format", "tar"), ("outcome", "ok")]
+        ),
+        1.0
+    );
+    let duration = "gitball_archiver_generation_duration_seconds";
+    assert_eq!(
+        metrics.value(&format!("{duration}_count"), &[("format", "tar")]),
+        2.0
+    );
+    // The first ran 6 s; the second, which waited as long in the queue,
+    // ran about 1 s.
+    assert_eq!(
+        metrics.value(
+            &format!("{duration}_bucket"),
+            &[("format", "tar"), ("le", "5")]
+        ),
+        1.0,
+        "{:?}",
+        metrics.series_of(&format!("{duration}_bucket"))
+    );
+}
+
 /// Start-up fails with a message naming the flag, as docs/archiver.md's
 /// flags section says: `--repos` that is no directory, a `--token-file`
 /// that cannot be read or is empty, a `--cache-dir` that cannot be made,
