@@ -1727,6 +1727,35 @@ fn a_single_repository_whose_name_fails_the_rule_is_refused_at_start() {
     repositories.open(LOCAL_OWNER, "fine-1.0_x").unwrap();
 }
 
+/// A repository whose alternates file changed within the racy window is
+/// not kept open: every request opens and checks it anew until the file
+/// settles (docs/security.md, nothing read outside `--repos`: "a
+/// repository whose alternates changed in the last 2 s, too recently for a
+/// stamp to tell a rewrite of the same size, is opened anew by every
+/// request until they settle"). One without alternates is kept. (Mutation
+/// review: keeping every repository opened passed every test.)
+#[test]
+fn a_repository_whose_alternates_just_changed_is_opened_anew_each_time() {
+    let fixture = fixture();
+    let pool = fixture.bare_clone("pool.git");
+    let fork = fixture.bare_clone("fork.git");
+    fs::write(
+        fork.join("objects/info/alternates"),
+        format!("{}\n", pool.join("objects").display()),
+    )
+    .unwrap();
+    let repositories = Repositories::new(&fixture.root).unwrap();
+    let first = repositories.open("acme", "fork").unwrap();
+    let again = repositories.open("acme", "fork").unwrap();
+    assert!(
+        !Arc::ptr_eq(&first, &again),
+        "kept open with alternates changed just now"
+    );
+    let pool_first = repositories.open("acme", "pool").unwrap();
+    let pool_again = repositories.open("acme", "pool").unwrap();
+    assert!(Arc::ptr_eq(&pool_first, &pool_again), "no alternates: kept");
+}
+
 #[test]
 fn opened_repositories_are_cached_until_their_git_dir_changes() {
     let fixture = fixture();
