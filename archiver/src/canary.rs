@@ -626,6 +626,29 @@ mod tests {
         assert_ne!(both.variant_part(true), both.variant_part(false));
     }
 
+    /// `tar_writer_info`'s `fingerprint` label is `{tar}/{subst}`, each part
+    /// `reference` or the first 16 hex digits of the canary's SHA-256
+    /// (docs/observability.md, label values: `reference/…` for git
+    /// 2.39.5, whose placeholders alone differ). (Mutation review: another
+    /// number of digits, or the parts in the other order, passed every
+    /// test, which compare the label with the reference's only.)
+    #[test]
+    fn the_fingerprint_label_names_each_part_that_differs() {
+        let tar = "0123456789abcdef".repeat(4);
+        let subst = "fedcba9876543210".repeat(4);
+        let label = |tar: &str, subst: &str| {
+            Fingerprint {
+                tar: tar.to_owned(),
+                subst: subst.to_owned(),
+            }
+            .label()
+        };
+        assert_eq!(label(REFERENCE.tar, REFERENCE.subst), "reference/reference");
+        assert_eq!(label(REFERENCE.tar, &subst), "reference/fedcba9876543210");
+        assert_eq!(label(&tar, REFERENCE.subst), "0123456789abcdef/reference");
+        assert_eq!(label(&tar, &subst), "0123456789abcdef/fedcba9876543210");
+    }
+
     /// The git on this host (CI's) is the reference: its archives keep the
     /// ETags they always had. A host whose git fails this writes other
     /// bytes; `golden_hashes_pin_the_bytes_of_every_format` fails there too.
