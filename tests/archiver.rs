@@ -4250,6 +4250,41 @@ fn a_generations_timeout_and_duration_count_from_its_slot_not_its_queue() {
     );
 }
 
+/// The shadow git dirs live in a private directory of the cache dir
+/// (`shadows-*`, mode 0700) that is removed at exit (docs/archiver.md, "No
+/// command from the repository": "removed at exit, and at the next start
+/// after a kill"): after a SIGTERM, the cache dir holds the archives and
+/// nothing else. (Mutation review: a shadows directory left behind at
+/// exit passed every test, whose listing of the cache dir leaves
+/// `shadows-*` out.)
+#[test]
+fn the_shadow_git_dirs_are_private_and_removed_at_exit() {
+    use std::os::unix::fs::PermissionsExt;
+    let sandbox = Sandbox::new();
+    widget(&sandbox);
+    let mut archiver = Archiver::start(&sandbox.repos(), &[]);
+    let response = archiver.get("/acme/widget/archive/v1.2.3.tar.gz");
+    assert_eq!(response.status().as_u16(), 200);
+    // The whole body: the generation completed, its file renamed.
+    response.bytes().unwrap();
+    let shadows: Vec<_> = std::fs::read_dir(&archiver.cache_dir)
+        .unwrap()
+        .map(|entry| entry.unwrap())
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with("shadows-"))
+        .collect();
+    assert_eq!(shadows.len(), 1, "one shadows dir while running");
+    let mode = shadows[0].metadata().unwrap().permissions().mode();
+    assert_eq!(mode & 0o7777, 0o700, "{mode:o}");
+    let files = archiver.cache_files();
+    assert_eq!(files.len(), 1, "{files:?}");
+
+    let (status, _) = archiver.terminate(Duration::from_secs(20));
+    assert!(status.is_some_and(|status| status.success()), "{status:?}");
+    let mut left = gitball_e2e::git::dir_file_names(&archiver.cache_dir);
+    left.sort();
+    assert_eq!(left, files, "the cache dir after the exit");
+}
+
 /// Start-up fails with a message naming the flag, as docs/archiver.md's
 /// flags section says: `--repos` that is no directory, a `--token-file`
 /// that cannot be read or is empty, a `--cache-dir` that cannot be made,
