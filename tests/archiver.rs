@@ -4285,6 +4285,34 @@ fn the_shadow_git_dirs_are_private_and_removed_at_exit() {
     assert_eq!(left, files, "the cache dir after the exit");
 }
 
+/// A `--max-archive-bytes` given above `--cache-max-bytes` starts the
+/// archiver with a warning (docs/archiver.md, flags: "the archiver starts
+/// but warns. Such archives could never fit (the default never does)"):
+/// the default, `--cache-max-bytes` when smaller than 4 GiB, warns of
+/// nothing. (Mutation review: starting without the warning passed every
+/// test.)
+#[test]
+fn a_max_archive_bytes_above_the_cache_bound_starts_with_a_warning() {
+    const WARNING: &str = "archives larger than --cache-max-bytes cannot be generated";
+    let sandbox = Sandbox::new();
+    widget(&sandbox);
+    let warned = Archiver::start(
+        &sandbox.repos(),
+        &["--cache-max-bytes", "1MiB", "--max-archive-bytes", "2MiB"],
+    );
+    assert_eq!(warned.health_status(), Some(200));
+    assert!(warned.log().contains(WARNING), "{}", warned.log());
+    drop(warned);
+    for args in [
+        &["--cache-max-bytes", "1MiB"][..],
+        &["--cache-max-bytes", "1MiB", "--max-archive-bytes", "1MiB"][..],
+    ] {
+        let quiet = Archiver::start(&sandbox.repos(), args);
+        assert_eq!(quiet.health_status(), Some(200), "{args:?}");
+        assert!(!quiet.log().contains(WARNING), "{args:?}: {}", quiet.log());
+    }
+}
+
 /// Start-up fails with a message naming the flag, as docs/archiver.md's
 /// flags section says: `--repos` that is no directory, a `--token-file`
 /// that cannot be read or is empty, a `--cache-dir` that cannot be made,
