@@ -720,6 +720,25 @@ fn the_default_connection_cap_follows_the_fd_limit() {
     };
     let archiver = Archiver::start_with_nofile(repos(), &[], nofile);
     assert_eq!(cap(archiver.addr, "archiver"), ((HARD - 256) / 2) as f64);
+    // The raise is logged with the limit it found and the one it set
+    // (docs/archiver.md, "Connections and file descriptors": `file
+    // descriptor limit`, fields `nofile`, `was`, `hard`; mutation review:
+    // a line without `was` passed every test).
+    let log = archiver.log();
+    let line = log
+        .lines()
+        .find(|line| line.contains("\"file descriptor limit\""))
+        .unwrap_or_else(|| panic!("no `file descriptor limit` line:\n{log}"));
+    let line: serde_json::Value = serde_json::from_str(line).expect("a JSON log line");
+    assert_eq!(
+        (&line["nofile"], &line["was"], &line["hard"]),
+        (
+            &serde_json::json!(HARD),
+            &serde_json::json!(LOGIN_SHELL_SOFT_NOFILE),
+            &serde_json::json!(HARD)
+        ),
+        "{line}"
+    );
     let (proxy, _routes) = proxy_to(&archiver.base_url, &[], Some(nofile));
     assert_eq!(cap(proxy.addr, "proxy"), ((HARD - 256) / 2) as f64);
     // The default cap fits the limit: no warning.
