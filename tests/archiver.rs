@@ -4329,6 +4329,35 @@ fn a_max_archive_bytes_above_the_cache_bound_starts_with_a_warning() {
     }
 }
 
+/// A git that cannot archive the canary stops the start with the reason
+/// (docs/archiver.md, "The git it runs": "A git that cannot archive the
+/// canary stops the start with the reason"): the archiver exits, its
+/// stderr saying so and what git said. (Mutation review: an archiver
+/// that served on after its start-up canary failed passed every test.)
+#[test]
+fn a_git_that_cannot_archive_the_canary_stops_the_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let sandbox = Sandbox::new();
+    widget(&sandbox);
+    let broken = sandbox.path("broken-git");
+    std::fs::write(
+        &broken,
+        "#!/bin/sh\necho 'this git is broken' >&2\nexit 1\n",
+    )
+    .expect("write the broken git");
+    std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let stderr = gitball_e2e::start_refused(
+        "gitball-archiver",
+        &sandbox.repos(),
+        &sandbox.path("cache"),
+        &["--git".as_ref(), broken.as_os_str()],
+    );
+    assert!(
+        stderr.contains("cannot archive a canary tree") && stderr.contains("this git is broken"),
+        "{stderr}"
+    );
+}
+
 /// Start-up fails with a message naming the flag, as docs/archiver.md's
 /// flags section says: `--repos` that is no directory, a `--token-file`
 /// that cannot be read or is empty, a `--cache-dir` that cannot be made,
