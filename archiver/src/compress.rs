@@ -628,6 +628,25 @@ mod tests {
         }
     }
 
+    /// However fast git writes, at most `MAX_QUEUED_BLOCKS` blocks wait for
+    /// compression or to be written (docs/archiver.md: "at most 32 blocks
+    /// (4 MiB of git's output) wait"): the writer waits for the oldest
+    /// rather than queue more. One thread at level 9 compresses far slower
+    /// than blocks arrive here. (Mutation review: an unbounded queue passed
+    /// every test.)
+    #[test]
+    fn at_most_the_queued_blocks_wait_however_fast_the_input_comes() {
+        let data = sample((MAX_QUEUED_BLOCKS + 8) * 128 * 1024);
+        let mut encoder = ParallelGzip::new(Vec::new(), 9, 1).unwrap();
+        let mut most = 0;
+        for block in data.chunks(128 * 1024) {
+            encoder.write_block(Bytes::copy_from_slice(block)).unwrap();
+            most = most.max(encoder.in_flight.len());
+        }
+        assert!(most <= MAX_QUEUED_BLOCKS, "{most} blocks waited");
+        assert_eq!(gunzip(&encoder.finish().unwrap()), data);
+    }
+
     /// Source-like text: words from a small vocabulary in a seeded order.
     fn sample(len: usize) -> Vec<u8> {
         const WORDS: [&str; 16] = [
