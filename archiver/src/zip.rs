@@ -1643,6 +1643,33 @@ mod tests {
         assert!(zip[data_start..data_start + expected.len()] == expected[..]);
     }
 
+    /// However fast git's tar comes, at most `MAX_QUEUED_JOBS` jobs wait
+    /// for compression (docs/archiver.md: "at most 64 jobs and 8 MiB of
+    /// input wait for compression"): files of one batch each, 64 KiB, on
+    /// one thread at level 9, would otherwise queue up to what the input
+    /// bound alone allows, 128. (Mutation review: bounding the jobs by
+    /// their input alone passed every test.)
+    #[test]
+    fn at_most_the_queued_jobs_wait_however_fast_the_tar_comes() {
+        let files = 2 * MAX_QUEUED_JOBS + 16;
+        let mut writer = ZipWriter::new(Vec::new(), 9, 1).unwrap();
+        let mut most = 0;
+        for index in 0..files {
+            let mut tar = Vec::new();
+            let data = pseudo_text(index as u64 + 10, BATCH_INPUT_BYTES);
+            tar_entry(&mut tar, &format!("f{index:04}"), b'0', 0o664, &data, "");
+            writer.write_block(Bytes::from(tar)).unwrap();
+            most = most.max(writer.queued_jobs);
+            assert!(writer.queued_input_bytes <= MAX_QUEUED_INPUT_BYTES);
+        }
+        assert!(most <= MAX_QUEUED_JOBS, "{most} jobs waited");
+        writer
+            .write_block(Bytes::from(vec![0u8; 2 * TAR_BLOCK]))
+            .unwrap();
+        let zip = writer.finish().unwrap();
+        assert!(python_listing(&zip).contains(&format!("f{:04} ", files - 1)));
+    }
+
     #[test]
     fn a_large_entry_is_never_held_whole() {
         // 12 MiB of one file in pipe-sized pieces: the queued input stays
