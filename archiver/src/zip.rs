@@ -43,7 +43,8 @@
 //!   is finished at the front is written after every piece of git's output
 //!   (`generate` also waits for the oldest job whenever git's pipe is idle).
 //! - **zip64** records appear exactly where a field does not fit: entries,
-//!   offsets and sizes of 4 GiB and more, more than 65 534 entries.
+//!   offsets and sizes of `0xFFFFFFFF` (4 GiB − 1, the value that marks a
+//!   zip64 field) and more, more than 65 534 entries.
 //!
 //! Two deliberate differences from git's own zip, which change no entry:
 //! the DOS time is the commit time in UTC (git converts with the server's
