@@ -566,22 +566,17 @@ mod tests {
     /// fail.)
     #[test]
     fn the_figures_docs_give_for_the_canary_are_these_constants() {
-        let docs: String = include_str!("../../docs/archiver.md")
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ");
-        for figure in [
-            format!("within {} s; about 30 ms", TIMEOUT.as_secs()),
-            format!(
-                "the canary is tried again {} s after",
-                RETRY_FAILED.as_secs()
-            ),
-        ] {
-            assert!(
-                docs.contains(&figure),
-                "docs/archiver.md does not say {figure:?}"
-            );
-        }
+        gitball_core::docs::assert_says(
+            include_str!("../../docs/archiver.md"),
+            "docs/archiver.md",
+            [
+                format!("within {} s; about 30 ms", TIMEOUT.as_secs()),
+                format!(
+                    "the canary is tried again {} s after",
+                    RETRY_FAILED.as_secs()
+                ),
+            ],
+        );
     }
 
     /// A git whose placeholders differ from the reference's but whose tar

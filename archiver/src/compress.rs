@@ -606,26 +606,21 @@ mod tests {
     /// fail.)
     #[test]
     fn the_figures_docs_give_for_compression_are_these_constants() {
-        let docs: String = include_str!("../../docs/archiver.md")
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ");
-        for figure in [
-            format!(
-                "at most {MAX_QUEUED_BLOCKS} blocks ({} MiB of git's output)",
-                (MAX_QUEUED_BLOCKS * crate::generate::INPUT_CHUNK_BYTES) >> 20
-            ),
-            format!(
-                "waits for the oldest job at most {} ms",
-                PENDING_WAIT.as_millis()
-            ),
-            format!("runs {COMPRESSION_NICE} nice levels below"),
-        ] {
-            assert!(
-                docs.contains(&figure),
-                "docs/archiver.md does not say {figure:?}"
-            );
-        }
+        gitball_core::docs::assert_says(
+            include_str!("../../docs/archiver.md"),
+            "docs/archiver.md",
+            [
+                format!(
+                    "at most {MAX_QUEUED_BLOCKS} blocks ({} MiB of git's output)",
+                    (MAX_QUEUED_BLOCKS * crate::generate::INPUT_CHUNK_BYTES) >> 20
+                ),
+                format!(
+                    "waits for the oldest job at most {} ms",
+                    PENDING_WAIT.as_millis()
+                ),
+                format!("runs {COMPRESSION_NICE} nice levels below"),
+            ],
+        );
     }
 
     /// However fast git writes, at most `MAX_QUEUED_BLOCKS` blocks wait for

@@ -239,7 +239,7 @@ mod tests {
     /// review: a figure changed on one side only had nothing to fail.)
     #[test]
     fn the_figures_docs_give_for_stalls_and_the_stop_are_these_constants() {
-        let squash = |text: &str| text.split_whitespace().collect::<Vec<_>>().join(" ");
+        let squash = gitball_core::docs::prose;
         let archiver = squash(include_str!("../../docs/archiver.md"));
         let http = squash(include_str!("../../docs/http.md"));
         let readme = squash(include_str!("../../README.md"));

@@ -688,38 +688,29 @@ mod tests {
     /// fail.)
     #[test]
     fn the_figures_docs_give_for_readers_are_these_constants() {
-        let readme = include_str!("../../README.md")
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ");
-        let figure = format!("at most one {} KiB block", READ_CHUNK_BYTES >> 10);
-        assert!(
-            readme.contains(&figure),
-            "README.md does not say {figure:?}"
+        gitball_core::docs::assert_says(
+            include_str!("../../README.md"),
+            "README.md",
+            [format!("at most one {} KiB block", READ_CHUNK_BYTES >> 10)],
         );
-        let docs: String = include_str!("../../docs/archiver.md")
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ");
-        for figure in [
-            format!(
-                "A body stream reads at most {} KiB at a time",
-                READ_CHUNK_BYTES >> 10
-            ),
-            format!(
-                "{} MiB of recent blocks are kept per process",
-                SHARED_BLOCKS_BYTES >> 20
-            ),
-            format!(
-                "at most {POOLED_BLOCKS} free buffers ({} MiB)",
-                (POOLED_BLOCKS * READ_CHUNK_BYTES) >> 20
-            ),
-        ] {
-            assert!(
-                docs.contains(&figure),
-                "docs/archiver.md does not say {figure:?}"
-            );
-        }
+        gitball_core::docs::assert_says(
+            include_str!("../../docs/archiver.md"),
+            "docs/archiver.md",
+            [
+                format!(
+                    "A body stream reads at most {} KiB at a time",
+                    READ_CHUNK_BYTES >> 10
+                ),
+                format!(
+                    "{} MiB of recent blocks are kept per process",
+                    SHARED_BLOCKS_BYTES >> 20
+                ),
+                format!(
+                    "at most {POOLED_BLOCKS} free buffers ({} MiB)",
+                    (POOLED_BLOCKS * READ_CHUNK_BYTES) >> 20
+                ),
+            ],
+        );
     }
 
     use futures_util::{FutureExt, StreamExt};

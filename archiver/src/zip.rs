@@ -1253,31 +1253,26 @@ mod tests {
     /// fail.)
     #[test]
     fn the_figures_docs_give_for_the_zip_writer_are_these_constants() {
-        let docs: String = include_str!("../../docs/archiver.md")
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ");
-        for figure in [
-            format!(
-                "at most {MAX_QUEUED_JOBS} jobs and {} MiB of input wait for compression",
-                MAX_QUEUED_INPUT_BYTES >> 20
-            ),
-            format!(
-                "a file over {} MiB is streamed in {} MiB blocks",
-                WHOLE_ENTRY_MAX_BYTES >> 20,
-                STREAM_BLOCK_BYTES >> 20
-            ),
-            format!(
-                "is held up to {} MiB and spilled",
-                CENTRAL_SPILL_BYTES >> 20
-            ),
-            format!("deflated on up to {MAX_ZIP_THREADS} cores"),
-        ] {
-            assert!(
-                docs.contains(&figure),
-                "docs/archiver.md does not say {figure:?}"
-            );
-        }
+        gitball_core::docs::assert_says(
+            include_str!("../../docs/archiver.md"),
+            "docs/archiver.md",
+            [
+                format!(
+                    "at most {MAX_QUEUED_JOBS} jobs and {} MiB of input wait for compression",
+                    MAX_QUEUED_INPUT_BYTES >> 20
+                ),
+                format!(
+                    "a file over {} MiB is streamed in {} MiB blocks",
+                    WHOLE_ENTRY_MAX_BYTES >> 20,
+                    STREAM_BLOCK_BYTES >> 20
+                ),
+                format!(
+                    "is held up to {} MiB and spilled",
+                    CENTRAL_SPILL_BYTES >> 20
+                ),
+                format!("deflated on up to {MAX_ZIP_THREADS} cores"),
+            ],
+        );
     }
 
     const MTIME: i64 = 1_234_567_890;

@@ -18,8 +18,10 @@
 //! - [`signals`]: SIGTERM/SIGINT as a cancellation token;
 //! - [`units`]: size and seconds parsing for flags;
 //! - [`secret`]: reading a token or key file;
-//! - [`slots`]: a fixed number of places, taken without a lock.
+//! - [`slots`]: a fixed number of places, taken without a lock;
+//! - [`docs`]: what unit tests use to hold `docs/`'s figures to the code.
 
+pub mod docs;
 pub mod limits;
 pub mod log;
 pub mod metrics;

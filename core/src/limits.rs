@@ -122,7 +122,7 @@ mod tests {
     /// only had nothing to fail.)
     #[test]
     fn the_figures_docs_give_for_the_default_cap_are_these_constants() {
-        let squash = |text: &str| text.split_whitespace().collect::<Vec<_>>().join(" ");
+        let squash = crate::docs::prose;
         for (name, docs, per_connection) in [
             (
                 "archiver.md",

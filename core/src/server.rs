@@ -1225,7 +1225,7 @@ mod tests {
     /// had nothing to fail.)
     #[test]
     fn the_figures_docs_give_for_the_accept_loop_are_these_constants() {
-        let squash = |text: &str| text.split_whitespace().collect::<Vec<_>>().join(" ");
+        let squash = crate::docs::prose;
         let http = squash(include_str!("../../docs/http.md"));
         let archiver = squash(include_str!("../../docs/archiver.md"));
         let kib = |bytes: usize| format!("{} KiB", bytes >> 10);

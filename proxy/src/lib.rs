@@ -485,7 +485,7 @@ mod tests {
     /// changed on one side only had nothing to fail.)
     #[test]
     fn the_figures_docs_give_for_the_proxy_are_these_constants() {
-        let squash = |text: &str| text.split_whitespace().collect::<Vec<_>>().join(" ");
+        let squash = gitball_core::docs::prose;
         let proxy = squash(include_str!("../../docs/proxy.md"));
         let api = squash(include_str!("../../docs/internal-api.md"));
         let architecture = squash(include_str!("../../docs/architecture.md"));

@@ -366,21 +366,8 @@ mod tests {
     /// one side only had nothing to fail.)
     #[test]
     fn the_figures_docs_give_for_the_policy_are_these_constants() {
-        let docs: String = include_str!("../../../docs/archiver.md")
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ");
-        let thousands = |n: usize| {
-            let digits = n.to_string();
-            let mut out = String::new();
-            for (at, digit) in digits.chars().enumerate() {
-                if at > 0 && (digits.len() - at).is_multiple_of(3) {
-                    out.push(',');
-                }
-                out.push(digit);
-            }
-            out
-        };
+        let docs = gitball_core::docs::prose(include_str!("../../../docs/archiver.md"));
+        use gitball_core::docs::thousands;
         for figure in [
             format!("Protected holds at most {PROTECTED_PERCENT} %"),
             format!(
