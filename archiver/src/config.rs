@@ -201,42 +201,7 @@ impl ArchiveOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The rows of a flags table in a markdown document: for each row whose
-    /// first cell is a flag (`` `--name VALUE` ``), the flag's long name and
-    /// its cells (flag, environment, default, meaning).
-    pub(crate) fn documented_flags(markdown: &str) -> Vec<(String, Vec<String>)> {
-        markdown
-            .lines()
-            .filter(|line| line.starts_with("| `--"))
-            .map(|line| {
-                let cells: Vec<String> = line
-                    .trim_matches('|')
-                    .split(" | ")
-                    .map(|cell| cell.trim().to_owned())
-                    .collect();
-                let name = cells[0]
-                    .trim_start_matches("`--")
-                    .split([' ', '`'])
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned();
-                (name, cells)
-            })
-            .collect()
-    }
-
-    /// The part of `markdown` from the line `heading` to the next heading of
-    /// its level.
-    pub(crate) fn section<'a>(markdown: &'a str, heading: &str) -> &'a str {
-        let start = markdown
-            .find(&format!("\n{heading}\n"))
-            .unwrap_or_else(|| panic!("no heading {heading:?}"));
-        let rest = &markdown[start + heading.len() + 2..];
-        let level = heading.split(' ').next().unwrap_or_default();
-        let end = rest.find(&format!("\n{level} ")).unwrap_or(rest.len());
-        &rest[..end]
-    }
+    use gitball_core::docs::{check_flags, documented_bounds, documented_flags, section};
 
     /// `docs/archiver.md`'s flags table is the whole command line, and says
     /// what clap (and so `--help`) does: every flag of the binary has a row
@@ -247,68 +212,16 @@ mod tests {
     #[test]
     fn every_flag_is_documented_with_its_environment_and_default() {
         use clap::CommandFactory;
-        let docs = documented_flags(include_str!("../../docs/archiver.md"));
-        let readme = documented_flags(section(
-            include_str!("../../README.md"),
-            "## Running the archiver",
-        ));
-        let command = Config::command();
-        let mut problems = Vec::new();
-        let mut names = Vec::new();
-        for arg in command.get_arguments() {
-            let Some(long) = arg.get_long() else { continue };
-            if matches!(long, "help" | "version") {
-                continue;
-            }
-            names.push(long.to_owned());
-            let rows: Vec<_> = docs.iter().filter(|(name, _)| name == long).collect();
-            let [(_, cells)] = rows.as_slice() else {
-                problems.push(format!("--{long}: {} rows in docs/archiver.md", rows.len()));
-                continue;
-            };
-            let env = arg
-                .get_env()
-                .map(|env| format!("`{}`", env.to_string_lossy()));
-            if Some(&cells[1]) != env.as_ref() {
-                problems.push(format!("--{long}: docs say {}, clap {env:?}", cells[1]));
-            }
-            let mut defaults = vec![(&cells[2], "docs/archiver.md")];
-            defaults.extend(
-                readme
-                    .iter()
-                    .filter(|(name, row)| name == long && !row[0].contains(','))
-                    .map(|(_, row)| (&row[1], "README.md")),
-            );
-            for (default, file) in defaults {
-                match arg.get_default_values() {
-                    [value] => {
-                        let value = format!("`{}`", value.to_string_lossy());
-                        if !default.starts_with(&value) {
-                            problems
-                                .push(format!("--{long}: {file} default {default}, clap {value}"));
-                        }
-                    }
-                    [] if arg.is_required_set() => {
-                        if default != "required" {
-                            problems.push(format!(
-                                "--{long}: {file} default {default}, clap: required"
-                            ));
-                        }
-                    }
-                    [] => {
-                        if default == "required" {
-                            problems.push(format!("--{long}: {file} says required, clap does not"));
-                        }
-                    }
-                    values => problems.push(format!("--{long}: several defaults {values:?}")),
-                }
-            }
-        }
-        for (name, _) in docs.iter().chain(&readme) {
-            if !names.contains(name) {
-                problems.push(format!("--{name} is documented but is no flag"));
-            }
-        }
+        let problems = check_flags(
+            &Config::command(),
+            &documented_flags(include_str!("../../docs/archiver.md")),
+            &documented_flags(section(
+                include_str!("../../README.md"),
+                "## Running the archiver",
+            )),
+            &[],
+            "archiver",
+        );
         assert!(problems.is_empty(), "{problems:#?}");
     }
 
@@ -346,35 +259,6 @@ mod tests {
             PrewarmFormats(vec![Format::TarGz, Format::Zip])
         );
         assert_eq!(config.options.max_connections, None);
-    }
-
-    /// Values a row's meaning says a flag takes or refuses: (value,
-    /// accepted) for "at least 1", "more than 0", "N to M" and "`0`: …".
-    pub(crate) fn documented_bounds(meaning: &str) -> Vec<(String, bool)> {
-        let mut cases = Vec::new();
-        if meaning.contains("at least 1") {
-            cases.extend([("0".to_owned(), false), ("1".to_owned(), true)]);
-        }
-        if meaning.contains("more than 0") {
-            cases.extend([("0".to_owned(), false), ("0.5".to_owned(), true)]);
-        }
-        if meaning.contains("`0`:") || meaning.contains("`0` turns") {
-            cases.push(("0".to_owned(), true));
-        }
-        let words: Vec<&str> = meaning.split_whitespace().collect();
-        for window in words.windows(3) {
-            let [low, "to", high] = window else { continue };
-            let high = high.trim_end_matches(['.', ',']);
-            if let (Ok(low), Ok(high)) = (low.parse::<i64>(), high.parse::<i64>()) {
-                cases.extend([
-                    ((low - 1).to_string(), false),
-                    (low.to_string(), true),
-                    (high.to_string(), true),
-                    ((high + 1).to_string(), false),
-                ]);
-            }
-        }
-        cases
     }
 
     /// What docs/archiver.md's flags table says a flag accepts or refuses
