@@ -548,7 +548,8 @@ pub struct Found {
     reference: String,
     target: ObjectId,
     kind: RefKind,
-    /// The files the answer came from, for a name.
+    /// The files the answer came from, for a name, when they were settled
+    /// as it was read: the answer may be remembered.
     stamps: Option<Stamps>,
 }
 
@@ -682,7 +683,12 @@ impl Repository {
                             }
                         }
                     }
-                    stamps = Some(answer);
+                    // Judged now, just after the read: judged once the
+                    // object is peeled (off the serving thread, maybe
+                    // behind another read), a ref rewritten within one
+                    // clock tick of this read would pass for settled, and
+                    // its stale answer be remembered (review).
+                    stamps = answer.settled(self.racy_window).then_some(answer);
                     (found.id, found.kind)
                 }
                 None => match find_abbreviated(&repo, reference)? {
@@ -712,16 +718,14 @@ impl Repository {
     }
 
     /// The answer for `found`, which peels to `peeled`; remembered by name
-    /// when its files are settled.
+    /// when its files were settled as they were read.
     fn resolved(&self, found: Found, (commit, committer_time): (ObjectId, i64)) -> Resolved {
         let resolved = Resolved {
             commit: commit.to_hex().to_string(),
             kind: found.kind,
             committer_time,
         };
-        if let Some(stamps) = found.stamps
-            && stamps.settled(self.racy_window)
-        {
+        if let Some(stamps) = found.stamps {
             self.remembered_refs().put(
                 found.reference,
                 RememberedRef {

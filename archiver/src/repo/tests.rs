@@ -1,4 +1,5 @@
 use std::process::Command;
+use std::time::{Duration, SystemTime};
 
 use super::confine::*;
 use super::refs::*;
@@ -1119,6 +1120,46 @@ fn recently_changed_refs_are_read_again_not_remembered() {
     assert!(widget.digest.lock().unwrap().is_none());
 }
 
+/// Whether a ref's files may be trusted is judged as they are read, not
+/// once the object is peeled, which may be seconds later (off the serving
+/// thread, behind another read): by then a rewrite within the same clock
+/// tick as the read would pass for settled, and the answer read before it
+/// be remembered while the stamps stay equal.
+#[test]
+fn a_ref_read_while_racy_is_not_remembered_however_late_its_object_is_peeled() {
+    let fixture = fixture();
+    let widget = Repositories::new(&fixture.root)
+        .unwrap()
+        .open("acme", "widget")
+        .unwrap();
+    git(
+        &fixture.widget,
+        &["update-ref", "refs/heads/main", &fixture.c1],
+    );
+    let found = match widget.find("main").unwrap() {
+        RefLookup::Found(found) => found,
+        RefLookup::Known(resolved) => panic!("nothing peeled yet: {resolved:?}"),
+    };
+    let changed = fs::metadata(fixture.widget.join(".git/refs/heads/main"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    let settles = changed + RACY_WINDOW;
+    assert!(
+        SystemTime::now() < settles,
+        "the ref was read within the racy window"
+    );
+    // The object's read ends after the ref's change has settled.
+    while SystemTime::now() <= settles + Duration::from_millis(100) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(widget.peel_found(found).unwrap().commit, fixture.c1);
+    assert_eq!(widget.remembered_refs().len(), 0, "remembered");
+    // Read again now that it is settled: remembered.
+    assert_resolves(&widget, "main", RefKind::Branch("main".into()));
+    assert_eq!(widget.remembered_refs().len(), 1);
+}
+
 #[test]
 fn a_snapshot_of_the_refs_read_afresh_has_the_repositorys_refs_digest() {
     let fixture = fixture();
@@ -1858,7 +1899,10 @@ fn the_figures_docs_give_for_repositories_are_these_constants() {
             "Past {} directories under `refs/`",
             thousands(MAX_STAMPED_REF_DIRS)
         ),
-        format!("changed within the last {} s", stamp::RACY_WINDOW.as_secs()),
+        format!(
+            "changed within {} s before they were read",
+            stamp::RACY_WINDOW.as_secs()
+        ),
         format!("bounded ({}k ids", CLEAN_TREE_IDS.get() >> 10),
         format!(
             "one over {} MiB is taken as mentioning",
