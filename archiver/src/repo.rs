@@ -34,7 +34,7 @@
 //!   an object is missing, which picks up new packs and survives repacks.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     fmt, fs, io,
     num::NonZeroUsize,
     os::unix::fs::MetadataExt,
@@ -431,7 +431,7 @@ fn open_candidate(path: &Path, confine_to: Option<&Path>) -> Result<Option<Repos
         reachable: Mutex::new(None),
         substitutes: Mutex::new(LruCache::new(SUBSTITUTION_ANSWERS)),
         peeled: Mutex::new(LruCache::new(PEELED_OBJECTS)),
-        peeling: Mutex::new(()),
+        peeling: Mutex::new(HashMap::new()),
         refs: Mutex::new(LruCache::new(REMEMBERED_REFS)),
         digest: Mutex::new(None),
         listing: Mutex::new(()),
@@ -499,10 +499,13 @@ pub struct Repository {
     /// Object id → the commit it peels to and the commit's committer time
     /// (an id names its content: the answer never changes).
     peeled: Mutex<LruCache<ObjectId, (ObjectId, i64)>>,
-    /// Held while an object not yet peeled is read, so that requests for
-    /// it that arrive together read it once (its cost is a push's to
-    /// decide: a delta chain through large objects).
-    peeling: Mutex<()>,
+    /// Object being read → its lock, held while it is read, so that
+    /// requests for it that arrive together read it once (its cost is a
+    /// push's to decide: a delta chain through large objects). One per
+    /// object, not one per repository: a failed read is not remembered, so
+    /// requests for one costly, broken object would otherwise hold up
+    /// every other object's first read in the repository (review).
+    peeling: Mutex<HashMap<ObjectId, Arc<Mutex<()>>>>,
     /// User's ref (as in the URL) → what it resolved to, while the files
     /// the answer came from are unchanged.
     refs: Mutex<LruCache<String, RememberedRef>>,
@@ -605,16 +608,37 @@ impl Repository {
         if let Some(peeled) = self.known_peeled(&id) {
             return Ok(peeled);
         }
-        let _peeling = self.peeling.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(peeled) = self.known_peeled(&id) {
-            return Ok(peeled);
+        let reading = self.reading(id);
+        let peeled = {
+            let _reading = reading.lock().unwrap_or_else(PoisonError::into_inner);
+            match self.known_peeled(&id) {
+                Some(peeled) => Ok(peeled),
+                None => peel_to_commit(repo, id).inspect(|peeled| {
+                    self.peeled
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .put(id, *peeled);
+                }),
+            }
+        };
+        self.done_reading(id, reading);
+        peeled
+    }
+
+    /// The lock of reads of `id` (see `peeling`).
+    fn reading(&self, id: ObjectId) -> Arc<Mutex<()>> {
+        let mut peeling = self.peeling.lock().unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(peeling.entry(id).or_default())
+    }
+
+    /// Lets go of `reading`, `id`'s lock, forgetting it when no other
+    /// request holds it.
+    fn done_reading(&self, id: ObjectId, reading: Arc<Mutex<()>>) {
+        let mut peeling = self.peeling.lock().unwrap_or_else(PoisonError::into_inner);
+        // Clones are taken under `peeling` only: the map's and this one.
+        if Arc::strong_count(&reading) == 2 {
+            peeling.remove(&id);
         }
-        let peeled = peel_to_commit(repo, id)?;
-        self.peeled
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .put(id, peeled);
-        Ok(peeled)
     }
 
     /// Resolves a user's ref (already validated by `url::validate_ref`) to a

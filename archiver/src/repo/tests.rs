@@ -1120,6 +1120,28 @@ fn recently_changed_refs_are_read_again_not_remembered() {
     assert!(widget.digest.lock().unwrap().is_none());
 }
 
+/// A read of one object holds up only requests for that object: a failed
+/// read is not remembered, so requests for one costly, broken object (a
+/// malformed commit at the end of a delta chain, re-read by each) held
+/// every other object's first read in the repository behind them.
+#[test]
+fn a_read_of_one_object_holds_up_no_other_objects_read() {
+    let fixture = fixture();
+    let widget = fixture.widget();
+    let slow = ObjectId::from_hex(fixture.c2.as_bytes()).unwrap();
+    let reading = widget.reading(slow);
+    let _reading = reading.lock().unwrap();
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let other = Arc::clone(&widget);
+    let c1 = fixture.c1.clone();
+    std::thread::spawn(move || sender.send(other.resolve(&c1)));
+    let resolved = receiver
+        .recv_timeout(Duration::from_secs(30))
+        .expect("another object's read waited for this one")
+        .unwrap();
+    assert_eq!(resolved.commit, fixture.c1);
+}
+
 /// Whether a ref's files may be trusted is judged as they are read, not
 /// once the object is peeled, which may be seconds later (off the serving
 /// thread, behind another read): by then a rewrite within the same clock
