@@ -1257,6 +1257,15 @@ fn commits_are_read_off_the_serving_threads_once_each() {
         .map(|index| format!("create refs/tags/t{index} {id}\n"))
         .collect();
     repo.git_with_input(None, &["update-ref", "--stdin"], tags.as_bytes());
+    // Symbolic refs to it too, as `HEAD` is to a branch: followed to the
+    // commit's id, not read through gix's peeling on every walk.
+    for index in 0..30 {
+        repo.git(&[
+            "symbolic-ref",
+            &format!("refs/heads/s{index}"),
+            "refs/heads/deep",
+        ]);
+    }
     let archiver = Archiver::start(&sandbox.repos(), &[]);
     assert_eq!(status(&archiver, "/acme/widget/archive/main.tar"), 200);
     let serving = || gitball_e2e::thread_cpu_ticks(archiver.pid, "gitball-archive");
@@ -1286,7 +1295,7 @@ fn commits_are_read_off_the_serving_threads_once_each() {
     let walk = cpu() - before;
     assert!(
         walk < 2 * first,
-        "walking from 30 tags on the commit took {walk} ticks"
+        "walking from 30 tags and 30 symbolic refs on the commit took {walk} ticks"
     );
     let before = cpu();
     for _ in 0..4 {

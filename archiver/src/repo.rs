@@ -920,8 +920,11 @@ impl Repository {
             // of deltas took 30 reads of it after each push).
             let target = match reference.target() {
                 gix::refs::TargetRef::Object(id) => Some(id.to_owned()),
+                // Followed to the object's id, which is not read here
+                // (`peel_to_id` would read it, on every walk, as `HEAD`
+                // leads to a branch's commit: review).
                 gix::refs::TargetRef::Symbolic(_) => {
-                    reference.peel_to_id().ok().map(gix::Id::detach)
+                    reference.follow_to_object().ok().map(gix::Id::detach)
                 }
             };
             // Refs to trees or blobs, and dangling ones, reach no commit.
