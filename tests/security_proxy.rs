@@ -481,8 +481,9 @@ fn upstream_connections_are_watched_by_a_15_s_keepalive() {
     let SocketAddr::V4(archiver) = cluster.primary.addr else {
         panic!("the archiver listens on {}, not IPv4", cluster.primary.addr);
     };
-    // The pooled connection stays open for 20 s: only this test's proxy
-    // connects to this archiver.
+    // The pooled connection stays open for the pool's 5 s idle timeout,
+    // and is read at once: only this test's proxy connects to this
+    // archiver.
     let mut timers = Vec::new();
     let armed = wait_until(Duration::from_secs(5), || {
         timers = keepalive_timers_to(archiver);
