@@ -3365,6 +3365,8 @@ fn a_parked_spliced_download_whose_client_leaves_asks_no_archiver() {
     let (big, cluster) = warm_big_cluster(&sandbox, &["--park-after", PARK_AFTER]);
     warm_up(&cluster, big);
     let proxy = &cluster.proxy;
+    let attempts = || proxy.scrape().sum(ATTEMPTS, &[]);
+    let before_the_download = attempts();
     let ((connection, ..), _) = spliced_download_counting(proxy);
     assert!(
         wait_until(SETTLE, || proxy
@@ -3373,7 +3375,6 @@ fn a_parked_spliced_download_whose_client_leaves_asks_no_archiver() {
             == 1.0),
         "the stalled spliced download was not parked"
     );
-    let attempts = || attempts_of(&proxy.scrape(), &cluster.primary.base_url);
     let before = attempts();
     // Unread bytes in its socket: the close is a reset.
     drop(connection);
@@ -3389,14 +3390,19 @@ fn a_parked_spliced_download_whose_client_leaves_asks_no_archiver() {
         proxy.scrape().value("gitball_proxy_parked_downloads", &[]),
         0.0
     );
-    // Its line counts the first answer and the splice's range request, no
-    // resume: one begun is counted there even when the client's leaving
-    // cut it short before any connection (review: the metric alone missed
-    // that race).
+    // Its line counts the first answer and the splice's range request, and
+    // no resume after the client left: one begun is counted there even when
+    // the client's leaving cut it short before any connection (review: the
+    // metric alone missed that race). Counted as the proxy counted them:
+    // the client's kernel may have taken more bytes after the first park,
+    // and the download resumed and parked again before the test saw it (CI:
+    // 3 attempts on the line against 2 expected).
     let lines = big_log_lines(proxy, "client_gone");
     let line: serde_json::Value =
         serde_json::from_str(lines.last().expect("the download's line")).expect("JSON");
-    assert_eq!(line["attempts"], "2", "{line}");
+    let counted = before - before_the_download;
+    assert!(counted >= 2.0, "{counted} attempts counted");
+    assert_eq!(line["attempts"], counted.to_string().as_str(), "{line}");
 }
 
 /// A download judged fast whose client stalls before the chunk that got
