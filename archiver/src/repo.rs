@@ -728,6 +728,16 @@ impl Repository {
             stamps,
         };
         Ok(match self.known_peeled(&target) {
+            // A commit asked for by its id is known from the memo only while
+            // the object is still there: `gc` may have pruned it since, and
+            // it is then "not found", as before it was first read (review:
+            // with `--require-reachable false`, a pruned commit's archive
+            // was served, or its generation failed, instead of a 404). An
+            // index lookup, or one `stat` for a loose object; a name's
+            // object is in a ref, which `gc` keeps.
+            Some(_) if matches!(found.kind, RefKind::Commit) && !repo.has_object(target) => {
+                return Err(Error::RefNotFound);
+            }
             Some(peeled) => RefLookup::Known(self.resolved(found, peeled)),
             None => RefLookup::Found(found),
         })

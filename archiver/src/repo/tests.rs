@@ -1147,6 +1147,30 @@ fn a_read_of_one_object_holds_up_no_other_objects_read() {
 /// thread, behind another read): by then a rewrite within the same clock
 /// tick as the read would pass for settled, and the answer read before it
 /// be remembered while the stamps stay equal.
+/// A commit read once by its id and then pruned (`gc`) is not found by id
+/// again, as before it was read, though what it peels to is remembered
+/// (review: the memo answered for a commit no longer there).
+#[test]
+fn a_commit_pruned_after_it_was_read_is_not_found_by_its_id() {
+    let fixture = fixture();
+    let widget = fixture.widget();
+    assert_eq!(widget.resolve(&fixture.c1).unwrap().commit, fixture.c1);
+    // In no pack: pruning it is removing its loose object.
+    let object = fixture
+        .widget
+        .join(".git/objects")
+        .join(&fixture.c1[..2])
+        .join(&fixture.c1[2..]);
+    fs::remove_file(&object).unwrap();
+    assert!(
+        matches!(widget.resolve(&fixture.c1), Err(Error::RefNotFound)),
+        "{:?}",
+        widget.resolve(&fixture.c1)
+    );
+    // By name, the commit the ref names now, and its id still resolve.
+    assert_eq!(widget.resolve(&fixture.c2).unwrap().commit, fixture.c2);
+}
+
 #[test]
 fn a_ref_read_while_racy_is_not_remembered_however_late_its_object_is_peeled() {
     let fixture = fixture();
