@@ -1285,6 +1285,22 @@ fn stall_until_the_proxy_parks(
     path: &str,
 ) -> (RawConnection, ResponseHead, Sha256, u64) {
     let mut connection = RawConnection::connect(proxy.addr).expect("connect");
+    // A piped download: a receive buffer of its own size, which the kernel
+    // does not grow, so the proxy never gets 4 MiB into the socket within
+    // 40 ms and never splices it (CI: the kernel's autotuned buffers took
+    // 4.4 MB, the download was spliced, and its resume from a cold
+    // archiver, a request for the complete archive, failed before any
+    // byte: not the piped resume the tests are about). It also keeps the
+    // kernel from taking more bytes after the park.
+    socket2::SockRef::from(connection.stream())
+        .set_recv_buffer_size(256 * KIB)
+        .expect("SO_RCVBUF");
+    let spliced = || {
+        proxy
+            .scrape()
+            .value("gitball_proxy_splices_total", &[("outcome", "spliced")])
+    };
+    let spliced_before = spliced();
     connection.send_request("GET", path, &[]).expect("send");
     let head = connection.read_head().expect("head");
     assert_eq!(head.status, 200);
@@ -1299,6 +1315,11 @@ fn stall_until_the_proxy_parks(
             .value("gitball_proxy_parked_downloads", &[])
             == 1.0),
         "the stalled download was not parked"
+    );
+    assert_eq!(
+        spliced(),
+        spliced_before,
+        "the stalled download was spliced"
     );
     (connection, head, hasher, first.len() as u64)
 }
