@@ -1429,6 +1429,18 @@ mod tests {
         cache.lock().bytes
     }
 
+    /// Writes `data` into `stub`'s cache dir as the complete archive of
+    /// `stub.spec(n)`, named as a finished generation names it.
+    fn write_complete(stub: &StubGit, n: u32, data: &[u8]) -> PathBuf {
+        let path = stub.cache_dir().join(format!(
+            "{}-{}",
+            Cache::key(&stub.spec(n)),
+            hex::encode(sha256(data))
+        ));
+        std::fs::write(&path, data).unwrap();
+        path
+    }
+
     fn held(cache: &Cache) -> u64 {
         cache.held_bytes()
     }
@@ -2418,13 +2430,7 @@ mod tests {
         let dir = stub.cache_dir();
         std::fs::create_dir(&dir).unwrap();
         for n in 1..=2u32 {
-            let data = printed(&[n as u8; 100]);
-            let name = format!(
-                "{}-{}",
-                Cache::key(&stub.spec(n)),
-                hex::encode(sha256(&data))
-            );
-            std::fs::write(dir.join(name), &data).unwrap();
+            write_complete(&stub, n, &printed(&[n as u8; 100]));
         }
 
         let cache = open(&stub, 1 << 20);
@@ -2452,13 +2458,7 @@ mod tests {
         // prints them.
         let archive = HEADER_LEN + 100;
         for n in 1..=3u32 {
-            let data = printed(&[n as u8; 100]);
-            let path = dir.join(format!(
-                "{}-{}",
-                Cache::key(&stub.spec(n)),
-                hex::encode(sha256(&data))
-            ));
-            std::fs::write(&path, &data).unwrap();
+            let path = write_complete(&stub, n, &printed(&[n as u8; 100]));
             let file = std::fs::File::options().write(true).open(&path).unwrap();
             file.set_modified(now - Duration::from_secs(60 * u64::from(n)))
                 .unwrap();
@@ -2491,14 +2491,7 @@ mod tests {
         std::fs::create_dir(&dir).unwrap();
         let mut paths = Vec::new();
         for n in 1..=2u32 {
-            let data = printed(&[n as u8; 100]);
-            let path = dir.join(format!(
-                "{}-{}",
-                Cache::key(&stub.spec(n)),
-                hex::encode(sha256(&data))
-            ));
-            std::fs::write(&path, &data).unwrap();
-            paths.push(path);
+            paths.push(write_complete(&stub, n, &printed(&[n as u8; 100])));
         }
         let archive = HEADER_LEN + 100;
         let cache = open(&stub, 2 * archive);
@@ -2547,15 +2540,7 @@ mod tests {
         let dir = stub.cache_dir();
         std::fs::create_dir(&dir).unwrap();
         let data = pattern(3 << 20);
-        let sound = |n: u32| {
-            let path = dir.join(format!(
-                "{}-{}",
-                Cache::key(&stub.spec(n)),
-                hex::encode(sha256(&data))
-            ));
-            std::fs::write(&path, &data).unwrap();
-            path
-        };
+        let sound = |n: u32| write_complete(&stub, n, &data);
         let intact = sound(1);
         let truncated = sound(2);
         std::fs::File::options()

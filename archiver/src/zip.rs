@@ -1336,9 +1336,9 @@ mod tests {
         out
     }
 
-    /// A tar like git's: global header with the commit, directories, files
-    /// (one of them streamed in blocks), a symlink, a long name.
-    fn sample_tar(large: usize) -> Vec<u8> {
+    /// The start of a tar as git writes it: the pax global header with the
+    /// commit id.
+    fn tar_with_commit_comment() -> Vec<u8> {
         let mut tar = Vec::new();
         let comment = "52 comment=0123456789abcdef0123456789abcdef01234567\n";
         tar_header(
@@ -1351,6 +1351,13 @@ mod tests {
         );
         tar.extend_from_slice(comment.as_bytes());
         tar.resize(tar.len().next_multiple_of(TAR_BLOCK), 0);
+        tar
+    }
+
+    /// A tar like git's: global header with the commit, directories, files
+    /// (one of them streamed in blocks), a symlink, a long name.
+    fn sample_tar(large: usize) -> Vec<u8> {
+        let mut tar = tar_with_commit_comment();
         tar_entry(&mut tar, "p/", b'5', 0o775, b"", "");
         tar_entry(&mut tar, "p/a.txt", b'0', 0o664, &pseudo_text(1, 5000), "");
         tar_entry(&mut tar, "p/empty", b'0', 0o664, b"", "");
@@ -1546,18 +1553,7 @@ mod tests {
     #[test]
     fn zip_bytes_of_an_entry_of_several_blocks_are_those_of_the_series() {
         use sha2::{Digest, Sha256};
-        let mut tar = Vec::new();
-        let comment = "52 comment=0123456789abcdef0123456789abcdef01234567\n";
-        tar_header(
-            &mut tar,
-            "pax_global_header",
-            b'g',
-            0o666,
-            comment.len() as u64,
-            "",
-        );
-        tar.extend_from_slice(comment.as_bytes());
-        tar.resize(tar.len().next_multiple_of(TAR_BLOCK), 0);
+        let mut tar = tar_with_commit_comment();
         tar_entry(&mut tar, "p/", b'5', 0o775, b"", "");
         let big = vocabulary_text(5, 3 * STREAM_BLOCK_BYTES + 12_345);
         tar_entry(&mut tar, "p/big.txt", b'0', 0o664, &big, "");
