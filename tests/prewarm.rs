@@ -217,7 +217,7 @@ fn prewarm_through_the_proxy_runs_on_the_replica_downloads_use() {
 /// `attempts` `0` while the archivers may have been serving them.
 #[test]
 fn a_client_leaving_mid_prewarm_is_logged_with_its_attempts() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let sandbox = Sandbox::new();
     let prewarm = write_token(&sandbox, "prewarm", PREWARM_TOKEN);
     // An upstream that accepts and never answers.
@@ -259,12 +259,8 @@ fn a_client_leaving_mid_prewarm_is_logged_with_its_attempts() {
         held.len()
     );
     for connection in &mut held {
-        let mut head = Vec::new();
-        let mut byte = [0; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            assert_eq!(connection.read(&mut byte).unwrap(), 1, "the request's head");
-            head.push(byte[0]);
-        }
+        let head = gitball_e2e::read_request_head(connection);
+        assert!(gitball_e2e::is_whole_head(&head), "the request's head");
     }
     // Half-closed, as a client that sent its request and left does.
     client.shutdown(std::net::Shutdown::Write).unwrap();
@@ -550,13 +546,9 @@ fn holding_upstream(answers: Vec<Vec<u8>>) -> std::net::SocketAddr {
                 stream
                     .set_read_timeout(Some(Duration::from_secs(30)))
                     .expect("read timeout");
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    match stream.read(&mut byte) {
-                        Ok(1) => head.push(byte[0]),
-                        _ => return,
-                    }
+                let head = gitball_e2e::read_request_head(&mut stream);
+                if !gitball_e2e::is_whole_head(&head) {
+                    return;
                 }
                 let _ = stream.write_all(&answer);
                 // Until the proxy lets go.

@@ -2013,7 +2013,7 @@ fn scripted_upstream(answer: &'static [u8], connections: usize) -> SocketAddr {
 fn sequenced_upstream(
     answers: Vec<&'static [u8]>,
 ) -> (SocketAddr, std::sync::mpsc::Receiver<Vec<u8>>) {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let (heads, received) = std::sync::mpsc::channel();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     listener.set_nonblocking(true).expect("nonblocking");
@@ -2030,14 +2030,7 @@ fn sequenced_upstream(
             let (mut stream, _) = accepted.expect("accepted");
             stream.set_nonblocking(false).expect("blocking");
             stream.set_read_timeout(Some(SETTLE)).expect("read timeout");
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                match stream.read(&mut byte) {
-                    Ok(1) => head.push(byte[0]),
-                    _ => break,
-                }
-            }
+            let head = gitball_e2e::read_request_head(&mut stream);
             let _ = stream.write_all(answer);
             // The test may not want the heads.
             let _ = heads.send(head);
@@ -2467,7 +2460,7 @@ fn only_allowlisted_upstream_headers_reach_the_client() {
 /// download hung for as long as the upstream did).
 #[test]
 fn an_upstream_silent_midway_aborts_the_download_after_the_header_timeout() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let sandbox = Sandbox::new();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let upstream = listener.local_addr().expect("address");
@@ -2475,14 +2468,7 @@ fn an_upstream_silent_midway_aborts_the_download_after_the_header_timeout() {
     let hung = std::thread::spawn(move || {
         let (mut stream, _) = listener.accept().expect("accept");
         stream.set_read_timeout(Some(SETTLE)).expect("read timeout");
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            match stream.read(&mut byte) {
-                Ok(1) => head.push(byte[0]),
-                _ => break,
-            }
-        }
+        gitball_e2e::read_request_head(&mut stream);
         let mut answer =
             b"HTTP/1.1 200 OK\r\nETag: \"c0ffee-tar\"\r\nContent-Length: 1000000\r\n\r\n".to_vec();
         answer.extend_from_slice(&[b'x'; 1000]);
@@ -2551,18 +2537,11 @@ fn an_upstream_silent_midway_aborts_the_download_after_the_header_timeout() {
 /// `Resume::skip` alone).
 #[test]
 fn a_resume_answered_under_another_etag_aborts_the_download() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     const LENGTH: u64 = 64 * MIB as u64;
     fn head_of(stream: &mut std::net::TcpStream) -> String {
         stream.set_read_timeout(Some(SETTLE)).expect("read timeout");
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            match stream.read(&mut byte) {
-                Ok(1) => head.push(byte[0]),
-                _ => break,
-            }
-        }
+        let head = gitball_e2e::read_request_head(stream);
         String::from_utf8_lossy(&head).to_ascii_lowercase()
     }
     /// Writes `fill` bytes until `count` are written or the proxy closes.
@@ -3565,7 +3544,6 @@ fn a_stalled_spliced_download_is_cut_after_the_client_idle_timeout() {
 /// whatever was asked (a `Range` included), then closes the connection.
 /// Its thread ends when no connection comes within [`SETTLE`].
 fn concurrent_upstream(answer: &'static [u8]) -> SocketAddr {
-    use std::io::Read;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     listener.set_nonblocking(true).expect("nonblocking");
     let addr = listener.local_addr().expect("address");
@@ -3582,13 +3560,9 @@ fn concurrent_upstream(answer: &'static [u8]) -> SocketAddr {
             std::thread::spawn(move || {
                 stream.set_nonblocking(false).expect("blocking");
                 stream.set_read_timeout(Some(SETTLE)).expect("read timeout");
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    match stream.read(&mut byte) {
-                        Ok(1) => head.push(byte[0]),
-                        _ => return,
-                    }
+                let head = gitball_e2e::read_request_head(&mut stream);
+                if !gitball_e2e::is_whole_head(&head) {
+                    return;
                 }
                 let _ = stream.write_all(answer);
             });

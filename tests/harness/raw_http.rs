@@ -6,6 +6,7 @@
 //!   an abort.
 //! - [`http_client`] and [`header`]: a blocking `reqwest` client for the
 //!   requests that need no such control.
+//! - [`read_request_head`]: the other side, for a fake upstream.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -15,6 +16,27 @@ use std::time::Duration;
 pub const SOCKET_TIMEOUT: Duration = Duration::from_secs(60);
 /// Whole-request timeout of [`http_client`].
 pub const HTTP_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Reads a request head from `stream`, as a fake upstream does: byte by
+/// byte, so nothing after the head is taken from the socket. The head with
+/// its blank line, or what came before the stream ended or failed (see
+/// [`is_whole_head`]).
+pub fn read_request_head(stream: &mut impl Read) -> Vec<u8> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !is_whole_head(&head) {
+        match stream.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    head
+}
+
+/// Whether `head` ends with the blank line that ends an HTTP head.
+pub fn is_whole_head(head: &[u8]) -> bool {
+    head.ends_with(b"\r\n\r\n")
+}
 
 /// A blocking HTTP client without decompression or a short total timeout.
 pub fn http_client() -> reqwest::blocking::Client {
