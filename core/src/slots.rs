@@ -37,6 +37,14 @@ impl Slots {
 /// A place among [`Slots`], given back when dropped.
 pub struct Slot(&'static Slots);
 
+impl Slot {
+    /// The places this one is among: where to take one again after
+    /// giving this one back.
+    pub fn slots(&self) -> &'static Slots {
+        self.0
+    }
+}
+
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.held.fetch_sub(1, Ordering::AcqRel);

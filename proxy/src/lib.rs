@@ -518,6 +518,15 @@ mod tests {
                 &proxy,
                 "proxy.md",
                 format!(
+                    "if all {} are taken it goes on copied through a buffer of {}",
+                    splice::MAX_SPLICED,
+                    kib(splice::COPY_BUFFER_BYTES)
+                ),
+            ),
+            (
+                &proxy,
+                "proxy.md",
+                format!(
                     "within {} s (or `--header-timeout`, if less",
                     splice::PREPARE_TIMEOUT.as_secs()
                 ),

@@ -44,24 +44,30 @@
 //! - **idle**: the client took no byte for `--client-idle-timeout` (the
 //!   write-stall guard's `TimedOut`).
 //! - **parked**: the client took no byte for `--park-after`: the upstream
-//!   connection and the pipe are closed, so the download holds only its
-//!   client socket; bytes still in the pipe are dropped and asked for again.
+//!   connection and the pipe are closed and its place among the
+//!   [`MAX_SPLICED`] is given back, so the download holds only its client
+//!   socket; bytes still in the pipe are dropped and asked for again.
 //!   When the client takes bytes again the rest is asked for from the
 //!   route's candidates (the one that served first, ejected ones last),
 //!   where a `200` under the same ETag is skipped up to the next byte; no
-//!   candidate answering aborts the download.
+//!   candidate answering aborts the download. The resumed download takes a
+//!   place again if one is free and goes on spliced; if none is, it goes on
+//!   copied, read from the upstream socket into a buffer of 64 KiB in user
+//!   space and written from it to the client's (as the pipe would, without
+//!   its chunks' way through hyper), until it ends or parks again.
 //! - **aborted**: the upstream closed, failed or sent nothing for
 //!   `--header-timeout` while the pipe was empty; the client connection is
 //!   closed short of its `Content-Length` and the upstream is ejected.
 //!
 //! What a spliced download holds: its client socket, its upstream socket
-//! (`SO_RCVBUF` 256 KiB, as a widened pooled connection), and a pipe of
-//! [`PIPE_BYTES`] — four fds, and the pipe's pages while bytes are in
-//! flight; parked, one fd. The two fds more than a piped download are
-//! taken from the 256 that `--max-connections`' default leaves aside: at
-//! most [`MAX_SPLICED`] downloads are spliced at once in a process (more
-//! than a 10 Gbit/s link carries at the rate that qualifies), and the next
-//! fast ones are piped.
+//! (`SO_RCVBUF` 256 KiB, as a widened pooled connection), a pipe of
+//! [`PIPE_BYTES`] and a place among the [`MAX_SPLICED`] — four fds, and the
+//! pipe's pages while bytes are in flight; parked, one fd and no place;
+//! resumed copied, two fds and its buffer, as a piped download. The two fds
+//! more than a piped download are taken from the 256 that
+//! `--max-connections`' default leaves aside: at most [`MAX_SPLICED`]
+//! downloads are spliced at once in a process (more than a 10 Gbit/s link
+//! carries at the rate that qualifies), and the next fast ones are piped.
 
 use std::future::Future;
 use std::io;
@@ -71,6 +77,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
+use futures_util::future::Either;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
@@ -199,16 +206,74 @@ impl KernelPipe {
     }
 }
 
-/// An upstream connection at the download's next byte, and its pipe.
-pub struct Spliced {
-    upstream: Upstream,
-    pipe: KernelPipe,
+/// The most a resumed download that found no place free holds in user
+/// space: one buffer, the size of a piped download's chunk.
+pub(crate) const COPY_BUFFER_BYTES: usize = crate::forward::UPSTREAM_READ_BUFFER_BYTES;
+
+/// How the bytes go from the upstream socket to the client's.
+enum Relay {
+    /// Through a pipe, inside the kernel, holding one of the
+    /// [`MAX_SPLICED`] places.
+    Spliced { pipe: KernelPipe, _slot: Slot },
+    /// Through a buffer in user space, as the pipe's chunks are: a download
+    /// resumed when no place was free (or no pipe could be had).
+    Copied(Buffer),
 }
 
-/// A prepared splice, and its place among the [`MAX_SPLICED`].
+/// Bytes read from the upstream, `start..end` of them not yet sent.
+struct Buffer {
+    bytes: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl Relay {
+    /// A place among `places` and a pipe, if one is free and a pipe can be
+    /// had; a buffer otherwise.
+    fn take(places: &'static Slots) -> Relay {
+        if let Some(slot) = places.take() {
+            match KernelPipe::new() {
+                Ok(pipe) => return Relay::Spliced { pipe, _slot: slot },
+                Err(error) => tracing::debug!(%error, "no pipe; the download is copied"),
+            }
+        }
+        Relay::Copied(Buffer {
+            bytes: vec![0u8; COPY_BUFFER_BYTES].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        })
+    }
+
+    /// Bytes read from the upstream, not yet sent to the client.
+    fn holds(&self) -> usize {
+        match self {
+            Relay::Spliced { pipe, .. } => pipe.holds,
+            Relay::Copied(buffer) => buffer.end - buffer.start,
+        }
+    }
+
+    /// `count` of the bytes it holds were sent to the client.
+    fn sent(&mut self, count: usize) {
+        match self {
+            Relay::Spliced { pipe, .. } => pipe.holds -= count,
+            Relay::Copied(buffer) => buffer.start += count,
+        }
+    }
+}
+
+/// An upstream connection at the download's next byte, and how its bytes
+/// go to the client.
+pub struct Spliced {
+    upstream: Upstream,
+    relay: Relay,
+}
+
+/// A prepared splice, with its place among the [`MAX_SPLICED`].
 pub struct Prepared {
     spliced: Spliced,
-    slot: Slot,
+    /// Where the place was taken from, and is asked for again when the
+    /// download resumes after a park.
+    places: &'static Slots,
 }
 
 /// Asks the archiver that served the download for its bytes from `sent`
@@ -236,8 +301,11 @@ pub async fn prepare(resume: &Resume, sent: u64, slot: Slot) -> Result<Prepared,
     }
     let pipe = KernelPipe::new().map_err(OpenError::Pipe)?;
     Ok(Prepared {
-        spliced: Spliced { upstream, pipe },
-        slot,
+        places: slot.slots(),
+        spliced: Spliced {
+            upstream,
+            relay: Relay::Spliced { pipe, _slot: slot },
+        },
     })
 }
 
@@ -424,9 +492,32 @@ impl Upstream {
         Ok(())
     }
 
+    /// Moves up to `count` body bytes into the empty `relay`, waiting at
+    /// most `silence` for the first.
+    async fn fill(&mut self, relay: &mut Relay, count: usize, silence: Duration) -> io::Result<()> {
+        match relay {
+            Relay::Spliced { pipe, .. } => self.fill_pipe(pipe, count, silence).await,
+            Relay::Copied(buffer) => {
+                let count = count.min(buffer.bytes.len());
+                let read =
+                    tokio::time::timeout(silence, self.stream.read(&mut buffer.bytes[..count]))
+                        .await
+                        .map_err(|_| silent(silence))??;
+                if read == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the upstream body ended before its length",
+                    ));
+                }
+                (buffer.start, buffer.end) = (0, read);
+                Ok(())
+            }
+        }
+    }
+
     /// Moves up to `count` body bytes into the empty `pipe`, waiting at
     /// most `silence` for the first.
-    async fn fill(
+    async fn fill_pipe(
         &mut self,
         pipe: &mut KernelPipe,
         count: usize,
@@ -478,8 +569,10 @@ fn silent(limit: Duration) -> io::Error {
 
 /// The rest of a download, spliced; see the module docs.
 pub struct SpliceBody {
+    /// `None` while parked: the place among [`MAX_SPLICED`] went with it.
     spliced: Option<Spliced>,
-    _slot: Slot,
+    /// Where a place is asked for when the download resumes.
+    places: &'static Slots,
     resume: Arc<Resume>,
     /// The body's length (the client response's `Content-Length`).
     length: u64,
@@ -577,7 +670,7 @@ impl SpliceBody {
     pub fn new(prepared: Prepared, handoff: Handoff) -> SpliceBody {
         SpliceBody {
             spliced: Some(prepared.spliced),
-            _slot: prepared.slot,
+            places: prepared.places,
             resume: handoff.resume.clone(),
             length: handoff.length,
             timers: handoff.timers,
@@ -603,7 +696,7 @@ impl SpliceBody {
             let Some(spliced) = &mut self.spliced else {
                 continue;
             };
-            if spliced.pipe.holds == 0 {
+            if spliced.relay.holds() == 0 {
                 let left = usize::try_from(self.length - self.finish.sent).unwrap_or(usize::MAX);
                 // Nothing is written to the client while the upstream is
                 // silent, so only its end of input tells that it left
@@ -613,7 +706,7 @@ impl SpliceBody {
                 // download whose client was gone).
                 tokio::select! {
                     biased;
-                    filled = spliced.upstream.fill(&mut spliced.pipe, left, silence) => {
+                    filled = spliced.upstream.fill(&mut spliced.relay, left, silence) => {
                         filled.map_err(|error| Failure::Upstream {
                             cut: crate::pipe::cut_by(&error),
                             error,
@@ -624,18 +717,20 @@ impl SpliceBody {
                     }
                 }
             }
-            match drain(socket, &spliced.pipe, self.timers.park_after).await {
+            match drain(socket, &spliced.relay, self.timers.park_after).await {
                 Ok(Drained::Moved(0)) => {
                     return Err(Failure::Client(io::ErrorKind::WriteZero.into()));
                 }
                 Ok(Drained::Moved(moved)) => {
-                    spliced.pipe.holds -= moved;
+                    spliced.relay.sent(moved);
                     self.finish.sent += moved as u64;
                     crate::metrics::sent_bytes(moved as u64);
                 }
                 Ok(Drained::Park) => {
                     // Closes the upstream connection (the archiver's
-                    // reader goes with it) and the pipe with what it held.
+                    // reader goes with it) and the pipe with what it held,
+                    // and gives the place back: a parked download holds
+                    // its client's socket alone.
                     self.spliced = None;
                     self.finish.park();
                     tracing::debug!(after = ?self.timers.park_after, "client stalled; spliced download parked");
@@ -675,24 +770,18 @@ impl SpliceBody {
                 }
             };
             match opened {
-                Ok(mut upstream) => {
-                    let pipe = match KernelPipe::new() {
-                        Ok(pipe) => pipe,
-                        // Out of fds: the next candidate would fare no better.
-                        Err(error) => {
-                            failed = Some(error);
-                            break;
-                        }
-                    };
-                    match upstream.skip(self.timers.upstream_silence).await {
-                        Ok(()) => {
-                            crate::metrics::resume("resumed");
-                            tracing::debug!(upstream = %upstream.name, sent, "spliced download resumed");
-                            return Ok(Spliced { upstream, pipe });
-                        }
-                        Err(error) => failed = Some(error),
+                Ok(mut upstream) => match upstream.skip(self.timers.upstream_silence).await {
+                    Ok(()) => {
+                        // Spliced again if a place is free; copied
+                        // otherwise, until the download parks again.
+                        let relay = Relay::take(self.places);
+                        let spliced = matches!(relay, Relay::Spliced { .. });
+                        crate::metrics::resume("resumed");
+                        tracing::debug!(upstream = %upstream.name, sent, spliced, "spliced download resumed");
+                        return Ok(Spliced { upstream, relay });
                     }
-                }
+                    Err(error) => failed = Some(error),
+                },
                 Err(error) => {
                     // The proxy's own shortage (no fd for the connection):
                     // the next candidate would fare no better, and is not
@@ -717,14 +806,19 @@ impl SpliceBody {
     }
 }
 
-/// Moves what `pipe` holds to the client's socket, or gives up waiting for
-/// it to take bytes after `park_after` (never when zero).
+/// Moves what `relay` holds to the client's socket (some of it), or gives
+/// up waiting for it to take bytes after `park_after` (never when zero).
 async fn drain(
     socket: &mut BodySocket,
-    pipe: &KernelPipe,
+    relay: &Relay,
     park_after: Duration,
 ) -> io::Result<Drained> {
-    let mut moving = std::pin::pin!(socket.splice_from(&pipe.read, pipe.holds));
+    let mut moving = std::pin::pin!(match relay {
+        Relay::Spliced { pipe, .. } => Either::Left(socket.splice_from(&pipe.read, pipe.holds)),
+        // One write, under the stall guard as a splice is.
+        Relay::Copied(buffer) =>
+            Either::Right(socket.write(&buffer.bytes[buffer.start..buffer.end])),
+    });
     let mut park: Option<Pin<Box<tokio::time::Sleep>>> = None;
     std::future::poll_fn(|cx| {
         if let Poll::Ready(moved) = moving.as_mut().poll(cx) {
@@ -844,6 +938,11 @@ mod tests {
     /// An archive of 1,000 bytes at `upstream`, 100 of them sent.
     /// The recorder is installed first: attempts made before it are lost.
     fn resume_at(upstream: &str, header_timeout: Duration) -> Resume {
+        resume_of(upstream, header_timeout, 1000)
+    }
+
+    /// An archive of `length` bytes at `upstream`.
+    fn resume_of(upstream: &str, header_timeout: Duration, length: u64) -> Resume {
         gitball_core::metrics::install();
         let health = Arc::new(Health::new(Duration::from_secs(10)));
         let forwarder = Forwarder::new(
@@ -868,7 +967,7 @@ mod tests {
             },
             HeaderValue::from_static(ETAG),
             0,
-            Some(999),
+            Some(length - 1),
         )
     }
 
@@ -1031,5 +1130,211 @@ mod tests {
         assert!(cut.is_err(), "the silent upstream answered");
         assert_eq!(attempts(&address), once("client_gone"));
         served.abort();
+    }
+
+    const PARK_AFTER: Duration = Duration::from_millis(500);
+
+    /// An archiver of `archive` (under [`ETAG`]) at the address returned:
+    /// answers each connection's range request (`bytes={first}-{last}`)
+    /// with a `206` and those bytes, and sends `first` on the receiver
+    /// once the proxy closed that connection (its body sent or not).
+    async fn archiver(
+        archive: Arc<Vec<u8>>,
+    ) -> (String, tokio::sync::mpsc::UnboundedReceiver<u64>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = format!("http://{}", listener.local_addr().unwrap());
+        let (closed, ends) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let (archive, closed) = (archive.clone(), closed.clone());
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !request.ends_with(b"\r\n\r\n") {
+                        stream.read_exact(&mut byte).await.unwrap();
+                        request.push(byte[0]);
+                    }
+                    let request = String::from_utf8(request).unwrap();
+                    let range = request
+                        .lines()
+                        .find_map(|line| line.strip_prefix("range: bytes="))
+                        .expect("a range request");
+                    let (first, last) = range.split_once('-').unwrap();
+                    let (first, last): (usize, usize) =
+                        (first.parse().unwrap(), last.parse().unwrap());
+                    let head = format!(
+                        "HTTP/1.1 206 Partial Content\r\nETag: {ETAG}\r\n\
+                         Content-Range: bytes {first}-{last}/{}\r\nContent-Length: {}\r\n\r\n",
+                        archive.len(),
+                        last + 1 - first
+                    );
+                    stream.write_all(head.as_bytes()).await.unwrap();
+                    // Cut short when the proxy closes the connection.
+                    if stream.write_all(&archive[first..=last]).await.is_ok() {
+                        while stream.read(&mut byte).await.is_ok_and(|read| read > 0) {}
+                    }
+                    let _ = closed.send(first as u64);
+                });
+            }
+        });
+        (address, ends)
+    }
+
+    /// A download of a 8 MiB archive spliced from its first byte by a body
+    /// whose place is among `places`, to a client that reads nothing yet;
+    /// returns the client's socket, the archive, the upstream's ends
+    /// (`archiver`), how the download ended (once it has) and the body's
+    /// task. Parked after [`PARK_AFTER`] without a byte taken.
+    async fn spliced_to_a_stalled_client(
+        places: &'static Slots,
+    ) -> (
+        TcpStream,
+        Arc<Vec<u8>>,
+        tokio::sync::mpsc::UnboundedReceiver<u64>,
+        Arc<std::sync::Mutex<Option<End>>>,
+        tokio::task::JoinHandle<io::Result<()>>,
+    ) {
+        // Not the same byte at every 256 KiB: a download resumed from the
+        // wrong byte reads differently.
+        let archive: Arc<Vec<u8>> = Arc::new(
+            (0..8u32 << 20)
+                .map(|at| (at.wrapping_mul(2_654_435_761) >> 13) as u8)
+                .collect(),
+        );
+        let (address, ends) = archiver(archive.clone()).await;
+        let resume = Arc::new(resume_of(&address, TEST_TIMEOUT, archive.len() as u64));
+        let prepared = prepare(&resume, 0, places.take().expect("a place"))
+            .await
+            .expect("a 206 for the whole archive is spliced");
+
+        // The client's buffers are small and stay so (set, they are not
+        // grown by the kernel): it takes under 1 MiB before it reads.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(64 * 1024).unwrap();
+        let client = socket
+            .connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        socket2::SockRef::from(&server)
+            .set_send_buffer_size(64 * 1024)
+            .unwrap();
+
+        let ended = Arc::new(std::sync::Mutex::new(None));
+        let record = ended.clone();
+        let body = SpliceBody::new(
+            prepared,
+            Handoff {
+                resume: resume.clone(),
+                sent: 0,
+                length: archive.len() as u64,
+                timers: Timers {
+                    idle_timeout: TEST_TIMEOUT,
+                    upstream_silence: TEST_TIMEOUT,
+                    park_after: PARK_AFTER,
+                },
+                health: Arc::new(Health::new(Duration::from_secs(10))),
+                on_end: Box::new(move |end| *record.lock().unwrap() = Some(end)),
+                active: ActiveDownload::start(),
+                writes: None,
+            },
+        );
+        let sending = tokio::spawn(async move {
+            let mut socket = BodySocket::new(server, TEST_TIMEOUT, ClientWrites::default());
+            Box::new(body).send(&mut socket).await
+        });
+        (client, archive, ends, ended, sending)
+    }
+
+    /// Waits until the download parked: its first upstream connection
+    /// was closed, and the body goes on.
+    async fn parked(
+        ends: &mut tokio::sync::mpsc::UnboundedReceiver<u64>,
+        sending: &tokio::task::JoinHandle<io::Result<()>>,
+    ) {
+        let first = tokio::time::timeout(TEST_TIMEOUT, ends.recv())
+            .await
+            .expect("the stalled download was not parked");
+        assert_eq!(first, Some(0));
+        assert!(!sending.is_finished(), "the download ended, not parked");
+    }
+
+    /// The client reads the rest to its end: it must be `archive`, and the
+    /// download must have ended complete after one resume.
+    async fn read_whole(
+        mut client: TcpStream,
+        archive: &[u8],
+        ended: &std::sync::Mutex<Option<End>>,
+        sending: tokio::task::JoinHandle<io::Result<()>>,
+    ) {
+        let mut received = Vec::with_capacity(archive.len());
+        tokio::time::timeout(TEST_TIMEOUT, client.read_to_end(&mut received))
+            .await
+            .expect("the download did not end")
+            .unwrap();
+        sending.await.unwrap().expect("the body was sent");
+        assert_eq!(received.len(), archive.len());
+        assert!(received == archive, "other bytes than the archive's");
+        let end = ended.lock().unwrap().clone().expect("the download's end");
+        assert_eq!(end.ending, Ending::Complete);
+        assert_eq!(end.bytes, archive.len() as u64);
+        // The splice's range request, then the resume's (and another's,
+        // should a loaded machine leave the reader stalled for a park).
+        assert!(end.resumes.attempts >= 2, "{:?}", end.resumes);
+    }
+
+    /// docs/proxy.md ("Spliced downloads", limits): a parked spliced
+    /// download gives its place back; it holds its client's socket alone,
+    /// and resumes spliced when a place is free. (It kept the place, so 64
+    /// parked downloads left every other fast download piped.)
+    #[tokio::test]
+    async fn a_parked_spliced_download_holds_no_splice_place() {
+        static PLACES: Slots = Slots::new(1);
+        let (client, archive, mut ends, ended, sending) =
+            spliced_to_a_stalled_client(&PLACES).await;
+        assert_eq!(PLACES.held(), 1, "the spliced download holds a place");
+        parked(&mut ends, &sending).await;
+        assert_eq!(PLACES.held(), 0, "the parked download kept its place");
+        read_whole(client, &archive, &ended, sending).await;
+        let resumed_from = ends.recv().await.expect("the resume's connection");
+        assert!(resumed_from > 0, "resumed from {resumed_from}");
+        assert_eq!(PLACES.held(), 0);
+    }
+
+    /// A resumed download is spliced again only with a place: one taken
+    /// when free, none past the last.
+    #[test]
+    fn a_resumed_download_is_spliced_only_with_a_free_place() {
+        static PLACES: Slots = Slots::new(1);
+        let relay = Relay::take(&PLACES);
+        assert!(matches!(relay, Relay::Spliced { .. }), "a free place");
+        assert_eq!(PLACES.held(), 1);
+        assert!(
+            matches!(Relay::take(&PLACES), Relay::Copied(_)),
+            "spliced with no place free"
+        );
+        assert_eq!(PLACES.held(), 1);
+        drop(relay);
+        assert_eq!(PLACES.held(), 0);
+    }
+
+    /// docs/proxy.md ("Spliced downloads", limits): a parked spliced
+    /// download resumed when no place is free goes on copied, and its
+    /// client gets the very bytes of the archive.
+    #[tokio::test]
+    async fn a_spliced_download_resumed_with_no_place_free_is_copied_whole() {
+        static PLACES: Slots = Slots::new(1);
+        let (client, archive, mut ends, ended, sending) =
+            spliced_to_a_stalled_client(&PLACES).await;
+        parked(&mut ends, &sending).await;
+        // Every place is taken when the client reads again.
+        let taken = PLACES.take().expect("the parked download's place is free");
+        assert!(PLACES.take().is_none());
+        read_whole(client, &archive, &ended, sending).await;
+        let resumed_from = ends.recv().await.expect("the resume's connection");
+        assert!(resumed_from > 0, "resumed from {resumed_from}");
+        drop(taken);
     }
 }
