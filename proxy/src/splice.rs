@@ -423,6 +423,8 @@ fn request_head(
 
 /// Reads a response head and nothing after it: the bytes are peeked first,
 /// and only the head's are taken, so the socket is left at the body.
+/// Interim answers before it (`100 Continue`, `103 Early Hints`) are taken
+/// and skipped, as hyper's client skips them; `101` is an answer.
 async fn read_head(stream: &mut TcpStream) -> io::Result<(StatusCode, HeaderMap)> {
     let mut buffer = vec![0u8; MAX_HEAD_BYTES];
     // Bytes at the start of `buffer` already taken from the socket: all
@@ -442,6 +444,11 @@ async fn read_head(stream: &mut TcpStream) -> io::Result<(StatusCode, HeaderMap)
                     .code
                     .and_then(|code| StatusCode::from_u16(code).ok())
                     .ok_or_else(|| io::Error::other("no status"))?;
+                if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+                    stream.read_exact(&mut buffer[taken..length]).await?;
+                    taken = 0;
+                    continue;
+                }
                 let mut map = HeaderMap::with_capacity(response.headers.len());
                 for header in response.headers.iter() {
                     if let (Ok(name), Ok(value)) = (
@@ -1039,6 +1046,40 @@ mod tests {
                  Connection: close\r\n\r\n"
             )
         );
+    }
+
+    /// An interim answer (`100`, `103`) before the `206` is skipped, as
+    /// hyper's client skips it, whether it comes alone or with the answer.
+    /// (It was read as the answer, and the splice declined.)
+    #[tokio::test]
+    async fn an_interim_answer_before_the_rest_is_skipped() {
+        let early_hints = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n";
+        let mut together = b"HTTP/1.1 100 Continue\r\n\r\n".to_vec();
+        together.extend_from_slice(early_hints);
+        together.extend_from_slice(&head("206 Partial Content", ETAG, "bytes 100-999/1000"));
+        together.extend_from_slice(b"BODY");
+        let mut alone = head("206 Partial Content", ETAG, "bytes 100-999/1000");
+        alone.extend_from_slice(b"BODY");
+        for pieces in [vec![early_hints.to_vec(), alone], vec![together]] {
+            let (address, served) = upstream(pieces).await;
+            let resume = resume_at(&address, TEST_TIMEOUT);
+            let mut spliced =
+                tokio::time::timeout(TEST_TIMEOUT, prepare(&resume, 100, SLOTS.take().unwrap()))
+                    .await
+                    .unwrap()
+                    .expect("the 206 after an interim answer is spliced");
+            let mut body = [0u8; 4];
+            tokio::time::timeout(
+                TEST_TIMEOUT,
+                spliced.spliced.upstream.stream.read_exact(&mut body),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+            assert_eq!(&body, b"BODY", "the heads, and only they, were taken");
+            assert_eq!(attempts(&address), once("ok"));
+            served.abort();
+        }
     }
 
     #[tokio::test]
