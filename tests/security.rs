@@ -1310,3 +1310,103 @@ fn commits_are_read_off_the_serving_threads_once_each() {
         "8 requests for a commit read before took {again} ticks"
     );
 }
+
+/// Requests for one costly, broken commit that arrive together (a commit
+/// that does not parse, at the end of a chain of deltas through 8 MiB
+/// objects: each read copies them all) wait for one read of it on the
+/// runtime, holding no thread; its failure, which its content decides, is
+/// kept, so later requests read nothing (review: each of them held one of
+/// the runtime's 512 blocking threads while they read it again, one at a
+/// time, and every other repository's work off the serving threads, first
+/// reads and generations, would queue behind hundreds).
+#[test]
+fn requests_for_one_broken_commit_wait_for_one_read_holding_no_thread() {
+    const REQUESTS: u64 = 64;
+    let sandbox = Sandbox::new();
+    let (repo, commit) = widget_for_hand_made_packs(&sandbox);
+    // No committer: gix cannot read its time.
+    let broken = commit.replace("committer T <t@e> 1700000000 +0000\n", "");
+    gitball_e2e::commit_behind_deltas(&repo, "broken", broken.as_bytes(), 8 << 20, 48);
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    assert_eq!(status(&archiver, "/acme/widget/archive/main.tar"), 200);
+    let threads = || gitball_e2e::proc_status_kib(archiver.pid, "Threads");
+    let cpu = || gitball_e2e::process_cpu_ticks(archiver.pid);
+    let head = || {
+        let target = "/acme/widget/archive/broken.tar";
+        let response = archiver.client().head(archiver.url(target)).send();
+        response.map(|response| response.status().as_u16()).ok()
+    };
+    let (before, cpu_before) = (threads(), cpu());
+    let mut peak = before;
+    let statuses: Vec<Option<u16>> = std::thread::scope(|scope| {
+        let requests: Vec<_> = (0..REQUESTS).map(|_| scope.spawn(head)).collect();
+        // Idle blocking threads stay for 10 s: the count after the last
+        // answer shows them too.
+        while !requests.iter().all(|request| request.is_finished()) {
+            peak = peak.max(threads());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        peak = peak.max(threads());
+        requests
+            .into_iter()
+            .map(|request| request.join().unwrap())
+            .collect()
+    });
+    let burst = cpu() - cpu_before;
+    assert!(
+        statuses.iter().all(|status| *status == Some(500)),
+        "{statuses:?}"
+    );
+    assert!(
+        peak.saturating_sub(before) < REQUESTS / 4,
+        "{REQUESTS} requests for one commit took the archiver from {before} to {peak} threads"
+    );
+    // Else the chain costs too little to tell a read from none.
+    assert!(burst >= 5, "reading the commit took {burst} ticks");
+    let before = cpu();
+    for _ in 0..8 {
+        assert_eq!(head(), Some(500));
+    }
+    let again = cpu() - before;
+    assert!(
+        again * 2 < burst,
+        "8 requests for a commit found broken before took {again} ticks, its first read {burst}"
+    );
+}
+
+/// A commit refused for what reading it would allocate (a delta of an
+/// 80 MiB object) is not refused for good: how an object is stored, a
+/// delta of what, is its packs' to say, not its content's, and once a
+/// repack stores it whole (and gix, missing an object, has looked at the
+/// packs again) it is served. Its refusal is found from the entries'
+/// headers, before anything is inflated, and is not kept, unlike a failure
+/// its content decides.
+#[test]
+fn a_commit_over_the_read_bound_is_served_once_repacked_whole() {
+    let sandbox = Sandbox::new();
+    let (repo, commit) = widget_for_hand_made_packs(&sandbox);
+    gitball_e2e::commit_behind_deltas(&repo, "huge", commit.as_bytes(), 80 << 20, 1);
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    let target = "/acme/widget/archive/huge.tar";
+    assert_eq!(status(&archiver, target), 500);
+    assert_eq!(status(&archiver, target), 500);
+    // Stored whole: a small commit is no delta of an 80 MiB one. (The
+    // pushed pack was kept, as `receive-pack` keeps one until its refs are
+    // updated.)
+    let packs = repo.dir().join("objects/pack");
+    for entry in std::fs::read_dir(&packs).unwrap() {
+        let path = entry.unwrap().path();
+        if path
+            .extension()
+            .is_some_and(|extension| extension == "keep")
+        {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    repo.git(&["repack", "-a", "-d", "-F", "-q"]);
+    // gix reads the packs it found until an object is missing (a commit
+    // pushed since and asked for), then looks at the directory again.
+    let missing = "/acme/widget/archive/0123456789012345678901234567890123456789.tar";
+    assert_eq!(status(&archiver, missing), 404);
+    assert_eq!(status(&archiver, target), 200);
+}

@@ -533,13 +533,14 @@ pub(crate) async fn resolve(
     // The object a ref names is read off the serving thread, once: it may
     // be a delta at the end of a chain through large objects (attack:
     // 0.8 s of a serving thread on every request for one commit by id,
-    // whose other connections waited meanwhile).
+    // whose other connections waited meanwhile). Requests for an object
+    // being read wait for that read on the runtime, holding no blocking
+    // thread (review: hundreds of requests for one costly, broken commit
+    // each held one, and every other repository's work off the serving
+    // threads queued behind them).
     let resolved = match repository.find(&archive.reference)? {
         RefLookup::Known(resolved) => resolved,
-        RefLookup::Found(found) => {
-            let repository = repository.clone();
-            off_thread("reading the commit", move || repository.peel_found(found)).await?
-        }
+        RefLookup::Found(found) => repository.peel_found_waiting(found).await?,
     };
     // A commit asked for by its id must be one this repository publishes
     // (checked by `serve`, off the runtime: the first check after a push

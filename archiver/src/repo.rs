@@ -60,7 +60,8 @@ pub use confine::layout_inside;
 use confine::{alternates_stamps, git_files_sane, ref_path_without_symlinks};
 pub use refs::RefsSnapshot;
 use refs::{
-    find_abbreviated, find_reference, for_each_ref, parse_full_hex, peel_to_commit, ref_candidates,
+    PeelFailure, find_abbreviated, find_reference, for_each_ref, parse_full_hex, peel_to_commit,
+    ref_candidates,
 };
 use stamp::{RACY_WINDOW, Stamp, Stamps};
 use subst::{CLEAN_TREES, tree_substitutes};
@@ -87,6 +88,14 @@ const SUBSTITUTION_ANSWERS: NonZeroUsize = match NonZeroUsize::new(4096) {
 /// How many objects' peeled commits a repository keeps
 /// (`Repository::resolve_known`): about 100 bytes each.
 const PEELED_OBJECTS: NonZeroUsize = match NonZeroUsize::new(1024) {
+    Some(count) => count,
+    None => unreachable!(),
+};
+
+/// How many objects' failures to peel to a commit a repository keeps
+/// (`Repository::known_failure`), those that the object's content
+/// decides: a few hundred bytes each.
+const FAILED_OBJECTS: NonZeroUsize = match NonZeroUsize::new(1024) {
     Some(count) => count,
     None => unreachable!(),
 };
@@ -431,7 +440,8 @@ fn open_candidate(path: &Path, confine_to: Option<&Path>) -> Result<Option<Repos
         reachable: Mutex::new(None),
         substitutes: Mutex::new(LruCache::new(SUBSTITUTION_ANSWERS)),
         peeled: Mutex::new(LruCache::new(PEELED_OBJECTS)),
-        peeling: Mutex::new(HashMap::new()),
+        peeling: Reads::default(),
+        failed: Mutex::new(LruCache::new(FAILED_OBJECTS)),
         refs: Mutex::new(LruCache::new(REMEMBERED_REFS)),
         digest: Mutex::new(None),
         listing: Mutex::new(()),
@@ -444,6 +454,101 @@ fn open_candidate(path: &Path, confine_to: Option<&Path>) -> Result<Option<Repos
         alternates: Stamps::default(),
         confined_to: confine_to.map(Path::to_path_buf),
     }))
+}
+
+/// What an object peels to: its commit and the commit's committer time,
+/// or why it has none.
+type Peeled = Result<(ObjectId, i64), PeelFailure>;
+
+/// Whose turn it is to read an object (`Repository::turn`).
+enum Turn {
+    /// Nobody's: its answer is known.
+    Known(Peeled),
+    /// A read under way's, whose answer to take.
+    Wait(Arc<InFlight>),
+    /// The caller's: it reads the object and hands its answer on.
+    Read(Reader),
+}
+
+/// One read of an object under way (`Repository::peeling`): its answer,
+/// once there, for the requests waiting for it, on the runtime or on a
+/// blocking thread.
+#[derive(Debug, Default)]
+struct InFlight {
+    answer: Mutex<Option<Peeled>>,
+    /// For those waiting on a blocking thread (the reachability walk).
+    ready: std::sync::Condvar,
+    /// For those waiting on the runtime (requests).
+    done: tokio::sync::Notify,
+}
+
+impl InFlight {
+    fn answer(&self) -> std::sync::MutexGuard<'_, Option<Peeled>> {
+        self.answer.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The read's answer, waiting for it on the runtime.
+    async fn wait(&self) -> Peeled {
+        loop {
+            let done = self.done.notified();
+            tokio::pin!(done);
+            // Registered before looking: an answer put after the look
+            // wakes this wait.
+            done.as_mut().enable();
+            if let Some(answer) = self.answer().clone() {
+                return answer;
+            }
+            done.await;
+        }
+    }
+
+    /// The read's answer, waiting for it on this thread.
+    fn wait_blocking(&self) -> Peeled {
+        let mut answer = self.answer();
+        loop {
+            if let Some(answer) = answer.clone() {
+                return answer;
+            }
+            answer = self
+                .ready
+                .wait(answer)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+/// The reads under way, by object (`Repository::peeling`).
+type Reads = Arc<Mutex<HashMap<ObjectId, Arc<InFlight>>>>;
+
+/// A caller's turn to read an object (`Repository::read`). Dropped, it
+/// forgets the read in `peeling`, after its answer was kept, and hands the
+/// answer to those waiting; a read that panicked, or never ran (a
+/// blocking task dropped at shutdown), hands them an error, so none waits
+/// for good.
+#[derive(Debug)]
+struct Reader {
+    reads: Reads,
+    id: ObjectId,
+    reading: Arc<InFlight>,
+    answer: Option<Peeled>,
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        let answer = self.answer.take().unwrap_or_else(|| {
+            Err(PeelFailure::Unreadable(format!(
+                "reading object {} panicked or never ran",
+                self.id
+            )))
+        });
+        self.reads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+        *self.reading.answer() = Some(answer);
+        self.reading.ready.notify_all();
+        self.reading.done.notify_waiters();
+    }
 }
 
 /// Every commit reachable from the refs whose digest is `refs`.
@@ -499,13 +604,23 @@ pub struct Repository {
     /// Object id → the commit it peels to and the commit's committer time
     /// (an id names its content: the answer never changes).
     peeled: Mutex<LruCache<ObjectId, (ObjectId, i64)>>,
-    /// Object being read → its lock, held while it is read, so that
-    /// requests for it that arrive together read it once (its cost is a
-    /// push's to decide: a delta chain through large objects). One per
-    /// object, not one per repository: a failed read is not remembered, so
-    /// requests for one costly, broken object would otherwise hold up
-    /// every other object's first read in the repository (review).
-    peeling: Mutex<HashMap<ObjectId, Arc<Mutex<()>>>>,
+    /// Object being read → that read, whose answer the requests for it
+    /// that arrive meanwhile wait for and take: it is read once (its cost
+    /// is a push's to decide: a delta chain through large objects). One
+    /// per object, not one per repository: requests for one costly, broken
+    /// object would otherwise hold up every other object's first read in
+    /// the repository (review). A request waits on the runtime, holding
+    /// no thread (`Repository::peel_waiting`): hundreds waiting for one
+    /// object had each held one of the runtime's blocking threads, and
+    /// every other repository's work off the serving threads queued behind
+    /// them (review).
+    peeling: Reads,
+    /// Object id → why it does not peel to a commit, for the failures its
+    /// content decides (`PeelFailure::is_content`): requests for a broken
+    /// object read it once, not once each. "Not found" is never kept (a
+    /// push or a fetch can bring the object), nor a read over the
+    /// allocation bound (a repack can store the object otherwise).
+    failed: Mutex<LruCache<ObjectId, PeelFailure>>,
     /// User's ref (as in the URL) → what it resolved to, while the files
     /// the answer came from are unchanged.
     refs: Mutex<LruCache<String, RememberedRef>>,
@@ -602,43 +717,108 @@ impl Repository {
             .copied()
     }
 
-    /// [`peel_to_commit`], read once per object: requests for an object
-    /// being read wait for that read and take its answer.
-    fn peel(&self, repo: &gix::Repository, id: ObjectId) -> Result<(ObjectId, i64), Error> {
+    /// Why `id` does not peel to a commit, if that is remembered: a lookup.
+    fn known_failure(&self, id: &ObjectId) -> Option<PeelFailure> {
+        self.failed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .cloned()
+    }
+
+    /// What is known of `id` without reading it: its commit, or why it
+    /// has none.
+    fn known(&self, id: &ObjectId) -> Option<Peeled> {
+        match self.known_peeled(id) {
+            Some(peeled) => Some(Ok(peeled)),
+            None => self.known_failure(id).map(Err),
+        }
+    }
+
+    /// Whose turn it is to read `id`: nobody's (its answer is known), a
+    /// read under way's, or this caller's, who must then
+    /// [`Repository::read`] it.
+    fn turn(&self, id: ObjectId) -> Turn {
+        if let Some(known) = self.known(&id) {
+            return Turn::Known(known);
+        }
+        let mut peeling = self.peeling.lock().unwrap_or_else(PoisonError::into_inner);
+        // A read's answer is kept before its entry goes (`Publish`): known
+        // now, or still under way.
         if let Some(peeled) = self.known_peeled(&id) {
-            return Ok(peeled);
+            return Turn::Known(Ok(peeled));
         }
-        let reading = self.reading(id);
-        let peeled = {
-            let _reading = reading.lock().unwrap_or_else(PoisonError::into_inner);
-            match self.known_peeled(&id) {
-                Some(peeled) => Ok(peeled),
-                None => peel_to_commit(repo, id).inspect(|peeled| {
-                    self.peeled
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .put(id, *peeled);
-                }),
+        if let Some(reading) = peeling.get(&id) {
+            return Turn::Wait(Arc::clone(reading));
+        }
+        let reading = Arc::new(InFlight::default());
+        peeling.insert(id, Arc::clone(&reading));
+        Turn::Read(Reader {
+            reads: Arc::clone(&self.peeling),
+            id,
+            reading,
+            answer: None,
+        })
+    }
+
+    /// Reads the object whose turn `reader` is, keeps its answer if it
+    /// cannot change, and hands it to the requests waiting for it.
+    fn read(&self, repo: &gix::Repository, mut reader: Reader) -> Peeled {
+        let id = reader.id;
+        let answer = peel_to_commit(repo, id);
+        match &answer {
+            Ok(peeled) => {
+                self.peeled
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .put(id, *peeled);
             }
-        };
-        self.done_reading(id, reading);
-        peeled
-    }
-
-    /// The lock of reads of `id` (see `peeling`).
-    fn reading(&self, id: ObjectId) -> Arc<Mutex<()>> {
-        let mut peeling = self.peeling.lock().unwrap_or_else(PoisonError::into_inner);
-        Arc::clone(peeling.entry(id).or_default())
-    }
-
-    /// Lets go of `reading`, `id`'s lock, forgetting it when no other
-    /// request holds it.
-    fn done_reading(&self, id: ObjectId, reading: Arc<Mutex<()>>) {
-        let mut peeling = self.peeling.lock().unwrap_or_else(PoisonError::into_inner);
-        // Clones are taken under `peeling` only: the map's and this one.
-        if Arc::strong_count(&reading) == 2 {
-            peeling.remove(&id);
+            Err(failure) if failure.is_content() => {
+                self.failed
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .put(id, failure.clone());
+            }
+            Err(_) => {}
         }
+        reader.answer = Some(answer.clone());
+        answer
+    }
+
+    /// [`peel_to_commit`], read once per object: requests for an object
+    /// being read wait for that read and take its answer. For the
+    /// reachability walk, on a blocking thread already (one walk at a time
+    /// per repository); requests wait with [`Repository::peel_waiting`].
+    fn peel(&self, repo: &gix::Repository, id: ObjectId) -> Result<(ObjectId, i64), Error> {
+        match self.turn(id) {
+            Turn::Known(known) => known,
+            Turn::Wait(reading) => reading.wait_blocking(),
+            Turn::Read(reader) => self.read(repo, reader),
+        }
+        .map_err(|failure| failure.error())
+    }
+
+    /// [`Repository::peel`] for a request: the object is read on a blocking
+    /// thread, and a request that finds it being read waits for that read
+    /// on the runtime, holding no thread.
+    async fn peel_waiting(self: &Arc<Self>, id: ObjectId) -> Result<(ObjectId, i64), Error> {
+        match self.turn(id) {
+            Turn::Known(known) => known,
+            Turn::Wait(reading) => reading.wait().await,
+            Turn::Read(reader) => {
+                let repository = Arc::clone(self);
+                // A request that goes away leaves the read to finish, and
+                // its answer to those waiting.
+                tokio::task::spawn_blocking(move || {
+                    repository.read(&repository.repo.to_thread_local(), reader)
+                })
+                .await
+                .map_err(|error| {
+                    Error::internal(format_args!("reading the commit panicked: {error}"))
+                })?
+            }
+        }
+        .map_err(|failure| failure.error())
     }
 
     /// Resolves a user's ref (already validated by `url::validate_ref`) to a
@@ -727,7 +907,7 @@ impl Repository {
             kind,
             stamps,
         };
-        Ok(match self.known_peeled(&target) {
+        Ok(match self.known(&target) {
             // A commit asked for by its id is known from the memo only while
             // the object is still there: `gc` may have pruned it since, and
             // it is then "not found", as before it was first read (review:
@@ -738,16 +918,29 @@ impl Repository {
             Some(_) if matches!(found.kind, RefKind::Commit) && !repo.has_object(target) => {
                 return Err(Error::RefNotFound);
             }
-            Some(peeled) => RefLookup::Known(self.resolved(found, peeled)),
+            Some(Ok(peeled)) => RefLookup::Known(self.resolved(found, peeled)),
+            // A remembered failure is answered here, with no blocking
+            // thread and no wait.
+            Some(Err(failure)) => return Err(failure.error()),
             None => RefLookup::Found(found),
         })
     }
 
     /// [`Repository::resolve`]'s second half: reads the object
     /// [`Repository::find`] found (once per object) and peels it to a
-    /// commit.
+    /// commit, as [`Repository::peel_found_waiting`] does for a request.
+    #[cfg(test)]
     pub fn peel_found(&self, found: Found) -> Result<Resolved, Error> {
         let peeled = self.peel(&self.repo.to_thread_local(), found.target)?;
+        Ok(self.resolved(found, peeled))
+    }
+
+    /// [`Repository::resolve`]'s second half for a request: reads the
+    /// object [`Repository::find`] found on a blocking thread, once however
+    /// many requests ask for it (they wait on the runtime, holding no
+    /// thread), and peels it to a commit.
+    pub async fn peel_found_waiting(self: &Arc<Self>, found: Found) -> Result<Resolved, Error> {
+        let peeled = self.peel_waiting(found.target).await?;
         Ok(self.resolved(found, peeled))
     }
 

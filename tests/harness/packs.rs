@@ -70,7 +70,12 @@ pub fn commit_behind_deltas(
     pack.extend_from_slice(&hex::decode(&sum[..40]).unwrap());
 
     repo.git_with_input(None, &["index-pack", "--stdin", "--keep"], &pack);
-    let id = repo.git_with_input(None, &["hash-object", "-t", "commit", "--stdin"], commit);
+    // Literally: the commit may be one git would refuse to make.
+    let id = repo.git_with_input(
+        None,
+        &["hash-object", "-t", "commit", "--literally", "--stdin"],
+        commit,
+    );
     repo.git(&["update-ref", &format!("refs/heads/{branch}"), &id]);
     id
 }

@@ -295,12 +295,73 @@ pub(super) fn find_abbreviated(
     }
 }
 
+/// Why an object did not peel to a commit, and so whether that answer
+/// may be remembered (`Repository::peel`): an object id names its
+/// content, so what follows from the content alone never changes, while a
+/// missing object may be pushed or fetched, and a pack may be repacked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum PeelFailure {
+    /// The object, or one a tag on the way names, is not there (yet).
+    Missing,
+    /// A tree or a blob, or a tag of one: its content says so.
+    NotACommit,
+    /// The chain of tags and the commit are over `MAX_PEELED_OBJECT_BYTES`:
+    /// their headers say so, and each names the next by its content.
+    TooLarge,
+    /// A commit or tag whose content does not parse.
+    Malformed(String),
+    /// Reading it would allocate more than `gitoxide.objects.allocLimit`
+    /// (`MAX_OBJECT_READ_BYTES`, ours, not the repository's): not the
+    /// content alone but how it is stored (a delta of a huge base) decides,
+    /// and a repack may store it otherwise. Found from the pack entries'
+    /// headers, before anything is inflated: cheap to find again.
+    OverAllocLimit(String),
+    /// Anything else (an I/O error, a damaged pack): may pass.
+    Unreadable(String),
+}
+
+impl PeelFailure {
+    /// Whether the object's content alone decides this failure, so that it
+    /// never changes.
+    pub(super) fn is_content(&self) -> bool {
+        match self {
+            PeelFailure::NotACommit | PeelFailure::TooLarge | PeelFailure::Malformed(_) => true,
+            PeelFailure::Missing | PeelFailure::OverAllocLimit(_) | PeelFailure::Unreadable(_) => {
+                false
+            }
+        }
+    }
+
+    pub(super) fn error(&self) -> Error {
+        match self {
+            PeelFailure::Missing | PeelFailure::NotACommit => Error::RefNotFound,
+            PeelFailure::TooLarge => Error::TooLarge,
+            PeelFailure::Malformed(detail)
+            | PeelFailure::OverAllocLimit(detail)
+            | PeelFailure::Unreadable(detail) => Error::internal(detail),
+        }
+    }
+
+    /// An object read failing: over the allocation limit, or unreadable.
+    fn reading(id: ObjectId, error: &gix::Error) -> PeelFailure {
+        use gix::error::{Class, ResourceExhaustionKind};
+        let detail = format!("reading object {id}: {error}");
+        if error.classify().has(Class::ResourceExhaustion(
+            ResourceExhaustionKind::AllocationLimit,
+        )) {
+            PeelFailure::OverAllocLimit(detail)
+        } else {
+            PeelFailure::Unreadable(detail)
+        }
+    }
+}
+
 /// Peels annotated tags (nested ones too) down to a commit and reads its
 /// committer time. A tree, a blob or a missing object is "not found".
 pub(super) fn peel_to_commit(
     repo: &gix::Repository,
     mut id: ObjectId,
-) -> Result<(ObjectId, i64), Error> {
+) -> Result<(ObjectId, i64), PeelFailure> {
     // No depth bound: object ids are hashes of their content, so a chain of
     // tags cannot loop.
     // The bound is on the whole chain: 1,200 chained tags of 16 MB each
@@ -309,10 +370,10 @@ pub(super) fn peel_to_commit(
     loop {
         let header = repo
             .try_find_header(id)
-            .map_err(|err| Error::internal(format_args!("reading object {id}: {err}")))?
-            .ok_or(Error::RefNotFound)?;
+            .map_err(|err| PeelFailure::reading(id, &err))?
+            .ok_or(PeelFailure::Missing)?;
         if matches!(header.kind(), Kind::Tree | Kind::Blob) {
-            return Err(Error::RefNotFound);
+            return Err(PeelFailure::NotACommit);
         }
         read_bytes = read_bytes.saturating_add(header.size());
         if read_bytes > MAX_PEELED_OBJECT_BYTES {
@@ -321,29 +382,32 @@ pub(super) fn peel_to_commit(
                 bytes = header.size(),
                 "a commit or tag object larger than the archiver reads; refused"
             );
-            return Err(Error::TooLarge);
+            return Err(PeelFailure::TooLarge);
         }
         let object = repo
             .try_find_object(id)
-            .map_err(|err| Error::internal(format_args!("reading object {id}: {err}")))?
-            .ok_or(Error::RefNotFound)?;
+            .map_err(|err| PeelFailure::reading(id, &err))?
+            .ok_or(PeelFailure::Missing)?;
+        let malformed = |what: &str, err: &dyn std::fmt::Display| {
+            PeelFailure::Malformed(format!("{what} of {id}: {err}"))
+        };
         match object.kind {
             Kind::Commit => {
                 let committer = object
                     .try_to_commit_ref_iter()
-                    .ok_or_else(|| Error::internal(format_args!("commit {id} is not a commit")))?
+                    .ok_or_else(|| malformed("the kind", &"not a commit"))?
                     .committer()
-                    .map_err(|err| Error::internal(format_args!("committer of {id}: {err}")))?;
+                    .map_err(|err| malformed("the committer", &err))?;
                 return Ok((id, committer.seconds()));
             }
             Kind::Tag => {
                 id = object
                     .try_to_tag_ref_iter()
-                    .ok_or_else(|| Error::internal(format_args!("tag {id} is not a tag")))?
+                    .ok_or_else(|| malformed("the kind", &"not a tag"))?
                     .target_id()
-                    .map_err(|err| Error::internal(format_args!("target of tag {id}: {err}")))?;
+                    .map_err(|err| malformed("the target", &err))?;
             }
-            Kind::Tree | Kind::Blob => return Err(Error::RefNotFound),
+            Kind::Tree | Kind::Blob => return Err(PeelFailure::NotACommit),
         }
     }
 }

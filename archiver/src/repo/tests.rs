@@ -1129,8 +1129,10 @@ fn a_read_of_one_object_holds_up_no_other_objects_read() {
     let fixture = fixture();
     let widget = fixture.widget();
     let slow = ObjectId::from_hex(fixture.c2.as_bytes()).unwrap();
-    let reading = widget.reading(slow);
-    let _reading = reading.lock().unwrap();
+    // A read of c2 under way, which never ends.
+    let Turn::Read(_reading) = widget.turn(slow) else {
+        panic!("c2 is known or read already");
+    };
     let (sender, receiver) = std::sync::mpsc::channel();
     let other = Arc::clone(&widget);
     let c1 = fixture.c1.clone();
@@ -1140,6 +1142,62 @@ fn a_read_of_one_object_holds_up_no_other_objects_read() {
         .expect("another object's read waited for this one")
         .unwrap();
     assert_eq!(resolved.commit, fixture.c1);
+}
+
+/// A failure to peel that the object's content decides is read once and
+/// kept: a commit that does not parse (hundreds of requests for one at
+/// the end of a costly delta chain each read it again, one at a time:
+/// review), and a tree. "Not found" is not kept: the object may be
+/// pushed next.
+#[test]
+fn content_failures_are_remembered_and_a_missing_object_is_not() {
+    let fixture = fixture();
+    let widget = fixture.widget();
+    let broken = fixture.base.join("broken-commit");
+    // No committer: gix cannot read its time.
+    fs::write(
+        &broken,
+        "tree 4b825dc642cb6eb9a060e54bf8d69288fbc4904d\n\nbroken\n",
+    )
+    .unwrap();
+    let args = |write: bool| {
+        let mut args = vec!["hash-object", "-t", "commit", "--literally"];
+        if write {
+            args.push("-w");
+        }
+        args.push(broken.to_str().unwrap());
+        args
+    };
+    // Asked for before it is there: not found, and not kept.
+    let id = git(&fixture.widget, &args(false));
+    assert!(matches!(widget.resolve(&id), Err(Error::RefNotFound)));
+    assert_eq!(widget.failed.lock().unwrap().len(), 0);
+    assert_eq!(git(&fixture.widget, &args(true)), id);
+    git(&fixture.widget, &["update-ref", "refs/heads/broken", &id]);
+    let result = widget.resolve("broken");
+    assert!(matches!(result, Err(Error::Internal(_))), "{result:?}");
+    // Kept: asked for again, by name, it is not read again (its object
+    // gone, a read would find nothing).
+    let object = fixture
+        .widget
+        .join(".git/objects")
+        .join(&id[..2])
+        .join(&id[2..]);
+    fs::remove_file(&object).unwrap();
+    let result = widget.resolve("broken");
+    assert!(matches!(result, Err(Error::Internal(_))), "{result:?}");
+    // By its id, the object must still be there, as for a commit read.
+    assert!(matches!(widget.resolve(&id), Err(Error::RefNotFound)));
+    // A tree is "not found" and kept too.
+    assert!(matches!(
+        widget.resolve("tree-tag"),
+        Err(Error::RefNotFound)
+    ));
+    let tree =
+        ObjectId::from_hex(git(&fixture.widget, &["rev-parse", "tree-tag"]).as_bytes()).unwrap();
+    assert_eq!(widget.known_failure(&tree), Some(PeelFailure::NotACommit));
+    // What is kept is bounded.
+    assert_eq!(widget.failed.lock().unwrap().cap(), FAILED_OBJECTS);
 }
 
 /// Whether a ref's files may be trusted is judged as they are read, not
@@ -1967,6 +2025,10 @@ fn the_figures_docs_give_for_repositories_are_these_constants() {
             MAX_PEELED_OBJECT_BYTES >> 20
         ),
         format!("up to {} levels", levels[MAX_ALTERNATE_DEPTH]),
+        format!(
+            "is kept too ({} objects per repository)",
+            thousands(FAILED_OBJECTS.get())
+        ),
     ] {
         assert!(
             docs.contains(&figure),
