@@ -111,6 +111,23 @@ const FAILED_OBJECTS: NonZeroUsize = match NonZeroUsize::new(1024) {
 /// for a repository another user owns).
 const MAX_OBJECT_READ_BYTES: u64 = 64 * 1024 * 1024;
 
+/// gix's caches of delta bases and of objects, by the keys gix reads for
+/// them (`core.deltaBaseCacheLimit`; `gitoxide.core.deltaBaseCacheLimit`,
+/// the one it reads for the default pack cache's limit, documented as
+/// `gitoxide.core.defaultPackCacheMemoryLimit`; `gitoxide.objects.cacheLimit`):
+/// none, whatever a repository's config says. Each is a thread's own, and
+/// every call takes its own thread-local handle: a repository setting them
+/// to gigabytes would have that much held per thread reading it, as many
+/// as the runtime's blocking threads. gix built without its
+/// `max-performance` feature, as here, makes no caches at all; set here
+/// so that turning it on lets no repository size them.
+const OBJECT_CACHE_LIMITS: [(&str, i64); 4] = [
+    ("core.deltaBaseCacheLimit", 0),
+    ("gitoxide.core.deltaBaseCacheLimit", 0),
+    ("gitoxide.core.defaultPackCacheMemoryLimit", 0),
+    ("gitoxide.objects.cacheLimit", 0),
+];
+
 /// How many resolved refs a repository remembers (`Repository::resolve`).
 const REMEMBERED_REFS: NonZeroUsize = match NonZeroUsize::new(256) {
     Some(count) => count,
@@ -367,10 +384,18 @@ fn is_repository(dir: &Path) -> bool {
 /// reachability, the refs) must be what git archives.
 fn open_isolated(path: &Path) -> gix::Result<gix::ThreadSafeRepository> {
     gix::open::Options::isolated()
-        .config_overrides([
-            "core.useReplaceRefs=false".to_owned(),
-            format!("gitoxide.objects.allocLimit={MAX_OBJECT_READ_BYTES}"),
-        ])
+        .config_overrides(
+            [
+                "core.useReplaceRefs=false".to_owned(),
+                format!("gitoxide.objects.allocLimit={MAX_OBJECT_READ_BYTES}"),
+            ]
+            .into_iter()
+            .chain(
+                OBJECT_CACHE_LIMITS
+                    .iter()
+                    .map(|(key, value)| format!("{key}={value}")),
+            ),
+        )
         .open(path)
 }
 

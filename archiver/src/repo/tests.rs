@@ -1200,6 +1200,37 @@ fn content_failures_are_remembered_and_a_missing_object_is_not() {
     assert_eq!(widget.failed.lock().unwrap().cap(), FAILED_OBJECTS);
 }
 
+/// A repository's own config sizes none of gix's caches and cannot raise
+/// what one read may allocate: the archiver's settings win over every key
+/// gix reads for them (gix built without `max-performance` has no caches,
+/// so these guard a build that turns them on; each is per thread: 96 MiB
+/// of delta bases by default, as many as the blocking threads).
+#[test]
+fn a_repositorys_config_sizes_no_cache_and_raises_no_read_limit() {
+    let fixture = fixture();
+    for (key, value) in [
+        ("core.deltaBaseCacheLimit", "100g"),
+        ("gitoxide.core.deltaBaseCacheLimit", "100g"),
+        ("gitoxide.core.defaultPackCacheMemoryLimit", "100g"),
+        ("gitoxide.objects.cacheLimit", "100g"),
+        ("gitoxide.objects.allocLimit", "100g"),
+    ] {
+        git(&fixture.widget, &["config", key, value]);
+    }
+    let widget = fixture.widget();
+    let repo = widget.repo.to_thread_local();
+    let config = repo.config_snapshot();
+    for (key, value) in OBJECT_CACHE_LIMITS {
+        assert_eq!(config.integer(key), Some(value), "{key}");
+    }
+    assert_eq!(
+        config.integer("gitoxide.objects.allocLimit"),
+        Some(MAX_OBJECT_READ_BYTES as i64)
+    );
+    // The repository is still served.
+    assert_resolves(&widget, "main", RefKind::Branch("main".into()));
+}
+
 /// Whether a ref's files may be trusted is judged as they are read, not
 /// once the object is peeled, which may be seconds later (off the serving
 /// thread, behind another read): by then a rewrite within the same clock
@@ -2028,6 +2059,10 @@ fn the_figures_docs_give_for_repositories_are_these_constants() {
         format!(
             "is kept too ({} objects per repository)",
             thousands(FAILED_OBJECTS.get())
+        ),
+        format!(
+            "bounded at {} MiB however it is",
+            MAX_OBJECT_READ_BYTES >> 20
         ),
     ] {
         assert!(
