@@ -50,6 +50,7 @@ use gitball_core::url::{RefKind, validate_name};
 use crate::error::Error;
 
 mod confine;
+mod kept;
 mod refs;
 pub(crate) mod stamp;
 mod subst;
@@ -157,6 +158,8 @@ pub struct Repositories {
     open: Mutex<LruCache<String, Arc<Repository>>>,
     /// `stamp::RACY_WINDOW`, for the repositories opened.
     racy_window: std::time::Duration,
+    /// The bound on the reachable sets its repositories keep, together.
+    kept: Arc<kept::Kept>,
 }
 
 /// How the `--repos` directory maps names to repositories.
@@ -193,7 +196,15 @@ impl Repositories {
             layout,
             open: Mutex::new(LruCache::new(OPEN_REPOSITORIES)),
             racy_window: RACY_WINDOW,
+            kept: Arc::new(kept::Kept::default()),
         })
+    }
+
+    /// Keeps at most `commits` commits in reachable sets, together.
+    #[cfg(test)]
+    fn keeping_reachable_commits(mut self, commits: usize) -> Repositories {
+        self.kept = Arc::new(kept::Kept::new(commits));
+        self
     }
 
     /// Remembers ref answers however recently their files changed, so
@@ -223,6 +234,7 @@ impl Repositories {
 
         let mut repository = self.locate(owner, name)?;
         repository.racy_window = self.racy_window;
+        repository.kept = Arc::clone(&self.kept);
         let repository = Arc::new(repository);
         // Two requests racing here both open the repository; the later one
         // stays in the cache, which is harmless. One whose alternates files
@@ -462,7 +474,8 @@ fn open_candidate(path: &Path, confine_to: Option<&Path>) -> Result<Option<Repos
         .map_err(|err| Error::internal(format_args!("stat {}: {err}", git_dir.display())))?;
     Ok(Some(Repository {
         repo,
-        reachable: Mutex::new(None),
+        reachable: Arc::new(Mutex::new(None)),
+        kept: Arc::default(),
         substitutes: Mutex::new(LruCache::new(SUBSTITUTION_ANSWERS)),
         peeled: Mutex::new(LruCache::new(PEELED_OBJECTS)),
         peeling: Reads::default(),
@@ -621,8 +634,10 @@ impl FileIdentity {
 pub struct Repository {
     repo: gix::ThreadSafeRepository,
     /// The commits some ref reaches, for the refs state whose digest is
-    /// kept beside them (`--require-reachable`).
-    reachable: Mutex<Option<Reachable>>,
+    /// kept beside them (`--require-reachable`), within the bound of
+    /// `kept`, shared by every repository open.
+    reachable: kept::Slot,
+    kept: Arc<kept::Kept>,
     /// Commit → whether its tree asks for `export-subst` (trees never
     /// change, so the answer is kept).
     substitutes: Mutex<LruCache<ObjectId, bool>>,
@@ -1107,7 +1122,8 @@ impl Repository {
     ///
     /// The set of reachable commits is computed once per refs state (one
     /// walk of the history, using the commit-graph when there is one) and
-    /// kept until a ref changes: about 30 bytes per commit.
+    /// kept until a ref changes, or until other repositories' sets need
+    /// the room (`kept`): about 30 bytes per commit.
     ///
     /// `refs` is the digest of the refs when the caller already took it
     /// (`refs_digest`); the listing is not repeated then.
@@ -1129,6 +1145,7 @@ impl Repository {
                 .map(|known| known.commits.contains(&id))
         };
         if let Some(answer) = known() {
+            self.kept.touch(&self.reachable);
             return Ok(answer);
         }
         // One walk at a time: requests that arrive meanwhile (a crawler's
@@ -1137,6 +1154,7 @@ impl Repository {
         // took 1.7 GB).
         let _walking = self.walking.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(answer) = known() {
+            self.kept.touch(&self.reachable);
             return Ok(answer);
         }
         let repo = self.repo.to_thread_local();
@@ -1179,10 +1197,15 @@ impl Repository {
             commits.insert(info.id);
         }
         let answer = commits.contains(&id);
+        let count = commits.len();
         *self
             .reachable
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(Reachable { refs, commits });
+            .unwrap_or_else(PoisonError::into_inner) = Some(Reachable {
+            refs: refs.clone(),
+            commits,
+        });
+        self.kept.record(&self.reachable, &refs, count);
         Ok(answer)
     }
 
@@ -1237,12 +1260,16 @@ impl Repository {
             Some(refs) => refs.to_owned(),
             None => self.known_refs_digest()?,
         };
-        let reachable = self
-            .reachable
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let known = reachable.as_ref()?;
-        (known.refs == refs).then(|| known.commits.contains(&id))
+        let answer = {
+            let reachable = self
+                .reachable
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let known = reachable.as_ref()?;
+            (known.refs == refs).then(|| known.commits.contains(&id))?
+        };
+        self.kept.touch(&self.reachable);
+        Some(answer)
     }
 
     /// Stamps of what vouches for the refs digest: `packed-refs`, `HEAD`,

@@ -2071,3 +2071,63 @@ fn the_figures_docs_give_for_repositories_are_these_constants() {
         );
     }
 }
+
+/// `docs/archiver.md#published-commits-only`: the reachable sets that
+/// repositories asked for by commit id keep are bounded together, not each
+/// alone: a set that takes the total past the bound drops the least
+/// recently used other sets, and their repositories walk again when next
+/// asked. (Attack: one `HEAD` per fork of a 300,000-commit history, which
+/// needs no budget token, kept every fork's set, 75 MB for 8 forks, and
+/// without bound across the 1,024 repositories kept open.)
+#[test]
+fn reachable_sets_are_bounded_across_repositories() {
+    let fixture = fixture();
+    for name in ["one", "two", "three"] {
+        fixture.bare_clone(name);
+    }
+    // Each clone's refs reach c1 and c2: room for two sets.
+    let repositories = fixture.repositories().keeping_reachable_commits(4);
+    let open = |name| repositories.open("acme", name).unwrap();
+    let (one, two, three) = (open("one"), open("two"), open("three"));
+    assert!(one.reaches(&fixture.c2, None).unwrap());
+    assert!(two.reaches(&fixture.c2, None).unwrap());
+    assert_eq!(repositories.kept.commits(), 4);
+    // `one` was used last: `two` goes for `three`.
+    assert_eq!(one.reaches_known(&fixture.c1, None), Some(true));
+    assert!(three.reaches(&fixture.c1, None).unwrap());
+    assert_eq!(repositories.kept.commits(), 4);
+    assert_eq!(two.reaches_known(&fixture.c2, None), None);
+    assert_eq!(one.reaches_known(&fixture.c2, None), Some(true));
+    assert_eq!(three.reaches_known(&fixture.c2, None), Some(true));
+    // Asked again, `two` walks again, and the least recently used goes.
+    assert!(two.reaches(&fixture.c2, None).unwrap());
+    assert_eq!(two.reaches_known(&fixture.c2, None), Some(true));
+    assert_eq!(one.reaches_known(&fixture.c2, None), None);
+    assert_eq!(repositories.kept.commits(), 4);
+    // A closed repository's set no longer counts.
+    drop(three);
+    repositories.open.lock().unwrap().clear();
+    assert!(one.reaches(&fixture.c2, None).unwrap());
+    assert_eq!(two.reaches_known(&fixture.c2, None), Some(true));
+    assert_eq!(repositories.kept.commits(), 4);
+}
+
+/// `docs/archiver.md#published-commits-only` gives the bound on kept
+/// reachable sets as this constant.
+#[test]
+fn the_docs_give_the_bound_on_kept_reachable_sets() {
+    gitball_core::docs::assert_says(
+        include_str!("../../../docs/archiver.md"),
+        "docs/archiver.md",
+        [
+            format!(
+                "together hold at most {} commits",
+                gitball_core::docs::thousands(kept::MAX_KEPT_COMMITS)
+            ),
+            format!(
+                "up to the {} repositories kept open",
+                gitball_core::docs::thousands(OPEN_REPOSITORIES.get())
+            ),
+        ],
+    );
+}

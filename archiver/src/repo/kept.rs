@@ -1,0 +1,117 @@
+//! The bound on the reachable sets kept across repositories
+//! (`docs/archiver.md#published-commits-only`).
+//!
+//! Each repository asked for by commit id keeps the set of commits its refs
+//! reach, about 30 bytes per commit. Kept per repository alone, the memory
+//! was the sum over up to `OPEN_REPOSITORIES` (1,024) repositories: a client
+//! sending one `HEAD` (no budget token, before any cache lookup) to each
+//! fork of a large history made the archiver hold every fork's set (attack:
+//! 8 forks of a 300,000-commit history took 75 MB; a thousand forks of a
+//! 1.3 million commit history would take about 40 GB, past the unit's
+//! `MemoryMax`). Here every kept set is recorded, least recently used
+//! first, and a set that takes the total past the bound drops the least
+//! recently used others until it fits (its own stays, however large): the
+//! repositories they belong to walk their history again when next asked.
+
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+
+use lru::LruCache;
+
+use super::Reachable;
+
+/// Commits kept in the reachable sets of all repositories together:
+/// about 250 MB at 30 bytes a commit, a few histories the size of Linux's.
+pub const MAX_KEPT_COMMITS: usize = 8 * 1024 * 1024;
+
+/// A repository's kept set, as the ledger reaches it.
+pub type Slot = Arc<Mutex<Option<Reachable>>>;
+
+/// The reachable sets kept, by repository, least recently used first.
+#[derive(Debug)]
+pub struct Kept {
+    max_commits: usize,
+    /// Slot address → (its set's refs digest, commits, the slot).
+    sets: Mutex<LruCache<usize, Entry>>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    refs: String,
+    commits: usize,
+    slot: Weak<Mutex<Option<Reachable>>>,
+}
+
+impl Kept {
+    pub fn new(max_commits: usize) -> Kept {
+        Kept {
+            max_commits,
+            sets: Mutex::new(LruCache::unbounded()),
+        }
+    }
+
+    /// `slot` now holds the set of `commits` commits for `refs`: other
+    /// repositories' least recently used sets are dropped until the total
+    /// is within the bound. Called without `slot`'s lock held.
+    pub fn record(&self, slot: &Slot, refs: &str, commits: usize) {
+        let mut sets = self.sets.lock().unwrap_or_else(PoisonError::into_inner);
+        // Sets of repositories closed since (their memory is gone) no
+        // longer count.
+        let gone: Vec<usize> = sets
+            .iter()
+            .filter(|(_, entry)| entry.slot.strong_count() == 0)
+            .map(|(key, _)| *key)
+            .collect();
+        for key in gone {
+            sets.pop(&key);
+        }
+        let key = Arc::as_ptr(slot) as usize;
+        sets.put(
+            key,
+            Entry {
+                refs: refs.to_owned(),
+                commits,
+                slot: Arc::downgrade(slot),
+            },
+        );
+        let mut total: usize = sets.iter().map(|(_, entry)| entry.commits).sum();
+        while total > self.max_commits && sets.len() > 1 {
+            let Some((_, entry)) = sets.pop_lru() else {
+                break;
+            };
+            total -= entry.commits;
+            if let Some(slot) = entry.slot.upgrade() {
+                let mut kept = slot.lock().unwrap_or_else(PoisonError::into_inner);
+                // Only the set recorded: a newer one records itself.
+                if kept.as_ref().is_some_and(|set| set.refs == entry.refs) {
+                    *kept = None;
+                }
+            }
+        }
+    }
+
+    /// `slot`'s set was used: it goes last.
+    pub fn touch(&self, slot: &Slot) {
+        self.sets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .promote(&(Arc::as_ptr(slot) as usize));
+    }
+
+    /// Commits in the sets recorded whose repositories are still open.
+    #[cfg(test)]
+    pub fn commits(&self) -> usize {
+        self.sets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|(_, entry)| entry.slot.strong_count() > 0)
+            .map(|(_, entry)| entry.commits)
+            .sum()
+    }
+}
+
+impl Default for Kept {
+    fn default() -> Kept {
+        Kept::new(MAX_KEPT_COMMITS)
+    }
+}
