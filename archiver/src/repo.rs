@@ -1157,6 +1157,9 @@ impl Repository {
             self.kept.touch(&self.reachable);
             return Ok(answer);
         }
+        // And a few walks at a time across repositories: each holds a set
+        // as large as its history while it walks (`kept`).
+        let _walk = self.kept.walk();
         let repo = self.repo.to_thread_local();
         let mut tips = Vec::new();
         for_each_ref(&repo, |mut reference| {

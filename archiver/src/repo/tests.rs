@@ -2128,6 +2128,42 @@ fn the_docs_give_the_bound_on_kept_reachable_sets() {
                 "up to the {} repositories kept open",
                 gitball_core::docs::thousands(OPEN_REPOSITORIES.get())
             ),
+            format!("at most {} walks run at once", kept::MAX_WALKS),
         ],
     );
+}
+
+/// `docs/archiver.md#published-commits-only`: at most `MAX_WALKS` history
+/// walks run at once across repositories, each building a set as large as
+/// its history; a walk waits for a place, and an answer already known
+/// needs none. (Attack: one `HEAD` to each of many forks at once walked
+/// them all at once.)
+#[test]
+fn history_walks_across_repositories_wait_for_a_place() {
+    let fixture = fixture();
+    fixture.bare_clone("one");
+    let repositories = fixture.repositories();
+    let widget = repositories.open("acme", "widget").unwrap();
+    let one = repositories.open("acme", "one").unwrap();
+    assert!(widget.reaches(&fixture.c2, None).unwrap());
+
+    let places: Vec<_> = (0..kept::MAX_WALKS)
+        .map(|_| repositories.kept.walk())
+        .collect();
+    // Known: answered without a walk.
+    assert!(widget.reaches(&fixture.c1, None).unwrap());
+    let (sender, walked) = std::sync::mpsc::channel();
+    let c2 = fixture.c2.clone();
+    let waiting = std::thread::spawn(move || sender.send(one.reaches(&c2, None).unwrap()));
+    assert_eq!(
+        walked.recv_timeout(std::time::Duration::from_millis(500)),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout),
+        "a walk ran with every place taken"
+    );
+    drop(places);
+    assert_eq!(
+        walked.recv_timeout(std::time::Duration::from_secs(60)),
+        Ok(true)
+    );
+    waiting.join().unwrap().unwrap();
 }
