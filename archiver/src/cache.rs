@@ -152,11 +152,13 @@ pub struct Progress {
 #[derive(Debug)]
 pub struct Generation {
     pub partial: PathBuf,
-    /// The partial file, opened when it was created: readers share this
-    /// handle (they read with `pread`), so they never race the rename that
-    /// completes the generation, and a growing archive costs one fd however
-    /// many readers tail it.
-    pub file: Arc<std::fs::File>,
+    /// The partial file, opened when it was created, once the generation
+    /// has its slot (queued, it holds no fd: a request that leaves while it
+    /// waits leaves none behind): readers share this handle (they read with
+    /// `pread`), so they never race the rename that completes the
+    /// generation, and a growing archive costs one fd however many readers
+    /// tail it.
+    file: std::sync::OnceLock<Arc<std::fs::File>>,
     progress: watch::Receiver<Progress>,
     /// Cancelled when the generation fails, right after the progress says
     /// so: a download that waits on its client's socket, and not on the
@@ -172,6 +174,12 @@ pub struct Generation {
 }
 
 impl Generation {
+    /// The partial file, once the generation has its slot (readers come
+    /// after its first bytes, [`Generation::started`]: it is there).
+    pub fn file(&self) -> Option<Arc<std::fs::File>> {
+        self.file.get().cloned()
+    }
+
     pub fn progress(&self) -> watch::Receiver<Progress> {
         self.progress.clone()
     }
@@ -245,8 +253,6 @@ pub enum LookupError {
     /// The archiver is stopping: no new generation starts.
     #[error("the archiver is shutting down")]
     ShuttingDown,
-    #[error("cannot create the partial file: {0}")]
-    Io(#[from] io::Error),
 }
 
 /// Cache settings, from the flags.
@@ -502,16 +508,11 @@ impl Cache {
         if self.cancel.is_cancelled() {
             return Err(LookupError::ShuttingDown);
         }
-        // Created here, under the lock, so every reader can open it at once.
+        // Created once the generation has its slot (`generate`).
         let partial = self.settings.dir.join(format!(
             "{key}.{:016x}{PARTIAL_SUFFIX}",
             rand::random::<u64>()
         ));
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&partial)?;
         let (sender, receiver) = watch::channel(Progress {
             written: 0,
             state: State::Running,
@@ -519,7 +520,7 @@ impl Cache {
         let queued = self.slots.queue(client);
         let generation = Arc::new(Generation {
             partial,
-            file: Arc::new(file),
+            file: std::sync::OnceLock::new(),
             progress: receiver,
             failed: CancellationToken::new(),
             held: std::sync::OnceLock::new(),
@@ -633,6 +634,25 @@ impl Cache {
             self.fail(&key, &partial, 0, failure, &progress);
             return;
         };
+        // The file, made only now: a queued generation holds no fd (attack:
+        // requests that left while their generations waited for a slot left
+        // an open file each, outside what `--max-connections` counts).
+        let created = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&partial);
+        match created {
+            // Set once, here: nothing else sets it.
+            Ok(file) => drop(writing.file.set(Arc::new(file))),
+            Err(error) => {
+                tracing::error!(%error, "cannot create the partial file");
+                counter!(m::GENERATIONS_TOTAL, "format" => format, "outcome" => "failed")
+                    .increment(1);
+                self.fail(&key, &partial, 0, Failure::Failed, &progress);
+                return;
+            }
+        }
 
         gauge!(m::GENERATIONS_IN_FLIGHT).increment(1.0);
         let started = Instant::now();
@@ -782,7 +802,10 @@ impl Cache {
             self.publish(&index);
             generation
         };
-        if let Err(error) = std::fs::remove_file(partial) {
+        // A generation that never had its slot made none.
+        if let Err(error) = std::fs::remove_file(partial)
+            && error.kind() != io::ErrorKind::NotFound
+        {
             tracing::error!(%error, "cannot remove a failed partial file");
         }
         // Neither is a fault: a full queue, or a push while the request waited.
@@ -1370,7 +1393,7 @@ impl Generation {
         });
         let generation = Generation {
             partial,
-            file: Arc::new(file),
+            file: std::sync::OnceLock::from(Arc::new(file)),
             progress,
             failed: CancellationToken::new(),
             held: std::sync::OnceLock::new(),
@@ -1509,12 +1532,15 @@ mod tests {
     async fn a_complete_archive_is_renamed_to_its_key_and_sha256_and_then_hits() {
         let stub = StubGit::printing(&pattern(1000));
         let data = printed(&pattern(1000));
+        let feed = stub.feed();
         let cache = open(&stub, 1 << 20);
         let generation = miss(cache.lookup(stub.spec(1), CLIENT, "r1"));
+        written(&generation, HEADER_LEN + 1000).await;
         assert!(generation.partial.exists());
         let partial_name = generation.partial.file_name().unwrap().to_str().unwrap();
         assert!(partial_name.starts_with(&Cache::key(&stub.spec(1))));
         assert!(partial_name.ends_with(PARTIAL_SUFFIX));
+        drop(feed);
 
         let file = complete(within(generation.finished()).await);
         let key = Cache::key(&stub.spec(1));
@@ -2194,7 +2220,8 @@ mod tests {
                 "{format:?}: announced before git wrote"
             );
             let mut head = vec![0; ahead as usize];
-            std::os::unix::fs::FileExt::read_exact_at(&*generation.file, &mut head, 0).unwrap();
+            std::os::unix::fs::FileExt::read_exact_at(&*generation.file().unwrap(), &mut head, 0)
+                .unwrap();
             for (at, (got, want)) in head.iter().zip(&expected).enumerate() {
                 // The zip header's fixed fields are not checked.
                 if format != Format::Zip || !(4..30).contains(&at) {
@@ -2722,6 +2749,44 @@ mod tests {
             "the running generation's bytes only"
         );
         assert_eq!(stub.runs().len(), 1);
+        assert!(within(cache.shutdown(Duration::from_secs(5))).await);
+    }
+
+    /// `docs/archiver.md#partial-files-and-rename`: a generation waiting
+    /// for a slot has no partial file and holds no fd; it makes its file
+    /// when it gets its slot, and completes as any other. (Attack: 40
+    /// requests that left while their generations waited left 40 open
+    /// partial files, with no connection open and outside what
+    /// `--max-connections` counts.)
+    #[tokio::test]
+    async fn a_queued_generation_holds_no_file_until_its_slot() {
+        let stub = StubGit::printing(b"abc");
+        let feed = stub.feed();
+        let mut settings = stub.settings(1 << 20);
+        settings.max_generations = 1;
+        let cache = Cache::open(settings).unwrap();
+
+        let running = miss(cache.lookup(stub.spec(1), CLIENT, "r1"));
+        written(&running, HEADER_LEN + 3).await;
+        assert!(running.file().is_some());
+        let queued = miss(cache.lookup(stub.spec(2), CLIENT, "r2"));
+        assert!(queued.file().is_none(), "a queued generation holds a file");
+        assert!(!queued.partial.exists());
+        let partials = || {
+            names_in(&stub.cache_dir())
+                .into_iter()
+                .filter(|name| name.ends_with(PARTIAL_SUFFIX))
+                .count()
+        };
+        assert_eq!(partials(), 1, "the running generation's only");
+
+        stub.unfeed();
+        drop(feed);
+        complete(within(running.finished()).await);
+        let file = complete(within(queued.finished()).await);
+        assert_eq!(file.len, HEADER_LEN + 3);
+        assert!(queued.file().is_some());
+        assert_eq!(partials(), 0);
         assert!(within(cache.shutdown(Duration::from_secs(5))).await);
     }
 

@@ -161,7 +161,6 @@ impl From<LookupError> for Error {
     fn from(error: LookupError) -> Error {
         match error {
             LookupError::ShuttingDown => Error::ShuttingDown,
-            LookupError::Io(error) => Error::internal(error),
         }
     }
 }

@@ -340,7 +340,9 @@ impl Reader {
                 (file, complete.path.clone(), None, Some(complete.len))
             }
             Source::Growing(generation) => (
-                Some(generation.file.clone()),
+                Some(generation.file().ok_or_else(|| {
+                    io::Error::other("a growing archive read before its generation started")
+                })?),
                 generation.partial.clone(),
                 Some(generation.progress()),
                 None,
@@ -1137,6 +1139,8 @@ mod tests {
         else {
             panic!("a miss expected")
         };
+        // As a request does: its file is made once it has its slot.
+        within(generation.started()).await;
         let mut body = download(Source::Growing(generation), None, "tail-git");
         assert_eq!(
             read_exactly(&mut body, HEADER_LEN + 5).await,
@@ -1163,6 +1167,8 @@ mod tests {
         else {
             panic!("a miss expected")
         };
+        // As a request does: its file is made once it has its slot.
+        within(generation.started()).await;
         let mut body = download(Source::Growing(generation), None, "tail-git-fails");
         assert_eq!(
             read_exactly(&mut body, HEADER_LEN + 5).await,

@@ -188,6 +188,12 @@ impl StubGit {
         Feed(file)
     }
 
+    /// Removes the fifo: children started from now on print without it
+    /// (those that opened it read on until the `Feed` is dropped).
+    pub fn unfeed(&self) {
+        std::fs::remove_file(self.feed_path()).unwrap();
+    }
+
     fn feed_path(&self) -> PathBuf {
         self.dir.path().join("feed")
     }
