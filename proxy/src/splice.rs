@@ -63,7 +63,9 @@
 //! (`SO_RCVBUF` 256 KiB, as a widened pooled connection), a pipe of
 //! [`PIPE_BYTES`] and a place among the [`MAX_SPLICED`] — four fds, and the
 //! pipe's pages while bytes are in flight; parked, one fd and no place;
-//! resumed copied, two fds and its buffer, as a piped download. The two fds
+//! resumed copied, two fds and its buffer, as a piped download (a resume's
+//! upstream connection opens with the small window of any upstream
+//! connection, and is widened only if it goes on spliced). The two fds
 //! more than a piped download are taken from the 256 that
 //! `--max-connections`' default leaves aside: at most [`MAX_SPLICED`]
 //! downloads are spliced at once in a process (more than a 10 Gbit/s link
@@ -97,7 +99,7 @@ use crate::pipe::{End, Timers};
 use crate::resume::Resume;
 use crate::routes::Candidate;
 use crate::upstream::{Cut, Health};
-use crate::window::WIDE_RECV_BUFFER_BYTES;
+use crate::window::{SMALL_RECV_BUFFER_BYTES, WIDE_RECV_BUFFER_BYTES};
 
 /// The pipe between the two sockets. A 64 KiB pipe (the kernel's default)
 /// moved a 1 GiB download at about 250 ms of CPU per GiB, 256 KiB at about
@@ -289,9 +291,12 @@ pub async fn prepare(resume: &Resume, sent: u64, slot: Slot) -> Result<Prepared,
     let budget = PREPARE_TIMEOUT.min(resume.forwarder().header_timeout());
     resume.attempting(&candidate.upstream);
     let upstream = attempt(&candidate.upstream, async {
-        tokio::time::timeout(budget, open(resume, candidate, sent, budget))
-            .await
-            .map_err(|_| OpenError::HeadTimeout(candidate.upstream.clone(), budget))?
+        tokio::time::timeout(
+            budget,
+            open(resume, candidate, sent, budget, WIDE_RECV_BUFFER_BYTES),
+        )
+        .await
+        .map_err(|_| OpenError::HeadTimeout(candidate.upstream.clone(), budget))?
     })
     .await?;
     if upstream.skip != 0 {
@@ -312,13 +317,15 @@ pub async fn prepare(resume: &Resume, sent: u64, slot: Slot) -> Result<Prepared,
     })
 }
 
-/// Asks `candidate` for the download's bytes from `sent` on, waiting at
-/// most `head_timeout` for the answer's head.
+/// Asks `candidate` for the download's bytes from `sent` on, on a
+/// connection opened with `SO_RCVBUF` `recv_buffer`, waiting at most
+/// `head_timeout` for the answer's head.
 async fn open(
     resume: &Resume,
     candidate: &Candidate,
     sent: u64,
     head_timeout: Duration,
+    recv_buffer: usize,
 ) -> Result<Upstream, OpenError> {
     let name = candidate.upstream.clone();
     let uri = http::Uri::try_from(&*name).map_err(|_| OpenError::NotHttp(name.clone()))?;
@@ -333,7 +340,7 @@ async fn open(
     let forwarder = resume.forwarder();
     let (request, next) = resume.range_request(sent);
     let connect_timeout = forwarder.connect_timeout();
-    let mut stream = tokio::time::timeout(connect_timeout, connect(&address))
+    let mut stream = tokio::time::timeout(connect_timeout, connect(&address, recv_buffer))
         .await
         .map_err(|_| OpenError::ConnectTimeout(name.clone(), connect_timeout))?
         .map_err(|error| OpenError::Connect(name.clone(), error))?;
@@ -365,8 +372,8 @@ async fn open(
 }
 
 /// A connection to `address` (`host:port`), with the upstream
-/// connections' socket options and a receive buffer for a fast download.
-async fn connect(address: &str) -> io::Result<TcpStream> {
+/// connections' socket options and a receive buffer of `recv_buffer`.
+async fn connect(address: &str, recv_buffer: usize) -> io::Result<TcpStream> {
     let mut last_error = None;
     for address in tokio::net::lookup_host(address).await? {
         let socket = if address.is_ipv4() {
@@ -375,7 +382,7 @@ async fn connect(address: &str) -> io::Result<TcpStream> {
             TcpSocket::new_v6()?
         };
         // Before the handshake, so the window scale fits it.
-        socket.set_recv_buffer_size(WIDE_RECV_BUFFER_BYTES as u32)?;
+        socket.set_recv_buffer_size(u32::try_from(recv_buffer).unwrap_or(u32::MAX))?;
         socket.set_nodelay(true)?;
         match socket.connect(address).await {
             Ok(stream) => {
@@ -773,7 +780,16 @@ impl SpliceBody {
             let opened = tokio::select! {
                 opened = attempt(
                     &candidate.upstream,
-                    open(&self.resume, &candidate, sent, COMPLETE_ARCHIVE_TIMEOUT),
+                    // Small, as any upstream connection opens: how the
+                    // rest goes (and so whether it may widen) is known
+                    // only once it is there.
+                    open(
+                        &self.resume,
+                        &candidate,
+                        sent,
+                        COMPLETE_ARCHIVE_TIMEOUT,
+                        SMALL_RECV_BUFFER_BYTES,
+                    ),
                 ) => opened,
                 () = socket.closed() => {
                     return Err(Failure::Client(io::ErrorKind::ConnectionReset.into()));
@@ -786,6 +802,17 @@ impl SpliceBody {
                         // otherwise, until the download parks again.
                         let relay = Relay::take(self.places);
                         let spliced = matches!(relay, Relay::Spliced { .. });
+                        if spliced {
+                            // Widened as a pooled connection is for a fast
+                            // download: only the 64 spliced at once hold a
+                            // wide one (a copied download holds what a piped
+                            // one does; review: every resume opened wide).
+                            if let Err(error) = socket2::SockRef::from(&upstream.stream)
+                                .set_recv_buffer_size(WIDE_RECV_BUFFER_BYTES)
+                            {
+                                tracing::debug!(%error, "spliced upstream SO_RCVBUF not widened");
+                            }
+                        }
                         crate::metrics::resume("resumed");
                         tracing::debug!(upstream = %upstream.name, sent, spliced, "spliced download resumed");
                         return Ok(Spliced { upstream, relay });
@@ -1393,5 +1420,77 @@ mod tests {
         let resumed_from = ends.recv().await.expect("the resume's connection");
         assert!(resumed_from > 0, "resumed from {resumed_from}");
         drop(taken);
+    }
+    /// docs/architecture.md ("Memory per slow download"): a parked spliced
+    /// download's resume opens its upstream connection with the small
+    /// window of any upstream connection, and widens it only when it goes
+    /// on spliced, holding one of the places. Copied, it holds what a
+    /// piped download holds. (Every resume opened with 256 KiB: any number
+    /// of parked downloads resumed copied each held up to 512 KiB of
+    /// kernel memory on it, where a piped one holds 128 KiB.)
+    #[tokio::test]
+    async fn a_download_resumed_copied_has_the_small_upstream_window() {
+        static PLACES: Slots = Slots::new(1);
+        let archive: Arc<Vec<u8>> = Arc::new(vec![7u8; 2 << 20]);
+        let (address, _ends) = archiver(archive.clone()).await;
+        let resume = Arc::new(resume_of(&address, TEST_TIMEOUT, archive.len() as u64));
+        let prepared = prepare(&resume, 0, PLACES.take().expect("a place"))
+            .await
+            .expect("a 206 for the whole archive is spliced");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (client, accepted) = tokio::join!(
+            TcpStream::connect(listener.local_addr().unwrap()),
+            listener.accept()
+        );
+        let _client = client.unwrap();
+        let mut socket =
+            BodySocket::new(accepted.unwrap().0, TEST_TIMEOUT, ClientWrites::default());
+        let mut body = SpliceBody::new(
+            prepared,
+            Handoff {
+                resume: resume.clone(),
+                sent: 0,
+                length: archive.len() as u64,
+                timers: Timers {
+                    idle_timeout: TEST_TIMEOUT,
+                    upstream_silence: TEST_TIMEOUT,
+                    park_after: PARK_AFTER,
+                },
+                health: Arc::new(Health::new(Duration::from_secs(10))),
+                on_end: Box::new(|_| {}),
+                active: ActiveDownload::start(),
+                writes: None,
+            },
+        );
+        let recv_buffer = |spliced: &Spliced| {
+            socket2::SockRef::from(&spliced.upstream.stream)
+                .recv_buffer_size()
+                .unwrap()
+        };
+        // Parked (as `run` parks it), then resumed with no place free.
+        body.spliced = None;
+        let taken = PLACES.take().expect("the parked download's place is free");
+        let copied = tokio::time::timeout(TEST_TIMEOUT, body.unpark(&mut socket))
+            .await
+            .unwrap()
+            .unwrap_or_else(|_| panic!("not resumed"));
+        assert!(matches!(copied.relay, Relay::Copied(_)));
+        // The kernel reports twice the size set.
+        assert_eq!(
+            recv_buffer(&copied),
+            2 * SMALL_RECV_BUFFER_BYTES,
+            "the copied download's upstream window is wide"
+        );
+        drop((copied, taken));
+        // Resumed with a place free: spliced, and widened.
+        let spliced = tokio::time::timeout(TEST_TIMEOUT, body.unpark(&mut socket))
+            .await
+            .unwrap()
+            .unwrap_or_else(|_| panic!("not resumed"));
+        assert!(matches!(spliced.relay, Relay::Spliced { .. }));
+        assert!(
+            recv_buffer(&spliced) > 2 * SMALL_RECV_BUFFER_BYTES,
+            "the spliced download's upstream window is small"
+        );
     }
 }
