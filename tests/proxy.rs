@@ -2976,33 +2976,10 @@ fn a_parked_spliced_download_out_of_fds_asks_no_other_candidate() {
     assert_eq!(overloaded(), 0.0);
 
     // No fd left for the proxy: the fds it has now are all it may have.
-    let limit = |soft: &str| {
-        let set = Command::new("prlimit")
-            .arg(format!("--pid={}", proxy.pid))
-            .arg(format!("--nofile={soft}:"))
-            .status()
-            .expect("run prlimit");
-        assert!(set.success(), "prlimit --nofile={soft}:");
-    };
-    let soft = std::fs::read_to_string(format!("/proc/{}/limits", proxy.pid))
-        .expect("the proxy's limits")
-        .lines()
-        .find(|line| line.starts_with("Max open files"))
-        .and_then(|line| line.split_whitespace().nth(3).map(str::to_owned))
-        .expect("the proxy's fd limit");
-    // A new fd takes the lowest free number, which must not be below the
-    // limit: the limit is that number, once the parked download's
-    // upstream fds are closed.
-    settled_fd_count(proxy.pid);
-    let open: std::collections::BTreeSet<u64> =
-        std::fs::read_dir(format!("/proc/{}/fd", proxy.pid))
-            .expect("the proxy's fds")
-            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
-            .collect();
-    let lowest_free = (0..).find(|fd| !open.contains(fd)).expect("a free fd");
-    limit(&lowest_free.to_string());
+    let soft = fd_limit(proxy.pid);
+    set_fd_limit(proxy.pid, &free_fds(proxy.pid, 0).to_string());
     let end = connection.read_body_to_end(|piece| received += piece.len() as u64);
-    limit(&soft);
+    set_fd_limit(proxy.pid, &soft);
     assert!(
         matches!(end, BodyEnd::Aborted(_)),
         "a download that could not resume ended cleanly after {received} bytes"
@@ -3013,6 +2990,107 @@ fn a_parked_spliced_download_out_of_fds_asks_no_other_candidate() {
             .scrape()
             .value("gitball_proxy_resumes_total", &[("outcome", "failed")]),
         1.0
+    );
+}
+
+/// The soft `RLIMIT_NOFILE` of process `pid`.
+fn fd_limit(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/limits"))
+        .expect("the process's limits")
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .and_then(|line| line.split_whitespace().nth(3).map(str::to_owned))
+        .expect("the process's fd limit")
+}
+
+/// Sets the soft `RLIMIT_NOFILE` of process `pid` to `soft`.
+fn set_fd_limit(pid: u32, soft: &str) {
+    let set = Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={soft}:"))
+        .status()
+        .expect("run prlimit");
+    assert!(set.success(), "prlimit --nofile={soft}:");
+}
+
+/// The fd limit under which process `pid` can open `count` more fds and
+/// no more, once its fds settled: a new fd takes the lowest free number,
+/// which must be below the limit.
+fn free_fds(pid: u32, count: usize) -> u64 {
+    settled_fd_count(pid);
+    let open: std::collections::BTreeSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the process's fds")
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    (0..)
+        .filter(|fd| !open.contains(fd))
+        .nth(count)
+        .expect("a free fd")
+}
+
+/// The copied path end to end (docs/proxy.md, "Spliced downloads",
+/// limits): a parked spliced download that resumes where it can have no
+/// pipe (the proxy one fd short of one: its fds are what a resume that
+/// finds none of the 64 places free goes on with too) goes on copied
+/// through a buffer, and its client gets the archive's bytes in the
+/// response's framing: the connection then answers its next request.
+#[test]
+fn a_parked_spliced_download_resumed_without_a_pipe_is_copied_whole() {
+    let sandbox = Sandbox::new();
+    let (big, cluster) = warm_big_cluster(&sandbox, &["--park-after", PARK_AFTER]);
+    warm_up(&cluster, big);
+    let proxy = &cluster.proxy;
+    let (mut connection, head, mut hasher, mut received) = spliced_download(proxy);
+    let digest = head.header("repr-digest").expect("a hit has a digest");
+    assert!(
+        wait_until(SETTLE, || proxy
+            .scrape()
+            .value("gitball_proxy_parked_downloads", &[])
+            == 1.0),
+        "the stalled spliced download was not parked"
+    );
+    let counted = || {
+        let metrics = proxy.scrape();
+        (
+            metrics.value("gitball_proxy_resumes_total", &[("outcome", "resumed")]),
+            metrics.value("gitball_proxy_splices_total", &[("outcome", "declined")]),
+        )
+    };
+    let (resumed, declined) = counted();
+
+    // One fd for the resume's upstream connection, none for a pipe.
+    let soft = fd_limit(proxy.pid);
+    set_fd_limit(proxy.pid, &free_fds(proxy.pid, 1).to_string());
+    let end = connection.read_body_to_end(|piece| {
+        hasher.update(piece);
+        received += piece.len() as u64;
+    });
+    set_fd_limit(proxy.pid, &soft);
+    assert_eq!(end, BodyEnd::Complete, "after {received} bytes");
+    assert_eq!(received, big.full_length);
+    assert_eq!(
+        digest,
+        format!("sha-256=:{}:", base64(&hasher.finalize())),
+        "the bytes differ from the archive's"
+    );
+    let (resumed_now, declined_now) = counted();
+    assert!(resumed_now > resumed, "the download did not resume");
+    assert_eq!(
+        declined_now - declined,
+        resumed_now - resumed,
+        "a resume without a pipe was not copied (each copied resume is a declined splice)"
+    );
+
+    connection
+        .send_request("GET", "/healthz", &[])
+        .expect("send");
+    assert_eq!(
+        connection
+            .read_head()
+            .expect("the next answer's head")
+            .status,
+        200,
+        "the connection after the copied download"
     );
 }
 
