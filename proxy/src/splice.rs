@@ -434,14 +434,24 @@ fn request_head(
 /// Reads a response head and nothing after it: the bytes are peeked first,
 /// and only the head's are taken, so the socket is left at the body.
 /// Interim answers before it (`100 Continue`, `103 Early Hints`) are taken
-/// and skipped, as hyper's client skips them; `101` is an answer.
+/// and skipped, as hyper's client skips them; `101` is an answer. They and
+/// the answer's head are at most [`MAX_HEAD_BYTES`] together.
 async fn read_head(stream: &mut TcpStream) -> io::Result<(StatusCode, HeaderMap)> {
     let mut buffer = vec![0u8; MAX_HEAD_BYTES];
     // Bytes at the start of `buffer` already taken from the socket: all
     // of them head.
     let mut taken = 0;
+    // Bytes of interim answers taken and skipped: what is left of the
+    // bound is the rest's (review: each head was bounded alone, so an
+    // upstream could send them until the caller's timeout, each small one
+    // costing a peek of up to the whole bound).
+    let mut interim = 0;
     loop {
-        let peeked = stream.peek(&mut buffer[taken..]).await?;
+        let room = MAX_HEAD_BYTES - interim;
+        if taken == room {
+            return Err(io::Error::other("the response head is too large"));
+        }
+        let peeked = stream.peek(&mut buffer[taken..room]).await?;
         if peeked == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
@@ -456,6 +466,7 @@ async fn read_head(stream: &mut TcpStream) -> io::Result<(StatusCode, HeaderMap)
                     .ok_or_else(|| io::Error::other("no status"))?;
                 if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
                     stream.read_exact(&mut buffer[taken..length]).await?;
+                    interim += length;
                     taken = 0;
                     continue;
                 }
@@ -471,7 +482,7 @@ async fn read_head(stream: &mut TcpStream) -> io::Result<(StatusCode, HeaderMap)
                 stream.read_exact(&mut buffer[taken..length]).await?;
                 return Ok((status, map));
             }
-            Ok(httparse::Status::Partial) if seen < MAX_HEAD_BYTES => {
+            Ok(httparse::Status::Partial) if seen < room => {
                 // All head: take them, so the next peek waits for more.
                 stream.read_exact(&mut buffer[taken..seen]).await?;
                 taken = seen;
@@ -1110,6 +1121,31 @@ mod tests {
             assert_eq!(attempts(&address), once("ok"));
             served.abort();
         }
+    }
+
+    /// Interim answers count toward the one bound on a response head
+    /// ([`MAX_HEAD_BYTES`]): a flood of them is a head too large, not a
+    /// wait until the timeout. (Each was bounded alone: an upstream could
+    /// send them for the whole wait, up to 630 s for a resume, and each
+    /// 25-byte one cost a peek of up to 16 KiB.)
+    #[tokio::test]
+    async fn interim_answers_count_toward_the_head_bound() {
+        let mut flood = b"HTTP/1.1 100 Continue\r\n\r\n".repeat(MAX_HEAD_BYTES / 25 + 1);
+        flood.extend_from_slice(&head("206 Partial Content", ETAG, "bytes 100-999/1000"));
+        flood.extend_from_slice(b"BODY");
+        let (address, served) = upstream(vec![flood]).await;
+        let resume = resume_at(&address, TEST_TIMEOUT);
+        let prepared =
+            tokio::time::timeout(TEST_TIMEOUT, prepare(&resume, 100, SLOTS.take().unwrap()))
+                .await
+                .unwrap();
+        assert!(
+            matches!(prepared, Err(OpenError::Head(..))),
+            "over {MAX_HEAD_BYTES} bytes of interim answers were taken: {:?}",
+            prepared.as_ref().map(|_| ()),
+        );
+        assert_eq!(attempts(&address), once("error"));
+        served.abort();
     }
 
     #[tokio::test]
