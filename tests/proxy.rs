@@ -3073,12 +3073,14 @@ fn a_parked_spliced_download_resumed_without_a_pipe_is_copied_whole() {
         format!("sha-256=:{}:", base64(&hasher.finalize())),
         "the bytes differ from the archive's"
     );
+    // At least the resume under the limit was copied (one that the
+    // client's kernel made before it, taking a few more bytes after the
+    // park, may have been spliced): each copied resume is a declined
+    // splice.
     let (resumed_now, declined_now) = counted();
-    assert!(resumed_now > resumed, "the download did not resume");
-    assert_eq!(
-        declined_now - declined,
-        resumed_now - resumed,
-        "a resume without a pipe was not copied (each copied resume is a declined splice)"
+    assert!(
+        declined_now > declined && declined_now - declined <= resumed_now - resumed,
+        "no resume was copied: resumes {resumed} -> {resumed_now}, declined {declined} -> {declined_now}"
     );
 
     connection
