@@ -1457,6 +1457,49 @@ mod tests {
         assert!(resumed_from > 0, "resumed from {resumed_from}");
         drop(taken);
     }
+    /// A download that parks spliced, resumes copied (no place free),
+    /// parks again copied and resumes spliced gets every byte once: each
+    /// park drops what its relay held, and each resume asks from the
+    /// client's next byte.
+    #[tokio::test]
+    async fn a_download_parked_copied_resumes_spliced_with_the_same_bytes() {
+        static PLACES: Slots = Slots::new(1);
+        let (mut client, archive, mut ends, ended, sending) =
+            spliced_to_a_stalled_client(&PLACES).await;
+        parked(&mut ends, &sending).await;
+        let taken = PLACES.take().expect("the parked download's place is free");
+        // Some bytes, copied after the resume, then a stall: parked again.
+        let mut first = vec![0u8; 2 << 20];
+        tokio::time::timeout(TEST_TIMEOUT, client.read_exact(&mut first))
+            .await
+            .expect("the copied download stalled")
+            .unwrap();
+        let copied_from = tokio::time::timeout(TEST_TIMEOUT, ends.recv())
+            .await
+            .expect("the copied download was not parked")
+            .unwrap();
+        assert!(copied_from > 0, "resumed from {copied_from}");
+        assert!(!sending.is_finished(), "the download ended, not parked");
+        assert_eq!(PLACES.held(), 1, "the copied download took a place");
+        // A place free at the next resume: spliced on, to the end.
+        drop(taken);
+        let mut rest = Vec::new();
+        tokio::time::timeout(TEST_TIMEOUT, client.read_to_end(&mut rest))
+            .await
+            .expect("the download did not end")
+            .unwrap();
+        sending.await.unwrap().expect("the body was sent");
+        first.extend_from_slice(&rest);
+        assert_eq!(first.len(), archive.len());
+        assert!(first == *archive, "other bytes than the archive's");
+        let end = ended.lock().unwrap().clone().expect("the download's end");
+        assert_eq!(end.ending, Ending::Complete);
+        assert_eq!(end.bytes, archive.len() as u64);
+        let spliced_from = ends.recv().await.expect("the last resume's connection");
+        assert!(spliced_from > copied_from, "resumed from {spliced_from}");
+        assert_eq!(PLACES.held(), 0);
+    }
+
     /// docs/architecture.md ("Memory per slow download"): a parked spliced
     /// download's resume opens its upstream connection with the small
     /// window of any upstream connection, and widens it only when it goes
