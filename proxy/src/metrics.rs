@@ -177,7 +177,7 @@ pub fn register() {
     );
     describe_counter!(
         SPLICES_TOTAL,
-        "Fast downloads whose rest was to be spliced from socket to socket, by outcome (spliced, declined: piped on)."
+        "Fast downloads whose rest was to be spliced from socket to socket, by outcome (spliced, declined: piped on, copied: a parked spliced download resumed with no place free)."
     );
     describe_counter!(
         ROUTES_RELOADS_TOTAL,
@@ -196,7 +196,7 @@ pub fn register() {
     for outcome in ["resumed", "failed"] {
         counter!(RESUMES_TOTAL, "outcome" => outcome).absolute(0);
     }
-    for outcome in ["spliced", "declined"] {
+    for outcome in ["spliced", "declined", "copied"] {
         counter!(SPLICES_TOTAL, "outcome" => outcome).absolute(0);
     }
     REGISTERED.store(true, Ordering::Relaxed);
@@ -265,7 +265,8 @@ pub fn resume(outcome: &'static str) {
     counter!(RESUMES_TOTAL, "outcome" => outcome).increment(1);
 }
 
-/// A fast download's splice ended with `outcome` (`spliced`, `declined`).
+/// A fast download's splice ended with `outcome` (`spliced`, `declined`),
+/// or a parked spliced download resumed `copied`.
 pub fn splice(outcome: &'static str) {
     counter!(SPLICES_TOTAL, "outcome" => outcome).increment(1);
 }

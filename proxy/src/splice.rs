@@ -239,9 +239,9 @@ impl Relay {
                 Err(error) => tracing::debug!(%error, "no pipe; the download is copied"),
             }
         }
-        // Counted as a splice the pipe declines: copying costs the CPU of a
-        // piped download, which an operator sees in `splices_total`.
-        crate::metrics::splice("declined");
+        // Copying costs the CPU of a piped download: an operator sees how
+        // often in `splices_total`.
+        crate::metrics::splice("copied");
         Relay::Copied(Buffer {
             bytes: vec![0u8; COPY_BUFFER_BYTES].into_boxed_slice(),
             start: 0,
@@ -1415,17 +1415,17 @@ mod tests {
     #[test]
     fn a_resumed_download_is_spliced_only_with_a_free_place() {
         static PLACES: Slots = Slots::new(1);
-        let declined = || {
+        let copied = || {
             let handle = gitball_core::metrics::install();
             handle
                 .render()
                 .lines()
                 .find_map(|line| {
-                    line.strip_prefix("gitball_proxy_splices_total{outcome=\"declined\"} ")
+                    line.strip_prefix("gitball_proxy_splices_total{outcome=\"copied\"} ")
                 })
                 .map_or(0.0, |value| value.parse::<f64>().unwrap())
         };
-        let before = declined();
+        let before = copied();
         let relay = Relay::take(&PLACES);
         assert!(matches!(relay, Relay::Spliced { .. }), "a free place");
         assert_eq!(PLACES.held(), 1);
@@ -1434,8 +1434,8 @@ mod tests {
             "spliced with no place free"
         );
         assert_eq!(PLACES.held(), 1);
-        // Other tests may decline splices meanwhile; this one declined one.
-        assert!(declined() > before, "the copied resume was not counted");
+        // Other tests may copy meanwhile; this one copied one.
+        assert!(copied() > before, "the copied resume was not counted");
         drop(relay);
         assert_eq!(PLACES.held(), 0);
     }
