@@ -7,18 +7,12 @@
 //! until a stat of its files shows a change. Both are driven here against
 //! the real binary with real git.
 
-use std::os::unix::fs::MetadataExt;
-use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use gitball_e2e::{Archiver, RepoBuilder, Sandbox, wait_until};
+use gitball_e2e::{Archiver, RepoBuilder, Sandbox, refs_settled, wait_until};
 
 /// 2024-01-02T03:04:05Z.
 const T1: i64 = 1_704_164_645;
-
-/// How long the archiver waits before trusting a ref file's stamp
-/// (`RACY_WINDOW` in `archiver/src/repo/stamp.rs`), plus a margin.
-const SETTLED_AFTER: Duration = Duration::from_millis(2_500);
 
 const ITERATIONS: usize = 50;
 
@@ -35,29 +29,6 @@ fn commit_of_download(archiver: &Archiver, path: &str) -> String {
     // The body is read whole: a download, not just a head.
     assert!(!response.bytes().unwrap().is_empty());
     commit
-}
-
-/// Every ref file, `packed-refs` and the `refs/` directories are older
-/// than the archiver's racy window.
-fn refs_settled(git_dir: &Path) -> bool {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64();
-    let mut pending = vec![git_dir.join("refs"), git_dir.join("packed-refs")];
-    let mut newest = 0.0_f64;
-    while let Some(path) = pending.pop() {
-        let Ok(metadata) = std::fs::metadata(&path) else {
-            continue;
-        };
-        let changed = metadata.ctime() as f64 + metadata.ctime_nsec() as f64 / 1e9;
-        let modified = metadata.mtime() as f64 + metadata.mtime_nsec() as f64 / 1e9;
-        newest = newest.max(changed).max(modified);
-        if metadata.is_dir() {
-            pending.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
-        }
-    }
-    now - newest > SETTLED_AFTER.as_secs_f64()
 }
 
 fn small_repository(repo: &RepoBuilder) -> String {

@@ -9,6 +9,8 @@
 //! - [`pseudo_random_bytes`] and [`pseudo_text`]: deterministic content.
 //! - [`dir_file_names`] and [`tree_snapshot`]: what a directory holds, to
 //!   prove nothing was created or left behind.
+//! - [`refs_settled`]: a repository's refs are older than the archiver's
+//!   racy window, so what it reads of them is remembered.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -574,6 +576,39 @@ impl SeriesRepo {
         assert_eq!(cache_state, "miss", "the old series' file was served");
         assert!(body == current, "not the current series' bytes");
     }
+}
+
+/// How long the archiver waits before trusting a ref file's stamp
+/// (`RACY_WINDOW` in `archiver/src/repo/stamp.rs`), plus a margin.
+pub const SETTLED_AFTER: std::time::Duration = std::time::Duration::from_millis(2_500);
+
+/// Every ref file, `packed-refs`, `HEAD` and the `refs/` directories of
+/// `git_dir` are older than the archiver's racy window: what it reads of
+/// them is remembered (a remembered ref, the refs digest).
+pub fn refs_settled(git_dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let mut pending = vec![
+        git_dir.join("refs"),
+        git_dir.join("packed-refs"),
+        git_dir.join("HEAD"),
+    ];
+    let mut newest = 0.0_f64;
+    while let Some(path) = pending.pop() {
+        let Ok(metadata) = fs::metadata(&path) else {
+            continue;
+        };
+        let changed = metadata.ctime() as f64 + metadata.ctime_nsec() as f64 / 1e9;
+        let modified = metadata.mtime() as f64 + metadata.mtime_nsec() as f64 / 1e9;
+        newest = newest.max(changed).max(modified);
+        if metadata.is_dir() {
+            pending.extend(fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    now - newest > SETTLED_AFTER.as_secs_f64()
 }
 
 #[cfg(test)]
