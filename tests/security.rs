@@ -1374,6 +1374,79 @@ fn requests_for_one_broken_commit_wait_for_one_read_holding_no_thread() {
     );
 }
 
+/// Requests by commit id that arrive while the history is walked for the
+/// reachable check (a crawler's commit ids right after a push, or one per
+/// fork) wait for that one walk on the runtime, holding no thread, and
+/// take its answer (review: each held one of the runtime's 512 blocking
+/// threads on the repository's walk lock, and every other repository's
+/// first reads and generations would queue behind hundreds). The walk is
+/// made slow by a long history without a commit-graph; the commit asked
+/// for is in the object store but on no ref, so each answer is `404`
+/// after the walk and no archive is made.
+#[test]
+fn requests_by_commit_id_wait_for_one_history_walk_holding_no_thread() {
+    const REQUESTS: u64 = 64;
+    const HISTORY: usize = 20_000;
+    let sandbox = Sandbox::new();
+    let repo = RepoBuilder::init_bare(&sandbox.repos().join("acme/widget.git"), &sandbox.home());
+    let mut history = Vec::new();
+    for n in 0..HISTORY {
+        history.extend_from_slice(
+            format!(
+                "commit refs/heads/main\ncommitter T <t@e> {} +0000\ndata 0\n\n",
+                1_600_000_000 + n
+            )
+            .as_bytes(),
+        );
+    }
+    repo.git_with_input(None, &["fast-import", "--quiet"], &history);
+    let tree = repo.git_with_input(None, &["mktree"], b"");
+    let unpublished = repo.git_at(1_700_000_000, &["commit-tree", &tree, "-m", "unpublished"]);
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    assert_eq!(status(&archiver, "/acme/widget/archive/main.tar"), 200);
+    let threads = || gitball_e2e::proc_status_kib(archiver.pid, "Threads");
+    let cpu = || gitball_e2e::process_cpu_ticks(archiver.pid);
+    let target = format!("/acme/widget/archive/{unpublished}.tar");
+    let head = || {
+        let response = archiver.client().head(archiver.url(&target)).send();
+        response.map(|response| response.status().as_u16()).ok()
+    };
+    // Listed once: while the refs are within the racy window each request
+    // lists them again, one at a time, and the blocking pool's turnover
+    // between those listings shows in the count as a few threads more.
+    assert!(
+        wait_until(WAIT, || gitball_e2e::refs_settled(repo.dir())),
+        "the ref files never got older than the racy window"
+    );
+    let (before, cpu_before) = (threads(), cpu());
+    let mut peak = before;
+    let statuses: Vec<Option<u16>> = std::thread::scope(|scope| {
+        let requests: Vec<_> = (0..REQUESTS).map(|_| scope.spawn(head)).collect();
+        // Idle blocking threads stay for 10 s: the count after the last
+        // answer shows them too.
+        while !requests.iter().all(|request| request.is_finished()) {
+            peak = peak.max(threads());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        peak = peak.max(threads());
+        requests
+            .into_iter()
+            .map(|request| request.join().unwrap())
+            .collect()
+    });
+    let walk = cpu() - cpu_before;
+    assert!(
+        statuses.iter().all(|status| *status == Some(404)),
+        "{statuses:?}"
+    );
+    assert!(
+        peak.saturating_sub(before) < REQUESTS / 4,
+        "{REQUESTS} requests by commit id during one walk took the archiver from {before} to {peak} threads"
+    );
+    // Else the walk is too short for the requests to meet it.
+    assert!(walk >= 20, "walking the history took {walk} ticks");
+}
+
 /// A commit refused for what reading it would allocate (a delta of an
 /// 80 MiB object) is not refused for good: how an object is stored, a
 /// delta of what, is its packs' to say, not its content's, and once a

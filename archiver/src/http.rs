@@ -489,24 +489,20 @@ pub(crate) fn client_identity(vouched: Option<bool>, request: &Parts) -> IpAddr 
 /// that does not exist. Checked off the runtime: the first check after a
 /// push walks the history.
 pub(crate) async fn check_reachable(resolution: &Resolution) -> Result<(), Error> {
-    let Some(repository) = resolution.reachability.clone() else {
+    let Some(repository) = &resolution.reachability else {
         return Ok(());
     };
-    let commit = resolution.resolved.commit.clone();
     // The refs digest, if `resolve` took one for the cache key.
     let refs = resolution.spec.refs.clone();
     // A known answer needs no blocking thread; the first check after a
-    // push walks history off the runtime.
-    let reached = match repository.reaches_known(&commit, refs.as_deref()) {
-        Some(reached) => reached,
-        None => {
-            off_thread("walking the history", move || {
-                repository.reaches(&commit, refs)
-            })
-            .await?
-        }
-    };
-    if reached {
+    // push walks history on one, and the requests that arrive meanwhile
+    // wait for that walk on the runtime, holding none (review: each held
+    // one of the runtime's 512, and every other repository's first reads
+    // and generations queued behind them).
+    if repository
+        .reaches(&resolution.resolved.commit, refs)
+        .await?
+    {
         Ok(())
     } else {
         Err(Error::RefNotFound)
@@ -569,33 +565,18 @@ pub(crate) async fn resolve(
         url::label(&resolved.kind, &resolved.commit)
     );
     // A commit not seen before has its changed trees and their attributes
-    // read: off the serving thread, as for the refs below.
-    let substitutes = match repository.known_substitutes(&resolved.commit) {
-        Some(answer) => answer,
-        None => {
-            let repository = repository.clone();
-            let commit = resolved.commit.clone();
-            off_thread("reading the attributes", move || {
-                repository.substitutes(&commit)
-            })
-            .await?
-        }
-    };
+    // read: off the serving thread, as for the refs below (a request that
+    // finds them being read waits on the runtime, as for the history).
+    let substitutes = repository.substitutes(&resolved.commit).await?;
     // An archive whose `export-subst` output may read the refs is keyed
     // (and tagged) by their state too: a pushed tag then makes new bytes
     // under a new ETag, never new bytes under an old one.
     let refs = if substitutes {
-        Some(match repository.known_refs_digest() {
-            Some(digest) => digest,
-            // Listing every ref (after a push; or on each request while
-            // the refs keep changing): off the serving thread, whose other
-            // requests it would hold up for as long (attack: 1.5 s with
-            // 100,000 refs).
-            None => {
-                let repository = repository.clone();
-                off_thread("listing the refs", move || repository.refs_digest()).await?
-            }
-        })
+        // Listing every ref (after a push; or on each request while the
+        // refs keep changing): off the serving thread, whose other
+        // requests it would hold up for as long (attack: 1.5 s with
+        // 100,000 refs).
+        Some(repository.refs_digest().await?)
     } else {
         None
     };

@@ -51,6 +51,7 @@ use crate::error::Error;
 
 mod confine;
 mod kept;
+mod places;
 mod refs;
 pub(crate) mod stamp;
 mod subst;
@@ -59,6 +60,7 @@ mod tests;
 
 pub use confine::layout_inside;
 use confine::{alternates_stamps, git_files_sane, ref_path_without_symlinks};
+use places::{Places, known_or_in_place};
 pub use refs::RefsSnapshot;
 use refs::{
     PeelFailure, find_abbreviated, find_reference, for_each_ref, parse_full_hex, peel_to_commit,
@@ -482,9 +484,9 @@ fn open_candidate(path: &Path, confine_to: Option<&Path>) -> Result<Option<Repos
         failed: Mutex::new(LruCache::new(FAILED_OBJECTS)),
         refs: Mutex::new(LruCache::new(REMEMBERED_REFS)),
         digest: Mutex::new(None),
-        listing: Mutex::new(()),
-        walking: Mutex::new(()),
-        judging: Mutex::new(()),
+        listing: Places::new(1),
+        walking: Places::new(1),
+        judging: Places::new(1),
         racy_window: RACY_WINDOW,
         git_dir,
         common_dir,
@@ -666,17 +668,18 @@ pub struct Repository {
     refs: Mutex<LruCache<String, RememberedRef>>,
     /// The refs digest, while nothing under `refs/` changed.
     digest: Mutex<Option<RememberedDigest>>,
-    /// Held while the refs are listed for the digest: requests that find
-    /// it unknown at once wait for one listing (which a large repository
-    /// pays for in CPU and memory) and then find it known, rather than
-    /// each listing them again.
-    listing: Mutex<()>,
-    /// Held while the history is walked for the reachable commits, for the
-    /// same reason.
-    walking: Mutex<()>,
-    /// Held while a commit's trees are read for `export-subst`, for the
-    /// same reason.
-    judging: Mutex<()>,
+    /// The one place to list the refs for the digest in: requests that
+    /// find it unknown at once wait for one listing (which a large
+    /// repository pays for in CPU and memory) and then find it known,
+    /// rather than each listing them again. They wait on the runtime,
+    /// holding no thread (`places`).
+    listing: Places,
+    /// The one place to walk the history for the reachable commits in, for
+    /// the same reasons.
+    walking: Places,
+    /// The one place to read a commit's trees for `export-subst` in, for
+    /// the same reasons.
+    judging: Places,
     /// `stamp::RACY_WINDOW`; shorter in tests.
     racy_window: std::time::Duration,
     git_dir: PathBuf,
@@ -1090,18 +1093,25 @@ impl Repository {
     /// placeholder that reads no ref is treated the same. The answer is
     /// kept per commit, and the walk skips every subtree already known to
     /// be clean (`CLEAN_TREES`): a new commit costs the trees it changed.
-    pub fn substitutes(&self, commit: &str) -> Result<bool, Error> {
+    ///
+    /// Read on a blocking thread, one walk at a time per repository:
+    /// requests for a new commit that arrive together wait for it on the
+    /// runtime and find its answer (review).
+    pub async fn substitutes(self: &Arc<Self>, commit: &str) -> Result<bool, Error> {
         let id = ObjectId::from_hex(commit.as_bytes())
             .map_err(|err| Error::internal(format_args!("commit id {commit:?}: {err}")))?;
-        if let Some(answer) = self.known_substitutes(commit) {
-            return Ok(answer);
-        }
-        // One walk at a time per repository: requests for a new commit
-        // that arrive together wait for it and find its answer (review).
-        let _judging = self.judging.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(answer) = self.known_substitutes(commit) {
-            return Ok(answer);
-        }
+        let repository = Arc::clone(self);
+        known_or_in_place(
+            "reading the attributes",
+            &[&self.judging],
+            || self.known_substitutes(commit),
+            move || repository.judge_substitutes(id),
+        )
+        .await
+    }
+
+    /// [`Repository::substitutes`]'s reading, in its place.
+    fn judge_substitutes(&self, id: ObjectId) -> Result<bool, Error> {
         let repo = self.repo.to_thread_local();
         let tree = repo
             .find_commit(id)
@@ -1127,39 +1137,55 @@ impl Repository {
     ///
     /// `refs` is the digest of the refs when the caller already took it
     /// (`refs_digest`); the listing is not repeated then.
-    pub fn reaches(&self, commit: &str, refs: Option<String>) -> Result<bool, Error> {
+    ///
+    /// The walk runs on a blocking thread, in its places: one walk at a
+    /// time per repository, so that requests that arrive meanwhile (a
+    /// crawler's commit ids, after a push) take its answer instead of each
+    /// walking the history and holding its set of commits (attack: 64 at
+    /// once took 1.7 GB); and a few walks at a time across repositories,
+    /// each holding a set as large as its history while it walks (`kept`).
+    /// Requests wait for both on the runtime, holding no thread (review:
+    /// each had held a blocking thread while one walk ran).
+    pub async fn reaches(
+        self: &Arc<Self>,
+        commit: &str,
+        refs: Option<String>,
+    ) -> Result<bool, Error> {
         let id = ObjectId::from_hex(commit.as_bytes())
             .map_err(|err| Error::internal(format_args!("commit id {commit:?}: {err}")))?;
         let refs = match refs {
             Some(refs) => refs,
-            None => self.refs_digest()?,
+            None => self.refs_digest().await?,
         };
-        let known = || {
+        let repository = Arc::clone(self);
+        let walked = refs.clone();
+        known_or_in_place(
+            "walking the history",
+            &[&self.walking, self.kept.walks()],
+            || self.known_reach(&id, &refs),
+            move || repository.walk_reachable(id, walked),
+        )
+        .await
+    }
+
+    /// Whether some ref reaches `id`, if the set for the refs whose digest
+    /// is `refs` is kept: a lookup, which uses that set last.
+    fn known_reach(&self, id: &ObjectId, refs: &str) -> Option<bool> {
+        let answer = {
             let reachable = self
                 .reachable
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            reachable
-                .as_ref()
-                .filter(|known| known.refs == refs)
-                .map(|known| known.commits.contains(&id))
+            let known = reachable.as_ref()?;
+            (known.refs == refs).then(|| known.commits.contains(id))?
         };
-        if let Some(answer) = known() {
-            self.kept.touch(&self.reachable);
-            return Ok(answer);
-        }
-        // One walk at a time: requests that arrive meanwhile (a crawler's
-        // commit ids, after a push) take its answer instead of each walking
-        // the history and holding its set of commits (attack: 64 at once
-        // took 1.7 GB).
-        let _walking = self.walking.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(answer) = known() {
-            self.kept.touch(&self.reachable);
-            return Ok(answer);
-        }
-        // And a few walks at a time across repositories: each holds a set
-        // as large as its history while it walks (`kept`).
-        let _walk = self.kept.walk();
+        self.kept.touch(&self.reachable);
+        Some(answer)
+    }
+
+    /// [`Repository::reaches`]'s walk, in its places: keeps the set of
+    /// commits reachable from the refs whose digest is `refs`.
+    fn walk_reachable(&self, id: ObjectId, refs: String) -> Result<bool, Error> {
         let repo = self.repo.to_thread_local();
         let mut tips = Vec::new();
         for_each_ref(&repo, |mut reference| {
@@ -1220,15 +1246,24 @@ impl Repository {
     /// `packed-refs` and `HEAD` keep their stamps: git changes a ref by
     /// renaming a lock file into its directory, which changes the
     /// directory's stamp as well as the ref's.
-    pub fn refs_digest(&self) -> Result<String, Error> {
-        if let Some(digest) = self.known_refs_digest() {
-            return Ok(digest);
-        }
-        let _listing = self.listing.lock().unwrap_or_else(PoisonError::into_inner);
-        // Listed meanwhile by the request this one waited for.
-        if let Some(digest) = self.known_refs_digest() {
-            return Ok(digest);
-        }
+    ///
+    /// Listed on a blocking thread, one listing at a time per repository:
+    /// requests that find the digest unknown wait on the runtime for the
+    /// listing under way, and find the digest it kept.
+    pub async fn refs_digest(self: &Arc<Self>) -> Result<String, Error> {
+        let repository = Arc::clone(self);
+        known_or_in_place(
+            "listing the refs",
+            &[&self.listing],
+            || self.known_refs_digest(),
+            move || repository.list_and_keep_refs_digest(),
+        )
+        .await
+    }
+
+    /// [`Repository::refs_digest`]'s listing, in its place: keeps the
+    /// digest when the refs are settled.
+    fn list_and_keep_refs_digest(&self) -> Result<String, Error> {
         // Stamped before listing, as for `resolve`.
         let stamps = self.stamp_all_refs()?;
         let digest = self.list_refs_digest()?;
@@ -1255,24 +1290,16 @@ impl Repository {
     }
 
     /// Whether some ref reaches `commit`, if that is known without reading
-    /// the history or listing the refs: for the hot path, which then needs
-    /// no blocking thread.
+    /// the history or listing the refs ([`Repository::reaches`] answers so
+    /// then, with no blocking thread and no wait).
+    #[cfg(test)]
     pub fn reaches_known(&self, commit: &str, refs: Option<&str>) -> Option<bool> {
         let id = ObjectId::from_hex(commit.as_bytes()).ok()?;
         let refs = match refs {
             Some(refs) => refs.to_owned(),
             None => self.known_refs_digest()?,
         };
-        let answer = {
-            let reachable = self
-                .reachable
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            let known = reachable.as_ref()?;
-            (known.refs == refs).then(|| known.commits.contains(&id))?
-        };
-        self.kept.touch(&self.reachable);
-        Some(answer)
+        self.known_reach(&id, &refs)
     }
 
     /// Stamps of what vouches for the refs digest: `packed-refs`, `HEAD`,

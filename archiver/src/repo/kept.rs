@@ -16,14 +16,16 @@
 //! A walk builds its set before it is recorded, so the sets being walked
 //! are bounded too: at most `MAX_WALKS` walks run at once across
 //! repositories (one at a time per repository already), the others wait
-//! for one to end. Without it a `HEAD` to each of many forks at once had
-//! as many walks, each building a set of the whole history, as requests.
+//! for one to end, on the runtime (`places`). Without it a `HEAD` to each
+//! of many forks at once had as many walks, each building a set of the
+//! whole history, as requests.
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use lru::LruCache;
 
 use super::Reachable;
+use super::places::Places;
 
 /// Commits kept in the reachable sets of all repositories together:
 /// about 250 MB at 30 bytes a commit, a few histories the size of Linux's.
@@ -41,22 +43,8 @@ pub struct Kept {
     max_commits: usize,
     /// Slot address → (its set's refs digest, commits, the slot).
     sets: Mutex<LruCache<usize, Entry>>,
-    /// Walks running, and a walk's end told to those waiting.
-    walks: Mutex<usize>,
-    walk_ended: Condvar,
-    max_walks: usize,
-}
-
-/// A walk's place among the `MAX_WALKS`, given back when dropped.
-pub struct Walk<'a> {
-    kept: &'a Kept,
-}
-
-impl Drop for Walk<'_> {
-    fn drop(&mut self) {
-        *self.kept.running_walks() -= 1;
-        self.kept.walk_ended.notify_one();
-    }
+    /// The places of the walks running: `MAX_WALKS`.
+    walks: Places,
 }
 
 #[derive(Debug)]
@@ -71,28 +59,14 @@ impl Kept {
         Kept {
             max_commits,
             sets: Mutex::new(LruCache::unbounded()),
-            walks: Mutex::new(0),
-            walk_ended: Condvar::new(),
-            max_walks: MAX_WALKS,
+            walks: Places::new(MAX_WALKS),
         }
     }
 
-    /// A place to walk a history in, once fewer than `MAX_WALKS` run
-    /// (blocking: walks run on blocking threads).
-    pub fn walk(&self) -> Walk<'_> {
-        let mut running = self.running_walks();
-        while *running >= self.max_walks {
-            running = self
-                .walk_ended
-                .wait(running)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
-        *running += 1;
-        Walk { kept: self }
-    }
-
-    fn running_walks(&self) -> MutexGuard<'_, usize> {
-        self.walks.lock().unwrap_or_else(PoisonError::into_inner)
+    /// The places to walk a history in: a walk takes one, after its
+    /// repository's own (`Repository::walking`).
+    pub fn walks(&self) -> &Places {
+        &self.walks
     }
 
     /// `slot` now holds the set of `commits` commits for `refs`: other

@@ -10,6 +10,15 @@ const C1_TIME: i64 = 1_600_000_000;
 const C2_TIME: i64 = 1_700_000_000;
 const C3_TIME: i64 = 1_710_000_000;
 
+/// Runs a repository's call to its end on a runtime of its own, whose
+/// blocking threads do its reading.
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(future)
+}
+
 /// Runs `git` in `dir` with a fixed identity and dates, and no
 /// configuration but the repository's own.
 fn git_at(dir: &Path, time: i64, args: &[&str]) -> String {
@@ -1116,7 +1125,7 @@ fn recently_changed_refs_are_read_again_not_remembered() {
         .unwrap();
     assert_resolves(&widget, "main", RefKind::Branch("main".into()));
     assert_eq!(widget.remembered_refs().len(), 0);
-    widget.refs_digest().unwrap();
+    block_on(widget.refs_digest()).unwrap();
     assert!(widget.digest.lock().unwrap().is_none());
 }
 
@@ -1301,7 +1310,7 @@ fn a_snapshot_of_the_refs_read_afresh_has_the_repositorys_refs_digest() {
     let widget = fixture.widget();
     let dir = &fixture.widget;
     let snapshot = RefsSnapshot::at(widget.git_dir()).unwrap();
-    assert_eq!(snapshot.digest(), widget.refs_digest().unwrap());
+    assert_eq!(snapshot.digest(), block_on(widget.refs_digest()).unwrap());
     assert_eq!(snapshot.head, "ref: refs/heads/main");
     assert!(
         snapshot
@@ -1315,7 +1324,7 @@ fn a_snapshot_of_the_refs_read_afresh_has_the_repositorys_refs_digest() {
     let detached = RefsSnapshot::at(widget.git_dir()).unwrap();
     assert_eq!(detached.head, fixture.c2);
     assert_ne!(detached.digest(), snapshot.digest());
-    assert_eq!(detached.digest(), widget.refs_digest().unwrap());
+    assert_eq!(detached.digest(), block_on(widget.refs_digest()).unwrap());
 }
 
 #[test]
@@ -1323,15 +1332,15 @@ fn the_refs_digest_and_reachability_follow_every_change() {
     let fixture = fixture();
     let widget = fixture.widget();
     let dir = &fixture.widget;
-    let first = widget.refs_digest().unwrap();
+    let first = block_on(widget.refs_digest()).unwrap();
     assert_eq!(widget.known_refs_digest().as_deref(), Some(first.as_str()));
-    assert!(widget.reaches(&fixture.c2, None).unwrap());
+    assert!(block_on(widget.reaches(&fixture.c2, None)).unwrap());
     assert_eq!(widget.reaches_known(&fixture.c2, None), Some(true));
 
     // A new branch, in a new directory.
     git(dir, &["branch", "topic/deep/new", &fixture.c1]);
     assert_eq!(widget.reaches_known(&fixture.c2, None), None);
-    let second = widget.refs_digest().unwrap();
+    let second = block_on(widget.refs_digest()).unwrap();
     assert_ne!(first, second);
     // Moved in place with the same size.
     fs::write(
@@ -1339,21 +1348,21 @@ fn the_refs_digest_and_reachability_follow_every_change() {
         format!("{}\n", fixture.c2),
     )
     .unwrap();
-    let third = widget.refs_digest().unwrap();
+    let third = block_on(widget.refs_digest()).unwrap();
     assert_ne!(second, third);
     // Packing changes no ref.
     git(dir, &["pack-refs", "--all"]);
-    assert_eq!(widget.refs_digest().unwrap(), third);
+    assert_eq!(block_on(widget.refs_digest()).unwrap(), third);
 
     // A commit made unreachable by a force push.
     fs::write(dir.join("gone.txt"), "gone\n").unwrap();
     git_at(dir, C3_TIME, &["add", "gone.txt"]);
     git_at(dir, C3_TIME, &["commit", "-q", "-m", "c3"]);
     let c3 = git(dir, &["rev-parse", "HEAD"]);
-    assert!(widget.reaches(&c3, None).unwrap());
+    assert!(block_on(widget.reaches(&c3, None)).unwrap());
     git(dir, &["update-ref", "refs/heads/main", &fixture.c2]);
     assert_eq!(widget.reaches_known(&c3, None), None);
-    assert!(!widget.reaches(&c3, None).unwrap());
+    assert!(!block_on(widget.reaches(&c3, None)).unwrap());
 }
 
 /// The refs digest is stamped by `packed-refs` too (docs/archiver.md, "A
@@ -1367,7 +1376,7 @@ fn the_refs_digest_follows_a_rewrite_of_packed_refs_alone() {
     let widget = fixture.widget();
     let dir = &fixture.widget;
     git(dir, &["pack-refs", "--all"]);
-    let first = widget.refs_digest().unwrap();
+    let first = block_on(widget.refs_digest()).unwrap();
     assert_eq!(widget.known_refs_digest().as_deref(), Some(first.as_str()));
 
     // Every ref that held c2 moved to c1, in packed-refs alone.
@@ -1381,7 +1390,7 @@ fn the_refs_digest_follows_a_rewrite_of_packed_refs_alone() {
     )
     .unwrap();
     assert_eq!(widget.known_refs_digest(), None);
-    assert_ne!(widget.refs_digest().unwrap(), first);
+    assert_ne!(block_on(widget.refs_digest()).unwrap(), first);
 }
 
 /// `docs/archiver.md#published-commits-only`: a commit is published when
@@ -1398,9 +1407,9 @@ fn a_commit_only_head_reaches_is_reachable() {
     git_at(dir, C3_TIME, &["add", "detached.txt"]);
     git_at(dir, C3_TIME, &["commit", "-q", "-m", "detached"]);
     let detached = git(dir, &["rev-parse", "HEAD"]);
-    assert!(widget.reaches(&detached, None).unwrap());
+    assert!(block_on(widget.reaches(&detached, None)).unwrap());
     git(dir, &["checkout", "-q", "main"]);
-    assert!(!widget.reaches(&detached, None).unwrap());
+    assert!(!block_on(widget.reaches(&detached, None)).unwrap());
 }
 
 /// Past `MAX_STAMPED_REF_FILES` loose refs the digest is still kept,
@@ -1419,13 +1428,13 @@ fn with_more_loose_refs_than_are_stamped_the_digest_is_kept_and_follows_git() {
         )
         .unwrap();
     }
-    let first = widget.refs_digest().unwrap();
+    let first = block_on(widget.refs_digest()).unwrap();
     assert_eq!(
         widget.known_refs_digest().as_deref(),
         Some(first.as_str()),
         "kept past the stamped files"
     );
-    assert!(widget.reaches(&fixture.c2, None).unwrap());
+    assert!(block_on(widget.reaches(&fixture.c2, None)).unwrap());
     assert_eq!(widget.reaches_known(&fixture.c2, None), Some(true));
 
     // An existing loose ref moved by git, a new one, a deleted one.
@@ -1434,10 +1443,14 @@ fn with_more_loose_refs_than_are_stamped_the_digest_is_kept_and_follows_git() {
         vec!["tag", "fresh", &fixture.c1],
         vec!["update-ref", "-d", "refs/tags/t0300"],
     ] {
-        let before = widget.refs_digest().unwrap();
+        let before = block_on(widget.refs_digest()).unwrap();
         git(dir, &change);
         assert_eq!(widget.known_refs_digest(), None, "{change:?}");
-        assert_ne!(widget.refs_digest().unwrap(), before, "{change:?}");
+        assert_ne!(
+            block_on(widget.refs_digest()).unwrap(),
+            before,
+            "{change:?}"
+        );
     }
 }
 
@@ -1464,14 +1477,18 @@ fn past_the_stamped_directories_the_digest_is_not_kept() {
         fs::create_dir(extra.join(format!("d{made:04}"))).unwrap();
     }
     assert_eq!(directories(&refs), MAX_STAMPED_REF_DIRS);
-    let digest = widget.refs_digest().unwrap();
+    let digest = block_on(widget.refs_digest()).unwrap();
     assert_eq!(
         widget.known_refs_digest().as_deref(),
         Some(digest.as_str()),
         "kept at exactly the bound"
     );
     fs::create_dir(extra.join("one-more")).unwrap();
-    assert_eq!(widget.refs_digest().unwrap(), digest, "no ref changed");
+    assert_eq!(
+        block_on(widget.refs_digest()).unwrap(),
+        digest,
+        "no ref changed"
+    );
     assert_eq!(widget.known_refs_digest(), None, "not kept past the bound");
 }
 
@@ -1777,7 +1794,7 @@ fn a_loose_ref_read_through_a_symlink_is_refused_whatever_it_leads_to() {
         RefKind::Branch("feature/x".into()),
     );
     // The list of all refs (full commit ids, `export-subst`) meets them all.
-    let result = repository.refs_digest();
+    let result = block_on(repository.refs_digest());
     assert!(matches!(result, Err(Error::RepoNotFound)), "{result:?}");
     let result = RefsSnapshot::at(repository.git_dir());
     assert!(matches!(result, Err(Error::RepoNotFound)), "{result:?}");
@@ -2089,25 +2106,25 @@ fn reachable_sets_are_bounded_across_repositories() {
     let repositories = fixture.repositories().keeping_reachable_commits(4);
     let open = |name| repositories.open("acme", name).unwrap();
     let (one, two, three) = (open("one"), open("two"), open("three"));
-    assert!(one.reaches(&fixture.c2, None).unwrap());
-    assert!(two.reaches(&fixture.c2, None).unwrap());
+    assert!(block_on(one.reaches(&fixture.c2, None)).unwrap());
+    assert!(block_on(two.reaches(&fixture.c2, None)).unwrap());
     assert_eq!(repositories.kept.commits(), 4);
     // `one` was used last: `two` goes for `three`.
     assert_eq!(one.reaches_known(&fixture.c1, None), Some(true));
-    assert!(three.reaches(&fixture.c1, None).unwrap());
+    assert!(block_on(three.reaches(&fixture.c1, None)).unwrap());
     assert_eq!(repositories.kept.commits(), 4);
     assert_eq!(two.reaches_known(&fixture.c2, None), None);
     assert_eq!(one.reaches_known(&fixture.c2, None), Some(true));
     assert_eq!(three.reaches_known(&fixture.c2, None), Some(true));
     // Asked again, `two` walks again, and the least recently used goes.
-    assert!(two.reaches(&fixture.c2, None).unwrap());
+    assert!(block_on(two.reaches(&fixture.c2, None)).unwrap());
     assert_eq!(two.reaches_known(&fixture.c2, None), Some(true));
     assert_eq!(one.reaches_known(&fixture.c2, None), None);
     assert_eq!(repositories.kept.commits(), 4);
     // A closed repository's set no longer counts.
     drop(three);
     repositories.open.lock().unwrap().clear();
-    assert!(one.reaches(&fixture.c2, None).unwrap());
+    assert!(block_on(one.reaches(&fixture.c2, None)).unwrap());
     assert_eq!(two.reaches_known(&fixture.c2, None), Some(true));
     assert_eq!(repositories.kept.commits(), 4);
 }
@@ -2135,9 +2152,9 @@ fn the_docs_give_the_bound_on_kept_reachable_sets() {
 
 /// `docs/archiver.md#published-commits-only`: at most `MAX_WALKS` history
 /// walks run at once across repositories, each building a set as large as
-/// its history; a walk waits for a place, and an answer already known
-/// needs none. (Attack: one `HEAD` to each of many forks at once walked
-/// them all at once.)
+/// its history; a walk waits for a place on the runtime, holding no
+/// thread, and an answer already known needs none. (Attack: one `HEAD` to
+/// each of many forks at once walked them all at once.)
 #[test]
 fn history_walks_across_repositories_wait_for_a_place() {
     let fixture = fixture();
@@ -2145,25 +2162,33 @@ fn history_walks_across_repositories_wait_for_a_place() {
     let repositories = fixture.repositories();
     let widget = repositories.open("acme", "widget").unwrap();
     let one = repositories.open("acme", "one").unwrap();
-    assert!(widget.reaches(&fixture.c2, None).unwrap());
+    assert!(block_on(widget.reaches(&fixture.c2, None)).unwrap());
 
-    let places: Vec<_> = (0..kept::MAX_WALKS)
-        .map(|_| repositories.kept.walk())
-        .collect();
+    let places = repositories.kept.walks().take_all(kept::MAX_WALKS as u32);
     // Known: answered without a walk.
-    assert!(widget.reaches(&fixture.c1, None).unwrap());
-    let (sender, walked) = std::sync::mpsc::channel();
+    assert!(block_on(widget.reaches(&fixture.c1, None)).unwrap());
+    // A runtime with one blocking thread, as a request's.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .max_blocking_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
     let c2 = fixture.c2.clone();
-    let waiting = std::thread::spawn(move || sender.send(one.reaches(&c2, None).unwrap()));
-    assert_eq!(
-        walked.recv_timeout(std::time::Duration::from_millis(500)),
-        Err(std::sync::mpsc::RecvTimeoutError::Timeout),
-        "a walk ran with every place taken"
-    );
-    drop(places);
-    assert_eq!(
-        walked.recv_timeout(std::time::Duration::from_secs(60)),
-        Ok(true)
-    );
-    waiting.join().unwrap().unwrap();
+    let waiting = runtime.spawn(async move { one.reaches(&c2, None).await });
+    runtime.block_on(async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!waiting.is_finished(), "a walk ran with every place taken");
+        // It waits on the runtime: the one blocking thread does other work
+        // meanwhile (review: each waiting request had held one).
+        tokio::time::timeout(Duration::from_secs(30), tokio::task::spawn_blocking(|| ()))
+            .await
+            .expect("the walk waiting for a place holds the only blocking thread")
+            .unwrap();
+        drop(places);
+        let walked = tokio::time::timeout(Duration::from_secs(60), waiting)
+            .await
+            .expect("the walk never ran");
+        assert!(walked.unwrap().unwrap());
+    });
 }
