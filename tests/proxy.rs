@@ -2049,6 +2049,101 @@ fn proxy_before(upstream: SocketAddr, sandbox: &Sandbox) -> Proxy {
     Proxy::with_routes(&routes, &[])
 }
 
+/// `docs/internal-api.md`, "Connections": a burst leaves at most 256 idle
+/// connections per upstream in a serving thread's pool; the others close as
+/// their responses end, not when the pool's 5 s run out. The proxy runs on
+/// one CPU (one serving thread, one pool), and 320 requests are in flight
+/// at once (the upstream answers none before it has all of them), so 320
+/// connections come back to the pool together. (Without the bound all 320
+/// stayed open to the archiver for 5 s after a burst of 320.)
+#[test]
+fn a_burst_leaves_at_most_256_idle_upstream_connections_per_pool() {
+    const BOUND: usize = 256;
+    const BURST: usize = BOUND + 64;
+    let sandbox = Sandbox::new();
+
+    // Answers each connection's request once all BURST have come, and
+    // keeps every connection open: only the proxy closes one.
+    let listener =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
+    listener.bind(&any.into()).expect("bind");
+    listener.listen(1024).expect("listen");
+    let listener: std::net::TcpListener = listener.into();
+    let upstream = listener.local_addr().expect("address");
+    let (answered, answered_at) = std::sync::mpsc::channel();
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let mut connections = Vec::new();
+        while connections.len() < BURST {
+            let Ok((mut stream, _)) = listener.accept() else {
+                return;
+            };
+            stream.set_read_timeout(Some(SETTLE)).expect("read timeout");
+            assert!(gitball_e2e::is_whole_head(&gitball_e2e::read_request_head(
+                &mut stream
+            )));
+            connections.push(stream);
+        }
+        let _ = answered.send(Instant::now());
+        for stream in &mut connections {
+            let _ = stream.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/gzip\r\nContent-Length: 1\r\n\r\nx",
+            );
+        }
+        let _ = finished.recv_timeout(Duration::from_secs(120));
+    });
+
+    // One CPU for the proxy: the spawning thread's affinity is the child's.
+    let all_cpus = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).expect("affinity");
+    let first = (0..nix::sched::CpuSet::count())
+        .find(|&cpu| all_cpus.is_set(cpu).unwrap_or(false))
+        .expect("a CPU");
+    let mut one = nix::sched::CpuSet::new();
+    one.set(first).expect("cpu");
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).expect("set affinity");
+    let proxy = proxy_before(upstream, &sandbox);
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &all_cpus)
+        .expect("restore affinity");
+
+    let path = "/acme/widget/archive/main.tar.gz";
+    let mut clients: Vec<RawConnection> = (0..BURST)
+        .map(|_| {
+            let mut client = RawConnection::connect(proxy.addr).expect("connect");
+            client.send_request("GET", path, &[]).expect("send");
+            client
+        })
+        .collect();
+    let answered_at = answered_at
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the upstream got every request");
+    for client in &mut clients {
+        let head = client.read_head().expect("head");
+        assert_eq!(head.status, 200);
+        assert_eq!(client.read_body_bytes(1).expect("body"), b"x");
+    }
+    // Well before any of them could have expired (5 s after it came back).
+    let within = Duration::from_secs(4).saturating_sub(answered_at.elapsed());
+    let mut open = 0;
+    let bounded = wait_until(within, || {
+        open = gitball_e2e::connections_to(proxy.pid, as_v4(upstream));
+        open <= BOUND
+    });
+    assert!(
+        bounded,
+        "{open} connections to the upstream left open after a burst of {BURST}"
+    );
+    assert!(open > 0, "the pool kept no idle connection");
+    drop(done);
+}
+
+fn as_v4(addr: SocketAddr) -> std::net::SocketAddrV4 {
+    match addr {
+        SocketAddr::V4(v4) => v4,
+        SocketAddr::V6(_) => panic!("{addr} is not IPv4"),
+    }
+}
+
 /// `docs/proxy.md#when-every-candidate-fails`: the first rule that applies
 /// decides the answer. A `5xx` an attempt got is passed through, the last
 /// one (the archiver's reason, `Retry-After` with it); candidates that all

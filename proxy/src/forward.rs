@@ -85,6 +85,18 @@ use crate::window::{SMALL_RECV_BUFFER_BYTES, WindowedIo};
 /// (mutation review).
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// At most this many idle connections per upstream in each serving
+/// thread's pool; a connection whose response ends past it is closed, not
+/// kept for [`POOL_IDLE_TIMEOUT`]. Without a bound a burst left as many
+/// idle connections as it had requests in flight (3,000 HEADs: 3,000
+/// connections, each an fd here and a connection the archiver counts
+/// against its `--max-connections`, for 5 s). 256 is far above what steady
+/// traffic keeps busy (a connection is busy only until its response ends;
+/// `wrk -c64`'s hits use 64 at most, 32 per thread on 2 CPUs), so it never
+/// makes steady traffic reconnect, and a burst leaves at most 256 fds per
+/// thread and upstream behind.
+pub const POOL_MAX_IDLE_PER_UPSTREAM: usize = 256;
+
 /// The read buffer of each upstream connection, fixed, and so the size of
 /// a body chunk. hyper's default is adaptive and grows to ~400 KiB on a
 /// fast connection; it lives as long as the download, so with many slow
@@ -141,6 +153,7 @@ pub fn upstream_client(connect_timeout: Duration) -> UpstreamClient {
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_max_idle_per_host(POOL_MAX_IDLE_PER_UPSTREAM)
         .http1_read_buf_exact_size(UPSTREAM_READ_BUFFER_BYTES)
         .build(connector)
 }
@@ -714,6 +727,22 @@ mod tests {
         assert!(
             POOL_IDLE_TIMEOUT * 2 <= archiver_closes,
             "kept {POOL_IDLE_TIMEOUT:?}, the archiver closes at {archiver_closes:?}"
+        );
+    }
+
+    /// `docs/internal-api.md`, "Connections", gives the pool's bounds.
+    #[test]
+    fn the_pools_bounds_are_the_documented_ones() {
+        gitball_core::docs::assert_says(
+            include_str!("../../docs/internal-api.md"),
+            "docs/internal-api.md",
+            [
+                format!(
+                    "idle connections are kept for {} s",
+                    POOL_IDLE_TIMEOUT.as_secs()
+                ),
+                format!("at most {POOL_MAX_IDLE_PER_UPSTREAM} of them per upstream"),
+            ],
         );
     }
 

@@ -80,13 +80,19 @@ pub fn partial_files_open(
 /// `peer`, looked up among the socket inodes of `/proc/PID/fd`. A socket the
 /// process closed has left its fds, whatever state TCP keeps it in.
 pub fn holds_connection_to(pid: u32, peer: std::net::SocketAddrV4) -> bool {
+    connections_to(pid, peer) > 0
+}
+
+/// How many open sockets of process `pid` are connected to `peer` (as
+/// [`holds_connection_to`] finds them).
+pub fn connections_to(pid: u32, peer: std::net::SocketAddrV4) -> usize {
     let wanted = format!(
         "{:08X}:{:04X}",
         u32::from_ne_bytes(peer.ip().octets()),
         peer.port()
     );
     let table = fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap_or_default();
-    let inodes: Vec<String> = table
+    let inodes: std::collections::HashSet<String> = table
         .lines()
         .skip(1)
         .filter_map(|line| {
@@ -101,11 +107,12 @@ pub fn holds_connection_to(pid: u32, peer: std::net::SocketAddrV4) -> bool {
         .into_iter()
         .flatten()
         .filter_map(|entry| fs::read_link(entry.ok()?.path()).ok())
-        .any(|target| {
-            inodes
-                .iter()
-                .any(|inode| target.as_os_str() == inode.as_str())
+        .filter(|target| {
+            target
+                .to_str()
+                .is_some_and(|target| inodes.contains(target))
         })
+        .count()
 }
 
 /// The fields of `/proc/net/tcp`'s entry for the established IPv4 TCP
