@@ -232,7 +232,11 @@ impl RequestLog {
             on_finish,
             request_id,
             method,
-            path: path.chars().take(MAX_LOGGED_PATH_CHARS).collect(),
+            path: if path.len() <= MAX_LOGGED_PATH_CHARS {
+                path.to_owned()
+            } else {
+                path.chars().take(MAX_LOGGED_PATH_CHARS).collect()
+            },
             status: None,
             bytes: 0,
             ending: None,
@@ -318,9 +322,10 @@ impl Drop for RequestLog {
             ending,
             duration,
         } = finished;
+        let mut digits = [0; 20];
         let attempts = self
             .attempts
-            .map_or_else(|| "-".to_owned(), |attempts| attempts.to_string());
+            .map_or("-", |attempts| decimal(&mut digits, u64::from(attempts)));
         let line = RequestLine {
             level: if self.fault == Some(Fault::Internal) {
                 Level::ERROR
@@ -343,7 +348,7 @@ impl Drop for RequestLog {
             commit: self.commit.as_deref().unwrap_or("-"),
             format: self.format.unwrap_or("-"),
             upstream: self.upstream.as_deref().unwrap_or("-"),
-            attempts: &attempts,
+            attempts,
         };
         let format = LOG_FORMAT.get().copied().unwrap_or(LogFormat::Text);
         match REQUEST_LINES.get() {
@@ -359,13 +364,37 @@ impl Drop for RequestLog {
     }
 }
 
-/// ` name=value` in the text format.
-fn text_field(out: &mut String, name: &str, value: &str) {
-    out.push(' ');
-    out.push_str(name);
-    out.push('=');
+/// ` name=value` in the text format, `prefix` being ` name=`.
+fn text_field(out: &mut String, prefix: &str, value: &str) {
+    out.push_str(prefix);
     let _ = write_text_value(out, value);
 }
+
+/// [`RequestLine::strings`]' names as the text format writes them before
+/// each value, one piece each.
+const TEXT_BEFORE: [&str; 4] = [" tier=", " request_id=", " method=", " path="];
+const TEXT_AFTER: [&str; 8] = [
+    " ending=",
+    " fault=",
+    " error=",
+    " cache=",
+    " commit=",
+    " format=",
+    " upstream=",
+    " attempts=",
+];
+
+/// The bytes a text value shows as they are: printable ASCII but `"`, `=`
+/// and `\\` (a table: the check runs over every byte of a line).
+const PLAIN: [bool; 256] = {
+    let mut plain = [false; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        plain[byte] = (byte as u8).is_ascii_graphic() && !matches!(byte as u8, b'"' | b'=' | b'\\');
+        byte += 1;
+    }
+    plain
+};
 
 /// A string field as a line of `format` shows it: escaped by
 /// [`write_text_value`] in the text format, as it is for JSON (whose
@@ -391,9 +420,7 @@ impl std::fmt::Display for Shown<'_> {
 /// escape (`\\n`, `\\u{2028}`). A client's path, method or error detail
 /// therefore cannot start a line of its own, or pass for another field.
 fn write_text_value(out: &mut impl std::fmt::Write, value: &str) -> std::fmt::Result {
-    let plain = value
-        .bytes()
-        .all(|byte| byte.is_ascii_graphic() && !matches!(byte, b'"' | b'=' | b'\\'));
+    let plain = value.bytes().all(|byte| PLAIN[usize::from(byte)]);
     if plain {
         return out.write_str(value);
     }
@@ -491,23 +518,24 @@ impl RequestLine<'_> {
     /// string value through [`write_text_value`].
     fn format_text(&self, now: std::time::SystemTime, out: &mut String) {
         write_timestamp(now, out);
-        let level = match self.level {
-            Level::ERROR => "ERROR",
-            Level::WARN => " WARN",
-            _ => " INFO",
-        };
-        let _ = write!(out, " {level} {}: request", module_path!());
+        out.push_str(match self.level {
+            Level::ERROR => " ERROR ",
+            Level::WARN => "  WARN ",
+            _ => "  INFO ",
+        });
+        out.push_str(concat!(module_path!(), ": request"));
         let (before, after) = self.strings();
-        for (name, value) in before {
-            text_field(out, name, value);
+        for ((_, value), prefix) in before.into_iter().zip(TEXT_BEFORE) {
+            text_field(out, prefix, value);
         }
-        let _ = write!(
-            out,
-            " status={} bytes={} duration_ms={:?}",
-            self.status, self.bytes, self.duration_ms
-        );
-        for (name, value) in after {
-            text_field(out, name, value);
+        out.push_str(" status=");
+        push_decimal(out, u64::from(self.status));
+        out.push_str(" bytes=");
+        push_decimal(out, self.bytes);
+        out.push_str(" duration_ms=");
+        push_milliseconds(out, self.duration_ms);
+        for ((_, value), prefix) in after.into_iter().zip(TEXT_AFTER) {
+            text_field(out, prefix, value);
         }
         out.push('\n');
     }
@@ -526,12 +554,12 @@ impl RequestLine<'_> {
         for (name, value) in before {
             json_field(out, name, value);
         }
-        let _ = write!(
-            out,
-            ",\"status\":{},\"bytes\":{},\"duration_ms\":",
-            self.status, self.bytes
-        );
-        out.push_str(&serde_json::Value::from(self.duration_ms).to_string());
+        out.push_str(",\"status\":");
+        push_decimal(out, u64::from(self.status));
+        out.push_str(",\"bytes\":");
+        push_decimal(out, self.bytes);
+        out.push_str(",\"duration_ms\":");
+        push_milliseconds(out, self.duration_ms);
         for (name, value) in after {
             json_field(out, name, value);
         }
@@ -575,9 +603,73 @@ impl RequestLine<'_> {
 
 /// `,"name":"value"` with the value escaped as JSON.
 fn json_field(out: &mut String, name: &str, value: &str) {
-    let _ = write!(out, ",\"{name}\":");
-    // Serialising a `&str` into a `String` cannot fail.
-    out.push_str(&serde_json::to_string(value).unwrap_or_default());
+    out.push_str(",\"");
+    out.push_str(name);
+    out.push_str("\":");
+    if value
+        .bytes()
+        .all(|byte| (b' '..0x7f).contains(&byte) && !matches!(byte, b'"' | b'\\'))
+    {
+        // Nothing to escape: as serde_json writes it.
+        out.push('"');
+        out.push_str(value);
+        out.push('"');
+    } else {
+        // Serialising a `&str` into a `String` cannot fail.
+        out.push_str(&serde_json::to_string(value).unwrap_or_default());
+    }
+}
+
+/// `value` in decimal, as `Display` writes it, in `digits`.
+fn decimal(digits: &mut [u8; 20], value: u64) -> &str {
+    padded(digits, value, 1)
+}
+
+/// `value` in decimal with `width` digits at least, zeros in front, in
+/// `digits`.
+fn padded(digits: &mut [u8; 20], mut value: u64, width: usize) -> &str {
+    let mut start = digits.len();
+    while value > 0 || digits.len() - start < width {
+        start -= 1;
+        digits[start] = b'0' + (value % 10) as u8;
+        value /= 10;
+    }
+    // ASCII digits.
+    std::str::from_utf8(&digits[start..]).unwrap_or_default()
+}
+
+fn push_decimal(out: &mut String, value: u64) {
+    out.push_str(decimal(&mut [0; 20], value));
+}
+
+fn push_padded(out: &mut String, value: u64, width: usize) {
+    out.push_str(padded(&mut [0; 20], value, width));
+}
+
+/// A duration in milliseconds, a whole number of microseconds over 1,000
+/// (as [`RequestLog`] rounds it), written as `{:?}` and serde_json write
+/// that `f64`: its shortest decimal, `.0` when whole. Any other value (not
+/// a whole number of microseconds, or too large for them to be exact)
+/// goes through `{:?}` itself.
+fn push_milliseconds(out: &mut String, milliseconds: f64) {
+    let micros = (milliseconds * 1e3).round();
+    if (0.0..1e12).contains(&micros) && micros / 1e3 == milliseconds {
+        let micros = micros as u64;
+        push_decimal(out, micros / 1000);
+        out.push('.');
+        let fraction = micros % 1000;
+        if fraction == 0 {
+            out.push('0');
+        } else if fraction.is_multiple_of(100) {
+            push_decimal(out, fraction / 100);
+        } else if fraction.is_multiple_of(10) {
+            push_padded(out, fraction / 10, 2);
+        } else {
+            push_padded(out, fraction, 3);
+        }
+    } else {
+        let _ = write!(out, "{milliseconds:?}");
+    }
 }
 
 /// `2026-12-03T02:36:27.097324Z`: UTC, microseconds, as `tracing_subscriber`
@@ -587,16 +679,49 @@ fn write_timestamp(now: std::time::SystemTime, out: &mut String) {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     let seconds = since_epoch.as_secs();
+    // The date and time to the second change once a second: kept per
+    // thread, written again only when they change.
+    LAST_SECOND.with(|last| {
+        let (second, text) = last.get();
+        if second == Some(seconds) {
+            out.push_str(std::str::from_utf8(&text).unwrap_or_default());
+        } else {
+            let start = out.len();
+            write_second(seconds, out);
+            if let Ok(text) = <[u8; 20]>::try_from(&out.as_bytes()[start..]) {
+                last.set((Some(seconds), text));
+            }
+        }
+    });
+    push_padded(out, u64::from(since_epoch.subsec_micros()), 6);
+    out.push('Z');
+}
+
+thread_local! {
+    /// The second [`write_timestamp`] wrote last, and its text up to the
+    /// fraction (`2026-12-03T02:36:27.`).
+    static LAST_SECOND: std::cell::Cell<(Option<u64>, [u8; 20])> =
+        const { std::cell::Cell::new((None, [0; 20])) };
+}
+
+/// `2026-12-03T02:36:27.` for `seconds` since the epoch.
+fn write_second(seconds: u64, out: &mut String) {
     let (year, month, day) = civil_from_days((seconds / 86_400) as i64);
     let of_day = seconds % 86_400;
-    let _ = write!(
-        out,
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
-        of_day / 3600,
-        of_day / 60 % 60,
-        of_day % 60,
-        since_epoch.subsec_micros()
-    );
+    // Written digit by digit: `write!` with padding cost more than the
+    // rest of the line.
+    push_padded(out, year.max(0) as u64, 4);
+    out.push('-');
+    push_padded(out, u64::from(month), 2);
+    out.push('-');
+    push_padded(out, u64::from(day), 2);
+    out.push('T');
+    push_padded(out, of_day / 3600, 2);
+    out.push(':');
+    push_padded(out, of_day / 60 % 60, 2);
+    out.push(':');
+    push_padded(out, of_day % 60, 2);
+    out.push('.');
 }
 
 /// The proleptic Gregorian date of a day count since 1970-01-01 (Howard
@@ -854,6 +979,10 @@ mod tests {
         write_timestamp(at, &mut out);
         assert_eq!(out, "2000-02-29T00:00:00.123456Z");
         out.clear();
+        // The same second again, from what the thread kept of it.
+        write_timestamp(at + Duration::from_micros(876_000), &mut out);
+        assert_eq!(out, "2000-02-29T00:00:00.999456Z");
+        out.clear();
         let at = std::time::UNIX_EPOCH + Duration::from_secs(1_764_729_387);
         write_timestamp(at, &mut out);
         assert_eq!(out, "2025-12-03T02:36:27.000000Z");
@@ -861,6 +990,37 @@ mod tests {
         assert_eq!(civil_from_days(-1), (1969, 12, 31));
         assert_eq!(civil_from_days(19_723), (2024, 1, 1));
         assert_eq!(civil_from_days(2_932_896), (9999, 12, 31));
+    }
+
+    /// The line's numbers are written digit by digit, byte for byte as
+    /// `tracing_subscriber` writes them: `{:?}` of the duration in the text
+    /// format, serde_json's for JSON, `Display` of the integers.
+    #[test]
+    fn numbers_are_written_as_debug_and_serde_json_write_them() {
+        let mut micros: Vec<u64> = (0..20_000).collect();
+        micros.extend((0..40).map(|shift| (1u64 << shift) + 7));
+        micros.extend([999_999, 1_000_000, 86_400_000_000, 999_999_999_999]);
+        for micros in micros {
+            let milliseconds = micros as f64 / 1e3;
+            let mut out = String::new();
+            push_milliseconds(&mut out, milliseconds);
+            assert_eq!(out, format!("{milliseconds:?}"), "{micros} µs");
+            assert_eq!(
+                out,
+                serde_json::Value::from(milliseconds).to_string(),
+                "{micros} µs"
+            );
+        }
+        for odd in [0.1234, 1e-7, 3e20, 12_345.0] {
+            let mut out = String::new();
+            push_milliseconds(&mut out, odd);
+            assert_eq!(out, format!("{odd:?}"));
+        }
+        for value in [0, 7, 10, 499, 65_535, u64::from(u32::MAX), u64::MAX] {
+            let mut out = String::new();
+            push_decimal(&mut out, value);
+            assert_eq!(out, value.to_string());
+        }
     }
 
     /// docs/observability.md: the path is cut at 512 characters (not

@@ -206,6 +206,11 @@ impl PrewarmRequest {
 /// is no format), so the tiers send it to their prewarm handler, which
 /// validates it with [`parse_prewarm_path`].
 pub fn is_prewarm_path(path: &str) -> bool {
+    // The third segment follows a `/`: most paths (archive URLs) are told
+    // apart by one substring search, before any splitting.
+    if !path.contains("/prewarm") {
+        return false;
+    }
     let mut parts = path.strip_prefix('/').unwrap_or(path).splitn(4, '/');
     parts.nth(2) == Some("prewarm")
 }
@@ -402,13 +407,28 @@ impl ArchiveRequest {
     /// The canonical URL of this archive (path and `path` query), whichever
     /// shape it was asked in: what the proxy asks the archiver for.
     pub fn canonical_path(&self, subtree: Option<&str>) -> String {
-        let mut path = format!(
-            "/{}/{}/archive/{}.{}",
-            self.owner,
-            self.repo,
-            self.reference,
-            self.format.ext()
+        // Pieces pushed one by one, not `format!` (a proxied hit's CPU).
+        let ext = self.format.ext();
+        let mut path = String::with_capacity(
+            "///archive/.".len()
+                + self.owner.len()
+                + self.repo.len()
+                + self.reference.len()
+                + ext.len()
+                + ".sha256".len(),
         );
+        for piece in [
+            "/",
+            &self.owner,
+            "/",
+            &self.repo,
+            "/archive/",
+            &self.reference,
+            ".",
+            ext,
+        ] {
+            path.push_str(piece);
+        }
         if self.checksum {
             path.push_str(".sha256");
         }
