@@ -319,7 +319,7 @@ pub enum Drain {
 /// connections a new one is refused with `503`.
 pub async fn serve(
     listener: TcpListener,
-    router: Router,
+    router: impl RequestService,
     shutdown: CancellationToken,
     grace: Duration,
     write_stall_timeout: Duration,
@@ -648,6 +648,28 @@ pub async fn serve_admin(
     .await
 }
 
+/// What serves a listener's requests: an axum [`Router`], or a tier's own
+/// service for its hot path in front of one (the proxy's archive URLs:
+/// axum's routing, boxed handler and URL parameters cost a small hit more
+/// than its own route lookup).
+pub trait RequestService:
+    tower::Service<Request, Response = Response, Error = Infallible, Future: Send + 'static>
+    + Clone
+    + Send
+    + Unpin
+    + 'static
+{
+}
+
+impl<S> RequestService for S where
+    S: tower::Service<Request, Response = Response, Error = Infallible, Future: Send + 'static>
+        + Clone
+        + Send
+        + Unpin
+        + 'static
+{
+}
+
 /// How many threads [`serve_on_threads`] runs: one per CPU, as nginx has
 /// one worker per CPU.
 pub fn serving_threads() -> usize {
@@ -669,9 +691,9 @@ pub fn serving_threads() -> usize {
 /// more. Tasks that must outlive a connection or the serving threads
 /// (shared work) belong on another runtime, spawned through its handle.
 #[allow(clippy::too_many_arguments)] // `serve`'s, and the threads
-pub async fn serve_on_threads(
+pub async fn serve_on_threads<S: RequestService>(
     listener: TcpListener,
-    mut router_for: impl FnMut(usize) -> Router,
+    mut router_for: impl FnMut(usize) -> S,
     shutdown: &CancellationToken,
     grace: Duration,
     write_stall_timeout: Duration,
@@ -964,7 +986,7 @@ impl LogEvery {
     }
 }
 
-async fn handle(router: Router, request: hyper::Request<Incoming>) -> Response {
+async fn handle(router: impl RequestService, request: hyper::Request<Incoming>) -> Response {
     let line = request.method().as_str().len() + target_len(request.uri()) + " HTTP/1.1\r\n".len();
     if line > MAX_REQUEST_LINE_BYTES {
         return too_large(

@@ -82,6 +82,65 @@ pub fn router(state: Arc<AppState>) -> Router {
     health_and_metrics().fallback(archive).with_state(state)
 }
 
+/// What serves the proxy's listener: [`router`], with archive URLs (every
+/// path but `/healthz` and `/metrics`, which the router's fallback would
+/// give [`archive`]) sent to [`archive`] directly, past axum's routing, as
+/// the router's fallback route answers them (see [`ProxyService`]).
+pub fn service(state: Arc<AppState>) -> ProxyService {
+    ProxyService {
+        router: router(state.clone()),
+        state,
+    }
+}
+
+/// [`service`]'s service.
+#[derive(Clone)]
+pub struct ProxyService {
+    router: Router,
+    state: Arc<AppState>,
+}
+
+impl tower::Service<Request> for ProxyService {
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = futures_util::future::Either<
+        <Router as tower::Service<Request>>::Future,
+        futures_util::future::BoxFuture<'static, Result<Response, std::convert::Infallible>>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        use futures_util::future::Either;
+        if matches!(request.uri().path(), "/healthz" | "/metrics") {
+            return Either::Left(self.router.call(request));
+        }
+        let state = self.state.clone();
+        Either::Right(Box::pin(async move {
+            let method = request.method().clone();
+            let mut response = archive(State(state), request).await;
+            // What axum does to a route's answer, the fallback's included:
+            // a length from an exact body, no body for a `HEAD`.
+            if !response.headers().contains_key(header::CONTENT_LENGTH)
+                && let Some(length) = axum::body::HttpBody::size_hint(response.body()).exact()
+            {
+                response
+                    .headers_mut()
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+            }
+            if method == Method::HEAD {
+                *response.body_mut() = Body::empty();
+            }
+            Ok(response)
+        }))
+    }
+}
+
 /// The admin listener's routes (`--admin-listen`): `/healthz` and
 /// `/metrics`, nothing else.
 pub fn admin_router(state: Arc<AppState>) -> Router {

@@ -428,7 +428,7 @@ async fn serve_on_threads(
     let router_for = |_| {
         let mut worker_state = http::AppState::clone(state);
         worker_state.forwarder = state.forwarder.with_own_pool();
-        http::router(Arc::new(worker_state))
+        http::service(Arc::new(worker_state))
     };
     // The socket-level stall guard backs the pipe's idle watchdog: the
     // watchdog releases the upstream, the guard closes the client's
