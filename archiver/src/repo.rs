@@ -1158,12 +1158,11 @@ impl Repository {
             None => self.refs_digest().await?,
         };
         let repository = Arc::clone(self);
-        let walked = refs.clone();
         known_or_in_place(
             "walking the history",
             &[&self.walking, self.kept.walks()],
             || self.known_reach(&id, &refs),
-            move || repository.walk_reachable(id, walked),
+            move || repository.walk_reachable(id),
         )
         .await
     }
@@ -1184,11 +1183,26 @@ impl Repository {
     }
 
     /// [`Repository::reaches`]'s walk, in its places: keeps the set of
-    /// commits reachable from the refs whose digest is `refs`.
-    fn walk_reachable(&self, id: ObjectId, refs: String) -> Result<bool, Error> {
+    /// commits reachable from the refs.
+    ///
+    /// The set is kept under the digest of the refs this walk listed, taken
+    /// afresh before and after listing them, and only when the two agree:
+    /// not under `refs`, which the caller took before waiting for the walk
+    /// places, maybe before a push (review of 9caf797: the set of a push
+    /// made meanwhile was kept under the older digest, and a commit pushed
+    /// by mistake and force-pushed away, the refs back as they were, was
+    /// served by its id). The refs are listed with a handle opened afresh,
+    /// as the digest's are (`list_refs_digest`).
+    fn walk_reachable(&self, id: ObjectId) -> Result<bool, Error> {
+        let listed = self.current_refs_digest()?;
         let repo = self.repo.to_thread_local();
+        let fresh = open_isolated(&self.git_dir)
+            .map_err(|err| {
+                Error::internal(format_args!("opening {}: {err}", self.git_dir.display()))
+            })?
+            .to_thread_local();
         let mut tips = Vec::new();
-        for_each_ref(&repo, |mut reference| {
+        for_each_ref(&fresh, |mut reference| {
             // A ref's object is peeled as `resolve` peels it, each object
             // once: gix's own peeling reads the object whole, every tip on
             // every walk (attack: 30 tags on a commit read through a chain
@@ -1209,11 +1223,14 @@ impl Repository {
                 tips.push(tip);
             }
         })?;
-        if let Ok(head) = repo.head_id()
+        if let Ok(head) = fresh.head_id()
             && let Ok((tip, _)) = peel_to_commit(&repo, head.detach())
         {
             tips.push(tip);
         }
+        // A push while the refs were listed: the set is this request's
+        // answer, kept for no digest.
+        let refs = (self.current_refs_digest()? == listed).then_some(listed);
         let walk = repo
             .rev_walk(tips)
             .use_commit_graph(true)
@@ -1227,15 +1244,26 @@ impl Repository {
         }
         let answer = commits.contains(&id);
         let count = commits.len();
-        *self
-            .reachable
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(Reachable {
-            refs: refs.clone(),
-            commits,
-        });
-        self.kept.record(&self.reachable, &refs, count);
+        if let Some(refs) = refs {
+            *self
+                .reachable
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(Reachable {
+                refs: refs.clone(),
+                commits,
+            });
+            self.kept.record(&self.reachable, &refs, count);
+        }
         Ok(answer)
+    }
+
+    /// The refs digest now: remembered, or listed (and remembered when
+    /// settled).
+    fn current_refs_digest(&self) -> Result<String, Error> {
+        match self.known_refs_digest() {
+            Some(digest) => Ok(digest),
+            None => self.list_and_keep_refs_digest(),
+        }
     }
 
     /// A digest of every ref and of `HEAD`: what ref-reading `export-subst`

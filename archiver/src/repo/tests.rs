@@ -2192,3 +2192,36 @@ fn history_walks_across_repositories_wait_for_a_place() {
         assert!(walked.unwrap().unwrap());
     });
 }
+
+/// `docs/archiver.md#published-commits-only`: a request that took the
+/// refs digest before a push, and whose walk ran after it, keeps the set
+/// it walked under the digest of the refs it walked, not under its own.
+/// (Review of 9caf797: a request waits for the walk places holding the
+/// digest it took; its walk listed the refs of a push made meanwhile and
+/// kept that set under the older digest. A commit pushed by mistake and
+/// force-pushed away, the refs back as they were, was then served by its
+/// id: the older digest matched again, and its set held the commit.)
+#[test]
+fn a_walk_keeps_its_set_under_the_refs_it_walked() {
+    let fixture = fixture();
+    let widget = fixture.widget();
+    let dir = &fixture.widget;
+    let before = block_on(widget.refs_digest()).unwrap();
+    let main = git(dir, &["rev-parse", "refs/heads/main"]);
+
+    // Pushed by mistake, while a request holding `before` waits.
+    fs::write(dir.join("secret.txt"), "secret\n").unwrap();
+    git_at(dir, C3_TIME, &["add", "secret.txt"]);
+    git_at(dir, C3_TIME, &["commit", "-q", "-m", "secret"]);
+    let secret = git(dir, &["rev-parse", "HEAD"]);
+    // The waiting request's walk runs now, after the push.
+    let _ = block_on(widget.reaches(&secret, Some(before.clone()))).unwrap();
+
+    // Force-pushed away: the refs are as they were.
+    git(dir, &["update-ref", "refs/heads/main", &main]);
+    assert_eq!(block_on(widget.refs_digest()).unwrap(), before);
+    assert!(
+        !block_on(widget.reaches(&secret, None)).unwrap(),
+        "a commit force-pushed away was served: the set walked after the push was kept under the digest before it"
+    );
+}
