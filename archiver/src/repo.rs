@@ -832,36 +832,62 @@ impl Repository {
     /// being read wait for that read and take its answer. For the
     /// reachability walk, on a blocking thread already (one walk at a time
     /// per repository); requests wait with [`Repository::peel_waiting`].
+    ///
+    /// A waiter that the read answers "missing" asks once more: that read
+    /// began before the waiter came, maybe before a push that brought the
+    /// object, and a push is visible to the very next request (review of
+    /// 2b0b416: the waiters took a "not found" begun before the push). Any
+    /// read it then finds under way began after it came: `peeling` holds
+    /// one read per object, and the first left it before answering.
     fn peel(&self, repo: &gix::Repository, id: ObjectId) -> Result<(ObjectId, i64), Error> {
-        match self.turn(id) {
-            Turn::Known(known) => known,
-            Turn::Wait(reading) => reading.wait_blocking(),
-            Turn::Read(reader) => self.read(repo, reader),
+        let mut asked_again = false;
+        loop {
+            let answer = match self.turn(id) {
+                Turn::Known(known) => known,
+                Turn::Wait(reading) => match reading.wait_blocking() {
+                    Err(PeelFailure::Missing) if !asked_again => {
+                        asked_again = true;
+                        continue;
+                    }
+                    answer => answer,
+                },
+                Turn::Read(reader) => self.read(repo, reader),
+            };
+            return answer.map_err(|failure| failure.error());
         }
-        .map_err(|failure| failure.error())
     }
 
     /// [`Repository::peel`] for a request: the object is read on a blocking
     /// thread, and a request that finds it being read waits for that read
     /// on the runtime, holding no thread.
+    /// As there, a waiter answered "missing" asks once more.
     async fn peel_waiting(self: &Arc<Self>, id: ObjectId) -> Result<(ObjectId, i64), Error> {
-        match self.turn(id) {
-            Turn::Known(known) => known,
-            Turn::Wait(reading) => reading.wait().await,
-            Turn::Read(reader) => {
-                let repository = Arc::clone(self);
-                // A request that goes away leaves the read to finish, and
-                // its answer to those waiting.
-                tokio::task::spawn_blocking(move || {
-                    repository.read(&repository.repo.to_thread_local(), reader)
-                })
-                .await
-                .map_err(|error| {
-                    Error::internal(format_args!("reading the commit panicked: {error}"))
-                })?
-            }
+        let mut asked_again = false;
+        loop {
+            let answer = match self.turn(id) {
+                Turn::Known(known) => known,
+                Turn::Wait(reading) => match reading.wait().await {
+                    Err(PeelFailure::Missing) if !asked_again => {
+                        asked_again = true;
+                        continue;
+                    }
+                    answer => answer,
+                },
+                Turn::Read(reader) => {
+                    let repository = Arc::clone(self);
+                    // A request that goes away leaves the read to finish,
+                    // and its answer to those waiting.
+                    tokio::task::spawn_blocking(move || {
+                        repository.read(&repository.repo.to_thread_local(), reader)
+                    })
+                    .await
+                    .map_err(|error| {
+                        Error::internal(format_args!("reading the commit panicked: {error}"))
+                    })?
+                }
+            };
+            return answer.map_err(|failure| failure.error());
         }
-        .map_err(|failure| failure.error())
     }
 
     /// Resolves a user's ref (already validated by `url::validate_ref`) to a

@@ -2225,3 +2225,66 @@ fn a_walk_keeps_its_set_under_the_refs_it_walked() {
         "a commit force-pushed away was served: the set walked after the push was kept under the digest before it"
     );
 }
+
+/// A push is visible to the very next request (docs/archiver.md), also
+/// to one that finds its object being read: a read that began before the
+/// push and found the object missing does not answer a request that
+/// arrived after it. (Review of 2b0b416: every request waiting for a read
+/// took its answer, "not found" too, though the object had come since.)
+#[test]
+fn a_request_waiting_for_a_read_that_found_nothing_reads_again() {
+    let fixture = fixture();
+    let widget = fixture.widget();
+    let content = fixture.base.join("pushed-commit");
+    fs::write(
+        &content,
+        "tree 4b825dc642cb6eb9a060e54bf8d69288fbee4904\n\
+         author A <a@example.com> 1700000000 +0000\n\
+         committer A <a@example.com> 1700000000 +0000\n\npushed\n",
+    )
+    .unwrap();
+    let hash = |write: bool| {
+        let mut args = vec!["hash-object", "-t", "commit"];
+        if write {
+            args.push("-w");
+        }
+        args.push(content.to_str().unwrap());
+        git(&fixture.widget, &args)
+    };
+    let id = ObjectId::from_hex(hash(false).as_bytes()).unwrap();
+
+    // A read under way, which has found nothing: the push comes after.
+    let Turn::Read(mut reader) = widget.turn(id) else {
+        panic!("nobody reads it yet")
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let waiter = {
+        let widget = Arc::clone(&widget);
+        runtime.spawn(async move { widget.peel_waiting(id).await })
+    };
+    // The request waits for that read (it holds the read's state, as
+    // `peeling` and the reader do).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while Arc::strong_count(&reader.reading) < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the request never waited"
+        );
+        runtime.block_on(tokio::task::yield_now());
+    }
+    assert_eq!(hash(true), id.to_string());
+    reader.answer = Some(Err(PeelFailure::Missing));
+    drop(reader);
+
+    let answer = runtime
+        .block_on(async { tokio::time::timeout(Duration::from_secs(10), waiter).await })
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(answer, Ok((commit, 1_700_000_000)) if commit == id),
+        "a request that arrived after the push took the answer of a read begun before it: {answer:?}"
+    );
+}
