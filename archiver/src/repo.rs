@@ -786,10 +786,10 @@ impl Repository {
             return Turn::Known(known);
         }
         let mut peeling = self.peeling.lock().unwrap_or_else(PoisonError::into_inner);
-        // A read's answer is kept before its entry goes (`Publish`): known
-        // now, or still under way.
-        if let Some(peeled) = self.known_peeled(&id) {
-            return Turn::Known(Ok(peeled));
+        // A read's answer is kept before its entry goes (`Reader`'s drop):
+        // known now, or still under way.
+        if let Some(known) = self.known(&id) {
+            return Turn::Known(known);
         }
         if let Some(reading) = peeling.get(&id) {
             return Turn::Wait(Arc::clone(reading));
