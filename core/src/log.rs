@@ -1023,6 +1023,69 @@ mod tests {
         }
     }
 
+    /// The kept date and time are the second's own: written across a
+    /// second, a day and a year boundary in steps shorter than a second,
+    /// each timestamp is the one `write!` gives, on this thread and on one
+    /// that kept another second meanwhile.
+    #[test]
+    fn kept_timestamps_change_with_the_second_and_the_day() {
+        let expected = |at: std::time::SystemTime| {
+            let since_epoch = at.duration_since(std::time::UNIX_EPOCH).unwrap();
+            let seconds = since_epoch.as_secs();
+            let (year, month, day) = civil_from_days((seconds / 86_400) as i64);
+            let of_day = seconds % 86_400;
+            format!(
+                "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+                of_day / 3600,
+                of_day / 60 % 60,
+                of_day % 60,
+                since_epoch.subsec_micros()
+            )
+        };
+        let written = |at| {
+            let mut out = String::new();
+            write_timestamp(at, &mut out);
+            out
+        };
+        // 2025-12-31T23:59:58.5 to 2026-01-01T00:00:01.5.
+        let start = std::time::UNIX_EPOCH + Duration::from_millis(1_767_225_598_500);
+        for step in 0..3_000u64 {
+            let at = start + Duration::from_micros(step * 1_000 + step % 7);
+            assert_eq!(written(at), expected(at));
+        }
+        // Another thread keeps the next day's second; this one's is its own.
+        let at = start + Duration::from_millis(1_500);
+        assert_eq!(written(at), expected(at));
+        let next_day = at + Duration::from_secs(86_400);
+        let other = std::thread::spawn(move || written(next_day))
+            .join()
+            .unwrap();
+        assert_eq!(other, expected(next_day));
+        assert_eq!(written(at), expected(at));
+        // Back a day on the same thread, same time of day.
+        let day_before = at - Duration::from_secs(86_400);
+        assert_eq!(written(day_before), expected(day_before));
+    }
+
+    /// A JSON value with nothing to escape is pushed as it is: byte for
+    /// byte what serde_json writes, for every character class at the edge
+    /// of the check (controls, space, `"`, `\\`, DEL, non-ASCII, U+2028).
+    #[test]
+    fn json_values_are_written_as_serde_json_writes_them() {
+        let mut values: Vec<String> = (0u32..0x100)
+            .chain([0x2028, 0x2029, 0xfffd, 0x1_f600])
+            .filter_map(char::from_u32)
+            .flat_map(|c| [c.to_string(), format!("/a{c}b"), format!("{c}{c}")])
+            .collect();
+        values.extend([String::new(), "/acme/widget/archive/v1.0.tar.gz".into()]);
+        for value in values {
+            let mut out = String::new();
+            json_field(&mut out, "path", &value);
+            let expected = format!(",\"path\":{}", serde_json::to_string(&value).unwrap());
+            assert_eq!(out, expected, "{value:?}");
+        }
+    }
+
     /// docs/observability.md: the path is cut at 512 characters (not
     /// bytes). (Mutation review: this test compared with the constant
     /// itself, so any bound passed it.)
@@ -1036,6 +1099,13 @@ mod tests {
         assert_eq!(logged(&"x".repeat(5000)), "x".repeat(512));
         assert_eq!(logged(&"x".repeat(512)), "x".repeat(512), "512 kept whole");
         assert_eq!(logged(&"é".repeat(600)), "é".repeat(512), "characters");
+        // At the cut: 512 characters of more than 512 bytes are kept
+        // whole, a 513th multi-byte character is not.
+        let kept = format!("{}é€😀", "x".repeat(509));
+        assert_eq!(logged(&kept), kept, "512 characters, 518 bytes");
+        assert_eq!(logged(&format!("{kept}é")), kept, "513 characters");
+        let short = format!("{}€", "x".repeat(510));
+        assert_eq!(logged(&short), short, "511 characters, 513 bytes");
     }
 
     /// `docs/observability.md`'s request-log table names every field a
