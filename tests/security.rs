@@ -1329,30 +1329,13 @@ fn requests_for_one_broken_commit_wait_for_one_read_holding_no_thread() {
     gitball_e2e::commit_behind_deltas(&repo, "broken", broken.as_bytes(), 8 << 20, 48);
     let archiver = Archiver::start(&sandbox.repos(), &[]);
     assert_eq!(status(&archiver, "/acme/widget/archive/main.tar"), 200);
-    let threads = || gitball_e2e::proc_status_kib(archiver.pid, "Threads");
     let cpu = || gitball_e2e::process_cpu_ticks(archiver.pid);
     let head = || {
         let target = "/acme/widget/archive/broken.tar";
         let response = archiver.client().head(archiver.url(target)).send();
         response.map(|response| response.status().as_u16()).ok()
     };
-    let (before, cpu_before) = (threads(), cpu());
-    let mut peak = before;
-    let statuses: Vec<Option<u16>> = std::thread::scope(|scope| {
-        let requests: Vec<_> = (0..REQUESTS).map(|_| scope.spawn(head)).collect();
-        // Idle blocking threads stay for 10 s: the count after the last
-        // answer shows them too.
-        while !requests.iter().all(|request| request.is_finished()) {
-            peak = peak.max(threads());
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        peak = peak.max(threads());
-        requests
-            .into_iter()
-            .map(|request| request.join().unwrap())
-            .collect()
-    });
-    let burst = cpu() - cpu_before;
+    let (statuses, before, peak, burst) = burst_of_requests(&archiver, REQUESTS, head);
     assert!(
         statuses.iter().all(|status| *status == Some(500)),
         "{statuses:?}"
@@ -1404,8 +1387,6 @@ fn requests_by_commit_id_wait_for_one_history_walk_holding_no_thread() {
     let unpublished = repo.git_at(1_700_000_000, &["commit-tree", &tree, "-m", "unpublished"]);
     let archiver = Archiver::start(&sandbox.repos(), &[]);
     assert_eq!(status(&archiver, "/acme/widget/archive/main.tar"), 200);
-    let threads = || gitball_e2e::proc_status_kib(archiver.pid, "Threads");
-    let cpu = || gitball_e2e::process_cpu_ticks(archiver.pid);
     let target = format!("/acme/widget/archive/{unpublished}.tar");
     let head = || {
         let response = archiver.client().head(archiver.url(&target)).send();
@@ -1418,23 +1399,7 @@ fn requests_by_commit_id_wait_for_one_history_walk_holding_no_thread() {
         wait_until(WAIT, || gitball_e2e::refs_settled(repo.dir())),
         "the ref files never got older than the racy window"
     );
-    let (before, cpu_before) = (threads(), cpu());
-    let mut peak = before;
-    let statuses: Vec<Option<u16>> = std::thread::scope(|scope| {
-        let requests: Vec<_> = (0..REQUESTS).map(|_| scope.spawn(head)).collect();
-        // Idle blocking threads stay for 10 s: the count after the last
-        // answer shows them too.
-        while !requests.iter().all(|request| request.is_finished()) {
-            peak = peak.max(threads());
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        peak = peak.max(threads());
-        requests
-            .into_iter()
-            .map(|request| request.join().unwrap())
-            .collect()
-    });
-    let walk = cpu() - cpu_before;
+    let (statuses, before, peak, walk) = burst_of_requests(&archiver, REQUESTS, head);
     assert!(
         statuses.iter().all(|status| *status == Some(404)),
         "{statuses:?}"
@@ -1482,4 +1447,33 @@ fn a_commit_over_the_read_bound_is_served_once_repacked_whole() {
     let missing = "/acme/widget/archive/0123456789012345678901234567890123456789.tar";
     assert_eq!(status(&archiver, missing), 404);
     assert_eq!(status(&archiver, target), 200);
+}
+
+/// `count` concurrent calls of `request` to `archiver`: their answers, the
+/// archiver's threads before and at their peak while they ran (idle
+/// blocking threads stay for 10 s, so the count after the last answer
+/// shows them too), and the CPU ticks they took.
+fn burst_of_requests(
+    archiver: &Archiver,
+    count: u64,
+    request: impl Fn() -> Option<u16> + Sync,
+) -> (Vec<Option<u16>>, u64, u64, u64) {
+    let threads = || gitball_e2e::proc_status_kib(archiver.pid, "Threads");
+    let cpu_before = gitball_e2e::process_cpu_ticks(archiver.pid);
+    let before = threads();
+    let mut peak = before;
+    let answers = std::thread::scope(|scope| {
+        let requests: Vec<_> = (0..count).map(|_| scope.spawn(&request)).collect();
+        while !requests.iter().all(|request| request.is_finished()) {
+            peak = peak.max(threads());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        peak = peak.max(threads());
+        requests
+            .into_iter()
+            .map(|request| request.join().unwrap())
+            .collect()
+    });
+    let ticks = gitball_e2e::process_cpu_ticks(archiver.pid) - cpu_before;
+    (answers, before, peak, ticks)
 }
