@@ -983,6 +983,26 @@ mod tests {
         vec![(outcome.to_owned(), 1.0)]
     }
 
+    /// [`prepare`] of the rest from byte 100, with a place of its own,
+    /// within [`TEST_TIMEOUT`].
+    async fn prepare_rest(resume: &Resume) -> Result<Prepared, OpenError> {
+        tokio::time::timeout(TEST_TIMEOUT, prepare(resume, 100, SLOTS.take().unwrap()))
+            .await
+            .unwrap()
+    }
+
+    /// Reads `body.len()` bytes from where a prepared splice left its
+    /// upstream socket.
+    async fn read_upstream(prepared: &mut Prepared, body: &mut [u8]) {
+        tokio::time::timeout(
+            TEST_TIMEOUT,
+            prepared.spliced.upstream.stream.read_exact(body),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    }
+
     /// An archive of 1,000 bytes at `upstream`, 100 of them sent.
     /// The recorder is installed first: attempts made before it are lost.
     fn resume_at(upstream: &str, header_timeout: Duration) -> Resume {
@@ -1060,19 +1080,11 @@ mod tests {
         tail_and_body.extend_from_slice(b"BODY");
         let (address, served) = upstream(vec![answer, tail_and_body, b"MORE".to_vec()]).await;
         let resume = resume_at(&address, TEST_TIMEOUT);
-        let mut spliced =
-            tokio::time::timeout(TEST_TIMEOUT, prepare(&resume, 100, SLOTS.take().unwrap()))
-                .await
-                .unwrap()
-                .expect("a 206 for the rest is spliced");
+        let mut spliced = prepare_rest(&resume)
+            .await
+            .expect("a 206 for the rest is spliced");
         let mut body = [0u8; 8];
-        tokio::time::timeout(
-            TEST_TIMEOUT,
-            spliced.spliced.upstream.stream.read_exact(&mut body),
-        )
-        .await
-        .unwrap()
-        .unwrap();
+        read_upstream(&mut spliced, &mut body).await;
         assert_eq!(&body, b"BODYMORE", "the head, and only the head, was taken");
         drop(spliced);
         assert_eq!(attempts(&address), once("ok"));
@@ -1104,19 +1116,11 @@ mod tests {
         for pieces in [vec![early_hints.to_vec(), alone], vec![together]] {
             let (address, served) = upstream(pieces).await;
             let resume = resume_at(&address, TEST_TIMEOUT);
-            let mut spliced =
-                tokio::time::timeout(TEST_TIMEOUT, prepare(&resume, 100, SLOTS.take().unwrap()))
-                    .await
-                    .unwrap()
-                    .expect("the 206 after an interim answer is spliced");
+            let mut spliced = prepare_rest(&resume)
+                .await
+                .expect("the 206 after an interim answer is spliced");
             let mut body = [0u8; 4];
-            tokio::time::timeout(
-                TEST_TIMEOUT,
-                spliced.spliced.upstream.stream.read_exact(&mut body),
-            )
-            .await
-            .unwrap()
-            .unwrap();
+            read_upstream(&mut spliced, &mut body).await;
             assert_eq!(&body, b"BODY", "the heads, and only they, were taken");
             assert_eq!(attempts(&address), once("ok"));
             served.abort();
@@ -1135,10 +1139,7 @@ mod tests {
         flood.extend_from_slice(b"BODY");
         let (address, served) = upstream(vec![flood]).await;
         let resume = resume_at(&address, TEST_TIMEOUT);
-        let prepared =
-            tokio::time::timeout(TEST_TIMEOUT, prepare(&resume, 100, SLOTS.take().unwrap()))
-                .await
-                .unwrap();
+        let prepared = prepare_rest(&resume).await;
         assert!(
             matches!(prepared, Err(OpenError::Head(..))),
             "over {MAX_HEAD_BYTES} bytes of interim answers were taken: {:?}",
@@ -1195,10 +1196,7 @@ mod tests {
         ] {
             let (address, served) = upstream(vec![answer]).await;
             let resume = resume_at(&address, Duration::from_secs(2));
-            let prepared =
-                tokio::time::timeout(TEST_TIMEOUT, prepare(&resume, 100, SLOTS.take().unwrap()))
-                    .await
-                    .unwrap();
+            let prepared = prepare_rest(&resume).await;
             assert!(prepared.is_err(), "{what} was spliced");
             // Counted as the pooled client counts an attempt: a sound
             // answer that is not the rest is still `ok`.
@@ -1211,10 +1209,7 @@ mod tests {
     async fn a_silent_upstream_is_declined_within_the_header_timeout() {
         let (address, served) = upstream(Vec::new()).await;
         let resume = resume_at(&address, Duration::from_millis(200));
-        let prepared =
-            tokio::time::timeout(TEST_TIMEOUT, prepare(&resume, 100, SLOTS.take().unwrap()))
-                .await
-                .unwrap();
+        let prepared = prepare_rest(&resume).await;
         assert!(matches!(prepared, Err(OpenError::HeadTimeout(..))));
         assert_eq!(attempts(&address), once("header_timeout"));
         served.abort();
