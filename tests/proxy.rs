@@ -1278,6 +1278,17 @@ fn stall_until_parked(
     stalled
 }
 
+/// Waits until the proxy has parked its one stalled spliced download.
+fn wait_until_the_spliced_download_parks(proxy: &Proxy) {
+    assert!(
+        wait_until(SETTLE, || proxy
+            .scrape()
+            .value("gitball_proxy_parked_downloads", &[])
+            == 1.0),
+        "the stalled spliced download was not parked"
+    );
+}
+
 /// [`stall_until_parked`], judged by the proxy alone (an embedded proxy's
 /// archiver has no address of its own to scrape).
 fn stall_until_the_proxy_parks(
@@ -3060,13 +3071,7 @@ fn a_parked_spliced_download_out_of_fds_asks_no_other_candidate() {
     let cluster = Cluster::around(primary, vec![replica], &["--park-after", PARK_AFTER]);
     let proxy = &cluster.proxy;
     let (mut connection, _head, _hasher, mut received) = spliced_download(proxy);
-    assert!(
-        wait_until(SETTLE, || proxy
-            .scrape()
-            .value("gitball_proxy_parked_downloads", &[])
-            == 1.0),
-        "the stalled spliced download was not parked"
-    );
+    wait_until_the_spliced_download_parks(proxy);
     let overloaded = || proxy.scrape().sum(ATTEMPTS, &[("outcome", "overloaded")]);
     assert_eq!(overloaded(), 0.0);
 
@@ -3137,13 +3142,7 @@ fn a_parked_spliced_download_resumed_without_a_pipe_is_copied_whole() {
     let proxy = &cluster.proxy;
     let (mut connection, head, mut hasher, mut received) = spliced_download(proxy);
     let digest = head.header("repr-digest").expect("a hit has a digest");
-    assert!(
-        wait_until(SETTLE, || proxy
-            .scrape()
-            .value("gitball_proxy_parked_downloads", &[])
-            == 1.0),
-        "the stalled spliced download was not parked"
-    );
+    wait_until_the_spliced_download_parks(proxy);
     let counted = || {
         let metrics = proxy.scrape();
         (
@@ -3343,13 +3342,7 @@ fn a_stalled_spliced_download_parks_and_resumes_with_the_same_bytes() {
     let digest = head.header("repr-digest").expect("a hit has a digest");
     // The client reads nothing now: the spliced body lets go of its
     // upstream connection and its pipe.
-    assert!(
-        wait_until(SETTLE, || proxy
-            .scrape()
-            .value("gitball_proxy_parked_downloads", &[])
-            == 1.0),
-        "the stalled spliced download was not parked"
-    );
+    wait_until_the_spliced_download_parks(proxy);
     assert!(
         wait_until(SETTLE, || scrape(cluster.primary.addr)
             .value("gitball_archiver_active_downloads", &[])
@@ -3542,13 +3535,7 @@ fn a_parked_spliced_download_whose_client_leaves_asks_no_archiver() {
     let attempts = || proxy.scrape().sum(ATTEMPTS, &[]);
     let before_the_download = attempts();
     let ((connection, ..), _) = spliced_download_counting(proxy);
-    assert!(
-        wait_until(SETTLE, || proxy
-            .scrape()
-            .value("gitball_proxy_parked_downloads", &[])
-            == 1.0),
-        "the stalled spliced download was not parked"
-    );
+    wait_until_the_spliced_download_parks(proxy);
     let before = attempts();
     // Unread bytes in its socket: the close is a reset.
     drop(connection);
