@@ -2253,12 +2253,7 @@ fn restart_keeps_the_cache_warm_and_deletes_partials() {
     // The log says how many bytes were restored and how long the check
     // took (docs/archiver.md, "Warm restart"; mutation review: a line
     // without them passed every test).
-    let log = second.log();
-    let opened = log
-        .lines()
-        .find(|line| line.contains("cache opened"))
-        .unwrap_or_else(|| panic!("no `cache opened` line:\n{log}"));
-    let opened: serde_json::Value = serde_json::from_str(opened).expect("a JSON log line");
+    let opened = gitball_e2e::log_line(&second.log(), "cache opened");
     assert_eq!(
         opened["restored_bytes"],
         (bodies[0].len() + bodies[1].len()) as u64,

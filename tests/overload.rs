@@ -724,12 +724,7 @@ fn the_default_connection_cap_follows_the_fd_limit() {
     // (docs/archiver.md, "Connections and file descriptors": `file
     // descriptor limit`, fields `nofile`, `was`, `hard`; mutation review:
     // a line without `was` passed every test).
-    let log = archiver.log();
-    let line = log
-        .lines()
-        .find(|line| line.contains("\"file descriptor limit\""))
-        .unwrap_or_else(|| panic!("no `file descriptor limit` line:\n{log}"));
-    let line: serde_json::Value = serde_json::from_str(line).expect("a JSON log line");
+    let line = gitball_e2e::log_line(&archiver.log(), "\"file descriptor limit\"");
     assert_eq!(
         (&line["nofile"], &line["was"], &line["hard"]),
         (

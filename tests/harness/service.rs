@@ -516,6 +516,16 @@ impl DerefMut for Archiver {
     }
 }
 
+/// The first line of a JSON log that contains `marker`, parsed; panics
+/// with the log when there is none.
+pub fn log_line(log: &str, marker: &str) -> serde_json::Value {
+    let line = log
+        .lines()
+        .find(|line| line.contains(marker))
+        .unwrap_or_else(|| panic!("no `{marker}` line:\n{log}"));
+    serde_json::from_str(line).expect("a JSON log line")
+}
+
 /// Every `request` line of a JSON log.
 pub fn request_lines(log: &str) -> Vec<serde_json::Value> {
     log.lines()
