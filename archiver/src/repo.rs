@@ -484,6 +484,7 @@ fn open_candidate(path: &Path, confine_to: Option<&Path>) -> Result<Option<Repos
         failed: Mutex::new(LruCache::new(FAILED_OBJECTS)),
         refs: Mutex::new(LruCache::new(REMEMBERED_REFS)),
         digest: Mutex::new(None),
+        listings: Mutex::new(Listings::default()),
         listing: Places::new(1),
         walking: Places::new(1),
         judging: Places::new(1),
@@ -612,6 +613,18 @@ struct RememberedDigest {
     digest: String,
 }
 
+/// The listings of the refs for their digest: how many began, and the
+/// latest one's answer. A request takes the answer of a listing that began
+/// after it arrived, never of one under way when it came, which may have
+/// read the refs before a push the request must see.
+#[derive(Debug, Default)]
+struct Listings {
+    begun: u64,
+    /// The latest listing that ended: its number (the count of listings
+    /// begun before it) and its digest.
+    latest: Option<(u64, String)>,
+}
+
 /// Which directory a cached repository was opened from: if the path now
 /// names another directory (deleted, replaced, renamed over), reopen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -668,6 +681,10 @@ pub struct Repository {
     refs: Mutex<LruCache<String, RememberedRef>>,
     /// The refs digest, while nothing under `refs/` changed.
     digest: Mutex<Option<RememberedDigest>>,
+    /// The listings of the refs begun and the latest answer: what the
+    /// requests that arrive while the digest cannot be remembered (the
+    /// refs changed within the racy window) share.
+    listings: Mutex<Listings>,
     /// The one place to list the refs for the digest in: requests that
     /// find it unknown at once wait for one listing (which a large
     /// repository pays for in CPU and memory) and then find it known,
@@ -1303,24 +1320,60 @@ impl Repository {
     ///
     /// Listed on a blocking thread, one listing at a time per repository:
     /// requests that find the digest unknown wait on the runtime for the
-    /// listing under way, and find the digest it kept.
+    /// listing under way, and find the digest it kept. While the refs keep
+    /// changing within the racy window no digest is kept: the requests
+    /// then take the answer of the first listing that began after they
+    /// arrived, which saw every push made before them (before, each
+    /// listed the refs again in turn: with 100,000 refs, about 1.5 s
+    /// each, a queue that grew with every request for 2 s after a push).
     pub async fn refs_digest(self: &Arc<Self>) -> Result<String, Error> {
+        let arrival = self.listings().begun;
         let repository = Arc::clone(self);
         known_or_in_place(
             "listing the refs",
             &[&self.listing],
-            || self.known_refs_digest(),
+            || {
+                self.known_refs_digest()
+                    .or_else(|| self.listed_since(arrival))
+            },
             move || repository.list_and_keep_refs_digest(),
         )
         .await
     }
 
+    fn listings(&self) -> std::sync::MutexGuard<'_, Listings> {
+        self.listings.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The digest of the latest listing if it began as the `arrival`th
+    /// or later.
+    fn listed_since(&self, arrival: u64) -> Option<String> {
+        let listings = self.listings();
+        let (number, digest) = listings.latest.as_ref()?;
+        (*number >= arrival).then(|| digest.clone())
+    }
+
     /// [`Repository::refs_digest`]'s listing, in its place: keeps the
-    /// digest when the refs are settled.
+    /// digest when the refs are settled, and as the latest listing's.
     fn list_and_keep_refs_digest(&self) -> Result<String, Error> {
+        let number = {
+            let mut listings = self.listings();
+            listings.begun += 1;
+            listings.begun - 1
+        };
         // Stamped before listing, as for `resolve`.
         let stamps = self.stamp_all_refs()?;
         let digest = self.list_refs_digest()?;
+        {
+            let mut listings = self.listings();
+            if listings
+                .latest
+                .as_ref()
+                .is_none_or(|(latest, _)| *latest < number)
+            {
+                listings.latest = Some((number, digest.clone()));
+            }
+        }
         if let Some(stamps) = stamps
             && stamps.settled(self.racy_window)
         {
