@@ -1513,6 +1513,86 @@ mod tests {
         assert!(find(ZIP64_END_SIGNATURE) && find(ZIP64_LOCATOR_SIGNATURE));
     }
 
+    /// At the format's own thresholds, an entry of 4 GiB + 1 byte (its
+    /// sizes past `0xFFFFFFFF`, its local header past the streamed-entry
+    /// threshold) and the entry after it read back whole in Python's
+    /// `zipfile`, `unzip` and `bsdtar` (docs/urls.md, byte stability:
+    /// "sizes or offsets of 4 GiB − 1 byte or more"). The other tests
+    /// lower the thresholds; this one proves the real ones, which readers
+    /// judge by, streaming the zeros through and the zip to a file (about
+    /// 4 MB).
+    #[test]
+    fn an_entry_over_4_gib_reads_back_at_the_formats_thresholds() {
+        const SIZE: u64 = (1 << 32) + 1;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("large.zip");
+        let sink = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+        // Level 1: the zip64 records do not depend on the level.
+        let mut writer = ZipWriter::new(sink, 1, 2).unwrap();
+        let mut tar = tar_with_commit_comment();
+        tar_entry(&mut tar, "p/", b'5', 0o775, b"", "");
+        tar_header(&mut tar, "p/zeros", b'0', 0o664, SIZE, "");
+        writer.write_block(Bytes::from(tar)).unwrap();
+        let zeros = Bytes::from(vec![0; 1 << 20]);
+        for _ in 0..SIZE >> 20 {
+            writer.write_block(zeros.clone()).unwrap();
+        }
+        // The last byte, its block's padding, the entry after, the end.
+        let mut tar = vec![0; TAR_BLOCK];
+        tar_entry(&mut tar, "p/after.txt", b'0', 0o664, b"after\n", "");
+        tar.extend_from_slice(&[0; 2 * TAR_BLOCK]);
+        writer.write_block(Bytes::from(tar)).unwrap();
+        writer.finish().unwrap().into_inner().unwrap();
+
+        // Every entry read through, its CRC checked by the reader.
+        let script = "import sys, zipfile\n\
+            z = zipfile.ZipFile(sys.argv[1])\n\
+            for i in z.infolist():\n    \
+                n = 0\n    \
+                with z.open(i) as f:\n        \
+                    while b := f.read(1 << 24):\n            \
+                        n += len(b)\n    \
+                print(i.filename, i.file_size, n, i.header_offset)\n";
+        let python = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            python.status.success(),
+            "zipfile: {}",
+            String::from_utf8_lossy(&python.stderr)
+        );
+        let listing = String::from_utf8(python.stdout).unwrap();
+        let lines: Vec<&str> = listing.lines().collect();
+        assert_eq!(lines[0], "p/ 0 0 0");
+        assert_eq!(
+            lines[1],
+            format!("p/zeros {SIZE} {SIZE} {}", 30 + 2 + EXTRA_MTIME_BYTES)
+        );
+        assert!(lines[2].starts_with("p/after.txt 6 6 "), "{listing}");
+        assert_eq!(lines.len(), 3);
+        let unzip = std::process::Command::new("unzip")
+            .arg("-tq")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            unzip.status.success(),
+            "unzip -t: {}",
+            String::from_utf8_lossy(&unzip.stdout)
+        );
+        let bsdtar = std::process::Command::new("bsdtar")
+            .arg("-tvf")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let listing = String::from_utf8_lossy(&bsdtar.stdout);
+        assert!(bsdtar.status.success(), "bsdtar: {listing}");
+        assert!(listing.contains(&format!(" {SIZE} ")), "{listing}");
+    }
+
     /// At the format's own thresholds, zip64 end records appear exactly
     /// from 65,535 entries on (docs/urls.md, byte stability: "65 535
     /// entries or more"), where the 16-bit counts hold 0xffff, and not
