@@ -5,7 +5,11 @@
 //! - One generation per key at a time. A lookup under the index lock finds a
 //!   complete file (`Hit`), a generation to tail (`Join`), or starts one
 //!   (`Miss`). The generation runs in a task owned by the cache, not by the
-//!   request that started it: a client that leaves does not stop it.
+//!   request that started it: a client that leaves does not stop it once it
+//!   has its slot. Until then it waits only while a request waits for it
+//!   (a [`Waiter`], made under the index lock): when the last one goes, it
+//!   leaves the index and the queue at once, and git never runs for it.
+//!   A prewarm's generation is kept ([`Waiter::keep`]).
 //! - A file is in the index only after git exited 0, the encoder finished
 //!   and the partial file was renamed to `{key}-{sha256}`; until then it is
 //!   `{key}.{random}.partial`. A failed, killed or oversized generation's
@@ -171,6 +175,72 @@ pub struct Generation {
     /// Its place in the generation queue ([`crate::queue`]), which a
     /// request that joins it while it waits takes a turn for.
     queued: u64,
+    /// How many [`Waiter`]s it has: raised only under the index lock, so
+    /// once the generation, under that lock, saw none and left the index,
+    /// no request can come to want it.
+    waiters: watch::Sender<usize>,
+}
+
+/// A request's claim on a generation, given with a `Miss` or a `Join`: while
+/// the generation waits for its slot, it waits only as long as one of these
+/// exists. Dropped (the request is done with the generation, or its client
+/// left and its future was dropped), it counts no more; the generation a
+/// whole burst of requests left leaves the queue before it takes a slot.
+/// Once the generation has its slot, it runs to its end whoever waits.
+#[derive(Debug)]
+pub struct Waiter {
+    generation: Arc<Generation>,
+}
+
+impl Waiter {
+    /// One more waiter of `generation`; under the index lock.
+    fn new(generation: Arc<Generation>, _index: &Index) -> Waiter {
+        generation.waiters.send_modify(|waiters| *waiters += 1);
+        Waiter { generation }
+    }
+
+    /// The generation, held without waiting for it.
+    #[cfg(test)]
+    pub(crate) fn generation(&self) -> &Arc<Generation> {
+        &self.generation
+    }
+
+    /// The generation itself, for a reader of it once it runs: a waiter
+    /// matters only until the generation has its slot.
+    pub fn into_generation(self) -> Arc<Generation> {
+        self.generation.clone()
+    }
+
+    /// Keeps the generation waiting for its slot with no request left
+    /// waiting for it: a prewarm's, which no client waits for by design. It
+    /// stands as a waiter that never leaves.
+    pub fn keep(self) {
+        self.generation.waiters.send_modify(|waiters| *waiters += 1);
+    }
+}
+
+impl std::ops::Deref for Waiter {
+    type Target = Generation;
+
+    fn deref(&self) -> &Generation {
+        &self.generation
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        self.generation.waiters.send_modify(|waiters| *waiters -= 1);
+    }
+}
+
+/// Returns once a generation's count of waiters is 0 (at once if it is).
+async fn no_waiter(waiters: &mut watch::Receiver<usize>) {
+    // The sender is the generation's own, which the waiting task holds: it
+    // cannot close. Were it closed, this would never return rather than
+    // return again and again.
+    if waiters.wait_for(|waiters| *waiters == 0).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 impl Generation {
@@ -231,12 +301,21 @@ impl Generation {
 pub enum Lookup {
     Hit(Arc<CacheFile>),
     /// Tail a generation another request started.
-    Join(Arc<Generation>),
+    Join(Waiter),
     /// This request started the generation.
-    Miss(Arc<Generation>),
+    Miss(Waiter),
 }
 
 impl Lookup {
+    /// Keeps a generation this found or started waiting for its slot with
+    /// no request waiting for it ([`Waiter::keep`]): a prewarm's.
+    pub fn keep(self) {
+        match self {
+            Lookup::Hit(_) => {}
+            Lookup::Join(waiter) | Lookup::Miss(waiter) => waiter.keep(),
+        }
+    }
+
     /// The `X-Gitball-Cache` value and metric label.
     pub fn label(&self) -> &'static str {
         match self {
@@ -316,9 +395,8 @@ impl Index {
             }
             return Some(Lookup::Hit(file.clone()));
         }
-        self.generating
-            .get(&key)
-            .map(|generation| Lookup::Join(generation.clone()))
+        let generation = self.generating.get(&key)?.clone();
+        Some(Lookup::Join(Waiter::new(generation, self)))
     }
 }
 
@@ -525,8 +603,10 @@ impl Cache {
             failed: CancellationToken::new(),
             held: std::sync::OnceLock::new(),
             queued: queued.id(),
+            waiters: watch::Sender::new(0),
         });
         index.generating.insert(key.clone(), generation.clone());
+        let waiter = Waiter::new(generation.clone(), &index);
         drop(index);
 
         // Every line the generation logs (git's failure and stderr among
@@ -546,7 +626,7 @@ impl Cache {
                 .instrument(span),
             &self.runtime,
         );
-        Ok(Lookup::Miss(generation))
+        Ok(Lookup::Miss(waiter))
     }
 
     /// The fingerprint of git's tar writer a request's `Spec` carries:
@@ -584,8 +664,8 @@ impl Cache {
     /// waits for its own turn, not for the starter's (a crawler's long
     /// queue).
     pub fn wanted_by(&self, lookup: &Lookup, client: IpAddr) {
-        if let Lookup::Join(generation) = lookup {
-            self.slots.also_for(generation.queued, client);
+        if let Lookup::Join(waiter) = lookup {
+            self.slots.also_for(waiter.queued, client);
         }
     }
 
@@ -617,22 +697,53 @@ impl Cache {
         let partial = writing.partial.clone();
         let format = spec.format.metric_label();
         gauge!(m::GENERATIONS_QUEUED).increment(1.0);
-        let permit = tokio::select! {
-            permit = tokio::time::timeout(self.settings.queue_timeout, queued.slot()) => permit.ok(),
-            () = self.cancel.cancelled() => None,
+        let mut waiters = writing.waiters.subscribe();
+        let slot = {
+            let slot = tokio::time::timeout(self.settings.queue_timeout, queued.slot());
+            tokio::pin!(slot);
+            loop {
+                tokio::select! {
+                    // A slot granted is taken first, then checked below:
+                    // every order of grant and leaving ends the same way.
+                    biased;
+                    permit = &mut slot => break permit.map_err(|_| Failure::Busy),
+                    () = self.cancel.cancelled() => break Err(Failure::Cancelled),
+                    () = no_waiter(&mut waiters) => {
+                        // A request may have joined since: it keeps it.
+                        if self.abandon(&key, &writing) {
+                            break Err(Failure::Abandoned);
+                        }
+                    }
+                }
+            }
+        };
+        // Granted as the last request left: the slot is not taken.
+        let slot = match slot {
+            Ok(permit) if self.abandon(&key, &writing) => {
+                drop(permit);
+                Err(Failure::Abandoned)
+            }
+            slot => slot,
         };
         // Out of every queue; a slot granted meanwhile but not taken goes
         // to the next waiter.
         drop(queued);
         gauge!(m::GENERATIONS_QUEUED).decrement(1.0);
-        let Some(_permit) = permit else {
-            let failure = if self.cancel.is_cancelled() {
-                Failure::Cancelled
-            } else {
-                Failure::Busy
-            };
-            self.fail(&key, &partial, 0, failure, &progress);
-            return;
+        let _permit = match slot {
+            Ok(permit) => permit,
+            Err(Failure::Abandoned) => {
+                // Out of the index already: nothing was made, no request
+                // is told.
+                counter!(m::GENERATIONS_ABANDONED_TOTAL).increment(1);
+                tracing::debug!("every request waiting for the generation left");
+                progress.send_modify(|p| p.state = State::Failed(Failure::Abandoned));
+                writing.failed.cancel();
+                return;
+            }
+            Err(failure) => {
+                self.fail(&key, &partial, 0, failure, &progress);
+                return;
+            }
         };
         // The file, made only now: a queued generation holds no fd (attack:
         // requests that left while their generations waited for a slot left
@@ -772,6 +883,19 @@ impl Cache {
             p.written = finished.len;
             p.state = State::Complete(file);
         });
+    }
+
+    /// Whether the generation of `key`, still waiting for its slot, is
+    /// abandoned: no request waits for it (nor a prewarm). If so it leaves
+    /// the index here, under the lock that every new [`Waiter`] is made
+    /// under, so no request finds it after the count was read.
+    fn abandon(&self, key: &str, generation: &Generation) -> bool {
+        let mut index = self.lock();
+        if *generation.waiters.borrow() > 0 {
+            return false;
+        }
+        index.generating.remove(key);
+        true
     }
 
     /// Ends a failed generation whose `written` bytes are still counted in
@@ -1398,6 +1522,7 @@ impl Generation {
             failed: CancellationToken::new(),
             held: std::sync::OnceLock::new(),
             queued: u64::MAX,
+            waiters: watch::Sender::new(0),
         };
         (Arc::new(generation), sender)
     }
@@ -1477,10 +1602,19 @@ mod tests {
         indexed
     }
 
-    fn miss(lookup: Result<Lookup, LookupError>) -> Arc<Generation> {
+    /// The request's claim on the generation a lookup started.
+    fn miss(lookup: Result<Lookup, LookupError>) -> Waiter {
         match lookup.unwrap() {
-            Lookup::Miss(generation) => generation,
+            Lookup::Miss(waiter) => waiter,
             other => panic!("expected a miss, got a {}", other.label()),
+        }
+    }
+
+    /// The request's claim on the generation a lookup joined.
+    fn join(lookup: Result<Lookup, LookupError>) -> Waiter {
+        match lookup.unwrap() {
+            Lookup::Join(waiter) => waiter,
+            other => panic!("expected a join, got a {}", other.label()),
         }
     }
 
@@ -1572,11 +1706,8 @@ mod tests {
         let cache = open(&stub, 1 << 20);
 
         let first = miss(cache.lookup(stub.spec(1), CLIENT, "r1"));
-        let second = match cache.lookup(stub.spec(1), CLIENT, "r2").unwrap() {
-            Lookup::Join(generation) => generation,
-            other => panic!("expected a join, got a {}", other.label()),
-        };
-        assert!(Arc::ptr_eq(&first, &second));
+        let second = join(cache.lookup(stub.spec(1), CLIENT, "r2"));
+        assert!(Arc::ptr_eq(first.generation(), second.generation()));
         assert!(matches!(cache.peek(&stub.spec(1)), Some(Lookup::Join(_))));
         assert!(
             cache.peek(&stub.spec(2)).is_none(),
@@ -1905,7 +2036,7 @@ mod tests {
         let cache = open(&stub, 1 << 20);
         // A download tailing the generation holds it (and its file).
         let generation = miss(cache.lookup(stub.spec(1), CLIENT, "r"));
-        let second_holder = generation.clone();
+        let second_holder = generation.generation().clone();
         feed.send(&[b'x'; 100]);
         written(&generation, HEADER_LEN + 100).await;
         assert!(!generation.failed().is_cancelled());
@@ -2749,6 +2880,142 @@ mod tests {
             "the running generation's bytes only"
         );
         assert_eq!(stub.runs().len(), 1);
+        assert!(within(cache.shutdown(Duration::from_secs(5))).await);
+    }
+
+    /// `docs/archiver.md#queue-and-503`: a generation waiting for its slot
+    /// waits while a request waits for it, and leaves the queue at once
+    /// when the last one is gone (a crawler's burst of cold requests that
+    /// disconnected): it never takes a slot nor runs git nor makes a file,
+    /// and the slot goes to the next generation in turn. Before, it waited
+    /// its turn (or its `--queue-timeout`), then ran whole for no one.
+    #[tokio::test]
+    async fn a_queued_generation_every_request_left_leaves_the_queue_and_never_runs() {
+        let stub = StubGit::printing(b"abc");
+        let feed = stub.feed();
+        let mut settings = stub.settings(1 << 20);
+        settings.max_generations = 1;
+        let cache = Cache::open(settings).unwrap();
+        let other = IpAddr::from([198, 51, 100, 2]);
+
+        let running = miss(cache.lookup(stub.spec(1), CLIENT, "r1"));
+        written(&running, HEADER_LEN + 3).await;
+        // Started by one request, joined by another client's.
+        let started = miss(cache.lookup(stub.spec(2), CLIENT, "r2"));
+        let generation = started.generation().clone();
+        let joined = join(cache.lookup(stub.spec(2), other, "r3"));
+        let next = miss(cache.lookup(stub.spec(3), CLIENT, "r4"));
+        assert_eq!(cache.slots.clients_waiting(), 2);
+        // One left, one still waits: it keeps the generation.
+        drop(started);
+        tokio::task::yield_now().await;
+        assert!(matches!(
+            generation.progress().borrow().state,
+            State::Running
+        ));
+        assert!(matches!(cache.peek(&stub.spec(2)), Some(Lookup::Join(_))));
+
+        drop(joined);
+        assert_eq!(
+            failure(within(generation.finished()).await),
+            Failure::Abandoned
+        );
+        assert!(cache.peek(&stub.spec(2)).is_none(), "it left the index");
+        assert_eq!(cache.slots.clients_waiting(), 1, "the next one's only");
+        assert!(generation.file().is_none());
+        assert!(!generation.partial.exists());
+
+        // The slot goes to the next generation; the abandoned one never ran.
+        stub.unfeed();
+        drop(feed);
+        complete(within(running.finished()).await);
+        complete(within(next.finished()).await);
+        assert_eq!(stub.runs().len(), 2, "spec 1 and spec 3 only");
+        assert_eq!(cache.slots.clients_waiting(), 0);
+        // Asked again, it is a new generation.
+        let again = miss(cache.lookup(stub.spec(2), CLIENT, "r5"));
+        complete(within(again.finished()).await);
+        assert!(within(cache.shutdown(Duration::from_secs(5))).await);
+    }
+
+    /// `docs/archiver.md#queue-and-503`: a prewarm's generation has no
+    /// request waiting for it by design, and still waits for its slot and
+    /// runs ([`Lookup::keep`]), started by the prewarm or joined by it.
+    #[tokio::test]
+    async fn a_kept_generation_runs_with_no_request_waiting() {
+        let stub = StubGit::printing(b"abc");
+        let feed = stub.feed();
+        let mut settings = stub.settings(1 << 20);
+        settings.max_generations = 1;
+        let cache = Cache::open(settings).unwrap();
+
+        let running = miss(cache.lookup(stub.spec(1), CLIENT, "r1"));
+        written(&running, HEADER_LEN + 3).await;
+        let prewarmed = miss(cache.lookup(stub.spec(2), CLIENT, "prewarm"));
+        let prewarmed_generation = prewarmed.generation().clone();
+        Lookup::Miss(prewarmed).keep();
+        let left = miss(cache.lookup(stub.spec(3), CLIENT, "r3"));
+        let joined_generation = left.generation().clone();
+        cache
+            .lookup(stub.spec(3), CLIENT, "prewarm")
+            .unwrap()
+            .keep();
+        drop(left);
+
+        stub.unfeed();
+        drop(feed);
+        complete(within(running.finished()).await);
+        complete(within(prewarmed_generation.finished()).await);
+        complete(within(joined_generation.finished()).await);
+        assert_eq!(stub.runs().len(), 3);
+        assert!(within(cache.shutdown(Duration::from_secs(5))).await);
+    }
+
+    /// The race of the slot and the last request: the slot is granted to a
+    /// queued generation and its last request leaves before its task runs
+    /// again (one thread: nothing runs between the two drops). The permit
+    /// it never took goes to the next generation in turn, and it never
+    /// runs; neither order of the two events leaks the slot.
+    #[tokio::test]
+    async fn a_slot_granted_as_the_last_request_leaves_goes_to_the_next_generation() {
+        let stub = StubGit::printing(b"abc");
+        let mut settings = stub.settings(1 << 20);
+        settings.max_generations = 1;
+        let cache = Cache::open(settings).unwrap();
+        for (n, slot_first) in [(0, true), (1, false)] {
+            // The test holds the one slot itself.
+            let mut holder = cache.slots.queue(IpAddr::from([198, 51, 100, 9]));
+            let permit = within(holder.slot()).await;
+            let left = miss(cache.lookup(stub.spec(10 * n + 1), CLIENT, "left"));
+            let generation = left.generation().clone();
+            let next = miss(cache.lookup(stub.spec(10 * n + 2), CLIENT, "next"));
+            // Both tasks wait in the queue.
+            tokio::task::yield_now().await;
+            assert!(matches!(
+                generation.progress().borrow().state,
+                State::Running
+            ));
+            if slot_first {
+                // Granted to the first in turn, `left`'s generation.
+                drop(permit);
+                drop(left);
+            } else {
+                drop(left);
+                drop(permit);
+            }
+            assert_eq!(
+                failure(within(generation.finished()).await),
+                Failure::Abandoned,
+                "slot first: {slot_first}"
+            );
+            complete(within(next.finished()).await);
+            assert!(!generation.partial.exists());
+            assert_eq!(stub.runs().len(), n as usize + 1, "the next ones only");
+        }
+        assert_eq!(cache.slots.clients_waiting(), 0);
+        // The slot is free: a generation gets it at once.
+        let mut last = cache.slots.queue(CLIENT);
+        drop(within(last.slot()).await);
         assert!(within(cache.shutdown(Duration::from_secs(5))).await);
     }
 

@@ -148,6 +148,10 @@ impl From<Failure> for Error {
     fn from(failure: Failure) -> Error {
         match failure {
             Failure::Busy => Error::Busy,
+            // No request is left to answer (the generation leaves only
+            // when none waits, and none can join it after); were one told,
+            // a retry would start the generation anew.
+            Failure::Abandoned => Error::Busy,
             Failure::Cancelled => Error::ShuttingDown,
             Failure::Failed => Error::GenerationFailed,
             Failure::Timeout => Error::GenerationTimeout,

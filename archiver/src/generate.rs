@@ -247,6 +247,9 @@ pub struct Limits {
 pub enum Failure {
     /// No slot within `--queue-timeout`.
     Busy,
+    /// Every request waiting for it left before it had its slot: it left
+    /// the queue, and git never ran.
+    Abandoned,
     /// git failed, or writing the file failed.
     Failed,
     Timeout,
@@ -264,6 +267,7 @@ impl Failure {
     pub fn outcome(self) -> &'static str {
         match self {
             Failure::Busy => "busy",
+            Failure::Abandoned => "abandoned",
             Failure::Failed | Failure::Cancelled => "failed",
             Failure::Timeout => "timeout",
             Failure::TooLarge => "too_large",
@@ -966,7 +970,8 @@ mod tests {
 
     /// Every `outcome` a finished generation is counted with is in
     /// `docs/observability.md`'s label values for `generations_total`; a
-    /// busy one is never counted there. (Docs review.)
+    /// busy or abandoned one never ran and is never counted there. (Docs
+    /// review.)
     #[test]
     fn every_generation_outcome_is_documented() {
         let docs = include_str!("../../docs/observability.md");
@@ -991,6 +996,7 @@ mod tests {
             // Exhaustive: a new variant must be added above.
             match failure {
                 Failure::Busy
+                | Failure::Abandoned
                 | Failure::Failed
                 | Failure::Timeout
                 | Failure::TooLarge

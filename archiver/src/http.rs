@@ -320,7 +320,7 @@ async fn serve_archive(
             match progress.state {
                 GenerationState::Complete(file) => Source::Complete(file),
                 GenerationState::Failed(failure) => return Err(failure.into()),
-                GenerationState::Running => Source::Growing(generation),
+                GenerationState::Running => Source::Growing(generation.into_generation()),
             }
         }
     };

@@ -22,6 +22,7 @@ pub const GENERATION_DURATION: &str = "gitball_archiver_generation_duration_seco
 pub const GENERATIONS_IN_FLIGHT: &str = "gitball_archiver_generations_in_flight";
 pub const GENERATIONS_QUEUED: &str = "gitball_archiver_generations_queued";
 pub const GENERATIONS_QUEUED_CLIENTS: &str = "gitball_archiver_generations_queued_clients";
+pub const GENERATIONS_ABANDONED_TOTAL: &str = "gitball_archiver_generations_abandoned_total";
 pub const CACHE_BYTES: &str = "gitball_archiver_cache_bytes";
 pub const CACHE_HELD_BYTES: &str = "gitball_archiver_cache_held_bytes";
 pub const CACHE_MAX_BYTES: &str = "gitball_archiver_cache_max_bytes";
@@ -73,6 +74,10 @@ pub fn describe(cache_max_bytes: u64, budget_max_clients: usize) {
     describe_gauge!(
         GENERATIONS_QUEUED_CLIENTS,
         "Clients with a generation waiting for a slot; slots go to them in turn."
+    );
+    describe_counter!(
+        GENERATIONS_ABANDONED_TOTAL,
+        "Generations that left the queue before their slot because every request waiting for them had left; git never ran for them."
     );
     describe_gauge!(
         CACHE_BYTES,
@@ -143,6 +148,7 @@ pub fn describe(cache_max_bytes: u64, budget_max_clients: usize) {
     gauge!(GENERATIONS_IN_FLIGHT).set(0.0);
     gauge!(GENERATIONS_QUEUED).set(0.0);
     gauge!(GENERATIONS_QUEUED_CLIENTS).set(0.0);
+    counter!(GENERATIONS_ABANDONED_TOTAL).absolute(0);
     gauge!(CACHE_BYTES).set(0.0);
     gauge!(CACHE_HELD_BYTES).set(0.0);
     gauge!(CACHE_MAX_BYTES).set(cache_max_bytes as f64);

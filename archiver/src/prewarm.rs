@@ -19,8 +19,9 @@
 //!    started where there is none, joined where there is one, and the
 //!    answer is `202` at once with the commit and what each format found
 //!    (`hit`, `join` or `miss`). The generations run in the cache's own
-//!    tasks and take queue slots like any other; a prewarm takes no token
-//!    of the crawler budget (it is authenticated operator work).
+//!    tasks and take queue slots like any other, but are kept: one no
+//!    request waits for still runs (`Lookup::keep`). A prewarm takes no
+//!    token of the crawler budget (it is authenticated operator work).
 //!
 //! Nothing is looked up before step 4 passes, and nothing is generated for
 //! a request that fails any step.
@@ -76,11 +77,14 @@ pub async fn serve(app: &App, request: &Parts, log: &mut RequestLog) -> Result<R
     let mut keys = Vec::with_capacity(resolutions.len());
     for (format, resolution) in resolutions {
         // The generation (if this starts one) belongs to the cache; the
-        // handle is dropped at once.
+        // handle is let go at once, and the generation kept: no client
+        // waits for a prewarm's, yet it must run (a queued generation
+        // every request has left leaves the queue).
         let lookup = app
             .cache
             .lookup(resolution.spec.clone(), client, &log.request_id)?;
         keys.push(key_json(&prewarm, format, lookup.label()));
+        lookup.keep();
     }
     log.cache = Some("prewarm");
     let body = serde_json::json!({

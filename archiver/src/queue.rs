@@ -29,9 +29,10 @@
 //!   client whose turn it was; its other places are then removed. A place
 //!   a join made lasts as long as the generation waits, whether or not the
 //!   joining request stays.
-//! - A generation that stops waiting (its queue timeout, shutdown) leaves
-//!   no place behind: [`Queued`]'s drop removes it from every queue, and a permit
-//!   granted to it that it never took is given back.
+//! - A generation that stops waiting (its queue timeout, shutdown, every
+//!   request waiting for it gone: `cache::Waiter`) leaves no place behind:
+//!   [`Queued`]'s drop removes it from every queue, and a permit granted to
+//!   it that it never took is given back, to the next waiter in turn.
 //! - Memory is one entry per waiting generation and per client with one.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -150,7 +151,7 @@ impl Slots {
 
     /// Clients with a generation waiting.
     #[cfg(test)]
-    fn clients_waiting(&self) -> usize {
+    pub(crate) fn clients_waiting(&self) -> usize {
         self.lock().turns.len()
     }
 

@@ -1141,7 +1141,11 @@ mod tests {
         };
         // As a request does: its file is made once it has its slot.
         within(generation.started()).await;
-        let mut body = download(Source::Growing(generation), None, "tail-git");
+        let mut body = download(
+            Source::Growing(generation.into_generation()),
+            None,
+            "tail-git",
+        );
         assert_eq!(
             read_exactly(&mut body, HEADER_LEN + 5).await,
             printed(b"head ")
@@ -1169,7 +1173,11 @@ mod tests {
         };
         // As a request does: its file is made once it has its slot.
         within(generation.started()).await;
-        let mut body = download(Source::Growing(generation), None, "tail-git-fails");
+        let mut body = download(
+            Source::Growing(generation.into_generation()),
+            None,
+            "tail-git-fails",
+        );
         assert_eq!(
             read_exactly(&mut body, HEADER_LEN + 5).await,
             printed(b"head ")
