@@ -579,6 +579,142 @@ fn a_crawlers_queued_burst_does_not_stand_before_other_clients() {
     }));
 }
 
+/// `docs/archiver.md#queue-and-503`: a crawler sends a burst of cold
+/// requests and disconnects at once. Their generations, still queued, have
+/// no request left waiting for them: they leave the queue there and then,
+/// and no `git archive` ever runs for them. Another client's cold request
+/// then gets the slot next. (Before, each waited its turn and ran whole for
+/// no one, in front of the other client's.) One slot, held by a generation
+/// whose git waits on a fifo; the stub logs each `git archive` it runs.
+#[test]
+fn a_crawlers_burst_that_disconnected_leaves_the_queue_and_never_runs() {
+    const BURST: usize = 20;
+    let sandbox = Sandbox::new();
+    widget(&sandbox);
+    let runs = sandbox.path("archive-runs");
+    let (release_path, mut release) = sandbox.fifo("release");
+    let git = sandbox.write_stub(
+        "git-that-logs-and-waits",
+        &format!(
+            "echo \"$*\" >> '{runs}'\nread line < '{release}'\nexec '{git}' \"$@\"\n",
+            runs = runs.display(),
+            release = release_path.display(),
+            git = gitball_e2e::real_git().display(),
+        ),
+    );
+    let archiver = Archiver::start(
+        &sandbox.repos(),
+        &["--max-generations", "1", "--git", git.to_str().unwrap()],
+    );
+    let gauges = || {
+        let metrics = archiver.metrics();
+        (
+            metrics.value("gitball_archiver_generations_in_flight", &[]),
+            metrics.value("gitball_archiver_generations_queued", &[]),
+            metrics.value("gitball_archiver_generations_queued_clients", &[]),
+        )
+    };
+    let abandoned = || {
+        archiver
+            .metrics()
+            .value("gitball_archiver_generations_abandoned_total", &[])
+    };
+    let archive_runs = || {
+        std::fs::read_to_string(&runs)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(abandoned(), 0.0, "made at 0 at start-up");
+    std::thread::scope(|scope| {
+        let mut release = Releases {
+            fifo: &mut release,
+            left: 2,
+        };
+        let ask = |client: &'static str, index: usize| {
+            let archiver = &archiver;
+            scope.spawn(move || get(archiver, &cold(index), &[("X-Gitball-Client", client)]))
+        };
+        let holder = ask("198.51.100.9", 0);
+        assert!(
+            wait_until(SETTLE, || gauges() == (1.0, 0.0, 0.0)),
+            "the first generation holds the slot: {:?}",
+            gauges()
+        );
+
+        let crawler: Vec<RawConnection> = (1..=BURST)
+            .map(|index| {
+                let mut connection = RawConnection::connect(archiver.addr).expect("connect");
+                connection
+                    .send_request("GET", &cold(index), &[("X-Gitball-Client", "198.51.100.1")])
+                    .expect("send the request");
+                connection
+            })
+            .collect();
+        assert!(
+            wait_until(SETTLE, || gauges() == (1.0, BURST as f64, 1.0)),
+            "the crawler's burst is queued: {:?}",
+            gauges()
+        );
+        drop(crawler);
+        let mut seen = (gauges(), abandoned());
+        let left = wait_until(SETTLE, || {
+            seen = (gauges(), abandoned());
+            seen == ((1.0, 0.0, 0.0), BURST as f64)
+        });
+        assert!(
+            left,
+            "((in flight, queued, clients queued), abandoned) {seen:?}: the generations of \
+             the requests that left still wait for the slot"
+        );
+
+        let other = ask("198.51.100.2", 30);
+        assert!(
+            wait_until(SETTLE, || gauges() == (1.0, 1.0, 1.0)),
+            "the other client's generation waits: {:?}",
+            gauges()
+        );
+        release.one();
+        assert_eq!(holder.join().expect("answered").status, 200);
+        // The slot's next generation is the other client's.
+        assert!(
+            wait_until(SETTLE, || archive_runs().len() == 2),
+            "{:?}",
+            archive_runs()
+        );
+        release.one();
+        assert_eq!(other.join().expect("answered").status, 200);
+    });
+    let runs = archive_runs();
+    assert_eq!(runs.len(), 2, "git archive ran for: {runs:?}");
+    assert!(runs[0].ends_with("-- d00"), "{runs:?}");
+    assert!(runs[1].ends_with("-- d30"), "{runs:?}");
+    let metrics = archiver.metrics();
+    assert_eq!(metrics.sum(GENERATIONS, &[]), 2.0);
+    assert_eq!(
+        metrics.value("gitball_archiver_generations_abandoned_total", &[]),
+        BURST as f64
+    );
+    assert_eq!(
+        metrics.sum("gitball_archiver_requests_total", &[("code", "499")]),
+        BURST as f64,
+        "every crawler request was seen to leave"
+    );
+    let partials: Vec<String> = archiver
+        .cache_files()
+        .into_iter()
+        .filter(|name| name.ends_with(".partial"))
+        .collect();
+    assert!(partials.is_empty(), "{partials:?}");
+    assert_eq!(
+        archiver.cache_files().len(),
+        2,
+        "{:?}",
+        archiver.cache_files()
+    );
+}
+
 /// `docs/archiver.md#queue-and-503`: with two slots or more, one client
 /// never runs in all of them; a slot stays for another client's cold
 /// request, which would otherwise wait for the end of a generation already
