@@ -34,7 +34,7 @@
 //!   an object is missing, which picks up new packs and survives repacks.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     fmt, fs, io,
     num::NonZeroUsize,
     os::unix::fs::MetadataExt,
@@ -50,6 +50,7 @@ use gitball_core::url::{RefKind, validate_name};
 use crate::error::Error;
 
 mod confine;
+mod flight;
 mod kept;
 mod places;
 mod refs;
@@ -502,95 +503,14 @@ fn open_candidate(path: &Path, confine_to: Option<&Path>) -> Result<Option<Repos
 type Peeled = Result<(ObjectId, i64), PeelFailure>;
 
 /// Whose turn it is to read an object (`Repository::turn`).
-enum Turn {
-    /// Nobody's: its answer is known.
-    Known(Peeled),
-    /// A read under way's, whose answer to take.
-    Wait(Arc<InFlight>),
-    /// The caller's: it reads the object and hands its answer on.
-    Read(Reader),
-}
-
-/// One read of an object under way (`Repository::peeling`): its answer,
-/// once there, for the requests waiting for it, on the runtime or on a
-/// blocking thread.
-#[derive(Debug, Default)]
-struct InFlight {
-    answer: Mutex<Option<Peeled>>,
-    /// For those waiting on a blocking thread (the reachability walk).
-    ready: std::sync::Condvar,
-    /// For those waiting on the runtime (requests).
-    done: tokio::sync::Notify,
-}
-
-impl InFlight {
-    fn answer(&self) -> std::sync::MutexGuard<'_, Option<Peeled>> {
-        self.answer.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// The read's answer, waiting for it on the runtime.
-    async fn wait(&self) -> Peeled {
-        loop {
-            let done = self.done.notified();
-            tokio::pin!(done);
-            // Registered before looking: an answer put after the look
-            // wakes this wait.
-            done.as_mut().enable();
-            if let Some(answer) = self.answer().clone() {
-                return answer;
-            }
-            done.await;
-        }
-    }
-
-    /// The read's answer, waiting for it on this thread.
-    fn wait_blocking(&self) -> Peeled {
-        let mut answer = self.answer();
-        loop {
-            if let Some(answer) = answer.clone() {
-                return answer;
-            }
-            answer = self
-                .ready
-                .wait(answer)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
-    }
-}
+type Turn = flight::Turn<ObjectId, Peeled>;
 
 /// The reads under way, by object (`Repository::peeling`).
-type Reads = Arc<Mutex<HashMap<ObjectId, Arc<InFlight>>>>;
+type Reads = flight::Flights<ObjectId, Peeled>;
 
-/// A caller's turn to read an object (`Repository::read`). Dropped, it
-/// forgets the read in `peeling`, after its answer was kept, and hands the
-/// answer to those waiting; a read that panicked, or never ran (a
-/// blocking task dropped at shutdown), hands them an error, so none waits
-/// for good.
-#[derive(Debug)]
-struct Reader {
-    reads: Reads,
-    id: ObjectId,
-    reading: Arc<InFlight>,
-    answer: Option<Peeled>,
-}
-
-impl Drop for Reader {
-    fn drop(&mut self) {
-        let answer = self.answer.take().unwrap_or_else(|| {
-            Err(PeelFailure::Unreadable(format!(
-                "reading object {} panicked or never ran",
-                self.id
-            )))
-        });
-        self.reads
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.id);
-        *self.reading.answer() = Some(answer);
-        self.reading.ready.notify_all();
-        self.reading.done.notify_waiters();
-    }
-}
+/// A caller's turn to read an object (`Repository::read`): a read that
+/// panicked or never ran hands those waiting an error.
+type Reader = flight::Worker<ObjectId, Peeled>;
 
 /// Every commit reachable from the refs whose digest is `refs`.
 #[derive(Debug)]
@@ -799,32 +719,22 @@ impl Repository {
     /// read under way's, or this caller's, who must then
     /// [`Repository::read`] it.
     fn turn(&self, id: ObjectId) -> Turn {
-        if let Some(known) = self.known(&id) {
-            return Turn::Known(known);
-        }
-        let mut peeling = self.peeling.lock().unwrap_or_else(PoisonError::into_inner);
-        // A read's answer is kept before its entry goes (`Reader`'s drop):
-        // known now, or still under way.
-        if let Some(known) = self.known(&id) {
-            return Turn::Known(known);
-        }
-        if let Some(reading) = peeling.get(&id) {
-            return Turn::Wait(Arc::clone(reading));
-        }
-        let reading = Arc::new(InFlight::default());
-        peeling.insert(id, Arc::clone(&reading));
-        Turn::Read(Reader {
-            reads: Arc::clone(&self.peeling),
+        flight::turn(
+            &self.peeling,
             id,
-            reading,
-            answer: None,
-        })
+            || self.known(&id),
+            |id| {
+                Err(PeelFailure::Unreadable(format!(
+                    "reading object {id} panicked or never ran"
+                )))
+            },
+        )
     }
 
     /// Reads the object whose turn `reader` is, keeps its answer if it
     /// cannot change, and hands it to the requests waiting for it.
     fn read(&self, repo: &gix::Repository, mut reader: Reader) -> Peeled {
-        let id = reader.id;
+        let id = reader.key;
         let answer = peel_to_commit(repo, id);
         match &answer {
             Ok(peeled) => {
@@ -868,7 +778,7 @@ impl Repository {
                     }
                     answer => answer,
                 },
-                Turn::Read(reader) => self.read(repo, reader),
+                Turn::Work(reader) => self.read(repo, reader),
             };
             return answer.map_err(|failure| failure.error());
         }
@@ -890,7 +800,7 @@ impl Repository {
                     }
                     answer => answer,
                 },
-                Turn::Read(reader) => {
+                Turn::Work(reader) => {
                     let repository = Arc::clone(self);
                     // A request that goes away leaves the read to finish,
                     // and its answer to those waiting.

@@ -1139,7 +1139,7 @@ fn a_read_of_one_object_holds_up_no_other_objects_read() {
     let widget = fixture.widget();
     let slow = ObjectId::from_hex(fixture.c2.as_bytes()).unwrap();
     // A read of c2 under way, which never ends.
-    let Turn::Read(_reading) = widget.turn(slow) else {
+    let Turn::Work(_reading) = widget.turn(slow) else {
         panic!("c2 is known or read already");
     };
     let (sender, receiver) = std::sync::mpsc::channel();
@@ -2321,7 +2321,7 @@ fn a_request_waiting_for_a_read_that_found_nothing_reads_again() {
     let id = ObjectId::from_hex(hash(false).as_bytes()).unwrap();
 
     // A read under way, which has found nothing: the push comes after.
-    let Turn::Read(mut reader) = widget.turn(id) else {
+    let Turn::Work(mut reader) = widget.turn(id) else {
         panic!("nobody reads it yet")
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -2335,7 +2335,7 @@ fn a_request_waiting_for_a_read_that_found_nothing_reads_again() {
     // The request waits for that read (it holds the read's state, as
     // `peeling` and the reader do).
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while Arc::strong_count(&reader.reading) < 3 {
+    while Arc::strong_count(&reader.flight) < 3 {
         assert!(
             std::time::Instant::now() < deadline,
             "the request never waited"
