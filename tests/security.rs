@@ -15,6 +15,11 @@ use gitball_e2e::{
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// The trees on the costly path of `widget_with_a_costly_path`, and the
+/// entries in each (about 36 bytes each).
+const COSTLY_PATH_DEPTH: usize = 8;
+const COSTLY_PATH_FILLER: usize = 20_000;
+
 fn status(archiver: &Archiver, target: &str) -> u16 {
     archiver.get(target).status().as_u16()
 }
@@ -1410,6 +1415,107 @@ fn requests_by_commit_id_wait_for_one_history_walk_holding_no_thread() {
     );
     // Else the walk is too short for the requests to meet it.
     assert!(walk >= 20, "walking the history took {walk} ticks");
+}
+
+/// `acme/widget` whose `main` holds `depth` trees nested as `z/z/…/z`,
+/// each with `filler` entries (36 bytes each) before its `z`, and
+/// `deep.txt` in the last: every tree on the path is read whole to find
+/// it, and a push decides how large. Written as loose objects, a few
+/// seconds for tens of MB. Returns the path to the last tree.
+fn widget_with_a_costly_path(sandbox: &Sandbox, depth: usize, filler: usize) -> String {
+    let repo = RepoBuilder::init_bare(&sandbox.repos().join("acme/widget.git"), &sandbox.home());
+    let blob = repo.git_with_input(None, &["hash-object", "-w", "--stdin"], b"deep\n");
+    let raw = |id: &str| hex::decode(id).unwrap();
+    let mut entries = Vec::with_capacity(filler * 36 + 64);
+    for index in 0..filler {
+        entries.extend_from_slice(format!("100644 f{index:07}\0").as_bytes());
+        entries.extend_from_slice(&raw(&blob));
+    }
+    let mut tree = repo.git_with_input(
+        None,
+        &["mktree"],
+        format!("100644 blob {blob}\tdeep.txt\n").as_bytes(),
+    );
+    for _ in 0..depth {
+        let mut content = entries.clone();
+        content.extend_from_slice(b"40000 z\0");
+        content.extend_from_slice(&raw(&tree));
+        tree = repo.git_with_input(
+            None,
+            &[
+                "-c",
+                "core.compression=1",
+                "hash-object",
+                "-t",
+                "tree",
+                "-w",
+                "--stdin",
+            ],
+            &content,
+        );
+    }
+    let commit = repo.git_at(1_700_000_000, &["commit-tree", &tree, "-m", "deep"]);
+    repo.git(&["update-ref", "refs/heads/main", &commit]);
+    vec!["z"; depth].join("/")
+}
+
+/// Whether a `?path=` is in a commit is kept: the trees on the path are
+/// read once, and a later request for that archive, a cache hit too,
+/// reads none. Requests for a path being looked for wait for that one
+/// look on the runtime, holding no thread. (Attack: 500 nested trees of
+/// 8 MB took 2.7 s of a blocking thread on every request for the
+/// archive, hits included, and 64 such requests at once held 64 of the
+/// runtime's 512 blocking threads, which every other repository's first
+/// reads and generations queued behind.)
+#[test]
+fn a_costly_path_is_looked_for_once_and_its_hits_read_no_tree() {
+    const REQUESTS: u64 = 64;
+    let sandbox = Sandbox::new();
+    let path = widget_with_a_costly_path(&sandbox, COSTLY_PATH_DEPTH, COSTLY_PATH_FILLER);
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    let cpu = || gitball_e2e::process_cpu_ticks(archiver.pid);
+    let head = |target: &str| {
+        let response = archiver.client().head(archiver.url(target)).send();
+        response.map(|response| response.status().as_u16()).ok()
+    };
+    // The commit read and its trees judged for `export-subst`, once.
+    assert_eq!(head("/acme/widget/archive/main.tar"), Some(200));
+
+    // One look, then a generation, then hits.
+    let file = format!("/acme/widget/archive/main.tar?path={path}/deep.txt");
+    let before = cpu();
+    assert_eq!(head(&file), Some(200));
+    let look = cpu() - before;
+    // Else the trees cost too little to tell a look from none.
+    assert!(look >= 5, "looking for the path took {look} ticks");
+    let (generated, _) = archiver.get_body_and_cache(&file);
+    let before = cpu();
+    for _ in 0..8 {
+        let (body, cache) = archiver.get_body_and_cache(&file);
+        assert_eq!((body.len(), cache.as_str()), (generated.len(), "hit"));
+    }
+    let again = cpu() - before;
+    assert!(
+        again * 2 < look,
+        "8 hits for a path found before took {again} ticks, its look {look}"
+    );
+
+    // Another path, asked for by many at once: one look.
+    let directory = format!("/acme/widget/archive/main.tar?path={path}");
+    let (statuses, before, peak, burst) =
+        burst_of_requests(&archiver, REQUESTS, || head(&directory));
+    assert!(
+        statuses.iter().all(|status| *status == Some(200)),
+        "{statuses:?}"
+    );
+    assert!(
+        peak.saturating_sub(before) < REQUESTS / 4,
+        "{REQUESTS} requests for one path took the archiver from {before} to {peak} threads"
+    );
+    assert!(
+        burst < 3 * look,
+        "{REQUESTS} requests for one path took {burst} ticks, one look {look}"
+    );
 }
 
 /// A commit refused for what reading it would allocate (a delta of an

@@ -509,17 +509,6 @@ pub(crate) async fn check_reachable(resolution: &Resolution) -> Result<(), Error
     }
 }
 
-/// `work` on a blocking thread: repository reads whose cost a push
-/// decides, kept off the serving threads. `what` names it if it panics.
-async fn off_thread<T: Send + 'static>(
-    what: &str,
-    work: impl FnOnce() -> Result<T, Error> + Send + 'static,
-) -> Result<T, Error> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|error| Error::internal(format_args!("{what} panicked: {error}")))?
-}
-
 pub(crate) async fn resolve(
     app: &App,
     archive: ArchiveRequest,
@@ -547,14 +536,11 @@ pub(crate) async fn resolve(
     .then(|| repository.clone());
     // Off the serving thread: each tree on the path is read whole, and a
     // push decides how large (attack: 500 nested trees of 8 MB, 2.7 s).
+    // The answer is kept, so a later request (a hit too) reads no tree;
+    // requests for a path being looked for wait for that look on the
+    // runtime, holding no thread (as for the object above).
     if let Some(subtree) = &subtree {
-        let repository = repository.clone();
-        let commit = resolved.commit.clone();
-        let subtree = subtree.clone();
-        let found = off_thread("finding the path", move || {
-            repository.has_path(&commit, &subtree)
-        })
-        .await?;
+        let found = repository.has_path(&resolved.commit, subtree).await?;
         if !found {
             return Err(Error::SubtreeNotFound);
         }

@@ -44,6 +44,7 @@ use std::{
 
 use gix::hash::ObjectId;
 use lru::LruCache;
+use sha2::{Digest, Sha256};
 
 use gitball_core::url::{RefKind, validate_name};
 
@@ -103,6 +104,18 @@ const FAILED_OBJECTS: NonZeroUsize = match NonZeroUsize::new(1024) {
     Some(count) => count,
     None => unreachable!(),
 };
+
+/// How many `?path=` answers (is this path in this commit's tree) a
+/// repository keeps: about 100 bytes each, the path kept as a digest
+/// (`PathKey`).
+const PATH_ANSWERS: NonZeroUsize = match NonZeroUsize::new(1024) {
+    Some(count) => count,
+    None => unreachable!(),
+};
+
+/// How many looks for different `?path=`s run at once per repository,
+/// each on a blocking thread (`Repository::path_checks`).
+const PATH_CHECKS: usize = 2;
 
 /// The most one read of an object may allocate, however the object is
 /// stored (gix's `gitoxide.objects.allocLimit`): room for a commit within
@@ -483,6 +496,9 @@ fn open_candidate(path: &Path, confine_to: Option<&Path>) -> Result<Option<Repos
         peeled: Mutex::new(LruCache::new(PEELED_OBJECTS)),
         peeling: Reads::default(),
         failed: Mutex::new(LruCache::new(FAILED_OBJECTS)),
+        paths: Mutex::new(LruCache::new(PATH_ANSWERS)),
+        finding: flight::Flights::default(),
+        path_checks: Places::new(PATH_CHECKS),
         refs: Mutex::new(LruCache::new(REMEMBERED_REFS)),
         digest: Mutex::new(None),
         listings: Mutex::new(Listings::default()),
@@ -511,6 +527,15 @@ type Reads = flight::Flights<ObjectId, Peeled>;
 /// A caller's turn to read an object (`Repository::read`): a read that
 /// panicked or never ran hands those waiting an error.
 type Reader = flight::Worker<ObjectId, Peeled>;
+
+/// A `?path=` asked of a commit: the commit, and a digest of the path
+/// (up to `MAX_SUBTREE_BYTES`, 1,024 bytes), so an answer kept takes the
+/// same memory whatever the path's length.
+type PathKey = (ObjectId, [u8; 32]);
+
+/// Whether a path is in a commit's tree, or why that could not be read
+/// (the text of an `Error::Internal`).
+type PathAnswer = Result<bool, String>;
 
 /// Every commit reachable from the refs whose digest is `refs`.
 #[derive(Debug)]
@@ -596,6 +621,22 @@ pub struct Repository {
     /// push or a fetch can bring the object), nor a read over the
     /// allocation bound (a repack can store the object otherwise).
     failed: Mutex<LruCache<ObjectId, PeelFailure>>,
+    /// (Commit, path) → whether the path is in the commit's tree (an id
+    /// names its content: the answer never changes), so that the trees on
+    /// a `?path=` are read once, not on every request, hits included
+    /// (attack: 500 nested trees of 8 MB, 2.7 s of a blocking thread per
+    /// request). A failure to read (I/O, the allocation bound, an object
+    /// missing) is never kept.
+    paths: Mutex<LruCache<PathKey, bool>>,
+    /// (Commit, path) being looked for → that look, whose answer the
+    /// requests for it that arrive meanwhile wait for on the runtime and
+    /// take, as for `peeling`.
+    finding: flight::Flights<PathKey, PathAnswer>,
+    /// The places to look for different paths in, `PATH_CHECKS`: a
+    /// crawler asking for many paths of a costly repository at once takes
+    /// that many blocking threads, not one each; the others wait on the
+    /// runtime.
+    path_checks: Places,
     /// User's ref (as in the URL) → what it resolved to, while the files
     /// the answer came from are unchanged.
     refs: Mutex<LruCache<String, RememberedRef>>,
@@ -1376,9 +1417,87 @@ impl Repository {
     /// True when `path` (a literal relative path, validated by
     /// `url::validate_subtree`) names a tree, file or symlink in `commit`'s
     /// tree. A submodule is not something `git archive` can include.
-    pub fn has_path(&self, commit: &str, path: &str) -> Result<bool, Error> {
+    ///
+    /// Each tree on the path is read whole, and a push decides how large
+    /// (attack: 500 nested trees of 8 MB, 2.7 s), so the answer is kept
+    /// (`paths`): a later request for the same `?path=`, a cache hit, a
+    /// `HEAD` or a `304`, reads no tree. A path not known is looked for on
+    /// a blocking thread, once however many requests ask for it together
+    /// (they wait on the runtime, holding no thread, and take its answer,
+    /// an error too), and at most `PATH_CHECKS` different paths at a time
+    /// per repository (a look waits for its place on the runtime). A look
+    /// goes on when the request that started it goes away, so its answer
+    /// is there for the others.
+    pub async fn has_path(self: &Arc<Self>, commit: &str, path: &str) -> Result<bool, Error> {
         let id = ObjectId::from_hex(commit.as_bytes())
             .map_err(|err| Error::internal(format_args!("commit id {commit:?}: {err}")))?;
+        let key: PathKey = (id, Sha256::digest(path.as_bytes()).into());
+        let answer = match self.path_turn(key) {
+            flight::Turn::Known(answer) => answer,
+            flight::Turn::Wait(looking) => looking.wait().await,
+            flight::Turn::Work(finder) => {
+                let repository = Arc::clone(self);
+                let path = path.to_owned();
+                tokio::spawn(async move {
+                    let place = repository.path_checks.take().await;
+                    tokio::task::spawn_blocking(move || {
+                        let _place = place;
+                        repository.find_path(finder, &path)
+                    })
+                    .await
+                })
+                .await
+                .map_err(|error| Error::internal(format_args!("finding the path: {error}")))?
+                .map_err(|error| {
+                    Error::internal(format_args!("finding the path panicked: {error}"))
+                })?
+            }
+        };
+        answer.map_err(Error::Internal)
+    }
+
+    /// Whose turn it is to look for the path `key`: nobody's (its answer
+    /// is kept), a look under way's, or the caller's.
+    fn path_turn(&self, key: PathKey) -> flight::Turn<PathKey, PathAnswer> {
+        flight::turn(
+            &self.finding,
+            key,
+            || self.known_path(&key).map(Ok),
+            |(commit, _)| Err(format!("finding a path in {commit} panicked or never ran")),
+        )
+    }
+
+    /// Whether the path `key` is in its commit's tree, if that is kept: a
+    /// lookup, no object read.
+    fn known_path(&self, key: &PathKey) -> Option<bool> {
+        self.paths
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key)
+            .copied()
+    }
+
+    /// Looks for `path` in the commit whose turn `finder` is, keeps the
+    /// answer unless it is an error, and hands it to the requests waiting.
+    fn find_path(&self, mut finder: flight::Worker<PathKey, PathAnswer>, path: &str) -> PathAnswer {
+        let (id, _) = finder.key;
+        let answer = match self.read_path(id, path) {
+            Ok(found) => {
+                self.paths
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .put(finder.key, found);
+                Ok(found)
+            }
+            Err(Error::Internal(text)) => Err(text),
+            Err(error) => Err(error.to_string()),
+        };
+        finder.answer = Some(answer.clone());
+        answer
+    }
+
+    /// [`Repository::has_path`]'s reading: every tree on the path.
+    fn read_path(&self, id: ObjectId, path: &str) -> Result<bool, Error> {
         let repo = self.repo.to_thread_local();
         let commit = repo
             .find_commit(id)

@@ -1,8 +1,9 @@
 //! One piece of work per key at a time, whose answer the requests for that
 //! key that arrive meanwhile wait for and take: a read of an object
-//! (`Repository::peeling`). Its cost is a push's to decide (a delta chain
-//! through large objects), so it is done once however many requests ask
-//! together.
+//! (`Repository::peeling`), a look for a `?path=` in a commit's tree
+//! (`Repository::finding`). Their cost is a push's to decide (a delta chain
+//! through large objects, nested trees of megabytes each), so each is done
+//! once however many requests ask together.
 //!
 //! A request waits on the runtime, holding no thread ([`InFlight::wait`]):
 //! hundreds waiting for one piece of work had each held one of the

@@ -1,6 +1,7 @@
 //! Places for the work on a repository that a push makes costly and that
 //! requests share (`docs/archiver.md#published-commits-only`): a history
-//! walk, a listing of the refs, a commit's trees read for `export-subst`.
+//! walk, a listing of the refs, a commit's trees read for `export-subst`,
+//! the trees on a `?path=`.
 //! A request waits for its place on the runtime, holding no thread, and
 //! takes one of tokio's blocking threads only once it holds it.
 //!
@@ -28,7 +29,7 @@ impl Places {
     }
 
     /// A place, waited for on the runtime.
-    async fn take(&self) -> OwnedSemaphorePermit {
+    pub async fn take(&self) -> OwnedSemaphorePermit {
         Arc::clone(&self.0)
             .acquire_owned()
             .await
