@@ -2500,3 +2500,66 @@ fn a_request_waiting_for_a_read_that_found_nothing_reads_again() {
         "a request that arrived after the push took the answer of a read begun before it: {answer:?}"
     );
 }
+
+/// `docs/archiver.md#a-push-is-visible-to-the-very-next-request`: a refs
+/// digest whose files changed within the racy window before they were
+/// stamped is not kept, however long the listing then takes, as for a ref's
+/// answer (`a_ref_read_while_racy_is_not_remembered_however_late_its_object_is_peeled`).
+/// Judged at the listing's end, a change made one clock tick before the
+/// stamps passed for settled once the listing outlasted the window (100,000
+/// refs: 1.5 s), and a second write in that tick, after the listing read
+/// the ref, could leave the stamps equal to a stale digest.
+#[test]
+fn a_digest_listed_while_racy_is_not_kept_however_long_the_listing_takes() {
+    const REFS: usize = 150_000;
+    let window = Duration::from_millis(300);
+    let fixture = fixture();
+    let dir = &fixture.widget;
+    let mut packed = String::from("# pack-refs with: peeled fully-peeled sorted \n");
+    for n in 0..REFS {
+        packed.push_str(&format!("{} refs/tags/bulk{n:06}\n", fixture.c1));
+    }
+    fs::write(dir.join(".git/packed-refs"), packed).unwrap();
+    let mut repositories = Repositories::new(&fixture.root).unwrap();
+    repositories.racy_window = window;
+    let widget = repositories.open("acme", "widget").unwrap();
+    // Every ref file settles first (the clock's own passage, not a wait
+    // for another thread).
+    let settled = SystemTime::now() + window + Duration::from_millis(50);
+    while SystemTime::now() < settled {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let started = std::time::Instant::now();
+    block_on(widget.refs_digest()).unwrap();
+    let listing = started.elapsed();
+    assert!(
+        listing > window,
+        "the listing ({listing:?}) must outlast the racy window ({window:?})"
+    );
+    assert!(widget.known_refs_digest().is_some(), "settled: kept");
+
+    // A push (a lock file renamed over the ref, as git does), and the
+    // next request at once: within the window of the change.
+    let main = dir.join(".git/refs/heads/main");
+    for target in [&fixture.c1, &fixture.c2, &fixture.c1] {
+        let lock = dir.join(".git/refs/heads/main.lock");
+        fs::write(&lock, format!("{target}\n")).unwrap();
+        fs::rename(&lock, &main).unwrap();
+        let changed = fs::metadata(&main).unwrap().modified().unwrap();
+        let asked = SystemTime::now();
+        let digest = block_on(widget.refs_digest()).unwrap();
+        if asked.duration_since(changed).unwrap_or_default() >= window / 2 {
+            // Stalled between the change and the request: not a racy read.
+            continue;
+        }
+        assert_eq!(
+            widget.known_refs_digest(),
+            None,
+            "a digest ({digest}) listed {:?} after its refs changed was kept after a listing of {:?}",
+            asked.duration_since(changed).unwrap_or_default(),
+            listing
+        );
+        return;
+    }
+    panic!("every try stalled between the change and the request");
+}
