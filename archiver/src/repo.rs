@@ -65,8 +65,7 @@ use confine::{alternates_stamps, git_files_sane, ref_path_without_symlinks};
 use places::{Places, known_or_in_place};
 pub use refs::RefsSnapshot;
 use refs::{
-    PeelFailure, find_abbreviated, find_reference, for_each_ref, parse_full_hex, peel_to_commit,
-    ref_candidates,
+    PeelFailure, find_abbreviated, find_reference, parse_full_hex, peel_to_commit, ref_candidates,
 };
 use stamp::{RACY_WINDOW, Stamp, Stamps};
 use subst::{CLEAN_TREES, tree_substitutes};
@@ -511,6 +510,8 @@ fn open_candidate(path: &Path, confine_to: Option<&Path>) -> Result<Option<Repos
         identity,
         alternates: Stamps::default(),
         confined_to: confine_to.map(Path::to_path_buf),
+        #[cfg(test)]
+        walk_steps: WalkSteps::default(),
     }))
 }
 
@@ -671,6 +672,44 @@ pub struct Repository {
     /// `--repos`, which everything the repository leads to must stay under
     /// (`layout_inside`); `None` for a repository the operator named alone.
     confined_to: Option<PathBuf>,
+    /// Test only: run between the steps of a history walk.
+    #[cfg(test)]
+    walk_steps: WalkSteps,
+}
+
+/// Test only: what a history walk runs after its first listing of the
+/// refs and after reading its tips, each once, in order (a push there).
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct WalkSteps(Mutex<std::collections::VecDeque<Box<dyn FnOnce() + Send>>>);
+
+#[cfg(test)]
+impl std::fmt::Debug for WalkSteps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WalkSteps")
+    }
+}
+
+#[cfg(test)]
+impl WalkSteps {
+    /// Runs `step` at the next step of a walk.
+    pub(crate) fn then(&self, step: impl FnOnce() + Send + 'static) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push_back(Box::new(step));
+    }
+
+    fn run_next(&self) {
+        let step = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop_front();
+        if let Some(step) = step {
+            step();
+        }
+    }
 }
 
 /// What [`Repository::find`] found: the answer, or an object to peel.
@@ -1180,13 +1219,16 @@ impl Repository {
     /// commits reachable from the refs.
     ///
     /// The set is kept under the digest of the refs this walk listed, taken
-    /// afresh before and after listing them, and only when the two agree:
-    /// not under `refs`, which the caller took before waiting for the walk
-    /// places, maybe before a push (review of 9caf797: the set of a push
-    /// made meanwhile was kept under the older digest, and a commit pushed
-    /// by mistake and force-pushed away, the refs back as they were, was
-    /// served by its id). The refs are listed with a handle opened afresh,
-    /// as the digest's are (`list_refs_digest`).
+    /// afresh before and after listing them, and only when the two agree
+    /// with the digest of the refs the tips were read from (a push and its
+    /// force-push back, both while the tips were read, leave the two equal
+    /// and the tips the push's: review): not under `refs`, which the caller
+    /// took before waiting for the walk places, maybe before a push (review
+    /// of 9caf797: the set of a push made meanwhile was kept under the
+    /// older digest, and a commit pushed by mistake and force-pushed away,
+    /// the refs back as they were, was served by its id). The refs are
+    /// listed with a handle opened afresh, as the digest's are
+    /// (`list_refs_digest`).
     fn walk_reachable(&self, id: ObjectId) -> Result<bool, Error> {
         let listed = self.current_refs_digest()?;
         let repo = self.repo.to_thread_local();
@@ -1195,8 +1237,13 @@ impl Repository {
                 Error::internal(format_args!("opening {}: {err}", self.git_dir.display()))
             })?
             .to_thread_local();
+        #[cfg(test)]
+        self.walk_steps.run_next();
         let mut tips = Vec::new();
-        for_each_ref(&fresh, |mut reference| {
+        // The refs the tips are read from, listed in the same pass: a push
+        // and its force-push back, both while the tips were read, leave the
+        // digests before and after equal, and the tips the push's.
+        let read = RefsSnapshot::of_each(&fresh, |mut reference| {
             // A ref's object is peeled as `resolve` peels it, each object
             // once: gix's own peeling reads the object whole, every tip on
             // every walk (attack: 30 tags on a commit read through a chain
@@ -1222,9 +1269,12 @@ impl Repository {
         {
             tips.push(tip);
         }
+        #[cfg(test)]
+        self.walk_steps.run_next();
         // A push while the refs were listed: the set is this request's
         // answer, kept for no digest.
-        let refs = (self.current_refs_digest()? == listed).then_some(listed);
+        let after = self.current_refs_digest()?;
+        let refs = (read.digest() == listed && after == listed).then_some(listed);
         let walk = repo
             .rev_walk(tips)
             .use_commit_graph(true)

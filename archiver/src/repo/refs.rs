@@ -49,6 +49,16 @@ pub struct RefsSnapshot {
 impl RefsSnapshot {
     /// Lists `repo`'s refs and `HEAD`.
     fn of(repo: &gix::Repository) -> Result<RefsSnapshot, Error> {
+        RefsSnapshot::of_each(repo, |_| {})
+    }
+
+    /// Lists `repo`'s refs and `HEAD`, calling `each` with every ref (not
+    /// `HEAD`) as it is listed: what `each` makes of the refs is made of
+    /// exactly the refs listed.
+    pub(super) fn of_each(
+        repo: &gix::Repository,
+        mut each: impl FnMut(gix::Reference<'_>),
+    ) -> Result<RefsSnapshot, Error> {
         let mut refs = Vec::new();
         for_each_ref(repo, |reference| {
             let target = match reference.target() {
@@ -56,6 +66,7 @@ impl RefsSnapshot {
                 TargetRef::Symbolic(name) => format!("ref: {}", name.as_bstr()),
             };
             refs.push((reference.name().as_bstr().to_string(), target));
+            each(reference);
         })?;
         refs.sort();
         let head = match repo.head_name() {

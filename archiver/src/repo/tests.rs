@@ -2371,6 +2371,44 @@ fn a_walk_keeps_its_set_under_the_refs_it_walked() {
     );
 }
 
+/// `docs/archiver.md#published-commits-only`: a commit pushed by mistake
+/// and force-pushed away, both while a walk read its tips, is not served by
+/// its id. The refs listed before and after the tips agree (the refs are
+/// back as they were), but the tips were the push's: the set is kept only
+/// when the refs the tips were read from are the ones listed.
+#[test]
+fn a_push_and_its_force_push_back_while_a_walk_reads_its_tips_leave_no_set_holding_it() {
+    let fixture = fixture();
+    let widget = fixture.widget();
+    let dir = fixture.widget.clone();
+    let main = git(&dir, &["rev-parse", "refs/heads/main"]);
+    // The commit pushed by mistake, on no ref yet.
+    fs::write(dir.join("secret.txt"), "secret\n").unwrap();
+    git_at(&dir, C3_TIME, &["add", "secret.txt"]);
+    git_at(&dir, C3_TIME, &["commit", "-q", "-m", "secret"]);
+    let secret = git(&dir, &["rev-parse", "HEAD"]);
+    git(&dir, &["update-ref", "refs/heads/main", &main]);
+    let before = block_on(widget.refs_digest()).unwrap();
+
+    // Pushed once the walk listed the refs; force-pushed away once it read
+    // its tips.
+    let (pushing, pushed) = (dir.clone(), secret.clone());
+    widget
+        .walk_steps
+        .then(move || drop(git(&pushing, &["update-ref", "refs/heads/main", &pushed])));
+    let (reverting, back) = (dir.clone(), main.clone());
+    widget
+        .walk_steps
+        .then(move || drop(git(&reverting, &["update-ref", "refs/heads/main", &back])));
+    let _ = block_on(widget.reaches(&secret, Some(before.clone()))).unwrap();
+
+    assert_eq!(block_on(widget.refs_digest()).unwrap(), before);
+    assert!(
+        !block_on(widget.reaches(&secret, None)).unwrap(),
+        "a commit force-pushed away was served: the set of tips read during the push was kept under the refs as they were"
+    );
+}
+
 /// `docs/archiver.md#a-push-is-visible-to-the-very-next-request`: while
 /// the refs keep changing within the racy window no digest is kept, and
 /// the requests that arrive meanwhile share one listing begun after they
