@@ -1398,26 +1398,24 @@ mod tests {
             print(z.comment.decode())\n\
             for i in z.infolist():\n    \
                 print(i.filename, i.file_size, i.CRC, oct(i.external_attr >> 16), i.create_system, i.date_time, len(z.read(i)))\n";
-        let output = std::process::Command::new("python3")
-            .arg("-c")
-            .arg(script)
-            .arg(&path)
+        let listing = read_with("python3", &["-c", script], &path);
+        read_with("unzip", &["-tq"], &path);
+        listing
+    }
+
+    /// What an independent reader `program` run with `args` and the zip at
+    /// `path` prints, once it has succeeded.
+    fn read_with(program: &str, args: &[&str], path: &std::path::Path) -> String {
+        let output = std::process::Command::new(program)
+            .args(args)
+            .arg(path)
             .output()
             .unwrap();
         assert!(
             output.status.success(),
-            "{}",
+            "{program}: {}{}",
+            String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
-        );
-        let unzip = std::process::Command::new("unzip")
-            .arg("-tq")
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert!(
-            unzip.status.success(),
-            "unzip -t: {}",
-            String::from_utf8_lossy(&unzip.stdout)
         );
         String::from_utf8(output.stdout).unwrap()
     }
@@ -1553,18 +1551,7 @@ mod tests {
                     while b := f.read(1 << 24):\n            \
                         n += len(b)\n    \
                 print(i.filename, i.file_size, n, i.header_offset)\n";
-        let python = std::process::Command::new("python3")
-            .arg("-c")
-            .arg(script)
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert!(
-            python.status.success(),
-            "zipfile: {}",
-            String::from_utf8_lossy(&python.stderr)
-        );
-        let listing = String::from_utf8(python.stdout).unwrap();
+        let listing = read_with("python3", &["-c", script], &path);
         let lines: Vec<&str> = listing.lines().collect();
         assert_eq!(lines[0], "p/ 0 0 0");
         assert_eq!(
@@ -1573,23 +1560,8 @@ mod tests {
         );
         assert!(lines[2].starts_with("p/after.txt 6 6 "), "{listing}");
         assert_eq!(lines.len(), 3);
-        let unzip = std::process::Command::new("unzip")
-            .arg("-tq")
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert!(
-            unzip.status.success(),
-            "unzip -t: {}",
-            String::from_utf8_lossy(&unzip.stdout)
-        );
-        let bsdtar = std::process::Command::new("bsdtar")
-            .arg("-tvf")
-            .arg(&path)
-            .output()
-            .unwrap();
-        let listing = String::from_utf8_lossy(&bsdtar.stdout);
-        assert!(bsdtar.status.success(), "bsdtar: {listing}");
+        read_with("unzip", &["-tq"], &path);
+        let listing = read_with("bsdtar", &["-tvf"], &path);
         assert!(listing.contains(&format!(" {SIZE} ")), "{listing}");
     }
 
