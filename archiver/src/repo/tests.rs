@@ -2355,10 +2355,7 @@ fn a_walk_keeps_its_set_under_the_refs_it_walked() {
     let main = git(dir, &["rev-parse", "refs/heads/main"]);
 
     // Pushed by mistake, while a request holding `before` waits.
-    fs::write(dir.join("secret.txt"), "secret\n").unwrap();
-    git_at(dir, C3_TIME, &["add", "secret.txt"]);
-    git_at(dir, C3_TIME, &["commit", "-q", "-m", "secret"]);
-    let secret = git(dir, &["rev-parse", "HEAD"]);
+    let secret = commit_secret(dir);
     // The waiting request's walk runs now, after the push.
     let _ = block_on(widget.reaches(&secret, Some(before.clone()))).unwrap();
 
@@ -2369,6 +2366,14 @@ fn a_walk_keeps_its_set_under_the_refs_it_walked() {
         !block_on(widget.reaches(&secret, None)).unwrap(),
         "a commit force-pushed away was served: the set walked after the push was kept under the digest before it"
     );
+}
+
+/// A commit "pushed by mistake" on the work tree's branch: its id.
+fn commit_secret(dir: &Path) -> String {
+    fs::write(dir.join("secret.txt"), "secret\n").unwrap();
+    git_at(dir, C3_TIME, &["add", "secret.txt"]);
+    git_at(dir, C3_TIME, &["commit", "-q", "-m", "secret"]);
+    git(dir, &["rev-parse", "HEAD"])
 }
 
 /// `docs/archiver.md#published-commits-only`: a commit pushed by mistake
@@ -2383,10 +2388,7 @@ fn a_push_and_its_force_push_back_while_a_walk_reads_its_tips_leave_no_set_holdi
     let dir = fixture.widget.clone();
     let main = git(&dir, &["rev-parse", "refs/heads/main"]);
     // The commit pushed by mistake, on no ref yet.
-    fs::write(dir.join("secret.txt"), "secret\n").unwrap();
-    git_at(&dir, C3_TIME, &["add", "secret.txt"]);
-    git_at(&dir, C3_TIME, &["commit", "-q", "-m", "secret"]);
-    let secret = git(&dir, &["rev-parse", "HEAD"]);
+    let secret = commit_secret(&dir);
     git(&dir, &["update-ref", "refs/heads/main", &main]);
     let before = block_on(widget.refs_digest()).unwrap();
 
