@@ -187,16 +187,36 @@ pub struct Generation {
 /// left and its future was dropped), it counts no more; the generation a
 /// whole burst of requests left leaves the queue before it takes a slot.
 /// Once the generation has its slot, it runs to its end whoever waits.
-#[derive(Debug)]
+///
+/// A join's waiter also holds its client's place for the generation in the
+/// queue ([`queue::Place`], [`Cache::wanted_by`]): the place leaves the
+/// client's queue with the client's last waiter, so a client that joined a
+/// crawler's queued generation and left is not charged for it on its turn.
+/// (The starter's place is the generation's own, and lasts as long as it
+/// waits.)
 pub struct Waiter {
     generation: Arc<Generation>,
+    /// The client's place for the generation, for a join.
+    place: Option<queue::Place>,
+}
+
+impl std::fmt::Debug for Waiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Waiter")
+            .field("generation", &self.generation)
+            .field("place", &self.place.is_some())
+            .finish()
+    }
 }
 
 impl Waiter {
     /// One more waiter of `generation`; under the index lock.
     fn new(generation: Arc<Generation>, _index: &Index) -> Waiter {
         generation.waiters.send_modify(|waiters| *waiters += 1);
-        Waiter { generation }
+        Waiter {
+            generation,
+            place: None,
+        }
     }
 
     /// The generation, held without waiting for it.
@@ -213,9 +233,13 @@ impl Waiter {
 
     /// Keeps the generation waiting for its slot with no request left
     /// waiting for it: a prewarm's, which no client waits for by design. It
-    /// stands as a waiter that never leaves.
-    pub fn keep(self) {
+    /// stands as a waiter that never leaves, and its client's place in the
+    /// queue as the client's own.
+    pub fn keep(mut self) {
         self.generation.waiters.send_modify(|waiters| *waiters += 1);
+        if let Some(place) = self.place.take() {
+            place.keep();
+        }
     }
 }
 
@@ -229,6 +253,9 @@ impl std::ops::Deref for Waiter {
 
 impl Drop for Waiter {
     fn drop(&mut self) {
+        // The client's place first: the generation, left by every request,
+        // then finds the queues as they are without it.
+        drop(self.place.take());
         self.generation.waiters.send_modify(|waiters| *waiters -= 1);
     }
 }
@@ -579,8 +606,8 @@ impl Cache {
     ) -> Result<Lookup, LookupError> {
         let key = Cache::key(&spec);
         let mut index = self.lock();
-        if let Some(found) = self.find_counted(&mut index, &key) {
-            self.wanted_by(&found, client);
+        if let Some(mut found) = self.find_counted(&mut index, &key) {
+            self.wanted_by(&mut found, client);
             return Ok(found);
         }
         if self.cancel.is_cancelled() {
@@ -654,18 +681,19 @@ impl Cache {
         if !index.complete.contains_key(&key) && !index.generating.contains_key(&key) {
             return None;
         }
-        let found = self.find_counted(&mut index, &key)?;
-        self.wanted_by(&found, client);
+        let mut found = self.find_counted(&mut index, &key)?;
+        self.wanted_by(&mut found, client);
         Some(found)
     }
 
     /// `client` waits for `lookup` too: a generation still queued takes a
     /// turn in `client`'s queue as well, so a client that joins another's
     /// waits for its own turn, not for the starter's (a crawler's long
-    /// queue).
-    pub fn wanted_by(&self, lookup: &Lookup, client: IpAddr) {
+    /// queue). The place is the join's [`Waiter`]'s: it leaves `client`'s
+    /// queue when the last of `client`'s waiters for it goes.
+    pub fn wanted_by(&self, lookup: &mut Lookup, client: IpAddr) {
         if let Lookup::Join(waiter) = lookup {
-            self.slots.also_for(waiter.queued, client);
+            waiter.place = Some(self.slots.also_for(waiter.queued, client));
         }
     }
 
@@ -3015,6 +3043,120 @@ mod tests {
         assert_eq!(cache.slots.clients_waiting(), 0);
         // The slot is free: a generation gets it at once.
         let mut last = cache.slots.queue(CLIENT);
+        drop(within(last.slot()).await);
+        assert!(within(cache.shutdown(Duration::from_secs(5))).await);
+    }
+
+    /// `docs/archiver.md#queue-and-503`: a client's place for a generation
+    /// it joined lasts while a request of that client waits for it. One
+    /// slot, held by the test: a crawler queues three generations; another
+    /// client joins the third with two requests, both leave, then it asks
+    /// for an archive of its own. Its turn runs its own; the crawler's third
+    /// runs on the crawler's turn (its request still waits), last. Before,
+    /// the place outlived the requests: the crawler's third ran on the
+    /// other client's turn, as its running generation, before its own.
+    #[tokio::test]
+    async fn a_join_left_gives_its_clients_turn_back_to_its_own_generations() {
+        let stub = StubGit::printing(b"abc");
+        let mut settings = stub.settings(1 << 20);
+        settings.max_generations = 1;
+        let cache = Cache::open(settings).unwrap();
+        let crawler = IpAddr::from([198, 51, 100, 1]);
+        let other = IpAddr::from([198, 51, 100, 2]);
+        let mut holder = cache.slots.queue(IpAddr::from([198, 51, 100, 9]));
+        let permit = within(holder.slot()).await;
+
+        let burst: Vec<Waiter> = (1..=3)
+            .map(|n| miss(cache.lookup(stub.spec(n), crawler, "crawler")))
+            .collect();
+        let joins = [
+            join(cache.lookup(stub.spec(3), other, "join")),
+            join(cache.lookup(stub.spec(3), other, "join again")),
+        ];
+        assert_eq!(cache.slots.queue_of(other), [burst[2].queued]);
+        drop(joins);
+        assert!(
+            cache.slots.queue_of(other).is_empty(),
+            "the other client's place left with its last request"
+        );
+        let own = miss(cache.lookup(stub.spec(4), other, "own"));
+        assert_eq!(cache.slots.queue_of(other), [own.queued]);
+        assert_eq!(
+            cache.slots.queue_of(crawler),
+            burst.iter().map(|waiter| waiter.queued).collect::<Vec<_>>()
+        );
+
+        // The order in which they end, one slot: the order they ran in.
+        let ended = Arc::new(Mutex::new(Vec::new()));
+        let watchers: Vec<_> = [(&burst[0], 1), (&burst[1], 2), (&burst[2], 3), (&own, 4)]
+            .into_iter()
+            .map(|(waiter, n)| {
+                let generation = waiter.generation().clone();
+                let ended = ended.clone();
+                tokio::spawn(async move {
+                    complete(generation.finished().await);
+                    ended.lock().unwrap().push(n);
+                })
+            })
+            .collect();
+        drop(permit);
+        for watcher in watchers {
+            within(watcher).await.unwrap();
+        }
+        assert_eq!(
+            *ended.lock().unwrap(),
+            [1, 4, 2, 3],
+            "the crawler's first, the other client's own, then the crawler's"
+        );
+        assert_eq!(stub.runs().len(), 4);
+        drop((burst, own));
+        assert!(within(cache.shutdown(Duration::from_secs(5))).await);
+    }
+
+    /// The race of a slot granted on a joining client's turn and that
+    /// client's last request leaving, when no other request waits (the
+    /// starter's left before): in either order the generation never runs,
+    /// and the slot goes to the next client in turn. (One thread: nothing
+    /// runs between the two drops.)
+    #[tokio::test]
+    async fn a_slot_granted_on_a_joiners_turn_as_it_leaves_goes_to_the_next_client() {
+        let stub = StubGit::printing(b"abc");
+        let mut settings = stub.settings(1 << 20);
+        settings.max_generations = 1;
+        let cache = Cache::open(settings).unwrap();
+        let crawler = IpAddr::from([198, 51, 100, 1]);
+        let joiner = IpAddr::from([198, 51, 100, 2]);
+        let next = IpAddr::from([198, 51, 100, 3]);
+        for (n, slot_first) in [(0, true), (1, false)] {
+            // The crawler runs one (the test holds its slot): the joiner's
+            // turn comes first.
+            let mut holder = cache.slots.queue(crawler);
+            let permit = within(holder.slot()).await;
+            let started = miss(cache.lookup(stub.spec(10 * n + 1), crawler, "crawler"));
+            let generation = started.generation().clone();
+            let joined = join(cache.lookup(stub.spec(10 * n + 1), joiner, "join"));
+            drop(started);
+            let other = miss(cache.lookup(stub.spec(10 * n + 2), next, "next"));
+            tokio::task::yield_now().await;
+            if slot_first {
+                drop(permit);
+                drop(joined);
+            } else {
+                drop(joined);
+                drop(permit);
+            }
+            assert_eq!(
+                failure(within(generation.finished()).await),
+                Failure::Abandoned,
+                "slot first: {slot_first}"
+            );
+            complete(within(other.finished()).await);
+            assert!(generation.file().is_none());
+            assert_eq!(stub.runs().len(), n as usize + 1, "the next ones only");
+            assert_eq!(cache.slots.clients_waiting(), 0);
+        }
+        // The slot is free: a generation gets it at once.
+        let mut last = cache.slots.queue(joiner);
         drop(within(last.slot()).await);
         assert!(within(cache.shutdown(Duration::from_secs(5))).await);
     }

@@ -279,8 +279,8 @@ async fn serve_archive(
         match app.cache.peek(&resolution.spec) {
             // It waits for the generation's start like a GET that joins it:
             // on its own client's turn too.
-            Some(lookup) => {
-                app.cache.wanted_by(&lookup, client_of(app, request));
+            Some(mut lookup) => {
+                app.cache.wanted_by(&mut lookup, client_of(app, request));
                 lookup
             }
             // HEAD never starts a generation.
@@ -430,8 +430,8 @@ pub(crate) fn lookup_within_budget(
             Ok(lookup)
         }
         Err(exhausted) => match app.cache.peek(&resolution.spec) {
-            Some(lookup) => {
-                app.cache.wanted_by(&lookup, client);
+            Some(mut lookup) => {
+                app.cache.wanted_by(&mut lookup, client);
                 Ok(lookup)
             }
             None => {

@@ -26,14 +26,30 @@
 //! - A generation several clients wait for (one started it, others joined)
 //!   stands in the queue of each ([`Slots::also_for`]) and runs at the
 //!   earliest of their turns, counted as the running generation of the
-//!   client whose turn it was; its other places are then removed. A place
-//!   a join made lasts as long as the generation waits, whether or not the
-//!   joining request stays.
+//!   client whose turn it was; its other places are then removed.
+//! - A client's place for a generation lasts while one of its requests
+//!   waits for it (a [`Place`], one per request), or for as long as the
+//!   generation waits if it is the client's own: started by it
+//!   ([`Slots::queue`]) or kept by its prewarm ([`Place::keep`]). When a
+//!   client's last `Place` for a generation is dropped, its place leaves
+//!   its queue, and the generation stays in the queues of the others: a
+//!   client that joined a crawler's generation once is not charged for it,
+//!   nor does it stand before its own later generations, once it left. The
+//!   count is kept under this module's lock, like the queues, so a slot
+//!   granted on a client's turn and that client's last request leaving
+//!   happen in one order or the other. Left first, the turn goes to the
+//!   next client in line. Granted first, the client still waited when its
+//!   turn came: the generation has its slot, counted as that client's, and
+//!   its places are gone with it; a generation no request waits for any
+//!   more gives the permit back before git runs (`cache::Waiter`), to the
+//!   next in turn.
 //! - A generation that stops waiting (its queue timeout, shutdown, every
 //!   request waiting for it gone: `cache::Waiter`) leaves no place behind:
 //!   [`Queued`]'s drop removes it from every queue, and a permit granted to
 //!   it that it never took is given back, to the next waiter in turn.
-//! - Memory is one entry per waiting generation and per client with one.
+//! - Memory is one entry per waiting generation, per client with one, and
+//!   per client standing for a generation (a count of its requests, each
+//!   holding a `Place`): bounded by the generations and requests waiting.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
@@ -69,7 +85,33 @@ struct State {
 
 struct Waiting {
     grant: oneshot::Sender<Permit>,
-    clients: HashSet<IpAddr>,
+    /// The clients in whose queues it stands, and what holds each place.
+    clients: HashMap<IpAddr, Holders>,
+}
+
+/// What holds a client's place for a waiting generation: it leaves the
+/// client's queue when nothing does.
+#[derive(Default)]
+struct Holders {
+    /// The client's own generation (it started it, or its prewarm keeps
+    /// it): the place lasts as long as the generation waits.
+    own: bool,
+    /// The client's requests that joined it and still wait for it: the
+    /// [`Place`]s alive.
+    requests: usize,
+}
+
+/// A request's place for a generation it joined, in its client's queue:
+/// the client's place lasts while one of these (or the generation being
+/// the client's own) does. Dropped with the client's last request for the
+/// generation, the place leaves the client's queue.
+#[must_use = "the place leaves the client's queue when dropped"]
+pub struct Place {
+    /// `None` once nothing is left to let go: the generation was no longer
+    /// waiting, had its slot at once, or the place was kept.
+    slots: Option<Arc<Slots>>,
+    id: u64,
+    client: IpAddr,
 }
 
 /// A generation's place in the queue, until it has its slot.
@@ -116,10 +158,11 @@ impl Slots {
                 id,
                 Waiting {
                     grant,
-                    clients: HashSet::new(),
+                    clients: HashMap::new(),
                 },
             );
-            state.stand_in(id, client);
+            // The starter's own place, held as long as it waits.
+            state.stand_in(id, client, true);
             state.publish();
         }
         Queued {
@@ -130,29 +173,52 @@ impl Slots {
     }
 
     /// Puts the waiting generation `id` in `client`'s queue too, if it is
-    /// still waiting and not there yet: a client that joins a generation
-    /// waits on its own turn, not on the starter's. With a slot free that
-    /// `client` may take, that turn is now: the generation gets the slot
-    /// at once (it waited only because its starter runs its most).
-    pub fn also_for(self: &Arc<Self>, id: u64, client: IpAddr) {
+    /// still waiting and not there yet, for as long as the returned
+    /// [`Place`] (or another of `client`'s) lives: a client that joins a
+    /// generation waits on its own turn, not on the starter's, and only
+    /// while it waits. With a slot free that `client` may take, that turn
+    /// is now: the generation gets the slot at once (it waited only
+    /// because its starter runs its most).
+    pub fn also_for(self: &Arc<Self>, id: u64, client: IpAddr) -> Place {
+        let mut place = Place {
+            slots: Some(self.clone()),
+            id,
+            client,
+        };
         let mut state = self.lock();
-        if !state.stand_in(id, client) {
-            return;
-        }
-        if state.free > 0 && state.running(client) < state.most {
-            let waiting = state.leave(id).expect("it stands in a queue");
-            state.free -= 1;
-            if !self.grant(&mut state, waiting.grant, client) {
-                state.free += 1;
+        match state.stand_in(id, client, false) {
+            // Not waiting: there is no place to hold.
+            None => place.slots = None,
+            Some(false) => {}
+            Some(true) => {
+                if state.free > 0 && state.running(client) < state.most {
+                    let waiting = state.leave(id).expect("it stands in a queue");
+                    state.free -= 1;
+                    if !self.grant(&mut state, waiting.grant, client) {
+                        state.free += 1;
+                    }
+                    place.slots = None;
+                }
+                state.publish();
             }
         }
-        state.publish();
+        place
     }
 
     /// Clients with a generation waiting.
     #[cfg(test)]
     pub(crate) fn clients_waiting(&self) -> usize {
         self.lock().turns.len()
+    }
+
+    /// The generations in `client`'s queue, oldest first.
+    #[cfg(test)]
+    pub(crate) fn queue_of(&self, client: IpAddr) -> Vec<u64> {
+        self.lock()
+            .queues
+            .get(&client)
+            .map(|queue| queue.iter().copied().collect())
+            .unwrap_or_default()
     }
 
     /// Sends a slot to `grant`, counted as `client`'s running generation;
@@ -250,21 +316,53 @@ impl State {
         }
     }
 
-    /// Puts the waiting generation `id` in `client`'s queue; whether it
-    /// was not there yet.
-    fn stand_in(&mut self, id: u64, client: IpAddr) -> bool {
+    /// Puts the waiting generation `id` in `client`'s queue, held as the
+    /// client's `own` or by one more of its requests; `None` if it is not
+    /// waiting, else whether it was not there yet.
+    fn stand_in(&mut self, id: u64, client: IpAddr, own: bool) -> Option<bool> {
+        let waiting = self.waiting.get_mut(&id)?;
+        let new = !waiting.clients.contains_key(&client);
+        let holders = waiting.clients.entry(client).or_default();
+        if own {
+            holders.own = true;
+        } else {
+            holders.requests += 1;
+        }
+        if new {
+            let queue = self.queues.entry(client).or_default();
+            if queue.is_empty() {
+                self.turns.push_back(client);
+            }
+            queue.push_back(id);
+        }
+        Some(new)
+    }
+
+    /// One of `client`'s requests no longer holds its place for the waiting
+    /// generation `id` (`kept`: it is the client's own from now on). With
+    /// nothing left holding it, the place leaves `client`'s queue; the
+    /// generation stays in the others' (the starter's own is always one).
+    fn step_out(&mut self, id: u64, client: IpAddr, kept: bool) {
         let Some(waiting) = self.waiting.get_mut(&id) else {
-            return false;
+            return;
         };
-        if !waiting.clients.insert(client) {
-            return false;
+        let Some(holders) = waiting.clients.get_mut(&client) else {
+            return;
+        };
+        holders.requests -= 1;
+        holders.own |= kept;
+        if holders.own || holders.requests > 0 {
+            return;
         }
-        let queue = self.queues.entry(client).or_default();
+        waiting.clients.remove(&client);
+        let Some(queue) = self.queues.get_mut(&client) else {
+            return;
+        };
+        queue.retain(|queued| *queued != id);
         if queue.is_empty() {
-            self.turns.push_back(client);
+            self.queues.remove(&client);
+            self.turns.retain(|turn| *turn != client);
         }
-        queue.push_back(id);
-        true
     }
 
     /// The gauge of clients waiting, after a change.
@@ -277,7 +375,7 @@ impl State {
     fn leave(&mut self, id: u64) -> Option<Waiting> {
         let waiting = self.waiting.remove(&id)?;
         let mut emptied = HashSet::new();
-        for client in &waiting.clients {
+        for client in waiting.clients.keys() {
             let Some(queue) = self.queues.get_mut(client) else {
                 continue;
             };
@@ -320,6 +418,28 @@ impl Drop for Queued {
             gone
         };
         drop(gone);
+    }
+}
+
+impl Place {
+    /// Keeps the place for as long as the generation waits, as the
+    /// client's own: a prewarm's, which no request of its client waits for
+    /// by design.
+    pub fn keep(mut self) {
+        if let Some(slots) = self.slots.take() {
+            let mut state = slots.lock();
+            state.step_out(self.id, self.client, true);
+        }
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        if let Some(slots) = self.slots.take() {
+            let mut state = slots.lock();
+            state.step_out(self.id, self.client, false);
+            state.publish();
+        }
     }
 }
 
@@ -450,9 +570,11 @@ mod tests {
         let slots = Slots::new(1);
         let held = granted(&mut slots.queue(client(9))).await;
         let mut burst: Vec<Queued> = (0..3).map(|_| slots.queue(client(1))).collect();
-        // Client 2 joins the crawler's last generation.
-        slots.also_for(burst[2].id(), client(2));
-        slots.also_for(burst[2].id(), client(2));
+        // Client 2 joins the crawler's last generation (two requests).
+        let _joined = [
+            slots.also_for(burst[2].id(), client(2)),
+            slots.also_for(burst[2].id(), client(2)),
+        ];
         drop(held);
         // Client 1's turn first (its oldest), then client 2's: the joined one.
         drop(granted(&mut burst[0]).await);
@@ -464,7 +586,7 @@ mod tests {
         // A generation that runs is in no queue: joining it changes nothing.
         let mut running = slots.queue(client(1));
         let permit = granted(&mut running).await;
-        slots.also_for(running.id(), client(3));
+        drop(slots.also_for(running.id(), client(3)));
         assert_eq!(slots.clients_waiting(), 0);
         drop(permit);
         assert_eq!(slots.lock().free, 1);
@@ -478,7 +600,7 @@ mod tests {
         // The starter runs its most: its second waits, a slot free.
         let mut second = slots.queue(client(1));
         not_granted(&mut second).await;
-        slots.also_for(second.id(), client(2));
+        let _place = slots.also_for(second.id(), client(2));
         let joined = granted(&mut second).await;
         assert_eq!(slots.clients_waiting(), 0);
         assert_eq!(slots.lock().running.get(&client(2)), Some(&1));
@@ -506,6 +628,105 @@ mod tests {
         drop(granted_not_taken);
         assert_eq!(slots.lock().free, 1);
         assert!(slots.lock().waiting.is_empty());
+    }
+
+    /// `docs/archiver.md#queue-and-503`: a client's place for a generation
+    /// it joined lasts while one of its requests waits for it. A client
+    /// that joined a crawler's queued generation and left is not charged
+    /// for it on its turn: its own later generation runs then, and the
+    /// crawler's runs on the crawler's turn. (Before, the place outlived
+    /// the client's requests: the crawler's generation ran on its turn,
+    /// as its running generation, ahead of its own.)
+    #[tokio::test(start_paused = true)]
+    async fn a_joins_place_leaves_the_clients_queue_with_its_last_request() {
+        let slots = Slots::new(1);
+        let held = granted(&mut slots.queue(client(9))).await;
+        let mut burst: Vec<Queued> = (0..3).map(|_| slots.queue(client(1))).collect();
+        // Client 2 joins the crawler's last generation with two requests.
+        let first = slots.also_for(burst[2].id(), client(2));
+        let second = slots.also_for(burst[2].id(), client(2));
+        assert_eq!(slots.queue_of(client(2)), [burst[2].id()]);
+        drop(first);
+        assert_eq!(slots.queue_of(client(2)), [burst[2].id()], "one waits");
+        drop(second);
+        assert!(slots.queue_of(client(2)).is_empty(), "the last one left");
+        assert_eq!(slots.clients_waiting(), 1);
+        // The crawler's own places stay.
+        assert_eq!(
+            slots.queue_of(client(1)),
+            burst.iter().map(Queued::id).collect::<Vec<_>>()
+        );
+        // Then client 2 asks for a generation of its own.
+        let mut own = slots.queue(client(2));
+        drop(held);
+        drop(granted(&mut burst[0]).await);
+        // Client 2's turn: its own generation, not the one it left.
+        let permit = granted(&mut own).await;
+        not_granted(&mut burst[2]).await;
+        drop(permit);
+        for queued in &mut burst[1..] {
+            drop(granted(queued).await);
+        }
+        assert_eq!(slots.clients_waiting(), 0);
+        assert_eq!(slots.lock().free, 1);
+        assert!(slots.lock().running.is_empty());
+        assert!(slots.lock().waiting.is_empty());
+    }
+
+    /// A prewarm's place ([`Place::keep`]) and the starter's own last as
+    /// long as the generation waits; a client joining its own generation
+    /// and leaving takes nothing away.
+    #[tokio::test(start_paused = true)]
+    async fn an_own_place_lasts_as_long_as_the_generation_waits() {
+        let slots = Slots::new(1);
+        let held = granted(&mut slots.queue(client(9))).await;
+        let mut crawler = slots.queue(client(1));
+        slots.also_for(crawler.id(), client(2)).keep();
+        drop(slots.also_for(crawler.id(), client(1)));
+        assert_eq!(slots.queue_of(client(1)), [crawler.id()]);
+        assert_eq!(slots.queue_of(client(2)), [crawler.id()]);
+        drop(held);
+        drop(granted(&mut crawler).await);
+        assert_eq!(slots.clients_waiting(), 0);
+        assert!(slots.lock().waiting.is_empty());
+    }
+
+    /// A slot granted on a joiner's turn and the joiner leaving, in either
+    /// order, under the one lock: granted first, the generation has its
+    /// slot (the place is gone with it, the permit is the generation's to
+    /// take or give back); left first, the turn goes to the next client.
+    #[tokio::test(start_paused = true)]
+    async fn a_slot_granted_on_a_joiners_turn_as_it_leaves_is_never_lost() {
+        for granted_first in [true, false] {
+            let slots = Slots::new(1);
+            // Client 1 runs: the next turn is client 2's, then client 3's.
+            let held = granted(&mut slots.queue(client(1))).await;
+            let mut crawler = slots.queue(client(1));
+            let joined = slots.also_for(crawler.id(), client(2));
+            let mut other = slots.queue(client(3));
+            if granted_first {
+                drop(held);
+                drop(joined);
+                // Granted on client 2's turn, counted as its running one.
+                assert_eq!(slots.lock().running.get(&client(2)), Some(&1));
+                let permit = granted(&mut crawler).await;
+                not_granted(&mut other).await;
+                drop(permit);
+                drop(granted(&mut other).await);
+            } else {
+                drop(joined);
+                drop(held);
+                // Client 2 left the turns: client 3's is next.
+                let permit = granted(&mut other).await;
+                not_granted(&mut crawler).await;
+                drop(permit);
+                drop(granted(&mut crawler).await);
+            }
+            assert_eq!(slots.lock().free, 1, "granted first: {granted_first}");
+            assert!(slots.lock().running.is_empty());
+            assert!(slots.lock().waiting.is_empty());
+            assert_eq!(slots.clients_waiting(), 0);
+        }
     }
 
     #[tokio::test(start_paused = true)]
