@@ -579,6 +579,100 @@ fn a_crawlers_queued_burst_does_not_stand_before_other_clients() {
     }));
 }
 
+/// `docs/archiver.md#queue-and-503`: a client's place for a generation it
+/// joined lasts only while its request waits. One slot, and a git that
+/// writes nothing until a line is written to its fifo. A crawler runs one
+/// generation and queues three more; another client joins the crawler's
+/// last queued one, disconnects, then asks for an archive of its own. Its
+/// turn runs its own; the crawler's last runs on the crawler's turn, last.
+/// (Before, the join's place outlived the request: the crawler's generation
+/// ran on the other client's turn, as its running generation, before its
+/// own.)
+#[test]
+fn a_join_that_left_costs_its_client_no_turn() {
+    let sandbox = Sandbox::new();
+    let (archiver, mut release) = archiver_with_paused_git(&sandbox, "1", &[]);
+    let waiting = |generations: f64, clients: f64| {
+        let metrics = archiver.metrics();
+        metrics.value("gitball_archiver_generations_in_flight", &[]) == 1.0
+            && metrics.value("gitball_archiver_generations_queued", &[]) == generations
+            && metrics.value("gitball_archiver_generations_queued_clients", &[]) == clients
+    };
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        let mut release = Releases {
+            fifo: &mut release,
+            left: 5,
+        };
+        let ask = |who: &'static str, client: &'static str, index: usize| {
+            let done = done.clone();
+            let archiver = &archiver;
+            scope.spawn(move || {
+                let answer = get(archiver, &cold(index), &[("X-Gitball-Client", client)]);
+                done.send((who, answer.status)).expect("the test waits");
+            });
+        };
+        let crawler = "198.51.100.1";
+        let other = "198.51.100.2";
+        ask("crawler 0", crawler, 0);
+        assert!(wait_until(SETTLE, || waiting(0.0, 0.0)), "crawler 0 runs");
+        for (n, who) in ["crawler 1", "crawler 2", "crawler 3"]
+            .into_iter()
+            .enumerate()
+        {
+            ask(who, crawler, n + 1);
+            let queued = (n + 1) as f64;
+            assert!(wait_until(SETTLE, || waiting(queued, 1.0)), "{who} queued");
+        }
+        let mut join = RawConnection::connect(archiver.addr).expect("connect");
+        join.send_request("GET", &cold(3), &[("X-Gitball-Client", other)])
+            .expect("send the request");
+        assert!(
+            wait_until(SETTLE, || waiting(3.0, 2.0)),
+            "the join waits on its client's turn"
+        );
+        drop(join);
+        let left = || {
+            archiver
+                .metrics()
+                .sum("gitball_archiver_requests_total", &[("code", "499")])
+        };
+        // Checked after the order, which says what it cost.
+        let place_left = wait_until(SETTLE, || left() == 1.0 && waiting(3.0, 1.0));
+        ask("own archive", other, 10);
+        assert!(
+            wait_until(SETTLE, || waiting(4.0, 2.0)),
+            "the other client's own archive waits"
+        );
+
+        let expected = [
+            "crawler 0",
+            // The other client has nothing running: its turn is next.
+            "own archive",
+            "crawler 1",
+            "crawler 2",
+            "crawler 3",
+        ];
+        for who in expected {
+            release.one();
+            let (ended, status) = finished
+                .recv_timeout(SETTLE)
+                .unwrap_or_else(|_| panic!("{who} did not end"));
+            assert_eq!(status, 200, "{ended}");
+            assert_eq!(ended, who, "the generation that ran next");
+        }
+        assert!(
+            place_left,
+            "the client's place for the crawler's generation outlived its request"
+        );
+    });
+    assert!(wait_until(SETTLE, || {
+        let metrics = archiver.metrics();
+        metrics.value("gitball_archiver_generations_queued_clients", &[]) == 0.0
+            && metrics.sum(GENERATIONS, &[("outcome", "ok")]) == 5.0
+    }));
+}
+
 /// `docs/archiver.md#queue-and-503`: a crawler sends a burst of cold
 /// requests and disconnects at once. Their generations, still queued, have
 /// no request left waiting for them: they leave the queue there and then,
