@@ -496,6 +496,33 @@ impl Drop for Releases<'_> {
     }
 }
 
+/// One generation running, `generations` queued, for `clients` clients.
+fn queue_is(archiver: &Archiver, generations: f64, clients: f64) -> bool {
+    let metrics = archiver.metrics();
+    metrics.value("gitball_archiver_generations_in_flight", &[]) == 1.0
+        && metrics.value("gitball_archiver_generations_queued", &[]) == generations
+        && metrics.value("gitball_archiver_generations_queued_clients", &[]) == clients
+}
+
+/// The crawler (198.51.100.1) asks for archives 0 to 3 (`ask(who,
+/// client, index)`): its first runs while the other three queue.
+fn crawler_runs_one_and_queues_three(
+    ask: &impl Fn(&'static str, &'static str, usize),
+    waiting: &impl Fn(f64, f64) -> bool,
+) {
+    let crawler = "198.51.100.1";
+    ask("crawler 0", crawler, 0);
+    assert!(wait_until(SETTLE, || waiting(0.0, 0.0)), "crawler 0 runs");
+    for (n, who) in ["crawler 1", "crawler 2", "crawler 3"]
+        .into_iter()
+        .enumerate()
+    {
+        ask(who, crawler, n + 1);
+        let queued = (n + 1) as f64;
+        assert!(wait_until(SETTLE, || waiting(queued, 1.0)), "{who} queued");
+    }
+}
+
 /// `docs/archiver.md#queue-and-503`: the generation slots go to the waiting
 /// clients in turn. One slot, and a git that writes nothing until a line is
 /// written to its fifo, so each line ends exactly one generation: the one
@@ -507,12 +534,7 @@ impl Drop for Releases<'_> {
 fn a_crawlers_queued_burst_does_not_stand_before_other_clients() {
     let sandbox = Sandbox::new();
     let (archiver, mut release) = archiver_with_paused_git(&sandbox, "1", &[]);
-    let waiting = |generations: f64, clients: f64| {
-        let metrics = archiver.metrics();
-        metrics.value("gitball_archiver_generations_in_flight", &[]) == 1.0
-            && metrics.value("gitball_archiver_generations_queued", &[]) == generations
-            && metrics.value("gitball_archiver_generations_queued_clients", &[]) == clients
-    };
+    let waiting = |generations: f64, clients: f64| queue_is(&archiver, generations, clients);
     let (done, finished) = std::sync::mpsc::channel();
     std::thread::scope(|scope| {
         let mut release = Releases {
@@ -527,17 +549,7 @@ fn a_crawlers_queued_burst_does_not_stand_before_other_clients() {
                 done.send((who, answer.status)).expect("the test waits");
             });
         };
-        let crawler = "198.51.100.1";
-        ask("crawler 0", crawler, 0);
-        assert!(wait_until(SETTLE, || waiting(0.0, 0.0)), "crawler 0 runs");
-        for (n, who) in ["crawler 1", "crawler 2", "crawler 3"]
-            .into_iter()
-            .enumerate()
-        {
-            ask(who, crawler, n + 1);
-            let queued = (n + 1) as f64;
-            assert!(wait_until(SETTLE, || waiting(queued, 1.0)), "{who} queued");
-        }
+        crawler_runs_one_and_queues_three(&ask, &waiting);
         ask("new archive", "198.51.100.2", 10);
         assert!(
             wait_until(SETTLE, || waiting(4.0, 2.0)),
@@ -592,12 +604,7 @@ fn a_crawlers_queued_burst_does_not_stand_before_other_clients() {
 fn a_join_that_left_costs_its_client_no_turn() {
     let sandbox = Sandbox::new();
     let (archiver, mut release) = archiver_with_paused_git(&sandbox, "1", &[]);
-    let waiting = |generations: f64, clients: f64| {
-        let metrics = archiver.metrics();
-        metrics.value("gitball_archiver_generations_in_flight", &[]) == 1.0
-            && metrics.value("gitball_archiver_generations_queued", &[]) == generations
-            && metrics.value("gitball_archiver_generations_queued_clients", &[]) == clients
-    };
+    let waiting = |generations: f64, clients: f64| queue_is(&archiver, generations, clients);
     let (done, finished) = std::sync::mpsc::channel();
     std::thread::scope(|scope| {
         let mut release = Releases {
@@ -612,18 +619,8 @@ fn a_join_that_left_costs_its_client_no_turn() {
                 done.send((who, answer.status)).expect("the test waits");
             });
         };
-        let crawler = "198.51.100.1";
         let other = "198.51.100.2";
-        ask("crawler 0", crawler, 0);
-        assert!(wait_until(SETTLE, || waiting(0.0, 0.0)), "crawler 0 runs");
-        for (n, who) in ["crawler 1", "crawler 2", "crawler 3"]
-            .into_iter()
-            .enumerate()
-        {
-            ask(who, crawler, n + 1);
-            let queued = (n + 1) as f64;
-            assert!(wait_until(SETTLE, || waiting(queued, 1.0)), "{who} queued");
-        }
+        crawler_runs_one_and_queues_three(&ask, &waiting);
         let mut join = RawConnection::connect(archiver.addr).expect("connect");
         join.send_request("GET", &cold(3), &[("X-Gitball-Client", other)])
             .expect("send the request");

@@ -1646,6 +1646,13 @@ mod tests {
         }
     }
 
+    /// A cache of `stub`'s with one generation slot.
+    fn one_slot(stub: &StubGit) -> Arc<Cache> {
+        let mut settings = stub.settings(1 << 20);
+        settings.max_generations = 1;
+        Cache::open(settings).unwrap()
+    }
+
     fn hit(lookup: Result<Lookup, LookupError>) -> Arc<CacheFile> {
         match lookup.unwrap() {
             Lookup::Hit(file) => file,
@@ -2848,9 +2855,7 @@ mod tests {
         // Children print a header and `abc`, then wait on a feed the test
         // never writes.
         let _feed = stub.feed();
-        let mut settings = stub.settings(1 << 20);
-        settings.max_generations = 1;
-        let cache = Cache::open(settings).unwrap();
+        let cache = one_slot(&stub);
 
         let running = miss(cache.lookup(stub.spec(1), CLIENT, "r1"));
         written(&running, HEADER_LEN + 3).await;
@@ -2921,9 +2926,7 @@ mod tests {
     async fn a_queued_generation_every_request_left_leaves_the_queue_and_never_runs() {
         let stub = StubGit::printing(b"abc");
         let feed = stub.feed();
-        let mut settings = stub.settings(1 << 20);
-        settings.max_generations = 1;
-        let cache = Cache::open(settings).unwrap();
+        let cache = one_slot(&stub);
         let other = IpAddr::from([198, 51, 100, 2]);
 
         let running = miss(cache.lookup(stub.spec(1), CLIENT, "r1"));
@@ -2973,9 +2976,7 @@ mod tests {
     async fn a_kept_generation_runs_with_no_request_waiting() {
         let stub = StubGit::printing(b"abc");
         let feed = stub.feed();
-        let mut settings = stub.settings(1 << 20);
-        settings.max_generations = 1;
-        let cache = Cache::open(settings).unwrap();
+        let cache = one_slot(&stub);
 
         let running = miss(cache.lookup(stub.spec(1), CLIENT, "r1"));
         written(&running, HEADER_LEN + 3).await;
@@ -3007,9 +3008,7 @@ mod tests {
     #[tokio::test]
     async fn a_slot_granted_as_the_last_request_leaves_goes_to_the_next_generation() {
         let stub = StubGit::printing(b"abc");
-        let mut settings = stub.settings(1 << 20);
-        settings.max_generations = 1;
-        let cache = Cache::open(settings).unwrap();
+        let cache = one_slot(&stub);
         for (n, slot_first) in [(0, true), (1, false)] {
             // The test holds the one slot itself.
             let mut holder = cache.slots.queue(IpAddr::from([198, 51, 100, 9]));
@@ -3058,9 +3057,7 @@ mod tests {
     #[tokio::test]
     async fn a_join_left_gives_its_clients_turn_back_to_its_own_generations() {
         let stub = StubGit::printing(b"abc");
-        let mut settings = stub.settings(1 << 20);
-        settings.max_generations = 1;
-        let cache = Cache::open(settings).unwrap();
+        let cache = one_slot(&stub);
         let crawler = IpAddr::from([198, 51, 100, 1]);
         let other = IpAddr::from([198, 51, 100, 2]);
         let mut holder = cache.slots.queue(IpAddr::from([198, 51, 100, 9]));
@@ -3121,9 +3118,7 @@ mod tests {
     #[tokio::test]
     async fn a_slot_granted_on_a_joiners_turn_as_it_leaves_goes_to_the_next_client() {
         let stub = StubGit::printing(b"abc");
-        let mut settings = stub.settings(1 << 20);
-        settings.max_generations = 1;
-        let cache = Cache::open(settings).unwrap();
+        let cache = one_slot(&stub);
         let crawler = IpAddr::from([198, 51, 100, 1]);
         let joiner = IpAddr::from([198, 51, 100, 2]);
         let next = IpAddr::from([198, 51, 100, 3]);
@@ -3171,9 +3166,7 @@ mod tests {
     async fn a_queued_generation_holds_no_file_until_its_slot() {
         let stub = StubGit::printing(b"abc");
         let feed = stub.feed();
-        let mut settings = stub.settings(1 << 20);
-        settings.max_generations = 1;
-        let cache = Cache::open(settings).unwrap();
+        let cache = one_slot(&stub);
 
         let running = miss(cache.lookup(stub.spec(1), CLIENT, "r1"));
         written(&running, HEADER_LEN + 3).await;
