@@ -62,27 +62,20 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use http_body_util::Empty;
-use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
-use tower::ServiceExt;
-use tower::util::MapResponse;
 
 use crate::error::Error;
+use crate::pool::{Pool, PooledBody, SendError};
 use crate::routes::{Candidate, Role};
 use crate::upstream::Health;
-use crate::window::{SMALL_RECV_BUFFER_BYTES, WindowedIo};
 
 /// How long an idle pooled upstream connection is kept, and reused: half
 /// the archiver's keep-alive timeout (it closes a connection that sent no
 /// new head within `HEADER_READ_TIMEOUT`, 10 s, of its last response), so
-/// the proxy never sends a request on a connection the archiver is closing
-/// at that moment. Such a request fails after it was written (it cannot be
-/// retried as unsent), an `error` attempt against a healthy archiver. It
-/// was 20 s, on the belief that the archiver kept connections longer
-/// (mutation review).
+/// the proxy rarely sends a request on a connection the archiver is
+/// closing at that moment. Such a request is sent again on a new
+/// connection (`pool`), which costs a connect. It was 20 s, on the belief
+/// that the archiver kept connections longer (mutation review).
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// At most this many idle connections per upstream in each serving
@@ -124,39 +117,9 @@ pub fn keep_alive(stream: &TcpStream) {
     }
 }
 
-/// The client for archivers: plain HTTP/1, requests without a body.
-pub type UpstreamClient = Client<UpstreamConnector, Empty<Bytes>>;
-
-/// Connects to archivers; each connection's window is then the download's
-/// (`window`).
-pub type UpstreamConnector = MapResponse<HttpConnector, fn(TokioIo<TcpStream>) -> WindowedIo>;
-
-/// An upstream response: headers received, body not yet read.
-pub type UpstreamResponse = http::Response<Incoming>;
-
-/// Builds the client for archivers. No total timeout: it would bound the
-/// whole body, and a download may rightly take an hour. Time to headers is
-/// bounded by the caller, body progress by the client's pace. No proxy from
-/// the environment and no redirects: archivers are addressed directly.
-pub fn upstream_client(connect_timeout: Duration) -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(connect_timeout));
-    connector.set_nodelay(true);
-    connector.set_keepalive(Some(TCP_KEEPALIVE));
-    connector.set_keepalive_interval(Some(TCP_KEEPALIVE));
-    connector.set_keepalive_retries(Some(TCP_KEEPALIVE_RETRIES));
-    connector.set_recv_buffer_size(Some(SMALL_RECV_BUFFER_BYTES));
-    let connector: UpstreamConnector =
-        connector.map_response(WindowedIo::new as fn(TokioIo<TcpStream>) -> WindowedIo);
-    Client::builder(TokioExecutor::new())
-        // Without a timer the pool never expires idle connections.
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .pool_max_idle_per_host(POOL_MAX_IDLE_PER_UPSTREAM)
-        .http1_read_buf_exact_size(UPSTREAM_READ_BUFFER_BYTES)
-        .build(connector)
-}
+/// An upstream response: headers received, body not yet read; the body
+/// gives its connection back to the pool when it ends whole.
+pub type UpstreamResponse = http::Response<PooledBody>;
 
 /// The body's length when the upstream framed it with `Content-Length`
 /// (zero for `HEAD`, `204` and `304`, which have none).
@@ -164,11 +127,11 @@ pub fn body_length(response: &UpstreamResponse) -> Option<u64> {
     hyper::body::Body::size_hint(response.body()).exact()
 }
 
-/// Forwarding settings plus the HTTP client (one connection pool for every
-/// upstream). A clone shares the pool; [`Forwarder::with_own_pool`] does not.
+/// Forwarding settings plus the connection pool (one for every upstream).
+/// A clone shares the pool; [`Forwarder::with_own_pool`] does not.
 #[derive(Debug, Clone)]
 pub struct Forwarder {
-    client: UpstreamClient,
+    pool: Pool,
     connect_timeout: Duration,
     health: Arc<Health>,
     header_timeout: Duration,
@@ -311,11 +274,13 @@ pub fn classify(status: StatusCode, headers: &HeaderMap, role: Role) -> Outcome 
     }
 }
 
-fn classify_error(error: &hyper_util::client::legacy::Error) -> Outcome {
+fn classify_error(error: &SendError) -> Outcome {
     if out_of_local_resources(error) {
         Outcome::Overloaded
-    } else if error.is_connect() {
-        if is_timeout(error) {
+    } else if matches!(error, SendError::ConnectTimeout(_)) {
+        Outcome::ConnectTimeout
+    } else if let SendError::Connect(error) = error {
+        if error.kind() == std::io::ErrorKind::TimedOut {
             Outcome::ConnectTimeout
         } else {
             Outcome::ConnectError
@@ -372,7 +337,7 @@ impl Forwarder {
         header_timeout: Duration,
         upstream_token: Option<&str>,
     ) -> anyhow::Result<Forwarder> {
-        let client = upstream_client(connect_timeout);
+        let pool = Pool::new(connect_timeout);
         let authorization = upstream_token
             .map(|token| {
                 let mut value = HeaderValue::try_from(format!("Bearer {token}"))?;
@@ -382,7 +347,7 @@ impl Forwarder {
             .transpose()
             .map_err(|_| anyhow::anyhow!("the upstream token is not a valid header value"))?;
         Ok(Forwarder {
-            client,
+            pool,
             connect_timeout,
             health,
             header_timeout,
@@ -416,7 +381,7 @@ impl Forwarder {
     /// different threads again.
     pub fn with_own_pool(&self) -> Forwarder {
         Forwarder {
-            client: upstream_client(self.connect_timeout),
+            pool: Pool::new(self.connect_timeout),
             ..self.clone()
         }
     }
@@ -554,39 +519,35 @@ impl Forwarder {
         candidate: &Candidate,
         request: &UpstreamRequest,
     ) -> (Outcome, Option<UpstreamResponse>) {
-        let mut url =
-            String::with_capacity(candidate.upstream.len() + request.path_and_query.len());
-        url.push_str(&candidate.upstream);
-        url.push_str(&request.path_and_query);
-        let uri = match http::Uri::try_from(url) {
+        // Origin-form, as sent: the pool knows the upstream's address and
+        // sets its `Host`.
+        let uri = match http::Uri::from_maybe_shared(Bytes::from(request.path_and_query.clone())) {
             Ok(uri) => uri,
             Err(error) => {
                 tracing::debug!(upstream = %candidate.upstream, %error, "no valid upstream URL");
                 return (Outcome::Error, None);
             }
         };
-        let mut upstream_request = http::Request::new(Empty::new());
-        *upstream_request.method_mut() = request.method.clone();
-        *upstream_request.headers_mut() = request.headers.clone();
-        // The `Host` hyper's client would add, `host:port` for a port
-        // other than 80, without its `format!` (a proxied hit's CPU); any
-        // other authority gets the client's own.
-        if let Some(authority) = uri.authority()
-            && authority.port_u16().is_some_and(|port| port != 80)
-            && !authority.as_str().contains('@')
-            && let Ok(host) = HeaderValue::from_str(authority.as_str())
-        {
+        // Parsed again only for a request sent again (a `Uri`'s clone
+        // would allocate).
+        let mut first = Some(uri);
+        let make = move || {
+            let uri = first.take().unwrap_or_else(|| {
+                http::Uri::from_maybe_shared(Bytes::from(request.path_and_query.clone()))
+                    .unwrap_or_default()
+            });
+            let mut upstream_request = http::Request::new(Empty::new());
+            *upstream_request.method_mut() = request.method.clone();
+            *upstream_request.headers_mut() = request.headers.clone();
+            *upstream_request.uri_mut() = uri;
+            if let Some(authorization) = &self.authorization {
+                upstream_request
+                    .headers_mut()
+                    .insert(http::header::AUTHORIZATION, authorization.clone());
+            }
             upstream_request
-                .headers_mut()
-                .insert(http::header::HOST, host);
-        }
-        *upstream_request.uri_mut() = uri;
-        if let Some(authorization) = &self.authorization {
-            upstream_request
-                .headers_mut()
-                .insert(http::header::AUTHORIZATION, authorization.clone());
-        }
-        let send = self.client.request(upstream_request);
+        };
+        let send = self.pool.send(&candidate.upstream, make);
         let header_timeout = if request.answered_when_complete() {
             self.header_timeout.max(COMPLETE_ARCHIVE_TIMEOUT)
         } else {
@@ -933,10 +894,9 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let address = listener.local_addr().unwrap();
         drop(listener);
-        let mut request = http::Request::new(Empty::new());
-        *request.uri_mut() = format!("http://{address}/").parse().unwrap();
-        let error = upstream_client(Duration::from_secs(5))
-            .request(request)
+        let upstream: Arc<str> = format!("http://{address}").into();
+        let error = Pool::new(Duration::from_secs(5))
+            .send(&upstream, || http::Request::new(Empty::new()))
             .await
             .unwrap_err();
         assert_eq!(classify_error(&error), Outcome::ConnectError);

@@ -37,6 +37,7 @@ pub mod forward;
 pub mod http;
 pub mod metrics;
 pub mod pipe;
+pub mod pool;
 pub mod prewarm;
 pub mod resume;
 pub mod routes;
@@ -455,15 +456,17 @@ const EMBEDDED_START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Waits until the archiver at `base` answers `/healthz` with `200`.
 async fn wait_healthy(base: &str) -> anyhow::Result<()> {
     const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
-    let client = forward::upstream_client(ATTEMPT_TIMEOUT);
-    let uri: ::http::Uri = format!("{base}/healthz")
-        .parse()
-        .with_context(|| format!("embedded archiver address {base}"))?;
+    let pool = pool::Pool::new(ATTEMPT_TIMEOUT);
+    let upstream: std::sync::Arc<str> = base.into();
+    let uri = ::http::Uri::from_static("/healthz");
     let deadline = tokio::time::Instant::now() + EMBEDDED_START_TIMEOUT;
-    loop {
+    let request = || {
         let mut request = ::http::Request::new(http_body_util::Empty::new());
         *request.uri_mut() = uri.clone();
-        let answer = tokio::time::timeout(ATTEMPT_TIMEOUT, client.request(request)).await;
+        request
+    };
+    loop {
+        let answer = tokio::time::timeout(ATTEMPT_TIMEOUT, pool.send(&upstream, request)).await;
         if answer.is_ok_and(|answer| answer.is_ok_and(|response| response.status().is_success())) {
             return Ok(());
         }

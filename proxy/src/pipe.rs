@@ -316,10 +316,7 @@ impl Pipe {
     ) -> Pipe {
         let expected_bytes = body_length(&response);
         let archive = response.status().is_success();
-        let window = response
-            .extensions()
-            .get::<UpstreamWindow>()
-            .map(UpstreamWindow::for_download);
+        let window = response.body().window().map(UpstreamWindow::for_download);
         let body = response
             .into_body()
             .into_data_stream()

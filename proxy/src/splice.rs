@@ -373,7 +373,7 @@ async fn open(
 
 /// A connection to `address` (`host:port`), with the upstream
 /// connections' socket options and a receive buffer of `recv_buffer`.
-async fn connect(address: &str, recv_buffer: usize) -> io::Result<TcpStream> {
+pub(crate) async fn connect(address: &str, recv_buffer: usize) -> io::Result<TcpStream> {
     let mut last_error = None;
     for address in tokio::net::lookup_host(address).await? {
         let socket = if address.is_ipv4() {

@@ -20,8 +20,8 @@
 //!
 //! The socket is reached without a second fd: the connection's I/O object
 //! ([`WindowedIo`]) owns the `TcpStream` and applies the size the download
-//! asked for ([`UpstreamWindow`], which hyper-util copies into each
-//! response's extensions) at its next read or write.
+//! asked for ([`UpstreamWindow`], which the pool hands to each response's
+//! body, `pool::PooledBody::window`) at its next read or write.
 
 use std::io;
 use std::pin::Pin;
@@ -31,7 +31,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
@@ -135,6 +134,12 @@ impl WindowedIo {
         }
     }
 
+    /// The window of the downloads on this connection, which the pool
+    /// hands to each response (`pool`).
+    pub fn window(&self) -> &UpstreamWindow {
+        &self.window
+    }
+
     fn apply(&mut self) {
         let wanted = self.window.wanted();
         if wanted != self.applied {
@@ -144,12 +149,6 @@ impl WindowedIo {
                 tracing::debug!(%error, wanted, "upstream SO_RCVBUF not set");
             }
         }
-    }
-}
-
-impl Connection for WindowedIo {
-    fn connected(&self) -> Connected {
-        self.io.connected().extra(self.window.clone())
     }
 }
 
@@ -281,14 +280,5 @@ mod tests {
         let mut answer = [0u8; 6];
         io.read_exact(&mut answer).await.unwrap();
         assert_eq!(recv_buffer(&io), small);
-    }
-
-    #[tokio::test]
-    async fn connected_hands_the_window_to_each_response() {
-        let (io, window, _peer) = connection().await;
-        let mut extensions = http::Extensions::new();
-        io.inner().connected().get_extras(&mut extensions);
-        let handed = extensions.get::<UpstreamWindow>().expect("the window");
-        assert!(Arc::ptr_eq(&handed.0, &window.0));
     }
 }

@@ -1,0 +1,537 @@
+//! Upstream connections: opened, kept idle between requests, reused.
+//!
+//! Each serving thread's [`crate::forward::Forwarder`] has one [`Pool`]
+//! (see `crate::Proxy::serve`), holding the idle HTTP/1 connections to
+//! every upstream it has talked to, each upstream's in a list of its own
+//! found by its name (a few upstreams: compared, not hashed). A request
+//! takes the connection that came back last, or opens one; its response's
+//! body gives the connection back when it ends whole ([`PooledBody`]).
+//! Built on hyper's connection API rather than hyper-util's pooled client,
+//! which cost a small hit about a quarter of the proxy's instructions (a
+//! SipHash of the authority per checkout and return, a task spawned per
+//! response to wait for the connection to be ready again, the URI's
+//! authority parsed and cut away again).
+//!
+//! What it guarantees, as that client did (docs/internal-api.md,
+//! "Connections"):
+//!
+//! - a connection is reused only after its previous response's body ended
+//!   whole; one whose body was dropped before its end (the client left,
+//!   a `5xx` failed over) is closed, never pooled;
+//! - an idle connection the upstream closed is not used, and a request
+//!   that a reused connection turned away unsent, or that met its end or
+//!   a reset before any byte of an answer (the upstream's close crossed
+//!   the request), is sent again on another; the same on a new connection
+//!   is the attempt's failure (and the caller's failover). The proxy's
+//!   requests are `GET`s and `HEAD`s, safe to send twice, and a connection
+//!   its upstream closed served none of them;
+//! - at most [`POOL_MAX_IDLE_PER_UPSTREAM`] idle connections per upstream;
+//!   one whose body ends when its list is full is closed;
+//! - an idle connection is closed [`POOL_IDLE_TIMEOUT`] after it came back
+//!   (a task per pool, running only while something is idle);
+//! - connects time out after `--connect-timeout`; each connection opens
+//!   with the small receive window (`window`), TCP keep-alive and no
+//!   Nagle, and reads into a fixed [`UPSTREAM_READ_BUFFER_BYTES`] buffer.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::HeaderValue;
+use http_body_util::Empty;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+// The runtime's clock, which a test can pause.
+use tokio::time::Instant;
+
+use crate::forward::{POOL_IDLE_TIMEOUT, POOL_MAX_IDLE_PER_UPSTREAM, UPSTREAM_READ_BUFFER_BYTES};
+use crate::window::{SMALL_RECV_BUFFER_BYTES, UpstreamWindow, WindowedIo};
+
+/// The requests sent upstream: no body.
+pub type UpstreamRequestBody = Empty<Bytes>;
+
+/// Why no response head came back from an upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("the upstream {0:?} is not an http://host:port URL")]
+    NotHttp(Arc<str>),
+    #[error("connecting: {0}")]
+    Connect(#[source] io::Error),
+    #[error("no connection within {0:?}")]
+    ConnectTimeout(Duration),
+    /// The handshake or the exchange failed.
+    #[error("{0}")]
+    Http(#[source] hyper::Error),
+}
+
+/// One serving thread's idle upstream connections. A clone shares them.
+#[derive(Clone)]
+pub struct Pool {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("Pool").finish_non_exhaustive()
+    }
+}
+
+struct Shared {
+    connect_timeout: Duration,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    upstreams: Vec<Upstream>,
+    /// Whether the task closing expired idle connections runs.
+    reaping: bool,
+}
+
+/// One upstream's address and idle connections, oldest first.
+struct Upstream {
+    name: Arc<str>,
+    /// `host:port`, for the connect.
+    address: String,
+    /// The `Host` of every request to it.
+    host: HeaderValue,
+    idle: std::collections::VecDeque<Idle>,
+}
+
+struct Idle {
+    connection: Connection,
+    since: Instant,
+}
+
+/// An open connection's sending half and its receive window.
+struct Connection {
+    sender: SendRequest<UpstreamRequestBody>,
+    window: UpstreamWindow,
+}
+
+impl Pool {
+    pub fn new(connect_timeout: Duration) -> Pool {
+        Pool {
+            shared: Arc::new(Shared {
+                connect_timeout,
+                state: Mutex::new(State::default()),
+            }),
+        }
+    }
+
+    /// Sends the request `make` makes (origin-form URI, a `GET` or `HEAD`;
+    /// its `Host` is set here) to `upstream` (`http://host:port`) and
+    /// waits for the response head. Not bounded in time but for the
+    /// connect: the caller bounds it. `make` is called again only for a
+    /// request sent again (see the module docs).
+    pub async fn send(
+        &self,
+        upstream: &Arc<str>,
+        mut make: impl FnMut() -> http::Request<UpstreamRequestBody>,
+    ) -> Result<http::Response<PooledBody>, SendError> {
+        let (index, host) = {
+            let mut state = self.shared.lock();
+            let index = state.upstream(upstream)?;
+            (index, state.upstreams[index].host.clone())
+        };
+        let mut request = make();
+        loop {
+            request
+                .headers_mut()
+                .insert(http::header::HOST, host.clone());
+            let (mut connection, reused) = match self.checkout(index).await {
+                Some(connection) => (connection, true),
+                None => (self.connect(index).await?, false),
+            };
+            match connection.sender.try_send_request(request).await {
+                Ok(response) => {
+                    let (parts, body) = response.into_parts();
+                    let mut body = PooledBody {
+                        body,
+                        back: Some(Back {
+                            pool: Arc::downgrade(&self.shared),
+                            index,
+                            connection,
+                        }),
+                    };
+                    if body.body.is_end_stream() {
+                        // No body (a `HEAD`, a `304`): the connection is
+                        // done with this exchange already.
+                        body.give_back();
+                    }
+                    return Ok(http::Response::from_parts(parts, body));
+                }
+                Err(mut error) => match error.take_message() {
+                    // Turned away unsent by a connection that was closing
+                    // as it was taken: another may take it. On a new
+                    // connection, any failure is the attempt's.
+                    Some(unsent) if reused => request = unsent,
+                    // Written, and the connection closed before any answer:
+                    // the upstream's close crossed the request (a `GET` or
+                    // `HEAD`, safe to send again).
+                    _ if reused && closed_unanswered(error.error()) => request = make(),
+                    _ => return Err(SendError::Http(error.into_error())),
+                },
+            }
+        }
+    }
+
+    /// The upstream's most recent idle connection that is still open,
+    /// once it is ready for a request.
+    async fn checkout(&self, index: usize) -> Option<Connection> {
+        loop {
+            let mut connection = {
+                let mut state = self.shared.lock();
+                let slot = state.upstreams.get_mut(index)?;
+                loop {
+                    let idle = slot.idle.pop_back()?;
+                    if !idle.connection.sender.is_closed()
+                        && idle.since.elapsed() < POOL_IDLE_TIMEOUT
+                    {
+                        break idle.connection;
+                    }
+                }
+            };
+            // A body that ended leaves its connection a moment before the
+            // connection's task has taken the end in and asks for more.
+            if connection.sender.is_ready() || connection.sender.ready().await.is_ok() {
+                return Some(connection);
+            }
+        }
+    }
+
+    async fn connect(&self, index: usize) -> Result<Connection, SendError> {
+        let address = self.shared.lock().upstreams[index].address.clone();
+        let connect_timeout = self.shared.connect_timeout;
+        let stream = tokio::time::timeout(
+            connect_timeout,
+            crate::splice::connect(&address, SMALL_RECV_BUFFER_BYTES),
+        )
+        .await
+        .map_err(|_| SendError::ConnectTimeout(connect_timeout))?
+        .map_err(SendError::Connect)?;
+        let io = WindowedIo::new(TokioIo::new(stream));
+        let window = io.window().clone();
+        let (sender, connection) = http1::Builder::new()
+            .read_buf_exact_size(Some(UPSTREAM_READ_BUFFER_BYTES))
+            .handshake(io)
+            .await
+            .map_err(SendError::Http)?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "upstream connection failed");
+            }
+        });
+        Ok(Connection { sender, window })
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Nothing panics while holding it; a poisoned state is still a
+        // list of connections.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Keeps `connection` idle, unless its upstream has its fill; starts
+    /// the reaper if it is not running.
+    fn give_back(self: &Arc<Shared>, index: usize, connection: Connection) {
+        if connection.sender.is_closed() {
+            return;
+        }
+        let mut state = self.lock();
+        let Some(slot) = state.upstreams.get_mut(index) else {
+            return;
+        };
+        if slot.idle.len() >= POOL_MAX_IDLE_PER_UPSTREAM {
+            return;
+        }
+        slot.idle.push_back(Idle {
+            connection,
+            since: Instant::now(),
+        });
+        if !state.reaping {
+            state.reaping = true;
+            tokio::spawn(reap(Arc::downgrade(self)));
+        }
+    }
+}
+
+impl State {
+    /// The index of `upstream`'s list, added at its first request.
+    fn upstream(&mut self, upstream: &Arc<str>) -> Result<usize, SendError> {
+        if let Some(index) = self
+            .upstreams
+            .iter()
+            .position(|slot| Arc::ptr_eq(&slot.name, upstream) || *slot.name == **upstream)
+        {
+            return Ok(index);
+        }
+        let not_http = || SendError::NotHttp(upstream.clone());
+        let uri = http::Uri::try_from(&**upstream).map_err(|_| not_http())?;
+        let (Some("http"), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+            return Err(not_http());
+        };
+        let port = authority.port_u16().unwrap_or(80);
+        let host = if port == 80 {
+            authority.host().to_owned()
+        } else {
+            format!("{}:{port}", authority.host())
+        };
+        self.upstreams.push(Upstream {
+            name: upstream.clone(),
+            address: format!("{}:{port}", authority.host()),
+            host: HeaderValue::try_from(host).map_err(|_| not_http())?,
+            idle: Default::default(),
+        });
+        Ok(self.upstreams.len() - 1)
+    }
+}
+
+/// Whether `error` says the connection closed (an end, a reset) with no
+/// byte of a response on it.
+fn closed_unanswered(error: &hyper::Error) -> bool {
+    use std::error::Error as _;
+    error.is_incomplete_message()
+        || error
+            .source()
+            .and_then(|source| source.downcast_ref::<io::Error>())
+            .is_some_and(|error| {
+                matches!(
+                    error.kind(),
+                    io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::BrokenPipe
+                        | io::ErrorKind::ConnectionAborted
+                )
+            })
+}
+
+/// Closes idle connections [`POOL_IDLE_TIMEOUT`] after they came back, and
+/// those their upstream closed; ends when none is idle (or the pool is
+/// gone).
+async fn reap(pool: Weak<Shared>) {
+    let mut wait = POOL_IDLE_TIMEOUT;
+    loop {
+        tokio::time::sleep(wait).await;
+        let Some(shared) = pool.upgrade() else {
+            return;
+        };
+        let mut state = shared.lock();
+        let now = Instant::now();
+        let mut oldest: Option<Instant> = None;
+        for slot in &mut state.upstreams {
+            slot.idle.retain(|idle| {
+                now.duration_since(idle.since) < POOL_IDLE_TIMEOUT
+                    && !idle.connection.sender.is_closed()
+            });
+            if let Some(first) = slot.idle.front() {
+                oldest = Some(oldest.map_or(first.since, |oldest| oldest.min(first.since)));
+            }
+        }
+        match oldest {
+            Some(oldest) => {
+                wait = (oldest + POOL_IDLE_TIMEOUT).saturating_duration_since(now)
+                    + Duration::from_millis(1);
+            }
+            None => {
+                state.reaping = false;
+                return;
+            }
+        }
+    }
+}
+
+/// An upstream response's body, which gives its connection back to the
+/// pool when it ends whole; dropped before, it closes the connection.
+pub struct PooledBody {
+    body: Incoming,
+    back: Option<Back>,
+}
+
+struct Back {
+    pool: Weak<Shared>,
+    /// Its upstream's place in the pool's list, which only grows.
+    index: usize,
+    connection: Connection,
+}
+
+impl std::fmt::Debug for PooledBody {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("PooledBody")
+            .field("body", &self.body)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PooledBody {
+    /// The receive window of the connection the body comes on (`window`);
+    /// `None` once the body ended.
+    pub fn window(&self) -> Option<&UpstreamWindow> {
+        self.back.as_ref().map(|back| &back.connection.window)
+    }
+
+    fn give_back(&mut self) {
+        if let Some(back) = self.back.take()
+            && let Some(pool) = back.pool.upgrade()
+        {
+            pool.give_back(back.index, back.connection);
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let frame = Pin::new(&mut this.body).poll_frame(cx);
+        match &frame {
+            Poll::Ready(None) => this.give_back(),
+            Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.give_back(),
+            // An error: the connection is broken, and dropped.
+            Poll::Ready(Some(Err(_))) => this.back = None,
+            _ => {}
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use std::io::{Read, Write};
+
+    const ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+
+    /// Reads one request head from `stream` (a test upstream's).
+    fn read_head(stream: &mut std::net::TcpStream) {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(stream.read(&mut byte).expect("read"), 1, "a whole head");
+            head.push(byte[0]);
+        }
+    }
+
+    fn request() -> http::Request<UpstreamRequestBody> {
+        let mut request = http::Request::new(Empty::new());
+        *request.uri_mut() = http::Uri::from_static("/acme/widget/archive/main.tar.gz");
+        request
+    }
+
+    /// docs/internal-api.md, "Connections": a request written on an idle
+    /// connection that the archiver had just closed (the close not yet
+    /// seen by the proxy) goes out again on a new connection instead of
+    /// failing. (The archiver closes connections idle for its keep-alive
+    /// timeout; the pool lets them go earlier, but a close can still meet
+    /// a request.)
+    #[tokio::test]
+    async fn a_request_crossing_an_idle_connections_close_is_sent_again() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let upstream: Arc<str> = format!("http://{}", listener.local_addr().unwrap()).into();
+        let (first, first_connection) = std::sync::mpsc::channel();
+        let server = std::thread::spawn(move || {
+            // The first connection answers once and is handed to the test,
+            // which closes it; the second answers the request sent again.
+            let (mut stream, _) = listener.accept().unwrap();
+            read_head(&mut stream);
+            stream.write_all(ANSWER).unwrap();
+            first.send(stream).unwrap();
+            let (mut stream, _) = listener.accept().unwrap();
+            read_head(&mut stream);
+            stream.write_all(ANSWER).unwrap();
+            stream
+        });
+        let pool = Pool::new(Duration::from_secs(5));
+        let response = pool
+            .send(&upstream, request)
+            .await
+            .expect("the first answer");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok");
+        // Until the connection is back and ready for the next request: the
+        // close below must meet it idle and trusted.
+        let ready = |pool: &Pool| {
+            let state = pool.shared.lock();
+            state.upstreams[0]
+                .idle
+                .back()
+                .is_some_and(|idle| idle.connection.sender.is_ready())
+        };
+        for _ in 0..10_000 {
+            if ready(&pool) {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(ready(&pool), "the connection came back to the pool");
+        // The archiver closes it; the pool's connection task has not run
+        // since (nothing yields before the request is handed to it).
+        drop(first_connection.recv().unwrap());
+        let response = pool
+            .send(&upstream, request)
+            .await
+            .expect("sent again on a new connection");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok");
+        drop(server.join().unwrap());
+    }
+    /// The number of idle connections the pool holds to its first upstream.
+    fn idle(pool: &Pool) -> usize {
+        pool.shared.lock().upstreams[0].idle.len()
+    }
+
+    /// docs/internal-api.md, "Connections": an idle connection is closed
+    /// when it has been idle for 5 s, not before, and not only when the
+    /// next request comes.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_closed_when_the_idle_timeout_ends() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let upstream: Arc<str> = format!("http://{}", listener.local_addr().unwrap()).into();
+        let (closed, closed_at) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            read_head(&mut stream);
+            stream.write_all(ANSWER).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(60)))
+                .unwrap();
+            let mut more = [0u8; 1];
+            let _ = closed.send(stream.read(&mut more).map_err(|error| error.kind()));
+        });
+        let pool = Pool::new(Duration::from_secs(5));
+        let response = pool.send(&upstream, request).await.expect("the answer");
+        response.into_body().collect().await.unwrap();
+        assert_eq!(idle(&pool), 1, "the connection came back");
+        tokio::time::sleep(POOL_IDLE_TIMEOUT - Duration::from_millis(10)).await;
+        assert_eq!(idle(&pool), 1, "kept until its idle timeout");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(idle(&pool), 0, "let go at its idle timeout");
+        let read =
+            tokio::task::spawn_blocking(move || closed_at.recv_timeout(Duration::from_secs(30)))
+                .await
+                .unwrap()
+                .expect("the upstream saw the connection end");
+        assert_eq!(read, Ok(0), "closed by the proxy");
+    }
+}
