@@ -4953,3 +4953,25 @@ fn upstream_token_is_sent_and_its_absence_never_leaks_a_401() {
     // Proxies are independent: the one with the token is unaffected.
     fetch_ok(with_token.addr, path);
 }
+
+/// proxy/src/main.rs: the proxy's jemalloc keeps freed blocks up to
+/// 64 KiB in each thread's cache (the upstream read buffer's size), on
+/// top of `.cargo/config.toml`'s options. jemalloc says which options it
+/// set when asked to confirm them.
+#[test]
+fn the_proxys_allocator_caches_freed_read_buffers_per_thread() {
+    let output = Command::new(gitball_e2e::binary_path("gitball-proxy"))
+        .arg("--version")
+        .env("_RJEM_MALLOC_CONF", "confirm_conf:true")
+        .output()
+        .expect("run the proxy");
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        said.contains("Set conf value: tcache_max:65536"),
+        "jemalloc said:\n{said}"
+    );
+    assert!(
+        said.contains("Set conf value: background_thread:true"),
+        "jemalloc said:\n{said}"
+    );
+}

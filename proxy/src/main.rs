@@ -20,6 +20,21 @@ use tokio::signal::unix::{SignalKind, signal};
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// The proxy's own jemalloc options, read after `.cargo/config.toml`'s
+/// (jemalloc's `malloc_conf` global; the prefixed build names it
+/// `_rjem_malloc_conf`). `tcache_max:65536`: each thread keeps freed blocks
+/// up to 64 KiB in its cache (jemalloc's default stops at 32 KiB), so the
+/// upstream connection's 64 KiB read buffer, which hyper allocates anew for
+/// each response whose last chunk is still held, comes from the thread's
+/// cache instead of the arena's extents: about 2,500 instructions of a
+/// small hit's 60,400 (callgrind). A thread's cache holds at most 20 such
+/// blocks per size class, and is flushed as it goes unused.
+#[allow(unsafe_code)]
+// SAFETY: jemalloc declares this symbol weak (`const char *malloc_conf`)
+// and only reads it, as a NUL-terminated string; nothing else defines it.
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static MALLOC_CONF: &[u8; 17] = b"tcache_max:65536\0";
+
 fn main() -> anyhow::Result<()> {
     // Not `#[tokio::main]`: the exit does not wait for an embedded
     // archiver's compressor thread still stopping (`run_main`).
