@@ -3534,7 +3534,7 @@ fn a_parked_spliced_download_whose_client_leaves_asks_no_archiver() {
     let proxy = &cluster.proxy;
     let attempts = || proxy.scrape().sum(ATTEMPTS, &[]);
     let before_the_download = attempts();
-    let ((connection, ..), _) = spliced_download_counting(proxy);
+    let ((connection, ..), declined) = spliced_download_counting(proxy);
     wait_until_the_spliced_download_parks(proxy);
     let before = attempts();
     // Unread bytes in its socket: the close is a reset.
@@ -3561,7 +3561,9 @@ fn a_parked_spliced_download_whose_client_leaves_asks_no_archiver() {
     let lines = big_log_lines(proxy, "client_gone");
     let line: serde_json::Value =
         serde_json::from_str(lines.last().expect("the download's line")).expect("JSON");
-    let counted = before - before_the_download;
+    // Less one attempt for each download tried before it that was not
+    // spliced (on a loaded host: the full suite saw 5 counted against 2).
+    let counted = before - before_the_download - f64::from(declined);
     assert!(counted >= 2.0, "{counted} attempts counted");
     assert_eq!(line["attempts"], counted.to_string().as_str(), "{line}");
 }
