@@ -21,8 +21,9 @@
 //! - an idle connection the upstream closed is not used, and a request
 //!   that a reused connection turned away unsent, or that met its end or
 //!   a reset before any byte of an answer (the upstream's close crossed
-//!   the request), is sent again on another; the same on a new connection
-//!   is the attempt's failure (and the caller's failover). The proxy's
+//!   the request), is sent again: the former on another, the latter once
+//!   and on a new connection; the same on a new connection is the
+//!   attempt's failure (and the caller's failover). The proxy's
 //!   requests are `GET`s and `HEAD`s, safe to send twice, and a connection
 //!   its upstream closed served none of them;
 //! - at most [`POOL_MAX_IDLE_PER_UPSTREAM`] idle connections per upstream;
@@ -139,11 +140,19 @@ impl Pool {
             (index, state.upstreams[index].host.clone())
         };
         let mut request = make();
+        // Once a written request met a close, it goes out again on a new
+        // connection only: at most twice in all, whatever the idle ones.
+        let mut resent = false;
         loop {
             request
                 .headers_mut()
                 .insert(http::header::HOST, host.clone());
-            let (mut connection, reused) = match self.checkout(index).await {
+            let checked_out = if resent {
+                None
+            } else {
+                self.checkout(index).await
+            };
+            let (mut connection, reused) = match checked_out {
                 Some(connection) => (connection, true),
                 None => (self.connect(index).await?, false),
             };
@@ -172,8 +181,14 @@ impl Pool {
                     Some(unsent) if reused => request = unsent,
                     // Written, and the connection closed before any answer:
                     // the upstream's close crossed the request (a `GET` or
-                    // `HEAD`, safe to send again).
-                    _ if reused && closed_unanswered(error.error()) => request = make(),
+                    // `HEAD`, safe to send again), once, on a new
+                    // connection: the archiver may also have closed on
+                    // reading it, and would get it again from every idle
+                    // connection.
+                    _ if reused && closed_unanswered(error.error()) => {
+                        resent = true;
+                        request = make();
+                    }
                     _ => return Err(SendError::Http(error.into_error())),
                 },
             }
@@ -533,5 +548,77 @@ mod tests {
                 .unwrap()
                 .expect("the upstream saw the connection end");
         assert_eq!(read, Ok(0), "closed by the proxy");
+    }
+
+    /// docs/internal-api.md, "Connections": a request written and met by
+    /// the connection's close with no answer is sent again once, on a new
+    /// connection, never once per idle connection: an archiver that
+    /// closes on reading it (its own limits, a handler that failed) would
+    /// otherwise get it as many times as the pool holds idle connections
+    /// to it, each a generation.
+    #[tokio::test]
+    async fn a_request_closed_unanswered_is_sent_again_once_at_most() {
+        const IDLE: usize = 4;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let upstream: Arc<str> = format!("http://{}", listener.local_addr().unwrap()).into();
+        let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = seen.clone();
+        std::thread::spawn(move || {
+            // The first IDLE connections answer once each, together; then
+            // every request on any connection is read and met by a close.
+            let mut streams: Vec<_> = (0..IDLE).map(|_| listener.accept().unwrap().0).collect();
+            for stream in &mut streams {
+                read_head(stream);
+            }
+            for stream in &mut streams {
+                stream.write_all(ANSWER).unwrap();
+            }
+            let mut handles = Vec::new();
+            for mut stream in streams {
+                let counted = counted.clone();
+                handles.push(std::thread::spawn(move || {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if stream.read(&mut byte).unwrap_or(0) != 1 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }));
+            }
+            while let Ok((mut stream, _)) = listener.accept() {
+                let counted = counted.clone();
+                std::thread::spawn(move || {
+                    read_head(&mut stream);
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                });
+            }
+        });
+        let pool = Pool::new(Duration::from_secs(5));
+        let answers = futures_util::future::join_all((0..IDLE).map(|_| async {
+            let response = pool.send(&upstream, request).await.expect("an answer");
+            response.into_body().collect().await.unwrap().to_bytes()
+        }))
+        .await;
+        assert!(answers.iter().all(|body| &body[..] == b"ok"));
+        for _ in 0..10_000 {
+            if idle(&pool) == IDLE {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(idle(&pool), IDLE, "every connection came back");
+        let error = pool
+            .send(&upstream, request)
+            .await
+            .expect_err("the archiver closes on every request");
+        assert!(matches!(error, SendError::Http(_)), "{error:?}");
+        assert_eq!(
+            seen.load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "the request reached the archiver once, and once again"
+        );
     }
 }
