@@ -3,7 +3,9 @@
 //! Each serving thread's [`crate::forward::Forwarder`] has one [`Pool`]
 //! (see `crate::Proxy::serve`), holding the idle HTTP/1 connections to
 //! every upstream it has talked to, each upstream's in a list of its own
-//! found by its name (a few upstreams: compared, not hashed). A request
+//! found by its name in a map with a fast hash (a fleet of hundreds of
+//! archivers, and names that change with route reloads: a linear search
+//! cost a request more than the rest of a hit). A request
 //! takes the connection that came back last, or opens one; its response's
 //! body gives the connection back when it ends whole ([`PooledBody`]).
 //! Built on hyper's connection API rather than hyper-util's pooled client,
@@ -88,14 +90,15 @@ struct Shared {
 
 #[derive(Default)]
 struct State {
-    upstreams: Vec<Upstream>,
+    /// By name; an upstream with no idle connection left when the reaper
+    /// runs is dropped (route reloads change the names).
+    upstreams: std::collections::HashMap<Arc<str>, Upstream, foldhash::fast::RandomState>,
     /// Whether the task closing expired idle connections runs.
     reaping: bool,
 }
 
 /// One upstream's address and idle connections, oldest first.
 struct Upstream {
-    name: Arc<str>,
     /// `host:port`, for the connect.
     address: String,
     /// The `Host` of every request to it.
@@ -134,10 +137,12 @@ impl Pool {
         upstream: &Arc<str>,
         mut make: impl FnMut() -> http::Request<UpstreamRequestBody>,
     ) -> Result<http::Response<PooledBody>, SendError> {
-        let (index, host) = {
+        let host = {
             let mut state = self.shared.lock();
-            let index = state.upstream(upstream)?;
-            (index, state.upstreams[index].host.clone())
+            match state.upstreams.get(&**upstream) {
+                Some(slot) => slot.host.clone(),
+                None => state.add(upstream)?.host.clone(),
+            }
         };
         let mut request = make();
         // Once a written request met a close, it goes out again on a new
@@ -150,11 +155,11 @@ impl Pool {
             let checked_out = if resent {
                 None
             } else {
-                self.checkout(index).await
+                self.checkout(upstream).await
             };
             let (mut connection, reused) = match checked_out {
                 Some(connection) => (connection, true),
-                None => (self.connect(index).await?, false),
+                None => (self.connect(upstream).await?, false),
             };
             match connection.sender.try_send_request(request).await {
                 Ok(response) => {
@@ -163,7 +168,7 @@ impl Pool {
                         body,
                         back: Some(Back {
                             pool: Arc::downgrade(&self.shared),
-                            index,
+                            upstream: upstream.clone(),
                             connection,
                         }),
                     };
@@ -197,11 +202,11 @@ impl Pool {
 
     /// The upstream's most recent idle connection that is still open,
     /// once it is ready for a request.
-    async fn checkout(&self, index: usize) -> Option<Connection> {
+    async fn checkout(&self, upstream: &Arc<str>) -> Option<Connection> {
         loop {
             let mut connection = {
                 let mut state = self.shared.lock();
-                let slot = state.upstreams.get_mut(index)?;
+                let slot = state.upstreams.get_mut(&**upstream)?;
                 loop {
                     let idle = slot.idle.pop_back()?;
                     if !idle.connection.sender.is_closed()
@@ -219,8 +224,15 @@ impl Pool {
         }
     }
 
-    async fn connect(&self, index: usize) -> Result<Connection, SendError> {
-        let address = self.shared.lock().upstreams[index].address.clone();
+    async fn connect(&self, upstream: &Arc<str>) -> Result<Connection, SendError> {
+        let address = {
+            let mut state = self.shared.lock();
+            match state.upstreams.get(&**upstream) {
+                Some(slot) => slot.address.clone(),
+                // Dropped by the reaper while this request waited.
+                None => state.add(upstream)?.address.clone(),
+            }
+        };
         let connect_timeout = self.shared.connect_timeout;
         let stream = tokio::time::timeout(
             connect_timeout,
@@ -256,12 +268,15 @@ impl Shared {
 
     /// Keeps `connection` idle, unless its upstream has its fill; starts
     /// the reaper if it is not running.
-    fn give_back(self: &Arc<Shared>, index: usize, connection: Connection) {
+    fn give_back(self: &Arc<Shared>, upstream: &Arc<str>, connection: Connection) {
         if connection.sender.is_closed() {
             return;
         }
         let mut state = self.lock();
-        let Some(slot) = state.upstreams.get_mut(index) else {
+        if !state.upstreams.contains_key(&**upstream) && state.add(upstream).is_err() {
+            return;
+        }
+        let Some(slot) = state.upstreams.get_mut(&**upstream) else {
             return;
         };
         if slot.idle.len() >= POOL_MAX_IDLE_PER_UPSTREAM {
@@ -279,15 +294,9 @@ impl Shared {
 }
 
 impl State {
-    /// The index of `upstream`'s list, added at its first request.
-    fn upstream(&mut self, upstream: &Arc<str>) -> Result<usize, SendError> {
-        if let Some(index) = self
-            .upstreams
-            .iter()
-            .position(|slot| Arc::ptr_eq(&slot.name, upstream) || *slot.name == **upstream)
-        {
-            return Ok(index);
-        }
+    /// Adds `upstream`'s list, at its first request (or its first since
+    /// the reaper dropped it).
+    fn add(&mut self, upstream: &Arc<str>) -> Result<&mut Upstream, SendError> {
         let not_http = || SendError::NotHttp(upstream.clone());
         let uri = http::Uri::try_from(&**upstream).map_err(|_| not_http())?;
         let (Some("http"), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
@@ -299,13 +308,12 @@ impl State {
         } else {
             format!("{}:{port}", authority.host())
         };
-        self.upstreams.push(Upstream {
-            name: upstream.clone(),
+        let slot = Upstream {
             address: format!("{}:{port}", authority.host()),
             host: HeaderValue::try_from(host).map_err(|_| not_http())?,
             idle: Default::default(),
-        });
-        Ok(self.upstreams.len() - 1)
+        };
+        Ok(self.upstreams.entry(upstream.clone()).or_insert(slot))
     }
 }
 
@@ -340,7 +348,7 @@ async fn reap(pool: Weak<Shared>) {
         let mut state = shared.lock();
         let now = Instant::now();
         let mut oldest: Option<Instant> = None;
-        for slot in &mut state.upstreams {
+        state.upstreams.retain(|_, slot| {
             slot.idle.retain(|idle| {
                 now.duration_since(idle.since) < POOL_IDLE_TIMEOUT
                     && !idle.connection.sender.is_closed()
@@ -348,7 +356,10 @@ async fn reap(pool: Weak<Shared>) {
             if let Some(first) = slot.idle.front() {
                 oldest = Some(oldest.map_or(first.since, |oldest| oldest.min(first.since)));
             }
-        }
+            // Kept only while it has idle connections: an upstream gone
+            // from the routes must not stay (nor slow the look-ups).
+            !slot.idle.is_empty()
+        });
         match oldest {
             Some(oldest) => {
                 wait = (oldest + POOL_IDLE_TIMEOUT).saturating_duration_since(now)
@@ -371,8 +382,8 @@ pub struct PooledBody {
 
 struct Back {
     pool: Weak<Shared>,
-    /// Its upstream's place in the pool's list, which only grows.
-    index: usize,
+    /// Its upstream's name, the key of its list.
+    upstream: Arc<str>,
     connection: Connection,
 }
 
@@ -396,7 +407,7 @@ impl PooledBody {
         if let Some(back) = self.back.take()
             && let Some(pool) = back.pool.upgrade()
         {
-            pool.give_back(back.index, back.connection);
+            pool.give_back(&back.upstream, back.connection);
         }
     }
 }
@@ -488,7 +499,11 @@ mod tests {
         // close below must meet it idle and trusted.
         let ready = |pool: &Pool| {
             let state = pool.shared.lock();
-            state.upstreams[0]
+            state
+                .upstreams
+                .values()
+                .next()
+                .unwrap()
                 .idle
                 .back()
                 .is_some_and(|idle| idle.connection.sender.is_ready())
@@ -513,7 +528,12 @@ mod tests {
     }
     /// The number of idle connections the pool holds to its first upstream.
     fn idle(pool: &Pool) -> usize {
-        pool.shared.lock().upstreams[0].idle.len()
+        pool.shared
+            .lock()
+            .upstreams
+            .values()
+            .next()
+            .map_or(0, |slot| slot.idle.len())
     }
 
     /// docs/internal-api.md, "Connections": an idle connection is closed
@@ -619,6 +639,35 @@ mod tests {
             seen.load(std::sync::atomic::Ordering::SeqCst),
             2,
             "the request reached the archiver once, and once again"
+        );
+    }
+
+    /// docs/internal-api.md, "Connections": an upstream the pool holds no
+    /// idle connection to once the reaper runs is let go, not kept for
+    /// ever (route reloads change names; every request searched them).
+    #[tokio::test(start_paused = true)]
+    async fn an_upstream_with_nothing_idle_is_let_go() {
+        let pool = Pool::new(Duration::from_secs(5));
+        let mut servers = Vec::new();
+        for _ in 0..2 {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let upstream: Arc<str> = format!("http://{}", listener.local_addr().unwrap()).into();
+            let server = std::thread::spawn(move || {
+                let (mut stream, _) = listener.accept().unwrap();
+                read_head(&mut stream);
+                stream.write_all(ANSWER).unwrap();
+                stream
+            });
+            let response = pool.send(&upstream, request).await.expect("the answer");
+            response.into_body().collect().await.unwrap();
+            // Kept open: only the idle timeout lets the connection go.
+            servers.push(server);
+        }
+        tokio::time::sleep(POOL_IDLE_TIMEOUT + Duration::from_millis(10)).await;
+        assert_eq!(
+            pool.shared.lock().upstreams.len(),
+            0,
+            "let go with their last idle connection"
         );
     }
 }
