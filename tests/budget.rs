@@ -496,6 +496,24 @@ impl Drop for Releases<'_> {
     }
 }
 
+/// `ask(who, client, index)`: asks for cold archive `index` as `client`
+/// on a thread of `scope`, and sends `who` and the answer's status to
+/// `done` once answered.
+fn asker<'scope, 'env>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    archiver: &'env Archiver,
+    done: &std::sync::mpsc::Sender<(&'static str, u16)>,
+) -> impl Fn(&'static str, &'static str, usize) + 'scope {
+    let done = done.clone();
+    move |who, client, index| {
+        let done = done.clone();
+        scope.spawn(move || {
+            let answer = get(archiver, &cold(index), &[("X-Gitball-Client", client)]);
+            done.send((who, answer.status)).expect("the test waits");
+        });
+    }
+}
+
 /// One generation running, `generations` queued, for `clients` clients.
 fn queue_is(archiver: &Archiver, generations: f64, clients: f64) -> bool {
     let metrics = archiver.metrics();
@@ -541,14 +559,7 @@ fn a_crawlers_queued_burst_does_not_stand_before_other_clients() {
             fifo: &mut release,
             left: 5,
         };
-        let ask = |who: &'static str, client: &'static str, index: usize| {
-            let done = done.clone();
-            let archiver = &archiver;
-            scope.spawn(move || {
-                let answer = get(archiver, &cold(index), &[("X-Gitball-Client", client)]);
-                done.send((who, answer.status)).expect("the test waits");
-            });
-        };
+        let ask = asker(scope, &archiver, &done);
         crawler_runs_one_and_queues_three(&ask, &waiting);
         ask("new archive", "198.51.100.2", 10);
         assert!(
@@ -611,14 +622,7 @@ fn a_join_that_left_costs_its_client_no_turn() {
             fifo: &mut release,
             left: 5,
         };
-        let ask = |who: &'static str, client: &'static str, index: usize| {
-            let done = done.clone();
-            let archiver = &archiver;
-            scope.spawn(move || {
-                let answer = get(archiver, &cold(index), &[("X-Gitball-Client", client)]);
-                done.send((who, answer.status)).expect("the test waits");
-            });
-        };
+        let ask = asker(scope, &archiver, &done);
         let other = "198.51.100.2";
         crawler_runs_one_and_queues_three(&ask, &waiting);
         let mut join = RawConnection::connect(archiver.addr).expect("connect");
