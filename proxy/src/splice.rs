@@ -985,6 +985,29 @@ mod tests {
 
     /// [`prepare`] of the rest from byte 100, with a place of its own,
     /// within [`TEST_TIMEOUT`].
+    /// A download of `length` bytes handed over from its start, with the
+    /// tests' timers, calling `on_end` when it ends.
+    fn handoff(
+        resume: &Arc<Resume>,
+        length: usize,
+        on_end: impl FnOnce(End) + Send + 'static,
+    ) -> Handoff {
+        Handoff {
+            resume: resume.clone(),
+            sent: 0,
+            length: length as u64,
+            timers: Timers {
+                idle_timeout: TEST_TIMEOUT,
+                upstream_silence: TEST_TIMEOUT,
+                park_after: PARK_AFTER,
+            },
+            health: Arc::new(Health::new(Duration::from_secs(10))),
+            on_end: Box::new(on_end),
+            active: ActiveDownload::start(),
+            writes: None,
+        }
+    }
+
     async fn prepare_rest(resume: &Resume) -> Result<Prepared, OpenError> {
         tokio::time::timeout(TEST_TIMEOUT, prepare(resume, 100, SLOTS.take().unwrap()))
             .await
@@ -1328,20 +1351,9 @@ mod tests {
         let record = ended.clone();
         let body = SpliceBody::new(
             prepared,
-            Handoff {
-                resume: resume.clone(),
-                sent: 0,
-                length: archive.len() as u64,
-                timers: Timers {
-                    idle_timeout: TEST_TIMEOUT,
-                    upstream_silence: TEST_TIMEOUT,
-                    park_after: PARK_AFTER,
-                },
-                health: Arc::new(Health::new(Duration::from_secs(10))),
-                on_end: Box::new(move |end| *record.lock().unwrap() = Some(end)),
-                active: ActiveDownload::start(),
-                writes: None,
-            },
+            handoff(&resume, archive.len(), move |end| {
+                *record.lock().unwrap() = Some(end)
+            }),
         );
         let sending = tokio::spawn(async move {
             let mut socket = BodySocket::new(server, TEST_TIMEOUT, ClientWrites::default());
@@ -1519,23 +1531,7 @@ mod tests {
         let _client = client.unwrap();
         let mut socket =
             BodySocket::new(accepted.unwrap().0, TEST_TIMEOUT, ClientWrites::default());
-        let mut body = SpliceBody::new(
-            prepared,
-            Handoff {
-                resume: resume.clone(),
-                sent: 0,
-                length: archive.len() as u64,
-                timers: Timers {
-                    idle_timeout: TEST_TIMEOUT,
-                    upstream_silence: TEST_TIMEOUT,
-                    park_after: PARK_AFTER,
-                },
-                health: Arc::new(Health::new(Duration::from_secs(10))),
-                on_end: Box::new(|_| {}),
-                active: ActiveDownload::start(),
-                writes: None,
-            },
-        );
+        let mut body = SpliceBody::new(prepared, handoff(&resume, archive.len(), |_| {}));
         let recv_buffer = |spliced: &Spliced| {
             socket2::SockRef::from(&spliced.upstream.stream)
                 .recv_buffer_size()
