@@ -514,6 +514,13 @@ fn asker<'scope, 'env>(
     }
 }
 
+/// No client waits, and five generations ran whole.
+fn all_five_ran(archiver: &Archiver) -> bool {
+    let metrics = archiver.metrics();
+    metrics.value("gitball_archiver_generations_queued_clients", &[]) == 0.0
+        && metrics.sum(GENERATIONS, &[("outcome", "ok")]) == 5.0
+}
+
 /// One generation running, `generations` queued, for `clients` clients.
 fn queue_is(archiver: &Archiver, generations: f64, clients: f64) -> bool {
     let metrics = archiver.metrics();
@@ -595,11 +602,7 @@ fn a_crawlers_queued_burst_does_not_stand_before_other_clients() {
             assert_eq!(ended, group, "the generation that ran next");
         }
     });
-    assert!(wait_until(SETTLE, || {
-        let metrics = archiver.metrics();
-        metrics.value("gitball_archiver_generations_queued_clients", &[]) == 0.0
-            && metrics.sum(GENERATIONS, &[("outcome", "ok")]) == 5.0
-    }));
+    assert!(wait_until(SETTLE, || all_five_ran(&archiver)));
 }
 
 /// `docs/archiver.md#queue-and-503`: a client's place for a generation it
@@ -667,11 +670,7 @@ fn a_join_that_left_costs_its_client_no_turn() {
             "the client's place for the crawler's generation outlived its request"
         );
     });
-    assert!(wait_until(SETTLE, || {
-        let metrics = archiver.metrics();
-        metrics.value("gitball_archiver_generations_queued_clients", &[]) == 0.0
-            && metrics.sum(GENERATIONS, &[("outcome", "ok")]) == 5.0
-    }));
+    assert!(wait_until(SETTLE, || all_five_ran(&archiver)));
 }
 
 /// `docs/archiver.md#queue-and-503`: a crawler sends a burst of cold
