@@ -1788,6 +1788,92 @@ fn a_parked_download_resumes_from_a_generation_slower_than_the_silence_bound() {
     );
 }
 
+/// A parked download resumed from a new generation skips the bytes its
+/// client already has as they come again; a client that leaves during that
+/// skip ends the download there, and the upstream connection goes with it,
+/// not when the skip ends or the silence bound runs out
+/// (`docs/proxy.md#parking`).
+#[test]
+fn a_client_that_leaves_while_its_resume_skips_releases_the_upstream() {
+    use std::io::Read as _;
+    let sandbox = Sandbox::new();
+    let big = big_repo_64();
+    let mut cluster = Cluster::start(&big.repos, &big.repos, 0, &["--park-after", PARK_AFTER]);
+    let (connection, ..) = stall_until_parked(
+        &cluster.proxy,
+        cluster.primary.addr,
+        "/acme/big/archive/main.tar",
+    );
+    // Back without its cache, with a git that writes the archive's first
+    // 64 KiB and then waits: all of it bytes the client has (1 MiB), so
+    // the resume's answer comes and its skip never ends.
+    let (git, mut release) = sandbox.git_that_pauses("pausing-git", 64 * KIB as u64);
+    let addr = cluster.primary.addr;
+    kill_hard(&mut cluster.primary);
+    let _restarted = start_archiver_at(
+        &big.repos,
+        &sandbox.path("empty-cache"),
+        addr,
+        &["--git", git.to_str().unwrap()],
+    );
+    let proxy = &cluster.proxy;
+    let resumed = || {
+        proxy
+            .scrape()
+            .value("gitball_proxy_resumes_total", &[("outcome", "resumed")])
+    };
+    let resumed_at_park = resumed();
+    // The client reads what the kernel holds, so hyper asks for more and
+    // the pipe resumes.
+    let stream = connection.stream();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .expect("read timeout");
+    let mut buffer = vec![0; 256 * KIB];
+    let deadline = Instant::now() + SETTLE;
+    while resumed() == resumed_at_park {
+        assert!(Instant::now() < deadline, "the download did not resume");
+        match (&*stream).read(&mut buffer) {
+            Ok(read) => assert_ne!(read, 0, "the download ended"),
+            Err(error) => assert!(
+                matches!(
+                    error.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+                "{error}"
+            ),
+        }
+    }
+    let disconnects = || {
+        proxy
+            .scrape()
+            .sum("gitball_proxy_client_disconnects_total", &[])
+    };
+    let disconnects_before = disconnects();
+    // The skip is under way: the new generation serves the resume.
+    assert_eq!(
+        scrape(addr).value("gitball_archiver_active_downloads", &[]),
+        1.0
+    );
+
+    drop(connection);
+    assert!(
+        wait_until(SETTLE, || proxy
+            .scrape()
+            .value("gitball_proxy_active_downloads", &[])
+            == 0.0),
+        "the download went on after its client left"
+    );
+    assert!(
+        wait_until(SETTLE, || scrape(addr)
+            .value("gitball_archiver_active_downloads", &[])
+            == 0.0),
+        "the archiver still serves the download"
+    );
+    assert!(disconnects() > disconnects_before, "no disconnect counted");
+    writeln!(release).expect("release the paused git");
+}
+
 /// A `.sha256` waits for the whole generation, as a complete-only request
 /// does: a generation longer than `--header-timeout` is answered, and its
 /// archiver is not ejected for taking that long.

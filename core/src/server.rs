@@ -327,7 +327,10 @@ pub async fn serve(
 ) -> std::io::Result<Drain> {
     // Every connection starts with hyper's default header cap (no scratch
     // space to fill per parse) and switches to the full cap only when its
-    // input holds a long run of lines (`head_lines`).
+    // input holds a long run of lines (`head_lines`). Half-close stays off
+    // (hyper's default): hyper then reads a client's close while a body it
+    // sends waits for its next chunk, and drops the body at once (the
+    // proxy's test `a_client_that_leaves_while_its_resume_skips_releases_the_upstream`).
     let mut lean = hyper::server::conn::http1::Builder::new();
     lean.timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
