@@ -535,8 +535,10 @@ type Reader = flight::Worker<ObjectId, Peeled>;
 type PathKey = (ObjectId, [u8; 32]);
 
 /// Whether a path is in a commit's tree, or why that could not be read
-/// (the text of an `Error::Internal`).
-type PathAnswer = Result<bool, String>;
+/// (the text of an `Error::Internal`); `None` when the look was given up
+/// before it ran (the request that was to look went away while it waited
+/// for its place), and a request waiting for it then looks itself.
+type PathAnswer = Option<Result<bool, String>>;
 
 /// Every commit reachable from the refs whose digest is `refs`.
 #[derive(Debug)]
@@ -1479,35 +1481,49 @@ impl Repository {
     /// a blocking thread, once however many requests ask for it together
     /// (they wait on the runtime, holding no thread, and take its answer,
     /// an error too), and at most `PATH_CHECKS` different paths at a time
-    /// per repository (a look waits for its place on the runtime). A look
-    /// goes on when the request that started it goes away, so its answer
-    /// is there for the others.
+    /// per repository (a look waits for its place on the runtime).
+    ///
+    /// The request whose turn it is waits for the place itself: if it goes
+    /// away meanwhile, the look is given up, and one of the requests
+    /// waiting for it, if any, looks instead; no look is left to run that
+    /// no request waits for (review: a client asking for many paths and
+    /// leaving left as many looks queued). A look that has begun goes on
+    /// when its request goes away, so its answer is there for the others.
     pub async fn has_path(self: &Arc<Self>, commit: &str, path: &str) -> Result<bool, Error> {
         let id = ObjectId::from_hex(commit.as_bytes())
             .map_err(|err| Error::internal(format_args!("commit id {commit:?}: {err}")))?;
         let key: PathKey = (id, Sha256::digest(path.as_bytes()).into());
-        let answer = match self.path_turn(key) {
-            flight::Turn::Known(answer) => answer,
-            flight::Turn::Wait(looking) => looking.wait().await,
-            flight::Turn::Work(finder) => {
-                let repository = Arc::clone(self);
-                let path = path.to_owned();
-                tokio::spawn(async move {
-                    let place = repository.path_checks.take().await;
-                    tokio::task::spawn_blocking(move || {
-                        let _place = place;
-                        repository.find_path(finder, &path)
-                    })
-                    .await
-                })
-                .await
-                .map_err(|error| Error::internal(format_args!("finding the path: {error}")))?
-                .map_err(|error| {
-                    Error::internal(format_args!("finding the path panicked: {error}"))
-                })?
+        loop {
+            let answer = match self.path_turn(key) {
+                flight::Turn::Known(answer) => answer,
+                flight::Turn::Wait(looking) => looking.wait().await,
+                flight::Turn::Work(finder) => self.look_for_path(finder, path).await?,
+            };
+            // `None`: the look waited for was given up; a turn again.
+            if let Some(answer) = answer {
+                return answer.map_err(Error::Internal);
             }
-        };
-        answer.map_err(Error::Internal)
+        }
+    }
+
+    /// Looks for `path` in the commit whose turn `finder` is, on a blocking
+    /// thread, once it holds a place: waited for here, in the request, so
+    /// that a request gone away drops `finder` (the look given up) rather
+    /// than leaving a look to run for nobody.
+    async fn look_for_path(
+        self: &Arc<Self>,
+        finder: flight::Worker<PathKey, PathAnswer>,
+        path: &str,
+    ) -> Result<PathAnswer, Error> {
+        let place = self.path_checks.take().await;
+        let repository = Arc::clone(self);
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let _place = place;
+            repository.find_path(finder, &path)
+        })
+        .await
+        .map_err(|error| Error::internal(format_args!("finding the path: {error}")))
     }
 
     /// Whose turn it is to look for the path `key`: nobody's (its answer
@@ -1516,8 +1532,9 @@ impl Repository {
         flight::turn(
             &self.finding,
             key,
-            || self.known_path(&key).map(Ok),
-            |(commit, _)| Err(format!("finding a path in {commit} panicked or never ran")),
+            || self.known_path(&key).map(|found| Some(Ok(found))),
+            // Given up before it ran: those waiting look again.
+            |_| None,
         )
     }
 
@@ -1535,6 +1552,9 @@ impl Repository {
     /// answer unless it is an error, and hands it to the requests waiting.
     fn find_path(&self, mut finder: flight::Worker<PathKey, PathAnswer>, path: &str) -> PathAnswer {
         let (id, _) = finder.key;
+        // What those waiting take if the reading panics: an error, not a
+        // look again (which would panic again, once for each).
+        finder.answer = Some(Some(Err(format!("finding a path in {id} panicked"))));
         let answer = match self.read_path(id, path) {
             Ok(found) => {
                 self.paths
@@ -1546,8 +1566,8 @@ impl Repository {
             Err(Error::Internal(text)) => Err(text),
             Err(error) => Err(error.to_string()),
         };
-        finder.answer = Some(answer.clone());
-        answer
+        finder.answer = Some(Some(answer.clone()));
+        Some(answer)
     }
 
     /// [`Repository::has_path`]'s reading: every tree on the path.

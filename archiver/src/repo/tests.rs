@@ -2102,7 +2102,7 @@ fn requests_for_a_path_being_looked_for_wait_for_that_look_holding_no_thread() {
             .unwrap();
     });
     // The answer the look hands on is theirs, whatever the tree says.
-    finder.answer = Some(Ok(false));
+    finder.answer = Some(Some(Ok(false)));
     drop(finder);
     for request in waiting {
         let answer = runtime
@@ -2146,6 +2146,119 @@ fn looks_for_different_paths_wait_for_a_place() {
             .expect("the look never ran");
         assert!(found.unwrap().unwrap());
     });
+}
+
+/// The looks for `?path=`s under way in `repository`: those waiting for a
+/// place and those running.
+fn path_looks_under_way(repository: &Repository) -> usize {
+    repository.finding.lock().unwrap().len()
+}
+
+/// Waits (10 s at most) until `repository` has `count` looks for
+/// `?path=`s under way.
+fn wait_for_path_looks(repository: &Repository, count: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while path_looks_under_way(repository) != count {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} looks under way, not {count}",
+            path_looks_under_way(repository)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// `docs/archiver.md#published-commits-only`: a look for a `?path=` that
+/// waits for its place is given up when the requests that asked for it
+/// have all gone away, so a client that asks and leaves, again and again,
+/// leaves no look behind to run. (Review of 2df3306: the look waited for
+/// its place in a task of its own, which went on when its request went
+/// away: 32 requests for different paths of a repository whose places
+/// were taken, all gone, still had 32 looks waiting, and each ran once a
+/// place was free, on a blocking thread, ahead of the requests that came
+/// later, with no bound on how many waited.)
+#[test]
+fn a_look_whose_requests_all_left_is_given_up() {
+    const PATHS: usize = 32;
+    let fixture = fixture();
+    let widget = fixture.widget();
+    let places = widget.path_checks.take_all(PATH_CHECKS as u32);
+    let runtime = one_blocking_thread();
+    let requests: Vec<_> = (0..PATHS)
+        .map(|index| {
+            let widget = Arc::clone(&widget);
+            let c1 = fixture.c1.clone();
+            runtime.spawn(async move { widget.has_path(&c1, &format!("missing{index}")).await })
+        })
+        .collect();
+    wait_for_path_looks(&widget, PATHS);
+    for request in &requests {
+        request.abort();
+    }
+    runtime.block_on(async {
+        for request in requests {
+            assert!(request.await.unwrap_err().is_cancelled());
+        }
+    });
+    let left = path_looks_under_way(&widget);
+    assert_eq!(
+        left, 0,
+        "{left} looks whose requests all left still wait for a place"
+    );
+    drop(places);
+    // Nothing ran: every place is free, and no answer was kept.
+    drop(widget.path_checks.take_all(PATH_CHECKS as u32));
+    assert_eq!(widget.paths.lock().unwrap().len(), 0);
+}
+
+/// `docs/archiver.md#published-commits-only`: when the request whose look
+/// others wait for goes away before the look has its place, one of those
+/// waiting looks instead, and all take its answer: none waits for good,
+/// and none fails for a client that left.
+#[test]
+fn requests_waiting_for_a_look_given_up_look_themselves() {
+    let fixture = fixture();
+    let widget = fixture.widget();
+    let places = widget.path_checks.take_all(PATH_CHECKS as u32);
+    let runtime = one_blocking_thread();
+    let ask = || {
+        let widget = Arc::clone(&widget);
+        let c1 = fixture.c1.clone();
+        runtime.spawn(async move { widget.has_path(&c1, "src/main.rs").await })
+    };
+    let first = ask();
+    wait_for_path_looks(&widget, 1);
+    let look = widget
+        .finding
+        .lock()
+        .unwrap()
+        .values()
+        .next()
+        .cloned()
+        .unwrap();
+    let others: Vec<_> = (0..4).map(|_| ask()).collect();
+    // Each waits for that look (it holds the look's state, as `finding`,
+    // the look's turn and this test do).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while Arc::strong_count(&look) < 3 + others.len() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the requests never waited"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(look);
+    first.abort();
+    runtime.block_on(async { assert!(first.await.unwrap_err().is_cancelled()) });
+    drop(places);
+    for request in others {
+        let answer = runtime
+            .block_on(async { tokio::time::timeout(Duration::from_secs(30), request).await })
+            .expect("a request waiting for a look given up never had an answer")
+            .unwrap();
+        assert!(answer.unwrap());
+    }
+    assert_eq!(path_looks_under_way(&widget), 0);
 }
 
 #[test]
