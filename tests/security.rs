@@ -4,6 +4,7 @@
 //! command, read outside `--repos`, or dodge a routing rule; what the
 //! `git` child may use is bounded, and it does not outlive the archiver.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -1515,6 +1516,89 @@ fn a_costly_path_is_looked_for_once_and_its_hits_read_no_tree() {
     assert!(
         burst < 3 * look,
         "{REQUESTS} requests for one path took {burst} ticks, one look {look}"
+    );
+}
+
+/// Looks for `?path=`s are bounded across repositories, not only per
+/// repository: requests for two costly paths in each of many forks (a
+/// fork costs a push nothing, its objects are the original's) run at most
+/// 8 looks at once, the others waiting on the runtime.
+/// (Review of 2df3306: two looks ran per fork, 46 threads more for 24 forks,
+/// and 256 forks would take all 512 of the runtime's blocking threads,
+/// which every other repository's first reads and generations queued
+/// behind.)
+#[test]
+fn looks_for_paths_in_many_forks_take_a_bounded_number_of_threads() {
+    const FORKS: usize = 24;
+    let sandbox = Sandbox::new();
+    let path = widget_with_a_costly_path(&sandbox, COSTLY_PATH_DEPTH, COSTLY_PATH_FILLER);
+    let widget = RepoBuilder::open(&sandbox.repos().join("acme/widget.git"), &sandbox.home());
+    for fork in 0..FORKS {
+        let dir = sandbox.repos().join(format!("acme/fork{fork}.git"));
+        widget.git(&[
+            "clone",
+            "-q",
+            "--shared",
+            "--bare",
+            ".",
+            dir.to_str().unwrap(),
+        ]);
+    }
+    // A fork whose alternates file changed within the last 2 s
+    // (`RACY_WINDOW`) is opened again by each request, with none of its
+    // answers kept, as its stamp cannot tell a rewrite of the same size:
+    // the forks are asked for once they are settled, as forks made
+    // earlier are.
+    let last = std::fs::metadata(sandbox.repos().join(format!(
+        "acme/fork{}.git/objects/info/alternates",
+        FORKS - 1
+    )))
+    .unwrap();
+    let settled = std::time::UNIX_EPOCH
+        + Duration::new(last.ctime() as u64, last.ctime_nsec() as u32)
+        + Duration::from_secs(3);
+    while std::time::SystemTime::now() < settled {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    let head = |target: &str| {
+        let response = archiver.client().head(archiver.url(target)).send();
+        response.map(|response| response.status().as_u16()).ok()
+    };
+    // Each fork's commit read and its trees judged for `export-subst`,
+    // one fork at a time.
+    for fork in 0..FORKS {
+        assert_eq!(
+            head(&format!("/acme/fork{fork}/archive/main.tar")),
+            Some(200)
+        );
+    }
+
+    // Two paths in each fork at once: as many as a repository's places.
+    let targets: Vec<String> = (0..FORKS)
+        .flat_map(|fork| {
+            [
+                format!("/acme/fork{fork}/archive/main.tar?path={path}"),
+                format!("/acme/fork{fork}/archive/main.tar?path={path}/deep.txt"),
+            ]
+        })
+        .collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let (statuses, before, peak, _) = burst_of_requests(&archiver, targets.len() as u64, || {
+        let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        head(&targets[index])
+    });
+    assert!(
+        statuses.iter().all(|status| *status == Some(200)),
+        "{statuses:?}"
+    );
+    assert!(
+        // Not two per fork: 8 looks, each of whose places
+        // is freed a moment before its thread is idle again (the next look
+        // may start a thread meanwhile), and a thread or two for the rest.
+        peak.saturating_sub(before) < FORKS as u64,
+        "{} requests for two paths in each of {FORKS} forks took the archiver from {before} to {peak} threads",
+        targets.len()
     );
 }
 

@@ -1481,7 +1481,8 @@ impl Repository {
     /// a blocking thread, once however many requests ask for it together
     /// (they wait on the runtime, holding no thread, and take its answer,
     /// an error too), and at most `PATH_CHECKS` different paths at a time
-    /// per repository (a look waits for its place on the runtime).
+    /// per repository and `kept::MAX_PATH_LOOKS` across repositories (a
+    /// look waits for its places on the runtime).
     ///
     /// The request whose turn it is waits for the place itself: if it goes
     /// away meanwhile, the look is given up, and one of the requests
@@ -1507,7 +1508,7 @@ impl Repository {
     }
 
     /// Looks for `path` in the commit whose turn `finder` is, on a blocking
-    /// thread, once it holds a place: waited for here, in the request, so
+    /// thread, once it holds its places: waited for here, in the request, so
     /// that a request gone away drops `finder` (the look given up) rather
     /// than leaving a look to run for nobody.
     async fn look_for_path(
@@ -1515,11 +1516,14 @@ impl Repository {
         finder: flight::Worker<PathKey, PathAnswer>,
         path: &str,
     ) -> Result<PathAnswer, Error> {
-        let place = self.path_checks.take().await;
+        // The repository's own place, then one across repositories
+        // (`kept::MAX_PATH_LOOKS`): many forks at once take no more.
+        let own = self.path_checks.take().await;
+        let across = self.kept.path_looks().take().await;
         let repository = Arc::clone(self);
         let path = path.to_owned();
         tokio::task::spawn_blocking(move || {
-            let _place = place;
+            let _places = (own, across);
             repository.find_path(finder, &path)
         })
         .await

@@ -19,6 +19,14 @@
 //! for one to end, on the runtime (`places`). Without it a `HEAD` to each
 //! of many forks at once had as many walks, each building a set of the
 //! whole history, as requests.
+//!
+//! The looks for a `?path=` (`Repository::has_path`) are bounded the same
+//! way: at most `MAX_PATH_LOOKS` at once across repositories, after the
+//! repository's own places. Bounded per repository alone, requests for
+//! two costly paths in each of many forks (a fork costs a push nothing:
+//! its objects are the original's) took two blocking threads per fork,
+//! 256 forks the runtime's 512, which every other repository's work off
+//! the serving threads (first reads, generations) queued behind.
 
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
@@ -34,6 +42,9 @@ pub const MAX_KEPT_COMMITS: usize = 8 * 1024 * 1024;
 /// History walks running at once, across repositories.
 pub const MAX_WALKS: usize = 2;
 
+/// Looks for `?path=`s running at once, across repositories.
+pub const MAX_PATH_LOOKS: usize = 8;
+
 /// A repository's kept set, as the ledger reaches it.
 pub type Slot = Arc<Mutex<Option<Reachable>>>;
 
@@ -45,6 +56,8 @@ pub struct Kept {
     sets: Mutex<LruCache<usize, Entry>>,
     /// The places of the walks running: `MAX_WALKS`.
     walks: Places,
+    /// The places of the looks for a `?path=` running: `MAX_PATH_LOOKS`.
+    path_looks: Places,
 }
 
 #[derive(Debug)]
@@ -60,6 +73,7 @@ impl Kept {
             max_commits,
             sets: Mutex::new(LruCache::unbounded()),
             walks: Places::new(MAX_WALKS),
+            path_looks: Places::new(MAX_PATH_LOOKS),
         }
     }
 
@@ -67,6 +81,12 @@ impl Kept {
     /// repository's own (`Repository::walking`).
     pub fn walks(&self) -> &Places {
         &self.walks
+    }
+
+    /// The places to look for a `?path=` in: a look takes one, after its
+    /// repository's own (`Repository::path_checks`).
+    pub fn path_looks(&self) -> &Places {
+        &self.path_looks
     }
 
     /// `slot` now holds the set of `commits` commits for `refs`: other

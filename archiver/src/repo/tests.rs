@@ -2148,6 +2148,39 @@ fn looks_for_different_paths_wait_for_a_place() {
     });
 }
 
+/// `docs/archiver.md#published-commits-only`: at most `MAX_PATH_LOOKS`
+/// looks for `?path=`s run at once across repositories, each after its
+/// repository's own place; another waits on the runtime, holding no
+/// thread. (Review of 2df3306: bounded per repository alone, two costly
+/// paths in each of 256 forks took all 512 blocking threads.)
+#[test]
+fn looks_for_paths_across_repositories_wait_for_a_place() {
+    let fixture = fixture();
+    fixture.bare_clone("one");
+    let repositories = fixture.repositories();
+    let one = repositories.open("acme", "one").unwrap();
+    let places = repositories
+        .kept
+        .path_looks()
+        .take_all(kept::MAX_PATH_LOOKS as u32);
+    let runtime = one_blocking_thread();
+    let c1 = fixture.c1.clone();
+    let looking = runtime.spawn(async move { one.has_path(&c1, "src").await });
+    runtime.block_on(async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!looking.is_finished(), "a look ran with every place taken");
+        tokio::time::timeout(Duration::from_secs(30), tokio::task::spawn_blocking(|| ()))
+            .await
+            .expect("the look waiting for a place holds the only blocking thread")
+            .unwrap();
+        drop(places);
+        let found = tokio::time::timeout(Duration::from_secs(30), looking)
+            .await
+            .expect("the look never ran");
+        assert!(found.unwrap().unwrap());
+    });
+}
+
 /// The looks for `?path=`s under way in `repository`: those waiting for a
 /// place and those running.
 fn path_looks_under_way(repository: &Repository) -> usize {
@@ -2339,6 +2372,7 @@ fn the_figures_docs_give_for_repositories_are_these_constants() {
             thousands(PATH_ANSWERS.get())
         ),
         format!("at most {PATH_CHECKS} looks for different paths"),
+        format!("at most {} across repositories", kept::MAX_PATH_LOOKS),
     ] {
         assert!(
             docs.contains(&figure),
