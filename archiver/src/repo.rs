@@ -1585,10 +1585,9 @@ impl Repository {
             .map_err(|err| Error::internal(format_args!("tree of {id}: {err}")))?;
         let mut components = path.split('/').peekable();
         while let Some(component) = components.next() {
-            let Some(entry) = tree.find_entry(component) else {
+            let Some((mode, entry_id)) = entry_named(&tree, component)? else {
                 return Ok(false);
             };
-            let (mode, entry_id) = (entry.mode(), entry.object_id());
             if components.peek().is_none() {
                 return Ok(mode.is_tree() || mode.is_blob_or_symlink());
             }
@@ -1602,6 +1601,24 @@ impl Repository {
         // Only an empty path gets here, and that is no path at all.
         Ok(false)
     }
+}
+
+/// The mode and id of the entry `name` in `tree`, or an error if the tree
+/// does not parse up to it: gix's `Tree::find_entry` skips what it cannot
+/// parse, so a corrupt tree's path was "not there", and that answer kept
+/// (`Repository::paths`) as if the tree said so (review of 2df3306).
+fn entry_named(
+    tree: &gix::Tree<'_>,
+    name: &str,
+) -> Result<Option<(gix::objs::tree::EntryMode, ObjectId)>, Error> {
+    for entry in gix::objs::TreeRefIter::from_bytes(&tree.data, tree.id.kind()) {
+        let entry =
+            entry.map_err(|err| Error::internal(format_args!("tree {}: {err}", tree.id)))?;
+        if entry.filename == name {
+            return Ok(Some((entry.mode, entry.oid.to_owned())));
+        }
+    }
+    Ok(None)
 }
 
 fn stat_error(error: io::Error) -> Error {

@@ -2008,6 +2008,41 @@ fn has_path_finds_files_and_directories() {
     }
 }
 
+/// `docs/archiver.md#published-commits-only`: a tree on the path that
+/// cannot be read whole (its object inflates, but its entries do not
+/// parse: a disk's or a hand's corruption) is a failure to read, not
+/// kept, rather than a path not found and kept as such. (Review of
+/// 2df3306: gix's `find_entry` skips what it cannot parse, so the path
+/// was "not there", kept, and still a `404` once the object was
+/// restored.)
+#[test]
+fn a_tree_that_does_not_parse_is_an_error_never_kept() {
+    use std::io::Write;
+    let fixture = fixture();
+    let widget = fixture.widget();
+    let c1 = &fixture.c1;
+    let lib = git(&fixture.widget, &["rev-parse", &format!("{c1}:src/lib")]);
+    let object = loose_object(&fixture.widget, &lib);
+    let content = fs::read(&object).unwrap();
+    let mut corrupt = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+    // A header, then an entry cut short.
+    corrupt.write_all(b"tree 12\x00100644 mod.r").unwrap();
+    fs::write(&object, corrupt.finish().unwrap()).unwrap();
+
+    let found = block_on(widget.has_path(c1, "src/lib/mod.rs"));
+    assert!(
+        matches!(found, Err(Error::Internal(_))),
+        "a tree that does not parse: {found:?}"
+    );
+    assert_eq!(widget.paths.lock().unwrap().len(), 0);
+    fs::write(&object, content).unwrap();
+    let found = block_on(widget.has_path(c1, "src/lib/mod.rs"));
+    assert!(
+        matches!(found, Ok(true)),
+        "the tree restored, the path is still not found: {found:?}"
+    );
+}
+
 /// The loose object file of `object` in the work tree repository `dir`.
 fn loose_object(dir: &Path, object: &str) -> PathBuf {
     dir.join(".git/objects")
