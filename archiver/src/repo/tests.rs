@@ -2008,6 +2008,85 @@ fn has_path_finds_files_and_directories() {
     }
 }
 
+/// `docs/urls.md#subtree-query`: a `?path=`'s answer, kept, is the one the
+/// commit's tree gives for that exact path, asked first or again: a file,
+/// a directory, a symlink (not followed, as git does not), a submodule (a
+/// gitlink: missing), a name in another case, a path through a file, a
+/// name that is not ASCII. Replace refs do not change it (git archive runs
+/// with `--no-replace-objects`): the commit id alone says what its tree
+/// is, so an answer kept by commit cannot be changed by a push. (Review of
+/// 2df3306: each kept answer checked against its first.)
+#[test]
+fn a_paths_answer_kept_is_the_trees_for_that_exact_path() {
+    let fixture = fixture();
+    let dir = &fixture.widget;
+    fs::create_dir_all(dir.join("d")).unwrap();
+    fs::write(dir.join("a.txt"), "a\n").unwrap();
+    fs::write(dir.join("d/f"), "f\n").unwrap();
+    fs::write(dir.join("Ünï.txt"), "u\n").unwrap();
+    std::os::unix::fs::symlink("d", dir.join("link")).unwrap();
+    git(dir, &["add", "a.txt", "d/f", "Ünï.txt", "link"]);
+    let gitlink = format!("160000,{},sub", fixture.c1);
+    git(dir, &["update-index", "--add", "--cacheinfo", &gitlink]);
+    git(dir, &["commit", "-q", "-m", "kinds"]);
+    let commit = git(dir, &["rev-parse", "HEAD"]);
+    // `d` replaced by a tree without `f`: ignored, as by git archive.
+    let other = git(dir, &["rev-parse", "HEAD:src"]);
+    let d = git(dir, &["rev-parse", "HEAD:d"]);
+    git(dir, &["replace", &d, &other]);
+
+    let widget = fixture.widget();
+    let cases = [
+        ("a.txt", true),
+        ("A.txt", false),
+        ("a.txt/x", false),
+        ("d", true),
+        ("d/f", true),
+        ("D/f", false),
+        ("d/main.rs", false),
+        ("link", true),
+        ("link/f", false),
+        ("sub", false),
+        ("sub/README", false),
+        ("Ünï.txt", true),
+        ("Uni.txt", false),
+        ("README", true),
+    ];
+    for round in ["first", "kept"] {
+        for (path, expected) in cases {
+            let found = block_on(widget.has_path(&commit, path)).unwrap();
+            assert_eq!(found, expected, "{path} ({round})");
+        }
+    }
+    assert_eq!(widget.paths.lock().unwrap().len(), cases.len());
+    // The same paths in another commit are asked afresh.
+    assert!(!block_on(widget.has_path(&fixture.c1, "a.txt")).unwrap());
+    assert!(!block_on(widget.has_path(&fixture.c1, "d/f")).unwrap());
+    assert_eq!(widget.paths.lock().unwrap().len(), cases.len() + 2);
+}
+
+/// A repository replaced on disk (another directory renamed over it) is
+/// opened afresh, with none of the old one's `?path=` answers: they
+/// could not be wrong for the same commit id anyway (an id names its
+/// content), but a commit the new one lacks is not answered from them.
+#[test]
+fn a_repository_replaced_on_disk_keeps_none_of_the_old_paths_answers() {
+    let fixture = fixture();
+    let repositories = fixture.repositories();
+    let old = repositories.open("acme", "widget").unwrap();
+    assert!(block_on(old.has_path(&fixture.c1, "src/main.rs")).unwrap());
+    assert_eq!(old.paths.lock().unwrap().len(), 1);
+
+    let other = fixture.bare_clone("other");
+    let widget = fixture.root.join("acme/widget");
+    fs::remove_dir_all(&widget).unwrap();
+    fs::rename(&other, &widget).unwrap();
+    let new = repositories.open("acme", "widget").unwrap();
+    assert!(!Arc::ptr_eq(&old, &new), "the old repository was kept");
+    assert_eq!(new.paths.lock().unwrap().len(), 0);
+    assert!(block_on(new.has_path(&fixture.c1, "src/main.rs")).unwrap());
+}
+
 /// `docs/archiver.md#published-commits-only`: a tree on the path that
 /// cannot be read whole (its object inflates, but its entries do not
 /// parse: a disk's or a hand's corruption) is a failure to read, not
