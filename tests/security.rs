@@ -1519,6 +1519,58 @@ fn a_costly_path_is_looked_for_once_and_its_hits_read_no_tree() {
     );
 }
 
+/// A client that asks for many costly paths and leaves at once leaves no
+/// looks behind: those that had begun end, the others are given up. A
+/// request asked after them, for another path, waits for those that had
+/// begun only. (Review of 2df3306: each look waited for its place in a
+/// task of its own, which went on when its request went away: every
+/// look asked for ran, two at a time, for clients long gone, and the
+/// next client's look queued behind them all.)
+#[test]
+fn costly_paths_asked_for_by_clients_that_left_are_not_looked_for() {
+    const PATHS: usize = 16;
+    let sandbox = Sandbox::new();
+    let path = widget_with_a_costly_path(&sandbox, COSTLY_PATH_DEPTH, COSTLY_PATH_FILLER);
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    let cpu = || gitball_e2e::process_cpu_ticks(archiver.pid);
+    let head = |target: &str| {
+        let response = archiver.client().head(archiver.url(target)).send();
+        response.map(|response| response.status().as_u16()).ok()
+    };
+    // The commit read and its trees judged for `export-subst`, once.
+    assert_eq!(head("/acme/widget/archive/main.tar"), Some(200));
+    let missing = |name: &str| format!("/acme/widget/archive/main.tar?path={path}/{name}");
+    let before = cpu();
+    assert_eq!(head(&missing("first")), Some(404));
+    let look = cpu() - before;
+    // Else the trees cost too little to tell a look from none.
+    assert!(look >= 5, "looking for the path took {look} ticks");
+
+    let connections: Vec<RawConnection> = (0..PATHS)
+        .map(|index| {
+            let mut connection = RawConnection::connect(archiver.addr).unwrap();
+            connection
+                .send_request("HEAD", &missing(&format!("gone{index}")), &[])
+                .unwrap();
+            connection
+        })
+        .collect();
+    // The first looks have begun, the others wait for a place.
+    let asked = cpu();
+    assert!(
+        wait_until(WAIT, || cpu() >= asked + look / 2),
+        "no look began"
+    );
+    drop(connections);
+    let left = cpu();
+    assert_eq!(head(&missing("after")), Some(404));
+    let after = cpu() - left;
+    assert!(
+        after < 5 * look,
+        "after {PATHS} clients asked for costly paths and left, the next took {after} ticks, one look {look}"
+    );
+}
+
 /// Looks for `?path=`s are bounded across repositories, not only per
 /// repository: requests for two costly paths in each of many forks (a
 /// fork costs a push nothing, its objects are the original's) run at most
