@@ -469,6 +469,53 @@ fn a_generation_over_its_memory_limit_fails_and_is_not_cached() {
     assert_eq!(bounded.health_status(), Some(200));
 }
 
+/// git's stderr, logged when a generation fails, quotes the paths of the
+/// tree it failed on, and a pushed tree's path may hold a newline (git's
+/// fsck allows one): it is escaped as a request line's values are, so a
+/// push cannot write a line of its own into the archiver's log.
+#[test]
+fn a_failing_trees_paths_write_no_line_of_their_own_into_the_log() {
+    // A tree entry's name: no `/`.
+    const FORGED: &str = "2026-01-01T00:00:00.000000Z  INFO gitball_core::log: request \
+        tier=archiver request_id=forged method=GET path=- status=200 bytes=0";
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "widget");
+    let blob = repo.git_with_input(None, &["hash-object", "-w", "--stdin"], b"x\n");
+    // A `.git` component makes git refuse the tree (`invalid path`) and
+    // name the whole path on its stderr, that of a directory whose name
+    // ends a line and forges the next.
+    let inner = repo.git_with_input(
+        None,
+        &["mktree", "-z"],
+        format!("100644 blob {blob}\t.git\0").as_bytes(),
+    );
+    let tree = repo.git_with_input(
+        None,
+        &["mktree", "-z"],
+        format!("040000 tree {inner}\tdocs\n{FORGED}\0").as_bytes(),
+    );
+    let commit = repo.git_at(1_700_000_000, &["commit-tree", &tree, "-m", "forged"]);
+    repo.git(&["update-ref", "refs/heads/main", &commit]);
+
+    // The text format, the binary's default (JSON escapes every value).
+    let archiver = Archiver::start(&sandbox.repos(), &["--log-format", "text"]);
+    assert_eq!(status(&archiver, "/acme/widget/archive/main.tar"), 500);
+    assert!(
+        wait_until(WAIT, || archiver.log().contains("git archive failed")),
+        "{}",
+        archiver.log()
+    );
+    let log = archiver.log();
+    assert!(
+        log.contains("invalid path"),
+        "git's stderr is logged: {log}"
+    );
+    assert!(
+        !log.lines().any(|line| line.starts_with(FORGED)),
+        "a pushed path wrote a line of its own into the log:\n{log}"
+    );
+}
+
 /// The pid of `parent`'s child running `command` (a stub git), once it has
 /// started.
 fn started_child(parent: u32, command: &str) -> u32 {

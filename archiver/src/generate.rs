@@ -482,7 +482,12 @@ pub async fn run(
     };
     let stderr = stderr.await.unwrap_or_default();
     if !status.success() {
-        tracing::warn!(%status, stderr = %stderr.trim_end(), "git archive failed");
+        // Escaped: it quotes the tree's paths, which a push chooses.
+        tracing::warn!(
+            %status,
+            stderr = %gitball_core::log::untrusted(stderr.trim_end()),
+            "git archive failed"
+        );
         drop(chunks);
         let _ = writer.await;
         return Err(Failure::Failed);

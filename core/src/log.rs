@@ -414,6 +414,22 @@ impl std::fmt::Display for Shown<'_> {
     }
 }
 
+/// A value from outside the service, shown in any log line as the request
+/// line's values are: escaped by [`write_text_value`] in the text format
+/// (the JSON encoder escapes it in the other). git's stderr quotes the
+/// paths of the tree it failed on, and a pushed tree's path may hold a
+/// newline: written as it was, it put lines of the pusher's choosing into
+/// the log (a forged request line among them).
+pub fn untrusted(value: &str) -> impl std::fmt::Display + '_ {
+    Shown {
+        text: matches!(
+            LOG_FORMAT.get().copied().unwrap_or(LogFormat::Text),
+            LogFormat::Text
+        ),
+        value,
+    }
+}
+
 /// A value of the text format: as it is when plain (printable ASCII but
 /// space, `"`, `=` and `\\`, or empty), else quoted, with `"` and `\\`
 /// escaped and every character that is not printable ASCII written as an
