@@ -96,6 +96,51 @@ fn proxy_passes_the_archivers_cache_control() {
     }
 }
 
+/// A checksum changes with its archive, so it is kept as long as its
+/// archive and no longer: without a `Cache-Control` of its own, a cache
+/// in front applied its heuristic freshness (a CDN's default TTL, an hour
+/// and more) and, after a push, answered the branch's new archive with the
+/// old one's checksum.
+#[test]
+fn a_checksum_is_cached_as_long_as_its_archive() {
+    let sandbox = Sandbox::new();
+    let commits = small_repository(&sandbox.repo("acme", "widget"));
+    let cluster = Cluster::start(&sandbox.repos(), &sandbox.repos(), 0, &[]);
+    for (what, path, expected) in [
+        (
+            "branch",
+            "/acme/widget/archive/main.tar.gz".to_owned(),
+            BRANCH_CACHE_CONTROL,
+        ),
+        (
+            "commit",
+            format!("/acme/widget/archive/{}.zip", commits.second),
+            COMMIT_CACHE_CONTROL,
+        ),
+    ] {
+        let sha256 = format!("{path}.sha256");
+        for method in ["GET", "HEAD"] {
+            for (tier, addr) in [
+                ("archiver", cluster.primary.addr),
+                ("proxy", cluster.proxy.addr),
+            ] {
+                let answer = fetch_with(addr, method, &sha256, &[]);
+                assert_eq!(answer.status(), 200, "{what}: {method} {tier}");
+                assert_eq!(
+                    answer.header("cache-control"),
+                    expected,
+                    "{what}: {method} {sha256} from the {tier}"
+                );
+            }
+        }
+        assert_eq!(
+            fetch_ok(cluster.proxy.addr, &path).header("cache-control"),
+            expected,
+            "{what}: the archive"
+        );
+    }
+}
+
 #[test]
 fn private_route_answers_are_not_stored_by_shared_caches() {
     let private = PrivateRepository::start(&[]);

@@ -133,6 +133,16 @@ impl Resolution {
         SystemTime::UNIX_EPOCH + Duration::from_secs(seconds as u64)
     }
 
+    /// How long a cache may keep the archive, and so its checksum: a
+    /// commit URL never changes; a branch or tag URL may move.
+    fn cache_control(&self) -> HeaderValue {
+        HeaderValue::from_static(if self.immutable_url() {
+            "public, max-age=31536000, immutable"
+        } else {
+            "public, max-age=60"
+        })
+    }
+
     /// The URL named the commit itself and the archive depends on nothing
     /// else: its bytes can never change.
     fn immutable_url(&self) -> bool {
@@ -396,6 +406,10 @@ async fn checksum(
     );
     headers.insert(X_GITBALL_COMMIT, header_value(&resolution.resolved.commit));
     headers.insert(X_GITBALL_CACHE, HeaderValue::from_static(cache_label));
+    // The archive's freshness: without it a cache in front falls back to
+    // heuristic freshness (a CDN's default TTL, an hour and more), and
+    // answers a branch's checksum after a push with the old archive's.
+    headers.insert(header::CACHE_CONTROL, resolution.cache_control());
     Ok(response)
 }
 
@@ -677,16 +691,7 @@ fn common_headers(headers: &mut HeaderMap, resolution: &Resolution) {
             header_value(&format!("<{immutable}>; rel=\"immutable\"")),
         );
     }
-    // A commit URL never changes; a branch or tag URL may move.
-    let cache_control = if resolution.immutable_url() {
-        "public, max-age=31536000, immutable"
-    } else {
-        "public, max-age=60"
-    };
-    headers.insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static(cache_control),
-    );
+    headers.insert(header::CACHE_CONTROL, resolution.cache_control());
 }
 
 /// Values built from validated parts (hex, names of `[A-Za-z0-9._/+@=-]`)
