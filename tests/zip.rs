@@ -115,6 +115,36 @@ fn zip_entries_carry_a_commit_time_past_the_tar_field_as_git_does() {
     assert_same_zip_entries(&body, &git_zip, "future main.zip");
 }
 
+/// A symlink's target is its blob, which a push may fill with any bytes,
+/// NULs included: git's zip stores the blob whole, and so does ours, for a
+/// target in the tar's 100-byte `linkname` field (which git fills with the
+/// blob, NUL-padded) as for a longer one (in a pax `linkpath` record).
+/// Before, a target was cut at its first NUL: `safe\0../../etc/passwd` was
+/// stored as `safe`, an entry git's zip does not have (attack).
+#[test]
+fn a_symlink_target_holding_a_nul_is_stored_whole_as_git_does() {
+    let sandbox = Sandbox::new();
+    let repo = RepoBuilder::init_bare(&sandbox.repos().join("acme/links.git"), &sandbox.home());
+    let mut listing = Vec::new();
+    for (name, target) in [
+        ("nul-inside", b"safe\0../../etc/passwd".to_vec()),
+        ("nul-first", b"\0tail".to_vec()),
+        ("nul-in-a-long-one", [&b"x\0"[..], &[b'y'; 150]].concat()),
+        ("plain", b"../README.md".to_vec()),
+    ] {
+        let blob = repo.git_with_input(None, &["hash-object", "-w", "--stdin"], &target);
+        listing.extend_from_slice(format!("120000 blob {blob}\t{name}\0").as_bytes());
+    }
+    let tree = repo.git_with_input(None, &["mktree", "-z"], &listing);
+    let commit = repo.git_at(T1, &["commit-tree", &tree, "-m", "links"]);
+    repo.git(&["update-ref", "refs/heads/main", &commit]);
+
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    let (body, _) = archiver.get_body_and_cache("/acme/links/archive/main.zip");
+    let git_zip = repo.archive("zip", "links-main/", &commit, None);
+    assert_same_zip_entries(&body, &git_zip, "links main.zip");
+}
+
 /// A zip's central directory grows with the number and length of its
 /// entries' names, which the repository decides: here 8,776 entries with
 /// paths of up to 8 KB, from a repository of a few objects (every tree

@@ -198,7 +198,9 @@ pub fn hex_string(bytes: &[u8]) -> String {
 ///   a thread's reused state could change the bytes of an entry over 1 MiB
 ///   with which thread got which block (attack), so a v3 file may hold
 ///   bytes no other run makes, and none is served as v5. A name holding
-///   U+FFFE or U+FFFF no longer gets the UTF-8 flag (git refuses them).
+///   U+FFFE or U+FFFF no longer gets the UTF-8 flag (git refuses them), and
+///   a symlink's target is no longer cut at its first NUL byte (both while
+///   v5 was unreleased).
 pub fn byte_series(format: Format) -> &'static str {
     match format {
         Format::Tar | Format::TarGz => "v2",

@@ -584,7 +584,7 @@ impl<W: Write> ZipWriter<W> {
         match kind {
             Kind::Directory => self.add_stored(meta, Bytes::new())?,
             Kind::Symlink => {
-                let target = linkpath.unwrap_or_else(|| field(&header[157..257]).to_vec());
+                let target = linkpath.unwrap_or_else(|| link_field(&header[157..257]).to_vec());
                 self.add_stored(meta, Bytes::from(target))?;
             }
             Kind::File { .. } if size <= WHOLE_ENTRY_MAX_BYTES => {
@@ -1166,6 +1166,21 @@ fn field(bytes: &[u8]) -> &[u8] {
         .iter()
         .position(|&byte| byte == 0)
         .unwrap_or(bytes.len());
+    &bytes[..end]
+}
+
+/// A symlink's target of up to 100 bytes: git copies the blob into the
+/// `linkname` field whole, NUL bytes included, and its zip stores the blob
+/// whole, so the target ends at the field's last byte that is not NUL (the
+/// padding) rather than at its first NUL (attack: a pushed target
+/// `safe\0../x` was stored as `safe`, an entry git's zip does not have). A
+/// target that itself ends in NUL bytes cannot be told from the padding in
+/// git's tar: those bytes are left out.
+fn link_field(bytes: &[u8]) -> &[u8] {
+    let end = bytes
+        .iter()
+        .rposition(|&byte| byte != 0)
+        .map_or(0, |last| last + 1);
     &bytes[..end]
 }
 
