@@ -528,6 +528,67 @@ fn embedded_prewarm_is_checked_by_the_proxy_and_run_by_its_archiver() {
     );
 }
 
+/// The example post-receive hook (`ops/hooks/post-receive-prewarm`)
+/// prewarms the pushed tags of its own repository and nothing else, with
+/// the operator's prewarm token. A tag's name is the pusher's, and
+/// `{.}{.}/{.}{.}/{.}{.}/acme/secret/prewarm/{v1.2.3,v9.9.9}` is a valid
+/// one: in curl's URL, braces were globs and `..` segments were squashed,
+/// so the hook prewarmed another repository's refs (a private one's as
+/// well: a prewarm needs no repository token) and told the pusher each
+/// answer, `202404`: which tags that repository has (attack).
+#[test]
+fn the_prewarm_hook_prewarms_only_its_own_repositorys_pushed_tags() {
+    let sandbox = Sandbox::new();
+    let source = sandbox.source_repo("src/widget");
+    let commits = small_repository(&source);
+    let widget = source.clone_bare(&sandbox.repos().join("acme/widget.git"));
+    small_repository(&sandbox.repo("acme", "secret"));
+    let hook =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/hooks/post-receive-prewarm");
+    // `copy` keeps the hook's executable mode.
+    std::fs::copy(&hook, widget.dir().join("hooks/post-receive")).expect("install the hook");
+    let token = write_token(&sandbox, "prewarm-token", PREWARM_TOKEN);
+    let proxy = Proxy::embedded(
+        &sandbox.repos(),
+        &sandbox.path("cache"),
+        &["--prewarm-token-file", &token],
+    );
+
+    let probe = "{.}{.}/{.}{.}/{.}{.}/acme/secret/prewarm/{v1.2.3,v9.9.9}";
+    source.git(&["tag", probe, &commits.second]);
+    source.git(&["tag", "v2.0", &commits.second]);
+    let pushed = gitball_e2e::git_command(&sandbox.home())
+        .current_dir(source.dir())
+        .env("GITBALL_PREWARM_URL", format!("http://{}", proxy.addr))
+        .env("GITBALL_PREWARM_TOKEN_FILE", &token)
+        .args(["push", "-q", widget.dir().to_str().expect("utf-8 path")])
+        .args([format!("refs/tags/{probe}"), "refs/tags/v2.0".to_owned()])
+        .output()
+        .expect("run git push");
+    let said = String::from_utf8_lossy(&pushed.stderr);
+    assert!(pushed.status.success(), "{said}");
+    assert!(
+        said.contains("gitball: prewarm acme/widget v2.0: 202"),
+        "the pushed tag was not prewarmed: {said}"
+    );
+    assert!(
+        !said.contains("202404"),
+        "the hook told the pusher another repository's answers: {said}"
+    );
+    // Its line is written when the answer has been sent, so before the
+    // hook, and the push, ended.
+    assert!(
+        wait_until(SETTLE, || proxy.log().contains("/acme/widget/prewarm/v2.0")),
+        "{}",
+        proxy.log()
+    );
+    assert!(
+        !proxy.log().contains("/acme/secret/"),
+        "the hook asked for another repository: {}",
+        proxy.log()
+    );
+}
+
 /// An upstream on 127.0.0.1 that answers each of its connections, in
 /// order, with the next of `answers` (whatever was asked), then keeps the
 /// connection open until its peer closes it (at most 30 s), as a hung
