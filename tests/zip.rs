@@ -278,12 +278,13 @@ fn a_restart_does_not_serve_a_zip_of_the_older_byte_series() {
     let plain = SeriesRepo::new(&sandbox);
     let path = "/acme/plain/archive/main.zip";
 
-    let (current, current_path) = plain.generate(&sandbox, path, "v5", "zip", "Zip(6)");
+    let (current, current_path) = plain.generate(&sandbox, path, "v6", "zip", "Zip(6)");
 
     // What archivers of older series left behind: git's own zip under the
     // key of v2 (where the zip was git's bytes, `Compression::None`), and
     // other bytes under v3's (whose zips of entries over 1 MiB could
-    // differ from run to run).
+    // differ from run to run) and v5's (whose symlink targets could be
+    // cut short).
     std::fs::remove_file(&current_path).expect("remove the current file");
     let old = plain
         .repo
@@ -292,5 +293,7 @@ fn a_restart_does_not_serve_a_zip_of_the_older_byte_series() {
     std::fs::write(plain.cached_file("v2", "zip", "None", &old), &old).expect("write the old file");
     std::fs::write(plain.cached_file("v3", "zip", "Zip(6)", &old), &old)
         .expect("write the v3 file");
+    std::fs::write(plain.cached_file("v5", "zip", "Zip(6)", &old), &old)
+        .expect("write the v5 file");
     plain.assert_restart_generates(&sandbox, path, &current);
 }

@@ -198,13 +198,15 @@ pub fn hex_string(bytes: &[u8]) -> String {
 ///   a thread's reused state could change the bytes of an entry over 1 MiB
 ///   with which thread got which block (attack), so a v3 file may hold
 ///   bytes no other run makes, and none is served as v5. A name holding
-///   U+FFFE or U+FFFF no longer gets the UTF-8 flag (git refuses them), and
-///   a symlink's target is no longer cut at its first NUL byte (both while
-///   v5 was unreleased).
+///   U+FFFE or U+FFFF no longer gets the UTF-8 flag (git refuses them).
+/// - `v6` (zip): a symlink's target of up to 100 bytes is stored whole, as
+///   git's zip stores it, not cut at its first NUL byte (attack). Only such
+///   zips change, but v5 had been served: a v5 file of one is never served
+///   as v6, nor resumed from under its ETag.
 pub fn byte_series(format: Format) -> &'static str {
     match format {
         Format::Tar | Format::TarGz => "v2",
-        Format::Zip => "v5",
+        Format::Zip => "v6",
         Format::TarZst => "v4",
     }
 }
