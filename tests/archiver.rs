@@ -388,6 +388,31 @@ fn subtree_archives_hold_only_the_path_in_every_format() {
     }]);
 }
 
+/// A subtree archive's `Link: rel="immutable"` keeps its `?path=`, and the
+/// link's archive is that subtree at the commit: the link had named the
+/// whole tree's archive, other contents than the ones asked for, which a
+/// client pinning the link (Nix's lockable tarballs) would have fetched
+/// from then on (attack).
+#[test]
+fn a_subtree_archives_immutable_link_is_of_the_same_subtree() {
+    let (w, archiver) = widget_archiver(&[]);
+    let response = archiver.get("/acme/widget/archive/main.tar?path=sub/dir");
+    assert_eq!(response.status().as_u16(), 200);
+    let link = format!("/acme/widget/archive/{}.tar?path=sub/dir", w.c2);
+    assert_eq!(
+        header(&response, "link"),
+        format!("<{link}>; rel=\"immutable\"")
+    );
+    let pinned = archiver.get(&link);
+    assert_eq!(pinned.status().as_u16(), 200, "GET {link}");
+    let prefix = format!("widget-{}/", w.c2);
+    assert_bytes_eq(
+        &pinned.bytes().expect("read the body"),
+        &w.repo.archive("tar", &prefix, &w.c2, Some("sub/dir")),
+        "the linked archive vs git archive of the subtree",
+    );
+}
+
 /// `tgz` is an alias whose file name uses the canonical extension.
 #[test]
 fn tgz_alias_is_named_tar_gz() {

@@ -685,6 +685,7 @@ fn common_headers(headers: &mut HeaderMap, resolution: &Resolution) {
             &request.repo,
             &resolved.commit,
             request.format,
+            resolution.spec.subtree.as_deref(),
         );
         headers.insert(
             header::LINK,

@@ -407,42 +407,62 @@ impl ArchiveRequest {
     /// The canonical URL of this archive (path and `path` query), whichever
     /// shape it was asked in: what the proxy asks the archiver for.
     pub fn canonical_path(&self, subtree: Option<&str>) -> String {
-        // Pieces pushed one by one, not `format!` (a proxied hit's CPU).
-        let ext = self.format.ext();
-        let mut path = String::with_capacity(
-            "///archive/.".len()
-                + self.owner.len()
-                + self.repo.len()
-                + self.reference.len()
-                + ext.len()
-                + ".sha256".len(),
-        );
-        for piece in [
-            "/",
+        archive_path(
             &self.owner,
-            "/",
             &self.repo,
-            "/archive/",
             &self.reference,
-            ".",
-            ext,
-        ] {
-            path.push_str(piece);
-        }
-        if self.checksum {
-            path.push_str(".sha256");
-        }
-        if let Some(subtree) = subtree {
-            path.push_str("?path=");
-            path.extend(utf8_percent_encode(subtree, QUERY_VALUE));
-        }
-        path
+            self.format,
+            self.checksum,
+            subtree,
+        )
     }
 }
 
+/// `/{owner}/{repo}/archive/{reference}.{ext}`, `.sha256` for a `checksum`,
+/// and the `path` query of a `subtree`.
+fn archive_path(
+    owner: &str,
+    repo: &str,
+    reference: &str,
+    format: Format,
+    checksum: bool,
+    subtree: Option<&str>,
+) -> String {
+    // Pieces pushed one by one, not `format!` (a proxied hit's CPU).
+    let ext = format.ext();
+    let mut path = String::with_capacity(
+        "///archive/.".len()
+            + owner.len()
+            + repo.len()
+            + reference.len()
+            + ext.len()
+            + ".sha256".len(),
+    );
+    for piece in ["/", owner, "/", repo, "/archive/", reference, ".", ext] {
+        path.push_str(piece);
+    }
+    if checksum {
+        path.push_str(".sha256");
+    }
+    if let Some(subtree) = subtree {
+        path.push_str("?path=");
+        path.extend(utf8_percent_encode(subtree, QUERY_VALUE));
+    }
+    path
+}
+
 /// The immutable URL of an archive: what `Link: rel="immutable"` points at.
-pub fn immutable_path(owner: &str, repo: &str, commit: &str, format: Format) -> String {
-    format!("/{owner}/{repo}/archive/{commit}.{}", format.ext())
+/// It keeps the archive's `?path=` (`subtree`): without it the link named
+/// the whole tree's archive, and a client that pins the link (Nix's
+/// lockable tarballs) got other contents than it had asked for.
+pub fn immutable_path(
+    owner: &str,
+    repo: &str,
+    commit: &str,
+    format: Format,
+    subtree: Option<&str>,
+) -> String {
+    archive_path(owner, repo, commit, format, false, subtree)
 }
 
 #[cfg(test)]
