@@ -661,6 +661,80 @@ fn a_git_writing_other_tar_bytes_gets_etags_of_its_own() {
     );
 }
 
+/// A git whose iconv re-encodes `working-tree-encoding` with other tables
+/// than the reference host's writes other bytes for a tree that asks for
+/// it, and its archives get ETags of their own (the canary's `encoding/`
+/// files, `archiver/src/canary.rs`; docs/urls.md, byte stability): no cache
+/// and no resume across replicas mixes the two. The other git is the real
+/// git with a `GCONV_PATH` whose `gconv-modules` aliases `EUC-JP` to
+/// glibc's eucJP-ms tables: a host whose libc or gconv configuration maps
+/// EUC-JP otherwise (FULLWIDTH TILDE is `8f a2 b7` here, `a1 c1` there).
+/// The archiver gives git none of its own environment, so the stub sets
+/// it. (Security review: the canary had no such file, so both archivers
+/// served their different bytes under one ETag.)
+#[test]
+fn a_git_whose_iconv_writes_other_bytes_gets_etags_of_its_own() {
+    use std::os::unix::fs::PermissionsExt;
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "kanji");
+    // Stored as UTF-8 (added before the attribute), archived as EUC-JP.
+    repo.write("notes.txt", "\u{301c} \u{ff5e}\n");
+    repo.git(&["add", "notes.txt"]);
+    repo.write(".gitattributes", "notes.txt working-tree-encoding=EUC-JP\n");
+    repo.git(&["add", ".gitattributes"]);
+    repo.git_at(T1, &["commit", "-q", "-m", "EUC-JP"]);
+    let gconv = sandbox.path("gconv");
+    std::fs::create_dir(&gconv).expect("mkdir gconv");
+    std::fs::write(
+        gconv.join("gconv-modules"),
+        "alias\tEUC-JP//\tEUC-JP-MS//\n",
+    )
+    .expect("write gconv-modules");
+    let other_git = sandbox.path("git-with-other-iconv-tables");
+    std::fs::write(
+        &other_git,
+        format!(
+            "#!/bin/sh\nGCONV_PATH='{gconv}' exec '{git}' \"$@\"\n",
+            gconv = gconv.display(),
+            git = gitball_e2e::git::real_git().display()
+        ),
+    )
+    .expect("write the stub");
+    std::fs::set_permissions(&other_git, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let reference = Archiver::start(&sandbox.repos(), &[]);
+    let other = Archiver::start(&sandbox.repos(), &["--git", other_git.to_str().unwrap()]);
+    let fetch = |archiver: &Archiver| {
+        let response = archiver.get("/acme/kanji/archive/main.tar");
+        assert_eq!(response.status().as_u16(), 200);
+        let etag = header(&response, "etag").to_owned();
+        (etag, response.bytes().unwrap().to_vec())
+    };
+    let (reference_etag, reference_tar) = fetch(&reference);
+    let (other_etag, other_tar) = fetch(&other);
+    let holds = |tar: &[u8], bytes: &[u8]| tar.windows(bytes.len()).any(|window| window == bytes);
+    // What the stub stands for: other bytes for the same commit.
+    assert!(
+        holds(&reference_tar, b"\xa1\xc1 \x8f\xa2\xb7\n"),
+        "glibc's EUC-JP"
+    );
+    assert!(holds(&other_tar, b"\xa1\xc1 \xa1\xc1\n"), "eucJP-ms");
+    assert_ne!(other_etag, reference_etag, "one ETag for two gits' bytes");
+    let writer = |archiver: &Archiver| {
+        archiver
+            .metrics()
+            .series_of("gitball_archiver_tar_writer_info")
+            .into_iter()
+            .filter(|(_, value)| *value == 1.0)
+            .map(|(series, _)| series.to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        writer(&reference),
+        ["gitball_archiver_tar_writer_info{fingerprint=\"reference/reference\"}"]
+    );
+    assert_ne!(writer(&other), writer(&reference));
+}
+
 #[test]
 fn golden_hashes_pin_the_bytes_of_every_format() {
     let sandbox = Sandbox::new();

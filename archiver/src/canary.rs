@@ -31,8 +31,24 @@
 //! target too long for the ustar fields (pax headers), a name that is not
 //! ASCII, a nested directory, a submodule, the commit id in the global
 //! header, and `.gitattributes` asking for `export-subst`,
-//! `export-ignore`, `eol=crlf` and `ident`; it is archived whole and as a
-//! subtree.
+//! `export-ignore`, `eol=crlf`, `ident` and `working-tree-encoding`; it is
+//! archived whole and as a subtree.
+//!
+//! `working-tree-encoding` is not git's alone: git re-encodes such a file
+//! from UTF-8 with the host's iconv, so a replica on another libc (musl,
+//! GNU libiconv), another glibc whose tables changed, a distribution that
+//! patches or leaves out gconv modules (where iconv does not know the
+//! encoding or cannot map a character, git writes the file unconverted),
+//! or another byte order writes other bytes for the same commit. The
+//! archiver's git gets no `GCONV_PATH`, `LOCPATH` or locale of the
+//! server's (`generate::git_command`), so what differs is the host. The
+//! canary holds one file each in `UTF-16` and `UTF-32` (the BOM and the
+//! byte order, which glibc takes from the host and GNU libiconv and a git
+//! built for musl write big-endian; a character beyond the BMP), and in
+//! `SHIFT-JIS` and `EUC-JP` (table-driven multibyte encodings, with the
+//! characters their tables are known to map differently: `SHIFT_JIS_TEXT`,
+//! `EUC_JP_TEXT`). Another encoding whose table differs between hosts,
+//! and a name one iconv knows and another does not, go unseen.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -58,10 +74,13 @@ use gitball_core::url::Format;
 /// a year. A git whose canary differs writes other bytes, and must get
 /// other ETags; writing its hashes here would give it the old ones. Only a
 /// new canary tree (a change of this file) may change these values, and
-/// then only to what git 2.47.3 writes for it.
+/// then only to what git 2.47.3 writes for it, on the reference host
+/// (Debian 12, glibc 2.36, x86-64: the `working-tree-encoding` files are
+/// its iconv's bytes), where archives then keep their ETags. (Changed
+/// once so: the `encoding/` files, 2026-12-07.)
 pub const REFERENCE: Reference = Reference {
-    tar: "c12fdee74e797638adec69f3ee0df151c895c915ae47381dd491e780a01f6397",
-    subst: "de1b42ff9ddc859bf7fc68063fff91bea2f68fae07505c3eb37afb0269d77bbf",
+    tar: "8cd5aec9c526b4ee3632a91906c845b6f2159c32ba51e1ba28e082bc05d0070d",
+    subst: "667b48a8f3be37f4e6cd1331f6f1593d1908b6d699bff0a980329764d7e11ab9",
 };
 
 /// [`REFERENCE`]'s type: [`Fingerprint`]'s parts as constants.
@@ -89,6 +108,37 @@ const RETRY_FAILED: Duration = Duration::from_secs(30);
 /// Requests look at the binary at most this often (`TarWriter::fresh`).
 const REQUEST_STAT_INTERVAL: Duration = Duration::from_secs(1);
 
+/// What the `working-tree-encoding` files hold (UTF-8, as git stores
+/// them) for UTF-16 and UTF-32: Latin, a BMP sign and a character beyond
+/// the BMP (a surrogate pair in UTF-16). glibc writes a BOM and the host's
+/// byte order (`ff fe`, little-endian, on x86-64, big-endian on s390x); GNU
+/// libiconv writes big-endian with a BOM, and a git built with
+/// `ICONV_OMITS_BOM` (musl's iconv writes no BOM) writes UTF-16BE after a
+/// BOM of its own.
+const UNICODE_TEXT: &str = "A \u{e9} \u{20ac} \u{1f600}\n";
+
+/// What the Shift_JIS file holds: code points that Shift_JIS tables are
+/// known to map differently, then kana, a kanji and a half-width katakana.
+/// `\` and `~` are where JIS X 0201 Roman has YEN SIGN and OVERLINE:
+/// glibc writes all four as the bytes `5c` and `7e`, tables that follow
+/// JIS X 0201 strictly (GNU libiconv's) keep those bytes for YEN SIGN and
+/// OVERLINE only. WAVE DASH (U+301C), MINUS SIGN, DOUBLE VERTICAL LINE,
+/// CENT and NOT SIGN are the JIS X 0208 characters whose Unicode mapping
+/// JIS, Microsoft (CP932) and IBM (IBM943) tables disagree on: glibc's
+/// `IBM943` writes CENT and NOT SIGN as `7f`, its `SJIS` as `81 91` and
+/// `81 ca`. FULLWIDTH TILDE (U+FF5E) is not here: glibc's `SJIS` has no
+/// mapping for it, and git then writes the whole file unconverted (a
+/// future git that failed instead would fail every canary).
+const SHIFT_JIS_TEXT: &str = "\\ ~ \u{a5} \u{203e} \u{301c} \u{2212} \u{2016} \u{a2} \u{ac} \
+                              \u{2015} \u{3042} \u{6f22} \u{ff71}\n";
+
+/// What the EUC-JP file holds: the same, and FULLWIDTH TILDE, which
+/// glibc's `EUC-JP` writes from JIS X 0212 (`8f a2 b7`) and eucJP-ms
+/// (glibc's `EUC-JP-MS`) as the wave dash (`a1 c1`). The half-width
+/// katakana takes EUC-JP's single shift (`8e`).
+const EUC_JP_TEXT: &str = "\\ ~ \u{a5} \u{203e} \u{301c} \u{2212} \u{2016} \u{a2} \u{ac} \
+                           \u{2015} \u{ff5e} \u{3042} \u{6f22} \u{ff71}\n";
+
 /// The inline file `path` of `mode` holding `content`, for `fast-import`.
 fn inline(mode: &str, path: &str, content: &str) -> String {
     format!(
@@ -102,8 +152,12 @@ fn inline(mode: &str, path: &str, content: &str) -> String {
 fn fast_import_stream() -> String {
     let long_dir = "d".repeat(90);
     let long_target = "t".repeat(120);
-    let conversions = "ignored.txt export-ignore\ncrlf.txt text eol=crlf\nident.txt ident\n";
-    let files: [(&str, &str, &str); 12] = [
+    let conversions = "ignored.txt export-ignore\ncrlf.txt text eol=crlf\nident.txt ident\n\
+                       encoding/utf-16.txt working-tree-encoding=UTF-16\n\
+                       encoding/utf-32.txt working-tree-encoding=UTF-32\n\
+                       encoding/shift-jis.txt working-tree-encoding=SHIFT-JIS\n\
+                       encoding/euc-jp.txt working-tree-encoding=EUC-JP\n";
+    let files: [(&str, &str, &str); 16] = [
         ("100644", ".gitattributes", conversions),
         ("100644", "ignored.txt", "not archived\n"),
         ("100644", "crlf.txt", "one\ntwo\n"),
@@ -116,6 +170,12 @@ fn fast_import_stream() -> String {
         ("100644", "naïve/fichier.txt", "non-ASCII name\n"),
         ("100644", "a/b/c/nested.txt", "nested\n"),
         ("100644", "a/b/crlf.txt", "three\nfour\n"),
+        // `working-tree-encoding`: git re-encodes these from UTF-8 with the
+        // host's iconv (`ENCODINGS`).
+        ("100644", "encoding/utf-16.txt", UNICODE_TEXT),
+        ("100644", "encoding/utf-32.txt", UNICODE_TEXT),
+        ("100644", "encoding/shift-jis.txt", SHIFT_JIS_TEXT),
+        ("100644", "encoding/euc-jp.txt", EUC_JP_TEXT),
     ];
     let commit = |branch: &str| {
         format!(
@@ -664,6 +724,66 @@ mod tests {
         assert_eq!(writer.current(true), None);
         // Nothing is left behind.
         assert_eq!(std::fs::read_dir(parent.path()).unwrap().count(), 0);
+    }
+
+    /// A git whose iconv maps `working-tree-encoding` otherwise than the
+    /// reference host's is not the reference: the canary's `encoding/`
+    /// files catch it, the placeholders' part stays the reference's. The
+    /// other gits are this host's git with a `GCONV_PATH` whose
+    /// `gconv-modules` aliases `EUC-JP` to glibc's eucJP-ms and
+    /// `SHIFT-JIS` to IBM943, as a host whose libc or gconv configuration
+    /// has other tables for them (FULLWIDTH TILDE is `a1 c1`, not
+    /// `8f a2 b7`; CENT SIGN `7f`, not `81 91`). (Security review: before
+    /// the `encoding/` files both wrote the reference canary, so their
+    /// archives of a tree in those encodings, other bytes, kept the
+    /// reference ETags.)
+    #[tokio::test]
+    async fn a_git_whose_iconv_maps_otherwise_is_not_the_reference() {
+        let parent = tempfile::tempdir().unwrap();
+        let real = generate::find_git().unwrap();
+        // The first aliases an encoding the canary does not use: the
+        // control, `GCONV_PATH` alone changes nothing.
+        for (encoding, table) in [
+            ("EUC-KR", "UHC"),
+            ("EUC-JP", "EUC-JP-MS"),
+            ("SHIFT-JIS", "IBM943"),
+        ] {
+            let gconv = parent.path().join(format!("gconv-{encoding}"));
+            std::fs::create_dir(&gconv).unwrap();
+            std::fs::write(
+                gconv.join("gconv-modules"),
+                format!("alias\t{encoding}//\t{table}//\n"),
+            )
+            .unwrap();
+            let git = parent.path().join(format!("git-{encoding}"));
+            std::fs::write(
+                &git,
+                format!(
+                    "#!/bin/sh\nGCONV_PATH='{gconv}' exec '{real}' \"$@\"\n",
+                    gconv = gconv.display(),
+                    real = real.display()
+                ),
+            )
+            .unwrap();
+            std::fs::set_permissions(&git, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .unwrap();
+            let fingerprint = fingerprint(&git, parent.path()).await.unwrap();
+            if encoding == "EUC-KR" {
+                assert_eq!(fingerprint.tar, REFERENCE.tar, "the control");
+                continue;
+            }
+            assert_ne!(
+                fingerprint.tar, REFERENCE.tar,
+                "{encoding} as {table}: the reference canary"
+            );
+            assert_eq!(fingerprint.subst, REFERENCE.subst, "{encoding} as {table}");
+            assert!(
+                fingerprint
+                    .variant_part(false)
+                    .is_some_and(|part| part.starts_with("tar ")),
+                "{encoding} as {table}"
+            );
+        }
     }
 
     /// A git replaced under a running archiver is fingerprinted anew at
