@@ -186,12 +186,12 @@ impl<W: Write + Send + 'static> Encoder<W> {
         }
     }
 
-    pub fn sink(&self) -> &W {
+    pub fn sink_mut(&mut self) -> &mut W {
         match self {
             Encoder::Plain(sink) => sink,
-            Encoder::Gzip(encoder) => &encoder.sink,
-            Encoder::Zstd(stream) => stream.sink(),
-            Encoder::Zip(writer) => writer.sink(),
+            Encoder::Gzip(encoder) => &mut encoder.sink,
+            Encoder::Zstd(stream) => stream.sink_mut(),
+            Encoder::Zip(writer) => writer.sink_mut(),
         }
     }
 
@@ -250,11 +250,20 @@ impl<W: Write + Send + 'static> ZstdStream<W> {
         Ok(())
     }
 
+    #[cfg(test)]
     fn sink(&self) -> &W {
         // Only `finish` takes the encoder, and it consumes the stream.
         self.encoder
             .as_ref()
             .map(|encoder| encoder.get_ref())
+            .expect("the encoder lives until finish")
+    }
+
+    fn sink_mut(&mut self) -> &mut W {
+        // Only `finish` takes the encoder, and it consumes the stream.
+        self.encoder
+            .as_mut()
+            .map(|encoder| encoder.get_mut())
             .expect("the encoder lives until finish")
     }
 

@@ -35,7 +35,10 @@
 //!   tests fail if a dependency update changes a single byte.
 //! - Readers see a length only after those bytes are in the file: the file is
 //!   written with plain `write` syscalls (no user-space buffer after the
-//!   encoder), and the length announced is what reached the file.
+//!   encoder), and the length announced is what reached the file. Every
+//!   write is announced as it is made (`Sink`), also those an encoder makes
+//!   while it waits for its compressors: readers wait at most for the next
+//!   block's compression, never for a whole queue of them.
 //!
 //! Compression runs off the runtime (a blocking thread, and for gzip its
 //! own compression threads, see `compress`): at level 6 gzip costs ~10 ms
@@ -374,6 +377,9 @@ pub async fn run(
         len: 0,
         hasher: Sha256::new(),
         used,
+        grown: growth,
+        telling: false,
+        told: 0,
         max_bytes: limits.max_bytes,
         full,
         _writing: writing,
@@ -395,15 +401,15 @@ pub async fn run(
     // byte. From here on the response has begun, so a git that fails even
     // at once aborts it (never a clean end), and nothing is cached.
     // Other encoders are made by the writer thread, while git starts.
-    let (start, announced) = if writes_ahead(spec) {
+    let start = if writes_ahead(spec) {
         let mut encoder = Encoder::new(sink, spec.compression).map_err(write_failure)?;
         encoder
             .write_ahead(&spec.prefix, spec.commit_time)
             .map_err(write_failure)?;
-        let announced = announce(encoder.sink().len, 0, limits.max_bytes, &*growth)?;
-        (Start::Encoder(encoder), announced)
+        encoder.sink_mut().tell_readers();
+        Start::Encoder(encoder)
     } else {
-        (Start::Sink(sink, spec.compression), 0)
+        Start::Sink(sink, spec.compression)
     };
 
     let mut command = command(git, spec, shadow);
@@ -438,9 +444,8 @@ pub async fn run(
     // bound the memory to ~3 chunks whatever the archive's size.
     let (chunks, receiver) = mpsc::channel::<Chunk>(2);
     let writer = {
-        let max_bytes = limits.max_bytes;
         let check = FormatCheck::new(spec.format);
-        writer_thread(move || write_chunks(start, announced, receiver, max_bytes, check, &*growth))
+        writer_thread(move || write_chunks(start, receiver, check))
     };
     let writer = match writer {
         Ok(writer) => writer,
@@ -605,16 +610,13 @@ enum Start {
     Encoder(Encoder<Sink>),
 }
 
-/// The blocking half: format check → encoder → counting file writer →
-/// watch of the length. `announced`: what readers were told before git
-/// ran (`Encoder::write_ahead`).
+/// The blocking half: format check → encoder → counting file writer, which
+/// tells readers of every write once git's output was recognised (the
+/// bytes written ahead of git were told before it ran).
 fn write_chunks(
     start: Start,
-    mut announced: u64,
     mut chunks: mpsc::Receiver<Chunk>,
-    max_bytes: u64,
     mut check: FormatCheck,
-    growth: &(dyn Fn(u64) + Send + Sync),
 ) -> Result<Finished, Failure> {
     let mut encoder = match start {
         Start::Sink(sink, compression) => Encoder::new(sink, compression).map_err(write_failure)?,
@@ -627,9 +629,6 @@ fn write_chunks(
             // rather than with git's next bytes (the zip writer).
             Err(TryRecvError::Empty) if encoder.has_pending() => {
                 encoder.write_pending().map_err(write_failure)?;
-                if check.passed {
-                    announced = announce(encoder.sink().len, announced, max_bytes, growth)?;
-                }
                 continue;
             }
             Err(TryRecvError::Empty) => chunks.blocking_recv(),
@@ -637,21 +636,22 @@ fn write_chunks(
         };
         match chunk {
             Some(Chunk::Data(data)) => {
-                for data in check.pass(data)? {
+                let passed = check.pass(data)?;
+                // Nothing of git's is told (so no reader sees a byte of it)
+                // before the format was recognised; from then on, every
+                // write is.
+                if check.passed {
+                    encoder.sink_mut().tell_readers();
+                }
+                for data in passed {
                     encoder.write_block(data).map_err(write_failure)?;
                 }
-                // Nothing of git's is announced (so no reader sees a byte of
-                // it) before the format was recognised.
-                if !check.passed {
-                    continue;
-                }
-                announced = announce(encoder.sink().len, announced, max_bytes, growth)?;
             }
             Some(Chunk::End) => {
                 check.finish()?;
+                // The sink counted (and bounded) every byte as written, and
+                // told readers of each write.
                 let sink = encoder.finish().map_err(write_failure)?;
-                // The sink counted (and bounded) every byte as written.
-                announce(sink.len, announced, max_bytes, growth)?;
                 return Ok(Finished {
                     len: sink.len,
                     sha256: sink.hasher.finalize().into(),
@@ -660,22 +660,6 @@ fn write_chunks(
             None => return Err(Failure::Failed),
         }
     }
-}
-
-/// Tells readers the file grew to `len`; returns the new announced length.
-fn announce(
-    len: u64,
-    announced: u64,
-    max_bytes: u64,
-    growth: &(dyn Fn(u64) + Send + Sync),
-) -> Result<u64, Failure> {
-    if len > max_bytes {
-        return Err(Failure::TooLarge);
-    }
-    if len != announced {
-        growth(len);
-    }
-    Ok(len)
 }
 
 /// What git's output must start with, checked before any of it is written:
@@ -826,12 +810,39 @@ struct Sink {
     hasher: Sha256,
     /// Told `len` after each write ([`Space::used`]).
     used: RoomFor,
+    /// Told `len` after each write once `telling` ([`Space::grown`]): readers
+    /// learn of every piece as it reaches the file, also of those an encoder
+    /// writes while it waits for its compressors (a full queue, the last
+    /// blocks after git ended) or several of at once (zstd's jobs), not
+    /// only when the encoder returns.
+    grown: Grown,
+    /// Whether readers may be told: from the bytes written ahead of git, or
+    /// from git's first recognised bytes (`FormatCheck`).
+    telling: bool,
+    /// The length readers were last told.
+    told: u64,
     /// `--max-archive-bytes`: a write that passes it fails, so the file
     /// ends at most one write past it.
     max_bytes: u64,
     full: FullFor,
     /// After `file`, so dropped after it is closed ([`Space::writing`]).
     _writing: Arc<dyn std::any::Any + Send + Sync>,
+}
+
+impl Sink {
+    /// Readers may be told from now on: tells them what the file holds, and
+    /// then each write as it is made.
+    fn tell_readers(&mut self) {
+        self.telling = true;
+        self.tell();
+    }
+
+    fn tell(&mut self) {
+        if self.telling && self.len != self.told {
+            (self.grown)(self.len);
+            self.told = self.len;
+        }
+    }
 }
 
 impl Write for Sink {
@@ -855,6 +866,7 @@ impl Write for Sink {
         if !room || self.len > self.max_bytes {
             return Err(io::Error::other(NoRoom));
         }
+        self.tell();
         Ok(n)
     }
 
@@ -976,6 +988,7 @@ pub fn find_program(program: &Path) -> io::Result<PathBuf> {
 mod tests {
     use super::*;
     use std::ffi::OsStr;
+    use std::sync::Mutex;
 
     /// Every `outcome` a finished generation is counted with is in
     /// `docs/observability.md`'s label values for `generations_total`; a
@@ -1277,6 +1290,131 @@ mod tests {
             "{compression:?}: written"
         );
         assert!(stub.runs().is_empty(), "{compression:?}: git ran");
+    }
+
+    /// git's tar of a commit at the stub spec's time, prefix `repo-main/`,
+    /// holding `bytes` of pseudo-random (incompressible) data in one file:
+    /// what a generation of a large binary file compresses.
+    fn tar_of_random_file(bytes: usize) -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        let git = |args: &[&str]| {
+            let output = std::process::Command::new("git")
+                .args(args)
+                .current_dir(dir.path())
+                .env("GIT_CONFIG_NOSYSTEM", "1")
+                .env("GIT_CONFIG_GLOBAL", "/dev/null")
+                .env("GIT_AUTHOR_NAME", "t")
+                .env("GIT_AUTHOR_EMAIL", "t@example.com")
+                .env("GIT_COMMITTER_NAME", "t")
+                .env("GIT_COMMITTER_EMAIL", "t@example.com")
+                .env("GIT_AUTHOR_DATE", "1234567890 +0000")
+                .env("GIT_COMMITTER_DATE", "1234567890 +0000")
+                .output()
+                .unwrap();
+            assert!(output.status.success(), "git {args:?}: {output:?}");
+            output.stdout
+        };
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let data: Vec<u8> = (0..bytes)
+            .map(|_| {
+                // xorshift64: incompressible, as a binary asset is.
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 32) as u8
+            })
+            .collect();
+        std::fs::write(dir.path().join("big.bin"), data).unwrap();
+        git(&["init", "-q"]);
+        git(&["add", "big.bin"]);
+        git(&["commit", "-q", "-m", "big"]);
+        git(&["archive", "--format=tar", "--prefix=repo-main/", "HEAD"])
+    }
+
+    /// docs/archiver.md (tailing readers): every write to the file is told
+    /// to its readers as it reaches the file, also the writes made while
+    /// the writer waits for the compressors (their queue is full, or git
+    /// has ended and the last blocks are compressed) and zstd's output
+    /// within one block. Told only when the encoder returned, the last
+    /// 4 MiB of a tar.gz (the queue) or 8 MiB of a zip reached readers
+    /// at once after all of it was compressed: on a loaded host, seconds
+    /// of silence, past the proxies' `--header-timeout` (the fleet test's
+    /// scenario 7 saw `the upstream sent nothing for 3s`, a cold zip).
+    #[tokio::test]
+    async fn every_write_of_a_generation_is_told_to_readers_as_it_reaches_the_file() {
+        let tar = tar_of_random_file(6 << 20);
+        let stub = crate::test_support::StubGit::without_header(&tar, 0);
+        for (compression, format) in [
+            (Compression::None, Format::Tar),
+            (Compression::Gzip(6), Format::TarGz),
+            (Compression::Zip(6), Format::Zip),
+            (Compression::Zstd(3), Format::TarZst),
+        ] {
+            let mut spec = stub.spec(1);
+            spec.compression = compression;
+            spec.format = format;
+            let partial = stub.cache_dir().join(format!("partial-{}", format.ext()));
+            std::fs::create_dir_all(stub.cache_dir()).unwrap();
+            std::fs::write(&partial, b"").unwrap();
+            let written = Arc::new(Mutex::new(Vec::new()));
+            let told = Arc::new(Mutex::new(Vec::new()));
+            let space = Space {
+                used: {
+                    let written = written.clone();
+                    Arc::new(move |len| {
+                        written.lock().unwrap().push(len);
+                        true
+                    })
+                },
+                grown: {
+                    let told = told.clone();
+                    Arc::new(move |len| told.lock().unwrap().push(len))
+                },
+                full: Arc::new(|_| Room::None),
+                writing: Arc::new(()),
+            };
+            let limits = Limits {
+                timeout: Duration::from_secs(60),
+                max_bytes: 64 << 20,
+                memory: None,
+            };
+            let finished = run(
+                &stub.git(),
+                &spec,
+                &stub.git_dir(),
+                &partial,
+                limits,
+                space,
+                &CancellationToken::new(),
+                &|| true,
+            )
+            .await
+            .unwrap_or_else(|failure| panic!("{compression:?}: {failure:?}"));
+            let written = written.lock().unwrap().clone();
+            let told = told.lock().unwrap().clone();
+            assert!(
+                told.windows(2).all(|pair| pair[0] < pair[1]),
+                "{compression:?}: told {told:?}"
+            );
+            assert_eq!(told.last(), Some(&finished.len), "{compression:?}");
+            let untold: Vec<u64> = written
+                .iter()
+                .copied()
+                .filter(|len| *len >= told[0] && !told.contains(len))
+                .collect();
+            let widest = told
+                .windows(2)
+                .map(|pair| pair[1] - pair[0])
+                .max()
+                .unwrap_or(0);
+            assert!(
+                untold.is_empty(),
+                "{compression:?}: {} of {} writes not told to readers; they were told {} lengths, at most {widest} bytes apart",
+                untold.len(),
+                written.len(),
+                told.len()
+            );
+        }
     }
 
     #[test]

@@ -376,8 +376,13 @@ impl<W: Write> ZipWriter<W> {
         Ok(())
     }
 
+    #[cfg(test)]
     pub fn sink(&self) -> &W {
         &self.sink
+    }
+
+    pub fn sink_mut(&mut self) -> &mut W {
+        &mut self.sink
     }
 
     /// Whether compressed work waits to be written (see `wait_oldest`).
