@@ -29,9 +29,9 @@ use gitball_e2e::proxy::{
     tar_length, token, unix_now, write_atomically, write_routes,
 };
 use gitball_e2e::{
-    Archiver, BodyEnd, RawConnection, RepoBuilder, ResponseHead, Sandbox, base64, binary_path,
-    cached_dir, http_date, link_files, open_fd_count, pipe_through, process_dir, sha256_hex,
-    vm_rss_bytes, wait_until,
+    Archiver, BodyEnd, RawConnection, RepoBuilder, ResponseHead, Sandbox, Service, base64,
+    binary_path, cached_dir, http_date, link_files, open_fd_count, pipe_through, process_dir,
+    sha256_hex, vm_rss_bytes, wait_until,
 };
 use sha2::{Digest, Sha256};
 
@@ -1352,6 +1352,26 @@ fn big_tar_digest(big: &BigRepo) -> (String, u64) {
     (format!("{:x}", hasher.finalize()), length)
 }
 
+/// Kills a cluster's `primary` and starts an archiver on its address over
+/// `big` without its cache (so the rest of a download can only come from a
+/// new generation), running `git` if given. Returns the new archiver.
+fn restart_without_cache(
+    primary: &mut Archiver,
+    big: &BigRepo,
+    sandbox: &Sandbox,
+    git: Option<&Path>,
+) -> Service {
+    let addr = primary.addr;
+    kill_hard(primary);
+    let git_args = git.map(|git| ["--git", git.to_str().expect("a UTF-8 path")]);
+    start_archiver_at(
+        &big.repos,
+        &sandbox.path("empty-cache"),
+        addr,
+        git_args.as_ref().map_or(&[][..], |args| &args[..]),
+    )
+}
+
 /// A warm cluster parking after `PARK_AFTER`, and a download of `BIG_PATH`
 /// through it stalled until parked (the archiver's side released): what
 /// the client has read so far.
@@ -1658,9 +1678,7 @@ fn a_parked_download_resumes_from_a_new_generation_after_a_restart_on_an_empty_c
 
     // The archiver goes, and comes back on the same address without its
     // cache: the rest can only come from a new generation.
-    let addr = cluster.primary.addr;
-    kill_hard(&mut cluster.primary);
-    let _restarted = start_archiver_at(&big.repos, &sandbox.path("empty-cache"), addr, &[]);
+    let _restarted = restart_without_cache(&mut cluster.primary, big, &sandbox, None);
 
     read_rest_as_gits(
         &mut connection,
@@ -1704,14 +1722,7 @@ fn a_resumed_download_whose_new_generation_fails_is_an_upstream_abort() {
             git = gitball_e2e::real_git().display()
         ),
     );
-    let addr = cluster.primary.addr;
-    kill_hard(&mut cluster.primary);
-    let _restarted = start_archiver_at(
-        &big.repos,
-        &sandbox.path("empty-cache"),
-        addr,
-        &["--git", git.to_str().unwrap()],
-    );
+    let _restarted = restart_without_cache(&mut cluster.primary, big, &sandbox, Some(&git));
 
     read_on_until_aborted(&mut connection, received, big);
     assert!(
@@ -1762,14 +1773,7 @@ fn a_parked_download_resumes_from_a_generation_slower_than_the_silence_bound() {
     // the bytes before its next one take 5.5 s to come again, twice the
     // 3 s bound, and each piece comes well within it.
     let git = sandbox.git_that_trickles("trickling-git", 12, 500);
-    let addr = cluster.primary.addr;
-    kill_hard(&mut cluster.primary);
-    let _restarted = start_archiver_at(
-        &big.repos,
-        &sandbox.path("empty-cache"),
-        addr,
-        &["--git", git.to_str().unwrap()],
-    );
+    let _restarted = restart_without_cache(&mut cluster.primary, big, &sandbox, Some(&git));
 
     read_rest_as_gits(
         &mut connection,
@@ -1808,14 +1812,8 @@ fn a_client_that_leaves_while_its_resume_skips_releases_the_upstream() {
     // 64 KiB and then waits: all of it bytes the client has (1 MiB), so
     // the resume's answer comes and its skip never ends.
     let (git, mut release) = sandbox.git_that_pauses("pausing-git", 64 * KIB as u64);
-    let addr = cluster.primary.addr;
-    kill_hard(&mut cluster.primary);
-    let _restarted = start_archiver_at(
-        &big.repos,
-        &sandbox.path("empty-cache"),
-        addr,
-        &["--git", git.to_str().unwrap()],
-    );
+    let restarted = restart_without_cache(&mut cluster.primary, big, &sandbox, Some(&git));
+    let addr = restarted.addr;
     let proxy = &cluster.proxy;
     let resumed = || {
         proxy
