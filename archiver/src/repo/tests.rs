@@ -2247,6 +2247,17 @@ fn looks_for_different_paths_wait_for_a_place() {
         let c1 = fixture.c1.clone();
         runtime.spawn(async move { widget.has_path(&c1, "src").await })
     };
+    a_look_waits_for_its_place_holding_no_thread(&runtime, looking, places);
+}
+
+/// Asserts that `looking`, a look for a path that exists, on `runtime`
+/// (one blocking thread) waits while `places` are held, holding no thread,
+/// and runs once they are let go.
+fn a_look_waits_for_its_place_holding_no_thread<Places>(
+    runtime: &tokio::runtime::Runtime,
+    looking: tokio::task::JoinHandle<Result<bool, Error>>,
+    places: Places,
+) {
     runtime.block_on(async {
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(!looking.is_finished(), "a look ran with every place taken");
@@ -2280,19 +2291,7 @@ fn looks_for_paths_across_repositories_wait_for_a_place() {
     let runtime = one_blocking_thread();
     let c1 = fixture.c1.clone();
     let looking = runtime.spawn(async move { one.has_path(&c1, "src").await });
-    runtime.block_on(async {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        assert!(!looking.is_finished(), "a look ran with every place taken");
-        tokio::time::timeout(Duration::from_secs(30), tokio::task::spawn_blocking(|| ()))
-            .await
-            .expect("the look waiting for a place holds the only blocking thread")
-            .unwrap();
-        drop(places);
-        let found = tokio::time::timeout(Duration::from_secs(30), looking)
-            .await
-            .expect("the look never ran");
-        assert!(found.unwrap().unwrap());
-    });
+    a_look_waits_for_its_place_holding_no_thread(&runtime, looking, places);
 }
 
 /// The looks for `?path=`s under way in `repository`: those waiting for a
