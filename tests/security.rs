@@ -1471,6 +1471,18 @@ fn requests_by_commit_id_wait_for_one_history_walk_holding_no_thread() {
 /// it, and a push decides how large. Written as loose objects, a few
 /// seconds for tens of MB. Returns the path to the last tree.
 fn widget_with_a_costly_path(sandbox: &Sandbox, depth: usize, filler: usize) -> String {
+    widget_with_costly_trees(sandbox, depth, filler, false)
+}
+
+/// [`widget_with_a_costly_path`], with a `.gitattributes` asking for
+/// `export-subst` beside `deep.txt` when `substitutes`: a walk for it reads
+/// every tree, and finds none of them clean.
+fn widget_with_costly_trees(
+    sandbox: &Sandbox,
+    depth: usize,
+    filler: usize,
+    substitutes: bool,
+) -> String {
     let repo = RepoBuilder::init_bare(&sandbox.repos().join("acme/widget.git"), &sandbox.home());
     let blob = repo.git_with_input(None, &["hash-object", "-w", "--stdin"], b"deep\n");
     let raw = |id: &str| hex::decode(id).unwrap();
@@ -1479,11 +1491,13 @@ fn widget_with_a_costly_path(sandbox: &Sandbox, depth: usize, filler: usize) -> 
         entries.extend_from_slice(format!("100644 f{index:07}\0").as_bytes());
         entries.extend_from_slice(&raw(&blob));
     }
-    let mut tree = repo.git_with_input(
-        None,
-        &["mktree"],
-        format!("100644 blob {blob}\tdeep.txt\n").as_bytes(),
-    );
+    let mut last = format!("100644 blob {blob}\tdeep.txt\n");
+    if substitutes {
+        let attributes =
+            repo.git_with_input(None, &["hash-object", "-w", "--stdin"], b"* export-subst\n");
+        last.insert_str(0, &format!("100644 blob {attributes}\t.gitattributes\n"));
+    }
+    let mut tree = repo.git_with_input(None, &["mktree"], last.as_bytes());
     for _ in 0..depth {
         let mut content = entries.clone();
         content.extend_from_slice(b"40000 z\0");
@@ -1631,34 +1645,7 @@ fn looks_for_paths_in_many_forks_take_a_bounded_number_of_threads() {
     const FORKS: usize = 24;
     let sandbox = Sandbox::new();
     let path = widget_with_a_costly_path(&sandbox, COSTLY_PATH_DEPTH, COSTLY_PATH_FILLER);
-    let widget = RepoBuilder::open(&sandbox.repos().join("acme/widget.git"), &sandbox.home());
-    for fork in 0..FORKS {
-        let dir = sandbox.repos().join(format!("acme/fork{fork}.git"));
-        widget.git(&[
-            "clone",
-            "-q",
-            "--shared",
-            "--bare",
-            ".",
-            dir.to_str().unwrap(),
-        ]);
-    }
-    // A fork whose alternates file changed within the last 2 s
-    // (`RACY_WINDOW`) is opened again by each request, with none of its
-    // answers kept, as its stamp cannot tell a rewrite of the same size:
-    // the forks are asked for once they are settled, as forks made
-    // earlier are.
-    let last = std::fs::metadata(sandbox.repos().join(format!(
-        "acme/fork{}.git/objects/info/alternates",
-        FORKS - 1
-    )))
-    .unwrap();
-    let settled = std::time::UNIX_EPOCH
-        + Duration::new(last.ctime() as u64, last.ctime_nsec() as u32)
-        + Duration::from_secs(3);
-    while std::time::SystemTime::now() < settled {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    forks_of_widget(&sandbox, FORKS);
     let archiver = Archiver::start(&sandbox.repos(), &[]);
     let head = |target: &str| {
         let response = archiver.client().head(archiver.url(target)).send();
@@ -1698,6 +1685,154 @@ fn looks_for_paths_in_many_forks_take_a_bounded_number_of_threads() {
         peak.saturating_sub(before) < FORKS as u64,
         "{} requests for two paths in each of {FORKS} forks took the archiver from {before} to {peak} threads",
         targets.len()
+    );
+}
+
+/// `count` forks of `acme/widget.git`, `acme/fork{n}.git`, sharing its
+/// objects through alternates (a fork costs a push nothing), once they
+/// are settled: a fork whose alternates file changed within the last 2 s
+/// (`RACY_WINDOW`) is opened again by each request, with none of its
+/// answers kept, as its stamp cannot tell a rewrite of the same size, so
+/// the forks are asked for once they are settled, as forks made earlier
+/// are.
+fn forks_of_widget(sandbox: &Sandbox, count: usize) {
+    let widget = RepoBuilder::open(&sandbox.repos().join("acme/widget.git"), &sandbox.home());
+    for fork in 0..count {
+        let dir = sandbox.repos().join(format!("acme/fork{fork}.git"));
+        widget.git(&[
+            "clone",
+            "-q",
+            "--shared",
+            "--bare",
+            ".",
+            dir.to_str().unwrap(),
+        ]);
+    }
+    let last = std::fs::metadata(sandbox.repos().join(format!(
+        "acme/fork{}.git/objects/info/alternates",
+        count - 1
+    )))
+    .unwrap();
+    let settled = std::time::UNIX_EPOCH
+        + Duration::new(last.ctime() as u64, last.ctime_nsec() as u32)
+        + Duration::from_secs(3);
+    while std::time::SystemTime::now() < settled {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `count` concurrent `HEAD`s, one of `target(fork)` for each fork: the
+/// archiver's threads before and at their peak, each answer asserted 200.
+fn one_head_per_fork(
+    archiver: &Archiver,
+    count: usize,
+    target: impl Fn(usize) -> String + Sync,
+) -> (u64, u64) {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let (statuses, before, peak, _) = burst_of_requests(archiver, count as u64, || {
+        let fork = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let response = archiver.client().head(archiver.url(&target(fork))).send();
+        response.map(|response| response.status().as_u16()).ok()
+    });
+    assert!(
+        statuses.iter().all(|status| *status == Some(200)),
+        "{statuses:?}"
+    );
+    (before, peak)
+}
+
+/// First reads of objects are bounded across repositories, not only one
+/// per object per repository: a costly commit (at the end of a chain of
+/// 48 deltas through 8 MiB objects, each read copying them all) asked for
+/// in each of many forks at once is read in at most 8 forks at a time, the
+/// others waiting on the runtime. (Review of 1e89ccc: one read per fork
+/// ran at once, each on a blocking thread and up to 64 MiB of memory
+/// (`allocLimit`): 512 forks take all of the runtime's blocking threads,
+/// which every other repository's work queues behind.)
+#[test]
+fn first_reads_in_many_forks_take_a_bounded_number_of_threads() {
+    const FORKS: usize = 64;
+    let sandbox = Sandbox::new();
+    let (repo, commit) = widget_for_hand_made_packs(&sandbox);
+    gitball_e2e::commit_behind_deltas(&repo, "deep", commit.as_bytes(), 8 << 20, 48);
+    forks_of_widget(&sandbox, FORKS);
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    let (before, peak) = one_head_per_fork(&archiver, FORKS, |fork| {
+        format!("/acme/fork{fork}/archive/deep.tar")
+    });
+    assert!(
+        peak.saturating_sub(before) < FORKS as u64 / 2,
+        "a costly commit asked for in each of {FORKS} forks at once took the archiver from {before} to {peak} threads"
+    );
+}
+
+/// The checks for `export-subst` are bounded across repositories, not
+/// only one at a time per repository: a new commit whose trees are costly
+/// to walk (8 nested trees of 20,000 entries, a `.gitattributes` asking
+/// for `export-subst` in the last, so no tree is found clean for the
+/// others) asked for in each of many forks at once is judged in at most 8
+/// forks at a time, the others waiting on the runtime. (Review of
+/// 1e89ccc: one walk per fork ran at once, each on a blocking thread.)
+#[test]
+fn export_subst_checks_in_many_forks_take_a_bounded_number_of_threads() {
+    const FORKS: usize = 64;
+    let sandbox = Sandbox::new();
+    widget_with_costly_trees(&sandbox, COSTLY_PATH_DEPTH, COSTLY_PATH_FILLER, true);
+    forks_of_widget(&sandbox, FORKS);
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    let (before, peak) = one_head_per_fork(&archiver, FORKS, |fork| {
+        format!("/acme/fork{fork}/archive/main.tar")
+    });
+    assert!(
+        peak.saturating_sub(before) < FORKS as u64 / 2,
+        "a commit with costly trees asked for in each of {FORKS} forks at once took the archiver from {before} to {peak} threads"
+    );
+}
+
+/// The listings of the refs (for an archive whose `export-subst` may read
+/// them) are bounded across repositories, not only one at a time per
+/// repository: forks with 20,000 refs each, asked for at once, list them
+/// in at most 8 forks at a time, the others waiting on the runtime.
+/// (Review of 1e89ccc: one listing per fork ran at once, each on a
+/// blocking thread; with 100,000 refs, 1.5 s each, again after each push.)
+#[test]
+fn ref_listings_in_many_forks_take_a_bounded_number_of_threads() {
+    const FORKS: usize = 64;
+    const REFS: usize = 20_000;
+    let sandbox = Sandbox::new();
+    let repo = RepoBuilder::init_bare(&sandbox.repos().join("acme/widget.git"), &sandbox.home());
+    let blob = repo.git_with_input(None, &["hash-object", "-w", "--stdin"], b"* export-subst\n");
+    let tree = repo.git_with_input(
+        None,
+        &["mktree"],
+        format!("100644 blob {blob}\t.gitattributes\n").as_bytes(),
+    );
+    let main = repo.git_at(1_700_000_000, &["commit-tree", &tree, "-m", "main"]);
+    repo.git(&["update-ref", "refs/heads/main", &main]);
+    forks_of_widget(&sandbox, FORKS);
+    let mut packed = String::from("# pack-refs with: peeled fully-peeled sorted \n");
+    packed.push_str(&format!("{main} refs/heads/main\n"));
+    for index in 0..REFS {
+        packed.push_str(&format!("{main} refs/tags/t{index:06}\n"));
+    }
+    for fork in 0..FORKS {
+        let dir = sandbox.repos().join(format!("acme/fork{fork}.git"));
+        let _ = std::fs::remove_file(dir.join("refs/heads/main"));
+        std::fs::write(dir.join("packed-refs"), &packed).unwrap();
+    }
+    // Else each request lists them again (the racy window).
+    let last = sandbox.repos().join(format!("acme/fork{}.git", FORKS - 1));
+    assert!(
+        wait_until(WAIT, || gitball_e2e::refs_settled(&last)),
+        "the ref files never got older than the racy window"
+    );
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    let (before, peak) = one_head_per_fork(&archiver, FORKS, |fork| {
+        format!("/acme/fork{fork}/archive/main.tar")
+    });
+    assert!(
+        peak.saturating_sub(before) < FORKS as u64 / 2,
+        "{REFS} refs in each of {FORKS} forks listed at once took the archiver from {before} to {peak} threads"
     );
 }
 

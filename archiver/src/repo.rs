@@ -519,15 +519,21 @@ fn open_candidate(path: &Path, confine_to: Option<&Path>) -> Result<Option<Repos
 /// or why it has none.
 type Peeled = Result<(ObjectId, i64), PeelFailure>;
 
+/// A read's answer for those waiting: `None` when the read was given up
+/// before it ran (the request that was to read went away while it waited
+/// for its place), and a request waiting for it then reads itself.
+type ReadAnswer = Option<Peeled>;
+
 /// Whose turn it is to read an object (`Repository::turn`).
-type Turn = flight::Turn<ObjectId, Peeled>;
+type Turn = flight::Turn<ObjectId, ReadAnswer>;
 
 /// The reads under way, by object (`Repository::peeling`).
-type Reads = flight::Flights<ObjectId, Peeled>;
+type Reads = flight::Flights<ObjectId, ReadAnswer>;
 
 /// A caller's turn to read an object (`Repository::read`): a read that
-/// panicked or never ran hands those waiting an error.
-type Reader = flight::Worker<ObjectId, Peeled>;
+/// panicked hands those waiting an error, one given up before it ran
+/// `None`.
+type Reader = flight::Worker<ObjectId, ReadAnswer>;
 
 /// A `?path=` asked of a commit: the commit, and a digest of the path
 /// (up to `MAX_SUBTREE_BYTES`, 1,024 bytes), so an answer kept takes the
@@ -804,12 +810,9 @@ impl Repository {
         flight::turn(
             &self.peeling,
             id,
-            || self.known(&id),
-            |id| {
-                Err(PeelFailure::Unreadable(format!(
-                    "reading object {id} panicked or never ran"
-                )))
-            },
+            || self.known(&id).map(Some),
+            // Given up before it ran: those waiting read again.
+            |_| None,
         )
     }
 
@@ -817,6 +820,11 @@ impl Repository {
     /// cannot change, and hands it to the requests waiting for it.
     fn read(&self, repo: &gix::Repository, mut reader: Reader) -> Peeled {
         let id = reader.key;
+        // What those waiting take if the reading panics: an error, not a
+        // read again (which would panic again, once for each).
+        reader.answer = Some(Some(Err(PeelFailure::Unreadable(format!(
+            "reading object {id} panicked"
+        )))));
         let answer = peel_to_commit(repo, id);
         match &answer {
             Ok(peeled) => {
@@ -833,7 +841,7 @@ impl Repository {
             }
             Err(_) => {}
         }
-        reader.answer = Some(answer.clone());
+        reader.answer = Some(Some(answer.clone()));
         answer
     }
 
@@ -854,15 +862,18 @@ impl Repository {
             let answer = match self.turn(id) {
                 Turn::Known(known) => known,
                 Turn::Wait(reading) => match reading.wait_blocking() {
-                    Err(PeelFailure::Missing) if !asked_again => {
+                    Some(Err(PeelFailure::Missing)) if !asked_again => {
                         asked_again = true;
                         continue;
                     }
                     answer => answer,
                 },
-                Turn::Work(reader) => self.read(repo, reader),
+                Turn::Work(reader) => Some(self.read(repo, reader)),
             };
-            return answer.map_err(|failure| failure.error());
+            // `None`: the read waited for was given up; a turn again.
+            if let Some(answer) = answer {
+                return answer.map_err(|failure| failure.error());
+            }
         }
     }
 
@@ -870,32 +881,46 @@ impl Repository {
     /// thread, and a request that finds it being read waits for that read
     /// on the runtime, holding no thread.
     /// As there, a waiter answered "missing" asks once more.
+    ///
+    /// A read takes one of `kept::MAX_READS` places shared by every
+    /// repository open, waited for on the runtime in the request whose turn
+    /// it is: reads of one costly commit in each of many forks (a fork
+    /// costs a push nothing) run that many at once, not one per fork
+    /// (review of 1e89ccc). A request gone while it waits gives the read
+    /// up, and one of those waiting for it, if any, reads instead; a read
+    /// that has begun goes on, and its answer is there for the others.
     async fn peel_waiting(self: &Arc<Self>, id: ObjectId) -> Result<(ObjectId, i64), Error> {
         let mut asked_again = false;
         loop {
             let answer = match self.turn(id) {
                 Turn::Known(known) => known,
                 Turn::Wait(reading) => match reading.wait().await {
-                    Err(PeelFailure::Missing) if !asked_again => {
+                    Some(Err(PeelFailure::Missing)) if !asked_again => {
                         asked_again = true;
                         continue;
                     }
                     answer => answer,
                 },
                 Turn::Work(reader) => {
+                    let place = self.kept.reads().take().await;
                     let repository = Arc::clone(self);
                     // A request that goes away leaves the read to finish,
                     // and its answer to those waiting.
-                    tokio::task::spawn_blocking(move || {
+                    let answer = tokio::task::spawn_blocking(move || {
+                        let _place = place;
                         repository.read(&repository.repo.to_thread_local(), reader)
                     })
                     .await
                     .map_err(|error| {
                         Error::internal(format_args!("reading the commit panicked: {error}"))
-                    })?
+                    })?;
+                    Some(answer)
                 }
             };
-            return answer.map_err(|failure| failure.error());
+            // `None`: the read waited for was given up; a turn again.
+            if let Some(answer) = answer {
+                return answer.map_err(|failure| failure.error());
+            }
         }
     }
 
@@ -1131,14 +1156,18 @@ impl Repository {
     ///
     /// Read on a blocking thread, one walk at a time per repository:
     /// requests for a new commit that arrive together wait for it on the
-    /// runtime and find its answer (review).
+    /// runtime and find its answer (review); and at most
+    /// `kept::MAX_JUDGINGS` at a time across repositories, after the
+    /// repository's own place (review of 1e89ccc: a commit with costly
+    /// trees asked for in each of many forks walked them in each at once,
+    /// a blocking thread per fork).
     pub async fn substitutes(self: &Arc<Self>, commit: &str) -> Result<bool, Error> {
         let id = ObjectId::from_hex(commit.as_bytes())
             .map_err(|err| Error::internal(format_args!("commit id {commit:?}: {err}")))?;
         let repository = Arc::clone(self);
         known_or_in_place(
             "reading the attributes",
-            &[&self.judging],
+            &[&self.judging, self.kept.judgings()],
             || self.known_substitutes(commit),
             move || repository.judge_substitutes(id),
         )
@@ -1321,7 +1350,10 @@ impl Repository {
     /// renaming a lock file into its directory, which changes the
     /// directory's stamp as well as the ref's.
     ///
-    /// Listed on a blocking thread, one listing at a time per repository:
+    /// Listed on a blocking thread, one listing at a time per repository
+    /// and at most `kept::MAX_LISTINGS` across repositories (review of
+    /// 1e89ccc: forks with many refs, asked for at once, listed them in
+    /// each at once, a blocking thread per fork):
     /// requests that find the digest unknown wait on the runtime for the
     /// listing under way, and find the digest it kept. While the refs keep
     /// changing within the racy window no digest is kept: the requests
@@ -1334,7 +1366,7 @@ impl Repository {
         let repository = Arc::clone(self);
         known_or_in_place(
             "listing the refs",
-            &[&self.listing],
+            &[&self.listing, self.kept.listings()],
             || {
                 self.known_refs_digest()
                     .or_else(|| self.listed_since(arrival))

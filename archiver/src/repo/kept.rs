@@ -27,6 +27,19 @@
 //! its objects are the original's) took two blocking threads per fork,
 //! 256 forks the runtime's 512, which every other repository's work off
 //! the serving threads (first reads, generations) queued behind.
+//!
+//! So are the other kinds of work on a repository a request makes and a
+//! push can make costly, each after the repository's own bound: the first
+//! reads of objects (`MAX_READS`; one at a time per object and repository,
+//! and a commit behind a chain of deltas is read in each fork), the walks
+//! of a commit's trees for `export-subst` (`MAX_JUDGINGS`; one at a time
+//! per repository) and the listings of the refs for their digest
+//! (`MAX_LISTINGS`; one at a time per repository). Bounded per repository
+//! alone, each took one blocking thread per fork asked at once (24 forks,
+//! 24 to 36 threads more). Each kind has its own places: a request takes
+//! them one after the other, never holding one while it waits for the
+//! next, and a kind made costly (refs listed for 1.5 s each) holds up only
+//! that kind's work elsewhere, not every repository's first reads.
 
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
@@ -45,6 +58,18 @@ pub const MAX_WALKS: usize = 2;
 /// Looks for `?path=`s running at once, across repositories.
 pub const MAX_PATH_LOOKS: usize = 8;
 
+/// First reads of objects (`Repository::peel_waiting`) running at once,
+/// across repositories: each may allocate up to `MAX_OBJECT_READ_BYTES`.
+pub const MAX_READS: usize = 8;
+
+/// Walks of a commit's trees for `export-subst`
+/// (`Repository::substitutes`) running at once, across repositories.
+pub const MAX_JUDGINGS: usize = 8;
+
+/// Listings of the refs for their digest (`Repository::refs_digest`)
+/// running at once, across repositories.
+pub const MAX_LISTINGS: usize = 8;
+
 /// A repository's kept set, as the ledger reaches it.
 pub type Slot = Arc<Mutex<Option<Reachable>>>;
 
@@ -58,6 +83,12 @@ pub struct Kept {
     walks: Places,
     /// The places of the looks for a `?path=` running: `MAX_PATH_LOOKS`.
     path_looks: Places,
+    /// The places of the first reads of objects running: `MAX_READS`.
+    reads: Places,
+    /// The places of the walks for `export-subst` running: `MAX_JUDGINGS`.
+    judgings: Places,
+    /// The places of the listings of the refs running: `MAX_LISTINGS`.
+    listings: Places,
 }
 
 #[derive(Debug)]
@@ -74,6 +105,9 @@ impl Kept {
             sets: Mutex::new(LruCache::unbounded()),
             walks: Places::new(MAX_WALKS),
             path_looks: Places::new(MAX_PATH_LOOKS),
+            reads: Places::new(MAX_READS),
+            judgings: Places::new(MAX_JUDGINGS),
+            listings: Places::new(MAX_LISTINGS),
         }
     }
 
@@ -87,6 +121,24 @@ impl Kept {
     /// repository's own (`Repository::path_checks`).
     pub fn path_looks(&self) -> &Places {
         &self.path_looks
+    }
+
+    /// The places to read an object in for a request: a read takes one
+    /// (it has no place of its own repository's; one read per object).
+    pub fn reads(&self) -> &Places {
+        &self.reads
+    }
+
+    /// The places to walk a commit's trees for `export-subst` in: a walk
+    /// takes one, after its repository's own (`Repository::judging`).
+    pub fn judgings(&self) -> &Places {
+        &self.judgings
+    }
+
+    /// The places to list the refs for their digest in: a listing takes
+    /// one, after its repository's own (`Repository::listing`).
+    pub fn listings(&self) -> &Places {
+        &self.listings
     }
 
     /// `slot` now holds the set of `commits` commits for `refs`: other

@@ -2407,6 +2407,87 @@ fn requests_waiting_for_a_look_given_up_look_themselves() {
     assert_eq!(path_looks_under_way(&widget), 0);
 }
 
+/// `docs/archiver.md#published-commits-only`: at most `kept::MAX_READS`
+/// first reads of objects run at once across repositories; another waits
+/// for a place on the runtime, holding no thread. (Review of 1e89ccc: one
+/// read per fork ran at once, 64 forks 64 more threads.)
+#[test]
+fn first_reads_across_repositories_wait_for_a_place() {
+    let fixture = fixture();
+    fixture.bare_clone("one");
+    let repositories = fixture.repositories();
+    let one = repositories.open("acme", "one").unwrap();
+    let places = repositories.kept.reads().take_all(kept::MAX_READS as u32);
+    let runtime = one_blocking_thread();
+    let id = ObjectId::from_hex(fixture.c1.as_bytes()).unwrap();
+    let reading = {
+        let one = Arc::clone(&one);
+        runtime.spawn(async move { one.peel_waiting(id).await })
+    };
+    runtime.block_on(async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!reading.is_finished(), "a read ran with every place taken");
+        tokio::time::timeout(Duration::from_secs(30), tokio::task::spawn_blocking(|| ()))
+            .await
+            .expect("the read waiting for a place holds the only blocking thread")
+            .unwrap();
+        drop(places);
+        let read = tokio::time::timeout(Duration::from_secs(30), reading)
+            .await
+            .expect("the read never ran");
+        assert_eq!(read.unwrap().unwrap().0, id);
+    });
+}
+
+/// `docs/archiver.md#published-commits-only`: when the request whose read
+/// of an object others wait for goes away before the read has its place,
+/// the read is given up and one of those waiting reads instead: none
+/// waits for good, and none fails for a client that left.
+#[test]
+fn requests_waiting_for_a_read_given_up_read_themselves() {
+    let fixture = fixture();
+    let repositories = fixture.repositories();
+    let widget = repositories.open("acme", "widget").unwrap();
+    let places = repositories.kept.reads().take_all(kept::MAX_READS as u32);
+    let runtime = one_blocking_thread();
+    let id = ObjectId::from_hex(fixture.c1.as_bytes()).unwrap();
+    let ask = || {
+        let widget = Arc::clone(&widget);
+        runtime.spawn(async move { widget.peel_waiting(id).await })
+    };
+    let first = ask();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let read = loop {
+        if let Some(read) = widget.peeling.lock().unwrap().get(&id).cloned() {
+            break read;
+        }
+        assert!(std::time::Instant::now() < deadline, "nobody read it");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let others: Vec<_> = (0..4).map(|_| ask()).collect();
+    // Each waits for that read (it holds the read's state, as `peeling`,
+    // the read's turn and this test do).
+    while Arc::strong_count(&read) < 3 + others.len() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the requests never waited"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(read);
+    first.abort();
+    runtime.block_on(async { assert!(first.await.unwrap_err().is_cancelled()) });
+    drop(places);
+    for request in others {
+        let answer = runtime
+            .block_on(async { tokio::time::timeout(Duration::from_secs(30), request).await })
+            .expect("a request waiting for a read given up never had an answer")
+            .unwrap();
+        assert_eq!(answer.unwrap().0, id);
+    }
+    assert!(widget.peeling.lock().unwrap().is_empty());
+}
+
 #[test]
 fn repositories_are_shareable_between_threads() {
     fn assert_send_sync<T: Send + Sync>() {}
@@ -2486,6 +2567,18 @@ fn the_figures_docs_give_for_repositories_are_these_constants() {
         ),
         format!("at most {PATH_CHECKS} looks for different paths"),
         format!("at most {} across repositories", kept::MAX_PATH_LOOKS),
+        format!(
+            "at most {} first reads of objects at once across repositories",
+            kept::MAX_READS
+        ),
+        format!(
+            "at most {} walks of a commit's trees for `export-subst` at once across repositories",
+            kept::MAX_JUDGINGS
+        ),
+        format!(
+            "at most {} listings of the refs at once across repositories",
+            kept::MAX_LISTINGS
+        ),
     ] {
         assert!(
             docs.contains(&figure),
@@ -2788,7 +2881,7 @@ fn a_request_waiting_for_a_read_that_found_nothing_reads_again() {
         runtime.block_on(tokio::task::yield_now());
     }
     assert_eq!(hash(true), id.to_string());
-    reader.answer = Some(Err(PeelFailure::Missing));
+    reader.answer = Some(Some(Err(PeelFailure::Missing)));
     drop(reader);
 
     let answer = runtime
