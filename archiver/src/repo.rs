@@ -34,12 +34,12 @@
 //!   an object is missing, which picks up new packs and survives repacks.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     fmt, fs, io,
     num::NonZeroUsize,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, PoisonError},
+    sync::{Arc, Mutex, PoisonError, Weak},
 };
 
 use gix::hash::ObjectId;
@@ -62,7 +62,7 @@ mod tests;
 
 pub use confine::layout_inside;
 use confine::{alternates_stamps, git_files_sane, ref_path_without_symlinks};
-use places::{Places, known_or_in_place};
+use places::{Own, known_or_in_place};
 pub use refs::RefsSnapshot;
 use refs::{
     PeelFailure, find_abbreviated, find_reference, parse_full_hex, peel_to_commit, ref_candidates,
@@ -113,8 +113,16 @@ const PATH_ANSWERS: NonZeroUsize = match NonZeroUsize::new(1024) {
 };
 
 /// How many looks for different `?path=`s run at once per repository,
-/// each on a blocking thread (`Repository::path_checks`).
+/// each on a blocking thread (`Own::path_checks`).
 const PATH_CHECKS: usize = 2;
+
+/// How many first reads of objects for requests run at once per
+/// repository, each on a blocking thread (`Own::reading`).
+const READS_PER_REPOSITORY: usize = 2;
+
+/// How many git dirs' places `Repositories::own_places` holds at least
+/// before it forgets those no handle holds any more.
+const OWN_PLACES_PRUNED_PAST: usize = 64;
 
 /// The most one read of an object may allocate, however the object is
 /// stored (gix's `gitoxide.objects.allocLimit`): room for a commit within
@@ -161,7 +169,7 @@ const MAX_STAMPED_REF_FILES: usize = 512;
 
 /// Most directories under `refs/` whose stamps vouch for a remembered refs
 /// digest; a repository with more lists its refs again on each call (one
-/// listing at a time: `Repository::listing`).
+/// listing at a time: `Own::listing`).
 const MAX_STAMPED_REF_DIRS: usize = 4096;
 
 /// The repositories under `--repos DIR`, with a cache of opened ones.
@@ -175,6 +183,16 @@ pub struct Repositories {
     racy_window: std::time::Duration,
     /// The bound on the reachable sets its repositories keep, together.
     kept: Arc<kept::Kept>,
+    /// Each repository's own places, by git dir, while a handle holds them.
+    own: Mutex<OwnPlaces>,
+}
+
+/// [`Repositories::own_places`]'s map, and the size past which it next
+/// forgets the places no handle holds.
+#[derive(Debug, Default)]
+struct OwnPlaces {
+    by_git_dir: HashMap<PathBuf, Weak<Own>>,
+    pruned_past: usize,
 }
 
 /// How the `--repos` directory maps names to repositories.
@@ -212,6 +230,7 @@ impl Repositories {
             open: Mutex::new(LruCache::new(OPEN_REPOSITORIES)),
             racy_window: RACY_WINDOW,
             kept: Arc::new(kept::Kept::default()),
+            own: Mutex::default(),
         })
     }
 
@@ -250,6 +269,10 @@ impl Repositories {
         let mut repository = self.locate(owner, name)?;
         repository.racy_window = self.racy_window;
         repository.kept = Arc::clone(&self.kept);
+        // Its places are the repository's, not this handle's: a handle
+        // opened anew (alternates within the racy window) takes those of
+        // the handles open before it.
+        repository.own = self.own_places(&repository.git_dir);
         let repository = Arc::new(repository);
         // Two requests racing here both open the repository; the later one
         // stays in the cache, which is harmless. One whose alternates files
@@ -259,6 +282,24 @@ impl Repositories {
             self.cache().put(key, Arc::clone(&repository));
         }
         Ok(repository)
+    }
+
+    /// The places of the repository whose git dir is `git_dir`: those of
+    /// a handle open on it, else new ones. Places no handle holds any more
+    /// are forgotten once the map has doubled since it last forgot some.
+    fn own_places(&self, git_dir: &Path) -> Arc<Own> {
+        let mut own = self.own.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(places) = own.by_git_dir.get(git_dir).and_then(Weak::upgrade) {
+            return places;
+        }
+        if own.by_git_dir.len() >= own.pruned_past {
+            own.by_git_dir.retain(|_, places| places.strong_count() > 0);
+            own.pruned_past = (2 * own.by_git_dir.len()).max(OWN_PLACES_PRUNED_PAST);
+        }
+        let places = Arc::new(Own::default());
+        own.by_git_dir
+            .insert(git_dir.to_path_buf(), Arc::downgrade(&places));
+        places
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, LruCache<String, Arc<Repository>>> {
@@ -497,13 +538,10 @@ fn open_candidate(path: &Path, confine_to: Option<&Path>) -> Result<Option<Repos
         failed: Mutex::new(LruCache::new(FAILED_OBJECTS)),
         paths: Mutex::new(LruCache::new(PATH_ANSWERS)),
         finding: flight::Flights::default(),
-        path_checks: Places::new(PATH_CHECKS),
+        own: Arc::default(),
         refs: Mutex::new(LruCache::new(REMEMBERED_REFS)),
         digest: Mutex::new(None),
         listings: Mutex::new(Listings::default()),
-        listing: Places::new(1),
-        walking: Places::new(1),
-        judging: Places::new(1),
         racy_window: RACY_WINDOW,
         git_dir,
         common_dir,
@@ -641,11 +679,9 @@ pub struct Repository {
     /// requests for it that arrive meanwhile wait for on the runtime and
     /// take, as for `peeling`.
     finding: flight::Flights<PathKey, PathAnswer>,
-    /// The places to look for different paths in, `PATH_CHECKS`: a
-    /// crawler asking for many paths of a costly repository at once takes
-    /// that many blocking threads, not one each; the others wait on the
-    /// runtime.
-    path_checks: Places,
+    /// The places of each kind of work on the repository: its own, shared
+    /// by every handle open on it (`Repositories::own_places`).
+    own: Arc<Own>,
     /// User's ref (as in the URL) → what it resolved to, while the files
     /// the answer came from are unchanged.
     refs: Mutex<LruCache<String, RememberedRef>>,
@@ -655,18 +691,6 @@ pub struct Repository {
     /// requests that arrive while the digest cannot be remembered (the
     /// refs changed within the racy window) share.
     listings: Mutex<Listings>,
-    /// The one place to list the refs for the digest in: requests that
-    /// find it unknown at once wait for one listing (which a large
-    /// repository pays for in CPU and memory) and then find it known,
-    /// rather than each listing them again. They wait on the runtime,
-    /// holding no thread (`places`).
-    listing: Places,
-    /// The one place to walk the history for the reachable commits in, for
-    /// the same reasons.
-    walking: Places,
-    /// The one place to read a commit's trees for `export-subst` in, for
-    /// the same reasons.
-    judging: Places,
     /// `stamp::RACY_WINDOW`; shorter in tests.
     racy_window: std::time::Duration,
     git_dir: PathBuf,
@@ -882,9 +906,9 @@ impl Repository {
     /// on the runtime, holding no thread.
     /// As there, a waiter answered "missing" asks once more.
     ///
-    /// A read takes one of `kept::MAX_READS` places shared by every
-    /// repository open, waited for on the runtime in the request whose turn
-    /// it is: reads of one costly commit in each of many forks (a fork
+    /// A read takes one of its repository's `READS_PER_REPOSITORY` places,
+    /// then one of `kept::MAX_READS` shared by every repository open, each
+    /// waited for on the runtime in the request whose turn it is: reads of one costly commit in each of many forks (a fork
     /// costs a push nothing) run that many at once, not one per fork
     /// (review of 1e89ccc). A request gone while it waits gives the read
     /// up, and one of those waiting for it, if any, reads instead; a read
@@ -902,12 +926,13 @@ impl Repository {
                     answer => answer,
                 },
                 Turn::Work(reader) => {
-                    let place = self.kept.reads().take().await;
+                    let own = self.own.reading.take().await;
+                    let across = self.kept.reads().take().await;
                     let repository = Arc::clone(self);
                     // A request that goes away leaves the read to finish,
                     // and its answer to those waiting.
                     let answer = tokio::task::spawn_blocking(move || {
-                        let _place = place;
+                        let _places = (own, across);
                         repository.read(&repository.repo.to_thread_local(), reader)
                     })
                     .await
@@ -1167,7 +1192,7 @@ impl Repository {
         let repository = Arc::clone(self);
         known_or_in_place(
             "reading the attributes",
-            &[&self.judging, self.kept.judgings()],
+            &[&self.own.judging, self.kept.judgings()],
             || self.known_substitutes(commit),
             move || repository.judge_substitutes(id),
         )
@@ -1224,7 +1249,7 @@ impl Repository {
         let repository = Arc::clone(self);
         known_or_in_place(
             "walking the history",
-            &[&self.walking, self.kept.walks()],
+            &[&self.own.walking, self.kept.walks()],
             || self.known_reach(&id, &refs),
             move || repository.walk_reachable(id),
         )
@@ -1366,7 +1391,7 @@ impl Repository {
         let repository = Arc::clone(self);
         known_or_in_place(
             "listing the refs",
-            &[&self.listing, self.kept.listings()],
+            &[&self.own.listing, self.kept.listings()],
             || {
                 self.known_refs_digest()
                     .or_else(|| self.listed_since(arrival))
@@ -1550,7 +1575,7 @@ impl Repository {
     ) -> Result<PathAnswer, Error> {
         // The repository's own place, then one across repositories
         // (`kept::MAX_PATH_LOOKS`): many forks at once take no more.
-        let own = self.path_checks.take().await;
+        let own = self.own.path_checks.take().await;
         let across = self.kept.path_looks().take().await;
         let repository = Arc::clone(self);
         let path = path.to_owned();

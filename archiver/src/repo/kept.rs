@@ -112,13 +112,13 @@ impl Kept {
     }
 
     /// The places to walk a history in: a walk takes one, after its
-    /// repository's own (`Repository::walking`).
+    /// repository's own (`Own::walking`).
     pub fn walks(&self) -> &Places {
         &self.walks
     }
 
     /// The places to look for a `?path=` in: a look takes one, after its
-    /// repository's own (`Repository::path_checks`).
+    /// repository's own (`Own::path_checks`).
     pub fn path_looks(&self) -> &Places {
         &self.path_looks
     }
@@ -130,13 +130,13 @@ impl Kept {
     }
 
     /// The places to walk a commit's trees for `export-subst` in: a walk
-    /// takes one, after its repository's own (`Repository::judging`).
+    /// takes one, after its repository's own (`Own::judging`).
     pub fn judgings(&self) -> &Places {
         &self.judgings
     }
 
     /// The places to list the refs for their digest in: a listing takes
-    /// one, after its repository's own (`Repository::listing`).
+    /// one, after its repository's own (`Own::listing`).
     pub fn listings(&self) -> &Places {
         &self.listings
     }

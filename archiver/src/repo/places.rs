@@ -45,6 +45,50 @@ impl Places {
     }
 }
 
+/// A repository's own places, one set for each kind of work: one set per
+/// repository (by its git dir), shared by every handle open on it
+/// (`Repositories::own_places`). A repository whose alternates changed
+/// within the racy window is opened anew by each request; with places of
+/// each handle's own, a burst of requests then ran one of each kind per
+/// request, as if each were another repository (review of 1e89ccc).
+#[derive(Debug)]
+pub struct Own {
+    /// The places to read objects in for requests,
+    /// `READS_PER_REPOSITORY` (one read per object already, but many
+    /// costly objects of one repository would take every place across
+    /// repositories).
+    pub reading: Places,
+    /// The places to look for different paths in, `PATH_CHECKS`: a
+    /// crawler asking for many paths of a costly repository at once takes
+    /// that many blocking threads, not one each; the others wait on the
+    /// runtime.
+    pub path_checks: Places,
+    /// The one place to list the refs for the digest in: requests that
+    /// find it unknown at once wait for one listing (which a large
+    /// repository pays for in CPU and memory) and then find it known,
+    /// rather than each listing them again. They wait on the runtime,
+    /// holding no thread.
+    pub listing: Places,
+    /// The one place to walk the history for the reachable commits in, for
+    /// the same reasons.
+    pub walking: Places,
+    /// The one place to read a commit's trees for `export-subst` in, for
+    /// the same reasons.
+    pub judging: Places,
+}
+
+impl Default for Own {
+    fn default() -> Own {
+        Own {
+            reading: Places::new(super::READS_PER_REPOSITORY),
+            path_checks: Places::new(super::PATH_CHECKS),
+            listing: Places::new(1),
+            walking: Places::new(1),
+            judging: Places::new(1),
+        }
+    }
+}
+
 /// `known`'s answer when it has one; otherwise `work`'s, run on a blocking
 /// thread once the caller holds a place of each of `places`, taken in
 /// that order, each waited for on the runtime. `known` is asked again

@@ -1949,6 +1949,76 @@ fn a_repository_whose_alternates_just_changed_is_opened_anew_each_time() {
     assert!(Arc::ptr_eq(&pool_first, &pool_again), "no alternates: kept");
 }
 
+/// `docs/security.md`, nothing read outside `--repos`: a repository opened
+/// anew by every request while its alternates are within the racy window
+/// is still bounded as one repository: its handles share its places (one
+/// walk of a commit's trees for `export-subst`, one listing of the refs,
+/// one history walk, two looks for `?path=`s, two first reads at a time).
+/// (Review of 1e89ccc: each handle had places of its own, so a burst of
+/// requests within the 2 s after a fork's alternates changed ran one of
+/// each per request, up to the bounds across repositories.)
+#[test]
+fn handles_opened_anew_within_the_racy_window_share_their_repositorys_places() {
+    let fixture = fixture();
+    let pool = fixture.bare_clone("pool.git");
+    let fork = fixture.bare_clone("fork.git");
+    fs::write(
+        fork.join("objects/info/alternates"),
+        format!("{}\n", pool.join("objects").display()),
+    )
+    .unwrap();
+    let repositories = Repositories::new(&fixture.root).unwrap();
+    let first = repositories.open("acme", "fork").unwrap();
+    let judging = first.own.judging.take_all(1);
+    let listing = first.own.listing.take_all(1);
+    let reading = first.own.reading.take_all(READS_PER_REPOSITORY as u32);
+    let again = repositories.open("acme", "fork").unwrap();
+    assert!(!Arc::ptr_eq(&first, &again), "kept open within the window");
+    let runtime = one_blocking_thread();
+    let judged = {
+        let again = Arc::clone(&again);
+        let c1 = fixture.c1.clone();
+        runtime.spawn(async move { again.substitutes(&c1).await })
+    };
+    let listed = {
+        let again = Arc::clone(&again);
+        runtime.spawn(async move { again.refs_digest().await })
+    };
+    let read = {
+        let again = Arc::clone(&again);
+        let id = ObjectId::from_hex(fixture.c2.as_bytes()).unwrap();
+        runtime.spawn(async move { again.peel_waiting(id).await })
+    };
+    runtime.block_on(async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            !read.is_finished(),
+            "a handle opened anew within the racy window read an object with its repository's places taken"
+        );
+        assert!(
+            !judged.is_finished(),
+            "a handle opened anew within the racy window walked a commit's trees with its repository's place taken"
+        );
+        assert!(
+            !listed.is_finished(),
+            "a handle opened anew within the racy window listed the refs with its repository's place taken"
+        );
+        drop((judging, listing, reading));
+        let read = tokio::time::timeout(Duration::from_secs(30), read)
+            .await
+            .expect("the read never ran");
+        assert_eq!(read.unwrap().unwrap().0.to_string(), fixture.c2);
+        let judged = tokio::time::timeout(Duration::from_secs(30), judged)
+            .await
+            .expect("the walk never ran");
+        assert!(!judged.unwrap().unwrap());
+        let listed = tokio::time::timeout(Duration::from_secs(30), listed)
+            .await
+            .expect("the listing never ran");
+        listed.unwrap().unwrap();
+    });
+}
+
 #[test]
 fn opened_repositories_are_cached_until_their_git_dir_changes() {
     let fixture = fixture();
@@ -2238,7 +2308,7 @@ fn looks_for_different_paths_wait_for_a_place() {
     let widget = fixture.widget();
     assert!(block_on(widget.has_path(&fixture.c1, "README")).unwrap());
 
-    let places = widget.path_checks.take_all(PATH_CHECKS as u32);
+    let places = widget.own.path_checks.take_all(PATH_CHECKS as u32);
     // Known: answered without a place.
     assert!(block_on(widget.has_path(&fixture.c1, "README")).unwrap());
     let runtime = one_blocking_thread();
@@ -2328,7 +2398,7 @@ fn a_look_whose_requests_all_left_is_given_up() {
     const PATHS: usize = 32;
     let fixture = fixture();
     let widget = fixture.widget();
-    let places = widget.path_checks.take_all(PATH_CHECKS as u32);
+    let places = widget.own.path_checks.take_all(PATH_CHECKS as u32);
     let runtime = one_blocking_thread();
     let requests: Vec<_> = (0..PATHS)
         .map(|index| {
@@ -2353,7 +2423,7 @@ fn a_look_whose_requests_all_left_is_given_up() {
     );
     drop(places);
     // Nothing ran: every place is free, and no answer was kept.
-    drop(widget.path_checks.take_all(PATH_CHECKS as u32));
+    drop(widget.own.path_checks.take_all(PATH_CHECKS as u32));
     assert_eq!(widget.paths.lock().unwrap().len(), 0);
 }
 
@@ -2365,7 +2435,7 @@ fn a_look_whose_requests_all_left_is_given_up() {
 fn requests_waiting_for_a_look_given_up_look_themselves() {
     let fixture = fixture();
     let widget = fixture.widget();
-    let places = widget.path_checks.take_all(PATH_CHECKS as u32);
+    let places = widget.own.path_checks.take_all(PATH_CHECKS as u32);
     let runtime = one_blocking_thread();
     let ask = || {
         let widget = Arc::clone(&widget);
@@ -2567,6 +2637,7 @@ fn the_figures_docs_give_for_repositories_are_these_constants() {
         ),
         format!("at most {PATH_CHECKS} looks for different paths"),
         format!("at most {} across repositories", kept::MAX_PATH_LOOKS),
+        format!("at most {READS_PER_REPOSITORY} first reads of objects at once per repository"),
         format!(
             "at most {} first reads of objects at once across repositories",
             kept::MAX_READS
@@ -2790,7 +2861,7 @@ fn requests_while_the_refs_are_racy_share_one_listing_begun_after_they_arrived()
     );
 
     // 32 requests arrive while a listing holds the place.
-    let place = widget.listing.take_all(1);
+    let place = widget.own.listing.take_all(1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
