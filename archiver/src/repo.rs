@@ -908,9 +908,10 @@ impl Repository {
     ///
     /// A read takes one of its repository's `READS_PER_REPOSITORY` places,
     /// then one of `kept::MAX_READS` shared by every repository open, each
-    /// waited for on the runtime in the request whose turn it is: reads of one costly commit in each of many forks (a fork
-    /// costs a push nothing) run that many at once, not one per fork
-    /// (review of 1e89ccc). A request gone while it waits gives the read
+    /// waited for on the runtime in the request whose turn it is: reads of
+    /// one costly commit in each of many forks (a fork costs a push
+    /// nothing) run that many at once, not one per fork (review of
+    /// 1e89ccc). A request gone while it waits gives the read
     /// up, and one of those waiting for it, if any, reads instead; a read
     /// that has begun goes on, and its answer is there for the others.
     async fn peel_waiting(self: &Arc<Self>, id: ObjectId) -> Result<(ObjectId, i64), Error> {
