@@ -2317,30 +2317,32 @@ fn looks_for_different_paths_wait_for_a_place() {
         let c1 = fixture.c1.clone();
         runtime.spawn(async move { widget.has_path(&c1, "src").await })
     };
-    a_look_waits_for_its_place_holding_no_thread(&runtime, looking, places);
+    let found = waits_for_its_place_holding_no_thread(&runtime, looking, places, "a look");
+    assert!(found.unwrap());
 }
 
-/// Asserts that `looking`, a look for a path that exists, on `runtime`
-/// (one blocking thread) waits while `places` are held, holding no thread,
-/// and runs once they are let go.
-fn a_look_waits_for_its_place_holding_no_thread<Places>(
+/// Asserts that `work` (`what`: "a look", "a read"), on `runtime` (one
+/// blocking thread), waits while `places` are held, holding no thread, and
+/// runs once they are let go; returns its answer.
+fn waits_for_its_place_holding_no_thread<T: Send + 'static, Places>(
     runtime: &tokio::runtime::Runtime,
-    looking: tokio::task::JoinHandle<Result<bool, Error>>,
+    work: tokio::task::JoinHandle<T>,
     places: Places,
-) {
+    what: &str,
+) -> T {
     runtime.block_on(async {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        assert!(!looking.is_finished(), "a look ran with every place taken");
+        assert!(!work.is_finished(), "{what} ran with every place taken");
         tokio::time::timeout(Duration::from_secs(30), tokio::task::spawn_blocking(|| ()))
             .await
-            .expect("the look waiting for a place holds the only blocking thread")
+            .unwrap_or_else(|_| panic!("{what} waiting for a place holds the only blocking thread"))
             .unwrap();
         drop(places);
-        let found = tokio::time::timeout(Duration::from_secs(30), looking)
+        tokio::time::timeout(Duration::from_secs(30), work)
             .await
-            .expect("the look never ran");
-        assert!(found.unwrap().unwrap());
-    });
+            .unwrap_or_else(|_| panic!("{what} never ran"))
+            .unwrap()
+    })
 }
 
 /// `docs/archiver.md#published-commits-only`: at most `MAX_PATH_LOOKS`
@@ -2361,7 +2363,8 @@ fn looks_for_paths_across_repositories_wait_for_a_place() {
     let runtime = one_blocking_thread();
     let c1 = fixture.c1.clone();
     let looking = runtime.spawn(async move { one.has_path(&c1, "src").await });
-    a_look_waits_for_its_place_holding_no_thread(&runtime, looking, places);
+    let found = waits_for_its_place_holding_no_thread(&runtime, looking, places, "a look");
+    assert!(found.unwrap());
 }
 
 /// The looks for `?path=`s under way in `repository`: those waiting for a
@@ -2453,28 +2456,48 @@ fn requests_waiting_for_a_look_given_up_look_themselves() {
         .cloned()
         .unwrap();
     let others: Vec<_> = (0..4).map(|_| ask()).collect();
-    // Each waits for that look (it holds the look's state, as `finding`,
-    // the look's turn and this test do).
+    for answer in answers_after_the_first_leaves(&runtime, look, first, others, places, "a look") {
+        assert!(answer.unwrap());
+    }
+    assert_eq!(path_looks_under_way(&widget), 0);
+}
+
+/// `others` wait for the work `first` was to do (`work`: its state in the
+/// flight, held by the flight, the turn and the caller), which waits for
+/// `places`: `first` goes away, then the places are let go, and each of
+/// `others` must answer (`what`: "a look", "a read"). Their answers.
+fn answers_after_the_first_leaves<S, T: Send + std::fmt::Debug + 'static, Places>(
+    runtime: &tokio::runtime::Runtime,
+    work: Arc<S>,
+    first: tokio::task::JoinHandle<T>,
+    others: Vec<tokio::task::JoinHandle<T>>,
+    places: Places,
+    what: &str,
+) -> Vec<T> {
+    // Each waits for that work (it holds the work's state too).
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while Arc::strong_count(&look) < 3 + others.len() {
+    while Arc::strong_count(&work) < 3 + others.len() {
         assert!(
             std::time::Instant::now() < deadline,
             "the requests never waited"
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    drop(look);
+    drop(work);
     first.abort();
     runtime.block_on(async { assert!(first.await.unwrap_err().is_cancelled()) });
     drop(places);
-    for request in others {
-        let answer = runtime
-            .block_on(async { tokio::time::timeout(Duration::from_secs(30), request).await })
-            .expect("a request waiting for a look given up never had an answer")
-            .unwrap();
-        assert!(answer.unwrap());
-    }
-    assert_eq!(path_looks_under_way(&widget), 0);
+    others
+        .into_iter()
+        .map(|request| {
+            runtime
+                .block_on(async { tokio::time::timeout(Duration::from_secs(30), request).await })
+                .unwrap_or_else(|_| {
+                    panic!("a request waiting for {what} given up never had an answer")
+                })
+                .unwrap()
+        })
+        .collect()
 }
 
 /// `docs/archiver.md#published-commits-only`: at most `kept::MAX_READS`
@@ -2494,19 +2517,8 @@ fn first_reads_across_repositories_wait_for_a_place() {
         let one = Arc::clone(&one);
         runtime.spawn(async move { one.peel_waiting(id).await })
     };
-    runtime.block_on(async {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        assert!(!reading.is_finished(), "a read ran with every place taken");
-        tokio::time::timeout(Duration::from_secs(30), tokio::task::spawn_blocking(|| ()))
-            .await
-            .expect("the read waiting for a place holds the only blocking thread")
-            .unwrap();
-        drop(places);
-        let read = tokio::time::timeout(Duration::from_secs(30), reading)
-            .await
-            .expect("the read never ran");
-        assert_eq!(read.unwrap().unwrap().0, id);
-    });
+    let read = waits_for_its_place_holding_no_thread(&runtime, reading, places, "a read");
+    assert_eq!(read.unwrap().0, id);
 }
 
 /// `docs/archiver.md#published-commits-only`: when the request whose read
@@ -2535,24 +2547,7 @@ fn requests_waiting_for_a_read_given_up_read_themselves() {
         std::thread::sleep(Duration::from_millis(5));
     };
     let others: Vec<_> = (0..4).map(|_| ask()).collect();
-    // Each waits for that read (it holds the read's state, as `peeling`,
-    // the read's turn and this test do).
-    while Arc::strong_count(&read) < 3 + others.len() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the requests never waited"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    drop(read);
-    first.abort();
-    runtime.block_on(async { assert!(first.await.unwrap_err().is_cancelled()) });
-    drop(places);
-    for request in others {
-        let answer = runtime
-            .block_on(async { tokio::time::timeout(Duration::from_secs(30), request).await })
-            .expect("a request waiting for a read given up never had an answer")
-            .unwrap();
+    for answer in answers_after_the_first_leaves(&runtime, read, first, others, places, "a read") {
         assert_eq!(answer.unwrap().0, id);
     }
     assert!(widget.peeling.lock().unwrap().is_empty());
