@@ -1721,6 +1721,23 @@ fn forks_of_widget(sandbox: &Sandbox, count: usize) {
     }
 }
 
+/// An archiver over `sandbox`'s repositories is sent one `HEAD` to each of
+/// its `forks` forks at once (`target`); asserts its threads grew by fewer
+/// than half of them (`what` asked: the message's start).
+fn heads_to_every_fork_take_a_bounded_number_of_threads(
+    sandbox: &Sandbox,
+    forks: usize,
+    target: impl Fn(usize) -> String + Sync,
+    what: &str,
+) {
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    let (before, peak) = one_head_per_fork(&archiver, forks, target);
+    assert!(
+        peak.saturating_sub(before) < forks as u64 / 2,
+        "{what} took the archiver from {before} to {peak} threads"
+    );
+}
+
 /// `count` concurrent `HEAD`s, one of `target(fork)` for each fork: the
 /// archiver's threads before and at their peak, each answer asserted 200.
 fn one_head_per_fork(
@@ -1756,13 +1773,11 @@ fn first_reads_in_many_forks_take_a_bounded_number_of_threads() {
     let (repo, commit) = widget_for_hand_made_packs(&sandbox);
     gitball_e2e::commit_behind_deltas(&repo, "deep", commit.as_bytes(), 8 << 20, 48);
     forks_of_widget(&sandbox, FORKS);
-    let archiver = Archiver::start(&sandbox.repos(), &[]);
-    let (before, peak) = one_head_per_fork(&archiver, FORKS, |fork| {
-        format!("/acme/fork{fork}/archive/deep.tar")
-    });
-    assert!(
-        peak.saturating_sub(before) < FORKS as u64 / 2,
-        "a costly commit asked for in each of {FORKS} forks at once took the archiver from {before} to {peak} threads"
+    heads_to_every_fork_take_a_bounded_number_of_threads(
+        &sandbox,
+        FORKS,
+        |fork| format!("/acme/fork{fork}/archive/deep.tar"),
+        &format!("a costly commit asked for in each of {FORKS} forks at once"),
     );
 }
 
@@ -1779,13 +1794,11 @@ fn export_subst_checks_in_many_forks_take_a_bounded_number_of_threads() {
     let sandbox = Sandbox::new();
     widget_with_costly_trees(&sandbox, COSTLY_PATH_DEPTH, COSTLY_PATH_FILLER, true);
     forks_of_widget(&sandbox, FORKS);
-    let archiver = Archiver::start(&sandbox.repos(), &[]);
-    let (before, peak) = one_head_per_fork(&archiver, FORKS, |fork| {
-        format!("/acme/fork{fork}/archive/main.tar")
-    });
-    assert!(
-        peak.saturating_sub(before) < FORKS as u64 / 2,
-        "a commit with costly trees asked for in each of {FORKS} forks at once took the archiver from {before} to {peak} threads"
+    heads_to_every_fork_take_a_bounded_number_of_threads(
+        &sandbox,
+        FORKS,
+        |fork| format!("/acme/fork{fork}/archive/main.tar"),
+        &format!("a commit with costly trees asked for in each of {FORKS} forks at once"),
     );
 }
 
@@ -1826,13 +1839,11 @@ fn ref_listings_in_many_forks_take_a_bounded_number_of_threads() {
         wait_until(WAIT, || gitball_e2e::refs_settled(&last)),
         "the ref files never got older than the racy window"
     );
-    let archiver = Archiver::start(&sandbox.repos(), &[]);
-    let (before, peak) = one_head_per_fork(&archiver, FORKS, |fork| {
-        format!("/acme/fork{fork}/archive/main.tar")
-    });
-    assert!(
-        peak.saturating_sub(before) < FORKS as u64 / 2,
-        "{REFS} refs in each of {FORKS} forks listed at once took the archiver from {before} to {peak} threads"
+    heads_to_every_fork_take_a_bounded_number_of_threads(
+        &sandbox,
+        FORKS,
+        |fork| format!("/acme/fork{fork}/archive/main.tar"),
+        &format!("{REFS} refs in each of {FORKS} forks listed at once"),
     );
 }
 
