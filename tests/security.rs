@@ -1521,6 +1521,13 @@ fn widget_with_costly_trees(
     vec!["z"; depth].join("/")
 }
 
+/// The status of a `HEAD` of `target` from `archiver`, `None` if it
+/// failed.
+fn head_status(archiver: &Archiver, target: &str) -> Option<u16> {
+    let response = archiver.client().head(archiver.url(target)).send();
+    response.map(|response| response.status().as_u16()).ok()
+}
+
 /// Whether a `?path=` is in a commit is kept: the trees on the path are
 /// read once, and a later request for that archive, a cache hit too,
 /// reads none. Requests for a path being looked for wait for that one
@@ -1536,10 +1543,7 @@ fn a_costly_path_is_looked_for_once_and_its_hits_read_no_tree() {
     let path = widget_with_a_costly_path(&sandbox, COSTLY_PATH_DEPTH, COSTLY_PATH_FILLER);
     let archiver = Archiver::start(&sandbox.repos(), &[]);
     let cpu = || gitball_e2e::process_cpu_ticks(archiver.pid);
-    let head = |target: &str| {
-        let response = archiver.client().head(archiver.url(target)).send();
-        response.map(|response| response.status().as_u16()).ok()
-    };
+    let head = |target: &str| head_status(&archiver, target);
     // The commit read and its trees judged for `export-subst`, once.
     assert_eq!(head("/acme/widget/archive/main.tar"), Some(200));
 
@@ -1594,10 +1598,7 @@ fn costly_paths_asked_for_by_clients_that_left_are_not_looked_for() {
     let path = widget_with_a_costly_path(&sandbox, COSTLY_PATH_DEPTH, COSTLY_PATH_FILLER);
     let archiver = Archiver::start(&sandbox.repos(), &[]);
     let cpu = || gitball_e2e::process_cpu_ticks(archiver.pid);
-    let head = |target: &str| {
-        let response = archiver.client().head(archiver.url(target)).send();
-        response.map(|response| response.status().as_u16()).ok()
-    };
+    let head = |target: &str| head_status(&archiver, target);
     // The commit read and its trees judged for `export-subst`, once.
     assert_eq!(head("/acme/widget/archive/main.tar"), Some(200));
     let missing = |name: &str| format!("/acme/widget/archive/main.tar?path={path}/{name}");
@@ -1647,10 +1648,7 @@ fn looks_for_paths_in_many_forks_take_a_bounded_number_of_threads() {
     let path = widget_with_a_costly_path(&sandbox, COSTLY_PATH_DEPTH, COSTLY_PATH_FILLER);
     forks_of_widget(&sandbox, FORKS);
     let archiver = Archiver::start(&sandbox.repos(), &[]);
-    let head = |target: &str| {
-        let response = archiver.client().head(archiver.url(target)).send();
-        response.map(|response| response.status().as_u16()).ok()
-    };
+    let head = |target: &str| head_status(&archiver, target);
     // Each fork's commit read and its trees judged for `export-subst`,
     // one fork at a time.
     for fork in 0..FORKS {
