@@ -962,10 +962,7 @@ fn archiver_killed_mid_body_aborts_the_client_connection() {
             >= 1.0),
         "upstream_aborts_total stayed 0"
     );
-    assert!(wait_until(SETTLE, || proxy
-        .scrape()
-        .value("gitball_proxy_active_downloads", &[])
-        == 0.0));
+    assert!(downloads_end(proxy));
 }
 
 /// Reads `path` at about `bytes_per_tick` per `tick` for `ticks` ticks, then
@@ -1350,6 +1347,13 @@ fn big_tar_digest(big: &BigRepo) -> (String, u64) {
     let length = std::io::copy(&mut stdout, &mut hasher).expect("read git archive");
     assert!(child.wait().expect("wait for git").success(), "git archive");
     (format!("{:x}", hasher.finalize()), length)
+}
+
+/// Whether `proxy` pipes no download within `SETTLE`.
+fn downloads_end(proxy: &Proxy) -> bool {
+    wait_until(SETTLE, || {
+        proxy.scrape().value("gitball_proxy_active_downloads", &[]) == 0.0
+    })
 }
 
 /// Kills a cluster's `primary` and starts an archiver on its address over
@@ -1856,10 +1860,7 @@ fn a_client_that_leaves_while_its_resume_skips_releases_the_upstream() {
 
     drop(connection);
     assert!(
-        wait_until(SETTLE, || proxy
-            .scrape()
-            .value("gitball_proxy_active_downloads", &[])
-            == 0.0),
+        downloads_end(proxy),
         "the download went on after its client left"
     );
     assert!(
@@ -3292,10 +3293,7 @@ fn a_spliced_download_whose_archiver_dies_is_aborted_not_ended() {
     assert!(received < big.full_length);
     let proxy = &cluster.proxy;
     assert!(
-        wait_until(SETTLE, || proxy
-            .scrape()
-            .value("gitball_proxy_active_downloads", &[])
-            == 0.0),
+        downloads_end(proxy),
         "the aborted download is still counted"
     );
     assert_eq!(
@@ -3626,13 +3624,7 @@ fn a_parked_spliced_download_whose_client_leaves_asks_no_archiver() {
     let before = attempts();
     // Unread bytes in its socket: the close is a reset.
     drop(connection);
-    assert!(
-        wait_until(SETTLE, || proxy
-            .scrape()
-            .value("gitball_proxy_active_downloads", &[])
-            == 0.0),
-        "the download did not end"
-    );
+    assert!(downloads_end(proxy), "the download did not end");
     assert_eq!(attempts(), before, "an archiver was asked for the rest");
     assert_eq!(
         proxy.scrape().value("gitball_proxy_parked_downloads", &[]),
