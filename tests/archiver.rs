@@ -224,6 +224,18 @@ fn content_type(ext: &str) -> &'static str {
     }
 }
 
+/// The `gitball_archiver_tar_writer_info` series `archiver` sets to 1: the
+/// fingerprint of the git it runs.
+fn tar_writer(archiver: &Archiver) -> Vec<String> {
+    archiver
+        .metrics()
+        .series_of("gitball_archiver_tar_writer_info")
+        .into_iter()
+        .filter(|(_, value)| *value == 1.0)
+        .map(|(series, _)| series.to_owned())
+        .collect()
+}
+
 fn metric_after(archiver: &Archiver, timeout: Duration, what: impl Fn(&Metrics) -> bool) -> bool {
     wait_until(timeout, || what(&archiver.metrics()))
 }
@@ -586,21 +598,12 @@ fn a_git_writing_other_tar_bytes_gets_etags_of_its_own() {
     let reference = Archiver::start(repos, &[]);
     let other = Archiver::start(repos, &["--git", other_git.to_str().unwrap()]);
     let upgraded = Archiver::start(repos, &["--git", upgraded_git.to_str().unwrap()]);
-    let writer = |archiver: &Archiver| {
-        archiver
-            .metrics()
-            .series_of("gitball_archiver_tar_writer_info")
-            .into_iter()
-            .filter(|(_, value)| *value == 1.0)
-            .map(|(series, _)| series.to_owned())
-            .collect::<Vec<_>>()
-    };
     let reference_writer =
         vec!["gitball_archiver_tar_writer_info{fingerprint=\"reference/reference\"}".to_owned()];
-    assert_eq!(writer(&reference), reference_writer);
-    assert_eq!(writer(&upgraded), reference_writer);
-    assert_eq!(writer(&other).len(), 1);
-    assert_ne!(writer(&other), reference_writer);
+    assert_eq!(tar_writer(&reference), reference_writer);
+    assert_eq!(tar_writer(&upgraded), reference_writer);
+    assert_eq!(tar_writer(&other).len(), 1);
+    assert_ne!(tar_writer(&other), reference_writer);
     assert!(
         !reference.log().contains("other bytes"),
         "{}",
@@ -651,7 +654,7 @@ fn a_git_writing_other_tar_bytes_gets_etags_of_its_own() {
         "{}",
         upgraded.log()
     );
-    assert_eq!(writer(&upgraded), writer(&other));
+    assert_eq!(tar_writer(&upgraded), tar_writer(&other));
     // The tar cached before is under the reference's key: not served as
     // the new git's.
     assert_eq!(
@@ -719,20 +722,11 @@ fn a_git_whose_iconv_writes_other_bytes_gets_etags_of_its_own() {
     );
     assert!(holds(&other_tar, b"\xa1\xc1 \xa1\xc1\n"), "eucJP-ms");
     assert_ne!(other_etag, reference_etag, "one ETag for two gits' bytes");
-    let writer = |archiver: &Archiver| {
-        archiver
-            .metrics()
-            .series_of("gitball_archiver_tar_writer_info")
-            .into_iter()
-            .filter(|(_, value)| *value == 1.0)
-            .map(|(series, _)| series.to_owned())
-            .collect::<Vec<_>>()
-    };
     assert_eq!(
-        writer(&reference),
+        tar_writer(&reference),
         ["gitball_archiver_tar_writer_info{fingerprint=\"reference/reference\"}"]
     );
-    assert_ne!(writer(&other), writer(&reference));
+    assert_ne!(tar_writer(&other), tar_writer(&reference));
 }
 
 #[test]
