@@ -18,7 +18,7 @@ use gitball_e2e::proxy::{
     Cluster, Proxy, Route, SmallRepository, fetch_ok, small_repository, token, unix_now,
     write_routes,
 };
-use gitball_e2e::{Archiver, Sandbox, pipe_through, wait_until};
+use gitball_e2e::{Archiver, RawConnection, Sandbox, pipe_through, wait_until};
 
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -180,6 +180,50 @@ fn the_fronts_access_log_holds_no_token() {
         "the access log holds the token: {}",
         log()
     );
+}
+
+/// An HTTP/0.9 request (a request line without a version) gets a bare
+/// body from nginx: no status, no headers, no length, so a download cut
+/// midway ends with the same close as a complete one. nginx proxied it,
+/// and a generation that failed midway reached the client as 100 KB of a
+/// tar ending cleanly (attack). The front refuses it, as both tiers do.
+#[test]
+fn an_http_0_9_request_through_the_front_gets_no_archive_byte() {
+    if !have("nginx") {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    // The start of a tar, a pause, a failure: a generation that fails
+    // midway, after its first bytes went out.
+    let stub = sandbox.write_stub(
+        "fails-midway",
+        "printf '%257s' ''\nprintf 'ustar'\nhead -c 100000 /dev/zero\nsleep 1\nexit 1\n",
+    );
+    let archiver = Archiver::start(&sandbox.repos(), &["--git", stub.to_str().unwrap()]);
+    let routes = sandbox.path("routes.toml");
+    write_routes(&routes, &[Route::new("*", &archiver.base_url, &[])]);
+    let proxy = Proxy::with_routes(&routes, &[]);
+    let nginx = Nginx::start(proxy.addr.port());
+
+    for target in [
+        "/acme/widget/archive/main.tar",
+        "/acme/widget/archive/main.zip",
+    ] {
+        let mut connection = RawConnection::connect(nginx.addr()).unwrap();
+        connection
+            .send(format!("GET {target}\r\n").as_bytes())
+            .unwrap();
+        let answer = connection.read_to_close();
+        let text = String::from_utf8_lossy(&answer);
+        assert!(
+            !text.contains("ustar") && !answer.starts_with(b"PK"),
+            "{target}: {} bytes of a failed archive ended cleanly: {:?}",
+            answer.len(),
+            &text[..text.len().min(80)]
+        );
+        assert!(text.contains("400 Bad Request"), "{target}: {text}");
+    }
 }
 
 #[test]
