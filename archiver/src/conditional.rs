@@ -51,8 +51,9 @@ pub fn not_modified(headers: &HeaderMap, validators: &Validators<'_>) -> bool {
     if !validators.immutable_url {
         return false;
     }
-    headers
-        .get(header::IF_MODIFIED_SINCE)
+    // One date (RFC 9110, 13.1.3): a repeated line is ignored, as a value
+    // that is no date is.
+    single(headers, header::IF_MODIFIED_SINCE)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| httpdate::parse_http_date(value).ok())
         .is_some_and(|since| validators.last_modified <= since)
@@ -303,6 +304,24 @@ mod tests {
         headers.insert(header::IF_MODIFIED_SINCE, later);
         headers.insert(header::IF_NONE_MATCH, HeaderValue::from_static("\"other\""));
         assert!(!not_modified(&headers, &validators(true)));
+    }
+
+    /// `If-Modified-Since` is one date (RFC 9110, 13.1.3: a recipient
+    /// ignores a value of more than one member): a repeated line is
+    /// ignored, not read for its first date. A future date followed by a
+    /// line that is no date got `304` (attack).
+    #[test]
+    fn a_repeated_if_modified_since_is_ignored() {
+        let later = HeaderValue::from_static("Wed, 15 Nov 2023 00:00:00 GMT");
+        for second in [HeaderValue::from_static("soon"), later.clone()] {
+            let mut headers = HeaderMap::new();
+            headers.append(header::IF_MODIFIED_SINCE, later.clone());
+            headers.append(header::IF_MODIFIED_SINCE, second.clone());
+            assert!(
+                !not_modified(&headers, &validators(true)),
+                "If-Modified-Since: {later:?} and {second:?}"
+            );
+        }
     }
 
     /// An empty archive satisfies no range, a suffix range included
