@@ -63,6 +63,13 @@ struct Nginx {
 
 impl Nginx {
     fn start(upstream_port: u16) -> Nginx {
+        Nginx::start_before(&[upstream_port])
+    }
+
+    /// nginx in front of several proxies: the rendered config's one
+    /// `server` line, and one more for each further port (as
+    /// `gitball.conf` invites an operator to add).
+    fn start_before(upstream_ports: &[u16]) -> Nginx {
         let prefix = tempfile::Builder::new()
             .prefix("gitball-nginx-")
             .tempdir()
@@ -73,10 +80,20 @@ impl Nginx {
             let rendered = Command::new(repo_root().join("ops/nginx/render-test-conf.sh"))
                 .arg(prefix.path())
                 .arg(port.to_string())
-                .arg(upstream_port.to_string())
+                .arg(upstream_ports[0].to_string())
                 .status()
                 .expect("run render-test-conf.sh");
             assert!(rendered.success(), "render-test-conf.sh failed");
+            let included = prefix.path().join("conf/gitball.conf");
+            let text = std::fs::read_to_string(&included).expect("read the rendered gitball.conf");
+            let more: String = upstream_ports[1..]
+                .iter()
+                .map(|port| format!("\n    server 127.0.0.1:{port};"))
+                .collect();
+            let tagged = format!("server 127.0.0.1:{};  # test: upstream", upstream_ports[0]);
+            assert!(text.contains(&tagged), "the rendered upstream line");
+            std::fs::write(&included, text.replace(&tagged, &format!("{tagged}{more}")))
+                .expect("write the rendered gitball.conf");
             let config = prefix.path().join("conf/nginx.conf");
             let error_log = prefix.path().join("logs/error.log");
             let mut child = Command::new("nginx")
@@ -224,6 +241,78 @@ fn an_http_0_9_request_through_the_front_gets_no_archive_byte() {
         );
         assert!(text.contains("400 Bad Request"), "{target}: {text}");
     }
+}
+
+/// A request with a body (which `GET` never needs, and nginx passes on)
+/// left the front's pooled connection to the proxy unable to serve a
+/// later head of more than 64 lines: the proxy closed it unanswered, and
+/// nginx counted that as the proxy failing. With two proxies behind
+/// nginx, one client's 16 requests with a 1-byte body and one of 80
+/// header lines made nginx answer `502` to every client for its
+/// `fail_timeout` (attack). A request with a body is now answered with
+/// `Connection: close`, so no front keeps such a connection.
+#[test]
+fn request_bodies_cannot_make_the_front_fail_its_proxies() {
+    if !have("nginx") {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    let routes = sandbox.path("routes.toml");
+    write_routes(&routes, &[Route::new("*", &archiver.base_url, &[])]);
+    let proxies = [
+        Proxy::with_routes(&routes, &[]),
+        Proxy::with_routes(&routes, &[]),
+    ];
+    let nginx = Nginx::start_before(&[proxies[0].addr.port(), proxies[1].addr.port()]);
+    let target = "/acme/widget/archive/main.tar";
+    fetch_ok(nginx.addr(), target);
+
+    // Requests with a body, all open at once: nginx reaches the proxies
+    // on as many connections, and keeps them.
+    let mut with_body: Vec<RawConnection> = (0..16)
+        .map(|_| {
+            let mut connection = RawConnection::connect(nginx.addr()).unwrap();
+            connection
+                .send(
+                    format!("GET {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx")
+                        .as_bytes(),
+                )
+                .unwrap();
+            connection
+        })
+        .collect();
+    for connection in &mut with_body {
+        let answer = connection.read_to_close();
+        assert!(
+            answer.starts_with(b"HTTP/1.1 200 "),
+            "{:?}",
+            String::from_utf8_lossy(&answer[..answer.len().min(80)])
+        );
+    }
+    let long_head: String = (0..80)
+        .map(|line| format!("X-Line-{line}: v\r\n"))
+        .collect();
+    let status = |head: &str| {
+        let mut connection = RawConnection::connect(nginx.addr()).unwrap();
+        connection
+            .send(
+                format!("GET {target} HTTP/1.1\r\nHost: x\r\n{head}Connection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .unwrap();
+        let answer = connection.read_to_close();
+        String::from_utf8_lossy(&answer[..answer.len().min(12)]).into_owned()
+    };
+    let long: Vec<String> = (0..4).map(|_| status(&long_head)).collect();
+    let plain: Vec<String> = (0..4).map(|_| status("")).collect();
+    assert!(
+        long.iter()
+            .chain(&plain)
+            .all(|answer| answer == "HTTP/1.1 200"),
+        "long heads {long:?}, then plain requests {plain:?}"
+    );
 }
 
 #[test]

@@ -400,7 +400,8 @@ pub async fn serve(
             let takeover = takeover.clone();
             hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
                 let router = router.clone();
-                if !hyper::body::Body::is_end_stream(request.body()) {
+                let has_body = !hyper::body::Body::is_end_stream(request.body());
+                if has_body {
                     had_body.store(true, Ordering::Relaxed);
                 } else if request.version() == http::Version::HTTP_11 {
                     // Its answer may be a body written around hyper: the
@@ -419,7 +420,21 @@ pub async fn serve(
                     .insert(axum::extract::ConnectInfo(peer));
                 // Boxed: ending a connection without shutting its socket
                 // (to switch header caps) needs an `Unpin` future.
-                Box::pin(async move { Ok::<_, Infallible>(handle(router, request).await) })
+                Box::pin(async move {
+                    let mut response = handle(router, request).await;
+                    if has_body {
+                        // Such a connection can no longer switch to the
+                        // full header cap (`serve_connection`): a later
+                        // long head on it would end it unanswered, which a
+                        // front pooling it (nginx) counts as this server
+                        // failing. So it carries no later request (attack).
+                        response.headers_mut().insert(
+                            http::header::CONNECTION,
+                            http::HeaderValue::from_static("close"),
+                        );
+                    }
+                    Ok::<_, Infallible>(response)
+                })
             })
         };
         let connection = serve_connection(
