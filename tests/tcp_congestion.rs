@@ -1,13 +1,23 @@
-//! `--tcp-congestion` (docs/archiver.md, "TCP congestion control"): each
-//! tier's listener, and the in-process archiver's in embedded mode, use the
-//! congestion control asked for, which every connection they accept
-//! inherits; a name the kernel does not have stops the start with an error
-//! that says so. Read from the outside, with `ss -ti`.
+//! TCP congestion control (docs/archiver.md, "TCP congestion control"):
+//! without `--tcp-congestion`, every connection a tier accepts from a
+//! loopback peer uses reno and one from another peer the host's default;
+//! with `--tcp-congestion NAME`, the listeners of both tiers (and the
+//! in-process archiver's in embedded mode) use NAME, which every connection
+//! they accept inherits, loopback or not; a name the kernel does not have
+//! stops the start with an error that says so. Read from the outside, with
+//! `ss -ti`.
 
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
 
+use gitball_e2e::netns::{self, Network};
 use gitball_e2e::proxy::{Cluster, Proxy, fetch_ok, small_repository};
 use gitball_e2e::{Archiver, RawConnection, Sandbox, binary_path, start_refused};
+
+/// What a tier gives a connection from a loopback peer when no
+/// `--tcp-congestion` is given (`server::LOOPBACK_CONGESTION`).
+const LOOPBACK_DEFAULT: &str = "reno";
 
 /// The host's default (`net.ipv4.tcp_congestion_control`).
 fn host_default() -> String {
@@ -17,23 +27,48 @@ fn host_default() -> String {
         .to_owned()
 }
 
-/// A congestion control this kernel has that is not its default (reno is
-/// always built in; cubic or bbr is the usual default).
-fn not_the_default() -> String {
-    let available = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
-        .expect("read the kernel's congestion controls");
+/// A congestion control to ask for with `--tcp-congestion`, neither reno
+/// (what loopback peers get without the flag) nor, when the kernel has a
+/// third, the host's default: so that the connections show the flag took
+/// effect. Without `CAP_NET_ADMIN` only the allowed ones can be set.
+fn asked_for() -> String {
+    let list = if nix::unistd::geteuid().is_root() {
+        "/proc/sys/net/ipv4/tcp_available_congestion_control"
+    } else {
+        "/proc/sys/net/ipv4/tcp_allowed_congestion_control"
+    };
+    let names = std::fs::read_to_string(list).expect("read the kernel's congestion controls");
     let default = host_default();
-    available
+    let candidates: Vec<&str> = names
         .split_whitespace()
-        .find(|name| *name != default)
-        .unwrap_or_else(|| panic!("this kernel has no congestion control but {default}"))
-        .to_owned()
+        .filter(|name| *name != LOOPBACK_DEFAULT)
+        .collect();
+    candidates
+        .iter()
+        .find(|name| **name != default)
+        .or(candidates.first())
+        .unwrap_or_else(|| panic!("{list} has no congestion control but reno: {names}"))
+        .to_string()
+}
+
+/// Why the default rule cannot be seen on this host (`None`: it can): a
+/// host whose default is reno gives every connection reno anyway.
+fn default_is_reno() -> Option<String> {
+    (host_default() == LOOPBACK_DEFAULT)
+        .then(|| format!("the host's default congestion control is {LOOPBACK_DEFAULT}"))
+}
+
+/// Says on the test's stderr (not captured away) why a test did nothing.
+fn skipped(test: &str, reason: &str) {
+    let _ = std::io::stderr().write_all(format!("SKIPPED {test}: {reason}\n").as_bytes());
 }
 
 /// The congestion control of every established TCP socket on this host
-/// whose local port is `port` (the connections a listener on it accepted):
-/// the token before `wscale:` or `cwnd:` in `ss -ti`'s detail line.
-fn accepted_congestion(port: u16) -> Vec<String> {
+/// (in the calling thread's network namespace) whose local port is `port`
+/// (the connections a listener on it accepted), with the peer's address:
+/// the peer is the second address of `ss -ti`'s summary line, the name the
+/// token before `wscale:` or `cwnd:` in its detail line.
+fn accepted_congestion_by_peer(port: u16) -> Vec<(IpAddr, String)> {
     let output = Command::new("ss")
         .args(["-tinH", "state", "established"])
         .arg(format!("( sport = :{port} )"))
@@ -41,22 +76,49 @@ fn accepted_congestion(port: u16) -> Vec<String> {
         .expect("run ss");
     assert!(output.status.success(), "ss: {output:?}");
     let text = String::from_utf8_lossy(&output.stdout);
-    text.lines()
-        .filter(|line| line.starts_with(char::is_whitespace))
-        .filter_map(|details| {
-            let tokens: Vec<&str> = details.split_whitespace().collect();
-            let at = tokens
+    let mut found = Vec::new();
+    let mut peer = None;
+    for line in text.lines() {
+        let tokens: Vec<&str> = line.split_whitespace().collect();
+        if !line.starts_with(char::is_whitespace) {
+            peer = tokens
                 .iter()
-                .position(|token| token.starts_with("wscale:") || token.starts_with("cwnd:"))?;
-            Some(tokens.get(at.checked_sub(1)?)?.to_string())
-        })
+                .filter_map(|token| token.parse::<SocketAddr>().ok())
+                .nth(1)
+                .map(|address| address.ip());
+            continue;
+        }
+        let name = tokens
+            .iter()
+            .position(|token| token.starts_with("wscale:") || token.starts_with("cwnd:"))
+            .and_then(|at| tokens.get(at.checked_sub(1)?));
+        if let (Some(peer), Some(name)) = (peer.take(), name) {
+            found.push((peer, name.to_string()));
+        }
+    }
+    found
+}
+
+/// The congestion control of every connection accepted on `port`.
+fn accepted_congestion(port: u16) -> Vec<String> {
+    accepted_congestion_by_peer(port)
+        .into_iter()
+        .map(|(_, name)| name)
         .collect()
 }
 
 /// Opens a keep-alive connection to `port` and asks for `/healthz`; the
 /// connection stays open for `ss` while the value lives.
-fn open_connection(addr: std::net::SocketAddr) -> RawConnection {
-    let mut connection = RawConnection::connect(addr).expect("connect");
+fn open_connection(addr: SocketAddr) -> RawConnection {
+    answered(RawConnection::connect(addr).expect("connect"))
+}
+
+/// [`open_connection`] from the local address `source`.
+fn open_connection_from(source: IpAddr, addr: SocketAddr) -> RawConnection {
+    answered(RawConnection::connect_from(source, addr).expect("connect"))
+}
+
+fn answered(mut connection: RawConnection) -> RawConnection {
     connection
         .send_request("GET", "/healthz", &[])
         .expect("send");
@@ -66,8 +128,35 @@ fn open_connection(addr: std::net::SocketAddr) -> RawConnection {
 }
 
 #[test]
+fn loopback_connections_to_both_tiers_use_reno_without_the_flag() {
+    if let Some(reason) = default_is_reno() {
+        skipped(
+            "loopback_connections_to_both_tiers_use_reno_without_the_flag",
+            &reason,
+        );
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    let cluster = Cluster::around(archiver, vec![], &[]);
+    for (tier, addr) in [
+        ("archiver", cluster.primary.addr),
+        ("proxy", cluster.proxy.addr),
+    ] {
+        let _connection = open_connection(addr);
+        let found = accepted_congestion(addr.port());
+        assert!(
+            !found.is_empty() && found.iter().all(|name| name == LOOPBACK_DEFAULT),
+            "{tier}: loopback connections accepted on {addr} use {found:?}, not {LOOPBACK_DEFAULT} \
+             (host default {})",
+            host_default()
+        );
+    }
+}
+
+#[test]
 fn both_tiers_accept_connections_with_the_congestion_control_asked_for() {
-    let algorithm = &not_the_default();
+    let algorithm = &asked_for();
     let sandbox = Sandbox::new();
     let archiver = Archiver::start(&sandbox.repos(), &["--tcp-congestion", algorithm]);
     let cluster = Cluster::around(archiver, vec![], &["--tcp-congestion", algorithm]);
@@ -81,6 +170,75 @@ fn both_tiers_accept_connections_with_the_congestion_control_asked_for() {
             !found.is_empty() && found.iter().all(|name| name == algorithm),
             "{tier}: connections accepted on {addr} use {found:?}, not {algorithm} (host default {})",
             host_default()
+        );
+    }
+}
+
+/// Namespaces of [`a_peer_on_another_address_keeps_the_hosts_congestion_control`].
+const PREFIX: &str = "gbcc";
+/// The peer's address: `eth0` of the test's namespace (a veth pair).
+const PEER: &str = "10.77.0.2";
+
+/// Inside a network namespace of its own (a veth pair gives it an address
+/// that is not loopback), both tiers serve; a connection from `127.0.0.1`
+/// uses reno, one from the namespace's `eth0` address the host's default.
+#[test]
+fn a_peer_on_another_address_keeps_the_hosts_congestion_control() {
+    const TEST: &str = "a_peer_on_another_address_keeps_the_hosts_congestion_control";
+    if let Some(reason) = default_is_reno().or_else(|| netns::unavailable_reason(PREFIX)) {
+        skipped(TEST, &reason);
+        return;
+    }
+    let network = Network::create(PREFIX, &[("peer", PEER)]);
+    let ns = network.ns("peer");
+    // A new namespace starts with the host's default (Linux copies it from
+    // the initial namespace); read it there.
+    let default = netns::ns_run(&ns, &["cat", "/proc/sys/net/ipv4/tcp_congestion_control"])
+        .unwrap_or_else(|error| panic!("{error}"))
+        .trim()
+        .to_owned();
+    let sandbox = Sandbox::new();
+    let repos = sandbox.repos();
+    // Everything in one thread inside the namespace: the services it
+    // starts, its connections and `ss` all belong to the namespace. The
+    // services stop when the thread's values drop, also on a panic.
+    let found = netns::spawn_in(&ns, move || {
+        let archiver = Archiver::start(&repos, &[]);
+        let cluster = Cluster::around(archiver, vec![], &[]);
+        let peer: IpAddr = PEER.parse().expect("an address");
+        let mut found = Vec::new();
+        for (tier, addr) in [
+            ("archiver", cluster.primary.addr),
+            ("proxy", cluster.proxy.addr),
+        ] {
+            let _loopback = open_connection(addr);
+            let _outside = open_connection_from(peer, addr);
+            found.push((tier, addr, accepted_congestion_by_peer(addr.port())));
+        }
+        found
+    })
+    .join()
+    .expect("the namespace's thread");
+    drop(network);
+    for (tier, addr, connections) in found {
+        let outside: Vec<&str> = connections
+            .iter()
+            .filter(|(peer, _)| peer.to_string() == PEER)
+            .map(|(_, name)| name.as_str())
+            .collect();
+        let loopback: Vec<&str> = connections
+            .iter()
+            .filter(|(peer, _)| peer.is_loopback())
+            .map(|(_, name)| name.as_str())
+            .collect();
+        assert_eq!(
+            outside,
+            [default.as_str()],
+            "{tier} ({addr}): the connection from {PEER}; all: {connections:?}"
+        );
+        assert!(
+            !loopback.is_empty() && loopback.iter().all(|name| *name == LOOPBACK_DEFAULT),
+            "{tier} ({addr}): the connections from loopback; all: {connections:?}"
         );
     }
 }
@@ -115,29 +273,30 @@ fn embedded_congestion(extra_args: &[&str]) -> (Vec<String>, Vec<String>) {
     (inside, accepted_congestion(proxy.addr.port()))
 }
 
-/// Without the flag the in-process archiver's loopback connections use
-/// reno (nothing to pace for there: docs/proxy.md, "Embedded mode"), and
-/// the proxy's listener the host's default.
+/// Without the flag the in-process archiver's connections (all from the
+/// proxy, over loopback) use reno, as do the proxy's own from loopback
+/// clients.
 #[test]
-fn the_embedded_archiver_uses_reno_on_its_loopback_connections_by_default() {
+fn the_embedded_archiver_and_the_proxy_use_reno_for_loopback_peers_by_default() {
+    if let Some(reason) = default_is_reno() {
+        skipped(
+            "the_embedded_archiver_and_the_proxy_use_reno_for_loopback_peers_by_default",
+            &reason,
+        );
+        return;
+    }
     let (inside, outside) = embedded_congestion(&[]);
     assert!(
-        !inside.is_empty() && inside.iter().all(|name| name == "reno"),
+        !inside.is_empty() && inside.iter().all(|name| name == LOOPBACK_DEFAULT),
         "the embedded archiver's connections use {inside:?}"
     );
-    assert_eq!(outside, [host_default()], "the proxy's own listener");
+    assert_eq!(outside, [LOOPBACK_DEFAULT], "the proxy's own listener");
 }
 
-/// With the flag, both listeners use it. The name asked for is the host's
-/// default unless that is reno, so that it differs from the embedded
-/// default.
+/// With the flag, both listeners use it, for loopback peers too.
 #[test]
 fn the_embedded_archiver_accepts_with_the_congestion_control_asked_for() {
-    let algorithm = if host_default() == "reno" {
-        not_the_default()
-    } else {
-        host_default()
-    };
+    let algorithm = asked_for();
     let (inside, outside) = embedded_congestion(&["--tcp-congestion", &algorithm]);
     assert!(
         !inside.is_empty() && inside.iter().all(|name| *name == algorithm),

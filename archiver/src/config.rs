@@ -138,9 +138,9 @@ pub struct ArchiveOptions {
     #[arg(long, env = "GITBALL_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 
-    /// TCP congestion control of the listener and of every connection it accepts (e.g. cubic,
-    /// bbr; one of net.ipv4.tcp_available_congestion_control). Default: the host's (an
-    /// embedded archiver's listener: reno).
+    /// TCP congestion control of the listener and of every connection it accepts, from any peer
+    /// (e.g. cubic, bbr; one of net.ipv4.tcp_available_congestion_control). Default: reno for a
+    /// connection from a loopback peer, the host's for any other (docs/archiver.md).
     #[arg(long, env = "GITBALL_TCP_CONGESTION", value_parser = gitball_core::server::parse_congestion)]
     pub tcp_congestion: Option<String>,
 }

@@ -203,7 +203,9 @@ pub async fn run(
         options.shutdown_grace,
         WRITE_STALL_TIMEOUT,
         workers,
-        server::Connections::new(max_connections, "gitball_archiver").with_cut(cut.clone()),
+        server::Connections::new(max_connections, "gitball_archiver")
+            .with_cut(cut.clone())
+            .with_tcp_congestion(options.tcp_congestion.as_deref()),
         "gitball-archiver",
         || tracing::info!(%listen, workers, max_connections, "gitball-archiver serving"),
     )

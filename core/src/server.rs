@@ -17,6 +17,10 @@
 //!   hyper's smaller default cap, which costs no scratch space, until it
 //!   sends a long run of lines ([`head_lines`]);
 //! - TCP keepalive, so a peer that vanished is noticed even when idle;
+//! - unless `--tcp-congestion` names one, reno ([`LOOPBACK_CONGESTION`])
+//!   for a connection from a loopback peer, set right after the accept:
+//!   one `setsockopt` per connection, not per request (docs/archiver.md,
+//!   "TCP congestion control");
 //! - a bound on the bytes a connection queues in the kernel unsent
 //!   (`TCP_NOTSENT_LOWAT`, [`SEND_QUEUE_LOW_WATER_BYTES`]): a client that
 //!   stops reading parks at most about that much in this side's send buffer,
@@ -144,14 +148,26 @@ const REJECT_DRAIN_BYTES: usize = 16 * 1024;
 /// retransmit before the loop could even see it.
 pub const LISTEN_BACKLOG: u32 = 4096;
 
+/// The TCP congestion control of a connection accepted from a loopback
+/// peer (127.0.0.0/8, `::1`, `::ffff:127.x`) when `--tcp-congestion` names
+/// none: such a connection never leaves the host, so there is no
+/// bottleneck link to pace for, and BBR (a common default) paces inside
+/// TCP with a timer per connection where there is no `fq` qdisc, which
+/// loopback has not. Reno is built into every kernel and is in
+/// `net.ipv4.tcp_allowed_congestion_control` unless an administrator took
+/// it out. See docs/archiver.md, "TCP congestion control".
+pub const LOOPBACK_CONGESTION: &str = "reno";
+
 /// Binds a listener for [`serve`] with [`LISTEN_BACKLOG`] (and
 /// `SO_REUSEADDR`, as `tokio::net::TcpListener::bind` sets it).
 ///
 /// `congestion` (`--tcp-congestion`) is the TCP congestion control of the
 /// listener, which every connection it accepts inherits (`TCP_CONGESTION`;
 /// Linux); `None` leaves the host's default
-/// (`net.ipv4.tcp_congestion_control`). See docs/archiver.md, "TCP
-/// congestion control".
+/// (`net.ipv4.tcp_congestion_control`), which [`serve`] replaces with
+/// [`LOOPBACK_CONGESTION`] for loopback peers unless
+/// [`Connections::with_tcp_congestion`] says one was asked for. See
+/// docs/archiver.md, "TCP congestion control".
 pub fn bind(address: std::net::SocketAddr, congestion: Option<&str>) -> io::Result<TcpListener> {
     let socket = if address.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
@@ -243,6 +259,9 @@ pub fn parse_congestion(name: &str) -> Result<String, String> {
 pub struct Connections {
     limit: Arc<ConnectionLimit>,
     cut: ShutdownCut,
+    /// What a connection from a loopback peer is switched to at accept;
+    /// `None`: every connection keeps the listener's.
+    loopback_congestion: Option<&'static str>,
 }
 
 /// Set when a server's shutdown grace runs out, before it cuts the
@@ -275,6 +294,18 @@ impl Connections {
                 MAX_REJECTIONS_IN_FLIGHT,
             )),
             cut: ShutdownCut::default(),
+            loopback_congestion: Some(LOOPBACK_CONGESTION),
+        }
+    }
+
+    /// The same cap, for a listener bound with `asked` (`--tcp-congestion`):
+    /// when a name was asked for, every connection keeps it; when none was,
+    /// a connection from a loopback peer gets [`LOOPBACK_CONGESTION`] (as
+    /// [`Connections::new`] does).
+    pub fn with_tcp_congestion(self, asked: Option<&str>) -> Connections {
+        Connections {
+            loopback_congestion: asked.is_none().then_some(LOOPBACK_CONGESTION),
+            ..self
         }
     }
 
@@ -295,6 +326,8 @@ impl Connections {
                 ADMIN_REJECTIONS_IN_FLIGHT,
             )),
             cut: ShutdownCut::default(),
+            // Probes and scrapes: nothing to gain, the host's is kept.
+            loopback_congestion: None,
         }
     }
 
@@ -339,7 +372,11 @@ pub async fn serve(
     let mut full = lean.clone();
     full.max_headers(MAX_HEADER_LINES);
     let builders = Arc::new(Builders { lean, full });
-    let Connections { limit, cut } = connections;
+    let Connections {
+        limit,
+        cut,
+        loopback_congestion,
+    } = connections;
     let mut connections = JoinSet::new();
 
     loop {
@@ -365,6 +402,10 @@ pub async fn serve(
             },
             () = shutdown.cancelled() => break,
         };
+        // Before any byte is sent, the refusal's included.
+        if let Some(congestion) = loopback_congestion {
+            set_loopback_congestion(&stream, peer, congestion);
+        }
         // Reap finished connection tasks so the set does not grow.
         while connections.try_join_next().is_some() {}
         let Some(slot) = limit.try_acquire() else {
@@ -624,6 +665,39 @@ fn configure_accepted(stream: &TcpStream) {
     let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
     let _ = socket.set_tcp_keepalive(&keepalive);
     let _ = socket.set_tcp_notsent_lowat(SEND_QUEUE_LOW_WATER_BYTES);
+}
+
+/// Whether `peer` is on this host's loopback: 127.0.0.0/8, `::1`, or
+/// 127.0.0.0/8 mapped into IPv6 (`::ffff:127.0.0.1`, as a dual-stack
+/// listener sees an IPv4 client).
+fn is_loopback_peer(peer: std::net::SocketAddr) -> bool {
+    peer.ip().to_canonical().is_loopback()
+}
+
+/// Set once the kernel refused [`set_loopback_congestion`]'s option, so
+/// that the refusal is logged once per process, not once per connection.
+static LOOPBACK_CONGESTION_REFUSED: AtomicBool = AtomicBool::new(false);
+
+/// Gives an accepted connection from a loopback peer the congestion
+/// control `congestion`. A refusal (an administrator took reno out of
+/// `net.ipv4.tcp_allowed_congestion_control`, a sandbox filters the
+/// option) leaves the connection with the listener's and is served as
+/// usual: it is logged the first time only.
+fn set_loopback_congestion(stream: &TcpStream, peer: std::net::SocketAddr, congestion: &str) {
+    if !is_loopback_peer(peer) {
+        return;
+    }
+    let refused = socket2::SockRef::from(stream).set_tcp_congestion(congestion.as_bytes());
+    if let Err(error) = refused
+        && !LOOPBACK_CONGESTION_REFUSED.swap(true, Ordering::Relaxed)
+    {
+        tracing::warn!(
+            %error,
+            congestion,
+            "connections from loopback peers keep the host's congestion control: \
+             TCP_CONGESTION refused (logged once)"
+        );
+    }
 }
 
 /// Connections the admin listener (`--admin-listen`) holds at once: its
@@ -1401,6 +1475,27 @@ mod tests {
     }
 
     const STALL: Duration = Duration::from_secs(300);
+
+    #[test]
+    fn loopback_peers_are_127_slash_8_and_v6_loopback_mapped_or_not() {
+        for peer in [
+            "127.0.0.1:1",
+            "127.9.8.7:1",
+            "[::1]:1",
+            "[::ffff:127.0.0.1]:1",
+        ] {
+            assert!(is_loopback_peer(peer.parse().unwrap()), "{peer}");
+        }
+        for peer in [
+            "10.0.0.1:1",
+            "192.168.1.2:1",
+            "[::ffff:10.0.0.1]:1",
+            "[2001:db8::1]:1",
+            "[::2]:1",
+        ] {
+            assert!(!is_loopback_peer(peer.parse().unwrap()), "{peer}");
+        }
+    }
 
     #[test]
     fn a_congestion_control_name_is_a_kernel_name_or_refused() {

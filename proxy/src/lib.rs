@@ -92,6 +92,8 @@ pub struct Proxy {
     cut: server::ShutdownCut,
     /// `--max-connections`, or its default for this mode.
     max_connections: usize,
+    /// `--tcp-congestion`, if given (`server::Connections::with_tcp_congestion`).
+    tcp_congestion: Option<String>,
     embedded: Option<Embedded>,
 }
 
@@ -174,20 +176,12 @@ impl Proxy {
             }
             (None, Some(repos)) => {
                 let loopback = (std::net::Ipv4Addr::LOCALHOST, 0).into();
-                let listener = match config.archiver.tcp_congestion.as_deref() {
-                    Some(asked) => gitball_core::server::bind(loopback, Some(asked)),
-                    // Only a default: a kernel or sandbox that refuses it
-                    // leaves the host's, as before it was chosen.
-                    None => gitball_core::server::bind(loopback, Some(EMBEDDED_CONGESTION))
-                        .or_else(|error| {
-                            tracing::warn!(
-                                %error,
-                                "the embedded archiver keeps the host's congestion control"
-                            );
-                            gitball_core::server::bind(loopback, None)
-                        }),
-                }
-                .context("cannot bind the embedded archiver's port")?;
+                // Its connections all come from this proxy over loopback:
+                // without --tcp-congestion the accept loop gives them reno
+                // (`server::LOOPBACK_CONGESTION`), as for any loopback peer.
+                let listener =
+                    gitball_core::server::bind(loopback, config.archiver.tcp_congestion.as_deref())
+                        .context("cannot bind the embedded archiver's port")?;
                 let address = listener.local_addr()?;
                 // The in-process archiver's connections all come from this
                 // proxy, at most one per client download (idle pooled ones
@@ -293,6 +287,7 @@ impl Proxy {
             grace: config.shutdown_grace(),
             cut,
             max_connections,
+            tcp_congestion: config.archiver.tcp_congestion.clone(),
             embedded,
         }))
     }
@@ -343,8 +338,9 @@ impl Proxy {
         );
         let workers = server::serving_threads();
         let max_connections = self.max_connections;
-        let connections =
-            server::Connections::new(max_connections, "gitball_proxy").with_cut(self.cut);
+        let connections = server::Connections::new(max_connections, "gitball_proxy")
+            .with_cut(self.cut)
+            .with_tcp_congestion(self.tcp_congestion.as_deref());
         let drain = serve_on_threads(
             listener,
             &self.state,
@@ -395,16 +391,6 @@ const EMBEDDED_GRACE_MARGIN: Duration = Duration::from_secs(2);
 /// Connections the embedded archiver accepts beyond the proxy's cap: the
 /// start-up health check's client keeps its connection pooled for a while.
 const EMBEDDED_CONNECTIONS_HEADROOM: usize = 16;
-
-/// The congestion control of the in-process archiver's connections when
-/// `--tcp-congestion` does not name one. They never leave loopback, where
-/// there is nothing to pace for: on a host whose default is BBR (which
-/// paces every connection with timers of its own where there is no `fq`,
-/// and loopback has none) those timers made a 1 GiB hit through an
-/// embedded proxy take 780–860 ms of CPU at 1.4–1.55 GiB/s; with reno
-/// here, 500–550 ms at 2.1–2.2 GiB/s (docs/proxy.md, "Embedded mode").
-/// Reno is built into every kernel and any process may choose it.
-const EMBEDDED_CONGESTION: &str = "reno";
 
 /// Serves `listener` on `workers` threads ([`server::serve_on_threads`]),
 /// each with its own upstream connection pool, until `shutdown`.

@@ -117,6 +117,23 @@ const MAX_RESPONSE_HEAD_BYTES: usize = 64 * 1024;
 impl RawConnection {
     pub fn connect(addr: SocketAddr) -> io::Result<RawConnection> {
         let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        RawConnection::over(stream)
+    }
+
+    /// As [`RawConnection::connect`], from the local address `source` (a
+    /// peer address other than the usual `127.0.0.1`).
+    pub fn connect_from(source: std::net::IpAddr, addr: SocketAddr) -> io::Result<RawConnection> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.bind(&SocketAddr::new(source, 0).into())?;
+        socket.connect_timeout(&addr.into(), Duration::from_secs(5))?;
+        RawConnection::over(socket.into())
+    }
+
+    fn over(stream: TcpStream) -> io::Result<RawConnection> {
         stream.set_read_timeout(Some(SOCKET_TIMEOUT))?;
         stream.set_write_timeout(Some(SOCKET_TIMEOUT))?;
         stream.set_nodelay(true)?;
