@@ -339,3 +339,133 @@ fn a_congestion_control_the_kernel_lacks_stops_the_start_with_an_error() {
         );
     }
 }
+
+/// Why TCP's own pacing timers cannot be counted here (`None`: they can):
+/// `perf` counts the `timer:hrtimer_start` tracepoint of a process,
+/// filtered to `tcp_pace_kick`, the timer TCP arms for a connection it
+/// paces itself (no `fq` qdisc, as on loopback).
+fn pacing_timers_uncountable() -> Option<String> {
+    let output = Command::new("perf")
+        .args(["stat", "-x,", "-e", "timer:hrtimer_start", "--filter"])
+        .arg(PACING_TIMER_FILTER)
+        .args(["--", "true"])
+        .output();
+    match output {
+        Ok(output) if output.status.success() => None,
+        Ok(output) => Some(format!(
+            "perf cannot count tcp_pace_kick timers: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )),
+        Err(error) => Some(format!("no perf: {error}")),
+    }
+}
+
+const PACING_TIMER_FILTER: &str = "function.function == tcp_pace_kick";
+
+/// BBR (without `fq`, as on loopback) paces a connection with a timer of
+/// TCP's own, and it turns that pacing on when the connection is
+/// established, before `accept` returns; the kernel never turns it off
+/// again, so a connection switched to reno after `accept` stays paced.
+/// Counted from the outside: the TCP pacing timers (`tcp_pace_kick`) the
+/// archiver arms while it sends a 64 MiB archive, cold and then from its
+/// cache, to a loopback client. Without the flag on a BBR host, none
+/// (review: 479 with reno set after `accept`).
+#[test]
+fn loopback_downloads_are_not_paced_by_the_hosts_bbr() {
+    const TEST: &str = "loopback_downloads_are_not_paced_by_the_hosts_bbr";
+    if host_default() != "bbr" {
+        skipped(TEST, "the host's default congestion control is not bbr");
+        return;
+    }
+    if let Some(reason) = pacing_timers_uncountable() {
+        skipped(TEST, &reason);
+        return;
+    }
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    // A tar's magic, then zeros: 64 MiB in all.
+    let stub = sandbox.write_stub(
+        "big",
+        "printf '%257s' ''\nprintf 'ustar'\nhead -c 67108602 /dev/zero\n",
+    );
+    let archiver = Archiver::start(&sandbox.repos(), &["--git", stub.to_str().unwrap()]);
+
+    // perf starts with its counter off and says when it turned it on or off.
+    let (control_path, mut control) = sandbox.fifo("perf-control");
+    let (ack_path, _ack_writer) = sandbox.fifo("perf-ack");
+    let mut perf = Command::new("perf")
+        .args([
+            "stat",
+            "-x,",
+            "-D",
+            "-1",
+            "-e",
+            "timer:hrtimer_start",
+            "--filter",
+        ])
+        .arg(PACING_TIMER_FILTER)
+        .arg("--control")
+        .arg(format!(
+            "fifo:{},{}",
+            control_path.display(),
+            ack_path.display()
+        ))
+        .arg("-p")
+        .arg(archiver.pid.to_string())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run perf");
+    let (acks, acked) = std::sync::mpsc::channel();
+    let ack_reader = std::fs::File::open(&ack_path).expect("open perf's ack fifo");
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(ack_reader).lines() {
+            if acks.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut command = |word: &str| {
+        writeln!(control, "{word}").expect("write to perf's control fifo");
+        let ack = acked
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("perf did not acknowledge {word:?}"));
+        // perf writes "ack\n" with its string's NUL.
+        let ack = ack.expect("read perf's ack");
+        assert_eq!(
+            ack.trim_matches(|c: char| c == '\0' || c.is_whitespace()),
+            "ack",
+            "perf's answer to {word}"
+        );
+    };
+    command("enable");
+    for _ in 0..2 {
+        let mut connection = RawConnection::connect(archiver.addr).expect("connect");
+        connection
+            .send_request("GET", "/acme/widget/archive/main.tar", &[])
+            .expect("send");
+        assert_eq!(connection.read_head().expect("head").status, 200);
+        let mut received = 0;
+        connection.read_body_to_end(|bytes| received += bytes.len());
+        assert_eq!(received, 64 << 20, "the archive");
+    }
+    command("disable");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(perf.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("stop perf");
+    let mut report = String::new();
+    std::io::Read::read_to_string(perf.stderr.as_mut().expect("perf's stderr"), &mut report)
+        .expect("read perf's report");
+    perf.wait().expect("wait for perf");
+    let timers: u64 = report
+        .lines()
+        .find(|line| line.contains("timer:hrtimer_start"))
+        .and_then(|line| line.split(',').next()?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no count in perf's report: {report}"));
+    assert_eq!(
+        timers, 0,
+        "the archiver armed {timers} TCP pacing timers sending 2 x 64 MiB to a loopback client"
+    );
+}

@@ -18,9 +18,10 @@
 //!   sends a long run of lines ([`head_lines`]);
 //! - TCP keepalive, so a peer that vanished is noticed even when idle;
 //! - unless `--tcp-congestion` names one, reno ([`LOOPBACK_CONGESTION`])
-//!   for a connection from a loopback peer, set right after the accept:
-//!   one `setsockopt` per connection, not per request (docs/archiver.md,
-//!   "TCP congestion control");
+//!   for a connection from a loopback peer, from the listener ([`bind`]),
+//!   and the host's default for one from any other peer, set right after
+//!   the accept: one `setsockopt` per such connection, not per request
+//!   (docs/archiver.md, "TCP congestion control");
 //! - a bound on the bytes a connection queues in the kernel unsent
 //!   (`TCP_NOTSENT_LOWAT`, [`SEND_QUEUE_LOW_WATER_BYTES`]): a client that
 //!   stops reading parks at most about that much in this side's send buffer,
@@ -163,38 +164,57 @@ pub const LOOPBACK_CONGESTION: &str = "reno";
 ///
 /// `congestion` (`--tcp-congestion`) is the TCP congestion control of the
 /// listener, which every connection it accepts inherits (`TCP_CONGESTION`;
-/// Linux); `None` leaves the host's default
-/// (`net.ipv4.tcp_congestion_control`), which [`serve`] replaces with
-/// [`LOOPBACK_CONGESTION`] for loopback peers unless
-/// [`Connections::with_tcp_congestion`] says one was asked for. See
-/// docs/archiver.md, "TCP congestion control".
+/// Linux). `None`: the listener gets [`LOOPBACK_CONGESTION`], so that a
+/// connection from a loopback peer has it from its establishment, and
+/// [`serve`] gives a connection from any other peer the host's default
+/// (`net.ipv4.tcp_congestion_control`) right after the accept. Set after
+/// the accept instead, reno would not undo BBR's pacing: BBR turns TCP's
+/// own pacing on when the connection is established, and nothing turns it
+/// off. A kernel that refuses reno leaves the listener with the host's
+/// (logged once), and [`serve`] then sets reno on loopback connections
+/// after the accept. See docs/archiver.md, "TCP congestion control".
 pub fn bind(address: std::net::SocketAddr, congestion: Option<&str>) -> io::Result<TcpListener> {
+    let socket = new_listening_socket(address)?;
+    match congestion {
+        Some(name) => {
+            socket2::SockRef::from(&socket)
+                .set_tcp_congestion(name.as_bytes())
+                .map_err(|error| {
+                    let hint = match error.raw_os_error() {
+                        // Available, but only a privileged process may pick it.
+                        Some(code) if code == nix::errno::Errno::EPERM as i32 => {
+                            "not in net.ipv4.tcp_allowed_congestion_control: add it there, \
+                             or give the service CAP_NET_ADMIN"
+                        }
+                        _ => "net.ipv4.tcp_available_congestion_control lists what this kernel has",
+                    };
+                    io::Error::new(
+                        error.kind(),
+                        format!("TCP congestion control {name:?}: {error} ({hint})"),
+                    )
+                })?;
+        }
+        None => {
+            if let Err(error) =
+                socket2::SockRef::from(&socket).set_tcp_congestion(LOOPBACK_CONGESTION.as_bytes())
+            {
+                congestion_refused(&error, LOOPBACK_CONGESTION);
+            }
+        }
+    }
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// A TCP socket for `address`'s family, with `SO_REUSEADDR`.
+fn new_listening_socket(address: std::net::SocketAddr) -> io::Result<tokio::net::TcpSocket> {
     let socket = if address.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
         tokio::net::TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
-    if let Some(name) = congestion {
-        socket2::SockRef::from(&socket)
-            .set_tcp_congestion(name.as_bytes())
-            .map_err(|error| {
-                let hint = match error.raw_os_error() {
-                    // Available, but only a privileged process may pick it.
-                    Some(code) if code == nix::errno::Errno::EPERM as i32 => {
-                        "not in net.ipv4.tcp_allowed_congestion_control: add it there, \
-                         or give the service CAP_NET_ADMIN"
-                    }
-                    _ => "net.ipv4.tcp_available_congestion_control lists what this kernel has",
-                };
-                io::Error::new(
-                    error.kind(),
-                    format!("TCP congestion control {name:?}: {error} ({hint})"),
-                )
-            })?;
-    }
-    socket.bind(address)?;
-    socket.listen(LISTEN_BACKLOG)
+    Ok(socket)
 }
 
 /// Binds the admin listener (`--admin-listen`) when one is asked for: as
@@ -203,9 +223,14 @@ pub fn bind(address: std::net::SocketAddr, congestion: Option<&str>) -> io::Resu
 pub fn bind_admin(address: Option<std::net::SocketAddr>) -> io::Result<Option<TcpListener>> {
     address
         .map(|address| {
-            bind(address, None).map_err(|error| {
-                io::Error::new(error.kind(), format!("admin listener {address}: {error}"))
-            })
+            new_listening_socket(address)
+                .and_then(|socket| {
+                    socket.bind(address)?;
+                    socket.listen(LISTEN_BACKLOG)
+                })
+                .map_err(|error| {
+                    io::Error::new(error.kind(), format!("admin listener {address}: {error}"))
+                })
         })
         .transpose()
 }
@@ -259,8 +284,9 @@ pub fn parse_congestion(name: &str) -> Result<String, String> {
 pub struct Connections {
     limit: Arc<ConnectionLimit>,
     cut: ShutdownCut,
-    /// What a connection from a loopback peer is switched to at accept;
-    /// `None`: every connection keeps the listener's.
+    /// What a connection from a loopback peer gets (others: the host's
+    /// default; [`PeerCongestion`]); `None`: every connection keeps the
+    /// listener's.
     loopback_congestion: Option<&'static str>,
 }
 
@@ -300,8 +326,9 @@ impl Connections {
 
     /// The same cap, for a listener bound with `asked` (`--tcp-congestion`):
     /// when a name was asked for, every connection keeps it; when none was,
-    /// a connection from a loopback peer gets [`LOOPBACK_CONGESTION`] (as
-    /// [`Connections::new`] does).
+    /// a connection from a loopback peer gets [`LOOPBACK_CONGESTION`] and
+    /// one from another peer the host's default (as [`Connections::new`]
+    /// does).
     pub fn with_tcp_congestion(self, asked: Option<&str>) -> Connections {
         Connections {
             loopback_congestion: asked.is_none().then_some(LOOPBACK_CONGESTION),
@@ -377,6 +404,8 @@ pub async fn serve(
         cut,
         loopback_congestion,
     } = connections;
+    let peer_congestion =
+        loopback_congestion.map(|loopback| PeerCongestion::of(&listener, loopback));
     let mut connections = JoinSet::new();
 
     loop {
@@ -403,8 +432,8 @@ pub async fn serve(
             () = shutdown.cancelled() => break,
         };
         // Before any byte is sent, the refusal's included.
-        if let Some(congestion) = loopback_congestion {
-            set_loopback_congestion(&stream, peer, congestion);
+        if let Some(congestion) = &peer_congestion {
+            congestion.apply(&stream, peer);
         }
         // Reap finished connection tasks so the set does not grow.
         while connections.try_join_next().is_some() {}
@@ -674,29 +703,83 @@ fn is_loopback_peer(peer: std::net::SocketAddr) -> bool {
     peer.ip().to_canonical().is_loopback()
 }
 
-/// Set once the kernel refused [`set_loopback_congestion`]'s option, so
-/// that the refusal is logged once per process, not once per connection.
-static LOOPBACK_CONGESTION_REFUSED: AtomicBool = AtomicBool::new(false);
+/// Set once the kernel refused a `TCP_CONGESTION` of [`bind`] or
+/// [`PeerCongestion::apply`], so that the refusal is logged once per
+/// process, not once per connection.
+static CONGESTION_REFUSED: AtomicBool = AtomicBool::new(false);
 
-/// Gives an accepted connection from a loopback peer the congestion
-/// control `congestion`. A refusal (an administrator took reno out of
-/// `net.ipv4.tcp_allowed_congestion_control`, a sandbox filters the
-/// option) leaves the connection with the listener's and is served as
-/// usual: it is logged the first time only.
-fn set_loopback_congestion(stream: &TcpStream, peer: std::net::SocketAddr, congestion: &str) {
-    if !is_loopback_peer(peer) {
-        return;
-    }
-    let refused = socket2::SockRef::from(stream).set_tcp_congestion(congestion.as_bytes());
-    if let Err(error) = refused
-        && !LOOPBACK_CONGESTION_REFUSED.swap(true, Ordering::Relaxed)
-    {
+/// Logs the first refusal of `congestion` in this process.
+fn congestion_refused(error: &io::Error, congestion: &str) {
+    if !CONGESTION_REFUSED.swap(true, Ordering::Relaxed) {
         tracing::warn!(
             %error,
             congestion,
-            "connections from loopback peers keep the host's congestion control: \
-             TCP_CONGESTION refused (logged once)"
+            "TCP_CONGESTION refused; such connections keep the listener's congestion control \
+             (logged once)"
         );
+    }
+}
+
+/// What [`serve`] sets on an accepted connection without
+/// `--tcp-congestion`, given what its listener has: nothing when the
+/// listener has what the peer should get.
+struct PeerCongestion {
+    /// For a loopback peer: [`LOOPBACK_CONGESTION`], if the listener has
+    /// another (the kernel refused it to [`bind`], or the listener was not
+    /// bound by it). Set after the accept it does not undo BBR's pacing.
+    loopback: Option<&'static str>,
+    /// For any other peer: the host's default, if the listener has
+    /// another (reno, from [`bind`]).
+    others: Option<Vec<u8>>,
+}
+
+impl PeerCongestion {
+    /// The rule for `listener`'s connections: loopback peers get
+    /// `loopback`, others the host's default, read once here (from a new
+    /// socket, which has it).
+    fn of(listener: &TcpListener, loopback: &'static str) -> PeerCongestion {
+        fn name(socket: socket2::SockRef<'_>) -> Option<Vec<u8>> {
+            let mut name = socket.tcp_congestion().ok()?;
+            name.retain(|&byte| byte != 0);
+            Some(name)
+        }
+        let listener_has = name(socket2::SockRef::from(listener));
+        let host_default = listener.local_addr().ok().and_then(|address| {
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(address),
+                socket2::Type::STREAM,
+                None,
+            )
+            .ok()?;
+            name(socket2::SockRef::from(&socket))
+        });
+        match (listener_has, host_default) {
+            (Some(listener_has), Some(host_default)) => PeerCongestion {
+                loopback: (listener_has != loopback.as_bytes()).then_some(loopback),
+                others: (listener_has != host_default).then_some(host_default),
+            },
+            // Unreadable: at least loopback peers get theirs.
+            _ => PeerCongestion {
+                loopback: Some(loopback),
+                others: None,
+            },
+        }
+    }
+
+    /// Sets what an accepted connection from `peer` gets; a refusal leaves
+    /// it with the listener's, and is logged the first time only.
+    fn apply(&self, stream: &TcpStream, peer: std::net::SocketAddr) {
+        let wanted = if is_loopback_peer(peer) {
+            self.loopback.map(str::as_bytes)
+        } else {
+            self.others.as_deref()
+        };
+        let Some(wanted) = wanted else {
+            return;
+        };
+        if let Err(error) = socket2::SockRef::from(stream).set_tcp_congestion(wanted) {
+            congestion_refused(&error, &String::from_utf8_lossy(wanted));
+        }
     }
 }
 
