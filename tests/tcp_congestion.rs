@@ -243,6 +243,87 @@ fn a_peer_on_another_address_keeps_the_hosts_congestion_control() {
     }
 }
 
+/// Namespace of [`a_routes_congctl_still_wins_for_the_connections_it_carries`].
+const ROUTE_PREFIX: &str = "gbrt";
+/// A second address of that namespace, on `lo`, whose route names its own
+/// congestion control.
+const ROUTED_PEER: &str = "10.77.1.3";
+
+/// A route with its own `congctl` (`ip route … congctl NAME`) gives the
+/// connections it carries NAME, over the listener's; the rule for peers
+/// that are not loopback leaves such a connection alone (review: it was
+/// switched to the host's default after the accept).
+#[test]
+fn a_routes_congctl_still_wins_for_the_connections_it_carries() {
+    const TEST: &str = "a_routes_congctl_still_wins_for_the_connections_it_carries";
+    if let Some(reason) = default_is_reno().or_else(|| netns::unavailable_reason(ROUTE_PREFIX)) {
+        skipped(TEST, &reason);
+        return;
+    }
+    let algorithm = asked_for();
+    if algorithm == host_default() {
+        skipped(
+            TEST,
+            "the kernel has no congestion control but reno and the default",
+        );
+        return;
+    }
+    let network = Network::create(ROUTE_PREFIX, &[("peer", "10.77.1.2")]);
+    let ns = network.ns("peer");
+    for command in [
+        vec![
+            "ip",
+            "addr",
+            "add",
+            &format!("{ROUTED_PEER}/32"),
+            "dev",
+            "lo",
+        ],
+        vec![
+            "ip",
+            "route",
+            "change",
+            "local",
+            ROUTED_PEER,
+            "dev",
+            "lo",
+            "table",
+            "local",
+            "proto",
+            "kernel",
+            "scope",
+            "host",
+            "src",
+            ROUTED_PEER,
+            "congctl",
+            &algorithm,
+        ],
+    ] {
+        netns::ns_run(&ns, &command).unwrap_or_else(|error| panic!("{command:?}: {error}"));
+    }
+    let sandbox = Sandbox::new();
+    let repos = sandbox.repos();
+    let found = netns::spawn_in(&ns, move || {
+        let archiver = Archiver::start(&repos, &[]);
+        let peer: IpAddr = ROUTED_PEER.parse().expect("an address");
+        let _routed = open_connection_from(peer, archiver.addr);
+        accepted_congestion_by_peer(archiver.addr.port())
+    })
+    .join()
+    .expect("the namespace's thread");
+    drop(network);
+    let routed: Vec<&str> = found
+        .iter()
+        .filter(|(peer, _)| peer.to_string() == ROUTED_PEER)
+        .map(|(_, name)| name.as_str())
+        .collect();
+    assert_eq!(
+        routed,
+        [algorithm.as_str()],
+        "the connection from {ROUTED_PEER}, whose route says congctl {algorithm}; all: {found:?}"
+    );
+}
+
 /// The embedded proxy's two listeners after one download: what the
 /// in-process archiver's connections use (its port from the proxy's
 /// `embedded archiver ready` line) and what the proxy's own use.

@@ -20,8 +20,9 @@
 //! - unless `--tcp-congestion` names one, reno ([`LOOPBACK_CONGESTION`])
 //!   for a connection from a loopback peer, from the listener ([`bind`]),
 //!   and the host's default for one from any other peer, set right after
-//!   the accept: one `setsockopt` per such connection, not per request
-//!   (docs/archiver.md, "TCP congestion control");
+//!   the accept unless its route chose its own: a `getsockopt` and a
+//!   `setsockopt` per such connection, not per request (docs/archiver.md,
+//!   "TCP congestion control");
 //! - a bound on the bytes a connection queues in the kernel unsent
 //!   (`TCP_NOTSENT_LOWAT`, [`SEND_QUEUE_LOW_WATER_BYTES`]): a client that
 //!   stops reading parks at most about that much in this side's send buffer,
@@ -720,6 +721,14 @@ fn congestion_refused(error: &io::Error, congestion: &str) {
     }
 }
 
+/// A socket's congestion control (`TCP_CONGESTION`), its name without the
+/// padding NULs.
+fn congestion_of(socket: socket2::SockRef<'_>) -> Option<Vec<u8>> {
+    let mut name = socket.tcp_congestion().ok()?;
+    name.retain(|&byte| byte != 0);
+    Some(name)
+}
+
 /// What [`serve`] sets on an accepted connection without
 /// `--tcp-congestion`, given what its listener has: nothing when the
 /// listener has what the peer should get.
@@ -731,6 +740,9 @@ struct PeerCongestion {
     /// For any other peer: the host's default, if the listener has
     /// another (reno, from [`bind`]).
     others: Option<Vec<u8>>,
+    /// The listener's, which a connection has unless a route with its own
+    /// `congctl` chose another (then it keeps the route's).
+    listener_has: Vec<u8>,
 }
 
 impl PeerCongestion {
@@ -738,12 +750,7 @@ impl PeerCongestion {
     /// `loopback`, others the host's default, read once here (from a new
     /// socket, which has it).
     fn of(listener: &TcpListener, loopback: &'static str) -> PeerCongestion {
-        fn name(socket: socket2::SockRef<'_>) -> Option<Vec<u8>> {
-            let mut name = socket.tcp_congestion().ok()?;
-            name.retain(|&byte| byte != 0);
-            Some(name)
-        }
-        let listener_has = name(socket2::SockRef::from(listener));
+        let listener_has = congestion_of(socket2::SockRef::from(listener));
         let host_default = listener.local_addr().ok().and_then(|address| {
             let socket = socket2::Socket::new(
                 socket2::Domain::for_address(address),
@@ -751,17 +758,19 @@ impl PeerCongestion {
                 None,
             )
             .ok()?;
-            name(socket2::SockRef::from(&socket))
+            congestion_of(socket2::SockRef::from(&socket))
         });
         match (listener_has, host_default) {
             (Some(listener_has), Some(host_default)) => PeerCongestion {
                 loopback: (listener_has != loopback.as_bytes()).then_some(loopback),
                 others: (listener_has != host_default).then_some(host_default),
+                listener_has,
             },
             // Unreadable: at least loopback peers get theirs.
             _ => PeerCongestion {
                 loopback: Some(loopback),
                 others: None,
+                listener_has: Vec::new(),
             },
         }
     }
@@ -772,7 +781,12 @@ impl PeerCongestion {
         let wanted = if is_loopback_peer(peer) {
             self.loopback.map(str::as_bytes)
         } else {
-            self.others.as_deref()
+            // One more call, for a peer that is not loopback only: a
+            // connection whose route chose its own (`ip route … congctl`)
+            // keeps it, as it would on a listener with the host's.
+            self.others.as_deref().filter(|_| {
+                congestion_of(socket2::SockRef::from(stream)).as_ref() == Some(&self.listener_has)
+            })
         };
         let Some(wanted) = wanted else {
             return;
