@@ -424,7 +424,9 @@ fn a_congestion_control_the_kernel_lacks_stops_the_start_with_an_error() {
 /// Why TCP's own pacing timers cannot be counted here (`None`: they can):
 /// `perf` counts the `timer:hrtimer_start` tracepoint of a process,
 /// filtered to `tcp_pace_kick`, the timer TCP arms for a connection it
-/// paces itself (no `fq` qdisc, as on loopback).
+/// paces itself (no `fq` qdisc, as on loopback), and to the process's own
+/// context: an interrupt or softirq that runs while the process does may
+/// be another's connections' work (other BBR connections on the host).
 fn pacing_timers_uncountable() -> Option<String> {
     let output = Command::new("perf")
         .args(["stat", "-x,", "-e", "timer:hrtimer_start", "--filter"])
@@ -441,7 +443,7 @@ fn pacing_timers_uncountable() -> Option<String> {
     }
 }
 
-const PACING_TIMER_FILTER: &str = "function.function == tcp_pace_kick";
+const PACING_TIMER_FILTER: &str = "function.function == tcp_pace_kick && !(common_flags & 0x18)";
 
 /// BBR (without `fq`, as on loopback) paces a connection with a timer of
 /// TCP's own, and it turns that pacing on when the connection is
