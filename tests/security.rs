@@ -4,7 +4,7 @@
 //! command, read outside `--repos`, or dodge a routing rule; what the
 //! `git` child may use is bounded, and it does not outlive the archiver.
 
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -1909,4 +1909,99 @@ fn burst_of_requests(
     });
     let ticks = gitball_e2e::process_cpu_ticks(archiver.pid) - cpu_before;
     (answers, before, peak, ticks)
+}
+
+/// The name of the one archive `/acme/widget/archive/main.tar` leaves in
+/// a cache dir, and its genuine bytes: what another user who knows the
+/// repositories' paths can name a file for (the key is a hash of the git
+/// dir, the commit and the variant, nothing secret).
+fn widget_archive_name(sandbox: &Sandbox) -> (String, Vec<u8>) {
+    let mut archiver =
+        Archiver::start_with_cache(&sandbox.repos(), &sandbox.path("learn-cache"), &[]);
+    let genuine = archiver
+        .get("/acme/widget/archive/main.tar")
+        .bytes()
+        .unwrap()
+        .to_vec();
+    let files = archiver.cache_files();
+    assert_eq!(files.len(), 1, "{files:?}");
+    archiver.terminate(Duration::from_secs(10));
+    (files[0].clone(), genuine)
+}
+
+/// A cache dir found writable by others (a `0777` volume, the Kubernetes
+/// `emptyDir` the archiver makes its own) may hold files anyone put there
+/// before the archiver locked it down: named `{key}-{sha256 of their
+/// bytes}`, they were restored and served as that archive, under its
+/// ETag, `Repr-Digest` and `public` freshness (attack: a local user's
+/// bytes served for `acme/widget`'s `main.tar`). Nothing found in such a
+/// dir is restored: what is named as an archive is deleted, and the
+/// archive generated.
+#[test]
+fn a_cache_dir_others_could_write_restores_nothing_found_in_it() {
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    let (name, genuine) = widget_archive_name(&sandbox);
+    let (key, _) = name.split_once('-').unwrap();
+
+    let volume = sandbox.path("volume");
+    std::fs::create_dir(&volume).unwrap();
+    std::fs::set_permissions(&volume, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let planted = b"not what git made for this key".to_vec();
+    let planted_name = format!("{key}-{}", gitball_e2e::sha256_hex(&planted));
+    std::fs::write(volume.join(&planted_name), &planted).unwrap();
+
+    let archiver = Archiver::start_with_cache(&sandbox.repos(), &volume, &[]);
+    let mode = std::fs::metadata(&volume).unwrap().mode();
+    assert_eq!(
+        mode & 0o7777,
+        0o700,
+        "the volume was not made the archiver's"
+    );
+    let response = archiver.get("/acme/widget/archive/main.tar");
+    assert_eq!(response.status(), 200);
+    let cache = response
+        .headers()
+        .get("x-gitball-cache")
+        .map(|value| value.to_str().unwrap().to_owned());
+    let body = response.bytes().unwrap().to_vec();
+    assert!(
+        body == genuine,
+        "a file planted in the volume was served ({cache:?}): {:?}",
+        String::from_utf8_lossy(&body[..body.len().min(64)])
+    );
+    assert_eq!(cache.as_deref(), Some("miss"));
+    assert!(
+        !volume.join(&planted_name).exists(),
+        "the planted file was left, to be restored at the next start"
+    );
+}
+
+/// A cache dir another user owns stays theirs whatever mode the archiver
+/// sets (an owner may change it back and put files in): an archiver with
+/// the rights to set its mode anyway (root) adopted it, and served what
+/// its owner named as archives. Refused at start. Needs root, to make a
+/// directory another user's.
+#[test]
+fn a_cache_dir_owned_by_another_user_is_refused() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: not running as root");
+        return;
+    }
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    let theirs = sandbox.path("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    let nobody = nix::unistd::Uid::from_raw(65534);
+    nix::unistd::chown(
+        &theirs,
+        Some(nobody),
+        Some(nix::unistd::Gid::from_raw(65534)),
+    )
+    .unwrap();
+    std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let stderr = gitball_e2e::start_refused("gitball-archiver", &sandbox.repos(), &theirs, &[]);
+    assert!(stderr.contains("owned by"), "{stderr}");
+    let metadata = std::fs::metadata(&theirs).unwrap();
+    assert_eq!(metadata.uid(), 65534);
 }

@@ -458,7 +458,13 @@ impl Cache {
     /// to run the generations.
     pub fn open(settings: Settings) -> io::Result<Arc<Cache>> {
         let runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
-        let lock = own_dir(&settings.dir)?;
+        let (lock, open_to_others) = own_dir(&settings.dir)?;
+        if open_to_others {
+            tracing::warn!(
+                dir = %settings.dir.display(),
+                "the cache dir was writable by others: set to 0700, and no archive found in it is restored"
+            );
+        }
 
         let mut found = Vec::new();
         for entry in std::fs::read_dir(&settings.dir)? {
@@ -491,12 +497,25 @@ impl Cache {
             };
             // Not followed if a symlink.
             let metadata = entry.metadata()?;
+            if open_to_others {
+                // Anyone could have named a file `{key}-{sha256 of its
+                // bytes}` here before the dir was the archiver's: restored,
+                // it would be served as that archive (attack). Deleted, so
+                // that a later start, in a dir no one else writes, does not
+                // restore it either.
+                remove_named_as_archive(
+                    &entry.path(),
+                    metadata.is_dir(),
+                    "found in a dir others could write",
+                );
+                continue;
+            }
             if !metadata.is_file() {
                 // Named as an archive, but a directory (which would make
                 // that archive's rename fail on every generation, for
                 // good: attack), a link or a fifo (neither of which is an
                 // archive the cache made). The name is the cache's.
-                remove_not_a_file(&entry.path(), metadata.is_dir());
+                remove_named_as_archive(&entry.path(), metadata.is_dir(), "not a file");
                 continue;
             }
             found.push(Restored {
@@ -1312,13 +1331,6 @@ impl Cache {
     }
 }
 
-/// Makes `dir` the archiver's own: created mode 0700 if missing, else set
-/// to 0700 (a volume given to it, such as a 0777 Kubernetes `emptyDir`),
-/// unless it is a sticky directory (`/tmp`, `/dev/shm`), shared by design:
-/// its mode is not the archiver's to change, nor its other files to
-/// delete, so it is refused. Then locked (`flock` on the directory), so
-/// that a second archiver given the same directory refuses to start rather
-/// than delete the first one's partials and evict its files from under it.
 /// The bound is the cache's, not the filesystem's: on a filesystem smaller
 /// than `--cache-max-bytes` generations evict on ENOSPC ([`Cache::make_room`])
 /// and fail, aborting their downloads, when what is left is pinned by
@@ -1341,12 +1353,32 @@ fn warn_if_the_filesystem_is_smaller(settings: &Settings) {
     }
 }
 
-fn own_dir(dir: &Path) -> io::Result<nix::fcntl::Flock<std::fs::File>> {
+/// Makes `dir` the archiver's own: created mode 0700 if missing, else set
+/// to 0700 (a volume given to it, such as a 0777 Kubernetes `emptyDir`),
+/// unless it is a sticky directory (`/tmp`, `/dev/shm`), shared by design:
+/// its mode is not the archiver's to change, nor its other files to
+/// delete, so it is refused. A directory another user owns is refused
+/// too: its owner may set its mode back and put files in it whatever the
+/// archiver sets, and an archiver with the rights to change its mode
+/// anyway (root) would serve them (attack). Then locked (`flock` on the
+/// directory), so that a second archiver given the same directory refuses
+/// to start rather than delete the first one's partials and evict its
+/// files from under it. Every check is made on the one directory opened,
+/// whatever the path names meanwhile.
+///
+/// Also says whether the directory was found writable by others (group
+/// or all): whatever it holds may then have been put there by anyone
+/// before it was locked down, and nothing in it is restored
+/// ([`Cache::open`]).
+fn own_dir(dir: &Path) -> io::Result<(nix::fcntl::Flock<std::fs::File>, bool)> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)?;
-    let mode = std::fs::metadata(dir)?.permissions().mode();
+    // A directory opens read-only like a file, and takes a `flock`.
+    let handle = std::fs::File::open(dir)?;
+    let metadata = handle.metadata()?;
+    let mode = metadata.permissions().mode();
     if mode & 0o1000 != 0 {
         return Err(io::Error::other(format!(
             "{} is a shared directory (sticky, mode {:o}); give the archiver a directory of its own",
@@ -1354,18 +1386,25 @@ fn own_dir(dir: &Path) -> io::Result<nix::fcntl::Flock<std::fs::File>> {
             mode & 0o7777
         )));
     }
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    // A directory opens read-only like a file, and takes a `flock`.
-    let handle = std::fs::File::open(dir)?;
-    nix::fcntl::Flock::lock(handle, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
-        |(_, errno)| match errno {
+    let euid = rustix::process::geteuid().as_raw();
+    if metadata.uid() != euid {
+        return Err(io::Error::other(format!(
+            "{} is owned by uid {}, not by the archiver's uid {euid}; give the archiver a directory of its own",
+            dir.display(),
+            metadata.uid()
+        )));
+    }
+    let open_to_others = mode & 0o022 != 0;
+    handle.set_permissions(std::fs::Permissions::from_mode(0o700))?;
+    let lock = nix::fcntl::Flock::lock(handle, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, errno)| match errno {
             nix::errno::Errno::EWOULDBLOCK => io::Error::other(format!(
                 "{} is in use by another archiver; give each archiver a cache dir of its own",
                 dir.display()
             )),
             errno => io::Error::from(errno),
-        },
-    )
+        })?;
+    Ok((lock, open_to_others))
 }
 
 /// A complete file found at start.
@@ -1480,8 +1519,9 @@ fn content_sha256(path: &Path) -> io::Result<[u8; 32]> {
     }
 }
 
-/// Removes what is at `path`, named as an archive but not a file, saying so.
-fn remove_not_a_file(path: &Path, is_dir: bool) {
+/// Removes what is at `path`, named as an archive but not to be restored
+/// (`why`), saying so.
+fn remove_named_as_archive(path: &Path, is_dir: bool, why: &str) {
     let removed = if is_dir {
         std::fs::remove_dir_all(path)
     } else {
@@ -1490,12 +1530,12 @@ fn remove_not_a_file(path: &Path, is_dir: bool) {
     match removed {
         Ok(()) => tracing::warn!(
             path = %path.display(),
-            "removed from the cache dir: named as an archive, but not a file"
+            "removed from the cache dir: named as an archive, but {why}"
         ),
         Err(error) => tracing::error!(
             %error,
             path = %path.display(),
-            "cannot remove what is named as an archive but is not a file; that archive cannot be cached"
+            "cannot remove what is named as an archive but {why}; that archive cannot be cached"
         ),
     }
 }
@@ -2812,6 +2852,41 @@ mod tests {
         drop(Cache::open(stub.settings(1 << 20)).expect("a volume of its own"));
         let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
         assert_eq!(mode & 0o7777, 0o700);
+    }
+
+    /// A dir found writable by its group or by all may hold files anyone
+    /// put there before it was locked down: nothing named as an archive is
+    /// restored from it, and it is deleted, so a later start does not
+    /// restore it either. Other files are left alone, as in any cache dir.
+    #[tokio::test]
+    async fn a_dir_others_could_write_restores_nothing_named_as_an_archive() {
+        for mode in [0o777, 0o770, 0o755] {
+            let stub = StubGit::new(b"", 1);
+            let dir = stub.cache_dir();
+            std::fs::create_dir(&dir).unwrap();
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).unwrap();
+            let planted = pattern(300);
+            let name = format!(
+                "{}-{}",
+                Cache::key(&stub.spec(1)),
+                hex::encode(sha256(&planted))
+            );
+            std::fs::write(dir.join(&name), &planted).unwrap();
+            std::fs::write(dir.join("notes.txt"), b"not ours").unwrap();
+
+            let cache = open(&stub, 1 << 20);
+            let restored = mode & 0o022 == 0;
+            assert_eq!(cache.peek(&stub.spec(1)).is_some(), restored, "{mode:o}");
+            assert_eq!(bytes(&cache), if restored { 300 } else { 0 }, "{mode:o}");
+            let mut expected = vec!["notes.txt".to_owned()];
+            if restored {
+                expected.push(name);
+            }
+            expected.sort();
+            assert_eq!(names_in(&dir), expected, "{mode:o}");
+            let mode_now = std::fs::metadata(&dir).unwrap().permissions().mode();
+            assert_eq!(mode_now & 0o7777, 0o700);
+        }
     }
 
     /// Two complete files of one key (an archive whose bytes changed, next
