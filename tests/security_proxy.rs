@@ -685,3 +685,88 @@ fn if_modified_since_reaches_the_archiver_through_the_proxy() {
         assert_eq!(fetched.status(), 304, "{tier}");
     }
 }
+
+// ---------------------------------------------------------------------------
+// Routes that overlap
+
+/// A private route that an earlier public route covers (`*` first, then
+/// `acme/secret`) is never consulted: first match wins, and the
+/// repository it was written to protect was served to anyone, without a
+/// token (attack: the table loaded, and `acme/secret` answered `200`).
+/// Such a table is refused, at start and on reload, where a failed reload
+/// keeps the table in use.
+#[test]
+fn a_private_route_a_public_route_before_it_covers_is_refused() {
+    use std::io::Read as _;
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "secret"));
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    let key_file = sandbox.path("signing.key");
+    std::fs::write(&key_file, KEY).expect("write the key");
+    let key_arg = key_file.to_str().expect("utf-8 path");
+    let routes = sandbox.path("routes.toml");
+    let shadowed = [
+        Route::new("*", &archiver.base_url, &[]),
+        Route::new("acme/secret", &archiver.base_url, &[]).private(),
+    ];
+    write_routes(&routes, &shadowed);
+    let mut started = std::process::Command::new(gitball_e2e::binary_path("gitball-proxy"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--signing-key-file",
+            key_arg,
+            "--routes",
+        ])
+        .arg(&routes)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run gitball-proxy");
+    let exited = wait_until(Duration::from_secs(10), || {
+        started.try_wait().expect("wait for the proxy").is_some()
+    });
+    if !exited {
+        started.kill().expect("kill the proxy");
+        started.wait().expect("reap the proxy");
+        let proxy = Proxy::with_routes(&routes, &["--signing-key-file", key_arg]);
+        let answer = fetch(proxy.addr, "/acme/secret/archive/main.tar");
+        panic!(
+            "a table whose `*` route covers its private route started; acme/secret without a token: {}",
+            answer.status()
+        );
+    }
+    let mut stderr = String::new();
+    started
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("read stderr");
+    assert!(!started.wait().expect("status").success());
+    assert!(stderr.contains("acme/secret"), "{stderr}");
+
+    // On reload: refused, the table in use kept.
+    let table = [
+        Route::new("acme/secret", &archiver.base_url, &[]).private(),
+        Route::new("*", &archiver.base_url, &[]),
+    ];
+    write_routes(&routes, &table);
+    let proxy = Proxy::with_routes(&routes, &["--signing-key-file", key_arg]);
+    write_routes(&routes, &shadowed);
+    proxy.signal(nix::sys::signal::Signal::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(20), || proxy.scrape().value(
+            "gitball_proxy_routes_reloads_total",
+            &[("outcome", "error")]
+        ) == 1.0),
+        "the reload was taken"
+    );
+    let answer = fetch(proxy.addr, "/acme/secret/archive/main.tar");
+    assert_eq!(
+        answer.status(),
+        404,
+        "served without a token after the reload"
+    );
+}

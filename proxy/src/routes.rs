@@ -184,6 +184,46 @@ impl RouteTable {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        // First match wins: a private route that an earlier public route
+        // covers is never consulted, and the repositories it was written
+        // to protect are served to anyone (attack). A glob covers another
+        // when it matches the other's text with each `*` of it matched by
+        // a `*` of its own (`glob_matches`: a literal never matches `*`).
+        // Only the public routes seen so far are looked at, and of those
+        // without a `*` (which cover only their own text) only the one of
+        // the same text: a table of thousands of routes, one per repository,
+        // costs a lookup each here, not a scan.
+        let mut public_names: std::collections::HashMap<&str, usize> =
+            std::collections::HashMap::new();
+        let mut public_globs: Vec<(usize, &str)> = Vec::new();
+        for (index, route) in routes.iter().enumerate() {
+            if !route.private {
+                if route.glob.contains('*') {
+                    public_globs.push((index, &route.glob));
+                } else {
+                    public_names.entry(&route.glob).or_insert(index);
+                }
+                continue;
+            }
+            let covering = public_names
+                .get(route.glob.as_str())
+                .map(|&earlier| (earlier, route.glob.as_str()))
+                .into_iter()
+                .chain(public_globs.iter().copied())
+                .filter(|&(_, glob)| glob_matches(glob, &route.glob))
+                .min_by_key(|&(earlier, _)| earlier);
+            if let Some((earlier, glob)) = covering {
+                return Err(RoutesError::Route {
+                    index: index + 1,
+                    glob: route.glob.clone(),
+                    reason: format!(
+                        "private, but never consulted: route {} (repos = {glob:?}), which is not \
+                         private, matches every repository it names first; put it before that route",
+                        earlier + 1,
+                    ),
+                });
+            }
+        }
         Ok(RouteTable { routes })
     }
 
@@ -435,6 +475,44 @@ mod tests {
         assert!(!widget.private);
         assert_eq!(widget.glob(), "acme/*");
         assert_eq!(table.lookup("other/thing").unwrap().glob(), "*");
+    }
+
+    /// First match wins, so a private route an earlier public one covers
+    /// would serve its repositories to anyone: refused. One that is only
+    /// partly covered, or covered by an earlier private route, is not.
+    #[test]
+    fn a_private_route_an_earlier_public_route_covers_is_refused() {
+        let table = |first: &str, first_private: bool, second: &str| {
+            RouteTable::parse(&format!(
+                "[[route]]\nrepos = {first:?}\nprimary = \"http://a:1\"\nprivate = {first_private}\n\
+                 [[route]]\nrepos = {second:?}\nprimary = \"http://b:1\"\nprivate = true\n"
+            ))
+        };
+        for (first, second) in [
+            ("*", "acme/secret"),
+            ("acme/*", "acme/secret"),
+            ("*", "acme/*"),
+            ("acme/*", "acme/sec*"),
+            ("a*e/*", "acme/*t"),
+            ("acme/secret", "acme/secret"),
+            ("**", "*"),
+        ] {
+            let refused = table(first, false, second).expect_err(&format!("{first} then {second}"));
+            assert!(
+                refused.to_string().contains("never consulted"),
+                "{first} then {second}: {refused}"
+            );
+        }
+        for (first, second) in [
+            ("acme/*", "*"),
+            ("acme/sec*", "acme/*"),
+            ("acme/widget", "acme/secret"),
+            ("*/widget", "acme/*"),
+            ("acme/*t", "acme/*"),
+        ] {
+            table(first, false, second).unwrap_or_else(|e| panic!("{first} then {second}: {e}"));
+        }
+        table("*", true, "acme/secret").expect("covered by a private route");
     }
 
     #[test]
