@@ -2005,3 +2005,59 @@ fn a_cache_dir_owned_by_another_user_is_refused() {
     let metadata = std::fs::metadata(&theirs).unwrap();
     assert_eq!(metadata.uid(), 65534);
 }
+
+/// The default cache dir, `/dev/shm/gitball-archiver`, is a name in a
+/// directory every user may write (sticky, mode 1777): another user may
+/// put a symlink there first, to a directory of the archiver's user. On a
+/// host that follows such links (`fs.protected_symlinks=0`) the archiver
+/// took that directory as its cache: set it to 0700, and deleted the
+/// files named like partials and the directories named like shadow git
+/// dirs in it (attack: a root-owned directory's `work.partial` and
+/// `shadows-notes/` deleted). Such a link is refused, as the kernel's
+/// `protected_symlinks` refuses it: one in a sticky world-writable
+/// directory, owned neither by the archiver's user nor by that
+/// directory's owner. Needs root, to make the link another user's.
+#[test]
+fn a_cache_dir_symlink_another_user_put_in_a_shared_dir_is_refused() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: not running as root");
+        return;
+    }
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    let shared = sandbox.path("shm");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let victim = sandbox.path("victim");
+    std::fs::create_dir_all(victim.join("shadows-notes")).unwrap();
+    std::fs::write(victim.join("shadows-notes/notes"), b"kept").unwrap();
+    std::fs::write(victim.join("work.partial"), b"kept").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let link = shared.join("gitball-archiver");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    nix::unistd::fchownat(
+        nix::fcntl::AT_FDCWD,
+        &link,
+        Some(nix::unistd::Uid::from_raw(65534)),
+        Some(nix::unistd::Gid::from_raw(65534)),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .unwrap();
+
+    let refused = std::panic::catch_unwind(|| {
+        gitball_e2e::start_refused("gitball-archiver", &sandbox.repos(), &link, &[])
+    });
+    let mode = std::fs::metadata(&victim).unwrap().mode() & 0o7777;
+    let kept = [
+        victim.join("work.partial"),
+        victim.join("shadows-notes/notes"),
+    ]
+    .iter()
+    .all(|path| path.exists());
+    let stderr = refused.unwrap_or_else(|_| {
+        panic!("the archiver took the link's target as its cache dir: mode now {mode:o}, files kept: {kept}")
+    });
+    assert!(stderr.contains("symlink"), "{stderr}");
+    assert_eq!(mode, 0o755);
+    assert!(kept, "files of the link's target were deleted");
+}

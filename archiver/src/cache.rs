@@ -1378,6 +1378,8 @@ fn own_dir(dir: &Path) -> io::Result<(nix::fcntl::Flock<std::fs::File>, bool)> {
     // A directory opens read-only like a file, and takes a `flock`.
     let handle = std::fs::File::open(dir)?;
     let metadata = handle.metadata()?;
+    let euid = rustix::process::geteuid().as_raw();
+    refuse_a_planted_link(dir, &metadata, euid)?;
     let mode = metadata.permissions().mode();
     if mode & 0o1000 != 0 {
         return Err(io::Error::other(format!(
@@ -1386,7 +1388,6 @@ fn own_dir(dir: &Path) -> io::Result<(nix::fcntl::Flock<std::fs::File>, bool)> {
             mode & 0o7777
         )));
     }
-    let euid = rustix::process::geteuid().as_raw();
     if metadata.uid() != euid {
         return Err(io::Error::other(format!(
             "{} is owned by uid {}, not by the archiver's uid {euid}; give the archiver a directory of its own",
@@ -1405,6 +1406,46 @@ fn own_dir(dir: &Path) -> io::Result<(nix::fcntl::Flock<std::fs::File>, bool)> {
             errno => io::Error::from(errno),
         })?;
     Ok((lock, open_to_others))
+}
+
+/// Refuses a cache dir named by a symlink that another user put in a
+/// shared directory (sticky and writable by all, as `/dev/shm` and `/tmp`
+/// are, where the default cache dir is named): owned neither by the
+/// archiver's user nor by that directory's owner, the rule of the kernel's
+/// `fs.protected_symlinks`. A host that follows such links anyway made a
+/// directory of the link's choosing, one of the archiver's user, the cache
+/// dir: set to 0700, its partials and shadow git dirs deleted (attack).
+/// Checked after `opened` was opened, so a link put or taken away between
+/// the two is seen: the path must then be a link that passes, or the very
+/// directory opened.
+fn refuse_a_planted_link(dir: &Path, opened: &std::fs::Metadata, euid: u32) -> io::Result<()> {
+    // Without a trailing `/`, which would make `lstat` follow the link.
+    let dir: PathBuf = dir.components().collect();
+    let named = std::fs::symlink_metadata(&dir)?;
+    if !named.file_type().is_symlink() {
+        if (named.dev(), named.ino()) == (opened.dev(), opened.ino()) {
+            return Ok(());
+        }
+        return Err(io::Error::other(format!(
+            "{} was replaced while it was opened; give the archiver a directory of its own",
+            dir.display()
+        )));
+    }
+    let parent = match dir.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    let parent = std::fs::metadata(parent)?;
+    let shared = parent.mode() & 0o1002 == 0o1002;
+    if shared && named.uid() != euid && named.uid() != parent.uid() {
+        return Err(io::Error::other(format!(
+            "{} is a symlink of uid {} in a shared directory (sticky, writable by all), \
+             not followed; give the archiver a directory of its own",
+            dir.display(),
+            named.uid()
+        )));
+    }
+    Ok(())
 }
 
 /// A complete file found at start.
