@@ -2061,3 +2061,64 @@ fn a_cache_dir_symlink_another_user_put_in_a_shared_dir_is_refused() {
     assert_eq!(mode, 0o755);
     assert!(kept, "files of the link's target were deleted");
 }
+
+/// A commit no ref of `acme/widget` reaches, whose objects widget can
+/// read (here in a private fork's object directory that widget borrows,
+/// as a fork network's pool is shared): asked for by its id with a
+/// `?path=`, the path was looked for in the commit's trees before the
+/// commit was found unpublished, and the answer told which: `404
+/// path_not_found` for a path the commit lacks, `404 ref_not_found` for
+/// one it has (attack: through a public route, anyone holding the id
+/// could tell that the commit exists and list which names its tree
+/// holds). A commit that is not published is as unknown as one that
+/// does not exist, whatever else the request asks, and none of its trees
+/// is read.
+#[test]
+fn an_unpublished_commit_tells_nothing_of_its_paths() {
+    let sandbox = Sandbox::new();
+    let secret = sandbox.repo("acme", "secret");
+    small_repository(&secret);
+    secret.write("plans/launch.txt", "private\n");
+    secret.git(&["add", "-A"]);
+    secret.git_at(1_700_000_000, &["commit", "-q", "-m", "private"]);
+    let private_commit = secret.rev_parse("HEAD");
+    small_repository(&sandbox.repo("acme", "widget"));
+    std::fs::write(
+        sandbox
+            .repos()
+            .join("acme/widget/.git/objects/info/alternates"),
+        "../../../secret/.git/objects\n",
+    )
+    .unwrap();
+
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    assert_eq!(status(&archiver, "/acme/widget/archive/main.tar"), 200);
+    let missing = "0123456789abcdef0123456789abcdef01234567";
+    let answers: Vec<(String, String)> = [
+        format!("/acme/widget/archive/{missing}.tar?path=plans"),
+        format!("/acme/widget/archive/{private_commit}.tar"),
+        format!("/acme/widget/archive/{private_commit}.tar?path=plans"),
+        format!("/acme/widget/archive/{private_commit}.tar?path=plans/launch.txt"),
+        format!("/acme/widget/archive/{private_commit}.tar?path=no-such-dir"),
+        format!("/acme/widget/archive/{private_commit}.zip.sha256?path=no-such-dir"),
+    ]
+    .into_iter()
+    .map(|target| {
+        let response = archiver.get(&target);
+        let answer = format!(
+            "{} {}",
+            response.status().as_u16(),
+            response.text().unwrap()
+        );
+        (target, answer)
+    })
+    .collect();
+    let unknown = &answers[0].1;
+    assert!(unknown.starts_with("404 "), "{unknown}");
+    for (target, answer) in &answers {
+        assert_eq!(
+            answer, unknown,
+            "{target}: answered otherwise than a commit that does not exist"
+        );
+    }
+}

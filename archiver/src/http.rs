@@ -542,12 +542,21 @@ pub(crate) async fn resolve(
         RefLookup::Found(found) => repository.peel_found_waiting(found).await?,
     };
     // A commit asked for by its id must be one this repository publishes
-    // (checked by `serve`, off the runtime: the first check after a push
-    // walks the history).
+    // (off the runtime: the first check after a push walks the history).
+    // Checked before anything else is read of the commit: a `?path=`
+    // looked for first answered `path_not_found` or not by what the
+    // commit's trees hold, so a commit only in a pool shared with a
+    // private fork told which names its tree has (attack). Checked again
+    // by `serve`, under the refs digest an archive keyed by the refs took.
     let reachability = (app.require_reachable
         && resolved.kind == RefKind::Commit
         && archive.reference.bytes().all(|b| b.is_ascii_hexdigit()))
     .then(|| repository.clone());
+    if let Some(repository) = &reachability
+        && !repository.reaches(&resolved.commit, None).await?
+    {
+        return Err(Error::RefNotFound);
+    }
     // Off the serving thread: each tree on the path is read whole, and a
     // push decides how large (attack: 500 nested trees of 8 MB, 2.7 s).
     // The answer is kept, so a later request (a hit too) reads no tree;
