@@ -1025,6 +1025,64 @@ fn export_subst_bytes_do_not_follow_the_object_count_or_the_clock() {
     assert!(before == after, "new bytes under the same ETag");
 }
 
+/// A commit-graph is derived data the repository carries (`git gc` and
+/// `git maintenance` write it), and git trusts it without a check when it
+/// parses a commit: `git archive` took the commit's date, every entry's
+/// mtime, from it. A graph whose dates are wrong (a tool's bug, a replica
+/// whose graph is stale or damaged) gave other bytes under the same ETag.
+/// git archives with the commit-graph off: the bytes are the commit
+/// object's, graph or none.
+#[test]
+fn a_commit_graph_the_repository_carries_does_not_change_the_bytes() {
+    let sandbox = Sandbox::new();
+    let source = sandbox.source_repo("src/widget");
+    source.write("README", "widget\n");
+    source.git(&["add", "-A"]);
+    source.git_at(1_700_000_000, &["commit", "-q", "-m", "one"]);
+    let commit = source.rev_parse("HEAD");
+    let git_dir = sandbox.repos().join("acme/widget.git");
+    source.git(&["clone", "-q", "--bare", ".", git_dir.to_str().unwrap()]);
+    let url = format!("/acme/widget/archive/{commit}.tar");
+    let fetch = || {
+        // A fresh cache each time: the bytes are made again.
+        let archiver = Archiver::start(&sandbox.repos(), &[]);
+        let response = archiver.get(&url);
+        assert_eq!(response.status().as_u16(), 200);
+        let etag = gitball_e2e::header(&response, "etag").to_owned();
+        (etag, response.bytes().unwrap().to_vec())
+    };
+    // The first entry's mtime (a tar header's octal field at 136).
+    let mtime = |tar: &[u8]| String::from_utf8_lossy(&tar[136..147]).into_owned();
+    let (etag, before) = fetch();
+
+    // A graph that dates the commit a year later.
+    let widget = RepoBuilder::open(&git_dir, &sandbox.home());
+    widget.git(&["commit-graph", "write", "--reachable"]);
+    let graph = git_dir.join("objects/info/commit-graph");
+    let mut bytes = std::fs::read(&graph).expect("read the commit-graph");
+    let chunks = usize::from(bytes[6]);
+    let data = (0..chunks)
+        .map(|chunk| 8 + 12 * chunk)
+        .find(|&entry| &bytes[entry..entry + 4] == b"CDAT")
+        .map(|entry| u64::from_be_bytes(bytes[entry + 4..entry + 12].try_into().unwrap()))
+        .expect("a CDAT chunk") as usize;
+    // The one commit's entry: tree (20), parents (4 + 4), then its
+    // generation and date (8).
+    let at = data + 28;
+    let stamp = u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap()) + 365 * 86_400;
+    bytes[at..at + 8].copy_from_slice(&stamp.to_be_bytes());
+    std::fs::set_permissions(&graph, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(&graph, &bytes).expect("write the commit-graph");
+    let (etag_after, after) = fetch();
+    assert_eq!(etag_after, etag, "the refs did not change");
+    assert!(
+        before == after,
+        "other bytes under the same ETag: mtime {} before the graph, {} after",
+        mtime(&before),
+        mtime(&after)
+    );
+}
+
 /// A tag pushed while an `export-subst` archive's request waits for a
 /// generation slot: git would have read refs other than the key's. The
 /// generation does not run on them; the request is resolved again and is

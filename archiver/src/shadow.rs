@@ -63,7 +63,15 @@ use crate::repo::RefsSnapshot;
 /// a path that cannot exist: nothing runs, and every host writes the same
 /// bytes (attack: 2,000 placeholders in one commit ran `gpg` 2,000 times,
 /// its parser fed pushed bytes).
+///
+/// `commitGraph = false`: a commit-graph in the repository's object
+/// directory (which the shadow's alternates lead to) is derived data git
+/// trusts without a check, and `git archive` took the commit's date, every
+/// entry's mtime, from it: a graph with wrong dates (a tool's bug, a stale
+/// or damaged replica) gave other bytes under the same ETag (attack). With
+/// it off git parses the commit object itself, the one read it needs.
 pub(crate) const CONFIG: &str = "[core]\n\trepositoryformatversion = 0\n\tbare = true\n\tabbrev = 40\n\
+    \tcommitGraph = false\n\
     [gpg]\n\tprogram = /dev/null/gitball-runs-no-gpg\n\
     [gpg \"openpgp\"]\n\tprogram = /dev/null/gitball-runs-no-gpg\n\
     [gpg \"x509\"]\n\tprogram = /dev/null/gitball-runs-no-gpgsm\n\
