@@ -996,14 +996,7 @@ fn export_subst_bytes_do_not_follow_the_object_count_or_the_clock() {
     let git_dir = sandbox.repos().join("acme/widget.git");
     source.git(&["clone", "-q", "--bare", ".", git_dir.to_str().unwrap()]);
     let url = format!("/acme/widget/archive/{commit}.tar");
-    let fetch = || {
-        // A fresh cache each time: the bytes are made again.
-        let archiver = Archiver::start(&sandbox.repos(), &[]);
-        let response = archiver.get(&url);
-        assert_eq!(response.status().as_u16(), 200);
-        let etag = gitball_e2e::header(&response, "etag").to_owned();
-        (etag, response.bytes().unwrap().to_vec())
-    };
+    let fetch = || made_afresh(&sandbox, &url);
 
     let (etag, before) = fetch();
     let text = String::from_utf8_lossy(&before);
@@ -1025,6 +1018,16 @@ fn export_subst_bytes_do_not_follow_the_object_count_or_the_clock() {
     assert!(before == after, "new bytes under the same ETag");
 }
 
+/// The ETag and bytes of `url` from an archiver started on a fresh cache,
+/// so that the archive is made again.
+fn made_afresh(sandbox: &Sandbox, url: &str) -> (String, Vec<u8>) {
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    let response = archiver.get(url);
+    assert_eq!(response.status().as_u16(), 200);
+    let etag = gitball_e2e::header(&response, "etag").to_owned();
+    (etag, response.bytes().unwrap().to_vec())
+}
+
 /// A commit-graph is derived data the repository carries (`git gc` and
 /// `git maintenance` write it), and git trusts it without a check when it
 /// parses a commit: `git archive` took the commit's date, every entry's
@@ -1043,14 +1046,7 @@ fn a_commit_graph_the_repository_carries_does_not_change_the_bytes() {
     let git_dir = sandbox.repos().join("acme/widget.git");
     source.git(&["clone", "-q", "--bare", ".", git_dir.to_str().unwrap()]);
     let url = format!("/acme/widget/archive/{commit}.tar");
-    let fetch = || {
-        // A fresh cache each time: the bytes are made again.
-        let archiver = Archiver::start(&sandbox.repos(), &[]);
-        let response = archiver.get(&url);
-        assert_eq!(response.status().as_u16(), 200);
-        let etag = gitball_e2e::header(&response, "etag").to_owned();
-        (etag, response.bytes().unwrap().to_vec())
-    };
+    let fetch = || made_afresh(&sandbox, &url);
     // The first entry's mtime (a tar header's octal field at 136).
     let mtime = |tar: &[u8]| String::from_utf8_lossy(&tar[136..147]).into_owned();
     let (etag, before) = fetch();
