@@ -550,6 +550,8 @@ fn open_candidate(path: &Path, confine_to: Option<&Path>) -> Result<Option<Repos
         confined_to: confine_to.map(Path::to_path_buf),
         #[cfg(test)]
         walk_steps: WalkSteps::default(),
+        #[cfg(test)]
+        refs_digest_checks: std::sync::atomic::AtomicUsize::new(0),
     }))
 }
 
@@ -707,6 +709,10 @@ pub struct Repository {
     /// Test only: run between the steps of a history walk.
     #[cfg(test)]
     walk_steps: WalkSteps,
+    /// Test only: how many times the remembered refs digest was checked
+    /// against its stamps (one `statx` per loose ref and directory each).
+    #[cfg(test)]
+    pub(crate) refs_digest_checks: std::sync::atomic::AtomicUsize,
 }
 
 /// Test only: what a history walk runs after its first listing of the
@@ -1453,6 +1459,9 @@ impl Repository {
     /// The refs digest if it is remembered and nothing changed since: no
     /// listing, a few `statx`.
     pub fn known_refs_digest(&self) -> Option<String> {
+        #[cfg(test)]
+        self.refs_digest_checks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let known = self
             .digest
             .lock()
