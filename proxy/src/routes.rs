@@ -24,6 +24,7 @@
 //! old table in place, logs why and counts
 //! `gitball_proxy_routes_reloads_total{outcome="error"}`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -186,33 +187,14 @@ impl RouteTable {
             .collect::<Result<Vec<_>, _>>()?;
         // First match wins: a private route that an earlier public route
         // covers is never consulted, and the repositories it was written
-        // to protect are served to anyone (attack). A glob covers another
-        // when it matches the other's text with each `*` of it matched by
-        // a `*` of its own (`glob_matches`: a literal never matches `*`).
-        // Only the public routes seen so far are looked at, and of those
-        // without a `*` (which cover only their own text) only the one of
-        // the same text: a table of thousands of routes, one per repository,
-        // costs a lookup each here, not a scan.
-        let mut public_names: std::collections::HashMap<&str, usize> =
-            std::collections::HashMap::new();
-        let mut public_globs: Vec<(usize, &str)> = Vec::new();
+        // to protect are served to anyone (attack).
+        let mut public = PublicRoutes::default();
         for (index, route) in routes.iter().enumerate() {
             if !route.private {
-                if route.glob.contains('*') {
-                    public_globs.push((index, &route.glob));
-                } else {
-                    public_names.entry(&route.glob).or_insert(index);
-                }
+                public.add(index, &route.glob);
                 continue;
             }
-            let covering = public_names
-                .get(route.glob.as_str())
-                .map(|&earlier| (earlier, route.glob.as_str()))
-                .into_iter()
-                .chain(public_globs.iter().copied())
-                .filter(|&(_, glob)| glob_matches(glob, &route.glob))
-                .min_by_key(|&(earlier, _)| earlier);
-            if let Some((earlier, glob)) = covering {
+            if let Some((earlier, glob)) = public.covering(&route.glob) {
                 return Err(RoutesError::Route {
                     index: index + 1,
                     glob: route.glob.clone(),
@@ -341,6 +323,58 @@ pub fn glob_matches(glob: &str, text: &str) -> bool {
         }
     }
     glob[g..].iter().all(|&b| b == b'*')
+}
+
+/// The public routes of a table seen so far, to find one that covers a
+/// later private route. A glob covers another when it matches the other's
+/// text with each `*` of it matched by a `*` of its own (`glob_matches`: a
+/// literal never matches `*`), which is sound for globs whose only
+/// metacharacter is `*`. Such a glob matches a text only if the text
+/// begins with the glob's own text before its first `*`: a later route is
+/// matched only against the globs indexed under one of its beginnings, so
+/// a table of one route per owner (`acme/*`) costs a few lookups per
+/// private route, not a scan of every public route before it.
+#[derive(Default)]
+struct PublicRoutes<'a> {
+    /// Routes without a `*`, by their text: each covers only that text.
+    names: HashMap<&'a str, usize>,
+    /// Routes with a `*`, by their text before the first `*`.
+    globs: HashMap<&'a str, Vec<(usize, &'a str)>>,
+}
+
+impl<'a> PublicRoutes<'a> {
+    fn add(&mut self, index: usize, glob: &'a str) {
+        match glob.split_once('*') {
+            Some((literal, _)) => self.globs.entry(literal).or_default().push((index, glob)),
+            None => {
+                self.names.entry(glob).or_insert(index);
+            }
+        }
+    }
+
+    /// The routes that may cover `text`, each to be matched against it.
+    fn candidates<'s>(&'s self, text: &'s str) -> impl Iterator<Item = (usize, &'a str)> + 's {
+        // A glob's text before its `*` has no `*`: the beginnings of
+        // `text` past its own first `*` cannot be one.
+        let literal = text.split('*').next().unwrap_or_default();
+        let beginnings = (0..=literal.len())
+            .filter(|&end| literal.is_char_boundary(end))
+            .filter_map(|end| self.globs.get(&literal[..end]))
+            .flatten()
+            .copied();
+        self.names
+            .get_key_value(text)
+            .map(|(&name, &index)| (index, name))
+            .into_iter()
+            .chain(beginnings)
+    }
+
+    /// The first route that covers `text`, with its glob.
+    fn covering(&self, text: &str) -> Option<(usize, &'a str)> {
+        self.candidates(text)
+            .filter(|&(_, glob)| glob_matches(glob, text))
+            .min_by_key(|&(index, _)| index)
+    }
 }
 
 /// The current routing table, swapped whole on reload. Readers clone an
@@ -513,6 +547,44 @@ mod tests {
             table(first, false, second).unwrap_or_else(|e| panic!("{first} then {second}: {e}"));
         }
         table("*", true, "acme/secret").expect("covered by a private route");
+    }
+
+    /// A table of one route per owner, public and private, loads in time
+    /// linear in its length: a private route is matched only against the
+    /// public globs whose text before the first `*` begins its own, and
+    /// against the public route of the same text. Each had been matched
+    /// against every public glob before it (review of f858ed8: 10,000
+    /// public and 10,000 private `owner/*` routes took 5.8 s to load in a
+    /// debug build, 0.14 s for 1,000 of each; a reload runs on a runtime
+    /// thread).
+    #[test]
+    fn a_private_route_is_matched_against_the_public_globs_that_may_cover_it() {
+        let mut public = PublicRoutes::default();
+        let globs: Vec<String> = (0..10_000).map(|n| format!("owner{n}/*")).collect();
+        for (index, glob) in globs.iter().enumerate() {
+            public.add(index, glob);
+        }
+        public.add(10_000, "owner77/widget");
+        public.add(10_001, "*/widget");
+        let candidates = |text: &str| {
+            let mut found: Vec<&str> = public.candidates(text).map(|(_, glob)| glob).collect();
+            assert!(
+                found.len() <= 3,
+                "{text} is matched against {} public routes",
+                found.len()
+            );
+            found.sort_unstable();
+            found
+        };
+        assert_eq!(candidates("private9/*"), vec!["*/widget"]);
+        assert_eq!(candidates("owner7/secret"), vec!["*/widget", "owner7/*"]);
+        assert_eq!(
+            candidates("owner77/widget"),
+            vec!["*/widget", "owner77/*", "owner77/widget"]
+        );
+        assert_eq!(public.covering("owner77/widget"), Some((77, "owner77/*")));
+        assert_eq!(public.covering("owner7/*"), Some((7, "owner7/*")));
+        assert_eq!(public.covering("owner7*"), None);
     }
 
     #[test]
