@@ -194,14 +194,22 @@ impl RouteTable {
                 public.add(index, &route.glob);
                 continue;
             }
-            if let Some((earlier, glob)) = public.covering(&route.glob) {
+            if let Some(covering) = public.covering_names(&route.glob) {
+                let names: Vec<String> = covering
+                    .iter()
+                    .map(|(earlier, glob)| format!("route {} (repos = {glob:?})", earlier + 1))
+                    .collect();
+                let (which, them) = match names.len() {
+                    1 => ("which is not private, matches", "that route"),
+                    _ => ("which are not private, match", "those routes"),
+                };
                 return Err(RoutesError::Route {
                     index: index + 1,
                     glob: route.glob.clone(),
                     reason: format!(
-                        "private, but never consulted: route {} (repos = {glob:?}), which is not \
-                         private, matches every repository it names first; put it before that route",
-                        earlier + 1,
+                        "private, but never consulted: {}, {which} every repository it names \
+                         first; put it before {them}",
+                        names.join(" and "),
                     ),
                 });
             }
@@ -375,6 +383,31 @@ impl<'a> PublicRoutes<'a> {
             .filter(|&(_, glob)| glob_matches(glob, text))
             .min_by_key(|&(index, _)| index)
     }
+
+    /// The routes that together match every repository name (`owner/repo`)
+    /// `glob` matches first, earliest first; `None` if some name escapes
+    /// them. A glob without a `/` matches a name only with one of its `*`
+    /// taking the name's one `/`: it is covered when, for each of its `*`,
+    /// the glob with that `*` as `*/*` is (`*/*` covers `acme*`, which
+    /// `glob_matches` alone does not see). One without a `*` either
+    /// matches no name, and is covered by none.
+    fn covering_names(&self, glob: &str) -> Option<Vec<(usize, &'a str)>> {
+        if glob.contains('/') {
+            return self.covering(glob).map(|found| vec![found]);
+        }
+        let stars: Vec<usize> = glob.match_indices('*').map(|(at, _)| at).collect();
+        if stars.is_empty() {
+            return None;
+        }
+        let mut found = Vec::with_capacity(stars.len());
+        for at in stars {
+            let named = format!("{}*/*{}", &glob[..at], &glob[at + 1..]);
+            found.push(self.covering(&named)?);
+        }
+        found.sort_unstable();
+        found.dedup();
+        Some(found)
+    }
 }
 
 /// The current routing table, swapped whole on reload. Readers clone an
@@ -547,6 +580,54 @@ mod tests {
             table(first, false, second).unwrap_or_else(|e| panic!("{first} then {second}: {e}"));
         }
         table("*", true, "acme/secret").expect("covered by a private route");
+    }
+
+    /// A repository is always named `owner/repo`: a private glob without a
+    /// `/` (`acme*`, every owner beginning with `acme`) names only
+    /// repositories whose `/` its `*` takes, and a public `*/*` before it
+    /// matches every one of them first. Such a table loaded, its private
+    /// route never consulted (review of f858ed8: `*/*`, then a private
+    /// `acme*`).
+    #[test]
+    fn a_private_glob_without_a_slash_is_judged_by_the_names_it_can_match() {
+        let table = |first: &str, second: &str| {
+            RouteTable::parse(&format!(
+                "[[route]]\nrepos = {first:?}\nprimary = \"http://a:1\"\n\
+                 [[route]]\nrepos = {second:?}\nprimary = \"http://b:1\"\nprivate = true\n"
+            ))
+        };
+        for (first, second) in [
+            ("*/*", "acme*"),
+            ("*/*", "*-internal"),
+            ("*/*", "*"),
+            ("*/*", "a*b*c"),
+            ("*", "acme*"),
+            ("*/*-internal", "*-internal"),
+        ] {
+            let refused = table(first, second)
+                .map(|_| ())
+                .expect_err(&format!("{first} then {second}"));
+            assert!(
+                refused.to_string().contains("never consulted"),
+                "{first} then {second}: {refused}"
+            );
+        }
+        // Two routes may share the names: each `*` of `*a*` may take the `/`.
+        let mut public = PublicRoutes::default();
+        public.add(0, "*/*a*");
+        public.add(1, "*a*/*");
+        assert_eq!(
+            public.covering_names("*a*"),
+            Some(vec![(0, "*/*a*"), (1, "*a*/*")])
+        );
+        for (first, second) in [
+            ("acme/*", "acme*"),
+            ("*/w*", "*w*"),
+            ("acme*/*", "*acme"),
+            ("*/*", "acme"),
+        ] {
+            table(first, second).unwrap_or_else(|e| panic!("{first} then {second}: {e}"));
+        }
     }
 
     /// A table of one route per owner, public and private, loads in time
