@@ -1079,6 +1079,38 @@ fn a_commit_graph_the_repository_carries_does_not_change_the_bytes() {
     );
 }
 
+/// A loose ref git cannot read (an empty file, as a crash leaves one) is
+/// ignored, as git ignores it ("ignoring broken ref"): it names nothing,
+/// the next candidate of a short name is tried, and the refs are listed
+/// without it. It had made every request by commit id, and every request
+/// through the broken name, a `500`.
+#[test]
+fn a_broken_loose_ref_is_ignored_as_git_ignores_it() {
+    let sandbox = Sandbox::new();
+    let source = sandbox.source_repo("src/widget");
+    source.write("README", "widget\n");
+    source.git(&["add", "-A"]);
+    source.git_at(1_700_000_000, &["commit", "-q", "-m", "one"]);
+    let commit = source.rev_parse("HEAD");
+    let git_dir = sandbox.repos().join("acme/widget.git");
+    source.git(&["clone", "-q", "--bare", ".", git_dir.to_str().unwrap()]);
+    std::fs::write(git_dir.join("refs/heads/empty"), "").unwrap();
+    std::fs::create_dir_all(git_dir.join("refs/tags")).unwrap();
+    std::fs::write(git_dir.join("refs/tags/main"), "").unwrap();
+    let widget = RepoBuilder::open(&git_dir, &sandbox.home());
+    assert_eq!(widget.rev_parse("main"), commit, "git skips the broken tag");
+
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    for (target, expected) in [
+        (format!("/acme/widget/archive/{commit}.tar"), 200),
+        ("/acme/widget/archive/main.tar".to_owned(), 200),
+        ("/acme/widget/archive/empty.tar".to_owned(), 404),
+        ("/acme/widget/archive/refs/heads/empty.tar".to_owned(), 404),
+    ] {
+        assert_eq!(status(&archiver, &target), expected, "{target}");
+    }
+}
+
 /// A tag pushed while an `export-subst` archive's request waits for a
 /// generation slot: git would have read refs other than the key's. The
 /// generation does not run on them; the request is resolved again and is

@@ -140,9 +140,26 @@ pub(super) fn for_each_ref(
                 "more than {MAX_LISTED_REFS} refs: not listed"
             )));
         }
-        each(reference.map_err(|err| Error::internal(format_args!("reading a ref: {err}")))?);
+        match reference {
+            Ok(reference) => each(reference),
+            // Listed without it, as git lists the refs ("ignoring broken
+            // ref"): one such file had made every listing fail, and every
+            // request by commit id a `500` (attack).
+            Err(err) if is_broken_ref(&err) => {
+                tracing::warn!(error = %err, "a loose ref that cannot be read as one is ignored");
+            }
+            Err(err) => return Err(Error::internal(format_args!("reading a ref: {err}"))),
+        }
     }
     Ok(())
+}
+
+/// Whether `err` is gix's for a loose ref file whose content is no ref (an
+/// empty file, as a crash leaves one): git ignores such a ref, as if it
+/// were not there, and so does the archiver.
+fn is_broken_ref(err: &gix::Error) -> bool {
+    err.downcast_any_ref::<gix::refs::file::find::ReferenceDecode>()
+        .is_some()
 }
 
 /// The most refs a listing takes (for the refs digest, and the tips of the
@@ -263,9 +280,17 @@ pub(super) fn find_exact<'repo>(
     let Ok(partial) = <&gix::refs::PartialNameRef>::try_from(full_name) else {
         return Ok(None);
     };
-    let found = repo
-        .try_find_reference(partial)
-        .map_err(|err| Error::internal(format_args!("reading ref {full_name}: {err}")))?;
+    let found = match repo.try_find_reference(partial) {
+        Ok(found) => found,
+        // No ref, as for git, which tries the next candidate of a short
+        // name: a `500` before (attack).
+        Err(err) if is_broken_ref(&err) => None,
+        Err(err) => {
+            return Err(Error::internal(format_args!(
+                "reading ref {full_name}: {err}"
+            )));
+        }
+    };
     Ok(found.filter(|reference| reference.name().as_bstr() == full_name))
 }
 
