@@ -14,7 +14,9 @@ use super::confine::{RefsRefused, refs_without_symlinks};
 use super::open_isolated;
 use crate::error::Error;
 
-/// git's `SYMREF_MAXDEPTH`: a symbolic ref chain longer than this is broken.
+/// git's `SYMREF_MAXDEPTH`: the most refs read to resolve a name, the
+/// last a direct one, so at most 4 symbolic refs in a row (one more had
+/// been read, and a name `git rev-parse` does not resolve served: attack).
 pub(super) const SYMREF_MAX_DEPTH: usize = 5;
 
 /// Length of a full SHA-1 object id in hex.
@@ -236,7 +238,7 @@ pub(super) fn follow_ref(
     followed: &mut Vec<String>,
 ) -> Result<Option<ObjectId>, Error> {
     let mut name = full_name.to_owned();
-    for _ in 0..=SYMREF_MAX_DEPTH {
+    for _ in 0..SYMREF_MAX_DEPTH {
         // gix reads these from another git dir than the name says, where
         // the checks of `inside` do not look (attack: a symbolic ref to
         // `main-worktree/refs/heads/x` was read through a symlink there).

@@ -3022,3 +3022,30 @@ fn a_digest_listed_while_racy_is_not_kept_however_long_the_listing_takes() {
     }
     panic!("every try stalled between the change and the request");
 }
+
+/// A chain of symbolic refs is followed as git follows it: 5 refs read
+/// at most, the last a direct one, so 4 symbolic refs in a row resolve and
+/// 5 do not. One more had been read, and a name `git rev-parse` does not
+/// resolve was served.
+#[test]
+fn symbolic_ref_chains_end_where_gits_do() {
+    let fixture = fixture();
+    let git_dir = fixture.bare_clone("symbolic.git");
+    let mut previous = git(&git_dir, &["symbolic-ref", "HEAD"]).trim().to_owned();
+    for link in 1..=6 {
+        let name = format!("refs/heads/s{link}");
+        fs::write(git_dir.join(&name), format!("ref: {previous}\n")).unwrap();
+        previous = name;
+    }
+    let repository = fixture.repositories().open("acme", "symbolic").unwrap();
+    for link in 1..=4 {
+        assert_resolves(
+            &repository,
+            &format!("s{link}"),
+            RefKind::Branch(format!("s{link}")),
+        );
+    }
+    for link in 5..=6 {
+        assert_not_found(&repository, &format!("s{link}"));
+    }
+}
