@@ -1111,6 +1111,47 @@ fn a_broken_loose_ref_is_ignored_as_git_ignores_it() {
     }
 }
 
+/// A multi-pack-index is derived data the repository carries; one left
+/// behind by a repack (naming packs that are gone) is stale, and git then
+/// reads each pack through its own index. gix read the objects through
+/// the stale one alone: the repository's every ref and commit was `404`,
+/// which `git rev-parse` and `git archive` read in it. The archiver reads
+/// the packs' own indexes, as git does then.
+#[test]
+fn a_stale_multi_pack_index_hides_no_commit() {
+    let sandbox = Sandbox::new();
+    let source = sandbox.source_repo("src/widget");
+    source.write("README", "widget\n");
+    source.git(&["add", "-A"]);
+    source.git_at(1_700_000_000, &["commit", "-q", "-m", "one"]);
+    let git_dir = sandbox.repos().join("acme/widget.git");
+    source.git(&["clone", "-q", "--bare", ".", git_dir.to_str().unwrap()]);
+    let widget = RepoBuilder::open(&git_dir, &sandbox.home());
+    widget.git(&["repack", "-adq"]);
+    widget.git(&["multi-pack-index", "write"]);
+    let midx = git_dir.join("objects/pack/multi-pack-index");
+    let stale = std::fs::read(&midx).expect("a multi-pack-index");
+    // Another commit, every pack written anew: the old ones are gone.
+    let tree = widget.rev_parse("HEAD^{tree}");
+    let head = widget.rev_parse("HEAD");
+    let commit = widget.git_at(
+        1_700_000_100,
+        &["commit-tree", &tree, "-p", &head, "-m", "two"],
+    );
+    widget.git(&["update-ref", "refs/heads/main", &commit]);
+    widget.git(&["repack", "-adq"]);
+    std::fs::write(&midx, &stale).unwrap();
+    assert_eq!(widget.rev_parse("main"), commit, "git reads it");
+
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    for target in [
+        "/acme/widget/archive/main.tar".to_owned(),
+        format!("/acme/widget/archive/{head}.tar"),
+    ] {
+        assert_eq!(status(&archiver, &target), 200, "{target}");
+    }
+}
+
 /// A tag pushed while an `export-subst` archive's request waits for a
 /// generation slot: git would have read refs other than the key's. The
 /// generation does not run on them; the request is resolved again and is

@@ -450,11 +450,19 @@ fn is_repository(dir: &Path) -> bool {
 /// from system and user config, and replace refs off, as for `git
 /// --no-replace-objects`: what gix reads (the tree behind `substitutes`,
 /// reachability, the refs) must be what git archives.
+///
+/// `core.multiPackIndex=false`: gix reads each pack through its own index,
+/// which git writes with every pack. A multi-pack-index is derived data the
+/// repository carries, and one a repack left stale (naming packs that are
+/// gone) hid from gix every object it listed, while git, falling back to
+/// the packs' own indexes, read them: a published commit was `404`
+/// (attack).
 fn open_isolated(path: &Path) -> gix::Result<gix::ThreadSafeRepository> {
     gix::open::Options::isolated()
         .config_overrides(
             [
                 "core.useReplaceRefs=false".to_owned(),
+                "core.multiPackIndex=false".to_owned(),
                 format!("gitoxide.objects.allocLimit={MAX_OBJECT_READ_BYTES}"),
             ]
             .into_iter()
