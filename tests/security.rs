@@ -1152,6 +1152,54 @@ fn a_stale_multi_pack_index_hides_no_commit() {
     }
 }
 
+/// gix reads two keys of its own from a repository's config that git
+/// does not know: `gitoxide.core.refsNamespace`, which made every name
+/// resolve in `refs/namespaces/{ns}/` (`main` served another commit than
+/// `git rev-parse main` names), and `gitoxide.core.shallowFile`, a path
+/// gix read as the repository's `shallow` file wherever it led: outside
+/// `--repos` (a FIFO there held the request's walk for good). Neither
+/// changes what the archiver reads.
+#[test]
+fn gix_keys_in_a_repositorys_config_change_nothing_it_reads() {
+    let sandbox = Sandbox::new();
+    let source = sandbox.source_repo("src/widget");
+    source.write("README", "one\n");
+    source.git(&["add", "-A"]);
+    source.git_at(1_700_000_000, &["commit", "-q", "-m", "one"]);
+    let one = source.rev_parse("HEAD");
+    source.write("README", "two\n");
+    source.git_at(1_700_000_100, &["commit", "-q", "-am", "two"]);
+    let two = source.rev_parse("HEAD");
+    let git_dir = sandbox.repos().join("acme/widget.git");
+    source.git(&["clone", "-q", "--bare", ".", git_dir.to_str().unwrap()]);
+    let widget = RepoBuilder::open(&git_dir, &sandbox.home());
+    widget.git(&["update-ref", "refs/namespaces/foo/refs/heads/main", &one]);
+    // Outside `--repos`: `two` as a shallow boundary, which hides `one`.
+    let outside = sandbox.home().join("outside-shallow");
+    std::fs::write(&outside, format!("{two}\n")).unwrap();
+    widget.git(&["config", "gitoxide.core.refsNamespace", "foo"]);
+    widget.git(&[
+        "config",
+        "gitoxide.core.shallowFile",
+        outside.to_str().unwrap(),
+    ]);
+    assert_eq!(widget.rev_parse("main"), two);
+
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    let response = archiver.get("/acme/widget/archive/main.tar");
+    assert_eq!(response.status().as_u16(), 200);
+    let etag = gitball_e2e::header(&response, "etag");
+    assert!(
+        etag.starts_with(&format!("\"{two}")),
+        "main is {two} for git, served as {etag}"
+    );
+    assert_eq!(
+        status(&archiver, &format!("/acme/widget/archive/{one}.tar")),
+        200,
+        "a shallow file outside --repos hid a published commit"
+    );
+}
+
 /// A tag pushed while an `export-subst` archive's request waits for a
 /// generation slot: git would have read refs other than the key's. The
 /// generation does not run on them; the request is resolved again and is

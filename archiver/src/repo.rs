@@ -457,12 +457,22 @@ fn is_repository(dir: &Path) -> bool {
 /// gone) hid from gix every object it listed, while git, falling back to
 /// the packs' own indexes, read them: a published commit was `404`
 /// (attack).
+///
+/// Two keys of gix's own, which git does not know, are read from the
+/// repository's config: `gitoxide.core.shallowFile`, set back here to
+/// `shallow` in the common dir (as git reads it), and
+/// `gitoxide.core.refsNamespace`, cleared after the open. The first led
+/// gix's walk to read a file anywhere (a FIFO outside `--repos` held it
+/// for good); the second made `main` mean
+/// `refs/namespaces/{ns}/refs/heads/main`, another commit than
+/// `git rev-parse main` (attack).
 fn open_isolated(path: &Path) -> gix::Result<gix::ThreadSafeRepository> {
-    gix::open::Options::isolated()
+    let mut repo = gix::open::Options::isolated()
         .config_overrides(
             [
                 "core.useReplaceRefs=false".to_owned(),
                 "core.multiPackIndex=false".to_owned(),
+                "gitoxide.core.shallowFile=shallow".to_owned(),
                 format!("gitoxide.objects.allocLimit={MAX_OBJECT_READ_BYTES}"),
             ]
             .into_iter()
@@ -472,7 +482,9 @@ fn open_isolated(path: &Path) -> gix::Result<gix::ThreadSafeRepository> {
                     .map(|(key, value)| format!("{key}={value}")),
             ),
         )
-        .open(path)
+        .open(path)?;
+    repo.refs.namespace = None;
+    Ok(repo)
 }
 
 /// Opens the repository at `path` if there is one. With `confine_to`, the
