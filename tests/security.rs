@@ -1200,6 +1200,32 @@ fn gix_keys_in_a_repositorys_config_change_nothing_it_reads() {
     );
 }
 
+/// A `HEAD` that names a loose ref git cannot read (an empty file, as a
+/// crash leaves one) is an unborn `HEAD` to git, which lists the refs
+/// without it. The listing of the refs that a request by commit id needs
+/// followed `HEAD` to that file and failed: every such request was a
+/// `500`.
+#[test]
+fn a_head_naming_a_broken_ref_is_unborn_as_for_git() {
+    let sandbox = Sandbox::new();
+    let source = sandbox.source_repo("src/widget");
+    source.write("README", "widget\n");
+    source.git(&["add", "-A"]);
+    source.git_at(1_700_000_000, &["commit", "-q", "-m", "one"]);
+    let commit = source.rev_parse("HEAD");
+    let git_dir = sandbox.repos().join("acme/widget.git");
+    source.git(&["clone", "-q", "--bare", ".", git_dir.to_str().unwrap()]);
+    std::fs::write(git_dir.join("refs/heads/empty"), "").unwrap();
+    std::fs::write(git_dir.join("HEAD"), "ref: refs/heads/empty\n").unwrap();
+
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    assert_eq!(
+        status(&archiver, &format!("/acme/widget/archive/{commit}.tar")),
+        200
+    );
+    assert_eq!(status(&archiver, "/acme/widget/archive/HEAD.tar"), 404);
+}
+
 /// A tag pushed while an `export-subst` archive's request waits for a
 /// generation slot: git would have read refs other than the key's. The
 /// generation does not run on them; the request is resolved again and is

@@ -71,12 +71,15 @@ impl RefsSnapshot {
             each(reference);
         })?;
         refs.sort();
-        let head = match repo.head_name() {
-            Ok(Some(name)) => format!("ref: {}", name.as_bstr()),
-            _ => match repo.head_id() {
-                Ok(id) => id.to_hex().to_string(),
-                Err(err) => return Err(Error::internal(format_args!("reading HEAD: {err}"))),
+        // `HEAD` as its file says, not followed: a `HEAD` naming a ref git
+        // ignores (an empty file) is an unborn one, and following it had
+        // failed the listing, and every request by commit id (attack).
+        let head = match repo.find_reference("HEAD") {
+            Ok(head) => match head.target() {
+                TargetRef::Object(id) => id.to_hex().to_string(),
+                TargetRef::Symbolic(name) => format!("ref: {}", name.as_bstr()),
             },
+            Err(err) => return Err(Error::internal(format_args!("reading HEAD: {err}"))),
         };
         Ok(RefsSnapshot { refs, head })
     }
