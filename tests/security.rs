@@ -1224,6 +1224,16 @@ fn a_head_naming_a_broken_ref_is_unborn_as_for_git() {
         200
     );
     assert_eq!(status(&archiver, "/acme/widget/archive/HEAD.tar"), 404);
+
+    // A `HEAD` gix cannot read itself (git reads `ref:` without the
+    // space; other tools write it so): no `HEAD` is listed.
+    std::fs::write(git_dir.join("HEAD"), "ref:refs/heads/main\n").unwrap();
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    assert_eq!(
+        status(&archiver, &format!("/acme/widget/archive/{commit}.tar")),
+        200,
+        "a HEAD gix cannot read"
+    );
 }
 
 /// A tag pushed while an `export-subst` archive's request waits for a

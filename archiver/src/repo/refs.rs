@@ -19,6 +19,9 @@ use crate::error::Error;
 /// been read, and a name `git rev-parse` does not resolve served: attack).
 pub(super) const SYMREF_MAX_DEPTH: usize = 5;
 
+/// How a `HEAD` gix cannot read is listed: the null id, no commit.
+const UNREADABLE_HEAD: &str = "0000000000000000000000000000000000000000";
+
 /// Length of a full SHA-1 object id in hex.
 pub(super) const FULL_HEX_LEN: usize = 40;
 
@@ -79,6 +82,11 @@ impl RefsSnapshot {
                 TargetRef::Object(id) => id.to_hex().to_string(),
                 TargetRef::Symbolic(name) => format!("ref: {}", name.as_bstr()),
             },
+            // A `HEAD` file gix cannot read as a ref (git reads `ref:`
+            // without its space; other tools write it so): listed as no
+            // commit, which a snapshot's git takes as a `HEAD` that names
+            // nothing. It had failed the listing too.
+            Err(err) if is_broken_ref(&err) => UNREADABLE_HEAD.to_owned(),
             Err(err) => return Err(Error::internal(format_args!("reading HEAD: {err}"))),
         };
         Ok(RefsSnapshot { refs, head })
