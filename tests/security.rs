@@ -25,6 +25,19 @@ fn status(archiver: &Archiver, target: &str) -> u16 {
     archiver.get(target).status().as_u16()
 }
 
+/// `acme/widget`, bare, of one commit (a README, committed at
+/// 1,700,000,000): that commit's id and the git dir.
+fn widget_of_one_commit(sandbox: &Sandbox) -> (String, PathBuf) {
+    let source = sandbox.source_repo("src/widget");
+    source.write("README", "widget\n");
+    source.git(&["add", "-A"]);
+    source.git_at(1_700_000_000, &["commit", "-q", "-m", "one"]);
+    let commit = source.rev_parse("HEAD");
+    let git_dir = sandbox.repos().join("acme/widget.git");
+    source.git(&["clone", "-q", "--bare", ".", git_dir.to_str().unwrap()]);
+    (commit, git_dir)
+}
+
 /// `acme/secret` (bare, `secret.git` on disk) and `acme/widget`.
 fn two_repositories(sandbox: &Sandbox) {
     small_repository(&sandbox.repo("acme", "widget"));
@@ -1038,13 +1051,7 @@ fn made_afresh(sandbox: &Sandbox, url: &str) -> (String, Vec<u8>) {
 #[test]
 fn a_commit_graph_the_repository_carries_does_not_change_the_bytes() {
     let sandbox = Sandbox::new();
-    let source = sandbox.source_repo("src/widget");
-    source.write("README", "widget\n");
-    source.git(&["add", "-A"]);
-    source.git_at(1_700_000_000, &["commit", "-q", "-m", "one"]);
-    let commit = source.rev_parse("HEAD");
-    let git_dir = sandbox.repos().join("acme/widget.git");
-    source.git(&["clone", "-q", "--bare", ".", git_dir.to_str().unwrap()]);
+    let (commit, git_dir) = widget_of_one_commit(&sandbox);
     let url = format!("/acme/widget/archive/{commit}.tar");
     let fetch = || made_afresh(&sandbox, &url);
     // The first entry's mtime (a tar header's octal field at 136).
@@ -1087,13 +1094,7 @@ fn a_commit_graph_the_repository_carries_does_not_change_the_bytes() {
 #[test]
 fn a_broken_loose_ref_is_ignored_as_git_ignores_it() {
     let sandbox = Sandbox::new();
-    let source = sandbox.source_repo("src/widget");
-    source.write("README", "widget\n");
-    source.git(&["add", "-A"]);
-    source.git_at(1_700_000_000, &["commit", "-q", "-m", "one"]);
-    let commit = source.rev_parse("HEAD");
-    let git_dir = sandbox.repos().join("acme/widget.git");
-    source.git(&["clone", "-q", "--bare", ".", git_dir.to_str().unwrap()]);
+    let (commit, git_dir) = widget_of_one_commit(&sandbox);
     std::fs::write(git_dir.join("refs/heads/empty"), "").unwrap();
     std::fs::create_dir_all(git_dir.join("refs/tags")).unwrap();
     std::fs::write(git_dir.join("refs/tags/main"), "").unwrap();
@@ -1120,12 +1121,7 @@ fn a_broken_loose_ref_is_ignored_as_git_ignores_it() {
 #[test]
 fn a_stale_multi_pack_index_hides_no_commit() {
     let sandbox = Sandbox::new();
-    let source = sandbox.source_repo("src/widget");
-    source.write("README", "widget\n");
-    source.git(&["add", "-A"]);
-    source.git_at(1_700_000_000, &["commit", "-q", "-m", "one"]);
-    let git_dir = sandbox.repos().join("acme/widget.git");
-    source.git(&["clone", "-q", "--bare", ".", git_dir.to_str().unwrap()]);
+    let (_, git_dir) = widget_of_one_commit(&sandbox);
     let widget = RepoBuilder::open(&git_dir, &sandbox.home());
     widget.git(&["repack", "-adq"]);
     widget.git(&["multi-pack-index", "write"]);
@@ -1208,13 +1204,7 @@ fn gix_keys_in_a_repositorys_config_change_nothing_it_reads() {
 #[test]
 fn a_head_naming_a_broken_ref_is_unborn_as_for_git() {
     let sandbox = Sandbox::new();
-    let source = sandbox.source_repo("src/widget");
-    source.write("README", "widget\n");
-    source.git(&["add", "-A"]);
-    source.git_at(1_700_000_000, &["commit", "-q", "-m", "one"]);
-    let commit = source.rev_parse("HEAD");
-    let git_dir = sandbox.repos().join("acme/widget.git");
-    source.git(&["clone", "-q", "--bare", ".", git_dir.to_str().unwrap()]);
+    let (commit, git_dir) = widget_of_one_commit(&sandbox);
     std::fs::write(git_dir.join("refs/heads/empty"), "").unwrap();
     std::fs::write(git_dir.join("HEAD"), "ref: refs/heads/empty\n").unwrap();
 
