@@ -909,28 +909,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (router, _, app) = app_with_state(dir.path());
         let widget = dir.path().join("widget");
-        let plain = String::from_utf8(
-            Command::new("git")
-                .current_dir(&widget)
-                .args(["rev-parse", "HEAD"])
-                .output()
-                .unwrap()
-                .stdout,
-        )
-        .unwrap();
+        let head = || {
+            String::from_utf8(
+                Command::new("git")
+                    .current_dir(&widget)
+                    .args(["rev-parse", "HEAD"])
+                    .output()
+                    .unwrap()
+                    .stdout,
+            )
+            .unwrap()
+        };
+        let plain = head();
         std::fs::write(widget.join(".gitattributes"), "README export-subst\n").unwrap();
         std::fs::write(widget.join("README"), "hello $Format:%D$\n").unwrap();
         git(&widget, &["add", "."]);
         git(&widget, &["commit", "-q", "-m", "two"]);
-        let subst = String::from_utf8(
-            Command::new("git")
-                .current_dir(&widget)
-                .args(["rev-parse", "HEAD"])
-                .output()
-                .unwrap()
-                .stdout,
-        )
-        .unwrap();
+        let subst = head();
         for commit in [plain.trim(), subst.trim()] {
             let path = format!("/local/widget/archive/{commit}.tar");
             // The refs settle (out of the racy window) and the archive is
