@@ -116,10 +116,6 @@ const LAST_HTTP_DATE: i64 = 253_402_300_799;
 /// Everything about an archive that its headers say.
 pub(crate) struct Resolution {
     pub request: ArchiveRequest,
-    /// The repository, when the commit must be shown reachable first.
-    reachability: Option<Arc<crate::repo::Repository>>,
-    /// The refs digest under which `resolve` found the commit reachable.
-    reachable_under: Option<String>,
     pub resolved: Resolved,
     pub spec: Spec,
     filename: String,
@@ -265,7 +261,6 @@ async fn serve_archive(
     let method = &request.method;
     let resolution = resolve(app, archive, subtree).await?;
     log.commit = Some(resolution.resolved.commit.clone());
-    check_reachable(&resolution).await?;
     let headers = &request.headers;
 
     // A checksum has no validators of its own: the archive's would answer
@@ -500,38 +495,6 @@ pub(crate) fn client_identity(vouched: Option<bool>, request: &Parts) -> IpAddr 
     }
 }
 
-/// A commit asked for by its id must be reachable from a ref, when
-/// `--require-reachable` says so; otherwise it is as unknown as a commit
-/// that does not exist. Checked off the runtime: the first check after a
-/// push walks the history.
-pub(crate) async fn check_reachable(resolution: &Resolution) -> Result<(), Error> {
-    let Some(repository) = &resolution.reachability else {
-        return Ok(());
-    };
-    // `resolve` found it reachable under a digest of the refs: an archive
-    // not keyed by the refs, or keyed by those same refs, is answered.
-    if resolution.reachable_under.is_some()
-        && (resolution.spec.refs.is_none() || resolution.spec.refs == resolution.reachable_under)
-    {
-        return Ok(());
-    }
-    // The refs digest, if `resolve` took one for the cache key.
-    let refs = resolution.spec.refs.clone();
-    // A known answer needs no blocking thread; the first check after a
-    // push walks history on one, and the requests that arrive meanwhile
-    // wait for that walk on the runtime, holding none (review: each held
-    // one of the runtime's 512, and every other repository's first reads
-    // and generations queued behind them).
-    if repository
-        .reaches(&resolution.resolved.commit, refs)
-        .await?
-    {
-        Ok(())
-    } else {
-        Err(Error::RefNotFound)
-    }
-}
-
 pub(crate) async fn resolve(
     app: &App,
     archive: ArchiveRequest,
@@ -550,33 +513,33 @@ pub(crate) async fn resolve(
         RefLookup::Known(resolved) => resolved,
         RefLookup::Found(found) => repository.peel_found_waiting(found).await?,
     };
-    // A commit asked for by its id must be one this repository publishes
-    // (off the runtime: the first check after a push walks the history).
-    // Checked before anything else is read of the commit: a `?path=`
-    // looked for first answered `path_not_found` or not by what the
-    // commit's trees hold, so a commit only in a pool shared with a
-    // private fork told which names its tree has (attack). Checked again
-    // by `serve`, under the refs digest an archive keyed by the refs took.
-    let reachability = (app.require_reachable
+    // A commit asked for by its id must be one this repository publishes,
+    // when `--require-reachable` says so; otherwise it is as unknown as a
+    // commit that does not exist. Checked before anything else is read of
+    // the commit: a `?path=` looked for first answered `path_not_found` or
+    // not by what the commit's trees hold, so a commit only in a pool
+    // shared with a private fork told which names its tree has (attack).
+    // A known answer needs no blocking thread; the first check after a
+    // push walks the history on one, and the requests that arrive
+    // meanwhile wait for that walk on the runtime, holding none (review:
+    // each held one of the runtime's 512). The digest of the refs it is
+    // checked under is the one an archive keyed by the refs takes below:
+    // taken once (review of 9256de4: each take is a `statx` of every loose
+    // ref, and a hit took it twice).
+    let reachable_under = if app.require_reachable
         && resolved.kind == RefKind::Commit
-        && archive.reference.bytes().all(|b| b.is_ascii_hexdigit()))
-    .then(|| repository.clone());
-    // The digest of the refs it is checked under is kept: it is the one
-    // an archive keyed by the refs takes, and `serve` need not check again
-    // (review of 9256de4: each check takes the digest afresh, a `statx` of
-    // every loose ref, and a hit did that twice).
-    let reachable_under = match &reachability {
-        Some(repository) => {
-            let refs = repository.refs_digest().await?;
-            if !repository
-                .reaches(&resolved.commit, Some(refs.clone()))
-                .await?
-            {
-                return Err(Error::RefNotFound);
-            }
-            Some(refs)
+        && archive.reference.bytes().all(|b| b.is_ascii_hexdigit())
+    {
+        let refs = repository.refs_digest().await?;
+        if !repository
+            .reaches(&resolved.commit, Some(refs.clone()))
+            .await?
+        {
+            return Err(Error::RefNotFound);
         }
-        None => None,
+        Some(refs)
+    } else {
+        None
     };
     // Off the serving thread: each tree on the path is read whole, and a
     // push decides how large (attack: 500 nested trees of 8 MB, 2.7 s).
@@ -608,7 +571,7 @@ pub(crate) async fn resolve(
         // 100,000 refs). Not again when reachability was just checked
         // under a digest: a push since is met when the generation starts
         // (`refs_changed`, resolved again), as for a push after this.
-        Some(match reachable_under.clone() {
+        Some(match reachable_under {
             Some(refs) => refs,
             None => repository.refs_digest().await?,
         })
@@ -640,8 +603,6 @@ pub(crate) async fn resolve(
     let filename = format!("{name}.{}", archive.format.ext());
     Ok(Resolution {
         request: archive,
-        reachability,
-        reachable_under,
         resolved,
         spec,
         filename,

@@ -35,7 +35,7 @@ use http::request::Parts;
 use crate::error::Error;
 use gitball_core::secret::bearer_is;
 
-use crate::http::{App, check_reachable, client_identity, resolve};
+use crate::http::{App, client_identity, resolve};
 
 pub async fn serve(app: &App, request: &Parts, log: &mut RequestLog) -> Result<Response, Error> {
     let Some(prewarm_token) = &app.prewarm_token else {
@@ -59,7 +59,6 @@ pub async fn serve(app: &App, request: &Parts, log: &mut RequestLog) -> Result<R
     let mut resolutions = Vec::with_capacity(formats.len());
     for format in &formats {
         let resolution = resolve(app, prewarm.archive(*format), None).await?;
-        check_reachable(&resolution).await?;
         resolutions.push((*format, resolution));
     }
     let commit = resolutions
