@@ -3489,6 +3489,91 @@ fn token_file_guards_archives_but_not_health_or_metrics() {
     );
 }
 
+/// `docs/http.md#status-codes`: the archiver checks "method, bearer token,
+/// URL, `?path=` syntax, repository, ref, subtree", in that order. So a
+/// caller without the token learns nothing of what is served (a `404
+/// repo_not_found` or `ref_not_found` against a `401` would list the
+/// repositories and refs) and costs no resolution: every request below is
+/// `401`, its log line names no commit, and with the token the same
+/// requests get their own answers. A method other than `GET`/`HEAD` is
+/// `405` before the token is looked at. (Docs audit: the existing token
+/// test asked only for an archive that exists, so moving the token check
+/// after the resolution passed every test.)
+#[test]
+fn the_bearer_token_is_checked_before_the_url_the_repository_and_the_ref() {
+    let sandbox = Sandbox::new();
+    let token_file = sandbox.path("token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let (w, archiver) = widget_archiver(&["--token-file", token_file.to_str().unwrap()]);
+    let bearer = ("Authorization", "Bearer s3cret-token");
+    // (target, the answer with the token)
+    let c2_tar = format!("/acme/widget/archive/{}.tar", w.c2);
+    let cases: Vec<(String, u16, &str)> = vec![
+        ("/acme/widget/archive/main.tar".into(), 200, ""),
+        (c2_tar.clone(), 200, ""),
+        ("/acme/widget/archive/v2.0.0.zip.sha256".into(), 200, ""),
+        ("/acme/nope/archive/main.tar".into(), 404, "repo_not_found"),
+        ("/acme/widget/archive/nope.tar".into(), 404, "ref_not_found"),
+        (
+            format!("/acme/widget/archive/{}.tar", "0".repeat(40)),
+            404,
+            "ref_not_found",
+        ),
+        (
+            "/acme/widget/archive/main.tar?path=no/such/dir".into(),
+            404,
+            "path_not_found",
+        ),
+        ("/acme/widget/archive/main.rar".into(), 400, "bad_format"),
+        ("/acme/widget/archive/-x.tar".into(), 400, "bad_ref"),
+        ("/.acme/widget/archive/main.tar".into(), 400, "bad_name"),
+        (
+            "/acme/widget/archive/main.tar?path=../x".into(),
+            400,
+            "bad_path",
+        ),
+        ("/acme/widget/blob/main".into(), 404, "not_found"),
+    ];
+    for (index, (target, with_token, code)) in cases.iter().enumerate() {
+        for method in ["GET", "HEAD"] {
+            let id = format!("no-token-{index}-{method}");
+            let (head, body, _) =
+                RawConnection::request(archiver.addr, method, target, &[("X-Request-Id", &id)])
+                    .unwrap();
+            assert_eq!(head.status, 401, "{method} {target} without the token");
+            assert!(
+                head.header("www-authenticate")
+                    .is_some_and(|value| value.starts_with("Bearer")),
+                "{method} {target}: {head:?}"
+            );
+            if method == "GET" {
+                let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                assert_eq!(json["error"], "unauthorized", "{method} {target}");
+            }
+            let line = gitball_e2e::wait_for_line(Duration::from_secs(5), || archiver.log(), &id);
+            assert_eq!(
+                (line["status"].as_u64(), line["commit"].as_str()),
+                (Some(401), Some("-")),
+                "{method} {target}: resolved before the token was checked: {line}"
+            );
+
+            let (head, body, _) =
+                RawConnection::request(archiver.addr, method, target, &[bearer]).unwrap();
+            assert_eq!(head.status, *with_token, "{method} {target} with the token");
+            if method == "GET" && !code.is_empty() {
+                let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                assert_eq!(json["error"], *code, "{method} {target} with the token");
+            }
+        }
+    }
+    // The method comes first: no token is asked of a `POST`.
+    let (head, _, _) =
+        RawConnection::request(archiver.addr, "POST", "/acme/widget/archive/main.tar", &[])
+            .unwrap();
+    assert_eq!(head.status, 405);
+    assert_eq!(head.header("allow"), Some("GET, HEAD"));
+}
+
 // ---------------------------------------------------------------------------
 // 11. Metrics
 
