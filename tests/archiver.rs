@@ -2138,6 +2138,80 @@ fn generation_over_its_timeout_is_killed_aborted_and_not_cached() {
     assert_generation_discarded(&archiver, big_path, "tar.gz", "timeout", 1.0);
 }
 
+/// `docs/http.md#status-codes` and `#errors`: a tar or tar.zst whose
+/// generation fails before its first byte is a `500` whose `error` is the
+/// stable code of the failure, `generation_failed` when git fails and
+/// `generation_timeout` when it runs past `--generation-timeout`, with
+/// `Cache-Control: no-store`; its message never holds git's stderr, which
+/// goes to the log (`docs/archiver.md#clean-child-environment`), and the
+/// request's log line names the code. (Docs audit: no test read either
+/// code; answering a timeout as `generation_failed`, or a failed git as
+/// `internal`, fails this one.)
+#[test]
+fn a_generation_failing_before_its_first_byte_is_a_500_with_its_code_and_no_stderr() {
+    let sandbox = Sandbox::new();
+    widget(&sandbox);
+    // What git says names the server's paths: it must reach the log only.
+    const STDERR: &str = "fatal: cannot read /srv/secret-layout/acme/widget.git";
+    let failing = sandbox.write_stub(
+        "git-that-fails",
+        &format!("echo '{STDERR}' >&2\nexit 128\n"),
+    );
+    let (pausing, _never_released) = sandbox.git_that_pauses("git-that-waits", 0);
+    let cases = [
+        (failing, "generation_failed", "failed"),
+        (pausing, "generation_timeout", "timeout"),
+    ];
+    for (git, code, outcome) in cases {
+        let archiver = Archiver::start(
+            &sandbox.repos(),
+            &["--git", git.to_str().unwrap(), "--generation-timeout", "1"],
+        );
+        for ext in ["tar", "tar.zst"] {
+            let path = format!("/acme/widget/archive/main.{ext}");
+            let id = format!("{code}-{}", ext.replace('.', "-"));
+            let (head, body, end) =
+                RawConnection::request(archiver.addr, "GET", &path, &[("X-Request-Id", &id)])
+                    .unwrap();
+            let text = String::from_utf8_lossy(&body);
+            assert_eq!(head.status, 500, "{path} ({code}): {text}");
+            assert_eq!(end, BodyEnd::Complete, "{path}");
+            assert_eq!(head.header("cache-control"), Some("no-store"), "{path}");
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(json["error"], code, "{path}: {text}");
+            assert!(
+                !text.contains("secret-layout") && !text.contains("fatal"),
+                "{path}: git's stderr reached the client: {text}"
+            );
+            let line = gitball_e2e::wait_for_line(Duration::from_secs(10), || archiver.log(), &id);
+            assert_eq!(
+                (line["status"].as_u64(), line["error"].as_str()),
+                (Some(500), Some(code)),
+                "{line}"
+            );
+        }
+        assert!(
+            metric_after(&archiver, Duration::from_secs(10), |m| {
+                m.sum(
+                    "gitball_archiver_generations_total",
+                    &[("outcome", outcome)],
+                ) == 2.0
+            }),
+            "{code}: {:?}",
+            archiver
+                .metrics()
+                .series_of("gitball_archiver_generations_total")
+        );
+        if outcome == "failed" {
+            assert!(
+                archiver.log().contains("secret-layout"),
+                "git's stderr is not in the log:\n{}",
+                archiver.log()
+            );
+        }
+    }
+}
+
 #[test]
 fn generation_over_max_archive_bytes_is_killed_aborted_and_not_cached() {
     let big = big_repo();
