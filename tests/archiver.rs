@@ -2144,9 +2144,11 @@ fn generation_over_its_timeout_is_killed_aborted_and_not_cached() {
 /// `generation_timeout` when it runs past `--generation-timeout`, with
 /// `Cache-Control: no-store`; its message never holds git's stderr, which
 /// goes to the log (`docs/archiver.md#clean-child-environment`), and the
-/// request's log line names the code. (Docs audit: no test read either
-/// code; answering a timeout as `generation_failed`, or a failed git as
-/// `internal`, fails this one.)
+/// request's log line names the code. The generation's own lines are
+/// under its span (`docs/observability.md#generation-log`). (Docs audit: no
+/// test read either code, nor the generation span's fields; answering a
+/// timeout as `generation_failed`, or a failed git as `internal`, or a span
+/// without the request id, fails this one.)
 #[test]
 fn a_generation_failing_before_its_first_byte_is_a_500_with_its_code_and_no_stderr() {
     let sandbox = Sandbox::new();
@@ -2189,6 +2191,59 @@ fn a_generation_failing_before_its_first_byte_is_a_500_with_its_code_and_no_stde
                 (Some(500), Some(code)),
                 "{line}"
             );
+            // `docs/observability.md#generation-log`: the generation's lines
+            // are under its span, which names the key, the repository, the
+            // commit, the format and the request that started it; when git
+            // fails, its exit status and stderr.
+            let generation_lines = || -> Vec<serde_json::Value> {
+                archiver
+                    .log()
+                    .lines()
+                    .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+                    .filter(|line| {
+                        line["span"]["name"] == "generation" && line["span"]["request_id"] == *id
+                    })
+                    .collect()
+            };
+            let ended = |lines: &[serde_json::Value]| {
+                lines.iter().any(|line| {
+                    line["message"] == "generation failed" && line["outcome"] == outcome
+                })
+            };
+            assert!(
+                wait_until(Duration::from_secs(10), || ended(&generation_lines())),
+                "{path}: no end of the generation under its span:\n{}",
+                archiver.log()
+            );
+            let lines = generation_lines();
+            for logged in &lines {
+                let span = &logged["span"];
+                assert_eq!(
+                    (
+                        span["repository"].as_str(),
+                        span["commit"].as_str(),
+                        span["format"].as_str(),
+                    ),
+                    (Some("acme/widget"), line["commit"].as_str(), Some(ext)),
+                    "{logged}"
+                );
+                let key = span["key"].as_str().unwrap_or_default();
+                assert!(
+                    key.len() == 64 && key.bytes().all(|b| b.is_ascii_hexdigit()),
+                    "{logged}"
+                );
+            }
+            if outcome == "failed" {
+                assert!(
+                    lines
+                        .iter()
+                        .any(|logged| logged["message"] == "git archive failed"
+                            && logged["stderr"] == STDERR
+                            && logged["status"].as_str().is_some_and(|s| s.contains("128"))),
+                    "{path}: git's exit status and stderr are not under the generation's span:\n{}",
+                    archiver.log()
+                );
+            }
         }
         assert!(
             metric_after(&archiver, Duration::from_secs(10), |m| {
@@ -2202,13 +2257,6 @@ fn a_generation_failing_before_its_first_byte_is_a_500_with_its_code_and_no_stde
                 .metrics()
                 .series_of("gitball_archiver_generations_total")
         );
-        if outcome == "failed" {
-            assert!(
-                archiver.log().contains("secret-layout"),
-                "git's stderr is not in the log:\n{}",
-                archiver.log()
-            );
-        }
     }
 }
 
