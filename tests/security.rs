@@ -1296,6 +1296,128 @@ fn refs_pushed_while_a_request_queues_make_it_resolve_again() {
     );
 }
 
+/// `docs/http.md#status-codes` (`refs_changed`) and
+/// `docs/urls.md#archives-that-read-refs`: an `export-subst` archive whose
+/// refs change while it waits for its slot is resolved again, once or
+/// twice; only when they change a third time before its generation
+/// starts is the answer `503 refs_changed` with `Retry-After: 0`. Each
+/// time, another generation holds the only slot and a tag is pushed while
+/// the request waits behind it. (Docs audit: the test above covers one
+/// change; nothing held the request to three resolutions, so a bound
+/// removed, which lets a repository pushed to without pause hold a request
+/// for good, or lowered passed every test.)
+#[test]
+fn refs_that_change_before_each_of_three_generations_are_a_503_refs_changed() {
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "plain"));
+    let source = sandbox.source_repo("src/widget");
+    source.write(".gitattributes", "version.txt export-subst\n");
+    source.write("version.txt", "refs=$Format:%D$\n");
+    source.git(&["add", "-A"]);
+    source.git_at(1_700_000_000, &["commit", "-q", "-m", "one"]);
+    let commit = source.rev_parse("HEAD");
+    let git_dir = sandbox.repos().join("acme/widget.git");
+    source.git(&["clone", "-q", "--bare", ".", git_dir.to_str().unwrap()]);
+    let widget = RepoBuilder::open(&git_dir, &sandbox.home());
+    // Each generation's git output waits for a line on the fifo.
+    let (stub, mut fifo) = sandbox.git_that_pauses("git-that-waits", 0);
+    let archiver = Archiver::start(
+        &sandbox.repos(),
+        &["--git", stub.to_str().unwrap(), "--max-generations", "1"],
+    );
+    let gauge = |name: &str| archiver.metrics().value(name, &[]);
+    let refs_changed = || {
+        archiver.metrics().value(
+            "gitball_archiver_generations_total",
+            &[("format", "tar"), ("outcome", "refs_changed")],
+        )
+    };
+    // The stub's git writes into `git-that-waits-output-{pid}`, made when
+    // a holder's git starts (the widget's generations never run git):
+    // once a new one is seen, that holder has left the queue, and what is
+    // queued is the widget's request alone.
+    let mut gits_seen = std::collections::BTreeSet::new();
+    let mut a_new_holder_runs = || {
+        wait_until(Duration::from_secs(10), || {
+            let now: Vec<_> = std::fs::read_dir(sandbox.path(""))
+                .unwrap()
+                .map(|entry| entry.unwrap().file_name())
+                .filter(|name| name.to_string_lossy().starts_with("git-that-waits-output-"))
+                .collect();
+            let new = now.iter().any(|name| !gits_seen.contains(name));
+            gits_seen.extend(now);
+            new
+        })
+    };
+    let holding_with_one_queued = |changed: f64| {
+        wait_until(Duration::from_secs(10), || {
+            refs_changed() == changed && gauge("gitball_archiver_generations_queued") == 1.0
+        })
+    };
+    let addr = archiver.addr;
+    let hold = |target: &'static str| {
+        std::thread::spawn(move || RawConnection::request(addr, "GET", target, &[]).unwrap())
+    };
+
+    let mut holders = vec![hold("/acme/plain/archive/main.tar")];
+    assert!(a_new_holder_runs(), "the first holder's git did not start");
+    let url = format!("/acme/widget/archive/{commit}.tar");
+    let waiter =
+        std::thread::spawn(move || RawConnection::request(addr, "GET", &url, &[]).unwrap());
+    assert!(holding_with_one_queued(0.0), "the request did not queue");
+    for (round, next_holder) in [
+        "/acme/plain/archive/main.tar.zst",
+        "/acme/plain/archive/main.tar.gz",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        // The next holder queues behind the request, and a tag is pushed.
+        holders.push(hold(next_holder));
+        assert!(wait_until(Duration::from_secs(10), || gauge(
+            "gitball_archiver_generations_queued"
+        ) == 2.0));
+        widget.git(&["tag", &format!("v{round}"), &commit]);
+        // The holder ends; the request's generation finds other refs and
+        // runs nothing, the request is resolved again and waits behind the
+        // next holder.
+        std::io::Write::write_all(&mut fifo, b"go\n").unwrap();
+        assert!(
+            a_new_holder_runs(),
+            "round {round}: the next holder's git did not start"
+        );
+        assert!(
+            holding_with_one_queued(round as f64 + 1.0),
+            "round {round}: refs_changed {}, in flight {}, queued {}",
+            refs_changed(),
+            gauge("gitball_archiver_generations_in_flight"),
+            gauge("gitball_archiver_generations_queued")
+        );
+    }
+    // The third change: the request is answered. (The second line is for
+    // the git of a fourth resolution, which must not come.)
+    widget.git(&["tag", "v2", &commit]);
+    std::io::Write::write_all(&mut fifo, b"go\ngo\n").unwrap();
+    let (head, body, _) = waiter.join().unwrap();
+    let text: String = String::from_utf8_lossy(&body).chars().take(200).collect();
+    assert_eq!(head.status, 503, "{text}");
+    assert_eq!(head.header("retry-after"), Some("0"), "{head:?}");
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["error"], "refs_changed", "{text}");
+    assert_eq!(refs_changed(), 3.0);
+    for holder in holders {
+        assert_eq!(holder.join().unwrap().0.status, 200);
+    }
+    // Git ran for the holders alone: the one tar made is the holder's.
+    assert_eq!(
+        archiver.metrics().value(
+            "gitball_archiver_generations_total",
+            &[("format", "tar"), ("outcome", "ok")]
+        ),
+        1.0
+    );
+}
+
 /// A stub git that writes the start of a tar, pauses, and fails: a
 /// generation that fails midway.
 fn failing_midway(sandbox: &Sandbox) -> PathBuf {
