@@ -551,6 +551,16 @@ mod tests {
         assert_eq!(req.reference, "main");
     }
 
+    /// `docs/urls.md`, "Shapes": codeload style has no `.sha256` form; the
+    /// suffix is part of the ref. (Docs audit: no test held it.)
+    #[test]
+    fn codeload_style_has_no_checksum_form() {
+        let req = parse("/o/r/tar.gz/v1.sha256").unwrap();
+        assert!(!req.checksum);
+        assert_eq!(req.reference, "v1.sha256");
+        assert_eq!(req.format, Format::TarGz);
+    }
+
     #[test]
     fn longest_extension_wins() {
         let req = parse("/a/b/archive/x.tar.tar.gz").unwrap();
