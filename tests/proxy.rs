@@ -4672,6 +4672,36 @@ fn request_head_over_32_kib_gets_431() {
 }
 
 /// `docs/proxy.md`, "Embedded mode": both ends are one process, so two
+/// `docs/proxy.md` (Flags): start-up fails when a key or token file cannot
+/// be read or is empty, naming the flag. An empty `--signing-key-file`
+/// taken as a key would sign with the empty key, which anyone can: every
+/// private repository would be open to forged tokens. (Docs audit: only
+/// the archiver's start-up failures were tested; the proxy's wiring of
+/// the files to the check was not.)
+#[test]
+fn start_up_fails_on_an_empty_or_unreadable_key_or_token_file_naming_the_flag() {
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    let empty = sandbox.path("empty");
+    std::fs::write(&empty, " \n").unwrap();
+    let missing = sandbox.path("missing");
+    for flag in [
+        "--signing-key-file",
+        "--upstream-token-file",
+        "--prewarm-token-file",
+    ] {
+        for (what, file) in [("empty", &empty), ("missing", &missing)] {
+            let stderr = gitball_e2e::start_refused(
+                "gitball-proxy",
+                &sandbox.repos(),
+                &sandbox.path("cache"),
+                &[flag.as_ref(), file.as_os_str()],
+            );
+            assert!(stderr.contains(flag), "{flag} {what}: {stderr}");
+        }
+    }
+}
+
 /// tokens that differ are refused at start (attack: every download was a
 /// 502, then every upstream ejected).
 #[test]
