@@ -448,3 +448,95 @@ fn each_tier_times_every_logged_request_to_the_end_of_its_body() {
         );
     }
 }
+
+/// `docs/http.md#health-and-metrics` and `docs/observability.md#request-log`:
+/// `/healthz` and `/metrics` (`GET`, `HEAD`, and the `405` of any other
+/// method), on `--listen` and on the admin listener, are neither logged nor
+/// counted as requests, on either tier: a probe every second would
+/// otherwise fill the log and drown the archive requests in
+/// `requests_total` and its error ratios. (Docs audit: no test looked for
+/// their absence.)
+#[test]
+fn probes_and_scrapes_are_neither_logged_nor_counted() {
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    let admin = ["--admin-listen", "127.0.0.1:0"];
+    let cluster = Cluster::around(Archiver::start(&sandbox.repos(), &admin), vec![], &admin);
+    let proxy = &cluster.proxy;
+    let archiver = &cluster.primary;
+    let request = |addr, method: &str, target: &str, id: &str| {
+        RawConnection::request(addr, method, target, &[("X-Request-Id", id)])
+            .unwrap()
+            .0
+            .status
+    };
+    assert_eq!(
+        request(
+            proxy.addr,
+            "GET",
+            "/acme/widget/archive/main.tar",
+            "a-download"
+        ),
+        200
+    );
+    for (tier, service) in [("archiver", &**archiver), ("proxy", &**proxy)] {
+        let admin = gitball_e2e::listen_address(&service.log(), "admin listener serving")
+            .unwrap_or_else(|| panic!("{tier}: no admin listener:\n{}", service.log()));
+        for addr in [service.addr, admin] {
+            for (method, target, status) in [
+                ("GET", "/healthz", 200),
+                ("HEAD", "/healthz", 200),
+                ("GET", "/metrics", 200),
+                ("HEAD", "/metrics", 200),
+                ("POST", "/healthz", 405),
+                ("DELETE", "/metrics", 405),
+            ] {
+                assert_eq!(
+                    request(addr, method, target, "a-probe"),
+                    status,
+                    "{tier} {addr}: {method} {target}"
+                );
+            }
+        }
+    }
+    // A line is written before its answer leaves: once this request's
+    // lines are there, a probe's would be too.
+    assert_eq!(
+        request(
+            proxy.addr,
+            "GET",
+            "/acme/widget/archive/nope.tar",
+            "after-the-probes"
+        ),
+        404
+    );
+    for (tier, service, family) in [
+        ("archiver", &**archiver, "gitball_archiver"),
+        ("proxy", &**proxy, "gitball_proxy"),
+    ] {
+        wait_for_line(WAIT, || service.log(), "after-the-probes");
+        let log = service.log();
+        let lines = request_lines(&log);
+        let probes: Vec<&Value> = lines
+            .iter()
+            .filter(|line| {
+                line["request_id"] == "a-probe"
+                    || matches!(line["path"].as_str(), Some("/healthz" | "/metrics"))
+            })
+            .collect();
+        assert!(probes.is_empty(), "{tier} logged probes: {probes:?}");
+        assert_eq!(lines.len(), 2, "{tier}: {lines:?}");
+        let metrics = gitball_e2e::Metrics::parse(&service.metrics_text());
+        assert_eq!(
+            metrics.sum(&format!("{family}_requests_total"), &[]),
+            2.0,
+            "{tier}: {:?}",
+            metrics.series_of(&format!("{family}_requests_total"))
+        );
+        assert_eq!(
+            metrics.value(&format!("{family}_request_duration_seconds_count"), &[]),
+            2.0,
+            "{tier}"
+        );
+    }
+}
