@@ -436,6 +436,74 @@ fn bad_prewarm_requests_get_json_4xx_and_start_no_generation() {
     }
 }
 
+/// `docs/http.md#prewarm`: the checks run in order, the flag, the method,
+/// the bearer token, the URL, the repository and ref; so a prewarm
+/// without the token is `401` whatever it names, on both tiers, and the
+/// proxy asks no archiver for it. The endpoint is on the public proxy: a
+/// `404 repo_not_found` or `ref_not_found` against a `401` would list
+/// what is served, private routes' repositories and refs included.
+/// (Docs audit: every `401` case named a prewarm that exists, so
+/// checking the token after the URL or the repository passed every
+/// test.)
+#[test]
+fn a_prewarm_without_its_token_is_401_whatever_it_names() {
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    small_repository(&sandbox.repo("acme", "secret"));
+    let token = write_token(&sandbox, "prewarm-token", PREWARM_TOKEN);
+    let archiver = Archiver::start(&sandbox.repos(), &["--prewarm-token-file", &token]);
+    let signing_key = write_token(&sandbox, "signing-key", "a-signing-key");
+    let routes = sandbox.path("routes.toml");
+    write_routes(
+        &routes,
+        &[
+            Route::new("acme/secret", &archiver.base_url, &[]).private(),
+            Route::new("acme/*", &archiver.base_url, &[]),
+        ],
+    );
+    let proxy = Proxy::with_routes(
+        &routes,
+        &[
+            "--prewarm-token-file",
+            &token,
+            "--signing-key-file",
+            &signing_key,
+        ],
+    );
+    let targets = [
+        "/acme/widget/prewarm/v1.2.3",
+        "/acme/secret/prewarm/v1.2.3",
+        "/acme/nothing/prewarm/v1.2.3",
+        "/nobody/widget/prewarm/v1.2.3",
+        "/acme/widget/prewarm/v9.9.9",
+        "/acme/widget/prewarm/-x",
+        "/acme/widget/prewarm/%ff",
+        "/.acme/widget/prewarm/v1.2.3",
+        "/acme/widget/prewarm/v1.2.3?format=rar",
+    ];
+    for (tier, addr) in [("archiver", archiver.addr), ("proxy", proxy.addr)] {
+        for target in targets {
+            for token in [None, Some("wrong")] {
+                let fetched = post(addr, target, token);
+                assert_eq!(
+                    (fetched.status(), fetched.error_code()),
+                    (401, "unauthorized".to_owned()),
+                    "{tier} {target} with {token:?}: {}",
+                    fetched.text()
+                );
+            }
+        }
+    }
+    assert_eq!(
+        proxy
+            .scrape()
+            .sum("gitball_proxy_upstream_attempts_total", &[]),
+        0.0,
+        "the proxy asked an archiver about a prewarm without its token"
+    );
+    assert_eq!(archiver.metrics().sum(GENERATIONS, &[]), 0.0);
+}
+
 #[test]
 fn prewarm_takes_queue_slots_but_no_budget() {
     let sandbox = Sandbox::new();
