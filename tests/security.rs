@@ -1427,6 +1427,51 @@ fn failing_midway(sandbox: &Sandbox) -> PathBuf {
     )
 }
 
+/// `docs/http.md#failed-bodies`: an HTTP/0.9 request (a request line
+/// without a version), whose answer would be a bare body ended by a close,
+/// gets `400` and no archive byte from both tiers themselves, not only
+/// from the nginx front (`ops.rs`, which does not run where nginx is not
+/// installed): a generation that fails midway would otherwise reach such a
+/// client as a tar cut short that ends cleanly. (Docs audit: no test sent
+/// one to the tiers; it is hyper's parser that refuses it, so there is no
+/// gitball code to revert to show this failing.)
+#[test]
+fn an_http_0_9_request_gets_a_400_and_no_archive_byte_from_both_tiers() {
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    let stub = failing_midway(&sandbox);
+    let archiver = Archiver::start(&sandbox.repos(), &["--git", stub.to_str().unwrap()]);
+    let routes = sandbox.path("routes.toml");
+    write_routes(&routes, &[Route::new("*", &archiver.base_url, &[])]);
+    let proxy = Proxy::with_routes(&routes, &[]);
+    for (tier, addr) in [("archiver", archiver.addr), ("proxy", proxy.addr)] {
+        for request in [
+            "GET /acme/widget/archive/main.tar\r\n",
+            "GET /acme/widget/archive/main.zip\r\n\r\n",
+            "GET /acme/widget/archive/main.tar\n\n",
+        ] {
+            let mut connection = RawConnection::connect(addr).unwrap();
+            connection.send(request.as_bytes()).unwrap();
+            let answer = connection.read_to_close();
+            let text = String::from_utf8_lossy(&answer);
+            assert!(
+                text.starts_with("HTTP/1.1 400 ")
+                    && !text.contains("ustar")
+                    && !text.contains("PK"),
+                "{tier} {request:?}: {}",
+                &text[..text.len().min(120)]
+            );
+        }
+    }
+    assert_eq!(
+        archiver
+            .metrics()
+            .sum("gitball_archiver_generations_total", &[]),
+        0.0,
+        "an HTTP/0.9 request started a generation"
+    );
+}
+
 /// An HTTP/1.0 client cannot tell a truncated body from a complete one:
 /// without chunked encoding, a growing archive would end with a plain
 /// close. Such a client waits for the archive and gets it with a length,
