@@ -4702,6 +4702,61 @@ fn start_up_fails_on_an_empty_or_unreadable_key_or_token_file_naming_the_flag() 
     }
 }
 
+/// `docs/proxy.md#embedded-mode` and `docs/internal-api.md#embedded-mode`:
+/// with `--token-file` alone, the in-process archiver asks for that token
+/// and the proxy sends it, so downloads and checksums are served, while the
+/// archiver's loopback port turns away whoever lacks it (another user of
+/// the host). With `--upstream-token-file` naming the same token, the
+/// same. (Docs audit: no test ran embedded mode with a token; had the
+/// proxy not sent it, every download would have been a `401`, then a
+/// `502` with the one upstream ejected.)
+#[test]
+fn embedded_mode_sends_the_archivers_token_file_to_its_archiver() {
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    let token = sandbox.path("archiver.token");
+    std::fs::write(&token, "the-embedded-token\n").unwrap();
+    let same = sandbox.path("same.token");
+    std::fs::write(&same, "  the-embedded-token\n").unwrap();
+    let token = token.to_str().unwrap();
+    let same = same.to_str().unwrap();
+    for (what, args) in [
+        ("--token-file alone", vec!["--token-file", token]),
+        (
+            "both, the same token",
+            vec!["--token-file", token, "--upstream-token-file", same],
+        ),
+    ] {
+        let proxy = Proxy::embedded(&sandbox.repos(), &sandbox.path(what), &args);
+        for path in [
+            "/acme/widget/archive/main.tar",
+            "/acme/widget/archive/main.tar.gz.sha256",
+        ] {
+            let answer = fetch(proxy.addr, path);
+            assert_eq!(answer.status(), 200, "{what}: {path}: {}", answer.text());
+        }
+        let archiver = gitball_e2e::listen_address(&proxy.log(), "gitball-archiver serving")
+            .unwrap_or_else(|| panic!("{what}: no archiver address:\n{}", proxy.log()));
+        let direct = fetch(archiver, "/acme/widget/archive/main.tar");
+        assert_eq!(direct.status(), 401, "{what}: {}", direct.text());
+        let authorized = fetch_with(
+            archiver,
+            "GET",
+            "/acme/widget/archive/main.tar",
+            &[("Authorization", "Bearer the-embedded-token")],
+        );
+        assert_eq!(authorized.status(), 200, "{what}");
+        assert_eq!(
+            proxy.scrape().sum(
+                "gitball_proxy_upstream_attempts_total",
+                &[("outcome", "ok")]
+            ),
+            2.0,
+            "{what}"
+        );
+    }
+}
+
 /// tokens that differ are refused at start (attack: every download was a
 /// 502, then every upstream ejected).
 #[test]
