@@ -261,6 +261,26 @@ mod tests {
         assert_eq!(config.options.max_connections, None);
     }
 
+    /// The defaults docs/archiver.md's flags table gives that depend on the
+    /// host: `--cache-dir` on tmpfs at `/dev/shm/gitball-archiver` where
+    /// `/dev/shm` exists (else under the temp dir), `--max-generations` the
+    /// CPU count. (Docs audit: `defaults_match_the_docs` reads neither, and
+    /// every other test gives `--cache-dir`.)
+    #[test]
+    fn host_dependent_defaults_match_the_docs() {
+        let config = Config::try_parse_from(["gitball-archiver", "--repos", "/srv/git"]).unwrap();
+        let expected = if std::path::Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm/gitball-archiver")
+        } else {
+            std::env::temp_dir().join("gitball-archiver")
+        };
+        assert_eq!(config.options.cache_dir(), expected);
+        assert_eq!(
+            config.options.max_generations(),
+            std::thread::available_parallelism().unwrap().get()
+        );
+    }
+
     /// What docs/archiver.md's flags table says a flag accepts or refuses
     /// ("at least 1", "more than 0", "0 to 9", "`0`: no limit") is what the
     /// command line does. (Docs review: nothing held these to clap.)
