@@ -4702,6 +4702,52 @@ fn start_up_fails_on_an_empty_or_unreadable_key_or_token_file_naming_the_flag() 
     }
 }
 
+/// `docs/proxy.md` (Flags): with `--routes`, the archiver flags the proxy
+/// accepts for embedded mode are accepted and ignored, so a proxy host
+/// needs no git, no cache dir and none of an archiver's files, and an
+/// environment shared with archivers (`GITBALL_CACHE_DIR`, …) does not
+/// stop it. (Docs audit: no test gave a proxy with a routing table an
+/// archiver flag.)
+#[test]
+fn with_a_routing_table_the_archiver_flags_are_accepted_and_ignored() {
+    let shared = shared_repos();
+    let sandbox = Sandbox::new();
+    let archiver = Archiver::start(&shared.repos, &[]);
+    let routes = sandbox.path("routes.toml");
+    write_routes(&routes, &[Route::new("*", &archiver.base_url, &[])]);
+    let a_file = sandbox.path("a-file");
+    std::fs::write(&a_file, "not a directory\n").unwrap();
+    let cache_dir = a_file.join("cache");
+    let missing = sandbox.path("missing");
+    let proxy = Proxy::with_routes(
+        &routes,
+        &[
+            "--git",
+            missing.to_str().unwrap(),
+            "--cache-dir",
+            cache_dir.to_str().unwrap(),
+            "--token-file",
+            missing.to_str().unwrap(),
+            "--cache-max-bytes",
+            "1MiB",
+            "--max-archive-bytes",
+            "1GiB",
+            "--max-generations",
+            "1",
+            "--generation-timeout",
+            "0.001",
+            "--require-reachable",
+            "false",
+        ],
+    );
+    let got = fetch_ok(proxy.addr, "/acme/widget/archive/main.tar");
+    assert_eq!(
+        got.body.len() as u64,
+        tar_length(&shared.widget, "widget-main/", &shared.commits.second)
+    );
+    assert!(!cache_dir.exists());
+}
+
 /// `docs/proxy.md#embedded-mode` and `docs/internal-api.md#embedded-mode`:
 /// with `--token-file` alone, the in-process archiver asks for that token
 /// and the proxy sends it, so downloads and checksums are served, while the
