@@ -906,6 +906,25 @@ fn etag_match_answers_304_before_generating() {
         .unwrap();
     assert_eq!(not_modified.status().as_u16(), 304);
     assert_eq!(header(&not_modified, "etag"), etag);
+    // docs/http.md (Conditional requests): a 304 carries the validators
+    // and the headers a cache refreshes its copy with, as the 200 does.
+    // (Docs audit: only its ETag and Cache-Control were read.)
+    let head = archiver.client().head(archiver.url(TAG_GZ)).send().unwrap();
+    for name in [
+        "etag",
+        "last-modified",
+        "x-gitball-commit",
+        "content-disposition",
+        "link",
+        "cache-control",
+    ] {
+        assert!(!header(&head, name).is_empty(), "{name}");
+        assert_eq!(
+            header(&not_modified, name),
+            header(&head, name),
+            "304 {name}"
+        );
+    }
     // A 304's Content-Length must be the 200's (RFC 9110, 8.6): none here,
     // to a GET as to a HEAD (review: attack; a HEAD's said 0).
     for request in [
