@@ -986,6 +986,76 @@ fn abbreviated_commit_id_resolves_after_refs() {
     assert_eq!(resolved.commit, fixture.c1);
 }
 
+/// `docs/urls.md#resolution`: 7 to 39 hex digits name a commit only when
+/// they name exactly one object; an ambiguous prefix is not found, as for
+/// git, and a longer one that tells the two apart names its commit. Two
+/// commits whose ids share their first 7 digits are found by hashing
+/// candidates (about 2^15 for one pair) and written, each on a branch.
+/// (Docs audit: no test made an ambiguous prefix; a lookup that took one
+/// of the candidates, the way a commit hint would, served a commit the
+/// URL need not have meant under that URL.)
+#[test]
+fn an_ambiguous_abbreviated_id_is_not_found() {
+    let fixture = fixture();
+    let tree = git(
+        &fixture.widget,
+        &["rev-parse", &format!("{}^{{tree}}", fixture.c1)],
+    );
+    let commit_text = |i: u32| {
+        format!(
+            "tree {tree}\nauthor A U Thor <author@example.com> {C1_TIME} +0000\n\
+             committer C O Mitter <committer@example.com> {C1_TIME} +0000\n\nambiguous {i}\n"
+        )
+    };
+    let id_of = |i: u32| {
+        gix::objs::compute_hash(
+            gix::hash::Kind::Sha1,
+            gix::objs::Kind::Commit,
+            commit_text(i).as_bytes(),
+        )
+        .unwrap()
+        .to_string()
+    };
+    let mut seen = std::collections::HashMap::new();
+    let (first, second) = (0..1u32 << 20)
+        .find_map(|i| {
+            let id = id_of(i);
+            seen.insert(id[..7].to_owned(), i)
+                .map(|earlier| (earlier, i))
+        })
+        .expect("two ids sharing 7 digits");
+    let mut ids = Vec::new();
+    for (index, i) in [first, second].into_iter().enumerate() {
+        let file = fixture.base.join(format!("commit-{index}"));
+        fs::write(&file, commit_text(i)).unwrap();
+        let id = git(
+            &fixture.widget,
+            &["hash-object", "-w", "-t", "commit", file.to_str().unwrap()],
+        );
+        assert_eq!(id, id_of(i));
+        git(
+            &fixture.widget,
+            &["branch", &format!("ambiguous-{index}"), &id],
+        );
+        ids.push(id);
+    }
+    let (one, other) = (&ids[0], &ids[1]);
+    let widget = fixture.widget();
+    assert_not_found(&widget, &one[..7]);
+    assert_not_found(&widget, &one[..7].to_ascii_uppercase());
+    // The shortest prefix that tells them apart names each.
+    let apart = one
+        .bytes()
+        .zip(other.bytes())
+        .position(|(a, b)| a != b)
+        .unwrap()
+        + 1;
+    for id in [one, other] {
+        let resolved = assert_resolves(&widget, &id[..apart.max(7)], RefKind::Commit);
+        assert_eq!(&resolved.commit, id);
+    }
+}
+
 #[test]
 fn tag_wins_over_branch_of_the_same_name() {
     let fixture = fixture();
