@@ -178,6 +178,20 @@ fn beyond_the_burst_a_cold_request_is_429_with_retry_after_and_starts_nothing() 
         (200, "miss"),
         "{peek:?}"
     );
+    // Nor is a `304`: a revalidation generates nothing, so a client whose
+    // budget is spent still gets it (docs/archiver.md, "Crawler budget").
+    // (Docs audit: no test revalidated with a spent budget.)
+    let etag = archiver
+        .client()
+        .head(archiver.url(&cold(3)))
+        .send()
+        .unwrap()
+        .headers()["etag"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let revalidated = get(&archiver, &cold(3), &[("If-None-Match", &etag)]);
+    assert_eq!(revalidated.status, 304, "{revalidated:?}");
 
     let metrics = archiver.metrics();
     assert_eq!(metrics.value(REJECTED, &[]), 3.0);
