@@ -4702,6 +4702,40 @@ fn start_up_fails_on_an_empty_or_unreadable_key_or_token_file_naming_the_flag() 
     }
 }
 
+/// `docs/proxy.md` (Embedded mode, Signals): in embedded mode SIGHUP has
+/// nothing to reload; the process, proxy and in-process archiver, goes on,
+/// and a download under way ends whole. `routes_reloads_total` is absent
+/// there (`docs/observability.md`). Embedded mode is the one-command mode
+/// run from a terminal, whose hangup sends SIGHUP. (Docs audit: SIGHUP was
+/// tested on a routed proxy and on an archiver, not in embedded mode.)
+#[test]
+fn embedded_mode_goes_on_through_a_sighup() {
+    let big = big_repo_64();
+    let sandbox = Sandbox::new();
+    let proxy = Proxy::embedded(&big.repos, &sandbox.path("cache"), &[]);
+    let mut download = RawConnection::connect(proxy.addr).unwrap();
+    download.send_request("GET", BIG_PATH, &[]).unwrap();
+    assert_eq!(download.read_head().unwrap().status, 200);
+    let first = download.read_body_bytes(64 * 1024).unwrap().len();
+    proxy.signal(nix::sys::signal::Signal::SIGHUP);
+    assert!(
+        wait_until(SETTLE, || proxy.log().contains("no routes file to reload")),
+        "{}",
+        proxy.log()
+    );
+    let mut rest = 0u64;
+    let end = download.read_body_to_end(|piece| rest += piece.len() as u64);
+    assert_eq!(end, BodyEnd::Complete);
+    assert_eq!(first as u64 + rest, big.full_length);
+    assert_eq!(fetch(proxy.addr, "/healthz").status(), 200);
+    let metrics = proxy.scrape();
+    assert!(
+        metrics
+            .series_of("gitball_proxy_routes_reloads_total")
+            .is_empty()
+    );
+}
+
 /// `docs/proxy.md` (Flags): with `--routes`, the archiver flags the proxy
 /// accepts for embedded mode are accepted and ignored, so a proxy host
 /// needs no git, no cache dir and none of an archiver's files, and an
