@@ -2240,12 +2240,6 @@ fn as_v4(addr: SocketAddr) -> std::net::SocketAddrV4 {
     }
 }
 
-/// `docs/proxy.md#when-every-candidate-fails`: the first rule that applies
-/// decides the answer. A `5xx` an attempt got is passed through, the last
-/// one (the archiver's reason, `Retry-After` with it); candidates that all
-/// timed out are a `504`; candidates all ejected before the request are a
-/// `503 unavailable` whose `Retry-After` is the time to the first
-/// ejection's end.
 /// `docs/http.md#errors`: the proxy's own error's message never holds an
 /// upstream's address (that goes to the log). (Docs audit: no test read
 /// the 502, 503 or 504 bodies for one.)
@@ -2262,6 +2256,12 @@ fn assert_names_no_upstream(answer: &Fetched, upstreams: &[&str]) {
     }
 }
 
+/// `docs/proxy.md#when-every-candidate-fails`: the first rule that applies
+/// decides the answer. A `5xx` an attempt got is passed through, the last
+/// one (the archiver's reason, `Retry-After` with it); candidates that all
+/// timed out are a `504`; candidates all ejected before the request are a
+/// `503 unavailable` whose `Retry-After` is the time to the first
+/// ejection's end.
 #[test]
 fn when_every_candidate_fails_the_answer_follows_the_documented_rules() {
     let sandbox = Sandbox::new();
@@ -4691,7 +4691,6 @@ fn request_head_over_32_kib_gets_431() {
     );
 }
 
-/// `docs/proxy.md`, "Embedded mode": both ends are one process, so two
 /// `docs/proxy.md` (Flags): start-up fails when a key or token file cannot
 /// be read or is empty, naming the flag. An empty `--signing-key-file`
 /// taken as a key would sign with the empty key, which anyone can: every
@@ -4857,6 +4856,7 @@ fn embedded_mode_sends_the_archivers_token_file_to_its_archiver() {
     }
 }
 
+/// `docs/proxy.md`, "Embedded mode": both ends are one process, so two
 /// tokens that differ are refused at start (attack: every download was a
 /// 502, then every upstream ejected).
 #[test]
