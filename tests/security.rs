@@ -1112,6 +1112,94 @@ fn a_broken_loose_ref_is_ignored_as_git_ignores_it() {
     }
 }
 
+/// `git gc` on a served repository deletes the loose objects it packed
+/// and the fan-out directories it emptied (`objects/ab/`) while requests
+/// come in. The check that nothing under `objects` is a symlink took a
+/// directory gone between its listing and its reading for one that leads
+/// outside `--repos`: the repository was `404 repo_not_found` to the
+/// requests that opened it, and its cold archives `500`, until `gc` ended.
+/// Every request made while git's maintenance runs is answered as before
+/// it (docs/archiver.md, "Repository layout").
+#[test]
+fn a_repository_is_served_while_git_gc_prunes_its_loose_objects() {
+    const FILES: usize = 4_000;
+    let sandbox = Sandbox::new();
+    let source = sandbox.source_repo("src/widget");
+    for file in 0..FILES {
+        source.write(&format!("f{file}"), format!("{file}\n"));
+    }
+    source.git(&["add", "-A"]);
+    source.git_at(1_700_000_000, &["commit", "-q", "-m", "many"]);
+    let archiver = Archiver::start(&sandbox.repos(), &["--client-cold-rate", "0"]);
+    let mut answered_during_gc = 0;
+    let mut failures = Vec::new();
+    // A fresh repository each round, until enough requests met a gc.
+    for round in 0..5 {
+        if answered_during_gc >= 8 {
+            break;
+        }
+        // A local clone links the loose objects: every object is loose,
+        // in every fan-out directory.
+        let git_dir = sandbox.repos().join(format!("acme/widget{round}.git"));
+        source.git(&["clone", "-q", "--bare", ".", git_dir.to_str().unwrap()]);
+        let mut gc = gitball_e2e::git_command(&sandbox.home())
+            .current_dir(&git_dir)
+            .args(["gc", "--prune=now", "-q"])
+            .spawn()
+            .expect("spawn git gc");
+        // Once the pack is written, git deletes the loose objects and
+        // their directories: ask while it does.
+        let packed = || {
+            std::fs::read_dir(git_dir.join("objects/pack")).is_ok_and(|entries| {
+                entries
+                    .flatten()
+                    .any(|entry| entry.file_name().to_string_lossy().ends_with(".idx"))
+            })
+        };
+        assert!(
+            wait_until(Duration::from_secs(60), || packed()
+                || gc.try_wait().unwrap().is_some()),
+            "git gc wrote no pack"
+        );
+        // The first request opens the repository; each asks for another
+        // file, a generation of its own.
+        for file in 0..FILES {
+            if gc.try_wait().unwrap().is_some() {
+                break;
+            }
+            let target = format!("/acme/widget{round}/archive/main.tar?path=f{file}");
+            let response = archiver.get(&target);
+            let code = response.status().as_u16();
+            let body = response.text().unwrap_or_default();
+            if code != 200 {
+                failures.push(format!("{target}: {code} {body}"));
+            }
+            answered_during_gc += 1;
+        }
+        let exit = gc.wait().expect("wait for git gc");
+        assert!(exit.success(), "git gc failed: {exit}");
+        assert_eq!(
+            status(&archiver, &format!("/acme/widget{round}/archive/main.tar")),
+            200
+        );
+    }
+    println!("{answered_during_gc} requests answered while git gc ran");
+    assert!(
+        failures.is_empty(),
+        "{} of {answered_during_gc} requests made while git gc ran failed, the first: {}",
+        failures.len(),
+        failures[0]
+    );
+    assert!(
+        answered_during_gc > 0,
+        "git gc always ended before a request was made; give it more objects"
+    );
+    assert!(
+        !archiver.log().contains("leads outside --repos"),
+        "the log says a repository led outside --repos"
+    );
+}
+
 /// A multi-pack-index is derived data the repository carries; one left
 /// behind by a repack (naming packs that are gone) is stale, and git then
 /// reads each pack through its own index. gix read the objects through

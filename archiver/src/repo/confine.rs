@@ -312,19 +312,40 @@ pub(super) const OBJECTS_DEPTH: usize = 3;
 
 /// `Err` names the first symlink under `dir`, `depth` levels down at most,
 /// or a directory that cannot be listed.
+///
+/// What is gone by the time it is looked at is passed over: git's own
+/// maintenance removes files and directories here while a repository is
+/// served (`gc` and `prune-packed` delete the loose objects they packed and
+/// the fan-out directories they emptied, `repack -d` the packs it
+/// replaced), and nothing can be read through what is not there (attack:
+/// a `git gc --prune=now` made a repository `404 repo_not_found`, and its
+/// cold archives `500`, until it ended).
 pub(super) fn without_symlinks(dir: &Path, depth: usize) -> Result<(), PathBuf> {
     let entries = fs::read_dir(dir).map_err(|_| dir.to_path_buf())?;
+    entries_without_symlinks(entries, dir, depth)
+}
+
+fn entries_without_symlinks(entries: fs::ReadDir, dir: &Path, depth: usize) -> Result<(), PathBuf> {
     for entry in entries {
         let entry = entry.map_err(|_| dir.to_path_buf())?;
         // `DirEntry::file_type` does not follow a symlink.
-        let kind = entry.file_type().map_err(|_| entry.path())?;
+        let kind = match entry.file_type() {
+            Ok(kind) => kind,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
+            Err(_) => return Err(entry.path()),
+        };
         // Nor a FIFO, a device or a socket: a read of one (a pack's index,
         // the commit-graph) would hang or never end (attack).
         if !kind.is_file() && !kind.is_dir() {
             return Err(entry.path());
         }
         if kind.is_dir() && depth > 1 {
-            without_symlinks(&entry.path(), depth - 1)?;
+            let path = entry.path();
+            match fs::read_dir(&path) {
+                Ok(entries) => entries_without_symlinks(entries, &path, depth - 1)?,
+                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                Err(_) => return Err(path),
+            }
         }
     }
     Ok(())
