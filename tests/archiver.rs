@@ -1089,11 +1089,15 @@ fn other_formats_and_refs_get_other_validators() {
     );
 }
 
-/// A commit dated past what an HTTP date can say (year 9999) is served
-/// with the last HTTP date as its `Last-Modified`; the header had panicked
-/// the handler and cut every request for that commit (attack: bytes).
+/// A commit carries whatever time its committer's clock gave it: ahead of
+/// the server's (a clock set wrong, a server's clock stepped back), far in
+/// the future, or past what an HTTP date can say (year 9999, whose header
+/// had panicked the handler and cut every request for that commit: attack,
+/// bytes). `Last-Modified` is the commit time, but never later than the
+/// response's `Date` (RFC 9110, 8.8.2.1: an origin server must not send
+/// one later); it was sent as the commit's, days or centuries ahead.
 #[test]
-fn a_commit_dated_past_year_9999_is_last_modified_at_the_last_http_date() {
+fn a_commit_dated_in_the_future_is_last_modified_no_later_than_the_response() {
     let sandbox = Sandbox::new();
     let repo = RepoBuilder::init_bare(&sandbox.repos().join("acme/far.git"), &sandbox.home());
     let blob = repo.git_with_input(None, &["hash-object", "-w", "--stdin"], b"x\n");
@@ -1102,39 +1106,63 @@ fn a_commit_dated_past_year_9999_is_last_modified_at_the_last_http_date() {
         &["mktree"],
         format!("100644 blob {blob}\tf\n").as_bytes(),
     );
-    let commit = repo.git_with_input(
-        None,
-        &[
-            "hash-object",
-            "-t",
-            "commit",
-            "-w",
-            "--literally",
-            "--stdin",
-        ],
-        format!(
-            "tree {tree}\nauthor T <t@e> 1700000000 +0000\n\
-             committer T <t@e> 253402300800 +0000\n\nfar\n"
-        )
-        .as_bytes(),
-    );
-    repo.git(&["update-ref", "refs/heads/main", &commit]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // A day ahead, year 2191, and a second past year 9999.
+    let dates = [now + 86_400, 7_000_000_000, 253_402_300_800];
+    for (n, date) in dates.iter().enumerate() {
+        let commit = repo.git_with_input(
+            None,
+            &[
+                "hash-object",
+                "-t",
+                "commit",
+                "-w",
+                "--literally",
+                "--stdin",
+            ],
+            format!(
+                "tree {tree}\nauthor T <t@e> 1700000000 +0000\n\
+                 committer T <t@e> {date} +0000\n\nfar\n"
+            )
+            .as_bytes(),
+        );
+        repo.git(&["update-ref", &format!("refs/heads/b{n}"), &commit]);
+    }
     let archiver = Archiver::start(&sandbox.repos(), &[]);
-    for ext in ["tar", "tar.gz", "zip"] {
-        let path = format!("/acme/far/archive/main.{ext}");
-        for method in [reqwest::Method::HEAD, reqwest::Method::GET] {
-            let response = archiver
-                .client()
-                .request(method.clone(), archiver.url(&path))
-                .send()
-                .unwrap();
-            assert_eq!(response.status().as_u16(), 200, "{method} {path}");
-            assert_eq!(
-                header(&response, "last-modified"),
-                "Fri, 31 Dec 9999 23:59:59 GMT",
-                "{method} {path}"
-            );
-            response.bytes().expect("the whole body");
+    let parse = |response: &reqwest::blocking::Response, name: &str| {
+        httpdate::parse_http_date(header(response, name))
+            .unwrap_or_else(|error| panic!("{name}: {error}"))
+    };
+    for (n, date) in dates.iter().enumerate() {
+        for ext in ["tar", "tar.gz", "zip"] {
+            let path = format!("/acme/far/archive/b{n}.{ext}");
+            let mut etag = None;
+            for method in [
+                reqwest::Method::HEAD,
+                reqwest::Method::GET,
+                reqwest::Method::GET,
+            ] {
+                let mut request = archiver
+                    .client()
+                    .request(method.clone(), archiver.url(&path));
+                if let Some(etag) = etag.take() {
+                    request = request.header("if-none-match", etag);
+                }
+                let response = request.send().unwrap();
+                let status = response.status().as_u16();
+                assert!([200, 304].contains(&status), "{method} {path}: {status}");
+                assert!(
+                    parse(&response, "last-modified") <= parse(&response, "date"),
+                    "{method} {path} ({status}, commit dated {date}): Last-Modified {} is later than Date {}",
+                    header(&response, "last-modified"),
+                    header(&response, "date"),
+                );
+                etag = Some(header(&response, "etag").to_owned());
+                response.bytes().expect("the whole body");
+            }
         }
     }
 }

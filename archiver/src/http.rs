@@ -125,10 +125,13 @@ pub(crate) struct Resolution {
 impl Resolution {
     /// The commit time, within what an HTTP date can say (years 1970 to
     /// 9999: a forged commit can carry any time, and a later one panicked
-    /// the date's formatting).
+    /// the date's formatting), and never later than now: RFC 9110
+    /// (8.8.2.1) forbids a `Last-Modified` later than the response's
+    /// `Date`, and a commit is dated by its committer's clock, which may
+    /// run ahead of the server's.
     fn last_modified(&self) -> SystemTime {
         let seconds = self.resolved.committer_time.clamp(0, LAST_HTTP_DATE);
-        SystemTime::UNIX_EPOCH + Duration::from_secs(seconds as u64)
+        (SystemTime::UNIX_EPOCH + Duration::from_secs(seconds as u64)).min(SystemTime::now())
     }
 
     /// How long a cache may keep the archive, and so its checksum: a
