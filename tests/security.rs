@@ -1200,6 +1200,143 @@ fn a_repository_is_served_while_git_gc_prunes_its_loose_objects() {
     );
 }
 
+/// git receives a push into a quarantine directory under `objects`
+/// (`tmp_objdir-incoming-*`, mode 0700, the pusher's) until its hooks
+/// accept it. The ops units run the archiver as a user of its own that
+/// reads the repositories through their group: it cannot list that
+/// directory, and took it for one that leads outside `--repos`. While a
+/// push was received, a repository opened was `404 repo_not_found` and
+/// every cold archive of an open one `500` (docs/archiver.md, "Repository
+/// layout"). Needs root, to run the archiver as a user other than the
+/// pusher.
+#[test]
+fn a_push_being_received_leaves_the_repository_served_to_another_user() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: not running as root");
+        return;
+    }
+    const NOBODY: u32 = 65_534;
+    let sandbox = Sandbox::new();
+    // The archiver's user reads what anyone may, and owns its cache dir.
+    std::fs::set_permissions(sandbox.root(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cache_dir = sandbox.path("cache");
+    std::fs::create_dir(&cache_dir).unwrap();
+    nix::unistd::chown(
+        &cache_dir,
+        Some(nix::unistd::Uid::from_raw(NOBODY)),
+        Some(nix::unistd::Gid::from_raw(NOBODY)),
+    )
+    .unwrap();
+    let (first, git_dir) = widget_of_one_commit(&sandbox);
+    let readable = std::process::Command::new("chmod")
+        .args(["-R", "a+rX"])
+        .arg(sandbox.repos())
+        .status()
+        .unwrap();
+    assert!(readable.success());
+    // The hook holds the push, its objects in quarantine, until the test
+    // writes a line to `release` (or two minutes passed).
+    let release = sandbox.path("release");
+    nix::unistd::mkfifo(&release, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let hook = git_dir.join("hooks/pre-receive");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\ncat >/dev/null\ntimeout 120 head -n 1 '{}' >/dev/null\n",
+            release.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let archiver = Archiver::start_as_user(
+        &sandbox.repos(),
+        &cache_dir.join("archiver"),
+        (NOBODY, NOBODY),
+        &["--client-cold-rate", "0"],
+    );
+
+    let source = RepoBuilder::open(&sandbox.path("src/widget"), &sandbox.home());
+    source.write("README", "widget, two\n");
+    let second = source.commit_all(1_700_000_100, "two");
+    let mut push = gitball_e2e::git_command(&sandbox.home())
+        .current_dir(source.dir())
+        .args([
+            "push",
+            "-q",
+            git_dir.to_str().unwrap(),
+            "HEAD:refs/heads/main",
+        ])
+        .spawn()
+        .expect("spawn git push");
+    let quarantine = || {
+        std::fs::read_dir(git_dir.join("objects")).is_ok_and(|entries| {
+            entries.flatten().any(|entry| {
+                entry
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("tmp_objdir-")
+            })
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(60), || quarantine()
+            || push.try_wait().unwrap().is_some()),
+        "git push made no quarantine"
+    );
+    assert!(push.try_wait().unwrap().is_none(), "the push ended early");
+    // The first request opens the repository; each is a generation of
+    // its own.
+    for target in [
+        "/acme/widget/archive/main.tar",
+        "/acme/widget/archive/main.zip",
+        "/acme/widget/archive/main.tar.gz?path=README",
+    ] {
+        let response = archiver.get(target);
+        let code = response.status().as_u16();
+        let commit = response
+            .headers()
+            .get("x-gitball-commit")
+            .map(|value| value.to_str().unwrap().to_owned());
+        let body = response.bytes().unwrap();
+        assert_eq!(
+            code,
+            200,
+            "{target} while a push was received: {}",
+            String::from_utf8_lossy(&body)
+        );
+        assert_eq!(commit.as_deref(), Some(first.as_str()), "{target}");
+    }
+    let writer = || {
+        nix::fcntl::open(
+            &release,
+            nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_NONBLOCK,
+            nix::sys::stat::Mode::empty(),
+        )
+        .ok()
+    };
+    let mut opened = None;
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            opened = writer();
+            opened.is_some()
+        }),
+        "the hook never waited"
+    );
+    std::io::Write::write_all(&mut std::fs::File::from(opened.unwrap()), b"go\n").unwrap();
+    let exit = push.wait().unwrap();
+    assert!(exit.success(), "git push failed: {exit}");
+    let response = archiver.get("/acme/widget/archive/main.tar");
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(
+        response.headers()["x-gitball-commit"].to_str().unwrap(),
+        second
+    );
+    assert!(
+        !archiver.log().contains("leads outside --repos"),
+        "the log says a repository led outside --repos"
+    );
+}
+
 /// A multi-pack-index is derived data the repository carries; one left
 /// behind by a repack (naming packs that are gone) is stale, and git then
 /// reads each pack through its own index. gix read the objects through

@@ -115,6 +115,21 @@ impl Service {
         args: &[OsString],
         nofile: Option<(u64, u64)>,
     ) -> Service {
+        let wrapper: Vec<OsString> = match nofile {
+            Some((soft, hard)) => vec![
+                "prlimit".into(),
+                format!("--nofile={soft}:{hard}").into(),
+                "--".into(),
+            ],
+            None => Vec::new(),
+        };
+        Service::start_wrapped(binary, &wrapper, args)
+    }
+
+    /// [`Service::start`], run through `wrapper` (a command and its
+    /// arguments that then exec the binary, keeping its pid: `prlimit …
+    /// --`, `setpriv … --`); an empty `wrapper` runs the binary itself.
+    pub fn start_wrapped(binary: &str, wrapper: &[OsString], args: &[OsString]) -> Service {
         let path = binary_path(binary);
         let scratch = tempfile::Builder::new()
             .prefix(&format!("{binary}-"))
@@ -124,13 +139,10 @@ impl Service {
         let workdir = scratch.path().join("cwd");
         fs::create_dir_all(&workdir).expect("mkdir cwd");
         let log = fs::File::create(&log_path).expect("create the log file");
-        let mut command = match nofile {
-            Some((soft, hard)) => {
-                let mut command = Command::new("prlimit");
-                command
-                    .arg(format!("--nofile={soft}:{hard}"))
-                    .arg("--")
-                    .arg(&path);
+        let mut command = match wrapper.split_first() {
+            Some((program, wrapper_args)) => {
+                let mut command = Command::new(program);
+                command.args(wrapper_args).arg(&path);
                 command
             }
             None => Command::new(&path),
@@ -448,6 +460,31 @@ impl Archiver {
         archiver
     }
 
+    /// Starts the archiver over `repos` with `cache_dir` as the user `uid`
+    /// and group `gid`, and no other group (`setpriv`, so the test must run
+    /// as root): the user reads `repos` as anyone may, and must own
+    /// `cache_dir` or be able to create it.
+    pub fn start_as_user(
+        repos: &Path,
+        cache_dir: &Path,
+        (uid, gid): (u32, u32),
+        extra_args: &[&str],
+    ) -> Archiver {
+        let wrapper: Vec<OsString> = vec![
+            "setpriv".into(),
+            format!("--reuid={uid}").into(),
+            format!("--regid={gid}").into(),
+            "--clear-groups".into(),
+            "--".into(),
+        ];
+        let args = Archiver::args(repos, cache_dir, extra_args);
+        Archiver {
+            service: Service::start_wrapped("gitball-archiver", &wrapper, &args),
+            cache_dir: cache_dir.to_path_buf(),
+            _cache: None,
+        }
+    }
+
     /// Starts the archiver over `repos` with `cache_dir` (kept by the caller,
     /// e.g. to restart on the same cache).
     pub fn start_with_cache(repos: &Path, cache_dir: &Path, extra_args: &[&str]) -> Archiver {
@@ -460,6 +497,15 @@ impl Archiver {
         extra_args: &[&str],
         nofile: Option<(u64, u64)>,
     ) -> Archiver {
+        let args = Archiver::args(repos, cache_dir, extra_args);
+        Archiver {
+            service: Service::start_with_nofile("gitball-archiver", &args, nofile),
+            cache_dir: cache_dir.to_path_buf(),
+            _cache: None,
+        }
+    }
+
+    fn args(repos: &Path, cache_dir: &Path, extra_args: &[&str]) -> Vec<OsString> {
         let mut args: Vec<OsString> = vec![
             "--repos".into(),
             repos.into(),
@@ -472,11 +518,7 @@ impl Archiver {
             args.extend(["--log-format".into(), "json".into()]);
         }
         args.extend(extra_args.iter().map(OsString::from));
-        Archiver {
-            service: Service::start_with_nofile("gitball-archiver", &args, nofile),
-            cache_dir: cache_dir.to_path_buf(),
-            _cache: None,
-        }
+        args
     }
 
     /// Names of the files in the cache dir.

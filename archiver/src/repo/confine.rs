@@ -344,6 +344,17 @@ fn entries_without_symlinks(entries: fs::ReadDir, dir: &Path, depth: usize) -> R
             match fs::read_dir(&path) {
                 Ok(entries) => entries_without_symlinks(entries, &path, depth - 1)?,
                 Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                // Nor can anything be read in a directory this process may
+                // not search: git's quarantine of a push being received
+                // (`tmp_objdir-incoming-*`, mode 0700, the pusher's) where
+                // the archiver reads another user's repositories through
+                // their group, as the ops units run it (attack: every cold
+                // archive of a repository was `500` while a push to it was
+                // received).
+                Err(error)
+                    if error.kind() == io::ErrorKind::PermissionDenied
+                        && nix::unistd::eaccess(&path, nix::unistd::AccessFlags::X_OK).is_err() => {
+                }
                 Err(_) => return Err(path),
             }
         }
