@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use gitball_e2e::{Archiver, RepoBuilder, Sandbox, refs_settled, wait_until};
+use gitball_e2e::{Archiver, RepoBuilder, Sandbox, deleted_files_mapped, refs_settled, wait_until};
 
 /// 2024-01-02T03:04:05Z.
 const T1: i64 = 1_704_164_645;
@@ -157,4 +157,42 @@ fn remembered_refs_show_every_kind_of_change_on_the_next_download() {
     repo.git(&["branch", "-D", "loose-1"]);
     let response = archiver.get("/acme/widget/archive/loose-1.tar");
     assert_eq!(response.status(), 404);
+}
+
+/// A repository the archiver has opened keeps its packs mapped (gix reads
+/// objects through them). One removed from `--repos` (deleted, or moved
+/// away) was let go only when asked for again, or once 1,024 other
+/// repositories had been opened since: until then its packs' disk space
+/// stayed taken, however large, after `rm -rf`. The archiver lets go of
+/// removed repositories within seconds (docs/archiver.md, "Repository
+/// layout").
+#[test]
+fn a_removed_repository_is_let_go_without_being_asked_for_again() {
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "widget");
+    small_repository(&repo);
+    repo.git(&["repack", "-adq"]);
+    let git_dir = repo.dir().join(".git");
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    let response = archiver.get("/acme/widget/archive/main.tar");
+    assert_eq!(response.status(), 200);
+    response.bytes().unwrap();
+    let packs = git_dir.join("objects/pack");
+    assert!(
+        std::fs::read_to_string(format!("/proc/{}/maps", archiver.pid))
+            .unwrap()
+            .contains(&*packs.to_string_lossy()),
+        "the archiver does not map the repository's pack"
+    );
+
+    std::fs::remove_dir_all(repo.dir()).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || deleted_files_mapped(
+            archiver.pid,
+            &packs
+        )
+        .is_empty()),
+        "30 s after the repository was removed, the archiver still maps {:?}",
+        deleted_files_mapped(archiver.pid, &packs)
+    );
 }

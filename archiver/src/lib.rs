@@ -52,6 +52,11 @@ use gitball_core::{limits, server};
 /// after the downloads were drained.
 const GENERATION_STOP_DEADLINE: Duration = Duration::from_secs(5);
 
+/// How often the opened repositories removed from `--repos` are let go
+/// (`forget_removed_repositories`): at most 1,024 repositories, a `statx`
+/// or two each.
+const REMOVED_REPOSITORIES_SWEEP: Duration = Duration::from_secs(5);
+
 /// A client connection whose writes make no progress for this long is
 /// closed. Generous: the archiver's clients are mostly proxies, which pause
 /// reading while their own client is slow and cut idle clients after their
@@ -183,6 +188,7 @@ pub async fn run(
         zstd_level: options.zstd_level,
         metrics: handle,
     });
+    tokio::spawn(forget_removed_repositories(app.clone(), shutdown.clone()));
     let max_connections = options.max_connections(limits::FDS_PER_CONNECTION_ARCHIVER);
     limits::warn_if_too_low(
         limits::nofile(),
@@ -230,6 +236,28 @@ pub async fn run(
         tracing::warn!("generations did not stop in time");
     }
     Ok(())
+}
+
+/// Every `REMOVED_REPOSITORIES_SWEEP`, lets go of the opened repositories
+/// removed from `--repos` (`Repositories::forget_removed`), until
+/// `shutdown`: their packs stay mapped, and their disk space taken, while
+/// they are held.
+async fn forget_removed_repositories(app: Arc<http::App>, shutdown: CancellationToken) {
+    let mut sweeps = tokio::time::interval(REMOVED_REPOSITORIES_SWEEP);
+    sweeps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = sweeps.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let app = app.clone();
+        let forgotten = tokio::task::spawn_blocking(move || app.repos.forget_removed())
+            .await
+            .unwrap_or(0);
+        if forgotten > 0 {
+            tracing::info!(forgotten, "let go of repositories removed from --repos");
+        }
+    }
 }
 
 #[cfg(test)]

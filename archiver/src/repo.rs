@@ -284,6 +284,36 @@ impl Repositories {
         Ok(repository)
     }
 
+    /// Lets go of the opened repositories whose directory is gone or
+    /// replaced (one `statx` each, and one per alternates file): such a
+    /// repository was let go only when asked for again (`open`), and until
+    /// then gix kept its packs mapped, their disk space taken after the
+    /// repository was deleted (attack). Returns how many were let go. The
+    /// checks run outside the lock, as `open`'s do.
+    pub fn forget_removed(&self) -> usize {
+        let opened: Vec<(String, Arc<Repository>)> = self
+            .cache()
+            .iter()
+            .map(|(key, repository)| (key.clone(), Arc::clone(repository)))
+            .collect();
+        let mut forgotten = 0;
+        for (key, repository) in opened {
+            if repository.is_current() {
+                continue;
+            }
+            let mut cache = self.cache();
+            // Unless a request opened it anew meanwhile.
+            if cache
+                .peek(&key)
+                .is_some_and(|cached| Arc::ptr_eq(cached, &repository))
+            {
+                cache.pop(&key);
+                forgotten += 1;
+            }
+        }
+        forgotten
+    }
+
     /// The places of the repository whose git dir is `git_dir`: those of
     /// a handle open on it, else new ones. Places no handle holds any more
     /// are forgotten once the map has doubled since it last forgot some.

@@ -43,6 +43,22 @@ pub fn deleted_files_open(pid: u32, dir: &std::path::Path) -> Vec<String> {
         .collect()
 }
 
+/// The files under `dir` that process `pid` has mapped after they were
+/// unlinked (`/proc/PID/maps` lines that end in ` (deleted)`), each once.
+pub fn deleted_files_mapped(pid: u32, dir: &std::path::Path) -> Vec<String> {
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    let dir = dir.to_string_lossy();
+    let mut files: Vec<String> = maps
+        .lines()
+        .filter_map(|line| line.find('/').map(|at| &line[at..]))
+        .filter(|path| path.starts_with(&*dir) && path.ends_with(" (deleted)"))
+        .map(str::to_owned)
+        .collect();
+    files.sort();
+    files.dedup();
+    files
+}
+
 /// The partial files (`*.partial`) under `dir` that process `pid` holds
 /// open, linked or unlinked: their sizes and whether they were unlinked,
 /// by inode (a file open twice, the writer's handle and the readers', is
