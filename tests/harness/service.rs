@@ -123,14 +123,19 @@ impl Service {
             ],
             None => Vec::new(),
         };
-        Service::start_wrapped(binary, &wrapper, args)
+        Service::start_wrapped(binary, &binary_path(binary), &wrapper, args)
     }
 
-    /// [`Service::start`], run through `wrapper` (a command and its
-    /// arguments that then exec the binary, keeping its pid: `prlimit …
-    /// --`, `setpriv … --`); an empty `wrapper` runs the binary itself.
-    pub fn start_wrapped(binary: &str, wrapper: &[OsString], args: &[OsString]) -> Service {
-        let path = binary_path(binary);
+    /// [`Service::start`] of `binary` found at `path`, run through
+    /// `wrapper` (a command and its arguments that then exec the binary,
+    /// keeping its pid: `prlimit … --`, `setpriv … --`); an empty
+    /// `wrapper` runs the binary itself.
+    pub fn start_wrapped(
+        binary: &str,
+        path: &Path,
+        wrapper: &[OsString],
+        args: &[OsString],
+    ) -> Service {
         let scratch = tempfile::Builder::new()
             .prefix(&format!("{binary}-"))
             .tempdir()
@@ -142,10 +147,10 @@ impl Service {
         let mut command = match wrapper.split_first() {
             Some((program, wrapper_args)) => {
                 let mut command = Command::new(program);
-                command.args(wrapper_args).arg(&path);
+                command.args(wrapper_args).arg(path);
                 command
             }
-            None => Command::new(&path),
+            None => Command::new(path),
         };
         let child = command
             .args(args)
@@ -463,7 +468,9 @@ impl Archiver {
     /// Starts the archiver over `repos` with `cache_dir` as the user `uid`
     /// and group `gid`, and no other group (`setpriv`, so the test must run
     /// as root): the user reads `repos` as anyone may, and must own
-    /// `cache_dir` or be able to create it.
+    /// `cache_dir` or be able to create it. The binary is copied beside
+    /// `cache_dir` first (the build's may lie where only root can read),
+    /// so the user must be able to read `cache_dir`'s parent.
     pub fn start_as_user(
         repos: &Path,
         cache_dir: &Path,
@@ -478,8 +485,11 @@ impl Archiver {
             "--".into(),
         ];
         let args = Archiver::args(repos, cache_dir, extra_args);
+        let parent = cache_dir.parent().expect("a cache dir in a directory");
+        let copy = parent.join("gitball-archiver");
+        fs::copy(binary_path("gitball-archiver"), &copy).expect("copy the archiver");
         Archiver {
-            service: Service::start_wrapped("gitball-archiver", &wrapper, &args),
+            service: Service::start_wrapped("gitball-archiver", &copy, &wrapper, &args),
             cache_dir: cache_dir.to_path_buf(),
             _cache: None,
         }
