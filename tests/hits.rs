@@ -196,3 +196,46 @@ fn a_removed_repository_is_let_go_without_being_asked_for_again() {
         deleted_files_mapped(archiver.pid, &packs)
     );
 }
+
+/// Packs that `git repack -d` (or `gc`) replaced in a repository still
+/// served: the archiver's handle kept them mapped, and their disk space
+/// taken, until gix next missed an object and listed the pack directory
+/// again; on a repository nobody pushes to, until a restart. The archiver
+/// lets go of a handle whose pack directories changed within seconds,
+/// asked for again or not (docs/archiver.md, "Repository layout").
+#[test]
+fn packs_a_repack_replaced_are_let_go_without_being_asked_for_again() {
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "widget");
+    small_repository(&repo);
+    repo.git(&["repack", "-adq"]);
+    let packs = repo.dir().join(".git/objects/pack");
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    assert!(!commit_of_download(&archiver, "/acme/widget/archive/main.tar").is_empty());
+    assert!(
+        std::fs::read_to_string(format!("/proc/{}/maps", archiver.pid))
+            .unwrap()
+            .contains(&*packs.to_string_lossy()),
+        "the archiver does not map the repository's pack"
+    );
+
+    // Another commit, and a repack that replaces the one pack with one
+    // holding both commits.
+    repo.write("more", "more\n");
+    repo.commit_all(T1 + 1, "two");
+    repo.git(&["repack", "-adq"]);
+    assert!(
+        wait_until(Duration::from_secs(30), || deleted_files_mapped(
+            archiver.pid,
+            &packs
+        )
+        .is_empty()),
+        "30 s after a repack replaced its pack, the archiver still maps {:?}",
+        deleted_files_mapped(archiver.pid, &packs)
+    );
+    // The repository is served as before, from its new pack.
+    assert_eq!(
+        commit_of_download(&archiver, "/acme/widget/archive/main.tar"),
+        repo.rev_parse("main")
+    );
+}

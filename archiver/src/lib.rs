@@ -52,10 +52,10 @@ use gitball_core::{limits, server};
 /// after the downloads were drained.
 const GENERATION_STOP_DEADLINE: Duration = Duration::from_secs(5);
 
-/// How often the opened repositories removed from `--repos` are let go
-/// (`forget_removed_repositories`): at most 1,024 repositories, a `statx`
-/// or two each.
-const REMOVED_REPOSITORIES_SWEEP: Duration = Duration::from_secs(5);
+/// How often the opened repositories removed from `--repos`, or whose
+/// packs a repack replaced, are let go (`forget_stale_repositories`): at
+/// most 1,024 repositories, a few `statx` each.
+const STALE_REPOSITORIES_SWEEP: Duration = Duration::from_secs(5);
 
 /// A client connection whose writes make no progress for this long is
 /// closed. Generous: the archiver's clients are mostly proxies, which pause
@@ -188,7 +188,7 @@ pub async fn run(
         zstd_level: options.zstd_level,
         metrics: handle,
     });
-    tokio::spawn(forget_removed_repositories(app.clone(), shutdown.clone()));
+    tokio::spawn(forget_stale_repositories(app.clone(), shutdown.clone()));
     let max_connections = options.max_connections(limits::FDS_PER_CONNECTION_ARCHIVER);
     limits::warn_if_too_low(
         limits::nofile(),
@@ -238,12 +238,12 @@ pub async fn run(
     Ok(())
 }
 
-/// Every `REMOVED_REPOSITORIES_SWEEP`, lets go of the opened repositories
-/// removed from `--repos` (`Repositories::forget_removed`), until
-/// `shutdown`: their packs stay mapped, and their disk space taken, while
-/// they are held.
-async fn forget_removed_repositories(app: Arc<http::App>, shutdown: CancellationToken) {
-    let mut sweeps = tokio::time::interval(REMOVED_REPOSITORIES_SWEEP);
+/// Every `STALE_REPOSITORIES_SWEEP`, lets go of the opened repositories
+/// removed from `--repos` or whose packs changed
+/// (`Repositories::forget_stale`), until `shutdown`: the packs they read
+/// stay mapped, and their disk space taken, while they are held.
+async fn forget_stale_repositories(app: Arc<http::App>, shutdown: CancellationToken) {
+    let mut sweeps = tokio::time::interval(STALE_REPOSITORIES_SWEEP);
     sweeps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -251,11 +251,14 @@ async fn forget_removed_repositories(app: Arc<http::App>, shutdown: Cancellation
             () = shutdown.cancelled() => return,
         }
         let app = app.clone();
-        let forgotten = tokio::task::spawn_blocking(move || app.repos.forget_removed())
+        let forgotten = tokio::task::spawn_blocking(move || app.repos.forget_stale())
             .await
             .unwrap_or(0);
         if forgotten > 0 {
-            tracing::info!(forgotten, "let go of repositories removed from --repos");
+            tracing::info!(
+                forgotten,
+                "let go of repositories removed from --repos or repacked"
+            );
         }
     }
 }

@@ -285,12 +285,15 @@ impl Repositories {
     }
 
     /// Lets go of the opened repositories whose directory is gone or
-    /// replaced (one `statx` each, and one per alternates file): such a
-    /// repository was let go only when asked for again (`open`), and until
-    /// then gix kept its packs mapped, their disk space taken after the
-    /// repository was deleted (attack). Returns how many were let go. The
-    /// checks run outside the lock, as `open`'s do.
-    pub fn forget_removed(&self) -> usize {
+    /// replaced, or whose packs changed (a `statx` each, and one per
+    /// alternates file and pack directory): gix keeps the packs it read
+    /// mapped, so a deleted repository's packs kept their disk space until
+    /// it was asked for again (`open`; attack), and packs a `git gc` or
+    /// `repack -d` replaced until gix next missed an object, on a
+    /// repository nobody pushes to never. The next request opens the
+    /// repository anew. Returns how many were let go. The checks run
+    /// outside the lock, as `open`'s do.
+    pub fn forget_stale(&self) -> usize {
         let opened: Vec<(String, Arc<Repository>)> = self
             .cache()
             .iter()
@@ -298,7 +301,7 @@ impl Repositories {
             .collect();
         let mut forgotten = 0;
         for (key, repository) in opened {
-            if repository.is_current() {
+            if repository.is_current() && repository.packs.unchanged() {
                 continue;
             }
             let mut cache = self.cache();
@@ -366,12 +369,15 @@ impl Repositories {
                         let checked =
                             layout_inside(&repository.git_dir, &repository.common_dir, &self.root)
                                 .and_then(|objects| {
-                                    alternates_stamps(&repository, &objects, &self.root)
+                                    let stamps =
+                                        alternates_stamps(&repository, &objects, &self.root)?;
+                                    Ok((stamps, pack_stamps(&objects)))
                                 });
                         match checked {
-                            Ok(stamps) => {
+                            Ok((alternates, packs)) => {
                                 let mut repository = repository;
-                                repository.alternates = stamps;
+                                repository.alternates = alternates;
+                                repository.packs = packs;
                                 return Ok(repository);
                             }
                             Err(outside) => {
@@ -578,6 +584,7 @@ fn open_candidate(path: &Path, confine_to: Option<&Path>) -> Result<Option<Repos
     }
     let identity = FileIdentity::of(&git_dir)
         .map_err(|err| Error::internal(format_args!("stat {}: {err}", git_dir.display())))?;
+    let packs = pack_stamps(&[common_dir.join("objects")]);
     Ok(Some(Repository {
         repo,
         reachable: Arc::new(Mutex::new(None)),
@@ -597,6 +604,7 @@ fn open_candidate(path: &Path, confine_to: Option<&Path>) -> Result<Option<Repos
         common_dir,
         identity,
         alternates: Stamps::default(),
+        packs,
         confined_to: confine_to.map(Path::to_path_buf),
         #[cfg(test)]
         walk_steps: WalkSteps::default(),
@@ -687,6 +695,12 @@ impl FileIdentity {
     }
 }
 
+/// The stamps of the pack directories of `objects` (object directories):
+/// none where one cannot be read, which then never counts as changed.
+fn pack_stamps(objects: &[PathBuf]) -> Stamps {
+    Stamps::take(objects.iter().map(|dir| dir.join("pack"))).unwrap_or_default()
+}
+
 /// One opened repository. Shared between requests; each call takes its own
 /// thread-local `gix` handle, so calls may run on any thread concurrently.
 #[derive(Debug)]
@@ -753,6 +767,11 @@ pub struct Repository {
     /// The alternates files of every object directory, as checked at the
     /// open (none for a repository the operator named alone).
     alternates: Stamps,
+    /// The pack directories of every object directory (of its own alone
+    /// for a repository the operator named), as at the open: gix keeps the
+    /// packs it read mapped, so a handle whose packs a repack replaced is
+    /// let go (`Repositories::forget_stale`), which unmaps them.
+    packs: Stamps,
     /// `--repos`, which everything the repository leads to must stay under
     /// (`layout_inside`); `None` for a repository the operator named alone.
     confined_to: Option<PathBuf>,
