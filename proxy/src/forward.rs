@@ -230,18 +230,23 @@ impl Drop for UnfinishedAttempt<'_> {
     }
 }
 
-/// Runs one attempt on `upstream` and counts it in
-/// `gitball_proxy_upstream_attempts_total`: by the outcome `outcome` reads
-/// from its result, or `client_gone` when it is dropped before it ends.
-/// The pooled client's attempts and a spliced download's range requests
-/// alike.
-pub(crate) async fn counted<T>(
+/// Runs one attempt on `upstream` (the future `attempt` makes) and counts
+/// it in `gitball_proxy_upstream_attempts_total`: by the outcome `outcome`
+/// reads from its result, or `client_gone` when it is dropped before it
+/// ends. The pooled client's attempts and a spliced download's range
+/// requests alike.
+///
+/// It takes a maker, not the future: a future passed to an `async fn` is
+/// kept twice in its state (the argument, and the value being awaited), so
+/// every request's future was the attempt's size larger, and each move of
+/// it copied that much more.
+pub(crate) async fn counted<T, F: Future<Output = T>>(
     upstream: &Arc<str>,
-    attempt: impl Future<Output = T>,
+    attempt: impl FnOnce() -> F,
     outcome: impl FnOnce(&T) -> Outcome,
 ) -> T {
     let unfinished = UnfinishedAttempt(upstream);
-    let ended = attempt.await;
+    let ended = attempt().await;
     std::mem::forget(unfinished);
     crate::metrics::upstream_attempt(upstream, outcome(&ended).as_str());
     ended
@@ -423,7 +428,7 @@ impl Forwarder {
             attempting(&candidate.upstream, attempts);
             let (outcome, response) = counted(
                 &candidate.upstream,
-                self.attempt(candidate, request),
+                || self.attempt(candidate, request),
                 |(outcome, _)| *outcome,
             )
             .await;

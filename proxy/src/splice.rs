@@ -175,11 +175,15 @@ async fn attempt(
     upstream: &Arc<str>,
     open: impl Future<Output = Result<Upstream, OpenError>>,
 ) -> Result<Upstream, OpenError> {
-    counted(upstream, open, |opened| {
-        opened
-            .as_ref()
-            .map_or_else(OpenError::outcome, |_| Outcome::Ok)
-    })
+    counted(
+        upstream,
+        || open,
+        |opened| {
+            opened
+                .as_ref()
+                .map_or_else(OpenError::outcome, |_| Outcome::Ok)
+        },
+    )
     .await
 }
 
