@@ -358,8 +358,19 @@ fn respond(state: &AppState, request: &Parts, answer: Answer, mut log: RequestLo
             && (name == header::CONTENT_LENGTH
                 || !connection.iter().any(|connection| names(connection, name)))
     };
-    while let Some(name) = headers.keys().find(|name| !passed(name)).cloned() {
-        headers.remove(&name);
+    // One pass to find what is not passed on (an archiver's `Date` and
+    // `X-Request-Id`), then the removals: searching again from the start
+    // after each removal judged every name three times over.
+    let mut dropped: [Option<header::HeaderName>; 4] = Default::default();
+    let mut more_dropped = Vec::new();
+    for (index, name) in headers.keys().filter(|name| !passed(name)).enumerate() {
+        match dropped.get_mut(index) {
+            Some(slot) => *slot = Some(name.clone()),
+            None => more_dropped.push(name.clone()),
+        }
+    }
+    for name in dropped.iter().flatten().chain(&more_dropped) {
+        headers.remove(name);
     }
     *response.headers_mut() = headers;
     let headers = response.headers_mut();
