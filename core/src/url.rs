@@ -143,15 +143,10 @@ impl UrlError {
 /// Parses an archive URL path (still percent-encoded, as in the request line).
 pub fn parse_path(path: &str) -> Result<ArchiveRequest, UrlError> {
     let rest = path.strip_prefix('/').ok_or(UrlError::NotAnArchiveUrl)?;
-    let mut parts = rest.splitn(4, '/');
-    let (Some(owner), Some(repo), Some(kind), Some(tail)) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(UrlError::NotAnArchiveUrl);
-    };
+    let (owner, repo, kind, tail) = four_segments(rest).ok_or(UrlError::NotAnArchiveUrl)?;
     validate_name(owner)?;
     validate_name(repo)?;
-    let tail = percent_decode(tail)?;
+    let mut tail = percent_decode(tail)?;
 
     let (reference, format, checksum) = if kind == "archive" {
         let (stem, checksum) = match tail.strip_suffix(".sha256") {
@@ -159,7 +154,9 @@ pub fn parse_path(path: &str) -> Result<ArchiveRequest, UrlError> {
             None => (tail.as_str(), false),
         };
         let (reference, format) = split_extension(stem).ok_or(UrlError::BadFormat)?;
-        (reference.to_owned(), format, checksum)
+        // The ref is the decoded tail's start: cut in place, not copied.
+        tail.truncate(reference.len());
+        (tail, format, checksum)
     } else {
         let format = Format::from_ext(kind).ok_or(UrlError::NotAnArchiveUrl)?;
         (tail, format, false)
@@ -172,6 +169,20 @@ pub fn parse_path(path: &str) -> Result<ArchiveRequest, UrlError> {
         format,
         checksum,
     })
+}
+
+/// `rest` cut at its first three `/`, as `rest.splitn(4, '/')` cuts it
+/// when it has them all, by a plain byte search (`splitn`'s searcher cost
+/// a request more than the rest of the parse); `None` with fewer.
+fn four_segments(rest: &str) -> Option<(&str, &str, &str, &str)> {
+    fn cut(text: &str) -> Option<(&str, &str)> {
+        let at = text.bytes().position(|byte| byte == b'/')?;
+        Some((&text[..at], &text[at + 1..]))
+    }
+    let (owner, rest) = cut(rest)?;
+    let (repo, rest) = cut(rest)?;
+    let (kind, tail) = cut(rest)?;
+    Some((owner, repo, kind, tail))
 }
 
 /// What a prewarm URL names: `/{owner}/{repo}/prewarm/{ref}`.
@@ -288,14 +299,17 @@ pub fn validate_ref(reference: &str) -> Result<(), UrlError> {
     if reference.starts_with('-') {
         return Err(UrlError::BadRef("starts with '-'"));
     }
-    if reference.contains("..") || reference.contains("@{") || reference == "@" {
+    // Pairs and components by bytes: `str::contains` and `split` build a
+    // searcher each, which cost a request more than the checks themselves.
+    let bytes = reference.as_bytes();
+    if bytes.windows(2).any(|pair| pair == b".." || pair == b"@{") || reference == "@" {
         return Err(UrlError::BadRef("contains '..' or '@{'"));
     }
     if reference.ends_with('.') || reference.ends_with('/') || reference.starts_with('/') {
         return Err(UrlError::BadRef("starts or ends with '/' or ends with '.'"));
     }
-    for component in reference.split('/') {
-        if component.is_empty() || component.starts_with('.') || component.ends_with(".lock") {
+    for component in bytes.split(|&byte| byte == b'/') {
+        if component.is_empty() || component[0] == b'.' || component.ends_with(b".lock") {
             return Err(UrlError::BadRef(
                 "empty component, component starting with '.' or ending with '.lock'",
             ));
@@ -338,6 +352,14 @@ pub fn validate_subtree(path: &str) -> Result<String, UrlError> {
 /// would pass it through as it is).
 pub fn percent_decode(input: &str) -> Result<String, UrlError> {
     let bytes = input.as_bytes();
+    if !bytes.contains(&b'%') {
+        // Nothing to decode (most URLs): the text is the input, which is
+        // UTF-8 already; only the control characters are left to refuse.
+        if input.chars().any(char::is_control) {
+            return Err(UrlError::BadEncoding);
+        }
+        return Ok(input.to_owned());
+    }
     let malformed = bytes.iter().enumerate().any(|(i, &b)| {
         b == b'%'
             && !bytes
@@ -496,6 +518,175 @@ mod tests {
             parse_prewarm_path("/acme/widget/archive/v1"),
             Err(UrlError::NotAnArchiveUrl)
         );
+    }
+
+    /// The byte-level parse (segments cut by a byte search, a ref's pairs
+    /// and components checked by bytes, no decoding without a `%`) says
+    /// what the `str` searchers it replaced said, for every short input
+    /// over the characters that matter to it.
+    #[test]
+    fn the_byte_level_parse_agrees_with_the_searchers_it_replaced() {
+        fn searched_parse_path(path: &str) -> Result<ArchiveRequest, UrlError> {
+            let rest = path.strip_prefix('/').ok_or(UrlError::NotAnArchiveUrl)?;
+            let mut parts = rest.splitn(4, '/');
+            let (Some(owner), Some(repo), Some(kind), Some(tail)) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                return Err(UrlError::NotAnArchiveUrl);
+            };
+            validate_name(owner)?;
+            validate_name(repo)?;
+            let tail = decoded_percent(tail)?;
+            let (reference, format, checksum) = if kind == "archive" {
+                let (stem, checksum) = match tail.strip_suffix(".sha256") {
+                    Some(stem) => (stem, true),
+                    None => (tail.as_str(), false),
+                };
+                let (reference, format) = split_extension(stem).ok_or(UrlError::BadFormat)?;
+                (reference.to_owned(), format, checksum)
+            } else {
+                let format = Format::from_ext(kind).ok_or(UrlError::NotAnArchiveUrl)?;
+                (tail, format, false)
+            };
+            searched_validate_ref(&reference)?;
+            Ok(ArchiveRequest {
+                owner: owner.to_owned(),
+                repo: repo.to_owned(),
+                reference,
+                format,
+                checksum,
+            })
+        }
+        fn searched_validate_ref(reference: &str) -> Result<(), UrlError> {
+            if reference.is_empty() {
+                return Err(UrlError::BadRef("empty"));
+            }
+            if reference.len() > MAX_REF_BYTES {
+                return Err(UrlError::BadRef("longer than 255 bytes"));
+            }
+            if !reference.bytes().all(|b| {
+                b.is_ascii_alphanumeric()
+                    || matches!(b, b'.' | b'_' | b'-' | b'/' | b'+' | b'@' | b'=')
+            }) {
+                return Err(UrlError::BadRef(
+                    "only A-Z a-z 0-9 . _ - / + @ = are allowed",
+                ));
+            }
+            if reference.starts_with('-') {
+                return Err(UrlError::BadRef("starts with '-'"));
+            }
+            if reference.contains("..") || reference.contains("@{") || reference == "@" {
+                return Err(UrlError::BadRef("contains '..' or '@{'"));
+            }
+            if reference.ends_with('.') || reference.ends_with('/') || reference.starts_with('/') {
+                return Err(UrlError::BadRef("starts or ends with '/' or ends with '.'"));
+            }
+            for component in reference.split('/') {
+                if component.is_empty()
+                    || component.starts_with('.')
+                    || component.ends_with(".lock")
+                {
+                    return Err(UrlError::BadRef(
+                        "empty component, component starting with '.' or ending with '.lock'",
+                    ));
+                }
+            }
+            Ok(())
+        }
+        fn decoded_percent(input: &str) -> Result<String, UrlError> {
+            let bytes = input.as_bytes();
+            let malformed = bytes.iter().enumerate().any(|(i, &b)| {
+                b == b'%'
+                    && !bytes
+                        .get(i + 1..i + 3)
+                        .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+            });
+            if malformed {
+                return Err(UrlError::BadEncoding);
+            }
+            let text = percent_decode_str(input)
+                .decode_utf8()
+                .map_err(|_| UrlError::BadEncoding)?;
+            if text.chars().any(char::is_control) {
+                return Err(UrlError::BadEncoding);
+            }
+            Ok(text.into_owned())
+        }
+        /// Every string of up to `max` characters from `alphabet`.
+        fn strings(alphabet: &[&str], max: usize) -> Vec<String> {
+            let mut all = vec![String::new()];
+            let mut last = vec![String::new()];
+            for _ in 0..max {
+                last = last
+                    .iter()
+                    .flat_map(|start| alphabet.iter().map(move |next| format!("{start}{next}")))
+                    .collect();
+                all.extend(last.iter().cloned());
+            }
+            all
+        }
+
+        let refs = strings(&["a", ".", "/", "@", "{", "-", "l", "o", "c", "k", "+"], 5);
+        for reference in &refs {
+            assert_eq!(
+                validate_ref(reference),
+                searched_validate_ref(reference),
+                "{reference:?}"
+            );
+        }
+        for long in [
+            "a".repeat(255),
+            "a".repeat(256),
+            format!("{}.lock", "a/".repeat(100)),
+        ] {
+            assert_eq!(validate_ref(&long), searched_validate_ref(&long));
+        }
+        let encoded = strings(
+            &["a", "%", "2", "F", "f", "0", "é", "\u{7f}", "\u{85}", "+"],
+            4,
+        );
+        for text in &encoded {
+            assert_eq!(percent_decode(text), decoded_percent(text), "{text:?}");
+        }
+        let tails = strings(
+            &["a", "/", ".", "%", "2", "F", "@", "-", "t", "z", "i", "p"],
+            4,
+        );
+        let mut paths = Vec::new();
+        for start in [
+            "",
+            "/",
+            "/a",
+            "/a/",
+            "/a/b",
+            "/a/b/",
+            "/a/b/archive",
+            "/a/b/archive/",
+            "/a/b/tgz/",
+            "/.a/b/zip/",
+            "/a/b/x/",
+            "//b/archive/",
+            "/a/b//",
+        ] {
+            paths.extend(tails.iter().map(|tail| format!("{start}{tail}")));
+        }
+        for reference in strings(&["a", "/", ".", "%2F", "@", "-"], 3) {
+            for ext in [
+                ".tar.gz",
+                ".zip.sha256",
+                ".tgz",
+                ".tar.zst",
+                ".tar",
+                "tar",
+                ".rar",
+            ] {
+                paths.push(format!("/acme/widget/archive/{reference}{ext}"));
+                paths.push(format!("/acme/widget/zip/{reference}{ext}"));
+            }
+        }
+        for path in &paths {
+            assert_eq!(parse_path(path), searched_parse_path(path), "{path:?}");
+        }
     }
 
     #[test]
