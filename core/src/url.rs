@@ -379,10 +379,14 @@ pub fn percent_decode(input: &str) -> Result<String, UrlError> {
 }
 
 /// Finds one query parameter and percent-decodes it (`+` is a space, as in
-/// HTML forms). The last occurrence wins.
+/// HTML forms). The last occurrence wins. `name` is never empty.
 pub fn query_param(query: Option<&str>, name: &str) -> Result<Option<String>, UrlError> {
+    // Most URLs have no query: nothing to split.
+    let Some(query) = query else {
+        return Ok(None);
+    };
     let mut found = None;
-    for pair in query.unwrap_or("").split('&') {
+    for pair in query.split('&') {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         if key == name {
             found = Some(percent_decode(&value.replace('+', " "))?);

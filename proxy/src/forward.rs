@@ -435,7 +435,7 @@ impl Forwarder {
             // A complete-only request waits for a whole generation: running
             // long is no sign of a broken archiver.
             let slow_but_sane =
-                request.answered_when_complete() && matches!(outcome, Outcome::HeaderTimeout);
+                matches!(outcome, Outcome::HeaderTimeout) && request.answered_when_complete();
             if outcome == Outcome::Overloaded {
                 // Our own shortage says nothing about the upstream, and
                 // the next candidate needs an fd just the same.
@@ -651,10 +651,14 @@ impl UpstreamRequest {
     /// with [`UpstreamRequest::wants_length`], or for an archive's
     /// `.sha256`, which needs the whole archive.
     pub fn answered_when_complete(&self) -> bool {
+        // A byte search: `split_once`'s searcher cost a request more.
         let path = self
             .path_and_query
-            .split_once('?')
-            .map_or(self.path_and_query.as_str(), |(path, _)| path);
+            .bytes()
+            .position(|byte| byte == b'?')
+            .map_or(self.path_and_query.as_str(), |at| {
+                &self.path_and_query[..at]
+            });
         self.wants_length() || path.ends_with(".sha256")
     }
 }
