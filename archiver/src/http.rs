@@ -20,13 +20,13 @@
 //! (for a generation slot, say) is logged and counted as `499`. Errors
 //! become responses in one place, `error`.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use base64::Engine;
@@ -38,7 +38,7 @@ use gitball_core::protocol::{
 use gitball_core::request_id::request_id;
 use gitball_core::response::{self, is_allowed};
 use gitball_core::secret::bearer_is;
-use gitball_core::server::ClientWrites;
+use gitball_core::server::OnConnection;
 use gitball_core::server::takeover::Takeover;
 use gitball_core::url::{self, ArchiveRequest, Format, RefKind};
 use http::header::{self, HeaderMap, HeaderValue};
@@ -173,7 +173,8 @@ async fn archive(State(app): State<Arc<App>>, request: Request) -> Response {
         request.uri.path(),
         crate::metrics::request_finished,
     );
-    log.on_connection(request.extensions.get::<ClientWrites>());
+    let connection = request.extensions.get::<OnConnection>();
+    log.on_connection(connection.map(|connection| &connection.writes));
     let request_id = log.request_id.clone();
     let answer = if url::is_prewarm_path(request.uri.path()) {
         crate::prewarm::serve(&app, &request, &mut log)
@@ -183,7 +184,11 @@ async fn archive(State(app): State<Arc<App>>, request: Request) -> Response {
         serve(&app, &request, &mut log).await
     };
     let mut response = match answer {
-        Ok(answer) => respond(answer, log, request.extensions.get::<Takeover>()),
+        Ok(answer) => respond(
+            answer,
+            log,
+            connection.and_then(|connection| connection.takeover.as_ref()),
+        ),
         Err(error) => fail(error, log),
     };
     // Either checked by the request-id rule or hex: a valid header value.
@@ -478,8 +483,8 @@ pub(crate) fn client_of(app: &App, request: &Parts) -> IpAddr {
 pub(crate) fn client_identity(vouched: Option<bool>, request: &Parts) -> IpAddr {
     let peer = request
         .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(peer)| client_key(peer.ip()));
+        .get::<OnConnection>()
+        .map(|connection| client_key(connection.peer.ip()));
     let trusted = vouched.unwrap_or_else(|| peer.is_none_or(|peer| peer.is_loopback()));
     let claimed = || {
         request
@@ -715,6 +720,8 @@ fn authorize(app: &App, headers: &HeaderMap) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gitball_core::server::ClientWrites;
+    use std::net::SocketAddr;
     use std::path::Path;
     use std::process::Command;
     use std::sync::atomic::Ordering;
@@ -819,7 +826,11 @@ mod tests {
     fn parts(peer: &str, claimed: Option<&str>) -> Parts {
         let mut request = http::Request::get("/x").body(()).unwrap();
         let peer: SocketAddr = peer.parse().unwrap();
-        request.extensions_mut().insert(ConnectInfo(peer));
+        request.extensions_mut().insert(OnConnection {
+            peer,
+            writes: ClientWrites::default(),
+            takeover: None,
+        });
         if let Some(claimed) = claimed {
             request
                 .headers_mut()

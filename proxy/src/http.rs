@@ -27,21 +27,20 @@
 //! `/{owner}/{repo}/archive/{ref}.{ext}[.sha256]`, whichever URL shape the
 //! client used; the `path` query is passed on, the `token` is not.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use gitball_core::log::{Ending, Fault, RequestLog, Tier};
 use gitball_core::protocol::{REQUEST_ID, X_GITBALL_CLIENT, X_GITBALL_WANT_LENGTH};
 use gitball_core::request_id::request_id;
 use gitball_core::response;
-use gitball_core::server::ClientWrites;
-use gitball_core::server::takeover::Takeover;
+use gitball_core::server::OnConnection;
 use gitball_core::url;
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header};
@@ -196,7 +195,12 @@ async fn archive(State(state): State<Arc<AppState>>, request: Request) -> Respon
         request.uri.path(),
         crate::metrics::request_finished,
     );
-    log.on_connection(request.extensions.get::<ClientWrites>());
+    log.on_connection(
+        request
+            .extensions
+            .get::<OnConnection>()
+            .map(|connection| &connection.writes),
+    );
     log.attempts = Some(0);
     if url::is_prewarm_path(request.uri.path()) {
         let response = match crate::prewarm::serve(&state, &request, &request_id, &mut log).await {
@@ -383,6 +387,7 @@ fn respond(state: &AppState, request: &Parts, answer: Answer, mut log: RequestLo
         && status != StatusCode::NO_CONTENT
         && body_length(&upstream_response) != Some(0);
     if has_body {
+        let on_connection = request.extensions.get::<OnConnection>();
         *response.body_mut() = Body::from_stream(
             Pipe::new(
                 upstream_response,
@@ -408,8 +413,8 @@ fn respond(state: &AppState, request: &Parts, answer: Answer, mut log: RequestLo
                 },
             )
             .on_connection(
-                request.extensions.get::<ClientWrites>().cloned(),
-                request.extensions.get::<Takeover>().cloned(),
+                on_connection.map(|connection| connection.writes.clone()),
+                on_connection.and_then(|connection| connection.takeover.clone()),
             ),
         );
     }
@@ -482,7 +487,7 @@ fn private_cache_control(upstream: Option<&HeaderValue>) -> HeaderValue {
 /// The client the request is for (`client`); `None` only without a socket
 /// (in-process tests).
 pub fn client_of(state: &AppState, request: &Parts) -> Option<IpAddr> {
-    let ConnectInfo(peer) = request.extensions.get::<ConnectInfo<SocketAddr>>()?;
+    let peer = request.extensions.get::<OnConnection>()?.peer;
     Some(client_address(
         peer.ip(),
         &request.headers,

@@ -345,6 +345,7 @@ mod tests {
 
     use super::*;
     use crate::server::Connections;
+    use crate::server::OnConnection;
     use crate::server::tests::TestLoop;
 
     /// Bound on every wait in these tests.
@@ -430,7 +431,10 @@ mod tests {
             move |request: Request| async move {
                 file_response(
                     &path,
-                    request.extensions().get::<Takeover>(),
+                    request
+                        .extensions()
+                        .get::<OnConnection>()
+                        .and_then(|connection| connection.takeover.as_ref()),
                     fail_after,
                     outcome,
                 )
@@ -441,7 +445,10 @@ mod tests {
             move |request: Request| async move {
                 handed_response(
                     &path,
-                    request.extensions().get::<Takeover>().cloned(),
+                    request
+                        .extensions()
+                        .get::<OnConnection>()
+                        .and_then(|connection| connection.takeover.clone()),
                     outcome,
                 )
             }
