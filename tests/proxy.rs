@@ -2661,6 +2661,45 @@ fn only_allowlisted_upstream_headers_reach_the_client() {
     }
 }
 
+/// The client gets one `X-Request-Id`, the proxy's, whatever the archiver
+/// echoes: the echo is passed on as it is only when it is that one value
+/// and not hop-by-hop; twice, or named in `Connection`, it is replaced.
+#[test]
+fn the_client_gets_one_request_id_whatever_the_archiver_echoes() {
+    let sandbox = Sandbox::new();
+    let answers: [&'static [u8]; 3] = [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Request-Id: chosen-id\r\n\r\nbytes",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Request-Id: chosen-id\r\n\
+          X-Request-Id: chosen-id\r\n\r\nbytes",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: X-Request-Id\r\n\
+          X-Request-Id: chosen-id\r\n\r\nbytes",
+    ];
+    for answer in answers {
+        let proxy = proxy_before(scripted_upstream(answer, 1), &sandbox);
+        let fetched = fetch_with(
+            proxy.addr,
+            "GET",
+            "/acme/widget/archive/main.tar",
+            &[("X-Request-Id", "chosen-id")],
+        );
+        assert_eq!(fetched.status(), 200, "{}", fetched.text());
+        assert_eq!(fetched.text(), "bytes");
+        let ids: Vec<&str> = fetched
+            .head
+            .headers
+            .iter()
+            .filter(|(key, _)| key == "x-request-id")
+            .map(|(_, value)| value.as_str())
+            .collect();
+        assert_eq!(
+            ids,
+            ["chosen-id"],
+            "after {:?}",
+            String::from_utf8_lossy(answer)
+        );
+    }
+}
+
 /// `docs/proxy.md#the-pipe`, upstream abort: an upstream that sends a
 /// head and some of the body, then nothing while keeping its connection
 /// open (a hung archiver, whose kernel still acknowledges), aborts the

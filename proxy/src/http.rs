@@ -214,7 +214,8 @@ async fn archive(State(state): State<Arc<AppState>>, request: Request) -> Respon
         return with_request_id(response, &request_id);
     }
     let response = match handle(&state, &request, &request_id, &mut log).await {
-        Ok(answer) => respond(&state, &request, answer, log),
+        // It carries the request id already.
+        Ok(answer) => return respond(&state, &request, answer, log),
         Err(error) => {
             log.failed(error.status(), error.fault(), error.log_text());
             let response = error.into_response();
@@ -319,8 +320,9 @@ async fn handle(
     }
 }
 
-/// Phase 5: the client response from the upstream one. The log moves into
-/// the pipe when there is a body, so it is written when the body ends.
+/// Phase 5: the client response from the upstream one, with the request
+/// id. The log moves into the pipe when there is a body, so it is written
+/// when the body ends.
 fn respond(state: &AppState, request: &Parts, answer: Answer, mut log: RequestLog) -> Response {
     let mut upstream_response = answer.response;
     let status = upstream_response.status();
@@ -356,8 +358,25 @@ fn respond(state: &AppState, request: &Parts, answer: Answer, mut log: RequestLo
         .iter()
         .cloned()
         .collect();
+    // The archiver echoes the request id it was sent: that one value is
+    // passed on as it is, rather than removed and written anew.
+    let echoed = {
+        let mut ids = headers.get_all(REQUEST_ID).iter();
+        ids.next()
+            .is_some_and(|id| id.as_bytes() == log.request_id.as_bytes())
+            && ids.next().is_none()
+            && !connection
+                .iter()
+                .any(|connection| names(connection, &REQUEST_ID))
+    };
+    let own_id = if echoed {
+        None
+    } else {
+        // Either checked by the request-id rule or hex: a valid header value.
+        HeaderValue::from_str(&log.request_id).ok()
+    };
     let passed = |name: &header::HeaderName| {
-        is_passed_through(name)
+        (is_passed_through(name) || (echoed && name == REQUEST_ID))
             && !(by_coding && name == header::CONTENT_LENGTH)
             && (name == header::CONTENT_LENGTH
                 || !connection.iter().any(|connection| names(connection, name)))
@@ -378,6 +397,9 @@ fn respond(state: &AppState, request: &Parts, answer: Answer, mut log: RequestLo
     }
     *response.headers_mut() = headers;
     let headers = response.headers_mut();
+    if let Some(own_id) = own_id {
+        headers.insert(REQUEST_ID, own_id);
+    }
     if answer.private {
         let cache_control = private_cache_control(headers.get(header::CACHE_CONTROL));
         headers.insert(header::CACHE_CONTROL, cache_control);
