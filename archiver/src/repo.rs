@@ -301,20 +301,55 @@ impl Repositories {
             .collect();
         let mut forgotten = 0;
         for (key, repository) in opened {
-            if repository.is_current() && repository.packs.unchanged() {
+            let current = repository.is_current();
+            if current && repository.packs.unchanged() {
                 continue;
             }
+            // Only its packs changed: it is opened anew here, off the
+            // requests' way, and keeps what it knew of its objects, which
+            // a repack does not change (review: every `git gc` had cost
+            // the next request for a commit id a walk of the whole
+            // history, and a repack of a fork network's pool each fork's).
+            let reopened = current.then(|| self.reopen(&key, &repository)).flatten();
             let mut cache = self.cache();
             // Unless a request opened it anew meanwhile.
             if cache
                 .peek(&key)
                 .is_some_and(|cached| Arc::ptr_eq(cached, &repository))
             {
-                cache.pop(&key);
+                match reopened {
+                    Some(reopened) => cache.put(key, reopened),
+                    None => cache.pop(&key),
+                };
                 forgotten += 1;
             }
         }
         forgotten
+    }
+
+    /// `repository` (cached under `key`) opened anew, with every check of
+    /// an open, keeping the answers it knew that name objects by id (the
+    /// commits its refs reach, under their digest; peeled ids; `?path=`
+    /// and `export-subst` answers): `None` if it is no longer the same git
+    /// dir, or could not be kept in the cache.
+    fn reopen(&self, key: &str, repository: &Arc<Repository>) -> Option<Arc<Repository>> {
+        let (owner, name) = key.split_once('/')?;
+        let mut reopened = self.locate(owner, name).ok()?;
+        if reopened.git_dir != repository.git_dir
+            || reopened.identity != repository.identity
+            || !reopened.alternates.settled(self.racy_window)
+        {
+            return None;
+        }
+        reopened.racy_window = self.racy_window;
+        reopened.kept = Arc::clone(&self.kept);
+        reopened.own = Arc::clone(&repository.own);
+        reopened.reachable = Arc::clone(&repository.reachable);
+        reopened.substitutes = Arc::clone(&repository.substitutes);
+        reopened.peeled = Arc::clone(&repository.peeled);
+        reopened.failed = Arc::clone(&repository.failed);
+        reopened.paths = Arc::clone(&repository.paths);
+        Some(Arc::new(reopened))
     }
 
     /// The places of the repository whose git dir is `git_dir`: those of
@@ -589,11 +624,11 @@ fn open_candidate(path: &Path, confine_to: Option<&Path>) -> Result<Option<Repos
         repo,
         reachable: Arc::new(Mutex::new(None)),
         kept: Arc::default(),
-        substitutes: Mutex::new(LruCache::new(SUBSTITUTION_ANSWERS)),
-        peeled: Mutex::new(LruCache::new(PEELED_OBJECTS)),
+        substitutes: Arc::new(Mutex::new(LruCache::new(SUBSTITUTION_ANSWERS))),
+        peeled: Arc::new(Mutex::new(LruCache::new(PEELED_OBJECTS))),
         peeling: Reads::default(),
-        failed: Mutex::new(LruCache::new(FAILED_OBJECTS)),
-        paths: Mutex::new(LruCache::new(PATH_ANSWERS)),
+        failed: Arc::new(Mutex::new(LruCache::new(FAILED_OBJECTS))),
+        paths: Arc::new(Mutex::new(LruCache::new(PATH_ANSWERS))),
         finding: flight::Flights::default(),
         own: Arc::default(),
         refs: Mutex::new(LruCache::new(REMEMBERED_REFS)),
@@ -713,10 +748,10 @@ pub struct Repository {
     kept: Arc<kept::Kept>,
     /// Commit → whether its tree asks for `export-subst` (trees never
     /// change, so the answer is kept).
-    substitutes: Mutex<LruCache<ObjectId, bool>>,
+    substitutes: Arc<Mutex<LruCache<ObjectId, bool>>>,
     /// Object id → the commit it peels to and the commit's committer time
     /// (an id names its content: the answer never changes).
-    peeled: Mutex<LruCache<ObjectId, (ObjectId, i64)>>,
+    peeled: Arc<Mutex<LruCache<ObjectId, (ObjectId, i64)>>>,
     /// Object being read → that read, whose answer the requests for it
     /// that arrive meanwhile wait for and take: it is read once (its cost
     /// is a push's to decide: a delta chain through large objects). One
@@ -733,14 +768,14 @@ pub struct Repository {
     /// object read it once, not once each. "Not found" is never kept (a
     /// push or a fetch can bring the object), nor a read over the
     /// allocation bound (a repack can store the object otherwise).
-    failed: Mutex<LruCache<ObjectId, PeelFailure>>,
+    failed: Arc<Mutex<LruCache<ObjectId, PeelFailure>>>,
     /// (Commit, path) → whether the path is in the commit's tree (an id
     /// names its content: the answer never changes), so that the trees on
     /// a `?path=` are read once, not on every request, hits included
     /// (attack: 500 nested trees of 8 MB, 2.7 s of a blocking thread per
     /// request). A failure to read (I/O, the allocation bound, an object
     /// missing) is never kept.
-    paths: Mutex<LruCache<PathKey, bool>>,
+    paths: Arc<Mutex<LruCache<PathKey, bool>>>,
     /// (Commit, path) being looked for → that look, whose answer the
     /// requests for it that arrive meanwhile wait for on the runtime and
     /// take, as for `peeling`.
