@@ -1167,6 +1167,64 @@ fn a_commit_dated_in_the_future_is_last_modified_no_later_than_the_response() {
     }
 }
 
+/// docs/http.md, "Conditional requests": a commit dated ahead of the
+/// server's clock is `Last-Modified` at the time of each response, so
+/// the date a client was sent is earlier than the one the next response
+/// carries. Revalidated with that date, its commit URL (whose bytes never
+/// change) is still a 304, not the whole archive again. (Review of
+/// 801e9d3: every such revalidation was a 200.)
+#[test]
+fn a_commit_dated_in_the_future_is_revalidated_by_the_date_it_was_sent() {
+    let sandbox = Sandbox::new();
+    let repo = RepoBuilder::init_bare(&sandbox.repos().join("acme/far.git"), &sandbox.home());
+    let blob = repo.git_with_input(None, &["hash-object", "-w", "--stdin"], b"x\n");
+    let tree = repo.git_with_input(
+        None,
+        &["mktree"],
+        format!("100644 blob {blob}\tf\n").as_bytes(),
+    );
+    let ahead = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 86_400;
+    let commit = repo.git_with_input(
+        None,
+        &["hash-object", "-t", "commit", "-w", "--stdin"],
+        format!(
+            "tree {tree}\nauthor T <t@e> 1700000000 +0000\n\
+             committer T <t@e> {ahead} +0000\n\nfar\n"
+        )
+        .as_bytes(),
+    );
+    repo.git(&["update-ref", "refs/heads/main", &commit]);
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    let path = format!("/acme/far/archive/{commit}.tar");
+    let first = archiver.get(&path);
+    assert_eq!(first.status().as_u16(), 200);
+    let sent = header(&first, "last-modified").to_owned();
+    first.bytes().expect("the whole body");
+    // Until the server's clock has passed the date sent.
+    let later = || {
+        let response = archiver.client().head(archiver.url(&path)).send().unwrap();
+        httpdate::parse_http_date(header(&response, "date")).unwrap()
+            > httpdate::parse_http_date(&sent).unwrap()
+    };
+    assert!(wait_until(Duration::from_secs(10), later));
+    let again = archiver
+        .client()
+        .get(archiver.url(&path))
+        .header("if-modified-since", &sent)
+        .send()
+        .unwrap();
+    assert_eq!(
+        again.status().as_u16(),
+        304,
+        "{path} revalidated with the Last-Modified it was sent, {sent}, now {}",
+        header(&again, "last-modified")
+    );
+}
+
 /// A commit URL names itself as the immutable one (its top folder, and so
 /// its ETag, differ from the branch URL's).
 #[test]

@@ -38,6 +38,9 @@ pub struct Unsatisfiable;
 /// What the request's validators say about the archive a `200` would send.
 pub struct Validators<'a> {
     pub etag: &'a str,
+    /// What `If-Modified-Since` is compared with: the `Last-Modified`
+    /// sent, or the epoch for a commit dated after now
+    /// (`Resolution::modified_for_conditions`).
     pub last_modified: SystemTime,
     /// The URL named a commit id: the bytes behind it can never change.
     pub immutable_url: bool,

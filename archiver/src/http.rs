@@ -134,6 +134,22 @@ impl Resolution {
         (SystemTime::UNIX_EPOCH + Duration::from_secs(seconds as u64)).min(SystemTime::now())
     }
 
+    /// What an `If-Modified-Since` is compared with: the `Last-Modified`
+    /// sent, except for a commit dated after now, which is sent the time
+    /// of each response: the bytes of its commit URL were the same at any
+    /// date a client was sent, so no date given is before them (review of
+    /// 801e9d3: revalidated with the date it was sent, such an archive was
+    /// a 200, the whole of it, once the clock had moved on).
+    fn modified_for_conditions(&self) -> SystemTime {
+        let last_modified = self.last_modified();
+        let seconds = self.resolved.committer_time.clamp(0, LAST_HTTP_DATE);
+        if SystemTime::UNIX_EPOCH + Duration::from_secs(seconds as u64) > last_modified {
+            SystemTime::UNIX_EPOCH
+        } else {
+            last_modified
+        }
+    }
+
     /// How long a cache may keep the archive, and so its checksum: a
     /// commit URL never changes; a branch or tag URL may move.
     fn cache_control(&self) -> HeaderValue {
@@ -280,7 +296,7 @@ async fn serve_archive(
     }
     let validators = Validators {
         etag: &resolution.etag,
-        last_modified: resolution.last_modified(),
+        last_modified: resolution.modified_for_conditions(),
         immutable_url: resolution.immutable_url(),
     };
     if conditional::not_modified(headers, &validators) {
