@@ -330,7 +330,8 @@ impl Repositories {
     /// `repository` (cached under `key`) opened anew, with every check of
     /// an open, keeping the answers it knew that name objects by id (the
     /// commits its refs reach, under their digest; peeled ids; `?path=`
-    /// and `export-subst` answers): `None` if it is no longer the same git
+    /// and `export-subst` answers) and those its refs' stamps vouch for
+    /// (the refs digest, resolved refs): `None` if it is no longer the same git
     /// dir, or could not be kept in the cache.
     fn reopen(&self, key: &str, repository: &Arc<Repository>) -> Option<Arc<Repository>> {
         let (owner, name) = key.split_once('/')?;
@@ -349,6 +350,10 @@ impl Repositories {
         reopened.peeled = Arc::clone(&repository.peeled);
         reopened.failed = Arc::clone(&repository.failed);
         reopened.paths = Arc::clone(&repository.paths);
+        // Kept while the files they came from keep their stamps, which a
+        // repack does not change (`git gc` packing the refs does).
+        reopened.refs = Arc::clone(&repository.refs);
+        reopened.digest = Arc::clone(&repository.digest);
         Some(Arc::new(reopened))
     }
 
@@ -631,8 +636,8 @@ fn open_candidate(path: &Path, confine_to: Option<&Path>) -> Result<Option<Repos
         paths: Arc::new(Mutex::new(LruCache::new(PATH_ANSWERS))),
         finding: flight::Flights::default(),
         own: Arc::default(),
-        refs: Mutex::new(LruCache::new(REMEMBERED_REFS)),
-        digest: Mutex::new(None),
+        refs: Arc::new(Mutex::new(LruCache::new(REMEMBERED_REFS))),
+        digest: Arc::new(Mutex::new(None)),
         listings: Mutex::new(Listings::default()),
         racy_window: RACY_WINDOW,
         git_dir,
@@ -785,9 +790,9 @@ pub struct Repository {
     own: Arc<Own>,
     /// User's ref (as in the URL) → what it resolved to, while the files
     /// the answer came from are unchanged.
-    refs: Mutex<LruCache<String, RememberedRef>>,
+    refs: Arc<Mutex<LruCache<String, RememberedRef>>>,
     /// The refs digest, while nothing under `refs/` changed.
-    digest: Mutex<Option<RememberedDigest>>,
+    digest: Arc<Mutex<Option<RememberedDigest>>>,
     /// The listings of the refs begun and the latest answer: what the
     /// requests that arrive while the digest cannot be remembered (the
     /// refs changed within the racy window) share.

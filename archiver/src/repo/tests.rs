@@ -3143,6 +3143,11 @@ fn a_repack_lets_go_of_the_handle_not_of_what_it_knew() {
     let reopened = repositories.open("acme", "widget").unwrap();
     assert!(!std::ptr::eq(Arc::as_ptr(&reopened), before));
     assert_eq!(
+        reopened.known_refs_digest().as_deref(),
+        Some(digest.as_str()),
+        "after a repack, the refs were listed again for their digest"
+    );
+    assert_eq!(
         reopened.reaches_known(&fixture.c2, Some(&digest)),
         Some(true),
         "after a repack, the commits the refs reach were walked for again"
