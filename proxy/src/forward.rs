@@ -773,7 +773,7 @@ mod tests {
             .join(" ");
         // The first two sentences: what stays behind, before the framing
         // rules that follow.
-        let behind = &behind[..behind.find("(set by the proxy itself)").unwrap()];
+        let behind = &behind[..behind.find("A `Content-Length` sent beside").unwrap()];
         for name in backticked(behind) {
             let name = name.to_ascii_lowercase();
             if let Ok(header) = HeaderName::from_bytes(name.as_bytes()) {
