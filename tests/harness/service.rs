@@ -488,6 +488,7 @@ impl Archiver {
         let parent = cache_dir.parent().expect("a cache dir in a directory");
         let copy = parent.join("gitball-archiver");
         fs::copy(binary_path("gitball-archiver"), &copy).expect("copy the archiver");
+        wait_until_executable(&copy);
         Archiver {
             service: Service::start_wrapped("gitball-archiver", &copy, &wrapper, &args),
             cache_dir: cache_dir.to_path_buf(),
@@ -609,6 +610,30 @@ pub fn wait_for_line(
     });
     assert!(found, "no line for request {request_id}:\n{}", log());
     line.expect("found")
+}
+
+/// Waits until `binary`, just written, can be executed. A child that
+/// another test thread forked while the file was open for writing holds
+/// it so until the child execs, and an exec of the file fails with
+/// `ETXTBSY` meanwhile (review): tried again, within a bound, until it
+/// runs. No new writer can appear once the copy is closed.
+fn wait_until_executable(binary: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Command::new(binary).arg("--help").stdout(Stdio::null()).status() {
+            Err(error)
+                if error.raw_os_error() == Some(nix::errno::Errno::ETXTBSY as i32)
+                    && Instant::now() < deadline =>
+            {
+                std::thread::yield_now();
+            }
+            Err(error) => panic!("running {}: {error}", binary.display()),
+            Ok(status) => {
+                assert!(status.success(), "{} --help: {status}", binary.display());
+                return;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
