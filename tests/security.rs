@@ -1441,13 +1441,24 @@ fn a_head_naming_a_broken_ref_is_unborn_as_for_git() {
     assert_eq!(status(&archiver, "/acme/widget/archive/HEAD.tar"), 404);
 
     // A `HEAD` gix cannot read itself (git reads `ref:` without the
-    // space; other tools write it so): no `HEAD` is listed.
+    // space; other tools write it so): read as git reads it.
     std::fs::write(git_dir.join("HEAD"), "ref:refs/heads/main\n").unwrap();
     let archiver = Archiver::start(&sandbox.repos(), &[]);
     assert_eq!(
         status(&archiver, &format!("/acme/widget/archive/{commit}.tar")),
         200,
         "a HEAD gix cannot read"
+    );
+    assert_eq!(status(&archiver, "/acme/widget/archive/HEAD.tar"), 200);
+
+    // A `HEAD` that is no ref to git (an id with junk glued to it), which
+    // gix read as the id: names no commit, as for git.
+    std::fs::write(git_dir.join("HEAD"), format!("{commit}junk\n")).unwrap();
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    assert_eq!(status(&archiver, "/acme/widget/archive/HEAD.tar"), 404);
+    assert_eq!(
+        status(&archiver, &format!("/acme/widget/archive/{commit}.tar")),
+        200
     );
 }
 

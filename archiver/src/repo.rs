@@ -65,7 +65,8 @@ use confine::{alternates_stamps, git_files_sane, ref_path_without_symlinks};
 use places::{Own, known_or_in_place};
 pub use refs::RefsSnapshot;
 use refs::{
-    PeelFailure, find_abbreviated, find_reference, parse_full_hex, peel_to_commit, ref_candidates,
+    PeelFailure, find_abbreviated, find_reference, follow_ref, parse_full_hex, peel_to_commit,
+    ref_candidates,
 };
 use stamp::{RACY_WINDOW, Stamp, Stamps};
 use subst::{CLEAN_TREES, tree_substitutes};
@@ -1415,19 +1416,21 @@ impl Repository {
         // The refs the tips are read from, listed in the same pass: a push
         // and its force-push back, both while the tips were read, leave the
         // digests before and after equal, and the tips the push's.
-        let read = RefsSnapshot::of_each(&fresh, |mut reference| {
+        let read = RefsSnapshot::of_each(&fresh, |name, target| {
             // A ref's object is peeled as `resolve` peels it, each object
             // once: gix's own peeling reads the object whole, every tip on
             // every walk (attack: 30 tags on a commit read through a chain
             // of deltas took 30 reads of it after each push).
-            let target = match reference.target() {
-                gix::refs::TargetRef::Object(id) => Some(id.to_owned()),
-                // Followed to the object's id, which is not read here
+            let target = match target {
+                gix::refs::Target::Object(id) => Some(*id),
+                // Followed to the object's id as `resolve` follows it (the
+                // listing checked the ref files), which is not read here
                 // (`peel_to_id` would read it, on every walk, as `HEAD`
                 // leads to a branch's commit: review).
-                gix::refs::TargetRef::Symbolic(_) => {
-                    reference.follow_to_object().ok().map(gix::Id::detach)
-                }
+                gix::refs::Target::Symbolic(_) => std::str::from_utf8(name.as_bstr())
+                    .ok()
+                    .and_then(|name| follow_ref(&fresh, name, &|_| Ok(()), &mut Vec::new()).ok())
+                    .flatten(),
             };
             // Refs to trees or blobs, and dangling ones, reach no commit.
             if let Some(target) = target
@@ -1436,8 +1439,8 @@ impl Repository {
                 tips.push(tip);
             }
         })?;
-        if let Ok(head) = fresh.head_id()
-            && let Ok((tip, _)) = peel_to_commit(&repo, head.detach())
+        if let Ok(Some(head)) = follow_ref(&fresh, "HEAD", &|_| Ok(()), &mut Vec::new())
+            && let Ok((tip, _)) = peel_to_commit(&repo, head)
         {
             tips.push(tip);
         }

@@ -4,13 +4,24 @@
 //! listing of every ref (`RefsSnapshot`) that an `export-subst` archive's
 //! bytes depend on.
 
-use std::path::Path;
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{self, Read},
+    os::unix::ffi::OsStrExt,
+    path::Path,
+};
 
-use gix::{hash::ObjectId, object::Kind, refs::TargetRef};
+use gix::{
+    bstr::BString,
+    hash::ObjectId,
+    object::Kind,
+    refs::{FullName, Target},
+};
 
 use gitball_core::url::RefKind;
 
-use super::confine::{RefsRefused, refs_without_symlinks};
+use super::confine::{MAX_REF_FILE_BYTES, RefsRefused, refs_without_symlinks};
 use super::open_isolated;
 use crate::error::Error;
 
@@ -54,7 +65,7 @@ pub struct RefsSnapshot {
 impl RefsSnapshot {
     /// Lists `repo`'s refs and `HEAD`.
     fn of(repo: &gix::Repository) -> Result<RefsSnapshot, Error> {
-        RefsSnapshot::of_each(repo, |_| {})
+        RefsSnapshot::of_each(repo, |_, _| {})
     }
 
     /// Lists `repo`'s refs and `HEAD`, calling `each` with every ref (not
@@ -62,32 +73,24 @@ impl RefsSnapshot {
     /// exactly the refs listed.
     pub(super) fn of_each(
         repo: &gix::Repository,
-        mut each: impl FnMut(gix::Reference<'_>),
+        mut each: impl FnMut(&FullName, &Target),
     ) -> Result<RefsSnapshot, Error> {
         let mut refs = Vec::new();
-        for_each_ref(repo, |reference| {
-            let target = match reference.target() {
-                TargetRef::Object(id) => id.to_hex().to_string(),
-                TargetRef::Symbolic(name) => format!("ref: {}", name.as_bstr()),
-            };
-            refs.push((reference.name().as_bstr().to_string(), target));
-            each(reference);
+        for_each_ref(repo, |name, target| {
+            refs.push((name.as_bstr().to_string(), listed_target(target)));
+            each(name, target);
         })?;
         refs.sort();
-        // `HEAD` as its file says, not followed: a `HEAD` naming a ref git
-        // ignores (an empty file) is an unborn one, and following it had
-        // failed the listing, and every request by commit id (attack).
-        let head = match repo.find_reference("HEAD") {
-            Ok(head) => match head.target() {
-                TargetRef::Object(id) => id.to_hex().to_string(),
-                TargetRef::Symbolic(name) => format!("ref: {}", name.as_bstr()),
-            },
-            // A `HEAD` file gix cannot read as a ref (git reads `ref:`
-            // without its space; other tools write it so): listed as no
-            // commit, which a snapshot's git takes as a `HEAD` that names
-            // nothing. It had failed the listing too.
-            Err(err) if is_broken_ref(&err) => UNREADABLE_HEAD.to_owned(),
-            Err(err) => return Err(Error::internal(format_args!("reading HEAD: {err}"))),
+        // `HEAD` as its file says, read as git reads it, not followed: a
+        // `HEAD` naming a ref git ignores (an empty file) is an unborn
+        // one, and following it had failed the listing, and every request
+        // by commit id (attack). A `HEAD` that is no ref to git (`{id}junk`,
+        // a target that is no ref name) is listed as no commit, which a
+        // snapshot's git takes as a `HEAD` that names nothing, as git
+        // takes it in the repository.
+        let head = match read_loose(&repo.git_dir().join("HEAD"))? {
+            Some(Loose::Ref(target)) => listed_target(&target),
+            Some(Loose::Broken) | None => UNREADABLE_HEAD.to_owned(),
         };
         Ok(RefsSnapshot { refs, head })
     }
@@ -136,43 +139,239 @@ impl RefsSnapshot {
     }
 }
 
-/// Calls `each` with every ref of `repo` (not `HEAD`).
+/// How a ref's target is listed: an object id in hex, or `ref: {name}`.
+fn listed_target(target: &Target) -> String {
+    match target {
+        Target::Object(id) => id.to_hex().to_string(),
+        Target::Symbolic(name) => format!("ref: {}", name.as_bstr()),
+    }
+}
+
+/// Calls `each` with every ref of `repo` (not `HEAD`), in name order, as
+/// git lists them: the refs of `packed-refs`, and over them the loose
+/// ones, each read as git reads it ([`parse_loose`]). A loose ref file git
+/// cannot read ("ignoring broken ref": an empty file, as a crash leaves
+/// one; `{id}junk`), or whose name is no ref name, is left out, and hides
+/// a packed ref of its name as it does for git: one such file had made
+/// every listing fail, and every request by commit id a `500` (attack).
+/// gix's own reading of loose refs listed `{id}junk` and left out
+/// `ref:refs/heads/main` (no space), both the other way round from git.
 pub(super) fn for_each_ref(
     repo: &gix::Repository,
-    mut each: impl FnMut(gix::Reference<'_>),
+    mut each: impl FnMut(&FullName, &Target),
 ) -> Result<(), Error> {
-    let references = repo
-        .references()
-        .map_err(|err| Error::internal(format_args!("listing refs: {err}")))?;
-    let all = references
-        .all()
-        .map_err(|err| Error::internal(format_args!("listing refs: {err}")))?;
-    for (count, reference) in all.enumerate() {
-        if count == MAX_LISTED_REFS {
-            return Err(Error::internal(format_args!(
-                "more than {MAX_LISTED_REFS} refs: not listed"
-            )));
-        }
-        match reference {
-            Ok(reference) => each(reference),
-            // Listed without it, as git lists the refs ("ignoring broken
-            // ref"): one such file had made every listing fail, and every
-            // request by commit id a `500` (attack).
-            Err(err) if is_broken_ref(&err) => {
-                tracing::warn!(error = %err, "a loose ref that cannot be read as one is ignored");
+    let listing =
+        |err: &dyn std::fmt::Display| Error::internal(format_args!("listing refs: {err}"));
+    let mut refs: BTreeMap<FullName, Target> = BTreeMap::new();
+    let too_many = || Error::internal(format_args!("more than {MAX_LISTED_REFS} refs: not listed"));
+    if let Some(packed) = repo
+        .refs
+        .cached_packed_buffer()
+        .map_err(|err| listing(&err))?
+    {
+        for reference in packed.iter().map_err(|err| listing(&err))? {
+            let reference =
+                reference.map_err(|err| Error::internal(format_args!("reading a ref: {err}")))?;
+            if refs.len() == MAX_LISTED_REFS {
+                return Err(too_many());
             }
-            Err(err) => return Err(Error::internal(format_args!("reading a ref: {err}"))),
+            refs.insert(
+                reference.name.to_owned(),
+                Target::Object(reference.target()),
+            );
         }
+    }
+    let common_dir = repo.common_dir();
+    let git_dir = repo.git_dir();
+    let linked = common_dir != git_dir;
+    let mut pending = vec![(common_dir.join("refs"), b"refs".to_vec(), common_dir)];
+    if linked {
+        pending.push((git_dir.join("refs"), b"refs".to_vec(), git_dir));
+    }
+    let mut loose = 0usize;
+    while let Some((dir, prefix, base)) = pending.pop() {
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                ) =>
+            {
+                continue;
+            }
+            Err(error) => return Err(listing(&format_args!("{}: {error}", dir.display()))),
+        };
+        for entry in entries {
+            let entry =
+                entry.map_err(|error| listing(&format_args!("{}: {error}", dir.display())))?;
+            let mut name = prefix.clone();
+            name.push(b'/');
+            name.extend_from_slice(entry.file_name().as_bytes());
+            let path = entry.path();
+            if fs::symlink_metadata(&path).is_ok_and(|meta| meta.is_dir()) {
+                pending.push((path, name, base));
+                continue;
+            }
+            // A linked work tree's own refs are read from its git dir, the
+            // others from the common dir, as git reads them.
+            if linked && is_per_worktree(&name) != (base == git_dir) {
+                continue;
+            }
+            // git leaves out a ref whose name is no ref name, and so does
+            // gix's check of the name ("ignoring ref with broken name").
+            let Ok(name) = FullName::try_from(BString::from(name)) else {
+                continue;
+            };
+            loose += 1;
+            if loose > MAX_LISTED_REFS {
+                return Err(too_many());
+            }
+            match read_loose(&path)? {
+                // git lists a loose null id as a broken ref (resolved, it
+                // names a missing object).
+                Some(Loose::Ref(Target::Object(id))) if id.is_null() => {
+                    refs.remove(&name);
+                }
+                Some(Loose::Ref(target)) => {
+                    refs.insert(name, target);
+                }
+                Some(Loose::Broken) => {
+                    tracing::warn!(
+                        path = %path.display(),
+                        "a loose ref that cannot be read as one is ignored"
+                    );
+                    refs.remove(&name);
+                }
+                None => {}
+            }
+        }
+    }
+    if refs.len() > MAX_LISTED_REFS {
+        return Err(too_many());
+    }
+    for (name, target) in &refs {
+        each(name, target);
     }
     Ok(())
 }
 
-/// Whether `err` is gix's for a loose ref file whose content is no ref (an
-/// empty file, as a crash leaves one): git ignores such a ref, as if it
-/// were not there, and so does the archiver.
-fn is_broken_ref(err: &gix::Error) -> bool {
-    err.downcast_any_ref::<gix::refs::file::find::ReferenceDecode>()
-        .is_some()
+/// Whether a linked work tree keeps the ref `name` in its own git dir
+/// (gix's and git's per-worktree refs).
+fn is_per_worktree(name: &[u8]) -> bool {
+    [&b"refs/bisect/"[..], b"refs/worktree/", b"refs/rewritten/"]
+        .iter()
+        .any(|prefix| name.starts_with(prefix))
+}
+
+/// What a loose ref file holds, read as git reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Loose {
+    Ref(Target),
+    /// No ref to git, which ignores it ("ignoring broken ref"), and looks
+    /// no further for its name: not in `packed-refs` either.
+    Broken,
+}
+
+/// git's `isspace`: space, tab, LF and CR, not VT or FF.
+fn is_git_space(byte: u8) -> bool {
+    matches!(byte, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+fn trim_git_space(bytes: &[u8]) -> &[u8] {
+    let start = bytes
+        .iter()
+        .position(|&byte| !is_git_space(byte))
+        .unwrap_or(bytes.len());
+    let end = bytes
+        .iter()
+        .rposition(|&byte| !is_git_space(byte))
+        .map_or(start, |last| last + 1);
+    &bytes[start..end.max(start)]
+}
+
+/// The content of a loose ref file as git's `parse_loose_ref_contents`
+/// reads it, after the `strbuf_rtrim` of `files_read_raw_ref`: `ref:`
+/// and any whitespace (none included) before a symbolic ref's target,
+/// whose whitespace at either end is trimmed and which ends at a NUL, and
+/// which must be a ref name (git's `check_refname_format`: a target that
+/// is none is not followed); or an object id in hex of either case, which
+/// nothing but whitespace or a NUL may follow (`FETCH_HEAD`'s form). gix
+/// wants `ref: ` with its space, keeps trailing spaces and tabs, ends a
+/// target at CR or LF, and takes an id with anything not hex glued to it:
+/// the archiver had served a ref git calls broken, and named no commit
+/// for one git resolves (`refs_files_read_as_git_reads_them`).
+pub(super) fn parse_loose(contents: &[u8]) -> Loose {
+    let end = contents
+        .iter()
+        .rposition(|&byte| !is_git_space(byte))
+        .map_or(0, |last| last + 1);
+    let contents = &contents[..end];
+    // git reads the buffer as a C string from here on.
+    let text = contents.split(|&byte| byte == 0).next().unwrap_or_default();
+    if let Some(target) = text.strip_prefix(b"ref:") {
+        return match FullName::try_from(BString::from(trim_git_space(target))) {
+            Ok(name) => Loose::Ref(Target::Symbolic(name)),
+            Err(_) => Loose::Broken,
+        };
+    }
+    let Some(hex) = text.get(..FULL_HEX_LEN) else {
+        return Loose::Broken;
+    };
+    let follows = text.get(FULL_HEX_LEN).copied();
+    if !hex.iter().all(u8::is_ascii_hexdigit) || follows.is_some_and(|byte| !is_git_space(byte)) {
+        return Loose::Broken;
+    }
+    match ObjectId::from_hex(&hex.to_ascii_lowercase()) {
+        Ok(id) => Loose::Ref(Target::Object(id)),
+        Err(_) => Loose::Broken,
+    }
+}
+
+/// Reads the loose ref file at `path` as git does ([`parse_loose`]).
+/// `None` when there is none: missing, or a directory (git then looks in
+/// `packed-refs`). Anything but a regular file within
+/// `MAX_REF_FILE_BYTES` (a symlink, a FIFO: the checks before the read,
+/// `loose_ref_inside` and `refs_without_symlinks`, refuse these; one
+/// swapped in since) is refused as they refuse it, and never read.
+pub(super) fn read_loose(path: &Path) -> Result<Option<Loose>, Error> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => return Ok(None),
+        Ok(meta) if meta.is_file() && meta.len() <= MAX_REF_FILE_BYTES => {}
+        Ok(_) => {
+            tracing::warn!(
+                path = %path.display(),
+                "a loose ref is a symlink (which leads outside the repository), not a regular file, or too large; refused"
+            );
+            return Err(Error::RepoNotFound);
+        }
+        Err(error)
+            if matches!(
+                error.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+            ) =>
+        {
+            return Ok(None);
+        }
+        Err(error) => {
+            return Err(Error::internal(format_args!(
+                "reading {}: {error}",
+                path.display()
+            )));
+        }
+    }
+    let mut contents = Vec::new();
+    match fs::File::open(path)
+        .and_then(|file| file.take(MAX_REF_FILE_BYTES + 1).read_to_end(&mut contents))
+    {
+        Ok(_) => Ok(Some(parse_loose(&contents))),
+        // Deleted (or packed) since: as if it had not been there.
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(Error::internal(format_args!(
+            "reading {}: {error}",
+            path.display()
+        ))),
+    }
 }
 
 /// The most refs a listing takes (for the refs digest, and the tips of the
@@ -263,12 +462,12 @@ pub(super) fn follow_ref(
             return Ok(None);
         }
         inside(&name)?;
-        let Some(reference) = find_exact(repo, &name)? else {
+        let Some(target) = find_exact(repo, &name)? else {
             return Ok(None);
         };
-        match reference.target() {
-            TargetRef::Object(id) => return Ok(Some(id.to_owned())),
-            TargetRef::Symbolic(target) => match std::str::from_utf8(target.as_bstr()) {
+        match target {
+            Target::Object(id) => return Ok(Some(id)),
+            Target::Symbolic(target) => match std::str::from_utf8(target.as_bstr()) {
                 Ok(target) => {
                     name = target.to_owned();
                     followed.push(name.clone());
@@ -280,31 +479,41 @@ pub(super) fn follow_ref(
     Ok(None)
 }
 
-/// Looks up one ref by its full name, loose or packed.
-///
-/// `gix`'s lookup also tries other spellings when the name is missing (its
-/// own dwim); those answers carry another name and are discarded here, so
-/// the order of `ref_candidates` is the only one that applies.
-pub(super) fn find_exact<'repo>(
-    repo: &'repo gix::Repository,
-    full_name: &str,
-) -> Result<Option<gix::Reference<'repo>>, Error> {
+/// Looks up one ref by its full name: its loose file, read as git reads
+/// it ([`read_loose`]), else `packed-refs`. A loose file git cannot read
+/// is no ref, and hides a packed one of its name, as for git, which then
+/// tries the next candidate of a short name (a `500` before: attack).
+pub(super) fn find_exact(repo: &gix::Repository, full_name: &str) -> Result<Option<Target>, Error> {
     // A name gix considers invalid cannot exist as a ref.
-    let Ok(partial) = <&gix::refs::PartialNameRef>::try_from(full_name) else {
+    let Ok(name) = FullName::try_from(full_name) else {
         return Ok(None);
     };
-    let found = match repo.try_find_reference(partial) {
-        Ok(found) => found,
-        // No ref, as for git, which tries the next candidate of a short
-        // name: a `500` before (attack).
-        Err(err) if is_broken_ref(&err) => None,
-        Err(err) => {
-            return Err(Error::internal(format_args!(
-                "reading ref {full_name}: {err}"
-            )));
-        }
+    let dir = if full_name == "HEAD" || is_per_worktree(full_name.as_bytes()) {
+        repo.git_dir()
+    } else {
+        repo.common_dir()
     };
-    Ok(found.filter(|reference| reference.name().as_bstr() == full_name))
+    match read_loose(&dir.join(full_name))? {
+        Some(Loose::Ref(target)) => return Ok(Some(target)),
+        Some(Loose::Broken) => return Ok(None),
+        None => {}
+    }
+    if full_name == "HEAD" {
+        return Ok(None);
+    }
+    let packed = repo
+        .refs
+        .cached_packed_buffer()
+        .map_err(|err| Error::internal(format_args!("reading ref {full_name}: {err}")))?;
+    let Some(packed) = packed else {
+        return Ok(None);
+    };
+    let found = packed
+        .try_find::<_, std::convert::Infallible>(<&gix::refs::PartialNameRef>::from(name.as_ref()))
+        .map_err(|err| Error::internal(format_args!("reading ref {full_name}: {err}")))?;
+    Ok(found
+        .filter(|reference| reference.name.as_bstr() == full_name)
+        .map(|reference| Target::Object(reference.target())))
 }
 
 /// `Branch`/`Tag` by the matched ref's namespace; `HEAD`, remotes and
