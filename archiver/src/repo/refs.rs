@@ -51,6 +51,16 @@ pub(super) const MAX_PEELED_OBJECT_BYTES: u64 = 16 * 1024 * 1024;
 /// such an archive, and git makes it from exactly these refs
 /// (`shadow::Shadows::snapshot`), not from the live ones.
 ///
+/// The bytes of such an archive are a function of the commit and the
+/// snapshot git reads, and the snapshot one of this listing, so two
+/// archives under one digest never differ. The listing is git's
+/// (`refs_files_read_as_git_reads_them` compares git's listing in a
+/// snapshot with git's in the repository), with more in it than git
+/// shows where that changes no byte: a dangling symbolic ref, or a ref to
+/// a missing object, which git in the snapshot leaves out as git in the
+/// repository does. Every name and symbolic target is a ref name, with no
+/// whitespace, so no two listings share a digest.
+///
 /// [`digest`]: RefsSnapshot::digest
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RefsSnapshot {
@@ -209,7 +219,8 @@ pub(super) fn for_each_ref(
             name.push(b'/');
             name.extend_from_slice(entry.file_name().as_bytes());
             let path = entry.path();
-            if fs::symlink_metadata(&path).is_ok_and(|meta| meta.is_dir()) {
+            // `DirEntry::file_type` does not follow a symlink.
+            if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
                 pending.push((path, name, base));
                 continue;
             }

@@ -3193,6 +3193,11 @@ const DIFFERENTIAL_REFS: &[&str] = &[
     "at@sign",
     "refs/heads/-dash",
     "Upper",
+    "a@b",
+    "heads/HEAD",
+    "refs/HEAD",
+    "x/y",
+    "a.b.c",
 ];
 
 const REFS_CASES: &[RefsCase] = &[
@@ -3591,6 +3596,41 @@ const REFS_CASES: &[RefsCase] = &[
             ("refs/heads/a b", "{c1}\n"),
             ("refs/heads/x.lock", "{c1}\n"),
             ("refs/heads/x", "{c1}\n"),
+        ],
+    },
+    RefsCase {
+        name: "names git refuses",
+        files: &[
+            ("refs/heads/a~b", "{c1}\n"),
+            ("refs/heads/a^b", "{c1}\n"),
+            ("refs/heads/a:b", "{c1}\n"),
+            ("refs/heads/a?b", "{c1}\n"),
+            ("refs/heads/a*b", "{c1}\n"),
+            ("refs/heads/a[b", "{c1}\n"),
+            ("refs/heads/a\\b", "{c1}\n"),
+            ("refs/heads/a@{b", "{c1}\n"),
+            ("refs/heads/@", "{c1}\n"),
+            ("refs/heads/dot.", "{c1}\n"),
+            ("refs/heads/a..b", "{c1}\n"),
+            ("refs/heads/.hidden", "{c1}\n"),
+            ("refs/heads/sub/.hidden", "{c1}\n"),
+            ("refs/heads/a\u{7f}b", "{c1}\n"),
+            ("refs/heads/x", "{c1}\n"),
+        ],
+    },
+    RefsCase {
+        name: "names git allows",
+        files: &[
+            ("refs/heads/\u{fc}ber", "{c1}\n"),
+            ("refs/heads/a@b", "{c1}\n"),
+            ("refs/heads/a{b}", "{c1}\n"),
+            ("refs/heads/HEAD", "{c1}\n"),
+            ("refs/heads/a.b.c", "{c1}\n"),
+            ("refs/heads/x", "{c1}\n"),
+            ("refs/tags/x/y", "{c1}\n"),
+            ("refs/HEAD", "{c1}\n"),
+            ("refs/heads/a#b", "{c1}\n"),
+            ("refs/heads/a,b", "{c1}\n"),
         ],
     },
 ];
