@@ -1401,7 +1401,7 @@ impl Repository {
     /// older digest, and a commit pushed by mistake and force-pushed away,
     /// the refs back as they were, was served by its id). The refs are
     /// listed with a handle opened afresh, as the digest's are
-    /// (`list_refs_digest`).
+    /// (`list_and_keep_refs_digest`).
     fn walk_reachable(&self, id: ObjectId) -> Result<bool, Error> {
         let listed = self.current_refs_digest()?;
         let repo = self.repo.to_thread_local();
@@ -1548,7 +1548,19 @@ impl Repository {
         let stamps = self
             .stamp_all_refs()?
             .filter(|stamps| stamps.settled(self.racy_window));
-        let digest = self.list_refs_digest()?;
+        // Read afresh, as a generation reads them (`RefsSnapshot::at`):
+        // gix's long-lived handle reloads `packed-refs` only when its mtime
+        // is newer, and a rewrite within one clock tick would leave the two
+        // disagreeing for good (every such archive then failing as
+        // `refs_changed`).
+        let listed = RefsSnapshot::at(&self.git_dir)?;
+        let digest = listed.digest();
+        // A ref left out for its object not being there is listed once the
+        // object comes, which no ref file's stamp tells: such a digest is
+        // listed again each time, not remembered (kept, it would have
+        // stayed while each generation's snapshot, listed afresh, had the
+        // ref: every `export-subst` archive a `refs_changed`).
+        let stamps = stamps.filter(|_| !listed.objects_missing);
         {
             let mut listings = self.listings();
             if listings
@@ -1639,14 +1651,6 @@ impl Repository {
     /// A linked work tree: some refs live in its own git dir.
     fn linked(&self) -> bool {
         self.git_dir != self.common_dir
-    }
-
-    /// Read afresh, as a generation reads them (`RefsSnapshot::at`): gix's
-    /// long-lived handle reloads `packed-refs` only when its mtime is newer,
-    /// and a rewrite within one clock tick would leave the two disagreeing
-    /// for good (every such archive then failing as `refs_changed`).
-    fn list_refs_digest(&self) -> Result<String, Error> {
-        Ok(RefsSnapshot::at(&self.git_dir)?.digest())
     }
 
     /// True when `path` (a literal relative path, validated by

@@ -56,9 +56,12 @@ pub(super) const MAX_PEELED_OBJECT_BYTES: u64 = 16 * 1024 * 1024;
 /// archives under one digest never differ. The listing is git's
 /// (`refs_files_read_as_git_reads_them` compares git's listing in a
 /// snapshot with git's in the repository), with more in it than git
-/// shows where that changes no byte: a dangling symbolic ref, or a ref to
-/// a missing object, which git in the snapshot leaves out as git in the
-/// repository does. Every name and symbolic target is a ref name, with no
+/// shows where that changes no byte: a dangling symbolic ref, which git
+/// in the snapshot leaves out as git in the repository does, and which
+/// its target's coming changes the listing of. A ref to an object that is
+/// not there is not listed (git shows it once the object comes, with no
+/// ref changed: `a_ref_to_an_object_not_there_is_listed_only_once_it_is`).
+/// Every name and symbolic target is a ref name, with no
 /// whitespace, so no two listings share a digest.
 ///
 /// [`digest`]: RefsSnapshot::digest
@@ -70,6 +73,11 @@ pub struct RefsSnapshot {
     /// `HEAD`: `ref: {name}` (also when that branch is unborn), or the id
     /// of a detached `HEAD`.
     pub head: String,
+    /// Some ref or `HEAD` names an object that is not there, and is left
+    /// out: the listing changes when the object comes, with no ref file
+    /// changed, so its digest is not remembered by the ref files' stamps
+    /// (`Repository::refs_digest`).
+    pub objects_missing: bool,
 }
 
 impl RefsSnapshot {
@@ -86,7 +94,7 @@ impl RefsSnapshot {
         mut each: impl FnMut(&FullName, &Target),
     ) -> Result<RefsSnapshot, Error> {
         let mut refs = Vec::new();
-        for_each_ref(repo, |name, target| {
+        let mut objects_missing = for_each_ref(repo, |name, target| {
             refs.push((name.as_bstr().to_string(), listed_target(target)));
             each(name, target);
         })?;
@@ -99,10 +107,20 @@ impl RefsSnapshot {
         // snapshot's git takes as a `HEAD` that names nothing, as git
         // takes it in the repository.
         let head = match read_loose(&repo.git_dir().join("HEAD"))? {
+            // A detached `HEAD` at an object not there names nothing to
+            // git, as a ref to one does (`for_each_ref`).
+            Some(Loose::Ref(Target::Object(id))) if !repo.has_object(id) => {
+                objects_missing = true;
+                UNREADABLE_HEAD.to_owned()
+            }
             Some(Loose::Ref(target)) => listed_target(&target),
             Some(Loose::Broken) | None => UNREADABLE_HEAD.to_owned(),
         };
-        Ok(RefsSnapshot { refs, head })
+        Ok(RefsSnapshot {
+            refs,
+            head,
+            objects_missing,
+        })
     }
 
     /// Reads the refs of the repository at `git_dir` (canonical, checked
@@ -166,10 +184,12 @@ fn listed_target(target: &Target) -> String {
 /// every listing fail, and every request by commit id a `500` (attack).
 /// gix's own reading of loose refs listed `{id}junk` and left out
 /// `ref:refs/heads/main` (no space), both the other way round from git.
+///
+/// True when a ref was left out for its object not being there.
 pub(super) fn for_each_ref(
     repo: &gix::Repository,
     mut each: impl FnMut(&FullName, &Target),
-) -> Result<(), Error> {
+) -> Result<bool, Error> {
     let listing =
         |err: &dyn std::fmt::Display| Error::internal(format_args!("listing refs: {err}"));
     let mut refs: BTreeMap<FullName, Target> = BTreeMap::new();
@@ -261,10 +281,22 @@ pub(super) fn for_each_ref(
     if refs.len() > MAX_LISTED_REFS {
         return Err(too_many());
     }
+    let mut objects_missing = false;
     for (name, target) in &refs {
+        // A ref to an object that is not there (a pool's `gc` pruned it,
+        // a damaged replica) is left out, as git leaves it out ("ignoring
+        // broken ref"), in the repository and in a snapshot alike, until
+        // the object is there: listed either way, it had left the refs
+        // digest the same while git's `%D` changed (review).
+        if let Target::Object(id) = target
+            && !repo.has_object(id)
+        {
+            objects_missing = true;
+            continue;
+        }
         each(name, target);
     }
-    Ok(())
+    Ok(objects_missing)
 }
 
 /// Whether a linked work tree keeps the ref `name` in its own git dir

@@ -3839,3 +3839,73 @@ fn refs_files_read_as_git_reads_them() {
         );
     }
 }
+
+/// A ref to an object that is not there (a pool's `gc` pruned it, a
+/// damaged replica) is left out of git's decorations (`%D`) and
+/// `%(describe)`, in the repository as in a snapshot, and shown once the
+/// object is there, with no ref changed. The refs digest listed it either
+/// way: an annotated tag whose object came later changed the
+/// `export-subst` bytes of the commit it tags (`%D` without and with
+/// `tag: later`) under one digest, one key. It is now listed only while
+/// its object is there.
+#[test]
+fn a_ref_to_an_object_not_there_is_listed_only_once_it_is() {
+    let fixture = fixture();
+    let git_dir = fixture.bare_clone("pruned.git");
+    let tag_file = fixture.base.join("tag.txt");
+    fs::write(
+        &tag_file,
+        format!(
+            "object {}\ntype commit\ntag later\n\
+             tagger A <a@example.com> 1700000000 +0000\n\nlater\n",
+            fixture.c2
+        ),
+    )
+    .unwrap();
+    let hash = |write: bool| {
+        let mut args = vec!["hash-object", "-t", "tag"];
+        if write {
+            args.push("-w");
+        }
+        args.push(tag_file.to_str().unwrap());
+        git(&git_dir, &args)
+    };
+    let missing = hash(false);
+    fs::write(git_dir.join("refs/tags/later"), format!("{missing}\n")).unwrap();
+    let shadows = crate::shadow::Shadows::create_in(&fixture.base).unwrap();
+    let decorations = |dir: &Path| {
+        git(
+            &fixture.base,
+            &[
+                "--git-dir",
+                dir.to_str().unwrap(),
+                "log",
+                "--no-walk",
+                "--format=%D",
+                &fixture.c2,
+            ],
+        )
+    };
+    let listed = || {
+        let snapshot = RefsSnapshot::at(&git_dir).unwrap();
+        let shadow = shadows.snapshot(&git_dir, &snapshot).unwrap();
+        let seen = decorations(&git_dir);
+        assert_eq!(decorations(shadow.path()), seen, "%D in a snapshot");
+        (snapshot.digest(), seen)
+    };
+    let repository = fixture.repositories().open("acme", "pruned").unwrap();
+    let (before, seen_before) = listed();
+    assert!(!seen_before.contains("later"), "{seen_before}");
+    assert_eq!(block_on(repository.refs_digest()).unwrap(), before);
+    hash(true);
+    let (after, seen_after) = listed();
+    assert!(seen_after.contains("tag: later"), "{seen_after}");
+    assert_ne!(before, after, "one digest for two decorations of c2");
+    // No ref file changed: the digest is not one remembered by their
+    // stamps, which a generation's snapshot would contradict for good.
+    assert_eq!(
+        block_on(repository.refs_digest()).unwrap(),
+        after,
+        "the remembered digest"
+    );
+}
