@@ -3688,6 +3688,14 @@ const KNOWN_REFS_DIFFERENCES: &[(&str, &str)] = &[
         "left: the two binary searches miss other refs",
     ),
     (
+        "packed, HEAD inside",
+        "refused: a packed-refs line named HEAD is no ref under refs/, which %D shows",
+    ),
+    (
+        "packed, peel upper",
+        "left: git's describe trusts a ^ line naming another commit than the tag's; the snapshot peels the tag",
+    ),
+    (
         "packed, duplicate",
         "left: git lists both lines, the snapshot one",
     ),
@@ -3718,36 +3726,46 @@ fn write_refs_case(git_dir: &Path, case: &RefsCase, ids: &[(&str, &str)]) {
 }
 
 /// What git lists in `git_dir`: every ref with its object and symbolic
-/// target, and `HEAD`, as the placeholders of `export-subst` read them.
-fn git_listing(git_dir: &Path) -> String {
-    let output = Command::new("git")
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .arg("--git-dir")
-        .arg(git_dir)
-        .args([
+/// target (`for-each-ref`), and what the placeholders of `export-subst`
+/// read of them for each of `commits`: `%D` and `%(describe)`, as
+/// `git log` and `git describe` show them.
+fn git_listing(git_dir: &Path, commits: &[&str]) -> String {
+    let run = |args: &[&str]| {
+        let output = Command::new("git")
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .arg("--git-dir")
+            .arg(git_dir)
+            .args(args)
+            .output()
+            .expect("git runs");
+        // Warnings on stderr ("ignoring broken ref") are not part of what
+        // placeholders read.
+        format!(
+            "{} {}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout).trim()
+        )
+    };
+    let mut listing = vec![
+        run(&[
             "for-each-ref",
             "--format=%(refname) %(objectname) %(symref)",
-        ])
-        .output()
-        .expect("git runs");
-    let head = Command::new("git")
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .arg("--git-dir")
-        .arg(git_dir)
-        .args(["log", "-1", "--format=%D", "HEAD", "--"])
-        .output()
-        .expect("git runs");
-    // Warnings on stderr ("ignoring broken ref") are not part of what
-    // placeholders read.
-    format!(
-        "{} {}\nHEAD: {} {}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&head.stdout).trim(),
-        head.status,
-    )
+        ]),
+        run(&["log", "-1", "--format=%D", "HEAD", "--"]),
+    ];
+    for commit in commits {
+        listing.push(run(&["log", "--no-walk", "--format=%D", commit, "--"]));
+        // The snapshot's config writes whole ids (`core.abbrev`).
+        listing.push(run(&[
+            "describe",
+            "--tags",
+            "--always",
+            "--abbrev=40",
+            commit,
+        ]));
+    }
+    listing.join("\n")
 }
 
 /// Differential test: for each repository state of `REFS_CASES`, the
@@ -3794,7 +3812,11 @@ fn refs_files_read_as_git_reads_them() {
         match RefsSnapshot::at(&git_dir) {
             Ok(snapshot) => {
                 let shadow = shadows.snapshot(&git_dir, &snapshot).unwrap();
-                let (listed, ours) = (git_listing(&git_dir), git_listing(shadow.path()));
+                let commits = [fixture.c1.as_str(), fixture.c2.as_str()];
+                let (listed, ours) = (
+                    git_listing(&git_dir, &commits),
+                    git_listing(shadow.path(), &commits),
+                );
                 if listed != ours {
                     differences.push(format!(
                         "{}: listing: git {listed:?}, snapshot {ours:?}",
@@ -3805,7 +3827,7 @@ fn refs_files_read_as_git_reads_them() {
             Err(error) => differences.push(format!(
                 "{}: listing: archiver {error:?}, git {:?}",
                 case.name,
-                git_listing(&git_dir)
+                git_listing(&git_dir, &[])
             )),
         }
     }
