@@ -1089,6 +1089,50 @@ fn other_formats_and_refs_get_other_validators() {
     );
 }
 
+/// Seconds since the epoch, now.
+fn now_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A commit of one file in `acme/far`, its committer dated `date` (any
+/// time, past year 9999 included: written as is, not checked), at the
+/// branch `branch`; its id.
+fn commit_in_far_dated(sandbox: &Sandbox, date: u64, branch: &str) -> String {
+    let git_dir = sandbox.repos().join("acme/far.git");
+    let repo = if git_dir.exists() {
+        RepoBuilder::open(&git_dir, &sandbox.home())
+    } else {
+        RepoBuilder::init_bare(&git_dir, &sandbox.home())
+    };
+    let blob = repo.git_with_input(None, &["hash-object", "-w", "--stdin"], b"x\n");
+    let tree = repo.git_with_input(
+        None,
+        &["mktree"],
+        format!("100644 blob {blob}\tf\n").as_bytes(),
+    );
+    let commit = repo.git_with_input(
+        None,
+        &[
+            "hash-object",
+            "-t",
+            "commit",
+            "-w",
+            "--literally",
+            "--stdin",
+        ],
+        format!(
+            "tree {tree}\nauthor T <t@e> 1700000000 +0000\n\
+             committer T <t@e> {date} +0000\n\nfar\n"
+        )
+        .as_bytes(),
+    );
+    repo.git(&["update-ref", &format!("refs/heads/{branch}"), &commit]);
+    commit
+}
+
 /// A commit carries whatever time its committer's clock gave it: ahead of
 /// the server's (a clock set wrong, a server's clock stepped back), far in
 /// the future, or past what an HTTP date can say (year 9999, whose header
@@ -1099,37 +1143,10 @@ fn other_formats_and_refs_get_other_validators() {
 #[test]
 fn a_commit_dated_in_the_future_is_last_modified_no_later_than_the_response() {
     let sandbox = Sandbox::new();
-    let repo = RepoBuilder::init_bare(&sandbox.repos().join("acme/far.git"), &sandbox.home());
-    let blob = repo.git_with_input(None, &["hash-object", "-w", "--stdin"], b"x\n");
-    let tree = repo.git_with_input(
-        None,
-        &["mktree"],
-        format!("100644 blob {blob}\tf\n").as_bytes(),
-    );
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
     // A day ahead, year 2191, and a second past year 9999.
-    let dates = [now + 86_400, 7_000_000_000, 253_402_300_800];
+    let dates = [now_seconds() + 86_400, 7_000_000_000, 253_402_300_800];
     for (n, date) in dates.iter().enumerate() {
-        let commit = repo.git_with_input(
-            None,
-            &[
-                "hash-object",
-                "-t",
-                "commit",
-                "-w",
-                "--literally",
-                "--stdin",
-            ],
-            format!(
-                "tree {tree}\nauthor T <t@e> 1700000000 +0000\n\
-                 committer T <t@e> {date} +0000\n\nfar\n"
-            )
-            .as_bytes(),
-        );
-        repo.git(&["update-ref", &format!("refs/heads/b{n}"), &commit]);
+        commit_in_far_dated(&sandbox, *date, &format!("b{n}"));
     }
     let archiver = Archiver::start(&sandbox.repos(), &[]);
     let parse = |response: &reqwest::blocking::Response, name: &str| {
@@ -1176,28 +1193,7 @@ fn a_commit_dated_in_the_future_is_last_modified_no_later_than_the_response() {
 #[test]
 fn a_commit_dated_in_the_future_is_revalidated_by_the_date_it_was_sent() {
     let sandbox = Sandbox::new();
-    let repo = RepoBuilder::init_bare(&sandbox.repos().join("acme/far.git"), &sandbox.home());
-    let blob = repo.git_with_input(None, &["hash-object", "-w", "--stdin"], b"x\n");
-    let tree = repo.git_with_input(
-        None,
-        &["mktree"],
-        format!("100644 blob {blob}\tf\n").as_bytes(),
-    );
-    let ahead = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 86_400;
-    let commit = repo.git_with_input(
-        None,
-        &["hash-object", "-t", "commit", "-w", "--stdin"],
-        format!(
-            "tree {tree}\nauthor T <t@e> 1700000000 +0000\n\
-             committer T <t@e> {ahead} +0000\n\nfar\n"
-        )
-        .as_bytes(),
-    );
-    repo.git(&["update-ref", "refs/heads/main", &commit]);
+    let commit = commit_in_far_dated(&sandbox, now_seconds() + 86_400, "main");
     let archiver = Archiver::start(&sandbox.repos(), &[]);
     let path = format!("/acme/far/archive/{commit}.tar");
     let first = archiver.get(&path);

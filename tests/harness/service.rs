@@ -620,7 +620,11 @@ pub fn wait_for_line(
 fn wait_until_executable(binary: &Path) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match Command::new(binary).arg("--help").stdout(Stdio::null()).status() {
+        match Command::new(binary)
+            .arg("--help")
+            .stdout(Stdio::null())
+            .status()
+        {
             Err(error)
                 if error.raw_os_error() == Some(nix::errno::Errno::ETXTBSY as i32)
                     && Instant::now() < deadline =>
