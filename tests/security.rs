@@ -5,7 +5,7 @@
 //! `git` child may use is bounded, and it does not outlive the archiver.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use gitball_e2e::proxy::{Proxy, Route, fetch_with, kill_hard, small_repository, write_routes};
@@ -1200,6 +1200,20 @@ fn a_repository_is_served_while_git_gc_prunes_its_loose_objects() {
     );
 }
 
+/// `nobody`'s uid, and its group's gid: another user than the tests' root.
+const NOBODY: u32 = 65_534;
+
+/// Makes the directory `path`, owned by `nobody`.
+fn dir_of_nobody(path: &Path) {
+    std::fs::create_dir(path).unwrap();
+    nix::unistd::chown(
+        path,
+        Some(nix::unistd::Uid::from_raw(NOBODY)),
+        Some(nix::unistd::Gid::from_raw(NOBODY)),
+    )
+    .unwrap();
+}
+
 /// git receives a push into a quarantine directory under `objects`
 /// (`tmp_objdir-incoming-*`, mode 0700, the pusher's) until its hooks
 /// accept it. The ops units run the archiver as a user of its own that
@@ -1215,18 +1229,11 @@ fn a_push_being_received_leaves_the_repository_served_to_another_user() {
         eprintln!("skipped: not running as root");
         return;
     }
-    const NOBODY: u32 = 65_534;
     let sandbox = Sandbox::new();
     // The archiver's user reads what anyone may, and owns its cache dir.
     std::fs::set_permissions(sandbox.root(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let cache_dir = sandbox.path("cache");
-    std::fs::create_dir(&cache_dir).unwrap();
-    nix::unistd::chown(
-        &cache_dir,
-        Some(nix::unistd::Uid::from_raw(NOBODY)),
-        Some(nix::unistd::Gid::from_raw(NOBODY)),
-    )
-    .unwrap();
+    dir_of_nobody(&cache_dir);
     let (first, git_dir) = widget_of_one_commit(&sandbox);
     let readable = std::process::Command::new("chmod")
         .args(["-R", "a+rX"])
@@ -2595,19 +2602,12 @@ fn a_cache_dir_owned_by_another_user_is_refused() {
     let sandbox = Sandbox::new();
     small_repository(&sandbox.repo("acme", "widget"));
     let theirs = sandbox.path("theirs");
-    std::fs::create_dir(&theirs).unwrap();
-    let nobody = nix::unistd::Uid::from_raw(65534);
-    nix::unistd::chown(
-        &theirs,
-        Some(nobody),
-        Some(nix::unistd::Gid::from_raw(65534)),
-    )
-    .unwrap();
+    dir_of_nobody(&theirs);
     std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o700)).unwrap();
     let stderr = gitball_e2e::start_refused("gitball-archiver", &sandbox.repos(), &theirs, &[]);
     assert!(stderr.contains("owned by"), "{stderr}");
     let metadata = std::fs::metadata(&theirs).unwrap();
-    assert_eq!(metadata.uid(), 65534);
+    assert_eq!(metadata.uid(), NOBODY);
 }
 
 /// The default cache dir, `/dev/shm/gitball-archiver`, is a name in a
@@ -2642,8 +2642,8 @@ fn a_cache_dir_symlink_another_user_put_in_a_shared_dir_is_refused() {
     nix::unistd::fchownat(
         nix::fcntl::AT_FDCWD,
         &link,
-        Some(nix::unistd::Uid::from_raw(65534)),
-        Some(nix::unistd::Gid::from_raw(65534)),
+        Some(nix::unistd::Uid::from_raw(NOBODY)),
+        Some(nix::unistd::Gid::from_raw(NOBODY)),
         nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
     )
     .unwrap();
