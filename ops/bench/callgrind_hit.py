@@ -19,7 +19,6 @@ run prints its figure and keeps its profile (DIR/callgrind-hit.N.out) for
 import argparse
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -30,7 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gen_repo  # noqa: E402
-from bench import clean_env, free_port, wait_healthy  # noqa: E402
+from bench import _read_head, clean_env, free_port, wait_healthy  # noqa: E402
 
 PATH = "/bench/small/archive/v1.0.tar.gz"
 
@@ -54,16 +53,10 @@ def get_many(port, count):
         buf = bytearray()
         for _ in range(count):
             sock.sendall(request)
-            while b"\r\n\r\n" not in buf:
-                data = sock.recv(65536)
-                if not data:
-                    raise RuntimeError("connection closed before the response head")
-                buf += data
-            head, _, rest = bytes(buf).partition(b"\r\n\r\n")
-            if not head.startswith(b"HTTP/1.1 200"):
-                raise RuntimeError(f"not a 200: {head[:200]!r}")
-            length = int(re.search(rb"(?im)^content-length:\s*(\d+)", head).group(1))
-            buf = bytearray(rest)
+            status, headers, buf = _read_head(sock, buf)
+            if status != 200:
+                raise RuntimeError(f"not a 200: {status} {headers}")
+            length = int(headers["content-length"])
             while len(buf) < length:
                 data = sock.recv(65536)
                 if not data:
