@@ -616,6 +616,19 @@ mod tests {
             }
             Ok(text.into_owned())
         }
+        fn searched_query_param(
+            query: Option<&str>,
+            name: &str,
+        ) -> Result<Option<String>, UrlError> {
+            let mut found = None;
+            for pair in query.unwrap_or("").split('&') {
+                let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+                if key == name {
+                    found = Some(decoded_percent(&value.replace('+', " "))?);
+                }
+            }
+            Ok(found)
+        }
         /// Every string of up to `max` characters from `alphabet`.
         fn strings(alphabet: &[&str], max: usize) -> Vec<String> {
             let mut all = vec![String::new()];
@@ -690,6 +703,125 @@ mod tests {
         }
         for path in &paths {
             assert_eq!(parse_path(path), searched_parse_path(path), "{path:?}");
+        }
+
+        // Longer inputs than the exhaustive sets reach, drawn at random (a
+        // fixed seed) from pieces those leave out: raw and encoded
+        // multi-byte characters, overlong and surrogate encodings, encoded
+        // control bytes, dots and slashes, query separators, and the
+        // extensions; under each URL prefix, and as a query for
+        // `query_param`, which nothing above compared.
+        const PIECES: &[&str] = &[
+            "a",
+            "Z",
+            "9",
+            ".",
+            "/",
+            "@",
+            "{",
+            "-",
+            "+",
+            "=",
+            "_",
+            "~",
+            ":",
+            "?",
+            "#",
+            "&",
+            "%",
+            "%2",
+            "%2F",
+            "%2f",
+            "%2e",
+            "%2E",
+            "%2e%2e",
+            "%00",
+            "%0a",
+            "%0D",
+            "%7f",
+            "%C0%AE",
+            "%c0%af",
+            "%E0%80%AE",
+            "%ED%A0%80",
+            "%F4%90%80%80",
+            "%C2%85",
+            "%e2%80%8b",
+            "%FF",
+            "%80",
+            "%25",
+            "%252F",
+            "%40%7B",
+            "%2B",
+            "é",
+            "\u{85}",
+            "\u{7f}",
+            "\u{200b}",
+            "𝄞",
+            " ",
+            "lock",
+            ".lock",
+            "..",
+            ".tar",
+            ".gz",
+            ".tar.gz",
+            ".tgz",
+            ".zip",
+            ".tar.zst",
+            ".sha256",
+            "archive",
+            "path=",
+            "path",
+            "format=",
+        ];
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut below = |n: usize| {
+            // xorshift64: enough to spread the draws.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        };
+        for round in 0..100_000 {
+            let pieces = below(13);
+            let tail: String = (0..pieces).map(|_| PIECES[below(PIECES.len())]).collect();
+            assert_eq!(percent_decode(&tail), decoded_percent(&tail), "{tail:?}");
+            assert_eq!(
+                validate_ref(&tail),
+                searched_validate_ref(&tail),
+                "{tail:?}"
+            );
+            for name in ["path", "format"] {
+                assert_eq!(
+                    query_param(Some(&tail), name),
+                    searched_query_param(Some(&tail), name),
+                    "{tail:?}"
+                );
+            }
+            let prefix = [
+                "/acme/widget/archive/",
+                "/acme/widget/tar.gz/",
+                "/acme/widget/zip/",
+                "/acme/widget/",
+                "/acme/",
+                "//widget/archive/",
+            ][round % 6];
+            let path = format!("{prefix}{tail}");
+            assert_eq!(parse_path(&path), searched_parse_path(&path), "{path:?}");
+        }
+        for name in ["path", "format"] {
+            assert_eq!(query_param(None, name), searched_query_param(None, name));
+        }
+        // The ref's length bound, reached with plain and encoded bytes.
+        for length in 250..=260 {
+            for unit in ["a", "%61"] {
+                let reference = unit.repeat(length);
+                for path in [
+                    format!("/acme/widget/archive/{reference}.tar.gz"),
+                    format!("/acme/widget/zip/{reference}"),
+                ] {
+                    assert_eq!(parse_path(&path), searched_parse_path(&path), "{path:?}");
+                }
+            }
         }
     }
 
