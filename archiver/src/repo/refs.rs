@@ -8,7 +8,7 @@ use std::{
     collections::BTreeMap,
     fs,
     io::{self, Read},
-    os::unix::ffi::OsStrExt,
+    os::unix::{ffi::OsStrExt, fs::OpenOptionsExt},
     path::Path,
 };
 
@@ -403,18 +403,67 @@ pub(super) fn read_loose(path: &Path) -> Result<Option<Loose>, Error> {
             )));
         }
     }
-    let mut contents = Vec::new();
-    match fs::File::open(path)
-        .and_then(|file| file.take(MAX_REF_FILE_BYTES + 1).read_to_end(&mut contents))
-    {
-        Ok(_) => Ok(Some(parse_loose(&contents))),
+    // What is opened is what is read, and checked again once open: a
+    // symlink swapped in since is not followed (`O_NOFOLLOW`), and a FIFO
+    // not waited on for a writer (`O_NONBLOCK`). Opened by the path alone,
+    // the symlink had been read through, to a file outside the repository,
+    // and the FIFO had hung the read for good
+    // (`a_loose_ref_swapped_after_its_check_is_refused_not_read`: attack).
+    let opened = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc_flags::O_NOFOLLOW | libc_flags::O_NONBLOCK)
+        .open(path);
+    let file = match opened {
+        Ok(file) => file,
         // Deleted (or packed) since: as if it had not been there.
-        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+        // `ELOOP`: a symlink swapped in since.
+        Err(error) if error.raw_os_error() == Some(libc_flags::ELOOP) => {
+            return Err(swapped(path));
+        }
+        Err(error) => {
+            return Err(Error::internal(format_args!(
+                "reading {}: {error}",
+                path.display()
+            )));
+        }
+    };
+    match file.metadata() {
+        Ok(meta) if meta.is_dir() => return Ok(None),
+        Ok(meta) if meta.is_file() && meta.len() <= MAX_REF_FILE_BYTES => {}
+        Ok(_) => return Err(swapped(path)),
+        Err(error) => {
+            return Err(Error::internal(format_args!(
+                "reading {}: {error}",
+                path.display()
+            )));
+        }
+    }
+    let mut contents = Vec::new();
+    match file.take(MAX_REF_FILE_BYTES + 1).read_to_end(&mut contents) {
+        Ok(_) => Ok(Some(parse_loose(&contents))),
         Err(error) => Err(Error::internal(format_args!(
             "reading {}: {error}",
             path.display()
         ))),
     }
+}
+
+/// A loose ref found a symlink, a FIFO, a device or too large once opened:
+/// refused as the checks before refuse it.
+fn swapped(path: &Path) -> Error {
+    tracing::warn!(
+        path = %path.display(),
+        "a loose ref was swapped for a symlink, a special file or a large one since it was checked; refused"
+    );
+    Error::RepoNotFound
+}
+
+/// The `open(2)` flags and error that `read_loose` uses.
+mod libc_flags {
+    pub(super) const O_NOFOLLOW: i32 = nix::fcntl::OFlag::O_NOFOLLOW.bits();
+    pub(super) const O_NONBLOCK: i32 = nix::fcntl::OFlag::O_NONBLOCK.bits();
+    pub(super) const ELOOP: i32 = nix::errno::Errno::ELOOP as i32;
 }
 
 /// The most refs a listing takes (for the refs digest, and the tips of the

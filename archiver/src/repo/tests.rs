@@ -3931,3 +3931,60 @@ fn a_ref_to_an_object_not_there_is_listed_only_once_it_is() {
         "the remembered digest"
     );
 }
+
+/// A loose ref file swapped for a FIFO or a symlink between the check of
+/// `read_loose` and its read is refused, not read: opened as it was, a
+/// FIFO hung the read (and its serving thread) for good, and a symlink
+/// was read through, to a file outside the repository (attack).
+#[test]
+fn a_loose_ref_swapped_after_its_check_is_refused_not_read() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let base = tempfile::tempdir().unwrap();
+    let ours = "1111111111111111111111111111111111111111";
+    let outside_id = "2222222222222222222222222222222222222222";
+    let outside = base.path().join("outside");
+    fs::write(&outside, format!("{outside_id}\n")).unwrap();
+    let path = base.path().join("main");
+    fs::write(&path, format!("{ours}\n")).unwrap();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let swapper = {
+        let (stop, base, path, outside) = (
+            std::sync::Arc::clone(&stop),
+            base.path().to_path_buf(),
+            path.clone(),
+            outside.clone(),
+        );
+        std::thread::spawn(move || {
+            let (file, fifo, link) = (base.join("file"), base.join("fifo"), base.join("link"));
+            while !stop.load(Ordering::Relaxed) {
+                fs::write(&file, format!("{ours}\n")).unwrap();
+                fs::rename(&file, &path).unwrap();
+                mkfifo(&fifo);
+                fs::rename(&fifo, &path).unwrap();
+                fs::write(&file, format!("{ours}\n")).unwrap();
+                fs::rename(&file, &path).unwrap();
+                let _ = fs::remove_file(&link);
+                std::os::unix::fs::symlink(&outside, &link).unwrap();
+                fs::rename(&link, &path).unwrap();
+            }
+        })
+    };
+    let reads = within_bound("reading a loose ref being swapped", move || {
+        let started = std::time::Instant::now();
+        let mut reads = 0u32;
+        while started.elapsed() < Duration::from_secs(3) {
+            match read_loose(&path) {
+                Ok(Some(Loose::Ref(gix::refs::Target::Object(id)))) => {
+                    assert_eq!(id.to_string(), ours, "read through a symlink")
+                }
+                Err(Error::RepoNotFound) | Ok(None) => {}
+                other => panic!("{other:?}"),
+            }
+            reads += 1;
+        }
+        reads
+    });
+    stop.store(true, Ordering::Relaxed);
+    swapper.join().unwrap();
+    assert!(reads > 1000, "{reads} reads");
+}
