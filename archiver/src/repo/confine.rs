@@ -275,7 +275,16 @@ pub(super) fn refs_without_symlinks(dir: &Path) -> Result<(), RefsRefused> {
     while let Some(dir) = pending.pop() {
         let entries = match fs::read_dir(&dir) {
             Ok(entries) => entries,
-            Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
+            // Nested past `PATH_MAX`: nothing can read through it, and git
+            // passes it over (a `500` before: attack).
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::InvalidFilename
+                ) =>
+            {
+                continue;
+            }
             Err(error) => return Err(RefsRefused::Unreadable(dir, error)),
         };
         for entry in entries {

@@ -220,12 +220,16 @@ pub(super) fn for_each_ref(
     }
     let mut loose = 0usize;
     while let Some((dir, prefix, base)) = pending.pop() {
+        // A directory nested past `PATH_MAX` cannot be opened, and git
+        // passes it over (`InvalidFilename`): a `500` before (attack).
         let entries = match fs::read_dir(&dir) {
             Ok(entries) => entries,
             Err(error)
                 if matches!(
                     error.kind(),
-                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                    io::ErrorKind::NotFound
+                        | io::ErrorKind::NotADirectory
+                        | io::ErrorKind::InvalidFilename
                 ) =>
             {
                 continue;
@@ -372,8 +376,9 @@ pub(super) fn parse_loose(contents: &[u8]) -> Loose {
 }
 
 /// Reads the loose ref file at `path` as git does ([`parse_loose`]).
-/// `None` when there is none: missing, or a directory (git then looks in
-/// `packed-refs`). Anything but a regular file within
+/// `None` when there is none: missing, a directory (git then looks in
+/// `packed-refs`), or a path too long to open (`ENAMETOOLONG`: git takes
+/// it as no ref; a `500` before: attack). Anything but a regular file within
 /// `MAX_REF_FILE_BYTES` (a symlink, a FIFO: the checks before the read,
 /// `loose_ref_inside` and `refs_without_symlinks`, refuse these; one
 /// swapped in since) is refused as they refuse it, and never read.
@@ -391,7 +396,9 @@ pub(super) fn read_loose(path: &Path) -> Result<Option<Loose>, Error> {
         Err(error)
             if matches!(
                 error.kind(),
-                io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                io::ErrorKind::NotFound
+                    | io::ErrorKind::NotADirectory
+                    | io::ErrorKind::InvalidFilename
             ) =>
         {
             return Ok(None);

@@ -38,7 +38,8 @@ pub enum Stamp {
 
 impl Stamp {
     /// Stats `path` (following symlinks, as git reads refs). A path whose
-    /// parent is missing or not a directory is absent too.
+    /// parent is missing or not a directory is absent too, and so is one
+    /// too long to open, which git cannot read either.
     pub fn of(path: &std::path::Path) -> io::Result<Stamp> {
         match fs::metadata(path) {
             Ok(metadata) => Ok(Stamp::Present {
@@ -51,7 +52,9 @@ impl Stamp {
             Err(error)
                 if matches!(
                     error.kind(),
-                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                    io::ErrorKind::NotFound
+                        | io::ErrorKind::NotADirectory
+                        | io::ErrorKind::InvalidFilename
                 ) =>
             {
                 Ok(Stamp::Absent)

@@ -3988,3 +3988,73 @@ fn a_loose_ref_swapped_after_its_check_is_refused_not_read() {
     swapper.join().unwrap();
     assert!(reads > 1000, "{reads} reads");
 }
+
+/// A ref path too long to open (a component over 255 bytes, a path over
+/// `PATH_MAX`) is no ref, as git takes it: a symbolic ref to one is not
+/// found, and a directory under `refs/` nested past `PATH_MAX` is passed
+/// over by the listing, as git's `for-each-ref` passes it over. Each had
+/// been a `500` (`File name too long`): the first for its name, the
+/// second for every request by commit id and every `export-subst`
+/// archive of the repository (attack).
+#[test]
+fn a_ref_path_too_long_to_open_is_no_ref_as_for_git() {
+    let fixture = fixture();
+    let git_dir = fixture.bare_clone("long.git");
+    let long = "a".repeat(300);
+    fs::write(
+        git_dir.join("refs/heads/x"),
+        format!("ref: refs/heads/{long}\n"),
+    )
+    .unwrap();
+    let repositories = fixture.repositories();
+    let repository = repositories.open("acme", "long").unwrap();
+    assert_not_found(&repository, "x");
+    // Listed, as any dangling symbolic ref, where git leaves it out.
+    fs::remove_file(git_dir.join("refs/heads/x")).unwrap();
+    // Nested by relative steps (`mkdirat`, `openat`): no path names it.
+    {
+        use nix::{fcntl::OFlag, sys::stat::Mode};
+        use std::io::Write;
+        let component = "d".repeat(200);
+        let mut dir: std::os::fd::OwnedFd =
+            fs::File::open(git_dir.join("refs/heads")).unwrap().into();
+        for _ in 0..4096 / component.len() + 2 {
+            nix::sys::stat::mkdirat(&dir, component.as_str(), Mode::from_bits_truncate(0o755))
+                .unwrap();
+            dir = nix::fcntl::openat(
+                &dir,
+                component.as_str(),
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+                Mode::empty(),
+            )
+            .unwrap();
+        }
+        let file = nix::fcntl::openat(
+            &dir,
+            "y",
+            OFlag::O_WRONLY | OFlag::O_CREAT,
+            Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
+        fs::File::from(file)
+            .write_all(format!("{}\n", fixture.c2).as_bytes())
+            .unwrap();
+    }
+    let listed = git(&git_dir, &["for-each-ref", "--format=%(refname)"]);
+    assert!(!listed.contains("ddd"), "{listed}");
+    let snapshot = RefsSnapshot::at(&git_dir).unwrap();
+    assert_eq!(
+        snapshot
+            .refs
+            .iter()
+            .map(|(name, _)| name.as_str())
+            .collect::<Vec<_>>(),
+        listed.lines().collect::<Vec<_>>()
+    );
+    let repository = fixture.repositories().open("acme", "long").unwrap();
+    assert_eq!(
+        block_on(repository.refs_digest()).unwrap(),
+        snapshot.digest()
+    );
+    assert_resolves(&repository, &fixture.c2, RefKind::Commit);
+}
