@@ -40,6 +40,7 @@
 use std::fs;
 use std::io;
 use std::num::NonZeroUsize;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -210,27 +211,27 @@ impl Shadows {
             shadow.join("objects/info/alternates"),
             alternates(common_dir),
         )?;
-        let mut packed = String::new();
+        let mut packed = Vec::new();
         for (name, target) in &refs.refs {
             // Anything else is no ref git could read from a git dir.
             if !is_plain_ref_name(name) {
                 continue;
             }
-            if target.starts_with("ref: ") {
-                let path = shadow.join(name);
+            if target.starts_with(b"ref: ") {
+                let path = shadow.join(std::ffi::OsStr::from_bytes(name));
                 if let Some(parent) = path.parent() {
                     fs::DirBuilder::new()
                         .recursive(true)
                         .mode(0o700)
                         .create(parent)?;
                 }
-                fs::write(path, format!("{target}\n"))?;
+                fs::write(path, [&target[..], b"\n"].concat())?;
             } else {
-                packed.push_str(&format!("{target} {name}\n"));
+                packed.extend_from_slice(&[&target[..], b" ", name, b"\n"].concat());
             }
         }
         fs::write(shadow.join("packed-refs"), packed)?;
-        fs::write(shadow.join("HEAD"), format!("{}\n", refs.head))?;
+        fs::write(shadow.join("HEAD"), [&refs.head[..], b"\n"].concat())?;
         fs::write(shadow.join("config"), CONFIG)?;
         Ok(Snapshot { dir })
     }
@@ -250,10 +251,10 @@ fn private() -> fs::Permissions {
 
 /// A ref name that stays inside `refs/` as a path: no empty, `.` or `..`
 /// component (git's own rules allow none of these either).
-fn is_plain_ref_name(name: &str) -> bool {
-    name.strip_prefix("refs/").is_some_and(|rest| {
-        rest.split('/')
-            .all(|part| !part.is_empty() && part != "." && part != "..")
+fn is_plain_ref_name(name: &[u8]) -> bool {
+    name.strip_prefix(b"refs/").is_some_and(|rest| {
+        rest.split(|&byte| byte == b'/')
+            .all(|part| !part.is_empty() && part != b"." && part != b"..")
     })
 }
 

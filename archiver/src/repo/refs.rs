@@ -68,11 +68,14 @@ pub(super) const MAX_PEELED_OBJECT_BYTES: u64 = 16 * 1024 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RefsSnapshot {
     /// Every ref but `HEAD`, sorted by name: its name and its target, an
-    /// object id in hex or `ref: {name}` for a symbolic ref.
-    pub refs: Vec<(String, String)>,
+    /// object id in hex or `ref: {name}` for a symbolic ref. Bytes, as git
+    /// takes a name: one that is not UTF-8 had been listed, and written
+    /// into a snapshot, as lossy UTF-8, so an archive said `\u{fffd}`
+    /// where `git archive` says `\xff`, and two names one listing (attack).
+    pub refs: Vec<(BString, BString)>,
     /// `HEAD`: `ref: {name}` (also when that branch is unborn), or the id
     /// of a detached `HEAD`.
-    pub head: String,
+    pub head: BString,
     /// Some ref or `HEAD` names an object that is not there, and is left
     /// out: the listing changes when the object comes, with no ref file
     /// changed, so its digest is not remembered by the ref files' stamps
@@ -95,7 +98,7 @@ impl RefsSnapshot {
     ) -> Result<RefsSnapshot, Error> {
         let mut refs = Vec::new();
         let mut objects_missing = for_each_ref(repo, |name, target| {
-            refs.push((name.as_bstr().to_string(), listed_target(target)));
+            refs.push((name.as_bstr().to_owned(), listed_target(target)));
             each(name, target);
         })?;
         refs.sort();
@@ -111,10 +114,10 @@ impl RefsSnapshot {
             // git, as a ref to one does (`for_each_ref`).
             Some(Loose::Ref(Target::Object(id))) if !repo.has_object(id) => {
                 objects_missing = true;
-                UNREADABLE_HEAD.to_owned()
+                UNREADABLE_HEAD.into()
             }
             Some(Loose::Ref(target)) => listed_target(&target),
-            Some(Loose::Broken) | None => UNREADABLE_HEAD.to_owned(),
+            Some(Loose::Broken) | None => UNREADABLE_HEAD.into(),
         };
         Ok(RefsSnapshot {
             refs,
@@ -160,18 +163,22 @@ impl RefsSnapshot {
     pub fn digest(&self) -> String {
         let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
         for (name, target) in &self.refs {
-            sha2::Digest::update(&mut hasher, format!("{name} {target}\n").as_bytes());
+            for part in [&name[..], b" ", target, b"\n"] {
+                sha2::Digest::update(&mut hasher, part);
+            }
         }
-        sha2::Digest::update(&mut hasher, format!("HEAD {}\n", self.head).as_bytes());
+        for part in [&b"HEAD "[..], &self.head, b"\n"] {
+            sha2::Digest::update(&mut hasher, part);
+        }
         hex::encode(sha2::Digest::finalize(hasher))
     }
 }
 
 /// How a ref's target is listed: an object id in hex, or `ref: {name}`.
-fn listed_target(target: &Target) -> String {
+fn listed_target(target: &Target) -> BString {
     match target {
-        Target::Object(id) => id.to_hex().to_string(),
-        Target::Symbolic(name) => format!("ref: {}", name.as_bstr()),
+        Target::Object(id) => id.to_hex().to_string().into(),
+        Target::Symbolic(name) => [&b"ref: "[..], name.as_bstr()].concat().into(),
     }
 }
 

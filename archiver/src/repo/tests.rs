@@ -4047,7 +4047,7 @@ fn a_ref_path_too_long_to_open_is_no_ref_as_for_git() {
         snapshot
             .refs
             .iter()
-            .map(|(name, _)| name.as_str())
+            .map(|(name, _)| name.to_string())
             .collect::<Vec<_>>(),
         listed.lines().collect::<Vec<_>>()
     );
@@ -4057,4 +4057,50 @@ fn a_ref_path_too_long_to_open_is_no_ref_as_for_git() {
         snapshot.digest()
     );
     assert_resolves(&repository, &fixture.c2, RefKind::Commit);
+}
+
+/// A ref name that is not UTF-8 (git takes any byte from 0x80 up) is
+/// listed, and written into a snapshot, as its bytes: `%D` there is
+/// git's in the repository. Listed as lossy UTF-8 before, the archive
+/// said `tag: \u{fffd}` where `git archive` says `tag: \xff` (attack).
+#[test]
+fn a_ref_name_that_is_not_utf8_is_listed_as_its_bytes() {
+    use std::os::unix::ffi::OsStrExt;
+    let fixture = fixture();
+    let git_dir = fixture.bare_clone("bytes.git");
+    let name = |last: &[u8]| {
+        git_dir
+            .join("refs/tags")
+            .join(std::ffi::OsStr::from_bytes(last))
+    };
+    fs::write(name(b"\xff"), format!("{}\n", fixture.c2)).unwrap();
+    fs::write(name(b"sym"), b"ref: refs/tags/\xfe\n").unwrap();
+    fs::write(name(b"\xfe"), format!("{}\n", fixture.c2)).unwrap();
+    let shadows = crate::shadow::Shadows::create_in(&fixture.base).unwrap();
+    let decorations = |dir: &Path| {
+        let output = Command::new("git")
+            .args(["--git-dir", dir.to_str().unwrap(), "log", "--no-walk"])
+            .args(["--format=%D", &fixture.c2])
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .output()
+            .unwrap();
+        assert!(output.status.success());
+        output.stdout
+    };
+    let snapshot = RefsSnapshot::at(&git_dir).unwrap();
+    let shadow = shadows.snapshot(&git_dir, &snapshot).unwrap();
+    let seen = decorations(&git_dir);
+    assert!(seen.windows(6).any(|w| w == b"tag: \xff"), "{seen:?}");
+    assert_eq!(
+        gix::bstr::BString::from(decorations(shadow.path())),
+        gix::bstr::BString::from(seen),
+        "%D in a snapshot"
+    );
+    // Two names lossy UTF-8 makes one are two listings.
+    fs::rename(name(b"\xff"), name(b"\xfd")).unwrap();
+    assert_ne!(
+        RefsSnapshot::at(&git_dir).unwrap().digest(),
+        snapshot.digest()
+    );
 }
