@@ -109,6 +109,11 @@ impl Stamps {
         Ok(stamp)
     }
 
+    /// The paths stamped, in the order they were.
+    pub fn paths(&self) -> impl Iterator<Item = &std::path::Path> {
+        self.0.iter().map(|(path, _)| path.as_path())
+    }
+
     pub fn extend(&mut self, other: Stamps) {
         self.0.extend(other.0);
     }

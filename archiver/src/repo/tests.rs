@@ -4104,3 +4104,106 @@ fn a_ref_name_that_is_not_utf8_is_listed_as_its_bytes() {
         snapshot.digest()
     );
 }
+
+/// A refs digest that left out a ref for its object not being there is
+/// remembered while no object can have come: no ref file changed, and no
+/// object directory's fan-out directories, `pack` directory or
+/// alternates file either. Never remembered before, one such ref (a
+/// pruned tag) made every request for an `export-subst` archive or by
+/// commit id list every ref again (100,000 refs: 2 s a request, 1,000
+/// times a remembered one's: attack). An object that comes, loose or in
+/// a pack, still changes the digest.
+#[test]
+fn a_digest_with_an_object_missing_is_remembered_until_one_can_come() {
+    let fixture = fixture();
+    let git_dir = fixture.bare_clone("missing.git");
+    let tag = |name: &str, write: bool| {
+        let file = fixture.base.join(format!("{name}.txt"));
+        fs::write(
+            &file,
+            format!(
+                "object {}\ntype commit\ntag {name}\n\
+                 tagger A <a@example.com> 1700000000 +0000\n\n{name}\n",
+                fixture.c2
+            ),
+        )
+        .unwrap();
+        let mut args = vec!["hash-object", "-t", "tag"];
+        if write {
+            args.push("-w");
+        }
+        args.push(file.to_str().unwrap());
+        git(&git_dir, &args)
+    };
+    let (loose, packed) = (tag("loose", false), tag("packed", false));
+    // The loose one's fan-out directory is not there yet: its coming is
+    // seen whatever the clock's resolution.
+    let _ = fs::remove_dir_all(git_dir.join("objects").join(&loose[..2]));
+    fs::write(git_dir.join("refs/tags/loose"), format!("{loose}\n")).unwrap();
+    fs::write(git_dir.join("refs/tags/packed"), format!("{packed}\n")).unwrap();
+    let repository = fixture.repositories().open("acme", "missing").unwrap();
+    let first = block_on(repository.refs_digest()).unwrap();
+    let begun = repository.listings().begun;
+    assert_eq!(block_on(repository.refs_digest()).unwrap(), first);
+    assert_eq!(
+        repository.listings().begun - begun,
+        0,
+        "listings for a digest asked for again, nothing changed"
+    );
+    tag("loose", true);
+    let second = block_on(repository.refs_digest()).unwrap();
+    assert_ne!(second, first, "a loose object came");
+    assert_eq!(second, RefsSnapshot::at(&git_dir).unwrap().digest());
+    // Into a pack, made elsewhere and moved in, as a fetch does.
+    let elsewhere = fixture.base.join("elsewhere.git");
+    git(
+        &fixture.base,
+        &["init", "-q", "--bare", elsewhere.to_str().unwrap()],
+    );
+    let file = fixture.base.join("packed.txt");
+    git(
+        &elsewhere,
+        &[
+            "hash-object",
+            "-w",
+            "-t",
+            "tag",
+            "--literally",
+            file.to_str().unwrap(),
+        ],
+    );
+    let pack = std::process::Command::new("git")
+        .args([
+            "--git-dir",
+            elsewhere.to_str().unwrap(),
+            "pack-objects",
+            "-q",
+        ])
+        .arg(git_dir.join("objects/pack/pack"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut pack = pack;
+        pack.stdin
+            .take()
+            .unwrap()
+            .write_all(format!("{packed}\n").as_bytes())
+            .unwrap();
+        assert!(pack.wait().unwrap().success());
+    }
+    // A stamp the clock cannot have left as it was.
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        &git_dir.join("objects/pack"),
+        &nix::sys::time::TimeSpec::new(12345, 0),
+        &nix::sys::time::TimeSpec::new(12345, 0),
+        nix::sys::stat::UtimensatFlags::FollowSymlink,
+    )
+    .unwrap();
+    let third = block_on(repository.refs_digest()).unwrap();
+    assert_ne!(third, second, "a packed object came");
+    assert_eq!(third, RefsSnapshot::at(&git_dir).unwrap().digest());
+}
