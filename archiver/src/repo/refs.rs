@@ -562,9 +562,12 @@ pub(super) fn follow_ref(
         // Nor anything but `HEAD` or a name under `refs/` (a symbolic
         // ref's target may be any name gix accepts, and for `foo/bar` gix
         // opens `refs/foo/bar` and more, never `foo/bar`, so no answer
-        // could have the asked name: review), nor a name that is not ASCII
-        // (gix may open another spelling of it, precomposed).
-        if !(name == "HEAD" || name.starts_with("refs/")) || !name.is_ascii() {
+        // could have the asked name: review). A name that is not ASCII is
+        // followed: `find_exact` opens its loose file by its exact bytes,
+        // where gix's lookup could open another spelling (precomposed),
+        // and `packed-refs` keeps only its exact name; refused, a `HEAD`
+        // naming the branch `dév` had been `404` (attack).
+        if !(name == "HEAD" || name.starts_with("refs/")) {
             return Ok(None);
         }
         inside(&name)?;

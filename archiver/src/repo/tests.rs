@@ -4207,3 +4207,44 @@ fn a_digest_with_an_object_missing_is_remembered_until_one_can_come() {
     assert_ne!(third, second, "a packed object came");
     assert_eq!(third, RefsSnapshot::at(&git_dir).unwrap().digest());
 }
+
+/// A symbolic ref (`HEAD` among them) to a branch whose name is not ASCII
+/// is followed, as git follows it: the loose file is read by its exact
+/// name, `packed-refs` searched for its exact bytes. Not followed before
+/// (gix's own lookup could open another spelling), `/archive/HEAD.tar.gz`
+/// of a repository whose default branch is `dév` was `404` (attack).
+#[test]
+fn a_symbolic_ref_to_a_branch_not_in_ascii_is_followed_as_by_git() {
+    let fixture = fixture();
+    let git_dir = fixture.bare_clone("accents.git");
+    git(&git_dir, &["branch", "-m", "main", "dév"]);
+    git(
+        &git_dir,
+        &["symbolic-ref", "refs/heads/alias", "refs/heads/dév"],
+    );
+    let repository = fixture.repositories().open("acme", "accents").unwrap();
+    for reference in ["HEAD", "alias"] {
+        assert_eq!(
+            Some(
+                repository
+                    .resolve(reference)
+                    .map(|found| found.commit)
+                    .unwrap_or_else(|error| format!("{error:?}"))
+            ),
+            rev_parse(&git_dir, reference),
+            "{reference}, loose"
+        );
+    }
+    git(&git_dir, &["pack-refs", "--all"]);
+    let repository = fixture.repositories().open("acme", "accents").unwrap();
+    assert_eq!(
+        Some(
+            repository
+                .resolve("HEAD")
+                .map(|found| found.commit)
+                .unwrap_or_else(|error| format!("{error:?}"))
+        ),
+        rev_parse(&git_dir, "HEAD"),
+        "HEAD, packed"
+    );
+}
