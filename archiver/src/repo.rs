@@ -1669,7 +1669,7 @@ impl Repository {
     /// named). `None` when one cannot be stamped.
     fn stamp_object_arrivals(&self) -> Option<Stamps> {
         let mut paths = Vec::new();
-        for objects in self.object_dirs() {
+        for objects in self.object_dirs()? {
             paths.push(objects.join("info/alternates"));
             paths.push(objects.join("pack"));
             paths.extend((0..=255u8).map(|fan_out| objects.join(format!("{fan_out:02x}"))));
@@ -1677,17 +1677,21 @@ impl Repository {
         Stamps::take(paths).ok()
     }
 
-    /// The object directories the repository reads, its own first.
-    fn object_dirs(&self) -> Vec<PathBuf> {
-        let mut dirs: Vec<PathBuf> = self
-            .packs
-            .paths()
-            .filter_map(|pack| pack.parent().map(Path::to_path_buf))
-            .collect();
-        if dirs.is_empty() {
-            dirs.push(self.common_dir.join("objects"));
-        }
-        dirs
+    /// The object directories the repository reads, its own first: those
+    /// checked at the open, and those gix follows alternates to (for a
+    /// repository the operator named, which are not checked). `None` when
+    /// gix cannot say.
+    fn object_dirs(&self) -> Option<Vec<PathBuf>> {
+        let mut dirs = vec![self.common_dir.join("objects")];
+        dirs.extend(
+            self.packs
+                .paths()
+                .filter_map(|pack| pack.parent().map(Path::to_path_buf)),
+        );
+        dirs.extend(self.repo.objects.alternate_db_paths().ok()?);
+        let mut seen = std::collections::HashSet::new();
+        dirs.retain(|dir| seen.insert(dir.clone()));
+        Some(dirs)
     }
 
     /// A linked work tree: some refs live in its own git dir.

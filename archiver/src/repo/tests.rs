@@ -4248,3 +4248,58 @@ fn a_symbolic_ref_to_a_branch_not_in_ascii_is_followed_as_by_git() {
         "HEAD, packed"
     );
 }
+
+/// The same for a repository the operator named alone, whose alternates
+/// are not checked at the open: an object that comes to the pool its
+/// alternates name changes the digest (kept by its own object directory
+/// alone, the digest had stayed, and each `export-subst` archive been a
+/// `refs_changed`, while git showed the ref: review).
+#[test]
+fn a_digest_with_an_object_missing_follows_objects_coming_to_an_alternate() {
+    let fixture = fixture();
+    let pool = fixture.base.join("pool.git");
+    git(
+        &fixture.base,
+        &["init", "-q", "--bare", pool.to_str().unwrap()],
+    );
+    let single = fixture.base.join("single");
+    git(
+        &fixture.base,
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            fixture.widget.to_str().unwrap(),
+            single.to_str().unwrap(),
+        ],
+    );
+    fs::write(
+        single.join("objects/info/alternates"),
+        format!("{}\n", pool.join("objects").display()),
+    )
+    .unwrap();
+    let file = fixture.base.join("pooled.txt");
+    fs::write(
+        &file,
+        format!(
+            "object {}\ntype commit\ntag pooled\n\
+             tagger A <a@example.com> 1700000000 +0000\n\npooled\n",
+            fixture.c2
+        ),
+    )
+    .unwrap();
+    let id = git(&pool, &["hash-object", "-t", "tag", file.to_str().unwrap()]);
+    fs::write(single.join("refs/tags/pooled"), format!("{id}\n")).unwrap();
+    let repositories = Repositories::new(&single)
+        .unwrap()
+        .trusting_recent_changes();
+    let repository = repositories.open(LOCAL_OWNER, "single").unwrap();
+    let before = block_on(repository.refs_digest()).unwrap();
+    git(
+        &pool,
+        &["hash-object", "-w", "-t", "tag", file.to_str().unwrap()],
+    );
+    let after = block_on(repository.refs_digest()).unwrap();
+    assert_ne!(after, before, "an object came to the pool");
+    assert_eq!(after, RefsSnapshot::at(&single).unwrap().digest());
+}
