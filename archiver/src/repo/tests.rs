@@ -228,6 +228,22 @@ impl Fixture {
         );
         path
     }
+
+    /// The file of an annotated tag `name` of `c2`, for `git hash-object
+    /// -t tag` to write into a repository, or only to name.
+    fn tag_of_c2_file(&self, name: &str) -> PathBuf {
+        let file = self.base.join(format!("{name}.txt"));
+        fs::write(
+            &file,
+            format!(
+                "object {}\ntype commit\ntag {name}\n\
+                 tagger A <a@example.com> 1700000000 +0000\n\n{name}\n",
+                self.c2
+            ),
+        )
+        .unwrap();
+        file
+    }
 }
 
 /// The export-subst walk reads only the trees a commit changed: the
@@ -3874,16 +3890,7 @@ fn refs_files_read_as_git_reads_them() {
 fn a_ref_to_an_object_not_there_is_listed_only_once_it_is() {
     let fixture = fixture();
     let git_dir = fixture.bare_clone("pruned.git");
-    let tag_file = fixture.base.join("tag.txt");
-    fs::write(
-        &tag_file,
-        format!(
-            "object {}\ntype commit\ntag later\n\
-             tagger A <a@example.com> 1700000000 +0000\n\nlater\n",
-            fixture.c2
-        ),
-    )
-    .unwrap();
+    let tag_file = fixture.tag_of_c2_file("later");
     let hash = |write: bool| {
         let mut args = vec!["hash-object", "-t", "tag"];
         if write {
@@ -4118,16 +4125,7 @@ fn a_digest_with_an_object_missing_is_remembered_until_one_can_come() {
     let fixture = fixture();
     let git_dir = fixture.bare_clone("missing.git");
     let tag = |name: &str, write: bool| {
-        let file = fixture.base.join(format!("{name}.txt"));
-        fs::write(
-            &file,
-            format!(
-                "object {}\ntype commit\ntag {name}\n\
-                 tagger A <a@example.com> 1700000000 +0000\n\n{name}\n",
-                fixture.c2
-            ),
-        )
-        .unwrap();
+        let file = fixture.tag_of_c2_file(name);
         let mut args = vec!["hash-object", "-t", "tag"];
         if write {
             args.push("-w");
@@ -4278,16 +4276,7 @@ fn a_digest_with_an_object_missing_follows_objects_coming_to_an_alternate() {
         format!("{}\n", pool.join("objects").display()),
     )
     .unwrap();
-    let file = fixture.base.join("pooled.txt");
-    fs::write(
-        &file,
-        format!(
-            "object {}\ntype commit\ntag pooled\n\
-             tagger A <a@example.com> 1700000000 +0000\n\npooled\n",
-            fixture.c2
-        ),
-    )
-    .unwrap();
+    let file = fixture.tag_of_c2_file("pooled");
     let id = git(&pool, &["hash-object", "-t", "tag", file.to_str().unwrap()]);
     fs::write(single.join("refs/tags/pooled"), format!("{id}\n")).unwrap();
     let repositories = Repositories::new(&single)
