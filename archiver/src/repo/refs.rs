@@ -201,11 +201,7 @@ pub(super) fn for_each_ref(
         |err: &dyn std::fmt::Display| Error::internal(format_args!("listing refs: {err}"));
     let mut refs: BTreeMap<FullName, Target> = BTreeMap::new();
     let too_many = || Error::internal(format_args!("more than {MAX_LISTED_REFS} refs: not listed"));
-    if let Some(packed) = repo
-        .refs
-        .cached_packed_buffer()
-        .map_err(|err| listing(&err))?
-    {
+    if let Some(packed) = packed_refs(repo)? {
         for reference in packed.iter().map_err(|err| listing(&err))? {
             let reference =
                 reference.map_err(|err| Error::internal(format_args!("reading a ref: {err}")))?;
@@ -588,6 +584,29 @@ pub(super) fn follow_ref(
     Ok(None)
 }
 
+/// `repo`'s `packed-refs`, as gix reads it, where gix reads it as git
+/// does. A CR in its records (CR LF line ends, which only another tool
+/// writes) is not: git takes each name with its CR, which is no ref name,
+/// and skips the line; gix took the name without it, and the archiver
+/// served commits under names git says do not exist. Such a file is
+/// refused (`a_packed_refs_file_with_cr_lf_line_ends_serves_no_name_git_skips`).
+fn packed_refs(
+    repo: &gix::Repository,
+) -> Result<Option<gix::refs::file::packed::SharedBufferSnapshot>, Error> {
+    let packed = repo
+        .refs
+        .cached_packed_buffer()
+        .map_err(|err| Error::internal(format_args!("reading packed-refs: {err}")))?;
+    if let Some(packed) = &packed
+        && AsRef::<[u8]>::as_ref(&***packed).contains(&b'\r')
+    {
+        return Err(Error::internal(
+            "packed-refs has a CR in its records (CR LF line ends), which git reads otherwise than gix: not read",
+        ));
+    }
+    Ok(packed)
+}
+
 /// Looks up one ref by its full name: its loose file, read as git reads
 /// it ([`read_loose`]), else `packed-refs`. A loose file git cannot read
 /// is no ref, and hides a packed one of its name, as for git, which then
@@ -610,11 +629,7 @@ pub(super) fn find_exact(repo: &gix::Repository, full_name: &str) -> Result<Opti
     if full_name == "HEAD" {
         return Ok(None);
     }
-    let packed = repo
-        .refs
-        .cached_packed_buffer()
-        .map_err(|err| Error::internal(format_args!("reading ref {full_name}: {err}")))?;
-    let Some(packed) = packed else {
+    let Some(packed) = packed_refs(repo)? else {
         return Ok(None);
     };
     let found = packed

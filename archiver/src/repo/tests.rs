@@ -3697,7 +3697,7 @@ const KNOWN_REFS_DIFFERENCES: &[(&str, &str)] = &[
     ),
     (
         "packed, CR LF",
-        "left: git skips names ending in CR, gix takes them",
+        "git skips names ending in CR, the archiver refuses the file, 500",
     ),
     (
         "packed, sorted header unsorted",
@@ -4291,4 +4291,31 @@ fn a_digest_with_an_object_missing_follows_objects_coming_to_an_alternate() {
     let after = block_on(repository.refs_digest()).unwrap();
     assert_ne!(after, before, "an object came to the pool");
     assert_eq!(after, RefsSnapshot::at(&single).unwrap().digest());
+}
+
+/// A `packed-refs` file with CR LF line ends (which only another tool
+/// writes): git takes each name with its CR, which is no ref name, and
+/// skips the line, so the name is not found; gix took the name without
+/// the CR, and the archiver served commits under names git says do not
+/// exist. Such a file is refused, never read otherwise than git reads it
+/// (docs/urls.md, "Resolution").
+#[test]
+fn a_packed_refs_file_with_cr_lf_line_ends_serves_no_name_git_skips() {
+    let fixture = fixture();
+    let git_dir = fixture.bare_clone("crlf.git");
+    fs::write(
+        git_dir.join("packed-refs"),
+        format!(
+            "# pack-refs with: peeled fully-peeled sorted \n{} refs/heads/x\r\n",
+            fixture.c1
+        ),
+    )
+    .unwrap();
+    assert_eq!(rev_parse(&git_dir, "x"), None, "git finds the name");
+    let repository = fixture.repositories().open("acme", "crlf").unwrap();
+    let answer = repository.resolve("x");
+    assert!(
+        !matches!(answer, Ok(ref resolved) if resolved.commit == fixture.c1),
+        "served {answer:?}"
+    );
 }
