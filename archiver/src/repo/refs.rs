@@ -23,6 +23,7 @@ use gitball_core::url::RefKind;
 
 use super::confine::{MAX_REF_FILE_BYTES, RefsRefused, refs_without_symlinks};
 use super::open_isolated;
+use super::stamp::names_nothing;
 use crate::error::Error;
 
 /// git's `SYMREF_MAXDEPTH`: the most refs read to resolve a name, the
@@ -227,14 +228,7 @@ pub(super) fn for_each_ref(
         // passes it over (`InvalidFilename`): a `500` before (attack).
         let entries = match fs::read_dir(&dir) {
             Ok(entries) => entries,
-            Err(error)
-                if matches!(
-                    error.kind(),
-                    io::ErrorKind::NotFound
-                        | io::ErrorKind::NotADirectory
-                        | io::ErrorKind::InvalidFilename
-                ) =>
-            {
+            Err(error) if names_nothing(&error) => {
                 continue;
             }
             Err(error) => return Err(listing(&format_args!("{}: {error}", dir.display()))),
@@ -396,14 +390,7 @@ pub(super) fn read_loose(path: &Path) -> Result<Option<Loose>, Error> {
             );
             return Err(Error::RepoNotFound);
         }
-        Err(error)
-            if matches!(
-                error.kind(),
-                io::ErrorKind::NotFound
-                    | io::ErrorKind::NotADirectory
-                    | io::ErrorKind::InvalidFilename
-            ) =>
-        {
+        Err(error) if names_nothing(&error) => {
             return Ok(None);
         }
         Err(error) => {

@@ -36,6 +36,16 @@ pub enum Stamp {
     },
 }
 
+/// Whether `error`, from opening or stating a path, says the path names
+/// nothing git could read: missing, under something that is not a
+/// directory, or too long to open.
+pub fn names_nothing(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory | io::ErrorKind::InvalidFilename
+    )
+}
+
 impl Stamp {
     /// Stats `path` (following symlinks, as git reads refs). A path whose
     /// parent is missing or not a directory is absent too, and so is one
@@ -49,16 +59,7 @@ impl Stamp {
                 modified: (metadata.mtime(), metadata.mtime_nsec()),
                 changed: (metadata.ctime(), metadata.ctime_nsec()),
             }),
-            Err(error)
-                if matches!(
-                    error.kind(),
-                    io::ErrorKind::NotFound
-                        | io::ErrorKind::NotADirectory
-                        | io::ErrorKind::InvalidFilename
-                ) =>
-            {
-                Ok(Stamp::Absent)
-            }
+            Err(error) if names_nothing(&error) => Ok(Stamp::Absent),
             Err(error) => Err(error),
         }
     }
