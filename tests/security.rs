@@ -1469,13 +1469,13 @@ fn a_head_naming_a_broken_ref_is_unborn_as_for_git() {
     );
 }
 
-/// A tag pushed while an `export-subst` archive's request waits for a
-/// generation slot: git would have read refs other than the key's. The
-/// generation does not run on them; the request is resolved again and is
-/// answered under the new refs, with their ETag and their `%D`.
-#[test]
-fn refs_pushed_while_a_request_queues_make_it_resolve_again() {
-    let sandbox = Sandbox::new();
+/// `acme/plain`, and `acme/widget`, whose one commit (returned first)
+/// has an `export-subst` file that reads the refs, served by an archiver
+/// with one generation slot whose git waits for a line on the fifo
+/// (returned) before it writes its output.
+fn refs_read_behind_one_paused_slot(
+    sandbox: &Sandbox,
+) -> (String, RepoBuilder, std::fs::File, Archiver) {
     small_repository(&sandbox.repo("acme", "plain"));
     let source = sandbox.source_repo("src/widget");
     source.write(".gitattributes", "version.txt export-subst\n");
@@ -1486,12 +1486,22 @@ fn refs_pushed_while_a_request_queues_make_it_resolve_again() {
     let git_dir = sandbox.repos().join("acme/widget.git");
     source.git(&["clone", "-q", "--bare", ".", git_dir.to_str().unwrap()]);
     let widget = RepoBuilder::open(&git_dir, &sandbox.home());
-    // Each generation's git output waits for a line on the fifo.
-    let (stub, mut fifo) = sandbox.git_that_pauses("git-that-waits", 0);
+    let (stub, fifo) = sandbox.git_that_pauses("git-that-waits", 0);
     let archiver = Archiver::start(
         &sandbox.repos(),
         &["--git", stub.to_str().unwrap(), "--max-generations", "1"],
     );
+    (commit, widget, fifo, archiver)
+}
+
+/// A tag pushed while an `export-subst` archive's request waits for a
+/// generation slot: git would have read refs other than the key's. The
+/// generation does not run on them; the request is resolved again and is
+/// answered under the new refs, with their ETag and their `%D`.
+#[test]
+fn refs_pushed_while_a_request_queues_make_it_resolve_again() {
+    let sandbox = Sandbox::new();
+    let (commit, widget, mut fifo, archiver) = refs_read_behind_one_paused_slot(&sandbox);
     let queued = || {
         archiver
             .metrics()
@@ -1552,22 +1562,7 @@ fn refs_pushed_while_a_request_queues_make_it_resolve_again() {
 #[test]
 fn refs_that_change_before_each_of_three_generations_are_a_503_refs_changed() {
     let sandbox = Sandbox::new();
-    small_repository(&sandbox.repo("acme", "plain"));
-    let source = sandbox.source_repo("src/widget");
-    source.write(".gitattributes", "version.txt export-subst\n");
-    source.write("version.txt", "refs=$Format:%D$\n");
-    source.git(&["add", "-A"]);
-    source.git_at(1_700_000_000, &["commit", "-q", "-m", "one"]);
-    let commit = source.rev_parse("HEAD");
-    let git_dir = sandbox.repos().join("acme/widget.git");
-    source.git(&["clone", "-q", "--bare", ".", git_dir.to_str().unwrap()]);
-    let widget = RepoBuilder::open(&git_dir, &sandbox.home());
-    // Each generation's git output waits for a line on the fifo.
-    let (stub, mut fifo) = sandbox.git_that_pauses("git-that-waits", 0);
-    let archiver = Archiver::start(
-        &sandbox.repos(),
-        &["--git", stub.to_str().unwrap(), "--max-generations", "1"],
-    );
+    let (commit, widget, mut fifo, archiver) = refs_read_behind_one_paused_slot(&sandbox);
     let gauge = |name: &str| archiver.metrics().value(name, &[]);
     let refs_changed = || {
         archiver.metrics().value(
