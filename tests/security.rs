@@ -1665,6 +1665,18 @@ fn failing_midway(sandbox: &Sandbox) -> PathBuf {
     )
 }
 
+/// `acme/widget` served by an archiver whose git fails midway
+/// (`failing_midway`), and a proxy in front of it.
+fn failing_midway_behind_a_proxy(sandbox: &Sandbox) -> (Archiver, Proxy) {
+    small_repository(&sandbox.repo("acme", "widget"));
+    let stub = failing_midway(sandbox);
+    let archiver = Archiver::start(&sandbox.repos(), &["--git", stub.to_str().unwrap()]);
+    let routes = sandbox.path("routes.toml");
+    write_routes(&routes, &[Route::new("*", &archiver.base_url, &[])]);
+    let proxy = Proxy::with_routes(&routes, &[]);
+    (archiver, proxy)
+}
+
 /// `docs/http.md#failed-bodies`: an HTTP/0.9 request (a request line
 /// without a version), whose answer would be a bare body ended by a close,
 /// gets `400` and no archive byte from both tiers themselves, not only
@@ -1676,12 +1688,7 @@ fn failing_midway(sandbox: &Sandbox) -> PathBuf {
 #[test]
 fn an_http_0_9_request_gets_a_400_and_no_archive_byte_from_both_tiers() {
     let sandbox = Sandbox::new();
-    small_repository(&sandbox.repo("acme", "widget"));
-    let stub = failing_midway(&sandbox);
-    let archiver = Archiver::start(&sandbox.repos(), &["--git", stub.to_str().unwrap()]);
-    let routes = sandbox.path("routes.toml");
-    write_routes(&routes, &[Route::new("*", &archiver.base_url, &[])]);
-    let proxy = Proxy::with_routes(&routes, &[]);
+    let (archiver, proxy) = failing_midway_behind_a_proxy(&sandbox);
     for (tier, addr) in [("archiver", archiver.addr), ("proxy", proxy.addr)] {
         for request in [
             "GET /acme/widget/archive/main.tar\r\n",
@@ -1717,12 +1724,7 @@ fn an_http_0_9_request_gets_a_400_and_no_archive_byte_from_both_tiers() {
 #[test]
 fn http_1_0_clients_never_see_a_truncated_archive_end_cleanly() {
     let sandbox = Sandbox::new();
-    small_repository(&sandbox.repo("acme", "widget"));
-    let stub = failing_midway(&sandbox);
-    let archiver = Archiver::start(&sandbox.repos(), &["--git", stub.to_str().unwrap()]);
-    let routes = sandbox.path("routes.toml");
-    write_routes(&routes, &[Route::new("*", &archiver.base_url, &[])]);
-    let proxy = Proxy::with_routes(&routes, &[]);
+    let (archiver, proxy) = failing_midway_behind_a_proxy(&sandbox);
     for (tier, addr, ext) in [
         ("archiver", archiver.addr, "tar"),
         ("proxy", proxy.addr, "zip"),
