@@ -269,6 +269,7 @@ impl Repositories {
 
         let mut repository = self.locate(owner, name)?;
         repository.racy_window = self.racy_window;
+        repository.packs_settled = repository.packs.settled(self.racy_window);
         repository.kept = Arc::clone(&self.kept);
         // Its places are the repository's, not this handle's: a handle
         // opened anew (alternates within the racy window) takes those of
@@ -291,7 +292,9 @@ impl Repositories {
     /// mapped, so a deleted repository's packs kept their disk space until
     /// it was asked for again (`open`; attack), and packs a `git gc` or
     /// `repack -d` replaced until gix next missed an object, on a
-    /// repository nobody pushes to never. The next request opens the
+    /// repository nobody pushes to never; so are those whose pack
+    /// directories were stamped within the racy window, whose stamps may
+    /// not show the next change. The next request opens the
     /// repository anew. Returns how many were let go. The checks run
     /// outside the lock, as `open`'s do.
     pub fn forget_stale(&self) -> usize {
@@ -303,7 +306,7 @@ impl Repositories {
         let mut forgotten = 0;
         for (key, repository) in opened {
             let current = repository.is_current();
-            if current && repository.packs.unchanged() {
+            if current && repository.packs_settled && repository.packs.unchanged() {
                 continue;
             }
             // Only its packs changed: it is opened anew here, off the
@@ -344,6 +347,7 @@ impl Repositories {
             return None;
         }
         reopened.racy_window = self.racy_window;
+        reopened.packs_settled = reopened.packs.settled(self.racy_window);
         reopened.kept = Arc::clone(&self.kept);
         reopened.own = Arc::clone(&repository.own);
         reopened.reachable = Arc::clone(&repository.reachable);
@@ -646,6 +650,7 @@ fn open_candidate(path: &Path, confine_to: Option<&Path>) -> Result<Option<Repos
         identity,
         alternates: Stamps::default(),
         packs,
+        packs_settled: false,
         confined_to: confine_to.map(Path::to_path_buf),
         #[cfg(test)]
         walk_steps: WalkSteps::default(),
@@ -813,6 +818,12 @@ pub struct Repository {
     /// packs it read mapped, so a handle whose packs a repack replaced is
     /// let go (`Repositories::forget_stale`), which unmaps them.
     packs: Stamps,
+    /// Whether no pack directory had changed within the racy window when
+    /// `packs` was taken (judged just after, as ref stamps are). One that
+    /// had may change again within the same clock tick and keep its stamp
+    /// (a repack replacing the pack a push had just brought): its handle
+    /// is opened anew by the next sweep, which stamps its packs again.
+    packs_settled: bool,
     /// `--repos`, which everything the repository leads to must stay under
     /// (`layout_inside`); `None` for a repository the operator named alone.
     confined_to: Option<PathBuf>,

@@ -3179,6 +3179,40 @@ fn a_repack_lets_go_of_the_handle_not_of_what_it_knew() {
     );
 }
 
+/// A handle opened just after its pack directory changed is opened anew
+/// by the next sweep even though the directory's stamp still matches: a
+/// repack within the same clock tick as that change could leave the stamp
+/// it had, and the replaced packs mapped for good (docs/archiver.md,
+/// "Repository layout").
+#[test]
+fn packs_stamped_within_the_racy_window_are_stamped_again_by_the_next_sweep() {
+    let fixture = fixture();
+    // The racy window of a real archiver, not the tests' none.
+    let repositories = Repositories::new(&fixture.root).unwrap();
+    let pack = fixture.widget.join(".git/objects/pack");
+    fs::write(pack.join("just-changed"), "").unwrap();
+    fs::remove_file(pack.join("just-changed")).unwrap();
+    let widget = repositories.open("acme", "widget").unwrap();
+    let before = Arc::as_ptr(&widget);
+    drop(widget);
+    assert!(widget_packs_unchanged(&repositories));
+    assert_eq!(
+        repositories.forget_stale(),
+        1,
+        "a handle whose packs were stamped within the racy window was kept"
+    );
+    let reopened = repositories.open("acme", "widget").unwrap();
+    assert!(!std::ptr::eq(Arc::as_ptr(&reopened), before));
+}
+
+/// Whether the opened widget's pack stamps still match its directories.
+fn widget_packs_unchanged(repositories: &Repositories) -> bool {
+    repositories
+        .cache()
+        .peek("acme/widget")
+        .is_some_and(|widget| widget.packs.unchanged())
+}
+
 /// One repository state of the differential test: the files written into
 /// a bare repository whose refs were all removed first (`HEAD` naming
 /// `refs/heads/main`, which names `c2`, unless the case writes them).
