@@ -50,6 +50,7 @@ use gitball_core::url::{RefKind, validate_name};
 
 use crate::error::Error;
 
+mod beneath;
 mod confine;
 mod flight;
 mod kept;

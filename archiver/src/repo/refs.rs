@@ -6,10 +6,25 @@
 
 use std::{
     collections::BTreeMap,
+    ffi::OsStr,
     fs,
     io::{self, Read},
-    os::unix::{ffi::OsStrExt, fs::OpenOptionsExt},
-    path::Path,
+    num::NonZeroUsize,
+    os::unix::fs::MetadataExt,
+    os::{
+        fd::{AsFd, BorrowedFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError},
+};
+
+use lru::LruCache;
+
+use nix::{
+    errno::Errno,
+    fcntl::{AtFlags, OFlag, openat},
+    sys::stat::{Mode, SFlag, fstatat},
 };
 
 use gix::{
@@ -21,7 +36,10 @@ use gix::{
 
 use gitball_core::url::RefKind;
 
-use super::confine::{MAX_REF_FILE_BYTES, RefsRefused, refs_without_symlinks};
+use super::beneath;
+use super::confine::{
+    MAX_PACKED_REFS_BYTES, MAX_REF_FILE_BYTES, RefsRefused, refs_without_symlinks,
+};
 use super::open_isolated;
 use super::stamp::names_nothing;
 use crate::error::Error;
@@ -110,7 +128,7 @@ impl RefsSnapshot {
         // a target that is no ref name) is listed as no commit, which a
         // snapshot's git takes as a `HEAD` that names nothing, as git
         // takes it in the repository.
-        let head = match read_loose(&repo.git_dir().join("HEAD"))? {
+        let head = match read_loose(repo.git_dir(), Path::new("HEAD"))? {
             // A detached `HEAD` at an object not there names nothing to
             // git, as a ref to one does (`for_each_ref`).
             Some(Loose::Ref(Target::Object(id))) if !repo.has_object(id) => {
@@ -218,36 +236,72 @@ pub(super) fn for_each_ref(
     let common_dir = repo.common_dir();
     let git_dir = repo.git_dir();
     let linked = common_dir != git_dir;
-    let mut pending = vec![(common_dir.join("refs"), b"refs".to_vec(), common_dir)];
+    // Every directory and file under `refs` is opened from the one before
+    // it, following no symlink ([`beneath`](super::beneath)): one swapped
+    // in since `refs_without_symlinks` looked is refused, not listed
+    // through (`a_ref_directory_swapped_for_a_symlink_is_not_read_through`).
+    let mut bases = vec![(common_dir, open_base(common_dir)?)];
     if linked {
-        pending.push((git_dir.join("refs"), b"refs".to_vec(), git_dir));
+        bases.push((git_dir, open_base(git_dir)?));
     }
+    let mut pending: Vec<(PathBuf, Vec<u8>, usize)> = (0..bases.len())
+        .map(|base| (PathBuf::from("refs"), b"refs".to_vec(), base))
+        .collect();
     let mut loose = 0usize;
-    while let Some((dir, prefix, base)) = pending.pop() {
-        // A directory nested past `PATH_MAX` cannot be opened, and git
-        // passes it over (`InvalidFilename`): a `500` before (attack).
-        let entries = match fs::read_dir(&dir) {
+    while let Some((relative, prefix, base)) = pending.pop() {
+        let (base_dir, base_fd) = &bases[base];
+        let dir = base_dir.join(&relative);
+        // A directory nested past `PATH_MAX` cannot be opened by its path,
+        // and git passes it over: a `500` before (attack).
+        if beneath::too_long_for_git(&dir) {
+            continue;
+        }
+        let opened = beneath::open_beneath(
+            base_fd.as_fd(),
+            &relative,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+        )
+        .and_then(|fd| Ok(nix::dir::Dir::from_fd(fd)?));
+        let mut entries = match opened {
             Ok(entries) => entries,
-            Err(error) if names_nothing(&error) => {
-                continue;
-            }
+            Err(error) if names_nothing(&error) => continue,
+            Err(error) if beneath::is_swapped(&error) => return Err(swapped(&dir)),
             Err(error) => return Err(listing(&format_args!("{}: {error}", dir.display()))),
         };
-        for entry in entries {
+        let mut names = Vec::new();
+        for entry in entries.iter() {
             let entry =
                 entry.map_err(|error| listing(&format_args!("{}: {error}", dir.display())))?;
+            let file_name = entry.file_name().to_bytes();
+            if file_name == b"." || file_name == b".." {
+                continue;
+            }
+            names.push((OsStr::from_bytes(file_name).to_owned(), entry.file_type()));
+        }
+        for (file_name, kind) in names {
             let mut name = prefix.clone();
             name.push(b'/');
-            name.extend_from_slice(entry.file_name().as_bytes());
-            let path = entry.path();
-            // `DirEntry::file_type` does not follow a symlink.
-            if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
-                pending.push((path, name, base));
+            name.extend_from_slice(file_name.as_bytes());
+            // Where the file system gives no type, looked at without
+            // following a symlink.
+            let is_dir = match kind {
+                Some(kind) => kind == nix::dir::Type::Directory,
+                None => fstatat(
+                    entries.as_fd(),
+                    file_name.as_os_str(),
+                    AtFlags::AT_SYMLINK_NOFOLLOW,
+                )
+                .is_ok_and(|stat| {
+                    SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR
+                }),
+            };
+            if is_dir {
+                pending.push((relative.join(&file_name), name, base));
                 continue;
             }
             // A linked work tree's own refs are read from its git dir, the
             // others from the common dir, as git reads them.
-            if linked && is_per_worktree(&name) != (base == git_dir) {
+            if linked && is_per_worktree(&name) != (*base_dir == git_dir) {
                 continue;
             }
             // git leaves out a ref whose name is no ref name, and so does
@@ -259,7 +313,8 @@ pub(super) fn for_each_ref(
             if loose > MAX_LISTED_REFS {
                 return Err(too_many());
             }
-            match read_loose(&path)? {
+            let path = dir.join(&file_name);
+            match read_loose_in(entries.as_fd(), &file_name, &path)? {
                 // git lists a loose null id as a broken ref (resolved, it
                 // names a missing object).
                 Some(Loose::Ref(Target::Object(id))) if id.is_null() => {
@@ -372,32 +427,75 @@ pub(super) fn parse_loose(contents: &[u8]) -> Loose {
     }
 }
 
-/// Reads the loose ref file at `path` as git does ([`parse_loose`]).
-/// `None` when there is none: missing, a directory (git then looks in
-/// `packed-refs`), or a path too long to open (`ENAMETOOLONG`: git takes
-/// it as no ref; a `500` before: attack). Anything but a regular file within
+/// Reads the loose ref `name` (a path relative to `base`, the git dir or
+/// the common dir) as git does ([`parse_loose`]). `None` when there is
+/// none: missing, a directory (git then looks in `packed-refs`), or a path
+/// too long to open (`ENAMETOOLONG`: git takes it as no ref; a `500`
+/// before: attack). Anything but a regular file within
 /// `MAX_REF_FILE_BYTES` (a symlink, a FIFO: the checks before the read,
 /// `loose_ref_inside` and `refs_without_symlinks`, refuse these; one
 /// swapped in since) is refused as they refuse it, and never read.
-pub(super) fn read_loose(path: &Path) -> Result<Option<Loose>, Error> {
-    match fs::symlink_metadata(path) {
-        Ok(meta) if meta.is_dir() => return Ok(None),
-        Ok(meta) if meta.is_file() && meta.len() <= MAX_REF_FILE_BYTES => {}
-        Ok(_) => {
-            tracing::warn!(
-                path = %path.display(),
-                "a loose ref is a symlink (which leads outside the repository), not a regular file, or too large; refused"
-            );
-            return Err(Error::RepoNotFound);
+///
+/// Its directory is opened from `base` following no symlink on the way
+/// ([`beneath`](super::beneath)), and the file from that directory: a
+/// directory on the way swapped for a symlink since the checks is refused
+/// too, not read through (opened by its whole path, it had been, to a ref
+/// file outside the repository:
+/// `a_ref_directory_swapped_for_a_symlink_is_not_read_through`, attack).
+pub(super) fn read_loose(base: &Path, name: &Path) -> Result<Option<Loose>, Error> {
+    let shown = base.join(name);
+    let Some(file_name) = name.file_name() else {
+        return Ok(None);
+    };
+    let parent = name
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty());
+    let dir = beneath::open_dir(base).and_then(|base| match parent {
+        Some(parent) => {
+            beneath::open_beneath(base.as_fd(), parent, OFlag::O_PATH | OFlag::O_DIRECTORY)
         }
-        Err(error) if names_nothing(&error) => {
-            return Ok(None);
-        }
-        Err(error) => {
-            return Err(Error::internal(format_args!(
-                "reading {}: {error}",
-                path.display()
-            )));
+        None => Ok(base),
+    });
+    match dir {
+        Ok(dir) => read_loose_in(dir.as_fd(), file_name, &shown),
+        Err(error) if names_nothing(&error) => Ok(None),
+        Err(error) if beneath::is_swapped(&error) => Err(swapped(&shown)),
+        Err(error) => Err(Error::internal(format_args!(
+            "reading {}: {error}",
+            shown.display()
+        ))),
+    }
+}
+
+/// Reads the loose ref file `name` in the directory `dir` (opened with no
+/// symlink on the way; `shown` is its path, for messages and for git's
+/// bound on a path's length), as [`read_loose`] says.
+fn read_loose_in(dir: BorrowedFd, name: &OsStr, shown: &Path) -> Result<Option<Loose>, Error> {
+    if beneath::too_long_for_git(shown) {
+        return Ok(None);
+    }
+    let reading = |error: &dyn std::fmt::Display| {
+        Error::internal(format_args!("reading {}: {error}", shown.display()))
+    };
+    // Looked at before it is opened: a device is never opened.
+    match fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(stat) => match SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT {
+            SFlag::S_IFDIR => return Ok(None),
+            SFlag::S_IFREG if stat.st_size as u64 <= MAX_REF_FILE_BYTES => {}
+            _ => {
+                tracing::warn!(
+                    path = %shown.display(),
+                    "a loose ref is a symlink (which leads outside the repository), not a regular file, or too large; refused"
+                );
+                return Err(Error::RepoNotFound);
+            }
+        },
+        Err(errno) => {
+            let error = io::Error::from(errno);
+            if names_nothing(&error) {
+                return Ok(None);
+            }
+            return Err(reading(&error));
         }
     }
     // What is opened is what is read, and checked again once open: a
@@ -406,44 +504,37 @@ pub(super) fn read_loose(path: &Path) -> Result<Option<Loose>, Error> {
     // the symlink had been read through, to a file outside the repository,
     // and the FIFO had hung the read for good
     // (`a_loose_ref_swapped_after_its_check_is_refused_not_read`: attack).
-    let opened = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc_flags::O_NOFOLLOW | libc_flags::O_NONBLOCK)
-        .open(path);
+    let opened = openat(
+        dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    );
     let file = match opened {
-        Ok(file) => file,
+        Ok(file) => fs::File::from(file),
         // Deleted (or packed) since: as if it had not been there.
-        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
-        // `ELOOP`: a symlink swapped in since.
-        Err(error) if error.raw_os_error() == Some(libc_flags::ELOOP) => {
-            return Err(swapped(path));
-        }
-        Err(error) => {
-            return Err(Error::internal(format_args!(
-                "reading {}: {error}",
-                path.display()
-            )));
-        }
+        Err(Errno::ENOENT) => return Ok(None),
+        // A symlink swapped in since.
+        Err(Errno::ELOOP) => return Err(swapped(shown)),
+        Err(errno) => return Err(reading(&errno)),
     };
     match file.metadata() {
         Ok(meta) if meta.is_dir() => return Ok(None),
         Ok(meta) if meta.is_file() && meta.len() <= MAX_REF_FILE_BYTES => {}
-        Ok(_) => return Err(swapped(path)),
-        Err(error) => {
-            return Err(Error::internal(format_args!(
-                "reading {}: {error}",
-                path.display()
-            )));
-        }
+        Ok(_) => return Err(swapped(shown)),
+        Err(error) => return Err(reading(&error)),
     }
     let mut contents = Vec::new();
     match file.take(MAX_REF_FILE_BYTES + 1).read_to_end(&mut contents) {
         Ok(_) => Ok(Some(parse_loose(&contents))),
-        Err(error) => Err(Error::internal(format_args!(
-            "reading {}: {error}",
-            path.display()
-        ))),
+        Err(error) => Err(reading(&error)),
     }
+}
+
+/// Opens a git dir or common dir to read refs under it.
+fn open_base(dir: &Path) -> Result<OwnedFd, Error> {
+    beneath::open_dir(dir)
+        .map_err(|error| Error::internal(format_args!("opening {}: {error}", dir.display())))
 }
 
 /// A loose ref found a symlink, a FIFO, a device or too large once opened:
@@ -454,13 +545,6 @@ fn swapped(path: &Path) -> Error {
         "a loose ref was swapped for a symlink, a special file or a large one since it was checked; refused"
     );
     Error::RepoNotFound
-}
-
-/// The `open(2)` flags and error that `read_loose` uses.
-mod libc_flags {
-    pub(super) const O_NOFOLLOW: i32 = nix::fcntl::OFlag::O_NOFOLLOW.bits();
-    pub(super) const O_NONBLOCK: i32 = nix::fcntl::OFlag::O_NONBLOCK.bits();
-    pub(super) const ELOOP: i32 = nix::errno::Errno::ELOOP as i32;
 }
 
 /// The most refs a listing takes (for the refs digest, and the tips of the
@@ -571,27 +655,123 @@ pub(super) fn follow_ref(
     Ok(None)
 }
 
-/// `repo`'s `packed-refs`, as gix reads it, where gix reads it as git
-/// does. A CR in its records (CR LF line ends, which only another tool
-/// writes) is not: git takes each name with its CR, which is no ref name,
-/// and skips the line; gix took the name without it, and the archiver
-/// served commits under names git says do not exist. Such a file is
-/// refused (`a_packed_refs_file_with_cr_lf_line_ends_serves_no_name_git_skips`).
-fn packed_refs(
-    repo: &gix::Repository,
-) -> Result<Option<gix::refs::file::packed::SharedBufferSnapshot>, Error> {
-    let packed = repo
-        .refs
-        .cached_packed_buffer()
-        .map_err(|err| Error::internal(format_args!("reading packed-refs: {err}")))?;
-    if let Some(packed) = &packed
-        && AsRef::<[u8]>::as_ref(&***packed).contains(&b'\r')
+/// `repo`'s `packed-refs`, read by the archiver and parsed by gix, where
+/// gix reads it as git does. A CR in its records (CR LF line ends, which
+/// only another tool writes) is not: git takes each name with its CR,
+/// which is no ref name, and skips the line; gix took the name without
+/// it, and the archiver served commits under names git says do not exist.
+/// Such a file is refused
+/// (`a_packed_refs_file_with_cr_lf_line_ends_serves_no_name_git_skips`).
+///
+/// Opened from the common dir without following a symlink and checked
+/// once open, as a loose ref is ([`read_loose`]): gix opened it by its
+/// path, so one swapped for a symlink after `loose_ref_inside` looked was
+/// read through (attack). What was parsed is kept by the file's identity
+/// and times ([`PACKED_REFS_KEPT`]): a lookup costs an `open` and an
+/// `fstat`, not a read of up to `MAX_PACKED_REFS_BYTES`, as with gix's own
+/// cache.
+fn packed_refs(repo: &gix::Repository) -> Result<Option<Arc<gix::refs::packed::Buffer>>, Error> {
+    let dir = repo.common_dir();
+    let shown = dir.join("packed-refs");
+    let reading = |error: &dyn std::fmt::Display| {
+        Error::internal(format_args!("reading {}: {error}", shown.display()))
+    };
+    let opened = beneath::open_dir(dir).and_then(|dir| {
+        beneath::open_beneath(
+            dir.as_fd(),
+            Path::new("packed-refs"),
+            OFlag::O_RDONLY | OFlag::O_NONBLOCK,
+        )
+    });
+    let file = match opened {
+        Ok(file) => fs::File::from(file),
+        Err(error) if names_nothing(&error) => return Ok(None),
+        Err(error) if beneath::is_swapped(&error) => return Err(swapped(&shown)),
+        Err(error) => return Err(reading(&error)),
+    };
+    let meta = file.metadata().map_err(|error| reading(&error))?;
+    if !meta.is_file() || meta.len() > MAX_PACKED_REFS_BYTES {
+        return Err(swapped(&shown));
+    }
+    let identity = (meta.dev(), meta.ino());
+    let stamp = PackedStamp {
+        size: meta.len(),
+        modified: (meta.mtime(), meta.mtime_nsec()),
+        changed: (meta.ctime(), meta.ctime_nsec()),
+    };
+    if let Some((kept, buffer)) = kept_packed_refs().get(&identity)
+        && *kept == stamp
     {
+        return Ok(Some(Arc::clone(buffer)));
+    }
+    let mut contents = Vec::new();
+    file.take(MAX_PACKED_REFS_BYTES + 1)
+        .read_to_end(&mut contents)
+        .map_err(|error| reading(&error))?;
+    // The records: after the header line, which git reads up to its LF.
+    let records = match contents.first() {
+        Some(b'#') => contents
+            .iter()
+            .position(|&byte| byte == b'\n')
+            .map_or(&[][..], |end| &contents[end + 1..]),
+        _ => &contents[..],
+    };
+    if records.contains(&b'\r') {
         return Err(Error::internal(
             "packed-refs has a CR in its records (CR LF line ends), which git reads otherwise than gix: not read",
         ));
     }
-    Ok(packed)
+    let buffer = Arc::new(
+        gix::refs::packed::Buffer::from_bytes(&contents, repo.object_hash())
+            .map_err(|error| reading(&error))?,
+    );
+    // A file changed within the racy window may change again with the
+    // same stamp (`stamp`): read again next time.
+    if stamp.settled() {
+        kept_packed_refs().put(identity, (stamp, Arc::clone(&buffer)));
+    }
+    Ok(Some(buffer))
+}
+
+/// How many parsed `packed-refs` are kept, process-wide, by file.
+const PACKED_REFS_KEPT: NonZeroUsize = match NonZeroUsize::new(16) {
+    Some(kept) => kept,
+    None => unreachable!(),
+};
+
+/// A `packed-refs` file's size and times: with its device and inode, it
+/// names one content (git rewrites the file by renaming a new one over it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PackedStamp {
+    size: u64,
+    modified: (i64, i64),
+    changed: (i64, i64),
+}
+
+impl PackedStamp {
+    /// Changed longer ago than `RACY_WINDOW`.
+    fn settled(&self) -> bool {
+        let Ok(now) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) else {
+            return false;
+        };
+        let limit = now.saturating_sub(super::stamp::RACY_WINDOW);
+        [self.modified, self.changed]
+            .iter()
+            .all(|&(seconds, nanos)| {
+                u64::try_from(seconds).is_ok_and(|seconds| {
+                    std::time::Duration::new(seconds, u32::try_from(nanos).unwrap_or(0)) < limit
+                })
+            })
+    }
+}
+
+type KeptPackedRefs = LruCache<(u64, u64), (PackedStamp, Arc<gix::refs::packed::Buffer>)>;
+
+fn kept_packed_refs() -> MutexGuard<'static, KeptPackedRefs> {
+    static KEPT: OnceLock<Mutex<KeptPackedRefs>> = OnceLock::new();
+    KEPT.get_or_init(|| Mutex::new(LruCache::new(PACKED_REFS_KEPT)))
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Looks up one ref by its full name: its loose file, read as git reads
@@ -608,7 +788,7 @@ pub(super) fn find_exact(repo: &gix::Repository, full_name: &str) -> Result<Opti
     } else {
         repo.common_dir()
     };
-    match read_loose(&dir.join(full_name))? {
+    match read_loose(dir, Path::new(full_name))? {
         Some(Loose::Ref(target)) => return Ok(Some(target)),
         Some(Loose::Broken) => return Ok(None),
         None => {}

@@ -4014,7 +4014,7 @@ fn a_loose_ref_swapped_after_its_check_is_refused_not_read() {
         let started = std::time::Instant::now();
         let mut reads = 0u32;
         while started.elapsed() < Duration::from_secs(3) {
-            match read_loose(&path) {
+            match read_loose(path.parent().unwrap(), Path::new("main")) {
                 Ok(Some(Loose::Ref(gix::refs::Target::Object(id)))) => {
                     assert_eq!(id.to_string(), ours, "read through a symlink")
                 }
@@ -4351,5 +4351,164 @@ fn a_packed_refs_file_with_cr_lf_line_ends_serves_no_name_git_skips() {
     assert!(
         !matches!(answer, Ok(ref resolved) if resolved.commit == fixture.c1),
         "served {answer:?}"
+    );
+}
+
+/// A directory under `refs/` swapped for a symlink between the checks
+/// that find no symlink on the way to a ref and the read of that ref is
+/// not read through: the ref file it leads to, outside `--repos`, naming
+/// a commit the repository has, is never served nor listed. Opened by
+/// its path with `O_NOFOLLOW`, which guards the last component alone,
+/// it had been (attack: an oracle for files outside the root).
+#[test]
+fn a_ref_directory_swapped_for_a_symlink_is_not_read_through() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let fixture = fixture();
+    let git_dir = fixture.bare_clone("swap.git");
+    let outside = fixture.base.join("outside/heads");
+    fs::create_dir_all(&outside).unwrap();
+    fs::write(outside.join("x"), format!("{}\n", fixture.c1)).unwrap();
+    let sub = git_dir.join("refs/heads/sub");
+    fs::create_dir(&sub).unwrap();
+    fs::write(sub.join("x"), format!("{}\n", fixture.c2)).unwrap();
+    // Both stashed outside `refs/`, so that nothing but `sub` is listed.
+    let (real, link) = (git_dir.join("real-sub"), git_dir.join("link-sub"));
+    std::os::unix::fs::symlink(&outside, &link).unwrap();
+    let repository = fixture.repositories().open("acme", "swap").unwrap();
+    assert_eq!(repository.resolve("sub/x").unwrap().commit, fixture.c2);
+    let stop = Arc::new(AtomicBool::new(false));
+    let swapper = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut swaps = 0u64;
+            while !stop.load(Ordering::Relaxed) && swaps < 5_000_000 {
+                fs::rename(&sub, &real).unwrap();
+                fs::rename(&link, &sub).unwrap();
+                fs::rename(&sub, &link).unwrap();
+                fs::rename(&real, &sub).unwrap();
+                swaps += 1;
+            }
+        })
+    };
+    let (c1, c2) = (fixture.c1.clone(), fixture.c2.clone());
+    let served = within_bound("resolving and listing refs being swapped", move || {
+        let started = std::time::Instant::now();
+        let (mut resolved, mut listed, mut read_through) = (0u32, 0u32, Vec::new());
+        while started.elapsed() < Duration::from_secs(4) && resolved < 200_000 {
+            match repository.resolve("sub/x") {
+                Ok(answer) if answer.commit == c2 => resolved += 1,
+                Ok(answer) => read_through.push(format!("resolved to {}", answer.commit)),
+                Err(Error::RefNotFound | Error::RepoNotFound) => {}
+                Err(other) => panic!("{other:?}"),
+            }
+            match RefsSnapshot::at(repository.git_dir()) {
+                Ok(snapshot) => {
+                    listed += 1;
+                    if let Some((_, target)) = snapshot
+                        .refs
+                        .iter()
+                        .find(|(name, target)| name == "refs/heads/sub/x" && *target != c2)
+                    {
+                        read_through.push(format!("listed as {target}"));
+                    }
+                }
+                Err(Error::RepoNotFound) => {}
+                Err(other) => panic!("{other:?}"),
+            }
+        }
+        (resolved, listed, read_through)
+    });
+    stop.store(true, Ordering::Relaxed);
+    swapper.join().unwrap();
+    let (resolved, listed, read_through) = served;
+    assert!(
+        read_through.is_empty(),
+        "{} of the reads went through the symlink to {c1} outside --repos: {:?}",
+        read_through.len(),
+        &read_through[..read_through.len().min(3)]
+    );
+    assert!(
+        resolved > 0 && listed > 0,
+        "{resolved} resolved, {listed} listed"
+    );
+}
+
+/// `packed-refs` swapped for a symlink between the check that finds it a
+/// regular file and its read is not read through: the `packed-refs`
+/// outside `--repos` it leads to, naming a commit the repository has, is
+/// never served nor listed. gix opened it by its path, following the
+/// symlink (attack).
+#[test]
+fn packed_refs_swapped_for_a_symlink_are_not_read_through() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let fixture = fixture();
+    let git_dir = fixture.bare_clone("packed.git");
+    git(&git_dir, &["update-ref", "refs/heads/p", &fixture.c2]);
+    git(&git_dir, &["pack-refs", "--all", "--prune"]);
+    let packed = git_dir.join("packed-refs");
+    let outside = fixture.base.join("outside/packed-refs");
+    fs::create_dir_all(outside.parent().unwrap()).unwrap();
+    fs::write(&outside, format!("{} refs/heads/p\n", fixture.c1)).unwrap();
+    let (real, link) = (git_dir.join("real-packed"), git_dir.join("link-packed"));
+    std::os::unix::fs::symlink(&outside, &link).unwrap();
+    let repository = fixture.repositories().open("acme", "packed").unwrap();
+    assert_eq!(repository.resolve("p").unwrap().commit, fixture.c2);
+    let stop = Arc::new(AtomicBool::new(false));
+    let swapper = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut swaps = 0u64;
+            while !stop.load(Ordering::Relaxed) && swaps < 5_000_000 {
+                fs::rename(&packed, &real).unwrap();
+                fs::rename(&link, &packed).unwrap();
+                fs::rename(&packed, &link).unwrap();
+                fs::rename(&real, &packed).unwrap();
+                swaps += 1;
+            }
+        })
+    };
+    let (c1, c2) = (fixture.c1.clone(), fixture.c2.clone());
+    let served = within_bound(
+        "resolving and listing packed refs being swapped",
+        move || {
+            let started = std::time::Instant::now();
+            let (mut resolved, mut listed, mut read_through) = (0u32, 0u32, Vec::new());
+            while started.elapsed() < Duration::from_secs(4) && resolved < 200_000 {
+                match repository.resolve("p") {
+                    Ok(answer) if answer.commit == c2 => resolved += 1,
+                    Ok(answer) => read_through.push(format!("resolved to {}", answer.commit)),
+                    Err(Error::RefNotFound | Error::RepoNotFound) => {}
+                    Err(other) => panic!("{other:?}"),
+                }
+                match RefsSnapshot::at(repository.git_dir()) {
+                    Ok(snapshot) => {
+                        listed += 1;
+                        if let Some((_, target)) = snapshot
+                            .refs
+                            .iter()
+                            .find(|(name, target)| name == "refs/heads/p" && *target != c2)
+                        {
+                            read_through.push(format!("listed as {target}"));
+                        }
+                    }
+                    Err(Error::RepoNotFound) => {}
+                    Err(other) => panic!("{other:?}"),
+                }
+            }
+            (resolved, listed, read_through)
+        },
+    );
+    stop.store(true, Ordering::Relaxed);
+    swapper.join().unwrap();
+    let (resolved, listed, read_through) = served;
+    assert!(
+        read_through.is_empty(),
+        "{} of the reads went through the symlink to {c1} outside --repos: {:?}",
+        read_through.len(),
+        &read_through[..read_through.len().min(3)]
+    );
+    assert!(
+        resolved > 0 && listed > 0,
+        "{resolved} resolved, {listed} listed"
     );
 }
