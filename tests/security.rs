@@ -1214,6 +1214,177 @@ fn dir_of_nobody(path: &Path) {
     .unwrap();
 }
 
+/// What `git rev-parse` run as `nobody` says `name` is, as a commit.
+fn rev_parse_as_nobody(git_dir: &Path, home: &Path, name: &str) -> Option<String> {
+    let output = std::process::Command::new("setpriv")
+        .args([
+            format!("--reuid={NOBODY}"),
+            format!("--regid={NOBODY}"),
+            "--clear-groups".into(),
+            "--".into(),
+            "git".into(),
+            "-c".into(),
+            "safe.directory=*".into(),
+        ])
+        .arg("--git-dir")
+        .arg(git_dir)
+        .args(["rev-parse", "--verify", "--quiet"])
+        .arg(format!("{name}^{{commit}}"))
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", home)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .output()
+        .unwrap();
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8(output.stdout).unwrap().trim().to_owned())
+}
+
+/// A directory under `refs/` the archiver's user may not list or search
+/// (another user's, mode 0700 or less) is read as git, run as that user,
+/// reads it: a ref git cannot read is no ref (its name's next candidate
+/// is tried, and `packed-refs` is not looked in for it), a directory git
+/// cannot list is passed over by the listing, and a file it lists but
+/// cannot read is left out ("ignoring broken ref"). Each had been a `500`:
+/// the lookups that met one, and every request by commit id (the
+/// listing). Needs root, to make files the archiver's user cannot read.
+#[test]
+fn ref_directories_the_archiver_may_not_read_are_read_as_git_reads_them() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: not running as root");
+        return;
+    }
+    let sandbox = Sandbox::new();
+    std::fs::set_permissions(sandbox.root(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cache_dir = sandbox.path("cache");
+    dir_of_nobody(&cache_dir);
+    let (first, git_dir) = widget_of_one_commit(&sandbox);
+    let git = |args: &[&str]| {
+        let output = gitball_e2e::git_command(&sandbox.home())
+            .arg("--git-dir")
+            .arg(&git_dir)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "git {args:?}");
+        String::from_utf8(output.stdout).unwrap().trim().to_owned()
+    };
+    let tree = format!("{first}^{{tree}}");
+    let second = git(&["commit-tree", "-p", &first, "-m", "two", &tree]);
+    // Each reachable from one packed ref alone.
+    let third = git(&["commit-tree", "-p", &first, "-m", "three", &tree]);
+    let fourth = git(&["commit-tree", "-p", &first, "-m", "four", &tree]);
+    // Packed, then loose over some of them.
+    for (name, id) in [
+        ("refs/heads/private/p", &third),
+        ("refs/heads/ronly/z", &fourth),
+        ("refs/heads/xonly/y", &second),
+        ("refs/remotes/private/x", &second),
+    ] {
+        git(&["update-ref", name, id]);
+    }
+    git(&["pack-refs", "--all", "--prune"]);
+    for name in [
+        "refs/heads/private/x",
+        "refs/heads/ronly/z",
+        "refs/heads/xonly/y",
+    ] {
+        git(&["update-ref", name, &first]);
+    }
+    let readable = std::process::Command::new("chmod")
+        .args(["-R", "a+rX"])
+        .arg(sandbox.repos())
+        .status()
+        .unwrap();
+    assert!(readable.success());
+    let heads = git_dir.join("refs/heads");
+    for (dir, mode) in [("private", 0o000), ("xonly", 0o111), ("ronly", 0o444)] {
+        std::fs::set_permissions(heads.join(dir), std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let archiver = Archiver::start_as_user(
+        &sandbox.repos(),
+        &cache_dir.join("archiver"),
+        (NOBODY, NOBODY),
+        &["--client-cold-rate", "0"],
+    );
+    let full_id = first.clone();
+    for name in [
+        "private/x",
+        "private/p",
+        "ronly/z",
+        "xonly/y",
+        "main",
+        full_id.as_str(),
+    ] {
+        let expected = rev_parse_as_nobody(&git_dir, &sandbox.home(), name);
+        let response = archiver.get(&format!("/acme/widget/archive/{name}.tar"));
+        let code = response.status().as_u16();
+        let commit = response
+            .headers()
+            .get("x-gitball-commit")
+            .map(|value| value.to_str().unwrap().to_owned());
+        let body = response.bytes().unwrap();
+        match &expected {
+            Some(id) => assert_eq!(
+                (code, commit.as_deref()),
+                (200, Some(id.as_str())),
+                "{name}, which git reads as {id}: {}",
+                String::from_utf8_lossy(&body[..body.len().min(300)])
+            ),
+            None => assert_eq!(
+                code,
+                404,
+                "{name}, which git reads as nothing: {}",
+                String::from_utf8_lossy(&body[..body.len().min(300)])
+            ),
+        }
+    }
+    // By commit id, served when a ref git lists reaches it: one packed
+    // under a directory git cannot list is listed, one whose loose file
+    // git cannot read is not.
+    let listed = {
+        let output = std::process::Command::new("setpriv")
+            .args([
+                format!("--reuid={NOBODY}"),
+                format!("--regid={NOBODY}"),
+                "--clear-groups".into(),
+                "--".into(),
+                "git".into(),
+                "-c".into(),
+                "safe.directory=*".into(),
+            ])
+            .arg("--git-dir")
+            .arg(&git_dir)
+            .args(["for-each-ref", "--format=%(objectname)"])
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", sandbox.home())
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .output()
+            .unwrap();
+        String::from_utf8(output.stdout).unwrap()
+    };
+    assert!(
+        listed.contains(&third) && !listed.contains(&fourth),
+        "{listed}"
+    );
+    for (id, code) in [(&third, 200), (&fourth, 404)] {
+        let response = archiver.get(&format!("/acme/widget/archive/{id}.tar"));
+        assert_eq!(response.status().as_u16(), code, "{id} by its id");
+    }
+    // What git answers, so that the test says what it means.
+    assert_eq!(
+        rev_parse_as_nobody(&git_dir, &sandbox.home(), "private/x").as_deref(),
+        Some(second.as_str())
+    );
+    assert_eq!(
+        rev_parse_as_nobody(&git_dir, &sandbox.home(), "private/p"),
+        None
+    );
+}
+
 /// git receives a push into a quarantine directory under `objects`
 /// (`tmp_objdir-incoming-*`, mode 0700, the pusher's) until its hooks
 /// accept it. The ops units run the archiver as a user of its own that

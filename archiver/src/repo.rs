@@ -1654,11 +1654,20 @@ impl Repository {
             if directories == MAX_STAMPED_REF_DIRS {
                 return Ok(None);
             }
-            if stamps.add(directory.clone()).map_err(stat_error)? == Stamp::Absent {
+            if matches!(
+                stamps.add(directory.clone()).map_err(stat_error)?,
+                Stamp::Absent | Stamp::Unreadable
+            ) {
                 continue;
             }
             directories += 1;
-            let entries = fs::read_dir(&directory).map_err(stat_error)?;
+            let entries = match fs::read_dir(&directory) {
+                Ok(entries) => entries,
+                // Listed by git as by the listing, not at all: its own
+                // stamp (a `chmod` changes it) vouches that it stays so.
+                Err(error) if error.kind() == io::ErrorKind::PermissionDenied => continue,
+                Err(error) => return Err(stat_error(error)),
+            };
             for entry in entries {
                 let entry = entry.map_err(stat_error)?;
                 if entry.file_type().map_err(stat_error)?.is_dir() {

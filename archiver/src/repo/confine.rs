@@ -275,12 +275,15 @@ pub(super) fn refs_without_symlinks(dir: &Path) -> Result<(), RefsRefused> {
     while let Some(dir) = pending.pop() {
         let entries = match fs::read_dir(&dir) {
             Ok(entries) => entries,
-            // Nested past `PATH_MAX`: nothing can read through it, and git
-            // passes it over (a `500` before: attack).
+            // Nested past `PATH_MAX`, or one this process may not list:
+            // nothing can read through it, and git passes it over (a `500`
+            // before: attack).
             Err(error)
                 if matches!(
                     error.kind(),
-                    io::ErrorKind::NotFound | io::ErrorKind::InvalidFilename
+                    io::ErrorKind::NotFound
+                        | io::ErrorKind::InvalidFilename
+                        | io::ErrorKind::PermissionDenied
                 ) =>
             {
                 continue;
@@ -304,7 +307,16 @@ pub(super) fn refs_without_symlinks(dir: &Path) -> Result<(), RefsRefused> {
             let regular = kind.is_file()
                 && match entry.metadata() {
                     Ok(meta) => meta.len() <= MAX_REF_FILE_BYTES,
-                    Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
+                    // In a directory this process may list but not
+                    // search: read as no ref (`refs::read_loose`).
+                    Err(error)
+                        if matches!(
+                            error.kind(),
+                            io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied
+                        ) =>
+                    {
+                        continue;
+                    }
                     Err(error) => return Err(RefsRefused::Unreadable(entry.path(), error)),
                 };
             if !regular {

@@ -264,7 +264,13 @@ pub(super) fn for_each_ref(
         .and_then(|fd| Ok(nix::dir::Dir::from_fd(fd)?));
         let mut entries = match opened {
             Ok(entries) => entries,
-            Err(error) if names_nothing(&error) => continue,
+            // git passes over a directory it cannot list, as one that is
+            // not there: the packed refs under it are listed.
+            Err(error)
+                if names_nothing(&error) || error.kind() == io::ErrorKind::PermissionDenied =>
+            {
+                continue;
+            }
             Err(error) if beneath::is_swapped(&error) => return Err(swapped(&dir)),
             Err(error) => return Err(listing(&format_args!("{}: {error}", dir.display()))),
         };
@@ -283,17 +289,20 @@ pub(super) fn for_each_ref(
             name.push(b'/');
             name.extend_from_slice(file_name.as_bytes());
             // Where the file system gives no type, looked at without
-            // following a symlink.
+            // following a symlink; passed over if it cannot be, as git
+            // passes it over.
             let is_dir = match kind {
                 Some(kind) => kind == nix::dir::Type::Directory,
-                None => fstatat(
+                None => match fstatat(
                     entries.as_fd(),
                     file_name.as_os_str(),
                     AtFlags::AT_SYMLINK_NOFOLLOW,
-                )
-                .is_ok_and(|stat| {
-                    SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR
-                }),
+                ) {
+                    Ok(stat) => {
+                        SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR
+                    }
+                    Err(_) => continue,
+                },
             };
             if is_dir {
                 pending.push((relative.join(&file_name), name, base));
@@ -459,6 +468,9 @@ pub(super) fn read_loose(base: &Path, name: &Path) -> Result<Option<Loose>, Erro
     match dir {
         Ok(dir) => read_loose_in(dir.as_fd(), file_name, &shown),
         Err(error) if names_nothing(&error) => Ok(None),
+        Err(error) if error.kind() == io::ErrorKind::PermissionDenied => {
+            Ok(Some(unreadable(&shown)))
+        }
         Err(error) if beneath::is_swapped(&error) => Err(swapped(&shown)),
         Err(error) => Err(Error::internal(format_args!(
             "reading {}: {error}",
@@ -490,6 +502,7 @@ fn read_loose_in(dir: BorrowedFd, name: &OsStr, shown: &Path) -> Result<Option<L
                 return Err(Error::RepoNotFound);
             }
         },
+        Err(Errno::EACCES) => return Ok(Some(unreadable(shown))),
         Err(errno) => {
             let error = io::Error::from(errno);
             if names_nothing(&error) {
@@ -516,6 +529,7 @@ fn read_loose_in(dir: BorrowedFd, name: &OsStr, shown: &Path) -> Result<Option<L
         Err(Errno::ENOENT) => return Ok(None),
         // A symlink swapped in since.
         Err(Errno::ELOOP) => return Err(swapped(shown)),
+        Err(Errno::EACCES) => return Ok(Some(unreadable(shown))),
         Err(errno) => return Err(reading(&errno)),
     };
     match file.metadata() {
@@ -529,6 +543,17 @@ fn read_loose_in(dir: BorrowedFd, name: &OsStr, shown: &Path) -> Result<Option<L
         Ok(_) => Ok(Some(parse_loose(&contents))),
         Err(error) => Err(reading(&error)),
     }
+}
+
+/// A loose ref the archiver's user may not read (`EACCES`: the file, or a
+/// directory on the way it may not search): no ref to git run as the same
+/// user either, which ignores it and looks for its name in `packed-refs`
+/// no more than for a broken one. A `500` before, for every lookup that
+/// met it and every listing
+/// (`ref_directories_the_archiver_may_not_read_are_read_as_git_reads_them`).
+fn unreadable(path: &Path) -> Loose {
+    tracing::debug!(path = %path.display(), "a loose ref this user may not read is ignored, as git ignores it");
+    Loose::Broken
 }
 
 /// Opens a git dir or common dir to read refs under it.

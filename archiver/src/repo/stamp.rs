@@ -26,6 +26,11 @@ pub const RACY_WINDOW: Duration = Duration::from_secs(2);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stamp {
     Absent,
+    /// A directory on the way may not be searched by this process
+    /// (`EACCES`): git, as the same user, reads no ref there either, and
+    /// does not look in `packed-refs` for it as for an absent one, so the
+    /// two are told apart.
+    Unreadable,
     Present {
         device: u64,
         inode: u64,
@@ -60,6 +65,7 @@ impl Stamp {
                 changed: (metadata.ctime(), metadata.ctime_nsec()),
             }),
             Err(error) if names_nothing(&error) => Ok(Stamp::Absent),
+            Err(error) if error.kind() == io::ErrorKind::PermissionDenied => Ok(Stamp::Unreadable),
             Err(error) => Err(error),
         }
     }
