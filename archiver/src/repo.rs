@@ -54,6 +54,7 @@ mod beneath;
 mod confine;
 mod flight;
 mod kept;
+mod packed;
 mod places;
 mod refs;
 pub(crate) mod stamp;

@@ -211,7 +211,12 @@ impl Shadows {
             shadow.join("objects/info/alternates"),
             alternates(common_dir),
         )?;
-        let mut packed = Vec::new();
+        // In the order listed, which git's own reading of the repository's
+        // refs gave (`RefsSnapshot::refs`): said sorted, so that git takes
+        // it in that order, as it took the repository's, rather than
+        // sorting it; it is sorted, but for a repository whose
+        // `packed-refs` said so and was not.
+        let mut packed = b"# pack-refs with: sorted \n".to_vec();
         for (name, target) in &refs.refs {
             // Anything else is no ref git could read from a git dir.
             if !is_plain_ref_name(name) {

@@ -41,6 +41,7 @@ use super::confine::{
     MAX_PACKED_REFS_BYTES, MAX_REF_FILE_BYTES, RefsRefused, refs_without_symlinks,
 };
 use super::open_isolated;
+use super::packed::{PackedRef, PackedRefs};
 use super::stamp::names_nothing;
 use crate::error::Error;
 
@@ -86,7 +87,10 @@ pub(super) const MAX_PEELED_OBJECT_BYTES: u64 = 16 * 1024 * 1024;
 /// [`digest`]: RefsSnapshot::digest
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RefsSnapshot {
-    /// Every ref but `HEAD`, sorted by name: its name and its target, an
+    /// Every ref but `HEAD`, in the order git lists them (by name, but for
+    /// a `packed-refs` whose header says it is sorted and is not, or that
+    /// has a name twice, which git lists in its order, twice, and so do
+    /// its decorations; the snapshot's `packed-refs` keeps them so): its name and its target, an
     /// object id in hex or `ref: {name}` for a symbolic ref. Bytes, as git
     /// takes a name: one that is not UTF-8 had been listed, and written
     /// into a snapshot, as lossy UTF-8, so an archive said `\u{fffd}`
@@ -120,7 +124,6 @@ impl RefsSnapshot {
             refs.push((name.as_bstr().to_owned(), listed_target(target)));
             each(name, target);
         })?;
-        refs.sort();
         // `HEAD` as its file says, read as git reads it, not followed: a
         // `HEAD` naming a ref git ignores (an empty file) is an unborn
         // one, and following it had failed the listing, and every request
@@ -218,20 +221,16 @@ pub(super) fn for_each_ref(
 ) -> Result<bool, Error> {
     let listing =
         |err: &dyn std::fmt::Display| Error::internal(format_args!("listing refs: {err}"));
-    let mut refs: BTreeMap<FullName, Target> = BTreeMap::new();
+    // The loose refs by name, `None` for one git ignores ("broken"),
+    // which hides a packed one of its name as for git.
+    let mut refs: BTreeMap<FullName, Option<Target>> = BTreeMap::new();
     let too_many = || Error::internal(format_args!("more than {MAX_LISTED_REFS} refs: not listed"));
-    if let Some(packed) = packed_refs(repo)? {
-        for reference in packed.iter().map_err(|err| listing(&err))? {
-            let reference =
-                reference.map_err(|err| Error::internal(format_args!("reading a ref: {err}")))?;
-            if refs.len() == MAX_LISTED_REFS {
-                return Err(too_many());
-            }
-            refs.insert(
-                reference.name.to_owned(),
-                Target::Object(reference.target()),
-            );
-        }
+    let packed = match packed_refs(repo)? {
+        Some(packed) => packed.refs().map_err(|fatal| listing(&fatal))?,
+        None => Vec::new(),
+    };
+    if packed.len() > MAX_LISTED_REFS {
+        return Err(too_many());
     }
     let common_dir = repo.common_dir();
     let git_dir = repo.git_dir();
@@ -327,27 +326,31 @@ pub(super) fn for_each_ref(
                 // git lists a loose null id as a broken ref (resolved, it
                 // names a missing object).
                 Some(Loose::Ref(Target::Object(id))) if id.is_null() => {
-                    refs.remove(&name);
+                    refs.insert(name, None);
                 }
                 Some(Loose::Ref(target)) => {
-                    refs.insert(name, target);
+                    refs.insert(name, Some(target));
                 }
                 Some(Loose::Broken) => {
                     tracing::warn!(
                         path = %path.display(),
                         "a loose ref that cannot be read as one is ignored"
                     );
-                    refs.remove(&name);
+                    refs.insert(name, None);
                 }
                 None => {}
             }
         }
     }
-    if refs.len() > MAX_LISTED_REFS {
+    if refs.len() + packed.len() > MAX_LISTED_REFS {
         return Err(too_many());
     }
     let mut objects_missing = false;
-    for (name, target) in &refs {
+    for (name, target) in merged(refs, packed) {
+        let Some(target) = target else {
+            continue;
+        };
+        let (name, target) = (&name, &target);
         // A ref to an object that is not there (a pool's `gc` pruned it,
         // a damaged replica) is left out, as git leaves it out ("ignoring
         // broken ref"), in the repository and in a snapshot alike, until
@@ -362,6 +365,44 @@ pub(super) fn for_each_ref(
         each(name, target);
     }
     Ok(objects_missing)
+}
+
+/// The loose refs (by name) over the packed ones (in the order git reads
+/// them), merged as git's iterator merges them (`overlay` in
+/// `refs/iterator.c`): whichever name is first goes first, and of two of
+/// one name the loose one, and the packed one is passed. In a file whose
+/// header says it is sorted and is not, or that has a name twice, both
+/// lists as git lists them: in its order, twice.
+fn merged(
+    loose: BTreeMap<FullName, Option<Target>>,
+    packed: Vec<PackedRef>,
+) -> Vec<(FullName, Option<Target>)> {
+    let mut merged = Vec::with_capacity(loose.len() + packed.len());
+    let mut loose = loose.into_iter().peekable();
+    let mut packed = packed.into_iter().peekable();
+    loop {
+        let take_loose = match (loose.peek(), packed.peek()) {
+            (None, None) => break,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (Some((name, _)), Some(reference)) => {
+                match name.as_bstr().cmp(reference.name.as_bstr()) {
+                    std::cmp::Ordering::Less => true,
+                    std::cmp::Ordering::Greater => false,
+                    std::cmp::Ordering::Equal => {
+                        packed.next();
+                        true
+                    }
+                }
+            }
+        };
+        if take_loose {
+            merged.extend(loose.next());
+        } else if let Some(reference) = packed.next() {
+            merged.push((reference.name, Some(Target::Object(reference.id))));
+        }
+    }
+    merged
 }
 
 /// Whether a linked work tree keeps the ref `name` in its own git dir
@@ -680,13 +721,12 @@ pub(super) fn follow_ref(
     Ok(None)
 }
 
-/// `repo`'s `packed-refs`, read by the archiver and parsed by gix, where
-/// gix reads it as git does. A CR in its records (CR LF line ends, which
-/// only another tool writes) is not: git takes each name with its CR,
-/// which is no ref name, and skips the line; gix took the name without
-/// it, and the archiver served commits under names git says do not exist.
-/// Such a file is refused
-/// (`a_packed_refs_file_with_cr_lf_line_ends_serves_no_name_git_skips`).
+/// `repo`'s `packed-refs`, read as git reads it ([`PackedRefs`]; gix's
+/// parser read some files otherwise: a CR before the LF, which git keeps
+/// in the name and so skips the line, gix dropped, and the archiver
+/// served commits under names git says do not exist:
+/// `a_packed_refs_file_with_cr_lf_line_ends_serves_no_name_git_skips`).
+/// A file git dies on is an `Err`, a `500`.
 ///
 /// Opened from the common dir without following a symlink and checked
 /// once open, as a loose ref is ([`read_loose`]): gix opened it by its
@@ -695,7 +735,7 @@ pub(super) fn follow_ref(
 /// and times ([`PACKED_REFS_KEPT`]): a lookup costs an `open` and an
 /// `fstat`, not a read of up to `MAX_PACKED_REFS_BYTES`, as with gix's own
 /// cache.
-fn packed_refs(repo: &gix::Repository) -> Result<Option<Arc<gix::refs::packed::Buffer>>, Error> {
+fn packed_refs(repo: &gix::Repository) -> Result<Option<Arc<PackedRefs>>, Error> {
     let dir = repo.common_dir();
     let shown = dir.join("packed-refs");
     let reading = |error: &dyn std::fmt::Display| {
@@ -733,23 +773,7 @@ fn packed_refs(repo: &gix::Repository) -> Result<Option<Arc<gix::refs::packed::B
     file.take(MAX_PACKED_REFS_BYTES + 1)
         .read_to_end(&mut contents)
         .map_err(|error| reading(&error))?;
-    // The records: after the header line, which git reads up to its LF.
-    let records = match contents.first() {
-        Some(b'#') => contents
-            .iter()
-            .position(|&byte| byte == b'\n')
-            .map_or(&[][..], |end| &contents[end + 1..]),
-        _ => &contents[..],
-    };
-    if records.contains(&b'\r') {
-        return Err(Error::internal(
-            "packed-refs has a CR in its records (CR LF line ends), which git reads otherwise than gix: not read",
-        ));
-    }
-    let buffer = Arc::new(
-        gix::refs::packed::Buffer::from_bytes(&contents, repo.object_hash())
-            .map_err(|error| reading(&error))?,
-    );
+    let buffer = Arc::new(PackedRefs::parse(&contents).map_err(|fatal| reading(&fatal))?);
     // A file changed within the racy window may change again with the
     // same stamp (`stamp`): read again next time.
     if stamp.settled() {
@@ -790,7 +814,7 @@ impl PackedStamp {
     }
 }
 
-type KeptPackedRefs = LruCache<(u64, u64), (PackedStamp, Arc<gix::refs::packed::Buffer>)>;
+type KeptPackedRefs = LruCache<(u64, u64), (PackedStamp, Arc<PackedRefs>)>;
 
 fn kept_packed_refs() -> MutexGuard<'static, KeptPackedRefs> {
     static KEPT: OnceLock<Mutex<KeptPackedRefs>> = OnceLock::new();
@@ -825,11 +849,9 @@ pub(super) fn find_exact(repo: &gix::Repository, full_name: &str) -> Result<Opti
         return Ok(None);
     };
     let found = packed
-        .try_find::<_, std::convert::Infallible>(<&gix::refs::PartialNameRef>::from(name.as_ref()))
-        .map_err(|err| Error::internal(format_args!("reading ref {full_name}: {err}")))?;
-    Ok(found
-        .filter(|reference| reference.name.as_bstr() == full_name)
-        .map(|reference| Target::Object(reference.target())))
+        .find(name.as_bstr())
+        .map_err(|fatal| Error::internal(format_args!("reading ref {full_name}: {fatal}")))?;
+    Ok(found.map(Target::Object))
 }
 
 /// `Branch`/`Tag` by the matched ref's namespace; `HEAD`, remotes and
