@@ -66,7 +66,7 @@ pub(super) fn open_dir(dir: &Path) -> io::Result<OwnedFd> {
 /// and leaving `dir` by no `..`: `ELOOP` or `EXDEV` if it would
 /// ([`is_swapped`]).
 pub(super) fn open_beneath(dir: BorrowedFd, relative: &Path, flags: OFlag) -> io::Result<OwnedFd> {
-    if openat2_works() {
+    if openat2_works() && !walking_in_test() {
         // No `O_NOFOLLOW`: with `O_PATH` it would open a symlink at the
         // end as itself (`ENOTDIR` with `O_DIRECTORY`), where
         // `RESOLVE_NO_SYMLINKS` alone refuses it, `ELOOP`, as any other.
@@ -139,6 +139,29 @@ pub(super) fn is_swapped(error: &io::Error) -> bool {
         error.raw_os_error().map(Errno::from_raw),
         Some(Errno::ELOOP | Errno::EXDEV)
     )
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Test only: this thread opens as on a kernel without `openat2`.
+    static WALKING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Test only: makes this thread open by the walk, as on a kernel without
+/// `openat2`.
+#[cfg(test)]
+pub(super) fn walk_on_this_thread() {
+    WALKING.with(|walking| walking.set(true));
+}
+
+#[cfg(test)]
+fn walking_in_test() -> bool {
+    WALKING.with(std::cell::Cell::get)
+}
+
+#[cfg(not(test))]
+fn walking_in_test() -> bool {
+    false
 }
 
 /// Whether this kernel has `openat2` and lets this process call it.

@@ -4340,6 +4340,17 @@ fn a_packed_refs_file_with_cr_lf_line_ends_serves_no_name_git_skips() {
 /// it had been (attack: an oracle for files outside the root).
 #[test]
 fn a_ref_directory_swapped_for_a_symlink_is_not_read_through() {
+    a_ref_directory_swapped_for_a_symlink_is_not_read_through_by(false);
+}
+
+/// The same on a kernel without `openat2`: each path component opened
+/// from the one before it.
+#[test]
+fn a_ref_directory_swapped_for_a_symlink_is_not_read_through_without_openat2() {
+    a_ref_directory_swapped_for_a_symlink_is_not_read_through_by(true);
+}
+
+fn a_ref_directory_swapped_for_a_symlink_is_not_read_through_by(walk: bool) {
     use std::sync::atomic::{AtomicBool, Ordering};
     let fixture = fixture();
     let git_dir = fixture.bare_clone("swap.git");
@@ -4370,6 +4381,9 @@ fn a_ref_directory_swapped_for_a_symlink_is_not_read_through() {
     };
     let (c1, c2) = (fixture.c1.clone(), fixture.c2.clone());
     let served = within_bound("resolving and listing refs being swapped", move || {
+        if walk {
+            super::beneath::walk_on_this_thread();
+        }
         let started = std::time::Instant::now();
         let (mut resolved, mut listed, mut read_through) = (0u32, 0u32, Vec::new());
         while started.elapsed() < Duration::from_secs(4) && resolved < 200_000 {
@@ -4418,6 +4432,17 @@ fn a_ref_directory_swapped_for_a_symlink_is_not_read_through() {
 /// symlink (attack).
 #[test]
 fn packed_refs_swapped_for_a_symlink_are_not_read_through() {
+    packed_refs_swapped_for_a_symlink_are_not_read_through_by(false);
+}
+
+/// The same on a kernel without `openat2`: each path component opened
+/// from the one before it.
+#[test]
+fn packed_refs_swapped_for_a_symlink_are_not_read_through_without_openat2() {
+    packed_refs_swapped_for_a_symlink_are_not_read_through_by(true);
+}
+
+fn packed_refs_swapped_for_a_symlink_are_not_read_through_by(walk: bool) {
     use std::sync::atomic::{AtomicBool, Ordering};
     let fixture = fixture();
     let git_dir = fixture.bare_clone("packed.git");
@@ -4449,6 +4474,9 @@ fn packed_refs_swapped_for_a_symlink_are_not_read_through() {
     let served = within_bound(
         "resolving and listing packed refs being swapped",
         move || {
+            if walk {
+                super::beneath::walk_on_this_thread();
+            }
             let started = std::time::Instant::now();
             let (mut resolved, mut listed, mut read_through) = (0u32, 0u32, Vec::new());
             while started.elapsed() < Duration::from_secs(4) && resolved < 200_000 {
