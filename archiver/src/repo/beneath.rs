@@ -14,6 +14,11 @@
 //! a symlink met anywhere is `ELOOP`, a `..` leading above it `EXDEV`
 //! ([`is_swapped`]), and nothing outside is opened.
 //!
+//! The directory itself is opened by its path, as gix and git open it:
+//! that the git dir and common dir are inside `--repos`, and still the
+//! directory opened, is the checks' of the open and of each request
+//! (`Repository::is_current`), not this module's.
+//!
 //! `openat2` is Linux 5.6 and later. Where it is missing (`ENOSYS`, or a
 //! seccomp filter that refuses it) the path is walked one component at a
 //! time, each opened with `openat(2)` and `O_NOFOLLOW` from the directory
