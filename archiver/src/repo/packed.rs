@@ -126,6 +126,11 @@ fn record_name(record: &[u8]) -> &[u8] {
 }
 
 impl PackedRefs {
+    /// The bytes its records take.
+    pub(super) fn len(&self) -> usize {
+        self.records.len()
+    }
+
     /// Reads `contents` as git's `create_snapshot` does.
     pub(super) fn parse(contents: &[u8]) -> Result<PackedRefs, Fatal> {
         let mut records = contents;

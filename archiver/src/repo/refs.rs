@@ -42,7 +42,7 @@ use super::confine::{
 };
 use super::open_isolated;
 use super::packed::{PackedRef, PackedRefs};
-use super::stamp::names_nothing;
+use super::stamp::{RACY_WINDOW, Stamp, names_nothing};
 use crate::error::Error;
 
 /// git's `SYMREF_MAXDEPTH`: the most refs read to resolve a name, the
@@ -758,16 +758,10 @@ fn packed_refs(repo: &gix::Repository) -> Result<Option<Arc<PackedRefs>>, Error>
     if !meta.is_file() || meta.len() > MAX_PACKED_REFS_BYTES {
         return Err(swapped(&shown));
     }
+    let stamp = Stamp::of_metadata(&meta);
     let identity = (meta.dev(), meta.ino());
-    let stamp = PackedStamp {
-        size: meta.len(),
-        modified: (meta.mtime(), meta.mtime_nsec()),
-        changed: (meta.ctime(), meta.ctime_nsec()),
-    };
-    if let Some((kept, buffer)) = kept_packed_refs().get(&identity)
-        && *kept == stamp
-    {
-        return Ok(Some(Arc::clone(buffer)));
+    if let Some(kept) = kept_packed_refs().get(identity, stamp) {
+        return Ok(Some(kept));
     }
     let mut contents = Vec::new();
     file.take(MAX_PACKED_REFS_BYTES + 1)
@@ -775,9 +769,9 @@ fn packed_refs(repo: &gix::Repository) -> Result<Option<Arc<PackedRefs>>, Error>
         .map_err(|error| reading(&error))?;
     let buffer = Arc::new(PackedRefs::parse(&contents).map_err(|fatal| reading(&fatal))?);
     // A file changed within the racy window may change again with the
-    // same stamp (`stamp`): read again next time.
-    if stamp.settled() {
-        kept_packed_refs().put(identity, (stamp, Arc::clone(&buffer)));
+    // same stamp: read again next time.
+    if stamp.settled_now(RACY_WINDOW) {
+        kept_packed_refs().put(identity, stamp, Arc::clone(&buffer));
     }
     Ok(Some(buffer))
 }
@@ -788,37 +782,51 @@ const PACKED_REFS_KEPT: NonZeroUsize = match NonZeroUsize::new(16) {
     None => unreachable!(),
 };
 
-/// A `packed-refs` file's size and times: with its device and inode, it
-/// names one content (git rewrites the file by renaming a new one over it).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct PackedStamp {
-    size: u64,
-    modified: (i64, i64),
-    changed: (i64, i64),
+/// How many bytes of parsed `packed-refs` are kept at most, the last one
+/// read always: they are on the heap, where gix mapped the files it kept,
+/// and sixteen of the largest (`MAX_PACKED_REFS_BYTES`) would be 4 GiB.
+const PACKED_REFS_KEPT_BYTES: usize = 64 * 1024 * 1024;
+
+/// The parsed `packed-refs` kept, by file (device and inode) and stamp:
+/// git rewrites the file by renaming a new one over it, so an equal stamp
+/// names one content.
+struct KeptPackedRefs {
+    files: LruCache<(u64, u64), (Stamp, Arc<PackedRefs>)>,
+    bytes: usize,
+    /// [`PACKED_REFS_KEPT_BYTES`], but in tests.
+    max_bytes: usize,
 }
 
-impl PackedStamp {
-    /// Changed longer ago than `RACY_WINDOW`.
-    fn settled(&self) -> bool {
-        let Ok(now) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) else {
-            return false;
-        };
-        let limit = now.saturating_sub(super::stamp::RACY_WINDOW);
-        [self.modified, self.changed]
-            .iter()
-            .all(|&(seconds, nanos)| {
-                u64::try_from(seconds).is_ok_and(|seconds| {
-                    std::time::Duration::new(seconds, u32::try_from(nanos).unwrap_or(0)) < limit
-                })
-            })
+impl KeptPackedRefs {
+    fn new(max_bytes: usize) -> KeptPackedRefs {
+        KeptPackedRefs {
+            files: LruCache::new(PACKED_REFS_KEPT),
+            bytes: 0,
+            max_bytes,
+        }
+    }
+
+    fn get(&mut self, identity: (u64, u64), stamp: Stamp) -> Option<Arc<PackedRefs>> {
+        let (kept, parsed) = self.files.get(&identity)?;
+        (*kept == stamp).then(|| Arc::clone(parsed))
+    }
+
+    fn put(&mut self, identity: (u64, u64), stamp: Stamp, parsed: Arc<PackedRefs>) {
+        self.bytes += parsed.len();
+        if let Some((_, (_, replaced))) = self.files.push(identity, (stamp, parsed)) {
+            self.bytes -= replaced.len();
+        }
+        while self.bytes > self.max_bytes && self.files.len() > 1 {
+            if let Some((_, (_, evicted))) = self.files.pop_lru() {
+                self.bytes -= evicted.len();
+            }
+        }
     }
 }
 
-type KeptPackedRefs = LruCache<(u64, u64), (PackedStamp, Arc<PackedRefs>)>;
-
 fn kept_packed_refs() -> MutexGuard<'static, KeptPackedRefs> {
     static KEPT: OnceLock<Mutex<KeptPackedRefs>> = OnceLock::new();
-    KEPT.get_or_init(|| Mutex::new(LruCache::new(PACKED_REFS_KEPT)))
+    KEPT.get_or_init(|| Mutex::new(KeptPackedRefs::new(PACKED_REFS_KEPT_BYTES)))
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
 }
@@ -1005,5 +1013,51 @@ pub(super) fn peel_to_commit(
             }
             Kind::Tree | Kind::Blob => return Err(PeelFailure::NotACommit),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A parsed `packed-refs` of `refs` records of 64 bytes.
+    fn packed(refs: usize) -> Arc<PackedRefs> {
+        let contents: String = (0..refs)
+            .map(|n| format!("{} refs/heads/{n:011}\n", "1".repeat(40)))
+            .collect();
+        let parsed = PackedRefs::parse(contents.as_bytes()).unwrap();
+        assert_eq!(parsed.len(), refs * 64);
+        Arc::new(parsed)
+    }
+
+    fn stamp(size: u64) -> Stamp {
+        Stamp::Present {
+            device: 1,
+            inode: 1,
+            size,
+            modified: (1, 0),
+            changed: (1, 0),
+        }
+    }
+
+    /// The parsed files kept are bounded in bytes, not only in count
+    /// (review: sixteen of the largest would be 4 GiB of heap), the last
+    /// one read always kept; a changed stamp is a miss.
+    #[test]
+    fn kept_packed_refs_are_bounded_in_bytes() {
+        let mut kept = KeptPackedRefs::new(100 * 64);
+        kept.put((1, 1), stamp(1), packed(60));
+        kept.put((1, 2), stamp(1), packed(30));
+        assert!(kept.get((1, 1), stamp(1)).is_some());
+        assert!(kept.get((1, 1), stamp(2)).is_none(), "another stamp");
+        kept.put((1, 3), stamp(1), packed(30));
+        assert!(kept.get((1, 2), stamp(1)).is_none(), "least recent let go");
+        assert!(kept.get((1, 1), stamp(1)).is_some());
+        assert_eq!(kept.bytes, 90 * 64);
+        kept.put((1, 1), stamp(2), packed(10));
+        assert_eq!(kept.bytes, 40 * 64, "a file read anew replaces its entry");
+        kept.put((1, 4), stamp(1), packed(200));
+        assert_eq!(kept.files.len(), 1, "the last one read is kept alone");
+        assert_eq!(kept.bytes, 200 * 64);
     }
 }

@@ -57,17 +57,27 @@ impl Stamp {
     /// too long to open, which git cannot read either.
     pub fn of(path: &std::path::Path) -> io::Result<Stamp> {
         match fs::metadata(path) {
-            Ok(metadata) => Ok(Stamp::Present {
-                device: metadata.dev(),
-                inode: metadata.ino(),
-                size: metadata.size(),
-                modified: (metadata.mtime(), metadata.mtime_nsec()),
-                changed: (metadata.ctime(), metadata.ctime_nsec()),
-            }),
+            Ok(metadata) => Ok(Stamp::of_metadata(&metadata)),
             Err(error) if names_nothing(&error) => Ok(Stamp::Absent),
             Err(error) if error.kind() == io::ErrorKind::PermissionDenied => Ok(Stamp::Unreadable),
             Err(error) => Err(error),
         }
+    }
+
+    /// The stamp of a file already open (its `fstat`).
+    pub fn of_metadata(metadata: &fs::Metadata) -> Stamp {
+        Stamp::Present {
+            device: metadata.dev(),
+            inode: metadata.ino(),
+            size: metadata.size(),
+            modified: (metadata.mtime(), metadata.mtime_nsec()),
+            changed: (metadata.ctime(), metadata.ctime_nsec()),
+        }
+    }
+
+    /// Whether the file last changed at least `window` before now.
+    pub fn settled_now(&self, window: Duration) -> bool {
+        self.is_settled(SystemTime::now(), window)
     }
 
     /// Whether the file last changed at least `window` before `now`, so a
