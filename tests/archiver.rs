@@ -2148,13 +2148,22 @@ fn assert_generation_discarded(
         0.0
     );
     // Not indexed: HEAD (which never generates) says miss once the failed
-    // generation is gone.
+    // generation is gone; for one past the size limit, which every
+    // generation of it would be, `500 archive_too_large`.
     let cache_state = || {
         let (head, _, _) = RawConnection::request(archiver.addr, "HEAD", path, &[]).unwrap();
-        head.header("x-gitball-cache").unwrap_or("").to_owned()
+        match head.status {
+            500 => "refused".to_owned(),
+            _ => head.header("x-gitball-cache").unwrap_or("").to_owned(),
+        }
+    };
+    let expected = if outcome == "too_large" {
+        "refused"
+    } else {
+        "miss"
     };
     assert!(wait_until(Duration::from_secs(10), || cache_state() != "join"));
-    assert_eq!(cache_state(), "miss", "a killed generation was indexed");
+    assert_eq!(cache_state(), expected, "a killed generation was indexed");
     assert!(
         wait_until(Duration::from_secs(10), || archiver
             .cache_files()
@@ -2374,8 +2383,60 @@ fn generation_over_max_archive_bytes_is_killed_aborted_and_not_cached() {
         "{received} bytes sent of an archive limited to 1 MiB"
     );
     assert_generation_discarded(&archiver, SLOW_PATH, "tar.zst", "too_large", 1.0);
-    expect_aborted_download(&archiver, SLOW_PATH, "miss");
-    assert_generation_discarded(&archiver, SLOW_PATH, "tar.zst", "too_large", 2.0);
+    assert_eq!(archiver.health_status(), Some(200));
+}
+
+/// An archive's bytes never change under its key, so one that grew past
+/// `--max-archive-bytes` always will: once it has, every later request for
+/// it (a `GET`, a `HEAD`, a `.sha256`) is `500 archive_too_large` at once,
+/// with no generation and no crawler budget token. Before, each request
+/// ran git and compressed up to the limit again (4 GiB by default) for a
+/// 500 or an aborted 200, one token each: a client with one URL of a huge
+/// archive made every archiver it reached do the most a generation may do,
+/// over and over, and through a proxy a `.sha256` did it on every
+/// candidate in turn (attack).
+#[test]
+fn an_archive_past_max_archive_bytes_is_refused_at_once_after_its_first_generation() {
+    let big = big_repo();
+    let archiver = Archiver::start(&big.repos, &["--max-archive-bytes", "1MiB"]);
+    let too_large = |method: &str, path: &str| {
+        let (head, body, _) = RawConnection::request(archiver.addr, method, path, &[]).unwrap();
+        assert_eq!(head.status, 500, "{method} {path}");
+        if method == "GET" {
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(json["error"], "archive_too_large", "{method} {path}");
+        }
+    };
+    // The first one runs git up to the limit.
+    too_large("GET", "/acme/big/archive/main.tar.sha256");
+    let generated = |archiver: &Archiver| {
+        archiver.metrics().value(
+            "gitball_archiver_generations_total",
+            &[("format", "tar"), ("outcome", "too_large")],
+        )
+    };
+    assert_eq!(generated(&archiver), 1.0);
+    // Every spelling of the same archive, every method: refused unrun.
+    for _ in 0..3 {
+        too_large("GET", "/acme/big/archive/main.tar");
+        too_large("GET", "/acme/big/tar/heads/main");
+        too_large("HEAD", "/acme/big/archive/main.tar");
+        too_large("GET", "/acme/big/archive/main.tar.sha256");
+    }
+    let metrics = archiver.metrics();
+    assert_eq!(
+        generated(&archiver),
+        1.0,
+        "git ran again for a known answer"
+    );
+    assert_eq!(
+        metrics.value("gitball_archiver_budget_taken_total", &[]),
+        1.0,
+        "a refusal took budget tokens"
+    );
+    // Another archive of the same commit is its own: its git runs.
+    too_large("GET", "/acme/big/archive/main.tar.sha256?path=part-00.bin");
+    assert_eq!(generated(&archiver), 2.0);
     assert_eq!(archiver.health_status(), Some(200));
 }
 

@@ -75,6 +75,10 @@ const GIT_DIR_ROOM_BYTES: u64 = 64 * 1024;
 /// Free space kept for git's canary repository (`canary::fingerprint`):
 /// its loose objects and git dir took between 64 and 256 KiB on tmpfs.
 const CANARY_ROOM_BYTES: u64 = 1024 * 1024;
+/// How many keys known to be past `--max-archive-bytes` are remembered
+/// (`Index::too_large`): about 150 bytes each. Each one took a generation
+/// up to the limit to learn.
+const TOO_LARGE_KEYS: std::num::NonZeroUsize = std::num::NonZeroUsize::new(4096).unwrap();
 
 /// A complete archive file.
 #[derive(Debug)]
@@ -402,6 +406,12 @@ struct Index {
     /// requested. Holds exactly the keys of `complete`.
     policy: Policy<String>,
     generating: HashMap<String, Arc<Generation>>,
+    /// Keys whose generation wrote more than `--max-archive-bytes`. The
+    /// bytes under a key never change, so such an archive always will:
+    /// its requests are refused at once (`Cache::known_too_large`) rather
+    /// than each running git up to the limit again. Until a restart,
+    /// least recently refused forgotten first.
+    too_large: lru::LruCache<String, ()>,
     /// Complete files plus in-progress bytes.
     bytes: u64,
 }
@@ -536,6 +546,7 @@ impl Cache {
             complete: HashMap::new(),
             policy: Policy::new(settings.max_bytes),
             generating: HashMap::new(),
+            too_large: lru::LruCache::new(TOO_LARGE_KEYS),
             bytes: 0,
         };
         for Restored {
@@ -684,6 +695,15 @@ impl Cache {
         }
     }
 
+    /// Whether `spec`'s archive is known to be larger than
+    /// `--max-archive-bytes`: a generation of it wrote past the limit, so
+    /// every one would (the bytes under a key never change). Such a
+    /// request is answered `archive_too_large` without a lookup.
+    pub fn known_too_large(&self, spec: &Spec) -> bool {
+        let key = Cache::key(spec);
+        self.lock().too_large.get(&key).is_some()
+    }
+
     /// Like [`Cache::lookup`], but never starts a generation (for `HEAD`).
     pub fn peek(&self, spec: &Spec) -> Option<Lookup> {
         self.lock().find(&Cache::key(spec), false)
@@ -816,12 +836,16 @@ impl Cache {
         let started = Instant::now();
         // The generation's bytes in `bytes`.
         let accounted = Arc::new(AtomicU64::new(0));
+        // The length its file reached, refused or not.
+        let reached = Arc::new(AtomicU64::new(0));
         // Counted as they reach the file, told to readers after.
         let used: generate::RoomFor = {
             let cache = self.clone();
             let accounted = accounted.clone();
+            let reached = reached.clone();
             let key = key.clone();
             Arc::new(move |len| {
+                reached.fetch_max(len, Ordering::AcqRel);
                 let previous = accounted.swap(len, Ordering::AcqRel);
                 let fits = cache.grow(&key, len.saturating_sub(previous), len);
                 if !fits {
@@ -887,6 +911,15 @@ impl Cache {
             Err(failure) => {
                 counter!(m::GENERATIONS_TOTAL, "format" => format, "outcome" => failure.outcome())
                     .increment(1);
+                // Past `--max-archive-bytes`, or past the whole cache's
+                // bound: so is every generation of this key. (Refused room
+                // below the bound depends on what else is cached, and is
+                // not remembered.) Remembered before the generation leaves
+                // the index, so no request starts it again in between.
+                let limit = self.settings.limits.max_bytes.min(self.settings.max_bytes);
+                if failure == Failure::TooLarge && reached.load(Ordering::Acquire) > limit {
+                    self.lock().too_large.put(key.clone(), ());
+                }
                 self.fail(&key, &partial, written, failure, &progress);
                 return;
             }
@@ -2570,6 +2603,11 @@ mod tests {
             );
             assert!(bytes(&cache) <= archive * 3 / 2);
             assert_eq!(bytes(&cache), indexed_bytes(&cache));
+            // Refused room that it would have had alone: not remembered as
+            // too large, its next request generates it.
+            for n in [1, 2] {
+                assert!(!cache.known_too_large(&stub.spec(n)), "round {round}");
+            }
             drop((first, second, first_generation, second_generation));
             // The generation task lets go of its handle just after telling
             // the readers: the last drop may be its own.
@@ -2597,6 +2635,9 @@ mod tests {
         assert!(!generation.partial.exists());
         assert!(names_in(&stub.cache_dir()).is_empty());
         assert!(cache.peek(&stub.spec(1)).is_none());
+        // Every generation of it would be: remembered, and it alone.
+        assert!(cache.known_too_large(&stub.spec(1)));
+        assert!(!cache.known_too_large(&stub.spec(2)));
     }
 
     /// `--max-archive-bytes` is the largest archive (docs/archiver.md,
@@ -2621,6 +2662,7 @@ mod tests {
                 assert_eq!(failure(state), Failure::TooLarge);
                 assert!(cache.peek(&stub.spec(1)).is_none());
             }
+            assert_eq!(cache.known_too_large(&stub.spec(1)), !fits);
         }
     }
 
@@ -2637,6 +2679,8 @@ mod tests {
         assert_eq!(bytes(&cache), 0);
         assert!(!generation.partial.exists());
         assert!(names_in(&stub.cache_dir()).is_empty());
+        // It can never fit: remembered as too large.
+        assert!(cache.known_too_large(&stub.spec(1)));
     }
 
     #[tokio::test]

@@ -314,6 +314,8 @@ async fn serve_archive(
                 app.cache.wanted_by(&mut lookup, client_of(app, request));
                 lookup
             }
+            // What GET would answer without a lookup.
+            None if app.cache.known_too_large(&resolution.spec) => return Err(Error::TooLarge),
             // HEAD never starts a generation.
             None => {
                 log.cache = Some("miss");
@@ -445,15 +447,20 @@ pub(crate) fn lookup_within_budget(
     client: IpAddr,
     request_id: &str,
 ) -> Result<Lookup, Error> {
+    // A hit or a join starts nothing: no budget is reserved (and refunded).
+    if let Some(lookup) = app.cache.existing(&resolution.spec, client) {
+        return Ok(lookup);
+    }
+    // An archive known to pass `--max-archive-bytes` is refused unrun: its
+    // git would run up to the limit again for the same answer (attack).
+    if app.cache.known_too_large(&resolution.spec) {
+        return Err(Error::TooLarge);
+    }
     let Some(budget) = &app.budget else {
         return Ok(app
             .cache
             .lookup(resolution.spec.clone(), client, request_id)?);
     };
-    // A hit or a join starts nothing: no budget is reserved (and refunded).
-    if let Some(lookup) = app.cache.existing(&resolution.spec, client) {
-        return Ok(lookup);
-    }
     match budget.reserve(client) {
         Ok(reservation) => {
             let lookup = app
