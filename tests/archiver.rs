@@ -2399,16 +2399,20 @@ fn generation_over_max_archive_bytes_is_killed_aborted_and_not_cached() {
 fn an_archive_past_max_archive_bytes_is_refused_at_once_after_its_first_generation() {
     let big = big_repo();
     let archiver = Archiver::start(&big.repos, &["--max-archive-bytes", "1MiB"]);
-    let too_large = |method: &str, path: &str| {
+    // `X-Gitball-Cache: hit` on the refusals the archiver answers from
+    // memory (for a proxy: no archive failed there now), none on a failure.
+    let too_large = |method: &str, path: &str, known: bool| {
         let (head, body, _) = RawConnection::request(archiver.addr, method, path, &[]).unwrap();
         assert_eq!(head.status, 500, "{method} {path}");
         if method == "GET" {
             let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
             assert_eq!(json["error"], "archive_too_large", "{method} {path}");
         }
+        let cache = head.header("x-gitball-cache");
+        assert_eq!(cache, known.then_some("hit"), "{method} {path}");
     };
     // The first one runs git up to the limit.
-    too_large("GET", "/acme/big/archive/main.tar.sha256");
+    too_large("GET", "/acme/big/archive/main.tar.sha256", false);
     let generated = |archiver: &Archiver| {
         archiver.metrics().value(
             "gitball_archiver_generations_total",
@@ -2418,10 +2422,10 @@ fn an_archive_past_max_archive_bytes_is_refused_at_once_after_its_first_generati
     assert_eq!(generated(&archiver), 1.0);
     // Every spelling of the same archive, every method: refused unrun.
     for _ in 0..3 {
-        too_large("GET", "/acme/big/archive/main.tar");
-        too_large("GET", "/acme/big/tar/heads/main");
-        too_large("HEAD", "/acme/big/archive/main.tar");
-        too_large("GET", "/acme/big/archive/main.tar.sha256");
+        too_large("GET", "/acme/big/archive/main.tar", true);
+        too_large("GET", "/acme/big/tar/heads/main", true);
+        too_large("HEAD", "/acme/big/archive/main.tar", true);
+        too_large("GET", "/acme/big/archive/main.tar.sha256", true);
     }
     let metrics = archiver.metrics();
     assert_eq!(
@@ -2435,7 +2439,11 @@ fn an_archive_past_max_archive_bytes_is_refused_at_once_after_its_first_generati
         "a refusal took budget tokens"
     );
     // Another archive of the same commit is its own: its git runs.
-    too_large("GET", "/acme/big/archive/main.tar.sha256?path=part-00.bin");
+    too_large(
+        "GET",
+        "/acme/big/archive/main.tar.sha256?path=part-00.bin",
+        false,
+    );
     assert_eq!(generated(&archiver), 2.0);
     assert_eq!(archiver.health_status(), Some(200));
 }

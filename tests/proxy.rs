@@ -893,15 +893,19 @@ fn an_archive_failing_at_its_archiver_is_failed_over_and_ejects_nothing() {
         "an archiver whose archive failed was ejected"
     );
 
-    // But an archiver where every archive fails is ejected after five in a
-    // row with no download ending whole between them; then the primary
-    // serves. (The tar.gz it cut is known past its limit now: refused
-    // there before its head, it is failed over.)
-    for _ in 0..3 {
-        let fetched = fetch(cluster.proxy.addr, "/acme/widget/archive/main.tar.gz");
+    // But an archiver where every archive fails (here: every tar.gz, which
+    // cannot be failed over) is ejected after five in a row with no
+    // download ending whole between them; then the primary serves. Five
+    // archives: one it knows too large is refused from that memory, which
+    // is no failure there (`requests_for_an_archive_an_archiver_knows_too_large_eject_nothing`).
+    for reference in ["v1.2.3", "v1.0.0", "feature/x"] {
+        let fetched = fetch(
+            cluster.proxy.addr,
+            &format!("/acme/widget/archive/{reference}.tar.gz"),
+        );
         assert!(
-            matches!(fetched.end, BodyEnd::Complete),
-            "{:?}",
+            matches!(fetched.end, BodyEnd::Aborted(_)),
+            "{reference}: {:?}",
             fetched.end
         );
     }
@@ -914,6 +918,61 @@ fn an_archive_failing_at_its_archiver_is_failed_over_and_ejects_nothing() {
         matches!(fetched.end, BodyEnd::Complete),
         "{:?}",
         fetched.end
+    );
+}
+
+/// An archiver that remembers an archive is too large refuses it from
+/// that memory, running nothing: that answer says nothing of the
+/// archiver, and however many requests get it, the archiver is not
+/// ejected. Before, five requests for one archive too large for a replica
+/// (the first ran git there, the others were refused) ejected it for
+/// `--eject-for`, moving every client's requests for its repositories,
+/// hits included, to candidates that must generate them anew: an outsider
+/// could do that every ten seconds, free (attack).
+#[test]
+fn requests_for_an_archive_an_archiver_knows_too_large_eject_nothing() {
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    let small = Archiver::start(&sandbox.repos(), &["--max-archive-bytes", "4KiB"]);
+    let primary = Archiver::start(&sandbox.repos(), &[]);
+    let cluster = Cluster::around(primary, vec![small], &[]);
+    let replica = &cluster.replicas[0];
+    for _ in 0..8 {
+        let fetched = fetch(cluster.proxy.addr, "/acme/widget/archive/main.tar");
+        assert_eq!(fetched.status(), 200);
+        assert!(
+            matches!(fetched.end, BodyEnd::Complete),
+            "{:?}",
+            fetched.end
+        );
+    }
+    let metrics = cluster.proxy.scrape();
+    assert_eq!(
+        metrics.value(
+            ATTEMPTS,
+            &[
+                ("upstream", replica.base_url.as_str()),
+                ("outcome", "archive_failed")
+            ]
+        ),
+        8.0,
+        "every request was tried at the replica first"
+    );
+    assert_eq!(
+        metrics.value(
+            "gitball_proxy_upstream_ejected",
+            &[("upstream", &replica.base_url)]
+        ),
+        0.0,
+        "requests for an archive the replica knows too large ejected it"
+    );
+    // It ran git once.
+    assert_eq!(
+        replica.metrics().value(
+            "gitball_archiver_generations_total",
+            &[("format", "tar"), ("outcome", "too_large")]
+        ),
+        1.0
     );
 }
 

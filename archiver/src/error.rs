@@ -10,7 +10,7 @@
 
 use axum::response::{IntoResponse, Response};
 use gitball_core::log::Fault;
-use gitball_core::protocol::{RETRY_AFTER_SECONDS, code};
+use gitball_core::protocol::{RETRY_AFTER_SECONDS, X_GITBALL_CACHE, code};
 use gitball_core::response::{json_error, method_not_allowed};
 use gitball_core::url::UrlError;
 use http::{HeaderValue, StatusCode, header};
@@ -54,6 +54,11 @@ pub enum Error {
     GenerationTimeout,
     #[error("the archive is larger than this server generates")]
     TooLarge,
+    /// [`Error::TooLarge`] answered from what the cache remembers
+    /// (`Cache::known_too_large`): nothing ran. Marked so for a proxy,
+    /// which counts it as no archive failed at this archiver.
+    #[error("the archive is larger than this server generates")]
+    KnownTooLarge,
     /// A cached archive's file was gone when opened (deleted behind the
     /// archiver's back): forgotten by the cache, and the request is
     /// resolved again, which generates it anew.
@@ -86,6 +91,7 @@ impl Error {
             | Error::GenerationFailed
             | Error::GenerationTimeout
             | Error::TooLarge
+            | Error::KnownTooLarge
             | Error::FileGone
             | Error::Internal(_) => Fault::Internal,
         }
@@ -107,6 +113,7 @@ impl Error {
             Error::GenerationFailed
             | Error::GenerationTimeout
             | Error::TooLarge
+            | Error::KnownTooLarge
             | Error::FileGone
             | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -128,7 +135,7 @@ impl Error {
             Error::RefsChanged => code::REFS_CHANGED,
             Error::GenerationFailed => code::GENERATION_FAILED,
             Error::GenerationTimeout => code::GENERATION_TIMEOUT,
-            Error::TooLarge => code::ARCHIVE_TOO_LARGE,
+            Error::TooLarge | Error::KnownTooLarge => code::ARCHIVE_TOO_LARGE,
             Error::FileGone | Error::Internal(_) => code::INTERNAL,
         }
     }
@@ -192,6 +199,10 @@ impl IntoResponse for Error {
             Error::PostOnly => {
                 headers.insert(header::ALLOW, HeaderValue::from_static("POST"));
             }
+            // What the cache knew: no generation failed here now.
+            Error::KnownTooLarge => {
+                headers.insert(X_GITBALL_CACHE, HeaderValue::from_static("hit"));
+            }
             Error::Unauthorized => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
@@ -238,6 +249,7 @@ mod tests {
             Error::GenerationFailed,
             Error::GenerationTimeout,
             Error::TooLarge,
+            Error::KnownTooLarge,
             Error::FileGone,
             Error::internal("x"),
         ];
@@ -258,6 +270,7 @@ mod tests {
                 | Error::GenerationFailed
                 | Error::GenerationTimeout
                 | Error::TooLarge
+                | Error::KnownTooLarge
                 | Error::FileGone
                 | Error::Internal(_) => {}
             }

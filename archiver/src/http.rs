@@ -315,7 +315,9 @@ async fn serve_archive(
                 lookup
             }
             // What GET would answer without a lookup.
-            None if app.cache.known_too_large(&resolution.spec) => return Err(Error::TooLarge),
+            None if app.cache.known_too_large(&resolution.spec) => {
+                return Err(Error::KnownTooLarge);
+            }
             // HEAD never starts a generation.
             None => {
                 log.cache = Some("miss");
@@ -454,7 +456,7 @@ pub(crate) fn lookup_within_budget(
     // An archive known to pass `--max-archive-bytes` is refused unrun: its
     // git would run up to the limit again for the same answer (attack).
     if app.cache.known_too_large(&resolution.spec) {
-        return Err(Error::TooLarge);
+        return Err(Error::KnownTooLarge);
     }
     let Some(budget) = &app.budget else {
         return Ok(app

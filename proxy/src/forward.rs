@@ -252,6 +252,16 @@ pub(crate) async fn counted<T, F: Future<Output = T>>(
     ended
 }
 
+/// Whether an archiver's `500` is an answer its cache had
+/// (`X-Gitball-Cache: hit`: an archive it knows to be too large), which
+/// ran nothing there, rather than an archive failing there now.
+fn known<B>(response: &http::Response<B>) -> bool {
+    response
+        .headers()
+        .get(gitball_core::protocol::X_GITBALL_CACHE)
+        .is_some_and(|value| value == "hit")
+}
+
 /// Decides what a response's status (and, for a `503`, its `Retry-After`)
 /// means for failover.
 pub fn classify(status: StatusCode, headers: &HeaderMap, role: Role) -> Outcome {
@@ -453,6 +463,11 @@ impl Forwarder {
                 // Neither a failure nor a sign of health: an ejected
                 // archiver that never answers, or answers only that it is
                 // busy, stays ejected.
+            } else if outcome == Outcome::ArchiveFailed && response.as_ref().is_some_and(known) {
+                // Nor is an answer the archiver had (an archive it knows
+                // too large, `X-Gitball-Cache: hit`): nothing failed there
+                // now, however often it is asked (attack: five such
+                // answers ejected it).
             } else if outcome == Outcome::ArchiveFailed {
                 // Nor is one archive's failure, unless every one fails.
                 self.health.archive_failed(&candidate.upstream);
