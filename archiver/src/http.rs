@@ -120,6 +120,9 @@ pub(crate) struct Resolution {
     pub spec: Spec,
     filename: String,
     etag: String,
+    /// A token of the client's budget went to looking for its `?path=`:
+    /// the generation it leads to takes none.
+    paid: bool,
 }
 
 impl Resolution {
@@ -283,7 +286,7 @@ async fn serve_archive(
     log: &mut RequestLog,
 ) -> Result<Answer, Error> {
     let method = &request.method;
-    let resolution = resolve(app, archive, subtree).await?;
+    let resolution = resolve(app, archive, subtree, Some(client_of(app, request))).await?;
     log.commit = Some(resolution.resolved.commit.clone());
     let headers = &request.headers;
 
@@ -458,7 +461,7 @@ pub(crate) fn lookup_within_budget(
     if app.cache.known_too_large(&resolution.spec) {
         return Err(Error::KnownTooLarge);
     }
-    let Some(budget) = &app.budget else {
+    let Some(budget) = app.budget.as_ref().filter(|_| !resolution.paid) else {
         return Ok(app
             .cache
             .lookup(resolution.spec.clone(), client, request_id)?);
@@ -528,10 +531,14 @@ pub(crate) fn client_identity(vouched: Option<bool>, request: &Parts) -> IpAddr 
     }
 }
 
+/// What the request names, resolved; `client` pays for a look at its
+/// `subtree` with a token of its budget (`None`: a prewarm, which names
+/// none and takes no token).
 pub(crate) async fn resolve(
     app: &App,
     archive: ArchiveRequest,
     subtree: Option<String>,
+    client: Option<IpAddr>,
 ) -> Result<Resolution, Error> {
     let repository = app.repos.open(&archive.owner, &archive.repo)?;
     // The object a ref names is read off the serving thread, once: it may
@@ -574,17 +581,6 @@ pub(crate) async fn resolve(
     } else {
         None
     };
-    // Off the serving thread: each tree on the path is read whole, and a
-    // push decides how large (attack: 500 nested trees of 8 MB, 2.7 s).
-    // The answer is kept, so a later request (a hit too) reads no tree;
-    // requests for a path being looked for wait for that look on the
-    // runtime, holding no thread (as for the object above).
-    if let Some(subtree) = &subtree {
-        let found = repository.has_path(&resolved.commit, subtree).await?;
-        if !found {
-            return Err(Error::SubtreeNotFound);
-        }
-    }
     let name = format!(
         "{}-{}",
         archive.repo,
@@ -632,6 +628,40 @@ pub(crate) async fn resolve(
         confined_to: repository.confined_to().map(std::path::Path::to_path_buf),
         tar_writer,
     };
+    // Off the serving thread: each tree on the path is read whole, and a
+    // push decides how large (attack: 500 nested trees of 8 MB, 2.7 s).
+    // The answer is kept, so a later request reads no tree; requests for
+    // a path being looked for wait for that look on the runtime, holding
+    // no thread (as for the object above). An archive the cache has or is
+    // making was looked for before it was made: no look. A look is cold
+    // work, as a generation is: it takes a token of `client`'s budget
+    // (attack: names that are not there in a directory of 50,000 entries,
+    // 40 ms each, asked for free), which the generation it leads to, if
+    // any, does not take again.
+    let mut paid = false;
+    if let Some(subtree) = &spec.subtree
+        && app.cache.peek(&spec).is_none()
+    {
+        let pay = || match (&app.budget, client) {
+            (Some(budget), Some(client)) => {
+                let _spent = budget.reserve(client).map_err(|exhausted| {
+                    metrics::counter!(crate::metrics::BUDGET_REJECTED_TOTAL).increment(1);
+                    Error::RateLimited {
+                        retry_after_seconds: exhausted.retry_after_seconds(),
+                    }
+                })?;
+                paid = true;
+                Ok(())
+            }
+            _ => Ok(()),
+        };
+        let found = repository
+            .has_path_paid(&resolved.commit, subtree, pay)
+            .await?;
+        if !found {
+            return Err(Error::SubtreeNotFound);
+        }
+    }
     let etag = format!("\"{}-{}\"", resolved.commit, spec.variant());
     let filename = format!("{name}.{}", archive.format.ext());
     Ok(Resolution {
@@ -640,6 +670,7 @@ pub(crate) async fn resolve(
         spec,
         filename,
         etag,
+        paid,
     })
 }
 

@@ -58,7 +58,7 @@ pub async fn serve(app: &App, request: &Parts, log: &mut RequestLog) -> Result<R
     // Every format resolves (and is checked) before any generation starts.
     let mut resolutions = Vec::with_capacity(formats.len());
     for format in &formats {
-        let resolution = resolve(app, prewarm.archive(*format), None).await?;
+        let resolution = resolve(app, prewarm.archive(*format), None, None).await?;
         resolutions.push((*format, resolution));
     }
     let commit = resolutions

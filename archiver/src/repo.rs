@@ -1741,15 +1741,35 @@ impl Repository {
     /// no request waits for (review: a client asking for many paths and
     /// leaving left as many looks queued). A look that has begun goes on
     /// when its request goes away, so its answer is there for the others.
+    #[cfg(test)]
     pub async fn has_path(self: &Arc<Self>, commit: &str, path: &str) -> Result<bool, Error> {
+        self.has_path_paid(commit, path, || Ok(())).await
+    }
+
+    /// [`Repository::has_path`], calling `pay` before this request looks
+    /// (reads trees) itself: not for an answer known, nor one another
+    /// request is looking for. An error from `pay` is the answer, and the
+    /// look is given up (a request waiting for it looks instead).
+    pub async fn has_path_paid(
+        self: &Arc<Self>,
+        commit: &str,
+        path: &str,
+        pay: impl FnOnce() -> Result<(), Error>,
+    ) -> Result<bool, Error> {
         let id = ObjectId::from_hex(commit.as_bytes())
             .map_err(|err| Error::internal(format_args!("commit id {commit:?}: {err}")))?;
         let key: PathKey = (id, Sha256::digest(path.as_bytes()).into());
+        let mut pay = Some(pay);
         loop {
             let answer = match self.path_turn(key) {
                 flight::Turn::Known(answer) => answer,
                 flight::Turn::Wait(looking) => looking.wait().await,
-                flight::Turn::Work(finder) => self.look_for_path(finder, path).await?,
+                flight::Turn::Work(finder) => {
+                    if let Some(pay) = pay.take() {
+                        pay()?;
+                    }
+                    self.look_for_path(finder, path).await?
+                }
             };
             // `None`: the look waited for was given up; a turn again.
             if let Some(answer) = answer {
