@@ -3460,11 +3460,27 @@ fn only_an_archive_ended_whole_breaks_a_row_of_archive_failures() {
             &[("upstream", &cluster.primary.base_url)],
         )
     };
-    let failing_zip = || {
-        let fetched = fetch(proxy.addr, "/acme/big/archive/main.zip");
+    // Each a new archive, which fails by running: one the archiver knows
+    // too large is refused before its head, and counts for nothing
+    // (`requests_for_an_archive_an_archiver_knows_too_large_eject_nothing`).
+    let failing: Vec<String> = ["zip", "tar.gz", "tar.zst"]
+        .into_iter()
+        .flat_map(|ext| {
+            [
+                format!("/acme/big/archive/main.{ext}"),
+                format!("/acme/big/archive/HEAD.{ext}"),
+                format!("/acme/big/archive/main.{ext}?path=big.bin"),
+            ]
+        })
+        .chain(["/acme/big/archive/HEAD.tar".to_owned()])
+        .collect();
+    let next = std::cell::Cell::new(0);
+    let failing_archive = || {
+        let target = &failing[next.replace(next.get() + 1)];
+        let fetched = fetch(proxy.addr, target);
         assert!(
             matches!(fetched.end, BodyEnd::Aborted(_)),
-            "{:?}",
+            "{target}: {:?}",
             fetched.end
         );
     };
@@ -3473,7 +3489,7 @@ fn only_an_archive_ended_whole_breaks_a_row_of_archive_failures() {
             fetch(proxy.addr, "/acme/big/archive/no-such-ref.zip").status(),
             404
         );
-        failing_zip();
+        failing_archive();
     }
     assert_eq!(ejected(), 1.0, "404s between them broke the row");
 
@@ -3481,7 +3497,7 @@ fn only_an_archive_ended_whole_breaks_a_row_of_archive_failures() {
         let (mut connection, _, _, _) = spliced_download(proxy);
         let end = connection.read_body_to_end(|_| {});
         assert_eq!(end, BodyEnd::Complete);
-        failing_zip();
+        failing_archive();
     }
     assert_eq!(ejected(), 0.0, "whole spliced hits did not break the row");
 }
