@@ -2426,7 +2426,11 @@ fn looks_for_paths_in_many_forks_take_a_bounded_number_of_threads() {
     let sandbox = Sandbox::new();
     let path = widget_with_a_costly_path(&sandbox, COSTLY_PATH_DEPTH, COSTLY_PATH_FILLER);
     forks_of_widget(&sandbox, FORKS);
-    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    // The crawler budget off: one client reads every fork's commit and
+    // looks for paths in each, which its budget refuses past its burst
+    // (`a_commit_not_seen_before_takes_a_token_to_be_read`); the bound on
+    // threads is what is tested here.
+    let archiver = Archiver::start(&sandbox.repos(), &["--client-cold-rate", "0"]);
     let head = |target: &str| head_status(&archiver, target);
     // Each fork's commit read and its trees judged for `export-subst`,
     // one fork at a time.
@@ -2507,7 +2511,10 @@ fn heads_to_every_fork_take_a_bounded_number_of_threads(
     target: impl Fn(usize) -> String + Sync,
     what: &str,
 ) {
-    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    // The crawler budget off: one client reads a commit in every fork,
+    // which its budget refuses past its burst
+    // (`a_commit_not_seen_before_takes_a_token_to_be_read`).
+    let archiver = Archiver::start(&sandbox.repos(), &["--client-cold-rate", "0"]);
     let (before, peak) = one_head_per_fork(&archiver, forks, target);
     assert!(
         peak.saturating_sub(before) < forks as u64 / 2,

@@ -589,7 +589,51 @@ pub(crate) async fn resolve(
     // A commit not seen before has its changed trees and their attributes
     // read: off the serving thread, as for the refs below (a request that
     // finds them being read waits on the runtime, as for the history).
-    let substitutes = repository.substitutes(&resolved.commit).await?;
+    //
+    // Reading them is cold work a push decides the size of, whatever the
+    // request: it takes a token of `client`'s budget (attack: a `HEAD` by
+    // the id of each commit of a history whose directory of 50,000 entries
+    // changed each time, 42 ms each, free), as a look at a `?path=` does
+    // below; a request takes at most one, which the generation it leads
+    // to does not take again. An archive of the commit the cache has
+    // without the refs says the commit does not ask for `export-subst`
+    // (that never changes): a hit whose answer was forgotten is not
+    // charged for it.
+    let mut paid = false;
+    let compression = match archive.format {
+        Format::TarGz => Compression::Gzip(app.gzip_level),
+        Format::TarZst => Compression::Zstd(app.zstd_level),
+        Format::Zip => Compression::Zip(crate::compress::ZIP_LEVEL),
+        Format::Tar => Compression::None,
+    };
+    let spec_of = |refs: Option<String>, tar_writer: Option<String>| Spec {
+        git_dir: repository.git_dir().to_path_buf(),
+        common_dir: repository.common_dir().to_path_buf(),
+        repository: format!("{}/{}", archive.owner, archive.repo),
+        commit: resolved.commit.clone(),
+        format: archive.format,
+        prefix: format!("{name}/"),
+        subtree: subtree.clone(),
+        compression,
+        refs,
+        commit_time: resolved.committer_time,
+        confined_to: repository.confined_to().map(std::path::Path::to_path_buf),
+        tar_writer,
+    };
+    let substitutes = match repository.known_substitutes(&resolved.commit) {
+        Some(substitutes) => substitutes,
+        None if app
+            .cache
+            .peek(&spec_of(None, app.cache.tar_writer(false).await))
+            .is_some() =>
+        {
+            false
+        }
+        None => {
+            paid = take_token(app, client)?;
+            repository.substitutes(&resolved.commit).await?
+        }
+    };
     // An archive whose `export-subst` output may read the refs is keyed
     // (and tagged) by their state too: a pushed tag then makes new bytes
     // under a new ETag, never new bytes under an old one.
@@ -607,27 +651,8 @@ pub(crate) async fn resolve(
     } else {
         None
     };
-    let compression = match archive.format {
-        Format::TarGz => Compression::Gzip(app.gzip_level),
-        Format::TarZst => Compression::Zstd(app.zstd_level),
-        Format::Zip => Compression::Zip(crate::compress::ZIP_LEVEL),
-        Format::Tar => Compression::None,
-    };
     let tar_writer = app.cache.tar_writer(refs.is_some()).await;
-    let spec = Spec {
-        git_dir: repository.git_dir().to_path_buf(),
-        common_dir: repository.common_dir().to_path_buf(),
-        repository: format!("{}/{}", archive.owner, archive.repo),
-        commit: resolved.commit.clone(),
-        format: archive.format,
-        prefix: format!("{name}/"),
-        subtree,
-        compression,
-        refs,
-        commit_time: resolved.committer_time,
-        confined_to: repository.confined_to().map(std::path::Path::to_path_buf),
-        tar_writer,
-    };
+    let spec = spec_of(refs, tar_writer);
     // Off the serving thread: each tree on the path is read whole, and a
     // push decides how large (attack: 500 nested trees of 8 MB, 2.7 s).
     // The answer is kept, so a later request reads no tree; requests for
@@ -636,24 +661,15 @@ pub(crate) async fn resolve(
     // making was looked for before it was made: no look. A look is cold
     // work, as a generation is: it takes a token of `client`'s budget
     // (attack: names that are not there in a directory of 50,000 entries,
-    // 40 ms each, asked for free), which the generation it leads to, if
-    // any, does not take again.
-    let mut paid = false;
+    // 40 ms each, asked for free), unless this request took one already.
     if let Some(subtree) = &spec.subtree
         && app.cache.peek(&spec).is_none()
     {
-        let pay = || match (&app.budget, client) {
-            (Some(budget), Some(client)) => {
-                let _spent = budget.reserve(client).map_err(|exhausted| {
-                    metrics::counter!(crate::metrics::BUDGET_REJECTED_TOTAL).increment(1);
-                    Error::RateLimited {
-                        retry_after_seconds: exhausted.retry_after_seconds(),
-                    }
-                })?;
-                paid = true;
-                Ok(())
+        let pay = || {
+            if !paid {
+                paid = take_token(app, client)?;
             }
-            _ => Ok(()),
+            Ok(())
         };
         let found = repository
             .has_path_paid(&resolved.commit, subtree, pay)
@@ -672,6 +688,25 @@ pub(crate) async fn resolve(
         etag,
         paid,
     })
+}
+
+/// Takes a token of `client`'s budget for cold work other than a
+/// generation (reading a new commit's trees, looking for a new
+/// `?path=`): whether one was taken (none without a budget or a client),
+/// or `429` when the budget is spent.
+fn take_token(app: &App, client: Option<IpAddr>) -> Result<bool, Error> {
+    let (Some(budget), Some(client)) = (&app.budget, client) else {
+        return Ok(false);
+    };
+    match budget.reserve(client) {
+        Ok(_spent) => Ok(true),
+        Err(exhausted) => {
+            metrics::counter!(crate::metrics::BUDGET_REJECTED_TOTAL).increment(1);
+            Err(Error::RateLimited {
+                retry_after_seconds: exhausted.retry_after_seconds(),
+            })
+        }
+    }
 }
 
 /// The `200`/`206` head of an archive; its body is attached later.

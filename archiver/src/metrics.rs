@@ -137,11 +137,11 @@ pub fn describe(cache_max_bytes: u64, budget_max_clients: usize) {
     );
     describe_counter!(
         BUDGET_TAKEN_TOTAL,
-        "Tokens taken by requests that could start a generation or looked for a new ?path= (one given back for a hit or a join is still counted)."
+        "Tokens taken by requests that could start a generation, read a new commit or looked for a new ?path= (one given back for a hit or a join is still counted)."
     );
     describe_counter!(
         BUDGET_REJECTED_TOTAL,
-        "Requests refused with 429 because their client's budget of cold generations (and new ?path= looks) was spent."
+        "Requests refused with 429 because their client's budget of cold work (generations, new commits and ?path= looks) was spent."
     );
 
     let _ = histogram!(REQUEST_DURATION);
