@@ -976,6 +976,105 @@ fn requests_for_an_archive_an_archiver_knows_too_large_eject_nothing() {
     );
 }
 
+/// Requests that join one generation already under way at an archiver
+/// (`X-Gitball-Cache: join`) share its failure, which counts once toward
+/// the row of archive failures that ejects the archiver: at the request
+/// that started it (`miss`). Before, each cut download counted, so six
+/// concurrent requests for one new archive that fails there ejected the
+/// replica for `--eject-for`, moving every client's requests for its
+/// repositories, hits included, to candidates that must generate them
+/// anew: an outsider could keep it ejected with one failing archive each
+/// time (attack). A row of five failed generations still ejects it.
+#[test]
+fn requests_joining_one_failing_generation_count_as_one_archive_failure() {
+    const RUSH: usize = 6;
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    // Each `git archive` waits for a line, then fails: a generation that
+    // fails when the test says, after every request of the rush joined it.
+    let (release, mut lines) = sandbox.fifo("release");
+    let stub = sandbox.write_stub(
+        "fails-when-told",
+        &format!("read line < '{}'\nexit 1\n", release.display()),
+    );
+    let failing = Archiver::start(&sandbox.repos(), &["--git", stub.to_str().unwrap()]);
+    let primary = Archiver::start(&sandbox.repos(), &[]);
+    let cluster = Cluster::around(primary, vec![failing], &[]);
+    let replica = &cluster.replicas[0];
+    let addr = cluster.proxy.addr;
+    let ejected = || {
+        cluster.proxy.scrape().value(
+            "gitball_proxy_upstream_ejected",
+            &[("upstream", &replica.base_url)],
+        )
+    };
+
+    std::thread::scope(|scope| {
+        let (heads, heads_seen) = std::sync::mpsc::channel();
+        let clients: Vec<_> = (0..RUSH)
+            .map(|_| {
+                let heads = heads.clone();
+                scope.spawn(move || {
+                    let mut connection = RawConnection::connect(addr).expect("connect");
+                    connection
+                        .send_request("GET", "/acme/widget/archive/main.zip", &[])
+                        .expect("send");
+                    // A zip's head leaves before git runs.
+                    let head = connection.read_head().expect("head");
+                    let cache = head.header("x-gitball-cache").map(str::to_owned);
+                    heads.send((head.status, cache)).expect("tell the test");
+                    connection.read_body_to_end(|_| {})
+                })
+            })
+            .collect();
+        let mut seen: Vec<(u16, Option<String>)> = (0..RUSH)
+            .map(|_| heads_seen.recv_timeout(SETTLE).expect("every head in time"))
+            .collect();
+        seen.sort();
+        let mut expected = vec![(200, Some("join".to_owned())); RUSH - 1];
+        expected.push((200, Some("miss".to_owned())));
+        assert_eq!(seen, expected, "one generation, joined by the others");
+        // Every request joined it: now it fails.
+        writeln!(lines).expect("release the generation");
+        for client in clients {
+            let end = client.join().expect("a client");
+            assert!(matches!(end, BodyEnd::Aborted(_)), "{end:?}");
+        }
+    });
+    let metrics = cluster.proxy.scrape();
+    assert_eq!(
+        metrics.value(
+            "gitball_proxy_upstream_aborts_total",
+            &[("upstream", &replica.base_url)]
+        ),
+        RUSH as f64,
+        "every download was cut by the replica"
+    );
+    assert_eq!(
+        ejected(),
+        0.0,
+        "requests joining one failing generation ejected the replica"
+    );
+
+    // That generation counted once: four more failing in a row eject the
+    // replica, at the fourth.
+    for (n, reference) in ["main", "v1.2.3", "v1.0.0", "feature/x"]
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(ejected(), 0.0, "ejected after {n} more");
+        writeln!(lines).expect("let the next generation fail");
+        let fetched = fetch(addr, &format!("/acme/widget/archive/{reference}.tar.gz"));
+        assert_eq!(fetched.header("x-gitball-cache"), "miss");
+        assert!(
+            matches!(fetched.end, BodyEnd::Aborted(_)),
+            "{reference}: {:?}",
+            fetched.end
+        );
+    }
+    assert!(wait_until(SETTLE, || ejected() == 1.0));
+}
+
 // ---------------------------------------------------------------------------
 // The pipe
 

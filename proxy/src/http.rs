@@ -338,6 +338,9 @@ fn respond(state: &AppState, request: &Parts, answer: Answer, mut log: RequestLo
     // a HEAD, a 304 or a 204, whose length is the archiver's or none.
     let mut response = Response::new(gitball_core::response::no_length());
     *response.status_mut() = status;
+    // Read before its headers move: a joined generation's cut is counted
+    // by the request that started it (`Cut::Joined`).
+    let joined = crate::upstream::joined(upstream_response.headers());
     // The upstream's own map, less what is not passed on, rather than a
     // new map filled header by header (its appends, hashing each name, and
     // the two maps were a twentieth of a small hit's instructions). A
@@ -434,6 +437,7 @@ fn respond(state: &AppState, request: &Parts, answer: Answer, mut log: RequestLo
                     drop(log);
                 },
             )
+            .joined(joined)
             .on_connection(
                 on_connection.map(|connection| connection.writes.clone()),
                 on_connection.and_then(|connection| connection.takeover.clone()),

@@ -282,6 +282,10 @@ pub struct Pipe {
     /// fail at the upstream (`Health::answered_whole`); an error's body,
     /// a `404`'s or the `500` itself, says nothing of that (review: attack).
     archive: bool,
+    /// The upstream whose generation, under way before this request, the
+    /// download joined (`X-Gitball-Cache: join`): its cut there is counted
+    /// by the request that started the generation (`Cut::Joined`).
+    joined: Option<Arc<str>>,
 }
 
 /// Where a download stands with `crate::splice`.
@@ -335,6 +339,15 @@ impl Pipe {
         pipe
     }
 
+    /// Tells the pipe whether its response head said the request joined a
+    /// generation under way at the upstream (`upstream::joined`, read
+    /// before the head's headers moved to the client's response): a cut
+    /// there is then `Cut::Joined`.
+    pub fn joined(mut self, joined: bool) -> Pipe {
+        self.joined = joined.then(|| self.upstream_name.clone());
+        self
+    }
+
     fn from_stream(
         upstream: UpstreamBody,
         expected_bytes: Option<u64>,
@@ -369,6 +382,7 @@ impl Pipe {
             writes: None,
             window: None,
             archive: true,
+            joined: None,
             splice: Splicing::No,
             active: Some(ActiveDownload::start()),
         }
@@ -545,6 +559,7 @@ impl Pipe {
             Ending::IdleTimeout => {}
             Ending::Aborted => {
                 crate::metrics::upstream_abort(&self.upstream_name);
+                let cut = cut.of_download(&self.upstream_name, self.joined.as_deref());
                 self.health.cut(&self.upstream_name, cut);
             }
         }
@@ -701,6 +716,7 @@ impl Pipe {
                 on_end,
                 active,
                 writes: self.writes.clone(),
+                joined: self.joined.clone(),
             },
         )));
         Poll::Ready(true)

@@ -610,6 +610,8 @@ pub struct SpliceBody {
     length: u64,
     timers: Timers,
     health: Arc<Health>,
+    /// The upstream whose generation the download joined (`Cut::Joined`).
+    joined: Option<Arc<str>>,
     finish: Finish,
 }
 
@@ -695,6 +697,8 @@ pub struct Handoff {
     /// The client connection's writes: whether the write-stall guard cut
     /// it before the spliced body began.
     pub writes: Option<ClientWrites>,
+    /// The upstream whose generation the download joined (`Cut::Joined`).
+    pub joined: Option<Arc<str>>,
 }
 
 impl SpliceBody {
@@ -707,6 +711,7 @@ impl SpliceBody {
             length: handoff.length,
             timers: handoff.timers,
             health: handoff.health,
+            joined: handoff.joined,
             finish: Finish {
                 sent: handoff.sent,
                 parked: false,
@@ -928,6 +933,7 @@ impl FileBody for SpliceBody {
                         .or_else(|| body.resume.first_upstream().cloned());
                     crate::metrics::upstream_abort(label.as_deref().unwrap_or("-"));
                     if let Some(upstream) = &upstream {
+                        let cut = cut.of_download(upstream, body.joined.as_deref());
                         body.health.cut(upstream, cut);
                     }
                     body.finish.end(Ending::Aborted);
@@ -1009,6 +1015,7 @@ mod tests {
             on_end: Box::new(on_end),
             active: ActiveDownload::start(),
             writes: None,
+            joined: None,
         }
     }
 

@@ -19,7 +19,10 @@
 //! what readers pin) would then never be ejected, and every cold request
 //! sent there would fail. So `ARCHIVE_FAILURES_TO_EJECT` of them in a row,
 //! with no download from it ending whole in between, eject it as one
-//! failure does (review).
+//! failure does (review). One generation's failure counts once: a request
+//! that joined a generation under way (`X-Gitball-Cache: join`) shares it,
+//! and only the request that started it counts it (attack: a rush of
+//! requests for one new archive that fails ejected the archiver).
 //!
 //! `gitball_proxy_upstream_ejected{upstream}` is `1` while an upstream is
 //! ejected and `0` otherwise; expiries are noticed lazily (on the next
@@ -41,9 +44,37 @@ pub enum Cut {
     /// It ended the body itself: an archive failed there
     /// ([`Health::archive_failed`]).
     ByUpstream,
+    /// It ended the body of a generation this download joined, under way
+    /// there before it (`X-Gitball-Cache: join`): that failure is counted
+    /// once, by the request that started the generation (`miss`), not by
+    /// each that joined it (attack: six requests for one new archive that
+    /// fails ejected the archiver).
+    Joined,
     /// Not its doing: a parked download no candidate could resume (each
     /// attempt was judged on its own).
     NotUpstreams,
+}
+
+impl Cut {
+    /// This cut of a download now from `upstream`, which joined a
+    /// generation under way at `joined` (if any, see [`joined`]): one by
+    /// the upstream whose generation it joined is [`Cut::Joined`].
+    pub fn of_download(self, upstream: &str, joined: Option<&str>) -> Cut {
+        if self == Cut::ByUpstream && joined == Some(upstream) {
+            Cut::Joined
+        } else {
+            self
+        }
+    }
+}
+
+/// Whether an archiver's response head says the request joined a
+/// generation already under way there (`X-Gitball-Cache: join`): if that
+/// generation fails, the request that started it counts the failure.
+pub fn joined(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(gitball_core::protocol::X_GITBALL_CACHE)
+        .is_some_and(|value| value == "join")
 }
 
 /// Archives failed at one archiver in a row, with no download from it
@@ -174,7 +205,7 @@ impl Health {
         match cut {
             Cut::Gone => self.failed(upstream),
             Cut::ByUpstream => self.archive_failed(upstream),
-            Cut::NotUpstreams => {}
+            Cut::Joined | Cut::NotUpstreams => {}
         }
     }
 
@@ -287,6 +318,22 @@ mod tests {
         );
         health.archive_failed(&upstream);
         assert!(health.is_ejected("a"));
+    }
+
+    #[test]
+    fn a_cut_of_a_joined_generation_counts_for_nothing_at_its_upstream() {
+        let health = Health::new(Duration::from_secs(10));
+        let upstream: Arc<str> = Arc::from("a");
+        for _ in 0..2 * ARCHIVE_FAILURES_TO_EJECT {
+            let cut = Cut::ByUpstream.of_download("a", Some("a"));
+            assert_eq!(cut, Cut::Joined);
+            health.cut(&upstream, cut);
+        }
+        assert!(!health.is_ejected("a"), "joiners' cuts were counted");
+        // Resumed elsewhere, or never joined: counted.
+        assert_eq!(Cut::ByUpstream.of_download("a", Some("b")), Cut::ByUpstream);
+        assert_eq!(Cut::ByUpstream.of_download("a", None), Cut::ByUpstream);
+        assert_eq!(Cut::Gone.of_download("a", Some("a")), Cut::Gone);
     }
 
     #[test]
