@@ -1075,6 +1075,103 @@ fn requests_joining_one_failing_generation_count_as_one_archive_failure() {
     assert!(wait_until(SETTLE, || ejected() == 1.0));
 }
 
+/// So do requests that wait for the whole archive (a `.sha256`) and get
+/// the joined generation's failure as a `500` before any head: the
+/// archiver marks the joiners' `500`s `X-Gitball-Cache: join` (the
+/// starter's `miss`), and the proxy fails them over without counting
+/// them. Before, those `500`s carried no `X-Gitball-Cache` and each
+/// counted: five clients joining one failing generation ejected the
+/// replica (attack).
+#[test]
+fn requests_joining_one_generation_that_fails_before_their_heads_count_once() {
+    const CLIENTS: u8 = 6;
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    let (release, mut lines) = sandbox.fifo("release");
+    let stub = sandbox.write_stub(
+        "fails-when-told",
+        &format!("read line < '{}'\nexit 1\n", release.display()),
+    );
+    // One slot: the rush's generation waits in the queue behind another,
+    // where each client joining it is seen (`generations_queued_clients`).
+    let failing = Archiver::start(
+        &sandbox.repos(),
+        &["--git", stub.to_str().unwrap(), "--max-generations", "1"],
+    );
+    let primary = Archiver::start(&sandbox.repos(), &[]);
+    let cluster = Cluster::around(primary, vec![failing], &[]);
+    let replica = &cluster.replicas[0];
+    let addr = cluster.proxy.addr;
+
+    // The slot's holder: a zip, whose head leaves once it has the slot.
+    let mut holder = RawConnection::connect(addr).expect("connect");
+    holder
+        .send_request("GET", "/acme/widget/archive/v1.0.0.zip", &[])
+        .expect("send");
+    let head = holder.read_head().expect("head");
+    assert_eq!(head.header("x-gitball-cache"), Some("miss"));
+
+    std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|n| {
+                scope.spawn(move || {
+                    let source = std::net::IpAddr::from([127, 0, 0, 2 + n]);
+                    let mut connection =
+                        RawConnection::connect_from(source, addr).expect("connect");
+                    connection
+                        .send_request("GET", "/acme/widget/archive/main.tar.gz.sha256", &[])
+                        .expect("send");
+                    let head = connection.read_head().expect("head");
+                    let end = connection.read_body_to_end(|_| {});
+                    (head.status, end)
+                })
+            })
+            .collect();
+        assert!(
+            wait_until(SETTLE, || replica
+                .metrics()
+                .value("gitball_archiver_generations_queued_clients", &[])
+                == f64::from(CLIENTS)),
+            "every client joined the queued generation"
+        );
+        // Both generations fail: the holder's, then the rush's.
+        writeln!(lines).expect("release the holder");
+        writeln!(lines).expect("release the rush's generation");
+        for client in clients {
+            let (status, end) = client.join().expect("a client");
+            assert_eq!(
+                (status, end),
+                (200, BodyEnd::Complete),
+                "the primary answered"
+            );
+        }
+    });
+    assert!(matches!(
+        holder.read_body_to_end(|_| {}),
+        BodyEnd::Aborted(_)
+    ));
+    let metrics = cluster.proxy.scrape();
+    assert_eq!(
+        metrics.value(
+            ATTEMPTS,
+            &[
+                ("upstream", replica.base_url.as_str()),
+                ("outcome", "archive_failed")
+            ]
+        ),
+        f64::from(CLIENTS),
+        "every client was tried at the replica first"
+    );
+    assert_eq!(
+        metrics.value(
+            "gitball_proxy_upstream_ejected",
+            &[("upstream", &replica.base_url)]
+        ),
+        0.0,
+        "clients joining one failing generation ejected the replica"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // The pipe
 

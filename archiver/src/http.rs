@@ -220,7 +220,20 @@ async fn archive(State(app): State<Arc<App>>, request: Request) -> Response {
 /// The error's response; the log line is written as it returns.
 fn fail(error: Error, mut log: RequestLog) -> Response {
     log.failed(error.status(), error.fault(), error.log_text());
-    let response = error.into_response();
+    // A generation's failure says whether this request started it (`miss`)
+    // or joined it under way (`join`), as its 200 would have: a proxy
+    // counts one generation's failure once, at the request that started it
+    // (proxy.md, Ejection).
+    let generation_failed = matches!(
+        error,
+        Error::GenerationFailed | Error::GenerationTimeout | Error::TooLarge
+    );
+    let mut response = error.into_response();
+    if generation_failed && let Some(label @ ("miss" | "join")) = log.cache {
+        response
+            .headers_mut()
+            .insert(X_GITBALL_CACHE, HeaderValue::from_static(label));
+    }
     log.answered(&response);
     response
 }

@@ -254,12 +254,15 @@ pub(crate) async fn counted<T, F: Future<Output = T>>(
 
 /// Whether an archiver's `500` is an answer its cache had
 /// (`X-Gitball-Cache: hit`: an archive it knows to be too large), which
-/// ran nothing there, rather than an archive failing there now.
+/// ran nothing there, or the failure of a generation the request joined
+/// (`join`), which the request that started it counts; rather than an
+/// archive failing there now for this request.
 fn known<B>(response: &http::Response<B>) -> bool {
-    response
-        .headers()
-        .get(gitball_core::protocol::X_GITBALL_CACHE)
-        .is_some_and(|value| value == "hit")
+    crate::upstream::joined(response.headers())
+        || response
+            .headers()
+            .get(gitball_core::protocol::X_GITBALL_CACHE)
+            .is_some_and(|value| value == "hit")
 }
 
 /// Decides what a response's status (and, for a `503`, its `Retry-After`)
@@ -467,7 +470,9 @@ impl Forwarder {
                 // Nor is an answer the archiver had (an archive it knows
                 // too large, `X-Gitball-Cache: hit`): nothing failed there
                 // now, however often it is asked (attack: five such
-                // answers ejected it).
+                // answers ejected it). Nor a generation's failure told to
+                // a request that joined it (`join`): it counts once, at
+                // the request that started it.
             } else if outcome == Outcome::ArchiveFailed {
                 // Nor is one archive's failure, unless every one fails.
                 self.health.archive_failed(&candidate.upstream);
