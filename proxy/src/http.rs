@@ -534,9 +534,16 @@ pub fn forwarded_headers(
     // client's address, the length wish, and the `Host` the client adds):
     // no regrowth while filling it.
     let mut headers = HeaderMap::with_capacity(FORWARDED_REQUEST_HEADERS.len() + 4);
-    for name in &FORWARDED_REQUEST_HEADERS {
-        for value in client.get_all(name) {
+    // One pass over the client's headers rather than a hashed look-up of
+    // each name that may be forwarded (five, one a custom name hashed byte
+    // by byte): a client sends a few headers, wrk only `Host`. A name's
+    // values come in the order sent, its first one first.
+    let mut asked = None;
+    for (name, value) in client {
+        if FORWARDED_REQUEST_HEADERS.contains(name) {
             headers.append(name.clone(), value.clone());
+        } else if asked.is_none() && name == X_GITBALL_WANT_LENGTH {
+            asked = Some(value.as_bytes() == b"1");
         }
     }
     if let Ok(value) = HeaderValue::from_str(request_id) {
@@ -553,10 +560,7 @@ pub fn forwarded_headers(
     // which come with a length. A front that speaks HTTP/1.1 to the proxy
     // for its HTTP/1.0 clients (nginx) says so with the same header; from
     // anyone else it costs only the asker the wait.
-    let asked = client
-        .get(X_GITBALL_WANT_LENGTH)
-        .is_some_and(|value| value.as_bytes() == b"1");
-    if version < Version::HTTP_11 || asked {
+    if version < Version::HTTP_11 || asked == Some(true) {
         headers.insert(X_GITBALL_WANT_LENGTH, HeaderValue::from_static("1"));
     }
     headers
@@ -701,5 +705,48 @@ mod tests {
         let old = forwarded_headers(&client, "chosen-id", Version::HTTP_10, None);
         assert!(old.get(X_GITBALL_CLIENT).is_none());
         assert_eq!(old[X_GITBALL_WANT_LENGTH], "1");
+    }
+
+    /// Each forwarded header's values reach the archiver all, in the order
+    /// sent, whatever the other headers around them; only the first
+    /// `X-Gitball-Want-Length` counts. (Guards the one pass over the
+    /// client's headers that replaced a look-up per name.)
+    #[test]
+    fn forwarded_values_keep_their_order_and_the_first_length_wish_counts() {
+        let mut client = HeaderMap::new();
+        let sent = [
+            (header::IF_NONE_MATCH, "\"a\""),
+            (header::USER_AGENT, "curl"),
+            (X_GITBALL_WANT_LENGTH, "0"),
+            (header::IF_NONE_MATCH, "\"b\""),
+            (header::IF_MODIFIED_SINCE, "Tue, 14 Nov 2023 22:13:20 GMT"),
+            (X_GITBALL_WANT_LENGTH, "1"),
+            (header::RANGE, "bytes=0-1"),
+            (header::IF_NONE_MATCH, "\"c\""),
+            (header::RANGE, "bytes=5-"),
+        ];
+        for (name, value) in &sent {
+            client.append(name.clone(), HeaderValue::from_static(value));
+        }
+        let forwarded = forwarded_headers(&client, "chosen-id", Version::HTTP_11, None);
+        let values = |name| {
+            forwarded
+                .get_all(name)
+                .iter()
+                .map(|value| value.to_str().unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(values(header::IF_NONE_MATCH), ["\"a\"", "\"b\"", "\"c\""]);
+        assert_eq!(values(header::RANGE), ["bytes=0-1", "bytes=5-"]);
+        assert_eq!(
+            values(header::IF_MODIFIED_SINCE),
+            ["Tue, 14 Nov 2023 22:13:20 GMT"]
+        );
+        assert!(forwarded.get(header::USER_AGENT).is_none());
+        assert!(
+            forwarded.get(X_GITBALL_WANT_LENGTH).is_none(),
+            "the first wish is not `1`"
+        );
+        assert_eq!(forwarded.len(), 7, "{forwarded:?}");
     }
 }
