@@ -146,6 +146,12 @@ pub struct UpstreamRequest {
     pub method: Method,
     /// `/{owner}/{repo}/archive/{ref}.{ext}[.sha256][?path=…]`
     pub path_and_query: String,
+    /// `path_and_query` parsed already: the client's own request target,
+    /// when the client asked for the canonical URL (as most do). Sent as
+    /// it is, a request's URL is not parsed a second time for the
+    /// upstream. A slice of the client connection's read buffer: not kept
+    /// past the request's answer (a resume's request has `None`).
+    pub parsed: Option<http::uri::PathAndQuery>,
     pub headers: HeaderMap,
 }
 
@@ -546,21 +552,20 @@ impl Forwarder {
     ) -> (Outcome, Option<UpstreamResponse>) {
         // Origin-form, as sent: the pool knows the upstream's address and
         // sets its `Host`.
-        let uri = match http::Uri::from_maybe_shared(Bytes::from(request.path_and_query.clone())) {
+        let uri = match request.uri() {
             Ok(uri) => uri,
             Err(error) => {
                 tracing::debug!(upstream = %candidate.upstream, %error, "no valid upstream URL");
                 return (Outcome::Error, None);
             }
         };
-        // Parsed again only for a request sent again (a `Uri`'s clone
+        // Made again only for a request sent again (a `Uri`'s clone
         // would allocate).
         let mut first = Some(uri);
         let make = move || {
-            let uri = first.take().unwrap_or_else(|| {
-                http::Uri::from_maybe_shared(Bytes::from(request.path_and_query.clone()))
-                    .unwrap_or_default()
-            });
+            let uri = first
+                .take()
+                .unwrap_or_else(|| request.uri().unwrap_or_default());
             let mut upstream_request = http::Request::new(Empty::new());
             *upstream_request.method_mut() = request.method.clone();
             *upstream_request.headers_mut() = request.headers.clone();
@@ -660,6 +665,15 @@ fn is_digits(value: &[u8]) -> bool {
 pub const COMPLETE_ARCHIVE_TIMEOUT: Duration = Duration::from_secs(630);
 
 impl UpstreamRequest {
+    /// The upstream request's origin-form URI: [`UpstreamRequest::parsed`]
+    /// if there is one, else `path_and_query` parsed.
+    fn uri(&self) -> Result<http::Uri, http::uri::InvalidUri> {
+        match &self.parsed {
+            Some(parsed) => Ok(http::Uri::from(parsed.clone())),
+            None => http::Uri::from_maybe_shared(Bytes::from(self.path_and_query.clone())),
+        }
+    }
+
     /// The proxy asked for the archive with its length: the archiver
     /// answers once it is complete.
     pub fn wants_length(&self) -> bool {
@@ -960,6 +974,7 @@ mod tests {
         let request = |path: &str| UpstreamRequest {
             method: Method::GET,
             path_and_query: path.into(),
+            parsed: None,
             headers: HeaderMap::new(),
         };
         let download = request("/acme/widget/archive/main.tar.gz");
@@ -986,6 +1001,25 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::from_secs(630));
         assert!(health.is_ejected(&upstream), "the ejection was cleared");
         held.abort();
+    }
+
+    /// The URI sent upstream is `path_and_query`'s, whether parsed here or
+    /// taken as the client sent it.
+    #[test]
+    fn the_upstream_uri_is_the_canonical_path_either_way() {
+        let path = "/acme/widget/archive/main.tar.gz?path=docs%20x";
+        let mut request = UpstreamRequest {
+            method: Method::GET,
+            path_and_query: path.into(),
+            parsed: None,
+            headers: HeaderMap::new(),
+        };
+        let parsed_here = request.uri().unwrap();
+        request.parsed = Some(http::uri::PathAndQuery::from_static(path));
+        let as_sent = request.uri().unwrap();
+        assert_eq!(parsed_here, as_sent);
+        assert_eq!(as_sent.to_string(), path);
+        assert!(as_sent.scheme().is_none() && as_sent.authority().is_none());
     }
 
     #[test]

@@ -269,9 +269,12 @@ async fn handle(
     let ejected = state.forwarder.health().order(&mut candidates);
 
     // Forward.
+    let path_and_query = archive.canonical_path(subtree.as_deref());
+    let parsed = canonical_as_sent(&request.uri, &path_and_query);
     let upstream_request = UpstreamRequest {
         method: request.method.clone(),
-        path_and_query: archive.canonical_path(subtree.as_deref()),
+        path_and_query,
+        parsed,
         headers: forwarded_headers(
             &request.headers,
             request_id,
@@ -318,6 +321,15 @@ async fn handle(
             Err(failed.error)
         }
     }
+}
+
+/// The client's request target, parsed already, when it is `canonical`
+/// byte for byte (no other shape, alias or query): it can be sent upstream
+/// as it is ([`UpstreamRequest::parsed`]).
+fn canonical_as_sent(uri: &http::Uri, canonical: &str) -> Option<http::uri::PathAndQuery> {
+    uri.path_and_query()
+        .filter(|sent| sent.as_str() == canonical)
+        .cloned()
 }
 
 /// Phase 5: the client response from the upstream one, with the request
@@ -705,6 +717,31 @@ mod tests {
         let old = forwarded_headers(&client, "chosen-id", Version::HTTP_10, None);
         assert!(old.get(X_GITBALL_CLIENT).is_none());
         assert_eq!(old[X_GITBALL_WANT_LENGTH], "1");
+    }
+
+    /// A client's request target is sent upstream as it is only when it
+    /// is the canonical URL itself; any other shape is asked for by the
+    /// canonical one.
+    #[test]
+    fn only_a_canonical_target_is_sent_as_the_client_sent_it() {
+        let canonical = "/acme/widget/archive/v1.0.tar.gz";
+        for (sent, kept) in [
+            ("/acme/widget/archive/v1.0.tar.gz", true),
+            ("http://proxy.example/acme/widget/archive/v1.0.tar.gz", true),
+            ("/acme/widget/archive/v1.0.tgz", false),
+            ("/acme/widget/archive/v1.0.tar.gz?token=abc", false),
+            ("/acme/widget/archive/v1%2E0.tar.gz", false),
+            ("/acme/widget/archive/v1.0.tar.gz?", false),
+        ] {
+            let uri: http::Uri = sent.parse().unwrap();
+            let parsed = canonical_as_sent(&uri, canonical);
+            assert_eq!(parsed.is_some(), kept, "{sent}");
+            if let Some(parsed) = parsed {
+                assert_eq!(parsed.as_str(), canonical);
+            }
+        }
+        let with_subtree = "/acme/widget/archive/v1.0.tar.gz?path=docs%20x";
+        assert!(canonical_as_sent(&with_subtree.parse().unwrap(), with_subtree).is_some());
     }
 
     /// Each forwarded header's values reach the archiver all, in the order

@@ -107,6 +107,7 @@ pub async fn serve(
         let upstream_request = UpstreamRequest {
             method: Method::POST,
             path_and_query: format!("{}?format={}", target.canonical_path(), format.ext()),
+            parsed: None,
             headers: headers.clone(),
         };
         let candidates = &candidates;

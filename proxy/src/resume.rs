@@ -160,6 +160,7 @@ impl Resume {
         let mut request = UpstreamRequest {
             method: request.method.clone(),
             path_and_query: request.path_and_query.clone(),
+            parsed: None,
             headers: owned(&request.headers),
         };
         for name in [
@@ -530,6 +531,7 @@ mod tests {
             UpstreamRequest {
                 method: Method::GET,
                 path_and_query: "/acme/widget/archive/main.tar".into(),
+                parsed: None,
                 headers: http::HeaderMap::new(),
             },
             HeaderValue::from_static(ETAG),

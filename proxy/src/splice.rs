@@ -1065,6 +1065,7 @@ mod tests {
             UpstreamRequest {
                 method: http::Method::GET,
                 path_and_query: "/acme/widget/archive/main.tar".into(),
+                parsed: None,
                 headers,
             },
             HeaderValue::from_static(ETAG),
