@@ -33,6 +33,7 @@
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod exchange;
 pub mod forward;
 pub mod http;
 pub mod metrics;

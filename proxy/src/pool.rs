@@ -8,11 +8,14 @@
 //! cost a request more than the rest of a hit). A request
 //! takes the connection that came back last, or opens one; its response's
 //! body gives the connection back when it ends whole ([`PooledBody`]).
-//! Built on hyper's connection API rather than hyper-util's pooled client,
-//! which cost a small hit about a quarter of the proxy's instructions (a
-//! SipHash of the authority per checkout and return, a task spawned per
-//! response to wait for the connection to be ready again, the URI's
-//! authority parsed and cut away again).
+//! The HTTP/1.1 exchange itself is the proxy's own (`exchange`), run in the
+//! request's task: hyper-util's pooled client cost a small hit about a
+//! quarter of the proxy's instructions (a SipHash of the authority per
+//! checkout and return, a task spawned per response to wait for the
+//! connection to be ready again, the URI's authority parsed and cut away
+//! again), and hyper's client connection, in a task of its own, about a
+//! sixth more (the response head parsed into a map name by name, a custom
+//! name allocated, each answer handed over a channel).
 //!
 //! What it guarantees, as that client did (docs/internal-api.md,
 //! "Connections"):
@@ -20,21 +23,22 @@
 //! - a connection is reused only after its previous response's body ended
 //!   whole; one whose body was dropped before its end (the client left,
 //!   a `5xx` failed over) is closed, never pooled;
-//! - an idle connection the upstream closed is not used, and a request
-//!   that a reused connection turned away unsent, or that met its end or
-//!   a reset before any byte of an answer (the upstream's close crossed
-//!   the request), is sent again: the former on another, the latter once
-//!   and on a new connection; the same on a new connection is the
-//!   attempt's failure (and the caller's failover). The proxy's
-//!   requests are `GET`s and `HEAD`s, safe to send twice, and a connection
-//!   its upstream closed served none of them;
+//! - an idle connection on which anything came since its last answer
+//!   (bytes, or the upstream's close) is not used, and a request that met
+//!   the connection's end or a reset before any byte of an answer (the
+//!   upstream's close crossed the request) is sent again, once, on a new
+//!   connection; the same on a new connection is the attempt's failure
+//!   (and the caller's failover). The proxy's requests are `GET`s and
+//!   `HEAD`s, safe to send twice, and a connection its upstream closed
+//!   served none of them;
 //! - at most [`POOL_MAX_IDLE_PER_UPSTREAM`] idle connections per upstream;
 //!   one whose body ends when its list is full is closed;
 //! - an idle connection is closed [`POOL_IDLE_TIMEOUT`] after it came back
 //!   (a task per pool, running only while something is idle);
 //! - connects time out after `--connect-timeout`; each connection opens
 //!   with the small receive window (`window`), TCP keep-alive and no
-//!   Nagle, and reads into a fixed [`UPSTREAM_READ_BUFFER_BYTES`] buffer.
+//!   Nagle, and reads into buffers of
+//!   [`crate::forward::UPSTREAM_READ_BUFFER_BYTES`].
 
 use std::io;
 use std::pin::Pin;
@@ -45,13 +49,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::HeaderValue;
 use http_body_util::Empty;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::{self, SendRequest};
+use hyper::body::{Body, Frame, SizeHint};
 use hyper_util::rt::TokioIo;
 // The runtime's clock, which a test can pause.
 use tokio::time::Instant;
 
-use crate::forward::{POOL_IDLE_TIMEOUT, POOL_MAX_IDLE_PER_UPSTREAM, UPSTREAM_READ_BUFFER_BYTES};
+use crate::exchange::{Decoder, Wire};
+use crate::forward::{POOL_IDLE_TIMEOUT, POOL_MAX_IDLE_PER_UPSTREAM};
 use crate::window::{SMALL_RECV_BUFFER_BYTES, UpstreamWindow, WindowedIo};
 
 /// The requests sent upstream: no body.
@@ -66,9 +70,10 @@ pub enum SendError {
     Connect(#[source] io::Error),
     #[error("no connection within {0:?}")]
     ConnectTimeout(Duration),
-    /// The handshake or the exchange failed.
+    /// The exchange failed: the connection broke, or what came back was
+    /// no HTTP/1 response head (`exchange`).
     #[error("{0}")]
-    Http(#[source] hyper::Error),
+    Http(#[source] io::Error),
 }
 
 /// One serving thread's idle upstream connections. A clone shares them.
@@ -111,10 +116,10 @@ struct Idle {
     since: Instant,
 }
 
-/// An open connection's sending half and its receive window.
+/// An open connection: its socket and read buffer (`exchange`).
+#[derive(Debug)]
 struct Connection {
-    sender: SendRequest<UpstreamRequestBody>,
-    window: UpstreamWindow,
+    wire: Wire,
 }
 
 impl Pool {
@@ -161,65 +166,49 @@ impl Pool {
                 Some(connection) => (connection, true),
                 None => (self.connect(upstream).await?, false),
             };
-            match connection.sender.try_send_request(request).await {
-                Ok(response) => {
-                    let (parts, body) = response.into_parts();
+            match connection.wire.exchange(&request).await {
+                Ok(head) => {
                     let mut body = PooledBody {
-                        body,
+                        decoder: Decoder::new(head.framing),
+                        keep_alive: head.keep_alive,
                         back: Some(Back {
                             pool: Arc::downgrade(&self.shared),
                             upstream: upstream.clone(),
                             connection,
                         }),
                     };
-                    if body.body.is_end_stream() {
+                    if body.decoder.is_done() {
                         // No body (a `HEAD`, a `304`): the connection is
                         // done with this exchange already.
                         body.give_back();
                     }
-                    return Ok(http::Response::from_parts(parts, body));
+                    return Ok(http::Response::from_parts(head.parts, body));
                 }
-                Err(mut error) => match error.take_message() {
-                    // Turned away unsent by a connection that was closing
-                    // as it was taken: another may take it. On a new
-                    // connection, any failure is the attempt's.
-                    Some(unsent) if reused => request = unsent,
-                    // Written, and the connection closed before any answer:
-                    // the upstream's close crossed the request (a `GET` or
-                    // `HEAD`, safe to send again), once, on a new
-                    // connection: the archiver may also have closed on
-                    // reading it, and would get it again from every idle
-                    // connection.
-                    _ if reused && closed_unanswered(error.error()) => {
-                        resent = true;
-                        request = make();
-                    }
-                    _ => return Err(SendError::Http(error.into_error())),
-                },
+                // Written, or turned away as it was written, and the
+                // connection closed before any answer: the upstream's
+                // close crossed the request (a `GET` or `HEAD`, safe to
+                // send again), once, on a new connection: the archiver may
+                // also have closed on reading it, and would get it again
+                // from every idle connection. On a new connection, any
+                // failure is the attempt's.
+                Err(error) if reused && error.unanswered => {
+                    resent = true;
+                    request = make();
+                }
+                Err(error) => return Err(SendError::Http(error.error)),
             }
         }
     }
 
-    /// The upstream's most recent idle connection that is still open,
-    /// once it is ready for a request.
+    /// The upstream's most recent idle connection that is still open:
+    /// nothing came on it since its last answer, not even its close.
     async fn checkout(&self, upstream: &Arc<str>) -> Option<Connection> {
+        let mut state = self.shared.lock();
+        let slot = state.upstreams.get_mut(&**upstream)?;
         loop {
-            let mut connection = {
-                let mut state = self.shared.lock();
-                let slot = state.upstreams.get_mut(&**upstream)?;
-                loop {
-                    let idle = slot.idle.pop_back()?;
-                    if !idle.connection.sender.is_closed()
-                        && idle.since.elapsed() < POOL_IDLE_TIMEOUT
-                    {
-                        break idle.connection;
-                    }
-                }
-            };
-            // A body that ended leaves its connection a moment before the
-            // connection's task has taken the end in and asks for more.
-            if connection.sender.is_ready() || connection.sender.ready().await.is_ok() {
-                return Some(connection);
+            let idle = slot.idle.pop_back()?;
+            if idle.since.elapsed() < POOL_IDLE_TIMEOUT && idle.connection.wire.is_idle_and_open() {
+                return Some(idle.connection);
             }
         }
     }
@@ -241,19 +230,9 @@ impl Pool {
         .await
         .map_err(|_| SendError::ConnectTimeout(connect_timeout))?
         .map_err(SendError::Connect)?;
-        let io = WindowedIo::new(TokioIo::new(stream));
-        let window = io.window().clone();
-        let (sender, connection) = http1::Builder::new()
-            .read_buf_exact_size(Some(UPSTREAM_READ_BUFFER_BYTES))
-            .handshake(io)
-            .await
-            .map_err(SendError::Http)?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "upstream connection failed");
-            }
-        });
-        Ok(Connection { sender, window })
+        Ok(Connection {
+            wire: Wire::new(WindowedIo::new(TokioIo::new(stream))),
+        })
     }
 }
 
@@ -269,9 +248,6 @@ impl Shared {
     /// Keeps `connection` idle, unless its upstream has its fill; starts
     /// the reaper if it is not running.
     fn give_back(self: &Arc<Shared>, upstream: &Arc<str>, connection: Connection) {
-        if connection.sender.is_closed() {
-            return;
-        }
         let mut state = self.lock();
         if !state.upstreams.contains_key(&**upstream) && state.add(upstream).is_err() {
             return;
@@ -317,24 +293,6 @@ impl State {
     }
 }
 
-/// Whether `error` says the connection closed (an end, a reset) with no
-/// byte of a response on it.
-fn closed_unanswered(error: &hyper::Error) -> bool {
-    use std::error::Error as _;
-    error.is_incomplete_message()
-        || error
-            .source()
-            .and_then(|source| source.downcast_ref::<io::Error>())
-            .is_some_and(|error| {
-                matches!(
-                    error.kind(),
-                    io::ErrorKind::ConnectionReset
-                        | io::ErrorKind::BrokenPipe
-                        | io::ErrorKind::ConnectionAborted
-                )
-            })
-}
-
 /// Closes idle connections [`POOL_IDLE_TIMEOUT`] after they came back, and
 /// those their upstream closed; ends when none is idle (or the pool is
 /// gone).
@@ -349,10 +307,8 @@ async fn reap(pool: Weak<Shared>) {
         let now = Instant::now();
         let mut oldest: Option<Instant> = None;
         state.upstreams.retain(|_, slot| {
-            slot.idle.retain(|idle| {
-                now.duration_since(idle.since) < POOL_IDLE_TIMEOUT
-                    && !idle.connection.sender.is_closed()
-            });
+            slot.idle
+                .retain(|idle| now.duration_since(idle.since) < POOL_IDLE_TIMEOUT);
             if let Some(first) = slot.idle.front() {
                 oldest = Some(oldest.map_or(first.since, |oldest| oldest.min(first.since)));
             }
@@ -373,16 +329,19 @@ async fn reap(pool: Weak<Shared>) {
     }
 }
 
-/// An upstream response's body, which gives its connection back to the
-/// pool when it ends whole; dropped before, it closes the connection.
+/// A response's body, read from its connection as the caller polls it
+/// (`exchange::Decoder`), in the caller's task; the connection goes back to the
+/// pool when the body ended whole with nothing after it, and is closed
+/// otherwise (dropped before its end, failed, or framed by the
+/// connection's end).
 pub struct PooledBody {
-    body: Incoming,
+    decoder: Decoder,
+    keep_alive: bool,
     back: Option<Back>,
 }
 
 struct Back {
     pool: Weak<Shared>,
-    /// Its upstream's name, the key of its list.
     upstream: Arc<str>,
     connection: Connection,
 }
@@ -391,20 +350,20 @@ impl std::fmt::Debug for PooledBody {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         formatter
             .debug_struct("PooledBody")
-            .field("body", &self.body)
+            .field("decoder", &self.decoder)
             .finish_non_exhaustive()
     }
 }
 
 impl PooledBody {
-    /// The receive window of the connection the body comes on (`window`);
-    /// `None` once the body ended.
     pub fn window(&self) -> Option<&UpstreamWindow> {
-        self.back.as_ref().map(|back| &back.connection.window)
+        self.back.as_ref().map(|back| back.connection.wire.window())
     }
 
     fn give_back(&mut self) {
         if let Some(back) = self.back.take()
+            && self.keep_alive
+            && Decoder::left_clean(&back.connection.wire)
             && let Some(pool) = back.pool.upgrade()
         {
             pool.give_back(&back.upstream, back.connection);
@@ -414,30 +373,44 @@ impl PooledBody {
 
 impl Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = io::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = self.get_mut();
-        let frame = Pin::new(&mut this.body).poll_frame(cx);
-        match &frame {
-            Poll::Ready(None) => this.give_back(),
-            Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.give_back(),
-            // An error: the connection is broken, and dropped.
-            Poll::Ready(Some(Err(_))) => this.back = None,
-            _ => {}
+        let Some(back) = this.back.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match this.decoder.poll_data(&mut back.connection.wire, cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(Some(chunk))) => {
+                if this.decoder.is_done() {
+                    this.give_back();
+                }
+                Poll::Ready(Some(Ok(Frame::data(chunk))))
+            }
+            Poll::Ready(Ok(None)) => {
+                this.give_back();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Err(error)) => {
+                this.back = None;
+                Poll::Ready(Some(Err(error)))
+            }
         }
-        frame
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.decoder.is_done()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match self.decoder.remaining() {
+            Some(left) => SizeHint::with_exact(left),
+            None => SizeHint::default(),
+        }
     }
 }
 
@@ -506,7 +479,7 @@ mod tests {
                 .unwrap()
                 .idle
                 .back()
-                .is_some_and(|idle| idle.connection.sender.is_ready())
+                .is_some()
         };
         for _ in 0..10_000 {
             if ready(&pool) {
@@ -640,6 +613,49 @@ mod tests {
             2,
             "the request reached the archiver once, and once again"
         );
+    }
+
+    /// A connection is used again only after an answer that leaves it
+    /// clean: not one that said `Connection: close`, not one framed by the
+    /// connection's end, not one with bytes after its body (`exchange`).
+    #[tokio::test]
+    async fn only_a_clean_answer_leaves_its_connection_to_the_pool() {
+        for (answer, kept) in [
+            (&b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"[..], true),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+                true,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                false,
+            ),
+            (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", false),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1",
+                false,
+            ),
+        ] {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let upstream: Arc<str> = format!("http://{}", listener.local_addr().unwrap()).into();
+            let server = std::thread::spawn(move || {
+                let (mut stream, _) = listener.accept().unwrap();
+                read_head(&mut stream);
+                stream.write_all(answer).unwrap();
+                stream
+            });
+            let pool = Pool::new(Duration::from_secs(5));
+            let response = pool.send(&upstream, request).await.expect("the answer");
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"ok");
+            assert_eq!(
+                idle(&pool) == 1,
+                kept,
+                "{}",
+                String::from_utf8_lossy(answer)
+            );
+            drop(server.join().unwrap());
+        }
     }
 
     /// docs/internal-api.md, "Connections": an upstream the pool holds no

@@ -140,6 +140,11 @@ impl WindowedIo {
         &self.window
     }
 
+    /// The socket, for a look at whether an idle connection was closed.
+    pub(crate) fn tcp(&self) -> &TcpStream {
+        self.io.inner()
+    }
+
     fn apply(&mut self) {
         let wanted = self.window.wanted();
         if wanted != self.applied {

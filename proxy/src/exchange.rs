@@ -1,0 +1,669 @@
+//! The HTTP/1.1 exchange on a pooled upstream connection: the request head
+//! written, the response head read with `httparse` straight into the map
+//! the client's answer is made from, and the body's framing decoded
+//! (`Content-Length`, chunked, or to the connection's end).
+//!
+//! hyper's client connection did this in a task of its own, handing each
+//! response over a channel and parsing its head into a map name by name
+//! (a custom name copied into an allocation of its own): about a third of
+//! a small hit's instructions through the proxy (`BENCHMARKS.md`). Here the
+//! exchange runs in the request's own task, and the archiver's own header
+//! names are matched to static ones.
+//!
+//! It reads responses as hyper's client did: informational `1xx` heads
+//! other than `101` are skipped; a `HEAD`'s answer, a `204`, a `304` and a
+//! `101` have no body; `Transfer-Encoding` on an HTTP/1.0 response, a
+//! `Content-Length` that is not one number (a list of one number
+//! repeated is that number) and a head over [`MAX_HEAD_BYTES`] are
+//! errors; a body framed by a coding other than `chunked` last, or by
+//! neither header, runs to the connection's end (which `forward::framed`
+//! refuses to pass on). A connection is used again only after an
+//! HTTP/1.1 answer without `Connection: close`, framed by length or
+//! chunked, whose body ended whole with nothing after it.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version, header};
+use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
+
+use crate::forward::UPSTREAM_READ_BUFFER_BYTES;
+use crate::window::WindowedIo;
+
+/// The most a response head may take: the read buffer (hyper's client
+/// refused a head that did not fit its buffer the same way).
+pub const MAX_HEAD_BYTES: usize = UPSTREAM_READ_BUFFER_BYTES;
+
+/// The most header lines a response head may have (hyper's default).
+const MAX_HEADERS: usize = 100;
+
+/// Below this much room left in the read buffer, the next read goes into
+/// a new one.
+const MIN_READ_ROOM: usize = 16 * 1024;
+
+/// The most a chunk-size line or a trailer section may take.
+const MAX_CHUNK_LINE_BYTES: usize = 4096;
+const MAX_TRAILER_BYTES: usize = 16 * 1024;
+
+/// An upstream connection: its socket (with its receive window) and what
+/// was read from it and not yet handed out.
+#[derive(Debug)]
+pub struct Wire {
+    io: TokioIo<WindowedIo>,
+    read: BytesMut,
+}
+
+/// How a response's body is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// `Content-Length` bytes (zero: no body).
+    Length(u64),
+    Chunked,
+    /// To the connection's end.
+    Close,
+}
+
+/// A response head read: the body follows in the wire's buffer and socket.
+#[derive(Debug)]
+pub struct Head {
+    pub parts: http::response::Parts,
+    pub framing: Framing,
+    /// The connection may carry another exchange once the body ended.
+    pub keep_alive: bool,
+}
+
+/// Why an exchange failed.
+#[derive(Debug)]
+pub struct ExchangeError {
+    pub error: io::Error,
+    /// Not one byte of an answer came before the connection's end or reset.
+    pub unanswered: bool,
+}
+
+impl Wire {
+    pub fn new(io: WindowedIo) -> Wire {
+        Wire {
+            io: TokioIo::new(io),
+            read: BytesMut::new(),
+        }
+    }
+
+    pub fn window(&self) -> &crate::window::UpstreamWindow {
+        self.io.inner().window()
+    }
+
+    /// Whether an idle connection may be used: nothing came from the
+    /// upstream since its last answer, neither bytes nor its close.
+    pub fn is_idle_and_open(&self) -> bool {
+        if !self.read.is_empty() {
+            return false;
+        }
+        let mut byte = [0u8; 1];
+        matches!(
+            self.io.inner().tcp().try_read(&mut byte),
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock
+        )
+    }
+
+    /// Writes `request`'s head (it has no body) and reads the answer's.
+    pub async fn exchange<B>(&mut self, request: &http::Request<B>) -> Result<Head, ExchangeError> {
+        let mut head = Vec::with_capacity(256);
+        encode(request, &mut head);
+        if let Err(error) = self.io.write_all(&head).await {
+            return Err(ExchangeError {
+                unanswered: closed(&error),
+                error,
+            });
+        }
+        let mut any = false;
+        loop {
+            if !self.read.is_empty() {
+                any = true;
+                match parse(&mut self.read, request.method())? {
+                    Some(head) => return Ok(head),
+                    None if self.read.len() >= MAX_HEAD_BYTES => {
+                        return Err(invalid("response head too large"));
+                    }
+                    None => {}
+                }
+            }
+            if self.read.capacity() - self.read.len() < MIN_READ_ROOM {
+                self.read.reserve(UPSTREAM_READ_BUFFER_BYTES);
+            }
+            match std::future::poll_fn(|cx| self.poll_fill(cx)).await {
+                Ok(0) => {
+                    return Err(ExchangeError {
+                        error: io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "connection closed before a whole response head",
+                        ),
+                        unanswered: !any,
+                    });
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    return Err(ExchangeError {
+                        unanswered: !any && closed(&error),
+                        error,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Reads what the socket has into the buffer's spare room.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read)
+    }
+
+    /// Reads more body bytes, into a fresh buffer of
+    /// [`UPSTREAM_READ_BUFFER_BYTES`] once little of the last is left (its
+    /// bytes handed out, or waiting to be: read into a sliver, a stream
+    /// would come in small chunks).
+    fn poll_more(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.read.capacity() - self.read.len() < MIN_READ_ROOM {
+            self.read.reserve(UPSTREAM_READ_BUFFER_BYTES);
+        }
+        self.poll_fill(cx)
+    }
+}
+
+fn closed(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::UnexpectedEof
+    )
+}
+
+fn invalid(what: &'static str) -> ExchangeError {
+    ExchangeError {
+        error: io::Error::new(io::ErrorKind::InvalidData, what),
+        unanswered: false,
+    }
+}
+
+/// The request line and headers, as hyper's client wrote them for a
+/// request without a body.
+fn encode<B>(request: &http::Request<B>, out: &mut Vec<u8>) {
+    out.extend_from_slice(request.method().as_str().as_bytes());
+    out.push(b' ');
+    let target = request
+        .uri()
+        .path_and_query()
+        .map_or("/", http::uri::PathAndQuery::as_str);
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in request.headers() {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The archiver's own header names, and the standard ones it sends, as
+/// static names: no copy, and compared without hashing their bytes.
+fn known_name(name: &[u8]) -> Option<HeaderName> {
+    use gitball_core::protocol::{REPR_DIGEST, REQUEST_ID, X_GITBALL_CACHE, X_GITBALL_COMMIT};
+    Some(match name {
+        b"etag" => header::ETAG,
+        b"last-modified" => header::LAST_MODIFIED,
+        b"x-gitball-commit" => X_GITBALL_COMMIT,
+        b"content-disposition" => header::CONTENT_DISPOSITION,
+        b"link" => header::LINK,
+        b"cache-control" => header::CACHE_CONTROL,
+        b"content-type" => header::CONTENT_TYPE,
+        b"x-gitball-cache" => X_GITBALL_CACHE,
+        b"accept-ranges" => header::ACCEPT_RANGES,
+        b"repr-digest" => REPR_DIGEST,
+        b"content-length" => header::CONTENT_LENGTH,
+        b"x-request-id" => REQUEST_ID,
+        b"date" => header::DATE,
+        b"transfer-encoding" => header::TRANSFER_ENCODING,
+        _ => return None,
+    })
+}
+
+/// Parses a whole response head at the start of `read` and takes it out;
+/// `None` while it is not whole. Informational heads before it are
+/// skipped (and taken out).
+fn parse(read: &mut BytesMut, method: &Method) -> Result<Option<Head>, ExchangeError> {
+    loop {
+        let mut headers =
+            [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut []);
+        let length = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut response,
+            read,
+            &mut headers,
+        ) {
+            Ok(httparse::Status::Complete(length)) => length,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(_) => return Err(invalid("invalid response head")),
+        };
+        let code = response.code.unwrap_or_default();
+        if (100..200).contains(&code) && code != 101 {
+            read.advance(length);
+            continue;
+        }
+        let status = StatusCode::from_u16(code).map_err(|_| invalid("invalid response status"))?;
+        let version = if response.version == Some(0) {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        let base = read.as_ptr() as usize;
+        let mut names = Vec::with_capacity(response.headers.len());
+        for line in response.headers.iter() {
+            let name = match known_name(line.name.as_bytes()) {
+                Some(name) => name,
+                None => HeaderName::from_bytes(line.name.as_bytes())
+                    .map_err(|_| invalid("invalid response header name"))?,
+            };
+            let start = line.value.as_ptr() as usize - base;
+            names.push((name, start, start + line.value.len()));
+        }
+        let head = read.split_to(length).freeze();
+        let mut map = HeaderMap::with_capacity(names.len());
+        for (name, start, end) in names {
+            // httparse let through only what a header value may hold.
+            map.append(
+                name,
+                HeaderValue::from_maybe_shared(head.slice(start..end))
+                    .map_err(|_| invalid("invalid response header value"))?,
+            );
+        }
+        let (framing, by_length) = framing(status, version, method, &map)?;
+        let keep_alive = version == Version::HTTP_11
+            && by_length
+            && !map
+                .get_all(header::CONNECTION)
+                .iter()
+                .any(|value| has_token(value.as_bytes(), b"close"));
+        let mut parts = http::Response::new(()).into_parts().0;
+        parts.status = status;
+        parts.version = version;
+        parts.headers = map;
+        return Ok(Some(Head {
+            parts,
+            framing,
+            keep_alive,
+        }));
+    }
+}
+
+/// How the body is framed, and whether its end leaves the connection
+/// usable (not [`Framing::Close`]).
+fn framing(
+    status: StatusCode,
+    version: Version,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Result<(Framing, bool), ExchangeError> {
+    if matches!(status.as_u16(), 101 | 204 | 304) || method == Method::HEAD {
+        return Ok((Framing::Length(0), status.as_u16() != 101));
+    }
+    let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
+    if codings.peek().is_some() {
+        if version == Version::HTTP_10 {
+            return Err(invalid("transfer-encoding on an HTTP/1.0 response"));
+        }
+        let last = codings
+            .flat_map(|value| value.as_bytes().split(|&byte| byte == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|coding| !coding.is_empty())
+            .last();
+        return Ok(match last {
+            Some(coding) if coding.eq_ignore_ascii_case(b"chunked") => (Framing::Chunked, true),
+            _ => (Framing::Close, false),
+        });
+    }
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        for part in value.as_bytes().split(|&byte| byte == b',') {
+            let part = part.trim_ascii();
+            let parsed = (!part.is_empty() && part.iter().all(u8::is_ascii_digit))
+                .then(|| std::str::from_utf8(part).ok()?.parse::<u64>().ok())
+                .flatten()
+                .filter(|&parsed| length.is_none_or(|length| length == parsed))
+                .ok_or_else(|| invalid("invalid content-length"))?;
+            length = Some(parsed);
+        }
+    }
+    Ok(match length {
+        Some(length) => (Framing::Length(length), true),
+        None => (Framing::Close, false),
+    })
+}
+
+/// Whether a comma-separated header value holds `token` (any case).
+fn has_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|&byte| byte == b',')
+        .any(|part| part.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// Where a body's decoding stands.
+#[derive(Debug)]
+pub enum Decoder {
+    /// Bytes of a `Content-Length` body left.
+    Length(u64),
+    /// Before a chunk's size line.
+    ChunkSize,
+    /// Bytes of a chunk's data left.
+    ChunkData(u64),
+    /// The CR LF after a chunk's data.
+    ChunkEnd,
+    /// The trailer section after the last chunk, and how much of it was read.
+    Trailers(usize),
+    /// To the connection's end.
+    Close,
+    Done,
+}
+
+impl Decoder {
+    pub fn new(framing: Framing) -> Decoder {
+        match framing {
+            Framing::Length(0) => Decoder::Done,
+            Framing::Length(length) => Decoder::Length(length),
+            Framing::Chunked => Decoder::ChunkSize,
+            Framing::Close => Decoder::Close,
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        matches!(self, Decoder::Done)
+    }
+
+    /// The body bytes left, when known.
+    pub fn remaining(&self) -> Option<u64> {
+        match self {
+            Decoder::Length(left) => Some(*left),
+            Decoder::Done => Some(0),
+            _ => None,
+        }
+    }
+
+    /// The next data chunk, `None` at the body's end.
+    pub fn poll_data(
+        &mut self,
+        wire: &mut Wire,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<Option<Bytes>>> {
+        loop {
+            // What the buffer holds, first.
+            if let Some(step) = self.step(&mut wire.read)? {
+                return Poll::Ready(Ok(step));
+            }
+            let read = ready!(wire.poll_more(cx))?;
+            if read == 0 {
+                if matches!(self, Decoder::Close) {
+                    *self = Decoder::Done;
+                    return Poll::Ready(Ok(None));
+                }
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the upstream closed the connection mid-body",
+                )));
+            }
+        }
+    }
+
+    /// Decodes from `read`: `Some` with a chunk or the end, `None` when more
+    /// bytes are needed.
+    fn step(&mut self, read: &mut BytesMut) -> io::Result<Option<Option<Bytes>>> {
+        let bad = |what: &'static str| io::Error::new(io::ErrorKind::InvalidData, what);
+        loop {
+            match self {
+                Decoder::Done => return Ok(Some(None)),
+                Decoder::Length(left) => {
+                    if read.is_empty() {
+                        return Ok(None);
+                    }
+                    let take = read.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                    *left -= take as u64;
+                    if *left == 0 {
+                        *self = Decoder::Done;
+                    }
+                    return Ok(Some(Some(read.split_to(take).freeze())));
+                }
+                Decoder::Close => {
+                    if read.is_empty() {
+                        return Ok(None);
+                    }
+                    return Ok(Some(Some(read.split().freeze())));
+                }
+                Decoder::ChunkSize => {
+                    let Some(end) = read.windows(2).position(|pair| pair == b"\r\n") else {
+                        if read.len() > MAX_CHUNK_LINE_BYTES {
+                            return Err(bad("chunk size line too long"));
+                        }
+                        return Ok(None);
+                    };
+                    let line = &read[..end];
+                    let digits = line
+                        .iter()
+                        .position(|&byte| !byte.is_ascii_hexdigit())
+                        .unwrap_or(line.len());
+                    let rest = &line[digits..];
+                    if digits == 0
+                        || digits > 16
+                        || !(rest.is_empty() || rest.trim_ascii_start().first() == Some(&b';'))
+                    {
+                        return Err(bad("invalid chunk size line"));
+                    }
+                    let size = u64::from_str_radix(
+                        std::str::from_utf8(&line[..digits]).unwrap_or("x"),
+                        16,
+                    )
+                    .map_err(|_| bad("invalid chunk size"))?;
+                    read.advance(end + 2);
+                    *self = if size == 0 {
+                        Decoder::Trailers(0)
+                    } else {
+                        Decoder::ChunkData(size)
+                    };
+                }
+                Decoder::ChunkData(left) => {
+                    if read.is_empty() {
+                        return Ok(None);
+                    }
+                    let take = read.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                    *left -= take as u64;
+                    if *left == 0 {
+                        *self = Decoder::ChunkEnd;
+                    }
+                    return Ok(Some(Some(read.split_to(take).freeze())));
+                }
+                Decoder::ChunkEnd => {
+                    if read.len() < 2 {
+                        return Ok(None);
+                    }
+                    if &read[..2] != b"\r\n" {
+                        return Err(bad("no CR LF after a chunk"));
+                    }
+                    read.advance(2);
+                    *self = Decoder::ChunkSize;
+                }
+                Decoder::Trailers(taken) => {
+                    let Some(end) = read.windows(2).position(|pair| pair == b"\r\n") else {
+                        if *taken + read.len() > MAX_TRAILER_BYTES {
+                            return Err(bad("trailers too large"));
+                        }
+                        return Ok(None);
+                    };
+                    read.advance(end + 2);
+                    if end == 0 {
+                        *self = Decoder::Done;
+                    } else {
+                        *taken += end + 2;
+                        if *taken > MAX_TRAILER_BYTES {
+                            return Err(bad("trailers too large"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether the wire holds nothing past the body (a connection with
+    /// more is not used again).
+    pub fn left_clean(wire: &Wire) -> bool {
+        wire.read.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(bytes: &[u8], method: &Method) -> Result<Option<Head>, ExchangeError> {
+        parse(&mut BytesMut::from(bytes), method)
+    }
+
+    fn decode(framing: Framing, wire: &[u8]) -> io::Result<Vec<u8>> {
+        let mut read = BytesMut::from(wire);
+        let mut decoder = Decoder::new(framing);
+        let mut body = Vec::new();
+        loop {
+            match decoder.step(&mut read)? {
+                Some(Some(chunk)) => body.extend_from_slice(&chunk),
+                Some(None) => return Ok(body),
+                None => return Err(io::ErrorKind::UnexpectedEof.into()),
+            }
+        }
+    }
+
+    #[test]
+    fn a_head_is_read_as_hyper_read_it() {
+        let parsed = head(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Gitball-Cache: hit\r\nX-Other: a\r\nX-Other: b\r\n\r\nok",
+            &Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(parsed.parts.status, StatusCode::OK);
+        assert_eq!(parsed.framing, Framing::Length(2));
+        assert!(parsed.keep_alive);
+        assert_eq!(parsed.parts.headers["x-gitball-cache"], "hit");
+        let others: Vec<_> = parsed.parts.headers.get_all("x-other").iter().collect();
+        assert_eq!(others, ["a", "b"]);
+        // Informational heads are skipped; a partial head waits.
+        let parsed = head(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
+            &Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(parsed.parts.status, StatusCode::NO_CONTENT);
+        assert_eq!(parsed.framing, Framing::Length(0));
+        assert!(
+            head(b"HTTP/1.1 200 OK\r\nContent-Le", &Method::GET)
+                .unwrap()
+                .is_none()
+        );
+        // A HEAD's answer has no body whatever its length.
+        let parsed = head(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n",
+            &Method::HEAD,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(parsed.framing, Framing::Length(0));
+        assert_eq!(parsed.parts.headers[header::CONTENT_LENGTH], "9");
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let framing_of = |bytes: &[u8]| head(bytes, &Method::GET).map(|head| head.unwrap());
+        let chunked = framing_of(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 5\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(chunked.framing, Framing::Chunked);
+        let close =
+            framing_of(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n").unwrap();
+        assert_eq!(close.framing, Framing::Close);
+        assert!(!close.keep_alive);
+        let none = framing_of(b"HTTP/1.1 200 OK\r\n\r\n").unwrap();
+        assert_eq!(none.framing, Framing::Close);
+        let repeated =
+            framing_of(b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\nContent-Length: 5\r\n\r\n")
+                .unwrap();
+        assert_eq!(repeated.framing, Framing::Length(5));
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: \r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"HTTP/1.1 2000 OK\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n",
+        ] {
+            assert!(framing_of(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+        let old = framing_of(b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n").unwrap();
+        assert!(!old.keep_alive, "an HTTP/1.0 connection is not kept");
+        let closing = framing_of(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nConnection: keep-alive, Close\r\n\r\n",
+        )
+        .unwrap();
+        assert!(!closing.keep_alive);
+    }
+
+    #[test]
+    fn chunked_bodies_are_decoded_and_their_faults_found() {
+        assert_eq!(
+            decode(
+                Framing::Chunked,
+                b"3\r\nabc\r\nA;ext=1\r\n0123456789\r\n0\r\nTrailer: x\r\n\r\n"
+            )
+            .unwrap(),
+            b"abc0123456789"
+        );
+        assert_eq!(decode(Framing::Length(3), b"abc").unwrap(), b"abc");
+        for bad in [
+            &b"3\r\nabcX\r\n0\r\n\r\n"[..],
+            b"g\r\n",
+            b"\r\n",
+            b"11111111111111111\r\n",
+        ] {
+            assert!(
+                decode(Framing::Chunked, bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        // Cut short: more is needed.
+        assert_eq!(
+            decode(Framing::Chunked, b"3\r\nab").unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
+    }
+
+    #[test]
+    fn a_request_head_is_written_as_hyper_wrote_it() {
+        let mut request = http::Request::new(());
+        *request.method_mut() = Method::HEAD;
+        *request.uri_mut() = http::Uri::from_static("/a/b/archive/main.tar.gz?path=x");
+        request
+            .headers_mut()
+            .insert(header::HOST, HeaderValue::from_static("127.0.0.1:1"));
+        request
+            .headers_mut()
+            .append(header::RANGE, HeaderValue::from_static("bytes=0-1"));
+        let mut out = Vec::new();
+        encode(&request, &mut out);
+        assert_eq!(
+            out,
+            b"HEAD /a/b/archive/main.tar.gz?path=x HTTP/1.1\r\nhost: 127.0.0.1:1\r\nrange: bytes=0-1\r\n\r\n"
+        );
+    }
+}
