@@ -267,7 +267,12 @@ fn parse(read: &mut BytesMut, method: &Method) -> Result<Option<Head>, ExchangeE
                 None => HeaderName::from_bytes(line.name.as_bytes())
                     .map_err(|_| invalid("invalid response header name"))?,
             };
-            let start = line.value.as_ptr() as usize - base;
+            // httparse's values are slices of `read` (an empty one too);
+            // anything else is refused, never sliced out of bounds.
+            let start = (line.value.as_ptr() as usize)
+                .checked_sub(base)
+                .filter(|start| start + line.value.len() <= length)
+                .ok_or_else(|| invalid("invalid response header value"))?;
             names.push((name, start, start + line.value.len()));
         }
         let head = read.split_to(length).freeze();
@@ -452,11 +457,10 @@ impl Decoder {
                         .iter()
                         .position(|&byte| !byte.is_ascii_hexdigit())
                         .unwrap_or(line.len());
-                    let rest = &line[digits..];
-                    if digits == 0
-                        || digits > 16
-                        || !(rest.is_empty() || rest.trim_ascii_start().first() == Some(&b';'))
-                    {
+                    // Spaces or tabs may follow the size, and extensions
+                    // after a `;` (ignored), as hyper's decoder took them.
+                    let rest = line[digits..].trim_ascii_start();
+                    if digits == 0 || digits > 16 || !(rest.is_empty() || rest[0] == b';') {
                         return Err(bad("invalid chunk size line"));
                     }
                     let size = u64::from_str_radix(
@@ -555,6 +559,15 @@ mod tests {
         assert_eq!(parsed.parts.headers["x-gitball-cache"], "hit");
         let others: Vec<_> = parsed.parts.headers.get_all("x-other").iter().collect();
         assert_eq!(others, ["a", "b"]);
+        // An empty value is a value.
+        let parsed = head(
+            b"HTTP/1.1 200 OK\r\nX-Empty:\r\nX-Blank:   \r\nContent-Length: 0\r\n\r\n",
+            &Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(parsed.parts.headers["x-empty"], "");
+        assert_eq!(parsed.parts.headers["x-blank"], "");
         // Informational heads are skipped; a partial head waits.
         let parsed = head(
             b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
@@ -623,10 +636,10 @@ mod tests {
         assert_eq!(
             decode(
                 Framing::Chunked,
-                b"3\r\nabc\r\nA;ext=1\r\n0123456789\r\n0\r\nTrailer: x\r\n\r\n"
+                b"3\r\nabc\r\nA;ext=1\r\n0123456789\r\n2 \t\r\nde\r\n1 ; x\r\nf\r\n0\r\nTrailer: x\r\n\r\n"
             )
             .unwrap(),
-            b"abc0123456789"
+            b"abc0123456789def"
         );
         assert_eq!(decode(Framing::Length(3), b"abc").unwrap(), b"abc");
         for bad in [
