@@ -446,8 +446,13 @@ impl Decoder {
                     return Ok(Some(Some(read.split().freeze())));
                 }
                 Decoder::ChunkSize => {
-                    let Some(end) = read.windows(2).position(|pair| pair == b"\r\n") else {
-                        if read.len() > MAX_CHUNK_LINE_BYTES {
+                    // The line's end is looked for in its bound only: a
+                    // longer line is refused whether or not its end came
+                    // in the same read.
+                    let bound = read.len().min(MAX_CHUNK_LINE_BYTES + 2);
+                    let Some(end) = read[..bound].windows(2).position(|pair| pair == b"\r\n")
+                    else {
+                        if read.len() >= MAX_CHUNK_LINE_BYTES + 2 {
                             return Err(bad("chunk size line too long"));
                         }
                         return Ok(None);
@@ -659,6 +664,28 @@ mod tests {
             decode(Framing::Chunked, b"3\r\nab").unwrap_err().kind(),
             io::ErrorKind::UnexpectedEof
         );
+    }
+
+    /// A chunk-size line, extensions included, is at most
+    /// [`MAX_CHUNK_LINE_BYTES`] whether or not its CR LF has come yet
+    /// (it was bounded only while its end had not: a line of 40,000 bytes
+    /// read in one go passed).
+    #[test]
+    fn a_chunk_size_line_over_the_bound_is_refused_whole_or_not() {
+        let line = |extension: usize| {
+            let mut body = b"2;".to_vec();
+            body.resize(2 + extension, b'a');
+            body.extend_from_slice(b"\r\nok\r\n0\r\n\r\n");
+            body
+        };
+        assert_eq!(
+            decode(Framing::Chunked, &line(MAX_CHUNK_LINE_BYTES - 2)).unwrap(),
+            b"ok"
+        );
+        let error = decode(Framing::Chunked, &line(MAX_CHUNK_LINE_BYTES - 1)).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{error}");
+        let error = decode(Framing::Chunked, &line(40_000)).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{error}");
     }
 
     #[test]
