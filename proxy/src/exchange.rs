@@ -458,6 +458,15 @@ impl Decoder {
                         return Ok(None);
                     };
                     let line = &read[..end];
+                    // No control byte but a tab: a bare LF or CR would be
+                    // a line end to a lenient reader, and frame the body
+                    // otherwise (hyper's client refused them too).
+                    if line
+                        .iter()
+                        .any(|&byte| byte.is_ascii_control() && byte != b'\t')
+                    {
+                        return Err(bad("control byte in a chunk size line"));
+                    }
                     let digits = line
                         .iter()
                         .position(|&byte| !byte.is_ascii_hexdigit())
@@ -686,6 +695,32 @@ mod tests {
         assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{error}");
         let error = decode(Framing::Chunked, &line(40_000)).unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{error}");
+    }
+
+    /// A chunk-size line holds no control byte but a tab: a bare LF (or
+    /// CR, or NUL) in its extensions is an error, as hyper's client made
+    /// it, not a part of an extension (a reader taking LF alone as a line
+    /// end would frame the body otherwise).
+    #[test]
+    fn a_chunk_size_line_with_a_bare_lf_or_a_control_byte_is_refused() {
+        for bad in [
+            &b"2;a\nb\r\nok\r\n0\r\n\r\n"[..],
+            b"2;a\rb\r\nok\r\n0\r\n\r\n",
+            b"2;a\0\r\nok\r\n0\r\n\r\n",
+            b"2\r\nok\r\n0;\n\r\n\r\n",
+        ] {
+            let error = decode(Framing::Chunked, bad).unwrap_err();
+            assert_eq!(
+                error.kind(),
+                io::ErrorKind::InvalidData,
+                "{}: {error}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert_eq!(
+            decode(Framing::Chunked, b"2;a=\"b\tc\"\r\nok\r\n0\r\n\r\n").unwrap(),
+            b"ok"
+        );
     }
 
     #[test]
