@@ -119,12 +119,16 @@ impl Wire {
             });
         }
         let mut any = false;
+        // Bytes of interim heads taken: they and the answer's head share
+        // the bound (an upstream could send them until the caller's
+        // timeout otherwise).
+        let mut interim = 0;
         loop {
             if !self.read.is_empty() {
                 any = true;
-                match parse(&mut self.read, request.method())? {
+                match parse(&mut self.read, request.method(), &mut interim)? {
                     Some(head) => return Ok(head),
-                    None if self.read.len() >= MAX_HEAD_BYTES => {
+                    None if interim + self.read.len() >= MAX_HEAD_BYTES => {
                         return Err(invalid("response head too large"));
                     }
                     None => {}
@@ -233,8 +237,13 @@ fn known_name(name: &[u8]) -> Option<HeaderName> {
 
 /// Parses a whole response head at the start of `read` and takes it out;
 /// `None` while it is not whole. Informational heads before it are
-/// skipped (and taken out).
-fn parse(read: &mut BytesMut, method: &Method) -> Result<Option<Head>, ExchangeError> {
+/// skipped (and taken out), their bytes added to `interim`; they and the
+/// answer's head are at most [`MAX_HEAD_BYTES`] together.
+fn parse(
+    read: &mut BytesMut,
+    method: &Method,
+    interim: &mut usize,
+) -> Result<Option<Head>, ExchangeError> {
     loop {
         let mut headers =
             [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
@@ -248,9 +257,13 @@ fn parse(read: &mut BytesMut, method: &Method) -> Result<Option<Head>, ExchangeE
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(_) => return Err(invalid("invalid response head")),
         };
+        if *interim + length > MAX_HEAD_BYTES {
+            return Err(invalid("response head too large"));
+        }
         let code = response.code.unwrap_or_default();
         if (100..200).contains(&code) && code != 101 {
             read.advance(length);
+            *interim += length;
             continue;
         }
         let status = StatusCode::from_u16(code).map_err(|_| invalid("invalid response status"))?;
@@ -543,7 +556,7 @@ mod tests {
     use super::*;
 
     fn head(bytes: &[u8], method: &Method) -> Result<Option<Head>, ExchangeError> {
-        parse(&mut BytesMut::from(bytes), method)
+        parse(&mut BytesMut::from(bytes), method, &mut 0)
     }
 
     fn decode(framing: Framing, wire: &[u8]) -> io::Result<Vec<u8>> {

@@ -658,6 +658,34 @@ mod tests {
         }
     }
 
+    /// docs/internal-api.md, "Connections": interim `1xx` heads count
+    /// toward the 64 KiB a response head may take, with the head after
+    /// them (as a spliced download's `splice::read_head` counts them): each
+    /// was bounded alone, so an upstream could send them until the
+    /// caller's timeout.
+    #[tokio::test]
+    async fn interim_heads_count_toward_the_bound_on_a_response_head() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let upstream: Arc<str> = format!("http://{}", listener.local_addr().unwrap()).into();
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            read_head(&mut stream);
+            let interim = b"HTTP/1.1 100 Continue\r\n\r\n";
+            let count = crate::exchange::MAX_HEAD_BYTES / interim.len() + 1;
+            // The peer may close once it has seen enough.
+            let _ = stream.write_all(&interim.repeat(count));
+            let _ = stream.write_all(ANSWER);
+            stream
+        });
+        let pool = Pool::new(Duration::from_secs(5));
+        let error = pool
+            .send(&upstream, request)
+            .await
+            .expect_err("more than 64 KiB of interim heads taken");
+        assert!(error.to_string().contains("too large"), "{error}");
+        drop(server.join().unwrap());
+    }
+
     /// docs/internal-api.md, "Connections": an upstream the pool holds no
     /// idle connection to once the reaper runs is let go, not kept for
     /// ever (route reloads change names; every request searched them).
