@@ -108,6 +108,22 @@ impl Wire {
         )
     }
 
+    /// For an idle connection: whether anything came on it (bytes, its
+    /// close, an error), as [`Wire::is_idle_and_open`] tells; if nothing
+    /// did, `cx` is woken when something does.
+    pub fn poll_closed(&self, cx: &mut Context<'_>) -> bool {
+        loop {
+            match self.io.inner().tcp().poll_read_ready(cx) {
+                Poll::Pending => return false,
+                Poll::Ready(Err(_)) => return true,
+                // Ready as the runtime last saw: a look tells, and clears
+                // a readiness that was stale, so the next poll waits.
+                Poll::Ready(Ok(())) if !self.is_idle_and_open() => return true,
+                Poll::Ready(Ok(())) => {}
+            }
+        }
+    }
+
     /// Writes `request`'s head (it has no body) and reads the answer's.
     pub async fn exchange<B>(&mut self, request: &http::Request<B>) -> Result<Head, ExchangeError> {
         let mut head = Vec::with_capacity(256);

@@ -24,7 +24,8 @@
 //!   whole; one whose body was dropped before its end (the client left,
 //!   a `5xx` failed over) is closed, never pooled;
 //! - an idle connection on which anything came since its last answer
-//!   (bytes, or the upstream's close) is not used, and a request that met
+//!   (bytes, or the upstream's close) is not used, and is closed as soon
+//!   as the runtime sees it (the reaper is woken); a request that met
 //!   the connection's end or a reset before any byte of an answer (the
 //!   upstream's close crossed the request) is sent again, once, on a new
 //!   connection; the same on a new connection is the attempt's failure
@@ -100,6 +101,9 @@ struct State {
     upstreams: std::collections::HashMap<Arc<str>, Upstream, foldhash::fast::RandomState>,
     /// Whether the task closing expired idle connections runs.
     reaping: bool,
+    /// That task's waker, once it ran: an idle connection wakes it when
+    /// anything comes on it (its upstream's close), to be closed at once.
+    reaper: Option<std::task::Waker>,
 }
 
 /// One upstream's address and idle connections, oldest first.
@@ -258,6 +262,16 @@ impl Shared {
         if slot.idle.len() >= POOL_MAX_IDLE_PER_UPSTREAM {
             return;
         }
+        if let Some(reaper) = &state.reaper
+            && connection
+                .wire
+                .poll_closed(&mut Context::from_waker(reaper))
+        {
+            return;
+        }
+        let Some(slot) = state.upstreams.get_mut(&**upstream) else {
+            return;
+        };
         slot.idle.push_back(Idle {
             connection,
             since: Instant::now(),
@@ -294,12 +308,32 @@ impl State {
 }
 
 /// Closes idle connections [`POOL_IDLE_TIMEOUT`] after they came back, and
-/// those their upstream closed; ends when none is idle (or the pool is
-/// gone).
+/// at once those on which anything came (their upstream's close: hyper's
+/// connection task closed them as it read it); ends when none is idle (or
+/// the pool is gone).
 async fn reap(pool: Weak<Shared>) {
     let mut wait = POOL_IDLE_TIMEOUT;
     loop {
-        tokio::time::sleep(wait).await;
+        let sleep = tokio::time::sleep(wait);
+        let mut sleep = std::pin::pin!(sleep);
+        std::future::poll_fn(|cx| {
+            if let Some(shared) = pool.upgrade() {
+                let mut state = shared.lock();
+                if !state
+                    .reaper
+                    .as_ref()
+                    .is_some_and(|reaper| reaper.will_wake(cx.waker()))
+                {
+                    state.reaper = Some(cx.waker().clone());
+                }
+                for slot in state.upstreams.values_mut() {
+                    slot.idle
+                        .retain(|idle| !idle.connection.wire.poll_closed(cx));
+                }
+            }
+            sleep.as_mut().poll(cx)
+        })
+        .await;
         let Some(shared) = pool.upgrade() else {
             return;
         };
@@ -323,6 +357,7 @@ async fn reap(pool: Weak<Shared>) {
             }
             None => {
                 state.reaping = false;
+                state.reaper = None;
                 return;
             }
         }
@@ -684,6 +719,50 @@ mod tests {
             .expect_err("more than 64 KiB of interim heads taken");
         assert!(error.to_string().contains("too large"), "{error}");
         drop(server.join().unwrap());
+    }
+
+    /// docs/internal-api.md, "Connections": an idle connection its
+    /// upstream closed is closed at once, not kept (its fd in CLOSE_WAIT)
+    /// until the idle timeout: hyper's connection task did so as it read
+    /// the end; the pool's own connections have no task, and kept it 5 s
+    /// (an archiver's restart left every idle connection to it so).
+    #[tokio::test]
+    async fn an_idle_connection_its_upstream_closed_is_closed_at_once() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let upstream: Arc<str> = format!("http://{}", listener.local_addr().unwrap()).into();
+        let (sent, answered) = std::sync::mpsc::channel();
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            read_head(&mut stream);
+            stream.write_all(ANSWER).unwrap();
+            sent.send(()).unwrap();
+            // The upstream closes its side; the proxy's close shows as
+            // the end of what it reads.
+            stream.shutdown(std::net::Shutdown::Write).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(2)))
+                .unwrap();
+            let started = std::time::Instant::now();
+            let mut byte = [0u8; 1];
+            let read = stream.read(&mut byte);
+            (read.map_err(|error| error.kind()), started.elapsed())
+        });
+        let pool = Pool::new(Duration::from_secs(5));
+        let response = pool.send(&upstream, request).await.expect("the answer");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok");
+        answered.recv().unwrap();
+        assert_eq!(idle(&pool), 1, "the connection came back to the pool");
+        // The runtime runs (the reaper with it) while the server waits.
+        let (read, after) = tokio::task::spawn_blocking(move || server.join().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(
+            read,
+            Ok(0),
+            "the proxy kept the connection its upstream closed ({after:?})"
+        );
+        assert_eq!(idle(&pool), 0);
     }
 
     /// docs/internal-api.md, "Connections": an upstream the pool holds no
