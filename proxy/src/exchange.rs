@@ -96,30 +96,40 @@ impl Wire {
     }
 
     /// Whether an idle connection may be used: nothing came from the
-    /// upstream since its last answer, neither bytes nor its close.
+    /// upstream since its last answer, neither bytes nor its close. The
+    /// socket itself is asked (a peek that takes nothing), not the
+    /// runtime's last word on it: bytes that came since its driver last
+    /// ran (a pipelined request is served without it running) would be
+    /// read as the next request's answer.
     pub fn is_idle_and_open(&self) -> bool {
-        if !self.read.is_empty() {
-            return false;
-        }
-        let mut byte = [0u8; 1];
-        matches!(
-            self.io.inner().tcp().try_read(&mut byte),
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock
-        )
+        let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        self.read.is_empty()
+            && matches!(
+                socket2::SockRef::from(self.io.inner().tcp()).peek(&mut byte),
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock
+            )
     }
 
     /// For an idle connection: whether anything came on it (bytes, its
-    /// close, an error), as [`Wire::is_idle_and_open`] tells; if nothing
-    /// did, `cx` is woken when something does.
+    /// close, an error); if nothing did, `cx` is woken when something does.
     pub fn poll_closed(&self, cx: &mut Context<'_>) -> bool {
+        let mut byte = [0u8; 1];
         loop {
             match self.io.inner().tcp().poll_read_ready(cx) {
                 Poll::Pending => return false,
                 Poll::Ready(Err(_)) => return true,
-                // Ready as the runtime last saw: a look tells, and clears
+                // Ready as the runtime last saw: a read tells, and clears
                 // a readiness that was stale, so the next poll waits.
-                Poll::Ready(Ok(())) if !self.is_idle_and_open() => return true,
-                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Ok(())) => {
+                    if !self.read.is_empty()
+                        || !matches!(
+                            self.io.inner().tcp().try_read(&mut byte),
+                            Err(error) if error.kind() == io::ErrorKind::WouldBlock
+                        )
+                    {
+                        return true;
+                    }
+                }
             }
         }
     }

@@ -765,6 +765,54 @@ mod tests {
         assert_eq!(idle(&pool), 0);
     }
 
+    /// docs/internal-api.md, "Connections": bytes that came on an idle
+    /// connection after its answer are seen at checkout even when the
+    /// runtime has not polled for events since they came (a pipelined
+    /// client's next request is served without a turn of the runtime's
+    /// driver): the connection is not used, and the next client does not
+    /// get them as its answer.
+    #[tokio::test(flavor = "current_thread")]
+    async fn bytes_that_came_on_an_idle_connection_are_seen_at_checkout() {
+        const EVIL: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nEVIL!";
+        const SECOND: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond";
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let upstream: Arc<str> = format!("http://{}", listener.local_addr().unwrap()).into();
+        let (go, went) = std::sync::mpsc::channel();
+        let (sent, evil_sent) = std::sync::mpsc::channel();
+        let server = std::thread::spawn(move || {
+            let (mut first, _) = listener.accept().unwrap();
+            read_head(&mut first);
+            first.write_all(ANSWER).unwrap();
+            went.recv().unwrap();
+            first.write_all(EVIL).unwrap();
+            sent.send(()).unwrap();
+            // The request sent again, on a new connection.
+            let (mut second, _) = listener.accept().unwrap();
+            read_head(&mut second);
+            second.write_all(SECOND).unwrap();
+            (first, second)
+        });
+        let pool = Pool::new(Duration::from_secs(5));
+        let response = pool.send(&upstream, request).await.expect("the first");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok");
+        assert_eq!(idle(&pool), 1);
+        // Nothing yields from here to the checkout: the runtime's driver
+        // does not run.
+        go.send(()).unwrap();
+        evil_sent.recv().unwrap();
+        // Loopback: written is arrived; a moment for the kernel anyway.
+        std::thread::sleep(Duration::from_millis(50));
+        let response = pool.send(&upstream, request).await.expect("the second");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(
+            &body[..],
+            b"second",
+            "the next request got what came on an idle connection"
+        );
+        drop(server.join().unwrap());
+    }
+
     /// docs/internal-api.md, "Connections": an upstream the pool holds no
     /// idle connection to once the reaper runs is let go, not kept for
     /// ever (route reloads change names; every request searched them).
