@@ -4518,3 +4518,119 @@ fn packed_refs_swapped_for_a_symlink_are_not_read_through_by(walk: bool) {
         "{resolved} resolved, {listed} listed"
     );
 }
+
+/// The refs digest git's own listing gives: every ref `for-each-ref`
+/// lists, by name, with its object or `ref: {target}`, then `HEAD`; what
+/// the digest was for an ordinary repository before `packed-refs` was read
+/// by `repo::packed` (sorted by name), and so every `export-subst`
+/// archive's key.
+fn digest_of_gits_listing(git_dir: &Path, head_dir: &Path) -> String {
+    let listed = git(
+        git_dir,
+        &[
+            "--git-dir",
+            head_dir.to_str().unwrap(),
+            "for-each-ref",
+            "--format=%(refname) %(if)%(symref)%(then)ref: %(symref)%(else)%(objectname)%(end)",
+        ],
+    );
+    let head = fs::read_to_string(head_dir.join("HEAD")).unwrap();
+    let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+    for line in listed.lines() {
+        sha2::Digest::update(&mut hasher, format!("{line}\n"));
+    }
+    sha2::Digest::update(&mut hasher, format!("HEAD {}\n", head.trim_end()));
+    hex::encode(sha2::Digest::finalize(hasher))
+}
+
+/// Ordinary repositories, as git writes them: `packed-refs` with
+/// `# pack-refs with: peeled fully-peeled sorted`, loose refs over packed
+/// ones, names that sort around `/` (`a-b`, `a.b`, `a/b`, `a0`), symbolic
+/// refs, a linked work tree served as `local/` with refs of its own, and
+/// a fork borrowing a pool's objects. Their refs digest is git's listing,
+/// as it was: a change would change the key (and so the bytes) of every
+/// `export-subst` archive.
+#[test]
+fn the_refs_digest_of_an_ordinary_repository_is_gits_listing() {
+    let fixture = fixture();
+    let dir = &fixture.widget;
+    for name in ["a-b", "a.b", "a/b", "a0", "a/b-c", "a/c/d", "dév", "z"] {
+        git(dir, &["branch", name, &fixture.c1]);
+        git(
+            dir,
+            &["tag", "-a", "-m", name, &format!("t/{name}"), &fixture.c2],
+        );
+    }
+    let check = |what: &str, git_dir: &Path, head_dir: &Path, repository: &Arc<Repository>| {
+        let expected = digest_of_gits_listing(git_dir, head_dir);
+        assert_eq!(
+            RefsSnapshot::at(head_dir).unwrap().digest(),
+            expected,
+            "{what}: listed afresh"
+        );
+        assert_eq!(
+            block_on(repository.refs_digest()).unwrap(),
+            expected,
+            "{what}: the repository's"
+        );
+    };
+    let widget = fixture.widget();
+    let git_dir = dir.join(".git");
+    check("loose", &git_dir, &git_dir, &widget);
+    git(dir, &["pack-refs", "--all"]);
+    let packed = fs::read_to_string(git_dir.join("packed-refs")).unwrap();
+    assert!(
+        packed.starts_with("# pack-refs with: peeled fully-peeled sorted \n"),
+        "{packed}"
+    );
+    check("packed", &git_dir, &git_dir, &widget);
+    // Loose refs over packed ones, before and after them by name.
+    git(dir, &["branch", "-f", "a/b", &fixture.c2]);
+    git(dir, &["branch", "a/a", &fixture.c2]);
+    git(dir, &["branch", "zz", &fixture.c2]);
+    git(dir, &["tag", "-d", "t/a.b"]);
+    git(dir, &["symbolic-ref", "refs/heads/alias", "refs/heads/a-b"]);
+    check("packed and loose", &git_dir, &git_dir, &widget);
+
+    // A linked work tree, served as the repository: its own HEAD and
+    // per-worktree refs, the common dir's others.
+    let linked = fixture.base.join("linked");
+    git(
+        dir,
+        &[
+            "worktree",
+            "add",
+            "-q",
+            "--detach",
+            linked.to_str().unwrap(),
+            &fixture.c1,
+        ],
+    );
+    git(&linked, &["update-ref", "refs/bisect/bad", &fixture.c2]);
+    git(&linked, &["update-ref", "refs/worktree/mine", &fixture.c1]);
+    let linked_git_dir = PathBuf::from(git(&linked, &["rev-parse", "--absolute-git-dir"]));
+    let repositories = Repositories::new(&linked)
+        .unwrap()
+        .trusting_recent_changes();
+    let served = repositories.open(LOCAL_OWNER, "linked").unwrap();
+    assert_eq!(served.git_dir(), linked_git_dir);
+    check("linked work tree", &linked, &linked_git_dir, &served);
+
+    // A fork: its own refs, the pool's objects.
+    let fork = fixture.root.join("acme/fork.git");
+    git(
+        &fixture.base,
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            "--shared",
+            git_dir.to_str().unwrap(),
+            fork.to_str().unwrap(),
+        ],
+    );
+    git(&fork, &["pack-refs", "--all"]);
+    git(&fork, &["update-ref", "refs/heads/fork-only", &fixture.c1]);
+    let fork_repository = fixture.repositories().open("acme", "fork").unwrap();
+    check("fork", &fork, &fork, &fork_repository);
+}
