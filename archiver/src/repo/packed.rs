@@ -9,8 +9,9 @@
 //! binary searches found different refs. Here:
 //!
 //! - The header, if the file starts with `#`, must be one line
-//!   `# pack-refs with: {traits}`; `sorted` among the traits means the
-//!   records are taken in file order, as git takes them, sorted or not.
+//!   `# pack-refs with:{traits}`, the traits split on spaces (git needs
+//!   no space after the colon); `sorted` among them means the records are
+//!   taken in file order, as git takes them, sorted or not.
 //!   Otherwise they are sorted by name, stably (git's merge sort), each
 //!   with its `^` line.
 //! - A ref is looked up by git's own binary search over the records
@@ -142,7 +143,9 @@ impl PackedRefs {
                     line_of(contents)
                 ));
             };
-            let Some(traits) = contents[..end].strip_prefix(b"# pack-refs with: ") else {
+            // git's `skip_prefix(…, "# pack-refs with:")`: no space
+            // needed after the colon, and the traits split on spaces.
+            let Some(traits) = contents[..end].strip_prefix(b"# pack-refs with:") else {
                 return Err(invalid(contents));
             };
             sorted = traits

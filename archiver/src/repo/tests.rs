@@ -3526,6 +3526,28 @@ const REFS_CASES: &[RefsCase] = &[
             "{c1} refs/heads/x\n# comment\n{c2} refs/heads/y\n",
         )],
     },
+    // git takes the header by `# pack-refs with:`, no space needed.
+    RefsCase {
+        name: "packed, header with no space",
+        files: &[(
+            "packed-refs",
+            "# pack-refs with:sorted\n{c1} refs/heads/x\n{c2} refs/heads/y\n",
+        )],
+    },
+    RefsCase {
+        name: "packed, header with no space, trusted unsorted",
+        files: &[(
+            "packed-refs",
+            "# pack-refs with:sorted\n{tag} refs/tags/v\n{c1} refs/heads/y\n{c2} refs/heads/x\n",
+        )],
+    },
+    RefsCase {
+        name: "packed, header with no traits",
+        files: &[(
+            "packed-refs",
+            "# pack-refs with:\n{c2} refs/heads/y\n{c1} refs/heads/x\n",
+        )],
+    },
     RefsCase {
         name: "packed, other header",
         files: &[("packed-refs", "# something else\n{c1} refs/heads/x\n")],
