@@ -1728,6 +1728,54 @@ fn compressing_threads_run_below_git_and_the_request_threads() {
     }
 }
 
+/// A ref looked up in a large `packed-refs` costs the archiver one copy of
+/// the file on the heap, not more: read into a buffer grown by doubling
+/// and copied once parsed, a 64 MiB file had raised its peak RSS by twice
+/// its size (review of `repo::packed`; gix had mapped it), so the largest
+/// file the archiver reads (256 MiB) by 512 MiB.
+#[test]
+fn a_lookup_in_a_large_packed_refs_holds_one_copy_of_the_file() {
+    use std::io::Write;
+    const PACKED_BYTES: u64 = 64 * MIB;
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "tags");
+    repo.write("README", "tags\n");
+    let commit = repo.commit_all(T1, "one");
+    repo.git(&["pack-refs", "--all"]);
+    let packed_path = repo.dir().join(".git/packed-refs");
+    let packed = std::fs::read_to_string(&packed_path).unwrap();
+    assert!(packed.starts_with("# pack-refs with: peeled fully-peeled sorted \n"));
+    // As git writes it: sorted, `refs/heads/main` first, then the tags.
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&packed_path).unwrap());
+    file.write_all(packed.as_bytes()).unwrap();
+    let pad = "x".repeat(150);
+    let mut written = packed.len() as u64;
+    let mut index = 0u64;
+    while written < PACKED_BYTES {
+        let line = format!("{commit} refs/tags/t{index:08}{pad}\n");
+        file.write_all(line.as_bytes()).unwrap();
+        written += line.len() as u64;
+        index += 1;
+    }
+    file.flush().unwrap();
+    drop(file);
+
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    let baseline = archiver.peak_rss_bytes();
+    let response = archiver.get("/acme/tags/archive/main.tar");
+    assert_eq!(response.status(), 200, "main, in packed-refs alone");
+    let growth = archiver.peak_rss_bytes().saturating_sub(baseline);
+    eprintln!(
+        "lookup in a {:.0} MiB packed-refs: peak RSS grew by {:.1} MiB",
+        written as f64 / MIB as f64,
+        growth as f64 / MIB as f64
+    );
+    assert!(
+        growth < written * 3 / 2,
+        "peak RSS grew by {growth} bytes for a lookup in a packed-refs of {written}: more than one copy"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // 4. Single flight
 

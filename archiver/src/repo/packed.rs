@@ -41,9 +41,13 @@ const MIN_RECORD_BYTES: usize = FULL_HEX_LEN + 2;
 /// A parsed `packed-refs`: its records, in the order git reads them.
 #[derive(Debug)]
 pub(super) struct PackedRefs {
-    /// The records (the file after its header, sorted unless it said it
-    /// was).
-    records: Vec<u8>,
+    /// The file as read, its records from `start` on; or, for one that
+    /// did not say it was sorted and was not, its records sorted (git's
+    /// `sort_snapshot`). One copy of the file, never two: the file may be
+    /// `MAX_PACKED_REFS_BYTES`.
+    buffer: Vec<u8>,
+    /// Where the records start in `buffer`: after the header.
+    start: usize,
 }
 
 /// One line of `packed-refs` as git lists it.
@@ -127,36 +131,44 @@ fn record_name(record: &[u8]) -> &[u8] {
 }
 
 impl PackedRefs {
-    /// The bytes its records take.
+    /// The bytes it holds.
     pub(super) fn len(&self) -> usize {
-        self.records.len()
+        self.buffer.len()
     }
 
-    /// Reads `contents` as git's `create_snapshot` does.
-    pub(super) fn parse(contents: &[u8]) -> Result<PackedRefs, Fatal> {
-        let mut records = contents;
+    /// Its records, in the order git reads them.
+    fn records(&self) -> &[u8] {
+        &self.buffer[self.start..]
+    }
+
+    /// Reads `contents` as git's `create_snapshot` does, keeping them
+    /// rather than a copy where they are in the order git reads them.
+    pub(super) fn parse(contents: Vec<u8>) -> Result<PackedRefs, Fatal> {
+        let mut start = 0;
         let mut sorted = false;
         if contents.first() == Some(&b'#') {
             let Some(end) = contents.iter().position(|&byte| byte == b'\n') else {
                 return Err(format!(
                     "unterminated line in packed-refs: {}",
-                    line_of(contents)
+                    line_of(&contents)
                 ));
             };
             // git's `skip_prefix(…, "# pack-refs with:")`: no space
             // needed after the colon, and the traits split on spaces.
             let Some(traits) = contents[..end].strip_prefix(b"# pack-refs with:") else {
-                return Err(invalid(contents));
+                return Err(invalid(&contents));
             };
             sorted = traits
                 .split(|&byte| byte == b' ')
                 .any(|word| word == b"sorted");
-            records = &contents[end + 1..];
+            start = end + 1;
         }
+        let records = &contents[start..];
         verify_safe(records)?;
         if sorted {
             return Ok(PackedRefs {
-                records: records.to_vec(),
+                buffer: contents,
+                start,
             });
         }
         // Split into records, each with its `^` line, and sort them by
@@ -180,15 +192,27 @@ impl PackedRefs {
             spans.push(at..next);
             at = next;
         }
-        spans
-            .sort_by(|a, b| record_name(&records[a.clone()]).cmp(record_name(&records[b.clone()])));
+        let name = |span: &std::ops::Range<usize>| record_name(&records[span.clone()]);
+        // Already in order (as git writes it, with no header or an old
+        // one): kept as it is, as git keeps it.
+        if spans
+            .windows(2)
+            .all(|pair| name(&pair[0]) <= name(&pair[1]))
+        {
+            return Ok(PackedRefs {
+                buffer: contents,
+                start,
+            });
+        }
+        spans.sort_by(|a, b| name(a).cmp(name(b)));
         let mut sorted_records = Vec::with_capacity(records.len());
         for span in spans {
             sorted_records.extend_from_slice(&records[span]);
         }
         verify_safe(&sorted_records)?;
         Ok(PackedRefs {
-            records: sorted_records,
+            buffer: sorted_records,
+            start: 0,
         })
     }
 
@@ -196,7 +220,7 @@ impl PackedRefs {
     /// binary search over the records (`find_reference_location`), then
     /// the id at the record's start (git dies if there is none).
     pub(super) fn find(&self, name: &[u8]) -> Result<Option<ObjectId>, Fatal> {
-        let records = &self.records[..];
+        let records = self.records();
         let (mut low, mut high) = (0, records.len());
         while low != high {
             let middle = low + (high - low) / 2;
@@ -218,7 +242,7 @@ impl PackedRefs {
     /// Every ref git lists from the file, in the order it reads them (a
     /// name it takes for no ref left out), or why git dies.
     pub(super) fn refs(&self) -> Result<Vec<PackedRef>, Fatal> {
-        let records = &self.records[..];
+        let records = self.records();
         let mut refs = Vec::new();
         let mut at = 0;
         while at < records.len() {
@@ -364,7 +388,7 @@ mod tests {
             format!(
                 "{A}\trefs/heads/tab\n{A} refs/heads/space \n{A} refs/heads/a..b\n{A} refs/heads/cr\r\n{B} refs/heads/x\n"
             )
-            .as_bytes(),
+            .into_bytes(),
         )
         .unwrap();
         assert_eq!(
@@ -386,7 +410,8 @@ mod tests {
             format!("{A}junk refs/heads/x\n"),
             format!("{A} refs/heads/../../x\n"),
         ] {
-            let read = PackedRefs::parse(contents.as_bytes()).and_then(|packed| packed.refs());
+            let read =
+                PackedRefs::parse(contents.clone().into_bytes()).and_then(|packed| packed.refs());
             assert!(read.is_err(), "{contents:?}: {read:?}");
         }
     }
@@ -395,7 +420,7 @@ mod tests {
     fn a_file_said_sorted_is_searched_as_it_is() {
         let packed = PackedRefs::parse(
             format!("# pack-refs with: peeled fully-peeled sorted \n{A} refs/tags/v\n{A} refs/heads/y\n{B} refs/heads/x\n")
-                .as_bytes(),
+                .into_bytes(),
         )
         .unwrap();
         // The search lands on `y` first, then goes left of it and of
@@ -411,7 +436,7 @@ mod tests {
             ]
         );
         let unsaid = PackedRefs::parse(
-            format!("{A} refs/tags/v\n{A} refs/heads/y\n{B} refs/heads/x\n").as_bytes(),
+            format!("{A} refs/tags/v\n{A} refs/heads/y\n{B} refs/heads/x\n").into_bytes(),
         )
         .unwrap();
         assert_eq!(unsaid.find(b"refs/heads/y").unwrap(), Some(id(A)));

@@ -763,11 +763,15 @@ fn packed_refs(repo: &gix::Repository) -> Result<Option<Arc<PackedRefs>>, Error>
     if let Some(kept) = kept_packed_refs().get(identity, stamp) {
         return Ok(Some(kept));
     }
-    let mut contents = Vec::new();
+    // Room for the whole file at once, and it is kept as read
+    // ([`PackedRefs::parse`]): grown by doubling and copied once parsed,
+    // a lookup had raised the peak memory by twice the file's size
+    // (`a_lookup_in_a_large_packed_refs_holds_one_copy_of_the_file`).
+    let mut contents = Vec::with_capacity(usize::try_from(meta.len()).map_or(0, |len| len + 1));
     file.take(MAX_PACKED_REFS_BYTES + 1)
         .read_to_end(&mut contents)
         .map_err(|error| reading(&error))?;
-    let buffer = Arc::new(PackedRefs::parse(&contents).map_err(|fatal| reading(&fatal))?);
+    let buffer = Arc::new(PackedRefs::parse(contents).map_err(|fatal| reading(&fatal))?);
     // A file changed within the racy window may change again with the
     // same stamp: read again next time.
     if stamp.settled_now(RACY_WINDOW) {
@@ -1025,7 +1029,7 @@ mod tests {
         let contents: String = (0..refs)
             .map(|n| format!("{} refs/heads/{n:011}\n", "1".repeat(40)))
             .collect();
-        let parsed = PackedRefs::parse(contents.as_bytes()).unwrap();
+        let parsed = PackedRefs::parse(contents.into_bytes()).unwrap();
         assert_eq!(parsed.len(), refs * 64);
         Arc::new(parsed)
     }
