@@ -1214,9 +1214,10 @@ fn dir_of_nobody(path: &Path) {
     .unwrap();
 }
 
-/// What `git rev-parse` run as `nobody` says `name` is, as a commit.
-fn rev_parse_as_nobody(git_dir: &Path, home: &Path, name: &str) -> Option<String> {
-    let output = std::process::Command::new("setpriv")
+/// `git {args}` in `git_dir` run as `nobody`, with no configuration but
+/// the repository's own.
+fn git_as_nobody(git_dir: &Path, home: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new("setpriv")
         .args([
             format!("--reuid={NOBODY}"),
             format!("--regid={NOBODY}"),
@@ -1228,14 +1229,40 @@ fn rev_parse_as_nobody(git_dir: &Path, home: &Path, name: &str) -> Option<String
         ])
         .arg("--git-dir")
         .arg(git_dir)
-        .args(["rev-parse", "--verify", "--quiet"])
-        .arg(format!("{name}^{{commit}}"))
+        .args(args)
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("HOME", home)
         .env("GIT_CONFIG_NOSYSTEM", "1")
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// For a test that runs the archiver as `nobody` (root only: `None`,
+/// and it is skipped, otherwise): a sandbox whose root anyone may read,
+/// a cache dir `nobody` owns, and [`widget_of_one_commit`] in it.
+fn widget_for_nobody() -> Option<(Sandbox, PathBuf, String, PathBuf)> {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: not running as root");
+        return None;
+    }
+    let sandbox = Sandbox::new();
+    // The archiver's user reads what anyone may, and owns its cache dir.
+    std::fs::set_permissions(sandbox.root(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cache_dir = sandbox.path("cache");
+    dir_of_nobody(&cache_dir);
+    let (first, git_dir) = widget_of_one_commit(&sandbox);
+    Some((sandbox, cache_dir, first, git_dir))
+}
+
+/// What `git rev-parse` run as `nobody` says `name` is, as a commit.
+fn rev_parse_as_nobody(git_dir: &Path, home: &Path, name: &str) -> Option<String> {
+    let commit = format!("{name}^{{commit}}");
+    let output = git_as_nobody(
+        git_dir,
+        home,
+        &["rev-parse", "--verify", "--quiet", &commit],
+    );
     output
         .status
         .success()
@@ -1252,15 +1279,9 @@ fn rev_parse_as_nobody(git_dir: &Path, home: &Path, name: &str) -> Option<String
 /// listing). Needs root, to make files the archiver's user cannot read.
 #[test]
 fn ref_directories_the_archiver_may_not_read_are_read_as_git_reads_them() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: not running as root");
+    let Some((sandbox, cache_dir, first, git_dir)) = widget_for_nobody() else {
         return;
-    }
-    let sandbox = Sandbox::new();
-    std::fs::set_permissions(sandbox.root(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let cache_dir = sandbox.path("cache");
-    dir_of_nobody(&cache_dir);
-    let (first, git_dir) = widget_of_one_commit(&sandbox);
+    };
     let git = |args: &[&str]| {
         let output = gitball_e2e::git_command(&sandbox.home())
             .arg("--git-dir")
@@ -1344,28 +1365,15 @@ fn ref_directories_the_archiver_may_not_read_are_read_as_git_reads_them() {
     // By commit id, served when a ref git lists reaches it: one packed
     // under a directory git cannot list is listed, one whose loose file
     // git cannot read is not.
-    let listed = {
-        let output = std::process::Command::new("setpriv")
-            .args([
-                format!("--reuid={NOBODY}"),
-                format!("--regid={NOBODY}"),
-                "--clear-groups".into(),
-                "--".into(),
-                "git".into(),
-                "-c".into(),
-                "safe.directory=*".into(),
-            ])
-            .arg("--git-dir")
-            .arg(&git_dir)
-            .args(["for-each-ref", "--format=%(objectname)"])
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("HOME", sandbox.home())
-            .env("GIT_CONFIG_NOSYSTEM", "1")
-            .output()
-            .unwrap();
-        String::from_utf8(output.stdout).unwrap()
-    };
+    let listed = String::from_utf8(
+        git_as_nobody(
+            &git_dir,
+            &sandbox.home(),
+            &["for-each-ref", "--format=%(objectname)"],
+        )
+        .stdout,
+    )
+    .unwrap();
     assert!(
         listed.contains(&third) && !listed.contains(&fourth),
         "{listed}"
@@ -1396,16 +1404,9 @@ fn ref_directories_the_archiver_may_not_read_are_read_as_git_reads_them() {
 /// pusher.
 #[test]
 fn a_push_being_received_leaves_the_repository_served_to_another_user() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: not running as root");
+    let Some((sandbox, cache_dir, first, git_dir)) = widget_for_nobody() else {
         return;
-    }
-    let sandbox = Sandbox::new();
-    // The archiver's user reads what anyone may, and owns its cache dir.
-    std::fs::set_permissions(sandbox.root(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let cache_dir = sandbox.path("cache");
-    dir_of_nobody(&cache_dir);
-    let (first, git_dir) = widget_of_one_commit(&sandbox);
+    };
     let readable = std::process::Command::new("chmod")
         .args(["-R", "a+rX"])
         .arg(sandbox.repos())

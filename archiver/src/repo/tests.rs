@@ -4373,7 +4373,6 @@ fn a_ref_directory_swapped_for_a_symlink_is_not_read_through_without_openat2() {
 }
 
 fn a_ref_directory_swapped_for_a_symlink_is_not_read_through_by(walk: bool) {
-    use std::sync::atomic::{AtomicBool, Ordering};
     let fixture = fixture();
     let git_dir = fixture.bare_clone("swap.git");
     let outside = fixture.base.join("outside/heads");
@@ -4387,63 +4386,12 @@ fn a_ref_directory_swapped_for_a_symlink_is_not_read_through_by(walk: bool) {
     std::os::unix::fs::symlink(&outside, &link).unwrap();
     let repository = fixture.repositories().open("acme", "swap").unwrap();
     assert_eq!(repository.resolve("sub/x").unwrap().commit, fixture.c2);
-    let stop = Arc::new(AtomicBool::new(false));
-    let swapper = {
-        let stop = Arc::clone(&stop);
-        std::thread::spawn(move || {
-            let mut swaps = 0u64;
-            while !stop.load(Ordering::Relaxed) && swaps < 5_000_000 {
-                fs::rename(&sub, &real).unwrap();
-                fs::rename(&link, &sub).unwrap();
-                fs::rename(&sub, &link).unwrap();
-                fs::rename(&real, &sub).unwrap();
-                swaps += 1;
-            }
-        })
-    };
-    let (c1, c2) = (fixture.c1.clone(), fixture.c2.clone());
-    let served = within_bound("resolving and listing refs being swapped", move || {
-        if walk {
-            super::beneath::walk_on_this_thread();
-        }
-        let started = std::time::Instant::now();
-        let (mut resolved, mut listed, mut read_through) = (0u32, 0u32, Vec::new());
-        while started.elapsed() < Duration::from_secs(4) && resolved < 200_000 {
-            match repository.resolve("sub/x") {
-                Ok(answer) if answer.commit == c2 => resolved += 1,
-                Ok(answer) => read_through.push(format!("resolved to {}", answer.commit)),
-                Err(Error::RefNotFound | Error::RepoNotFound) => {}
-                Err(other) => panic!("{other:?}"),
-            }
-            match RefsSnapshot::at(repository.git_dir()) {
-                Ok(snapshot) => {
-                    listed += 1;
-                    if let Some((_, target)) = snapshot
-                        .refs
-                        .iter()
-                        .find(|(name, target)| name == "refs/heads/sub/x" && *target != c2)
-                    {
-                        read_through.push(format!("listed as {target}"));
-                    }
-                }
-                Err(Error::RepoNotFound) => {}
-                Err(other) => panic!("{other:?}"),
-            }
-        }
-        (resolved, listed, read_through)
-    });
-    stop.store(true, Ordering::Relaxed);
-    swapper.join().unwrap();
-    let (resolved, listed, read_through) = served;
-    assert!(
-        read_through.is_empty(),
-        "{} of the reads went through the symlink to {c1} outside --repos: {:?}",
-        read_through.len(),
-        &read_through[..read_through.len().min(3)]
-    );
-    assert!(
-        resolved > 0 && listed > 0,
-        "{resolved} resolved, {listed} listed"
+    assert_not_read_through_while_swapped(
+        &fixture,
+        repository,
+        [sub, real, link],
+        ("sub/x", "refs/heads/sub/x"),
+        walk,
     );
 }
 
@@ -4465,7 +4413,6 @@ fn packed_refs_swapped_for_a_symlink_are_not_read_through_without_openat2() {
 }
 
 fn packed_refs_swapped_for_a_symlink_are_not_read_through_by(walk: bool) {
-    use std::sync::atomic::{AtomicBool, Ordering};
     let fixture = fixture();
     let git_dir = fixture.bare_clone("packed.git");
     git(&git_dir, &["update-ref", "refs/heads/p", &fixture.c2]);
@@ -4478,61 +4425,82 @@ fn packed_refs_swapped_for_a_symlink_are_not_read_through_by(walk: bool) {
     std::os::unix::fs::symlink(&outside, &link).unwrap();
     let repository = fixture.repositories().open("acme", "packed").unwrap();
     assert_eq!(repository.resolve("p").unwrap().commit, fixture.c2);
+    assert_not_read_through_while_swapped(
+        &fixture,
+        repository,
+        [packed, real, link],
+        ("p", "refs/heads/p"),
+        walk,
+    );
+}
+
+/// Swaps `path` for the symlink `link` (to something outside `--repos`
+/// naming `c1`) and back, `real` keeping it meanwhile, as fast as it can,
+/// while `name` (`full_name`, at `c2` in the repository) is resolved and
+/// the refs listed for 4 s on a thread of their own, opening by the walk
+/// when `walk`: none of those reads may go through the symlink, and some
+/// must be served.
+fn assert_not_read_through_while_swapped(
+    fixture: &Fixture,
+    repository: Arc<Repository>,
+    [path, real, link]: [PathBuf; 3],
+    (name, full_name): (&'static str, &'static str),
+    walk: bool,
+) {
+    use std::sync::atomic::{AtomicBool, Ordering};
     let stop = Arc::new(AtomicBool::new(false));
     let swapper = {
         let stop = Arc::clone(&stop);
         std::thread::spawn(move || {
             let mut swaps = 0u64;
             while !stop.load(Ordering::Relaxed) && swaps < 5_000_000 {
-                fs::rename(&packed, &real).unwrap();
-                fs::rename(&link, &packed).unwrap();
-                fs::rename(&packed, &link).unwrap();
-                fs::rename(&real, &packed).unwrap();
+                fs::rename(&path, &real).unwrap();
+                fs::rename(&link, &path).unwrap();
+                fs::rename(&path, &link).unwrap();
+                fs::rename(&real, &path).unwrap();
                 swaps += 1;
             }
         })
     };
-    let (c1, c2) = (fixture.c1.clone(), fixture.c2.clone());
-    let served = within_bound(
-        "resolving and listing packed refs being swapped",
-        move || {
-            if walk {
-                super::beneath::walk_on_this_thread();
+    let c2 = fixture.c2.clone();
+    let served = within_bound("resolving and listing refs being swapped", move || {
+        if walk {
+            super::beneath::walk_on_this_thread();
+        }
+        let started = std::time::Instant::now();
+        let (mut resolved, mut listed, mut read_through) = (0u32, 0u32, Vec::new());
+        while started.elapsed() < Duration::from_secs(4) && resolved < 200_000 {
+            match repository.resolve(name) {
+                Ok(answer) if answer.commit == c2 => resolved += 1,
+                Ok(answer) => read_through.push(format!("resolved to {}", answer.commit)),
+                Err(Error::RefNotFound | Error::RepoNotFound) => {}
+                Err(other) => panic!("{other:?}"),
             }
-            let started = std::time::Instant::now();
-            let (mut resolved, mut listed, mut read_through) = (0u32, 0u32, Vec::new());
-            while started.elapsed() < Duration::from_secs(4) && resolved < 200_000 {
-                match repository.resolve("p") {
-                    Ok(answer) if answer.commit == c2 => resolved += 1,
-                    Ok(answer) => read_through.push(format!("resolved to {}", answer.commit)),
-                    Err(Error::RefNotFound | Error::RepoNotFound) => {}
-                    Err(other) => panic!("{other:?}"),
-                }
-                match RefsSnapshot::at(repository.git_dir()) {
-                    Ok(snapshot) => {
-                        listed += 1;
-                        if let Some((_, target)) = snapshot
-                            .refs
-                            .iter()
-                            .find(|(name, target)| name == "refs/heads/p" && *target != c2)
-                        {
-                            read_through.push(format!("listed as {target}"));
-                        }
+            match RefsSnapshot::at(repository.git_dir()) {
+                Ok(snapshot) => {
+                    listed += 1;
+                    if let Some((_, target)) = snapshot
+                        .refs
+                        .iter()
+                        .find(|(listed, target)| listed == full_name && *target != c2)
+                    {
+                        read_through.push(format!("listed as {target}"));
                     }
-                    Err(Error::RepoNotFound) => {}
-                    Err(other) => panic!("{other:?}"),
                 }
+                Err(Error::RepoNotFound) => {}
+                Err(other) => panic!("{other:?}"),
             }
-            (resolved, listed, read_through)
-        },
-    );
+        }
+        (resolved, listed, read_through)
+    });
     stop.store(true, Ordering::Relaxed);
     swapper.join().unwrap();
     let (resolved, listed, read_through) = served;
     assert!(
         read_through.is_empty(),
-        "{} of the reads went through the symlink to {c1} outside --repos: {:?}",
+        "{} of the reads went through the symlink to {} outside --repos: {:?}",
         read_through.len(),
+        fixture.c1,
         &read_through[..read_through.len().min(3)]
     );
     assert!(
