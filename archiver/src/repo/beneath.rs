@@ -17,7 +17,11 @@
 //! The directory itself is opened by its path, as gix and git open it:
 //! that the git dir and common dir are inside `--repos`, and still the
 //! directory opened, is the checks' of the open and of each request
-//! (`Repository::is_current`), not this module's.
+//! (`Repository::is_current`, which looks at the git dir: under
+//! `--repos` a repository's common dir is its git dir,
+//! `Repositories::is_own_git_dir`; the one repository an operator names
+//! as `--repos` may have another, where the operator put it), not this
+//! module's.
 //!
 //! `openat2` is Linux 5.6 and later. Where it is missing (`ENOSYS`, or a
 //! seccomp filter that refuses it) the path is walked one component at a

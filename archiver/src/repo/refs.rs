@@ -204,9 +204,11 @@ fn listed_target(target: &Target) -> BString {
     }
 }
 
-/// Calls `each` with every ref of `repo` (not `HEAD`), in name order, as
-/// git lists them: the refs of `packed-refs`, and over them the loose
-/// ones, each read as git reads it ([`parse_loose`]). A loose ref file git
+/// Calls `each` with every ref of `repo` (not `HEAD`), in the order git
+/// lists them ([`merged`]: by name, but for a `packed-refs` whose header
+/// says it is sorted and is not, or that has a name twice): the refs of
+/// `packed-refs`, and over them the loose ones, each read as git reads it
+/// ([`parse_loose`]). A loose ref file git
 /// cannot read ("ignoring broken ref": an empty file, as a crash leaves
 /// one; `{id}junk`), or whose name is no ref name, is left out, and hides
 /// a packed ref of its name as it does for git: one such file had made
@@ -732,9 +734,9 @@ pub(super) fn follow_ref(
 /// once open, as a loose ref is ([`read_loose`]): gix opened it by its
 /// path, so one swapped for a symlink after `loose_ref_inside` looked was
 /// read through (attack). What was parsed is kept by the file's identity
-/// and times ([`PACKED_REFS_KEPT`]): a lookup costs an `open` and an
-/// `fstat`, not a read of up to `MAX_PACKED_REFS_BYTES`, as with gix's own
-/// cache.
+/// and times ([`PACKED_REFS_KEPT`]): a lookup costs two opens (the common
+/// dir, the file) and an `fstat`, not a read of up to
+/// `MAX_PACKED_REFS_BYTES`, as with gix's own cache.
 fn packed_refs(repo: &gix::Repository) -> Result<Option<Arc<PackedRefs>>, Error> {
     let dir = repo.common_dir();
     let shown = dir.join("packed-refs");
