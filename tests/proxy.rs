@@ -831,12 +831,53 @@ fn a_busy_archiver_is_failed_over_but_not_ejected() {
 fn an_archive_failing_at_its_archiver_is_failed_over_and_ejects_nothing() {
     let sandbox = Sandbox::new();
     small_repository(&sandbox.repo("acme", "widget"));
-    let small = Archiver::start(&sandbox.repos(), &["--max-archive-bytes", "4KiB"]);
+    // Each of the replica's `git archive`s waits for a line, then runs the
+    // real git (its canary runs at once): a tar.gz's generation is let go
+    // only once its head reached the client, so the cut comes after the
+    // head. Let go at once, git could pass 4 KiB before the archiver looked
+    // for the first bytes (a loaded machine): a 500 before the head, failed
+    // over, and served whole by the primary.
+    let (release, mut lines) = sandbox.fifo("release");
+    let stub = sandbox.write_stub(
+        "waits-for-a-line",
+        &format!(
+            "read line < '{}'\nexec '{}' \"$@\"\n",
+            release.display(),
+            gitball_e2e::real_git().display()
+        ),
+    );
+    let small = Archiver::start(
+        &sandbox.repos(),
+        &[
+            "--max-archive-bytes",
+            "4KiB",
+            "--git",
+            stub.to_str().unwrap(),
+        ],
+    );
     let primary = Archiver::start(&sandbox.repos(), &[]);
     let cluster = Cluster::around(primary, vec![small], &[]);
     let replica = &cluster.replicas[0];
+    // A tar.gz through the proxy, its generation at the replica let go once
+    // the head came: how its download ended.
+    let cut_after_head = |lines: &mut std::fs::File, reference: &str| {
+        let mut connection = RawConnection::connect(cluster.proxy.addr).expect("connect");
+        connection
+            .send_request(
+                "GET",
+                &format!("/acme/widget/archive/{reference}.tar.gz"),
+                &[],
+            )
+            .expect("send");
+        let head = connection.read_head().expect("head");
+        assert_eq!(head.status, 200, "{reference}");
+        writeln!(lines).expect("release the generation");
+        connection.read_body_to_end(|_| {})
+    };
 
-    // Refused before its head: the primary answers.
+    // Refused before its head: the primary answers. (Its git let go at once:
+    // the archiver waits for a tar's first bytes before its head.)
+    writeln!(lines).expect("release the generation");
     let fetched = fetch(cluster.proxy.addr, "/acme/widget/archive/main.tar");
     assert_eq!(fetched.status(), 200);
     assert!(
@@ -845,13 +886,8 @@ fn an_archive_failing_at_its_archiver_is_failed_over_and_ejects_nothing() {
         fetched.end
     );
     // Cut after its head: the client's download is aborted, never a clean end.
-    let fetched = fetch(cluster.proxy.addr, "/acme/widget/archive/main.tar.gz");
-    assert_eq!(fetched.status(), 200);
-    assert!(
-        matches!(fetched.end, BodyEnd::Aborted(_)),
-        "{:?}",
-        fetched.end
-    );
+    let end = cut_after_head(&mut lines, "main");
+    assert!(matches!(end, BodyEnd::Aborted(_)), "{end:?}");
 
     let metrics = cluster.proxy.scrape();
     assert_eq!(
@@ -899,15 +935,8 @@ fn an_archive_failing_at_its_archiver_is_failed_over_and_ejects_nothing() {
     // archives: one it knows too large is refused from that memory, which
     // is no failure there (`requests_for_an_archive_an_archiver_knows_too_large_eject_nothing`).
     for reference in ["v1.2.3", "v1.0.0", "feature/x"] {
-        let fetched = fetch(
-            cluster.proxy.addr,
-            &format!("/acme/widget/archive/{reference}.tar.gz"),
-        );
-        assert!(
-            matches!(fetched.end, BodyEnd::Aborted(_)),
-            "{reference}: {:?}",
-            fetched.end
-        );
+        let end = cut_after_head(&mut lines, reference);
+        assert!(matches!(end, BodyEnd::Aborted(_)), "{reference}: {end:?}");
     }
     assert!(wait_until(SETTLE, || cluster.proxy.scrape().value(
         "gitball_proxy_upstream_ejected",
