@@ -1005,6 +1005,25 @@ fn requests_for_an_archive_an_archiver_knows_too_large_eject_nothing() {
     );
 }
 
+/// A cluster whose replica (started with `args`) runs each `git archive`
+/// only once the test writes a line to the returned fifo, and then fails
+/// it; its primary is a plain archiver.
+fn cluster_whose_replica_fails_when_told(
+    sandbox: &Sandbox,
+    args: &[&str],
+) -> (Cluster, std::fs::File) {
+    let (release, lines) = sandbox.fifo("release");
+    let stub = sandbox.write_stub(
+        "fails-when-told",
+        &format!("read line < '{}'\nexit 1\n", release.display()),
+    );
+    let mut replica_args = vec!["--git", stub.to_str().unwrap()];
+    replica_args.extend_from_slice(args);
+    let failing = Archiver::start(&sandbox.repos(), &replica_args);
+    let primary = Archiver::start(&sandbox.repos(), &[]);
+    (Cluster::around(primary, vec![failing], &[]), lines)
+}
+
 /// Requests that join one generation already under way at an archiver
 /// (`X-Gitball-Cache: join`) share its failure, which counts once toward
 /// the row of archive failures that ejects the archiver: at the request
@@ -1019,16 +1038,9 @@ fn requests_joining_one_failing_generation_count_as_one_archive_failure() {
     const RUSH: usize = 6;
     let sandbox = Sandbox::new();
     small_repository(&sandbox.repo("acme", "widget"));
-    // Each `git archive` waits for a line, then fails: a generation that
-    // fails when the test says, after every request of the rush joined it.
-    let (release, mut lines) = sandbox.fifo("release");
-    let stub = sandbox.write_stub(
-        "fails-when-told",
-        &format!("read line < '{}'\nexit 1\n", release.display()),
-    );
-    let failing = Archiver::start(&sandbox.repos(), &["--git", stub.to_str().unwrap()]);
-    let primary = Archiver::start(&sandbox.repos(), &[]);
-    let cluster = Cluster::around(primary, vec![failing], &[]);
+    // A generation that fails when the test says, after every request of
+    // the rush joined it.
+    let (cluster, mut lines) = cluster_whose_replica_fails_when_told(&sandbox, &[]);
     let replica = &cluster.replicas[0];
     let addr = cluster.proxy.addr;
     let ejected = || {
@@ -1116,19 +1128,10 @@ fn requests_joining_one_generation_that_fails_before_their_heads_count_once() {
     const CLIENTS: u8 = 6;
     let sandbox = Sandbox::new();
     small_repository(&sandbox.repo("acme", "widget"));
-    let (release, mut lines) = sandbox.fifo("release");
-    let stub = sandbox.write_stub(
-        "fails-when-told",
-        &format!("read line < '{}'\nexit 1\n", release.display()),
-    );
     // One slot: the rush's generation waits in the queue behind another,
     // where each client joining it is seen (`generations_queued_clients`).
-    let failing = Archiver::start(
-        &sandbox.repos(),
-        &["--git", stub.to_str().unwrap(), "--max-generations", "1"],
-    );
-    let primary = Archiver::start(&sandbox.repos(), &[]);
-    let cluster = Cluster::around(primary, vec![failing], &[]);
+    let (cluster, mut lines) =
+        cluster_whose_replica_fails_when_told(&sandbox, &["--max-generations", "1"]);
     let replica = &cluster.replicas[0];
     let addr = cluster.proxy.addr;
 

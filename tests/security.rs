@@ -1255,6 +1255,17 @@ fn widget_for_nobody() -> Option<(Sandbox, PathBuf, String, PathBuf)> {
     Some((sandbox, cache_dir, first, git_dir))
 }
 
+/// Lets anyone read every file under `path` and search every directory
+/// (`chmod -R a+rX`).
+fn readable_by_anyone(path: &Path) {
+    let chmod = std::process::Command::new("chmod")
+        .args(["-R", "a+rX"])
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(chmod.success());
+}
+
 /// What `git rev-parse` run as `nobody` says `name` is, as a commit.
 fn rev_parse_as_nobody(git_dir: &Path, home: &Path, name: &str) -> Option<String> {
     let commit = format!("{name}^{{commit}}");
@@ -1314,12 +1325,7 @@ fn ref_directories_the_archiver_may_not_read_are_read_as_git_reads_them() {
     ] {
         git(&["update-ref", name, &first]);
     }
-    let readable = std::process::Command::new("chmod")
-        .args(["-R", "a+rX"])
-        .arg(sandbox.repos())
-        .status()
-        .unwrap();
-    assert!(readable.success());
+    readable_by_anyone(&sandbox.repos());
     let heads = git_dir.join("refs/heads");
     for (dir, mode) in [("private", 0o000), ("xonly", 0o111), ("ronly", 0o444)] {
         std::fs::set_permissions(heads.join(dir), std::fs::Permissions::from_mode(mode)).unwrap();
@@ -1407,12 +1413,7 @@ fn a_push_being_received_leaves_the_repository_served_to_another_user() {
     let Some((sandbox, cache_dir, first, git_dir)) = widget_for_nobody() else {
         return;
     };
-    let readable = std::process::Command::new("chmod")
-        .args(["-R", "a+rX"])
-        .arg(sandbox.repos())
-        .status()
-        .unwrap();
-    assert!(readable.success());
+    readable_by_anyone(&sandbox.repos());
     // The hook holds the push, its objects in quarantine, until the test
     // writes a line to `release` (or two minutes passed).
     let release = sandbox.path("release");
