@@ -390,7 +390,7 @@ impl Fingerprint {
 /// the next check stamps it again.
 fn stamp_of(git: &Path) -> Option<Stamp> {
     match Stamp::of(git) {
-        Ok(Stamp::Absent | Stamp::Unreadable) | Err(_) => None,
+        Ok(Stamp::Absent | Stamp::Unreadable | Stamp::UnderAFile) | Err(_) => None,
         Ok(stamp) => Some(stamp),
     }
 }

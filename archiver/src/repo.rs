@@ -1657,7 +1657,7 @@ impl Repository {
             }
             if matches!(
                 stamps.add(directory.clone()).map_err(stat_error)?,
-                Stamp::Absent | Stamp::Unreadable
+                Stamp::Absent | Stamp::Unreadable | Stamp::UnderAFile
             ) {
                 continue;
             }

@@ -481,7 +481,8 @@ pub(super) fn parse_loose(contents: &[u8]) -> Loose {
 
 /// Reads the loose ref `name` (a path relative to `base`, the git dir or
 /// the common dir) as git does ([`parse_loose`]). `None` when there is
-/// none: missing, a directory (git then looks in `packed-refs`), or a path
+/// none: missing, a directory (git then looks in `packed-refs`; under a
+/// file where a directory should be, it does not: `Broken`), or a path
 /// too long to open (`ENAMETOOLONG`: git takes it as no ref; a `500`
 /// before: attack). Anything but a regular file within
 /// `MAX_REF_FILE_BYTES` (a symlink, a FIFO: the checks before the read,
@@ -510,6 +511,12 @@ pub(super) fn read_loose(base: &Path, name: &Path) -> Result<Option<Loose>, Erro
     });
     match dir {
         Ok(dir) => read_loose_in(dir.as_fd(), file_name, &shown),
+        // A file where a directory on the way should be (a loose
+        // `refs/heads/x` over a packed `refs/heads/x/y`): git's `lstat`
+        // fails with `ENOTDIR`, not `ENOENT`, so it looks no further, not
+        // in `packed-refs` either, and finds no ref; the packed one had
+        // been served (review).
+        Err(error) if error.kind() == io::ErrorKind::NotADirectory => Ok(Some(Loose::Broken)),
         Err(error) if names_nothing(&error) => Ok(None),
         Err(error) if error.kind() == io::ErrorKind::PermissionDenied => {
             Ok(Some(unreadable(&shown)))

@@ -31,6 +31,10 @@ pub enum Stamp {
     /// does not look in `packed-refs` for it as for an absent one, so the
     /// two are told apart.
     Unreadable,
+    /// A file stands where a directory on the way should be (`ENOTDIR`):
+    /// git finds no ref there and, unlike for an absent one, does not look
+    /// in `packed-refs` for it, so the two are told apart.
+    UnderAFile,
     Present {
         device: u64,
         inode: u64,
@@ -58,6 +62,7 @@ impl Stamp {
     pub fn of(path: &std::path::Path) -> io::Result<Stamp> {
         match fs::metadata(path) {
             Ok(metadata) => Ok(Stamp::of_metadata(&metadata)),
+            Err(error) if error.kind() == io::ErrorKind::NotADirectory => Ok(Stamp::UnderAFile),
             Err(error) if names_nothing(&error) => Ok(Stamp::Absent),
             Err(error) if error.kind() == io::ErrorKind::PermissionDenied => Ok(Stamp::Unreadable),
             Err(error) => Err(error),
@@ -172,9 +177,16 @@ mod tests {
         assert!(!stamps.unchanged());
         fs::remove_file(&path).unwrap();
         assert!(!stamps.unchanged());
-        // Below a file: absent as well.
-        let under = Stamps::take([dir.path().join("refs/heads/main/x")]).unwrap();
+        // Below a file: not absent (git looks no further for such a ref,
+        // where for an absent one it looks in `packed-refs`), and changed
+        // once the file is gone.
+        fs::write(&path, "c").unwrap();
+        let below = dir.path().join("refs/heads/main/x");
+        assert_eq!(Stamp::of(&below).unwrap(), Stamp::UnderAFile);
+        let under = Stamps::take([below]).unwrap();
         assert!(under.unchanged());
+        fs::remove_file(&path).unwrap();
+        assert!(!under.unchanged());
     }
 
     /// An in-place rewrite of the same size whose modification time is

@@ -3616,6 +3616,13 @@ const REFS_CASES: &[RefsCase] = &[
         ],
     },
     RefsCase {
+        name: "loose file over a packed ref below its name",
+        files: &[
+            ("packed-refs", "{c1} refs/heads/x/y\n"),
+            ("refs/heads/x", "{c2}\n"),
+        ],
+    },
+    RefsCase {
         name: "loose empty over packed",
         files: &[("packed-refs", "{c1} refs/heads/x\n"), ("refs/heads/x", "")],
     },
