@@ -42,7 +42,7 @@ const MAX_HEADERS: usize = 100;
 
 /// Below this much room left in the read buffer, the next read goes into
 /// a new one.
-const MIN_READ_ROOM: usize = 16 * 1024;
+pub(crate) const MIN_READ_ROOM: usize = 16 * 1024;
 
 /// The most a chunk-size line or a trailer section may take.
 const MAX_CHUNK_LINE_BYTES: usize = 4096;

@@ -577,8 +577,9 @@ mod tests {
                 &api,
                 "internal-api.md",
                 format!(
-                    "reads into a fixed {} buffer",
-                    kib(forward::UPSTREAM_READ_BUFFER_BYTES)
+                    "reads into {} buffers, a new one once less than {} of the last is left",
+                    kib(forward::UPSTREAM_READ_BUFFER_BYTES),
+                    kib(exchange::MIN_READ_ROOM)
                 ),
             ),
             (
