@@ -1348,15 +1348,12 @@ fn ref_directories_the_archiver_may_not_read_are_read_as_git_reads_them() {
         let expected = rev_parse_as_nobody(&git_dir, &sandbox.home(), name);
         let response = archiver.get(&format!("/acme/widget/archive/{name}.tar"));
         let code = response.status().as_u16();
-        let commit = response
-            .headers()
-            .get("x-gitball-commit")
-            .map(|value| value.to_str().unwrap().to_owned());
+        let commit = gitball_e2e::header(&response, "x-gitball-commit").to_owned();
         let body = response.bytes().unwrap();
         match &expected {
             Some(id) => assert_eq!(
-                (code, commit.as_deref()),
-                (200, Some(id.as_str())),
+                (code, commit.as_str()),
+                (200, id.as_str()),
                 "{name}, which git reads as {id}: {}",
                 String::from_utf8_lossy(&body[..body.len().min(300)])
             ),
@@ -1473,10 +1470,7 @@ fn a_push_being_received_leaves_the_repository_served_to_another_user() {
     ] {
         let response = archiver.get(target);
         let code = response.status().as_u16();
-        let commit = response
-            .headers()
-            .get("x-gitball-commit")
-            .map(|value| value.to_str().unwrap().to_owned());
+        let commit = gitball_e2e::header(&response, "x-gitball-commit").to_owned();
         let body = response.bytes().unwrap();
         assert_eq!(
             code,
@@ -1484,7 +1478,7 @@ fn a_push_being_received_leaves_the_repository_served_to_another_user() {
             "{target} while a push was received: {}",
             String::from_utf8_lossy(&body)
         );
-        assert_eq!(commit.as_deref(), Some(first.as_str()), "{target}");
+        assert_eq!(commit, first, "{target}");
     }
     let writer = || {
         nix::fcntl::open(
