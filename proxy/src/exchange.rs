@@ -264,8 +264,10 @@ fn known_name(name: &[u8]) -> Option<HeaderName> {
 /// Parses a whole response head at the start of `read` and takes it out;
 /// `None` while it is not whole. Informational heads before it are
 /// skipped (and taken out), their bytes added to `interim`; they and the
-/// answer's head are at most [`MAX_HEAD_BYTES`] together.
-fn parse(
+/// answer's head are at most [`MAX_HEAD_BYTES`] together. The one reader
+/// of an archiver's response head: a spliced download's range request
+/// (`splice::read_head`) is read with it too.
+pub(crate) fn parse(
     read: &mut BytesMut,
     method: &Method,
     interim: &mut usize,

@@ -79,8 +79,9 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use futures_util::future::Either;
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use http::{HeaderValue, StatusCode};
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpSocket, TcpStream};
@@ -91,6 +92,7 @@ use gitball_core::server::ClientWrites;
 use gitball_core::server::takeover::{BodySocket, FileBody};
 use gitball_core::slots::{Slot, Slots};
 
+use crate::exchange::{self, Framing, Head, MAX_HEAD_BYTES};
 use crate::forward::{
     COMPLETE_ARCHIVE_TIMEOUT, Outcome, UpstreamRequest, classify, counted, out_of_local_resources,
 };
@@ -115,9 +117,6 @@ pub static SLOTS: Slots = Slots::new(MAX_SPLICED);
 /// The most a splice's preparation may take (or `--header-timeout`, if
 /// less): a cached archive's range answers within milliseconds.
 pub(crate) const PREPARE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// The most an upstream's response head may take.
-const MAX_HEAD_BYTES: usize = 16 * 1024;
 
 /// An upstream connection whose response head was read: its socket is at
 /// the first body byte.
@@ -349,27 +348,22 @@ async fn open(
         .map_err(|_| OpenError::ConnectTimeout(name.clone(), connect_timeout))?
         .map_err(|error| OpenError::Connect(name.clone(), error))?;
     let head = request_head(&request, authority.as_str(), forwarder.authorization());
-    let (status, headers) = tokio::time::timeout(head_timeout, async {
+    let answer = tokio::time::timeout(head_timeout, async {
         stream.write_all(&head).await?;
-        read_head(&mut stream).await
+        read_head(&mut stream, &request.method).await
     })
     .await
     .map_err(|_| OpenError::HeadTimeout(name.clone(), head_timeout))?
     .map_err(|error| OpenError::Head(name.clone(), error))?;
-    let outcome = classify(status, &headers, candidate.role);
+    let (status, headers) = (answer.parts.status, &answer.parts.headers);
+    let outcome = classify(status, headers, candidate.role);
     let skip = resume
-        .skip(status, &headers, next)
+        .skip(status, headers, next)
         .ok_or_else(|| OpenError::Mismatch(name.clone(), status, outcome))?;
     // The body is spliced raw: it must be exactly the bytes announced, in
     // `Content-Length` framing (a chunked one would carry its size lines).
-    let length = headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
     let expected = resume.limit(next).map(|left| left + skip);
-    if headers.contains_key(http::header::TRANSFER_ENCODING)
-        || length.is_none()
-        || length != expected
-    {
+    if expected.is_none_or(|expected| answer.framing != Framing::Length(expected)) {
         return Err(OpenError::Mismatch(name, status, outcome));
     }
     Ok(Upstream { stream, name, skip })
@@ -435,68 +429,71 @@ fn request_head(
     request_line
 }
 
-/// Reads a response head and nothing after it: the bytes are peeked first,
-/// and only the head's are taken, so the socket is left at the body.
-/// Interim answers before it (`100 Continue`, `103 Early Hints`) are taken
-/// and skipped, as hyper's client skips them; `101` is an answer. They and
-/// the answer's head are at most [`MAX_HEAD_BYTES`] together.
-async fn read_head(stream: &mut TcpStream) -> io::Result<(StatusCode, HeaderMap)> {
-    let mut buffer = vec![0u8; MAX_HEAD_BYTES];
-    // Bytes at the start of `buffer` already taken from the socket: all
-    // of them head.
-    let mut taken = 0;
-    // Bytes of interim answers taken and skipped: what is left of the
-    // bound is the rest's (review: each head was bounded alone, so an
-    // upstream could send them until the caller's timeout, each small one
-    // costing a peek of up to the whole bound).
+/// Reads a response head and nothing after it, with the reader of every
+/// answer from an archiver (`exchange::parse`, the rules of
+/// docs/internal-api.md "Connections": interim heads skipped and counted
+/// toward [`MAX_HEAD_BYTES`], 100 lines, a sound `Content-Length`, no
+/// `Transfer-Encoding` on HTTP/1.0). Only the way the bytes come is this
+/// path's own: the body is spliced from the socket, so none of it may be
+/// read into user space. The bytes are peeked first, and only the heads'
+/// are taken, so the socket is left at the body.
+async fn read_head(stream: &mut TcpStream, method: &http::Method) -> io::Result<Head> {
+    let mut read = BytesMut::new();
+    // Bytes of interim heads taken: they and the answer's head share the
+    // bound (an upstream could send them until the caller's timeout).
     let mut interim = 0;
     loop {
-        let room = MAX_HEAD_BYTES - interim;
-        if taken == room {
-            return Err(io::Error::other("the response head is too large"));
-        }
-        let peeked = stream.peek(&mut buffer[taken..room]).await?;
+        // `read` holds what was taken from the socket: the start of a
+        // head. What is peeked after it stays in the socket until known to
+        // be head.
+        let taken = read.len();
+        read.resize(MAX_HEAD_BYTES - interim, 0);
+        let peeked = stream.peek(&mut read[taken..]).await?;
+        read.truncate(taken + peeked);
         if peeked == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed before a whole response head",
+            ));
         }
-        let seen = taken + peeked;
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut response = httparse::Response::new(&mut headers);
-        match response.parse(&buffer[..seen]) {
-            Ok(httparse::Status::Complete(length)) => {
-                let status = response
-                    .code
-                    .and_then(|code| StatusCode::from_u16(code).ok())
-                    .ok_or_else(|| io::Error::other("no status"))?;
-                if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
-                    stream.read_exact(&mut buffer[taken..length]).await?;
-                    interim += length;
-                    taken = 0;
-                    continue;
+        let seen = read.len();
+        let parsed =
+            exchange::parse(&mut read, method, &mut interim).map_err(|error| error.error)?;
+        // The heads read whole were taken out of `read`; what is left
+        // (with `Some`, body bytes) stays in the socket.
+        let heads = seen - read.len();
+        match parsed {
+            Some(head) => {
+                // What was taken is the start of a head not yet whole
+                // (`None` took every whole one out): the heads end past it.
+                take(stream, heads - taken).await?;
+                return Ok(head);
+            }
+            None => {
+                // All of it head: taken, so the next peek waits for more.
+                take(stream, peeked).await?;
+                if interim + read.len() >= MAX_HEAD_BYTES {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "response head too large",
+                    ));
                 }
-                let mut map = HeaderMap::with_capacity(response.headers.len());
-                for header in response.headers.iter() {
-                    if let (Ok(name), Ok(value)) = (
-                        HeaderName::from_bytes(header.name.as_bytes()),
-                        HeaderValue::from_bytes(header.value),
-                    ) {
-                        map.append(name, value);
-                    }
-                }
-                stream.read_exact(&mut buffer[taken..length]).await?;
-                return Ok((status, map));
             }
-            Ok(httparse::Status::Partial) if seen < room => {
-                // All head: take them, so the next peek waits for more.
-                stream.read_exact(&mut buffer[taken..seen]).await?;
-                taken = seen;
-            }
-            Ok(httparse::Status::Partial) => {
-                return Err(io::Error::other("the response head is too large"));
-            }
-            Err(error) => return Err(io::Error::new(io::ErrorKind::InvalidData, error)),
         }
     }
+}
+
+/// Takes `count` bytes peeked from `stream` (they are there) and drops them.
+async fn take(stream: &mut TcpStream, count: usize) -> io::Result<()> {
+    let taken = tokio::io::copy(
+        &mut (&mut *stream).take(count as u64),
+        &mut tokio::io::sink(),
+    )
+    .await?;
+    if taken != count as u64 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
 }
 
 impl Upstream {
@@ -949,6 +946,7 @@ mod tests {
     use super::*;
     use crate::forward::Forwarder;
     use crate::routes::Role;
+    use http::HeaderMap;
     use tokio::net::TcpListener;
 
     const ETAG: &str = "\"v3-abc\"";
@@ -1238,6 +1236,115 @@ mod tests {
             assert_eq!(attempts(&address), once(outcome), "{what}");
             served.abort();
         }
+    }
+
+    /// docs/internal-api.md, "Connections": the answer to a splice's
+    /// range request is read by the rules of every other answer from an
+    /// archiver (`exchange::parse`): a head the pooled exchange refuses is
+    /// an attempt's failure here too (outcome `error`), and one it takes
+    /// is taken. (splice.rs had a reader of its own, with 32 header lines
+    /// and 16 KiB where the exchange allows 100 and 64 KiB, a
+    /// `Content-Length: +900` or a second, other `Content-Length` taken
+    /// as a length, and `Transfer-Encoding` on an HTTP/1.0 answer a
+    /// sound answer that is not the rest.)
+    #[tokio::test]
+    async fn a_splices_answer_is_read_as_the_pooled_exchange_reads_it() {
+        let answer = |version: &str, extra: &str| {
+            format!(
+                "HTTP/{version} 206 Partial Content\r\nETag: {ETAG}\r\n\
+                 Content-Range: bytes 100-999/1000\r\n{extra}\r\n"
+            )
+            .into_bytes()
+        };
+        let lines = |count: usize| {
+            (0..count)
+                .map(|line| format!("X-Line-{line}: {line}\r\n"))
+                .collect::<String>()
+        };
+        let length = "Content-Length: 900\r\n";
+        let long = |bytes: usize| format!("X-Long: {}\r\n{length}", "a".repeat(bytes));
+        // Whether the splice takes the answer: `Some(true)` spliced,
+        // `Some(false)` a sound answer declined, `None` a head refused.
+        let mut differ = Vec::new();
+        for (what, answer, spliced) in [
+            (
+                "40 header lines",
+                answer("1.1", &(lines(37) + length)),
+                Some(true),
+            ),
+            (
+                "101 header lines",
+                answer("1.1", &(lines(98) + length)),
+                None,
+            ),
+            (
+                "a head of 20 KiB",
+                answer("1.1", &long(20 << 10)),
+                Some(true),
+            ),
+            ("a head over 64 KiB", answer("1.1", &long(64 << 10)), None),
+            (
+                "a length with a sign",
+                answer("1.1", "Content-Length: +900\r\n"),
+                None,
+            ),
+            (
+                "two other lengths",
+                answer("1.1", "Content-Length: 900\r\nContent-Length: 899\r\n"),
+                None,
+            ),
+            (
+                "transfer-encoding on HTTP/1.0",
+                answer(
+                    "1.0",
+                    "Transfer-Encoding: chunked\r\nContent-Length: 900\r\n",
+                ),
+                None,
+            ),
+            ("the exact rest", answer("1.1", length), Some(true)),
+        ] {
+            let (address, served) = upstream(vec![answer.clone()]).await;
+            let pool = crate::pool::Pool::new(TEST_TIMEOUT);
+            let pooled = tokio::time::timeout(
+                TEST_TIMEOUT,
+                pool.send(&Arc::from(address.as_str()), || {
+                    let mut request = http::Request::new(Default::default());
+                    *request.uri_mut() = http::Uri::from_static("/acme/widget/archive/main.tar");
+                    request
+                }),
+            )
+            .await
+            .unwrap();
+            if pooled.is_ok() != spliced.is_some() {
+                differ.push(format!(
+                    "{what}: the pooled exchange got {:?}",
+                    pooled.as_ref().map(|answer| answer.status())
+                ));
+            }
+            drop((pooled, pool));
+            served.abort();
+
+            let (address, served) = upstream(vec![answer]).await;
+            let resume = resume_at(&address, TEST_TIMEOUT);
+            let prepared = prepare_rest(&resume).await;
+            let read = match &prepared {
+                Ok(_) => Some(true),
+                Err(OpenError::Mismatch(..)) => Some(false),
+                Err(OpenError::Head(..)) => None,
+                Err(error) => panic!("{what}: {error}"),
+            };
+            if read != spliced {
+                differ.push(format!(
+                    "{what}: the splice got {:?}",
+                    prepared.as_ref().map(|_| ())
+                ));
+            } else if read.is_none() {
+                assert_eq!(attempts(&address), once("error"), "{what}");
+            }
+            drop(prepared);
+            served.abort();
+        }
+        assert!(differ.is_empty(), "{differ:#?}");
     }
 
     #[tokio::test]
