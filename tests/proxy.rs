@@ -3066,6 +3066,82 @@ fn an_upstream_silent_midway_aborts_the_download_after_the_header_timeout() {
     hung.join().expect("the hung upstream's thread");
 }
 
+/// docs/internal-api.md, "Connections": a fault in a chunked upstream body
+/// that the proxy can tell as it comes (here a chunk of 2^64 - 1 bytes,
+/// past the largest file and so no archive's) aborts the client's download
+/// at once, while the upstream holds its connection open and silent: not
+/// after `--header-timeout` of silence, nor with a clean end. (The chunk
+/// was taken, and the download waited for its bytes until the silence
+/// bound.)
+#[test]
+fn a_fault_in_a_chunked_upstream_body_aborts_the_download_at_once() {
+    use std::io::Write;
+    let cases: [(&str, &'static [u8]); 1] = [(
+        "a chunk of 2^64 - 1 bytes",
+        b"ffffffffffffffff\r\nnever all of it",
+    )];
+    for (case, fault) in cases {
+        let sandbox = Sandbox::new();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let upstream = listener.local_addr().expect("address");
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let held = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().expect("accept");
+            stream.set_read_timeout(Some(SETTLE)).expect("read timeout");
+            gitball_e2e::read_request_head(&mut stream);
+            let mut answer = b"HTTP/1.1 200 OK\r\nETag: \"c0ffee-tar\"\r\n\
+                Transfer-Encoding: chunked\r\n\r\n5\r\nbytes\r\n"
+                .to_vec();
+            answer.extend_from_slice(fault);
+            stream.write_all(&answer).expect("write");
+            // Silent, the connection open, until the test is over.
+            let _ = released.recv_timeout(Duration::from_secs(60));
+        });
+        let routes = sandbox.path("routes.toml");
+        write_routes(
+            &routes,
+            &[Route::new("*", &format!("http://{upstream}"), &[])],
+        );
+        let proxy = Proxy::with_routes(&routes, &["--header-timeout", "30"]);
+        let mut connection = RawConnection::connect(proxy.addr).expect("connect");
+        connection
+            .stream()
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .expect("read timeout");
+        connection
+            .send_request("GET", "/acme/widget/archive/main.tar", &[])
+            .expect("send");
+        let started = Instant::now();
+        let head = connection.read_head().expect("head");
+        assert_eq!(head.status, 200, "{case}");
+        let mut received = Vec::new();
+        let end = connection.read_body_to_end(|piece| received.extend_from_slice(piece));
+        let waited = started.elapsed();
+        assert!(
+            matches!(&end, BodyEnd::Aborted(_)),
+            "{case}: {end:?} after {waited:?}"
+        );
+        assert!(
+            waited < Duration::from_secs(5),
+            "{case}: aborted after {waited:?}, not at once"
+        );
+        assert_eq!(
+            received, b"bytes",
+            "{case}: the sound chunk, then the abort"
+        );
+        assert_eq!(
+            proxy.scrape().sum(
+                "gitball_proxy_upstream_aborts_total",
+                &[("upstream", &format!("http://{upstream}"))]
+            ),
+            1.0,
+            "{case}: counted as an upstream abort"
+        );
+        let _ = release.send(());
+        held.join().expect("the upstream thread");
+    }
+}
+
 /// `docs/proxy.md#parking`: the proxy never joins bytes of two ETags. An
 /// upstream that answers a parked download's range request with exactly
 /// the range asked for, but under another ETag (the archive changed under

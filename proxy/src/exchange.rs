@@ -48,6 +48,13 @@ pub(crate) const MIN_READ_ROOM: usize = 16 * 1024;
 const MAX_CHUNK_LINE_BYTES: usize = 4096;
 const MAX_TRAILER_BYTES: usize = 16 * 1024;
 
+/// The largest chunk: the largest file offset (`off_t`, 2^63 - 1 bytes).
+/// An archive is a file the archiver serves from its cache, so a larger
+/// chunk cannot be one's; the proxy would wait for bytes that never come
+/// until the upstream's silence ends the download. nginx refuses the same
+/// chunk sizes.
+pub(crate) const MAX_CHUNK_BYTES: u64 = i64::MAX as u64;
+
 /// An upstream connection: its socket (with its receive window) and what
 /// was read from it and not yet handed out.
 #[derive(Debug)]
@@ -523,6 +530,9 @@ impl Decoder {
                         16,
                     )
                     .map_err(|_| bad("invalid chunk size"))?;
+                    if size > MAX_CHUNK_BYTES {
+                        return Err(bad("chunk size past the largest file"));
+                    }
                     read.advance(end + 2);
                     *self = if size == 0 {
                         Decoder::Trailers(0)
@@ -582,6 +592,7 @@ impl Decoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn head(bytes: &[u8], method: &Method) -> Result<Option<Head>, ExchangeError> {
         parse(&mut BytesMut::from(bytes), method, &mut 0)
@@ -762,6 +773,83 @@ mod tests {
             decode(Framing::Chunked, b"2;a=\"b\tc\"\r\nok\r\n0\r\n\r\n").unwrap(),
             b"ok"
         );
+    }
+
+    /// docs/internal-api.md, "Connections": a chunk size past
+    /// [`MAX_CHUNK_BYTES`] (the largest file, so no archive's) fails the
+    /// body where it stands, as a cut body does: the proxy does not wait
+    /// for bytes that never come. (`ffffffffffffffff` was a chunk, and the
+    /// body ended only at the upstream's silence bound.)
+    #[test]
+    fn a_chunk_size_past_the_largest_file_is_refused() {
+        let largest = format!("{MAX_CHUNK_BYTES:x}\r\nabc");
+        assert_eq!(
+            decode(Framing::Chunked, largest.as_bytes())
+                .unwrap_err()
+                .kind(),
+            io::ErrorKind::UnexpectedEof,
+            "a chunk of 2^63 - 1 bytes is a chunk: more is needed"
+        );
+        for size in ["8000000000000000", "ffffffffffffffff", "FFFFFFFFFFFFFFFF"] {
+            let body = format!("{size}\r\nabc");
+            let error = decode(Framing::Chunked, body.as_bytes()).unwrap_err();
+            assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{size}: {error}");
+        }
+    }
+
+    /// The same through a socket: an upstream that announces a chunk of
+    /// 2^64 - 1 bytes, sends three and holds its connection open gets the
+    /// body failed at once, before the first of those bytes is handed
+    /// out (the caller aborts the client's download, as for a cut).
+    #[tokio::test]
+    async fn a_chunk_past_the_largest_file_fails_at_once_on_a_held_connection() {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                assert_eq!(stream.read(&mut byte).unwrap(), 1, "a whole head");
+                head.push(byte[0]);
+            }
+            stream
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+                      ffffffffffffffff\r\nabc",
+                )
+                .unwrap();
+            // Held open (and silent) until the proxy closes it.
+            let _ = stream.read(&mut byte);
+        });
+        let stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let mut wire = Wire::new(WindowedIo::new(TokioIo::new(stream)));
+        let mut request = http::Request::new(());
+        *request.uri_mut() = http::Uri::from_static("/acme/widget/archive/main.tar");
+        let head = wire.exchange(&request).await.expect("the head");
+        assert_eq!(head.framing, Framing::Chunked);
+        let mut decoder = Decoder::new(head.framing);
+        let mut handed_out = 0;
+        let ended = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match std::future::poll_fn(|cx| decoder.poll_data(&mut wire, cx)).await {
+                    Ok(Some(chunk)) => handed_out += chunk.len(),
+                    Ok(None) => return Ok(()),
+                    Err(error) => return Err(error),
+                }
+            }
+        })
+        .await
+        .expect("the body of a chunk of 2^64 - 1 bytes was waited for");
+        let error = ended.expect_err("the body ended cleanly");
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{error}");
+        assert_eq!(
+            handed_out, 0,
+            "bytes of the impossible chunk were handed out"
+        );
+        drop(wire);
+        server.join().unwrap();
     }
 
     #[test]

@@ -583,6 +583,14 @@ mod tests {
                 ),
             ),
             (
+                &api,
+                "internal-api.md",
+                format!(
+                    "chunk size is over 2^{} - 1 bytes",
+                    (exchange::MAX_CHUNK_BYTES + 1).trailing_zeros()
+                ),
+            ),
+            (
                 &proxy,
                 "proxy.md",
                 format!(
