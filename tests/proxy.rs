@@ -3067,19 +3067,27 @@ fn an_upstream_silent_midway_aborts_the_download_after_the_header_timeout() {
 }
 
 /// docs/internal-api.md, "Connections": a fault in a chunked upstream body
-/// that the proxy can tell as it comes (here a chunk of 2^64 - 1 bytes,
-/// past the largest file and so no archive's) aborts the client's download
-/// at once, while the upstream holds its connection open and silent: not
-/// after `--header-timeout` of silence, nor with a clean end. (The chunk
-/// was taken, and the download waited for its bytes until the silence
-/// bound.)
+/// that the proxy can tell as it comes (a chunk of 2^64 - 1 bytes, past
+/// the largest file and so no archive's; a trailer that is no header
+/// field) aborts the client's download at once, while the upstream holds
+/// its connection open and silent: not after `--header-timeout` of
+/// silence, nor with a clean end. (The chunk was taken, and the download
+/// waited for its bytes until the silence bound; the trailers were taken
+/// unchecked, and the download ended cleanly.)
 #[test]
 fn a_fault_in_a_chunked_upstream_body_aborts_the_download_at_once() {
     use std::io::Write;
-    let cases: [(&str, &'static [u8]); 1] = [(
-        "a chunk of 2^64 - 1 bytes",
-        b"ffffffffffffffff\r\nnever all of it",
-    )];
+    let cases: [(&str, &'static [u8]); 3] = [
+        (
+            "a chunk of 2^64 - 1 bytes",
+            b"ffffffffffffffff\r\nnever all of it",
+        ),
+        ("a NUL in a trailer", b"0\r\nX-Trailer: a\0b\r\n\r\n"),
+        (
+            "a trailer line that is no header field",
+            b"0\r\nno colon here\r\n\r\n",
+        ),
+    ];
     for (case, fault) in cases {
         let sandbox = Sandbox::new();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");

@@ -396,6 +396,25 @@ fn framing(
     })
 }
 
+/// Whether `line` (without its CR LF) is a header field: a name of token
+/// characters, a colon and a value without a control byte but a tab (RFC
+/// 9110's field-value; obs-text is let through, as httparse does). A bare
+/// LF is refused too, not taken for a line's end as httparse would: as in
+/// a chunk-size line, a lenient reader would frame the body otherwise.
+fn is_field_line(line: &[u8]) -> bool {
+    let Some(colon) = line.iter().position(|&byte| byte == b':') else {
+        return false;
+    };
+    let (name, value) = (&line[..colon], &line[colon + 1..]);
+    !name.is_empty()
+        && name
+            .iter()
+            .all(|&byte| byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte))
+        && value
+            .iter()
+            .all(|&byte| !byte.is_ascii_control() || byte == b'\t')
+}
+
 /// Whether a comma-separated header value holds `token` (any case).
 fn has_token(value: &[u8], token: &[u8]) -> bool {
     value
@@ -414,8 +433,12 @@ pub enum Decoder {
     ChunkData(u64),
     /// The CR LF after a chunk's data.
     ChunkEnd,
-    /// The trailer section after the last chunk, and how much of it was read.
-    Trailers(usize),
+    /// The trailer section after the last chunk: the bytes and lines of it
+    /// read.
+    Trailers {
+        bytes: usize,
+        lines: usize,
+    },
     /// To the connection's end.
     Close,
     Done,
@@ -535,7 +558,7 @@ impl Decoder {
                     }
                     read.advance(end + 2);
                     *self = if size == 0 {
-                        Decoder::Trailers(0)
+                        Decoder::Trailers { bytes: 0, lines: 0 }
                     } else {
                         Decoder::ChunkData(size)
                     };
@@ -561,19 +584,31 @@ impl Decoder {
                     read.advance(2);
                     *self = Decoder::ChunkSize;
                 }
-                Decoder::Trailers(taken) => {
+                Decoder::Trailers { bytes, lines } => {
                     let Some(end) = read.windows(2).position(|pair| pair == b"\r\n") else {
-                        if *taken + read.len() > MAX_TRAILER_BYTES {
+                        if *bytes + read.len() > MAX_TRAILER_BYTES {
                             return Err(bad("trailers too large"));
                         }
                         return Ok(None);
                     };
+                    // Each line a header field, at most MAX_HEADERS of
+                    // them, as hyper's client took trailers (httparse's
+                    // rules for a head's fields, and its header count).
+                    if end != 0 {
+                        if !is_field_line(&read[..end]) {
+                            return Err(bad("invalid trailer line"));
+                        }
+                        if *lines == MAX_HEADERS {
+                            return Err(bad("too many trailer lines"));
+                        }
+                    }
                     read.advance(end + 2);
                     if end == 0 {
                         *self = Decoder::Done;
                     } else {
-                        *taken += end + 2;
-                        if *taken > MAX_TRAILER_BYTES {
+                        *bytes += end + 2;
+                        *lines += 1;
+                        if *bytes > MAX_TRAILER_BYTES {
                             return Err(bad("trailers too large"));
                         }
                     }
@@ -850,6 +885,52 @@ mod tests {
         );
         drop(wire);
         server.join().unwrap();
+    }
+
+    /// docs/internal-api.md, "Connections": each trailer line is a header
+    /// field (a token, a colon, a value with no control byte but a tab)
+    /// and there are at most [`MAX_HEADERS`] of them, as hyper's client
+    /// required (its decoder handed the trailer section to httparse and
+    /// failed the body on an invalid line or past its header count). They
+    /// were taken unchecked: a NUL, a lone CR or a bare LF in a trailer
+    /// ended the body cleanly.
+    #[test]
+    fn a_trailer_that_is_no_header_field_is_refused() {
+        let body = |trailers: &str| format!("2\r\nok\r\n0\r\n{trailers}\r\n");
+        for good in ["", "Trailer: x\r\n", "X-A: b\tc\r\nX-B:\r\nX-C: \u{e9}\r\n"] {
+            assert_eq!(
+                decode(Framing::Chunked, body(good).as_bytes()).unwrap(),
+                b"ok",
+                "{good:?}"
+            );
+        }
+        let many = "X-A: b\r\n".repeat(MAX_HEADERS);
+        assert_eq!(
+            decode(Framing::Chunked, body(&many).as_bytes()).unwrap(),
+            b"ok"
+        );
+        let too_many = "X-A: b\r\n".repeat(MAX_HEADERS + 1);
+        for bad in [
+            "X-A: b\0c\r\n",
+            "X-A: b\rc\r\n",
+            "X-A: b\nX-B: c\r\n",
+            "X-A: b\x7f\r\n",
+            "X-A: b\x1b\r\n",
+            "no colon\r\n",
+            ": no name\r\n",
+            "X A: b\r\n",
+            "X-A : b\r\n",
+            "X-A: b\r\n folded\r\n",
+            &too_many,
+        ] {
+            let error = decode(Framing::Chunked, body(bad).as_bytes()).unwrap_err();
+            assert_eq!(
+                error.kind(),
+                io::ErrorKind::InvalidData,
+                "{:?}: {error}",
+                bad.get(..40).unwrap_or(bad)
+            );
+        }
     }
 
     #[test]
