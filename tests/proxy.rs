@@ -2788,12 +2788,14 @@ fn an_upstream_body_whose_end_cannot_be_told_from_a_cut_is_a_bad_gateway() {
 /// other than `chunked` alone makes a body close-delimited (RFC 9112,
 /// section 6.3) whatever its `Content-Length`, and had been passed on with
 /// a clean end after a cut; a coded body would reach the client still
-/// coded; a `Content-Length` list got the client an empty reply; and a
+/// coded; a `Content-Length` list got the client an empty reply; a length
+/// past the largest file (2^63 - 1 bytes) is no archive's, and had been
+/// passed on, the download then waiting for bytes that never come; and a
 /// status past 599 is no HTTP status.
 #[test]
 fn an_upstream_framing_other_than_one_length_or_chunked_alone_is_a_bad_gateway() {
     let sandbox = Sandbox::new();
-    let cases: [(&str, &'static [u8]); 6] = [
+    let cases: [(&str, &'static [u8]); 7] = [
         (
             "identity beside a length, cut",
             b"HTTP/1.1 200 OK\r\nETag: \"c0ffee-tar\"\r\nTransfer-Encoding: identity\r\n\
@@ -2817,6 +2819,11 @@ fn an_upstream_framing_other_than_one_length_or_chunked_alone_is_a_bad_gateway()
         (
             "a list of lengths",
             b"HTTP/1.1 200 OK\r\nETag: \"c0ffee-tar\"\r\nContent-Length: 5, 5\r\n\r\nbytes",
+        ),
+        (
+            "a length past the largest file",
+            b"HTTP/1.1 200 OK\r\nETag: \"c0ffee-tar\"\r\n\
+              Content-Length: 18446744073709551615\r\n\r\nbytes",
         ),
         (
             "status 600",

@@ -14,8 +14,9 @@
 //! other than `101` are skipped; a `HEAD`'s answer, a `204`, a `304` and a
 //! `101` have no body; `Transfer-Encoding` on an HTTP/1.0 response, a
 //! `Content-Length` that is not one number (a list of one number
-//! repeated is that number) and a head over [`MAX_HEAD_BYTES`] are
-//! errors; a body framed by a coding other than `chunked` last, or by
+//! repeated is that number) or is over [`MAX_BODY_BYTES`], and a head
+//! over [`MAX_HEAD_BYTES`] are errors; a body framed by a coding other
+//! than `chunked` last, or by
 //! neither header, runs to the connection's end (which `forward::framed`
 //! refuses to pass on). A connection is used again only after an
 //! HTTP/1.1 answer without `Connection: close`, framed by length or
@@ -48,12 +49,12 @@ pub(crate) const MIN_READ_ROOM: usize = 16 * 1024;
 const MAX_CHUNK_LINE_BYTES: usize = 4096;
 const MAX_TRAILER_BYTES: usize = 16 * 1024;
 
-/// The largest chunk: the largest file offset (`off_t`, 2^63 - 1 bytes).
-/// An archive is a file the archiver serves from its cache, so a larger
-/// chunk cannot be one's; the proxy would wait for bytes that never come
-/// until the upstream's silence ends the download. nginx refuses the same
-/// chunk sizes.
-pub(crate) const MAX_CHUNK_BYTES: u64 = i64::MAX as u64;
+/// The largest body length or chunk: the largest file offset (`off_t`,
+/// 2^63 - 1 bytes). An archive is a file the archiver serves from its
+/// cache, so a larger length cannot be one's; the proxy would wait for
+/// bytes that never come until the upstream's silence ends the download.
+/// nginx refuses the same chunk sizes and lengths.
+pub(crate) const MAX_BODY_BYTES: u64 = i64::MAX as u64;
 
 /// An upstream connection: its socket (with its receive window) and what
 /// was read from it and not yet handed out.
@@ -385,7 +386,9 @@ fn framing(
             let parsed = (!part.is_empty() && part.iter().all(u8::is_ascii_digit))
                 .then(|| std::str::from_utf8(part).ok()?.parse::<u64>().ok())
                 .flatten()
-                .filter(|&parsed| length.is_none_or(|length| length == parsed))
+                .filter(|&parsed| {
+                    parsed <= MAX_BODY_BYTES && length.is_none_or(|length| length == parsed)
+                })
                 .ok_or_else(|| invalid("invalid content-length"))?;
             length = Some(parsed);
         }
@@ -553,7 +556,7 @@ impl Decoder {
                         16,
                     )
                     .map_err(|_| bad("invalid chunk size"))?;
-                    if size > MAX_CHUNK_BYTES {
+                    if size > MAX_BODY_BYTES {
                         return Err(bad("chunk size past the largest file"));
                     }
                     read.advance(end + 2);
@@ -717,12 +720,18 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: \r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n",
+            // Past the largest file (2^63 - 1), and up to u64's end.
+            b"HTTP/1.1 200 OK\r\nContent-Length: 9223372036854775808\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 18446744073709551615\r\n\r\n",
             b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"HTTP/1.1 2000 OK\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n",
         ] {
             assert!(framing_of(bad).is_err(), "{}", String::from_utf8_lossy(bad));
         }
+        let largest =
+            framing_of(b"HTTP/1.1 200 OK\r\nContent-Length: 9223372036854775807\r\n\r\n").unwrap();
+        assert_eq!(largest.framing, Framing::Length(MAX_BODY_BYTES));
         let old = framing_of(b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n").unwrap();
         assert!(!old.keep_alive, "an HTTP/1.0 connection is not kept");
         let closing = framing_of(
@@ -811,13 +820,13 @@ mod tests {
     }
 
     /// docs/internal-api.md, "Connections": a chunk size past
-    /// [`MAX_CHUNK_BYTES`] (the largest file, so no archive's) fails the
+    /// [`MAX_BODY_BYTES`] (the largest file, so no archive's) fails the
     /// body where it stands, as a cut body does: the proxy does not wait
     /// for bytes that never come. (`ffffffffffffffff` was a chunk, and the
     /// body ended only at the upstream's silence bound.)
     #[test]
     fn a_chunk_size_past_the_largest_file_is_refused() {
-        let largest = format!("{MAX_CHUNK_BYTES:x}\r\nabc");
+        let largest = format!("{MAX_BODY_BYTES:x}\r\nabc");
         assert_eq!(
             decode(Framing::Chunked, largest.as_bytes())
                 .unwrap_err()

@@ -587,7 +587,7 @@ mod tests {
                 "internal-api.md",
                 format!(
                     "chunk size is over 2^{} - 1 bytes",
-                    (exchange::MAX_CHUNK_BYTES + 1).trailing_zeros()
+                    (exchange::MAX_BODY_BYTES + 1).trailing_zeros()
                 ),
             ),
             (
