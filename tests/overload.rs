@@ -771,3 +771,281 @@ fn the_default_connection_cap_follows_the_fd_limit() {
         proxy.log()
     );
 }
+
+/// The second and third client addresses of the per-client tests: all of
+/// 127.0.0.0/8 is this host, and a socket bound to another address of it
+/// is another client to the services.
+fn client(last_octet: u8) -> std::net::IpAddr {
+    std::net::IpAddr::from([127, 0, 0, last_octet])
+}
+
+/// `GET target` with `Connection: close` from `source`; the whole answer.
+fn fetch_from(
+    source: std::net::IpAddr,
+    addr: SocketAddr,
+    target: &str,
+) -> gitball_e2e::proxy::Fetched {
+    let mut connection = RawConnection::connect_from(source, addr).expect("connect");
+    connection
+        .send_request("GET", target, &[("Connection", "close")])
+        .expect("send");
+    let head = connection.read_head().expect("an answer");
+    let mut body = Vec::new();
+    let end = connection.read_body_to_end(|chunk| body.extend_from_slice(chunk));
+    gitball_e2e::proxy::Fetched { head, body, end }
+}
+
+/// Opens `count` connections from `source`, each served one `/healthz`
+/// at its first try and kept alive: each is counted once its answer is in.
+fn hold_connections_from(
+    source: std::net::IpAddr,
+    addr: SocketAddr,
+    count: usize,
+) -> Vec<RawConnection> {
+    (0..count)
+        .map(|index| {
+            let mut connection = RawConnection::connect_from(source, addr).expect("connect");
+            connection
+                .send_request("GET", "/healthz", &[])
+                .expect("send");
+            let head = connection.read_head().expect("an answer");
+            assert_eq!(
+                head.status, 200,
+                "connection {index} of {count} from {source}, within its cap, was refused"
+            );
+            connection.read_body_bytes(16).expect("body");
+            connection
+        })
+        .collect()
+}
+
+/// The clients with a connection counted now, from a scrape on an exempt
+/// address (127.0.0.1).
+fn counted_clients(service: &Service, prefix: &str) -> f64 {
+    service
+        .metrics()
+        .value(&format!("{prefix}_connections_clients"), &[])
+}
+
+/// `docs/archiver.md#connections-and-file-descriptors`: one client at its
+/// `--max-connections-per-client` gets `429 too_many_connections` at once
+/// (`Retry-After`, `Connection: close`), and another client is still
+/// served; so is an exempt peer. On the archiver, the proxy, and the
+/// proxy in embedded mode.
+#[test]
+fn a_client_at_its_connection_cap_is_refused_while_another_is_served() {
+    raise_own_nofile();
+    let cap = [
+        "--max-connections-per-client",
+        "2",
+        "--max-connections-per-client-exempt",
+        "127.0.0.1",
+    ];
+    let archiver = Archiver::start(
+        repos(),
+        &[&cap[..], &["--admin-listen", "127.0.0.1:0"]].concat(),
+    );
+    let admin = gitball_e2e::listen_address(&archiver.log(), "admin listener serving")
+        .expect("the admin listener's address");
+    {
+        // The admin listener has no cap per client: a client at its cap
+        // on the service's listener is still scraped there.
+        let _held = hold_connections_from(client(2), archiver.addr, 2);
+        for _ in 0..3 {
+            assert_eq!(fetch_from(client(2), admin, "/metrics").status(), 200);
+        }
+        assert_eq!(
+            fetch_from(client(2), archiver.addr, "/healthz").status(),
+            429
+        );
+    }
+    assert!(
+        wait_until(SETTLE, || counted_clients(&archiver, "gitball_archiver")
+            == 0.0),
+        "the closed connections are still counted"
+    );
+    assert_per_client_cap(&archiver, "gitball_archiver");
+    let (proxy, _routes) = proxy_to(&archiver.base_url, &cap, None);
+    assert_per_client_cap(&proxy, "gitball_proxy");
+    let cache = Sandbox::new();
+    let embedded = Proxy::embedded(repos(), &cache.path("cache"), &cap);
+    assert_per_client_cap(&embedded, "gitball_proxy");
+    // A download from the other client, through the proxy whose
+    // connections the archiver does not count.
+    assert_eq!(
+        fetch_from(client(3), embedded.addr, ARCHIVE_PATH).status(),
+        200
+    );
+    assert_eq!(
+        fetch_from(client(3), proxy.addr, ARCHIVE_PATH).status(),
+        200
+    );
+}
+
+fn assert_per_client_cap(service: &Service, prefix: &str) {
+    let held = hold_connections_from(client(2), service.addr, 2);
+    let started = Instant::now();
+    let refused = fetch_from(client(2), service.addr, "/healthz");
+    assert_eq!(refused.status(), 429, "{}", refused.text());
+    assert_eq!(refused.error_code(), "too_many_connections");
+    assert_eq!(refused.header("retry-after"), "5");
+    assert_eq!(refused.header("connection"), "close");
+    assert_eq!(refused.header("content-type"), "application/json");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the refusal took {:?}",
+        started.elapsed()
+    );
+    // Another client, and an exempt peer, are served meanwhile.
+    assert_eq!(
+        fetch_from(client(3), service.addr, "/healthz").status(),
+        200
+    );
+    assert_eq!(fetch(service.addr, "/healthz").status(), 200);
+    let metrics = service.metrics();
+    assert_eq!(
+        metrics.value(&format!("{prefix}_connections_per_client_max"), &[]),
+        2.0
+    );
+    assert!(
+        metrics.value(
+            &format!("{prefix}_connections_rejected_total"),
+            &[("reason", "max_connections_per_client")]
+        ) >= 1.0
+    );
+    assert_eq!(
+        metrics.value(
+            &format!("{prefix}_connections_rejected_total"),
+            &[("reason", "max_connections")]
+        ),
+        0.0
+    );
+    assert!(
+        wait_until(SETTLE, || service
+            .log()
+            .contains("refusing a client's connections with 429")),
+        "the refusal was not logged:\n{}",
+        service.log()
+    );
+    drop(held);
+    assert!(
+        wait_until(SETTLE, || counted_clients(service, prefix) == 0.0),
+        "the closed connections are still counted"
+    );
+}
+
+/// No leak: a client that opens its cap of connections and closes them,
+/// over and over, has its whole cap each time, and the table of clients is
+/// empty once their connections are closed.
+#[test]
+fn a_clients_closed_connections_give_its_whole_cap_back() {
+    raise_own_nofile();
+    const CAP: usize = 3;
+    let archiver = Archiver::start(
+        repos(),
+        &[
+            "--max-connections-per-client",
+            "3",
+            "--max-connections-per-client-exempt",
+            "127.0.0.1",
+        ],
+    );
+    for round in 0..20 {
+        // The server has seen every earlier connection of the client close.
+        assert!(
+            wait_until(SETTLE, || counted_clients(&archiver, "gitball_archiver")
+                == 0.0),
+            "round {round}: closed connections are still counted"
+        );
+        let held = hold_connections_from(client(2), archiver.addr, CAP);
+        // Counted every time: one past the cap is refused.
+        assert_eq!(
+            fetch_from(client(2), archiver.addr, "/healthz").status(),
+            429,
+            "round {round}"
+        );
+        drop(held);
+        assert!(
+            wait_until(SETTLE, || counted_clients(&archiver, "gitball_archiver")
+                == 0.0),
+            "round {round}: the closed connections are still counted"
+        );
+        // And one the server closes itself, after a `Connection: close`.
+        assert_eq!(
+            fetch_from(client(2), archiver.addr, "/healthz").status(),
+            200,
+            "round {round}"
+        );
+    }
+    let metrics = archiver.metrics();
+    assert_eq!(
+        metrics.value(
+            "gitball_archiver_connections_rejected_total",
+            &[("reason", "max_connections_per_client")]
+        ),
+        20.0
+    );
+}
+
+/// The proxy in front of an archiver is a front, not a client: its pooled
+/// connections to the archiver, one per download under way, are not
+/// counted against one client at the archiver, while a client reaching
+/// the archiver directly is held to the cap.
+#[test]
+fn a_proxys_connections_to_its_archiver_are_not_counted_as_one_client() {
+    raise_own_nofile();
+    const DOWNLOADS: usize = 5;
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "widget");
+    gitball_e2e::proxy::small_repository(&repo);
+    let (git, mut release) = sandbox.git_that_pauses("git-that-waits", 0);
+    let archiver = Archiver::start(
+        &sandbox.repos(),
+        &[
+            "--max-connections-per-client",
+            "2",
+            // The proxy's address, as an operator lists its proxies.
+            "--max-connections-per-client-exempt",
+            "127.0.0.1",
+            "--git",
+            git.to_str().unwrap(),
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let admin = gitball_e2e::listen_address(&archiver.log(), "admin listener serving")
+        .expect("the admin listener's address");
+    let (proxy, _routes) = proxy_to(&archiver.base_url, &[], None);
+    std::thread::scope(|scope| {
+        let downloads: Vec<_> = (0..DOWNLOADS)
+            .map(|_| {
+                scope.spawn(|| fetch_from(client(2), proxy.addr, "/acme/widget/archive/main.tar"))
+            })
+            .collect();
+        // Every download waits on the one generation git holds, each on a
+        // connection of the proxy to the archiver (scraped on the admin
+        // listener, whose connections are not counted).
+        let all_open = wait_until(SETTLE, || {
+            scrape(admin).value("gitball_archiver_connections_open", &[]) >= DOWNLOADS as f64
+        });
+        // Meanwhile a client of the archiver's own is held to its cap.
+        let direct = hold_connections_from(client(2), archiver.addr, 2);
+        let refused = fetch_from(client(2), archiver.addr, "/healthz").status();
+        drop(direct);
+        release.write_all(b"go\n").expect("release the generation");
+        let statuses: Vec<u16> = downloads
+            .into_iter()
+            .map(|download| download.join().expect("answered").status())
+            .collect();
+        assert_eq!(statuses, vec![200; DOWNLOADS]);
+        assert!(all_open, "the downloads did not all reach the archiver");
+        assert_eq!(refused, 429);
+    });
+    assert_eq!(
+        scrape(admin).value(
+            "gitball_archiver_connections_rejected_total",
+            &[("reason", "max_connections_per_client")]
+        ),
+        1.0
+    );
+}

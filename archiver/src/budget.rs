@@ -24,7 +24,7 @@
 //!   for free.
 //! - Time is tokio's clock, so the tests run on a paused clock.
 
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -76,20 +76,9 @@ pub fn parse_rate(text: &str) -> Result<Rate, String> {
     })
 }
 
-/// Who a budget belongs to: an IPv4 address, or an IPv6 `/64` (an
-/// IPv4-mapped IPv6 address is its IPv4 address).
-pub fn client_key(address: IpAddr) -> IpAddr {
-    match address {
-        IpAddr::V4(_) => address,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
-                IpAddr::V6(Ipv6Addr::from(prefix))
-            }
-        },
-    }
-}
+/// Who a budget belongs to: an IPv4 address, or an IPv6 `/64`, the key
+/// every per-client rule uses.
+pub use gitball_core::client::client_key;
 
 /// One client's bucket.
 #[derive(Clone, Copy, Debug)]

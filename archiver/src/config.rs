@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser};
+use gitball_core::client::Nets;
 use gitball_core::log::LogFormat;
 use gitball_core::units::{parse_positive_seconds, parse_seconds, parse_size};
 use gitball_core::url::{Format, parse_formats};
@@ -134,6 +135,19 @@ pub struct ArchiveOptions {
     #[arg(long, env = "GITBALL_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..))]
     pub max_connections: Option<u64>,
 
+    /// Connections one client (an address, an IPv6 /64) holds at once; past it the client's new
+    /// connection gets 429 + Retry-After and is closed, while other clients are served. 0: no cap
+    /// per client. Default: --max-connections / 8, at least 64; on an archiver with --token-file, 0
+    /// (only proxies, which hold the token, download from it).
+    #[arg(long, env = "GITBALL_MAX_CONNECTIONS_PER_CLIENT")]
+    pub max_connections_per_client: Option<u64>,
+
+    /// Peers not counted by --max-connections-per-client, as CIDR[,CIDR...] (a bare address is its
+    /// own /32 or /128): fronts whose connections carry other clients (proxies, a load balancer).
+    /// Default: loopback (127.0.0.0/8, ::1); the proxy adds its --trusted-proxies.
+    #[arg(long, env = "GITBALL_MAX_CONNECTIONS_PER_CLIENT_EXEMPT", value_parser = gitball_core::client::parse_nets)]
+    pub max_connections_per_client_exempt: Option<Nets>,
+
     /// Log line format.
     #[arg(long, env = "GITBALL_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -188,6 +202,26 @@ impl ArchiveOptions {
                 fds_per_connection,
             ),
         }
+    }
+
+    /// The connection cap per client (see `--max-connections-per-client`)
+    /// under a cap of `max_connections`: the flag, else its default, which
+    /// is 0 (none) when `token_only` (an archiver with `--token-file`,
+    /// whose clients are the proxies holding the token).
+    pub fn max_connections_per_client(&self, max_connections: usize, token_only: bool) -> usize {
+        match self.max_connections_per_client {
+            Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
+            None if token_only => 0,
+            None => gitball_core::limits::default_max_connections_per_client(max_connections),
+        }
+    }
+
+    /// The peers `--max-connections-per-client` does not count: the flag,
+    /// else loopback.
+    pub fn max_connections_per_client_exempt(&self) -> Nets {
+        self.max_connections_per_client_exempt
+            .clone()
+            .unwrap_or_else(Nets::loopback)
     }
 
     pub fn max_generations(&self) -> usize {

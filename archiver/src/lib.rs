@@ -195,6 +195,12 @@ pub async fn run(
         max_connections,
         limits::FDS_PER_CONNECTION_ARCHIVER,
     );
+    let max_connections_per_client =
+        options.max_connections_per_client(max_connections, app.token.is_some());
+    let per_client = server::PerClient {
+        max: max_connections_per_client,
+        fronts: options.max_connections_per_client_exempt(),
+    };
     let workers = server::serving_threads();
     let listen = listener.local_addr()?;
     // Requests are served on one single-threaded runtime per CPU: a cache
@@ -211,9 +217,18 @@ pub async fn run(
         workers,
         server::Connections::new(max_connections, "gitball_archiver")
             .with_cut(cut.clone())
-            .with_tcp_congestion(options.tcp_congestion.as_deref()),
+            .with_tcp_congestion(options.tcp_congestion.as_deref())
+            .with_per_client(per_client),
         "gitball-archiver",
-        || tracing::info!(%listen, workers, max_connections, "gitball-archiver serving"),
+        || {
+            tracing::info!(
+                %listen,
+                workers,
+                max_connections,
+                max_connections_per_client,
+                "gitball-archiver serving"
+            )
+        },
     )
     .await?;
     match drain {

@@ -5,6 +5,8 @@
 //!
 //! - [`url`]: the archive URL grammar, formats and archive naming
 //!   (`docs/urls.md`);
+//! - [`client`]: who a client is (an address, an IPv6 `/64`) for the
+//!   rules kept per client, and address ranges for flags;
 //! - [`server`]: the hardened HTTP/1 accept loop (head timeout and size
 //!   limits, TCP keepalive, write-stall guard, bounded graceful drain);
 //! - [`limits`]: the fd limit (raised to the hard one at start) and the
@@ -21,6 +23,7 @@
 //! - [`slots`]: a fixed number of places, taken without a lock;
 //! - [`docs`]: what unit tests use to hold `docs/`'s figures to the code.
 
+pub mod client;
 pub mod docs;
 pub mod limits;
 pub mod log;

@@ -93,6 +93,24 @@ pub fn default_max_connections(nofile: u64, fds_per_connection: u64) -> usize {
         .max(MIN_DEFAULT_MAX_CONNECTIONS)
 }
 
+/// The default `--max-connections-per-client` is `--max-connections`
+/// divided by this: one client (a crawler, a slowloris) holds at most an
+/// eighth of the process's connections, so it takes several clients
+/// misbehaving at once to fill them.
+pub const PER_CLIENT_SHARE_DIVISOR: usize = 8;
+/// The default `--max-connections-per-client` never goes below this, so
+/// that the CI jobs of a small office behind one NAT address are not
+/// refused under a small `--max-connections`.
+pub const MIN_DEFAULT_MAX_CONNECTIONS_PER_CLIENT: usize = 64;
+
+/// The default `--max-connections-per-client` under a cap of
+/// `max_connections`: [`PER_CLIENT_SHARE_DIVISOR`]th of it, at least
+/// [`MIN_DEFAULT_MAX_CONNECTIONS_PER_CLIENT`] (a cap at or above
+/// `max_connections` never refuses before the process's own does).
+pub fn default_max_connections_per_client(max_connections: usize) -> usize {
+    (max_connections / PER_CLIENT_SHARE_DIVISOR).max(MIN_DEFAULT_MAX_CONNECTIONS_PER_CLIENT)
+}
+
 /// Warns when `max_connections` connections, at `fds_per_connection` each,
 /// plus [`RESERVED_FDS`], do not fit under the fd limit: the process would
 /// run out of fds (failed accepts, failed cache opens or upstream
@@ -158,6 +176,14 @@ mod tests {
         assert_eq!(default_max_connections(1_024, 2), 384);
         // Never below the floor, even under the reserve.
         assert_eq!(default_max_connections(64, 2), MIN_DEFAULT_MAX_CONNECTIONS);
+    }
+
+    #[test]
+    fn the_default_cap_per_client_is_an_eighth_of_the_cap_with_a_floor() {
+        assert_eq!(default_max_connections_per_client(9_872), 1_234);
+        assert_eq!(default_max_connections_per_client(32_640), 4_080);
+        assert_eq!(default_max_connections_per_client(384), 64);
+        assert_eq!(default_max_connections_per_client(16), 64);
     }
 
     #[test]

@@ -48,6 +48,9 @@ pub mod code {
     /// connections already, or (proxy) it has no fd left to reach an
     /// upstream.
     pub const OVERLOADED: &str = "overloaded";
+    /// `429` + `Retry-After`: the client holds `--max-connections-per-client`
+    /// connections already.
+    pub const TOO_MANY_CONNECTIONS: &str = "too_many_connections";
     pub const INTERNAL: &str = "internal";
 
     // Archiver.

@@ -40,6 +40,11 @@
 //!   written by a task bounded in time (`REJECT_TIMEOUT`) and in number
 //!   (`MAX_REJECTIONS_IN_FLIGHT`; beyond that, one non-blocking write and
 //!   close);
+//! - a connection cap per client (`--max-connections-per-client`,
+//!   [`per_client`]): past it, a client's new connection is refused the
+//!   same way with a `429 too_many_connections`, so that one client cannot
+//!   hold every connection; peers that are fronts (a proxy, a load
+//!   balancer) are not counted;
 //! - accept errors (EMFILE, ENFILE, ENOBUFS, ENOMEM: resources run out)
 //!   back the loop off for `ACCEPT_BACKOFF` per failure, never a spin and
 //!   never an exit, and are logged at most once per
@@ -79,11 +84,14 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 mod head_lines;
+mod per_client;
 pub mod takeover;
 
 use crate::protocol::{RETRY_AFTER_SECONDS, code};
 use crate::response::json_error;
 use head_lines::{HeadLines, NeedsFullParse};
+pub use per_client::PerClient;
+use per_client::{Admission, PerClientLimit};
 use takeover::Takeover;
 
 /// The request head (line and headers) must arrive within this.
@@ -284,6 +292,9 @@ pub fn parse_congestion(name: &str) -> Result<String, String> {
 #[derive(Clone)]
 pub struct Connections {
     limit: Arc<ConnectionLimit>,
+    /// `None`: no cap per client (`--max-connections-per-client 0`, the
+    /// admin listener).
+    per_client: Option<Arc<PerClientLimit>>,
     cut: ShutdownCut,
     /// What a connection from a loopback peer gets (others: the host's
     /// default; [`PeerCongestion`]); `None`: every connection keeps the
@@ -320,8 +331,32 @@ impl Connections {
                 Some(metrics_prefix),
                 MAX_REJECTIONS_IN_FLIGHT,
             )),
+            per_client: None,
             cut: ShutdownCut::default(),
             loopback_congestion: Some(LOOPBACK_CONGESTION),
+        }
+    }
+
+    /// The same cap, with a cap per client (`--max-connections-per-client`;
+    /// `max` 0: none) that does not count the peers in `fronts`. Sets its
+    /// series: `{prefix}_connections_per_client_max`,
+    /// `{prefix}_connections_clients` and
+    /// `{prefix}_connections_rejected_total{reason="max_connections_per_client"}`.
+    pub fn with_per_client(self, per_client: PerClient) -> Connections {
+        let rejected = match self.limit.series {
+            Some(prefix) => {
+                let rejected = metrics::counter!(
+                    format!("{prefix}_connections_rejected_total"),
+                    "reason" => "max_connections_per_client"
+                );
+                rejected.absolute(0);
+                rejected
+            }
+            None => metrics::Counter::noop(),
+        };
+        Connections {
+            per_client: PerClientLimit::new(per_client, self.limit.series, rejected),
+            ..self
         }
     }
 
@@ -353,6 +388,8 @@ impl Connections {
                 None,
                 ADMIN_REJECTIONS_IN_FLIGHT,
             )),
+            // Its clients are a few probes and scrapers: no cap per client.
+            per_client: None,
             cut: ShutdownCut::default(),
             // Probes and scrapes: nothing to gain, the host's is kept.
             loopback_congestion: None,
@@ -402,6 +439,7 @@ pub async fn serve(
     let builders = Arc::new(Builders { lean, full });
     let Connections {
         limit,
+        per_client,
         cut,
         loopback_congestion,
     } = connections;
@@ -438,8 +476,30 @@ pub async fn serve(
         }
         // Reap finished connection tasks so the set does not grow.
         while connections.try_join_next().is_some() {}
+        // The client's own cap first: a client past it is told so (`429`),
+        // whether or not the process is full too.
+        let client_slot = match per_client
+            .as_ref()
+            .map(|cap| (cap, cap.try_acquire(peer.ip())))
+        {
+            Some((cap, Admission::Refused(client))) => {
+                limit.reject(stream, &cap.refusal, &cap.rejected);
+                if let Some(suppressed) = limit.client_refusals_log.note(Instant::now()) {
+                    tracing::warn!(
+                        %client,
+                        max_connections_per_client = cap.max(),
+                        suppressed,
+                        "refusing a client's connections with 429: --max-connections-per-client reached (suppressed: refusals not logged since the last line)"
+                    );
+                }
+                continue;
+            }
+            Some((_, Admission::Counted(slot))) => Some(slot),
+            Some((_, Admission::Uncounted)) | None => None,
+        };
         let Some(slot) = limit.try_acquire() else {
-            limit.reject(stream);
+            drop(client_slot);
+            limit.reject(stream, &limit.refusal, &limit.rejected);
             if let Some(suppressed) = limit.refusals_log.note(Instant::now()) {
                 match limit.series {
                     Some(_) => tracing::warn!(
@@ -519,6 +579,7 @@ pub async fn serve(
         connections.spawn(async move {
             // Released when the connection ends, however it ends.
             let _slot = slot;
+            let _client_slot = client_slot;
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "connection ended with an error");
             }
@@ -984,6 +1045,8 @@ struct ConnectionLimit {
     /// message is logged once per interval for the process.
     accept_errors_log: SharedLogEvery,
     refusals_log: SharedLogEvery,
+    /// Refusals at a client's cap (`per_client`).
+    client_refusals_log: SharedLogEvery,
 }
 
 /// One open connection's place under the cap; dropping it frees the place.
@@ -1023,6 +1086,7 @@ impl ConnectionLimit {
             refusal: overloaded_response().into(),
             accept_errors_log: SharedLogEvery::new(ACCEPT_ERROR_LOG_INTERVAL),
             refusals_log: SharedLogEvery::new(ACCEPT_ERROR_LOG_INTERVAL),
+            client_refusals_log: SharedLogEvery::new(ACCEPT_ERROR_LOG_INTERVAL),
         }
     }
 
@@ -1043,7 +1107,7 @@ impl ConnectionLimit {
         );
         metrics::describe_counter!(
             rejected_name.clone(),
-            "Connections refused with 503 at accept, by reason (max_connections)."
+            "Connections refused at accept, by reason: max_connections (503), max_connections_per_client (429)."
         );
         metrics::describe_counter!(
             errors_name.clone(),
@@ -1068,10 +1132,11 @@ impl ConnectionLimit {
         })
     }
 
-    /// Sends the `503` and closes, without ever making the loop wait.
-    fn reject(&self, stream: TcpStream) {
-        self.rejected.increment(1);
-        let refusal = self.refusal.clone();
+    /// Sends `refusal` (the `503`, or a client's `429`), counted in
+    /// `rejected`, and closes, without ever making the loop wait.
+    fn reject(&self, stream: TcpStream, refusal: &Arc<[u8]>, rejected: &metrics::Counter) {
+        rejected.increment(1);
+        let refusal = refusal.clone();
         match self.rejecting.clone().try_acquire_owned() {
             Ok(permit) => {
                 tokio::spawn(async move {

@@ -50,6 +50,11 @@ impl TrustedProxies {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// The ranges, as the accept loop's list of fronts takes them.
+    pub fn nets(&self) -> gitball_core::client::Nets {
+        gitball_core::client::Nets::from(self.0.clone())
+    }
 }
 
 /// An IPv4-mapped IPv6 address is its IPv4 address.

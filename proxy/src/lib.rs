@@ -93,6 +93,8 @@ pub struct Proxy {
     cut: server::ShutdownCut,
     /// `--max-connections`, or its default for this mode.
     max_connections: usize,
+    /// `--max-connections-per-client` and the peers it does not count.
+    per_client: server::PerClient,
     /// `--tcp-congestion`, if given (`server::Connections::with_tcp_congestion`).
     tcp_congestion: Option<String>,
     embedded: Option<Embedded>,
@@ -199,6 +201,9 @@ impl Proxy {
                 // downloads log as `shutdown`) does it drain, with nothing
                 // left to wait for but its idle connections.
                 options.shutdown_grace = EMBEDDED_GRACE_MARGIN;
+                // Its one client is this proxy, which counts its own
+                // clients' connections.
+                options.max_connections_per_client = Some(0);
                 let archiver_shutdown = CancellationToken::new();
                 // Stops the archiver if this start fails after here, or the
                 // `Proxy` is dropped unserved.
@@ -263,6 +268,18 @@ impl Proxy {
         if !trusted_proxies.is_empty() {
             tracing::info!(?trusted_proxies, "X-Forwarded-For is read from these peers");
         }
+        // A trusted proxy's connections carry its clients: it is a front,
+        // not counted as one client (docs/proxy.md, "Connections and file
+        // descriptors").
+        let per_client = server::PerClient {
+            max: config
+                .archiver
+                .max_connections_per_client(max_connections, false),
+            fronts: config
+                .archiver
+                .max_connections_per_client_exempt()
+                .union(&trusted_proxies.nets()),
+        };
 
         let health = Arc::new(Health::new(config.eject_for));
         let forwarder = Forwarder::new(
@@ -288,6 +305,7 @@ impl Proxy {
             grace: config.shutdown_grace(),
             cut,
             max_connections,
+            per_client,
             tcp_congestion: config.archiver.tcp_congestion.clone(),
             embedded,
         }))
@@ -339,9 +357,11 @@ impl Proxy {
         );
         let workers = server::serving_threads();
         let max_connections = self.max_connections;
+        let max_connections_per_client = self.per_client.max;
         let connections = server::Connections::new(max_connections, "gitball_proxy")
             .with_cut(self.cut)
-            .with_tcp_congestion(self.tcp_congestion.as_deref());
+            .with_tcp_congestion(self.tcp_congestion.as_deref())
+            .with_per_client(self.per_client);
         let drain = serve_on_threads(
             listener,
             &self.state,
@@ -349,7 +369,15 @@ impl Proxy {
             self.grace,
             workers,
             connections,
-            || tracing::info!(listen = %address, workers, max_connections, "gitball-proxy serving"),
+            || {
+                tracing::info!(
+                    listen = %address,
+                    workers,
+                    max_connections,
+                    max_connections_per_client,
+                    "gitball-proxy serving"
+                )
+            },
         )
         .await;
         match &drain {
