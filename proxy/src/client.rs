@@ -12,39 +12,23 @@
 
 use std::net::IpAddr;
 
+use gitball_core::client::{Nets, parse_nets};
 use http::HeaderMap;
-use ipnet::IpNet;
 
 const X_FORWARDED_FOR: &str = "x-forwarded-for";
 
 /// `--trusted-proxies`: peers whose `X-Forwarded-For` is believed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct TrustedProxies(Vec<IpNet>);
+pub struct TrustedProxies(Nets);
 
 /// Parses `CIDR[,CIDR…]`; a bare address is its own `/32` or `/128`.
 pub fn parse_trusted_proxies(text: &str) -> Result<TrustedProxies, String> {
-    let mut nets = Vec::new();
-    for item in text
-        .split(',')
-        .map(str::trim)
-        .filter(|item| !item.is_empty())
-    {
-        let net = match item.parse::<IpNet>() {
-            Ok(net) => net,
-            Err(_) => item
-                .parse::<IpAddr>()
-                .map(IpNet::from)
-                .map_err(|_| format!("{item:?} is not a CIDR range or an IP address"))?,
-        };
-        nets.push(net.trunc());
-    }
-    Ok(TrustedProxies(nets))
+    parse_nets(text).map(TrustedProxies)
 }
 
 impl TrustedProxies {
     pub fn contains(&self, address: IpAddr) -> bool {
-        let address = canonical(address);
-        self.0.iter().any(|net| net.contains(&address))
+        self.0.contains(address)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -52,8 +36,8 @@ impl TrustedProxies {
     }
 
     /// The ranges, as the accept loop's list of fronts takes them.
-    pub fn nets(&self) -> gitball_core::client::Nets {
-        gitball_core::client::Nets::from(self.0.clone())
+    pub fn nets(&self) -> &Nets {
+        &self.0
     }
 }
 
