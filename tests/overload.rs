@@ -1049,3 +1049,51 @@ fn a_proxys_connections_to_its_archiver_are_not_counted_as_one_client() {
         1.0
     );
 }
+
+/// `--max-connections-per-client` defaults to an eighth of
+/// `--max-connections` (at least 64) on both tiers; to 0 on an archiver
+/// with `--token-file` (only proxies download from it) and on the
+/// in-process archiver of embedded mode (its one peer is the proxy).
+#[test]
+fn the_default_cap_per_client_is_an_eighth_of_the_cap_and_off_where_only_proxies_connect() {
+    raise_own_nofile();
+    const HARD: u64 = 4_096;
+    let nofile = (LOGIN_SHELL_SOFT_NOFILE, HARD);
+    let per_client = |addr: SocketAddr, tier: &str| {
+        scrape(addr).value(&format!("gitball_{tier}_connections_per_client_max"), &[])
+    };
+    let eighth = ((HARD - 256) / 2 / 8) as f64;
+    let archiver = Archiver::start_with_nofile(repos(), &[], nofile);
+    assert_eq!(per_client(archiver.addr, "archiver"), eighth);
+    let (proxy, _routes) = proxy_to(&archiver.base_url, &[], Some(nofile));
+    assert_eq!(per_client(proxy.addr, "proxy"), eighth);
+
+    let sandbox = Sandbox::new();
+    let token = sandbox.path("upstream.token");
+    std::fs::write(&token, "s3cret\n").expect("token file");
+    let behind_token = Archiver::start(repos(), &["--token-file", token.to_str().unwrap()]);
+    assert_eq!(per_client(behind_token.addr, "archiver"), 0.0);
+    assert_eq!(
+        scrape(behind_token.addr).value("gitball_archiver_connections_clients", &[]),
+        0.0
+    );
+
+    let args: Vec<OsString> = vec![
+        "--repos".into(),
+        repos().into(),
+        "--cache-dir".into(),
+        sandbox.path("cache").into(),
+    ];
+    let embedded = Proxy::start_with_nofile(&args, Some(nofile));
+    // Of the embedded cap, (4,096 − 256) / 4.
+    assert_eq!(
+        per_client(embedded.addr, "proxy"),
+        ((HARD - 256) / 4 / 8) as f64,
+        "embedded"
+    );
+    assert_eq!(
+        per_client(embedded.addr, "archiver"),
+        0.0,
+        "the in-process archiver"
+    );
+}
