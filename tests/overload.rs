@@ -1097,3 +1097,35 @@ fn the_default_cap_per_client_is_an_eighth_of_the_cap_and_off_where_only_proxies
         "the in-process archiver"
     );
 }
+
+/// A slowloris is held to the cap too: a client is counted at the
+/// accept, before it sends a byte, so connections that send nothing take
+/// their client's places.
+#[test]
+fn connections_that_send_nothing_count_against_their_client() {
+    raise_own_nofile();
+    let archiver = Archiver::start(
+        repos(),
+        &[
+            "--max-connections-per-client",
+            "2",
+            "--max-connections-per-client-exempt",
+            "127.0.0.1",
+        ],
+    );
+    let silent: Vec<RawConnection> = (0..2)
+        .map(|_| RawConnection::connect_from(client(4), archiver.addr).expect("connect"))
+        .collect();
+    assert!(
+        wait_until(SETTLE, || counted_clients(&archiver, "gitball_archiver")
+            == 1.0),
+        "the silent connections were not counted"
+    );
+    let refused = fetch_from(client(4), archiver.addr, "/healthz");
+    assert_eq!(refused.status(), 429, "{}", refused.text());
+    assert_eq!(
+        fetch_from(client(3), archiver.addr, "/healthz").status(),
+        200
+    );
+    drop(silent);
+}
