@@ -2680,6 +2680,116 @@ fn a_header_timeout_beside_a_refused_connection_is_a_502_not_a_504() {
     assert_names_no_upstream(&answer, &[&silent, &format!("http://{refused}")]);
 }
 
+/// `docs/proxy.md#ejection`: when an ejection ends, one request tries the
+/// archiver in its place; the others try it after the healthy candidates
+/// until that request's attempt ends. An archiver that accepts connections
+/// and never answers (stopped, hung) therefore holds up one request per
+/// `--eject-for`. (Every request that came while the probe waited went to
+/// it first, and waited `--header-timeout` there too: a SIGSTOPped replica
+/// cost each of 32 clients 3 s per 4 s `--eject-for`.)
+#[test]
+fn a_hung_archiver_whose_ejection_ended_holds_up_one_request_not_all() {
+    const HEADER_TIMEOUT_SECONDS: u64 = 5;
+    const FOLLOWERS: usize = 4;
+    let sandbox = Sandbox::new();
+    // Its first connection is reset (ejected at once, no timeout to wait);
+    // every later one is accepted, reported, held open and never answered.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let hung = listener.local_addr().expect("address");
+    let (accepted, connections) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for (index, stream) in listener.incoming().enumerate() {
+            let Ok(stream) = stream else { return };
+            if index == 0 {
+                socket2::SockRef::from(&stream)
+                    .set_linger(Some(Duration::ZERO))
+                    .expect("linger");
+                drop(stream);
+            } else {
+                held.push(stream);
+            }
+            if accepted.send(index).is_err() {
+                return;
+            }
+        }
+    });
+    let healthy = scripted_upstream(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/x-tar\r\nConnection: close\r\n\
+          Content-Length: 2\r\n\r\nok",
+        2 + FOLLOWERS,
+    );
+    let routes = sandbox.path("routes.toml");
+    write_routes(
+        &routes,
+        &[Route::new(
+            "*",
+            &format!("http://{healthy}"),
+            &[&format!("http://{hung}")],
+        )],
+    );
+    let header_timeout = HEADER_TIMEOUT_SECONDS.to_string();
+    let proxy = Proxy::with_routes(
+        &routes,
+        &["--header-timeout", &header_timeout, "--eject-for", "1"],
+    );
+    let addr = proxy.addr;
+    let path = "/acme/widget/archive/main.tar";
+    let hung_url = format!("http://{hung}");
+    let ejected = || {
+        proxy
+            .scrape()
+            .get("gitball_proxy_upstream_ejected", &[("upstream", &hung_url)])
+    };
+
+    assert_eq!(fetch(addr, path).text(), "ok", "failed over at the reset");
+    assert_eq!(connections.recv_timeout(SETTLE), Ok(0));
+    assert_eq!(ejected(), Some(1.0), "ejected by the reset");
+    assert!(
+        wait_until(SETTLE, || ejected() == Some(0.0)),
+        "the ejection did not end"
+    );
+
+    // The first request after it tries the hung archiver, and waits.
+    let probe = std::thread::spawn(move || {
+        let started = Instant::now();
+        (fetch(addr, path).text(), started.elapsed())
+    });
+    assert_eq!(
+        connections.recv_timeout(SETTLE),
+        Ok(1),
+        "the first request after the ejection did not try the archiver"
+    );
+    // Meanwhile the others go to the healthy candidate at once.
+    for follower in 0..FOLLOWERS {
+        let started = Instant::now();
+        assert_eq!(fetch(addr, path).text(), "ok");
+        assert_eq!(
+            connections.try_recv(),
+            Err(std::sync::mpsc::TryRecvError::Empty),
+            "request {follower} after the probe also went to the hung archiver \
+             (answered after {:?})",
+            started.elapsed()
+        );
+    }
+    let (text, waited) = probe.join().expect("the probe");
+    assert_eq!(text, "ok", "the probe failed over");
+    assert!(
+        waited >= Duration::from_secs(HEADER_TIMEOUT_SECONDS),
+        "the probe waited {waited:?}"
+    );
+    assert_eq!(ejected(), Some(1.0), "ejected again by the probe's timeout");
+    let metrics = proxy.scrape();
+    assert_eq!(
+        metrics.value(
+            ATTEMPTS,
+            &[("upstream", &hung_url), ("outcome", "header_timeout")]
+        ),
+        1.0,
+        "one request waited for the hung archiver"
+    );
+}
+
 /// `docs/proxy.md#ejection`: any answer ends an ejection at once, except a
 /// busy `503` and a `500`, which say the archiver is up but not that this
 /// request went well there.

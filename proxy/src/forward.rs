@@ -67,7 +67,7 @@ use tokio::net::TcpStream;
 use crate::error::Error;
 use crate::pool::{Pool, PooledBody, SendError};
 use crate::routes::{Candidate, Role};
-use crate::upstream::Health;
+use crate::upstream::{Health, Trial};
 
 /// How long an idle pooled upstream connection is kept, and reused: half
 /// the archiver's keep-alive timeout (it closes a connection that sent no
@@ -438,8 +438,33 @@ impl Forwarder {
         let mut last_server_error: Option<(UpstreamResponse, Arc<str>)> = None;
         let mut timeouts = 0;
         let mut last_upstream = None;
-        for (index, candidate) in candidates.iter().enumerate() {
-            if index > 0 {
+        // Upstreams on probation that another request is probing: tried
+        // after the other candidates, as ejected ones are (`upstream`).
+        let mut later: Vec<&Candidate> = Vec::new();
+        let mut next = candidates.iter();
+        let mut deferred = 0;
+        loop {
+            let (candidate, _probe) = match next.next() {
+                Some(candidate) => match self.health.trial(&candidate.upstream) {
+                    Trial::Go(probe) => (candidate, probe),
+                    Trial::Later => {
+                        later.push(candidate);
+                        continue;
+                    }
+                },
+                None => match later.get(deferred) {
+                    Some(candidate) => {
+                        deferred += 1;
+                        // Its probe may be over by now: take it if free.
+                        match self.health.trial(&candidate.upstream) {
+                            Trial::Go(probe) => (*candidate, probe),
+                            Trial::Later => (*candidate, None),
+                        }
+                    }
+                    None => break,
+                },
+            };
+            if attempts > 0 {
                 crate::metrics::failover();
             }
             attempts += 1;

@@ -12,6 +12,17 @@
 //! all still tried, in their rendezvous order, and the client gets `503`
 //! only if all of them fail again.
 //!
+//! When an ejection ends the upstream is on *probation*: one request at a
+//! time tries it in its place ([`Health::trial`] hands out one
+//! [`Probe`]); meanwhile every other request tries it after the others, as
+//! while it was ejected. The probe's answer ends the probation, its failure
+//! ejects it again, and anything else (a busy `503`, its client gone, an
+//! earlier candidate's answer) lets the next request probe. Without it, an
+//! archiver that accepts connections and never answers (stopped, hung) had
+//! every request in flight when its ejection ended wait `--header-timeout`
+//! on it, each ejection over again (attack: a SIGSTOPped replica, 32
+//! clients, every one of them paid 3 s per `--eject-for` of 4 s).
+//!
 //! An archive that failed at its archiver (a `500`, or a body the archiver
 //! cut itself) is no failure of the archiver: one request for a broken or
 //! huge commit must not move everyone's traffic. But an archiver that is up
@@ -81,11 +92,59 @@ pub fn joined(headers: &http::HeaderMap) -> bool {
 /// ending whole in between, that eject it.
 pub const ARCHIVE_FAILURES_TO_EJECT: u32 = 5;
 
+/// Where an upstream that failed stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Standing {
+    /// Ejected until then: tried after every healthy candidate.
+    Ejected(Instant),
+    /// Its ejection ended, and no answer came since: one request at a time
+    /// tries it in its place (`probing`); the others after the rest. Kept
+    /// until an answer or a failure, or for `--eject-for` with no probe
+    /// (an upstream no route names any more is not kept for ever).
+    Probation { probing: bool, since: Instant },
+}
+
+impl Standing {
+    fn ejected_at(&self, now: Instant) -> bool {
+        matches!(self, Standing::Ejected(until) if *until > now)
+    }
+}
+
+/// The right to try an upstream on probation in its place: one at a time.
+/// Dropped (the attempt over, or its request gone) without an answer or a
+/// failure, it lets the next request probe.
+#[derive(Debug)]
+pub struct Probe {
+    health: Arc<Health>,
+    upstream: Arc<str>,
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        if let Some(Standing::Probation { probing, since }) =
+            self.health.lock().get_mut(&self.upstream)
+        {
+            *probing = false;
+            *since = Instant::now();
+        }
+    }
+}
+
+/// Whether a request may try an upstream now.
+#[derive(Debug)]
+pub enum Trial {
+    /// Yes; with the [`Probe`] when the upstream is on probation.
+    Go(Option<Probe>),
+    /// Not before the other candidates: another request is probing it.
+    Later,
+}
+
 #[derive(Debug)]
 pub struct Health {
     eject_for: Duration,
-    /// Ejected upstreams and when their ejection ends.
-    ejected: Mutex<HashMap<Arc<str>, Instant>>,
+    /// Ejected upstreams and when their ejection ends, and upstreams on
+    /// probation since.
+    ejected: Mutex<HashMap<Arc<str>, Standing>>,
     /// Archives failed in a row at each upstream since its last answer.
     archive_failures: Mutex<HashMap<Arc<str>, u32>>,
 }
@@ -125,7 +184,7 @@ impl Health {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Instant>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Standing>> {
         // A panic while holding this lock cannot leave the map half-updated
         // in a way that matters: worst case one upstream's ejection is lost.
         self.ejected
@@ -139,14 +198,47 @@ impl Health {
     }
 
     fn sweep_at(&self, now: Instant) {
-        self.lock().retain(|upstream, until| {
-            let keep = *until > now;
-            if !keep {
+        let eject_for = self.eject_for;
+        self.lock().retain(|upstream, standing| match *standing {
+            Standing::Ejected(until) if until <= now => {
                 crate::metrics::upstream_ejected(upstream, false);
-                tracing::info!(%upstream, "upstream ejection expired");
+                tracing::info!(%upstream, "upstream ejection expired; on probation");
+                *standing = Standing::Probation {
+                    probing: false,
+                    since: now,
+                };
+                true
             }
-            keep
+            Standing::Probation {
+                probing: false,
+                since,
+            } => now.saturating_duration_since(since) < eject_for,
+            _ => true,
         });
+    }
+
+    /// Whether a request may try `upstream` now: an upstream on probation
+    /// is tried by one request at a time, the [`Probe`]'s holder; the
+    /// others try it after their other candidates ([`Trial::Later`]).
+    pub fn trial(self: &Arc<Self>, upstream: &Arc<str>) -> Trial {
+        let mut standings = self.lock();
+        // The common case (nothing ejected) does not hash the name.
+        if standings.is_empty() {
+            return Trial::Go(None);
+        }
+        match standings.get_mut(upstream) {
+            Some(Standing::Probation { probing, .. }) => {
+                if *probing {
+                    return Trial::Later;
+                }
+                *probing = true;
+                Trial::Go(Some(Probe {
+                    health: self.clone(),
+                    upstream: upstream.clone(),
+                }))
+            }
+            _ => Trial::Go(None),
+        }
     }
 
     /// Moves ejected candidates after the healthy ones, keeping the
@@ -158,17 +250,24 @@ impl Health {
     fn order_at(&self, candidates: &mut [Candidate], now: Instant) -> usize {
         self.sweep_at(now);
         let ejected = self.lock();
+        if ejected.is_empty() {
+            return 0;
+        }
+        let is_ejected = |candidate: &Candidate| {
+            ejected
+                .get(&candidate.upstream)
+                .is_some_and(|standing| standing.ejected_at(now))
+        };
         // A stable sort on a bool key is a stable partition.
-        candidates.sort_by_key(|candidate| ejected.contains_key(&candidate.upstream));
-        candidates
-            .iter()
-            .filter(|candidate| ejected.contains_key(&candidate.upstream))
-            .count()
+        candidates.sort_by_key(is_ejected);
+        candidates.iter().filter(|c| is_ejected(c)).count()
     }
 
     pub fn is_ejected(&self, upstream: &str) -> bool {
         let now = Instant::now();
-        self.lock().get(upstream).is_some_and(|until| *until > now)
+        self.lock()
+            .get(upstream)
+            .is_some_and(|standing| standing.ejected_at(now))
     }
 
     /// How long until the earliest ejection among `upstreams` ends: what a
@@ -178,8 +277,10 @@ impl Health {
         let ejected = self.lock();
         upstreams
             .iter()
-            .filter_map(|candidate| ejected.get(&candidate.upstream))
-            .map(|until| until.saturating_duration_since(now))
+            .filter_map(|candidate| match ejected.get(&candidate.upstream) {
+                Some(Standing::Ejected(until)) => Some(until.saturating_duration_since(now)),
+                _ => None,
+            })
             .min()
             .unwrap_or(self.eject_for)
     }
@@ -190,10 +291,10 @@ impl Health {
     }
 
     fn failed_at(&self, upstream: &Arc<str>, now: Instant) {
-        let newly = self
+        let newly = !self
             .lock()
-            .insert(upstream.clone(), now + self.eject_for)
-            .is_none();
+            .insert(upstream.clone(), Standing::Ejected(now + self.eject_for))
+            .is_some_and(|before| before.ejected_at(now));
         if newly {
             crate::metrics::upstream_ejected(upstream, true);
             tracing::warn!(%upstream, eject_for = ?self.eject_for, "upstream ejected");
@@ -227,10 +328,20 @@ impl Health {
         // does not hash the name for an empty map (`remove` would: a
         // SipHash, about 200 instructions of a small hit).
         let mut ejected = self.lock();
-        if !ejected.is_empty() && ejected.remove(upstream).is_some() {
-            drop(ejected);
-            crate::metrics::upstream_ejected(upstream, false);
-            tracing::info!(%upstream, "upstream answered again; no longer ejected");
+        if ejected.is_empty() {
+            return;
+        }
+        match ejected.remove(upstream) {
+            Some(Standing::Ejected(_)) => {
+                drop(ejected);
+                crate::metrics::upstream_ejected(upstream, false);
+                tracing::info!(%upstream, "upstream answered again; no longer ejected");
+            }
+            Some(Standing::Probation { .. }) => {
+                drop(ejected);
+                tracing::info!(%upstream, "upstream answered again; off probation");
+            }
+            None => {}
         }
     }
 }
@@ -268,6 +379,53 @@ mod tests {
         let later = start + Duration::from_secs(11);
         assert_eq!(health.order_at(&mut order, later), 0);
         assert_eq!(names(&order), ["a", "b", "c"]);
+    }
+
+    /// When an ejection ends, one request at a time may try the upstream
+    /// in its place; an answer ends the probation, a failure ejects it
+    /// again, and a probe given up lets the next request probe.
+    #[test]
+    fn an_upstream_whose_ejection_ended_is_probed_by_one_request_at_a_time() {
+        let health = Arc::new(Health::new(Duration::from_secs(10)));
+        let upstream: Arc<str> = Arc::from("b");
+        let start = Instant::now();
+        health.failed_at(&upstream, start);
+        let later = start + Duration::from_secs(11);
+        let mut order = candidates(&["a", "b"]);
+        assert_eq!(health.order_at(&mut order, later), 0, "no longer ejected");
+        assert_eq!(names(&order), ["a", "b"]);
+        let probe = match health.trial(&upstream) {
+            Trial::Go(Some(probe)) => probe,
+            other => panic!("no probe: {other:?}"),
+        };
+        assert!(matches!(health.trial(&upstream), Trial::Later));
+        assert!(matches!(health.trial(&Arc::from("a")), Trial::Go(None)));
+        drop(probe);
+        let probe = match health.trial(&upstream) {
+            Trial::Go(Some(probe)) => probe,
+            other => panic!("the probe given up was not handed on: {other:?}"),
+        };
+        health.failed(&upstream);
+        drop(probe);
+        assert!(
+            health.is_ejected("b"),
+            "the probe's failure ejects it again"
+        );
+        assert!(matches!(health.trial(&upstream), Trial::Go(None)));
+        health.sweep_at(Instant::now() + Duration::from_secs(11));
+        let _probe = health.trial(&upstream);
+        health.succeeded(&upstream);
+        assert!(
+            matches!(health.trial(&upstream), Trial::Go(None)),
+            "an answer ends it"
+        );
+        assert!(health.lock().is_empty());
+        // Probation with no probe is forgotten after --eject-for.
+        health.failed_at(&upstream, start);
+        health.sweep_at(later);
+        assert_eq!(health.lock().len(), 1);
+        health.sweep_at(later + Duration::from_secs(10));
+        assert!(health.lock().is_empty());
     }
 
     #[test]
