@@ -281,7 +281,7 @@ impl Proxy {
                 .union(trusted_proxies.nets()),
         };
 
-        let health = Arc::new(Health::new(config.eject_for));
+        let health = Arc::new(Health::new(config.eject_for).probing_for(config.header_timeout));
         let forwarder = Forwarder::new(
             health,
             config.connect_timeout,

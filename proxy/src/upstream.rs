@@ -98,10 +98,13 @@ enum Standing {
     /// Ejected until then: tried after every healthy candidate.
     Ejected(Instant),
     /// Its ejection ended, and no answer came since: one request at a time
-    /// tries it in its place (`probing`); the others after the rest. Kept
-    /// until an answer or a failure, or for `--eject-for` with no probe
-    /// (an upstream no route names any more is not kept for ever).
-    Probation { probing: bool, since: Instant },
+    /// tries it in its place (`probing`: since when); the others after the
+    /// rest. Kept until an answer or a failure, or for `--eject-for` with
+    /// no probe (an upstream no route names any more is not kept for ever).
+    Probation {
+        probing: Option<Instant>,
+        since: Instant,
+    },
 }
 
 impl Standing {
@@ -117,14 +120,16 @@ impl Standing {
 pub struct Probe {
     health: Arc<Health>,
     upstream: Arc<str>,
+    began: Instant,
 }
 
 impl Drop for Probe {
     fn drop(&mut self) {
         if let Some(Standing::Probation { probing, since }) =
             self.health.lock().get_mut(&self.upstream)
+            && *probing == Some(self.began)
         {
-            *probing = false;
+            *probing = None;
             *since = Instant::now();
         }
     }
@@ -142,6 +147,11 @@ pub enum Trial {
 #[derive(Debug)]
 pub struct Health {
     eject_for: Duration,
+    /// How long one probe keeps the others off an upstream on probation:
+    /// `--header-timeout`, within which an ordinary attempt ends. A
+    /// request answered only once its archive is complete may wait far
+    /// longer for its head; the next request probes then.
+    probe_for: Duration,
     /// Ejected upstreams and when their ejection ends, and upstreams on
     /// probation since.
     ejected: Mutex<HashMap<Arc<str>, Standing>>,
@@ -153,9 +163,17 @@ impl Health {
     pub fn new(eject_for: Duration) -> Health {
         Health {
             eject_for,
+            probe_for: eject_for,
             ejected: Mutex::new(HashMap::new()),
             archive_failures: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// One probe keeps the others off an upstream on probation for at most
+    /// `probe_for` (`--header-timeout`).
+    pub fn probing_for(mut self, probe_for: Duration) -> Health {
+        self.probe_for = probe_for;
+        self
     }
 
     fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, u32>> {
@@ -204,13 +222,13 @@ impl Health {
                 crate::metrics::upstream_ejected(upstream, false);
                 tracing::info!(%upstream, "upstream ejection expired; on probation");
                 *standing = Standing::Probation {
-                    probing: false,
+                    probing: None,
                     since: now,
                 };
                 true
             }
             Standing::Probation {
-                probing: false,
+                probing: None,
                 since,
             } => now.saturating_duration_since(since) < eject_for,
             _ => true,
@@ -228,13 +246,17 @@ impl Health {
         }
         match standings.get_mut(upstream) {
             Some(Standing::Probation { probing, .. }) => {
-                if *probing {
+                let now = Instant::now();
+                if probing
+                    .is_some_and(|began| now.saturating_duration_since(began) < self.probe_for)
+                {
                     return Trial::Later;
                 }
-                *probing = true;
+                *probing = Some(now);
                 Trial::Go(Some(Probe {
                     health: self.clone(),
                     upstream: upstream.clone(),
+                    began: now,
                 }))
             }
             _ => Trial::Go(None),
@@ -426,6 +448,37 @@ mod tests {
         assert_eq!(health.lock().len(), 1);
         health.sweep_at(later + Duration::from_secs(10));
         assert!(health.lock().is_empty());
+    }
+
+    /// A probe keeps the others off for `--header-timeout` at most: a
+    /// request answered only when its archive is complete (up to 630 s)
+    /// does not keep a healthy archiver off that long.
+    #[test]
+    fn a_probe_keeps_the_others_off_for_the_header_timeout_at_most() {
+        let health = Arc::new(Health::new(Duration::from_secs(10)).probing_for(Duration::ZERO));
+        let upstream: Arc<str> = Arc::from("b");
+        health.failed_at(&upstream, Instant::now() - Duration::from_secs(11));
+        health.sweep();
+        let Trial::Go(Some(first)) = health.trial(&upstream) else {
+            panic!("no probe");
+        };
+        let Trial::Go(Some(second)) = health.trial(&upstream) else {
+            panic!("the first probe's bound had passed: a second one is due");
+        };
+        // The first one's end does not end the second's.
+        drop(first);
+        assert!(matches!(
+            health.lock().get(&upstream),
+            Some(Standing::Probation {
+                probing: Some(_),
+                ..
+            })
+        ));
+        drop(second);
+        assert!(matches!(
+            health.lock().get(&upstream),
+            Some(Standing::Probation { probing: None, .. })
+        ));
     }
 
     #[test]
