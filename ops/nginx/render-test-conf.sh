@@ -5,7 +5,8 @@
 #
 # Writes PREFIX/conf/nginx.conf and PREFIX/conf/gitball.conf (gitball.conf with
 # its "test:" lines rewritten: listen 127.0.0.1:LISTEN_PORT, upstream
-# 127.0.0.1:UPSTREAM_PORT, access log and IPv6 listen dropped into the prefix)
+# 127.0.0.1:UPSTREAM_PORT, access log into the prefix, IPv6 listen dropped,
+# and the cap per client lowered to 2, so a test can reach it)
 # and creates PREFIX/logs and PREFIX/tmp. Then, for example:
 #
 #   nginx -t -p PREFIX -c PREFIX/conf/nginx.conf -e PREFIX/logs/error.log
@@ -32,15 +33,17 @@ chmod 0755 "$prefix"
 sed -e "s|^\( *\)listen [^;]*;\( *# test: listen\)\$|\1listen 127.0.0.1:$listen_port;\2|" \
     -e "s|^\( *\)server 127\.0\.0\.1:[0-9]*;\( *# test: upstream\)\$|\1server 127.0.0.1:$upstream_port;\2|" \
     -e "s|^\( *\)access_log [^ ]* gitball;\( *# test: access_log\)\$|\1access_log $prefix/logs/gitball.access.log gitball;\2|" \
+    -e "s|^\( *\)limit_conn gitball_per_client [0-9]*;\( *# test: limit_conn\)\$|\1limit_conn gitball_per_client 2;\2|" \
     -e "/# test: drop\$/d" \
     "$here/gitball.conf" > "$prefix/conf/gitball.conf"
 
 # Every tagged line must have been rewritten (or dropped): a silent miss would
 # test against the production ports.
-expected=3
+expected=4
 rewritten=$(grep -c -e "listen 127.0.0.1:$listen_port; *# test: listen\$" \
     -e "server 127.0.0.1:$upstream_port; *# test: upstream\$" \
     -e "access_log $prefix/logs/gitball.access.log gitball; *# test: access_log\$" \
+    -e "limit_conn gitball_per_client 2; *# test: limit_conn\$" \
     "$prefix/conf/gitball.conf" || true)
 tagged=$(grep -c "# test: " "$prefix/conf/gitball.conf" || true)
 if [ "$rewritten" -ne "$expected" ] || [ "$tagged" -ne "$expected" ]; then

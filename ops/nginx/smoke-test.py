@@ -12,7 +12,11 @@ what the front promises, in about a second:
 - other methods get a JSON 405 with Allow, /metrics is 403, other paths 404,
   an owner named "metrics" is still an archive URL, a 12 KiB header passes
   (so gitball, not nginx, enforces its header limits), and an upstream that
-  drops the connection gives a JSON 502.
+  drops the connection gives a JSON 502;
+- the cap per client (limit_conn, lowered to 2 by render-test-conf.sh): a
+  client holding 2 downloads gets the JSON 429 with Retry-After on its
+  next one, keyed as gitball keys it (an IPv6 client is its /64, however
+  it picks addresses in it), while another client is served.
 
 The end-to-end test with the real proxy and archiver lives in tests/; this
 checks the nginx layer alone, with nothing but python3 and nginx.
@@ -44,6 +48,8 @@ BIG_BODY_BYTES = 256 * 1024 * 1024
 BIG_CHUNK_BYTES = 64 * 1024
 STALLED_UPSTREAM_LIMIT_BYTES = 96 * 1024 * 1024
 big_body_written = [0]
+# Downloads held open by the upstream (path containing /held) until set.
+release_held = threading.Event()
 
 
 class StubUpstream(http.server.BaseHTTPRequestHandler):
@@ -97,6 +103,16 @@ class StubUpstream(http.server.BaseHTTPRequestHandler):
                     big_body_written[0] += len(chunk)
             except OSError:
                 self.close_connection = True
+            return
+        if "/held" in self.path:
+            # A download under way: the head, then the body once released.
+            self.send_response(200)
+            self.send_header("Content-Type", "application/gzip")
+            self.send_header("Content-Length", "4")
+            self.end_headers()
+            self.wfile.flush()
+            release_held.wait(10)
+            self.wfile.write(b"done")
             return
         if "/slow" in self.path:
             # A generation in progress: chunked, with a pause mid-body.
@@ -157,6 +173,60 @@ def check(condition, message):
     if not condition:
         raise AssertionError(message)
     print(f"  ok  {message}")
+
+
+def check_cap_per_client(front):
+    """limit_conn at 2 (the rendered config): per client, keyed as gitball
+    keys it. X-Test-Client-Address names the client (realip, test only)."""
+    def held_download(address):
+        client = socket.create_connection(("127.0.0.1", front.port), timeout=10)
+        client.sendall(b"GET /acme/widget/archive/held.tar.gz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                       b"X-Test-Client-Address: " + address.encode() + b"\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = client.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+        check(head.startswith(b"HTTP/1.1 200"), f"a download from {address} within its cap runs")
+        return client
+
+    def status_from(address):
+        response, body = front.request("GET", "/acme/widget/zip/main",
+                                       {"X-Test-Client-Address": address})
+        return response, body
+
+    release_held.clear()
+    cases = [
+        # Two downloads from one /64, the third from another address of it.
+        (["2001:db8:1:2::a", "2001:db8:1:2:0:0:0:b"], "2001:db8:1:2:ffff:1:2:3",
+         "2001:db8:1:3::a"),
+        # A /64 nginx writes with "::" inside it.
+        (["2001:db8::1", "2001:db8::5:6:7:8"], "2001:db8::ffff:1", "2001:db8:0:1::1"),
+        # IPv4: the address.
+        (["192.0.2.7", "192.0.2.7"], "192.0.2.7", "192.0.2.8"),
+    ]
+    for holders, same, other in cases:
+        held = [held_download(address) for address in holders]
+        response, body = status_from(same)
+        check(response.status == 429 and json.loads(body)["error"] == "too_many_connections"
+              and response.getheader("Retry-After") == "5"
+              and response.getheader("Content-Type") == "application/json",
+              f"{same}, of the client holding {holders}, gets the JSON 429 with Retry-After: 5")
+        response, _ = status_from(other)
+        check(response.status == 200, f"{other}, another client, is served meanwhile")
+        release_held.set()
+        for client in held:
+            while client.recv(4096):
+                pass
+            client.close()
+        release_held.clear()
+    # nginx counts a request until it is finalized, just after the last byte.
+    deadline = time.monotonic() + 5
+    while status_from(cases[0][1])[0].status != 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    check(status_from(cases[0][1])[0].status == 200,
+          "the client is served again once its downloads ended")
 
 
 def run_checks(front):
@@ -277,6 +347,8 @@ def run_checks(front):
     check(response.status == 502 and json.loads(body)["error"] == "bad_gateway"
           and response.getheader("Content-Type") == "application/json",
           "an upstream that drops the connection gives a JSON 502")
+
+    check_cap_per_client(front)
 
 
 def main():
