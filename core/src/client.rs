@@ -63,8 +63,27 @@ impl Nets {
 }
 
 impl From<Vec<IpNet>> for Nets {
+    /// An IPv4-mapped range (`::ffff:10.0.0.0/104`, as `ss` shows an IPv4
+    /// peer of a dual-stack listener) is kept as the IPv4 range it maps:
+    /// [`Nets::contains`] sees such a peer as its IPv4 address.
     fn from(nets: Vec<IpNet>) -> Nets {
-        Nets(nets.into_iter().map(|net| net.trunc()).collect())
+        Nets(
+            nets.into_iter()
+                .map(|net| match net {
+                    IpNet::V6(v6) if v6.prefix_len() >= 96 => {
+                        match v6.network().to_ipv4_mapped() {
+                            // 96 <= prefix <= 128: a valid IPv4 prefix length.
+                            Some(v4) => Ipv4Net::new(v4, v6.prefix_len() - 96)
+                                .map(IpNet::V4)
+                                .unwrap_or(net),
+                            None => net,
+                        }
+                    }
+                    _ => net,
+                })
+                .map(|net| net.trunc())
+                .collect(),
+        )
     }
 }
 
@@ -129,5 +148,21 @@ mod tests {
         assert!(loopback.contains(ip("::1")));
         assert!(loopback.contains(ip("::ffff:127.0.0.9")));
         assert!(!loopback.contains(ip("192.0.2.1")));
+    }
+
+    #[test]
+    fn an_ipv4_mapped_range_holds_the_ipv4_addresses_it_maps() {
+        // What `ss` shows for an IPv4 peer of a dual-stack listener.
+        let nets = parse_nets("::ffff:10.0.0.0/104, ::ffff:192.0.2.7").unwrap();
+        assert!(
+            nets.contains(ip("10.1.2.3")),
+            "::ffff:10.0.0.0/104 does not hold 10.1.2.3"
+        );
+        assert!(nets.contains(ip("::ffff:10.1.2.3")));
+        assert!(nets.contains(ip("192.0.2.7")));
+        assert!(!nets.contains(ip("11.0.0.1")));
+        assert!(!nets.contains(ip("192.0.2.8")));
+        // A range wider than the mapped block is an IPv6 range.
+        assert!(!parse_nets("::/0").unwrap().contains(ip("10.1.2.3")));
     }
 }
