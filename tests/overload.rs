@@ -1129,3 +1129,42 @@ fn connections_that_send_nothing_count_against_their_client() {
     );
     drop(silent);
 }
+
+/// `docs/archiver.md#connections-per-client`: on a dual-stack listener
+/// (`[::]`) an IPv4 client arrives as an IPv4-mapped IPv6 peer
+/// (`::ffff:127.0.0.2`); it is its IPv4 address, one client with it, the
+/// key the crawler budget uses, and the address the refusal is logged with.
+#[test]
+fn an_ipv4_client_of_a_dual_stack_listener_is_its_ipv4_address() {
+    raise_own_nofile();
+    let archiver = Archiver::start(
+        repos(),
+        &[
+            "--listen",
+            "[::]:0",
+            "--max-connections-per-client",
+            "2",
+            // Only IPv6 loopback: 127.0.0.0/8, as mapped peers, is counted.
+            "--max-connections-per-client-exempt",
+            "::1",
+        ],
+    );
+    let v4 = SocketAddr::from(([127, 0, 0, 1], archiver.addr.port()));
+    let held = hold_connections_from(client(2), v4, 2);
+    let refused = fetch_from(client(2), v4, "/healthz");
+    assert_eq!(refused.status(), 429, "{}", refused.text());
+    assert_eq!(fetch_from(client(3), v4, "/healthz").status(), 200);
+    assert!(
+        wait_until(SETTLE, || archiver
+            .log()
+            .contains("refusing a client's connections with 429")),
+        "the refusal was not logged: {}",
+        archiver.log()
+    );
+    let logged = gitball_e2e::log_line(&archiver.log(), "refusing a client's connections with 429");
+    assert_eq!(
+        logged["client"], "127.0.0.2",
+        "the mapped peer was not keyed as its IPv4 address: {logged}"
+    );
+    drop(held);
+}

@@ -522,9 +522,11 @@ impl Archiver {
             repos.into(),
             "--cache-dir".into(),
             cache_dir.into(),
-            "--listen".into(),
-            "127.0.0.1:0".into(),
         ];
+        // A test may give its own (`[::]:0`, a dual-stack listener).
+        if !extra_args.contains(&"--listen") {
+            args.extend(["--listen".into(), "127.0.0.1:0".into()]);
+        }
         if !extra_args.contains(&"--log-format") {
             args.extend(["--log-format".into(), "json".into()]);
         }
