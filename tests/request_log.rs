@@ -120,22 +120,60 @@ fn the_level_is_the_faults() {
     let sandbox = Sandbox::new();
     small_repository(&sandbox.repo("acme", "widget"));
     let cache = sandbox.path("cache");
+    // Each `git archive` runs the real git, then exits with the status the
+    // test writes on a fifo: level-4's tar.gz fails only once its head
+    // reached the client. (It was a zip cut by the bound with its second
+    // entry; on a loaded host the bound could be passed before the answer
+    // began, a `500`: seen once in a full run.)
+    let (release, mut exit_with) = sandbox.fifo("release");
+    let stub = sandbox.write_stub(
+        "exits-as-told",
+        &format!(
+            "'{}' \"$@\" || exit $?\nread code < '{}'\nexit $code\n",
+            gitball_e2e::real_git().display(),
+            release.display()
+        ),
+    );
     // The whole tree's archives are over the bound, the `docs` subtree's
     // tar.gz (of one 10 KiB tar record, most of it zeros) is not. The tar
-    // passes it with git's first write, before the answer began (`500`);
-    // the zip with its second entry, after the first went out (`200`,
-    // aborted).
-    let proxy = Proxy::embedded(&sandbox.repos(), &cache, &["--max-archive-bytes", "2KiB"]);
+    // passes it with git's first write, before the answer began (`500`;
+    // its git is killed, so it takes no status from the fifo).
+    let proxy = Proxy::embedded(
+        &sandbox.repos(),
+        &cache,
+        &[
+            "--max-archive-bytes",
+            "2KiB",
+            "--git",
+            stub.to_str().unwrap(),
+        ],
+    );
+    writeln!(exit_with, "0").expect("level-1's status");
     let cases = [
         ("/acme/widget/archive/main.tar.gz?path=docs", 200, "level-1"),
         ("/acme/widget/archive/nope.tar", 404, "level-2"),
         ("/acme/widget/archive/main.tar", 500, "level-3"),
-        ("/acme/widget/archive/main.zip", 200, "level-4"),
     ];
     for (target, status, id) in cases {
         let fetched = fetch_with(proxy.addr, "GET", target, &[("X-Request-Id", id)]);
         assert_eq!(fetched.status(), status, "{target}: {}", fetched.text());
     }
+    // A tar.gz's head goes out before git runs; its git then fails.
+    let mut failing = RawConnection::connect(proxy.addr).expect("connect");
+    failing
+        .send_request(
+            "GET",
+            "/acme/widget/archive/v1.2.3.tar.gz?path=docs",
+            &[("X-Request-Id", "level-4")],
+        )
+        .expect("send");
+    assert_eq!(failing.read_head().expect("level-4's head").status, 200);
+    writeln!(exit_with, "1").expect("level-4's status");
+    let end = failing.read_body_to_end(|_| {});
+    assert!(
+        matches!(end, gitball_e2e::BodyEnd::Aborted(_)),
+        "level-4: {end:?}"
+    );
     let lines = wait_for_lines(&proxy, &["level-1", "level-2", "level-3", "level-4"], 8);
     let level = |tier: &str, id: &str| {
         let line = find(&lines, tier, id);
