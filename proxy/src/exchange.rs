@@ -41,6 +41,22 @@ pub const MAX_HEAD_BYTES: usize = UPSTREAM_READ_BUFFER_BYTES;
 /// The most header lines a response head may have (hyper's default).
 const MAX_HEADERS: usize = 100;
 
+/// The most read buffers a serving thread keeps for its connections'
+/// next reads ([`SPARE`]).
+pub(crate) const SPARE_READ_BUFFERS: usize = 4;
+
+thread_local! {
+    /// Read buffers of the thread's upstream connections that had nothing
+    /// left unread, the last one given back on top. A connection takes one
+    /// when its socket is ready to be read, not when it writes its
+    /// request: with many requests waiting for their answers, each answer
+    /// is read into the buffer the thread used last (nginx's order), not
+    /// into one that waited with its connection while the other answers
+    /// went through the cache. Each serving thread runs its own runtime
+    /// (`crate::Proxy::serve`), so this is per thread and takes no lock.
+    static SPARE: std::cell::RefCell<Vec<BytesMut>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Below this much room left in the read buffer, the next read goes into
 /// a new one.
 pub(crate) const MIN_READ_ROOM: usize = 16 * 1024;
@@ -168,7 +184,6 @@ impl Wire {
                     None => {}
                 }
             }
-            self.make_room();
             match std::future::poll_fn(|cx| self.poll_fill(cx)).await {
                 Ok(0) => {
                     return Err(ExchangeError {
@@ -190,14 +205,44 @@ impl Wire {
         }
     }
 
-    /// Reads what the socket has into the buffer's spare room.
+    /// Reads what the socket has into the buffer's spare room (see
+    /// [`Wire::make_room`]). A connection with nothing unread holds no
+    /// buffer while it waits: it takes one (the serving thread's last
+    /// given back, [`SPARE`]) once the socket is ready, and gives it back
+    /// if the read finds nothing after all.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read)
+        if self.read.is_empty() {
+            ready!(self.io.inner().tcp().poll_read_ready(cx))?;
+            if self.read.capacity() == 0
+                && let Some(buffer) = SPARE.with_borrow_mut(Vec::pop)
+            {
+                self.read = buffer;
+            }
+        }
+        self.make_room();
+        let read = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read);
+        if read.is_pending() {
+            self.release_buffer();
+        }
+        read
     }
 
-    /// Reads more body bytes (see [`Wire::make_room`]).
+    /// Gives the read buffer to the serving thread's spares if nothing in
+    /// it is left unread: the next read on any of the thread's connections
+    /// goes into it, while it is still in the CPU's cache.
+    pub(crate) fn release_buffer(&mut self) {
+        if self.read.is_empty() && self.read.capacity() > 0 {
+            let buffer = std::mem::take(&mut self.read);
+            SPARE.with_borrow_mut(|spare| {
+                if spare.len() < SPARE_READ_BUFFERS {
+                    spare.push(buffer);
+                }
+            });
+        }
+    }
+
+    /// Reads more body bytes.
     fn poll_more(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        self.make_room();
         self.poll_fill(cx)
     }
 

@@ -619,6 +619,14 @@ mod tests {
                 ),
             ),
             (
+                &api,
+                "internal-api.md",
+                format!(
+                    "of at most {} kept per thread",
+                    exchange::SPARE_READ_BUFFERS
+                ),
+            ),
+            (
                 &proxy,
                 "proxy.md",
                 format!(

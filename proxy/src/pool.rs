@@ -396,8 +396,13 @@ impl PooledBody {
     }
 
     fn give_back(&mut self) {
-        if let Some(back) = self.back.take()
-            && self.keep_alive
+        let Some(mut back) = self.back.take() else {
+            return;
+        };
+        // Its read buffer goes to the thread's spares, kept or not
+        // (`exchange::Wire::release_buffer`; not if bytes are left in it).
+        back.connection.wire.release_buffer();
+        if self.keep_alive
             && Decoder::left_clean(&back.connection.wire)
             && let Some(pool) = back.pool.upgrade()
         {
@@ -854,6 +859,56 @@ mod tests {
         assert_eq!(
             at[2], at[0],
             "the third answer went elsewhere in the buffer"
+        );
+        drop(server.join().unwrap());
+    }
+
+    /// docs/internal-api.md, "Connections": an answer is read into the
+    /// buffer the serving thread read its last answer into, whichever
+    /// connection it comes on (here a new one), not into a buffer of the
+    /// connection's own. The first answer's chunk is kept, so that buffer
+    /// cannot be freed and handed out again by the allocator: the second
+    /// answer lands right after the first.
+    #[tokio::test]
+    async fn an_answer_is_read_into_the_buffer_the_thread_read_its_last_answer_into() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let upstream: Arc<str> = format!("http://{}", listener.local_addr().unwrap()).into();
+        let (closed, closed_seen) = std::sync::mpsc::channel();
+        let server = std::thread::spawn(move || {
+            let (mut first, _) = listener.accept().unwrap();
+            read_head(&mut first);
+            first.write_all(ANSWER).unwrap();
+            // The first connection ends: the next request needs a new one.
+            first.shutdown(std::net::Shutdown::Write).unwrap();
+            closed.send(()).unwrap();
+            let (mut second, _) = listener.accept().unwrap();
+            read_head(&mut second);
+            second.write_all(ANSWER).unwrap();
+            (first, second)
+        });
+        let pool = Pool::new(Duration::from_secs(5));
+        let (parts, mut body) = pool
+            .send(&upstream, request)
+            .await
+            .expect("the first")
+            .into_parts();
+        drop(parts);
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert!(body.frame().await.is_none());
+        drop(body);
+        closed_seen.recv().unwrap();
+        let (parts, mut body) = pool
+            .send(&upstream, request)
+            .await
+            .expect("the second")
+            .into_parts();
+        drop(parts);
+        let second = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!((&first[..], &second[..]), (&b"ok"[..], &b"ok"[..]));
+        assert_eq!(
+            second.as_ptr() as usize,
+            first.as_ptr() as usize + ANSWER.len(),
+            "the answer on the new connection went into a buffer of its own"
         );
         drop(server.join().unwrap());
     }
