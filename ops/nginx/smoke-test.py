@@ -13,7 +13,7 @@ what the front promises, in about a second:
   an owner named "metrics" is still an archive URL, a 12 KiB header passes
   (so gitball, not nginx, enforces its header limits), and an upstream that
   drops the connection gives a JSON 502;
-- the cap per client (limit_conn, lowered to 2 by render-test-conf.sh): a
+- the cap per client (limit_conn, lowered to 2 by render-test-conf.sh here): a
   client holding 2 downloads gets the JSON 429 with Retry-After on its
   next one, keyed as gitball keys it (an IPv6 client is its /64, however
   it picks addresses in it), while another client is served.
@@ -364,7 +364,7 @@ def main():
     port = free_port()
     config = subprocess.run(
         ["sh", str(HERE / "render-test-conf.sh"), prefix, str(port),
-         str(upstream.server_address[1])],
+         str(upstream.server_address[1]), "2"],
         check=True, capture_output=True, text=True).stdout.strip()
     nginx = subprocess.Popen(
         [args.nginx, "-p", prefix, "-c", config, "-e", f"{prefix}/logs/error.log",
