@@ -811,7 +811,7 @@ fn hold_connections_from(
             let head = connection.read_head().expect("an answer");
             assert_eq!(
                 head.status, 200,
-                "connection {index} of {count} from {source}, within its cap, was refused"
+                "connection {index} of {count} from {source} was refused"
             );
             connection.read_body_bytes(16).expect("body");
             connection
@@ -827,6 +827,17 @@ fn counted_clients(service: &Service, prefix: &str) -> f64 {
         .value(&format!("{prefix}_connections_clients"), &[])
 }
 
+/// `--max-connections` in the per-client tests: a client past its cap is
+/// refused once the process holds half of it ([`contend`]).
+const PER_CLIENT_TESTS_MAX: &str = "40";
+
+/// Holds half of [`PER_CLIENT_TESTS_MAX`] connections to `addr` from an
+/// exempt peer: the process is contended, where the cap per client
+/// applies (docs/archiver.md, "Connections per client").
+fn contend(addr: SocketAddr) -> Vec<RawConnection> {
+    hold_connections(addr, 20)
+}
+
 /// `docs/archiver.md#connections-and-file-descriptors`: one client at its
 /// `--max-connections-per-client` gets `429 too_many_connections` at once
 /// (`Retry-After`, `Connection: close`), and another client is still
@@ -840,6 +851,8 @@ fn a_client_at_its_connection_cap_is_refused_while_another_is_served() {
         "2",
         "--max-connections-per-client-exempt",
         "127.0.0.1",
+        "--max-connections",
+        PER_CLIENT_TESTS_MAX,
     ];
     let archiver = Archiver::start(
         repos(),
@@ -850,6 +863,7 @@ fn a_client_at_its_connection_cap_is_refused_while_another_is_served() {
     {
         // The admin listener has no cap per client: a client at its cap
         // on the service's listener is still scraped there.
+        let _contention = contend(archiver.addr);
         let _held = hold_connections_from(client(2), archiver.addr, 2);
         for _ in 0..3 {
             assert_eq!(fetch_from(client(2), admin, "/metrics").status(), 200);
@@ -883,6 +897,7 @@ fn a_client_at_its_connection_cap_is_refused_while_another_is_served() {
 }
 
 fn assert_per_client_cap(service: &Service, prefix: &str) {
+    let contention = contend(service.addr);
     let held = hold_connections_from(client(2), service.addr, 2);
     let started = Instant::now();
     let refused = fetch_from(client(2), service.addr, "/healthz");
@@ -927,7 +942,7 @@ fn assert_per_client_cap(service: &Service, prefix: &str) {
         "the refusal was not logged:\n{}",
         service.log()
     );
-    drop(held);
+    drop((held, contention));
     assert!(
         wait_until(SETTLE, || counted_clients(service, prefix) == 0.0),
         "the closed connections are still counted"
@@ -948,15 +963,27 @@ fn a_clients_closed_connections_give_its_whole_cap_back() {
             "3",
             "--max-connections-per-client-exempt",
             "127.0.0.1",
+            "--max-connections",
+            PER_CLIENT_TESTS_MAX,
+            "--admin-listen",
+            "127.0.0.1:0",
         ],
     );
+    // Scraped on the admin listener, whose connections the service's
+    // gauges do not count.
+    let admin = gitball_e2e::listen_address(&archiver.log(), "admin listener serving")
+        .expect("the admin listener's address");
+    let gauge = |name: &str| scrape(admin).value(&format!("gitball_archiver_{name}"), &[]);
     for round in 0..20 {
-        // The server has seen every earlier connection of the client close.
+        // The server has seen every earlier connection close: the
+        // client's, and the contention's (so the process has room for
+        // this round's).
         assert!(
-            wait_until(SETTLE, || counted_clients(&archiver, "gitball_archiver")
-                == 0.0),
+            wait_until(SETTLE, || gauge("connections_clients") == 0.0
+                && gauge("connections_open") == 0.0),
             "round {round}: closed connections are still counted"
         );
+        let contention = contend(archiver.addr);
         let held = hold_connections_from(client(2), archiver.addr, CAP);
         // Counted every time: one past the cap is refused.
         assert_eq!(
@@ -964,10 +991,9 @@ fn a_clients_closed_connections_give_its_whole_cap_back() {
             429,
             "round {round}"
         );
-        drop(held);
+        drop((held, contention));
         assert!(
-            wait_until(SETTLE, || counted_clients(&archiver, "gitball_archiver")
-                == 0.0),
+            wait_until(SETTLE, || gauge("connections_clients") == 0.0),
             "round {round}: the closed connections are still counted"
         );
         // And one the server closes itself, after a `Connection: close`.
@@ -977,14 +1003,47 @@ fn a_clients_closed_connections_give_its_whole_cap_back() {
             "round {round}"
         );
     }
-    let metrics = archiver.metrics();
     assert_eq!(
-        metrics.value(
+        scrape(admin).value(
             "gitball_archiver_connections_rejected_total",
             &[("reason", "max_connections_per_client")]
         ),
         20.0
     );
+}
+
+/// docs/archiver.md, "Connections per client": the cap applies once the
+/// process holds half its `--max-connections`; below that, a client past
+/// its cap is served (many CI jobs behind one NAT address in a release
+/// rush, while there is room for everyone).
+#[test]
+fn a_client_past_its_cap_is_served_while_the_process_has_room() {
+    raise_own_nofile();
+    let archiver = Archiver::start(
+        repos(),
+        &[
+            "--max-connections-per-client",
+            "2",
+            "--max-connections-per-client-exempt",
+            "127.0.0.1",
+            "--max-connections",
+            PER_CLIENT_TESTS_MAX,
+        ],
+    );
+    // 10 of the 40 held by one client, five times its cap: there is room.
+    let held = hold_connections_from(client(2), archiver.addr, 10);
+    // Others take the process to half: the client's next one is refused,
+    // another client's is not.
+    let _others = hold_connections(archiver.addr, 10);
+    assert_eq!(
+        fetch_from(client(2), archiver.addr, "/healthz").status(),
+        429
+    );
+    assert_eq!(
+        fetch_from(client(3), archiver.addr, "/healthz").status(),
+        200
+    );
+    drop(held);
 }
 
 /// The proxy in front of an archiver is a front, not a client: its pooled
@@ -1011,11 +1070,16 @@ fn a_proxys_connections_to_its_archiver_are_not_counted_as_one_client() {
             git.to_str().unwrap(),
             "--admin-listen",
             "127.0.0.1:0",
+            "--max-connections",
+            PER_CLIENT_TESTS_MAX,
         ],
     );
     let admin = gitball_e2e::listen_address(&archiver.log(), "admin listener serving")
         .expect("the admin listener's address");
     let (proxy, _routes) = proxy_to(&archiver.base_url, &[], None);
+    // Contended from the start, so that the proxy's connections would be
+    // refused past the cap if they were counted as one client.
+    let _contention = contend(archiver.addr);
     std::thread::scope(|scope| {
         let downloads: Vec<_> = (0..DOWNLOADS)
             .map(|_| {
@@ -1026,7 +1090,7 @@ fn a_proxys_connections_to_its_archiver_are_not_counted_as_one_client() {
         // connection of the proxy to the archiver (scraped on the admin
         // listener, whose connections are not counted).
         let all_open = wait_until(SETTLE, || {
-            scrape(admin).value("gitball_archiver_connections_open", &[]) >= DOWNLOADS as f64
+            scrape(admin).value("gitball_archiver_connections_open", &[]) >= (20 + DOWNLOADS) as f64
         });
         // Meanwhile a client of the archiver's own is held to its cap.
         let direct = hold_connections_from(client(2), archiver.addr, 2);
@@ -1111,8 +1175,11 @@ fn connections_that_send_nothing_count_against_their_client() {
             "2",
             "--max-connections-per-client-exempt",
             "127.0.0.1",
+            "--max-connections",
+            PER_CLIENT_TESTS_MAX,
         ],
     );
+    let _contention = contend(archiver.addr);
     let silent: Vec<RawConnection> = (0..2)
         .map(|_| RawConnection::connect_from(client(4), archiver.addr).expect("connect"))
         .collect();
@@ -1147,9 +1214,15 @@ fn an_ipv4_client_of_a_dual_stack_listener_is_its_ipv4_address() {
             // Only IPv6 loopback: 127.0.0.0/8, as mapped peers, is counted.
             "--max-connections-per-client-exempt",
             "::1",
+            "--max-connections",
+            PER_CLIENT_TESTS_MAX,
         ],
     );
     let v4 = SocketAddr::from(([127, 0, 0, 1], archiver.addr.port()));
+    let _contention = contend(SocketAddr::from((
+        std::net::Ipv6Addr::LOCALHOST,
+        archiver.addr.port(),
+    )));
     let held = hold_connections_from(client(2), v4, 2);
     let refused = fetch_from(client(2), v4, "/healthz");
     assert_eq!(refused.status(), 429, "{}", refused.text());

@@ -135,8 +135,9 @@ pub struct ArchiveOptions {
     #[arg(long, env = "GITBALL_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..))]
     pub max_connections: Option<u64>,
 
-    /// Connections one client (an address, an IPv6 /64) holds at once; past it the client's new
-    /// connection gets 429 + Retry-After and is closed, while other clients are served. 0: no cap
+    /// Connections one client (an address, an IPv6 /64) holds at once while the process holds half
+    /// its --max-connections or more; past it the client's new connection gets 429 + Retry-After
+    /// and is closed, while other clients are served. 0: no cap
     /// per client. Default: --max-connections / 8, at least 64; on an archiver with --token-file, 0
     /// (only proxies, which hold the token, download from it).
     #[arg(long, env = "GITBALL_MAX_CONNECTIONS_PER_CLIENT")]

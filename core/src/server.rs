@@ -41,7 +41,8 @@
 //!   (`MAX_REJECTIONS_IN_FLIGHT`; beyond that, one non-blocking write and
 //!   close);
 //! - a connection cap per client (`--max-connections-per-client`,
-//!   [`per_client`]): past it, a client's new connection is refused the
+//!   [`per_client`]): past it, once the process holds half its cap, a
+//!   client's new connection is refused the
 //!   same way with a `429 too_many_connections`, so that one client cannot
 //!   hold every connection; peers that are fronts (a proxy, a load
 //!   balancer) are not counted;
@@ -478,10 +479,10 @@ pub async fn serve(
         while connections.try_join_next().is_some() {}
         // The client's own cap first: a client past it is told so (`429`),
         // whether or not the process is full too.
-        let client_slot = match per_client
-            .as_ref()
-            .map(|cap| (cap, cap.try_acquire(peer.ip())))
-        {
+        let client_slot = match per_client.as_ref().map(|cap| {
+            let contended = per_client::contended(limit.open_now(), limit.max);
+            (cap, cap.try_acquire(peer.ip(), contended))
+        }) {
             Some((cap, Admission::Refused(client))) => {
                 limit.reject(stream, &cap.refusal, &cap.rejected);
                 if let Some(suppressed) = limit.client_refusals_log.note(Instant::now()) {
@@ -1121,6 +1122,11 @@ impl ConnectionLimit {
         let accept_errors = metrics::counter!(errors_name);
         accept_errors.absolute(0);
         (open, rejected, accept_errors)
+    }
+
+    /// Connections holding a place under the cap now.
+    fn open_now(&self) -> usize {
+        self.max.saturating_sub(self.slots.available_permits())
     }
 
     fn try_acquire(&self) -> Option<ConnectionSlot> {

@@ -9,7 +9,10 @@
 //! also counts each client's open connections, and past its cap a client's
 //! new connection is refused at once with `429 too_many_connections`
 //! (`Retry-After`, `Connection: close`), while every other client is still
-//! served.
+//! served. Only once the process holds half its `--max-connections`
+//! ([`contended`]): below that there is room for everyone, and a refusal
+//! would only fail the many CI jobs behind one NAT address of a release
+//! rush.
 //!
 //! Invariants:
 //! - The client is the peer's address as the per-client rules key it
@@ -127,15 +130,18 @@ impl PerClientLimit {
         self.max
     }
 
-    /// Counts a connection from `peer`, unless its client holds the cap.
-    pub(super) fn try_acquire(self: &Arc<Self>, peer: IpAddr) -> Admission {
+    /// Counts a connection from `peer`, unless its client holds the cap
+    /// while the process is `contended` (it holds at least half its
+    /// `--max-connections`, [`contended`]): a client past its cap is
+    /// refused only when its connections could keep others out.
+    pub(super) fn try_acquire(self: &Arc<Self>, peer: IpAddr, contended: bool) -> Admission {
         if self.fronts.contains(peer) {
             return Admission::Uncounted;
         }
         let client = client_key(peer);
         let mut open = self.lock();
         let count = open.entry(client).or_insert(0);
-        if *count >= self.max {
+        if contended && *count >= self.max {
             return Admission::Refused(client);
         }
         *count += 1;
@@ -158,6 +164,15 @@ impl PerClientLimit {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+/// Whether a process holding `open` of its `max` connections is
+/// contended: at least half of them are taken, so that a client holding
+/// more than its cap could keep others out. Below that, a client past its
+/// cap (many CI jobs behind one NAT address, in a release rush) is served:
+/// there is room for everyone.
+pub(super) fn contended(open: usize, max: usize) -> bool {
+    open.saturating_mul(2) >= max
 }
 
 /// The `429` a client's connection past its cap gets: the JSON error, with
@@ -201,23 +216,49 @@ mod tests {
         text.parse().unwrap()
     }
 
+    impl PerClientLimit {
+        /// Under contention, where the cap applies.
+        fn try_acquire_now(self: &Arc<Self>, peer: IpAddr) -> Admission {
+            self.try_acquire(peer, true)
+        }
+    }
+
+    /// Below half of `--max-connections` a client past its cap is served
+    /// (and counted); from half on it is refused.
+    #[test]
+    fn the_cap_applies_once_the_process_holds_half_its_connections() {
+        assert!(!contended(0, 1) && contended(1, 1));
+        assert!(!contended(4_935, 9_872) && contended(4_936, 9_872));
+        let limit = limit(1, "");
+        let held = limit.try_acquire(ip("192.0.2.1"), false);
+        let past = limit.try_acquire(ip("192.0.2.1"), false);
+        assert!(matches!(held, Admission::Counted(_)));
+        assert!(matches!(past, Admission::Counted(_)), "refused with room");
+        assert!(matches!(
+            limit.try_acquire(ip("192.0.2.1"), true),
+            Admission::Refused(_)
+        ));
+        drop((held, past));
+        assert_eq!(limit.tracked(), 0);
+    }
+
     #[test]
     fn a_client_at_its_cap_is_refused_and_a_freed_place_lets_it_in_again() {
         let limit = limit(2, "");
-        let first = limit.try_acquire(ip("192.0.2.1"));
-        let second = limit.try_acquire(ip("192.0.2.1"));
+        let first = limit.try_acquire_now(ip("192.0.2.1"));
+        let second = limit.try_acquire_now(ip("192.0.2.1"));
         assert!(matches!(first, Admission::Counted(_)));
         assert!(matches!(second, Admission::Counted(_)));
         assert!(matches!(
-            limit.try_acquire(ip("192.0.2.1")),
+            limit.try_acquire_now(ip("192.0.2.1")),
             Admission::Refused(_)
         ));
         // Another client is not affected.
-        let other = limit.try_acquire(ip("192.0.2.2"));
+        let other = limit.try_acquire_now(ip("192.0.2.2"));
         assert!(matches!(other, Admission::Counted(_)));
         drop(first);
         assert!(matches!(
-            limit.try_acquire(ip("192.0.2.1")),
+            limit.try_acquire_now(ip("192.0.2.1")),
             Admission::Counted(_)
         ));
     }
@@ -225,15 +266,15 @@ mod tests {
     #[test]
     fn one_ipv6_64_is_one_client_and_fronts_are_not_counted() {
         let limit = limit(1, "10.0.0.0/8");
-        let held = limit.try_acquire(ip("2001:db8:1:2::1"));
+        let held = limit.try_acquire_now(ip("2001:db8:1:2::1"));
         assert!(matches!(held, Admission::Counted(_)));
         assert!(matches!(
-            limit.try_acquire(ip("2001:db8:1:2::ffff")),
+            limit.try_acquire_now(ip("2001:db8:1:2::ffff")),
             Admission::Refused(_)
         ));
         for _ in 0..5 {
             assert!(matches!(
-                limit.try_acquire(ip("10.1.2.3")),
+                limit.try_acquire_now(ip("10.1.2.3")),
                 Admission::Uncounted
             ));
         }
@@ -243,7 +284,7 @@ mod tests {
     fn a_client_whose_last_connection_closed_is_forgotten() {
         let limit = limit(3, "");
         let slots: Vec<_> = (0..50)
-            .map(|index| limit.try_acquire(ip(&format!("192.0.2.{index}"))))
+            .map(|index| limit.try_acquire_now(ip(&format!("192.0.2.{index}"))))
             .collect();
         assert_eq!(limit.tracked(), 50);
         drop(slots);
