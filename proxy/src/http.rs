@@ -534,8 +534,9 @@ pub fn client_of(state: &AppState, request: &Parts) -> Option<IpAddr> {
 }
 
 /// The request headers the archiver gets: `Range`, `If-None-Match`,
-/// `If-Range` as sent, the request id and the client's address (whatever
-/// `X-Gitball-Client` the client sent is not among them).
+/// `If-Range` and `If-Modified-Since` as sent (unless the client's
+/// `Connection` names them), the request id and the client's address
+/// (whatever `X-Gitball-Client` the client sent is not among them).
 pub fn forwarded_headers(
     client: &HeaderMap,
     request_id: &str,
@@ -551,11 +552,33 @@ pub fn forwarded_headers(
     // by byte): a client sends a few headers, wrk only `Host`. A name's
     // values come in the order sent, its first one first.
     let mut asked = None;
+    let mut connection = false;
     for (name, value) in client {
         if FORWARDED_REQUEST_HEADERS.contains(name) {
             headers.append(name.clone(), value.clone());
         } else if asked.is_none() && name == X_GITBALL_WANT_LENGTH {
             asked = Some(value.as_bytes() == b"1");
+        } else if name == header::CONNECTION {
+            connection = true;
+        }
+    }
+    if connection {
+        // A header the client names in `Connection` is for this hop only
+        // (RFC 9110, section 7.6.1: a proxy removes it before forwarding),
+        // whatever its name, as the archiver's are on the way back.
+        let named = |name: &header::HeaderName| {
+            client
+                .get_all(header::CONNECTION)
+                .iter()
+                .any(|connection| names(connection, name))
+        };
+        for name in &FORWARDED_REQUEST_HEADERS {
+            if named(name) {
+                headers.remove(name);
+            }
+        }
+        if named(&X_GITBALL_WANT_LENGTH) {
+            asked = None;
         }
     }
     if let Ok(value) = HeaderValue::from_str(request_id) {
@@ -785,5 +808,40 @@ mod tests {
             "the first wish is not `1`"
         );
         assert_eq!(forwarded.len(), 7, "{forwarded:?}");
+    }
+
+    /// docs/internal-api.md, "Forwarded request headers": a header the
+    /// client names in its `Connection` header is hop-by-hop (RFC 9110,
+    /// section 7.6.1) and does not reach the archiver, a forwarded name
+    /// or the length wish alike; the others still do. (They were forwarded
+    /// as any other value: the request side did not do what the response
+    /// side does.)
+    #[test]
+    fn headers_the_client_names_in_connection_are_not_forwarded() {
+        let mut client = HeaderMap::new();
+        let sent = [
+            (header::CONNECTION, "keep-alive, RANGE"),
+            (header::RANGE, "bytes=0-1"),
+            (header::IF_NONE_MATCH, "\"a\""),
+            (header::IF_RANGE, "\"b\""),
+            (X_GITBALL_WANT_LENGTH, "1"),
+            (header::CONNECTION, " x-gitball-want-length ,If-Range"),
+        ];
+        for (name, value) in &sent {
+            client.append(name.clone(), HeaderValue::from_static(value));
+        }
+        let forwarded = forwarded_headers(&client, "chosen-id", Version::HTTP_11, None);
+        for named in [header::RANGE, header::IF_RANGE, X_GITBALL_WANT_LENGTH] {
+            assert!(
+                forwarded.get(&named).is_none(),
+                "{named}, named in Connection, was forwarded: {forwarded:?}"
+            );
+        }
+        assert_eq!(forwarded[header::IF_NONE_MATCH], "\"a\"");
+        assert!(forwarded.get(header::CONNECTION).is_none());
+        // The proxy's own wish (an HTTP/1.0 client's) is not the client's
+        // header: it stays.
+        let forwarded = forwarded_headers(&client, "chosen-id", Version::HTTP_10, None);
+        assert_eq!(forwarded[X_GITBALL_WANT_LENGTH], "1");
     }
 }
