@@ -11,6 +11,9 @@
 //! - **Many request headers**: the header count never decides the answer,
 //!   only the head's size does: a head under 32 KiB is served however many
 //!   headers it has, and one over gets the JSON `431`, on both tiers.
+//! - **What a client can make the proxy send**: whatever bytes it sends,
+//!   each request it makes reaches the archiver as one well-formed request
+//!   head, with the canonical URL and the allowlisted headers only.
 //!
 //! Build the binaries first: `cargo build -p gitball-archiver -p gitball-proxy`.
 
@@ -768,5 +771,345 @@ fn a_private_route_a_public_route_before_it_covers_is_refused() {
         answer.status(),
         404,
         "served without a token after the reload"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// What a client can make the proxy send
+
+/// One request head an upstream read, and the connection it came on.
+struct UpstreamHead {
+    connection: usize,
+    bytes: Vec<u8>,
+}
+
+/// An upstream on 127.0.0.1 that reads every byte each connection sends,
+/// answers each request head in it with a 2-byte `200` (none for a
+/// `HEAD`) and keeps the connection, and sends every head it read, whole
+/// and in order. Bytes that never made a head stay unanswered: a request
+/// the proxy sent with junk before it reaches the test as a head that
+/// starts with the junk.
+fn recording_upstream() -> (SocketAddr, std::sync::mpsc::Receiver<UpstreamHead>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let (heads, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for (connection, stream) in listener.incoming().enumerate() {
+            let Ok(mut stream) = stream else { return };
+            let heads = heads.clone();
+            std::thread::spawn(move || {
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(60)))
+                    .expect("read timeout");
+                let mut read = Vec::new();
+                let mut buffer = [0u8; 16 * 1024];
+                while let Ok(count) = stream.read(&mut buffer) {
+                    if count == 0 {
+                        return;
+                    }
+                    read.extend_from_slice(&buffer[..count]);
+                    while let Some(end) = read.windows(4).position(|four| four == b"\r\n\r\n") {
+                        let head: Vec<u8> = read.drain(..end + 4).collect();
+                        let answer: &[u8] = if head.starts_with(b"HEAD ") {
+                            b"HTTP/1.1 200 OK\r\nContent-Type: application/gzip\r\nContent-Length: 2\r\n\r\n"
+                        } else {
+                            b"HTTP/1.1 200 OK\r\nContent-Type: application/gzip\r\nContent-Length: 2\r\n\r\nok"
+                        };
+                        if heads
+                            .send(UpstreamHead {
+                                connection,
+                                bytes: head,
+                            })
+                            .is_err()
+                            || stream.write_all(answer).is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, received)
+}
+
+/// What one upstream request head must be: its request line, and the
+/// headers after it but for those the proxy always sets itself.
+struct Expected {
+    line: &'static str,
+    headers: Vec<(&'static str, &'static [u8])>,
+    /// The `X-Request-Id` sent; `None`: one the proxy made up.
+    request_id: Option<&'static str>,
+}
+
+fn expect(line: &'static str, headers: &[(&'static str, &'static [u8])]) -> Expected {
+    Expected {
+        line,
+        headers: headers.to_vec(),
+        request_id: None,
+    }
+}
+
+/// A hostile request: what it is, the client's bytes, the statuses the
+/// client gets, the heads the upstream reads.
+type Case = (&'static str, Vec<u8>, Vec<u16>, Vec<Expected>);
+
+/// Checks that `head` is one well-formed request head, as `expected` says:
+/// the request line; each header line a lower-case name, `": "` and a
+/// value without a control byte but a tab; only `expected`'s headers
+/// (in order) besides one `host`, one `x-request-id` and the client's
+/// address.
+fn assert_head(head: &[u8], expected: &Expected, upstream: SocketAddr, case: &str) {
+    let shown = String::from_utf8_lossy(head);
+    let text = head
+        .strip_suffix(b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("{case}: not one head: {shown:?}"));
+    // Split at CR LF only: a bare CR or LF stays in its line, and fails it.
+    let mut lines = Vec::new();
+    let mut rest = text;
+    while let Some(end) = rest.windows(2).position(|pair| pair == b"\r\n") {
+        lines.push(&rest[..end]);
+        rest = &rest[end + 2..];
+    }
+    lines.push(rest);
+    let mut lines = lines.into_iter();
+    let line = lines.next().expect("a request line");
+    assert_eq!(
+        line,
+        expected.line.as_bytes(),
+        "{case}: request line of {shown:?}"
+    );
+    let mut headers = Vec::new();
+    let mut hosts = Vec::new();
+    let mut request_ids = Vec::new();
+    let mut clients = Vec::new();
+    for line in lines {
+        let colon = line
+            .windows(2)
+            .position(|pair| pair == b": ")
+            .unwrap_or_else(|| panic!("{case}: no header line: {shown:?}"));
+        let (name, value) = (&line[..colon], &line[colon + 2..]);
+        assert!(
+            !name.is_empty()
+                && name.iter().all(|&byte| byte.is_ascii_lowercase()
+                    || byte.is_ascii_digit()
+                    || byte == b'-'),
+            "{case}: header name {:?} in {shown:?}",
+            String::from_utf8_lossy(name)
+        );
+        assert!(
+            value
+                .iter()
+                .all(|&byte| byte == b'\t' || (byte >= b' ' && byte != 0x7f)),
+            "{case}: a control byte in {shown:?}"
+        );
+        let name = std::str::from_utf8(name).expect("ASCII");
+        match name {
+            "host" => hosts.push(value.to_vec()),
+            "x-request-id" => request_ids.push(value.to_vec()),
+            "x-gitball-client" => clients.push(value.to_vec()),
+            _ => headers.push((name, value.to_vec())),
+        }
+    }
+    let expected_headers: Vec<(&str, Vec<u8>)> = expected
+        .headers
+        .iter()
+        .map(|(name, value)| (*name, value.to_vec()))
+        .collect();
+    assert_eq!(headers, expected_headers, "{case}: headers of {shown:?}");
+    assert_eq!(
+        hosts,
+        [upstream.to_string().into_bytes()],
+        "{case}: {shown:?}"
+    );
+    assert_eq!(clients, [b"127.0.0.1".to_vec()], "{case}: {shown:?}");
+    assert_eq!(request_ids.len(), 1, "{case}: {shown:?}");
+    match expected.request_id {
+        Some(id) => assert_eq!(request_ids[0], id.as_bytes(), "{case}"),
+        None => assert!(
+            request_ids[0].len() == 32 && request_ids[0].iter().all(u8::is_ascii_hexdigit),
+            "{case}: {shown:?}"
+        ),
+    }
+}
+
+/// docs/internal-api.md, "Requests": whatever bytes a client sends, each
+/// request the proxy forwards reaches the archiver as one well-formed
+/// request head, on a connection other clients' requests reuse: the
+/// canonical URL (`%0d%0a`, raw UTF-8, an absolute-form target, a fragment
+/// never reach it as such), the allowlisted headers as hyper's server
+/// parsed them (a bare LF ends a header line there; CR, NUL, other
+/// control bytes and folded lines are refused with `400`; obs-text passes
+/// as the same bytes), nothing of a request body (`Content-Length`,
+/// chunked, both, `Expect: 100-continue`), one request per pipelined
+/// request, and no header the client names in `Connection`. A request
+/// refused by the proxy sends nothing at all.
+#[test]
+fn hostile_client_bytes_reach_the_archiver_as_one_well_formed_request_each() {
+    let sandbox = gitball_e2e::Sandbox::new();
+    let (upstream, heads) = recording_upstream();
+    let routes = sandbox.path("routes.toml");
+    write_routes(
+        &routes,
+        &[Route::new("*", &format!("http://{upstream}"), &[])],
+    );
+    let proxy = Proxy::with_routes(&routes, &[]);
+    let main = "GET /acme/widget/archive/main.tar.gz HTTP/1.1";
+    let cases: Vec<Case> = vec![
+        (
+            "a bare LF in a forwarded value",
+            b"GET /acme/widget/archive/main.tar.gz HTTP/1.1\r\nHost: x\r\nRange: bytes=0-1\nX-Injected: 1\r\nIf-None-Match: \"a\"\nX-Other: 2\r\n\r\n".to_vec(),
+            vec![200],
+            vec![expect(main, &[("range", b"bytes=0-1"), ("if-none-match", b"\"a\"")])],
+        ),
+        (
+            "obs-text and whitespace around values",
+            b"GET /acme/widget/archive/main.tar.gz HTTP/1.1\r\nHost: x\r\nRange: bytes=0-1\x80\xff\r\nIf-Range: \t\"x\xe9\" \t\r\nIf-Modified-Since:\r\n\r\n".to_vec(),
+            vec![200],
+            vec![expect(
+                main,
+                &[
+                    ("range", b"bytes=0-1\x80\xff"),
+                    ("if-range", b"\"x\xe9\""),
+                    ("if-modified-since", b""),
+                ],
+            )],
+        ),
+        (
+            "a CR in a value",
+            b"GET /acme/widget/archive/main.tar.gz HTTP/1.1\r\nHost: x\r\nRange: bytes=0-1\rX-Injected: 1\r\n\r\n".to_vec(),
+            vec![400],
+            vec![],
+        ),
+        (
+            "a NUL in a value",
+            b"GET /acme/widget/archive/main.tar.gz HTTP/1.1\r\nHost: x\r\nRange: bytes=0-1\0\r\n\r\n".to_vec(),
+            vec![400],
+            vec![],
+        ),
+        (
+            "a folded line",
+            b"GET /acme/widget/archive/main.tar.gz HTTP/1.1\r\nHost: x\r\nRange: bytes=0-1\r\n X-Injected: 1\r\n\r\n".to_vec(),
+            vec![400],
+            vec![],
+        ),
+        (
+            "an encoded CR LF in the subtree",
+            b"GET /acme/widget/archive/main.tar.gz?path=a%0d%0aX-Injected:%201 HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            vec![400],
+            vec![],
+        ),
+        (
+            "an encoded CR LF in the ref",
+            b"GET /acme/widget/archive/ma%0d%0ain.tar.gz HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            vec![400],
+            vec![],
+        ),
+        (
+            "an absolute-form target with a token and a fragment",
+            b"GET http://evil.example/acme/widget/archive/main.tar.gz?path=docs&token=x&a=%0d%0a#frag HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            vec![200],
+            vec![expect(
+                "GET /acme/widget/archive/main.tar.gz?path=docs HTTP/1.1",
+                &[],
+            )],
+        ),
+        (
+            "raw UTF-8, a plus and an escaped plus in the subtree",
+            b"GET /acme/widget/tgz/feature/x?path=d\xc3\xa9+a%2Bb HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            vec![200],
+            vec![expect(
+                "GET /acme/widget/archive/feature/x.tar.gz?path=d%C3%A9%20a%2Bb HTTP/1.1",
+                &[],
+            )],
+        ),
+        (
+            "a body of Content-Length holding a request",
+            b"GET /acme/widget/archive/main.tar.gz HTTP/1.1\r\nHost: x\r\nContent-Length: 55\r\n\r\nGET /acme/widget/archive/evil.tar HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            vec![200],
+            vec![expect(main, &[])],
+        ),
+        (
+            "chunked and Content-Length, a request after the last chunk",
+            b"GET /acme/widget/archive/main.tar.gz HTTP/1.1\r\nHost: x\r\nContent-Length: 61\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /acme/widget/archive/evil.tar HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            vec![200],
+            vec![expect(main, &[])],
+        ),
+        (
+            "Expect: 100-continue",
+            b"GET /acme/widget/archive/main.tar.gz HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n".to_vec(),
+            vec![200],
+            vec![expect(main, &[])],
+        ),
+        (
+            "headers the client names in Connection, and others never forwarded",
+            b"GET /acme/widget/archive/main.tar.gz HTTP/1.1\r\nHost: x\r\nConnection: Range, X-Gitball-Want-Length, X-Request-Id, X-Gitball-Client\r\nRange: bytes=0-1\r\nIf-None-Match: \"a\"\r\nX-Gitball-Want-Length: 1\r\nX-Request-Id: client-id\r\nX-Gitball-Client: 192.0.2.1\r\nAuthorization: Bearer x\r\nCookie: a=b\r\nAccept-Encoding: gzip\r\nX-Forwarded-For: 192.0.2.2\r\nUpgrade: websocket\r\nTE: trailers\r\n\r\n".to_vec(),
+            vec![200],
+            vec![Expected {
+                request_id: Some("client-id"),
+                ..expect(main, &[("if-none-match", b"\"a\"")])
+            }],
+        ),
+        (
+            "an HTTP/1.0 client and a request id out of the rule",
+            b"GET /acme/widget/archive/main.tar.gz HTTP/1.0\r\nX-Request-Id: a\x80b\r\n\r\n".to_vec(),
+            vec![200],
+            vec![expect(main, &[("x-gitball-want-length", b"1")])],
+        ),
+        (
+            "pipelined requests",
+            b"GET /acme/widget/archive/main.tar.gz HTTP/1.1\r\nHost: x\r\n\r\nGET /acme/widget/zip/v1 HTTP/1.1\r\nHost: x\r\nRange: bytes=1-\r\n\r\nGET /acme/widget/archive/%0a.zip HTTP/1.1\r\nHost: x\r\n\r\nHEAD /acme/widget/archive/main.tar HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            vec![200, 200, 400, 200],
+            vec![
+                expect(main, &[]),
+                expect(
+                    "GET /acme/widget/archive/v1.zip HTTP/1.1",
+                    &[("range", b"bytes=1-")],
+                ),
+                expect("HEAD /acme/widget/archive/main.tar HTTP/1.1", &[]),
+            ],
+        ),
+    ];
+    for (case, bytes, statuses, expected) in &cases {
+        let mut client = gitball_e2e::RawConnection::connect(proxy.addr).expect("connect");
+        client.send(bytes).expect("send");
+        for (index, status) in statuses.iter().enumerate() {
+            let head = client
+                .read_head()
+                .unwrap_or_else(|error| panic!("{case}: answer {index}: {error}"));
+            assert_eq!(head.status, *status, "{case}: answer {index}");
+            if index + 1 < statuses.len() {
+                let end = client.read_body_to_end(|_| {});
+                assert_eq!(
+                    end,
+                    gitball_e2e::BodyEnd::Complete,
+                    "{case}: answer {index}"
+                );
+            }
+        }
+        let mut used = std::collections::BTreeSet::new();
+        for (index, expected) in expected.iter().enumerate() {
+            let head = heads
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|_| panic!("{case}: upstream head {index} never came"));
+            assert_head(&head.bytes, expected, upstream, case);
+            used.insert(head.connection);
+        }
+        // A client's requests one after another take the same upstream
+        // connection, each after the last one's answer ended.
+        assert!(used.len() <= 1, "{case}: upstream connections {used:?}");
+    }
+    // Nothing else was sent: the next head the upstream reads is this one.
+    let answer = fetch(proxy.addr, "/acme/widget/archive/last.tar");
+    assert_eq!(answer.status(), 200);
+    let last = heads
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the last request's head");
+    assert_head(
+        &last.bytes,
+        &expect("GET /acme/widget/archive/last.tar HTTP/1.1", &[]),
+        upstream,
+        "the last request",
     );
 }
