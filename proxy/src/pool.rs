@@ -30,8 +30,9 @@
 //!   upstream's close crossed the request) is sent again, once, on a new
 //!   connection; the same on a new connection is the attempt's failure
 //!   (and the caller's failover). The proxy's requests are `GET`s and
-//!   `HEAD`s, safe to send twice, and a connection its upstream closed
-//!   served none of them;
+//!   `HEAD`s, and prewarm `POST`s (a second joins the generation the
+//!   first started), safe to send twice, and a connection its upstream
+//!   closed served none of them;
 //! - at most [`POOL_MAX_IDLE_PER_UPSTREAM`] idle connections per upstream;
 //!   one whose body ends when its list is full is closed;
 //! - an idle connection is closed [`POOL_IDLE_TIMEOUT`] after it came back
@@ -136,8 +137,8 @@ impl Pool {
         }
     }
 
-    /// Sends the request `make` makes (origin-form URI, a `GET` or `HEAD`;
-    /// its `Host` is set here) to `upstream` (`http://host:port`) and
+    /// Sends the request `make` makes (origin-form URI, a `GET` or `HEAD`,
+    /// or a prewarm's `POST`; its `Host` is set here) to `upstream` (`http://host:port`) and
     /// waits for the response head. Not bounded in time but for the
     /// connect: the caller bounds it. `make` is called again only for a
     /// request sent again (see the module docs).
@@ -190,8 +191,8 @@ impl Pool {
                 }
                 // Written, or turned away as it was written, and the
                 // connection closed before any answer: the upstream's
-                // close crossed the request (a `GET` or `HEAD`, safe to
-                // send again), once, on a new connection: the archiver may
+                // close crossed the request (a `GET`, `HEAD` or prewarm
+                // `POST`, safe to send again), once, on a new connection: the archiver may
                 // also have closed on reading it, and would get it again
                 // from every idle connection. On a new connection, any
                 // failure is the attempt's.
