@@ -446,6 +446,77 @@ fn a_head_over_32_kib_of_many_headers_gets_the_json_431() {
     }
 }
 
+/// `docs/http.md` ("Limits on client input"): through the proxy the
+/// archiver judges the head the proxy sends it, the client's forwarded
+/// headers and the proxy's own. A head the proxy takes (under 32 KiB,
+/// 2,000 header lines) whose forwarded head is over the archiver's bounds
+/// gets the archiver's `431` as it is (the JSON one for the size, hyper's
+/// bare one for the count), the archiver answered and is not ejected, and
+/// the client's connection serves its next request.
+#[test]
+fn a_head_the_proxy_takes_but_the_archiver_refuses_gets_the_archivers_431() {
+    let sandbox = Sandbox::new();
+    small_repository(&sandbox.repo("acme", "widget"));
+    let cluster = Cluster::start(&sandbox.repos(), &sandbox.repos(), 0, &[]);
+    let line = "GET /acme/widget/archive/main.tar HTTP/1.1\r\nHost: x\r\n";
+    // Each raw line `name: value\r\n` is what the loop counts for it: the
+    // head as the proxy measures it is these bytes.
+    let value = MAX_HEAD_BYTES - 64 - line.len() - "If-None-Match: \r\n\r\n".len();
+    let large = format!("{line}If-None-Match: {}\r\n\r\n", "a".repeat(value));
+    assert_eq!(large.len(), MAX_HEAD_BYTES - 64);
+    // 1,999 header lines with `Host`: the archiver gets 1,998 and the
+    // proxy's `X-Request-Id`, `X-Gitball-Client` and `Host`.
+    let many = format!("{line}{}\r\n", "Range: a\r\n".repeat(1_998));
+    let mut client = gitball_e2e::RawConnection::connect(cluster.proxy.addr).expect("connect");
+    for (what, head, code) in [
+        (
+            "a head 64 bytes under 32 KiB",
+            &large,
+            Some("headers_too_large"),
+        ),
+        ("a head of 1,999 header lines", &many, None),
+    ] {
+        client.send(head.as_bytes()).expect("send");
+        let answer = client.read_head().expect("the answer");
+        assert_eq!(answer.status, 431, "{what}");
+        let mut body = Vec::new();
+        let end = client.read_body_to_end(|chunk| body.extend_from_slice(chunk));
+        assert_eq!(end, gitball_e2e::BodyEnd::Complete, "{what}");
+        match code {
+            Some(code) => assert!(
+                String::from_utf8_lossy(&body).contains(&format!("\"error\":\"{code}\"")),
+                "{what}: {:?}",
+                String::from_utf8_lossy(&body)
+            ),
+            None => assert!(body.is_empty(), "{what}: hyper's 431 has no body"),
+        }
+        // The client's connection goes on.
+        client
+            .send_request("GET", "/acme/widget/archive/main.tar", &[])
+            .expect("send");
+        assert_eq!(
+            client.read_head().expect("the next answer").status,
+            200,
+            "{what}"
+        );
+        assert_eq!(
+            client.read_body_to_end(|_| {}),
+            gitball_e2e::BodyEnd::Complete,
+            "{what}"
+        );
+    }
+    let metrics = cluster.proxy.scrape();
+    let upstream = cluster.primary.base_url.as_str();
+    let attempts = |outcome| {
+        metrics.value(
+            "gitball_proxy_upstream_attempts_total",
+            &[("upstream", upstream), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(attempts("ok"), 4.0, "every attempt was answered");
+    assert_eq!(attempts("error"), 0.0);
+}
+
 /// `docs/http.md` ("Limits on client input"): a request line over 8 KiB
 /// gets `414`, so one of exactly 8 KiB is served, on both tiers, and a byte
 /// more is refused. (Mutation review: the bound lowered to 4 KiB passed
