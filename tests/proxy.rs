@@ -2796,6 +2796,95 @@ fn a_hung_archiver_whose_ejection_ended_holds_up_one_request_not_all() {
     );
 }
 
+/// `docs/proxy.md#ejection`: the probe spares the other requests only when
+/// another candidate answers them. A route of one upstream has none: while
+/// one request probes a hung archiver whose ejection ended, the next one
+/// tries it too and waits `--header-timeout` there, then gets the `504` the
+/// probe gets; it is neither held back nor refused at once.
+#[test]
+fn a_request_with_no_other_candidate_tries_the_upstream_another_is_probing() {
+    const HEADER_TIMEOUT_SECONDS: u64 = 2;
+    let sandbox = Sandbox::new();
+    // Its first connection is reset (ejected at once); every later one is
+    // accepted, reported, held open and never answered.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let hung = listener.local_addr().expect("address");
+    let (accepted, connections) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for (index, stream) in listener.incoming().enumerate() {
+            let Ok(stream) = stream else { return };
+            if index == 0 {
+                socket2::SockRef::from(&stream)
+                    .set_linger(Some(Duration::ZERO))
+                    .expect("linger");
+                drop(stream);
+            } else {
+                held.push(stream);
+            }
+            if accepted.send(index).is_err() {
+                return;
+            }
+        }
+    });
+    let routes = sandbox.path("routes.toml");
+    let hung_url = format!("http://{hung}");
+    write_routes(&routes, &[Route::new("*", &hung_url, &[])]);
+    let header_timeout = HEADER_TIMEOUT_SECONDS.to_string();
+    let proxy = Proxy::with_routes(
+        &routes,
+        &["--header-timeout", &header_timeout, "--eject-for", "1"],
+    );
+    let addr = proxy.addr;
+    let path = "/acme/widget/archive/main.tar";
+    let ejected = || {
+        proxy
+            .scrape()
+            .get("gitball_proxy_upstream_ejected", &[("upstream", &hung_url)])
+    };
+
+    assert_eq!(fetch(addr, path).status(), 502, "the reset");
+    assert_eq!(connections.recv_timeout(SETTLE), Ok(0));
+    assert_eq!(ejected(), Some(1.0), "ejected by the reset");
+    assert!(
+        wait_until(SETTLE, || ejected() == Some(0.0)),
+        "the ejection did not end"
+    );
+    let timed = move || {
+        let started = Instant::now();
+        (fetch(addr, path).status(), started.elapsed())
+    };
+    let probe = std::thread::spawn(timed);
+    assert_eq!(
+        connections.recv_timeout(SETTLE),
+        Ok(1),
+        "the first request after the ejection did not try the archiver"
+    );
+    let other = std::thread::spawn(timed);
+    assert_eq!(
+        connections.recv_timeout(SETTLE),
+        Ok(2),
+        "a request with no other candidate did not try the upstream being probed"
+    );
+    for (who, waiter) in [("the probe", probe), ("the other request", other)] {
+        let (status, waited) = waiter.join().expect(who);
+        assert_eq!(status, 504, "{who}");
+        assert!(
+            waited >= Duration::from_secs(HEADER_TIMEOUT_SECONDS),
+            "{who} waited {waited:?}"
+        );
+    }
+    assert_eq!(
+        proxy.scrape().value(
+            ATTEMPTS,
+            &[("upstream", &hung_url), ("outcome", "header_timeout")]
+        ),
+        2.0,
+        "both requests waited for the hung archiver"
+    );
+    assert_eq!(ejected(), Some(1.0), "ejected again by the timeouts");
+}
+
 /// `docs/proxy.md#ejection`: any answer ends an ejection at once, except a
 /// busy `503` and a `500`, which say the archiver is up but not that this
 /// request went well there.

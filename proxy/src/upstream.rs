@@ -16,8 +16,8 @@
 //! time tries it in its place ([`Health::trial`] hands out one
 //! [`Probe`]); meanwhile every other request tries it after the others, as
 //! while it was ejected. The probe's answer ends the probation, its failure
-//! ejects it again, and anything else (a busy `503`, its client gone, an
-//! earlier candidate's answer) lets the next request probe. Without it, an
+//! ejects it again, and anything else (a busy `503`, its client gone)
+//! lets the next request probe. Without it, an
 //! archiver that accepts connections and never answers (stopped, hung) had
 //! every request in flight when its ejection ended wait `--header-timeout`
 //! on it, each ejection over again (attack: a SIGSTOPped replica, 32
