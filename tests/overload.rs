@@ -1114,10 +1114,103 @@ fn a_proxys_connections_to_its_archiver_are_not_counted_as_one_client() {
     );
 }
 
+/// docs/archiver.md, "Connections per client": an archiver that counts a
+/// proxy (not listed in `--max-connections-per-client-exempt`) refuses
+/// the proxy's connection past the cap once it is half full, and the
+/// proxy passes that `429 too_many_connections` on to its client as it
+/// came: an answer, which ejects nothing, with its `Retry-After`, and the
+/// client's connection goes on (docs/http.md, "Error responses").
+#[test]
+fn an_archivers_429_for_a_counted_proxy_is_passed_on_and_ejects_nothing() {
+    raise_own_nofile();
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "widget");
+    gitball_e2e::proxy::small_repository(&repo);
+    let (git, mut release) = sandbox.git_that_pauses("git-that-waits", 0);
+    let archiver = Archiver::start(
+        &sandbox.repos(),
+        &[
+            "--max-connections-per-client",
+            "1",
+            // Not 127.0.0.1, the proxy's address: the proxy is counted.
+            "--max-connections-per-client-exempt",
+            "::1",
+            "--git",
+            git.to_str().unwrap(),
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--max-connections",
+            PER_CLIENT_TESTS_MAX,
+        ],
+    );
+    let admin = gitball_e2e::listen_address(&archiver.log(), "admin listener serving")
+        .expect("the admin listener's address");
+    let (proxy, _routes) = proxy_to(&archiver.base_url, &[], None);
+    // Half the archiver's connections, held by another client (below half
+    // it serves a client past its cap).
+    let _contention = hold_connections_from(client(5), archiver.addr, 20);
+    std::thread::scope(|scope| {
+        // The proxy's one connection the archiver lets in: a download
+        // that waits on git.
+        let first =
+            scope.spawn(|| fetch_from(client(2), proxy.addr, "/acme/widget/archive/main.tar"));
+        assert!(
+            wait_until(SETTLE, || {
+                scrape(admin).value("gitball_archiver_connections_open", &[]) >= 21.0
+            }),
+            "the first download did not reach the archiver"
+        );
+        let mut second = RawConnection::connect_from(client(3), proxy.addr).expect("connect");
+        for attempt in 0..2 {
+            second
+                .send_request("GET", "/acme/widget/archive/main.tar", &[])
+                .expect("send");
+            let head = second.read_head().expect("an answer");
+            let mut body = Vec::new();
+            second.read_body_to_end(|chunk| body.extend_from_slice(chunk));
+            let body = String::from_utf8_lossy(&body);
+            assert_eq!(head.status, 429, "attempt {attempt}: {body}");
+            assert!(
+                body.contains("\"error\":\"too_many_connections\""),
+                "attempt {attempt}: {body}"
+            );
+            assert_eq!(head.header("retry-after"), Some("5"), "attempt {attempt}");
+            // The client's connection goes on: the next request on it is
+            // answered.
+            assert_eq!(head.header("connection"), None, "attempt {attempt}");
+        }
+        release.write_all(b"go\n").expect("release the generation");
+        assert_eq!(first.join().expect("answered").status(), 200);
+    });
+    let metrics = proxy.metrics();
+    let upstream = archiver.base_url.as_str();
+    assert_eq!(
+        metrics.value(
+            "gitball_proxy_upstream_attempts_total",
+            &[("upstream", upstream), ("outcome", "ok")]
+        ),
+        3.0,
+        "each answer, the 429s included, is an answered attempt"
+    );
+    assert_eq!(
+        metrics.value("gitball_proxy_upstream_ejected", &[("upstream", upstream)]),
+        0.0
+    );
+    assert_eq!(
+        scrape(admin).value(
+            "gitball_archiver_connections_rejected_total",
+            &[("reason", "max_connections_per_client")]
+        ),
+        2.0
+    );
+}
+
 /// `--max-connections-per-client` defaults to an eighth of
 /// `--max-connections` (at least 64) on both tiers; to 0 on an archiver
 /// with `--token-file` (only proxies download from it) and on the
-/// in-process archiver of embedded mode (its one peer is the proxy).
+/// in-process archiver of embedded mode (its one peer is the proxy), but
+/// not on a proxy given `--token-file` (docs/proxy.md, "Connections and
+/// file descriptors").
 #[test]
 fn the_default_cap_per_client_is_an_eighth_of_the_cap_and_off_where_only_proxies_connect() {
     raise_own_nofile();
@@ -1142,11 +1235,15 @@ fn the_default_cap_per_client_is_an_eighth_of_the_cap_and_off_where_only_proxies
         0.0
     );
 
+    // With `--token-file`, which sets the archiver's default to 0 and not
+    // the proxy's: the proxy's clients are end users.
     let args: Vec<OsString> = vec![
         "--repos".into(),
         repos().into(),
         "--cache-dir".into(),
         sandbox.path("cache").into(),
+        "--token-file".into(),
+        token.clone().into(),
     ];
     let embedded = Proxy::start_with_nofile(&args, Some(nofile));
     // Of the embedded cap, (4,096 − 256) / 4.
