@@ -28,6 +28,7 @@ Exit status 1 and one line per problem when anything disagrees.
 """
 
 import argparse
+import ipaddress
 import pathlib
 import re
 import sys
@@ -47,7 +48,7 @@ PROXY_VARIABLES = ARCHIVER_VARIABLES | {
     "GITBALL_ROUTES", "GITBALL_UPSTREAM_TOKEN_FILE",
     "GITBALL_SIGNING_KEY_FILE", "GITBALL_MAX_TOKEN_TTL", "GITBALL_CONNECT_TIMEOUT",
     "GITBALL_HEADER_TIMEOUT", "GITBALL_CLIENT_IDLE_TIMEOUT",
-    "GITBALL_EJECT_FOR",
+    "GITBALL_EJECT_FOR", "GITBALL_TRUSTED_PROXIES",
 }
 
 # Directive -> required value, for both services.
@@ -181,6 +182,36 @@ def check_service(name, unit, env, allowed, problems):
         problems.append(f"{name}: env file sets {variable}, which the binary does not read")
 
 
+def check_front_is_trusted(env, problems):
+    """A proxy on loopback has nginx on its host in front, which names each
+    client in X-Forwarded-For; the proxy believes that only from
+    GITBALL_TRUSTED_PROXIES. Without 127.0.0.1 there every client is
+    127.0.0.1 to the archivers' crawler budget and generation queue
+    (docs/proxy.md, "Client address")."""
+    listen = env.get("GITBALL_LISTEN", "127.0.0.1:8080")
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    try:
+        on_loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        on_loopback = host == "localhost"
+    if not on_loopback:
+        return
+    trusted = []
+    for item in env.get("GITBALL_TRUSTED_PROXIES", "").split(","):
+        if item.strip():
+            try:
+                trusted.append(ipaddress.ip_network(item.strip(), strict=False))
+            except ValueError:
+                problems.append(f"gitball-proxy.env: GITBALL_TRUSTED_PROXIES: {item.strip()!r} "
+                                "is not a CIDR range or an IP address")
+    nginx = ipaddress.ip_address("127.0.0.1")
+    if not any(net.version == 4 and nginx in net for net in trusted):
+        problems.append(
+            f"gitball-proxy.env: GITBALL_LISTEN={listen} has nginx on this host in front, but "
+            "GITBALL_TRUSTED_PROXIES does not hold 127.0.0.1: its X-Forwarded-For is ignored "
+            "and every client is 127.0.0.1 to the archivers' crawler budget")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("systemd_dir", nargs="?", type=pathlib.Path,
@@ -213,6 +244,7 @@ def main():
     check_service("gitball-archiver.service", archiver, archiver_env,
                   archiver_allowed, problems)
     check_service("gitball-proxy.service", proxy, proxy_env, proxy_allowed, problems)
+    check_front_is_trusted(proxy_env, problems)
 
     # The cache: one directory, named identically in three files.
     where = last(mount, "Mount", "Where")

@@ -128,6 +128,16 @@ units_catch_short_stop() {
 }
 run_check "check-units.py fails on a stop timeout within the generations' stop" units_catch_short_stop
 
+# And on a proxy behind nginx on its host that does not trust nginx's
+# X-Forwarded-For: every client would be one to the crawler budget.
+units_catch_untrusted_front() {
+    cp -r ops/systemd "$tmp/untrusted-front"
+    sed -i '/^GITBALL_TRUSTED_PROXIES=/d' "$tmp/untrusted-front/gitball-proxy.env"
+    fails_naming 'GITBALL_TRUSTED_PROXIES does not hold 127.0.0.1' \
+        python3 ops/check-units.py "$tmp/untrusted-front"
+}
+run_check "check-units.py fails on a proxy that ignores its nginx's X-Forwarded-For" units_catch_untrusted_front
+
 # ---------------------------------------------------------------- nginx
 
 nginx_test() {
