@@ -169,6 +169,80 @@ mod tests {
         );
     }
 
+    /// The default of `--max-connections-per-client`, where the contract
+    /// and the shipped configuration state it, is these constants: one
+    /// figure on every page, so a page left behind fails here.
+    #[test]
+    fn the_figures_docs_give_for_the_default_cap_per_client_are_these_constants() {
+        use crate::docs::{assert_says, thousands};
+        let share = match PER_CLIENT_SHARE_DIVISOR {
+            8 => "an eighth",
+            other => panic!("name the share 1/{other} in this test and the docs"),
+        };
+        let (divisor, floor) = (
+            PER_CLIENT_SHARE_DIVISOR,
+            MIN_DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+        );
+        let of = |nofile: u64, per_connection: u64| {
+            thousands(default_max_connections_per_client(default_max_connections(
+                nofile,
+                per_connection,
+            )))
+        };
+        let (hard, unit) = (20_000, 65_536);
+        assert_says(
+            include_str!("../../docs/archiver.md"),
+            "docs/archiver.md",
+            [
+                format!(
+                    "`--max-connections` / {divisor}, at least {floor}; `0` with `--token-file`"
+                ),
+                format!(
+                    "{share} of `--max-connections` and at least {floor} ({} under a hard fd \
+                     limit of {}; {} with `LimitNOFILE={unit}`)",
+                    of(hard, FDS_PER_CONNECTION_ARCHIVER),
+                    thousands(hard as usize),
+                    of(unit, FDS_PER_CONNECTION_ARCHIVER),
+                ),
+            ],
+        );
+        assert_says(
+            include_str!("../../docs/proxy.md"),
+            "docs/proxy.md",
+            [format!(
+                "{share} of its own `--max-connections`, at least {floor}, with or without \
+                 `--token-file`"
+            )],
+        );
+        assert_says(
+            include_str!("../../README.md"),
+            "README.md",
+            [format!(
+                "default {share} of `--max-connections`, at least {floor}"
+            )],
+        );
+        assert_says(
+            include_str!("../../ops/nginx/gitball.conf"),
+            "ops/nginx/gitball.conf",
+            [format!(
+                "--max-connections-per-client under LimitNOFILE={unit} is {}",
+                of(unit, FDS_PER_CONNECTION_PROXY)
+            )],
+        );
+        for env in [
+            include_str!("../../ops/systemd/gitball-archiver.env"),
+            include_str!("../../ops/systemd/gitball-proxy.env"),
+        ] {
+            assert_says(
+                env,
+                "ops/systemd/gitball-*.env",
+                [format!(
+                    "GITBALL_MAX_CONNECTIONS / {divisor}, at least {floor}"
+                )],
+            );
+        }
+    }
+
     #[test]
     fn default_cap_leaves_the_reserve_and_pays_per_connection() {
         assert_eq!(default_max_connections(20_000, 2), 9_872);
