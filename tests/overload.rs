@@ -1259,6 +1259,28 @@ fn the_default_cap_per_client_is_an_eighth_of_the_cap_and_off_where_only_proxies
     );
 }
 
+/// docs/security.md, "Connections per client": on an archiver with
+/// `--token-file` (no cap per client by default) a peer without the token
+/// holds its connection past the 10 s head timeout by asking: a `401` does
+/// not close the connection, so the next request on it is read as any is.
+#[test]
+fn a_peer_without_the_token_keeps_its_connection_by_asking() {
+    let sandbox = Sandbox::new();
+    let token = sandbox.path("upstream.token");
+    std::fs::write(&token, "s3cret\n").expect("token file");
+    let archiver = Archiver::start(repos(), &["--token-file", token.to_str().unwrap()]);
+    let mut connection = RawConnection::connect(archiver.addr).expect("connect");
+    for request in 0..3 {
+        connection
+            .send_request("GET", ARCHIVE_PATH, &[])
+            .expect("send");
+        let head = connection.read_head().expect("an answer");
+        assert_eq!(head.status, 401, "request {request}");
+        assert_eq!(head.header("connection"), None, "request {request}");
+        connection.read_body_to_end(|_| {});
+    }
+}
+
 /// A slowloris is held to the cap too: a client is counted at the
 /// accept, before it sends a byte, so connections that send nothing take
 /// their client's places.
