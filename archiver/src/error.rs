@@ -205,6 +205,10 @@ impl IntoResponse for Error {
             }
             Error::Unauthorized => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                // One answer per connection: a peer without the token
+                // cannot hold a connection by asking again within each
+                // head timeout (docs/security.md, "Connections per client").
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             Error::RangeNotSatisfiable { complete_length } => {
                 headers.insert(
