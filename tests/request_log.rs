@@ -120,24 +120,30 @@ fn the_level_is_the_faults() {
     let sandbox = Sandbox::new();
     small_repository(&sandbox.repo("acme", "widget"));
     let cache = sandbox.path("cache");
-    // Each `git archive` runs the real git, then exits with the status the
-    // test writes on a fifo: level-4's tar.gz fails only once its head
-    // reached the client. (It was a zip cut by the bound with its second
-    // entry; on a loaded host the bound could be passed before the answer
-    // began, a `500`: seen once in a full run.)
+    // Level-4's `git archive` (its prefix is `widget-1.2.3/`) runs the real
+    // git, then exits with the status the test writes on a fifo: its
+    // tar.gz fails only once its head reached the client. (It was a zip cut
+    // by the bound with its second entry; on a loaded host the bound could
+    // be passed before the answer began, a `500`: seen once in a full run.)
+    // The others run git alone: a stub that outlived its git would hold
+    // the pipe, and the archiver reads git's output to its end.
     let (release, mut exit_with) = sandbox.fifo("release");
     let stub = sandbox.write_stub(
-        "exits-as-told",
+        "level-4-exits-as-told",
         &format!(
-            "'{}' \"$@\" || exit $?\nread code < '{}'\nexit $code\n",
-            gitball_e2e::real_git().display(),
-            release.display()
+            "case \" $* \" in\n\
+             *' --prefix=widget-1.2.3/ '*) '{git}' \"$@\" || exit $?\n\
+             read code < '{release}'\n\
+             exit $code ;;\n\
+             esac\n\
+             exec '{git}' \"$@\"\n",
+            git = gitball_e2e::real_git().display(),
+            release = release.display()
         ),
     );
     // The whole tree's archives are over the bound, the `docs` subtree's
     // tar.gz (of one 10 KiB tar record, most of it zeros) is not. The tar
-    // passes it with git's first write, before the answer began (`500`;
-    // its git is killed, so it takes no status from the fifo).
+    // passes it with git's first write, before the answer began (`500`).
     let proxy = Proxy::embedded(
         &sandbox.repos(),
         &cache,
@@ -148,7 +154,6 @@ fn the_level_is_the_faults() {
             stub.to_str().unwrap(),
         ],
     );
-    writeln!(exit_with, "0").expect("level-1's status");
     let cases = [
         ("/acme/widget/archive/main.tar.gz?path=docs", 200, "level-1"),
         ("/acme/widget/archive/nope.tar", 404, "level-2"),
