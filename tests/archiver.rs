@@ -4947,3 +4947,55 @@ fn start_up_failures_name_the_flag() {
     );
     assert!(stderr.contains("--git"), "no --git in: {stderr}");
 }
+
+/// docs/archiver.md, "Limits": a generation whose archive grew past
+/// `--max-archive-bytes` stops its git at once, not at git's next write.
+/// Here git (a stub) writes its first 64 KiB, four times the bound, and
+/// then writes nothing more: the download ends (a `500`, or a `200` cut)
+/// within seconds and git is gone. (The generation waited for git's next
+/// write, which never came: the request hung until the client gave up.)
+#[test]
+fn a_generation_past_the_bound_stops_its_git_at_once() {
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "big");
+    repo.write("data.bin", pseudo_random_bytes(12, 256 * 1024));
+    let commit = repo.commit_all(T1, "big");
+    let (stub, mut release) = sandbox.git_that_pauses("git-that-stops", 65_536);
+    let archiver = Archiver::start(
+        &sandbox.repos(),
+        &[
+            "--git",
+            stub.to_str().unwrap(),
+            "--max-archive-bytes",
+            "16KiB",
+        ],
+    );
+    let started = Instant::now();
+    let mut connection = RawConnection::connect(archiver.addr).unwrap();
+    connection
+        .send_request("GET", &format!("/acme/big/archive/{commit}.tar"), &[])
+        .unwrap();
+    let head = connection.read_head().expect("an answer");
+    if head.status == 200 {
+        let end = connection.read_body_to_end(|_| {});
+        assert!(
+            matches!(end, BodyEnd::Aborted(_)),
+            "the cut archive: {end:?}"
+        );
+    } else {
+        assert_eq!(head.status, 500);
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "the download ended after {took:?}: the generation waited for git"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || child_processes(archiver.pid)
+            .is_empty()),
+        "git is still running: {:?}",
+        child_processes(archiver.pid)
+    );
+    // Were it still waiting, this would let it go.
+    let _ = std::io::Write::write_all(&mut release, b"go\n");
+}

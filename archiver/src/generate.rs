@@ -460,6 +460,10 @@ pub async fn run(
     let deadline = tokio::time::Instant::now() + limits.timeout;
     let pumped = tokio::select! {
         pumped = pump(&mut stdout, &chunks, spec.compression.needs_whole_blocks()) => pumped,
+        // The writer stopped (too large, I/O error): git is stopped now,
+        // not at its next write, which a git that pauses (a large blob
+        // inflating, a stub) may make seconds later or never.
+        () = chunks.closed() => Err(None),
         () = tokio::time::sleep_until(deadline) => Err(Some(Failure::Timeout)),
         () = cancel.cancelled() => Err(Some(Failure::Cancelled)),
     };
