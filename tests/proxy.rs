@@ -2694,6 +2694,19 @@ fn a_header_timeout_beside_a_refused_connection_is_a_502_not_a_504() {
     assert_names_no_upstream(&answer, &[&silent, &format!("http://{refused}")]);
 }
 
+/// Asserts that an upstream's ejection gauge, scraped just before this
+/// call, reads `1`, or `0` only if `eject_for` has passed since `since`, an
+/// instant no later than the failure that ejected it: on a loaded host the
+/// request and the scrape can outlast a short `--eject-for`, and then the
+/// ejection has rightly ended (as 508bde8 found with 3 s).
+fn assert_ejected_since(gauge: Option<f64>, since: Instant, eject_for: Duration, what: &str) {
+    let elapsed = since.elapsed();
+    assert!(
+        gauge == Some(1.0) || (gauge == Some(0.0) && elapsed >= eject_for),
+        "{what}: gauge {gauge:?} {elapsed:?} after the failure, --eject-for {eject_for:?}"
+    );
+}
+
 /// `docs/proxy.md#ejection`: when an ejection ends, one request tries the
 /// archiver in its place; the others try it after the healthy candidates
 /// until that request's attempt ends. An archiver that accepts connections
@@ -2704,6 +2717,7 @@ fn a_header_timeout_beside_a_refused_connection_is_a_502_not_a_504() {
 #[test]
 fn a_hung_archiver_whose_ejection_ended_holds_up_one_request_not_all() {
     const HEADER_TIMEOUT_SECONDS: u64 = 5;
+    const EJECT_FOR: Duration = Duration::from_secs(1);
     const FOLLOWERS: usize = 4;
     let sandbox = Sandbox::new();
     // Its first connection is reset (ejected at once, no timeout to wait);
@@ -2743,9 +2757,15 @@ fn a_hung_archiver_whose_ejection_ended_holds_up_one_request_not_all() {
         )],
     );
     let header_timeout = HEADER_TIMEOUT_SECONDS.to_string();
+    let eject_for = EJECT_FOR.as_secs().to_string();
     let proxy = Proxy::with_routes(
         &routes,
-        &["--header-timeout", &header_timeout, "--eject-for", "1"],
+        &[
+            "--header-timeout",
+            &header_timeout,
+            "--eject-for",
+            &eject_for,
+        ],
     );
     let addr = proxy.addr;
     let path = "/acme/widget/archive/main.tar";
@@ -2756,9 +2776,10 @@ fn a_hung_archiver_whose_ejection_ended_holds_up_one_request_not_all() {
             .get("gitball_proxy_upstream_ejected", &[("upstream", &hung_url)])
     };
 
+    let reset = Instant::now();
     assert_eq!(fetch(addr, path).text(), "ok", "failed over at the reset");
     assert_eq!(connections.recv_timeout(SETTLE), Ok(0));
-    assert_eq!(ejected(), Some(1.0), "ejected by the reset");
+    assert_ejected_since(ejected(), reset, EJECT_FOR, "ejected by the reset");
     assert!(
         wait_until(SETTLE, || ejected() == Some(0.0)),
         "the ejection did not end"
@@ -2767,7 +2788,7 @@ fn a_hung_archiver_whose_ejection_ended_holds_up_one_request_not_all() {
     // The first request after it tries the hung archiver, and waits.
     let probe = std::thread::spawn(move || {
         let started = Instant::now();
-        (fetch(addr, path).text(), started.elapsed())
+        (fetch(addr, path).text(), started, started.elapsed())
     });
     assert_eq!(
         connections.recv_timeout(SETTLE),
@@ -2786,13 +2807,17 @@ fn a_hung_archiver_whose_ejection_ended_holds_up_one_request_not_all() {
             started.elapsed()
         );
     }
-    let (text, waited) = probe.join().expect("the probe");
+    let (text, probe_started, waited) = probe.join().expect("the probe");
     assert_eq!(text, "ok", "the probe failed over");
-    assert!(
-        waited >= Duration::from_secs(HEADER_TIMEOUT_SECONDS),
-        "the probe waited {waited:?}"
+    let header_timeout = Duration::from_secs(HEADER_TIMEOUT_SECONDS);
+    assert!(waited >= header_timeout, "the probe waited {waited:?}");
+    // Its attempt timed out no sooner than --header-timeout after it began.
+    assert_ejected_since(
+        ejected(),
+        probe_started + header_timeout,
+        EJECT_FOR,
+        "ejected again by the probe's timeout",
     );
-    assert_eq!(ejected(), Some(1.0), "ejected again by the probe's timeout");
     let metrics = proxy.scrape();
     assert_eq!(
         metrics.value(
@@ -2812,6 +2837,7 @@ fn a_hung_archiver_whose_ejection_ended_holds_up_one_request_not_all() {
 #[test]
 fn a_request_with_no_other_candidate_tries_the_upstream_another_is_probing() {
     const HEADER_TIMEOUT_SECONDS: u64 = 2;
+    const EJECT_FOR: Duration = Duration::from_secs(1);
     let sandbox = Sandbox::new();
     // Its first connection is reset (ejected at once); every later one is
     // accepted, reported, held open and never answered.
@@ -2839,9 +2865,15 @@ fn a_request_with_no_other_candidate_tries_the_upstream_another_is_probing() {
     let hung_url = format!("http://{hung}");
     write_routes(&routes, &[Route::new("*", &hung_url, &[])]);
     let header_timeout = HEADER_TIMEOUT_SECONDS.to_string();
+    let eject_for = EJECT_FOR.as_secs().to_string();
     let proxy = Proxy::with_routes(
         &routes,
-        &["--header-timeout", &header_timeout, "--eject-for", "1"],
+        &[
+            "--header-timeout",
+            &header_timeout,
+            "--eject-for",
+            &eject_for,
+        ],
     );
     let addr = proxy.addr;
     let path = "/acme/widget/archive/main.tar";
@@ -2851,16 +2883,17 @@ fn a_request_with_no_other_candidate_tries_the_upstream_another_is_probing() {
             .get("gitball_proxy_upstream_ejected", &[("upstream", &hung_url)])
     };
 
+    let reset = Instant::now();
     assert_eq!(fetch(addr, path).status(), 502, "the reset");
     assert_eq!(connections.recv_timeout(SETTLE), Ok(0));
-    assert_eq!(ejected(), Some(1.0), "ejected by the reset");
+    assert_ejected_since(ejected(), reset, EJECT_FOR, "ejected by the reset");
     assert!(
         wait_until(SETTLE, || ejected() == Some(0.0)),
         "the ejection did not end"
     );
     let timed = move || {
         let started = Instant::now();
-        (fetch(addr, path).status(), started.elapsed())
+        (fetch(addr, path).status(), started, started.elapsed())
     };
     let probe = std::thread::spawn(timed);
     assert_eq!(
@@ -2874,13 +2907,13 @@ fn a_request_with_no_other_candidate_tries_the_upstream_another_is_probing() {
         Ok(2),
         "a request with no other candidate did not try the upstream being probed"
     );
+    let header_timeout = Duration::from_secs(HEADER_TIMEOUT_SECONDS);
+    let mut first_started = None;
     for (who, waiter) in [("the probe", probe), ("the other request", other)] {
-        let (status, waited) = waiter.join().expect(who);
+        let (status, started, waited) = waiter.join().expect(who);
         assert_eq!(status, 504, "{who}");
-        assert!(
-            waited >= Duration::from_secs(HEADER_TIMEOUT_SECONDS),
-            "{who} waited {waited:?}"
-        );
+        assert!(waited >= header_timeout, "{who} waited {waited:?}");
+        first_started.get_or_insert(started);
     }
     assert_eq!(
         proxy.scrape().value(
@@ -2890,7 +2923,14 @@ fn a_request_with_no_other_candidate_tries_the_upstream_another_is_probing() {
         2.0,
         "both requests waited for the hung archiver"
     );
-    assert_eq!(ejected(), Some(1.0), "ejected again by the timeouts");
+    // Neither attempt timed out sooner than --header-timeout after the
+    // probe, the first, began.
+    assert_ejected_since(
+        ejected(),
+        first_started.expect("the probe") + header_timeout,
+        EJECT_FOR,
+        "ejected again by the timeouts",
+    );
 }
 
 /// `docs/proxy.md#ejection`: any answer ends an ejection at once, except a
