@@ -2530,15 +2530,22 @@ fn a_burst_leaves_at_most_256_idle_upstream_connections_per_pool() {
     // Well before any of them could have expired (5 s after it came back).
     let within = Duration::from_secs(4).saturating_sub(answered_at.elapsed());
     let mut open = 0;
+    let mut sampled = Duration::ZERO;
     let bounded = wait_until(within, || {
         open = gitball_e2e::connections_to(proxy.pid, as_v4(upstream));
+        sampled = answered_at.elapsed();
         open <= BOUND
     });
     assert!(
         bounded,
         "{open} connections to the upstream left open after a burst of {BURST}"
     );
-    assert!(open > 0, "the pool kept no idle connection");
+    // Idle connections expire 5 s after they came back: a test thread
+    // held off the CPU that long (reading 320 heads) may rightly see none.
+    assert!(
+        open > 0 || sampled >= Duration::from_secs(5),
+        "the pool kept no idle connection ({sampled:?} after the answers)"
+    );
     drop(done);
 }
 
