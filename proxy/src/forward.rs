@@ -61,10 +61,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
-use http_body_util::Empty;
 use tokio::net::TcpStream;
 
 use crate::error::Error;
+use crate::exchange::RequestHead;
 use crate::pool::{Pool, PooledBody, SendError};
 use crate::routes::{Candidate, Role};
 use crate::upstream::{Health, Trial};
@@ -577,32 +577,22 @@ impl Forwarder {
     ) -> (Outcome, Option<UpstreamResponse>) {
         // Origin-form, as sent: the pool knows the upstream's address and
         // sets its `Host`.
-        let uri = match request.uri() {
-            Ok(uri) => uri,
+        let target = match request.target() {
+            Ok(target) => target,
             Err(error) => {
                 tracing::debug!(upstream = %candidate.upstream, %error, "no valid upstream URL");
                 return (Outcome::Error, None);
             }
         };
-        // Made again only for a request sent again (a `Uri`'s clone
-        // would allocate).
-        let mut first = Some(uri);
-        let make = move || {
-            let uri = first
-                .take()
-                .unwrap_or_else(|| request.uri().unwrap_or_default());
-            let mut upstream_request = http::Request::new(Empty::new());
-            *upstream_request.method_mut() = request.method.clone();
-            *upstream_request.headers_mut() = request.headers.clone();
-            *upstream_request.uri_mut() = uri;
-            if let Some(authorization) = &self.authorization {
-                upstream_request
-                    .headers_mut()
-                    .insert(http::header::AUTHORIZATION, authorization.clone());
-            }
-            upstream_request
-        };
-        let send = self.pool.send(&candidate.upstream, make);
+        let send = self.pool.send(
+            &candidate.upstream,
+            RequestHead {
+                method: &request.method,
+                target: &target,
+                headers: &request.headers,
+                authorization: self.authorization.as_ref(),
+            },
+        );
         let header_timeout = if request.answered_when_complete() {
             self.header_timeout.max(COMPLETE_ARCHIVE_TIMEOUT)
         } else {
@@ -690,12 +680,14 @@ fn is_digits(value: &[u8]) -> bool {
 pub const COMPLETE_ARCHIVE_TIMEOUT: Duration = Duration::from_secs(630);
 
 impl UpstreamRequest {
-    /// The upstream request's origin-form URI: [`UpstreamRequest::parsed`]
+    /// The upstream request's origin-form target: [`UpstreamRequest::parsed`]
     /// if there is one, else `path_and_query` parsed.
-    fn uri(&self) -> Result<http::Uri, http::uri::InvalidUri> {
+    fn target(&self) -> Result<http::uri::PathAndQuery, http::uri::InvalidUri> {
         match &self.parsed {
-            Some(parsed) => Ok(http::Uri::from(parsed.clone())),
-            None => http::Uri::from_maybe_shared(Bytes::from(self.path_and_query.clone())),
+            Some(parsed) => Ok(parsed.clone()),
+            None => {
+                http::uri::PathAndQuery::from_maybe_shared(Bytes::from(self.path_and_query.clone()))
+            }
         }
     }
 
@@ -964,7 +956,13 @@ mod tests {
         drop(listener);
         let upstream: Arc<str> = format!("http://{address}").into();
         let error = Pool::new(Duration::from_secs(5))
-            .send(&upstream, || http::Request::new(Empty::new()))
+            .send(
+                &upstream,
+                crate::exchange::RequestHead::get(
+                    &http::uri::PathAndQuery::from_static("/"),
+                    &HeaderMap::new(),
+                ),
+            )
             .await
             .unwrap_err();
         assert_eq!(classify_error(&error), Outcome::ConnectError);
@@ -1028,10 +1026,10 @@ mod tests {
         held.abort();
     }
 
-    /// The URI sent upstream is `path_and_query`'s, whether parsed here or
-    /// taken as the client sent it.
+    /// The target sent upstream is `path_and_query`'s, whether parsed here
+    /// or taken as the client sent it.
     #[test]
-    fn the_upstream_uri_is_the_canonical_path_either_way() {
+    fn the_upstream_target_is_the_canonical_path_either_way() {
         let path = "/acme/widget/archive/main.tar.gz?path=docs%20x";
         let mut request = UpstreamRequest {
             method: Method::GET,
@@ -1039,12 +1037,15 @@ mod tests {
             parsed: None,
             headers: HeaderMap::new(),
         };
-        let parsed_here = request.uri().unwrap();
+        let parsed_here = request.target().unwrap();
         request.parsed = Some(http::uri::PathAndQuery::from_static(path));
-        let as_sent = request.uri().unwrap();
+        let as_sent = request.target().unwrap();
         assert_eq!(parsed_here, as_sent);
-        assert_eq!(as_sent.to_string(), path);
-        assert!(as_sent.scheme().is_none() && as_sent.authority().is_none());
+        assert_eq!(as_sent.as_str(), path);
+        // What may not stand in a request line is refused, not sent.
+        request.parsed = None;
+        request.path_and_query = "/acme/widget/archive/main.tar.gz\r\nx: y".into();
+        assert!(request.target().is_err());
     }
 
     #[test]

@@ -473,13 +473,10 @@ async fn wait_healthy(base: &str) -> anyhow::Result<()> {
     const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
     let pool = pool::Pool::new(ATTEMPT_TIMEOUT);
     let upstream: std::sync::Arc<str> = base.into();
-    let uri = ::http::Uri::from_static("/healthz");
+    let target = ::http::uri::PathAndQuery::from_static("/healthz");
+    let headers = ::http::HeaderMap::new();
+    let request = exchange::RequestHead::get(&target, &headers);
     let deadline = tokio::time::Instant::now() + EMBEDDED_START_TIMEOUT;
-    let request = || {
-        let mut request = ::http::Request::new(http_body_util::Empty::new());
-        *request.uri_mut() = uri.clone();
-        request
-    };
     loop {
         let answer = tokio::time::timeout(ATTEMPT_TIMEOUT, pool.send(&upstream, request)).await;
         if answer.is_ok_and(|answer| answer.is_ok_and(|response| response.status().is_success())) {

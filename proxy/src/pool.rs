@@ -50,18 +50,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderValue;
-use http_body_util::Empty;
 use hyper::body::{Body, Frame, SizeHint};
 use hyper_util::rt::TokioIo;
 // The runtime's clock, which a test can pause.
 use tokio::time::Instant;
 
-use crate::exchange::{Decoder, Wire};
+use crate::exchange::{Decoder, RequestHead, Wire};
 use crate::forward::{POOL_IDLE_TIMEOUT, POOL_MAX_IDLE_PER_UPSTREAM};
 use crate::window::{SMALL_RECV_BUFFER_BYTES, UpstreamWindow, WindowedIo};
-
-/// The requests sent upstream: no body.
-pub type UpstreamRequestBody = Empty<Bytes>;
 
 /// Why no response head came back from an upstream.
 #[derive(Debug, thiserror::Error)]
@@ -137,15 +133,15 @@ impl Pool {
         }
     }
 
-    /// Sends the request `make` makes (origin-form URI, a `GET` or `HEAD`,
-    /// or a prewarm's `POST`; its `Host` is set here) to `upstream` (`http://host:port`) and
-    /// waits for the response head. Not bounded in time but for the
-    /// connect: the caller bounds it. `make` is called again only for a
-    /// request sent again (see the module docs).
+    /// Sends `request` (a `GET` or `HEAD`, or a prewarm's `POST`; its
+    /// `Host` is set here) to `upstream` (`http://host:port`) and waits for
+    /// the response head. Not bounded in time but for the connect: the
+    /// caller bounds it. A request sent again (see the module docs) is the
+    /// same head.
     pub async fn send(
         &self,
         upstream: &Arc<str>,
-        mut make: impl FnMut() -> http::Request<UpstreamRequestBody>,
+        request: RequestHead<'_>,
     ) -> Result<http::Response<PooledBody>, SendError> {
         let host = {
             let mut state = self.shared.lock();
@@ -154,14 +150,10 @@ impl Pool {
                 None => state.add(upstream)?.host.clone(),
             }
         };
-        let mut request = make();
         // Once a written request met a close, it goes out again on a new
         // connection only: at most twice in all, whatever the idle ones.
         let mut resent = false;
         loop {
-            request
-                .headers_mut()
-                .insert(http::header::HOST, host.clone());
             let checked_out = if resent {
                 None
             } else {
@@ -171,7 +163,7 @@ impl Pool {
                 Some(connection) => (connection, true),
                 None => (self.connect(upstream).await?, false),
             };
-            match connection.wire.exchange(&request).await {
+            match connection.wire.exchange(&request, &host).await {
                 Ok(head) => {
                     let mut body = PooledBody {
                         decoder: Decoder::new(head.framing),
@@ -196,10 +188,7 @@ impl Pool {
                 // also have closed on reading it, and would get it again
                 // from every idle connection. On a new connection, any
                 // failure is the attempt's.
-                Err(error) if reused && error.unanswered => {
-                    resent = true;
-                    request = make();
-                }
+                Err(error) if reused && error.unanswered => resent = true,
                 Err(error) => return Err(SendError::Http(error.error)),
             }
         }
@@ -473,10 +462,14 @@ mod tests {
         }
     }
 
-    fn request() -> http::Request<UpstreamRequestBody> {
-        let mut request = http::Request::new(Empty::new());
-        *request.uri_mut() = http::Uri::from_static("/acme/widget/archive/main.tar.gz");
-        request
+    fn request() -> RequestHead<'static> {
+        static TARGET: std::sync::LazyLock<http::uri::PathAndQuery> =
+            std::sync::LazyLock::new(|| {
+                http::uri::PathAndQuery::from_static("/acme/widget/archive/main.tar.gz")
+            });
+        static HEADERS: std::sync::LazyLock<http::HeaderMap> =
+            std::sync::LazyLock::new(http::HeaderMap::new);
+        RequestHead::get(&TARGET, &HEADERS)
     }
 
     /// docs/internal-api.md, "Connections": a request written on an idle
@@ -504,7 +497,7 @@ mod tests {
         });
         let pool = Pool::new(Duration::from_secs(5));
         let response = pool
-            .send(&upstream, request)
+            .send(&upstream, request())
             .await
             .expect("the first answer");
         let body = response.into_body().collect().await.unwrap().to_bytes();
@@ -533,7 +526,7 @@ mod tests {
         // since (nothing yields before the request is handed to it).
         drop(first_connection.recv().unwrap());
         let response = pool
-            .send(&upstream, request)
+            .send(&upstream, request())
             .await
             .expect("sent again on a new connection");
         let body = response.into_body().collect().await.unwrap().to_bytes();
@@ -569,7 +562,7 @@ mod tests {
             let _ = closed.send(stream.read(&mut more).map_err(|error| error.kind()));
         });
         let pool = Pool::new(Duration::from_secs(5));
-        let response = pool.send(&upstream, request).await.expect("the answer");
+        let response = pool.send(&upstream, request()).await.expect("the answer");
         response.into_body().collect().await.unwrap();
         assert_eq!(idle(&pool), 1, "the connection came back");
         tokio::time::sleep(POOL_IDLE_TIMEOUT - Duration::from_millis(10)).await;
@@ -632,7 +625,7 @@ mod tests {
         });
         let pool = Pool::new(Duration::from_secs(5));
         let answers = futures_util::future::join_all((0..IDLE).map(|_| async {
-            let response = pool.send(&upstream, request).await.expect("an answer");
+            let response = pool.send(&upstream, request()).await.expect("an answer");
             response.into_body().collect().await.unwrap().to_bytes()
         }))
         .await;
@@ -645,7 +638,7 @@ mod tests {
         }
         assert_eq!(idle(&pool), IDLE, "every connection came back");
         let error = pool
-            .send(&upstream, request)
+            .send(&upstream, request())
             .await
             .expect_err("the archiver closes on every request");
         assert!(matches!(error, SendError::Http(_)), "{error:?}");
@@ -686,7 +679,7 @@ mod tests {
                 stream
             });
             let pool = Pool::new(Duration::from_secs(5));
-            let response = pool.send(&upstream, request).await.expect("the answer");
+            let response = pool.send(&upstream, request()).await.expect("the answer");
             let body = response.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(&body[..], b"ok");
             assert_eq!(
@@ -720,7 +713,7 @@ mod tests {
         });
         let pool = Pool::new(Duration::from_secs(5));
         let error = pool
-            .send(&upstream, request)
+            .send(&upstream, request())
             .await
             .expect_err("more than 64 KiB of interim heads taken");
         assert!(error.to_string().contains("too large"), "{error}");
@@ -754,7 +747,7 @@ mod tests {
             (read.map_err(|error| error.kind()), started.elapsed())
         });
         let pool = Pool::new(Duration::from_secs(5));
-        let response = pool.send(&upstream, request).await.expect("the answer");
+        let response = pool.send(&upstream, request()).await.expect("the answer");
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"ok");
         answered.recv().unwrap();
@@ -799,7 +792,7 @@ mod tests {
             (first, second)
         });
         let pool = Pool::new(Duration::from_secs(5));
-        let response = pool.send(&upstream, request).await.expect("the first");
+        let response = pool.send(&upstream, request()).await.expect("the first");
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"ok");
         assert_eq!(idle(&pool), 1);
@@ -809,7 +802,7 @@ mod tests {
         evil_sent.recv().unwrap();
         // Loopback: written is arrived; a moment for the kernel anyway.
         std::thread::sleep(Duration::from_millis(50));
-        let response = pool.send(&upstream, request).await.expect("the second");
+        let response = pool.send(&upstream, request()).await.expect("the second");
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(
             &body[..],
@@ -840,7 +833,7 @@ mod tests {
         let mut at = Vec::new();
         for _ in 0..3 {
             let (parts, mut body) = pool
-                .send(&upstream, request)
+                .send(&upstream, request())
                 .await
                 .expect("the answer")
                 .into_parts();
@@ -889,7 +882,7 @@ mod tests {
         });
         let pool = Pool::new(Duration::from_secs(5));
         let (parts, mut body) = pool
-            .send(&upstream, request)
+            .send(&upstream, request())
             .await
             .expect("the first")
             .into_parts();
@@ -899,7 +892,7 @@ mod tests {
         drop(body);
         closed_seen.recv().unwrap();
         let (parts, mut body) = pool
-            .send(&upstream, request)
+            .send(&upstream, request())
             .await
             .expect("the second")
             .into_parts();
@@ -930,7 +923,7 @@ mod tests {
                 stream.write_all(ANSWER).unwrap();
                 stream
             });
-            let response = pool.send(&upstream, request).await.expect("the answer");
+            let response = pool.send(&upstream, request()).await.expect("the answer");
             response.into_body().collect().await.unwrap();
             // Kept open: only the idle timeout lets the connection go.
             servers.push(server);

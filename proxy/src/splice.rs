@@ -1307,11 +1307,13 @@ mod tests {
             let pool = crate::pool::Pool::new(TEST_TIMEOUT);
             let pooled = tokio::time::timeout(
                 TEST_TIMEOUT,
-                pool.send(&Arc::from(address.as_str()), || {
-                    let mut request = http::Request::new(Default::default());
-                    *request.uri_mut() = http::Uri::from_static("/acme/widget/archive/main.tar");
-                    request
-                }),
+                pool.send(
+                    &Arc::from(address.as_str()),
+                    crate::exchange::RequestHead::get(
+                        &http::uri::PathAndQuery::from_static("/acme/widget/archive/main.tar"),
+                        &http::HeaderMap::new(),
+                    ),
+                ),
             )
             .await
             .unwrap();
