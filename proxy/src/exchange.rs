@@ -414,6 +414,13 @@ pub(crate) fn parse(
                 None => HeaderName::from_bytes(line.name.as_bytes())
                     .map_err(|_| invalid("invalid response header name"))?,
             };
+            // The upstream's `Date` is left out: the proxy never passes it
+            // on (the client gets its own server's), nothing reads it, and
+            // taken into the map it was checked, inserted, then looked up
+            // and removed again (about 1 % of a small hit's instructions).
+            if name == header::DATE {
+                continue;
+            }
             // httparse's values are slices of `read` (an empty one too);
             // anything else is refused, never sliced out of bounds.
             let start = (line.value.as_ptr() as usize)
@@ -761,6 +768,17 @@ mod tests {
         assert_eq!(parsed.parts.headers["x-gitball-cache"], "hit");
         let others: Vec<_> = parsed.parts.headers.get_all("x-other").iter().collect();
         assert_eq!(others, ["a", "b"]);
+        // The upstream's `Date` is not kept, in any case; what follows it is.
+        let parsed = head(
+            b"HTTP/1.1 200 OK\r\ndate: Mon, 07 Dec 2026 16:00:00 GMT\r\nDate: x\r\n\
+              ETag: \"e\"\r\nContent-Length: 0\r\n\r\n",
+            &Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(!parsed.parts.headers.contains_key(header::DATE));
+        assert_eq!(parsed.parts.headers.len(), 2);
+        assert_eq!(parsed.parts.headers[header::ETAG], "\"e\"");
         // An empty value is a value.
         let parsed = head(
             b"HTTP/1.1 200 OK\r\nX-Empty:\r\nX-Blank:   \r\nContent-Length: 0\r\n\r\n",
