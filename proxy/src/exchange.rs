@@ -103,7 +103,7 @@ pub struct Head {
 /// written as it is, with no map copied or filled for it (a copy of the
 /// forwarded headers, grown for the `Host` inserted into it, was about
 /// 3 % of a small hit's instructions: `BENCHMARKS.md`). A `GET` or
-/// `HEAD`: no body.
+/// `HEAD`, or a prewarm's `POST`: never a body.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestHead<'a> {
     pub method: &'a Method,
