@@ -1179,13 +1179,21 @@ async fn refuse(mut stream: TcpStream, refusal: &[u8]) {
 /// The `503` a refused connection gets: the shared JSON error body, with
 /// `Retry-After` and `Connection: close`.
 fn overloaded_response() -> Vec<u8> {
-    let body = serde_json::json!({
-        "error": code::OVERLOADED,
-        "message": "the server holds as many connections as it may; retry later",
-    })
-    .to_string();
+    refusal_response(
+        "503 Service Unavailable",
+        code::OVERLOADED,
+        "the server holds as many connections as it may; retry later",
+    )
+}
+
+/// A whole response refusing a connection at the accept (`status`: the
+/// status line's code and reason): the JSON error `code` with `message`,
+/// `Retry-After` and `Connection: close`. Written before any request is
+/// read, so built by hand, once.
+fn refusal_response(status: &str, code: &str, message: &str) -> Vec<u8> {
+    let body = serde_json::json!({ "error": code, "message": message }).to_string();
     format!(
-        "HTTP/1.1 503 Service Unavailable\r\n\
+        "HTTP/1.1 {status}\r\n\
          content-type: application/json\r\n\
          cache-control: no-store\r\n\
          retry-after: {RETRY_AFTER_SECONDS}\r\n\

@@ -34,7 +34,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::client::{Nets, client_key};
-use crate::protocol::{RETRY_AFTER_SECONDS, code};
+use crate::protocol::code;
 
 /// `--max-connections-per-client` and the peers it does not count.
 #[derive(Clone, Debug, Default)]
@@ -178,21 +178,11 @@ pub(super) fn contended(open: usize, max: usize) -> bool {
 /// The `429` a client's connection past its cap gets: the JSON error, with
 /// `Retry-After` and `Connection: close`.
 fn too_many_connections_response() -> Vec<u8> {
-    let body = serde_json::json!({
-        "error": code::TOO_MANY_CONNECTIONS,
-        "message": "this client holds as many connections as one client may; retry later",
-    })
-    .to_string();
-    format!(
-        "HTTP/1.1 429 Too Many Requests\r\n\
-         content-type: application/json\r\n\
-         cache-control: no-store\r\n\
-         retry-after: {RETRY_AFTER_SECONDS}\r\n\
-         connection: close\r\n\
-         content-length: {}\r\n\r\n{body}",
-        body.len()
+    super::refusal_response(
+        "429 Too Many Requests",
+        code::TOO_MANY_CONNECTIONS,
+        "this client holds as many connections as one client may; retry later",
     )
-    .into_bytes()
 }
 
 #[cfg(test)]
