@@ -39,7 +39,7 @@ use crate::window::WindowedIo;
 pub const MAX_HEAD_BYTES: usize = UPSTREAM_READ_BUFFER_BYTES;
 
 /// The most header lines a response head may have (hyper's default).
-const MAX_HEADERS: usize = 100;
+pub(crate) const MAX_HEADERS: usize = 100;
 
 /// The most read buffers a serving thread keeps for its connections'
 /// next reads ([`SPARE`]).
@@ -62,8 +62,8 @@ thread_local! {
 pub(crate) const MIN_READ_ROOM: usize = 16 * 1024;
 
 /// The most a chunk-size line or a trailer section may take.
-const MAX_CHUNK_LINE_BYTES: usize = 4096;
-const MAX_TRAILER_BYTES: usize = 16 * 1024;
+pub(crate) const MAX_CHUNK_LINE_BYTES: usize = 4096;
+pub(crate) const MAX_TRAILER_BYTES: usize = 16 * 1024;
 
 /// The largest body length or chunk: the largest file offset (`off_t`,
 /// 2^63 - 1 bytes). An archive is a file the archiver serves from its

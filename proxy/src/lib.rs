@@ -619,6 +619,32 @@ mod tests {
                 &api,
                 "internal-api.md",
                 format!(
+                    "a head over {} (with the interim heads before it) or {} lines",
+                    kib(exchange::MAX_HEAD_BYTES),
+                    exchange::MAX_HEADERS
+                ),
+            ),
+            (
+                &api,
+                "internal-api.md",
+                format!(
+                    "chunk-size line (extensions included) is over {}",
+                    kib(exchange::MAX_CHUNK_LINE_BYTES)
+                ),
+            ),
+            (
+                &api,
+                "internal-api.md",
+                format!(
+                    "trailers are over {} or {} lines",
+                    kib(exchange::MAX_TRAILER_BYTES),
+                    exchange::MAX_HEADERS
+                ),
+            ),
+            (
+                &api,
+                "internal-api.md",
+                format!(
                     "of at most {} kept per thread",
                     exchange::SPARE_READ_BUFFERS
                 ),
