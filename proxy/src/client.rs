@@ -12,46 +12,19 @@
 
 use std::net::IpAddr;
 
-use gitball_core::client::{Nets, parse_nets};
+use gitball_core::client::Nets;
 use http::HeaderMap;
 
 const X_FORWARDED_FOR: &str = "x-forwarded-for";
 
-/// `--trusted-proxies`: peers whose `X-Forwarded-For` is believed.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct TrustedProxies(Nets);
-
-/// Parses `CIDR[,CIDR…]`; a bare address is its own `/32` or `/128`.
-pub fn parse_trusted_proxies(text: &str) -> Result<TrustedProxies, String> {
-    parse_nets(text).map(TrustedProxies)
-}
-
-impl TrustedProxies {
-    pub fn contains(&self, address: IpAddr) -> bool {
-        self.0.contains(address)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    /// The ranges, as the accept loop's list of fronts takes them.
-    pub fn nets(&self) -> &Nets {
-        &self.0
-    }
-}
-
-/// An IPv4-mapped IPv6 address is its IPv4 address.
-fn canonical(address: IpAddr) -> IpAddr {
-    match address {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(address, IpAddr::V4),
-        IpAddr::V4(_) => address,
-    }
-}
+/// `--trusted-proxies`: peers whose `X-Forwarded-For` is believed, parsed
+/// by `gitball_core::client::parse_nets` (the ranges of every such flag).
+pub type TrustedProxies = Nets;
 
 /// The client of a request that came from `peer` with `headers`.
 pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &TrustedProxies) -> IpAddr {
-    let peer = canonical(peer);
+    // An IPv4-mapped IPv6 address is its IPv4 address.
+    let peer = peer.to_canonical();
     if !trusted.contains(peer) {
         return peer;
     }
@@ -74,7 +47,7 @@ pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &TrustedProxie
         else {
             break;
         };
-        client = canonical(address);
+        client = address.to_canonical();
         if !trusted.contains(client) {
             break;
         }
@@ -100,20 +73,6 @@ mod tests {
     }
 
     #[test]
-    fn trusted_proxies_parse_ranges_and_addresses() {
-        let trusted = parse_trusted_proxies("127.0.0.1, 10.0.0.0/8,fd00::/8").unwrap();
-        assert!(trusted.contains(ip("127.0.0.1")));
-        assert!(trusted.contains(ip("::ffff:127.0.0.1")));
-        assert!(!trusted.contains(ip("127.0.0.2")));
-        assert!(trusted.contains(ip("10.200.1.1")));
-        assert!(trusted.contains(ip("fd00::1")));
-        assert!(!trusted.contains(ip("2001:db8::1")));
-        assert!(parse_trusted_proxies("").unwrap().is_empty());
-        assert!(parse_trusted_proxies("10.0.0.0/33").is_err());
-        assert!(parse_trusted_proxies("nginx").is_err());
-    }
-
-    #[test]
     fn forwarded_for_is_ignored_from_an_untrusted_peer() {
         let none = TrustedProxies::default();
         let headers = forwarded(&["203.0.113.9"]);
@@ -125,7 +84,7 @@ mod tests {
 
     #[test]
     fn forwarded_for_is_read_from_the_right_past_trusted_hops() {
-        let trusted = parse_trusted_proxies("127.0.0.1,10.0.0.0/8").unwrap();
+        let trusted = gitball_core::client::parse_nets("127.0.0.1,10.0.0.0/8").unwrap();
         let peer = ip("127.0.0.1");
         // The client wrote the first entry itself; nginx appended the real one.
         let headers = forwarded(&["6.6.6.6, 203.0.113.9"]);
@@ -149,7 +108,7 @@ mod tests {
     /// test, whose garbage had nothing left of it.)
     #[test]
     fn garbage_stops_the_walk_before_what_is_left_of_it() {
-        let trusted = parse_trusted_proxies("127.0.0.1,10.0.0.0/8").unwrap();
+        let trusted = gitball_core::client::parse_nets("127.0.0.1,10.0.0.0/8").unwrap();
         let peer = ip("127.0.0.1");
         let headers = forwarded(&["198.51.100.7, junk, 10.1.2.3"]);
         assert_eq!(client_address(peer, &headers, &trusted), ip("10.1.2.3"));
@@ -163,7 +122,7 @@ mod tests {
     /// such client in the trusted proxy's budget).
     #[test]
     fn a_client_written_entry_that_is_not_utf8_spoils_only_itself() {
-        let trusted = parse_trusted_proxies("127.0.0.1").unwrap();
+        let trusted = gitball_core::client::parse_nets("127.0.0.1").unwrap();
         let peer = ip("127.0.0.1");
         let mut headers = HeaderMap::new();
         headers.append(

@@ -124,7 +124,7 @@ pub struct Config {
 
     /// Peers whose X-Forwarded-For names the client (nginx in front), as CIDR[,CIDR…]. The client
     /// address keys the archivers' crawler budget. Default: none, the socket peer is the client.
-    #[arg(long, env = "GITBALL_TRUSTED_PROXIES", value_parser = crate::client::parse_trusted_proxies)]
+    #[arg(long, env = "GITBALL_TRUSTED_PROXIES", value_parser = gitball_core::client::parse_nets)]
     pub trusted_proxies: Option<TrustedProxies>,
 
     /// Archiver flags, used in embedded mode (--repos); --log-format,

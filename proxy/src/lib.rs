@@ -278,7 +278,7 @@ impl Proxy {
             fronts: config
                 .archiver
                 .max_connections_per_client_exempt()
-                .union(trusted_proxies.nets()),
+                .union(&trusted_proxies),
         };
 
         let health = Arc::new(Health::new(config.eject_for).probing_for(config.header_timeout));
