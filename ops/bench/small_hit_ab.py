@@ -26,38 +26,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402
 from callgrind_hit import PATH, get_many, small_repo  # noqa: E402
 
-NGINX = """daemon off;
-master_process on;
-worker_processes auto;
-worker_rlimit_nofile 65536;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 8192; }}
-http {{
-    access_log {prefix}/access.log;
-    client_body_temp_path {prefix}/client_body;
-    proxy_temp_path {prefix}/proxy_temp;
-    fastcgi_temp_path {prefix}/fastcgi_temp;
-    uwsgi_temp_path {prefix}/uwsgi_temp;
-    scgi_temp_path {prefix}/scgi_temp;
-    keepalive_requests 100000;
-    upstream archiver {{ server 127.0.0.1:{archiver_port}; keepalive 128; }}
-    server {{
-        listen 127.0.0.1:{rp_port};
-        location / {{
-            proxy_pass http://archiver;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_buffering off;
-            proxy_request_buffering off;
-            proxy_buffer_size 256k;
-            proxy_buffers 4 256k;
-            proxy_busy_buffers_size 256k;
-        }}
-    }}
-}}
-"""
-
 
 def children(pid):
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
@@ -108,8 +76,15 @@ class Stack:
             self.front[name] = (lambda p=p: [p.pid])
         prefix = os.path.join(self.dir, "nginx"); os.makedirs(prefix)
         rp = bench.free_port()
+        # bench.py's peer, as the full run measures it (its other servers,
+        # the sendfile one and default buffers, idle here).
         with open(os.path.join(prefix, "nginx.conf"), "w") as f:
-            f.write(NGINX.format(prefix=prefix, archiver_port=self.aport, rp_port=rp))
+            f.write(bench.NGINX_CONF.format(
+                prefix=prefix, docroot=prefix,
+                user="user root root;" if os.geteuid() == 0 else "",
+                static_port=bench.free_port(), archiver_port=self.aport,
+                rp_port=rp, rp_default_port=bench.free_port(),
+            ))
         self.nginx = self.start("nginx", ["nginx", "-p", prefix, "-c", os.path.join(prefix, "nginx.conf"), "-e", os.path.join(prefix, "error.log")])
         self.ports["nginx"] = rp
         self.front["nginx"] = lambda: children(self.nginx.pid)
