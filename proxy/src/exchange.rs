@@ -504,6 +504,14 @@ fn framing(
     })
 }
 
+/// Takes what `read` holds of the `left` bytes a body or chunk still has,
+/// and counts them off `left`.
+fn take_up_to(read: &mut BytesMut, left: &mut u64) -> Bytes {
+    let take = read.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+    *left -= take as u64;
+    read.split_to(take).freeze()
+}
+
 /// Whether `line` (without its CR LF) is a header field: a name of token
 /// characters, a colon and a value without a control byte but a tab (RFC
 /// 9110's field-value; obs-text is let through, as httparse does). A bare
@@ -611,12 +619,11 @@ impl Decoder {
                     if read.is_empty() {
                         return Ok(None);
                     }
-                    let take = read.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
-                    *left -= take as u64;
+                    let data = take_up_to(read, left);
                     if *left == 0 {
                         *self = Decoder::Done;
                     }
-                    return Ok(Some(Some(read.split_to(take).freeze())));
+                    return Ok(Some(Some(data)));
                 }
                 Decoder::Close => {
                     if read.is_empty() {
@@ -675,12 +682,11 @@ impl Decoder {
                     if read.is_empty() {
                         return Ok(None);
                     }
-                    let take = read.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
-                    *left -= take as u64;
+                    let data = take_up_to(read, left);
                     if *left == 0 {
                         *self = Decoder::ChunkEnd;
                     }
-                    return Ok(Some(Some(read.split_to(take).freeze())));
+                    return Ok(Some(Some(data)));
                 }
                 Decoder::ChunkEnd => {
                     if read.len() < 2 {
