@@ -798,6 +798,59 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     (year, month, day)
 }
 
+/// A [`LogEvery`] shared by threads (the serving threads of a process).
+#[derive(Debug)]
+pub struct SharedLogEvery(std::sync::Mutex<LogEvery>);
+
+impl SharedLogEvery {
+    pub fn new(interval: Duration) -> SharedLogEvery {
+        SharedLogEvery(std::sync::Mutex::new(LogEvery::new(interval)))
+    }
+
+    /// [`LogEvery::note`].
+    pub fn note(&self, now: Instant) -> Option<u64> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .note(now)
+    }
+}
+
+/// Rate limit for a log line that could otherwise repeat many times a
+/// second (`accept failed`, refusals at the caps, an archiver refusing the
+/// proxy's connections).
+#[derive(Debug)]
+pub struct LogEvery {
+    interval: Duration,
+    last_logged: Option<Instant>,
+    suppressed: u64,
+}
+
+impl LogEvery {
+    pub fn new(interval: Duration) -> LogEvery {
+        LogEvery {
+            interval,
+            last_logged: None,
+            suppressed: 0,
+        }
+    }
+
+    /// Notes one failure at `now`. Returns `Some(failures not logged since
+    /// the last line)` when this one is to be logged.
+    pub fn note(&mut self, now: Instant) -> Option<u64> {
+        let due = self
+            .last_logged
+            .is_none_or(|last| now.saturating_duration_since(last) >= self.interval);
+        if due {
+            self.last_logged = Some(now);
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,6 +22,19 @@ pub const X_GITBALL_WANT_LENGTH: HeaderName = HeaderName::from_static("x-gitball
 /// one that passed the `--token-file` check, or a loopback peer
 /// (`docs/security.md#client-identity`). Anyone else's is ignored.
 pub const X_GITBALL_CLIENT: HeaderName = HeaderName::from_static("x-gitball-client");
+/// On a connection refused at the accept, before any request on it was
+/// read (`503 overloaded`, `429 too_many_connections`): the cap that
+/// refused it, [`REFUSED_MAX_CONNECTIONS`] or
+/// [`REFUSED_MAX_CONNECTIONS_PER_CLIENT`] (the `reason` of the tier's
+/// `connections_rejected_total`). The answer is about the connection, not
+/// the request: a proxy takes an archiver's `429` carrying it for that
+/// archiver refusing the proxy's own connection, not for a limit of the
+/// client the request is for (`docs/internal-api.md#response-headers`).
+pub const X_GITBALL_REFUSED: HeaderName = HeaderName::from_static("x-gitball-refused");
+/// [`X_GITBALL_REFUSED`]: the process holds `--max-connections`.
+pub const REFUSED_MAX_CONNECTIONS: &str = "max_connections";
+/// [`X_GITBALL_REFUSED`]: the peer holds `--max-connections-per-client`.
+pub const REFUSED_MAX_CONNECTIONS_PER_CLIENT: &str = "max_connections_per_client";
 /// `sha-256=:{base64}:` of a complete archive (RFC 9530).
 pub const REPR_DIGEST: HeaderName = HeaderName::from_static("repr-digest");
 

@@ -88,7 +88,11 @@ mod head_lines;
 mod per_client;
 pub mod takeover;
 
-use crate::protocol::{RETRY_AFTER_SECONDS, code};
+use crate::log::SharedLogEvery;
+use crate::protocol::{
+    REFUSED_MAX_CONNECTIONS, REFUSED_MAX_CONNECTIONS_PER_CLIENT, RETRY_AFTER_SECONDS,
+    X_GITBALL_REFUSED, code,
+};
 use crate::response::json_error;
 use head_lines::{HeadLines, NeedsFullParse};
 pub use per_client::PerClient;
@@ -348,7 +352,7 @@ impl Connections {
             Some(prefix) => {
                 let rejected = metrics::counter!(
                     format!("{prefix}_connections_rejected_total"),
-                    "reason" => "max_connections_per_client"
+                    "reason" => REFUSED_MAX_CONNECTIONS_PER_CLIENT
                 );
                 rejected.absolute(0);
                 rejected
@@ -1117,7 +1121,7 @@ impl ConnectionLimit {
         metrics::gauge!(max_name).set(max as f64);
         let open = metrics::gauge!(open_name);
         open.set(0.0);
-        let rejected = metrics::counter!(rejected_name, "reason" => "max_connections");
+        let rejected = metrics::counter!(rejected_name, "reason" => REFUSED_MAX_CONNECTIONS);
         rejected.absolute(0);
         let accept_errors = metrics::counter!(errors_name);
         accept_errors.absolute(0);
@@ -1181,6 +1185,7 @@ async fn refuse(mut stream: TcpStream, refusal: &[u8]) {
 fn overloaded_response() -> Vec<u8> {
     refusal_response(
         "503 Service Unavailable",
+        REFUSED_MAX_CONNECTIONS,
         code::OVERLOADED,
         "the server holds as many connections as it may; retry later",
     )
@@ -1188,69 +1193,23 @@ fn overloaded_response() -> Vec<u8> {
 
 /// A whole response refusing a connection at the accept (`status`: the
 /// status line's code and reason): the JSON error `code` with `message`,
-/// `Retry-After` and `Connection: close`. Written before any request is
-/// read, so built by hand, once.
-fn refusal_response(status: &str, code: &str, message: &str) -> Vec<u8> {
+/// `Retry-After`, `Connection: close` and `X-Gitball-Refused: {reason}`
+/// (the cap that refused it: a proxy tells an archiver's refusal of its own
+/// connection from a `429` about its client by it). Written before any
+/// request is read, so built by hand, once.
+fn refusal_response(status: &str, reason: &str, code: &str, message: &str) -> Vec<u8> {
     let body = serde_json::json!({ "error": code, "message": message }).to_string();
     format!(
         "HTTP/1.1 {status}\r\n\
          content-type: application/json\r\n\
          cache-control: no-store\r\n\
          retry-after: {RETRY_AFTER_SECONDS}\r\n\
+         {X_GITBALL_REFUSED}: {reason}\r\n\
          connection: close\r\n\
          content-length: {}\r\n\r\n{body}",
         body.len()
     )
     .into_bytes()
-}
-
-/// A [`LogEvery`] the serving threads share.
-struct SharedLogEvery(std::sync::Mutex<LogEvery>);
-
-impl SharedLogEvery {
-    fn new(interval: Duration) -> SharedLogEvery {
-        SharedLogEvery(std::sync::Mutex::new(LogEvery::new(interval)))
-    }
-
-    fn note(&self, now: Instant) -> Option<u64> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .note(now)
-    }
-}
-
-/// Rate limit for a log line that could otherwise repeat many times a
-/// second (`accept failed`, refusals at the cap).
-struct LogEvery {
-    interval: Duration,
-    last_logged: Option<Instant>,
-    suppressed: u64,
-}
-
-impl LogEvery {
-    fn new(interval: Duration) -> LogEvery {
-        LogEvery {
-            interval,
-            last_logged: None,
-            suppressed: 0,
-        }
-    }
-
-    /// Notes one failure at `now`. Returns `Some(failures not logged since
-    /// the last line)` when this one is to be logged.
-    fn note(&mut self, now: Instant) -> Option<u64> {
-        let due = self
-            .last_logged
-            .is_none_or(|last| now.saturating_duration_since(last) >= self.interval);
-        if due {
-            self.last_logged = Some(now);
-            Some(std::mem::take(&mut self.suppressed))
-        } else {
-            self.suppressed += 1;
-            None
-        }
-    }
 }
 
 async fn handle(router: impl RequestService, request: hyper::Request<Incoming>) -> Response {
@@ -2125,7 +2084,7 @@ mod tests {
     #[test]
     fn accept_errors_are_logged_once_per_interval_with_the_count_not_logged() {
         let interval = Duration::from_secs(10);
-        let mut errors = LogEvery::new(interval);
+        let mut errors = crate::log::LogEvery::new(interval);
         let start = std::time::Instant::now();
         assert_eq!(errors.note(start), Some(0));
         // 20 a second, as the back-off allows: none logged for 10 s.
@@ -2144,6 +2103,7 @@ mod tests {
         assert!(head.starts_with("HTTP/1.1 503 "));
         assert!(head.contains(&format!("retry-after: {RETRY_AFTER_SECONDS}\r\n")));
         assert!(head.contains("connection: close"));
+        assert!(head.contains("\r\nx-gitball-refused: max_connections\r\n"));
         assert!(head.contains(&format!("content-length: {}", body.len())));
         let body: serde_json::Value = serde_json::from_str(body).unwrap();
         assert_eq!(body["error"], code::OVERLOADED);

@@ -34,7 +34,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::client::{Nets, client_key};
-use crate::protocol::code;
+use crate::protocol::{REFUSED_MAX_CONNECTIONS_PER_CLIENT, code};
 
 /// `--max-connections-per-client` and the peers it does not count.
 #[derive(Clone, Debug, Default)]
@@ -176,10 +176,11 @@ pub(super) fn contended(open: usize, max: usize) -> bool {
 }
 
 /// The `429` a client's connection past its cap gets: the JSON error, with
-/// `Retry-After` and `Connection: close`.
+/// `Retry-After`, `Connection: close` and `X-Gitball-Refused`.
 fn too_many_connections_response() -> Vec<u8> {
     super::refusal_response(
         "429 Too Many Requests",
+        REFUSED_MAX_CONNECTIONS_PER_CLIENT,
         code::TOO_MANY_CONNECTIONS,
         "this client holds as many connections as one client may; retry later",
     )
@@ -268,6 +269,22 @@ mod tests {
                 Admission::Uncounted
             ));
         }
+    }
+
+    /// The proxy tells this refusal of its own connection from a `429` for
+    /// its client by `X-Gitball-Refused` (docs/internal-api.md).
+    #[test]
+    fn the_refusal_is_a_429_marked_as_the_cap_per_clients() {
+        let refusal = String::from_utf8(too_many_connections_response()).unwrap();
+        let (head, body) = refusal.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 429 "), "{head}");
+        assert!(
+            head.contains("\r\nx-gitball-refused: max_connections_per_client\r\n"),
+            "{head}"
+        );
+        assert!(head.contains("\r\nconnection: close"), "{head}");
+        let body: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(body["error"], code::TOO_MANY_CONNECTIONS);
     }
 
     #[test]
