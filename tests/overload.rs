@@ -1114,14 +1114,17 @@ fn a_proxys_connections_to_its_archiver_are_not_counted_as_one_client() {
     );
 }
 
-/// docs/archiver.md, "Connections per client": an archiver that counts a
-/// proxy (not listed in `--max-connections-per-client-exempt`) refuses
-/// the proxy's connection past the cap once it is half full, and the
-/// proxy passes that `429 too_many_connections` on to its client as it
-/// came: an answer, which ejects nothing, with its `Retry-After`, and the
-/// client's connection goes on (docs/http.md, "Error responses").
+/// docs/internal-api.md, "Statuses and failover": an archiver that counts
+/// a proxy (not listed in `--max-connections-per-client-exempt`) refuses
+/// the proxy's connection past the cap once it is half full, with a `429`
+/// marked `X-Gitball-Refused`. That is no limit of the end user's, who
+/// holds no connection there: the proxy tries the next candidate (here a
+/// primary that counts no proxy, which serves), and with none left answers
+/// `503 overloaded` itself, with `Retry-After` and the client's connection
+/// kept. It ejects nothing, counts the attempts as `too_many_connections`
+/// and logs the misconfiguration at most once per 10 s.
 #[test]
-fn an_archivers_429_for_a_counted_proxy_is_passed_on_and_ejects_nothing() {
+fn an_archivers_refusal_of_a_counted_proxys_connection_is_failed_over_not_passed_on() {
     raise_own_nofile();
     let sandbox = Sandbox::new();
     let repo = sandbox.repo("acme", "widget");
@@ -1132,7 +1135,7 @@ fn an_archivers_429_for_a_counted_proxy_is_passed_on_and_ejects_nothing() {
         &[
             "--max-connections-per-client",
             "1",
-            // Not 127.0.0.1, the proxy's address: the proxy is counted.
+            // Not 127.0.0.1, the proxies' address: the proxies are counted.
             "--max-connections-per-client-exempt",
             "::1",
             "--git",
@@ -1146,11 +1149,24 @@ fn an_archivers_429_for_a_counted_proxy_is_passed_on_and_ejects_nothing() {
     let admin = gitball_e2e::listen_address(&archiver.log(), "admin listener serving")
         .expect("the admin listener's address");
     let (proxy, _routes) = proxy_to(&archiver.base_url, &[], None);
+    // Another proxy, whose route has the counting archiver as a replica
+    // (tried first) and one that counts no proxy as its primary.
+    let primary = Archiver::start(&sandbox.repos(), &[]);
+    let failover_routes = sandbox.path("failover-routes.toml");
+    write_routes(
+        &failover_routes,
+        &[Route::new(
+            "*",
+            &primary.base_url,
+            &[archiver.base_url.as_str()],
+        )],
+    );
+    let failover = Proxy::start(&["--routes".into(), failover_routes.into()]);
     // Half the archiver's connections, held by another client (below half
     // it serves a client past its cap).
     let _contention = hold_connections_from(client(5), archiver.addr, 20);
     std::thread::scope(|scope| {
-        // The proxy's one connection the archiver lets in: a download
+        // The proxies' one connection the archiver lets in: a download
         // that waits on git.
         let first =
             scope.spawn(|| fetch_from(client(2), proxy.addr, "/acme/widget/archive/main.tar"));
@@ -1169,40 +1185,68 @@ fn an_archivers_429_for_a_counted_proxy_is_passed_on_and_ejects_nothing() {
             let mut body = Vec::new();
             second.read_body_to_end(|chunk| body.extend_from_slice(chunk));
             let body = String::from_utf8_lossy(&body);
-            assert_eq!(head.status, 429, "attempt {attempt}: {body}");
+            assert_eq!(head.status, 503, "attempt {attempt}: {body}");
             assert!(
-                body.contains("\"error\":\"too_many_connections\""),
+                body.contains("\"error\":\"overloaded\""),
                 "attempt {attempt}: {body}"
             );
             assert_eq!(head.header("retry-after"), Some("5"), "attempt {attempt}");
+            assert_eq!(head.header("x-gitball-refused"), None, "attempt {attempt}");
             // The client's connection goes on: the next request on it is
             // answered.
             assert_eq!(head.header("connection"), None, "attempt {attempt}");
         }
+        let served = fetch_from(client(4), failover.addr, "/acme/widget/archive/main.tar");
+        assert_eq!(served.status(), 200, "{}", served.text());
         release.write_all(b"go\n").expect("release the generation");
         assert_eq!(first.join().expect("answered").status(), 200);
     });
-    let metrics = proxy.metrics();
     let upstream = archiver.base_url.as_str();
-    assert_eq!(
-        metrics.value(
-            "gitball_proxy_upstream_attempts_total",
-            &[("upstream", upstream), ("outcome", "ok")]
-        ),
-        3.0,
-        "each answer, the 429s included, is an answered attempt"
-    );
+    let metrics = proxy.metrics();
+    for (outcome, attempts) in [("ok", 1.0), ("too_many_connections", 2.0)] {
+        assert_eq!(
+            metrics.value(
+                "gitball_proxy_upstream_attempts_total",
+                &[("upstream", upstream), ("outcome", outcome)]
+            ),
+            attempts,
+            "{outcome}"
+        );
+    }
     assert_eq!(
         metrics.value("gitball_proxy_upstream_ejected", &[("upstream", upstream)]),
         0.0
     );
+    let metrics = failover.metrics();
+    for (upstream, outcome) in [
+        (upstream, "too_many_connections"),
+        (primary.base_url.as_str(), "ok"),
+    ] {
+        assert_eq!(
+            metrics.value(
+                "gitball_proxy_upstream_attempts_total",
+                &[("upstream", upstream), ("outcome", outcome)]
+            ),
+            1.0,
+            "{upstream} {outcome}"
+        );
+        assert_eq!(
+            metrics.value("gitball_proxy_upstream_ejected", &[("upstream", upstream)]),
+            0.0
+        );
+    }
     assert_eq!(
         scrape(admin).value(
             "gitball_archiver_connections_rejected_total",
             &[("reason", "max_connections_per_client")]
         ),
-        2.0
+        3.0
     );
+    // Two refusals within 10 s: one line, naming the archiver.
+    let marker = "an archiver refused the proxy's connection with 429";
+    let log = proxy.log();
+    assert_eq!(log.matches(marker).count(), 1, "{log}");
+    assert_eq!(gitball_e2e::log_line(&log, marker)["upstream"], upstream);
 }
 
 /// `--max-connections-per-client` defaults to an eighth of

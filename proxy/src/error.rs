@@ -46,6 +46,12 @@ pub enum Error {
     /// `503` + `Retry-After`, its own shortage, not the upstream's.
     #[error("the proxy is overloaded; retry later")]
     Overloaded,
+    /// An archiver refused the proxy's connection at its cap per client
+    /// (it counts the proxy as one client), and no other candidate
+    /// answered: `503` + `Retry-After`, as for a full archiver, since that
+    /// is what it is to the end user (who holds no connection there).
+    #[error("the archivers for this repository are overloaded; retry later")]
+    UpstreamsRefused,
     /// Every candidate that was tried gave no response headers in time.
     #[error("no upstream archiver answered in time")]
     GatewayTimeout,
@@ -75,9 +81,10 @@ impl Error {
             | Error::PostOnly
             | Error::Unauthorized
             | Error::RepositoryNotFound => Fault::Client,
-            Error::BadGateway | Error::Unavailable { .. } | Error::GatewayTimeout => {
-                Fault::Upstream
-            }
+            Error::BadGateway
+            | Error::Unavailable { .. }
+            | Error::UpstreamsRefused
+            | Error::GatewayTimeout => Fault::Upstream,
             Error::Internal(_) | Error::Overloaded => Fault::Internal,
         }
     }
@@ -89,7 +96,9 @@ impl Error {
             Error::Unauthorized => StatusCode::UNAUTHORIZED,
             Error::RepositoryNotFound => StatusCode::NOT_FOUND,
             Error::BadGateway => StatusCode::BAD_GATEWAY,
-            Error::Unavailable { .. } | Error::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Unavailable { .. } | Error::Overloaded | Error::UpstreamsRefused => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Error::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -105,7 +114,7 @@ impl Error {
             Error::BadGateway => code::BAD_GATEWAY,
             Error::Unavailable { .. } => code::UNAVAILABLE,
             Error::GatewayTimeout => code::GATEWAY_TIMEOUT,
-            Error::Overloaded => code::OVERLOADED,
+            Error::Overloaded | Error::UpstreamsRefused => code::OVERLOADED,
             Error::Internal(_) => code::INTERNAL,
         }
     }
@@ -129,7 +138,9 @@ impl IntoResponse for Error {
         }
         let retry_after = match &self {
             Error::Unavailable { retry_after } => Some(*retry_after),
-            Error::Overloaded => Some(Duration::from_secs(RETRY_AFTER_SECONDS)),
+            Error::Overloaded | Error::UpstreamsRefused => {
+                Some(Duration::from_secs(RETRY_AFTER_SECONDS))
+            }
             _ => None,
         };
         if let Some(retry_after) = retry_after {
@@ -167,6 +178,7 @@ mod tests {
                 retry_after: Duration::from_secs(1),
             },
             Error::Overloaded,
+            Error::UpstreamsRefused,
             Error::GatewayTimeout,
             Error::internal("x"),
         ];
@@ -180,6 +192,7 @@ mod tests {
                 | Error::BadGateway
                 | Error::Unavailable { .. }
                 | Error::Overloaded
+                | Error::UpstreamsRefused
                 | Error::GatewayTimeout
                 | Error::Internal(_) => {}
             }
@@ -219,6 +232,8 @@ mod tests {
         );
         assert_eq!(Error::RepositoryNotFound.fault(), Fault::Client);
         assert_eq!(Error::BadGateway.fault(), Fault::Upstream);
+        // An archiver refusing the proxy's connection: the upstream side's.
+        assert_eq!(Error::UpstreamsRefused.fault(), Fault::Upstream);
         assert_eq!(Error::GatewayTimeout.status(), StatusCode::GATEWAY_TIMEOUT);
         assert_eq!(Error::internal("x").fault(), Fault::Internal);
     }
@@ -231,9 +246,11 @@ mod tests {
         .into_response();
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(response.headers()[header::RETRY_AFTER], "3");
-        let response = Error::Overloaded.into_response();
-        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(response.headers()[header::RETRY_AFTER], "5");
+        for overloaded in [Error::Overloaded, Error::UpstreamsRefused] {
+            let response = overloaded.into_response();
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(response.headers()[header::RETRY_AFTER], "5");
+        }
         let response = Error::MethodNotAllowed.into_response();
         assert_eq!(response.headers()[header::ALLOW], "GET, HEAD");
     }

@@ -25,7 +25,16 @@
 //!   not have been replicated yet, so the primary is asked;
 //! - gets a `401` or `403` (`unauthorized`): the archiver refused the
 //!   proxy's own `--upstream-token-file`, a configuration error that is not
-//!   the client's to see (it ends as `502` if no candidate accepts it).
+//!   the client's to see (it ends as `502` if no candidate accepts it);
+//! - gets a `429` marked `X-Gitball-Refused` (`too_many_connections`): the
+//!   archiver refused the proxy's own connection at its
+//!   `--max-connections-per-client`, because it counts this proxy as one
+//!   client (a missing `--max-connections-per-client-exempt`). That says
+//!   nothing of the end user, whose own limits (the crawler budget's
+//!   `429 rate_limited`, unmarked) are passed on as they are; for the
+//!   request it is an archiver that cannot take a connection now, as a
+//!   `503 overloaded` would be. Logged at most once per 10 s, and it ejects
+//!   nothing: the archiver is up.
 //!
 //! An attempt that fails for a reason of the proxy's own (`overloaded`: no
 //! fd or buffer left to open the upstream connection, EMFILE, ENFILE,
@@ -45,10 +54,12 @@
 //!
 //! When every candidate fails: the last `5xx` response, if any, is passed
 //! through (it carries the archiver's own reason, e.g. `503` +
-//! `Retry-After` when over capacity); otherwise the answer is `503` if every
-//! candidate was already ejected before this request (the whole route is
-//! known to be down), `504` if every attempt timed out waiting for headers,
-//! and `502` otherwise.
+//! `Retry-After` when over capacity); otherwise the answer is
+//! `503 overloaded` if an archiver refused the proxy's connection
+//! (`too_many_connections`: the fleet is up and full), `503 unavailable` if
+//! every candidate was already ejected before this request (the whole route
+//! is known to be down), `504` if every attempt timed out waiting for
+//! headers, and `502` otherwise.
 //!
 //! Each attempt is counted in `gitball_proxy_upstream_attempts_total
 //! {upstream, outcome}`, each move to a next candidate in
@@ -62,6 +73,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use tokio::net::TcpStream;
+
+use gitball_core::log::SharedLogEvery;
 
 use crate::error::Error;
 use crate::exchange::RequestHead;
@@ -137,7 +150,15 @@ pub struct Forwarder {
     header_timeout: Duration,
     /// `Authorization: Bearer …` for archivers, from `--upstream-token-file`.
     authorization: Option<HeaderValue>,
+    /// The warning that an archiver refused the proxy's connection at its
+    /// cap per client, once per [`REFUSALS_LOG_INTERVAL`] for every thread.
+    refusals_log: Arc<SharedLogEvery>,
 }
+
+/// How often an archiver's refusals of the proxy's connections
+/// (`too_many_connections`) are logged at most, as the accept loop logs
+/// its own refusals.
+const REFUSALS_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What is sent upstream: the canonical archive URL's path and query, and
 /// the request headers that are forwarded.
@@ -183,6 +204,9 @@ pub enum Outcome {
     ServerError,
     /// A `503` with `Retry-After`: up, but over capacity for this request.
     Busy,
+    /// A `429` marked `X-Gitball-Refused`: up, and refusing the proxy's
+    /// own connection at its cap per client (it counts this proxy).
+    TooManyConnections,
     /// A `500`: the archiver is up and answered, and this archive failed
     /// there (git refused the tree, it is too large, it took too long).
     ArchiveFailed,
@@ -204,6 +228,7 @@ impl Outcome {
             Outcome::HeaderTimeout => "header_timeout",
             Outcome::ServerError => "server_error",
             Outcome::Busy => "busy",
+            Outcome::TooManyConnections => "too_many_connections",
             Outcome::ArchiveFailed => "archive_failed",
             Outcome::ReplicaNotFound => "replica_not_found",
             Outcome::Unauthorized => "unauthorized",
@@ -218,6 +243,7 @@ impl Outcome {
             self,
             Outcome::Ok
                 | Outcome::Busy
+                | Outcome::TooManyConnections
                 | Outcome::ArchiveFailed
                 | Outcome::ReplicaNotFound
                 | Outcome::Overloaded
@@ -285,6 +311,12 @@ pub fn classify(status: StatusCode, headers: &HeaderMap, role: Role) -> Outcome 
         && headers.contains_key(http::header::RETRY_AFTER)
     {
         Outcome::Busy
+    } else if status == StatusCode::TOO_MANY_REQUESTS
+        && headers.contains_key(gitball_core::protocol::X_GITBALL_REFUSED)
+    {
+        // The archiver's accept loop refused this connection, the proxy's,
+        // before reading the request: not the end user's limit.
+        Outcome::TooManyConnections
     } else if status == StatusCode::INTERNAL_SERVER_ERROR {
         Outcome::ArchiveFailed
     } else if status.is_server_error() {
@@ -376,6 +408,7 @@ impl Forwarder {
             health,
             header_timeout,
             authorization,
+            refusals_log: Arc::new(SharedLogEvery::new(REFUSALS_LOG_INTERVAL)),
         })
     }
 
@@ -437,6 +470,7 @@ impl Forwarder {
         let mut attempts = 0;
         let mut last_server_error: Option<(UpstreamResponse, Arc<str>)> = None;
         let mut timeouts = 0;
+        let mut refused = false;
         let mut last_upstream = None;
         // Upstreams on probation that another request is probing: tried
         // after the other candidates, as ejected ones are (`upstream`).
@@ -493,7 +527,7 @@ impl Forwarder {
                     attempts,
                 });
             }
-            if slow_but_sane || outcome == Outcome::Busy {
+            if slow_but_sane || outcome == Outcome::Busy || outcome == Outcome::TooManyConnections {
                 // Neither a failure nor a sign of health: an ejected
                 // archiver that never answers, or answers only that it is
                 // busy, stays ejected.
@@ -530,6 +564,19 @@ impl Forwarder {
                     last_server_error = Some((response, candidate.upstream.clone()));
                 }
                 (Outcome::HeaderTimeout, _) => timeouts += 1,
+                (Outcome::TooManyConnections, _) => {
+                    // Its body, the archiver's word to "the client", is
+                    // false for the end user: dropped (the archiver closes
+                    // that connection anyway).
+                    refused = true;
+                    if let Some(suppressed) = self.refusals_log.note(std::time::Instant::now()) {
+                        tracing::warn!(
+                            upstream = %candidate.upstream,
+                            suppressed,
+                            "an archiver refused the proxy's connection with 429: it counts this proxy as one client; list the proxies in its --max-connections-per-client-exempt (suppressed: refusals not logged since the last line)"
+                        );
+                    }
+                }
                 (Outcome::Unauthorized, _) => {
                     tracing::error!(
                         upstream = %candidate.upstream,
@@ -552,7 +599,9 @@ impl Forwarder {
                 attempts,
             });
         }
-        let error = if all_ejected {
+        let error = if refused {
+            Error::UpstreamsRefused
+        } else if all_ejected {
             Error::Unavailable {
                 retry_after: self.health.retry_after(candidates),
             }
@@ -726,6 +775,8 @@ pub const FORWARDED_REQUEST_HEADERS: [http::HeaderName; 4] = [
 /// Whether an archiver's response header is passed to the client. Anything
 /// else (hop-by-hop headers, `Server`, `Date`, whatever an archiver adds
 /// later) stays behind: the proxy owns the client connection's framing.
+/// So does `X-Gitball-Refused`, which says the archiver refused the
+/// proxy's connection, not the client's (on a `503 overloaded` passed on).
 ///
 /// `Cache-Control` passes because only the archiver knows whether the URL
 /// named a commit (cacheable for a year) or a ref that may move (a minute);
@@ -746,7 +797,8 @@ pub fn is_passed_through(name: &http::HeaderName) -> bool {
             | header::CACHE_CONTROL
             | header::RETRY_AFTER
     ) || name.as_str() == "repr-digest"
-        || name.as_str().starts_with("x-gitball-")
+        || (name.as_str().starts_with("x-gitball-")
+            && *name != gitball_core::protocol::X_GITBALL_REFUSED)
 }
 
 #[cfg(test)]
@@ -866,6 +918,7 @@ mod tests {
             Outcome::HeaderTimeout,
             Outcome::ServerError,
             Outcome::Busy,
+            Outcome::TooManyConnections,
             Outcome::ArchiveFailed,
             Outcome::ReplicaNotFound,
             Outcome::Unauthorized,
@@ -881,6 +934,7 @@ mod tests {
                 | Outcome::HeaderTimeout
                 | Outcome::ServerError
                 | Outcome::Busy
+                | Outcome::TooManyConnections
                 | Outcome::ArchiveFailed
                 | Outcome::ReplicaNotFound
                 | Outcome::Unauthorized
@@ -935,6 +989,9 @@ mod tests {
             "set-cookie",
             "x-request-id",
             "x-gitballcommit",
+            // The archiver's refusal of the proxy's connection, not the
+            // client's.
+            "x-gitball-refused",
             "content-encoding",
             "trailer",
             "upgrade",
@@ -1142,6 +1199,34 @@ mod tests {
         assert_eq!(
             classify(StatusCode::BAD_GATEWAY, &retry, Role::Primary),
             Outcome::ServerError
+        );
+    }
+
+    /// A `429` the archiver's accept loop marks `X-Gitball-Refused` refused
+    /// the proxy's own connection: failed over, ejecting nothing. Any other
+    /// `429` (the crawler budget's, the end user's own limit) is the answer.
+    #[test]
+    fn an_archivers_refusal_of_the_proxys_connection_fails_over_and_another_429_is_the_answer() {
+        let mut refused = HeaderMap::new();
+        refused.insert(http::header::RETRY_AFTER, HeaderValue::from_static("5"));
+        let budget = refused.clone();
+        refused.insert(
+            gitball_core::protocol::X_GITBALL_REFUSED,
+            HeaderValue::from_static(gitball_core::protocol::REFUSED_MAX_CONNECTIONS_PER_CLIENT),
+        );
+        for role in [Role::Primary, Role::Replica] {
+            let outcome = classify(StatusCode::TOO_MANY_REQUESTS, &refused, role);
+            assert_eq!(outcome, Outcome::TooManyConnections);
+            assert!(!outcome.is_failure());
+            assert_eq!(
+                classify(StatusCode::TOO_MANY_REQUESTS, &budget, role),
+                Outcome::Ok
+            );
+        }
+        // The archiver's `503 overloaded` carries it too: busy, as before.
+        assert_eq!(
+            classify(StatusCode::SERVICE_UNAVAILABLE, &refused, Role::Primary),
+            Outcome::Busy
         );
     }
 }
