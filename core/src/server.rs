@@ -528,17 +528,18 @@ pub async fn serve(
         let stream = StallGuard::new(stream, write_stall_timeout, writes.clone());
         let needs_full_parse = NeedsFullParse::default();
         let stream = HeadLines::new(stream, needs_full_parse.clone());
-        let had_body = Arc::new(AtomicBool::new(false));
+        let requests = Arc::new(Requests::default());
         let takeover = Takeover::new(writes.clone());
         let service = {
-            let had_body = had_body.clone();
+            let requests = requests.clone();
             let writes = writes.clone();
             let takeover = takeover.clone();
             hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+                requests.heads.fetch_add(1, Ordering::Relaxed);
                 let router = router.clone();
                 let has_body = !hyper::body::Body::is_end_stream(request.body());
                 if has_body {
-                    had_body.store(true, Ordering::Relaxed);
+                    requests.had_body.store(true, Ordering::Relaxed);
                 }
                 let takeover =
                     (!has_body && request.version() == http::Version::HTTP_11).then(|| {
@@ -577,7 +578,7 @@ pub async fn serve(
             stream,
             service,
             needs_full_parse,
-            had_body,
+            requests,
             takeover,
             shutdown.clone(),
         );
@@ -606,6 +607,16 @@ pub async fn serve(
     Ok(drain)
 }
 
+/// What a connection's service saw of the requests hyper handed it, for
+/// [`serve_connection`].
+#[derive(Default)]
+struct Requests {
+    /// One of them had a body.
+    had_body: AtomicBool,
+    /// The heads hyper parsed.
+    heads: AtomicU64,
+}
+
 /// The two hyper configurations a connection may be served with.
 struct Builders {
     /// hyper's default header cap, with no scratch space to fill.
@@ -625,7 +636,7 @@ async fn serve_connection<S>(
     mut stream: HeadLines<StallGuard<TcpStream>>,
     mut service: S,
     needs_full_parse: NeedsFullParse,
-    had_body: Arc<AtomicBool>,
+    requests: Arc<Requests>,
     takeover: Takeover,
     shutdown: CancellationToken,
 ) -> hyper::Result<()>
@@ -634,10 +645,17 @@ where
     S::Future: Unpin,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    // After the switch: the full cap, with what was left of the head timer.
-    let mut full: Option<hyper::server::conn::http1::Builder> = None;
+    // After the switch: the full cap.
+    let mut switched = false;
+    // The head held back at the switch: when what was left of its timer
+    // runs out, and the heads parsed before it.
+    let mut held_head: Option<(Pin<Box<tokio::time::Sleep>>, u64)> = None;
     loop {
-        let builder = full.as_ref().unwrap_or(&builders.lean);
+        let builder = if switched {
+            &builders.full
+        } else {
+            &builders.lean
+        };
         let mut connection = builder.serve_connection(TokioIo::new(stream), service);
         let ended = {
             let mut cancelled = std::pin::pin!(shutdown.cancelled());
@@ -652,6 +670,16 @@ where
                     && let Some(body) = takeover.take_when_flushed()
                 {
                     return Poll::Ready(Ended::TakenOver(body));
+                }
+                if polled.is_pending()
+                    && let Some((left, heads_before)) = &mut held_head
+                {
+                    if requests.heads.load(Ordering::Relaxed) != *heads_before {
+                        // Parsed: the heads after it have hyper's timer.
+                        held_head = None;
+                    } else if left.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Ended::HeldHeadTimedOut);
+                    }
                 }
                 polled.map(Ended::Hyper)
             })
@@ -696,10 +724,15 @@ where
                 drop(takeover.take());
                 ended
             }
+            Ended::HeldHeadTimedOut => {
+                // As hyper ends a connection whose head is late: unanswered.
+                tracing::debug!("a long head came too late; connection closed");
+                return Ok(());
+            }
         };
         // The watch ends hyper's input where it held bytes back; hyper calls
         // a partial head at the end of its input an incomplete message.
-        let switch = full.is_none()
+        let switch = !switched
             && needs_full_parse.is_set()
             && ended
                 .as_ref()
@@ -707,7 +740,7 @@ where
             // A connection that sent a request body is not switched: the
             // bytes held back may be the rest of a body, not a head. It ends
             // here, its client has had every answer due.
-            && !had_body.load(Ordering::Relaxed)
+            && !requests.had_body.load(Ordering::Relaxed)
             && !shutdown.is_cancelled();
         if !switch {
             ended?;
@@ -717,9 +750,10 @@ where
         // The head held back has been due since the last response ended
         // (or the connection began): a new hyper connection would give it
         // a fresh 10 s, twice the bound for a client trickling a long head.
-        // It gets what is left, as do later heads on this connection (a
-        // stricter bound, for the rare connection that once sent a long
-        // head).
+        // It gets what is left (`held_head`). Each later head gets 10 s of
+        // its own from hyper, as on any connection: given that remainder
+        // too, a pooled connection (the proxy keeps one idle 5 s) was
+        // closed under its next request once its long head came late.
         let Some(left) = HEADER_READ_TIMEOUT
             .checked_sub(stream.head_wait_started().elapsed())
             .filter(|left| !left.is_zero())
@@ -727,9 +761,11 @@ where
             let _ = stream.shutdown().await;
             return Ok(());
         };
-        let mut switched = builders.full.clone();
-        switched.header_read_timeout(left);
-        full = Some(switched);
+        switched = true;
+        held_head = Some((
+            Box::pin(tokio::time::sleep(left)),
+            requests.heads.load(Ordering::Relaxed),
+        ));
         stream.replay(&parts.read_buf);
     }
 }
@@ -740,6 +776,9 @@ enum Ended {
     Hyper(hyper::Result<()>),
     /// Its response head is written and the body writes itself.
     TakenOver(Box<dyn takeover::FileBody>),
+    /// The head held back at the switch to the full header cap did not
+    /// arrive within what was left of its head timeout.
+    HeldHeadTimedOut,
 }
 
 /// Whether a request's `Connection` header holds the `close` option.
@@ -2035,6 +2074,48 @@ mod tests {
         assert!(
             after < HEADER_READ_TIMEOUT + Duration::from_secs(2),
             "the head was cut {after:?} after the connection began"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_head_after_a_late_long_one_gets_a_whole_head_timeout_of_its_own() {
+        // A long head sent 8 s into the connection gets what is left of its
+        // 10 s; the next head, sent 4 s after that answer (a pooled
+        // connection idle for a while: the proxy keeps one 5 s), is due 10 s
+        // after it as on any connection, not within that remainder.
+        let router = Router::new().route("/", get(|| async { "served" }));
+        let server = TestLoop::start(router, Connections::new(16, "test_late_long")).await;
+        let mut stream = tokio::net::TcpStream::connect(server.address)
+            .await
+            .unwrap();
+        let mut answers = Vec::new();
+        let mut answered = async |stream: &mut tokio::net::TcpStream, count: usize| {
+            while answers.windows(6).filter(|w| w == b"served").count() < count {
+                let mut chunk = [0u8; 4096];
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return false,
+                    Ok(read) => answers.extend_from_slice(&chunk[..read]),
+                }
+            }
+            true
+        };
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        stream
+            .write_all(kept_alive(head_lines::WATCHED_LINES + 6).as_bytes())
+            .await
+            .unwrap();
+        let long = tokio::time::timeout(TEST_TIMEOUT, answered(&mut stream, 1)).await;
+        assert_eq!(long, Ok(true), "the long head was not answered");
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        // The server may have closed by now: the write can still succeed.
+        let _ = stream.write_all(kept_alive(3).as_bytes()).await;
+        let next = tokio::time::timeout(TEST_TIMEOUT, answered(&mut stream, 2)).await;
+        server.stop().await;
+        assert_eq!(
+            next,
+            Ok(true),
+            "the connection was closed before the next head was due: {}",
+            String::from_utf8_lossy(&answers)
         );
     }
 
