@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use gitball_e2e::netns::{self, Network};
 use gitball_e2e::proxy::{
     Proxy, Route, big_repository, fetch, fetch_ok, scrape, settled_fd_count, write_routes,
 };
@@ -1416,4 +1417,143 @@ fn an_ipv4_client_of_a_dual_stack_listener_is_its_ipv4_address() {
         "the mapped peer was not keyed as its IPv4 address: {logged}"
     );
     drop(held);
+}
+
+/// Namespaces of [`one_ipv6_64_shares_a_cap_and_another_64_has_its_own`]:
+/// `gb6{pid}-…`, a set of its own for each run of the tests.
+const IPV6_PREFIX: &str = "gb6";
+
+/// Deletes the namespaces `{prefix}{pid}-…` of runs whose process is gone
+/// (interrupted before their `Network` dropped).
+fn remove_namespaces_of_ended_runs(prefix: &str) {
+    let listing = netns::run("ip", &["netns", "list"]).unwrap_or_default();
+    for name in listing
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+    {
+        let pid = name
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok());
+        if let Some(pid) = pid
+            && pid != std::process::id()
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = netns::run("ip", &["netns", "del", name]);
+        }
+    }
+}
+
+/// `docs/archiver.md#connections-per-client`, over IPv6 on a real link: an
+/// archiver listening on `[::]` in one network namespace, its clients in
+/// another across a bridge (veth pairs), each client socket bound to one of
+/// several ULAs. Two addresses of one `/64` share one cap (a third address
+/// of it is refused), while an address of another `/64` holds a cap of its
+/// own; the refusal is logged with the `/64`.
+#[test]
+fn one_ipv6_64_shares_a_cap_and_another_64_has_its_own() {
+    const TEST: &str = "one_ipv6_64_shares_a_cap_and_another_64_has_its_own";
+    const SERVER: &str = "fd00:6::1";
+    // One /64: two held, the third refused.
+    const SHARED: [&str; 3] = ["fd00:6:0:1::a", "fd00:6:0:1::b", "fd00:6:0:1:ffff::c"];
+    // Another /64 of the same /48.
+    const OTHER: &str = "fd00:6:0:2::a";
+    if let Some(reason) = netns::unavailable_reason(IPV6_PREFIX) {
+        let _ = std::io::stderr().write_all(format!("SKIPPED {TEST}: {reason}\n").as_bytes());
+        return;
+    }
+    raise_own_nofile();
+    remove_namespaces_of_ended_runs(IPV6_PREFIX);
+    let network = Network::create(
+        &format!("{IPV6_PREFIX}{}", std::process::id()),
+        &[("server", "10.77.6.1"), ("client", "10.77.6.2")],
+    );
+    let (server_ns, client_ns) = (network.ns("server"), network.ns("client"));
+    let addresses = [(&server_ns, SERVER)].into_iter().chain(
+        SHARED
+            .iter()
+            .chain([&OTHER])
+            .map(|address| (&client_ns, *address)),
+    );
+    for (ns, address) in addresses {
+        // On the link (/48) and usable at once (no duplicate address
+        // detection).
+        let address = format!("{address}/48");
+        netns::run_ok(
+            "ip",
+            &[
+                "-n", ns, "-6", "addr", "add", &address, "dev", "eth0", "nodad",
+            ],
+        );
+    }
+    let repos = repos().to_path_buf();
+    // One thread, moved between the namespaces: the archiver it starts and
+    // the loopback connections that make it contended are the server's,
+    // the counted connections the client's. The archiver stops when the
+    // thread's values drop, also on a panic.
+    let (client_ns_of_thread, server_ns_of_thread) = (client_ns.clone(), server_ns.clone());
+    let ran = netns::spawn_in(&server_ns, move || {
+        let archiver = Archiver::start(
+            &repos,
+            &[
+                "--listen",
+                "[::]:0",
+                "--max-connections-per-client",
+                "2",
+                "--max-connections",
+                PER_CLIENT_TESTS_MAX,
+            ],
+        );
+        // From loopback, exempt by default.
+        let _contention = contend(archiver.addr);
+        netns::enter(&client_ns_of_thread);
+        let server = SocketAddr::new(SERVER.parse().expect("an address"), archiver.addr.port());
+        let ip = |address: &str| address.parse::<std::net::IpAddr>().expect("an address");
+        let held_shared: Vec<RawConnection> = SHARED[..2]
+            .iter()
+            .flat_map(|address| hold_connections_from(ip(address), server, 1))
+            .collect();
+        let refused = fetch_from(ip(SHARED[2]), server, "/healthz");
+        let held_other = hold_connections_from(ip(OTHER), server, 2);
+        let other_past_its_cap = fetch_from(ip(OTHER), server, "/healthz");
+        netns::enter(&server_ns_of_thread);
+        let clients = counted_clients(&archiver, "gitball_archiver");
+        assert!(
+            wait_until(SETTLE, || archiver
+                .log()
+                .contains("refusing a client's connections with 429")),
+            "the refusal was not logged: {}",
+            archiver.log()
+        );
+        let logged =
+            gitball_e2e::log_line(&archiver.log(), "refusing a client's connections with 429");
+        drop((held_shared, held_other));
+        (refused, other_past_its_cap, clients, logged)
+    })
+    .join();
+    drop(network);
+    let (refused, other_past_its_cap, clients, logged) = ran.expect("the namespaces' thread");
+    assert_eq!(
+        refused.status(),
+        429,
+        "a third address of {SHARED:?}'s /64: {}",
+        refused.text()
+    );
+    assert_eq!(refused.error_code(), "too_many_connections");
+    assert_eq!(
+        clients, 2.0,
+        "the two /64s, whatever addresses their connections came from"
+    );
+    assert_eq!(
+        logged["client"], "fd00:6:0:1::",
+        "the refused client is not keyed as its /64: {logged}"
+    );
+    // The other /64 held as many as its cap, on its own, and only past it
+    // is refused.
+    assert_eq!(
+        other_past_its_cap.status(),
+        429,
+        "{}",
+        other_past_its_cap.text()
+    );
 }
