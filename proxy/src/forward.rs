@@ -473,28 +473,44 @@ impl Forwarder {
         let mut refused = false;
         let mut last_upstream = None;
         // Upstreams on probation that another request is probing: tried
-        // after the other candidates, as ejected ones are (`upstream`).
+        // after the other candidates but before those still ejected (the
+        // tail of `candidates`, `Health::order`): both are suspect, but
+        // their ejection ended (`upstream`). Before, they came after the
+        // ejected ones too (review).
         let mut later: Vec<&Candidate> = Vec::new();
-        let mut next = candidates.iter();
+        let mut next = candidates.iter().peekable();
         let mut deferred = 0;
         loop {
-            let (candidate, _probe) = match next.next() {
-                Some(candidate) => match self.health.trial(&candidate.upstream) {
+            let deferred_one = |deferred: &mut usize| {
+                let candidate: &Candidate = later.get(*deferred)?;
+                *deferred += 1;
+                // Its probe may be over by now: take it if free.
+                Some(match self.health.trial(&candidate.upstream) {
                     Trial::Go(probe) => (candidate, probe),
+                    Trial::Later | Trial::Ejected => (candidate, None),
+                })
+            };
+            let (candidate, _probe) = match next.peek() {
+                Some(&candidate) => match self.health.trial(&candidate.upstream) {
+                    Trial::Go(probe) => {
+                        next.next();
+                        (candidate, probe)
+                    }
                     Trial::Later => {
+                        next.next();
                         later.push(candidate);
                         continue;
                     }
-                },
-                None => match later.get(deferred) {
-                    Some(candidate) => {
-                        deferred += 1;
-                        // Its probe may be over by now: take it if free.
-                        match self.health.trial(&candidate.upstream) {
-                            Trial::Go(probe) => (*candidate, probe),
-                            Trial::Later => (*candidate, None),
+                    Trial::Ejected => match deferred_one(&mut deferred) {
+                        Some(tried) => tried,
+                        None => {
+                            next.next();
+                            (candidate, None)
                         }
-                    }
+                    },
+                },
+                None => match deferred_one(&mut deferred) {
+                    Some(tried) => tried,
                     None => break,
                 },
             };
@@ -1081,6 +1097,56 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::from_secs(630));
         assert!(health.is_ejected(&upstream), "the ejection was cleared");
         held.abort();
+    }
+
+    /// An upstream whose ejection ended, probed by another request, is
+    /// tried after the healthy candidates and before those still ejected:
+    /// both are suspect, but its ejection is over (review: it came after
+    /// the ejected ones).
+    #[tokio::test]
+    async fn an_upstream_another_request_probes_comes_before_those_still_ejected() {
+        // Three addresses that refuse connections: every attempt fails at
+        // once, and each is made.
+        let refusing = || -> Arc<str> {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}", listener.local_addr().unwrap()).into()
+        };
+        let (probed, healthy, ejected) = (refusing(), refusing(), refusing());
+        let eject_for = Duration::from_secs(3600);
+        let health = Arc::new(Health::new(eject_for));
+        health.failed_at(&probed, std::time::Instant::now() - eject_for * 2);
+        let Trial::Go(Some(_held_by_another_request)) = health.trial(&probed) else {
+            panic!("no probe");
+        };
+        health.failed(&ejected);
+        let mut candidates: Vec<Candidate> = [&probed, &healthy, &ejected]
+            .into_iter()
+            .map(|upstream| Candidate {
+                upstream: upstream.clone(),
+                role: crate::routes::Role::Replica,
+            })
+            .collect();
+        assert_eq!(health.order(&mut candidates), 1);
+        let forwarder =
+            Forwarder::new(health, Duration::from_secs(5), Duration::from_secs(5), None).unwrap();
+        let request = UpstreamRequest {
+            method: Method::GET,
+            path_and_query: "/acme/widget/archive/main.tar".into(),
+            parsed: None,
+            headers: HeaderMap::new(),
+        };
+        let mut tried = Vec::new();
+        let forwarded = forwarder
+            .forward_telling(&candidates, false, &request, |upstream, _| {
+                tried.push(upstream.clone())
+            })
+            .await;
+        assert!(forwarded.is_err());
+        assert_eq!(
+            tried,
+            [healthy.clone(), probed.clone(), ejected.clone()],
+            "healthy {healthy}, probed by another {probed}, ejected {ejected}"
+        );
     }
 
     /// The target sent upstream is `path_and_query`'s, whether parsed here

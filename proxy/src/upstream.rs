@@ -14,8 +14,9 @@
 //!
 //! When an ejection ends the upstream is on *probation*: one request at a
 //! time tries it in its place ([`Health::trial`] hands out one
-//! [`Probe`]); meanwhile every other request tries it after the others, as
-//! while it was ejected. The probe's answer ends the probation, its failure
+//! [`Probe`]); meanwhile every other request tries it after its other
+//! candidates but before those still ejected (its ejection is over,
+//! theirs is not). The probe's answer ends the probation, its failure
 //! ejects it again, and anything else (a busy `503`, its client gone)
 //! lets the next request probe. Without it, an
 //! archiver that accepts connections and never answers (stopped, hung) had
@@ -141,7 +142,11 @@ pub enum Trial {
     /// Yes; with the [`Probe`] when the upstream is on probation.
     Go(Option<Probe>),
     /// Not before the other candidates: another request is probing it.
+    /// Still before those ejected: its ejection ended, theirs has not.
     Later,
+    /// Yes, but it is ejected: after any candidate another request is
+    /// probing ([`Trial::Later`]).
+    Ejected,
 }
 
 #[derive(Debug)]
@@ -237,16 +242,43 @@ impl Health {
 
     /// Whether a request may try `upstream` now: an upstream on probation
     /// is tried by one request at a time, the [`Probe`]'s holder; the
-    /// others try it after their other candidates ([`Trial::Later`]).
+    /// others try it after their other candidates but those still ejected
+    /// ([`Trial::Later`]). One whose ejection ended since the request
+    /// ordered its candidates (no request swept it yet) is on probation
+    /// from now: the request takes its probe, or tries it later.
     pub fn trial(self: &Arc<Self>, upstream: &Arc<str>) -> Trial {
+        self.trial_at(upstream, Instant::now())
+    }
+
+    fn trial_at(self: &Arc<Self>, upstream: &Arc<str>, now: Instant) -> Trial {
         let mut standings = self.lock();
         // The common case (nothing ejected) does not hash the name.
         if standings.is_empty() {
             return Trial::Go(None);
         }
-        match standings.get_mut(upstream) {
-            Some(Standing::Probation { probing, .. }) => {
-                let now = Instant::now();
+        let Some(standing) = standings.get_mut(upstream) else {
+            return Trial::Go(None);
+        };
+        match standing {
+            Standing::Ejected(until) if *until > now => Trial::Ejected,
+            Standing::Ejected(_) => {
+                // What `sweep` does, here: without it a request that
+                // ordered its candidates just before the ejection ended
+                // tried the upstream beside the probe's holder (review).
+                *standing = Standing::Probation {
+                    probing: Some(now),
+                    since: now,
+                };
+                drop(standings);
+                crate::metrics::upstream_ejected(upstream, false);
+                tracing::info!(%upstream, "upstream ejection expired; on probation");
+                Trial::Go(Some(Probe {
+                    health: self.clone(),
+                    upstream: upstream.clone(),
+                    began: now,
+                }))
+            }
+            Standing::Probation { probing, .. } => {
                 if probing
                     .is_some_and(|began| now.saturating_duration_since(began) < self.probe_for)
                 {
@@ -259,7 +291,6 @@ impl Health {
                     began: now,
                 }))
             }
-            _ => Trial::Go(None),
         }
     }
 
@@ -312,7 +343,7 @@ impl Health {
         self.failed_at(upstream, Instant::now());
     }
 
-    fn failed_at(&self, upstream: &Arc<str>, now: Instant) {
+    pub(crate) fn failed_at(&self, upstream: &Arc<str>, now: Instant) {
         let newly = !self
             .lock()
             .insert(upstream.clone(), Standing::Ejected(now + self.eject_for))
@@ -433,7 +464,7 @@ mod tests {
             health.is_ejected("b"),
             "the probe's failure ejects it again"
         );
-        assert!(matches!(health.trial(&upstream), Trial::Go(None)));
+        assert!(matches!(health.trial(&upstream), Trial::Ejected));
         health.sweep_at(Instant::now() + Duration::from_secs(11));
         let _probe = health.trial(&upstream);
         health.succeeded(&upstream);
@@ -448,6 +479,45 @@ mod tests {
         assert_eq!(health.lock().len(), 1);
         health.sweep_at(later + Duration::from_secs(10));
         assert!(health.lock().is_empty());
+    }
+
+    /// A request that ordered its candidates while an upstream was ejected
+    /// and reaches it after the ejection ended takes its probe (or tries it
+    /// later): it does not try it beside the probe's holder (review: at
+    /// most one extra attempt, each time an ejection ended).
+    #[test]
+    fn an_ejection_that_ends_after_the_ordering_is_probed_all_the_same() {
+        let health = Arc::new(Health::new(Duration::from_secs(10)));
+        let upstream: Arc<str> = Arc::from("b");
+        let start = Instant::now();
+        health.failed_at(&upstream, start);
+        let mut order = candidates(&["b", "a"]);
+        let ordered = start + Duration::from_secs(9);
+        assert_eq!(
+            health.order_at(&mut order, ordered),
+            1,
+            "ordered while ejected"
+        );
+        assert_eq!(names(&order), ["a", "b"]);
+        assert!(matches!(
+            health.trial_at(&upstream, ordered),
+            Trial::Ejected
+        ));
+        let reached = start + Duration::from_secs(11);
+        let Trial::Go(Some(_probe)) = health.trial_at(&upstream, reached) else {
+            panic!("reached after its ejection ended, without the probe");
+        };
+        assert!(matches!(
+            health.lock().get(&upstream),
+            Some(Standing::Probation {
+                probing: Some(_),
+                ..
+            })
+        ));
+        assert!(
+            matches!(health.trial_at(&upstream, reached), Trial::Later),
+            "a second request tried it beside the probe"
+        );
     }
 
     /// A probe keeps the others off for `--header-timeout` at most: a
