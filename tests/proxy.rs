@@ -4005,6 +4005,96 @@ fn a_spliced_download_whose_archiver_dies_is_aborted_not_ended() {
     assert_eq!(ejected(), 1.0, "a refused connection did not eject it");
 }
 
+/// Downloads of the warm big archive through `proxy`, `count` of them,
+/// each with its head and first 64 KiB taken and then left waiting (piped,
+/// not spliced: too slow a start), so that each holds its upstream.
+fn downloads_in_flight(proxy: &Proxy, count: usize) -> Vec<RawConnection> {
+    (0..count)
+        .map(|_| {
+            let mut connection = RawConnection::connect(proxy.addr).expect("connect");
+            connection.send_request("GET", BIG_PATH, &[]).expect("send");
+            assert_eq!(connection.read_head().expect("head").status, 200);
+            connection
+                .read_body_bytes(64 * KIB)
+                .expect("the first bytes");
+            connection
+        })
+        .collect()
+}
+
+/// A download cut because its archiver's process went away is no archive
+/// failed there: an archiver restarted gracefully, whose drain cut more
+/// downloads than the row of archive failures that ejects (five), is
+/// served from again as soon as it is back, and a killed one is ejected by
+/// the connect that follows, not by its cut downloads. Before, each cut
+/// counted as an archive failed there: the restart ejected the restarted
+/// archiver for `--eject-for` (review).
+#[test]
+fn downloads_cut_by_a_restart_or_a_kill_do_not_eject_the_archiver() {
+    const IN_FLIGHT: usize = 6;
+    let sandbox = Sandbox::new();
+    let big = big_repo_128();
+    let cache = sandbox.path("cache");
+    link_files(warm_big_cache(), &cache);
+    let primary = Archiver::start_with_cache(&big.repos, &cache, &["--shutdown-grace", "1"]);
+    let mut cluster = Cluster::around(primary, Vec::new(), &["--eject-for", "3600"]);
+    let url = cluster.primary.base_url.clone();
+    let addr = cluster.primary.addr;
+    let proxy = &cluster.proxy;
+    let ejected = || {
+        proxy
+            .scrape()
+            .value("gitball_proxy_upstream_ejected", &[("upstream", &url)])
+    };
+    // Until the proxy told, for each cut, that its upstream did not answer
+    // after it, or ejected the upstream.
+    let gone = |count: usize| {
+        wait_until(SETTLE, || {
+            proxy.log().matches("its process went away").count() >= count || ejected() == 1.0
+        })
+    };
+    let cut_all = |connections: Vec<RawConnection>| {
+        for mut connection in connections {
+            let end = connection.read_body_to_end(|_| {});
+            assert!(matches!(end, BodyEnd::Aborted(_)), "{end:?}");
+        }
+    };
+
+    // A graceful restart: the drain's grace runs out on the downloads.
+    let connections = downloads_in_flight(proxy, IN_FLIGHT);
+    let (exit, _) = cluster.primary.terminate(SETTLE);
+    assert!(exit.is_some(), "the archiver did not drain and exit");
+    cut_all(connections);
+    assert!(gone(IN_FLIGHT), "{}", proxy.log());
+    assert_eq!(ejected(), 0.0, "the restart's cut downloads ejected it");
+    assert_eq!(
+        proxy.log().matches("its process went away").count(),
+        IN_FLIGHT
+    );
+    let mut restarted = start_archiver_at(&big.repos, &cache, addr, &[]);
+    let (head, length) = download(proxy.addr, BIG_PATH);
+    assert_eq!(head.header("x-gitball-cache"), Some("hit"));
+    assert_eq!(length, big.full_length);
+    assert_eq!(ejected(), 0.0);
+
+    // A kill: the cut downloads count for nothing; the next connect ejects.
+    let connections = downloads_in_flight(proxy, IN_FLIGHT);
+    kill_hard(&mut restarted);
+    cut_all(connections);
+    assert!(gone(2 * IN_FLIGHT), "{}", proxy.log());
+    assert_eq!(
+        ejected(),
+        0.0,
+        "the killed archiver's cut downloads ejected it"
+    );
+    assert_eq!(
+        proxy.log().matches("its process went away").count(),
+        2 * IN_FLIGHT
+    );
+    assert_eq!(fetch(proxy.addr, BIG_PATH).status(), 502);
+    assert_eq!(ejected(), 1.0, "the refused connect did not eject it");
+}
+
 /// The row of archive failures that ejects an archiver (five, see
 /// `an_archive_failing_at_its_archiver_is_failed_over_and_ejects_nothing`)
 /// is broken only by an archive that ended whole: not by an error's body
@@ -4059,7 +4149,12 @@ fn only_an_archive_ended_whole_breaks_a_row_of_archive_failures() {
         );
         failing_archive();
     }
-    assert_eq!(ejected(), 1.0, "404s between them broke the row");
+    // A cut counts once its archiver answered the check after it
+    // (`downloads_cut_by_a_restart_or_a_kill_do_not_eject_the_archiver`).
+    assert!(
+        wait_until(SETTLE, || ejected() == 1.0),
+        "404s between them broke the row"
+    );
 
     for _ in 0..5 {
         let (mut connection, _, _, _) = spliced_download(proxy);

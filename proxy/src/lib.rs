@@ -281,7 +281,11 @@ impl Proxy {
                 .union(&trusted_proxies),
         };
 
-        let health = Arc::new(Health::new(config.eject_for).probing_for(config.header_timeout));
+        let health = Arc::new(
+            Health::new(config.eject_for)
+                .probing_for(config.header_timeout)
+                .checking_cuts_within(config.header_timeout),
+        );
         let forwarder = Forwarder::new(
             health,
             config.connect_timeout,

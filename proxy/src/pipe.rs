@@ -1184,7 +1184,7 @@ mod tests {
         let pipe = Pipe::from_stream(
             Box::pin(upstream),
             None,
-            Arc::from("http://upstream:1"),
+            Arc::from("http://127.0.0.1:1"),
             health.clone(),
             timers(Duration::from_secs(60)),
             move |end| *record.lock().unwrap() = Some(end),
@@ -1208,7 +1208,7 @@ mod tests {
         );
         // The upstream ended the body itself (an archiver aborts a failed
         // generation's download): not ejected; only a silent one is.
-        assert!(!health.is_ejected("http://upstream:1"));
+        assert!(!health.is_ejected("http://127.0.0.1:1"));
     }
 
     /// A body that failed because the kernel gave up on the upstream's host
@@ -1223,7 +1223,7 @@ mod tests {
             let (mut pipe, health, _, _) = failing_midway(kind);
             assert!(pipe.next().await.unwrap().is_ok());
             assert!(pipe.next().await.unwrap().is_err());
-            assert!(health.is_ejected("http://upstream:1"), "{kind:?}");
+            assert!(health.is_ejected("http://127.0.0.1:1"), "{kind:?}");
         }
     }
 

@@ -1,6 +1,7 @@
 //! Upstream health: passive ejection.
 //!
-//! There is no active health checking. An upstream that just failed a
+//! There is no active health checking (but for the one check a download
+//! cut short gets, below). An upstream that just failed a
 //! request (connect error or timeout, no headers in time, a `5xx`, a body
 //! that broke off) is *ejected* for `--eject-for`: it stays a candidate but
 //! is tried after every healthy one, so a dead archiver costs one failed
@@ -24,6 +25,13 @@
 //! on it, each ejection over again (attack: a SIGSTOPped replica, 32
 //! clients, every one of them paid 3 s per `--eject-for` of 4 s).
 //!
+//! A body cut short says only that its connection ended: the archiver cut
+//! it for a failed archive, or its process went away (a restart's drain,
+//! a kill). It counts as an archive failed there only if the archiver
+//! answers a `HEAD /healthz` sent right after ([`Health::cut`]); a process
+//! that went away answers nothing, and the next request's connect tells
+//! whether it is back.
+//!
 //! An archive that failed at its archiver (a `500`, or a body the archiver
 //! cut itself) is no failure of the archiver: one request for a broken or
 //! huge commit must not move everyone's traffic. But an archiver that is up
@@ -42,6 +50,7 @@
 //! stale when it is read.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -53,8 +62,12 @@ pub enum Cut {
     /// It is gone: silent for the silence bound, or its host unreachable.
     /// Ejected, as one failed attempt is.
     Gone,
-    /// It ended the body itself: an archive failed there
-    /// ([`Health::archive_failed`]).
+    /// The connection ended short: the archiver cut it because the
+    /// archive failed there ([`Health::archive_failed`]), or its process
+    /// went away (a drain's cut at a graceful restart, a kill). Counted as
+    /// an archive failure only if the upstream still answers right after
+    /// (`Health::cut`): a process that went away is shown by
+    /// the next connect, not by the downloads it cut.
     ByUpstream,
     /// It ended the body of a generation this download joined, under way
     /// there before it (`X-Gitball-Cache: join`): that failure is counted
@@ -92,6 +105,41 @@ pub fn joined(headers: &http::HeaderMap) -> bool {
 /// Archives failed at one archiver in a row, with no download from it
 /// ending whole in between, that eject it.
 pub const ARCHIVE_FAILURES_TO_EJECT: u32 = 5;
+
+/// How long the check of a cut download's upstream waits for its answer
+/// without `--header-timeout` given (`Health::checking_cuts_within`).
+const CHECK_WITHIN: Duration = Duration::from_secs(60);
+
+/// Whether `upstream` (`http://host:port`) answers `HEAD /healthz` (any
+/// status) within `within`: its process is there and serving. A connect
+/// alone is not enough: a killed process's listener completes handshakes
+/// from its backlog until the kernel closes it, which may come after the
+/// downloads it cut (seen: one check of six connected). `/healthz` never
+/// needs the token (`docs/internal-api.md`).
+async fn answers(upstream: &str, within: Duration) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(authority) = http::Uri::try_from(upstream)
+        .ok()
+        .and_then(|uri| uri.authority().cloned())
+    else {
+        return false;
+    };
+    let address = format!(
+        "{}:{}",
+        authority.host(),
+        authority.port_u16().unwrap_or(80)
+    );
+    let check = async {
+        let mut stream = tokio::net::TcpStream::connect(address).await?;
+        let request =
+            format!("HEAD /healthz HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut status_line = [0; 7];
+        stream.read_exact(&mut status_line).await?;
+        Ok::<_, std::io::Error>(&status_line == b"HTTP/1.")
+    };
+    matches!(tokio::time::timeout(within, check).await, Ok(Ok(true)))
+}
 
 /// Where an upstream that failed stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -161,7 +209,22 @@ pub struct Health {
     /// probation since.
     ejected: Mutex<HashMap<Arc<str>, Standing>>,
     /// Archives failed in a row at each upstream since its last answer.
-    archive_failures: Mutex<HashMap<Arc<str>, u32>>,
+    archive_failures: Mutex<HashMap<Arc<str>, Row>>,
+    /// How long the check that tells a cut download's upstream alive may
+    /// take: `--header-timeout`.
+    check_within: Duration,
+    /// The last [`Row::id`] handed out.
+    rows: AtomicU64,
+}
+
+/// A row of archives failed at one upstream, with no archive from it
+/// ending whole in between.
+#[derive(Clone, Copy, Debug, Default)]
+struct Row {
+    failures: u32,
+    /// Which row: a cut download's check counts only toward the row it
+    /// was cut in, not one begun after an archive ended whole there.
+    id: u64,
 }
 
 impl Health {
@@ -171,7 +234,16 @@ impl Health {
             probe_for: eject_for,
             ejected: Mutex::new(HashMap::new()),
             archive_failures: Mutex::new(HashMap::new()),
+            check_within: CHECK_WITHIN,
+            rows: AtomicU64::new(0),
         }
+    }
+
+    /// The check that tells whether a cut download's upstream is still
+    /// there waits `header_timeout` (`--header-timeout`) at most.
+    pub fn checking_cuts_within(mut self, header_timeout: Duration) -> Health {
+        self.check_within = header_timeout;
+        self
     }
 
     /// One probe keeps the others off an upstream on probation for at most
@@ -181,21 +253,44 @@ impl Health {
         self
     }
 
-    fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, u32>> {
+    fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Row>> {
         self.archive_failures
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn row<'a>(
+        &self,
+        failures: &'a mut HashMap<Arc<str>, Row>,
+        upstream: &Arc<str>,
+    ) -> &'a mut Row {
+        failures.entry(upstream.clone()).or_insert_with(|| Row {
+            failures: 0,
+            id: self.rows.fetch_add(1, Ordering::Relaxed) + 1,
+        })
     }
 
     /// An archive failed at `upstream` (a `500`, or a body it cut itself):
     /// no failure of the upstream, unless it is the
     /// `ARCHIVE_FAILURES_TO_EJECT`th in a row.
     pub fn archive_failed(&self, upstream: &Arc<str>) {
+        self.archive_failed_in(upstream, None);
+    }
+
+    /// [`Health::archive_failed`], counted only in the row `id` if given
+    /// (an archive ended whole there since, it is over).
+    fn archive_failed_in(&self, upstream: &Arc<str>, id: Option<u64>) {
         let in_a_row = {
             let mut failures = self.failures();
-            let count = failures.entry(upstream.clone()).or_insert(0);
-            *count += 1;
-            let in_a_row = *count;
+            let row = self.row(&mut failures, upstream);
+            if id.is_some_and(|id| id != row.id) {
+                if row.failures == 0 {
+                    failures.remove(upstream);
+                }
+                return;
+            }
+            row.failures += 1;
+            let in_a_row = row.failures;
             if in_a_row >= ARCHIVE_FAILURES_TO_EJECT {
                 failures.remove(upstream);
             }
@@ -355,11 +450,53 @@ impl Health {
     }
 
     /// A download from `upstream` was cut midway, for the reason `cut`.
-    pub fn cut(&self, upstream: &Arc<str>, cut: Cut) {
+    ///
+    /// A connection that ended short ([`Cut::ByUpstream`]) is an archive
+    /// failed there only if the upstream still answers: a `HEAD /healthz`
+    /// is sent at once, in a task of its own. No answer (a refused
+    /// connect, a connection closed unanswered, nothing within
+    /// `--header-timeout`) says its process went away: a drain cutting the
+    /// downloads it could not finish at a graceful restart (its listener
+    /// is closed from the signal on), or a kill.
+    /// That counts for nothing here; the next request's connect tells
+    /// whether it is back (attack: a restart that cut five downloads
+    /// counted as five archives failed in a row and ejected the restarted
+    /// archiver for `--eject-for`).
+    pub fn cut(self: &Arc<Self>, upstream: &Arc<str>, cut: Cut) {
         match cut {
             Cut::Gone => self.failed(upstream),
-            Cut::ByUpstream => self.archive_failed(upstream),
+            Cut::ByUpstream => {
+                // The row the cut belongs to: an archive ending whole
+                // there before the check is done ends it.
+                let id = self.row(&mut self.failures(), upstream).id;
+                match tokio::runtime::Handle::try_current() {
+                    Ok(runtime) => {
+                        runtime.spawn(self.clone().check_cut(upstream.clone(), id));
+                    }
+                    Err(_) => self.archive_failed_in(upstream, Some(id)),
+                }
+            }
             Cut::Joined | Cut::NotUpstreams => {}
+        }
+    }
+
+    /// Counts a download cut at `upstream` in its row `id` of archive
+    /// failures if the upstream still answers ([`Health::cut`]).
+    async fn check_cut(self: Arc<Self>, upstream: Arc<str>, id: u64) {
+        if answers(&upstream, self.check_within).await {
+            self.archive_failed_in(&upstream, Some(id));
+            return;
+        }
+        tracing::info!(
+            %upstream,
+            "a download cut by an upstream that then did not answer: its process went away; not counted"
+        );
+        let mut failures = self.failures();
+        if failures
+            .get(&upstream)
+            .is_some_and(|row| row.id == id && row.failures == 0)
+        {
+            failures.remove(&upstream);
         }
     }
 
@@ -603,7 +740,7 @@ mod tests {
 
     #[test]
     fn a_cut_of_a_joined_generation_counts_for_nothing_at_its_upstream() {
-        let health = Health::new(Duration::from_secs(10));
+        let health = Arc::new(Health::new(Duration::from_secs(10)));
         let upstream: Arc<str> = Arc::from("a");
         for _ in 0..2 * ARCHIVE_FAILURES_TO_EJECT {
             let cut = Cut::ByUpstream.of_download("a", Some("a"));
@@ -615,6 +752,73 @@ mod tests {
         assert_eq!(Cut::ByUpstream.of_download("a", Some("b")), Cut::ByUpstream);
         assert_eq!(Cut::ByUpstream.of_download("a", None), Cut::ByUpstream);
         assert_eq!(Cut::Gone.of_download("a", Some("a")), Cut::Gone);
+    }
+
+    /// A download cut short counts toward the row of archive failures
+    /// only if its upstream still answers: one whose process went away (a
+    /// drain's cut at a restart, a kill) answers nothing, and
+    /// its cuts count for nothing, however many (attack: a restart cutting
+    /// five downloads ejected the restarted archiver for `--eject-for`).
+    #[tokio::test]
+    async fn a_cut_counts_only_if_its_upstream_still_answers() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let alive: Arc<str> = format!("http://{}", listener.local_addr().unwrap()).into();
+        let serving = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await;
+            }
+        });
+        // Takes connections (its backlog), answers none: a killed
+        // process's listener not closed yet.
+        let silent_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let silent: Arc<str> = format!("http://{}", silent_listener.local_addr().unwrap()).into();
+        let gone = {
+            let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let gone: Arc<str> = format!("http://{}", closed.local_addr().unwrap()).into();
+            drop(closed);
+            gone
+        };
+        let health = Arc::new(Health::new(Duration::from_secs(10)));
+        let cut = |upstream: &Arc<str>| {
+            let id = health.row(&mut health.failures(), upstream).id;
+            health.clone().check_cut(upstream.clone(), id)
+        };
+        for _ in 0..2 * ARCHIVE_FAILURES_TO_EJECT {
+            cut(&gone).await;
+        }
+        assert!(
+            !health.is_ejected(&gone),
+            "a gone process's cuts ejected it"
+        );
+        let health_silent = Arc::new(
+            Health::new(Duration::from_secs(10)).checking_cuts_within(Duration::from_millis(100)),
+        );
+        for _ in 0..ARCHIVE_FAILURES_TO_EJECT {
+            let id = health_silent.row(&mut health_silent.failures(), &silent).id;
+            health_silent.clone().check_cut(silent.clone(), id).await;
+        }
+        assert!(
+            !health_silent.is_ejected(&silent),
+            "a connect alone counted"
+        );
+        assert!(health.failures().is_empty(), "a row was left behind");
+        for _ in 1..ARCHIVE_FAILURES_TO_EJECT {
+            cut(&alive).await;
+        }
+        assert!(!health.is_ejected(&alive), "one short of the count");
+        // An archive that ended whole after the cut, before its check was
+        // done, ended the row the cut was in.
+        let late = cut(&alive);
+        health.answered_whole(&alive);
+        late.await;
+        for _ in 1..ARCHIVE_FAILURES_TO_EJECT {
+            cut(&alive).await;
+        }
+        assert!(!health.is_ejected(&alive), "a check counted in a later row");
+        cut(&alive).await;
+        assert!(health.is_ejected(&alive), "five cuts by a live upstream");
+        serving.abort();
     }
 
     #[test]
