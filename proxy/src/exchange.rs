@@ -487,10 +487,7 @@ fn framing(
     let mut length = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
         for part in value.as_bytes().split(|&byte| byte == b',') {
-            let part = part.trim_ascii();
-            let parsed = (!part.is_empty() && part.iter().all(u8::is_ascii_digit))
-                .then(|| std::str::from_utf8(part).ok()?.parse::<u64>().ok())
-                .flatten()
+            let parsed = decimal(part.trim_ascii())
                 .filter(|&parsed| {
                     parsed <= MAX_BODY_BYTES && length.is_none_or(|length| length == parsed)
                 })
@@ -502,6 +499,16 @@ fn framing(
         Some(length) => (Framing::Length(length), true),
         None => (Framing::Close, false),
     })
+}
+
+/// A number of an answer's head (a `Content-Length`, a `Content-Range`'s
+/// positions): one or more digits and nothing else, within `u64`. The one
+/// reading of such numbers (`resume` reads `Content-Range` with it).
+pub(crate) fn decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
 /// Takes what `read` holds of the `left` bytes a body or chunk still has,

@@ -199,7 +199,7 @@ impl Resume {
         let upstream = forwarded.upstream;
         let status = response.status();
         let skip = self
-            .skip(status, response.headers(), next)
+            .skip(status, response.headers(), body_length(&response), next)
             .ok_or_else(|| ResumeError::Mismatch(status, upstream.clone()))?;
         // How many bytes the download has left: known from the start, or
         // from this answer (a `206`'s range, a complete archive's length).
@@ -318,9 +318,11 @@ impl Resume {
         &self.forwarder
     }
 
-    /// How many bytes of the answer (`status`, `headers`) to a
-    /// [`Resume::range_request`] for `next` come before the download's next
-    /// byte; `None` if the answer is not the rest of the same archive.
+    /// How many bytes of the answer (`status`, `headers`, and its body's
+    /// length as the exchange framed it: `Content-Length`, `None` when
+    /// chunked) to a [`Resume::range_request`] for `next` come before the
+    /// download's next byte; `None` if the answer is not the rest of the
+    /// same archive.
     ///
     /// A `206` must start at the byte asked for (`asked_from`: `next`, or
     /// the byte before, which is skipped), end where the download ends (its last
@@ -329,13 +331,21 @@ impl Resume {
     /// `200` must be of the archive's length when that is known. An
     /// upstream answering otherwise would have the download end short, or
     /// continue with other bytes.
-    pub fn skip(&self, status: StatusCode, headers: &http::HeaderMap, next: u64) -> Option<u64> {
+    ///
+    /// The length is the exchange's reading (`exchange::parse`), not a
+    /// second parse of `Content-Length` here: that one took a list of one
+    /// length repeated (`900, 900`), which the exchange reads as `900`, for
+    /// no length, and declined a sound range answer (review).
+    pub fn skip(
+        &self,
+        status: StatusCode,
+        headers: &http::HeaderMap,
+        body_length: Option<u64>,
+        next: u64,
+    ) -> Option<u64> {
         if headers.get(header::ETAG) != Some(&self.etag) {
             return None;
         }
-        let content_length = headers
-            .get(header::CONTENT_LENGTH)
-            .map(|value| value.to_str().ok()?.parse::<u64>().ok());
         let same_length = |length: u64| self.length.is_none_or(|ours| ours == length);
         match status {
             StatusCode::PARTIAL_CONTENT => {
@@ -344,14 +354,14 @@ impl Resume {
                     Some(ours) => last == ours,
                     None => last + 1 == length,
                 };
-                let framed = content_length.is_none_or(|sent| sent == Some(last + 1 - first));
+                let framed = body_length.is_none_or(|sent| sent == last + 1 - first);
                 (first == self.asked_from(next) && to_the_end && same_length(length) && framed)
                     .then(|| next - first)
             }
             // The whole archive again: its first `next` bytes were sent.
-            StatusCode::OK => match content_length {
+            StatusCode::OK => match body_length {
                 None => Some(next),
-                Some(Some(length)) if same_length(length) && length >= next => Some(next),
+                Some(length) if same_length(length) && length >= next => Some(next),
                 Some(_) => None,
             },
             _ => None,
@@ -365,15 +375,19 @@ impl Resume {
     }
 }
 
-/// `bytes {first}-{last}/{length}` of a `206`.
+/// `bytes {first}-{last}/{length}` of a `206`, each number digits only,
+/// as the exchange reads a `Content-Length` (`exchange::decimal`: `str`'s
+/// parse took a sign, `bytes +100-999/1000`).
 fn content_range(headers: &http::HeaderMap) -> Option<(u64, u64, u64)> {
-    let value = headers.get(header::CONTENT_RANGE)?.to_str().ok()?;
-    let (range, length) = value.strip_prefix("bytes ")?.split_once('/')?;
-    let (first, last) = range.split_once('-')?;
+    let value = headers.get(header::CONTENT_RANGE)?.as_bytes();
+    let value = value.strip_prefix(b"bytes ")?;
+    let slash = value.iter().position(|&byte| byte == b'/')?;
+    let (range, length) = (&value[..slash], &value[slash + 1..]);
+    let dash = range.iter().position(|&byte| byte == b'-')?;
     let (first, last, length) = (
-        first.parse().ok()?,
-        last.parse().ok()?,
-        length.parse().ok()?,
+        crate::exchange::decimal(&range[..dash])?,
+        crate::exchange::decimal(&range[dash + 1..])?,
+        crate::exchange::decimal(length)?,
     );
     (first <= last && last < length).then_some((first, last, length))
 }
@@ -561,47 +575,66 @@ mod tests {
         // so the range asked for starts a byte early (which is skipped).
         let growing = resume_of(0, None);
         let asked = answer(&[(range.clone(), "bytes 99-999/1000")]);
-        assert_eq!(growing.skip(partial, &asked, 100), Some(1));
+        assert_eq!(growing.skip(partial, &asked, None, 100), Some(1));
         let framed = answer(&[
             (range.clone(), "bytes 99-999/1000"),
             (length.clone(), "901"),
         ]);
-        assert_eq!(growing.skip(partial, &framed, 100), Some(1));
+        assert_eq!(growing.skip(partial, &framed, Some(901), 100), Some(1));
         let short_of_the_end = answer(&[(range.clone(), "bytes 99-899/1000")]);
-        assert_eq!(growing.skip(partial, &short_of_the_end, 100), None);
+        assert_eq!(growing.skip(partial, &short_of_the_end, None, 100), None);
         let shorter_body = answer(&[
             (range.clone(), "bytes 99-999/1000"),
             (length.clone(), "800"),
         ]);
-        assert_eq!(growing.skip(partial, &shorter_body, 100), None);
+        assert_eq!(growing.skip(partial, &shorter_body, Some(800), 100), None);
         let to_the_end = answer(&[(range.clone(), "bytes 100-999/1000")]);
-        assert_eq!(growing.skip(partial, &to_the_end, 100), None, "not asked");
+        assert_eq!(
+            growing.skip(partial, &to_the_end, None, 100),
+            None,
+            "not asked"
+        );
         let elsewhere = answer(&[(range.clone(), "bytes 101-999/1000")]);
-        assert_eq!(growing.skip(partial, &elsewhere, 100), None);
+        assert_eq!(growing.skip(partial, &elsewhere, None, 100), None);
         // Parked with every byte sent but the end unread (review): the
         // archive, complete since, gives the byte before, and nothing is
         // left.
         let ended = answer(&[(range.clone(), "bytes 999-999/1000"), (length.clone(), "1")]);
-        assert_eq!(growing.skip(partial, &ended, 1000), Some(1));
+        assert_eq!(growing.skip(partial, &ended, Some(1), 1000), Some(1));
         // The whole archive again, still growing or complete.
-        assert_eq!(growing.skip(StatusCode::OK, &answer(&[]), 100), Some(100));
+        assert_eq!(
+            growing.skip(StatusCode::OK, &answer(&[]), None, 100),
+            Some(100)
+        );
         let complete = answer(&[(length.clone(), "1000")]);
-        assert_eq!(growing.skip(StatusCode::OK, &complete, 100), Some(100));
+        assert_eq!(
+            growing.skip(StatusCode::OK, &complete, Some(1000), 100),
+            Some(100)
+        );
         let too_short = answer(&[(length.clone(), "50")]);
-        assert_eq!(growing.skip(StatusCode::OK, &too_short, 100), None);
+        assert_eq!(
+            growing.skip(StatusCode::OK, &too_short, Some(50), 100),
+            None
+        );
 
         // A download of a complete archive: its length known.
         let known = resume_of(0, Some(999));
-        assert_eq!(known.skip(partial, &to_the_end, 100), Some(0));
+        assert_eq!(known.skip(partial, &to_the_end, None, 100), Some(0));
         let another_length = answer(&[(range.clone(), "bytes 100-999/2000")]);
-        assert_eq!(known.skip(partial, &another_length, 100), None);
-        assert_eq!(known.skip(StatusCode::OK, &complete, 100), Some(100));
+        assert_eq!(known.skip(partial, &another_length, None, 100), None);
+        assert_eq!(
+            known.skip(StatusCode::OK, &complete, Some(1000), 100),
+            Some(100)
+        );
         let longer = answer(&[(length.clone(), "1200")]);
-        assert_eq!(known.skip(StatusCode::OK, &longer, 100), None);
+        assert_eq!(known.skip(StatusCode::OK, &longer, Some(1200), 100), None);
+        // Positions are digits only, as the exchange reads a length.
+        let signed = answer(&[(range.clone(), "bytes +100-999/1000")]);
+        assert_eq!(known.skip(partial, &signed, None, 100), None, "a sign");
         // Another archive.
         let mut other = to_the_end.clone();
         other.insert(header::ETAG, HeaderValue::from_static("\"other-tar\""));
-        assert_eq!(known.skip(partial, &other, 100), None);
+        assert_eq!(known.skip(partial, &other, None, 100), None);
     }
 
     /// The range a resume asks for: from the next byte to the download's
