@@ -141,6 +141,24 @@ async fn answers(upstream: &str, within: Duration) -> bool {
     matches!(tokio::time::timeout(within, check).await, Ok(Ok(true)))
 }
 
+/// Ends `upstream`'s row of archive failures (which must be in
+/// `failures`) when it ejects, or when nothing is in it (no failure, no
+/// check pending); returns its count.
+fn settle(failures: &mut HashMap<Arc<str>, Row>, upstream: &Arc<str>) -> u32 {
+    let Some(&Row {
+        failures: in_a_row,
+        pending,
+        ..
+    }) = failures.get(upstream)
+    else {
+        return 0;
+    };
+    if in_a_row >= ARCHIVE_FAILURES_TO_EJECT || (in_a_row == 0 && pending == 0) {
+        failures.remove(upstream);
+    }
+    in_a_row
+}
+
 /// Where an upstream that failed stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Standing {
@@ -222,6 +240,8 @@ pub struct Health {
 #[derive(Clone, Copy, Debug, Default)]
 struct Row {
     failures: u32,
+    /// Downloads cut in this row whose check is not done yet.
+    pending: u32,
     /// Which row: a cut download's check counts only toward the row it
     /// was cut in, not one begun after an archive ended whole there.
     id: u64,
@@ -266,6 +286,7 @@ impl Health {
     ) -> &'a mut Row {
         failures.entry(upstream.clone()).or_insert_with(|| Row {
             failures: 0,
+            pending: 0,
             id: self.rows.fetch_add(1, Ordering::Relaxed) + 1,
         })
     }
@@ -274,28 +295,32 @@ impl Health {
     /// no failure of the upstream, unless it is the
     /// `ARCHIVE_FAILURES_TO_EJECT`th in a row.
     pub fn archive_failed(&self, upstream: &Arc<str>) {
-        self.archive_failed_in(upstream, None);
-    }
-
-    /// [`Health::archive_failed`], counted only in the row `id` if given
-    /// (an archive ended whole there since, it is over).
-    fn archive_failed_in(&self, upstream: &Arc<str>, id: Option<u64>) {
         let in_a_row = {
             let mut failures = self.failures();
-            let row = self.row(&mut failures, upstream);
-            if id.is_some_and(|id| id != row.id) {
-                if row.failures == 0 {
-                    failures.remove(upstream);
-                }
-                return;
-            }
-            row.failures += 1;
-            let in_a_row = row.failures;
-            if in_a_row >= ARCHIVE_FAILURES_TO_EJECT {
-                failures.remove(upstream);
-            }
-            in_a_row
+            self.row(&mut failures, upstream).failures += 1;
+            settle(&mut failures, upstream)
         };
+        self.eject_if_in_a_row(upstream, in_a_row);
+    }
+
+    /// The check of a download cut at `upstream` in the row `id` is done:
+    /// counted as an archive failed there if the upstream `answered`, and
+    /// for nothing if the row is over (an archive ended whole there since,
+    /// or the row ejected it).
+    fn cut_checked(&self, upstream: &Arc<str>, id: u64, answered: bool) {
+        let in_a_row = {
+            let mut failures = self.failures();
+            let Some(row) = failures.get_mut(upstream).filter(|row| row.id == id) else {
+                return;
+            };
+            row.pending -= 1;
+            row.failures += u32::from(answered);
+            settle(&mut failures, upstream)
+        };
+        self.eject_if_in_a_row(upstream, in_a_row);
+    }
+
+    fn eject_if_in_a_row(&self, upstream: &Arc<str>, in_a_row: u32) {
         if in_a_row >= ARCHIVE_FAILURES_TO_EJECT {
             tracing::warn!(%upstream, in_a_row, "every archive failed at this upstream lately");
             self.failed(upstream);
@@ -468,36 +493,35 @@ impl Health {
             Cut::ByUpstream => {
                 // The row the cut belongs to: an archive ending whole
                 // there before the check is done ends it.
-                let id = self.row(&mut self.failures(), upstream).id;
+                let id = {
+                    let mut failures = self.failures();
+                    let row = self.row(&mut failures, upstream);
+                    row.pending += 1;
+                    row.id
+                };
                 match tokio::runtime::Handle::try_current() {
                     Ok(runtime) => {
                         runtime.spawn(self.clone().check_cut(upstream.clone(), id));
                     }
-                    Err(_) => self.archive_failed_in(upstream, Some(id)),
+                    Err(_) => self.cut_checked(upstream, id, true),
                 }
             }
             Cut::Joined | Cut::NotUpstreams => {}
         }
     }
 
-    /// Counts a download cut at `upstream` in its row `id` of archive
-    /// failures if the upstream still answers ([`Health::cut`]).
+    /// Checks whether `upstream`, which cut a download in its row `id` of
+    /// archive failures, still answers ([`Health::cut`]), and counts the
+    /// cut if it does.
     async fn check_cut(self: Arc<Self>, upstream: Arc<str>, id: u64) {
-        if answers(&upstream, self.check_within).await {
-            self.archive_failed_in(&upstream, Some(id));
-            return;
+        let answered = answers(&upstream, self.check_within).await;
+        if !answered {
+            tracing::info!(
+                %upstream,
+                "a download cut by an upstream that then did not answer: its process went away; not counted"
+            );
         }
-        tracing::info!(
-            %upstream,
-            "a download cut by an upstream that then did not answer: its process went away; not counted"
-        );
-        let mut failures = self.failures();
-        if failures
-            .get(&upstream)
-            .is_some_and(|row| row.id == id && row.failures == 0)
-        {
-            failures.remove(&upstream);
-        }
+        self.cut_checked(&upstream, id, answered);
     }
 
     /// A download from `upstream` ended whole: archives do not all fail
@@ -780,12 +804,18 @@ mod tests {
             gone
         };
         let health = Arc::new(Health::new(Duration::from_secs(10)));
-        let cut = |upstream: &Arc<str>| {
-            let id = health.row(&mut health.failures(), upstream).id;
+        // `Health::cut`, its check awaited.
+        let cut = |health: &Arc<Health>, upstream: &Arc<str>| {
+            let id = {
+                let mut failures = health.failures();
+                let row = health.row(&mut failures, upstream);
+                row.pending += 1;
+                row.id
+            };
             health.clone().check_cut(upstream.clone(), id)
         };
         for _ in 0..2 * ARCHIVE_FAILURES_TO_EJECT {
-            cut(&gone).await;
+            cut(&health, &gone).await;
         }
         assert!(
             !health.is_ejected(&gone),
@@ -795,8 +825,7 @@ mod tests {
             Health::new(Duration::from_secs(10)).checking_cuts_within(Duration::from_millis(100)),
         );
         for _ in 0..ARCHIVE_FAILURES_TO_EJECT {
-            let id = health_silent.row(&mut health_silent.failures(), &silent).id;
-            health_silent.clone().check_cut(silent.clone(), id).await;
+            cut(&health_silent, &silent).await;
         }
         assert!(
             !health_silent.is_ejected(&silent),
@@ -804,21 +833,51 @@ mod tests {
         );
         assert!(health.failures().is_empty(), "a row was left behind");
         for _ in 1..ARCHIVE_FAILURES_TO_EJECT {
-            cut(&alive).await;
+            cut(&health, &alive).await;
         }
         assert!(!health.is_ejected(&alive), "one short of the count");
         // An archive that ended whole after the cut, before its check was
         // done, ended the row the cut was in.
-        let late = cut(&alive);
+        let late = cut(&health, &alive);
         health.answered_whole(&alive);
         late.await;
         for _ in 1..ARCHIVE_FAILURES_TO_EJECT {
-            cut(&alive).await;
+            cut(&health, &alive).await;
         }
         assert!(!health.is_ejected(&alive), "a check counted in a later row");
-        cut(&alive).await;
+        cut(&health, &alive).await;
         assert!(health.is_ejected(&alive), "five cuts by a live upstream");
         serving.abort();
+    }
+
+    /// A check counts in its own row, and ends none it is not in: checks
+    /// done in any order lose no cut a live upstream made.
+    #[test]
+    fn checks_done_in_any_order_count_each_cut_in_its_row() {
+        let health = Arc::new(Health::new(Duration::from_secs(10)));
+        let upstream: Arc<str> = Arc::from("a");
+        let cut = || {
+            let mut failures = health.failures();
+            let row = health.row(&mut failures, &upstream);
+            row.pending += 1;
+            row.id
+        };
+        // A cut in a row an archive ended whole after, then one in the
+        // next row; the first's check (its upstream gone) comes last.
+        let ended_row = cut();
+        health.answered_whole(&upstream);
+        let gone = cut();
+        let live = cut();
+        health.cut_checked(&upstream, gone, false);
+        health.cut_checked(&upstream, ended_row, true);
+        health.cut_checked(&upstream, live, true);
+        for _ in 2..ARCHIVE_FAILURES_TO_EJECT {
+            health.archive_failed(&upstream);
+        }
+        assert!(!health.is_ejected("a"), "the ended row's cut counted");
+        health.archive_failed(&upstream);
+        assert!(health.is_ejected("a"), "the live upstream's cut was lost");
+        assert!(health.failures().is_empty());
     }
 
     #[test]
