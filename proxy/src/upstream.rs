@@ -242,6 +242,9 @@ struct Row {
     failures: u32,
     /// Downloads cut in this row whose check is not done yet.
     pending: u32,
+    /// A check of the upstream is under way for this row: the cuts made
+    /// meanwhile share its answer.
+    checking: bool,
     /// Which row: a cut download's check counts only toward the row it
     /// was cut in, not one begun after an archive ended whole there.
     id: u64,
@@ -287,6 +290,7 @@ impl Health {
         failures.entry(upstream.clone()).or_insert_with(|| Row {
             failures: 0,
             pending: 0,
+            checking: false,
             id: self.rows.fetch_add(1, Ordering::Relaxed) + 1,
         })
     }
@@ -303,18 +307,21 @@ impl Health {
         self.eject_if_in_a_row(upstream, in_a_row);
     }
 
-    /// The check of a download cut at `upstream` in the row `id` is done:
-    /// counted as an archive failed there if the upstream `answered`, and
-    /// for nothing if the row is over (an archive ended whole there since,
-    /// or the row ejected it).
+    /// The check of the downloads cut at `upstream` in the row `id` is
+    /// done: each counted as an archive failed there if the upstream
+    /// `answered`, and for nothing if the row is over (an archive ended
+    /// whole there since, or the row ejected it).
     fn cut_checked(&self, upstream: &Arc<str>, id: u64, answered: bool) {
         let in_a_row = {
             let mut failures = self.failures();
             let Some(row) = failures.get_mut(upstream).filter(|row| row.id == id) else {
                 return;
             };
-            row.pending -= 1;
-            row.failures += u32::from(answered);
+            let cuts = std::mem::take(&mut row.pending);
+            row.checking = false;
+            if answered {
+                row.failures += cuts;
+            }
             settle(&mut failures, upstream)
         };
         self.eject_if_in_a_row(upstream, in_a_row);
@@ -492,12 +499,14 @@ impl Health {
             Cut::Gone => self.failed(upstream),
             Cut::ByUpstream => {
                 // The row the cut belongs to: an archive ending whole
-                // there before the check is done ends it.
-                let id = {
-                    let mut failures = self.failures();
-                    let row = self.row(&mut failures, upstream);
-                    row.pending += 1;
-                    row.id
+                // there before the check is done ends it. One check at a
+                // time per row: a restart that cuts ten thousand downloads
+                // makes one connection to the archiver, not one each
+                // (review: each cut's own check held an fd up to
+                // `--header-timeout`, ten thousand of them for an archiver
+                // whose host stopped answering after the cuts).
+                let Some(id) = self.cut_to_check(upstream) else {
+                    return;
                 };
                 match tokio::runtime::Handle::try_current() {
                     Ok(runtime) => {
@@ -508,6 +517,16 @@ impl Health {
             }
             Cut::Joined | Cut::NotUpstreams => {}
         }
+    }
+
+    /// Notes a download cut at `upstream` in its row of archive failures,
+    /// to be counted when the row's check is done; the row's id when this
+    /// cut is to start that check (none is under way).
+    fn cut_to_check(&self, upstream: &Arc<str>) -> Option<u64> {
+        let mut failures = self.failures();
+        let row = self.row(&mut failures, upstream);
+        row.pending += 1;
+        (!std::mem::replace(&mut row.checking, true)).then_some(row.id)
     }
 
     /// Checks whether `upstream`, which cut a download in its row `id` of
@@ -806,12 +825,7 @@ mod tests {
         let health = Arc::new(Health::new(Duration::from_secs(10)));
         // `Health::cut`, its check awaited.
         let cut = |health: &Arc<Health>, upstream: &Arc<str>| {
-            let id = {
-                let mut failures = health.failures();
-                let row = health.row(&mut failures, upstream);
-                row.pending += 1;
-                row.id
-            };
+            let id = health.cut_to_check(upstream).expect("no check under way");
             health.clone().check_cut(upstream.clone(), id)
         };
         for _ in 0..2 * ARCHIVE_FAILURES_TO_EJECT {
@@ -850,34 +864,77 @@ mod tests {
         serving.abort();
     }
 
-    /// A check counts in its own row, and ends none it is not in: checks
-    /// done in any order lose no cut a live upstream made.
+    /// One check at a time per row: the cuts made while it runs share its
+    /// answer, and a check of a row that ended counts in none after it.
     #[test]
-    fn checks_done_in_any_order_count_each_cut_in_its_row() {
+    fn the_cuts_made_while_a_check_runs_share_its_answer_in_their_row() {
         let health = Arc::new(Health::new(Duration::from_secs(10)));
         let upstream: Arc<str> = Arc::from("a");
-        let cut = || {
-            let mut failures = health.failures();
-            let row = health.row(&mut failures, &upstream);
-            row.pending += 1;
-            row.id
-        };
-        // A cut in a row an archive ended whole after, then one in the
-        // next row; the first's check (its upstream gone) comes last.
-        let ended_row = cut();
+        // A cut in a row an archive ended whole after; its check (its
+        // upstream gone) comes last.
+        let ended_row = health.cut_to_check(&upstream).expect("a check");
         health.answered_whole(&upstream);
-        let gone = cut();
-        let live = cut();
-        health.cut_checked(&upstream, gone, false);
-        health.cut_checked(&upstream, ended_row, true);
-        health.cut_checked(&upstream, live, true);
-        for _ in 2..ARCHIVE_FAILURES_TO_EJECT {
-            health.archive_failed(&upstream);
+        let live = health
+            .cut_to_check(&upstream)
+            .expect("a check of the new row");
+        for _ in 1..3 {
+            assert_eq!(
+                health.cut_to_check(&upstream),
+                None,
+                "a second check of one row"
+            );
         }
-        assert!(!health.is_ejected("a"), "the ended row's cut counted");
+        health.cut_checked(&upstream, live, true);
+        health.cut_checked(&upstream, ended_row, false);
         health.archive_failed(&upstream);
-        assert!(health.is_ejected("a"), "the live upstream's cut was lost");
+        assert!(!health.is_ejected("a"), "the ended row's cut counted");
+        let next = health
+            .cut_to_check(&upstream)
+            .expect("a check once the last is done");
+        health.cut_checked(&upstream, next, true);
+        assert!(health.is_ejected("a"), "a cut of the shared check was lost");
         assert!(health.failures().is_empty());
+    }
+
+    /// However many downloads a restart cuts at once, the upstream gets one
+    /// check, not one connection each (review: ten thousand cuts held ten
+    /// thousand fds for up to `--header-timeout` when the archiver's host
+    /// stopped answering).
+    #[tokio::test]
+    async fn downloads_cut_together_make_one_check() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream: Arc<str> = format!("http://{}", listener.local_addr().unwrap()).into();
+        let (all_cut, mut cuts_made) = tokio::sync::watch::channel(false);
+        let accepted = Arc::new(AtomicU64::new(0));
+        let serving = tokio::spawn({
+            let accepted = accepted.clone();
+            async move {
+                while let Ok((mut stream, _)) = listener.accept().await {
+                    accepted.fetch_add(1, Ordering::Relaxed);
+                    // Answered once every cut is made: the checks the cuts
+                    // started are all under way by then.
+                    let _ = cuts_made.wait_for(|made| *made).await;
+                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await;
+                }
+            }
+        });
+        let health = Arc::new(Health::new(Duration::from_secs(10)));
+        for _ in 0..ARCHIVE_FAILURES_TO_EJECT {
+            health.cut(&upstream, Cut::ByUpstream);
+        }
+        all_cut.send_replace(true);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !health.is_ejected(&upstream) {
+            assert!(Instant::now() < deadline, "the cuts never ejected it");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            accepted.load(Ordering::Relaxed),
+            1,
+            "connections the checks of {ARCHIVE_FAILURES_TO_EJECT} cuts made"
+        );
+        serving.abort();
     }
 
     #[test]
