@@ -1334,6 +1334,25 @@ fn hangs(fleet: &mut Fleet, prometheus: &Prometheus, load: &Load) -> Report {
             FILE_SERVERS[victim].0
         )
     })?;
+    // The victim's ejection in an earlier scenario may have left it on
+    // probation at proxy 1, and a background request holding its probe
+    // would send the new request elsewhere first, at once (seen: "failover
+    // after 15.9ms"). With the load paused, a request of proxy 1's that the
+    // victim answers takes the probe and ends the probation.
+    load.pause();
+    let requests = || scrape(archiver_addr(victim)).sum("gitball_archiver_requests_total", &[]);
+    let served_before = requests();
+    let off_probation = wait_until(EJECT_FOR + LOAD_MARGIN, || {
+        let _ = download(proxy_addr(1), &small, &fleet.expected);
+        requests() > served_before
+    });
+    ensure(off_probation, || {
+        format!(
+            "proxy 1 sends nothing to {} before the fault",
+            FILE_SERVERS[victim].0
+        )
+    })?;
+    load.resume();
     let header_timeouts_before = attempts(&archiver_url(victim), "header_timeout");
     ensure(fleet.archiver(victim).suspend(), || {
         format!("{} did not stop on SIGSTOP", FILE_SERVERS[victim].0)
