@@ -2873,6 +2873,67 @@ fn a_cached_file_deleted_behind_the_archivers_back_is_generated_anew() {
     }
 }
 
+/// A partial file cut short behind the archiver's back while its
+/// generation runs is never cached: the generation fails, its downloads are
+/// aborted, and the next request generates git's bytes anew
+/// (`docs/archiver.md#partial-files-and-rename`). Attack: the writer wrote
+/// on at its own offset, the cut left a hole of zeros at the file's head,
+/// and the file was renamed and indexed under the SHA-256 of git's bytes:
+/// every hit then served 100 KiB of zeros as a complete archive, with a
+/// clean end, until a restart's check deleted it.
+#[test]
+fn a_partial_file_cut_short_while_generating_is_never_cached() {
+    const FIRST: u64 = 100 * 1024;
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "large");
+    repo.write("data.bin", pseudo_random_bytes(12, 300 * 1024));
+    let commit = repo.commit_all(T1, "large");
+    let expected = repo.archive("tar", "large-main/", &commit, None);
+    let (stub, mut release) = sandbox.git_that_pauses("git-that-waits", FIRST);
+    let archiver = Archiver::start(&sandbox.repos(), &["--git", stub.to_str().unwrap()]);
+    let path = "/acme/large/archive/main.tar";
+    let (mut first, head) = open_download(&archiver, path);
+    assert_eq!(head.status, 200);
+    let partial = || {
+        archiver
+            .cache_files()
+            .into_iter()
+            .find(|name| name.ends_with(".partial"))
+            .map(|name| archiver.cache_dir.join(name))
+    };
+    let written = || partial().and_then(|path| std::fs::metadata(path).ok().map(|m| m.len()));
+    assert!(
+        wait_until(Duration::from_secs(10), || written() == Some(FIRST)),
+        "the partial file did not reach {FIRST} bytes: {:?}",
+        written()
+    );
+    // An outsider cuts it to nothing; git then writes the rest.
+    std::fs::File::options()
+        .write(true)
+        .open(partial().unwrap())
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    // One line for this run of the stub, one for a generation anew.
+    std::io::Write::write_all(&mut release, b"go\ngo\n").unwrap();
+
+    let mut body = Vec::new();
+    match first.read_body_to_end(|piece| body.extend_from_slice(piece)) {
+        BodyEnd::Aborted(_) => {}
+        BodyEnd::Complete => assert_bytes_eq(&body, &expected, "a download ended cleanly"),
+    }
+    // The download may end (a short read) before the generation does.
+    assert!(
+        wait_until(Duration::from_secs(10), || partial().is_none()),
+        "the generation did not end"
+    );
+    for round in ["after the cut", "again"] {
+        let response = archiver.get(path);
+        assert_eq!(response.status(), 200, "{round}");
+        assert_bytes_eq(&response.bytes().unwrap(), &expected, round);
+    }
+}
+
 /// `docs/archiver.md`, "Warm restart": a cache dir removed while the
 /// archiver runs, or removed and made again (no longer the directory it
 /// locked), fails `/healthz` (on `--listen` and on the admin listener)

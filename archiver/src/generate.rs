@@ -363,9 +363,12 @@ pub async fn run(
         full,
         writing,
     } = space;
+    // Appending: a file cut short behind the archiver's back (an outsider,
+    // a tmp cleaner) then ends shorter than what was written, which the
+    // end checks, instead of a hole of zeros at the length written so far
+    // (attack: such a file was cached and served as complete).
     let file = std::fs::OpenOptions::new()
-        .write(true)
-        .truncate(true)
+        .append(true)
         .open(path)
         .map_err(|error| {
             tracing::error!(%error, "cannot open partial file");
@@ -656,6 +659,15 @@ fn write_chunks(
                 // The sink counted (and bounded) every byte as written, and
                 // told readers of each write.
                 let sink = encoder.finish().map_err(write_failure)?;
+                let on_disk = sink.file.metadata().map_err(io_failure)?.len();
+                if on_disk != sink.len {
+                    tracing::error!(
+                        written = sink.len,
+                        on_disk,
+                        "the partial file was changed behind the archiver's back; not cached"
+                    );
+                    return Err(Failure::Failed);
+                }
                 return Ok(Finished {
                     len: sink.len,
                     sha256: sink.hasher.finalize().into(),
