@@ -3078,6 +3078,59 @@ fn a_full_cache_filesystem_is_made_room_on_by_evicting() {
     );
 }
 
+/// A cache file system out of inodes (a tmpfs's `nr_inodes`, filled by
+/// something else or by many small archives) is made room on as one out
+/// of bytes is (`docs/archiver.md#held-bytes`): the create of a partial
+/// file that fails with `ENOSPC` evicts an archive and is tried again.
+/// Attack: every cold request was a `500 generation_failed`, with archives
+/// left to evict and none evicted.
+#[test]
+fn a_cache_filesystem_out_of_inodes_is_made_room_on_by_evicting() {
+    if !can_mount_a_tmpfs("a_cache_filesystem_out_of_inodes_is_made_room_on_by_evicting") {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let (repo, commits) = blobs(&sandbox, 3);
+    let filesystem = sandbox.path("fs");
+    // Inodes enough for git's canary at start, and few enough to fill.
+    let _mount = gitball_e2e::netns::TmpfsMount::mount_with_inodes(&filesystem, "64m", 1000);
+    let cache = filesystem.join("cache");
+    let archiver =
+        Archiver::start_with_cache(&sandbox.repos(), &cache, &["--cache-max-bytes", "32MiB"]);
+    for commit in &commits[..2] {
+        let response = archiver.get(&format!("/acme/blobs/archive/{commit}.tar"));
+        assert_eq!(response.status().as_u16(), 200, "{commit}");
+        response.bytes().expect("a whole archive");
+    }
+    let entries = || {
+        archiver
+            .metrics()
+            .value("gitball_archiver_cache_entries", &[])
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || entries() == 2.0),
+        "{} entries",
+        entries()
+    );
+    // Something else takes every free inode.
+    let filler = filesystem.join("filler");
+    std::fs::create_dir(&filler).unwrap();
+    let taken = (0..1000)
+        .find(|n| std::fs::File::create(filler.join(n.to_string())).is_err())
+        .expect("1000 files made on a file system of 1000 inodes");
+    assert!(taken > 0, "no inode was free");
+
+    let commit = &commits[2];
+    let response = archiver.get(&format!("/acme/blobs/archive/{commit}.tar"));
+    assert_eq!(response.status().as_u16(), 200, "{}", archiver.log());
+    let expected = repo.archive("tar", &format!("blobs-{commit}/"), commit, None);
+    assert_bytes_eq(&response.bytes().unwrap(), &expected, commit);
+    let evictions = archiver
+        .metrics()
+        .value("gitball_archiver_cache_evictions_total", &[]);
+    assert!(evictions >= 1.0, "{evictions} evictions");
+}
+
 /// A full cache file system whose archives the policy keeps (requested
 /// more often than the new one) denies the generation room as the bound
 /// does (`docs/observability.md`): counted in

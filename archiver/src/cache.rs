@@ -815,19 +815,23 @@ impl Cache {
         // The file, made only now: a queued generation holds no fd (attack:
         // requests that left while their generations waited for a slot left
         // an open file each, outside what `--max-connections` counts).
-        let created = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&partial);
+        // A file system out of inodes (`ENOSPC` at the create) is made
+        // room on as one out of bytes is (attack: on a tmpfs whose inodes
+        // ran out, every cold request was a `500` and nothing was evicted).
+        let created = self.with_room(&key, "cannot create the partial file", || {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&partial)
+        });
         match created {
             // Set once, here: nothing else sets it.
             Ok(file) => drop(writing.file.set(Arc::new(file))),
-            Err(error) => {
-                tracing::error!(%error, "cannot create the partial file");
-                counter!(m::GENERATIONS_TOTAL, "format" => format, "outcome" => "failed")
+            Err(failure) => {
+                counter!(m::GENERATIONS_TOTAL, "format" => format, "outcome" => failure.outcome())
                     .increment(1);
-                self.fail(&key, &partial, 0, Failure::Failed, &progress);
+                self.fail(&key, &partial, 0, failure, &progress);
                 return;
             }
         }

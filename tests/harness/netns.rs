@@ -392,6 +392,15 @@ pub struct TmpfsMount {
 
 impl TmpfsMount {
     pub fn mount(path: &Path, size: &str) -> TmpfsMount {
+        TmpfsMount::mount_with(path, &format!("size={size}"))
+    }
+
+    /// One with room for at most `inodes` files and directories.
+    pub fn mount_with_inodes(path: &Path, size: &str, inodes: u64) -> TmpfsMount {
+        TmpfsMount::mount_with(path, &format!("size={size},nr_inodes={inodes}"))
+    }
+
+    fn mount_with(path: &Path, options: &str) -> TmpfsMount {
         fs::create_dir_all(path).expect("create the mount point");
         let target = path.to_str().expect("a UTF-8 path");
         run_ok(
@@ -400,7 +409,7 @@ impl TmpfsMount {
                 "-t",
                 "tmpfs",
                 "-o",
-                &format!("size={size},mode=0700"),
+                &format!("{options},mode=0700"),
                 "gitball-fleet",
                 target,
             ],
