@@ -3131,6 +3131,75 @@ fn a_cache_filesystem_out_of_inodes_is_made_room_on_by_evicting() {
     assert!(evictions >= 1.0, "{evictions} evictions");
 }
 
+/// An archiver restarted on a cache file system out of inodes evicts
+/// archives until git's canary has inodes to be made in, as it does for
+/// bytes (`docs/archiver.md#held-bytes`). Attack: with 60 archives left to
+/// evict, the canary failed (`cannot archive a canary tree`) and the
+/// archiver exited at start, until someone deleted files.
+#[test]
+fn a_cache_filesystem_out_of_inodes_is_made_room_on_for_the_canary() {
+    if !can_mount_a_tmpfs("a_cache_filesystem_out_of_inodes_is_made_room_on_for_the_canary") {
+        return;
+    }
+    const ARCHIVES: usize = 60;
+    // Fewer than git's canary repository takes (73 with git 2.47).
+    const LEFT_FREE: usize = 40;
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "many");
+    let commits: Vec<String> = (0..ARCHIVES)
+        .map(|n| {
+            repo.write("n.txt", format!("{n}\n"));
+            repo.commit_all(T1 + n as i64, "one more")
+        })
+        .collect();
+    let filesystem = sandbox.path("fs");
+    let _mount = gitball_e2e::netns::TmpfsMount::mount_with_inodes(&filesystem, "64m", 1000);
+    let cache = filesystem.join("cache");
+    let archiver =
+        Archiver::start_with_cache(&sandbox.repos(), &cache, &["--cache-max-bytes", "32MiB"]);
+    for commit in &commits {
+        let response = archiver.get(&format!("/acme/many/archive/{commit}.tar"));
+        assert_eq!(response.status().as_u16(), 200, "{commit}");
+        response.bytes().expect("a whole archive");
+    }
+    let entries = || {
+        archiver
+            .metrics()
+            .value("gitball_archiver_cache_entries", &[])
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || entries() == ARCHIVES as f64),
+        "{} entries",
+        entries()
+    );
+    drop(archiver);
+    // Something else takes every free inode but a few.
+    let filler = filesystem.join("filler");
+    std::fs::create_dir(&filler).unwrap();
+    let taken = (0..1000)
+        .find(|n| std::fs::File::create(filler.join(n.to_string())).is_err())
+        .expect("1000 files made on a file system of 1000 inodes");
+    assert!(taken > LEFT_FREE, "{taken} inodes were free");
+    for n in 0..LEFT_FREE {
+        std::fs::remove_file(filler.join(n.to_string())).unwrap();
+    }
+
+    let restarted =
+        Archiver::start_with_cache(&sandbox.repos(), &cache, &["--cache-max-bytes", "32MiB"]);
+    assert!(
+        restarted
+            .log()
+            .contains("the cache's file system has no room for git's canary"),
+        "{}",
+        restarted.log()
+    );
+    let commit = &commits[0];
+    let response = restarted.get(&format!("/acme/many/archive/{commit}.tar"));
+    assert_eq!(response.status().as_u16(), 200);
+    let expected = repo.archive("tar", &format!("many-{commit}/"), commit, None);
+    assert_bytes_eq(&response.bytes().unwrap(), &expected, commit);
+}
+
 /// A full cache file system whose archives the policy keeps (requested
 /// more often than the new one) denies the generation room as the bound
 /// does (`docs/observability.md`): counted in

@@ -75,6 +75,10 @@ const GIT_DIR_ROOM_BYTES: u64 = 64 * 1024;
 /// Free space kept for git's canary repository (`canary::fingerprint`):
 /// its loose objects and git dir took between 64 and 256 KiB on tmpfs.
 const CANARY_ROOM_BYTES: u64 = 1024 * 1024;
+/// Free inodes kept for it, on a file system that limits them (a tmpfs's
+/// `nr_inodes`): git 2.47's canary took 73 on tmpfs, with the cache dir's
+/// own.
+const CANARY_ROOM_INODES: u64 = 256;
 /// How many keys known to be past `--max-archive-bytes` are remembered
 /// (`Index::too_large`): about 150 bytes each. Each one took a generation
 /// up to the limit to learn.
@@ -1139,34 +1143,46 @@ impl Cache {
     }
 
     /// Evicts archives no download reads, the policy's first, until the
-    /// cache dir's file system has [`CANARY_ROOM_BYTES`] free: the canary
-    /// repository is made there (`canary::TarWriter::check`), at start and
-    /// whenever git's binary changed, and a file system full of archives
-    /// kept the archiver from starting at all (attack). Nothing happens
+    /// cache dir's file system has [`CANARY_ROOM_BYTES`] and
+    /// [`CANARY_ROOM_INODES`] free: the canary repository is made there
+    /// (`canary::TarWriter::check`), at start and whenever git's binary
+    /// changed, and a file system full of archives, of bytes or of inodes,
+    /// kept the archiver from starting at all (attacks). Nothing happens
     /// when the room is there (one `statvfs`).
     pub fn make_room_for_the_canary(&self) {
-        let free = || {
-            nix::sys::statvfs::statvfs(&self.settings.dir)
-                .map(|fs| fs.blocks_available().saturating_mul(fs.fragment_size()))
-                .ok()
+        // The free bytes and inodes, if either is short. A file system that
+        // reports no inode limit (`f_files` 0: a tmpfs without
+        // `nr_inodes`, btrfs) is never short of them.
+        let short = || {
+            let fs = nix::sys::statvfs::statvfs(&self.settings.dir).ok()?;
+            let free = fs.blocks_available().saturating_mul(fs.fragment_size());
+            let inodes = fs.files_available();
+            let inodes_short = fs.files() > 0 && inodes < CANARY_ROOM_INODES;
+            (free < CANARY_ROOM_BYTES || inodes_short).then_some((free, inodes))
         };
-        while let Some(free) = free()
-            && free < CANARY_ROOM_BYTES
-        {
+        let Some((free_bytes, free_inodes)) = short() else {
+            return;
+        };
+        let mut evicted = 0;
+        while let Some((free, _)) = short() {
             let mut index = self.lock();
             let before = index.complete.len();
-            self.evict_bytes(&mut index, CANARY_ROOM_BYTES - free, None, true);
+            // At least one archive, which frees an inode.
+            let needed = CANARY_ROOM_BYTES.saturating_sub(free).max(1);
+            self.evict_bytes(&mut index, needed, None, true);
             self.publish(&index);
-            let evicted = before - index.complete.len();
-            tracing::warn!(
-                evicted,
-                free_bytes = free,
-                "the cache's file system has no room for git's canary; evicting to make room"
-            );
-            if evicted == 0 {
-                return;
+            let now = before - index.complete.len();
+            evicted += now;
+            if now == 0 {
+                break;
             }
         }
+        tracing::warn!(
+            evicted,
+            free_bytes,
+            free_inodes,
+            "the cache's file system has no room for git's canary; evicting to make room"
+        );
     }
 
     /// Accounts `delta` more bytes written by the generation of `key`,
