@@ -2883,6 +2883,36 @@ fn a_cached_file_deleted_behind_the_archivers_back_is_generated_anew() {
 /// clean end, until a restart's check deleted it.
 #[test]
 fn a_partial_file_cut_short_while_generating_is_never_cached() {
+    a_partial_file_damaged_while_generating_is_never_cached("cut short", |file, _| {
+        std::fs::File::options()
+            .write(true)
+            .open(file)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+    });
+}
+
+/// As [`a_partial_file_cut_short_while_generating_is_never_cached`], for a
+/// partial file replaced (another file of the archive's length renamed
+/// over its name). Attack: the generation renamed that file in its stead,
+/// and every hit served its bytes as the archive, under the archive's
+/// `Repr-Digest`; a complete file replaced so was already noticed.
+#[test]
+fn a_partial_file_replaced_while_generating_is_never_cached() {
+    a_partial_file_damaged_while_generating_is_never_cached("replaced", |file, len| {
+        let other = file.with_extension("planted");
+        std::fs::write(&other, pseudo_random_bytes(13, len)).unwrap();
+        std::fs::rename(&other, file).unwrap();
+    });
+}
+
+/// A tar's partial file damaged by `apply` (given its path and the
+/// archive's length) once git wrote its first 100 KiB.
+fn a_partial_file_damaged_while_generating_is_never_cached(
+    damage: &str,
+    apply: impl FnOnce(&Path, usize),
+) {
     const FIRST: u64 = 100 * 1024;
     let sandbox = Sandbox::new();
     let repo = sandbox.repo("acme", "large");
@@ -2907,30 +2937,33 @@ fn a_partial_file_cut_short_while_generating_is_never_cached() {
         "the partial file did not reach {FIRST} bytes: {:?}",
         written()
     );
-    // An outsider cuts it to nothing; git then writes the rest.
-    std::fs::File::options()
-        .write(true)
-        .open(partial().unwrap())
-        .unwrap()
-        .set_len(0)
-        .unwrap();
+    // An outsider damages it; git then writes the rest.
+    apply(&partial().unwrap(), expected.len());
     // One line for this run of the stub, one for a generation anew.
     std::io::Write::write_all(&mut release, b"go\ngo\n").unwrap();
 
     let mut body = Vec::new();
     match first.read_body_to_end(|piece| body.extend_from_slice(piece)) {
         BodyEnd::Aborted(_) => {}
-        BodyEnd::Complete => assert_bytes_eq(&body, &expected, "a download ended cleanly"),
+        BodyEnd::Complete => assert_bytes_eq(
+            &body,
+            &expected,
+            &format!("{damage}: a download ended cleanly"),
+        ),
     }
     // The download may end (a short read) before the generation does.
     assert!(
         wait_until(Duration::from_secs(10), || partial().is_none()),
-        "the generation did not end"
+        "{damage}: the generation did not end"
     );
-    for round in ["after the cut", "again"] {
+    for round in ["after the damage", "again"] {
         let response = archiver.get(path);
-        assert_eq!(response.status(), 200, "{round}");
-        assert_bytes_eq(&response.bytes().unwrap(), &expected, round);
+        assert_eq!(response.status(), 200, "{damage}, {round}");
+        assert_bytes_eq(
+            &response.bytes().unwrap(),
+            &expected,
+            &format!("{damage}, {round}"),
+        );
     }
 }
 

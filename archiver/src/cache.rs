@@ -829,16 +829,22 @@ impl Cache {
                 .create_new(true)
                 .open(&partial)
         });
-        match created {
+        // The file's inode, which the name must still lead to when it is
+        // renamed: it is what was written.
+        let written_inode = match created {
             // Set once, here: nothing else sets it.
-            Ok(file) => drop(writing.file.set(Arc::new(file))),
+            Ok(file) => {
+                let inode = file.metadata().map_or(0, |metadata| metadata.ino());
+                drop(writing.file.set(Arc::new(file)));
+                inode
+            }
             Err(failure) => {
                 counter!(m::GENERATIONS_TOTAL, "format" => format, "outcome" => failure.outcome())
                     .increment(1);
                 self.fail(&key, &partial, 0, failure, &progress);
                 return;
             }
-        }
+        };
 
         gauge!(m::GENERATIONS_IN_FLIGHT).increment(1.0);
         let started = Instant::now();
@@ -942,8 +948,22 @@ impl Cache {
             self.fail(&key, &partial, written, Failure::Failed, &progress);
             return;
         }
-        counter!(m::GENERATIONS_TOTAL, "format" => format, "outcome" => "ok").increment(1);
+        // A partial file replaced behind the archiver's back (another file
+        // renamed over its name) was renamed in its stead: other bytes
+        // under the archive's name, which a hit would serve (attack). The
+        // inode says which file the name leads to.
         let inode = std::fs::metadata(&path).map_or(0, |metadata| metadata.ino());
+        if inode != written_inode {
+            tracing::error!(
+                path = %path.display(),
+                "the partial file was replaced behind the archiver's back; not cached"
+            );
+            remove(&path, "a replaced partial file");
+            counter!(m::GENERATIONS_TOTAL, "format" => format, "outcome" => "failed").increment(1);
+            self.fail(&key, &partial, written, Failure::Failed, &progress);
+            return;
+        }
+        counter!(m::GENERATIONS_TOTAL, "format" => format, "outcome" => "ok").increment(1);
         let file = Arc::new(CacheFile {
             path,
             len: finished.len,
