@@ -2967,6 +2967,56 @@ fn a_partial_file_damaged_while_generating_is_never_cached(
     }
 }
 
+/// The shadow git dirs in the cache dir (`shadows-*`) removed while the
+/// archiver runs (a tmp cleaner, by hand) are made again for the next
+/// generation (`docs/archiver.md#no-command-from-the-repository`). Attack:
+/// git failed in the shadow it had kept for the repository, and no new one
+/// could be made, so every cold request was a `500` until a restart, with
+/// `/healthz` ok.
+#[test]
+fn shadow_git_dirs_removed_while_running_are_made_again() {
+    let sandbox = Sandbox::new();
+    let w = widget(&sandbox);
+    let (blobs_repo, blob_commits) = blobs(&sandbox, 1);
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    let get = |path: &str| archiver.get(path);
+    let first = get(&format!("/acme/widget/archive/{}.tar", w.c1));
+    assert_eq!(first.status(), 200);
+    first.bytes().unwrap();
+    let mut removed = 0;
+    for entry in std::fs::read_dir(&archiver.cache_dir).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name().to_string_lossy().starts_with("shadows-") {
+            std::fs::remove_dir_all(entry.path()).unwrap();
+            removed += 1;
+        }
+    }
+    assert_eq!(removed, 1, "one shadows dir");
+
+    // The repository whose shadow was kept, and one without a shadow yet.
+    let cases = [
+        (
+            format!("/acme/widget/archive/{}.tar", w.c2),
+            w.repo
+                .archive("tar", &format!("widget-{}/", w.c2), &w.c2, None),
+        ),
+        (
+            format!("/acme/blobs/archive/{}.tar", blob_commits[0]),
+            blobs_repo.archive(
+                "tar",
+                &format!("blobs-{}/", blob_commits[0]),
+                &blob_commits[0],
+                None,
+            ),
+        ),
+    ];
+    for (path, expected) in cases {
+        let response = get(&path);
+        assert_eq!(response.status(), 200, "{path}: {}", archiver.log());
+        assert_bytes_eq(&response.bytes().unwrap(), &expected, &path);
+    }
+}
+
 /// `docs/archiver.md`, "Warm restart": a cache dir removed while the
 /// archiver runs, or removed and made again (no longer the directory it
 /// locked), fails `/healthz` (on `--listen` and on the admin listener)

@@ -82,6 +82,10 @@ pub(crate) const CONFIG: &str = "[core]\n\trepositoryformatversion = 0\n\tbare =
 /// reads it there.
 const UNBORN_HEAD: &str = "ref: refs/heads/main\n";
 
+/// The files a shared shadow is made of, each checked to be there before
+/// it is used again.
+const SHADOW_FILES: [&str; 3] = ["objects/info/alternates", "HEAD", "config"];
+
 /// Most repositories whose shared shadow is kept for the next generation
 /// (as many as the archiver keeps open); the least recently used one goes
 /// when another is made. A file server's thousands of repositories each
@@ -139,20 +143,45 @@ impl Shadows {
         })
     }
 
+    /// The root, made again (empty, mode 0700) if it was removed behind
+    /// the archiver's back: every new shadow failed until a restart
+    /// (attack). One `mkdir` that finds it there.
+    fn root(&self) -> io::Result<&Path> {
+        let root = self.root.path();
+        match fs::DirBuilder::new().mode(0o700).create(root) {
+            Ok(()) => {
+                tracing::warn!(path = %root.display(), "the shadow git dirs' directory was removed behind the archiver's back; made again");
+                Ok(root)
+            }
+            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => Ok(root),
+            Err(error) => Err(error),
+        }
+    }
+
     /// The shadow git dir for the repository whose git dir is `git_dir`
     /// and whose objects are in `common_dir`, made if needed: the
     /// repository's objects, no refs.
     pub fn prepare(&self, git_dir: &Path, common_dir: &Path) -> io::Result<Arc<Shared>> {
         let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(shadow) = shared.get(git_dir) {
-            return Ok(shadow.clone());
+            // Removed behind the archiver's back (a tmp cleaner, by hand),
+            // it is made again (attack: git failed in it, every generation
+            // of the repository a `500` until a restart).
+            if SHADOW_FILES
+                .iter()
+                .all(|file| shadow.path().join(file).is_file())
+            {
+                return Ok(shadow.clone());
+            }
+            tracing::warn!(path = %shadow.path().display(), "a shadow git dir was removed behind the archiver's back; made again");
+            shared.pop(git_dir);
         }
         // A name of its own: one that was let go may still be in use by a
         // generation, under its own name, until that ends.
         let dir = tempfile::Builder::new()
             .prefix("repo-")
             .permissions(private())
-            .tempdir_in(self.root.path())?;
+            .tempdir_in(self.root()?)?;
         let shadow = dir.path();
         for dir in ["objects/info", "refs"] {
             fs::DirBuilder::new()
@@ -198,7 +227,7 @@ impl Shadows {
         let dir = tempfile::Builder::new()
             .prefix("snapshot-")
             .permissions(private())
-            .tempdir_in(self.root.path())?;
+            .tempdir_in(self.root()?)?;
         let shadow = dir.path();
         fs::DirBuilder::new()
             .recursive(true)
