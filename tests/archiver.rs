@@ -3066,6 +3066,20 @@ fn a_cache_dir_removed_while_running_fails_healthz_until_a_restart() {
             assert_eq!(json["error"], "unavailable", "{what}");
         }
     }
+    // Nothing is generated into the directory made again, which no lock
+    // guards (review: once shadows were made again when found gone, it
+    // was).
+    let archive = archiver.get("/acme/widget/archive/main.tar");
+    assert_eq!(
+        archive.status().as_u16(),
+        500,
+        "generated in a dir made again"
+    );
+    assert_eq!(
+        gitball_e2e::dir_file_names(&archiver.cache_dir),
+        Vec::<String>::new(),
+        "written in a dir made again"
+    );
     assert!(
         archiver
             .log()

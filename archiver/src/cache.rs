@@ -819,6 +819,16 @@ impl Cache {
         // The file, made only now: a queued generation holds no fd (attack:
         // requests that left while their generations waited for a slot left
         // an open file each, outside what `--max-connections` counts).
+        // A cache dir removed or replaced while the archiver runs is no
+        // longer its own (`Cache::dir_intact`): nothing is written in what
+        // the path names now, which no lock guards (review: once shadows
+        // were made again when found gone, generations went on in a
+        // directory made again, or one a moved symlink named).
+        if !self.dir_intact() {
+            counter!(m::GENERATIONS_TOTAL, "format" => format, "outcome" => "failed").increment(1);
+            self.fail(&key, &partial, 0, Failure::Failed, &progress);
+            return;
+        }
         // A file system out of inodes (`ENOSPC` at the create) is made
         // room on as one out of bytes is (attack: on a tmpfs whose inodes
         // ran out, every cold request was a `500` and nothing was evicted).
