@@ -3178,24 +3178,32 @@ fn a_full_cache_filesystem_is_made_room_on_by_evicting() {
 /// A cache file system out of inodes (a tmpfs's `nr_inodes`, filled by
 /// something else or by many small archives) is made room on as one out
 /// of bytes is (`docs/archiver.md#held-bytes`): the create of a partial
-/// file that fails with `ENOSPC` evicts an archive and is tried again.
-/// Attack: every cold request was a `500 generation_failed`, with archives
-/// left to evict and none evicted.
+/// file that fails with `ENOSPC` evicts an archive and is tried again, one
+/// archive for its one inode. Attack: every cold request was a `500
+/// generation_failed`, with archives left to evict and none evicted;
+/// review: then 64 KiB of them, a git dir's room, seven 10 KiB archives.
 #[test]
 fn a_cache_filesystem_out_of_inodes_is_made_room_on_by_evicting() {
     if !can_mount_a_tmpfs("a_cache_filesystem_out_of_inodes_is_made_room_on_by_evicting") {
         return;
     }
+    const ARCHIVES: usize = 10;
     let sandbox = Sandbox::new();
-    let (repo, commits) = blobs(&sandbox, 3);
+    let repo = sandbox.repo("acme", "many");
+    let commits: Vec<String> = (0..=ARCHIVES)
+        .map(|n| {
+            repo.write("n.txt", format!("{n}\n"));
+            repo.commit_all(T1 + n as i64, "one more")
+        })
+        .collect();
     let filesystem = sandbox.path("fs");
     // Inodes enough for git's canary at start, and few enough to fill.
     let _mount = gitball_e2e::netns::TmpfsMount::mount_with_inodes(&filesystem, "64m", 1000);
     let cache = filesystem.join("cache");
     let archiver =
         Archiver::start_with_cache(&sandbox.repos(), &cache, &["--cache-max-bytes", "32MiB"]);
-    for commit in &commits[..2] {
-        let response = archiver.get(&format!("/acme/blobs/archive/{commit}.tar"));
+    for commit in &commits[..ARCHIVES] {
+        let response = archiver.get(&format!("/acme/many/archive/{commit}.tar"));
         assert_eq!(response.status().as_u16(), 200, "{commit}");
         response.bytes().expect("a whole archive");
     }
@@ -3205,7 +3213,7 @@ fn a_cache_filesystem_out_of_inodes_is_made_room_on_by_evicting() {
             .value("gitball_archiver_cache_entries", &[])
     };
     assert!(
-        wait_until(Duration::from_secs(10), || entries() == 2.0),
+        wait_until(Duration::from_secs(10), || entries() == ARCHIVES as f64),
         "{} entries",
         entries()
     );
@@ -3217,15 +3225,15 @@ fn a_cache_filesystem_out_of_inodes_is_made_room_on_by_evicting() {
         .expect("1000 files made on a file system of 1000 inodes");
     assert!(taken > 0, "no inode was free");
 
-    let commit = &commits[2];
-    let response = archiver.get(&format!("/acme/blobs/archive/{commit}.tar"));
+    let commit = &commits[ARCHIVES];
+    let response = archiver.get(&format!("/acme/many/archive/{commit}.tar"));
     assert_eq!(response.status().as_u16(), 200, "{}", archiver.log());
-    let expected = repo.archive("tar", &format!("blobs-{commit}/"), commit, None);
+    let expected = repo.archive("tar", &format!("many-{commit}/"), commit, None);
     assert_bytes_eq(&response.bytes().unwrap(), &expected, commit);
     let evictions = archiver
         .metrics()
         .value("gitball_archiver_cache_evictions_total", &[]);
-    assert!(evictions >= 1.0, "{evictions} evictions");
+    assert_eq!(evictions, 1.0, "one archive for one inode");
 }
 
 /// An archiver restarted on a cache file system out of inodes evicts

@@ -832,7 +832,9 @@ impl Cache {
         // A file system out of inodes (`ENOSPC` at the create) is made
         // room on as one out of bytes is (attack: on a tmpfs whose inodes
         // ran out, every cold request was a `500` and nothing was evicted).
-        let created = self.with_room(&key, "cannot create the partial file", || {
+        // An empty file takes an inode and no bytes: one archive is
+        // evicted for it at a time, not a git dir's worth.
+        let created = self.with_room(&key, "cannot create the partial file", 1, || {
             std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -1119,9 +1121,12 @@ impl Cache {
         }
         let Some(refs) = &spec.refs else {
             return self
-                .with_room(key, "cannot prepare the git dir to run in", || {
-                    self.shadows.prepare(&spec.git_dir, &spec.common_dir)
-                })
+                .with_room(
+                    key,
+                    "cannot prepare the git dir to run in",
+                    GIT_DIR_ROOM_BYTES,
+                    || self.shadows.prepare(&spec.git_dir, &spec.common_dir),
+                )
                 .map(ShadowDir::Shared);
         };
         let now = crate::repo::RefsSnapshot::at(&spec.git_dir).map_err(|error| {
@@ -1132,9 +1137,12 @@ impl Cache {
             tracing::info!("the refs changed since the request was resolved");
             return Err(Failure::RefsChanged);
         }
-        self.with_room(key, "cannot write the refs to run git with", || {
-            self.shadows.snapshot(&spec.common_dir, &now)
-        })
+        self.with_room(
+            key,
+            "cannot write the refs to run git with",
+            GIT_DIR_ROOM_BYTES,
+            || self.shadows.snapshot(&spec.common_dir, &now),
+        )
         .map(ShadowDir::Snapshot)
     }
 
@@ -1146,11 +1154,13 @@ impl Cache {
     /// needed a new one, evicting nothing (attack). Bounded: each retry
     /// follows an eviction. A `make` that fails leaves nothing behind; a
     /// failure is logged as `failed` says. Room the policy denies fails
-    /// the generation as too large, as for its archive's bytes.
+    /// the generation as too large, as for its archive's bytes. `needed`:
+    /// the bytes each eviction frees at least.
     fn with_room<T>(
         &self,
         key: &str,
         failed: &str,
+        needed: u64,
         mut make: impl FnMut() -> io::Result<T>,
     ) -> Result<T, Failure> {
         let mut first = true;
@@ -1160,7 +1170,7 @@ impl Cache {
                 Err(error) => error,
             };
             let room = generate::is_full(&error)
-                .then(|| self.make_room(key, GIT_DIR_ROOM_BYTES, std::mem::take(&mut first)));
+                .then(|| self.make_room(key, needed, std::mem::take(&mut first)));
             match room {
                 Some(generate::Room::Made) => {}
                 Some(generate::Room::Denied) => return Err(Failure::TooLarge),
@@ -2161,7 +2171,7 @@ mod tests {
         // An archive to evict: made after the eviction.
         drop(generate(&cache, stub.spec(1)).await);
         let mut tries = 0;
-        let made = cache.with_room(&key, "test", || {
+        let made = cache.with_room(&key, "test", GIT_DIR_ROOM_BYTES, || {
             tries += 1;
             if tries == 1 { Err(full()) } else { Ok(tries) }
         });
@@ -2169,22 +2179,24 @@ mod tests {
         assert!(cache.peek(&stub.spec(1)).is_none(), "evicted");
         // Nothing left: fails, after one more try.
         let mut tries = 0;
-        let made: Result<(), Failure> = cache.with_room(&key, "test", || {
+        let made: Result<(), Failure> = cache.with_room(&key, "test", GIT_DIR_ROOM_BYTES, || {
             tries += 1;
             Err(full())
         });
         assert_eq!((made, tries), (Err(Failure::Failed), 1));
         // Another error: fails, evicting nothing.
         drop(generate(&cache, stub.spec(2)).await);
-        let made: Result<(), Failure> =
-            cache.with_room(&key, "test", || Err(io::Error::other("not full")));
+        let made: Result<(), Failure> = cache.with_room(&key, "test", GIT_DIR_ROOM_BYTES, || {
+            Err(io::Error::other("not full"))
+        });
         assert_eq!(made, Err(Failure::Failed));
         assert!(cache.peek(&stub.spec(2)).is_some());
         // Requested more often than the new archive: denied.
         for _ in 0..3 {
             drop(hit(cache.lookup(stub.spec(2), CLIENT, "r")));
         }
-        let made: Result<(), Failure> = cache.with_room(&key, "test", || Err(full()));
+        let made: Result<(), Failure> =
+            cache.with_room(&key, "test", GIT_DIR_ROOM_BYTES, || Err(full()));
         assert_eq!(made, Err(Failure::TooLarge));
         assert!(cache.peek(&stub.spec(2)).is_some());
     }
