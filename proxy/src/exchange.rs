@@ -590,6 +590,21 @@ impl Decoder {
         }
     }
 
+    /// The whole body when `wire`'s buffer holds all of it already (a
+    /// `Content-Length` body that came in the reads so far, or none),
+    /// taken out of it; `None` otherwise, nothing taken.
+    pub fn take_whole(&mut self, wire: &mut Wire) -> Option<Bytes> {
+        let whole = match self {
+            Decoder::Done => Bytes::new(),
+            Decoder::Length(left) if wire.read.len() as u64 >= *left => {
+                take_up_to(&mut wire.read, left)
+            }
+            _ => return None,
+        };
+        *self = Decoder::Done;
+        Some(whole)
+    }
+
     /// The next data chunk, `None` at the body's end.
     pub fn poll_data(
         &mut self,

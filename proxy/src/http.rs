@@ -52,7 +52,7 @@ use crate::forward::{
     FORWARDED_REQUEST_HEADERS, Forwarder, UpstreamRequest, UpstreamResponse, body_length,
     is_passed_through,
 };
-use crate::pipe::{Pipe, Timers};
+use crate::pipe::{Pipe, Timers, Whole};
 use crate::prewarm::Prewarm;
 use crate::resume::Resume;
 use crate::routes::Routes;
@@ -75,6 +75,10 @@ pub struct AppState {
     /// `--prewarm-token-file` and formats; `None`: prewarm is off.
     pub prewarm: Option<Prewarm>,
     pub metrics: PrometheusHandle,
+    /// A body the upstream connection's reads hold whole is handed to
+    /// hyper as it is (`pipe::Whole`), not through a [`Pipe`]; false only
+    /// where a test compares the two.
+    pub whole_bodies: bool,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -423,6 +427,20 @@ fn respond(state: &AppState, request: &Parts, answer: Answer, mut log: RequestLo
         && status != StatusCode::NOT_MODIFIED
         && status != StatusCode::NO_CONTENT
         && body_length(&upstream_response) != Some(0);
+    if has_body
+        && state.whole_bodies
+        && let Some(body) = upstream_response.body_mut().take_whole()
+    {
+        // Nothing left upstream to wait for, fail, park or splice: the
+        // download is settled as the pipe settles a body it hands over in
+        // one chunk, complete once handed to hyper.
+        let body = Whole::new(body, &answer.upstream, status, state.forwarder.health());
+        log.ending = Some(Ending::Complete);
+        log.bytes = body.bytes();
+        drop(log);
+        *response.body_mut() = Body::new(body);
+        return response;
+    }
     if has_body {
         let on_connection = request.extensions.get::<OnConnection>();
         *response.body_mut() = Body::from_stream(

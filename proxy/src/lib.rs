@@ -302,6 +302,7 @@ impl Proxy {
             trusted_proxies,
             prewarm,
             metrics: handle,
+            whole_bodies: true,
         });
         Ok(Some(Proxy {
             state,
@@ -751,5 +752,259 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// A client's view of one answer: its head and body.
+    struct Seen {
+        head: String,
+        body: Vec<u8>,
+    }
+
+    /// Reads the next answer off `stream` (`buffer` keeps what follows it).
+    /// The answer to a `HEAD` (`head_request`) or a `304` has no body,
+    /// whatever its `content-length`.
+    async fn next_answer(
+        stream: &mut tokio::net::TcpStream,
+        buffer: &mut Vec<u8>,
+        head_request: bool,
+    ) -> Seen {
+        use tokio::io::AsyncReadExt;
+        let end = loop {
+            if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            let mut chunk = [0u8; 65536];
+            let read = stream.read(&mut chunk).await.unwrap();
+            assert!(read > 0, "the connection ended in a head");
+            buffer.extend_from_slice(&chunk[..read]);
+        };
+        let head = String::from_utf8(buffer.drain(..end).collect()).unwrap();
+        let bodiless = head_request || head.starts_with("HTTP/1.1 304 ");
+        let length: usize = head
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length: "))
+            .filter(|_| !bodiless)
+            .map_or(0, |length| length.parse().unwrap());
+        while buffer.len() < length {
+            let mut chunk = [0u8; 65536];
+            let read = stream.read(&mut chunk).await.unwrap();
+            assert!(read > 0, "the connection ended in a body");
+            buffer.extend_from_slice(&chunk[..read]);
+        }
+        Seen {
+            head,
+            body: buffer.drain(..length).collect(),
+        }
+    }
+
+    /// A head with its `date` value (the second's) checked and left out.
+    fn normalized(head: &str) -> String {
+        head.split("\r\n")
+            .map(|line| match line.strip_prefix("date: ") {
+                Some(date) => {
+                    assert!(httpdate_like(date), "{line}");
+                    "date: (now)"
+                }
+                None => line,
+            })
+            .collect::<Vec<_>>()
+            .join("\r\n")
+    }
+
+    /// `Sun, 06 Nov 1994 08:49:37 GMT`'s shape.
+    fn httpdate_like(date: &str) -> bool {
+        date.len() == 29 && date.ends_with(" GMT") && date.as_bytes()[3] == b','
+    }
+
+    /// docs/proxy.md, "The pipe": a body the upstream connection's reads
+    /// hold whole is handed to hyper as it is (`pipe::Whole`), and the
+    /// client gets the very answer the pipe gave it: the same head, byte
+    /// for byte (the `date` line's value is the second's), and the same
+    /// body, for a `200`, `304`, `206`, the archiver's `404` and a `HEAD`,
+    /// on a kept-alive connection, pipelined, and with `Connection: close`
+    /// (which closes the connection after it on both).
+    #[tokio::test]
+    async fn a_body_read_whole_reaches_the_client_as_the_pipe_sent_it() {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let (repos, cache) = (dir.path().join("repos"), dir.path().join("cache"));
+        let work = repos.join("acme").join("widget");
+        std::fs::create_dir_all(&work).unwrap();
+        let git = |args: &[&str]| {
+            let status = std::process::Command::new("git")
+                .current_dir(&work)
+                .env("GIT_CONFIG_NOSYSTEM", "1")
+                .env("HOME", dir.path())
+                .env("GIT_AUTHOR_NAME", "t")
+                .env("GIT_AUTHOR_EMAIL", "t@gitball.invalid")
+                .env("GIT_COMMITTER_NAME", "t")
+                .env("GIT_COMMITTER_EMAIL", "t@gitball.invalid")
+                .env("GIT_AUTHOR_DATE", "1700000000 +0000")
+                .env("GIT_COMMITTER_DATE", "1700000000 +0000")
+                .args(args)
+                .status()
+                .unwrap();
+            assert!(status.success(), "git {args:?}");
+        };
+        git(&["init", "-q"]);
+        std::fs::write(work.join("README"), "a small archive\n".repeat(40)).unwrap();
+        git(&["add", "-A"]);
+        git(&["commit", "-q", "-m", "one"]);
+        git(&["tag", "v1.0"]);
+        let config = Config::try_parse_from([
+            "gitball-proxy".as_ref(),
+            "--repos".as_ref(),
+            repos.as_os_str(),
+            "--cache-dir".as_ref(),
+            cache.as_os_str(),
+        ])
+        .unwrap();
+        let shutdown = CancellationToken::new();
+        let proxy = Proxy::start(config, shutdown.clone())
+            .await
+            .unwrap()
+            .expect("started");
+        let mut addresses = Vec::new();
+        for whole in [false, true] {
+            let mut state = http::AppState::clone(&proxy.state);
+            state.whole_bodies = whole;
+            state.forwarder = state.forwarder.with_own_pool();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            addresses.push(listener.local_addr().unwrap());
+            tokio::spawn(server::serve(
+                listener,
+                http::service(Arc::new(state)),
+                shutdown.clone(),
+                Duration::from_secs(1),
+                Duration::from_secs(30),
+                server::Connections::new(64, "test_whole"),
+            ));
+        }
+        let hit = "/acme/widget/archive/v1.0.tar.gz";
+        // The first request generates the archive: later ones are hits.
+        let mut warm = tokio::net::TcpStream::connect(addresses[0]).await.unwrap();
+        warm.write_all(
+            format!("GET {hit} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut answer = Vec::new();
+        warm.read_to_end(&mut answer).await.unwrap();
+        assert!(answer.starts_with(b"HTTP/1.1 200 "));
+        // Hits from then on, read from memory by the archiver.
+        for _ in 0..2 {
+            let mut stream = tokio::net::TcpStream::connect(addresses[0]).await.unwrap();
+            stream
+                .write_all(format!("GET {hit} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let seen = next_answer(&mut stream, &mut Vec::new(), false).await;
+            assert!(seen.head.starts_with("HTTP/1.1 200 "), "{}", seen.head);
+        }
+        let etag = {
+            let mut stream = tokio::net::TcpStream::connect(addresses[0]).await.unwrap();
+            stream
+                .write_all(format!("HEAD {hit} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let seen = next_answer(&mut stream, &mut Vec::new(), true).await;
+            seen.head
+                .lines()
+                .find_map(|line| line.strip_prefix("etag: "))
+                .unwrap()
+                .to_owned()
+        };
+        let request = |method: &str, target: &str, id: &str, extra: &str| {
+            format!("{method} {target} HTTP/1.1\r\nHost: x\r\nX-Request-Id: {id}\r\n{extra}\r\n")
+        };
+        // (what is sent in one write, whether each answer is a HEAD's)
+        let conversations: Vec<Vec<(String, bool)>> = vec![
+            // Kept alive: a hit, then the same again.
+            vec![(request("GET", hit, "a", ""), false)],
+            vec![
+                (request("GET", hit, "b", ""), false),
+                (request("GET", hit, "b2", ""), false),
+            ],
+            vec![(
+                request("GET", hit, "c", &format!("If-None-Match: {etag}\r\n")),
+                false,
+            )],
+            vec![(request("GET", hit, "d", "Range: bytes=0-9\r\n"), false)],
+            vec![(
+                request("GET", "/acme/widget/archive/nope.tar.gz", "e", ""),
+                false,
+            )],
+            vec![(request("HEAD", hit, "f", ""), true)],
+        ];
+        let pipelined = [
+            (request("GET", hit, "g1", ""), false),
+            (request("HEAD", hit, "g2", ""), true),
+            (
+                request("GET", hit, "g3", &format!("If-None-Match: {etag}\r\n")),
+                false,
+            ),
+            (request("GET", hit, "g4", "Range: bytes=3-\r\n"), false),
+        ];
+        let closing = request("GET", hit, "h", "Connection: close\r\n");
+        let before = pipe::WHOLE_BODIES.load(Ordering::Relaxed);
+        let mut seen: [Vec<(String, Vec<u8>)>; 2] = Default::default();
+        for (index, address) in addresses.iter().enumerate() {
+            let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+            let mut buffer = Vec::new();
+            for conversation in &conversations {
+                for (sent, head_request) in conversation {
+                    stream.write_all(sent.as_bytes()).await.unwrap();
+                    let answer = next_answer(&mut stream, &mut buffer, *head_request).await;
+                    seen[index].push((normalized(&answer.head), answer.body));
+                }
+            }
+            let all: String = pipelined.iter().map(|(sent, _)| sent.as_str()).collect();
+            stream.write_all(all.as_bytes()).await.unwrap();
+            for (_, head_request) in &pipelined {
+                let answer = next_answer(&mut stream, &mut buffer, *head_request).await;
+                seen[index].push((normalized(&answer.head), answer.body));
+            }
+            stream.write_all(closing.as_bytes()).await.unwrap();
+            let answer = next_answer(&mut stream, &mut buffer, false).await;
+            seen[index].push((normalized(&answer.head), answer.body));
+            let mut rest = Vec::new();
+            stream.read_to_end(&mut rest).await.unwrap();
+            assert!(
+                rest.is_empty() && buffer.is_empty(),
+                "closed after the answer"
+            );
+        }
+        let [piped, whole] = seen;
+        assert_eq!(piped.len(), whole.len());
+        for (piped, whole) in piped.iter().zip(&whole) {
+            assert_eq!(piped.0, whole.0, "heads");
+            assert!(piped.1 == whole.1, "bodies of {}", piped.0);
+        }
+        for status in [
+            "200 OK",
+            "304 Not Modified",
+            "206 Partial Content",
+            "404 Not Found",
+        ] {
+            assert!(
+                piped
+                    .iter()
+                    .any(|(head, _)| head.starts_with(&format!("HTTP/1.1 {status}\r\n"))),
+                "no {status}"
+            );
+        }
+        assert!(
+            piped
+                .last()
+                .unwrap()
+                .0
+                .contains("\r\nconnection: close\r\n")
+        );
+        // Every answer with a body on the second server was whole (each
+        // came in the archiver's one write on loopback): 200s, 206s, the
+        // 404; not the HEADs and 304s.
+        assert_eq!(pipe::WHOLE_BODIES.load(Ordering::Relaxed) - before, 8);
+        shutdown.cancel();
     }
 }

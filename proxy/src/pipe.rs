@@ -880,6 +880,79 @@ impl Drop for Pipe {
     }
 }
 
+/// A body whose every byte the upstream connection's reads hold already
+/// (`PooledBody::take_whole`), handed to hyper in one frame: a small cache
+/// hit, a `206` of a few bytes, an archiver's `404`. Its connection went
+/// back to the pool as the body was taken, so nothing can fail, park or
+/// splice it; a [`Pipe`] would only hand the same one chunk over, at the
+/// cost of its shared state, its boxed streams and a timer per chunk
+/// (about a twentieth of a small hit's instructions: `BENCHMARKS.md`).
+/// What the pipe settles at such a body's end is settled when it is made:
+/// the bytes counted as sent, and a `2xx` that ends whole marking its
+/// upstream as answering archives (`Health::answered_whole`). It holds
+/// `gitball_proxy_active_downloads` until hyper has written it.
+pub struct Whole {
+    body: Option<Bytes>,
+    length: u64,
+    _active: ActiveDownload,
+}
+
+/// Whole bodies made so far (tests tell the path taken by it).
+#[cfg(test)]
+pub(crate) static WHOLE_BODIES: AtomicU64 = AtomicU64::new(0);
+
+impl Whole {
+    /// `body`, the whole of `upstream`'s answer with `status`.
+    pub fn new(
+        body: Bytes,
+        upstream: &Arc<str>,
+        status: http::StatusCode,
+        health: &Health,
+    ) -> Whole {
+        let length = body.len() as u64;
+        crate::metrics::sent_bytes(length);
+        if status.is_success() {
+            health.answered_whole(upstream);
+        }
+        #[cfg(test)]
+        WHOLE_BODIES.fetch_add(1, Ordering::Relaxed);
+        Whole {
+            body: Some(body),
+            length,
+            _active: ActiveDownload::start(),
+        }
+    }
+
+    /// Its bytes, for the request's log line.
+    pub fn bytes(&self) -> u64 {
+        self.length
+    }
+}
+
+impl hyper::body::Body for Whole {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        Poll::Ready(
+            self.body
+                .take()
+                .map(|body| Ok(hyper::body::Frame::data(body))),
+        )
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_none()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.body.as_ref().map_or(0, |body| body.len() as u64))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -385,6 +385,20 @@ impl PooledBody {
         self.back.as_ref().map(|back| back.connection.wire.window())
     }
 
+    /// The whole body, when the connection's reads so far hold all of it
+    /// (`Decoder::take_whole`); the connection then goes back to the pool
+    /// as at the body's end. `None`, nothing taken, when more must be read.
+    pub fn take_whole(&mut self) -> Option<Bytes> {
+        if self.decoder.is_done() {
+            // No body, or none left: its connection went back already.
+            return Some(Bytes::new());
+        }
+        let back = self.back.as_mut()?;
+        let whole = self.decoder.take_whole(&mut back.connection.wire)?;
+        self.give_back();
+        Some(whole)
+    }
+
     fn give_back(&mut self) {
         let Some(mut back) = self.back.take() else {
             return;
