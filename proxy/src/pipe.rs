@@ -11,6 +11,8 @@
 //! connection read ahead (64 KiB each, `forward::UPSTREAM_READ_BUFFER_BYTES`).
 //! A slow client slows the upstream read, and TCP flow control carries that
 //! back to the archiver, which reads its cache file at the same pace.
+//! A body the upstream connection read whole with its head (a small cache
+//! hit) has nothing to pipe: it goes to hyper in one piece ([`Whole`]).
 //! A client that takes its first 4 MiB fast widens the upstream
 //! connection's receive buffer for the rest of the download
 //! (`crate::window`); the kernel memory of a slow one stays bounded.
