@@ -547,6 +547,60 @@ mod tests {
         assert_eq!(&body[..], b"ok");
         drop(server.join().unwrap());
     }
+    /// A body is taken whole only when the reads so far hold all of it,
+    /// and its connection goes back to the pool as it is taken; a body
+    /// that has not all come is left to be read, not cut at what came;
+    /// and a connection on which more than the body came is not kept.
+    #[tokio::test]
+    async fn a_body_is_taken_whole_only_when_all_of_it_was_read() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let upstream: Arc<str> = format!("http://{}", listener.local_addr().unwrap()).into();
+        let (rest_due, rest) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            // Whole in one write.
+            read_head(&mut stream);
+            stream.write_all(ANSWER).unwrap();
+            // Its head and one byte of two; the other once the test asks.
+            read_head(&mut stream);
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\no")
+                .unwrap();
+            rest.recv().unwrap();
+            stream.write_all(b"k").unwrap();
+            // The body, then bytes no answer announced.
+            read_head(&mut stream);
+            stream.write_all(&[ANSWER, b"??"].concat()).unwrap();
+            stream
+        });
+        let pool = Pool::new(Duration::from_secs(5));
+        // Each answer is one write of a few bytes: one segment on
+        // loopback, read whole with its head.
+        let mut response = pool.send(&upstream, request()).await.unwrap();
+        let whole = response.body_mut().take_whole().expect("all of it came");
+        assert_eq!(&whole[..], b"ok");
+        assert_eq!(idle(&pool), 1, "back in the pool as the body was taken");
+        drop(response);
+
+        let mut response = pool.send(&upstream, request()).await.unwrap();
+        assert!(response.body_mut().take_whole().is_none(), "half a body");
+        assert_eq!(idle(&pool), 0);
+        rest_due.send(()).unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok", "nothing of it was lost");
+        assert_eq!(idle(&pool), 1);
+
+        let mut response = pool.send(&upstream, request()).await.unwrap();
+        let whole = response.body_mut().take_whole().expect("all of it came");
+        assert_eq!(&whole[..], b"ok");
+        assert_eq!(
+            idle(&pool),
+            0,
+            "a connection with bytes after the body was kept"
+        );
+        drop(server.join().unwrap());
+    }
+
     /// The number of idle connections the pool holds to its first upstream.
     fn idle(pool: &Pool) -> usize {
         pool.shared
