@@ -321,6 +321,12 @@ impl Health {
             row.checking = false;
             if answered {
                 row.failures += cuts;
+            } else {
+                tracing::info!(
+                    %upstream,
+                    cuts,
+                    "downloads cut by an upstream that then did not answer: its process went away; not counted"
+                );
             }
             settle(&mut failures, upstream)
         };
@@ -534,12 +540,6 @@ impl Health {
     /// cut if it does.
     async fn check_cut(self: Arc<Self>, upstream: Arc<str>, id: u64) {
         let answered = answers(&upstream, self.check_within).await;
-        if !answered {
-            tracing::info!(
-                %upstream,
-                "a download cut by an upstream that then did not answer: its process went away; not counted"
-            );
-        }
         self.cut_checked(&upstream, id, answered);
     }
 
