@@ -3175,6 +3175,95 @@ fn a_full_cache_filesystem_is_made_room_on_by_evicting() {
     );
 }
 
+/// A tmpfs of 1,000 inodes holding a cache of `archives` tars of one
+/// repository's commits (one commit more, not requested), each cached.
+struct InodeLimitedCache {
+    sandbox: Sandbox,
+    repo: RepoBuilder,
+    commits: Vec<String>,
+    filesystem: PathBuf,
+    cache: PathBuf,
+    /// Serving the cache; `None` once stopped.
+    archiver: Option<Archiver>,
+    _mount: gitball_e2e::netns::TmpfsMount,
+}
+
+impl InodeLimitedCache {
+    const INODES: usize = 1000;
+
+    fn new(archives: usize) -> InodeLimitedCache {
+        let sandbox = Sandbox::new();
+        let repo = sandbox.repo("acme", "many");
+        let commits: Vec<String> = (0..=archives)
+            .map(|n| {
+                repo.write("n.txt", format!("{n}\n"));
+                repo.commit_all(T1 + n as i64, "one more")
+            })
+            .collect();
+        let filesystem = sandbox.path("fs");
+        // Inodes enough for git's canary at start, and few enough to fill.
+        let mount = gitball_e2e::netns::TmpfsMount::mount_with_inodes(
+            &filesystem,
+            "64m",
+            Self::INODES as u64,
+        );
+        let cache = filesystem.join("cache");
+        let archiver = Self::start(&sandbox, &cache);
+        for commit in &commits[..archives] {
+            let response = archiver.get(&format!("/acme/many/archive/{commit}.tar"));
+            assert_eq!(response.status().as_u16(), 200, "{commit}");
+            response.bytes().expect("a whole archive");
+        }
+        let entries = || {
+            archiver
+                .metrics()
+                .value("gitball_archiver_cache_entries", &[])
+        };
+        assert!(
+            wait_until(Duration::from_secs(10), || entries() == archives as f64),
+            "{} entries",
+            entries()
+        );
+        InodeLimitedCache {
+            sandbox,
+            repo,
+            commits,
+            filesystem,
+            cache,
+            archiver: Some(archiver),
+            _mount: mount,
+        }
+    }
+
+    fn start(sandbox: &Sandbox, cache: &Path) -> Archiver {
+        Archiver::start_with_cache(&sandbox.repos(), cache, &["--cache-max-bytes", "32MiB"])
+    }
+
+    /// Something else takes every free inode, and then gives `left_free`
+    /// of them back.
+    fn fill(&self, left_free: usize) {
+        let filler = self.filesystem.join("filler");
+        std::fs::create_dir(&filler).unwrap();
+        let taken = (0..Self::INODES)
+            .find(|n| std::fs::File::create(filler.join(n.to_string())).is_err())
+            .expect("every inode taken on a file system of 1,000");
+        assert!(taken > left_free, "{taken} inodes were free");
+        for n in 0..left_free {
+            std::fs::remove_file(filler.join(n.to_string())).unwrap();
+        }
+    }
+
+    /// `archiver`'s tar of `commit` is git's, byte for byte.
+    fn assert_served(&self, archiver: &Archiver, commit: &str) {
+        let response = archiver.get(&format!("/acme/many/archive/{commit}.tar"));
+        assert_eq!(response.status().as_u16(), 200, "{}", archiver.log());
+        let expected = self
+            .repo
+            .archive("tar", &format!("many-{commit}/"), commit, None);
+        assert_bytes_eq(&response.bytes().unwrap(), &expected, commit);
+    }
+}
+
 /// A cache file system out of inodes (a tmpfs's `nr_inodes`, filled by
 /// something else or by many small archives) is made room on as one out
 /// of bytes is (`docs/archiver.md#held-bytes`): the create of a partial
@@ -3188,48 +3277,10 @@ fn a_cache_filesystem_out_of_inodes_is_made_room_on_by_evicting() {
         return;
     }
     const ARCHIVES: usize = 10;
-    let sandbox = Sandbox::new();
-    let repo = sandbox.repo("acme", "many");
-    let commits: Vec<String> = (0..=ARCHIVES)
-        .map(|n| {
-            repo.write("n.txt", format!("{n}\n"));
-            repo.commit_all(T1 + n as i64, "one more")
-        })
-        .collect();
-    let filesystem = sandbox.path("fs");
-    // Inodes enough for git's canary at start, and few enough to fill.
-    let _mount = gitball_e2e::netns::TmpfsMount::mount_with_inodes(&filesystem, "64m", 1000);
-    let cache = filesystem.join("cache");
-    let archiver =
-        Archiver::start_with_cache(&sandbox.repos(), &cache, &["--cache-max-bytes", "32MiB"]);
-    for commit in &commits[..ARCHIVES] {
-        let response = archiver.get(&format!("/acme/many/archive/{commit}.tar"));
-        assert_eq!(response.status().as_u16(), 200, "{commit}");
-        response.bytes().expect("a whole archive");
-    }
-    let entries = || {
-        archiver
-            .metrics()
-            .value("gitball_archiver_cache_entries", &[])
-    };
-    assert!(
-        wait_until(Duration::from_secs(10), || entries() == ARCHIVES as f64),
-        "{} entries",
-        entries()
-    );
-    // Something else takes every free inode.
-    let filler = filesystem.join("filler");
-    std::fs::create_dir(&filler).unwrap();
-    let taken = (0..1000)
-        .find(|n| std::fs::File::create(filler.join(n.to_string())).is_err())
-        .expect("1000 files made on a file system of 1000 inodes");
-    assert!(taken > 0, "no inode was free");
-
-    let commit = &commits[ARCHIVES];
-    let response = archiver.get(&format!("/acme/many/archive/{commit}.tar"));
-    assert_eq!(response.status().as_u16(), 200, "{}", archiver.log());
-    let expected = repo.archive("tar", &format!("many-{commit}/"), commit, None);
-    assert_bytes_eq(&response.bytes().unwrap(), &expected, commit);
+    let cache = InodeLimitedCache::new(ARCHIVES);
+    let archiver = cache.archiver.as_ref().expect("serving");
+    cache.fill(0);
+    cache.assert_served(archiver, &cache.commits[ARCHIVES]);
     let evictions = archiver
         .metrics()
         .value("gitball_archiver_cache_evictions_total", &[]);
@@ -3249,48 +3300,10 @@ fn a_cache_filesystem_out_of_inodes_is_made_room_on_for_the_canary() {
     const ARCHIVES: usize = 60;
     // Fewer than git's canary repository takes (73 with git 2.47).
     const LEFT_FREE: usize = 40;
-    let sandbox = Sandbox::new();
-    let repo = sandbox.repo("acme", "many");
-    let commits: Vec<String> = (0..ARCHIVES)
-        .map(|n| {
-            repo.write("n.txt", format!("{n}\n"));
-            repo.commit_all(T1 + n as i64, "one more")
-        })
-        .collect();
-    let filesystem = sandbox.path("fs");
-    let _mount = gitball_e2e::netns::TmpfsMount::mount_with_inodes(&filesystem, "64m", 1000);
-    let cache = filesystem.join("cache");
-    let archiver =
-        Archiver::start_with_cache(&sandbox.repos(), &cache, &["--cache-max-bytes", "32MiB"]);
-    for commit in &commits {
-        let response = archiver.get(&format!("/acme/many/archive/{commit}.tar"));
-        assert_eq!(response.status().as_u16(), 200, "{commit}");
-        response.bytes().expect("a whole archive");
-    }
-    let entries = || {
-        archiver
-            .metrics()
-            .value("gitball_archiver_cache_entries", &[])
-    };
-    assert!(
-        wait_until(Duration::from_secs(10), || entries() == ARCHIVES as f64),
-        "{} entries",
-        entries()
-    );
-    drop(archiver);
-    // Something else takes every free inode but a few.
-    let filler = filesystem.join("filler");
-    std::fs::create_dir(&filler).unwrap();
-    let taken = (0..1000)
-        .find(|n| std::fs::File::create(filler.join(n.to_string())).is_err())
-        .expect("1000 files made on a file system of 1000 inodes");
-    assert!(taken > LEFT_FREE, "{taken} inodes were free");
-    for n in 0..LEFT_FREE {
-        std::fs::remove_file(filler.join(n.to_string())).unwrap();
-    }
-
-    let restarted =
-        Archiver::start_with_cache(&sandbox.repos(), &cache, &["--cache-max-bytes", "32MiB"]);
+    let mut cache = InodeLimitedCache::new(ARCHIVES);
+    drop(cache.archiver.take());
+    cache.fill(LEFT_FREE);
+    let restarted = InodeLimitedCache::start(&cache.sandbox, &cache.cache);
     assert!(
         restarted
             .log()
@@ -3298,11 +3311,7 @@ fn a_cache_filesystem_out_of_inodes_is_made_room_on_for_the_canary() {
         "{}",
         restarted.log()
     );
-    let commit = &commits[0];
-    let response = restarted.get(&format!("/acme/many/archive/{commit}.tar"));
-    assert_eq!(response.status().as_u16(), 200);
-    let expected = repo.archive("tar", &format!("many-{commit}/"), commit, None);
-    assert_bytes_eq(&response.bytes().unwrap(), &expected, commit);
+    cache.assert_served(&restarted, &cache.commits[0]);
 }
 
 /// A full cache file system whose archives the policy keeps (requested
