@@ -3017,6 +3017,47 @@ fn shadow_git_dirs_removed_while_running_are_made_again() {
     }
 }
 
+/// A tmp cleaner removes old empty directories, and a shared shadow's
+/// `refs` is one (it holds no ref; git only checks that it is there, which
+/// does not update its atime), while the files in it, read by every
+/// generation, stay. git then takes the shadow for no git dir at all:
+/// the shadow is made again, as one removed whole is (review: only its
+/// files were checked, and every generation of the repository was a `500`
+/// until a restart).
+#[test]
+fn a_shadow_git_dir_whose_empty_refs_dir_was_removed_is_made_again() {
+    let sandbox = Sandbox::new();
+    let w = widget(&sandbox);
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    let first = archiver.get(&format!("/acme/widget/archive/{}.tar", w.c1));
+    assert_eq!(first.status(), 200);
+    first.bytes().unwrap();
+    let mut removed = 0;
+    for shadows in std::fs::read_dir(&archiver.cache_dir).unwrap() {
+        let shadows = shadows.unwrap();
+        if !shadows
+            .file_name()
+            .to_string_lossy()
+            .starts_with("shadows-")
+        {
+            continue;
+        }
+        for shadow in std::fs::read_dir(shadows.path()).unwrap() {
+            std::fs::remove_dir(shadow.unwrap().path().join("refs")).unwrap();
+            removed += 1;
+        }
+    }
+    assert_eq!(removed, 1, "one shared shadow");
+
+    let path = format!("/acme/widget/archive/{}.tar", w.c2);
+    let response = archiver.get(&path);
+    assert_eq!(response.status(), 200, "{path}: {}", archiver.log());
+    let expected = w
+        .repo
+        .archive("tar", &format!("widget-{}/", w.c2), &w.c2, None);
+    assert_bytes_eq(&response.bytes().unwrap(), &expected, &path);
+}
+
 /// `docs/archiver.md`, "Warm restart": a cache dir removed while the
 /// archiver runs, or removed and made again (no longer the directory it
 /// locked), fails `/healthz` (on `--listen` and on the admin listener)

@@ -85,6 +85,10 @@ const UNBORN_HEAD: &str = "ref: refs/heads/main\n";
 /// The files a shared shadow is made of, each checked to be there before
 /// it is used again.
 const SHADOW_FILES: [&str; 3] = ["objects/info/alternates", "HEAD", "config"];
+/// Its `refs`, empty, checked too: git takes a git dir without it for none
+/// at all, and a tmp cleaner removes old empty directories (their atime is
+/// never renewed: git only checks that this one is there).
+const SHADOW_REFS: &str = "refs";
 
 /// Most repositories whose shared shadow is kept for the next generation
 /// (as many as the archiver keeps open); the least recently used one goes
@@ -170,6 +174,7 @@ impl Shadows {
             if SHADOW_FILES
                 .iter()
                 .all(|file| shadow.path().join(file).is_file())
+                && shadow.path().join(SHADOW_REFS).is_dir()
             {
                 return Ok(shadow.clone());
             }
@@ -183,7 +188,7 @@ impl Shadows {
             .permissions(private())
             .tempdir_in(self.root()?)?;
         let shadow = dir.path();
-        for dir in ["objects/info", "refs"] {
+        for dir in ["objects/info", SHADOW_REFS] {
             fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
