@@ -141,24 +141,6 @@ async fn answers(upstream: &str, within: Duration) -> bool {
     matches!(tokio::time::timeout(within, check).await, Ok(Ok(true)))
 }
 
-/// Ends `upstream`'s row of archive failures (which must be in
-/// `failures`) when it ejects, or when nothing is in it (no failure, no
-/// check pending); returns its count.
-fn settle(failures: &mut HashMap<Arc<str>, Row>, upstream: &Arc<str>) -> u32 {
-    let Some(&Row {
-        failures: in_a_row,
-        pending,
-        ..
-    }) = failures.get(upstream)
-    else {
-        return 0;
-    };
-    if in_a_row >= ARCHIVE_FAILURES_TO_EJECT || (in_a_row == 0 && pending == 0) {
-        failures.remove(upstream);
-    }
-    in_a_row
-}
-
 /// Where an upstream that failed stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Standing {
@@ -242,8 +224,11 @@ struct Row {
     failures: u32,
     /// Downloads cut in this row whose check is not done yet.
     pending: u32,
-    /// A check of the upstream is under way for this row: the cuts made
-    /// meanwhile share its answer.
+    /// A check of the upstream is under way, for this row or one before
+    /// it: one at a time per upstream, so a row that ends while it runs
+    /// leaves its place to a new one that keeps this (`Health::end_row`).
+    /// The cuts made meanwhile share its answer, or, made in a later row,
+    /// the next check's, made as soon as it is done.
     checking: bool,
     /// Which row: a cut download's check counts only toward the row it
     /// was cut in, not one begun after an archive ended whole there.
@@ -282,6 +267,45 @@ impl Health {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Ends `upstream`'s row of archive failures, if any: removed, or
+    /// while a check of the upstream is under way a new, empty row in its
+    /// place, which keeps it (one check at a time per upstream).
+    fn end_row(&self, failures: &mut HashMap<Arc<str>, Row>, upstream: &Arc<str>) {
+        match failures.get_mut(upstream) {
+            Some(row) if row.checking => {
+                *row = Row {
+                    failures: 0,
+                    pending: 0,
+                    checking: true,
+                    id: self.rows.fetch_add(1, Ordering::Relaxed) + 1,
+                }
+            }
+            Some(_) => drop(failures.remove(upstream)),
+            None => {}
+        }
+    }
+
+    /// Ends `upstream`'s row of archive failures when it ejects, or when
+    /// nothing is in it (no failure, no cut to check, no check under way);
+    /// returns its count.
+    fn settle(&self, failures: &mut HashMap<Arc<str>, Row>, upstream: &Arc<str>) -> u32 {
+        let Some(&Row {
+            failures: in_a_row,
+            pending,
+            checking,
+            ..
+        }) = failures.get(upstream)
+        else {
+            return 0;
+        };
+        if in_a_row >= ARCHIVE_FAILURES_TO_EJECT {
+            self.end_row(failures, upstream);
+        } else if in_a_row == 0 && pending == 0 && !checking {
+            failures.remove(upstream);
+        }
+        in_a_row
+    }
+
     fn row<'a>(
         &self,
         failures: &'a mut HashMap<Arc<str>, Row>,
@@ -302,7 +326,7 @@ impl Health {
         let in_a_row = {
             let mut failures = self.failures();
             self.row(&mut failures, upstream).failures += 1;
-            settle(&mut failures, upstream)
+            self.settle(&mut failures, upstream)
         };
         self.eject_if_in_a_row(upstream, in_a_row);
     }
@@ -310,27 +334,44 @@ impl Health {
     /// The check of the downloads cut at `upstream` in the row `id` is
     /// done: each counted as an archive failed there if the upstream
     /// `answered`, and for nothing if the row is over (an archive ended
-    /// whole there since, or the row ejected it).
-    fn cut_checked(&self, upstream: &Arc<str>, id: u64, answered: bool) {
-        let in_a_row = {
+    /// whole there since, or the row ejected it). Returns the row to check
+    /// next: a later one whose cuts were made while this check ran.
+    fn cut_checked(&self, upstream: &Arc<str>, id: u64, answered: bool) -> Option<u64> {
+        let mut gone = 0;
+        let (in_a_row, next) = {
             let mut failures = self.failures();
-            let Some(row) = failures.get_mut(upstream).filter(|row| row.id == id) else {
-                return;
-            };
-            let cuts = std::mem::take(&mut row.pending);
+            // Kept while the check ran (`Row::checking`).
+            let row = failures.get_mut(upstream)?;
             row.checking = false;
-            if answered {
-                row.failures += cuts;
-            } else {
-                tracing::info!(
-                    %upstream,
-                    cuts,
-                    "downloads cut by an upstream that then did not answer: its process went away; not counted"
-                );
+            if row.id == id {
+                let cuts = std::mem::take(&mut row.pending);
+                if answered {
+                    row.failures += cuts;
+                } else {
+                    gone = cuts;
+                }
             }
-            settle(&mut failures, upstream)
+            let in_a_row = self.settle(&mut failures, upstream);
+            let next = failures
+                .get_mut(upstream)
+                .filter(|row| row.pending > 0)
+                .map(|row| {
+                    row.checking = true;
+                    row.id
+                });
+            (in_a_row, next)
         };
+        if gone > 0 {
+            // One line per check, with the cuts it judged (review: a line
+            // per check read as one per cut).
+            tracing::info!(
+                %upstream,
+                cuts = gone,
+                "downloads cut by an upstream that then did not answer: its process went away; not counted"
+            );
+        }
         self.eject_if_in_a_row(upstream, in_a_row);
+        next
     }
 
     fn eject_if_in_a_row(&self, upstream: &Arc<str>, in_a_row: u32) {
@@ -506,11 +547,12 @@ impl Health {
             Cut::ByUpstream => {
                 // The row the cut belongs to: an archive ending whole
                 // there before the check is done ends it. One check at a
-                // time per row: a restart that cuts ten thousand downloads
-                // makes one connection to the archiver, not one each
-                // (review: each cut's own check held an fd up to
-                // `--header-timeout`, ten thousand of them for an archiver
-                // whose host stopped answering after the cuts).
+                // time per upstream, whatever its rows (`Row::checking`): a
+                // restart that cuts ten thousand downloads makes one
+                // connection to the archiver, not one each (review: each
+                // cut's own check held an fd up to `--header-timeout`, ten
+                // thousand of them for an archiver whose host stopped
+                // answering after the cuts).
                 let Some(id) = self.cut_to_check(upstream) else {
                     return;
                 };
@@ -518,7 +560,10 @@ impl Health {
                     Ok(runtime) => {
                         runtime.spawn(self.clone().check_cut(upstream.clone(), id));
                     }
-                    Err(_) => self.cut_checked(upstream, id, true),
+                    Err(_) => {
+                        // No check can be under way: nothing is left.
+                        let _ = self.cut_checked(upstream, id, true);
+                    }
                 }
             }
             Cut::Joined | Cut::NotUpstreams => {}
@@ -527,7 +572,7 @@ impl Health {
 
     /// Notes a download cut at `upstream` in its row of archive failures,
     /// to be counted when the row's check is done; the row's id when this
-    /// cut is to start that check (none is under way).
+    /// cut is to start that check (none of the upstream is under way).
     fn cut_to_check(&self, upstream: &Arc<str>) -> Option<u64> {
         let mut failures = self.failures();
         let row = self.row(&mut failures, upstream);
@@ -537,10 +582,16 @@ impl Health {
 
     /// Checks whether `upstream`, which cut a download in its row `id` of
     /// archive failures, still answers ([`Health::cut`]), and counts the
-    /// cut if it does.
-    async fn check_cut(self: Arc<Self>, upstream: Arc<str>, id: u64) {
-        let answered = answers(&upstream, self.check_within).await;
-        self.cut_checked(&upstream, id, answered);
+    /// cut if it does; then checks again for the cuts of a later row made
+    /// meanwhile, if any.
+    async fn check_cut(self: Arc<Self>, upstream: Arc<str>, mut id: u64) {
+        loop {
+            let answered = answers(&upstream, self.check_within).await;
+            match self.cut_checked(&upstream, id, answered) {
+                Some(next) => id = next,
+                None => return,
+            }
+        }
     }
 
     /// A download from `upstream` ended whole: archives do not all fail
@@ -551,7 +602,7 @@ impl Health {
         // The common case (no archive failed) takes the lock only to look.
         let mut failures = self.failures();
         if !failures.is_empty() {
-            failures.remove(upstream);
+            self.end_row(&mut failures, upstream);
         }
     }
 
@@ -864,34 +915,40 @@ mod tests {
         serving.abort();
     }
 
-    /// One check at a time per row: the cuts made while it runs share its
-    /// answer, and a check of a row that ended counts in none after it.
+    /// One check at a time per upstream: the cuts made while it runs share
+    /// its answer, those of a row begun since (an archive ended whole
+    /// there) get the next check, made once it is done, and a check of a
+    /// row that ended counts in none after it.
     #[test]
-    fn the_cuts_made_while_a_check_runs_share_its_answer_in_their_row() {
+    fn the_cuts_made_while_a_check_runs_share_its_answer_or_the_next_ones() {
         let health = Arc::new(Health::new(Duration::from_secs(10)));
         let upstream: Arc<str> = Arc::from("a");
         // A cut in a row an archive ended whole after; its check (its
-        // upstream gone) comes last.
+        // upstream gone) is done after the next row's cuts were made.
         let ended_row = health.cut_to_check(&upstream).expect("a check");
         health.answered_whole(&upstream);
-        let live = health
-            .cut_to_check(&upstream)
-            .expect("a check of the new row");
-        for _ in 1..3 {
+        for _ in 0..3 {
             assert_eq!(
                 health.cut_to_check(&upstream),
                 None,
-                "a second check of one row"
+                "a second check under way"
             );
         }
-        health.cut_checked(&upstream, live, true);
-        health.cut_checked(&upstream, ended_row, false);
+        let live = health
+            .cut_checked(&upstream, ended_row, false)
+            .expect("the next row's cuts not checked");
+        assert_ne!(live, ended_row);
+        assert_eq!(
+            health.cut_to_check(&upstream),
+            None,
+            "a second check under way"
+        );
+        assert_eq!(health.cut_checked(&upstream, live, true), None);
+        assert!(
+            !health.is_ejected("a"),
+            "the ended row's cut counted, or one was counted twice"
+        );
         health.archive_failed(&upstream);
-        assert!(!health.is_ejected("a"), "the ended row's cut counted");
-        let next = health
-            .cut_to_check(&upstream)
-            .expect("a check once the last is done");
-        health.cut_checked(&upstream, next, true);
         assert!(health.is_ejected("a"), "a cut of the shared check was lost");
         assert!(health.failures().is_empty());
     }
@@ -934,6 +991,62 @@ mod tests {
             1,
             "connections the checks of {ARCHIVE_FAILURES_TO_EJECT} cuts made"
         );
+        serving.abort();
+    }
+
+    /// One check at a time per upstream, across its rows too: a cut made
+    /// after an archive ended whole there, while an earlier cut's check
+    /// still waits, waits for that check to end and is checked then,
+    /// instead of opening a connection of its own (review: one check per
+    /// row; an archiver that left each check unanswered while it ended
+    /// downloads whole between cuts had the proxy hold a connection per
+    /// such pair, each up to `--header-timeout`).
+    #[tokio::test]
+    async fn one_check_at_a_time_per_upstream_across_its_rows() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream: Arc<str> = format!("http://{}", listener.local_addr().unwrap()).into();
+        let (all_cut, cuts_made) = tokio::sync::watch::channel(false);
+        let accepted = Arc::new(AtomicU64::new(0));
+        let serving = tokio::spawn({
+            let accepted = accepted.clone();
+            async move {
+                while let Ok((mut stream, _)) = listener.accept().await {
+                    accepted.fetch_add(1, Ordering::Relaxed);
+                    let mut cuts_made = cuts_made.clone();
+                    // Each answered once every cut is made, each on its
+                    // own: checks under way together are all accepted.
+                    tokio::spawn(async move {
+                        let _ = cuts_made.wait_for(|made| *made).await;
+                        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await;
+                    });
+                }
+            }
+        });
+        let health = Arc::new(Health::new(Duration::from_secs(10)));
+        // Three rows, each a cut and then an archive ended whole.
+        for _ in 0..3 {
+            health.cut(&upstream, Cut::ByUpstream);
+            health.answered_whole(&upstream);
+        }
+        // And a row that ejects, once checked.
+        for _ in 0..ARCHIVE_FAILURES_TO_EJECT {
+            health.cut(&upstream, Cut::ByUpstream);
+        }
+        all_cut.send_replace(true);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !health.is_ejected(&upstream) {
+            assert!(Instant::now() < deadline, "the last row never ejected it");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The first cut's check, and one more for the last row's cuts,
+        // made while it waited.
+        assert_eq!(
+            accepted.load(Ordering::Relaxed),
+            2,
+            "connections the checks of four rows made"
+        );
+        assert!(health.failures().is_empty(), "a row was left behind");
         serving.abort();
     }
 
