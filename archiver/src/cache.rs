@@ -2158,6 +2158,24 @@ mod tests {
         assert!(cache.peek(&stub.spec(1)).is_none());
     }
 
+    /// `docs/archiver.md` gives the room made for git's canary on a full
+    /// cache file system as these constants.
+    /// (Docs review: the inode figure came with 4d7e854 and nothing held
+    /// either figure to its constant.)
+    #[test]
+    fn the_figures_docs_give_for_the_canarys_room_are_these_constants() {
+        assert_eq!(CANARY_ROOM_BYTES % (1024 * 1024), 0);
+        gitball_core::docs::assert_says(
+            include_str!("../../docs/archiver.md"),
+            "docs/archiver.md",
+            [format!(
+                "evicted until {} MiB and, where inodes are limited (a tmpfs's `nr_inodes`), {} inodes are free",
+                CANARY_ROOM_BYTES / (1024 * 1024),
+                CANARY_ROOM_INODES
+            )],
+        );
+    }
+
     /// A git dir written into a full cache dir (`Cache::with_room`) is
     /// made again after each eviction, fails once nothing is left to evict,
     /// and fails as too large when the policy denies it room; other errors
