@@ -2965,6 +2965,20 @@ fn a_partial_file_damaged_while_generating_is_never_cached(
             &format!("{damage}, {round}"),
         );
     }
+    // The damaged generation counts as `failed`
+    // (`docs/observability.md#label-values`), the one anew as `ok`.
+    let metrics = archiver.metrics();
+    for outcome in ["failed", "ok"] {
+        assert_eq!(
+            metrics.value(
+                "gitball_archiver_generations_total",
+                &[("format", "tar"), ("outcome", outcome)]
+            ),
+            1.0,
+            "{damage}, {outcome}: {:?}",
+            metrics.series_of("gitball_archiver_generations_total")
+        );
+    }
 }
 
 /// The shadow git dirs in the cache dir (`shadows-*`) removed while the
@@ -3124,6 +3138,14 @@ fn a_cache_dir_removed_while_running_fails_healthz_until_a_restart() {
         gitball_e2e::dir_file_names(&archiver.cache_dir),
         Vec::<String>::new(),
         "written in a dir made again"
+    );
+    // Counted as a generation `failed` (`docs/observability.md#label-values`).
+    assert_eq!(
+        archiver.metrics().value(
+            "gitball_archiver_generations_total",
+            &[("format", "tar"), ("outcome", "failed")]
+        ),
+        1.0
     );
     assert!(
         archiver
