@@ -1166,6 +1166,9 @@ fn an_archivers_refusal_of_a_counted_proxys_connection_is_failed_over_not_passed
     // Half the archiver's connections, held by another client (below half
     // it serves a client past its cap).
     let _contention = hold_connections_from(client(5), archiver.addr, 20);
+    // The ids of the requests the proxy answered 503 for the refusals.
+    let mut refused_ids = Vec::new();
+    let mut served_id = String::new();
     std::thread::scope(|scope| {
         // The proxies' one connection the archiver lets in: a download
         // that waits on git.
@@ -1196,11 +1199,19 @@ fn an_archivers_refusal_of_a_counted_proxys_connection_is_failed_over_not_passed
             // The client's connection goes on: the next request on it is
             // answered.
             assert_eq!(head.header("connection"), None, "attempt {attempt}");
+            refused_ids.push(
+                head.header("x-request-id")
+                    .expect("the proxy's request id")
+                    .to_owned(),
+            );
         }
         let served = fetch_from(client(4), failover.addr, "/acme/widget/archive/main.tar");
         assert_eq!(served.status(), 200, "{}", served.text());
         release.write_all(b"go\n").expect("release the generation");
-        assert_eq!(first.join().expect("answered").status(), 200);
+        let first = first.join().expect("answered");
+        assert_eq!(first.status(), 200);
+        // An id the archiver did serve, which its log must have.
+        served_id = first.header("x-request-id").to_owned();
     });
     let upstream = archiver.base_url.as_str();
     let metrics = proxy.metrics();
@@ -1243,6 +1254,17 @@ fn an_archivers_refusal_of_a_counted_proxys_connection_is_failed_over_not_passed
         ),
         3.0
     );
+    // The archiver read no request on the connections it refused: no line
+    // of its request log has their ids (docs/observability.md, "Joining
+    // the tiers").
+    let archiver_log = archiver.log();
+    assert!(
+        !served_id.is_empty() && archiver_log.contains(served_id.as_str()),
+        "{served_id}: {archiver_log}"
+    );
+    for id in &refused_ids {
+        assert!(!archiver_log.contains(id.as_str()), "{id}: {archiver_log}");
+    }
     // Two refusals within 10 s: one line, naming the archiver.
     let marker = "an archiver refused the proxy's connection with 429";
     let log = proxy.log();
