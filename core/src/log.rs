@@ -14,7 +14,6 @@
 //! Both tiers write the same fields, with `-` for those that do not apply,
 //! so one log query reads either and the two join on `request_id`.
 
-use std::fmt::Write as _;
 use std::io::Write as _;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -99,7 +98,9 @@ static LOG_FORMAT: OnceLock<LogFormat> = OnceLock::new();
 
 thread_local! {
     /// The line being written, reused: one allocation per serving thread.
-    static LINE_BUFFER: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    /// Bytes, not a `String`: the digits of its numbers go in without a
+    /// UTF-8 check each (`BENCHMARKS.md`).
+    static LINE_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Which tier wrote a line.
@@ -365,12 +366,22 @@ impl Drop for RequestLog {
 }
 
 /// ` name=value` in the text format, `prefix` being ` name=`.
-fn text_field(out: &mut String, prefix: &str, value: &str) {
-    out.push_str(prefix);
+fn text_field(out: &mut Vec<u8>, prefix: &str, value: &str) {
+    out.extend_from_slice(prefix.as_bytes());
     if is_plain(value.as_bytes()) {
-        out.push_str(value);
+        out.extend_from_slice(value.as_bytes());
     } else {
-        let _ = write_text_value(out, value);
+        let _ = write_text_value(&mut LineWriter(out), value);
+    }
+}
+
+/// A line's bytes written through `std::fmt::Write` (a value to escape).
+struct LineWriter<'a>(&'a mut Vec<u8>);
+
+impl std::fmt::Write for LineWriter<'_> {
+    fn write_str(&mut self, text: &str) -> std::fmt::Result {
+        self.0.extend_from_slice(text.as_bytes());
+        Ok(())
     }
 }
 
@@ -533,10 +544,10 @@ impl RequestLine<'_> {
                 LogFormat::Text => self.format_text(now, buffer),
                 LogFormat::Json => self.format_json(now, buffer),
             }
-            let _ = (&*lines.file).write_all(buffer.as_bytes());
+            let _ = (&*lines.file).write_all(buffer);
             if buffer.capacity() > 64 * 1024 {
                 // A long error detail once does not pin the memory.
-                *buffer = String::new();
+                *buffer = Vec::new();
             }
         });
     }
@@ -566,55 +577,53 @@ impl RequestLine<'_> {
 
     /// `tracing_subscriber`'s text format (`fmt()` without colours), each
     /// string value through [`write_text_value`].
-    fn format_text(&self, now: std::time::SystemTime, out: &mut String) {
+    fn format_text(&self, now: std::time::SystemTime, out: &mut Vec<u8>) {
         write_timestamp(now, out);
-        out.push_str(match self.level {
-            Level::ERROR => " ERROR ",
-            Level::WARN => "  WARN ",
-            _ => "  INFO ",
+        out.extend_from_slice(match self.level {
+            Level::ERROR => concat!(" ERROR ", module_path!(), ": request").as_bytes(),
+            Level::WARN => concat!("  WARN ", module_path!(), ": request").as_bytes(),
+            _ => concat!("  INFO ", module_path!(), ": request").as_bytes(),
         });
-        out.push_str(concat!(module_path!(), ": request"));
         let (before, after) = self.strings();
         for ((_, value), prefix) in before.into_iter().zip(TEXT_BEFORE) {
             text_field(out, prefix, value);
         }
-        out.push_str(" status=");
+        out.extend_from_slice(b" status=");
         push_decimal(out, u64::from(self.status));
-        out.push_str(" bytes=");
+        out.extend_from_slice(b" bytes=");
         push_decimal(out, self.bytes);
-        out.push_str(" duration_ms=");
+        out.extend_from_slice(b" duration_ms=");
         push_milliseconds(out, self.duration_ms);
         for ((_, value), prefix) in after.into_iter().zip(TEXT_AFTER) {
             text_field(out, prefix, value);
         }
-        out.push('\n');
+        out.push(b'\n');
     }
 
     /// `tracing_subscriber`'s JSON format with `flatten_event(true)`.
-    fn format_json(&self, now: std::time::SystemTime, out: &mut String) {
-        out.push_str("{\"timestamp\":\"");
+    fn format_json(&self, now: std::time::SystemTime, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"timestamp\":\"");
         write_timestamp(now, out);
-        let level = match self.level {
-            Level::ERROR => "ERROR",
-            Level::WARN => "WARN",
-            _ => "INFO",
-        };
-        let _ = write!(out, "\",\"level\":\"{level}\",\"message\":\"request\"");
+        out.extend_from_slice(match self.level {
+            Level::ERROR => b"\",\"level\":\"ERROR\",\"message\":\"request\"",
+            Level::WARN => b"\",\"level\":\"WARN\",\"message\":\"request\"" as &[u8],
+            _ => b"\",\"level\":\"INFO\",\"message\":\"request\"",
+        });
         let (before, after) = self.strings();
         for (name, value) in before {
             json_field(out, name, value);
         }
-        out.push_str(",\"status\":");
+        out.extend_from_slice(b",\"status\":");
         push_decimal(out, u64::from(self.status));
-        out.push_str(",\"bytes\":");
+        out.extend_from_slice(b",\"bytes\":");
         push_decimal(out, self.bytes);
-        out.push_str(",\"duration_ms\":");
+        out.extend_from_slice(b",\"duration_ms\":");
         push_milliseconds(out, self.duration_ms);
         for (name, value) in after {
             json_field(out, name, value);
         }
         json_field(out, "target", module_path!());
-        out.push_str("}\n");
+        out.extend_from_slice(b"}\n");
     }
 
     /// The line through `tracing`: when the fast path does not apply.
@@ -652,21 +661,21 @@ impl RequestLine<'_> {
 }
 
 /// `,"name":"value"` with the value escaped as JSON.
-fn json_field(out: &mut String, name: &str, value: &str) {
-    out.push_str(",\"");
-    out.push_str(name);
-    out.push_str("\":");
+fn json_field(out: &mut Vec<u8>, name: &str, value: &str) {
+    out.extend_from_slice(b",\"");
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\":");
     if value
         .bytes()
         .all(|byte| (b' '..0x7f).contains(&byte) && !matches!(byte, b'"' | b'\\'))
     {
         // Nothing to escape: as serde_json writes it.
-        out.push('"');
-        out.push_str(value);
-        out.push('"');
+        out.push(b'"');
+        out.extend_from_slice(value.as_bytes());
+        out.push(b'"');
     } else {
-        // Serialising a `&str` into a `String` cannot fail.
-        out.push_str(&serde_json::to_string(value).unwrap_or_default());
+        // Serialising a `&str` into a `Vec` cannot fail.
+        let _ = serde_json::to_writer(&mut *out, value);
     }
 }
 
@@ -696,12 +705,43 @@ fn padded(digits: &mut [u8; 20], mut value: u64, width: usize) -> &str {
     std::str::from_utf8(&digits[start..]).unwrap_or_default()
 }
 
-fn push_decimal(out: &mut String, value: u64) {
-    out.push_str(decimal(&mut [0; 20], value));
+/// `"00"` to `"99"`: a number's digits are written two at a time.
+const DIGIT_PAIRS: [u8; 200] = {
+    let mut pairs = [0; 200];
+    let mut pair = 0;
+    while pair < 100 {
+        pairs[2 * pair] = b'0' + (pair / 10) as u8;
+        pairs[2 * pair + 1] = b'0' + (pair % 10) as u8;
+        pair += 1;
+    }
+    pairs
+};
+
+fn push_decimal(out: &mut Vec<u8>, value: u64) {
+    push_padded(out, value, 1);
 }
 
-fn push_padded(out: &mut String, value: u64, width: usize) {
-    out.push_str(padded(&mut [0; 20], value, width));
+/// `value` in decimal with `width` digits at least (up to 20), zeros in
+/// front, as `{value:0width$}` writes it.
+fn push_padded(out: &mut Vec<u8>, mut value: u64, width: usize) {
+    let mut digits = [b'0'; 20];
+    let mut start = digits.len();
+    while value >= 100 {
+        let pair = (value % 100) as usize * 2;
+        value /= 100;
+        start -= 2;
+        digits[start..start + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+    }
+    if value >= 10 {
+        let pair = value as usize * 2;
+        start -= 2;
+        digits[start..start + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+    } else {
+        start -= 1;
+        digits[start] = b'0' + value as u8;
+    }
+    let start = start.min(digits.len().saturating_sub(width));
+    out.extend_from_slice(&digits[start..]);
 }
 
 /// A duration in milliseconds, a whole number of microseconds over 1,000
@@ -709,15 +749,15 @@ fn push_padded(out: &mut String, value: u64, width: usize) {
 /// that `f64`: its shortest decimal, `.0` when whole. Any other value (not
 /// a whole number of microseconds, or too large for them to be exact)
 /// goes through `{:?}` itself.
-fn push_milliseconds(out: &mut String, milliseconds: f64) {
+fn push_milliseconds(out: &mut Vec<u8>, milliseconds: f64) {
     let micros = (milliseconds * 1e3).round();
     if (0.0..1e12).contains(&micros) && micros / 1e3 == milliseconds {
         let micros = micros as u64;
         push_decimal(out, micros / 1000);
-        out.push('.');
+        out.push(b'.');
         let fraction = micros % 1000;
         if fraction == 0 {
-            out.push('0');
+            out.push(b'0');
         } else if fraction.is_multiple_of(100) {
             push_decimal(out, fraction / 100);
         } else if fraction.is_multiple_of(10) {
@@ -732,7 +772,7 @@ fn push_milliseconds(out: &mut String, milliseconds: f64) {
 
 /// `2026-12-03T02:36:27.097324Z`: UTC, microseconds, as `tracing_subscriber`
 /// writes it.
-fn write_timestamp(now: std::time::SystemTime, out: &mut String) {
+fn write_timestamp(now: std::time::SystemTime, out: &mut Vec<u8>) {
     let since_epoch = now
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
@@ -745,37 +785,37 @@ fn write_timestamp(now: std::time::SystemTime, out: &mut String) {
             write_second(seconds, text);
             *second = Some(seconds);
         }
-        out.push_str(text);
+        out.extend_from_slice(text);
     });
     push_padded(out, u64::from(since_epoch.subsec_micros()), 6);
-    out.push('Z');
+    out.push(b'Z');
 }
 
 thread_local! {
     /// The second [`write_timestamp`] wrote last, and its text up to the
     /// fraction (`2026-12-03T02:36:27.`).
-    static LAST_SECOND: std::cell::RefCell<(Option<u64>, String)> =
-        const { std::cell::RefCell::new((None, String::new())) };
+    static LAST_SECOND: std::cell::RefCell<(Option<u64>, Vec<u8>)> =
+        const { std::cell::RefCell::new((None, Vec::new())) };
 }
 
 /// `2026-12-03T02:36:27.` for `seconds` since the epoch.
-fn write_second(seconds: u64, out: &mut String) {
+fn write_second(seconds: u64, out: &mut Vec<u8>) {
     let (year, month, day) = civil_from_days((seconds / 86_400) as i64);
     let of_day = seconds % 86_400;
     // Written digit by digit: `write!` with padding cost more than the
     // rest of the line.
     push_padded(out, year.max(0) as u64, 4);
-    out.push('-');
+    out.push(b'-');
     push_padded(out, u64::from(month), 2);
-    out.push('-');
+    out.push(b'-');
     push_padded(out, u64::from(day), 2);
-    out.push('T');
+    out.push(b'T');
     push_padded(out, of_day / 3600, 2);
-    out.push(':');
+    out.push(b':');
     push_padded(out, of_day / 60 % 60, 2);
-    out.push(':');
+    out.push(b':');
     push_padded(out, of_day % 60, 2);
-    out.push('.');
+    out.push(b'.');
 }
 
 /// The proleptic Gregorian date of a day count since 1970-01-01 (Howard
@@ -972,13 +1012,13 @@ mod tests {
     }
 
     fn direct(line: &RequestLine, format: LogFormat) -> String {
-        let mut out = String::new();
+        let mut out = Vec::new();
         let now = std::time::SystemTime::now();
         match format {
             LogFormat::Text => line.format_text(now, &mut out),
             LogFormat::Json => line.format_json(now, &mut out),
         }
-        out
+        String::from_utf8(out).unwrap()
     }
 
     /// The line with its timestamp (27 characters) blanked.
@@ -1114,18 +1154,18 @@ mod tests {
 
     #[test]
     fn timestamps_are_utc_with_microseconds() {
-        let mut out = String::new();
+        let mut out = Vec::new();
         let at = std::time::UNIX_EPOCH + Duration::from_micros(951_782_400_123_456);
         write_timestamp(at, &mut out);
-        assert_eq!(out, "2000-02-29T00:00:00.123456Z");
+        assert_eq!(out, b"2000-02-29T00:00:00.123456Z");
         out.clear();
         // The same second again, from what the thread kept of it.
         write_timestamp(at + Duration::from_micros(876_000), &mut out);
-        assert_eq!(out, "2000-02-29T00:00:00.999456Z");
+        assert_eq!(out, b"2000-02-29T00:00:00.999456Z");
         out.clear();
         let at = std::time::UNIX_EPOCH + Duration::from_secs(1_764_729_387);
         write_timestamp(at, &mut out);
-        assert_eq!(out, "2025-12-03T02:36:27.000000Z");
+        assert_eq!(out, b"2025-12-03T02:36:27.000000Z");
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(civil_from_days(-1), (1969, 12, 31));
         assert_eq!(civil_from_days(19_723), (2024, 1, 1));
@@ -1142,8 +1182,9 @@ mod tests {
         micros.extend([999_999, 1_000_000, 86_400_000_000, 999_999_999_999]);
         for micros in micros {
             let milliseconds = micros as f64 / 1e3;
-            let mut out = String::new();
+            let mut out = Vec::new();
             push_milliseconds(&mut out, milliseconds);
+            let out = String::from_utf8(out).unwrap();
             assert_eq!(out, format!("{milliseconds:?}"), "{micros} µs");
             assert_eq!(
                 out,
@@ -1152,14 +1193,27 @@ mod tests {
             );
         }
         for odd in [0.1234, 1e-7, 3e20, 12_345.0] {
-            let mut out = String::new();
+            let mut out = Vec::new();
             push_milliseconds(&mut out, odd);
-            assert_eq!(out, format!("{odd:?}"));
+            assert_eq!(String::from_utf8(out).unwrap(), format!("{odd:?}"));
         }
         for value in [0, 7, 10, 499, 65_535, u64::from(u32::MAX), u64::MAX] {
-            let mut out = String::new();
+            let mut out = Vec::new();
             push_decimal(&mut out, value);
-            assert_eq!(out, value.to_string());
+            assert_eq!(String::from_utf8(out).unwrap(), value.to_string());
+        }
+        // Written two digits at a time: every width the line uses, at each
+        // digit count's edges.
+        let edges = (0..20).flat_map(|power| {
+            let at = 10u64.pow(power);
+            [at - 1, at, at + 1, at.saturating_mul(5)]
+        });
+        for value in edges.chain([u64::MAX]) {
+            for width in [1, 2, 3, 4, 6] {
+                let mut out = Vec::new();
+                push_padded(&mut out, value, width);
+                assert_eq!(String::from_utf8(out).unwrap(), format!("{value:0width$}"));
+            }
         }
     }
 
@@ -1183,9 +1237,9 @@ mod tests {
             )
         };
         let written = |at| {
-            let mut out = String::new();
+            let mut out = Vec::new();
             write_timestamp(at, &mut out);
-            out
+            String::from_utf8(out).unwrap()
         };
         // 2025-12-31T23:59:58.5 to 2026-01-01T00:00:01.5.
         let start = std::time::UNIX_EPOCH + Duration::from_millis(1_767_225_598_500);
@@ -1219,8 +1273,9 @@ mod tests {
             .collect();
         values.extend([String::new(), "/acme/widget/archive/v1.0.tar.gz".into()]);
         for value in values {
-            let mut out = String::new();
+            let mut out = Vec::new();
             json_field(&mut out, "path", &value);
+            let out = String::from_utf8(out).unwrap();
             let expected = format!(",\"path\":{}", serde_json::to_string(&value).unwrap());
             assert_eq!(out, expected, "{value:?}");
         }
