@@ -953,39 +953,58 @@ mod tests {
         assert!(health.failures().is_empty());
     }
 
-    /// However many downloads a restart cuts at once, the upstream gets one
-    /// check, not one connection each (review: ten thousand cuts held ten
-    /// thousand fds for up to `--header-timeout` when the archiver's host
-    /// stopped answering).
-    #[tokio::test]
-    async fn downloads_cut_together_make_one_check() {
+    /// An upstream that answers every `HEAD /healthz` once `all_cut` is
+    /// sent (each connection on its own: checks under way together are
+    /// all accepted), and the connections it accepted.
+    async fn healthz_after_the_cuts() -> (
+        Arc<str>,
+        tokio::sync::watch::Sender<bool>,
+        Arc<AtomicU64>,
+        tokio::task::JoinHandle<()>,
+    ) {
         use tokio::io::AsyncWriteExt;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let upstream: Arc<str> = format!("http://{}", listener.local_addr().unwrap()).into();
-        let (all_cut, mut cuts_made) = tokio::sync::watch::channel(false);
+        let (all_cut, cuts_made) = tokio::sync::watch::channel(false);
         let accepted = Arc::new(AtomicU64::new(0));
         let serving = tokio::spawn({
             let accepted = accepted.clone();
             async move {
                 while let Ok((mut stream, _)) = listener.accept().await {
                     accepted.fetch_add(1, Ordering::Relaxed);
-                    // Answered once every cut is made: the checks the cuts
-                    // started are all under way by then.
-                    let _ = cuts_made.wait_for(|made| *made).await;
-                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await;
+                    let mut cuts_made = cuts_made.clone();
+                    tokio::spawn(async move {
+                        let _ = cuts_made.wait_for(|made| *made).await;
+                        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await;
+                    });
                 }
             }
         });
+        (upstream, all_cut, accepted, serving)
+    }
+
+    /// Waits (10 s at most) until `health` ejects `upstream`.
+    async fn until_ejected(health: &Health, upstream: &Arc<str>, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !health.is_ejected(upstream) {
+            assert!(Instant::now() < deadline, "{what} never ejected it");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// However many downloads a restart cuts at once, the upstream gets one
+    /// check, not one connection each (review: ten thousand cuts held ten
+    /// thousand fds for up to `--header-timeout` when the archiver's host
+    /// stopped answering).
+    #[tokio::test]
+    async fn downloads_cut_together_make_one_check() {
+        let (upstream, all_cut, accepted, serving) = healthz_after_the_cuts().await;
         let health = Arc::new(Health::new(Duration::from_secs(10)));
         for _ in 0..ARCHIVE_FAILURES_TO_EJECT {
             health.cut(&upstream, Cut::ByUpstream);
         }
         all_cut.send_replace(true);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !health.is_ejected(&upstream) {
-            assert!(Instant::now() < deadline, "the cuts never ejected it");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        until_ejected(&health, &upstream, "the cuts").await;
         assert_eq!(
             accepted.load(Ordering::Relaxed),
             1,
@@ -1003,26 +1022,7 @@ mod tests {
     /// such pair, each up to `--header-timeout`).
     #[tokio::test]
     async fn one_check_at_a_time_per_upstream_across_its_rows() {
-        use tokio::io::AsyncWriteExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let upstream: Arc<str> = format!("http://{}", listener.local_addr().unwrap()).into();
-        let (all_cut, cuts_made) = tokio::sync::watch::channel(false);
-        let accepted = Arc::new(AtomicU64::new(0));
-        let serving = tokio::spawn({
-            let accepted = accepted.clone();
-            async move {
-                while let Ok((mut stream, _)) = listener.accept().await {
-                    accepted.fetch_add(1, Ordering::Relaxed);
-                    let mut cuts_made = cuts_made.clone();
-                    // Each answered once every cut is made, each on its
-                    // own: checks under way together are all accepted.
-                    tokio::spawn(async move {
-                        let _ = cuts_made.wait_for(|made| *made).await;
-                        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await;
-                    });
-                }
-            }
-        });
+        let (upstream, all_cut, accepted, serving) = healthz_after_the_cuts().await;
         let health = Arc::new(Health::new(Duration::from_secs(10)));
         // Three rows, each a cut and then an archive ended whole.
         for _ in 0..3 {
@@ -1034,11 +1034,7 @@ mod tests {
             health.cut(&upstream, Cut::ByUpstream);
         }
         all_cut.send_replace(true);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !health.is_ejected(&upstream) {
-            assert!(Instant::now() < deadline, "the last row never ejected it");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        until_ejected(&health, &upstream, "the last row").await;
         // The first cut's check, and one more for the last row's cuts,
         // made while it waited.
         assert_eq!(
