@@ -713,6 +713,18 @@ mod tests {
         }
     }
 
+    /// Embedded mode over `repos`, its cache in `cache`, the rest default.
+    fn embedded_config(repos: &std::path::Path, cache: &std::path::Path) -> Config {
+        Config::try_parse_from([
+            "gitball-proxy".as_ref(),
+            "--repos".as_ref(),
+            repos.as_os_str(),
+            "--cache-dir".as_ref(),
+            cache.as_os_str(),
+        ])
+        .unwrap()
+    }
+
     /// A `Proxy` dropped without being served stops its embedded archiver:
     /// for an embedder of `Proxy::start`, it ran on for good on a token of
     /// its own (review).
@@ -721,14 +733,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (repos, cache) = (dir.path().join("repos"), dir.path().join("cache"));
         std::fs::create_dir(&repos).unwrap();
-        let config = Config::try_parse_from([
-            "gitball-proxy".as_ref(),
-            "--repos".as_ref(),
-            repos.as_os_str(),
-            "--cache-dir".as_ref(),
-            cache.as_os_str(),
-        ])
-        .unwrap();
+        let config = embedded_config(&repos, &cache);
         let proxy = Proxy::start(config, CancellationToken::new())
             .await
             .unwrap()
@@ -852,14 +857,7 @@ mod tests {
         git(&["add", "-A"]);
         git(&["commit", "-q", "-m", "one"]);
         git(&["tag", "v1.0"]);
-        let config = Config::try_parse_from([
-            "gitball-proxy".as_ref(),
-            "--repos".as_ref(),
-            repos.as_os_str(),
-            "--cache-dir".as_ref(),
-            cache.as_os_str(),
-        ])
-        .unwrap();
+        let config = embedded_config(&repos, &cache);
         let shutdown = CancellationToken::new();
         let proxy = Proxy::start(config, shutdown.clone())
             .await
