@@ -4406,6 +4406,62 @@ fn metrics_at_start_up_export_the_unlabelled_families() {
     assert!(startup.value("process_start_time_seconds", &[]) > 1.6e9);
 }
 
+/// `docs/observability.md`, "Series at start-up": `generations_total`
+/// exists at 0 for every format and outcome from the start, so the first
+/// failed generation is an increase between two scrapes. Prometheus'
+/// `increase()` and `rate()`, which `GitballArchiverGenerationsFailing`
+/// uses, see nothing of the event a series is born with: a series that
+/// appeared with its first failure hid it from the alert (attack on what
+/// the operator sees: three failed generations, one per format, read as
+/// `increase(...[10m]) = 0` in a Prometheus scraping the archiver). The
+/// failure is real git's, over a repository that lost a blob.
+#[test]
+fn a_first_failed_generation_is_an_increase_between_two_scrapes() {
+    let sandbox = Sandbox::new();
+    let repo = sandbox.repo("acme", "broken");
+    repo.write("lost.txt", "this blob is lost\n");
+    let commit = repo.commit_all(T1, "one");
+    let blob = repo.rev_parse(&format!("{commit}:lost.txt"));
+    let object = repo
+        .dir()
+        .join(".git/objects")
+        .join(&blob[..2])
+        .join(&blob[2..]);
+    std::fs::remove_file(&object).expect("remove the blob's loose object");
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+
+    let before = archiver.metrics();
+    for format in FORMATS {
+        for outcome in ["ok", "failed", "timeout", "too_large", "refs_changed"] {
+            assert_eq!(
+                before.get(
+                    "gitball_archiver_generations_total",
+                    &[("format", format), ("outcome", outcome)]
+                ),
+                Some(0.0),
+                "generations_total{{format=\"{format}\",outcome=\"{outcome}\"}} at start-up"
+            );
+        }
+    }
+    let answer = archiver.get(&format!("/acme/broken/archive/{commit}.tar"));
+    assert_eq!(
+        answer.status(),
+        500,
+        "{}",
+        answer.text().unwrap_or_default()
+    );
+    let failed = [("format", "tar"), ("outcome", "failed")];
+    assert!(
+        metric_after(&archiver, Duration::from_secs(10), |m| {
+            m.get("gitball_archiver_generations_total", &failed) == Some(1.0)
+        }),
+        "the failed generation is not counted: {:?}",
+        archiver
+            .metrics()
+            .get("gitball_archiver_generations_total", &failed)
+    );
+}
+
 #[test]
 fn metrics_after_a_download_export_every_documented_family_with_help_and_type() {
     let (_, text, _) = metrics_after_one_download();

@@ -1166,6 +1166,23 @@ fn an_archivers_refusal_of_a_counted_proxys_connection_is_failed_over_not_passed
     // Half the archiver's connections, held by another client (below half
     // it serves a client past its cap).
     let _contention = hold_connections_from(client(5), archiver.addr, 20);
+    // Before the first refusal its series reads 0 (docs/observability.md,
+    // "Series at start-up"): `GitballArchiverRefusesProxy` takes the
+    // `increase()` of it, which sees nothing of the event a series is
+    // born with, so a first refusal counted into a new series was none.
+    for (proxy, name) in [(&proxy, "proxy"), (&failover, "failover")] {
+        assert_eq!(
+            proxy.metrics().get(
+                "gitball_proxy_upstream_attempts_total",
+                &[
+                    ("upstream", archiver.base_url.as_str()),
+                    ("outcome", "too_many_connections")
+                ]
+            ),
+            Some(0.0),
+            "{name}: too_many_connections before the first refusal"
+        );
+    }
     // The ids of the requests the proxy answered 503 for the refusals.
     let mut refused_ids = Vec::new();
     let mut served_id = String::new();

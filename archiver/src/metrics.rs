@@ -3,7 +3,10 @@
 //!
 //! Every series name is written once, here. Unlabelled series are
 //! registered at start-up with value 0 ([`describe`]), so a dashboard sees
-//! them before the first event; labelled ones appear with their first event.
+//! them before the first event; labelled ones appear with their first event,
+//! except `generations_total`, made at 0 for every format and outcome: the
+//! alerts count failed generations with `increase()`, which cannot see the
+//! event a series is born with (a first failure read as no failure).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -41,6 +44,10 @@ pub const BUDGET_MAX_CLIENTS: &str = "gitball_archiver_budget_max_clients";
 pub const BUDGET_TAKEN_TOTAL: &str = "gitball_archiver_budget_taken_total";
 pub const BUDGET_REJECTED_TOTAL: &str = "gitball_archiver_budget_rejected_total";
 pub const TAR_WRITER_INFO: &str = "gitball_archiver_tar_writer_info";
+
+/// Every `outcome` of `generations_total` (`generate::Failure::outcome`,
+/// and `ok`).
+pub const GENERATION_OUTCOMES: [&str; 5] = ["ok", "failed", "timeout", "too_large", "refs_changed"];
 
 /// Describes every archiver family and registers the unlabelled ones at 0.
 pub fn describe(cache_max_bytes: u64, budget_max_clients: usize) {
@@ -149,6 +156,12 @@ pub fn describe(cache_max_bytes: u64, budget_max_clients: usize) {
     gauge!(GENERATIONS_QUEUED).set(0.0);
     gauge!(GENERATIONS_QUEUED_CLIENTS).set(0.0);
     counter!(GENERATIONS_ABANDONED_TOTAL).absolute(0);
+    for format in gitball_core::url::Format::ALL {
+        for outcome in GENERATION_OUTCOMES {
+            counter!(GENERATIONS_TOTAL, "format" => format.metric_label(), "outcome" => outcome)
+                .absolute(0);
+        }
+    }
     gauge!(CACHE_BYTES).set(0.0);
     gauge!(CACHE_HELD_BYTES).set(0.0);
     gauge!(CACHE_MAX_BYTES).set(cache_max_bytes as f64);

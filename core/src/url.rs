@@ -37,6 +37,9 @@ pub enum Format {
 }
 
 impl Format {
+    /// Every format, in the order of the table in `docs/urls.md`.
+    pub const ALL: [Format; 4] = [Format::TarGz, Format::TarZst, Format::Zip, Format::Tar];
+
     /// Parses a URL extension; `tgz` is an alias of `tar.gz`.
     pub fn from_ext(ext: &str) -> Option<Format> {
         match ext {

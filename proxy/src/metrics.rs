@@ -251,12 +251,16 @@ pub fn upstream_ejected(upstream: &str, ejected: bool) {
 }
 
 /// A routing table was loaded: its upstreams' ejection gauges start at 0
-/// (unless already ejected, which a reload does not change).
+/// (unless already ejected, which a reload does not change), and the
+/// counters an alert reads with `increase()` exist at 0, which cannot see
+/// the event a series is born with (an archiver's first refusal of this
+/// proxy read as none).
 pub fn upstreams_known(upstreams: &[Arc<str>]) {
     for upstream in upstreams {
         // `increment(0.0)` creates the series at 0 without overwriting a 1.
         gauge!(UPSTREAM_EJECTED, "upstream" => upstream.to_string()).increment(0.0);
         counter!(UPSTREAM_ABORTS_TOTAL, "upstream" => upstream.to_string()).increment(0);
+        attempts(upstream, "too_many_connections").increment(0);
     }
 }
 
