@@ -5062,6 +5062,17 @@ fn full_generation_queue_answers_503_with_retry_after() {
             .get("gitball_archiver_generations_in_flight", &[]),
         Some(1.0)
     );
+    // The series exists at 0 before the first 503 (docs/observability.md,
+    // "Series at start-up"): `GitballArchiverShedding` takes its
+    // `increase()`, which sees nothing of the event a series is born with.
+    let busy = [("format", "tar"), ("cache", "miss"), ("code", "503")];
+    assert_eq!(
+        archiver
+            .metrics()
+            .get("gitball_archiver_requests_total", &busy),
+        Some(0.0),
+        "requests_total{{format=\"tar\",cache=\"miss\",code=\"503\"}} before the first 503"
+    );
     let started = Instant::now();
     let (head, body, _) =
         RawConnection::request(archiver.addr, "GET", "/acme/big/archive/main.tar", &[]).unwrap();

@@ -2657,6 +2657,43 @@ fn when_every_candidate_fails_the_answer_follows_the_documented_rules() {
     );
 }
 
+/// `docs/observability.md`, "Series at start-up": the 5xx the proxy
+/// answers exist at 0 from the start, so the first `502` is an increase
+/// between two scrapes. `GitballProxyErrors` takes the `increase()` of
+/// them, which sees nothing of the event a series is born with: each 5xx
+/// code's first answer after a start was missing from its count.
+#[test]
+fn a_first_bad_gateway_is_an_increase_between_two_scrapes() {
+    let sandbox = Sandbox::new();
+    // Nothing listens there once the listener is closed: refused.
+    let refused = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("address");
+    let routes = sandbox.path("routes.toml");
+    write_routes(
+        &routes,
+        &[Route::new("*", &format!("http://{refused}"), &[])],
+    );
+    let proxy = Proxy::with_routes(&routes, &[]);
+    let before = proxy.scrape();
+    for code in ["500", "502", "503", "504"] {
+        assert_eq!(
+            before.get("gitball_proxy_requests_total", &[("code", code)]),
+            Some(0.0),
+            "requests_total{{code=\"{code}\"}} at start-up"
+        );
+    }
+    let answer = fetch(proxy.addr, "/acme/widget/archive/main.tar");
+    assert_eq!(answer.status(), 502, "{}", answer.text());
+    assert_eq!(
+        proxy
+            .scrape()
+            .get("gitball_proxy_requests_total", &[("code", "502")]),
+        Some(1.0)
+    );
+}
+
 /// `docs/proxy.md#when-every-candidate-fails`, rule 3: `504
 /// gateway_timeout` only when *every* attempt was a `header_timeout`. A
 /// candidate that timed out beside one that refused the connection is rule

@@ -4,9 +4,10 @@
 //! Every series name is written once, here. Unlabelled series are
 //! registered at start-up with value 0 ([`describe`]), so a dashboard sees
 //! them before the first event; labelled ones appear with their first event,
-//! except `generations_total`, made at 0 for every format and outcome: the
-//! alerts count failed generations with `increase()`, which cannot see the
-//! event a series is born with (a first failure read as no failure).
+//! except those the alerts count with `increase()`, which cannot see the
+//! event a series is born with (a first failure read as no failure): every
+//! format's `generations_total` outcomes and its `503` misses (shedding)
+//! are made at 0.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -161,6 +162,14 @@ pub fn describe(cache_max_bytes: u64, budget_max_clients: usize) {
             counter!(GENERATIONS_TOTAL, "format" => format.metric_label(), "outcome" => outcome)
                 .absolute(0);
         }
+        // Labels in `request_finished`'s order: the same series.
+        counter!(
+            REQUESTS_TOTAL,
+            "format" => format.metric_label(),
+            "cache" => "miss",
+            "code" => "503"
+        )
+        .absolute(0);
     }
     gauge!(CACHE_BYTES).set(0.0);
     gauge!(CACHE_HELD_BYTES).set(0.0);
