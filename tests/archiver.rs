@@ -2873,6 +2873,95 @@ fn a_cached_file_deleted_behind_the_archivers_back_is_generated_anew() {
     }
 }
 
+/// Something that is not a regular file put at a cached archive's name
+/// while the archiver runs (an outsider, a tool gone wrong) is noticed by
+/// the next request, forgotten and the archive generated anew, never a
+/// `500` until a restart (`docs/archiver.md#warm-restart`). Attack: a
+/// directory there failed the rename of every generation of the key, each
+/// a `500`; a fifo blocked a serving thread in `open` until a writer came;
+/// a socket was a `500` until a restart. A directory is removed if empty,
+/// else moved aside, what is in it untouched.
+#[test]
+fn a_non_file_planted_at_a_cached_files_name_is_generated_anew() {
+    type Plant = (&'static str, fn(&Path));
+    let plants: [Plant; 5] = [
+        ("a directory with a file in it", |file| {
+            std::fs::create_dir(file).unwrap();
+            std::fs::write(file.join("inside"), b"not the cache's").unwrap();
+        }),
+        ("an empty directory", |file| {
+            std::fs::create_dir(file).unwrap()
+        }),
+        ("a symlink to a copy of its bytes", |file| {
+            let copy = file.with_file_name("copy");
+            std::fs::copy(file.with_extension("was"), &copy).unwrap();
+            std::os::unix::fs::symlink(&copy, file).unwrap();
+        }),
+        ("a socket", |file| {
+            // Bound at a short path (a socket's is at most 108 bytes), then
+            // moved to the archive's name.
+            let short = file.parent().unwrap().with_file_name("socket");
+            drop(std::os::unix::net::UnixListener::bind(&short).unwrap());
+            std::fs::rename(&short, file).unwrap();
+        }),
+        ("a fifo", |file| {
+            nix::unistd::mkfifo(file, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        }),
+    ];
+    for (plant, apply) in plants {
+        let sandbox = Sandbox::new();
+        // Larger than one shared block (128 KiB), which a hit serves from
+        // memory without opening the file.
+        let repo = sandbox.repo("acme", "large");
+        repo.write("data.bin", pseudo_random_bytes(14, 300 * 1024));
+        repo.commit_all(T1, "large");
+        let archiver = Archiver::start(&sandbox.repos(), &[]);
+        let path = "/acme/large/archive/main.tar";
+        let body = archiver.get(path).bytes().unwrap().to_vec();
+        let files = archiver.cache_files();
+        assert_eq!(files.len(), 1, "{files:?}");
+        let file = archiver.cache_dir.join(&files[0]);
+        // Kept outside the cache dir, for the symlink to lead to a copy.
+        std::fs::rename(&file, file.with_extension("was")).unwrap();
+        apply(&file);
+
+        for expected_cache in ["miss", "hit"] {
+            let response = archiver.get(path);
+            assert_eq!(response.status(), 200, "after {plant} was put there");
+            assert_eq!(
+                header(&response, "x-gitball-cache"),
+                expected_cache,
+                "{plant}"
+            );
+            assert_bytes_eq(&response.bytes().unwrap(), &body, plant);
+        }
+        assert!(
+            std::fs::symlink_metadata(&file).unwrap().is_file(),
+            "{plant}: the archive's name is a file again"
+        );
+        let metrics = archiver.metrics();
+        assert_eq!(metrics.value("gitball_archiver_cache_entries", &[]), 1.0);
+        assert_eq!(
+            metrics.value("gitball_archiver_cache_bytes", &[]),
+            body.len() as f64,
+            "{plant}"
+        );
+        if plant == "a directory with a file in it" {
+            let aside: Vec<String> = archiver
+                .cache_files()
+                .into_iter()
+                .filter(|name| name.ends_with(".aside"))
+                .collect();
+            assert_eq!(aside.len(), 1, "{:?}", archiver.cache_files());
+            assert_eq!(
+                std::fs::read(archiver.cache_dir.join(&aside[0]).join("inside")).unwrap(),
+                b"not the cache's",
+                "what was in the directory is left as it was"
+            );
+        }
+    }
+}
+
 /// A partial file cut short behind the archiver's back while its
 /// generation runs is never cached: the generation fails, its downloads are
 /// aborted, and the next request generates git's bytes anew

@@ -954,7 +954,19 @@ impl Cache {
             .settings
             .dir
             .join(format!("{key}-{}", hex::encode(finished.sha256)));
-        if let Err(error) = std::fs::rename(&partial, &path) {
+        // A directory at the archive's name (an outsider's, or the one a
+        // hit found there instead of the file it indexed) failed this
+        // rename on every generation of the key, each a `500`, until a
+        // restart removed it (attack). It is cleared once; anything else
+        // there (a symlink, a fifo) the rename replaces.
+        let renamed = std::fs::rename(&partial, &path).or_else(|error| {
+            if clear_a_planted_dir(&path) {
+                std::fs::rename(&partial, &path)
+            } else {
+                Err(error)
+            }
+        });
+        if let Err(error) = renamed {
             tracing::error!(%error, "cannot rename the finished archive");
             counter!(m::GENERATIONS_TOTAL, "format" => format, "outcome" => "failed").increment(1);
             self.fail(&key, &partial, written, Failure::Failed, &progress);
@@ -1671,6 +1683,39 @@ fn remove_named_as_archive(path: &Path, is_dir: bool, why: &str) {
             path = %path.display(),
             "cannot remove what is named as an archive but {why}; that archive cannot be cached"
         ),
+    }
+}
+
+/// Clears a directory found at `path`, a complete file's name, while the
+/// archiver runs: removed if empty, else moved aside to
+/// `{path}.{random}.aside` (never recursed into: what is in it is not the
+/// cache's, and is left for whoever put it there), with an error logged.
+/// Whether the name is free now.
+fn clear_a_planted_dir(path: &Path) -> bool {
+    // Not followed if a symlink: a link is replaced by the rename itself.
+    if !std::fs::symlink_metadata(path).is_ok_and(|found| found.is_dir()) {
+        return false;
+    }
+    if std::fs::remove_dir(path).is_ok() {
+        tracing::warn!(path = %path.display(), "removed an empty directory found at an archive's name");
+        return true;
+    }
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(format!(".{:016x}.aside", rand::random::<u64>()));
+    let aside = PathBuf::from(aside);
+    match std::fs::rename(path, &aside) {
+        Ok(()) => {
+            tracing::error!(
+                path = %path.display(),
+                moved_to = %aside.display(),
+                "a directory was found at an archive's name; moved aside, its contents left as they are"
+            );
+            true
+        }
+        Err(error) => {
+            tracing::error!(%error, path = %path.display(), "cannot move aside a directory found at an archive's name");
+            false
+        }
     }
 }
 
