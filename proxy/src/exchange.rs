@@ -14,7 +14,7 @@
 //! other than `101` are skipped; a `HEAD`'s answer, a `204`, a `304` and a
 //! `101` have no body; `Transfer-Encoding` on an HTTP/1.0 response, a
 //! `Content-Length` that is not one number (a list of one number
-//! repeated is that number) or is over [`MAX_BODY_BYTES`], and a head
+//! repeated is that number, and is passed on as one) or is over [`MAX_BODY_BYTES`], and a head
 //! over [`MAX_HEAD_BYTES`] are errors; a body framed by a coding other
 //! than `chunked` last, or by
 //! neither header, runs to the connection's end (which `forward::framed`
@@ -439,7 +439,7 @@ pub(crate) fn parse(
                     .map_err(|_| invalid("invalid response header value"))?,
             );
         }
-        let (framing, by_length) = framing(status, version, method, &map)?;
+        let (framing, by_length) = framing(status, version, method, &mut map)?;
         let keep_alive = version == Version::HTTP_11
             && by_length
             && !map
@@ -464,9 +464,12 @@ fn framing(
     status: StatusCode,
     version: Version,
     method: &Method,
-    headers: &HeaderMap,
+    headers: &mut HeaderMap,
 ) -> Result<(Framing, bool), ExchangeError> {
     if matches!(status.as_u16(), 101 | 204 | 304) || method == Method::HEAD {
+        // No body, but a length passed on: one listed again is that one
+        // too. Anything else is left for `forward::framed` to refuse.
+        drop(one_length(headers));
         return Ok((Framing::Length(0), status.as_u16() != 101));
     }
     let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
@@ -484,7 +487,22 @@ fn framing(
             _ => (Framing::Close, false),
         });
     }
+    Ok(match one_length(headers)? {
+        Some(length) => (Framing::Length(length), true),
+        None => (Framing::Close, false),
+    })
+}
+
+/// The answer's `Content-Length`, if it has one: a number of digits alone
+/// within [`MAX_BODY_BYTES`], or a list of one such number repeated (in one
+/// field, `900, 900`, or several), which RFC 9112 (section 6.3) lets a
+/// recipient take as that number. Such a list is replaced in `headers` by
+/// the number once, so what is passed on is one length (review: the
+/// splice took `900, 900` as 900, the pooled path refused it and counted
+/// an upstream failure). Other numbers in a list are an error.
+fn one_length(headers: &mut HeaderMap) -> Result<Option<u64>, ExchangeError> {
     let mut length = None;
+    let mut parts = 0;
     for value in headers.get_all(header::CONTENT_LENGTH) {
         for part in value.as_bytes().split(|&byte| byte == b',') {
             let parsed = decimal(part.trim_ascii())
@@ -493,12 +511,15 @@ fn framing(
                 })
                 .ok_or_else(|| invalid("invalid content-length"))?;
             length = Some(parsed);
+            parts += 1;
         }
     }
-    Ok(match length {
-        Some(length) => (Framing::Length(length), true),
-        None => (Framing::Close, false),
-    })
+    if let Some(length) = length
+        && parts > 1
+    {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    }
+    Ok(length)
 }
 
 /// A number of an answer's head (a `Content-Length`, a `Content-Range`'s
@@ -901,6 +922,13 @@ mod tests {
             framing_of(b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\nContent-Length: 5\r\n\r\n")
                 .unwrap();
         assert_eq!(repeated.framing, Framing::Length(5));
+        let passed_on: Vec<_> = repeated
+            .parts
+            .headers
+            .get_all(header::CONTENT_LENGTH)
+            .iter()
+            .collect();
+        assert_eq!(passed_on, ["5"], "a list is passed on as its one length");
         for bad in [
             &b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\n"[..],
             b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n",

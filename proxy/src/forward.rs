@@ -702,8 +702,10 @@ impl Forwarder {
 ///   like the end;
 /// - any other coding before `chunked`: the client would get the coded
 ///   bytes as the archive;
-/// - a `Content-Length` list (`5, 5`), which hyper's client takes and its
-///   server refuses to send.
+/// - a `Content-Length` that is not one number of digits (`+5`, `5, 6`),
+///   which hyper's server refuses to send: a list of one number repeated
+///   comes here as that number once (`exchange::one_length`), as the
+///   splice reads it.
 fn framed(response: &UpstreamResponse, request: &UpstreamRequest) -> bool {
     let headers = response.headers();
     let mut lengths = headers.get_all(http::header::CONTENT_LENGTH).iter();
