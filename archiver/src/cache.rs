@@ -65,6 +65,9 @@ use crate::shadow::{SHADOWS_PREFIX, Shadows};
 
 pub mod policy;
 
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::Mode;
+use nix::unistd::UnlinkatFlags;
 use policy::{Policy, Short};
 
 const PARTIAL_SUFFIX: &str = ".partial";
@@ -389,6 +392,10 @@ pub struct Cache {
     dir_lock: nix::fcntl::Flock<std::fs::File>,
     /// `Cache::dir_intact` found the directory gone and said so.
     dir_lost_said: AtomicBool,
+    /// Run between a generation's check of the cache dir and the creation
+    /// of its partial file: the moment a test replaces the directory.
+    #[cfg(test)]
+    after_the_dir_check: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     settings: Settings,
     /// The git dirs generations run in (see `shadow`).
     shadows: Shadows,
@@ -461,6 +468,14 @@ impl Cache {
             );
         }
         intact
+    }
+
+    /// The directory this cache locked, which its archive files are made,
+    /// renamed and removed in (by name, relative to it), whatever its path
+    /// names now.
+    fn dir(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        (*self.dir_lock).as_fd()
     }
 
     /// Opens (creating, mode 0700) the cache directory, takes its lock,
@@ -589,10 +604,13 @@ impl Cache {
             }
         }
         let restored = index.complete.len();
+        let shadows = Shadows::create_in_opened(&settings.dir, lock.try_clone()?)?;
         let cache = Cache {
             dir_lock: lock,
             dir_lost_said: AtomicBool::new(false),
-            shadows: Shadows::create_in(&settings.dir)?,
+            #[cfg(test)]
+            after_the_dir_check: Mutex::new(None),
+            shadows,
             slots: queue::Slots::new(settings.max_generations),
             settings,
             index: Mutex::new(index),
@@ -829,17 +847,33 @@ impl Cache {
             self.fail(&key, &partial, 0, Failure::Failed, &progress);
             return;
         }
+        #[cfg(test)]
+        if let Some(replace) = self
+            .after_the_dir_check
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        {
+            replace();
+        }
         // A file system out of inodes (`ENOSPC` at the create) is made
         // room on as one out of bytes is (attack: on a tmpfs whose inodes
         // ran out, every cold request was a `500` and nothing was evicted).
         // An empty file takes an inode and no bytes: one archive is
         // evicted for it at a time, not a git dir's worth.
+        // Made in the directory locked, by its fd: one replaced after the
+        // check above gets nothing (review: made by its path, the file went
+        // into what the path named then, and the generation wrote, renamed
+        // and indexed it there). Its later opens by path find nothing
+        // there, and the generation fails.
         let created = self.with_room(&key, "cannot create the partial file", 1, || {
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&partial)
+            let created = nix::fcntl::openat(
+                self.dir(),
+                name_in_dir(&partial),
+                OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC,
+                Mode::from_bits_truncate(0o666),
+            )?;
+            Ok(std::fs::File::from(created))
         });
         // The file's inode, which the name must still lead to when it is
         // renamed: it is what was written.
@@ -959,9 +993,18 @@ impl Cache {
         // rename on every generation of the key, each a `500`, until a
         // restart removed it (attack). It is cleared once; anything else
         // there (a symlink, a fifo) the rename replaces.
-        let renamed = std::fs::rename(&partial, &path).or_else(|error| {
-            if clear_a_planted_dir(&path) {
-                std::fs::rename(&partial, &path)
+        // In the directory locked, as the partial was made.
+        let rename = || {
+            nix::fcntl::renameat(
+                self.dir(),
+                name_in_dir(&partial),
+                self.dir(),
+                name_in_dir(&path),
+            )
+        };
+        let renamed = rename().or_else(|error| {
+            if clear_a_planted_dir(self.dir(), &path) {
+                rename()
             } else {
                 Err(error)
             }
@@ -976,7 +1019,8 @@ impl Cache {
         // renamed over its name) was renamed in its stead: other bytes
         // under the archive's name, which a hit would serve (attack). The
         // inode says which file the name leads to.
-        let inode = std::fs::metadata(&path).map_or(0, |metadata| metadata.ino());
+        let inode = nix::sys::stat::fstatat(self.dir(), name_in_dir(&path), AtFlags::empty())
+            .map_or(0, |stat| stat.st_ino);
         if inode != written_inode {
             tracing::error!(
                 path = %path.display(),
@@ -1058,9 +1102,11 @@ impl Cache {
             self.publish(&index);
             generation
         };
-        // A generation that never had its slot made none.
-        if let Err(error) = std::fs::remove_file(partial)
-            && error.kind() != io::ErrorKind::NotFound
+        // A generation that never had its slot made none. Made in the
+        // directory locked, it is removed from there.
+        if let Err(error) =
+            nix::unistd::unlinkat(self.dir(), name_in_dir(partial), UnlinkatFlags::NoRemoveDir)
+            && error != nix::errno::Errno::ENOENT
         {
             tracing::error!(%error, "cannot remove a failed partial file");
         }
@@ -1686,28 +1732,33 @@ fn remove_named_as_archive(path: &Path, is_dir: bool, why: &str) {
     }
 }
 
-/// Clears a directory found at `path`, a complete file's name, while the
-/// archiver runs: removed if empty, else moved aside to
-/// `{path}.{random}.aside` (never recursed into: what is in it is not the
-/// cache's, and is left for whoever put it there), with an error logged.
-/// Whether the name is free now.
-fn clear_a_planted_dir(path: &Path) -> bool {
+/// Clears a directory found at `path`, a complete file's name, in `dir`
+/// (the cache dir locked) while the archiver runs: removed if empty, else
+/// moved aside to `{name}.{random}.aside` (never recursed into: what is in
+/// it is not the cache's, and is left for whoever put it there), with an
+/// error logged. Whether the name is free now.
+fn clear_a_planted_dir(dir: std::os::fd::BorrowedFd<'_>, path: &Path) -> bool {
+    let name = name_in_dir(path);
     // Not followed if a symlink: a link is replaced by the rename itself.
-    if !std::fs::symlink_metadata(path).is_ok_and(|found| found.is_dir()) {
+    let is_dir =
+        nix::sys::stat::fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW).is_ok_and(|found| {
+            nix::sys::stat::SFlag::from_bits_truncate(found.st_mode) & nix::sys::stat::SFlag::S_IFMT
+                == nix::sys::stat::SFlag::S_IFDIR
+        });
+    if !is_dir {
         return false;
     }
-    if std::fs::remove_dir(path).is_ok() {
+    if nix::unistd::unlinkat(dir, name, UnlinkatFlags::RemoveDir).is_ok() {
         tracing::warn!(path = %path.display(), "removed an empty directory found at an archive's name");
         return true;
     }
-    let mut aside = path.as_os_str().to_owned();
+    let mut aside = name.to_owned();
     aside.push(format!(".{:016x}.aside", rand::random::<u64>()));
-    let aside = PathBuf::from(aside);
-    match std::fs::rename(path, &aside) {
+    match nix::fcntl::renameat(dir, name, dir, aside.as_os_str()) {
         Ok(()) => {
             tracing::error!(
                 path = %path.display(),
-                moved_to = %aside.display(),
+                moved_to = %path.with_file_name(&aside).display(),
                 "a directory was found at an archive's name; moved aside, its contents left as they are"
             );
             true
@@ -1717,6 +1768,11 @@ fn clear_a_planted_dir(path: &Path) -> bool {
             false
         }
     }
+}
+
+/// The name of `path`, a file of the cache dir's own, within it.
+fn name_in_dir(path: &Path) -> &std::ffi::OsStr {
+    path.file_name().unwrap_or_default()
 }
 
 /// `{key}-{sha256}`, both 64 lower-case hex digits.
@@ -2971,6 +3027,49 @@ mod tests {
         assert!(matches!(cache.peek(&stub.spec(1)), Some(Lookup::Hit(_))));
         drop(file);
         assert_eq!(held(&cache), 0);
+    }
+
+    /// A cache dir replaced between a generation's check that it is still
+    /// the one locked and the creation of its files gets none of them:
+    /// the partial file and the shadow git dirs' directory are made in the
+    /// directory locked, by its fd, the generation fails, and what it made
+    /// is removed from there (`docs/archiver.md#warm-restart`). (Review:
+    /// made by path, the partial went into the new directory, and was
+    /// written, renamed and indexed there, beside a shadow made there.)
+    #[tokio::test]
+    async fn a_cache_dir_replaced_after_the_check_gets_no_file_of_the_generation() {
+        let stub = StubGit::printing(&[b'r'; 100]);
+        let cache = open(&stub, 1 << 20);
+        // The shadow git dirs' directory too is made again.
+        std::fs::remove_dir(cache.shadows.root_path()).unwrap();
+        let dir = stub.cache_dir();
+        let locked = dir.with_file_name("locked");
+        let replace = {
+            let (dir, locked) = (dir.clone(), locked.clone());
+            move || {
+                std::fs::rename(&dir, &locked).unwrap();
+                std::fs::create_dir(&dir).unwrap();
+            }
+        };
+        *cache.after_the_dir_check.lock().unwrap() = Some(Box::new(replace));
+
+        let generation = miss(cache.lookup(stub.spec(1), CLIENT, "test"));
+        assert_eq!(
+            failure(within(generation.finished()).await),
+            Failure::Failed
+        );
+        let mut in_the_new_dir: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .collect();
+        in_the_new_dir.sort();
+        assert!(
+            in_the_new_dir.is_empty(),
+            "made in the new directory: {in_the_new_dir:?}"
+        );
+        assert!(names_in(&locked).is_empty(), "the partial file was left");
+        assert!(!cache.dir_intact());
+        assert_eq!(bytes(&cache), 0);
     }
 
     /// A file named complete whose bytes are not what its name says (cut

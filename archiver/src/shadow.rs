@@ -105,6 +105,9 @@ const SHARED_SHADOWS: NonZeroUsize = match NonZeroUsize::new(1024) {
 #[derive(Debug)]
 pub struct Shadows {
     root: tempfile::TempDir,
+    /// The directory `root` is in (the cache dir as locked), where it is
+    /// made again if removed.
+    parent: fs::File,
     /// The shared shadows kept, by the repository's git dir.
     shared: Mutex<LruCache<PathBuf, Arc<Shared>>>,
 }
@@ -127,38 +130,56 @@ impl Shared {
 pub const SHADOWS_PREFIX: &str = "shadows-";
 
 impl Shadows {
-    /// A root in `parent`: the cache dir, whose lock makes it this
-    /// archiver's alone, so that one a killed archiver left behind (never
-    /// dropped) is found and removed at the next start
-    /// (`Cache::open`), not left in a temp dir for good.
+    /// A root in `parent`, opened as `parent_dir`: the cache dir, whose
+    /// lock (`parent_dir`) makes it this archiver's alone, so that one a
+    /// killed archiver left behind (never dropped) is found and removed at
+    /// the next start (`Cache::open`), not left in a temp dir for good.
+    pub fn create_in_opened(parent: &Path, parent_dir: fs::File) -> io::Result<Shadows> {
+        Shadows::keeping(parent, parent_dir, SHARED_SHADOWS)
+    }
+
+    /// [`Shadows::create_in_opened`], opening `parent` itself.
+    #[cfg(test)]
     pub fn create_in(parent: &Path) -> io::Result<Shadows> {
-        Shadows::keeping(parent, SHARED_SHADOWS)
+        Shadows::create_in_opened(parent, fs::File::open(parent)?)
+    }
+
+    /// Where the shadows are.
+    #[cfg(test)]
+    pub(crate) fn root_path(&self) -> &Path {
+        self.root.path()
     }
 
     /// [`Shadows::create_in`], keeping at most `shared` shared shadows.
-    fn keeping(parent: &Path, shared: NonZeroUsize) -> io::Result<Shadows> {
+    fn keeping(parent: &Path, parent_dir: fs::File, shared: NonZeroUsize) -> io::Result<Shadows> {
         let root = tempfile::Builder::new()
             .prefix(SHADOWS_PREFIX)
             .permissions(private())
             .tempdir_in(parent)?;
         Ok(Shadows {
             root,
+            parent: parent_dir,
             shared: Mutex::new(LruCache::new(shared)),
         })
     }
 
     /// The root, made again (empty, mode 0700) if it was removed behind
     /// the archiver's back: every new shadow failed until a restart
-    /// (attack). One `mkdir` that finds it there.
+    /// (attack). One `mkdir` that finds it there. Made in the directory it
+    /// was made in, by that directory's fd: a cache dir replaced while the
+    /// archiver runs gets none (review: made by its path, it went into
+    /// what the path named then, and the generation's shadow with it).
+    /// What is made in it is made by its path, which then leads nowhere.
     fn root(&self) -> io::Result<&Path> {
         let root = self.root.path();
-        match fs::DirBuilder::new().mode(0o700).create(root) {
+        let name = root.file_name().unwrap_or_default();
+        match nix::sys::stat::mkdirat(&self.parent, name, nix::sys::stat::Mode::S_IRWXU) {
             Ok(()) => {
                 tracing::warn!(path = %root.display(), "the shadow git dirs' directory was removed behind the archiver's back; made again");
                 Ok(root)
             }
-            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => Ok(root),
-            Err(error) => Err(error),
+            Err(nix::errno::Errno::EEXIST) => Ok(root),
+            Err(error) => Err(error.into()),
         }
     }
 
@@ -365,7 +386,12 @@ mod tests {
             git_dir
         };
         let (a, b, c) = (repo("a.git"), repo("b.git"), repo("c.git"));
-        let shadows = Shadows::keeping(dir.path(), NonZeroUsize::new(2).unwrap()).unwrap();
+        let shadows = Shadows::keeping(
+            dir.path(),
+            fs::File::open(dir.path()).unwrap(),
+            NonZeroUsize::new(2).unwrap(),
+        )
+        .unwrap();
         let kept = || fs::read_dir(shadows.root.path()).unwrap().count();
 
         let first_a = shadows.prepare(&a, &a).unwrap().path().to_owned();
