@@ -82,6 +82,9 @@ const CANARY_ROOM_BYTES: u64 = 1024 * 1024;
 /// `nr_inodes`): git 2.47's canary took 73 on tmpfs, with the cache dir's
 /// own.
 const CANARY_ROOM_INODES: u64 = 256;
+/// How many complete files one sweep for files gone behind the archiver's
+/// back looks at ([`Cache::sweep_gone`]), one `lstat` each.
+pub(crate) const GONE_SWEEP_FILES: usize = 256;
 /// How many keys known to be past `--max-archive-bytes` are remembered
 /// (`Index::too_large`): about 150 bytes each. Each one took a generation
 /// up to the limit to learn.
@@ -396,6 +399,8 @@ pub struct Cache {
     /// of its partial file: the moment a test replaces the directory.
     #[cfg(test)]
     after_the_dir_check: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// Where the next [`Cache::sweep_gone`] starts among the complete files.
+    swept: std::sync::atomic::AtomicUsize,
     settings: Settings,
     /// The git dirs generations run in (see `shadow`).
     shadows: Shadows,
@@ -610,6 +615,7 @@ impl Cache {
             dir_lost_said: AtomicBool::new(false),
             #[cfg(test)]
             after_the_dir_check: Mutex::new(None),
+            swept: std::sync::atomic::AtomicUsize::new(0),
             shadows,
             slots: queue::Slots::new(settings.max_generations),
             settings,
@@ -861,6 +867,7 @@ impl Cache {
         // ran out, every cold request was a `500` and nothing was evicted).
         // An empty file takes an inode and no bytes: one archive is
         // evicted for it at a time, not a git dir's worth.
+        //
         // Made in the directory locked, by its fd: one replaced after the
         // check above gets nothing (review: made by its path, the file went
         // into what the path named then, and the generation wrote, renamed
@@ -992,8 +999,8 @@ impl Cache {
         // hit found there instead of the file it indexed) failed this
         // rename on every generation of the key, each a `500`, until a
         // restart removed it (attack). It is cleared once; anything else
-        // there (a symlink, a fifo) the rename replaces.
-        // In the directory locked, as the partial was made.
+        // there (a symlink, a fifo) the rename replaces. Renamed in the
+        // directory locked, where the partial was made.
         let rename = || {
             nix::fcntl::renameat(
                 self.dir(),
@@ -1437,6 +1444,58 @@ impl Cache {
             "a cached archive's file is gone; forgotten, it will be generated anew"
         );
         true
+    }
+
+    /// Forgets ([`Cache::forget`]) complete files deleted, cut or replaced
+    /// behind the archiver's back that no request has opened since: a
+    /// request that opens one forgets it, but until then its bytes stayed
+    /// in `bytes` (for good, if it was never asked for again), and room was
+    /// made for them by evicting archives that were there (review). Looks
+    /// at up to [`GONE_SWEEP_FILES`] files, from where the last sweep
+    /// stopped, by name in the directory locked, one `lstat` each outside
+    /// the index lock; run every few seconds off the request path
+    /// (`lib.rs`), nothing on a hit. How many it forgot.
+    pub fn sweep_gone(&self) -> usize {
+        let files: Vec<Arc<CacheFile>> = {
+            let index = self.lock();
+            let count = index.complete.len();
+            if count == 0 {
+                return 0;
+            }
+            let start = self.swept.fetch_add(GONE_SWEEP_FILES, Ordering::Relaxed) % count;
+            index
+                .complete
+                .values()
+                .cycle()
+                .skip(start)
+                .take(GONE_SWEEP_FILES.min(count))
+                .cloned()
+                .collect()
+        };
+        files
+            .iter()
+            .filter(|file| !self.still_there(file) && self.forget(file))
+            .count()
+    }
+
+    /// Whether `file` is still the file indexed: a regular file of its
+    /// length and inode at its name. A look that fails but for the name's
+    /// absence says nothing, and keeps it.
+    fn still_there(&self, file: &CacheFile) -> bool {
+        match nix::sys::stat::fstatat(
+            self.dir(),
+            name_in_dir(&file.path),
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        ) {
+            Ok(found) => {
+                nix::sys::stat::SFlag::from_bits_truncate(found.st_mode)
+                    & nix::sys::stat::SFlag::S_IFMT
+                    == nix::sys::stat::SFlag::S_IFREG
+                    && u64::try_from(found.st_size).is_ok_and(|len| len == file.len)
+                    && (file.inode == 0 || found.st_ino == file.inode)
+            }
+            Err(error) => error != nix::errno::Errno::ENOENT,
+        }
     }
 
     fn publish(&self, index: &Index) {
@@ -3070,6 +3129,41 @@ mod tests {
         assert!(names_in(&locked).is_empty(), "the partial file was left");
         assert!(!cache.dir_intact());
         assert_eq!(bytes(&cache), 0);
+    }
+
+    /// The sweep forgets complete files deleted, cut or replaced by
+    /// something else behind the archiver's back, and keeps the rest
+    /// (`docs/archiver.md#warm-restart`).
+    #[tokio::test]
+    async fn a_sweep_forgets_files_gone_cut_or_replaced_and_keeps_the_rest() {
+        let stub = StubGit::printing(&[b's'; 100]);
+        let cache = open(&stub, 1 << 20);
+        let files: Vec<Arc<CacheFile>> = {
+            let mut files = Vec::new();
+            for n in 1..=4 {
+                files.push(generate(&cache, stub.spec(n)).await);
+            }
+            files
+        };
+        std::fs::remove_file(&files[0].path).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&files[1].path)
+            .unwrap()
+            .set_len(10)
+            .unwrap();
+        std::fs::remove_file(&files[2].path).unwrap();
+        std::fs::create_dir(&files[2].path).unwrap();
+        let kept = files[3].clone();
+        drop(files);
+        assert_eq!(cache.sweep_gone(), 3);
+        assert_eq!(cache.sweep_gone(), 0, "forgotten once");
+        assert_eq!(bytes(&cache), kept.len);
+        assert_eq!(held(&cache), 0, "no reader holds them");
+        assert!(matches!(cache.peek(&stub.spec(4)), Some(Lookup::Hit(_))));
+        for n in 1..=3 {
+            assert!(cache.peek(&stub.spec(n)).is_none(), "{n}");
+        }
     }
 
     /// A file named complete whose bytes are not what its name says (cut

@@ -54,7 +54,9 @@ const GENERATION_STOP_DEADLINE: Duration = Duration::from_secs(5);
 
 /// How often the opened repositories removed from `--repos`, or whose
 /// packs a repack replaced, are let go (`forget_stale_repositories`): at
-/// most 1,024 repositories, a few `statx` each.
+/// most 1,024 repositories, a few `statx` each; and complete archives
+/// deleted behind the archiver's back forgotten
+/// ([`cache::Cache::sweep_gone`]): 256 files, an `lstat` each.
 const STALE_REPOSITORIES_SWEEP: Duration = Duration::from_secs(5);
 
 /// A client connection whose writes make no progress for this long is
@@ -256,7 +258,9 @@ pub async fn run(
 /// Every `STALE_REPOSITORIES_SWEEP`, lets go of the opened repositories
 /// removed from `--repos` or whose packs changed
 /// (`Repositories::forget_stale`), until `shutdown`: the packs they read
-/// stay mapped, and their disk space taken, while they are held.
+/// stay mapped, and their disk space taken, while they are held. So are
+/// complete archives found gone (`Cache::sweep_gone`), whose bytes would
+/// otherwise stay counted until they are next requested.
 async fn forget_stale_repositories(app: Arc<http::App>, shutdown: CancellationToken) {
     let mut sweeps = tokio::time::interval(STALE_REPOSITORIES_SWEEP);
     sweeps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -266,9 +270,12 @@ async fn forget_stale_repositories(app: Arc<http::App>, shutdown: CancellationTo
             () = shutdown.cancelled() => return,
         }
         let app = app.clone();
-        let forgotten = tokio::task::spawn_blocking(move || app.repos.forget_stale())
-            .await
-            .unwrap_or(0);
+        let forgotten = tokio::task::spawn_blocking(move || {
+            app.cache.sweep_gone();
+            app.repos.forget_stale()
+        })
+        .await
+        .unwrap_or(0);
         if forgotten > 0 {
             tracing::info!(
                 forgotten,
@@ -281,6 +288,21 @@ async fn forget_stale_repositories(app: Arc<http::App>, shutdown: CancellationTo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `docs/archiver.md` gives the sweep for archives gone as these
+    /// constants.
+    #[test]
+    fn the_figures_docs_give_for_the_sweep_are_these_constants() {
+        gitball_core::docs::assert_says(
+            include_str!("../../docs/archiver.md"),
+            "docs/archiver.md",
+            [format!(
+                "a sweep that looks at {} indexed files every {} s",
+                cache::GONE_SWEEP_FILES,
+                STALE_REPOSITORIES_SWEEP.as_secs()
+            )],
+        );
+    }
 
     /// `docs/archiver.md` and `docs/http.md` give the write-stall timeout
     /// and the generations' stop after the grace as these constants. (Docs
