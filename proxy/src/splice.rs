@@ -1315,11 +1315,6 @@ mod tests {
                 Some(true),
             ),
             (
-                "a list of two lengths",
-                answer("1.1", "Content-Length: 900, 899\r\n"),
-                None,
-            ),
-            (
                 "one length in two fields",
                 answer("1.1", "Content-Length: 900\r\nContent-Length: 900\r\n"),
                 Some(true),
