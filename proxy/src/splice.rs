@@ -974,8 +974,44 @@ mod tests {
         }
     }
 
-    /// `gitball_proxy_upstream_attempts_total` of `upstream`, by outcome.
+    /// What `gitball_proxy_upstream_attempts_total` of each address held
+    /// when [`upstream`] bound it: the registry is the test process's, and
+    /// an earlier test's upstream may have had the same port (a splice
+    /// test failed 3 of 10 runs on counts an earlier test left: "another
+    /// ETag: left [(\"ok\", 4.0)] right [(\"ok\", 1.0)]").
+    static COUNTED_BEFORE: std::sync::Mutex<Vec<(String, Counted)>> =
+        std::sync::Mutex::new(Vec::new());
+
+    /// Attempts by outcome.
+    type Counted = Vec<(String, f64)>;
+
+    /// The attempts of `upstream`, by outcome, made since [`upstream`]
+    /// bound it.
     fn attempts(upstream: &str) -> Vec<(String, f64)> {
+        let before = COUNTED_BEFORE
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|(address, _)| address == upstream)
+            .map(|(_, counted)| counted.clone())
+            .unwrap_or_default();
+        attempts_in_all(upstream)
+            .into_iter()
+            .map(|(outcome, value)| {
+                let earlier = before
+                    .iter()
+                    .find(|(counted, _)| *counted == outcome)
+                    .map_or(0.0, |(_, value)| *value);
+                (outcome, value - earlier)
+            })
+            .filter(|(_, value)| *value > 0.0)
+            .collect()
+    }
+
+    /// `gitball_proxy_upstream_attempts_total` of `upstream`, by outcome,
+    /// all this test process counted.
+    fn attempts_in_all(upstream: &str) -> Vec<(String, f64)> {
         let handle = gitball_core::metrics::install();
         let prefix =
             format!("gitball_proxy_upstream_attempts_total{{upstream=\"{upstream}\",outcome=\"");
@@ -1081,6 +1117,10 @@ mod tests {
     async fn upstream(pieces: Vec<Vec<u8>>) -> (String, tokio::task::JoinHandle<String>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = format!("http://{}", listener.local_addr().unwrap());
+        COUNTED_BEFORE
+            .lock()
+            .unwrap()
+            .push((address.clone(), attempts_in_all(&address)));
         let served = tokio::spawn(async move {
             let (mut stream, _) = listener.accept().await.unwrap();
             let mut request = Vec::new();
@@ -1313,6 +1353,11 @@ mod tests {
                 "one length listed twice",
                 answer("1.1", "Content-Length: 900, 900\r\n"),
                 Some(true),
+            ),
+            (
+                "a list of two lengths",
+                answer("1.1", "Content-Length: 900, 899\r\n"),
+                None,
             ),
             (
                 "one length in two fields",
