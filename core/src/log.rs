@@ -342,8 +342,8 @@ impl Drop for RequestLog {
             status,
             bytes: self.bytes,
             duration_ms: (duration.as_secs_f64() * 1e6).round() / 1e3,
-            ending: ending.as_str(),
-            fault: self.fault.map_or("-", Fault::as_str),
+            ending,
+            fault: self.fault,
             error: self.error.as_deref().unwrap_or(""),
             cache: self.cache.unwrap_or("-"),
             commit: self.commit.as_deref().unwrap_or("-"),
@@ -444,16 +444,32 @@ fn text_head(level: Level, tier: Tier) -> &'static str {
         _ => head!("  INFO "),
     }
 }
-const TEXT_AFTER: [&str; 8] = [
-    " ending=",
-    " fault=",
-    " error=",
-    " cache=",
-    " commit=",
-    " format=",
-    " upstream=",
-    " attempts=",
-];
+
+/// The text format's ` ending=… fault=…`, one piece for each ending and
+/// fault (the service's own plain values): two fields, each checked for
+/// plainness, were about a tenth of the line's cost (`BENCHMARKS.md`).
+fn text_ending_and_fault(ending: Ending, fault: Option<Fault>) -> &'static str {
+    macro_rules! pieces {
+        ($ending:literal) => {
+            match fault {
+                None => concat!(" ending=", $ending, " fault=-"),
+                Some(Fault::Client) => concat!(" ending=", $ending, " fault=client"),
+                Some(Fault::Upstream) => concat!(" ending=", $ending, " fault=upstream"),
+                Some(Fault::Internal) => concat!(" ending=", $ending, " fault=internal"),
+            }
+        };
+    }
+    match ending {
+        Ending::Complete => pieces!("complete"),
+        Ending::ClientGone => pieces!("client_gone"),
+        Ending::IdleTimeout => pieces!("idle_timeout"),
+        Ending::Aborted => pieces!("aborted"),
+        Ending::Shutdown => pieces!("shutdown"),
+    }
+}
+
+/// The text format's names of the fields between `fault` and `upstream`.
+const TEXT_AFTER: [&str; 4] = [" error=", " cache=", " commit=", " format="];
 
 /// The bytes a text value shows as they are: printable ASCII but `"`, `=`
 /// and `\\` (a table: the check runs over every byte of a line).
@@ -539,8 +555,8 @@ struct RequestLine<'a> {
     status: u16,
     bytes: u64,
     duration_ms: f64,
-    ending: &'a str,
-    fault: &'a str,
+    ending: Ending,
+    fault: Option<Fault>,
     error: &'a str,
     cache: &'a str,
     commit: &'a str,
@@ -588,8 +604,8 @@ impl RequestLine<'_> {
                 ("path", self.path),
             ],
             [
-                ("ending", self.ending),
-                ("fault", self.fault),
+                ("ending", self.ending.as_str()),
+                ("fault", self.fault.map_or("-", Fault::as_str)),
                 ("error", self.error),
                 ("cache", self.cache),
                 ("commit", self.commit),
@@ -615,9 +631,18 @@ impl RequestLine<'_> {
         push_decimal(out, self.bytes);
         out.extend_from_slice(b" duration_ms=");
         push_milliseconds(out, self.duration_ms);
-        for ((_, value), prefix) in after.into_iter().zip(TEXT_AFTER) {
-            text_field(out, prefix, value);
+        out.extend_from_slice(text_ending_and_fault(self.ending, self.fault).as_bytes());
+        let [_, _, error, cache, commit, format, upstream, attempts] = after;
+        if error.1.is_empty() && cache.1 == "-" && commit.1 == "-" && format.1 == "-" {
+            // A proxy's line, and an archiver's error before any work.
+            out.extend_from_slice(b" error= cache=- commit=- format=-");
+        } else {
+            for ((_, value), prefix) in [error, cache, commit, format].into_iter().zip(TEXT_AFTER) {
+                text_field(out, prefix, value);
+            }
         }
+        text_field(out, " upstream=", upstream.1);
+        text_field(out, " attempts=", attempts.1);
         out.push(b'\n');
     }
 
@@ -661,8 +686,8 @@ impl RequestLine<'_> {
                     status = self.status,
                     bytes = self.bytes,
                     duration_ms = self.duration_ms,
-                    ending = %shown(self.ending),
-                    fault = %shown(self.fault),
+                    ending = %shown(self.ending.as_str()),
+                    fault = %shown(self.fault.map_or("-", Fault::as_str)),
                     error = %shown(self.error),
                     cache = %shown(self.cache),
                     commit = %shown(self.commit),
@@ -1059,8 +1084,8 @@ mod tests {
             status: 200,
             bytes: 15_736,
             duration_ms: 0.199,
-            ending: "complete",
-            fault: "-",
+            ending: Ending::Complete,
+            fault: None,
             error: "",
             cache: "hit",
             commit: "d09ef0477bd07b7eae1deee68c5f502d5e75a88b",
@@ -1072,13 +1097,13 @@ mod tests {
         cases.push(line.clone());
         line.level = Level::WARN;
         line.duration_ms = 12_345.0;
-        line.ending = "client_gone";
+        line.ending = Ending::ClientGone;
         line.status = 499;
         cases.push(line.clone());
         line.level = Level::ERROR;
         line.duration_ms = 0.0;
         line.error = "git said \"no\"\n\tat C:\\path \u{1}é";
-        line.fault = "internal";
+        line.fault = Some(Fault::Internal);
         line.attempts = "3";
         line.upstream = "http://127.0.0.1:9001";
         cases.push(line.clone());
@@ -1089,6 +1114,46 @@ mod tests {
                 tier: Tier::Proxy,
                 ..case
             });
+        }
+        // A proxy's line (no error, cache, commit or format: one piece in
+        // the text format) with every ending and fault (one piece each).
+        for ending in [
+            Ending::Complete,
+            Ending::ClientGone,
+            Ending::IdleTimeout,
+            Ending::Aborted,
+            Ending::Shutdown,
+        ] {
+            for fault in [
+                None,
+                Some(Fault::Client),
+                Some(Fault::Upstream),
+                Some(Fault::Internal),
+            ] {
+                cases.push(RequestLine {
+                    tier: Tier::Proxy,
+                    ending,
+                    fault,
+                    error: "",
+                    cache: "-",
+                    commit: "-",
+                    format: "-",
+                    upstream: "http://127.0.0.1:9001",
+                    attempts: "1",
+                    ..cases[0].clone()
+                });
+            }
+        }
+        // One of those four present, each in turn.
+        for (index, value) in ["e", "hit", "d09ef04", "zip"].into_iter().enumerate() {
+            let mut case = cases[cases.len() - 1].clone();
+            *[
+                &mut case.error,
+                &mut case.cache,
+                &mut case.commit,
+                &mut case.format,
+            ][index] = value;
+            cases.push(case);
         }
         for case in &cases {
             for format in [LogFormat::Text, LogFormat::Json] {
@@ -1114,8 +1179,8 @@ mod tests {
             status: 400,
             bytes: 0,
             duration_ms: 0.5,
-            ending: "complete",
-            fault: "client",
+            ending: Ending::Complete,
+            fault: Some(Fault::Client),
             error: "token expired",
             cache: "-",
             commit: "-",
