@@ -97,6 +97,29 @@ pub struct Head {
     pub framing: Framing,
     /// The connection may carry another exchange once the body ended.
     pub keep_alive: bool,
+    pub present: Present,
+}
+
+/// Whether the head's lines held a `Transfer-Encoding` and a
+/// `Connection`, noted as each line's name was matched: an archiver sends
+/// neither, and each search of the map for one hashes its name (five
+/// searches for the two a small hit, between the framing here,
+/// `forward::framed` and `http::respond`: `BENCHMARKS.md`). `false` is
+/// exact for a map as [`parse`] left it, and it is never added to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Present {
+    pub transfer_encoding: bool,
+    pub connection: bool,
+}
+
+/// What a line's name is to [`parse`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Noted {
+    /// Left out of the map.
+    Date,
+    TransferEncoding,
+    Connection,
+    Other,
 }
 
 /// A request for an upstream, borrowed from what the proxy holds for it:
@@ -346,25 +369,44 @@ fn encode(request: &RequestHead<'_>, host: &HeaderValue, out: &mut Vec<u8>) {
 
 /// The archiver's own header names, and the standard ones it sends, as
 /// static names: no copy, and compared without hashing their bytes.
-fn known_name(name: &[u8]) -> Option<HeaderName> {
+/// The name noted as it is matched (no comparison of the name again).
+fn known_name(name: &[u8]) -> Option<(HeaderName, Noted)> {
     use gitball_core::protocol::{REPR_DIGEST, REQUEST_ID, X_GITBALL_CACHE, X_GITBALL_COMMIT};
-    Some(match name {
-        b"etag" => header::ETAG,
-        b"last-modified" => header::LAST_MODIFIED,
-        b"x-gitball-commit" => X_GITBALL_COMMIT,
-        b"content-disposition" => header::CONTENT_DISPOSITION,
-        b"link" => header::LINK,
-        b"cache-control" => header::CACHE_CONTROL,
-        b"content-type" => header::CONTENT_TYPE,
-        b"x-gitball-cache" => X_GITBALL_CACHE,
-        b"accept-ranges" => header::ACCEPT_RANGES,
-        b"repr-digest" => REPR_DIGEST,
-        b"content-length" => header::CONTENT_LENGTH,
-        b"x-request-id" => REQUEST_ID,
-        b"date" => header::DATE,
-        b"transfer-encoding" => header::TRANSFER_ENCODING,
-        _ => return None,
-    })
+    let other = |name| Some((name, Noted::Other));
+    match name {
+        b"etag" => other(header::ETAG),
+        b"last-modified" => other(header::LAST_MODIFIED),
+        b"x-gitball-commit" => other(X_GITBALL_COMMIT),
+        b"content-disposition" => other(header::CONTENT_DISPOSITION),
+        b"link" => other(header::LINK),
+        b"cache-control" => other(header::CACHE_CONTROL),
+        b"content-type" => other(header::CONTENT_TYPE),
+        b"x-gitball-cache" => other(X_GITBALL_CACHE),
+        b"accept-ranges" => other(header::ACCEPT_RANGES),
+        b"repr-digest" => other(REPR_DIGEST),
+        b"content-length" => other(header::CONTENT_LENGTH),
+        b"x-request-id" => other(REQUEST_ID),
+        b"date" => Some((header::DATE, Noted::Date)),
+        b"transfer-encoding" => Some((header::TRANSFER_ENCODING, Noted::TransferEncoding)),
+        b"connection" => Some((header::CONNECTION, Noted::Connection)),
+        _ => None,
+    }
+}
+
+/// A name [`known_name`] did not match (another name, or one of its in
+/// other letter cases), parsed and noted.
+fn other_name(name: &[u8]) -> Result<(HeaderName, Noted), ExchangeError> {
+    let name = HeaderName::from_bytes(name).map_err(|_| invalid("invalid response header name"))?;
+    let noted = if name == header::DATE {
+        Noted::Date
+    } else if name == header::TRANSFER_ENCODING {
+        Noted::TransferEncoding
+    } else if name == header::CONNECTION {
+        Noted::Connection
+    } else {
+        Noted::Other
+    };
+    Ok((name, noted))
 }
 
 /// Parses a whole response head at the start of `read` and takes it out;
@@ -408,18 +450,25 @@ pub(crate) fn parse(
         };
         let base = read.as_ptr() as usize;
         let mut names = Vec::with_capacity(response.headers.len());
+        let mut present = Present {
+            transfer_encoding: false,
+            connection: false,
+        };
         for line in response.headers.iter() {
-            let name = match known_name(line.name.as_bytes()) {
-                Some(name) => name,
-                None => HeaderName::from_bytes(line.name.as_bytes())
-                    .map_err(|_| invalid("invalid response header name"))?,
+            let (name, noted) = match known_name(line.name.as_bytes()) {
+                Some(known) => known,
+                None => other_name(line.name.as_bytes())?,
             };
-            // The upstream's `Date` is left out: the proxy never passes it
-            // on (the client gets its own server's), nothing reads it, and
-            // taken into the map it was checked, inserted, then looked up
-            // and removed again (about 1 % of a small hit's instructions).
-            if name == header::DATE {
-                continue;
+            match noted {
+                // The upstream's `Date` is left out: the proxy never passes
+                // it on (the client gets its own server's), nothing reads
+                // it, and taken into the map it was checked, inserted, then
+                // looked up and removed again (about 1 % of a small hit's
+                // instructions).
+                Noted::Date => continue,
+                Noted::TransferEncoding => present.transfer_encoding = true,
+                Noted::Connection => present.connection = true,
+                Noted::Other => {}
             }
             // httparse's values are slices of `read` (an empty one too);
             // anything else is refused, never sliced out of bounds.
@@ -439,13 +488,14 @@ pub(crate) fn parse(
                     .map_err(|_| invalid("invalid response header value"))?,
             );
         }
-        let (framing, by_length) = framing(status, version, method, &mut map)?;
+        let (framing, by_length) = framing(status, version, method, &mut map, present)?;
         let keep_alive = version == Version::HTTP_11
             && by_length
-            && !map
-                .get_all(header::CONNECTION)
-                .iter()
-                .any(|value| has_token(value.as_bytes(), b"close"));
+            && !(present.connection
+                && map
+                    .get_all(header::CONNECTION)
+                    .iter()
+                    .any(|value| has_token(value.as_bytes(), b"close")));
         let mut parts = http::Response::new(()).into_parts().0;
         parts.status = status;
         parts.version = version;
@@ -454,6 +504,7 @@ pub(crate) fn parse(
             parts,
             framing,
             keep_alive,
+            present,
         }));
     }
 }
@@ -465,6 +516,7 @@ fn framing(
     version: Version,
     method: &Method,
     headers: &mut HeaderMap,
+    present: Present,
 ) -> Result<(Framing, bool), ExchangeError> {
     if matches!(status.as_u16(), 101 | 204 | 304) || method == Method::HEAD {
         // No body, but a length passed on: one listed again is that one
@@ -472,16 +524,15 @@ fn framing(
         drop(one_length(headers));
         return Ok((Framing::Length(0), status.as_u16() != 101));
     }
-    let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
-    if codings.peek().is_some() {
+    if present.transfer_encoding {
+        let codings = headers.get_all(header::TRANSFER_ENCODING).iter();
         if version == Version::HTTP_10 {
             return Err(invalid("transfer-encoding on an HTTP/1.0 response"));
         }
         let last = codings
             .flat_map(|value| value.as_bytes().split(|&byte| byte == b','))
             .map(<[u8]>::trim_ascii)
-            .filter(|coding| !coding.is_empty())
-            .last();
+            .rfind(|coding| !coding.is_empty());
         return Ok(match last {
             Some(coding) if coding.eq_ignore_ascii_case(b"chunked") => (Framing::Chunked, true),
             _ => (Framing::Close, false),
@@ -953,6 +1004,46 @@ mod tests {
         )
         .unwrap();
         assert!(!closing.keep_alive);
+    }
+
+    /// `Transfer-Encoding` and `Connection` are noted as present exactly
+    /// when the map holds them, whether matched as an archiver spells them
+    /// (lower case) or parsed from another spelling, and frame the body the
+    /// same either way.
+    #[test]
+    fn the_framing_names_are_noted_in_any_case() {
+        for given in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nConnection: x-a\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: \r\nContent-Length: 1\r\n\r\n",
+            b"HTTP/1.1 304 Not Modified\r\nConnection: close\r\n\r\n",
+        ] {
+            let text = String::from_utf8_lossy(given);
+            let head_end = text.find("\r\n\r\n").unwrap();
+            let lower = format!(
+                "{}{}",
+                &text[..9],
+                text[9..head_end].to_ascii_lowercase() + &text[head_end..]
+            );
+            let mut seen = vec![];
+            for bytes in [given, lower.as_bytes()] {
+                let parsed = head(bytes, &Method::GET).unwrap().unwrap();
+                let headers = &parsed.parts.headers;
+                assert_eq!(
+                    parsed.present,
+                    Present {
+                        transfer_encoding: headers.contains_key(header::TRANSFER_ENCODING),
+                        connection: headers.contains_key(header::CONNECTION),
+                    },
+                    "{text}"
+                );
+                seen.push((parsed.framing, parsed.keep_alive, parsed.present));
+            }
+            assert_eq!(seen[0], seen[1], "{text}");
+        }
     }
 
     #[test]

@@ -720,6 +720,9 @@ fn framed(response: &UpstreamResponse, request: &UpstreamRequest) -> bool {
         // sends (review: a list got the client an empty reply here too).
         return first_length.is_none() || length;
     }
+    if !response.body().present().transfer_encoding {
+        return length;
+    }
     let mut codings = headers
         .get_all(http::header::TRANSFER_ENCODING)
         .iter()

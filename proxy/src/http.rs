@@ -357,6 +357,9 @@ fn respond(state: &AppState, request: &Parts, answer: Answer, mut log: RequestLo
     // Read before its headers move: a joined generation's cut is counted
     // by the request that started it (`Cut::Joined`).
     let joined = crate::upstream::joined(upstream_response.headers());
+    // What the head held of two names looked up below (none, from an
+    // archiver): a name it did not hold is not searched for.
+    let present = upstream_response.body().present();
     // The upstream's own map, less what is not passed on, rather than a
     // new map filled header by header (its appends, hashing each name, and
     // the two maps were a twentieth of a small hit's instructions). A
@@ -367,16 +370,20 @@ fn respond(state: &AppState, request: &Parts, answer: Answer, mut log: RequestLo
     // A `Content-Length` beside `Transfer-Encoding` does not frame the
     // body (RFC 9112, section 6.3): not passed on, or the client would
     // frame by it.
-    let by_coding = headers.contains_key(header::TRANSFER_ENCODING);
+    let by_coding = present.transfer_encoding && headers.contains_key(header::TRANSFER_ENCODING);
     // Headers named in `Connection` are hop-by-hop (RFC 9110, section
     // 7.6.1); an archiver names none. Not the length, which the proxy's
     // own framing goes by (`forward::framed`): dropped, the client would
     // get a chunked answer that a splice then wrote raw bytes into (review).
-    let connection: Vec<HeaderValue> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .cloned()
-        .collect();
+    let connection: Vec<HeaderValue> = if present.connection {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .cloned()
+            .collect()
+    } else {
+        Vec::new()
+    };
     // The archiver echoes the request id it was sent: that one value is
     // passed on as it is, rather than removed and written anew.
     let echoed = {

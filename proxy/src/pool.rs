@@ -55,7 +55,7 @@ use hyper_util::rt::TokioIo;
 // The runtime's clock, which a test can pause.
 use tokio::time::Instant;
 
-use crate::exchange::{Decoder, RequestHead, Wire};
+use crate::exchange::{Decoder, Present, RequestHead, Wire};
 use crate::forward::{POOL_IDLE_TIMEOUT, POOL_MAX_IDLE_PER_UPSTREAM};
 use crate::window::{SMALL_RECV_BUFFER_BYTES, UpstreamWindow, WindowedIo};
 
@@ -168,6 +168,7 @@ impl Pool {
                     let mut body = PooledBody {
                         decoder: Decoder::new(head.framing),
                         keep_alive: head.keep_alive,
+                        present: head.present,
                         back: Some(Back {
                             pool: Arc::downgrade(&self.shared),
                             upstream: upstream.clone(),
@@ -362,6 +363,7 @@ async fn reap(pool: Weak<Shared>) {
 pub struct PooledBody {
     decoder: Decoder,
     keep_alive: bool,
+    present: Present,
     back: Option<Back>,
 }
 
@@ -381,6 +383,13 @@ impl std::fmt::Debug for PooledBody {
 }
 
 impl PooledBody {
+    /// Which of `Transfer-Encoding` and `Connection` the head's lines
+    /// held: one that did not is not in the response's map, as long as
+    /// nothing adds it.
+    pub fn present(&self) -> Present {
+        self.present
+    }
+
     pub fn window(&self) -> Option<&UpstreamWindow> {
         self.back.as_ref().map(|back| back.connection.wire.window())
     }
