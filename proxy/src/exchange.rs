@@ -100,16 +100,20 @@ pub struct Head {
     pub present: Present,
 }
 
-/// Whether the head's lines held a `Transfer-Encoding` and a
-/// `Connection`, noted as each line's name was matched: an archiver sends
-/// neither, and each search of the map for one hashes its name (five
-/// searches for the two a small hit, between the framing here,
-/// `forward::framed` and `http::respond`: `BENCHMARKS.md`). `false` is
-/// exact for a map as [`parse`] left it, and it is never added to.
+/// What the head's lines held of names the proxy reads, noted as each
+/// line's name was matched: whether there was a `Transfer-Encoding` and a
+/// `Connection` (an archiver sends neither), and whether the first
+/// `X-Gitball-Cache` said `join`. Each search of the map hashes the name
+/// (a custom one byte by byte): a small hit searched it six times for
+/// these, between the framing here, `forward::framed` and `http::respond`
+/// (`BENCHMARKS.md`). `false` is exact for a map as [`parse`] left it,
+/// and it is never added to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Present {
     pub transfer_encoding: bool,
     pub connection: bool,
+    /// The first `X-Gitball-Cache` said `join` (`upstream::joined`).
+    pub joined: bool,
 }
 
 /// What a line's name is to [`parse`].
@@ -119,6 +123,7 @@ enum Noted {
     Date,
     TransferEncoding,
     Connection,
+    Cache,
     Other,
 }
 
@@ -381,7 +386,7 @@ fn known_name(name: &[u8]) -> Option<(HeaderName, Noted)> {
         b"link" => other(header::LINK),
         b"cache-control" => other(header::CACHE_CONTROL),
         b"content-type" => other(header::CONTENT_TYPE),
-        b"x-gitball-cache" => other(X_GITBALL_CACHE),
+        b"x-gitball-cache" => Some((X_GITBALL_CACHE, Noted::Cache)),
         b"accept-ranges" => other(header::ACCEPT_RANGES),
         b"repr-digest" => other(REPR_DIGEST),
         b"content-length" => other(header::CONTENT_LENGTH),
@@ -403,6 +408,8 @@ fn other_name(name: &[u8]) -> Result<(HeaderName, Noted), ExchangeError> {
         Noted::TransferEncoding
     } else if name == header::CONNECTION {
         Noted::Connection
+    } else if name == gitball_core::protocol::X_GITBALL_CACHE {
+        Noted::Cache
     } else {
         Noted::Other
     };
@@ -453,7 +460,9 @@ pub(crate) fn parse(
         let mut present = Present {
             transfer_encoding: false,
             connection: false,
+            joined: false,
         };
+        let mut cache_seen = false;
         for line in response.headers.iter() {
             let (name, noted) = match known_name(line.name.as_bytes()) {
                 Some(known) => known,
@@ -468,7 +477,11 @@ pub(crate) fn parse(
                 Noted::Date => continue,
                 Noted::TransferEncoding => present.transfer_encoding = true,
                 Noted::Connection => present.connection = true,
-                Noted::Other => {}
+                Noted::Cache if !cache_seen => {
+                    cache_seen = true;
+                    present.joined = line.value == b"join";
+                }
+                Noted::Cache | Noted::Other => {}
             }
             // httparse's values are slices of `read` (an empty one too);
             // anything else is refused, never sliced out of bounds.
@@ -1006,12 +1019,12 @@ mod tests {
         assert!(!closing.keep_alive);
     }
 
-    /// `Transfer-Encoding` and `Connection` are noted as present exactly
-    /// when the map holds them, whether matched as an archiver spells them
-    /// (lower case) or parsed from another spelling, and frame the body the
-    /// same either way.
+    /// What the head held of the names the proxy reads is noted as the
+    /// map holds it, whether a name is matched as an archiver spells it
+    /// (lower case) or parsed from another spelling, and the body is framed
+    /// the same either way.
     #[test]
-    fn the_framing_names_are_noted_in_any_case() {
+    fn the_names_read_are_noted_as_the_map_holds_them_in_any_case() {
         for given in [
             &b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n"[..],
             b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n",
@@ -1020,14 +1033,21 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nConnection: x-a\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: \r\nContent-Length: 1\r\n\r\n",
             b"HTTP/1.1 304 Not Modified\r\nConnection: close\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nX-Gitball-Cache: join\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nX-Gitball-Cache: hit\r\nX-Gitball-Cache: join\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nX-Gitball-Cache: join\r\nX-Gitball-Cache: hit\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nX-Gitball-Cache: Join\r\nX-Gitball-Cache: join\r\n\r\n",
         ] {
             let text = String::from_utf8_lossy(given);
-            let head_end = text.find("\r\n\r\n").unwrap();
-            let lower = format!(
-                "{}{}",
-                &text[..9],
-                text[9..head_end].to_ascii_lowercase() + &text[head_end..]
-            );
+            // The names in lower case, the values as they were.
+            let lower: Vec<String> = text
+                .split("\r\n")
+                .map(|line| match line.split_once(':') {
+                    Some((name, value)) => format!("{}:{value}", name.to_ascii_lowercase()),
+                    None => line.to_owned(),
+                })
+                .collect();
+            let lower = lower.join("\r\n");
             let mut seen = vec![];
             for bytes in [given, lower.as_bytes()] {
                 let parsed = head(bytes, &Method::GET).unwrap().unwrap();
@@ -1037,6 +1057,7 @@ mod tests {
                     Present {
                         transfer_encoding: headers.contains_key(header::TRANSFER_ENCODING),
                         connection: headers.contains_key(header::CONNECTION),
+                        joined: crate::upstream::joined(headers),
                     },
                     "{text}"
                 );

@@ -354,12 +354,12 @@ fn respond(state: &AppState, request: &Parts, answer: Answer, mut log: RequestLo
     // a HEAD, a 304 or a 204, whose length is the archiver's or none.
     let mut response = Response::new(gitball_core::response::no_length());
     *response.status_mut() = status;
-    // Read before its headers move: a joined generation's cut is counted
-    // by the request that started it (`Cut::Joined`).
-    let joined = crate::upstream::joined(upstream_response.headers());
-    // What the head held of two names looked up below (none, from an
-    // archiver): a name it did not hold is not searched for.
+    // What the head held of the names read below, noted as it was read:
+    // the map is not searched for one it did not hold.
     let present = upstream_response.body().present();
+    // A joined generation's cut is counted by the request that started it
+    // (`Cut::Joined`).
+    let joined = present.joined;
     // The upstream's own map, less what is not passed on, rather than a
     // new map filled header by header (its appends, hashing each name, and
     // the two maps were a twentieth of a small hit's instructions). A
