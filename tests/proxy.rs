@@ -3332,6 +3332,47 @@ fn the_client_gets_one_request_id_whatever_the_archiver_echoes() {
     }
 }
 
+/// What is not passed on is taken out of the archiver's head in the head's
+/// order, whatever it is (hop-by-hop names, an id that is not the one sent,
+/// a custom name): the client's head is the same, line for line, as each
+/// removal moves the head's last line into the removed one's place.
+#[test]
+fn the_client_gets_the_passed_lines_in_the_order_the_removals_leave() {
+    let sandbox = Sandbox::new();
+    let answer: &'static [u8] = b"HTTP/1.1 200 OK\r\nX-Request-Id: other-id\r\n\
+        Server: a\r\nETag: \"e-tar\"\r\nKeep-Alive: timeout=5\r\n\
+        Content-Type: application/x-tar\r\nX-Other: 1\r\nX-Gitball-Cache: hit\r\n\
+        Via: 1.1 x\r\nX-Other: 2\r\nAccept-Ranges: bytes\r\nContent-Length: 5\r\n\r\nbytes";
+    let proxy = proxy_before(scripted_upstream(answer, 1), &sandbox);
+    let fetched = fetch_with(
+        proxy.addr,
+        "GET",
+        "/acme/widget/archive/main.tar",
+        &[("X-Request-Id", "chosen-id")],
+    );
+    assert_eq!(fetched.status(), 200, "{}", fetched.text());
+    assert_eq!(fetched.text(), "bytes");
+    let lines: Vec<String> = fetched
+        .head
+        .headers
+        .iter()
+        .filter(|(key, _)| key != "date")
+        .map(|(key, value)| format!("{key}: {value}"))
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            "content-length: 5",
+            "accept-ranges: bytes",
+            "etag: \"e-tar\"",
+            "x-gitball-cache: hit",
+            "content-type: application/x-tar",
+            "x-request-id: chosen-id",
+            "connection: close",
+        ]
+    );
+}
+
 /// `docs/proxy.md#the-pipe`, upstream abort: an upstream that sends a
 /// head and some of the body, then nothing while keeping its connection
 /// open (a hung archiver, whose kernel still acknowledges), aborts the
