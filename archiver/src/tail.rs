@@ -54,10 +54,17 @@ use crate::metrics as m;
 /// download holds at most one block besides hyper's write buffer.
 pub const READ_CHUNK_BYTES: usize = 128 * 1024;
 
-/// Longest a download of a growing file holds announced bytes back while
-/// it waits for the rest of their block (`worth_reading`): a generation
-/// that writes slowly still reaches its readers piece by piece.
+/// Longest the bytes of a growing file wait, once written, before its
+/// readers are told of them ([`Announcer`]): a generation that writes
+/// slowly still reaches its readers piece by piece.
 const PIECE_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// How far a growing file grows between wake-ups of its readers (past its
+/// first bytes; pieces wake them after `PIECE_WAIT`): a multiple of
+/// `READ_CHUNK_BYTES`. Each wake-up of a reader costs a write to its
+/// serving thread's eventfd, that thread's wake-up, a chunk's size line
+/// and a `sendfile`, and its client a wake-up and reads.
+const WAKE_BYTES: u64 = 1024 * 1024;
 
 /// Most bytes handed to one `sendfile` call. The socket takes what fits
 /// in its send buffer and the call returns; this only bounds the work of a
@@ -228,6 +235,90 @@ impl Drop for PooledBlock {
     }
 }
 
+/// Tells the readers of a growing file of its length, the writer's side of
+/// [`Reader`]: every length is stored as it is written (a reader that looks
+/// sees it), but readers are woken only for the generation's first bytes,
+/// each `WAKE_BYTES` it passes, and bytes that have waited `PIECE_WAIT`
+/// since they were written ([`Announcer::pieces`], which runs beside the
+/// generation). A generation writes every few KiB (one compressed block of
+/// git's 128 KiB); waking thirty readers per write cost thirty wake-ups
+/// per write, and readers did nothing with most of them. Their end
+/// (complete or failed) is sent on the same channel, and wakes them at
+/// once.
+pub struct Announcer {
+    progress: watch::Sender<Progress>,
+    told: Mutex<Told>,
+    piece: tokio::sync::Notify,
+}
+
+/// What the readers of a generation were last woken for.
+struct Told {
+    /// The length then.
+    len: u64,
+    /// When the first byte past it was written, while it waits.
+    piece_since: Option<tokio::time::Instant>,
+}
+
+impl Announcer {
+    pub fn new(progress: watch::Sender<Progress>) -> Announcer {
+        Announcer {
+            progress,
+            told: Mutex::new(Told {
+                len: 0,
+                piece_since: None,
+            }),
+            piece: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn told(&self) -> std::sync::MutexGuard<'_, Told> {
+        self.told.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The file holds `len` bytes readers may read. Called by the writer
+    /// after each write; never blocks on readers.
+    pub fn grown(&self, len: u64) {
+        // Under the lock, so that `pieces` never misses a length stored
+        // after it looked.
+        let mut told = self.told();
+        let wake = told.len == 0 || len / WAKE_BYTES > told.len / WAKE_BYTES;
+        self.progress.send_if_modified(|p| {
+            p.written = len;
+            wake
+        });
+        if wake {
+            told.len = len;
+            told.piece_since = None;
+        } else if len > told.len && told.piece_since.is_none() {
+            told.piece_since = Some(tokio::time::Instant::now());
+            self.piece.notify_one();
+        }
+    }
+
+    /// Wakes readers for a piece of a block that has waited `PIECE_WAIT`
+    /// since it was written. Runs for as long as the generation writes;
+    /// never returns.
+    pub async fn pieces(&self) -> std::convert::Infallible {
+        loop {
+            self.piece.notified().await;
+            loop {
+                let waiting = self.told().piece_since;
+                let Some(since) = waiting else { break };
+                tokio::time::sleep_until(since + PIECE_WAIT).await;
+                let mut told = self.told();
+                // Unless a block boundary woke the readers meanwhile.
+                if told.piece_since == Some(since) {
+                    told.piece_since = None;
+                    self.progress.send_if_modified(|p| {
+                        told.len = p.written;
+                        true
+                    });
+                }
+            }
+        }
+    }
+}
+
 /// What a download reads from.
 pub enum Source {
     Complete(Arc<CacheFile>),
@@ -300,8 +391,9 @@ pub struct Reader {
     source: Source,
     progress: Option<watch::Receiver<Progress>>,
     complete_len: Option<u64>,
-    /// Since when bytes past `position` wait for the rest of their block.
-    piece_since: Option<tokio::time::Instant>,
+    /// The length of a growing file the reader was last told of: bytes
+    /// below it are read at once, pieces of a block or not.
+    told: u64,
 }
 
 /// Opens a complete archive's file for reading: never through a symlink,
@@ -392,7 +484,7 @@ impl Reader {
             source,
             progress,
             complete_len,
-            piece_since: None,
+            told: 0,
         })
     }
 
@@ -477,11 +569,19 @@ impl Reader {
     /// for), or `None` once every byte has been read. A failed generation is
     /// an error.
     async fn available(&mut self) -> io::Result<Option<u64>> {
+        // Woken by the writer (`changed`, which marks the news as seen).
+        let mut woken = false;
         let available = loop {
             let available = match (self.complete_len, &mut self.progress) {
                 (Some(len), _) => len,
                 (None, Some(progress)) => {
+                    // Told (woken, or while it was sending) of bytes: the
+                    // `Announcer` tells only of bytes worth taking now.
+                    let told = woken || progress.has_changed().unwrap_or(true);
                     let snapshot = progress.borrow_and_update().clone();
+                    if told {
+                        self.told = snapshot.written;
+                    }
                     match snapshot.state {
                         State::Complete(file) => {
                             self.complete_len = Some(file.len);
@@ -497,28 +597,14 @@ impl Reader {
                         }
                         State::Failed(failure) => return Err(generation_failed(&failure)),
                         State::Running
-                            if worth_reading(self.position, self.end, snapshot.written) =>
+                            if self.position < self.told
+                                || worth_reading(self.position, self.end, snapshot.written) =>
                         {
                             snapshot.written
                         }
-                        // A piece of a block: wait for the rest, but hold
-                        // bytes back no longer than `PIECE_WAIT`.
-                        State::Running if snapshot.written > self.position => {
-                            let since = *self
-                                .piece_since
-                                .get_or_insert_with(tokio::time::Instant::now);
-                            match tokio::time::timeout_at(since + PIECE_WAIT, progress.changed())
-                                .await
-                            {
-                                Ok(Ok(())) => continue,
-                                // Waited long enough, or the generation task
-                                // is gone (the next turn says so): what is
-                                // there goes now.
-                                Ok(Err(_)) | Err(_) => snapshot.written,
-                            }
-                        }
                         State::Running => {
-                            if progress.changed().await.is_err() {
+                            woken = progress.changed().await.is_ok();
+                            if !woken {
                                 // The generation task is gone; its last state
                                 // is final and is read on the next turn.
                                 if matches!(progress.borrow().state, State::Running) {
@@ -579,7 +665,6 @@ impl Reader {
             }
         };
         self.position += chunk.len() as u64;
-        self.piece_since = None;
         Ok(Some(chunk))
     }
 }
@@ -669,7 +754,6 @@ impl FileBody for FileSend {
                     download.log.bytes += sent as u64;
                     m::sent_bytes().increment(sent as u64);
                 }
-                reader.piece_since = None;
             }
             if chunked {
                 let last = if chunks == 0 {
@@ -691,13 +775,13 @@ fn generation_failed(failure: &Failure) -> io::Error {
 }
 
 /// Whether a growing file has enough past a reader's `position` to
-/// read now: its first bytes at once (a cold download starts with the
-/// generation's first bytes), then whole shared blocks, the rest of the
-/// block the reader is in (or of its range), or a piece of it after
-/// `PIECE_WAIT`. A generation announces every few KiB of output; a reader
-/// that took each piece woke, wrote and made its client read once per
-/// piece, thirty times over with thirty clients on one generation. The end
-/// comes with `Complete`.
+/// read now without being told to: its first bytes (a cold download starts
+/// with the generation's first bytes), or the rest of the block the reader
+/// is in (or of its range). A piece of a block is read when the
+/// [`Announcer`] tells of it, once it has waited `PIECE_WAIT`. A generation
+/// writes every few KiB of output; a reader that took each piece woke,
+/// wrote and made its client read once per piece, thirty times over with
+/// thirty clients on one generation. The end comes with `Complete`.
 fn worth_reading(position: u64, end: Option<u64>, written: u64) -> bool {
     let wanted = block_end(position, end.unwrap_or(u64::MAX));
     written > position && (position == 0 || written >= wanted)
@@ -737,6 +821,11 @@ mod tests {
                 format!(
                     "A body stream reads at most {} KiB at a time",
                     READ_CHUNK_BYTES >> 10
+                ),
+                format!("each {} MiB the file grows by", WAKE_BYTES >> 20),
+                format!(
+                    "bytes that have waited {} ms since they reached the file",
+                    PIECE_WAIT.as_millis()
                 ),
                 format!(
                     "{} MiB of recent blocks are kept per process",
@@ -872,11 +961,13 @@ mod tests {
         let mut body = download(Source::Growing(generation), None, "tail-grow");
         assert!(is_waiting(&mut body), "nothing announced yet");
 
+        let announcer = Announcer::new(progress.clone());
+
         // Bytes in the file are read only once announced; the first ones at
         // once.
         writer.write_all(b"hello ").unwrap();
         assert!(is_waiting(&mut body));
-        progress.send_modify(|p| p.written = 6);
+        announcer.grown(6);
         assert_eq!(next_chunk(&mut body).await, "hello ");
         assert!(is_waiting(&mut body));
 
@@ -884,14 +975,20 @@ mod tests {
         // announced length, whatever is in the file.
         let data = pattern(2 * READ_CHUNK_BYTES);
         writer.write_all(&data).unwrap();
-        progress.send_modify(|p| p.written = 6 + 1000);
+        announcer.grown(6 + 1000);
         assert!(
             is_waiting(&mut body),
             "a piece of a block waits for the rest"
         );
+        // Told (as a wake-up or a piece that waited tells), it reads to
+        // the block's end, then the rest it was told of.
         let block = READ_CHUNK_BYTES as u64;
         progress.send_modify(|p| p.written = block + 10);
         assert_eq!(next_chunk(&mut body).await, &data[..READ_CHUNK_BYTES - 6]);
+        assert_eq!(
+            next_chunk(&mut body).await,
+            &data[READ_CHUNK_BYTES - 6..READ_CHUNK_BYTES + 4]
+        );
         assert!(is_waiting(&mut body));
 
         // The end comes with the generation's, whatever is left.
@@ -907,8 +1004,8 @@ mod tests {
             ))
         });
         let (sizes, rest) = read_all(&mut body).await;
-        assert_eq!(sizes, [READ_CHUNK_BYTES, 6]);
-        assert_eq!(rest, &data[READ_CHUNK_BYTES - 6..]);
+        assert_eq!(sizes, [READ_CHUNK_BYTES - 10, 6]);
+        assert_eq!(rest, &data[READ_CHUNK_BYTES + 4..]);
         // The stream let go of the record at its end.
         let ended = record("tail-grow").unwrap();
         assert_eq!(ended.ending, Ending::Complete);
@@ -916,16 +1013,23 @@ mod tests {
         assert_eq!(ended.fault, None);
     }
 
-    /// A generation announces every few KiB of output; thirty downloads of
+    /// A generation writes every few KiB of output; thirty downloads of
     /// one generation taking each piece meant thirty wake-ups, writes and
     /// client reads per piece. After its first bytes, a download of a
     /// growing file reads whole shared blocks (or the rest of its range),
-    /// holding a piece back for at most `PIECE_WAIT`.
+    /// a piece being held back for at most `PIECE_WAIT` after it was
+    /// written.
     #[tokio::test(start_paused = true)]
     async fn a_growing_file_is_read_in_whole_blocks_after_its_first_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let (generation, progress, mut writer, _path) = growing(&dir);
-        let data = pattern(3 * READ_CHUNK_BYTES);
+        let announcer = Arc::new(Announcer::new(progress));
+        tokio::spawn({
+            let announcer = announcer.clone();
+            async move { announcer.pieces().await }
+        });
+        let wake = usize::try_from(WAKE_BYTES).unwrap();
+        let data = pattern(wake + 3 * READ_CHUNK_BYTES);
         writer.write_all(&data).unwrap();
         let mut body = download(Source::Growing(generation.clone()), None, "tail-blocks");
         let mut ranged = download(
@@ -939,8 +1043,10 @@ mod tests {
         let mut sizes = Vec::new();
         let mut ranged_sizes = Vec::new();
         let mut ranged_done = false;
-        for written in (1..=3 * READ_CHUNK_BYTES as u64).step_by(8 * 1024) {
-            progress.send_modify(|p| p.written = written);
+        // Polled after every write; a reader waiting for bytes looks again
+        // only when the writer wakes it.
+        for written in (1..=WAKE_BYTES + 1).step_by(8 * 1024) {
+            announcer.grown(written);
             while let Some(Some(chunk)) = body.next().now_or_never() {
                 sizes.push(chunk.unwrap().len());
             }
@@ -952,17 +1058,23 @@ mod tests {
                 }
             }
         }
-        assert_eq!(sizes, [1, READ_CHUNK_BYTES - 1, READ_CHUNK_BYTES]);
+        // The first byte at once; then nothing until the file passed
+        // `WAKE_BYTES`, and then every whole block, and the byte past them
+        // it was woken for.
+        let mut expected = vec![1, READ_CHUNK_BYTES - 1];
+        expected.extend([READ_CHUNK_BYTES; 7]);
+        expected.push(1);
+        assert_eq!(sizes, expected);
         // The range's first read is not a download's first byte; it waits
         // for its whole range (within one block).
         assert_eq!(ranged_sizes, [2_000]);
         assert!(ranged_done);
 
-        // A piece of the third block waits; after `PIECE_WAIT` it is read.
-        let written = 3 * READ_CHUNK_BYTES as u64 - 1;
-        progress.send_modify(|p| p.written = written);
-        assert!(is_waiting(&mut body));
+        // A piece of a block waits; `PIECE_WAIT` after its first byte was
+        // written, it is read.
         let started = tokio::time::Instant::now();
+        announcer.grown(WAKE_BYTES + 3 * READ_CHUNK_BYTES as u64 - 1);
+        assert!(is_waiting(&mut body));
         assert_eq!(next_chunk(&mut body).await.len(), READ_CHUNK_BYTES - 1);
         // docs/archiver.md's figure, not the constant: a longer wait would
         // leave a live archiver silent past what it promises (mutation
