@@ -295,8 +295,8 @@ impl Announcer {
         }
     }
 
-    /// Wakes readers for a piece of a block that has waited `PIECE_WAIT`
-    /// since it was written. Runs for as long as the generation writes;
+    /// Wakes readers for bytes that have waited `PIECE_WAIT` since they
+    /// were written. Runs for as long as the generation writes;
     /// never returns.
     pub async fn pieces(&self) -> std::convert::Infallible {
         loop {
@@ -306,7 +306,8 @@ impl Announcer {
                 let Some(since) = waiting else { break };
                 tokio::time::sleep_until(since + PIECE_WAIT).await;
                 let mut told = self.told();
-                // Unless a block boundary woke the readers meanwhile.
+                // Unless passing a `WAKE_BYTES` boundary woke the readers
+                // meanwhile.
                 if told.piece_since == Some(since) {
                     told.piece_since = None;
                     self.progress.send_if_modified(|p| {
