@@ -3081,7 +3081,14 @@ fn an_upstream_body_whose_end_cannot_be_told_from_a_cut_is_a_bad_gateway() {
 #[test]
 fn an_upstream_framing_other_than_one_length_or_chunked_alone_is_a_bad_gateway() {
     let sandbox = Sandbox::new();
-    let cases: [(&str, &'static [u8]); 7] = [
+    let cases: [(&str, &'static [u8]); 8] = [
+        (
+            // No coding is not `chunked` last either: read to the close,
+            // the cut was a clean end of a chunked 200 to the client.
+            "an empty Transfer-Encoding beside a length, cut",
+            b"HTTP/1.1 200 OK\r\nETag: \"c0ffee-tar\"\r\nTransfer-Encoding: \r\n\
+              Content-Length: 5\r\n\r\nby",
+        ),
         (
             "identity beside a length, cut",
             b"HTTP/1.1 200 OK\r\nETag: \"c0ffee-tar\"\r\nTransfer-Encoding: identity\r\n\

@@ -697,7 +697,7 @@ impl Forwarder {
 /// alone; and by a length when the request asked for a complete archive.
 /// Anything else cannot be passed on (attack: misbehaving upstreams):
 /// - a body ended by closing the connection, or one whose transfer coding
-///   is not `chunked` last (RFC 9112, section 6.3: close-delimited,
+///   is not `chunked` last, or which names none (RFC 9112, section 6.3: close-delimited,
 ///   whatever its `Content-Length`): through the proxy a cut would look
 ///   like the end;
 /// - any other coding before `chunked`: the client would get the coded
@@ -730,7 +730,9 @@ fn framed(response: &UpstreamResponse, request: &UpstreamRequest) -> bool {
         .map(<[u8]>::trim_ascii)
         .filter(|coding| !coding.is_empty());
     match codings.next() {
-        None => length,
+        // A `Transfer-Encoding` of no coding: the exchange reads the body
+        // to the close, whatever the length (review: a cut was a clean end).
+        None => false,
         Some(coding) => {
             coding.eq_ignore_ascii_case(b"chunked")
                 && codings.next().is_none()
