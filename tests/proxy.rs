@@ -3193,6 +3193,165 @@ fn an_upstream_length_listed_twice_is_that_length() {
     }
 }
 
+/// Hostile spellings of a head's framing and hop-by-hop names, sent by a
+/// raw upstream through the real proxy: the client gets the body as the
+/// upstream framed it, with one length or none beside a coding, or a
+/// `502`; never the bytes past the body, nor a name the head's own
+/// `Connection` named (`docs/internal-api.md#response-headers`).
+#[test]
+fn hostile_framing_spellings_reach_the_client_as_framed_or_not_at_all() {
+    let sandbox = Sandbox::new();
+    /// The case, the method, the upstream's answer, and what the client
+    /// gets: status, body, `Content-Length`s.
+    type Case = (
+        &'static str,
+        &'static str,
+        &'static [u8],
+        u16,
+        &'static str,
+        &'static [&'static str],
+    );
+    let cases: [Case; 11] = [
+        (
+            "a length list beside chunked",
+            "GET",
+            b"HTTP/1.1 200 OK\r\nETag: \"e-tar\"\r\nContent-Length: 5, 5\r\n\
+              Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            200,
+            "abc",
+            &[],
+        ),
+        (
+            "chunked in capitals beside a length",
+            "GET",
+            b"HTTP/1.1 200 OK\r\nETag: \"e-tar\"\r\nTRANSFER-ENCODING: chunked\r\n\
+              Content-Length: 5\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            200,
+            "abc",
+            &[],
+        ),
+        (
+            "a leading zero in a list",
+            "GET",
+            b"HTTP/1.1 200 OK\r\nETag: \"e-tar\"\r\nContent-Length: 05, 5\r\n\r\nbytes",
+            200,
+            "bytes",
+            &["5"],
+        ),
+        (
+            "an empty element",
+            "GET",
+            b"HTTP/1.1 200 OK\r\nETag: \"e-tar\"\r\nContent-Length: 5,,5\r\n\r\nbytes",
+            502,
+            "",
+            &[],
+        ),
+        (
+            "a plus sign in a list",
+            "GET",
+            b"HTTP/1.1 200 OK\r\nETag: \"e-tar\"\r\nContent-Length: 5, +5\r\n\r\nbytes",
+            502,
+            "",
+            &[],
+        ),
+        (
+            "a space before the colon",
+            "GET",
+            b"HTTP/1.1 200 OK\r\nETag: \"e-tar\"\r\nTransfer-Encoding : chunked\r\n\
+              Content-Length: 5\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            502,
+            "",
+            &[],
+        ),
+        (
+            "an obs-fold hiding a coding",
+            "GET",
+            b"HTTP/1.1 200 OK\r\nETag: \"e-tar\"\r\nX-Gitball-Cache: hit\r\n \
+              Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            502,
+            "",
+            &[],
+        ),
+        (
+            "a list on a 304",
+            "GET",
+            b"HTTP/1.1 304 Not Modified\r\nETag: \"e-tar\"\r\nContent-Length: 5, 5\r\n\r\n",
+            304,
+            "",
+            &["5"],
+        ),
+        (
+            "a list beside chunked on a HEAD",
+            "HEAD",
+            b"HTTP/1.1 200 OK\r\nETag: \"e-tar\"\r\nContent-Length: 5, 5\r\n\
+              Transfer-Encoding: chunked\r\n\r\n",
+            200,
+            "",
+            &[],
+        ),
+        (
+            "two lists on a HEAD, one of two numbers",
+            "HEAD",
+            b"HTTP/1.1 200 OK\r\nETag: \"e-tar\"\r\nContent-Length: 5, 5\r\n\
+              Content-Length: 5, 6\r\n\r\n",
+            502,
+            "",
+            &[],
+        ),
+        (
+            "Connection in capitals naming ETag",
+            "GET",
+            b"HTTP/1.1 200 OK\r\nETag: \"e-tar\"\r\nCONNECTION: etag\r\n\
+              Content-Length: 5, 5\r\n\r\nbytes",
+            200,
+            "bytes",
+            &["5"],
+        ),
+    ];
+    for (case, method, answer, status, body, lengths) in cases {
+        let proxy = proxy_before(scripted_upstream(answer, 1), &sandbox);
+        let fetched = fetch_with(proxy.addr, method, "/acme/widget/archive/main.tar", &[]);
+        assert_eq!(fetched.status(), status, "{case}: {}", fetched.text());
+        if status == 502 {
+            continue;
+        }
+        assert_eq!(fetched.end, BodyEnd::Complete, "{case}");
+        assert_eq!(fetched.text(), body, "{case}");
+        let passed: Vec<(&str, &str)> = fetched
+            .head
+            .headers
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_str()))
+            .collect();
+        let got: Vec<&str> = passed
+            .iter()
+            .filter(|(name, _)| name.eq_ignore_ascii_case("content-length"))
+            .map(|(_, value)| *value)
+            .collect();
+        assert_eq!(got, lengths, "{case}: {passed:?}");
+        if case.contains("naming ETag") {
+            assert!(
+                !passed
+                    .iter()
+                    .any(|(name, _)| name.eq_ignore_ascii_case("etag")),
+                "{case}: {passed:?}"
+            );
+        }
+    }
+    // Bytes past a listed length are another response to no one: the
+    // connection is not kept, and the next request gets its own answer.
+    let (upstream, _heads) = sequenced_upstream(vec![
+        b"HTTP/1.1 200 OK\r\nETag: \"e-tar\"\r\nContent-Length: 5, 5\r\n\r\nbytes\
+          HTTP/1.1 200 OK\r\nETag: \"e-tar\"\r\nContent-Length: 3\r\n\r\nabc",
+        b"HTTP/1.1 200 OK\r\nETag: \"e-tar\"\r\nContent-Length: 5\r\n\r\nother",
+    ]);
+    let proxy = proxy_before(upstream, &sandbox);
+    let first = fetch(proxy.addr, "/acme/widget/archive/main.tar");
+    assert_eq!((first.status(), first.text()), (200, "bytes".to_owned()));
+    let second = fetch(proxy.addr, "/acme/widget/archive/main.tar");
+    assert_eq!((second.status(), second.text()), (200, "other".to_owned()));
+}
+
 /// `docs/internal-api.md#response-headers`: an upstream's headers reach the
 /// client only through the allowlist, on a download's `200` and on a `5xx`
 /// passed through when every candidate failed. A hostile or misconfigured
