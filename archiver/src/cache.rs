@@ -3225,6 +3225,30 @@ mod tests {
         }
     }
 
+    /// A sweep that took a file before a request found it gone, forgot it
+    /// and generated it anew (the same name, another inode) forgets
+    /// nothing when it gets to the file it took: the new one is kept.
+    #[tokio::test]
+    async fn a_sweep_behind_a_regeneration_keeps_the_new_file() {
+        let stub = StubGit::printing(&[b'n'; 100]);
+        let cache = open(&stub, 1 << 20);
+        let old = generate(&cache, stub.spec(1)).await;
+        // Kept open, so that the new file cannot have the old one's inode.
+        let _pinned = std::fs::File::open(&old.path).unwrap();
+        std::fs::remove_file(&old.path).unwrap();
+        assert!(cache.forget(&old), "as the request that found it gone");
+        let new = generate(&cache, stub.spec(1)).await;
+        assert_eq!(new.path, old.path);
+        assert!(!cache.still_there(&old));
+        assert!(
+            !cache.forget(&old),
+            "the sweep's late forget of the old one"
+        );
+        assert_eq!(cache.sweep_gone(), 0);
+        assert!(matches!(cache.peek(&stub.spec(1)), Some(Lookup::Hit(_))));
+        assert_eq!(bytes(&cache), new.len);
+    }
+
     /// A file named complete whose bytes are not what its name says (cut
     /// short by a crash before its data reached a disk, emptied, altered
     /// while the archiver was stopped) is deleted at start, never indexed:
