@@ -1032,7 +1032,16 @@ fn hostile_client_bytes_reach_the_archiver_as_one_well_formed_request_each() {
             "a bare LF in a forwarded value",
             b"GET /acme/widget/archive/main.tar.gz HTTP/1.1\r\nHost: x\r\nRange: bytes=0-1\nX-Injected: 1\r\nIf-None-Match: \"a\"\nX-Other: 2\r\n\r\n".to_vec(),
             vec![200],
-            vec![expect(main, &[("range", b"bytes=0-1"), ("if-none-match", b"\"a\"")])],
+            // A `Range` without `If-Range` is a resume, which asks for the
+            // length (docs/internal-api.md#forwarded-request-headers).
+            vec![expect(
+                main,
+                &[
+                    ("range", b"bytes=0-1"),
+                    ("if-none-match", b"\"a\""),
+                    ("x-gitball-want-length", b"1"),
+                ],
+            )],
         ),
         (
             "obs-text and whitespace around values",
@@ -1136,7 +1145,7 @@ fn hostile_client_bytes_reach_the_archiver_as_one_well_formed_request_each() {
                 expect(main, &[]),
                 expect(
                     "GET /acme/widget/archive/v1.zip HTTP/1.1",
-                    &[("range", b"bytes=1-")],
+                    &[("range", b"bytes=1-"), ("x-gitball-want-length", b"1")],
                 ),
                 expect("HEAD /acme/widget/archive/main.tar HTTP/1.1", &[]),
             ],

@@ -355,8 +355,12 @@ async fn serve_archive(
     // 1.0 has no chunked encoding: a growing archive would end with a plain
     // close) waits for the end and gets a `Content-Length`.
     // A client that leaves meanwhile drops this future: its log says 499.
-    let needs_length =
-        request.version < http::Version::HTTP_11 || headers.contains_key(X_GITBALL_WANT_LENGTH);
+    // So does a resume (a `Range` without `If-Range`: curl -C -, wget -c,
+    // aria2 --continue), which a growing archive could only answer with the
+    // whole body: curl then gives up, aria2 starts a new file.
+    let needs_length = request.version < http::Version::HTTP_11
+        || headers.contains_key(X_GITBALL_WANT_LENGTH)
+        || is_resume(headers);
     let source = match lookup {
         Lookup::Hit(file) => Source::Complete(file),
         Lookup::Join(generation) | Lookup::Miss(generation) if needs_length => {
@@ -410,6 +414,13 @@ async fn serve_archive(
         (Err(error), _) => return Err(Error::internal(error)),
     };
     Ok(Answer::Stream { response, reader })
+}
+
+/// A request for the rest of an archive with no fallback to the whole: a
+/// `Range` without `If-Range`. It is answered once the archive is complete,
+/// with the range (`docs/http.md#range-requests`).
+pub(crate) fn is_resume(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::RANGE) && !headers.contains_key(header::IF_RANGE)
 }
 
 /// `…/archive/{ref}.{ext}.sha256`: `"{hex}  {filename}\n"`, generating the

@@ -620,7 +620,11 @@ pub fn forwarded_headers(
     // which come with a length. A front that speaks HTTP/1.1 to the proxy
     // for its HTTP/1.0 clients (nginx) says so with the same header; from
     // anyone else it costs only the asker the wait.
-    if version < Version::HTTP_11 || asked == Some(true) {
+    // A resume (a `Range` without `If-Range`) is answered with the range
+    // once the archive is complete (docs/http.md#range-requests): saying so
+    // gives the wait the complete archive's time, not `--header-timeout`.
+    let resume = headers.contains_key(header::RANGE) && !headers.contains_key(header::IF_RANGE);
+    if version < Version::HTTP_11 || asked == Some(true) || resume {
         headers.insert(X_GITBALL_WANT_LENGTH, HeaderValue::from_static("1"));
     }
     headers
@@ -809,6 +813,8 @@ mod tests {
             (header::RANGE, "bytes=0-1"),
             (header::IF_NONE_MATCH, "\"c\""),
             (header::RANGE, "bytes=5-"),
+            // Not a resume, which would ask for the length itself.
+            (header::IF_RANGE, "\"c\""),
         ];
         for (name, value) in &sent {
             client.append(name.clone(), HeaderValue::from_static(value));
@@ -832,7 +838,22 @@ mod tests {
             forwarded.get(X_GITBALL_WANT_LENGTH).is_none(),
             "the first wish is not `1`"
         );
-        assert_eq!(forwarded.len(), 7, "{forwarded:?}");
+        assert_eq!(forwarded.len(), 8, "{forwarded:?}");
+    }
+
+    /// A resume, a `Range` without `If-Range`, asks for the length: the
+    /// archiver answers it once the archive is complete
+    /// (docs/http.md#range-requests), and the wait is not bounded by
+    /// `--header-timeout`. With `If-Range` it does not.
+    #[test]
+    fn a_resume_asks_for_the_length() {
+        let mut client = HeaderMap::new();
+        client.insert(header::RANGE, HeaderValue::from_static("bytes=40000-"));
+        let forwarded = forwarded_headers(&client, "id", Version::HTTP_11, None);
+        assert_eq!(forwarded[X_GITBALL_WANT_LENGTH], "1");
+        client.insert(header::IF_RANGE, HeaderValue::from_static("\"c\""));
+        let forwarded = forwarded_headers(&client, "id", Version::HTTP_11, None);
+        assert!(forwarded.get(X_GITBALL_WANT_LENGTH).is_none());
     }
 
     /// docs/internal-api.md, "Forwarded request headers": a header the
