@@ -2197,7 +2197,7 @@ fn requests_for_one_broken_commit_wait_for_one_read_holding_no_thread() {
 #[test]
 fn requests_by_commit_id_wait_for_one_history_walk_holding_no_thread() {
     const REQUESTS: u64 = 64;
-    const HISTORY: usize = 20_000;
+    const HISTORY: usize = 40_000;
     let sandbox = Sandbox::new();
     let repo = RepoBuilder::init_bare(&sandbox.repos().join("acme/widget.git"), &sandbox.home());
     let mut history = Vec::new();
