@@ -2959,7 +2959,8 @@ fn a_non_file_planted_at_a_cached_files_name_is_generated_anew() {
         let files = archiver.cache_files();
         assert_eq!(files.len(), 1, "{files:?}");
         let file = archiver.cache_dir.join(&files[0]);
-        // Kept outside the cache dir, for the symlink to lead to a copy.
+        // Kept beside it under another name (no archive's), for the symlink
+        // to lead to a copy.
         std::fs::rename(&file, file.with_extension("was")).unwrap();
         apply(&file);
 
