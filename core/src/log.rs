@@ -158,6 +158,15 @@ pub enum Ending {
 }
 
 impl Ending {
+    /// Every ending, in the order of docs/observability.md's table.
+    pub const ALL: [Ending; 5] = [
+        Ending::Complete,
+        Ending::ClientGone,
+        Ending::IdleTimeout,
+        Ending::Aborted,
+        Ending::Shutdown,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Ending::Complete => "complete",
@@ -1117,13 +1126,7 @@ mod tests {
         }
         // A proxy's line (no error, cache, commit or format: one piece in
         // the text format) with every ending and fault (one piece each).
-        for ending in [
-            Ending::Complete,
-            Ending::ClientGone,
-            Ending::IdleTimeout,
-            Ending::Aborted,
-            Ending::Shutdown,
-        ] {
+        for ending in Ending::ALL {
             for fault in [
                 None,
                 Some(Fault::Client),
@@ -1437,13 +1440,7 @@ mod tests {
         );
         assert_eq!(object["message"], "request", "the message");
         let row = |field: &str| rows.iter().find(|(name, _)| *name == field).unwrap().1;
-        for ending in [
-            Ending::Complete,
-            Ending::ClientGone,
-            Ending::IdleTimeout,
-            Ending::Aborted,
-            Ending::Shutdown,
-        ] {
+        for ending in Ending::ALL {
             let value = format!("`{}`", ending.as_str());
             assert!(
                 row("ending").contains(&value),
