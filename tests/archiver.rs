@@ -2839,40 +2839,72 @@ fn a_cached_file_deleted_behind_the_archivers_back_is_generated_anew() {
         }),
     ];
     for (damage, apply) in damages {
+        let cached = LargeArchiveCached::new(11);
+        let files = cached.archiver.cache_files();
+        apply(&cached.file);
+        cached.assert_generated_anew(&format!("the file was {damage}"));
+        assert_eq!(cached.archiver.cache_files(), files, "{damage}");
+    }
+}
+
+/// An archiver whose cache holds one archive of `/acme/large` (300 KiB of
+/// bytes made from `seed`): larger than one shared block (128 KiB), which
+/// a hit serves from memory without opening its file (an archive within
+/// one is served again from memory when the first download read it under
+/// its final name, on a loaded machine where the generation ended first,
+/// and damage to its file is then noticed only once that block leaves
+/// memory).
+struct LargeArchiveCached {
+    _sandbox: Sandbox,
+    archiver: Archiver,
+    /// Its bytes, as the first download got them.
+    body: Vec<u8>,
+    /// Its file in the cache.
+    file: PathBuf,
+}
+
+impl LargeArchiveCached {
+    const PATH: &'static str = "/acme/large/archive/main.tar";
+
+    fn new(seed: u64) -> LargeArchiveCached {
         let sandbox = Sandbox::new();
-        // Larger than one shared block (128 KiB): an archive within one is
-        // served again from memory, without opening its file, when the
-        // first download read it under its final name (a loaded machine,
-        // where the generation ended first), and its damage is then
-        // noticed only once that block leaves memory.
         let repo = sandbox.repo("acme", "large");
-        repo.write("data.bin", pseudo_random_bytes(11, 300 * 1024));
+        repo.write("data.bin", pseudo_random_bytes(seed, 300 * 1024));
         repo.commit_all(T1, "large");
         let archiver = Archiver::start(&sandbox.repos(), &[]);
-        let path = "/acme/large/archive/main.tar";
-        let body = archiver.get(path).bytes().unwrap().to_vec();
+        let body = archiver.get(Self::PATH).bytes().unwrap().to_vec();
         let files = archiver.cache_files();
         assert_eq!(files.len(), 1, "{files:?}");
-        apply(&archiver.cache_dir.join(&files[0]));
+        let file = archiver.cache_dir.join(&files[0]);
+        LargeArchiveCached {
+            _sandbox: sandbox,
+            archiver,
+            body,
+            file,
+        }
+    }
 
+    /// After `what` happened to its file: the next request generates it
+    /// anew and the one after is a hit, both with the same bytes, and the
+    /// cache counts one archive of its length.
+    fn assert_generated_anew(&self, what: &str) {
         for expected_cache in ["miss", "hit"] {
-            let response = archiver.get(path);
-            assert_eq!(response.status(), 200, "after the file was {damage}");
+            let response = self.archiver.get(Self::PATH);
+            assert_eq!(response.status(), 200, "after {what}");
             assert_eq!(
                 header(&response, "x-gitball-cache"),
                 expected_cache,
-                "{damage}"
+                "{what}"
             );
-            assert_bytes_eq(&response.bytes().unwrap(), &body, damage);
+            assert_bytes_eq(&response.bytes().unwrap(), &self.body, what);
         }
-        let metrics = archiver.metrics();
+        let metrics = self.archiver.metrics();
         assert_eq!(metrics.value("gitball_archiver_cache_entries", &[]), 1.0);
         assert_eq!(
             metrics.value("gitball_archiver_cache_bytes", &[]),
-            body.len() as f64,
-            "{damage}"
+            self.body.len() as f64,
+            "{what}"
         );
-        assert_eq!(archiver.cache_files(), files, "{damage}");
     }
 }
 
@@ -2883,17 +2915,8 @@ fn a_cached_file_deleted_behind_the_archivers_back_is_generated_anew() {
 /// made for them by evicting archives that were there.)
 #[test]
 fn a_cached_file_deleted_and_never_asked_for_again_leaves_the_cache_bytes() {
-    let sandbox = Sandbox::new();
-    let repo = sandbox.repo("acme", "large");
-    repo.write("data.bin", pseudo_random_bytes(15, 300 * 1024));
-    repo.commit_all(T1, "large");
-    let archiver = Archiver::start(&sandbox.repos(), &[]);
-    let body = archiver
-        .get("/acme/large/archive/main.tar")
-        .bytes()
-        .unwrap();
-    let files = archiver.cache_files();
-    assert_eq!(files.len(), 1, "{files:?}");
+    let cached = LargeArchiveCached::new(15);
+    let (archiver, body) = (&cached.archiver, &cached.body);
     let bytes = || {
         let metrics = archiver.metrics();
         (
@@ -2903,7 +2926,7 @@ fn a_cached_file_deleted_and_never_asked_for_again_leaves_the_cache_bytes() {
         )
     };
     assert_eq!(bytes(), (body.len() as f64, 1.0, 0.0));
-    std::fs::remove_file(archiver.cache_dir.join(&files[0])).unwrap();
+    std::fs::remove_file(&cached.file).unwrap();
     assert!(
         wait_until(Duration::from_secs(15), || bytes() == (0.0, 0.0, 0.0)),
         "cache bytes, entries and held bytes 15 s after the file was deleted: {:?}",
@@ -2947,43 +2970,16 @@ fn a_non_file_planted_at_a_cached_files_name_is_generated_anew() {
         }),
     ];
     for (plant, apply) in plants {
-        let sandbox = Sandbox::new();
-        // Larger than one shared block (128 KiB), which a hit serves from
-        // memory without opening the file.
-        let repo = sandbox.repo("acme", "large");
-        repo.write("data.bin", pseudo_random_bytes(14, 300 * 1024));
-        repo.commit_all(T1, "large");
-        let archiver = Archiver::start(&sandbox.repos(), &[]);
-        let path = "/acme/large/archive/main.tar";
-        let body = archiver.get(path).bytes().unwrap().to_vec();
-        let files = archiver.cache_files();
-        assert_eq!(files.len(), 1, "{files:?}");
-        let file = archiver.cache_dir.join(&files[0]);
+        let cached = LargeArchiveCached::new(14);
+        let (archiver, file) = (&cached.archiver, &cached.file);
         // Kept beside it under another name (no archive's), for the symlink
         // to lead to a copy.
-        std::fs::rename(&file, file.with_extension("was")).unwrap();
-        apply(&file);
-
-        for expected_cache in ["miss", "hit"] {
-            let response = archiver.get(path);
-            assert_eq!(response.status(), 200, "after {plant} was put there");
-            assert_eq!(
-                header(&response, "x-gitball-cache"),
-                expected_cache,
-                "{plant}"
-            );
-            assert_bytes_eq(&response.bytes().unwrap(), &body, plant);
-        }
+        std::fs::rename(file, file.with_extension("was")).unwrap();
+        apply(file);
+        cached.assert_generated_anew(&format!("{plant} was put there"));
         assert!(
-            std::fs::symlink_metadata(&file).unwrap().is_file(),
+            std::fs::symlink_metadata(file).unwrap().is_file(),
             "{plant}: the archive's name is a file again"
-        );
-        let metrics = archiver.metrics();
-        assert_eq!(metrics.value("gitball_archiver_cache_entries", &[]), 1.0);
-        assert_eq!(
-            metrics.value("gitball_archiver_cache_bytes", &[]),
-            body.len() as f64,
-            "{plant}"
         );
         if plant == "a directory with a file in it" {
             let aside: Vec<String> = archiver
