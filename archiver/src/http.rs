@@ -353,17 +353,20 @@ async fn serve_archive(
     // those answer at once, and a git that then fails aborts the 200.)
     // A client that cannot tell a truncated body from a complete one (HTTP
     // 1.0 has no chunked encoding: a growing archive would end with a plain
-    // close) waits for the end and gets a `Content-Length`.
-    // A client that leaves meanwhile drops this future: its log says 499.
-    // So does a resume (a `Range` without `If-Range`: curl -C -, wget -c,
-    // aria2 --continue), which a growing archive could only answer with the
+    // close) waits for the end and gets a `Content-Length`. So does a
+    // resume (a `Range` without `If-Range`: curl -C -, wget -c, aria2
+    // --continue), which a growing archive could only answer with the
     // whole body: curl then gives up, aria2 starts a new file.
-    let needs_length = request.version < http::Version::HTTP_11
-        || headers.contains_key(X_GITBALL_WANT_LENGTH)
-        || is_resume(headers);
+    // A client that leaves meanwhile drops this future: its log says 499.
+    // Asked only of an archive not complete: a hit looks at no header here.
+    let needs_length = || {
+        request.version < http::Version::HTTP_11
+            || headers.contains_key(X_GITBALL_WANT_LENGTH)
+            || is_resume(headers)
+    };
     let source = match lookup {
         Lookup::Hit(file) => Source::Complete(file),
-        Lookup::Join(generation) | Lookup::Miss(generation) if needs_length => {
+        Lookup::Join(generation) | Lookup::Miss(generation) if needs_length() => {
             match generation.finished().await {
                 GenerationState::Complete(file) => Source::Complete(file),
                 GenerationState::Failed(failure) => return Err(failure.into()),
