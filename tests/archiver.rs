@@ -2817,10 +2817,12 @@ fn a_restart_deletes_cached_files_whose_bytes_were_damaged() {
 #[test]
 fn a_cached_file_deleted_behind_the_archivers_back_is_generated_anew() {
     // Deleted, cut short (review: attack; every hit was then aborted until a
-    // restart), or replaced by other bytes of the same length (served
-    // cleanly as the indexed archive).
+    // restart), replaced by other bytes of the same length (served
+    // cleanly as the indexed archive), or overwritten in place at the same
+    // length (its inode and length kept: served as the indexed archive
+    // until a restart checked it).
     type Damage = (&'static str, fn(&Path));
-    let damages: [Damage; 3] = [
+    let damages: [Damage; 4] = [
         ("deleted", |file| std::fs::remove_file(file).unwrap()),
         ("cut short", |file| {
             let len = std::fs::metadata(file).unwrap().len();
@@ -2836,6 +2838,16 @@ fn a_cached_file_deleted_behind_the_archivers_back_is_generated_anew() {
             let other = file.with_extension("other");
             std::fs::write(&other, pseudo_random_bytes(7, len)).unwrap();
             std::fs::rename(&other, file).unwrap();
+        }),
+        ("overwritten in place", |file| {
+            use std::os::unix::fs::FileExt;
+            let len = std::fs::metadata(file).unwrap().len() as usize;
+            std::fs::File::options()
+                .write(true)
+                .open(file)
+                .unwrap()
+                .write_all_at(&pseudo_random_bytes(7, len), 0)
+                .unwrap();
         }),
     ];
     for (damage, apply) in damages {
@@ -2870,9 +2882,14 @@ impl LargeArchiveCached {
         let sandbox = Sandbox::new();
         let repo = sandbox.repo("acme", "large");
         repo.write("data.bin", pseudo_random_bytes(seed, 300 * 1024));
-        repo.commit_all(T1, "large");
+        let commit = repo.commit_all(T1, "large");
         let archiver = Archiver::start(&sandbox.repos(), &[]);
         let body = archiver.get(Self::PATH).bytes().unwrap().to_vec();
+        assert_bytes_eq(
+            &body,
+            &repo.archive("tar", "large-main/", &commit, None),
+            "the first download",
+        );
         let files = archiver.cache_files();
         assert_eq!(files.len(), 1, "{files:?}");
         let file = archiver.cache_dir.join(&files[0]);
@@ -3292,6 +3309,44 @@ fn a_cache_dir_removed_while_running_fails_healthz_until_a_restart() {
         &cache_dir,
         &[],
     ));
+}
+
+/// `docs/archiver.md`, "Warm restart": a hit opens its file in the
+/// directory the archiver locked, by its fd, not by the cache dir's path.
+/// Moved away and replaced by another directory holding a file of the same
+/// name and length, the cache dir's archive is still served, from the
+/// directory locked, and what the path names now is neither served nor
+/// touched. (Review: opened by its path, the hit found the replacement,
+/// which only its inode told apart from the archive.)
+#[test]
+fn a_hit_in_a_cache_dir_moved_and_replaced_is_served_from_the_dir_locked() {
+    let cached = LargeArchiveCached::new(16);
+    let (archiver, file) = (&cached.archiver, &cached.file);
+    let name = file.file_name().unwrap();
+    let moved = archiver.cache_dir.with_file_name("cache-moved");
+    std::fs::rename(&archiver.cache_dir, &moved).unwrap();
+    std::fs::create_dir(&archiver.cache_dir).unwrap();
+    let planted = pseudo_random_bytes(7, cached.body.len());
+    std::fs::write(archiver.cache_dir.join(name), &planted).unwrap();
+
+    let response = archiver.get(LargeArchiveCached::PATH);
+    assert_eq!(response.status(), 200, "a hit in the dir locked");
+    assert_eq!(header(&response, "x-gitball-cache"), "hit");
+    assert_bytes_eq(
+        &response.bytes().unwrap(),
+        &cached.body,
+        "a hit in the dir locked",
+    );
+    assert_eq!(
+        std::fs::read(archiver.cache_dir.join(name)).unwrap(),
+        planted,
+        "what the path names now is left as it is"
+    );
+    assert_eq!(
+        gitball_e2e::dir_file_names(&archiver.cache_dir),
+        vec![name.to_str().unwrap().to_owned()],
+        "nothing else is written where the path names now"
+    );
 }
 
 /// `docs/archiver.md#held-bytes`: a cache dir on a filesystem smaller than

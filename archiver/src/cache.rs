@@ -44,6 +44,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::IpAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -96,12 +97,91 @@ pub struct CacheFile {
     pub path: PathBuf,
     pub len: u64,
     pub sha256: [u8; 32],
-    /// The file's inode when it was indexed (0: not known): a file found
-    /// with another inode or length was replaced or cut behind the
-    /// archiver's back, and is not served as this one.
-    pub inode: u64,
+    /// The directory the cache locked, which the file is opened in by its
+    /// name ([`CacheFile::open`]), whatever the cache dir's path names now.
+    dir: Arc<OwnedFd>,
+    /// The file as it was indexed (`None`: not known). One found with
+    /// another length, inode or ctime was cut, replaced or written to
+    /// behind the archiver's back, and is not served as this one.
+    indexed: Option<Stamp>,
     evicted: AtomicBool,
     held_bytes: HeldBytes,
+}
+
+/// Which file, and which version of it, a name led to: its inode, and its
+/// ctime (seconds, nanoseconds), which every write, cut and change of its
+/// links or mode moves and no one but the clock sets. Found by an `fstat`
+/// the caller makes anyway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    inode: u64,
+    changed: (i64, i64),
+}
+
+impl Stamp {
+    fn of(stat: &nix::sys::stat::FileStat) -> Stamp {
+        Stamp {
+            inode: stat.st_ino,
+            changed: (stat.st_ctime, stat.st_ctime_nsec),
+        }
+    }
+
+    fn of_metadata(metadata: &std::fs::Metadata) -> Stamp {
+        Stamp {
+            inode: metadata.ino(),
+            changed: (metadata.ctime(), metadata.ctime_nsec()),
+        }
+    }
+}
+
+impl CacheFile {
+    /// Opens the file for reading, by its name in the directory the cache
+    /// locked: never through a symlink, and never waiting (a fifo planted
+    /// at its name blocked the serving thread until a writer came:
+    /// attack). What cannot be opened as the regular file the cache wrote
+    /// (a symlink, a socket, a device without a driver, one whose mode was
+    /// changed), and what opens but is not the file indexed (a directory, a
+    /// fifo, another length, inode or ctime), is `InvalidData`: it is
+    /// forgotten and the request resolved again (`Cache::forget`). One
+    /// `openat` and one `fstat`, as an open by path would take.
+    pub fn open(&self) -> io::Result<std::fs::File> {
+        use nix::errno::Errno;
+        const NOT_A_FILE: [Errno; 5] = [
+            Errno::ELOOP,
+            Errno::ENXIO,
+            Errno::ENODEV,
+            Errno::EACCES,
+            Errno::EPERM,
+        ];
+        let file = nix::fcntl::openat(
+            self.dir.as_fd(),
+            name_in_dir(&self.path),
+            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map(std::fs::File::from)
+        .map_err(|errno| {
+            if NOT_A_FILE.contains(&errno) {
+                io::Error::new(io::ErrorKind::InvalidData, errno)
+            } else {
+                io::Error::from(errno)
+            }
+        })?;
+        let found = file.metadata()?;
+        if !(found.is_file() && self.is_as_indexed(found.len(), Stamp::of_metadata(&found))) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the cached archive's file was cut, replaced or written to",
+            ));
+        }
+        Ok(file)
+    }
+
+    /// Whether a regular file of `len` found at its name is the file
+    /// indexed, unchanged.
+    fn is_as_indexed(&self, len: u64, found: Stamp) -> bool {
+        len == self.len && self.indexed.is_none_or(|indexed| indexed == found)
+    }
 }
 
 impl Drop for CacheFile {
@@ -393,6 +473,8 @@ pub struct Cache {
     /// The cache directory's lock, held while the cache is open: one
     /// archiver per directory.
     dir_lock: nix::fcntl::Flock<std::fs::File>,
+    /// The same directory, for the files indexed to be opened in.
+    dir: Arc<OwnedFd>,
     /// `Cache::dir_intact` found the directory gone and said so.
     dir_lost_said: AtomicBool,
     /// Run between a generation's check of the cache dir and the creation
@@ -476,11 +558,10 @@ impl Cache {
     }
 
     /// The directory this cache locked, which its archive files are made,
-    /// renamed and removed in (by name, relative to it), whatever its path
-    /// names now.
+    /// opened, renamed and removed in (by name, relative to it), whatever
+    /// its path names now.
     fn dir(&self) -> std::os::fd::BorrowedFd<'_> {
-        use std::os::fd::AsFd;
-        (*self.dir_lock).as_fd()
+        self.dir.as_fd()
     }
 
     /// Opens (creating, mode 0700) the cache directory, takes its lock,
@@ -500,6 +581,7 @@ impl Cache {
             );
         }
 
+        let dir = Arc::new(OwnedFd::from(lock.try_clone()?));
         let mut found = Vec::new();
         for entry in std::fs::read_dir(&settings.dir)? {
             let entry = entry?;
@@ -557,7 +639,9 @@ impl Cache {
                 key,
                 sha256,
                 len: metadata.len(),
-                inode: metadata.ino(),
+                // Taken before its bytes are checked: a write after that
+                // moves it.
+                stamp: Stamp::of_metadata(&metadata),
                 path: entry.path(),
             });
         }
@@ -577,7 +661,7 @@ impl Cache {
             key,
             sha256,
             len,
-            inode,
+            stamp,
             path,
             ..
         } in found
@@ -587,7 +671,8 @@ impl Cache {
                 path,
                 len,
                 sha256,
-                inode,
+                dir: dir.clone(),
+                indexed: Some(stamp),
                 evicted: AtomicBool::new(false),
                 held_bytes: held_bytes.clone(),
             };
@@ -612,6 +697,7 @@ impl Cache {
         let shadows = Shadows::create_in_opened(&settings.dir, lock.try_clone()?)?;
         let cache = Cache {
             dir_lock: lock,
+            dir,
             dir_lost_said: AtomicBool::new(false),
             #[cfg(test)]
             after_the_dir_check: Mutex::new(None),
@@ -1030,10 +1116,13 @@ impl Cache {
         // A partial file replaced behind the archiver's back (another file
         // renamed over its name) was renamed in its stead: other bytes
         // under the archive's name, which a hit would serve (attack). The
-        // inode says which file the name leads to.
-        let inode = nix::sys::stat::fstatat(self.dir(), name_in_dir(&path), AtFlags::empty())
-            .map_or(0, |stat| stat.st_ino);
-        if inode != written_inode {
+        // inode says which file the name leads to. Its ctime, taken after
+        // the rename (which moves it), tells a hit whether it was written
+        // to since.
+        let indexed = nix::sys::stat::fstatat(self.dir(), name_in_dir(&path), AtFlags::empty())
+            .map(|stat| Stamp::of(&stat))
+            .ok();
+        if indexed.map_or(0, |stamp| stamp.inode) != written_inode {
             tracing::error!(
                 path = %path.display(),
                 "the partial file was replaced behind the archiver's back; not cached"
@@ -1048,7 +1137,8 @@ impl Cache {
             path,
             len: finished.len,
             sha256: finished.sha256,
-            inode,
+            dir: self.dir.clone(),
+            indexed,
             evicted: AtomicBool::new(false),
             held_bytes: self.held_bytes.clone(),
         });
@@ -1484,8 +1574,8 @@ impl Cache {
     }
 
     /// Whether `file` is still the file indexed: a regular file of its
-    /// length and inode at its name. A look that fails but for the name's
-    /// absence says nothing, and keeps it.
+    /// length, inode and ctime at its name. A look that fails but for the
+    /// name's absence says nothing, and keeps it.
     fn still_there(&self, file: &CacheFile) -> bool {
         match nix::sys::stat::fstatat(
             self.dir(),
@@ -1496,8 +1586,8 @@ impl Cache {
                 nix::sys::stat::SFlag::from_bits_truncate(found.st_mode)
                     & nix::sys::stat::SFlag::S_IFMT
                     == nix::sys::stat::SFlag::S_IFREG
-                    && u64::try_from(found.st_size).is_ok_and(|len| len == file.len)
-                    && (file.inode == 0 || found.st_ino == file.inode)
+                    && u64::try_from(found.st_size)
+                        .is_ok_and(|len| file.is_as_indexed(len, Stamp::of(&found)))
             }
             Err(error) => error != nix::errno::Errno::ENOENT,
         }
@@ -1669,7 +1759,7 @@ struct Restored {
     key: String,
     sha256: [u8; 32],
     len: u64,
-    inode: u64,
+    stamp: Stamp,
     path: PathBuf,
 }
 
@@ -1899,11 +1989,14 @@ impl Generation {
 impl CacheFile {
     /// A complete file outside any cache (never evicted).
     pub(crate) fn unindexed(path: PathBuf, len: u64, sha256: [u8; 32]) -> Arc<CacheFile> {
+        let dir = std::fs::File::open(path.parent().expect("a file in a directory"))
+            .expect("open the file's directory");
         Arc::new(CacheFile {
             path,
             len,
             sha256,
-            inode: 0,
+            dir: Arc::new(OwnedFd::from(dir)),
+            indexed: None,
             evicted: AtomicBool::new(false),
             held_bytes: HeldBytes::default(),
         })
@@ -3190,20 +3283,33 @@ mod tests {
         assert_eq!(bytes(&cache), 0);
     }
 
-    /// The sweep forgets complete files deleted, cut or replaced by
-    /// something else behind the archiver's back, and keeps the rest
+    /// The sweep forgets complete files deleted, cut, replaced by
+    /// something else or written to in place behind the archiver's back,
+    /// generated or restored at start, and keeps the rest
     /// (`docs/archiver.md#warm-restart`).
     #[tokio::test]
     async fn a_sweep_forgets_files_gone_cut_or_replaced_and_keeps_the_rest() {
+        use std::os::unix::fs::FileExt;
         let stub = StubGit::printing(&[b's'; 100]);
+        std::fs::create_dir(stub.cache_dir()).unwrap();
+        let restored = write_complete(&stub, 6, &[b'r'; 100]);
         let cache = open(&stub, 1 << 20);
+        assert!(matches!(cache.peek(&stub.spec(6)), Some(Lookup::Hit(_))));
         let files: Vec<Arc<CacheFile>> = {
             let mut files = Vec::new();
-            for n in 1..=4 {
+            for n in 1..=5 {
                 files.push(generate(&cache, stub.spec(n)).await);
             }
             files
         };
+        for written_to in [&files[3].path, &restored] {
+            std::fs::File::options()
+                .write(true)
+                .open(written_to)
+                .unwrap()
+                .write_all_at(b"w", 10)
+                .unwrap();
+        }
         std::fs::remove_file(&files[0].path).unwrap();
         std::fs::File::options()
             .write(true)
@@ -3213,14 +3319,14 @@ mod tests {
             .unwrap();
         std::fs::remove_file(&files[2].path).unwrap();
         std::fs::create_dir(&files[2].path).unwrap();
-        let kept = files[3].clone();
+        let kept = files[4].clone();
         drop(files);
-        assert_eq!(cache.sweep_gone(), 3);
+        assert_eq!(cache.sweep_gone(), 5);
         assert_eq!(cache.sweep_gone(), 0, "forgotten once");
         assert_eq!(bytes(&cache), kept.len);
         assert_eq!(held(&cache), 0, "no reader holds them");
-        assert!(matches!(cache.peek(&stub.spec(4)), Some(Lookup::Hit(_))));
-        for n in 1..=3 {
+        assert!(matches!(cache.peek(&stub.spec(5)), Some(Lookup::Hit(_))));
+        for n in [1, 2, 3, 4, 6] {
             assert!(cache.peek(&stub.spec(n)).is_none(), "{n}");
         }
     }

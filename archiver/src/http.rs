@@ -399,10 +399,11 @@ async fn serve_archive(
     if method == Method::HEAD {
         return Ok(Answer::Whole(response));
     }
-    // A complete file is opened by its path: one evicted since the lookup,
-    // or deleted behind the archiver's back, is not there; one cut or
-    // replaced behind its back is not the file indexed (another length or
-    // inode). Either is forgotten, and the request resolved again.
+    // A complete file is opened by its name in the directory the cache
+    // locked (`CacheFile::open`): one evicted since the lookup, or deleted
+    // behind the archiver's back, is not there; one cut, replaced or
+    // written to behind its back is not the file indexed (another length,
+    // inode or ctime). Either is forgotten, and the request resolved again.
     let reader = match (tail::Reader::open(source, range), complete) {
         (Ok(reader), _) => reader,
         (Err(error), Some(file))

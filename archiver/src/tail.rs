@@ -33,7 +33,7 @@
 
 use std::future::Future;
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
@@ -397,40 +397,6 @@ pub struct Reader {
     told: u64,
 }
 
-/// Opens a complete archive's file for reading: never through a symlink,
-/// and never waiting (a fifo planted at its name blocked the serving
-/// thread until a writer came: attack). What cannot be opened as the
-/// regular file the cache wrote (a symlink, a socket, a device without a
-/// driver, one whose mode was changed) is `InvalidData`, as one found with
-/// another length or inode is: not the file indexed, so it is forgotten and
-/// the request resolved again (`Cache::forget`). A directory or a fifo
-/// opens, and its metadata says it is not a file.
-fn open_complete(path: &std::path::Path) -> io::Result<std::fs::File> {
-    use nix::errno::Errno;
-    use nix::fcntl::OFlag;
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK).bits())
-        .open(path)
-        .map_err(|error| {
-            let not_a_file = [
-                Errno::ELOOP,
-                Errno::ENXIO,
-                Errno::ENODEV,
-                Errno::EACCES,
-                Errno::EPERM,
-            ]
-            .iter()
-            .any(|errno| error.raw_os_error() == Some(*errno as i32));
-            if not_a_file {
-                io::Error::new(io::ErrorKind::InvalidData, error)
-            } else {
-                error
-            }
-        })
-}
-
 impl Reader {
     /// Opens `source` for reading `range` (the whole archive for `None`).
     pub fn open(source: Source, range: Option<ByteRange>) -> io::Result<Reader> {
@@ -450,20 +416,7 @@ impl Reader {
                     .flatten();
                 let file = match preloaded {
                     Some(_) => None,
-                    None => {
-                        let file = open_complete(&complete.path)?;
-                        let found = file.metadata()?;
-                        if !found.is_file()
-                            || found.len() != complete.len
-                            || (complete.inode != 0 && found.ino() != complete.inode)
-                        {
-                            return Err(io::Error::new(
-                                io::ErrorKind::InvalidData,
-                                "the cached archive's file was cut or replaced",
-                            ));
-                        }
-                        Some(Arc::new(file))
-                    }
+                    None => Some(Arc::new(complete.open()?)),
                 };
                 (file, complete.path.clone(), None, Some(complete.len))
             }
