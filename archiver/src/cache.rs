@@ -51,6 +51,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
+use indexmap::IndexMap;
 use metrics::{counter, gauge, histogram};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
@@ -499,7 +500,10 @@ pub struct Cache {
 }
 
 struct Index {
-    complete: HashMap<String, Arc<CacheFile>>,
+    /// By position too, for a sweep to take its next files at their
+    /// positions ([`Cache::sweep_gone`]) rather than walk past every file
+    /// before them under the lock.
+    complete: IndexMap<String, Arc<CacheFile>>,
     /// The order in which complete files go, and how often keys are
     /// requested. Holds exactly the keys of `complete`.
     policy: Policy<String>,
@@ -651,7 +655,7 @@ impl Cache {
 
         let held_bytes = HeldBytes::default();
         let mut index = Index {
-            complete: HashMap::new(),
+            complete: IndexMap::new(),
             policy: Policy::new(settings.max_bytes),
             generating: HashMap::new(),
             too_large: lru::LruCache::new(TOO_LARGE_KEYS),
@@ -1484,7 +1488,7 @@ impl Cache {
                     .is_none_or(|file| Arc::strong_count(file) == 1)
         });
         for (key, _) in eviction.victims {
-            let Some(file) = index.complete.remove(&key) else {
+            let Some(file) = index.complete.swap_remove(&key) else {
                 continue;
             };
             index.bytes -= file.len;
@@ -1526,7 +1530,7 @@ impl Cache {
         {
             return false;
         }
-        index.complete.remove(&key);
+        index.complete.swap_remove(&key);
         index.policy.remove(&key);
         index.bytes -= file.len;
         // Readers that still hold it keep its space pinned, as an evicted
@@ -1541,8 +1545,9 @@ impl Cache {
         true
     }
 
-    /// Forgets ([`Cache::forget`]) complete files deleted, cut or replaced
-    /// behind the archiver's back that no request has opened since: a
+    /// Forgets ([`Cache::forget`]) complete files deleted, cut, replaced or
+    /// written to behind the archiver's back that no request has opened
+    /// since: a
     /// request that opens one forgets it, but until then its bytes stayed
     /// in `bytes` (for good, if it was never asked for again), and room was
     /// made for them by evicting archives that were there (review). Looks
@@ -1551,26 +1556,29 @@ impl Cache {
     /// the index lock; run every few seconds off the request path
     /// (`lib.rs`), nothing on a hit. How many it forgot.
     pub fn sweep_gone(&self) -> usize {
-        let files: Vec<Arc<CacheFile>> = {
-            let index = self.lock();
-            let count = index.complete.len();
-            if count == 0 {
-                return 0;
-            }
-            let start = self.swept.fetch_add(GONE_SWEEP_FILES, Ordering::Relaxed) % count;
-            index
-                .complete
-                .values()
-                .cycle()
-                .skip(start)
-                .take(GONE_SWEEP_FILES.min(count))
-                .cloned()
-                .collect()
-        };
-        files
+        self.to_sweep()
             .iter()
             .filter(|file| !self.still_there(file) && self.forget(file))
             .count()
+    }
+
+    /// The files the next sweep looks at: up to [`GONE_SWEEP_FILES`],
+    /// from where the last one stopped, each taken at its position, so the
+    /// index lock is held as long at any number of files. (Reached by
+    /// walking the index past every file before them, it was held 1.0 to
+    /// 1.5 ms per sweep at a million files, the archiver built optimized.)
+    /// A file moved by a removal (`swap_remove`) may wait a round longer.
+    fn to_sweep(&self) -> Vec<Arc<CacheFile>> {
+        let index = self.lock();
+        let count = index.complete.len();
+        if count == 0 {
+            return Vec::new();
+        }
+        let start = self.swept.fetch_add(GONE_SWEEP_FILES, Ordering::Relaxed) % count;
+        (start..start + GONE_SWEEP_FILES.min(count))
+            .filter_map(|position| index.complete.get_index(position % count))
+            .map(|(_, file)| file.clone())
+            .collect()
     }
 
     /// Whether `file` is still the file indexed: a regular file of its
@@ -3329,6 +3337,31 @@ mod tests {
         for n in [1, 2, 3, 4, 6] {
             assert!(cache.peek(&stub.spec(n)).is_none(), "{n}");
         }
+    }
+
+    /// Successive sweeps look at every complete file in turn,
+    /// [`GONE_SWEEP_FILES`] at a time, from where the last one stopped.
+    #[tokio::test]
+    async fn successive_sweeps_look_at_every_file_in_turn() {
+        let stub = StubGit::printing(b"x");
+        let cache = open(&stub, 1 << 20);
+        let count: usize = 2 * GONE_SWEEP_FILES + 88;
+        {
+            let mut index = cache.lock();
+            for n in 0..count {
+                let key = format!("{n:064x}");
+                let path = stub.cache_dir().join(format!("{key}-{key}"));
+                let file = CacheFile::unindexed(path, 1, [0; 32]);
+                index.complete.insert(key, file);
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..count.div_ceil(GONE_SWEEP_FILES) {
+            let files = cache.to_sweep();
+            assert_eq!(files.len(), GONE_SWEEP_FILES);
+            seen.extend(files.iter().map(|file| file.path.clone()));
+        }
+        assert_eq!(seen.len(), count);
     }
 
     /// A sweep that took a file before a request found it gone, forgot it
