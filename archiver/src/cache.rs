@@ -561,6 +561,18 @@ impl Cache {
         intact
     }
 
+    /// Removes the file `path` names from the directory locked (where the
+    /// cache made it), not from what the cache dir's path names now (review:
+    /// an eviction by path deleted a file of the archive's name in a
+    /// directory put in the locked one's place). One already gone is
+    /// no error.
+    fn unlink(&self, path: &Path) -> nix::Result<()> {
+        match nix::unistd::unlinkat(self.dir(), name_in_dir(path), UnlinkatFlags::NoRemoveDir) {
+            Err(nix::errno::Errno::ENOENT) => Ok(()),
+            unlinked => unlinked,
+        }
+    }
+
     /// The directory this cache locked, which its archive files are made,
     /// opened, renamed and removed in (by name, relative to it), whatever
     /// its path names now.
@@ -1131,7 +1143,9 @@ impl Cache {
                 path = %path.display(),
                 "the partial file was replaced behind the archiver's back; not cached"
             );
-            remove(&path, "a replaced partial file");
+            if let Err(error) = self.unlink(&path) {
+                tracing::error!(%error, "cannot remove a replaced partial file");
+            }
             counter!(m::GENERATIONS_TOTAL, "format" => format, "outcome" => "failed").increment(1);
             self.fail(&key, &partial, written, Failure::Failed, &progress);
             return;
@@ -1208,12 +1222,8 @@ impl Cache {
             self.publish(&index);
             generation
         };
-        // A generation that never had its slot made none. Made in the
-        // directory locked, it is removed from there.
-        if let Err(error) =
-            nix::unistd::unlinkat(self.dir(), name_in_dir(partial), UnlinkatFlags::NoRemoveDir)
-            && error != nix::errno::Errno::ENOENT
-        {
+        // A generation that never had its slot made none.
+        if let Err(error) = self.unlink(partial) {
             tracing::error!(%error, "cannot remove a failed partial file");
         }
         // Neither is a fault: a full queue, or a push while the request waited.
@@ -1492,17 +1502,17 @@ impl Cache {
                 continue;
             };
             index.bytes -= file.len;
-            match std::fs::remove_file(&file.path) {
+            match self.unlink(&file.path) {
                 // Still on disk: held for good (until a restart), never
                 // invisible (review: attack; its bytes left every gauge).
-                Err(error) if error.kind() != io::ErrorKind::NotFound => tracing::error!(
+                Err(error) => tracing::error!(
                     %error,
                     path = %file.path.display(),
                     "cannot remove an evicted archive; its bytes stay counted as held"
                 ),
                 // Counted as held until the last holder drops it (maybe
                 // now).
-                _ => file.evicted.store(true, Ordering::Release),
+                Ok(()) => file.evicted.store(true, Ordering::Release),
             }
             self.held_bytes.hold(file.len);
             counter!(m::CACHE_EVICTIONS_TOTAL).increment(1);
@@ -1630,13 +1640,12 @@ impl Cache {
             // goes nowhere (a test saw one left after 5 s).
             let index = self.lock();
             for generation in index.generating.values() {
-                match std::fs::remove_file(&generation.partial) {
-                    Err(error) if error.kind() != io::ErrorKind::NotFound => tracing::error!(
+                if let Err(error) = self.unlink(&generation.partial) {
+                    tracing::error!(
                         %error,
                         path = %generation.partial.display(),
                         "cannot remove the partial file of a generation still stopping"
-                    ),
-                    _ => {}
+                    );
                 }
             }
         }
@@ -3289,6 +3298,45 @@ mod tests {
         assert!(names_in(&locked).is_empty(), "the partial file was left");
         assert!(!cache.dir_intact());
         assert_eq!(bytes(&cache), 0);
+    }
+
+    /// An archive evicted after the cache dir was moved away and replaced
+    /// is removed from the directory locked, and a file of its name in
+    /// what the path names now is left alone (`docs/archiver.md#warm-restart`).
+    /// (Review: removed by its path, the eviction deleted the file in the
+    /// new directory and left the archive's bytes in the one locked.)
+    #[tokio::test]
+    async fn an_eviction_after_the_cache_dir_was_replaced_removes_only_from_the_dir_locked() {
+        let stub = StubGit::printing(&[b'e'; 100]);
+        let archive = HEADER_LEN + 100;
+        let cache = open(&stub, 2 * archive + 50);
+        let evicted = generate(&cache, stub.spec(1)).await;
+        let mut feed = stub.feed();
+        let growing = miss(cache.lookup(stub.spec(2), CLIENT, "r"));
+        written(&growing, archive).await;
+
+        let dir = stub.cache_dir();
+        let locked = dir.with_file_name("locked");
+        std::fs::rename(&dir, &locked).unwrap();
+        std::fs::create_dir(&dir).unwrap();
+        let planted = dir.join(evicted.path.file_name().unwrap());
+        std::fs::write(&planted, b"not the cache's").unwrap();
+        // Past the bound: the first archive is evicted.
+        feed.send(&[b'f'; 100]);
+        written(&growing, archive + 100).await;
+        assert!(cache.peek(&stub.spec(1)).is_none(), "not evicted");
+
+        assert_eq!(
+            std::fs::read(&planted).ok().as_deref(),
+            Some(&b"not the cache's"[..]),
+            "what the path names now is left alone"
+        );
+        assert!(
+            !locked.join(planted.file_name().unwrap()).exists(),
+            "the evicted archive is removed from the directory locked"
+        );
+        drop(feed);
+        within(growing.finished()).await;
     }
 
     /// The sweep forgets complete files deleted, cut, replaced by
