@@ -38,8 +38,11 @@
 //!   SHA-256 in their name are re-indexed (oldest first, by mtime; of two
 //!   files of one key only the newest is kept, the other deleted), damaged
 //!   ones and leftover partials deleted: a restart keeps the cache warm.
-//! - The directory is the cache's alone while it is open (`flock`); a file
-//!   found gone anyway is forgotten (`Cache::forget`).
+//! - The directory is the cache's alone while it is open (`flock`).
+//!   Complete files are opened and removed, partials made, renamed and
+//!   removed, by name in it, by its fd, whatever its path names later. A
+//!   complete file found gone anyway, or not as it was indexed (its
+//!   length, inode or ctime), is forgotten (`Cache::forget`).
 
 use std::collections::HashMap;
 use std::io;
@@ -3484,8 +3487,11 @@ mod tests {
     /// one's partials and evict its files from under it.
     #[tokio::test]
     async fn a_cache_dir_in_use_is_refused_until_its_cache_is_closed() {
-        let stub = StubGit::new(b"", 1);
+        let stub = StubGit::printing(b"kept");
         let first = open(&stub, 1 << 20);
+        // A complete file a reader still holds keeps the dir's fd, a dup of
+        // the locked one, but not the lock: the cache unlocks as it closes.
+        let held = generate(&first, stub.spec(1)).await;
         let refused = Cache::open(stub.settings(1 << 20))
             .err()
             .expect("a second cache opened");
@@ -3495,6 +3501,7 @@ mod tests {
         );
         drop(first);
         drop(Cache::open(stub.settings(1 << 20)).expect("the dir is free again"));
+        drop(held);
     }
 
     /// A shared directory (sticky, as `/tmp` and `/dev/shm` are) is not the
