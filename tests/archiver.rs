@@ -2841,6 +2841,7 @@ fn a_cached_file_deleted_behind_the_archivers_back_is_generated_anew() {
         }),
         ("overwritten in place", |file| {
             use std::os::unix::fs::FileExt;
+            gitball_e2e::past_the_ctime_of(file);
             let len = std::fs::metadata(file).unwrap().len() as usize;
             std::fs::File::options()
                 .write(true)

@@ -2036,7 +2036,9 @@ mod tests {
     use super::*;
     use crate::cache::policy::Segment;
     use crate::generate::Compression;
-    use crate::test_support::{CLIENT, HEADER_LEN, StubGit, names_in, printed, within};
+    use crate::test_support::{
+        CLIENT, HEADER_LEN, StubGit, names_in, past_the_ctime_of, printed, within,
+    };
     use gitball_core::url::Format;
 
     #[test]
@@ -3362,6 +3364,7 @@ mod tests {
             files
         };
         for written_to in [&files[3].path, &restored] {
+            past_the_ctime_of(written_to);
             std::fs::File::options()
                 .write(true)
                 .open(written_to)

@@ -260,3 +260,29 @@ pub fn names_in(dir: &Path) -> Vec<String> {
     names.sort();
     names
 }
+
+/// Returns once the kernel's clock, as a new file's ctime beside `path`
+/// shows it, is past `path`'s ctime, so that a write to `path` now moves
+/// its ctime: where timestamps are coarse (Linux before 6.13), a write in
+/// the tick the file was last changed leaves its ctime as it was.
+pub fn past_the_ctime_of(path: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let ctime = |path: &Path| {
+        let metadata = std::fs::metadata(path).unwrap();
+        (metadata.ctime(), metadata.ctime_nsec())
+    };
+    let changed = ctime(path);
+    let probe = path.with_extension("ctime-probe");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        std::fs::write(&probe, b"").unwrap();
+        if ctime(&probe) > changed {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the clock stands still"
+        );
+    }
+    std::fs::remove_file(&probe).unwrap();
+}

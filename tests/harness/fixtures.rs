@@ -106,3 +106,29 @@ pub fn link_files(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Returns once the kernel's clock, as a new file's ctime beside `path`
+/// shows it, is past `path`'s ctime, so that a write to `path` now moves
+/// its ctime: where timestamps are coarse (Linux before 6.13), a write in
+/// the tick the file was last changed leaves its ctime as it was.
+pub fn past_the_ctime_of(path: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let ctime = |path: &Path| {
+        let metadata = fs::metadata(path).expect("the file's metadata");
+        (metadata.ctime(), metadata.ctime_nsec())
+    };
+    let changed = ctime(path);
+    let probe = path.with_extension("ctime-probe");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        fs::write(&probe, b"").expect("write a probe file");
+        if ctime(&probe) > changed {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the clock stands still"
+        );
+    }
+    fs::remove_file(&probe).expect("remove the probe file");
+}
