@@ -29,9 +29,9 @@ use gitball_e2e::proxy::{
     tar_length, token, unix_now, write_atomically, write_routes,
 };
 use gitball_e2e::{
-    Archiver, BodyEnd, RawConnection, RepoBuilder, ResponseHead, Sandbox, Service, base64,
-    binary_path, cached_dir, http_date, link_files, open_fd_count, pipe_through, process_dir,
-    sha256_hex, vm_rss_bytes, wait_until,
+    Archiver, BodyEnd, RawConnection, RefusingPort, RepoBuilder, ResponseHead, Sandbox, Service,
+    base64, binary_path, cached_dir, http_date, link_files, open_fd_count, pipe_through,
+    process_dir, sha256_hex, vm_rss_bytes, wait_until,
 };
 use sha2::{Digest, Sha256};
 
@@ -2665,16 +2665,9 @@ fn when_every_candidate_fails_the_answer_follows_the_documented_rules() {
 #[test]
 fn a_first_bad_gateway_is_an_increase_between_two_scrapes() {
     let sandbox = Sandbox::new();
-    // Nothing listens there once the listener is closed: refused.
-    let refused = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("address");
+    let refused = RefusingPort::new();
     let routes = sandbox.path("routes.toml");
-    write_routes(
-        &routes,
-        &[Route::new("*", &format!("http://{refused}"), &[])],
-    );
+    write_routes(&routes, &[Route::new("*", &refused.url(), &[])]);
     let proxy = Proxy::with_routes(&routes, &[]);
     let before = proxy.scrape();
     for code in ["500", "502", "503", "504"] {
@@ -2704,18 +2697,14 @@ fn a_header_timeout_beside_a_refused_connection_is_a_502_not_a_504() {
     // Accepts (the kernel completes the handshake into the backlog) and
     // never answers.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    // Nothing listens there once the listener is closed: refused.
-    let refused = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("address");
+    let refused = RefusingPort::new();
     let routes = sandbox.path("routes.toml");
     write_routes(
         &routes,
         &[Route::new(
             "*",
             &format!("http://{}", silent.local_addr().expect("address")),
-            &[&format!("http://{refused}")],
+            &[&refused.url()],
         )],
     );
     let proxy = Proxy::with_routes(&routes, &["--header-timeout", "1", "--eject-for", "60"]);
@@ -2732,7 +2721,7 @@ fn a_header_timeout_beside_a_refused_connection_is_a_502_not_a_504() {
     assert_eq!(answer.status(), 502, "{}", answer.text());
     assert_eq!(answer.error_code(), "bad_gateway");
     let silent = format!("http://{}", silent.local_addr().expect("address"));
-    assert_names_no_upstream(&answer, &[&silent, &format!("http://{refused}")]);
+    assert_names_no_upstream(&answer, &[&silent, &refused.url()]);
 }
 
 /// Asserts that an upstream's ejection gauge, scraped just before this
@@ -6049,14 +6038,11 @@ fn a_reload_makes_the_new_upstreams_series_and_keeps_an_ejection_at_one() {
     let shared = shared_repos();
     let sandbox = Sandbox::new();
     let live = Archiver::start(&shared.repos, &[]);
-    let dead = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        format!("http://{}", listener.local_addr().expect("address"))
-    };
-    let added = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        format!("http://{}", listener.local_addr().expect("address"))
-    };
+    let refusing = RefusingPort::new();
+    let dead = refusing.url();
+    // Never connected to: the requests are all for acme/*.
+    let unused = RefusingPort::new();
+    let added = unused.url();
     let routes = sandbox.path("routes.toml");
     write_routes(&routes, &[Route::new("*", &live.base_url, &[&dead])]);
     // Longer than the test: the ejection cannot end on its own meanwhile.

@@ -1064,10 +1064,8 @@ mod tests {
 
     #[tokio::test]
     async fn refused_connection_is_a_connect_error() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let address = listener.local_addr().unwrap();
-        drop(listener);
-        let upstream: Arc<str> = format!("http://{address}").into();
+        let refusing = crate::testing::RefusingPort::new();
+        let upstream: Arc<str> = format!("http://{}", refusing.addr).into();
         let error = Pool::new(Duration::from_secs(5))
             .send(
                 &upstream,

@@ -44,6 +44,8 @@ pub mod resume;
 pub mod routes;
 pub mod sign;
 pub mod splice;
+#[cfg(test)]
+mod testing;
 pub mod upstream;
 pub mod window;
 

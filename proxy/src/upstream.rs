@@ -867,12 +867,8 @@ mod tests {
         // process's listener not closed yet.
         let silent_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let silent: Arc<str> = format!("http://{}", silent_listener.local_addr().unwrap()).into();
-        let gone = {
-            let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let gone: Arc<str> = format!("http://{}", closed.local_addr().unwrap()).into();
-            drop(closed);
-            gone
-        };
+        let refusing = crate::testing::RefusingPort::new();
+        let gone: Arc<str> = format!("http://{}", refusing.addr).into();
         let health = Arc::new(Health::new(Duration::from_secs(10)));
         // `Health::cut`, its check awaited.
         let cut = |health: &Arc<Health>, upstream: &Arc<str>| {

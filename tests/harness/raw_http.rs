@@ -7,6 +7,8 @@
 //! - [`http_client`] and [`header`]: a blocking `reqwest` client for the
 //!   requests that need no such control.
 //! - [`read_request_head`]: the other side, for a fake upstream.
+//! - [`RefusingPort`]: an address that refuses every connection, for an
+//!   upstream that is down.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -16,6 +18,55 @@ use std::time::Duration;
 pub const SOCKET_TIMEOUT: Duration = Duration::from_secs(60);
 /// Whole-request timeout of [`http_client`].
 pub const HTTP_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// A port on 127.0.0.1 that refuses every connection for as long as this
+/// value lives: a TCP socket bound to it and never listening. An upstream
+/// that is down.
+///
+/// A port bound, closed, and then trusted to refuse is free in between:
+/// any listener of this test process or another (a service started on
+/// port 0) may be given it, and the connection meant to be refused is
+/// accepted. This one cannot be given to anyone: the socket is bound
+/// without `SO_REUSEADDR` or `SO_REUSEPORT`, so the kernel refuses every
+/// other bind of the port, on 127.0.0.1 or a wildcard address, with
+/// `EADDRINUSE` whatever options that socket sets, and never picks it for
+/// a bind to port 0. A socket that does not listen takes no connection:
+/// the kernel answers a SYN to it with a reset, which the client reads as
+/// `ECONNREFUSED`.
+pub struct RefusingPort {
+    /// Holds the port; never listens.
+    _socket: socket2::Socket,
+    pub addr: SocketAddr,
+}
+
+impl RefusingPort {
+    pub fn new() -> RefusingPort {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("an address");
+        socket.bind(&any.into()).expect("bind 127.0.0.1:0");
+        let addr = socket
+            .local_addr()
+            .expect("address")
+            .as_socket()
+            .expect("an IP address");
+        RefusingPort {
+            _socket: socket,
+            addr,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`, as a routing table names an upstream.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Default for RefusingPort {
+    fn default() -> RefusingPort {
+        RefusingPort::new()
+    }
+}
 
 /// Reads a request head from `stream`, as a fake upstream does: byte by
 /// byte, so nothing after the head is taken from the socket. The head with
@@ -467,5 +518,27 @@ impl Read for BodyReader<'_> {
         out[..n].copy_from_slice(&self.pending[self.at..self.at + n]);
         self.at += n;
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What makes [`RefusingPort`] safe to share a machine with: no
+    /// listener can take its port (std's `bind` sets `SO_REUSEADDR`, as
+    /// tokio's does), on its address or a wildcard one, while connections
+    /// to it are refused. (A port bound and closed, the pattern it
+    /// replaces, is taken by the first bind here.)
+    #[test]
+    fn a_refusing_port_cannot_be_taken_and_refuses() {
+        let refusing = RefusingPort::new();
+        let port = refusing.addr.port();
+        for address in ["127.0.0.1", "0.0.0.0", "[::]"] {
+            let taken = std::net::TcpListener::bind(format!("{address}:{port}"));
+            assert!(taken.is_err(), "{address}:{port} was taken");
+        }
+        let error = TcpStream::connect(refusing.addr).expect_err("connected");
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused);
     }
 }
