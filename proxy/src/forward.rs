@@ -1064,7 +1064,7 @@ mod tests {
 
     #[tokio::test]
     async fn refused_connection_is_a_connect_error() {
-        let refusing = crate::testing::RefusingPort::new();
+        let refusing = crate::test_support::RefusingPort::new();
         let upstream: Arc<str> = format!("http://{}", refusing.addr).into();
         let error = Pool::new(Duration::from_secs(5))
             .send(

@@ -45,7 +45,7 @@ pub mod routes;
 pub mod sign;
 pub mod splice;
 #[cfg(test)]
-mod testing;
+mod test_support;
 pub mod upstream;
 pub mod window;
 

@@ -867,7 +867,7 @@ mod tests {
         // process's listener not closed yet.
         let silent_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let silent: Arc<str> = format!("http://{}", silent_listener.local_addr().unwrap()).into();
-        let refusing = crate::testing::RefusingPort::new();
+        let refusing = crate::test_support::RefusingPort::new();
         let gone: Arc<str> = format!("http://{}", refusing.addr).into();
         let health = Arc::new(Health::new(Duration::from_secs(10)));
         // `Health::cut`, its check awaited.
