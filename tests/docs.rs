@@ -260,8 +260,8 @@ fn check_scrape(
 }
 
 /// Families that exist at start-up with labels must be the ones
-/// `docs/observability.md`'s "Series at start-up" names, and every
-/// unlabelled family of the tier must exist.
+/// `docs/observability.md`'s "Series at start-up" names, every
+/// unlabelled family of the tier must exist, and every counter reads 0.
 fn check_start_up(
     problems: &mut Vec<String>,
     what: &str,
@@ -287,10 +287,47 @@ fn check_start_up(
             ));
         }
     }
+    for (series, value) in &metrics.series {
+        let (sample, _) = name_and_labels(series);
+        let family = family_of(sample, metrics);
+        if family.starts_with(prefix)
+            && metrics.types.get(family).map(String::as_str) == Some("counter")
+            && *value != 0.0
+        {
+            problems.push(format!("{what}: {series} is {value} at start-up"));
+        }
+    }
     for (family, docs) in documented {
         if family.starts_with(prefix) && docs.labels.is_empty() && !families.contains_key(family) {
             problems.push(format!("{what}: unlabelled {family} is absent at start-up"));
         }
+    }
+}
+
+/// Series at start-up's rule, the half traffic can refute: every counter
+/// series the traffic made existed at start-up, but an upstream's attempts
+/// of an outcome other than `too_many_connections`. (A first event of a
+/// series born with it is no `increase()`: before the rule, a first `404`
+/// or `416` after a start went uncounted.)
+fn check_no_counter_series_since_start_up(
+    problems: &mut Vec<String>,
+    what: &str,
+    start: &Metrics,
+    now: &Metrics,
+) {
+    for series in now.series.keys() {
+        let (sample, labels) = name_and_labels(series);
+        let family = family_of(sample, now);
+        if labels.is_empty()
+            || now.types.get(family).map(String::as_str) != Some("counter")
+            || family == "gitball_proxy_upstream_attempts_total"
+            || start.series.contains_key(series)
+        {
+            continue;
+        }
+        problems.push(format!(
+            "{what}: {series} appeared with traffic, not at start-up"
+        ));
     }
 }
 
@@ -375,6 +412,8 @@ fn every_metric_family_is_documented_with_its_type_labels_and_values() {
             &process,
             &label_values,
         );
+        let start = if what == "proxy" { &proxy } else { &archiver };
+        check_no_counter_series_since_start_up(&mut problems, what, start, &metrics);
         exported_names.extend(metrics.types.keys().cloned());
     }
     for family in documented.keys().chain(&process) {

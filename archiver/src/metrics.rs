@@ -1,13 +1,12 @@
 //! The archiver's Prometheus series (`docs/observability.md#metrics`),
 //! recorded through the process-global recorder of `gitball_core::metrics`.
 //!
-//! Every series name is written once, here. Unlabelled series are
-//! registered at start-up with value 0 ([`describe`]), so a dashboard sees
-//! them before the first event; labelled ones appear with their first event,
-//! except those the alerts count with `increase()`, which cannot see the
-//! event a series is born with (a first failure read as no failure): every
-//! format's `generations_total` outcomes and its `503` misses (shedding)
-//! are made at 0.
+//! Every series name is written once, here. Every counter is registered at
+//! start-up at 0 ([`describe`]), for every label set it can count: its
+//! labels are all closed sets (formats, outcomes, cache results, the
+//! statuses the archiver sends). So a dashboard sees each before its first
+//! event, and `increase()` and `rate()` count that event, which they cannot
+//! for a series born with it (a first failure read as no failure).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -49,6 +48,27 @@ pub const TAR_WRITER_INFO: &str = "gitball_archiver_tar_writer_info";
 /// Every `outcome` of `generations_total` (`generate::Failure::outcome`,
 /// and `ok`).
 pub const GENERATION_OUTCOMES: [&str; 5] = ["ok", "failed", "timeout", "too_large", "refs_changed"];
+
+/// Every `cache` and `code` a request for an archive of a format can be
+/// counted with in `requests_total` (`docs/observability.md#label-values`):
+/// a lookup's answer (the archive, its range, a range past its end, a
+/// failure of the archive, a `503` for its generation), and the answers
+/// given before a lookup (`none`: a `304`, the request's own errors, a
+/// spent budget, a shutdown). `499` with each: the client left.
+pub const REQUEST_LABELS: [(&str, &[u16]); 4] = [
+    ("hit", &[200, 206, 416, 499, 500]),
+    ("miss", &[200, 206, 416, 499, 500, 503]),
+    ("join", &[200, 206, 416, 499, 500, 503]),
+    ("none", &[304, 400, 401, 404, 405, 429, 499, 500, 503]),
+];
+
+/// The same for a request whose path names no format (`format="none"`): a
+/// URL that did not parse, or a prewarm, whose `202` is its only answer
+/// after its lookups.
+pub const REQUEST_LABELS_WITHOUT_FORMAT: [(&str, &[u16]); 2] = [
+    ("none", &[400, 401, 404, 405, 429, 499, 500, 503]),
+    ("prewarm", &[202]),
+];
 
 /// Describes every archiver family and registers the unlabelled ones at 0.
 pub fn describe(cache_max_bytes: u64, budget_max_clients: usize) {
@@ -157,19 +177,28 @@ pub fn describe(cache_max_bytes: u64, budget_max_clients: usize) {
     gauge!(GENERATIONS_QUEUED).set(0.0);
     gauge!(GENERATIONS_QUEUED_CLIENTS).set(0.0);
     counter!(GENERATIONS_ABANDONED_TOTAL).absolute(0);
+    let by_format = gitball_core::url::Format::ALL
+        .into_iter()
+        .map(|format| (format.metric_label(), REQUEST_LABELS.as_slice()));
+    for (format, labels) in by_format.chain([("none", REQUEST_LABELS_WITHOUT_FORMAT.as_slice())]) {
+        for (cache, codes) in labels {
+            for code in *codes {
+                // Labels in `request_finished`'s order: the same series.
+                counter!(
+                    REQUESTS_TOTAL,
+                    "format" => format,
+                    "cache" => *cache,
+                    "code" => code.to_string()
+                )
+                .absolute(0);
+            }
+        }
+    }
     for format in gitball_core::url::Format::ALL {
         for outcome in GENERATION_OUTCOMES {
             counter!(GENERATIONS_TOTAL, "format" => format.metric_label(), "outcome" => outcome)
                 .absolute(0);
         }
-        // Labels in `request_finished`'s order: the same series.
-        counter!(
-            REQUESTS_TOTAL,
-            "format" => format.metric_label(),
-            "cache" => "miss",
-            "code" => "503"
-        )
-        .absolute(0);
     }
     gauge!(CACHE_BYTES).set(0.0);
     gauge!(CACHE_HELD_BYTES).set(0.0);

@@ -5,12 +5,14 @@
 //! series); in embedded mode the in-process archiver's series land in the
 //! same registry, so the proxy's `/metrics` shows both tiers. Every series
 //! name is written once, here, and every family gets its `# HELP` line
-//! from [`register`]. Unlabelled series are created at start-up (counters at
-//! 0) so dashboards and alerts see them before the first event; labelled ones
-//! appear with their first event, except `upstream_ejected` and
-//! `upstream_aborts_total`, set to 0 for every upstream of a newly loaded
-//! routing table, and `resumes_total` and `splices_total`, made at 0 for
-//! each outcome (`docs/observability.md#series-at-start-up`).
+//! from [`register`]. Every series whose labels are all closed sets
+//! (statuses, outcomes) is created at start-up, counters at 0, so
+//! dashboards and alerts see it before the first event, and `increase()`
+//! counts that event. Those labelled by upstream are made for every
+//! upstream of a newly loaded routing table: one series each of
+//! `upstream_ejected`, `upstream_aborts_total` and
+//! `upstream_attempts_total{outcome="too_many_connections"}`, not every
+//! outcome of every upstream (`docs/observability.md#series-at-start-up`).
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -36,6 +38,16 @@ const ROUTES_RELOADS_TOTAL: &str = "gitball_proxy_routes_reloads_total";
 const PARKED_DOWNLOADS: &str = "gitball_proxy_parked_downloads";
 const RESUMES_TOTAL: &str = "gitball_proxy_resumes_total";
 const SPLICES_TOTAL: &str = "gitball_proxy_splices_total";
+
+/// Every status the proxy sends (`requests_total{code}`): its own answers
+/// (`docs/proxy.md`), those it passes on from an archiver (the archiver's
+/// own list, `gitball_archiver::metrics::REQUEST_LABELS`), and `499`.
+const REQUEST_CODES: [u16; 15] = [
+    200, 202, 206, 304, 400, 401, 404, 405, 416, 429, 499, 500, 502, 503, 504,
+];
+
+/// Every `outcome` of `routes_reloads_total`.
+const RELOAD_OUTCOMES: [&str; 2] = ["ok", "error"];
 
 /// Set by [`register`]: the recorder is installed, so handles taken from
 /// now on record into it and may be kept.
@@ -214,9 +226,7 @@ pub fn register() {
     counter!(CLIENT_IDLE_TIMEOUTS_TOTAL).absolute(0);
     gauge!(ACTIVE_DOWNLOADS).set(0.0);
     gauge!(PARKED_DOWNLOADS).set(0.0);
-    // The 5xx the proxy answers, counted by an alert with `increase()`,
-    // which sees nothing of the event a series is born with.
-    for code in [500, 502, 503, 504] {
+    for code in REQUEST_CODES {
         requests(code).absolute(0);
     }
     for outcome in ["resumed", "failed"] {
@@ -266,6 +276,15 @@ pub fn upstreams_known(upstreams: &[Arc<str>]) {
         gauge!(UPSTREAM_EJECTED, "upstream" => upstream.to_string()).increment(0.0);
         counter!(UPSTREAM_ABORTS_TOTAL, "upstream" => upstream.to_string()).increment(0);
         attempts(upstream, "too_many_connections").increment(0);
+    }
+}
+
+/// A routing table was loaded from a file, which a reload reads again:
+/// `routes_reloads_total` exists at 0 for each outcome. (Embedded mode has
+/// no file, and no such series.)
+pub fn routes_reloadable() {
+    for outcome in RELOAD_OUTCOMES {
+        counter!(ROUTES_RELOADS_TOTAL, "outcome" => outcome).increment(0);
     }
 }
 

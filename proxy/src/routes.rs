@@ -433,6 +433,7 @@ impl Routes {
     pub fn from_file(path: PathBuf) -> Result<Routes, RoutesError> {
         let table = RouteTable::load(&path)?;
         crate::metrics::upstreams_known(&table.upstreams());
+        crate::metrics::routes_reloadable();
         Ok(Routes {
             current: RwLock::new(Arc::new(table)),
             path: Some(path),
