@@ -3365,6 +3365,63 @@ fn a_cache_filesystem_smaller_than_the_bound_is_warned_of_at_start() {
     assert!(!fits.log().contains(WARNING), "{}", fits.log());
 }
 
+/// `docs/observability.md`: the size of the cache dir's filesystem and its
+/// free bytes are exported, and follow what is written there within the
+/// archiver's sweep (every 5 s). On a real 4 MiB tmpfs under a bound of
+/// 64 MiB: the case where `cache_bytes / cache_max_bytes` tells nothing of
+/// a full filesystem, and the cache-full alerts, which read only those,
+/// stayed quiet (`ops/prometheus`).
+#[test]
+fn the_cache_filesystems_size_and_free_bytes_are_exported() {
+    if !can_mount_a_tmpfs("the_cache_filesystems_size_and_free_bytes_are_exported") {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let (_, commits) = blobs(&sandbox, 1);
+    let cache = sandbox.path("cache");
+    let _mount = gitball_e2e::netns::TmpfsMount::mount(&cache, "4m");
+    let archiver =
+        Archiver::start_with_cache(&sandbox.repos(), &cache, &["--cache-max-bytes", "64MiB"]);
+    let size = |m: &Metrics| m.get("gitball_archiver_cache_filesystem_size_bytes", &[]);
+    let free = |m: &Metrics| m.get("gitball_archiver_cache_filesystem_free_bytes", &[]);
+    let free_now = || {
+        let filesystem = nix::sys::statvfs::statvfs(&cache).expect("statvfs");
+        (filesystem.blocks_available() * filesystem.fragment_size()) as f64
+    };
+    let start = archiver.metrics();
+    assert_eq!(size(&start), Some((4 * MIB) as f64), "the size at start-up");
+    assert!(
+        free(&start).is_some_and(|free| free > 0.0),
+        "the free bytes at start-up: {:?}",
+        free(&start)
+    );
+
+    let response = archiver.get(&format!("/acme/blobs/archive/{}.tar", commits[0]));
+    assert_eq!(response.status().as_u16(), 200);
+    let archive = response.bytes().expect("the archive").len() as f64;
+    assert!(
+        metric_after(&archiver, Duration::from_secs(15), |m| {
+            m.value("gitball_archiver_cache_entries", &[]) == 1.0
+        }),
+        "the archive is not cached"
+    );
+    // Nothing else writes there now: within a sweep the gauge reads what
+    // statvfs does, the archive's bytes taken.
+    assert!(
+        metric_after(&archiver, Duration::from_secs(15), |m| {
+            free(m) == Some(free_now())
+        }),
+        "free bytes {:?}, statvfs {}",
+        free(&archiver.metrics()),
+        free_now()
+    );
+    assert!(
+        free_now() <= (4 * MIB) as f64 - archive,
+        "the archive of {archive} bytes is not on the tmpfs: {} free",
+        free_now()
+    );
+}
+
 /// Whether this test can mount a tmpfs (it runs as root). In CI it must;
 /// elsewhere a test that cannot says it was skipped.
 fn can_mount_a_tmpfs(test: &str) -> bool {

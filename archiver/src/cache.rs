@@ -735,6 +735,7 @@ impl Cache {
             cache.evict(&mut index, None);
             cache.publish(&index);
         }
+        cache.publish_filesystem();
         tracing::info!(
             entries = restored,
             restored_bytes,
@@ -1612,6 +1613,23 @@ impl Cache {
             }
             Err(error) => error != nix::errno::Errno::ENOENT,
         }
+    }
+
+    /// Publishes the size of the cache dir's filesystem and its bytes
+    /// free (one `fstatvfs` of the directory locked): the room the cache
+    /// really has, which `--cache-max-bytes` does not say when the
+    /// filesystem is smaller or something else fills it. At open, then on
+    /// the archiver's sweep every few seconds (`lib.rs`), never on a
+    /// request's path. A failed look leaves the last values.
+    pub fn publish_filesystem(&self) {
+        let Ok(filesystem) = nix::sys::statvfs::fstatvfs(self.dir()) else {
+            return;
+        };
+        let fragment = filesystem.fragment_size();
+        gauge!(m::CACHE_FILESYSTEM_SIZE_BYTES)
+            .set(filesystem.blocks().saturating_mul(fragment) as f64);
+        gauge!(m::CACHE_FILESYSTEM_FREE_BYTES)
+            .set(filesystem.blocks_available().saturating_mul(fragment) as f64);
     }
 
     fn publish(&self, index: &Index) {

@@ -56,7 +56,9 @@ const GENERATION_STOP_DEADLINE: Duration = Duration::from_secs(5);
 /// packs a repack replaced, are let go (`forget_stale_repositories`): at
 /// most 1,024 repositories, a few `statx` each; and complete archives
 /// deleted behind the archiver's back forgotten
-/// ([`cache::Cache::sweep_gone`]): 256 files, an `lstat` each.
+/// ([`cache::Cache::sweep_gone`]): 256 files, an `lstat` each; and the
+/// cache filesystem's size and free bytes published
+/// ([`cache::Cache::publish_filesystem`]), one `fstatvfs`.
 const STALE_REPOSITORIES_SWEEP: Duration = Duration::from_secs(5);
 
 /// A client connection whose writes make no progress for this long is
@@ -260,7 +262,8 @@ pub async fn run(
 /// (`Repositories::forget_stale`), until `shutdown`: the packs they read
 /// stay mapped, and their disk space taken, while they are held. So are
 /// complete archives found gone (`Cache::sweep_gone`), whose bytes would
-/// otherwise stay counted until they are next requested.
+/// otherwise stay counted until they are next requested. And publishes the
+/// cache filesystem's size and free bytes (`Cache::publish_filesystem`).
 async fn forget_stale_repositories(app: Arc<http::App>, shutdown: CancellationToken) {
     let mut sweeps = tokio::time::interval(STALE_REPOSITORIES_SWEEP);
     sweeps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -272,6 +275,7 @@ async fn forget_stale_repositories(app: Arc<http::App>, shutdown: CancellationTo
         let app = app.clone();
         let forgotten = tokio::task::spawn_blocking(move || {
             app.cache.sweep_gone();
+            app.cache.publish_filesystem();
             app.repos.forget_stale()
         })
         .await

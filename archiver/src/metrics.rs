@@ -30,6 +30,8 @@ pub const CACHE_BYTES: &str = "gitball_archiver_cache_bytes";
 pub const CACHE_HELD_BYTES: &str = "gitball_archiver_cache_held_bytes";
 pub const CACHE_MAX_BYTES: &str = "gitball_archiver_cache_max_bytes";
 pub const CACHE_ENTRIES: &str = "gitball_archiver_cache_entries";
+pub const CACHE_FILESYSTEM_SIZE_BYTES: &str = "gitball_archiver_cache_filesystem_size_bytes";
+pub const CACHE_FILESYSTEM_FREE_BYTES: &str = "gitball_archiver_cache_filesystem_free_bytes";
 pub const CACHE_EVICTIONS_TOTAL: &str = "gitball_archiver_cache_evictions_total";
 pub const CACHE_PROTECTED_BYTES: &str = "gitball_archiver_cache_protected_bytes";
 pub const CACHE_ADMISSION_REJECTIONS_TOTAL: &str =
@@ -123,6 +125,16 @@ pub fn describe(cache_max_bytes: u64, budget_max_clients: usize) {
         "The cache's bound (--cache-max-bytes)."
     );
     describe_gauge!(CACHE_ENTRIES, "Complete archives in the cache.");
+    describe_gauge!(
+        CACHE_FILESYSTEM_SIZE_BYTES,
+        Unit::Bytes,
+        "Size of the cache dir's filesystem (statvfs), refreshed every 5 s: what the cache, held bytes and git dirs share, whatever --cache-max-bytes says."
+    );
+    describe_gauge!(
+        CACHE_FILESYSTEM_FREE_BYTES,
+        Unit::Bytes,
+        "Bytes free on the cache dir's filesystem for the archiver (statvfs), refreshed every 5 s."
+    );
     describe_counter!(
         CACHE_EVICTIONS_TOTAL,
         "Complete archives evicted to stay under the bound."
