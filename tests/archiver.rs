@@ -5038,6 +5038,95 @@ fn a_sigterm_while_the_canary_runs_ends_the_start_at_once() {
     }
 }
 
+/// `docs/observability.md`: `generations_in_flight` counts generations,
+/// each holding one of `--max-generations`' slots, not the canary's gits:
+/// after git was replaced, a request (here a `HEAD`, which never starts a
+/// generation) runs the canary, and while the canary's git runs the gauge
+/// reads 0; the request then gets its answer.
+#[test]
+fn the_canary_run_by_a_request_is_not_a_generation_in_flight() {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let sandbox = Sandbox::new();
+    widget(&sandbox);
+    let git = gitball_e2e::git::real_git();
+    let stub = sandbox.path("git");
+    let install = |name: &str, body: String| {
+        let written = sandbox.path(name);
+        std::fs::write(&written, body).expect("write the stub");
+        std::fs::set_permissions(&written, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        // Renamed over it, as a package upgrade replaces a binary.
+        std::fs::rename(&written, &stub).expect("rename the stub into place");
+    };
+    install(
+        "git-1",
+        format!("#!/bin/sh\nexec '{}' \"$@\"\n", git.display()),
+    );
+    let archiver = Archiver::start(&sandbox.repos(), &["--git", stub.to_str().unwrap()]);
+
+    // The replacement's canary says it started, then waits for a line.
+    let marker = sandbox.path("canary-started");
+    let (release, mut fifo) = sandbox.fifo("canary-release");
+    install(
+        "git-2",
+        format!(
+            "#!/bin/sh\n\
+             case \" $* \" in\n\
+             *' fast-import '*) echo $$ > '{marker}'; read line < '{release}' ;;\n\
+             esac\n\
+             exec '{git}' \"$@\"\n",
+            marker = marker.display(),
+            release = release.display(),
+            git = git.display()
+        ),
+    );
+    // Requests look at git's binary at most once a second: HEADs until one
+    // runs the canary (it waits for it), each bounded.
+    let asking = std::thread::spawn({
+        let base = archiver.base_url.clone();
+        let marker = marker.clone();
+        move || {
+            let client = gitball_e2e::http_client();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut answers = Vec::new();
+            while Instant::now() < deadline {
+                let started = std::fs::metadata(&marker).is_ok();
+                answers.push(
+                    client
+                        .head(format!("{base}/acme/widget/archive/main.tar"))
+                        .send()
+                        .map_or(0, |response| response.status().as_u16()),
+                );
+                if started {
+                    break;
+                }
+            }
+            answers
+        }
+    });
+    let mut canary = None;
+    wait_until(Duration::from_secs(30), || {
+        canary = std::fs::read_to_string(&marker)
+            .ok()
+            .and_then(|pid| pid.trim().parse::<u32>().ok());
+        canary.is_some()
+    });
+    let metrics = archiver.metrics();
+    let canary_running = canary.is_some_and(process_alive);
+    writeln!(fifo, "go").expect("release the canary");
+    let answers = asking.join().expect("the requests' thread");
+    assert!(canary_running, "no canary ran: {canary:?}");
+    assert_eq!(
+        metrics.get("gitball_archiver_generations_in_flight", &[]),
+        Some(0.0),
+        "the canary's git counted as a generation"
+    );
+    assert!(
+        answers.iter().all(|status| *status == 200),
+        "the requests, the one that ran the canary included: {answers:?}"
+    );
+}
+
 /// The same while the cache dir is opened: a warm restart hashes every
 /// archive it keeps again, which for a large cache takes seconds (here a
 /// sparse 16 GiB file named as an archive, never read to its end).

@@ -92,7 +92,10 @@ pub fn describe(cache_max_bytes: u64, budget_max_clients: usize) {
         Unit::Seconds,
         "Time from a generation's start (after the queue) to its end."
     );
-    describe_gauge!(GENERATIONS_IN_FLIGHT, "git archive children running now.");
+    describe_gauge!(
+        GENERATIONS_IN_FLIGHT,
+        "Generations running now, each in one of the --max-generations slots (a canary a request runs after git was replaced is not counted)."
+    );
     describe_gauge!(
         TAR_WRITER_INFO,
         "1 for the canary fingerprint (tar/export-subst) of the git generations run now, reference/reference for git 2.47.3's bytes; 0 for one replaced since."
