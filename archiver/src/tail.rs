@@ -32,7 +32,7 @@
 //! away.
 
 use std::future::Future;
-use std::io;
+use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -238,7 +238,7 @@ impl Drop for PooledBlock {
 /// Tells the readers of a growing file of its length, the writer's side of
 /// [`Reader`]: every length is stored as it is written (a reader that looks
 /// sees it), but readers are woken only for the generation's first bytes,
-/// each `WAKE_BYTES` it passes, and bytes that have waited `PIECE_WAIT`
+/// `WAKE_BYTES` past the length they were last woken for, and bytes that have waited `PIECE_WAIT`
 /// since they were written ([`Announcer::pieces`], which runs beside the
 /// generation). A generation writes every few KiB (one compressed block of
 /// git's 128 KiB); waking thirty readers per write cost thirty wake-ups
@@ -281,7 +281,12 @@ impl Announcer {
         // Under the lock, so that `pieces` never misses a length stored
         // after it looked.
         let mut told = self.told();
-        let wake = told.len == 0 || len / WAKE_BYTES > told.len / WAKE_BYTES;
+        // `WAKE_BYTES` past the length readers were last woken for, not
+        // past a multiple of it: after a wake for a piece that waited
+        // `PIECE_WAIT` (as long as 1 MiB takes to compress on a busy host),
+        // the next multiple came a few blocks later, and woke every reader
+        // again for them.
+        let wake = told.len == 0 || len >= told.len + WAKE_BYTES;
         self.progress.send_if_modified(|p| {
             p.written = len;
             wake
@@ -306,7 +311,7 @@ impl Announcer {
                 let Some(since) = waiting else { break };
                 tokio::time::sleep_until(since + PIECE_WAIT).await;
                 let mut told = self.told();
-                // Unless passing a `WAKE_BYTES` boundary woke the readers
+                // Unless growing by `WAKE_BYTES` woke the readers
                 // meanwhile.
                 if told.piece_since == Some(since) {
                     told.piece_since = None;
@@ -395,6 +400,10 @@ pub struct Reader {
     /// The length of a growing file the reader was last told of: bytes
     /// below it are read at once, pieces of a block or not.
     told: u64,
+    /// How far past its position a growing file must reach, in multiples
+    /// of this, for the reader to take its bytes without being told of
+    /// them ([`worth_reading`]).
+    step: u64,
 }
 
 impl Reader {
@@ -439,6 +448,7 @@ impl Reader {
             progress,
             complete_len,
             told: 0,
+            step: READ_CHUNK_BYTES as u64,
         })
     }
 
@@ -465,11 +475,7 @@ impl Reader {
         let Some(takeover) = takeover else {
             return axum::body::Body::from_stream(self.into_stream(log));
         };
-        let body = FileSend {
-            reader: self,
-            chunked: length.is_none(),
-            download: Download::start(log),
-        };
+        let body = FileSend::new(self, length.is_none(), Download::start(log));
         takeover.body(Box::new(body), length)
     }
 
@@ -552,7 +558,12 @@ impl Reader {
                         State::Failed(failure) => return Err(generation_failed(&failure)),
                         State::Running
                             if self.position < self.told
-                                || worth_reading(self.position, self.end, snapshot.written) =>
+                                || worth_reading(
+                                    self.position,
+                                    self.end,
+                                    snapshot.written,
+                                    self.step,
+                                ) =>
                         {
                             snapshot.written
                         }
@@ -623,6 +634,10 @@ impl Reader {
     }
 }
 
+/// The longest chunk size line with the previous chunk's end before it:
+/// "\r\n", 16 hex digits, "\r\n".
+const CHUNK_LINE_BYTES: usize = 20;
+
 /// An archive file sent with `sendfile`: a complete one (or a range of it)
 /// with its `Content-Length`, or a growing one in chunks as its bytes are
 /// announced (the chunk's size line is sent ahead of its data, and the
@@ -631,6 +646,17 @@ struct FileSend {
     reader: Reader,
     chunked: bool,
     download: Download,
+}
+
+impl FileSend {
+    fn new(mut reader: Reader, chunked: bool, download: Download) -> FileSend {
+        reader.step = WAKE_BYTES;
+        FileSend {
+            reader,
+            chunked,
+            download,
+        }
+    }
 }
 
 impl FileBody for FileSend {
@@ -677,11 +703,15 @@ impl FileBody for FileSend {
                 if chunked {
                     // The previous chunk's end and this one's size line.
                     let separator = if chunks == 0 { "" } else { "\r\n" };
-                    let line = format!("{separator}{:x}\r\n", available - reader.position);
+                    let mut line = [0u8; CHUNK_LINE_BYTES];
+                    let mut rest = &mut line[..];
+                    // Cannot fail: a u64 in hex and two line ends fit.
+                    write!(rest, "{separator}{:x}\r\n", available - reader.position)?;
+                    let line_len = CHUNK_LINE_BYTES - rest.len();
                     tokio::select! {
                         biased;
                         error = &mut generation_failed => return Err(download.fail(error)),
-                        sent = socket.send_bytes(line.as_bytes(), true) => sent?,
+                        sent = socket.send_bytes(&line[..line_len], true) => sent?,
                     }
                     chunks += 1;
                 }
@@ -730,14 +760,18 @@ fn generation_failed(failure: &Failure) -> io::Error {
 
 /// Whether a growing file has enough past a reader's `position` to
 /// read now without being told to: its first bytes (a cold download starts
-/// with the generation's first bytes), or the rest of the block the reader
-/// is in (or of its range). A piece of a block is read when the
+/// with the generation's first bytes), or the rest of the `step` the reader
+/// is in (or of its range): a block for a body stream, which reads one
+/// block at a time; `WAKE_BYTES` for a `sendfile` download, which takes
+/// everything written and then waits where the [`Announcer`] would wake it
+/// (a chunk, its size line, a pass of its loop and its client's read per
+/// 1 MiB, not per block it finds when it comes back). A piece is read when the
 /// [`Announcer`] tells of it, once it has waited `PIECE_WAIT`. A generation
 /// writes every few KiB of output; a reader that took each piece woke,
 /// wrote and made its client read once per piece, thirty times over with
 /// thirty clients on one generation. The end comes with `Complete`.
-fn worth_reading(position: u64, end: Option<u64>, written: u64) -> bool {
-    let wanted = block_end(position, end.unwrap_or(u64::MAX));
+fn worth_reading(position: u64, end: Option<u64>, written: u64, step: u64) -> bool {
+    let wanted = ((position / step + 1) * step).min(end.unwrap_or(u64::MAX));
     written > position && (position == 0 || written >= wanted)
 }
 
@@ -1034,6 +1068,41 @@ mod tests {
         // leave a live archiver silent past what it promises (mutation
         // review: the constant raised to 5 s passed).
         assert_eq!(started.elapsed(), std::time::Duration::from_millis(50));
+    }
+
+    /// Readers are woken `WAKE_BYTES` past the length they were last woken
+    /// for: after a piece that waited, not again a few blocks later where
+    /// the file passes a multiple of `WAKE_BYTES` (benchmark 4's generation
+    /// writes 1 MiB in about `PIECE_WAIT`, and woke its thirty readers
+    /// about twice per MiB).
+    #[tokio::test(start_paused = true)]
+    async fn after_a_piece_readers_are_woken_a_whole_step_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let (generation, progress, _writer, _path) = growing(&dir);
+        let announcer = Arc::new(Announcer::new(progress));
+        tokio::spawn({
+            let announcer = announcer.clone();
+            async move { announcer.pieces().await }
+        });
+        let mut readers = generation.progress();
+        let mut woken_at = Vec::new();
+        let mut written = 0;
+        // 64 KiB every 4 ms: 1 MiB in 64 ms, so pieces wait `PIECE_WAIT`.
+        for _ in 0..64 {
+            written += 64 * 1024;
+            announcer.grown(written);
+            tokio::time::sleep(std::time::Duration::from_millis(4)).await;
+            if readers.has_changed().unwrap() {
+                woken_at.push(readers.borrow_and_update().written);
+            }
+        }
+        // The first bytes, then pieces every 50 ms (about 800 KiB): never
+        // again a few writes after one, where the file passed 1 MiB.
+        assert_eq!(woken_at[0], 64 * 1024);
+        assert!(woken_at.len() >= 4, "{woken_at:?}");
+        for pair in woken_at[1..].windows(2) {
+            assert!(pair[1] - pair[0] >= 512 * 1024, "{woken_at:?}");
+        }
     }
 
     #[tokio::test]
@@ -1399,11 +1468,11 @@ mod tests {
             std::time::Duration::from_secs(600),
             gitball_core::server::ClientWrites::default(),
         );
-        let body = Box::new(FileSend {
-            reader: Reader::open(Source::Growing(generation.clone()), None).unwrap(),
-            chunked: true,
-            download: Download::start(log("tail-sendfile-failed")),
-        });
+        let body = Box::new(FileSend::new(
+            Reader::open(Source::Growing(generation.clone()), None).unwrap(),
+            true,
+            Download::start(log("tail-sendfile-failed")),
+        ));
         let mut sending = tokio::spawn(async move { body.send(&mut socket).await });
         let waiting = tokio::time::timeout(std::time::Duration::from_millis(200), &mut sending);
         assert!(waiting.await.is_err(), "the body waits for the client");
