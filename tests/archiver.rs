@@ -2841,7 +2841,7 @@ fn a_cached_file_deleted_behind_the_archivers_back_is_generated_anew() {
         }),
         ("overwritten in place", |file| {
             use std::os::unix::fs::FileExt;
-            gitball_e2e::past_the_ctime_of(file);
+            gitball_e2e::past_the_clock_of(file);
             let len = std::fs::metadata(file).unwrap().len() as usize;
             std::fs::File::options()
                 .write(true)
@@ -2858,6 +2858,23 @@ fn a_cached_file_deleted_behind_the_archivers_back_is_generated_anew() {
         cached.assert_generated_anew(&format!("the file was {damage}"));
         assert_eq!(cached.archiver.cache_files(), files, "{damage}");
     }
+}
+
+/// A cached file given another name beside its own (a backup's `cp -al`,
+/// `rsync --link-dest`) is still the archive: a hit, not a regeneration
+/// (`docs/archiver.md#warm-restart`). (Review: a hit compared the file's
+/// ctime, which a new link moves, and the test fixtures' hard-linked warm
+/// caches were generated anew.)
+#[test]
+fn a_cached_file_linked_elsewhere_is_still_a_hit() {
+    let cached = LargeArchiveCached::new(12);
+    gitball_e2e::past_the_clock_of(&cached.file);
+    let backup = cached._sandbox.path("backup.tar");
+    std::fs::hard_link(&cached.file, &backup).unwrap();
+    let response = cached.archiver.get(LargeArchiveCached::PATH);
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-gitball-cache"), "hit");
+    assert_bytes_eq(&response.bytes().unwrap(), &cached.body, "after a link");
 }
 
 /// An archiver whose cache holds one archive of `/acme/large` (300 KiB of

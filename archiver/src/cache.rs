@@ -42,7 +42,7 @@
 //!   Complete files are opened and removed, partials made, renamed and
 //!   removed, by name in it, by its fd, whatever its path names later. A
 //!   complete file found gone anyway, or not as it was indexed (its
-//!   length, inode or ctime), is forgotten (`Cache::forget`).
+//!   length, inode or mtime), is forgotten (`Cache::forget`).
 
 use std::collections::HashMap;
 use std::io;
@@ -105,35 +105,37 @@ pub struct CacheFile {
     /// name ([`CacheFile::open`]), whatever the cache dir's path names now.
     dir: Arc<OwnedFd>,
     /// The file as it was indexed (`None`: not known). One found with
-    /// another length, inode or ctime was cut, replaced or written to
+    /// another length, inode or mtime was cut, replaced or written to
     /// behind the archiver's back, and is not served as this one.
     indexed: Option<Stamp>,
     evicted: AtomicBool,
     held_bytes: HeldBytes,
 }
 
-/// Which file, and which version of it, a name led to: its inode, and its
-/// ctime (seconds, nanoseconds), which every write, cut and change of its
-/// links or mode moves and no one but the clock sets. Found by an `fstat`
-/// the caller makes anyway.
+/// Which file, and which version of its bytes, a name led to: its inode,
+/// and its mtime (seconds, nanoseconds), which every write and cut moves.
+/// Not its ctime, which a new link (a backup's `cp -al`), a `chmod` or a
+/// `chown` moves too, none of which changes a byte (review: a hard-linked
+/// copy of the cache turned every hit into a regeneration). Found by an
+/// `fstat` the caller makes anyway.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Stamp {
     inode: u64,
-    changed: (i64, i64),
+    modified: (i64, i64),
 }
 
 impl Stamp {
     fn of(stat: &nix::sys::stat::FileStat) -> Stamp {
         Stamp {
             inode: stat.st_ino,
-            changed: (stat.st_ctime, stat.st_ctime_nsec),
+            modified: (stat.st_mtime, stat.st_mtime_nsec),
         }
     }
 
     fn of_metadata(metadata: &std::fs::Metadata) -> Stamp {
         Stamp {
             inode: metadata.ino(),
-            changed: (metadata.ctime(), metadata.ctime_nsec()),
+            modified: (metadata.mtime(), metadata.mtime_nsec()),
         }
     }
 }
@@ -145,7 +147,7 @@ impl CacheFile {
     /// attack). What cannot be opened as the regular file the cache wrote
     /// (a symlink, a socket, a device without a driver, one whose mode was
     /// changed), and what opens but is not the file indexed (a directory, a
-    /// fifo, another length, inode or ctime), is `InvalidData`: it is
+    /// fifo, another length, inode or mtime), is `InvalidData`: it is
     /// forgotten and the request resolved again (`Cache::forget`). One
     /// `openat` and one `fstat`, as an open by path would take.
     pub fn open(&self) -> io::Result<std::fs::File> {
@@ -1136,9 +1138,8 @@ impl Cache {
         // A partial file replaced behind the archiver's back (another file
         // renamed over its name) was renamed in its stead: other bytes
         // under the archive's name, which a hit would serve (attack). The
-        // inode says which file the name leads to. Its ctime, taken after
-        // the rename (which moves it), tells a hit whether it was written
-        // to since.
+        // inode says which file the name leads to. Its mtime, taken after
+        // the last write, tells a hit whether it was written to since.
         let indexed = nix::sys::stat::fstatat(self.dir(), name_in_dir(&path), AtFlags::empty())
             .map(|stat| Stamp::of(&stat))
             .ok();
@@ -1596,7 +1597,7 @@ impl Cache {
     }
 
     /// Whether `file` is still the file indexed: a regular file of its
-    /// length, inode and ctime at its name. A look that fails but for the
+    /// length, inode and mtime at its name. A look that fails but for the
     /// name's absence says nothing, and keeps it.
     fn still_there(&self, file: &CacheFile) -> bool {
         match nix::sys::stat::fstatat(
@@ -2055,7 +2056,7 @@ mod tests {
     use crate::cache::policy::Segment;
     use crate::generate::Compression;
     use crate::test_support::{
-        CLIENT, HEADER_LEN, StubGit, names_in, past_the_ctime_of, printed, within,
+        CLIENT, HEADER_LEN, StubGit, names_in, past_the_clock_of, printed, within,
     };
     use gitball_core::url::Format;
 
@@ -3382,7 +3383,7 @@ mod tests {
             files
         };
         for written_to in [&files[3].path, &restored] {
-            past_the_ctime_of(written_to);
+            past_the_clock_of(written_to);
             std::fs::File::options()
                 .write(true)
                 .open(written_to)

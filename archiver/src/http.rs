@@ -403,7 +403,7 @@ async fn serve_archive(
     // locked (`CacheFile::open`): one evicted since the lookup, or deleted
     // behind the archiver's back, is not there; one cut, replaced or
     // written to behind its back is not the file indexed (another length,
-    // inode or ctime). Either is forgotten, and the request resolved again.
+    // inode or mtime). Either is forgotten, and the request resolved again.
     let reader = match (tail::Reader::open(source, range), complete) {
         (Ok(reader), _) => reader,
         (Err(error), Some(file))

@@ -108,10 +108,11 @@ pub fn link_files(from: &Path, to: &Path) {
 }
 
 /// Returns once the kernel's clock, as a new file's ctime beside `path`
-/// shows it, is past `path`'s ctime, so that a write to `path` now moves
-/// its ctime: where timestamps are coarse (Linux before 6.13), a write in
-/// the tick the file was last changed leaves its ctime as it was.
-pub fn past_the_ctime_of(path: &Path) {
+/// shows it, is past `path`'s ctime (its last change of any kind), so that
+/// a write to `path` now moves its mtime, and a new link its ctime: where
+/// timestamps are coarse (Linux before 6.13), a change in the tick the
+/// file was last changed leaves its timestamps as they were.
+pub fn past_the_clock_of(path: &Path) {
     use std::os::unix::fs::MetadataExt;
     let ctime = |path: &Path| {
         let metadata = fs::metadata(path).expect("the file's metadata");
