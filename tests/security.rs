@@ -1031,6 +1031,95 @@ fn export_subst_bytes_do_not_follow_the_object_count_or_the_clock() {
     assert!(before == after, "new bytes under the same ETag");
 }
 
+/// A shallow repository (`git clone --depth`) has commits whose parents it
+/// does not hold, listed in its `shallow` file; git takes them for roots
+/// there (`%P` empty, `grafted` in `%D`, and `%(describe)` stops at them).
+/// git in a snapshot that lacked the file walked on into the missing
+/// parents: `%P` named one, and `%(describe)` found nothing while they
+/// were missing and a tag once `git fetch --unshallow` brought them, with
+/// no ref changed: other bytes under the same ETag. The boundary is read
+/// with the refs: the bytes are what `git archive` writes in the
+/// repository, and a deepened history is a new ETag.
+#[test]
+fn a_shallow_repositorys_boundary_is_read_with_its_refs() {
+    let sandbox = Sandbox::new();
+    let source = sandbox.source_repo("src/widget");
+    source.write(".gitattributes", "version.txt export-subst\n");
+    for n in 0..3 {
+        source.write("version.txt", format!("$Format:%(describe)|%P|%D$ {n}\n"));
+        source.git(&["add", "-A"]);
+        source.git_at(1_700_000_000 + n * 100, &["commit", "-q", "-m", "c"]);
+        if n == 0 {
+            source.tag_annotated("v1", "HEAD", 1_700_000_000, "v1");
+        }
+    }
+    let git_dir = sandbox.repos().join("acme/widget.git");
+    let origin = format!("file://{}", source.dir().display());
+    source.git(&[
+        "clone",
+        "-q",
+        "--bare",
+        "--depth",
+        "1",
+        &origin,
+        git_dir.to_str().unwrap(),
+    ]);
+    let widget = RepoBuilder::open(&git_dir, &sandbox.home());
+    // The tag's commit, two commits behind main, as a root of its own.
+    widget.git(&["fetch", "-q", "--depth", "1", "origin", "tag", "v1"]);
+    let version = |tar: &[u8]| {
+        String::from_utf8_lossy(&gitball_e2e::pipe_through(
+            "tar",
+            &["-xO", "widget-main/version.txt"],
+            tar,
+        ))
+        .into_owned()
+    };
+    let url = "/acme/widget/archive/main.tar";
+    // One archiver throughout, which remembers the digest once the
+    // files it read are settled: the deepening must change it.
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    let shallow_file = git_dir.join("shallow");
+    let settled = || {
+        gitball_e2e::refs_settled(&git_dir)
+            && std::fs::metadata(&shallow_file)
+                .and_then(|meta| meta.modified())
+                .is_ok_and(|modified| {
+                    modified.elapsed().unwrap_or_default() > gitball_e2e::SETTLED_AFTER
+                })
+    };
+    assert!(wait_until(Duration::from_secs(10), settled));
+    let fetch = || {
+        let response = archiver.get(url);
+        assert_eq!(response.status().as_u16(), 200);
+        let etag = gitball_e2e::header(&response, "etag").to_owned();
+        (etag, response.bytes().unwrap().to_vec())
+    };
+    let (etag, shallow) = fetch();
+    assert_eq!(fetch().0, etag);
+    let expected = widget.archive("tar", "widget-main/", "main", None);
+    assert_eq!(
+        version(&shallow),
+        version(&expected),
+        "not what git archive writes in the shallow repository"
+    );
+
+    widget.git(&["fetch", "-q", "--unshallow", "origin"]);
+    let (etag_after, deepened) = fetch();
+    assert!(
+        version(&deepened).starts_with("v1-2-g"),
+        "{:?}",
+        version(&deepened)
+    );
+    assert!(
+        etag_after != etag,
+        "other bytes under the same ETag {etag}: {:?} while shallow, {:?} after",
+        version(&shallow),
+        version(&deepened)
+    );
+    assert_eq!(made_afresh(&sandbox, url), (etag_after, deepened));
+}
+
 /// The ETag and bytes of `url` from an archiver started on a fresh cache,
 /// so that the archive is made again.
 fn made_afresh(sandbox: &Sandbox, url: &str) -> (String, Vec<u8>) {

@@ -1634,7 +1634,7 @@ impl Repository {
         self.known_reach(&id, &refs)
     }
 
-    /// Stamps of what vouches for the refs digest: `packed-refs`, `HEAD`,
+    /// Stamps of what vouches for the refs digest: `packed-refs`, `shallow`, `HEAD`,
     /// every directory under `refs/` and, up to `MAX_STAMPED_REF_FILES` of
     /// them, the loose refs (past that, their directories alone). `None`
     /// past `MAX_STAMPED_REF_DIRS` directories (the digest is then not
@@ -1643,6 +1643,11 @@ impl Repository {
         let mut stamps = Stamps::default();
         stamps
             .add(self.common_dir.join("packed-refs"))
+            .map_err(stat_error)?;
+        // Listed with the refs (`RefsSnapshot::shallow`); git rewrites it
+        // by renaming a lock file over it, or deletes it.
+        stamps
+            .add(self.common_dir.join("shallow"))
             .map_err(stat_error)?;
         let mut pending = vec![self.common_dir.join("refs")];
         stamps.add(self.git_dir.join("HEAD")).map_err(stat_error)?;

@@ -292,6 +292,11 @@ impl Shadows {
         }
         fs::write(shadow.join("packed-refs"), packed)?;
         fs::write(shadow.join("HEAD"), [&refs.head[..], b"\n"].concat())?;
+        // A shallow repository's boundary, which git reads from the git
+        // dir it runs in, not through the alternates.
+        if !refs.shallow.is_empty() {
+            fs::write(shadow.join("shallow"), &refs.shallow)?;
+        }
         fs::write(shadow.join("config"), CONFIG)?;
         Ok(Snapshot { dir })
     }

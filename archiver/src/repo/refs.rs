@@ -104,6 +104,16 @@ pub struct RefsSnapshot {
     /// changed, so its digest is not remembered by the ref files' stamps
     /// (`Repository::refs_digest`).
     pub objects_missing: bool,
+    /// The `shallow` file of a shallow repository (`git clone --depth`),
+    /// as its bytes; empty for any other. It lists the commits whose
+    /// parents the repository does not hold, which git takes for roots
+    /// (`%P` empty, `grafted` in `%D`, `%(describe)` stops there): what
+    /// git in the snapshot reads, and part of the digest, so that a
+    /// history deepened (`git fetch --unshallow`), with no ref changed, is
+    /// a new digest (`a_shallow_repositorys_boundary_is_read_with_its_refs`:
+    /// without it, git in the snapshot walked into the missing parents,
+    /// and `%(describe)` found a tag once they came, under the same ETag).
+    pub shallow: Vec<u8>,
 }
 
 impl RefsSnapshot {
@@ -145,6 +155,7 @@ impl RefsSnapshot {
             refs,
             head,
             objects_missing,
+            shallow: read_shallow(repo.common_dir())?,
         })
     }
 
@@ -191,6 +202,14 @@ impl RefsSnapshot {
         }
         for part in [&b"HEAD "[..], &self.head, b"\n"] {
             sha2::Digest::update(&mut hasher, part);
+        }
+        // Only for a shallow repository: every other digest stays what it
+        // was. After `HEAD`'s line, which ends the refs, so no listing's
+        // refs can spell it.
+        if !self.shallow.is_empty() {
+            for part in [&b"shallow\n"[..], &self.shallow] {
+                sha2::Digest::update(&mut hasher, part);
+            }
         }
         hex::encode(sha2::Digest::finalize(hasher))
     }
@@ -593,6 +612,43 @@ fn read_loose_in(dir: BorrowedFd, name: &OsStr, shown: &Path) -> Result<Option<L
         Ok(_) => Ok(Some(parse_loose(&contents))),
         Err(error) => Err(reading(&error)),
     }
+}
+
+/// The most bytes of a `shallow` file read: 41 bytes per commit on the
+/// boundary, so 400,000 of them.
+const MAX_SHALLOW_FILE_BYTES: u64 = 16 * 1024 * 1024;
+
+/// The `shallow` file in the common dir `common_dir` (where git reads it),
+/// as its bytes: empty when there is none. Read as a loose ref is: through
+/// no symlink, and a FIFO is not waited on; one that is not a regular file,
+/// or is over `MAX_SHALLOW_FILE_BYTES`, fails the listing.
+fn read_shallow(common_dir: &Path) -> Result<Vec<u8>, Error> {
+    let shown = common_dir.join("shallow");
+    let reading = |error: &dyn std::fmt::Display| {
+        Error::internal(format_args!("reading {}: {error}", shown.display()))
+    };
+    let dir = open_base(common_dir)?;
+    let opened = openat(
+        dir.as_fd(),
+        "shallow",
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    );
+    let file = match opened {
+        Ok(file) => fs::File::from(file),
+        Err(Errno::ENOENT) => return Ok(Vec::new()),
+        Err(errno) => return Err(reading(&errno)),
+    };
+    match file.metadata() {
+        Ok(meta) if meta.is_file() && meta.len() <= MAX_SHALLOW_FILE_BYTES => {}
+        Ok(_) => return Err(reading(&"not a regular file, or too large")),
+        Err(error) => return Err(reading(&error)),
+    }
+    let mut contents = Vec::new();
+    file.take(MAX_SHALLOW_FILE_BYTES + 1)
+        .read_to_end(&mut contents)
+        .map_err(|error| reading(&error))?;
+    Ok(contents)
 }
 
 /// A loose ref the archiver's user may not read (`EACCES`: the file, or a
