@@ -1039,7 +1039,8 @@ fn export_subst_bytes_do_not_follow_the_object_count_or_the_clock() {
 /// were missing and a tag once `git fetch --unshallow` brought them, with
 /// no ref changed: other bytes under the same ETag. The boundary is read
 /// with the refs: the bytes are what `git archive` writes in the
-/// repository, and a deepened history is a new ETag.
+/// repository, and a deepened history is a new ETag (and its commits
+/// are served by their ids).
 #[test]
 fn a_shallow_repositorys_boundary_is_read_with_its_refs() {
     let sandbox = Sandbox::new();
@@ -1097,6 +1098,10 @@ fn a_shallow_repositorys_boundary_is_read_with_its_refs() {
     };
     let (etag, shallow) = fetch();
     assert_eq!(fetch().0, etag);
+    // main's parent, beyond the boundary: not there, so not published.
+    let parent = source.rev_parse("HEAD~1");
+    let by_id = format!("/acme/widget/archive/{parent}.tar");
+    assert_eq!(status(&archiver, &by_id), 404);
     let expected = widget.archive("tar", "widget-main/", "main", None);
     assert_eq!(
         version(&shallow),
@@ -1118,6 +1123,11 @@ fn a_shallow_repositorys_boundary_is_read_with_its_refs() {
         version(&deepened)
     );
     assert_eq!(made_afresh(&sandbox, url), (etag_after, deepened));
+    assert_eq!(
+        status(&archiver, &by_id),
+        200,
+        "main's parent, now there, is not served by its id"
+    );
 }
 
 /// The ETag and bytes of `url` from an archiver started on a fresh cache,
