@@ -2299,6 +2299,56 @@ fn generation_over_its_timeout_is_killed_aborted_and_not_cached() {
     assert_generation_discarded(&archiver, big_path, "tar.gz", "timeout", 1.0);
 }
 
+/// A partial clone (`--filter=blob:none`) lacks blobs, which git in the
+/// repository fetches from its promisor remote when it needs one. git runs
+/// in a shadow git dir that names no remote: an archive needing a missing
+/// blob fails (a tar's before its first byte, a `500`; a zip's after the
+/// bytes written ahead, an aborted download), is never cached, and nothing
+/// is fetched, though the promisor remote is there to fetch from.
+#[test]
+fn a_partial_clones_missing_blob_fails_its_archive_and_is_never_fetched() {
+    let sandbox = Sandbox::new();
+    let source = sandbox.source_repo("src/widget");
+    source.write("README", "only in the promisor remote\n");
+    source.git(&["add", "-A"]);
+    source.git_at(1_700_000_000, &["commit", "-q", "-m", "one"]);
+    source.git(&["config", "uploadpack.allowFilter", "true"]);
+    let git_dir = sandbox.repos().join("acme/widget.git");
+    let origin = format!("file://{}", source.dir().display());
+    source.git(&[
+        "clone",
+        "-q",
+        "--bare",
+        "--filter=blob:none",
+        &origin,
+        git_dir.to_str().unwrap(),
+    ]);
+    let widget = RepoBuilder::open(&git_dir, &sandbox.home());
+    let objects = || widget.git(&["count-objects", "-v"]);
+    let before = objects();
+
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    for _ in 0..2 {
+        let response = archiver.get("/acme/widget/archive/main.tar");
+        assert_eq!(response.status().as_u16(), 500);
+        assert_eq!(gitball_e2e::header(&response, "x-gitball-cache"), "miss");
+        let body = response.text().unwrap();
+        assert!(body.contains("generation_failed"), "{body}");
+    }
+    expect_aborted_download(&archiver, "/acme/widget/archive/main.zip", "miss");
+    assert!(
+        wait_until(Duration::from_secs(10), || archiver
+            .cache_files()
+            .is_empty()),
+        "files left in the cache dir: {:?}",
+        archiver.cache_files()
+    );
+    assert_eq!(objects(), before, "a blob was fetched");
+    // git in the repository fetches it: the remote was there.
+    widget.archive("tar", "widget-main/", "main", None);
+    assert_ne!(objects(), before, "git fetched nothing from the remote");
+}
+
 /// `docs/http.md#status-codes` and `#errors`: a tar or tar.zst whose
 /// generation fails before its first byte is a `500` whose `error` is the
 /// stable code of the failure, `generation_failed` when git fails and
