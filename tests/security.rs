@@ -1185,6 +1185,53 @@ fn a_commit_graph_the_repository_carries_does_not_change_the_bytes() {
     );
 }
 
+/// A damaged commit-graph, whose table of commit ids names an id no
+/// object has (a byte of it changed, as a disk's or a tool's fault
+/// leaves one), led the walk for reachability to an object that is not
+/// there: every request by commit id was `500 internal` ("walking the
+/// history: An object with id … could not be found"), while git, which
+/// then reads the commit objects, lists the history. The objects are
+/// walked instead.
+#[test]
+fn a_damaged_commit_graph_leaves_commits_served_by_their_ids() {
+    let sandbox = Sandbox::new();
+    let (first, git_dir) = widget_of_one_commit(&sandbox);
+    let widget = RepoBuilder::open(&git_dir, &sandbox.home());
+    let tree = widget.rev_parse("HEAD^{tree}");
+    let mut head = first.clone();
+    for n in 1..8 {
+        head = widget.git_at(
+            1_700_000_000 + n * 100,
+            &["commit-tree", &tree, "-p", &head, "-m", "next"],
+        );
+    }
+    widget.git(&["update-ref", "refs/heads/main", &head]);
+    widget.git(&["commit-graph", "write", "--reachable"]);
+    let graph = git_dir.join("objects/info/commit-graph");
+    let mut bytes = std::fs::read(&graph).expect("read the commit-graph");
+    let chunks = usize::from(bytes[6]);
+    let ids = (0..chunks)
+        .map(|chunk| 8 + 12 * chunk)
+        .find(|&entry| &bytes[entry..entry + 4] == b"OIDL")
+        .map(|entry| u64::from_be_bytes(bytes[entry + 4..entry + 12].try_into().unwrap()))
+        .expect("an OIDL chunk") as usize;
+    // The second commit id of the table (by id order), its first byte
+    // changed: an id no object has, out of the table's order.
+    bytes[ids + 20] = !bytes[ids + 20];
+    std::fs::set_permissions(&graph, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(&graph, &bytes).expect("write the commit-graph");
+    let listed = widget.git(&["rev-list", "main"]);
+    assert_eq!(listed.lines().count(), 8, "git lists the history: {listed}");
+
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    for commit in [&first, &head] {
+        let target = format!("/acme/widget/archive/{commit}.tar");
+        let response = archiver.get(&target);
+        let code = response.status().as_u16();
+        assert_eq!(code, 200, "{target}: {}", response.text().unwrap());
+    }
+}
+
 /// A loose ref git cannot read (an empty file, as a crash leaves one) is
 /// ignored, as git ignores it ("ignoring broken ref"): it names nothing,
 /// the next candidate of a short name is tried, and the refs are listed
