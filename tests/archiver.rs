@@ -2313,17 +2313,7 @@ fn a_partial_clones_missing_blob_fails_its_archive_and_is_never_fetched() {
     source.git(&["add", "-A"]);
     source.git_at(1_700_000_000, &["commit", "-q", "-m", "one"]);
     source.git(&["config", "uploadpack.allowFilter", "true"]);
-    let git_dir = sandbox.repos().join("acme/widget.git");
-    let origin = format!("file://{}", source.dir().display());
-    source.git(&[
-        "clone",
-        "-q",
-        "--bare",
-        "--filter=blob:none",
-        &origin,
-        git_dir.to_str().unwrap(),
-    ]);
-    let widget = RepoBuilder::open(&git_dir, &sandbox.home());
+    let widget = sandbox.bare_clone(&source, "acme", "widget", &["--filter=blob:none"]);
     let objects = || widget.git(&["count-objects", "-v"]);
     let before = objects();
 

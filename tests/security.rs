@@ -1054,18 +1054,7 @@ fn a_shallow_repositorys_boundary_is_read_with_its_refs() {
             source.tag_annotated("v1", "HEAD", 1_700_000_000, "v1");
         }
     }
-    let git_dir = sandbox.repos().join("acme/widget.git");
-    let origin = format!("file://{}", source.dir().display());
-    source.git(&[
-        "clone",
-        "-q",
-        "--bare",
-        "--depth",
-        "1",
-        &origin,
-        git_dir.to_str().unwrap(),
-    ]);
-    let widget = RepoBuilder::open(&git_dir, &sandbox.home());
+    let widget = sandbox.bare_clone(&source, "acme", "widget", &["--depth", "1"]);
     // The tag's commit, two commits behind main, as a root of its own.
     widget.git(&["fetch", "-q", "--depth", "1", "origin", "tag", "v1"]);
     let version = |tar: &[u8]| {
@@ -1080,6 +1069,7 @@ fn a_shallow_repositorys_boundary_is_read_with_its_refs() {
     // One archiver throughout, which remembers the digest once the
     // files it read are settled: the deepening must change it.
     let archiver = Archiver::start(&sandbox.repos(), &[]);
+    let git_dir = widget.dir().to_path_buf();
     let shallow_file = git_dir.join("shallow");
     let settled = || {
         gitball_e2e::refs_settled(&git_dir)

@@ -327,6 +327,25 @@ impl Sandbox {
         RepoBuilder::init(&self.path(relative), &self.home())
     }
 
+    /// A bare clone of `source` (over `file://`, so that `options` such as
+    /// `--depth` or `--filter` apply) served as `{owner}/{name}`.
+    pub fn bare_clone(
+        &self,
+        source: &RepoBuilder,
+        owner: &str,
+        name: &str,
+        options: &[&str],
+    ) -> RepoBuilder {
+        let git_dir = self.repos().join(owner).join(format!("{name}.git"));
+        let origin = format!("file://{}", source.dir().display());
+        let git_dir_arg = git_dir.to_str().expect("a UTF-8 path");
+        let mut args = vec!["clone", "-q", "--bare"];
+        args.extend_from_slice(options);
+        args.extend([origin.as_str(), git_dir_arg]);
+        source.git(&args);
+        RepoBuilder::open(&git_dir, &self.home())
+    }
+
     /// An executable `sh` script `name` running `body` (a stub `--git`)
     /// for a `git archive` of a request, with a `PATH` of its own: the
     /// archiver gives git none. Anything else the archiver runs git for
