@@ -1061,14 +1061,12 @@ impl Repository {
                     let repository = Arc::clone(self);
                     // A request that goes away leaves the read to finish,
                     // and its answer to those waiting.
-                    let answer = tokio::task::spawn_blocking(move || {
-                        let _places = (own, across);
-                        repository.read(&repository.repo.to_thread_local(), reader)
-                    })
-                    .await
-                    .map_err(|error| {
-                        Error::internal(format_args!("reading the commit panicked: {error}"))
-                    })?;
+                    let answer = places::on_blocking_thread(
+                        "reading the commit",
+                        (own, across),
+                        move || repository.read(&repository.repo.to_thread_local(), reader),
+                    )
+                    .await?;
                     Some(answer)
                 }
             };
@@ -1815,12 +1813,10 @@ impl Repository {
         let across = self.kept.path_looks().take().await;
         let repository = Arc::clone(self);
         let path = path.to_owned();
-        tokio::task::spawn_blocking(move || {
-            let _places = (own, across);
+        places::on_blocking_thread("finding the path", (own, across), move || {
             repository.find_path(finder, &path)
         })
         .await
-        .map_err(|error| Error::internal(format_args!("finding the path: {error}")))
     }
 
     /// Whose turn it is to look for the path `key`: nobody's (its answer
