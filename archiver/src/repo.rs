@@ -1061,12 +1061,14 @@ impl Repository {
                     let repository = Arc::clone(self);
                     // A request that goes away leaves the read to finish,
                     // and its answer to those waiting.
-                    let answer = places::on_blocking_thread(
-                        "reading the commit",
-                        (own, across),
-                        move || repository.read(&repository.repo.to_thread_local(), reader),
-                    )
-                    .await?;
+                    let answer = tokio::task::spawn_blocking(move || {
+                        let _places = (own, across);
+                        repository.read(&repository.repo.to_thread_local(), reader)
+                    })
+                    .await
+                    .map_err(|error| {
+                        Error::internal(format_args!("reading the commit panicked: {error}"))
+                    })?;
                     Some(answer)
                 }
             };
@@ -1813,10 +1815,12 @@ impl Repository {
         let across = self.kept.path_looks().take().await;
         let repository = Arc::clone(self);
         let path = path.to_owned();
-        places::on_blocking_thread("finding the path", (own, across), move || {
+        tokio::task::spawn_blocking(move || {
+            let _places = (own, across);
             repository.find_path(finder, &path)
         })
         .await
+        .map_err(|error| Error::internal(format_args!("finding the path: {error}")))
     }
 
     /// Whose turn it is to look for the path `key`: nobody's (its answer

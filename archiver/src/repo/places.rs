@@ -113,27 +113,10 @@ pub async fn known_or_in_place<T: Send + 'static>(
             return Ok(answer);
         }
     }
-    on_blocking_thread(what, held, work).await?
-}
-
-/// `work`'s answer, run on one of tokio's blocking threads while `held`
-/// (places) is held: until `work` ends, also when the caller has gone
-/// away, and when it has not, until the caller has the answer. Dropped on
-/// the blocking thread as `work` returned, a place went to the next request
-/// before that thread was idle again, and the next one's `spawn_blocking`
-/// started a thread: under load, 64 forks' ref listings at once, 8 at a
-/// time, took 33 threads (`ref_listings_in_many_forks_take_a_bounded_number_of_threads`,
-/// 1 run in 3 with the two CPUs busy). Handed back with the answer, a place
-/// is freed once the caller's task is woken and polled, by when the thread
-/// has gone idle.
-pub async fn on_blocking_thread<H: Send + 'static, T: Send + 'static>(
-    what: &str,
-    held: H,
-    work: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, Error> {
-    let (answer, held) = tokio::task::spawn_blocking(move || (work(), held))
-        .await
-        .map_err(|error| Error::internal(format_args!("{what} panicked: {error}")))?;
-    drop(held);
-    Ok(answer)
+    tokio::task::spawn_blocking(move || {
+        let _held = held;
+        work()
+    })
+    .await
+    .map_err(|error| Error::internal(format_args!("{what} panicked: {error}")))?
 }
