@@ -2648,8 +2648,14 @@ fn heads_to_every_fork_take_a_bounded_number_of_threads(
     // (`a_commit_not_seen_before_takes_a_token_to_be_read`).
     let archiver = Archiver::start(&sandbox.repos(), &["--client-cold-rate", "0"]);
     let (before, peak) = one_head_per_fork(&archiver, forks, target);
+    // Without a bound across repositories: a thread per fork (64 forks:
+    // 64 to 73 threads more). With it: 17 to 23 more at rest, and up to 33
+    // on a loaded machine, where a place freed is taken by the next
+    // request before the thread that held it is idle again, so that its
+    // `spawn_blocking` starts another (CI, the whole suite on 2 CPUs:
+    // 33; 1 run in 4 with four busy loops beside the test alone).
     assert!(
-        peak.saturating_sub(before) < forks as u64 / 2,
+        peak.saturating_sub(before) < forks as u64 * 3 / 4,
         "{what} took the archiver from {before} to {peak} threads"
     );
 }
