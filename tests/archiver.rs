@@ -3435,10 +3435,7 @@ fn the_cache_filesystems_size_and_free_bytes_are_exported() {
     }
     let sandbox = Sandbox::new();
     let (_, commits) = blobs(&sandbox, 1);
-    let cache = sandbox.path("cache");
-    let _mount = gitball_e2e::netns::TmpfsMount::mount(&cache, "4m");
-    let archiver =
-        Archiver::start_with_cache(&sandbox.repos(), &cache, &["--cache-max-bytes", "64MiB"]);
+    let (_mount, archiver, cache) = archiver_on_a_tmpfs(&sandbox, "4m");
     let size = |m: &Metrics| m.get("gitball_archiver_cache_filesystem_size_bytes", &[]);
     let free = |m: &Metrics| m.get("gitball_archiver_cache_filesystem_free_bytes", &[]);
     let free_now = || {
@@ -3493,6 +3490,21 @@ fn can_mount_a_tmpfs(test: &str) -> bool {
     false
 }
 
+/// An archiver whose cache dir is a tmpfs of `size` (as `mount(8)` reads
+/// it), under a `--cache-max-bytes` of 64 MiB, far above it: its mount,
+/// the archiver and the cache dir (bound in that order, the archiver stops
+/// before the mount goes).
+fn archiver_on_a_tmpfs(
+    sandbox: &Sandbox,
+    size: &str,
+) -> (gitball_e2e::netns::TmpfsMount, Archiver, PathBuf) {
+    let cache = sandbox.path("cache");
+    let mount = gitball_e2e::netns::TmpfsMount::mount(&cache, size);
+    let archiver =
+        Archiver::start_with_cache(&sandbox.repos(), &cache, &["--cache-max-bytes", "64MiB"]);
+    (mount, archiver, cache)
+}
+
 /// `acme/blobs` with `n` commits, each of a new 700 KiB random blob.
 fn blobs(sandbox: &Sandbox, n: u64) -> (RepoBuilder, Vec<String>) {
     let repo = sandbox.repo("acme", "blobs");
@@ -3519,10 +3531,7 @@ fn a_full_cache_filesystem_is_made_room_on_by_evicting() {
     let sandbox = Sandbox::new();
     let (repo, commits) = blobs(&sandbox, 5);
     // Room for two of the archives, not three.
-    let cache = sandbox.path("cache");
-    let _mount = gitball_e2e::netns::TmpfsMount::mount(&cache, "2m");
-    let archiver =
-        Archiver::start_with_cache(&sandbox.repos(), &cache, &["--cache-max-bytes", "64MiB"]);
+    let (_mount, archiver, _) = archiver_on_a_tmpfs(&sandbox, "2m");
     for commit in &commits {
         let response = archiver.get(&format!("/acme/blobs/archive/{commit}.tar"));
         assert_eq!(response.status().as_u16(), 200, "{commit}");
@@ -3696,10 +3705,7 @@ fn a_full_cache_filesystem_denies_room_as_the_bound_does() {
     let sandbox = Sandbox::new();
     let (_, commits) = blobs(&sandbox, 3);
     // Room for two of the archives, not three.
-    let cache = sandbox.path("cache");
-    let _mount = gitball_e2e::netns::TmpfsMount::mount(&cache, "2m");
-    let archiver =
-        Archiver::start_with_cache(&sandbox.repos(), &cache, &["--cache-max-bytes", "64MiB"]);
+    let (_mount, archiver, _) = archiver_on_a_tmpfs(&sandbox, "2m");
     // The first two, requested three times each.
     for commit in &commits[..2] {
         for _ in 0..3 {
