@@ -979,25 +979,34 @@ impl Cache {
         // Made in the directory locked, by its fd: one replaced after the
         // check above gets nothing (review: made by its path, the file went
         // into what the path named then, and the generation wrote, renamed
-        // and indexed it there). Its later opens by path find nothing
-        // there, and the generation fails.
+        // and indexed it there). It is written through this fd, and
+        // renamed in the directory locked.
         let created = self.with_room(&key, "cannot create the partial file", 1, || {
             let created = nix::fcntl::openat(
                 self.dir(),
                 name_in_dir(&partial),
-                OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC,
+                OFlag::O_RDWR | OFlag::O_APPEND | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC,
                 Mode::from_bits_truncate(0o666),
             )?;
             Ok(std::fs::File::from(created))
         });
         // The file's inode, which the name must still lead to when it is
-        // renamed: it is what was written.
-        let written_inode = match created {
+        // renamed: it is what was written. Written through this very file
+        // (appending: see `generate::run`), never opened again by its path,
+        // which may lead elsewhere by then (review: a file of its name in a
+        // directory put in the locked one's place got git's bytes).
+        let (written_inode, output) = match created.and_then(|file| {
+            let output = file.try_clone().map_err(|error| {
+                tracing::error!(%error, "cannot duplicate the partial file's fd");
+                Failure::Failed
+            })?;
+            Ok((file, output))
+        }) {
             // Set once, here: nothing else sets it.
-            Ok(file) => {
+            Ok((file, output)) => {
                 let inode = file.metadata().map_or(0, |metadata| metadata.ino());
                 drop(writing.file.set(Arc::new(file)));
-                inode
+                (inode, output)
             }
             Err(failure) => {
                 counter!(m::GENERATIONS_TOTAL, "format" => format, "outcome" => failure.outcome())
@@ -1066,7 +1075,7 @@ impl Cache {
                         &self.settings.git,
                         &spec,
                         shadow.path(),
-                        &partial,
+                        output,
                         self.settings.limits,
                         space,
                         &self.cancel,
@@ -3322,6 +3331,52 @@ mod tests {
         assert!(names_in(&locked).is_empty(), "the partial file was left");
         assert!(!cache.dir_intact());
         assert_eq!(bytes(&cache), 0);
+    }
+
+    /// A generation writes its archive into the partial file it made in
+    /// the directory locked, through the fd it made it with: a file of the
+    /// partial's name in a directory put in the locked one's place after
+    /// the check is left as it is, and the archive is complete, renamed and
+    /// hashed in the directory locked (`docs/archiver.md#warm-restart`).
+    /// (Review: git's bytes went to the partial's path, opened again by
+    /// path, into the file of its name in the new directory.)
+    #[tokio::test]
+    async fn a_generation_writes_only_into_the_partial_it_made_in_the_dir_locked() {
+        let data = [b'w'; 100];
+        let stub = StubGit::printing(&data);
+        let cache = open(&stub, 1 << 20);
+        let dir = stub.cache_dir();
+        let locked = dir.with_file_name("locked");
+        // Not run before the test waits on it (a current-thread runtime).
+        let generation = miss(cache.lookup(stub.spec(1), CLIENT, "test"));
+        let planted = dir.join(generation.partial.file_name().unwrap());
+        // Git runs in a shadow git dir named by its path (it takes no fd):
+        // a link in the new directory leads it to the locked one's, so git
+        // runs and writes.
+        let shadows = cache.shadows.root_path().file_name().unwrap().to_owned();
+        let replace = {
+            let (dir, locked, planted) = (dir.clone(), locked.clone(), planted.clone());
+            move || {
+                std::fs::rename(&dir, &locked).unwrap();
+                std::fs::create_dir(&dir).unwrap();
+                std::os::unix::fs::symlink(locked.join(&shadows), dir.join(&shadows)).unwrap();
+                std::fs::write(&planted, b"").unwrap();
+            }
+        };
+        *cache.after_the_dir_check.lock().unwrap() = Some(Box::new(replace));
+
+        let state = within(generation.finished()).await;
+        assert_eq!(
+            std::fs::read(&planted).unwrap().len(),
+            0,
+            "written into the file of the partial's name in the new directory"
+        );
+        assert_eq!(names_in(&dir).len(), 1, "made in the new directory");
+        let file = complete(state);
+        let archive = std::fs::read(locked.join(file.path.file_name().unwrap())).unwrap();
+        assert_eq!(archive.len() as u64, file.len);
+        assert_eq!(sha256(&archive), file.sha256);
+        assert!(!cache.dir_intact());
     }
 
     /// An archive evicted after the cache dir was moved away and replaced

@@ -338,7 +338,8 @@ pub struct Space {
 }
 
 /// Runs `git archive` for `spec`, in the git dir `shadow` (see `shadow`),
-/// into the (already created) file at `path`. Reports the written length
+/// into `output`, the partial file as the cache created it, opened for
+/// appending (`O_APPEND`). Reports the written length
 /// through `space` as the file grows. On failure the child is killed and
 /// reaped; removing the file is the caller's job. `git_unchanged` says
 /// whether the binary is still the one the request's fingerprint was
@@ -351,7 +352,7 @@ pub async fn run(
     git: &Path,
     spec: &Spec,
     shadow: &Path,
-    path: &Path,
+    output: std::fs::File,
     limits: Limits,
     space: Space,
     cancel: &CancellationToken,
@@ -367,16 +368,8 @@ pub async fn run(
     // a tmp cleaner) then ends shorter than what was written, which the
     // end checks, instead of a hole of zeros at the length written so far
     // (attack: such a file was cached and served as complete).
-    let file = std::fs::OpenOptions::new()
-        .append(true)
-        .open(path)
-        .map_err(|error| {
-            tracing::error!(%error, "cannot open partial file");
-            Failure::Failed
-        })?;
-
     let sink = Sink {
-        file,
+        file: output,
         len: 0,
         hasher: Sha256::new(),
         used,
@@ -1006,6 +999,11 @@ mod tests {
     use std::ffi::OsStr;
     use std::sync::Mutex;
 
+    /// `path`, opened as the cache opens a partial file for a generation.
+    fn appending(path: &Path) -> std::fs::File {
+        std::fs::OpenOptions::new().append(true).open(path).unwrap()
+    }
+
     /// Every `outcome` a finished generation is counted with is in
     /// `docs/observability.md`'s label values for `generations_total`; a
     /// busy or abandoned one never ran and is never counted there. (Docs
@@ -1287,7 +1285,7 @@ mod tests {
             &stub.git(),
             &spec,
             &stub.git_dir(),
-            &partial,
+            appending(&partial),
             limits,
             space,
             &CancellationToken::new(),
@@ -1398,7 +1396,7 @@ mod tests {
                 &stub.git(),
                 &spec,
                 &stub.git_dir(),
-                &partial,
+                appending(&partial),
                 limits,
                 space,
                 &CancellationToken::new(),
