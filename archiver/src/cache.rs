@@ -39,8 +39,9 @@
 //!   files of one key only the newest is kept, the other deleted), damaged
 //!   ones and leftover partials deleted: a restart keeps the cache warm.
 //! - The directory is the cache's alone while it is open (`flock`).
-//!   Complete files are opened and removed, partials made, renamed and
-//!   removed, by name in it, by its fd, whatever its path names later. A
+//!   Files found at start are listed, checked and removed, complete files
+//!   opened and removed, partials made, written, renamed and removed, by
+//!   name in it, by its fd, whatever its path names later. A
 //!   complete file found gone anyway, or not as it was indexed (its
 //!   length, inode or mtime), is forgotten (`Cache::forget`).
 
@@ -52,7 +53,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use indexmap::IndexMap;
 use metrics::{counter, gauge, histogram};
@@ -603,14 +604,30 @@ impl Cache {
         }
 
         let dir = Arc::new(OwnedFd::from(lock.try_clone()?));
+        #[cfg(test)]
+        if let Some(replace) = AFTER_THE_LOCK.with(std::cell::Cell::take) {
+            replace();
+        }
+        // Listed, read and removed in the directory locked, by its fd, as
+        // the cache does once open: a directory put at the path after the
+        // lock is not the cache's (review: restored by path, its files
+        // were indexed, and removed, in a directory no lock guards).
         let mut found = Vec::new();
-        for entry in std::fs::read_dir(&settings.dir)? {
-            let entry = entry?;
-            let name = entry.file_name();
+        for name in names_at(dir.as_fd())? {
+            let path = settings.dir.join(&name);
             let Some(name) = name.to_str() else { continue };
+            // Not followed if a symlink.
+            let metadata =
+                match nix::sys::stat::fstatat(dir.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+                    Ok(metadata) => metadata,
+                    // Gone since it was listed.
+                    Err(nix::errno::Errno::ENOENT) => continue,
+                    Err(error) => return Err(error.into()),
+                };
+            let kind = file_kind(&metadata);
             if name.ends_with(PARTIAL_SUFFIX) {
-                if entry.file_type()?.is_file() {
-                    std::fs::remove_file(entry.path())?;
+                if kind == nix::sys::stat::SFlag::S_IFREG {
+                    nix::unistd::unlinkat(dir.as_fd(), name, UnlinkatFlags::NoRemoveDir)?;
                 }
                 continue;
             }
@@ -618,12 +635,12 @@ impl Cache {
                 // Shadow git dirs of an archiver that was killed (the lock
                 // says none runs on this dir now). One that cannot be
                 // removed costs tmpfs space, not the start.
-                if entry.file_type()?.is_dir()
-                    && let Err(error) = std::fs::remove_dir_all(entry.path())
+                if kind == nix::sys::stat::SFlag::S_IFDIR
+                    && let Err(error) = remove_tree_at(dir.as_fd(), name.as_ref(), TREE_DEPTH)
                 {
                     tracing::error!(
                         %error,
-                        path = %entry.path().display(),
+                        path = %path.display(),
                         "cannot remove the shadow git dirs a killed archiver left"
                     );
                 }
@@ -632,42 +649,35 @@ impl Cache {
             let Some((key, sha256)) = parse_complete_name(name) else {
                 continue;
             };
-            // Not followed if a symlink.
-            let metadata = entry.metadata()?;
             if open_to_others {
                 // Anyone could have named a file `{key}-{sha256 of its
                 // bytes}` here before the dir was the archiver's: restored,
                 // it would be served as that archive (attack). Deleted, so
                 // that a later start, in a dir no one else writes, does not
                 // restore it either.
-                remove_named_as_archive(
-                    &entry.path(),
-                    metadata.is_dir(),
-                    "found in a dir others could write",
-                );
+                remove_named_as_archive(dir.as_fd(), &path, "found in a dir others could write");
                 continue;
             }
-            if !metadata.is_file() {
+            if kind != nix::sys::stat::SFlag::S_IFREG {
                 // Named as an archive, but a directory (which would make
                 // that archive's rename fail on every generation, for
                 // good: attack), a link or a fifo (neither of which is an
                 // archive the cache made). The name is the cache's.
-                remove_named_as_archive(&entry.path(), metadata.is_dir(), "not a file");
+                remove_named_as_archive(dir.as_fd(), &path, "not a file");
                 continue;
             }
             found.push(Restored {
-                modified: metadata.modified().unwrap_or(SystemTime::UNIX_EPOCH),
                 key,
                 sha256,
-                len: metadata.len(),
+                len: u64::try_from(metadata.st_size).unwrap_or(0),
                 // Taken before its bytes are checked: a write after that
-                // moves it.
-                stamp: Stamp::of_metadata(&metadata),
-                path: entry.path(),
+                // moves it. Its mtime orders the files found.
+                stamp: Stamp::of(&metadata),
+                path,
             });
         }
         let checking = Instant::now();
-        let found = restorable(found, settings.max_bytes);
+        let found = restorable(dir.as_fd(), found, settings.max_bytes);
         let restored_bytes: u64 = found.iter().map(|restored| restored.len).sum();
 
         let held_bytes = HeldBytes::default();
@@ -704,7 +714,11 @@ impl Cache {
             // goes first.
             index.policy.insert(key.clone(), len);
             if let Some(older) = index.complete.insert(key, Arc::new(file)) {
-                if let Err(error) = std::fs::remove_file(&older.path) {
+                if let Err(error) = nix::unistd::unlinkat(
+                    dir.as_fd(),
+                    name_in_dir(&older.path),
+                    UnlinkatFlags::NoRemoveDir,
+                ) {
                     tracing::error!(
                         %error,
                         path = %older.path.display(),
@@ -1803,7 +1817,6 @@ fn refuse_a_planted_link(dir: &Path, opened: &std::fs::Metadata, euid: u32) -> i
 
 /// A complete file found at start.
 struct Restored {
-    modified: SystemTime,
     key: String,
     sha256: [u8; 32],
     len: u64,
@@ -1820,8 +1833,12 @@ struct Restored {
 /// while the archiver was stopped, and its name would otherwise be served
 /// as the archive's checksum. A file that cannot be read is left alone and
 /// not indexed.
-fn restorable(mut found: Vec<Restored>, max_bytes: u64) -> Vec<Restored> {
-    found.sort_by_key(|restored| std::cmp::Reverse(restored.modified));
+fn restorable(
+    dir: std::os::fd::BorrowedFd<'_>,
+    mut found: Vec<Restored>,
+    max_bytes: u64,
+) -> Vec<Restored> {
+    found.sort_by_key(|restored| std::cmp::Reverse(restored.stamp.modified));
     let mut keys = std::collections::HashSet::new();
     let mut room = max_bytes;
     let (candidates, dropped): (Vec<Restored>, Vec<Restored>) =
@@ -1834,6 +1851,7 @@ fn restorable(mut found: Vec<Restored>, max_bytes: u64) -> Vec<Restored> {
         });
     for restored in dropped {
         remove(
+            dir,
             &restored.path,
             "an archive over the cache's bound, or an older copy",
         );
@@ -1854,7 +1872,7 @@ fn restorable(mut found: Vec<Restored>, max_bytes: u64) -> Vec<Restored> {
                         break;
                     };
                     let matches =
-                        content_sha256(&restored.path).map(|digest| digest == restored.sha256);
+                        content_sha256(dir, &restored.path).map(|digest| digest == restored.sha256);
                     *checks[at].lock().unwrap_or_else(|p| p.into_inner()) = Some(matches);
                 }
             });
@@ -1871,7 +1889,7 @@ fn restorable(mut found: Vec<Restored>, max_bytes: u64) -> Vec<Restored> {
                         path = %restored.path.display(),
                         "a cached archive's bytes are not what its name says; deleted"
                     );
-                    remove(&restored.path, "a damaged archive");
+                    remove(dir, &restored.path, "a damaged archive");
                     None
                 }
                 Some(Err(error)) => {
@@ -1890,17 +1908,24 @@ fn restorable(mut found: Vec<Restored>, max_bytes: u64) -> Vec<Restored> {
     kept
 }
 
-/// Deletes `path`, `what` for the log if it cannot be.
-fn remove(path: &Path, what: &str) {
-    if let Err(error) = std::fs::remove_file(path) {
+/// Deletes the file `path` names from `dir`, `what` for the log if it
+/// cannot be.
+fn remove(dir: std::os::fd::BorrowedFd<'_>, path: &Path, what: &str) {
+    if let Err(error) = nix::unistd::unlinkat(dir, name_in_dir(path), UnlinkatFlags::NoRemoveDir) {
         tracing::error!(%error, path = %path.display(), "cannot remove {what}");
     }
 }
 
-/// The SHA-256 of the file at `path`.
-fn content_sha256(path: &Path) -> io::Result<[u8; 32]> {
+/// The SHA-256 of the file `path` names in `dir` (not followed if a
+/// symlink).
+fn content_sha256(dir: std::os::fd::BorrowedFd<'_>, path: &Path) -> io::Result<[u8; 32]> {
     use std::io::Read;
-    let mut file = std::fs::File::open(path)?;
+    let mut file = std::fs::File::from(nix::fcntl::openat(
+        dir,
+        name_in_dir(path),
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?);
     let mut hasher = Sha256::new();
     let mut buffer = vec![0; 1 << 20];
     loop {
@@ -1913,15 +1938,66 @@ fn content_sha256(path: &Path) -> io::Result<[u8; 32]> {
     }
 }
 
-/// Removes what is at `path`, named as an archive but not to be restored
-/// (`why`), saying so.
-fn remove_named_as_archive(path: &Path, is_dir: bool, why: &str) {
-    let removed = if is_dir {
-        std::fs::remove_dir_all(path)
-    } else {
-        std::fs::remove_file(path)
+/// How deep [`remove_tree_at`] goes: a shadow git dir is a few levels
+/// deep; a tree deeper than this is left, with an error logged.
+const TREE_DEPTH: u32 = 64;
+
+/// The type of what `stat` describes (`S_IFREG`, `S_IFDIR`, ...).
+fn file_kind(stat: &nix::sys::stat::FileStat) -> nix::sys::stat::SFlag {
+    nix::sys::stat::SFlag::from_bits_truncate(stat.st_mode) & nix::sys::stat::SFlag::S_IFMT
+}
+
+/// The names in the directory `dir`, but `.` and `..`.
+fn names_at(dir: std::os::fd::BorrowedFd<'_>) -> io::Result<Vec<std::ffi::OsString>> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut listing = nix::dir::Dir::openat(
+        dir,
+        ".",
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    let mut names = Vec::new();
+    for entry in listing.iter() {
+        let name = entry?.file_name().to_bytes().to_owned();
+        if name != b"." && name != b".." {
+            names.push(std::ffi::OsStr::from_bytes(&name).to_owned());
+        }
+    }
+    Ok(names)
+}
+
+/// Removes what is at `name` in `dir`, a directory with all in it, by
+/// fds: never through a symlink, nor below `depth` levels.
+fn remove_tree_at(
+    dir: std::os::fd::BorrowedFd<'_>,
+    name: &std::ffi::OsStr,
+    depth: u32,
+) -> io::Result<()> {
+    let stat = nix::sys::stat::fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW)?;
+    if file_kind(&stat) != nix::sys::stat::SFlag::S_IFDIR {
+        nix::unistd::unlinkat(dir, name, UnlinkatFlags::NoRemoveDir)?;
+        return Ok(());
+    }
+    let Some(below) = depth.checked_sub(1) else {
+        return Err(io::Error::other("nested too deep to remove"));
     };
-    match removed {
+    let inner = nix::fcntl::openat(
+        dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    for child in names_at(inner.as_fd())? {
+        remove_tree_at(inner.as_fd(), &child, below)?;
+    }
+    nix::unistd::unlinkat(dir, name, UnlinkatFlags::RemoveDir)?;
+    Ok(())
+}
+
+/// Removes what `path` names in `dir`, named as an archive but not to be
+/// restored (`why`), saying so.
+fn remove_named_as_archive(dir: std::os::fd::BorrowedFd<'_>, path: &Path, why: &str) {
+    match remove_tree_at(dir, name_in_dir(path), TREE_DEPTH) {
         Ok(()) => tracing::warn!(
             path = %path.display(),
             "removed from the cache dir: named as an archive, but {why}"
@@ -2060,6 +2136,14 @@ impl Cache {
 }
 
 #[cfg(test)]
+thread_local! {
+    /// Run by [`Cache::open`] on this thread just after it took the lock
+    /// and the directory's fd: the moment a test replaces the directory.
+    static AFTER_THE_LOCK: std::cell::Cell<Option<Box<dyn FnOnce()>>> =
+        const { std::cell::Cell::new(None) };
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::cache::policy::Segment;
@@ -2068,6 +2152,7 @@ mod tests {
         CLIENT, HEADER_LEN, StubGit, names_in, past_the_clock_of, printed, within,
     };
     use gitball_core::url::Format;
+    use std::time::SystemTime;
 
     #[test]
     fn complete_names_parse_and_others_do_not() {
@@ -3205,6 +3290,77 @@ mod tests {
         hit(cache.lookup(stub.spec(1), CLIENT, "r"));
         assert_eq!(segment(&cache, &stub.spec(1)), Some(Segment::Protected));
         assert_eq!(segment(&cache, &stub.spec(2)), Some(Segment::Probation));
+    }
+
+    /// A cache dir moved away and replaced just after the start took its
+    /// lock is not what is restored: the files found, checked, restored
+    /// and deleted are the locked directory's, by its fd, and what the
+    /// path names now is left as it is (`docs/archiver.md#warm-restart`).
+    /// (Review: listed, hashed and removed by path, the start restored
+    /// the new directory's archive, deleted its partials, and left the
+    /// locked one's alone.)
+    #[tokio::test]
+    async fn a_start_restores_and_deletes_only_in_the_dir_locked() {
+        let stub = StubGit::new(b"", 1);
+        let dir = stub.cache_dir();
+        let locked = dir.with_file_name("locked");
+        std::fs::create_dir(&dir).unwrap();
+        let complete_name = |n: u32, data: &[u8]| {
+            format!(
+                "{}-{}",
+                Cache::key(&stub.spec(n)),
+                hex::encode(sha256(data))
+            )
+        };
+        let partial = |n: u32| {
+            format!(
+                "{}.0123456789abcdef{PARTIAL_SUFFIX}",
+                Cache::key(&stub.spec(n))
+            )
+        };
+        let data = pattern(300);
+        let kept = complete_name(1, &data);
+        std::fs::write(dir.join(&kept), &data).unwrap();
+        let damaged = complete_name(2, b"other bytes");
+        std::fs::write(dir.join(&damaged), b"not these").unwrap();
+        std::fs::write(dir.join(partial(3)), b"half").unwrap();
+        std::fs::create_dir_all(dir.join("shadows-old/repo.git/refs")).unwrap();
+        // What the path names after the lock: an archive, a damaged one, a
+        // partial and shadows, none of them the cache's.
+        let theirs = pattern(200);
+        let planted = [
+            complete_name(4, &theirs),
+            complete_name(5, b"other bytes"),
+            partial(6),
+        ];
+        let replace = {
+            let (dir, locked, planted, theirs) =
+                (dir.clone(), locked.clone(), planted.clone(), theirs.clone());
+            move || {
+                std::fs::rename(&dir, &locked).unwrap();
+                std::fs::create_dir(&dir).unwrap();
+                std::fs::write(dir.join(&planted[0]), &theirs).unwrap();
+                std::fs::write(dir.join(&planted[1]), b"not these").unwrap();
+                std::fs::write(dir.join(&planted[2]), b"half").unwrap();
+                std::fs::create_dir_all(dir.join("shadows-old/repo.git/refs")).unwrap();
+            }
+        };
+        AFTER_THE_LOCK.set(Some(Box::new(replace)));
+
+        let cache = open(&stub, 1 << 20);
+        let mut left = planted.to_vec();
+        left.sort();
+        assert_eq!(names_in(&dir), left, "what the path names now was changed");
+        assert!(dir.join("shadows-old/repo.git/refs").is_dir());
+        assert!(
+            cache.peek(&stub.spec(4)).is_none(),
+            "restored from what the path names now"
+        );
+        assert_eq!(names_in(&locked), [kept], "the locked dir's files");
+        assert!(!locked.join("shadows-old").exists(), "shadows left");
+        let file = hit(cache.lookup(stub.spec(1), CLIENT, "r"));
+        assert_eq!(file.sha256, sha256(&data));
+        assert_eq!(bytes(&cache), 300);
     }
 
     #[tokio::test]
