@@ -305,10 +305,12 @@ fn check_start_up(
 }
 
 /// Series at start-up's rule, the half traffic can refute: every counter
-/// series the traffic made existed at start-up, but an upstream's attempts
-/// of an outcome other than `too_many_connections`. (A first event of a
-/// series born with it is no `increase()`: before the rule, a first `404`
-/// or `416` after a start went uncounted.)
+/// and histogram series the traffic made existed at start-up, but an
+/// upstream's attempts of an outcome other than `too_many_connections`.
+/// (A first event of a series born with it is no `increase()`: before the
+/// rule, a first `404` or `416` after a start went uncounted, and a
+/// format's `generation_duration_seconds` was no data until its first
+/// generation.)
 fn check_no_counter_series_since_start_up(
     problems: &mut Vec<String>,
     what: &str,
@@ -319,7 +321,10 @@ fn check_no_counter_series_since_start_up(
         let (sample, labels) = name_and_labels(series);
         let family = family_of(sample, now);
         if labels.is_empty()
-            || now.types.get(family).map(String::as_str) != Some("counter")
+            || !matches!(
+                now.types.get(family).map(String::as_str),
+                Some("counter" | "histogram")
+            )
             || family == "gitball_proxy_upstream_attempts_total"
             || start.series.contains_key(series)
         {

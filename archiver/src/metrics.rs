@@ -210,6 +210,9 @@ pub fn describe(cache_max_bytes: u64, budget_max_clients: usize) {
         }
     }
     for format in gitball_core::url::Format::ALL {
+        // Empty, so a format's duration panels and alerts see 0
+        // observations rather than no data before its first generation.
+        let _ = histogram!(GENERATION_DURATION, "format" => format.metric_label());
         for outcome in GENERATION_OUTCOMES {
             counter!(GENERATIONS_TOTAL, "format" => format.metric_label(), "outcome" => outcome)
                 .absolute(0);
