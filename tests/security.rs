@@ -1120,6 +1120,49 @@ fn a_shallow_repositorys_boundary_is_read_with_its_refs() {
     );
 }
 
+/// A shallow repository's `shallow` file swapped for a symlink while the
+/// archiver has it open (to a copy of itself outside `--repos`): the
+/// archiver reads `shallow` with the refs and follows no symlink there, so
+/// the repository is refused as at its open (`404`, the file named in the
+/// log), not a `500` (`docs/security.md`, "No file that hangs or exhausts
+/// a read").
+#[test]
+fn a_shallow_file_swapped_for_a_symlink_refuses_the_repository() {
+    let sandbox = Sandbox::new();
+    let source = sandbox.source_repo("src/widget");
+    source.write(".gitattributes", "version.txt export-subst\n");
+    for n in 0..2 {
+        source.write("version.txt", format!("$Format:%P|%D$ {n}\n"));
+        source.git(&["add", "-A"]);
+        source.git_at(1_700_000_000 + n * 100, &["commit", "-q", "-m", "c"]);
+    }
+    let widget = sandbox.bare_clone(&source, "acme", "widget", &["--depth", "1"]);
+    let archiver = Archiver::start(&sandbox.repos(), &[]);
+    let url = "/acme/widget/archive/main.tar";
+    assert_eq!(status(&archiver, url), 200);
+
+    let shallow = widget.dir().join("shallow");
+    let outside = sandbox.home().join("outside-shallow");
+    std::fs::copy(&shallow, &outside).unwrap();
+    std::fs::remove_file(&shallow).unwrap();
+    std::os::unix::fs::symlink(&outside, &shallow).unwrap();
+    let response = archiver.get("/acme/widget/archive/main.tar.gz");
+    let code = response.status().as_u16();
+    assert_eq!(
+        code,
+        404,
+        "a symlinked shallow file: {}",
+        response.text().unwrap_or_default()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let log = archiver.log();
+            log.contains("repository refused") && log.contains("widget.git/shallow")
+        }),
+        "the log does not name the shallow file"
+    );
+}
+
 /// The ETag and bytes of `url` from an archiver started on a fresh cache,
 /// so that the archive is made again.
 fn made_afresh(sandbox: &Sandbox, url: &str) -> (String, Vec<u8>) {

@@ -620,12 +620,22 @@ const MAX_SHALLOW_FILE_BYTES: u64 = 16 * 1024 * 1024;
 
 /// The `shallow` file in the common dir `common_dir` (where git reads it),
 /// as its bytes: empty when there is none. Read as a loose ref is: through
-/// no symlink, and a FIFO is not waited on; one that is not a regular file,
-/// or is over `MAX_SHALLOW_FILE_BYTES`, fails the listing.
+/// no symlink, and a FIFO is not waited on. One that is a symlink, not a
+/// regular file, or over `MAX_SHALLOW_FILE_BYTES` refuses the repository
+/// (`RepoNotFound`, logged), as the same file found so at its open does
+/// (`confine::git_files_sane`): swapped in while the repository is open, it
+/// was a `500`.
 fn read_shallow(common_dir: &Path) -> Result<Vec<u8>, Error> {
     let shown = common_dir.join("shallow");
     let reading = |error: &dyn std::fmt::Display| {
         Error::internal(format_args!("reading {}: {error}", shown.display()))
+    };
+    let refused = || {
+        tracing::warn!(
+            file = %shown.display(),
+            "a file git reads whole is not a regular file, or is too large; repository refused"
+        );
+        Error::RepoNotFound
     };
     let dir = open_base(common_dir)?;
     let opened = openat(
@@ -637,11 +647,13 @@ fn read_shallow(common_dir: &Path) -> Result<Vec<u8>, Error> {
     let file = match opened {
         Ok(file) => fs::File::from(file),
         Err(Errno::ENOENT) => return Ok(Vec::new()),
+        // A symlink (`O_NOFOLLOW`).
+        Err(Errno::ELOOP) => return Err(refused()),
         Err(errno) => return Err(reading(&errno)),
     };
     match file.metadata() {
         Ok(meta) if meta.is_file() && meta.len() <= MAX_SHALLOW_FILE_BYTES => {}
-        Ok(_) => return Err(reading(&"not a regular file, or too large")),
+        Ok(_) => return Err(refused()),
         Err(error) => return Err(reading(&error)),
     }
     let mut contents = Vec::new();
