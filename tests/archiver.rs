@@ -5349,6 +5349,72 @@ fn sigterm_cuts_slow_downloads_after_the_grace_and_leaves_nothing_behind() {
     );
 }
 
+/// `docs/archiver.md` (Shutdown drain): a second SIGTERM or SIGINT during
+/// the drain ends the grace at once, and the exit is the one after a grace
+/// that ran out: downloads cut (aborted), git killed, partial files gone.
+/// Before, the handlers swallowed it: the drain went on for the whole
+/// grace, and only a SIGKILL (which leaves partial files and git children)
+/// stopped it sooner.
+#[test]
+fn a_second_signal_ends_the_shutdown_grace_at_once() {
+    let big = big_repo();
+    let mut archiver = Archiver::start(
+        &big.repos,
+        &[SLOW_ZSTD[0], SLOW_ZSTD[1], "--shutdown-grace", "600"],
+    );
+    let pid = archiver.pid;
+    let (mut slow, head) = open_download(&archiver, SLOW_PATH);
+    assert_eq!(head.status, 200, "the slow download before SIGTERM");
+    slow.read_body_bytes(4096)
+        .expect("the slow download's first bytes");
+    let git = git_children(pid);
+    assert_eq!(git.len(), 1, "one git child: {:?}", child_processes(pid));
+
+    archiver.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        wait_until(Duration::from_secs(10), || archiver
+            .log()
+            .contains("SIGTERM: shutting down")),
+        "the first SIGTERM was not logged"
+    );
+    assert!(archiver.is_running(), "exited before the grace ran out");
+    let started = Instant::now();
+    archiver.signal(nix::sys::signal::Signal::SIGINT);
+    // The archiver's 5 s for generations to stop, and a margin.
+    let exit = archiver.wait_exit(Duration::from_secs(10));
+    let took = started.elapsed();
+    let status = exit.unwrap_or_else(|| {
+        panic!(
+            "still draining {took:?} after a second signal (grace 600 s); log:\n{}",
+            archiver.log()
+        )
+    });
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        archiver
+            .log()
+            .contains("SIGINT again: ending the shutdown grace now"),
+        "the second signal was not logged"
+    );
+    let leftovers: Vec<String> = archiver
+        .cache_files()
+        .into_iter()
+        .filter(|name| name.ends_with(".partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "partial files left: {leftovers:?}");
+    for child in git {
+        assert!(
+            !process_alive(child),
+            "git child {child} outlived the archiver"
+        );
+    }
+    let end = slow.read_body_to_end(|_| {});
+    assert!(
+        matches!(end, BodyEnd::Aborted(_)),
+        "the cut download ended {end:?}"
+    );
+}
+
 /// `docs/http.md`: the request head must arrive within 10 s, else the connection
 /// is closed (a slowloris client cannot hold a connection open).
 ///

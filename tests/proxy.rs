@@ -1971,6 +1971,51 @@ fn embedded_a_parked_download_resumes_during_the_shutdown_grace() {
     assert!(!log.contains("ejected"), "{log}");
 }
 
+/// `docs/archiver.md` (Shutdown drain), for the proxy: a second SIGTERM
+/// during the drain ends the grace at once, in embedded mode for the
+/// in-process archiver too, and the stalled download is cut (aborted).
+/// Before, the second signal did nothing and the drain ran its whole grace.
+#[test]
+fn embedded_a_second_sigterm_ends_the_shutdown_grace_at_once() {
+    let sandbox = Sandbox::new();
+    let big = big_repo_128();
+    let cache = sandbox.path("cache");
+    link_files(warm_big_cache(), &cache);
+    let mut proxy = Proxy::embedded(&big.repos, &cache, &["--shutdown-grace", "600"]);
+    let mut connection = RawConnection::connect(proxy.addr).unwrap();
+    connection.send_request("GET", BIG_PATH, &[]).unwrap();
+    assert_eq!(connection.read_head().unwrap().status, 200);
+    connection.read_body_bytes(64 << 10).unwrap();
+
+    proxy.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        wait_until(SETTLE, || proxy.log().contains("SIGTERM: shutting down")),
+        "{}",
+        proxy.log()
+    );
+    assert!(proxy.is_running(), "exited before the grace ran out");
+    proxy.signal(nix::sys::signal::Signal::SIGTERM);
+    // The embedded archiver's generations get 5 s to stop; a margin.
+    let exit = proxy.wait_exit(Duration::from_secs(10));
+    let status = exit.unwrap_or_else(|| {
+        panic!(
+            "still draining after a second SIGTERM (grace 600 s); log:\n{}",
+            proxy.log()
+        )
+    });
+    assert!(status.success(), "exit status {status}");
+    let log = proxy.log();
+    assert!(
+        log.contains("SIGTERM again: ending the shutdown grace now"),
+        "{log}"
+    );
+    let end = connection.read_body_to_end(|_| {});
+    assert!(
+        matches!(end, BodyEnd::Aborted(_)),
+        "the cut download ended {end:?}"
+    );
+}
+
 #[test]
 fn a_parked_download_resumes_from_a_new_generation_after_a_restart_on_an_empty_cache() {
     let sandbox = Sandbox::new();

@@ -26,7 +26,8 @@ async fn serve() -> anyhow::Result<()> {
     gitball_core::limits::raise_nofile();
     // Handlers first: from the moment anything is served, SIGTERM means a
     // graceful drain, never the default action.
-    let shutdown = gitball_core::signals::shutdown_on_signal()
+    let cut = gitball_core::server::ShutdownCut::default();
+    let shutdown = gitball_core::signals::shutdown_on_signal(cut.clone())
         .context("cannot install the SIGTERM and SIGINT handlers")?;
     gitball_core::signals::ignore_hangup("the archiver has nothing to reload")
         .context("cannot install the SIGHUP handler")?;
@@ -34,6 +35,5 @@ async fn serve() -> anyhow::Result<()> {
         gitball_core::server::bind(config.listen, config.options.tcp_congestion.as_deref())
             .with_context(|| format!("cannot listen on {}", config.listen))?;
     let admin = gitball_core::server::bind_admin(config.admin_listen)?;
-    let cut = gitball_core::server::ShutdownCut::default();
     gitball_archiver::run(listener, admin, config.repos, config.options, shutdown, cut).await
 }

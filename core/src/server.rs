@@ -313,17 +313,31 @@ pub struct Connections {
 /// threads share one (through [`Connections`]); in embedded mode the proxy
 /// gives its own to the in-process archiver, whose downloads the proxy's
 /// cut ends (its client, the proxy, is gone), so they log `shutdown` too.
+///
+/// It also ends the grace early: [`ShutdownCut::end_grace_now`] (a second
+/// SIGTERM or SIGINT, [`crate::signals`]) makes every server sharing it
+/// cut its connections left at once, as when the grace runs out.
 #[derive(Clone, Default, Debug)]
-pub struct ShutdownCut(Arc<AtomicBool>);
+pub struct ShutdownCut {
+    cut: Arc<AtomicBool>,
+    now: CancellationToken,
+}
 
 impl ShutdownCut {
     fn set(&self) {
-        self.0.store(true, Ordering::Release);
+        self.cut.store(true, Ordering::Release);
     }
 
     /// Whether the drain cut the connections left.
     pub fn is_set(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.cut.load(Ordering::Acquire)
+    }
+
+    /// Ends the shutdown grace now: a drain under way, or one that starts
+    /// later, cuts its connections left at once. Serving goes on until
+    /// the shutdown itself is asked for.
+    pub fn end_grace_now(&self) {
+        self.now.cancel();
     }
 }
 
@@ -595,7 +609,12 @@ pub async fn serve(
     drop(listener);
     let drain = tokio::select! {
         () = async { while connections.join_next().await.is_some() {} } => Drain::Complete,
-        () = tokio::time::sleep(grace) => {
+        () = async {
+            tokio::select! {
+                () = tokio::time::sleep(grace) => {}
+                () = cut.now.cancelled() => {}
+            }
+        } => {
             let open = connections.len();
             // Before the cut: requests dropped with it log `shutdown`.
             cut.set();

@@ -5,6 +5,8 @@
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
+use crate::server::ShutdownCut;
+
 /// Runs a binary's `main` on tokio's multi-threaded runtime and, once it
 /// returned, leaves the runtime without waiting for blocking work still
 /// running. `#[tokio::main]` drops its runtime instead, which waits for
@@ -28,12 +30,17 @@ pub fn run_main<T>(main: impl Future<Output = T>) -> std::io::Result<T> {
 }
 
 /// Installs the SIGTERM and SIGINT handlers now and returns a token that is
-/// cancelled when either signal arrives. Needs a running tokio runtime.
-pub fn shutdown_on_signal() -> std::io::Result<CancellationToken> {
+/// cancelled when either signal arrives. A second one (of either) ends the
+/// shutdown grace at once through `cut` ([`ShutdownCut::end_grace_now`]):
+/// the handlers stay installed after the first, so without it a second
+/// signal did nothing, and an operator's second Ctrl-C or `systemctl kill`
+/// waited the whole grace, or had to SIGKILL and leave partial files and
+/// git children behind. Needs a running tokio runtime.
+pub fn shutdown_on_signal(cut: ShutdownCut) -> std::io::Result<CancellationToken> {
     let term = signal(SignalKind::terminate())?;
     let int = signal(SignalKind::interrupt())?;
     let shutdown = CancellationToken::new();
-    tokio::spawn(cancel_on_signal(term, int, shutdown.clone()));
+    tokio::spawn(cancel_on_signal(term, int, shutdown.clone(), cut));
     Ok(shutdown)
 }
 
@@ -52,10 +59,20 @@ pub fn ignore_hangup(what: &'static str) -> std::io::Result<()> {
     Ok(())
 }
 
-async fn cancel_on_signal(mut term: Signal, mut int: Signal, shutdown: CancellationToken) {
+async fn cancel_on_signal(
+    mut term: Signal,
+    mut int: Signal,
+    shutdown: CancellationToken,
+    cut: ShutdownCut,
+) {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
     shutdown.cancel();
+    tokio::select! {
+        _ = term.recv() => tracing::warn!("SIGTERM again: ending the shutdown grace now"),
+        _ = int.recv() => tracing::warn!("SIGINT again: ending the shutdown grace now"),
+    }
+    cut.end_grace_now();
 }

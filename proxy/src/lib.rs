@@ -118,6 +118,17 @@ impl Proxy {
         config: Config,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Option<Proxy>> {
+        Proxy::start_with_cut(config, shutdown, server::ShutdownCut::default()).await
+    }
+
+    /// [`Proxy::start`], with the shutdown cut shared with the caller (and
+    /// the embedded archiver), which ends the grace early through it
+    /// ([`server::ShutdownCut::end_grace_now`]: a second SIGTERM).
+    pub async fn start_with_cut(
+        config: Config,
+        shutdown: CancellationToken,
+        cut: server::ShutdownCut,
+    ) -> anyhow::Result<Option<Proxy>> {
         let handle = gitball_core::metrics::install();
         metrics::register();
 
@@ -167,7 +178,6 @@ impl Proxy {
         let max_connections = config.archiver.max_connections(fds_per_connection);
         limits::warn_if_too_low(limits::nofile(), max_connections, fds_per_connection);
 
-        let cut = server::ShutdownCut::default();
         let (routes, embedded) = match (&config.routes, &config.repos) {
             (Some(path), None) => {
                 let routes = Routes::from_file(path.clone())

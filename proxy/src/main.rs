@@ -58,14 +58,15 @@ async fn serve() -> anyhow::Result<()> {
     // Installed before anything is served: from then on SIGTERM and SIGINT
     // mean a graceful drain and SIGHUP a reload, never the default action
     // (which would kill the process).
-    let shutdown = gitball_core::signals::shutdown_on_signal()
+    let cut = gitball_core::server::ShutdownCut::default();
+    let shutdown = gitball_core::signals::shutdown_on_signal(cut.clone())
         .context("cannot install the SIGTERM and SIGINT handlers")?;
     let hangup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
     let listener =
         gitball_core::server::bind(config.listen, config.archiver.tcp_congestion.as_deref())
             .with_context(|| format!("cannot listen on {}", config.listen))?;
     let admin = gitball_core::server::bind_admin(config.admin_listen)?;
-    let Some(proxy) = gitball_proxy::Proxy::start(config, shutdown).await? else {
+    let Some(proxy) = gitball_proxy::Proxy::start_with_cut(config, shutdown, cut).await? else {
         return Ok(());
     };
     tokio::spawn(reload_on_sighup(hangup, proxy.routes()));

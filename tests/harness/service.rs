@@ -300,6 +300,13 @@ impl Service {
         (self.exit, started.elapsed())
     }
 
+    /// Waits up to `timeout` for the exit, sending nothing. Returns the
+    /// exit status (None: still running).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        wait_until(timeout, || !self.is_running());
+        self.exit
+    }
+
     pub fn rss_bytes(&self) -> u64 {
         proc_status_kib(self.pid, "VmRSS") * 1024
     }
