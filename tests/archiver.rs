@@ -1184,6 +1184,84 @@ fn a_commit_dated_in_the_future_is_last_modified_no_later_than_the_response() {
     }
 }
 
+/// libfaketime's preload library (Debian's `faketime` package), which
+/// fakes the wall clock of a process from a file it reads again at every
+/// call. `None` where it is not installed; CI installs it (`.ci/run`).
+fn libfaketime() -> Option<PathBuf> {
+    let found = [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib",
+    ]
+    .iter()
+    .map(|dir| Path::new(dir).join("faketime/libfaketime.so.1"))
+    .find(|path| path.exists());
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "libfaketime is not installed (apt-get install faketime)"
+        );
+        eprintln!("skipped: libfaketime is not installed (apt-get install faketime)");
+    }
+    found
+}
+
+/// docs/http.md, "Archive headers": `Date` is the wall clock of the
+/// response, also after the clock was stepped back (NTP correcting a
+/// clock that ran ahead). hyper's cached `Date` stayed at the later time
+/// until the clock caught up: a day ahead here, for a day. The archiver's
+/// wall clock is faked (libfaketime, monotonic time left alone, as a step
+/// leaves it) and stepped a day ahead, then back.
+#[test]
+fn the_date_header_follows_the_wall_clock_when_it_is_stepped_back() {
+    let Some(libfaketime) = libfaketime() else {
+        return;
+    };
+    let sandbox = Sandbox::new();
+    let clock = sandbox.path("faketime");
+    std::fs::write(&clock, "+0\n").unwrap();
+    let env = |name: &str, value: &std::ffi::OsStr| {
+        let mut pair = std::ffi::OsString::from(format!("{name}="));
+        pair.push(value);
+        pair
+    };
+    let wrapper = [
+        "env".into(),
+        env("LD_PRELOAD", libfaketime.as_os_str()),
+        env("FAKETIME_TIMESTAMP_FILE", clock.as_os_str()),
+        "FAKETIME_NO_CACHE=1".into(),
+        "FAKETIME_DONT_FAKE_MONOTONIC=1".into(),
+    ];
+    let archiver = Archiver::start_wrapped(&shared_widget().repos, &[], &wrapper);
+    let date_off_by = |path: &str| {
+        let response = archiver.get(path);
+        assert_eq!(response.status().as_u16(), 200, "{path}");
+        let date = httpdate::parse_http_date(header(&response, "date")).unwrap();
+        let now = std::time::SystemTime::now();
+        let off = date
+            .duration_since(now)
+            .or_else(|_| now.duration_since(date))
+            .unwrap();
+        response.bytes().expect("the whole body");
+        off.as_secs()
+    };
+    const DAY: u64 = 86_400;
+    // Each answer a few seconds from its clock at most.
+    let near = |off: u64, ahead: u64| off.abs_diff(ahead) <= 5;
+
+    std::fs::write(&clock, "+1d\n").unwrap();
+    let off = date_off_by("/acme/widget/archive/main.tar");
+    assert!(near(off, DAY), "a day ahead, Date is {off} s off");
+    std::fs::write(&clock, "+0\n").unwrap();
+    for path in ["/acme/widget/archive/main.tar", "/healthz"] {
+        let off = date_off_by(path);
+        assert!(
+            near(off, 0),
+            "the clock stepped back a day, {path}'s Date is still {off} s off"
+        );
+    }
+}
+
 /// docs/http.md, "Conditional requests": a commit dated ahead of the
 /// server's clock is `Last-Modified` at the time of each response, so
 /// the date a client was sent is earlier than the one the next response

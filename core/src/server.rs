@@ -572,6 +572,9 @@ pub async fn serve(
                 // (to switch header caps) needs an `Unpin` future.
                 Box::pin(async move {
                     let mut response = handle(router, request).await;
+                    response
+                        .headers_mut()
+                        .insert(http::header::DATE, date_now());
                     if has_body {
                         // Such a connection can no longer switch to the
                         // full header cap (`serve_connection`): a later
@@ -624,6 +627,39 @@ pub async fn serve(
     };
     while connections.join_next().await.is_some() {}
     Ok(drain)
+}
+
+/// The `Date` of a response made now: the wall clock, rendered again
+/// whenever its second changes, in either direction. hyper's own (left on
+/// for the answers hyper makes itself, a `400` for a head it cannot parse)
+/// is rendered again only once the clock passes the second after the one
+/// it last rendered: after the wall clock was stepped back (NTP correcting
+/// a clock that ran ahead, a host booted with its RTC in the future) every
+/// response said the later time for as long as the step, a day for a day
+/// (`the_date_header_follows_the_wall_clock_when_it_is_stepped_back`). A
+/// response that has a `Date` keeps it in hyper. Kept per thread, as the
+/// log's timestamps are.
+fn date_now() -> http::HeaderValue {
+    thread_local! {
+        static DATE: std::cell::RefCell<Option<(u64, http::HeaderValue)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    // An HTTP date says years 1970 to 9999 (httpdate panics past either).
+    const LAST_HTTP_DATE: u64 = 253_402_300_799;
+    let second = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs())
+        .min(LAST_HTTP_DATE);
+    DATE.with_borrow_mut(|cached| match cached {
+        Some((at, value)) if *at == second => value.clone(),
+        _ => {
+            let at = std::time::UNIX_EPOCH + Duration::from_secs(second);
+            let value = http::HeaderValue::try_from(httpdate::fmt_http_date(at))
+                .expect("an HTTP date is a valid header value");
+            *cached = Some((second, value.clone()));
+            value
+        }
+    })
 }
 
 /// What a connection's service saw of the requests hyper handed it, for

@@ -503,6 +503,27 @@ impl Archiver {
         }
     }
 
+    /// [`Archiver::start`] run through `wrapper` (a command and its
+    /// arguments that then exec the binary, keeping its pid: `env VAR=…`).
+    pub fn start_wrapped(repos: &Path, extra_args: &[&str], wrapper: &[OsString]) -> Archiver {
+        let cache = tempfile::Builder::new()
+            .prefix("gitball-cache-")
+            .tempdir()
+            .expect("create a cache dir");
+        let cache_dir = cache.path().join("cache");
+        let args = Archiver::args(repos, &cache_dir, extra_args);
+        Archiver {
+            service: Service::start_wrapped(
+                "gitball-archiver",
+                &binary_path("gitball-archiver"),
+                wrapper,
+                &args,
+            ),
+            cache_dir,
+            _cache: Some(cache),
+        }
+    }
+
     /// Starts the archiver over `repos` with `cache_dir` (kept by the caller,
     /// e.g. to restart on the same cache).
     pub fn start_with_cache(repos: &Path, cache_dir: &Path, extra_args: &[&str]) -> Archiver {
