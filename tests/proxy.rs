@@ -4426,6 +4426,50 @@ fn downloads_cut_by_a_restart_or_a_kill_do_not_eject_the_archiver() {
     assert_eq!(ejected(), 1.0, "the refused connect did not eject it");
 }
 
+/// An archiver ejected for a refused connect (restarting: nothing
+/// listens) is asked whether it is back, and its first `200` to
+/// `/healthz` ends the ejection, long before `--eject-for`
+/// (`docs/proxy.md#ejection`). (Attack: a rolling restart moved each
+/// archiver's archives to the next for `--eject-for`, which generated them
+/// all again.)
+#[test]
+fn a_restarted_archiver_is_back_before_its_ejection_ends() {
+    let sandbox = Sandbox::new();
+    let big = big_repo_128();
+    let cache = sandbox.path("cache");
+    link_files(warm_big_cache(), &cache);
+    let primary = Archiver::start_with_cache(&big.repos, &cache, &[]);
+    let mut cluster = Cluster::around(primary, Vec::new(), &["--eject-for", "3600"]);
+    let url = cluster.primary.base_url.clone();
+    let addr = cluster.primary.addr;
+    let proxy = &cluster.proxy;
+    let ejected = || {
+        proxy
+            .scrape()
+            .value("gitball_proxy_upstream_ejected", &[("upstream", &url)])
+    };
+    let (exit, _) = cluster.primary.terminate(SETTLE);
+    assert!(exit.is_some(), "the archiver did not exit");
+    assert_eq!(fetch(proxy.addr, BIG_PATH).status(), 502);
+    assert_eq!(ejected(), 1.0, "the refused connect did not eject it");
+
+    let _restarted = start_archiver_at(&big.repos, &cache, addr, &[]);
+    assert!(
+        wait_until(SETTLE, || ejected() == 0.0),
+        "still ejected after its restart: {}",
+        proxy.log()
+    );
+    assert!(
+        proxy
+            .log()
+            .contains("upstream ejected for a refused connect answers again")
+    );
+    let (head, length) = download(proxy.addr, BIG_PATH);
+    assert_eq!(head.header("x-gitball-cache"), Some("hit"));
+    assert_eq!(length, big.full_length);
+    assert_eq!(ejected(), 0.0);
+}
+
 /// The row of archive failures that ejects an archiver (five, see
 /// `an_archive_failing_at_its_archiver_is_failed_over_and_ejects_nothing`)
 /// is broken only by an archive that ended whole: not by an error's body

@@ -557,6 +557,8 @@ impl Forwarder {
             } else if outcome == Outcome::ArchiveFailed {
                 // Nor is one archive's failure, unless every one fails.
                 self.health.archive_failed(&candidate.upstream);
+            } else if outcome == Outcome::ConnectError {
+                self.health.refused(&candidate.upstream);
             } else if outcome.is_failure() {
                 self.health.failed(&candidate.upstream);
             } else {

@@ -117,13 +117,21 @@ const CHECK_WITHIN: Duration = Duration::from_secs(60);
 /// downloads it cut (seen: one check of six connected). `/healthz` never
 /// needs the token (`docs/internal-api.md`).
 async fn answers(upstream: &str, within: Duration) -> bool {
+    healthz_status(upstream, within).await.is_some()
+}
+
+/// Whether `upstream` answers `HEAD /healthz` with a `200` within
+/// `within`: serving, its cache dir the one it locked
+/// (`docs/http.md#health`).
+async fn healthy(upstream: &str, within: Duration) -> bool {
+    healthz_status(upstream, within).await == Some(*b"200")
+}
+
+/// The status code `upstream` answers `HEAD /healthz` with, if it
+/// answers within `within`.
+async fn healthz_status(upstream: &str, within: Duration) -> Option<[u8; 3]> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Some(authority) = http::Uri::try_from(upstream)
-        .ok()
-        .and_then(|uri| uri.authority().cloned())
-    else {
-        return false;
-    };
+    let authority = http::Uri::try_from(upstream).ok()?.authority()?.clone();
     let address = format!(
         "{}:{}",
         authority.host(),
@@ -134,12 +142,22 @@ async fn answers(upstream: &str, within: Duration) -> bool {
         let request =
             format!("HEAD /healthz HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await?;
-        let mut status_line = [0; 7];
+        // `HTTP/1.x 200`.
+        let mut status_line = [0; 12];
         stream.read_exact(&mut status_line).await?;
-        Ok::<_, std::io::Error>(&status_line == b"HTTP/1.")
+        Ok::<_, std::io::Error>(status_line)
     };
-    matches!(tokio::time::timeout(within, check).await, Ok(Ok(true)))
+    match tokio::time::timeout(within, check).await {
+        Ok(Ok(line)) if line.starts_with(b"HTTP/1.") && line[8] == b' ' => {
+            Some([line[9], line[10], line[11]])
+        }
+        _ => None,
+    }
 }
+
+/// How often an upstream ejected for a refused connect is asked whether it
+/// is back ([`Health::refused`]).
+const BACK_CHECK_EVERY: Duration = Duration::from_millis(500);
 
 /// Where an upstream that failed stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -215,6 +233,9 @@ pub struct Health {
     check_within: Duration,
     /// The last [`Row::id`] handed out.
     rows: AtomicU64,
+    /// Upstreams whose latest ejection is a refused connect's, and when it
+    /// ends: those are asked whether they are back ([`Health::refused`]).
+    refused: Mutex<HashMap<Arc<str>, Instant>>,
 }
 
 /// A row of archives failed at one upstream, with no archive from it
@@ -244,6 +265,7 @@ impl Health {
             archive_failures: Mutex::new(HashMap::new()),
             check_within: CHECK_WITHIN,
             rows: AtomicU64::new(0),
+            refused: Mutex::new(HashMap::new()),
         }
     }
 
@@ -518,14 +540,95 @@ impl Health {
     }
 
     pub(crate) fn failed_at(&self, upstream: &Arc<str>, now: Instant) {
+        self.eject(upstream, now);
+    }
+
+    /// Ejects `upstream` until `--eject-for` from `now`; returns when that
+    /// is, and whether it was not ejected already.
+    fn eject(&self, upstream: &Arc<str>, now: Instant) -> (Instant, bool) {
+        let until = now + self.eject_for;
         let newly = !self
             .lock()
-            .insert(upstream.clone(), Standing::Ejected(now + self.eject_for))
+            .insert(upstream.clone(), Standing::Ejected(until))
             .is_some_and(|before| before.ejected_at(now));
         if newly {
             crate::metrics::upstream_ejected(upstream, true);
             tracing::warn!(%upstream, eject_for = ?self.eject_for, "upstream ejected");
         }
+        (until, newly)
+    }
+
+    /// `upstream` refused a connect: nothing listens there, as during an
+    /// archiver's restart (`docs/proxy.md#ejection`). Ejected as by
+    /// [`Health::failed`], and then asked every [`BACK_CHECK_EVERY`]
+    /// whether it is back (`HEAD /healthz`, a `200`): once it is, its
+    /// ejection ends and it is on probation, as when `--eject-for` runs
+    /// out. A rolling restart of the archivers otherwise moved each one's
+    /// archives to the next for `--eject-for`, generated there again
+    /// (attack: 21 to 45 cold misses elsewhere per restart of three). An
+    /// ejection for anything else (a failure it answered, archives failing
+    /// there in a row) is not ended so: such an archiver answers its
+    /// health check.
+    pub fn refused(self: &Arc<Self>, upstream: &Arc<str>) {
+        let (until, newly) = self.eject(upstream, Instant::now());
+        self.refusals().insert(upstream.clone(), until);
+        if !newly {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(self.clone().ask_whether_back(upstream.clone()));
+        }
+    }
+
+    fn refusals(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Instant>> {
+        self.refused
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Whether `upstream`'s ejection now is a refused connect's.
+    fn ejected_as_refused(&self, upstream: &Arc<str>, now: Instant) -> bool {
+        let until = match self.lock().get(upstream) {
+            Some(&Standing::Ejected(until)) if until > now => until,
+            _ => return false,
+        };
+        self.refusals().get(upstream) == Some(&until)
+    }
+
+    /// [`Health::refused`]'s checks, while the ejection is a refused
+    /// connect's (at most `--eject-for`).
+    async fn ask_whether_back(self: Arc<Self>, upstream: Arc<str>) {
+        loop {
+            tokio::time::sleep(BACK_CHECK_EVERY).await;
+            if !self.ejected_as_refused(&upstream, Instant::now()) {
+                break;
+            }
+            if !healthy(&upstream, self.check_within.min(BACK_CHECK_EVERY)).await {
+                continue;
+            }
+            let now = Instant::now();
+            let mut standings = self.lock();
+            let back = match standings.get(&upstream) {
+                Some(&Standing::Ejected(until)) => {
+                    until > now && self.refusals().get(&upstream) == Some(&until)
+                }
+                _ => false,
+            };
+            if back {
+                standings.insert(
+                    upstream.clone(),
+                    Standing::Probation {
+                        probing: None,
+                        since: now,
+                    },
+                );
+                drop(standings);
+                crate::metrics::upstream_ejected(&upstream, false);
+                tracing::info!(%upstream, "upstream ejected for a refused connect answers again; on probation");
+            }
+            break;
+        }
+        self.refusals().remove(&upstream);
     }
 
     /// A download from `upstream` was cut midway, for the reason `cut`.
@@ -716,6 +819,30 @@ mod tests {
     /// and reaches it after the ejection ended takes its probe (or tries it
     /// later): it does not try it beside the probe's holder (review: at
     /// most one extra attempt, each time an ejection ended).
+    /// Only an ejection whose latest cause is a refused connect is ended by
+    /// the upstream's health check (`docs/proxy.md#ejection`): one renewed
+    /// by another failure (an intermediary's `502`, archives failing in a
+    /// row, which a health check does not see) runs its course.
+    #[test]
+    fn only_an_ejection_for_a_refused_connect_is_ended_by_a_health_check() {
+        let health = Arc::new(Health::new(Duration::from_secs(10)));
+        let upstream: Arc<str> = Arc::from("http://127.0.0.1:9");
+        health.refused(&upstream);
+        let now = Instant::now();
+        assert!(health.ejected_as_refused(&upstream, now));
+        health.refused(&upstream);
+        assert!(
+            health.ejected_as_refused(&upstream, Instant::now()),
+            "renewed by a refusal"
+        );
+        health.failed_at(&upstream, Instant::now() + Duration::from_secs(1));
+        assert!(health.is_ejected(&upstream));
+        assert!(
+            !health.ejected_as_refused(&upstream, Instant::now()),
+            "renewed by another failure"
+        );
+    }
+
     #[test]
     fn an_ejection_that_ends_after_the_ordering_is_probed_all_the_same() {
         let health = Arc::new(Health::new(Duration::from_secs(10)));
