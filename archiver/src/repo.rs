@@ -56,6 +56,7 @@ mod flight;
 mod kept;
 mod packed;
 mod places;
+mod pool;
 mod refs;
 pub(crate) mod stamp;
 mod subst;
@@ -116,11 +117,12 @@ const PATH_ANSWERS: NonZeroUsize = match NonZeroUsize::new(1024) {
 };
 
 /// How many looks for different `?path=`s run at once per repository,
-/// each on a blocking thread (`Own::path_checks`).
+/// each on one of the repositories' threads (`Own::path_checks`, `pool`).
 const PATH_CHECKS: usize = 2;
 
 /// How many first reads of objects for requests run at once per
-/// repository, each on a blocking thread (`Own::reading`).
+/// repository, each on one of the repositories' threads (`Own::reading`,
+/// `pool`).
 const READS_PER_REPOSITORY: usize = 2;
 
 /// How many git dirs' places `Repositories::own_places` holds at least
@@ -145,7 +147,7 @@ const MAX_OBJECT_READ_BYTES: u64 = 64 * 1024 * 1024;
 /// none, whatever a repository's config says. Each is a thread's own, and
 /// every call takes its own thread-local handle: a repository setting them
 /// to gigabytes would have that much held per thread reading it, as many
-/// as the runtime's blocking threads. gix built without its
+/// as the repositories' threads (`kept::MAX_THREADS`). gix built without its
 /// `max-performance` feature, as here, makes no caches at all; set here
 /// so that turning it on lets no repository size them.
 const OBJECT_CACHE_LIMITS: [(&str, i64); 4] = [
@@ -1000,7 +1002,7 @@ impl Repository {
 
     /// [`peel_to_commit`], read once per object: requests for an object
     /// being read wait for that read and take its answer. For the
-    /// reachability walk, on a blocking thread already (one walk at a time
+    /// reachability walk, on one of the repositories' threads already (one walk at a time
     /// per repository); requests wait with [`Repository::peel_waiting`].
     ///
     /// A waiter that the read answers "missing" asks once more: that read
@@ -1030,8 +1032,8 @@ impl Repository {
         }
     }
 
-    /// [`Repository::peel`] for a request: the object is read on a blocking
-    /// thread, and a request that finds it being read waits for that read
+    /// [`Repository::peel`] for a request: the object is read on one of the
+    /// repositories' threads (`pool`), and a request that finds it being read waits for that read
     /// on the runtime, holding no thread.
     /// As there, a waiter answered "missing" asks once more.
     ///
@@ -1061,14 +1063,16 @@ impl Repository {
                     let repository = Arc::clone(self);
                     // A request that goes away leaves the read to finish,
                     // and its answer to those waiting.
-                    let answer = tokio::task::spawn_blocking(move || {
-                        let _places = (own, across);
-                        repository.read(&repository.repo.to_thread_local(), reader)
-                    })
-                    .await
-                    .map_err(|error| {
-                        Error::internal(format_args!("reading the commit panicked: {error}"))
-                    })?;
+                    let answer = self
+                        .kept
+                        .threads()
+                        .run((own, across), move || {
+                            repository.read(&repository.repo.to_thread_local(), reader)
+                        })
+                        .await
+                        .map_err(|lost| {
+                            Error::internal(format_args!("reading the commit: {lost}"))
+                        })?;
                     Some(answer)
                 }
             };
@@ -1194,7 +1198,8 @@ impl Repository {
     }
 
     /// [`Repository::resolve`]'s second half for a request: reads the
-    /// object [`Repository::find`] found on a blocking thread, once however
+    /// object [`Repository::find`] found on one of the repositories' threads
+    /// (`pool`), once however
     /// many requests ask for it (they wait on the runtime, holding no
     /// thread), and peels it to a commit.
     pub async fn peel_found_waiting(self: &Arc<Self>, found: Found) -> Result<Resolved, Error> {
@@ -1309,7 +1314,8 @@ impl Repository {
     /// kept per commit, and the walk skips every subtree already known to
     /// be clean (`CLEAN_TREES`): a new commit costs the trees it changed.
     ///
-    /// Read on a blocking thread, one walk at a time per repository:
+    /// Read on one of the repositories' threads (`pool`), one walk at a time
+    /// per repository:
     /// requests for a new commit that arrive together wait for it on the
     /// runtime and find its answer (review); and at most
     /// `kept::MAX_JUDGINGS` at a time across repositories, after the
@@ -1322,6 +1328,7 @@ impl Repository {
         let repository = Arc::clone(self);
         known_or_in_place(
             "reading the attributes",
+            self.kept.threads(),
             &[&self.own.judging, self.kept.judgings()],
             || self.known_substitutes(commit),
             move || repository.judge_substitutes(id),
@@ -1357,7 +1364,8 @@ impl Repository {
     /// `refs` is the digest of the refs when the caller already took it
     /// (`refs_digest`); the listing is not repeated then.
     ///
-    /// The walk runs on a blocking thread, in its places: one walk at a
+    /// The walk runs on one of the repositories' threads (`pool`), in its
+    /// places: one walk at a
     /// time per repository, so that requests that arrive meanwhile (a
     /// crawler's commit ids, after a push) take its answer instead of each
     /// walking the history and holding its set of commits (attack: 64 at
@@ -1379,6 +1387,7 @@ impl Repository {
         let repository = Arc::clone(self);
         known_or_in_place(
             "walking the history",
+            self.kept.threads(),
             &[&self.own.walking, self.kept.walks()],
             || self.known_reach(&id, &refs),
             move || repository.walk_reachable(id),
@@ -1524,7 +1533,8 @@ impl Repository {
     /// renaming a lock file into its directory, which changes the
     /// directory's stamp as well as the ref's.
     ///
-    /// Listed on a blocking thread, one listing at a time per repository
+    /// Listed on one of the repositories' threads (`pool`), one listing at a
+    /// time per repository
     /// and at most `kept::MAX_LISTINGS` across repositories (review of
     /// 1e89ccc: forks with many refs, asked for at once, listed them in
     /// each at once, a blocking thread per fork):
@@ -1540,6 +1550,7 @@ impl Repository {
         let repository = Arc::clone(self);
         known_or_in_place(
             "listing the refs",
+            self.kept.threads(),
             &[&self.own.listing, self.kept.listings()],
             || {
                 self.known_refs_digest()
@@ -1751,7 +1762,7 @@ impl Repository {
     /// (attack: 500 nested trees of 8 MB, 2.7 s), so the answer is kept
     /// (`paths`): a later request for the same `?path=`, a cache hit, a
     /// `HEAD` or a `304`, reads no tree. A path not known is looked for on
-    /// a blocking thread, once however many requests ask for it together
+    /// one of the repositories' threads (`pool`), once however many requests ask for it together
     /// (they wait on the runtime, holding no thread, and take its answer,
     /// an error too), and at most `PATH_CHECKS` different paths at a time
     /// per repository and `kept::MAX_PATH_LOOKS` across repositories (a
@@ -1800,8 +1811,8 @@ impl Repository {
         }
     }
 
-    /// Looks for `path` in the commit whose turn `finder` is, on a blocking
-    /// thread, once it holds its places: waited for here, in the request, so
+    /// Looks for `path` in the commit whose turn `finder` is, on one of the
+    /// repositories' threads (`pool`), once it holds its places: waited for here, in the request, so
     /// that a request gone away drops `finder` (the look given up) rather
     /// than leaving a look to run for nobody.
     async fn look_for_path(
@@ -1815,12 +1826,11 @@ impl Repository {
         let across = self.kept.path_looks().take().await;
         let repository = Arc::clone(self);
         let path = path.to_owned();
-        tokio::task::spawn_blocking(move || {
-            let _places = (own, across);
-            repository.find_path(finder, &path)
-        })
-        .await
-        .map_err(|error| Error::internal(format_args!("finding the path: {error}")))
+        self.kept
+            .threads()
+            .run((own, across), move || repository.find_path(finder, &path))
+            .await
+            .map_err(|lost| Error::internal(format_args!("finding the path: {lost}")))
     }
 
     /// Whose turn it is to look for the path `key`: nobody's (its answer

@@ -40,6 +40,10 @@
 //! them one after the other, never holding one while it waits for the
 //! next, and a kind made costly (refs listed for 1.5 s each) holds up only
 //! that kind's work elsewhere, not every repository's first reads.
+//!
+//! The work in all those places runs on threads of its own (`pool`), one
+//! for each place across repositories at most (`MAX_THREADS`), not on
+//! tokio's blocking threads, which the places alone did not bound.
 
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
@@ -47,6 +51,7 @@ use lru::LruCache;
 
 use super::Reachable;
 use super::places::Places;
+use super::pool::Pool;
 
 /// Commits kept in the reachable sets of all repositories together:
 /// about 250 MB at 30 bytes a commit, a few histories the size of Linux's.
@@ -70,6 +75,10 @@ pub const MAX_JUDGINGS: usize = 8;
 /// running at once, across repositories.
 pub const MAX_LISTINGS: usize = 8;
 
+/// The threads all of that work runs on (`pool`): one for each place
+/// across repositories, as each work holds one while it runs.
+pub const MAX_THREADS: usize = MAX_WALKS + MAX_PATH_LOOKS + MAX_READS + MAX_JUDGINGS + MAX_LISTINGS;
+
 /// A repository's kept set, as the ledger reaches it.
 pub type Slot = Arc<Mutex<Option<Reachable>>>;
 
@@ -89,6 +98,8 @@ pub struct Kept {
     judgings: Places,
     /// The places of the listings of the refs running: `MAX_LISTINGS`.
     listings: Places,
+    /// The threads the work in those places runs on: `MAX_THREADS`.
+    threads: Pool,
 }
 
 #[derive(Debug)]
@@ -108,7 +119,13 @@ impl Kept {
             reads: Places::new(MAX_READS),
             judgings: Places::new(MAX_JUDGINGS),
             listings: Places::new(MAX_LISTINGS),
+            threads: Pool::new("gitball-repo", MAX_THREADS),
         }
+    }
+
+    /// The threads the work in the places runs on, once it holds them.
+    pub fn threads(&self) -> &Pool {
+        &self.threads
     }
 
     /// The places to walk a history in: a walk takes one, after its

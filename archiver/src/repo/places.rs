@@ -3,7 +3,8 @@
 //! walk, a listing of the refs, a commit's trees read for `export-subst`,
 //! the trees on a `?path=`.
 //! A request waits for its place on the runtime, holding no thread, and
-//! takes one of tokio's blocking threads only once it holds it.
+//! its work takes one of the repositories' threads (`pool`) only once it
+//! holds it.
 //!
 //! Waiting on a blocking thread (a `std::sync::Mutex` or `Condvar` taken
 //! inside `spawn_blocking`), each request by commit id that arrived while
@@ -16,6 +17,7 @@ use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::pool::Pool;
 use crate::error::Error;
 
 /// Places for one kind of work: that many run at once, the others wait
@@ -89,8 +91,8 @@ impl Default for Own {
     }
 }
 
-/// `known`'s answer when it has one; otherwise `work`'s, run on a blocking
-/// thread once the caller holds a place of each of `places`, taken in
+/// `known`'s answer when it has one; otherwise `work`'s, run on one of
+/// `threads` once the caller holds a place of each of `places`, taken in
 /// that order, each waited for on the runtime. `known` is asked again
 /// after each place is taken: the work waited for may have given the
 /// answer (the requests for a new commit after a push take the one walk's
@@ -99,6 +101,7 @@ impl Default for Own {
 /// its answer is there for the next.
 pub async fn known_or_in_place<T: Send + 'static>(
     what: &str,
+    threads: &Pool,
     places: &[&Places],
     known: impl Fn() -> Option<T>,
     work: impl FnOnce() -> Result<T, Error> + Send + 'static,
@@ -113,10 +116,8 @@ pub async fn known_or_in_place<T: Send + 'static>(
             return Ok(answer);
         }
     }
-    tokio::task::spawn_blocking(move || {
-        let _held = held;
-        work()
-    })
-    .await
-    .map_err(|error| Error::internal(format_args!("{what} panicked: {error}")))?
+    threads
+        .run(held, work)
+        .await
+        .map_err(|lost| Error::internal(format_args!("{what}: {lost}")))?
 }
