@@ -105,9 +105,10 @@ impl Pool {
 
     /// Runs `work` on one of the pool's threads and gives its answer;
     /// `held` (the work's places) is dropped there once that thread is
-    /// idle again, before the answer is handed over. Handed over now, not when the future is first polled:
-    /// a caller that goes away, dropping the future, leaves the work to
-    /// run and its answer to whoever it keeps it for.
+    /// idle again, before the answer is handed over. Handed over now, not
+    /// when the future is first polled: a caller that goes away, dropping
+    /// the future, leaves the work to run and its answer to whoever it
+    /// keeps it for.
     pub fn run<T, H, W>(
         &self,
         held: H,
@@ -157,8 +158,12 @@ impl Pool {
                 }
                 Err(error) if state.threads == 0 => {
                     // Nobody would ever take it: dropped, its caller told.
+                    // Not under the lock: what it holds may be the last
+                    // handle on the pool, whose drop takes the lock.
                     tracing::error!(%error, pool = self.name, "cannot start a thread; the work is not done");
-                    state.jobs.pop_back();
+                    let job = state.jobs.pop_back();
+                    drop(state);
+                    drop(job);
                     return;
                 }
                 Err(error) => {
