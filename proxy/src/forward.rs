@@ -330,6 +330,13 @@ pub fn classify(status: StatusCode, headers: &HeaderMap, role: Role) -> Outcome 
     }
 }
 
+/// Whether `error` is a connect refused: nothing listens at the upstream's
+/// address (its process restarting, or stopped). Not a connection reset,
+/// which a listener made.
+fn connect_refused(error: &SendError) -> bool {
+    matches!(error, SendError::Connect(error) if error.kind() == std::io::ErrorKind::ConnectionRefused)
+}
+
 fn classify_error(error: &SendError) -> Outcome {
     if out_of_local_resources(error) {
         Outcome::Overloaded
@@ -520,10 +527,10 @@ impl Forwarder {
             attempts += 1;
             last_upstream = Some(candidate.upstream.clone());
             attempting(&candidate.upstream, attempts);
-            let (outcome, response) = counted(
+            let (outcome, response, nothing_listens) = counted(
                 &candidate.upstream,
                 || self.attempt(candidate, request),
-                |(outcome, _)| *outcome,
+                |(outcome, _, _)| *outcome,
             )
             .await;
             // A complete-only request waits for a whole generation: running
@@ -557,7 +564,7 @@ impl Forwarder {
             } else if outcome == Outcome::ArchiveFailed {
                 // Nor is one archive's failure, unless every one fails.
                 self.health.archive_failed(&candidate.upstream);
-            } else if outcome == Outcome::ConnectError {
+            } else if nothing_listens {
                 self.health.refused(&candidate.upstream);
             } else if outcome.is_failure() {
                 self.health.failed(&candidate.upstream);
@@ -637,18 +644,20 @@ impl Forwarder {
 
     /// One attempt: send the request and wait for the response head, within
     /// `--header-timeout`.
+    /// How the attempt ended, its response if it is passed on, and whether
+    /// the connect was refused (nothing listens: [`Health::refused`]).
     async fn attempt(
         &self,
         candidate: &Candidate,
         request: &UpstreamRequest,
-    ) -> (Outcome, Option<UpstreamResponse>) {
+    ) -> (Outcome, Option<UpstreamResponse>, bool) {
         // Origin-form, as sent: the pool knows the upstream's address and
         // sets its `Host`.
         let target = match request.target() {
             Ok(target) => target,
             Err(error) => {
                 tracing::debug!(upstream = %candidate.upstream, %error, "no valid upstream URL");
-                return (Outcome::Error, None);
+                return (Outcome::Error, None, false);
             }
         };
         let send = self.pool.send(
@@ -666,16 +675,16 @@ impl Forwarder {
             self.header_timeout
         };
         match tokio::time::timeout(header_timeout, send).await {
-            Err(_elapsed) => (Outcome::HeaderTimeout, None),
+            Err(_elapsed) => (Outcome::HeaderTimeout, None, false),
             Ok(Err(error)) => {
                 let outcome = classify_error(&error);
                 tracing::debug!(upstream = %candidate.upstream, %error, "upstream request failed");
-                (outcome, None)
+                (outcome, None, connect_refused(&error))
             }
             Ok(Ok(response)) => {
                 let outcome = classify(response.status(), response.headers(), candidate.role);
                 if framed(&response, request) {
-                    return (outcome, Some(response));
+                    return (outcome, Some(response), false);
                 }
                 tracing::warn!(
                     upstream = %candidate.upstream,
@@ -683,10 +692,10 @@ impl Forwarder {
                     "upstream body not framed by one length or chunked alone; its end could not be told from a cut"
                 );
                 match outcome {
-                    Outcome::Ok => (Outcome::Error, None),
+                    Outcome::Ok => (Outcome::Error, None, false),
                     // An error the proxy answers itself if every candidate
                     // fails: its body is not passed on either.
-                    outcome => (outcome, None),
+                    outcome => (outcome, None, false),
                 }
             }
         }
@@ -1079,6 +1088,7 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(classify_error(&error), Outcome::ConnectError);
+        assert!(connect_refused(&error));
     }
 
     /// A request answered only once the archive is complete (a `.sha256`)
