@@ -5407,6 +5407,13 @@ fn sigterm_cuts_slow_downloads_after_the_grace_and_leaves_nothing_behind() {
         took >= GRACE,
         "exited after {took:?}, before the grace ran out"
     );
+    left_nothing_behind(&archiver, git, slow);
+}
+
+/// What an archiver that cut its downloads at the end of its shutdown
+/// leaves: no partial file, no git child, and `slow`, a download it cut,
+/// ended as an abort, not as a clean end of a short archive.
+fn left_nothing_behind(archiver: &Archiver, git: Vec<u32>, mut slow: RawConnection) {
     let leftovers: Vec<String> = archiver
         .cache_files()
         .into_iter()
@@ -5419,7 +5426,6 @@ fn sigterm_cuts_slow_downloads_after_the_grace_and_leaves_nothing_behind() {
             "git child {child} outlived the archiver"
         );
     }
-    // The cut download ends as an abort, not as a clean end of a short archive.
     let end = slow.read_body_to_end(|_| {});
     assert!(
         matches!(end, BodyEnd::Aborted(_)),
@@ -5474,23 +5480,7 @@ fn a_second_signal_ends_the_shutdown_grace_at_once() {
             .contains("SIGINT again: ending the shutdown grace now"),
         "the second signal was not logged"
     );
-    let leftovers: Vec<String> = archiver
-        .cache_files()
-        .into_iter()
-        .filter(|name| name.ends_with(".partial"))
-        .collect();
-    assert!(leftovers.is_empty(), "partial files left: {leftovers:?}");
-    for child in git {
-        assert!(
-            !process_alive(child),
-            "git child {child} outlived the archiver"
-        );
-    }
-    let end = slow.read_body_to_end(|_| {});
-    assert!(
-        matches!(end, BodyEnd::Aborted(_)),
-        "the cut download ended {end:?}"
-    );
+    left_nothing_behind(&archiver, git, slow);
 }
 
 /// `docs/http.md`: the request head must arrive within 10 s, else the connection
