@@ -4334,6 +4334,28 @@ fn a_spliced_download_whose_archiver_dies_is_aborted_not_ended() {
     assert_eq!(ejected(), 1.0, "a refused connection did not eject it");
 }
 
+/// A proxy whose ejections last an hour (`--eject-for 3600`) in front of
+/// one archiver (`archiver_args`) over the big repository, with its cache
+/// warm; and that cache's dir, for the archiver's restarts.
+fn a_warm_archiver_ejected_for_an_hour(
+    sandbox: &Sandbox,
+    archiver_args: &[&str],
+) -> (&'static BigRepo, PathBuf, Cluster) {
+    let big = big_repo_128();
+    let cache = sandbox.path("cache");
+    link_files(warm_big_cache(), &cache);
+    let primary = Archiver::start_with_cache(&big.repos, &cache, archiver_args);
+    let cluster = Cluster::around(primary, Vec::new(), &["--eject-for", "3600"]);
+    (big, cache, cluster)
+}
+
+/// `proxy`'s `gitball_proxy_upstream_ejected` for `upstream`.
+fn ejected_gauge(proxy: &Proxy, upstream: &str) -> f64 {
+    proxy
+        .scrape()
+        .value("gitball_proxy_upstream_ejected", &[("upstream", upstream)])
+}
+
 /// Downloads of the warm big archive through `proxy`, `count` of them,
 /// each with its head and first 64 KiB taken and then left waiting (piped,
 /// not spliced: too slow a start), so that each holds its upstream.
@@ -4362,19 +4384,12 @@ fn downloads_in_flight(proxy: &Proxy, count: usize) -> Vec<RawConnection> {
 fn downloads_cut_by_a_restart_or_a_kill_do_not_eject_the_archiver() {
     const IN_FLIGHT: usize = 6;
     let sandbox = Sandbox::new();
-    let big = big_repo_128();
-    let cache = sandbox.path("cache");
-    link_files(warm_big_cache(), &cache);
-    let primary = Archiver::start_with_cache(&big.repos, &cache, &["--shutdown-grace", "1"]);
-    let mut cluster = Cluster::around(primary, Vec::new(), &["--eject-for", "3600"]);
-    let url = cluster.primary.base_url.clone();
+    let (big, cache, mut cluster) =
+        a_warm_archiver_ejected_for_an_hour(&sandbox, &["--shutdown-grace", "1"]);
     let addr = cluster.primary.addr;
+    let url = cluster.primary.base_url.clone();
     let proxy = &cluster.proxy;
-    let ejected = || {
-        proxy
-            .scrape()
-            .value("gitball_proxy_upstream_ejected", &[("upstream", &url)])
-    };
+    let ejected = || ejected_gauge(proxy, &url);
     // The cuts the proxy told were followed by no answer from their
     // upstream (one check, and one line, for the cuts made while it ran).
     let not_counted = || -> usize {
@@ -4435,19 +4450,11 @@ fn downloads_cut_by_a_restart_or_a_kill_do_not_eject_the_archiver() {
 #[test]
 fn a_restarted_archiver_is_back_before_its_ejection_ends() {
     let sandbox = Sandbox::new();
-    let big = big_repo_128();
-    let cache = sandbox.path("cache");
-    link_files(warm_big_cache(), &cache);
-    let primary = Archiver::start_with_cache(&big.repos, &cache, &[]);
-    let mut cluster = Cluster::around(primary, Vec::new(), &["--eject-for", "3600"]);
-    let url = cluster.primary.base_url.clone();
+    let (big, cache, mut cluster) = a_warm_archiver_ejected_for_an_hour(&sandbox, &[]);
     let addr = cluster.primary.addr;
+    let url = cluster.primary.base_url.clone();
     let proxy = &cluster.proxy;
-    let ejected = || {
-        proxy
-            .scrape()
-            .value("gitball_proxy_upstream_ejected", &[("upstream", &url)])
-    };
+    let ejected = || ejected_gauge(proxy, &url);
     let (exit, _) = cluster.primary.terminate(SETTLE);
     assert!(exit.is_some(), "the archiver did not exit");
     assert_eq!(fetch(proxy.addr, BIG_PATH).status(), 502);
