@@ -399,6 +399,22 @@ def loadavg():
         return " ".join(f.read().split()[:3])
 
 
+def alternated(specs, rounds, measure):
+    """`measure(binary, round_, name)` for each build of `specs` ("NAME=BIN")
+    in each of `rounds`, the builds' order rotated each round, the load
+    average printed before and after: the builds, as (name, binary), and
+    each one's rows (the A/B scripts' loop)."""
+    builds = [tuple(spec.split("=", 1)) for spec in specs]
+    rows = {name: [] for name, _ in builds}
+    print(f"load before {loadavg()}", flush=True)
+    for round_ in range(rounds):
+        for i in range(len(builds)):
+            name, binary = builds[(i + round_) % len(builds)]
+            rows[name].append(measure(binary, round_, name))
+    print(f"load after {loadavg()}")
+    return builds, rows
+
+
 # ---------------------------------------------------------------- the stack
 
 NGINX_CONF = """\

@@ -100,14 +100,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrent", type=int, default=30)
     args = parser.parse_args()
-    builds = [tuple(a.split("=", 1)) for a in args.archiver]
-    rows = {name: [] for name, _ in builds}
-    print(f"load before {bench.loadavg()}", flush=True)
-    for round_ in range(args.rounds):
-        for i in range(len(builds)):
-            name, binary = builds[(i + round_) % len(builds)]
-            rows[name].append(measure(binary, args, round_, name))
-    print(f"load after {bench.loadavg()}")
+    builds, rows = bench.alternated(
+        args.archiver, args.rounds, lambda binary, round_, name: measure(binary, args, round_, name))
 
     def spread(values):
         return f"{statistics.median(values):.2f} ({min(values):.2f}–{max(values):.2f})"
