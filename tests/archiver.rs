@@ -5361,17 +5361,8 @@ fn sigterm_while_starting<T>(
 #[test]
 fn sigterm_cuts_slow_downloads_after_the_grace_and_leaves_nothing_behind() {
     const GRACE: Duration = Duration::from_secs(1);
-    let big = big_repo();
-    let mut archiver = Archiver::start(
-        &big.repos,
-        &[SLOW_ZSTD[0], SLOW_ZSTD[1], "--shutdown-grace", "1"],
-    );
+    let (mut archiver, slow) = a_slow_download_being_generated("1");
     let pid = archiver.pid;
-    // A slow download of an archive still being generated.
-    let (mut slow, head) = open_download(&archiver, SLOW_PATH);
-    assert_eq!(head.status, 200, "the slow download before SIGTERM");
-    slow.read_body_bytes(4096)
-        .expect("the slow download's first bytes");
     assert!(
         wait_until(Duration::from_secs(5), || archiver
             .cache_files()
@@ -5410,6 +5401,22 @@ fn sigterm_cuts_slow_downloads_after_the_grace_and_leaves_nothing_behind() {
     left_nothing_behind(&archiver, git, slow);
 }
 
+/// An archiver over the big repository with `--shutdown-grace` `grace`
+/// seconds, and a slow download of an archive it is still generating, its
+/// first bytes read.
+fn a_slow_download_being_generated(grace: &str) -> (Archiver, RawConnection) {
+    let big = big_repo();
+    let archiver = Archiver::start(
+        &big.repos,
+        &[SLOW_ZSTD[0], SLOW_ZSTD[1], "--shutdown-grace", grace],
+    );
+    let (mut slow, head) = open_download(&archiver, SLOW_PATH);
+    assert_eq!(head.status, 200, "the slow download before SIGTERM");
+    slow.read_body_bytes(4096)
+        .expect("the slow download's first bytes");
+    (archiver, slow)
+}
+
 /// What an archiver that cut its downloads at the end of its shutdown
 /// leaves: no partial file, no git child, and `slow`, a download it cut,
 /// ended as an abort, not as a clean end of a short archive.
@@ -5441,16 +5448,8 @@ fn left_nothing_behind(archiver: &Archiver, git: Vec<u32>, mut slow: RawConnecti
 /// stopped it sooner.
 #[test]
 fn a_second_signal_ends_the_shutdown_grace_at_once() {
-    let big = big_repo();
-    let mut archiver = Archiver::start(
-        &big.repos,
-        &[SLOW_ZSTD[0], SLOW_ZSTD[1], "--shutdown-grace", "600"],
-    );
+    let (mut archiver, slow) = a_slow_download_being_generated("600");
     let pid = archiver.pid;
-    let (mut slow, head) = open_download(&archiver, SLOW_PATH);
-    assert_eq!(head.status, 200, "the slow download before SIGTERM");
-    slow.read_body_bytes(4096)
-        .expect("the slow download's first bytes");
     let git = git_children(pid);
     assert_eq!(git.len(), 1, "one git child: {:?}", child_processes(pid));
 
