@@ -2388,8 +2388,7 @@ fn a_partial_clones_missing_blob_fails_its_archive_and_is_never_fetched() {
     let sandbox = Sandbox::new();
     let source = sandbox.source_repo("src/widget");
     source.write("README", "only in the promisor remote\n");
-    source.git(&["add", "-A"]);
-    source.git_at(1_700_000_000, &["commit", "-q", "-m", "one"]);
+    source.commit_all(1_700_000_000, "one");
     source.git(&["config", "uploadpack.allowFilter", "true"]);
     let widget = sandbox.bare_clone(&source, "acme", "widget", &["--filter=blob:none"]);
     let objects = || widget.git(&["count-objects", "-v"]);

@@ -1048,8 +1048,7 @@ fn a_shallow_repositorys_boundary_is_read_with_its_refs() {
     source.write(".gitattributes", "version.txt export-subst\n");
     for n in 0..3 {
         source.write("version.txt", format!("$Format:%(describe)|%P|%D$ {n}\n"));
-        source.git(&["add", "-A"]);
-        source.git_at(1_700_000_000 + n * 100, &["commit", "-q", "-m", "c"]);
+        source.commit_all(1_700_000_000 + n * 100, "c");
         if n == 0 {
             source.tag_annotated("v1", "HEAD", 1_700_000_000, "v1");
         }
@@ -1133,8 +1132,7 @@ fn a_shallow_file_swapped_for_a_symlink_refuses_the_repository() {
     source.write(".gitattributes", "version.txt export-subst\n");
     for n in 0..2 {
         source.write("version.txt", format!("$Format:%P|%D$ {n}\n"));
-        source.git(&["add", "-A"]);
-        source.git_at(1_700_000_000 + n * 100, &["commit", "-q", "-m", "c"]);
+        source.commit_all(1_700_000_000 + n * 100, "c");
     }
     let widget = sandbox.bare_clone(&source, "acme", "widget", &["--depth", "1"]);
     let archiver = Archiver::start(&sandbox.repos(), &[]);
