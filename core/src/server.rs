@@ -1086,6 +1086,15 @@ pub async fn serve_on_threads<S: RequestService>(
                     // leave it serving at a fraction of its capacity unnoticed.
                     shutdown.cancel();
                 }
+                // Its tasks, and the router clones they hold (the archiver's
+                // cache among them), are dropped before the drain is told
+                // over: told first, the process could exit before they
+                // were, and the cache's shadow git dirs, removed when it is
+                // dropped, were left behind (CI: the_shadow_git_dirs_are_
+                // private_and_removed_at_exit, a `shadows-*` dir after the
+                // exit). Blocking work still running is not waited for, as
+                // at the process's exit (`signals::run_main`).
+                runtime.shutdown_background();
                 let _ = done.send(served);
             };
             std::thread::Builder::new()
